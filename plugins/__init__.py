@@ -1,0 +1,1 @@
+"""Fused ops of speccompile (installed as `speccompile.plugins`): definitions, lowerings and kernels."""

@@ -1,0 +1,80 @@
+"""TreeAttention: its numpy definition and its lowerings to ONNX (see README.md beside this file)."""
+from __future__ import annotations
+
+import numpy as np
+
+LOWERINGS = ("ort", "reference")
+
+
+def lower(g, lowering: str, qkv: str, past_key: str, past_value: str, present_key: str, present_value: str, *,
+          seqlens_k: str, total_len: str, cos: str, sin: str, position_ids: str, attention_bias: str,
+          num_heads: int, kv_num_heads: int, head_dim: int) -> str:
+    """Emit the op into GraphBuilder `g`; returns the name of y [1, S, Hq*D]."""
+    if lowering == "ort":
+        y = g.op("GroupQueryAttention", [qkv, "", "", past_key, past_value, seqlens_k, total_len, cos, sin,
+                                         position_ids, attention_bias],
+                 outputs=[g.fresh("attn"), present_key, present_value], domain="com.microsoft",
+                 num_heads=num_heads, kv_num_heads=kv_num_heads, do_rotary=1, rotary_interleaved=0)[0]
+        return y
+    if lowering == "reference":
+        return _lower_reference(g, qkv, past_key, past_value, present_key, present_value, seqlens_k, cos, sin,
+                                position_ids, attention_bias, num_heads, kv_num_heads, head_dim)
+    raise ValueError(f"unknown TreeAttention lowering {lowering!r}; choose from {LOWERINGS}")
+
+
+def _lower_reference(g, qkv, past_key, past_value, present_key, present_value, seqlens_k, cos, sin, position_ids,
+                     attention_bias, hq, hkv, d):
+    q, k, v = g.op("Split", [qkv, g.const(np.array([hq * d, hkv * d, hkv * d], np.int64))], n_out=3, axis=2)
+
+    def bnsh(x, heads):  # [1,S,H*D] -> [1,H,S,D]
+        x = g.op("Reshape", [x, g.const(np.array([1, -1, heads, d], np.int64))])[0]
+        return g.op("Transpose", [x], perm=[0, 2, 1, 3])[0]
+
+    q, k, v = bnsh(q, hq), bnsh(k, hkv), bnsh(v, hkv)
+    q = g.op("RotaryEmbedding", [q, cos, sin, position_ids])[0]
+    k = g.op("RotaryEmbedding", [k, cos, sin, position_ids])[0]
+    # write index = seqlens_k + 1 - S (the committed length P)
+    s = g.op("Shape", [qkv], start=1, end=2)[0]
+    p = g.op("Sub", [g.op("Add", [g.op("Cast", [seqlens_k], to=7)[0], g.const(np.array([1], np.int64))])[0], s])[0]
+    kc = g.op("TensorScatter", [past_key, k, p], outputs=[present_key], axis=-2)[0]
+    vc = g.op("TensorScatter", [past_value, v, p], outputs=[present_value], axis=-2)[0]
+    y = g.op("Attention", [q, kc, vc, attention_bias], is_causal=0)[0]
+    y = g.op("Transpose", [y], perm=[0, 2, 1, 3])[0]
+    return g.op("Reshape", [y, g.const(np.array([1, -1, hq * d], np.int64))])[0]
+
+
+def rope_tables(max_positions: int, head_dim: int, theta: float):
+    """cos/sin [max_positions, head_dim/2] for half-split (non-interleaved) rotary, as Llama uses."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    ang = np.outer(np.arange(max_positions, dtype=np.float64), inv_freq)
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def reference_numpy(qkv, past_key, past_value, committed, cos, sin, position_ids, attention_bias,
+                    num_heads, kv_num_heads, head_dim):
+    """The op's definition in float64 numpy. Returns (y, new_key_rows, new_value_rows); caches are not mutated."""
+    S = qkv.shape[1]
+    hq, hkv, d = num_heads, kv_num_heads, head_dim
+    x = qkv[0].astype(np.float64)
+    q = x[:, :hq * d].reshape(S, hq, d).transpose(1, 0, 2)
+    k = x[:, hq * d:(hq + hkv) * d].reshape(S, hkv, d).transpose(1, 0, 2)
+    v = x[:, (hq + hkv) * d:].reshape(S, hkv, d).transpose(1, 0, 2)
+    c, s_ = cos[position_ids[0]].astype(np.float64), sin[position_ids[0]].astype(np.float64)
+
+    def rot(t):
+        h = d // 2
+        return np.concatenate([t[..., :h] * c - t[..., h:] * s_, t[..., h:] * c + t[..., :h] * s_], -1)
+
+    q, k = rot(q), rot(k)
+    K = np.concatenate([past_key[0, :, :committed].astype(np.float64), k], 1)
+    V = np.concatenate([past_value[0, :, :committed].astype(np.float64), v], 1)
+    T = committed + S
+    bias = attention_bias[0, 0, :, :T].astype(np.float64)
+    rep = hq // hkv
+    K, V = np.repeat(K, rep, 0), np.repeat(V, rep, 0)
+    scores = q @ K.transpose(0, 2, 1) / np.sqrt(d) + bias
+    scores -= scores.max(-1, keepdims=True)
+    w = np.exp(scores)
+    w /= w.sum(-1, keepdims=True)
+    y = (w @ V).transpose(1, 0, 2).reshape(1, S, hq * d)
+    return y, k, v

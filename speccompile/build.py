@@ -1,0 +1,224 @@
+"""`speccompile build`: the compiler driver. Passes, each with one job:
+
+  load      source -> Checkpoint                      (sources.load_checkpoint)
+  lower     Checkpoint -> graph weights               (lower.lower_weights)
+  graph     weights -> decoder graph per model        (lower.build_decoder)
+  write     graphs + weights + tokenizer -> bundle    (bundle.*), atomically
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+
+from . import __version__
+from .bundle import atomic_bundle_dir, finalize_manifest, write_weights
+import numpy as np
+
+from .errors import CheckpointError, SpeccompileError, TokenizerMismatchError, UnsupportedModelError
+from .graphs import DECODER_GRAPH_VERSION, decoder_signature
+from .lower import build_decoder, lower_mtp_weights, lower_weights
+from .sources import Checkpoint, default_head_path, load_checkpoint, load_mtp_head, sha256_path, shipped_head
+from .trees import TreeSpec
+
+
+@dataclasses.dataclass
+class DraftSpec:
+    kind: str  # "lookup" | "layerskip" | "model"
+    arg: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.kind if self.kind in ("lookup", "model", "mtp", "medusa") else f"{self.kind}:{self.arg}"
+
+    @classmethod
+    def parse(cls, spec: str) -> "DraftSpec | None":
+        kind, _, arg = spec.partition(":")
+        if kind == "none":
+            return None
+        if kind == "lookup":
+            return cls("lookup", arg or None)
+        if kind == "layerskip":
+            if not arg.isdigit():
+                raise SpeccompileError(f"--draft {spec!r}: layerskip needs a layer count, e.g. layerskip:8")
+            return cls("layerskip", arg)
+        if kind == "mtp":
+            return cls("mtp", arg or None)
+        if kind == "medusa":
+            if not arg:
+                raise SpeccompileError(f"--draft {spec!r}: medusa needs a heads file, e.g. medusa:medusa_lm_head.safetensors")
+            return cls("medusa", arg)
+        if kind == "model":
+            if not arg:
+                raise SpeccompileError(f"--draft {spec!r}: model needs a path, e.g. model:/path/to/draft")
+            return cls("model", arg)
+        raise SpeccompileError(f"--draft {spec!r}: unknown drafter; use model:PATH, mtp[:PATH], medusa:PATH, lookup, "
+                               "layerskip:L or none")
+
+
+def tokenizer_fingerprint(files: dict[str, bytes]) -> str:
+    """Identity of a tokenizer: its vocabulary and merges plus its added tokens, not incidental settings."""
+    tok = json.loads(files["tokenizer.json"])
+    key = json.dumps([tok.get("model", {}).get("vocab"), tok.get("model", {}).get("merges"),
+                      [(t["id"], t["content"]) for t in tok.get("added_tokens", [])]], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _model_entry(name, ckpt_cfg, num_layers, max_seq_len, weights_files, attention, mtp=False, draft_vocab=None):
+    ins, outs = decoder_signature(num_layers, ckpt_cfg.cache_kv_heads, ckpt_cfg.cache_head_dim, max_seq_len,
+                                  draft_vocab or ckpt_cfg.vocab_size, ckpt_cfg.hidden_size, mtp)
+    return {"graph": f"{name}.onnx", "weights": weights_files, "config": ckpt_cfg.to_dict(), "num_layers": num_layers,
+            "kind": "mtp_head" if mtp else "decoder",
+            "graph_version": DECODER_GRAPH_VERSION, "attention": attention,
+            "kv_cache": {"layout": ("per layer, the MLA latent [k_rope; c_kv] as one head (K and V hold the same rows)"
+                                    if ckpt_cfg.is_mla and ckpt_cfg.mla_cache == "latent" else
+                                    "per layer K and V, [1, num_kv_heads, max_seq_len, head_dim]"),
+                         "dtype": "float32", "num_layers": num_layers,
+                         "num_kv_heads": ckpt_cfg.cache_kv_heads, "head_dim": ckpt_cfg.cache_head_dim,
+                         "max_seq_len": max_seq_len},
+            "inputs": [{"name": n, "dtype": d, "shape": s} for n, d, s in ins],
+            "outputs": [{"name": n, "dtype": d, "shape": s} for n, d, s in outs]}
+
+
+def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, max_seq_len: int = 2048,
+                 num_draft: int = 4, attention: str = "ort", fused: bool = True, overwrite: bool = False,
+                 tree: str | None = None, mla_cache: str = "latent", progress=print) -> dict:
+    """Compile `source` and its drafters into the bundle `out`. drafts=None: prompt lookup, and the MTP head
+    shipped for the target if there is one."""
+    t0 = time.perf_counter()
+    tree_spec = TreeSpec.parse(tree) if tree else None
+    specs = [s for s in (DraftSpec.parse(d) for d in drafts or ()) if s is not None]
+    if not 1 <= num_draft <= 16:
+        raise SpeccompileError(f"--num-draft {num_draft}: must be between 1 and 16")
+    progress("[1/4] load: reading the target checkpoint")
+    target = load_checkpoint(source, progress)
+    if mla_cache not in ("latent", "expanded"):
+        raise SpeccompileError(f"--mla-cache {mla_cache!r}: choose latent or expanded")
+    if target.config.is_mla:
+        target.config = dataclasses.replace(target.config, mla_cache=mla_cache)
+    cfg = target.config
+    cfg.check_lowerable(max_seq_len)
+    if drafts is None:  # lookup first: on Spec-Bench it is the faster of the two with the shipped head
+        specs = [DraftSpec("lookup")]
+        if shipped_head(target):
+            specs.append(DraftSpec("mtp"))
+    if not 16 <= max_seq_len <= cfg.max_position_embeddings:
+        raise SpeccompileError(f"--max-seq-len {max_seq_len}: must be between 16 and the model's "
+                               f"max_position_embeddings ({cfg.max_position_embeddings})")
+    progress(f"      {cfg.model_type}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+             f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, vocab {cfg.vocab_size}")
+    progress("[2/4] lower: packing weights")
+    weights = {"target.bin": lower_weights(cfg, target.tensors, max_seq_len)}
+    progress("[3/4] graph: emitting static decoder graphs")
+    graphs = {"target": (build_decoder(cfg, weights["target.bin"], max_seq_len, attention=attention, fused=fused,
+                                       name="target"), ["target.bin"])}
+    models = {"target": _model_entry("target", cfg, cfg.num_hidden_layers, max_seq_len, ["target.bin"], attention)}
+    drafters = []
+    for spec in specs:
+        entry = {"name": spec.name, "kind": spec.kind, "num_draft": num_draft,
+                 "tree": tree_spec.to_dict() if tree_spec else None}
+        if spec.kind == "lookup":
+            entry["max_ngram"] = int(spec.arg) if spec.arg else 3
+        elif spec.kind == "layerskip":
+            L = int(spec.arg)
+            if not 1 <= L < cfg.num_hidden_layers:
+                raise SpeccompileError(f"--draft layerskip:{L}: the target has {cfg.num_hidden_layers} layers; "
+                                       f"choose 1..{cfg.num_hidden_layers - 1}")
+            name = f"early_exit_{L}"
+            progress(f"      {name}: the target's first {L} layers + its norm and head (shared weights)")
+            graphs[name] = (build_decoder(cfg, weights["target.bin"], max_seq_len, num_layers=L, attention=attention,
+                                          fused=fused, name=name), ["target.bin"])
+            models[name] = _model_entry(name, cfg, L, max_seq_len, ["target.bin"], attention)
+            entry["model"] = name
+        elif spec.kind == "model":
+            draft = load_checkpoint(spec.arg, progress)
+            _check_draft_compatible(target, draft)
+            draft.config.check_lowerable(max_seq_len)
+            weights["draft.bin"] = lower_weights(draft.config, draft.tensors, max_seq_len)
+            graphs["draft"] = (build_decoder(draft.config, weights["draft.bin"], max_seq_len, attention=attention,
+                                             fused=fused, name="draft"), ["draft.bin"])
+            models["draft"] = _model_entry("draft", draft.config, draft.config.num_hidden_layers, max_seq_len,
+                                           ["draft.bin"], attention)
+            models["draft"]["source"] = draft.source
+            entry["model"] = "draft"
+        elif spec.kind == "mtp":
+            path = spec.arg or default_head_path(target)
+            progress(f"      mtp head: {path}")
+            head = load_mtp_head(path, cfg)
+            weights["mtp.bin"] = lower_mtp_weights(cfg, head)
+            target_w = weights["target.bin"]
+            d2t = head.get("mtp.d2t")
+            if d2t is not None:  # a reduced draft vocabulary: the head scores only these target tokens
+                d2t = np.asarray(d2t, np.int64)
+                if d2t.ndim != 1 or d2t.min() < 0 or d2t.max() >= cfg.vocab_size:
+                    raise CheckpointError(f"{path}: mtp.d2t must list target token ids below {cfg.vocab_size}")
+                weights["mtp.bin"]["mtp.d2t"] = d2t
+                weights["mtp.bin"]["mtp.head"] = np.ascontiguousarray(target_w.get("lm_head", target_w["embed"])[d2t])
+            shared = {k: target_w[k] for k in ("embed", "lm_head", "rope.cos", "rope.sin") if k in target_w}
+            graphs["mtp_head"] = (build_decoder(cfg, weights["mtp.bin"] | shared, max_seq_len, attention=attention,
+                                                fused=fused, name="mtp_head", mtp=True), ["mtp.bin", "target.bin"])
+            models["mtp_head"] = _model_entry("mtp_head", cfg, 1, max_seq_len, ["mtp.bin", "target.bin"], attention,
+                                              mtp=True, draft_vocab=None if d2t is None else len(d2t))
+            if d2t is not None:
+                models["mtp_head"]["draft_to_target"] = d2t.tolist()
+            models["mtp_head"]["source"] = {"path": os.path.abspath(path), "sha256": sha256_path(path)}
+            entry["model"] = "mtp_head"
+        elif spec.kind == "medusa":
+            from .medusa import build_medusa, load_medusa, num_heads
+            weights["medusa.bin"] = load_medusa(spec.arg, cfg)
+            g = build_medusa(cfg, weights["medusa.bin"] | {"final_norm": weights["target.bin"]["final_norm"]})
+            graphs["medusa"] = (g, ["medusa.bin", "target.bin"])
+            K = num_heads(weights["medusa.bin"])
+            progress(f"      medusa: {K} heads from {spec.arg}")
+            models["medusa"] = {"graph": "medusa.onnx", "weights": ["medusa.bin", "target.bin"], "kind": "medusa",
+                                "config": cfg.to_dict(), "num_heads": K,
+                                "source": {"path": os.path.abspath(spec.arg), "sha256": sha256_path(spec.arg)},
+                                "inputs": [{"name": "hidden_in", "dtype": "float32", "shape": [1, cfg.hidden_size]}],
+                                "outputs": [{"name": "logits", "dtype": "float32", "shape": [K, cfg.vocab_size]},
+                                            {"name": "next_token", "dtype": "int64", "shape": [K]}]}
+            entry["model"] = "medusa"
+            entry["num_draft"] = min(num_draft, K)
+        drafters.append(entry)
+    if len({d["name"] for d in drafters}) != len(drafters):
+        raise SpeccompileError("the same drafter is named twice")
+
+    progress(f"[4/4] write: {out}")
+    with atomic_bundle_dir(out, overwrite) as tmp:
+        refs = {}
+        for fname, w in weights.items():
+            mb = sum(a.nbytes for a in w.values()) / 2**20
+            progress(f"      {fname}: {len(w)} tensors, {mb:.1f} MiB")
+            refs[fname] = write_weights(os.path.join(tmp, fname), w, fname)
+        import onnx
+        for name, (g, wfiles) in graphs.items():
+            model = g.to_model({n: r for f in wfiles for n, r in refs[f].items()})
+            onnx.save_model(model, os.path.join(tmp, f"{name}.onnx"))
+            models[name]["initializers"] = sorted(g.weights)
+        os.makedirs(os.path.join(tmp, "tokenizer"))
+        for fname, data in target.tokenizer_files.items():
+            with open(os.path.join(tmp, "tokenizer", fname), "wb") as f:
+                f.write(data)
+        manifest = finalize_manifest(tmp, {
+            "created_by": f"speccompile {__version__}",
+            "source": target.source,
+            "max_seq_len": max_seq_len,
+            "models": models,
+            "weights": {fname: {n: {k: r[k] for k in ("offset", "length", "dtype", "shape")} for n, r in rs.items()}
+                        for fname, rs in refs.items()},
+            "drafters": drafters,
+            "tokenizer": {"dir": "tokenizer", "fingerprint": tokenizer_fingerprint(target.tokenizer_files)},
+        })
+    progress(f"done in {time.perf_counter() - t0:.1f}s: {len(models)} graph(s), drafters: "
+             f"{', '.join(d['name'] for d in drafters) or 'none'}")
+    return manifest
+
+
+def _check_draft_compatible(target: Checkpoint, draft: Checkpoint) -> None:
+    if tokenizer_fingerprint(target.tokenizer_files) != tokenizer_fingerprint(draft.tokenizer_files):
+        raise TokenizerMismatchError("the draft model's tokenizer differs from the target's "
+                                     "(speculation needs one shared vocabulary)")
+    if draft.config.vocab_size > target.config.vocab_size:
+        raise UnsupportedModelError(f"draft vocab {draft.config.vocab_size} exceeds target vocab "
+                                    f"{target.config.vocab_size}")

@@ -1,0 +1,213 @@
+"""The `speccompile` command: build, generate, inspect, bench, gate.
+
+Every failure prints one `error:` line and exits 2 (`gate` exits 1 on a regression)."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from .errors import SpeccompileError
+
+
+def _progress(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _errors_to_exit(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SpeccompileError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except ValueError as e:  # bad parameters reaching the runtime (sampling settings, ...)
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="speccompile")
+def main():
+    """Compile a model and its drafters into static ONNX graphs; decode speculatively from the bundle."""
+
+
+@main.command()
+@click.argument("model", required=False, default=None)
+@click.option("--out", "-o", required=True, type=click.Path(), help="Bundle directory to write.")
+@click.option("--draft", "drafts", multiple=True,
+              help="Drafter: mtp[:PATH] | model:PATH | lookup[:MAX_NGRAM] | layerskip:L | none. Repeat for several. "
+                   "Default: lookup, and the MTP head shipped for the target, if any.")
+@click.option("--max-seq-len", default=2048, show_default=True, help="Static KV cache length (prompt + output).")
+@click.option("--num-draft", default=4, show_default=True, help="Tokens each drafter proposes per verify pass.")
+@click.option("--attention", type=click.Choice(["ort", "reference"]), default="ort", show_default=True,
+              help="TreeAttention lowering: onnxruntime's fused kernel, or standard ONNX ops only.")
+@click.option("--tree", default=None, help="Verify a token tree per pass: chain:K | static:FILE.json | dynamic:N "
+              "(default: a chain of --num-draft tokens).")
+@click.option("--force", is_flag=True, help="Replace an existing bundle.")
+@_errors_to_exit
+def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force):
+    """Compile MODEL (a Hugging Face directory, a .gguf file; default: the embedded SmolLM2-135M-Instruct)."""
+    from .build import build_bundle
+    build_bundle(model, out, list(drafts) or None, max_seq_len=max_seq_len, num_draft=num_draft, attention=attention,
+                 fused=attention == "ort", overwrite=force, tree=tree, progress=_progress)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.argument("prompt")
+@click.option("--max-new-tokens", default=128, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", default=0, show_default=True)
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", default=None, type=int)
+@click.option("--drafter", default=None, help="Which of the bundle's drafters (default: its first).")
+@click.option("--num-draft", default=None, type=int, help="Override the drafter's tokens per pass.")
+@click.option("--tree", default=None, help="Override the bundle's tree: chain:K | static:FILE | dynamic:N.")
+@click.option("--no-speculate", is_flag=True, help="Plain autoregressive decoding of the compiled target.")
+@click.option("--compare", is_flag=True, help="Also decode without speculation and print the speedup.")
+@click.option("--no-chat", is_flag=True, help="Do not apply the chat template.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+@_errors_to_exit
+def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, drafter, num_draft, tree,
+             no_speculate, compare, no_chat, stop, threads, as_json):
+    """Generate text for PROMPT from BUNDLE, streaming it."""
+    from . import load
+    gen = load(bundle, threads=threads)
+    kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stop),
+                  chat=not no_chat, drafter=drafter, num_draft=num_draft, tree=tree)
+    on_text = None if as_json else functools.partial(click.echo, nl=False)
+    if compare:  # warm both paths up (first runs allocate), so the two timings compare like with like
+        gen.generate(prompt, 4, speculate=False, **kwargs)
+        gen.generate(prompt, 4, speculate=not no_speculate, **kwargs)
+    res = gen.generate(prompt, max_new_tokens, speculate=not no_speculate, on_text=on_text, **kwargs)
+    base = gen.generate(prompt, max_new_tokens, speculate=False, **kwargs) if compare else None
+    if as_json:
+        out = {"text": res.text, "token_ids": res.token_ids, "stats": res.stats}
+        if base:
+            out["autoregressive_stats"] = base.stats
+            out["speedup"] = res.stats["total_s"] and base.stats["total_s"] / res.stats["total_s"]
+            out["identical_to_autoregressive"] = base.token_ids == res.token_ids
+        click.echo(json.dumps(out))
+        return
+    s = res.stats
+    click.echo("")
+    click.echo(f"[{s['new_tokens']} tokens, {s['tokens_per_second']:.1f} tok/s, drafter {s['drafter']}, "
+               f"mean accepted tokens {s['mean_accepted_tokens']:.2f} over {s['verify_steps']} verify passes]",
+               err=True)
+    if base:
+        b = base.stats
+        same = "identical" if base.token_ids == res.token_ids else "DIFFERENT"
+        click.echo(f"[autoregressive: {b['tokens_per_second']:.1f} tok/s; speculative speedup "
+                   f"{b['total_s'] / s['total_s']:.2f}x; output {same} to autoregressive]", err=True)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of every file.")
+@_errors_to_exit
+def inspect(bundle, no_verify):
+    """Print a readable summary of BUNDLE."""
+    from .bundle import read_manifest
+    m = read_manifest(bundle, verify_hashes=not no_verify)
+    src = m["source"]
+    click.echo(f"bundle      {bundle}  (format v{m['format_version']}, {m['created_by']})")
+    click.echo(f"source      {src['kind']} {src['path']}  sha256 {src['sha256'][:16]}")
+    click.echo(f"context     {m['max_seq_len']} tokens (static KV cache)")
+    for name, e in m["models"].items():
+        if e.get("kind") == "medusa":
+            click.echo(f"model       {name}: {e['graph']} ({e['num_heads']} Medusa heads), weights {e['weights']}")
+            continue
+        c, kv = e["config"], e["kv_cache"]
+        kv_mb = 2 * kv["num_layers"] * kv["num_kv_heads"] * kv["max_seq_len"] * kv["head_dim"] * 4 / 2**20
+        click.echo(f"model       {name}: {e['graph']} ({c['model_type']}, {e['num_layers']} layers, hidden "
+                   f"{c['hidden_size']}, vocab {c['vocab_size']}), weights {e['weights']}, attention "
+                   f"{e['attention']}, KV cache {kv_mb:.1f} MiB")
+    for d in m["drafters"]:
+        extra = f", model {d['model']}" if "model" in d else ""
+        if d.get("tree"):
+            extra += f", tree {d['tree']['kind']} of {d['tree']['size']} nodes"
+        click.echo(f"drafter     {d['name']} ({d['kind']}, {d['num_draft']} tokens per pass{extra})")
+    if not m["drafters"]:
+        click.echo("drafter     none (plain decoding only)")
+    total = sum(f["bytes"] for f in m["files"].values())
+    click.echo(f"files       {len(m['files'])} files, {total / 2**20:.1f} MiB, sha256 "
+               f"{'not checked' if no_verify else 'verified'}")
+    target = m["models"]["target"]
+    click.echo("inputs      " + ", ".join(f"{i['name']}{i['shape']}" for i in target["inputs"][:5]) +
+               f", past_key/value.0..{target['num_layers'] - 1}")
+    click.echo("outputs     " + ", ".join(f"{o['name']}{o['shape']}" for o in target["outputs"][:2]) +
+               f", present_key/value.0..{target['num_layers'] - 1}")
+
+
+
+def _csv(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--dataset", type=click.Path(), default=None,
+              help="Spec-Bench questions (.jsonl: question_id, category, turns); default: the shipped set.")
+@click.option("--categories", default=None, help="Only these categories, comma-separated.")
+@click.option("--limit", default=None, type=int, help="At most N prompts, picked round-robin over categories.")
+@click.option("--max-new-tokens", default=128, show_default=True)
+@click.option("--drafter", "drafters", multiple=True, help="Drafter to measure (repeatable; default: all).")
+@click.option("--tree", default=None, help="Verify this token tree: chain:K | static:FILE | dynamic:N.")
+@click.option("--repeats", default=1, show_default=True, help="Runs per prompt and method; the fastest is kept.")
+@click.option("--threads", default=None, type=int, help="Intra-op threads (default: all cores).")
+@click.option("--json", "json_out", type=click.Path(), default=None, help="Write the result document here.")
+@click.option("--plot", "plot_out", type=click.Path(), default=None, help="Write a PNG of three panels here.")
+@click.option("--compare-transformers", is_flag=True,
+              help="Also run the same target (and drafting) through transformers generate.")
+@_errors_to_exit
+def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, repeats, threads, json_out, plot_out,
+          compare_transformers):
+    """Benchmark BUNDLE: speculative against autoregressive decoding, per prompt category."""
+    from .bench import Benchmark, BenchSettings, format_table, plot, write_json
+    settings = BenchSettings(dataset=dataset, categories=_csv(categories), limit=limit,
+                             max_new_tokens=max_new_tokens, drafters=tuple(drafters), tree=tree, repeats=repeats,
+                             threads=threads, compare_transformers=compare_transformers)
+    benchmark = Benchmark(bundle, settings, log=_progress)
+    with click.progressbar(length=benchmark.total_runs, label="decoding", file=sys.stderr, show_pos=True,
+                           item_show_func=lambda label: label) as bar:
+        result = benchmark.run(on_run=lambda label: bar.update(1, label))
+    click.echo(format_table(result))
+    if json_out:
+        write_json(result, json_out)
+        _progress(f"wrote {json_out}")
+    if plot_out:
+        plot(result, plot_out)
+        _progress(f"wrote {plot_out}")
+
+
+@main.command()
+@click.argument("result", type=click.Path())
+@click.option("--baseline", required=True, type=click.Path(), help="A bench result to compare against.")
+@click.option("--max-regression", default=0.05, show_default=True,
+              help="Largest allowed drop of a gated figure, as a fraction of its baseline.")
+@click.option("--min-speedup", default=None, type=float, help="Floor for every drafter's overall speedup.")
+@click.option("--min-accepted", default=None, type=float, help="Floor for every drafter's mean accepted tokens.")
+@_errors_to_exit
+def gate(result, baseline, max_regression, min_speedup, min_accepted):
+    """Fail (exit 1) if RESULT regresses against BASELINE on machine-independent figures."""
+    from .gate import format_rows, run_gate
+    rows, notes = run_gate(result, baseline, max_regression, min_speedup, min_accepted)
+    click.echo(format_rows(rows))
+    for note in notes:
+        click.echo(f"note: {note}")
+    failed = [r.name for r in rows if r.failure]
+    if failed:
+        click.echo(f"gate FAILED: {', '.join(failed)}", err=True)
+        sys.exit(1)
+    click.echo(f"gate passed: {len(rows)} figures within {max_regression:.0%} of the baseline")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""The drafter interface: every way of guessing the target's next tokens plugs in here.
+
+A drafter sees the committed context (prompt + generated tokens, the last of which the target has not run yet)
+and proposes up to k tokens. It keeps whatever state it likes (a KV cache, an n-gram index) and re-synchronises
+itself from the context on each call, so acceptance and roll back need no callback.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+import numpy as np
+
+from ..runtime.sampling import SamplingParams
+from ..trees import TreeSpec
+
+
+@dataclasses.dataclass
+class Proposal:
+    tokens: np.ndarray  # [k] int64, proposed continuation (k may be 0)
+    q: np.ndarray | None = None  # [k, V] the distributions the tokens were drawn from; None = deterministic
+    parents: np.ndarray | None = None  # tree drafts: parent index per node (-1 = after the context); None = chain
+
+    @classmethod
+    def empty(cls) -> "Proposal":
+        return cls(np.zeros(0, np.int64))
+
+
+class Drafter(abc.ABC):
+    name: str = "drafter"
+    wants_hidden = False  # True: the runtime calls observe() with the target's hidden states
+
+    def reset(self) -> None:
+        """A new sequence starts."""
+
+    def observe(self, start: int, hidden: np.ndarray) -> None:
+        """The target's hidden states (before its final norm) of committed positions [start, start+len)."""
+
+    @abc.abstractmethod
+    def propose(self, context: np.ndarray, k: int, params: SamplingParams, rng: np.random.Generator) -> Proposal:
+        """Propose up to k tokens to follow `context` (int64 [n])."""
+
+    def propose_tree(self, context: np.ndarray, tree: TreeSpec, params: SamplingParams,
+                     rng: np.random.Generator) -> Proposal:
+        """Propose a token tree of at most tree.size nodes. Drafters without alternatives propose a chain."""
+        p = self.propose(context, min(tree.depth, tree.size), params, rng)
+        return Proposal(p.tokens, None, np.arange(len(p.tokens)) - 1)

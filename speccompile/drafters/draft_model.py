@@ -1,0 +1,161 @@
+"""A compiled draft model with its own KV cache: a separate small model, or the target's first L layers
+(self-speculative early exit, whose graph shares the target's weights in the bundle)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..runtime.engine import Engine
+from ..runtime.sampling import probabilities, sample
+from .base import Drafter, Proposal
+
+
+class DraftModelDrafter(Drafter):
+    def __init__(self, name: str, engine: Engine):
+        self.name, self.engine = name, engine
+        self.cached = np.zeros(engine.max_seq_len, np.int64)  # the tokens whose K/V the draft cache holds
+
+    def reset(self) -> None:
+        self.engine.cache.truncate(0)
+
+    def propose(self, context, k, params, rng) -> Proposal:
+        eng, cache = self.engine, self.engine.cache
+        self._sync(context)
+        k = min(k, eng.max_seq_len - len(context))
+        tokens = np.zeros(k, np.int64)
+        q = None if params.greedy else np.zeros((k, eng.vocab_size))
+        feed = context[cache.length:]
+        for i in range(k):
+            logits, argmax = eng.forward(feed)
+            self.cached[cache.length:cache.length + len(feed)] = feed
+            cache.truncate(cache.length + len(feed))
+            if params.greedy:
+                tokens[i] = argmax[0]
+            else:
+                q[i] = probabilities(logits[0], params)
+                tokens[i] = sample(q[i], rng)
+            feed = tokens[i:i + 1]
+        return Proposal(tokens, q)
+
+    def propose_tree(self, context, tree, params, rng) -> Proposal:
+        eng, cache = self.engine, self.engine.cache
+        n = len(context)
+        self._sync(context)
+        logits, _ = eng.forward(context[cache.length:])
+        self.cached[cache.length:n] = context[cache.length:]
+        cache.truncate(n)
+        t = _TreeDraft(eng, n, n - 1, _log_softmax(logits[0]))
+        keep = grow_tree(t, tree, min(tree.size, eng.max_seq_len - n, eng.max_rows))
+        cache.truncate(n)  # the tree's draft K/V are dropped; accepted tokens are re-run next time (cheap rows)
+        return t.proposal(keep)
+
+    def _feed_all_but_last(self, context) -> None:
+        """Run the context (except its last token) into the draft cache in chunks a pass can take."""
+        from ..runtime.engine import MAX_STEP_TOKENS
+        cache = self.engine.cache
+        while cache.length < len(context) - 1:
+            chunk = context[cache.length:min(len(context) - 1, cache.length + MAX_STEP_TOKENS)]
+            self.engine.forward(chunk)
+            self.cached[cache.length:cache.length + len(chunk)] = chunk
+            cache.truncate(cache.length + len(chunk))
+
+    def _sync(self, context) -> None:
+        """Keep the cache's longest prefix that still agrees with the context (roll back the rejected tail), and
+        leave at least the last context token to run, since its logits predict the next token."""
+        cache = self.engine.cache
+        n = min(cache.length, len(context))
+        diff = np.flatnonzero(self.cached[:n] != context[:n])
+        cache.truncate(int(diff[0]) if len(diff) else n)
+        if cache.length == len(context):
+            cache.truncate(len(context) - 1)
+        self._feed_all_but_last(context)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+class _TreeDraft:
+    """The nodes of one tree proposal, grown by running chosen nodes through the draft model with tree attention.
+
+    Nodes the model has run occupy the draft cache after the context, in the order they were run (the "run
+    region"); each new run sees the context and its own ancestors there."""
+
+    def __init__(self, engine: Engine, committed: int, base_position: int, root_logprobs: np.ndarray,
+                 root_hidden: np.ndarray | None = None, token_map: np.ndarray | None = None):
+        """committed: cache slots every node sees; a node at depth d sits at position base_position + d.
+        root_hidden: for an MTP head, the hidden state its depth-1 nodes take as input (deeper nodes take their
+        parent's output hidden state)."""
+        self.eng, self.committed, self.base = engine, committed, base_position
+        self.tokens, self.parents, self.scores, self.depth = [], [], [], []
+        self.logprobs = {-1: root_logprobs}  # node -> its draft log-probabilities (after it)
+        self.hidden = None if root_hidden is None else {-1: root_hidden}  # node -> its output hidden state
+        self.token_map = token_map  # a reduced draft vocabulary's ids -> target ids
+        self.slot, self.run_parents = {}, []  # node -> run-region index; parents in the region
+
+    def add(self, parent: int, token: int, logprob: float) -> int:
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.scores.append((self.scores[parent] if parent >= 0 else 0.0) + logprob)
+        self.depth.append(self.depth[parent] + 1 if parent >= 0 else 1)
+        return len(self.tokens) - 1
+
+    def children(self, parent: int, ranks: int):
+        lp = self.logprobs[parent]
+        top = np.argpartition(-lp, ranks)[:ranks] if ranks < len(lp) else np.arange(len(lp))
+        top = top[np.argsort(-lp[top], kind="stable")]
+        ids = top if self.token_map is None else self.token_map[top]
+        return [(int(i), float(lp[t])) for i, t in zip(ids, top)]
+
+    def run(self, nodes: list[int]) -> None:
+        nodes = [v for v in nodes if v not in self.slot]
+        if not nodes:
+            return
+        cache = self.eng.cache
+        for v in nodes:
+            self.slot[v] = len(self.run_parents)
+            self.run_parents.append(self.slot[self.parents[v]] if self.parents[v] >= 0 else -1)
+        hidden_in = None if self.hidden is None else np.stack([self.hidden[self.parents[v]] for v in nodes])
+        logits, _ = self.eng.forward(np.array([self.tokens[v] for v in nodes], np.int64),
+                                     positions=self.base + np.array([self.depth[v] for v in nodes]),
+                                     parents=np.array(self.run_parents), rows=np.arange(len(nodes)),
+                                     committed=self.committed, hidden_in=hidden_in)
+        cache.truncate(cache.length + len(nodes))
+        lps = _log_softmax(logits)
+        for i, (v, lp) in enumerate(zip(nodes, lps)):
+            self.logprobs[v] = lp
+            if self.hidden is not None:
+                self.hidden[v] = self.eng.hidden[i].copy()
+
+    def proposal(self, keep: list[int]) -> Proposal:
+        """The kept nodes (closed under ancestors), ordered by depth then score, as a Proposal."""
+        order = sorted(keep, key=lambda v: (self.depth[v], -self.scores[v]))
+        index = {v: i for i, v in enumerate(order)}
+        return Proposal(np.array([self.tokens[v] for v in order], np.int64), None,
+                        np.array([index[self.parents[v]] if self.parents[v] >= 0 else -1 for v in order], np.int64))
+
+
+def grow_tree(t: _TreeDraft, tree, size: int) -> list[int]:
+    """Grow `t` into the requested shape; returns the nodes to keep (closed under ancestors)."""
+    if tree.kind == "dynamic":  # EAGLE-2: expand the most probable frontier nodes, keep the best `size` overall
+        b = tree.branching
+        frontier = [t.add(-1, tok, lp) for tok, lp in t.children(-1, b)]
+        for _ in range(tree.depth - 1):
+            expand = sorted(frontier, key=lambda v: -t.scores[v])[:b]
+            t.run(expand)
+            frontier = [t.add(v, tok, lp) for v in expand for tok, lp in t.children(v, b)]
+        # a child's score never exceeds its parent's, so the best `size` nodes are closed under ancestors
+        keep = sorted(range(len(t.tokens)), key=lambda v: (-t.scores[v], t.depth[v]))[:size]
+    else:  # static (and chain): each path picks its rank among its parent's draft candidates
+        node_of = {(): -1}
+        paths = tree.paths[:size]
+        for d in range(1, tree.depth + 1):
+            level = [p for p in paths if len(p) == d and p[:-1] in node_of]
+            t.run(sorted({node_of[p[:-1]] for p in level} - {-1}))  # one draft pass per depth
+            for p in level:
+                cands = t.children(node_of[p[:-1]], p[-1] + 1)
+                if len(cands) > p[-1]:
+                    node_of[p] = t.add(node_of[p[:-1]], *cands[p[-1]])
+        keep = list(range(len(t.tokens)))
+    return keep

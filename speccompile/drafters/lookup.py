@@ -1,0 +1,51 @@
+"""Prompt lookup: propose the tokens that followed earlier occurrences of the context's last n-gram.
+
+No graph and no weights; strong wherever the answer repeats the prompt (summaries, code edits, RAG). A chain
+follows the most recent match; a tree merges the continuations of several matches into a trie.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..trees import TreeSpec
+from .base import Drafter, Proposal
+
+
+class LookupDrafter(Drafter):
+    def __init__(self, name: str = "lookup", max_ngram: int = 3, min_ngram: int = 1, max_matches: int = 8):
+        self.name, self.max_ngram, self.min_ngram, self.max_matches = name, max_ngram, min_ngram, max_matches
+
+    def _matches(self, context: np.ndarray) -> tuple[np.ndarray, int]:
+        """Start indices of the continuations after earlier occurrences of the longest matching suffix n-gram,
+        most recent first."""
+        n_ctx = len(context)
+        for n in range(min(self.max_ngram, n_ctx - 1), self.min_ngram - 1, -1):
+            suffix = context[n_ctx - n:]
+            hits = np.ones(n_ctx - n, bool)  # candidate starts i < n_ctx - n
+            for j in range(n):
+                hits &= context[j:n_ctx - n + j] == suffix[j]
+            starts = np.flatnonzero(hits)
+            if len(starts):
+                return starts[::-1] + n
+        return np.zeros(0, np.int64)
+
+    def propose(self, context, k, params, rng) -> Proposal:
+        starts = self._matches(context)
+        if not len(starts):
+            return Proposal.empty()
+        return Proposal(np.array(context[starts[0]:starts[0] + k], np.int64))
+
+    def propose_tree(self, context, tree: TreeSpec, params, rng) -> Proposal:
+        tokens, parents, children = [], [], {}  # children: (parent, token) -> node
+        for begin in self._matches(context)[:self.max_matches]:
+            parent = -1
+            for t in context[begin:begin + tree.depth]:
+                key = (parent, int(t))
+                if key not in children:
+                    if len(tokens) == tree.size:
+                        break
+                    children[key] = len(tokens)
+                    tokens.append(int(t))
+                    parents.append(parent)
+                parent = children[key]
+        return Proposal(np.array(tokens, np.int64), None, np.array(parents, np.int64))

@@ -1,0 +1,67 @@
+"""Medusa drafting: the heads read the target's hidden state at the last accepted token and each proposes top-k
+candidates for one further position; a static tree (Medusa "choices") combines them, a chain takes each head's
+best. No KV cache: the heads see one hidden state."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from ..bundle import resolve_inside
+from ..runtime.engine import session_options
+from ..trees import TreeSpec
+from .base import Drafter, Proposal
+
+
+class MedusaDrafter(Drafter):
+    wants_hidden = True
+
+    def __init__(self, name: str, bundle_dir: str, entry: dict, threads: int | None, max_seq_len: int):
+        self.name = name
+        self.session = ort.InferenceSession(resolve_inside(bundle_dir, entry["graph"]), session_options(threads),
+                                            providers=["CPUExecutionProvider"])
+        self.num_heads = entry["num_heads"]
+        self.h = np.zeros((max_seq_len, entry["config"]["hidden_size"]), np.float32)
+
+    def observe(self, start: int, hidden: np.ndarray) -> None:
+        self.h[start:start + len(hidden)] = hidden
+
+    def _logits(self, context):
+        # the hidden state that predicted the last context token; head k guesses the token k+1 places after it
+        return self.session.run(["logits"], {"hidden_in": self.h[len(context) - 2][None]})[0]
+
+    def propose(self, context, k, params, rng) -> Proposal:
+        if len(context) < 2:
+            return Proposal.empty()
+        return Proposal(self._logits(context)[:k].argmax(-1).astype(np.int64))
+
+    def propose_tree(self, context, tree: TreeSpec, params, rng) -> Proposal:
+        if len(context) < 2:
+            return Proposal.empty()
+        logits = self._logits(context)
+        ranks = max(tree.max_rank, tree.branching if tree.kind == "dynamic" else 1)
+        order = np.argsort(-logits, axis=-1)[:, :ranks]  # [heads, ranks]
+        paths = tree.paths if tree.kind != "dynamic" else _paths_by_score(logits, order, tree)
+        tokens, parents, node_of = [], [], {(): -1}
+        for p in paths:
+            if len(p) > self.num_heads or p[:-1] not in node_of or p[-1] >= ranks:
+                continue
+            node_of[p] = len(tokens)
+            tokens.append(int(order[len(p) - 1, p[-1]]))
+            parents.append(node_of[p[:-1]])
+        return Proposal(np.array(tokens, np.int64), None, np.array(parents, np.int64))
+
+
+def _paths_by_score(logits, order, tree: TreeSpec):
+    """A dynamic tree for independent heads: the `size` rank paths of highest joint head probability."""
+    lp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
+        logits.max(-1, keepdims=True)
+    frontier, chosen = [((), 0.0)], []
+    while frontier and len(chosen) < tree.size:
+        frontier.sort(key=lambda x: -x[1])
+        path, score = frontier.pop(0)
+        if path:
+            chosen.append(path)
+        d = len(path)
+        if d < len(order):
+            frontier += [(path + (r,), score + lp[d, order[d, r]]) for r in range(order.shape[1])]
+    return sorted(chosen, key=lambda p: (len(p), p))

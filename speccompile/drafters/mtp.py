@@ -1,0 +1,96 @@
+"""A multi-token-prediction (MTP) head as the drafter (DeepSeek-V3's MTP module, applied recursively as EAGLE does).
+
+The head reads the target's own hidden state: at position t+1 it combines h_t (the target's residual stream
+before its final norm) with the embedding of token x_{t+1}, runs one decoder block over its own KV cache, and
+predicts x_{t+2} with the target's output head. Its output hidden state stands in for h_{t+1} when it drafts
+further ahead.
+
+The head's cache holds one slot per "true pair" (h_t, x_{t+1}) of the committed context; drafts are written after
+them and dropped after each proposal, so acceptance needs no roll back here.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..runtime.engine import MAX_STEP_TOKENS, Engine
+from ..runtime.sampling import probabilities, sample
+from .base import Drafter, Proposal
+from .draft_model import _log_softmax, _TreeDraft, grow_tree
+
+
+class MtpDrafter(Drafter):
+    wants_hidden = True
+
+    def __init__(self, name: str, engine: Engine, draft_to_target: list[int] | None = None,
+                 target_vocab: int | None = None):
+        """draft_to_target: the target token id of each entry of a reduced draft vocabulary (EAGLE-3 style: the
+        head scores only frequent tokens, so its output matrix is a fraction of the target's)."""
+        self.name, self.engine = name, engine
+        self.d2t = None if draft_to_target is None else np.asarray(draft_to_target, np.int64)
+        self.target_vocab = target_vocab or engine.vocab_size
+        self.h = np.zeros((engine.max_seq_len, engine.hidden.shape[1]), np.float32)  # target hidden per position
+        self.known = 0  # self.h[:known] is valid
+
+    def reset(self) -> None:
+        self.engine.cache.truncate(0)
+        self.known = 0
+
+    def observe(self, start: int, hidden: np.ndarray) -> None:
+        """The target's hidden states of committed positions [start, start + len(hidden))."""
+        self.h[start:start + len(hidden)] = hidden
+        self.known = start + len(hidden)
+
+    def _catch_up(self, context: np.ndarray):
+        """Run the head over the true pairs not yet in its cache; returns (logits, hidden) of the last pair,
+        which predict the token after the context."""
+        eng, cache = self.engine, self.engine.cache
+        upto = min(self.known, len(context) - 1)  # pairs t < upto: h_t known and x_{t+1} in the context
+        cache.truncate(min(cache.length, upto - 1))  # re-run at least the last pair: its logits are needed
+        while cache.length < upto:
+            t0 = cache.length
+            t1 = min(upto, t0 + MAX_STEP_TOKENS)
+            logits, _ = eng.forward(context[t0 + 1:t1 + 1], positions=np.arange(t0 + 1, t1 + 1),
+                                    hidden_in=self.h[t0:t1])
+            cache.truncate(t1)
+        return logits[0], eng.hidden[t1 - t0 - 1].copy()
+
+    def _to_target(self, q: np.ndarray) -> np.ndarray:
+        """A distribution over the draft vocabulary, as one over the target's."""
+        if self.d2t is None:
+            return q
+        full = np.zeros(self.target_vocab)
+        full[self.d2t] = q
+        return full
+
+    def propose(self, context, k, params, rng) -> Proposal:
+        eng, cache = self.engine, self.engine.cache
+        logits, hidden = self._catch_up(context)
+        committed = cache.length
+        k = min(k, eng.max_seq_len - committed - 1)
+        tokens = np.zeros(max(k, 0), np.int64)
+        q = None if params.greedy else np.zeros((len(tokens), self.target_vocab))
+        for i in range(len(tokens)):
+            if params.greedy:
+                best = int(np.argmax(logits))
+                tokens[i] = best if self.d2t is None else self.d2t[best]
+            else:
+                q[i] = self._to_target(probabilities(logits, params))
+                tokens[i] = sample(q[i], rng)
+            if i + 1 < len(tokens):  # feed the draft back with the head's own hidden state
+                logits, _ = eng.forward(tokens[i:i + 1], positions=np.array([len(context) + i]),
+                                        hidden_in=hidden[None])
+                logits = logits[0]
+                hidden = eng.hidden[0].copy()
+                cache.truncate(cache.length + 1)
+        cache.truncate(committed)
+        return Proposal(tokens, q)
+
+    def propose_tree(self, context, tree, params, rng) -> Proposal:
+        eng, cache = self.engine, self.engine.cache
+        logits, hidden = self._catch_up(context)
+        committed = cache.length
+        n = len(context)
+        t = _TreeDraft(eng, committed, n - 1, _log_softmax(logits), root_hidden=hidden, token_map=self.d2t)
+        keep = grow_tree(t, tree, min(tree.size, eng.max_seq_len - committed - 1, eng.max_rows))
+        cache.truncate(committed)
+        return t.proposal(keep)

@@ -1,0 +1,25 @@
+"""Errors that name the problem. The CLI prints `error: <message>` and exits non-zero for any of them."""
+
+
+class SpeccompileError(Exception):
+    """Base class: every user-facing failure is one of these."""
+
+
+class CheckpointError(SpeccompileError):
+    """A checkpoint is missing, corrupt, truncated or incomplete."""
+
+
+class UnsupportedModelError(SpeccompileError):
+    """The architecture (or a feature of it) is not one speccompile lowers."""
+
+
+class TokenizerMismatchError(SpeccompileError):
+    """Draft and target do not share a tokenizer."""
+
+
+class BundleError(SpeccompileError):
+    """A bundle is malformed, tampered with, or from another format version."""
+
+
+class ContextLengthError(SpeccompileError):
+    """A prompt (plus the tokens asked for) does not fit the compiled context."""

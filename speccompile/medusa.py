@@ -1,0 +1,81 @@
+"""Medusa heads: K parallel heads on the target's last hidden state, head k guessing the token k+2 places ahead
+(the target's own head gives the next one). Each head is residual SiLU blocks and an output matrix:
+
+    h = final_norm(hidden);  for each block: h = h + SiLU(W h + b);  logits_k = W_out_k h
+
+Public layout (FasterDecoding/Medusa `medusa_lm_head.safetensors`): `{k}.{j}.linear.weight|bias` for the blocks
+and `{k}.{L}.weight` for the output, optionally under a `medusa_head.` prefix.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import CheckpointError
+from .onnx_builder import GraphBuilder
+
+_NAME = re.compile(r"^(?:medusa_head\.)?(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
+
+
+def load_medusa(path: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Read Medusa heads from safetensors; returns graph weights medusa.{k}.{j}.w|b and medusa.{k}.out."""
+    if path.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")):
+        raise CheckpointError(f"{path}: pickled checkpoints are refused (unsafe to load); convert it to safetensors")
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = {k: f.get_tensor(k).float().numpy() for k in f.keys()}
+    except FileNotFoundError:
+        raise CheckpointError(f"Medusa heads not found: {path}") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+    heads: dict[int, dict[int, dict[str, np.ndarray]]] = {}
+    for k, v in raw.items():
+        m = _NAME.match(k)
+        if m:
+            heads.setdefault(int(m.group(1)), {}).setdefault(int(m.group(2)), {})[m.group(3)] = v
+    if not heads or sorted(heads) != list(range(len(heads))):
+        raise CheckpointError(f"{path}: no Medusa heads ({{k}}.{{j}}.linear.weight ... {{k}}.{{L}}.weight)")
+    H, V = cfg.hidden_size, cfg.vocab_size
+    w = {}
+    for k, layers in heads.items():
+        *blocks, out = sorted(layers)
+        if "weight" not in layers[out] or tuple(layers[out]["weight"].shape) != (V, H):
+            raise CheckpointError(f"{path}: Medusa head {k} output must be a [{V}, {H}] '{k}.{out}.weight'")
+        for j in blocks:
+            lw, lb = layers[j].get("linear.weight"), layers[j].get("linear.bias")
+            if lw is None or lb is None or lw.shape != (H, H) or lb.shape != (H,):
+                raise CheckpointError(f"{path}: Medusa head {k} block {j} needs linear.weight [{H}, {H}] and bias")
+            w[f"medusa.{k}.{j}.w"] = np.ascontiguousarray(lw.T)
+            w[f"medusa.{k}.{j}.b"] = lb
+        w[f"medusa.{k}.out"] = np.ascontiguousarray(layers[out]["weight"])
+    return w
+
+
+def num_heads(weights: dict) -> int:
+    return len({k.split(".")[1] for k in weights if k.startswith("medusa.")})
+
+
+def build_medusa(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> GraphBuilder:
+    """hidden_in [1, H] (the target's pre-norm hidden state) -> logits [K, V], next_token [K]."""
+    g = GraphBuilder("medusa")
+    g.input("hidden_in", "float32", [1, cfg.hidden_size])
+    W = {k: g.weight(k, v) for k, v in weights.items()}
+    h = g.op("SimplifiedLayerNormalization", ["hidden_in", W["final_norm"]], axis=-1, epsilon=cfg.rms_norm_eps,
+             stash_type=1)[0]
+    logits = []
+    for k in range(num_heads(weights)):
+        x = h
+        j = 0
+        while f"medusa.{k}.{j}.w" in W:
+            y = g.op("Add", [g.op("MatMul", [x, W[f"medusa.{k}.{j}.w"]])[0], W[f"medusa.{k}.{j}.b"]])[0]
+            x = g.op("Add", [x, g.op("Mul", [y, g.op("Sigmoid", [y])[0]])[0]])[0]
+            j += 1
+        logits.append(g.op("Gemm", [x, W[f"medusa.{k}.out"]], transB=1)[0])
+    g.op("Concat", logits, outputs=["logits"], axis=0)
+    g.op("ArgMax", ["logits"], outputs=["next_token"], axis=-1, keepdims=0)
+    g.output("logits", "float32", [num_heads(weights), cfg.vocab_size])
+    g.output("next_token", "int64", [num_heads(weights)])
+    return g

@@ -1,0 +1,69 @@
+"""A small ONNX graph builder: named nodes, constants, and initializers kept out of the graph proto.
+
+Initializers are referenced by name only; the write pass stores each distinct weight once in the bundle's
+weight file, so several graphs (target, early-exit draft) share one copy on disk and in memory.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+OPSET = 24  # RotaryEmbedding-23, TensorScatter-24 and Attention-24 for the reference lowering
+_DTYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "int32": TensorProto.INT32}
+
+
+class GraphBuilder:
+    def __init__(self, name: str):
+        self.name = name
+        self.nodes: list[onnx.NodeProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.constants: list[onnx.TensorProto] = []  # small tensors embedded in the graph
+        self.weights: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, dtype), stored externally
+        self._count = 0
+
+    def fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def op(self, op_type: str, inputs, n_out: int = 1, outputs=None, domain: str | None = None, **attrs):
+        outputs = outputs or [self.fresh(op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), list(outputs), name=self.fresh(op_type),
+                                           domain=domain, **attrs))
+        return outputs
+
+    def const(self, value: np.ndarray) -> str:
+        name = self.fresh("const")
+        self.constants.append(onnx.numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        self.weights[name] = (tuple(array.shape), str(array.dtype))
+        return name
+
+    def input(self, name: str, dtype: str, shape) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, _DTYPES[dtype], shape))
+        return name
+
+    def output(self, name: str, dtype: str, shape) -> str:
+        self.outputs.append(helper.make_tensor_value_info(name, _DTYPES[dtype], shape))
+        return name
+
+    def to_model(self, weight_refs: dict[str, dict]) -> onnx.ModelProto:
+        """weight_refs: name -> {"location", "offset", "length"} in the bundle's weight file."""
+        inits = list(self.constants)
+        for name, (shape, dtype) in self.weights.items():
+            t = TensorProto(name=name, data_type=_DTYPES[dtype], dims=list(shape))
+            t.data_location = TensorProto.EXTERNAL
+            ref = weight_refs[name]
+            for key in ("location", "offset", "length"):
+                e = t.external_data.add()
+                e.key, e.value = key, str(ref[key])
+            inits.append(t)
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, initializer=inits)
+        model = helper.make_model(graph, producer_name="speccompile",
+                                  opset_imports=[helper.make_opsetid("", OPSET),
+                                                 helper.make_opsetid("com.microsoft", 1)])
+        model.ir_version = 11
+        return model

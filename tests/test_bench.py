@@ -1,0 +1,174 @@
+"""`speccompile bench` and `speccompile gate`: the result schema, the gate's verdicts, the CLI end to end."""
+import copy
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from speccompile.bench import SCHEMA_VERSION, BenchSettings, default_dataset, load_questions, run_bench
+from speccompile.cli import main
+
+SHIPPED_CATEGORIES = {"writing", "qa", "summarization", "translation", "math_reasoning", "coding", "rag",
+                      "extraction"}
+# Short prompts: the tiny test bundles have a 256-token context and a byte-level tokenizer.
+QUESTIONS = [
+    {"question_id": 1, "category": "repeat", "turns": ["one two three four one two three four one two"]},
+    {"question_id": 2, "category": "chat", "turns": ["Say hello to the reader."]},
+    {"question_id": 3, "category": "repeat", "turns": ["a b c a b c a b c a b"]},
+    {"question_id": 4, "category": "chat", "turns": ["What is the weather like?"]},
+]
+
+
+def invoke(*args, expect=0):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert r.exit_code == expect, r.output
+    return r.output
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "questions.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def result(tiny_bundle, dataset):
+    return run_bench(tiny_bundle, BenchSettings(dataset=dataset, max_new_tokens=12, repeats=2, threads=1))
+
+
+@pytest.fixture
+def result_file(result, tmp_path):
+    def write(doc=result, name="result.json"):
+        path = tmp_path / name
+        path.write_text(json.dumps(doc))
+        return path
+    return write
+
+
+def test_shipped_dataset_covers_every_category():
+    questions = load_questions(default_dataset())
+    assert set(questions) == SHIPPED_CATEGORIES
+    ids = [q["question_id"] for qs in questions.values() for q in qs]
+    assert len(ids) == 16 and len(set(ids)) == 16
+    assert all(len(qs) == 2 and all(q["text"] for q in qs) for qs in questions.values())
+
+
+def test_result_schema(result):
+    doc = json.loads(json.dumps(result))  # everything is JSON
+    assert doc["schema_version"] == SCHEMA_VERSION
+    assert isinstance(doc["created"], str)
+    assert doc["machine"]["memory_bandwidth_gbps"] > 0 and doc["machine"]["cpu_count"] >= 1
+    assert {"speccompile", "numpy", "onnxruntime", "python"} <= set(doc["versions"])
+    bundle = doc["bundle"]
+    assert bundle["source"]["kind"] == "tiny" and bundle["target"]["weight_bytes"] > 0
+    assert [d["name"] for d in bundle["drafters"]] == ["lookup", "layerskip:2", "model"]
+    settings = doc["settings"]
+    assert settings["max_new_tokens"] == 12 and settings["repeats"] == 2 and len(settings["dataset_sha256"]) == 64
+    assert settings["drafters"] == ["lookup", "layerskip:2", "model"]
+    names = [m["name"] for m in doc["methods"]]
+    assert names == ["autoregressive", "lookup", "layerskip:2", "model"]
+    assert all(m["engine"] == "speccompile" and m["baseline"] == "autoregressive" for m in doc["methods"])
+    assert doc["peak_rss_mib"]["speccompile"] > 0
+
+    assert [p["question_id"] for p in doc["prompts"]] == [1, 2, 3, 4]  # round-robin over the two categories
+    for p in doc["prompts"]:
+        assert p["prompt_tokens"] > 0 and set(p["runs"]) == set(names)
+        for name, run in p["runs"].items():
+            assert run["seconds"] > 0 and run["new_tokens"] > 0 and run["tokens_per_second"] > 0
+            assert run["identical_to_autoregressive"] is True  # greedy speculation is lossless
+            assert run["ttft_s"] > 0 and run["mean_accepted_tokens"] >= 1.0
+            assert isinstance(run["committed_per_pass"], dict)
+            assert isinstance(run["acceptance_rate_per_depth"], list)
+
+    summary = doc["summary"]
+    assert set(summary["by_category"]) == {"repeat", "chat"}
+    for group in [summary["overall"], *summary["by_category"].values()]:
+        assert set(group) == set(names)
+        ar = group["autoregressive"]
+        assert ar["speedup"] == ar["paired_speedup"] == 1.0 and ar["mean_accepted_tokens"] == 1.0
+        assert ar["acceptance_rate_per_depth"] is None
+        for name in names[1:]:
+            s = group[name]
+            assert s["speedup"] > 0 and s["paired_speedup"] > 0 and s["median_tokens_per_second"] > 0
+            assert s["mean_accepted_tokens"] >= 1.0
+            assert all(0.0 <= r <= 1.0 for r in s["acceptance_rate_per_depth"])
+            hist = s["committed_per_pass"]
+            assert sum(int(n) * c for n, c in hist.items()) / sum(hist.values()) == pytest.approx(
+                s["mean_accepted_tokens"])
+            assert 0 < s["bandwidth_fraction"] and s["speed_vs_transformers"] is None
+
+
+def test_gate_passes_on_its_baseline(result_file):
+    path = result_file()
+    out = invoke("gate", path, "--baseline", path)
+    assert "gate passed" in out and "speedup lookup" in out and "accepted model / chat" in out
+
+
+def test_gate_fails_on_a_regression(result, result_file):
+    baseline = result_file(result, "baseline.json")
+    worse = copy.deepcopy(result)
+    worse["summary"]["overall"]["lookup"]["paired_speedup"] *= 0.8
+    worse["summary"]["overall"]["layerskip:2"]["mean_accepted_tokens"] -= 0.5
+    out = invoke("gate", result_file(worse, "worse.json"), "--baseline", baseline, expect=1)
+    assert "gate FAILED: speedup lookup, accepted layerskip:2" in out
+    assert "-20.0%" in out
+
+
+def test_gate_small_changes_pass_and_floors_fail(result, result_file):
+    baseline = result_file(result, "baseline.json")
+    noisy = copy.deepcopy(result)
+    noisy["summary"]["overall"]["lookup"]["paired_speedup"] *= 0.97
+    invoke("gate", result_file(noisy, "noisy.json"), "--baseline", baseline)
+    out = invoke("gate", baseline, "--baseline", baseline, "--min-speedup", 1000, "--min-accepted", 1000, expect=1)
+    assert "below the floor" in out and "speedup lookup" in out and "accepted model" in out
+
+
+def test_gate_refuses_unreadable_or_mismatched_files(result, result_file, tmp_path):
+    baseline = result_file(result, "baseline.json")
+    out = invoke("gate", tmp_path / "missing.json", "--baseline", baseline, expect=2)
+    assert out.startswith("error:")
+    (tmp_path / "junk.json").write_text("{not json")
+    assert invoke("gate", tmp_path / "junk.json", "--baseline", baseline, expect=2).startswith("error:")
+    other = copy.deepcopy(result)
+    other["schema_version"] = SCHEMA_VERSION + 1
+    assert "schema_version" in invoke("gate", result_file(other, "v2.json"), "--baseline", baseline, expect=2)
+    other = copy.deepcopy(result)
+    other["settings"]["max_new_tokens"] = 64
+    out = invoke("gate", result_file(other, "longer.json"), "--baseline", baseline, expect=2)
+    assert "error: results are not comparable: max_new_tokens differs" in out
+
+
+def test_bench_cli_writes_json_and_plot(tiny_bundle, dataset, tmp_path):
+    json_out, png = tmp_path / "r.json", tmp_path / "r.png"
+    out = invoke("bench", tiny_bundle, "--dataset", dataset, "--categories", "repeat", "--max-new-tokens", 10,
+                 "--drafter", "lookup", "--threads", 1, "--json", json_out, "--plot", png)
+    assert "overall" in out and "lookup" in out and "acceptance rate per draft depth" in out
+    doc = json.loads(json_out.read_text())
+    assert [m["name"] for m in doc["methods"]] == ["autoregressive", "lookup"]
+    assert {p["category"] for p in doc["prompts"]} == {"repeat"}
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+def test_bench_cli_bad_input(tiny_bundle, dataset):
+    assert invoke("bench", tiny_bundle, "--dataset", dataset, "--drafter", "nope", expect=2).count("error:") == 1
+    assert "error:" in invoke("bench", tiny_bundle, "--dataset", dataset, "--categories", "poetry", expect=2)
+
+
+def test_compare_transformers(tiny_bundle, tmp_path):
+    pytest.importorskip("transformers")
+    json_out = tmp_path / "r.json"
+    invoke("bench", tiny_bundle, "--limit", 2, "--max-new-tokens", 8, "--threads", 1, "--compare-transformers",
+           "--json", json_out)
+    doc = json.loads(json_out.read_text())
+    theirs = {m["name"]: m for m in doc["methods"] if m["engine"] == "transformers"}
+    assert set(theirs) == {"transformers:autoregressive", "transformers:lookup", "transformers:layerskip:2",
+                           "transformers:model"}
+    assert theirs["transformers:lookup"]["counterpart"] == "lookup"
+    overall = doc["summary"]["overall"]
+    for name in ("autoregressive", "lookup", "layerskip:2", "model"):
+        assert overall[name]["speed_vs_transformers"] > 0
+    for p in doc["prompts"]:  # transformers' assisted decoding is lossless too
+        assert all(p["runs"][name]["identical_to_autoregressive"] for name in theirs)
+    assert "transformers" in doc["versions"] and doc["peak_rss_mib"]["total"] >= doc["peak_rss_mib"]["speccompile"]

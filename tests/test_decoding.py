@@ -1,0 +1,106 @@
+"""Speculative decoding is lossless: greedy output equals plain greedy output token for token, and sampled
+output has the target's distribution."""
+import numpy as np
+import pytest
+
+from speccompile.runtime.sampling import SamplingParams, accept_sampled, probabilities, sample
+
+from conftest import assert_lossless, random_prompts
+
+
+@pytest.mark.parametrize("drafter", ["lookup", "layerskip:2", "model"])
+def test_greedy_speculative_equals_autoregressive(tiny_generator, drafter):
+    assert tiny_generator.generate(random_prompts(1)[0], 8, speculate=False).stats["mean_accepted_tokens"] == 1.0
+    # the drafter did get tokens accepted, so the comparison exercised acceptance
+    assert max(assert_lossless(tiny_generator, drafter, random_prompts(10), 48)) > 1.0
+
+
+def test_num_draft_override_and_stream(tiny_generator):
+    g = tiny_generator
+    prompt = random_prompts(3)[2]
+    ref = g.generate(prompt, 30, speculate=False).token_ids
+    chunks = list(g.stream(prompt, 30, drafter="model", num_draft=7))
+    assert [t for c in chunks for t in c] == ref
+    assert any(len(c) > 1 for c in chunks)  # several tokens committed by one verify pass
+
+
+def chi2_pvalue(observed, probs):
+    """Pearson chi-square goodness of fit; cells with small expectation are pooled."""
+    observed = np.asarray(observed, float)
+    expected = probs * observed.sum()
+    big = expected >= 5
+    obs = np.append(observed[big], observed[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    stat = ((obs - exp) ** 2 / exp).sum()
+    dof = len(obs) - 1
+    from math import exp as e, lgamma, log
+    # regularized upper incomplete gamma Q(dof/2, stat/2) by series (dof is small here)
+    a, x = dof / 2, stat / 2
+    term = s = 1.0 / a
+    n = 1
+    while abs(term) > 1e-12 * abs(s):
+        term *= x / (a + n)
+        s += term
+        n += 1
+    return 1.0 - s * e(-x + a * log(x) - lgamma(a)) if x > 0 else 1.0
+
+
+def test_accept_sampled_keeps_target_distribution():
+    """Unit level: with arbitrary p and q, the first committed token is distributed as p[0]."""
+    rng = np.random.default_rng(0)
+    V = 6
+    p = rng.dirichlet(np.ones(V), size=2)
+    q = rng.dirichlet(np.ones(V) * 0.5, size=1)
+    counts = np.zeros(V)
+    for _ in range(20000):
+        x = sample(q[0], rng)
+        n, bonus = accept_sampled(np.array([x]), q, p, rng)
+        counts[x if n == 1 else bonus] += 1
+    assert chi2_pvalue(counts, p[0]) > 1e-3
+    # a deterministic drafter (q one-hot, passed as None) too
+    counts[:] = 0
+    for _ in range(20000):
+        n, bonus = accept_sampled(np.array([2]), None, p, rng)
+        counts[2 if n == 1 else bonus] += 1
+    assert chi2_pvalue(counts, p[0]) > 1e-3
+
+
+@pytest.mark.parametrize("drafter", ["model", "lookup"])
+def test_sampled_speculative_matches_target_distribution(tiny_generator, drafter, tree=None):
+    """End to end: the joint distribution of the first two sampled tokens, with speculation, against the exact
+    target distribution computed from the target's own logits."""
+    g = tiny_generator
+    params = SamplingParams(temperature=1.5, top_k=4)
+    prompt = np.array(random_prompts(2)[1], np.int64)
+    eng = g.target
+    # exact distribution: p(t1) p(t2 | t1)
+    eng.cache.truncate(0)
+    logits, _ = eng.forward(prompt)
+    p1 = probabilities(logits[0].copy(), params)
+    eng.cache.truncate(len(prompt))
+    support = np.flatnonzero(p1)
+    joint = {}
+    for t1 in support:
+        lg, _ = eng.forward(np.array([t1]))
+        p2 = probabilities(lg[0].copy(), params)
+        for t2 in np.flatnonzero(p2):
+            joint[(t1, t2)] = p1[t1] * p2[t2]
+    cells = sorted(joint)
+    probs = np.array([joint[c] for c in cells])
+    counts = np.zeros(len(cells))
+    for seed in range(3000):
+        res = g.generate(prompt, 6, drafter=drafter, temperature=1.5, top_k=4, seed=seed, tree=tree)
+        counts[cells.index(tuple(res.token_ids[:2]))] += 1
+    assert chi2_pvalue(counts, probs) > 1e-3
+
+
+def test_probabilities_top_k_top_p():
+    logits = np.log(np.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    p = probabilities(logits, SamplingParams(temperature=1.0, top_k=2))
+    assert np.allclose(p, [[0.5 / 0.7, 0.2 / 0.7, 0, 0, 0]])
+    p = probabilities(logits, SamplingParams(temperature=1.0, top_p=0.8))  # 0.5+0.2 < 0.8 -> keep 3
+    assert np.allclose(p, [[0.5 / 0.85, 0.2 / 0.85, 0.15 / 0.85, 0, 0]])
+    with pytest.raises(ValueError):
+        SamplingParams(temperature=1.0, top_p=0.0)

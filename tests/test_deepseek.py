@@ -1,0 +1,108 @@
+"""DeepSeek-V3 architecture: multi-head latent attention over a latent cache, routed MoE with group-limited
+top-k, and its MTP module drafting — against transformers' DeepseekV3ForCausalLM on tiny random checkpoints."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+from speccompile.build import build_bundle  # noqa: E402
+from speccompile.bundle import read_manifest  # noqa: E402
+from speccompile.errors import CheckpointError  # noqa: E402
+from speccompile.presets import tiny_deepseek_checkpoint as make_checkpoint  # noqa: E402
+from speccompile.runtime.engine import Engine  # noqa: E402
+
+from conftest import assert_lossless, quiet, random_prompts  # noqa: E402
+
+TOL = 1e-4
+
+
+@pytest.mark.parametrize("q_lora_rank,mla_cache", [(None, "latent"), (24, "latent"), (None, "expanded")])
+def test_logits_match_transformers(tmp_path, q_lora_rank, mla_cache):
+    ref_model = make_checkpoint(str(tmp_path / "ck"), q_lora_rank)
+    out = str(tmp_path / "b")
+    build_bundle(str(tmp_path / "ck"), out, drafts=["none"], max_seq_len=64, mla_cache=mla_cache, progress=quiet)
+    m = read_manifest(out)
+    kv = m["models"]["target"]["kv_cache"]
+    # latent: one [k_rope (16); c_kv (32)] row per token; expanded: 4 heads of [k_nope (16); k_rope (16)]
+    assert (kv["num_kv_heads"], kv["head_dim"]) == ((1, 48) if mla_cache == "latent" else (4, 32))
+    eng = Engine(out, m["models"]["target"], threads=1, max_rows=16)
+    ids = np.random.default_rng(1).integers(0, 384, 20)
+    with torch.no_grad():
+        ref = ref_model(torch.tensor(ids)[None]).logits[0].numpy()
+    logits, _ = eng.forward(ids[:12], rows=np.arange(12))
+    assert np.abs(logits - ref[:12]).max() < TOL
+    eng.cache.truncate(12)
+    for t in range(12, 20):
+        logits, _ = eng.forward(ids[t:t + 1])
+        eng.cache.truncate(t + 1)
+        assert np.abs(logits[0] - ref[t]).max() < TOL
+
+
+def test_experts_chosen_match_reference(tmp_path):
+    """The graph's routing (expert indices per token, per MoE layer) equals transformers' router's."""
+    import onnx
+    import onnxruntime as ort
+    ref_model = make_checkpoint(str(tmp_path / "ck"))
+    out = str(tmp_path / "b")
+    build_bundle(str(tmp_path / "ck"), out, drafts=["none"], max_seq_len=64, progress=quiet)
+    model = onnx.load(os.path.join(out, "target.onnx"), load_external_data=False)
+    topk_outputs = [o for n in model.graph.node for o in n.output if o.endswith("expert_index")]
+    assert len(topk_outputs) == 2  # the two MoE layers
+    for name in topk_outputs:
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
+    patched = os.path.join(out, "routing.onnx")
+    onnx.save(model, patched)
+    m = read_manifest(out, verify_hashes=False)
+    kv = m["models"]["target"]["kv_cache"]
+    ids = np.random.default_rng(2).integers(0, 384, 10)
+    S, L = len(ids), 64
+    feeds = {"input_ids": ids[None], "position_ids": np.arange(S)[None], "seqlens_k": np.array([S - 1], np.int32),
+             "attention_bias": np.where(np.tril(np.ones((S, L), bool)), 0, -np.inf)[None, None].astype(np.float32),
+             "logits_index": np.array([S - 1])}
+    for i in range(3):
+        for kind in ("key", "value"):
+            feeds[f"past_{kind}.{i}"] = np.zeros((1, kv["num_kv_heads"], L, kv["head_dim"]), np.float32)
+    sess = ort.InferenceSession(patched)
+    got = sess.run(topk_outputs, feeds)
+    chosen = []
+    hooks = [layer.mlp.gate.register_forward_hook(lambda mod, a, o: chosen.append(o[2].numpy()))
+             for layer in ref_model.model.layers if hasattr(layer.mlp, "gate")]
+    with torch.no_grad():
+        ref_model(torch.tensor(ids)[None])
+    for h in hooks:
+        h.remove()
+    for mine, theirs in zip(got, chosen):
+        assert [set(r) for r in mine.tolist()] == [set(r) for r in theirs.tolist()]
+
+
+@pytest.mark.parametrize("tree", [None, "dynamic:8"])
+def test_mtp_drafting_is_lossless(tmp_path, tree):
+    make_checkpoint(str(tmp_path / "ck"), with_mtp=True)
+    out = str(tmp_path / "b")
+    build_bundle(str(tmp_path / "ck"), out, drafts=[f"mtp:{tmp_path / 'ck'}"], max_seq_len=128, progress=quiet)
+    import speccompile
+    g = speccompile.load(out, threads=1)
+    assert max(assert_lossless(g, "mtp", random_prompts(6), 32, tree)) > 1.0
+
+
+def test_missing_or_misshapen_expert(tmp_path):
+    make_checkpoint(str(tmp_path / "ck"))
+    st = str(tmp_path / "ck" / "model.safetensors")
+    from safetensors.numpy import load_file, save_file
+    tensors = load_file(st)
+    bad = dict(tensors)
+    del bad["model.layers.2.mlp.experts.5.up_proj.weight"]
+    save_file(bad, st)
+    with pytest.raises(CheckpointError, match="experts.5.up_proj"):
+        build_bundle(str(tmp_path / "ck"), str(tmp_path / "b"), drafts=["none"], max_seq_len=64, progress=quiet)
+    bad = dict(tensors)
+    bad["model.layers.1.mlp.experts.3.down_proj.weight"] = np.zeros((64, 31), np.float32)
+    save_file(bad, st)
+    with pytest.raises(CheckpointError, match="experts.3.down_proj.weight.*shape"):
+        build_bundle(str(tmp_path / "ck"), str(tmp_path / "b"), drafts=["none"], max_seq_len=64, progress=quiet)
+    assert not (tmp_path / "b").exists()

