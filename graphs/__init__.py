@@ -7,37 +7,79 @@ inputs
   input_ids        int64   [1, S]             tokens of this step (prefill chunk, one decode token, or tree nodes)
   position_ids     int64   [1, S]             rotary position of each token (tree nodes: committed length + depth)
   seqlens_k        int32   [1]                committed length + S - 1 (the fused kernel's convention)
-  attention_bias   float32 [1, 1, S, LMAX]    0 where a token may attend a cache slot, -inf elsewhere
+  attention_bias   float32 [1, 1, S, T]       0 where a token may attend a cache slot, -inf elsewhere; T = committed
+                                              length + S (the kernel works over T slots), at most LMAX
   logits_index     int64   [R]                rows of the step whose logits are wanted (last row, or all nodes)
   past_key.{i}     float32 [1, Hkv, LMAX, D]  static KV cache; bound to the same buffer as present_key.{i}
   past_value.{i}   float32 [1, Hkv, LMAX, D]
-  hidden_in        float32 [1, S, H]          (MTP draft heads only) the target's hidden state before each token
+  hidden_in        float32 [1, S, H]          (MTP and EAGLE draft heads only) the feature before each token: the
+                                              target's hidden state, or the head's own for a drafted token
+                                              (EAGLE-3's target features pass its fc graph first, eagle3_fc.onnx:
+                                              aux_hidden_states [S, 3H_target] -> hidden [S, H])
 outputs
   logits           float32 [R, V]
   next_token       int64   [R]                argmax of logits, computed in the graph (greedy needs no logits copy)
   hidden_states    float32 [S, H]             the residual stream before the final norm (what draft heads read)
+  aux_hidden_states float32 [S, A*H]          (targets of EAGLE heads only) the features the heads read, side by
+                                              side in the order of the model entry's `aux_hidden_layers`: a layer
+                                              id i is the residual stream entering layer i (i = num_layers: after
+                                              the last layer, before the final norm; vLLM's
+                                              eagle_aux_hidden_state_layer_ids), "norm" the final norm's output
   present_key.{i}, present_value.{i}          the caches, written in place at slots [seqlens_k+1-S, seqlens_k]
+
+verify extension (the target's graph, built with verify=True; speccompile/verify.py): acceptance computed in the
+graph, so a verify pass copies a few numbers to the host instead of the [R, V] logits, which it need not bind.
+The R rows are the nodes of a verify block: row 0 the pending token (the root), then the draft nodes in
+topological order.
+inputs (optional: an omitted one takes its VERIFY_DEFAULTS value, broadcast over the rows: every row its own root,
+greedy; so a caller of the plain contract above feeds none of them)
+  node_parents     int64   [R]                each row's parent row, -1 for the root (a chain: r - 1)
+  temperature      float32 [1]                0: greedy acceptance; > 0: sampled (SpecInfer recursive rejection)
+  top_k            int64   [1]                0 = off (top-p is not in the graph: the runtime keeps it on the host)
+  uniforms         float64 [R, 2]             host draws in [0, 1), so a seed reproduces a run: [r, 0] tests node r,
+                                              [r, 1] draws the token after the path if it ends at r
+outputs
+  node_prob        float64 [R]                p_parent(r)(token of r) after temperature and top-k (greedy: 0; root: 0)
+  accept_node      int64   [1]                end of the accepted path (0: no draft node accepted)
+  accept_len       int64   [1]                its depth = the number of draft tokens accepted
+  accept_token     int64   [1]                the target's token after the path: greedy the end's argmax; sampled a
+                                              draw from p_end without the end's children's tokens (renormalised)
+The rule: a node is kept if it is the first of its parent's children (in row order) to pass its test: greedy, its
+token is the parent's argmax (next_token); sampled, uniforms[r, 0] * (1 - the mass of its earlier siblings'
+tokens) < node_prob[r], failing outright on a token an earlier sibling had. The accepted path is the root's chain
+of kept nodes; commit its tokens, then accept_token. Greedy, that is `trees.accept_tree_greedy`; sampled, with
+deterministic candidates (q one-hot) it is `trees.accept_tree_sampled`, so the committed tokens are distributed
+exactly as the target's, after temperature and top-k.
 """
 from __future__ import annotations
 
-DECODER_GRAPH_VERSION = 2
+DECODER_GRAPH_VERSION = 3  # 3: attention_bias as wide as the slots in use (2: always LMAX, still run)
+VERIFY_DEFAULTS = {"node_parents": [-1], "temperature": [0.0], "top_k": [0], "uniforms": [[0.0, 0.0]]}
 
 
 def decoder_signature(num_layers: int, num_kv_heads: int, head_dim: int, max_seq_len: int, vocab_size: int,
-                      hidden_size: int, mtp: bool = False):
+                      hidden_size: int, mtp: bool = False, verify: bool = False, aux_width: int = 0):
     """(inputs, outputs): lists of (name, dtype, shape); symbolic dims are strings. An MTP draft head has the
-    same signature plus the input `hidden_in` (the target's hidden state, one row per token)."""
+    same signature plus the input `hidden_in` (the target's hidden state, one row per token); verify=True adds
+    the verify extension; aux_width > 0 adds the output aux_hidden_states [S, aux_width]."""
     cache = [1, num_kv_heads, max_seq_len, head_dim]
     inputs = [("hidden_in", "float32", [1, "S", hidden_size])] if mtp else []
     inputs += [
         ("input_ids", "int64", [1, "S"]),
         ("position_ids", "int64", [1, "S"]),
         ("seqlens_k", "int32", [1]),
-        ("attention_bias", "float32", [1, 1, "S", max_seq_len]),
+        ("attention_bias", "float32", [1, 1, "S", "T"]),
         ("logits_index", "int64", ["R"]),
     ]
     outputs = [("logits", "float32", ["R", vocab_size]), ("next_token", "int64", ["R"]),
                ("hidden_states", "float32", ["S", hidden_size])]
+    if aux_width:
+        outputs.append(("aux_hidden_states", "float32", ["S", aux_width]))
+    if verify:
+        inputs += [("node_parents", "int64", ["R"]), ("temperature", "float32", [1]), ("top_k", "int64", [1]),
+                   ("uniforms", "float64", ["R", 2])]
+        outputs += [("node_prob", "float64", ["R"]), ("accept_node", "int64", [1]), ("accept_len", "int64", [1]),
+                    ("accept_token", "int64", [1])]
     for i in range(num_layers):
         inputs += [(f"past_key.{i}", "float32", cache), (f"past_value.{i}", "float32", cache)]
         outputs += [(f"present_key.{i}", "float32", cache), (f"present_value.{i}", "float32", cache)]

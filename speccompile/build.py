@@ -20,6 +20,8 @@ import numpy as np
 from .errors import CheckpointError, SpeccompileError, TokenizerMismatchError, UnsupportedModelError
 from .graphs import DECODER_GRAPH_VERSION, decoder_signature
 from .lower import build_decoder, lower_mtp_weights, lower_weights
+from . import trt_backend
+from .plugins import tree_attention
 from .sources import Checkpoint, default_head_path, load_checkpoint, load_mtp_head, sha256_path, shipped_head
 from .trees import TreeSpec
 
@@ -31,7 +33,8 @@ class DraftSpec:
 
     @property
     def name(self) -> str:
-        return self.kind if self.kind in ("lookup", "model", "mtp", "medusa") else f"{self.kind}:{self.arg}"
+        return self.kind if self.kind in ("lookup", "model", "mtp", "medusa", "eagle", "eagle3") else \
+            f"{self.kind}:{self.arg}"
 
     @classmethod
     def parse(cls, spec: str) -> "DraftSpec | None":
@@ -50,12 +53,17 @@ class DraftSpec:
             if not arg:
                 raise SpeccompileError(f"--draft {spec!r}: medusa needs a heads file, e.g. medusa:medusa_lm_head.safetensors")
             return cls("medusa", arg)
+        if kind in ("eagle", "eagle3"):
+            if not arg:
+                raise SpeccompileError(f"--draft {spec!r}: {kind} needs the head's safetensors file or directory, "
+                                       f"e.g. {kind}:/path/to/head")
+            return cls(kind, arg)
         if kind == "model":
             if not arg:
                 raise SpeccompileError(f"--draft {spec!r}: model needs a path, e.g. model:/path/to/draft")
             return cls("model", arg)
-        raise SpeccompileError(f"--draft {spec!r}: unknown drafter; use model:PATH, mtp[:PATH], medusa:PATH, lookup, "
-                               "layerskip:L or none")
+        raise SpeccompileError(f"--draft {spec!r}: unknown drafter; use model:PATH, mtp[:PATH], medusa:PATH, "
+                               "eagle:PATH, eagle3:PATH, lookup, layerskip:L or none")
 
 
 def tokenizer_fingerprint(files: dict[str, bytes]) -> str:
@@ -66,9 +74,11 @@ def tokenizer_fingerprint(files: dict[str, bytes]) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def _model_entry(name, ckpt_cfg, num_layers, max_seq_len, weights_files, attention, mtp=False, draft_vocab=None):
+def _model_entry(name, ckpt_cfg, num_layers, max_seq_len, weights_files, attention, mtp=False, draft_vocab=None,
+                 verify=False, aux_layers=None):
     ins, outs = decoder_signature(num_layers, ckpt_cfg.cache_kv_heads, ckpt_cfg.cache_head_dim, max_seq_len,
-                                  draft_vocab or ckpt_cfg.vocab_size, ckpt_cfg.hidden_size, mtp)
+                                  draft_vocab or ckpt_cfg.vocab_size, ckpt_cfg.hidden_size, mtp, verify,
+                                  aux_width=len(aux_layers or ()) * ckpt_cfg.hidden_size)
     return {"graph": f"{name}.onnx", "weights": weights_files, "config": ckpt_cfg.to_dict(), "num_layers": num_layers,
             "kind": "mtp_head" if mtp else "decoder",
             "graph_version": DECODER_GRAPH_VERSION, "attention": attention,
@@ -84,10 +94,17 @@ def _model_entry(name, ckpt_cfg, num_layers, max_seq_len, weights_files, attenti
 
 def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, max_seq_len: int = 2048,
                  num_draft: int = 4, attention: str = "ort", fused: bool = True, overwrite: bool = False,
-                 tree: str | None = None, mla_cache: str = "latent", progress=print) -> dict:
+                 tree: str | None = None, mla_cache: str = "latent", backend: str = "onnxruntime",
+                 progress=print) -> dict:
     """Compile `source` and its drafters into the bundle `out`. drafts=None: prompt lookup, and the MTP head
-    shipped for the target if there is one."""
+    shipped for the target if there is one. backend="tensorrt" adds a TensorRT engine per model (trt_backend)."""
     t0 = time.perf_counter()
+    toolchain = None
+    if backend == "tensorrt":  # checked first: a build refused for want of TensorRT has done and written nothing
+        toolchain = trt_backend.require_toolchain()
+        attention, fused = "plugin", False  # TreeAttention as the plugin's node; the CPU graphs get its expansion
+    elif backend != "onnxruntime":
+        raise SpeccompileError(f"--backend {backend!r}: choose onnxruntime or tensorrt")
     tree_spec = TreeSpec.parse(tree) if tree else None
     specs = [s for s in (DraftSpec.parse(d) for d in drafts or ()) if s is not None]
     if not 1 <= num_draft <= 16:
@@ -112,9 +129,15 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
     progress("[2/4] lower: packing weights")
     weights = {"target.bin": lower_weights(cfg, target.tensors, max_seq_len)}
     progress("[3/4] graph: emitting static decoder graphs")
+    from .eagle import target_aux_layers
+    aux = target_aux_layers(specs, cfg)  # the target features EAGLE heads read (none without them)
     graphs = {"target": (build_decoder(cfg, weights["target.bin"], max_seq_len, attention=attention, fused=fused,
-                                       name="target"), ["target.bin"])}
-    models = {"target": _model_entry("target", cfg, cfg.num_hidden_layers, max_seq_len, ["target.bin"], attention)}
+                                       name="target", verify=True, aux_layers=aux),
+                         ["target.bin"])}  # verify: in-graph acceptance
+    models = {"target": _model_entry("target", cfg, cfg.num_hidden_layers, max_seq_len, ["target.bin"], attention,
+                                     verify=True, aux_layers=aux)}
+    if aux:
+        models["target"]["aux_hidden_layers"] = aux
     drafters = []
     for spec in specs:
         entry = {"name": spec.name, "kind": spec.kind, "num_draft": num_draft,
@@ -165,6 +188,9 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
                 models["mtp_head"]["draft_to_target"] = d2t.tolist()
             models["mtp_head"]["source"] = {"path": os.path.abspath(path), "sha256": sha256_path(path)}
             entry["model"] = "mtp_head"
+        elif spec.kind in ("eagle", "eagle3"):
+            from .eagle import build_eagle
+            entry |= build_eagle(spec, cfg, weights, graphs, models, max_seq_len, attention, fused, aux, progress)
         elif spec.kind == "medusa":
             from .medusa import build_medusa, load_medusa, num_heads
             weights["medusa.bin"] = load_medusa(spec.arg, cfg)
@@ -184,6 +210,9 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
     if len({d["name"] for d in drafters}) != len(drafters):
         raise SpeccompileError("the same drafter is named twice")
 
+    if toolchain:  # before anything is written: every graph needs a TensorRT form
+        for name, (g, _) in graphs.items():
+            trt_backend.check_lowerable(g.nodes, name)
     progress(f"[4/4] write: {out}")
     with atomic_bundle_dir(out, overwrite) as tmp:
         refs = {}
@@ -194,8 +223,15 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
         import onnx
         for name, (g, wfiles) in graphs.items():
             model = g.to_model({n: r for f in wfiles for n, r in refs[f].items()})
+            if toolchain:  # the CPU runtime's copy of a plugin-lowered graph: the node's reference ops instead
+                model = tree_attention.expand_plugin_nodes(model)
+                if "attention" in models[name]:
+                    models[name]["attention"] = "reference"
             onnx.save_model(model, os.path.join(tmp, f"{name}.onnx"))
             models[name]["initializers"] = sorted(g.weights)
+        trt_info = trt_backend.write_engines(toolchain, tmp, graphs, refs, models,
+                                             (tree_spec.size if tree_spec else num_draft) + 1,
+                                             progress) if toolchain else None
         os.makedirs(os.path.join(tmp, "tokenizer"))
         for fname, data in target.tokenizer_files.items():
             with open(os.path.join(tmp, "tokenizer", fname), "wb") as f:
@@ -209,6 +245,8 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
                         for fname, rs in refs.items()},
             "drafters": drafters,
             "tokenizer": {"dir": "tokenizer", "fingerprint": tokenizer_fingerprint(target.tokenizer_files)},
+            "backend": backend,
+            **({"tensorrt": trt_info} if toolchain else {}),
         })
     progress(f"done in {time.perf_counter() - t0:.1f}s: {len(models)} graph(s), drafters: "
              f"{', '.join(d['name'] for d in drafters) or 'none'}")

@@ -49,12 +49,16 @@ def main():
 @click.option("--tree", default=None, help="Verify a token tree per pass: chain:K | static:FILE.json | dynamic:N "
               "(default: a chain of --num-draft tokens).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="tensorrt: also a TensorRT engine per model, TreeAttention as a plugin (needs TensorRT >= 10, a "
+                   "CUDA GPU and the plugin library: plugins/tree_attention/README.md); the bundle's onnxruntime "
+                   "graphs then use the reference attention ops.")
 @_errors_to_exit
-def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force):
+def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, backend):
     """Compile MODEL (a Hugging Face directory, a .gguf file; default: the embedded SmolLM2-135M-Instruct)."""
     from .build import build_bundle
     build_bundle(model, out, list(drafts) or None, max_seq_len=max_seq_len, num_draft=num_draft, attention=attention,
-                 fused=attention == "ort", overwrite=force, tree=tree, progress=_progress)
+                 fused=attention == "ort", overwrite=force, tree=tree, backend=backend, progress=_progress)
 
 
 @main.command()
@@ -123,6 +127,9 @@ def inspect(bundle, no_verify):
     for name, e in m["models"].items():
         if e.get("kind") == "medusa":
             click.echo(f"model       {name}: {e['graph']} ({e['num_heads']} Medusa heads), weights {e['weights']}")
+            continue
+        if "kv_cache" not in e:  # e.g. EAGLE-3's fc, fusing the target's layers
+            click.echo(f"model       {name}: {e['graph']} ({e['kind']}), weights {e['weights']}")
             continue
         c, kv = e["config"], e["kv_cache"]
         kv_mb = 2 * kv["num_layers"] * kv["num_kv_heads"] * kv["max_seq_len"] * kv["head_dim"] * 4 / 2**20

@@ -14,10 +14,11 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .graphs import decoder_signature
+from .graphs import VERIFY_DEFAULTS, decoder_signature
 from .onnx_builder import GraphBuilder
 from .plugins import tree_attention
 from .tensors import TensorReader
+from .verify import emit_verify
 
 
 def expected_checkpoint_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -139,7 +140,9 @@ def lower_mtp_weights(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[
 
 
 def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len: int, num_layers: int | None = None,
-                  attention: str = "ort", fused: bool = True, name: str = "decoder", mtp: bool = False) -> GraphBuilder:
+                  attention: str = "ort", fused: bool = True, name: str = "decoder", mtp: bool = False,
+                  verify: bool = False, head: str = "mtp", norm_before_residual: bool = False,
+                  aux_layers: list | None = None) -> GraphBuilder:
     """Emit the decoder graph over the first `num_layers` layers (all by default) plus the final norm and head.
 
     attention: the TreeAttention lowering ("ort" fused kernel or "reference" standard ops).
@@ -147,17 +150,27 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
     mtp: emit an MTP draft head instead: its input combines the target's hidden state (input `hidden_in`) with
          the next token's embedding, then its one block (weights mtp.l0.*) and its own norm (mtp.norm) feed the
          target's output head.
+    verify: add the verify extension (in-graph acceptance, see `emit_verify`); the target's graph has it.
+    head: with mtp, the head's layout: "mtp", or "eagle"/"eagle3" (see speccompile.eagle; norm_before_residual is
+          an EAGLE-3 variant).
+    aux_layers: add the output aux_hidden_states, these features side by side: layer id i = the residual stream
+          entering layer i (num_layers: after the last layer), "norm" = after the final norm.
     """
     L = 1 if mtp else (cfg.num_hidden_layers if num_layers is None else num_layers)
     prefix = "mtp." if mtp else ""
     D = cfg.head_dim
     g = GraphBuilder(name)
     vocab = len(weights["mtp.d2t"]) if "mtp.d2t" in weights else cfg.vocab_size
-    ins, outs = decoder_signature(L, cfg.cache_kv_heads, cfg.cache_head_dim, max_seq_len, vocab, cfg.hidden_size, mtp)
+    ins, outs = decoder_signature(L, cfg.cache_kv_heads, cfg.cache_head_dim, max_seq_len, vocab, cfg.hidden_size, mtp,
+                                  verify, aux_width=len(aux_layers or ()) * cfg.hidden_size)
     for n, dt, shape in ins:
-        g.input(n, dt, shape)
+        g.input(n, dt, shape, np.array(VERIFY_DEFAULTS[n], dt) if n in VERIFY_DEFAULTS else None)
     W = {k: g.weight(k, v) for k, v in weights.items() if _layer_of(k) is None or _layer_of(k) < L}
-    total_len = g.const(np.array(max_seq_len, np.int32))
+    # The fused kernel's total_sequence_length is the attention_bias's width: the runtime passes committed + S
+    # columns (the kernel then works over that many slots; at the full max_seq_len width it spent 2.7x longer at
+    # short contexts), or max_seq_len where a backend wants every shape static.
+    total_len = g.op("Cast", [g.op("Squeeze", [g.op("Shape", ["attention_bias"], start=3, end=4)[0],
+                                               g.const(np.array([0], np.int64))])[0]], to=6)[0]
     eps = cfg.rms_norm_eps
 
     def norm(x, gamma):
@@ -174,13 +187,20 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
         s = g.op("Add", [x, residual])[0]
         return norm(s, gamma), s
 
-    h = g.op("Gather", [W["embed"], "input_ids"], axis=0)[0]
-    if mtp:  # z = eh_proj([enorm(embedding); hnorm(hidden)])
+    h = g.op("Gather", [W.get("mtp.embed", W["embed"]), "input_ids"], axis=0)[0]
+    x = None
+    if mtp and head != "mtp":  # EAGLE heads: speccompile.eagle
+        from .eagle import emit_head_input
+        x, h = emit_head_input(g, W, head, norm, h, norm_before_residual)
+    elif mtp:  # z = eh_proj([enorm(embedding); hnorm(hidden)])
         both = g.op("Concat", [norm(h, W["mtp.enorm"]), norm("hidden_in", W["mtp.hnorm"])], axis=-1)[0]
         h = g.op("MatMul", [both, W["mtp.eh_proj"]])[0]
-    final_norm = W["mtp.norm"] if mtp else W["final_norm"]
-    x = norm(h, W[f"{prefix}l0.attn_norm"]) if L else h
+    final_norm = W.get("mtp.norm") if mtp else W["final_norm"]  # None: EAGLE-1 feeds its block's output as it is
+    if x is None:
+        x = norm(h, W[f"{prefix}l0.attn_norm"]) if L else h
+    taps = {}
     for i in range(L):
+        taps[i] = h
         p = f"{prefix}l{i}."
         if cfg.is_mla:
             from .deepseek import emit_mla
@@ -191,7 +211,8 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
                 qkv = g.op("Add", [qkv, W[p + "qkv_bias"]])[0]
             a = tree_attention.lower(
                 g, attention, qkv, f"past_key.{i}", f"past_value.{i}", f"present_key.{i}", f"present_value.{i}",
-                seqlens_k="seqlens_k", total_len=total_len, cos=W["rope.cos"], sin=W["rope.sin"],
+                seqlens_k="seqlens_k", total_len=total_len, cos=W.get(prefix + "rope.cos", W["rope.cos"]),
+                sin=W.get(prefix + "rope.sin", W["rope.sin"]),
                 position_ids="position_ids", attention_bias="attention_bias",
                 num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads, head_dim=D)
             a = g.op("MatMul", [a, W[p + "o"]])[0]
@@ -205,12 +226,19 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
             act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])[0]])[0], up])[0]
             m = g.op("MatMul", [act, W[p + "down"]])[0]
         nxt = W[f"{prefix}l{i + 1}.attn_norm"] if i + 1 < L else final_norm
-        x, h = add_norm(m, h, nxt)
+        if nxt is None:
+            x = h = g.op("Add", [m, h])[0]
+        else:
+            x, h = add_norm(m, h, nxt)
     if not L:
         x = norm(h, final_norm)
     squeeze0 = g.const(np.array([0], np.int64))
     # the residual stream before the final norm: what MTP/EAGLE-style heads consume
     g.op("Squeeze", [h, squeeze0], outputs=["hidden_states"])
+    if aux_layers:  # the features EAGLE heads read (speccompile.eagle)
+        taps |= {L: h, "norm": x}
+        g.op("Squeeze", [g.op("Concat", [taps[t] for t in aux_layers], axis=-1)[0], squeeze0],
+             outputs=["aux_hidden_states"])
     # Only the rows asked for reach the head: the head is the largest matrix of a small model.
     rows = g.op("Gather", [g.op("Squeeze", [x, squeeze0])[0], "logits_index"], axis=0)[0]
     head = W.get("mtp.head", W.get("lm_head", W["embed"]))
@@ -220,6 +248,9 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
              axis=0)
     else:
         g.op("ArgMax", ["logits"], outputs=["next_token"], axis=-1, keepdims=0)
+    if verify:
+        emit_verify(g, "logits", "next_token")
     for n, dt, shape in outs:
         g.output(n, dt, shape)
     return g
+

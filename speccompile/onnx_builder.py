@@ -5,12 +5,15 @@ weight file, so several graphs (target, early-exit draft) share one copy on disk
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
 OPSET = 24  # RotaryEmbedding-23, TensorScatter-24 and Attention-24 for the reference lowering
-_DTYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "int32": TensorProto.INT32}
+_DTYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "int32": TensorProto.INT32,
+           "float64": TensorProto.DOUBLE, "bool": TensorProto.BOOL}
 
 
 class GraphBuilder:
@@ -21,11 +24,23 @@ class GraphBuilder:
         self.outputs: list[onnx.ValueInfoProto] = []
         self.constants: list[onnx.TensorProto] = []  # small tensors embedded in the graph
         self.weights: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, dtype), stored externally
-        self._count = 0
+        self._counter = itertools.count(1)
 
     def fresh(self, hint: str) -> str:
-        self._count += 1
-        return f"{hint}_{self._count}"
+        return f"{hint}_{next(self._counter)}"
+
+    def branch(self, name: str) -> "GraphBuilder":
+        """A builder for an If branch. It shares this graph's numbering, so its names never shadow outer ones
+        (which it may read directly)."""
+        b = GraphBuilder(name)
+        b._counter = self._counter
+        return b
+
+    def subgraph(self, outputs) -> onnx.GraphProto:
+        """This branch as a GraphProto; outputs: (name, dtype) pairs."""
+        return helper.make_graph(self.nodes, self.name, [],
+                                 [helper.make_tensor_value_info(n, _DTYPES[dt], None) for n, dt in outputs],
+                                 initializer=self.constants)
 
     def op(self, op_type: str, inputs, n_out: int = 1, outputs=None, domain: str | None = None, **attrs):
         outputs = outputs or [self.fresh(op_type.lower()) for _ in range(n_out)]
@@ -42,8 +57,11 @@ class GraphBuilder:
         self.weights[name] = (tuple(array.shape), str(array.dtype))
         return name
 
-    def input(self, name: str, dtype: str, shape) -> str:
+    def input(self, name: str, dtype: str, shape, default=None) -> str:
+        """default: makes the input optional (an initializer of the same name, which a feed overrides)."""
         self.inputs.append(helper.make_tensor_value_info(name, _DTYPES[dtype], shape))
+        if default is not None:
+            self.constants.append(onnx.numpy_helper.from_array(np.asarray(default), name))
         return name
 
     def output(self, name: str, dtype: str, shape) -> str:
@@ -62,8 +80,10 @@ class GraphBuilder:
                 e.key, e.value = key, str(ref[key])
             inits.append(t)
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, initializer=inits)
+        custom = sorted({n.domain for n in self.nodes} - {"", "ai.onnx", "com.microsoft"})  # e.g. speccompile
         model = helper.make_model(graph, producer_name="speccompile",
                                   opset_imports=[helper.make_opsetid("", OPSET),
-                                                 helper.make_opsetid("com.microsoft", 1)])
+                                                 helper.make_opsetid("com.microsoft", 1),
+                                                 *(helper.make_opsetid(d, 1) for d in custom)])
         model.ir_version = 11
         return model

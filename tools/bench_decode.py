@@ -5,7 +5,8 @@ target run by transformers `generate` and by onnxruntime-genai (greedy, and its 
 
 Fairness: one process; every method gets the same prompt token ids (speccompile's chat template), greedy decoding,
 the same max_new_tokens and EOS, the same thread count; one untimed warm-up per method; then methods interleaved
-prompt by prompt (order rotated each prompt, so no method always runs right after the same other one). A run's
+prompt by prompt in a fresh seeded shuffle each prompt (a rotation would keep every method right after the same
+other one, e.g. right after another engine whose threads are still spinning down). A run's
 tokens/s is new tokens / wall time from prompt ids to the last token (prefill included), timed the same way
 outside every method; EOS is not counted (transformers and speccompile return it, genai does not).
 """
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -223,7 +225,9 @@ def main() -> None:
     runs: list[dict] = []
     for i, p in enumerate(prompts):
         runs.append({})
-        for m in names[i % len(names):] + names[:i % len(names)]:
+        order = list(names)
+        random.Random(i).shuffle(order)
+        for m in order:
             try:
                 r = timed(methods[m], p["ids"], args.max_new_tokens, eos)
                 log(f"[{i + 1}/{len(prompts)}] q{p['question_id']} {p['category']:14s} {m:28s} "

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-LOWERINGS = ("ort", "reference")
+LOWERINGS = ("ort", "reference", "plugin")
+DOMAIN, OP_TYPE = "speccompile", "TreeAttention"  # the plugin lowering's node: speccompile::TreeAttention
 
 
 def lower(g, lowering: str, qkv: str, past_key: str, past_value: str, present_key: str, present_value: str, *,
@@ -19,11 +20,16 @@ def lower(g, lowering: str, qkv: str, past_key: str, past_value: str, present_ke
     if lowering == "reference":
         return _lower_reference(g, qkv, past_key, past_value, present_key, present_value, seqlens_k, cos, sin,
                                 position_ids, attention_bias, num_heads, kv_num_heads, head_dim)
+    if lowering == "plugin":  # one node, for a backend with a kernel of its own (TensorRT: tensorrt/)
+        return g.op(OP_TYPE, [qkv, past_key, past_value, seqlens_k, cos, sin, position_ids, attention_bias],
+                    outputs=[g.fresh("attn"), present_key, present_value], domain=DOMAIN, num_heads=num_heads,
+                    kv_num_heads=kv_num_heads, head_dim=head_dim, rotary_interleaved=0,
+                    scale=float(head_dim ** -0.5))[0]
     raise ValueError(f"unknown TreeAttention lowering {lowering!r}; choose from {LOWERINGS}")
 
 
 def _lower_reference(g, qkv, past_key, past_value, present_key, present_value, seqlens_k, cos, sin, position_ids,
-                     attention_bias, hq, hkv, d):
+                     attention_bias, hq, hkv, d, scale=None):
     q, k, v = g.op("Split", [qkv, g.const(np.array([hq * d, hkv * d, hkv * d], np.int64))], n_out=3, axis=2)
 
     def bnsh(x, heads):  # [1,S,H*D] -> [1,H,S,D]
@@ -38,9 +44,62 @@ def _lower_reference(g, qkv, past_key, past_value, present_key, present_value, s
     p = g.op("Sub", [g.op("Add", [g.op("Cast", [seqlens_k], to=7)[0], g.const(np.array([1], np.int64))])[0], s])[0]
     kc = g.op("TensorScatter", [past_key, k, p], outputs=[present_key], axis=-2)[0]
     vc = g.op("TensorScatter", [past_value, v, p], outputs=[present_value], axis=-2)[0]
-    y = g.op("Attention", [q, kc, vc, attention_bias], is_causal=0)[0]
+    # Attention-24 wants a mask as wide as K (the whole cache): pad the bias's columns past its width with -inf
+    width = g.op("Shape", [attention_bias], start=3, end=4)[0]
+    pad = g.op("Sub", [g.op("Shape", [past_key], start=2, end=3)[0], width])[0]
+    zeros = g.const(np.zeros(7, np.int64))
+    bias = g.op("Pad", [attention_bias, g.op("Concat", [zeros, pad], axis=0)[0], g.const(np.array(-np.inf, np.float32))],
+                mode="constant")[0]
+    y = g.op("Attention", [q, kc, vc, bias], is_causal=0, **({"scale": scale} if scale else {}))[0]
     y = g.op("Transpose", [y], perm=[0, 2, 1, 3])[0]
     return g.op("Reshape", [y, g.const(np.array([1, -1, hq * d], np.int64))])[0]
+
+
+def expand_plugin_nodes(model):
+    """Graph rewrite: every speccompile::TreeAttention node -> its "reference" lowering (standard ONNX ops).
+
+    A plugin-lowered graph then runs on any ONNX runtime, onnxruntime's CPU provider included, with no custom op
+    registered, so it can be checked against the other lowerings on a machine without TensorRT. Returns a new
+    ModelProto (the argument is left as it is); node order is kept, so the graph stays topologically sorted."""
+    import onnx
+    from onnx import helper
+
+    from ...onnx_builder import OPSET, GraphBuilder
+
+    class Scoped(GraphBuilder):  # names under the replaced node's, so they cannot collide with the graph's own
+        def fresh(self, hint):
+            return f"{self.name}/{super().fresh(hint)}"
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    nodes = []
+    for i, node in enumerate(m.graph.node):
+        if (node.domain, node.op_type) != (DOMAIN, OP_TYPE):
+            nodes.append(node)
+            continue
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        if len(node.input) != 8 or len(node.output) != 3 or not all(node.output):
+            raise ValueError(f"{OP_TYPE} node {node.name!r}: expected 8 inputs and 3 named outputs")
+        if a.get("rotary_interleaved", 0) != 0:
+            raise ValueError(f"{OP_TYPE} node {node.name!r}: only rotary_interleaved=0 is defined")
+        qkv, pk, pv, seqlens_k, cos, sin, pos, bias = node.input
+        b = Scoped(f"{node.name or OP_TYPE}#{i}")
+        y = _lower_reference(b, qkv, pk, pv, node.output[1], node.output[2], seqlens_k, cos, sin, pos, bias,
+                             a["num_heads"], a["kv_num_heads"], a["head_dim"], scale=a.get("scale") or None)
+        b.op("Identity", [y], outputs=[node.output[0]])
+        nodes += b.nodes
+        m.graph.initializer.extend(b.constants)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    # the reference ops need opset 24; the custom domain goes once no node uses it
+    imports = [o for o in m.opset_import if o.domain != DOMAIN or any(n.domain == DOMAIN for n in nodes)]
+    for o in imports:
+        if o.domain in ("", "ai.onnx"):
+            o.version = max(o.version, OPSET)
+    del m.opset_import[:]
+    m.opset_import.extend(imports)
+    m.ir_version = max(m.ir_version, 11)  # the IR version onnx_builder gives its opset-24 graphs
+    return m
 
 
 def rope_tables(max_positions: int, head_dim: int, theta: float):

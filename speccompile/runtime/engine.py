@@ -24,9 +24,12 @@ def session_options(threads: int | None, prepack: bool = True) -> ort.SessionOpt
     that maps it; pre-packing gives the session a private re-laid-out copy, which makes the multi-row products of
     verification 2-3x faster on CPU (single-row products gain nothing)."""
     so = ort.SessionOptions()
-    # Target and drafters alternate on the same cores: a session whose idle threads spin-wait for work would
-    # steal the cores from the session that is running (measured: verify passes 2x slower beside a draft head).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Workers may spin between the ops of a pass (onnxruntime's default; spinning or sleeping measured the same for
+    # plain decoding on 2 cores), but stop spinning the moment a pass returns: target and drafters alternate on the
+    # same cores, and a finished session's spinning workers would steal them from the one running next (measured
+    # without the stop: MTP drafting at half speed, 21.8 against 47.6 tok/s).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     if not prepack:
         so.add_session_config_entry("session.disable_prepacking", "1")
     so.intra_op_num_threads = threads or os.cpu_count() or 1
@@ -73,16 +76,32 @@ class Engine:
         except ort.capi.onnxruntime_pybind11_state.Fail as e:
             raise SpeccompileError(f"onnxruntime cannot load {entry['graph']}: {e}") from None
         self.cache = KVCache(self.num_layers, kv["num_kv_heads"], self.max_seq_len, kv["head_dim"])
-        self.io = self.session.io_binding()
+        # a graph with the verify extension (speccompile.graphs) accepts drafts itself (`verify`); the generator
+        # uses it while `verifies` is true (set it false to compare with acceptance on the host)
+        self.verifies = "accept_node" in {o.name for o in self.session.get_outputs()}
+        # Two bindings over the same cache: `forward` fetches the logits, `verify` leaves them unbound, so they
+        # stay inside the graph (onnxruntime still computes them for the argmax and the sampling, but never
+        # hands them out).
+        self.io, self.io_verify = self.session.io_binding(), self.session.io_binding()
         for i in range(self.num_layers):  # bound once: past and present share one buffer per layer
             for kind, arr in (("key", self.cache.key[i]), ("value", self.cache.value[i])):
                 ov = ort.OrtValue.ortvalue_from_numpy(arr)
-                self.io.bind_ortvalue_input(f"past_{kind}.{i}", ov)
-                self.io.bind_ortvalue_output(f"present_{kind}.{i}", ov)
+                for io in (self.io, self.io_verify):
+                    io.bind_ortvalue_input(f"past_{kind}.{i}", ov)
+                    io.bind_ortvalue_output(f"present_{kind}.{i}", ov)
         self.max_rows = max_rows
+        width = next(i.shape[3] for i in self.session.get_inputs() if i.name == "attention_bias")
+        self.bias_width = width if isinstance(width, int) else None  # bundles before graph version 3: LMAX
         self.logits = np.zeros((max_rows, self.vocab_size), np.float32)
         self.next_token = np.zeros((max_rows,), np.int64)
         self.hidden = np.zeros((MAX_STEP_TOKENS, cfg["hidden_size"]), np.float32)  # last step's hidden states
+        aux = next((o["shape"][1] for o in entry["outputs"] if o["name"] == "aux_hidden_states"), 0)
+        self.aux = np.zeros((MAX_STEP_TOKENS, aux), np.float32) if aux else None  # what EAGLE heads read
+        self.verify_feed = {"node_parents": np.zeros(max_rows, np.int64), "temperature": np.zeros(1, np.float32),
+                            "top_k": np.zeros(1, np.int64), "uniforms": np.zeros((max_rows, 2))}
+        # the verify outputs of the last `verify` pass
+        self.node_prob = np.zeros(max_rows, np.float64)
+        self.accept = np.zeros(3, np.int64)  # accept_node, accept_len, accept_token
         self.weight_bytes = sum(os.path.getsize(resolve_inside(bundle_dir, w)) for w in entry["weights"])
 
     def forward(self, tokens: np.ndarray, positions: np.ndarray | None = None, parents: np.ndarray | None = None,
@@ -95,6 +114,42 @@ class Engine:
         a chain. Returns (logits[R, V], next_token[R]) views, valid until the next call; `rows` (default: the
         last token) selects the tokens whose logits are computed. `self.hidden[:S]` then holds the step's hidden
         states. `hidden_in` [S, H] feeds an MTP head."""
+        R = self._bind_step(self.io, tokens, positions, parents, rows, committed, hidden_in)
+        self.io.bind_output("logits", "cpu", 0, np.float32, [R, self.vocab_size], self.logits.ctypes.data)
+        self.session.run_with_iobinding(self.io)
+        return self.logits[:R], self.next_token[:R]
+
+    def verify(self, tokens: np.ndarray, positions: np.ndarray | None, parents: np.ndarray,
+               temperature: float = 0.0, top_k: int = 0, uniforms: np.ndarray | None = None):
+        """One verify pass with acceptance in the graph (a graph with the verify extension); no logits are fetched.
+
+        tokens: the pending token, then the draft nodes; parents: per token its parent in the block (-1 for the
+        pending token; a chain is arange(S) - 1); temperature 0: greedy, else sampled with top_k (0 = off), using
+        uniforms [S, 2] drawn by the caller (see speccompile.graphs). Returns (the accepted nodes, as indices
+        into tokens[1:], root first; the token to commit after them); `self.hidden[:S]` holds the hidden states.
+        The host only walks the accepted path back from its end."""
+        parents = np.asarray(parents, np.int64)
+        S, io = len(tokens), self.io_verify
+        self._bind_step(io, tokens, positions, parents, np.arange(S), None, None)
+        # defaulted inputs are initializers to onnxruntime, which bind_cpu_input rejects: bind them by pointer
+        f = self.verify_feed
+        f["node_parents"][:S] = parents
+        f["temperature"][0], f["top_k"][0] = temperature, top_k if 0 < top_k < self.vocab_size else 0
+        f["uniforms"][:S] = 0.0 if uniforms is None else uniforms
+        for name, shape in (("node_parents", [S]), ("temperature", [1]), ("top_k", [1]), ("uniforms", [S, 2])):
+            io.bind_input(name, "cpu", 0, f[name].dtype.type, shape, f[name].ctypes.data)
+        io.bind_output("node_prob", "cpu", 0, np.float64, [S], self.node_prob.ctypes.data)
+        for i, name in enumerate(("accept_node", "accept_len", "accept_token")):
+            io.bind_output(name, "cpu", 0, np.int64, [1], self.accept[i:].ctypes.data)
+        self.session.run_with_iobinding(io)
+        end, path = int(self.accept[0]), []
+        while end > 0:
+            path.append(end - 1)
+            end = int(parents[end])
+        return path[::-1], int(self.accept[2])
+
+    def _bind_step(self, io, tokens, positions, parents, rows, committed, hidden_in) -> int:
+        """Bind a step's inputs and its next_token / hidden_states outputs; returns R."""
         S = len(tokens)
         if S > MAX_STEP_TOKENS:
             raise SpeccompileError(f"step of {S} tokens: at most {MAX_STEP_TOKENS} per pass")
@@ -110,23 +165,24 @@ class Engine:
         if R > self.max_rows:
             raise SpeccompileError(f"{R} logits rows requested; at most {self.max_rows}")
         region = W + S - C
-        bias = np.full((1, 1, S, self.max_seq_len), NEG_INF, np.float32)
+        # only the slots in use (the kernel works over as many slots as the bias is wide), unless the graph fixes
+        # the width
+        bias = np.full((1, 1, S, self.bias_width or W + S), NEG_INF, np.float32)
         bias[0, 0, :, :C] = 0.0
         visible = (np.tril(np.ones((region, region), bool)) if parents is None else ancestor_mask(parents))[-S:]
         bias[0, 0, :, C:W + S][visible] = 0.0
-        io = self.io
         io.bind_cpu_input("input_ids", np.asarray(tokens, np.int64).reshape(1, S))
         io.bind_cpu_input("position_ids", np.asarray(positions, np.int64).reshape(1, S))
         io.bind_cpu_input("seqlens_k", np.array([W + S - 1], np.int32))
         io.bind_cpu_input("attention_bias", bias)
         io.bind_cpu_input("logits_index", rows)
-        io.bind_output("logits", "cpu", 0, np.float32, [R, self.vocab_size], self.logits.ctypes.data)
         io.bind_output("next_token", "cpu", 0, np.int64, [R], self.next_token.ctypes.data)
         io.bind_output("hidden_states", "cpu", 0, np.float32, [S, self.hidden.shape[1]], self.hidden.ctypes.data)
+        if self.aux is not None:
+            io.bind_output("aux_hidden_states", "cpu", 0, np.float32, [S, self.aux.shape[1]], self.aux.ctypes.data)
         if hidden_in is not None:
             io.bind_cpu_input("hidden_in", np.ascontiguousarray(hidden_in, np.float32).reshape(1, S, -1))
-        self.session.run_with_iobinding(io)
-        return self.logits[:R], self.next_token[:R]
+        return R
 
 
 def ancestor_mask(parents: np.ndarray) -> np.ndarray:

@@ -50,6 +50,10 @@ class Generator:
                 eng = Engine(bundle_dir, models[d["model"]], threads, device, max_rows=MAX_VERIFY_TOKENS)
                 self.drafters[d["name"]] = MtpDrafter(d["name"], eng, models[d["model"]].get("draft_to_target"),
                                                       self.target.vocab_size)
+            elif d["kind"] in ("eagle", "eagle3"):
+                from ..drafters.eagle import EagleDrafter
+                self.drafters[d["name"]] = EagleDrafter.load(d, bundle_dir, manifest, threads, device,
+                                                             MAX_VERIFY_TOKENS)
             elif d["kind"] == "medusa":
                 self.drafters[d["name"]] = MedusaDrafter(d["name"], bundle_dir, models[d["model"]], threads,
                                                          self.max_seq_len)
@@ -76,6 +80,12 @@ class Generator:
         return self.tokenizer.encode_chat(text)
 
     # ---- the decode loop -------------------------------------------------------------------------------------
+    def _features(self, drafter: Drafter, rows):
+        """What a drafter reads of the target's last pass: its hidden states, or for EAGLE heads their columns
+        of aux_hidden_states."""
+        cols = getattr(drafter, "aux_columns", None)
+        return self.target.hidden[rows] if cols is None else self.target.aux[rows][:, cols]
+
     def _prefill(self, prompt: np.ndarray, drafter: Drafter | None):
         cache = self.target.cache
         cache.truncate(0)
@@ -83,7 +93,7 @@ class Generator:
             chunk = prompt[start:start + PREFILL_CHUNK]
             logits, argmax = self.target.forward(chunk)
             if drafter and drafter.wants_hidden:
-                drafter.observe(start, self.target.hidden[:len(chunk)])
+                drafter.observe(start, self._features(drafter, slice(0, len(chunk))))
             cache.truncate(start + len(chunk))
         return logits[0], argmax[0]
 
@@ -120,23 +130,22 @@ class Generator:
                 block_parents = np.concatenate([[-1], parents + 1])  # tree roots hang off the pending token
                 positions = n - 1 + depths(block_parents)
             block = np.concatenate([[token], draft]).astype(np.int64)
-            logits, argmax = self.target.forward(block, positions, block_parents, rows=np.arange(len(block)))
-            if parents is not None:
-                path, token = (accept_tree_greedy(draft, parents, argmax) if params.greedy else
-                               accept_tree_sampled(draft, parents, probabilities(logits, params), rng))
-                cache.compact(n + np.array(path, np.int64), n)  # node i sits at slot n + i
-            elif params.greedy:
-                accepted, token = accept_greedy(draft, argmax)
-                path = list(range(accepted))
+            if self.target.verifies and (params.greedy or (params.top_p >= 1.0 and prop.q is None)):
+                # the verify graph accepts: O(nodes) numbers come back, not the [nodes, V] logits. The host path
+                # remains for top-p, for chains drawn from draft distributions q (see verify.emit_verify) and for
+                # bundles built before the verify extension.
+                path, token = self.target.verify(
+                    block, positions, np.arange(len(block)) - 1 if block_parents is None else block_parents,
+                    params.temperature, params.top_k, None if params.greedy else rng.random((len(block), 2)))
+                stats["verified_in_graph"] += 1
             else:
-                q = prop.q[:len(draft)] if prop.q is not None else None
-                if q is not None and q.shape[1] < logits.shape[1]:  # a draft vocabulary may be a prefix
-                    q = np.pad(q, ((0, 0), (0, logits.shape[1] - q.shape[1])))
-                accepted, token = accept_sampled(draft, q, probabilities(logits, params), rng)
-                path = list(range(accepted))
+                path, token = self._accept_on_host(block, draft, parents, block_parents, positions, prop, params,
+                                                   rng)
+            if parents is not None:
+                cache.compact(n + np.array(path, np.int64), n)  # node i sits at slot n + i
             cache.truncate(n + len(path))  # roll back: the rejected draft slots are simply forgotten
             if drafter and drafter.wants_hidden:  # the pending token and the accepted nodes, now committed
-                drafter.observe(n - 1, self.target.hidden[np.concatenate([[0], np.add(path, 1)]).astype(int)])
+                drafter.observe(n - 1, self._features(drafter, np.concatenate([[0], np.add(path, 1)]).astype(int)))
             new = [int(t) for t in draft[path]] + [token]
             context[n:n + len(path)] = draft[path]
             n += len(path)
@@ -151,6 +160,21 @@ class Generator:
                 a[0] += depth < len(path)
                 a[1] += 1
             yield new
+
+    def _accept_on_host(self, block, draft, parents, block_parents, positions, prop, params, rng):
+        """Acceptance from the logits, copied to the host: (accepted draft nodes, the token after them)."""
+        logits, argmax = self.target.forward(block, positions, block_parents, rows=np.arange(len(block)))
+        if parents is not None:
+            return (accept_tree_greedy(draft, parents, argmax) if params.greedy else
+                    accept_tree_sampled(draft, parents, probabilities(logits, params), rng))
+        if params.greedy:
+            accepted, token = accept_greedy(draft, argmax)
+        else:
+            q = prop.q[:len(draft)] if prop.q is not None else None
+            if q is not None and q.shape[1] < logits.shape[1]:  # a draft vocabulary may be a prefix
+                q = np.pad(q, ((0, 0), (0, logits.shape[1] - q.shape[1])))
+            accepted, token = accept_sampled(draft, q, probabilities(logits, params), rng)
+        return list(range(accepted)), token
 
     def stream(self, prompt, max_new_tokens: int = 128, drafter: str | None = None, speculate: bool = True,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
@@ -187,6 +211,7 @@ class Generator:
         elif tree is None and dr is not None and self.trees.get(dr.name):
             tree = self.trees[dr.name]
         stats = {"drafter": dr.name if dr else None, "prompt_tokens": len(ids), "verify_steps": 0, "committed": 0, "proposed": 0,
+                 "verified_in_graph": 0,
                  "committed_per_pass": {},
                  "accepted_per_depth": {}}
         out: list[int] = []
