@@ -82,6 +82,19 @@ def tiny_graphs(tmp_path, attentions, preset="llama"):
     return ck.config, paths
 
 
+def tree_step_feeds(tokens, committed, parents) -> dict:
+    """A decoder step's inputs: S tree nodes after `committed` cache rows, the bias LMAX wide (as TensorRT takes it)."""
+    S = len(tokens)
+    anc = ancestor_mask(parents)
+    bias = np.full((1, 1, S, LMAX), -np.inf, np.float32)
+    bias[0, 0, :, :committed] = 0
+    bias[0, 0, :, committed:committed + S][anc] = 0
+    return {"input_ids": np.asarray(tokens, np.int64)[None],
+            "position_ids": (committed + anc.sum(1) - 1).astype(np.int64)[None],
+            "seqlens_k": np.array([committed + S - 1], np.int32), "attention_bias": bias,
+            "logits_index": np.arange(S, dtype=np.int64)}
+
+
 class OrtDecoder:
     """A decoder graph on onnxruntime CPU with its caches bound in place, as the runtime binds them."""
 
@@ -102,14 +115,7 @@ class OrtDecoder:
     def step(self, tokens, committed, parents):
         """S tokens after `committed` cache rows, a tree by `parents`; returns {output: array} for every row."""
         S = len(tokens)
-        anc = ancestor_mask(parents)
-        bias = np.full((1, 1, S, LMAX), -np.inf, np.float32)
-        bias[0, 0, :, :committed] = 0
-        bias[0, 0, :, committed:committed + S][anc] = 0
-        feeds = {"input_ids": np.asarray(tokens, np.int64)[None],
-                 "position_ids": (committed + anc.sum(1) - 1).astype(np.int64)[None],
-                 "seqlens_k": np.array([committed + S - 1], np.int32), "attention_bias": bias,
-                 "logits_index": np.arange(S, dtype=np.int64)}
+        feeds = tree_step_feeds(tokens, committed, parents)
         for n, a in feeds.items():
             self.io.bind_cpu_input(n, a)
         out = {"logits": np.zeros((S, self.vocab), np.float32), "next_token": np.zeros(S, np.int64),
@@ -492,14 +498,7 @@ def test_engine_model_matches_cpu_graph(tmp_path, plugin_library, monkeypatch):
                             (rng.integers(3, 384, 6), np.array([-1, 0, 0, 1, 2, 4]))):
         S = len(tokens)
         ref = cpu.step(tokens, committed, parents)
-        anc = ancestor_mask(parents)
-        bias = np.full((1, 1, S, LMAX), -np.inf, np.float32)
-        bias[0, 0, :, :committed] = 0
-        bias[0, 0, :, committed:committed + S][anc] = 0
-        feeds = {"input_ids": np.asarray(tokens, np.int64)[None],
-                 "position_ids": (committed + anc.sum(1) - 1).astype(np.int64)[None],
-                 "seqlens_k": np.array([committed + S - 1], np.int32), "attention_bias": bias,
-                 "logits_index": np.arange(S, dtype=np.int64)}
+        feeds = tree_step_feeds(tokens, committed, parents)
         for spec in entry["inputs"]:  # inputs this test does not drive (e.g. the verify extension's): zeros
             if spec["name"] not in feeds and not spec["name"].startswith("past_"):
                 shape = [S if d in ("S", "R") else d for d in spec["shape"]]
