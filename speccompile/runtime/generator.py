@@ -130,7 +130,10 @@ class Generator:
                 block_parents = np.concatenate([[-1], parents + 1])  # tree roots hang off the pending token
                 positions = n - 1 + depths(block_parents)
             block = np.concatenate([[token], draft]).astype(np.int64)
-            if self.target.verifies and (params.greedy or (params.top_p >= 1.0 and prop.q is None)):
+            if not len(draft):  # nothing to verify: a plain decode step (the verify ops would only cost time)
+                path, token = self._accept_on_host(block, draft, parents, block_parents, positions, prop, params,
+                                                   rng)
+            elif self.target.verifies and (params.greedy or (params.top_p >= 1.0 and prop.q is None)):
                 # the verify graph accepts: O(nodes) numbers come back, not the [nodes, V] logits. The host path
                 # remains for top-p, for chains drawn from draft distributions q (see verify.emit_verify) and for
                 # bundles built before the verify extension.
@@ -141,6 +144,7 @@ class Generator:
             else:
                 path, token = self._accept_on_host(block, draft, parents, block_parents, positions, prop, params,
                                                    rng)
+                stats["verified_on_host"] += 1
             if parents is not None:
                 cache.compact(n + np.array(path, np.int64), n)  # node i sits at slot n + i
             cache.truncate(n + len(path))  # roll back: the rejected draft slots are simply forgotten
@@ -211,7 +215,7 @@ class Generator:
         elif tree is None and dr is not None and self.trees.get(dr.name):
             tree = self.trees[dr.name]
         stats = {"drafter": dr.name if dr else None, "prompt_tokens": len(ids), "verify_steps": 0, "committed": 0, "proposed": 0,
-                 "verified_in_graph": 0,
+                 "verified_in_graph": 0, "verified_on_host": 0,
                  "committed_per_pass": {},
                  "accepted_per_depth": {}}
         out: list[int] = []
