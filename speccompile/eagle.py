@@ -40,10 +40,10 @@ import numpy as np
 from .config import ModelConfig
 from .errors import CheckpointError, SpeccompileError, UnsupportedModelError
 from .onnx_builder import GraphBuilder
+from .sources import PICKLE_SUFFIXES, read_safetensors, refuse_pickle
 
 KINDS = ("eagle", "eagle3")
 NORM_TAP = "norm"  # the target's output after its final norm (EAGLE-1's feature)
-_PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclasses.dataclass
@@ -56,12 +56,11 @@ class EagleHead:
 
 def _files_and_config(path: str, version: str) -> tuple[list[str], dict]:
     label = "EAGLE-3" if version == "eagle3" else "EAGLE"
-    if path.endswith(_PICKLES):
-        raise CheckpointError(f"{path}: pickled checkpoints are refused (unsafe to load); convert it to safetensors")
+    refuse_pickle(path)
     if os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
         if not files:
-            pickled = [f for f in os.listdir(path) if f.endswith(_PICKLES)]
+            pickled = [f for f in os.listdir(path) if f.endswith(PICKLE_SUFFIXES)]
             if pickled:
                 raise CheckpointError(f"{path}: only pickled weights ({pickled[0]}); pickles are refused as unsafe, "
                                       "convert them to safetensors")
@@ -91,19 +90,10 @@ def read_config(path: str, version: str) -> dict:
 
 def load_eagle_head(path: str, version: str) -> EagleHead:
     files, hf = _files_and_config(path, version)
-    from safetensors import safe_open
     tensors = {}
-    for fpath in files:
-        try:
-            with safe_open(fpath, framework="pt") as st:
-                for k in st.keys():
-                    name = k[len("model."):] if k.startswith("model.") else k
-                    t = st.get_tensor(k)
-                    if name == "t2d":
-                        continue  # the inverse map, implied by d2t
-                    tensors[name] = t.numpy().astype(np.int64) if name == "d2t" else t.float().numpy()
-        except Exception as e:
-            raise CheckpointError(f"{fpath}: corrupt or truncated safetensors file ({e})") from None
+    for fpath in files:  # t2d, the inverse map, is implied by d2t
+        raw = read_safetensors(fpath, keep=lambda k: k not in ("t2d", "model.t2d"), ints=("d2t", "model.d2t"))
+        tensors |= {(k[len("model."):] if k.startswith("model.") else k): v for k, v in raw.items()}
     if version == "eagle3":
         tensors = {("layers.0." + k[len("midlayer."):] if k.startswith("midlayer.") else k): v
                    for k, v in tensors.items()}

@@ -167,8 +167,8 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
         g.input(n, dt, shape, np.array(VERIFY_DEFAULTS[n], dt) if n in VERIFY_DEFAULTS else None)
     W = {k: g.weight(k, v) for k, v in weights.items() if _layer_of(k) is None or _layer_of(k) < L}
     # The fused kernel's total_sequence_length is the attention_bias's width: the runtime passes committed + S
-    # columns (the kernel then works over that many slots; at the full max_seq_len width it spent 2.7x longer at
-    # short contexts), or max_seq_len where a backend wants every shape static.
+    # columns, so the kernel works over that many slots (profiled on SmolLM2 at ~100 tokens: 1.4 ms of attention
+    # per pass against 3.3 ms at the full 2048 width), or max_seq_len where a backend wants every shape static.
     total_len = g.op("Cast", [g.op("Squeeze", [g.op("Shape", ["attention_bias"], start=3, end=4)[0],
                                                g.const(np.array([0], np.int64))])[0]], to=6)[0]
     eps = cfg.rms_norm_eps

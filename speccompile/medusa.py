@@ -8,6 +8,7 @@ and `{k}.{L}.weight` for the output, optionally under a `medusa_head.` prefix.
 """
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -21,16 +22,11 @@ _NAME = re.compile(r"^(?:medusa_head\.)?(\d+)\.(\d+)\.(linear\.weight|linear\.bi
 
 def load_medusa(path: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """Read Medusa heads from safetensors; returns graph weights medusa.{k}.{j}.w|b and medusa.{k}.out."""
-    if path.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")):
-        raise CheckpointError(f"{path}: pickled checkpoints are refused (unsafe to load); convert it to safetensors")
-    from safetensors import safe_open
-    try:
-        with safe_open(path, framework="pt") as f:
-            raw = {k: f.get_tensor(k).float().numpy() for k in f.keys()}
-    except FileNotFoundError:
-        raise CheckpointError(f"Medusa heads not found: {path}") from None
-    except Exception as e:
-        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+    from .sources import read_safetensors, refuse_pickle
+    refuse_pickle(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"Medusa heads not found: {path}")
+    raw = read_safetensors(path)
     heads: dict[int, dict[int, dict[str, np.ndarray]]] = {}
     for k, v in raw.items():
         m = _NAME.match(k)

@@ -72,9 +72,31 @@ def load_checkpoint(source: str | None, progress=print) -> Checkpoint:
         return load_hf_dir(source, progress)
     if source.endswith(".gguf"):
         return load_gguf(source, progress)
-    if source.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")):
-        raise CheckpointError(f"{source}: pickled checkpoints are refused (unsafe to load); convert it to safetensors")
+    refuse_pickle(source)
     raise CheckpointError(f"{source}: not a Hugging Face model directory or a .gguf file")
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def refuse_pickle(path: str) -> None:
+    """Pickled weights are never loaded: unpickling runs arbitrary code."""
+    if path.endswith(PICKLE_SUFFIXES):
+        raise CheckpointError(f"{path}: pickled checkpoints are refused (unsafe to load); convert it to safetensors")
+
+
+def read_safetensors(fpath: str, keep=lambda name: True, ints: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The tensors of one safetensors file whose names `keep` accepts: float32, except the names in `ints`
+    (token-id maps), kept as int64. A corrupt or truncated file is a CheckpointError naming it."""
+    from safetensors import safe_open  # build-time dependency
+    try:
+        with safe_open(fpath, framework="pt") as f:  # "pt" reads bf16, which numpy cannot
+            return {k: f.get_tensor(k).numpy().astype(np.int64) if k in ints else f.get_tensor(k).float().numpy()
+                    for k in f.keys() if keep(k)}
+    except FileNotFoundError:
+        raise CheckpointError(f"weights not found: {fpath}") from None
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
+        raise CheckpointError(f"{fpath}: corrupt or truncated safetensors file ({e})") from None
 
 
 def _read_tokenizer_files(directory: str) -> dict[str, bytes]:
@@ -106,18 +128,12 @@ def load_hf_dir(path: str, progress=print) -> Checkpoint:
             raise CheckpointError(f"{path}: only pickled weights ({os.path.basename(pickled[0])}); "
                                   "pickles are refused as unsafe, convert them to safetensors")
         raise CheckpointError(f"{path}: no *.safetensors weight files")
-    from safetensors import safe_open  # build-time dependency
     tensors: dict[str, np.ndarray] = {}
     h = hashlib.sha256()
     for i, fpath in enumerate(files):
         progress(f"loading weights {i + 1}/{len(files)}: {os.path.basename(fpath)}")
         h.update(sha256_file(fpath).encode())
-        try:
-            with safe_open(fpath, framework="pt") as f:  # "pt" reads bf16, which numpy cannot
-                for k in f.keys():
-                    tensors[k] = f.get_tensor(k).float().numpy()
-        except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
-            raise CheckpointError(f"{fpath}: corrupt or truncated safetensors file ({e})") from None
+        tensors |= read_safetensors(fpath)
     return Checkpoint(config, tensors, _read_tokenizer_files(path), {"kind": "hf", "path": os.path.abspath(path),
                                                                       "sha256": h.hexdigest()})
 
@@ -208,34 +224,26 @@ def load_mtp_head(path: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """An MTP head as mtp.* tensors, from a head file trained here (mtp.* names) or from a DeepSeek-V3-format
     checkpoint directory, whose MTP module is layer `num_hidden_layers` (enorm, hnorm, eh_proj, the block,
     shared_head.norm)."""
-    if path.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")):
-        raise CheckpointError(f"{path}: pickled checkpoints are refused (unsafe to load); convert it to safetensors")
+    refuse_pickle(path)
     files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) if os.path.isdir(path) else [path]
     if not files or not all(os.path.isfile(f) for f in files):
         raise CheckpointError(f"MTP head not found: {path}")
-    from safetensors import safe_open
     mtp_layer = f"model.layers.{cfg.num_hidden_layers}."
     renames = {"enorm.": "mtp.enorm.", "hnorm.": "mtp.hnorm.", "eh_proj.": "mtp.eh_proj.",
                "shared_head.norm.": "mtp.norm."}
+    def rename(k):  # a head file's mtp.* as they are; a DeepSeek checkpoint's MTP layer to mtp.*; None: skip
+        if k.startswith("mtp."):
+            return k
+        if not k.startswith(mtp_layer):
+            return None
+        rest = k[len(mtp_layer):]
+        return next((v + rest[len(p):] for p, v in renames.items() if rest.startswith(p)),
+                    None if rest.startswith("shared_head.head.") else "mtp.layer." + rest)
+
     out = {}
-    for f in files:
-        try:
-            with safe_open(f, framework="pt") as st:
-                for k in st.keys():
-                    if k == "mtp.d2t":  # token ids: keep them integers
-                        out[k] = st.get_tensor(k).numpy().astype(np.int64)
-                    elif k.startswith("mtp."):
-                        out[k] = st.get_tensor(k).float().numpy()
-                    elif k.startswith(mtp_layer):
-                        rest = k[len(mtp_layer):]
-                        new = next((v + rest[len(p):] for p, v in renames.items() if rest.startswith(p)),
-                                   None if rest.startswith("shared_head.head.") else "mtp.layer." + rest)
-                        if new:
-                            out[new] = st.get_tensor(k).float().numpy()
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({e})") from None
+    for f in files:  # only the MTP tensors are read: a DeepSeek checkpoint is mostly the target's
+        out |= {rename(k): v for k, v in read_safetensors(f, keep=lambda k: rename(k) is not None,
+                                                          ints=("mtp.d2t",)).items()}
     if not out:
         raise CheckpointError(f"{path}: no MTP head tensors (mtp.* or {mtp_layer}*)")
     return out

@@ -188,7 +188,7 @@ def test_eagle_pipeline_matches_torch(heads, version, tmp_path):
     g.target.cache.truncate(0)
     g.target.forward(tokens, rows=np.arange(S))
     dr.reset()
-    dr.observe(0, g._features(dr, slice(0, S)))
+    dr.observe(0, dr.features(g.target, slice(0, S)))
     assert np.abs(dr.h[:S] - feat).max() < 1e-4
     # the head over the pairs (f_t, x_{t+1}), then one more token on its own last output
     eng = dr.engine

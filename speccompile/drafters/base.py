@@ -34,7 +34,12 @@ class Drafter(abc.ABC):
         """A new sequence starts."""
 
     def observe(self, start: int, hidden: np.ndarray) -> None:
-        """The target's hidden states (before its final norm) of committed positions [start, start+len)."""
+        """The target's features (`features`) of committed positions [start, start+len)."""
+
+    def features(self, target, rows) -> np.ndarray:
+        """What `observe` receives of the target engine's last pass, for these rows: its hidden states (before
+        the final norm); a head that reads other features (EAGLE) picks them here."""
+        return target.hidden[rows]
 
     @abc.abstractmethod
     def propose(self, context: np.ndarray, k: int, params: SamplingParams, rng: np.random.Generator) -> Proposal:

@@ -24,6 +24,9 @@ class EagleDrafter(MtpDrafter):
         super().__init__(name, engine, draft_to_target, target_vocab)
         self.aux_columns, self.fuse = aux_columns, fuse
 
+    def features(self, target, rows) -> np.ndarray:
+        return target.aux[rows][:, self.aux_columns]
+
     def observe(self, start: int, hidden: np.ndarray) -> None:
         if self.fuse is not None:
             hidden = self.fuse.run(["hidden"], {"aux_hidden_states": np.ascontiguousarray(hidden, np.float32)})[0]

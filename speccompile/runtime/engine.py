@@ -92,6 +92,7 @@ class Engine:
         self.max_rows = max_rows
         width = next(i.shape[3] for i in self.session.get_inputs() if i.name == "attention_bias")
         self.bias_width = width if isinstance(width, int) else None  # bundles before graph version 3: LMAX
+        self._bias = np.empty(MAX_STEP_TOKENS * self.max_seq_len, np.float32)  # attention_bias, reused each step
         self.logits = np.zeros((max_rows, self.vocab_size), np.float32)
         self.next_token = np.zeros((max_rows,), np.int64)
         self.hidden = np.zeros((MAX_STEP_TOKENS, cfg["hidden_size"]), np.float32)  # last step's hidden states
@@ -167,7 +168,9 @@ class Engine:
         region = W + S - C
         # only the slots in use (the kernel works over as many slots as the bias is wide), unless the graph fixes
         # the width
-        bias = np.full((1, 1, S, self.bias_width or W + S), NEG_INF, np.float32)
+        T = self.bias_width or W + S
+        bias = self._bias[:S * T].reshape(1, 1, S, T)  # a view of one buffer: no allocation per step
+        bias.fill(NEG_INF)
         bias[0, 0, :, :C] = 0.0
         visible = (np.tril(np.ones((region, region), bool)) if parents is None else ancestor_mask(parents))[-S:]
         bias[0, 0, :, C:W + S][visible] = 0.0

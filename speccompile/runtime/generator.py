@@ -80,12 +80,6 @@ class Generator:
         return self.tokenizer.encode_chat(text)
 
     # ---- the decode loop -------------------------------------------------------------------------------------
-    def _features(self, drafter: Drafter, rows):
-        """What a drafter reads of the target's last pass: its hidden states, or for EAGLE heads their columns
-        of aux_hidden_states."""
-        cols = getattr(drafter, "aux_columns", None)
-        return self.target.hidden[rows] if cols is None else self.target.aux[rows][:, cols]
-
     def _prefill(self, prompt: np.ndarray, drafter: Drafter | None):
         cache = self.target.cache
         cache.truncate(0)
@@ -93,7 +87,7 @@ class Generator:
             chunk = prompt[start:start + PREFILL_CHUNK]
             logits, argmax = self.target.forward(chunk)
             if drafter and drafter.wants_hidden:
-                drafter.observe(start, self._features(drafter, slice(0, len(chunk))))
+                drafter.observe(start, drafter.features(self.target, slice(0, len(chunk))))
             cache.truncate(start + len(chunk))
         return logits[0], argmax[0]
 
@@ -149,7 +143,7 @@ class Generator:
                 cache.compact(n + np.array(path, np.int64), n)  # node i sits at slot n + i
             cache.truncate(n + len(path))  # roll back: the rejected draft slots are simply forgotten
             if drafter and drafter.wants_hidden:  # the pending token and the accepted nodes, now committed
-                drafter.observe(n - 1, self._features(drafter, np.concatenate([[0], np.add(path, 1)]).astype(int)))
+                drafter.observe(n - 1, drafter.features(self.target, np.concatenate([[0], np.add(path, 1)]).astype(int)))
             new = [int(t) for t in draft[path]] + [token]
             context[n:n + len(path)] = draft[path]
             n += len(path)
