@@ -15,10 +15,33 @@ F64 = TensorProto.DOUBLE
 
 
 def emit_verify(g: GraphBuilder, logits: str, argmax: str) -> None:
+    """Emit the outputs node_prob, accept_node, accept_len and accept_token (see `emit_acceptance`).
+
+    onnxruntime runs every node of a graph on every pass, fetched or not, so the acceptance ops sit in an If
+    branch that a plain greedy decode step (one row, temperature 0) skips: its answer is fixed (no drafts, the
+    argmax is the token). Measured on SmolLM2: the ~60 small acceptance ops cost ~1.5% of a decode step."""
+    R = g.op("Shape", ["logits_index"])[0]
+    needed = g.op("Or", [g.op("Greater", [R, g.const(np.array([1], np.int64))])[0],
+                         g.op("Greater", ["temperature", g.const(np.array([0.0], np.float32))])[0]])[0]
+    v = g.branch("acceptance")
+    emit_acceptance(v, logits, argmax)
+    one = g.branch("one_greedy_row")
+    one.op("ConstantOfShape", [R], outputs=["node_prob_1"], value=onnx.numpy_helper.from_array(np.zeros(1)))
+    one.op("Identity", [one.const(np.array([0], np.int64))], outputs=["accept_node_1"])
+    one.op("Identity", [one.const(np.array([0], np.int64))], outputs=["accept_len_1"])
+    one.op("Identity", [argmax], outputs=["accept_token_1"])
+    names = ("node_prob", "accept_node", "accept_len", "accept_token")
+    types = ("float64", "int64", "int64", "int64")
+    g.op("If", [g.op("Squeeze", [needed, g.const(np.array([0], np.int64))])[0]], outputs=list(names),
+         then_branch=v.subgraph([(n + "_v", t) for n, t in zip(names, types)]),
+         else_branch=one.subgraph([(n + "_1", t) for n, t in zip(names, types)]))
+
+
+def emit_acceptance(g: GraphBuilder, logits: str, argmax: str) -> None:
     """From the rows' logits and argmax and the inputs input_ids, logits_index, node_parents, temperature, top_k
     and uniforms, emit node_prob, accept_node, accept_len and accept_token. Standard ONNX ops only: the tree
     relations are [R, R] matrices built from node_parents, so nothing loops over nodes, on the host or in the
-    graph. Sampling needs one softmax over the [R, V] logits (a node's probability under its parent's row) and
+    graph. Outputs carry the suffix _v (emit_verify's If branch). Sampling needs one softmax over the [R, V] logits (a node's probability under its parent's row) and
     draws from one row (the end's).
 
     Sampled acceptance treats every candidate as deterministic (q one-hot): right for trees, whose candidates are
@@ -84,7 +107,7 @@ def emit_verify(g: GraphBuilder, logits: str, argmax: str) -> None:
     gr = g.branch("greedy_tests")
     gr.op("ConstantOfShape", [R], outputs=["node_prob_g"], value=onnx.numpy_helper.from_array(np.zeros(1)))
     gr.op("Equal", [tok, gr.op("Gather", [argmax, par0], axis=0)[0]], outputs=["passes_g"])
-    passes = op("If", [sampling], outputs=["node_prob", g.fresh("passes")],
+    passes = op("If", [sampling], outputs=["node_prob_v", g.fresh("passes")],
                 then_branch=s.subgraph([("node_prob_s", "float64"), ("passes_s", "bool")]),
                 else_branch=gr.subgraph([("node_prob_g", "float64"), ("passes_g", "bool")]))[1]
 
@@ -101,8 +124,8 @@ def emit_verify(g: GraphBuilder, logits: str, argmax: str) -> None:
     cut = op("MatMul", [anc, op("Cast", [op("Not", [kept])[0]], to=TensorProto.FLOAT)[0]])[0]  # ancestors not kept
     depth = op("Sub", [op("ReduceSum", [anc, c([1])], keepdims=0)[0], c(1.0, np.float32)])[0]
     score = op("Where", [op("Greater", [cut, c(0.0, np.float32)])[0], c(-1.0, np.float32), depth])[0]
-    end = op("ArgMax", [score], outputs=["accept_node"], axis=0, keepdims=1)[0]
-    op("Cast", [op("ReduceMax", [score, c([0])], keepdims=1)[0]], outputs=["accept_len"], to=TensorProto.INT64)
+    end = op("ArgMax", [score], outputs=["accept_node_v"], axis=0, keepdims=1)[0]
+    op("Cast", [op("ReduceMax", [score, c([0])], keepdims=1)[0]], outputs=["accept_len_v"], to=TensorProto.INT64)
 
     # 3. the token after the path. Sampled: every child of the end node was rejected, so draw from p_end without
     # the children's tokens (renormalised), by inverse CDF as sampling.sample does.
@@ -128,5 +151,5 @@ def emit_verify(g: GraphBuilder, logits: str, argmax: str) -> None:
     s.op("Min", [drawn, s.op("Sub", [V, c([1])])[0]], outputs=["accept_token_s"])
     gr = g.branch("greedy_token")
     gr.op("Gather", [argmax, end], outputs=["accept_token_g"], axis=0)
-    op("If", [sampling], outputs=["accept_token"], then_branch=s.subgraph([("accept_token_s", "int64")]),
+    op("If", [sampling], outputs=["accept_token_v"], then_branch=s.subgraph([("accept_token_s", "int64")]),
        else_branch=gr.subgraph([("accept_token_g", "int64")]))
