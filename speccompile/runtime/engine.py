@@ -17,6 +17,7 @@ from .kv_cache import KVCache
 
 NEG_INF = np.float32(-np.inf)
 MAX_STEP_TOKENS = 128  # tokens one pass may run: the prefill chunk, or a verify block
+BIAS_WIDTH_STEP = 64  # the attention bias's width grows in steps of this many slots
 
 
 def session_options(threads: int | None, prepack: bool = True) -> ort.SessionOptions:
@@ -93,6 +94,14 @@ class Engine:
         width = next(i.shape[3] for i in self.session.get_inputs() if i.name == "attention_bias")
         self.bias_width = width if isinstance(width, int) else None  # bundles before graph version 3: LMAX
         self._bias = np.empty(MAX_STEP_TOKENS * self.max_seq_len, np.float32)  # attention_bias, reused each step
+        # a step's small inputs live in fixed buffers bound by address: a binding is redone only when a shape
+        # changes (plain decoding rebinds just the attention bias, one column wider each step)
+        self._ids = np.zeros((1, MAX_STEP_TOKENS), np.int64)
+        self._pos = np.zeros((1, MAX_STEP_TOKENS), np.int64)
+        self._seqlens = np.zeros(1, np.int32)
+        self._rows = np.zeros(MAX_STEP_TOKENS, np.int64)
+        self._bound: dict[int, dict[str, tuple]] = {id(self.io): {}, id(self.io_verify): {}}
+        self._chain = np.tril(np.ones((MAX_STEP_TOKENS, MAX_STEP_TOKENS), bool))  # a chain's visibility
         self.logits = np.zeros((max_rows, self.vocab_size), np.float32)
         self.next_token = np.zeros((max_rows,), np.int64)
         self.hidden = np.zeros((MAX_STEP_TOKENS, cfg["hidden_size"]), np.float32)  # last step's hidden states
@@ -116,7 +125,7 @@ class Engine:
         last token) selects the tokens whose logits are computed. `self.hidden[:S]` then holds the step's hidden
         states. `hidden_in` [S, H] feeds an MTP head."""
         R = self._bind_step(self.io, tokens, positions, parents, rows, committed, hidden_in)
-        self.io.bind_output("logits", "cpu", 0, np.float32, [R, self.vocab_size], self.logits.ctypes.data)
+        self._bind(self.io, "logits", self.logits, [R, self.vocab_size], output=True)
         self.session.run_with_iobinding(self.io)
         return self.logits[:R], self.next_token[:R]
 
@@ -138,10 +147,10 @@ class Engine:
         f["temperature"][0], f["top_k"][0] = temperature, top_k if 0 < top_k < self.vocab_size else 0
         f["uniforms"][:S] = 0.0 if uniforms is None else uniforms
         for name, shape in (("node_parents", [S]), ("temperature", [1]), ("top_k", [1]), ("uniforms", [S, 2])):
-            io.bind_input(name, "cpu", 0, f[name].dtype.type, shape, f[name].ctypes.data)
-        io.bind_output("node_prob", "cpu", 0, np.float64, [S], self.node_prob.ctypes.data)
+            self._bind(io, name, f[name], shape)
+        self._bind(io, "node_prob", self.node_prob, [S], output=True)
         for i, name in enumerate(("accept_node", "accept_len", "accept_token")):
-            io.bind_output(name, "cpu", 0, np.int64, [1], self.accept[i:].ctypes.data)
+            self._bind(io, name, self.accept[i:], [1], output=True)
         self.session.run_with_iobinding(io)
         end, path = int(self.accept[0]), []
         while end > 0:
@@ -159,33 +168,51 @@ class Engine:
         if W + S > self.max_seq_len:
             raise SpeccompileError(f"step of {S} tokens at length {W} exceeds the compiled context "
                                    f"{self.max_seq_len}")
-        if positions is None:
-            positions = np.arange(W, W + S, dtype=np.int64)
-        rows = np.array([S - 1], np.int64) if rows is None else np.asarray(rows, np.int64)
-        R = len(rows)
-        if R > self.max_rows:
-            raise SpeccompileError(f"{R} logits rows requested; at most {self.max_rows}")
+        self._ids[0, :S] = tokens
+        self._pos[0, :S] = np.arange(W, W + S) if positions is None else positions
+        self._seqlens[0] = W + S - 1
+        if rows is None:
+            R, self._rows[0] = 1, S - 1
+        else:
+            R = len(rows)
+            if R > self.max_rows:
+                raise SpeccompileError(f"{R} logits rows requested; at most {self.max_rows}")
+            self._rows[:R] = rows
         region = W + S - C
-        # only the slots in use (the kernel works over as many slots as the bias is wide), unless the graph fixes
-        # the width
-        T = self.bias_width or W + S
+        # the slots in use (the kernel works over as many slots as the bias is wide), unless the graph fixes the
+        # width; rounded up to BIAS_WIDTH_STEP so plain decoding rebinds the bias once per that many steps (a
+        # binding costs ~90 us; the masked extra slots cost the kernel next to nothing)
+        T = self.bias_width or min(-(-(W + S) // BIAS_WIDTH_STEP) * BIAS_WIDTH_STEP, self.max_seq_len)
         bias = self._bias[:S * T].reshape(1, 1, S, T)  # a view of one buffer: no allocation per step
-        bias.fill(NEG_INF)
-        bias[0, 0, :, :C] = 0.0
-        visible = (np.tril(np.ones((region, region), bool)) if parents is None else ancestor_mask(parents))[-S:]
-        bias[0, 0, :, C:W + S][visible] = 0.0
-        io.bind_cpu_input("input_ids", np.asarray(tokens, np.int64).reshape(1, S))
-        io.bind_cpu_input("position_ids", np.asarray(positions, np.int64).reshape(1, S))
-        io.bind_cpu_input("seqlens_k", np.array([W + S - 1], np.int32))
-        io.bind_cpu_input("attention_bias", bias)
-        io.bind_cpu_input("logits_index", rows)
-        io.bind_output("next_token", "cpu", 0, np.int64, [R], self.next_token.ctypes.data)
-        io.bind_output("hidden_states", "cpu", 0, np.float32, [S, self.hidden.shape[1]], self.hidden.ctypes.data)
+        if parents is None and region == S and S == 1:  # plain decoding: the one token sees every used slot
+            bias[0, 0, 0, :W + 1] = 0.0
+            bias[0, 0, 0, W + 1:] = NEG_INF
+        else:
+            bias.fill(NEG_INF)
+            bias[0, 0, :, :C] = 0.0
+            visible = (self._chain[:region, :region] if parents is None else ancestor_mask(parents))[-S:]
+            bias[0, 0, :, C:W + S][visible] = 0.0
+        self._bind(io, "input_ids", self._ids, [1, S])
+        self._bind(io, "position_ids", self._pos, [1, S])
+        self._bind(io, "seqlens_k", self._seqlens, [1])
+        self._bind(io, "attention_bias", bias, [1, 1, S, T])
+        self._bind(io, "logits_index", self._rows, [R])
+        self._bind(io, "next_token", self.next_token, [R], output=True)
+        self._bind(io, "hidden_states", self.hidden, [S, self.hidden.shape[1]], output=True)
         if self.aux is not None:
-            io.bind_output("aux_hidden_states", "cpu", 0, np.float32, [S, self.aux.shape[1]], self.aux.ctypes.data)
+            self._bind(io, "aux_hidden_states", self.aux, [S, self.aux.shape[1]], output=True)
         if hidden_in is not None:
             io.bind_cpu_input("hidden_in", np.ascontiguousarray(hidden_in, np.float32).reshape(1, S, -1))
         return R
+
+    def _bind(self, io, name: str, buf: np.ndarray, shape: list[int], output: bool = False) -> None:
+        """Bind `buf`'s memory as `name` with `shape`, unless that exact binding is already in place: onnxruntime
+        reads and writes bound host memory by address at run time, so refilling a buffer needs no new binding."""
+        key = (buf.ctypes.data, tuple(shape))
+        bound = self._bound[id(io)]
+        if bound.get(name) != key:
+            (io.bind_output if output else io.bind_input)(name, "cpu", 0, buf.dtype.type, shape, buf.ctypes.data)
+            bound[name] = key
 
 
 def ancestor_mask(parents: np.ndarray) -> np.ndarray:
