@@ -7,8 +7,9 @@ inputs
   input_ids        int64   [1, S]             tokens of this step (prefill chunk, one decode token, or tree nodes)
   position_ids     int64   [1, S]             rotary position of each token (tree nodes: committed length + depth)
   seqlens_k        int32   [1]                committed length + S - 1 (the fused kernel's convention)
-  attention_bias   float32 [1, 1, S, T]       0 where a token may attend a cache slot, -inf elsewhere; T = committed
-                                              length + S (the kernel works over T slots), at most LMAX
+  attention_bias   float32 [1, 1, S, T]       0 where a token may attend a cache slot, -inf elsewhere; T >= committed
+                                              length + S, at most LMAX (the kernel works over T slots; the
+                                              runtime rounds committed + S up to a multiple of 64)
   logits_index     int64   [R]                rows of the step whose logits are wanted (last row, or all nodes)
   past_key.{i}     float32 [1, Hkv, LMAX, D]  static KV cache; bound to the same buffer as present_key.{i}
   past_value.{i}   float32 [1, Hkv, LMAX, D]

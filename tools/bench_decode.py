@@ -131,12 +131,20 @@ def summarize(names, runs) -> dict:
     return summary
 
 
-def ratio_matrix(summary) -> dict:
-    """Every speccompile method's median over every peer's median."""
+def ratio_matrix(summary, runs) -> dict:
+    """Every speccompile method against every peer: the ratio of their medians ("of_medians"), and the median over
+    prompts of the per-prompt ratio ("paired": each prompt's two runs were measured moments apart, so a slow
+    stretch of the machine hits both)."""
     ours = [m for m in summary if m.startswith("ours:")]
     others = [m for m in summary if not m.startswith("ours:")]
-    return {o: {p: summary[o]["median_tok_s"] / summary[p]["median_tok_s"]
-                for p in others if summary[o]["median_tok_s"] and summary[p]["median_tok_s"]} for o in ours}
+
+    def paired(o, p):
+        r = [x[o]["tok_s"] / x[p]["tok_s"] for x in runs if "error" not in x[o] and "error" not in x[p]]
+        return statistics.median(r) if r else None
+    return {"of_medians": {o: {p: summary[o]["median_tok_s"] / summary[p]["median_tok_s"]
+                               for p in others if summary[o]["median_tok_s"] and summary[p]["median_tok_s"]}
+                           for o in ours},
+            "paired": {o: {p: paired(o, p) for p in others} for o in ours}}
 
 
 def fmt(v, spec=".2f"):
@@ -154,12 +162,15 @@ def print_report(summary, ratios, notes, n_prompts, args) -> None:
         print(f"{m:28s} {fmt(s['median_tok_s'], '.1f'):>7s} {iqr:>13s} {fmt(s['x_ours_ar']):>9s} "
               f"{fmt(s['median_tokens_per_step']):>8s} {fmt(s['agreement_with_ours_ar'], '.0%'):>10s} "
               f"{fmt(s['mean_common_prefix_frac'], '.0%'):>6s}" + (f"  ({s['errors']} errors)" if s["errors"] else ""))
-    if any(ratios.values()):
-        cols = list(next(iter(ratios.values())))
+    for kind, title in (("of_medians", "ratio of medians"), ("paired", "paired ratio: median over prompts of")):
+        table = ratios[kind]
+        if not any(table.values()):
+            continue
+        cols = list(next(iter(table.values())))
         w = max(map(len, cols)) + 2
-        print("\nratio of medians (row / column):")
+        print(f"\n{title} (row / column):")
         print(f"{'':28s}" + "".join(f"{c:>{w}s}" for c in cols))
-        for o, row in ratios.items():
+        for o, row in table.items():
             print(f"{o:28s}" + "".join(f"{fmt(row.get(c)):>{w}s}" for c in cols))
     for n in notes:
         print("note: " + n)
@@ -242,7 +253,7 @@ def main() -> None:
             log(f"    tokens differ from {BASELINE}: {', '.join(diff)}")
 
     summary = summarize(names, runs)
-    ratios = ratio_matrix(summary)
+    ratios = ratio_matrix(summary, runs)
     print_report(summary, ratios, notes, len(prompts), args)
     if args.json_out:
         import onnxruntime
@@ -256,7 +267,9 @@ def main() -> None:
             json.dump({"args": vars(args), "env": env, "notes": notes, "summary": summary, "ratios": ratios,
                        "prompts": [{k: v for k, v in p.items() if k != "ids"} | {"prompt_tokens": len(p["ids"])}
                                    for p in prompts],
-                       "runs": runs}, f, indent=1)
+                       # token ids stay out (agreement is in the summary): the file is a record, not a dump
+                       "runs": [{m: {k: v for k, v in r.items() if k != "tokens"} for m, r in run.items()}
+                                for run in runs]}, f, indent=1)
     if args.plot:
         plot(summary, args.plot)
 
