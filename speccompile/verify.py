@@ -20,11 +20,14 @@ def emit_verify(g: GraphBuilder, logits: str, argmax: str) -> None:
     onnxruntime runs every node of a graph on every pass, fetched or not, so the acceptance ops sit in an If
     branch that a plain greedy decode step (one row, temperature 0) skips: its answer is fixed (no drafts, the
     argmax is the token). Measured on SmolLM2: the ~60 small acceptance ops cost ~1.5% of a decode step."""
+    def c(v, dt=np.int64):
+        return g.const(np.array(v, dt))
+
     R = g.op("Shape", ["logits_index"])[0]
-    needed = g.op("Or", [g.op("Greater", [R, g.const(np.array([1], np.int64))])[0],
-                         g.op("Greater", ["temperature", g.const(np.array([0.0], np.float32))])[0]])[0]
+    sampling = g.op("Squeeze", [g.op("Greater", ["temperature", c([0.0], np.float32)])[0], c([0])])[0]
+    needed = g.op("Or", [g.op("Squeeze", [g.op("Greater", [R, c([1])])[0], c([0])])[0], sampling])[0]
     v = g.branch("acceptance")
-    emit_acceptance(v, logits, argmax)
+    emit_acceptance(v, logits, argmax, R, sampling)
     one = g.branch("one_greedy_row")
     one.op("ConstantOfShape", [R], outputs=["node_prob_1"], value=onnx.numpy_helper.from_array(np.zeros(1)))
     one.op("Identity", [one.const(np.array([0], np.int64))], outputs=["accept_node_1"])
@@ -32,17 +35,18 @@ def emit_verify(g: GraphBuilder, logits: str, argmax: str) -> None:
     one.op("Identity", [argmax], outputs=["accept_token_1"])
     names = ("node_prob", "accept_node", "accept_len", "accept_token")
     types = ("float64", "int64", "int64", "int64")
-    g.op("If", [g.op("Squeeze", [needed, g.const(np.array([0], np.int64))])[0]], outputs=list(names),
+    g.op("If", [needed], outputs=list(names),
          then_branch=v.subgraph([(n + "_v", t) for n, t in zip(names, types)]),
          else_branch=one.subgraph([(n + "_1", t) for n, t in zip(names, types)]))
 
 
-def emit_acceptance(g: GraphBuilder, logits: str, argmax: str) -> None:
-    """From the rows' logits and argmax and the inputs input_ids, logits_index, node_parents, temperature, top_k
-    and uniforms, emit node_prob, accept_node, accept_len and accept_token. Standard ONNX ops only: the tree
-    relations are [R, R] matrices built from node_parents, so nothing loops over nodes, on the host or in the
-    graph. Outputs carry the suffix _v (emit_verify's If branch). Sampling needs one softmax over the [R, V] logits (a node's probability under its parent's row) and
-    draws from one row (the end's).
+def emit_acceptance(g: GraphBuilder, logits: str, argmax: str, R: str, sampling: str) -> None:
+    """From the rows' logits and argmax, their count R ([1]), the scalar `sampling` (temperature > 0) and the
+    inputs input_ids, logits_index, node_parents, temperature, top_k and uniforms, emit node_prob, accept_node,
+    accept_len and accept_token, each with the suffix _v (the outputs of emit_verify's If branch). Standard ONNX
+    ops only: the tree relations are [R, R] matrices built from node_parents, so nothing loops over nodes, on the
+    host or in the graph. Sampling needs one softmax over the [R, V] logits (a node's probability under its
+    parent's row) and draws from one row (the end's).
 
     Sampled acceptance treats every candidate as deterministic (q one-hot): right for trees, whose candidates are
     top-k picks, and for prompt lookup. A chain drawn from full draft distributions q (draft model, MTP) needs
@@ -77,12 +81,10 @@ def emit_acceptance(g: GraphBuilder, logits: str, argmax: str) -> None:
                     else_branch=whole.subgraph([(p_whole, "float32")]))[0]
 
     op = g.op
-    R = op("Shape", ["logits_index"])[0]
     # the optional inputs' defaults have one row: broadcast them over the R rows
     par = op("Expand", ["node_parents", R])[0]
     uniforms = op("Expand", ["uniforms", op("Concat", [R, c([2])], axis=0)[0]])[0]
     u_test, u_draw = (op("Squeeze", [u, c([1])])[0] for u in op("Split", [uniforms], n_out=2, axis=1, num_outputs=2))
-    sampling = op("Squeeze", [op("Greater", ["temperature", c([0.0], np.float32)])[0], c([0])])[0]
     is_root = op("Less", [par, c(0)])[0]
     par0 = op("Max", [par, c(0)])[0]  # a gatherable index for every row (roots are masked where it matters)
     tok = op("Gather", [op("Squeeze", ["input_ids", c([0])])[0], "logits_index"], axis=0)[0]

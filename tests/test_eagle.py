@@ -235,18 +235,15 @@ def test_eagle_head_errors(heads, tmp_path):
     del e1["layers.0.self_attn.k_proj.weight"]
     with pytest.raises(CheckpointError, match="missing tensor 'layers.0.self_attn.k_proj.weight'"):
         build(f"eagle:{write_head(tmp_path / 'e1', e1)}")
-    e3 = eagle3_head(target)
-    e3["fc.weight"] = e3["fc.weight"][:, :128]
-    with pytest.raises(CheckpointError, match=r"'fc.weight' has shape \(64, 128\), expected \(64, 192\)"):
-        build(f"eagle3:{write_head(tmp_path / 'e3a', e3, eagle3_config(target))}")
-    e3 = eagle3_head(target)
-    del e3["d2t"]
-    with pytest.raises(CheckpointError, match="d2t"):
-        build(f"eagle3:{write_head(tmp_path / 'e3b', e3, eagle3_config(target))}")
-    e3 = eagle3_head(target)
-    del e3["midlayer.hidden_norm.weight"]
-    with pytest.raises(CheckpointError, match="hidden_norm"):
-        build(f"eagle3:{write_head(tmp_path / 'e3c', e3, eagle3_config(target))}")
+    breakages = [(lambda h: h.update({"fc.weight": h["fc.weight"][:, :128]}),
+                  r"'fc.weight' has shape \(64, 128\), expected \(64, 192\)"),
+                 (lambda h: h.pop("d2t"), "d2t"),
+                 (lambda h: h.pop("midlayer.hidden_norm.weight"), "hidden_norm")]
+    for i, (break_head, message) in enumerate(breakages):
+        e3 = eagle3_head(target)
+        break_head(e3)
+        with pytest.raises(CheckpointError, match=message):
+            build(f"eagle3:{write_head(tmp_path / f'e3{i}', e3, eagle3_config(target))}")
     # the default layers (2, L//2, L-3) are not three distinct layers of a 4-layer target
     with pytest.raises(UnsupportedModelError, match="eagle_aux_hidden_state_layer_ids"):
         build(f"eagle3:{write_head(tmp_path / 'e3d', eagle3_head(target))}")

@@ -30,7 +30,7 @@ from speccompile.plugins import tree_attention as ta
 from speccompile.runtime.engine import ancestor_mask, session_options
 from speccompile.sources import load_checkpoint
 
-from conftest import quiet
+from conftest import quiet, tree_attention_graph
 
 KERNEL_DIR = trt_backend.PLUGIN_SOURCE_DIR
 LMAX = 64
@@ -438,22 +438,7 @@ def test_engine_op_matches_definition(tmp_path, plugin_library):
     import tensorrt as trt
     import torch
     hq, hkv, d = 4, 2, 64
-    g = GraphBuilder("tree_attention")
-    g.input("qkv", "float32", [1, "S", (hq + 2 * hkv) * d])
-    for n in ("past_key", "past_value"):
-        g.input(n, "float32", [1, hkv, LMAX, d])
-    g.input("seqlens_k", "int32", [1])
-    g.input("position_ids", "int64", [1, "S"])
-    g.input("attention_bias", "float32", [1, 1, "S", LMAX])
-    g.input("cos", "float32", [LMAX, d // 2])
-    g.input("sin", "float32", [LMAX, d // 2])
-    y = ta.lower(g, "plugin", "qkv", "past_key", "past_value", "present_key", "present_value", seqlens_k="seqlens_k",
-                 total_len="", cos="cos", sin="sin", position_ids="position_ids", attention_bias="attention_bias",
-                 num_heads=hq, kv_num_heads=hkv, head_dim=d)
-    g.op("Identity", [y], outputs=["y"])
-    g.output("y", "float32", [1, "S", hq * d])
-    for n in ("present_key", "present_value"):
-        g.output(n, "float32", [1, hkv, LMAX, d])
+    g = tree_attention_graph("plugin", hq, hkv, d, LMAX, fixed_total_len=False)
     model = trt_backend.prepare_graph(g.to_model({}))
     onnx_path, engine_path = str(tmp_path / "op.onnx"), str(tmp_path / "op.engine")
     onnx.save_model(model, onnx_path)

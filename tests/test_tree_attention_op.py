@@ -5,29 +5,14 @@ import onnxruntime as ort
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from speccompile.onnx_builder import GraphBuilder
 from speccompile.plugins import tree_attention as ta
 from speccompile.runtime.engine import ancestor_mask
 
+from conftest import tree_attention_graph
+
 
 def op_session(lowering, hq, hkv, d, lmax):
-    g = GraphBuilder("tree_attention")
-    g.input("qkv", "float32", [1, "S", (hq + 2 * hkv) * d])
-    for n in ("past_key", "past_value"):
-        g.input(n, "float32", [1, hkv, lmax, d])
-    g.input("seqlens_k", "int32", [1])
-    g.input("position_ids", "int64", [1, "S"])
-    g.input("attention_bias", "float32", [1, 1, "S", lmax])
-    g.input("cos", "float32", [lmax, d // 2])
-    g.input("sin", "float32", [lmax, d // 2])
-    total = g.const(np.array(lmax, np.int32))
-    y = ta.lower(g, lowering, "qkv", "past_key", "past_value", "present_key", "present_value", seqlens_k="seqlens_k",
-                 total_len=total, cos="cos", sin="sin", position_ids="position_ids", attention_bias="attention_bias",
-                 num_heads=hq, kv_num_heads=hkv, head_dim=d)
-    g.op("Identity", [y], outputs=["y"])
-    g.output("y", "float32", [1, "S", hq * d])
-    g.output("present_key", "float32", [1, hkv, lmax, d])
-    g.output("present_value", "float32", [1, hkv, lmax, d])
+    g = tree_attention_graph(lowering, hq, hkv, d, lmax)
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     model = g.to_model({})

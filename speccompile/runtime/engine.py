@@ -95,10 +95,11 @@ class Engine:
         self.bias_width = width if isinstance(width, int) else None  # bundles before graph version 3: LMAX
         self._bias = np.empty(MAX_STEP_TOKENS * self.max_seq_len, np.float32)  # attention_bias, reused each step
         # a step's small inputs live in fixed buffers bound by address: a binding is redone only when a shape
-        # changes (plain decoding rebinds just the attention bias, one column wider each step)
+        # changes (plain decoding rebinds just the attention bias, once per BIAS_WIDTH_STEP steps)
         self._ids = np.zeros((1, MAX_STEP_TOKENS), np.int64)
         self._pos = np.zeros((1, MAX_STEP_TOKENS), np.int64)
         self._seqlens = np.zeros(1, np.int32)
+        self._steps = np.arange(MAX_STEP_TOKENS, dtype=np.int64)
         self._rows = np.zeros(MAX_STEP_TOKENS, np.int64)
         self._bound: dict[int, dict[str, tuple]] = {id(self.io): {}, id(self.io_verify): {}}
         self._chain = np.tril(np.ones((MAX_STEP_TOKENS, MAX_STEP_TOKENS), bool))  # a chain's visibility
@@ -169,7 +170,10 @@ class Engine:
             raise SpeccompileError(f"step of {S} tokens at length {W} exceeds the compiled context "
                                    f"{self.max_seq_len}")
         self._ids[0, :S] = tokens
-        self._pos[0, :S] = np.arange(W, W + S) if positions is None else positions
+        if positions is None:  # a chain: the slots' own positions
+            np.add(self._steps[:S], W, out=self._pos[0, :S])
+        else:
+            self._pos[0, :S] = positions
         self._seqlens[0] = W + S - 1
         if rows is None:
             R, self._rows[0] = 1, S - 1
@@ -184,14 +188,10 @@ class Engine:
         # binding costs ~90 us; the masked extra slots cost the kernel next to nothing)
         T = self.bias_width or min(-(-(W + S) // BIAS_WIDTH_STEP) * BIAS_WIDTH_STEP, self.max_seq_len)
         bias = self._bias[:S * T].reshape(1, 1, S, T)  # a view of one buffer: no allocation per step
-        if parents is None and region == S and S == 1:  # plain decoding: the one token sees every used slot
-            bias[0, 0, 0, :W + 1] = 0.0
-            bias[0, 0, 0, W + 1:] = NEG_INF
-        else:
-            bias.fill(NEG_INF)
-            bias[0, 0, :, :C] = 0.0
-            visible = (self._chain[:region, :region] if parents is None else ancestor_mask(parents))[-S:]
-            bias[0, 0, :, C:W + S][visible] = 0.0
+        bias.fill(NEG_INF)
+        bias[0, 0, :, :C] = 0.0
+        visible = (self._chain[:region, :region] if parents is None else ancestor_mask(parents))[-S:]
+        np.copyto(bias[0, 0, :, C:W + S], 0.0, where=visible)  # in place: no gathered copy
         self._bind(io, "input_ids", self._ids, [1, S])
         self._bind(io, "position_ids", self._pos, [1, S])
         self._bind(io, "seqlens_k", self._seqlens, [1])

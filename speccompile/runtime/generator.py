@@ -225,17 +225,20 @@ class Generator:
                 if t in self.tokenizer.eos_token_ids or len(out) >= max_new_tokens:
                     done = True
                     break
-            text = self.tokenizer.decode(out)
-            for s in stop:
-                if s and s in text:
-                    text, done = text[:text.index(s)], True
-            if on_text and not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
-                on_text(text[emitted:])
-                emitted = len(text)
+            if stop or on_text:  # only these read the text as it grows; else it is decoded once, at the end
+                text = self.tokenizer.decode(out)
+                for s in stop:
+                    if s and s in text:
+                        text, done = text[:text.index(s)], True
+                if on_text and not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
+                    on_text(text[emitted:])
+                    emitted = len(text)
             yield out[before:]
             if done:
                 break
         total = time.perf_counter() - t0
+        if not (stop or on_text):
+            text = self.tokenizer.decode(out)
         if on_text and emitted < len(text):
             on_text(text[emitted:])
         steps = stats["verify_steps"]
