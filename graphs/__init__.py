@@ -39,6 +39,10 @@ greedy; so a caller of the plain contract above feeds none of them)
   top_k            int64   [1]                0 = off (top-p is not in the graph: the runtime keeps it on the host)
   uniforms         float64 [R, 2]             host draws in [0, 1), so a seed reproduces a run: [r, 0] tests node r,
                                               [r, 1] draws the token after the path if it ends at r
+  full_logits      bool    [1]                (graphs with the exact greedy head, speccompile/head_screen.py) true:
+                                              logits are float32 products; false, with temperature 0: logits are
+                                              an int8 screen's estimates and next_token is still the exact argmax
+                                              of the float32 logits (the head reads a quarter of the bytes)
 outputs
   node_prob        float64 [R]                p_parent(r)(token of r) after temperature and top-k (greedy: 0; root: 0)
   accept_node      int64   [1]                end of the accepted path (0: no draft node accepted)
@@ -54,15 +58,19 @@ exactly as the target's, after temperature and top-k.
 """
 from __future__ import annotations
 
-DECODER_GRAPH_VERSION = 3  # 3: attention_bias as wide as the slots in use (2: always LMAX, still run)
-VERIFY_DEFAULTS = {"node_parents": [-1], "temperature": [0.0], "top_k": [0], "uniforms": [[0.0, 0.0]]}
+DECODER_GRAPH_VERSION = 4  # 4: the exact greedy head (full_logits); 3: attention_bias as wide as the slots in use
+#                            (2: always LMAX); all still run
+VERIFY_DEFAULTS = {"node_parents": [-1], "temperature": [0.0], "top_k": [0], "uniforms": [[0.0, 0.0]],
+                   "full_logits": [True]}
 
 
 def decoder_signature(num_layers: int, num_kv_heads: int, head_dim: int, max_seq_len: int, vocab_size: int,
-                      hidden_size: int, mtp: bool = False, verify: bool = False, aux_width: int = 0):
+                      hidden_size: int, mtp: bool = False, verify: bool = False, aux_width: int = 0,
+                      screen: bool = False):
     """(inputs, outputs): lists of (name, dtype, shape); symbolic dims are strings. An MTP draft head has the
     same signature plus the input `hidden_in` (the target's hidden state, one row per token); verify=True adds
-    the verify extension; aux_width > 0 adds the output aux_hidden_states [S, aux_width]."""
+    the verify extension; aux_width > 0 adds the output aux_hidden_states [S, aux_width]; screen (with verify)
+    adds the input full_logits of the exact greedy head."""
     cache = [1, num_kv_heads, max_seq_len, head_dim]
     inputs = [("hidden_in", "float32", [1, "S", hidden_size])] if mtp else []
     inputs += [
@@ -79,6 +87,8 @@ def decoder_signature(num_layers: int, num_kv_heads: int, head_dim: int, max_seq
     if verify:
         inputs += [("node_parents", "int64", ["R"]), ("temperature", "float32", [1]), ("top_k", "int64", [1]),
                    ("uniforms", "float64", ["R", 2])]
+        if screen:
+            inputs.append(("full_logits", "bool", [1]))
         outputs += [("node_prob", "float64", ["R"]), ("accept_node", "int64", [1]), ("accept_len", "int64", [1]),
                     ("accept_token", "int64", [1])]
     for i in range(num_layers):

@@ -2,6 +2,7 @@
 
   load      source -> Checkpoint                      (sources.load_checkpoint)
   lower     Checkpoint -> graph weights               (lower.lower_weights)
+  quantize  output head -> its int8 screen            (head_screen.quantize_head: exact greedy argmax)
   graph     weights -> decoder graph per model        (lower.build_decoder)
   write     graphs + weights + tokenizer -> bundle    (bundle.*), atomically
 """
@@ -19,6 +20,7 @@ import numpy as np
 
 from .errors import CheckpointError, SpeccompileError, TokenizerMismatchError, UnsupportedModelError
 from .graphs import DECODER_GRAPH_VERSION, decoder_signature
+from .head_screen import quantize_head, screenable
 from .lower import build_decoder, lower_mtp_weights, lower_weights
 from . import trt_backend
 from .plugins import tree_attention
@@ -75,10 +77,10 @@ def tokenizer_fingerprint(files: dict[str, bytes]) -> str:
 
 
 def _model_entry(name, ckpt_cfg, num_layers, max_seq_len, weights_files, attention, mtp=False, draft_vocab=None,
-                 verify=False, aux_layers=None):
+                 verify=False, aux_layers=None, screen=False):
     ins, outs = decoder_signature(num_layers, ckpt_cfg.cache_kv_heads, ckpt_cfg.cache_head_dim, max_seq_len,
                                   draft_vocab or ckpt_cfg.vocab_size, ckpt_cfg.hidden_size, mtp, verify,
-                                  aux_width=len(aux_layers or ()) * ckpt_cfg.hidden_size)
+                                  aux_width=len(aux_layers or ()) * ckpt_cfg.hidden_size, screen=screen)
     return {"graph": f"{name}.onnx", "weights": weights_files, "config": ckpt_cfg.to_dict(), "num_layers": num_layers,
             "kind": "mtp_head" if mtp else "decoder",
             "graph_version": DECODER_GRAPH_VERSION, "attention": attention,
@@ -95,9 +97,10 @@ def _model_entry(name, ckpt_cfg, num_layers, max_seq_len, weights_files, attenti
 def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, max_seq_len: int = 2048,
                  num_draft: int = 4, attention: str = "ort", fused: bool = True, overwrite: bool = False,
                  tree: str | None = None, mla_cache: str = "latent", backend: str = "onnxruntime",
-                 progress=print) -> dict:
+                 head_screen: bool = True, progress=print) -> dict:
     """Compile `source` and its drafters into the bundle `out`. drafts=None: prompt lookup, and the MTP head
-    shipped for the target if there is one. backend="tensorrt" adds a TensorRT engine per model (trt_backend)."""
+    shipped for the target if there is one. backend="tensorrt" adds a TensorRT engine per model (trt_backend).
+    head_screen: give the target's greedy passes the exact int8-screened output head (head_screen.py)."""
     t0 = time.perf_counter()
     toolchain = None
     if backend == "tensorrt":  # checked first: a build refused for want of TensorRT has done and written nothing
@@ -128,6 +131,11 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
              f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, vocab {cfg.vocab_size}")
     progress("[2/4] lower: packing weights")
     weights = {"target.bin": lower_weights(cfg, target.tensors, max_seq_len)}
+    target_w = weights["target.bin"]
+    screen = head_screen and fused and screenable(cfg.hidden_size, cfg.vocab_size)
+    if screen:  # fused graphs only: MatMulNBits is onnxruntime's (TensorRT builds set fused=False above)
+        progress("      quantize: int8 screen of the output head (greedy argmax stays exact)")
+        target_w |= quantize_head(target_w.get("lm_head", target_w["embed"]))
     progress("[3/4] graph: emitting static decoder graphs")
     from .eagle import target_aux_layers
     aux = target_aux_layers(specs, cfg)  # the target features EAGLE heads read (none without them)
@@ -135,7 +143,7 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
                                        name="target", verify=True, aux_layers=aux),
                          ["target.bin"])}  # verify: in-graph acceptance
     models = {"target": _model_entry("target", cfg, cfg.num_hidden_layers, max_seq_len, ["target.bin"], attention,
-                                     verify=True, aux_layers=aux)}
+                                     verify=True, aux_layers=aux, screen=screen)}
     if aux:
         models["target"]["aux_hidden_layers"] = aux
     drafters = []
@@ -171,7 +179,6 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
             progress(f"      mtp head: {path}")
             head = load_mtp_head(path, cfg)
             weights["mtp.bin"] = lower_mtp_weights(cfg, head)
-            target_w = weights["target.bin"]
             d2t = head.get("mtp.d2t")
             if d2t is not None:  # a reduced draft vocabulary: the head scores only these target tokens
                 d2t = np.asarray(d2t, np.int64)

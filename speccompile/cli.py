@@ -53,12 +53,17 @@ def main():
               help="tensorrt: also a TensorRT engine per model, TreeAttention as a plugin (needs TensorRT >= 10, a "
                    "CUDA GPU and the plugin library: plugins/tree_attention/README.md); the bundle's onnxruntime "
                    "graphs then use the reference attention ops.")
+@click.option("--head-screen/--no-head-screen", default=True, show_default=True,
+              help="Greedy passes find the argmax of the output head through an int8 screen and float32 rescoring "
+                   "of its best candidates, certified exact (falling back to the full product when not); "
+                   "ort attention only.")
 @_errors_to_exit
-def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, backend):
+def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, backend, head_screen):
     """Compile MODEL (a Hugging Face directory, a .gguf file; default: the embedded SmolLM2-135M-Instruct)."""
     from .build import build_bundle
     build_bundle(model, out, list(drafts) or None, max_seq_len=max_seq_len, num_draft=num_draft, attention=attention,
-                 fused=attention == "ort", overwrite=force, tree=tree, backend=backend, progress=_progress)
+                 fused=attention == "ort", overwrite=force, tree=tree, backend=backend, head_screen=head_screen,
+                 progress=_progress)
 
 
 @main.command()

@@ -18,7 +18,8 @@ from .graphs import VERIFY_DEFAULTS, decoder_signature
 from .onnx_builder import GraphBuilder
 from .plugins import tree_attention
 from .tensors import TensorReader
-from .verify import emit_verify
+from .head_screen import emit_head
+from .verify import emit_verify, sampling_flag
 
 
 def expected_checkpoint_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -163,11 +164,15 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
     D = cfg.head_dim
     g = GraphBuilder(name)
     vocab = len(weights["mtp.d2t"]) if "mtp.d2t" in weights else cfg.vocab_size
+    # the exact greedy head (speccompile.head_screen): a target with the verify extension whose build added the
+    # screen's tensors; fused only (its MatMulNBits is onnxruntime's)
+    screen = verify and fused and not mtp and "head_screen.codes" in weights
     ins, outs = decoder_signature(L, cfg.cache_kv_heads, cfg.cache_head_dim, max_seq_len, vocab, cfg.hidden_size, mtp,
-                                  verify, aux_width=len(aux_layers or ()) * cfg.hidden_size)
+                                  verify, aux_width=len(aux_layers or ()) * cfg.hidden_size, screen=screen)
     for n, dt, shape in ins:
         g.input(n, dt, shape, np.array(VERIFY_DEFAULTS[n], dt) if n in VERIFY_DEFAULTS else None)
-    W = {k: g.weight(k, v) for k, v in weights.items() if _layer_of(k) is None or _layer_of(k) < L}
+    W = {k: g.weight(k, v) for k, v in weights.items()
+         if (_layer_of(k) is None or _layer_of(k) < L) and (screen or not k.startswith("head_screen."))}
     # The fused kernel's total_sequence_length is the attention_bias's width: the runtime passes committed + S
     # columns, so the kernel works over that many slots (profiled on SmolLM2 at ~100 tokens: 1.4 ms of attention
     # per pass against 3.3 ms at the full 2048 width), or max_seq_len where a backend wants every shape static.
@@ -249,12 +254,16 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
     # Only the rows asked for reach the head: the head is the largest matrix of a small model.
     rows = g.op("Gather", [g.op("Squeeze", [x, squeeze0])[0], "logits_index"], axis=0)[0]
     head = W.get("mtp.head", W.get("lm_head", W["embed"]))
-    g.op("Gemm", [rows, head], outputs=["logits"], transB=1)
-    if "mtp.d2t" in W:  # a reduced draft vocabulary: map the winner back to a target token id
-        g.op("Gather", [W["mtp.d2t"], g.op("ArgMax", ["logits"], axis=-1, keepdims=0)[0]], outputs=["next_token"],
-             axis=0)
+    if screen:  # greedy passes that ask for no exact logits take the int8 screen
+        exact = g.op("Squeeze", ["full_logits", squeeze0])[0]
+        emit_head(g, rows, head, W, g.op("Not", [g.op("Or", [exact, sampling_flag(g)])[0]])[0])
     else:
-        g.op("ArgMax", ["logits"], outputs=["next_token"], axis=-1, keepdims=0)
+        g.op("Gemm", [rows, head], outputs=["logits"], transB=1)
+        if "mtp.d2t" in W:  # a reduced draft vocabulary: map the winner back to a target token id
+            g.op("Gather", [W["mtp.d2t"], g.op("ArgMax", ["logits"], axis=-1, keepdims=0)[0]],
+                 outputs=["next_token"], axis=0)
+        else:
+            g.op("ArgMax", ["logits"], outputs=["next_token"], axis=-1, keepdims=0)
     if verify:
         emit_verify(g, "logits", "next_token")
     for n, dt, shape in outs:

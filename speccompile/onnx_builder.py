@@ -13,7 +13,8 @@ from onnx import TensorProto, helper
 
 OPSET = 24  # RotaryEmbedding-23, TensorScatter-24 and Attention-24 for the reference lowering
 _DTYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "int32": TensorProto.INT32,
-           "float64": TensorProto.DOUBLE, "bool": TensorProto.BOOL}
+           "float64": TensorProto.DOUBLE, "bool": TensorProto.BOOL,
+           "uint8": TensorProto.UINT8}
 
 
 class GraphBuilder:

@@ -14,6 +14,12 @@ from .onnx_builder import GraphBuilder
 F64 = TensorProto.DOUBLE
 
 
+def sampling_flag(g: GraphBuilder) -> str:
+    """A bool scalar: the pass samples (input temperature > 0)."""
+    zero, axis = g.const(np.array([0.0], np.float32)), g.const(np.array([0], np.int64))
+    return g.op("Squeeze", [g.op("Greater", ["temperature", zero])[0], axis])[0]
+
+
 def emit_verify(g: GraphBuilder, logits: str, argmax: str) -> None:
     """Emit the outputs node_prob, accept_node, accept_len and accept_token (see `emit_acceptance`).
 
@@ -24,7 +30,7 @@ def emit_verify(g: GraphBuilder, logits: str, argmax: str) -> None:
         return g.const(np.array(v, dt))
 
     R = g.op("Shape", ["logits_index"])[0]
-    sampling = g.op("Squeeze", [g.op("Greater", ["temperature", c([0.0], np.float32)])[0], c([0])])[0]
+    sampling = sampling_flag(g)
     needed = g.op("Or", [g.op("Squeeze", [g.op("Greater", [R, c([1])])[0], c([0])])[0], sampling])[0]
     v = g.branch("acceptance")
     emit_acceptance(v, logits, argmax, R, sampling)

@@ -71,3 +71,31 @@ def test_chat_template_and_text(smol):
     res = smol.generate(PROMPTS[0], 16)
     assert "Paris" in res.text
     assert smol.tokenizer.eos_token_ids  # <|im_end|> ends the answer
+
+
+def test_screened_head_is_the_exact_argmax(smol):
+    """The default target's greedy passes take the int8 screen (speccompile/head_screen.py): over real decoding,
+    one row and nine rows per pass, its next_token is the argmax of the float32 logits, while the logits it
+    returns are the screen's estimates."""
+    eng = smol.target
+    assert eng._full_logits is not None, "the default build has the exact greedy head"
+    ids = np.array(smol.encode_chat(PROMPTS[5]), np.int64)
+    eng.cache.truncate(0)
+    eng.forward(ids)
+    eng.cache.truncate(len(ids))
+    token, estimated = int(eng.forward(ids[-1:])[1][0]), 0
+    for step in range(40):
+        for tokens in (np.array([token]), np.concatenate([[token], ids[:8]])):  # a plain step, a 9-row verify
+            n = eng.cache.length
+            rows = np.arange(len(tokens))
+            logits = eng.forward(tokens, rows=rows)[0].copy()  # forward returns views of reused buffers
+            exact = logits.argmax(-1)
+            eng.cache.truncate(n)
+            estimates, screened = eng.forward(tokens, rows=rows, full_logits=False)
+            assert np.array_equal(screened, exact), step
+            estimated += not np.array_equal(estimates, logits)
+            eng.cache.truncate(n)
+        eng.forward(np.array([token]), full_logits=False)
+        token = int(eng.next_token[0])
+        eng.cache.truncate(n + 1)
+    assert estimated == 80

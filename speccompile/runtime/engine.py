@@ -110,13 +110,18 @@ class Engine:
         self.aux = np.zeros((MAX_STEP_TOKENS, aux), np.float32) if aux else None  # what EAGLE heads read
         self.verify_feed = {"node_parents": np.zeros(max_rows, np.int64), "temperature": np.zeros(1, np.float32),
                             "top_k": np.zeros(1, np.int64), "uniforms": np.zeros((max_rows, 2))}
+        # a graph with the exact greedy head (speccompile.head_screen) takes full_logits: false lets a greedy pass
+        # read a quarter of the head's bytes; its logits are then estimates, its next_token still exact
+        optional = {i.name for i in self.session.get_overridable_initializers()}  # inputs with defaults
+        self._full_logits = np.ones(1, bool) if "full_logits" in optional else None
         # the verify outputs of the last `verify` pass
         self.node_prob = np.zeros(max_rows, np.float64)
         self.accept = np.zeros(3, np.int64)  # accept_node, accept_len, accept_token
         self.weight_bytes = sum(os.path.getsize(resolve_inside(bundle_dir, w)) for w in entry["weights"])
 
     def forward(self, tokens: np.ndarray, positions: np.ndarray | None = None, parents: np.ndarray | None = None,
-                rows: np.ndarray | None = None, committed: int | None = None, hidden_in: np.ndarray | None = None):
+                rows: np.ndarray | None = None, committed: int | None = None, hidden_in: np.ndarray | None = None,
+                full_logits: bool = True):
         """Run S = len(tokens) tokens, writing their K/V at slots [length, length+S).
 
         Slots below `committed` (default: the cache length) are visible to every token. Slots from `committed` on
@@ -124,8 +129,9 @@ class Engine:
         `committed`, -1 for a root) says which of them each token sees: itself and its ancestors. None means
         a chain. Returns (logits[R, V], next_token[R]) views, valid until the next call; `rows` (default: the
         last token) selects the tokens whose logits are computed. `self.hidden[:S]` then holds the step's hidden
-        states. `hidden_in` [S, H] feeds an MTP head."""
-        R = self._bind_step(self.io, tokens, positions, parents, rows, committed, hidden_in)
+        states. `hidden_in` [S, H] feeds an MTP head. full_logits=False: the caller reads only next_token (greedy),
+        so a graph with the exact greedy head may return estimated logits."""
+        R = self._bind_step(self.io, tokens, positions, parents, rows, committed, hidden_in, full_logits)
         self._bind(self.io, "logits", self.logits, [R, self.vocab_size], output=True)
         self.session.run_with_iobinding(self.io)
         return self.logits[:R], self.next_token[:R]
@@ -141,7 +147,7 @@ class Engine:
         The host only walks the accepted path back from its end."""
         parents = np.asarray(parents, np.int64)
         S, io = len(tokens), self.io_verify
-        self._bind_step(io, tokens, positions, parents, np.arange(S), None, None)
+        self._bind_step(io, tokens, positions, parents, np.arange(S), None, None, False)  # no logits leave
         # defaulted inputs are initializers to onnxruntime, which bind_cpu_input rejects: bind them by pointer
         f = self.verify_feed
         f["node_parents"][:S] = parents
@@ -159,7 +165,7 @@ class Engine:
             end = int(parents[end])
         return path[::-1], int(self.accept[2])
 
-    def _bind_step(self, io, tokens, positions, parents, rows, committed, hidden_in) -> int:
+    def _bind_step(self, io, tokens, positions, parents, rows, committed, hidden_in, full_logits) -> int:
         """Bind a step's inputs and its next_token / hidden_states outputs; returns R."""
         S = len(tokens)
         if S > MAX_STEP_TOKENS:
@@ -201,6 +207,9 @@ class Engine:
         self._bind(io, "hidden_states", self.hidden, [S, self.hidden.shape[1]], output=True)
         if self.aux is not None:
             self._bind(io, "aux_hidden_states", self.aux, [S, self.aux.shape[1]], output=True)
+        if self._full_logits is not None:  # bound by address: io_verify and io share the buffer, set per pass
+            self._full_logits[0] = full_logits
+            self._bind(io, "full_logits", self._full_logits, [1])
         if hidden_in is not None:
             io.bind_cpu_input("hidden_in", np.ascontiguousarray(hidden_in, np.float32).reshape(1, S, -1))
         return R

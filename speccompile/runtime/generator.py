@@ -31,12 +31,28 @@ class GenerationResult:
     stats: dict
 
 
+def pass_weight_bytes(manifest: dict, entry: dict, file_bytes: int) -> dict[str, int]:
+    """Weight bytes one pass of the target reads: "full" (float32 head, the screen's tensors unread) and
+    "screened" (a greedy pass through the exact greedy head: its int8 screen instead of the float32 head, of
+    which it reads only the rescored rows). The weight files' size for bundles that do not list initializers."""
+    names = set(entry.get("initializers", ()))
+    sizes = {n: r["length"] for f in entry["weights"] for n, r in manifest.get("weights", {}).get(f, {}).items()
+             if n in names}
+    if not sizes:
+        return {"full": file_bytes, "screened": file_bytes}
+    screen = sum(v for n, v in sizes.items() if n.startswith("head_screen."))
+    full = sum(sizes.values()) - screen
+    head = sizes.get("lm_head", sizes.get("embed", 0))
+    return {"full": full, "screened": full - head + screen if screen else full}
+
+
 class Generator:
     def __init__(self, bundle_dir: str, manifest: dict, threads: int | None = None, device: str = "cpu"):
         self.bundle_dir, self.manifest = bundle_dir, manifest
         models = manifest["models"]
         self.target = Engine(bundle_dir, models["target"], threads, device, max_rows=MAX_VERIFY_TOKENS)
         self.max_seq_len = self.target.max_seq_len
+        self.pass_bytes = pass_weight_bytes(manifest, models["target"], self.target.weight_bytes)
         cfg = models["target"]["config"]
         self.tokenizer = BundleTokenizer(resolve_inside(bundle_dir, manifest["tokenizer"]["dir"]),
                                          cfg.get("eos_token_ids", ()))
@@ -80,12 +96,12 @@ class Generator:
         return self.tokenizer.encode_chat(text)
 
     # ---- the decode loop -------------------------------------------------------------------------------------
-    def _prefill(self, prompt: np.ndarray, drafter: Drafter | None):
+    def _prefill(self, prompt: np.ndarray, drafter: Drafter | None, greedy: bool):
         cache = self.target.cache
         cache.truncate(0)
         for start in range(0, len(prompt), PREFILL_CHUNK):
             chunk = prompt[start:start + PREFILL_CHUNK]
-            logits, argmax = self.target.forward(chunk)
+            logits, argmax = self.target.forward(chunk, full_logits=not greedy)  # greedy reads the argmax only
             if drafter and drafter.wants_hidden:
                 drafter.observe(start, drafter.features(self.target, slice(0, len(chunk))))
             cache.truncate(start + len(chunk))
@@ -98,7 +114,7 @@ class Generator:
         cache = self.target.cache
         if drafter:
             drafter.reset()
-        logits, argmax = self._prefill(prompt, drafter)
+        logits, argmax = self._prefill(prompt, drafter, params.greedy)
         token = int(argmax) if params.greedy else sample(probabilities(logits, params), rng)
         context = np.zeros(len(prompt) + max_new_tokens, np.int64)
         context[:len(prompt)] = prompt
@@ -161,7 +177,8 @@ class Generator:
 
     def _accept_on_host(self, block, draft, parents, block_parents, positions, prop, params, rng):
         """Acceptance from the logits, copied to the host: (accepted draft nodes, the token after them)."""
-        logits, argmax = self.target.forward(block, positions, block_parents, rows=np.arange(len(block)))
+        logits, argmax = self.target.forward(block, positions, block_parents, rows=np.arange(len(block)),
+                                             full_logits=not params.greedy)  # greedy reads the argmax only
         if parents is not None:
             return (accept_tree_greedy(draft, parents, argmax) if params.greedy else
                     accept_tree_sampled(draft, parents, probabilities(logits, params), rng))
@@ -242,16 +259,17 @@ class Generator:
         if on_text and emitted < len(text):
             on_text(text[emitted:])
         steps = stats["verify_steps"]
+        weight_bytes = self.pass_bytes["screened" if params.greedy else "full"]
         stats.update(
             new_tokens=len(out), total_s=total, ttft_s=ttft,
             tokens_per_second=len(out) / total if total > 0 else 0.0,
             decode_tokens_per_second=(len(out) - 1) / (total - ttft) if total > ttft else 0.0,
             mean_accepted_tokens=stats.pop("committed") / steps if steps else 1.0,
             acceptance_rate_per_depth=[a / b for _, (a, b) in sorted(stats.pop("accepted_per_depth").items())],
-            target_weight_bytes=self.target.weight_bytes,
+            target_weight_bytes=weight_bytes,
             prefill_passes=-(-len(ids) // PREFILL_CHUNK),
             # bytes the target's weights cost per pass over the whole run: memory-bound decoding streams them all
-            achieved_weight_bandwidth_gbps=self.target.weight_bytes * (steps + -(-len(ids) // PREFILL_CHUNK))
+            achieved_weight_bandwidth_gbps=weight_bytes * (steps + -(-len(ids) // PREFILL_CHUNK))
             / total / 1e9 if total > 0 else 0.0,
         )
         return GenerationResult(out, text, stats)

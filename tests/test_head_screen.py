@@ -1,0 +1,152 @@
+"""The exact greedy head (speccompile/head_screen.py): the int8 screen's bound holds for onnxruntime's kernel, the
+screened argmax is the float32 argmax (ties included), and peaked rows are certified without the full product."""
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+from speccompile.head_screen import BLOCK, CANDIDATES, quantize_head
+from speccompile.onnx_builder import OPSET, GraphBuilder
+from speccompile.head_screen import emit_head
+
+V, H = 1000, 64
+
+
+def head_session(head: np.ndarray, profile_dir=None):
+    """A graph of just the head: rows [R, H] and the bool `screen` in, logits and next_token out."""
+    weights = {"head": head, **quantize_head(head)}
+    g = GraphBuilder("head")
+    g.input("rows", "float32", ["R", H])
+    g.input("screen", "bool", [])
+    W = {k: g.weight(k, v) for k, v in weights.items()}
+    emit_head(g, "rows", "head", W, "screen")
+    g.output("logits", "float32", ["R", V])
+    g.output("next_token", "int64", ["R"])
+    graph = helper.make_graph(g.nodes, "head", g.inputs, g.outputs,
+                              initializer=g.constants + [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 11
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    if profile_dir:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(profile_dir / "head")
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def run(sess, rows, screen):
+    return sess.run(None, {"rows": np.ascontiguousarray(rows, np.float32), "screen": np.array(screen)})
+
+
+def random_head(seed=0, on_grid=False):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((V, H)) * 0.05).astype(np.float32)
+    if on_grid:  # as a GGUF Q8_0 head dequantizes: int8 codes times one scale per block of 32
+        blocks = w.reshape(V, H // BLOCK, BLOCK)
+        scale = (np.abs(blocks).max(-1, keepdims=True) / 127).astype(np.float16).astype(np.float32)
+        w = (np.clip(np.round(blocks / scale), -127, 127) * scale).reshape(V, H).astype(np.float32)
+    return w
+
+
+def peaked_rows(head, n, seed=1):
+    """Hidden states pointing at one token each, as a confident model's do, with outliers in a few dims."""
+    rng = np.random.default_rng(seed)
+    x = head[rng.integers(0, V, n)] * 40 + rng.standard_normal((n, H)).astype(np.float32) * 0.5
+    x[:, :3] *= 8
+    return x.astype(np.float32)
+
+
+def test_quantize_head_reproduces_an_int8_grid_exactly():
+    w = random_head(on_grid=True)
+    q = quantize_head(w)
+    assert "head_screen.err" not in q  # exact: no grid error term
+    codes = q["head_screen.codes"].astype(np.float32) - 128
+    back = (codes * q["head_screen.scales"].reshape(V, -1, 1)).reshape(V, H)
+    assert np.array_equal(back, w)
+    assert "head_screen.err" in quantize_head(random_head())
+
+
+@pytest.mark.parametrize("on_grid", [True, False])
+def test_bound_holds_for_the_int8_kernel(on_grid):
+    """The screen's logits (its estimates) stay within the bound the graph certifies with, for rows with heavy
+    tails and outliers: the bound's assumption about onnxruntime's activation quantization holds."""
+    w = random_head(on_grid=on_grid)
+    q = quantize_head(w)
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((64, H)) * np.exp(rng.standard_normal((64, H)) * 1.5)).astype(np.float32)
+    x = np.concatenate([x, peaked_rows(w, 16)])
+    approx = run(head_session(w), x, True)[0]
+    exact = x.astype(np.float64) @ w.T.astype(np.float64)
+    step = np.abs(x.reshape(len(x), -1, BLOCK)).max(-1) / 127
+    bound = step @ q["head_screen.l1"] + np.linalg.norm(x, axis=1, keepdims=True) * q.get("head_screen.err", 0)
+    assert np.all(np.abs(approx - exact) <= bound)
+    assert np.abs(approx - exact).max() > 0  # they are estimates, not the float32 products
+
+
+@pytest.mark.parametrize("on_grid", [True, False])
+def test_screened_argmax_is_the_float32_argmax(on_grid):
+    w = random_head(on_grid=on_grid)
+    sess = head_session(w)
+    rng = np.random.default_rng(3)
+    x = np.concatenate([peaked_rows(w, 48), rng.standard_normal((16, H)).astype(np.float32)])
+    for R in (1, 9, len(x)):
+        logits, ref = run(sess, x[:R], False)
+        _, tok = run(sess, x[:R], True)
+        assert np.array_equal(ref, logits.argmax(-1))
+        assert np.array_equal(tok, ref)
+
+
+@pytest.mark.parametrize("copies", [5, CANDIDATES + 16])
+def test_ties_go_to_the_lowest_token_id(copies):
+    """A tie among a few candidates is settled as ArgMax settles it; more tied rows than candidates cannot be
+    certified, and the full product decides."""
+    w = random_head()
+    w[100:100 + copies] = w[100]
+    w[700] = w[100]
+    x = peaked_rows(w, 4)
+    x[:] = w[100] * 40
+    _, tok = run(head_session(w), x, True)
+    assert np.all(tok == 100)
+
+
+def test_peaked_rows_are_certified_without_the_full_product(tmp_path):
+    """The point of the screen: a confident row never runs the float32 head (its ArgMax sits only in the
+    full and the fallback branches)."""
+    w = random_head()
+    sess = head_session(w, tmp_path)
+    x = peaked_rows(w, 8)
+    for _ in range(3):
+        run(sess, x, True)
+    events = json.load(open(sess.end_profiling()))
+    ran = {e["args"]["op_name"] for e in events if e.get("cat") == "Node"}
+    assert "MatMulNBits" in ran and "TopK" in ran
+    assert "ArgMax" not in ran and "Gemm" not in {e["args"]["op_name"] for e in events if e.get("cat") == "Node"
+                                                  and "MatMulAddFusion" not in e["name"]}
+
+
+def test_near_ties_beyond_the_candidates_fall_back():
+    """More near-tied tokens than candidates, apart only where the screen cannot see (dims of x below half an
+    int8 step, read as 0): the winner may rank anywhere in the screen, so no candidate set may be certified, and
+    the answer must still be the float32 argmax. The head stays on its int8 grid (codes moved by whole steps)."""
+    rng = np.random.default_rng(4)
+    w = random_head(on_grid=True)
+    scale = np.abs(w.reshape(V, -1, BLOCK)).max(-1) / 127
+    n = CANDIDATES * 3
+    wrong = 0
+    for trial in range(8):
+        x = (w[100] * 40 + rng.standard_normal(H).astype(np.float32)).astype(np.float32)
+        x[BLOCK] = abs(x[BLOCK]) + 1  # sets its block's int8 step; the rest of the block lies below half of it
+        x[BLOCK + 1:] = rng.uniform(0.3, 0.45, H - BLOCK - 1) * x[BLOCK] / 127
+        dims = rng.integers(BLOCK + 1, H, n)
+        steps = np.ones(n)
+        winner = rng.integers(n)  # two steps on the largest small dim: ahead of every other copy by ~30 ulps
+        dims[winner], steps[winner] = BLOCK + 1 + np.argmax(x[BLOCK + 1:]), 2
+        near = np.repeat(w[100:101], n, 0)
+        near[np.arange(n), dims] += steps * scale[100, 1]
+        w[100:100 + n] = near
+        _, tok = run(head_session(w), x[None], True)
+        wrong += tok[0] != 100 + winner
+    assert wrong == 0
