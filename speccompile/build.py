@@ -2,7 +2,8 @@
 
   load      source -> Checkpoint                      (sources.load_checkpoint)
   lower     Checkpoint -> graph weights               (lower.lower_weights)
-  quantize  output head -> its int8 screen            (head_screen.quantize_head: exact greedy argmax)
+  quantize  output head -> its int8 screen            (head_screen.quantize_head: exact greedy argmax);
+            draft heads -> int8 matrices              (int8.quantize_matrices: drafts need not be exact)
   graph     weights -> decoder graph per model        (lower.build_decoder)
   write     graphs + weights + tokenizer -> bundle    (bundle.*), atomically
 """
@@ -21,6 +22,7 @@ import numpy as np
 from .errors import CheckpointError, SpeccompileError, TokenizerMismatchError, UnsupportedModelError
 from .graphs import DECODER_GRAPH_VERSION, decoder_signature
 from .head_screen import quantize_head, screenable
+from .int8 import quantize_matrices
 from .lower import build_decoder, lower_mtp_weights, lower_weights
 from . import trt_backend
 from .plugins import tree_attention
@@ -97,10 +99,11 @@ def _model_entry(name, ckpt_cfg, num_layers, max_seq_len, weights_files, attenti
 def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, max_seq_len: int = 2048,
                  num_draft: int = 4, attention: str = "ort", fused: bool = True, overwrite: bool = False,
                  tree: str | None = None, mla_cache: str = "latent", backend: str = "onnxruntime",
-                 head_screen: bool = True, progress=print) -> dict:
+                 head_screen: bool = True, draft_precision: str = "int8", progress=print) -> dict:
     """Compile `source` and its drafters into the bundle `out`. drafts=None: prompt lookup, and the MTP head
     shipped for the target if there is one. backend="tensorrt" adds a TensorRT engine per model (trt_backend).
-    head_screen: give the target's greedy passes the exact int8-screened output head (head_screen.py)."""
+    head_screen: give the target's greedy passes the exact int8-screened output head (head_screen.py).
+    draft_precision: "int8" stores MTP heads' matrices in int8 (speccompile.int8), or "float32"."""
     t0 = time.perf_counter()
     toolchain = None
     if backend == "tensorrt":  # checked first: a build refused for want of TensorRT has done and written nothing
@@ -109,6 +112,8 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
     elif backend != "onnxruntime":
         raise SpeccompileError(f"--backend {backend!r}: choose onnxruntime or tensorrt")
     tree_spec = TreeSpec.parse(tree) if tree else None
+    if draft_precision not in ("int8", "float32"):
+        raise SpeccompileError(f"--draft-precision {draft_precision!r}: choose int8 or float32")
     specs = [s for s in (DraftSpec.parse(d) for d in drafts or ()) if s is not None]
     if not 1 <= num_draft <= 16:
         raise SpeccompileError(f"--num-draft {num_draft}: must be between 1 and 16")
@@ -186,6 +191,14 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
                     raise CheckpointError(f"{path}: mtp.d2t must list target token ids below {cfg.vocab_size}")
                 weights["mtp.bin"]["mtp.d2t"] = d2t
                 weights["mtp.bin"]["mtp.head"] = np.ascontiguousarray(target_w.get("lm_head", target_w["embed"])[d2t])
+            if draft_precision == "int8" and not cfg.is_mla:  # drafts need not be exact: a quarter of the bytes
+                progress("      quantize: the MTP head's matrices to int8 (speccompile.int8)")
+                mtp_w = weights["mtp.bin"]
+                if "mtp.head" not in mtp_w:  # its own int8 copy of the target's output head
+                    mtp_w["mtp.head"] = target_w.get("lm_head", target_w["embed"])
+                mtp_w = quantize_matrices(mtp_w, [f"mtp.{k}" for k in ("eh_proj", "l0.qkv", "l0.o", "l0.gate",
+                                                                        "l0.up", "l0.down")])
+                weights["mtp.bin"] = quantize_matrices(mtp_w, ["mtp.head"], layout="nk")
             shared = {k: target_w[k] for k in ("embed", "lm_head", "rope.cos", "rope.sin") if k in target_w}
             graphs["mtp_head"] = (build_decoder(cfg, weights["mtp.bin"] | shared, max_seq_len, attention=attention,
                                                 fused=fused, name="mtp_head", mtp=True), ["mtp.bin", "target.bin"])

@@ -57,12 +57,16 @@ def main():
               help="Greedy passes find the argmax of the output head through an int8 screen and float32 rescoring "
                    "of its best candidates, certified exact (falling back to the full product when not); "
                    "ort attention only.")
+@click.option("--draft-precision", type=click.Choice(["int8", "float32"]), default="int8", show_default=True,
+              help="Weights of MTP draft heads: int8 reads a quarter of the bytes per drafting pass (drafts need not "
+                   "be exact: the target verifies them).")
 @_errors_to_exit
-def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, backend, head_screen):
+def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, backend, head_screen, draft_precision):
     """Compile MODEL (a Hugging Face directory, a .gguf file; default: the embedded SmolLM2-135M-Instruct)."""
     from .build import build_bundle
     build_bundle(model, out, list(drafts) or None, max_seq_len=max_seq_len, num_draft=num_draft, attention=attention,
                  fused=attention == "ort", overwrite=force, tree=tree, backend=backend, head_screen=head_screen,
+                 draft_precision=draft_precision,
                  progress=_progress)
 
 

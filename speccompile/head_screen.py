@@ -24,9 +24,9 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
+from .int8 import BLOCK, int8_blocks, int8_product
 from .onnx_builder import GraphBuilder
 
-BLOCK = 32  # quantization block along the hidden dimension (GGUF's Q8_0 block)
 CANDIDATES = 64  # tokens rescored in float32 per row (certified every measured SmolLM2 step; 32 certified 99%)
 SLACK = 1.01  # the bound's margin on top of the factor 2 above
 
@@ -36,18 +36,16 @@ def screenable(hidden_size: int, vocab_size: int) -> bool:
 
 
 def quantize_head(w: np.ndarray) -> dict[str, np.ndarray]:
-    """The screen's tensors for the head w [V, H]: int8 codes (stored +128, as MatMulNBits reads them) with one
-    scale per block, the blocks' L1 norms [H/BLOCK, V] for the bound, and the grid's error per row when it is not
-    exact. A GGUF Q8_0 head dequantized to float32 lies on this grid exactly (scale = max|block| / 127)."""
+    """The screen's tensors for the head w [V, H]: int8 codes with one scale per block (int8.int8_blocks), the
+    blocks' L1 norms [H/BLOCK, V] for the bound, and the grid's error per row when it is not exact. A GGUF Q8_0
+    head dequantized to float32 lies on this grid exactly."""
     V, H = w.shape
+    codes, scales = int8_blocks(w)
     blocks = w.reshape(V, H // BLOCK, BLOCK).astype(np.float32)
-    scale = np.abs(blocks).max(-1) / np.float32(127)
-    scale[scale == 0] = 1.0
-    codes = np.clip(np.round(blocks / scale[..., None]), -127, 127)
-    out = {"head_screen.codes": (codes + 128).astype(np.uint8),
-           "head_screen.scales": scale.reshape(-1).astype(np.float32),
+    out = {"head_screen.codes": codes, "head_screen.scales": scales,
            "head_screen.l1": np.ascontiguousarray(np.abs(blocks).sum(-1).T, np.float32)}
-    err = np.linalg.norm((blocks - codes * scale[..., None]).reshape(V, H).astype(np.float64), axis=1)
+    grid = (codes.astype(np.float32) - 128) * scales.reshape(V, -1, 1)
+    err = np.linalg.norm((blocks - grid).reshape(V, H).astype(np.float64), axis=1)
     if err.any():
         out["head_screen.err"] = (err * (1 + 1e-6)).astype(np.float32)
     return out
@@ -66,9 +64,7 @@ def emit_head(g: GraphBuilder, rows: str, head: str, W: dict[str, str], screen: 
 
     s = g.branch("screened_head")
     nb = g.weights[W["head_screen.l1"]][0][0]
-    vocab = g.weights[W["head_screen.codes"]][0][0]
-    s.op("MatMulNBits", [rows, W["head_screen.codes"], W["head_screen.scales"]], outputs=["logits_screen"],
-         domain="com.microsoft", K=nb * BLOCK, N=vocab, bits=8, block_size=BLOCK, accuracy_level=4)
+    int8_product(s, rows, W["head_screen.codes"], W["head_screen.scales"], output="logits_screen")
     absx = s.op("Abs", [s.op("Reshape", [rows, c(s, [0, nb, BLOCK])])[0]])[0]
     step = s.op("ReduceMax", [absx, c(s, [-1])], keepdims=0)[0]  # [R, nb]
     bound = s.op("MatMul", [s.op("Mul", [step, c(s, SLACK / 127, np.float32)])[0], W["head_screen.l1"]])[0]

@@ -19,6 +19,7 @@ from .onnx_builder import GraphBuilder
 from .plugins import tree_attention
 from .tensors import TensorReader
 from .head_screen import emit_head
+from .int8 import SUFFIX_CODES, SUFFIX_SCALES, int8_product, matmul
 from .verify import emit_verify, sampling_flag
 
 
@@ -203,7 +204,7 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
         x, h = emit_head_input(g, W, head, norm, h, norm_before_residual)
     elif mtp:  # z = eh_proj([enorm(embedding); hnorm(hidden)])
         both = g.op("Concat", [norm(h, W["mtp.enorm"]), norm("hidden_in", W["mtp.hnorm"])], axis=-1)[0]
-        h = g.op("MatMul", [both, W["mtp.eh_proj"]])[0]
+        h = matmul(g, both, W, "mtp.eh_proj")
     final_norm = W.get("mtp.norm") if mtp else W["final_norm"]  # None: EAGLE-1 feeds its block's output as it is
     if x is None:
         x = norm(h, W[f"{prefix}l0.attn_norm"]) if L else h
@@ -215,7 +216,7 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
             from .deepseek import emit_mla
             a = emit_mla(g, cfg, W, p, x, i, norm, total_len, cfg.mla_cache)
         else:
-            qkv = g.op("MatMul", [x, W[p + "qkv"]])[0]
+            qkv = matmul(g, x, W, p + "qkv")
             if cfg.qkv_bias:
                 qkv = g.op("Add", [qkv, W[p + "qkv_bias"]])[0]
             a = tree_attention.lower(
@@ -224,19 +225,19 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
                 sin=W.get(prefix + "rope.sin", W["rope.sin"]),
                 position_ids="position_ids", attention_bias="attention_bias",
                 num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads, head_dim=D)
-            a = g.op("MatMul", [a, W[p + "o"]])[0]
+            a = matmul(g, a, W, p + "o")
         x, h = add_norm(a, h, W[p + "mlp_norm"])
         if p + "experts.gate_up" in W:
             from .moe import emit_moe
             m = emit_moe(g, cfg, W, p, x)
         else:
-            if p + "gate" in W:
-                gate, up = g.op("MatMul", [x, W[p + "gate"]])[0], g.op("MatMul", [x, W[p + "up"]])[0]
+            if p + "gate" in W or p + "gate" + SUFFIX_CODES in W:
+                gate, up = matmul(g, x, W, p + "gate"), matmul(g, x, W, p + "up")
             else:  # heads and DeepSeek layers keep one fused matrix
                 gate, up = g.op("Split", [g.op("MatMul", [x, W[p + "gate_up"]])[0]], n_out=2, axis=-1,
                                 num_outputs=2)
             act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])[0]])[0], up])[0]
-            m = g.op("MatMul", [act, W[p + "down"]])[0]
+            m = matmul(g, act, W, p + "down")
         nxt = W[f"{prefix}l{i + 1}.attn_norm"] if i + 1 < L else final_norm
         if nxt is None:
             x = h = g.op("Add", [m, h])[0]
@@ -258,7 +259,10 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
         exact = g.op("Squeeze", ["full_logits", squeeze0])[0]
         emit_head(g, rows, head, W, g.op("Not", [g.op("Or", [exact, sampling_flag(g)])[0]])[0])
     else:
-        g.op("Gemm", [rows, head], outputs=["logits"], transB=1)
+        if "mtp.head" + SUFFIX_CODES in W:  # an int8 draft head (speccompile.int8)
+            int8_product(g, rows, W["mtp.head" + SUFFIX_CODES], W["mtp.head" + SUFFIX_SCALES], output="logits")
+        else:
+            g.op("Gemm", [rows, head], outputs=["logits"], transB=1)
         if "mtp.d2t" in W:  # a reduced draft vocabulary: map the winner back to a target token id
             g.op("Gather", [W["mtp.d2t"], g.op("ArgMax", ["logits"], axis=-1, keepdims=0)[0]],
                  outputs=["next_token"], axis=0)

@@ -32,9 +32,9 @@ class GraphBuilder:
 
     def branch(self, name: str) -> "GraphBuilder":
         """A builder for an If branch. It shares this graph's numbering, so its names never shadow outer ones
-        (which it may read directly)."""
+        (which it may read directly, weights included)."""
         b = GraphBuilder(name)
-        b._counter = self._counter
+        b._counter, b.weights = self._counter, self.weights
         return b
 
     def subgraph(self, outputs) -> onnx.GraphProto:
