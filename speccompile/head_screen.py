@@ -12,9 +12,11 @@ step reads. A greedy step needs only the argmax, and the argmax can be found, pr
   3. rescore   the CANDIDATES tokens with the largest upper bound approx + bound get their float32 logits x . w_v.
   4. certify   if the best rescored logit exceeds the next upper bound (the (CANDIDATES+1)-th), no other token
                can reach it: it is the argmax. Otherwise (ties, a flat distribution) the pass falls back to the
-               full float32 product, so the answer is always the argmax of float32 logits.
+               full float32 product, so the answer is always the argmax of float32 logits. (The rescored logits
+               are float32 dot products summed in another order than the full product's: two tokens within an
+               ulp or two of each other may come out in either order, as they may between any two kernels.)
 
-On real SmolLM2 decoding the rescoring certifies every step measured; the head costs ~2 ms instead of ~4.3 ms.
+On real SmolLM2 decoding the rescoring certified all 695 steps profiled; the head costs 2.35 ms instead of ~4.5.
 The logits output of a screened pass is the estimate `approx`: a greedy pass reads only next_token and the
 acceptance outputs. Sampling (temperature > 0) and callers that ask for exact logits (input `full_logits`) take
 the float32 product. CPU-only op (MatMulNBits): graphs for TensorRT are built without the screen.
