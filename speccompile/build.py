@@ -200,12 +200,15 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
             if draft_precision == "int8" and not cfg.is_mla:  # drafts need not be exact: a quarter of the bytes
                 progress("      quantize: the MTP head's matrices to int8 (speccompile.int8)")
                 mtp_w = weights["mtp.bin"]
-                if "mtp.head" not in mtp_w:  # its own int8 copy of the target's output head
-                    mtp_w["mtp.head"] = target_w.get("lm_head", target_w["embed"])
+                if "mtp.head" not in mtp_w and "head_screen.codes" not in target_w:
+                    mtp_w["mtp.head"] = target_w.get("lm_head", target_w["embed"])  # its own int8 copy
+                # else the target's head screen is the same int8 matrix: read from target.bin, not copied
                 mtp_w = quantize_matrices(mtp_w, [f"mtp.{k}" for k in ("eh_proj", "l0.qkv", "l0.o", "l0.gate",
                                                                         "l0.up", "l0.down")])
                 weights["mtp.bin"] = quantize_matrices(mtp_w, ["mtp.head"], layout="nk")
             shared = {k: target_w[k] for k in ("embed", "lm_head", "rope.cos", "rope.sin") if k in target_w}
+            if draft_precision == "int8" and "mtp.head" not in weights["mtp.bin"] and "head_screen.codes" in target_w:
+                shared |= {k: target_w[k] for k in ("head_screen.codes", "head_screen.scales")}
             graphs["mtp_head"] = (build_decoder(cfg, weights["mtp.bin"] | shared, max_seq_len, attention=attention,
                                                 fused=fused, name="mtp_head", mtp=True), ["mtp.bin", "target.bin"])
             models["mtp_head"] = _model_entry("mtp_head", cfg, 1, max_seq_len, ["mtp.bin", "target.bin"], attention,

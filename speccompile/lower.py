@@ -172,8 +172,12 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
                                   verify, aux_width=len(aux_layers or ()) * cfg.hidden_size, screen=screen)
     for n, dt, shape in ins:
         g.input(n, dt, shape, np.array(VERIFY_DEFAULTS[n], dt) if n in VERIFY_DEFAULTS else None)
+    # the screen's tensors: the target's screen, or an int8 MTP head over the full vocabulary, which scores with
+    # the same int8 matrix (the build passes its codes and scales only then)
+    screen_keys = ("head_screen.codes", "head_screen.scales") if mtp else ()
     W = {k: g.weight(k, v) for k, v in weights.items()
-         if (_layer_of(k) is None or _layer_of(k) < L) and (screen or not k.startswith("head_screen."))}
+         if (_layer_of(k) is None or _layer_of(k) < L) and (screen or not k.startswith("head_screen.")
+                                                             or k in screen_keys)}
     # The fused kernel's total_sequence_length is the attention_bias's width: the runtime passes committed + S
     # columns, so the kernel works over that many slots (profiled on SmolLM2 at ~100 tokens: 1.4 ms of attention
     # per pass against 3.3 ms at the full 2048 width), or max_seq_len where a backend wants every shape static.
@@ -255,12 +259,15 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
     # Only the rows asked for reach the head: the head is the largest matrix of a small model.
     rows = g.op("Gather", [g.op("Squeeze", [x, squeeze0])[0], "logits_index"], axis=0)[0]
     head = W.get("mtp.head", W.get("lm_head", W["embed"]))
+    sampling = sampling_flag(g) if verify else None
     if screen:  # greedy passes that ask for no exact logits take the int8 screen
         exact = g.op("Squeeze", ["full_logits", squeeze0])[0]
-        emit_head(g, rows, head, W, g.op("Not", [g.op("Or", [exact, sampling_flag(g)])[0]])[0])
+        emit_head(g, rows, head, W, g.op("Not", [g.op("Or", [exact, sampling])[0]])[0])
     else:
         if "mtp.head" + SUFFIX_CODES in W:  # an int8 draft head (speccompile.int8)
             int8_product(g, rows, W["mtp.head" + SUFFIX_CODES], W["mtp.head" + SUFFIX_SCALES], output="logits")
+        elif "head_screen.codes" in W:  # an int8 draft head over the target's whole vocabulary
+            int8_product(g, rows, W["head_screen.codes"], W["head_screen.scales"], output="logits")
         else:
             g.op("Gemm", [rows, head], outputs=["logits"], transB=1)
         if "mtp.d2t" in W:  # a reduced draft vocabulary: map the winner back to a target token id
@@ -269,7 +276,7 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
         else:
             g.op("ArgMax", ["logits"], outputs=["next_token"], axis=-1, keepdims=0)
     if verify:
-        emit_verify(g, "logits", "next_token")
+        emit_verify(g, "logits", "next_token", sampling)
     for n, dt, shape in outs:
         g.output(n, dt, shape)
     return g

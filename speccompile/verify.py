@@ -20,8 +20,9 @@ def sampling_flag(g: GraphBuilder) -> str:
     return g.op("Squeeze", [g.op("Greater", ["temperature", zero])[0], axis])[0]
 
 
-def emit_verify(g: GraphBuilder, logits: str, argmax: str) -> None:
-    """Emit the outputs node_prob, accept_node, accept_len and accept_token (see `emit_acceptance`).
+def emit_verify(g: GraphBuilder, logits: str, argmax: str, sampling: str) -> None:
+    """Emit the outputs node_prob, accept_node, accept_len and accept_token (see `emit_acceptance`); sampling:
+    the graph's `sampling_flag`.
 
     onnxruntime runs every node of a graph on every pass, fetched or not, so the acceptance ops sit in an If
     branch that a plain greedy decode step (one row, temperature 0) skips: its answer is fixed (no drafts, the
@@ -30,7 +31,6 @@ def emit_verify(g: GraphBuilder, logits: str, argmax: str) -> None:
         return g.const(np.array(v, dt))
 
     R = g.op("Shape", ["logits_index"])[0]
-    sampling = sampling_flag(g)
     needed = g.op("Or", [g.op("Squeeze", [g.op("Greater", [R, c([1])])[0], c([0])])[0], sampling])[0]
     v = g.branch("acceptance")
     emit_acceptance(v, logits, argmax, R, sampling)

@@ -7,9 +7,9 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from speccompile.head_screen import BLOCK, CANDIDATES, quantize_head
+from speccompile.head_screen import CANDIDATES, emit_head, quantize_head
+from speccompile.int8 import BLOCK
 from speccompile.onnx_builder import OPSET, GraphBuilder
-from speccompile.head_screen import emit_head
 
 V, H = 1000, 64
 

@@ -9,7 +9,7 @@ from speccompile.onnx_builder import GraphBuilder
 from speccompile.runtime.engine import session_options
 from speccompile.runtime.sampling import SamplingParams, probabilities
 from speccompile.trees import accept_tree_greedy
-from speccompile.verify import emit_verify
+from speccompile.verify import emit_verify, sampling_flag
 
 from conftest import assert_lossless, random_prompts
 from test_decoding import chi2_pvalue
@@ -28,7 +28,7 @@ def verify_graph():
         if n in VERIFY_INPUTS:
             g.input(n, dt, shape)
     g.op("ArgMax", ["logits"], outputs=["next_token"], axis=-1, keepdims=0)
-    emit_verify(g, "logits", "next_token")
+    emit_verify(g, "logits", "next_token", sampling_flag(g))
     for n, dt, shape in outs:
         if n not in ("logits", "hidden_states"):
             g.output(n, dt, shape)
