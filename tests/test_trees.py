@@ -90,3 +90,58 @@ def test_greedy_tree_decoding_equals_autoregressive(tiny_generator, drafter, tre
 def test_sampled_tree_decoding_matches_target_distribution(tiny_generator, drafter):
     from test_decoding import test_sampled_speculative_matches_target_distribution as check
     check(tiny_generator, drafter, tree="dynamic:8")
+
+
+class _FakeDraftEngine:
+    """Stands in for a draft engine in _TreeDraft: deterministic pseudo-random logits per (token, position),
+    sharpened or flattened by `temperature`; counts passes."""
+
+    class _Cache:
+        length = 0
+
+        def truncate(self, n):
+            self.length = n
+
+    def __init__(self, vocab: int, temperature: float):
+        self.vocab, self.temperature, self.passes = vocab, temperature, 0
+        self.cache = self._Cache()
+
+    def forward(self, tokens, positions, parents, rows, committed, hidden_in=None):
+        self.passes += 1
+        logits = np.stack([np.random.default_rng(int(t) * 1009 + int(p)).standard_normal(self.vocab)
+                           for t, p in zip(tokens, positions)]) / self.temperature
+        return logits, None
+
+
+def _grow_unpruned(t, tree, size):
+    """EAGLE-2's expansion without the bar: expand the top `branching` frontier nodes at every depth."""
+    b = tree.branching
+    frontier = [t.add(-1, tok, lp) for tok, lp in t.children(-1, b)]
+    for _ in range(tree.depth - 1):
+        expand = sorted(frontier, key=lambda v: -t.scores[v])[:b]
+        t.run(expand)
+        frontier = [t.add(v, tok, lp) for v in expand for tok, lp in t.children(v, b)]
+    return sorted(range(len(t.tokens)), key=lambda v: (-t.scores[v], t.depth[v]))[:size]
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 3.0])
+@pytest.mark.parametrize("size", [3, 8, 20])
+def test_dynamic_tree_cut_keeps_the_same_nodes(temperature, size):
+    """Skipping frontier nodes below the size-th best score (and stopping when none is left) proposes exactly the
+    tree of the full expansion; on flat draft distributions it needs fewer draft passes."""
+    from speccompile.drafters.draft_model import _log_softmax, _TreeDraft, grow_tree
+    tree = TreeSpec.parse(f"dynamic:{size}")
+    for seed in range(5):
+        root = _log_softmax(np.random.default_rng(seed).standard_normal(50) / temperature)
+        props, passes = [], []
+        for grow in (grow_tree, _grow_unpruned):
+            eng = _FakeDraftEngine(50, temperature)
+            t = _TreeDraft(eng, 0, 0, root)
+            p = t.proposal(grow(t, tree, size))
+            props.append(p)
+            passes.append(eng.passes)
+        assert np.array_equal(props[0].tokens, props[1].tokens)
+        assert np.array_equal(props[0].parents, props[1].parents)
+        assert passes[0] <= passes[1]
+    if temperature == 3.0 and size == 3:  # flat drafts: the depth-1 candidates alone fill the budget
+        assert passes[0] < passes[1]

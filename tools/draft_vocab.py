@@ -10,16 +10,17 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 
 import numpy as np
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("head")
     ap.add_argument("--data", required=True, help="jsonl with response_ids (the head's training data)")
     ap.add_argument("--size", type=int, default=8192)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     counts = collections.Counter()
     with open(a.data) as f:
         for line in f:
@@ -36,6 +37,15 @@ def main():
     meta |= {"draft_vocab": str(len(chosen)), "draft_vocab_coverage": f"{covered:.4f}"}
     save_file(tensors, a.head, metadata=meta)
     print(f"{len(chosen)} draft tokens cover {covered:.2%} of {total} training tokens")
+    record = a.head.rsplit(".", 1)[0] + ".json"  # train_head.py's record of the head, if it sits beside it
+    if os.path.isfile(record):
+        with open(record) as f:
+            r = json.load(f)
+        r["draft_vocabulary"] = {"tensor": "mtp.d2t", "size": len(chosen), "coverage_of_training_responses": covered,
+                                 "made_by": f"python tools/draft_vocab.py HEAD --data {os.path.basename(a.data)} "
+                                            f"--size {a.size}"}
+        with open(record, "w") as f:
+            json.dump(r, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 Templates x topics, plus small hand-written passages (to summarize, rewrite, translate), code tasks and math
 word problems with generated numbers. Written for this purpose only: nothing here comes from a benchmark.
+A second round builds on the model's own first-round answers: follow-up turns, and summaries of its texts.
 
     python tools/head_prompts.py --n 600 --out /tmp/head_prompts.jsonl
+    python tools/head_prompts.py --second-round WORK/gen.jsonl --tokenizer HF/tokenizer.json --n 800 --out /tmp/round2.jsonl
 """
 from __future__ import annotations
 
@@ -146,6 +148,36 @@ SENTENCES = ["The weather is beautiful today.", "Where is the nearest train stat
              "I have been learning to cook.", "The children are playing in the garden."]
 LANGUAGES = ["French", "Spanish", "German", "Italian", "Portuguese"]
 
+# into English (hand-written here): translation prompts mostly ask for English output
+FOREIGN = [
+    ("German", "Der Zug nach Berlin hat heute zwanzig Minuten Verspätung, weil ein Baum auf den Gleisen liegt."),
+    ("German", "Die Stadtbibliothek bleibt wegen Renovierungsarbeiten bis Ende des Monats geschlossen."),
+    ("German", "Wir haben am Wochenende einen langen Spaziergang am See gemacht und danach Kuchen gegessen."),
+    ("German", "Die Regierung plant, im nächsten Jahr mehr Geld in Schulen und Kindergärten zu investieren."),
+    ("German", "Mein Nachbar repariert alte Fahrräder und verschenkt sie an Studenten."),
+    ("German", "Das Museum zeigt eine neue Ausstellung über die Geschichte der Seefahrt."),
+    ("German", "Wegen des starken Regens wurde das Fußballspiel auf Sonntag verschoben."),
+    ("German", "Die Firma hat angekündigt, dass sie in diesem Jahr zweihundert neue Mitarbeiter einstellen wird."),
+    ("German", "Kannst du mir sagen, wie ich am schnellsten zum Flughafen komme?"),
+    ("German", "Viele Menschen arbeiten inzwischen zwei Tage pro Woche von zu Hause aus."),
+    ("French", "Le marché du samedi attire des producteurs de toute la région."),
+    ("French", "Les scientifiques ont découvert une nouvelle espèce de poisson dans le lac."),
+    ("French", "Je voudrais réserver une table pour quatre personnes ce soir à huit heures."),
+    ("French", "La mairie a décidé de planter mille arbres dans le centre-ville."),
+    ("French", "Après le concert, nous sommes allés manger une crêpe près de la gare."),
+    ("French", "Le prix de l'électricité a augmenté de dix pour cent depuis janvier."),
+    ("Spanish", "El nuevo puente conectará los dos barrios y reducirá el tráfico en el centro."),
+    ("Spanish", "Mi abuela cocina una paella deliciosa todos los domingos."),
+    ("Spanish", "El equipo ganó el campeonato después de diez años sin títulos."),
+    ("Spanish", "La escuela ofrece clases de música gratuitas para los niños del barrio."),
+    ("Spanish", "¿Sabes a qué hora abre la farmacia los sábados?"),
+    ("Italian", "Il festival del cinema si svolgerà a settembre nella piazza principale."),
+    ("Italian", "Abbiamo perso l'autobus e siamo arrivati in ritardo alla riunione."),
+    ("Portuguese", "A cidade vai construir uma nova ciclovia ao longo do rio."),
+]
+FOREIGN_TEMPLATES = ["Translate {l} to English: {s}", "Translate the following {l} sentence into English:\n\n{s}",
+                     "What does this {l} sentence mean in English? \"{s}\""]
+
 NAMES = ["Anna", "Ben", "Carlos", "Dina", "Eli", "Fatima", "George", "Hana", "Ivan", "Julia", "Kofi", "Lena"]
 ITEMS = [("apples", "a bag"), ("pencils", "a box"), ("stickers", "a sheet"), ("cookies", "a jar"), ("marbles", "a bag")]
 
@@ -196,6 +228,24 @@ GENERAL = [
     "Explain recursion with an example.", "What is a git commit?", "How does compound interest work?",
 ]
 
+# short factual questions (open-domain QA)
+QUESTIONS = [
+    "Who painted the Mona Lisa?", "When did the Berlin Wall fall?", "What is the longest river in Africa?",
+    "Who wrote Pride and Prejudice?", "How many bones are in the adult human body?", "What is the boiling point of water in Fahrenheit?",
+    "Which planet has the most moons?", "Who was the first woman to win a Nobel Prize?", "What language is spoken in Brazil?",
+    "What is the chemical symbol for gold?", "Who invented the telephone?", "In which year did World War II end?",
+    "What is the largest desert in the world?", "Who composed the Four Seasons?", "What does a barometer measure?",
+    "Which country has the largest population?", "What is the smallest prime number?", "Who discovered penicillin?",
+    "What is the currency of Japan?", "How long does light from the Sun take to reach Earth?", "Who was Cleopatra?",
+    "What is the hardest natural material?", "Where is Mount Kilimanjaro?", "What is the speed of sound in air?",
+    "Who developed the theory of general relativity?", "What are the three states of matter?",
+    "What is the tallest building in the world?", "Which organ produces insulin?", "Who was the first person in space?",
+    "What is the main ingredient of guacamole?", "How many players are on a soccer team?", "What is a leap year?",
+    "Which ocean is the deepest?", "Who wrote the play Romeo and Juliet?", "What is the capital of Canada?",
+    "What causes the seasons on Earth?", "Who founded the city of Alexandria?", "What is the function of red blood cells?",
+    "What does HTML stand for?", "How many continents are there, and what are they?",
+]
+
 STYLE_SUFFIX = ["", "", "", "", " Keep it brief.", " Use bullet points.", " Be concise.", " Answer in detail."]
 
 
@@ -219,9 +269,12 @@ def make_prompts(n: int = 600, seed: int = 0) -> list[str]:
     for s in SENTENCES:
         for lang in LANGUAGES:
             pools.append(("translate", f"Translate into {lang}: \"{s}\""))
+    for lang, sent in FOREIGN:
+        for tmpl in FOREIGN_TEMPLATES:
+            pools.append(("translate", tmpl.format(l=lang, s=sent)))
     for e in EMAILS:
         pools.append(("email", e))
-    for g in GENERAL:
+    for g in GENERAL + QUESTIONS:
         pools.append(("general", g))
     for _ in range(300):
         pools.append(("math", _math(rng)))
@@ -250,13 +303,63 @@ def make_prompts(n: int = 600, seed: int = 0) -> list[str]:
     return out
 
 
+FOLLOW_UPS = [
+    "Can you give me a concrete example?", "Make that shorter.", "Now explain it to a ten-year-old.",
+    "Can you expand on the second point?", "Thanks! What should I read next about this?",
+    "Rewrite your answer as a bulleted list.", "What are the counterarguments?", "Summarize your answer in one sentence.",
+    "Can you make it more formal?", "Give me three follow-up questions I could ask.", "Is any of that a common myth?",
+    "How would this be different in another country?", "Turn that into a short poem.",
+    "What is the most important thing to remember from this?", "Can you add a title and headings?",
+]
+OVER_TEXT = [
+    "Summarize the following article in three sentences:\n\n{p}", "Summarize this text:\n\n{p}",
+    "Write a one-sentence headline for this text:\n\n{p}", "List the key points of this text:\n\n{p}",
+    "{p}\n\nBased on the text above, what is the main idea?",
+    "Read the passage and answer: what are the most important facts it mentions?\n\n{p}",
+    "Rewrite this text in simpler words:\n\n{p}", "Write two questions that this text answers, and answer them.\n\n{p}",
+]
+
+
+def second_round(gen_path: str, tokenizer_json: str, n: int, seed: int = 0) -> list:
+    """Prompts that build on a first round's generations (tools/train_head.py's gen.jsonl): a second user turn
+    after the model's own answer (multi-turn chat), and summaries / questions over its longer answers (the
+    long-context reading tasks). Items are message lists ({"messages": [...]}) or strings."""
+    from tokenizers import Tokenizer
+    rng = random.Random(seed)
+    tok = Tokenizer.from_file(tokenizer_json)
+    recs = []
+    for line in open(gen_path):
+        r = json.loads(line) if line.strip() else None
+        if r and isinstance(r["prompt"], str):
+            r["text"] = tok.decode(r["response_ids"], skip_special_tokens=True)
+            # whole answers of some length, not degenerate repetitions
+            if len(r["text"]) > 200 and len(set(r["response_ids"])) > len(r["response_ids"]) // 3:
+                recs.append(r)
+    rng.shuffle(recs)
+    out = []
+    for i, r in enumerate(recs):
+        if len(out) >= n:
+            break
+        if i % 2 == 0:
+            out.append({"messages": [{"role": "user", "content": r["prompt"]},
+                                     {"role": "assistant", "content": r["text"].strip()},
+                                     {"role": "user", "content": rng.choice(FOLLOW_UPS)}]})
+        else:
+            out.append(rng.choice(OVER_TEXT).format(p=r["text"].strip()))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="-")
+    ap.add_argument("--second-round", metavar="GEN_JSONL", help="build on a first round's generations instead")
+    ap.add_argument("--tokenizer", help="the target's tokenizer.json (with --second-round)")
     a = ap.parse_args()
-    lines = "".join(json.dumps({"prompt": p}) + "\n" for p in make_prompts(a.n, a.seed))
+    items = (second_round(a.second_round, a.tokenizer, a.n, a.seed) if a.second_round else
+             make_prompts(a.n, a.seed))
+    lines = "".join(json.dumps(p if isinstance(p, dict) else {"prompt": p}) + "\n" for p in items)
     if a.out == "-":
         print(lines, end="")
     else:
