@@ -163,9 +163,10 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
         models["target"]["aux_hidden_layers"] = aux
     drafters = []
     for spec in specs:
-        default_tree = DEFAULT_TREE.get(spec.kind) if tree_spec is None and num_draft is None else None
+        tree_of = tree_spec or (TreeSpec.parse(DEFAULT_TREE[spec.kind])
+                                if num_draft is None and spec.kind in DEFAULT_TREE else None)
         entry = {"name": spec.name, "kind": spec.kind, "num_draft": num_draft or DEFAULT_NUM_DRAFT.get(spec.kind, 4),
-                 "tree": (tree_spec or TreeSpec.parse(default_tree)).to_dict() if tree_spec or default_tree else None}
+                 "tree": tree_of.to_dict() if tree_of else None}
         if spec.kind == "lookup":
             entry["max_ngram"] = int(spec.arg) if spec.arg else 3
         elif spec.kind == "layerskip":
@@ -264,8 +265,8 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
             onnx.save_model(model, os.path.join(tmp, f"{name}.onnx"))
             models[name]["initializers"] = sorted(g.weights)
         trt_info = trt_backend.write_engines(toolchain, tmp, graphs, refs, models,
-                                             (tree_spec.size if tree_spec else
-                                              max((d["num_draft"] for d in drafters), default=1)) + 1,
+                                             max((d["tree"]["size"] if d["tree"] else d["num_draft"]
+                                                  for d in drafters), default=1) + 1,  # rows a verify pass takes
                                              progress) if toolchain else None
         os.makedirs(os.path.join(tmp, "tokenizer"))
         for fname, data in target.tokenizer_files.items():
