@@ -34,10 +34,12 @@ from .trees import TreeSpec
 # drafts costs a head pass. Measured with the shipped SmolLM2 head (int8) on 13 Spec-Bench prompts, one per
 # category, 96 tokens, 2 threads: a chain of 2 ran 1.15x autoregressive (1.10x paired), a chain of 4 1.01x.
 DEFAULT_NUM_DRAFT = {"mtp": 2}
-# drafters that verify a tree unless --tree or --num-draft says otherwise: on Spec-Bench (13 prompts, 96 tokens) the
-# shipped SmolLM2 head's dynamic tree of 4 nodes committed 1.64 tokens per pass at 1.13x (paired), its chain of 2
-# 1.42 at 1.09x, a dynamic tree of 6 1.70 at 1.05x
-DEFAULT_TREE = {"mtp": "dynamic:4"}
+# drafters that verify a tree unless --tree or --num-draft says otherwise. On Spec-Bench (13 prompts, one per
+# category, 96 tokens, 2 threads) the shipped SmolLM2 head's dynamic tree of 2 nodes joined by up to 6 prompt-lookup
+# nodes committed 1.90 tokens per pass at 1.21x autoregressive (1.29x paired); the head's dynamic tree of 4 alone
+# 1.67 at 1.12x (1.11x), joined by 4 lookup nodes 2.00 at 1.12x (1.17x); lookup alone 1.35 at 1.09x (1.18x).
+# Each head node beyond the first costs a head pass, each lookup node only a verify row.
+DEFAULT_TREE = {"mtp": "dynamic:2+lookup:6"}
 
 
 @dataclasses.dataclass
@@ -110,8 +112,8 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
                  num_draft: int | None = None, attention: str = "ort", fused: bool = True, overwrite: bool = False,
                  tree: str | None = None, mla_cache: str = "latent", backend: str = "onnxruntime",
                  head_screen: bool = True, draft_precision: str = "int8", progress=print) -> dict:
-    """Compile `source` and its drafters into the bundle `out`. drafts=None: prompt lookup, and the MTP head
-    shipped for the target if there is one. backend="tensorrt" adds a TensorRT engine per model (trt_backend).
+    """Compile `source` and its drafters into the bundle `out`. drafts=None: the MTP head shipped for the target
+    if there is one, and prompt lookup. backend="tensorrt" adds a TensorRT engine per model (trt_backend).
     head_screen: give the target's greedy passes the exact int8-screened output head (head_screen.py).
     draft_precision: "int8" stores MTP heads' matrices in int8 (speccompile.int8), or "float32"."""
     t0 = time.perf_counter()
@@ -135,10 +137,9 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
         target.config = dataclasses.replace(target.config, mla_cache=mla_cache)
     cfg = target.config
     cfg.check_lowerable(max_seq_len)
-    if drafts is None:  # lookup first: on Spec-Bench it is the faster of the two with the shipped head
-        specs = [DraftSpec("lookup")]
-        if shipped_head(target):
-            specs.append(DraftSpec("mtp"))
+    if drafts is None:  # the shipped head first (its default tree joins lookup's drafts), then lookup alone
+        specs = [DraftSpec("mtp")] if shipped_head(target) else []
+        specs.append(DraftSpec("lookup"))
     if not 16 <= max_seq_len <= cfg.max_position_embeddings:
         raise SpeccompileError(f"--max-seq-len {max_seq_len}: must be between 16 and the model's "
                                f"max_position_embeddings ({cfg.max_position_embeddings})")

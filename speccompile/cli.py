@@ -41,15 +41,15 @@ def main():
 @click.option("--out", "-o", required=True, type=click.Path(), help="Bundle directory to write.")
 @click.option("--draft", "drafts", multiple=True,
               help="Drafter: mtp[:PATH] | model:PATH | lookup[:MAX_NGRAM] | layerskip:L | none. Repeat for several. "
-                   "Default: lookup, and the MTP head shipped for the target, if any.")
+                   "Default: the MTP head shipped for the target, if any, then lookup.")
 @click.option("--max-seq-len", default=2048, show_default=True, help="Static KV cache length (prompt + output).")
 @click.option("--num-draft", type=int, default=None,
               help="Tokens each drafter proposes per verify pass, as a chain [default: 4; MTP heads: a "
                    "dynamic tree of 4 nodes, or a chain of 2 with --tree chain:2].")
 @click.option("--attention", type=click.Choice(["ort", "reference"]), default="ort", show_default=True,
               help="TreeAttention lowering: onnxruntime's fused kernel, or standard ONNX ops only.")
-@click.option("--tree", default=None, help="Verify a token tree per pass: chain:K | static:FILE.json | dynamic:N "
-              "(default: a chain of --num-draft tokens).")
+@click.option("--tree", default=None, help="Verify a token tree per pass: chain:K | static:FILE.json | dynamic:N, each optionally "
+              "joined by up to L prompt-lookup nodes with +lookup:L (default: a chain of --num-draft tokens).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="tensorrt: also a TensorRT engine per model, TreeAttention as a plugin (needs TensorRT >= 10, a "
@@ -82,7 +82,7 @@ def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, ba
 @click.option("--seed", default=None, type=int)
 @click.option("--drafter", default=None, help="Which of the bundle's drafters (default: its first).")
 @click.option("--num-draft", default=None, type=int, help="Override the drafter's tokens per pass.")
-@click.option("--tree", default=None, help="Override the bundle's tree: chain:K | static:FILE | dynamic:N.")
+@click.option("--tree", default=None, help="Override the bundle's tree: chain:K | static:FILE | dynamic:N [+lookup:L].")
 @click.option("--no-speculate", is_flag=True, help="Plain autoregressive decoding of the compiled target.")
 @click.option("--compare", is_flag=True, help="Also decode without speculation and print the speedup.")
 @click.option("--no-chat", is_flag=True, help="Do not apply the chat template.")
@@ -177,7 +177,7 @@ def _csv(value: str | None) -> tuple[str, ...]:
 @click.option("--limit", default=None, type=int, help="At most N prompts, picked round-robin over categories.")
 @click.option("--max-new-tokens", default=128, show_default=True)
 @click.option("--drafter", "drafters", multiple=True, help="Drafter to measure (repeatable; default: all).")
-@click.option("--tree", default=None, help="Verify this token tree: chain:K | static:FILE | dynamic:N.")
+@click.option("--tree", default=None, help="Verify this token tree: chain:K | static:FILE | dynamic:N [+lookup:L].")
 @click.option("--repeats", default=1, show_default=True, help="Runs per prompt and method; the fastest is kept.")
 @click.option("--threads", default=None, type=int, help="Intra-op threads (default: all cores).")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write the result document here.")

@@ -7,6 +7,9 @@ token). Shapes:
                (Medusa/EAGLE "choices"): node [0, 1] is the 2nd-best child of the best root candidate
   dynamic:N    EAGLE-2: grow the tree by expanding the most probable nodes (cumulative draft probability) and
                keep the best N
+  SHAPE+lookup:L  any of these, joined by up to L nodes from prompt lookup (the continuation of the context's
+               last n-gram where it occurred before): a head is weak exactly where the answer copies the prompt
+               (extraction, summaries, RAG), and there lookup is strong
 The compiled verify graph takes any tree up to the runtime's row limit; smaller trees simply use fewer rows.
 """
 from __future__ import annotations
@@ -29,9 +32,16 @@ class TreeSpec:
     paths: tuple[tuple[int, ...], ...] = ()  # static: rank paths
     depth: int = 0  # longest path
     branching: int = 4  # dynamic: children considered per expanded node
+    lookup: int = 0  # nodes prompt lookup may add to the drafter's tree
 
     @classmethod
     def parse(cls, spec: str) -> "TreeSpec":
+        shape, plus, extra = spec.partition("+")
+        if plus:
+            kind, _, arg = extra.partition(":")
+            if kind != "lookup" or not arg.isdigit() or not 1 <= int(arg) <= MAX_TREE_NODES:
+                raise SpeccompileError(f"--tree {spec!r}: after '+' expected lookup:L with L in 1..{MAX_TREE_NODES}")
+            return dataclasses.replace(cls.parse(shape), lookup=int(arg))
         kind, _, arg = spec.partition(":")
         try:
             if kind == "chain":
@@ -51,7 +61,7 @@ class TreeSpec:
                 except json.JSONDecodeError as e:
                     raise SpeccompileError(f"--tree {spec!r}: not JSON ({e})") from None
             return cls.from_paths(paths)
-        raise SpeccompileError(f"--tree {spec!r}: use chain:K, static:FILE or dynamic:N")
+        raise SpeccompileError(f"--tree {spec!r}: use chain:K, static:FILE or dynamic:N (optionally +lookup:L)")
 
     @classmethod
     def from_paths(cls, paths) -> "TreeSpec":
@@ -84,11 +94,12 @@ class TreeSpec:
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "size": self.size, "paths": [list(p) for p in self.paths], "depth": self.depth,
-                "branching": self.branching}
+                "branching": self.branching, "lookup": self.lookup}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TreeSpec":
-        return cls(d["kind"], d["size"], tuple(tuple(p) for p in d["paths"]), d["depth"], d.get("branching", 4))
+        return cls(d["kind"], d["size"], tuple(tuple(p) for p in d["paths"]), d["depth"], d.get("branching", 4),
+                   d.get("lookup", 0))
 
     @property
     def max_rank(self) -> int:

@@ -1,6 +1,6 @@
-"""The head-training tool (tools/train_head.py) end to end on a tiny target: the target's own continuations,
+"""The head-training tools end to end on a tiny target: tools/train_head.py (the target's own continuations,
 teacher-forced features, training with an epoch checkpoint that --resume continues, export to safetensors with
-its record, and the exported head in a bundle decoding losslessly."""
+its record, the exported head in a bundle decoding losslessly) and tools/train_medusa.py on the same features."""
 import importlib.util
 import json
 import os
@@ -66,3 +66,16 @@ def test_train_head_end_to_end(tmp_path, capsys):
     g = speccompile.load(bundle, threads=1)
     assert_lossless(g, "mtp", random_prompts(2), 16)
     assert_lossless(g, "mtp", random_prompts(2, seed=1), 16, "dynamic:6")
+
+    medusa = tmp_path / "medusa" / "heads.safetensors"
+    rec = _tool("train_medusa").main(["--features", str(work / "features.npz"), "--target", str(hf), "--out",
+                                      str(medusa), "--heads", "2", "--tokens-per-step", "64", "--epochs", "4",
+                                      "--lr", "3e-3", "--threads", "1"])
+    assert rec["steps"] > 1 and len(rec["heldout"]["top1_per_head"]) == 2
+    first, last = rec["train_loss_first_last"]
+    assert last < 0.9 * first  # the heads fit the target's distributions (a tiny model's data is too small to hold out)
+    mb = str(tmp_path / "medusa_bundle")
+    build_bundle("tiny:llama", mb, drafts=[f"medusa:{medusa}"], max_seq_len=128, num_draft=2, progress=quiet)
+    gm = speccompile.load(mb, threads=1)
+    assert_lossless(gm, "medusa", random_prompts(2), 16)
+    assert_lossless(gm, "medusa", random_prompts(2, seed=1), 16, "dynamic:4")

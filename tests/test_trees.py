@@ -26,7 +26,11 @@ def test_tree_specs(tmp_path):
     f.write_text(json.dumps([[0, 1]]))
     with pytest.raises(SpeccompileError, match="no parent"):
         TreeSpec.parse(f"static:{f}")
-    for bad in ("chain:x", "dynamic:0", "dynamic:500", "bush:3", "static:/nope.json"):
+    joined = TreeSpec.parse("dynamic:4+lookup:6")
+    assert (joined.kind, joined.size, joined.lookup) == ("dynamic", 4, 6)
+    assert TreeSpec.from_dict(joined.to_dict()) == joined
+    for bad in ("chain:x", "dynamic:0", "dynamic:500", "bush:3", "static:/nope.json", "chain:2+lookup:0",
+                "chain:2+lookup:x", "chain:2+ngram:3", "chain:2+lookup:99"):
         with pytest.raises(SpeccompileError):
             TreeSpec.parse(bad)
 
@@ -90,6 +94,46 @@ def test_greedy_tree_decoding_equals_autoregressive(tiny_generator, drafter, tre
 def test_sampled_tree_decoding_matches_target_distribution(tiny_generator, drafter):
     from test_decoding import test_sampled_speculative_matches_target_distribution as check
     check(tiny_generator, drafter, tree="dynamic:8")
+
+
+def test_join_lookup_merges_continuations_as_a_trie():
+    from speccompile.drafters.base import Proposal
+    from speccompile.drafters.lookup import LookupDrafter, join_lookup
+    #                    0  1  2  3  4  5  6  7  8  9 10
+    context = np.array([7, 1, 2, 3, 4, 9, 1, 2, 5, 6, 1])  # "1" occurred at 1 and 6: continuations 2 5 6.., 2 3 4..
+    drafted = Proposal(np.array([2, 8]), None, np.array([-1, 0]))  # the drafter's tree: 2 -> 8
+    out = join_lookup(drafted, context, LookupDrafter(max_ngram=1), nodes=4, depth=3)
+    paths = {tuple(_path(out, i)) for i in range(len(out.tokens))}
+    # the most recent match (2 5 6) extends the shared "2", the older one (2 3 4) gets the last of the budget
+    assert paths == {(2,), (2, 8), (2, 5), (2, 5, 6), (2, 3), (2, 3, 4)}
+    assert list(out.tokens[:2]) == [2, 8] and out.q is None  # the drafter's nodes first, in its order
+    chain = join_lookup(Proposal(np.array([2, 5])), context, LookupDrafter(max_ngram=1), nodes=1, depth=3)
+    assert [tuple(_path(chain, i)) for i in range(len(chain.tokens))] == [(2,), (2, 5), (2, 5, 6)]
+    none = join_lookup(drafted, np.array([1, 2, 3]), LookupDrafter(), nodes=4, depth=3)  # no earlier "3"
+    assert list(none.tokens) == [2, 8]
+
+
+def _path(prop, i):
+    out = []
+    while i >= 0:
+        out.append(int(prop.tokens[i]))
+        i = int(prop.parents[i])
+    return out[::-1]
+
+
+@pytest.mark.parametrize("tree", ["dynamic:3+lookup:4", "chain:2+lookup:6"])
+def test_trees_joined_by_lookup_decode_losslessly(tiny_generator, tree):
+    """A drafter's tree joined by prompt lookup: greedy output unchanged, and the joined nodes get accepted on
+    prompts that repeat themselves, where the draft model alone is weaker."""
+    prompts = random_prompts(10)
+    joined = assert_lossless(tiny_generator, "layerskip:2", prompts, 40, tree)
+    alone = assert_lossless(tiny_generator, "layerskip:2", prompts, 40, tree.split("+")[0])
+    assert np.mean(joined) > np.mean(alone)
+
+
+def test_sampled_tree_joined_by_lookup_matches_target_distribution(tiny_generator):
+    from test_decoding import test_sampled_speculative_matches_target_distribution as check
+    check(tiny_generator, "layerskip:2", tree="dynamic:4+lookup:4")
 
 
 class _FakeDraftEngine:

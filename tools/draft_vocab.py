@@ -18,13 +18,15 @@ import numpy as np
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("head")
-    ap.add_argument("--data", required=True, help="jsonl with response_ids (the head's training data)")
+    ap.add_argument("--data", required=True, help="jsonl with response_ids (the head's training data; "
+                    "comma-separated: several)")
     ap.add_argument("--size", type=int, default=8192)
     a = ap.parse_args(argv)
     counts = collections.Counter()
-    with open(a.data) as f:
-        for line in f:
-            counts.update(json.loads(line)["response_ids"])
+    for path in a.data.split(","):
+        with open(path) as f:
+            for line in f:
+                counts.update(json.loads(line)["response_ids"])
     total = sum(counts.values())
     chosen = [t for t, _ in counts.most_common(a.size)]
     covered = sum(counts[t] for t in chosen) / total
@@ -42,7 +44,8 @@ def main(argv=None):
         with open(record) as f:
             r = json.load(f)
         r["draft_vocabulary"] = {"tensor": "mtp.d2t", "size": len(chosen), "coverage_of_training_responses": covered,
-                                 "made_by": f"python tools/draft_vocab.py HEAD --data {os.path.basename(a.data)} "
+                                 "made_by": "python tools/draft_vocab.py HEAD --data "
+                                            f"{','.join(os.path.basename(p) for p in a.data.split(','))} "
                                             f"--size {a.size}"}
         with open(record, "w") as f:
             json.dump(r, f, indent=2)

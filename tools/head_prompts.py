@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import sys
+import time
 
 TOPICS = [
     "volcanoes", "honeybees", "the water cycle", "black holes", "the Roman Empire", "photosynthesis",
@@ -348,6 +351,61 @@ def second_round(gen_path: str, tokenizer_json: str, n: int, seed: int = 0) -> l
             out.append(rng.choice(OVER_TEXT).format(p=r["text"].strip()))
     return out
 
+# Magpie (Xu et al., 2024): an instruction-tuned model, given its chat template only up to the start of a user
+# turn, writes a user turn of the kind it was tuned on. Sampling many gives prompts from the target's own
+# instruction distribution, far more varied than templates, with no corpus. Most use the default system prompt;
+# some steer toward the reading, coding and math tasks short samples under-represent.
+MAGPIE_SYSTEMS = [None] * 6 + [
+    "You are an AI assistant. The user pastes a long text (an article, an email, a report) and asks you to "
+    "summarize it or to extract information from it.",
+    "You are an AI assistant. The user gives you a passage and asks questions that it answers.",
+    "You are an AI assistant that helps with programming: writing, explaining and fixing code.",
+    "You are an AI assistant that solves math and reasoning problems step by step.",
+    "You are an AI assistant that plays a character or scenario the user describes.",
+    "You are an AI assistant that translates and rewrites text.",
+]
+
+
+def magpie(hf_dir: str, n: int, out_path: str, seed: int = 0, batch: int = 48, max_tokens: int = 160,
+           dtype: str = "bfloat16", log=print) -> int:
+    """Sample n user turns from the target itself (appending to out_path, so a stopped run resumes)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).eval()
+    end = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
+    seen = set()
+    if os.path.isfile(out_path):
+        seen = {json.loads(l)["prompt"].lower()[:80] for l in open(out_path) if l.strip()}
+    rng = random.Random(seed + len(seen))
+    t0, kept, tried = time.time(), len(seen), 0
+    with open(out_path, "a") as f:
+        while kept < n:
+            system = rng.choice(MAGPIE_SYSTEMS)
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "\x00"}]
+            text = tok.apply_chat_template(msgs, tokenize=False)
+            ids = tok(text[:text.index("\x00")], return_tensors="pt", add_special_tokens=False).input_ids
+            torch.manual_seed(rng.randrange(1 << 30))
+            with torch.no_grad():
+                out = model.generate(input_ids=ids.repeat(batch, 1), attention_mask=torch.ones((batch, ids.shape[1]), dtype=torch.long),
+                                     do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_tokens,
+                                     eos_token_id=end, pad_token_id=end)
+            for row in out[:, ids.shape[1]:].tolist():
+                tried += 1
+                if end not in row:  # ran past max_tokens: no whole user turn
+                    continue
+                p = tok.decode(row[:row.index(end)], skip_special_tokens=True).strip()
+                key = p.lower()[:80]
+                if len(p.split()) < 4 or key in seen or "<|" in p:
+                    continue
+                seen.add(key)
+                kept += 1
+                f.write(json.dumps({"prompt": p, "source": "magpie", "system": system}) + "\n")
+            f.flush()
+            el = time.time() - t0
+            log(f"magpie: {kept}/{n} prompts kept of {tried} sampled  {el / 60:.1f} min")
+    return kept
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -356,7 +414,15 @@ def main():
     ap.add_argument("--out", default="-")
     ap.add_argument("--second-round", metavar="GEN_JSONL", help="build on a first round's generations instead")
     ap.add_argument("--tokenizer", help="the target's tokenizer.json (with --second-round)")
+    ap.add_argument("--magpie", metavar="HF_DIR", help="sample user turns from this instruction-tuned target "
+                    "(appends to --out; resumable)")
+    ap.add_argument("--batch", type=int, default=48, help="with --magpie")
     a = ap.parse_args()
+    if a.magpie:
+        if a.out == "-":
+            ap.error("--magpie writes to a file: give --out")
+        magpie(a.magpie, a.n, a.out, a.seed, a.batch, log=lambda m: print(m, file=sys.stderr, flush=True))
+        return
     items = (second_round(a.second_round, a.tokenizer, a.n, a.seed) if a.second_round else
              make_prompts(a.n, a.seed))
     lines = "".join(json.dumps(p if isinstance(p, dict) else {"prompt": p}) + "\n" for p in items)

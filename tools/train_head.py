@@ -300,11 +300,14 @@ def init_head(head, tensors: dict, n_layers: int, h_rms: float):
 class Data:
     """Per-sequence views over the features file."""
 
-    def __init__(self, path: str, holdout: float, seed: int):
-        d = np.load(path)
-        self.tokens, self.h = d["tokens"].astype(np.int64), d["h"]
-        self.topk_ids, self.topk_p = d["topk_ids"].astype(np.int64), d["topk_p"].astype(np.float32)
-        self.off, self.prompt_len, self.temp = d["offsets"], d["prompt_len"], d["temperature"]
+    def __init__(self, paths: list[str], holdout: float, seed: int):
+        ds = [np.load(p) for p in paths]  # several features files (work dirs) train as one set
+        cat = lambda k: np.concatenate([d[k] for d in ds])
+        self.tokens, self.h = cat("tokens").astype(np.int64), cat("h")
+        self.topk_ids, self.topk_p = cat("topk_ids").astype(np.int64), cat("topk_p").astype(np.float32)
+        base = np.cumsum([0] + [int(d["offsets"][-1]) for d in ds[:-1]])
+        self.off = np.concatenate([ds[0]["offsets"][:1]] + [d["offsets"][1:] + b for d, b in zip(ds, base)])
+        self.prompt_len, self.temp = cat("prompt_len"), cat("temperature")
         self.n_seq = len(self.off) - 1
         # the system block and user header are the same for every sequence: no loss there
         first = [self.tokens[self.off[j]:self.off[j] + self.prompt_len[j]] for j in range(self.n_seq)]
@@ -321,6 +324,19 @@ class Data:
 
     def n_tokens(self, ids):
         return int(sum(self.off[j + 1] - self.off[j] for j in ids))
+
+    def pack(self, ids, tokens_per_step: int, seed: int) -> list[list[int]]:
+        """The sequences in a seeded random order, packed into training rows of at most tokens_per_step tokens
+        (a longer sequence gets a row of its own)."""
+        ids = list(ids)
+        random.Random(seed).shuffle(ids)
+        rows, cur, n = [], [], 0
+        for j in ids:
+            L = int(self.off[j + 1] - self.off[j])
+            if cur and n + L > tokens_per_step:
+                rows.append(cur); cur, n = [], 0
+            cur.append(j); n += L
+        return rows + [cur] if cur else rows
 
 
 def make_row(data: Data, ids: list[int], vmap):
@@ -484,13 +500,22 @@ def stage_train(a, hf_dir: str, feat_path: str, info: dict, do_train: bool, do_e
     tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
     emb_w = tensors["model.embed_tokens.weight"].float()
     wfinal = tensors["model.norm.weight"].float()
-    data = Data(feat_path, a.holdout, a.seed)
+    extra = [p for p in a.extra_features.split(",") if p]
+    data = Data([feat_path] + extra, a.holdout, a.seed)
+    for p in extra:  # the record lists every round of data the head saw
+        side = os.path.join(os.path.dirname(p), "info.json")
+        rounds = json.load(open(side)).get("gen_rounds", []) if os.path.isfile(side) else []
+        info["gen_rounds"] = [r for r in rounds if r not in info.get("gen_rounds", [])] + info.get("gen_rounds", [])
     h_rms = float(np.median(np.sqrt((data.h[::97].astype(np.float32) ** 2).mean(-1))))
     log(f"data: {data.n_seq} sequences, {len(data.tokens)} tokens; train {len(data.train_ids)} seqs "
         f"({data.n_tokens(data.train_ids)} tok), held out {len(data.eval_ids)} seqs ({data.n_tokens(data.eval_ids)} tok); "
         f"shared header {data.shared} tokens; median rms(h) {h_rms:.2f}")
     head = build_head_module(cfg, float(cfg["rms_norm_eps"]))
     init_head(head, tensors, cfg["num_hidden_layers"], h_rms)
+    if a.init:  # warm start: a previous run's weights (its --work/ckpt/final.pt), new optimizer and schedule
+        head.load_state_dict(torch.load(a.init, weights_only=True)["head"])
+        info["init_from"] = a.init
+        log(f"weights from {a.init}")
 
     # training logits over the tokens that occur in the data or the target's likely next tokens (the softmax over
     # the rest costs most of the step and moves little); evaluation always uses the full vocabulary
@@ -508,19 +533,8 @@ def stage_train(a, hf_dir: str, feat_path: str, info: dict, do_train: bool, do_e
         log(f"training softmax over {len(sub)} of {emb_w.shape[0]} tokens")
     emb = lambda ids: F.embedding(ids, emb_w)
 
-    rng = random.Random(a.seed)
     def epoch_rows(ep):
-        ids = list(data.train_ids)
-        random.Random(a.seed * 1000 + ep).shuffle(ids)
-        rows, cur, n = [], [], 0
-        for j in ids:
-            L = int(data.off[j + 1] - data.off[j])
-            if cur and n + L > a.tokens_per_step:
-                rows.append(cur); cur, n = [], 0
-            cur.append(j); n += L
-        if cur:
-            rows.append(cur)
-        return rows
+        return data.pack(data.train_ids, a.tokens_per_step, a.seed * 1000 + ep)
 
     steps_per_epoch = len(epoch_rows(0))
     total = steps_per_epoch * a.epochs
@@ -640,14 +654,15 @@ def export(a, head, cfg, data: Data, info: dict, ev: dict, ev_train: dict, h_rms
             "num_attention_heads": cfg["num_attention_heads"], "num_key_value_heads": cfg["num_key_value_heads"],
             "head_dim": cfg["head_dim"], "intermediate_size": cfg["intermediate_size"], "rope_theta": cfg["rope_theta"],
         },
-        "init": f"decoder layer from target model.layers.{cfg['num_hidden_layers'] - 1}; norm from target model.norm; "
+        "init": (f"warm start from an earlier run's weights ({info['init_from']}), itself initialized as: "
+                 if info.get("init_from") else "") + f"decoder layer from target model.layers.{cfg['num_hidden_layers'] - 1}; norm from target model.norm; "
                 f"enorm = hnorm = 1; eh_proj = [N(0, (0.5*{h_rms:.2f})^2/{cfg['hidden_size']}) | {h_rms:.2f} * I] "
                 "(z ~= h at the start; median rms(h) over the data)",
         "data": {
-            "source": "self-distillation: the target's own chat-template continuations of a hand-written prompt set "
-                      "(tools/head_prompts.py: templates x topics, code, math word problems, passages, translation, "
-                      "emails, general and factual Q&A; a second round of follow-up turns and summaries over the "
-                      "model's own first-round answers); no benchmark prompts",
+            "source": "self-distillation: the target's own chat-template continuations of prompts from "
+                      "tools/head_prompts.py (hand-written templates x topics, code, math word problems, passages, "
+                      "translation, emails, general and factual Q&A; follow-up turns and summaries over the model's "
+                      "own answers; Magpie user turns sampled from the target itself, see rounds); no benchmark prompts",
             "prompts": data.n_seq, "tokens": n_tok, "response_tokens": n_resp,
             "sampled_share": float((data.temp > 0).mean()),
             "rounds": info.get("gen_rounds", []),
@@ -726,6 +741,9 @@ def parse_args(argv=None):
     ap.add_argument("--reg-weight", type=float, default=0.1, help="smooth-L1 of norm(o) toward the target's next feature")
     ap.add_argument("--train-minutes", type=float, default=35.0, help="stop training (and export) after this long")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--extra-features", default="", help="comma-separated features.npz of other work dirs to "
+                    "train on as well (their info.json rounds go into the record)")
+    ap.add_argument("--init", default=None, help="start from this checkpoint's weights (a --work's ckpt/final.pt)")
     ap.add_argument("--resume", action="store_true", help="continue training from the last epoch checkpoint in --work")
     ap.add_argument("--full-vocab", action="store_true", help="train over the full vocabulary (slower)")
     ap.add_argument("--vocab-min-p", type=float, default=0.01)

@@ -49,3 +49,28 @@ class LookupDrafter(Drafter):
                     parents.append(parent)
                 parent = children[key]
         return Proposal(np.array(tokens, np.int64), None, np.array(parents, np.int64))
+
+
+def join_lookup(prop: Proposal, context: np.ndarray, lookup: LookupDrafter, nodes: int, depth: int) -> Proposal:
+    """`prop`'s tree (a chain when parents is None) joined by up to `nodes` nodes of prompt lookup's continuations,
+    at most `depth` deep, merged as a trie: a continuation that agrees with the drafter adds only where it goes
+    further. Every node stays deterministic, so greedy and sampled tree acceptance both hold (q must be None)."""
+    tokens = [int(t) for t in prop.tokens]
+    parents = list(range(-1, len(tokens) - 1)) if prop.parents is None else [int(p) for p in prop.parents]
+    children = {(p, t): i for i, (p, t) in enumerate(zip(parents, tokens))}
+    added = 0
+    for begin in lookup._matches(context)[:lookup.max_matches]:
+        parent = -1
+        for t in context[begin:begin + depth]:
+            key = (parent, int(t))
+            if key not in children:
+                if added >= nodes:
+                    break
+                children[key] = len(tokens)
+                tokens.append(int(t))
+                parents.append(parent)
+                added += 1
+            parent = children[key]
+        if added >= nodes:
+            break
+    return Proposal(np.array(tokens, np.int64), None, np.array(parents, np.int64))

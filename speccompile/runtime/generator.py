@@ -11,7 +11,7 @@ import numpy as np
 from ..bundle import read_manifest, resolve_inside
 from ..drafters.base import Drafter, Proposal
 from ..drafters.draft_model import DraftModelDrafter
-from ..drafters.lookup import LookupDrafter
+from ..drafters.lookup import LookupDrafter, join_lookup
 from ..drafters.medusa import MedusaDrafter
 from ..drafters.mtp import MtpDrafter
 from ..errors import ContextLengthError, SpeccompileError
@@ -57,6 +57,7 @@ class Generator:
         self.tokenizer = BundleTokenizer(resolve_inside(bundle_dir, manifest["tokenizer"]["dir"]),
                                          cfg.get("eos_token_ids", ()))
         self.drafters: dict[str, Drafter] = {}
+        self.lookup = LookupDrafter("lookup")  # joins trees that ask for it (TreeSpec.lookup)
         self.num_draft: dict[str, int] = {}
         self.trees: dict[str, TreeSpec | None] = {}
         for d in manifest["drafters"]:
@@ -130,6 +131,10 @@ class Generator:
                 if tree is not None:
                     prop = drafter.propose_tree(context[:n], tree.limited(room, self.target.max_rows - 1),
                                                 params, rng)
+                    if tree.lookup and prop.q is None:
+                        free = max(0, min(room, self.target.max_rows - 1) - len(prop.tokens))
+                        prop = join_lookup(prop, context[:n], self.lookup, min(tree.lookup, free),
+                                           min(room, tree.lookup))
                 else:
                     prop = drafter.propose(context[:n], min(k, room), params, rng)
             draft, parents = prop.tokens, prop.parents
