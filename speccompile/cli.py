@@ -44,8 +44,8 @@ def main():
                    "Default: the MTP head shipped for the target, if any, then lookup.")
 @click.option("--max-seq-len", default=2048, show_default=True, help="Static KV cache length (prompt + output).")
 @click.option("--num-draft", type=int, default=None,
-              help="Tokens each drafter proposes per verify pass, as a chain [default: 4; MTP heads: a "
-                   "dynamic tree of 4 nodes, or a chain of 2 with --tree chain:2].")
+              help="Tokens each drafter proposes per verify pass, as a chain [default: 4; MTP heads: the "
+                   "tree dynamic:2+lookup:6 unless --num-draft or --tree is given].")
 @click.option("--attention", type=click.Choice(["ort", "reference"]), default="ort", show_default=True,
               help="TreeAttention lowering: onnxruntime's fused kernel, or standard ONNX ops only.")
 @click.option("--tree", default=None, help="Verify a token tree per pass: chain:K | static:FILE.json | dynamic:N, each optionally "

@@ -59,7 +59,8 @@ def test_train_head_end_to_end(tmp_path, capsys):
     with safe_open(str(out), "np") as f:
         d2t = f.get_tensor("mtp.d2t")
     assert 0 < len(d2t) <= 64 and (d2t[1:] > d2t[:-1]).all()
-    assert json.load(open(str(out)[:-len(".safetensors")] + ".json"))["draft_vocabulary"]["size"] == len(d2t)
+    record = json.load(open(str(out)[:-len(".safetensors")] + ".json"))
+    assert record["draft_vocabulary"]["size"] == len(d2t) and record["bytes"] == os.path.getsize(out)
     bundle = str(tmp_path / "bundle")
     build_bundle("tiny:llama", bundle, drafts=[f"mtp:{out}"], max_seq_len=128, num_draft=3, progress=quiet)
     import speccompile

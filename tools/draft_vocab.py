@@ -43,6 +43,7 @@ def main(argv=None):
     if os.path.isfile(record):
         with open(record) as f:
             r = json.load(f)
+        r["bytes"] = os.path.getsize(a.head)  # the file grew by the map
         r["draft_vocabulary"] = {"tensor": "mtp.d2t", "size": len(chosen), "coverage_of_training_responses": covered,
                                  "made_by": "python tools/draft_vocab.py HEAD --data "
                                             f"{','.join(os.path.basename(p) for p in a.data.split(','))} "

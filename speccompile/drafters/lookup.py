@@ -36,19 +36,7 @@ class LookupDrafter(Drafter):
         return Proposal(np.array(context[starts[0]:starts[0] + k], np.int64))
 
     def propose_tree(self, context, tree: TreeSpec, params, rng) -> Proposal:
-        tokens, parents, children = [], [], {}  # children: (parent, token) -> node
-        for begin in self._matches(context)[:self.max_matches]:
-            parent = -1
-            for t in context[begin:begin + tree.depth]:
-                key = (parent, int(t))
-                if key not in children:
-                    if len(tokens) == tree.size:
-                        break
-                    children[key] = len(tokens)
-                    tokens.append(int(t))
-                    parents.append(parent)
-                parent = children[key]
-        return Proposal(np.array(tokens, np.int64), None, np.array(parents, np.int64))
+        return join_lookup(Proposal.empty(), context, self, tree.size, tree.depth)
 
 
 def join_lookup(prop: Proposal, context: np.ndarray, lookup: LookupDrafter, nodes: int, depth: int) -> Proposal:

@@ -57,7 +57,6 @@ class Generator:
         self.tokenizer = BundleTokenizer(resolve_inside(bundle_dir, manifest["tokenizer"]["dir"]),
                                          cfg.get("eos_token_ids", ()))
         self.drafters: dict[str, Drafter] = {}
-        self.lookup = LookupDrafter("lookup")  # joins trees that ask for it (TreeSpec.lookup)
         self.num_draft: dict[str, int] = {}
         self.trees: dict[str, TreeSpec | None] = {}
         for d in manifest["drafters"]:
@@ -84,6 +83,8 @@ class Generator:
                 raise SpeccompileError(f"bundle names drafter kind {d['kind']!r}, unknown to this runtime")
             self.num_draft[d["name"]] = d["num_draft"]
             self.trees[d["name"]] = TreeSpec.from_dict(d["tree"]) if d.get("tree") else None
+        # joins the trees that ask for it (TreeSpec.lookup): the bundle's lookup drafter, as configured, if it has one
+        self.lookup = next((d for d in self.drafters.values() if isinstance(d, LookupDrafter)), LookupDrafter())
 
     @classmethod
     def load(cls, bundle_dir: str, threads: int | None = None, device: str = "cpu", verify: bool = True):
