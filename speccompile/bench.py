@@ -31,13 +31,15 @@ JSON result, schema_version 1 (all times in seconds, rates in tokens/s, bandwidt
     prompts           [{question_id, category, prompt_tokens, runs {method: RUN}}]
         RUN           {seconds, new_tokens, tokens_per_second, identical_to_autoregressive: bool,
                        ttft_s, mean_accepted_tokens, verify_steps, committed_per_pass {"n": passes},
-                       acceptance_rate_per_depth [float], achieved_weight_bandwidth_gbps}
+                       acceptance_rate_per_depth [float], achieved_weight_bandwidth_gbps,
+                       repeated_ngram_share: share of output tokens completing a 4-gram seen before in prompt +
+                       output (how much the answer repeats itself)}
                       (the fields after identical_to_autoregressive are null for transformers methods)
     summary           {overall: GROUP, by_category: {category: GROUP}}
         GROUP         {method: {prompts, median_tokens_per_second, speedup, paired_speedup, mean_accepted_tokens,
                                  acceptance_rate_per_depth, committed_per_pass, median_ttft_s,
                                  median_achieved_bandwidth_gbps, bandwidth_fraction, identical_to_autoregressive,
-                                 speed_vs_transformers}}
+                                 repeated_ngram_share (mean over prompts), speed_vs_transformers}}
                       speedup: median tokens/s over the baseline's median in the same group (ratio of medians);
                       paired_speedup: the geometric mean over prompts of each prompt's tokens/s over the
                       baseline's on the same prompt (what `speccompile gate` gates: steadier and more sensitive);
@@ -66,6 +68,7 @@ import time
 from typing import Callable
 
 from .errors import SpeccompileError
+from .trees import TreeSpec
 
 SCHEMA_VERSION = 1
 AUTOREGRESSIVE = "autoregressive"
@@ -221,27 +224,57 @@ def bundle_summary(bundle_dir: str, gen) -> dict:
 
 
 # ---- methods -------------------------------------------------------------------------------------------------------
+def split_method(spec: str) -> tuple[str, str | None]:
+    """"NAME@TREE" -> (drafter NAME, its tree for this method); "NAME" -> (NAME, None). One run may so measure a
+    drafter through several trees against the same autoregressive runs."""
+    name, _, tree = spec.partition("@")
+    return name, tree or None
+
+
 def speccompile_methods(gen, drafters: list[str], tree: str | None) -> list[Method]:
-    def runner(drafter):
+    def runner(drafter, tree):
         def run(ids, max_new_tokens):
-            r = gen.generate(ids, max_new_tokens, drafter=drafter, speculate=drafter is not None,
-                             tree=tree if drafter else None)
+            r = gen.generate(ids, max_new_tokens, drafter=drafter, speculate=drafter is not None, tree=tree)
             return {"token_ids": r.token_ids, "stats": r.stats}
         return run
-    methods = [Method(AUTOREGRESSIVE, "speccompile", None, AUTOREGRESSIVE, None, runner(None))]
-    methods += [Method(d, "speccompile", d, AUTOREGRESSIVE, None, runner(d)) for d in drafters]
+    methods = [Method(AUTOREGRESSIVE, "speccompile", None, AUTOREGRESSIVE, None, runner(None, None))]
+    for spec in drafters:
+        name, own_tree = split_method(spec)
+        methods.append(Method(spec, "speccompile", name, AUTOREGRESSIVE, None, runner(name, own_tree or tree)))
     return methods
 
 
 def choose_drafters(gen, wanted: tuple[str, ...]) -> list[str]:
-    unknown = [d for d in wanted if d not in gen.drafter_names]
+    """The methods to measure: drafter names, each optionally NAME@TREE (default: every drafter of the bundle)."""
+    unknown = [d for d in wanted if split_method(d)[0] not in gen.drafter_names]
     if unknown:
-        raise SpeccompileError(f"drafter {unknown[0]!r} is not in this bundle (it has: "
+        raise SpeccompileError(f"drafter {split_method(unknown[0])[0]!r} is not in this bundle (it has: "
                                f"{', '.join(gen.drafter_names) or 'none'})")
+    for d in wanted:
+        if split_method(d)[1]:
+            TreeSpec.parse(split_method(d)[1])  # a bad tree fails here, before anything is timed
+    if len(set(wanted)) != len(wanted):
+        raise SpeccompileError("the same drafter (and tree) is named twice")
     return list(wanted) or gen.drafter_names
 
 
 # ---- timing --------------------------------------------------------------------------------------------------------
+REPEAT_NGRAM = 4
+
+
+def repeated_ngram_share(prompt: list[int], output: list[int], n: int = REPEAT_NGRAM) -> float | None:
+    """The share of the output's tokens that complete an n-gram seen earlier in prompt + output: how much an answer
+    repeats itself or its prompt -- what prompt lookup and joined trees feed on, and what a small model's long
+    greedy answers do a lot of. A speedup is worth reading next to it."""
+    seq = list(prompt) + list(output)
+    seen, hits = set(), 0
+    for i in range(n - 1, len(seq)):
+        gram = tuple(seq[i - n + 1:i + 1])
+        hits += i >= len(prompt) and gram in seen
+        seen.add(gram)
+    return hits / len(output) if output else None
+
+
 def timed_run(method: Method, ids: list[int], max_new_tokens: int, eos: set[int]) -> dict:
     t0 = time.perf_counter()
     out = method.run(ids, max_new_tokens)
@@ -257,7 +290,8 @@ def timed_run(method: Method, ids: list[int], max_new_tokens: int, eos: set[int]
             "committed_per_pass": {str(n): c for n, c in sorted(stats["committed_per_pass"].items())}
             if "committed_per_pass" in stats else None,
             "acceptance_rate_per_depth": stats.get("acceptance_rate_per_depth"),
-            "achieved_weight_bandwidth_gbps": stats.get("achieved_weight_bandwidth_gbps")}
+            "achieved_weight_bandwidth_gbps": stats.get("achieved_weight_bandwidth_gbps"),
+            "repeated_ngram_share": repeated_ngram_share(ids, tokens)}
 
 
 def measure(methods: list[Method], prompts: list[dict], settings: BenchSettings, eos: set[int],
@@ -286,6 +320,11 @@ def measure(methods: list[Method], prompts: list[dict], settings: BenchSettings,
 def _median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
 
 
 def _ratio(a, b):
@@ -343,6 +382,7 @@ def summarize_group(methods: list[Method], prompts: list[dict], bandwidth_gbps: 
             "median_achieved_bandwidth_gbps": bw,
             "bandwidth_fraction": _ratio(bw, bandwidth_gbps),
             "identical_to_autoregressive": sum(r["identical_to_autoregressive"] for r in runs) / len(runs),
+            "repeated_ngram_share": _mean(r.get("repeated_ngram_share") for r in runs),
         }
     for m in methods:  # ratios once every method's median is known
         s = out[m.name]
@@ -513,7 +553,7 @@ def transformers_methods(gen, drafters: list[str], threads: int | None, workdir:
     base = f"{TRANSFORMERS}:{AUTOREGRESSIVE}"
     methods = [Method(base, TRANSFORMERS, None, base, AUTOREGRESSIVE, runner({}))]
     for d in drafters:
-        drafting = transformers_drafting(gen, d, target, workdir)
+        drafting = None if split_method(d)[1] else transformers_drafting(gen, d, target, workdir)
         if drafting is None:
             log(f"transformers has no counterpart of drafter {d}; not compared")
             continue
@@ -552,6 +592,10 @@ def format_table(result: dict) -> str:
         if f["acceptance_rate_per_depth"]:
             rates = " ".join(f"{r:.2f}" for r in f["acceptance_rate_per_depth"])
             lines.append(f"acceptance rate per draft depth, {name}: {rates}")
+    share = {g: f[AUTOREGRESSIVE].get("repeated_ngram_share") for g, f in groups.items() if AUTOREGRESSIVE in f}
+    if any(v is not None for v in share.values()):
+        lines.append(f"output repeating itself (tokens completing a {REPEAT_NGRAM}-gram seen before, autoregressive): "
+                     + ", ".join(f"{g} {v:.0%}" for g, v in share.items() if v is not None))
     lines.append("speedup: ratio of medians over the same engine's autoregressive decoding; paired: geometric mean "
                  "of per-prompt speedups; acc.tok: tokens committed per verify pass; "
                  "GB/s: target weights streamed per second; of peak: share of the machine's copy bandwidth; "
@@ -569,7 +613,9 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     overall, by_category = result["summary"]["overall"], result["summary"]["by_category"]
     speculative = [m["name"] for m in result["methods"] if m["drafter"] and m["engine"] == "speccompile"]
-    fig, (ax_hist, ax_cat, ax_speed) = plt.subplots(1, 3, figsize=(16, 4.5))
+    many = len(speculative) > 3  # grouped bars stop being readable: the speedups become a table of colours
+    fig, (ax_hist, ax_cat, ax_speed) = plt.subplots(
+        1, 3, figsize=(22, 5.5) if many else (16, 4.5), gridspec_kw={"width_ratios": [1, 2.2, 1] if many else [1, 1, 1]})
 
     width = 0.8 / max(len(speculative), 1)
     for i, name in enumerate(speculative):
@@ -581,22 +627,42 @@ def plot(result: dict, path: str) -> None:
                 ylabel="share of passes")
 
     groups = {**by_category, "overall": overall}
-    for i, name in enumerate(speculative):
-        xs = [j + (i - (len(speculative) - 1) / 2) * width for j in range(len(groups))]
-        ax_cat.bar(xs, [g[name]["speedup"] or 0 for g in groups.values()], width, label=name)
-    ax_cat.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax_cat.set_xticks(range(len(groups)), groups, rotation=30, ha="right")
-    ax_cat.set(title="Speedup over autoregressive", ylabel="ratio of median tokens/s")
+    if many:
+        _speedup_table(ax_cat, groups, speculative)
+    else:
+        for i, name in enumerate(speculative):
+            xs = [j + (i - (len(speculative) - 1) / 2) * width for j in range(len(groups))]
+            ax_cat.bar(xs, [g[name]["speedup"] or 0 for g in groups.values()], width, label=name)
+        ax_cat.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax_cat.set_xticks(range(len(groups)), groups, rotation=30, ha="right")
+        ax_cat.set(title="Speedup over autoregressive", ylabel="ratio of median tokens/s")
 
     names = [m["name"] for m in result["methods"]]
     colors = ["tab:blue" if m["engine"] == "speccompile" else "tab:gray" for m in result["methods"]]
     ax_speed.barh(names, [overall[n]["median_tokens_per_second"] or 0 for n in names], color=colors)
     ax_speed.invert_yaxis()
     ax_speed.set(title="Median tokens/s", xlabel="tokens/s")
-    for ax in (ax_hist, ax_cat):
+    for ax in (ax_hist,) if many else (ax_hist, ax_cat):
         if speculative:
             ax.legend(fontsize=8)
     fig.tight_layout()
     _make_parent(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _speedup_table(ax, groups: dict, methods: list[str]) -> None:
+    """Methods x categories, coloured by speedup (red below 1, green above), each cell's speedup over its mean
+    accepted tokens per pass."""
+    import numpy as np
+    from matplotlib.colors import TwoSlopeNorm
+    speed = np.array([[g[m]["speedup"] or 0.0 for g in groups.values()] for m in methods])
+    ax.imshow(speed, cmap="RdYlGn", norm=TwoSlopeNorm(1.0, min(0.5, speed.min()), max(2.0, speed.max())),
+              aspect="auto")
+    for i, m in enumerate(methods):
+        for j, g in enumerate(groups.values()):
+            ax.text(j, i, f"{speed[i, j]:.2f}x\n{g[m]['mean_accepted_tokens']:.2f}", ha="center", va="center",
+                    fontsize=6.5)
+    ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right")
+    ax.set_yticks(range(len(methods)), methods, fontsize=8)
+    ax.set_title("Speedup over autoregressive (cells: speedup, then tokens per verify pass)")

@@ -22,7 +22,7 @@ import numpy as np
 from .errors import CheckpointError, SpeccompileError, TokenizerMismatchError, UnsupportedModelError
 from .graphs import DECODER_GRAPH_VERSION, decoder_signature
 from .head_screen import quantize_head, screenable
-from .int8 import quantize_matrices
+from .int8 import SUFFIX_CODES, quantize_matrices
 from .lower import build_decoder, lower_mtp_weights, lower_weights
 from . import trt_backend
 from .plugins import tree_attention
@@ -88,6 +88,28 @@ def tokenizer_fingerprint(files: dict[str, bytes]) -> str:
     key = json.dumps([tok.get("model", {}).get("vocab"), tok.get("model", {}).get("merges"),
                       [(t["id"], t["content"]) for t in tok.get("added_tokens", [])]], sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+HEAD_MATRICES = ("mtp.eh_proj", "mtp.fc", "mtp.l0.qkv", "mtp.l0.o", "mtp.l0.gate", "mtp.l0.up", "mtp.l0.down")
+
+
+def int8_draft_head(head_w: dict, target_w: dict) -> dict:
+    """A draft head's (MTP or EAGLE) matrices in int8: drafts need not be exact, and a drafting pass reads a quarter
+    of the bytes. Its output head: its own rows (a draft vocabulary) in int8, else the target's int8 head screen,
+    read from target.bin (see head_shared_weights), else an int8 copy of the target's head."""
+    if "mtp.head" not in head_w and "head_screen.codes" not in target_w:
+        head_w = {**head_w, "mtp.head": target_w.get("lm_head", target_w["embed"])}
+    return quantize_matrices(quantize_matrices(head_w, HEAD_MATRICES), ["mtp.head"], layout="nk")
+
+
+def head_shared_weights(head_w: dict, target_w: dict) -> dict:
+    """The target's tensors a head graph reads from target.bin: embedding, output head, RoPE tables, and the int8
+    head screen when the head is int8 without an output matrix of its own."""
+    shared = {k: target_w[k] for k in ("embed", "lm_head", "rope.cos", "rope.sin") if k in target_w}
+    int8 = any(k.endswith(SUFFIX_CODES) for k in head_w)
+    if int8 and not any(k.startswith("mtp.head") for k in head_w) and "head_screen.codes" in target_w:
+        shared |= {k: target_w[k] for k in ("head_screen.codes", "head_screen.scales")}
+    return shared
 
 
 def _model_entry(name, ckpt_cfg, num_layers, max_seq_len, weights_files, attention, mtp=False, draft_vocab=None,
@@ -204,18 +226,10 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
                     raise CheckpointError(f"{path}: mtp.d2t must list target token ids below {cfg.vocab_size}")
                 weights["mtp.bin"]["mtp.d2t"] = d2t
                 weights["mtp.bin"]["mtp.head"] = np.ascontiguousarray(target_w.get("lm_head", target_w["embed"])[d2t])
-            if draft_precision == "int8" and not cfg.is_mla:  # drafts need not be exact: a quarter of the bytes
+            if draft_precision == "int8" and not cfg.is_mla:
                 progress("      quantize: the MTP head's matrices to int8 (speccompile.int8)")
-                mtp_w = weights["mtp.bin"]
-                if "mtp.head" not in mtp_w and "head_screen.codes" not in target_w:
-                    mtp_w["mtp.head"] = target_w.get("lm_head", target_w["embed"])  # its own int8 copy
-                # else the target's head screen is the same int8 matrix: read from target.bin, not copied
-                mtp_w = quantize_matrices(mtp_w, [f"mtp.{k}" for k in ("eh_proj", "l0.qkv", "l0.o", "l0.gate",
-                                                                        "l0.up", "l0.down")])
-                weights["mtp.bin"] = quantize_matrices(mtp_w, ["mtp.head"], layout="nk")
-            shared = {k: target_w[k] for k in ("embed", "lm_head", "rope.cos", "rope.sin") if k in target_w}
-            if draft_precision == "int8" and "mtp.head" not in weights["mtp.bin"] and "head_screen.codes" in target_w:
-                shared |= {k: target_w[k] for k in ("head_screen.codes", "head_screen.scales")}
+                weights["mtp.bin"] = int8_draft_head(weights["mtp.bin"], target_w)
+            shared = head_shared_weights(weights["mtp.bin"], target_w)
             graphs["mtp_head"] = (build_decoder(cfg, weights["mtp.bin"] | shared, max_seq_len, attention=attention,
                                                 fused=fused, name="mtp_head", mtp=True), ["mtp.bin", "target.bin"])
             models["mtp_head"] = _model_entry("mtp_head", cfg, 1, max_seq_len, ["mtp.bin", "target.bin"], attention,
@@ -226,11 +240,25 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
             entry["model"] = "mtp_head"
         elif spec.kind in ("eagle", "eagle3"):
             from .eagle import build_eagle
-            entry |= build_eagle(spec, cfg, weights, graphs, models, max_seq_len, attention, fused, aux, progress)
+            entry |= build_eagle(spec, cfg, weights, graphs, models, max_seq_len, attention, fused, aux,
+                                 draft_precision, progress)
         elif spec.kind == "medusa":
-            from .medusa import build_medusa, load_medusa, num_heads
-            weights["medusa.bin"] = load_medusa(spec.arg, cfg)
-            g = build_medusa(cfg, weights["medusa.bin"] | {"final_norm": weights["target.bin"]["final_norm"]})
+            from .medusa import build_medusa, int8_medusa, load_medusa, num_heads, share_target_head
+            target_head = target_w.get("lm_head", target_w["embed"])
+            medusa_w = share_target_head(load_medusa(spec.arg, cfg), target_head)
+            shared = {"final_norm": target_w["final_norm"]}
+            shares_head = not any(k.endswith(".out") for k in medusa_w)
+            if shares_head:
+                progress("      medusa: every head's output matrix is the target's: one shared product")
+            if draft_precision == "int8":
+                progress("      quantize: the Medusa heads' matrices to int8 (speccompile.int8)")
+                medusa_w = int8_medusa(medusa_w)
+            if shares_head and draft_precision == "int8" and "head_screen.codes" in target_w:
+                shared |= {k: target_w[k] for k in ("head_screen.codes", "head_screen.scales")}  # not copied
+            elif shares_head:
+                shared |= {k: target_w[k] for k in ("lm_head", "embed") if k in target_w}
+            weights["medusa.bin"] = medusa_w
+            g = build_medusa(cfg, medusa_w | shared)
             graphs["medusa"] = (g, ["medusa.bin", "target.bin"])
             K = num_heads(weights["medusa.bin"])
             progress(f"      medusa: {K} heads from {spec.arg}")

@@ -39,6 +39,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import CheckpointError, SpeccompileError, UnsupportedModelError
+from .int8 import matmul
 from .onnx_builder import GraphBuilder
 from .sources import PICKLE_SUFFIXES, read_safetensors, refuse_pickle
 
@@ -198,8 +199,8 @@ def lower_eagle_head(head: EagleHead, target: ModelConfig, hcfg: ModelConfig, ta
     w = {"mtp.l0.qkv": np.ascontiguousarray(np.concatenate([wq, wk, wv], 0).T),
          "mtp.l0.o": np.ascontiguousarray(get(p + "self_attn.o_proj.weight", (H, q)).T),
          "mtp.l0.mlp_norm": get(p + "post_attention_layernorm.weight", (H,)),
-         "mtp.l0.gate_up": np.ascontiguousarray(np.concatenate(
-             [get(p + "mlp.gate_proj.weight", (I, H)), get(p + "mlp.up_proj.weight", (I, H))], 0).T),
+         "mtp.l0.gate": np.ascontiguousarray(get(p + "mlp.gate_proj.weight", (I, H)).T),
+         "mtp.l0.up": np.ascontiguousarray(get(p + "mlp.up_proj.weight", (I, H)).T),
          "mtp.l0.down": np.ascontiguousarray(get(p + "mlp.down_proj.weight", (H, I)).T)}
     if hcfg.qkv_bias:
         w["mtp.l0.qkv_bias"] = np.concatenate([get(p + f"self_attn.{x}_proj.bias", (n,))
@@ -263,7 +264,7 @@ def emit_head_input(g: GraphBuilder, W: dict, head: str, norm, h: str, norm_befo
     adds to."""
     if head == "eagle":
         e, f = (norm(h, W["mtp.enorm"]), norm("hidden_in", W["mtp.hnorm"])) if "mtp.enorm" in W else (h, "hidden_in")
-        z = g.op("MatMul", [g.op("Concat", [e, f], axis=-1)[0], W["mtp.fc"]])[0]
+        z = matmul(g, g.op("Concat", [e, f], axis=-1)[0], W, "mtp.fc")
         if "mtp.fc_bias" in W:
             z = g.op("Add", [z, W["mtp.fc_bias"]])[0]
         return z, z  # EAGLE-1's first layer has no input norm
@@ -284,10 +285,10 @@ def build_fuse_graph(target: ModelConfig, hcfg: ModelConfig, fc: np.ndarray) -> 
 
 
 def build_eagle(spec, cfg: ModelConfig, weights: dict, graphs: dict, models: dict, max_seq_len: int,
-                attention: str, fused: bool, target_aux: list, progress) -> dict:
+                attention: str, fused: bool, target_aux: list, draft_precision: str, progress) -> dict:
     """The build pass for an `eagle:PATH` / `eagle3:PATH` drafter: load, lower, emit the head graph (and
     EAGLE-3's fc graph) into graphs/models/weights; returns the drafter entry's additions."""
-    from .build import _model_entry
+    from .build import _model_entry, head_shared_weights, int8_draft_head
     from .lower import build_decoder
     from .sources import sha256_path
     kind = spec.kind
@@ -297,11 +298,13 @@ def build_eagle(spec, cfg: ModelConfig, weights: dict, graphs: dict, models: dic
     taps = aux_layers(kind, head.config, cfg)
     progress(f"      {kind} head: {spec.arg} (reads the target's {', '.join(map(str, taps))})")
     wfile, name = f"{kind}.bin", f"{kind}_head"
-    w, d2t = lower_eagle_head(head, cfg, hcfg, weights["target.bin"], max_seq_len)
-    weights[wfile] = w
     target_w = weights["target.bin"]
-    shared = {k: target_w[k] for k in ("embed", "lm_head", "rope.cos", "rope.sin") if k in target_w}
-    head_w = {k: v for k, v in w.items() if k != "mtp.eagle3.fc"} | shared
+    w, d2t = lower_eagle_head(head, cfg, hcfg, target_w, max_seq_len)
+    if draft_precision == "int8":
+        progress(f"      quantize: the {kind} head's matrices to int8 (speccompile.int8)")
+        w = int8_draft_head(w, target_w)
+    weights[wfile] = w
+    head_w = {k: v for k, v in w.items() if k != "mtp.eagle3.fc"} | head_shared_weights(w, target_w)
     graphs[name] = (build_decoder(hcfg, head_w, max_seq_len, attention=attention, fused=fused, name=name, mtp=True,
                                   head=kind, norm_before_residual=bool(head.config.get("norm_before_residual"))),
                     [wfile, "target.bin"])

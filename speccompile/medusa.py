@@ -15,6 +15,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import CheckpointError
+from .int8 import SUFFIX_CODES, SUFFIX_SCALES, int8_product, matmul, quantize_matrices
 from .onnx_builder import GraphBuilder
 
 _NAME = re.compile(r"^(?:medusa_head\.)?(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
@@ -54,22 +55,58 @@ def num_heads(weights: dict) -> int:
     return len({k.split(".")[1] for k in weights if k.startswith("medusa.")})
 
 
+def share_target_head(weights: dict[str, np.ndarray], target_head: np.ndarray) -> dict[str, np.ndarray]:
+    """Without the heads' output matrices when every one is the target's own output head (Medusa-1 trained with
+    the lm_head frozen, as tools/train_medusa.py does): the graph then scores all K heads in one product over the
+    target's head, read once per drafting pass instead of K times (K x 113 MB in float32 on SmolLM2). A head
+    stored in float16 matches when it is the target's head rounded to float16."""
+    outs = [k for k in weights if k.endswith(".out")]
+    half = None
+    for k in outs:
+        if not np.array_equal(weights[k], target_head):
+            half = target_head.astype(np.float16).astype(np.float32) if half is None else half
+            if not np.array_equal(weights[k], half):
+                return weights
+    return {k: v for k, v in weights.items() if k not in outs}
+
+
+def int8_medusa(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The heads' matrices in int8 (speccompile.int8; drafts need not be exact)."""
+    blocks = [k for k in weights if k.endswith(".w")]
+    return quantize_matrices(quantize_matrices(weights, blocks), [k for k in weights if k.endswith(".out")],
+                             layout="nk")
+
+
 def build_medusa(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> GraphBuilder:
-    """hidden_in [1, H] (the target's pre-norm hidden state) -> logits [K, V], next_token [K]."""
+    """hidden_in [1, H] (the target's pre-norm hidden state) -> logits [K, V], next_token [K]. Heads without an
+    output matrix of their own share the target's: its int8 head screen when `weights` has it, else its float32
+    head (lm_head, or the tied embedding)."""
     g = GraphBuilder("medusa")
     g.input("hidden_in", "float32", [1, cfg.hidden_size])
     W = {k: g.weight(k, v) for k, v in weights.items()}
     h = g.op("SimplifiedLayerNormalization", ["hidden_in", W["final_norm"]], axis=-1, epsilon=cfg.rms_norm_eps,
              stash_type=1)[0]
-    logits = []
+    logits, shared = [], []
     for k in range(num_heads(weights)):
         x = h
         j = 0
-        while f"medusa.{k}.{j}.w" in W:
-            y = g.op("Add", [g.op("MatMul", [x, W[f"medusa.{k}.{j}.w"]])[0], W[f"medusa.{k}.{j}.b"]])[0]
+        while f"medusa.{k}.{j}.b" in W:
+            y = g.op("Add", [matmul(g, x, W, f"medusa.{k}.{j}.w"), W[f"medusa.{k}.{j}.b"]])[0]
             x = g.op("Add", [x, g.op("Mul", [y, g.op("Sigmoid", [y])[0]])[0]])[0]
             j += 1
-        logits.append(g.op("Gemm", [x, W[f"medusa.{k}.out"]], transB=1)[0])
+        out = f"medusa.{k}.out"
+        if out + SUFFIX_CODES in W:
+            logits.append(int8_product(g, x, W[out + SUFFIX_CODES], W[out + SUFFIX_SCALES]))
+        elif out in W:
+            logits.append(g.op("Gemm", [x, W[out]], transB=1)[0])
+        else:
+            shared.append(x)
+    if shared:  # one product for every head, in head order (heads share the target's head all or none)
+        rows = g.op("Concat", shared, axis=0)[0] if len(shared) > 1 else shared[0]
+        if "head_screen.codes" in W:
+            logits = [int8_product(g, rows, W["head_screen.codes"], W["head_screen.scales"])]
+        else:
+            logits = [g.op("Gemm", [rows, W.get("lm_head", W.get("embed"))], transB=1)[0]]
     g.op("Concat", logits, outputs=["logits"], axis=0)
     g.op("ArgMax", ["logits"], outputs=["next_token"], axis=-1, keepdims=0)
     g.output("logits", "float32", [num_heads(weights), cfg.vocab_size])

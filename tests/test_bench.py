@@ -54,6 +54,15 @@ def test_shipped_dataset_covers_every_category():
     assert all(len(qs) == 2 and all(q["text"] for q in qs) for qs in questions.values())
 
 
+def test_repeated_ngram_share():
+    from speccompile.bench import repeated_ngram_share
+    assert repeated_ngram_share([1, 2, 3], [4, 5, 6, 7]) == 0.0  # nothing repeats
+    # the output restates the prompt's 4-gram 1 2 3 4 (its 4 completes it), then loops on 5 6 7 8
+    assert repeated_ngram_share([1, 2, 3, 4], [1, 2, 3, 4]) == 0.25
+    assert repeated_ngram_share([9], [5, 6, 7, 8, 5, 6, 7, 8, 5]) == pytest.approx(2 / 9)
+    assert repeated_ngram_share([1], []) is None
+
+
 def test_result_schema(result):
     doc = json.loads(json.dumps(result))  # everything is JSON
     assert doc["schema_version"] == SCHEMA_VERSION
@@ -80,6 +89,7 @@ def test_result_schema(result):
             assert run["ttft_s"] > 0 and run["mean_accepted_tokens"] >= 1.0
             assert isinstance(run["committed_per_pass"], dict)
             assert isinstance(run["acceptance_rate_per_depth"], list)
+            assert 0.0 <= run["repeated_ngram_share"] <= 1.0
 
     summary = doc["summary"]
     assert set(summary["by_category"]) == {"repeat", "chat"}
@@ -88,6 +98,7 @@ def test_result_schema(result):
         ar = group["autoregressive"]
         assert ar["speedup"] == ar["paired_speedup"] == 1.0 and ar["mean_accepted_tokens"] == 1.0
         assert ar["acceptance_rate_per_depth"] is None
+        assert 0.0 <= ar["repeated_ngram_share"] <= 1.0
         for name in names[1:]:
             s = group[name]
             assert s["speedup"] > 0 and s["paired_speedup"] > 0 and s["median_tokens_per_second"] > 0
@@ -151,8 +162,28 @@ def test_bench_cli_writes_json_and_plot(tiny_bundle, dataset, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
 
 
+def test_bench_one_drafter_through_several_trees(tiny_bundle, dataset, tmp_path):
+    """NAME@TREE methods: each its own row against the same autoregressive runs, each through its own tree; the
+    plot of that many methods draws the speedups as a table of colours."""
+    from speccompile.bench import plot
+    methods = ("lookup@chain:1", "lookup@chain:6", "lookup@dynamic:4", "layerskip:2@chain:2")
+    doc = run_bench(tiny_bundle, BenchSettings(dataset=dataset, categories=("repeat",), max_new_tokens=16, threads=1,
+                                               drafters=methods))
+    assert [m["name"] for m in doc["methods"]] == ["autoregressive", *methods]
+    assert doc["methods"][-1]["drafter"] == "layerskip:2"
+    plot(doc, str(tmp_path / "many.png"))
+    assert (tmp_path / "many.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    overall = doc["summary"]["overall"]
+    assert overall["lookup@chain:1"]["identical_to_autoregressive"] == 1.0
+    assert overall["lookup@chain:6"]["identical_to_autoregressive"] == 1.0
+    depth = lambda name: len(overall[name]["acceptance_rate_per_depth"])  # noqa: E731
+    assert depth("lookup@chain:1") == 1 and depth("lookup@chain:6") > 1
+    assert overall["lookup@chain:6"]["mean_accepted_tokens"] > overall["lookup@chain:1"]["mean_accepted_tokens"]
+
+
 def test_bench_cli_bad_input(tiny_bundle, dataset):
     assert invoke("bench", tiny_bundle, "--dataset", dataset, "--drafter", "nope", expect=2).count("error:") == 1
+    assert "error:" in invoke("bench", tiny_bundle, "--dataset", dataset, "--drafter", "lookup@bush:3", expect=2)
     assert "error:" in invoke("bench", tiny_bundle, "--dataset", dataset, "--categories", "poetry", expect=2)
 
 

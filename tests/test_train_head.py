@@ -1,6 +1,7 @@
 """The head-training tools end to end on a tiny target: tools/train_head.py (the target's own continuations,
 teacher-forced features, training with an epoch checkpoint that --resume continues, export to safetensors with
-its record, the exported head in a bundle decoding losslessly) and tools/train_medusa.py on the same features."""
+its record, the exported head in a bundle decoding losslessly), the same tool's EAGLE-1 heads (--arch eagle: the
+trained module is the public architecture) and tools/train_medusa.py on the same features."""
 import importlib.util
 import json
 import os
@@ -75,8 +76,58 @@ def test_train_head_end_to_end(tmp_path, capsys):
     assert rec["steps"] > 1 and len(rec["heldout"]["top1_per_head"]) == 2
     first, last = rec["train_loss_first_last"]
     assert last < 0.9 * first  # the heads fit the target's distributions (a tiny model's data is too small to hold out)
+    again = _tool("train_medusa").main(["--features", str(work / "features.npz"), "--target", str(hf), "--out",
+                                        str(tmp_path / "medusa2" / "heads.safetensors"), "--heads", "2",
+                                        "--tokens-per-step", "64", "--epochs", "1", "--lr", "1e-3", "--threads", "1",
+                                        "--init", str(medusa)])
+    assert again["train_loss_first_last"][0] < 0.9 * first  # --init: it starts where the first run ended
     mb = str(tmp_path / "medusa_bundle")
     build_bundle("tiny:llama", mb, drafts=[f"medusa:{medusa}"], max_seq_len=128, num_draft=2, progress=quiet)
     gm = speccompile.load(mb, threads=1)
     assert_lossless(gm, "medusa", random_prompts(2), 16)
     assert_lossless(gm, "medusa", random_prompts(2, seed=1), 16, "dynamic:4")
+
+
+    # an EAGLE-1 head from the same features: its public layout, the training module equal to the reference
+    # architecture written from SafeAILab's cnets1.py (tests/test_eagle.py), and lossless in a bundle
+    eagle_dir = tmp_path / "eagle"
+    th.main(common + ["--arch", "eagle", "--out", str(eagle_dir), "--stages", "train,export", "--epochs", "1"])
+    assert sorted(os.listdir(eagle_dir)) == ["config.json", "model.safetensors", "training.json"]
+    with safe_open(str(eagle_dir / "model.safetensors"), "np") as f:
+        exported = {k: f.get_tensor(k).astype("float32") for k in f.keys()}
+    assert sorted(exported) == sorted(th.EAGLE_NAMES.values())
+    _check_eagle_module(th, hf, exported)
+    eb = str(tmp_path / "eagle_bundle")
+    build_bundle("tiny:llama", eb, drafts=[f"eagle:{eagle_dir}"], max_seq_len=128, num_draft=3, progress=quiet)
+    ge = speccompile.load(eb, threads=1)
+    assert_lossless(ge, "eagle", random_prompts(2), 16)
+    assert_lossless(ge, "eagle", random_prompts(2, seed=1), 16, "dynamic:6")
+
+
+def _check_eagle_module(th, hf, exported):
+    """The training module, loaded with the exported weights, against tests/test_eagle.py's reference: logits and
+    output features of one pass over (target feature, next token) pairs."""
+    import numpy as np
+    import torch
+    from safetensors.numpy import load_file
+    from test_eagle import torch_eagle_reference
+    target = load_checkpoint(str(hf))
+    cfg = json.load(open(hf / "config.json"))
+    wfinal = torch.as_tensor(target.tensors["model.norm.weight"])
+    head = th.build_head_module(cfg, float(cfg["rms_norm_eps"]), "eagle", wfinal)
+    head.load_state_dict({k: torch.as_tensor(exported[n]) for k, n in head.names.items()})
+    rng = np.random.default_rng(0)
+    S = 7
+    h = rng.standard_normal((S, cfg["hidden_size"])).astype(np.float32) * 3  # pre-norm residual stream
+    tokens = rng.integers(0, cfg["vocab_size"], S)
+    with torch.no_grad():
+        f = head.feature(torch.as_tensor(h))
+        pos = torch.arange(S)
+        z = head.fuse(torch.as_tensor(target.tensors["model.embed_tokens.weight"])[torch.as_tensor(tokens)], f)
+        q, k, v = head.qkv(z, pos)
+        o = head.block(z, q, [k], [v], pos[None, :] <= pos[:, None])
+        logits = head.final(o) @ torch.as_tensor(target.tensors["model.embed_tokens.weight"]).T
+    ref_logits, ref_out = torch_eagle_reference("eagle", target.config, target.tensors, exported, f.numpy(), tokens,
+                                                np.arange(S))
+    assert np.abs(o.numpy() - ref_out).max() < 1e-4 * max(1.0, np.abs(ref_out).max())
+    assert np.abs(logits.numpy() - ref_logits).max() < 1e-4 * max(1.0, np.abs(ref_logits).max())

