@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 
+import numpy as np
 import pytest
 
 from speccompile.build import build_bundle
@@ -103,31 +104,72 @@ def test_train_head_end_to_end(tmp_path, capsys):
     assert_lossless(ge, "eagle", random_prompts(2), 16)
     assert_lossless(ge, "eagle", random_prompts(2, seed=1), 16, "dynamic:6")
 
+    # an EAGLE-3 head: the target's layer features (stage aux; tap 4 = the last layer's output before the norm)
+    # equal those the compiled target graph is defined by, the module equals the cnets.py reference, the draft
+    # vocabulary comes as d2t offsets, and the head decodes losslessly
+    e3_dir = tmp_path / "eagle3"
+    th.main(common + ["--arch", "eagle3", "--out", str(e3_dir), "--stages", "aux,train,export", "--epochs", "1",
+                      "--aux-layers", "4,1,2", "--draft-vocab", "200", "--unroll", "3"])
+    assert " ce3 " in capsys.readouterr().out  # a third depth trained (EAGLE-3's training-time test)
+    _check_aux_features(work, hf)
+    with safe_open(str(e3_dir / "model.safetensors"), "np") as f:
+        exported = {k: f.get_tensor(k) for k in f.keys()}
+    assert sorted(exported) == sorted([*th.EAGLE3_NAMES.values(), "d2t", "t2d"])
+    draft_ids = exported["d2t"] + np.arange(len(exported["d2t"]))
+    assert 0 < len(draft_ids) <= 200 and (np.diff(draft_ids) > 0).all() and exported["t2d"].sum() == len(draft_ids)
+    config = json.load(open(e3_dir / "config.json"))
+    assert config["eagle_aux_hidden_state_layer_ids"] == [1, 2, 4] and config["draft_vocab_size"] == len(draft_ids)
+    _check_eagle_module(th, hf, {k: v.astype(np.float32) for k, v in exported.items() if k not in ("d2t", "t2d")},
+                        "eagle3", draft_ids)
+    e3b = str(tmp_path / "eagle3_bundle")
+    build_bundle("tiny:llama", e3b, drafts=[f"eagle3:{e3_dir}"], max_seq_len=128, num_draft=3, progress=quiet)
+    g3 = speccompile.load(e3b, threads=1)
+    assert_lossless(g3, "eagle3", random_prompts(2), 16)
+    assert_lossless(g3, "eagle3", random_prompts(2, seed=1), 16, "dynamic:6")
 
-def _check_eagle_module(th, hf, exported):
-    """The training module, loaded with the exported weights, against tests/test_eagle.py's reference: logits and
-    output features of one pass over (target feature, next token) pairs."""
-    import numpy as np
+
+def _check_aux_features(work, hf):
+    """stage aux's features of one sequence == test_eagle.target_features (transformers' layer inputs; tap L the
+    pre-norm output), float16-rounded."""
+    from test_eagle import target_features
+    feats, aux = np.load(work / "features.npz"), np.load(work / "aux.npz")
+    n = int(feats["offsets"][1])
+    want = target_features(load_checkpoint(str(hf)), work / "ref", feats["tokens"][:n])
+    ref = np.concatenate([want[i] for i in (1, 2, 4)], -1)
+    got = aux["aux"][:n].astype(np.float32)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() < 2e-3 * max(1.0, np.abs(ref).max())
+
+
+def _check_eagle_module(th, hf, exported, version="eagle", draft_ids=None):
+    """The training module, loaded with the exported weights, against tests/test_eagle.py's reference (written
+    from SafeAILab's cnets1.py / cnets.py): the head's feature, its output and its logits over one pass of
+    (target feature, next token) pairs; EAGLE-3's greedy drafts mapped to target ids through its vocabulary."""
     import torch
-    from safetensors.numpy import load_file
     from test_eagle import torch_eagle_reference
     target = load_checkpoint(str(hf))
     cfg = json.load(open(hf / "config.json"))
-    wfinal = torch.as_tensor(target.tensors["model.norm.weight"])
-    head = th.build_head_module(cfg, float(cfg["rms_norm_eps"]), "eagle", wfinal)
+    emb = torch.as_tensor(target.tensors["model.embed_tokens.weight"])
+    head = th.build_head_module(cfg, float(cfg["rms_norm_eps"]), version,
+                                torch.as_tensor(target.tensors["model.norm.weight"]), draft_ids)
     head.load_state_dict({k: torch.as_tensor(exported[n]) for k, n in head.names.items()})
     rng = np.random.default_rng(0)
-    S = 7
-    h = rng.standard_normal((S, cfg["hidden_size"])).astype(np.float32) * 3  # pre-norm residual stream
+    S, H = 7, cfg["hidden_size"]
+    # EAGLE-1 reads the pre-norm residual stream, EAGLE-3 three layers of it
+    h = rng.standard_normal((S, 3 * H if version == "eagle3" else H)).astype(np.float32) * 3
     tokens = rng.integers(0, cfg["vocab_size"], S)
     with torch.no_grad():
         f = head.feature(torch.as_tensor(h))
         pos = torch.arange(S)
-        z = head.fuse(torch.as_tensor(target.tensors["model.embed_tokens.weight"])[torch.as_tensor(tokens)], f)
-        q, k, v = head.qkv(z, pos)
+        x, z = head.fuse(emb[torch.as_tensor(tokens)], f)
+        q, k, v = head.qkv(x, pos)
         o = head.block(z, q, [k], [v], pos[None, :] <= pos[:, None])
-        logits = head.final(o) @ torch.as_tensor(target.tensors["model.embed_tokens.weight"]).T
-    ref_logits, ref_out = torch_eagle_reference("eagle", target.config, target.tensors, exported, f.numpy(), tokens,
+        logits, drafted = head.logits(o, emb), head.draft(o, emb)
+    if version == "eagle3":
+        assert np.allclose(f.numpy(), h @ exported["fc.weight"].T, atol=1e-4)
+    ref_logits, ref_out = torch_eagle_reference(version, target.config, target.tensors, exported, f.numpy(), tokens,
                                                 np.arange(S))
     assert np.abs(o.numpy() - ref_out).max() < 1e-4 * max(1.0, np.abs(ref_out).max())
     assert np.abs(logits.numpy() - ref_logits).max() < 1e-4 * max(1.0, np.abs(ref_logits).max())
+    ids = np.arange(cfg["vocab_size"]) if draft_ids is None else draft_ids
+    assert (drafted.numpy() == ids[ref_logits.argmax(-1)]).all()

