@@ -91,41 +91,47 @@ def test_train_head_end_to_end(tmp_path, capsys):
 
     # an EAGLE-1 head from the same features: its public layout, the training module equal to the reference
     # architecture written from SafeAILab's cnets1.py (tests/test_eagle.py), and lossless in a bundle
-    eagle_dir = tmp_path / "eagle"
-    th.main(common + ["--arch", "eagle", "--out", str(eagle_dir), "--stages", "train,export", "--epochs", "1"])
-    assert sorted(os.listdir(eagle_dir)) == ["config.json", "model.safetensors", "training.json"]
-    with safe_open(str(eagle_dir / "model.safetensors"), "np") as f:
-        exported = {k: f.get_tensor(k).astype("float32") for k in f.keys()}
+    exported = _train_eagle(th, common, tmp_path, "eagle")
     assert sorted(exported) == sorted(th.EAGLE_NAMES.values())
-    _check_eagle_module(th, hf, exported)
-    eb = str(tmp_path / "eagle_bundle")
-    build_bundle("tiny:llama", eb, drafts=[f"eagle:{eagle_dir}"], max_seq_len=128, num_draft=3, progress=quiet)
-    ge = speccompile.load(eb, threads=1)
-    assert_lossless(ge, "eagle", random_prompts(2), 16)
-    assert_lossless(ge, "eagle", random_prompts(2, seed=1), 16, "dynamic:6")
+    _check_eagle_module(th, hf, {k: v.astype(np.float32) for k, v in exported.items()})
+    _decodes_losslessly(tmp_path, "eagle")
 
     # an EAGLE-3 head: the target's layer features (stage aux; tap 4 = the last layer's output before the norm)
     # equal those the compiled target graph is defined by, the module equals the cnets.py reference, the draft
     # vocabulary comes as d2t offsets, and the head decodes losslessly
-    e3_dir = tmp_path / "eagle3"
-    th.main(common + ["--arch", "eagle3", "--out", str(e3_dir), "--stages", "aux,train,export", "--epochs", "1",
-                      "--aux-layers", "4,1,2", "--draft-vocab", "200", "--unroll", "3"])
+    exported = _train_eagle(th, common, tmp_path, "eagle3", "--aux-layers", "4,1,2", "--draft-vocab", "200",
+                            "--unroll", "3", stages="aux,train,export")
     assert " ce3 " in capsys.readouterr().out  # a third depth trained (EAGLE-3's training-time test)
     _check_aux_features(work, hf)
-    with safe_open(str(e3_dir / "model.safetensors"), "np") as f:
-        exported = {k: f.get_tensor(k) for k in f.keys()}
     assert sorted(exported) == sorted([*th.EAGLE3_NAMES.values(), "d2t", "t2d"])
     draft_ids = exported["d2t"] + np.arange(len(exported["d2t"]))
     assert 0 < len(draft_ids) <= 200 and (np.diff(draft_ids) > 0).all() and exported["t2d"].sum() == len(draft_ids)
-    config = json.load(open(e3_dir / "config.json"))
+    config = json.load(open(tmp_path / "eagle3" / "config.json"))
     assert config["eagle_aux_hidden_state_layer_ids"] == [1, 2, 4] and config["draft_vocab_size"] == len(draft_ids)
     _check_eagle_module(th, hf, {k: v.astype(np.float32) for k, v in exported.items() if k not in ("d2t", "t2d")},
                         "eagle3", draft_ids)
-    e3b = str(tmp_path / "eagle3_bundle")
-    build_bundle("tiny:llama", e3b, drafts=[f"eagle3:{e3_dir}"], max_seq_len=128, num_draft=3, progress=quiet)
-    g3 = speccompile.load(e3b, threads=1)
-    assert_lossless(g3, "eagle3", random_prompts(2), 16)
-    assert_lossless(g3, "eagle3", random_prompts(2, seed=1), 16, "dynamic:6")
+    _decodes_losslessly(tmp_path, "eagle3")
+
+
+def _train_eagle(th, common, tmp_path, version, *args, stages="train,export"):
+    """Train one epoch of an EAGLE head into tmp_path/VERSION (the public layout's three files); its tensors."""
+    from safetensors import safe_open
+    out = tmp_path / version
+    th.main(common + ["--arch", version, "--out", str(out), "--stages", stages, "--epochs", "1", *args])
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "training.json"]
+    with safe_open(str(out / "model.safetensors"), "np") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _decodes_losslessly(tmp_path, version):
+    """The head in tmp_path/VERSION, built into a bundle, decodes as the target does, as a chain and a tree."""
+    import speccompile
+    bundle = str(tmp_path / f"{version}_bundle")
+    build_bundle("tiny:llama", bundle, drafts=[f"{version}:{tmp_path / version}"], max_seq_len=128, num_draft=3,
+                 progress=quiet)
+    g = speccompile.load(bundle, threads=1)
+    assert_lossless(g, version, random_prompts(2), 16)
+    assert_lossless(g, version, random_prompts(2, seed=1), 16, "dynamic:6")
 
 
 def _check_aux_features(work, hf):

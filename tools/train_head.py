@@ -682,8 +682,8 @@ def pick_draft_vocab(data: Data, size: int) -> tuple[np.ndarray, float]:
     the share of held-out response tokens it covers (a draft can never propose a token outside it)."""
     def response_tokens(ids):
         return np.concatenate([data.tokens[data.off[j] + data.prompt_len[j]:data.off[j + 1]] for j in ids])
-    counts = np.bincount(response_tokens(data.train_ids), minlength=int(data.tokens.max()) + 1)
-    ids = np.sort(np.argsort(-counts, kind="stable")[:min(size, int((counts > 0).sum()))])
+    from draft_vocab import frequent_tokens
+    ids = frequent_tokens(response_tokens(data.train_ids), size)
     held = response_tokens(data.eval_ids)
     return ids, float(np.isin(held, ids).mean())
 
