@@ -58,6 +58,11 @@ exactly as the target's, after temperature and top-k.
 """
 from __future__ import annotations
 
+# Limits of the contract: the runtime sizes its buffers by them and the compiler its profiles (TensorRT).
+MAX_STEP_TOKENS = 128  # tokens one pass may run: a prefill chunk, or a verify block
+MAX_VERIFY_TOKENS = 64  # rows one verify pass may check: the pending token + its drafts
+MAX_TREE_NODES = MAX_VERIFY_TOKENS - 1  # draft nodes of one tree
+
 DECODER_GRAPH_VERSION = 4  # 4: the exact greedy head (full_logits); 3: attention_bias as wide as the slots in use
 #                            (2: always LMAX); all still run
 VERIFY_DEFAULTS = {"node_parents": [-1], "temperature": [0.0], "top_k": [0], "uniforms": [[0.0, 0.0]],

@@ -4,5 +4,5 @@ __version__ = "0.1.0"
 
 def load(bundle_dir: str, **kwargs):
     """Load a bundle for generation (imports only numpy, onnxruntime, tokenizers)."""
-    from .runtime.generator import Generator
+    from speccompile.runtime.generator import Generator
     return Generator.load(bundle_dir, **kwargs)

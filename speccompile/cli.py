@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from .errors import SpeccompileError
+from speccompile.errors import SpeccompileError
 
 
 def _progress(msg: str) -> None:
@@ -65,7 +65,7 @@ def main():
 @_errors_to_exit
 def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, backend, head_screen, draft_precision):
     """Compile MODEL (a Hugging Face directory, a .gguf file; default: the embedded SmolLM2-135M-Instruct)."""
-    from .build import build_bundle
+    from speccompile.compile.driver import build_bundle
     build_bundle(model, out, list(drafts) or None, max_seq_len=max_seq_len, num_draft=num_draft, attention=attention,
                  fused=attention == "ort", overwrite=force, tree=tree, backend=backend, head_screen=head_screen,
                  draft_precision=draft_precision,
@@ -93,7 +93,7 @@ def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, ba
 def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, drafter, num_draft, tree,
              no_speculate, compare, no_chat, stop, threads, as_json):
     """Generate text for PROMPT from BUNDLE, streaming it."""
-    from . import load
+    from speccompile import load
     gen = load(bundle, threads=threads)
     kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stop),
                   chat=not no_chat, drafter=drafter, num_draft=num_draft, tree=tree)
@@ -129,7 +129,7 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, dr
 @_errors_to_exit
 def inspect(bundle, no_verify):
     """Print a readable summary of BUNDLE."""
-    from .bundle import read_manifest
+    from speccompile.format.bundle import read_manifest
     m = read_manifest(bundle, verify_hashes=not no_verify)
     src = m["source"]
     click.echo(f"bundle      {bundle}  (format v{m['format_version']}, {m['created_by']})")
@@ -190,7 +190,7 @@ def _csv(value: str | None) -> tuple[str, ...]:
 def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, repeats, threads, json_out, plot_out,
           compare_transformers):
     """Benchmark BUNDLE: speculative against autoregressive decoding, per prompt category."""
-    from .bench import Benchmark, BenchSettings, format_table, plot, write_json
+    from speccompile.bench.benchmark import Benchmark, BenchSettings, format_table, plot, write_json
     settings = BenchSettings(dataset=dataset, categories=_csv(categories), limit=limit,
                              max_new_tokens=max_new_tokens, drafters=tuple(drafters), tree=tree, repeats=repeats,
                              threads=threads, compare_transformers=compare_transformers)
@@ -217,7 +217,7 @@ def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, re
 @_errors_to_exit
 def gate(result, baseline, max_regression, min_speedup, min_accepted):
     """Fail (exit 1) if RESULT regresses against BASELINE on machine-independent figures."""
-    from .gate import format_rows, run_gate
+    from speccompile.bench.gate import format_rows, run_gate
     rows, notes = run_gate(result, baseline, max_regression, min_speedup, min_accepted)
     click.echo(format_rows(rows))
     for note in notes:

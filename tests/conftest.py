@@ -3,8 +3,8 @@ import os
 import numpy as np
 import pytest
 
-from speccompile.build import build_bundle
-from speccompile.onnx_builder import GraphBuilder
+from speccompile.compile.driver import build_bundle
+from speccompile.graphs.builder import GraphBuilder
 from speccompile.plugins import tree_attention as ta
 
 

@@ -3,7 +3,9 @@ output has the target's distribution."""
 import numpy as np
 import pytest
 
-from speccompile.runtime.sampling import SamplingParams, accept_sampled, probabilities, sample
+from speccompile.runtime.sampling import SamplingParams, probabilities, sample
+
+from speccompile.runtime.acceptance import accept_sampled
 
 from conftest import assert_lossless, random_prompts
 

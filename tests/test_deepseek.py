@@ -10,10 +10,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
-from speccompile.build import build_bundle  # noqa: E402
-from speccompile.bundle import read_manifest  # noqa: E402
+from speccompile.compile.driver import build_bundle  # noqa: E402
+from speccompile.format.bundle import read_manifest  # noqa: E402
 from speccompile.errors import CheckpointError  # noqa: E402
-from speccompile.presets import tiny_deepseek_checkpoint as make_checkpoint  # noqa: E402
+from speccompile.compile.presets import tiny_deepseek_checkpoint as make_checkpoint  # noqa: E402
 from speccompile.runtime.engine import Engine  # noqa: E402
 
 from conftest import assert_lossless, quiet, random_prompts  # noqa: E402

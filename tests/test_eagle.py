@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from speccompile.build import DraftSpec, build_bundle
-from speccompile.bundle import read_manifest
+from speccompile.compile.driver import DraftSpec, build_bundle
+from speccompile.format.bundle import read_manifest
 from speccompile.errors import CheckpointError, SpeccompileError, UnsupportedModelError
-from speccompile.sources import load_checkpoint, save_hf_dir
+from speccompile.compile.sources import load_checkpoint, save_hf_dir
 
 from conftest import assert_lossless, quiet, random_prompts
 

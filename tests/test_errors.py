@@ -6,13 +6,12 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from speccompile.build import build_bundle
-from speccompile.bundle import read_manifest
+from speccompile.compile.driver import build_bundle
+from speccompile.format.bundle import read_manifest
 from speccompile.cli import main
-from speccompile.errors import (BundleError, CheckpointError, ContextLengthError, TokenizerMismatchError,
-                                UnsupportedModelError)
-from speccompile.presets import tiny_tokenizer_files
-from speccompile.sources import load_checkpoint, save_hf_dir
+from speccompile.errors import (BundleError, CheckpointError, ContextLengthError, TokenizerMismatchError, UnsupportedModelError)
+from speccompile.compile.presets import tiny_tokenizer_files
+from speccompile.compile.sources import load_checkpoint, save_hf_dir
 
 from conftest import quiet
 
@@ -111,7 +110,7 @@ def test_bad_draft_spec(tmp_path):
 
 
 def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
-    import speccompile.build as b
+    import speccompile.compile.driver as b
 
     def boom(*a, **k):
         raise CheckpointError("disk on fire")

@@ -8,10 +8,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from speccompile.build import build_bundle  # noqa: E402
-from speccompile.bundle import read_manifest  # noqa: E402
+from speccompile.compile.driver import build_bundle  # noqa: E402
+from speccompile.format.bundle import read_manifest  # noqa: E402
 from speccompile.runtime.engine import Engine  # noqa: E402
-from speccompile.sources import load_checkpoint, save_hf_dir  # noqa: E402
+from speccompile.compile.sources import load_checkpoint, save_hf_dir  # noqa: E402
 
 from conftest import quiet  # noqa: E402
 

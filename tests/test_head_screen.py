@@ -7,9 +7,9 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from speccompile.head_screen import CANDIDATES, emit_head, quantize_head
-from speccompile.int8 import BLOCK
-from speccompile.onnx_builder import OPSET, GraphBuilder
+from speccompile.compile.head_screen import CANDIDATES, emit_head, quantize_head
+from speccompile.compile.int8 import BLOCK
+from speccompile.graphs.builder import OPSET, GraphBuilder
 
 V, H = 1000, 64
 

@@ -7,9 +7,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from speccompile.build import build_bundle  # noqa: E402
-from speccompile.bundle import read_manifest  # noqa: E402
-from speccompile.presets import separate_logits, tiny_tokenizer_files  # noqa: E402
+from speccompile.compile.driver import build_bundle  # noqa: E402
+from speccompile.format.bundle import read_manifest  # noqa: E402
+from speccompile.compile.presets import separate_logits, tiny_tokenizer_files  # noqa: E402
 from speccompile.runtime.engine import Engine  # noqa: E402
 
 from conftest import assert_lossless, quiet, random_prompts  # noqa: E402

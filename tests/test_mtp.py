@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from speccompile.build import build_bundle
-from speccompile.bundle import read_manifest
+from speccompile.compile.driver import build_bundle
+from speccompile.format.bundle import read_manifest
 from speccompile.errors import CheckpointError
-from speccompile.presets import tiny_mtp_head
+from speccompile.compile.presets import tiny_mtp_head
 from speccompile.runtime.engine import Engine
-from speccompile.sources import load_checkpoint, save_hf_dir
+from speccompile.compile.sources import load_checkpoint, save_hf_dir
 
 from conftest import assert_lossless, quiet, random_prompts
 
@@ -71,7 +71,7 @@ def torch_mtp_reference(cfg, target_tensors, head, hidden, tokens, positions):
 
 @pytest.mark.parametrize("precision", ["float32", "int8"])
 def test_mtp_graph_matches_torch(mtp_bundle, precision):
-    """float32: to rounding. int8 (the default, speccompile.int8): int8 weights and activations, so logits within
+    """float32: to rounding. int8 (the default, speccompile.compile.int8): int8 weights and activations, so logits within
     a few percent of their range and the same top token for nearly every row."""
     out, head, _, exact = mtp_bundle
     out = exact if precision == "float32" else out
@@ -211,7 +211,7 @@ def test_medusa_graph_matches_numpy(tmp_path, precision, output):
     all the target's head share it (no copy in medusa.bin, one product); int8 (the default): within a few
     percent of the logits' range."""
     import onnxruntime as ort
-    from speccompile.bundle import read_manifest
+    from speccompile.format.bundle import read_manifest
     ck = load_checkpoint("tiny:llama")
     cfg = ck.config
     heads = medusa_heads(cfg, K=2, layers=2)

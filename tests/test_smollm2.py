@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from speccompile.errors import CheckpointError
-from speccompile.sources import default_model_path
+from speccompile.compile.sources import default_model_path
 
 try:
     GGUF = default_model_path()
@@ -35,7 +35,7 @@ MTP_FLOOR = {None: 2.05, "chain:3": 1.45, "dynamic:6": 1.6}
 
 @pytest.fixture(scope="module")
 def smol_bundle(tmp_path_factory):
-    from speccompile.build import build_bundle
+    from speccompile.compile.driver import build_bundle
     out = str(tmp_path_factory.mktemp("smol") / "bundle")
     build_bundle(None, out, drafts=["lookup", "layerskip:8", "mtp"], max_seq_len=512, progress=lambda *_: None)
     return out

@@ -19,16 +19,16 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from speccompile import trt_backend
-from speccompile.build import build_bundle
-from speccompile.bundle import read_manifest, write_weights
+from speccompile.compile import trt_backend
+from speccompile.compile.driver import build_bundle
+from speccompile.format.bundle import read_manifest, write_weights
 from speccompile.cli import main
 from speccompile.errors import SpeccompileError, UnsupportedModelError
-from speccompile.lower import build_decoder, lower_weights
-from speccompile.onnx_builder import GraphBuilder
+from speccompile.compile.lower import build_decoder, lower_weights
+from speccompile.graphs.builder import GraphBuilder
 from speccompile.plugins import tree_attention as ta
 from speccompile.runtime.engine import ancestor_mask, session_options
-from speccompile.sources import load_checkpoint
+from speccompile.compile.sources import load_checkpoint
 
 from conftest import quiet, tree_attention_graph
 
@@ -363,7 +363,7 @@ def test_failed_engine_build_leaves_no_bundle(tmp_path, stub_tensorrt, monkeypat
 
 def test_mla_model_is_refused_before_writing(tmp_path, stub_tensorrt):
     pytest.importorskip("transformers")
-    from speccompile.presets import tiny_deepseek_checkpoint
+    from speccompile.compile.presets import tiny_deepseek_checkpoint
     tiny_deepseek_checkpoint(str(tmp_path / "ck"))
     with pytest.raises(UnsupportedModelError, match="GroupQueryAttention"):
         build_bundle(str(tmp_path / "ck"), str(tmp_path / "b"), drafts=["none"], max_seq_len=LMAX,

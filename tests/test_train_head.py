@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from speccompile.build import build_bundle
-from speccompile.sources import load_checkpoint, save_hf_dir
+from speccompile.compile.driver import build_bundle
+from speccompile.compile.sources import load_checkpoint, save_hf_dir
 
 from conftest import assert_lossless, quiet, random_prompts
 

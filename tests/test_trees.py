@@ -8,7 +8,8 @@ from hypothesis import given, settings, strategies as st
 from speccompile.errors import SpeccompileError
 from speccompile.runtime.kv_cache import KVCache
 from speccompile.runtime.sampling import SamplingParams
-from speccompile.trees import TreeSpec, accept_tree_greedy, accept_tree_sampled, depths
+from speccompile.format.trees import TreeSpec, depths
+from speccompile.runtime.acceptance import accept_tree_greedy, accept_tree_sampled
 
 from conftest import assert_lossless, random_prompts
 from test_decoding import chi2_pvalue
@@ -97,8 +98,8 @@ def test_sampled_tree_decoding_matches_target_distribution(tiny_generator, draft
 
 
 def test_join_lookup_merges_continuations_as_a_trie():
-    from speccompile.drafters.base import Proposal
-    from speccompile.drafters.lookup import LookupDrafter, join_lookup
+    from speccompile.runtime.drafters.base import Proposal
+    from speccompile.runtime.drafters.lookup import LookupDrafter, join_lookup
     #                    0  1  2  3  4  5  6  7  8  9 10
     context = np.array([7, 1, 2, 3, 4, 9, 1, 2, 5, 6, 1])  # "1" occurred at 1 and 6: continuations 2 5 6.., 2 3 4..
     drafted = Proposal(np.array([2, 8]), None, np.array([-1, 0]))  # the drafter's tree: 2 -> 8
@@ -173,7 +174,7 @@ def _grow_unpruned(t, tree, size):
 def test_dynamic_tree_cut_keeps_the_same_nodes(temperature, size):
     """Skipping frontier nodes below the size-th best score (and stopping when none is left) proposes exactly the
     tree of the full expansion; on flat draft distributions it needs fewer draft passes."""
-    from speccompile.drafters.draft_model import _log_softmax, _TreeDraft, grow_tree
+    from speccompile.runtime.drafters.draft_model import _log_softmax, _TreeDraft, grow_tree
     tree = TreeSpec.parse(f"dynamic:{size}")
     for seed in range(5):
         root = _log_softmax(np.random.default_rng(seed).standard_normal(50) / temperature)
@@ -192,7 +193,7 @@ def test_dynamic_tree_cut_keeps_the_same_nodes(temperature, size):
 
 
 def test_lookup_reach_doubles_on_whole_branches_and_resets_on_a_miss():
-    from speccompile.drafters.lookup import LookupReach
+    from speccompile.runtime.drafters.lookup import LookupReach
     r = LookupReach(base=3, limit=12)
     r.update(accepted=3, deepest=3)
     assert r.reach == 6

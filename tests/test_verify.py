@@ -5,11 +5,11 @@ import onnxruntime as ort
 import pytest
 
 from speccompile.graphs import decoder_signature
-from speccompile.onnx_builder import GraphBuilder
+from speccompile.graphs.builder import GraphBuilder
 from speccompile.runtime.engine import session_options
 from speccompile.runtime.sampling import SamplingParams, probabilities
-from speccompile.trees import accept_tree_greedy
-from speccompile.verify import emit_verify, sampling_flag
+from speccompile.runtime.acceptance import accept_tree_greedy
+from speccompile.compile.verify import emit_verify, sampling_flag
 
 from conftest import assert_lossless, random_prompts
 from test_decoding import chi2_pvalue

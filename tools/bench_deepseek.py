@@ -22,9 +22,9 @@ def main():
     ap.add_argument("--committed", type=int, default=768)
     a = ap.parse_args()
     import speccompile
-    from speccompile.build import build_bundle
-    from speccompile.bundle import read_manifest
-    from speccompile.presets import tiny_deepseek_checkpoint
+    from speccompile.compile.driver import build_bundle
+    from speccompile.format.bundle import read_manifest
+    from speccompile.compile.presets import tiny_deepseek_checkpoint
     from speccompile.runtime.engine import Engine
     d = tempfile.mkdtemp()
     tiny_deepseek_checkpoint(f"{d}/ck", with_mtp=True)

@@ -29,9 +29,9 @@ def log(msg):
 
 
 def verify_times(bundle: str, committed: int, repeats: int, threads: int) -> dict[int, float]:
-    from speccompile.bundle import read_manifest
+    from speccompile.format.bundle import read_manifest
     from speccompile.runtime.engine import Engine
-    from speccompile.trees import depths
+    from speccompile.format.trees import depths
     m = read_manifest(bundle, verify_hashes=False)
     eng = Engine(bundle, m["models"]["target"], threads=threads, max_rows=64)
     rng = np.random.default_rng(0)

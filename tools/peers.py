@@ -19,7 +19,7 @@ def export_hf_dir(source: str | None, out_dir: str) -> str:
     """Write the target as a plain fp32 HF directory; both peers load it, so every method runs the same weights
     (for the default model: the GGUF dequantized once, exactly as speccompile's build does)."""
     if not os.path.isfile(os.path.join(out_dir, "config.json")):
-        from speccompile.sources import load_checkpoint, save_hf_dir
+        from speccompile.compile.sources import load_checkpoint, save_hf_dir
         save_hf_dir(load_checkpoint(source, progress=lambda m: print(m, file=sys.stderr)), out_dir)
     return out_dir
 

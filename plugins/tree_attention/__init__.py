@@ -64,7 +64,7 @@ def expand_plugin_nodes(model):
     import onnx
     from onnx import helper
 
-    from ...onnx_builder import OPSET, GraphBuilder
+    from speccompile.graphs.builder import OPSET, GraphBuilder
 
     class Scoped(GraphBuilder):  # names under the replaced node's, so they cannot collide with the graph's own
         def fresh(self, hint):

@@ -11,12 +11,12 @@ import os
 import numpy as np
 import onnxruntime as ort
 
-from ..bundle import resolve_inside
-from ..errors import SpeccompileError
-from .kv_cache import KVCache
+from speccompile.format.bundle import resolve_inside
+from speccompile.errors import SpeccompileError
+from speccompile.graphs import MAX_STEP_TOKENS
+from speccompile.runtime.kv_cache import KVCache
 
 NEG_INF = np.float32(-np.inf)
-MAX_STEP_TOKENS = 128  # tokens one pass may run: the prefill chunk, or a verify block
 BIAS_WIDTH_STEP = 64  # the attention bias's width grows in steps of this many slots
 
 
@@ -110,7 +110,7 @@ class Engine:
         self.aux = np.zeros((MAX_STEP_TOKENS, aux), np.float32) if aux else None  # what EAGLE heads read
         self.verify_feed = {"node_parents": np.zeros(max_rows, np.int64), "temperature": np.zeros(1, np.float32),
                             "top_k": np.zeros(1, np.int64), "uniforms": np.zeros((max_rows, 2))}
-        # a graph with the exact greedy head (speccompile.head_screen) takes full_logits: false lets a greedy pass
+        # a graph with the exact greedy head (speccompile.compile.head_screen) takes full_logits: false lets a greedy pass
         # read a quarter of the head's bytes; its logits are then estimates, its next_token still exact
         optional = {i.name for i in self.session.get_overridable_initializers()}  # inputs with defaults
         self._full_logits = np.ones(1, bool) if "full_logits" in optional else None

@@ -8,20 +8,22 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..bundle import read_manifest, resolve_inside
-from ..drafters.base import Drafter, Proposal
-from ..drafters.draft_model import DraftModelDrafter
-from ..drafters.lookup import LookupDrafter, LookupReach, join_lookup
-from ..drafters.medusa import MedusaDrafter
-from ..drafters.mtp import MtpDrafter
-from ..errors import ContextLengthError, SpeccompileError
-from ..trees import TreeSpec, accept_tree_greedy, accept_tree_sampled, depths
-from .engine import MAX_STEP_TOKENS, Engine
-from .sampling import SamplingParams, accept_greedy, accept_sampled, probabilities, sample
-from .tokenizer import BundleTokenizer
+from speccompile.format.bundle import read_manifest, resolve_inside
+from speccompile.runtime.drafters.base import Drafter, Proposal
+from speccompile.runtime.drafters.draft_model import DraftModelDrafter
+from speccompile.runtime.drafters.lookup import LookupDrafter, LookupReach, join_lookup
+from speccompile.runtime.drafters.medusa import MedusaDrafter
+from speccompile.runtime.drafters.mtp import MtpDrafter
+from speccompile.errors import ContextLengthError, SpeccompileError
+from speccompile.format.trees import TreeSpec, depths
+from speccompile.runtime.acceptance import accept_tree_greedy, accept_tree_sampled
+from speccompile.graphs import MAX_STEP_TOKENS, MAX_VERIFY_TOKENS
+from speccompile.runtime.engine import Engine
+from speccompile.runtime.sampling import SamplingParams, probabilities, sample
+from speccompile.runtime.acceptance import accept_greedy, accept_sampled
+from speccompile.runtime.tokenizer import BundleTokenizer
 
 PREFILL_CHUNK = MAX_STEP_TOKENS
-MAX_VERIFY_TOKENS = 64  # tokens one verify pass may check (the pending token + drafts)
 # a joined tree's lookup continuations reach at most this many times L deep (drafters/lookup.py LookupReach): on
 # SmolLM2 a 25-row pass costs ~3x a 1-row pass, so a repeating answer commits up to 25 tokens for it
 LOOKUP_REACH_LIMIT = 4
@@ -70,7 +72,7 @@ class Generator:
                 self.drafters[d["name"]] = MtpDrafter(d["name"], eng, models[d["model"]].get("draft_to_target"),
                                                       self.target.vocab_size)
             elif d["kind"] in ("eagle", "eagle3"):
-                from ..drafters.eagle import EagleDrafter
+                from speccompile.runtime.drafters.eagle import EagleDrafter
                 self.drafters[d["name"]] = EagleDrafter.load(d, bundle_dir, manifest, threads, device,
                                                              MAX_VERIFY_TOKENS)
             elif d["kind"] == "medusa":

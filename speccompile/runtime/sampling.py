@@ -1,10 +1,4 @@
-"""Sampling and acceptance rules.
-
-Greedy: accept the longest prefix of the draft that equals the target's argmax, then take the target's own token.
-Sampling (Leviathan et al. / Chen et al.): accept draft token x with probability min(1, p(x)/q(x)); on the first
-rejection sample from norm(max(0, p - q)); if all are accepted, sample the bonus token from p. The committed
-tokens then have exactly the target's distribution p (after temperature / top-k / top-p), whatever q is.
-"""
+"""Sampling settings and the distribution they define: temperature, top-k, top-p, and one draw from it."""
 from __future__ import annotations
 
 import dataclasses
@@ -54,28 +48,3 @@ def sample(p: np.ndarray, rng: np.random.Generator) -> int:
     """One draw from p [V] by inverse CDF (robust to tiny rounding in the sum)."""
     c = np.cumsum(p)
     return int(min(np.searchsorted(c, rng.random() * c[-1], side="right"), len(p) - 1))
-
-
-def accept_greedy(draft: np.ndarray, target_argmax: np.ndarray) -> tuple[int, int]:
-    """(number of draft tokens accepted, the target's token after them). target_argmax has len(draft)+1 rows."""
-    mismatch = np.flatnonzero(target_argmax[:len(draft)] != draft)
-    n = int(mismatch[0]) if len(mismatch) else len(draft)
-    return n, int(target_argmax[n])
-
-
-def accept_sampled(draft: np.ndarray, q: np.ndarray | None, p: np.ndarray,
-                   rng: np.random.Generator) -> tuple[int, int]:
-    """Chain speculative sampling. draft [k]; q [k, V] draft distributions, or None for a deterministic drafter
-    (q is then one-hot on the draft token); p [k+1, V] target distributions."""
-    for i, x in enumerate(draft):
-        qx = 1.0 if q is None else q[i, x]
-        if rng.random() * qx < p[i, x]:  # accept with probability min(1, p/q)
-            continue
-        if q is None:
-            residual = p[i].copy()
-            residual[x] = 0.0
-        else:
-            residual = np.maximum(p[i] - q[i], 0.0)
-        total = residual.sum()
-        return i, sample(residual / total if total > 0 else p[i], rng)
-    return len(draft), sample(p[len(draft)], rng)

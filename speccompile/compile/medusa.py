@@ -13,17 +13,17 @@ import re
 
 import numpy as np
 
-from .config import ModelConfig
-from .errors import CheckpointError
-from .int8 import SUFFIX_CODES, SUFFIX_SCALES, int8_product, matmul, quantize_matrices
-from .onnx_builder import GraphBuilder
+from speccompile.compile.config import ModelConfig
+from speccompile.errors import CheckpointError
+from speccompile.compile.int8 import SUFFIX_CODES, SUFFIX_SCALES, int8_product, matmul, quantize_matrices
+from speccompile.graphs.builder import GraphBuilder
 
 _NAME = re.compile(r"^(?:medusa_head\.)?(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
 
 
 def load_medusa(path: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """Read Medusa heads from safetensors; returns graph weights medusa.{k}.{j}.w|b and medusa.{k}.out."""
-    from .sources import read_safetensors, refuse_pickle
+    from speccompile.compile.sources import read_safetensors, refuse_pickle
     refuse_pickle(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"Medusa heads not found: {path}")
@@ -71,7 +71,7 @@ def share_target_head(weights: dict[str, np.ndarray], target_head: np.ndarray) -
 
 
 def int8_medusa(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The heads' matrices in int8 (speccompile.int8; drafts need not be exact)."""
+    """The heads' matrices in int8 (speccompile.compile.int8; drafts need not be exact)."""
     blocks = [k for k in weights if k.endswith(".w")]
     return quantize_matrices(quantize_matrices(weights, blocks), [k for k in weights if k.endswith(".out")],
                              layout="nk")

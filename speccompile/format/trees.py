@@ -20,9 +20,9 @@ import os
 
 import numpy as np
 
-from .errors import SpeccompileError
+from speccompile.errors import SpeccompileError
+from speccompile.graphs import MAX_TREE_NODES
 
-MAX_TREE_NODES = 63  # + the pending token = 64 rows of the verify pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,47 +111,3 @@ def depths(parents: np.ndarray) -> np.ndarray:
     for i, p in enumerate(parents):
         d[i] = 0 if p < 0 else d[p] + 1
     return d
-
-
-def accept_tree_greedy(tokens: np.ndarray, parents: np.ndarray, target_argmax: np.ndarray):
-    """Longest root-to-node path whose tokens are the target's greedy choices.
-
-    Rows of target_argmax: row 0 is the pending (last committed) token, row 1+i is tree node i.
-    Returns (accepted node indices, in order; the target's token after them)."""
-    path, row = [], 0
-    while True:
-        want = target_argmax[row]
-        parent = path[-1] if path else -1
-        hit = np.flatnonzero((parents == parent) & (tokens == want))
-        if not len(hit):
-            return path, int(want)
-        path.append(int(hit[0]))
-        row = path[-1] + 1
-
-
-def accept_tree_sampled(tokens: np.ndarray, parents: np.ndarray, p: np.ndarray, rng: np.random.Generator):
-    """Lossless multi-candidate verification (SpecInfer-style recursive rejection) for deterministic candidates.
-
-    At each step the node's children are tried in order; child x is accepted with probability p'(x), where p' is
-    the target distribution with the already-rejected siblings removed and renormalised. The committed token at
-    every step is thus distributed exactly as p. p: [1 + len(tokens), V] target distributions per row."""
-    from .runtime.sampling import sample
-    path, row = [], 0
-    while True:
-        dist = p[row].copy()
-        parent = path[-1] if path else -1
-        accepted = None
-        for child in np.flatnonzero(parents == parent):
-            x = tokens[child]
-            if rng.random() < dist[x]:
-                accepted = int(child)
-                break
-            dist[x] = 0.0
-            total = dist.sum()
-            if total <= 0:
-                break
-            dist /= total
-        if accepted is None:
-            return path, sample(dist if dist.sum() > 0 else p[row], rng)
-        path.append(accepted)
-        row = accepted + 1

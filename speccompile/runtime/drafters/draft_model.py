@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..runtime.engine import Engine
-from ..runtime.sampling import probabilities, sample
-from .base import Drafter, Proposal
+from speccompile.runtime.engine import Engine
+from speccompile.runtime.sampling import probabilities, sample
+from speccompile.runtime.drafters.base import Drafter, Proposal
 
 
 class DraftModelDrafter(Drafter):
@@ -50,7 +50,7 @@ class DraftModelDrafter(Drafter):
 
     def _feed_all_but_last(self, context) -> None:
         """Run the context (except its last token) into the draft cache in chunks a pass can take."""
-        from ..runtime.engine import MAX_STEP_TOKENS
+        from speccompile.graphs import MAX_STEP_TOKENS
         cache = self.engine.cache
         while cache.length < len(context) - 1:
             chunk = context[cache.length:min(len(context) - 1, cache.length + MAX_STEP_TOKENS)]

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import ModelConfig
-from .tensors import TensorReader
+from speccompile.compile.config import ModelConfig
+from speccompile.compile.tensors import TensorReader
 
 
 def lower_layer_weights(cfg: ModelConfig, tensors: dict[str, np.ndarray], hf_prefix: str, prefix: str,
@@ -50,7 +50,7 @@ def lower_layer_weights(cfg: ModelConfig, tensors: dict[str, np.ndarray], hf_pre
                                                   r.get("mlp.up_proj.weight", (I, H))]).T)
         w[prefix + "down"] = T(r.get("mlp.down_proj.weight", (H, I)).T)
         return w
-    from .moe import lower_moe_weights
+    from speccompile.compile.moe import lower_moe_weights
     return w | lower_moe_weights(cfg, TensorReader(tensors, hf_prefix + "mlp."), prefix)
 
 

@@ -22,9 +22,9 @@ import shutil
 
 import numpy as np
 
-from .errors import SpeccompileError, UnsupportedModelError
-from .plugins import tree_attention
-from .runtime.engine import MAX_STEP_TOKENS  # the runtime's largest step: a prefill chunk
+from speccompile.errors import SpeccompileError, UnsupportedModelError
+from speccompile.plugins import tree_attention
+from speccompile.graphs import MAX_STEP_TOKENS  # the runtime's largest step: a prefill chunk
 
 PLUGIN_ENV = "SPECCOMPILE_TRT_PLUGIN"  # the plugin library to use, if not the one built in the source tree
 PLUGIN_SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(tree_attention.__file__)), "tensorrt")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import CheckpointError
+from speccompile.errors import CheckpointError
 
 
 class TensorReader:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .errors import UnsupportedModelError
+from speccompile.errors import UnsupportedModelError
 
 # Architectures whose decoder block is the Llama block, differing only in the facts ModelConfig records.
 SUPPORTED_ARCHITECTURES = {

@@ -21,7 +21,7 @@ import tempfile
 
 import numpy as np
 
-from .errors import BundleError
+from speccompile.errors import BundleError
 
 FORMAT = "speccompile-bundle"
 FORMAT_VERSION = 1

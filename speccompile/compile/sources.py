@@ -14,8 +14,8 @@ import tempfile
 
 import numpy as np
 
-from .config import ModelConfig
-from .errors import CheckpointError, UnsupportedModelError
+from speccompile.compile.config import ModelConfig
+from speccompile.errors import CheckpointError, UnsupportedModelError
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -64,7 +64,7 @@ def load_checkpoint(source: str | None, progress=print) -> Checkpoint:
     if source in (None, "", DEFAULT_MODEL):
         source = default_model_path()
     if source.startswith("tiny:"):
-        from .presets import tiny_checkpoint
+        from speccompile.compile.presets import tiny_checkpoint
         return tiny_checkpoint(source[len("tiny:"):])
     if not os.path.exists(source):
         raise CheckpointError(f"checkpoint not found: {source}")
@@ -208,7 +208,7 @@ SHIPPED_HEADS = {  # sha256 of the target's source -> head file shipped in specc
 def shipped_head(target: Checkpoint) -> str | None:
     """The draft head that ships with speccompile for this exact target checkpoint, if any."""
     name = SHIPPED_HEADS.get(target.source.get("sha256", "")[:16])
-    path = os.path.join(os.path.dirname(__file__), "heads", name) if name else None
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "heads", name) if name else None
     return path if path and os.path.isfile(path) else None
 
 

@@ -26,8 +26,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from .int8 import BLOCK, int8_blocks, int8_product
-from .onnx_builder import GraphBuilder
+from speccompile.compile.int8 import BLOCK, int8_blocks, int8_product
+from speccompile.graphs.builder import GraphBuilder
 
 CANDIDATES = 64  # tokens rescored in float32 per row (certified every measured SmolLM2 step; 32 certified 99%)
 SLACK = 1.01  # the bound's margin on top of the factor 2 above

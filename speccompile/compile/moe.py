@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import ModelConfig
-from .tensors import TensorReader
+from speccompile.compile.config import ModelConfig
+from speccompile.compile.tensors import TensorReader
 
 
 def lower_moe_weights(cfg: ModelConfig, r: TensorReader, prefix: str) -> dict[str, np.ndarray]:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from ..bundle import resolve_inside
-from ..errors import BundleError
-from ..runtime.engine import Engine, session_options
-from .mtp import MtpDrafter
+from speccompile.format.bundle import resolve_inside
+from speccompile.errors import BundleError
+from speccompile.runtime.engine import Engine, session_options
+from speccompile.runtime.drafters.mtp import MtpDrafter
 
 
 class EagleDrafter(MtpDrafter):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .onnx_builder import GraphBuilder
+from speccompile.graphs.builder import GraphBuilder
 
 BLOCK = 32  # quantization block along the input dimension (GGUF's Q8_0 block)
 SUFFIX_CODES, SUFFIX_SCALES = ".int8", ".int8_scales"

@@ -12,15 +12,15 @@ import re
 
 import numpy as np
 
-from .config import ModelConfig
-from .errors import CheckpointError
-from .graphs import VERIFY_DEFAULTS, decoder_signature
-from .onnx_builder import GraphBuilder
-from .plugins import tree_attention
-from .tensors import TensorReader
-from .head_screen import emit_head
-from .int8 import SUFFIX_CODES, SUFFIX_SCALES, int8_product, matmul
-from .verify import emit_verify, sampling_flag
+from speccompile.compile.config import ModelConfig
+from speccompile.errors import CheckpointError
+from speccompile.graphs import VERIFY_DEFAULTS, decoder_signature
+from speccompile.graphs.builder import GraphBuilder
+from speccompile.plugins import tree_attention
+from speccompile.compile.tensors import TensorReader
+from speccompile.compile.head_screen import emit_head
+from speccompile.compile.int8 import SUFFIX_CODES, SUFFIX_SCALES, int8_product, matmul
+from speccompile.compile.verify import emit_verify, sampling_flag
 
 
 def expected_checkpoint_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -72,7 +72,7 @@ def lower_weights(cfg: ModelConfig, tensors: dict[str, np.ndarray], max_seq_len:
             w[f"l{i}.qkv_bias"] = np.concatenate([f32(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
         w[f"l{i}.o"] = np.ascontiguousarray(f32(p + "self_attn.o_proj.weight").T)
         if cfg.n_routed_experts:  # Mixtral
-            from .moe import lower_moe_weights
+            from speccompile.compile.moe import lower_moe_weights
             w |= lower_moe_weights(cfg, TensorReader(tensors, p + "block_sparse_moe."), f"l{i}.")
             continue
         # gate and up as two matrices, not one fused [H, 2I]: splitting the fused product costs a Split node per
@@ -85,7 +85,7 @@ def lower_weights(cfg: ModelConfig, tensors: dict[str, np.ndarray], max_seq_len:
 
 
 def _lower_deepseek_weights(cfg: ModelConfig, tensors: dict[str, np.ndarray], max_seq_len: int):
-    from .deepseek import lower_layer_weights
+    from speccompile.compile.deepseek import lower_layer_weights
     for name, shape in (("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size)),
                         ("model.norm.weight", (cfg.hidden_size,))):
         if name not in tensors:
@@ -124,7 +124,7 @@ def lower_mtp_weights(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[
         raise CheckpointError(f"mtp.eh_proj.weight has shape {tuple(tensors['mtp.eh_proj.weight'].shape)}, "
                               f"expected {(H, 2 * H)}")
     if cfg.is_mla:
-        from .deepseek import lower_layer_weights
+        from speccompile.compile.deepseek import lower_layer_weights
         moe = "mtp.layer.mlp.gate.weight" in tensors
         out = lower_layer_weights(cfg, {k.replace("mtp.layer.", "mtp.l0."): v for k, v in tensors.items()},
                                   "mtp.l0.", "mtp.l0.", moe)
@@ -155,7 +155,7 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
          the next token's embedding, then its one block (weights mtp.l0.*) and its own norm (mtp.norm) feed the
          target's output head.
     verify: add the verify extension (in-graph acceptance, see `emit_verify`); the target's graph has it.
-    head: with mtp, the head's layout: "mtp", or "eagle"/"eagle3" (see speccompile.eagle; norm_before_residual is
+    head: with mtp, the head's layout: "mtp", or "eagle"/"eagle3" (see speccompile.compile.eagle; norm_before_residual is
           an EAGLE-3 variant).
     aux_layers: add the output aux_hidden_states, these features side by side: layer id i = the residual stream
           entering layer i (num_layers: after the last layer), "norm" = after the final norm.
@@ -165,7 +165,7 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
     D = cfg.head_dim
     g = GraphBuilder(name)
     vocab = len(weights["mtp.d2t"]) if "mtp.d2t" in weights else cfg.vocab_size
-    # the exact greedy head (speccompile.head_screen): a target with the verify extension whose build added the
+    # the exact greedy head (speccompile.compile.head_screen): a target with the verify extension whose build added the
     # screen's tensors; fused only (its MatMulNBits is onnxruntime's)
     screen = verify and fused and not mtp and "head_screen.codes" in weights
     ins, outs = decoder_signature(L, cfg.cache_kv_heads, cfg.cache_head_dim, max_seq_len, vocab, cfg.hidden_size, mtp,
@@ -203,8 +203,8 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
 
     h = g.op("Gather", [W.get("mtp.embed", W["embed"]), "input_ids"], axis=0)[0]
     x = None
-    if mtp and head != "mtp":  # EAGLE heads: speccompile.eagle
-        from .eagle import emit_head_input
+    if mtp and head != "mtp":  # EAGLE heads: speccompile.compile.eagle
+        from speccompile.compile.eagle import emit_head_input
         x, h = emit_head_input(g, W, head, norm, h, norm_before_residual)
     elif mtp:  # z = eh_proj([enorm(embedding); hnorm(hidden)])
         both = g.op("Concat", [norm(h, W["mtp.enorm"]), norm("hidden_in", W["mtp.hnorm"])], axis=-1)[0]
@@ -217,7 +217,7 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
         taps[i] = h
         p = f"{prefix}l{i}."
         if cfg.is_mla:
-            from .deepseek import emit_mla
+            from speccompile.compile.deepseek import emit_mla
             a = emit_mla(g, cfg, W, p, x, i, norm, total_len, cfg.mla_cache)
         else:
             qkv = matmul(g, x, W, p + "qkv")
@@ -232,7 +232,7 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
             a = matmul(g, a, W, p + "o")
         x, h = add_norm(a, h, W[p + "mlp_norm"])
         if p + "experts.gate_up" in W:
-            from .moe import emit_moe
+            from speccompile.compile.moe import emit_moe
             m = emit_moe(g, cfg, W, p, x)
         else:
             if p + "gate" in W or p + "gate" + SUFFIX_CODES in W:
@@ -252,7 +252,7 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
     squeeze0 = g.const(np.array([0], np.int64))
     # the residual stream before the final norm: what MTP/EAGLE-style heads consume
     g.op("Squeeze", [h, squeeze0], outputs=["hidden_states"])
-    if aux_layers:  # the features EAGLE heads read (speccompile.eagle)
+    if aux_layers:  # the features EAGLE heads read (speccompile.compile.eagle)
         taps |= {L: h, "norm": x}
         g.op("Squeeze", [g.op("Concat", [taps[t] for t in aux_layers], axis=-1)[0], squeeze0],
              outputs=["aux_hidden_states"])
@@ -264,7 +264,7 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
         exact = g.op("Squeeze", ["full_logits", squeeze0])[0]
         emit_head(g, rows, head, W, g.op("Not", [g.op("Or", [exact, sampling])[0]])[0])
     else:
-        if "mtp.head" + SUFFIX_CODES in W:  # an int8 draft head (speccompile.int8)
+        if "mtp.head" + SUFFIX_CODES in W:  # an int8 draft head (speccompile.compile.int8)
             int8_product(g, rows, W["mtp.head" + SUFFIX_CODES], W["mtp.head" + SUFFIX_SCALES], output="logits")
         elif "head_screen.codes" in W:  # an int8 draft head over the target's whole vocabulary
             int8_product(g, rows, W["head_screen.codes"], W["head_screen.scales"], output="logits")

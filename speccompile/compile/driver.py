@@ -15,71 +15,20 @@ import json
 import os
 import time
 
-from . import __version__
-from .bundle import atomic_bundle_dir, finalize_manifest, write_weights
+from speccompile import __version__
+from speccompile.format.bundle import atomic_bundle_dir, finalize_manifest, write_weights
 import numpy as np
 
-from .errors import CheckpointError, SpeccompileError, TokenizerMismatchError, UnsupportedModelError
-from .graphs import DECODER_GRAPH_VERSION, decoder_signature
-from .head_screen import quantize_head, screenable
-from .int8 import SUFFIX_CODES, quantize_matrices
-from .lower import build_decoder, lower_mtp_weights, lower_weights
-from . import trt_backend
-from .plugins import tree_attention
-from .sources import Checkpoint, default_head_path, load_checkpoint, load_mtp_head, sha256_path, shipped_head
-from .trees import TreeSpec
-
-
-# Tokens a drafter proposes per pass unless --num-draft says otherwise: 4, but 2 for MTP heads, each of whose
-# drafts costs a head pass. Measured with the shipped SmolLM2 head (int8) on 13 Spec-Bench prompts, one per
-# category, 96 tokens, 2 threads: a chain of 2 ran 1.15x autoregressive (1.10x paired), a chain of 4 1.01x.
-DEFAULT_NUM_DRAFT = {"mtp": 2}
-# drafters that verify a tree unless --tree or --num-draft says otherwise. On Spec-Bench (13 prompts, one per
-# category, 96 tokens, 2 threads) the shipped SmolLM2 head's dynamic tree of 2 nodes joined by up to 6 prompt-lookup
-# nodes committed 1.90 tokens per pass at 1.21x autoregressive (1.29x paired); the head's dynamic tree of 4 alone
-# 1.67 at 1.12x (1.11x), joined by 4 lookup nodes 2.00 at 1.12x (1.17x); lookup alone 1.35 at 1.09x (1.18x).
-# Each head node beyond the first costs a head pass, each lookup node only a verify row.
-DEFAULT_TREE = {"mtp": "dynamic:2+lookup:6"}
-
-
-@dataclasses.dataclass
-class DraftSpec:
-    kind: str  # "lookup" | "layerskip" | "model"
-    arg: str | None = None
-
-    @property
-    def name(self) -> str:
-        return self.kind if self.kind in ("lookup", "model", "mtp", "medusa", "eagle", "eagle3") else \
-            f"{self.kind}:{self.arg}"
-
-    @classmethod
-    def parse(cls, spec: str) -> "DraftSpec | None":
-        kind, _, arg = spec.partition(":")
-        if kind == "none":
-            return None
-        if kind == "lookup":
-            return cls("lookup", arg or None)
-        if kind == "layerskip":
-            if not arg.isdigit():
-                raise SpeccompileError(f"--draft {spec!r}: layerskip needs a layer count, e.g. layerskip:8")
-            return cls("layerskip", arg)
-        if kind == "mtp":
-            return cls("mtp", arg or None)
-        if kind == "medusa":
-            if not arg:
-                raise SpeccompileError(f"--draft {spec!r}: medusa needs a heads file, e.g. medusa:medusa_lm_head.safetensors")
-            return cls("medusa", arg)
-        if kind in ("eagle", "eagle3"):
-            if not arg:
-                raise SpeccompileError(f"--draft {spec!r}: {kind} needs the head's safetensors file or directory, "
-                                       f"e.g. {kind}:/path/to/head")
-            return cls(kind, arg)
-        if kind == "model":
-            if not arg:
-                raise SpeccompileError(f"--draft {spec!r}: model needs a path, e.g. model:/path/to/draft")
-            return cls("model", arg)
-        raise SpeccompileError(f"--draft {spec!r}: unknown drafter; use model:PATH, mtp[:PATH], medusa:PATH, "
-                               "eagle:PATH, eagle3:PATH, lookup, layerskip:L or none")
+from speccompile.errors import CheckpointError, SpeccompileError, TokenizerMismatchError, UnsupportedModelError
+from speccompile.graphs import DECODER_GRAPH_VERSION, decoder_signature
+from speccompile.compile.head_screen import quantize_head, screenable
+from speccompile.compile.int8 import SUFFIX_CODES, quantize_matrices
+from speccompile.compile.lower import build_decoder, lower_mtp_weights, lower_weights
+from speccompile.compile import trt_backend
+from speccompile.plugins import tree_attention
+from speccompile.compile.sources import (Checkpoint, default_head_path, load_checkpoint, load_mtp_head, sha256_path, shipped_head)
+from speccompile.format.drafter_kinds import KINDS, DraftSpec
+from speccompile.format.trees import TreeSpec
 
 
 def tokenizer_fingerprint(files: dict[str, bytes]) -> str:
@@ -144,7 +93,7 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
     """Compile `source` and its drafters into the bundle `out`. drafts=None: the MTP head shipped for the target
     if there is one, and prompt lookup. backend="tensorrt" adds a TensorRT engine per model (trt_backend).
     head_screen: give the target's greedy passes the exact int8-screened output head (head_screen.py).
-    draft_precision: "int8" stores MTP heads' matrices in int8 (speccompile.int8), or "float32"."""
+    draft_precision: "int8" stores MTP heads' matrices in int8 (speccompile.compile.int8), or "float32"."""
     t0 = time.perf_counter()
     toolchain = None
     if backend == "tensorrt":  # checked first: a build refused for want of TensorRT has done and written nothing
@@ -182,7 +131,7 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
         progress("      quantize: int8 screen of the output head (greedy argmax stays exact)")
         target_w |= quantize_head(target_w.get("lm_head", target_w["embed"]))
     progress("[3/4] graph: emitting static decoder graphs")
-    from .eagle import target_aux_layers
+    from speccompile.compile.eagle import target_aux_layers
     aux = target_aux_layers(specs, cfg)  # the target features EAGLE heads read (none without them)
     graphs = {"target": (build_decoder(cfg, weights["target.bin"], max_seq_len, attention=attention, fused=fused,
                                        name="target", verify=True, aux_layers=aux),
@@ -193,9 +142,10 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
         models["target"]["aux_hidden_layers"] = aux
     drafters = []
     for spec in specs:
-        tree_of = tree_spec or (TreeSpec.parse(DEFAULT_TREE[spec.kind])
-                                if num_draft is None and spec.kind in DEFAULT_TREE else None)
-        entry = {"name": spec.name, "kind": spec.kind, "num_draft": num_draft or DEFAULT_NUM_DRAFT.get(spec.kind, 4),
+        kind = KINDS[spec.kind]
+        tree_of = tree_spec or (TreeSpec.parse(kind.default_tree) if num_draft is None and kind.default_tree
+                                else None)
+        entry = {"name": spec.name, "kind": spec.kind, "num_draft": num_draft or kind.default_num_draft,
                  "tree": tree_of.to_dict() if tree_of else None}
         if spec.kind == "lookup":
             entry["max_ngram"] = int(spec.arg) if spec.arg else 3
@@ -234,7 +184,7 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
                 weights["mtp.bin"]["mtp.d2t"] = d2t
                 weights["mtp.bin"]["mtp.head"] = np.ascontiguousarray(target_w.get("lm_head", target_w["embed"])[d2t])
             if draft_precision == "int8" and not cfg.is_mla:
-                progress("      quantize: the MTP head's matrices to int8 (speccompile.int8)")
+                progress("      quantize: the MTP head's matrices to int8 (speccompile.compile.int8)")
                 weights["mtp.bin"] = int8_draft_head(weights["mtp.bin"], target_w)
             shared = head_shared_weights(weights["mtp.bin"], target_w)
             graphs["mtp_head"] = (build_decoder(cfg, weights["mtp.bin"] | shared, max_seq_len, attention=attention,
@@ -246,11 +196,11 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
             models["mtp_head"]["source"] = {"path": os.path.abspath(path), "sha256": sha256_path(path)}
             entry["model"] = "mtp_head"
         elif spec.kind in ("eagle", "eagle3"):
-            from .eagle import build_eagle
+            from speccompile.compile.eagle import build_eagle
             entry |= build_eagle(spec, cfg, weights, graphs, models, max_seq_len, attention, fused, aux,
                                  draft_precision, progress)
         elif spec.kind == "medusa":
-            from .medusa import build_medusa, int8_medusa, load_medusa, num_heads, share_target_head
+            from speccompile.compile.medusa import (build_medusa, int8_medusa, load_medusa, num_heads, share_target_head)
             target_head = target_w.get("lm_head", target_w["embed"])
             medusa_w = share_target_head(load_medusa(spec.arg, cfg), target_head)
             shared = {"final_norm": target_w["final_norm"]}
@@ -258,7 +208,7 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
             if shares_head:
                 progress("      medusa: every head's output matrix is the target's: one shared product")
             if draft_precision == "int8":
-                progress("      quantize: the Medusa heads' matrices to int8 (speccompile.int8)")
+                progress("      quantize: the Medusa heads' matrices to int8 (speccompile.compile.int8)")
                 medusa_w = int8_medusa(medusa_w)
             if shares_head:
                 shared |= target_output_head(target_w, int8=draft_precision == "int8")

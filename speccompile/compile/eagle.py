@@ -37,11 +37,11 @@ import os
 
 import numpy as np
 
-from .config import ModelConfig
-from .errors import CheckpointError, SpeccompileError, UnsupportedModelError
-from .int8 import matmul
-from .onnx_builder import GraphBuilder
-from .sources import PICKLE_SUFFIXES, read_safetensors, refuse_pickle
+from speccompile.compile.config import ModelConfig
+from speccompile.errors import CheckpointError, SpeccompileError, UnsupportedModelError
+from speccompile.compile.int8 import matmul
+from speccompile.graphs.builder import GraphBuilder
+from speccompile.compile.sources import PICKLE_SUFFIXES, read_safetensors, refuse_pickle
 
 KINDS = ("eagle", "eagle3")
 NORM_TAP = "norm"  # the target's output after its final norm (EAGLE-1's feature)
@@ -252,7 +252,7 @@ def lower_eagle_head(head: EagleHead, target: ModelConfig, hcfg: ModelConfig, ta
         if en is not None:
             w["mtp.enorm"], w["mtp.hnorm"] = en, hn
     if (hcfg.head_dim, hcfg.rope_theta) != (target.rope_dim, target.rope_theta):
-        from .plugins import tree_attention
+        from speccompile.plugins import tree_attention
         w["mtp.rope.cos"], w["mtp.rope.sin"] = tree_attention.rope_tables(max_seq_len, hcfg.head_dim,
                                                                           hcfg.rope_theta)
     return w, d2t
@@ -288,9 +288,9 @@ def build_eagle(spec, cfg: ModelConfig, weights: dict, graphs: dict, models: dic
                 attention: str, fused: bool, target_aux: list, draft_precision: str, progress) -> dict:
     """The build pass for an `eagle:PATH` / `eagle3:PATH` drafter: load, lower, emit the head graph (and
     EAGLE-3's fc graph) into graphs/models/weights; returns the drafter entry's additions."""
-    from .build import _model_entry, head_shared_weights, int8_draft_head
-    from .lower import build_decoder
-    from .sources import sha256_path
+    from speccompile.compile.driver import _model_entry, head_shared_weights, int8_draft_head
+    from speccompile.compile.lower import build_decoder
+    from speccompile.compile.sources import sha256_path
     kind = spec.kind
     head = load_eagle_head(spec.arg, kind)
     hcfg = head_config(head, cfg)
@@ -301,7 +301,7 @@ def build_eagle(spec, cfg: ModelConfig, weights: dict, graphs: dict, models: dic
     target_w = weights["target.bin"]
     w, d2t = lower_eagle_head(head, cfg, hcfg, target_w, max_seq_len)
     if draft_precision == "int8":
-        progress(f"      quantize: the {kind} head's matrices to int8 (speccompile.int8)")
+        progress(f"      quantize: the {kind} head's matrices to int8 (speccompile.compile.int8)")
         w = int8_draft_head(w, target_w)
     weights[wfile] = w
     head_w = {k: v for k, v in w.items() if k != "mtp.eagle3.fc"} | head_shared_weights(w, target_w)

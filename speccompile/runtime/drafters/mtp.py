@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..runtime.engine import MAX_STEP_TOKENS, Engine
-from ..runtime.sampling import probabilities, sample
-from .base import Drafter, Proposal
-from .draft_model import _log_softmax, _TreeDraft, grow_tree
+from speccompile.graphs import MAX_STEP_TOKENS
+
+from speccompile.runtime.engine import Engine
+from speccompile.runtime.sampling import probabilities, sample
+from speccompile.runtime.drafters.base import Drafter, Proposal
+from speccompile.runtime.drafters.draft_model import _log_softmax, _TreeDraft, grow_tree
 
 
 class MtpDrafter(Drafter):

@@ -67,8 +67,8 @@ import tempfile
 import time
 from typing import Callable
 
-from .errors import SpeccompileError
-from .trees import TreeSpec
+from speccompile.errors import SpeccompileError
+from speccompile.format.trees import TreeSpec
 
 SCHEMA_VERSION = 1
 AUTOREGRESSIVE = "autoregressive"
@@ -182,7 +182,7 @@ def copy_bandwidth_gbps(threads: int = 1, mib: int = BANDWIDTH_ARRAY_MIB, tries:
 
 def measure_machine_bandwidth(threads: int) -> float:
     """In a child process: the probe's 512 MiB of arrays must not count in this process's peak memory."""
-    code = f"from speccompile.bench import copy_bandwidth_gbps; print(copy_bandwidth_gbps({int(threads)}))"
+    code = f"from speccompile.bench.benchmark import copy_bandwidth_gbps; print(copy_bandwidth_gbps({int(threads)}))"
     probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if probe.returncode != 0:
         raise SpeccompileError(f"the memory bandwidth probe failed: {probe.stderr.strip()[-500:]}")
@@ -204,7 +204,7 @@ def versions() -> dict:
     import numpy
     import onnxruntime
     import tokenizers
-    from . import __version__
+    from speccompile import __version__
     out = {"speccompile": __version__, "python": platform.python_version(), "numpy": numpy.__version__,
            "onnxruntime": onnxruntime.__version__, "tokenizers": tokenizers.__version__}
     for module in ("torch", "transformers"):  # only when --compare-transformers imported them
@@ -416,7 +416,7 @@ class Benchmark:
         log("measuring the machine's memory bandwidth")
         self.bandwidth = measure_machine_bandwidth(settings.threads or os.cpu_count() or 1)
 
-        from . import load
+        from speccompile import load
         self.gen = load(bundle_dir, threads=settings.threads)
         self.prompts, self.skipped = pick_prompts(questions, settings.limit, self.gen.encode_chat,
                                                   self.gen.max_seq_len - settings.max_new_tokens)
@@ -492,7 +492,7 @@ def _hf_model_dir(source: dict, workdir: str) -> tuple[str, dict]:
     if kind == "hf":
         return path, {}
     if kind == "tiny":  # random-weight presets exist only in speccompile: write them out as an HF directory
-        from .sources import load_checkpoint, save_hf_dir
+        from speccompile.compile.sources import load_checkpoint, save_hf_dir
         out = os.path.join(workdir, path.replace(":", "_"))
         save_hf_dir(load_checkpoint(path, progress=lambda msg: None), out)
         return out, {}

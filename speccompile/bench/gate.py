@@ -20,8 +20,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from .bench import SCHEMA_VERSION
-from .errors import SpeccompileError
+from speccompile.bench.benchmark import SCHEMA_VERSION
+from speccompile.errors import SpeccompileError
 
 # Settings that change what is decoded: results that differ in them are not comparable.
 DECODING_SETTINGS = ("max_new_tokens", "tree", "dataset_sha256")

@@ -11,8 +11,8 @@ import dataclasses
 
 import numpy as np
 
-from ..runtime.sampling import SamplingParams
-from ..trees import TreeSpec
+from speccompile.runtime.sampling import SamplingParams
+from speccompile.format.trees import TreeSpec
 
 
 @dataclasses.dataclass

@@ -9,8 +9,8 @@ import dataclasses
 
 import numpy as np
 
-from ..trees import TreeSpec
-from .base import Drafter, Proposal
+from speccompile.format.trees import TreeSpec
+from speccompile.runtime.drafters.base import Drafter, Proposal
 
 
 class LookupDrafter(Drafter):

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from ..bundle import resolve_inside
-from ..runtime.engine import session_options
-from ..trees import TreeSpec
-from .base import Drafter, Proposal
+from speccompile.format.bundle import resolve_inside
+from speccompile.runtime.engine import session_options
+from speccompile.format.trees import TreeSpec
+from speccompile.runtime.drafters.base import Drafter, Proposal
 
 
 class MedusaDrafter(Drafter):

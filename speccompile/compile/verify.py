@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from .onnx_builder import GraphBuilder
+from speccompile.graphs.builder import GraphBuilder
 
 F64 = TensorProto.DOUBLE
 

@@ -1,0 +1,78 @@
+"""The one table of drafter kinds: how each is named on the command line, its defaults, and its two halves.
+
+A kind has a build half (`speccompile.compile.drafters.<module>`: spec -> weights, graphs, manifest entry) and a
+runtime half (`speccompile.runtime.drafters.<module>`: manifest entry -> Drafter). The halves live in two layers
+because the runtime must import neither onnx nor torch; this table, below both, is what ties them together.
+Adding a kind = its two modules + one line here.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from speccompile.errors import SpeccompileError
+
+
+@dataclasses.dataclass(frozen=True)
+class DrafterKind:
+    name: str
+    arg: str  # what may follow "NAME:": "none", "optional" or "required"
+    usage: str  # e.g. "mtp[:PATH]"
+    summary: str
+    module: str = ""  # the halves' module name (default: the kind's name)
+    default_num_draft: int = 4  # tokens per pass when neither --num-draft nor --tree says
+    default_tree: str | None = None  # the tree it verifies unless --num-draft or --tree says otherwise
+    named_by_arg: bool = False  # the drafter's name carries its argument (layerskip:8 and layerskip:12 differ)
+
+    @property
+    def build_module(self) -> str:
+        return f"speccompile.compile.drafters.{self.module or self.name}"
+
+    @property
+    def runtime_module(self) -> str:
+        return f"speccompile.runtime.drafters.{self.module or self.name}"
+
+
+# Each head node costs a head pass, each lookup node only a verify row: the measurements behind the MTP defaults
+# are in docs/results.md ("Drafter defaults").
+KINDS: dict[str, DrafterKind] = {k.name: k for k in (
+    DrafterKind("model", "required", "model:PATH", "a separate draft model with the target's tokenizer",
+                module="draft_model"),
+    DrafterKind("layerskip", "required", "layerskip:L", "the target's first L layers + its norm and head",
+                named_by_arg=True),
+    DrafterKind("lookup", "optional", "lookup[:N]", "prompt lookup: n-gram matches (n <= N, default 3)"),
+    DrafterKind("mtp", "optional", "mtp[:PATH]", "a multi-token-prediction head (bare: the head shipped for the "
+                "target)", default_num_draft=2, default_tree="dynamic:2+lookup:6"),
+    DrafterKind("eagle", "required", "eagle:PATH", "an EAGLE-1/2 head (safetensors file or directory)"),
+    DrafterKind("eagle3", "required", "eagle3:PATH", "an EAGLE-3 head (safetensors file or directory)",
+                module="eagle"),
+    DrafterKind("medusa", "required", "medusa:PATH", "a Medusa heads file (safetensors)"),
+)}
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftSpec:
+    """One --draft argument: a kind of KINDS and what follows its colon."""
+    kind: str
+    arg: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{self.arg}" if KINDS[self.kind].named_by_arg else self.kind
+
+    @classmethod
+    def parse(cls, spec: str) -> "DraftSpec | None":
+        """None for "none"; a SpeccompileError naming the choices for anything else that is not a kind."""
+        kind, _, arg = spec.partition(":")
+        if kind == "none":
+            return None
+        if kind not in KINDS:
+            choices = ", ".join(k.usage for k in KINDS.values())
+            raise SpeccompileError(f"--draft {spec!r}: unknown drafter; use {choices} or none")
+        k = KINDS[kind]
+        if k.arg == "required" and not arg:
+            raise SpeccompileError(f"--draft {spec!r}: {kind} needs an argument: {k.usage} ({k.summary})")
+        if k.arg == "none" and arg:
+            raise SpeccompileError(f"--draft {spec!r}: {kind} takes no argument")
+        if kind in ("layerskip", "lookup") and arg and not arg.isdigit():
+            raise SpeccompileError(f"--draft {spec!r}: {k.usage} needs a whole number, e.g. {kind}:8")
+        return cls(kind, arg or None)
