@@ -190,7 +190,10 @@ def _csv(value: str | None) -> tuple[str, ...]:
 def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, repeats, threads, json_out, plot_out,
           compare_transformers):
     """Benchmark BUNDLE: speculative against autoregressive decoding, per prompt category."""
-    from speccompile.bench.benchmark import Benchmark, BenchSettings, format_table, plot, write_json
+    from speccompile.bench.plot import plot
+    from speccompile.bench.report import format_table, write_json
+    from speccompile.bench.run import Benchmark
+    from speccompile.bench.settings import BenchSettings
     settings = BenchSettings(dataset=dataset, categories=_csv(categories), limit=limit,
                              max_new_tokens=max_new_tokens, drafters=tuple(drafters), tree=tree, repeats=repeats,
                              threads=threads, compare_transformers=compare_transformers)
@@ -210,14 +213,19 @@ def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, re
 @main.command()
 @click.argument("result", type=click.Path())
 @click.option("--baseline", required=True, type=click.Path(), help="A bench result to compare against.")
-@click.option("--max-regression", default=0.05, show_default=True,
+@click.option("--max-regression", default="0.05", show_default=True,
               help="Largest allowed drop of a gated figure, as a fraction of its baseline.")
-@click.option("--min-speedup", default=None, type=float, help="Floor for every drafter's overall speedup.")
-@click.option("--min-accepted", default=None, type=float, help="Floor for every drafter's mean accepted tokens.")
+@click.option("--min-speedup", default=None, help="Floor for every drafter's overall speedup.")
+@click.option("--min-accepted", default=None, help="Floor for every drafter's mean accepted tokens.")
 @_errors_to_exit
 def gate(result, baseline, max_regression, min_speedup, min_accepted):
-    """Fail (exit 1) if RESULT regresses against BASELINE on machine-independent figures."""
-    from speccompile.bench.gate import format_rows, run_gate
+    """Fail (exit 1) if RESULT regresses against BASELINE on machine-independent figures.
+
+    Thresholds must be finite numbers >= 0; figures that are missing, not numbers, NaN or infinite (in either file)
+    are refused with exit 2, never passed."""
+    from speccompile.bench.gate import check_thresholds, format_rows, run_gate
+    # Parsed here, not by click, so that a bad value gives the one `error:` line every other bad input gives.
+    max_regression, min_speedup, min_accepted = check_thresholds(max_regression, min_speedup, min_accepted)
     rows, notes = run_gate(result, baseline, max_regression, min_speedup, min_accepted)
     click.echo(format_rows(rows))
     for note in notes:

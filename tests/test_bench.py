@@ -5,7 +5,11 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from speccompile.bench.benchmark import SCHEMA_VERSION, BenchSettings, default_dataset, load_questions, run_bench
+from speccompile.bench.plot import plot, plot_title
+from speccompile.bench.prompts import default_dataset, load_questions
+from speccompile.bench.run import run_bench
+from speccompile.bench.settings import SCHEMA_VERSION, BenchSettings
+from speccompile.bench.stats import repeated_ngram_share
 from speccompile.cli import main
 
 SHIPPED_CATEGORIES = {"writing", "qa", "summarization", "translation", "math_reasoning", "coding", "rag",
@@ -55,7 +59,6 @@ def test_shipped_dataset_covers_every_category():
 
 
 def test_repeated_ngram_share():
-    from speccompile.bench.benchmark import repeated_ngram_share
     assert repeated_ngram_share([1, 2, 3], [4, 5, 6, 7]) == 0.0  # nothing repeats
     # the output restates the prompt's 4-gram 1 2 3 4 (its 4 completes it), then loops on 5 6 7 8
     assert repeated_ngram_share([1, 2, 3, 4], [1, 2, 3, 4]) == 0.25
@@ -165,7 +168,6 @@ def test_bench_cli_writes_json_and_plot(tiny_bundle, dataset, tmp_path):
 def test_bench_one_drafter_through_several_trees(tiny_bundle, dataset, tmp_path):
     """NAME@TREE methods: each its own row against the same autoregressive runs, each through its own tree; the
     plot of that many methods draws the speedups as a table of colours."""
-    from speccompile.bench.benchmark import plot
     methods = ("lookup@chain:1", "lookup@chain:6", "lookup@dynamic:4", "layerskip:2@chain:2")
     doc = run_bench(tiny_bundle, BenchSettings(dataset=dataset, categories=("repeat",), max_new_tokens=16, threads=1,
                                                drafters=methods))

@@ -21,8 +21,7 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/ is not a package
-import peers  # noqa: E402
+from speccompile.bench import peers
 
 QUESTIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "spec_bench",
                          "question.jsonl")

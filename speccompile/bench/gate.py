@@ -14,19 +14,26 @@ M of the baseline (all of them higher-is-better):
 A row regresses when it falls more than `max_regression` (a fraction) below the baseline; `min_speedup` and
 `min_accepted` are absolute floors for every method's overall speedup and mean accepted tokens. Tokens/s, TTFT and
 bandwidths are machine figures and are never gated.
+
+Every gated figure, in the result and in the baseline, must be a finite number >= 0, and so must every threshold;
+a baseline must have at least one gated figure. Anything else is refused (GateInputError), never passed.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
-from speccompile.bench.benchmark import SCHEMA_VERSION
+from speccompile.bench.settings import SCHEMA_VERSION
 from speccompile.errors import SpeccompileError
 
 # Settings that change what is decoded: results that differ in them are not comparable.
 DECODING_SETTINGS = ("max_new_tokens", "tree", "dataset_sha256")
 # Settings that change only timings: a difference is worth a note, not a refusal.
 TIMING_SETTINGS = ("threads", "repeats")
+
+
+JSON_TYPES = {dict: "object", list: "list"}
 
 
 class GateInputError(SpeccompileError):
@@ -57,14 +64,31 @@ def load_result(path: str) -> dict:
         found = result.get("schema_version") if isinstance(result, dict) else None
         raise GateInputError(f"{path}: not a speccompile bench result of schema_version {SCHEMA_VERSION} "
                              f"(found {found!r})")
-    for key in ("bundle", "settings", "prompts", "summary", "methods"):
-        if key not in result:
-            raise GateInputError(f"{path}: bench result without {key!r}")
+    for key, kind in (("bundle", dict), ("settings", dict), ("prompts", list), ("summary", dict),
+                      ("methods", list)):
+        if not isinstance(result.get(key), kind):
+            raise GateInputError(f"{path}: bench result without {key!r} (a JSON {JSON_TYPES[kind]})")
+    _check_structure(path, result)
     return result
 
 
+def _check_structure(path: str, result: dict) -> None:
+    """The parts the gate reads, present and of the right JSON types (their values are checked as figures)."""
+    summary, bundle = result["summary"], result["bundle"]
+    if not isinstance(summary.get("overall"), dict) or not isinstance(summary.get("by_category"), dict) \
+            or not all(isinstance(g, dict) for g in summary["by_category"].values()):
+        raise GateInputError(f"{path}: summary needs objects 'overall' and 'by_category'")
+    if not isinstance(bundle.get("source"), dict) or not isinstance(bundle.get("drafters"), list) \
+            or not all(isinstance(d, dict) for d in bundle["drafters"]):
+        raise GateInputError(f"{path}: bundle needs an object 'source' and a list 'drafters'")
+    if not all(isinstance(m, dict) and isinstance(m.get("name"), str) for m in result["methods"]):
+        raise GateInputError(f"{path}: every method needs a name")
+    if not all(isinstance(p, dict) for p in result["prompts"]):
+        raise GateInputError(f"{path}: every prompt must be an object")
+
+
 def _drafters(result: dict) -> list:
-    return [(d["name"], d["kind"], d["num_draft"]) for d in result["bundle"]["drafters"]]
+    return [(d.get("name"), d.get("kind"), d.get("num_draft")) for d in result["bundle"]["drafters"]]
 
 
 def check_comparable(baseline: dict, result: dict) -> list[str]:
@@ -77,7 +101,7 @@ def check_comparable(baseline: dict, result: dict) -> list[str]:
     for key in DECODING_SETTINGS:
         if baseline["settings"].get(key) != result["settings"].get(key):
             problems.append(f"{key} differs ({baseline['settings'].get(key)!r} vs {result['settings'].get(key)!r})")
-    if [p["question_id"] for p in baseline["prompts"]] != [p["question_id"] for p in result["prompts"]]:
+    if [p.get("question_id") for p in baseline["prompts"]] != [p.get("question_id") for p in result["prompts"]]:
         problems.append("the prompts differ")
     if problems:
         raise GateInputError("results are not comparable: " + "; ".join(problems))
@@ -85,26 +109,52 @@ def check_comparable(baseline: dict, result: dict) -> list[str]:
             f"shift" for key in TIMING_SETTINGS if baseline["settings"].get(key) != result["settings"].get(key)]
 
 
-def gated_figures(result: dict) -> dict[str, float]:
-    """Row name -> value for every gated figure of the result (see the module docstring)."""
+def check_figure(name: str, value, where: str) -> float:
+    """A gated figure or threshold as a float: a finite number >= 0 (bools, strings, null, NaN and inf refused)."""
+    if value is None:
+        raise GateInputError(f"{where}: {name} is missing")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise GateInputError(f"{where}: {name} is not a number ({value!r})")
+    if not math.isfinite(value) or value < 0:
+        raise GateInputError(f"{where}: {name} is {value!r}, not a finite number >= 0")
+    return float(value)
+
+
+def _method_figures(name: str, overall: dict, by_category: dict) -> dict:
+    s = overall.get(name)
+    if not isinstance(s, dict):
+        raise GateInputError(f"no summary of method {name!r}")
+    figures = {f"speedup {name}": s.get("paired_speedup"), f"accepted {name}": s.get("mean_accepted_tokens")}
+    for category, group in by_category.items():
+        figures[f"accepted {name} / {category}"] = (group.get(name) or {}).get("mean_accepted_tokens")
+    # null: no per-depth rows (a row the baseline has and the result lacks is refused in compare)
+    rates = s.get("acceptance_rate_per_depth") or []
+    if not isinstance(rates, list):
+        raise GateInputError(f"acceptance_rate_per_depth of {name!r} is not a list ({rates!r})")
+    for depth, rate in enumerate(rates, 1):
+        figures[f"acceptance {name} depth {depth}"] = rate
+    return figures
+
+
+def gated_figures(result: dict, where: str = "bench result") -> dict[str, float]:
+    """Row name -> value for every gated figure of the result (see the module docstring); each must be there, a
+    finite number: a figure the gate cannot read is refused, never skipped."""
     figures = {}
     overall, by_category = result["summary"]["overall"], result["summary"]["by_category"]
     for method in result["methods"]:
-        if method["engine"] != "speccompile" or not method["drafter"]:
-            continue
-        name, s = method["name"], overall[method["name"]]
-        figures[f"speedup {name}"] = s["paired_speedup"]
-        figures[f"accepted {name}"] = s["mean_accepted_tokens"]
-        for category, group in by_category.items():
-            figures[f"accepted {name} / {category}"] = group[name]["mean_accepted_tokens"]
-        for depth, rate in enumerate(s["acceptance_rate_per_depth"] or [], 1):
-            figures[f"acceptance {name} depth {depth}"] = rate
-    return {k: v for k, v in figures.items() if v is not None}
+        if method.get("engine") == "speccompile" and method.get("drafter"):
+            try:
+                figures.update(_method_figures(method["name"], overall, by_category))
+            except GateInputError as e:
+                raise GateInputError(f"{where}: {e}") from None
+    return {k: check_figure(k, v, where) for k, v in figures.items()}
 
 
 def compare(baseline: dict, result: dict, max_regression: float = 0.05, min_speedup: float | None = None,
             min_accepted: float | None = None) -> list[Row]:
-    before, now = gated_figures(baseline), gated_figures(result)
+    before, now = gated_figures(baseline, "the baseline"), gated_figures(result, "the result")
+    if not before:
+        raise GateInputError("the baseline has no gated figures (no speculative speccompile method with figures)")
     missing = [name for name in before if name not in now]
     if missing:
         raise GateInputError(f"the result lacks figures the baseline has: {', '.join(missing[:5])}")
@@ -134,11 +184,32 @@ def format_rows(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def parse_threshold(option: str, value) -> float | None:
+    """A threshold as a float, from a number or the text given on the command line; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise GateInputError(f"{option} {value!r}: not a number") from None
+    try:
+        return check_figure(option, value, "threshold")
+    except GateInputError:
+        raise GateInputError(f"{option} {value!r}: must be a finite number >= 0") from None
+
+
+def check_thresholds(max_regression, min_speedup, min_accepted) -> tuple[float, float | None, float | None]:
+    if max_regression is None:
+        raise GateInputError("--max-regression: a number is needed")
+    return (parse_threshold("--max-regression", max_regression), parse_threshold("--min-speedup", min_speedup),
+            parse_threshold("--min-accepted", min_accepted))
+
+
 def run_gate(result_path: str, baseline_path: str, max_regression: float = 0.05, min_speedup: float | None = None,
              min_accepted: float | None = None) -> tuple[list[Row], list[str]]:
-    """(rows, notes); a row with a `failure` means the gate fails."""
-    if max_regression < 0:
-        raise GateInputError(f"--max-regression {max_regression}: must not be negative")
+    """(rows, notes); a row with a `failure` means the gate fails. Thresholds may be given as text (the CLI's)."""
+    max_regression, min_speedup, min_accepted = check_thresholds(max_regression, min_speedup, min_accepted)
     baseline, result = load_result(baseline_path), load_result(result_path)
     notes = check_comparable(baseline, result)
     return compare(baseline, result, max_regression, min_speedup, min_accepted), notes

@@ -1,9 +1,13 @@
-"""Peer decoders for bench_decode.py: the same target checkpoint run by transformers and by onnxruntime-genai.
+"""Peer decoders: the same target run by transformers (and onnxruntime-genai), to put speccompile's speed beside.
 
-Every peer takes prompt token ids (the chat template already applied by speccompile, so all methods see the same
-ids), decodes greedily until EOS or max_new_tokens, and returns (new token ids, wall seconds). The seconds cover
-everything from the prompt ids to the last token, prefill included, which is what speccompile's own
-tokens_per_second covers.
+`transformers_methods` gives `speccompile bench --compare-transformers` its methods: the bundle's target (and, where
+transformers has one, the same drafting) through transformers `generate`. The peers below it serve
+tools/bench_decode.py: every peer takes prompt token ids (the chat template already applied by speccompile, so all
+methods see the same ids), decodes greedily until EOS or max_new_tokens, and returns (new token ids, wall seconds),
+the seconds covering everything from the prompt ids to the last token, prefill included.
+
+torch, transformers and onnxruntime_genai are optional (the `build` and `bench` extras): they are imported only when
+a peer is used, so that `speccompile bench` without --compare-transformers never needs them.
 """
 from __future__ import annotations
 
@@ -14,12 +18,94 @@ import subprocess
 import sys
 import time
 
+from speccompile.bench.methods import split_method
+from speccompile.bench.settings import AUTOREGRESSIVE, TRANSFORMERS, Method
+from speccompile.compile.sources import load_checkpoint, save_hf_dir
+from speccompile.errors import SpeccompileError
 
+
+# ---- transformers, for bench --compare-transformers -------------------------------------------------------------
+def _hf_model_dir(source: dict, workdir: str) -> tuple[str, dict]:
+    """Where transformers loads a bundle's model source from: (directory, from_pretrained extra kwargs)."""
+    kind, path = source["kind"], source["path"]
+    if kind == "gguf":
+        return os.path.dirname(path), {"gguf_file": os.path.basename(path)}
+    if kind == "hf":
+        return path, {}
+    if kind == "tiny":  # random-weight presets exist only in speccompile: write them out as an HF directory
+        out = os.path.join(workdir, path.replace(":", "_"))
+        save_hf_dir(load_checkpoint(path, progress=lambda msg: None), out)
+        return out, {}
+    raise SpeccompileError(f"--compare-transformers: cannot load a model source of kind {kind!r}")
+
+
+def load_hf_model(source: dict, workdir: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+    directory, extra = _hf_model_dir(source, workdir)
+    if not os.path.exists(os.path.join(directory, extra.get("gguf_file", "config.json"))):
+        raise SpeccompileError(f"--compare-transformers: the bundle's source {source['path']} is not on this machine")
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **extra).eval()
+
+
+def _draft_the_same_way(model, num_draft: int) -> None:
+    """transformers reads an assistant's draft length from the assistant's generation config; pin it to ours (a
+    constant chain of num_draft tokens, no confidence cut-off) so both sides draft alike."""
+    model.generation_config.num_assistant_tokens = num_draft
+    model.generation_config.num_assistant_tokens_schedule = "constant"
+    model.generation_config.assistant_confidence_threshold = 0.0
+
+
+def transformers_drafting(gen, drafter: str, target, workdir: str) -> dict | None:
+    """generate() kwargs that draft as the bundle's drafter does, or None where transformers has no counterpart."""
+    d = next(d for d in gen.manifest["drafters"] if d["name"] == drafter)
+    if d["kind"] == "lookup":
+        return {"prompt_lookup_num_tokens": d["num_draft"], "max_matching_ngram_size": d.get("max_ngram", 3)}
+    if d["kind"] == "layerskip":  # transformers' early-exit assistant: the target's first L layers + its head
+        _draft_the_same_way(target, d["num_draft"])
+        return {"assistant_early_exit": gen.manifest["models"][d["model"]]["num_layers"]}
+    if d["kind"] == "model":
+        assistant = load_hf_model(gen.manifest["models"][d["model"]]["source"], workdir)
+        _draft_the_same_way(assistant, d["num_draft"])
+        return {"assistant_model": assistant}
+    return None
+
+
+def transformers_methods(gen, drafters: list[str], threads: int | None, workdir: str, log) -> list[Method]:
+    import torch
+    import transformers
+    transformers.logging.set_verbosity_error()  # its deprecation chatter would garble the progress bar
+    transformers.logging.disable_progress_bar()
+    if threads:
+        torch.set_num_threads(threads)  # process-wide; the same core count as ours
+    target = load_hf_model(gen.manifest["source"], workdir)
+    eos = list(gen.tokenizer.eos_token_ids)
+
+    def runner(drafting: dict):
+        def run(ids, max_new_tokens):
+            with torch.inference_mode():
+                x = torch.tensor([ids], dtype=torch.long)
+                out = target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                      do_sample=False, eos_token_id=eos, pad_token_id=eos[0], **drafting)
+            return {"token_ids": out[0, len(ids):].tolist()}
+        return run
+
+    base = f"{TRANSFORMERS}:{AUTOREGRESSIVE}"
+    methods = [Method(base, TRANSFORMERS, None, base, AUTOREGRESSIVE, runner({}))]
+    for d in drafters:
+        drafting = None if split_method(d)[1] else transformers_drafting(gen, d, target, workdir)
+        if drafting is None:
+            log(f"transformers has no counterpart of drafter {d}; not compared")
+            continue
+        methods.append(Method(f"{TRANSFORMERS}:{d}", TRANSFORMERS, d, base, d, runner(drafting)))
+    return methods
+
+
+# ---- peers for tools/bench_decode.py ------------------------------------------------------------------------------
 def export_hf_dir(source: str | None, out_dir: str) -> str:
     """Write the target as a plain fp32 HF directory; both peers load it, so every method runs the same weights
     (for the default model: the GGUF dequantized once, exactly as speccompile's build does)."""
     if not os.path.isfile(os.path.join(out_dir, "config.json")):
-        from speccompile.compile.sources import load_checkpoint, save_hf_dir
         save_hf_dir(load_checkpoint(source, progress=lambda m: print(m, file=sys.stderr)), out_dir)
     return out_dir
 

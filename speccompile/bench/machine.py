@@ -1,0 +1,74 @@
+"""What a result records about where it ran: the machine (and its memory bandwidth), versions, the bundle."""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import onnxruntime
+import tokenizers
+
+from speccompile import __version__
+from speccompile.errors import SpeccompileError
+
+BANDWIDTH_ARRAY_MIB = 256
+
+
+def copy_bandwidth_gbps(threads: int = 1, mib: int = BANDWIDTH_ARRAY_MIB, tries: int = 5) -> float:
+    """Best of a few copies of a large array, split over `threads` (numpy releases the GIL while it copies); bytes
+    read + bytes written over time, as STREAM's copy counts them."""
+    src = np.ones(mib * 2**20 // 8)
+    dst = np.empty_like(src)
+    bounds = np.linspace(0, len(src), threads + 1).astype(int)
+    chunks = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(tries):
+            t0 = time.perf_counter()
+            list(pool.map(lambda chunk: np.copyto(dst[chunk], src[chunk]), chunks))
+            best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best / 1e9
+
+
+def measure_machine_bandwidth(threads: int) -> float:
+    """In a child process: the probe's 512 MiB of arrays must not count in this process's peak memory."""
+    code = f"from speccompile.bench.machine import copy_bandwidth_gbps; print(copy_bandwidth_gbps({int(threads)}))"
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if probe.returncode != 0:
+        raise SpeccompileError(f"the memory bandwidth probe failed: {probe.stderr.strip()[-500:]}")
+    return float(probe.stdout)
+
+
+def peak_rss_mib() -> float:
+    # ru_maxrss is KiB on Linux, bytes on macOS
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def machine_info(bandwidth_gbps: float, loadavg: float) -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "loadavg_1min_before": loadavg, "memory_bandwidth_gbps": bandwidth_gbps}
+
+
+def versions() -> dict:
+    out = {"speccompile": __version__, "python": platform.python_version(), "numpy": np.__version__,
+           "onnxruntime": onnxruntime.__version__, "tokenizers": tokenizers.__version__}
+    for module in ("torch", "transformers"):  # only when --compare-transformers imported them
+        if module in sys.modules:
+            out[module] = sys.modules[module].__version__
+    return out
+
+
+def bundle_summary(bundle_dir: str, gen) -> dict:
+    m = gen.manifest
+    cfg = m["models"]["target"]["config"]
+    return {"path": os.path.abspath(bundle_dir), "source": m["source"], "max_seq_len": m["max_seq_len"],
+            "target": {"model_type": cfg["model_type"], "num_layers": m["models"]["target"]["num_layers"],
+                       "hidden_size": cfg["hidden_size"], "vocab_size": cfg["vocab_size"],
+                       "weight_bytes": gen.target.weight_bytes},
+            "drafters": [{k: d[k] for k in ("name", "kind", "num_draft", "model") if k in d} for d in m["drafters"]]}

@@ -1,0 +1,40 @@
+"""The speccompile methods a benchmark measures: plain autoregressive decoding and each chosen drafter."""
+from __future__ import annotations
+
+from speccompile.bench.settings import AUTOREGRESSIVE, Method
+from speccompile.errors import SpeccompileError
+from speccompile.format.trees import TreeSpec
+
+
+def split_method(spec: str) -> tuple[str, str | None]:
+    """"NAME@TREE" -> (drafter NAME, its tree for this method); "NAME" -> (NAME, None). One run may so measure a
+    drafter through several trees against the same autoregressive runs."""
+    name, _, tree = spec.partition("@")
+    return name, tree or None
+
+
+def speccompile_methods(gen, drafters: list[str], tree: str | None) -> list[Method]:
+    def runner(drafter, tree):
+        def run(ids, max_new_tokens):
+            r = gen.generate(ids, max_new_tokens, drafter=drafter, speculate=drafter is not None, tree=tree)
+            return {"token_ids": r.token_ids, "stats": r.stats}
+        return run
+    methods = [Method(AUTOREGRESSIVE, "speccompile", None, AUTOREGRESSIVE, None, runner(None, None))]
+    for spec in drafters:
+        name, own_tree = split_method(spec)
+        methods.append(Method(spec, "speccompile", name, AUTOREGRESSIVE, None, runner(name, own_tree or tree)))
+    return methods
+
+
+def choose_drafters(gen, wanted: tuple[str, ...]) -> list[str]:
+    """The methods to measure: drafter names, each optionally NAME@TREE (default: every drafter of the bundle)."""
+    unknown = [d for d in wanted if split_method(d)[0] not in gen.drafter_names]
+    if unknown:
+        raise SpeccompileError(f"drafter {split_method(unknown[0])[0]!r} is not in this bundle (it has: "
+                               f"{', '.join(gen.drafter_names) or 'none'})")
+    for d in wanted:
+        if split_method(d)[1]:
+            TreeSpec.parse(split_method(d)[1])  # a bad tree fails here, before anything is timed
+    if len(set(wanted)) != len(wanted):
+        raise SpeccompileError("the same drafter (and tree) is named twice")
+    return list(wanted) or gen.drafter_names

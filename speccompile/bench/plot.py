@@ -1,0 +1,155 @@
+"""`speccompile bench --plot`: one PNG of a result document, its settings in the title.
+
+Speedups are drawn as what the gate reads: per prompt, the method's tokens/s over autoregressive tokens/s on the
+same prompt; each group shows those ratios (dots), their quartiles (box) and range (line), and their geometric mean,
+the paired speedup (diamond). Up to three drafters are drawn side by side per category; more become a table of
+colours (category x method) beside one spread per method over all prompts, so that many methods stay readable.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from speccompile.bench.report import make_parent
+from speccompile.bench.stats import geometric_mean, prompt_speedups
+from speccompile.errors import SpeccompileError
+
+MAX_SIDE_BY_SIDE = 3  # more drafters than this per category and grouped boxes stop being readable
+
+
+def _matplotlib():
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise SpeccompileError("--plot needs matplotlib: pip install 'speccompile[bench]'") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_title(result: dict) -> str:
+    """The settings a reader needs to judge the figures: model, prompts, tokens, threads, date."""
+    bundle, s = result["bundle"], result["settings"]
+    target, source = bundle["target"], bundle["source"]
+    model = os.path.basename(source["path"]) or source["path"]
+    categories = len({p["category"] for p in result["prompts"]})
+    threads = s["threads"] or f"all {result['machine']['cpu_count']}"
+    tree = f", tree {s['tree']}" if s.get("tree") else ""
+    return (f"{model} ({target['model_type']}, {target['num_layers']} layers)  |  "
+            f"{os.path.basename(s['dataset'])}: {len(result['prompts'])} prompts in {categories} categories  |  "
+            f"max_new_tokens {s['max_new_tokens']}, greedy{tree}, best of {s['repeats']}  |  threads {threads}  |  "
+            f"{result['created'][:10]}")
+
+
+def group_speedups(result: dict, methods: list[str]) -> dict[str, dict[str, list[float]]]:
+    """{group: {method: per-prompt speedups over its baseline}}, groups being the categories then "overall"."""
+    baseline = {m["name"]: m["baseline"] for m in result["methods"]}
+    categories = list(dict.fromkeys(p["category"] for p in result["prompts"]))
+    groups = {c: [p for p in result["prompts"] if p["category"] == c] for c in categories}
+    groups["overall"] = result["prompts"]
+    return {g: {m: prompt_speedups(prompts, m, baseline[m]) for m in methods} for g, prompts in groups.items()}
+
+
+def draw_spread(ax, position: float, ratios: list[float], color, width: float, horizontal: bool = False) -> None:
+    """Dots for the ratios, a box over their quartiles, a line over their range, a diamond at the geometric mean."""
+    def at(along: float | list, value: float | list):  # (x, y) in the plot's orientation
+        return (value, along) if horizontal else (along, value)
+    q1, q3 = np.percentile(ratios, [25, 75])
+    ax.plot(*at([position, position], [min(ratios), max(ratios)]), color=color, lw=1)
+    ax.plot(*at([position, position], [q1, q3]), color=color, lw=max(2.0, width * 40), alpha=0.45,
+            solid_capstyle="butt")
+    offsets = np.linspace(-width / 4, width / 4, len(ratios)) if len(ratios) > 1 else [0.0]
+    ax.scatter(*at([position + o for o in offsets], ratios), s=7, color=color, alpha=0.8, zorder=3)
+    ax.scatter(*at(position, geometric_mean(ratios)), marker="D", s=26, color=color, edgecolors="black",
+               linewidths=0.6, zorder=4)
+
+
+def _speedups_by_category(ax, spreads: dict, methods: list[str], colors: dict) -> None:
+    width = 0.8 / max(len(methods), 1)
+    for j, by_method in enumerate(spreads.values()):
+        for i, name in enumerate(methods):
+            draw_spread(ax, j + (i - (len(methods) - 1) / 2) * width, by_method[name], colors[name], width)
+    for name in methods:  # legend entries, one per method
+        ax.scatter([], [], marker="D", color=colors[name], edgecolors="black", linewidths=0.6, label=name)
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_xticks(range(len(spreads)), list(spreads), rotation=30, ha="right")
+    ax.set(title="Per-prompt speedup over autoregressive\n(dots: prompts; box: quartiles; line: range; "
+                 "diamond: geometric mean = paired speedup)", ylabel="tokens/s over autoregressive, same prompt")
+    if methods:
+        ax.legend(fontsize=8)
+
+
+def _speedup_table(ax, result: dict, spreads: dict, methods: list[str]) -> None:
+    """Methods x groups, coloured by paired speedup (red below 1, green above); each cell: the paired speedup, the
+    range of its per-prompt speedups, the mean tokens committed per verify pass."""
+    from matplotlib.colors import TwoSlopeNorm
+    summary = {**result["summary"]["by_category"], "overall": result["summary"]["overall"]}
+    speed = np.array([[geometric_mean(spreads[g][m]) for g in spreads] for m in methods])
+    ax.imshow(speed, cmap="RdYlGn", norm=TwoSlopeNorm(1.0, min(0.5, speed.min()), max(2.0, speed.max())),
+              aspect="auto")
+    for i, m in enumerate(methods):
+        for j, g in enumerate(spreads):
+            ratios, accepted = spreads[g][m], summary[g][m]["mean_accepted_tokens"]
+            ax.text(j, i, f"{speed[i, j]:.2f}x\n{min(ratios):.2f}-{max(ratios):.2f}\n{accepted:.2f}/pass",
+                    ha="center", va="center", fontsize=6)
+    ax.set_xticks(range(len(spreads)), list(spreads), rotation=30, ha="right")
+    ax.set_yticks(range(len(methods)), methods, fontsize=8)
+    ax.set_title("Paired speedup over autoregressive\n"
+                 "(cells: paired speedup, per-prompt range, tokens per verify pass)")
+
+
+def _overall_spread(ax, spreads: dict, methods: list[str], colors: dict) -> None:
+    for i, name in enumerate(methods):
+        draw_spread(ax, i, spreads["overall"][name], colors[name], 0.6, horizontal=True)
+    ax.axvline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_yticks(range(len(methods)), methods, fontsize=8)
+    ax.invert_yaxis()
+    ax.set(title="Per-prompt speedup, all prompts\n(box: quartiles; line: range; diamond: paired speedup)",
+           xlabel="tokens/s over autoregressive, same prompt")
+
+
+def _committed_per_pass(ax, overall: dict, methods: list[str], colors: dict) -> None:
+    width = 0.8 / max(len(methods), 1)
+    for i, name in enumerate(methods):
+        hist = overall[name]["committed_per_pass"] or {}
+        passes = sum(hist.values()) or 1
+        xs = [int(n) + (i - (len(methods) - 1) / 2) * width for n in hist]
+        ax.bar(xs, [c / passes for c in hist.values()], width, label=name, color=colors[name])
+    ax.set(title="Tokens committed per verify pass", xlabel="tokens (accepted drafts + 1)", ylabel="share of passes")
+    if methods:
+        ax.legend(fontsize=8)
+
+
+def _tokens_per_second(ax, result: dict) -> None:
+    names = [m["name"] for m in result["methods"]]
+    colors = ["tab:blue" if m["engine"] == "speccompile" else "tab:gray" for m in result["methods"]]
+    overall = result["summary"]["overall"]
+    ax.barh(names, [overall[n]["median_tokens_per_second"] or 0 for n in names], color=colors)
+    ax.invert_yaxis()
+    ax.set(title="Median tokens/s\n(blue: speccompile, gray: transformers)", xlabel="tokens/s")
+
+
+def plot(result: dict, path: str) -> None:
+    """Three panels: how many tokens each pass commits (or, for many drafters, each drafter's spread over all
+    prompts), the per-prompt speedups per category, the tokens/s of each method."""
+    plt = _matplotlib()
+    speculative = [m["name"] for m in result["methods"] if m["drafter"] and m["engine"] == "speccompile"]
+    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(speculative)}
+    spreads = group_speedups(result, speculative)
+    many = len(speculative) > MAX_SIDE_BY_SIDE
+    fig, (ax_left, ax_cat, ax_speed) = plt.subplots(
+        1, 3, figsize=(22, 6.5) if many else (18, 5.5), gridspec_kw={"width_ratios": [1, 2.2, 1] if many else
+                                                                      [1, 1.6, 1]})
+    if many:
+        _overall_spread(ax_left, spreads, speculative, colors)
+        _speedup_table(ax_cat, result, spreads, speculative)
+    else:
+        _committed_per_pass(ax_left, result["summary"]["overall"], speculative, colors)
+        _speedups_by_category(ax_cat, spreads, speculative, colors)
+    _tokens_per_second(ax_speed, result)
+    fig.suptitle(plot_title(result), fontsize=10)
+    fig.tight_layout()
+    make_parent(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,117 @@
+"""`speccompile bench`: Spec-Bench-style decode benchmark of a bundle, speculative against autoregressive.
+
+One process; after an untimed warm-up, every method (plain autoregressive decoding of the compiled target, then
+each chosen drafter) decodes each prompt greedily, methods interleaved prompt by prompt with the order rotated, so
+no method always runs right after the same other one. With `repeats` R each prompt is decoded R times per method
+and the fastest run is kept (best-of-R: noise on a shared machine only ever slows a run down). A run's time covers
+prompt ids to the last token, prefill included, measured outside the method the same way for every method.
+`compare_transformers` then runs the same target (and, where transformers has one, the same drafting) through
+transformers `generate`, in a second phase, so that the peak memory of the first phase is speccompile's alone.
+The result document is described in speccompile.bench.report.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Callable
+
+from speccompile import load
+from speccompile.bench.machine import measure_machine_bandwidth, peak_rss_mib
+from speccompile.bench.methods import choose_drafters, speccompile_methods
+from speccompile.bench.peers import transformers_methods
+from speccompile.bench.prompts import default_dataset, load_questions, pick_prompts
+from speccompile.bench.report import result_document
+from speccompile.bench.settings import BenchSettings, Method
+from speccompile.bench.stats import repeated_ngram_share
+from speccompile.errors import SpeccompileError
+
+
+def timed_run(method: Method, ids: list[int], max_new_tokens: int, eos: set[int]) -> dict:
+    t0 = time.perf_counter()
+    out = method.run(ids, max_new_tokens)
+    seconds = time.perf_counter() - t0
+    tokens = [int(t) for t in out["token_ids"]]
+    end = next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))  # EOS counts, as ours counts it
+    tokens = tokens[:end]
+    stats = out.get("stats") or {}
+    return {"token_ids": tokens, "seconds": seconds, "new_tokens": len(tokens),
+            "tokens_per_second": len(tokens) / seconds,
+            "ttft_s": stats.get("ttft_s"), "mean_accepted_tokens": stats.get("mean_accepted_tokens"),
+            "verify_steps": stats.get("verify_steps"),
+            "committed_per_pass": {str(n): c for n, c in sorted(stats["committed_per_pass"].items())}
+            if "committed_per_pass" in stats else None,
+            "acceptance_rate_per_depth": stats.get("acceptance_rate_per_depth"),
+            "achieved_weight_bandwidth_gbps": stats.get("achieved_weight_bandwidth_gbps"),
+            "repeated_ngram_share": repeated_ngram_share(ids, tokens)}
+
+
+def measure(methods: list[Method], prompts: list[dict], settings: BenchSettings, eos: set[int],
+            on_run: Callable[[str], None]) -> None:
+    """Fill each prompt's `runs` with the best of `repeats` runs per method, methods interleaved and rotated."""
+    for m in methods:  # warm-up: first runs allocate arenas and page in weights
+        timed_run(m, prompts[0]["ids"], min(settings.warmup_tokens, settings.max_new_tokens), eos)
+    turn = 0
+    for p in prompts:
+        best: dict[str, dict] = {}
+        for _ in range(settings.repeats):
+            order = methods[turn % len(methods):] + methods[:turn % len(methods)]
+            turn += 1
+            for m in order:
+                run = timed_run(m, p["ids"], settings.max_new_tokens, eos)
+                if m.name not in best or run["seconds"] < best[m.name]["seconds"]:
+                    best[m.name] = run
+                on_run(f"{p['category']} {m.name}")
+        for m in methods:
+            run = best[m.name]
+            run["identical_to_autoregressive"] = run["token_ids"] == best[m.baseline]["token_ids"]
+        p.setdefault("runs", {}).update(best)
+
+
+class Benchmark:
+    """A prepared benchmark: the constructor loads the prompts and every method (and measures the machine), so
+    that `total_runs` is known before `run` times anything."""
+
+    def __init__(self, bundle_dir: str, settings: BenchSettings, log: Callable[[str], None] = lambda msg: None):
+        if settings.repeats < 1:
+            raise SpeccompileError(f"--repeats {settings.repeats}: must be at least 1")
+        self.bundle_dir, self.settings = bundle_dir, settings
+        self.dataset = settings.dataset or default_dataset()
+        questions = load_questions(self.dataset, settings.categories)
+        self.loadavg = os.getloadavg()[0]  # before our own load: a busy machine is worth knowing about
+        log("measuring the machine's memory bandwidth")
+        self.bandwidth = measure_machine_bandwidth(settings.threads or os.cpu_count() or 1)
+
+        self.gen = load(bundle_dir, threads=settings.threads)
+        self.prompts, self.skipped = pick_prompts(questions, settings.limit, self.gen.encode_chat,
+                                                  self.gen.max_seq_len - settings.max_new_tokens)
+        if self.skipped:
+            log(f"skipped {len(self.skipped)} questions too long for the compiled context of "
+                f"{self.gen.max_seq_len} tokens: {', '.join(map(str, self.skipped))}")
+        self.drafters = choose_drafters(self.gen, settings.drafters)
+        self.ours = speccompile_methods(self.gen, self.drafters, settings.tree)
+        self.theirs: list[Method] = []
+        self.workdir = tempfile.TemporaryDirectory(prefix="speccompile-bench-")
+        if settings.compare_transformers:
+            log("loading the target in transformers")
+            self.theirs = transformers_methods(self.gen, self.drafters, settings.threads, self.workdir.name, log)
+
+    @property
+    def total_runs(self) -> int:
+        return len(self.prompts) * self.settings.repeats * (len(self.ours) + len(self.theirs))
+
+    def run(self, on_run: Callable[[str], None] = lambda label: None) -> dict:
+        """Time every method (`on_run` is called after each timed run); return the result document."""
+        eos = set(self.gen.tokenizer.eos_token_ids)
+        try:
+            measure(self.ours, self.prompts, self.settings, eos, on_run)
+            rss_ours = peak_rss_mib()
+            if self.theirs:
+                measure(self.theirs, self.prompts, self.settings, eos, on_run)
+        finally:
+            self.workdir.cleanup()
+        return result_document(self, rss_ours)
+
+
+def run_bench(bundle_dir: str, settings: BenchSettings, log: Callable[[str], None] = lambda msg: None) -> dict:
+    return Benchmark(bundle_dir, settings, log).run()

@@ -1,0 +1,37 @@
+"""What a benchmark run is asked to do (BenchSettings) and what it measures (Method), shared by every bench module."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+SCHEMA_VERSION = 1  # of the result document (speccompile.bench.report)
+AUTOREGRESSIVE = "autoregressive"
+TRANSFORMERS = "transformers"
+
+
+@dataclasses.dataclass
+class BenchSettings:
+    dataset: str | None = None  # Spec-Bench jsonl; None: the small set shipped with the package
+    categories: tuple[str, ...] = ()  # empty: every category
+    limit: int | None = None
+    max_new_tokens: int = 128
+    drafters: tuple[str, ...] = ()  # empty: every drafter of the bundle
+    tree: str | None = None
+    repeats: int = 1
+    threads: int | None = None
+    compare_transformers: bool = False
+    warmup_tokens: int = 16
+
+
+@dataclasses.dataclass
+class Method:
+    name: str
+    engine: str  # "speccompile" | "transformers"
+    drafter: str | None
+    baseline: str  # the autoregressive method of the same engine
+    counterpart: str | None  # for a transformers method: the speccompile method it mirrors
+    run: Callable[[list[int], int], dict]  # (prompt ids, max new tokens) -> {token_ids, [generator stats]}
+
+    def describe(self) -> dict:
+        return {"name": self.name, "engine": self.engine, "drafter": self.drafter, "baseline": self.baseline,
+                "counterpart": self.counterpart}

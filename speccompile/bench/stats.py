@@ -1,0 +1,115 @@
+"""The figures of a benchmark: medians, paired speedups, acceptance pooled over passes, how much answers repeat."""
+from __future__ import annotations
+
+import math
+import statistics
+
+from speccompile.bench.settings import Method
+
+REPEAT_NGRAM = 4
+
+
+def repeated_ngram_share(prompt: list[int], output: list[int], n: int = REPEAT_NGRAM) -> float | None:
+    """The share of the output's tokens that complete an n-gram seen earlier in prompt + output: how much an answer
+    repeats itself or its prompt -- what prompt lookup and joined trees feed on, and what a small model's long
+    greedy answers do a lot of. A speedup is worth reading next to it."""
+    seq = list(prompt) + list(output)
+    seen, hits = set(), 0
+    for i in range(n - 1, len(seq)):
+        gram = tuple(seq[i - n + 1:i + 1])
+        hits += i >= len(prompt) and gram in seen
+        seen.add(gram)
+    return hits / len(output) if output else None
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def pooled_histogram(runs: list[dict]) -> dict[str, int] | None:
+    hists = [r["committed_per_pass"] for r in runs if r["committed_per_pass"] is not None]
+    if not hists:
+        return None
+    total: dict[int, int] = {}
+    for h in hists:
+        for n, c in h.items():
+            total[int(n)] = total.get(int(n), 0) + c
+    return {str(n): total[n] for n in sorted(total)}
+
+
+def pooled_mean_accepted(hist: dict[str, int] | None) -> float | None:
+    if hist is None:
+        return None
+    passes = sum(hist.values())
+    return sum(int(n) * c for n, c in hist.items()) / passes if passes else 1.0  # no verify pass: plain decoding
+
+
+def mean_rate_per_depth(runs: list[dict]) -> list[float] | None:
+    rates = [r["acceptance_rate_per_depth"] for r in runs if r["acceptance_rate_per_depth"] is not None]
+    if not rates:
+        return None
+    depth = max((len(r) for r in rates), default=0)
+    return [statistics.mean(r[d] for r in rates if len(r) > d) for d in range(depth)]
+
+
+def prompt_speedups(prompts: list[dict], name: str, baseline: str) -> list[float]:
+    """Each prompt's tokens/s under method `name` over its tokens/s under `baseline` (prompts as the runner fills
+    them or as the result document lists them: both carry runs {method: {tokens_per_second}})."""
+    return [p["runs"][name]["tokens_per_second"] / p["runs"][baseline]["tokens_per_second"] for p in prompts]
+
+
+def geometric_mean(ratios: list[float]) -> float:
+    return math.exp(statistics.mean(math.log(r) for r in ratios))
+
+
+def paired_speedup(prompts: list[dict], method: Method) -> float:
+    """Geometric mean over prompts of each prompt's speedup. Each prompt is compared with itself, decoded close in
+    time, so prompt lengths and slow drifts of the machine cancel; every prompt counts, where a ratio of medians
+    rests on the one or two prompts in the middle (and varies more from run to run on a busy machine)."""
+    return geometric_mean(prompt_speedups(prompts, method.name, method.baseline))
+
+
+def _group_figures(method: Method, runs: list[dict], bandwidth_gbps: float) -> dict:
+    hist = pooled_histogram(runs) if method.drafter else None
+    bw = _median(r["achieved_weight_bandwidth_gbps"] for r in runs)
+    return {
+        "prompts": len(runs),
+        "median_tokens_per_second": _median(r["tokens_per_second"] for r in runs),
+        "mean_accepted_tokens": 1.0 if method.drafter is None else pooled_mean_accepted(hist),
+        "acceptance_rate_per_depth": mean_rate_per_depth(runs) if method.drafter else None,
+        "committed_per_pass": hist,
+        "median_ttft_s": _median(r["ttft_s"] for r in runs),
+        "median_achieved_bandwidth_gbps": bw,
+        "bandwidth_fraction": _ratio(bw, bandwidth_gbps),
+        "identical_to_autoregressive": sum(r["identical_to_autoregressive"] for r in runs) / len(runs),
+        "repeated_ngram_share": _mean(r.get("repeated_ngram_share") for r in runs),
+    }
+
+
+def summarize_group(methods: list[Method], prompts: list[dict], bandwidth_gbps: float) -> dict:
+    out = {m.name: _group_figures(m, [p["runs"][m.name] for p in prompts], bandwidth_gbps) for m in methods}
+    for m in methods:  # ratios once every method's median is known
+        s = out[m.name]
+        s["speedup"] = _ratio(s["median_tokens_per_second"], out[m.baseline]["median_tokens_per_second"])
+        s["paired_speedup"] = paired_speedup(prompts, m)
+        theirs = next((t for t in methods if t.counterpart == m.name), None)
+        s["speed_vs_transformers"] = (_ratio(s["median_tokens_per_second"],
+                                             out[theirs.name]["median_tokens_per_second"]) if theirs else None)
+    return out
+
+
+def summarize(methods: list[Method], prompts: list[dict], bandwidth_gbps: float) -> dict:
+    categories = list(dict.fromkeys(p["category"] for p in prompts))
+    return {"overall": summarize_group(methods, prompts, bandwidth_gbps),
+            "by_category": {c: summarize_group(methods, [p for p in prompts if p["category"] == c], bandwidth_gbps)
+                            for c in categories}}

@@ -1,0 +1,156 @@
+"""`speccompile gate` refuses what it cannot read: NaN/inf, missing or non-numeric figures and thresholds, a
+baseline without figures. Each gives one `error:` line and exit 2, never "gate passed". On a synthetic result
+document (the schema of speccompile.bench.report), so no model is decoded here."""
+import copy
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from speccompile.bench.gate import GateInputError, check_figure, gated_figures, parse_threshold
+from speccompile.bench.settings import SCHEMA_VERSION
+from speccompile.cli import main
+
+CATEGORIES = ("writing", "coding")
+
+
+def _figures(speedup: float, accepted: float, rates: list | None) -> dict:
+    return {"paired_speedup": speedup, "mean_accepted_tokens": accepted, "acceptance_rate_per_depth": rates}
+
+
+def result_doc() -> dict:
+    """A bench result with one drafter, lookup, in two categories: the parts the gate reads."""
+    def group():
+        return {"autoregressive": _figures(1.0, 1.0, None), "lookup": _figures(1.3, 1.5, [0.45, 0.28, 0.0])}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "bundle": {"source": {"kind": "tiny", "path": "tiny:llama", "sha256": "ab" * 32},
+                   "drafters": [{"name": "lookup", "kind": "lookup", "num_draft": 4}]},
+        "settings": {"max_new_tokens": 48, "tree": None, "dataset_sha256": "cd" * 32, "threads": 2, "repeats": 3},
+        "methods": [{"name": "autoregressive", "engine": "speccompile", "drafter": None},
+                    {"name": "lookup", "engine": "speccompile", "drafter": "lookup"}],
+        "prompts": [{"question_id": i, "category": c} for i, c in enumerate(CATEGORIES)],
+        "summary": {"overall": group(), "by_category": {c: group() for c in CATEGORIES}},
+    }
+
+
+def gate(tmp_path, result: dict, baseline: dict, *options, expect: int):
+    (tmp_path / "result.json").write_text(json.dumps(result))
+    (tmp_path / "baseline.json").write_text(json.dumps(baseline))
+    r = CliRunner().invoke(main, ["gate", str(tmp_path / "result.json"), "--baseline", str(tmp_path / "baseline.json"),
+                                  *map(str, options)])
+    assert r.exit_code == expect, r.output
+    return r.output
+
+
+def refused(tmp_path, result: dict, baseline: dict, *options) -> str:
+    out = gate(tmp_path, result, baseline, *options, expect=2)
+    assert out.count("error:") == 1 and out.startswith("error:"), out
+    assert "gate passed" not in out and "Traceback" not in out
+    return out
+
+
+def overall_lookup(doc: dict) -> dict:
+    return doc["summary"]["overall"]["lookup"]
+
+
+def test_a_sound_result_passes_and_a_regression_fails(tmp_path):
+    assert "gate passed: 7 figures" in gate(tmp_path, result_doc(), result_doc(), expect=0)
+    worse = result_doc()
+    overall_lookup(worse)["paired_speedup"] = 1.0
+    assert "gate FAILED: speedup lookup" in gate(tmp_path, worse, result_doc(), expect=1)
+
+
+BAD_FIGURES = {
+    "NaN": float("nan"), "infinity": float("inf"), "minus infinity": float("-inf"), "text": "1.3", "a bool": True,
+    "null": None, "a list": [1.3], "negative": -1.3,
+}
+
+
+@pytest.mark.parametrize("side", ["result", "baseline"])
+@pytest.mark.parametrize("bad", BAD_FIGURES, ids=list(BAD_FIGURES))
+def test_a_bad_overall_speedup_is_refused(tmp_path, side, bad):
+    doc = result_doc()
+    overall_lookup(doc)["paired_speedup"] = BAD_FIGURES[bad]
+    result, baseline = (doc, result_doc()) if side == "result" else (result_doc(), doc)
+    assert "speedup lookup" in refused(tmp_path, result, baseline)
+
+
+@pytest.mark.parametrize("side", ["result", "baseline"])
+def test_nan_in_a_category_or_a_depth_is_refused(tmp_path, side):
+    for mutate in (lambda d: d["summary"]["by_category"]["coding"]["lookup"].update(mean_accepted_tokens=float("nan")),
+                   lambda d: overall_lookup(d)["acceptance_rate_per_depth"].__setitem__(1, float("nan"))):
+        doc = result_doc()
+        mutate(doc)
+        result, baseline = (doc, result_doc()) if side == "result" else (result_doc(), doc)
+        refused(tmp_path, result, baseline)
+
+
+@pytest.mark.parametrize("side", ["result", "baseline"])
+@pytest.mark.parametrize("key", ["paired_speedup", "mean_accepted_tokens"])
+def test_a_missing_figure_is_refused(tmp_path, side, key):
+    doc = result_doc()
+    del overall_lookup(doc)[key]
+    result, baseline = (doc, result_doc()) if side == "result" else (result_doc(), doc)
+    assert "missing" in refused(tmp_path, result, baseline)
+
+
+def test_a_missing_method_summary_or_category_is_refused(tmp_path):
+    doc = result_doc()
+    del doc["summary"]["overall"]["lookup"]
+    assert "lookup" in refused(tmp_path, doc, result_doc())
+    doc = result_doc()
+    del doc["summary"]["by_category"]["coding"]["lookup"]
+    assert "accepted lookup / coding" in refused(tmp_path, doc, result_doc())
+
+
+def test_a_baseline_without_figures_is_refused(tmp_path):
+    empty = result_doc()
+    empty["methods"] = empty["methods"][:1]  # autoregressive only: nothing to gate
+    assert "no gated figures" in refused(tmp_path, result_doc(), empty)
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d.update(summary=[]),
+    lambda d: d["summary"].update(overall="fast"),
+    lambda d: d["summary"].update(by_category=None),
+    lambda d: d.update(methods=[{"engine": "speccompile", "drafter": "lookup"}]),
+    lambda d: d["bundle"].update(drafters={"lookup": 4}),
+    lambda d: d.update(prompts=[1, 2]),
+    lambda d: overall_lookup(d).update(acceptance_rate_per_depth="0.4 0.3"),
+], ids=["summary a list", "overall a string", "no categories", "nameless method", "drafters an object",
+        "prompts numbers", "rates a string"])
+def test_a_malformed_result_is_refused(tmp_path, mutate):
+    doc = result_doc()
+    mutate(doc)
+    refused(tmp_path, doc, result_doc())
+    refused(tmp_path, result_doc(), doc)
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--max-regression", "nan"), ("--max-regression", "inf"), ("--max-regression", "-0.05"),
+    ("--max-regression", "five"), ("--max-regression", ""), ("--min-speedup", "nan"), ("--min-speedup", "-1"),
+    ("--min-speedup", "inf"), ("--min-accepted", "NaN"), ("--min-accepted", "x"),
+])
+def test_a_bad_threshold_is_refused(tmp_path, option, value):
+    assert option in refused(tmp_path, result_doc(), result_doc(), option, value)
+
+
+def test_good_thresholds_are_read_as_numbers(tmp_path):
+    out = gate(tmp_path, result_doc(), result_doc(), "--max-regression", "0", "--min-speedup", "1.2",
+               "--min-accepted", "1.4", expect=0)
+    assert "gate passed" in out
+    out = gate(tmp_path, result_doc(), result_doc(), "--min-speedup", "1.31", expect=1)
+    assert "below the floor 1.31" in out
+
+
+def test_the_library_checks_too():
+    assert check_figure("x", 2, "here") == 2.0 and parse_threshold("--min-speedup", None) is None
+    assert parse_threshold("--max-regression", "0.06") == 0.06
+    for bad in (float("nan"), "1", None, False, -0.1):
+        with pytest.raises(GateInputError):
+            check_figure("x", bad, "here")
+    doc = result_doc()
+    overall_lookup(doc)["mean_accepted_tokens"] = float("nan")
+    with pytest.raises(GateInputError, match="accepted lookup"):
+        gated_figures(doc)
