@@ -5,11 +5,11 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from speccompile.bench.plot import plot, plot_title
+from speccompile.bench.plot import group_speedups, plot, plot_title
 from speccompile.bench.prompts import default_dataset, load_questions
 from speccompile.bench.run import run_bench
 from speccompile.bench.settings import SCHEMA_VERSION, BenchSettings
-from speccompile.bench.stats import repeated_ngram_share
+from speccompile.bench.stats import geometric_mean, repeated_ngram_share
 from speccompile.cli import main
 
 SHIPPED_CATEGORIES = {"writing", "qa", "summarization", "translation", "math_reasoning", "coding", "rag",
@@ -151,6 +151,23 @@ def test_gate_refuses_unreadable_or_mismatched_files(result, result_file, tmp_pa
     other["settings"]["max_new_tokens"] = 64
     out = invoke("gate", result_file(other, "longer.json"), "--baseline", baseline, expect=2)
     assert "error: results are not comparable: max_new_tokens differs" in out
+
+
+def test_plot_title_and_spreads(result):
+    """The title names the settings; the spreads drawn are the per-prompt speedups whose geometric mean is the
+    paired speedup of the summary (what the gate reads)."""
+    title = plot_title(result)
+    for part in ("tiny:llama", "questions.jsonl: 4 prompts in 2 categories", "max_new_tokens 12", "best of 2",
+                 "threads 1", result["created"][:10]):
+        assert part in title
+    spreads = group_speedups(result, ["lookup", "model"])
+    assert list(spreads) == ["repeat", "chat", "overall"]
+    for group, by_method in spreads.items():
+        summary = result["summary"]["overall" if group == "overall" else "by_category"]
+        summary = summary if group == "overall" else summary[group]
+        for method, ratios in by_method.items():
+            assert len(ratios) == summary[method]["prompts"]
+            assert geometric_mean(ratios) == pytest.approx(summary[method]["paired_speedup"])
 
 
 def test_bench_cli_writes_json_and_plot(tiny_bundle, dataset, tmp_path):

@@ -57,9 +57,9 @@ def draw_spread(ax, position: float, ratios: list[float], color, width: float, h
         return (value, along) if horizontal else (along, value)
     q1, q3 = np.percentile(ratios, [25, 75])
     ax.plot(*at([position, position], [min(ratios), max(ratios)]), color=color, lw=1)
-    ax.plot(*at([position, position], [q1, q3]), color=color, lw=max(2.0, width * 40), alpha=0.45,
-            solid_capstyle="butt")
-    offsets = np.linspace(-width / 4, width / 4, len(ratios)) if len(ratios) > 1 else [0.0]
+    box = ax.barh if horizontal else ax.bar
+    box(position, q3 - q1, width * 0.7, q1, color=color, alpha=0.35, edgecolor=color)
+    offsets = np.linspace(-width * 0.3, width * 0.3, len(ratios)) if len(ratios) > 1 else [0.0]
     ax.scatter(*at([position + o for o in offsets], ratios), s=7, color=color, alpha=0.8, zorder=3)
     ax.scatter(*at(position, geometric_mean(ratios)), marker="D", s=26, color=color, edgecolors="black",
                linewidths=0.6, zorder=4)
@@ -88,11 +88,12 @@ def _speedup_table(ax, result: dict, spreads: dict, methods: list[str]) -> None:
     speed = np.array([[geometric_mean(spreads[g][m]) for g in spreads] for m in methods])
     ax.imshow(speed, cmap="RdYlGn", norm=TwoSlopeNorm(1.0, min(0.5, speed.min()), max(2.0, speed.max())),
               aspect="auto")
+    fontsize = 8 if len(methods) <= 6 and len(spreads) <= 10 else 6  # three lines per cell must fit
     for i, m in enumerate(methods):
         for j, g in enumerate(spreads):
             ratios, accepted = spreads[g][m], summary[g][m]["mean_accepted_tokens"]
             ax.text(j, i, f"{speed[i, j]:.2f}x\n{min(ratios):.2f}-{max(ratios):.2f}\n{accepted:.2f}/pass",
-                    ha="center", va="center", fontsize=6)
+                    ha="center", va="center", fontsize=fontsize)
     ax.set_xticks(range(len(spreads)), list(spreads), rotation=30, ha="right")
     ax.set_yticks(range(len(methods)), methods, fontsize=8)
     ax.set_title("Paired speedup over autoregressive\n"
