@@ -1,7 +1,6 @@
 """`speccompile gate` refuses what it cannot read: NaN/inf, missing or non-numeric figures and thresholds, a
 baseline without figures. Each gives one `error:` line and exit 2, never "gate passed". On a synthetic result
 document (the schema of speccompile.bench.report), so no model is decoded here."""
-import copy
 import json
 
 import pytest

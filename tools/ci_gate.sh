@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # CI performance gate: build the default bundle (the embedded SmolLM2-135M-Instruct with prompt lookup), benchmark
 # it briefly on the shipped prompts, and compare machine-independent figures (paired speedup over autoregressive,
-# mean accepted tokens, acceptance rates) with the committed baseline. Exits 1 on a regression. About 2.5 minutes
-# on 2 cores.
+# mean accepted tokens, acceptance rates) with the committed baseline. Exits 1 on a regression.
 #
 #   tools/ci_gate.sh BUNDLE_DIR                     gate against tools/ci_baseline.json
 #   tools/ci_gate.sh BUNDLE_DIR --update-baseline   rewrite tools/ci_baseline.json: the median of 3 runs
