@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from speccompile.compile.driver import DraftSpec, build_bundle
+from speccompile.compile.driver import build_bundle
 from speccompile.format.bundle import read_manifest
+from speccompile.format.drafter_kinds import DraftSpec
 from speccompile.errors import CheckpointError, SpeccompileError, UnsupportedModelError
 from speccompile.compile.sources import load_checkpoint, save_hf_dir
 

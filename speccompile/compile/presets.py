@@ -5,12 +5,15 @@ Weights are scaled so that logits are well separated: near-ties would make greed
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
 import numpy as np
 
+from speccompile.compile.checkpoint import Checkpoint
 from speccompile.compile.config import ModelConfig
+from speccompile.compile.lower import expected_checkpoint_tensors
 from speccompile.errors import CheckpointError
 
 _CORPUS = """Speculative decoding makes a language model generate faster without changing what it generates.
@@ -51,9 +54,7 @@ def tiny_tokenizer_files(vocab_size: int = 384) -> dict[str, bytes]:
     return {"tokenizer.json": tok.to_str().encode(), "tokenizer_config.json": json.dumps(cfg).encode()}
 
 
-def tiny_checkpoint(name: str, seed: int | None = None):
-    from speccompile.compile.sources import Checkpoint
-    from speccompile.compile.lower import expected_checkpoint_tensors
+def tiny_checkpoint(name: str, seed: int | None = None) -> Checkpoint:
     if name not in PRESETS:
         raise CheckpointError(f"unknown tiny preset {name!r}; choose from {', '.join(PRESETS)}")
     cfg = ModelConfig.from_dict(dict(PRESETS[name], eos_token_ids=(2,), bos_token_id=1))
@@ -77,8 +78,6 @@ def tiny_mtp_head(cfg: ModelConfig, seed: int = 0, repeat_last: bool = False) ->
     repeat_last: a head that predicts its input token again (its block adds nothing, eh_proj passes the token
     embedding through and the tied output head scores it highest), so it is often right on the repetitive
     output of a random tiny model, and tests see drafts accepted."""
-    from speccompile.compile.lower import expected_checkpoint_tensors
-    import dataclasses
     rng = np.random.default_rng(seed)
     H = cfg.hidden_size
     block = expected_checkpoint_tensors(dataclasses.replace(cfg, num_hidden_layers=1))

@@ -4,7 +4,6 @@ Weights come only from safetensors or GGUF; pickled checkpoints are refused, nev
 """
 from __future__ import annotations
 
-import dataclasses
 import glob
 import hashlib
 import importlib.util
@@ -14,20 +13,14 @@ import tempfile
 
 import numpy as np
 
+from speccompile.compile.checkpoint import Checkpoint
 from speccompile.compile.config import ModelConfig
+from speccompile.compile.presets import tiny_checkpoint
 from speccompile.errors import CheckpointError, UnsupportedModelError
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
-
-
-@dataclasses.dataclass
-class Checkpoint:
-    config: ModelConfig
-    tensors: dict[str, np.ndarray]  # Hugging Face names
-    tokenizer_files: dict[str, bytes]  # file name -> content, written into the bundle as they are
-    source: dict  # {"kind", "path", "sha256"}
 
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:
@@ -64,7 +57,6 @@ def load_checkpoint(source: str | None, progress=print) -> Checkpoint:
     if source in (None, "", DEFAULT_MODEL):
         source = default_model_path()
     if source.startswith("tiny:"):
-        from speccompile.compile.presets import tiny_checkpoint
         return tiny_checkpoint(source[len("tiny:"):])
     if not os.path.exists(source):
         raise CheckpointError(f"checkpoint not found: {source}")

@@ -1,8 +1,9 @@
 """The one table of drafter kinds: how each is named on the command line, its defaults, and its two halves.
 
-A kind has a build half (`speccompile.compile.drafters.<module>`: spec -> weights, graphs, manifest entry) and a
-runtime half (`speccompile.runtime.drafters.<module>`: manifest entry -> Drafter). The halves live in two layers
-because the runtime must import neither onnx nor torch; this table, below both, is what ties them together.
+A kind has a build half (`speccompile.compile.drafters.<module>`: `build(spec, target)` -> its weights, graphs
+and manifest entries; see that package) and a runtime half (`speccompile.runtime.drafters.<module>`: manifest
+entry -> Drafter). The halves live in two layers because the runtime must import neither onnx nor torch; this
+table, below both, is what ties them together.
 Adding a kind = its two modules + one line here.
 """
 from __future__ import annotations

@@ -1,0 +1,53 @@
+"""What the driver and the build halves of the drafter kinds hand each other: the build's options, a read-only
+view of the target, and what one drafter adds to the bundle."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from speccompile.compile.checkpoint import Checkpoint
+from speccompile.compile.config import ModelConfig
+from speccompile.graphs.builder import GraphBuilder
+
+Graph = tuple[GraphBuilder, list[str]]  # a graph and the weight files its initializers live in
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    """`speccompile build`'s settings (the CLI's options of the same names)."""
+    max_seq_len: int = 2048
+    num_draft: int | None = None  # tokens per pass; None: each kind's default (and default tree)
+    attention: str = "ort"  # the attention lowering (speccompile.plugins.tree_attention)
+    fused: bool = True  # onnxruntime's fused kernels (the int8 head screen needs them)
+    overwrite: bool = False
+    tree: str | None = None  # a TreeSpec every drafter verifies
+    mla_cache: str = "latent"  # MLA targets: cache the latent or the expanded K/V
+    backend: str = "onnxruntime"  # or "tensorrt": an engine per model besides the CPU graphs
+    head_screen: bool = True  # the target's greedy passes score with the exact int8-screened output head
+    draft_precision: str = "int8"  # draft heads' matrices in int8 (speccompile.compile.int8), or "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetBuild:
+    """The target as the build halves see it. Read it, never write to it: its weights are target.bin's."""
+    checkpoint: Checkpoint
+    weights: dict[str, np.ndarray]  # target.bin: the lowered target (with its int8 head screen when it has one)
+    options: BuildOptions
+    features: list  # what the target graph outputs as aux_hidden_states (the kinds' target_features, joined)
+    progress: Callable[[str], None]
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.checkpoint.config
+
+
+@dataclasses.dataclass(frozen=True)
+class DrafterBuild:
+    """What one drafter adds to the bundle."""
+    entry: dict = dataclasses.field(default_factory=dict)  # keys of its drafter entry, e.g. {"model": ...}
+    weights: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)  # file name -> tensors
+    graphs: dict[str, Graph] = dataclasses.field(default_factory=dict)  # model name -> graph
+    models: dict[str, dict] = dataclasses.field(default_factory=dict)  # model name -> its manifest entry
+    max_num_draft: int | None = None  # the most tokens it drafts per pass (Medusa: its number of heads)

@@ -1,0 +1,34 @@
+"""`model:PATH`: a separate, smaller model with the target's tokenizer, lowered like the target into draft.bin."""
+from __future__ import annotations
+
+from speccompile.compile.checkpoint import Checkpoint, tokenizer_fingerprint
+from speccompile.compile.drafters.base import DrafterBuild, TargetBuild
+from speccompile.compile.lower import build_decoder, lower_weights
+from speccompile.compile.model_entries import decoder_entry
+from speccompile.compile.sources import load_checkpoint
+from speccompile.errors import TokenizerMismatchError, UnsupportedModelError
+from speccompile.format.drafter_kinds import DraftSpec
+
+
+def build(spec: DraftSpec, target: TargetBuild) -> DrafterBuild:
+    opts = target.options
+    draft = load_checkpoint(spec.arg, target.progress)
+    check_compatible(target.checkpoint, draft)
+    cfg = draft.config
+    cfg.check_lowerable(opts.max_seq_len)
+    weights = lower_weights(cfg, draft.tensors, opts.max_seq_len)
+    graph = build_decoder(cfg, weights, opts.max_seq_len, attention=opts.attention, fused=opts.fused, name="draft")
+    model = decoder_entry("draft", cfg, cfg.num_hidden_layers, opts.max_seq_len, ["draft.bin"], opts.attention)
+    model["source"] = draft.source
+    return DrafterBuild(entry={"model": "draft"}, weights={"draft.bin": weights},
+                        graphs={"draft": (graph, ["draft.bin"])}, models={"draft": model})
+
+
+def check_compatible(target: Checkpoint, draft: Checkpoint) -> None:
+    """Speculation needs one vocabulary: the same tokenizer, and no draft token the target cannot score."""
+    if tokenizer_fingerprint(target.tokenizer_files) != tokenizer_fingerprint(draft.tokenizer_files):
+        raise TokenizerMismatchError("the draft model's tokenizer differs from the target's "
+                                     "(speculation needs one shared vocabulary)")
+    if draft.config.vocab_size > target.config.vocab_size:
+        raise UnsupportedModelError(f"draft vocab {draft.config.vocab_size} exceeds target vocab "
+                                    f"{target.config.vocab_size}")

@@ -1,0 +1,185 @@
+"""`eagle:PATH` / `eagle3:PATH`: EAGLE-1/2 and EAGLE-3 heads from their public safetensors layouts (a file, or a
+directory with its config.json); the heads' math is in speccompile.compile.eagle.
+
+A head reads features of the target: EAGLE-1 the output of its final norm ("norm"), EAGLE-3 the residual stream
+entering three of its layers (`eagle_aux_hidden_state_layer_ids` in the head's config.json, by default 2, L//2
+and L-3). `target_features` tells the driver which, before it emits the target graph. The head is one decoder
+block over {kind}.bin with the MTP head's signature; EAGLE-3's fc, which fuses the three features, runs as its own
+small graph `eagle3_fc` when target rows are committed.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+from speccompile.compile.checkpoint import EagleHead
+from speccompile.compile.config import ModelConfig
+from speccompile.compile.drafters.base import DrafterBuild, Graph, TargetBuild
+from speccompile.compile.drafters.head_weights import head_shared_weights, int8_draft_head
+from speccompile.compile.eagle import build_fuse_graph, lower_eagle_head
+from speccompile.compile.lower import build_decoder
+from speccompile.compile.model_entries import decoder_entry, source_entry
+from speccompile.compile.sources import PICKLE_SUFFIXES, read_safetensors, refuse_pickle
+from speccompile.errors import CheckpointError, UnsupportedModelError
+from speccompile.format.drafter_kinds import DraftSpec
+
+NORM_TAP = "norm"  # the target's output after its final norm (EAGLE-1's feature)
+
+
+def target_features(spec: DraftSpec, cfg: ModelConfig) -> list:
+    """The target features the head reads, from its config.json alone (before any tensor is read)."""
+    return aux_layers(spec.kind, read_config(spec.arg, spec.kind), cfg)
+
+
+def build(spec: DraftSpec, target: TargetBuild) -> DrafterBuild:
+    kind, cfg, opts = spec.kind, target.config, target.options
+    head = load_eagle_head(spec.arg, kind)
+    hcfg = head_config(head, cfg)
+    hcfg.check_lowerable(opts.max_seq_len)
+    taps = aux_layers(kind, head.config, cfg)
+    assert all(t in target.features for t in taps)  # the driver asked target_features
+    target.progress(f"      {kind} head: {spec.arg} (reads the target's {', '.join(map(str, taps))})")
+    weights, d2t = lower_eagle_head(head, cfg, hcfg, target.weights, opts.max_seq_len)
+    if opts.draft_precision == "int8":
+        target.progress(f"      quantize: the {kind} head's matrices to int8 (speccompile.compile.int8)")
+        weights = int8_draft_head(weights, target.weights)
+    wfile, name = f"{kind}.bin", f"{kind}_head"
+    graphs = {name: _head_graph(head, hcfg, weights, target)}
+    model = decoder_entry(name, hcfg, 1, opts.max_seq_len, [wfile, "target.bin"], opts.attention, mtp=True,
+                          draft_vocab=None if d2t is None else len(d2t))
+    model |= {"kind": name, "target_features": taps, "source": source_entry(spec.arg)}
+    if d2t is not None:
+        model["draft_to_target"] = d2t.tolist()
+    models, entry = {name: model}, {"model": name}
+    if kind == "eagle3":
+        fuse = f"{kind}_fc"
+        graphs[fuse] = (build_fuse_graph(cfg, hcfg, weights["mtp.eagle3.fc"]), [wfile])
+        models[fuse] = _fuse_entry(fuse, wfile, cfg, hcfg)
+        entry["fuse_model"] = fuse
+    return DrafterBuild(entry=entry, weights={wfile: weights}, graphs=graphs, models=models)
+
+
+def _head_graph(head: EagleHead, hcfg: ModelConfig, weights: dict, target: TargetBuild) -> Graph:
+    """The head's decoder block; EAGLE-3's fc is not in it (it runs in eagle3_fc)."""
+    kind, opts = head.version, target.options
+    head_w = {k: v for k, v in weights.items() if k != "mtp.eagle3.fc"} | head_shared_weights(weights, target.weights)
+    graph = build_decoder(hcfg, head_w, opts.max_seq_len, attention=opts.attention, fused=opts.fused,
+                          name=f"{kind}_head", mtp=True, head=kind,
+                          norm_before_residual=bool(head.config.get("norm_before_residual")))
+    return graph, [f"{kind}.bin", "target.bin"]
+
+
+def _fuse_entry(name: str, wfile: str, cfg: ModelConfig, hcfg: ModelConfig) -> dict:
+    return {"graph": f"{name}.onnx", "weights": [wfile], "kind": "eagle3_fc",
+            "config": hcfg.to_dict(),
+            "inputs": [{"name": "aux_hidden_states", "dtype": "float32", "shape": ["S", 3 * cfg.hidden_size]}],
+            "outputs": [{"name": "hidden", "dtype": "float32", "shape": ["S", hcfg.hidden_size]}]}
+
+
+def _files_and_config(path: str, version: str) -> tuple[list[str], dict]:
+    label = "EAGLE-3" if version == "eagle3" else "EAGLE"
+    refuse_pickle(path)
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if not files:
+            pickled = [f for f in os.listdir(path) if f.endswith(PICKLE_SUFFIXES)]
+            if pickled:
+                raise CheckpointError(f"{path}: only pickled weights ({pickled[0]}); pickles are refused as unsafe, "
+                                      "convert them to safetensors")
+            raise CheckpointError(f"{path}: no *.safetensors file for the {label} head")
+        cfg_path = os.path.join(path, "config.json")
+    elif os.path.isfile(path):
+        files, cfg_path = [path], os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    else:
+        raise CheckpointError(f"{label} head not found: {path}")
+    hf = {}
+    if os.path.isfile(cfg_path):
+        try:
+            with open(cfg_path) as f:
+                hf = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{cfg_path}: corrupt config.json ({e})") from None
+        if not isinstance(hf, dict):
+            raise CheckpointError(f"{cfg_path}: not a JSON object")
+        hf = {**hf, **(hf.get("transformer_layer_config") or {})}
+    return files, hf
+
+
+def read_config(path: str, version: str) -> dict:
+    """The head's config.json alone (to pick the target's layers before any tensor is read)."""
+    return _files_and_config(path, version)[1]
+
+
+def load_eagle_head(path: str, version: str) -> EagleHead:
+    files, hf = _files_and_config(path, version)
+    tensors = {}
+    for fpath in files:  # t2d, the inverse map, is implied by d2t
+        raw = read_safetensors(fpath, keep=lambda k: k not in ("t2d", "model.t2d"), ints=("d2t", "model.d2t"))
+        tensors |= {(k[len("model."):] if k.startswith("model.") else k): v for k, v in raw.items()}
+    if version == "eagle3":
+        tensors = {("layers.0." + k[len("midlayer."):] if k.startswith("midlayer.") else k): v
+                   for k, v in tensors.items()}
+    if not any(k.startswith("layers.0.") for k in tensors):
+        raise CheckpointError(f"{path}: no {'EAGLE-3' if version == 'eagle3' else 'EAGLE'} head tensors "
+                              f"({'midlayer.*' if version == 'eagle3' else 'layers.0.*'}, fc.weight, ...)")
+    if any(k.startswith("layers.1.") for k in tensors):
+        raise UnsupportedModelError(f"{path}: EAGLE heads of more than one decoder layer are not supported")
+    return EagleHead(version, path, tensors, hf)
+
+
+def aux_layers(version: str, hf: dict, target: ModelConfig) -> list:
+    """The target features a head reads: ["norm"] for EAGLE-1, three layer ids (ascending) for EAGLE-3."""
+    if version == "eagle":
+        return [NORM_TAP]
+    L = target.num_hidden_layers
+    ids = (hf.get("eagle_aux_hidden_state_layer_ids") or (hf.get("eagle_config") or {}).get(
+        "eagle_aux_hidden_state_layer_ids") or hf.get("aux_hidden_state_layer_ids") or (2, L // 2, L - 3))
+    try:
+        ids = sorted({int(i) for i in ids})
+    except (TypeError, ValueError):
+        raise CheckpointError(f"eagle_aux_hidden_state_layer_ids {ids!r}: not a list of layer ids") from None
+    if len(ids) != 3 or ids[0] < 0 or ids[-1] > L:
+        raise UnsupportedModelError(
+            f"EAGLE-3 reads three distinct target layers in 0..{L}; got {ids} (for a {L}-layer target set "
+            "eagle_aux_hidden_state_layer_ids in the head's config.json)")
+    return ids
+
+
+def _rope_type(hf: dict) -> str:
+    rope = hf.get("rope_scaling") or {}
+    return rope.get("rope_type", rope.get("type")) or (hf.get("rope_parameters") or {}).get("rope_type", "default")
+
+
+def head_config(head: EagleHead, target: ModelConfig) -> ModelConfig:
+    """The head block's geometry: its config.json where it says, the target's otherwise, checked against the
+    tensors' shapes."""
+    hf, t = head.config, head.tensors
+    label = "EAGLE-3" if head.version == "eagle3" else "EAGLE"
+    if "fc.weight" not in t:
+        raise CheckpointError(f"{label} head {head.path} is missing tensor 'fc.weight'")
+    H = int(t["fc.weight"].shape[0])
+    if _rope_type(hf) not in (None, "default"):
+        raise UnsupportedModelError(f"{label} head: unsupported RoPE scaling {_rope_type(hf)!r}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"{label} head: unsupported activation {hf.get('hidden_act')!r} (only silu)")
+    if hf.get("num_attention_heads"):
+        heads = int(hf["num_attention_heads"])
+        kv, D = int(hf.get("num_key_value_heads") or heads), int(hf.get("head_dim") or H // heads)
+    elif H == target.hidden_size and not target.is_mla:
+        heads, kv, D = target.num_attention_heads, target.num_key_value_heads, target.head_dim
+    else:
+        raise CheckpointError(f"{label} head {head.path}: its attention heads cannot be taken from the target "
+                              "(another hidden size or attention kind); its config.json must give num_attention_heads")
+    gate = t.get("layers.0.mlp.gate_proj.weight")
+    if gate is None:
+        raise CheckpointError(f"{label} head {head.path} is missing tensor 'layers.0.mlp.gate_proj.weight'")
+    return ModelConfig(
+        model_type="llama", vocab_size=target.vocab_size, hidden_size=H, intermediate_size=int(gate.shape[0]),
+        num_hidden_layers=1, num_attention_heads=heads, num_key_value_heads=kv, head_dim=D,
+        rms_norm_eps=float(hf.get("rms_norm_eps") or target.rms_norm_eps),
+        rope_theta=float(hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta")
+                         or target.rope_theta),
+        max_position_embeddings=target.max_position_embeddings, tie_word_embeddings=True,
+        qkv_bias="layers.0.self_attn.q_proj.bias" in t,
+        bos_token_id=target.bos_token_id, eos_token_ids=target.eos_token_ids)

@@ -1,0 +1,53 @@
+"""`mtp[:PATH]`: a multi-token-prediction head (a head file trained here, or a DeepSeek-V3 checkpoint's MTP layer;
+bare: the head shipped for the target), one decoder block over mtp.bin that shares the target's embedding and,
+unless it has a draft vocabulary of its own, the target's output head."""
+from __future__ import annotations
+
+import numpy as np
+
+from speccompile.compile.config import ModelConfig
+from speccompile.compile.drafters.base import DrafterBuild, TargetBuild
+from speccompile.compile.drafters.head_weights import head_shared_weights, int8_draft_head
+from speccompile.compile.lower import build_decoder, lower_mtp_weights
+from speccompile.compile.model_entries import decoder_entry, source_entry
+from speccompile.compile.sources import default_head_path, load_mtp_head
+from speccompile.errors import CheckpointError
+from speccompile.format.drafter_kinds import DraftSpec
+
+NAME, WEIGHTS = "mtp_head", "mtp.bin"
+
+
+def build(spec: DraftSpec, target: TargetBuild) -> DrafterBuild:
+    cfg, opts, target_w = target.config, target.options, target.weights
+    path = spec.arg or default_head_path(target.checkpoint)
+    target.progress(f"      mtp head: {path}")
+    head = load_mtp_head(path, cfg)
+    weights = lower_mtp_weights(cfg, head)
+    d2t = draft_vocabulary(head, cfg, path)
+    if d2t is not None:  # a reduced draft vocabulary: the head scores only these target tokens
+        weights["mtp.d2t"] = d2t
+        weights["mtp.head"] = np.ascontiguousarray(target_w.get("lm_head", target_w["embed"])[d2t])
+    if opts.draft_precision == "int8" and not cfg.is_mla:
+        target.progress("      quantize: the MTP head's matrices to int8 (speccompile.compile.int8)")
+        weights = int8_draft_head(weights, target_w)
+    graph = build_decoder(cfg, weights | head_shared_weights(weights, target_w), opts.max_seq_len,
+                          attention=opts.attention, fused=opts.fused, name=NAME, mtp=True)
+    files = [WEIGHTS, "target.bin"]
+    model = decoder_entry(NAME, cfg, 1, opts.max_seq_len, files, opts.attention, mtp=True,
+                          draft_vocab=None if d2t is None else len(d2t))
+    if d2t is not None:
+        model["draft_to_target"] = d2t.tolist()
+    model["source"] = source_entry(path)
+    return DrafterBuild(entry={"model": NAME}, weights={WEIGHTS: weights}, graphs={NAME: (graph, files)},
+                        models={NAME: model})
+
+
+def draft_vocabulary(head: dict, cfg: ModelConfig, path: str) -> np.ndarray | None:
+    """The target token ids a head with a reduced draft vocabulary scores (its mtp.d2t), or None."""
+    d2t = head.get("mtp.d2t")
+    if d2t is None:
+        return None
+    d2t = np.asarray(d2t, np.int64)
+    if d2t.ndim != 1 or d2t.min() < 0 or d2t.max() >= cfg.vocab_size:
+        raise CheckpointError(f"{path}: mtp.d2t must list target token ids below {cfg.vocab_size}")
+    return d2t

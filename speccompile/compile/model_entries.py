@@ -1,0 +1,34 @@
+"""The manifest's entries for the models a build emits: a decoder graph (target, early exit, draft model, MTP and
+EAGLE heads) with its signature and KV cache, and where a head was read from."""
+from __future__ import annotations
+
+import os
+
+from speccompile.compile.config import ModelConfig
+from speccompile.compile.sources import sha256_path
+from speccompile.graphs import DECODER_GRAPH_VERSION, decoder_signature
+
+
+def decoder_entry(name: str, cfg: ModelConfig, num_layers: int, max_seq_len: int, weights_files: list[str],
+                  attention: str, mtp: bool = False, draft_vocab: int | None = None, verify: bool = False,
+                  aux_layers: list | None = None, screen: bool = False) -> dict:
+    """A decoder graph's model entry: its files, config, KV cache and the inputs/outputs of its signature."""
+    ins, outs = decoder_signature(num_layers, cfg.cache_kv_heads, cfg.cache_head_dim, max_seq_len,
+                                  draft_vocab or cfg.vocab_size, cfg.hidden_size, mtp, verify,
+                                  aux_width=len(aux_layers or ()) * cfg.hidden_size, screen=screen)
+    return {"graph": f"{name}.onnx", "weights": weights_files, "config": cfg.to_dict(), "num_layers": num_layers,
+            "kind": "mtp_head" if mtp else "decoder",
+            "graph_version": DECODER_GRAPH_VERSION, "attention": attention,
+            "kv_cache": {"layout": ("per layer, the MLA latent [k_rope; c_kv] as one head (K and V hold the same rows)"
+                                    if cfg.is_mla and cfg.mla_cache == "latent" else
+                                    "per layer K and V, [1, num_kv_heads, max_seq_len, head_dim]"),
+                         "dtype": "float32", "num_layers": num_layers,
+                         "num_kv_heads": cfg.cache_kv_heads, "head_dim": cfg.cache_head_dim,
+                         "max_seq_len": max_seq_len},
+            "inputs": [{"name": n, "dtype": d, "shape": s} for n, d, s in ins],
+            "outputs": [{"name": n, "dtype": d, "shape": s} for n, d, s in outs]}
+
+
+def source_entry(path: str) -> dict:
+    """Where a head file (or directory) came from, to tell two builds apart."""
+    return {"path": os.path.abspath(path), "sha256": sha256_path(path)}
