@@ -21,9 +21,13 @@ import numpy as np
 
 from speccompile.errors import CheckpointError, SpeccompileError, TokenizerMismatchError, UnsupportedModelError
 from speccompile.graphs import DECODER_GRAPH_VERSION, decoder_signature
-from speccompile.compile.head_screen import quantize_head, screenable
-from speccompile.compile.int8 import SUFFIX_CODES, quantize_matrices
-from speccompile.compile.lower import build_decoder, lower_mtp_weights, lower_weights
+from speccompile.compile.graph.decoder import build_decoder
+from speccompile.compile.graph.draft_heads import build_mtp_head
+from speccompile.compile.graph.head_screen import screenable
+from speccompile.compile.graph.medusa import build_medusa
+from speccompile.compile.quantize.head_screen import quantize_head
+from speccompile.compile.quantize.int8 import SUFFIX_CODES, quantize_matrices
+from speccompile.compile.weights.decoder import lower_mtp_weights, lower_weights
 from speccompile.compile import trt_backend
 from speccompile.plugins import tree_attention
 from speccompile.compile.sources import (Checkpoint, default_head_path, load_checkpoint, load_mtp_head, sha256_path, shipped_head)
@@ -187,8 +191,8 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
                 progress("      quantize: the MTP head's matrices to int8 (speccompile.compile.int8)")
                 weights["mtp.bin"] = int8_draft_head(weights["mtp.bin"], target_w)
             shared = head_shared_weights(weights["mtp.bin"], target_w)
-            graphs["mtp_head"] = (build_decoder(cfg, weights["mtp.bin"] | shared, max_seq_len, attention=attention,
-                                                fused=fused, name="mtp_head", mtp=True), ["mtp.bin", "target.bin"])
+            graphs["mtp_head"] = (build_mtp_head(cfg, weights["mtp.bin"] | shared, max_seq_len, attention=attention,
+                                                 fused=fused, name="mtp_head"), ["mtp.bin", "target.bin"])
             models["mtp_head"] = _model_entry("mtp_head", cfg, 1, max_seq_len, ["mtp.bin", "target.bin"], attention,
                                               mtp=True, draft_vocab=None if d2t is None else len(d2t))
             if d2t is not None:
@@ -200,7 +204,7 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
             entry |= build_eagle(spec, cfg, weights, graphs, models, max_seq_len, attention, fused, aux,
                                  draft_precision, progress)
         elif spec.kind == "medusa":
-            from speccompile.compile.medusa import (build_medusa, int8_medusa, load_medusa, num_heads, share_target_head)
+            from speccompile.compile.medusa import int8_medusa, load_medusa, num_heads, share_target_head
             target_head = target_w.get("lm_head", target_w["embed"])
             medusa_w = share_target_head(load_medusa(spec.arg, cfg), target_head)
             shared = {"final_norm": target_w["final_norm"]}

@@ -38,9 +38,9 @@ import os
 import numpy as np
 
 from speccompile.compile.config import ModelConfig
-from speccompile.errors import CheckpointError, SpeccompileError, UnsupportedModelError
-from speccompile.compile.int8 import matmul
-from speccompile.graphs.builder import GraphBuilder
+from speccompile.errors import CheckpointError, UnsupportedModelError
+from speccompile.compile.graph.draft_heads import build_eagle3_fc, build_eagle3_head, build_eagle_head
+from speccompile.plugins import tree_attention
 from speccompile.compile.sources import PICKLE_SUFFIXES, read_safetensors, refuse_pickle
 
 KINDS = ("eagle", "eagle3")
@@ -252,36 +252,9 @@ def lower_eagle_head(head: EagleHead, target: ModelConfig, hcfg: ModelConfig, ta
         if en is not None:
             w["mtp.enorm"], w["mtp.hnorm"] = en, hn
     if (hcfg.head_dim, hcfg.rope_theta) != (target.rope_dim, target.rope_theta):
-        from speccompile.plugins import tree_attention
         w["mtp.rope.cos"], w["mtp.rope.sin"] = tree_attention.rope_tables(max_seq_len, hcfg.head_dim,
                                                                           hcfg.rope_theta)
     return w, d2t
-
-
-def emit_head_input(g: GraphBuilder, W: dict, head: str, norm, h: str, norm_before_residual: bool = False):
-    """The head's block input from the token embedding `h` and the feature `hidden_in`. Returns (x, residual):
-    x the attention's input (None: normalise the residual as a Llama block does), residual the stream the block
-    adds to."""
-    if head == "eagle":
-        e, f = (norm(h, W["mtp.enorm"]), norm("hidden_in", W["mtp.hnorm"])) if "mtp.enorm" in W else (h, "hidden_in")
-        z = matmul(g, g.op("Concat", [e, f], axis=-1)[0], W, "mtp.fc")
-        if "mtp.fc_bias" in W:
-            z = g.op("Add", [z, W["mtp.fc_bias"]])[0]
-        return z, z  # EAGLE-1's first layer has no input norm
-    if head == "eagle3":
-        f = norm("hidden_in", W["mtp.hidden_norm"])
-        x = g.op("Concat", [norm(h, W["mtp.l0.attn_norm"]), f], axis=-1)[0]
-        return x, (f if norm_before_residual else "hidden_in")
-    raise SpeccompileError(f"unknown draft head kind {head!r}")
-
-
-def build_fuse_graph(target: ModelConfig, hcfg: ModelConfig, fc: np.ndarray) -> GraphBuilder:
-    """EAGLE-3's fc alone: aux_hidden_states [S, 3H_target] (the target's three layers) -> hidden [S, H]."""
-    g = GraphBuilder("eagle3_fc")
-    g.input("aux_hidden_states", "float32", ["S", 3 * target.hidden_size])
-    g.op("MatMul", ["aux_hidden_states", g.weight("mtp.eagle3.fc", fc)], outputs=["hidden"])
-    g.output("hidden", "float32", ["S", hcfg.hidden_size])
-    return g
 
 
 def build_eagle(spec, cfg: ModelConfig, weights: dict, graphs: dict, models: dict, max_seq_len: int,
@@ -289,7 +262,6 @@ def build_eagle(spec, cfg: ModelConfig, weights: dict, graphs: dict, models: dic
     """The build pass for an `eagle:PATH` / `eagle3:PATH` drafter: load, lower, emit the head graph (and
     EAGLE-3's fc graph) into graphs/models/weights; returns the drafter entry's additions."""
     from speccompile.compile.driver import _model_entry, head_shared_weights, int8_draft_head
-    from speccompile.compile.lower import build_decoder
     from speccompile.compile.sources import sha256_path
     kind = spec.kind
     head = load_eagle_head(spec.arg, kind)
@@ -305,9 +277,12 @@ def build_eagle(spec, cfg: ModelConfig, weights: dict, graphs: dict, models: dic
         w = int8_draft_head(w, target_w)
     weights[wfile] = w
     head_w = {k: v for k, v in w.items() if k != "mtp.eagle3.fc"} | head_shared_weights(w, target_w)
-    graphs[name] = (build_decoder(hcfg, head_w, max_seq_len, attention=attention, fused=fused, name=name, mtp=True,
-                                  head=kind, norm_before_residual=bool(head.config.get("norm_before_residual"))),
-                    [wfile, "target.bin"])
+    if kind == "eagle3":
+        graph = build_eagle3_head(hcfg, head_w, max_seq_len, attention, fused, name,
+                                  norm_before_residual=bool(head.config.get("norm_before_residual")))
+    else:
+        graph = build_eagle_head(hcfg, head_w, max_seq_len, attention, fused, name)
+    graphs[name] = (graph, [wfile, "target.bin"])
     models[name] = _model_entry(name, hcfg, 1, max_seq_len, [wfile, "target.bin"], attention, mtp=True,
                                 draft_vocab=None if d2t is None else len(d2t))
     models[name]["kind"] = name
@@ -318,7 +293,7 @@ def build_eagle(spec, cfg: ModelConfig, weights: dict, graphs: dict, models: dic
     out = {"model": name}
     if kind == "eagle3":
         fuse = f"{kind}_fc"
-        graphs[fuse] = (build_fuse_graph(cfg, hcfg, w["mtp.eagle3.fc"]), [wfile])
+        graphs[fuse] = (build_eagle3_fc(cfg, hcfg, w["mtp.eagle3.fc"]), [wfile])
         models[fuse] = {"graph": f"{fuse}.onnx", "weights": [wfile], "kind": "eagle3_fc", "config": hcfg.to_dict(),
                         "inputs": [{"name": "aux_hidden_states", "dtype": "float32",
                                     "shape": ["S", 3 * cfg.hidden_size]}],

@@ -4,7 +4,7 @@
     h = final_norm(hidden);  for each block: h = h + SiLU(W h + b);  logits_k = W_out_k h
 
 Public layout (FasterDecoding/Medusa `medusa_lm_head.safetensors`): `{k}.{j}.linear.weight|bias` for the blocks
-and `{k}.{L}.weight` for the output, optionally under a `medusa_head.` prefix.
+and `{k}.{L}.weight` for the output, optionally under a `medusa_head.` prefix. The graph: graph/medusa.py.
 """
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ import numpy as np
 
 from speccompile.compile.config import ModelConfig
 from speccompile.errors import CheckpointError
-from speccompile.compile.int8 import SUFFIX_CODES, SUFFIX_SCALES, int8_product, matmul, quantize_matrices
-from speccompile.graphs.builder import GraphBuilder
+from speccompile.compile.quantize.int8 import quantize_matrices
 
 _NAME = re.compile(r"^(?:medusa_head\.)?(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
 
@@ -71,44 +70,7 @@ def share_target_head(weights: dict[str, np.ndarray], target_head: np.ndarray) -
 
 
 def int8_medusa(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The heads' matrices in int8 (speccompile.compile.int8; drafts need not be exact)."""
+    """The heads' matrices in int8 (speccompile.compile.quantize.int8; drafts need not be exact)."""
     blocks = [k for k in weights if k.endswith(".w")]
     return quantize_matrices(quantize_matrices(weights, blocks), [k for k in weights if k.endswith(".out")],
                              layout="nk")
-
-
-def build_medusa(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> GraphBuilder:
-    """hidden_in [1, H] (the target's pre-norm hidden state) -> logits [K, V], next_token [K]. Heads without an
-    output matrix of their own share the target's: its int8 head screen when `weights` has it, else its float32
-    head (lm_head, or the tied embedding)."""
-    g = GraphBuilder("medusa")
-    g.input("hidden_in", "float32", [1, cfg.hidden_size])
-    W = {k: g.weight(k, v) for k, v in weights.items()}
-    h = g.op("SimplifiedLayerNormalization", ["hidden_in", W["final_norm"]], axis=-1, epsilon=cfg.rms_norm_eps,
-             stash_type=1)[0]
-    logits, shared = [], []
-    for k in range(num_heads(weights)):
-        x = h
-        j = 0
-        while f"medusa.{k}.{j}.b" in W:
-            y = g.op("Add", [matmul(g, x, W, f"medusa.{k}.{j}.w"), W[f"medusa.{k}.{j}.b"]])[0]
-            x = g.op("Add", [x, g.op("Mul", [y, g.op("Sigmoid", [y])[0]])[0]])[0]
-            j += 1
-        out = f"medusa.{k}.out"
-        if out + SUFFIX_CODES in W:
-            logits.append(int8_product(g, x, W[out + SUFFIX_CODES], W[out + SUFFIX_SCALES]))
-        elif out in W:
-            logits.append(g.op("Gemm", [x, W[out]], transB=1)[0])
-        else:
-            shared.append(x)
-    if shared:  # one product for every head, in head order (heads share the target's head all or none)
-        rows = g.op("Concat", shared, axis=0)[0] if len(shared) > 1 else shared[0]
-        if "head_screen.codes" in W:
-            logits = [int8_product(g, rows, W["head_screen.codes"], W["head_screen.scales"])]
-        else:
-            logits = [g.op("Gemm", [rows, W.get("lm_head", W.get("embed"))], transB=1)[0]]
-    g.op("Concat", logits, outputs=["logits"], axis=0)
-    g.op("ArgMax", ["logits"], outputs=["next_token"], axis=-1, keepdims=0)
-    g.output("logits", "float32", [num_heads(weights), cfg.vocab_size])
-    g.output("next_token", "int64", [num_heads(weights)])
-    return g

@@ -53,7 +53,7 @@ def tiny_tokenizer_files(vocab_size: int = 384) -> dict[str, bytes]:
 
 def tiny_checkpoint(name: str, seed: int | None = None):
     from speccompile.compile.sources import Checkpoint
-    from speccompile.compile.lower import expected_checkpoint_tensors
+    from speccompile.compile.weights.decoder import expected_checkpoint_tensors
     if name not in PRESETS:
         raise CheckpointError(f"unknown tiny preset {name!r}; choose from {', '.join(PRESETS)}")
     cfg = ModelConfig.from_dict(dict(PRESETS[name], eos_token_ids=(2,), bos_token_id=1))
@@ -77,7 +77,7 @@ def tiny_mtp_head(cfg: ModelConfig, seed: int = 0, repeat_last: bool = False) ->
     repeat_last: a head that predicts its input token again (its block adds nothing, eh_proj passes the token
     embedding through and the tied output head scores it highest), so it is often right on the repetitive
     output of a random tiny model, and tests see drafts accepted."""
-    from speccompile.compile.lower import expected_checkpoint_tensors
+    from speccompile.compile.weights.decoder import expected_checkpoint_tensors
     import dataclasses
     rng = np.random.default_rng(seed)
     H = cfg.hidden_size
