@@ -40,7 +40,7 @@ import numpy as np
 from speccompile.compile.config import ModelConfig
 from speccompile.errors import CheckpointError, UnsupportedModelError
 from speccompile.compile.graph.draft_heads import build_eagle3_fc, build_eagle3_head, build_eagle_head
-from speccompile.plugins import tree_attention
+from speccompile.compile.weights.eagle import lower_eagle_head
 from speccompile.compile.sources import PICKLE_SUFFIXES, read_safetensors, refuse_pickle
 
 KINDS = ("eagle", "eagle3")
@@ -171,90 +171,6 @@ def head_config(head: EagleHead, target: ModelConfig) -> ModelConfig:
         max_position_embeddings=target.max_position_embeddings, tie_word_embeddings=True,
         qkv_bias="layers.0.self_attn.q_proj.bias" in t,
         bos_token_id=target.bos_token_id, eos_token_ids=target.eos_token_ids)
-
-
-def lower_eagle_head(head: EagleHead, target: ModelConfig, hcfg: ModelConfig, target_w: dict[str, np.ndarray],
-                     max_seq_len: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Check and pack a head into graph weights (mtp.* names, as the MTP head graph reads them; EAGLE-3's fc as
-    `eagle3.fc`). Returns (weights, draft-to-target token ids or None)."""
-    label = "EAGLE-3" if head.version == "eagle3" else "EAGLE"
-    t, e3 = head.tensors, head.version == "eagle3"
-    H, I, q, kv, V = hcfg.hidden_size, hcfg.intermediate_size, hcfg.q_size, hcfg.kv_size, target.vocab_size
-    Hin = 2 * H if e3 else H
-
-    def get(name, shape, optional=False):
-        if name not in t:
-            if optional:
-                return None
-            hint = " (midlayer.* in EAGLE-3's own files)" if e3 and name.startswith("layers.0.") else ""
-            raise CheckpointError(f"{label} head {head.path} is missing tensor {name!r}{hint}")
-        a = np.ascontiguousarray(t[name], np.float32)
-        if tuple(a.shape) != tuple(shape):
-            raise CheckpointError(f"{label} head {head.path}: tensor {name!r} has shape {tuple(a.shape)}, "
-                                  f"expected {tuple(shape)}")
-        return a
-
-    p = "layers.0."
-    wq, wk, wv = (get(p + f"self_attn.{x}_proj.weight", (n, Hin)) for x, n in (("q", q), ("k", kv), ("v", kv)))
-    w = {"mtp.l0.qkv": np.ascontiguousarray(np.concatenate([wq, wk, wv], 0).T),
-         "mtp.l0.o": np.ascontiguousarray(get(p + "self_attn.o_proj.weight", (H, q)).T),
-         "mtp.l0.mlp_norm": get(p + "post_attention_layernorm.weight", (H,)),
-         "mtp.l0.gate": np.ascontiguousarray(get(p + "mlp.gate_proj.weight", (I, H)).T),
-         "mtp.l0.up": np.ascontiguousarray(get(p + "mlp.up_proj.weight", (I, H)).T),
-         "mtp.l0.down": np.ascontiguousarray(get(p + "mlp.down_proj.weight", (H, I)).T)}
-    if hcfg.qkv_bias:
-        w["mtp.l0.qkv_bias"] = np.concatenate([get(p + f"self_attn.{x}_proj.bias", (n,))
-                                               for x, n in (("q", q), ("k", kv), ("v", kv))])
-    embed = get("embed_tokens.weight", (V, H), optional=True)
-    target_embed = target_w["embed"]
-    if embed is not None and not (embed.shape == target_embed.shape and np.array_equal(embed, target_embed)):
-        w["mtp.embed"] = embed
-    elif embed is None and H != target.hidden_size:
-        raise CheckpointError(f"{label} head {head.path}: hidden size {H} differs from the target's "
-                              f"({target.hidden_size}), so it needs its own 'embed_tokens.weight'")
-    d2t = None
-    if e3:
-        w["mtp.eagle3.fc"] = np.ascontiguousarray(get("fc.weight", (H, 3 * target.hidden_size)).T)
-        w["mtp.l0.attn_norm"] = get(p + "input_layernorm.weight", (H,))
-        w["mtp.hidden_norm"] = get(p + "hidden_norm.weight", (H,))
-        w["mtp.norm"] = get("norm.weight", (H,))
-        if "lm_head.weight" not in t:
-            raise CheckpointError(f"{label} head {head.path} is missing tensor 'lm_head.weight'")
-        Vd = int(t["lm_head.weight"].shape[0])
-        w["mtp.head"] = get("lm_head.weight", (Vd, H))
-        if "d2t" in t:
-            off = np.asarray(t["d2t"], np.int64)
-            if off.shape != (Vd,):
-                raise CheckpointError(f"{label} head {head.path}: tensor 'd2t' has shape {off.shape}, expected "
-                                      f"({Vd},) (one offset per lm_head row)")
-            d2t = np.arange(Vd, dtype=np.int64) + off
-            if d2t.min() < 0 or d2t.max() >= V or len(np.unique(d2t)) != Vd:
-                raise CheckpointError(f"{label} head {head.path}: d2t maps draft tokens outside the target's "
-                                      f"vocabulary of {V} (or two to one target token)")
-        elif Vd != V:
-            raise CheckpointError(f"{label} head {head.path}: lm_head has {Vd} rows but the target's vocabulary "
-                                  f"has {V}, and there is no 'd2t' tensor to map them")
-        if d2t is not None and Vd == V and (d2t == np.arange(V)).all():
-            d2t = None
-        if d2t is not None:
-            w["mtp.d2t"] = d2t
-    else:
-        if H != target.hidden_size:
-            raise UnsupportedModelError(f"{label} head {head.path}: hidden size {H} differs from the target's")
-        w["mtp.fc"] = np.ascontiguousarray(get("fc.weight", (H, 2 * H)).T)
-        bias = get("fc.bias", (H,), optional=True)
-        if bias is not None:
-            w["mtp.fc_bias"] = bias
-        en, hn = (get(n + ".weight", (H,), optional=True) for n in ("embedding_layernorm", "hidden_states_layernorm"))
-        if (en is None) != (hn is None):
-            raise CheckpointError(f"{label} head {head.path}: embedding_layernorm and hidden_states_layernorm come "
-                                  "together (HASS)")
-        if en is not None:
-            w["mtp.enorm"], w["mtp.hnorm"] = en, hn
-    if (hcfg.head_dim, hcfg.rope_theta) != (target.rope_dim, target.rope_theta):
-        w["mtp.rope.cos"], w["mtp.rope.sin"] = tree_attention.rope_tables(max_seq_len, hcfg.head_dim,
-                                                                          hcfg.rope_theta)
-    return w, d2t
 
 
 def build_eagle(spec, cfg: ModelConfig, weights: dict, graphs: dict, models: dict, max_seq_len: int,
