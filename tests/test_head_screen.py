@@ -1,5 +1,6 @@
-"""The exact greedy head (speccompile/compile/graph/head_screen.py): the int8 screen's bound holds for onnxruntime's kernel, the
-screened argmax is the float32 argmax (ties included), and peaked rows are certified without the full product."""
+"""The exact greedy head (speccompile/compile/graph/head_screen.py): the int8 screen's bound holds for onnxruntime's
+kernel, the screened argmax is the float32 argmax (ties included), and peaked rows are certified without the full
+product."""
 import json
 
 import numpy as np
