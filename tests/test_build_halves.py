@@ -6,7 +6,7 @@ import pytest
 from speccompile.compile.drafters import build_half
 from speccompile.compile.drafters.base import BuildOptions, DrafterBuild, TargetBuild
 from speccompile.compile.driver import target_features
-from speccompile.compile.lower import lower_weights
+from speccompile.compile.weights.decoder import lower_weights
 from speccompile.compile.presets import tiny_mtp_head
 from speccompile.compile.sources import load_checkpoint
 from speccompile.format.drafter_kinds import KINDS, DraftSpec

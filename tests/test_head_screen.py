@@ -1,5 +1,6 @@
-"""The exact greedy head (speccompile/head_screen.py): the int8 screen's bound holds for onnxruntime's kernel, the
-screened argmax is the float32 argmax (ties included), and peaked rows are certified without the full product."""
+"""The exact greedy head (speccompile/compile/graph/head_screen.py): the int8 screen's bound holds for onnxruntime's
+kernel, the screened argmax is the float32 argmax (ties included), and peaked rows are certified without the full
+product."""
 import json
 
 import numpy as np
@@ -7,8 +8,9 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from speccompile.compile.head_screen import CANDIDATES, emit_head, quantize_head
-from speccompile.compile.int8 import BLOCK
+from speccompile.compile.graph.head_screen import CANDIDATES, emit_screened_head
+from speccompile.compile.quantize.head_screen import quantize_head
+from speccompile.compile.quantize.int8 import BLOCK
 from speccompile.graphs.builder import OPSET, GraphBuilder
 
 V, H = 1000, 64
@@ -21,7 +23,7 @@ def head_session(head: np.ndarray, profile_dir=None):
     g.input("rows", "float32", ["R", H])
     g.input("screen", "bool", [])
     W = {k: g.weight(k, v) for k, v in weights.items()}
-    emit_head(g, "rows", "head", W, "screen")
+    emit_screened_head(g, "rows", "head", W, "screen")
     g.output("logits", "float32", ["R", V])
     g.output("next_token", "int64", ["R"])
     graph = helper.make_graph(g.nodes, "head", g.inputs, g.outputs,

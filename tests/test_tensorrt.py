@@ -24,11 +24,12 @@ from speccompile.compile.driver import build_bundle
 from speccompile.format.bundle import read_manifest, write_weights
 from speccompile.cli import main
 from speccompile.errors import SpeccompileError, UnsupportedModelError
-from speccompile.compile.lower import build_decoder, lower_weights
+from speccompile.compile.graph.decoder import build_decoder
 from speccompile.graphs.builder import GraphBuilder
 from speccompile.plugins import tree_attention as ta
 from speccompile.runtime.engine import ancestor_mask, session_options
 from speccompile.compile.sources import load_checkpoint
+from speccompile.compile.weights.decoder import lower_weights
 
 from conftest import quiet, tree_attention_graph
 

@@ -9,7 +9,7 @@ from speccompile.graphs.builder import GraphBuilder
 from speccompile.runtime.engine import session_options
 from speccompile.runtime.sampling import SamplingParams, probabilities
 from speccompile.runtime.acceptance import accept_tree_greedy
-from speccompile.compile.verify import emit_verify, sampling_flag
+from speccompile.compile.graph.verify import emit_verify, sampling_flag
 
 from conftest import assert_lossless, random_prompts
 from test_decoding import chi2_pvalue

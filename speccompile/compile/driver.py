@@ -22,8 +22,10 @@ from speccompile.compile.checkpoint import Checkpoint, tokenizer_fingerprint
 from speccompile.compile.config import ModelConfig
 from speccompile.compile.drafters import build_half
 from speccompile.compile.drafters.base import BuildOptions, DrafterBuild, Graph, TargetBuild
-from speccompile.compile.head_screen import quantize_head, screenable
-from speccompile.compile.lower import build_decoder, lower_weights
+from speccompile.compile.graph.decoder import build_decoder
+from speccompile.compile.graph.head_screen import screenable
+from speccompile.compile.quantize.head_screen import quantize_head
+from speccompile.compile.weights.decoder import lower_weights
 from speccompile.compile.model_entries import decoder_entry
 from speccompile.compile.sources import load_checkpoint, shipped_head
 from speccompile.errors import SpeccompileError

@@ -13,7 +13,7 @@ import numpy as np
 
 from speccompile.compile.checkpoint import Checkpoint
 from speccompile.compile.config import ModelConfig
-from speccompile.compile.lower import expected_checkpoint_tensors
+from speccompile.compile.weights.decoder import expected_checkpoint_tensors
 from speccompile.errors import CheckpointError
 
 _CORPUS = """Speculative decoding makes a language model generate faster without changing what it generates.

@@ -26,7 +26,7 @@ class BuildOptions:
     mla_cache: str = "latent"  # MLA targets: cache the latent or the expanded K/V
     backend: str = "onnxruntime"  # or "tensorrt": an engine per model besides the CPU graphs
     head_screen: bool = True  # the target's greedy passes score with the exact int8-screened output head
-    draft_precision: str = "int8"  # draft heads' matrices in int8 (speccompile.compile.int8), or "float32"
+    draft_precision: str = "int8"  # draft heads' matrices in int8 (speccompile.compile.quantize.int8), or "float32"
 
 
 @dataclasses.dataclass(frozen=True)

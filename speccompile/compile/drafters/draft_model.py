@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from speccompile.compile.checkpoint import Checkpoint, tokenizer_fingerprint
 from speccompile.compile.drafters.base import DrafterBuild, TargetBuild
-from speccompile.compile.lower import build_decoder, lower_weights
+from speccompile.compile.graph.decoder import build_decoder
+from speccompile.compile.weights.decoder import lower_weights
 from speccompile.compile.model_entries import decoder_entry
 from speccompile.compile.sources import load_checkpoint
 from speccompile.errors import TokenizerMismatchError, UnsupportedModelError

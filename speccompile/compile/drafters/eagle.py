@@ -17,8 +17,8 @@ from speccompile.compile.checkpoint import EagleHead
 from speccompile.compile.config import ModelConfig
 from speccompile.compile.drafters.base import DrafterBuild, Graph, TargetBuild
 from speccompile.compile.drafters.head_weights import head_shared_weights, int8_draft_head
-from speccompile.compile.eagle import build_fuse_graph, lower_eagle_head
-from speccompile.compile.lower import build_decoder
+from speccompile.compile.graph.draft_heads import build_eagle3_fc, build_eagle3_head, build_eagle_head
+from speccompile.compile.weights.eagle import lower_eagle_head
 from speccompile.compile.model_entries import decoder_entry, source_entry
 from speccompile.compile.sources import PICKLE_SUFFIXES, read_safetensors, refuse_pickle
 from speccompile.errors import CheckpointError, UnsupportedModelError
@@ -42,7 +42,7 @@ def build(spec: DraftSpec, target: TargetBuild) -> DrafterBuild:
     target.progress(f"      {kind} head: {spec.arg} (reads the target's {', '.join(map(str, taps))})")
     weights, d2t = lower_eagle_head(head, cfg, hcfg, target.weights, opts.max_seq_len)
     if opts.draft_precision == "int8":
-        target.progress(f"      quantize: the {kind} head's matrices to int8 (speccompile.compile.int8)")
+        target.progress(f"      quantize: the {kind} head's matrices to int8 (speccompile.compile.quantize.int8)")
         weights = int8_draft_head(weights, target.weights)
     wfile, name = f"{kind}.bin", f"{kind}_head"
     graphs = {name: _head_graph(head, hcfg, weights, target)}
@@ -54,7 +54,7 @@ def build(spec: DraftSpec, target: TargetBuild) -> DrafterBuild:
     models, entry = {name: model}, {"model": name}
     if kind == "eagle3":
         fuse = f"{kind}_fc"
-        graphs[fuse] = (build_fuse_graph(cfg, hcfg, weights["mtp.eagle3.fc"]), [wfile])
+        graphs[fuse] = (build_eagle3_fc(cfg, hcfg, weights["mtp.eagle3.fc"]), [wfile])
         models[fuse] = _fuse_entry(fuse, wfile, cfg, hcfg)
         entry["fuse_model"] = fuse
     return DrafterBuild(entry=entry, weights={wfile: weights}, graphs=graphs, models=models)
@@ -64,9 +64,11 @@ def _head_graph(head: EagleHead, hcfg: ModelConfig, weights: dict, target: Targe
     """The head's decoder block; EAGLE-3's fc is not in it (it runs in eagle3_fc)."""
     kind, opts = head.version, target.options
     head_w = {k: v for k, v in weights.items() if k != "mtp.eagle3.fc"} | head_shared_weights(weights, target.weights)
-    graph = build_decoder(hcfg, head_w, opts.max_seq_len, attention=opts.attention, fused=opts.fused,
-                          name=f"{kind}_head", mtp=True, head=kind,
-                          norm_before_residual=bool(head.config.get("norm_before_residual")))
+    if kind == "eagle":
+        graph = build_eagle_head(hcfg, head_w, opts.max_seq_len, attention=opts.attention, fused=opts.fused)
+    else:
+        graph = build_eagle3_head(hcfg, head_w, opts.max_seq_len, attention=opts.attention, fused=opts.fused,
+                                  norm_before_residual=bool(head.config.get("norm_before_residual")))
     return graph, [f"{kind}.bin", "target.bin"]
 
 

@@ -2,7 +2,7 @@
 target.bin instead of a copy, and their matrices in int8 (drafts need not be exact)."""
 from __future__ import annotations
 
-from speccompile.compile.int8 import SUFFIX_CODES, quantize_matrices
+from speccompile.compile.quantize.int8 import SUFFIX_CODES, quantize_matrices
 
 HEAD_MATRICES = ("mtp.eh_proj", "mtp.fc", "mtp.l0.qkv", "mtp.l0.o", "mtp.l0.gate", "mtp.l0.up", "mtp.l0.down")
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from speccompile.compile.drafters.base import DrafterBuild, TargetBuild
-from speccompile.compile.lower import build_decoder
+from speccompile.compile.graph.decoder import build_decoder
 from speccompile.compile.model_entries import decoder_entry
 from speccompile.errors import SpeccompileError
 from speccompile.format.drafter_kinds import DraftSpec

@@ -14,8 +14,8 @@ import numpy as np
 from speccompile.compile.config import ModelConfig
 from speccompile.compile.drafters.base import DrafterBuild, TargetBuild
 from speccompile.compile.drafters.head_weights import target_output_head
-from speccompile.compile.int8 import quantize_matrices
-from speccompile.compile.medusa import build_medusa, num_heads
+from speccompile.compile.quantize.int8 import quantize_matrices
+from speccompile.compile.graph.medusa import build_medusa, medusa_head_count
 from speccompile.compile.model_entries import source_entry
 from speccompile.compile.sources import read_safetensors, refuse_pickle
 from speccompile.errors import CheckpointError
@@ -32,12 +32,12 @@ def build(spec: DraftSpec, target: TargetBuild) -> DrafterBuild:
     if shares_head:
         target.progress("      medusa: every head's output matrix is the target's: one shared product")
     if int8:
-        target.progress("      quantize: the Medusa heads' matrices to int8 (speccompile.compile.int8)")
+        target.progress("      quantize: the Medusa heads' matrices to int8 (speccompile.compile.quantize.int8)")
         weights = int8_medusa(weights)
     if shares_head:
         shared |= target_output_head(target_w, int8=int8)
     graph = build_medusa(cfg, weights | shared)
-    K = num_heads(weights)
+    K = medusa_head_count(weights)
     target.progress(f"      medusa: {K} heads from {spec.arg}")
     files = ["medusa.bin", "target.bin"]
     model = {"graph": "medusa.onnx", "weights": files, "kind": "medusa", "config": cfg.to_dict(), "num_heads": K,

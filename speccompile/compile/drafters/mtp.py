@@ -8,7 +8,8 @@ import numpy as np
 from speccompile.compile.config import ModelConfig
 from speccompile.compile.drafters.base import DrafterBuild, TargetBuild
 from speccompile.compile.drafters.head_weights import head_shared_weights, int8_draft_head
-from speccompile.compile.lower import build_decoder, lower_mtp_weights
+from speccompile.compile.graph.draft_heads import build_mtp_head
+from speccompile.compile.weights.decoder import lower_mtp_weights
 from speccompile.compile.model_entries import decoder_entry, source_entry
 from speccompile.compile.sources import default_head_path, load_mtp_head
 from speccompile.errors import CheckpointError
@@ -28,10 +29,10 @@ def build(spec: DraftSpec, target: TargetBuild) -> DrafterBuild:
         weights["mtp.d2t"] = d2t
         weights["mtp.head"] = np.ascontiguousarray(target_w.get("lm_head", target_w["embed"])[d2t])
     if opts.draft_precision == "int8" and not cfg.is_mla:
-        target.progress("      quantize: the MTP head's matrices to int8 (speccompile.compile.int8)")
+        target.progress("      quantize: the MTP head's matrices to int8 (speccompile.compile.quantize.int8)")
         weights = int8_draft_head(weights, target_w)
-    graph = build_decoder(cfg, weights | head_shared_weights(weights, target_w), opts.max_seq_len,
-                          attention=opts.attention, fused=opts.fused, name=NAME, mtp=True)
+    graph = build_mtp_head(cfg, weights | head_shared_weights(weights, target_w), opts.max_seq_len,
+                           attention=opts.attention, fused=opts.fused, name=NAME)
     files = [WEIGHTS, "target.bin"]
     model = decoder_entry(NAME, cfg, 1, opts.max_seq_len, files, opts.attention, mtp=True,
                           draft_vocab=None if d2t is None else len(d2t))

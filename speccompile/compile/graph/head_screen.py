@@ -16,20 +16,21 @@ step reads. A greedy step needs only the argmax, and the argmax can be found, pr
                are float32 dot products summed in another order than the full product's: two tokens within an
                ulp or two of each other may come out in either order, as they may between any two kernels.)
 
-On real SmolLM2 decoding the rescoring certified all 695 steps profiled; the head costs 2.35 ms instead of ~4.5.
 The logits output of a screened pass is the estimate `approx`: a greedy pass reads only next_token and the
 acceptance outputs. Sampling (temperature > 0) and callers that ask for exact logits (input `full_logits`) take
 the float32 product. CPU-only op (MatMulNBits): graphs for TensorRT are built without the screen.
+The screen's tensors come from speccompile.compile.quantize.head_screen.quantize_head.
 """
 from __future__ import annotations
 
 import numpy as np
 from onnx import TensorProto
 
-from speccompile.compile.int8 import BLOCK, int8_blocks, int8_product
+from speccompile.compile.graph.linear import int8_product
+from speccompile.compile.quantize.int8 import BLOCK
 from speccompile.graphs.builder import GraphBuilder
 
-CANDIDATES = 64  # tokens rescored in float32 per row (certified every measured SmolLM2 step; 32 certified 99%)
+CANDIDATES = 64  # tokens rescored in float32 per row
 SLACK = 1.01  # the bound's margin on top of the factor 2 above
 
 
@@ -37,24 +38,8 @@ def screenable(hidden_size: int, vocab_size: int) -> bool:
     return hidden_size % BLOCK == 0 and vocab_size > CANDIDATES + 1
 
 
-def quantize_head(w: np.ndarray) -> dict[str, np.ndarray]:
-    """The screen's tensors for the head w [V, H]: int8 codes with one scale per block (int8.int8_blocks), the
-    blocks' L1 norms [H/BLOCK, V] for the bound, and the grid's error per row when it is not exact. A GGUF Q8_0
-    head dequantized to float32 lies on this grid exactly."""
-    V, H = w.shape
-    codes, scales = int8_blocks(w)
-    blocks = w.reshape(V, H // BLOCK, BLOCK).astype(np.float32)
-    out = {"head_screen.codes": codes, "head_screen.scales": scales,
-           "head_screen.l1": np.ascontiguousarray(np.abs(blocks).sum(-1).T, np.float32)}
-    grid = (codes.astype(np.float32) - 128) * scales.reshape(V, -1, 1)
-    err = np.linalg.norm((blocks - grid).reshape(V, H).astype(np.float64), axis=1)
-    if err.any():
-        out["head_screen.err"] = (err * (1 + 1e-6)).astype(np.float32)
-    return out
-
-
-def emit_head(g: GraphBuilder, rows: str, head: str, W: dict[str, str], screen: str,
-              logits: str = "logits", next_token: str = "next_token") -> None:
+def emit_screened_head(g: GraphBuilder, rows: str, head: str, W: dict[str, str], screen: str,
+                       logits: str = "logits", next_token: str = "next_token") -> None:
     """Emit `logits` [R, V] and `next_token` [R] from the final-norm rows [R, H] and the head matrix [V, H].
     screen: a bool scalar; true takes the int8 screen (logits = its estimates, next_token exact)."""
     def c(b, v, dt=np.int64):

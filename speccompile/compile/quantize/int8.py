@@ -2,14 +2,13 @@
 
 Drafters may be approximate: a draft only has to be likely, never exact, since the target verifies it. A draft
 head's matrices in int8 read a quarter of the bytes, and on a memory-bound CPU a head pass is mostly reading its
-weights (the shipped SmolLM2 head: one decoder layer plus a 6636-token output head, ~30 MB in float32). The
-target's own output head uses the same format for its screen (head_screen.py), where exactness is restored.
+weights. The target's own output head uses the same format for its screen (quantize/head_screen.py), where exactness
+is restored. The graph side (MatMulNBits nodes) is speccompile.compile.graph.linear.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from speccompile.graphs.builder import GraphBuilder
 
 BLOCK = 32  # quantization block along the input dimension (GGUF's Q8_0 block)
 SUFFIX_CODES, SUFFIX_SCALES = ".int8", ".int8_scales"
@@ -38,17 +37,3 @@ def quantize_matrices(weights: dict[str, np.ndarray], keys, layout: str = "kn") 
         del out[key]
         out[key + SUFFIX_CODES], out[key + SUFFIX_SCALES] = codes, scales
     return out
-
-
-def matmul(g: GraphBuilder, x: str, W: dict[str, str], key: str) -> str:
-    """x @ W[key] (x [..., K]): MatMulNBits when the weight is stored as int8, else MatMul."""
-    if key + SUFFIX_CODES not in W:
-        return g.op("MatMul", [x, W[key]])[0]
-    return int8_product(g, x, W[key + SUFFIX_CODES], W[key + SUFFIX_SCALES])
-
-
-def int8_product(g: GraphBuilder, x: str, codes: str, scales: str, output: str | None = None) -> str:
-    """x [..., K] times the int8 matrix whose rows (one per output) are `codes` [N, K/BLOCK, BLOCK]."""
-    N, nb, _ = g.weights[codes][0]
-    return g.op("MatMulNBits", [x, codes, scales], outputs=[output] if output else None, domain="com.microsoft",
-                K=nb * BLOCK, N=N, bits=8, block_size=BLOCK, accuracy_level=4)[0]

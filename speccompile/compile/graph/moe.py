@@ -5,47 +5,18 @@ choice only, keeps the best `topk_group` groups (by the sum of each group's top-
 Mixtral takes the top-k of a softmax. The chosen weights are normalised and scaled. Then the chosen experts'
 matrices are gathered by index — a token reads its k experts, never all of them, which is what keeps
 memory-bound decoding cheap — and shared experts run beside them as a dense MLP. No Python loop over experts.
+The weights' layout: speccompile.compile.weights.moe.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from speccompile.compile.config import ModelConfig
-from speccompile.compile.tensors import TensorReader
+from speccompile.compile.graph.mlp import fused_gate_up
+from speccompile.graphs.builder import GraphBuilder
 
 
-def lower_moe_weights(cfg: ModelConfig, r: TensorReader, prefix: str) -> dict[str, np.ndarray]:
-    """Router and expert tensors (names relative to the MoE block: DeepSeek "mlp.", Mixtral "block_sparse_moe.")
-    -> graph weights. Experts come stacked (transformers' layout) or one module per expert (checkpoints' own)."""
-    T = np.ascontiguousarray
-    E, I, H = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
-    w = {prefix + "router": T(r.get("gate.weight", (E, H)).T)}
-    if cfg.router_scoring == "sigmoid":
-        w[prefix + "router_bias"] = r.get("gate.e_score_correction_bias", (E,))
-    gate, up, down = ("w1", "w3", "w2") if cfg.model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
-    if r.has("experts.gate_up_proj"):
-        gate_up = r.get("experts.gate_up_proj", (E, 2 * I, H))
-        downs = r.get("experts.down_proj", (E, H, I))
-    else:
-        gate_up = np.stack([np.concatenate([r.get(f"experts.{j}.{gate}.weight", (I, H)),
-                                            r.get(f"experts.{j}.{up}.weight", (I, H))]) for j in range(E)])
-        downs = np.stack([r.get(f"experts.{j}.{down}.weight", (H, I)) for j in range(E)])
-    w[prefix + "experts.gate_up"] = T(gate_up.transpose(0, 2, 1))  # [E, H, 2I]
-    w[prefix + "experts.down"] = T(downs.transpose(0, 2, 1))  # [E, I, H]
-    Is = I * cfg.n_shared_experts
-    if Is:
-        w[prefix + "shared.gate_up"] = T(np.concatenate([r.get("shared_experts.gate_proj.weight", (Is, H)),
-                                                         r.get("shared_experts.up_proj.weight", (Is, H))]).T)
-        w[prefix + "shared.down"] = T(r.get("shared_experts.down_proj.weight", (H, Is)).T)
-    return w
-
-
-def _swiglu(g, x, gate_up):
-    gate, up = g.op("Split", [g.op("MatMul", [x, gate_up])[0]], n_out=2, axis=-1, num_outputs=2)
-    return g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])[0]])[0], up])[0]
-
-
-def emit_moe(g, cfg: ModelConfig, W: dict, p: str, x: str) -> str:
+def mixture_of_experts(g: GraphBuilder, cfg: ModelConfig, W: dict, p: str, x: str) -> str:
     """Routed experts (only the chosen ones' weights are read) plus shared experts; x: [1, S, H]."""
     E, k, G = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group
     H = cfg.hidden_size
@@ -80,11 +51,12 @@ def emit_moe(g, cfg: ModelConfig, W: dict, p: str, x: str) -> str:
     w_down = g.op("Gather", [W[p + "experts.down"], flat], axis=0)[0]
     xr = g.op("Reshape", [g.op("Expand", [g.op("Unsqueeze", [xs, const(1)])[0], const(1, k, 1)])[0],
                           const(-1, 1, H)])[0]  # [S*k, 1, H]
-    act = _swiglu(g, xr, w_gu)  # [S*k, 1, I]
+    act = fused_gate_up(g, xr, w_gu)  # [S*k, 1, I]
     out = g.op("Reshape", [g.op("MatMul", [act, w_down])[0], const(-1, k, H)])[0]  # [S, k, H]
     out = g.op("ReduceSum", [g.op("Mul", [out, g.op("Unsqueeze", [weight, const(2)])[0]])[0], const(1)],
                keepdims=0)[0]  # [S, H]
     out = g.op("Reshape", [out, const(1, -1, H)])[0]
     if p + "shared.gate_up" in W:
-        out = g.op("Add", [out, g.op("MatMul", [_swiglu(g, x, W[p + "shared.gate_up"]), W[p + "shared.down"]])[0]])[0]
+        shared = g.op("MatMul", [fused_gate_up(g, x, W[p + "shared.gate_up"]), W[p + "shared.down"]])[0]
+        out = g.op("Add", [out, shared])[0]
     return out

@@ -1,20 +1,20 @@
-"""Medusa heads: K parallel heads on the target's last hidden state, head k guessing the token k+2 places ahead
-(the target's own head gives the next one). Each head is residual SiLU blocks and an output matrix:
+"""Medusa heads in one graph (speccompile.compile.medusa describes the architecture and the layout):
 
     h = final_norm(hidden);  for each block: h = h + SiLU(W h + b);  logits_k = W_out_k h
-
-Public layout (FasterDecoding/Medusa `medusa_lm_head.safetensors`): `{k}.{j}.linear.weight|bias` for the blocks
-and `{k}.{L}.weight` for the output, optionally under a `medusa_head.` prefix.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from speccompile.compile.config import ModelConfig
-from speccompile.compile.int8 import SUFFIX_CODES, SUFFIX_SCALES, int8_product, matmul
+from speccompile.compile.graph.linear import int8_product, matmul
+from speccompile.compile.graph.norm import RMSNorm
+from speccompile.compile.quantize.int8 import SUFFIX_CODES, SUFFIX_SCALES
 from speccompile.graphs.builder import GraphBuilder
 
-def num_heads(weights: dict) -> int:
+
+def medusa_head_count(weights) -> int:
+    """The number of heads among graph weights (names medusa.{k}.*)."""
     return len({k.split(".")[1] for k in weights if k.startswith("medusa.")})
 
 
@@ -25,16 +25,10 @@ def build_medusa(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> GraphBuild
     g = GraphBuilder("medusa")
     g.input("hidden_in", "float32", [1, cfg.hidden_size])
     W = {k: g.weight(k, v) for k, v in weights.items()}
-    h = g.op("SimplifiedLayerNormalization", ["hidden_in", W["final_norm"]], axis=-1, epsilon=cfg.rms_norm_eps,
-             stash_type=1)[0]
+    h = RMSNorm(g, cfg.rms_norm_eps)("hidden_in", W["final_norm"])
     logits, shared = [], []
-    for k in range(num_heads(weights)):
-        x = h
-        j = 0
-        while f"medusa.{k}.{j}.b" in W:
-            y = g.op("Add", [matmul(g, x, W, f"medusa.{k}.{j}.w"), W[f"medusa.{k}.{j}.b"]])[0]
-            x = g.op("Add", [x, g.op("Mul", [y, g.op("Sigmoid", [y])[0]])[0]])[0]
-            j += 1
+    for k in range(medusa_head_count(weights)):
+        x = _residual_blocks(g, W, k, h)
         out = f"medusa.{k}.out"
         if out + SUFFIX_CODES in W:
             logits.append(int8_product(g, x, W[out + SUFFIX_CODES], W[out + SUFFIX_SCALES]))
@@ -50,6 +44,16 @@ def build_medusa(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> GraphBuild
             logits = [g.op("Gemm", [rows, W.get("lm_head", W.get("embed"))], transB=1)[0]]
     g.op("Concat", logits, outputs=["logits"], axis=0)
     g.op("ArgMax", ["logits"], outputs=["next_token"], axis=-1, keepdims=0)
-    g.output("logits", "float32", [num_heads(weights), cfg.vocab_size])
-    g.output("next_token", "int64", [num_heads(weights)])
+    g.output("logits", "float32", [medusa_head_count(weights), cfg.vocab_size])
+    g.output("next_token", "int64", [medusa_head_count(weights)])
     return g
+
+
+def _residual_blocks(g: GraphBuilder, W: dict[str, str], k: int, x: str) -> str:
+    """Head k's blocks: x + SiLU(W x + b), for j = 0, 1, ... while medusa.{k}.{j} exists."""
+    j = 0
+    while f"medusa.{k}.{j}.b" in W:
+        y = g.op("Add", [matmul(g, x, W, f"medusa.{k}.{j}.w"), W[f"medusa.{k}.{j}.b"]])[0]
+        x = g.op("Add", [x, g.op("Mul", [y, g.op("Sigmoid", [y])[0]])[0]])[0]
+        j += 1
+    return x

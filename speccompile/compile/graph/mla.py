@@ -1,4 +1,4 @@
-"""DeepSeek-V3 in static graphs: multi-head latent attention (MLA) and routed mixture of experts (MoE).
+"""DeepSeek-V3's multi-head latent attention (MLA) in a static graph.
 
 KV cache layout — the compressed latent, not expanded K/V. Per token and layer the cache keeps
 [k_rope (qk_rope_head_dim) ; c_kv (kv_lora_rank)], one "head" shared by all query heads. Attention runs on it
@@ -11,51 +11,18 @@ so the fused GroupQueryAttention kernel serves it as multi-query attention with 
 (kv_num_heads = 1), with the same tree mask, in-place cache and `seqlens_k` as every other model. The value
 cache holds the same rows as the key cache (the kernel needs both; the output's rope part is dropped). Memory per
 token per layer: 2 (rope + lora) floats, against 2 * heads * (nope + rope) for expanded K/V — see
-tools/bench_deepseek.py for the figures.
-
-MoE layers are lowered by moe.py (shared with Mixtral).
+tools/bench_deepseek.py for the figures. The weights' layout: speccompile.compile.weights.mla.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from speccompile.compile.config import ModelConfig
-from speccompile.compile.tensors import TensorReader
+from speccompile.graphs.builder import GraphBuilder
 
 
-def lower_layer_weights(cfg: ModelConfig, tensors: dict[str, np.ndarray], hf_prefix: str, prefix: str,
-                        moe: bool) -> dict[str, np.ndarray]:
-    """One DeepSeek-V3 decoder layer's checkpoint tensors (HF names under hf_prefix) -> graph weights."""
-    r = TensorReader(tensors, hf_prefix)
-    H, nh = cfg.hidden_size, cfg.num_attention_heads
-    nope, rope, lora, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
-    T = np.ascontiguousarray
-    w = {prefix + "attn_norm": r.get("input_layernorm.weight"), prefix + "mlp_norm": r.get("post_attention_layernorm.weight")}
-    if cfg.q_lora_rank:
-        w[prefix + "q_a"] = T(r.get("self_attn.q_a_proj.weight", (cfg.q_lora_rank, H)).T)
-        w[prefix + "q_a_norm"] = r.get("self_attn.q_a_layernorm.weight")
-        w[prefix + "q_b"] = T(r.get("self_attn.q_b_proj.weight", (nh * (nope + rope), cfg.q_lora_rank)).T)
-    else:
-        w[prefix + "q"] = T(r.get("self_attn.q_proj.weight", (nh * (nope + rope), H)).T)
-    w[prefix + "kv_a"] = T(r.get("self_attn.kv_a_proj_with_mqa.weight", (lora + rope, H)).T)
-    w[prefix + "kv_a_norm"] = r.get("self_attn.kv_a_layernorm.weight")
-    kv_b = r.get("self_attn.kv_b_proj.weight", (nh * (nope + v), lora))
-    kv_b = kv_b.reshape(nh, nope + v, lora)
-    w[prefix + "w_uk"] = T(kv_b[:, :nope])  # [nh, nope, lora]: absorbed into the query
-    w[prefix + "w_uv_t"] = T(kv_b[:, nope:].transpose(0, 2, 1))  # [nh, lora, v]
-    w[prefix + "o"] = T(r.get("self_attn.o_proj.weight", (H, nh * v)).T)
-    if not moe:
-        I = cfg.intermediate_size
-        w[prefix + "gate_up"] = T(np.concatenate([r.get("mlp.gate_proj.weight", (I, H)),
-                                                  r.get("mlp.up_proj.weight", (I, H))]).T)
-        w[prefix + "down"] = T(r.get("mlp.down_proj.weight", (H, I)).T)
-        return w
-    from speccompile.compile.moe import lower_moe_weights
-    return w | lower_moe_weights(cfg, TensorReader(tensors, hf_prefix + "mlp."), prefix)
-
-
-def emit_mla(g, cfg: ModelConfig, W: dict, p: str, x: str, layer: int, norm, total_len: str,
-             cache: str = "latent") -> str:
+def latent_attention(g: GraphBuilder, cfg: ModelConfig, W: dict, p: str, x: str, layer: int, norm,
+                     total_len: str, cache: str = "latent") -> str:
     """Multi-head latent attention of layer `layer`; returns the o_proj output.
 
     cache="latent": attention on the compressed cache (see the module docstring). cache="expanded": the

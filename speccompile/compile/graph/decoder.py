@@ -1,0 +1,61 @@
+"""The decoder graph (speccompile.graphs.decoder_signature): the target, an early exit over its first layers, or a
+separate draft model. An early exit references the target's weight names, so it costs no extra weights."""
+from __future__ import annotations
+
+import numpy as np
+
+from speccompile.compile.config import ModelConfig
+from speccompile.compile.graph.head_screen import emit_screened_head
+from speccompile.compile.graph.layers import Stack, close_graph, decoder_layers, open_graph
+from speccompile.compile.graph.output import float_head, greedy_token, hidden_outputs
+from speccompile.compile.graph.verify import emit_verify, sampling_flag
+from speccompile.compile.weights.names import layer_of
+from speccompile.graphs import decoder_signature
+from speccompile.graphs.builder import GraphBuilder
+
+
+def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len: int, num_layers: int | None = None,
+                  attention: str = "ort", fused: bool = True, name: str = "decoder", verify: bool = False,
+                  aux_layers: list | None = None) -> GraphBuilder:
+    """embedding -> the first `num_layers` layers (all by default) -> final norm -> output head.
+
+    attention: the TreeAttention lowering ("ort" fused kernel, "reference" standard ops, "plugin" one node).
+    fused: onnxruntime's fused residual+RMSNorm kernels; False keeps to standard ONNX ops only.
+    verify: the target's in-graph acceptance (graph/verify.py), and its exact greedy head (graph/head_screen.py)
+          where the weights have the screen's tensors and the graph is fused (MatMulNBits is onnxruntime's).
+    aux_layers: add the output aux_hidden_states, the features EAGLE heads read (graph/output.hidden_outputs).
+    """
+    L = cfg.num_hidden_layers if num_layers is None else num_layers
+    screen = verify and fused and "head_screen.codes" in weights
+    signature = decoder_signature(L, cfg.cache_kv_heads, cfg.cache_head_dim, max_seq_len, cfg.vocab_size,
+                                  cfg.hidden_size, False, verify, aux_width=len(aux_layers or ()) * cfg.hidden_size,
+                                  screen=screen)
+
+    def keep(k):  # the first L layers' weights; the screen's only where the graph has it
+        return (layer_of(k) is None or layer_of(k) < L) and (screen or not k.startswith("head_screen."))
+
+    s = open_graph(name, cfg, signature, weights, keep, attention, fused)
+    h = s.g.op("Gather", [s.W["embed"], "input_ids"], axis=0)[0]
+    x = s.norm(h, s.W["l0.attn_norm"]) if L else h
+    x, h, taps = decoder_layers(s, "", L, x, h, s.W["final_norm"])
+    if not L:
+        x = s.norm(h, s.W["final_norm"])
+    rows, batch = hidden_outputs(s.g, x, h, taps, aux_layers)
+    if verify:
+        _verified_head(s, rows, batch, screen)
+    else:
+        greedy_token(s.g, float_head(s.g, rows, s.W.get("lm_head", s.W["embed"])))
+    return close_graph(s, signature)
+
+
+def _verified_head(s: Stack, rows: str, batch: str, screen: bool) -> None:
+    """The target's head and acceptance. With the screen, greedy passes that ask for no exact logits (input
+    full_logits) take the int8 screen."""
+    g, head = s.g, s.W.get("lm_head", s.W["embed"])
+    sampling = sampling_flag(g)
+    if screen:
+        exact = g.op("Squeeze", ["full_logits", batch])[0]
+        emit_screened_head(g, rows, head, s.W, g.op("Not", [g.op("Or", [exact, sampling])[0]])[0])
+    else:
+        greedy_token(g, float_head(g, rows, head))
+    emit_verify(g, "logits", "next_token", sampling)

@@ -1,0 +1,27 @@
+"""The SwiGLU MLP: down(SiLU(gate x) * up x)."""
+from __future__ import annotations
+
+from speccompile.compile.graph.linear import matmul
+from speccompile.compile.quantize.int8 import SUFFIX_CODES
+from speccompile.graphs.builder import GraphBuilder
+
+
+def gated_silu(g: GraphBuilder, gate: str, up: str) -> str:
+    return g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])[0]])[0], up])[0]
+
+
+def fused_gate_up(g: GraphBuilder, x: str, gate_up: str) -> str:
+    """SiLU(gate x) * up x from one [H, 2I] matrix (gate and up side by side)."""
+    gate, up = g.op("Split", [g.op("MatMul", [x, gate_up])[0]], n_out=2, axis=-1, num_outputs=2)
+    return gated_silu(g, gate, up)
+
+
+def swiglu_mlp(g: GraphBuilder, W: dict[str, str], p: str, x: str) -> str:
+    """Weights p + gate, up, down (float32 or int8), or p + gate_up, down."""
+    if p + "gate" in W or p + "gate" + SUFFIX_CODES in W:
+        # a target keeps gate and up as two matrices: splitting the fused product costs a Split node per layer,
+        # slower on CPU
+        act = gated_silu(g, matmul(g, x, W, p + "gate"), matmul(g, x, W, p + "up"))
+    else:  # heads and DeepSeek layers keep one fused matrix
+        act = fused_gate_up(g, x, W[p + "gate_up"])
+    return matmul(g, act, W, p + "down")
