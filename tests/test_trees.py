@@ -9,7 +9,7 @@ from speccompile.errors import SpeccompileError
 from speccompile.runtime.kv_cache import KVCache
 from speccompile.runtime.sampling import SamplingParams
 from speccompile.format.trees import TreeSpec, depths
-from speccompile.runtime.acceptance import accept_tree_greedy, accept_tree_sampled
+from speccompile.runtime.acceptance import accept_greedy, accept_sampled, sequential
 
 from conftest import assert_lossless, random_prompts
 from test_decoding import chi2_pvalue
@@ -42,9 +42,9 @@ def test_accept_tree_greedy_walks_the_matching_path():
     parents = np.array([-1, -1, 0, 0, 2, 1])
     # row 0 = pending token, row 1+i = node i; the target wants 5, then 8 after node 0, then 1 after node 3
     argmax = np.array([5, 8, 0, 0, 1, 0, 0])
-    path, bonus = accept_tree_greedy(tokens, parents, argmax)
+    path, bonus = accept_greedy(tokens, parents, argmax)
     assert path == [0, 3] and bonus == 1
-    assert accept_tree_greedy(tokens, parents, np.array([4, 0, 0, 0, 0, 0, 0])) == ([], 4)
+    assert accept_greedy(tokens, parents, np.array([4, 0, 0, 0, 0, 0, 0])) == ([], 4)
 
 
 @settings(max_examples=40, deadline=None)
@@ -76,7 +76,7 @@ def test_accept_tree_sampled_keeps_target_distribution():
     parents = np.array([-1, -1, 0])
     counts = np.zeros(V)
     for _ in range(20000):
-        path, bonus = accept_tree_sampled(tokens, parents, p, rng)
+        path, bonus = accept_sampled(tokens, parents, p, sequential(rng))
         counts[tokens[path[0]] if path else bonus] += 1
     assert chi2_pvalue(counts, p[0]) > 1e-3
 

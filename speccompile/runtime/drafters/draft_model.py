@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from speccompile.graphs import MAX_STEP_TOKENS
+from speccompile.runtime.drafters.base import Drafter, Proposal, RuntimeContext
 from speccompile.runtime.engine import Engine
 from speccompile.runtime.sampling import probabilities, sample
-from speccompile.runtime.drafters.base import Drafter, Proposal
+
+
+def load(entry: dict, ctx: RuntimeContext) -> "DraftModelDrafter":
+    """A separate draft model (kind "model"), its graph pre-packed for multi-row passes."""
+    return DraftModelDrafter(entry["name"], Engine(ctx.bundle_dir, ctx.model(entry), ctx.threads, ctx.device,
+                                                   max_rows=ctx.max_rows))
 
 
 class DraftModelDrafter(Drafter):
@@ -50,7 +57,6 @@ class DraftModelDrafter(Drafter):
 
     def _feed_all_but_last(self, context) -> None:
         """Run the context (except its last token) into the draft cache in chunks a pass can take."""
-        from speccompile.graphs import MAX_STEP_TOKENS
         cache = self.engine.cache
         while cache.length < len(context) - 1:
             chunk = context[cache.length:min(len(context) - 1, cache.length + MAX_STEP_TOKENS)]
