@@ -69,8 +69,8 @@ class BundleTokenizer:
         except jinja2.exceptions.SecurityError as e:
             raise ChatTemplateError(f"the bundle's chat template tried to leave jinja2's sandbox ({e}); "
                                     "nothing was run: do not trust this bundle") from None
-        except jinja2.exceptions.TemplateError as e:
-            raise ChatTemplateError(f"the bundle's chat template failed: {e}") from None
+        except Exception as e:  # a template is the bundle's data: whatever it raises, it is the bundle's fault
+            raise ChatTemplateError(f"the bundle's chat template failed: {type(e).__name__}: {e}") from None
 
     def encode_chat(self, text: str) -> list[int]:
         if not self.chat_template:
@@ -100,10 +100,17 @@ class PrefixOffsetDecoder:
         return now[len(before):]
 
 
+class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    def unsafe_undefined(self, obj, attribute):
+        """Refuse an unsafe attribute (__class__, __globals__, ...) at once: jinja2's default hands back an
+        undefined value that renders as "" and fails only when used further, so a probe would pass unnoticed."""
+        raise jinja2.exceptions.SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__!r} "
+                                              "object is unsafe")
+
+
 def _sandbox() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
     """The environment transformers renders chat templates in (its AssistantTracker extension aside)."""
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                       extensions=[jinja2.ext.loopcontrols])
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = _strftime_now
