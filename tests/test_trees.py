@@ -214,3 +214,15 @@ def test_joined_lookup_reaches_deeper_on_repeating_output(tiny_generator):
     longest = max(max(tiny_generator.generate(p, 64, drafter="layerskip:2", tree="chain:1+lookup:2")
                       .stats["committed_per_pass"]) for p in prompts)
     assert longest > 3
+
+
+@pytest.mark.parametrize("drafter", ["layerskip:2", "model"])
+def test_tree_drafting_fills_the_context_to_its_end(tiny_generator, drafter):
+    """A prompt plus its new tokens filling the compiled context exactly: the draft model's tree runs only as
+    many nodes as its cache has slots left (it used to overflow it)."""
+    g = tiny_generator
+    base = random_prompts(2)[1]
+    prompt = (base * (g.max_seq_len // len(base) + 1))[:g.max_seq_len - 20]  # repeats: long drafts get accepted
+    ref = g.generate(prompt, 20, speculate=False)
+    for tree in ("dynamic:12", "chain:6"):
+        assert g.generate(prompt, 20, drafter=drafter, tree=tree).token_ids == ref.token_ids

@@ -117,15 +117,15 @@ class Generator:
             prop = self._propose(context[:n], drafter, k, tree, room, reach, params, rng)
             (path, token), in_graph = self._verify(token, prop, n, params, rng)
             self._commit(n, prop.parents, path, drafter)
-            context[n:n + len(path)] = prop.tokens[path]
+            accepted = prop.tokens[path]
+            context[n:n + len(path)] = accepted
             n += len(path)
-            new = [int(t) for t in prop.tokens[path]] + [token]
+            new = [*accepted.tolist(), token]
             generated += len(new)
-            deepest = int(depths(prop.parents).max()) + 1 if prop.parents is not None and len(prop.tokens) else \
-                len(prop.tokens)
+            depth = prop.depth
             if reach:
-                reach.update(len(path), deepest)
-            stats.record(len(prop.tokens), len(path), deepest, in_graph)
+                reach.update(len(path), depth)
+            stats.record(len(prop.tokens), len(path), depth, in_graph)
             yield new
 
     def _prefill(self, prompt: np.ndarray, drafter: Drafter | None, params: SamplingParams, rng) -> int:

@@ -15,7 +15,7 @@ import dataclasses
 
 import numpy as np
 
-from speccompile.format.trees import TreeSpec
+from speccompile.format.trees import TreeSpec, depths
 from speccompile.runtime.engine import Engine
 from speccompile.runtime.sampling import SamplingParams
 
@@ -44,6 +44,13 @@ class Proposal:
     @classmethod
     def empty(cls) -> "Proposal":
         return cls(np.zeros(0, np.int64))
+
+    @property
+    def depth(self) -> int:
+        """Draft tokens on the longest path: a chain's length, a tree's deepest level."""
+        if self.parents is None or not len(self.tokens):
+            return len(self.tokens)
+        return int(depths(self.parents).max()) + 1
 
 
 class Drafter(abc.ABC):
