@@ -13,7 +13,7 @@ import speccompile
 from speccompile.compile.presets import tiny_tokenizer_files
 from speccompile.errors import SpeccompileError
 from speccompile.runtime.text_stream import TextStream
-from speccompile.runtime.tokenizer import BundleTokenizer, ChatTemplateError
+from speccompile.runtime.tokenizer import BundleTokenizer, ChatTemplateError, PrefixOffsetDecoder
 
 from conftest import random_prompts
 
@@ -51,6 +51,19 @@ def test_text_is_decoded_incrementally(tiny_generator, monkeypatch):
     seen = []
     res = g.generate("hello", 40, drafter="lookup", on_text=seen.append)
     assert len(calls) <= 1 and "".join(seen) == res.text and res.stats["verify_steps"] > 3
+
+
+def test_prefix_offset_decoder_matches_decode_stream(tiny_generator):
+    """The fallback for a `tokenizers` without DecodeStream yields the same pieces."""
+    tok = tiny_generator.tokenizer
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        ids = [int(t) for t in rng.integers(0, tok.tok.get_vocab_size(), 30)]
+        streams = (tok.decode_stream(), PrefixOffsetDecoder())
+        pieces = [[d.step(tok.tok, t) for t in ids] for d in streams]
+        assert pieces[0] == pieces[1]
+        text = "".join(p or "" for p in pieces[1])
+        assert tok.decode(ids).startswith(text)
 
 
 class _Pieces:
