@@ -1,6 +1,7 @@
 """The Python API: chunks with incremental text, stop strings, chat, lists of prompts, checked requests, calls
 from several threads, and chat templates that cannot leave jinja2's sandbox."""
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -11,7 +12,10 @@ import pytest
 
 import speccompile
 from speccompile.compile.presets import tiny_tokenizer_files
-from speccompile.errors import SpeccompileError
+from speccompile.errors import BundleError, SpeccompileError
+from speccompile.format.bundle import read_manifest
+from speccompile.format.drafter_kinds import KINDS
+from speccompile.runtime.generator import Generator
 from speccompile.runtime.text_stream import TextStream
 from speccompile.runtime.tokenizer import BundleTokenizer, ChatTemplateError, PrefixOffsetDecoder
 
@@ -240,3 +244,18 @@ def test_a_payload_in_a_bundle_runs_nothing(tiny_bundle, tmp_path, monkeypatch):
     with pytest.raises(ChatTemplateError):
         g.generate("hello", 4)
     assert not os.path.exists("PWNED")
+
+
+def test_every_kind_has_a_runtime_half():
+    for kind in KINDS.values():
+        assert callable(importlib.import_module(kind.runtime_module).load), kind.name
+
+
+def test_an_unknown_drafter_kind_is_one_bundle_error(tiny_bundle):
+    manifest = read_manifest(tiny_bundle)
+    manifest["drafters"][0] = dict(manifest["drafters"][0], kind="telepathy")
+    with pytest.raises(BundleError, match="'telepathy', unknown to this runtime"):
+        Generator(tiny_bundle, manifest, threads=1)
+    del manifest["drafters"][0]["kind"]
+    with pytest.raises(BundleError, match="unknown to this runtime"):
+        Generator(tiny_bundle, manifest, threads=1)
