@@ -68,7 +68,7 @@ def load_drafter(entry: dict, ctx: RuntimeContext) -> Drafter:
 class Generator:
     """A loaded bundle. `generate`, `stream` and `chat` may be called from several threads: the calls are
     serialized (one runs at a time, each giving exactly the tokens it would give alone); they do not yet share
-    passes."""
+    passes. A stream holds the Generator from its first chunk until it is exhausted or closed."""
 
     def __init__(self, bundle_dir: str, manifest: dict, threads: int | None = None, device: str = "cpu"):
         self.bundle_dir, self.manifest = bundle_dir, manifest
