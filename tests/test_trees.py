@@ -147,9 +147,9 @@ class _FakeDraftEngine:
         def truncate(self, n):
             self.length = n
 
-    def __init__(self, vocab: int, temperature: float):
+    def __init__(self, vocab: int, temperature: float, max_seq_len: int = 1024):
         self.vocab, self.temperature, self.passes = vocab, temperature, 0
-        self.cache = self._Cache()
+        self.cache, self.max_seq_len = self._Cache(), max_seq_len
 
     def forward(self, tokens, positions, parents, rows, committed, hidden_in=None):
         self.passes += 1
