@@ -1,8 +1,20 @@
-"""speccompile: compile a model and its drafters into static ONNX graphs; decode speculatively from the bundle."""
+"""speccompile: compile a model and its drafters into static ONNX graphs; decode speculatively from the bundle.
+
+    gen = speccompile.load("bundle/")
+    gen.generate("Tell me a story", 128).text
+    for chunk in gen.stream("Tell me a story", 128, params=speccompile.SamplingParams(temperature=0.7, seed=0)):
+        print(chunk.text, end="")
+    gen.chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]).text
+"""
+from speccompile.runtime.sampling import SamplingParams
+
 __version__ = "0.1.0"
+__all__ = ["SamplingParams", "load"]
 
 
 def load(bundle_dir: str, **kwargs):
-    """Load a bundle for generation (imports only numpy, onnxruntime, tokenizers)."""
+    """Load a bundle for generation (imports only numpy, onnxruntime, tokenizers, jinja2): a
+    speccompile.runtime.generator.Generator. kwargs: threads, device, verify."""
     from speccompile.runtime.generator import Generator
     return Generator.load(bundle_dir, **kwargs)
+

@@ -86,15 +86,21 @@ def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, ba
 @click.option("--no-speculate", is_flag=True, help="Plain autoregressive decoding of the compiled target.")
 @click.option("--compare", is_flag=True, help="Also decode without speculation and print the speedup.")
 @click.option("--no-chat", is_flag=True, help="Do not apply the chat template.")
+@click.option("--system", default=None, help="A system message before PROMPT (through the chat template).")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @_errors_to_exit
 def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, drafter, num_draft, tree,
-             no_speculate, compare, no_chat, stop, threads, as_json):
+             no_speculate, compare, no_chat, system, stop, threads, as_json):
     """Generate text for PROMPT from BUNDLE, streaming it."""
     from speccompile import load
+    if system is not None and no_chat:
+        raise SpeccompileError("--system needs the chat template: drop --no-chat")
     gen = load(bundle, threads=threads)
+    if system is not None:  # the conversation as token ids: what every call below then decodes from
+        prompt = gen.tokenizer.encode_messages([{"role": "system", "content": system},
+                                                {"role": "user", "content": prompt}])
     kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stop),
                   chat=not no_chat, drafter=drafter, num_draft=num_draft, tree=tree)
     on_text = None if as_json else functools.partial(click.echo, nl=False)

@@ -47,3 +47,19 @@ def test_stop_string(tiny_bundle):
     stop = text[2:4]
     cut = json.loads(run("generate", tiny_bundle, "hello", "--max-new-tokens", 30, "--json", "--stop", stop))
     assert cut["text"] == text[:text.index(stop)]
+
+
+def test_bad_numbers_are_one_error_line(tiny_bundle):
+    for args in (["--temperature", "nan"], ["--temperature", "-1"], ["--top-p", "inf"], ["--top-k", "-3"],
+                 ["--seed", "-1"], ["--max-new-tokens", "0"], ["--num-draft", "-2"]):
+        r = CliRunner().invoke(main, ["generate", str(tiny_bundle), "hello", *args])
+        assert r.exit_code == 2, (args, r.output)
+        lines = r.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.output, (args, r.output)
+
+
+def test_system_message(tiny_bundle):
+    with_system = json.loads(run("generate", tiny_bundle, "hello", "--system", "Be brief.", "--max-new-tokens", 8,
+                                 "--json"))
+    plain = json.loads(run("generate", tiny_bundle, "hello", "--max-new-tokens", 8, "--json"))
+    assert with_system["stats"]["prompt_tokens"] > plain["stats"]["prompt_tokens"]

@@ -3,9 +3,10 @@ output has the target's distribution."""
 import numpy as np
 import pytest
 
-from speccompile.runtime.sampling import SamplingParams, probabilities, sample
+from speccompile.errors import SpeccompileError
 
-from speccompile.runtime.acceptance import accept_sampled
+from speccompile.runtime.acceptance import accept_chain_q, accept_sampled, chain_parents, sequential
+from speccompile.runtime.sampling import SamplingParams, probabilities, sample
 
 from conftest import assert_lossless, random_prompts
 
@@ -22,8 +23,8 @@ def test_num_draft_override_and_stream(tiny_generator):
     prompt = random_prompts(3)[2]
     ref = g.generate(prompt, 30, speculate=False).token_ids
     chunks = list(g.stream(prompt, 30, drafter="model", num_draft=7))
-    assert [t for c in chunks for t in c] == ref
-    assert any(len(c) > 1 for c in chunks)  # several tokens committed by one verify pass
+    assert [t for c in chunks for t in c.token_ids] == ref
+    assert any(len(c.token_ids) > 1 for c in chunks)  # several tokens committed by one verify pass
 
 
 def chi2_pvalue(observed, probs):
@@ -58,14 +59,14 @@ def test_accept_sampled_keeps_target_distribution():
     counts = np.zeros(V)
     for _ in range(20000):
         x = sample(q[0], rng)
-        n, bonus = accept_sampled(np.array([x]), q, p, rng)
-        counts[x if n == 1 else bonus] += 1
+        path, bonus = accept_chain_q(np.array([x]), q, p, sequential(rng))
+        counts[x if path else bonus] += 1
     assert chi2_pvalue(counts, p[0]) > 1e-3
-    # a deterministic drafter (q one-hot, passed as None) too
+    # a deterministic drafter (q one-hot): a chain is a tree whose parents are i - 1
     counts[:] = 0
     for _ in range(20000):
-        n, bonus = accept_sampled(np.array([2]), None, p, rng)
-        counts[2 if n == 1 else bonus] += 1
+        path, bonus = accept_sampled(np.array([2]), chain_parents(1), p, sequential(rng))
+        counts[2 if path else bonus] += 1
     assert chi2_pvalue(counts, p[0]) > 1e-3
 
 
@@ -106,3 +107,12 @@ def test_probabilities_top_k_top_p():
     assert np.allclose(p, [[0.5 / 0.85, 0.2 / 0.85, 0.15 / 0.85, 0, 0]])
     with pytest.raises(ValueError):
         SamplingParams(temperature=1.0, top_p=0.0)
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                 dict(temperature=-0.5), dict(temperature="1"), dict(top_k=-1), dict(top_k=2.5),
+                                 dict(top_p=float("nan")), dict(top_p=1.5), dict(top_p=0.0), dict(seed=-1),
+                                 dict(seed=1.5), dict(top_k=True)])
+def test_sampling_settings_are_checked(bad):
+    with pytest.raises(SpeccompileError, match="invalid sampling parameters"):
+        SamplingParams(**bad)

@@ -9,7 +9,7 @@ from speccompile.errors import SpeccompileError
 from speccompile.runtime.kv_cache import KVCache
 from speccompile.runtime.sampling import SamplingParams
 from speccompile.format.trees import TreeSpec, depths
-from speccompile.runtime.acceptance import accept_tree_greedy, accept_tree_sampled
+from speccompile.runtime.acceptance import accept_greedy, accept_sampled, sequential
 
 from conftest import assert_lossless, random_prompts
 from test_decoding import chi2_pvalue
@@ -42,9 +42,9 @@ def test_accept_tree_greedy_walks_the_matching_path():
     parents = np.array([-1, -1, 0, 0, 2, 1])
     # row 0 = pending token, row 1+i = node i; the target wants 5, then 8 after node 0, then 1 after node 3
     argmax = np.array([5, 8, 0, 0, 1, 0, 0])
-    path, bonus = accept_tree_greedy(tokens, parents, argmax)
+    path, bonus = accept_greedy(tokens, parents, argmax)
     assert path == [0, 3] and bonus == 1
-    assert accept_tree_greedy(tokens, parents, np.array([4, 0, 0, 0, 0, 0, 0])) == ([], 4)
+    assert accept_greedy(tokens, parents, np.array([4, 0, 0, 0, 0, 0, 0])) == ([], 4)
 
 
 @settings(max_examples=40, deadline=None)
@@ -76,7 +76,7 @@ def test_accept_tree_sampled_keeps_target_distribution():
     parents = np.array([-1, -1, 0])
     counts = np.zeros(V)
     for _ in range(20000):
-        path, bonus = accept_tree_sampled(tokens, parents, p, rng)
+        path, bonus = accept_sampled(tokens, parents, p, sequential(rng))
         counts[tokens[path[0]] if path else bonus] += 1
     assert chi2_pvalue(counts, p[0]) > 1e-3
 
@@ -147,9 +147,9 @@ class _FakeDraftEngine:
         def truncate(self, n):
             self.length = n
 
-    def __init__(self, vocab: int, temperature: float):
+    def __init__(self, vocab: int, temperature: float, max_seq_len: int = 1024):
         self.vocab, self.temperature, self.passes = vocab, temperature, 0
-        self.cache = self._Cache()
+        self.cache, self.max_seq_len = self._Cache(), max_seq_len
 
     def forward(self, tokens, positions, parents, rows, committed, hidden_in=None):
         self.passes += 1
@@ -214,3 +214,15 @@ def test_joined_lookup_reaches_deeper_on_repeating_output(tiny_generator):
     longest = max(max(tiny_generator.generate(p, 64, drafter="layerskip:2", tree="chain:1+lookup:2")
                       .stats["committed_per_pass"]) for p in prompts)
     assert longest > 3
+
+
+@pytest.mark.parametrize("drafter", ["layerskip:2", "model"])
+def test_tree_drafting_fills_the_context_to_its_end(tiny_generator, drafter):
+    """A prompt plus its new tokens filling the compiled context exactly: the draft model's tree runs only as
+    many nodes as its cache has slots left (it used to overflow it)."""
+    g = tiny_generator
+    base = random_prompts(2)[1]
+    prompt = (base * (g.max_seq_len // len(base) + 1))[:g.max_seq_len - 20]  # repeats: long drafts get accepted
+    ref = g.generate(prompt, 20, speculate=False)
+    for tree in ("dynamic:12", "chain:6"):
+        assert g.generate(prompt, 20, drafter=drafter, tree=tree).token_ids == ref.token_ids

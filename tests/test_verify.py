@@ -7,8 +7,8 @@ import pytest
 from speccompile.graphs import decoder_signature
 from speccompile.graphs.builder import GraphBuilder
 from speccompile.runtime.engine import session_options
+from speccompile.runtime.acceptance import accept_greedy, accept_sampled, from_table
 from speccompile.runtime.sampling import SamplingParams, probabilities
-from speccompile.runtime.acceptance import accept_tree_greedy
 from speccompile.compile.graph.verify import emit_verify, sampling_flag
 
 from conftest import assert_lossless, random_prompts
@@ -50,7 +50,7 @@ def random_tree(rng, n):
     return np.array([int(rng.integers(-1, i)) for i in range(n)], np.int64)
 
 
-def test_graph_greedy_acceptance_equals_accept_tree_greedy(verify_graph):
+def test_graph_greedy_acceptance_equals_accept_greedy(verify_graph):
     rng = np.random.default_rng(0)
     V = verify_graph.V
     for trial in range(300):
@@ -63,10 +63,38 @@ def test_graph_greedy_acceptance_equals_accept_tree_greedy(verify_graph):
         forced = rng.random(n) < 0.7  # tokens the target agrees with, so that long paths occur
         tokens[forced] = argmax[block_parents[1:][forced]]
         out = verify_graph(logits, np.concatenate([[0], tokens]), block_parents)
-        path, bonus = accept_tree_greedy(tokens, parents, argmax)
-        assert out["accept_node"][0] == (path[-1] + 1 if path else 0)
-        assert out["accept_len"][0] == len(path)
-        assert out["accept_token"][0] == bonus
+        assert_same_verdict(out, accept_greedy(tokens, parents, argmax))
+
+
+def assert_same_verdict(out, verdict):
+    path, token = verdict
+    assert out["accept_node"][0] == (path[-1] + 1 if path else 0)
+    assert out["accept_len"][0] == len(path)
+    assert out["accept_token"][0] == token
+
+
+def test_graph_sampled_acceptance_equals_accept_sampled(verify_graph):
+    """Draw for draw: fed the same uniforms (acceptance.from_table reads them as the graph does), the graph's
+    recursive rejection accepts the same path and draws the same token as the acceptance module's rule."""
+    rng = np.random.default_rng(1)
+    V = verify_graph.V
+    accepted = 0
+    for trial in range(300):
+        n = int(rng.integers(0, 14))
+        parents = np.arange(n) - 1 if trial % 4 == 0 else random_tree(rng, n)
+        logits = (rng.standard_normal((n + 1, V)) * 2).astype(np.float32)
+        params = SamplingParams(temperature=float(rng.choice([0.7, 1.0, 1.3])), top_k=int(rng.choice([0, 3])))
+        p = probabilities(logits, params)
+        block_parents = np.concatenate([[-1], parents + 1]).astype(np.int64)
+        # candidates drawn from the target's own rows, so that long paths are accepted; duplicates occur
+        tokens = np.array([int(rng.choice(V, p=p[r])) for r in block_parents[1:]], np.int64)
+        uniforms = rng.random((n + 1, 2))
+        out = verify_graph(logits, np.concatenate([[0], tokens]), block_parents, params.temperature, params.top_k,
+                           uniforms)
+        verdict = accept_sampled(tokens, parents, p, from_table(uniforms))
+        assert_same_verdict(out, verdict)
+        accepted += len(verdict.path)
+    assert accepted > 300  # paths of several nodes were compared, not only rejections
 
 
 def committed(out, tokens, parents):

@@ -1,81 +1,151 @@
-"""Acceptance: which drafted tokens the target keeps, and the token it adds after them.
+"""Acceptance: which drafted tokens the target keeps, the token it adds after them, and the statistics of both.
 
-Greedy: accept the longest prefix of the draft that equals the target's argmax, then take the target's own token.
-Sampling (Leviathan et al. / Chen et al.): accept draft token x with probability min(1, p(x)/q(x)); on the first
-rejection sample from norm(max(0, p - q)); if all are accepted, sample the bonus token from p. The committed
-tokens then have exactly the target's distribution p (after temperature / top-k / top-p), whatever q is.
-Trees generalise both (SpecInfer's recursive rejection over siblings).
+A draft is a tree of nodes in topological order, each with a parent index (-1: child of the pending token, the
+last committed one); a chain is the tree whose parents are i - 1. Row 0 of the target's outputs is the pending
+token, row 1 + i is node i. One verify pass commits:
+  - the accepted nodes: a path from a root down, each node taken by the rule below;
+  - then one token of the target's own: the *recovered* token when candidates after the path's end were tried
+    and all rejected (greedy: the target's choice; sampled: a draw from p with the rejected tokens removed), or
+    the *bonus* token when the path ends at a node without children (a draw from p, or the argmax).
+Greedy: a node is accepted when its token is the target's argmax at its parent's row.
+Sampled, deterministic candidates (trees, prompt lookup; SpecInfer's recursive rejection): the children of the
+path's end are tried in order, child x accepted with probability p'(x), p' being p with the already rejected
+siblings removed and renormalised. Sampled, a chain drawn from draft distributions q (Leviathan et al. / Chen et
+al.): accept x with probability min(1, p(x)/q(x)); on the first rejection draw from norm(max(0, p - q)).
+Either way the committed tokens have exactly the target's distribution p (after temperature / top-k / top-p).
+
+The sampled rules read their uniforms through `Uniform` (row, use): use 0 is a node's test at its own row, use 1
+the draw after the path at its end's row. The runtime passes `sequential(rng)`; `from_table(u)` reads a [rows, 2]
+table as the in-graph rule (speccompile.compile.verify) does, so the two can be compared draw for draw.
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable, NamedTuple
+
 import numpy as np
 
-from speccompile.runtime.sampling import sample
+from speccompile.runtime.sampling import draw
+
+Uniform = Callable[[int, int], float]
+TEST, DRAW = 0, 1  # the two uses of a row's uniforms
 
 
-def accept_greedy(draft: np.ndarray, target_argmax: np.ndarray) -> tuple[int, int]:
-    """(number of draft tokens accepted, the target's token after them). target_argmax has len(draft)+1 rows."""
-    mismatch = np.flatnonzero(target_argmax[:len(draft)] != draft)
-    n = int(mismatch[0]) if len(mismatch) else len(draft)
-    return n, int(target_argmax[n])
+class Verdict(NamedTuple):
+    path: list[int]  # the accepted nodes, root first (a chain's: 0 .. n-1)
+    token: int  # the recovered or bonus token after them
 
 
-def accept_sampled(draft: np.ndarray, q: np.ndarray | None, p: np.ndarray,
-                   rng: np.random.Generator) -> tuple[int, int]:
-    """Chain speculative sampling. draft [k]; q [k, V] draft distributions, or None for a deterministic drafter
-    (q is then one-hot on the draft token); p [k+1, V] target distributions."""
-    for i, x in enumerate(draft):
-        qx = 1.0 if q is None else q[i, x]
-        if rng.random() * qx < p[i, x]:  # accept with probability min(1, p/q)
-            continue
-        if q is None:
-            residual = p[i].copy()
-            residual[x] = 0.0
-        else:
-            residual = np.maximum(p[i] - q[i], 0.0)
-        total = residual.sum()
-        return i, sample(residual / total if total > 0 else p[i], rng)
-    return len(draft), sample(p[len(draft)], rng)
+def sequential(rng: np.random.Generator) -> Uniform:
+    """Uniforms drawn from rng in the order the rule asks for them."""
+    return lambda row, use: rng.random()
 
 
-def accept_tree_greedy(tokens: np.ndarray, parents: np.ndarray, target_argmax: np.ndarray):
-    """Longest root-to-node path whose tokens are the target's greedy choices.
+def from_table(uniforms: np.ndarray) -> Uniform:
+    """Uniforms read from a [rows, 2] table, as the in-graph rule reads its `uniforms` input."""
+    return lambda row, use: float(uniforms[row, use])
 
-    Rows of target_argmax: row 0 is the pending (last committed) token, row 1+i is tree node i.
-    Returns (accepted node indices, in order; the target's token after them)."""
+
+def chain_parents(n: int) -> np.ndarray:
+    return np.arange(n, dtype=np.int64) - 1
+
+
+def accept_greedy(tokens: np.ndarray, parents: np.ndarray, target_argmax: np.ndarray) -> Verdict:
+    """The longest root-to-node path whose tokens are the target's greedy choices; target_argmax [1 + n]."""
     path, row = [], 0
     while True:
         want = target_argmax[row]
-        parent = path[-1] if path else -1
-        hit = np.flatnonzero((parents == parent) & (tokens == want))
+        hit = np.flatnonzero((parents == (path[-1] if path else -1)) & (tokens == want))
         if not len(hit):
-            return path, int(want)
+            return Verdict(path, int(want))
         path.append(int(hit[0]))
         row = path[-1] + 1
 
 
-def accept_tree_sampled(tokens: np.ndarray, parents: np.ndarray, p: np.ndarray, rng: np.random.Generator):
-    """Lossless multi-candidate verification (SpecInfer-style recursive rejection) for deterministic candidates.
-
-    At each step the node's children are tried in order; child x is accepted with probability p'(x), where p' is
-    the target distribution with the already-rejected siblings removed and renormalised. The committed token at
-    every step is thus distributed exactly as p. p: [1 + len(tokens), V] target distributions per row."""
+def accept_sampled(tokens: np.ndarray, parents: np.ndarray, p: np.ndarray, uniform: Uniform) -> Verdict:
+    """Recursive rejection over deterministic candidates; p [1 + n, V] the target's distributions per row."""
     path, row = [], 0
     while True:
         dist = p[row].copy()
-        parent = path[-1] if path else -1
         accepted = None
-        for child in np.flatnonzero(parents == parent):
+        for child in np.flatnonzero(parents == (path[-1] if path else -1)):
             x = tokens[child]
-            if rng.random() < dist[x]:
+            if uniform(child + 1, TEST) < dist[x]:
                 accepted = int(child)
                 break
-            dist[x] = 0.0
+            dist[x] = 0.0  # rejected: p' without x
             total = dist.sum()
             if total <= 0:
                 break
             dist /= total
         if accepted is None:
-            return path, sample(dist if dist.sum() > 0 else p[row], rng)
+            return Verdict(path, draw(dist if dist.sum() > 0 else p[row], uniform(row, DRAW)))
         path.append(accepted)
         row = accepted + 1
+
+
+def accept_chain_q(draft: np.ndarray, q: np.ndarray, p: np.ndarray, uniform: Uniform) -> Verdict:
+    """A chain drawn from draft distributions q [n, V] (a prefix vocabulary is padded by the caller);
+    p [n + 1, V]."""
+    for i, x in enumerate(draft):
+        if uniform(i + 1, TEST) * q[i, x] < p[i, x]:  # accept with probability min(1, p/q)
+            continue
+        residual = np.maximum(p[i] - q[i], 0.0)
+        total = residual.sum()
+        return Verdict(list(range(i)), draw(residual / total if total > 0 else p[i], uniform(i, DRAW)))
+    return Verdict(list(range(len(draft))), draw(p[len(draft)], uniform(len(draft), DRAW)))
+
+
+@dataclasses.dataclass
+class SpecDecodeStats:
+    """What one request's passes did: verify passes, tokens proposed and committed, acceptance per draft depth,
+    and where acceptance ran (in the target's graph or on the host)."""
+    drafter: str | None
+    tree: dict | None
+    prompt_tokens: int
+    verify_steps: int = 0  # decode passes after the prefill, with or without drafts
+    committed: int = 0  # tokens those passes committed
+    proposed: int = 0
+    verified_in_graph: int = 0
+    verified_on_host: int = 0
+    committed_per_pass: dict[int, int] = dataclasses.field(default_factory=dict)
+    accepted_per_depth: list[list[int]] = dataclasses.field(default_factory=list)  # per depth [accepted, tried]
+
+    def record(self, proposed: int, accepted: int, deepest: int, in_graph: bool | None) -> None:
+        """One pass: `proposed` draft nodes `deepest` deep, `accepted` of them taken (plus the target's token);
+        in_graph None for a pass without drafts."""
+        self.verify_steps += 1
+        self.committed += accepted + 1
+        self.committed_per_pass[accepted + 1] = self.committed_per_pass.get(accepted + 1, 0) + 1
+        self.proposed += proposed
+        if in_graph is not None:
+            if in_graph:
+                self.verified_in_graph += 1
+            else:
+                self.verified_on_host += 1
+        while len(self.accepted_per_depth) < deepest:
+            self.accepted_per_depth.append([0, 0])
+        for depth in range(deepest):
+            self.accepted_per_depth[depth][0] += depth < accepted
+            self.accepted_per_depth[depth][1] += 1
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        return self.committed / self.verify_steps if self.verify_steps else 1.0
+
+    def as_dict(self, new_tokens: int, total_s: float, ttft_s: float, weight_bytes: int,
+                prefill_passes: int) -> dict:
+        """The stats dict of a GenerationResult (the CLI's --json, bench and the CI gate read these keys)."""
+        return dict(
+            drafter=self.drafter, prompt_tokens=self.prompt_tokens, verify_steps=self.verify_steps,
+            proposed=self.proposed, verified_in_graph=self.verified_in_graph,
+            verified_on_host=self.verified_on_host, committed_per_pass=dict(self.committed_per_pass),
+            tree=self.tree, new_tokens=new_tokens, total_s=total_s, ttft_s=ttft_s,
+            tokens_per_second=new_tokens / total_s if total_s > 0 else 0.0,
+            decode_tokens_per_second=(new_tokens - 1) / (total_s - ttft_s) if total_s > ttft_s else 0.0,
+            mean_accepted_tokens=self.mean_accepted_tokens,
+            acceptance_rate_per_depth=[a / b for a, b in self.accepted_per_depth],
+            target_weight_bytes=weight_bytes, prefill_passes=prefill_passes,
+            # bytes the target's weights cost per pass over the whole run: memory-bound decoding streams them all
+            achieved_weight_bandwidth_gbps=weight_bytes * (self.verify_steps + prefill_passes) / total_s / 1e9
+            if total_s > 0 else 0.0)

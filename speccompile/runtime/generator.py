@@ -1,31 +1,33 @@
 """Load a bundle and generate: prefill, then draft -> verify -> accept -> roll back, streaming the tokens."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import os
+import importlib
+import threading
 import time
 from typing import Callable, Iterator
 
 import numpy as np
 
+from speccompile.errors import BundleError, SpeccompileError
 from speccompile.format.bundle import read_manifest, resolve_inside
-from speccompile.runtime.drafters.base import Drafter, Proposal
-from speccompile.runtime.drafters.draft_model import DraftModelDrafter
-from speccompile.runtime.drafters.lookup import LookupDrafter, LookupReach, join_lookup
-from speccompile.runtime.drafters.medusa import MedusaDrafter
-from speccompile.runtime.drafters.mtp import MtpDrafter
-from speccompile.errors import ContextLengthError, SpeccompileError
+from speccompile.format.drafter_kinds import KINDS
 from speccompile.format.trees import TreeSpec, depths
-from speccompile.runtime.acceptance import accept_tree_greedy, accept_tree_sampled
 from speccompile.graphs import MAX_STEP_TOKENS, MAX_VERIFY_TOKENS
+from speccompile.runtime.acceptance import (SpecDecodeStats, Verdict, accept_chain_q, accept_greedy, accept_sampled,
+                                            chain_parents, sequential)
+from speccompile.runtime.drafters.base import Drafter, Proposal, RuntimeContext
+from speccompile.runtime.drafters.lookup import LookupDrafter, LookupReach, join_lookup
 from speccompile.runtime.engine import Engine
+from speccompile.runtime.request import Request, build_request, check_messages, is_batch
 from speccompile.runtime.sampling import SamplingParams, probabilities, sample
-from speccompile.runtime.acceptance import accept_greedy, accept_sampled
+from speccompile.runtime.text_stream import Chunk, TextStream
 from speccompile.runtime.tokenizer import BundleTokenizer
 
 PREFILL_CHUNK = MAX_STEP_TOKENS
-# a joined tree's lookup continuations reach at most this many times L deep (drafters/lookup.py LookupReach): on
-# SmolLM2 a 25-row pass costs ~3x a 1-row pass, so a repeating answer commits up to 25 tokens for it
+# a joined tree's lookup continuations reach at most this many times L deep (drafters/lookup.py LookupReach): a
+# wide pass costs a few narrow ones, so a repeating answer may commit that many more tokens for it
 LOOKUP_REACH_LIMIT = 4
 
 
@@ -33,7 +35,7 @@ LOOKUP_REACH_LIMIT = 4
 class GenerationResult:
     token_ids: list[int]
     text: str
-    stats: dict
+    stats: dict  # SpecDecodeStats.as_dict(): timing, passes, acceptance
 
 
 def pass_weight_bytes(manifest: dict, entry: dict, file_bytes: int) -> dict[str, int]:
@@ -51,45 +53,40 @@ def pass_weight_bytes(manifest: dict, entry: dict, file_bytes: int) -> dict[str,
     return {"full": full, "screened": full - head + screen if screen else full}
 
 
+def load_drafter(entry: dict, ctx: RuntimeContext) -> Drafter:
+    """The drafter a manifest entry describes, built by its kind's runtime module (format/drafter_kinds.py)."""
+    kind = KINDS.get(entry.get("kind"))
+    if kind is None:
+        raise BundleError(f"bundle names drafter kind {entry.get('kind')!r}, unknown to this runtime (it knows "
+                          f"{', '.join(KINDS)}); rebuild the bundle with this speccompile")
+    try:
+        return importlib.import_module(kind.runtime_module).load(entry, ctx)
+    except KeyError as e:
+        raise BundleError(f"drafter {entry.get('name')!r} ({kind.name}): its manifest entry lacks {e}") from None
+
+
 class Generator:
+    """A loaded bundle. `generate`, `stream` and `chat` may be called from several threads: the calls are
+    serialized (one runs at a time, each giving exactly the tokens it would give alone); they do not yet share
+    passes. A stream holds the Generator from its first chunk until it is exhausted or closed."""
+
     def __init__(self, bundle_dir: str, manifest: dict, threads: int | None = None, device: str = "cpu"):
         self.bundle_dir, self.manifest = bundle_dir, manifest
-        models = manifest["models"]
-        self.target = Engine(bundle_dir, models["target"], threads, device, max_rows=MAX_VERIFY_TOKENS)
+        target = manifest["models"]["target"]
+        self.target = Engine(bundle_dir, target, threads, device, max_rows=MAX_VERIFY_TOKENS)
         self.max_seq_len = self.target.max_seq_len
-        self.pass_bytes = pass_weight_bytes(manifest, models["target"], self.target.weight_bytes)
-        cfg = models["target"]["config"]
+        self.pass_bytes = pass_weight_bytes(manifest, target, self.target.weight_bytes)
         self.tokenizer = BundleTokenizer(resolve_inside(bundle_dir, manifest["tokenizer"]["dir"]),
-                                         cfg.get("eos_token_ids", ()))
-        self.drafters: dict[str, Drafter] = {}
-        self.num_draft: dict[str, int] = {}
-        self.trees: dict[str, TreeSpec | None] = {}
-        for d in manifest["drafters"]:
-            if d["kind"] == "lookup":
-                self.drafters[d["name"]] = LookupDrafter(d["name"], d.get("max_ngram", 3))
-            elif d["kind"] == "mtp":
-                eng = Engine(bundle_dir, models[d["model"]], threads, device, max_rows=MAX_VERIFY_TOKENS)
-                self.drafters[d["name"]] = MtpDrafter(d["name"], eng, models[d["model"]].get("draft_to_target"),
-                                                      self.target.vocab_size)
-            elif d["kind"] in ("eagle", "eagle3"):
-                from speccompile.runtime.drafters.eagle import EagleDrafter
-                self.drafters[d["name"]] = EagleDrafter.load(d, bundle_dir, manifest, threads, device,
-                                                             MAX_VERIFY_TOKENS)
-            elif d["kind"] == "medusa":
-                self.drafters[d["name"]] = MedusaDrafter(d["name"], bundle_dir, models[d["model"]], threads,
-                                                         self.max_seq_len)
-            elif d["kind"] in ("layerskip", "model"):
-                # An early exit reads the target's weight file: unpacked, its matrices stay the mapped file's pages
-                # (one copy in memory); it multiplies one row at a time, where packing gains nothing.
-                eng = Engine(bundle_dir, models[d["model"]], threads, device, max_rows=MAX_VERIFY_TOKENS,
-                             prepack=d["kind"] != "layerskip")
-                self.drafters[d["name"]] = DraftModelDrafter(d["name"], eng)
-            else:
-                raise SpeccompileError(f"bundle names drafter kind {d['kind']!r}, unknown to this runtime")
-            self.num_draft[d["name"]] = d["num_draft"]
-            self.trees[d["name"]] = TreeSpec.from_dict(d["tree"]) if d.get("tree") else None
+                                         target["config"].get("eos_token_ids", ()))
+        ctx = RuntimeContext(bundle_dir, manifest, threads, device, self.target, MAX_VERIFY_TOKENS)
+        self.drafters: dict[str, Drafter] = {d["name"]: load_drafter(d, ctx) for d in manifest["drafters"]}
+        self.num_draft = {d["name"]: d["num_draft"] for d in manifest["drafters"]}
+        self.trees = {d["name"]: TreeSpec.from_dict(d["tree"]) if d.get("tree") else None
+                      for d in manifest["drafters"]}
         # joins the trees that ask for it (TreeSpec.lookup): the bundle's lookup drafter, as configured, if it has one
         self.lookup = next((d for d in self.drafters.values() if isinstance(d, LookupDrafter)), LookupDrafter())
+        self._pending = np.zeros(1, np.int64)  # a plain decode step's one token
+        self._lock, self._owner = threading.Lock(), None
 
     @classmethod
     def load(cls, bundle_dir: str, threads: int | None = None, device: str = "cpu", verify: bool = True):
@@ -103,195 +100,187 @@ class Generator:
         return self.tokenizer.encode_chat(text)
 
     # ---- the decode loop -------------------------------------------------------------------------------------
-    def _prefill(self, prompt: np.ndarray, drafter: Drafter | None, greedy: bool):
-        cache = self.target.cache
-        cache.truncate(0)
-        for start in range(0, len(prompt), PREFILL_CHUNK):
-            chunk = prompt[start:start + PREFILL_CHUNK]
-            logits, argmax = self.target.forward(chunk, full_logits=not greedy)  # greedy reads the argmax only
-            if drafter and drafter.wants_hidden:
-                drafter.observe(start, drafter.features(self.target, slice(0, len(chunk))))
-            cache.truncate(start + len(chunk))
-        return logits[0], argmax[0]
-
     def steps(self, prompt: np.ndarray, max_new_tokens: int, drafter: Drafter | None, k: int,
-              params: SamplingParams, stats: dict, tree: TreeSpec | None = None) -> Iterator[list[int]]:
+              params: SamplingParams, stats: SpecDecodeStats, tree: TreeSpec | None = None) -> Iterator[list[int]]:
         """Yield the tokens committed by each pass: the prefill's first token, then each verify pass's."""
         rng = np.random.default_rng(params.seed)
-        cache = self.target.cache
-        if drafter:
-            drafter.reset()
-        logits, argmax = self._prefill(prompt, drafter, params.greedy)
-        token = int(argmax) if params.greedy else sample(probabilities(logits, params), rng)
+        token = self._prefill(prompt, drafter, params, rng)
         context = np.zeros(len(prompt) + max_new_tokens, np.int64)
         context[:len(prompt)] = prompt
-        n = len(prompt)
-        generated = 1
+        n, generated = len(prompt), 1
         reach = LookupReach(tree.lookup, LOOKUP_REACH_LIMIT * tree.lookup) if tree is not None and tree.lookup else None
         yield [token]
         while generated < max_new_tokens:
             context[n] = token  # committed, but not yet in the target's cache
             n += 1
             room = min(max_new_tokens - generated - 1, self.max_seq_len - n)  # draft tokens that could be used
-            prop = Proposal.empty()
-            if drafter and room > 0:
-                if tree is not None:
-                    prop = drafter.propose_tree(context[:n], tree.limited(room, self.target.max_rows - 1),
-                                                params, rng)
-                    if reach and prop.q is None:
-                        free = max(0, min(room, self.target.max_rows - 1) - len(prop.tokens))
-                        prop = join_lookup(prop, context[:n], self.lookup, min(reach.reach, free),
-                                           min(room, reach.reach))
-                else:
-                    prop = drafter.propose(context[:n], min(k, room), params, rng)
-            draft, parents = prop.tokens, prop.parents
-            if parents is None:  # a chain
-                draft = draft[:max(0, min(k, room))]
-                block_parents, positions = None, None
-            else:
-                block_parents = np.concatenate([[-1], parents + 1])  # tree roots hang off the pending token
-                positions = n - 1 + depths(block_parents)
-            block = np.concatenate([[token], draft]).astype(np.int64)
-            if not len(draft):  # nothing to verify: a plain decode step (the verify ops would only cost time)
-                path, token = self._accept_on_host(block, draft, parents, block_parents, positions, prop, params,
-                                                   rng)
-            elif self.target.verifies and (params.greedy or (params.top_p >= 1.0 and prop.q is None)):
-                # the verify graph accepts: O(nodes) numbers come back, not the [nodes, V] logits. The host path
-                # remains for top-p, for chains drawn from draft distributions q (see verify.emit_verify) and for
-                # bundles built before the verify extension.
-                path, token = self.target.verify(
-                    block, positions, np.arange(len(block)) - 1 if block_parents is None else block_parents,
-                    params.temperature, params.top_k, None if params.greedy else rng.random((len(block), 2)))
-                stats["verified_in_graph"] += 1
-            else:
-                path, token = self._accept_on_host(block, draft, parents, block_parents, positions, prop, params,
-                                                   rng)
-                stats["verified_on_host"] += 1
-            if parents is not None:
-                cache.compact(n + np.array(path, np.int64), n)  # node i sits at slot n + i
-            cache.truncate(n + len(path))  # roll back: the rejected draft slots are simply forgotten
-            if drafter and drafter.wants_hidden:  # the pending token and the accepted nodes, now committed
-                drafter.observe(n - 1, drafter.features(self.target, np.concatenate([[0], np.add(path, 1)]).astype(int)))
-            new = [int(t) for t in draft[path]] + [token]
-            context[n:n + len(path)] = draft[path]
+            prop = self._propose(context[:n], drafter, k, tree, room, reach, params, rng)
+            (path, token), in_graph = self._verify(token, prop, n, params, rng)
+            self._commit(n, prop.parents, path, drafter)
+            accepted = prop.tokens[path]
+            context[n:n + len(path)] = accepted
             n += len(path)
+            new = [*accepted.tolist(), token]
             generated += len(new)
-            stats["verify_steps"] += 1
-            stats["committed"] += len(new)
-            stats["committed_per_pass"][len(new)] = stats["committed_per_pass"].get(len(new), 0) + 1
-            stats["proposed"] += len(draft)
-            max_depth = int(depths(parents).max()) + 1 if parents is not None and len(draft) else len(draft)
+            depth = prop.depth
             if reach:
-                reach.update(len(path), max_depth)
-            for depth in range(max_depth):
-                a = stats["accepted_per_depth"].setdefault(depth, [0, 0])
-                a[0] += depth < len(path)
-                a[1] += 1
+                reach.update(len(path), depth)
+            stats.record(len(prop.tokens), len(path), depth, in_graph)
             yield new
 
-    def _accept_on_host(self, block, draft, parents, block_parents, positions, prop, params, rng):
-        """Acceptance from the logits, copied to the host: (accepted draft nodes, the token after them)."""
+    def _prefill(self, prompt: np.ndarray, drafter: Drafter | None, params: SamplingParams, rng) -> int:
+        """Run the prompt into the target's cache (and the drafter's features); returns the first new token."""
+        if drafter:
+            drafter.reset()
+        cache = self.target.cache
+        cache.truncate(0)
+        for start in range(0, len(prompt), PREFILL_CHUNK):
+            chunk = prompt[start:start + PREFILL_CHUNK]
+            logits, argmax = self.target.forward(chunk, full_logits=not params.greedy)  # greedy reads the argmax only
+            if drafter and drafter.wants_hidden:
+                drafter.observe(start, drafter.features(self.target, slice(0, len(chunk))))
+            cache.truncate(start + len(chunk))
+        return int(argmax[0]) if params.greedy else sample(probabilities(logits[0], params), rng)
+
+    def _propose(self, context, drafter, k, tree, room, reach, params, rng) -> Proposal:
+        """The drafter's chain (at most k tokens) or tree, within `room` tokens; joined by lookup if asked."""
+        if not drafter or room <= 0:
+            return Proposal.empty()
+        if tree is None:
+            prop = drafter.propose(context, min(k, room), params, rng)
+            return Proposal(prop.tokens[:min(k, room)], prop.q)
+        prop = drafter.propose_tree(context, tree.limited(room, self.target.max_rows - 1), params, rng)
+        if reach and prop.q is None:
+            free = max(0, min(room, self.target.max_rows - 1) - len(prop.tokens))
+            prop = join_lookup(prop, context, self.lookup, min(reach.reach, free), min(room, reach.reach))
+        return prop
+
+    def _verify(self, token: int, prop: Proposal, n: int, params: SamplingParams, rng) -> tuple[Verdict, bool | None]:
+        """One target pass over the pending token and the draft: (the verdict, whether acceptance ran in the
+        graph; None for a plain decode step, without drafts)."""
+        if not len(prop.tokens):  # nothing to verify: a plain decode step (the verify ops would only cost time)
+            self._pending[0] = token
+            logits, argmax = self.target.forward(self._pending, full_logits=not params.greedy)
+            return Verdict([], int(argmax[0]) if params.greedy else sample(probabilities(logits[0], params), rng)), None
+        block = np.concatenate([[token], prop.tokens]).astype(np.int64)
+        if prop.parents is None:  # a chain
+            block_parents, positions = None, None
+        else:
+            block_parents = np.concatenate([[-1], prop.parents + 1])  # tree roots hang off the pending token
+            positions = n - 1 + depths(block_parents)
+        if self.target.verifies and (params.greedy or (params.top_p >= 1.0 and prop.q is None)):
+            # the verify graph accepts: O(nodes) numbers come back, not the [nodes, V] logits. The host path
+            # remains for top-p, for chains drawn from draft distributions q (see verify.emit_verify) and for
+            # bundles built before the verify extension.
+            verdict = self.target.verify(block, positions, chain_parents(len(block)) if block_parents is None
+                                         else block_parents, params.temperature, params.top_k,
+                                         None if params.greedy else rng.random((len(block), 2)))
+            return Verdict(*verdict), True
         logits, argmax = self.target.forward(block, positions, block_parents, rows=np.arange(len(block)),
                                              full_logits=not params.greedy)  # greedy reads the argmax only
-        if parents is not None:
-            return (accept_tree_greedy(draft, parents, argmax) if params.greedy else
-                    accept_tree_sampled(draft, parents, probabilities(logits, params), rng))
-        if params.greedy:
-            accepted, token = accept_greedy(draft, argmax)
-        else:
-            q = prop.q[:len(draft)] if prop.q is not None else None
-            if q is not None and q.shape[1] < logits.shape[1]:  # a draft vocabulary may be a prefix
-                q = np.pad(q, ((0, 0), (0, logits.shape[1] - q.shape[1])))
-            accepted, token = accept_sampled(draft, q, probabilities(logits, params), rng)
-        return list(range(accepted)), token
+        return self._accept_on_host(prop, logits, argmax, params, rng), False
 
+    @staticmethod
+    def _accept_on_host(prop: Proposal, logits, argmax, params: SamplingParams, rng) -> Verdict:
+        """Acceptance from the logits copied to the host."""
+        parents = chain_parents(len(prop.tokens)) if prop.parents is None else prop.parents
+        if params.greedy:
+            return accept_greedy(prop.tokens, parents, argmax)
+        p = probabilities(logits, params)
+        if prop.q is None or prop.parents is not None:
+            return accept_sampled(prop.tokens, parents, p, sequential(rng))
+        q = prop.q[:len(prop.tokens)]
+        if q.shape[1] < p.shape[1]:  # a draft vocabulary may be a prefix
+            q = np.pad(q, ((0, 0), (0, p.shape[1] - q.shape[1])))
+        return accept_chain_q(prop.tokens, q, p, sequential(rng))
+
+    def _commit(self, n: int, parents: np.ndarray | None, path: list[int], drafter: Drafter | None) -> None:
+        """Keep the accepted nodes' K/V after the committed tokens; the rejected slots are simply forgotten."""
+        cache = self.target.cache
+        if parents is not None:
+            cache.compact(n + np.array(path, np.int64), n)  # node i sits at slot n + i
+        cache.truncate(n + len(path))
+        if drafter and drafter.wants_hidden:  # the pending token and the accepted nodes, now committed
+            drafter.observe(n - 1, drafter.features(self.target, np.concatenate([[0], np.add(path, 1)]).astype(int)))
+
+    # ---- the API ---------------------------------------------------------------------------------------------
     def stream(self, prompt, max_new_tokens: int = 128, drafter: str | None = None, speculate: bool = True,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-               stop: tuple[str, ...] = (), num_draft: int | None = None, tree: str | TreeSpec | None = None,
-               chat: bool = True,
-               on_text: Callable[[str], None] | None = None) -> Iterator[list[int]]:
-        """Generate, yielding new token ids as they are committed; the final GenerationResult is the
-        StopIteration value (use `generate` to just get it)."""
-        params = SamplingParams(temperature, top_k, top_p, seed)
-        ids = np.asarray(self.encode_chat(prompt) if isinstance(prompt, str) and chat else
-                         self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt, np.int64)
-        if len(ids) == 0:
-            raise SpeccompileError("empty prompt")
-        if max_new_tokens < 1:
-            raise SpeccompileError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
-        if len(ids) >= self.max_seq_len:
-            raise ContextLengthError(f"prompt of {len(ids)} tokens does not fit the compiled context of "
-                                     f"{self.max_seq_len} tokens (rebuild with a larger --max-seq-len)")
-        if len(ids) + max_new_tokens > self.max_seq_len:
-            raise ContextLengthError(f"prompt ({len(ids)} tokens) + --max-new-tokens {max_new_tokens} exceeds the "
-                                     f"compiled context of {self.max_seq_len} tokens; ask for at most "
-                                     f"{self.max_seq_len - len(ids)} new tokens")
-        dr = None
-        if speculate and self.drafters:
-            name = drafter or next(iter(self.drafters))
-            if name not in self.drafters:
-                raise SpeccompileError(f"drafter {name!r} is not in this bundle (it has: {', '.join(self.drafters)})")
-            dr = self.drafters[name]
-        k = num_draft or (self.num_draft[dr.name] if dr else 0)
-        if not 0 <= k < MAX_VERIFY_TOKENS:
-            raise SpeccompileError(f"--num-draft {k}: must be between 1 and {MAX_VERIFY_TOKENS - 1}")
-        if isinstance(tree, str):
-            tree = TreeSpec.parse(tree)
-        elif tree is None and dr is not None and self.trees.get(dr.name):
-            tree = self.trees[dr.name]
-        stats = {"drafter": dr.name if dr else None, "prompt_tokens": len(ids), "verify_steps": 0, "committed": 0, "proposed": 0,
-                 "verified_in_graph": 0, "verified_on_host": 0,
-                 "committed_per_pass": {},
-                 "accepted_per_depth": {}}
-        out: list[int] = []
-        text, emitted = "", 0
-        t0 = time.perf_counter()
-        ttft = None
-        stats["tree"] = tree.to_dict() if tree else None
-        for new in self.steps(ids, max_new_tokens, dr, k, params, stats, tree):
-            ttft = ttft if ttft is not None else time.perf_counter() - t0
-            done, before = False, len(out)
-            for t in new:
-                out.append(t)
-                if t in self.tokenizer.eos_token_ids or len(out) >= max_new_tokens:
-                    done = True
-                    break
-            if stop or on_text:  # only these read the text as it grows; else it is decoded once, at the end
-                text = self.tokenizer.decode(out)
-                for s in stop:
-                    if s and s in text:
-                        text, done = text[:text.index(s)], True
-                if on_text and not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
-                    on_text(text[emitted:])
-                    emitted = len(text)
-            yield out[before:]
-            if done:
-                break
-        total = time.perf_counter() - t0
-        if not (stop or on_text):
-            text = self.tokenizer.decode(out)
-        if on_text and emitted < len(text):
-            on_text(text[emitted:])
-        steps = stats["verify_steps"]
-        weight_bytes = self.pass_bytes["screened" if params.greedy else "full"]
-        stats.update(
-            new_tokens=len(out), total_s=total, ttft_s=ttft,
-            tokens_per_second=len(out) / total if total > 0 else 0.0,
-            decode_tokens_per_second=(len(out) - 1) / (total - ttft) if total > ttft else 0.0,
-            mean_accepted_tokens=stats.pop("committed") / steps if steps else 1.0,
-            acceptance_rate_per_depth=[a / b for _, (a, b) in sorted(stats.pop("accepted_per_depth").items())],
-            target_weight_bytes=weight_bytes,
-            prefill_passes=-(-len(ids) // PREFILL_CHUNK),
-            # bytes the target's weights cost per pass over the whole run: memory-bound decoding streams them all
-            achieved_weight_bandwidth_gbps=weight_bytes * (steps + -(-len(ids) // PREFILL_CHUNK))
-            / total / 1e9 if total > 0 else 0.0,
-        )
-        return GenerationResult(out, text, stats)
+               stop: tuple[str, ...] | str = (), num_draft: int | None = None, tree: str | TreeSpec | None = None,
+               chat: bool = True, on_text: Callable[[str], None] | None = None,
+               params: SamplingParams | None = None) -> Iterator[Chunk]:
+        """Generate, yielding a Chunk per verify pass: the new text (held back while it could still become a stop
+        string) and the token ids committed. The final GenerationResult is the StopIteration value (`generate`
+        just returns it). prompt: text (through the chat template unless chat=False) or token ids. `params`,
+        if given, replaces temperature / top_k / top_p / seed. Stops at an end-of-sequence token, at
+        max_new_tokens, or where a stop string begins (text and token_ids both end before it)."""
+        params = params or SamplingParams(temperature, top_k, top_p, seed)
+        request = build_request(self, prompt, max_new_tokens, params, drafter if speculate else None, speculate,
+                                stop, num_draft, tree, chat)
+        with self._exclusive():
+            result = yield from self._run(request, on_text)
+        return result
 
-    def generate(self, prompt, max_new_tokens: int = 128, **kwargs) -> GenerationResult:
+    def generate(self, prompt, max_new_tokens: int = 128, **kwargs) -> GenerationResult | list[GenerationResult]:
+        """Generate for one prompt (text or token ids) or a list of prompts (a list of results, in order); the
+        keyword arguments are `stream`'s."""
+        if is_batch(prompt):
+            return [self.generate(p, max_new_tokens, **kwargs) for p in prompt]
         it = self.stream(prompt, max_new_tokens, **kwargs)
         while True:
             try:
                 next(it)
             except StopIteration as stop:
                 return stop.value
+
+    def chat(self, messages: list[dict], max_new_tokens: int = 128, **kwargs) -> GenerationResult:
+        """Answer a conversation: messages [{"role": "system" | "user" | "assistant", "content": str}, ...], through
+        the bundle's chat template; the keyword arguments are `stream`'s."""
+        kwargs.pop("chat", None)
+        return self.generate(self.tokenizer.encode_messages(check_messages(messages)), max_new_tokens, **kwargs)
+
+    def _run(self, req: Request, on_text: Callable[[str], None] | None):
+        stats = SpecDecodeStats(req.drafter.name if req.drafter else None, req.tree.to_dict() if req.tree else None,
+                                len(req.ids))
+        text, out, given = TextStream(self.tokenizer, req.stop), [], 0
+        t0, ttft = time.perf_counter(), None
+        for new in self.steps(req.ids, req.max_new_tokens, req.drafter, req.k, req.params, stats, req.tree):
+            ttft = ttft if ttft is not None else time.perf_counter() - t0
+            done = self._take(new, out, text, req.max_new_tokens)
+            if done:
+                del out[text.kept_tokens():]  # a stop string: the tokens from the one it begins in
+                final, delta, n = text.finish(out)
+            else:
+                delta, n = text.certain()
+            chunk, given = Chunk(delta, out[given:given + n]), given + n
+            if on_text and delta:
+                on_text(delta)
+            yield chunk
+            if done:
+                break
+        total = time.perf_counter() - t0
+        prefill_passes = -(-len(req.ids) // PREFILL_CHUNK)
+        weight_bytes = self.pass_bytes["screened" if req.params.greedy else "full"]
+        return GenerationResult(out, final, stats.as_dict(len(out), total, ttft, weight_bytes, prefill_passes))
+
+    def _take(self, new: list[int], out: list[int], text: TextStream, max_new_tokens: int) -> bool:
+        """Append a pass's tokens to `out` (and its text) up to an end-of-sequence token, max_new_tokens or a stop
+        string; returns whether the output is complete."""
+        for t in new:
+            out.append(t)
+            if text.add(t) or t in self.tokenizer.eos_token_ids or len(out) >= max_new_tokens:
+                return True
+        return False
+
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """One generation at a time: the engines' caches and buffers are shared state."""
+        if self._owner == threading.get_ident():
+            raise SpeccompileError("this Generator is already generating in this thread (an unfinished stream()); "
+                                   "finish or close() it first")
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = None

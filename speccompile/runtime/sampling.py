@@ -2,12 +2,22 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import numpy as np
+
+from speccompile.errors import SpeccompileError
+
+
+class SamplingParamsError(SpeccompileError, ValueError):
+    """A sampling setting out of range (a ValueError too, for callers that caught those before)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
+    """How the next token is chosen: temperature 0 is greedy; top_k 0 and top_p 1 are off; a seed makes sampled
+    output reproducible (greedy needs none)."""
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
@@ -18,9 +28,25 @@ class SamplingParams:
         return self.temperature <= 0.0
 
     def __post_init__(self):
-        if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"invalid sampling parameters: temperature={self.temperature}, top_k={self.top_k}, "
-                             f"top_p={self.top_p}")
+        def bad(what: str):
+            raise SamplingParamsError(f"invalid sampling parameters: {what} (temperature={self.temperature}, "
+                                      f"top_k={self.top_k}, top_p={self.top_p}, seed={self.seed})")
+        if not _real(self.temperature) or not 0.0 <= self.temperature < math.inf:
+            bad("temperature must be a finite number >= 0 (0 = greedy)")
+        if not _whole(self.top_k) or self.top_k < 0:
+            bad("top_k must be a whole number >= 0 (0 = off)")
+        if not _real(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            bad("top_p must be in (0, 1] (1 = off)")
+        if self.seed is not None and (not _whole(self.seed) or not 0 <= self.seed < 2**64):
+            bad("seed must be a whole number in [0, 2**64)")
+
+
+def _real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _whole(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
@@ -46,5 +72,10 @@ def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
 
 def sample(p: np.ndarray, rng: np.random.Generator) -> int:
     """One draw from p [V] by inverse CDF (robust to tiny rounding in the sum)."""
+    return draw(p, rng.random())
+
+
+def draw(p: np.ndarray, u: float) -> int:
+    """The token at quantile u of p [V] (unnormalised is fine): what `sample` returns for the uniform u."""
     c = np.cumsum(p)
-    return int(min(np.searchsorted(c, rng.random() * c[-1], side="right"), len(p) - 1))
+    return int(min(np.searchsorted(c, u * c[-1], side="right"), len(p) - 1))

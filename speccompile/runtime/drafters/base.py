@@ -1,5 +1,9 @@
 """The drafter interface: every way of guessing the target's next tokens plugs in here.
 
+Each kind of format/drafter_kinds.py has a runtime module in this package exposing
+`load(entry: dict, ctx: RuntimeContext) -> Drafter`, entry being the drafter's manifest entry; the Generator
+builds its drafters through that table alone.
+
 A drafter sees the committed context (prompt + generated tokens, the last of which the target has not run yet)
 and proposes up to k tokens. It keeps whatever state it likes (a KV cache, an n-gram index) and re-synchronises
 itself from the context on each call, so acceptance and roll back need no callback.
@@ -11,8 +15,24 @@ import dataclasses
 
 import numpy as np
 
+from speccompile.format.trees import TreeSpec, depths
+from speccompile.runtime.engine import Engine
 from speccompile.runtime.sampling import SamplingParams
-from speccompile.format.trees import TreeSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeContext:
+    """What a drafter's `load` may draw on besides its own manifest entry."""
+    bundle_dir: str
+    manifest: dict
+    threads: int | None
+    device: str
+    target: Engine  # the loaded target (its vocabulary, context length, features)
+    max_rows: int  # rows a draft engine may be asked for in one pass
+
+    def model(self, entry: dict) -> dict:
+        """The manifest entry of the model a drafter entry names."""
+        return self.manifest["models"][entry["model"]]
 
 
 @dataclasses.dataclass
@@ -24,6 +44,13 @@ class Proposal:
     @classmethod
     def empty(cls) -> "Proposal":
         return cls(np.zeros(0, np.int64))
+
+    @property
+    def depth(self) -> int:
+        """Draft tokens on the longest path: a chain's length, a tree's deepest level."""
+        if self.parents is None or not len(self.tokens):
+            return len(self.tokens)
+        return int(depths(self.parents).max()) + 1
 
 
 class Drafter(abc.ABC):

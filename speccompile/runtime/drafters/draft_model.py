@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from speccompile.graphs import MAX_STEP_TOKENS
+from speccompile.runtime.drafters.base import Drafter, Proposal, RuntimeContext
 from speccompile.runtime.engine import Engine
 from speccompile.runtime.sampling import probabilities, sample
-from speccompile.runtime.drafters.base import Drafter, Proposal
+
+
+def load(entry: dict, ctx: RuntimeContext) -> "DraftModelDrafter":
+    """A separate draft model (kind "model"), its graph pre-packed for multi-row passes."""
+    return DraftModelDrafter(entry["name"], Engine(ctx.bundle_dir, ctx.model(entry), ctx.threads, ctx.device,
+                                                   max_rows=ctx.max_rows))
 
 
 class DraftModelDrafter(Drafter):
@@ -50,7 +57,6 @@ class DraftModelDrafter(Drafter):
 
     def _feed_all_but_last(self, context) -> None:
         """Run the context (except its last token) into the draft cache in chunks a pass can take."""
-        from speccompile.graphs import MAX_STEP_TOKENS
         cache = self.engine.cache
         while cache.length < len(context) - 1:
             chunk = context[cache.length:min(len(context) - 1, cache.length + MAX_STEP_TOKENS)]
@@ -93,6 +99,11 @@ class _TreeDraft:
         self.hidden = None if root_hidden is None else {-1: root_hidden}  # node -> its output hidden state
         self.token_map = token_map  # a reduced draft vocabulary's ids -> target ids
         self.slot, self.run_parents = {}, []  # node -> run-region index; parents in the region
+
+    @property
+    def free(self) -> int:
+        """Cache slots left for the run region."""
+        return self.eng.max_seq_len - self.eng.cache.length
 
     def add(self, parent: int, token: int, logprob: float) -> int:
         self.tokens.append(token)
@@ -148,6 +159,7 @@ def grow_tree(t: _TreeDraft, tree, size: int) -> list[int]:
             scores = sorted((t.scores[v] for v in range(len(t.tokens))), reverse=True)
             bar = scores[size - 1] if len(scores) >= size else -np.inf
             expand = [v for v in sorted(frontier, key=lambda v: -t.scores[v])[:b] if t.scores[v] >= bar]
+            expand = expand[:t.free]  # near the end of the context the run region has fewer slots
             if not expand:
                 break
             t.run(expand)
@@ -159,8 +171,10 @@ def grow_tree(t: _TreeDraft, tree, size: int) -> list[int]:
         paths = tree.paths[:size]
         for d in range(1, tree.depth + 1):
             level = [p for p in paths if len(p) == d and p[:-1] in node_of]
-            t.run(sorted({node_of[p[:-1]] for p in level} - {-1}))  # one draft pass per depth
+            t.run(sorted({node_of[p[:-1]] for p in level} - {-1})[:t.free])  # one draft pass per depth
             for p in level:
+                if node_of[p[:-1]] not in t.logprobs:  # not run: no slot left in the context
+                    continue
                 cands = t.children(node_of[p[:-1]], p[-1] + 1)
                 if len(cands) > p[-1]:
                     node_of[p] = t.add(node_of[p[:-1]], *cands[p[-1]])

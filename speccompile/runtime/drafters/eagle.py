@@ -11,10 +11,29 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from speccompile.format.bundle import resolve_inside
 from speccompile.errors import BundleError
-from speccompile.runtime.engine import Engine, session_options
+from speccompile.format.bundle import resolve_inside
+from speccompile.runtime.drafters.base import RuntimeContext
 from speccompile.runtime.drafters.mtp import MtpDrafter
+from speccompile.runtime.engine import Engine, session_options
+
+
+def load(entry: dict, ctx: RuntimeContext) -> "EagleDrafter":
+    """An EAGLE-1 or EAGLE-3 head (kinds "eagle", "eagle3"): the target features it reads must be among those the
+    target's graph outputs; EAGLE-3's fc that fuses them is a graph of its own (entry "fuse_model")."""
+    models, head, target = ctx.manifest["models"], ctx.model(entry), ctx.manifest["models"]["target"]
+    have = target.get("aux_hidden_layers", [])
+    if any(t not in have for t in head["target_features"]):
+        raise BundleError(f"drafter {entry['name']!r} reads target features {head['target_features']} that the "
+                          f"target graph does not output ({have})")
+    H = target["config"]["hidden_size"]
+    cols = np.concatenate([np.arange(H) + H * have.index(t) for t in head["target_features"]])
+    fuse = None
+    if entry.get("fuse_model"):
+        fuse = ort.InferenceSession(resolve_inside(ctx.bundle_dir, models[entry["fuse_model"]]["graph"]),
+                                    session_options(ctx.threads), providers=["CPUExecutionProvider"])
+    engine = Engine(ctx.bundle_dir, head, ctx.threads, ctx.device, max_rows=ctx.max_rows)
+    return EagleDrafter(entry["name"], engine, cols, fuse, head.get("draft_to_target"), ctx.target.vocab_size)
 
 
 class EagleDrafter(MtpDrafter):
@@ -31,22 +50,3 @@ class EagleDrafter(MtpDrafter):
         if self.fuse is not None:
             hidden = self.fuse.run(["hidden"], {"aux_hidden_states": np.ascontiguousarray(hidden, np.float32)})[0]
         super().observe(start, hidden)
-
-    @classmethod
-    def load(cls, d: dict, bundle_dir: str, manifest: dict, threads: int | None, device: str,
-             max_rows: int) -> "EagleDrafter":
-        models = manifest["models"]
-        head, target = models[d["model"]], models["target"]
-        have = target.get("aux_hidden_layers", [])
-        if any(t not in have for t in head["target_features"]):
-            raise BundleError(f"drafter {d['name']!r} reads target features {head['target_features']} that the "
-                              f"target graph does not output ({have})")
-        H = target["config"]["hidden_size"]
-        cols = np.concatenate([np.arange(H) + H * have.index(t) for t in head["target_features"]])
-        fuse = None
-        if d.get("fuse_model"):
-            fuse = ort.InferenceSession(resolve_inside(bundle_dir, models[d["fuse_model"]]["graph"]),
-                                        session_options(threads), providers=["CPUExecutionProvider"])
-        eng = Engine(bundle_dir, head, threads, device, max_rows=max_rows)
-        target_vocab = next(o["shape"][1] for o in target["outputs"] if o["name"] == "logits")
-        return cls(d["name"], eng, cols, fuse, head.get("draft_to_target"), target_vocab)

@@ -10,7 +10,11 @@ import dataclasses
 import numpy as np
 
 from speccompile.format.trees import TreeSpec
-from speccompile.runtime.drafters.base import Drafter, Proposal
+from speccompile.runtime.drafters.base import Drafter, Proposal, RuntimeContext
+
+
+def load(entry: dict, ctx: RuntimeContext) -> "LookupDrafter":
+    return LookupDrafter(entry["name"], entry.get("max_ngram", 3))
 
 
 class LookupDrafter(Drafter):

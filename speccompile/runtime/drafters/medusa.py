@@ -7,9 +7,13 @@ import numpy as np
 import onnxruntime as ort
 
 from speccompile.format.bundle import resolve_inside
-from speccompile.runtime.engine import session_options
 from speccompile.format.trees import TreeSpec
-from speccompile.runtime.drafters.base import Drafter, Proposal
+from speccompile.runtime.drafters.base import Drafter, Proposal, RuntimeContext
+from speccompile.runtime.engine import session_options
+
+
+def load(entry: dict, ctx: RuntimeContext) -> "MedusaDrafter":
+    return MedusaDrafter(entry["name"], ctx.bundle_dir, ctx.model(entry), ctx.threads, ctx.target.max_seq_len)
 
 
 class MedusaDrafter(Drafter):

@@ -13,11 +13,16 @@ from __future__ import annotations
 import numpy as np
 
 from speccompile.graphs import MAX_STEP_TOKENS
-
+from speccompile.runtime.drafters.base import Drafter, Proposal, RuntimeContext
+from speccompile.runtime.drafters.draft_model import _log_softmax, _TreeDraft, grow_tree
 from speccompile.runtime.engine import Engine
 from speccompile.runtime.sampling import probabilities, sample
-from speccompile.runtime.drafters.base import Drafter, Proposal
-from speccompile.runtime.drafters.draft_model import _log_softmax, _TreeDraft, grow_tree
+
+
+def load(entry: dict, ctx: RuntimeContext) -> "MtpDrafter":
+    model = ctx.model(entry)
+    engine = Engine(ctx.bundle_dir, model, ctx.threads, ctx.device, max_rows=ctx.max_rows)
+    return MtpDrafter(entry["name"], engine, model.get("draft_to_target"), ctx.target.vocab_size)
 
 
 class MtpDrafter(Drafter):

@@ -1,0 +1,115 @@
+"""A request checked at the edge: prompt, sampling settings, drafter and limits, each refused with a clear
+SpeccompileError before anything runs (a NaN temperature or a wrapped-around token id would decode garbage)."""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+import numpy as np
+
+from speccompile.errors import ContextLengthError, SpeccompileError
+from speccompile.format.trees import TreeSpec
+from speccompile.graphs import MAX_VERIFY_TOKENS
+from speccompile.runtime.drafters.base import Drafter
+from speccompile.runtime.sampling import SamplingParams
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    ids: np.ndarray  # int64 prompt token ids
+    max_new_tokens: int
+    params: SamplingParams
+    drafter: Drafter | None
+    k: int  # chain length
+    tree: TreeSpec | None
+    stop: tuple[str, ...]
+
+
+def build_request(gen, prompt, max_new_tokens, params: SamplingParams, drafter: str | None, speculate: bool,
+                  stop, num_draft, tree, chat: bool) -> Request:
+    """gen: the Generator (its tokenizer, target, drafters and their defaults)."""
+    ids = prompt_ids(gen, prompt, chat)
+    check_length(ids, max_new_tokens, gen.max_seq_len)
+    dr = pick_drafter(gen, drafter) if speculate and gen.drafters else None
+    if num_draft is not None and (not _whole(num_draft) or num_draft < 0):
+        raise SpeccompileError(f"--num-draft {num_draft!r}: must be a whole number")
+    k = num_draft or (gen.num_draft[dr.name] if dr else 0)
+    if not 0 <= k < MAX_VERIFY_TOKENS:
+        raise SpeccompileError(f"--num-draft {k}: must be between 1 and {MAX_VERIFY_TOKENS - 1}")
+    if isinstance(tree, str):
+        tree = TreeSpec.parse(tree)
+    elif tree is None and dr is not None and gen.trees.get(dr.name):
+        tree = gen.trees[dr.name]
+    return Request(ids, int(max_new_tokens), params, dr, k, tree, stop_strings(stop))
+
+
+def prompt_ids(gen, prompt, chat: bool) -> np.ndarray:
+    """Text (through the chat template when chat) or token ids, checked against the target's vocabulary."""
+    if isinstance(prompt, str):
+        ids = gen.encode_chat(prompt) if chat else gen.tokenizer.encode(prompt)
+    elif isinstance(prompt, (list, tuple, np.ndarray)):
+        ids = prompt
+    else:
+        raise SpeccompileError(f"prompt: expected text or a list of token ids, not {type(prompt).__name__}")
+    if len(ids) == 0:
+        raise SpeccompileError("empty prompt")
+    if not all(_whole(t) for t in ids) if not isinstance(ids, np.ndarray) else ids.dtype.kind not in "iu":
+        raise SpeccompileError("prompt token ids must be whole numbers")
+    ids = np.asarray(ids, np.int64)
+    if ids.ndim != 1:
+        raise SpeccompileError(f"prompt token ids: expected one sequence, got shape {ids.shape}")
+    vocab = gen.target.vocab_size
+    bad = ids[(ids < 0) | (ids >= vocab)]
+    if len(bad):
+        raise SpeccompileError(f"prompt token id {int(bad[0])} is out of range: ids must be 0 <= id < {vocab}")
+    return ids
+
+
+def check_length(ids: np.ndarray, max_new_tokens, max_seq_len: int) -> None:
+    if not _whole(max_new_tokens) or max_new_tokens < 1:
+        raise SpeccompileError(f"--max-new-tokens {max_new_tokens!r}: must be a whole number, at least 1")
+    if len(ids) >= max_seq_len:
+        raise ContextLengthError(f"prompt of {len(ids)} tokens does not fit the compiled context of "
+                                 f"{max_seq_len} tokens (rebuild with a larger --max-seq-len)")
+    if len(ids) + max_new_tokens > max_seq_len:
+        raise ContextLengthError(f"prompt ({len(ids)} tokens) + --max-new-tokens {max_new_tokens} exceeds the "
+                                 f"compiled context of {max_seq_len} tokens; ask for at most "
+                                 f"{max_seq_len - len(ids)} new tokens")
+
+
+def pick_drafter(gen, name: str | None) -> Drafter:
+    name = name or next(iter(gen.drafters))
+    if name not in gen.drafters:
+        raise SpeccompileError(f"drafter {name!r} is not in this bundle (it has: {', '.join(gen.drafters)})")
+    return gen.drafters[name]
+
+
+def stop_strings(stop) -> tuple[str, ...]:
+    """One stop string or several; a bare string is one stop string, not its characters."""
+    stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if not all(isinstance(s, str) for s in stop):
+        raise SpeccompileError(f"stop: expected strings, got {stop!r}")
+    return tuple(s for s in stop if s)
+
+
+def check_messages(messages) -> list[dict]:
+    """A conversation: a non-empty list of {"role": one of ROLES, "content": text}."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise SpeccompileError("chat: messages must be a non-empty list of {'role': ..., 'content': ...}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise SpeccompileError(f"chat: message {i} must be {{'role': one of {', '.join(ROLES)}, "
+                                   f"'content': text}}, got {m!r}")
+    return list(messages)
+
+
+def is_batch(prompt) -> bool:
+    """A list of prompts (texts or token-id lists), as opposed to one prompt given as token ids."""
+    return (isinstance(prompt, (list, tuple)) and len(prompt) > 0 and
+            all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt))
+
+
+def _whole(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)

@@ -1,0 +1,84 @@
+"""The output as text while it is generated: incremental detokenization and stop strings.
+
+Text is decoded a token at a time (the tokenizer's incremental decoder), never the whole output again. Text that
+could still become a stop string is held back until it cannot; at a stop string the text ends where the stop
+string begins, and the tokens end with the last one whose text lies wholly before it.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from speccompile.runtime.tokenizer import BundleTokenizer
+
+
+@dataclasses.dataclass
+class Chunk:
+    """What one verify pass added: the text now certain, and the token ids committed (both cut at a stop)."""
+    text: str
+    token_ids: list[int]
+
+
+class TextStream:
+    def __init__(self, tokenizer: BundleTokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer, self.decoder = tokenizer, tokenizer.decode_stream()
+        self.stop = tuple(s for s in stop if s)
+        self.longest = max(map(len, self.stop), default=0)
+        self.text = ""  # the text decoded so far
+        self.ends: list[int] = []  # per token whose text is complete: len(self.text) after it
+        self.tokens = 0  # tokens added
+        self.emitted = 0  # characters handed out
+        self.given = 0  # tokens handed out
+        self.stop_at: int | None = None  # where the first stop string begins
+
+    def add(self, token: int) -> bool:
+        """Decode one more token; True once a stop string is complete."""
+        self.tokens += 1
+        piece = self.decoder.step(self.tokenizer.tok, token)
+        if piece is None:  # a partial character: its tokens get the end of the text that completes it
+            return False
+        start = max(0, len(self.text) - self.longest + 1)
+        self.text += piece
+        self.ends += [len(self.text)] * (self.tokens - len(self.ends))
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.stop_at = min(hits)
+        return bool(hits)
+
+    def kept_tokens(self) -> int:
+        """How many of the added tokens the output keeps: all, or those wholly before the stop string."""
+        if self.stop_at is None:
+            return self.tokens
+        return sum(1 for end in self.ends if end <= self.stop_at)
+
+    def certain(self) -> tuple[str, int]:
+        """The text not handed out yet that no stop string can still claim, and how many more tokens that text
+        completes (a token is handed out with the last of its text)."""
+        end = self.stop_at if self.stop_at is not None else len(self.text) - self._open_stop_prefix()
+        out = self.text[self.emitted:end]
+        self.emitted = max(self.emitted, end)
+        return out, self._tokens_until(self.emitted)
+
+    def finish(self, token_ids: list[int]) -> tuple[str, str, int]:
+        """At the end of the output (token_ids, already cut to kept_tokens()): the final text, the part of it not
+        handed out yet, and the number of tokens not handed out yet. Without a stop string the final text is
+        the tokens decoded at once (a partial character left at the end decodes as U+FFFD, as it would alone)."""
+        final = self.text[:self.stop_at] if self.stop_at is not None else self.tokenizer.decode(token_ids)
+        rest = final[self.emitted:] if final.startswith(self.text[:self.emitted]) else ""
+        self.emitted = len(final)
+        rest_tokens = len(token_ids) - self.given
+        self.given = len(token_ids)
+        return final, rest, rest_tokens
+
+    def _tokens_until(self, end: int) -> int:
+        before = self.given
+        while self.given < len(self.ends) and self.ends[self.given] <= end:
+            self.given += 1
+        return self.given - before
+
+    def _open_stop_prefix(self) -> int:
+        """Length of the longest end of the text that begins some stop string (that could still complete it)."""
+        for n in range(min(self.longest - 1, len(self.text)), 0, -1):
+            tail = self.text[-n:]
+            if any(s.startswith(tail) for s in self.stop):
+                return n
+        return 0

@@ -1,0 +1,261 @@
+"""The Python API: chunks with incremental text, stop strings, chat, lists of prompts, checked requests, calls
+from several threads, and chat templates that cannot leave jinja2's sandbox."""
+import hashlib
+import importlib
+import json
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import speccompile
+from speccompile.compile.presets import tiny_tokenizer_files
+from speccompile.errors import BundleError, SpeccompileError
+from speccompile.format.bundle import read_manifest
+from speccompile.format.drafter_kinds import KINDS
+from speccompile.runtime.generator import Generator
+from speccompile.runtime.text_stream import TextStream
+from speccompile.runtime.tokenizer import BundleTokenizer, ChatTemplateError, PrefixOffsetDecoder
+
+from conftest import random_prompts
+
+
+def test_sampling_params_at_top_level(tiny_generator):
+    params = speccompile.SamplingParams(temperature=1.2, top_k=5, seed=4)
+    a = tiny_generator.generate("hello there", 12, params=params)
+    b = tiny_generator.generate("hello there", 12, temperature=1.2, top_k=5, seed=4)
+    assert a.token_ids == b.token_ids
+
+
+@pytest.mark.parametrize("drafter", ["lookup", "model"])
+def test_stream_chunks_add_up_to_the_result(tiny_generator, drafter):
+    g = tiny_generator
+    for prompt in ["Translate this sentence", "hello", *random_prompts(3)]:
+        it = g.stream(prompt, 40, drafter=drafter)
+        chunks = []
+        while True:
+            try:
+                chunks.append(next(it))
+            except StopIteration as stop:
+                res = stop.value
+                break
+        assert "".join(c.text for c in chunks) == res.text == g.tokenizer.decode(res.token_ids)
+        assert [t for c in chunks for t in c.token_ids] == res.token_ids
+        assert len(chunks) < len(res.token_ids)  # passes committed several tokens
+
+
+def test_text_is_decoded_incrementally(tiny_generator, monkeypatch):
+    """The whole output is decoded at most once (at the end), not once per pass."""
+    g = tiny_generator
+    calls = []
+    decode = g.tokenizer.decode
+    monkeypatch.setattr(g.tokenizer, "decode", lambda ids: calls.append(len(ids)) or decode(ids))
+    seen = []
+    res = g.generate("hello", 40, drafter="lookup", on_text=seen.append)
+    assert len(calls) <= 1 and "".join(seen) == res.text and res.stats["verify_steps"] > 3
+
+
+def test_prefix_offset_decoder_matches_decode_stream(tiny_generator):
+    """The fallback for a `tokenizers` without DecodeStream yields the same pieces."""
+    tok = tiny_generator.tokenizer
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        ids = [int(t) for t in rng.integers(0, tok.tok.get_vocab_size(), 30)]
+        streams = (tok.decode_stream(), PrefixOffsetDecoder())
+        pieces = [[d.step(tok.tok, t) for t in ids] for d in streams]
+        assert pieces[0] == pieces[1]
+        text = "".join(p or "" for p in pieces[1])
+        assert tok.decode(ids).startswith(text)
+
+
+class _Pieces:
+    """A tokenizer whose token i decodes to pieces[i] (None: a partial character, completed by the next)."""
+    tok = None
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def decode_stream(self):
+        pieces, held = self.pieces, []
+
+        class Stream:
+            def step(self, tok, t):
+                held.append(t)
+                if pieces[t] is None:
+                    return None
+                out = "".join(pieces[i] or "" for i in held)
+                held.clear()
+                return out
+        return Stream()
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] or "" for i in ids)
+
+
+def test_stop_string_text_is_held_back_and_cut():
+    pieces = ["Hello", " wor", "ld", " ST", "OP", " tail"]
+    ts = TextStream(_Pieces(pieces), ("STOP",))
+    assert [ts.add(0), ts.certain()] == [False, ("Hello", 1)]
+    assert [ts.add(1), ts.add(2), ts.add(3)] == [False] * 3
+    assert ts.certain() == (" world ", 2)  # "ST" could still become "STOP": held back, and its token
+    assert ts.add(4) is True and ts.kept_tokens() == 3  # " ST" holds the stop's start: cut from there
+    assert ts.finish([0, 1, 2]) == ("Hello world ", "", 0)
+    # a held-back start that does not become a stop string is released
+    ts = TextStream(_Pieces(["a S", "T", "x"]), ("STOP",))
+    ts.add(0), ts.add(1)
+    assert ts.certain() == ("a ", 0)
+    ts.add(2)
+    assert ts.certain() == ("STx", 3)
+    # a partial character's token is handed out with the text that completes it
+    ts = TextStream(_Pieces([None, "é", "!"]), ())
+    assert ts.add(0) is False and ts.certain() == ("", 0)
+    ts.add(1)
+    assert ts.certain() == ("é", 2)
+
+
+def test_stop_string_cuts_text_and_token_ids(tiny_generator):
+    g = tiny_generator
+    full = g.generate("hello", 40, speculate=False)
+    text, ids = full.text, full.token_ids
+    ends = [len(g.tokenizer.decode(ids[:i + 1])) for i in range(len(ids))]
+    # a stop string that begins inside a token, past the first few
+    at = next(i for i in range(8, len(text) - 3) if i not in ends and text.index(text[i:i + 3]) == i)
+    stop = text[at:at + 3]
+    for kwargs in (dict(speculate=False), dict(drafter="lookup"), dict(drafter="model", tree="dynamic:8")):
+        chunks = list(g.stream("hello", 40, stop=stop, **kwargs))
+        res = g.generate("hello", 40, stop=[stop, "never appears"], **kwargs)
+        # chunks only add text, so their sum ending before the stop means no chunk streamed part of it
+        assert res.text == text[:at] == "".join(c.text for c in chunks)
+        kept = sum(1 for e in ends if e <= at)
+        assert res.token_ids == ids[:kept] == [t for c in chunks for t in c.token_ids]
+
+
+def test_chat_renders_system_and_turns(tiny_generator):
+    g = tiny_generator
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"},
+                {"role": "assistant", "content": "hi there"}, {"role": "user", "content": "the quick fox"}]
+    rendered = g.tokenizer.apply_chat_template(messages)
+    assert all(m["content"] in rendered for m in messages) and rendered.endswith("<|im_start|>assistant\n")
+    res = g.chat(messages, 12)
+    assert res.token_ids == g.generate(g.tokenizer.encode(rendered), 12).token_ids
+    assert res.stats["prompt_tokens"] == len(g.tokenizer.encode(rendered))
+    for bad in ([], [{"role": "wizard", "content": "x"}], [{"role": "user"}], "hello"):
+        with pytest.raises(SpeccompileError, match="chat"):
+            g.chat(bad, 4)
+
+
+def test_generate_takes_a_list_of_prompts(tiny_generator):
+    g = tiny_generator
+    prompts = ["hello", random_prompts(2)[1], "the quick fox"]
+    results = g.generate(prompts, 10, drafter="lookup")
+    assert [r.token_ids for r in results] == [g.generate(p, 10, drafter="lookup").token_ids for p in prompts]
+    assert len(g.generate(random_prompts(1)[0], 5).token_ids) == 5  # a list of ints is one prompt
+
+
+def test_requests_are_checked(tiny_generator):
+    g = tiny_generator
+    vocab = g.target.vocab_size
+    for prompt, match in (([5, -1, 7], "out of range"), ([5, vocab], "out of range"), ([1.5, 2.0], "whole"),
+                          (np.array([1.0, 2.0]), "whole"), ([], "empty"), (b"hello", "expected text")):
+        with pytest.raises(SpeccompileError, match=match):
+            g.generate(prompt, 4)
+    for n in (0, -3, 2.5, True):
+        with pytest.raises(SpeccompileError, match="max-new-tokens"):
+            g.generate("hello", n)
+    for bad in (dict(temperature=float("nan")), dict(temperature=-1.0), dict(top_p=float("inf")),
+                dict(top_k=-2), dict(seed=-5), dict(num_draft=2.5), dict(stop=[3])):
+        with pytest.raises(SpeccompileError):
+            g.generate("hello", 4, **bad)
+    assert g.generate([vocab - 1, 0], 3).token_ids  # the edges of the range are fine
+
+
+def test_threads_get_their_serial_tokens(tiny_generator):
+    g = tiny_generator
+    prompts = random_prompts(3)
+    jobs = [(prompts[0], dict(drafter="model")), (prompts[1], dict(drafter="lookup", tree="dynamic:8")),
+            (prompts[2], dict(drafter="layerskip:2", temperature=1.3, top_k=6, seed=7))]
+    serial = [g.generate(p, 24, **kw).token_ids for p, kw in jobs]
+    with ThreadPoolExecutor(3) as pool:
+        for _ in range(3):
+            assert list(pool.map(lambda job: g.generate(job[0], 24, **job[1]).token_ids, jobs)) == serial
+
+
+def test_an_open_stream_blocks_a_second_one_in_its_thread(tiny_generator):
+    g = tiny_generator
+    first = g.stream("hello", 8)
+    next(first)
+    with pytest.raises(SpeccompileError, match="already generating"):
+        g.generate("hello", 4)
+    first.close()  # releases the Generator
+    assert len(g.generate("hello", 4).token_ids) == 4
+
+
+PAYLOADS = ["{{ cycler.__init__.__globals__.os.popen('touch PWNED').read() }}",
+            "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+            "{% for m in messages %}{{ m.__class__.__init__.__globals__ }}{% endfor %}",
+            "{{ self.__init__.__globals__.__builtins__.__import__('subprocess').run(['touch', 'PWNED']) }}",
+            "{{ lipsum.__globals__['os'].system('touch PWNED') }}"]
+
+
+@pytest.fixture
+def tokenizer_dir(tmp_path):
+    for name, data in tiny_tokenizer_files().items():
+        (tmp_path / name).write_bytes(data)
+    return tmp_path
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_chat_template_cannot_leave_the_sandbox(tokenizer_dir, payload, monkeypatch):
+    monkeypatch.chdir(tokenizer_dir)
+    cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps(dict(cfg, chat_template=payload)))
+    tok = BundleTokenizer(str(tokenizer_dir))
+    with pytest.raises(ChatTemplateError, match="sandbox"):
+        tok.encode_chat("hello")
+    assert not os.path.exists("PWNED")
+
+
+def test_chat_template_helpers(tokenizer_dir):
+    template = ("{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
+                "{{ raise_exception('system first') }}{% endif %}{{ m | tojson }}{% endfor %}{{ strftime_now('%Y') }}")
+    cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps(dict(cfg, chat_template=template)))
+    tok = BundleTokenizer(str(tokenizer_dir))
+    assert tok.apply_chat_template([{"role": "user", "content": "é"}]).startswith('{"role": "user", "content": "é"}')
+    with pytest.raises(ChatTemplateError, match="system first"):
+        tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}])
+
+
+def test_a_payload_in_a_bundle_runs_nothing(tiny_bundle, tmp_path, monkeypatch):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    cfg_path = bundle / "tokenizer" / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_bytes(json.dumps(dict(cfg, chat_template=PAYLOADS[0])).encode())
+    # the tamperer re-hashes the file: the manifest's hashes catch accidents, not tampering
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"]["tokenizer/tokenizer_config.json"] = {"sha256": hashlib.sha256(cfg_path.read_bytes()).hexdigest(),
+                                                           "bytes": cfg_path.stat().st_size}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.chdir(tmp_path)
+    g = speccompile.load(str(bundle), threads=1)
+    with pytest.raises(ChatTemplateError):
+        g.generate("hello", 4)
+    assert not os.path.exists("PWNED")
+
+
+def test_every_kind_has_a_runtime_half():
+    for kind in KINDS.values():
+        assert callable(importlib.import_module(kind.runtime_module).load), kind.name
+
+
+def test_an_unknown_drafter_kind_is_one_bundle_error(tiny_bundle):
+    manifest = read_manifest(tiny_bundle)
+    manifest["drafters"][0] = dict(manifest["drafters"][0], kind="telepathy")
+    with pytest.raises(BundleError, match="'telepathy', unknown to this runtime"):
+        Generator(tiny_bundle, manifest, threads=1)
+    del manifest["drafters"][0]["kind"]
+    with pytest.raises(BundleError, match="unknown to this runtime"):
+        Generator(tiny_bundle, manifest, threads=1)
