@@ -22,7 +22,7 @@ from conftest import assert_lossless, quiet, random_prompts
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from speccompile.train.heads import EAGLE3_NAMES, EAGLE_NAMES, HEAD_TENSORS, build_head_module  # noqa: E402
+from speccompile.train.heads import EAGLE3_NAMES, EAGLE_NAMES, HEAD_TENSORS, Head  # noqa: E402
 from speccompile.train.options import ARCH_DEFAULTS, TrainOptions  # noqa: E402
 from speccompile.train.prompts import make_prompts  # noqa: E402
 
@@ -68,6 +68,7 @@ def test_train_head_end_to_end(tmp_path):
     assert 0 < len(d2t) <= 64 and (d2t[1:] > d2t[:-1]).all()
     record = json.load(open(str(out)[:-len(".safetensors")] + ".json"))
     assert record["draft_vocabulary"]["size"] == len(d2t) and record["bytes"] == os.path.getsize(out)
+    assert record["draft_vocabulary"]["made_by"].startswith("speccompile train-head --arch mtp --stages vocab")
     bundle = str(tmp_path / "bundle")
     build_bundle("tiny:llama", bundle, drafts=[f"mtp:{out}"], max_seq_len=128, num_draft=3, progress=quiet)
     import speccompile
@@ -165,8 +166,8 @@ def _check_eagle_module(hf, exported, version="eagle", draft_ids=None):
     target = load_checkpoint(str(hf))
     cfg = json.load(open(hf / "config.json"))
     emb = torch.as_tensor(target.tensors["model.embed_tokens.weight"])
-    head = build_head_module(cfg, float(cfg["rms_norm_eps"]), version,
-                                torch.as_tensor(target.tensors["model.norm.weight"]), draft_ids)
+    head = Head(cfg, float(cfg["rms_norm_eps"]), version, torch.as_tensor(target.tensors["model.norm.weight"]),
+                draft_ids)
     head.load_state_dict({k: torch.as_tensor(exported[n]) for k, n in head.names.items()})
     rng = np.random.default_rng(0)
     S, H = 7, cfg["hidden_size"]

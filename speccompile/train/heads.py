@@ -54,8 +54,9 @@ def _zeros(*shape) -> nn.Parameter:
 
 
 class Head(nn.Module):
-    """One draft head (arch mtp, eagle or eagle3; see the module's docstring). Parameters start at zero (init.py
-    fills them); `names` maps each to its stored tensor name."""
+    """One draft head (arch mtp, eagle or eagle3; see the module's docstring) for a target of config `cfg` (eagle:
+    wfinal, the target's final norm weight; eagle3: draft_ids, its draft vocabulary as target ids). Parameters start
+    at zero (init.py fills them); `names` maps each to its stored tensor name."""
 
     def __init__(self, cfg: dict, eps: float, arch: str = "mtp", wfinal=None, draft_ids=None):
         super().__init__()
@@ -140,8 +141,3 @@ class Head(nn.Module):
             return self.draft_ids[F.linear(self.final(o), self.lm_head).argmax(-1)]
         return F.linear(self.final(o), emb_w).argmax(-1)
 
-
-def build_head_module(cfg: dict, eps: float, arch: str = "mtp", wfinal=None, draft_ids=None) -> Head:
-    """A zero head of `arch` for a target of config `cfg` (eagle: wfinal, the target's final norm weight; eagle3:
-    draft_ids, its draft vocabulary as target ids)."""
-    return Head(cfg, eps, arch, wfinal, draft_ids)

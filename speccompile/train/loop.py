@@ -18,7 +18,7 @@ from speccompile.train.draft_vocab import frequent_tokens
 from speccompile.train.evaluate import evaluate
 from speccompile.train.export import export
 from speccompile.train.features import aux_layer_ids
-from speccompile.train.heads import Head, build_head_module
+from speccompile.train.heads import Head
 from speccompile.train.init import init_head
 from speccompile.train.objective import feat_loss, head_forward, soft_ce
 from speccompile.train.options import TrainOptions
@@ -93,7 +93,7 @@ def prepare(a: TrainOptions, hf_dir: str, feat_path: str, info: dict) -> Setup:
         draft_ids, covered = pick_draft_vocab(data, a.draft_vocab)
         info["draft_vocab"] = {"size": len(draft_ids), "coverage_of_heldout_responses": covered}
         log(f"draft vocabulary: {len(draft_ids)} tokens, {covered:.2%} of held-out response tokens")
-    head = build_head_module(cfg, float(cfg["rms_norm_eps"]), a.arch, wfinal, draft_ids)
+    head = Head(cfg, float(cfg["rms_norm_eps"]), a.arch, wfinal, draft_ids)
     init_head(head, tensors, cfg["num_hidden_layers"], h_rms)
     if a.init:  # warm start: a previous run's weights (its --work/ckpt/final.pt), new optimizer and schedule
         head.load_state_dict(torch.load(a.init, weights_only=True)["head"])
