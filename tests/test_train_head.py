@@ -228,6 +228,8 @@ def test_bad_options_one_error_line():
     assert result.exit_code == 2 and result.output.startswith("error: --stages: unknown fetaures")
     result = CliRunner().invoke(cli, ["train-head", "--epochs", "1.5"])
     assert result.exit_code == 2 and "--epochs: a whole number" in result.output
+    result = CliRunner().invoke(cli, ["train-head", "--arch", "medusa", "--resume"])
+    assert result.exit_code == 2 and result.output.startswith("error: --resume: Medusa training keeps no checkpoints")
 
 
 def test_prompt_set_unchanged():

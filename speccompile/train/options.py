@@ -71,6 +71,8 @@ class TrainOptions:
         for k, v in ARCH_DEFAULTS["medusa" if self.arch == "medusa" else "head"].items():
             if getattr(self, k) is None:
                 setattr(self, k, v)
+        if self.arch == "medusa" and self.resume:
+            raise ValueError("--resume: Medusa training keeps no checkpoints (--init starts from an earlier run's heads)")
         if self.arch != "medusa":
             if self.epochs != int(self.epochs):
                 raise ValueError(f"--epochs: a whole number for --arch {self.arch}, not {self.epochs}")
