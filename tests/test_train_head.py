@@ -1,14 +1,19 @@
-"""The head-training tools end to end on a tiny target: tools/train_head.py (the target's own continuations,
-teacher-forced features, training with an epoch checkpoint that --resume continues, export to safetensors with
-its record, the exported head in a bundle decoding losslessly), the same tool's EAGLE-1 heads (--arch eagle: the
-trained module is the public architecture) and tools/train_medusa.py on the same features."""
-import importlib.util
+"""Head training end to end on a tiny target, through `speccompile train-head` (speccompile.train): the target's
+own continuations, teacher-forced features, training with an epoch checkpoint that --resume continues, export to
+safetensors with its record, stage vocab's reduced draft vocabulary, the exported head in a bundle decoding
+losslessly; EAGLE-1 and EAGLE-3 heads (the trained module is the public architecture) and Medusa heads on the same
+features. Also: the command's help and defaults, its one-line error without torch, the prompt set's output."""
+import dataclasses
+import hashlib
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+from speccompile.cli import main as cli
 from speccompile.compile.driver import build_bundle
 from speccompile.compile.sources import load_checkpoint, save_hf_dir
 
@@ -17,17 +22,19 @@ from conftest import assert_lossless, quiet, random_prompts
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+from speccompile.train.heads import EAGLE3_NAMES, EAGLE_NAMES, HEAD_TENSORS, Head  # noqa: E402
+from speccompile.train.options import ARCH_DEFAULTS, TrainOptions  # noqa: E402
+from speccompile.train.prompts import make_prompts  # noqa: E402
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(TOOLS, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def train_head(args: list[str]) -> str:
+    """Run `speccompile train-head ARGS`; its output (the progress lines)."""
+    result = CliRunner().invoke(cli, ["train-head", *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
 
 
-def test_train_head_end_to_end(tmp_path, capsys):
+def test_train_head_end_to_end(tmp_path):
     hf, work, out = tmp_path / "hf", tmp_path / "work", tmp_path / "head" / "tiny-mtp.safetensors"
     save_hf_dir(load_checkpoint("tiny:llama"), str(hf))
     prompts = tmp_path / "prompts.jsonl"
@@ -35,19 +42,17 @@ def test_train_head_end_to_end(tmp_path, capsys):
     items.append({"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"},
                                {"role": "user", "content": "and then?"}]})  # a second-round chat turn
     prompts.write_text("".join(json.dumps(p) + "\n" for p in items))
-    th = _tool("train_head")
     common = ["--target", str(hf), "--work", str(work), "--out", str(out), "--prompts", str(prompts),
               "--num-prompts", "0", "--max-new-tokens", "12", "--gen-batch", "3", "--tokens-per-step", "48",
               "--threads", "1", "--holdout", "0.2", "--log-every", "1", "--eval-chain", "3"]
-    th.main(common + ["--stages", "gen,features,train", "--epochs", "1"])
+    train_head(common + ["--stages", "gen,features,train", "--epochs", "1"])
     gen = [json.loads(line) for line in open(work / "gen.jsonl")]
     assert sorted(r["idx"] for r in gen) == list(range(6)) and all(r["response_ids"] for r in gen)
     assert os.path.isfile(work / "features.npz") and os.path.isfile(work / "ckpt" / "epoch1.pt")
     first = json.load(open(work / "info.json"))
     assert first["epochs_done"] == 1 and len(first["history"]) == 1
 
-    th.main(common + ["--stages", "train,export", "--epochs", "2", "--resume"])
-    assert "resumed from epoch1.pt" in capsys.readouterr().out
+    assert "resumed from epoch1.pt" in train_head(common + ["--stages", "train,export", "--epochs", "2", "--resume"])
     info = json.load(open(work / "info.json"))
     assert [h["epoch"] for h in info["history"]] == [1, 2]
     assert info["steps"] == 2 * first["steps"]  # the second epoch continued the first, not a restart
@@ -56,13 +61,14 @@ def test_train_head_end_to_end(tmp_path, capsys):
 
     from safetensors import safe_open
     with safe_open(str(out), "np") as f:
-        assert sorted(f.keys()) == sorted(th.HEAD_TENSORS)
-    _tool("draft_vocab").main([str(out), "--data", str(work / "gen.jsonl"), "--size", "64"])  # reduced vocabulary
+        assert sorted(f.keys()) == sorted(HEAD_TENSORS)
+    train_head(common + ["--stages", "vocab", "--draft-vocab", "64"])  # reduced vocabulary
     with safe_open(str(out), "np") as f:
         d2t = f.get_tensor("mtp.d2t")
     assert 0 < len(d2t) <= 64 and (d2t[1:] > d2t[:-1]).all()
     record = json.load(open(str(out)[:-len(".safetensors")] + ".json"))
     assert record["draft_vocabulary"]["size"] == len(d2t) and record["bytes"] == os.path.getsize(out)
+    assert record["draft_vocabulary"]["made_by"].startswith("speccompile train-head --arch mtp --stages vocab")
     bundle = str(tmp_path / "bundle")
     build_bundle("tiny:llama", bundle, drafts=[f"mtp:{out}"], max_seq_len=128, num_draft=3, progress=quiet)
     import speccompile
@@ -71,16 +77,12 @@ def test_train_head_end_to_end(tmp_path, capsys):
     assert_lossless(g, "mtp", random_prompts(2, seed=1), 16, "dynamic:6")
 
     medusa = tmp_path / "medusa" / "heads.safetensors"
-    rec = _tool("train_medusa").main(["--features", str(work / "features.npz"), "--target", str(hf), "--out",
-                                      str(medusa), "--heads", "2", "--tokens-per-step", "64", "--epochs", "4",
-                                      "--lr", "3e-3", "--threads", "1"])
+    rec = _train_medusa(hf, work, medusa, "--epochs", "4", "--lr", "3e-3")
     assert rec["steps"] > 1 and len(rec["heldout"]["top1_per_head"]) == 2
     first, last = rec["train_loss_first_last"]
     assert last < 0.9 * first  # the heads fit the target's distributions (a tiny model's data is too small to hold out)
-    again = _tool("train_medusa").main(["--features", str(work / "features.npz"), "--target", str(hf), "--out",
-                                        str(tmp_path / "medusa2" / "heads.safetensors"), "--heads", "2",
-                                        "--tokens-per-step", "64", "--epochs", "1", "--lr", "1e-3", "--threads", "1",
-                                        "--init", str(medusa)])
+    again = _train_medusa(hf, work, tmp_path / "medusa2" / "heads.safetensors", "--epochs", "1", "--lr", "1e-3",
+                          "--init", str(medusa))
     assert again["train_loss_first_last"][0] < 0.9 * first  # --init: it starts where the first run ended
     mb = str(tmp_path / "medusa_bundle")
     build_bundle("tiny:llama", mb, drafts=[f"medusa:{medusa}"], max_seq_len=128, num_draft=2, progress=quiet)
@@ -91,36 +93,44 @@ def test_train_head_end_to_end(tmp_path, capsys):
 
     # an EAGLE-1 head from the same features: its public layout, the training module equal to the reference
     # architecture written from SafeAILab's cnets1.py (tests/test_eagle.py), and lossless in a bundle
-    exported = _train_eagle(th, common, tmp_path, "eagle")
-    assert sorted(exported) == sorted(th.EAGLE_NAMES.values())
-    _check_eagle_module(th, hf, {k: v.astype(np.float32) for k, v in exported.items()})
+    exported, _ = _train_eagle(common, tmp_path, "eagle")
+    assert sorted(exported) == sorted(EAGLE_NAMES.values())
+    _check_eagle_module(hf, {k: v.astype(np.float32) for k, v in exported.items()})
     _decodes_losslessly(tmp_path, "eagle")
 
     # an EAGLE-3 head: the target's layer features (stage aux; tap 4 = the last layer's output before the norm)
     # equal those the compiled target graph is defined by, the module equals the cnets.py reference, the draft
     # vocabulary comes as d2t offsets, and the head decodes losslessly
-    exported = _train_eagle(th, common, tmp_path, "eagle3", "--aux-layers", "4,1,2", "--draft-vocab", "200",
-                            "--unroll", "3", stages="aux,train,export")
-    assert " ce3 " in capsys.readouterr().out  # a third depth trained (EAGLE-3's training-time test)
+    exported, output = _train_eagle(common, tmp_path, "eagle3", "--aux-layers", "4,1,2", "--draft-vocab", "200",
+                                    "--unroll", "3", stages="aux,train,export")
+    assert " ce3 " in output  # a third depth trained (EAGLE-3's training-time test)
     _check_aux_features(work, hf)
-    assert sorted(exported) == sorted([*th.EAGLE3_NAMES.values(), "d2t", "t2d"])
+    assert sorted(exported) == sorted([*EAGLE3_NAMES.values(), "d2t", "t2d"])
     draft_ids = exported["d2t"] + np.arange(len(exported["d2t"]))
     assert 0 < len(draft_ids) <= 200 and (np.diff(draft_ids) > 0).all() and exported["t2d"].sum() == len(draft_ids)
     config = json.load(open(tmp_path / "eagle3" / "config.json"))
     assert config["eagle_aux_hidden_state_layer_ids"] == [1, 2, 4] and config["draft_vocab_size"] == len(draft_ids)
-    _check_eagle_module(th, hf, {k: v.astype(np.float32) for k, v in exported.items() if k not in ("d2t", "t2d")},
+    _check_eagle_module(hf, {k: v.astype(np.float32) for k, v in exported.items() if k not in ("d2t", "t2d")},
                         "eagle3", draft_ids)
     _decodes_losslessly(tmp_path, "eagle3")
 
 
-def _train_eagle(th, common, tmp_path, version, *args, stages="train,export"):
-    """Train one epoch of an EAGLE head into tmp_path/VERSION (the public layout's three files); its tensors."""
+def _train_medusa(hf, work, out, *args) -> dict:
+    """Train two Medusa heads on work's features into OUT; their record."""
+    train_head(["--arch", "medusa", "--target", str(hf), "--work", str(work), "--out", str(out), "--stages",
+                "train,export", "--heads", "2", "--tokens-per-step", "64", "--threads", "1", *args])
+    return json.load(open(str(out)[:-len(".safetensors")] + ".json"))
+
+
+def _train_eagle(common, tmp_path, version, *args, stages="train,export"):
+    """Train one epoch of an EAGLE head into tmp_path/VERSION (the public layout's three files); (its tensors, the
+    command's output)."""
     from safetensors import safe_open
     out = tmp_path / version
-    th.main(common + ["--arch", version, "--out", str(out), "--stages", stages, "--epochs", "1", *args])
+    output = train_head(common + ["--arch", version, "--out", str(out), "--stages", stages, "--epochs", "1", *args])
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "training.json"]
     with safe_open(str(out / "model.safetensors"), "np") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+        return {k: f.get_tensor(k) for k in f.keys()}, output
 
 
 def _decodes_losslessly(tmp_path, version):
@@ -147,7 +157,7 @@ def _check_aux_features(work, hf):
     assert np.abs(got - ref).max() < 2e-3 * max(1.0, np.abs(ref).max())
 
 
-def _check_eagle_module(th, hf, exported, version="eagle", draft_ids=None):
+def _check_eagle_module(hf, exported, version="eagle", draft_ids=None):
     """The training module, loaded with the exported weights, against tests/test_eagle.py's reference (written
     from SafeAILab's cnets1.py / cnets.py): the head's feature, its output and its logits over one pass of
     (target feature, next token) pairs; EAGLE-3's greedy drafts mapped to target ids through its vocabulary."""
@@ -156,8 +166,8 @@ def _check_eagle_module(th, hf, exported, version="eagle", draft_ids=None):
     target = load_checkpoint(str(hf))
     cfg = json.load(open(hf / "config.json"))
     emb = torch.as_tensor(target.tensors["model.embed_tokens.weight"])
-    head = th.build_head_module(cfg, float(cfg["rms_norm_eps"]), version,
-                                torch.as_tensor(target.tensors["model.norm.weight"]), draft_ids)
+    head = Head(cfg, float(cfg["rms_norm_eps"]), version, torch.as_tensor(target.tensors["model.norm.weight"]),
+                draft_ids)
     head.load_state_dict({k: torch.as_tensor(exported[n]) for k, n in head.names.items()})
     rng = np.random.default_rng(0)
     S, H = 7, cfg["hidden_size"]
@@ -179,3 +189,53 @@ def _check_eagle_module(th, hf, exported, version="eagle", draft_ids=None):
     assert np.abs(logits.numpy() - ref_logits).max() < 1e-4 * max(1.0, np.abs(ref_logits).max())
     ids = np.arange(cfg["vocab_size"]) if draft_ids is None else draft_ids
     assert (drafted.numpy() == ids[ref_logits.argmax(-1)]).all()
+
+
+def test_help_explains_every_stage():
+    result = CliRunner().invoke(cli, ["train-head", "--help"])
+    assert result.exit_code == 0
+    for stage in ("gen", "features", "aux", "train", "export", "vocab"):
+        assert f"\n    {stage} " in result.output
+    assert "--resume" in result.output and "--init" in result.output and 'pip install "speccompile[train]"' in \
+        result.output
+
+
+def test_command_defaults_are_the_options_defaults(monkeypatch):
+    """What `train-head` passes when given nothing equals TrainOptions' own defaults, for every arch."""
+    seen = []
+    monkeypatch.setattr("speccompile.train.pipeline.run", seen.append)
+    for arch in ("mtp", "eagle", "eagle3", "medusa"):
+        result = CliRunner().invoke(cli, ["train-head", "--arch", arch])
+        assert result.exit_code == 0, result.output
+        assert seen[-1] == TrainOptions(arch=arch)
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
+    assert {k for k, v in defaults.items() if v is None} >= set(ARCH_DEFAULTS["medusa"])
+    assert seen[-1].lr == ARCH_DEFAULTS["medusa"]["lr"] and seen[0].epochs == 4
+
+
+def test_without_torch_one_error_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    for name in [m for m in sys.modules if m.startswith("speccompile.train.") and m != "speccompile.train.options"]:
+        monkeypatch.delitem(sys.modules, name)
+    result = CliRunner().invoke(cli, ["train-head", "--stages", "gen"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        'error: training needs torch, which is not installed: pip install "speccompile[train]"']
+
+
+def test_bad_options_one_error_line():
+    result = CliRunner().invoke(cli, ["train-head", "--stages", "gen,fetaures"])
+    assert result.exit_code == 2 and result.output.startswith("error: --stages: unknown fetaures")
+    result = CliRunner().invoke(cli, ["train-head", "--epochs", "1.5"])
+    assert result.exit_code == 2 and "--epochs: a whole number" in result.output
+    result = CliRunner().invoke(cli, ["train-head", "--arch", "medusa", "--resume"])
+    assert result.exit_code == 2 and result.output.startswith("error: --resume: Medusa training keeps no checkpoints")
+
+
+def test_prompt_set_unchanged():
+    """The default prompt set (data/prompt_pools.json) is the one the shipped head's data was drawn by: the same
+    600 prompts for seed 0 as tools/head_prompts.py made, distinct."""
+    prompts = make_prompts(600, 0)
+    assert len(set(prompts)) == 600
+    assert hashlib.sha256(json.dumps(prompts).encode()).hexdigest() == \
+        "3f21c4ffeb96047c74535edbba981a7980a6723601680a79cf795de1572c3c76"

@@ -208,7 +208,7 @@ def default_head_path(target: Checkpoint) -> str:
     path = shipped_head(target)
     if not path:
         raise CheckpointError("no draft head ships for this target: pass --draft mtp:PATH "
-                              "(train one with tools/train_head.py)")
+                              "(train one with `speccompile train-head`)")
     return path
 
 

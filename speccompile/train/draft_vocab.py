@@ -1,0 +1,46 @@
+"""Draft vocabularies (EAGLE-3 style): the target tokens most frequent in a head's training data. A head's output
+matrix then has that many rows instead of the target's whole vocabulary, most of a draft step's cost on a small
+model; a draft can never propose a token outside it."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+
+def frequent_tokens(tokens: np.ndarray, size: int) -> np.ndarray:
+    """The `size` most frequent ids of `tokens` (ties: the lower id), ascending: a draft vocabulary."""
+    counts = np.bincount(tokens)
+    return np.sort(np.argsort(-counts, kind="stable")[:min(size, int((counts > 0).sum()))])
+
+
+def add_draft_vocab(head_path: str, gen_paths: list[str], size: int, made_by: str) -> tuple[int, float]:
+    """Store a draft vocabulary of `size` tokens, picked from the responses of gen_paths (work dirs' gen.jsonl),
+    in the MTP head file as `mtp.d2t` (draft index -> target token id), and in the head's record beside it if any
+    (made_by: the command, for the record). (tokens chosen, share of training tokens they cover)."""
+    responses = []
+    for path in gen_paths:
+        with open(path) as f:
+            responses += [json.loads(line)["response_ids"] for line in f]
+    tokens = np.concatenate([np.asarray(r, np.int64) for r in responses])
+    chosen = frequent_tokens(tokens, size)
+    covered = float(np.isin(tokens, chosen).mean())
+    with safe_open(head_path, "np") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["mtp.d2t"] = chosen.astype(np.int64)
+    meta |= {"draft_vocab": str(len(chosen)), "draft_vocab_coverage": f"{covered:.4f}"}
+    save_file(tensors, head_path, metadata=meta)
+    record = head_path.rsplit(".", 1)[0] + ".json"  # the head's record, if it sits beside it
+    if os.path.isfile(record):
+        with open(record) as f:
+            r = json.load(f)
+        r["bytes"] = os.path.getsize(head_path)  # the file grew by the map
+        r["draft_vocabulary"] = {"tensor": "mtp.d2t", "size": len(chosen), "coverage_of_training_responses": covered,
+                                 "made_by": made_by}
+        with open(record, "w") as f:
+            json.dump(r, f, indent=2)
+    return len(chosen), covered

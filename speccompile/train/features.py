@@ -1,0 +1,152 @@
+"""Stages features and aux: teacher-forced target passes over the generated data.
+
+features: per token, h (the residual stream after the last layer, before the final norm) and the target's top-k
+next-token distribution, in WORK/features.npz. aux (EAGLE-3): the residual stream entering three target layers, in
+aux.npz beside the features file it extends."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from speccompile.errors import SpeccompileError
+from speccompile.train.options import TrainOptions
+from speccompile.train.progress import log
+from speccompile.train.target import load_target
+
+PASS_BATCH = 8  # sequences per teacher-forced pass
+
+
+def _padded(seqs: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right padding: positions 0.. as in the runtime."""
+    L = max(map(len, seqs))
+    inp = torch.zeros((len(seqs), L), dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        inp[r, :len(s)] = torch.as_tensor(s)
+        mask[r, :len(s)] = 1
+    return inp, mask
+
+
+def _features_by_sequence(a: TrainOptions, model, recs: list[dict]) -> dict:
+    """Sequence index -> (tokens, h, top-k ids, top-k probabilities), passes over length-sorted batches."""
+    captured = {}
+    hook = model.model.norm.register_forward_pre_hook(lambda m, args: captured.__setitem__("h", args[0]))
+    order = sorted(range(len(recs)), key=lambda j: len(recs[j]["prompt_ids"]) + len(recs[j]["response_ids"]))
+    results, t0 = {}, time.time()
+    for b in range(0, len(order), PASS_BATCH):
+        batch = order[b:b + PASS_BATCH]
+        seqs = [recs[j]["prompt_ids"] + recs[j]["response_ids"] for j in batch]
+        inp, mask = _padded([torch.tensor(s) for s in seqs])
+        with torch.no_grad():
+            logits = model(input_ids=inp, attention_mask=mask).logits
+            top = torch.log_softmax(logits.float(), -1).topk(a.topk, -1)
+        h = captured["h"]
+        for r, j in enumerate(batch):
+            n = len(seqs[r])
+            results[j] = (np.asarray(seqs[r], np.int32), h[r, :n].numpy().astype(np.float32),
+                          top.indices[r, :n].numpy().astype(np.int32),
+                          top.values[r, :n].exp().numpy().astype(np.float16))
+        log(f"features: {min(b + PASS_BATCH, len(order))}/{len(order)} sequences  {time.time() - t0:.0f}s")
+    hook.remove()
+    return results
+
+
+def stage_features(a: TrainOptions, hf_dir: str, gen_path: str, out_path: str) -> float:
+    """Teacher-forced target passes over gen.jsonl into features.npz; the seconds it took."""
+    _, model = load_target(hf_dir)
+    t0 = time.time()
+    recs = [json.loads(l) for l in open(gen_path) if l.strip()]
+    recs.sort(key=lambda r: r["idx"])
+    results = _features_by_sequence(a, model, recs)
+    cols = [results[j] for j in range(len(recs))]
+    offsets = np.cumsum([0] + [len(c[0]) for c in cols])
+    np.savez(out_path, tokens=np.concatenate([c[0] for c in cols]), h=np.concatenate([c[1] for c in cols]),
+             topk_ids=np.concatenate([c[2] for c in cols]), topk_p=np.concatenate([c[3] for c in cols]),
+             offsets=np.asarray(offsets, np.int64),
+             prompt_idx=np.asarray([r["idx"] for r in recs], np.int64),
+             prompt_len=np.asarray([len(r["prompt_ids"]) for r in recs], np.int64),
+             temperature=np.asarray([r["temperature"] for r in recs], np.float32))
+    return time.time() - t0
+
+
+def default_aux_layers(n_layers: int) -> list[int]:
+    """EAGLE-3's low, middle and high target layers (SafeAILab and vLLM default)."""
+    return [2, n_layers // 2, n_layers - 3]
+
+
+def aux_layer_ids(a: TrainOptions, cfg: dict) -> list[int]:
+    """The three target layers an EAGLE-3 head reads, ascending (--aux-layers, or the default)."""
+    n = cfg["num_hidden_layers"]
+    ids = [int(x) for x in a.aux_layers.split(",")] if a.aux_layers else default_aux_layers(n)
+    if len(set(ids)) != 3 or min(ids) < 0 or max(ids) > n:
+        raise SpeccompileError(f"--aux-layers: three distinct layer ids in 0..{n}, got {ids}")
+    return sorted(ids)
+
+
+def aux_path(feat_path: str) -> str:
+    """EAGLE-3's layer features live beside the features file they extend."""
+    return os.path.join(os.path.dirname(os.path.abspath(feat_path)), "aux.npz")
+
+
+class _Enough(Exception):
+    """Raised by the last tap's hook: the layers above it are not needed."""
+
+
+def _tap_layers(model, layers: list[int], seen: dict) -> list:
+    """Hooks that keep the input of each layer of `layers` (L = the final norm's) and stop the pass at the last."""
+    n_layers = len(model.model.layers)
+
+    def tap(i):
+        def hook(mod, args, kwargs=None):
+            seen[i] = args[0] if args else kwargs["hidden_states"]
+            if i == layers[-1]:
+                raise _Enough
+        return hook
+    return [(model.model.norm if i == n_layers else model.model.layers[i]).register_forward_pre_hook(
+        tap(i), with_kwargs=True) for i in layers]
+
+
+def _aux_features(model, tokens: np.ndarray, off: np.ndarray, layers: list[int]) -> np.ndarray:
+    """float16 [tokens, 3H]: the taps of every sequence, concatenated in ascending layer order."""
+    seen = {}
+    hooks = _tap_layers(model, layers, seen)
+    aux = np.zeros((len(tokens), len(layers) * model.config.hidden_size), np.float16)
+    n_seq = len(off) - 1
+    order = sorted(range(n_seq), key=lambda j: off[j + 1] - off[j])
+    t0 = time.time()
+    try:
+        for b in range(0, n_seq, PASS_BATCH):
+            batch = order[b:b + PASS_BATCH]
+            inp, mask = _padded([torch.as_tensor(tokens[off[j]:off[j + 1]].astype(np.int64)) for j in batch])
+            with torch.no_grad():
+                try:
+                    model.model(input_ids=inp, attention_mask=mask)
+                except _Enough:
+                    pass
+            x = torch.cat([seen[i].float() for i in layers], -1)
+            for r, j in enumerate(batch):
+                aux[off[j]:off[j + 1]] = x[r, :int(off[j + 1] - off[j])].numpy().astype(np.float16)
+            if (b // PASS_BATCH) % 20 == 0 or b + PASS_BATCH >= n_seq:
+                log(f"aux: {min(b + PASS_BATCH, n_seq)}/{n_seq} sequences  {time.time() - t0:.0f}s")
+    finally:
+        for h in hooks:
+            h.remove()
+    return aux
+
+
+def stage_aux(a: TrainOptions, hf_dir: str, feat_path: str, out_path: str, layers: list[int]) -> float:
+    """EAGLE-3's features for every token of a features file: the target's residual stream entering each layer
+    of `layers` (layer L = after the last layer, before the final norm), float16 [tokens, 3H] in out_path. The
+    pass stops at the highest tap (the layers above it and the LM head are skipped). The seconds it took."""
+    _, model = load_target(hf_dir, a.aux_dtype)
+    t0 = time.time()
+    d = np.load(feat_path)
+    aux = _aux_features(model, d["tokens"], d["offsets"], layers)
+    tmp = out_path + ".tmp.npz"
+    np.savez(tmp, aux=aux, layers=np.asarray(layers, np.int64), dtype=np.asarray(a.aux_dtype))
+    os.replace(tmp, out_path)
+    return time.time() - t0

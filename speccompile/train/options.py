@@ -1,0 +1,91 @@
+"""The settings of one training run (`speccompile train-head`'s options, one field each)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+ARCHS = ("mtp", "eagle", "eagle3", "medusa")
+STAGES = ("gen", "features", "aux", "train", "export", "vocab")
+DEFAULT_STAGES = "gen,features,aux,train,export"
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "heads",
+                           "smollm2-135m-instruct-mtp.safetensors")
+# Medusa heads train with other defaults than MTP/EAGLE heads (fields left None take their arch's)
+ARCH_DEFAULTS = {
+    "head": {"lr": 6e-4, "tokens_per_step": 1024, "epochs": 4, "train_minutes": 35.0, "vocab_min_p": 0.01},
+    "medusa": {"lr": 1e-3, "tokens_per_step": 2048, "epochs": 1.0, "train_minutes": 10.0, "vocab_min_p": 0.02},
+}
+
+
+@dataclasses.dataclass
+class TrainOptions:
+    target: str | None = None
+    arch: str = "mtp"
+    target_name: str = "SmolLM2-135M-Instruct"
+    out: str = DEFAULT_OUT
+    work: str = "/tmp/train_head"
+    stages: str = DEFAULT_STAGES
+    redo: str = ""
+    seed: int = 0
+    # data
+    prompts: str | None = None
+    num_prompts: int = 600
+    max_new_tokens: int = 160
+    sample_frac: float = 0.25
+    temperature: float = 0.7
+    gen_batch: int = 32
+    gen_dtype: str = "float32"
+    gen_minutes: float = 20.0
+    gen_tokens: int = 0
+    aux_layers: str | None = None
+    aux_dtype: str = "float32"
+    topk: int = 8
+    holdout: float = 0.05
+    # training
+    epochs: float | None = None
+    lr: float | None = None
+    min_lr_frac: float = 0.05
+    warmup: int = 20
+    weight_decay: float = 0.01
+    tokens_per_step: int | None = None
+    depth2_weight: float = 0.5
+    unroll: int = 2
+    reg_weight: float = 0.1
+    train_minutes: float | None = None
+    threads: int = 2
+    extra_features: str = ""
+    init: str | None = None
+    resume: bool = False
+    full_vocab: bool = False
+    vocab_min_p: float | None = None
+    draft_vocab: int = 8192
+    heads: int = 3
+    log_every: int = 10
+    eval_chain: int = 4
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"--arch: one of {', '.join(ARCHS)}, not {self.arch!r}")
+        unknown = set(self.stage_list) - set(STAGES)
+        if unknown:
+            raise ValueError(f"--stages: unknown {', '.join(sorted(unknown))} (stages: {', '.join(STAGES)})")
+        for k, v in ARCH_DEFAULTS["medusa" if self.arch == "medusa" else "head"].items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+        if self.arch == "medusa" and self.resume:
+            raise ValueError("--resume: Medusa training keeps no checkpoints (--init starts from an earlier run's heads)")
+        if self.arch != "medusa":
+            if self.epochs != int(self.epochs):
+                raise ValueError(f"--epochs: a whole number for --arch {self.arch}, not {self.epochs}")
+            self.epochs = int(self.epochs)
+
+    @property
+    def stage_list(self) -> list[str]:
+        return [s for s in self.stages.split(",") if s]
+
+    @property
+    def redo_set(self) -> set[str]:
+        return set(filter(None, self.redo.split(",")))
+
+    @property
+    def extra_feature_paths(self) -> list[str]:
+        return [p for p in self.extra_features.split(",") if p]

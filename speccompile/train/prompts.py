@@ -1,0 +1,210 @@
+"""The prompt sets a draft head is self-distilled on: hand-written instructions (templates x topics, code tasks,
+passages to summarize or rewrite, translations, emails, general and factual questions, math word problems with
+generated numbers), follow-up turns over the model's own answers, and Magpie user turns sampled from the target.
+Written for this purpose only: nothing comes from a benchmark. The pools live in data/prompt_pools.json.
+
+    python -m speccompile.train.prompts --n 600 --out /tmp/head_prompts.jsonl
+    python -m speccompile.train.prompts --second-round WORK/gen.jsonl --tokenizer HF/tokenizer.json --n 800 --out R2
+    python -m speccompile.train.prompts --magpie HF_DIR --n 1600 --out /tmp/magpie.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import random
+import sys
+import time
+from importlib import resources
+
+import torch
+from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+# share of each kind of task in make_prompts' output
+KIND_WEIGHTS = {"topic": 0.40, "code": 0.15, "math": 0.13, "passage": 0.08, "translate": 0.06, "email": 0.06,
+                "general": 0.12}
+MATH_PROMPTS = 300
+
+
+@functools.cache
+def pools() -> dict[str, list]:
+    """The hand-written pools, by name (lower-case): lists of strings, or of [language, sentence] pairs."""
+    return json.loads(resources.files("speccompile.train").joinpath("data/prompt_pools.json").read_text("utf-8"))
+
+
+def _math(rng: random.Random) -> str:
+    """A math word problem with numbers drawn from rng."""
+    p = pools()
+    n, m = rng.choice(p["names"]), rng.choice(p["names"])
+    item, _ = rng.choice(p["items"])
+    a, b, c = rng.randint(5, 60), rng.randint(2, 20), rng.randint(2, 9)
+    return rng.choice(p["math_forms"]).format(n=n, m=m, item=item, a=a, b=b, c=c, a_times_5=a * 5, b_times_5=b * 5,
+                                              a_times_10=a * 10, c_times_2=c * 2, c_times_a_plus_b=c * a + b,
+                                              b_times_3=b * 3)
+
+
+def _prompts_by_kind(rng: random.Random) -> dict[str, list[str]]:
+    """Every prompt the pools make, by kind, each kind shuffled."""
+    p, made = pools(), []
+    for tmpl in p["templates"]:
+        for t in p["topics"]:
+            u = rng.choice([x for x in p["topics"] if x != t])
+            made.append(("topic", tmpl.format(t=t, a=rng.choice(p["audiences"]), u=u)))
+    for lang in p["langs"]:
+        for c in p["code_tasks"]:
+            made.append(("code", rng.choice(p["code_templates"]).format(l=lang, c=c)))
+    made += [("code", tmpl.format(s=s)) for s in p["code_snippets"] for tmpl in p["code_snippet_templates"]]
+    made += [("passage", tmpl.format(p=x)) for x in p["passages"] for tmpl in p["passage_templates"]]
+    made += [("translate", f"Translate into {lang}: \"{s}\"") for s in p["sentences"] for lang in p["languages"]]
+    made += [("translate", tmpl.format(l=lang, s=sent)) for lang, sent in p["foreign"]
+             for tmpl in p["foreign_templates"]]
+    made += [("email", e) for e in p["emails"]] + [("general", g) for g in p["general"] + p["questions"]]
+    made += [("math", _math(rng)) for _ in range(MATH_PROMPTS)]
+    by_kind: dict[str, list[str]] = {}
+    for kind, prompt in made:
+        by_kind.setdefault(kind, []).append(prompt)
+    for v in by_kind.values():
+        rng.shuffle(v)
+    return by_kind
+
+
+def make_prompts(n: int = 600, seed: int = 0) -> list[str]:
+    """`n` distinct prompts, deterministic for a seed, mixed over all task kinds."""
+    rng = random.Random(seed)
+    by_kind = _prompts_by_kind(rng)
+    out, seen = [], set()
+    order = list(KIND_WEIGHTS)
+    while len(out) < n:
+        kind = rng.choices(order, [KIND_WEIGHTS[k] for k in order])[0]
+        if not by_kind[kind]:
+            if all(not by_kind[k] for k in order):
+                break
+            continue
+        p = by_kind[kind].pop()
+        if kind in ("topic", "general"):
+            p += rng.choice(pools()["style_suffix"])
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out
+
+
+def read_prompts(path: str | None, n: int, seed: int) -> list:
+    """A prompt file's items ({"prompt": text}, {"messages": [chat turns]}, or lines of plain text), the first n
+    (0: all); without a file, make_prompts(n or 600, seed)."""
+    if not path:
+        return make_prompts(n or 600, seed)
+    out = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                r = json.loads(line) if line.startswith("{") else {"prompt": line}
+                out.append(r["messages"] if "messages" in r else r["prompt"])
+    return out[:n] if n else out
+
+
+def second_round(gen_path: str, tokenizer_json: str, n: int, seed: int = 0) -> list:
+    """Prompts that build on a first round's generations (a work dir's gen.jsonl): a second user turn after the
+    model's own answer (multi-turn chat), and summaries / questions over its longer answers (the long-context
+    reading tasks). Items are message lists ({"messages": [...]}) or strings."""
+    rng = random.Random(seed)
+    tok = Tokenizer.from_file(tokenizer_json)
+    recs = []
+    for line in open(gen_path):
+        r = json.loads(line) if line.strip() else None
+        if r and isinstance(r["prompt"], str):
+            r["text"] = tok.decode(r["response_ids"], skip_special_tokens=True)
+            # whole answers of some length, not degenerate repetitions
+            if len(r["text"]) > 200 and len(set(r["response_ids"])) > len(r["response_ids"]) // 3:
+                recs.append(r)
+    rng.shuffle(recs)
+    out = []
+    for i, r in enumerate(recs):
+        if len(out) >= n:
+            break
+        if i % 2 == 0:
+            out.append({"messages": [{"role": "user", "content": r["prompt"]},
+                                     {"role": "assistant", "content": r["text"].strip()},
+                                     {"role": "user", "content": rng.choice(pools()["follow_ups"])}]})
+        else:
+            out.append(rng.choice(pools()["over_text"]).format(p=r["text"].strip()))
+    return out
+
+
+def _user_turns(tok, model, system: str | None, batch: int, max_tokens: int, seed: int) -> list[str]:
+    """A batch of user turns the model writes when its chat template stops at the start of a user turn (only
+    whole turns: those that ended before max_tokens)."""
+    end = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "\x00"}]
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    ids = tok(text[:text.index("\x00")], return_tensors="pt", add_special_tokens=False).input_ids
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids.repeat(batch, 1), attention_mask=torch.ones((batch, ids.shape[1]),
+                                                                                       dtype=torch.long),
+                             do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_tokens,
+                             eos_token_id=end, pad_token_id=end)
+    rows = out[:, ids.shape[1]:].tolist()
+    return [tok.decode(row[:row.index(end)], skip_special_tokens=True).strip() if end in row else None
+            for row in rows]
+
+
+def magpie(hf_dir: str, n: int, out_path: str, seed: int = 0, batch: int = 48, max_tokens: int = 160,
+           dtype: str = "bfloat16", log=print) -> int:
+    """Magpie (Xu et al., 2024): sample n user turns from an instruction-tuned target given its chat template up
+    to the start of a user turn -- prompts from its own instruction distribution, far more varied than templates,
+    with no corpus. Most use the default system prompt; some steer toward the reading, coding and math tasks short
+    samples under-represent. Appends to out_path, so a stopped run resumes."""
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).eval()
+    seen = set()
+    if os.path.isfile(out_path):
+        seen = {json.loads(l)["prompt"].lower()[:80] for l in open(out_path) if l.strip()}
+    rng = random.Random(seed + len(seen))
+    t0, kept, tried = time.time(), len(seen), 0
+    with open(out_path, "a") as f:
+        while kept < n:
+            system = rng.choice(pools()["magpie_systems"])
+            for p in _user_turns(tok, model, system, batch, max_tokens, rng.randrange(1 << 30)):
+                tried += 1
+                if p is None or len(p.split()) < 4 or p.lower()[:80] in seen or "<|" in p:
+                    continue
+                seen.add(p.lower()[:80])
+                kept += 1
+                f.write(json.dumps({"prompt": p, "source": "magpie", "system": system}) + "\n")
+            f.flush()
+            log(f"magpie: {kept}/{n} prompts kept of {tried} sampled  {(time.time() - t0) / 60:.1f} min")
+    return kept
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=600)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="-")
+    ap.add_argument("--second-round", metavar="GEN_JSONL", help="build on a first round's generations instead")
+    ap.add_argument("--tokenizer", help="the target's tokenizer.json (with --second-round)")
+    ap.add_argument("--magpie", metavar="HF_DIR", help="sample user turns from this instruction-tuned target "
+                    "(appends to --out; resumable)")
+    ap.add_argument("--batch", type=int, default=48, help="with --magpie")
+    a = ap.parse_args(argv)
+    if a.magpie:
+        if a.out == "-":
+            ap.error("--magpie writes to a file: give --out")
+        magpie(a.magpie, a.n, a.out, a.seed, a.batch, log=lambda m: print(m, file=sys.stderr, flush=True))
+        return
+    items = (second_round(a.second_round, a.tokenizer, a.n, a.seed) if a.second_round else
+             make_prompts(a.n, a.seed))
+    lines = "".join(json.dumps(p if isinstance(p, dict) else {"prompt": p}) + "\n" for p in items)
+    if a.out == "-":
+        print(lines, end="")
+    else:
+        with open(a.out, "w") as f:
+            f.write(lines)
+
+
+if __name__ == "__main__":
+    main()
