@@ -16,7 +16,7 @@ import os
 import time
 
 from speccompile import __version__
-from speccompile.format.bundle import atomic_bundle_dir, finalize_manifest, write_weights
+from speccompile.format.bundle import atomic_bundle_dir, finalize_manifest, guard_output, write_weights
 import numpy as np
 
 from speccompile.errors import CheckpointError, SpeccompileError, TokenizerMismatchError, UnsupportedModelError
@@ -86,6 +86,7 @@ def _model_entry(name, ckpt_cfg, num_layers, max_seq_len, weights_files, attenti
             "outputs": [{"name": n, "dtype": d, "shape": s} for n, d, s in outs]}
 
 
+@guard_output("out", "overwrite")  # --out locked and checked (never a user's files) before any work
 def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, max_seq_len: int = 2048,
                  num_draft: int | None = None, attention: str = "ort", fused: bool = True, overwrite: bool = False,
                  tree: str | None = None, mla_cache: str = "latent", backend: str = "onnxruntime",
