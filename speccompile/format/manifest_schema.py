@@ -45,6 +45,7 @@ _MODEL = {
         "aux_hidden_layers": {"type": "array", "maxItems": 64, "items": _INDEX},
         "target_features": {"type": "array", "maxItems": 64, "items": _INDEX},
         "draft_to_target": {"type": "array", "maxItems": 1 << 24, "items": _INDEX}},
+    "dependentRequired": {"kv_cache": ["num_layers"]},
     "if": {"properties": {"kind": {"enum": ENGINE_KINDS}}},
     "then": {"required": ["num_layers", "kv_cache"], "properties": {"outputs": {"contains": _LOGITS}}},
     "else": {"if": {"properties": {"kind": {"const": "medusa"}}}, "then": {"required": ["num_heads"]}}}
@@ -71,7 +72,8 @@ MANIFEST_SCHEMA = {
         "source": {"type": "object", "required": ["kind", "path", "sha256"],
                    "properties": {"kind": _STRING, "path": _STRING, "sha256": _STRING}},
         "max_seq_len": {"type": "integer", "minimum": 16, "maximum": 1 << 24},
-        "models": {"type": "object", "required": ["target"], "maxProperties": 64, "additionalProperties": _MODEL},
+        "models": {"type": "object", "required": ["target"], "maxProperties": 64, "additionalProperties": _MODEL,
+                   "properties": {"target": {"allOf": [_MODEL, {"properties": {"kind": {"const": "decoder"}}}]}}},
         "drafters": {"type": "array", "maxItems": 64, "items": _DRAFTER},
         "tokenizer": {"type": "object", "required": ["dir"], "properties": {"dir": _PATH, "fingerprint": _STRING}},
         "files": {"type": "object", "maxProperties": 4096, "additionalProperties": {
