@@ -216,18 +216,20 @@ def atomic_bundle_dir(out: str, overwrite: bool = False):
     out = os.path.abspath(out)
     with output_lock(out):
         check_replaceable(out, overwrite)  # again: the directory may have changed since the build began
-        parent = os.path.dirname(out)
-        tmp = tempfile.mkdtemp(prefix=_temp_prefix("build", out), dir=parent)
+        tmp = None
         try:
+            tmp = tempfile.mkdtemp(prefix=_temp_prefix("build", out), dir=os.path.dirname(out))
             yield tmp
             os.chmod(tmp, 0o755)  # mkdtemp makes it private
             _swap_into_place(tmp, out)
         except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise BundleError(f"cannot write the bundle {out}: {e.strerror or e}"
                               f"{f' ({e.filename})' if e.filename else ''}; nothing was replaced") from None
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
 
 
