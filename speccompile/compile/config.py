@@ -116,7 +116,8 @@ class ModelConfig:
             if f.type in kinds and not (value is None and "None" in f.type):
                 object.__setattr__(self, f.name, _checked_type(f.name, value, kinds[f.type]))
             elif f.name in CHOICES and value not in CHOICES[f.name]:
-                raise ConfigError(f"config value {f.name} = {value!r:.60}: expected one of {', '.join(CHOICES[f.name])}")
+                raise ConfigError(f"config value {f.name} = {value!r:.60}: expected one of "
+                                  f"{', '.join(CHOICES[f.name])}")
         object.__setattr__(self, "eos_token_ids", tuple(_checked_type("eos_token_id", e, int)
                                                         for e in self.eos_token_ids))
         for name, upper in UPPER_BOUNDS.items():

@@ -2,13 +2,15 @@
 
 Layout:
   manifest.json        format version, source, models (graphs, weights, configs, KV layout, signatures),
-                       drafters, tokenizer, and the sha256 of every other file
+                       drafters, tokenizer, the onnxruntime the graphs need, and the sha256 of every other file
   <model>.onnx         one decoder graph per model (target, draft model, early-exit draft)
   <weights>.bin        weights, stored once; graphs reference them by offset (ONNX external data)
   tokenizer/...        the tokenizer files as the checkpoint had them
 
-Bundles are written into a temporary directory beside the destination and renamed into place, so a failed
-build leaves nothing half-written.
+A bundle is trusted only as far as it is checked (read_manifest; docs/guarantees.md): its schema, no file it
+does not list, every file's hash. Bundles are written into a temporary directory beside the destination and
+renamed into place, under a lock on the destination, so a failed build leaves nothing half-written and a build
+never replaces anything but a bundle.
 """
 from __future__ import annotations
 
