@@ -75,8 +75,8 @@ def guard_output(out_param: str = "out", overwrite_param: str = "overwrite"):
             bound.apply_defaults()
             out = os.path.abspath(bound.arguments[out_param])
             with output_lock(out):
+                clean_stale_temps(out)  # first: it may put back the bundle a killed build had moved aside
                 check_replaceable(out, bound.arguments[overwrite_param])
-                clean_stale_temps(out)
                 return build(*args, **kwargs)
         return guarded
     return decorate
