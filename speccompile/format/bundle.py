@@ -259,7 +259,8 @@ def finalize_manifest(bundle_dir: str, manifest: dict) -> dict:
             rel = os.path.relpath(p, bundle_dir)
             if rel != MANIFEST:
                 files[rel] = {"sha256": _sha256(p), "bytes": os.path.getsize(p)}
-    graphs = [os.path.join(bundle_dir, rel) for rel in files if rel.endswith(".onnx")]
+    # the graphs onnxruntime runs (a TensorRT build's <model>.trt.onnx are TensorRT's, with its plugin's domain)
+    graphs = [os.path.join(bundle_dir, model["graph"]) for model in manifest.get("models", {}).values()]
     manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION, files=files,
                     runtime=runtime_requirements(graphs))
     with open(os.path.join(bundle_dir, MANIFEST), "w") as f:

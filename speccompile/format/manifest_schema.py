@@ -42,8 +42,9 @@ _MODEL = {
         "kind": _STRING, "config": _CONFIG, "num_layers": _LAYERS, "num_heads": {**_SIZE, "maximum": 64},
         "kv_cache": _KV_CACHE, "inputs": _TENSORS, "outputs": _TENSORS,
         "initializers": {"type": "array", "items": _STRING},
-        "aux_hidden_layers": {"type": "array", "maxItems": 64, "items": _INDEX},
-        "target_features": {"type": "array", "maxItems": 64, "items": _INDEX},
+        # the target's features EAGLE heads read: layer indices, or "norm" (the final norm's output)
+        "aux_hidden_layers": {"type": "array", "maxItems": 64, "items": {"anyOf": [_INDEX, _STRING]}},
+        "target_features": {"type": "array", "maxItems": 64, "items": {"anyOf": [_INDEX, _STRING]}},
         "draft_to_target": {"type": "array", "maxItems": 1 << 24, "items": _INDEX}},
     "dependentRequired": {"kv_cache": ["num_layers"]},
     "if": {"properties": {"kind": {"enum": ENGINE_KINDS}}},
