@@ -81,7 +81,7 @@ def _errors_to_exit(fn):
         except Exception as e:
             message = _expected_failure(e)
             if message is None:
-                _fail(f"internal error ({type(e).__name__}: {e}); {REPORT_HINT}", 3)
+                _fail(f"internal error ({type(e).__name__}: {str(e)[:300]}); {REPORT_HINT}", 3)
             _fail(message, 2)
     return wrapper
 

@@ -103,7 +103,7 @@ def clean_stale_temps(out: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-_held = threading.local()  # the output locks this thread holds: path -> depth (atomic_bundle_dir nests in a build)
+_held = threading.local()  # the outputs whose lock this thread holds
 
 
 @contextlib.contextmanager
@@ -111,23 +111,20 @@ def output_lock(out: str):
     """An exclusive flock on a lock file beside `out` (`.NAME.speccompile-lock`), removed when released; another
     build to the same `out` fails at once with a BundleError instead of both writing and both reporting success."""
     out = os.path.abspath(out)
-    held = _held.__dict__.setdefault("paths", {})
-    if out in held:
-        held[out] += 1
-        try:
-            yield
-        finally:
-            held[out] -= 1
+    held = _held.__dict__.setdefault("paths", set())
+    if out in held:  # this thread holds it already: atomic_bundle_dir inside a guarded build
+        yield
         return
     created = _make_parent(os.path.dirname(out))
     lock_path = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.speccompile-lock")
     fd = _acquire(lock_path, out)
-    held[out] = 1
+    held.add(out)
     try:
         yield
     finally:
-        del held[out]
-        os.unlink(lock_path)  # while still locked: a build waiting on this file sees it gone and retries
+        held.discard(out)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)  # while still locked: a build that opened this file sees it gone and retries
         os.close(fd)
         for d in created:  # folders made for `out` alone, now empty: a failed build leaves nothing behind
             with contextlib.suppress(OSError):
