@@ -1,13 +1,23 @@
-"""Bad input: one clear error naming the problem, a non-zero CLI exit, nothing half-written."""
+"""Bad input: one clear error naming the problem, a non-zero CLI exit, nothing half-written, nothing lost."""
+import errno
+import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 
+import onnxruntime
 import pytest
 from click.testing import CliRunner
 
+import speccompile
+import speccompile.compile.driver as driver
+import speccompile.format.bundle as bundle_module
+
 from speccompile.compile.driver import build_bundle
-from speccompile.format.bundle import read_manifest
+from speccompile.format.bundle import _temp_prefix, output_lock, read_manifest
 from speccompile.cli import main
 from speccompile.errors import (BundleError, CheckpointError, ContextLengthError, TokenizerMismatchError, UnsupportedModelError)
 from speccompile.compile.presets import tiny_tokenizer_files
@@ -228,7 +238,6 @@ def test_manifest_schema(bundle_copy, edit, words):
 
 def _rehash(bundle, rel):
     """Make the manifest vouch for the file as it now is (a bad build, not tampering)."""
-    import hashlib
     data = (bundle / rel).read_bytes()
     _edit_manifest(bundle, lambda m: m["files"].update({rel: {"sha256": hashlib.sha256(data).hexdigest(),
                                                               "bytes": len(data)}}))
@@ -239,7 +248,6 @@ def test_truncated_graph_with_matching_hash(bundle_copy):
     g.write_bytes(g.read_bytes()[: g.stat().st_size // 2])
     _rehash(bundle_copy, "target.onnx")
     read_manifest(str(bundle_copy))  # the hashes agree: only onnxruntime can tell
-    import speccompile
     with pytest.raises(BundleError, match="cannot load target.onnx"):
         speccompile.load(str(bundle_copy))
     assert_cli_error(cli("generate", bundle_copy, "hi"), "cannot load target.onnx")
@@ -247,7 +255,6 @@ def test_truncated_graph_with_matching_hash(bundle_copy):
 
 def test_runtime_requirements_recorded_and_checked(bundle_copy):
     m = read_manifest(str(bundle_copy))
-    import onnxruntime
     assert m["runtime"]["onnxruntime"] == onnxruntime.__version__
     assert {"", "com.microsoft"} <= set(m["runtime"]["op_domains"])  # the fused attention is com.microsoft's
     _edit_manifest(bundle_copy, lambda m: m["runtime"]["op_domains"].update({"org.example.missing": 1}))
@@ -297,8 +304,6 @@ def test_force_refuses_a_bundle_holding_user_files(bundle_copy):
 
 
 def test_existence_checked_before_any_work(bundle_copy, monkeypatch):
-    import speccompile.compile.driver as driver
-
     def never(*a, **k):
         raise AssertionError("the checkpoint was loaded before --out was checked")
     monkeypatch.setattr(driver, "load_checkpoint", never)
@@ -313,18 +318,15 @@ def test_force_replaces_a_bundle(bundle_copy):
 
 
 def test_two_builds_to_one_out(tmp_path):
-    from speccompile.format.bundle import output_lock
     out = tmp_path / "b"
     with output_lock(str(out)):
-        other = __import__("subprocess").run(
-            [__import__("sys").executable, "-m", "speccompile.cli", "build", "tiny:llama", "--out", str(out)],
-            capture_output=True, text=True)
+        other = subprocess.run([sys.executable, "-m", "speccompile.cli", "build", "tiny:llama", "--out", str(out)],
+                               capture_output=True, text=True)
     assert other.returncode == 2 and "another build is writing" in other.stderr, other.stderr
     assert not out.exists() and os.listdir(tmp_path) == []  # the lock file goes with the lock
 
 
 def test_stale_temp_folders_cleaned(tmp_path):
-    from speccompile.format.bundle import _temp_prefix
     out, other = tmp_path / "b", tmp_path / "c"
     stale = tmp_path / (_temp_prefix("build", str(out)) + "killed")
     stale.mkdir()
@@ -338,11 +340,9 @@ def test_stale_temp_folders_cleaned(tmp_path):
 def test_killed_swap_restores_the_old_bundle(bundle_copy, monkeypatch):
     """A build killed between moving the old bundle aside and moving the new one in: the next build puts it back
     before deciding anything."""
-    from speccompile.format.bundle import _temp_prefix
     aside = bundle_copy.parent / (_temp_prefix("old", str(bundle_copy)) + "killed")
     aside.mkdir()
     os.rename(bundle_copy, aside / "b")
-    import speccompile.compile.driver as driver
     monkeypatch.setattr(driver, "load_checkpoint", lambda *a, **k: pytest.fail("--out checked after work began"))
     assert_cli_error(cli("build", "tiny:llama", "--out", bundle_copy), "already exists")
     read_manifest(str(bundle_copy))
@@ -350,9 +350,6 @@ def test_killed_swap_restores_the_old_bundle(bundle_copy, monkeypatch):
 
 
 def test_full_disk_keeps_the_old_bundle(bundle_copy, monkeypatch):
-    import errno
-
-    import speccompile.compile.driver as driver
     before = (bundle_copy / "manifest.json").read_bytes()
 
     def disk_full(path, weights, location):
@@ -386,7 +383,6 @@ def test_bad_config_values(hf_dir, tmp_path, change, words):
     cfg.update(change)
     cfg = {k: v for k, v in cfg.items() if v is not None}
     (hf_dir / "config.json").write_text(json.dumps(cfg))
-    import time
     t0 = time.perf_counter()
     assert_cli_error(cli("build", hf_dir, "--out", tmp_path / "out"), *words)
     assert time.perf_counter() - t0 < 30  # fails at the config, before sizing anything from it
@@ -396,14 +392,17 @@ def test_bad_config_values(hf_dir, tmp_path, change, words):
 # ---- one error path in the CLI -----------------------------------------------------------------------------------
 def test_prompt_not_utf8(tiny_bundle):
     assert_cli_error(cli("generate", tiny_bundle, "caf\udce9"), "PROMPT", "UTF-8")
+    # as a shell passes it: bytes that are not UTF-8 reach Python as surrogate escapes
+    result = subprocess.run([sys.executable, "-m", "speccompile.cli", "generate", tiny_bundle.encode(), b"caf\xe9"],
+                            capture_output=True, env={**os.environ, "LC_ALL": "C.UTF-8"})
+    stderr = result.stderr.decode(errors="replace")
+    assert result.returncode == 2 and stderr.count("error:") == 1 and "UTF-8" in stderr, stderr
 
 
 def test_unexpected_error_is_one_line_and_a_hint(tiny_bundle, monkeypatch):
-    import speccompile.format.bundle as bundle
-
     def bug(*a, **k):
         raise KeyError("a bug")
-    monkeypatch.setattr(bundle, "read_manifest", bug)
+    monkeypatch.setattr(bundle_module, "read_manifest", bug)
     result = cli("inspect", tiny_bundle)
     assert result.exit_code == 3 and "Traceback" not in result.output, result.output
     assert result.output.startswith("error: internal error (KeyError") and "report it" in result.output
@@ -415,7 +414,6 @@ def test_unexpected_error_is_one_line_and_a_hint(tiny_bundle, monkeypatch):
 
 def test_os_and_onnxruntime_errors_are_error_lines(tiny_bundle, tmp_path, monkeypatch):
     assert_cli_error(cli("bench", tiny_bundle, "--dataset", tmp_path / "missing.jsonl", "--limit", 1))
-    import onnxruntime
 
     def run_fails(self, *a, **k):
         raise onnxruntime.capi.onnxruntime_pybind11_state.RuntimeException("[ONNXRuntimeError] : 6 : boom\nline 2")
