@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
+import traceback
 
 import click
 
@@ -16,23 +18,78 @@ def _progress(msg: str) -> None:
     click.echo(msg, err=True)
 
 
+DEBUG_ENV = "SPECCOMPILE_DEBUG"
+REPORT_HINT = ("this is a bug in speccompile: please report it with the command you ran "
+               f"(rerun with --debug or {DEBUG_ENV}=1 for the traceback)")
+
+
+def _debugging() -> bool:
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx else None
+    return bool(root and root.params.get("debug")) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _fail(message: str, status: int) -> None:
+    if _debugging():
+        traceback.print_exc()
+    click.echo(f"error: {' '.join(str(message).split())}", err=True)  # one line, whatever the message holds
+    sys.exit(status)
+
+
+def _expected_failure(e: Exception) -> str | None:
+    """The message of a failure that bad input explains (printed as one `error:` line, exit 2), or None for one
+    that only a bug explains."""
+    if isinstance(e, SpeccompileError):
+        return str(e)
+    if isinstance(e, OSError):  # a path that is missing, unreadable, a full disk
+        return f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}"
+    if isinstance(e, (ValueError, RecursionError)):  # bad parameters reaching the runtime, bad JSON
+        return str(e) or type(e).__name__
+    if type(e).__module__.startswith("onnxruntime"):  # its load and run errors share no base class
+        return f"onnxruntime: {e}"
+    return None
+
+
+def _check_text_arguments() -> None:
+    """A text argument that is not valid UTF-8 reaches Python with surrogate escapes (bytes it could not decode);
+    refuse it here rather than deep in the tokenizer. Paths may hold any bytes and are not checked."""
+    ctx = click.get_current_context()
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        values = value if isinstance(value, tuple) else (value,)
+        if isinstance(param.type, click.Path):
+            continue
+        for v in values:
+            if isinstance(v, str):
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise SpeccompileError(f"{param.human_readable_name} is not valid UTF-8 text (bytes the "
+                                           "terminal could not decode); pass it as UTF-8") from None
+
+
 def _errors_to_exit(fn):
+    """Every expected failure: one `error:` line and exit 2. Anything else: one line naming it as a bug with a
+    hint to report it, exit 3. The traceback only under --debug or SPECCOMPILE_DEBUG=1."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            _check_text_arguments()
             return fn(*args, **kwargs)
-        except SpeccompileError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-        except ValueError as e:  # bad parameters reaching the runtime (sampling settings, ...)
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+        except (click.exceptions.ClickException, click.exceptions.Exit):
+            raise  # usage errors: click prints them (exit 2)
+        except Exception as e:
+            message = _expected_failure(e)
+            if message is None:
+                _fail(f"internal error ({type(e).__name__}: {str(e)[:300]}); {REPORT_HINT}", 3)
+            _fail(message, 2)
     return wrapper
 
 
 @click.group()
 @click.version_option(package_name="speccompile")
-def main():
+@click.option("--debug", is_flag=True, help=f"Print the traceback of a failure (also: {DEBUG_ENV}=1).")
+def main(debug):
     """Compile a model and its drafters into static ONNX graphs; decode speculatively from the bundle."""
 
 
@@ -161,8 +218,11 @@ def inspect(bundle, no_verify):
     if not m["drafters"]:
         click.echo("drafter     none (plain decoding only)")
     total = sum(f["bytes"] for f in m["files"].values())
-    click.echo(f"files       {len(m['files'])} files, {total / 2**20:.1f} MiB, sha256 "
+    click.echo(f"files       {len(m['files'])} files, {total / 2**20:.1f} MiB, every file listed, sha256 "
                f"{'not checked' if no_verify else 'verified'}")
+    if "runtime" in m:
+        domains = ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in m["runtime"]["op_domains"].items())
+        click.echo(f"runtime     built with onnxruntime {m['runtime']['onnxruntime']}; graphs import {domains}")
     target = m["models"]["target"]
     click.echo("inputs      " + ", ".join(f"{i['name']}{i['shape']}" for i in target["inputs"][:5]) +
                f", past_key/value.0..{target['num_layers'] - 1}")

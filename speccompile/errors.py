@@ -23,3 +23,7 @@ class BundleError(SpeccompileError):
 
 class ContextLengthError(SpeccompileError):
     """A prompt (plus the tokens asked for) does not fit the compiled context."""
+
+
+class ConfigError(CheckpointError):
+    """A config.json value is missing, of the wrong type, out of range or inconsistent with the others."""

@@ -55,9 +55,9 @@ def test_experts_chosen_match_reference(tmp_path):
     assert len(topk_outputs) == 2  # the two MoE layers
     for name in topk_outputs:
         model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
+    m = read_manifest(out, verify_hashes=False)  # before the patched graph joins the bundle, unlisted
     patched = os.path.join(out, "routing.onnx")
     onnx.save(model, patched)
-    m = read_manifest(out, verify_hashes=False)
     kv = m["models"]["target"]["kv_cache"]
     ids = np.random.default_rng(2).integers(0, 384, 10)
     S, L = len(ids), 64

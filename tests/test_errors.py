@@ -1,13 +1,23 @@
-"""Bad input: one clear error naming the problem, a non-zero CLI exit, nothing half-written."""
+"""Bad input: one clear error naming the problem, a non-zero CLI exit, nothing half-written, nothing lost."""
+import errno
+import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 
+import onnxruntime
 import pytest
 from click.testing import CliRunner
 
+import speccompile
+import speccompile.compile.driver as driver
+import speccompile.format.bundle as bundle_module
+
 from speccompile.compile.driver import build_bundle
-from speccompile.format.bundle import read_manifest
+from speccompile.format.bundle import _temp_prefix, output_lock, read_manifest
 from speccompile.cli import main
 from speccompile.errors import (BundleError, CheckpointError, ContextLengthError, TokenizerMismatchError, UnsupportedModelError)
 from speccompile.compile.presets import tiny_tokenizer_files
@@ -190,3 +200,222 @@ def test_manifest_path_outside_bundle(bundle_copy, tmp_path):
 def test_not_a_bundle(tmp_path):
     assert_cli_error(cli("inspect", tmp_path), "no manifest.json")
     assert_cli_error(cli("generate", tmp_path / "missing", "hi"), "not found")
+
+
+# ---- a bundle is trusted only as far as it is verified ------------------------------------------------------------
+def test_unlisted_file_refused(bundle_copy):
+    (bundle_copy / "tokenizer" / "chat_template.jinja").write_text("{{ cycler.__init__.__globals__ }}")
+    with pytest.raises(BundleError, match="tokenizer/chat_template.jinja"):
+        read_manifest(str(bundle_copy), verify_hashes=False)  # refused before any hash is read, too
+    assert_cli_error(cli("inspect", bundle_copy), "does not list", "chat_template.jinja")
+    assert_cli_error(cli("generate", bundle_copy, "hi"), "does not list")
+
+
+def test_unlisted_link_refused(bundle_copy, tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", bundle_copy / "extra")
+    assert_cli_error(cli("inspect", bundle_copy), "does not list", "extra")
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: m.pop("models"), ["(top level)", "models"]),
+    (lambda m: m.pop("tokenizer"), ["tokenizer"]),
+    (lambda m: m["models"]["target"]["kv_cache"].update(num_layers="4"), ["models/target/kv_cache/num_layers"]),
+    (lambda m: m["models"]["target"].update(weights="target.bin"), ["models/target/weights"]),
+    (lambda m: m["models"]["target"]["config"].update(hidden_size=-64), ["hidden_size"]),
+    (lambda m: m.update(max_seq_len=10**12), ["max_seq_len"]),
+    (lambda m: m["files"]["target.bin"].update(sha256="xyz"), ["files/target.bin/sha256"]),
+    (lambda m: m["drafters"][0].update(num_draft=[4]), ["drafters/0/num_draft"]),
+    (lambda m: m["drafters"][1].update(model="nowhere"), ["nowhere"]),
+    (lambda m: m["models"]["target"].update(kind="medusa"), ["models/target"]),
+])
+def test_manifest_schema(bundle_copy, edit, words):
+    _edit_manifest(bundle_copy, edit)
+    with pytest.raises(BundleError):
+        read_manifest(str(bundle_copy))
+    assert_cli_error(cli("inspect", bundle_copy), *words)
+
+
+def _rehash(bundle, rel):
+    """Make the manifest vouch for the file as it now is (a bad build, not tampering)."""
+    data = (bundle / rel).read_bytes()
+    _edit_manifest(bundle, lambda m: m["files"].update({rel: {"sha256": hashlib.sha256(data).hexdigest(),
+                                                              "bytes": len(data)}}))
+
+
+def test_truncated_graph_with_matching_hash(bundle_copy):
+    g = bundle_copy / "target.onnx"
+    g.write_bytes(g.read_bytes()[: g.stat().st_size // 2])
+    _rehash(bundle_copy, "target.onnx")
+    read_manifest(str(bundle_copy))  # the hashes agree: only onnxruntime can tell
+    with pytest.raises(BundleError, match="cannot load target.onnx"):
+        speccompile.load(str(bundle_copy))
+    assert_cli_error(cli("generate", bundle_copy, "hi"), "cannot load target.onnx")
+
+
+def test_runtime_requirements_recorded_and_checked(bundle_copy):
+    m = read_manifest(str(bundle_copy))
+    assert m["runtime"]["onnxruntime"] == onnxruntime.__version__
+    assert {"", "com.microsoft"} <= set(m["runtime"]["op_domains"])  # the fused attention is com.microsoft's
+    _edit_manifest(bundle_copy, lambda m: m["runtime"]["op_domains"].update({"org.example.missing": 1}))
+    assert_cli_error(cli("inspect", bundle_copy), "org.example.missing", "does not provide")
+
+
+def test_older_onnxruntime_warns(bundle_copy):
+    _edit_manifest(bundle_copy, lambda m: m["runtime"].update(onnxruntime="99.0.0"))
+    with pytest.warns(UserWarning, match="older than the 99.0.0"):
+        read_manifest(str(bundle_copy))
+
+
+def test_bundle_without_runtime_section_still_loads(bundle_copy):
+    """Bundles of this format version built before the section was recorded load as before."""
+    _edit_manifest(bundle_copy, lambda m: m.pop("runtime"))
+    result = cli("generate", bundle_copy, "hi", "--max-new-tokens", 4)
+    assert result.exit_code == 0, result.output
+
+
+# ---- nothing lost on build ---------------------------------------------------------------------------------------
+def test_force_refuses_what_is_not_a_bundle(tmp_path, monkeypatch):
+    user = tmp_path / "notes"
+    user.mkdir()
+    (user / "thesis.tex").write_text("years of work")
+    assert_cli_error(cli("build", "tiny:llama", "--out", user, "--force"), "only a speccompile bundle")
+    plain = tmp_path / "file.txt"
+    plain.write_text("keep")
+    assert_cli_error(cli("build", "tiny:llama", "--out", plain, "--force"), "not a directory")
+    assert (user / "thesis.tex").read_text() == "years of work" and plain.read_text() == "keep"
+    assert no_leftovers(tmp_path) and sorted(os.listdir(tmp_path)) == ["file.txt", "notes"]
+
+
+def test_force_refuses_working_and_home_directories(bundle_copy, monkeypatch):
+    monkeypatch.chdir(bundle_copy / "tokenizer")
+    assert_cli_error(cli("build", "tiny:llama", "--out", ".", "--force"), "working directory")
+    assert_cli_error(cli("build", "tiny:llama", "--out", "..", "--force"), "working directory")
+    monkeypatch.chdir(bundle_copy.parent.parent)
+    monkeypatch.setenv("HOME", str(bundle_copy))
+    assert_cli_error(cli("build", "tiny:llama", "--out", bundle_copy, "--force"), "home directory")
+    read_manifest(str(bundle_copy))  # untouched
+
+
+def test_force_refuses_a_bundle_holding_user_files(bundle_copy):
+    (bundle_copy / "my-notes.txt").write_text("mine")
+    assert_cli_error(cli("build", "tiny:llama", "--out", bundle_copy, "--force"), "my-notes.txt")
+    assert (bundle_copy / "my-notes.txt").read_text() == "mine"
+
+
+def test_existence_checked_before_any_work(bundle_copy, monkeypatch):
+    def never(*a, **k):
+        raise AssertionError("the checkpoint was loaded before --out was checked")
+    monkeypatch.setattr(driver, "load_checkpoint", never)
+    assert_cli_error(cli("build", "tiny:llama", "--out", bundle_copy), "already exists")
+
+
+def test_force_replaces_a_bundle(bundle_copy):
+    result = cli("build", "tiny:llama", "--out", bundle_copy, "--force", "--max-seq-len", 64)
+    assert result.exit_code == 0, result.output
+    assert read_manifest(str(bundle_copy))["max_seq_len"] == 64
+    assert no_leftovers(bundle_copy.parent) and not [n for n in os.listdir(bundle_copy.parent) if "lock" in n]
+
+
+def test_two_builds_to_one_out(tmp_path):
+    out = tmp_path / "b"
+    with output_lock(str(out)):
+        other = subprocess.run([sys.executable, "-m", "speccompile.cli", "build", "tiny:llama", "--out", str(out)],
+                               capture_output=True, text=True)
+    assert other.returncode == 2 and "another build is writing" in other.stderr, other.stderr
+    assert not out.exists() and os.listdir(tmp_path) == []  # the lock file goes with the lock
+
+
+def test_stale_temp_folders_cleaned(tmp_path):
+    out, other = tmp_path / "b", tmp_path / "c"
+    stale = tmp_path / (_temp_prefix("build", str(out)) + "killed")
+    stale.mkdir()
+    (stale / "target.bin").write_bytes(b"\0" * 1000)
+    not_ours = tmp_path / (_temp_prefix("build", str(other)) + "running")
+    not_ours.mkdir()
+    build_bundle("tiny:llama", str(out), drafts=["lookup"], max_seq_len=64, progress=quiet)
+    assert not stale.exists() and not_ours.exists()
+
+
+def test_killed_swap_restores_the_old_bundle(bundle_copy, monkeypatch):
+    """A build killed between moving the old bundle aside and moving the new one in: the next build puts it back
+    before deciding anything."""
+    aside = bundle_copy.parent / (_temp_prefix("old", str(bundle_copy)) + "killed")
+    aside.mkdir()
+    os.rename(bundle_copy, aside / "b")
+    monkeypatch.setattr(driver, "load_checkpoint", lambda *a, **k: pytest.fail("--out checked after work began"))
+    assert_cli_error(cli("build", "tiny:llama", "--out", bundle_copy), "already exists")
+    read_manifest(str(bundle_copy))
+    assert not aside.exists()
+
+
+def test_full_disk_keeps_the_old_bundle(bundle_copy, monkeypatch):
+    before = (bundle_copy / "manifest.json").read_bytes()
+
+    def disk_full(path, weights, location):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    monkeypatch.setattr(driver, "write_weights", disk_full)
+    assert_cli_error(cli("build", "tiny:llama", "--out", bundle_copy, "--force"), "No space left on device",
+                     "nothing was replaced")
+    assert (bundle_copy / "manifest.json").read_bytes() == before
+    read_manifest(str(bundle_copy))
+    assert no_leftovers(bundle_copy.parent)
+
+
+# ---- numbers checked at the edge ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("change, words", [
+    (dict(num_attention_heads=0), ["num_attention_heads"]),
+    (dict(num_attention_heads=[4]), ["num_attention_heads", "[4]"]),
+    (dict(hidden_size="64"), ["hidden_size", "integer"]),
+    (dict(num_hidden_layers=10**9), ["num_hidden_layers", "out of range"]),
+    (dict(vocab_size=-5), ["vocab_size"]),
+    (dict(num_attention_heads=3, head_dim=None), ["multiple of num_attention_heads"]),
+    (dict(num_key_value_heads=3), ["num_key_value_heads"]),
+    (dict(eos_token_id=10**6), ["eos_token_id"]),
+    (dict(rms_norm_eps=float("nan")), ["rms_norm_eps"]),
+    (dict(tie_word_embeddings="yes"), ["tie_word_embeddings"]),
+    (dict(rope_scaling=[1, 2]), ["rope_scaling"]),
+])
+def test_bad_config_values(hf_dir, tmp_path, change, words):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg.update(change)
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    t0 = time.perf_counter()
+    assert_cli_error(cli("build", hf_dir, "--out", tmp_path / "out"), *words)
+    assert time.perf_counter() - t0 < 30  # fails at the config, before sizing anything from it
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path)
+
+
+# ---- one error path in the CLI -----------------------------------------------------------------------------------
+def test_prompt_not_utf8(tiny_bundle):
+    assert_cli_error(cli("generate", tiny_bundle, "caf\udce9"), "PROMPT", "UTF-8")
+    # as a shell passes it: bytes that are not UTF-8 reach Python as surrogate escapes
+    result = subprocess.run([sys.executable, "-m", "speccompile.cli", "generate", tiny_bundle.encode(), b"caf\xe9"],
+                            capture_output=True, env={**os.environ, "LC_ALL": "C.UTF-8"})
+    stderr = result.stderr.decode(errors="replace")
+    assert result.returncode == 2 and stderr.count("error:") == 1 and "UTF-8" in stderr, stderr
+
+
+def test_unexpected_error_is_one_line_and_a_hint(tiny_bundle, monkeypatch):
+    def bug(*a, **k):
+        raise KeyError("a bug")
+    monkeypatch.setattr(bundle_module, "read_manifest", bug)
+    result = cli("inspect", tiny_bundle)
+    assert result.exit_code == 3 and "Traceback" not in result.output, result.output
+    assert result.output.startswith("error: internal error (KeyError") and "report it" in result.output
+    debug = CliRunner().invoke(main, ["--debug", "inspect", str(tiny_bundle)])
+    assert debug.exit_code == 3 and "Traceback" in debug.output and "a bug" in debug.output
+    monkeypatch.setenv("SPECCOMPILE_DEBUG", "1")
+    assert "Traceback" in cli("inspect", tiny_bundle).output
+
+
+def test_os_and_onnxruntime_errors_are_error_lines(tiny_bundle, tmp_path, monkeypatch):
+    assert_cli_error(cli("bench", tiny_bundle, "--dataset", tmp_path / "missing.jsonl", "--limit", 1))
+
+    def run_fails(self, *a, **k):
+        raise onnxruntime.capi.onnxruntime_pybind11_state.RuntimeException("[ONNXRuntimeError] : 6 : boom\nline 2")
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run_with_iobinding", run_fails)
+    assert_cli_error(cli("generate", tiny_bundle, "hi"), "onnxruntime", "boom line 2")

@@ -6,9 +6,10 @@ is a short list of facts (bias on q/k/v or not, tied head or not, ...) instead o
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
-from speccompile.errors import UnsupportedModelError
+from speccompile.errors import ConfigError, UnsupportedModelError
 
 # Architectures whose decoder block is the Llama block, differing only in the facts ModelConfig records.
 SUPPORTED_ARCHITECTURES = {
@@ -24,6 +25,50 @@ MLA_MOE_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_he
                   "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "n_shared_experts",
                   "moe_intermediate_size", "first_k_dense_replace", "routed_scaling_factor", "norm_topk_prob",
                   "rope_interleave", "num_nextn_predict_layers")
+
+# Upper bounds far above any released model, low enough that a config cannot make the build size its tables for
+# hours before the checkpoint is read (a config.json declaring 10**9 layers must fail at once, not hang).
+UPPER_BOUNDS = {"vocab_size": 1 << 24, "hidden_size": 1 << 16, "intermediate_size": 1 << 20,
+                "num_hidden_layers": 1024, "num_attention_heads": 1024, "num_key_value_heads": 1024,
+                "head_dim": 4096, "max_position_embeddings": 1 << 24, "sliding_window": 1 << 24,
+                "q_lora_rank": 1 << 16, "kv_lora_rank": 1 << 16, "qk_nope_head_dim": 4096, "qk_rope_head_dim": 4096,
+                "v_head_dim": 4096, "n_routed_experts": 4096, "num_experts_per_tok": 4096, "n_group": 4096,
+                "topk_group": 4096, "n_shared_experts": 64, "moe_intermediate_size": 1 << 20,
+                "first_k_dense_replace": 1024, "num_nextn_predict_layers": 16, "bos_token_id": 1 << 24}
+# Integer fields that must be at least 1 (the others may be 0: "absent" for the DeepSeek-V3 facts).
+POSITIVE = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window", "q_lora_rank", "n_group",
+            "topk_group"}
+CHOICES = {"model_type": tuple(SUPPORTED_ARCHITECTURES), "router_scoring": ("sigmoid", "softmax"),
+           "mla_cache": ("latent", "expanded")}
+_REQUIRED = object()
+
+
+def _config_value(hf: dict[str, Any], key: str, kind: type, default: Any = _REQUIRED) -> Any:
+    """hf[key] as `kind` (int, float or bool), refusing a value of another type (a list where a number belongs,
+    a string, true for a count) rather than converting it; null or absent gives `default`."""
+    value = hf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"config.json lacks required field {key!r}")
+        return default
+    return _checked_type(key, value, kind)
+
+
+def _checked_type(key: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif isinstance(value, bool):
+        pass  # JSON true/false is never a number here
+    elif kind is int and isinstance(value, int):
+        return value
+    elif kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    elif kind is float and isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    expected = {int: "an integer", float: "a finite number", bool: "true or false"}[kind]
+    raise ConfigError(f"config value {key} = {value!r:.60}: expected {expected}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +107,43 @@ class ModelConfig:
     num_nextn_predict_layers: int = 0
     router_scoring: str = "sigmoid"  # MoE router: DeepSeek-V3 "sigmoid" (+ correction bias), Mixtral "softmax"
     mla_cache: str = "latent"  # what an MLA model's static cache stores: "latent" or "expanded" K/V
+
+    def __post_init__(self):
+        """Types and ranges, checked before anything is sized from them (however the config was made)."""
+        kinds = {"int": int, "int | None": int, "float": float, "bool": bool}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in kinds and not (value is None and "None" in f.type):
+                object.__setattr__(self, f.name, _checked_type(f.name, value, kinds[f.type]))
+            elif f.name in CHOICES and value not in CHOICES[f.name]:
+                raise ConfigError(f"config value {f.name} = {value!r:.60}: expected one of "
+                                  f"{', '.join(CHOICES[f.name])}")
+        object.__setattr__(self, "eos_token_ids", tuple(_checked_type("eos_token_id", e, int)
+                                                        for e in self.eos_token_ids))
+        for name, upper in UPPER_BOUNDS.items():
+            value, lower = getattr(self, name), 1 if name in POSITIVE else 0
+            if value is not None and not lower <= value <= upper:
+                raise ConfigError(f"config value {name} = {value} is out of range ({lower}..{upper})")
+        if not 0 < self.rms_norm_eps < 1 or self.rope_theta <= 0 or self.routed_scaling_factor <= 0:
+            raise ConfigError(f"config values rms_norm_eps = {self.rms_norm_eps}, rope_theta = {self.rope_theta}, "
+                              f"routed_scaling_factor = {self.routed_scaling_factor}: each must be positive "
+                              "(rms_norm_eps below 1)")
+
+    def check_consistent(self) -> None:
+        """What a config.json's values must agree on: heads in whole groups, tokens inside the vocabulary,
+        experts chosen among the experts."""
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"config: num_attention_heads = {self.num_attention_heads} is not a multiple of "
+                              f"num_key_value_heads = {self.num_key_value_heads}")
+        for name, ids in (("bos_token_id", (self.bos_token_id,)), ("eos_token_id", self.eos_token_ids)):
+            if any(i is not None and not 0 <= i < self.vocab_size for i in ids):
+                raise ConfigError(f"config: {name} {list(ids)} is outside the vocabulary (0..{self.vocab_size - 1})")
+        if self.num_experts_per_tok > max(self.n_routed_experts, 1) or self.topk_group > self.n_group:
+            raise ConfigError(f"config: num_experts_per_tok = {self.num_experts_per_tok} of n_routed_experts = "
+                              f"{self.n_routed_experts}, topk_group = {self.topk_group} of n_group = {self.n_group}")
+        if self.first_k_dense_replace > self.num_hidden_layers:
+            raise ConfigError(f"config: first_k_dense_replace = {self.first_k_dense_replace} exceeds "
+                              f"num_hidden_layers = {self.num_hidden_layers}")
 
     @property
     def is_mla(self) -> bool:
@@ -104,18 +186,28 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         d = dict(d)
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        fields = dataclasses.fields(cls)
+        unknown = set(d) - {f.name for f in fields}
+        missing = {f.name for f in fields if f.default is dataclasses.MISSING} - set(d)
+        if unknown or missing:
+            raise ConfigError(f"model config: unknown fields {sorted(unknown)}, missing fields {sorted(missing)}")
         return cls(**d)
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
-        """Read a Hugging Face config.json dict; refuse what we cannot lower, naming it."""
+        """Read a Hugging Face config.json dict; refuse what we cannot lower, naming it, and any value of the
+        wrong type, out of range or inconsistent (ConfigError), before anything is sized from it."""
+        if not isinstance(hf, dict):
+            raise ConfigError(f"config.json holds a {type(hf).__name__}, not an object of settings")
         model_type = hf.get("model_type")
-        if model_type not in SUPPORTED_ARCHITECTURES:
+        if not isinstance(model_type, str) or model_type not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
-                f"unsupported architecture {model_type!r} (architectures={hf.get('architectures')}); "
+                f"unsupported architecture {model_type!r:.60} (architectures={hf.get('architectures')!r:.80}); "
                 f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
         rope = hf.get("rope_scaling") or {}
         rope_params = hf.get("rope_parameters") or {}
+        if not isinstance(rope, dict) or not isinstance(rope_params, dict):
+            raise ConfigError("config: rope_scaling and rope_parameters must be objects")
         rope_type = rope.get("rope_type", rope.get("type")) or rope_params.get("rope_type", "default")
         if rope_type not in (None, "default"):
             raise UnsupportedModelError(f"unsupported RoPE scaling {rope_type!r} in {model_type} config")
@@ -123,35 +215,43 @@ class ModelConfig:
             raise UnsupportedModelError("unsupported: mlp_bias=true")
         if hf.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"unsupported activation {hf.get('hidden_act')!r} (only silu)")
-        try:
-            heads = int(hf["num_attention_heads"])
-            eos = hf.get("eos_token_id")
-            eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-            return cls(
-                model_type=model_type,
-                vocab_size=int(hf["vocab_size"]),
-                hidden_size=int(hf["hidden_size"]),
-                intermediate_size=int(hf["intermediate_size"]),
-                num_hidden_layers=int(hf["num_hidden_layers"]),
-                num_attention_heads=heads,
-                num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
-                head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(hf.get("rope_theta") or rope_params.get("rope_theta") or 10000.0),
-                max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                qkv_bias=(model_type == "qwen2") or bool(hf.get("attention_bias", False)),
-                bos_token_id=hf.get("bos_token_id"),
-                eos_token_ids=tuple(int(e) for e in eos_ids),
-                sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window", True) else None,
-                **({k: hf[k] for k in MLA_MOE_FIELDS if hf.get(k) is not None}
-                   if model_type == "deepseek_v3" else {}),
-                **(dict(n_routed_experts=int(hf["num_local_experts"]), num_experts_per_tok=int(hf["num_experts_per_tok"]),
-                        moe_intermediate_size=int(hf["intermediate_size"]), router_scoring="softmax")
-                   if model_type == "mixtral" else {}),
-            )
-        except KeyError as e:
-            raise UnsupportedModelError(f"config.json lacks required field {e.args[0]!r}") from None
+        heads = _config_value(hf, "num_attention_heads", int)
+        hidden = _config_value(hf, "hidden_size", int)
+        if heads <= 0 or hidden <= 0:
+            raise ConfigError(f"config: num_attention_heads = {heads} and hidden_size = {hidden} must be positive")
+        if hf.get("head_dim") is None and hidden % heads:
+            raise ConfigError(f"config: hidden_size = {hidden} is not a multiple of num_attention_heads = {heads} "
+                              "(and no head_dim is given)")
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        config = cls(
+            model_type=model_type,
+            vocab_size=_config_value(hf, "vocab_size", int),
+            hidden_size=hidden,
+            intermediate_size=_config_value(hf, "intermediate_size", int),
+            num_hidden_layers=_config_value(hf, "num_hidden_layers", int),
+            num_attention_heads=heads,
+            num_key_value_heads=_config_value(hf, "num_key_value_heads", int, heads),
+            head_dim=_config_value(hf, "head_dim", int, hidden // heads),
+            rms_norm_eps=_config_value(hf, "rms_norm_eps", float, 1e-6),
+            rope_theta=float(_config_value(hf, "rope_theta", float, 0.0) or
+                             _config_value(rope_params, "rope_theta", float, 10000.0)),
+            max_position_embeddings=_config_value(hf, "max_position_embeddings", int, 4096),
+            tie_word_embeddings=_config_value(hf, "tie_word_embeddings", bool, False),
+            qkv_bias=(model_type == "qwen2") or _config_value(hf, "attention_bias", bool, False),
+            bos_token_id=_config_value(hf, "bos_token_id", int, None),
+            eos_token_ids=eos_ids,
+            sliding_window=(_config_value(hf, "sliding_window", int, None)
+                            if _config_value(hf, "use_sliding_window", bool, True) else None),
+            **({k: hf[k] for k in MLA_MOE_FIELDS if hf.get(k) is not None}
+               if model_type == "deepseek_v3" else {}),
+            **(dict(n_routed_experts=_config_value(hf, "num_local_experts", int),
+                    num_experts_per_tok=_config_value(hf, "num_experts_per_tok", int),
+                    moe_intermediate_size=_config_value(hf, "intermediate_size", int), router_scoring="softmax")
+               if model_type == "mixtral" else {}),
+        )
+        config.check_consistent()
+        return config
 
     def check_lowerable(self, max_seq_len: int) -> None:
         """Constraints of the fused attention kernel and the static cache, checked before any work is done."""

@@ -29,7 +29,7 @@ from speccompile.compile.weights.decoder import lower_weights
 from speccompile.compile.model_entries import decoder_entry
 from speccompile.compile.sources import load_checkpoint, shipped_head
 from speccompile.errors import SpeccompileError
-from speccompile.format.bundle import atomic_bundle_dir, finalize_manifest, write_weights
+from speccompile.format.bundle import atomic_bundle_dir, finalize_manifest, guard_output, write_weights
 from speccompile.format.drafter_kinds import KINDS, DraftSpec
 from speccompile.format.trees import TreeSpec
 from speccompile.plugins import tree_attention
@@ -53,13 +53,14 @@ class BundleParts:
         self.drafters.append(entry)
 
 
+@guard_output("out", "overwrite")  # --out locked and checked (never a user's files) before any work
 def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, progress=print,
-                 **options) -> dict:
+                 overwrite: bool = False, **options) -> dict:
     """Compile `source` and its drafters into the bundle `out`. drafts=None: the MTP head shipped for the target
     if there is one, and prompt lookup. options: the fields of BuildOptions (backend="tensorrt" adds a TensorRT
     engine per model, see trt_backend)."""
     t0 = time.perf_counter()
-    opts, toolchain = _backend(BuildOptions(**options))
+    opts, toolchain = _backend(BuildOptions(overwrite=overwrite, **options))
     tree_spec, specs = _check_request(opts, drafts)
     target = _load(source, opts, progress)
     if drafts is None:  # the shipped head first (its default tree joins lookup's drafts), then lookup alone

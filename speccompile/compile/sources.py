@@ -110,8 +110,8 @@ def load_hf_dir(path: str, progress=print) -> Checkpoint:
     try:
         with open(cfg_path) as f:
             hf = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: corrupt config.json ({e})") from None
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, nesting too deep
+        raise CheckpointError(f"{cfg_path}: corrupt config.json ({type(e).__name__}: {str(e)[:120]})") from None
     config = ModelConfig.from_hf(hf)
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:

@@ -2,26 +2,34 @@
 
 Layout:
   manifest.json        format version, source, models (graphs, weights, configs, KV layout, signatures),
-                       drafters, tokenizer, and the sha256 of every other file
+                       drafters, tokenizer, the onnxruntime the graphs need, and the sha256 of every other file
   <model>.onnx         one decoder graph per model (target, draft model, early-exit draft)
   <weights>.bin        weights, stored once; graphs reference them by offset (ONNX external data)
   tokenizer/...        the tokenizer files as the checkpoint had them
 
-Bundles are written into a temporary directory beside the destination and renamed into place, so a failed
-build leaves nothing half-written.
+A bundle is trusted only as far as it is checked (read_manifest; docs/guarantees.md): its schema, no file it
+does not list, every file's hash. Bundles are written into a temporary directory beside the destination and
+renamed into place, under a lock on the destination, so a failed build leaves nothing half-written and a build
+never replaces anything but a bundle.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import hashlib
+import inspect
 import json
 import os
 import shutil
 import tempfile
+import threading
 
 import numpy as np
 
 from speccompile.errors import BundleError
+from speccompile.format.manifest_schema import validate_manifest
+from speccompile.format.requirements import check_runtime, runtime_requirements
 
 FORMAT = "speccompile-bundle"
 FORMAT_VERSION = 1
@@ -53,32 +61,194 @@ def write_weights(path: str, weights: dict[str, np.ndarray], location: str) -> d
     return refs
 
 
+# ---- the output directory: never lose a user's files, one build at a time -------------------------------------
+def guard_output(out_param: str = "out", overwrite_param: str = "overwrite"):
+    """Decorate a build function: before it does any work, lock its output directory against other builds, check
+    that the directory may be written (check_replaceable) and clean the temporary folders of killed builds to it;
+    the lock is held until the build returns or fails."""
+    def decorate(build):
+        signature = inspect.signature(build)
+
+        @functools.wraps(build)
+        def guarded(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            out = os.path.abspath(bound.arguments[out_param])
+            with output_lock(out):
+                clean_stale_temps(out)  # first: it may put back the bundle a killed build had moved aside
+                check_replaceable(out, bound.arguments[overwrite_param])
+                return build(*args, **kwargs)
+        return guarded
+    return decorate
+
+
+def _temp_prefix(kind: str, out: str) -> str:
+    """Temporary folders beside `out` are named after it (a hash of its path), so that the next build to `out`,
+    holding its lock, knows those left behind are stale and its own to remove."""
+    return f".speccompile-{kind}-{hashlib.sha256(out.encode(errors='surrogateescape')).hexdigest()[:16]}-"
+
+
+def clean_stale_temps(out: str) -> None:
+    """Remove the temporary folders of killed builds to `out` (call with its lock held: no build is running). A
+    build killed between moving the old bundle aside and moving the new one in is undone first."""
+    parent = os.path.dirname(out)
+    stale = [n for n in os.listdir(parent) if n.startswith((_temp_prefix("build", out), _temp_prefix("old", out)))]
+    for name in sorted(stale):
+        path = os.path.join(parent, name)
+        if os.path.islink(path) or not os.path.isdir(path):
+            continue
+        kept = os.path.join(path, "b")
+        if name.startswith(_temp_prefix("old", out)) and os.path.isdir(kept) and not os.path.lexists(out):
+            os.rename(kept, out)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+_held = threading.local()  # the outputs whose lock this thread holds
+
+
+@contextlib.contextmanager
+def output_lock(out: str):
+    """An exclusive flock on a lock file beside `out` (`.NAME.speccompile-lock`), removed when released; another
+    build to the same `out` fails at once with a BundleError instead of both writing and both reporting success."""
+    out = os.path.abspath(out)
+    held = _held.__dict__.setdefault("paths", set())
+    if out in held:  # this thread holds it already: atomic_bundle_dir inside a guarded build
+        yield
+        return
+    created = _make_parent(os.path.dirname(out))
+    lock_path = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.speccompile-lock")
+    fd = _acquire(lock_path, out)
+    held.add(out)
+    try:
+        yield
+    finally:
+        held.discard(out)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)  # while still locked: a build that opened this file sees it gone and retries
+        os.close(fd)
+        for d in created:  # folders made for `out` alone, now empty: a failed build leaves nothing behind
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+
+
+def _make_parent(parent: str) -> list[str]:
+    """Create `parent` and its missing ancestors; returns those created, deepest first."""
+    created, d = [], parent
+    while d and not os.path.isdir(d) and os.path.dirname(d) != d:
+        created.append(d)
+        d = os.path.dirname(d)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise BundleError(f"cannot create {parent}: {e.strerror or e}") from None
+    return created
+
+
+def _acquire(lock_path: str, out: str) -> int:
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise BundleError(f"cannot create the lock file {lock_path}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BundleError(f"another build is writing {out} (it holds {lock_path}); wait for it to finish") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder removed this file as we opened it: lock the new one
+
+
+def check_replaceable(out: str, overwrite: bool) -> None:
+    """`out` may be written: it does not exist, or it is a speccompile bundle, holding nothing the manifest does
+    not list, and `overwrite` is set. Never a plain file, `/`, the working directory or one of its parents, or
+    the home directory or one of its parents, whatever `overwrite` says."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise BundleError(f"{out} exists and is not a directory; it is never replaced")
+    if not os.path.lexists(out):
+        return
+    if not overwrite:
+        raise BundleError(f"{out} already exists (pass --force to replace it)")
+    real = os.path.realpath(out)
+    for keep, what in ((os.path.realpath(os.getcwd()), "the working directory"),
+                       (os.path.realpath(os.path.expanduser("~")), "the home directory")):
+        if keep == real or keep.startswith(real.rstrip(os.sep) + os.sep):
+            raise BundleError(f"--force never replaces {out}: it is {what} or one of its parents")
+    try:
+        manifest = _load_json(os.path.join(out, MANIFEST))
+        _check_format(manifest, out)
+    except BundleError:
+        raise BundleError(f"--force replaces only a speccompile bundle, and {out} holds no speccompile "
+                          f"{MANIFEST}; it was left as it is") from None
+    files = manifest.get("files")
+    unlisted = unlisted_files(out, files if isinstance(files, dict) else {})
+    if unlisted:
+        raise BundleError(f"--force never replaces {out}: it holds files its manifest does not list "
+                          f"({_some(unlisted)}); move them away first")
+
+
+def unlisted_files(bundle_dir: str, files: dict) -> list[str]:
+    """Every file (or link) under `bundle_dir` that `files` (the manifest's list) does not name, but the manifest."""
+    listed = {os.path.normpath(rel) for rel in files} | {MANIFEST}
+    found = []
+    for root, dirs, names in os.walk(bundle_dir):
+        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]  # walk does not enter them: report
+        for n in names + links:
+            rel = os.path.relpath(os.path.join(root, n), bundle_dir)
+            if rel not in listed:
+                found.append(rel)
+    return sorted(found)
+
+
+def _some(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
 @contextlib.contextmanager
 def atomic_bundle_dir(out: str, overwrite: bool = False):
-    """Yield a temporary directory; on success it replaces `out`, on any error it is removed."""
+    """Yield a temporary directory; on success it replaces `out`, on any error it is removed and `out` is left as
+    it was. A write that fails for the disk (full, read-only, ...) is a BundleError saying so."""
     out = os.path.abspath(out)
-    if os.path.exists(out) and not overwrite:
-        raise BundleError(f"{out} already exists (pass --force to replace it)")
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".speccompile-build-", dir=parent)
+    with output_lock(out):
+        check_replaceable(out, overwrite)  # again: the directory may have changed since the build began
+        tmp = None
+        try:
+            tmp = tempfile.mkdtemp(prefix=_temp_prefix("build", out), dir=os.path.dirname(out))
+            yield tmp
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private
+            _swap_into_place(tmp, out)
+        except OSError as e:
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise BundleError(f"cannot write the bundle {out}: {e.strerror or e}"
+                              f"{f' ({e.filename})' if e.filename else ''}; nothing was replaced") from None
+        except BaseException:
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _swap_into_place(tmp: str, out: str) -> None:
+    if not os.path.lexists(out):
+        os.rename(tmp, out)
+        return
+    old = tempfile.mkdtemp(prefix=_temp_prefix("old", out), dir=os.path.dirname(out))
+    os.rename(out, os.path.join(old, "b"))
     try:
-        yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        if os.path.exists(out):
-            old = tempfile.mkdtemp(prefix=".speccompile-old-", dir=parent)
-            os.rename(out, os.path.join(old, "b"))
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.rename(tmp, out)
+    except OSError:
+        os.rename(os.path.join(old, "b"), out)
         raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def finalize_manifest(bundle_dir: str, manifest: dict) -> dict:
-    """Record the hash of every file in the bundle, then write manifest.json."""
+    """Record the hash of every file in the bundle and what onnxruntime must provide to run its graphs, then write
+    manifest.json."""
     files = {}
     for root, _, names in os.walk(bundle_dir):
         for n in sorted(names):
@@ -86,7 +256,10 @@ def finalize_manifest(bundle_dir: str, manifest: dict) -> dict:
             rel = os.path.relpath(p, bundle_dir)
             if rel != MANIFEST:
                 files[rel] = {"sha256": _sha256(p), "bytes": os.path.getsize(p)}
-    manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION, files=files)
+    # the graphs onnxruntime runs (a TensorRT build's <model>.trt.onnx are TensorRT's, with its plugin's domain)
+    graphs = [os.path.join(bundle_dir, model["graph"]) for model in manifest.get("models", {}).values()]
+    manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION, files=files,
+                    runtime=runtime_requirements(graphs))
     with open(os.path.join(bundle_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2)
     return manifest
@@ -94,6 +267,8 @@ def finalize_manifest(bundle_dir: str, manifest: dict) -> dict:
 
 def resolve_inside(bundle_dir: str, rel: str) -> str:
     """A manifest path, refused if it escapes the bundle (absolute, '..', or a symlink out)."""
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        raise BundleError(f"manifest path {rel!r:.80} is not a file name")
     root = os.path.realpath(bundle_dir)
     p = os.path.realpath(os.path.join(root, rel))
     if os.path.isabs(rel) or os.path.commonpath([root, p]) != root:
@@ -102,22 +277,22 @@ def resolve_inside(bundle_dir: str, rel: str) -> str:
 
 
 def read_manifest(bundle_dir: str, verify_hashes: bool = True) -> dict:
+    """The manifest of `bundle_dir`, trusted only as far as it is checked: its format version, its schema (before
+    any field is used), no file in the bundle that it does not list, every listed file's size and sha256, the
+    names it cross-references, and the onnxruntime its graphs need. Any failure is a BundleError."""
     path = os.path.join(bundle_dir, MANIFEST)
     if not os.path.isdir(bundle_dir):
         raise BundleError(f"bundle not found: {bundle_dir}")
     if not os.path.isfile(path):
         raise BundleError(f"{bundle_dir} is not a bundle: no {MANIFEST}")
-    try:
-        with open(path) as f:
-            m = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path}: corrupt manifest ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise BundleError(f"{path}: not a speccompile manifest")
-    if m.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"bundle format version {m.get('format_version')} is not supported by this speccompile "
-                          f"(it reads version {FORMAT_VERSION}); rebuild the bundle")
-    for rel, info in m.get("files", {}).items():
+    m = _load_json(path)
+    _check_format(m, path)
+    validate_manifest(m, path)
+    unlisted = unlisted_files(bundle_dir, m["files"])
+    if unlisted:
+        raise BundleError(f"{bundle_dir} holds files its manifest does not list, so no hash vouches for them: "
+                          f"{_some(unlisted)} (remove them, or rebuild the bundle)")
+    for rel, info in m["files"].items():
         p = resolve_inside(bundle_dir, rel)
         if not os.path.isfile(p):
             raise BundleError(f"bundle file missing: {rel}")
@@ -125,9 +300,43 @@ def read_manifest(bundle_dir: str, verify_hashes: bool = True) -> dict:
             raise BundleError(f"bundle file {rel} has {os.path.getsize(p)} bytes, manifest says {info['bytes']}")
         if verify_hashes and _sha256(p) != info["sha256"]:
             raise BundleError(f"bundle file {rel} does not match its sha256 in the manifest (modified or corrupt)")
-    for model in m.get("models", {}).values():
+    _check_references(bundle_dir, m)
+    check_runtime(m.get("runtime"))
+    return m
+
+
+def _load_json(path: str):
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, nesting too deep
+        raise BundleError(f"{path}: corrupt manifest ({type(e).__name__}: {str(e)[:120]})") from None
+    except OSError as e:
+        raise BundleError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _check_format(m, path: str) -> None:
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise BundleError(f"{path}: not a speccompile manifest")
+    if m.get("format_version") != FORMAT_VERSION or isinstance(m.get("format_version"), bool):
+        raise BundleError(f"bundle format version {m.get('format_version')!r:.40} is not supported by this "
+                          f"speccompile (it reads version {FORMAT_VERSION}); rebuild the bundle")
+
+
+def _check_references(bundle_dir: str, m: dict) -> None:
+    """Names the manifest gives in one place and uses in another: graphs and weight files are hashed files,
+    drafters name models of the bundle, the tokenizer folder holds a hashed tokenizer.json."""
+    files = {os.path.normpath(rel) for rel in m["files"]}
+    for model in m["models"].values():
         for rel in [model["graph"], *model["weights"]]:
             resolve_inside(bundle_dir, rel)
-            if rel not in m.get("files", {}):
+            if os.path.normpath(rel) not in files:
                 raise BundleError(f"manifest names {rel!r}, which has no hash entry")
-    return m
+    for d in m["drafters"]:
+        for key in ("model", "fuse_model"):
+            if key in d and d[key] not in m["models"]:
+                raise BundleError(f"drafter {d['name']!r} names model {d[key]!r}, which the bundle lacks")
+    tokenizer = os.path.normpath(os.path.join(m["tokenizer"]["dir"], "tokenizer.json"))
+    resolve_inside(bundle_dir, m["tokenizer"]["dir"])
+    if tokenizer not in files:
+        raise BundleError(f"manifest lists no {tokenizer}")

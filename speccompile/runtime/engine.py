@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from speccompile.format.bundle import resolve_inside
-from speccompile.errors import SpeccompileError
+from speccompile.errors import BundleError, SpeccompileError
 from speccompile.graphs import MAX_STEP_TOKENS
 from speccompile.runtime.kv_cache import KVCache
 
@@ -71,11 +71,12 @@ class Engine:
         self.vocab_size = next(o["shape"][1] for o in entry["outputs"] if o["name"] == "logits")
         self.max_seq_len = kv["max_seq_len"]
         path = resolve_inside(bundle_dir, entry["graph"])
+        providers = providers_for(device)
         try:
-            self.session = ort.InferenceSession(path, session_options(threads, prepack),
-                                                providers=providers_for(device))
-        except ort.capi.onnxruntime_pybind11_state.Fail as e:
-            raise SpeccompileError(f"onnxruntime cannot load {entry['graph']}: {e}") from None
+            self.session = ort.InferenceSession(path, session_options(threads, prepack), providers=providers)
+        except Exception as e:  # onnxruntime's error types (Fail, InvalidProtobuf, InvalidGraph, ...) share no base
+            raise BundleError(f"onnxruntime cannot load {entry['graph']} (corrupt, or built for another "
+                              f"onnxruntime: rebuild the bundle): {e}") from None
         self.cache = KVCache(self.num_layers, kv["num_kv_heads"], self.max_seq_len, kv["head_dim"])
         # a graph with the verify extension (speccompile.graphs) accepts drafts itself (`verify`); the generator
         # uses it while `verifies` is true (set it false to compare with acceptance on the host)
