@@ -1,0 +1,215 @@
+"""Read a GGUF file without torch: its config, tokenizer and tensors, with the `gguf` package's reader and
+dequantization.
+
+The config keys and the q/k row order follow transformers' GGUF loader (integrations/ggml.py and
+modeling_gguf_pytorch_utils.py), so a GGUF compiles to the same bundle either way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import gguf
+import numpy as np
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from speccompile.compile.config import ModelConfig
+from speccompile.errors import CheckpointError, UnsupportedModelError
+
+# general.architecture -> the Hugging Face model_type whose block it is (a llama-arch file named "mistral" is
+# Mistral, as transformers decides).
+GGUF_ARCHITECTURES = ("llama", "qwen2")
+
+# GGUF key (after the "<arch>." prefix) -> Hugging Face config key, as transformers' GGUF_CONFIG_MAPPING has it.
+CONFIG_KEYS = {
+    "context_length": "max_position_embeddings",
+    "block_count": "num_hidden_layers",
+    "feed_forward_length": "intermediate_size",
+    "embedding_length": "hidden_size",
+    "rope.freq_base": "rope_theta",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "vocab_size": "vocab_size",
+}
+# transformers reads head_dim from rope.dimension_count for llama/mistral only (Qwen2 rotates whole heads).
+HEAD_DIM_KEY = {"llama": "rope.dimension_count", "mistral": "rope.dimension_count"}
+# Defaults transformers' config classes supply where the GGUF says nothing.
+CONFIG_DEFAULTS = {"mistral": {"sliding_window": 4096}, "qwen2": {"use_sliding_window": False}}
+
+GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+BLOCK_TENSORS = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+# Pre-tokenizer splits for byte-level vocabularies whose merges were learned on other than GPT-2's regex
+# (tokenizer.ggml.pre), as transformers' GGUF tokenizer mapping has them; others use ByteLevel's own regex.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZER_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
+                        "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT,
+                        "deepseek-r1-qwen": _QWEN2_SPLIT}
+CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
+
+
+@dataclasses.dataclass
+class GGUFTensor:
+    """One tensor as stored: raw rows (blocks for quantized types) in Hugging Face row order."""
+    ggml_type: gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # Hugging Face shape, e.g. [N, K] for a linear layer
+    raw: np.ndarray  # uint8 block rows for quantized types, the values for F32/F16
+
+    def dequantize(self) -> np.ndarray:
+        return np.asarray(gguf.quants.dequantize(self.raw, self.ggml_type), np.float32).reshape(self.shape)
+
+
+def open_gguf(path: str) -> gguf.GGUFReader:
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise CheckpointError(f"{path}: not a GGUF file (bad magic)")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError/IndexError/... on truncated or corrupt files
+        raise CheckpointError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
+
+
+def read_metadata(reader: gguf.GGUFReader) -> dict:
+    return {key: field.contents() for key, field in reader.fields.items()}
+
+
+def model_type(meta: dict) -> str:
+    arch = meta.get("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise UnsupportedModelError(f"unsupported GGUF architecture {arch!r}; supported: "
+                                    f"{', '.join(GGUF_ARCHITECTURES)}")
+    return "mistral" if arch == "llama" and "mistral" in str(meta.get("general.name", "")).lower() else arch
+
+
+def hf_config(meta: dict, tensor_names: set[str]) -> dict:
+    """The Hugging Face config dict transformers builds from this GGUF's metadata."""
+    arch, mtype = meta["general.architecture"], model_type(meta)
+    keys = CONFIG_KEYS | ({HEAD_DIM_KEY[mtype]: "head_dim"} if mtype in HEAD_DIM_KEY else {})
+    hf = {"model_type": mtype, **CONFIG_DEFAULTS.get(mtype, {}),
+          "tie_word_embeddings": "output.weight" not in tensor_names}
+    hf |= {hf_key: meta[f"{arch}.{key}"] for key, hf_key in keys.items() if f"{arch}.{key}" in meta}
+    if "vocab_size" not in hf and "tokenizer.ggml.tokens" in meta:
+        hf["vocab_size"] = len(meta["tokenizer.ggml.tokens"])
+    # transformers leaves these at its config class's defaults; the file's own ids are the ones its tokenizer uses
+    hf["bos_token_id"] = meta.get("tokenizer.ggml.bos_token_id")
+    hf["eos_token_id"] = meta.get("tokenizer.ggml.eos_token_id")
+    return hf
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    stem, _, suffix = gguf_name.rpartition(".")
+    if stem in GLOBAL_TENSORS:
+        return f"{GLOBAL_TENSORS[stem]}.{suffix}"
+    parts = stem.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in BLOCK_TENSORS:
+        return f"model.layers.{parts[1]}.{BLOCK_TENSORS[parts[2]]}.{suffix}"
+    return None
+
+
+def unpermute_rope_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (convert_hf_to_gguf.py's permute): within each head it interleaved
+    the two rotary halves; rows may be values or raw block rows, since whole rows move."""
+    w = rows.reshape(n_head, rows.shape[0] // n_head // 2, 2, *rows.shape[1:])
+    return w.swapaxes(2, 1).reshape(rows.shape)
+
+
+def read_tensors(reader: gguf.GGUFReader, cfg: ModelConfig) -> dict[str, GGUFTensor]:
+    """Every tensor as stored, under its Hugging Face name, q/k rows back in Hugging Face order."""
+    out = {}
+    for t in reader.tensors:
+        name = hf_tensor_name(t.name)
+        if name is None:
+            if t.name == "rope_freqs.weight":
+                raise UnsupportedModelError(f"GGUF tensor {t.name}: scaled RoPE is not lowered")
+            continue  # llama.cpp extras transformers drops too
+        raw = t.data
+        if cfg.model_type in ("llama", "mistral") and (".attn_q." in t.name or ".attn_k." in t.name):
+            heads = cfg.num_attention_heads if ".attn_q." in t.name else cfg.num_key_value_heads
+            raw = unpermute_rope_rows(raw, heads)
+        out[name] = GGUFTensor(t.tensor_type, tuple(int(d) for d in reversed(t.shape)), raw)
+    return out
+
+
+def dequantized_tensors(tensors: dict[str, GGUFTensor], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    out = {name: t.dequantize() for name, t in tensors.items()}
+    if cfg.tie_word_embeddings and "model.embed_tokens.weight" in out:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]  # as a tied model's state_dict lists it
+    return out
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, in which byte-level vocabularies are spelled."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(extra)}
+
+
+def byte_level_tokenizer(meta: dict) -> Tokenizer:
+    """tokenizer.ggml.model "gpt2": byte-level BPE with the file's merges and control tokens, as transformers'
+    GGUF tokenizer conversion builds it."""
+    spelling = bytes_to_unicode()
+    alphabet = set(spelling.values())
+    tokens = meta["tokenizer.ggml.tokens"]
+    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
+             for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges", [])]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="",
+                               fuse_unk=False, dropout=None))
+    prefix_space = bool(meta.get("tokenizer.ggml.add_space_prefix", False))
+    split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
+    tok.pre_tokenizer = (pre_tokenizers.ByteLevel(add_prefix_space=prefix_space) if split is None else
+                         pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
+    tok.decoder = decoders.ByteLevel()
+    types = meta.get("tokenizer.ggml.token_type") or [0] * len(tokens)
+    # a "control" token spelled outside the byte alphabet is a llama.cpp mislabel (transformers skips it too)
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types)
+                            if k == CONTROL and set(t) <= alphabet])
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types)
+                    if k == USER_DEFINED and t in vocab])
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B:1",
+                                                           special_tokens=[(tokens[bos], bos)])
+    return tok
+
+
+def tokenizer_files(meta: dict) -> dict[str, bytes]:
+    """tokenizer.json and tokenizer_config.json (chat template, special tokens) built from tokenizer.ggml.*."""
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise UnsupportedModelError(f"GGUF tokenizer {kind!r}: only byte-level BPE (\"gpt2\") is read; "
+                                    "convert the model to a Hugging Face directory instead")
+    tokens = meta["tokenizer.ggml.tokens"]
+    special = {name: tokens[meta[f"tokenizer.ggml.{key}"]] for name, key in
+               (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
+                ("pad_token", "padding_token_id")) if meta.get(f"tokenizer.ggml.{key}") is not None}
+    config = {**special, "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+              "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False))}
+    if "tokenizer.chat_template" in meta:
+        config["chat_template"] = meta["tokenizer.chat_template"]
+    return {"tokenizer.json": byte_level_tokenizer(meta).to_str().encode(),
+            "tokenizer_config.json": json.dumps(config, indent=2).encode()}
+
+
+def read_gguf(path: str) -> tuple[ModelConfig, dict[str, GGUFTensor], dict[str, bytes]]:
+    """(config, tensors as stored, tokenizer files) of a GGUF file; every failure names the file."""
+    reader = open_gguf(path)
+    meta = read_metadata(reader)
+    if "general.architecture" not in meta:
+        raise CheckpointError(f"{path}: GGUF without general.architecture (truncated, or not a model file)")
+    try:
+        config = ModelConfig.from_hf(hf_config(meta, {t.name for t in reader.tensors}))
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{path}: {e}") from None
+    return config, read_tensors(reader, config), tokenizer_files(meta)

