@@ -132,20 +132,57 @@ def test_bfloat16_safetensors_widen_exactly(tmp_path):
         assert got[k].dtype == np.float32 and np.array_equal(got[k], v.float().numpy()), k
 
 
-def write_gguf(path, arch="llama", tokenizer_model="gpt2"):
+def write_gguf(path, arch="llama", tokenizer_model="gpt2", tokens=("a", "b", "c"), **token_metadata):
+    """A one-layer GGUF with the given tokenizer metadata (token_metadata: scores, token_types, bos_token_id ...)."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(1)
     w.add_context_length(64)
     w.add_embedding_length(8)
     w.add_feed_forward_length(16)
     w.add_head_count(2)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
     w.add_tokenizer_model(tokenizer_model)
-    w.add_token_list(["a", "b", "c"])
-    w.add_tensor("token_embd.weight", np.zeros((3, 8), np.float32))
+    w.add_token_list(list(tokens))
+    for key, value in token_metadata.items():
+        getattr(w, f"add_{key}")(value)
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def sentencepiece_vocab(text: str):
+    """A Llama-2-style vocabulary: <unk> <s> </s>, the 256 byte pieces, then "▁"-spelled pieces of `text` scored
+    by frequency (so merges must be derived from scores, as for files without merges)."""
+    from collections import Counter
+    spelled = "▁" + text.replace(" ", "▁")
+    counts = Counter(spelled[i:i + n] for n in (1, 2, 3, 4) for i in range(len(spelled) - n + 1))
+    pieces = [p for p, _ in counts.most_common(400)]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
+    return tokens, types, scores
+
+
+def test_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    corpus = " ".join(tokenizer_strings(n_random=0))
+    tokens, types, scores = sentencepiece_vocab(corpus)
+    f = tmp_path / "sp.gguf"
+    write_gguf(f, tokenizer_model="llama", tokens=tokens, token_types=types, token_scores=scores,
+               bos_token_id=1, eos_token_id=2, unk_token_id=0)
+    _, _, files = read_gguf(str(f))
+    for fname, data in files.items():
+        (tmp_path / fname).write_bytes(data)
+    ours = BundleTokenizer(str(tmp_path))
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="sp.gguf")
+    for s in tokenizer_strings(n_random=200, seed=3):
+        ids = ours.encode(s)
+        assert ids == ref.encode(s, add_special_tokens=False), s
+        assert ours.encode(s, add_special_tokens=True) == ref.encode(s, add_special_tokens=True), s
+        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True), s
 
 
 def test_gguf_errors_name_the_file(tmp_path):

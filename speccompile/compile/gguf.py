@@ -11,9 +11,9 @@ import json
 
 import gguf
 import numpy as np
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from speccompile.compile.config import ModelConfig
+from speccompile.compile.gguf_tokenizer import tokenizer_files
 from speccompile.errors import CheckpointError, UnsupportedModelError
 
 # general.architecture -> the Hugging Face model_type whose block it is (a llama-arch file named "mistral" is
@@ -45,16 +45,6 @@ BLOCK_TENSORS = {
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 
-# Pre-tokenizer splits for byte-level vocabularies whose merges were learned on other than GPT-2's regex
-# (tokenizer.ggml.pre), as transformers' GGUF tokenizer mapping has them; others use ByteLevel's own regex.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_TOKENIZER_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
-                        "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT,
-                        "deepseek-r1-qwen": _QWEN2_SPLIT}
-CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
 
 
 @dataclasses.dataclass
@@ -144,62 +134,6 @@ def dequantized_tensors(tensors: dict[str, GGUFTensor], cfg: ModelConfig) -> dic
     if cfg.tie_word_embeddings and "model.embed_tokens.weight" in out:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]  # as a tied model's state_dict lists it
     return out
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map, in which byte-level vocabularies are spelled."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    extra = [b for b in range(256) if b not in printable]
-    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(extra)}
-
-
-def byte_level_tokenizer(meta: dict) -> Tokenizer:
-    """tokenizer.ggml.model "gpt2": byte-level BPE with the file's merges and control tokens, as transformers'
-    GGUF tokenizer conversion builds it."""
-    spelling = bytes_to_unicode()
-    alphabet = set(spelling.values())
-    tokens = meta["tokenizer.ggml.tokens"]
-    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
-             for i, t in enumerate(tokens)}
-    merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges", [])]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="",
-                               fuse_unk=False, dropout=None))
-    prefix_space = bool(meta.get("tokenizer.ggml.add_space_prefix", False))
-    split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
-    tok.pre_tokenizer = (pre_tokenizers.ByteLevel(add_prefix_space=prefix_space) if split is None else
-                         pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
-    tok.decoder = decoders.ByteLevel()
-    types = meta.get("tokenizer.ggml.token_type") or [0] * len(tokens)
-    # a "control" token spelled outside the byte alphabet is a llama.cpp mislabel (transformers skips it too)
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types)
-                            if k == CONTROL and set(t) <= alphabet])
-    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types)
-                    if k == USER_DEFINED and t in vocab])
-    bos = meta.get("tokenizer.ggml.bos_token_id")
-    if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
-        tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B:1",
-                                                           special_tokens=[(tokens[bos], bos)])
-    return tok
-
-
-def tokenizer_files(meta: dict) -> dict[str, bytes]:
-    """tokenizer.json and tokenizer_config.json (chat template, special tokens) built from tokenizer.ggml.*."""
-    kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise UnsupportedModelError(f"GGUF tokenizer {kind!r}: only byte-level BPE (\"gpt2\") is read; "
-                                    "convert the model to a Hugging Face directory instead")
-    tokens = meta["tokenizer.ggml.tokens"]
-    special = {name: tokens[meta[f"tokenizer.ggml.{key}"]] for name, key in
-               (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
-                ("pad_token", "padding_token_id")) if meta.get(f"tokenizer.ggml.{key}") is not None}
-    config = {**special, "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-              "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False))}
-    if "tokenizer.chat_template" in meta:
-        config["chat_template"] = meta["tokenizer.chat_template"]
-    return {"tokenizer.json": byte_level_tokenizer(meta).to_str().encode(),
-            "tokenizer_config.json": json.dumps(config, indent=2).encode()}
 
 
 def read_gguf(path: str) -> tuple[ModelConfig, dict[str, GGUFTensor], dict[str, bytes]]:
