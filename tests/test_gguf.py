@@ -1,5 +1,6 @@
-"""GGUF read without torch (speccompile.compile.gguf) against transformers' GGUF loader on the default model, and a
-build in a process where torch and transformers cannot be imported."""
+"""GGUF read without torch (speccompile.compile.gguf, gguf_tokenizer) against transformers' GGUF loader, a build
+in a process where torch and transformers cannot be imported, and GGUF's quantized blocks as onnxruntime's
+MatMulNBits (speccompile.compile.quantize.nbits) against gguf's own dequantization."""
 import json
 import os
 import subprocess
@@ -8,10 +9,13 @@ import sys
 import gguf
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as Q
 
 from speccompile.compile.gguf import read_gguf, unpermute_rope_rows
+from speccompile.compile.quantize.nbits import emit_nbits_matmul, pack_gguf_matrix
 from speccompile.compile.sources import default_model_path, load_checkpoint
 from speccompile.errors import CheckpointError, UnsupportedModelError
+from speccompile.graphs.builder import GraphBuilder
 from speccompile.runtime.tokenizer import BundleTokenizer
 
 try:
@@ -88,35 +92,34 @@ NO_TORCH = "import sys; sys.modules['torch'] = None; sys.modules['transformers']
 
 
 def test_build_without_torch_or_transformers(tmp_path):
-    """`build` from a tiny preset, a safetensors directory (bfloat16 included) and the default GGUF, in a process
-    where importing torch or transformers fails."""
+    """`speccompile build` from a tiny preset, a safetensors directory and a quantized GGUF, and loading the
+    default GGUF, in a process where importing torch or transformers fails."""
+    write_tiny_llama_gguf(tmp_path / "tiny.gguf")
     script = NO_TORCH + f"""
-import numpy as np
-from safetensors.numpy import load_file
-from speccompile.compile.driver import build_bundle
+from speccompile.cli import main
 from speccompile.compile.presets import tiny_checkpoint
 from speccompile.compile.sources import save_hf_dir, load_checkpoint, default_model_path
 from speccompile.errors import CheckpointError
-quiet = lambda *_: None
-build_bundle("tiny:llama", {str(tmp_path / "preset")!r}, drafts=["lookup"], max_seq_len=128, progress=quiet)
-ckpt = tiny_checkpoint("llama")
-save_hf_dir(ckpt, {str(tmp_path / "hf")!r})
-build_bundle({str(tmp_path / "hf")!r}, {str(tmp_path / "hf-bundle")!r}, drafts=["lookup"], max_seq_len=128,
-             progress=quiet)
+save_hf_dir(tiny_checkpoint("llama"), {str(tmp_path / "hf")!r})
+for source, out in (("tiny:llama", "preset"), ("hf", "hf-bundle"), ("tiny.gguf", "gguf-bundle")):
+    source = source if source.startswith("tiny:") else {str(tmp_path)!r} + "/" + source
+    main(["build", source, "--out", {str(tmp_path)!r} + "/" + out, "--draft", "lookup", "--max-seq-len", "128"],
+         standalone_mode=False)
 try:
     path = default_model_path()
 except CheckpointError:
     path = None
 if path:
-    print("gguf tensors", len(load_checkpoint(path, progress=quiet).tensors))
-print("torch imported:", sys.modules.get("torch") is not None)
+    print("default gguf tensors", len(load_checkpoint(path, progress=lambda *_: None).tensors))
+print("torch imported:", sys.modules.get("torch") is not None, sys.modules.get("transformers") is not None)
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "torch imported: False" in out.stdout
-    assert (tmp_path / "preset" / "manifest.json").exists() and (tmp_path / "hf-bundle" / "manifest.json").exists()
+    assert "torch imported: False False" in out.stdout
+    for bundle in ("preset", "hf-bundle", "gguf-bundle"):
+        assert (tmp_path / bundle / "manifest.json").exists(), bundle
     if DEFAULT_GGUF:
-        assert "gguf tensors 273" in out.stdout
+        assert "default gguf tensors 273" in out.stdout
 
 
 def test_bfloat16_safetensors_widen_exactly(tmp_path):
@@ -185,11 +188,95 @@ def test_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path):
         assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True), s
 
 
+HF_TO_GGUF = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
+              "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def gguf_name(hf_name: str) -> str:
+    stem, suffix = hf_name.rsplit(".", 1)
+    if stem in HF_TO_GGUF:
+        return f"{HF_TO_GGUF[stem]}.{suffix}"
+    _, _, layer, rest = stem.split(".", 3)
+    return f"blk.{layer}.{HF_TO_GGUF[rest]}.{suffix}"
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_llama_gguf(path, qtypes=(Q.Q8_0, Q.Q4_1, Q.Q4_0)):
+    """The tiny:llama preset as llama.cpp would convert it: q/k rows permuted, matrices quantized in turn with
+    `qtypes`, a byte-level vocabulary without merges."""
+    from speccompile.compile.presets import tiny_checkpoint
+    ckpt = tiny_checkpoint("llama")
+    cfg = ckpt.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([chr(0x100 + i) if i >= 3 else f"<|{i}|>" for i in range(cfg.vocab_size)])
+    w.add_token_types([3, 3, 3] + [1] * (cfg.vocab_size - 3))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    i = 0
+    for name, t in ckpt.tensors.items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        t = np.asarray(t, np.float32)
+        if name.endswith("q_proj.weight") or name.endswith("k_proj.weight"):
+            heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
+            t = llama_cpp_permute(t, heads)
+        if t.ndim == 2:
+            qtype, i = qtypes[i % len(qtypes)], i + 1
+            w.add_tensor(gguf_name(name), gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(gguf_name(name), t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return ckpt
+
+
+def test_tiny_gguf_matches_transformers(tmp_path):
+    """A tiny GQA llama GGUF (Q8_0/Q4_1/Q4_0): config equal and every tensor bitwise equal to transformers'
+    loader; the q/k permutation is undone (the values match the preset's within the quantization's error)."""
+    transformers = pytest.importorskip("transformers")
+    ckpt = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    ours = load_checkpoint(str(tmp_path / "tiny.gguf"), progress=lambda *_: None)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf", dtype="float32")
+    from speccompile.compile.config import ModelConfig
+    assert ours.config == ModelConfig.from_hf(model.config.to_dict())
+    ref = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    assert set(ours.tensors) == set(ref)
+    for k, v in ref.items():
+        assert np.array_equal(ours.tensors[k].view(np.uint32), v.view(np.uint32)), k
+        source = ckpt.tensors.get(k, ckpt.tensors["model.embed_tokens.weight"])  # lm_head: tied
+        assert np.abs(ours.tensors[k] - source).max() <= 0.15 * np.abs(source).max(), k  # unpermuted, not scrambled
+
+
 def test_gguf_errors_name_the_file(tmp_path):
     f = tmp_path / "m.gguf"
     write_gguf(f, arch="gpt2")
     with pytest.raises(UnsupportedModelError, match="architecture 'gpt2'"):
         load_checkpoint(str(f))
+    from click.testing import CliRunner
+    from speccompile.cli import main
+    result = CliRunner().invoke(main, ["build", str(f), "--out", str(tmp_path / "out")])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "m.gguf" in errors[0] and "gpt2" in errors[0], result.output
     write_gguf(f, tokenizer_model="bert")
     with pytest.raises(UnsupportedModelError, match="tokenizer 'bert'"):
         load_checkpoint(str(f))
@@ -200,12 +287,6 @@ def test_gguf_errors_name_the_file(tmp_path):
 
 
 # ---- GGUF blocks as MatMulNBits (speccompile.compile.quantize.nbits), on synthetic blocks ----
-
-from gguf import GGMLQuantizationType as Q  # noqa: E402
-
-from speccompile.compile.quantize.nbits import emit_nbits_matmul, pack_gguf_matrix  # noqa: E402
-from speccompile.graphs.builder import GraphBuilder  # noqa: E402
-
 
 def synthetic_blocks(ggml_type, n, k, seed=0) -> np.ndarray:
     """Raw rows of an [n, k] weight: gguf.quants.quantize where gguf-py implements it; for the K formats (which
