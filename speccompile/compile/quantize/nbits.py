@@ -5,15 +5,18 @@ zero point defaulting to 2^(bits-1) when none is given. A GGUF block format maps
 each block is (integer - constant) * scale:
 
     Q4_0   (q - 8) * d                      4 bits, block 32, no zero points
+    Q5_0   (q - 16) * d  (q 5-bit)          8 bits, block 32, codes q + 112
     Q8_0   q * d  (q int8)                  8 bits, block 32, codes q + 128
     Q6_K   (q - 32) * d * sc  (16-blocks)   8 bits, block 16, codes q + 96, scales d * sc
     Q4_1   q * d + m                        (q - 8) * d  plus  (8 d + m) * (sum of x over the block)
+    Q5_1   q * d + m  (q 5-bit)             (q - 16) * d (8 bits) plus (16 d + m) * (sum of x over the block)
     Q4_K   q * d * sc - dmin * mn (32-blocks)  as Q4_1 with per-32 scale d * sc and minimum -dmin * mn
+    Q5_K   the same with 5-bit q            as Q5_1 with those scales and minimums
 
-Q4_1/Q4_K's per-block minimum is not an integer zero point, and a float zero point sends onnxruntime to a much
-slower kernel; so the minimum goes in as a second, small product: the per-block sums of x [.., K/32] times
-`offsets` [K/32, N] (8 * scale + minimum). Scales are f16 (times a small integer for the K formats), so they
-are exact in float32.
+Q4_1/Q5_1/Q4_K/Q5_K's per-block minimum is not an integer zero point, and a float zero point sends onnxruntime
+to a much slower kernel; so the minimum goes in as a second, small product: the per-block sums of x [.., K/32]
+times `offsets` [K/32, N] (centre * scale + minimum). The centre is the middle code, so both terms stay of the
+weights' size (no cancellation). Scales are f16 (times a small integer for the K formats): exact in float32.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from speccompile.graphs.builder import GraphBuilder
 
-SUPPORTED = (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K)
+SUPPORTED = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 
 
 @dataclasses.dataclass
@@ -84,9 +87,15 @@ def _q4_codes(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 15, qs >> 4], axis=-1)
 
 
-def _per32_offsets(scales: np.ndarray, minimums: np.ndarray) -> np.ndarray:
-    """(q - 8) * s + (8 s + min) == q * s + min; the bracket per 32-block, laid out [K/32, N] for x-sums @ it."""
-    return np.ascontiguousarray((8 * scales + minimums).T, np.float32)
+def _per32_offsets(scales: np.ndarray, minimums: np.ndarray, centre: int) -> np.ndarray:
+    """(q - c) * s + (c s + min) == q * s + min; the bracket per 32-block, laid out [K/32, N] for x-sums @ it."""
+    return np.ascontiguousarray((centre * scales + minimums).T, np.float32)
+
+
+def _q5_codes(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
+    """ggml's 32-element 5-bit block: the 4-bit layout plus bit j of the little-endian uint32 qh as bit 4."""
+    high = (np.ascontiguousarray(qh).view("<u4") >> np.arange(32, dtype=np.uint32)) & 1
+    return _q4_codes(qs) | (high.astype(np.uint8) << 4)
 
 
 def _pack_q4_0(b):
@@ -95,7 +104,16 @@ def _pack_q4_0(b):
 
 def _pack_q4_1(b):
     d, m = _f16(b, 0), _f16(b, 2)
-    return PackedMatrix(4, 32, pack_nibbles(_q4_codes(b[..., 4:])), d, _per32_offsets(d, m))
+    return PackedMatrix(4, 32, pack_nibbles(_q4_codes(b[..., 4:])), d, _per32_offsets(d, m, 8))
+
+
+def _pack_q5_0(b):
+    return PackedMatrix(8, 32, _q5_codes(b[..., 2:6], b[..., 6:]) + np.uint8(112), _f16(b, 0))
+
+
+def _pack_q5_1(b):
+    d, m = _f16(b, 0), _f16(b, 2)
+    return PackedMatrix(8, 32, _q5_codes(b[..., 4:8], b[..., 8:]) + np.uint8(112), d, _per32_offsets(d, m, 16))
 
 
 def _pack_q8_0(b):
@@ -110,14 +128,32 @@ def _k4_scales_mins(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return low.astype(np.float32), mins.astype(np.float32)
 
 
-def _pack_q4_k(b):
-    n, supers, _ = b.shape
-    d, dmin = _f16(b, 0)[..., None], _f16(b, 2)[..., None]
+def _k_scales_minimums(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K: per-32 scales d * sc and minimums -dmin * mn, [N, K/32]."""
+    n = b.shape[0]
     sc, mn = _k4_scales_mins(b[..., 4:16])
-    qs = b[..., 16:].reshape(n, supers, 4, 32)  # 4 chunks of 64 elements: low nibbles, then high nibbles
-    q = np.stack([qs & 15, qs >> 4], axis=3).reshape(n, supers * 8, 32)
-    scales, minimums = (d * sc).reshape(n, -1), (-dmin * mn).reshape(n, -1)
-    return PackedMatrix(4, 32, pack_nibbles(q), scales, _per32_offsets(scales, minimums))
+    return (_f16(b, 0)[..., None] * sc).reshape(n, -1), (-_f16(b, 2)[..., None] * mn).reshape(n, -1)
+
+
+def _k_nibbles(qs: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K's 128 bytes per super-block: 4 chunks of 64 elements, low nibbles then high nibbles ->
+    [N, supers, 8, 32]."""
+    qs = qs.reshape(*qs.shape[:2], 4, 32)
+    return np.stack([qs & 15, qs >> 4], axis=3).reshape(*qs.shape[:2], 8, 32)
+
+
+def _pack_q4_k(b):
+    scales, minimums = _k_scales_minimums(b)
+    q = _k_nibbles(b[..., 16:]).reshape(b.shape[0], -1, 32)
+    return PackedMatrix(4, 32, pack_nibbles(q), scales, _per32_offsets(scales, minimums, 8))
+
+
+def _pack_q5_k(b):
+    scales, minimums = _k_scales_minimums(b)
+    qh = b[..., 16:48]  # bit j of byte l: element l of sub-block j
+    high = (qh[..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1
+    q = (_k_nibbles(b[..., 48:]) | (high << 4)).reshape(b.shape[0], -1, 32)
+    return PackedMatrix(8, 32, q + np.uint8(112), scales, _per32_offsets(scales, minimums, 16))
 
 
 def _pack_q6_k(b):
@@ -131,7 +167,8 @@ def _pack_q6_k(b):
     return PackedMatrix(8, 16, (q + 96).astype(np.uint8), scales)
 
 
-_PACKERS = {Q.Q4_0: _pack_q4_0, Q.Q4_1: _pack_q4_1, Q.Q8_0: _pack_q8_0, Q.Q4_K: _pack_q4_k, Q.Q6_K: _pack_q6_k}
+_PACKERS = {Q.Q4_0: _pack_q4_0, Q.Q4_1: _pack_q4_1, Q.Q5_0: _pack_q5_0, Q.Q5_1: _pack_q5_1, Q.Q8_0: _pack_q8_0,
+            Q.Q4_K: _pack_q4_k, Q.Q5_K: _pack_q5_k, Q.Q6_K: _pack_q6_k}
 
 
 def pack_gguf_matrix(raw_blocks: np.ndarray, ggml_type: Q, shape: tuple[int, int]) -> PackedMatrix:
