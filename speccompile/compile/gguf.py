@@ -7,7 +7,6 @@ modeling_gguf_pytorch_utils.py), so a GGUF compiles to the same bundle either wa
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import gguf
 import numpy as np
@@ -16,8 +15,8 @@ from speccompile.compile.config import ModelConfig
 from speccompile.compile.gguf_tokenizer import tokenizer_files
 from speccompile.errors import CheckpointError, UnsupportedModelError
 
-# general.architecture -> the Hugging Face model_type whose block it is (a llama-arch file named "mistral" is
-# Mistral, as transformers decides).
+# general.architecture values read; a "llama" file whose general.name says mistral is Mistral, as transformers
+# decides.
 GGUF_ARCHITECTURES = ("llama", "qwen2")
 
 # GGUF key (after the "<arch>." prefix) -> Hugging Face config key, as transformers' GGUF_CONFIG_MAPPING has it.

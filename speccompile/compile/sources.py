@@ -17,7 +17,7 @@ from safetensors.numpy import save_file
 
 from speccompile.compile.config import ModelConfig
 from speccompile.compile.gguf import dequantized_tensors, read_gguf
-from speccompile.errors import CheckpointError, UnsupportedModelError
+from speccompile.errors import CheckpointError
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
