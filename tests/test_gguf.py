@@ -50,6 +50,7 @@ def test_unpermute_inverts_llama_cpp_permute():
 
 
 @needs_model
+@pytest.mark.slow
 def test_default_config_and_tokenizer_match_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     d, name = os.path.split(DEFAULT_GGUF)
