@@ -9,14 +9,16 @@ import hashlib
 import importlib.util
 import json
 import os
-import tempfile
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from speccompile.compile.checkpoint import Checkpoint
 from speccompile.compile.config import ModelConfig
+from speccompile.compile.gguf import dequantized_tensors, read_gguf
 from speccompile.compile.presets import tiny_checkpoint
-from speccompile.errors import CheckpointError, UnsupportedModelError
+from speccompile.errors import CheckpointError
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -80,15 +82,31 @@ def refuse_pickle(path: str) -> None:
 def read_safetensors(fpath: str, keep=lambda name: True, ints: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """The tensors of one safetensors file whose names `keep` accepts: float32, except the names in `ints`
     (token-id maps), kept as int64. A corrupt or truncated file is a CheckpointError naming it."""
-    from safetensors import safe_open  # build-time dependency
     try:
-        with safe_open(fpath, framework="pt") as f:  # "pt" reads bf16, which numpy cannot
-            return {k: f.get_tensor(k).numpy().astype(np.int64) if k in ints else f.get_tensor(k).float().numpy()
-                    for k in f.keys() if keep(k)}
+        with safe_open(fpath, framework="numpy") as f:
+            names = [k for k in f.keys() if keep(k)]
+            bf16 = {k for k in names if f.get_slice(k).get_dtype() == "BF16"}
+            out = {k: f.get_tensor(k).astype(np.int64 if k in ints else np.float32) for k in names if k not in bf16}
+        return out | (read_bfloat16(fpath, bf16) if bf16 else {})
     except FileNotFoundError:
         raise CheckpointError(f"weights not found: {fpath}") from None
     except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
         raise CheckpointError(f"{fpath}: corrupt or truncated safetensors file ({e})") from None
+
+
+def read_bfloat16(fpath: str, names: set[str]) -> dict[str, np.ndarray]:
+    """numpy has no bfloat16, so safetensors' numpy API refuses it; a bfloat16 is the top half of a float32's
+    bits, so widening is exact. The header's layout is the safetensors format: 8-byte length, JSON, data."""
+    with open(fpath, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    data = np.memmap(fpath, np.uint8, "r", offset=8 + n)
+    out = {}
+    for k in names:
+        begin, stop = header[k]["data_offsets"]
+        bits = data[begin:stop].view("<u2").astype(np.uint32) << 16
+        out[k] = bits.view(np.float32).reshape(header[k]["shape"])
+    return out
 
 
 def _read_tokenizer_files(directory: str) -> dict[str, bytes]:
@@ -131,40 +149,17 @@ def load_hf_dir(path: str, progress=print) -> Checkpoint:
 
 
 def load_gguf(path: str, progress=print) -> Checkpoint:
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise CheckpointError(f"{path}: not a GGUF file (bad magic)")
+    """A GGUF file, dequantized to float32 with the gguf package (no torch)."""
+    config, stored, tokenizer = read_gguf(path)
     progress(f"hashing {os.path.basename(path)}")
     digest = sha256_file(path)
-    try:
-        import gguf
-        reader = gguf.GGUFReader(path)
-        arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-    except Exception as e:
-        raise CheckpointError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
-    if arch not in ("llama", "qwen2", "mistral"):
-        raise UnsupportedModelError(f"{path}: unsupported GGUF architecture {arch!r}")
-    progress(f"dequantizing {os.path.basename(path)} ({arch})")
-    # transformers knows every GGUF quantization and undoes llama.cpp's q/k row permutation.
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    d, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype="float32")
-        tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read GGUF ({type(e).__name__}: {e})") from None
-    hf = model.config.to_dict()
-    config = ModelConfig.from_hf(hf)
-    tensors = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    with tempfile.TemporaryDirectory() as tmp:
-        tok.save_pretrained(tmp)
-        files = _read_tokenizer_files(tmp)
-    return Checkpoint(config, tensors, files, {"kind": "gguf", "path": os.path.abspath(path), "sha256": digest})
+    progress(f"dequantizing {os.path.basename(path)} ({config.model_type})")
+    tensors = dequantized_tensors(stored, config)
+    return Checkpoint(config, tensors, tokenizer, {"kind": "gguf", "path": os.path.abspath(path), "sha256": digest})
 
 
 def save_hf_dir(ckpt: Checkpoint, path: str) -> None:
     """Write a checkpoint as a plain Hugging Face directory (safetensors), e.g. for peers that need one."""
-    from safetensors.numpy import save_file
     os.makedirs(path, exist_ok=True)
     c = ckpt.config
     hf = {"architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",

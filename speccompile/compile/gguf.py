@@ -1,0 +1,148 @@
+"""Read a GGUF file without torch: its config, tokenizer and tensors, with the `gguf` package's reader and
+dequantization.
+
+The config keys and the q/k row order follow transformers' GGUF loader (integrations/ggml.py and
+modeling_gguf_pytorch_utils.py), so a GGUF compiles to the same bundle either way.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import gguf
+import numpy as np
+
+from speccompile.compile.config import ModelConfig
+from speccompile.compile.gguf_tokenizer import tokenizer_files
+from speccompile.errors import CheckpointError, UnsupportedModelError
+
+# general.architecture values read; a "llama" file whose general.name says mistral is Mistral, as transformers
+# decides.
+GGUF_ARCHITECTURES = ("llama", "qwen2")
+
+# GGUF key (after the "<arch>." prefix) -> Hugging Face config key, as transformers' GGUF_CONFIG_MAPPING has it.
+CONFIG_KEYS = {
+    "context_length": "max_position_embeddings",
+    "block_count": "num_hidden_layers",
+    "feed_forward_length": "intermediate_size",
+    "embedding_length": "hidden_size",
+    "rope.freq_base": "rope_theta",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "vocab_size": "vocab_size",
+}
+# transformers reads head_dim from rope.dimension_count for llama/mistral only (Qwen2 rotates whole heads).
+HEAD_DIM_KEY = {"llama": "rope.dimension_count", "mistral": "rope.dimension_count"}
+# Defaults transformers' config classes supply where the GGUF says nothing.
+CONFIG_DEFAULTS = {"mistral": {"sliding_window": 4096}, "qwen2": {"use_sliding_window": False}}
+
+GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+BLOCK_TENSORS = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+
+
+@dataclasses.dataclass
+class GGUFTensor:
+    """One tensor as stored: raw rows (blocks for quantized types) in Hugging Face row order."""
+    ggml_type: gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # Hugging Face shape, e.g. [N, K] for a linear layer
+    raw: np.ndarray  # uint8 block rows for quantized types, the values for F32/F16
+
+    def dequantize(self) -> np.ndarray:
+        return np.asarray(gguf.quants.dequantize(self.raw, self.ggml_type), np.float32).reshape(self.shape)
+
+
+def open_gguf(path: str) -> gguf.GGUFReader:
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise CheckpointError(f"{path}: not a GGUF file (bad magic)")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError/IndexError/... on truncated or corrupt files
+        raise CheckpointError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
+
+
+def read_metadata(reader: gguf.GGUFReader) -> dict:
+    return {key: field.contents() for key, field in reader.fields.items()}
+
+
+def model_type(meta: dict) -> str:
+    arch = meta.get("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise UnsupportedModelError(f"unsupported GGUF architecture {arch!r}; supported: "
+                                    f"{', '.join(GGUF_ARCHITECTURES)}")
+    return "mistral" if arch == "llama" and "mistral" in str(meta.get("general.name", "")).lower() else arch
+
+
+def hf_config(meta: dict, tensor_names: set[str]) -> dict:
+    """The Hugging Face config dict transformers builds from this GGUF's metadata."""
+    arch, mtype = meta["general.architecture"], model_type(meta)
+    keys = CONFIG_KEYS | ({HEAD_DIM_KEY[mtype]: "head_dim"} if mtype in HEAD_DIM_KEY else {})
+    hf = {"model_type": mtype, **CONFIG_DEFAULTS.get(mtype, {}),
+          "tie_word_embeddings": "output.weight" not in tensor_names}
+    hf |= {hf_key: meta[f"{arch}.{key}"] for key, hf_key in keys.items() if f"{arch}.{key}" in meta}
+    if "vocab_size" not in hf and "tokenizer.ggml.tokens" in meta:
+        hf["vocab_size"] = len(meta["tokenizer.ggml.tokens"])
+    # transformers leaves these at its config class's defaults; the file's own ids are the ones its tokenizer uses
+    hf["bos_token_id"] = meta.get("tokenizer.ggml.bos_token_id")
+    hf["eos_token_id"] = meta.get("tokenizer.ggml.eos_token_id")
+    return hf
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    stem, _, suffix = gguf_name.rpartition(".")
+    if stem in GLOBAL_TENSORS:
+        return f"{GLOBAL_TENSORS[stem]}.{suffix}"
+    parts = stem.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in BLOCK_TENSORS:
+        return f"model.layers.{parts[1]}.{BLOCK_TENSORS[parts[2]]}.{suffix}"
+    return None
+
+
+def unpermute_rope_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (convert_hf_to_gguf.py's permute): within each head it interleaved
+    the two rotary halves; rows may be values or raw block rows, since whole rows move."""
+    w = rows.reshape(n_head, rows.shape[0] // n_head // 2, 2, *rows.shape[1:])
+    return w.swapaxes(2, 1).reshape(rows.shape)
+
+
+def read_tensors(reader: gguf.GGUFReader, cfg: ModelConfig) -> dict[str, GGUFTensor]:
+    """Every tensor as stored, under its Hugging Face name, q/k rows back in Hugging Face order."""
+    out = {}
+    for t in reader.tensors:
+        name = hf_tensor_name(t.name)
+        if name is None:
+            if t.name == "rope_freqs.weight":
+                raise UnsupportedModelError(f"GGUF tensor {t.name}: scaled RoPE is not lowered")
+            continue  # llama.cpp extras transformers drops too
+        raw = t.data
+        if cfg.model_type in ("llama", "mistral") and (".attn_q." in t.name or ".attn_k." in t.name):
+            heads = cfg.num_attention_heads if ".attn_q." in t.name else cfg.num_key_value_heads
+            raw = unpermute_rope_rows(raw, heads)
+        out[name] = GGUFTensor(t.tensor_type, tuple(int(d) for d in reversed(t.shape)), raw)
+    return out
+
+
+def dequantized_tensors(tensors: dict[str, GGUFTensor], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    out = {name: t.dequantize() for name, t in tensors.items()}
+    if cfg.tie_word_embeddings and "model.embed_tokens.weight" in out:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]  # as a tied model's state_dict lists it
+    return out
+
+
+def read_gguf(path: str) -> tuple[ModelConfig, dict[str, GGUFTensor], dict[str, bytes]]:
+    """(config, tensors as stored, tokenizer files) of a GGUF file; every failure names the file."""
+    reader = open_gguf(path)
+    meta = read_metadata(reader)
+    if "general.architecture" not in meta:
+        raise CheckpointError(f"{path}: GGUF without general.architecture (truncated, or not a model file)")
+    try:
+        config = ModelConfig.from_hf(hf_config(meta, {t.name for t in reader.tensors}))
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{path}: {e}") from None
+    return config, read_tensors(reader, config), tokenizer_files(meta)

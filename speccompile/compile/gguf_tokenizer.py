@@ -1,0 +1,129 @@
+"""A GGUF's tokenizer (tokenizer.ggml.* metadata) as tokenizer.json + tokenizer_config.json, built with the
+`tokenizers` library the way transformers' GGUF tokenizer conversion builds it (integrations/gguf/
+gguf_tokenizer_mapping.py and the tokenizer classes it hands the vocabulary to), so the bundle encodes alike.
+
+Two kinds: "gpt2" (byte-level BPE with merges: SmolLM2, Llama 3, Qwen2) and "llama" (sentencepiece BPE with
+byte fallback: Llama 2, Mistral, TinyLlama).
+"""
+from __future__ import annotations
+
+import json
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from speccompile.errors import UnsupportedModelError
+
+# Pre-tokenizer splits for byte-level vocabularies whose merges were learned on other than GPT-2's regex
+# (tokenizer.ggml.pre); other byte-level files use ByteLevel's own regex.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZER_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
+                        "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT,
+                        "deepseek-r1-qwen": _QWEN2_SPLIT}
+CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
+SPECIAL_IDS = (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
+               ("pad_token", "padding_token_id"))
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, in which byte-level vocabularies are spelled."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(extra)}
+
+
+def byte_level_tokenizer(meta: dict) -> tuple[Tokenizer, set[str] | None]:
+    """tokenizer.ggml.model "gpt2": byte-level BPE with the file's merges. Returns the byte alphabet too: a
+    "control" token spelled outside it is a llama.cpp mislabel that transformers leaves out."""
+    spelling = bytes_to_unicode()
+    alphabet = set(spelling.values())
+    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
+             for i, t in enumerate(meta["tokenizer.ggml.tokens"])}
+    merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges", [])]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="",
+                               fuse_unk=False, dropout=None))
+    split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
+    tok.pre_tokenizer = (pre_tokenizers.ByteLevel(add_prefix_space=bool(meta.get("tokenizer.ggml.add_space_prefix")))
+                         if split is None else
+                         pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
+    tok.decoder = decoders.ByteLevel()
+    return tok, alphabet
+
+
+def scored_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """Merges a sentencepiece vocabulary implies: every split of a token into two tokens, best score first
+    (transformers' generate_merges, so ties break the same way)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for token, score in dict(zip(tokens, scores)).items():
+        pairs = [(token[:i], token[i:], score) for i in range(1, len(token))
+                 if token[:i] in vocab and token[i:] in vocab]
+        merges += sorted(pairs, key=lambda p: (vocab[p[0]], vocab[p[1]]))
+    merges.sort(key=lambda p: (p[2], len(p[0]), len(p[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
+
+
+def sentencepiece_tokenizer(meta: dict) -> tuple[Tokenizer, None]:
+    """tokenizer.ggml.model "llama": BPE over "▁"-spelled pieces with byte fallback (transformers' LlamaTokenizer,
+    non-legacy: a prefix space before the first piece only)."""
+    tokens = meta["tokenizer.ggml.tokens"]
+    merges = ([tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]] if "tokenizer.ggml.merges" in meta
+              else scored_merges(tokens, meta["tokenizer.ggml.scores"]))
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=True,
+                               byte_fallback=True, dropout=None))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(content=" ", left=1)])
+    return tok, None
+
+
+BUILDERS = {"gpt2": byte_level_tokenizer, "llama": sentencepiece_tokenizer}
+
+
+def add_special_tokens(tok: Tokenizer, meta: dict, special: dict[str, str], alphabet: set[str] | None) -> None:
+    """Control tokens and the named special tokens stay whole and are skipped in decoding; user-defined ones
+    stay whole but are text."""
+    tokens = meta["tokenizer.ggml.tokens"]
+    types = meta.get("tokenizer.ggml.token_type") or [0] * len(tokens)
+    control = [t for t, k in zip(tokens, types) if k == CONTROL and (alphabet is None or set(t) <= alphabet)]
+    named = [t for t in special.values() if t not in control]
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control + named])
+    vocab = tok.get_vocab()
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types)
+                    if k == USER_DEFINED and t in vocab])
+
+
+def set_post_processor(tok: Tokenizer, config: dict, special: dict[str, str]) -> None:
+    """BOS/EOS added around a sequence as tokenizer_config says (transformers' update_post_processor)."""
+    ends = [(name, special[name]) for name in ("bos_token", "eos_token")
+            if config[f"add_{name[:3]}_token"] and name in special]
+    bos = [t for name, t in ends if name == "bos_token"]
+    eos = [t for name, t in ends if name == "eos_token"]
+    single = " ".join([f"{t}:0" for t in bos] + ["$A:0"] + [f"{t}:0" for t in eos])
+    pair = " ".join([single] + [f"{t}:1" for t in bos] + ["$B:1"] + [f"{t}:1" for t in eos])
+    tok.post_processor = processors.TemplateProcessing(single=single, pair=pair,
+                                                       special_tokens=[(t, tok.token_to_id(t)) for _, t in ends])
+
+
+def tokenizer_files(meta: dict) -> dict[str, bytes]:
+    """tokenizer.json and tokenizer_config.json (chat template, special tokens) built from tokenizer.ggml.*."""
+    kind = meta.get("tokenizer.ggml.model")
+    if kind not in BUILDERS:
+        raise UnsupportedModelError(f"GGUF tokenizer {kind!r}: supported are {', '.join(BUILDERS)}; "
+                                    "convert the model to a Hugging Face directory instead")
+    tokens = meta["tokenizer.ggml.tokens"]
+    special = {name: tokens[meta[f"tokenizer.ggml.{key}"]] for name, key in SPECIAL_IDS
+               if meta.get(f"tokenizer.ggml.{key}") is not None}
+    # older sentencepiece files carry no flag, and llama.cpp adds BOS to them
+    config = {**special, "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")),
+              "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False))}
+    if "tokenizer.chat_template" in meta:
+        config["chat_template"] = meta["tokenizer.chat_template"]
+    tok, alphabet = BUILDERS[kind](meta)
+    add_special_tokens(tok, meta, special, alphabet)
+    set_post_processor(tok, config, special)
+    return {"tokenizer.json": tok.to_str().encode(), "tokenizer_config.json": json.dumps(config, indent=2).encode()}
