@@ -39,7 +39,7 @@ greedy; so a caller of the plain contract above feeds none of them)
   top_k            int64   [1]                0 = off (top-p is not in the graph: the runtime keeps it on the host)
   uniforms         float64 [R, 2]             host draws in [0, 1), so a seed reproduces a run: [r, 0] tests node r,
                                               [r, 1] draws the token after the path if it ends at r
-  full_logits      bool    [1]                (graphs with the exact greedy head, speccompile/head_screen.py) true:
+  full_logits      bool    [1]                (graphs with the exact greedy head, speccompile/compile/graph/head_screen.py) true:
                                               logits are float32 products; false, with temperature 0: logits are
                                               an int8 screen's estimates and next_token is still the exact argmax
                                               of the float32 logits (the head reads a quarter of the bytes)

@@ -97,7 +97,8 @@ def main(debug):
 @click.argument("model", required=False, default=None)
 @click.option("--out", "-o", required=True, type=click.Path(), help="Bundle directory to write.")
 @click.option("--draft", "drafts", multiple=True,
-              help="Drafter: mtp[:PATH] | model:PATH | lookup[:MAX_NGRAM] | layerskip:L | none. Repeat for several. "
+              help="Drafter: mtp[:PATH] | model:PATH | lookup[:N] | layerskip:L | eagle:PATH | eagle3:PATH | "
+                   "medusa:PATH | none. Repeat for several. "
                    "Default: the MTP head shipped for the target, if any, then lookup.")
 @click.option("--max-seq-len", default=2048, show_default=True, help="Static KV cache length (prompt + output).")
 @click.option("--num-draft", type=int, default=None,
@@ -193,42 +194,9 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, dr
 def inspect(bundle, no_verify):
     """Print a readable summary of BUNDLE."""
     from speccompile.format.bundle import read_manifest
-    m = read_manifest(bundle, verify_hashes=not no_verify)
-    src = m["source"]
-    click.echo(f"bundle      {bundle}  (format v{m['format_version']}, {m['created_by']})")
-    click.echo(f"source      {src['kind']} {src['path']}  sha256 {src['sha256'][:16]}")
-    click.echo(f"context     {m['max_seq_len']} tokens (static KV cache)")
-    for name, e in m["models"].items():
-        if e.get("kind") == "medusa":
-            click.echo(f"model       {name}: {e['graph']} ({e['num_heads']} Medusa heads), weights {e['weights']}")
-            continue
-        if "kv_cache" not in e:  # e.g. EAGLE-3's fc, fusing the target's layers
-            click.echo(f"model       {name}: {e['graph']} ({e['kind']}), weights {e['weights']}")
-            continue
-        c, kv = e["config"], e["kv_cache"]
-        kv_mb = 2 * kv["num_layers"] * kv["num_kv_heads"] * kv["max_seq_len"] * kv["head_dim"] * 4 / 2**20
-        click.echo(f"model       {name}: {e['graph']} ({c['model_type']}, {e['num_layers']} layers, hidden "
-                   f"{c['hidden_size']}, vocab {c['vocab_size']}), weights {e['weights']}, attention "
-                   f"{e['attention']}, KV cache {kv_mb:.1f} MiB")
-    for d in m["drafters"]:
-        extra = f", model {d['model']}" if "model" in d else ""
-        if d.get("tree"):
-            extra += f", tree {d['tree']['kind']} of {d['tree']['size']} nodes"
-        click.echo(f"drafter     {d['name']} ({d['kind']}, {d['num_draft']} tokens per pass{extra})")
-    if not m["drafters"]:
-        click.echo("drafter     none (plain decoding only)")
-    total = sum(f["bytes"] for f in m["files"].values())
-    click.echo(f"files       {len(m['files'])} files, {total / 2**20:.1f} MiB, every file listed, sha256 "
-               f"{'not checked' if no_verify else 'verified'}")
-    if "runtime" in m:
-        domains = ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in m["runtime"]["op_domains"].items())
-        click.echo(f"runtime     built with onnxruntime {m['runtime']['onnxruntime']}; graphs import {domains}")
-    target = m["models"]["target"]
-    click.echo("inputs      " + ", ".join(f"{i['name']}{i['shape']}" for i in target["inputs"][:5]) +
-               f", past_key/value.0..{target['num_layers'] - 1}")
-    click.echo("outputs     " + ", ".join(f"{o['name']}{o['shape']}" for o in target["outputs"][:2]) +
-               f", present_key/value.0..{target['num_layers'] - 1}")
-
+    from speccompile.format.summary import describe
+    for line in describe(bundle, read_manifest(bundle, verify_hashes=not no_verify), verified=not no_verify):
+        click.echo(line)
 
 
 def _csv(value: str | None) -> tuple[str, ...]:

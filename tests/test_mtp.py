@@ -71,7 +71,7 @@ def torch_mtp_reference(cfg, target_tensors, head, hidden, tokens, positions):
 
 @pytest.mark.parametrize("precision", ["float32", "int8"])
 def test_mtp_graph_matches_torch(mtp_bundle, precision):
-    """float32: to rounding. int8 (the default, speccompile.compile.int8): int8 weights and activations, so logits within
+    """float32: to rounding. int8 (the default, speccompile.compile.quantize.int8): int8 weights and activations, so logits within
     a few percent of their range and the same top token for nearly every row."""
     out, head, _, exact = mtp_bundle
     out = exact if precision == "float32" else out
@@ -215,7 +215,7 @@ def test_medusa_graph_matches_numpy(tmp_path, precision, output):
     ck = load_checkpoint("tiny:llama")
     cfg = ck.config
     heads = medusa_heads(cfg, K=2, layers=2)
-    if output == "target's":  # as tools/train_medusa.py writes it: the target's head in float16
+    if output == "target's":  # as `train-head --arch medusa` writes it: the target's head in float16
         for k in range(2):
             heads[f"{k}.2.weight"] = ck.tensors["model.embed_tokens.weight"].astype(np.float16)
     safetensors_numpy.save_file(heads, str(tmp_path / "m.safetensors"))

@@ -96,7 +96,7 @@ def test_chat_template_and_text(smol):
 
 
 def test_screened_head_is_the_exact_argmax(smol):
-    """The default target's greedy passes take the int8 screen (speccompile/head_screen.py): over real decoding,
+    """The default target's greedy passes take the int8 screen (compile/graph/head_screen.py): over real decoding,
     one row and nine rows per pass, its next_token is the argmax of the float32 logits, while the logits it
     returns are the screen's estimates."""
     eng = smol.target

@@ -41,5 +41,5 @@ PY
 fi
 
 bench "$result"
-# Thresholds: see README, "Benchmarks and the CI gate".
+# Thresholds: see docs/design.md, "The CI gate's method", and docs/results.md, "The CI gate's thresholds".
 speccompile gate "$result" --baseline "$baseline" --max-regression 0.06 --min-speedup 1.2 --min-accepted 1.4

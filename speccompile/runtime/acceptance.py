@@ -16,7 +16,7 @@ Either way the committed tokens have exactly the target's distribution p (after 
 
 The sampled rules read their uniforms through `Uniform` (row, use): use 0 is a node's test at its own row, use 1
 the draw after the path at its end's row. The runtime passes `sequential(rng)`; `from_table(u)` reads a [rows, 2]
-table as the in-graph rule (speccompile.compile.verify) does, so the two can be compared draw for draw.
+table as the in-graph rule (speccompile.compile.graph.verify) does, so the two can be compared draw for draw.
 """
 from __future__ import annotations
 

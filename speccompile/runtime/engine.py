@@ -111,7 +111,7 @@ class Engine:
         self.aux = np.zeros((MAX_STEP_TOKENS, aux), np.float32) if aux else None  # what EAGLE heads read
         self.verify_feed = {"node_parents": np.zeros(max_rows, np.int64), "temperature": np.zeros(1, np.float32),
                             "top_k": np.zeros(1, np.int64), "uniforms": np.zeros((max_rows, 2))}
-        # a graph with the exact greedy head (speccompile.compile.head_screen) takes full_logits: false lets a greedy pass
+        # a graph with the exact greedy head (compile/graph/head_screen.py) takes full_logits: false lets a greedy pass
         # read a quarter of the head's bytes; its logits are then estimates, its next_token still exact
         optional = {i.name for i in self.session.get_overridable_initializers()}  # inputs with defaults
         self._full_logits = np.ones(1, bool) if "full_logits" in optional else None

@@ -1,5 +1,5 @@
 """`eagle:PATH` / `eagle3:PATH`: EAGLE-1/2 and EAGLE-3 heads from their public safetensors layouts (a file, or a
-directory with its config.json); the heads' math is in speccompile.compile.eagle.
+directory with its config.json); the heads' weights are lowered in speccompile.compile.weights.eagle.
 
 A head reads features of the target: EAGLE-1 the output of its final norm ("norm"), EAGLE-3 the residual stream
 entering three of its layers (`eagle_aux_hidden_state_layer_ids` in the head's config.json, by default 2, L//2

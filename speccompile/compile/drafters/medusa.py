@@ -1,5 +1,5 @@
 """`medusa:PATH`: Medusa heads (FasterDecoding/Medusa `medusa_lm_head.safetensors`; the heads' math is in
-speccompile.compile.medusa), one graph over medusa.bin that reads the target's last hidden state.
+speccompile.compile.graph.medusa), one graph over medusa.bin that reads the target's last hidden state.
 
 Public layout: `{k}.{j}.linear.weight|bias` for head k's residual blocks and `{k}.{L}.weight` for its output
 matrix, optionally under a `medusa_head.` prefix.
@@ -80,7 +80,7 @@ def load_medusa(path: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
 
 def share_target_head(weights: dict[str, np.ndarray], target_head: np.ndarray) -> dict[str, np.ndarray]:
     """Without the heads' output matrices when every one is the target's own output head (Medusa-1 trained with
-    the lm_head frozen, as tools/train_medusa.py does): the graph then scores all K heads in one product over the
+    the lm_head frozen, as `speccompile train-head --arch medusa` does): the graph then scores all K heads in one product over the
     target's head, read once per drafting pass instead of K times. A head
     stored in float16 matches when it is the target's head rounded to float16."""
     outs = [k for k in weights if k.endswith(".out")]
@@ -94,7 +94,7 @@ def share_target_head(weights: dict[str, np.ndarray], target_head: np.ndarray) -
 
 
 def int8_medusa(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The heads' matrices in int8 (speccompile.compile.int8; drafts need not be exact)."""
+    """The heads' matrices in int8 (speccompile.compile.quantize.int8; drafts need not be exact)."""
     blocks = [k for k in weights if k.endswith(".w")]
     return quantize_matrices(quantize_matrices(weights, blocks), [k for k in weights if k.endswith(".out")],
                              layout="nk")

@@ -9,7 +9,7 @@ output is normalised:
     EAGLE-3            attention on [input_layernorm(embed(x)); hidden_norm(f)], residual f;  norm;  own head over a
                        draft vocabulary mapped back by d2t.  Its fc over the target's three layers is its own graph.
 
-Weights are named mtp.* (speccompile.compile.weights for MTP, speccompile.compile.eagle for EAGLE); the embedding,
+Weights are named mtp.* (speccompile.compile.weights for MTP, speccompile.compile.drafters.eagle for EAGLE); the embedding,
 RoPE tables and, without a head of its own, the output head are the target's.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Medusa heads in one graph (speccompile.compile.medusa describes the architecture and the layout):
+"""Medusa heads in one graph (speccompile.compile.drafters.medusa describes the architecture and the layout):
 
     h = final_norm(hidden);  for each block: h = h + SiLU(W h + b);  logits_k = W_out_k h
 """

@@ -1,4 +1,4 @@
-"""EAGLE heads' weights (speccompile.compile.eagle reads the files; graph/draft_heads.py runs them): checked and
+"""EAGLE heads' weights (speccompile.compile.drafters.eagle reads the files; graph/draft_heads.py runs them): checked and
 packed into mtp.* names, as the head graphs read them, and EAGLE-3's fc as mtp.eagle3.fc."""
 from __future__ import annotations
 

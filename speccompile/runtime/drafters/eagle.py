@@ -1,4 +1,4 @@
-"""EAGLE-1/2 and EAGLE-3 heads as drafters (layouts: speccompile/eagle.py).
+"""EAGLE-1/2 and EAGLE-3 heads as drafters (layouts: speccompile/compile/drafters/eagle.py).
 
 Drafting is the MTP head's (drafters/mtp.py): the head's own KV cache holds one slot per committed pair (f_t,
 x_{t+1}); it drafts autoregressively on its own output features, and trees grow by top-k per depth (EAGLE-2's
