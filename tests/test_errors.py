@@ -419,3 +419,14 @@ def test_os_and_onnxruntime_errors_are_error_lines(tiny_bundle, tmp_path, monkey
         raise onnxruntime.capi.onnxruntime_pybind11_state.RuntimeException("[ONNXRuntimeError] : 6 : boom\nline 2")
     monkeypatch.setattr(onnxruntime.InferenceSession, "run_with_iobinding", run_fails)
     assert_cli_error(cli("generate", tiny_bundle, "hi"), "onnxruntime", "boom line 2")
+
+
+def test_a_draft_head_graph_onnxruntime_cannot_load_is_a_bundle_error(tmp_path):
+    """Draft heads' own sessions (Medusa, EAGLE-3's fc) open through the engine's one door: a corrupt graph is one
+    BundleError, not onnxruntime's exception."""
+    from speccompile.errors import BundleError
+    from speccompile.runtime.engine import open_session, session_options
+    bad = tmp_path / "medusa.onnx"
+    bad.write_bytes(b"\x08\x07not a model")
+    with pytest.raises(BundleError, match="cannot load medusa.onnx"):
+        open_session(str(bad), session_options(1), ["CPUExecutionProvider"])

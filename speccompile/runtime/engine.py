@@ -41,6 +41,15 @@ def session_options(threads: int | None, prepack: bool = True) -> ort.SessionOpt
     return so
 
 
+def open_session(path: str, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    """Every graph of a bundle is opened here, so a graph onnxruntime cannot load is one BundleError."""
+    try:
+        return ort.InferenceSession(path, options, providers=providers)
+    except Exception as e:  # onnxruntime's error types (Fail, InvalidProtobuf, InvalidGraph, ...) share no base
+        raise BundleError(f"onnxruntime cannot load {os.path.basename(path)} (corrupt, or built for another "
+                          f"onnxruntime: rebuild the bundle): {e}") from None
+
+
 PROVIDERS = {"cpu": ["CPUExecutionProvider"],
              "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
              "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -72,11 +81,7 @@ class Engine:
         self.max_seq_len = kv["max_seq_len"]
         path = resolve_inside(bundle_dir, entry["graph"])
         providers = providers_for(device)
-        try:
-            self.session = ort.InferenceSession(path, session_options(threads, prepack), providers=providers)
-        except Exception as e:  # onnxruntime's error types (Fail, InvalidProtobuf, InvalidGraph, ...) share no base
-            raise BundleError(f"onnxruntime cannot load {entry['graph']} (corrupt, or built for another "
-                              f"onnxruntime: rebuild the bundle): {e}") from None
+        self.session = open_session(path, session_options(threads, prepack), providers)
         self.cache = KVCache(self.num_layers, kv["num_kv_heads"], self.max_seq_len, kv["head_dim"])
         # a graph with the verify extension (speccompile.graphs) accepts drafts itself (`verify`); the generator
         # uses it while `verifies` is true (set it false to compare with acceptance on the host)

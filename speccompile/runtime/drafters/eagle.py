@@ -15,7 +15,7 @@ from speccompile.errors import BundleError
 from speccompile.format.bundle import resolve_inside
 from speccompile.runtime.drafters.base import RuntimeContext
 from speccompile.runtime.drafters.mtp import MtpDrafter
-from speccompile.runtime.engine import Engine, session_options
+from speccompile.runtime.engine import Engine, open_session, session_options
 
 
 def load(entry: dict, ctx: RuntimeContext) -> "EagleDrafter":
@@ -30,8 +30,8 @@ def load(entry: dict, ctx: RuntimeContext) -> "EagleDrafter":
     cols = np.concatenate([np.arange(H) + H * have.index(t) for t in head["target_features"]])
     fuse = None
     if entry.get("fuse_model"):
-        fuse = ort.InferenceSession(resolve_inside(ctx.bundle_dir, models[entry["fuse_model"]]["graph"]),
-                                    session_options(ctx.threads), providers=["CPUExecutionProvider"])
+        fuse = open_session(resolve_inside(ctx.bundle_dir, models[entry["fuse_model"]]["graph"]),
+                            session_options(ctx.threads), ["CPUExecutionProvider"])
     engine = Engine(ctx.bundle_dir, head, ctx.threads, ctx.device, max_rows=ctx.max_rows)
     return EagleDrafter(entry["name"], engine, cols, fuse, head.get("draft_to_target"), ctx.target.vocab_size)
 

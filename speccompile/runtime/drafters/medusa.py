@@ -4,12 +4,11 @@ best. No KV cache: the heads see one hidden state."""
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 
 from speccompile.format.bundle import resolve_inside
 from speccompile.format.trees import TreeSpec
 from speccompile.runtime.drafters.base import Drafter, Proposal, RuntimeContext
-from speccompile.runtime.engine import session_options
+from speccompile.runtime.engine import open_session, session_options
 
 
 def load(entry: dict, ctx: RuntimeContext) -> "MedusaDrafter":
@@ -21,8 +20,8 @@ class MedusaDrafter(Drafter):
 
     def __init__(self, name: str, bundle_dir: str, entry: dict, threads: int | None, max_seq_len: int):
         self.name = name
-        self.session = ort.InferenceSession(resolve_inside(bundle_dir, entry["graph"]), session_options(threads),
-                                            providers=["CPUExecutionProvider"])
+        self.session = open_session(resolve_inside(bundle_dir, entry["graph"]), session_options(threads),
+                                    ["CPUExecutionProvider"])
         self.num_heads = entry["num_heads"]
         self.h = np.zeros((max_seq_len, entry["config"]["hidden_size"]), np.float32)
 
