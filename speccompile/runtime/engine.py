@@ -23,12 +23,11 @@ BIAS_WIDTH_STEP = 64  # the attention bias's width grows in steps of this many s
 def session_options(threads: int | None, prepack: bool = True) -> ort.SessionOptions:
     """prepack=False keeps a session's matrices in the memory-mapped weight file, shared with every other session
     that maps it; pre-packing gives the session a private re-laid-out copy, which makes the multi-row products of
-    verification 2-3x faster on CPU (single-row products gain nothing)."""
+    verification much faster on CPU (single-row products gain nothing; docs/results.md has the figures)."""
     so = ort.SessionOptions()
-    # Workers may spin between the ops of a pass (onnxruntime's default; spinning or sleeping measured the same for
-    # plain decoding on 2 cores), but stop spinning the moment a pass returns: target and drafters alternate on the
-    # same cores, and a finished session's spinning workers would steal them from the one running next (measured
-    # without the stop: MTP drafting at half speed, 21.8 against 47.6 tok/s).
+    # Workers may spin between the ops of a pass (onnxruntime's default), but stop spinning the moment a pass
+    # returns: target and drafters alternate on the same cores, and a finished session's spinning workers would
+    # steal them from the one running next (docs/results.md, "Drafter defaults and runtime constants").
     so.add_session_config_entry("session.intra_op.allow_spinning", "1")
     so.add_session_config_entry("session.force_spinning_stop", "1")
     if not prepack:
