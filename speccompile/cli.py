@@ -100,7 +100,8 @@ def main(debug):
               help="Drafter: mtp[:PATH] | model:PATH | lookup[:N] | layerskip:L | eagle:PATH | eagle3:PATH | "
                    "medusa:PATH | none. Repeat for several. "
                    "Default: the MTP head shipped for the target, if any, then lookup.")
-@click.option("--max-seq-len", default=2048, show_default=True, help="Static KV cache length (prompt + output).")
+@click.option("--max-seq-len", type=int, default=None,
+              help="Static KV cache length (prompt + output) [default: 2048, or the model's context if shorter].")
 @click.option("--num-draft", type=int, default=None,
               help="Tokens each drafter proposes per verify pass, as a chain [default: 4; MTP heads: the "
                    "tree dynamic:2+lookup:6 unless --num-draft or --tree is given].")

@@ -9,16 +9,12 @@ import dataclasses
 import math
 from typing import Any
 
+from speccompile.compile.families import FAMILIES, family_fields
 from speccompile.errors import ConfigError, UnsupportedModelError
 
-# Architectures whose decoder block is the Llama block, differing only in the facts ModelConfig records.
-SUPPORTED_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "deepseek_v3": "DeepseekV3ForCausalLM",
-    "mixtral": "MixtralForCausalLM",
-}
+# Architectures lowered: the Llama block and its variants, each differing only in the facts compile/families.py
+# records and ModelConfig carries.
+SUPPORTED_ARCHITECTURES = {name: fam.architecture for name, fam in FAMILIES.items()}
 
 # DeepSeek-V3 facts (multi-head latent attention, routed mixture of experts), None/0 for Llama-family models.
 MLA_MOE_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
@@ -40,7 +36,7 @@ POSITIVE = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers
             "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window", "q_lora_rank", "n_group",
             "topk_group"}
 CHOICES = {"model_type": tuple(SUPPORTED_ARCHITECTURES), "router_scoring": ("sigmoid", "softmax"),
-           "mla_cache": ("latent", "expanded")}
+           "mla_cache": ("latent", "expanded"), "hidden_act": ("silu", "gelu_tanh")}
 _REQUIRED = object()
 
 
@@ -107,9 +103,26 @@ class ModelConfig:
     num_nextn_predict_layers: int = 0
     router_scoring: str = "sigmoid"  # MoE router: DeepSeek-V3 "sigmoid" (+ correction bias), Mixtral "softmax"
     mla_cache: str = "latent"  # what an MLA model's static cache stores: "latent" or "expanded" K/V
+    # the facts of compile/families.py: RoPE parameters (rope.py; rope_local: sliding layers' own), the share of
+    # each head rotated, each layer's type where some slide (sliding_window), per-head q/k norms, RMSNorm weights
+    # stored as (scale - norm_offset), norms after attention and MLP, the MLP's activation, the embedding's scale,
+    # and a factor on the softmax scale 1/sqrt(head_dim)
+    rope: dict | None = None
+    rope_local: dict | None = None
+    partial_rotary_factor: float = 1.0
+    layer_types: tuple = ()
+    qk_norm: bool = False
+    norm_offset: float = 0.0
+    sandwich_norms: bool = False
+    hidden_act: str = "silu"
+    embed_scale: float = 1.0
+    attn_scale_factor: float = 1.0
 
     def __post_init__(self):
         """Types and ranges, checked before anything is sized from them (however the config was made)."""
+        if self.rope is None:
+            object.__setattr__(self, "rope", {"rope_type": "default", "rope_theta": self.rope_theta})
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
         kinds = {"int": int, "int | None": int, "float": float, "bool": bool}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -164,7 +177,14 @@ class ModelConfig:
 
     @property
     def rope_dim(self) -> int:
-        return self.qk_rope_head_dim if self.is_mla else self.head_dim
+        """Channels of a head that RoPE rotates (the first ones; Phi-3's partial_rotary_factor rotates a share)."""
+        return self.qk_rope_head_dim if self.is_mla else int(self.head_dim * self.partial_rotary_factor)
+
+    def is_sliding(self, layer: int) -> bool:
+        """Layer `layer` attends only the last sliding_window positions."""
+        if not self.sliding_window:
+            return False
+        return not self.layer_types or self.layer_types[layer] == "sliding_attention"
 
     def is_moe_layer(self, i: int) -> bool:
         return self.n_routed_experts > 0 and i >= self.first_k_dense_replace
@@ -204,17 +224,8 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"unsupported architecture {model_type!r:.60} (architectures={hf.get('architectures')!r:.80}); "
                 f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
-        rope = hf.get("rope_scaling") or {}
-        rope_params = hf.get("rope_parameters") or {}
-        if not isinstance(rope, dict) or not isinstance(rope_params, dict):
-            raise ConfigError("config: rope_scaling and rope_parameters must be objects")
-        rope_type = rope.get("rope_type", rope.get("type")) or rope_params.get("rope_type", "default")
-        if rope_type not in (None, "default"):
-            raise UnsupportedModelError(f"unsupported RoPE scaling {rope_type!r} in {model_type} config")
         if hf.get("mlp_bias"):
             raise UnsupportedModelError("unsupported: mlp_bias=true")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise UnsupportedModelError(f"unsupported activation {hf.get('hidden_act')!r} (only silu)")
         heads = _config_value(hf, "num_attention_heads", int)
         hidden = _config_value(hf, "hidden_size", int)
         if heads <= 0 or hidden <= 0:
@@ -222,6 +233,9 @@ class ModelConfig:
         if hf.get("head_dim") is None and hidden % heads:
             raise ConfigError(f"config: hidden_size = {hidden} is not a multiple of num_attention_heads = {heads} "
                               "(and no head_dim is given)")
+        num_layers = _config_value(hf, "num_hidden_layers", int)
+        head_dim = _config_value(hf, "head_dim", int, hidden // heads)
+        facts = family_fields(hf, model_type, num_layers, head_dim)
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         config = cls(
@@ -229,20 +243,17 @@ class ModelConfig:
             vocab_size=_config_value(hf, "vocab_size", int),
             hidden_size=hidden,
             intermediate_size=_config_value(hf, "intermediate_size", int),
-            num_hidden_layers=_config_value(hf, "num_hidden_layers", int),
+            num_hidden_layers=num_layers,
             num_attention_heads=heads,
             num_key_value_heads=_config_value(hf, "num_key_value_heads", int, heads),
-            head_dim=_config_value(hf, "head_dim", int, hidden // heads),
+            head_dim=head_dim,
             rms_norm_eps=_config_value(hf, "rms_norm_eps", float, 1e-6),
-            rope_theta=float(_config_value(hf, "rope_theta", float, 0.0) or
-                             _config_value(rope_params, "rope_theta", float, 10000.0)),
             max_position_embeddings=_config_value(hf, "max_position_embeddings", int, 4096),
             tie_word_embeddings=_config_value(hf, "tie_word_embeddings", bool, False),
-            qkv_bias=(model_type == "qwen2") or _config_value(hf, "attention_bias", bool, False),
+            qkv_bias=FAMILIES[model_type].qkv_bias or _config_value(hf, "attention_bias", bool, False),
             bos_token_id=_config_value(hf, "bos_token_id", int, None),
             eos_token_ids=eos_ids,
-            sliding_window=(_config_value(hf, "sliding_window", int, None)
-                            if _config_value(hf, "use_sliding_window", bool, True) else None),
+            **facts,
             **({k: hf[k] for k in MLA_MOE_FIELDS if hf.get(k) is not None}
                if model_type == "deepseek_v3" else {}),
             **(dict(n_routed_experts=_config_value(hf, "num_local_experts", int),
@@ -262,11 +273,8 @@ class ModelConfig:
             if self.n_routed_experts and self.n_routed_experts % self.n_group:
                 raise UnsupportedModelError("n_routed_experts must be a multiple of n_group")
             return
-        if self.head_dim % 16:
-            raise UnsupportedModelError(f"head_dim {self.head_dim} is not a multiple of 16 (fused rotary attention)")
+        if self.head_dim % 16 or self.rope_dim % 16:
+            raise UnsupportedModelError(f"head_dim {self.head_dim} (rotated: {self.rope_dim}) is not a multiple of "
+                                        "16 (fused rotary attention)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise UnsupportedModelError("num_attention_heads must be a multiple of num_key_value_heads")
-        if self.sliding_window and max_seq_len > self.sliding_window:
-            raise UnsupportedModelError(
-                f"--max-seq-len {max_seq_len} exceeds the model's sliding window {self.sliding_window}; "
-                "sliding-window attention is not lowered, so compile with a context within the window")

@@ -21,7 +21,7 @@ from speccompile.compile import trt_backend
 from speccompile.compile.checkpoint import Checkpoint, tokenizer_fingerprint
 from speccompile.compile.config import ModelConfig
 from speccompile.compile.drafters import build_half
-from speccompile.compile.drafters.base import BuildOptions, DrafterBuild, Graph, TargetBuild
+from speccompile.compile.drafters.base import DEFAULT_MAX_SEQ_LEN, BuildOptions, DrafterBuild, Graph, TargetBuild
 from speccompile.compile.graph.decoder import build_decoder
 from speccompile.compile.graph.head_screen import screenable
 from speccompile.compile.quantize.head_screen import quantize_head
@@ -62,7 +62,7 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
     t0 = time.perf_counter()
     opts, toolchain = _backend(BuildOptions(overwrite=overwrite, **options))
     tree_spec, specs = _check_request(opts, drafts)
-    target = _load(source, opts, progress)
+    target, opts = _load(source, opts, progress)
     if drafts is None:  # the shipped head first (its default tree joins lookup's drafts), then lookup alone
         specs = [DraftSpec("mtp")] if shipped_head(target) else []
         specs.append(DraftSpec("lookup"))
@@ -98,10 +98,13 @@ def _check_request(opts: BuildOptions, drafts: list[str] | None) -> tuple[TreeSp
     return tree_spec, specs
 
 
-def _load(source: str | None, opts: BuildOptions, progress) -> Checkpoint:
-    """Load pass: the target checkpoint, checked against the options that depend on it."""
+def _load(source: str | None, opts: BuildOptions, progress) -> tuple[Checkpoint, BuildOptions]:
+    """Load pass: the target checkpoint, checked against the options that depend on it (an unset --max-seq-len
+    becomes min(DEFAULT_MAX_SEQ_LEN, the model's context))."""
     progress("[1/4] load: reading the target checkpoint")
     target = load_checkpoint(source, progress)
+    if opts.max_seq_len is None:
+        opts = dataclasses.replace(opts, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, target.config.max_position_embeddings))
     if opts.mla_cache not in ("latent", "expanded"):
         raise SpeccompileError(f"--mla-cache {opts.mla_cache!r}: choose latent or expanded")
     if target.config.is_mla:
@@ -113,7 +116,7 @@ def _load(source: str | None, opts: BuildOptions, progress) -> Checkpoint:
                                f"max_position_embeddings ({cfg.max_position_embeddings})")
     progress(f"      {cfg.model_type}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
              f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, vocab {cfg.vocab_size}")
-    return target
+    return target, opts
 
 
 def _lower(target: Checkpoint, opts: BuildOptions, progress) -> dict:

@@ -11,13 +11,14 @@ from speccompile.compile.checkpoint import Checkpoint
 from speccompile.compile.config import ModelConfig
 from speccompile.graphs.builder import GraphBuilder
 
+DEFAULT_MAX_SEQ_LEN = 2048
 Graph = tuple[GraphBuilder, list[str]]  # a graph and the weight files its initializers live in
 
 
 @dataclasses.dataclass(frozen=True)
 class BuildOptions:
     """`speccompile build`'s settings (the CLI's options of the same names)."""
-    max_seq_len: int = 2048
+    max_seq_len: int | None = None  # None: min(DEFAULT_MAX_SEQ_LEN, the model's context)
     num_draft: int | None = None  # tokens per pass; None: each kind's default (and default tree)
     attention: str = "ort"  # the attention lowering (speccompile.plugins.tree_attention)
     fused: bool = True  # onnxruntime's fused kernels (the int8 head screen needs them)

@@ -36,6 +36,8 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
 
     s = open_graph(name, cfg, signature, weights, keep, attention, fused)
     h = s.g.op("Gather", [s.W["embed"], "input_ids"], axis=0)[0]
+    if cfg.embed_scale != 1:  # Gemma: embeddings times sqrt(hidden_size); the tied output head is unscaled
+        h = s.g.op("Mul", [h, s.g.const(np.array(cfg.embed_scale, np.float32))])[0]
     x = s.norm(h, s.W["l0.attn_norm"]) if L else h
     x, h, taps = decoder_layers(s, "", L, x, h, s.W["final_norm"])
     if not L:

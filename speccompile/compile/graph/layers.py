@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 
 from speccompile.compile.config import ModelConfig
-from speccompile.compile.graph.attention import grouped_query_attention, total_length
+from speccompile.compile.graph.attention import grouped_query_attention, total_length, window_bias
 from speccompile.compile.graph.mla import latent_attention
 from speccompile.compile.graph.mlp import swiglu_mlp
 from speccompile.compile.graph.moe import mixture_of_experts
@@ -27,6 +27,7 @@ class Stack:
     norm: RMSNorm
     attention: str
     total_len: str
+    window_bias: str | None = None  # sliding layers' attention bias, emitted once per graph
 
 
 def open_graph(name: str, cfg: ModelConfig, signature, weights: dict[str, np.ndarray], keep: Callable[[str], bool],
@@ -69,8 +70,28 @@ def decoder_layer(s: Stack, prefix: str, i: int, x: str, h: str) -> tuple[str, s
     if cfg.is_mla:
         a = latent_attention(g, cfg, W, p, x, i, s.norm, s.total_len, cfg.mla_cache)
     else:
-        rope = (W.get(prefix + "rope.cos", W["rope.cos"]), W.get(prefix + "rope.sin", W["rope.sin"]))
-        a = grouped_query_attention(g, cfg, W, p, x, i, s.attention, s.total_len, rope)
+        a = grouped_query_attention(g, cfg, W, p, x, i, s.attention, s.total_len, _rope(s, prefix, i),
+                                    _bias(s, i), s.norm)
+    if p + "post_attn_norm" in W:  # sandwich norms (Gemma 3): attention's and the MLP's outputs normalised too
+        a = s.norm(a, W[p + "post_attn_norm"])
     x, h = s.norm.add(a, h, W[p + "mlp_norm"])
-    m = mixture_of_experts(g, cfg, W, p, x) if p + "experts.gate_up" in W else swiglu_mlp(g, W, p, x)
+    m = (mixture_of_experts(g, cfg, W, p, x) if p + "experts.gate_up" in W
+         else swiglu_mlp(g, W, p, x, cfg.hidden_act))
+    if p + "post_mlp_norm" in W:
+        m = s.norm(m, W[p + "post_mlp_norm"])
     return m, h
+
+
+def _rope(s: Stack, prefix: str, i: int) -> tuple[str, str]:
+    """Layer i's cos/sin tables: a head's own (prefix rope.*), sliding layers' own base (rope_local.*), or rope.*"""
+    table = "rope_local" if s.cfg.is_sliding(i) and "rope_local.cos" in s.W else "rope"
+    return tuple(s.W.get(f"{prefix}{table}.{f}", s.W[f"{table}.{f}"]) for f in ("cos", "sin"))
+
+
+def _bias(s: Stack, i: int) -> str:
+    """Layer i's attention bias: the input, or for a sliding layer the input with the window's mask added."""
+    if not s.cfg.is_sliding(i):
+        return "attention_bias"
+    if s.window_bias is None:
+        s.window_bias = window_bias(s.g, s.cfg.sliding_window)
+    return s.window_bias

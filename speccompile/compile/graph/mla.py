@@ -56,7 +56,7 @@ def latent_attention(g: GraphBuilder, cfg: ModelConfig, W: dict, p: str, x: str,
     y = g.op("GroupQueryAttention", [q_all, k_all, k_all, f"past_key.{layer}", f"past_value.{layer}", "seqlens_k",
                                      total_len, "", "", "", "attention_bias"],
              outputs=[g.fresh("mla"), f"present_key.{layer}", f"present_value.{layer}"], domain="com.microsoft",
-             num_heads=nh, kv_num_heads=1, scale=float((nope + rope) ** -0.5))[0]
+             num_heads=nh, kv_num_heads=1, scale=float((nope + rope) ** -0.5 * cfg.attn_scale_factor))[0]
     y = g.op("Reshape", [y, const(-1, nh, rope + lora)])[0]  # [S, nh, rope+lora]
     o_lat = g.op("Slice", [y, const(rope), const(rope + lora), const(2)])[0]  # the value part: sum_j a_hj c_j
     o = g.op("MatMul", [g.op("Transpose", [o_lat], perm=[1, 0, 2])[0], W[p + "w_uv_t"]])[0]  # [nh, S, v]
@@ -82,6 +82,6 @@ def _expanded_attention(g, cfg, W, p, layer, const, q_nope, q_rope, c, k_rope, t
     y = g.op("GroupQueryAttention", [q, k, vals, f"past_key.{layer}", f"past_value.{layer}", "seqlens_k",
                                      total_len, "", "", "", "attention_bias"],
              outputs=[g.fresh("mha"), f"present_key.{layer}", f"present_value.{layer}"], domain="com.microsoft",
-             num_heads=nh, kv_num_heads=nh, scale=float(d ** -0.5))[0]
+             num_heads=nh, kv_num_heads=nh, scale=float(d ** -0.5 * cfg.attn_scale_factor))[0]
     y = g.op("Slice", [g.op("Reshape", [y, const(1, -1, nh, d)])[0], const(0), const(v), const(3)])[0]
     return g.op("MatMul", [g.op("Reshape", [y, const(1, -1, nh * v)])[0], W[p + "o"]])[0]

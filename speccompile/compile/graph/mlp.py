@@ -1,4 +1,4 @@
-"""The SwiGLU MLP: down(SiLU(gate x) * up x)."""
+"""The gated MLP: down(act(gate x) * up x), act SiLU (SwiGLU) or tanh-approximated GELU (Gemma's GeGLU)."""
 from __future__ import annotations
 
 from speccompile.compile.graph.linear import matmul
@@ -6,22 +6,24 @@ from speccompile.compile.quantize.int8 import SUFFIX_CODES
 from speccompile.graphs.builder import GraphBuilder
 
 
-def gated_silu(g: GraphBuilder, gate: str, up: str) -> str:
+def gated_silu(g: GraphBuilder, gate: str, up: str, act: str = "silu") -> str:
+    if act == "gelu_tanh":
+        return g.op("Mul", [g.op("Gelu", [gate], approximate="tanh")[0], up])[0]
     return g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])[0]])[0], up])[0]
 
 
-def fused_gate_up(g: GraphBuilder, x: str, gate_up: str) -> str:
-    """SiLU(gate x) * up x from one [H, 2I] matrix (gate and up side by side)."""
+def fused_gate_up(g: GraphBuilder, x: str, gate_up: str, act: str = "silu") -> str:
+    """act(gate x) * up x from one [H, 2I] matrix (gate and up side by side)."""
     gate, up = g.op("Split", [g.op("MatMul", [x, gate_up])[0]], n_out=2, axis=-1, num_outputs=2)
-    return gated_silu(g, gate, up)
+    return gated_silu(g, gate, up, act)
 
 
-def swiglu_mlp(g: GraphBuilder, W: dict[str, str], p: str, x: str) -> str:
+def swiglu_mlp(g: GraphBuilder, W: dict[str, str], p: str, x: str, act: str = "silu") -> str:
     """Weights p + gate, up, down (float32 or int8), or p + gate_up, down."""
     if p + "gate" in W or p + "gate" + SUFFIX_CODES in W:
         # a target keeps gate and up as two matrices: splitting the fused product costs a Split node per layer,
         # slower on CPU
-        act = gated_silu(g, matmul(g, x, W, p + "gate"), matmul(g, x, W, p + "up"))
+        a = gated_silu(g, matmul(g, x, W, p + "gate"), matmul(g, x, W, p + "up"), act)
     else:  # heads and DeepSeek layers keep one fused matrix
-        act = fused_gate_up(g, x, W[p + "gate_up"])
-    return matmul(g, act, W, p + "down")
+        a = fused_gate_up(g, x, W[p + "gate_up"], act)
+    return matmul(g, a, W, p + "down")

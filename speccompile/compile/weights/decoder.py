@@ -10,32 +10,47 @@ import dataclasses
 import numpy as np
 
 from speccompile.compile.config import ModelConfig
+from speccompile.compile.families import FAMILIES
+from speccompile.compile.rope import rope_tables
 from speccompile.compile.weights.mla import lower_mla_layer
 from speccompile.compile.weights.moe import lower_moe_weights
 from speccompile.compile.weights.names import layer_of
 from speccompile.compile.weights.tensors import TensorReader
 from speccompile.errors import CheckpointError
-from speccompile.plugins import tree_attention
 
 
 def expected_checkpoint_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a checkpoint of this config must hold, with its shape (Hugging Face names)."""
-    H, I, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+    """Every tensor a checkpoint of this config must hold, with its shape (Hugging Face names, as the family's
+    checkpoints spell them: compile/families.py)."""
+    fam = FAMILIES[cfg.model_type]
+    H, I, q, kv, D = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size, cfg.head_dim
     t = {"model.embed_tokens.weight": (cfg.vocab_size, H), "model.norm.weight": (H,)}
     if not cfg.tie_word_embeddings:
         t["lm_head.weight"] = (cfg.vocab_size, H)
     for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        t |= {p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
-              p + "self_attn.q_proj.weight": (q, H), p + "self_attn.k_proj.weight": (kv, H),
-              p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.o_proj.weight": (H, q),
-              p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H), p + "mlp.down_proj.weight": (H, I)}
+        p = f"model.layers.{i}."  # in this order: the tiny presets draw their random weights in it
+        t |= {p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,)}
+        if fam.fused_qkv:
+            t[p + "self_attn.qkv_proj.weight"] = (q + 2 * kv, H)
+        else:
+            t |= {p + "self_attn.q_proj.weight": (q, H), p + "self_attn.k_proj.weight": (kv, H),
+                  p + "self_attn.v_proj.weight": (kv, H)}
+        t[p + "self_attn.o_proj.weight"] = (H, q)
+        if fam.fused_gate_up:
+            t[p + "mlp.gate_up_proj.weight"] = (2 * I, H)
+        else:
+            t |= {p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H)}
+        t[p + "mlp.down_proj.weight"] = (H, I)
         if cfg.qkv_bias:
             t |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                   p + "self_attn.v_proj.bias": (kv,)}
+        if cfg.qk_norm:
+            t |= {p + "self_attn.q_norm.weight": (D,), p + "self_attn.k_norm.weight": (D,)}
+        if cfg.sandwich_norms:
+            t |= {p + "pre_feedforward_layernorm.weight": (H,), p + "post_feedforward_layernorm.weight": (H,)}
         if cfg.n_routed_experts:  # MoE blocks are checked by weights/moe.lower_moe_weights
-            for n in ("gate", "up", "down"):
-                del t[p + f"mlp.{n}_proj.weight"]
+            for n in ("gate_proj", "up_proj", "down_proj"):
+                t.pop(p + f"mlp.{n}.weight")
     return t
 
 
@@ -54,26 +69,64 @@ def lower_weights(cfg: ModelConfig, tensors: dict[str, np.ndarray], max_seq_len:
         return _lower_deepseek_weights(cfg, tensors, max_seq_len)
     check_checkpoint(cfg, tensors)
     f32 = lambda name: np.ascontiguousarray(tensors[name], dtype=np.float32)  # noqa: E731
-    w = {"embed": f32("model.embed_tokens.weight"), "final_norm": f32("model.norm.weight")}
+    norm = lambda name: f32(name) + np.float32(cfg.norm_offset)  # noqa: E731  (Gemma: 1 + weight)
+    w = {"embed": f32("model.embed_tokens.weight"), "final_norm": norm("model.norm.weight")}
     if not cfg.tie_word_embeddings:
         w["lm_head"] = f32("lm_head.weight")
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
-        w[f"l{i}.attn_norm"] = f32(p + "input_layernorm.weight")
-        w[f"l{i}.mlp_norm"] = f32(p + "post_attention_layernorm.weight")
-        w[f"l{i}.qkv"] = np.ascontiguousarray(np.concatenate(
-            [f32(p + f"self_attn.{x}_proj.weight") for x in "qkv"], 0).T)
-        if cfg.qkv_bias:
-            w[f"l{i}.qkv_bias"] = np.concatenate([f32(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
-        w[f"l{i}.o"] = np.ascontiguousarray(f32(p + "self_attn.o_proj.weight").T)
+        w[f"l{i}.attn_norm"] = norm(p + "input_layernorm.weight")
+        if cfg.sandwich_norms:  # Gemma 3: a norm on attention's output, then the MLP's own input norm
+            w[f"l{i}.post_attn_norm"] = norm(p + "post_attention_layernorm.weight")
+            w[f"l{i}.mlp_norm"] = norm(p + "pre_feedforward_layernorm.weight")
+            w[f"l{i}.post_mlp_norm"] = norm(p + "post_feedforward_layernorm.weight")
+        else:
+            w[f"l{i}.mlp_norm"] = norm(p + "post_attention_layernorm.weight")
+        w |= _attention_weights(cfg, f32, norm, p, f"l{i}.")
         if cfg.n_routed_experts:  # Mixtral
             w |= lower_moe_weights(cfg, TensorReader(tensors, p + "block_sparse_moe."), f"l{i}.")
             continue
         # gate and up as two matrices, not one fused [H, 2I] (see graph/mlp.swiglu_mlp)
-        w[f"l{i}.gate"] = np.ascontiguousarray(f32(p + "mlp.gate_proj.weight").T)
-        w[f"l{i}.up"] = np.ascontiguousarray(f32(p + "mlp.up_proj.weight").T)
+        if FAMILIES[cfg.model_type].fused_gate_up:  # Phi-3: gate_up_proj, gate first
+            gate, up = np.split(f32(p + "mlp.gate_up_proj.weight"), 2)
+        else:
+            gate, up = f32(p + "mlp.gate_proj.weight"), f32(p + "mlp.up_proj.weight")
+        w[f"l{i}.gate"], w[f"l{i}.up"] = np.ascontiguousarray(gate.T), np.ascontiguousarray(up.T)
         w[f"l{i}.down"] = np.ascontiguousarray(f32(p + "mlp.down_proj.weight").T)
-    w["rope.cos"], w["rope.sin"] = tree_attention.rope_tables(max_seq_len, cfg.head_dim, cfg.rope_theta)
+    return w | rope_weights(cfg, max_seq_len)
+
+
+def _attention_weights(cfg: ModelConfig, f32, norm, p: str, g: str) -> dict[str, np.ndarray]:
+    """q/k/v packed (Phi-3's qkv_proj already is), o, the per-head q/k norms. A softmax scale other than
+    1/sqrt(head_dim) (Gemma 3's query_pre_attn_scalar) is folded into q: its norm's weight, or its rows."""
+    if FAMILIES[cfg.model_type].fused_qkv:
+        qkv = f32(p + "self_attn.qkv_proj.weight")
+    else:
+        qkv = np.concatenate([f32(p + f"self_attn.{x}_proj.weight") for x in "qkv"], 0)
+    bias = np.concatenate([f32(p + f"self_attn.{x}_proj.bias") for x in "qkv"]) if cfg.qkv_bias else None
+    scale, q = np.float32(cfg.attn_scale_factor), cfg.q_size
+    w = {}
+    if cfg.qk_norm:
+        w[g + "q_norm"] = norm(p + "self_attn.q_norm.weight") * scale
+        w[g + "k_norm"] = norm(p + "self_attn.k_norm.weight")
+    elif scale != 1:
+        qkv[:q] *= scale
+        if bias is not None:
+            bias[:q] *= scale
+    w[g + "qkv"] = np.ascontiguousarray(qkv.T)
+    if bias is not None:
+        w[g + "qkv_bias"] = bias
+    w[g + "o"] = np.ascontiguousarray(f32(p + "self_attn.o_proj.weight").T)
+    return w
+
+
+def rope_weights(cfg: ModelConfig, max_seq_len: int) -> dict[str, np.ndarray]:
+    """The cos/sin tables (rope.py): rope.* for every layer, rope_local.* for sliding layers with their own."""
+    w = dict(zip(("rope.cos", "rope.sin"),
+                 rope_tables(cfg.rope, cfg.rope_dim, max_seq_len, cfg.max_position_embeddings)))
+    if cfg.rope_local and cfg.rope_local != cfg.rope:
+        w |= dict(zip(("rope_local.cos", "rope_local.sin"),
+                      rope_tables(cfg.rope_local, cfg.rope_dim, max_seq_len, cfg.max_position_embeddings)))
     return w
 
 
@@ -92,8 +145,7 @@ def _lower_deepseek_weights(cfg: ModelConfig, tensors: dict[str, np.ndarray], ma
         w["lm_head"] = np.asarray(tensors["lm_head.weight"], np.float32)
     for i in range(cfg.num_hidden_layers):
         w |= lower_mla_layer(cfg, tensors, f"model.layers.{i}.", f"l{i}.", cfg.is_moe_layer(i))
-    w["rope.cos"], w["rope.sin"] = tree_attention.rope_tables(max_seq_len, cfg.rope_dim, cfg.rope_theta)
-    return w
+    return w | rope_weights(cfg, max_seq_len)
 
 
 MTP_TENSORS = ("mtp.enorm.weight", "mtp.hnorm.weight", "mtp.eh_proj.weight", "mtp.norm.weight")

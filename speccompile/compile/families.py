@@ -1,0 +1,108 @@
+"""Model families as a table of facts, not code: what a family's checkpoints name and how its decoder block
+differs from Llama's. `family_fields` reads a config.json into the ModelConfig fields these facts decide; the
+weights (weights/decoder.py) and the graph (graph/layers.py) then follow the fields, never the family's name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from speccompile.compile.rope import rope_parameters, softmax_mscale
+from speccompile.errors import ConfigError, UnsupportedModelError
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    architecture: str  # the class name hub configs list under "architectures"
+    qkv_bias: bool = False  # q/k/v carry biases whatever `attention_bias` says (Qwen2)
+    qk_norm: bool = False  # a per-head RMSNorm on q and k before RoPE (Qwen3, Gemma 3)
+    norm_offset: float = 0.0  # RMSNorm scales by offset + weight (Gemma: 1 + weight)
+    sandwich_norms: bool = False  # norms after attention and after the MLP too (Gemma 3)
+    embed_scaled: bool = False  # embeddings times sqrt(hidden_size) (Gemma)
+    fused_qkv: bool = False  # one qkv_proj tensor (Phi-3)
+    fused_gate_up: bool = False  # one gate_up_proj tensor, gate first (Phi-3)
+    sliding: str = "none"  # which layers slide when a window is set: "all", "qwen" (from max_window_layers on),
+    #                        "pattern" (every sliding_window_pattern-th layer is global: Gemma 3)
+    local_rope: bool = False  # sliding layers have their own RoPE base, rope_local_base_freq (Gemma 3)
+    activation_key: str = "hidden_act"
+    mla: bool = False  # DeepSeek-V3: weights/mla.py, graph/mla.py
+    moe: bool = False  # Mixtral's block_sparse_moe
+
+
+FAMILIES = {
+    "llama": Family("LlamaForCausalLM"),
+    "qwen2": Family("Qwen2ForCausalLM", qkv_bias=True, sliding="qwen"),
+    "qwen3": Family("Qwen3ForCausalLM", qk_norm=True, sliding="qwen"),
+    "mistral": Family("MistralForCausalLM", sliding="all"),
+    "mixtral": Family("MixtralForCausalLM", sliding="all", moe=True),
+    "phi3": Family("Phi3ForCausalLM", fused_qkv=True, fused_gate_up=True, sliding="all"),
+    "gemma3_text": Family("Gemma3ForCausalLM", qk_norm=True, norm_offset=1.0, sandwich_norms=True, embed_scaled=True,
+                          sliding="pattern", local_rope=True, activation_key="hidden_activation"),
+    "deepseek_v3": Family("DeepseekV3ForCausalLM", mla=True),
+}
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+def family_fields(hf: dict[str, Any], model_type: str, num_layers: int, head_dim: int) -> dict[str, Any]:
+    """The ModelConfig fields a family's facts decide: RoPE per layer type, partial rotary, sliding layers,
+    norms, activation, embedding and attention scales. Refuses what is not lowered (soft-capping, bidirectional
+    attention), naming it."""
+    fam = FAMILIES[model_type]
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if hf.get(key) is not None:
+            raise UnsupportedModelError(f"unsupported: {key} = {hf[key]!r:.20} (logit soft-capping is not lowered)")
+    if hf.get("use_bidirectional_attention"):
+        raise UnsupportedModelError("unsupported: use_bidirectional_attention = true (a causal decoder is needed)")
+    act = hf.get(fam.activation_key) or hf.get("hidden_act") or "silu"
+    if act not in ACTIVATIONS:
+        raise UnsupportedModelError(f"unsupported activation {act!r:.40} (supported: {', '.join(ACTIVATIONS)})")
+    default_theta = 1e6 if fam.local_rope else 10000.0
+    rope = rope_parameters(hf, FULL, default_theta=default_theta)
+    out = {"rope": rope, "rope_theta": rope["rope_theta"], "hidden_act": ACTIVATIONS[act],
+           "qk_norm": fam.qk_norm, "norm_offset": fam.norm_offset, "sandwich_norms": fam.sandwich_norms}
+    window, layer_types = _sliding_layers(hf, fam, num_layers)
+    out |= {"sliding_window": window, "layer_types": layer_types}
+    if fam.local_rope:
+        out["rope_local"] = rope_parameters(hf, SLIDING, theta_key="rope_local_base_freq", default_theta=10000.0,
+                                            scaled=False)
+    prf = hf.get("partial_rotary_factor", (hf.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
+    if not isinstance(prf, (int, float)) or isinstance(prf, bool) or not 0 < prf <= 1:
+        raise ConfigError(f"config: partial_rotary_factor = {prf!r:.20} must be in (0, 1]")
+    out["partial_rotary_factor"] = float(prf)
+    if fam.embed_scaled:
+        out["embed_scale"] = float(hf["hidden_size"]) ** 0.5
+    scale = 1.0
+    if hf.get("query_pre_attn_scalar") is not None:  # softmax scale 1/sqrt(query_pre_attn_scalar), not 1/sqrt(d)
+        qpas = hf["query_pre_attn_scalar"]
+        if not isinstance(qpas, (int, float)) or isinstance(qpas, bool) or not qpas > 0:
+            raise ConfigError(f"config: query_pre_attn_scalar = {qpas!r:.20} must be a positive number")
+        scale = math.sqrt(head_dim / qpas)
+    if fam.mla:
+        scale *= softmax_mscale(rope)
+    out["attn_scale_factor"] = scale
+    return out
+
+
+def _sliding_layers(hf: dict, fam: Family, num_layers: int) -> tuple[int | None, tuple[str, ...]]:
+    """(the window, each layer's type) where some layers slide, else (None, ())."""
+    window = hf.get("sliding_window")
+    if fam.sliding == "none" or window is None or (fam.sliding == "qwen" and not hf.get("use_sliding_window")):
+        return None, ()
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ConfigError(f"config: sliding_window = {window!r:.20} must be a positive integer")
+    types = hf.get("layer_types")
+    if types is None:
+        if fam.sliding == "qwen":
+            first = hf.get("max_window_layers", num_layers)
+            types = [SLIDING if i >= first else FULL for i in range(num_layers)]
+        elif fam.sliding == "pattern":
+            pattern = hf.get("sliding_window_pattern", 6)
+            types = [SLIDING if (i + 1) % pattern else FULL for i in range(num_layers)]
+        else:
+            types = [SLIDING] * num_layers
+    if (not isinstance(types, list) or len(types) != num_layers
+            or any(t not in (SLIDING, FULL) for t in types)):
+        raise ConfigError(f"config: layer_types must list {num_layers} of {SLIDING!r} / {FULL!r}")
+    return (window, tuple(types)) if SLIDING in types else (None, ())

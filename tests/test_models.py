@@ -1,0 +1,60 @@
+"""Bring your own model: each architecture from a tiny random checkpoint that transformers' own model class wrote,
+with config.json as the family's hub checkpoints spell it. Logits against transformers at every position of a
+prompt longer than the RoPE variant's original context and the sliding window, greedy continuation token for token,
+speculative output equal to autoregressive output (lookup, layer-skip, a tree)."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from speccompile.compile.driver import build_bundle  # noqa: E402
+from speccompile.format.bundle import read_manifest  # noqa: E402
+from speccompile.runtime.engine import Engine  # noqa: E402
+
+from conftest import assert_lossless, quiet, random_prompts  # noqa: E402
+from models_util import CASES, VOCAB, reference_greedy, reference_logits, write_checkpoint  # noqa: E402
+
+TOL = 1e-4
+PROMPT_LEN, PREFILL = 80, 56  # past every case's original context (<= 64) and window (<= 24)
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def built(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(request.param)
+    model = write_checkpoint(request.param, str(d / "ck"))
+    out = str(d / "b")
+    build_bundle(str(d / "ck"), out, drafts=["lookup", "layerskip:1"], max_seq_len=256, progress=quiet)
+    return request.param, model, out
+
+
+def test_logits_match_transformers_at_every_position(built):
+    name, model, out = built
+    m = read_manifest(out)
+    eng = Engine(out, m["models"]["target"], threads=1, max_rows=PREFILL)
+    ids = np.random.default_rng(7).integers(3, VOCAB, PROMPT_LEN)
+    ref = reference_logits(model, ids)
+    logits, _ = eng.forward(ids[:PREFILL], rows=np.arange(PREFILL))
+    assert np.abs(logits - ref[:PREFILL]).max() < TOL, name
+    eng.cache.truncate(PREFILL)
+    for t in range(PREFILL, PROMPT_LEN):  # one token at a time over the cache: the window slides over committed rows
+        logits, _ = eng.forward(ids[t:t + 1])
+        eng.cache.truncate(t + 1)
+        assert np.abs(logits[0] - ref[t]).max() < TOL, (name, t)
+
+
+def test_greedy_continuation_equals_transformers(built):
+    import speccompile
+    name, model, out = built
+    g = speccompile.load(out, threads=1)
+    ids = [int(i) for i in np.random.default_rng(8).integers(3, VOCAB, 40)]
+    ours = g.generate(ids, 24, speculate=False).token_ids
+    theirs = reference_greedy(model, ids, 24)
+    assert ours == theirs[:len(ours)] and len(ours) in (len(theirs), len(theirs) - 1), name  # theirs may end in EOS
+
+
+@pytest.mark.parametrize("drafter,tree", [("lookup", None), ("layerskip:1", None), ("layerskip:1", "dynamic:6")])
+def test_speculative_equals_autoregressive(built, drafter, tree):
+    import speccompile
+    g = speccompile.load(built[2], threads=1)
+    assert_lossless(g, drafter, random_prompts(3, seed=1), 40, tree)
