@@ -15,8 +15,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from speccompile.compile.checkpoint import Checkpoint
-from speccompile.compile.config import ModelConfig
+from speccompile.compile.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from speccompile.compile.gguf import dequantized_tensors, read_gguf
+from speccompile.compile.hub_cache import looks_like_hub_id, resolve_hub_id
 from speccompile.compile.presets import tiny_checkpoint
 from speccompile.errors import CheckpointError
 
@@ -60,6 +61,8 @@ def load_checkpoint(source: str | None, progress=print) -> Checkpoint:
         source = default_model_path()
     if source.startswith("tiny:"):
         return tiny_checkpoint(source[len("tiny:"):])
+    if looks_like_hub_id(source):
+        source = resolve_hub_id(source)
     if not os.path.exists(source):
         raise CheckpointError(f"checkpoint not found: {source}")
     if os.path.isdir(source):
@@ -162,8 +165,7 @@ def save_hf_dir(ckpt: Checkpoint, path: str) -> None:
     """Write a checkpoint as a plain Hugging Face directory (safetensors), e.g. for peers that need one."""
     os.makedirs(path, exist_ok=True)
     c = ckpt.config
-    hf = {"architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                             "mistral": "MistralForCausalLM"}[c.model_type]],
+    hf = {"architectures": [SUPPORTED_ARCHITECTURES[c.model_type]],
           "model_type": c.model_type, "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
           "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_hidden_layers,
           "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,

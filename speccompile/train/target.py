@@ -8,12 +8,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from speccompile.compile.hub_cache import looks_like_hub_id, resolve_hub_id
 from speccompile.compile.sources import load_checkpoint, save_hf_dir
 from speccompile.train.progress import log
 
 
 def target_hf_dir(source: str | None, work: str) -> str:
     """A plain HF directory for the target (converted once into `work` unless the source already is one)."""
+    if source and looks_like_hub_id(source):  # a hub id: its snapshot in the local cache, as it is
+        source = resolve_hub_id(source)
     if source and os.path.isdir(source) and os.path.isfile(os.path.join(source, "config.json")):
         return source
     d = os.path.join(work, "target_hf")
