@@ -70,6 +70,8 @@ def write_checkpoint(name: str, path: str, seed: int = 0):
     model = separate_logits(getattr(transformers, model_cls)(cfg).eval())
     model.save_pretrained(path)
     for fname, data in tiny_tokenizer_files().items():
+        if fname == "tokenizer_config.json":  # the tiny BPE, not the family's own tokenizer class (Gemma's wants <unk>)
+            data = json.dumps(json.loads(data) | {"tokenizer_class": "PreTrainedTokenizerFast"}).encode()
         with open(os.path.join(path, fname), "wb") as f:
             f.write(data)
     if hub is not None:

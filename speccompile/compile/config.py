@@ -186,6 +186,15 @@ class ModelConfig:
             return False
         return not self.layer_types or self.layer_types[layer] == "sliding_attention"
 
+    def llama_block(self, qkv_bias: bool = False) -> "ModelConfig":
+        """The block a trained draft head carries (speccompile/train/heads.py) for this target: a Llama block of
+        the target's sizes, default RoPE at the target's base over whole heads, SiLU, plain RMSNorms, no window."""
+        return dataclasses.replace(
+            self, model_type="llama", qkv_bias=qkv_bias, qk_norm=False, norm_offset=0.0, sandwich_norms=False,
+            hidden_act="silu", embed_scale=1.0, attn_scale_factor=1.0, partial_rotary_factor=1.0, layer_types=(),
+            sliding_window=None, rope={"rope_type": "default", "rope_theta": self.rope_theta}, rope_local=None,
+            n_routed_experts=0, num_experts_per_tok=0, moe_intermediate_size=0)
+
     def is_moe_layer(self, i: int) -> bool:
         return self.n_routed_experts > 0 and i >= self.first_k_dense_replace
 

@@ -1,6 +1,7 @@
 """The frozen target model a head is distilled from: a plain Hugging Face directory, loaded with transformers."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 
@@ -8,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from speccompile.compile.config import ModelConfig
 from speccompile.compile.hub_cache import looks_like_hub_id, resolve_hub_id
 from speccompile.compile.sources import load_checkpoint, save_hf_dir
 from speccompile.train.progress import log
@@ -36,9 +38,29 @@ def load_target(hf_dir: str, dtype: str = "float32"):
 
 
 def target_config(hf_dir: str) -> dict:
+    """config.json, with the values heads read filled in as the compiler reads them (head_dim, rope_theta: a
+    config may leave the first implicit and spell the second inside rope_parameters)."""
     with open(os.path.join(hf_dir, "config.json")) as f:
-        return json.load(f)
+        cfg = json.load(f)
+    facts = ModelConfig.from_hf(cfg)
+    return cfg | {"head_dim": facts.head_dim, "rope_theta": facts.rope_theta}
 
 
 def target_tensors(hf_dir: str) -> dict:
-    return load_file(os.path.join(hf_dir, "model.safetensors"))
+    """The target's tensors (every safetensors shard) as a Llama checkpoint names them, which is what heads are
+    initialised from: fused qkv_proj / gate_up_proj (Phi-3) split, RMSNorm weights stored as (scale - offset)
+    (Gemma's 1 + weight) made plain scales."""
+    tensors = {}
+    for f in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):
+        tensors |= load_file(f)
+    cfg = ModelConfig.from_hf(target_config(hf_dir))
+    for name in list(tensors):
+        if name.endswith("self_attn.qkv_proj.weight"):
+            q, k, v = torch.split(tensors.pop(name), [cfg.q_size, cfg.kv_size, cfg.kv_size])
+            tensors |= {name.replace("qkv_proj", x): t for x, t in (("q_proj", q), ("k_proj", k), ("v_proj", v))}
+        elif name.endswith("mlp.gate_up_proj.weight"):
+            gate, up = tensors.pop(name).chunk(2)
+            tensors |= {name.replace("gate_up_proj", "gate_proj"): gate, name.replace("gate_up_proj", "up_proj"): up}
+        elif name.endswith("norm.weight") and cfg.norm_offset:
+            tensors[name] = tensors[name].float() + cfg.norm_offset
+    return tensors

@@ -15,6 +15,7 @@ import os
 
 from speccompile.compile.checkpoint import EagleHead
 from speccompile.compile.config import ModelConfig
+from speccompile.compile.rope import rope_parameters
 from speccompile.compile.drafters.base import DrafterBuild, Graph, TargetBuild
 from speccompile.compile.drafters.head_weights import head_shared_weights, int8_draft_head
 from speccompile.compile.graph.draft_heads import build_eagle3_fc, build_eagle3_head, build_eagle_head
@@ -148,11 +149,6 @@ def aux_layers(version: str, hf: dict, target: ModelConfig) -> list:
     return ids
 
 
-def _rope_type(hf: dict) -> str:
-    rope = hf.get("rope_scaling") or {}
-    return rope.get("rope_type", rope.get("type")) or (hf.get("rope_parameters") or {}).get("rope_type", "default")
-
-
 def head_config(head: EagleHead, target: ModelConfig) -> ModelConfig:
     """The head block's geometry: its config.json where it says, the target's otherwise, checked against the
     tensors' shapes."""
@@ -161,8 +157,7 @@ def head_config(head: EagleHead, target: ModelConfig) -> ModelConfig:
     if "fc.weight" not in t:
         raise CheckpointError(f"{label} head {head.path} is missing tensor 'fc.weight'")
     H = int(t["fc.weight"].shape[0])
-    if _rope_type(hf) not in (None, "default"):
-        raise UnsupportedModelError(f"{label} head: unsupported RoPE scaling {_rope_type(hf)!r}")
+    rope = rope_parameters(hf, default_theta=target.rope_theta)  # the head's config.json's, any variant rope.py has
     if hf.get("hidden_act", "silu") != "silu":
         raise UnsupportedModelError(f"{label} head: unsupported activation {hf.get('hidden_act')!r} (only silu)")
     if hf.get("num_attention_heads"):
@@ -180,8 +175,7 @@ def head_config(head: EagleHead, target: ModelConfig) -> ModelConfig:
         model_type="llama", vocab_size=target.vocab_size, hidden_size=H, intermediate_size=int(gate.shape[0]),
         num_hidden_layers=1, num_attention_heads=heads, num_key_value_heads=kv, head_dim=D,
         rms_norm_eps=float(hf.get("rms_norm_eps") or target.rms_norm_eps),
-        rope_theta=float(hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta")
-                         or target.rope_theta),
+        rope_theta=rope["rope_theta"], rope=rope,
         max_position_embeddings=target.max_position_embeddings, tie_word_embeddings=True,
         qkv_bias="layers.0.self_attn.q_proj.bias" in t,
         bos_token_id=target.bos_token_id, eos_token_ids=target.eos_token_ids)

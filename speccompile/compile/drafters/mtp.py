@@ -23,7 +23,9 @@ def build(spec: DraftSpec, target: TargetBuild) -> DrafterBuild:
     path = spec.arg or default_head_path(target.checkpoint)
     target.progress(f"      mtp head: {path}")
     head = load_mtp_head(path, cfg)
-    weights = lower_mtp_weights(cfg, head)
+    weights = lower_mtp_weights(cfg, head, opts.max_seq_len)
+    # a trained head's block is a Llama block whatever the target's family (DeepSeek-V3's own MTP layer: MLA)
+    block = cfg if cfg.is_mla else cfg.llama_block(qkv_bias="mtp.layer.self_attn.q_proj.bias" in head)
     d2t = draft_vocabulary(head, cfg, path)
     if d2t is not None:  # a reduced draft vocabulary: the head scores only these target tokens
         weights["mtp.d2t"] = d2t
@@ -31,7 +33,7 @@ def build(spec: DraftSpec, target: TargetBuild) -> DrafterBuild:
     if opts.draft_precision == "int8" and not cfg.is_mla:
         target.progress("      quantize: the MTP head's matrices to int8 (speccompile.compile.quantize.int8)")
         weights = int8_draft_head(weights, target_w)
-    graph = build_mtp_head(cfg, weights | head_shared_weights(weights, target_w), opts.max_seq_len,
+    graph = build_mtp_head(block, weights | head_shared_weights(weights, target_w), opts.max_seq_len,
                            attention=opts.attention, fused=opts.fused, name=NAME)
     files = [WEIGHTS, "target.bin"]
     model = decoder_entry(NAME, cfg, 1, opts.max_seq_len, files, opts.attention, mtp=True,

@@ -151,9 +151,12 @@ def _lower_deepseek_weights(cfg: ModelConfig, tensors: dict[str, np.ndarray], ma
 MTP_TENSORS = ("mtp.enorm.weight", "mtp.hnorm.weight", "mtp.eh_proj.weight", "mtp.norm.weight")
 
 
-def lower_mtp_weights(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def lower_mtp_weights(cfg: ModelConfig, tensors: dict[str, np.ndarray],
+                      max_seq_len: int | None = None) -> dict[str, np.ndarray]:
     """An MTP head (DeepSeek-V3 layout: enorm, hnorm, eh_proj, one decoder block, its own final norm; embedding
-    and output head shared with the target) -> graph weights named mtp.*."""
+    and output head shared with the target) -> graph weights named mtp.*. A DeepSeek-V3 checkpoint's own MTP layer
+    is the target's kind of block; a trained head's is a Llama block (ModelConfig.llama_block) with its own RoPE
+    tables (mtp.rope.*, given max_seq_len) where the target's differ."""
     block = {k.replace("mtp.layer.", "model.layers.0."): v for k, v in tensors.items() if k.startswith("mtp.layer.")}
     for name in MTP_TENSORS:
         if name not in tensors:
@@ -170,7 +173,8 @@ def lower_mtp_weights(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[
         return out | {"mtp.enorm": f32("mtp.enorm.weight"), "mtp.hnorm": f32("mtp.hnorm.weight"),
                       "mtp.eh_proj": np.ascontiguousarray(f32("mtp.eh_proj.weight").T),
                       "mtp.norm": f32("mtp.norm.weight")}
-    one_layer = dataclasses.replace(cfg, num_hidden_layers=1, tie_word_embeddings=True, vocab_size=1)
+    head = cfg.llama_block(qkv_bias="mtp.layer.self_attn.q_proj.bias" in tensors)
+    one_layer = dataclasses.replace(head, num_hidden_layers=1, tie_word_embeddings=True, vocab_size=1)
     block |= {"model.embed_tokens.weight": np.zeros((1, H), np.float32),  # unused: the target's is shared
               "model.norm.weight": tensors["mtp.norm.weight"]}
     w = lower_weights(one_layer, block, max_seq_len=16)
@@ -178,4 +182,7 @@ def lower_mtp_weights(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[
     f32 = lambda name: np.ascontiguousarray(tensors[name], dtype=np.float32)  # noqa: E731
     out |= {"mtp.enorm": f32("mtp.enorm.weight"), "mtp.hnorm": f32("mtp.hnorm.weight"),
             "mtp.eh_proj": np.ascontiguousarray(f32("mtp.eh_proj.weight").T), "mtp.norm": f32("mtp.norm.weight")}
+    if max_seq_len and (head.rope, head.rope_dim) != (cfg.rope, cfg.rope_dim):
+        out["mtp.rope.cos"], out["mtp.rope.sin"] = rope_tables(head.rope, head.rope_dim, max_seq_len,
+                                                               cfg.max_position_embeddings)
     return out

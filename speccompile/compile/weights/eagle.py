@@ -6,7 +6,7 @@ import numpy as np
 
 from speccompile.compile.config import ModelConfig
 from speccompile.errors import CheckpointError, UnsupportedModelError
-from speccompile.plugins import tree_attention
+from speccompile.compile.rope import rope_tables
 
 
 class _HeadTensors:
@@ -41,9 +41,9 @@ def lower_eagle_head(head, target: ModelConfig, hcfg: ModelConfig, target_w: dic
         w, d2t = _eagle3_parts(t, hcfg, target, w)
     else:
         w |= _eagle1_parts(t, hcfg, target)
-    if (hcfg.head_dim, hcfg.rope_theta) != (target.rope_dim, target.rope_theta):
-        w["mtp.rope.cos"], w["mtp.rope.sin"] = tree_attention.rope_tables(max_seq_len, hcfg.head_dim,
-                                                                          hcfg.rope_theta)
+    if (hcfg.rope_dim, hcfg.rope) != (target.rope_dim, target.rope):  # the head's own tables (rope.py)
+        w["mtp.rope.cos"], w["mtp.rope.sin"] = rope_tables(hcfg.rope, hcfg.rope_dim, max_seq_len,
+                                                           target.max_position_embeddings)
     return w, d2t
 
 
