@@ -1,5 +1,5 @@
 """Drafters on every architecture: `speccompile train-head` runs on each family's tiny checkpoint (the target's own
-answers, features, one epoch, export), and the heads it makes (MTP, EAGLE-1, Medusa) build into a bundle of that
+answers, features, one epoch, export), and the heads it makes (MTP, EAGLE-1, EAGLE-3, Medusa) build into a bundle of that
 target and decode exactly as plain decoding does. Lookup and layer-skip on every family: tests/test_models.py."""
 import json
 
@@ -25,10 +25,12 @@ def test_trained_heads_on_every_architecture(tmp_path, case):
     common = ["--target", str(hf), "--work", str(work), "--prompts", str(prompts), "--num-prompts", "0",
               "--max-new-tokens", "12", "--gen-batch", "2", "--tokens-per-step", "48", "--threads", "1",
               "--holdout", "0.25", "--epochs", "1"]
-    heads = {"mtp": tmp_path / "mtp.safetensors", "eagle": tmp_path / "eagle",
+    heads = {"mtp": tmp_path / "mtp.safetensors", "eagle": tmp_path / "eagle", "eagle3": tmp_path / "eagle3",
              "medusa": tmp_path / "medusa.safetensors"}
     train_head(common + ["--arch", "mtp", "--out", str(heads["mtp"]), "--stages", "gen,features,train,export"])
     train_head(common + ["--arch", "eagle", "--out", str(heads["eagle"]), "--stages", "train,export"])
+    train_head(common + ["--arch", "eagle3", "--out", str(heads["eagle3"]), "--stages", "aux,train,export",
+                         "--aux-layers", "0,1,2"])
     train_head(common + ["--arch", "medusa", "--out", str(heads["medusa"]), "--stages", "train,export",
                          "--heads", "2"])
     bundle = str(tmp_path / "b")
