@@ -105,3 +105,33 @@ def reference_greedy(model, ids, n: int) -> list[int]:
         out = model.generate(torch.tensor(np.asarray(ids))[None], max_new_tokens=n, do_sample=False,
                              eos_token_id=2, pad_token_id=0)
     return out[0, len(ids):].tolist()
+
+
+def write_gemma3_multimodal(path: str, seed: int = 0):
+    """A Gemma 3 checkpoint as the hub's 4B+ ones are: Gemma3ForConditionalGeneration (a tiny vision tower beside
+    the text model of CASES["gemma3"]), its text_config in the hub's spelling, the eos ids at the top level."""
+    import torch
+    import transformers
+    text = transformers.Gemma3TextConfig(**CASES["gemma3"][2])
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=32, patch_size=8)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                    image_token_index=5, boi_token_index=3, eoi_token_index=4)
+    torch.manual_seed(seed)
+    model = separate_logits(transformers.Gemma3ForConditionalGeneration(cfg).eval())
+    model.save_pretrained(path)
+    for fname, data in tiny_tokenizer_files().items():
+        if fname == "tokenizer_config.json":
+            data = json.dumps(json.loads(data) | {"tokenizer_class": "PreTrainedTokenizerFast"}).encode()
+        with open(os.path.join(path, fname), "wb") as f:
+            f.write(data)
+
+    def to_hub(c):
+        t = c["text_config"]
+        t.pop("rope_parameters")
+        t.pop("layer_types")
+        t.update(CASES["gemma3"][3])
+        c["text_config"] = {k: v for k, v in t.items() if v is not None}
+        c["eos_token_id"] = [2, 1]
+    edit_config(path, to_hub)
+    return model

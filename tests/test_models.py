@@ -58,3 +58,19 @@ def test_speculative_equals_autoregressive(built, drafter, tree):
     import speccompile
     g = speccompile.load(built[2], threads=1)
     assert_lossless(g, drafter, random_prompts(3, seed=1), 40, tree)
+
+
+def test_gemma3_multimodal_checkpoint_builds_its_text_model(tmp_path):
+    """Gemma 3's 4B+ checkpoints are Gemma3ForConditionalGeneration: the text model is read from text_config and
+    the language_model.* tensors (the vision tower is left out), and matches the whole model on text."""
+    from models_util import write_gemma3_multimodal
+    model = write_gemma3_multimodal(str(tmp_path / "ck"))
+    out = str(tmp_path / "b")
+    build_bundle(str(tmp_path / "ck"), out, drafts=["lookup"], max_seq_len=128, progress=quiet)
+    m = read_manifest(out)
+    assert not any("vision" in n for n in m["weights"]["target.bin"])
+    eng = Engine(out, m["models"]["target"], threads=1, max_rows=PROMPT_LEN)
+    ids = np.random.default_rng(9).integers(6, VOCAB, PROMPT_LEN)
+    logits, _ = eng.forward(ids, rows=np.arange(PROMPT_LEN))
+    assert np.abs(logits - reference_logits(model, ids)).max() < TOL
+    assert m["models"]["target"]["config"]["eos_token_ids"] == [2, 1]

@@ -122,3 +122,22 @@ def test_hub_spellings_agree():
     assert old == new and old.rope["rope_type"] == "llama3" and old.rope_theta == 500000.0
     json.dumps(old.to_dict())  # the manifest stores it
     assert ModelConfig.from_dict(old.to_dict()) == old
+
+
+def test_gemma3_hub_config_leaves_defaults_out():
+    """gemma-3-4b-it's config.json as published: the text model's values transformers defaults are left out
+    (vocabulary, context, head_dim, window, activation), the eos ids at the top level, linear RoPE on global layers
+    only."""
+    hub = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "eos_token_id": [1, 106],
+           "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                           "num_hidden_layers": 34, "num_attention_heads": 8, "num_key_value_heads": 4,
+                           "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024},
+           "vision_config": {"model_type": "siglip_vision_model"}}
+    cfg = ModelConfig.from_hf(hub)
+    assert (cfg.model_type, cfg.vocab_size, cfg.head_dim, cfg.max_position_embeddings) == ("gemma3_text", 262208,
+                                                                                            256, 131072)
+    assert cfg.eos_token_ids == (1, 106) and cfg.tie_word_embeddings and cfg.hidden_act == "gelu_tanh"
+    assert cfg.rope == {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0}
+    assert cfg.rope_local == {"rope_type": "default", "rope_theta": 10000.0}
+    assert [cfg.is_sliding(i) for i in range(6)] == [True] * 5 + [False] and cfg.sliding_window == 1024
+    assert cfg.attn_scale_factor == 1.0 and cfg.embed_scale == 2560 ** 0.5

@@ -9,7 +9,7 @@ import dataclasses
 import math
 from typing import Any
 
-from speccompile.compile.families import FAMILIES, family_fields
+from speccompile.compile.families import FAMILIES, family_fields, text_model_config
 from speccompile.errors import ConfigError, UnsupportedModelError
 
 # Architectures lowered: the Llama block and its variants, each differing only in the facts compile/families.py
@@ -228,6 +228,7 @@ class ModelConfig:
         wrong type, out of range or inconsistent (ConfigError), before anything is sized from it."""
         if not isinstance(hf, dict):
             raise ConfigError(f"config.json holds a {type(hf).__name__}, not an object of settings")
+        hf = text_model_config(hf)
         model_type = hf.get("model_type")
         if not isinstance(model_type, str) or model_type not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(

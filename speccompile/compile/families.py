@@ -28,6 +28,7 @@ class Family:
     activation_key: str = "hidden_act"
     mla: bool = False  # DeepSeek-V3: weights/mla.py, graph/mla.py
     moe: bool = False  # Mixtral's block_sparse_moe
+    defaults: tuple = ()  # (key, value) pairs the family's hub configs may leave out (transformers' defaults)
 
 
 FAMILIES = {
@@ -38,11 +39,41 @@ FAMILIES = {
     "mixtral": Family("MixtralForCausalLM", sliding="all", moe=True),
     "phi3": Family("Phi3ForCausalLM", fused_qkv=True, fused_gate_up=True, sliding="all"),
     "gemma3_text": Family("Gemma3ForCausalLM", qk_norm=True, norm_offset=1.0, sandwich_norms=True, embed_scaled=True,
-                          sliding="pattern", local_rope=True, activation_key="hidden_activation"),
+                          sliding="pattern", local_rope=True, activation_key="hidden_activation",
+                          defaults=(("vocab_size", 262208), ("max_position_embeddings", 131072),
+                                    ("rms_norm_eps", 1e-6), ("query_pre_attn_scalar", 256), ("head_dim", 256),
+                                    ("sliding_window", 4096), ("hidden_activation", "gelu_pytorch_tanh"),
+                                    ("tie_word_embeddings", True))),
     "deepseek_v3": Family("DeepseekV3ForCausalLM", mla=True),
 }
+# Multimodal checkpoints whose text model is a family above: its config is their text_config, its tensors those
+# under these prefixes (the hub's names, and transformers' newer ones), renamed as the text model's own.
+WRAPPED = {"gemma3": ("gemma3_text", (("language_model.model.", "model."), ("model.language_model.", "model."),
+                                       ("language_model.lm_head.", "lm_head.")))}
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+def text_model_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """config.json as its text model's own: a wrapped (multimodal) checkpoint's text_config, with the top level's
+    token ids, and the family's defaults filled in where the hub leaves values out."""
+    inner = WRAPPED.get(hf.get("model_type"))
+    if inner is not None:
+        text = hf.get("text_config")
+        if not isinstance(text, dict):
+            raise ConfigError(f"config: a {hf['model_type']} checkpoint needs a text_config object")
+        top = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "tie_word_embeddings") if hf.get(k) is not None}
+        hf = text | top | {"model_type": inner[0]}
+    fam = FAMILIES.get(hf.get("model_type"))
+    return dict(fam.defaults) | hf if fam else hf
+
+
+def text_tensor_name(hf: dict[str, Any], name: str) -> str | None:
+    """A checkpoint tensor's name as the text model's (None: not the text model's, e.g. a vision tower's)."""
+    inner = WRAPPED.get(hf.get("model_type"))
+    if inner is None:
+        return name
+    return next((new + name[len(old):] for old, new in inner[1] if name.startswith(old)), None)
 
 
 def family_fields(hf: dict[str, Any], model_type: str, num_layers: int, head_dim: int) -> dict[str, Any]:

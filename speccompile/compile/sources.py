@@ -17,6 +17,7 @@ from safetensors.numpy import save_file
 from speccompile.compile.checkpoint import Checkpoint
 from speccompile.compile.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from speccompile.compile.gguf import dequantized_tensors, read_gguf
+from speccompile.compile.families import text_tensor_name
 from speccompile.compile.hub_cache import looks_like_hub_id, resolve_hub_id
 from speccompile.compile.presets import tiny_checkpoint
 from speccompile.errors import CheckpointError
@@ -146,7 +147,9 @@ def load_hf_dir(path: str, progress=print) -> Checkpoint:
     for i, fpath in enumerate(files):
         progress(f"loading weights {i + 1}/{len(files)}: {os.path.basename(fpath)}")
         h.update(sha256_file(fpath).encode())
-        tensors |= read_safetensors(fpath)
+        # a multimodal checkpoint's text model only (families.WRAPPED), renamed as the text model's own
+        tensors |= {text_tensor_name(hf, k): v for k, v in
+                    read_safetensors(fpath, keep=lambda k: text_tensor_name(hf, k) is not None).items()}
     return Checkpoint(config, tensors, _read_tokenizer_files(path), {"kind": "hf", "path": os.path.abspath(path),
                                                                       "sha256": h.hexdigest()})
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from speccompile.compile.config import ModelConfig
+from speccompile.compile.families import text_model_config, text_tensor_name
 from speccompile.compile.hub_cache import looks_like_hub_id, resolve_hub_id
 from speccompile.compile.sources import load_checkpoint, save_hf_dir
 from speccompile.train.progress import log
@@ -38,22 +39,25 @@ def load_target(hf_dir: str, dtype: str = "float32"):
 
 
 def target_config(hf_dir: str) -> dict:
-    """config.json, with the values heads read filled in as the compiler reads them (head_dim, rope_theta: a
-    config may leave the first implicit and spell the second inside rope_parameters)."""
+    """config.json as its text model's (a multimodal checkpoint's text_config), with the values heads read filled
+    in as the compiler reads them (head_dim, rope_theta: a config may leave the first implicit and spell the second
+    inside rope_parameters)."""
     with open(os.path.join(hf_dir, "config.json")) as f:
         cfg = json.load(f)
     facts = ModelConfig.from_hf(cfg)
-    return cfg | {"head_dim": facts.head_dim, "rope_theta": facts.rope_theta}
+    return text_model_config(cfg) | {"head_dim": facts.head_dim, "rope_theta": facts.rope_theta}
 
 
 def target_tensors(hf_dir: str) -> dict:
     """The target's tensors (every safetensors shard) as a Llama checkpoint names them, which is what heads are
     initialised from: fused qkv_proj / gate_up_proj (Phi-3) split, RMSNorm weights stored as (scale - offset)
     (Gemma's 1 + weight) made plain scales."""
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        raw = json.load(f)
     tensors = {}
     for f in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):
-        tensors |= load_file(f)
-    cfg = ModelConfig.from_hf(target_config(hf_dir))
+        tensors |= {text_tensor_name(raw, k): v for k, v in load_file(f).items() if text_tensor_name(raw, k)}
+    cfg = ModelConfig.from_hf(raw)
     for name in list(tensors):
         if name.endswith("self_attn.qkv_proj.weight"):
             q, k, v = torch.split(tensors.pop(name), [cfg.q_size, cfg.kv_size, cfg.kv_size])
