@@ -74,3 +74,29 @@ def test_gemma3_multimodal_checkpoint_builds_its_text_model(tmp_path):
     logits, _ = eng.forward(ids, rows=np.arange(PROMPT_LEN))
     assert np.abs(logits - reference_logits(model, ids)).max() < TOL
     assert m["models"]["target"]["config"]["eos_token_ids"] == [2, 1]
+
+
+@pytest.mark.parametrize("case", ["gemma3", "qwen3"])
+def test_standard_ops_lowering_matches_transformers(tmp_path, case):
+    """--attention reference (standard ONNX ops, what other runtimes and TensorRT read): the window, q/k norms and
+    sandwich norms around it match transformers too."""
+    model = write_checkpoint(case, str(tmp_path / "ck"))
+    out = str(tmp_path / "b")
+    build_bundle(str(tmp_path / "ck"), out, drafts=["none"], max_seq_len=128, attention="reference", progress=quiet)
+    eng = Engine(out, read_manifest(out)["models"]["target"], threads=1, max_rows=PREFILL)
+    ids = np.random.default_rng(7).integers(3, VOCAB, PROMPT_LEN)
+    ref = reference_logits(model, ids)
+    logits, _ = eng.forward(ids[:PREFILL], rows=np.arange(PREFILL))
+    assert np.abs(logits - ref[:PREFILL]).max() < TOL
+    eng.cache.truncate(PREFILL)
+    for t in range(PREFILL, PROMPT_LEN):
+        logits, _ = eng.forward(ids[t:t + 1])
+        eng.cache.truncate(t + 1)
+        assert np.abs(logits[0] - ref[t]).max() < TOL, t
+
+
+def test_partial_rotary_needs_the_fused_kernel(tmp_path):
+    from test_errors import assert_cli_error, cli
+    write_checkpoint("phi3", str(tmp_path / "ck"))
+    assert_cli_error(cli("build", tmp_path / "ck", "--out", tmp_path / "b", "--attention", "reference"),
+                     "partial rotary", "--attention ort")
