@@ -98,7 +98,10 @@ def family_fields(hf: dict[str, Any], model_type: str, num_layers: int, head_dim
     if fam.local_rope:
         out["rope_local"] = rope_parameters(hf, SLIDING, theta_key="rope_local_base_freq", default_theta=10000.0,
                                             scaled=False)
-    prf = hf.get("partial_rotary_factor", (hf.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
+    prf = hf.get("partial_rotary_factor")
+    if prf is None:
+        prf = (hf.get("rope_parameters") or {}).get("partial_rotary_factor")
+    prf = 1.0 if prf is None else prf
     if not isinstance(prf, (int, float)) or isinstance(prf, bool) or not 0 < prf <= 1:
         raise ConfigError(f"config: partial_rotary_factor = {prf!r:.20} must be in (0, 1]")
     out["partial_rotary_factor"] = float(prf)
