@@ -15,7 +15,7 @@ from models_util import write_checkpoint  # noqa: E402
 from test_train_head import train_head  # noqa: E402
 
 
-@pytest.mark.parametrize("case", ["llama3", "qwen3", "phi3", "gemma3", "mistral-window"])
+@pytest.mark.parametrize("case", ["llama3", "qwen3", "phi3", "gemma3", "mistral-window", "mixtral-window"])
 def test_trained_heads_on_every_architecture(tmp_path, case):
     import speccompile
     hf, work = tmp_path / "hf", tmp_path / "work"

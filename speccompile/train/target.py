@@ -67,4 +67,20 @@ def target_tensors(hf_dir: str) -> dict:
             tensors |= {name.replace("gate_up_proj", "gate_proj"): gate, name.replace("gate_up_proj", "up_proj"): up}
         elif name.endswith("norm.weight") and cfg.norm_offset:
             tensors[name] = tensors[name].float() + cfg.norm_offset
-    return tensors
+    return tensors | _first_expert_as_mlp(tensors)
+
+
+def _first_expert_as_mlp(tensors: dict) -> dict:
+    """A mixture-of-experts target's (Mixtral's) first expert under the dense MLP's names: a head's block is
+    dense, and starts from the target's last layer."""
+    out = {}
+    for name in tensors:
+        stem = name.partition("block_sparse_moe.experts.")[0]
+        if name.endswith("block_sparse_moe.experts.0.w1.weight"):
+            out |= {stem + f"mlp.{n}.weight": tensors[stem + f"block_sparse_moe.experts.0.{w}.weight"]
+                    for n, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))}
+        elif name.endswith("block_sparse_moe.experts.gate_up_proj"):  # stacked [E, 2I, H], gate first
+            gate, up = tensors[name][0].chunk(2)
+            out |= {stem + "mlp.gate_proj.weight": gate, stem + "mlp.up_proj.weight": up,
+                    stem + "mlp.down_proj.weight": tensors[stem + "block_sparse_moe.experts.down_proj"][0]}
+    return out
