@@ -18,6 +18,7 @@ from speccompile.compile.checkpoint import Checkpoint
 from speccompile.compile.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from speccompile.compile.gguf import dequantized_tensors, read_gguf
 from speccompile.compile.families import text_tensor_name
+from speccompile.compile.fp8 import apply_block_scales, e4m3_to_float32, fp8_block_size
 from speccompile.compile.hub_cache import looks_like_hub_id, resolve_hub_id
 from speccompile.compile.presets import tiny_checkpoint
 from speccompile.errors import CheckpointError
@@ -89,18 +90,26 @@ def read_safetensors(fpath: str, keep=lambda name: True, ints: tuple[str, ...] =
     try:
         with safe_open(fpath, framework="numpy") as f:
             names = [k for k in f.keys() if keep(k)]
-            bf16 = {k for k in names if f.get_slice(k).get_dtype() == "BF16"}
-            out = {k: f.get_tensor(k).astype(np.int64 if k in ints else np.float32) for k in names if k not in bf16}
-        return out | (read_bfloat16(fpath, bf16) if bf16 else {})
+            raw = {k for k in names if f.get_slice(k).get_dtype() in ("BF16", "F8_E4M3")}
+            out = {k: f.get_tensor(k).astype(np.int64 if k in ints else np.float32) for k in names if k not in raw}
+        return out | (read_raw_floats(fpath, raw) if raw else {})
     except FileNotFoundError:
         raise CheckpointError(f"weights not found: {fpath}") from None
     except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
         raise CheckpointError(f"{fpath}: corrupt or truncated safetensors file ({e})") from None
 
 
-def read_bfloat16(fpath: str, names: set[str]) -> dict[str, np.ndarray]:
-    """numpy has no bfloat16, so safetensors' numpy API refuses it; a bfloat16 is the top half of a float32's
-    bits, so widening is exact. The header's layout is the safetensors format: 8-byte length, JSON, data."""
+def fp8_tensor_names(fpath: str) -> set[str]:
+    """The float8 tensors of a safetensors file (read from its header)."""
+    with safe_open(fpath, framework="numpy") as f:
+        return {k for k in f.keys() if f.get_slice(k).get_dtype() == "F8_E4M3"}
+
+
+def read_raw_floats(fpath: str, names: set[str]) -> dict[str, np.ndarray]:
+    """numpy has neither bfloat16 nor float8, so safetensors' numpy API refuses them; a bfloat16 is the top half of
+    a float32's bits, and every float8 e4m3 value is a float32 (fp8.py; its block scales are applied by
+    load_hf_dir), so widening is exact. The header's layout is the safetensors format: 8-byte length, JSON,
+    data."""
     with open(fpath, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
@@ -108,6 +117,9 @@ def read_bfloat16(fpath: str, names: set[str]) -> dict[str, np.ndarray]:
     out = {}
     for k in names:
         begin, stop = header[k]["data_offsets"]
+        if header[k]["dtype"] == "F8_E4M3":
+            out[k] = e4m3_to_float32(data[begin:stop]).reshape(header[k]["shape"])
+            continue
         bits = data[begin:stop].view("<u2").astype(np.uint32) << 16
         out[k] = bits.view(np.float32).reshape(header[k]["shape"])
     return out
@@ -143,6 +155,7 @@ def load_hf_dir(path: str, progress=print) -> Checkpoint:
                                   "pickles are refused as unsafe, convert them to safetensors")
         raise CheckpointError(f"{path}: no *.safetensors weight files")
     tensors: dict[str, np.ndarray] = {}
+    fp8: set[str] = set()
     h = hashlib.sha256()
     for i, fpath in enumerate(files):
         progress(f"loading weights {i + 1}/{len(files)}: {os.path.basename(fpath)}")
@@ -150,6 +163,10 @@ def load_hf_dir(path: str, progress=print) -> Checkpoint:
         # a multimodal checkpoint's text model only (families.WRAPPED), renamed as the text model's own
         tensors |= {text_tensor_name(hf, k): v for k, v in
                     read_safetensors(fpath, keep=lambda k: text_tensor_name(hf, k) is not None).items()}
+        fp8 |= {text_tensor_name(hf, k) for k in fp8_tensor_names(fpath)}
+    if fp8:
+        progress(f"dequantizing {len(fp8)} FP8 tensors (block scales)")
+        apply_block_scales(tensors, fp8 - {None}, fp8_block_size(hf))
     return Checkpoint(config, tensors, _read_tokenizer_files(path), {"kind": "hf", "path": os.path.abspath(path),
                                                                       "sha256": h.hexdigest()})
 
@@ -232,10 +249,15 @@ def load_mtp_head(path: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
         return next((v + rest[len(p):] for p, v in renames.items() if rest.startswith(p)),
                     None if rest.startswith("shared_head.head.") else "mtp.layer." + rest)
 
-    out = {}
+    out, fp8 = {}, set()
     for f in files:  # only the MTP tensors are read: a DeepSeek checkpoint is mostly the target's
         out |= {rename(k): v for k, v in read_safetensors(f, keep=lambda k: rename(k) is not None,
                                                           ints=("mtp.d2t",)).items()}
+        fp8 |= {rename(k) for k in fp8_tensor_names(f)} - {None}
+    if fp8:  # an FP8 DeepSeek checkpoint's MTP layer: its block scales, as the target's (load_hf_dir)
+        config = os.path.join(path, "config.json")
+        hf = json.load(open(config)) if os.path.isdir(path) and os.path.isfile(config) else {}
+        apply_block_scales(out, fp8, fp8_block_size(hf))
     if not out:
         raise CheckpointError(f"{path}: no MTP head tensors (mtp.* or {mtp_layer}*)")
     return out
