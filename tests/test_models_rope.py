@@ -87,7 +87,7 @@ def test_longrope_beyond_its_original_context_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("rope,words", [({"type": "dynamic", "factor": 2.0}, ["'dynamic'", "dynamic NTK"]),
-                                        ({"rope_type": "su", "factor": 2.0}, ["'su'"])])
+                                        ({"rope_type": "ntk-by-parts", "factor": 2.0}, ["'ntk-by-parts'"])])
 def test_unknown_rope_type_is_one_error_line(tmp_path, rope, words):
     ck = str(tmp_path / "ck")
     write_checkpoint("llama-linear", ck)

@@ -24,6 +24,7 @@ _PARAMS = {
              ("factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")),
     "longrope": (("original_max_position_embeddings", "short_factor", "long_factor"), ("factor", "attention_factor")),
 }
+ALIASES = {"su": "longrope"}  # early Phi-3-128k configs' name for longrope
 REFUSED_WHY = {"dynamic": "its frequencies change with the sequence length (dynamic NTK), so no static table holds"}
 
 
@@ -49,6 +50,7 @@ def rope_parameters(hf: dict[str, Any], layer_type: str | None = None, theta_key
         p = dict(old or {}) if scaled else {}
         theta = hf.get(theta_key, (new or {}).get("rope_theta"))
     rope_type = p.pop("rope_type", None) or p.pop("type", None) or "default"
+    rope_type = ALIASES.get(rope_type, rope_type) if isinstance(rope_type, str) else rope_type
     p["rope_theta"] = default_theta if theta is None else theta
     if p.get("original_max_position_embeddings") is None and hf.get("original_max_position_embeddings") is not None:
         p["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
