@@ -14,7 +14,7 @@ import onnxruntime as ort
 from speccompile.format.bundle import resolve_inside
 from speccompile.errors import BundleError, SpeccompileError
 from speccompile.graphs import MAX_STEP_TOKENS
-from speccompile.runtime.kv_cache import KVCache
+from speccompile.runtime.kv_cache import DeviceKVCache, KVCache
 
 NEG_INF = np.float32(-np.inf)
 BIAS_WIDTH_STEP = 64  # the attention bias's width grows in steps of this many slots
@@ -62,10 +62,14 @@ def providers_for(device: str) -> list[str]:
         raise SpeccompileError(f"device {device!r} needs onnxruntime's {wanted[0]}, which this onnxruntime lacks "
                                f"(available: {', '.join(ort.get_available_providers())}); "
                                "install speccompile[gpu] on a machine with a GPU")
-    if device != "cpu":
-        # The in-place cache below is host memory; a device-resident cache is not implemented yet.
-        raise SpeccompileError(f"device {device!r}: the runtime's KV cache is host-only for now; use device='cpu'")
     return wanted
+
+
+def check_cache_dtype(dtype: str, device: str) -> None:
+    """A bundle's dtype must have kernels on the device: onnxruntime's CPU provider has no bfloat16 MatMul."""
+    if dtype == "bfloat16" and device == "cpu":
+        raise SpeccompileError("this bundle is bfloat16, which onnxruntime's CPU provider cannot run (no bfloat16 "
+                               "MatMul): generate with --device cuda, or build with --dtype float32 or float16")
 
 
 class Engine:
@@ -80,8 +84,10 @@ class Engine:
         self.max_seq_len = kv["max_seq_len"]
         path = resolve_inside(bundle_dir, entry["graph"])
         providers = providers_for(device)
+        check_cache_dtype(kv.get("dtype", "float32"), device)
+        self.device = device
         self.session = open_session(path, session_options(threads, prepack), providers)
-        self.cache = KVCache(self.num_layers, kv["num_kv_heads"], self.max_seq_len, kv["head_dim"])
+        self.cache = self._make_cache(bundle_dir, entry, device, providers)
         # a graph with the verify extension (speccompile.graphs) accepts drafts itself (`verify`); the generator
         # uses it while `verifies` is true (set it false to compare with acceptance on the host)
         self.verifies = "accept_node" in {o.name for o in self.session.get_outputs()}
@@ -89,12 +95,10 @@ class Engine:
         # stay inside the graph (onnxruntime still computes them for the argmax and the sampling, but never
         # hands them out).
         self.io, self.io_verify = self.session.io_binding(), self.session.io_binding()
-        for i in range(self.num_layers):  # bound once: past and present share one buffer per layer
-            for kind, arr in (("key", self.cache.key[i]), ("value", self.cache.value[i])):
-                ov = ort.OrtValue.ortvalue_from_numpy(arr)
-                for io in (self.io, self.io_verify):
-                    io.bind_ortvalue_input(f"past_{kind}.{i}", ov)
-                    io.bind_ortvalue_output(f"present_{kind}.{i}", ov)
+        for name, ov in self.cache.ortvalues():  # bound once: past and present share one buffer per layer
+            for io in (self.io, self.io_verify):
+                io.bind_ortvalue_input(f"past_{name}", ov)
+                io.bind_ortvalue_output(f"present_{name}", ov)
         self.max_rows = max_rows
         width = next(i.shape[3] for i in self.session.get_inputs() if i.name == "attention_bias")
         self.bias_width = width if isinstance(width, int) else None  # bundles before graph version 3: LMAX
@@ -123,6 +127,24 @@ class Engine:
         self.node_prob = np.zeros(max_rows, np.float64)
         self.accept = np.zeros(3, np.int64)  # accept_node, accept_len, accept_token
         self.weight_bytes = sum(os.path.getsize(resolve_inside(bundle_dir, w)) for w in entry["weights"])
+
+    # tests set this to drive the device-resident cache's code path (OrtValues, compaction graph) on the CPU
+    resident_on_cpu = False
+
+    def _make_cache(self, bundle_dir: str, entry: dict, device: str, providers: list[str]):
+        """The KV cache in the bundle's dtype: host numpy arrays on the CPU, device memory elsewhere (the step's
+        small inputs and outputs stay in host buffers bound by address, which onnxruntime copies across: a few
+        hundred bytes a pass, the [R, V] logits only when `forward` asks for them)."""
+        kv = entry["kv_cache"]
+        dims = (self.num_layers, kv["num_kv_heads"], self.max_seq_len, kv["head_dim"])
+        dtype = kv.get("dtype", "float32")
+        if device == "cpu" and not self.resident_on_cpu:
+            return KVCache(*dims, dtype=dtype)
+        compact = entry.get("kv_compact")
+        session = (open_session(resolve_inside(bundle_dir, compact), session_options(1), providers)
+                   if compact else None)
+        return DeviceKVCache(*dims, dtype=dtype, device=device if device == "cpu" else "cuda",
+                             compact_session=session)
 
     def forward(self, tokens: np.ndarray, positions: np.ndarray | None = None, parents: np.ndarray | None = None,
                 rows: np.ndarray | None = None, committed: int | None = None, hidden_in: np.ndarray | None = None,
