@@ -151,8 +151,9 @@ def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, ba
 @click.option("--system", default=None, help="A system message before PROMPT (through the chat template).")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads (default: all cores).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="cuda: onnxruntime's CUDA provider, the KV caches in GPU memory (needs speccompile[gpu]).")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+              help="cuda: onnxruntime's CUDA provider, the KV caches in GPU memory (the GPU onnxruntime: "
+                   "docs/gpu.md); tensorrt: onnxruntime's TensorRT provider, CUDA for the ops it lacks.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @_errors_to_exit
 def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, drafter, num_draft, tree,

@@ -58,10 +58,15 @@ def providers_for(device: str) -> list[str]:
     if device not in PROVIDERS:
         raise SpeccompileError(f"unknown device {device!r}; choose from {', '.join(PROVIDERS)}")
     wanted = PROVIDERS[device]
+    if device != "cpu" and hasattr(ort, "preload_dlls"):
+        # the CUDA and cuDNN libraries of the nvidia-* wheels onnxruntime-gpu[cuda,cudnn] installs: not on the
+        # loader's path otherwise
+        ort.preload_dlls()
     if wanted[0] not in ort.get_available_providers():
         raise SpeccompileError(f"device {device!r} needs onnxruntime's {wanted[0]}, which this onnxruntime lacks "
-                               f"(available: {', '.join(ort.get_available_providers())}); "
-                               "install speccompile[gpu] on a machine with a GPU")
+                               f"(available: {', '.join(ort.get_available_providers())}); on a machine with an "
+                               "NVIDIA GPU, swap in the GPU onnxruntime (the two wheels must not coexist): "
+                               "pip uninstall -y onnxruntime && SPECCOMPILE_ONNXRUNTIME=gpu pip install -e .")
     return wanted
 
 
@@ -87,6 +92,9 @@ class Engine:
         check_cache_dtype(kv.get("dtype", "float32"), device)
         self.device = device
         self.session = open_session(path, session_options(threads, prepack), providers)
+        if self.session.get_providers()[0] != providers[0]:  # onnxruntime fell back to the CPU with a warning
+            raise SpeccompileError(f"onnxruntime could not start its {providers[0]} (the CUDA or cuDNN libraries "
+                                   "are missing or do not match the driver; its log above says which)")
         self.cache = self._make_cache(bundle_dir, entry, device, providers)
         # a graph with the verify extension (speccompile.graphs) accepts drafts itself (`verify`); the generator
         # uses it while `verifies` is true (set it false to compare with acceptance on the host)
