@@ -151,18 +151,19 @@ def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, ba
 @click.option("--system", default=None, help="A system message before PROMPT (through the chat template).")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads (default: all cores).")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
-              help="cuda: onnxruntime's CUDA provider, the KV caches in GPU memory (the GPU onnxruntime: "
-                   "docs/gpu.md); tensorrt: onnxruntime's TensorRT provider, CUDA for the ops it lacks.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cuda: onnxruntime's CUDA provider, the KV caches in GPU memory (docs/gpu.md).")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="tensorrt: the bundle's TensorRT engines (build --backend tensorrt) on the GPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @_errors_to_exit
 def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, drafter, num_draft, tree,
-             no_speculate, compare, no_chat, system, stop, threads, device, as_json):
+             no_speculate, compare, no_chat, system, stop, threads, device, backend, as_json):
     """Generate text for PROMPT from BUNDLE, streaming it."""
     from speccompile import load
     if system is not None and no_chat:
         raise SpeccompileError("--system needs the chat template: drop --no-chat")
-    gen = load(bundle, threads=threads, device=device)
+    gen = load(bundle, threads=threads, device="tensorrt" if backend == "tensorrt" else device)
     if system is not None:  # the conversation as token ids: what every call below then decodes from
         prompt = gen.tokenizer.encode_messages([{"role": "system", "content": system},
                                                 {"role": "user", "content": prompt}])

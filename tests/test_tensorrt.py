@@ -496,3 +496,148 @@ def test_engine_model_matches_cpu_graph(tmp_path, plugin_library, monkeypatch):
         for i in range(cfg.num_hidden_layers):
             k = caches[f"past_key.{i}"].cpu().numpy()
             assert np.abs(k[:, :, :committed] - cpu.key[i][:, :, :committed]).max() < 1e-3
+
+
+# --- the runtime's TensorRT engine (generate --backend tensorrt), driven through a stand-in for TensorRT ----------
+
+class FakeTensorRT:
+    """Just the TensorRT Python API the runtime uses. An "engine" is the bundle's CPU graph (the plugin's reference
+    expansion), run by onnxruntime over the buffers at the addresses the runtime binds, so the runtime's binding,
+    shapes, bias, cache sharing and copies are all exercised on the CPU."""
+    TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    def __init__(self, bundle_dir):
+        self.bundle_dir, self.__version__ = bundle_dir, "10.99-fake"
+
+    @staticmethod
+    def nptype(dtype):
+        return dtype
+
+    def get_plugin_registry(self):
+        return types.SimpleNamespace(get_creator=lambda *a: "registered")
+
+    def Runtime(self, logger):
+        fake = self
+
+        class Runtime:
+            def deserialize_cuda_engine(self, data):
+                return FakeEngine(os.path.join(fake.bundle_dir, data.decode()))
+        return Runtime()
+
+
+class FakeEngine:
+    def __init__(self, graph_path):
+        self.session = ort.InferenceSession(graph_path, providers=["CPUExecutionProvider"])
+        self.io = {**{i.name: ("input", i) for i in self.session.get_inputs()},
+                   **{o.name: ("output", o) for o in self.session.get_outputs()}}
+        self.names = list(self.io)
+        self.num_io_tensors = len(self.names)
+
+    def get_tensor_name(self, i):
+        return self.names[i]
+
+    def get_tensor_mode(self, name):
+        return self.io[name][0]
+
+    def get_tensor_dtype(self, name):
+        t = self.io[name][1].type
+        return np.dtype({"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}[t])
+
+    def create_execution_context(self):
+        return FakeContext(self)
+
+
+class FakeContext:
+    def __init__(self, engine):
+        self.engine, self.shapes, self.addresses = engine, {}, {}
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+
+    def view(self, name, shape):
+        dtype = self.engine.get_tensor_dtype(name)
+        n = int(np.prod(shape)) * dtype.itemsize
+        return np.frombuffer((ctypes.c_char * n).from_address(self.addresses[name]), dtype).reshape(shape)
+
+    def execute_async_v3(self, stream):
+        assert stream == 0
+        feeds = {}
+        for i in self.engine.session.get_inputs():
+            shape = self.shapes.get(i.name) or tuple(i.shape)
+            feeds[i.name] = self.view(i.name, shape).copy()
+        results = self.engine.session.run(None, feeds)
+        for o, r in zip(self.engine.session.get_outputs(), results):
+            np.copyto(self.view(o.name, r.shape), r)  # present_* lands in the cache's own buffer
+        return True
+
+
+@pytest.fixture
+def fake_trt_bundle(tmp_path, monkeypatch, stub_tensorrt):
+    """A --backend tensorrt bundle whose engines name their CPU graphs, the fake TensorRT, host buffers."""
+    from speccompile.runtime.trt_engine import TensorRTEngine
+
+    def build_engine(toolchain, onnx_path, engine_path, input_dims, bounds):
+        with open(engine_path, "wb") as f:
+            f.write(os.path.basename(onnx_path).replace(".trt.onnx", ".onnx").encode())
+        return {"profile": {}}
+
+    monkeypatch.setattr(trt_backend, "build_engine", build_engine)
+    out, tree = str(tmp_path / "trt"), tmp_path / "tree.json"
+    tree.write_text("[[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 0]]")
+    build_bundle("tiny:llama", out, drafts=["layerskip:2", "lookup"], max_seq_len=128, backend="tensorrt",
+                 tree=f"static:{tree}", progress=quiet)
+    monkeypatch.setitem(__import__("sys").modules, "tensorrt", FakeTensorRT(out))
+    monkeypatch.setenv(trt_backend.PLUGIN_ENV, str(tmp_path / "libstub_plugin.so"))
+    monkeypatch.setattr(TensorRTEngine, "buffer_device", "cpu")
+    return out
+
+
+def test_runtime_tensorrt_engine_decodes_like_onnxruntime(fake_trt_bundle, monkeypatch):
+    """generate with device="tensorrt" (engines, device buffers, the compaction graph) == the same bundle on
+    onnxruntime's CPU provider, token for token, speculative and plain; the verify extension is absent. Sampled
+    with a seed (the tiny model's greedy output repeats one token), so trees accept paths that must be moved."""
+    import speccompile
+    from speccompile.runtime.trt_engine import TensorRTEngine
+    from speccompile.runtime.kv_cache import DeviceKVCache
+    moves = []
+    compact = DeviceKVCache.compact
+    monkeypatch.setattr(DeviceKVCache, "compact", lambda self, src, dst: (moves.append(
+        not np.array_equal(src, np.arange(dst, dst + len(src)))), compact(self, src, dst))[1])
+    cpu = speccompile.load(fake_trt_bundle, threads=1)
+    trt = speccompile.load(fake_trt_bundle, device="tensorrt")
+    assert isinstance(trt.target, TensorRTEngine) and isinstance(trt.target.cache, DeviceKVCache)
+    assert not trt.target.verifies and not cpu.target.verifies
+    rng = np.random.default_rng(5)
+    outputs = set()
+    for n in (9, 23):
+        base = list(rng.integers(3, 384, n))
+        prompt = base + base[:6]
+        for drafter, speculate in (("layerskip:2", True), ("lookup", True), (None, False)):
+            kw = dict(drafter=drafter, speculate=speculate, temperature=8.0, seed=n)
+            want = cpu.generate(prompt, 24, **kw).token_ids
+            assert trt.generate(prompt, 24, **kw).token_ids == want
+            outputs.update(want)
+    assert len(outputs) > 10 and any(moves), "degenerate check: too few distinct tokens or no path moved"
+
+
+def test_runtime_tensorrt_clear_errors(tmp_path, fake_trt_bundle, monkeypatch):
+    import speccompile
+    plain = str(tmp_path / "plain")
+    build_bundle("tiny:llama", plain, drafts=["none"], max_seq_len=64, progress=quiet)
+    with pytest.raises(SpeccompileError, match="--backend tensorrt"):
+        speccompile.load(plain, device="tensorrt")
+    monkeypatch.setenv(trt_backend.PLUGIN_ENV, str(tmp_path / "missing.so"))
+    with pytest.raises(SpeccompileError, match="plugin library"):
+        speccompile.load(fake_trt_bundle, device="tensorrt")
+    monkeypatch.setitem(__import__("sys").modules, "tensorrt", None)  # import tensorrt -> ImportError
+    with pytest.raises(SpeccompileError, match=r"TensorRT's Python package"):
+        speccompile.load(fake_trt_bundle, device="tensorrt")

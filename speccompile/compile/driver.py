@@ -149,10 +149,12 @@ def _graph(target: Checkpoint, target_w: dict, screen: bool, specs: list[DraftSp
     progress("[3/4] graph: emitting static decoder graphs")
     cfg, max_seq_len = target.config, opts.max_seq_len
     features = target_features(specs, cfg)
+    # TensorRT has no float64 (the verify extension's probabilities): its engines leave acceptance to the host
+    verify = opts.backend != "tensorrt"
     graph = build_decoder(cfg, target_w, max_seq_len, attention=opts.attention, fused=opts.fused, name="target",
-                          verify=True, aux_layers=features)
+                          verify=verify, aux_layers=features)
     model = decoder_entry("target", cfg, cfg.num_hidden_layers, max_seq_len, ["target.bin"], opts.attention,
-                          verify=True, aux_layers=features, screen=screen)
+                          verify=verify, aux_layers=features, screen=screen)
     if features:
         model["aux_hidden_layers"] = features
     parts = BundleParts({"target.bin": target_w}, {"target": (graph, ["target.bin"])}, {"target": model})
