@@ -72,9 +72,11 @@ stage plugin-build 120 "
   NVCC=\$(ls \$SITE/nvidia/cuda_nvcc/bin/nvcc \$SITE/nvidia/cu*/bin/nvcc 2>/dev/null | head -n1 || true)
   [ -n \"\$NVCC\" ] || NVCC=\$(command -v nvcc || true)
   [ -n \"\$NVCC\" ] || { echo 'no nvcc'; exit 1; }
+  # TensorRT's pip wheels ship no C++ headers: they come with a TensorRT SDK (tar, deb/rpm, NGC image)
   HDR=\$( (ls \${TENSORRT_ROOT:-/nonexistent}/include/NvInferRuntime.h /usr/include/x86_64-linux-gnu/NvInferRuntime.h \
-            /usr/include/NvInferRuntime.h 2>/dev/null; find \$SITE -name NvInferRuntime.h 2>/dev/null) | head -n1)
-  [ -n \"\$HDR\" ] || { echo 'no TensorRT headers (NvInferRuntime.h) on this machine or in the wheels: set TENSORRT_ROOT'; exit 1; }
+            /usr/include/NvInferRuntime.h 2>/dev/null; find \$SITE /usr/local /opt -maxdepth 6 -name NvInferRuntime.h \
+            2>/dev/null) | head -n1)
+  [ -n \"\$HDR\" ] || { echo 'no TensorRT headers (NvInferRuntime.h): pip wheels ship none; set TENSORRT_ROOT to a TensorRT SDK'; exit 1; }
   TRT_ROOT=\$(dirname \$(dirname \$HDR))
   CUDA_ROOT=\$(dirname \$(dirname \$NVCC))
   export PATH=\$CUDA_ROOT/bin:$VENV/bin:\$PATH
