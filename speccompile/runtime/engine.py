@@ -21,11 +21,17 @@ from speccompile.runtime.sessions import (NEG_INF, PROVIDERS, ancestor_mask, ope
 BIAS_WIDTH_STEP = 64  # the attention bias's width grows in steps of this many slots
 
 
-def check_cache_dtype(dtype: str, device: str) -> None:
-    """A bundle's dtype must have kernels on the device: onnxruntime's CPU provider has no bfloat16 MatMul."""
+def check_device_dtype(entry: dict, device: str) -> None:
+    """A graph's dtype must have kernels on the device: onnxruntime's CPU provider has no bfloat16 MatMul, its
+    CUDA GroupQueryAttention no float32 kernel (the nodes would fall back to the CPU, copying every cache each
+    pass)."""
+    dtype = entry["kv_cache"].get("dtype", "float32")
     if dtype == "bfloat16" and device == "cpu":
         raise SpeccompileError("this bundle is bfloat16, which onnxruntime's CPU provider cannot run (no bfloat16 "
                                "MatMul): generate with --device cuda, or build with --dtype float32 or float16")
+    if dtype == "float32" and device == "cuda" and entry.get("attention") == "ort":
+        raise SpeccompileError("--device cuda runs float16 or bfloat16 bundles (onnxruntime's CUDA "
+                               "GroupQueryAttention has no float32 kernel): build with --dtype float16")
 
 
 class Engine:
@@ -47,7 +53,7 @@ class Engine:
         self.max_seq_len = kv["max_seq_len"]
         path = resolve_inside(bundle_dir, entry["graph"])
         providers = providers_for(device)
-        check_cache_dtype(kv.get("dtype", "float32"), device)
+        check_device_dtype(entry, device)
         self.device = device
         self.session = open_session(path, session_options(threads, prepack), providers)
         if self.session.get_providers()[0] != providers[0]:  # onnxruntime fell back to the CPU with a warning
