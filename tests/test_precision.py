@@ -127,3 +127,24 @@ def test_unknown_dtype_and_tensorrt_float16_are_refused(tmp_path):
         build_bundle("tiny:llama", str(tmp_path / "b"), drafts=["none"], max_seq_len=LMAX, dtype="float16",
                      backend="tensorrt", progress=quiet)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_default_model_float16_agrees_with_float32(tmp_path):
+    """SmolLM2-135M with its MTP head, float16 against float32 on the CPU provider: prefill logits within 1% of the
+    largest |logit| with the same argmax on every row, the same 32 greedy tokens, and speculative == autoregressive
+    within the float16 bundle."""
+    prompt = "Explain step by step how to make a cup of tea."
+    out = {}
+    for dtype in ("float32", "float16"):
+        out[dtype] = str(tmp_path / dtype)
+        build_bundle(None, out[dtype], max_seq_len=256, dtype=dtype, progress=quiet)
+    gens = {d: speccompile.load(b, threads=2) for d, b in out.items()}
+    ids = np.array(gens["float32"].tokenizer.encode(prompt))
+    logits = {d: engine(b).forward(ids, rows=np.arange(len(ids)))[0].copy() for d, b in out.items()}
+    a, b = logits["float32"], logits["float16"]
+    assert np.abs(a - b).max() <= LOGIT_TOLERANCE * np.abs(a).max()
+    assert np.array_equal(a.argmax(1), b.argmax(1))
+    plain = {d: g.generate(prompt, max_new_tokens=32, speculate=False).token_ids for d, g in gens.items()}
+    assert plain["float16"] == plain["float32"]
+    assert gens["float16"].generate(prompt, max_new_tokens=32).token_ids == plain["float16"]

@@ -24,9 +24,10 @@ import numpy as np
 from speccompile.errors import SpeccompileError
 
 DTYPES = ("float32", "float16", "bfloat16")
-# ops every converted graph keeps in float32 (Cast nodes around them): MatMulNBits' scales are float32 in the
-# int8 drafter heads, and its float16 kernels are not on every provider
-FLOAT32_OPS = ("MatMulNBits",)
+# ops every converted graph keeps in float32, Cast nodes around them (none so far: MatMulNBits, the int8 draft
+# heads' product, converts with its scales and has float16 kernels on the CPU and CUDA providers). A blocked op
+# must have its inputs' types known to onnx's shape inference: the converter casts only what it can see.
+FLOAT32_OPS: tuple[str, ...] = ()
 CACHE_PREFIXES = ("past_", "present_")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
