@@ -46,7 +46,7 @@ stage() {
 }
 
 # 1. the environment: the GPU onnxruntime (with its CUDA and cuDNN wheels) instead of the CPU one, the build
-#    extra, test tools without torch, the default model's GGUF; TensorRT and what builds the plugin separately
+#    extra, test tools without torch, the default model's GGUF
 stage install 200 "
   set -e
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo 'no nvidia-smi'
@@ -58,43 +58,29 @@ stage install 200 "
   $PY -c 'import onnxruntime as o; o.preload_dlls(); print(o.__version__, o.get_available_providers())'
   $PY -c 'import onnxruntime as o; assert \"CUDAExecutionProvider\" in o.get_available_providers()'
 "
+# 2. the CUDA path first (it needs nothing more): its tests, the default model in float16 (the GPU default:
+#    onnxruntime's CUDA GroupQueryAttention has no float32 kernel), autoregressive against speculative decoding
+#    (paired per prompt; greedy outputs must be identical). -rs lists what skipped and why.
+stage tests-cuda 120 "$PY -m pytest -q -rs -p no:cacheprovider -m 'not slow' tests/test_gpu.py tests/test_precision.py"
+stage build-default-fp16 90 "$VENV/bin/speccompile build --out $OUT/smollm2-fp16 --dtype float16 --force"
+stage bench-cuda 90 "$PY tools/gpu_bench.py $OUT/smollm2-fp16 --device cuda --prompts 8 --max-new-tokens 128"
+
+# 3. TensorRT: the runtime, nvcc and CMake from the registry; the plugin (TensorRT's C++ headers must be on the
+#    machine: tools/build_trt_plugin.sh says where it looked); the engine tests; the default model's engines
 stage install-tensorrt 150 "
   set -e
-  $PY -m pip install -q 'tensorrt-cu12>=10.8' 'nvidia-cuda-nvcc-cu12>=12.4' 'nvidia-cuda-runtime-cu12>=12.4' 'cmake>=3.24'
+  # the TensorRT runtime of the same major.minor as the SDK headers the plugin will be built against, if any
+  VER=\$(cat \$( (ls \${TENSORRT_ROOT:-/nonexistent}/include/NvInferVersion.h /usr/include/x86_64-linux-gnu/NvInferVersion.h \
+          2>/dev/null; find /usr/local /opt -maxdepth 6 -name NvInferVersion.h 2>/dev/null) | head -n1) /dev/null 2>/dev/null \
+        | awk '/define TRT_MAJOR_ENTERPRISE|define NV_TENSORRT_MAJOR/{M=\$3} /define TRT_MINOR_ENTERPRISE|define NV_TENSORRT_MINOR/{m=\$3} END{if(M!=\"\")print M\".\"m}')
+  SPEC=\${VER:+tensorrt-cu12==\$VER.*}
+  SPECCOMPILE_ONNXRUNTIME=gpu $PY -m pip install -q -e '.[tensorrt]' \$SPEC
+  $PY -m pip uninstall -y -q onnxruntime 2>/dev/null || true
   $PY -c 'import tensorrt; print(\"tensorrt\", tensorrt.__version__)'
 "
-
-# 2. the plugin: nvcc and the CUDA headers from the pip wheels; TensorRT's headers wherever they are found
-#    ($TENSORRT_ROOT, the system, the wheels)
-stage plugin-build 120 "
-  set -e
-  SITE=\$($PY -c 'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])')
-  NVCC=\$(ls \$SITE/nvidia/cuda_nvcc/bin/nvcc \$SITE/nvidia/cu*/bin/nvcc 2>/dev/null | head -n1 || true)
-  [ -n \"\$NVCC\" ] || NVCC=\$(command -v nvcc || true)
-  [ -n \"\$NVCC\" ] || { echo 'no nvcc'; exit 1; }
-  # TensorRT's pip wheels ship no C++ headers: they come with a TensorRT SDK (tar, deb/rpm, NGC image)
-  HDR=\$( (ls \${TENSORRT_ROOT:-/nonexistent}/include/NvInferRuntime.h /usr/include/x86_64-linux-gnu/NvInferRuntime.h \
-            /usr/include/NvInferRuntime.h 2>/dev/null; find \$SITE /usr/local /opt -maxdepth 6 -name NvInferRuntime.h \
-            2>/dev/null) | head -n1)
-  [ -n \"\$HDR\" ] || { echo 'no TensorRT headers (NvInferRuntime.h): pip wheels ship none; set TENSORRT_ROOT to a TensorRT SDK'; exit 1; }
-  TRT_ROOT=\$(dirname \$(dirname \$HDR))
-  CUDA_ROOT=\$(dirname \$(dirname \$NVCC))
-  export PATH=\$CUDA_ROOT/bin:$VENV/bin:\$PATH
-  cmake -S plugins/tree_attention/tensorrt -B plugins/tree_attention/tensorrt/build -DTENSORRT_ROOT=\$TRT_ROOT \
-        -DCMAKE_CUDA_COMPILER=\$NVCC -DCUDAToolkit_ROOT=\$CUDA_ROOT -DCMAKE_CUDA_ARCHITECTURES=90
-  cmake --build plugins/tree_attention/tensorrt/build -j 16
-  ls -l plugins/tree_attention/tensorrt/build/*.so
-"
-
-# 3. the tests: every GPU test runs here (the CPU ones beside them are quick); -rs lists what skipped and why
-stage tests 150 "$PY -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_precision.py tests/test_tensorrt.py"
-
-# 4. the default model, float16 (the GPU default: onnxruntime's CUDA GroupQueryAttention has no float32 kernel)
-stage build-default-fp16 90 "$VENV/bin/speccompile build --out $OUT/smollm2-fp16 --dtype float16 --force"
+stage plugin-build 120 "bash tools/build_trt_plugin.sh $PY"
+stage tests-tensorrt 120 "$PY -m pytest -q -rs -p no:cacheprovider tests/test_tensorrt.py -k 'engine or runtime_tensorrt or clear_error'"
 stage build-default-trt 150 "$VENV/bin/speccompile build --out $OUT/smollm2-trt --backend tensorrt --draft-precision float32 --max-seq-len 1024 --force"
-
-# 5. autoregressive against speculative decoding (paired per prompt; greedy outputs must be identical)
-stage bench-cuda 90 "$PY tools/gpu_bench.py $OUT/smollm2-fp16 --device cuda --prompts 8 --max-new-tokens 128"
 stage bench-tensorrt 90 "$PY tools/gpu_bench.py $OUT/smollm2-trt --device tensorrt --prompts 8 --max-new-tokens 128"
 
 TOTAL=$(( $(date +%s) - START ))
@@ -102,6 +88,6 @@ TOTAL=$(( $(date +%s) - START ))
   echo "== speccompile gpu_check: $(git rev-parse --short HEAD 2>/dev/null) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1), ${TOTAL}s =="
   printf '%s\n' "${SUMMARY[@]}"
   grep -h '^{' "$OUT"/bench-*.log 2>/dev/null
-  grep -hE '^(SKIPPED|FAILED)|passed|failed' "$OUT/tests.log" 2>/dev/null | cut -c1-200
+  grep -hE '^(SKIPPED|FAILED)|passed|failed' "$OUT"/tests-*.log 2>/dev/null | cut -c1-200
 } | tee "$OUT/summary.txt"
 exit $FAILED

@@ -190,7 +190,8 @@ def build_engine(toolchain: Toolchain, onnx_path: str, engine_path: str, input_d
     config = builder.create_builder_config()
     # fp32 without TF32 matmuls: the engine's logits then agree with the CPU graph's to fp32 rounding, so greedy
     # decoding picks the same tokens on both
-    config.clear_flag(trt.BuilderFlag.TF32)
+    if hasattr(trt.BuilderFlag, "TF32"):  # gone from TensorRT versions that no longer use it by default
+        config.clear_flag(trt.BuilderFlag.TF32)
     shapes = profile_shapes(input_dims, bounds)
     if shapes:
         profile = builder.create_optimization_profile()
