@@ -129,6 +129,18 @@ def test_cuda_greedy_speculation_is_lossless(bundles):
 
 
 @needs_cuda
+def test_cuda_bfloat16_greedy_speculation_is_lossless(tmp_path):
+    """bfloat16 runs only on the CUDA provider: a tiny bundle's speculative greedy output == its autoregressive."""
+    out = str(tmp_path / "bf16")
+    build_bundle("tiny:llama", out, drafts=["layerskip:2", "lookup"], max_seq_len=LMAX, dtype="bfloat16",
+                 progress=quiet)
+    g = speccompile.load(out, device="cuda")
+    for p in prompts():
+        plain = g.generate(p, max_new_tokens=24, speculate=False).token_ids
+        assert g.generate(p, max_new_tokens=24, drafter="layerskip:2").token_ids == plain
+
+
+@needs_cuda
 def test_cuda_float16_logits_agree_with_cpu_float32(bundles):
     rng = np.random.default_rng(2)
     prompt = rng.integers(3, 384, 40)
