@@ -163,3 +163,17 @@ def test_dtypes_without_kernels_on_the_device_are_refused():
     for dtype, device in (("float16", "cuda"), ("bfloat16", "cuda"), ("float32", "cpu"), ("float16", "cpu")):
         check_device_dtype({"kv_cache": {"dtype": dtype}, "attention": "ort"}, device)
     check_device_dtype({"kv_cache": {"dtype": "float32"}, "attention": "reference"}, "cuda")
+
+
+@pytest.mark.parametrize("choice, wheel", [("cpu", "onnxruntime>="), ("gpu", "onnxruntime-gpu[cuda,cudnn]>=")])
+def test_install_depends_on_exactly_one_onnxruntime(tmp_path, choice, wheel):
+    """setup.py's dependency list for SPECCOMPILE_ONNXRUNTIME=cpu|gpu: one onnxruntime wheel, never both."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, SPECCOMPILE_ONNXRUNTIME=choice)
+    subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "-e", str(tmp_path)], cwd=root, env=env,
+                   check=True, capture_output=True)
+    requires = next(tmp_path.glob("*.egg-info")).joinpath("requires.txt").read_text().split("\n[")[0].split()
+    runtimes = [r for r in requires if r.startswith("onnxruntime")]
+    assert len(runtimes) == 1 and runtimes[0].startswith(wheel), runtimes
