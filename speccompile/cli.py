@@ -121,13 +121,17 @@ def main(debug):
 @click.option("--draft-precision", type=click.Choice(["int8", "float32"]), default="int8", show_default=True,
               help="Weights of MTP draft heads: int8 reads a quarter of the bytes per drafting pass (drafts need not "
                    "be exact: the target verifies them).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="Graphs, weights and KV caches (norms and softmax accumulate in float32): float16 for GPUs, "
+                   "bfloat16 for the CUDA provider only.")
 @_errors_to_exit
-def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, backend, head_screen, draft_precision):
+def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, backend, head_screen, draft_precision,
+          dtype):
     """Compile MODEL (a Hugging Face directory, a .gguf file; default: the embedded SmolLM2-135M-Instruct)."""
     from speccompile.compile.driver import build_bundle
     build_bundle(model, out, list(drafts) or None, max_seq_len=max_seq_len, num_draft=num_draft, attention=attention,
                  fused=attention == "ort", overwrite=force, tree=tree, backend=backend, head_screen=head_screen,
-                 draft_precision=draft_precision,
+                 draft_precision=draft_precision, dtype=dtype,
                  progress=_progress)
 
 
@@ -148,15 +152,19 @@ def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, ba
 @click.option("--system", default=None, help="A system message before PROMPT (through the chat template).")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads (default: all cores).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cuda: onnxruntime's CUDA provider, the KV caches in GPU memory (docs/gpu.md).")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="tensorrt: the bundle's TensorRT engines (build --backend tensorrt) on the GPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @_errors_to_exit
 def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, drafter, num_draft, tree,
-             no_speculate, compare, no_chat, system, stop, threads, as_json):
+             no_speculate, compare, no_chat, system, stop, threads, device, backend, as_json):
     """Generate text for PROMPT from BUNDLE, streaming it."""
     from speccompile import load
     if system is not None and no_chat:
         raise SpeccompileError("--system needs the chat template: drop --no-chat")
-    gen = load(bundle, threads=threads)
+    gen = load(bundle, threads=threads, device="tensorrt" if backend == "tensorrt" else device)
     if system is not None:  # the conversation as token ids: what every call below then decodes from
         prompt = gen.tokenizer.encode_messages([{"role": "system", "content": system},
                                                 {"role": "user", "content": prompt}])

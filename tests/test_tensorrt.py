@@ -54,12 +54,8 @@ def gpu_missing():
     gpu, why = trt_backend.cuda_gpu()
     if gpu is None:
         return why
-    try:
-        import torch
-    except ImportError:
-        return "torch is not installed (the tests move buffers to the GPU with it)"
-    if not torch.cuda.is_available():
-        return "this torch has no CUDA (the tests move buffers to the GPU with it)"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "onnxruntime has no CUDAExecutionProvider (the tests hold GPU buffers as its OrtValues)"
     return None
 
 
@@ -389,8 +385,14 @@ def plugin_library(tmp_path_factory):
     return str(build / os.path.basename(trt_backend.PLUGIN_LIBRARY))
 
 
+def cuda_array(a):
+    """A GPU copy of a numpy array, as an onnxruntime OrtValue (the tests' only GPU buffers)."""
+    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), "cuda", 0)
+
+
 class TrtEngine:
-    """A serialized engine run with torch's CUDA buffers (the test's only GPU dependency besides TensorRT)."""
+    """A serialized engine run over OrtValue buffers on the GPU, on CUDA's legacy default stream: onnxruntime's
+    copies back to the host (`OrtValue.numpy`) are synchronous on that stream, so they follow the engine's work."""
 
     def __init__(self, path, library):
         import tensorrt as trt
@@ -402,21 +404,20 @@ class TrtEngine:
         assert self.engine is not None, "TensorRT could not deserialize the engine"
         self.context = self.engine.create_execution_context()
 
-    def torch_dtype(self, name):
-        import torch
-        return getattr(torch, np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name))).name)
+    def dtype(self, name):
+        return np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
 
     def run(self, inputs, outputs=None):
-        """inputs: name -> numpy array or CUDA tensor (arrays are cast to the engine's type); outputs: name -> CUDA
-        tensor to write into (e.g. the input cache itself, in place); the others are allocated. Returns them all."""
-        import torch
+        """inputs: name -> numpy array (cast to the engine's type) or GPU OrtValue; outputs: name -> GPU OrtValue to
+        write into (e.g. the input cache itself, in place); the others are allocated. Returns them all."""
         trt = self.trt
         keep = {}
         for name, a in inputs.items():
-            t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a)).cuda()
-            keep[name] = t = t.to(self.torch_dtype(name))
-            self.context.set_input_shape(name, tuple(t.shape))
-            self.context.set_tensor_address(name, t.data_ptr())
+            if isinstance(a, np.ndarray):
+                a = cuda_array(a.astype(self.dtype(name)))
+            keep[name] = a
+            self.context.set_input_shape(name, tuple(a.shape()))
+            self.context.set_tensor_address(name, a.data_ptr())
         result = dict(outputs or {})
         for i in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(i)
@@ -424,11 +425,9 @@ class TrtEngine:
                 continue
             if name not in result:
                 shape = tuple(self.context.get_tensor_shape(name))
-                result[name] = torch.empty(shape, dtype=self.torch_dtype(name), device="cuda")
+                result[name] = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), self.dtype(name).type, "cuda", 0)
             self.context.set_tensor_address(name, result[name].data_ptr())
-        stream = torch.cuda.current_stream()
-        assert self.context.execute_async_v3(stream.cuda_stream)
-        stream.synchronize()
+        assert self.context.execute_async_v3(0)
         return result
 
 
@@ -437,7 +436,6 @@ def test_engine_op_matches_definition(tmp_path, plugin_library):
     """The plugin alone in an engine, against reference_numpy: random trees and cache lengths, caches bound in
     place (one buffer for past and present, as the runtime binds them) and as separate buffers."""
     import tensorrt as trt
-    import torch
     hq, hkv, d = 4, 2, 64
     g = tree_attention_graph("plugin", hq, hkv, d, LMAX, fixed_total_len=False)
     model = trt_backend.prepare_graph(g.to_model({}))
@@ -452,21 +450,19 @@ def test_engine_op_matches_definition(tmp_path, plugin_library):
     for trial in range(8):
         c = random_case(rng, hq, hkv, d, committed=int(rng.integers(0, 40)), n=int(rng.integers(1, 17)))
         S = c["qkv"].shape[1]
-        key, value = torch.from_numpy(c["key"]).cuda(), torch.from_numpy(c["value"]).cuda()
+        key, value = cuda_array(c["key"]), cuda_array(c["value"])
         in_place = trial % 2 == 0
         outs = {"present_key": key, "present_value": value} if in_place else {}
         r = engine.run({"qkv": c["qkv"], "past_key": key, "past_value": value,
                         "seqlens_k": np.array([c["committed"] + S - 1], np.int32), "position_ids": c["pos"],
                         "attention_bias": c["bias"], "cos": c["cos"], "sin": c["sin"]}, outs)
-        check_against_definition(c, r["y"].cpu().numpy(), r["present_key"].cpu().numpy(),
-                                 r["present_value"].cpu().numpy(), hq, hkv, d)
+        check_against_definition(c, r["y"].numpy(), r["present_key"].numpy(), r["present_value"].numpy(), hq, hkv, d)
 
 
 @needs_gpu
 def test_engine_model_matches_cpu_graph(tmp_path, plugin_library, monkeypatch):
     """build --backend tensorrt on the tiny llama, then the target engine against the bundle's CPU graph (the
     plugin's reference expansion): logits, argmax and caches of a prefill chunk and a tree step."""
-    import torch
     monkeypatch.setenv(trt_backend.PLUGIN_ENV, plugin_library)
     out = str(tmp_path / "b")
     build_bundle("tiny:llama", out, drafts=["none"], max_seq_len=LMAX, backend="tensorrt", progress=quiet)
@@ -476,7 +472,7 @@ def test_engine_model_matches_cpu_graph(tmp_path, plugin_library, monkeypatch):
     cpu = OrtDecoder(os.path.join(out, entry["graph"]), cfg)
     engine = TrtEngine(os.path.join(out, entry["tensorrt"]["engine"]),
                        os.path.join(out, m["tensorrt"]["plugin_library"]))
-    caches = {f"past_{k}.{i}": torch.zeros((1, cfg.num_key_value_heads, LMAX, cfg.head_dim), device="cuda")
+    caches = {f"past_{k}.{i}": cuda_array(np.zeros((1, cfg.num_key_value_heads, LMAX, cfg.head_dim), np.float32))
               for i in range(cfg.num_hidden_layers) for k in ("key", "value")}
     rng = np.random.default_rng(1)
     committed = 0
@@ -490,9 +486,176 @@ def test_engine_model_matches_cpu_graph(tmp_path, plugin_library, monkeypatch):
                 shape = [S if d in ("S", "R") else d for d in spec["shape"]]
                 feeds[spec["name"]] = np.zeros(shape, spec["dtype"])
         r = engine.run(feeds | caches, {n.replace("past_", "present_"): t for n, t in caches.items()})
-        assert np.abs(r["logits"].cpu().numpy() - ref["logits"]).max() < 1e-3
-        assert np.array_equal(r["next_token"].cpu().numpy(), ref["next_token"])
+        assert np.abs(r["logits"].numpy() - ref["logits"]).max() < 1e-3
+        assert np.array_equal(r["next_token"].numpy(), ref["next_token"])
         committed += S
         for i in range(cfg.num_hidden_layers):
-            k = caches[f"past_key.{i}"].cpu().numpy()
+            k = caches[f"past_key.{i}"].numpy()
             assert np.abs(k[:, :, :committed] - cpu.key[i][:, :, :committed]).max() < 1e-3
+
+
+# --- the runtime's TensorRT engine (generate --backend tensorrt), driven through a stand-in for TensorRT ----------
+
+class FakeTensorRT:
+    """Just the TensorRT Python API the runtime uses. An "engine" is the bundle's CPU graph (the plugin's reference
+    expansion), run by onnxruntime over the buffers at the addresses the runtime binds, so the runtime's binding,
+    shapes, bias, cache sharing and copies are all exercised on the CPU."""
+    TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    def __init__(self, bundle_dir):
+        self.bundle_dir, self.__version__ = bundle_dir, "10.99-fake"
+
+    @staticmethod
+    def nptype(dtype):
+        return dtype
+
+    def get_plugin_registry(self):
+        return types.SimpleNamespace(get_creator=lambda *a: "registered")
+
+    def Runtime(self, logger):
+        fake = self
+
+        class Runtime:
+            def deserialize_cuda_engine(self, data):
+                return FakeEngine(os.path.join(fake.bundle_dir, data.decode()))
+        return Runtime()
+
+
+class FakeEngine:
+    def __init__(self, graph_path):
+        self.session = ort.InferenceSession(graph_path, providers=["CPUExecutionProvider"])
+        self.io = {**{i.name: ("input", i) for i in self.session.get_inputs()},
+                   **{o.name: ("output", o) for o in self.session.get_outputs()}}
+        self.names = list(self.io)
+        self.num_io_tensors = len(self.names)
+
+    def get_tensor_name(self, i):
+        return self.names[i]
+
+    def get_tensor_mode(self, name):
+        return self.io[name][0]
+
+    def get_tensor_dtype(self, name):
+        t = self.io[name][1].type
+        return np.dtype({"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}[t])
+
+    def create_execution_context(self):
+        return FakeContext(self)
+
+
+class FakeContext:
+    def __init__(self, engine):
+        self.engine, self.shapes, self.addresses = engine, {}, {}
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+
+    def view(self, name, shape):
+        dtype = self.engine.get_tensor_dtype(name)
+        n = int(np.prod(shape)) * dtype.itemsize
+        return np.frombuffer((ctypes.c_char * n).from_address(self.addresses[name]), dtype).reshape(shape)
+
+    def execute_async_v3(self, stream):
+        assert stream == 0
+        feeds = {}
+        for i in self.engine.session.get_inputs():
+            shape = self.shapes.get(i.name) or tuple(i.shape)
+            feeds[i.name] = self.view(i.name, shape).copy()
+        results = self.engine.session.run(None, feeds)
+        for o, r in zip(self.engine.session.get_outputs(), results):
+            np.copyto(self.view(o.name, r.shape), r)  # present_* lands in the cache's own buffer
+        return True
+
+
+@pytest.fixture
+def fake_trt_bundle(tmp_path, monkeypatch, stub_tensorrt):
+    """A --backend tensorrt bundle whose engines name their CPU graphs, the fake TensorRT, host buffers."""
+    from speccompile.runtime.trt_engine import TensorRTEngine
+
+    def build_engine(toolchain, onnx_path, engine_path, input_dims, bounds):
+        with open(engine_path, "wb") as f:
+            f.write(os.path.basename(onnx_path).replace(".trt.onnx", ".onnx").encode())
+        return {"profile": {}}
+
+    monkeypatch.setattr(trt_backend, "build_engine", build_engine)
+    out, tree = str(tmp_path / "trt"), tmp_path / "tree.json"
+    tree.write_text("[[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 0]]")
+    build_bundle("tiny:llama", out, drafts=["layerskip:2", "lookup"], max_seq_len=128, backend="tensorrt",
+                 tree=f"static:{tree}", progress=quiet)
+    monkeypatch.setitem(__import__("sys").modules, "tensorrt", FakeTensorRT(out))
+    monkeypatch.setenv(trt_backend.PLUGIN_ENV, str(tmp_path / "libstub_plugin.so"))
+    monkeypatch.setattr(TensorRTEngine, "buffer_device", "cpu")
+    return out
+
+
+def test_runtime_tensorrt_engine_decodes_like_onnxruntime(fake_trt_bundle, monkeypatch):
+    """generate with device="tensorrt" (engines, device buffers, the compaction graph) == the same bundle on
+    onnxruntime's CPU provider, token for token, speculative and plain; the verify extension is absent. Sampled
+    with a seed (the tiny model's greedy output repeats one token), so trees accept paths that must be moved."""
+    import speccompile
+    from speccompile.runtime.trt_engine import TensorRTEngine
+    from speccompile.runtime.kv_cache import DeviceKVCache
+    moves = []
+    compact = DeviceKVCache.compact
+    monkeypatch.setattr(DeviceKVCache, "compact", lambda self, src, dst: (moves.append(
+        not np.array_equal(src, np.arange(dst, dst + len(src)))), compact(self, src, dst))[1])
+    cpu = speccompile.load(fake_trt_bundle, threads=1)
+    trt = speccompile.load(fake_trt_bundle, device="tensorrt")
+    assert isinstance(trt.target, TensorRTEngine) and isinstance(trt.target.cache, DeviceKVCache)
+    assert not trt.target.verifies and not cpu.target.verifies
+    rng = np.random.default_rng(5)
+    outputs = set()
+    for n in (9, 23):
+        base = list(rng.integers(3, 384, n))
+        prompt = base + base[:6]
+        for drafter, speculate in (("layerskip:2", True), ("lookup", True), (None, False)):
+            kw = dict(drafter=drafter, speculate=speculate, temperature=8.0, seed=n)
+            want = cpu.generate(prompt, 24, **kw).token_ids
+            assert trt.generate(prompt, 24, **kw).token_ids == want
+            outputs.update(want)
+    assert len(outputs) > 10 and any(moves), "degenerate check: too few distinct tokens or no path moved"
+
+
+def test_runtime_tensorrt_clear_errors(tmp_path, fake_trt_bundle, monkeypatch):
+    import speccompile
+    plain = str(tmp_path / "plain")
+    build_bundle("tiny:llama", plain, drafts=["none"], max_seq_len=64, progress=quiet)
+    with pytest.raises(SpeccompileError, match="--backend tensorrt"):
+        speccompile.load(plain, device="tensorrt")
+    monkeypatch.setenv(trt_backend.PLUGIN_ENV, str(tmp_path / "missing.so"))
+    with pytest.raises(SpeccompileError, match="plugin library"):
+        speccompile.load(fake_trt_bundle, device="tensorrt")
+    monkeypatch.setitem(__import__("sys").modules, "tensorrt", None)  # import tensorrt -> ImportError
+    with pytest.raises(SpeccompileError, match=r"TensorRT's Python package"):
+        speccompile.load(fake_trt_bundle, device="tensorrt")
+
+
+@needs_gpu
+def test_engine_generation_matches_cpu(tmp_path, plugin_library, monkeypatch):
+    """generate --backend tensorrt on real engines: greedy speculative output == the engines' own autoregressive
+    output, and == the same bundle on onnxruntime's CPU provider (float32 engines without TF32)."""
+    import speccompile
+    monkeypatch.setenv(trt_backend.PLUGIN_ENV, plugin_library)
+    out, tree = str(tmp_path / "b"), tmp_path / "tree.json"
+    tree.write_text("[[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 0]]")
+    build_bundle("tiny:llama", out, drafts=["layerskip:2", "lookup"], max_seq_len=LMAX, backend="tensorrt",
+                 tree=f"static:{tree}", progress=quiet)
+    cpu = speccompile.load(out, threads=1)
+    gpu = speccompile.load(out, device="tensorrt")
+    rng = np.random.default_rng(6)
+    for n in (9, 23):
+        base = list(rng.integers(3, 384, n))
+        prompt = base + base[:6]
+        plain = gpu.generate(prompt, 24, speculate=False).token_ids
+        assert plain == cpu.generate(prompt, 24, speculate=False).token_ids
+        for drafter in ("layerskip:2", "lookup"):
+            assert gpu.generate(prompt, 24, drafter=drafter).token_ids == plain

@@ -6,6 +6,7 @@
   graph     weights -> the target's decoder graph     (lower.build_decoder), then each drafter's part from its
             kind's build half (compile/drafters/, found through format.drafter_kinds.KINDS), which lowers and
             quantizes its own weights (int8.quantize_matrices: drafts need not be exact) and emits its graphs
+  precision graphs + weights -> --dtype                (precision.apply_precision: float16 / bfloat16)
   write     graphs + weights + tokenizer -> bundle    (bundle.*), atomically
 """
 from __future__ import annotations
@@ -24,9 +25,11 @@ from speccompile.compile.drafters import build_half
 from speccompile.compile.drafters.base import DEFAULT_MAX_SEQ_LEN, BuildOptions, DrafterBuild, Graph, TargetBuild
 from speccompile.compile.graph.decoder import build_decoder
 from speccompile.compile.graph.head_screen import screenable
+from speccompile.compile.graph.kv_compact import build_kv_compact
 from speccompile.compile.quantize.head_screen import quantize_head
 from speccompile.compile.weights.decoder import lower_weights
 from speccompile.compile.model_entries import decoder_entry
+from speccompile.compile.precision import apply_precision, check_dtype
 from speccompile.compile.sources import load_checkpoint, shipped_head
 from speccompile.errors import SpeccompileError
 from speccompile.format.bundle import atomic_bundle_dir, finalize_manifest, guard_output, write_weights
@@ -69,6 +72,7 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
     target_w = _lower(target, opts, progress)
     target_w, screen = _quantize(target.config, target_w, opts, progress)
     parts = _graph(target, target_w, screen, specs, tree_spec, opts, progress)
+    apply_precision(parts, opts.dtype, progress)
     manifest = _write(out, target, parts, opts, toolchain, progress)
     progress(f"done in {time.perf_counter() - t0:.1f}s: {len(parts.models)} graph(s), drafters: "
              f"{', '.join(d['name'] for d in parts.drafters) or 'none'}")
@@ -78,7 +82,11 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
 def _backend(opts: BuildOptions) -> tuple[BuildOptions, object]:
     """The backend's toolchain (None for onnxruntime). Checked first: a build refused for want of TensorRT has
     done and written nothing."""
+    check_dtype(opts.dtype)
     if opts.backend == "tensorrt":
+        if opts.dtype != "float32":  # the plugin's kernels read and write float32
+            raise SpeccompileError(f"--backend tensorrt builds float32 engines; --dtype {opts.dtype} is for "
+                                   "--backend onnxruntime")
         toolchain = trt_backend.require_toolchain()
         # TreeAttention as the plugin's node; the CPU graphs get its expansion
         return dataclasses.replace(opts, attention="plugin", fused=False), toolchain
@@ -127,8 +135,10 @@ def _lower(target: Checkpoint, opts: BuildOptions, progress) -> dict:
 
 def _quantize(cfg: ModelConfig, target_w: dict, opts: BuildOptions, progress) -> tuple[dict, bool]:
     """Quantize pass: the output head's int8 screen, when the build asks for it and the graphs can run it (fused
-    graphs only: MatMulNBits is onnxruntime's; TensorRT builds are unfused). Returns (target.bin, screened)."""
-    screen = opts.head_screen and opts.fused and screenable(cfg.hidden_size, cfg.vocab_size)
+    graphs only: MatMulNBits is onnxruntime's; TensorRT builds are unfused; float32 builds only: its exactness
+    bound is for float32 products). Returns (target.bin, screened)."""
+    screen = (opts.head_screen and opts.fused and opts.dtype == "float32"
+              and screenable(cfg.hidden_size, cfg.vocab_size))
     if screen:
         progress("      quantize: int8 screen of the output head (greedy argmax stays exact)")
         target_w = target_w | quantize_head(target_w.get("lm_head", target_w["embed"]))
@@ -142,10 +152,12 @@ def _graph(target: Checkpoint, target_w: dict, screen: bool, specs: list[DraftSp
     progress("[3/4] graph: emitting static decoder graphs")
     cfg, max_seq_len = target.config, opts.max_seq_len
     features = target_features(specs, cfg)
+    # TensorRT has no float64 (the verify extension's probabilities): its engines leave acceptance to the host
+    verify = opts.backend != "tensorrt"
     graph = build_decoder(cfg, target_w, max_seq_len, attention=opts.attention, fused=opts.fused, name="target",
-                          verify=True, aux_layers=features)
+                          verify=verify, aux_layers=features)
     model = decoder_entry("target", cfg, cfg.num_hidden_layers, max_seq_len, ["target.bin"], opts.attention,
-                          verify=True, aux_layers=features, screen=screen)
+                          verify=verify, aux_layers=features, screen=screen)
     if features:
         model["aux_hidden_layers"] = features
     parts = BundleParts({"target.bin": target_w}, {"target": (graph, ["target.bin"])}, {"target": model})
@@ -190,6 +202,7 @@ def _write(out: str, target: Checkpoint, parts: BundleParts, opts: BuildOptions,
             progress(f"      {fname}: {len(w)} tensors, {mb:.1f} MiB")
             refs[fname] = write_weights(os.path.join(tmp, fname), w, fname)
         _write_graphs(tmp, parts, refs, toolchain)
+        _write_kv_compact(tmp, parts.models)
         verify_rows = max((d["tree"]["size"] if d["tree"] else d["num_draft"] for d in parts.drafters),
                           default=1) + 1
         trt_info = (trt_backend.write_engines(toolchain, tmp, parts.graphs, refs, parts.models, verify_rows, progress)
@@ -208,6 +221,7 @@ def _write(out: str, target: Checkpoint, parts: BundleParts, opts: BuildOptions,
             "drafters": parts.drafters,
             "tokenizer": {"dir": "tokenizer", "fingerprint": tokenizer_fingerprint(target.tokenizer_files)},
             "backend": opts.backend,
+            "dtype": opts.dtype,
             **({"tensorrt": trt_info} if toolchain else {}),
         })
 
@@ -222,3 +236,15 @@ def _write_graphs(tmp: str, parts: BundleParts, refs: dict, toolchain) -> None:
                 parts.models[name]["attention"] = "reference"
         onnx.save_model(model, os.path.join(tmp, f"{name}.onnx"))
         parts.models[name]["initializers"] = sorted(g.weights)
+
+
+def _write_kv_compact(tmp: str, models: dict) -> None:
+    """Each cached model's KV compaction graph (compile/graph/kv_compact.py), which a device-resident cache runs."""
+    for name, entry in models.items():
+        kv = entry.get("kv_cache")
+        if kv is None:
+            continue
+        model = build_kv_compact(kv["num_layers"], kv["num_kv_heads"], kv["max_seq_len"], kv["head_dim"],
+                                 kv.get("dtype", "float32"))
+        entry["kv_compact"] = f"{name}.kv_compact.onnx"
+        onnx.save_model(model, os.path.join(tmp, entry["kv_compact"]))

@@ -7,11 +7,13 @@ checked: plugins/tree_attention/README.md). For each model the bundle gets, besi
                     (`attention="plugin"`), the norms in primitive ops (`prepare_graph`), opset 20
   <model>.engine    TensorRT's ONNX parser over that graph, the TreeAttention node resolved to the plugin library
                     built from plugins/tree_attention/tensorrt, one optimization profile over the step length
-  tensorrt/<lib>    a copy of the plugin library, which a process must load before it deserializes the engines
+  tensorrt/<lib>    a copy of the plugin library the engines were built with, for tools such as trtexec (the
+                    runtime loads its own installation's build, never a library from a bundle)
 
 The bundle's onnxruntime graphs (<model>.onnx) are the same plugin-lowered graphs with each TreeAttention node
 expanded into its reference ops (tree_attention.expand_plugin_nodes), so the CPU runtime runs such a bundle
-unchanged. A runtime that drives the engines (a device-resident KV cache) is not written yet.
+unchanged. The target's graph has no verify extension (TensorRT has no float64): acceptance runs on the host.
+`generate --backend tensorrt` drives the engines (runtime/trt_engine.py), the KV caches in device memory.
 """
 from __future__ import annotations
 
@@ -25,12 +27,9 @@ import numpy as np
 from speccompile.errors import SpeccompileError, UnsupportedModelError
 from speccompile.plugins import tree_attention
 from speccompile.graphs import MAX_STEP_TOKENS  # the runtime's largest step: a prefill chunk
+from speccompile.plugins.tree_attention.tensorrt_plugin import (BUILD_PLUGIN, PLUGIN_ENV, PLUGIN_LIBRARY,  # noqa: F401
+                                                               PLUGIN_SOURCE_DIR, load_plugin, plugin_library_path)
 
-PLUGIN_ENV = "SPECCOMPILE_TRT_PLUGIN"  # the plugin library to use, if not the one built in the source tree
-PLUGIN_SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(tree_attention.__file__)), "tensorrt")
-PLUGIN_LIBRARY = os.path.join(PLUGIN_SOURCE_DIR, "build", "libspeccompile_trt_plugins.so")
-BUILD_PLUGIN = (f"cmake -S {PLUGIN_SOURCE_DIR} -B {os.path.dirname(PLUGIN_LIBRARY)} -DTENSORRT_ROOT=<TensorRT dir> "
-                f"&& cmake --build {os.path.dirname(PLUGIN_LIBRARY)} -j")
 MIN_TENSORRT_MAJOR = 10  # IPluginV3, and the ONNX parser's fallback to IPluginV3 creators
 TRT_OPSET = 20  # every TensorRT 10 ONNX parser reads opsets 9..20; the graphs use nothing newer once prepared
 # Ops with a rewrite in prepare_graph; everything else must be standard ONNX or the plugin node.
@@ -46,10 +45,6 @@ class Toolchain:
     trt: object  # the tensorrt module
     plugin_library: str
     gpu: str  # CUDA device 0, by name
-
-
-def plugin_library_path() -> str:
-    return os.environ.get(PLUGIN_ENV) or PLUGIN_LIBRARY
 
 
 def cuda_gpu() -> tuple[str | None, str]:
@@ -179,20 +174,6 @@ def profile_shapes(input_dims: dict[str, list], bounds: dict[str, tuple[int, int
     return shapes
 
 
-_loaded_libraries = {}  # path -> handle: a library registers its creators once per process
-
-
-def load_plugin(trt, library: str) -> None:
-    """Register the TreeAttention creator from `library`, unless one is registered already."""
-    registry = trt.get_plugin_registry()
-    if registry.get_creator(tree_attention.OP_TYPE, "1", "") is not None:
-        return
-    handle = registry.load_library(library)
-    if handle is None:
-        raise SpeccompileError(f"TensorRT could not load the plugin library {library}")
-    _loaded_libraries[library] = handle
-
-
 def build_engine(toolchain: Toolchain, onnx_path: str, engine_path: str, input_dims: dict[str, list],
                  bounds: dict[str, tuple[int, int, int]]) -> dict:
     """Parse `onnx_path` (a prepare_graph output; its external weights beside it), build an fp32 engine with one
@@ -209,7 +190,8 @@ def build_engine(toolchain: Toolchain, onnx_path: str, engine_path: str, input_d
     config = builder.create_builder_config()
     # fp32 without TF32 matmuls: the engine's logits then agree with the CPU graph's to fp32 rounding, so greedy
     # decoding picks the same tokens on both
-    config.clear_flag(trt.BuilderFlag.TF32)
+    if hasattr(trt.BuilderFlag, "TF32"):  # gone from TensorRT versions that no longer use it by default
+        config.clear_flag(trt.BuilderFlag.TF32)
     shapes = profile_shapes(input_dims, bounds)
     if shapes:
         profile = builder.create_optimization_profile()

@@ -9,66 +9,39 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import onnxruntime as ort
 
 from speccompile.format.bundle import resolve_inside
-from speccompile.errors import BundleError, SpeccompileError
+from speccompile.errors import SpeccompileError
 from speccompile.graphs import MAX_STEP_TOKENS
-from speccompile.runtime.kv_cache import KVCache
+from speccompile.runtime.kv_cache import DeviceKVCache, KVCache
+# re-exported: the drafters and tools import them from here
+from speccompile.runtime.sessions import (NEG_INF, PROVIDERS, ancestor_mask, open_session,  # noqa: F401
+                                          providers_for, session_options)
 
-NEG_INF = np.float32(-np.inf)
 BIAS_WIDTH_STEP = 64  # the attention bias's width grows in steps of this many slots
 
 
-def session_options(threads: int | None, prepack: bool = True) -> ort.SessionOptions:
-    """prepack=False keeps a session's matrices in the memory-mapped weight file, shared with every other session
-    that maps it; pre-packing gives the session a private re-laid-out copy, which makes the multi-row products of
-    verification much faster on CPU (single-row products gain nothing; docs/results.md has the figures)."""
-    so = ort.SessionOptions()
-    # Workers may spin between the ops of a pass (onnxruntime's default), but stop spinning the moment a pass
-    # returns: target and drafters alternate on the same cores, and a finished session's spinning workers would
-    # steal them from the one running next (docs/results.md, "Drafter defaults and runtime constants").
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1")
-    so.add_session_config_entry("session.force_spinning_stop", "1")
-    if not prepack:
-        so.add_session_config_entry("session.disable_prepacking", "1")
-    so.intra_op_num_threads = threads or os.cpu_count() or 1
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    return so
-
-
-def open_session(path: str, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
-    """Every graph of a bundle is opened here, so a graph onnxruntime cannot load is one BundleError."""
-    try:
-        return ort.InferenceSession(path, options, providers=providers)
-    except Exception as e:  # onnxruntime's error types (Fail, InvalidProtobuf, InvalidGraph, ...) share no base
-        raise BundleError(f"onnxruntime cannot load {os.path.basename(path)} (corrupt, or built for another "
-                          f"onnxruntime: rebuild the bundle): {e}") from None
-
-
-PROVIDERS = {"cpu": ["CPUExecutionProvider"],
-             "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-             "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
-
-
-def providers_for(device: str) -> list[str]:
-    if device not in PROVIDERS:
-        raise SpeccompileError(f"unknown device {device!r}; choose from {', '.join(PROVIDERS)}")
-    wanted = PROVIDERS[device]
-    if wanted[0] not in ort.get_available_providers():
-        raise SpeccompileError(f"device {device!r} needs onnxruntime's {wanted[0]}, which this onnxruntime lacks "
-                               f"(available: {', '.join(ort.get_available_providers())}); "
-                               "install speccompile[gpu] on a machine with a GPU")
-    if device != "cpu":
-        # The in-place cache below is host memory; a device-resident cache is not implemented yet.
-        raise SpeccompileError(f"device {device!r}: the runtime's KV cache is host-only for now; use device='cpu'")
-    return wanted
+def check_device_dtype(entry: dict, device: str) -> None:
+    """A graph's dtype must have kernels on the device: onnxruntime's CPU provider has no bfloat16 MatMul, its
+    CUDA GroupQueryAttention no float32 kernel (the nodes would fall back to the CPU, copying every cache each
+    pass)."""
+    dtype = entry["kv_cache"].get("dtype", "float32")
+    if dtype == "bfloat16" and device == "cpu":
+        raise SpeccompileError("this bundle is bfloat16, which onnxruntime's CPU provider cannot run (no bfloat16 "
+                               "MatMul): generate with --device cuda, or build with --dtype float32 or float16")
+    if dtype == "float32" and device == "cuda" and entry.get("attention") == "ort":
+        raise SpeccompileError("--device cuda runs float16 or bfloat16 bundles (onnxruntime's CUDA "
+                               "GroupQueryAttention has no float32 kernel): build with --dtype float16")
 
 
 class Engine:
+    def __new__(cls, bundle_dir: str, entry: dict, threads: int | None = None, device: str = "cpu", *args, **kw):
+        """device="tensorrt": the model's TensorRT engine (runtime/trt_engine.py), wherever an Engine is made."""
+        if device == "tensorrt":  # not an Engine, so Python does not call __init__ on it again
+            from speccompile.runtime.trt_engine import TensorRTEngine
+            return TensorRTEngine(bundle_dir, entry, threads, device, *args, **kw)
+        return super().__new__(cls)
+
     def __init__(self, bundle_dir: str, entry: dict, threads: int | None = None, device: str = "cpu",
                  max_rows: int = 64, prepack: bool = True):
         self.entry = entry
@@ -80,8 +53,13 @@ class Engine:
         self.max_seq_len = kv["max_seq_len"]
         path = resolve_inside(bundle_dir, entry["graph"])
         providers = providers_for(device)
+        check_device_dtype(entry, device)
+        self.device = device
         self.session = open_session(path, session_options(threads, prepack), providers)
-        self.cache = KVCache(self.num_layers, kv["num_kv_heads"], self.max_seq_len, kv["head_dim"])
+        if self.session.get_providers()[0] != providers[0]:  # onnxruntime fell back to the CPU with a warning
+            raise SpeccompileError(f"onnxruntime could not start its {providers[0]} (the CUDA or cuDNN libraries "
+                                   "are missing or do not match the driver; its log above says which)")
+        self.cache = self._make_cache(bundle_dir, entry, device, providers)
         # a graph with the verify extension (speccompile.graphs) accepts drafts itself (`verify`); the generator
         # uses it while `verifies` is true (set it false to compare with acceptance on the host)
         self.verifies = "accept_node" in {o.name for o in self.session.get_outputs()}
@@ -89,12 +67,10 @@ class Engine:
         # stay inside the graph (onnxruntime still computes them for the argmax and the sampling, but never
         # hands them out).
         self.io, self.io_verify = self.session.io_binding(), self.session.io_binding()
-        for i in range(self.num_layers):  # bound once: past and present share one buffer per layer
-            for kind, arr in (("key", self.cache.key[i]), ("value", self.cache.value[i])):
-                ov = ort.OrtValue.ortvalue_from_numpy(arr)
-                for io in (self.io, self.io_verify):
-                    io.bind_ortvalue_input(f"past_{kind}.{i}", ov)
-                    io.bind_ortvalue_output(f"present_{kind}.{i}", ov)
+        for name, ov in self.cache.ortvalues():  # bound once: past and present share one buffer per layer
+            for io in (self.io, self.io_verify):
+                io.bind_ortvalue_input(f"past_{name}", ov)
+                io.bind_ortvalue_output(f"present_{name}", ov)
         self.max_rows = max_rows
         width = next(i.shape[3] for i in self.session.get_inputs() if i.name == "attention_bias")
         self.bias_width = width if isinstance(width, int) else None  # bundles before graph version 3: LMAX
@@ -123,6 +99,24 @@ class Engine:
         self.node_prob = np.zeros(max_rows, np.float64)
         self.accept = np.zeros(3, np.int64)  # accept_node, accept_len, accept_token
         self.weight_bytes = sum(os.path.getsize(resolve_inside(bundle_dir, w)) for w in entry["weights"])
+
+    # tests set this to drive the device-resident cache's code path (OrtValues, compaction graph) on the CPU
+    resident_on_cpu = False
+
+    def _make_cache(self, bundle_dir: str, entry: dict, device: str, providers: list[str]):
+        """The KV cache in the bundle's dtype: host numpy arrays on the CPU, device memory elsewhere (the step's
+        small inputs and outputs stay in host buffers bound by address, which onnxruntime copies across: a few
+        hundred bytes a pass, the [R, V] logits only when `forward` asks for them)."""
+        kv = entry["kv_cache"]
+        dims = (self.num_layers, kv["num_kv_heads"], self.max_seq_len, kv["head_dim"])
+        dtype = kv.get("dtype", "float32")
+        if device == "cpu" and not self.resident_on_cpu:
+            return KVCache(*dims, dtype=dtype)
+        compact = entry.get("kv_compact")
+        session = (open_session(resolve_inside(bundle_dir, compact), session_options(1), providers)
+                   if compact else None)
+        return DeviceKVCache(*dims, dtype=dtype, device=device if device == "cpu" else "cuda",
+                             compact_session=session)
 
     def forward(self, tokens: np.ndarray, positions: np.ndarray | None = None, parents: np.ndarray | None = None,
                 rows: np.ndarray | None = None, committed: int | None = None, hidden_in: np.ndarray | None = None,
@@ -227,16 +221,3 @@ class Engine:
         if bound.get(name) != key:
             (io.bind_output if output else io.bind_input)(name, "cpu", 0, buf.dtype.type, shape, buf.ctypes.data)
             bound[name] = key
-
-
-def ancestor_mask(parents: np.ndarray) -> np.ndarray:
-    """[S, S] bool: mask[i, j] = node j is node i or one of its ancestors. parents[i] < i, -1 for a root."""
-    S = len(parents)
-    m = np.eye(S, dtype=bool)
-    for i in range(S):
-        p = parents[i]
-        if p >= 0:
-            if p >= i:
-                raise ValueError("tree nodes must be in topological order (parent before child)")
-            m[i] |= m[p]
-    return m

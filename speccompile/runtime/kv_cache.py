@@ -2,23 +2,47 @@
 
 Roll back is a length change: slots past `length` are stale and the fused attention kernel never reads them
 (it reads `seqlens_k + 1` rows), so the next step simply overwrites them.
+
+Two homes, one interface (`length`, `truncate`, `compact`, `nbytes`, `ortvalues`): `KVCache` is host memory
+(numpy arrays, compacted with numpy), `DeviceKVCache` lives in an onnxruntime device's memory (OrtValues on
+`cuda`, or on `cpu` to test the same code path) and compacts with the bundle's tiny compaction graph on that
+device, so an accepted tree path's K/V never leave it.
 """
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
+
+from speccompile.errors import BundleError
+
+# the bundle's cache dtype -> (numpy storage type, ONNX element type): bfloat16 is stored as its 16 bits
+CACHE_TYPES = {"float32": (np.float32, 1), "float16": (np.float16, 10), "bfloat16": (np.uint16, 16)}
+
+
+def cache_types(dtype: str) -> tuple[type, int]:
+    if dtype not in CACHE_TYPES:
+        raise BundleError(f"KV cache dtype {dtype!r} unknown to this runtime (it knows {', '.join(CACHE_TYPES)})")
+    return CACHE_TYPES[dtype]
 
 
 class KVCache:
-    def __init__(self, num_layers: int, num_kv_heads: int, max_seq_len: int, head_dim: int):
+    def __init__(self, num_layers: int, num_kv_heads: int, max_seq_len: int, head_dim: int,
+                 dtype: str = "float32"):
         shape = (num_layers, 1, num_kv_heads, max_seq_len, head_dim)
-        self.key = np.zeros(shape, np.float32)
-        self.value = np.zeros(shape, np.float32)
+        storage, self.onnx_type = cache_types(dtype)
+        self.key = np.zeros(shape, storage)
+        self.value = np.zeros(shape, storage)
         self.max_seq_len = max_seq_len
         self.length = 0  # committed tokens whose K/V are valid
 
     @property
     def nbytes(self) -> int:
         return self.key.nbytes + self.value.nbytes
+
+    def ortvalues(self) -> list[tuple[str, ort.OrtValue]]:
+        """(name, OrtValue) per layer and kind, over this cache's memory (no copy), as the graph binds them."""
+        return [(f"{kind}.{i}", ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr[i], self.onnx_type))
+                for i in range(self.key.shape[0]) for kind, arr in (("key", self.key), ("value", self.value))]
 
     def truncate(self, length: int) -> None:
         if not 0 <= length <= self.max_seq_len:
@@ -32,3 +56,62 @@ class KVCache:
             # fancy indexing materialises the gathered rows first, so overlapping moves are safe
             self.key[:, :, :, dst_start:dst_start + n] = self.key[:, :, :, src_slots]
             self.value[:, :, :, dst_start:dst_start + n] = self.value[:, :, :, src_slots]
+
+
+class DeviceKVCache:
+    """The cache in device memory: one OrtValue per layer and kind, zeroed once (masked stale slots must hold
+    numbers, never NaN garbage), compacted by `compact_session` (compile/graph/kv_compact.py) in place."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, max_seq_len: int, head_dim: int, dtype: str,
+                 device: str, compact_session: ort.InferenceSession | None):
+        storage, onnx_type = cache_types(dtype)
+        zeros = np.zeros((1, num_kv_heads, max_seq_len, head_dim), storage)
+        self._values = [(f"{kind}.{i}", _device_copy(zeros, onnx_type, device))
+                        for i in range(num_layers) for kind in ("key", "value")]
+        self.max_seq_len = max_seq_len
+        self.length = 0
+        self._nbytes = 2 * num_layers * zeros.nbytes
+        self._session = compact_session
+        self._io = None
+        self._src = np.zeros(max_seq_len, np.int64)  # the path's slots, bound by address
+        self._dst = np.zeros(1, np.int64)
+        self._bound_n = -1
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def ortvalues(self) -> list[tuple[str, ort.OrtValue]]:
+        return list(self._values)
+
+    def layer(self, kind: str, i: int) -> np.ndarray:
+        """A host copy of one layer's cache (tests and debugging)."""
+        return dict(self._values)[f"{kind}.{i}"].numpy()
+
+    truncate = KVCache.truncate
+
+    def compact(self, src_slots: np.ndarray, dst_start: int) -> None:
+        n = len(src_slots)
+        if not n or np.array_equal(src_slots, np.arange(dst_start, dst_start + n)):
+            return
+        if self._session is None:
+            raise BundleError("this bundle has no KV compaction graph (built before device caches): rebuild it "
+                              "to run on a GPU")
+        if self._io is None:  # the caches bound once, in place
+            self._io = self._session.io_binding()
+            for name, ov in self._values:
+                self._io.bind_ortvalue_input(name, ov)
+                self._io.bind_ortvalue_output(f"{name}_out", ov)
+        self._src[:n], self._dst[0] = src_slots, dst_start
+        if n != self._bound_n:
+            self._io.bind_input("src_slots", "cpu", 0, np.int64, [n], self._src.ctypes.data)
+            self._io.bind_input("dst_start", "cpu", 0, np.int64, [1], self._dst.ctypes.data)
+            self._bound_n = n
+        self._session.run_with_iobinding(self._io)
+
+
+def _device_copy(host: np.ndarray, onnx_type: int, device: str) -> ort.OrtValue:
+    """A device OrtValue holding a copy of `host` (allocated on the device, filled through onnxruntime)."""
+    ov = ort.OrtValue.ortvalue_from_shape_and_type(list(host.shape), onnx_type, device, 0)
+    ov.update_inplace(host)
+    return ov

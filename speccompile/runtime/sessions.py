@@ -1,0 +1,77 @@
+"""onnxruntime sessions as the runtime opens them (options, providers per device, one error for a graph that will
+not load), and the attention bias's tree mask: shared by the onnxruntime Engine and the TensorRT engine."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnxruntime as ort
+
+from speccompile.errors import BundleError, SpeccompileError
+
+NEG_INF = np.float32(-np.inf)
+
+
+def session_options(threads: int | None, prepack: bool = True) -> ort.SessionOptions:
+    """prepack=False keeps a session's matrices in the memory-mapped weight file, shared with every other session
+    that maps it; pre-packing gives the session a private re-laid-out copy, which makes the multi-row products of
+    verification much faster on CPU (single-row products gain nothing; docs/results.md has the figures)."""
+    so = ort.SessionOptions()
+    # Workers may spin between the ops of a pass (onnxruntime's default), but stop spinning the moment a pass
+    # returns: target and drafters alternate on the same cores, and a finished session's spinning workers would
+    # steal them from the one running next (docs/results.md, "Drafter defaults and runtime constants").
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    so.add_session_config_entry("session.force_spinning_stop", "1")
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    so.intra_op_num_threads = threads or os.cpu_count() or 1
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return so
+
+
+def open_session(path: str, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    """Every graph of a bundle is opened here, so a graph onnxruntime cannot load is one BundleError."""
+    try:
+        return ort.InferenceSession(path, options, providers=providers)
+    except Exception as e:  # onnxruntime's error types (Fail, InvalidProtobuf, InvalidGraph, ...) share no base
+        raise BundleError(f"onnxruntime cannot load {os.path.basename(path)} (corrupt, or built for another "
+                          f"onnxruntime: rebuild the bundle): {e}") from None
+
+
+# onnxruntime providers per device; "tensorrt" runs the bundle's TensorRT engines (Engine.__new__), and any other
+# graph (a compaction graph, an EAGLE-3 fc graph) on the CUDA provider
+PROVIDERS = {"cpu": ["CPUExecutionProvider"],
+             "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+             "tensorrt": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def providers_for(device: str) -> list[str]:
+    if device not in PROVIDERS:
+        raise SpeccompileError(f"unknown device {device!r}; choose from {', '.join(PROVIDERS)}")
+    wanted = PROVIDERS[device]
+    if device != "cpu" and hasattr(ort, "preload_dlls"):
+        # the CUDA and cuDNN libraries of the nvidia-* wheels onnxruntime-gpu[cuda,cudnn] installs: not on the
+        # loader's path otherwise
+        ort.preload_dlls()
+    if wanted[0] not in ort.get_available_providers():
+        raise SpeccompileError(f"device {device!r} needs onnxruntime's {wanted[0]}, which this onnxruntime lacks "
+                               f"(available: {', '.join(ort.get_available_providers())}); on a machine with an "
+                               "NVIDIA GPU, swap in the GPU onnxruntime (the two wheels must not coexist): "
+                               "pip uninstall -y onnxruntime && SPECCOMPILE_ONNXRUNTIME=gpu pip install -e .")
+    return wanted
+
+
+def ancestor_mask(parents: np.ndarray) -> np.ndarray:
+    """[S, S] bool: mask[i, j] = node j is node i or one of its ancestors. parents[i] < i, -1 for a root."""
+    S = len(parents)
+    m = np.eye(S, dtype=bool)
+    for i in range(S):
+        p = parents[i]
+        if p >= 0:
+            if p >= i:
+                raise ValueError("tree nodes must be in topological order (parent before child)")
+            m[i] |= m[p]
+    return m

@@ -1,0 +1,150 @@
+"""`build --dtype`: float16 and bfloat16 graphs, weights and KV caches (compile/precision.py), checked against
+the float32 graphs on onnxruntime's CPU provider, which has float16 kernels for every op of the decoder graphs
+(GroupQueryAttention, MatMul, the norms, the verify extension); bfloat16 has none for MatMul, so its graphs are
+checked for their types here and run only on the CUDA provider (tests/test_gpu.py, tools/gpu_check.sh)."""
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto
+
+import speccompile
+from speccompile.compile.driver import build_bundle
+from speccompile.errors import SpeccompileError
+from speccompile.runtime.engine import Engine
+
+from conftest import quiet
+
+LMAX = 128
+# float16 against float32 logits: |difference| at most this fraction of the largest |logit| (float16 keeps 11
+# significant bits; over 4 layers of products and sums the drift stays well under 1%)
+LOGIT_TOLERANCE = 0.01
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("precision")
+    out = {}
+    for dtype in ("float32", "float16", "bfloat16"):
+        out[dtype] = str(root / dtype)
+        build_bundle("tiny:llama", out[dtype], drafts=["layerskip:2", "lookup"], max_seq_len=LMAX, num_draft=3,
+                     dtype=dtype, progress=quiet)
+    return out
+
+
+def engine(bundle):
+    m = json.load(open(os.path.join(bundle, "manifest.json")))
+    return Engine(bundle, m["models"]["target"], threads=1)
+
+
+def test_manifest_records_dtype_and_runtime_cache_follows(bundles):
+    for dtype, storage in (("float32", np.float32), ("float16", np.float16)):
+        m = json.load(open(os.path.join(bundles[dtype], "manifest.json")))
+        assert m["dtype"] == dtype
+        target = m["models"]["target"]
+        assert target["kv_cache"]["dtype"] == dtype
+        assert {i["dtype"] for i in target["inputs"] if i["name"].startswith("past_")} == {dtype}
+        floats = {r["dtype"] for r in m["weights"]["target.bin"].values()} - {"int64", "int32", "uint8", "int8"}
+        assert floats == {dtype}, floats
+        assert engine(bundles[dtype]).cache.key.dtype == storage
+
+
+def test_float16_weights_take_half_the_bytes(bundles):
+    size = {d: os.path.getsize(os.path.join(bundles[d], "target.bin")) for d in ("float32", "float16")}
+    assert size["float16"] < 0.55 * size["float32"]
+
+
+def test_float16_logits_agree_with_float32(bundles):
+    """A prefill chunk and a tree step: every row's logits within LOGIT_TOLERANCE, and the same argmax wherever
+    the float32 top two are further apart than twice that."""
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(3, 384, 40)
+    tree = rng.integers(3, 384, 6)
+    parents = np.array([-1, 0, 0, 1, 2, 4])
+    results = {}
+    for dtype in ("float32", "float16"):
+        e = engine(bundles[dtype])
+        logits, _ = e.forward(prompt, rows=np.arange(len(prompt)))
+        rows = [logits.copy()]
+        e.cache.truncate(len(prompt))
+        depth = np.array([0, 1, 1, 2, 2, 3])
+        logits, _ = e.forward(tree, positions=len(prompt) + depth, parents=parents, rows=np.arange(6))
+        rows.append(logits.copy())
+        results[dtype] = np.concatenate(rows)
+    a, b = results["float32"], results["float16"]
+    scale = np.abs(a).max()
+    assert np.abs(a - b).max() <= LOGIT_TOLERANCE * scale
+    top2 = np.sort(a, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * LOGIT_TOLERANCE * scale
+    assert clear.sum() > len(a) // 2  # the check is not vacuous
+    assert np.array_equal(a[clear].argmax(1), b[clear].argmax(1))
+
+
+def test_float16_greedy_speculation_is_lossless(bundles):
+    """Within a float16 bundle, speculative greedy output == its own autoregressive output (a tree drafts)."""
+    g = speccompile.load(bundles["float16"], threads=1)
+    rng = np.random.default_rng(1)
+    for n in (12, 30):
+        base = list(rng.integers(3, 384, n))
+        prompt = base + base[:6]
+        plain = g.generate(prompt, max_new_tokens=24, speculate=False).token_ids
+        for drafter, tree in (("layerskip:2", "static:" + _tree_file()), ("lookup", None)):
+            assert g.generate(prompt, max_new_tokens=24, drafter=drafter, tree=tree).token_ids == plain
+
+
+def _tree_file():
+    import tempfile
+    path = os.path.join(tempfile.mkdtemp(), "tree.json")
+    with open(path, "w") as f:
+        json.dump([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]], f)
+    return path
+
+
+def test_bfloat16_graphs_are_bfloat16_through_and_refused_on_cpu(bundles):
+    m = json.load(open(os.path.join(bundles["bfloat16"], "manifest.json")))
+    for name, entry in m["models"].items():
+        g = onnx.load(os.path.join(bundles["bfloat16"], entry["graph"]), load_external_data=False)
+        seen = {i.name for i in (*g.graph.input, *g.graph.initializer)}
+        for n in g.graph.node:  # topological order (onnx's checker knows not onnxruntime's norm ops)
+            assert all(x in seen or not x for x in n.input if n.op_type != "If"), n.name
+            seen.update(n.output)
+        types = {v.type.tensor_type.elem_type for v in (*g.graph.input, *g.graph.output, *g.graph.value_info)}
+        types |= {t.data_type for t in g.graph.initializer}
+        assert TensorProto.FLOAT16 not in types and TensorProto.BFLOAT16 in types
+        caches = [v for v in g.graph.input if v.name.startswith("past_")]
+        assert caches and all(v.type.tensor_type.elem_type == TensorProto.BFLOAT16 for v in caches)
+    with pytest.raises(SpeccompileError, match="--device cuda"):
+        speccompile.load(bundles["bfloat16"], threads=1)
+
+
+def test_unknown_dtype_and_tensorrt_float16_are_refused(tmp_path):
+    with pytest.raises(SpeccompileError, match="--dtype"):
+        build_bundle("tiny:llama", str(tmp_path / "a"), drafts=["none"], max_seq_len=LMAX, dtype="float8",
+                     progress=quiet)
+    with pytest.raises(SpeccompileError, match="float32 engines"):
+        build_bundle("tiny:llama", str(tmp_path / "b"), drafts=["none"], max_seq_len=LMAX, dtype="float16",
+                     backend="tensorrt", progress=quiet)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_default_model_float16_agrees_with_float32(tmp_path):
+    """SmolLM2-135M with its MTP head, float16 against float32 on the CPU provider: prefill logits within 1% of the
+    largest |logit| with the same argmax on every row, the same 32 greedy tokens, and speculative == autoregressive
+    within the float16 bundle."""
+    prompt = "Explain step by step how to make a cup of tea."
+    out = {}
+    for dtype in ("float32", "float16"):
+        out[dtype] = str(tmp_path / dtype)
+        build_bundle(None, out[dtype], max_seq_len=256, dtype=dtype, progress=quiet)
+    gens = {d: speccompile.load(b, threads=2) for d, b in out.items()}
+    ids = np.array(gens["float32"].tokenizer.encode(prompt))
+    logits = {d: engine(b).forward(ids, rows=np.arange(len(ids)))[0].copy() for d, b in out.items()}
+    a, b = logits["float32"], logits["float16"]
+    assert np.abs(a - b).max() <= LOGIT_TOLERANCE * np.abs(a).max()
+    assert np.array_equal(a.argmax(1), b.argmax(1))
+    plain = {d: g.generate(prompt, max_new_tokens=32, speculate=False).token_ids for d, g in gens.items()}
+    assert plain["float16"] == plain["float32"]
+    assert gens["float16"].generate(prompt, max_new_tokens=32).token_ids == plain["float16"]
