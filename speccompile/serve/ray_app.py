@@ -1,0 +1,78 @@
+"""The same app as a Ray Serve deployment: N replicas, each loading the bundle, behind Ray's HTTP proxy.
+
+With no address Ray starts a local instance; with one (`auto`, `ray://HOST:10001`, `HOST:6379`) the process joins
+that cluster and the replicas are placed on its nodes, each reading the bundle at the same path (a shared file
+system, or the bundle copied to every node), with speccompile installed in every node's Python.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+from speccompile.errors import SpeccompileError
+from speccompile.serve.options import ServeOptions, load_state
+
+APP_NAME = "speccompile"
+
+
+def _replica_class():
+    """The deployment class, built on demand so that importing this module needs no Ray."""
+    from ray import serve
+
+    @serve.ingress()
+    class SpeccompileReplica:
+        def __init__(self, bundle_dir: str, opts: ServeOptions):
+            self.state = load_state(bundle_dir, opts)
+
+        def __serve_build_asgi_app__(self):
+            from speccompile.serve.app import create_app
+            return create_app(self.state)
+
+    return SpeccompileReplica
+
+
+def deploy(bundle_dir: str, opts: ServeOptions, replicas: int, ray_address: str | None = None):
+    """Start (or join) Ray, and run `replicas` replicas of the app behind Ray's proxy on opts.host:opts.port."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise SpeccompileError("--replicas needs Ray Serve: pip install 'speccompile[ray]'") from None
+    if replicas < 1:
+        raise SpeccompileError(f"--replicas {replicas}: must be at least 1")
+    bundle_dir = os.path.abspath(bundle_dir)  # each replica opens it by this path, on whichever node it runs
+    ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(opts.threads or 1)}})
+    serve.start(http_options={"host": opts.host, "port": opts.port})
+    deployment = serve.deployment(_replica_class(), name=APP_NAME, num_replicas=replicas,
+                                  max_ongoing_requests=opts.max_queue,
+                                  graceful_shutdown_timeout_s=opts.shutdown_timeout_s,
+                                  ray_actor_options={"num_cpus": opts.threads or 1})
+    serve.run(deployment.bind(bundle_dir, opts), name=APP_NAME, route_prefix="/", blocking=False)
+
+
+def serve_replicas(bundle_dir: str, opts: ServeOptions, replicas: int, ray_address: str | None = None) -> None:
+    """Deploy, then wait for SIGTERM or Ctrl-C; then remove the deployment (replicas drain for up to the
+    shutdown timeout) and leave Ray (a local instance stops with it)."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        deploy(bundle_dir, opts, replicas, ray_address)
+        while not stop.wait(0.5):  # short waits: the signal handler runs between them
+            pass
+    finally:
+        shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def shutdown() -> None:
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        return
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
