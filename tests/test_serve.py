@@ -370,7 +370,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(bundle):
 def test_ray_serve_two_replicas_answer_the_same(bundle, state):
     pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'speccompile[ray]'")
     port = free_port()
-    proc = start_process([bundle, "--replicas", "2", "--threads", "1"], port, 240)
+    proc = start_process([bundle, "--replicas", "2", "--threads", "1"], port, 480)  # Ray starts slowly
     try:
         aclient_url = f"http://127.0.0.1:{port}/v1"
         c = openai.OpenAI(base_url=aclient_url, api_key="unused", max_retries=0, timeout=120)

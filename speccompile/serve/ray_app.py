@@ -32,18 +32,28 @@ def _replica_class():
     return SpeccompileReplica
 
 
-def deploy(bundle_dir: str, opts: ServeOptions, replicas: int, ray_address: str | None = None):
-    """Start (or join) Ray, and run `replicas` replicas of the app behind Ray's proxy on opts.host:opts.port."""
+def _ray():
     try:
         import ray
         from ray import serve
     except ImportError:
         raise SpeccompileError("--replicas needs Ray Serve: pip install 'speccompile[ray]'") from None
+    return ray, serve
+
+
+def start_ray(opts: ServeOptions, ray_address: str | None = None) -> None:
+    """Join the cluster at ray_address, or start a local Ray instance."""
+    ray, _ = _ray()
+    ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(opts.threads or 1)}})
+
+
+def deploy(bundle_dir: str, opts: ServeOptions, replicas: int) -> None:
+    """Run `replicas` replicas of the app behind Ray's proxy on opts.host:opts.port (Ray started already)."""
+    _, serve = _ray()
     if replicas < 1:
         raise SpeccompileError(f"--replicas {replicas}: must be at least 1")
     bundle_dir = os.path.abspath(bundle_dir)  # each replica opens it by this path, on whichever node it runs
-    ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(opts.threads or 1)}})
     serve.start(http_options={"host": opts.host, "port": opts.port})
     deployment = serve.deployment(_replica_class(), name=APP_NAME, num_replicas=replicas,
                                   max_ongoing_requests=opts.max_queue,
@@ -56,15 +66,17 @@ def serve_replicas(bundle_dir: str, opts: ServeOptions, replicas: int, ray_addre
     """Deploy, then wait for SIGTERM or Ctrl-C; then remove the deployment (replicas drain for up to the
     shutdown timeout) and leave Ray (a local instance stops with it)."""
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        deploy(bundle_dir, opts, replicas, ray_address)
+        start_ray(opts, ray_address)
+        # after ray.init, which installs its own (aborting) SIGTERM handler in this process
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+        deploy(bundle_dir, opts, replicas)
         while not stop.wait(0.5):  # short waits: the signal handler runs between them
             pass
-    finally:
-        shutdown()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    finally:
+        shutdown()
 
 
 def shutdown() -> None:
