@@ -386,3 +386,17 @@ def test_ray_serve_two_replicas_answer_the_same(bundle, state):
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(120)
     assert rc == 0, proc.communicate()[0][-3000:]
+
+
+def test_load_benchmark_tool(server, tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    try:
+        import bench_serve
+    finally:
+        sys.path.pop(0)
+    out, png = tmp_path / "serve.json", tmp_path / "serve.png"
+    assert bench_serve.main([server.url, "--concurrency", "1,3", "--requests", "1", "--max-tokens", "8",
+                             "--json", str(out), "--plot", str(png)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["identical"] and len(doc["levels"]) == 4 and png.stat().st_size > 0
+    assert all(lv["requests"] == lv["concurrency"] and lv["output_tokens_per_s"] > 0 for lv in doc["levels"])
