@@ -217,6 +217,9 @@ ERRORS = [  # (body or raw bytes, status, a word the message holds)
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2.5}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [], "logit_bias": {"1": 5}}, 400, "tools, logit_bias"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": [1]}, 400, "stop: "),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+     "messages.0.content.0"),
     ({"messages": []}, 400, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
     ({"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}, 404, "gpt-5"),
@@ -233,6 +236,12 @@ def test_bad_requests_get_openai_error_objects(server, body, status, word):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert word in err["message"] and err["type"] and "Traceback" not in r.text
+
+
+def test_completion_prompt_errors(server):
+    for prompt, word in (([], "empty prompt"), ([10**6], "out of range"), (["a", "b"], "prompt: ")):
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": prompt})
+        assert r.status_code == 400 and word in r.json()["error"]["message"], r.text
 
 
 def test_openai_client_raises_on_errors(client):
@@ -278,8 +287,8 @@ class SlowGenerator:
 
 
 def test_full_queue_429_and_a_disconnect_frees_the_slot_at_once(state):
-    srv = InProcessServer(make_state(SlowGenerator(state.gen, 0.05), "tiny-serve", max_queue=1))
-    long = {"messages": user("soup"), "max_tokens": 150, "temperature": 0, "stream": True}  # seconds of passes
+    srv = InProcessServer(make_state(SlowGenerator(state.gen, 0.2), "tiny-serve", max_queue=1))
+    long = {"messages": user("soup"), "max_tokens": 200, "temperature": 0, "stream": True}  # 8+ s of passes
     try:
         with httpx.Client(timeout=60) as http:
             with http.stream("POST", srv.url + "/v1/chat/completions", json=long) as r:
@@ -288,7 +297,7 @@ def test_full_queue_429_and_a_disconnect_frees_the_slot_at_once(state):
                 assert busy.status_code == 429 and busy.headers["Retry-After"].isdigit()
                 assert busy.json()["error"]["type"] == "rate_limit_error"
             # the client went away mid-stream: the worker stops after its current pass and frees the slot
-            deadline = time.time() + 1
+            deadline = time.time() + 2
             while httpx.get(srv.url + "/health").json()["in_flight"]:
                 assert time.time() < deadline, "the abandoned stream still holds its slot"
                 time.sleep(0.01)
@@ -301,9 +310,9 @@ def test_full_queue_429_and_a_disconnect_frees_the_slot_at_once(state):
 def test_stopping_cancels_what_outlasts_the_shutdown_timeout(state):
     """What SIGTERM does (uvicorn's should_exit): no new connections; a request longer than the timeout is
     cancelled, its worker lets go of the Generator, and the server stops within the bound."""
-    slow = make_state(SlowGenerator(state.gen, 0.05), "tiny-serve", shutdown_timeout_s=1.0)
+    slow = make_state(SlowGenerator(state.gen, 0.2), "tiny-serve", shutdown_timeout_s=1.0)
     srv = InProcessServer(slow, shutdown_timeout_s=1.0)
-    long = {"messages": user("soup"), "max_tokens": 150, "temperature": 0, "stream": True}
+    long = {"messages": user("soup"), "max_tokens": 200, "temperature": 0, "stream": True}  # 8+ s of passes
     with httpx.stream("POST", srv.url + "/v1/chat/completions", json=long, timeout=60) as r:
         lines = r.iter_lines()
         next(lines)

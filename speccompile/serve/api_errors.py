@@ -41,16 +41,24 @@ def busy(retry_after_s: int) -> APIError:
                     code="queue_full", headers={"Retry-After": str(retry_after_s)})
 
 
+UNION_BRANCHES = {"str", "int", "float", "bool", "list", "dict"}
+
+
+def field_path(loc) -> str:
+    """A field's dotted path, without the body prefix or the union branches pydantic names (`prompt.str`)."""
+    return ".".join(str(p) for p in loc if p != "body" and not (isinstance(p, str) and
+                                                                ("[" in p or p in UNION_BRANCHES)))
+
+
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     """One message for pydantic's errors: the unsupported fields named together, else the first error."""
-    extra = [".".join(map(str, e["loc"][1:])) for e in errors if e.get("type") == "extra_forbidden"]
+    extra = list(dict.fromkeys(field_path(e["loc"]) for e in errors if e.get("type") == "extra_forbidden"))
     if extra:
         return f"unsupported field(s): {', '.join(extra)}", extra[0]
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
-    where = ".".join(loc)
+    where = field_path(first.get("loc", ()))
     if not where and first.get("type") in ("model_attributes_type", "dict_type"):
         return "the body must be a JSON object", None
     return (f"{where}: {first.get('msg')}" if where else f"the body: {first.get('msg')}"), where or None
