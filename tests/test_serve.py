@@ -409,3 +409,47 @@ def test_load_benchmark_tool(server, tmp_path):
     doc = json.loads(out.read_text())
     assert doc["identical"] and len(doc["levels"]) == 4 and png.stat().st_size > 0
     assert all(lv["requests"] == lv["concurrency"] and lv["output_tokens_per_s"] > 0 for lv in doc["levels"])
+
+
+@pytest.mark.slow
+def test_real_model_served_text_equals_speccompile_generate(tmp_path_factory):
+    """The default SmolLM2 bundle (MTP head + lookup): the official client's greedy text, plain and streamed, is
+    what `speccompile generate` prints; 8 concurrent clients each get the answer their request gets alone."""
+    from click.testing import CliRunner
+
+    from speccompile.cli import main
+    out = str(tmp_path_factory.mktemp("serve-smol") / "smollm2")
+    build_bundle(None, out, progress=lambda *_: None)
+    prompts = ["What is the capital of France?", "Name three primary colours.", "Write a haiku about rain.",
+               "Explain what a prime number is."]
+    expected = {}
+    for p in prompts:
+        res = CliRunner().invoke(main, ["generate", out, p, "--max-new-tokens", "32", "--json", "--threads", "2"])
+        assert res.exit_code == 0, res.output
+        expected[p] = json.loads(res.output)["text"]
+    srv = InProcessServer(load_state(out, ServeOptions(threads=2)))
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        for p in prompts[:2]:
+            msg = [{"role": "user", "content": p}]
+            plain = c.chat.completions.create(model="smollm2", messages=msg, max_tokens=32, temperature=0)
+            assert plain.choices[0].message.content == expected[p]
+            assert plain.usage.mean_accepted_tokens > 1.0
+            streamed = c.chat.completions.create(model="smollm2", messages=msg, max_tokens=32, temperature=0,
+                                                 stream=True)
+            assert "".join(x.choices[0].delta.content or "" for x in streamed if x.choices) == expected[p]
+
+        async def ask(aclient, p):
+            r = await aclient.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": p}],
+                                                      max_tokens=32, temperature=0)
+            return p, r.choices[0].message.content
+
+        async def run():
+            async with openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0,
+                                          timeout=600) as aclient:
+                return await asyncio.gather(*(ask(aclient, prompts[i % len(prompts)]) for i in range(8)))
+
+        answers = asyncio.run(run())
+        assert len(answers) == 8 and all(text == expected[p] for p, text in answers)
+    finally:
+        srv.stop()
