@@ -257,7 +257,7 @@ def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, re
 @_errors_to_exit
 def serve(bundle, replicas, ray_address, **options):
     """Serve BUNDLE over the OpenAI API (/v1/chat/completions, /v1/completions), with /metrics."""
-    from speccompile.serve.server import run
+    from speccompile.serve.command import run
     run(bundle, replicas, ray_address, **options)
 
 @main.command()

@@ -343,6 +343,18 @@ def test_metrics_show_requests_tokens_and_acceptance(server, client):
     assert metric("num_requests_waiting") == 0 and "speccompile:prefix_cache_hits_total" in text
 
 
+def test_serve_without_the_extra_is_one_error_line(monkeypatch, bundle):
+    import importlib.util
+
+    from click.testing import CliRunner
+
+    from speccompile.cli import main
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    out = CliRunner().invoke(main, ["serve", bundle])
+    assert out.exit_code == 2 and "pip install 'speccompile[serve]'" in out.output and "Traceback" not in out.output
+
+
 def start_process(args: list[str], port: int, timeout_s: float):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "speccompile.cli", "serve", *args, "--port", str(port)],

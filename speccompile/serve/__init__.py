@@ -1,6 +1,7 @@
 """`speccompile serve`: a bundle behind the OpenAI HTTP API (FastAPI + uvicorn), with Prometheus metrics, a bounded
 queue, and scale-out as a Ray Serve deployment.
 
+    command.py    the CLI's entry: a clear error when the serve extra is missing
     protocol.py   the request bodies (pydantic) and the response objects, OpenAI's shapes
     api_errors.py OpenAI-style error objects and the handlers that turn every failure into one
     runner.py     runs each request's Generator.stream in its own thread; admission, cancellation, shutdown
