@@ -56,7 +56,9 @@ def deploy(bundle_dir: str, opts: ServeOptions, replicas: int) -> None:
     bundle_dir = os.path.abspath(bundle_dir)  # each replica opens it by this path, on whichever node it runs
     serve.start(http_options={"host": opts.host, "port": opts.port})
     deployment = serve.deployment(_replica_class(), name=APP_NAME, num_replicas=replicas,
-                                  max_ongoing_requests=opts.max_queue,
+                                  # each replica admits --max-queue (past it, its 429); past another --max-queue
+                                  # waiting in Ray's router, Ray itself refuses (503)
+                                  max_ongoing_requests=opts.max_queue, max_queued_requests=opts.max_queue,
                                   graceful_shutdown_timeout_s=opts.shutdown_timeout_s,
                                   ray_actor_options={"num_cpus": opts.threads or 1})
     serve.run(deployment.bind(bundle_dir, opts), name=APP_NAME, route_prefix="/", blocking=False)
