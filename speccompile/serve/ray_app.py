@@ -12,6 +12,7 @@ import threading
 
 from speccompile.errors import SpeccompileError
 from speccompile.serve.options import ServeOptions, load_state
+from speccompile.serve.runner import RETRY_AFTER_S
 
 APP_NAME = "speccompile"
 
@@ -57,11 +58,21 @@ def deploy(bundle_dir: str, opts: ServeOptions, replicas: int) -> None:
     serve.start(http_options={"host": opts.host, "port": opts.port})
     deployment = serve.deployment(_replica_class(), name=APP_NAME, num_replicas=replicas,
                                   # each replica admits --max-queue (past it, its 429); past another --max-queue
-                                  # waiting in Ray's router, Ray itself refuses (503)
+                                  # waiting in Ray's router, Ray itself refuses
                                   max_ongoing_requests=opts.max_queue, max_queued_requests=opts.max_queue,
                                   graceful_shutdown_timeout_s=opts.shutdown_timeout_s,
-                                  ray_actor_options={"num_cpus": opts.threads or 1})
+                                  ray_actor_options={"num_cpus": opts.threads or 1}, **_backpressure())
     serve.run(deployment.bind(bundle_dir, opts), name=APP_NAME, route_prefix="/", blocking=False)
+
+
+def _backpressure() -> dict:
+    """Ray's refusal past its queue as a 429 with Retry-After, as the server's own (Ray versions that can; older
+    ones answer 503)."""
+    try:
+        from ray.serve.config import BackpressureConfig
+    except ImportError:
+        return {}
+    return {"backpressure_config": BackpressureConfig(status_code=429, retry_after_s=RETRY_AFTER_S)}
 
 
 def serve_replicas(bundle_dir: str, opts: ServeOptions, replicas: int, ray_address: str | None = None) -> None:
