@@ -307,6 +307,24 @@ def test_full_queue_429_and_a_disconnect_frees_the_slot_at_once(state):
         srv.stop()
 
 
+class BrokenGenerator(SlowGenerator):
+    def stream(self, *args, **kwargs):
+        raise RuntimeError("a bug deep in the runtime")
+        yield  # a generator, as Generator.stream is
+
+
+def test_a_bug_is_a_500_error_object_without_traceback(state):
+    srv = InProcessServer(make_state(BrokenGenerator(state.gen, 0), "tiny-serve"))
+    try:
+        for stream in (False, True):
+            r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": user("x"), "stream": stream})
+            assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+            assert "Traceback" not in r.text and "deep in the runtime" not in r.text
+        assert httpx.get(srv.url + "/health").json()["in_flight"] == 0
+    finally:
+        srv.stop()
+
+
 def test_stopping_cancels_what_outlasts_the_shutdown_timeout(state):
     """What SIGTERM does (uvicorn's should_exit): no new connections; a request longer than the timeout is
     cancelled, its worker lets go of the Generator, and the server stops within the bound."""
