@@ -45,8 +45,8 @@ def _ray():
 def start_ray(opts: ServeOptions, ray_address: str | None = None) -> None:
     """Join the cluster at ray_address, or start a local Ray instance."""
     ray, _ = _ray()
-    ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(opts.threads or 1)}})
+    # "local" starts a fresh instance even where an earlier `ray start` left its address behind
+    ray.init(address=ray_address or "local", ignore_reinit_error=True, log_to_driver=False)
 
 
 def deploy(bundle_dir: str, opts: ServeOptions, replicas: int) -> None:
@@ -89,15 +89,21 @@ def serve_replicas(bundle_dir: str, opts: ServeOptions, replicas: int, ray_addre
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     finally:
-        shutdown()
+        shutdown(joined=ray_address is not None)
 
 
-def shutdown() -> None:
+def shutdown(joined: bool) -> None:
+    """Remove this app; on a local instance stop Serve and Ray too. On a joined cluster only this app goes: other
+    Serve applications there keep running."""
     try:
         import ray
         from ray import serve
     except ImportError:
         return
-    if ray.is_initialized():
+    if not ray.is_initialized():
+        return
+    if joined:
+        serve.delete(APP_NAME)
+    else:
         serve.shutdown()
-        ray.shutdown()
+    ray.shutdown()
