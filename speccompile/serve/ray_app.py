@@ -52,8 +52,6 @@ def start_ray(opts: ServeOptions, ray_address: str | None = None) -> None:
 def deploy(bundle_dir: str, opts: ServeOptions, replicas: int) -> None:
     """Run `replicas` replicas of the app behind Ray's proxy on opts.host:opts.port (Ray started already)."""
     _, serve = _ray()
-    if replicas < 1:
-        raise SpeccompileError(f"--replicas {replicas}: must be at least 1")
     bundle_dir = os.path.abspath(bundle_dir)  # each replica opens it by this path, on whichever node it runs
     serve.start(http_options={"host": opts.host, "port": opts.port})
     deployment = serve.deployment(_replica_class(), name=APP_NAME, num_replicas=replicas,
@@ -78,6 +76,8 @@ def _backpressure() -> dict:
 def serve_replicas(bundle_dir: str, opts: ServeOptions, replicas: int, ray_address: str | None = None) -> None:
     """Deploy, then wait for SIGTERM or Ctrl-C; then remove the deployment (replicas drain for up to the
     shutdown timeout) and leave Ray (a local instance stops with it)."""
+    if replicas < 1:
+        raise SpeccompileError(f"--replicas {replicas}: must be at least 1")
     stop = threading.Event()
     try:
         start_ray(opts, ray_address)
