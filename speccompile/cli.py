@@ -1,4 +1,4 @@
-"""The `speccompile` command: build, generate, inspect, bench, gate.
+"""The `speccompile` command: build, generate, inspect, bench, gate, serve.
 
 Every failure prints one `error:` line and exits 2 (`gate` exits 1 on a regression)."""
 from __future__ import annotations
@@ -252,6 +252,22 @@ def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, re
         plot(result, plot_out)
         _progress(f"wrote {plot_out}")
 
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+@click.option("--api-key", default=None, envvar="SPECCOMPILE_API_KEY", help="Require 'Authorization: Bearer KEY'.")
+@click.option("--max-queue", default=64, show_default=True, help="Requests in the server at once; past it, 429.")
+@click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads (per replica).")
+@click.option("--shutdown-timeout", default=10.0, show_default=True, help="Seconds SIGTERM lets requests finish.")
+@click.option("--replicas", default=None, type=int, help="Serve N replicas through Ray Serve (the ray extra).")
+@click.option("--ray-address", default=None, help="With --replicas: join this Ray cluster (default: a local one).")
+@_errors_to_exit
+def serve(bundle, replicas, ray_address, **options):
+    """Serve BUNDLE over the OpenAI API (/v1/chat/completions, /v1/completions), with /metrics."""
+    from speccompile.serve.command import run
+    run(bundle, replicas, ray_address, **options)
 
 @main.command()
 @click.argument("result", type=click.Path())

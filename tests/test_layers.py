@@ -1,6 +1,6 @@
 """The package's layering (docs/design.md), read from the source with `ast`, imports inside functions included:
 
-    cli  >  bench | train  >  compile | runtime  >  plugins  >  format  >  graphs  >  errors
+    cli  >  bench | train | serve  >  compile | runtime  >  plugins  >  format  >  graphs  >  errors
 
 A module imports only from its own layer's package or from layers below; the runtime (and what it stands on)
 imports neither onnx nor torch; no two modules import each other, however indirectly. `graphs/` and `plugins/`
@@ -16,7 +16,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOURCES = {"speccompile": ROOT / "speccompile", "speccompile.graphs": ROOT / "graphs",
            "speccompile.plugins": ROOT / "plugins"}
-LAYERS = [("speccompile.cli",), ("speccompile.bench", "speccompile.train"),
+LAYERS = [("speccompile.cli",), ("speccompile.bench", "speccompile.train", "speccompile.serve"),
           ("speccompile.compile", "speccompile.runtime"), ("speccompile.plugins",), ("speccompile.format",),
           ("speccompile.graphs",), ("speccompile.errors",)]
 RUNTIME_SIDE = ("speccompile.runtime",)

@@ -1,0 +1,91 @@
+"""OpenAI-style error objects: {"error": {"message", "type", "param", "code"}}, and the handlers that turn every
+failure of a request (bad JSON, a wrong type, an unknown model, a prompt over the compiled context, a full queue,
+a crash) into one, never a 500 carrying a traceback."""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from speccompile.errors import ContextLengthError, SpeccompileError
+
+log = logging.getLogger("speccompile.serve")
+
+
+class APIError(Exception):
+    """A request the server refuses: the HTTP status and OpenAI's error fields."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def from_runtime(e: SpeccompileError) -> APIError:
+    """A runtime refusal (a bad setting, a prompt that does not fit) is the client's bad request."""
+    if isinstance(e, ContextLengthError):
+        return APIError(400, str(e), code="context_length_exceeded", param="messages")
+    return APIError(400, str(e))
+
+
+def busy(retry_after_s: int) -> APIError:
+    return APIError(429, "the server's request queue is full; retry later", type="rate_limit_error",
+                    code="queue_full", headers={"Retry-After": str(retry_after_s)})
+
+
+UNION_BRANCHES = {"str", "int", "float", "bool", "list", "dict"}
+
+
+def field_path(loc) -> str:
+    """A field's dotted path, without the body prefix or the union branches pydantic names (`prompt.str`)."""
+    return ".".join(str(p) for p in loc if p != "body" and not (isinstance(p, str) and
+                                                                ("[" in p or p in UNION_BRANCHES)))
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """One message for pydantic's errors: the unsupported fields named together, else the first error."""
+    extra = list(dict.fromkeys(field_path(e["loc"]) for e in errors if e.get("type") == "extra_forbidden"))
+    if extra:
+        return f"unsupported field(s): {', '.join(extra)}", extra[0]
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
+    where = field_path(first.get("loc", ()))
+    if not where and first.get("type") in ("model_attributes_type", "dict_type"):
+        return "the body must be a JSON object", None
+    return (f"{where}: {first.get('msg')}" if where else f"the body: {first.get('msg')}"), where or None
+
+
+def install(app: FastAPI) -> None:
+    """Every error path of the app answers an OpenAI error object."""
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError):
+        message, param = validation_message(list(e.errors()))
+        return APIError(400, message, param=param).response()
+
+    @app.exception_handler(SpeccompileError)
+    async def refused(_: Request, e: SpeccompileError):
+        return from_runtime(e).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException):  # unknown routes, wrong methods
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return APIError(e.status_code, str(e.detail), code=code, headers=getattr(e, "headers", None)).response()
+
+    @app.exception_handler(Exception)
+    async def crashed(_: Request, e: Exception):  # a bug: logged here with its traceback, never sent out
+        log.exception("internal error")
+        return APIError(500, f"internal error ({type(e).__name__}); see the server's log",
+                        type="server_error").response()

@@ -1,0 +1,176 @@
+"""The FastAPI app: OpenAI's chat and text completions (plain and streamed as server-sent events), models, health
+and Prometheus metrics, over one loaded Generator."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import secrets
+
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.responses import StreamingResponse
+
+from speccompile.errors import SpeccompileError
+from speccompile.serve import api_errors, protocol
+from speccompile.serve.api_errors import APIError, from_runtime
+from speccompile.serve.metrics import Metrics, usage
+from speccompile.serve.runner import Job, Outcome, Runner
+
+
+@dataclasses.dataclass
+class ServeState:
+    gen: object  # the loaded speccompile Generator
+    model: str  # the name clients ask for
+    runner: Runner
+    metrics: Metrics
+    api_key: str | None = None
+    created: int = dataclasses.field(default_factory=protocol.now)
+    shutdown_timeout_s: float = 10.0
+
+
+def make_state(gen, model: str, max_queue: int = 64, api_key: str | None = None,
+               shutdown_timeout_s: float = 10.0) -> ServeState:
+    metrics = Metrics(model)
+    return ServeState(gen, model, Runner(gen, metrics, max_queue), metrics, api_key or None,
+                      shutdown_timeout_s=shutdown_timeout_s)
+
+
+def create_app(state: ServeState) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        state.runner.shutdown(state.shutdown_timeout_s)  # after uvicorn drained the connections it could
+
+    app = FastAPI(title="speccompile", lifespan=lifespan, docs_url=None, redoc_url=None)
+    api_errors.install(app)
+    authorized = Depends(_auth(state))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok" if state.runner.accepting else "stopping", "model": state.model,
+                "in_flight": state.runner.in_flight}
+
+    @app.get("/metrics")
+    async def metrics():
+        body, content_type = state.metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models", dependencies=[authorized])
+    async def models():
+        return protocol.model_list(state.model, state.created)
+
+    @app.post("/v1/chat/completions", dependencies=[authorized])
+    async def chat_completions(body: protocol.ChatRequest):
+        _check_model(state, body.model)
+        ids = state.gen.tokenizer.encode_messages([m.as_dict() for m in body.messages])
+        return await _respond(state, body, ids, chat=True)
+
+    @app.post("/v1/completions", dependencies=[authorized])
+    async def completions(body: protocol.CompletionRequest):
+        _check_model(state, body.model)
+        ids = state.gen.tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
+        return await _respond(state, body, ids, chat=False)
+
+    return app
+
+
+def _auth(state: ServeState):
+    async def check(request: Request):
+        if state.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), state.api_key.encode()):
+            raise APIError(401, "missing or incorrect API key (send 'Authorization: Bearer KEY')",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return check
+
+
+def _check_model(state: ServeState, model: str | None) -> None:
+    if model is not None and model != state.model:
+        raise APIError(404, f"the model {model!r} does not exist: this server serves {state.model!r}",
+                       param="model", code="model_not_found")
+
+
+async def _respond(state: ServeState, body, ids: list[int], chat: bool):
+    """Admit the request and wait for its first event, so that a refusal (a prompt over the compiled context, a
+    bad setting) is a 4xx before any byte of a stream is sent; then answer plainly or as a stream."""
+    limit = _token_limit(state, body, ids, "messages" if chat else "prompt")
+    job = state.runner.submit(ids, limit, body.stream_kwargs())
+    try:
+        first = await job.next()
+        if first[0] == "error":
+            raise _as_api_error(first[1])
+        if body.stream:
+            events = _sse(state, body, job, first, chat)
+            job = None  # the stream owns it now
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        outcome = await _outcome(job, first)
+        use = usage(len(ids), len(outcome.token_ids), outcome.stats)
+        rid = protocol.new_id("chatcmpl" if chat else "cmpl")
+        if chat:
+            return protocol.chat_completion(rid, state.model, outcome.text, outcome.finish_reason, use)
+        return protocol.completion(rid, state.model, outcome.text, outcome.finish_reason, use)
+    finally:
+        if job is not None:
+            job.cancel()  # answered, refused or abandoned: a no-op once the worker is done
+
+
+def _token_limit(state: ServeState, body, ids: list[int], param: str) -> int:
+    """The tokens to generate at most: max_tokens, or unset the rest of the compiled context; a prompt that does
+    not fit with it is refused here, in OpenAI's words, naming the limit."""
+    context, asked = state.gen.max_seq_len, body.token_limit
+    if len(ids) >= context or (asked and len(ids) + asked > context):
+        wanted = f" + {asked} tokens asked for (max_tokens)" if asked else ""
+        raise APIError(400, f"this model's maximum context length is {context} tokens (the bundle's compiled "
+                       f"context); the request has {len(ids)} prompt tokens{wanted}", param=param,
+                       code="context_length_exceeded")
+    return asked or context - len(ids)
+
+
+async def _outcome(job: Job, event) -> Outcome:
+    while event[0] != "done":
+        if event[0] == "error":
+            raise _as_api_error(event[1])
+        event = await job.next()
+    return event[1]
+
+
+def _as_api_error(e: Exception) -> APIError:
+    if isinstance(e, SpeccompileError):
+        return from_runtime(e)
+    return APIError(500, f"internal error ({type(e).__name__}); see the server's log", type="server_error")
+
+
+def _data(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _sse(state: ServeState, body, job: Job, event, chat: bool):
+    """The answer as server-sent events, ending with [DONE]. If the client goes, Starlette cancels this generator
+    at its await: `finally` cancels the job, whose worker closes the Generator's stream after the current pass."""
+    rid, model = protocol.new_id("chatcmpl" if chat else "cmpl"), state.model
+    piece = ((lambda text, finish=None: protocol.chat_chunk(rid, model, {"content": text} if text or not finish
+                                                            else {}, finish)) if chat else
+             (lambda text, finish=None: protocol.completion(rid, model, text, finish, None)))
+    try:
+        if chat:
+            yield _data(protocol.chat_chunk(rid, model, {"role": "assistant", "content": ""}))
+        while event[0] == "chunk":
+            if event[1].text:
+                yield _data(piece(event[1].text))
+            event = await job.next()
+        if event[0] == "error":  # after the headers: the error object as the stream's last event
+            e = _as_api_error(event[1])
+            yield _data({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+            return
+        outcome: Outcome = event[1]
+        yield _data(piece("", outcome.finish_reason))
+        if body.include_usage:
+            use = usage(len(job.ids), len(outcome.token_ids), outcome.stats)
+            yield _data(protocol.chat_chunk(rid, model, None, usage=use) if chat else
+                        protocol.completion_usage_chunk(rid, model, use))
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel()

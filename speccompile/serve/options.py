@@ -1,0 +1,31 @@
+"""What a server is started with, and the loaded state a process (or a Ray replica) serves."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from speccompile.runtime.generator import Generator
+from speccompile.serve.app import ServeState, make_state
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_queue: int = 64
+    threads: int | None = None  # onnxruntime intra-op threads per loaded bundle
+    shutdown_timeout_s: float = 10.0
+    model_name: str | None = None  # default: the bundle directory's name
+    log_level: str = "info"
+
+
+def model_name(bundle_dir: str) -> str:
+    """The one model a server offers: the bundle directory's name."""
+    return os.path.basename(os.path.normpath(os.path.abspath(bundle_dir)))
+
+
+def load_state(bundle_dir: str, opts: ServeOptions) -> ServeState:
+    gen = Generator.load(bundle_dir, threads=opts.threads)
+    return make_state(gen, opts.model_name or model_name(bundle_dir), opts.max_queue, opts.api_key,
+                      opts.shutdown_timeout_s)

@@ -1,0 +1,125 @@
+"""The OpenAI request bodies the server accepts (pydantic, strict types, unknown fields refused by name) and the
+response objects it returns: chat.completion, chat.completion.chunk, text_completion."""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Fields clients send with their neutral value by default: accepted (and dropped) at that value; any other value
+# is refused like any unsupported field, by name.
+NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logprobs": False, "echo": False, "best_of": 1,
+           "logit_bias": {}, "parallel_tool_calls": True, "store": False, "metadata": {}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def as_dict(self) -> dict:
+        """The message the chat template reads: OpenAI's "developer" is the system role; text parts joined."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0)  # OpenAI's default; 0 is greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # an extension, as vLLM's: 0 is off
+    seed: int | None = Field(None, ge=0, lt=2**64)
+    stop: str | list[str] | None = Field(None, max_length=16)
+    n: int = Field(1, ge=1, le=1)  # one choice per request
+    user: str | None = None
+    speculate: bool = True  # an extension: False decodes without drafting (same output, the baseline's speed)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_neutral(cls, data):
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items()
+                    if v is not None and not (k in NEUTRAL and v == NEUTRAL[k] and type(v) is type(NEUTRAL[k]))}
+        return data
+
+    def stream_kwargs(self) -> dict:
+        """Generator.stream's keywords for these settings."""
+        return dict(temperature=float(self.temperature), top_p=float(self.top_p), top_k=self.top_k, seed=self.seed,
+                    stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
+                    speculate=self.speculate)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def chat_completion(rid: str, model: str, text: str, finish: str, usage: dict) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": now(), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": finish}], "usage": usage}
+
+
+def chat_chunk(rid: str, model: str, delta: dict | None, finish: str | None = None, usage: dict | None = None) -> dict:
+    """A chat.completion.chunk; delta None: the usage-only chunk after the last choice (choices empty)."""
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+    return {"id": rid, "object": "chat.completion.chunk", "created": now(), "model": model, "choices": choices,
+            "usage": usage}
+
+
+def completion(rid: str, model: str, text: str, finish: str | None, usage: dict | None) -> dict:
+    """A text_completion: the whole answer, or (streamed) one piece of it."""
+    return {"id": rid, "object": "text_completion", "created": now(), "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}], "usage": usage}
+
+
+def completion_usage_chunk(rid: str, model: str, usage: dict) -> dict:
+    return {"id": rid, "object": "text_completion", "created": now(), "model": model, "choices": [], "usage": usage}
+
+
+def model_list(model: str, created: int) -> dict:
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": created,
+                                        "owned_by": "speccompile"}]}

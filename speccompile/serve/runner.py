@@ -1,0 +1,142 @@
+"""Runs requests against one Generator: each admitted request's `Generator.stream` in a thread of its own (a stream
+belongs to the thread that started it), its chunks handed to the event loop through an asyncio queue.
+
+Admission is bounded: at most `max_queue` requests are in the server at once (waiting or generating); past that a
+request is refused at once (429). A cancelled request (its client gone, or the server stopping) stops after the
+verify pass under way and closes its stream, which frees its place in the Generator for the next one. Whether
+concurrent streams run one after another or share passes is the Generator's business, not this module's.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from speccompile.errors import SpeccompileError
+from speccompile.serve.api_errors import APIError, busy
+from speccompile.serve.metrics import Metrics
+
+log = logging.getLogger("speccompile.serve")
+RETRY_AFTER_S = 1
+
+
+@dataclasses.dataclass
+class Outcome:
+    """How a request ended: its tokens, its text, the runtime's stats (empty if cancelled) and OpenAI's
+    finish_reason ("stop", "length", or "cancelled")."""
+    token_ids: list[int]
+    text: str
+    stats: dict
+    finish_reason: str
+
+
+class Job:
+    """One request: the worker thread puts ("chunk", Chunk), then ("error", exception) or ("done", Outcome)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, ids: list[int], max_new_tokens: int, kwargs: dict):
+        self.loop, self.ids, self.max_new_tokens, self.kwargs = loop, ids, max_new_tokens, kwargs
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.arrival = time.perf_counter()
+
+    def put(self, kind: str, value) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is gone (the server stopped): nobody is listening
+            pass
+
+    async def next(self) -> tuple[str, object]:
+        return await self.events.get()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Runner:
+    def __init__(self, gen, metrics: Metrics, max_queue: int = 64):
+        if max_queue < 1:
+            raise SpeccompileError(f"--max-queue {max_queue}: must be at least 1")
+        self.gen, self.metrics, self.max_queue = gen, metrics, max_queue
+        self._pool = ThreadPoolExecutor(max_queue, thread_name_prefix="speccompile-request")
+        self._lock = threading.Lock()
+        self._jobs: set[Job] = set()
+        self._idle = threading.Condition(self._lock)
+        self.accepting = True
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._jobs)
+
+    def submit(self, ids: list[int], max_new_tokens: int, kwargs: dict) -> Job:
+        """Admit a request (APIError 429 past the bound, 503 while stopping) and start it."""
+        job = Job(asyncio.get_running_loop(), ids, max_new_tokens, kwargs)
+        with self._lock:
+            if not self.accepting:
+                raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+            if len(self._jobs) >= self.max_queue:
+                self.metrics.refused.labels(self.metrics.model, "429").inc()
+                raise busy(RETRY_AFTER_S)
+            self._jobs.add(job)
+        self.metrics.waiting.inc()
+        self._pool.submit(self._work, job)
+        return job
+
+    def _work(self, job: Job) -> None:
+        tokens, text, first_at, outcome, stream = [], [], None, None, None
+        try:
+            stream = self.gen.stream(job.ids, job.max_new_tokens, **job.kwargs)
+            while not job.cancelled.is_set():
+                try:
+                    chunk = next(stream)
+                except StopIteration as stop:
+                    outcome = self._outcome(job, stop.value)
+                    break
+                if first_at is None:
+                    first_at = time.perf_counter()
+                    self.metrics.waiting.dec()
+                    self.metrics.running.inc()
+                    self.metrics.ttft.observe(first_at - job.arrival)
+                tokens += chunk.token_ids
+                text.append(chunk.text)
+                job.put("chunk", chunk)
+            else:
+                outcome = Outcome(tokens, "".join(text), {}, "cancelled")
+        except SpeccompileError as e:
+            job.put("error", e)
+        except Exception as e:  # a bug: logged with its traceback here, a plain 500 for the client
+            log.exception("request failed")
+            job.put("error", e)
+        finally:
+            if stream is not None:
+                stream.close()  # frees the Generator for the next request now, not when collected
+            self._finish(job, outcome, first_at)
+
+    def _outcome(self, job: Job, result) -> Outcome:
+        ended = result.token_ids and result.token_ids[-1] in self.gen.tokenizer.eos_token_ids
+        full = len(result.token_ids) >= job.max_new_tokens and not ended
+        return Outcome(result.token_ids, result.text, result.stats, "length" if full else "stop")
+
+    def _finish(self, job: Job, outcome: Outcome | None, first_at: float | None) -> None:
+        (self.metrics.running if first_at is not None else self.metrics.waiting).dec()
+        if outcome is not None:
+            ttft = None if first_at is None else first_at - job.arrival
+            self.metrics.finished(len(job.ids), len(outcome.token_ids), outcome.stats, outcome.finish_reason, ttft,
+                                  time.perf_counter() - job.arrival)
+            job.put("done", outcome)
+        with self._lock:
+            self._jobs.discard(job)
+            self._idle.notify_all()
+
+    def shutdown(self, timeout_s: float) -> bool:
+        """Stop admitting, cancel what is still running, and wait up to timeout_s for the workers to let go;
+        returns whether they all did."""
+        with self._lock:
+            self.accepting = False
+            for job in self._jobs:
+                job.cancel()
+            done = self._idle.wait_for(lambda: not self._jobs, timeout_s)
+        self._pool.shutdown(wait=done, cancel_futures=True)
+        return done

@@ -1,0 +1,485 @@
+"""`speccompile serve`: the OpenAI API over a tiny bundle, through the official `openai` client (sync and async,
+plain and streamed) and plain HTTP. The server's greedy text is the Generator's (and `speccompile generate`'s) for
+the same request; concurrent clients all get their own answers; bad input and overload get 4xx error objects;
+/metrics counts acceptance; SIGTERM stops a server process with status 0; Ray Serve replicas answer the same."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'speccompile[serve]'")
+openai = pytest.importorskip("openai", reason="the official openai client is not installed (the test extra)")
+import httpx  # noqa: E402  (installed with openai)
+
+from speccompile.compile.driver import build_bundle  # noqa: E402
+from speccompile.serve.app import make_state  # noqa: E402
+from speccompile.serve.options import ServeOptions, load_state  # noqa: E402
+from speccompile.serve.server import uvicorn_server  # noqa: E402
+
+MAX_SEQ_LEN = 256
+SYSTEM = {"role": "system", "content": "Answer briefly."}
+WORDS = "the cat sat on a mat while seven zebras argued about quantum soup and tea".split()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def user(text: str) -> list[dict]:
+    return [SYSTEM, {"role": "user", "content": text}]
+
+
+def prompt_text(i: int) -> str:
+    return " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(3 + i % 5))
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("serve") / "tiny-serve")
+    build_bundle("tiny:llama", out, drafts=["lookup", "layerskip:2"], max_seq_len=MAX_SEQ_LEN, num_draft=4,
+                 progress=lambda *_: None)
+    return out
+
+
+class InProcessServer:
+    """uvicorn serving a state in a thread of this process."""
+
+    def __init__(self, state, **opts):
+        self.state, self.port = state, free_port()
+        self.server = uvicorn_server(state, ServeOptions(port=self.port, log_level="warning", **opts))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def state(bundle):
+    return load_state(bundle, ServeOptions(threads=1, max_queue=32))
+
+
+@pytest.fixture(scope="module")
+def server(state):
+    srv = InProcessServer(state)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny-serve"]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_chat_greedy_equals_the_generator_plain_and_streamed(state, client):
+    ref = state.gen.chat(user("seven zebras"), 24, temperature=0)
+    res = client.chat.completions.create(model="tiny-serve", messages=user("seven zebras"), max_tokens=24,
+                                         temperature=0)
+    assert res.choices[0].message.content == ref.text
+    assert res.choices[0].finish_reason == ("length" if len(ref.token_ids) == 24 else "stop")
+    u = res.usage.model_dump()
+    assert (u["prompt_tokens"], u["completion_tokens"]) == (ref.stats["prompt_tokens"], len(ref.token_ids))
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    assert (u["prompt_cache_hit_tokens"], u["prompt_cache_miss_tokens"]) == (0, u["prompt_tokens"])
+    assert u["mean_accepted_tokens"] == pytest.approx(ref.stats["mean_accepted_tokens"], abs=1e-3)
+    assert u["verify_passes"] == ref.stats["verify_steps"]
+    chunks = list(client.chat.completions.create(model="tiny-serve", messages=user("seven zebras"),
+                                                 max_completion_tokens=24, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref.text
+    assert chunks[-1].usage.completion_tokens == len(ref.token_ids)
+
+
+def test_sampling_settings_and_stop_reach_the_generator(state, client):
+    kw = dict(temperature=2.5, top_p=0.9, seed=11)
+    ref = state.gen.chat(user("quantum soup"), 20, **kw)
+    res = client.chat.completions.create(model="tiny-serve", messages=user("quantum soup"), max_tokens=20, **kw)
+    assert res.choices[0].message.content == ref.text
+    greedy = state.gen.chat(user("quantum soup"), 20, temperature=0).text
+    stop = greedy[3:5] or greedy[:1]
+    ref = state.gen.chat(user("quantum soup"), 20, temperature=0, stop=[stop])
+    res = client.chat.completions.create(model="tiny-serve", messages=user("quantum soup"), max_tokens=20,
+                                         temperature=0, stop=[stop])
+    assert res.choices[0].message.content == ref.text and res.choices[0].finish_reason == "stop"
+
+
+def test_greedy_equals_speccompile_generate(bundle, client):
+    from click.testing import CliRunner
+
+    from speccompile.cli import main
+    out = CliRunner().invoke(main, ["generate", bundle, "the cat sat", "--max-new-tokens", "20", "--json",
+                                    "--threads", "1"])
+    assert out.exit_code == 0, out.output
+    text = json.loads(out.output)["text"]
+    res = client.chat.completions.create(model="tiny-serve", messages=[{"role": "user", "content": "the cat sat"}],
+                                         max_tokens=20, temperature=0)
+    assert res.choices[0].message.content == text
+    streamed = client.chat.completions.create(model="tiny-serve", max_tokens=20, temperature=0, stream=True,
+                                              messages=[{"role": "user", "content": "the cat sat"}])
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
+
+
+def test_completions_equal_generate_without_chat_template(state, client):
+    ref = state.gen.generate("zebras argued about", 16, temperature=0, chat=False)
+    res = client.completions.create(model="tiny-serve", prompt="zebras argued about", max_tokens=16, temperature=0)
+    assert res.choices[0].text == ref.text and res.usage.completion_tokens == len(ref.token_ids)
+    streamed = client.completions.create(model="tiny-serve", prompt="zebras argued about", max_tokens=16,
+                                         temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == ref.text
+
+
+def test_async_client_plain_and_streamed(state, server):
+    ref = state.gen.chat(user("a mat"), 16, temperature=0).text
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as aclient:
+            plain = await aclient.chat.completions.create(model="tiny-serve", messages=user("a mat"), max_tokens=16,
+                                                          temperature=0)
+            stream = await aclient.chat.completions.create(model="tiny-serve", messages=user("a mat"),
+                                                           max_tokens=16, temperature=0, stream=True)
+            parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+            return plain.choices[0].message.content, "".join(parts)
+
+    assert asyncio.run(run()) == (ref, ref)
+
+
+def test_plain_http_and_server_sent_events(state, server):
+    ref = state.gen.chat(user("tea"), 12, temperature=0).text
+    body = {"model": "tiny-serve", "messages": user("tea"), "max_tokens": 12, "temperature": 0}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == ref
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(x) for x in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == ref
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_concurrent_clients_each_get_their_own_answer(state, server):
+    """16 clients x 4 requests at once: none lost, each greedy answer the one the same request gets alone."""
+    clients, per_client, n = 16, 4, 12
+    requests = [(c, r, prompt_text(c * per_client + r)) for c in range(clients) for r in range(per_client)]
+    alone = {p: state.gen.chat(user(p), n, temperature=0).text for _, _, p in requests}
+
+    async def one_client(aclient, c):
+        out = []
+        for _, r, p in (q for q in requests if q[0] == c):
+            if r % 2:
+                stream = await aclient.chat.completions.create(model="tiny-serve", messages=user(p), max_tokens=n,
+                                                               temperature=0, stream=True)
+                out.append((p, "".join([x.choices[0].delta.content or "" async for x in stream if x.choices])))
+            else:
+                res = await aclient.chat.completions.create(model="tiny-serve", messages=user(p), max_tokens=n,
+                                                            temperature=0)
+                out.append((p, res.choices[0].message.content))
+        return out
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                                      timeout=120) as aclient:
+            return await asyncio.gather(*(one_client(aclient, c) for c in range(clients)))
+
+    answers = [a for per in asyncio.run(run()) for a in per]
+    assert len(answers) == clients * per_client
+    assert all(text == alone[p] for p, text in answers)
+    assert len(set(alone.values())) > 1  # the prompts' answers differ, so a mixed-up answer would show
+
+
+ERRORS = [  # (body or raw bytes, status, a word the message holds)
+    (b"{not json", 400, "JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2.5}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [], "logit_bias": {"1": 5}}, 400, "tools, logit_bias"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": [1]}, 400, "stop: "),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+     "messages.0.content.0"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+    ({"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}, 404, "gpt-5"),
+    ({"messages": [{"role": "user", "content": "hi " * 400}]}, 400, str(MAX_SEQ_LEN)),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10_000}, 400, str(MAX_SEQ_LEN)),
+]
+
+
+@pytest.mark.parametrize("body,status,word", ERRORS, ids=[f"{i}-{e[1]}" for i, e in enumerate(ERRORS)])
+def test_bad_requests_get_openai_error_objects(server, body, status, word):
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else \
+        {"json": body}
+    r = httpx.post(server.url + "/v1/chat/completions", **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert word in err["message"] and err["type"] and "Traceback" not in r.text
+
+
+def test_completion_prompt_errors(server):
+    for prompt, word in (([], "empty prompt"), ([10**6], "out of range"), (["a", "b"], "prompt: ")):
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": prompt})
+        assert r.status_code == 400 and word in r.json()["error"]["message"], r.text
+
+
+def test_openai_client_raises_on_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=user("x"))
+    with pytest.raises(openai.BadRequestError, match=str(MAX_SEQ_LEN)):
+        client.completions.create(model="tiny-serve", prompt="x", max_tokens=MAX_SEQ_LEN)
+
+
+def test_bearer_token_auth(state):
+    srv = InProcessServer(make_state(state.gen, "tiny-serve", api_key="s3cret"))
+    try:
+        body = {"messages": user("tea"), "max_tokens": 4, "temperature": 0}
+        assert httpx.post(srv.url + "/v1/chat/completions", json=body).status_code == 401
+        wrong = httpx.post(srv.url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        ok = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
+        assert ok.chat.completions.create(model="tiny-serve", **body).choices[0].message.content is not None
+    finally:
+        srv.stop()
+
+
+class SlowGenerator:
+    """The Generator, each verify pass slowed down: a long request then surely outlasts the test's steps."""
+
+    def __init__(self, gen, pass_s: float):
+        self.gen, self.pass_s = gen, pass_s
+
+    def __getattr__(self, name):
+        return getattr(self.gen, name)
+
+    def stream(self, *args, **kwargs):
+        inner = self.gen.stream(*args, **kwargs)
+        try:
+            while True:
+                chunk = next(inner)
+                time.sleep(self.pass_s)
+                yield chunk
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            inner.close()
+
+
+def test_full_queue_429_and_a_disconnect_frees_the_slot_at_once(state):
+    srv = InProcessServer(make_state(SlowGenerator(state.gen, 0.2), "tiny-serve", max_queue=1))
+    long = {"messages": user("soup"), "max_tokens": 200, "temperature": 0, "stream": True}  # 8+ s of passes
+    try:
+        with httpx.Client(timeout=60) as http:
+            with http.stream("POST", srv.url + "/v1/chat/completions", json=long) as r:
+                next(r.iter_lines())  # the first event: the request is generating
+                busy = httpx.post(srv.url + "/v1/chat/completions", json={**long, "stream": False})
+                assert busy.status_code == 429 and busy.headers["Retry-After"].isdigit()
+                assert busy.json()["error"]["type"] == "rate_limit_error"
+            # the client went away mid-stream: the worker stops after its current pass and frees the slot
+            deadline = time.time() + 2
+            while httpx.get(srv.url + "/health").json()["in_flight"]:
+                assert time.time() < deadline, "the abandoned stream still holds its slot"
+                time.sleep(0.01)
+            ok = httpx.post(srv.url + "/v1/chat/completions", json={**long, "stream": False, "max_tokens": 4})
+            assert ok.status_code == 200
+    finally:
+        srv.stop()
+
+
+class BrokenGenerator(SlowGenerator):
+    def stream(self, *args, **kwargs):
+        raise RuntimeError("a bug deep in the runtime")
+        yield  # a generator, as Generator.stream is
+
+
+def test_a_bug_is_a_500_error_object_without_traceback(state):
+    srv = InProcessServer(make_state(BrokenGenerator(state.gen, 0), "tiny-serve"))
+    try:
+        for stream in (False, True):
+            r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": user("x"), "stream": stream})
+            assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+            assert "Traceback" not in r.text and "deep in the runtime" not in r.text
+        assert httpx.get(srv.url + "/health").json()["in_flight"] == 0
+    finally:
+        srv.stop()
+
+
+def test_stopping_cancels_what_outlasts_the_shutdown_timeout(state):
+    """What SIGTERM does (uvicorn's should_exit): no new connections; a request longer than the timeout is
+    cancelled, its worker lets go of the Generator, and the server stops within the bound."""
+    slow = make_state(SlowGenerator(state.gen, 0.2), "tiny-serve", shutdown_timeout_s=1.0)
+    srv = InProcessServer(slow, shutdown_timeout_s=1.0)
+    long = {"messages": user("soup"), "max_tokens": 200, "temperature": 0, "stream": True}  # 8+ s of passes
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", json=long, timeout=60) as r:
+        lines = r.iter_lines()
+        next(lines)
+        t0 = time.time()
+        srv.server.should_exit = True
+        with pytest.raises(httpx.HTTPError):
+            list(lines)  # cut off: the stream never reaches [DONE]
+    srv.thread.join(10)
+    assert not srv.thread.is_alive() and time.time() - t0 < 5
+    assert slow.runner.in_flight == 0 and not slow.runner.accepting
+
+
+def test_metrics_show_requests_tokens_and_acceptance(server, client):
+    client.chat.completions.create(model="tiny-serve", messages=user("tea and soup"), max_tokens=32, temperature=0)
+    text = httpx.get(server.url + "/metrics").text
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+
+    def metric(name, **labels):
+        want = ",".join(f'{k}="{v}"' for k, v in {"model_name": "tiny-serve", **labels}.items())
+        return values.get(f"speccompile:{name}{{{want}}}", 0.0)
+
+    assert metric("spec_decode_num_drafts_total") > 0
+    assert 0 < metric("spec_decode_num_accepted_tokens_total") <= metric("spec_decode_num_draft_tokens_total")
+    assert metric("spec_decode_num_accepted_tokens_per_pos_total", position="0") > 0
+    assert metric("generation_tokens_total") >= 32 and metric("prompt_tokens_total") > 0
+    assert metric("time_to_first_token_seconds_count") > 0 and metric("time_per_output_token_seconds_count") > 0
+    assert metric("num_requests_waiting") == 0 and "speccompile:prefix_cache_hits_total" in text
+
+
+def test_serve_without_the_extra_is_one_error_line(monkeypatch, bundle):
+    import importlib.util
+
+    from click.testing import CliRunner
+
+    from speccompile.cli import main
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    out = CliRunner().invoke(main, ["serve", bundle])
+    assert out.exit_code == 2 and "pip install 'speccompile[serve]'" in out.output and "Traceback" not in out.output
+
+
+def start_process(args: list[str], port: int, timeout_s: float):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "speccompile.cli", "serve", *args, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"the server did not come up:\n{proc.communicate()[0][-3000:]}")
+        time.sleep(0.2)
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0(bundle):
+    port = free_port()
+    proc = start_process([bundle, "--threads", "1", "--shutdown-timeout", "20"], port, 60)
+    body = {"messages": user("soup"), "max_tokens": 150, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        next(lines)
+        proc.send_signal(signal.SIGTERM)  # mid-stream: the answer still completes
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    assert proc.wait(30) == 0, proc.communicate()[0][-3000:]
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+@pytest.mark.slow
+def test_ray_serve_two_replicas_answer_the_same(bundle, state):
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'speccompile[ray]'")
+    port = free_port()
+    proc = start_process([bundle, "--replicas", "2", "--threads", "1"], port, 480)  # Ray starts slowly
+    try:
+        aclient_url = f"http://127.0.0.1:{port}/v1"
+        c = openai.OpenAI(base_url=aclient_url, api_key="unused", max_retries=0, timeout=120)
+        for i in range(4):
+            p = prompt_text(i)
+            ref = state.gen.chat(user(p), 12, temperature=0).text
+            res = c.chat.completions.create(model="tiny-serve", messages=user(p), max_tokens=12, temperature=0)
+            assert res.choices[0].message.content == ref
+            streamed = c.chat.completions.create(model="tiny-serve", messages=user(p), max_tokens=12, temperature=0,
+                                                 stream=True)
+            assert "".join(x.choices[0].delta.content or "" for x in streamed if x.choices) == ref
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(120)
+    assert rc == 0, proc.communicate()[0][-3000:]
+
+
+def test_load_benchmark_tool(server, tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    try:
+        import bench_serve
+    finally:
+        sys.path.pop(0)
+    out, png = tmp_path / "serve.json", tmp_path / "serve.png"
+    assert bench_serve.main([server.url, "--concurrency", "1,3", "--requests", "1", "--max-tokens", "8",
+                             "--json", str(out), "--plot", str(png)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["identical"] and len(doc["levels"]) == 4 and png.stat().st_size > 0
+    assert all(lv["requests"] == lv["concurrency"] and lv["output_tokens_per_s"] > 0 for lv in doc["levels"])
+
+
+@pytest.mark.slow
+def test_real_model_served_text_equals_speccompile_generate(tmp_path_factory):
+    """The default SmolLM2 bundle (MTP head + lookup): the official client's greedy text, plain and streamed, is
+    what `speccompile generate` prints; 8 concurrent clients each get the answer their request gets alone."""
+    from click.testing import CliRunner
+
+    from speccompile.cli import main
+    out = str(tmp_path_factory.mktemp("serve-smol") / "smollm2")
+    build_bundle(None, out, progress=lambda *_: None)
+    prompts = ["What is the capital of France?", "Name three primary colours.", "Write a haiku about rain.",
+               "Explain what a prime number is."]
+    expected = {}
+    for p in prompts:
+        res = CliRunner().invoke(main, ["generate", out, p, "--max-new-tokens", "32", "--json", "--threads", "2"])
+        assert res.exit_code == 0, res.output
+        expected[p] = json.loads(res.output)["text"]
+    srv = InProcessServer(load_state(out, ServeOptions(threads=2)))
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        for p in prompts[:2]:
+            msg = [{"role": "user", "content": p}]
+            plain = c.chat.completions.create(model="smollm2", messages=msg, max_tokens=32, temperature=0)
+            assert plain.choices[0].message.content == expected[p]
+            assert plain.usage.mean_accepted_tokens > 1.0
+            streamed = c.chat.completions.create(model="smollm2", messages=msg, max_tokens=32, temperature=0,
+                                                 stream=True)
+            assert "".join(x.choices[0].delta.content or "" for x in streamed if x.choices) == expected[p]
+
+        async def ask(aclient, p):
+            r = await aclient.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": p}],
+                                                      max_tokens=32, temperature=0)
+            return p, r.choices[0].message.content
+
+        async def run():
+            async with openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0,
+                                          timeout=600) as aclient:
+                return await asyncio.gather(*(ask(aclient, prompts[i % len(prompts)]) for i in range(8)))
+
+        answers = asyncio.run(run())
+        assert len(answers) == 8 and all(text == expected[p] for p, text in answers)
+    finally:
+        srv.stop()
