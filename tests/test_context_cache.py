@@ -1,0 +1,203 @@
+"""The context cache: hit and miss tokens counted, LRU eviction within a byte budget, the disk tier (round trip,
+corrupt and foreign files ignored), and output with the cache equal to output without it, for every drafter kind
+that keeps state, greedy and sampled, over the turns of a chat."""
+import warnings
+
+import numpy as np
+import pytest
+
+import speccompile
+from speccompile.compile.driver import build_bundle
+from speccompile.runtime.context_cache import ContextCache, Part
+
+from conftest import quiet, random_prompts
+
+B = 4  # block tokens of the unit tests
+
+
+def unit_cache(max_bytes=1 << 20, cache_dir=None, identity="bundle-a"):
+    return ContextCache(identity, {"target": Part({"kv": ((2,), "float32")}),
+                                   "d#extra": Part({"x": ((), "int64")}, required=False)},
+                        max_bytes, B, cache_dir)
+
+
+def store(cache, tokens):
+    """Store whole blocks of `tokens` whose arrays record the positions (so a test can see what came back)."""
+    cache.store(np.asarray(tokens), len(tokens), lambda part, start, stop: {
+        "kv": np.stack([np.arange(start, stop)] * 2, 1).astype(np.float32)} if part == "target" else None)
+
+
+def test_block_keys_are_a_hash_chain():
+    c = unit_cache()
+    a, b = c.keys(np.arange(10)), c.keys(np.r_[np.arange(8), 0, 0])
+    assert len(a) == 2 and a == b  # whole blocks only; the partial block does not count
+    assert c.keys(np.r_[99, np.arange(1, 8)])[1] != a[1]  # block 1's key covers block 0's tokens too
+    assert unit_cache(identity="bundle-b").keys(np.arange(8)) != a  # another bundle never matches
+
+
+def test_lookup_longest_prefix_and_required_parts():
+    c = unit_cache()
+    store(c, list(range(12)))
+    assert len(c.lookup(np.arange(20), 19, ["target"])) == 3
+    assert len(c.lookup(np.arange(12), 11, ["target"])) == 2  # the last token is always left to run
+    assert len(c.lookup(np.r_[np.arange(6), 50, 51, 8, 9], 9, ["target"])) == 1  # diverges in block 1
+    blocks = c.lookup(np.arange(12), 12, ["target", "d#extra"])  # an optional part does not limit the prefix
+    assert len(blocks) == 3 and all("d#extra" not in b for b in blocks)
+    assert blocks[2]["target"]["kv"][0, 0] == 8
+
+
+def test_lru_eviction_within_the_byte_budget():
+    per_block = B * 2 * 4  # one block's target rows
+    c = unit_cache(max_bytes=4 * per_block)
+    store(c, [1] * 8)  # chain A: 2 blocks
+    store(c, [2] * 8)  # chain B: 2 blocks; the cache is full
+    assert c.nbytes == 4 * per_block
+    c.lookup(np.array([1] * 9), 9, ["target"])  # A used again: B is now the least recently used
+    store(c, [3] * 4)
+    assert c.nbytes <= c.max_bytes
+    assert len(c.lookup(np.array([1] * 9), 9, ["target"])) == 2
+    # B lost its deeper block first: a prefix's first blocks are touched last, so they outlive their children
+    assert len(c.lookup(np.array([2] * 9), 9, ["target"])) == 1
+    store(c, [4] * 40)  # larger than the whole budget: what is kept stays within it
+    assert c.nbytes <= c.max_bytes
+
+
+def test_disk_tier_round_trip_and_bad_files_ignored(tmp_path):
+    store(unit_cache(cache_dir=str(tmp_path)), list(range(8)))
+    fresh = unit_cache(cache_dir=str(tmp_path))  # as after a restart: memory empty
+    blocks = fresh.lookup(np.arange(9), 9, ["target"])
+    assert len(blocks) == 2 and blocks[1]["target"]["kv"][0, 0] == 4
+    (folder,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    assert len([f for f in folder.iterdir() if f.suffix == ".npz"]) == 2
+    files = [folder / f"{key}.npz" for key in fresh.keys(np.arange(8))]  # block 0's file, block 1's
+    files[1].write_bytes(b"not a zip at all")  # corrupt
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert len(unit_cache(cache_dir=str(tmp_path)).lookup(np.arange(9), 9, ["target"])) == 1
+    files[1].write_bytes(files[0].read_bytes())  # a real block under another block's name
+    with pytest.warns(UserWarning, match="not the block"):
+        assert len(unit_cache(cache_dir=str(tmp_path)).lookup(np.arange(9), 9, ["target"])) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # another bundle's cache in the same folder: no match, no warning
+        assert unit_cache(cache_dir=str(tmp_path), identity="bundle-b").lookup(np.arange(9), 9, ["target"]) == []
+
+
+def test_disk_tier_refuses_a_foreign_layout_and_index(tmp_path):
+    store(unit_cache(cache_dir=str(tmp_path)), list(range(8)))
+    other = ContextCache("bundle-a", {"target": Part({"kv": ((3,), "float32")})}, 1 << 20, B, str(tmp_path))
+    with pytest.warns(UserWarning, match="layout"):
+        assert other.lookup(np.arange(9), 9, ["target"]) == []
+    (folder,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    (folder / "index.json").write_text('{"format": "something else"}')
+    with pytest.warns(UserWarning, match="not this bundle's index"):
+        c = unit_cache(cache_dir=str(tmp_path))
+    assert c.lookup(np.arange(9), 9, ["target"]) == []
+
+
+# ---- through the Generator --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cached(tiny_bundle):
+    """The tiny bundle (lookup, layerskip:2, a draft model) with and without the cache."""
+    return (speccompile.load(tiny_bundle, threads=1),
+            speccompile.load(tiny_bundle, threads=1, context_cache=False))
+
+
+@pytest.fixture(scope="module")
+def mtp_cached(tmp_path_factory):
+    torch = pytest.importorskip("torch")  # noqa: F841 (the head's checkpoint is written through safetensors)
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    from speccompile.compile.presets import tiny_mtp_head
+    from speccompile.compile.sources import load_checkpoint
+    d = tmp_path_factory.mktemp("mtp-cache")
+    safetensors_numpy.save_file(tiny_mtp_head(load_checkpoint("tiny:llama").config), str(d / "head.safetensors"))
+    out = str(d / "bundle")
+    build_bundle("tiny:llama", out, drafts=[f"mtp:{d / 'head.safetensors'}"], max_seq_len=256, num_draft=3,
+                 progress=quiet)
+    return speccompile.load(out, threads=1), speccompile.load(out, threads=1, context_cache=False)
+
+
+def chat_turns(gen, drafter, turns=3, **kwargs):
+    """A chat as token ids: each turn's prompt is the last prompt, its answer and a new message."""
+    prompt, results = random_prompts(8)[7] * 3, []
+    for turn in range(turns):
+        res = gen.generate(prompt, 24, drafter=drafter, **kwargs)
+        results.append(res)
+        prompt = prompt + res.token_ids + [10 + turn, 11, 12, 13, 14]
+    return results
+
+
+def test_hits_and_misses_counted(cached):
+    gen = speccompile.load(cached[0].bundle_dir, threads=1)  # an empty cache
+    prompt = random_prompts(8)[7][:34]  # two whole blocks of 16
+    first = gen.generate(prompt, 4, speculate=False).stats
+    assert (first["prompt_cache_hit_tokens"], first["prompt_cache_miss_tokens"]) == (0, 34)
+    again = gen.generate(prompt, 4, speculate=False).stats
+    assert (again["prompt_cache_hit_tokens"], again["prompt_cache_miss_tokens"]) == (32, 2)
+    exact = gen.generate(prompt[:32], 4, speculate=False).stats  # the last token runs: its logits are needed
+    assert (exact["prompt_cache_hit_tokens"], exact["prompt_cache_miss_tokens"]) == (16, 16)
+    assert again["prefill_passes"] == 1
+    other = gen.generate([1] + prompt[1:], 4, speculate=False).stats
+    assert other["prompt_cache_hit_tokens"] == 0
+    assert cached[1].generate(prompt, 4).stats["prompt_cache_hit_tokens"] == 0  # disabled
+
+
+@pytest.mark.parametrize("drafter", ["lookup", "layerskip:2", "model"])
+def test_chat_with_the_cache_equals_without(cached, drafter):
+    with_cache, without = chat_turns(cached[0], drafter), chat_turns(cached[1], drafter)
+    assert [r.token_ids for r in with_cache] == [r.token_ids for r in without]
+    for prev, res in zip(with_cache, with_cache[1:]):  # each turn hits the history: last prompt and answer
+        history = prev.stats["prompt_tokens"] + len(prev.token_ids)
+        assert res.stats["prompt_cache_hit_tokens"] >= (history - 1) // 16 * 16 - 16
+        assert res.stats["prompt_cache_hit_tokens"] + res.stats["prompt_cache_miss_tokens"] == \
+            res.stats["prompt_tokens"]
+
+
+@pytest.mark.parametrize("drafter", ["model", "layerskip:2"])
+def test_sampled_chat_with_the_cache_equals_without(cached, drafter):
+    kw = dict(temperature=0.9, seed=3)
+    assert [r.token_ids for r in chat_turns(cached[0], drafter, **kw)] == \
+        [r.token_ids for r in chat_turns(cached[1], drafter, **kw)]
+
+
+def test_draft_model_kv_restored(cached):
+    gen = cached[0]
+    prompt = random_prompts(8)[6] * 3
+    res = gen.generate(prompt, 20, drafter="model")
+    drafter = gen.drafters["model"]
+    drafter.reset()
+    context = np.array(prompt + res.token_ids + [9], np.int64)
+    hit = gen.context_cache.restore(context, gen.target.cache, drafter)
+    assert hit >= len(prompt) and drafter.engine.cache.length == hit  # its own K/V came back too
+    np.testing.assert_array_equal(drafter.cached[:hit], context[:hit])
+
+
+@pytest.mark.parametrize("tree", [None, "dynamic:2+lookup:3"])
+def test_mtp_chat_with_the_cache_equals_without(mtp_cached, tree):
+    for kw in ({}, dict(temperature=0.8, seed=5)):
+        with_cache, without = chat_turns(mtp_cached[0], "mtp", tree=tree, **kw), \
+            chat_turns(mtp_cached[1], "mtp", tree=tree, **kw)
+        assert [r.token_ids for r in with_cache] == [r.token_ids for r in without]
+        assert with_cache[-1].stats["prompt_cache_hit_tokens"] > with_cache[0].stats["prompt_tokens"]
+
+
+def test_a_prefix_without_the_heads_features_is_a_miss(mtp_cached):
+    gen = mtp_cached[0]
+    prompt = random_prompts(8)[4] * 4
+    assert gen.generate(prompt, 4, speculate=False).stats["prompt_cache_hit_tokens"] == 0
+    # cached without the head's features, which it cannot rebuild: prefilled in full (and the features stored)
+    assert gen.generate(prompt, 4, drafter="mtp").stats["prompt_cache_hit_tokens"] == 0
+    assert gen.generate(prompt, 4, drafter="mtp").stats["prompt_cache_hit_tokens"] > 0
+
+
+def test_mtp_features_and_head_kv_restored(mtp_cached):
+    gen = mtp_cached[0]
+    prompt = random_prompts(8)[5] * 4
+    res = gen.generate(prompt, 20, drafter="mtp")
+    head = gen.drafters["mtp"]
+    want = head.h[:len(prompt)].copy()
+    head.reset()
+    head.h[:] = 0
+    hit = gen.context_cache.restore(np.array(prompt + res.token_ids + [9], np.int64), gen.target.cache, head)
+    assert hit >= len(prompt) and head.known == hit
+    np.testing.assert_array_equal(head.h[:len(prompt)], want)
+    assert head.engine.cache.length == hit - 1  # its own K/V too, but for the pair that reaches past the prefix
