@@ -148,14 +148,18 @@ def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, ba
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+@click.option("--no-context-cache", is_flag=True, help="Do not reuse the K/V of prompt prefixes seen before.")
+@click.option("--cache-bytes", default=1 << 30, show_default=True, help="Memory for the context cache.")
+@click.option("--cache-dir", type=click.Path(), default=None, help="Also keep the context cache here, across runs.")
 @_errors_to_exit
 def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, drafter, num_draft, tree,
-             no_speculate, compare, no_chat, system, stop, threads, as_json):
+             no_speculate, compare, no_chat, system, stop, threads, as_json, no_context_cache, cache_bytes, cache_dir):
     """Generate text for PROMPT from BUNDLE, streaming it."""
     from speccompile import load
     if system is not None and no_chat:
         raise SpeccompileError("--system needs the chat template: drop --no-chat")
-    gen = load(bundle, threads=threads)
+    gen = load(bundle, threads=threads, context_cache=not no_context_cache, cache_bytes=cache_bytes,
+               cache_dir=cache_dir)
     if system is not None:  # the conversation as token ids: what every call below then decodes from
         prompt = gen.tokenizer.encode_messages([{"role": "system", "content": system},
                                                 {"role": "user", "content": prompt}])
@@ -220,12 +224,21 @@ def _csv(value: str | None) -> tuple[str, ...]:
 @click.option("--plot", "plot_out", type=click.Path(), default=None, help="Write a PNG of three panels here.")
 @click.option("--compare-transformers", is_flag=True,
               help="Also run the same target (and drafting) through transformers generate.")
+@click.option("--multi-turn", type=int, default=None, metavar="TURNS",
+              help="Instead: chats of TURNS turns with a long first message (--limit of them, default 3), each with "
+                   "and without the context cache: TTFT and cache hits per turn.")
 @_errors_to_exit
 def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, repeats, threads, json_out, plot_out,
-          compare_transformers):
+          compare_transformers, multi_turn):
     """Benchmark BUNDLE: speculative against autoregressive decoding, per prompt category."""
     from speccompile.bench.plot import plot
     from speccompile.bench.report import format_table, write_json
+    if multi_turn is not None:
+        from speccompile.bench.multi_turn import MultiTurnSettings, format_multi_turn, run_multi_turn
+        result = run_multi_turn(bundle, MultiTurnSettings(dataset, _csv(categories), limit, multi_turn, max_new_tokens,
+                                                          drafters[0] if drafters else None, threads), _progress)
+        click.echo(format_multi_turn(result))
+        return write_json(result, json_out) if json_out else None
     from speccompile.bench.run import Benchmark
     from speccompile.bench.settings import BenchSettings
     settings = BenchSettings(dataset=dataset, categories=_csv(categories), limit=limit,

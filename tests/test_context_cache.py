@@ -201,3 +201,22 @@ def test_mtp_features_and_head_kv_restored(mtp_cached):
     assert hit >= len(prompt) and head.known == hit
     np.testing.assert_array_equal(head.h[:len(prompt)], want)
     assert head.engine.cache.length == hit - 1  # its own K/V too, but for the pair that reaches past the prefix
+
+
+def test_bench_multi_turn(tiny_bundle, tmp_path):
+    import json
+    from click.testing import CliRunner
+    from speccompile.cli import main
+    questions = [{"question_id": 1, "category": "summarization", "turns": ["Summarize: " + "the cat sat. " * 8]},
+                 {"question_id": 2, "category": "qa", "turns": ["Not a long first message."]}]
+    dataset, out = tmp_path / "q.jsonl", tmp_path / "mt.json"
+    dataset.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    r = CliRunner().invoke(main, ["bench", tiny_bundle, "--multi-turn", "3", "--dataset", str(dataset), "--limit", "2",
+                                  "--max-new-tokens", "8", "--threads", "1", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    assert len(doc["conversations"]) == 1  # only the summarization question is of a long-message category
+    first, second, third = doc["turns"]
+    assert first["hit_tokens"] == 0 and second["hit_tokens"] > 0.5 * second["prompt_tokens"]
+    assert third["hit_tokens"] > second["hit_tokens"] and all(t["identical"] for t in doc["turns"])
+    assert "speedup" in r.output

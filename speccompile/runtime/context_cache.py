@@ -143,6 +143,11 @@ class ContextCache:
         self._touch(keys)
         self._evict()
 
+    def clear(self) -> None:
+        """Forget every block held in memory (the disk tier keeps its files)."""
+        self.blocks.clear()
+        self.nbytes = 0
+
     # ---- a sequence's prefix in and out of a KV cache slot and its drafter -----------------------------------
     def restore(self, tokens: np.ndarray, target_cache, drafter=None, slot: int = 0) -> int:
         """Write the longest cached prefix of tokens into the target's cache slot (rows from 0; the caller sets the
@@ -152,7 +157,8 @@ class ContextCache:
         blocks = self.lookup(tokens, len(tokens) - 1, ["target", *own])
         if not blocks:
             return 0
-        write_kv(target_cache, _joined(blocks, "target"), 0, slot)
+        for i, block in enumerate(blocks):  # block by block: no joined copy of the whole prefix
+            write_kv(target_cache, block["target"], i * self.block_tokens, slot)
         for part in own:
             reach = next((i for i, b in enumerate(blocks) if part not in b), len(blocks))
             if reach:
