@@ -220,3 +220,54 @@ def test_bench_multi_turn(tiny_bundle, tmp_path):
     assert first["hit_tokens"] == 0 and second["hit_tokens"] > 0.5 * second["prompt_tokens"]
     assert third["hit_tokens"] > second["hit_tokens"] and all(t["identical"] for t in doc["turns"])
     assert "speedup" in r.output
+
+
+@pytest.fixture(scope="module")
+def eagle3_cached(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("safetensors.numpy")
+    from speccompile.compile.sources import load_checkpoint
+    from test_eagle import eagle3_config, eagle3_head, write_head
+    d = tmp_path_factory.mktemp("eagle3-cache")
+    target = load_checkpoint("tiny:llama")
+    head = write_head(d / "head", eagle3_head(target, repeat=True), eagle3_config(target))
+    out = str(d / "bundle")
+    build_bundle("tiny:llama", out, drafts=[f"eagle3:{head}"], max_seq_len=256, num_draft=3, progress=quiet)
+    return speccompile.load(out, threads=1), speccompile.load(out, threads=1, context_cache=False)
+
+
+def test_eagle3_chat_with_the_cache_equals_without(eagle3_cached):
+    """An EAGLE-3 head keeps its fused features (the fc's output) per position: restored as they were observed."""
+    gen, plain = eagle3_cached
+    name = gen.drafter_names[0]
+    for kw in ({}, dict(temperature=0.8, seed=7)):
+        with_cache, without = chat_turns(gen, name, **kw), chat_turns(plain, name, **kw)
+        assert [r.token_ids for r in with_cache] == [r.token_ids for r in without]
+        assert with_cache[-1].stats["prompt_cache_hit_tokens"] > with_cache[0].stats["prompt_tokens"]
+    head = gen.drafters[name]
+    context = np.array(random_prompts(8)[7] * 3, np.int64)
+    gen.generate(context.tolist(), 4, drafter=name)
+    want = head.h[:len(context)].copy()
+    head.reset()
+    head.h[:] = 0
+    hit = gen.context_cache.restore(context, gen.target.cache, head)
+    assert hit > 0 and np.array_equal(head.h[:hit], want[:hit])
+
+
+def test_cli_cache_dir_survives_a_restart(tiny_bundle, tmp_path):
+    import json
+    from click.testing import CliRunner
+    from speccompile.cli import main
+
+    def hits(*flags):
+        r = CliRunner().invoke(main, ["generate", tiny_bundle, "a long enough prompt to fill two cache blocks, at least",
+                                      "--max-new-tokens", "4", "--threads", "1", "--json", *flags])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output.strip().splitlines()[-1])["stats"]["prompt_cache_hit_tokens"]
+
+    cache_dir = str(tmp_path / "cache")
+    assert hits("--cache-dir", cache_dir) == 0
+    assert hits("--cache-dir", cache_dir) > 0  # a new process: found on disk
+    assert hits("--cache-dir", cache_dir, "--no-context-cache") == 0
+    assert hits() == 0  # memory only: nothing from before

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 import warnings
 import zipfile
 from typing import Callable
@@ -93,6 +94,7 @@ class ContextCache:
         self.max_bytes, self.block_tokens = max_bytes, block_tokens
         self.blocks: collections.OrderedDict[str, dict[str, Arrays]] = collections.OrderedDict()  # LRU first
         self.nbytes = 0
+        self._lock = threading.RLock()  # one cache may serve several sequences' threads
         self.disk = DiskTier(cache_dir, identity, block_tokens) if cache_dir else None
 
     def keys(self, tokens: np.ndarray, limit: int | None = None) -> list[str]:
@@ -109,8 +111,12 @@ class ContextCache:
         """The cached blocks of the longest prefix of tokens[:limit] that holds every required part of `wanted`
         (the parts the caller would restore), first block first."""
         required = [p for p in wanted if self.parts[p].required]
+        with self._lock:
+            return self._lookup(self.keys(tokens, limit), required)
+
+    def _lookup(self, keys: list[str], required: list[str]) -> list[dict[str, Arrays]]:
         found = []
-        for key in self.keys(tokens, limit):
+        for key in keys:
             block = self.blocks.get(key)
             if block is None and self.disk:
                 block = self._admit(key, self.disk.read(key, self.block_tokens, self.parts))
@@ -124,8 +130,15 @@ class ContextCache:
         """Cache the whole blocks of tokens[:upto]: for each, the parts it lacks that read(part, start, stop)
         can give (None: not held for those positions)."""
         keys = self.keys(tokens, upto)
+        with self._lock:
+            self._store(keys, read)
+
+    def _store(self, keys: list[str], read: Callable[[str, int, int], Arrays | None]) -> None:
         for i, key in enumerate(keys):
-            block = self.blocks.get(key, {})
+            block = self.blocks.get(key)
+            if block is None and self.disk:  # evicted from memory: keep the parts its file holds
+                block = self.disk.read(key, self.block_tokens, self.parts)
+            block = block or {}
             start, stop = i * self.block_tokens, (i + 1) * self.block_tokens
             new = {}
             for part in self.parts:
@@ -145,8 +158,9 @@ class ContextCache:
 
     def clear(self) -> None:
         """Forget every block held in memory (the disk tier keeps its files)."""
-        self.blocks.clear()
-        self.nbytes = 0
+        with self._lock:
+            self.blocks.clear()
+            self.nbytes = 0
 
     # ---- a sequence's prefix in and out of a KV cache slot and its drafter -----------------------------------
     def restore(self, tokens: np.ndarray, target_cache, drafter=None, slot: int = 0) -> int:

@@ -15,9 +15,9 @@ from speccompile.format.bundle import read_manifest, resolve_inside
 from speccompile.format.drafter_kinds import KINDS
 from speccompile.format.trees import TreeSpec, depths
 from speccompile.graphs import MAX_STEP_TOKENS, MAX_VERIFY_TOKENS
-from speccompile.runtime.context_cache import DEFAULT_CACHE_BYTES, ContextCache, bundle_identity, cache_parts
 from speccompile.runtime.acceptance import (SpecDecodeStats, Verdict, accept_chain_q, accept_greedy, accept_sampled,
                                             chain_parents, sequential)
+from speccompile.runtime.context_cache import DEFAULT_CACHE_BYTES, ContextCache, bundle_identity, cache_parts
 from speccompile.runtime.drafters.base import Drafter, Proposal, RuntimeContext
 from speccompile.runtime.drafters.lookup import LookupDrafter, LookupReach, join_lookup
 from speccompile.runtime.engine import Engine
