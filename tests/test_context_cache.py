@@ -1,6 +1,7 @@
 """The context cache: hit and miss tokens counted, LRU eviction within a byte budget, the disk tier (round trip,
 corrupt and foreign files ignored), and output with the cache equal to output without it, for every drafter kind
 that keeps state, greedy and sampled, over the turns of a chat."""
+import os
 import warnings
 
 import numpy as np
@@ -15,10 +16,10 @@ from conftest import quiet, random_prompts
 B = 4  # block tokens of the unit tests
 
 
-def unit_cache(max_bytes=1 << 20, cache_dir=None, identity="bundle-a"):
+def unit_cache(max_bytes=1 << 20, cache_dir=None, identity="bundle-a", disk_bytes=1 << 20):
     return ContextCache(identity, {"target": Part({"kv": ((2,), "float32")}),
                                    "d#extra": Part({"x": ((), "int64")}, required=False)},
-                        max_bytes, B, cache_dir)
+                        max_bytes, B, cache_dir, disk_bytes)
 
 
 def store(cache, tokens):
@@ -79,6 +80,20 @@ def test_disk_tier_round_trip_and_bad_files_ignored(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # another bundle's cache in the same folder: no match, no warning
         assert unit_cache(cache_dir=str(tmp_path), identity="bundle-b").lookup(np.arange(9), 9, ["target"]) == []
+
+
+def test_disk_tier_within_its_byte_budget(tmp_path):
+    store(unit_cache(cache_dir=str(tmp_path)), [1] * 4)
+    (folder,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    size = next(f for f in folder.iterdir() if f.suffix == ".npz").stat().st_size
+    c = unit_cache(cache_dir=str(tmp_path), disk_bytes=int(2.5 * size))
+    store(c, [2] * 4)
+    os.utime(folder / f"{c.keys(np.array([1] * 4))[0]}.npz", (1, 1))  # block [1]*4 the least recently used
+    store(c, [3] * 4)
+    assert c.disk.nbytes <= c.disk.max_bytes and len(list(folder.glob("*.npz"))) == 2
+    fresh = unit_cache(cache_dir=str(tmp_path))
+    assert fresh.lookup(np.array([1] * 5), 5, ["target"]) == []
+    assert len(fresh.lookup(np.array([3] * 5), 5, ["target"])) == 1
 
 
 def test_disk_tier_refuses_a_foreign_layout_and_index(tmp_path):

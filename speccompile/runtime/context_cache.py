@@ -27,6 +27,7 @@ import numpy as np
 
 DEFAULT_BLOCK_TOKENS = 16
 DEFAULT_CACHE_BYTES = 1 << 30
+DEFAULT_DISK_BYTES = 8 << 30
 INDEX = "index.json"
 DISK_FORMAT = "speccompile-context-cache"
 DISK_VERSION = 1
@@ -85,9 +86,11 @@ def write_kv(cache, arrays: Arrays, start: int = 0, slot: int = 0) -> None:
 
 class ContextCache:
     def __init__(self, identity: str, parts: dict[str, Part], max_bytes: int = DEFAULT_CACHE_BYTES,
-                 block_tokens: int = DEFAULT_BLOCK_TOKENS, cache_dir: str | None = None):
+                 block_tokens: int = DEFAULT_BLOCK_TOKENS, cache_dir: str | None = None,
+                 disk_bytes: int = DEFAULT_DISK_BYTES):
         """parts: every part a block may hold (the target's and the drafters'); arrays of other layouts are never
-        kept. cache_dir: the disk tier's folder (a subfolder per bundle identity), None for memory only."""
+        kept. cache_dir: the disk tier's folder (a subfolder per bundle identity, at most disk_bytes of blocks),
+        None for memory only."""
         if block_tokens < 1 or max_bytes < 0:
             raise ValueError("context cache: block_tokens must be >= 1 and max_bytes >= 0")
         self.identity, self.parts = identity, parts
@@ -95,7 +98,7 @@ class ContextCache:
         self.blocks: collections.OrderedDict[str, dict[str, Arrays]] = collections.OrderedDict()  # LRU first
         self.nbytes = 0
         self._lock = threading.RLock()  # one cache may serve several sequences' threads
-        self.disk = DiskTier(cache_dir, identity, block_tokens) if cache_dir else None
+        self.disk = DiskTier(cache_dir, identity, block_tokens, disk_bytes) if cache_dir else None
 
     def keys(self, tokens: np.ndarray, limit: int | None = None) -> list[str]:
         """The hash-chain key of each whole block within tokens[:limit]."""
@@ -221,10 +224,11 @@ def block_bytes(block: dict[str, Arrays]) -> int:
 
 class DiskTier:
     """Blocks as `<key>.npz` files in cache_dir/<identity prefix>/, beside an index naming the identity and block
-    size. Files are written to a temporary name and renamed into place, so a crash leaves no half-written block."""
+    size. Files are written to a temporary name and renamed into place, so a crash leaves no half-written block.
+    Within max_bytes: the files least recently read or written (their modification times) are deleted first."""
 
-    def __init__(self, cache_dir: str, identity: str, block_tokens: int):
-        self.dir = os.path.join(cache_dir, identity[:32])
+    def __init__(self, cache_dir: str, identity: str, block_tokens: int, max_bytes: int = DEFAULT_DISK_BYTES):
+        self.dir, self.max_bytes = os.path.join(cache_dir, identity[:32]), max_bytes
         self.index = {"format": DISK_FORMAT, "version": DISK_VERSION, "identity": identity,
                       "block_tokens": block_tokens}
         os.makedirs(self.dir, exist_ok=True)
@@ -242,11 +246,33 @@ class DiskTier:
                 self.usable = False
         else:
             self._replace(path, lambda f: f.write(json.dumps(self.index).encode()))
+        self.nbytes = sum(size for _, size, _ in self._blocks())
+
+    def _blocks(self) -> list[tuple[float, int, str]]:
+        """(modification time, size, path) of each block file, least recently used first."""
+        with os.scandir(self.dir) as entries:
+            found = [(st.st_mtime, st.st_size, e.path) for e in entries
+                     if e.name.endswith(".npz") and e.is_file() and (st := e.stat())]
+        return sorted(found)
+
+    def _evict(self) -> None:
+        for _, size, path in self._blocks():
+            if self.nbytes <= self.max_bytes:
+                break
+            try:
+                os.unlink(path)
+                self.nbytes -= size
+            except OSError:  # another process got there first
+                pass
 
     def read(self, key: str, positions: int, parts: dict[str, Part]) -> dict[str, Arrays] | None:
         path = os.path.join(self.dir, f"{key}.npz")
         if not self.usable or not os.path.exists(path):
             return None
+        try:
+            os.utime(path)  # recently used: evicted last
+        except OSError:
+            pass
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {name: z[name] for name in z.files}
@@ -271,8 +297,13 @@ class DiskTier:
             return
         flat = {f"{p}/{n}": a for p, arrays in block.items() for n, a in arrays.items()}
         flat["__key__"] = np.frombuffer(key.encode(), np.uint8)
+        path = os.path.join(self.dir, f"{key}.npz")
         try:
-            self._replace(os.path.join(self.dir, f"{key}.npz"), lambda f: np.savez(f, **flat))
+            old = os.path.getsize(path) if os.path.exists(path) else 0
+            self._replace(path, lambda f: np.savez(f, **flat))
+            self.nbytes += os.path.getsize(path) - old
+            if self.nbytes > self.max_bytes:
+                self._evict()
         except OSError as e:  # a full disk costs the disk tier, never the request
             warnings.warn(f"context cache: cannot write to {self.dir} ({e.strerror or e}); the disk tier is off",
                           stacklevel=4)
