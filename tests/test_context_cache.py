@@ -286,3 +286,22 @@ def test_cli_cache_dir_survives_a_restart(tiny_bundle, tmp_path):
     assert hits("--cache-dir", cache_dir) > 0  # a new process: found on disk
     assert hits("--cache-dir", cache_dir, "--no-context-cache") == 0
     assert hits() == 0  # memory only: nothing from before
+
+
+def test_medusa_chat_with_the_cache_equals_without(tmp_path):
+    """Medusa heads read only the hidden state of the last context token, which the prefill always runs: no state
+    to keep, and the output is the same."""
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    from speccompile.compile.sources import load_checkpoint
+    from test_mtp import medusa_heads
+    safetensors_numpy.save_file(medusa_heads(load_checkpoint("tiny:llama").config, repeat_last=True,
+                                             prefix="medusa_head."), str(tmp_path / "m.safetensors"))
+    out = str(tmp_path / "b")
+    build_bundle("tiny:llama", out, drafts=[f"medusa:{tmp_path / 'm.safetensors'}"], max_seq_len=256, num_draft=3,
+                 progress=quiet)
+    gen, plain = speccompile.load(out, threads=1), speccompile.load(out, threads=1, context_cache=False)
+    assert gen.drafters["medusa"].state_parts() == {}
+    for kw in ({}, dict(temperature=0.8, seed=2)):
+        with_cache = chat_turns(gen, "medusa", **kw)
+        assert [r.token_ids for r in with_cache] == [r.token_ids for r in chat_turns(plain, "medusa", **kw)]
+        assert with_cache[-1].stats["prompt_cache_hit_tokens"] > 0
