@@ -10,6 +10,7 @@ import pytest
 import speccompile
 from speccompile.compile.driver import build_bundle
 from speccompile.runtime.context_cache import ContextCache, Part
+from speccompile.runtime.sampling import SamplingParams
 
 from conftest import quiet, random_prompts
 
@@ -131,10 +132,20 @@ def mtp_cached(tmp_path_factory):
     return speccompile.load(out, threads=1), speccompile.load(out, threads=1, context_cache=False)
 
 
+def scrub(gen):
+    """Overwrite every cache row and feature the last request left (a restore must not rely on them)."""
+    rng = np.random.default_rng(0)
+    engines = [gen.target] + [d.engine for d in gen.drafters.values() if hasattr(d, "engine")]
+    for arr in [a for e in engines for a in (e.cache.key, e.cache.value)] + \
+            [d.h for d in gen.drafters.values() if hasattr(d, "h")]:
+        arr[:] = rng.standard_normal(arr.shape)
+
+
 def chat_turns(gen, drafter, turns=3, **kwargs):
     """A chat as token ids: each turn's prompt is the last prompt, its answer and a new message."""
     prompt, results = random_prompts(8)[7] * 3, []
     for turn in range(turns):
+        scrub(gen)
         res = gen.generate(prompt, 24, drafter=drafter, **kwargs)
         results.append(res)
         prompt = prompt + res.token_ids + [10 + turn, 11, 12, 13, 14]
@@ -167,6 +178,22 @@ def test_chat_with_the_cache_equals_without(cached, drafter):
             res.stats["prompt_tokens"]
 
 
+def test_a_restored_prefix_gives_the_logits_of_a_full_prefill(cached):
+    """The tiny random model's greedy answers hardly depend on the context, so check the prefill's own logits."""
+    gen, plain = cached
+    prompt = random_prompts(8)[6] * 3
+    answer = gen.generate(prompt, 20, drafter="model").token_ids
+    follow_up = prompt + answer + [21, 22, 23]
+    logits, hits = [], []
+    for g in (gen, plain):
+        scrub(g)
+        res = g.generate(follow_up, 1, drafter="model", temperature=1.0, seed=0)  # one pass: the prefill's logits
+        logits.append(g.target.logits[0].copy())
+        hits.append(res.stats["prompt_cache_hit_tokens"])
+    assert hits[0] >= len(prompt) + len(answer) - 16 and hits[1] == 0
+    np.testing.assert_allclose(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("drafter", ["model", "layerskip:2"])
 def test_sampled_chat_with_the_cache_equals_without(cached, drafter):
     kw = dict(temperature=0.9, seed=3)
@@ -174,16 +201,26 @@ def test_sampled_chat_with_the_cache_equals_without(cached, drafter):
         [r.token_ids for r in chat_turns(cached[1], drafter, **kw)]
 
 
-def test_draft_model_kv_restored(cached):
-    gen = cached[0]
+def restored_drafts(gens, name):
+    """A drafter's draft distributions for the first proposal of a chat's next turn: with its state restored from
+    the cache (the first Generator) and rebuilt from the tokens alone (the second, without a cache)."""
     prompt = random_prompts(8)[6] * 3
-    res = gen.generate(prompt, 20, drafter="model")
-    drafter = gen.drafters["model"]
-    drafter.reset()
-    context = np.array(prompt + res.token_ids + [9], np.int64)
-    hit = gen.context_cache.restore(context, gen.target.cache, drafter)
-    assert hit >= len(prompt) and drafter.engine.cache.length == hit  # its own K/V came back too
-    np.testing.assert_array_equal(drafter.cached[:hit], context[:hit])
+    context = np.array(prompt + gens[0].generate(prompt, 20, drafter=name).token_ids + [9, 10], np.int64)
+    qs = []
+    for gen in gens:
+        scrub(gen)
+        hit = gen.generate(context[:-1].tolist(), 1, drafter=name).stats["prompt_cache_hit_tokens"]  # the prefill
+        drafter = gen.drafters[name]
+        if gen.context_cache:
+            assert hit >= len(prompt) and drafter.engine.cache.length >= len(prompt) - 16  # its own cache too
+        qs.append(drafter.propose(context, 3, SamplingParams(temperature=1.0), np.random.default_rng(0)).q)
+    return qs
+
+
+@pytest.mark.parametrize("name", ["model", "layerskip:2"])
+def test_draft_model_kv_restored(cached, name):
+    with_cache, without = restored_drafts(cached, name)
+    np.testing.assert_allclose(with_cache, without, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("tree", [None, "dynamic:2+lookup:3"])
@@ -202,6 +239,11 @@ def test_a_prefix_without_the_heads_features_is_a_miss(mtp_cached):
     # cached without the head's features, which it cannot rebuild: prefilled in full (and the features stored)
     assert gen.generate(prompt, 4, drafter="mtp").stats["prompt_cache_hit_tokens"] == 0
     assert gen.generate(prompt, 4, drafter="mtp").stats["prompt_cache_hit_tokens"] > 0
+
+
+def test_mtp_head_restored_drafts_as_rebuilt(mtp_cached):
+    with_cache, without = restored_drafts(mtp_cached, "mtp")
+    np.testing.assert_allclose(with_cache, without, rtol=1e-4, atol=1e-5)
 
 
 def test_mtp_features_and_head_kv_restored(mtp_cached):

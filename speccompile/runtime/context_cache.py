@@ -72,9 +72,9 @@ def cache_parts(target_cache, drafters) -> dict[str, Part]:
 
 
 def read_kv(cache, start: int, stop: int, slot: int = 0) -> Arrays:
-    """Copies of a KV cache's rows [start, stop) of one sequence slot, positions first."""
-    return {n: np.ascontiguousarray(getattr(cache, n)[:, slot, :, start:stop].transpose(2, 0, 1, 3))
-            for n in ("key", "value")}
+    """Copies of a KV cache's rows [start, stop) of one sequence slot, positions first (always copies: with one
+    layer and one head the transposed view is already contiguous, and a view would change with the cache)."""
+    return {n: getattr(cache, n)[:, slot, :, start:stop].transpose(2, 0, 1, 3).copy() for n in ("key", "value")}
 
 
 def write_kv(cache, arrays: Arrays, start: int = 0, slot: int = 0) -> None:
