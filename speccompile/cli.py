@@ -12,6 +12,7 @@ import traceback
 import click
 
 from speccompile.errors import SpeccompileError
+from speccompile.train.cli_options import train_head_options
 
 
 def _progress(msg: str) -> None:
@@ -157,14 +158,19 @@ def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, ba
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="tensorrt: the bundle's TensorRT engines (build --backend tensorrt) on the GPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+@click.option("--no-context-cache", is_flag=True, help="Do not reuse the K/V of prompt prefixes seen before.")
+@click.option("--cache-bytes", default=1 << 30, show_default=True, help="Memory for the context cache.")
+@click.option("--cache-dir", type=click.Path(), default=None, help="Also keep the context cache here, across runs.")
 @_errors_to_exit
 def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, drafter, num_draft, tree,
-             no_speculate, compare, no_chat, system, stop, threads, device, backend, as_json):
+             no_speculate, compare, no_chat, system, stop, threads, device, backend, as_json, no_context_cache,
+             cache_bytes, cache_dir):
     """Generate text for PROMPT from BUNDLE, streaming it."""
     from speccompile import load
     if system is not None and no_chat:
         raise SpeccompileError("--system needs the chat template: drop --no-chat")
-    gen = load(bundle, threads=threads, device="tensorrt" if backend == "tensorrt" else device)
+    gen = load(bundle, threads=threads, device="tensorrt" if backend == "tensorrt" else device,
+               context_cache=not no_context_cache, cache_bytes=cache_bytes, cache_dir=cache_dir)
     if system is not None:  # the conversation as token ids: what every call below then decodes from
         prompt = gen.tokenizer.encode_messages([{"role": "system", "content": system},
                                                 {"role": "user", "content": prompt}])
@@ -229,12 +235,21 @@ def _csv(value: str | None) -> tuple[str, ...]:
 @click.option("--plot", "plot_out", type=click.Path(), default=None, help="Write a PNG of three panels here.")
 @click.option("--compare-transformers", is_flag=True,
               help="Also run the same target (and drafting) through transformers generate.")
+@click.option("--multi-turn", type=int, default=None, metavar="TURNS",
+              help="Instead: chats of TURNS turns with a long first message (--limit of them, default 3), each with "
+                   "and without the context cache: TTFT and cache hits per turn.")
 @_errors_to_exit
 def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, repeats, threads, json_out, plot_out,
-          compare_transformers):
+          compare_transformers, multi_turn):
     """Benchmark BUNDLE: speculative against autoregressive decoding, per prompt category."""
     from speccompile.bench.plot import plot
     from speccompile.bench.report import format_table, write_json
+    if multi_turn is not None:
+        from speccompile.bench.multi_turn import MultiTurnSettings, format_multi_turn, run_multi_turn
+        result = run_multi_turn(bundle, MultiTurnSettings(dataset, _csv(categories), limit, multi_turn, max_new_tokens,
+                                                          drafters[0] if drafters else None, threads), _progress)
+        click.echo(format_multi_turn(result))
+        return write_json(result, json_out) if json_out else None
     from speccompile.bench.run import Benchmark
     from speccompile.bench.settings import BenchSettings
     settings = BenchSettings(dataset=dataset, categories=_csv(categories), limit=limit,
@@ -300,70 +315,7 @@ TRAIN_DEPENDENCIES = {"torch", "transformers", "safetensors", "accelerate", "tqd
 
 
 @main.command("train-head")
-@click.option("--arch", type=click.Choice(["mtp", "eagle", "eagle3", "medusa"]), default="mtp", show_default=True,
-              help="mtp: a DeepSeek-V3 MTP module (--out FILE.safetensors); eagle / eagle3: an EAGLE-1 / EAGLE-3 head "
-                   "in its public layout (--out DIR: model.safetensors, config.json, training.json); medusa: Medusa-1 "
-                   "heads (--out FILE.safetensors, FILE.json beside it).")
-@click.option("--target", default=None, help="Target source: HF dir, .gguf, or default (SmolLM2-135M-Instruct).")
-@click.option("--target-name", default="SmolLM2-135M-Instruct", show_default=True,
-              help="Recorded in the head's metadata.")
-@click.option("--out", default=None, help="Where the head goes [default: the shipped SmolLM2 MTP head's path].")
-@click.option("--work", default="/tmp/train_head", show_default=True, help="Data, features and epoch checkpoints.")
-@click.option("--stages", default="gen,features,aux,train,export", show_default=True,
-              help="Comma-separated; aux runs for eagle3 only, vocab (not run by default) for mtp only.")
-@click.option("--redo", default="", help="Stages to redo even if their output exists (comma-separated).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--prompts", default=None, help="jsonl ({\"prompt\": ...} or {\"messages\": [...]}) or text file "
-              "[default: speccompile.train.prompts.make_prompts].")
-@click.option("--num-prompts", type=int, default=600, show_default=True)
-@click.option("--max-new-tokens", type=int, default=160, show_default=True)
-@click.option("--sample-frac", type=float, default=0.25, show_default=True,
-              help="Share of prompts continued by sampling.")
-@click.option("--temperature", type=float, default=0.7, show_default=True)
-@click.option("--gen-batch", type=int, default=32, show_default=True)
-@click.option("--gen-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
-              help="Precision of the generating target (the text only; features are always float32).")
-@click.option("--gen-minutes", type=float, default=20.0, show_default=True, help="Stop generating after this long.")
-@click.option("--gen-tokens", type=int, default=0, show_default=True,
-              help="Stop generating once the data holds this many tokens (0: no limit).")
-@click.option("--aux-layers", default=None,
-              help="EAGLE-3: the target layers whose input the head reads (comma-separated) [default: 2, L/2, L-3].")
-@click.option("--aux-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
-              help="EAGLE-3: precision of the target pass that computes its layer features.")
-@click.option("--topk", type=int, default=8, show_default=True,
-              help="Target distribution kept per position (distillation).")
-@click.option("--holdout", type=float, default=0.05, show_default=True,
-              help="Share of sequences held out for evaluation.")
-@click.option("--epochs", type=float, default=None, help="[default: 4; medusa: 1.0]")
-@click.option("--lr", type=float, default=None, help="[default: 6e-4; medusa: 1e-3]")
-@click.option("--min-lr-frac", type=float, default=0.05, show_default=True)
-@click.option("--warmup", type=int, default=20, show_default=True)
-@click.option("--weight-decay", type=float, default=0.01, show_default=True)
-@click.option("--tokens-per-step", type=int, default=None, help="[default: 1024; medusa: 2048]")
-@click.option("--depth2-weight", type=float, default=0.5, show_default=True,
-              help="Loss weight of each unrolled depth.")
-@click.option("--unroll", type=int, default=2, show_default=True,
-              help="Depths trained per step: the head fed its own output depth after depth (EAGLE-3's "
-                   "training-time test).")
-@click.option("--reg-weight", type=float, default=0.1, show_default=True,
-              help="Smooth-L1 of norm(o) toward the target's next feature.")
-@click.option("--train-minutes", type=float, default=None,
-              help="Stop training (and export) after this long [default: 35; medusa: 10].")
-@click.option("--threads", type=int, default=2, show_default=True)
-@click.option("--extra-features", default="", help="Comma-separated features.npz of other work dirs to train on "
-              "as well (their info.json rounds go into the record).")
-@click.option("--init", default=None, help="Start from these weights: a --work's ckpt/final.pt (medusa: an earlier "
-              "run's --out).")
-@click.option("--resume", is_flag=True, help="Continue training from the last epoch checkpoint in --work.")
-@click.option("--full-vocab", is_flag=True, help="Train over the full vocabulary (slower).")
-@click.option("--vocab-min-p", type=float, default=None,
-              help="Training softmax: tokens in the data or this likely [default: 0.01; medusa: 0.02].")
-@click.option("--draft-vocab", type=int, default=8192, show_default=True,
-              help="Size of the draft vocabulary: EAGLE-3's head, or stage vocab's for an MTP head.")
-@click.option("--heads", type=int, default=3, show_default=True, help="Medusa: number of heads.")
-@click.option("--log-every", type=int, default=10, show_default=True)
-@click.option("--eval-chain", type=int, default=4, show_default=True,
-              help="Draft chain length for the acceptance estimate.")
+@train_head_options
 @_errors_to_exit
 def train_head(**options):
     """Train a draft head for a target by self-distillation, on CPU.

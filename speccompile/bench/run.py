@@ -82,7 +82,8 @@ class Benchmark:
         log("measuring the machine's memory bandwidth")
         self.bandwidth = measure_machine_bandwidth(settings.threads or os.cpu_count() or 1)
 
-        self.gen = load(bundle_dir, threads=settings.threads)
+        # without the context cache: every method prefills each prompt itself, as the runs it is compared with do
+        self.gen = load(bundle_dir, threads=settings.threads, context_cache=False)
         self.prompts, self.skipped = pick_prompts(questions, settings.limit, self.gen.encode_chat,
                                                   self.gen.max_seq_len - settings.max_new_tokens)
         if self.skipped:

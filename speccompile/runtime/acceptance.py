@@ -103,6 +103,8 @@ class SpecDecodeStats:
     drafter: str | None
     tree: dict | None
     prompt_tokens: int
+    prompt_cache_hit_tokens: int = 0  # prompt tokens whose K/V the context cache gave back
+    prompt_cache_miss_tokens: int = 0  # prompt tokens the target ran
     verify_steps: int = 0  # decode passes after the prefill, with or without drafts
     committed: int = 0  # tokens those passes committed
     proposed: int = 0
@@ -137,7 +139,9 @@ class SpecDecodeStats:
                 prefill_passes: int) -> dict:
         """The stats dict of a GenerationResult (the CLI's --json, bench and the CI gate read these keys)."""
         return dict(
-            drafter=self.drafter, prompt_tokens=self.prompt_tokens, verify_steps=self.verify_steps,
+            drafter=self.drafter, prompt_tokens=self.prompt_tokens,
+            prompt_cache_hit_tokens=self.prompt_cache_hit_tokens,
+            prompt_cache_miss_tokens=self.prompt_cache_miss_tokens, verify_steps=self.verify_steps,
             proposed=self.proposed, verified_in_graph=self.verified_in_graph,
             verified_on_host=self.verified_on_host, committed_per_pass=dict(self.committed_per_pass),
             tree=self.tree, new_tokens=new_tokens, total_s=total_s, ttft_s=ttft_s,

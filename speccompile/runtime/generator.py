@@ -17,6 +17,7 @@ from speccompile.format.trees import TreeSpec, depths
 from speccompile.graphs import MAX_STEP_TOKENS, MAX_VERIFY_TOKENS
 from speccompile.runtime.acceptance import (SpecDecodeStats, Verdict, accept_chain_q, accept_greedy, accept_sampled,
                                             chain_parents, sequential)
+from speccompile.runtime.context_cache import DEFAULT_CACHE_BYTES, ContextCache, bundle_identity, cache_parts
 from speccompile.runtime.drafters.base import Drafter, Proposal, RuntimeContext
 from speccompile.runtime.drafters.lookup import LookupDrafter, LookupReach, join_lookup
 from speccompile.runtime.engine import Engine
@@ -53,6 +54,11 @@ def pass_weight_bytes(manifest: dict, entry: dict, file_bytes: int) -> dict[str,
     return {"full": full, "screened": full - head + screen if screen else full}
 
 
+def ort_version() -> str:
+    import onnxruntime
+    return onnxruntime.__version__
+
+
 def load_drafter(entry: dict, ctx: RuntimeContext) -> Drafter:
     """The drafter a manifest entry describes, built by its kind's runtime module (format/drafter_kinds.py)."""
     kind = KINDS.get(entry.get("kind"))
@@ -70,7 +76,10 @@ class Generator:
     serialized (one runs at a time, each giving exactly the tokens it would give alone); they do not yet share
     passes. A stream holds the Generator from its first chunk until it is exhausted or closed."""
 
-    def __init__(self, bundle_dir: str, manifest: dict, threads: int | None = None, device: str = "cpu"):
+    def __init__(self, bundle_dir: str, manifest: dict, threads: int | None = None, device: str = "cpu",
+                 context_cache: bool = True, cache_bytes: int = DEFAULT_CACHE_BYTES, cache_dir: str | None = None):
+        """context_cache: reuse the K/V of prompt prefixes seen before (runtime/context_cache.py), within
+        cache_bytes of memory, and in cache_dir across restarts if given."""
         self.bundle_dir, self.manifest = bundle_dir, manifest
         target = manifest["models"]["target"]
         self.target = Engine(bundle_dir, target, threads, device, max_rows=MAX_VERIFY_TOKENS)
@@ -87,10 +96,14 @@ class Generator:
         self.lookup = next((d for d in self.drafters.values() if isinstance(d, LookupDrafter)), LookupDrafter())
         self._pending = np.zeros(1, np.int64)  # a plain decode step's one token
         self._lock, self._owner = threading.Lock(), None
+        self.context_cache = ContextCache(bundle_identity(manifest, f"onnxruntime {ort_version()}"),
+                                          cache_parts(self.target.cache, self.drafters.values()), cache_bytes,
+                                          cache_dir=cache_dir) if context_cache else None
 
     @classmethod
-    def load(cls, bundle_dir: str, threads: int | None = None, device: str = "cpu", verify: bool = True):
-        return cls(bundle_dir, read_manifest(bundle_dir, verify_hashes=verify), threads, device)
+    def load(cls, bundle_dir: str, threads: int | None = None, device: str = "cpu", verify: bool = True, **cache):
+        """cache: the context cache's options (context_cache, cache_bytes, cache_dir)."""
+        return cls(bundle_dir, read_manifest(bundle_dir, verify_hashes=verify), threads, device, **cache)
 
     @property
     def drafter_names(self) -> list[str]:
@@ -104,7 +117,7 @@ class Generator:
               params: SamplingParams, stats: SpecDecodeStats, tree: TreeSpec | None = None) -> Iterator[list[int]]:
         """Yield the tokens committed by each pass: the prefill's first token, then each verify pass's."""
         rng = np.random.default_rng(params.seed)
-        token = self._prefill(prompt, drafter, params, rng)
+        token = self._prefill(prompt, drafter, params, rng, stats)
         context = np.zeros(len(prompt) + max_new_tokens, np.int64)
         context[:len(prompt)] = prompt
         n, generated = len(prompt), 1
@@ -128,18 +141,24 @@ class Generator:
             stats.record(len(prop.tokens), len(path), depth, in_graph)
             yield new
 
-    def _prefill(self, prompt: np.ndarray, drafter: Drafter | None, params: SamplingParams, rng) -> int:
-        """Run the prompt into the target's cache (and the drafter's features); returns the first new token."""
+    def _prefill(self, prompt: np.ndarray, drafter: Drafter | None, params: SamplingParams, rng,
+                 stats: SpecDecodeStats) -> int:
+        """Run the prompt into the target's cache (and the drafter's features), after the longest prefix the
+        context cache gives back; returns the first new token."""
         if drafter:
             drafter.reset()
         cache = self.target.cache
-        cache.truncate(0)
-        for start in range(0, len(prompt), PREFILL_CHUNK):
+        hit = self.context_cache.restore(prompt, cache, drafter) if self.context_cache else 0
+        cache.truncate(hit)
+        stats.prompt_cache_hit_tokens, stats.prompt_cache_miss_tokens = hit, len(prompt) - hit
+        for start in range(hit, len(prompt), PREFILL_CHUNK):
             chunk = prompt[start:start + PREFILL_CHUNK]
             logits, argmax = self.target.forward(chunk, full_logits=not params.greedy)  # greedy reads the argmax only
             if drafter and drafter.wants_hidden:
                 drafter.observe(start, drafter.features(self.target, slice(0, len(chunk))))
             cache.truncate(start + len(chunk))
+        if self.context_cache:
+            self.context_cache.save(prompt, len(prompt), cache, drafter)
         return int(argmax[0]) if params.greedy else sample(probabilities(logits[0], params), rng)
 
     def _propose(self, context, drafter, k, tree, room, reach, params, rng) -> Proposal:
@@ -259,7 +278,11 @@ class Generator:
             if done:
                 break
         total = time.perf_counter() - t0
-        prefill_passes = -(-len(req.ids) // PREFILL_CHUNK)
+        if self.context_cache:  # the answer's blocks too: the next turn of a chat starts with them
+            context = np.concatenate([req.ids, np.asarray(out, np.int64)])
+            self.context_cache.save(context, min(self.target.cache.length, len(context)), self.target.cache,
+                                    req.drafter)
+        prefill_passes = -(-stats.prompt_cache_miss_tokens // PREFILL_CHUNK)
         weight_bytes = self.pass_bytes["screened" if req.params.greedy else "full"]
         return GenerationResult(out, final, stats.as_dict(len(out), total, ttft, weight_bytes, prefill_passes))
 

@@ -16,6 +16,7 @@ import dataclasses
 import numpy as np
 
 from speccompile.format.trees import TreeSpec, depths
+from speccompile.runtime.context_cache import Arrays, Part
 from speccompile.runtime.engine import Engine
 from speccompile.runtime.sampling import SamplingParams
 
@@ -67,6 +68,20 @@ class Drafter(abc.ABC):
         """What `observe` receives of the target engine's last pass, for these rows: its hidden states (before
         the final norm); a head that reads other features (EAGLE) picks them here."""
         return target.hidden[rows]
+
+    # ---- the context cache (runtime/context_cache.py) keeps per-position state beside the target's K/V -----------
+    def state_parts(self) -> dict[str, Part]:
+        """The state this drafter can keep in the context cache, per part name; empty when it keeps none that it
+        cannot rebuild from the context alone at least as fast as the cache would give it back."""
+        return {}
+
+    def save_state(self, part: str, tokens: np.ndarray, start: int, stop: int) -> Arrays | None:
+        """Copies of state `part` for positions [start, stop) of `tokens`; None when it does not hold it for all
+        of them (or holds it for other tokens)."""
+        return None
+
+    def load_state(self, part: str, tokens: np.ndarray, arrays: Arrays) -> None:
+        """Just after reset(): take state `part` for positions [0, len) of `tokens` from `arrays`."""
 
     @abc.abstractmethod
     def propose(self, context: np.ndarray, k: int, params: SamplingParams, rng: np.random.Generator) -> Proposal:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from speccompile.graphs import MAX_STEP_TOKENS
+from speccompile.runtime.context_cache import Arrays, Part, kv_part, read_kv, write_kv
 from speccompile.runtime.drafters.base import Drafter, Proposal, RuntimeContext
 from speccompile.runtime.engine import Engine
 from speccompile.runtime.sampling import probabilities, sample
@@ -23,6 +24,23 @@ class DraftModelDrafter(Drafter):
 
     def reset(self) -> None:
         self.engine.cache.truncate(0)
+
+    def state_parts(self) -> dict[str, Part]:
+        # optional: without it, _sync re-runs the prefix through the draft model on the first proposal
+        return {"kv": kv_part(self.engine.cache, required=False)}
+
+    def save_state(self, part, tokens, start, stop) -> Arrays | None:
+        cache = self.engine.cache
+        if part != "kv" or cache.length < stop or not np.array_equal(self.cached[:stop], tokens[:stop]):
+            return None
+        return read_kv(cache, start, stop)
+
+    def load_state(self, part, tokens, arrays) -> None:
+        if part == "kv":
+            n = len(arrays["key"])
+            write_kv(self.engine.cache, arrays)
+            self.cached[:n] = tokens[:n]
+            self.engine.cache.truncate(n)
 
     def propose(self, context, k, params, rng) -> Proposal:
         eng, cache = self.engine, self.engine.cache

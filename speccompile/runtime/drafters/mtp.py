@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from speccompile.graphs import MAX_STEP_TOKENS
+from speccompile.runtime.context_cache import Arrays, Part, kv_part, read_kv, write_kv
 from speccompile.runtime.drafters.base import Drafter, Proposal, RuntimeContext
 from speccompile.runtime.drafters.draft_model import _log_softmax, _TreeDraft, grow_tree
 from speccompile.runtime.engine import Engine
@@ -41,6 +42,28 @@ class MtpDrafter(Drafter):
     def reset(self) -> None:
         self.engine.cache.truncate(0)
         self.known = 0
+
+    def state_parts(self) -> dict[str, Part]:
+        """features: what observe() kept per position (the head cannot catch up without them); kv: the head's
+        cache, whose slot t holds the pair (h_t, x_{t+1}) (optional: _catch_up rebuilds it from the features)."""
+        return {"features": Part({"h": ((self.h.shape[1],), self.h.dtype.name)}),
+                "kv": kv_part(self.engine.cache, required=False)}
+
+    def save_state(self, part, tokens, start, stop) -> Arrays | None:
+        if part == "features" and self.known >= stop:
+            return {"h": self.h[start:stop].copy()}
+        if part == "kv" and self.engine.cache.length >= stop:  # its slots hold this sequence's true pairs only
+            return read_kv(self.engine.cache, start, stop)
+        return None
+
+    def load_state(self, part, tokens, arrays) -> None:
+        if part == "features":
+            self.h[:len(arrays["h"])] = arrays["h"]
+            self.known = len(arrays["h"])
+        elif part == "kv":
+            write_kv(self.engine.cache, arrays)
+            # the last slot pairs h with the token after the cached blocks, which another prompt may differ in
+            self.engine.cache.truncate(len(arrays["key"]) - 1)
 
     def observe(self, start: int, hidden: np.ndarray) -> None:
         """The target's hidden states of committed positions [start, start + len(hidden))."""

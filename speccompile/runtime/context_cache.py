@@ -1,0 +1,320 @@
+"""The context cache: requests that share a token prefix with earlier ones (the turns of a chat, a common system
+prompt, few-shot examples) reuse that prefix's K/V instead of running it through the target again.
+
+A prompt is cut into whole blocks of `block_tokens` tokens. Block i's key hashes the bundle's identity and every
+token up to the end of block i (a hash chain, as vLLM's prefix caching keys its blocks), so equal keys mean equal
+prefixes. Each cached block holds *parts*: "target" (the target's K/V rows of the block, copied out of the static
+cache) and whatever per-position state a drafter keeps (format: `Part`). Every array has the block's positions on
+axis 0. The memory tier is bounded by a byte budget with least-recently-used eviction; touching a prefix touches
+its blocks last to first, so a chain's early blocks (shared by the most requests) are evicted last. An optional
+disk tier (one `.npz` per block, read with allow_pickle=False, and a JSON index) survives restarts: a file that
+is corrupt, of another bundle or of another layout is ignored with a warning, never trusted.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import warnings
+import zipfile
+from typing import Callable
+
+import numpy as np
+
+DEFAULT_BLOCK_TOKENS = 16
+DEFAULT_CACHE_BYTES = 1 << 30
+DEFAULT_DISK_BYTES = 8 << 30
+INDEX = "index.json"
+DISK_FORMAT = "speccompile-context-cache"
+DISK_VERSION = 1
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """A kind of per-position state kept for each cached block. layout: array name -> (shape after the position
+    axis, dtype name). required: a cached prefix is usable only as far as this part is cached (state that cannot
+    be rebuilt); an optional part is restored as far as it reaches and its owner rebuilds the rest."""
+    layout: dict[str, tuple[tuple[int, ...], str]]
+    required: bool = True
+
+    def fits(self, arrays: Arrays, positions: int) -> bool:
+        return set(arrays) == set(self.layout) and all(
+            arrays[n].shape == (positions, *shape) and arrays[n].dtype == np.dtype(dtype)
+            for n, (shape, dtype) in self.layout.items())
+
+
+def bundle_identity(manifest: dict, runtime: str = "") -> str:
+    """A hash of every file of the bundle (the manifest lists each one's sha256) and of the runtime that computes
+    the K/V: another bundle's (or another onnxruntime's) blocks never match."""
+    files = json.dumps(manifest.get("files", {}), sort_keys=True)
+    return hashlib.sha256(f"{files}\n{runtime}".encode()).hexdigest()
+
+
+def kv_part(cache, required: bool = True) -> Part:
+    """The layout of a KV cache's rows (kv_cache.KVCache: [layers, slots, kv heads, positions, head dim])."""
+    layers, _, heads, _, dim = cache.key.shape
+    shape = ((layers, heads, dim), cache.key.dtype.name)
+    return Part({"key": shape, "value": shape}, required)
+
+
+def cache_parts(target_cache, drafters) -> dict[str, Part]:
+    """Every part a bundle's blocks may hold: the target's K/V and each drafter's state ("<drafter>#<part>")."""
+    parts = {"target": kv_part(target_cache)}
+    for d in drafters:
+        parts.update({f"{d.name}#{p}": part for p, part in d.state_parts().items()})
+    return parts
+
+
+def read_kv(cache, start: int, stop: int, slot: int = 0) -> Arrays:
+    """Copies of a KV cache's rows [start, stop) of one sequence slot, positions first (always copies: with one
+    layer and one head the transposed view is already contiguous, and a view would change with the cache)."""
+    return {n: getattr(cache, n)[:, slot, :, start:stop].transpose(2, 0, 1, 3).copy() for n in ("key", "value")}
+
+
+def write_kv(cache, arrays: Arrays, start: int = 0, slot: int = 0) -> None:
+    """Put rows read by `read_kv` back at [start, start + positions) of one sequence slot."""
+    for n in ("key", "value"):
+        rows = arrays[n]
+        getattr(cache, n)[:, slot, :, start:start + len(rows)] = rows.transpose(1, 2, 0, 3)
+
+
+class ContextCache:
+    def __init__(self, identity: str, parts: dict[str, Part], max_bytes: int = DEFAULT_CACHE_BYTES,
+                 block_tokens: int = DEFAULT_BLOCK_TOKENS, cache_dir: str | None = None,
+                 disk_bytes: int = DEFAULT_DISK_BYTES):
+        """parts: every part a block may hold (the target's and the drafters'); arrays of other layouts are never
+        kept. cache_dir: the disk tier's folder (a subfolder per bundle identity, at most disk_bytes of blocks),
+        None for memory only."""
+        if block_tokens < 1 or max_bytes < 0:
+            raise ValueError("context cache: block_tokens must be >= 1 and max_bytes >= 0")
+        self.identity, self.parts = identity, parts
+        self.max_bytes, self.block_tokens = max_bytes, block_tokens
+        self.blocks: collections.OrderedDict[str, dict[str, Arrays]] = collections.OrderedDict()  # LRU first
+        self.nbytes = 0
+        self._lock = threading.RLock()  # one cache may serve several sequences' threads
+        self.disk = DiskTier(cache_dir, identity, block_tokens, disk_bytes) if cache_dir else None
+
+    def keys(self, tokens: np.ndarray, limit: int | None = None) -> list[str]:
+        """The hash-chain key of each whole block within tokens[:limit]."""
+        n = len(tokens) if limit is None else min(limit, len(tokens))
+        h = hashlib.sha256(f"{self.identity}:{self.block_tokens}".encode())
+        keys = []
+        for start in range(0, n - self.block_tokens + 1, self.block_tokens):
+            h.update(np.asarray(tokens[start:start + self.block_tokens], "<i8").tobytes())
+            keys.append(h.copy().hexdigest())
+        return keys
+
+    def lookup(self, tokens: np.ndarray, limit: int, wanted: list[str]) -> list[dict[str, Arrays]]:
+        """The cached blocks of the longest prefix of tokens[:limit] that holds every required part of `wanted`
+        (the parts the caller would restore), first block first."""
+        required = [p for p in wanted if self.parts[p].required]
+        with self._lock:
+            return self._lookup(self.keys(tokens, limit), required)
+
+    def _lookup(self, keys: list[str], required: list[str]) -> list[dict[str, Arrays]]:
+        found = []
+        for key in keys:
+            block = self.blocks.get(key)
+            if block is None and self.disk:
+                block = self._admit(key, self.disk.read(key, self.block_tokens, self.parts))
+            if block is None or any(p not in block for p in required):
+                break
+            found.append((key, block))
+        self._touch([k for k, _ in found])
+        return [b for _, b in found]
+
+    def store(self, tokens: np.ndarray, upto: int, read: Callable[[str, int, int], Arrays | None]) -> None:
+        """Cache the whole blocks of tokens[:upto]: for each, the parts it lacks that read(part, start, stop)
+        can give (None: not held for those positions)."""
+        keys = self.keys(tokens, upto)
+        with self._lock:
+            self._store(keys, read)
+
+    def _store(self, keys: list[str], read: Callable[[str, int, int], Arrays | None]) -> None:
+        for i, key in enumerate(keys):
+            block = self.blocks.get(key)
+            if block is None and self.disk:  # evicted from memory: keep the parts its file holds
+                block = self.disk.read(key, self.block_tokens, self.parts)
+            block = block or {}
+            start, stop = i * self.block_tokens, (i + 1) * self.block_tokens
+            new = {}
+            for part in self.parts:
+                if part not in block:
+                    arrays = read(part, start, stop)
+                    if arrays is not None and self.parts[part].fits(arrays, self.block_tokens):
+                        new[part] = arrays
+            if new:
+                if key in self.blocks:
+                    self._drop(key)
+                block = {**block, **new}
+                self._admit(key, block)
+                if self.disk:
+                    self.disk.write(key, block)
+        self._touch(keys)
+        self._evict()
+
+    def clear(self) -> None:
+        """Forget every block held in memory (the disk tier keeps its files)."""
+        with self._lock:
+            self.blocks.clear()
+            self.nbytes = 0
+
+    # ---- a sequence's prefix in and out of a KV cache slot and its drafter -----------------------------------
+    def restore(self, tokens: np.ndarray, target_cache, drafter=None, slot: int = 0) -> int:
+        """Write the longest cached prefix of tokens into the target's cache slot (rows from 0; the caller sets the
+        slot's length) and into `drafter`'s state (just reset), leaving at least the last token to run: its logits
+        give the first new token. Returns the prefix length, 0 on a miss."""
+        own = [p for p in self.parts if drafter is not None and p.startswith(f"{drafter.name}#")]
+        blocks = self.lookup(tokens, len(tokens) - 1, ["target", *own])
+        if not blocks:
+            return 0
+        for i, block in enumerate(blocks):  # block by block: no joined copy of the whole prefix
+            write_kv(target_cache, block["target"], i * self.block_tokens, slot)
+        for part in own:
+            reach = next((i for i, b in enumerate(blocks) if part not in b), len(blocks))
+            if reach:
+                drafter.load_state(part.rpartition("#")[2], tokens, _joined(blocks[:reach], part))
+        return len(blocks) * self.block_tokens
+
+    def save(self, tokens: np.ndarray, upto: int, target_cache, drafter=None, slot: int = 0) -> None:
+        """Cache the whole blocks of tokens[:upto], whose K/V the target's cache slot holds, with the drafter's
+        state where it holds it."""
+        def read(part: str, start: int, stop: int) -> Arrays | None:
+            if part == "target":
+                return read_kv(target_cache, start, stop, slot)
+            if drafter is not None and part.startswith(f"{drafter.name}#"):
+                return drafter.save_state(part.rpartition("#")[2], tokens, start, stop)
+            return None
+        self.store(tokens, upto, read)
+
+    def _admit(self, key: str, block: dict[str, Arrays] | None) -> dict[str, Arrays] | None:
+        if block is not None:
+            self.blocks[key] = block
+            self.nbytes += block_bytes(block)
+            self._evict()
+        return block
+
+    def _drop(self, key: str) -> None:
+        self.nbytes -= block_bytes(self.blocks.pop(key))
+
+    def _touch(self, keys: list[str]) -> None:
+        for key in reversed(keys):  # the first block ends up the most recently used
+            if key in self.blocks:
+                self.blocks.move_to_end(key)
+
+    def _evict(self) -> None:
+        while self.nbytes > self.max_bytes and self.blocks:
+            self._drop(next(iter(self.blocks)))
+
+
+def _joined(blocks: list[dict[str, Arrays]], part: str) -> Arrays:
+    """One part of consecutive blocks, as arrays over all their positions."""
+    return {n: np.concatenate([b[part][n] for b in blocks]) for n in blocks[0][part]}
+
+
+def block_bytes(block: dict[str, Arrays]) -> int:
+    return sum(a.nbytes for arrays in block.values() for a in arrays.values())
+
+
+class DiskTier:
+    """Blocks as `<key>.npz` files in cache_dir/<identity prefix>/, beside an index naming the identity and block
+    size. Files are written to a temporary name and renamed into place, so a crash leaves no half-written block.
+    Within max_bytes: the files least recently read or written (their modification times) are deleted first."""
+
+    def __init__(self, cache_dir: str, identity: str, block_tokens: int, max_bytes: int = DEFAULT_DISK_BYTES):
+        self.dir, self.max_bytes = os.path.join(cache_dir, identity[:32]), max_bytes
+        self.index = {"format": DISK_FORMAT, "version": DISK_VERSION, "identity": identity,
+                      "block_tokens": block_tokens}
+        os.makedirs(self.dir, exist_ok=True)
+        path = os.path.join(self.dir, INDEX)
+        self.usable = True
+        if os.path.exists(path):
+            try:
+                with open(path, "rb") as f:
+                    found = json.loads(f.read())
+            except (OSError, ValueError) as e:
+                found = f"unreadable ({e})"
+            if found != self.index:
+                warnings.warn(f"context cache: {path} is not this bundle's index ({str(found)[:120]}); the disk "
+                              "tier is not used", stacklevel=3)
+                self.usable = False
+        else:
+            self._replace(path, lambda f: f.write(json.dumps(self.index).encode()))
+        self.nbytes = sum(size for _, size, _ in self._blocks())
+
+    def _blocks(self) -> list[tuple[float, int, str]]:
+        """(modification time, size, path) of each block file, least recently used first."""
+        with os.scandir(self.dir) as entries:
+            found = [(st.st_mtime, st.st_size, e.path) for e in entries
+                     if e.name.endswith(".npz") and e.is_file() and (st := e.stat())]
+        return sorted(found)
+
+    def _evict(self) -> None:
+        for _, size, path in self._blocks():
+            if self.nbytes <= self.max_bytes:
+                break
+            try:
+                os.unlink(path)
+                self.nbytes -= size
+            except OSError:  # another process got there first
+                pass
+
+    def read(self, key: str, positions: int, parts: dict[str, Part]) -> dict[str, Arrays] | None:
+        path = os.path.join(self.dir, f"{key}.npz")
+        if not self.usable or not os.path.exists(path):
+            return None
+        try:
+            os.utime(path)  # recently used: evicted last
+        except OSError:
+            pass
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {name: z[name] for name in z.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as e:
+            warnings.warn(f"context cache: ignoring unreadable block {path} ({type(e).__name__})", stacklevel=4)
+            return None
+        stored_key = arrays.pop("__key__", None)
+        if stored_key is None or stored_key.tobytes() != key.encode():
+            warnings.warn(f"context cache: ignoring {path}: not the block its name says", stacklevel=4)
+            return None
+        block: dict[str, Arrays] = {}
+        for name, a in arrays.items():
+            part, _, field = name.rpartition("/")
+            block.setdefault(part, {})[field] = a
+        if any(p not in parts or not parts[p].fits(a, positions) for p, a in block.items()) or "target" not in block:
+            warnings.warn(f"context cache: ignoring {path}: its arrays do not have this bundle's layout", stacklevel=4)
+            return None
+        return block
+
+    def write(self, key: str, block: dict[str, Arrays]) -> None:
+        if not self.usable:
+            return
+        flat = {f"{p}/{n}": a for p, arrays in block.items() for n, a in arrays.items()}
+        flat["__key__"] = np.frombuffer(key.encode(), np.uint8)
+        path = os.path.join(self.dir, f"{key}.npz")
+        try:
+            old = os.path.getsize(path) if os.path.exists(path) else 0
+            self._replace(path, lambda f: np.savez(f, **flat))
+            self.nbytes += os.path.getsize(path) - old
+            if self.nbytes > self.max_bytes:
+                self._evict()
+        except OSError as e:  # a full disk costs the disk tier, never the request
+            warnings.warn(f"context cache: cannot write to {self.dir} ({e.strerror or e}); the disk tier is off",
+                          stacklevel=4)
+            self.usable = False
+
+    def _replace(self, path: str, write) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise

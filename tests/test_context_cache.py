@@ -1,0 +1,349 @@
+"""The context cache: hit and miss tokens counted, LRU eviction within a byte budget, the disk tier (round trip,
+corrupt and foreign files ignored), and output with the cache equal to output without it, for every drafter kind
+that keeps state, greedy and sampled, over the turns of a chat."""
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+import speccompile
+from speccompile.compile.driver import build_bundle
+from speccompile.runtime.context_cache import ContextCache, Part
+from speccompile.runtime.sampling import SamplingParams
+
+from conftest import quiet, random_prompts
+
+B = 4  # block tokens of the unit tests
+
+
+def unit_cache(max_bytes=1 << 20, cache_dir=None, identity="bundle-a", disk_bytes=1 << 20):
+    return ContextCache(identity, {"target": Part({"kv": ((2,), "float32")}),
+                                   "d#extra": Part({"x": ((), "int64")}, required=False)},
+                        max_bytes, B, cache_dir, disk_bytes)
+
+
+def store(cache, tokens):
+    """Store whole blocks of `tokens` whose arrays record the positions (so a test can see what came back)."""
+    cache.store(np.asarray(tokens), len(tokens), lambda part, start, stop: {
+        "kv": np.stack([np.arange(start, stop)] * 2, 1).astype(np.float32)} if part == "target" else None)
+
+
+def test_block_keys_are_a_hash_chain():
+    c = unit_cache()
+    a, b = c.keys(np.arange(10)), c.keys(np.r_[np.arange(8), 0, 0])
+    assert len(a) == 2 and a == b  # whole blocks only; the partial block does not count
+    assert c.keys(np.r_[99, np.arange(1, 8)])[1] != a[1]  # block 1's key covers block 0's tokens too
+    assert unit_cache(identity="bundle-b").keys(np.arange(8)) != a  # another bundle never matches
+
+
+def test_lookup_longest_prefix_and_required_parts():
+    c = unit_cache()
+    store(c, list(range(12)))
+    assert len(c.lookup(np.arange(20), 19, ["target"])) == 3
+    assert len(c.lookup(np.arange(12), 11, ["target"])) == 2  # the last token is always left to run
+    assert len(c.lookup(np.r_[np.arange(6), 50, 51, 8, 9], 9, ["target"])) == 1  # diverges in block 1
+    blocks = c.lookup(np.arange(12), 12, ["target", "d#extra"])  # an optional part does not limit the prefix
+    assert len(blocks) == 3 and all("d#extra" not in b for b in blocks)
+    assert blocks[2]["target"]["kv"][0, 0] == 8
+
+
+def test_lru_eviction_within_the_byte_budget():
+    per_block = B * 2 * 4  # one block's target rows
+    c = unit_cache(max_bytes=4 * per_block)
+    store(c, [1] * 8)  # chain A: 2 blocks
+    store(c, [2] * 8)  # chain B: 2 blocks; the cache is full
+    assert c.nbytes == 4 * per_block
+    c.lookup(np.array([1] * 9), 9, ["target"])  # A used again: B is now the least recently used
+    store(c, [3] * 4)
+    assert c.nbytes <= c.max_bytes
+    assert len(c.lookup(np.array([1] * 9), 9, ["target"])) == 2
+    # B lost its deeper block first: a prefix's first blocks are touched last, so they outlive their children
+    assert len(c.lookup(np.array([2] * 9), 9, ["target"])) == 1
+    store(c, [4] * 40)  # larger than the whole budget: what is kept stays within it
+    assert c.nbytes <= c.max_bytes
+
+
+def test_disk_tier_round_trip_and_bad_files_ignored(tmp_path):
+    store(unit_cache(cache_dir=str(tmp_path)), list(range(8)))
+    fresh = unit_cache(cache_dir=str(tmp_path))  # as after a restart: memory empty
+    blocks = fresh.lookup(np.arange(9), 9, ["target"])
+    assert len(blocks) == 2 and blocks[1]["target"]["kv"][0, 0] == 4
+    (folder,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    assert len([f for f in folder.iterdir() if f.suffix == ".npz"]) == 2
+    files = [folder / f"{key}.npz" for key in fresh.keys(np.arange(8))]  # block 0's file, block 1's
+    files[1].write_bytes(b"not a zip at all")  # corrupt
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert len(unit_cache(cache_dir=str(tmp_path)).lookup(np.arange(9), 9, ["target"])) == 1
+    files[1].write_bytes(files[0].read_bytes())  # a real block under another block's name
+    with pytest.warns(UserWarning, match="not the block"):
+        assert len(unit_cache(cache_dir=str(tmp_path)).lookup(np.arange(9), 9, ["target"])) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # another bundle's cache in the same folder: no match, no warning
+        assert unit_cache(cache_dir=str(tmp_path), identity="bundle-b").lookup(np.arange(9), 9, ["target"]) == []
+
+
+def test_disk_tier_within_its_byte_budget(tmp_path):
+    store(unit_cache(cache_dir=str(tmp_path)), [1] * 4)
+    (folder,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    size = next(f for f in folder.iterdir() if f.suffix == ".npz").stat().st_size
+    c = unit_cache(cache_dir=str(tmp_path), disk_bytes=int(2.5 * size))
+    store(c, [2] * 4)
+    os.utime(folder / f"{c.keys(np.array([1] * 4))[0]}.npz", (1, 1))  # block [1]*4 the least recently used
+    store(c, [3] * 4)
+    assert c.disk.nbytes <= c.disk.max_bytes and len(list(folder.glob("*.npz"))) == 2
+    fresh = unit_cache(cache_dir=str(tmp_path))
+    assert fresh.lookup(np.array([1] * 5), 5, ["target"]) == []
+    assert len(fresh.lookup(np.array([3] * 5), 5, ["target"])) == 1
+
+
+def test_disk_tier_refuses_a_foreign_layout_and_index(tmp_path):
+    store(unit_cache(cache_dir=str(tmp_path)), list(range(8)))
+    other = ContextCache("bundle-a", {"target": Part({"kv": ((3,), "float32")})}, 1 << 20, B, str(tmp_path))
+    with pytest.warns(UserWarning, match="layout"):
+        assert other.lookup(np.arange(9), 9, ["target"]) == []
+    (folder,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    (folder / "index.json").write_text('{"format": "something else"}')
+    with pytest.warns(UserWarning, match="not this bundle's index"):
+        c = unit_cache(cache_dir=str(tmp_path))
+    assert c.lookup(np.arange(9), 9, ["target"]) == []
+
+
+# ---- through the Generator --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cached(tiny_bundle):
+    """The tiny bundle (lookup, layerskip:2, a draft model) with and without the cache."""
+    return (speccompile.load(tiny_bundle, threads=1),
+            speccompile.load(tiny_bundle, threads=1, context_cache=False))
+
+
+@pytest.fixture(scope="module")
+def mtp_cached(tmp_path_factory):
+    torch = pytest.importorskip("torch")  # noqa: F841 (the head's checkpoint is written through safetensors)
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    from speccompile.compile.presets import tiny_mtp_head
+    from speccompile.compile.sources import load_checkpoint
+    d = tmp_path_factory.mktemp("mtp-cache")
+    safetensors_numpy.save_file(tiny_mtp_head(load_checkpoint("tiny:llama").config), str(d / "head.safetensors"))
+    out = str(d / "bundle")
+    build_bundle("tiny:llama", out, drafts=[f"mtp:{d / 'head.safetensors'}"], max_seq_len=256, num_draft=3,
+                 progress=quiet)
+    return speccompile.load(out, threads=1), speccompile.load(out, threads=1, context_cache=False)
+
+
+def scrub(gen):
+    """Overwrite every cache row and feature the last request left (a restore must not rely on them)."""
+    rng = np.random.default_rng(0)
+    engines = [gen.target] + [d.engine for d in gen.drafters.values() if hasattr(d, "engine")]
+    for arr in [a for e in engines for a in (e.cache.key, e.cache.value)] + \
+            [d.h for d in gen.drafters.values() if hasattr(d, "h")]:
+        arr[:] = rng.standard_normal(arr.shape)
+
+
+def chat_turns(gen, drafter, turns=3, **kwargs):
+    """A chat as token ids: each turn's prompt is the last prompt, its answer and a new message."""
+    prompt, results = random_prompts(8)[7] * 3, []
+    for turn in range(turns):
+        scrub(gen)
+        res = gen.generate(prompt, 24, drafter=drafter, **kwargs)
+        results.append(res)
+        prompt = prompt + res.token_ids + [10 + turn, 11, 12, 13, 14]
+    return results
+
+
+def test_hits_and_misses_counted(cached):
+    gen = speccompile.load(cached[0].bundle_dir, threads=1)  # an empty cache
+    prompt = random_prompts(8)[7][:34]  # two whole blocks of 16
+    first = gen.generate(prompt, 4, speculate=False).stats
+    assert (first["prompt_cache_hit_tokens"], first["prompt_cache_miss_tokens"]) == (0, 34)
+    again = gen.generate(prompt, 4, speculate=False).stats
+    assert (again["prompt_cache_hit_tokens"], again["prompt_cache_miss_tokens"]) == (32, 2)
+    exact = gen.generate(prompt[:32], 4, speculate=False).stats  # the last token runs: its logits are needed
+    assert (exact["prompt_cache_hit_tokens"], exact["prompt_cache_miss_tokens"]) == (16, 16)
+    assert again["prefill_passes"] == 1
+    other = gen.generate([1] + prompt[1:], 4, speculate=False).stats
+    assert other["prompt_cache_hit_tokens"] == 0
+    assert cached[1].generate(prompt, 4).stats["prompt_cache_hit_tokens"] == 0  # disabled
+
+
+@pytest.mark.parametrize("drafter", ["lookup", "layerskip:2", "model"])
+def test_chat_with_the_cache_equals_without(cached, drafter):
+    with_cache, without = chat_turns(cached[0], drafter), chat_turns(cached[1], drafter)
+    assert [r.token_ids for r in with_cache] == [r.token_ids for r in without]
+    for prev, res in zip(with_cache, with_cache[1:]):  # each turn hits the history: last prompt and answer
+        history = prev.stats["prompt_tokens"] + len(prev.token_ids)
+        assert res.stats["prompt_cache_hit_tokens"] >= (history - 1) // 16 * 16 - 16
+        assert res.stats["prompt_cache_hit_tokens"] + res.stats["prompt_cache_miss_tokens"] == \
+            res.stats["prompt_tokens"]
+
+
+def test_a_restored_prefix_gives_the_logits_of_a_full_prefill(cached):
+    """The tiny random model's greedy answers hardly depend on the context, so check the prefill's own logits."""
+    gen, plain = cached
+    prompt = random_prompts(8)[6] * 3
+    answer = gen.generate(prompt, 20, drafter="model").token_ids
+    follow_up = prompt + answer + [21, 22, 23]
+    logits, hits = [], []
+    for g in (gen, plain):
+        scrub(g)
+        res = g.generate(follow_up, 1, drafter="model", temperature=1.0, seed=0)  # one pass: the prefill's logits
+        logits.append(g.target.logits[0].copy())
+        hits.append(res.stats["prompt_cache_hit_tokens"])
+    assert hits[0] >= len(prompt) + len(answer) - 16 and hits[1] == 0
+    np.testing.assert_allclose(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("drafter", ["model", "layerskip:2"])
+def test_sampled_chat_with_the_cache_equals_without(cached, drafter):
+    kw = dict(temperature=0.9, seed=3)
+    assert [r.token_ids for r in chat_turns(cached[0], drafter, **kw)] == \
+        [r.token_ids for r in chat_turns(cached[1], drafter, **kw)]
+
+
+def restored_drafts(gens, name):
+    """A drafter's draft distributions for the first proposal of a chat's next turn: with its state restored from
+    the cache (the first Generator) and rebuilt from the tokens alone (the second, without a cache)."""
+    prompt = random_prompts(8)[6] * 3
+    context = np.array(prompt + gens[0].generate(prompt, 20, drafter=name).token_ids + [9, 10], np.int64)
+    qs = []
+    for gen in gens:
+        scrub(gen)
+        hit = gen.generate(context[:-1].tolist(), 1, drafter=name).stats["prompt_cache_hit_tokens"]  # the prefill
+        drafter = gen.drafters[name]
+        if gen.context_cache:
+            assert hit >= len(prompt) and drafter.engine.cache.length >= len(prompt) - 16  # its own cache too
+        qs.append(drafter.propose(context, 3, SamplingParams(temperature=1.0), np.random.default_rng(0)).q)
+    return qs
+
+
+@pytest.mark.parametrize("name", ["model", "layerskip:2"])
+def test_draft_model_kv_restored(cached, name):
+    with_cache, without = restored_drafts(cached, name)
+    np.testing.assert_allclose(with_cache, without, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tree", [None, "dynamic:2+lookup:3"])
+def test_mtp_chat_with_the_cache_equals_without(mtp_cached, tree):
+    for kw in ({}, dict(temperature=0.8, seed=5)):
+        with_cache, without = chat_turns(mtp_cached[0], "mtp", tree=tree, **kw), \
+            chat_turns(mtp_cached[1], "mtp", tree=tree, **kw)
+        assert [r.token_ids for r in with_cache] == [r.token_ids for r in without]
+        assert with_cache[-1].stats["prompt_cache_hit_tokens"] > with_cache[0].stats["prompt_tokens"]
+
+
+def test_a_prefix_without_the_heads_features_is_a_miss(mtp_cached):
+    gen = mtp_cached[0]
+    prompt = random_prompts(8)[4] * 4
+    assert gen.generate(prompt, 4, speculate=False).stats["prompt_cache_hit_tokens"] == 0
+    # cached without the head's features, which it cannot rebuild: prefilled in full (and the features stored)
+    assert gen.generate(prompt, 4, drafter="mtp").stats["prompt_cache_hit_tokens"] == 0
+    assert gen.generate(prompt, 4, drafter="mtp").stats["prompt_cache_hit_tokens"] > 0
+
+
+def test_mtp_head_restored_drafts_as_rebuilt(mtp_cached):
+    with_cache, without = restored_drafts(mtp_cached, "mtp")
+    np.testing.assert_allclose(with_cache, without, rtol=1e-4, atol=1e-5)
+
+
+def test_mtp_features_and_head_kv_restored(mtp_cached):
+    gen = mtp_cached[0]
+    prompt = random_prompts(8)[5] * 4
+    res = gen.generate(prompt, 20, drafter="mtp")
+    head = gen.drafters["mtp"]
+    want = head.h[:len(prompt)].copy()
+    head.reset()
+    head.h[:] = 0
+    hit = gen.context_cache.restore(np.array(prompt + res.token_ids + [9], np.int64), gen.target.cache, head)
+    assert hit >= len(prompt) and head.known == hit
+    np.testing.assert_array_equal(head.h[:len(prompt)], want)
+    assert head.engine.cache.length == hit - 1  # its own K/V too, but for the pair that reaches past the prefix
+
+
+def test_bench_multi_turn(tiny_bundle, tmp_path):
+    import json
+    from click.testing import CliRunner
+    from speccompile.cli import main
+    questions = [{"question_id": 1, "category": "summarization", "turns": ["Summarize: " + "the cat sat. " * 8]},
+                 {"question_id": 2, "category": "qa", "turns": ["Not a long first message."]}]
+    dataset, out = tmp_path / "q.jsonl", tmp_path / "mt.json"
+    dataset.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    r = CliRunner().invoke(main, ["bench", tiny_bundle, "--multi-turn", "3", "--dataset", str(dataset), "--limit", "2",
+                                  "--max-new-tokens", "8", "--threads", "1", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    assert len(doc["conversations"]) == 1  # only the summarization question is of a long-message category
+    first, second, third = doc["turns"]
+    assert first["hit_tokens"] == 0 and second["hit_tokens"] > 0.5 * second["prompt_tokens"]
+    assert third["hit_tokens"] > second["hit_tokens"] and all(t["identical"] for t in doc["turns"])
+    assert "speedup" in r.output
+
+
+@pytest.fixture(scope="module")
+def eagle3_cached(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("safetensors.numpy")
+    from speccompile.compile.sources import load_checkpoint
+    from test_eagle import eagle3_config, eagle3_head, write_head
+    d = tmp_path_factory.mktemp("eagle3-cache")
+    target = load_checkpoint("tiny:llama")
+    head = write_head(d / "head", eagle3_head(target, repeat=True), eagle3_config(target))
+    out = str(d / "bundle")
+    build_bundle("tiny:llama", out, drafts=[f"eagle3:{head}"], max_seq_len=256, num_draft=3, progress=quiet)
+    return speccompile.load(out, threads=1), speccompile.load(out, threads=1, context_cache=False)
+
+
+def test_eagle3_chat_with_the_cache_equals_without(eagle3_cached):
+    """An EAGLE-3 head keeps its fused features (the fc's output) per position: restored as they were observed."""
+    gen, plain = eagle3_cached
+    name = gen.drafter_names[0]
+    for kw in ({}, dict(temperature=0.8, seed=7)):
+        with_cache, without = chat_turns(gen, name, **kw), chat_turns(plain, name, **kw)
+        assert [r.token_ids for r in with_cache] == [r.token_ids for r in without]
+        assert with_cache[-1].stats["prompt_cache_hit_tokens"] > with_cache[0].stats["prompt_tokens"]
+    head = gen.drafters[name]
+    context = np.array(random_prompts(8)[7] * 3, np.int64)
+    gen.generate(context.tolist(), 4, drafter=name)
+    want = head.h[:len(context)].copy()
+    head.reset()
+    head.h[:] = 0
+    hit = gen.context_cache.restore(context, gen.target.cache, head)
+    assert hit > 0 and np.array_equal(head.h[:hit], want[:hit])
+
+
+def test_cli_cache_dir_survives_a_restart(tiny_bundle, tmp_path):
+    import json
+    from click.testing import CliRunner
+    from speccompile.cli import main
+
+    def hits(*flags):
+        r = CliRunner().invoke(main, ["generate", tiny_bundle, "a long enough prompt to fill two cache blocks, at least",
+                                      "--max-new-tokens", "4", "--threads", "1", "--json", *flags])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output.strip().splitlines()[-1])["stats"]["prompt_cache_hit_tokens"]
+
+    cache_dir = str(tmp_path / "cache")
+    assert hits("--cache-dir", cache_dir) == 0
+    assert hits("--cache-dir", cache_dir) > 0  # a new process: found on disk
+    assert hits("--cache-dir", cache_dir, "--no-context-cache") == 0
+    assert hits() == 0  # memory only: nothing from before
+
+
+def test_medusa_chat_with_the_cache_equals_without(tmp_path):
+    """Medusa heads read only the hidden state of the last context token, which the prefill always runs: no state
+    to keep, and the output is the same."""
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    from speccompile.compile.sources import load_checkpoint
+    from test_mtp import medusa_heads
+    safetensors_numpy.save_file(medusa_heads(load_checkpoint("tiny:llama").config, repeat_last=True,
+                                             prefix="medusa_head."), str(tmp_path / "m.safetensors"))
+    out = str(tmp_path / "b")
+    build_bundle("tiny:llama", out, drafts=[f"medusa:{tmp_path / 'm.safetensors'}"], max_seq_len=256, num_draft=3,
+                 progress=quiet)
+    gen, plain = speccompile.load(out, threads=1), speccompile.load(out, threads=1, context_cache=False)
+    assert gen.drafters["medusa"].state_parts() == {}
+    for kw in ({}, dict(temperature=0.8, seed=2)):
+        with_cache = chat_turns(gen, "medusa", **kw)
+        assert [r.token_ids for r in with_cache] == [r.token_ids for r in chat_turns(plain, "medusa", **kw)]
+        assert with_cache[-1].stats["prompt_cache_hit_tokens"] > 0
