@@ -87,7 +87,26 @@ def _errors_to_exit(fn):
     return wrapper
 
 
-@click.group()
+class _OneLineUsageErrors(click.Group):
+    """click's own usage errors (a value of the wrong type, a missing argument, an unknown option) as the same one
+    `error:` line and exit 2 as every other bad input, instead of click's usage block."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            status = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.UsageError as e:
+            hint = f" (see: {e.ctx.command_path} --help)" if e.ctx else ""
+            _fail(f"{e.format_message()}{hint}", 2)
+        except click.exceptions.ClickException as e:
+            _fail(e.format_message(), e.exit_code or 2)
+        except click.exceptions.Abort:
+            _fail("aborted", 1)
+        sys.exit(status or 0)
+
+
+@click.group(cls=_OneLineUsageErrors)
 @click.version_option(package_name="speccompile")
 @click.option("--debug", is_flag=True, help=f"Print the traceback of a failure (also: {DEBUG_ENV}=1).")
 def main(debug):

@@ -74,6 +74,6 @@ class DraftSpec:
             raise SpeccompileError(f"--draft {spec!r}: {kind} needs an argument: {k.usage} ({k.summary})")
         if k.arg == "none" and arg:
             raise SpeccompileError(f"--draft {spec!r}: {kind} takes no argument")
-        if kind in ("layerskip", "lookup") and arg and not arg.isdigit():
-            raise SpeccompileError(f"--draft {spec!r}: {k.usage} needs a whole number, e.g. {kind}:8")
+        if kind in ("layerskip", "lookup") and arg and (not arg.isdigit() or int(arg) < 1):
+            raise SpeccompileError(f"--draft {spec!r}: {k.usage} needs a whole number >= 1, e.g. {kind}:8")
         return cls(kind, arg or None)

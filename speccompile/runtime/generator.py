@@ -21,6 +21,7 @@ from speccompile.runtime.context_cache import DEFAULT_CACHE_BYTES, ContextCache,
 from speccompile.runtime.drafters.base import Drafter, Proposal, RuntimeContext
 from speccompile.runtime.drafters.lookup import LookupDrafter, LookupReach, join_lookup
 from speccompile.runtime.engine import Engine
+from speccompile.runtime.sessions import check_threads
 from speccompile.runtime.request import Request, build_request, check_messages, is_batch
 from speccompile.runtime.sampling import SamplingParams, probabilities, sample
 from speccompile.runtime.text_stream import Chunk, TextStream
@@ -96,13 +97,16 @@ class Generator:
         self.lookup = next((d for d in self.drafters.values() if isinstance(d, LookupDrafter)), LookupDrafter())
         self._pending = np.zeros(1, np.int64)  # a plain decode step's one token
         self._lock, self._owner = threading.Lock(), None
+        # the context cache copies K/V rows through host arrays: device caches (--device cuda, TensorRT) go without
+        host_cache = hasattr(self.target.cache, "key")
         self.context_cache = ContextCache(bundle_identity(manifest, f"onnxruntime {ort_version()}"),
                                           cache_parts(self.target.cache, self.drafters.values()), cache_bytes,
-                                          cache_dir=cache_dir) if context_cache else None
+                                          cache_dir=cache_dir) if context_cache and host_cache else None
 
     @classmethod
     def load(cls, bundle_dir: str, threads: int | None = None, device: str = "cpu", verify: bool = True, **cache):
         """cache: the context cache's options (context_cache, cache_bytes, cache_dir)."""
+        check_threads(threads)  # before hashing the bundle
         return cls(bundle_dir, read_manifest(bundle_dir, verify_hashes=verify), threads, device, **cache)
 
     @property

@@ -88,6 +88,8 @@ def pick_drafter(gen, name: str | None) -> Drafter:
 
 def stop_strings(stop) -> tuple[str, ...]:
     """One stop string or several; a bare string is one stop string, not its characters."""
+    if stop is not None and not isinstance(stop, (str, list, tuple)):
+        raise SpeccompileError(f"stop: expected a string or a list of strings, got {stop!r}")
     stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if not all(isinstance(s, str) for s in stop):
         raise SpeccompileError(f"stop: expected strings, got {stop!r}")
@@ -106,9 +108,15 @@ def check_messages(messages) -> list[dict]:
 
 
 def is_batch(prompt) -> bool:
-    """A list of prompts (texts or token-id lists), as opposed to one prompt given as token ids."""
-    return (isinstance(prompt, (list, tuple)) and len(prompt) > 0 and
-            all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt))
+    """A list of prompts (texts or token-id lists), as opposed to one prompt given as token ids. A list of lists
+    of lists is neither: a prompt in a list of prompts must itself be one prompt."""
+    if not (isinstance(prompt, (list, tuple)) and len(prompt) > 0 and
+            all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt)):
+        return False
+    for i, p in enumerate(prompt):
+        if not isinstance(p, str) and any(isinstance(t, (str, list, tuple, np.ndarray)) for t in p):
+            raise SpeccompileError(f"prompt {i} of the list is not one prompt (text or token ids): {str(p)[:80]}")
+    return True
 
 
 def _whole(x) -> bool:

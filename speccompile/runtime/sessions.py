@@ -10,12 +10,24 @@ import onnxruntime as ort
 from speccompile.errors import BundleError, SpeccompileError
 
 NEG_INF = np.float32(-np.inf)
+# onnxruntime starts every intra-op thread it is asked for, at session creation: an absurd count must not reach it
+MAX_THREADS = 256
+
+
+def check_threads(threads) -> None:
+    """threads: None (all cores) or a whole number from 1 to MAX_THREADS."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= MAX_THREADS:
+        raise SpeccompileError(f"threads {threads!r}: must be a whole number from 1 to {MAX_THREADS} "
+                               "(or left unset for all cores)")
 
 
 def session_options(threads: int | None, prepack: bool = True) -> ort.SessionOptions:
     """prepack=False keeps a session's matrices in the memory-mapped weight file, shared with every other session
     that maps it; pre-packing gives the session a private re-laid-out copy, which makes the multi-row products of
     verification much faster on CPU (single-row products gain nothing; docs/results.md has the figures)."""
+    check_threads(threads)
     so = ort.SessionOptions()
     # Workers may spin between the ops of a pass (onnxruntime's default), but stop spinning the moment a pass
     # returns: target and drafters alternate on the same cores, and a finished session's spinning workers would
