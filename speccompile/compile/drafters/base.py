@@ -27,6 +27,7 @@ class BuildOptions:
     backend: str = "onnxruntime"  # or "tensorrt": an engine per model besides the CPU graphs
     head_screen: bool = True  # the target's greedy passes score with the exact int8-screened output head
     draft_precision: str = "int8"  # draft heads' matrices in int8 (speccompile.compile.quantize.int8), or "float32"
+    weights: str = "source"  # the target's matrices: source | float32 | int8 | int4 (quantize/target_weights.py)
 
 
 @dataclasses.dataclass(frozen=True)
