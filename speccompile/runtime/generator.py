@@ -12,8 +12,8 @@ import numpy as np
 
 from speccompile.errors import BundleError, SpeccompileError
 from speccompile.format.bundle import read_manifest, resolve_inside
-from speccompile.format.summary import pass_weight_bytes
 from speccompile.format.drafter_kinds import KINDS
+from speccompile.format.summary import pass_weight_bytes
 from speccompile.format.trees import TreeSpec, depths
 from speccompile.graphs import MAX_STEP_TOKENS, MAX_VERIFY_TOKENS
 from speccompile.runtime.acceptance import (SpecDecodeStats, Verdict, accept_chain_q, accept_greedy, accept_sampled,

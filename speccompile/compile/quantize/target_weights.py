@@ -47,8 +47,9 @@ class WeightReport:
     fallbacks: dict[str, str] = dataclasses.field(default_factory=dict)  # graph matrix -> reason it is float32
 
     def manifest(self) -> dict:
-        return {"option": self.option, "accuracy_level": ACCURACY_LEVEL, "formats": self.formats,
-                "fallbacks": self.fallbacks}
+        packed = any(fmt != "float32" for fmt in self.formats.values())
+        return {"option": self.option, **({"accuracy_level": ACCURACY_LEVEL} if packed else {}),
+                "formats": self.formats, "fallbacks": self.fallbacks}
 
     def summary(self) -> str:
         counts: dict[str, int] = {}
