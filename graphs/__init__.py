@@ -55,6 +55,13 @@ tokens) < node_prob[r], failing outright on a token an earlier sibling had. The 
 of kept nodes; commit its tokens, then accept_token. Greedy, that is `trees.accept_tree_greedy`; sampled, with
 deterministic candidates (q one-hot) it is `trees.accept_tree_sampled`, so the committed tokens are distributed
 exactly as the target's, after temperature and top-k.
+
+weight formats: the contract above holds whatever form the weights take; the manifest's `quantization` records
+each target matrix's (WEIGHT_FORMATS). A packed matrix is a com.microsoft MatMulNBits product (CPU), its weights
+key.nbits4 | key.nbits8 (codes), key.nbits_scales, optional key.nbits_zeros and key.nbits_offsets (a GGUF block's
+minimum: the per-32-block sums of x times them, added), run at the manifest's accuracy_level. Logits of a
+quantized build are those of its quantized weights: speculation is lossless against the same bundle's plain
+decoding, not against a float32 build.
 """
 from __future__ import annotations
 
@@ -65,6 +72,9 @@ MAX_TREE_NODES = MAX_VERIFY_TOKENS - 1  # draft nodes of one tree
 
 DECODER_GRAPH_VERSION = 4  # 4: the exact greedy head (full_logits); 3: attention_bias as wide as the slots in use
 #                            (2: always LMAX); all still run
+# what `quantization.formats` may say of a matrix: float32, a GGUF block type kept as it is stored (joined types
+# as "q4_k+q6_k as 8-bit blocks of 16"), or a block-wise quantization of float weights by `build --weights`
+WEIGHT_FORMATS = ("float32", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k", "int4", "int8")
 VERIFY_DEFAULTS = {"node_parents": [-1], "temperature": [0.0], "top_k": [0], "uniforms": [[0.0, 0.0]],
                    "full_logits": [True]}
 

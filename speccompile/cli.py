@@ -144,15 +144,18 @@ def main(debug):
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
               help="Graphs, weights and KV caches (norms and softmax accumulate in float32): float16 for GPUs, "
                    "bfloat16 for the CUDA provider only.")
+@click.option("--weights", type=click.Choice(["source", "float32", "int8", "int4"]), default="source",
+              show_default=True, help="The target's layer matrices: source keeps a quantized GGUF's blocks (a float "
+              "checkpoint stays float32); int8/int4 quantize them block-wise. Lossy except float32 (and source "
+              "on a float checkpoint); build lists each matrix that stays float32 and why.")
 @_errors_to_exit
 def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, backend, head_screen, draft_precision,
-          dtype):
+          dtype, weights):
     """Compile MODEL (a Hugging Face directory, a .gguf file; default: the embedded SmolLM2-135M-Instruct)."""
     from speccompile.compile.driver import build_bundle
     build_bundle(model, out, list(drafts) or None, max_seq_len=max_seq_len, num_draft=num_draft, attention=attention,
                  fused=attention == "ort", overwrite=force, tree=tree, backend=backend, head_screen=head_screen,
-                 draft_precision=draft_precision, dtype=dtype,
-                 progress=_progress)
+                 draft_precision=draft_precision, dtype=dtype, weights=weights, progress=_progress)
 
 
 @main.command()

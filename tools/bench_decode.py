@@ -1,5 +1,7 @@
 """Decode-speed benchmark: speccompile's compiled decoding (autoregressive and each bundled drafter) against the same
-target run by transformers `generate` and by onnxruntime-genai (greedy, and its n-gram speculative decoding).
+target run by transformers `generate`, by onnxruntime-genai (greedy, and its n-gram speculative decoding) and by
+llama.cpp on the bundle's own GGUF file (greedy, and its prompt-lookup decoding); with --float32-bundle also the
+float32 build of the same model. Also printed: one target pass's time for 1-16 rows, and peak RSS.
 
     python tools/bench_decode.py --bundle /tmp/smol_bundle --json bench.json --plot bench.png
 
@@ -69,6 +71,8 @@ def make_methods(args, gen) -> tuple[dict, list[str]]:
         methods[f"ours:{name}"] = ours(name)
         for tree in args.tree:
             methods[f"ours:{name}+{tree}"] = ours(name, tree)
+    if not args.no_llama_cpp:
+        llama_cpp_methods(args, gen, methods, notes)
     if args.no_transformers and args.no_genai:
         return methods, notes
 
@@ -92,6 +96,56 @@ def make_methods(args, gen) -> tuple[dict, list[str]]:
             notes.append(f"onnxruntime-genai n-gram: set_speculative_options(ngram_size={args.ngram_size}, "
                          f"max_draft_tokens={args.ngram_draft})")
     return methods, notes
+
+
+def llama_cpp_methods(args, gen, methods: dict, notes: list) -> None:
+    """llama.cpp on the bundle's own GGUF file (a bundle built from safetensors has none: skipped, said)."""
+    source = gen.manifest["source"]
+    if source["kind"] != "gguf":
+        notes.append("llama.cpp NOT measured: the bundle was not built from a GGUF file")
+        return
+    greedy = peers.LlamaCppPeer(source["path"], threads=args.threads)
+    lookup = peers.LlamaCppPeer(source["path"], threads=args.threads, prompt_lookup=args.llama_lookup_tokens)
+    methods["llama.cpp"] = lambda ids, n: (greedy.generate(ids, n)[0], {})
+    methods["llama.cpp:prompt_lookup"] = lambda ids, n: (lookup.generate(ids, n)[0], {})
+    notes.append(f"llama.cpp: llama-cpp-python on {os.path.basename(source['path'])}, {args.threads} threads, "
+                 f"greedy; prompt lookup: LlamaPromptLookupDecoding(num_pred_tokens={args.llama_lookup_tokens})")
+
+
+def float32_methods(args, methods: dict, notes: list) -> None:
+    """The float32 build of the same model (--float32-bundle): plain decoding and its first drafter."""
+    import speccompile
+    f32 = speccompile.load(args.float32_bundle, threads=args.threads)
+    for drafter in (None, *f32.drafter_names[:1]):
+        def run(ids, n, drafter=drafter):
+            r = f32.generate(ids, max_new_tokens=n, drafter=drafter, speculate=drafter is not None)
+            return r.token_ids, {"mean_accepted_tokens": r.stats.get("mean_accepted_tokens")}
+        methods[f"float32:{drafter or 'ar'}"] = run
+    notes.append(f"float32:*: the float32 build {args.float32_bundle}")
+
+
+def verify_pass_ms(gen, rows=(1, 2, 4, 8, 16), repeats=15) -> dict:
+    """Median milliseconds of one target pass over R chain rows after a 64-token prefill (greedy head)."""
+    import numpy as np
+    eng, rng, out = gen.target, np.random.default_rng(0), {}
+    eng.cache.truncate(0)
+    eng.forward(rng.integers(0, 1000, 64))
+    for r in rows:
+        times = []
+        for _ in range(repeats):
+            eng.cache.truncate(64)
+            t0 = time.perf_counter()
+            eng.forward(rng.integers(0, 1000, r), full_logits=False)
+            times.append(time.perf_counter() - t0)
+        out[str(r)] = 1e3 * statistics.median(times)
+    eng.cache.truncate(0)
+    return out
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (VmHWM)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def timed(run, ids, n, eos) -> dict:
@@ -209,6 +263,10 @@ def main() -> None:
                     help="also run each drafter verifying this token tree (chain:K, static:FILE, dynamic:N)")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--no-genai", action="store_true")
+    ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp (needs llama-cpp-python)")
+    ap.add_argument("--float32-bundle", help="also decode with this float32 build of the same model")
+    ap.add_argument("--llama-lookup-tokens", type=int, default=10,
+                    help="llama.cpp LlamaPromptLookupDecoding num_pred_tokens")
     ap.add_argument("--pld-tokens", type=int, default=10, help="transformers prompt_lookup_num_tokens")
     ap.add_argument("--ngram-size", type=int, default=2, help="onnxruntime-genai ngram_size")
     ap.add_argument("--ngram-draft", type=int, default=4, help="onnxruntime-genai max_draft_tokens")
@@ -225,7 +283,14 @@ def main() -> None:
     gen = speccompile.load(args.bundle, threads=args.threads)
     eos = set(gen.tokenizer.eos_token_ids)
     prompts = pick_prompts(args.questions, args.limit, gen.encode_chat, gen.max_seq_len - args.max_new_tokens)
+    gen.generate(prompts[0]["ids"], max_new_tokens=args.max_new_tokens)  # ours alone in the process so far
+    memory = {"ours_peak_rss_mib": peak_rss_mib()}
+    verify_ms = verify_pass_ms(gen)
+    log("target pass ms by rows: " + ", ".join(f"{r}: {ms:.2f}" for r, ms in verify_ms.items()) +
+        f"; peak RSS {memory['ours_peak_rss_mib']:.0f} MiB")
     methods, notes = make_methods(args, gen)
+    if args.float32_bundle:
+        float32_methods(args, methods, notes)
     names = list(methods)
 
     log(f"warm-up: {len(names)} methods")
@@ -254,6 +319,10 @@ def main() -> None:
     summary = summarize(names, runs)
     ratios = ratio_matrix(summary, runs)
     print_report(summary, ratios, notes, len(prompts), args)
+    print("target pass ms by rows (R chain rows after a 64-token prefill): " +
+          ", ".join(f"{r}: {ms:.2f}" for r, ms in verify_ms.items()))
+    print(f"peak RSS with only our bundle loaded: {memory['ours_peak_rss_mib']:.0f} MiB "
+          f"(whole run: {peak_rss_mib():.0f} MiB, every method in one process)")
     if args.json_out:
         import onnxruntime
         env = {"python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
@@ -264,6 +333,7 @@ def main() -> None:
                 env[mod] = sys.modules[mod].__version__
         with open(args.json_out, "w") as f:
             json.dump({"args": vars(args), "env": env, "notes": notes, "summary": summary, "ratios": ratios,
+                       "target_pass_ms_by_rows": verify_ms, "memory": memory | {"run_peak_rss_mib": peak_rss_mib()},
                        "prompts": [{k: v for k, v in p.items() if k != "ids"} | {"prompt_tokens": len(p["ids"])}
                                    for p in prompts],
                        # token ids stay out (agreement is in the summary): the file is a record, not a dump

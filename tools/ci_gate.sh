@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# CI performance gate: build the default bundle (the embedded SmolLM2-135M-Instruct with prompt lookup), benchmark
+# CI performance gate: build the default bundle (the embedded SmolLM2-135M-Instruct, its 4-bit GGUF blocks kept
+# as they are stored, with prompt lookup), benchmark
 # it briefly on the shipped prompts, and compare machine-independent figures (paired speedup over autoregressive,
 # mean accepted tokens, acceptance rates) with the committed baseline. Exits 1 on a regression.
 #

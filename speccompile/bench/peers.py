@@ -203,3 +203,32 @@ class GenAIPeer:
         seconds = time.perf_counter() - t0
         self.last_stats = gen.get_speculative_stats() if ngram else {}
         return new, seconds
+
+
+class LlamaCppPeer:
+    """llama.cpp (llama-cpp-python) on the GGUF file itself: its own quantized kernels, greedy (temperature 0),
+    optionally with its prompt-lookup drafting (LlamaPromptLookupDecoding). The prompt ids are speccompile's
+    chat template applied, which is the ChatML template the default GGUF carries. Each call starts from an empty
+    KV cache (llama-cpp-python would otherwise reuse a prefix shared with the previous prompt): prefill included.
+    Its lookup path computes logits for every position (logits_all), so the batch is the whole context: a prompt
+    longer than its default batch would not run."""
+
+    def __init__(self, gguf_path: str, threads: int = 2, n_ctx: int = 2048, prompt_lookup: int = 0):
+        from llama_cpp import Llama
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+        draft = LlamaPromptLookupDecoding(num_pred_tokens=prompt_lookup) if prompt_lookup else None
+        self.llm = Llama(model_path=gguf_path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                         n_batch=n_ctx, n_ubatch=n_ctx if draft else 512, logits_all=draft is not None,
+                         draft_model=draft, verbose=False)
+        self.eos = {self.llm.token_eos()}
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:
+        t0 = time.perf_counter()
+        self.llm.reset()
+        new = []
+        for token in self.llm.generate(prompt_ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
+                                       reset=True):
+            new.append(int(token))
+            if token in self.eos or len(new) >= max_new_tokens:
+                break
+        return new, time.perf_counter() - t0

@@ -17,6 +17,7 @@ class Checkpoint:
     tensors: dict[str, np.ndarray]  # Hugging Face names
     tokenizer_files: dict[str, bytes]  # file name -> content, written into the bundle as they are
     source: dict  # {"kind", "path", "sha256"}
+    stored: dict | None = None  # a GGUF's tensors as stored (compile/gguf.GGUFTensor, quantized blocks), by HF name
 
 
 @dataclasses.dataclass

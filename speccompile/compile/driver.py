@@ -2,7 +2,9 @@
 
   load      source -> Checkpoint                      (sources.load_checkpoint)
   lower     Checkpoint -> graph weights               (lower.lower_weights)
-  quantize  output head -> its int8 screen            (head_screen.quantize_head: exact greedy argmax)
+  quantize  layer matrices -> --weights' format       (target_weights.quantize_target: a GGUF's own blocks, int8,
+                                                      int4 or float32; what stays float32 is named, with why)
+            output head -> its int8 screen            (head_screen.quantize_head: exact greedy argmax)
   graph     weights -> the target's decoder graph     (lower.build_decoder), then each drafter's part from its
             kind's build half (compile/drafters/, found through format.drafter_kinds.KINDS), which lowers and
             quantizes its own weights (int8.quantize_matrices: drafts need not be exact) and emits its graphs
@@ -27,6 +29,7 @@ from speccompile.compile.graph.decoder import build_decoder
 from speccompile.compile.graph.head_screen import screenable
 from speccompile.compile.graph.kv_compact import build_kv_compact
 from speccompile.compile.quantize.head_screen import quantize_head
+from speccompile.compile.quantize.target_weights import WeightReport, check_mode, quantize_target
 from speccompile.compile.weights.decoder import lower_weights
 from speccompile.compile.model_entries import decoder_entry
 from speccompile.compile.precision import apply_precision, check_dtype
@@ -70,10 +73,10 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
         specs = [DraftSpec("mtp")] if shipped_head(target) else []
         specs.append(DraftSpec("lookup"))
     target_w = _lower(target, opts, progress)
-    target_w, screen = _quantize(target.config, target_w, opts, progress)
+    target_w, screen, report = _quantize(target, target_w, opts, progress)
     parts = _graph(target, target_w, screen, specs, tree_spec, opts, progress)
     apply_precision(parts, opts.dtype, progress)
-    manifest = _write(out, target, parts, opts, toolchain, progress)
+    manifest = _write(out, target, parts, opts, toolchain, progress, report)
     progress(f"done in {time.perf_counter() - t0:.1f}s: {len(parts.models)} graph(s), drafters: "
              f"{', '.join(d['name'] for d in parts.drafters) or 'none'}")
     return manifest
@@ -98,6 +101,7 @@ def _backend(opts: BuildOptions) -> tuple[BuildOptions, object]:
 def _check_request(opts: BuildOptions, drafts: list[str] | None) -> tuple[TreeSpec | None, list[DraftSpec]]:
     """The options that need no checkpoint, checked before it is read: the tree, the drafts, their sizes."""
     tree_spec = TreeSpec.parse(opts.tree) if opts.tree else None
+    check_mode(opts.weights)
     if opts.draft_precision not in ("int8", "float32"):
         raise SpeccompileError(f"--draft-precision {opts.draft_precision!r}: choose int8 or float32")
     specs = [s for s in (DraftSpec.parse(d) for d in drafts or ()) if s is not None]
@@ -133,16 +137,25 @@ def _lower(target: Checkpoint, opts: BuildOptions, progress) -> dict:
     return lower_weights(target.config, target.tensors, opts.max_seq_len)
 
 
-def _quantize(cfg: ModelConfig, target_w: dict, opts: BuildOptions, progress) -> tuple[dict, bool]:
-    """Quantize pass: the output head's int8 screen, when the build asks for it and the graphs can run it (fused
-    graphs only: MatMulNBits is onnxruntime's; TensorRT builds are unfused; float32 builds only: its exactness
-    bound is for float32 products). Returns (target.bin, screened)."""
+def _quantize(target: Checkpoint, target_w: dict, opts: BuildOptions, progress) -> tuple[dict, bool, WeightReport]:
+    """Quantize pass: the layer matrices in --weights' format, and the output head's int8 screen when the build
+    asks for it; both only where the graphs can run MatMulNBits (fused graphs: it is onnxruntime's; TensorRT
+    builds are unfused; float32 builds only: the screen's exactness bound is for float32 products).
+    Returns (target.bin, screened, what each matrix became)."""
+    cfg = target.config
+    native = ("the graphs of this build have no MatMulNBits (TensorRT, or unfused)" if not opts.fused else
+              f"--dtype {opts.dtype}: the precision pass converts float weights only" if opts.dtype != "float32"
+              else None)
+    target_w, report = quantize_target(target_w, target.stored, opts.weights, native)
+    progress(f"      quantize: --weights {opts.weights}: {report.summary()}")
+    for name, why in report.fallbacks.items():
+        progress(f"        {name} stays float32: {why}")
     screen = (opts.head_screen and opts.fused and opts.dtype == "float32"
               and screenable(cfg.hidden_size, cfg.vocab_size))
     if screen:
         progress("      quantize: int8 screen of the output head (greedy argmax stays exact)")
         target_w = target_w | quantize_head(target_w.get("lm_head", target_w["embed"]))
-    return target_w, screen
+    return target_w, screen, report
 
 
 def _graph(target: Checkpoint, target_w: dict, screen: bool, specs: list[DraftSpec], tree_spec: TreeSpec | None,
@@ -189,7 +202,8 @@ def _drafter_entry(spec: DraftSpec, tree_spec: TreeSpec | None, opts: BuildOptio
             "tree": tree.to_dict() if tree else None}
 
 
-def _write(out: str, target: Checkpoint, parts: BundleParts, opts: BuildOptions, toolchain, progress) -> dict:
+def _write(out: str, target: Checkpoint, parts: BundleParts, opts: BuildOptions, toolchain, progress,
+           report: WeightReport) -> dict:
     """Write pass: weights, graphs, engines, tokenizer and manifest into `out`, all or nothing."""
     if toolchain:  # before anything is written: every graph needs a TensorRT form
         for name, (g, _) in parts.graphs.items():
@@ -219,6 +233,7 @@ def _write(out: str, target: Checkpoint, parts: BundleParts, opts: BuildOptions,
             "weights": {fname: {n: {k: r[k] for k in ("offset", "length", "dtype", "shape")} for n, r in rs.items()}
                         for fname, rs in refs.items()},
             "drafters": parts.drafters,
+            "quantization": {"file": "target.bin", **report.manifest()},
             "tokenizer": {"dir": "tokenizer", "fingerprint": tokenizer_fingerprint(target.tokenizer_files)},
             "backend": opts.backend,
             "dtype": opts.dtype,

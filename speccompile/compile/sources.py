@@ -178,7 +178,8 @@ def load_gguf(path: str, progress=print) -> Checkpoint:
     digest = sha256_file(path)
     progress(f"dequantizing {os.path.basename(path)} ({config.model_type})")
     tensors = dequantized_tensors(stored, config)
-    return Checkpoint(config, tensors, tokenizer, {"kind": "gguf", "path": os.path.abspath(path), "sha256": digest})
+    return Checkpoint(config, tensors, tokenizer, {"kind": "gguf", "path": os.path.abspath(path), "sha256": digest},
+                      stored)
 
 
 def save_hf_dir(ckpt: Checkpoint, path: str) -> None:

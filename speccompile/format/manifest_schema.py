@@ -86,6 +86,15 @@ MANIFEST_SCHEMA = {
             "properties": {"offset": {"type": "integer", "minimum": 0, "maximum": _BIG},
                            "length": {"type": "integer", "minimum": 0, "maximum": _BIG}}}}},
         "backend": {"enum": ["onnxruntime", "tensorrt"]},
+        # optional (bundles built before it lack it: float32): the format of each target matrix (graphs/__init__.py
+        # WEIGHT FORMATS), and why each one left float32 in a quantized build is
+        "quantization": {"type": "object", "required": ["option", "formats"],
+                         "properties": {"file": _PATH, "option": {"enum": ["source", "float32", "int8", "int4"]},
+                                        "accuracy_level": {"type": "integer", "minimum": 0, "maximum": 4},
+                                        "formats": {"type": "object", "maxProperties": 1 << 16,
+                                                    "additionalProperties": _STRING},
+                                        "fallbacks": {"type": "object", "maxProperties": 1 << 16,
+                                                      "additionalProperties": _STRING}}},
         # optional (bundles built before it was recorded lack it): what onnxruntime must provide to run the graphs
         "runtime": {"type": "object", "required": ["onnxruntime", "op_domains"],
                     "properties": {"onnxruntime": _STRING,

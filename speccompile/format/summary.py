@@ -1,5 +1,8 @@
-"""`speccompile inspect`: a bundle's manifest as readable lines (models, KV cache sizes, drafters, files)."""
+"""`speccompile inspect`: a bundle's manifest as readable lines (models, KV cache sizes, drafters, weight formats and
+the bytes a decode step reads, files)."""
 from __future__ import annotations
+
+import re
 
 
 def describe(bundle: str, m: dict, verified: bool) -> list[str]:
@@ -35,8 +38,57 @@ def describe(bundle: str, m: dict, verified: bool) -> list[str]:
         domains = ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in m["runtime"]["op_domains"].items())
         out.append(f"runtime     built with onnxruntime {m['runtime']['onnxruntime']}; graphs import {domains}")
     target = m["models"]["target"]
+    out += weight_lines(m, target)
     out.append("inputs      " + ", ".join(f"{i['name']}{i['shape']}" for i in target["inputs"][:5]) +
                f", past_key/value.0..{target['num_layers'] - 1}")
     out.append("outputs     " + ", ".join(f"{o['name']}{o['shape']}" for o in target["outputs"][:2]) +
                f", present_key/value.0..{target['num_layers'] - 1}")
+    return out
+
+
+def pass_weight_bytes(manifest: dict, entry: dict, file_bytes: int) -> dict[str, int]:
+    """Weight bytes one pass of the model `entry` reads: "full" (float32 head, the screen's tensors unread) and
+    "screened" (a greedy pass through the exact greedy head: its int8 screen instead of the float32 head, of
+    which it reads only the rescored rows). The weight files' size for bundles that do not list initializers."""
+    names = set(entry.get("initializers", ()))
+    sizes = {n: r["length"] for f in entry["weights"] for n, r in manifest.get("weights", {}).get(f, {}).items()
+             if n in names}
+    if not sizes:
+        return {"full": file_bytes, "screened": file_bytes}
+    screen = sum(v for n, v in sizes.items() if n.startswith("head_screen."))
+    full = sum(sizes.values()) - screen
+    head = sizes.get("lm_head", sizes.get("embed", 0))
+    return {"full": full, "screened": full - head + screen if screen else full}
+
+
+def _layer_ranges(layers: list[int]) -> str:
+    runs, start = [], None
+    for i, n in enumerate(layers):
+        start = n if start is None else start
+        if i + 1 == len(layers) or layers[i + 1] != n + 1:
+            runs.append(f"{start}" if start == n else f"{start}-{n}")
+            start = None
+    return ",".join(runs)
+
+
+def weight_lines(m: dict, target: dict) -> list[str]:
+    """Each target matrix's format (layers grouped: "qkv q4_1 layers 0-29"), why any stayed float32, and the
+    weight bytes one decode step reads."""
+    q = m.get("quantization", {"option": "float32 (built before formats were recorded)", "formats": {}})
+    level = f", MatMulNBits accuracy level {q['accuracy_level']}" if "accuracy_level" in q else ""
+    out = [f"weights     --weights {q['option']}{level}"]
+    groups: dict[tuple[str, str], list[int]] = {}
+    for name, fmt in q["formats"].items():
+        layer = re.match(r"l(\d+)\.(.+)", name)
+        key = (layer.group(2), fmt) if layer else (name, fmt)
+        groups.setdefault(key, []).append(int(layer.group(1)) if layer else -1)
+    for (name, fmt), layers in groups.items():
+        where = f" layers {_layer_ranges(sorted(layers))}" if layers[0] >= 0 else ""
+        out.append(f"            {name:<10} {fmt}{where}")
+    for name, why in q.get("fallbacks", {}).items():
+        out.append(f"            {name} float32: {why}")
+    files = sum(m["files"].get(f, {}).get("bytes", 0) for f in target["weights"])
+    step = pass_weight_bytes(m, target, files)
+    out.append(f"decode step reads {step['screened'] / 2**20:.1f} MiB of weights (greedy, screened head), "
+               f"{step['full'] / 2**20:.1f} MiB with the float32 head (sampling)")
     return out

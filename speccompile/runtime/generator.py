@@ -13,6 +13,7 @@ import numpy as np
 from speccompile.errors import BundleError, SpeccompileError
 from speccompile.format.bundle import read_manifest, resolve_inside
 from speccompile.format.drafter_kinds import KINDS
+from speccompile.format.summary import pass_weight_bytes
 from speccompile.format.trees import TreeSpec, depths
 from speccompile.graphs import MAX_STEP_TOKENS, MAX_VERIFY_TOKENS
 from speccompile.runtime.acceptance import (SpecDecodeStats, Verdict, accept_chain_q, accept_greedy, accept_sampled,
@@ -38,21 +39,6 @@ class GenerationResult:
     token_ids: list[int]
     text: str
     stats: dict  # SpecDecodeStats.as_dict(): timing, passes, acceptance
-
-
-def pass_weight_bytes(manifest: dict, entry: dict, file_bytes: int) -> dict[str, int]:
-    """Weight bytes one pass of the target reads: "full" (float32 head, the screen's tensors unread) and
-    "screened" (a greedy pass through the exact greedy head: its int8 screen instead of the float32 head, of
-    which it reads only the rescored rows). The weight files' size for bundles that do not list initializers."""
-    names = set(entry.get("initializers", ()))
-    sizes = {n: r["length"] for f in entry["weights"] for n, r in manifest.get("weights", {}).get(f, {}).items()
-             if n in names}
-    if not sizes:
-        return {"full": file_bytes, "screened": file_bytes}
-    screen = sum(v for n, v in sizes.items() if n.startswith("head_screen."))
-    full = sum(sizes.values()) - screen
-    head = sizes.get("lm_head", sizes.get("embed", 0))
-    return {"full": full, "screened": full - head + screen if screen else full}
 
 
 def ort_version() -> str:

@@ -1,16 +1,26 @@
-"""Matrix products: float32 MatMul, or onnxruntime's MatMulNBits over int8 weights (speccompile.compile.quantize.int8
-stores them as codes and scales)."""
+"""Matrix products: float32 MatMul, or onnxruntime's MatMulNBits over packed weights: int8 ones
+(speccompile.compile.quantize.int8 stores them as codes and scales) or the n-bit forms of
+speccompile.compile.quantize.nbits (a GGUF's own blocks, or `build --weights int4|int8`)."""
 from __future__ import annotations
 
 from speccompile.compile.quantize.int8 import BLOCK, SUFFIX_CODES, SUFFIX_SCALES
+from speccompile.compile.quantize.nbits import nbits_product, stored_bits
+from speccompile.compile.quantize.target_weights import ACCURACY_LEVEL
 from speccompile.graphs.builder import GraphBuilder
 
 
+def has_matrix(W: dict[str, str], key: str) -> bool:
+    """Whether matrix `key` is among the weights W in any of its forms."""
+    return key in W or key + SUFFIX_CODES in W or stored_bits(W, key) is not None
+
+
 def matmul(g: GraphBuilder, x: str, W: dict[str, str], key: str) -> str:
-    """x @ W[key] (x [..., K]): MatMulNBits when the weight is stored as int8, else MatMul."""
-    if key + SUFFIX_CODES not in W:
-        return g.op("MatMul", [x, W[key]])[0]
-    return int8_product(g, x, W[key + SUFFIX_CODES], W[key + SUFFIX_SCALES])
+    """x @ W[key] (x [..., K]): MatMulNBits when the weight is stored packed, else MatMul."""
+    if key + SUFFIX_CODES in W:
+        return int8_product(g, x, W[key + SUFFIX_CODES], W[key + SUFFIX_SCALES])
+    if stored_bits(W, key) is not None:
+        return nbits_product(g, x, W, key, ACCURACY_LEVEL)
+    return g.op("MatMul", [x, W[key]])[0]
 
 
 def int8_product(g: GraphBuilder, x: str, codes: str, scales: str, output: str | None = None) -> str:

@@ -1,8 +1,7 @@
 """The gated MLP: down(act(gate x) * up x), act SiLU (SwiGLU) or tanh-approximated GELU (Gemma's GeGLU)."""
 from __future__ import annotations
 
-from speccompile.compile.graph.linear import matmul
-from speccompile.compile.quantize.int8 import SUFFIX_CODES
+from speccompile.compile.graph.linear import has_matrix, matmul
 from speccompile.graphs.builder import GraphBuilder
 
 
@@ -19,8 +18,8 @@ def fused_gate_up(g: GraphBuilder, x: str, gate_up: str, act: str = "silu") -> s
 
 
 def swiglu_mlp(g: GraphBuilder, W: dict[str, str], p: str, x: str, act: str = "silu") -> str:
-    """Weights p + gate, up, down (float32 or int8), or p + gate_up, down."""
-    if p + "gate" in W or p + "gate" + SUFFIX_CODES in W:
+    """Weights p + gate, up, down (float32 or packed), or p + gate_up, down."""
+    if has_matrix(W, p + "gate"):
         # a target keeps gate and up as two matrices: splitting the fused product costs a Split node per layer,
         # slower on CPU
         a = gated_silu(g, matmul(g, x, W, p + "gate"), matmul(g, x, W, p + "up"), act)

@@ -30,6 +30,15 @@ from speccompile.graphs.builder import GraphBuilder
 SUPPORTED = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 
 
+# A packed matrix `key` is stored as these weights (the graph finds its form by name: linear.matmul):
+#   key.nbits4 | key.nbits8   uint8 codes [N, K / block, block * bits / 8]; the block size follows from the shape
+#   key.nbits_scales          float32 [N, K / block]
+#   key.nbits_zeros           uint8 zero points (optional; 4-bit ones two per byte, [N, ceil(K / block / 2)])
+#   key.nbits_offsets         float32 [K / 32, N] (optional): the per-32-block-sum product below
+CODES = {4: ".nbits4", 8: ".nbits8"}
+SCALES, ZEROS, OFFSETS = ".nbits_scales", ".nbits_zeros", ".nbits_offsets"
+
+
 @dataclasses.dataclass
 class PackedMatrix:
     """A [N, K] weight as MatMulNBits inputs (rows = outputs), plus the additive per-block term if any."""
@@ -38,22 +47,37 @@ class PackedMatrix:
     codes: np.ndarray  # uint8 [N, K / block_size, block_size * bits / 8]
     scales: np.ndarray  # float32 [N, K / block_size]
     offsets: np.ndarray | None = None  # float32 [K / 32, N]: added (sum of x over each 32-block) @ offsets
+    zero_points: np.ndarray | None = None  # uint8, MatMulNBits' layout (4-bit: two per byte); None: the centre
 
     @property
     def shape(self) -> tuple[int, int]:
         n, blocks, _ = self.codes.shape
         return n, blocks * self.block_size
 
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.weights("").values())
+
     def weights(self, name: str) -> dict[str, np.ndarray]:
-        """The arrays to store, under the names emit_nbits_matmul gives them."""
-        out = {f"{name}.nbits": self.codes, f"{name}.nbits_scales": self.scales}
-        return out | ({f"{name}.nbits_offsets": self.offsets} if self.offsets is not None else {})
+        """The arrays to store, under the names emit_nbits_matmul and linear.matmul read."""
+        out = {name + CODES[self.bits]: self.codes, name + SCALES: self.scales}
+        if self.zero_points is not None:
+            out[name + ZEROS] = self.zero_points
+        return out | ({name + OFFSETS: self.offsets} if self.offsets is not None else {})
+
+    def zero_point_values(self) -> np.ndarray:
+        """[N, K / block] zero points as numbers."""
+        n, blocks, _ = self.codes.shape
+        if self.zero_points is None:
+            return np.full((n, blocks), 2 ** (self.bits - 1), np.float32)
+        z = unpack_nibbles(self.zero_points) if self.bits == 4 else self.zero_points
+        return z.reshape(n, -1)[:, :blocks].astype(np.float32)
 
     def dequantize(self) -> np.ndarray:
         """W [N, K] float32 as MatMulNBits (plus the offset term) reads it: for tests and fallbacks."""
         n, k = self.shape
         q = unpack_nibbles(self.codes) if self.bits == 4 else self.codes
-        w = (q.astype(np.float32) - 2 ** (self.bits - 1)) * self.scales[..., None]
+        w = (q.astype(np.float32) - self.zero_point_values()[..., None]) * self.scales[..., None]
         w = w.reshape(n, k)
         if self.offsets is not None:
             w = w + np.repeat(self.offsets.T, 32, axis=1)
@@ -183,17 +207,58 @@ def emit_nbits_matmul(g: GraphBuilder, x: str, packed: PackedMatrix, name: str, 
     """y = x @ W^T (x [..., K], y [..., N]) for the packed W, its arrays registered as weights under `name`
     (store packed.weights(name)). accuracy_level 4 quantizes x to int8 per block (the fast kernel); 0 computes in
     float32."""
-    n, k = packed.shape
-    names = list(packed.weights(name))
-    for key, array in packed.weights(name).items():
-        g.weight(key, array)
-    y = g.op("MatMulNBits", [x, names[0], names[1]], domain="com.microsoft", K=k, N=n, bits=packed.bits,
-             block_size=packed.block_size, accuracy_level=accuracy_level)[0]
-    if packed.offsets is None:
+    W = {key: g.weight(key, array) for key, array in packed.weights(name).items()}
+    return nbits_product(g, x, W, name, accuracy_level)
+
+
+def stored_bits(W, key: str) -> int | None:
+    """The bits of matrix `key` if it is stored packed among the weight names W, else None."""
+    return next((bits for bits, suffix in CODES.items() if key + suffix in W), None)
+
+
+def nbits_product(g: GraphBuilder, x: str, W: dict[str, str], key: str, accuracy_level: int = 4,
+                  output: str | None = None) -> str:
+    """x @ W^T for the packed matrix stored under `key` (the weight names above, registered in g)."""
+    bits = stored_bits(W, key)
+    n, blocks, blob = g.weights[W[key + CODES[bits]]][0]
+    block = blob * 8 // bits
+    k = blocks * block
+    inputs = [x, W[key + CODES[bits]], W[key + SCALES]] + ([W[key + ZEROS]] if key + ZEROS in W else [])
+    y = g.op("MatMulNBits", inputs, outputs=[output] if output and key + OFFSETS not in W else None,
+             domain="com.microsoft", K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level)[0]
+    if key + OFFSETS not in W:
         return y
     # x's leading dims, then [K/32, 32]: sums over each 32-block whatever x's rank
     lead = g.op("Slice", [g.op("Shape", [x])[0], g.const(np.array([0], np.int64)),
                           g.const(np.array([-1], np.int64))])[0]
     blocked = g.op("Reshape", [x, g.op("Concat", [lead, g.const(np.array([k // 32, 32], np.int64))], axis=0)[0]])[0]
     sums = g.op("ReduceSum", [blocked, g.const(np.array([-1], np.int64))], keepdims=0)[0]
-    return g.op("Add", [y, g.op("MatMul", [sums, names[2]])[0]])[0]
+    return g.op("Add", [y, g.op("MatMul", [sums, W[key + OFFSETS]])[0]], outputs=[output] if output else None)[0]
+
+
+def _widened(p: PackedMatrix, bits: int, block: int) -> PackedMatrix:
+    """The same weight with wider codes and/or smaller blocks, exactly: 4-bit codes centred at 8 become 8-bit
+    codes centred at 128; a block splits into blocks of `block` sharing its scale."""
+    if p.zero_points is not None:
+        raise ValueError("only matrices without zero points are widened")
+    codes = p.codes
+    if bits != p.bits:
+        codes = unpack_nibbles(codes) + np.uint8(120)
+    n, blocks, _ = codes.shape
+    split = p.block_size // block
+    codes = codes.reshape(n, blocks * split, -1)
+    return PackedMatrix(bits, block, np.ascontiguousarray(codes), np.repeat(p.scales, split, axis=1), p.offsets)
+
+
+def join_rows(parts: list[PackedMatrix]) -> PackedMatrix:
+    """Matrices with the same K stacked along N (q, k and v as one product), exactly. Parts of different formats
+    are first widened to a common one (8 bits, the smallest block)."""
+    bits = max(p.bits for p in parts) if len({p.bits for p in parts}) == 1 else 8
+    block = min(p.block_size for p in parts)
+    parts = [p if (p.bits, p.block_size) == (bits, block) else _widened(p, bits, block) for p in parts]
+    offsets = None
+    if any(p.offsets is not None for p in parts):
+        offsets = np.concatenate([p.offsets if p.offsets is not None else
+                                  np.zeros((p.shape[1] // 32, p.shape[0]), np.float32) for p in parts], axis=1)
+    return PackedMatrix(bits, block, np.concatenate([p.codes for p in parts]),
+                        np.concatenate([p.scales for p in parts]), offsets)

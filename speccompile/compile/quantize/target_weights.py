@@ -1,0 +1,131 @@
+"""The quantize pass over the target's matrices: `build --weights source|float32|int8|int4`.
+
+  source   a quantized GGUF keeps its blocks: each layer matrix becomes MatMulNBits inputs computing exactly the
+           file's dequantized weight (quantize/nbits.py); a float checkpoint stays float32
+  float32  every matrix float32 (dequantized, for a GGUF)
+  int8     float weights block-quantized (blocks of 32 along K, a scale and a uint8 zero point per block) by
+  int4     onnxruntime's own block quantizer, the one its MatMulNBitsQuantizer calls
+
+Every matrix that stays float32 in a quantized build is named with the reason (build output and manifest). The
+output head is not quantized here: the exact greedy head's int8 screen (quantize/head_screen.py) covers it.
+
+The products run at ACCURACY_LEVEL 0: float32 arithmetic on the dequantized blocks, so a GGUF's matrices give its
+float reference within float32 rounding. Level 4 (x rounded to int8 per block, integer products) is faster, but
+rounding x is discontinuous: the last-ulp differences a verify pass of several rows has from a one-row pass (the
+attention kernel's summation order) flip some roundings, which then grow through the layers into different greedy
+tokens, and speculative output would no longer equal the bundle's own plain decoding (docs/results.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+from speccompile.compile.quantize.nbits import SUPPORTED, PackedMatrix, join_rows, pack_gguf_matrix
+from speccompile.compile.weights.names import layer_of
+from speccompile.errors import SpeccompileError
+
+MODES = ("source", "float32", "int8", "int4")
+ACCURACY_LEVEL = 0
+BLOCK = 32
+FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
+
+# a dense layer's graph matrix (l{i}.<name>) -> the Hugging Face tensors stacked along its outputs
+DENSE_MATRICES = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
+                  "gate": ("mlp.gate_proj",), "up": ("mlp.up_proj",), "down": ("mlp.down_proj",)}
+HEAD_REASON = "the output head: its exact greedy int8 screen reads a quantized copy, rescoring float32 rows"
+EMBED_REASON = "the embedding: a decode step gathers one row of it"
+
+
+@dataclasses.dataclass
+class WeightReport:
+    """What the pass did: each matrix's format, and why each one that stays float32 does."""
+    option: str
+    formats: dict[str, str] = dataclasses.field(default_factory=dict)  # graph matrix -> format
+    fallbacks: dict[str, str] = dataclasses.field(default_factory=dict)  # graph matrix -> reason it is float32
+
+    def manifest(self) -> dict:
+        packed = any(fmt != "float32" for fmt in self.formats.values())
+        return {"option": self.option, **({"accuracy_level": ACCURACY_LEVEL} if packed else {}),
+                "formats": self.formats, "fallbacks": self.fallbacks}
+
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for fmt in self.formats.values():
+            counts[fmt] = counts.get(fmt, 0) + 1
+        return ", ".join(f"{n} {fmt}" for fmt, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise SpeccompileError(f"--weights {mode!r}: choose {', '.join(MODES)}")
+
+
+def quantize_target(weights: dict[str, np.ndarray], stored: dict | None, mode: str,
+                    native: str | None = None) -> tuple[dict[str, np.ndarray], WeightReport]:
+    """The lowered target weights with its layer matrices in `mode`'s format. stored: a GGUF's tensors as stored
+    (compile/gguf.GGUFTensor by Hugging Face name), None for a float checkpoint. native: why the graphs cannot run
+    MatMulNBits (e.g. a TensorRT build), None when they can."""
+    check_mode(mode)
+    out, report = dict(weights), WeightReport(mode)
+    for key, w in weights.items():
+        if key in ("embed", "lm_head"):
+            report.formats[key] = "float32"
+            if mode != "float32":
+                report.fallbacks[key] = EMBED_REASON if key == "embed" and "lm_head" in weights else HEAD_REASON
+        elif layer_of(key) is not None and np.ndim(w) >= 2:
+            report.formats[key] = "float32"
+            packed, reason = _matrix(key, w, stored, mode, native)
+            if packed is not None:
+                del out[key]
+                out |= packed.weights(key)
+                report.formats[key] = reason
+            elif reason:
+                report.fallbacks[key] = reason
+    return out, report
+
+
+def _matrix(key: str, w: np.ndarray, stored: dict | None, mode: str,
+            native: str | None) -> tuple[PackedMatrix | None, str | None]:
+    """(packed, its format) or (None, why it stays float32; None when float32 is what was asked)."""
+    if mode == "float32" or (mode == "source" and stored is None):
+        return None, None
+    name = key.split(".", 1)[1]
+    if name not in DENSE_MATRICES or w.ndim != 2:
+        return None, f"{name} matrices ({'x'.join(map(str, w.shape))}) have no quantized lowering yet"
+    if native:
+        return None, native
+    if mode == "source":
+        return _from_gguf(key, name, stored)
+    if w.shape[0] % BLOCK:
+        return None, f"its input size {w.shape[0]} is not a multiple of {BLOCK}"
+    return quantize_float(w, 4 if mode == "int4" else 8), mode
+
+
+def _from_gguf(key: str, name: str, stored: dict) -> tuple[PackedMatrix | None, str]:
+    prefix = f"model.layers.{layer_of(key)}."
+    tensors = [stored[f"{prefix}{hf}.weight"] for hf in DENSE_MATRICES[name]]
+    types = sorted({t.ggml_type for t in tensors}, key=lambda t: t.name)
+    for t in types:
+        if t in FLOAT_TYPES:
+            return None, f"stored as {t.name} in the source (a float format)"
+        if t not in SUPPORTED:
+            return None, f"{t.name} blocks have no exact MatMulNBits form (dequantized to float32)"
+    packed = join_rows([pack_gguf_matrix(t.raw, t.ggml_type, t.shape) for t in tensors])
+    fmt = "+".join(t.name.lower() for t in types)
+    return packed, fmt if len(types) == 1 else f"{fmt} as {packed.bits}-bit blocks of {packed.block_size}"
+
+
+def quantize_float(w_kn: np.ndarray, bits: int) -> PackedMatrix:
+    """A float matrix [K, N] (as MatMul multiplies x @ W) -> asymmetric blocks of BLOCK along K with uint8 zero
+    points (onnxruntime's fastest MatMulNBits kernel), by onnxruntime's block quantizer."""
+    k, n = w_kn.shape
+    blocks = k // BLOCK
+    codes = np.zeros((n, blocks, BLOCK * bits // 8), np.uint8)
+    scales = np.zeros((n, blocks), np.float32)
+    zeros = np.zeros((n, (blocks + 1) // 2 if bits == 4 else blocks), np.uint8)
+    quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    quantize(codes, np.ascontiguousarray(w_kn, np.float32), scales, zeros, BLOCK, n, k, False)
+    return PackedMatrix(bits, BLOCK, codes, scales, zero_points=zeros)
