@@ -12,6 +12,7 @@ import traceback
 import click
 
 from speccompile.errors import SpeccompileError
+from speccompile.graphs import DEFAULT_MAX_BATCH
 
 
 def _progress(msg: str) -> None:
@@ -120,13 +121,17 @@ def main(debug):
 @click.option("--draft-precision", type=click.Choice(["int8", "float32"]), default="int8", show_default=True,
               help="Weights of MTP draft heads: int8 reads a quarter of the bytes per drafting pass (drafts need not "
                    "be exact: the target verifies them).")
+@click.option("--max-batch", type=int, default=DEFAULT_MAX_BATCH, show_default=True,
+              help="Sequence slots of the batched target graph that concurrent requests share passes through "
+                   "(1: none; dense models with ort attention).")
 @_errors_to_exit
-def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, backend, head_screen, draft_precision):
+def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, backend, head_screen, draft_precision,
+          max_batch):
     """Compile MODEL (a Hugging Face directory, a .gguf file; default: the embedded SmolLM2-135M-Instruct)."""
     from speccompile.compile.driver import build_bundle
     build_bundle(model, out, list(drafts) or None, max_seq_len=max_seq_len, num_draft=num_draft, attention=attention,
                  fused=attention == "ort", overwrite=force, tree=tree, backend=backend, head_screen=head_screen,
-                 draft_precision=draft_precision,
+                 draft_precision=draft_precision, max_batch=max_batch,
                  progress=_progress)
 
 

@@ -70,7 +70,8 @@ def providers_for(device: str) -> list[str]:
 
 class Engine:
     def __init__(self, bundle_dir: str, entry: dict, threads: int | None = None, device: str = "cpu",
-                 max_rows: int = 64, prepack: bool = True):
+                 max_rows: int = 64, prepack: bool = True, cache: KVCache | None = None):
+        """cache: the KV cache to bind (a slot of a batched cache, KVCache.slot); by default one of its own."""
         self.entry = entry
         cfg = entry["config"]
         kv = entry["kv_cache"]
@@ -81,7 +82,7 @@ class Engine:
         path = resolve_inside(bundle_dir, entry["graph"])
         providers = providers_for(device)
         self.session = open_session(path, session_options(threads, prepack), providers)
-        self.cache = KVCache(self.num_layers, kv["num_kv_heads"], self.max_seq_len, kv["head_dim"])
+        self.cache = cache or KVCache(self.num_layers, kv["num_kv_heads"], self.max_seq_len, kv["head_dim"])
         # a graph with the verify extension (speccompile.graphs) accepts drafts itself (`verify`); the generator
         # uses it while `verifies` is true (set it false to compare with acceptance on the host)
         self.verifies = "accept_node" in {o.name for o in self.session.get_outputs()}

@@ -9,12 +9,27 @@ import numpy as np
 
 
 class KVCache:
-    def __init__(self, num_layers: int, num_kv_heads: int, max_seq_len: int, head_dim: int):
-        shape = (num_layers, 1, num_kv_heads, max_seq_len, head_dim)
-        self.key = np.zeros(shape, np.float32)
-        self.value = np.zeros(shape, np.float32)
+    """K and V per layer, [num_layers, batch, num_kv_heads, max_seq_len, head_dim]: batch sequence slots (a batched
+    graph's cache, runtime/batch_engine.py), each with its own committed length in its `slot` view."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, max_seq_len: int, head_dim: int, batch: int = 1,
+                 arrays: tuple[np.ndarray, np.ndarray] | None = None):
+        shape = (num_layers, batch, num_kv_heads, max_seq_len, head_dim)
+        # np.zeros maps zero pages lazily: slots never used cost no memory
+        self.key, self.value = arrays if arrays is not None else (np.zeros(shape, np.float32),
+                                                                  np.zeros(shape, np.float32))
         self.max_seq_len = max_seq_len
-        self.length = 0  # committed tokens whose K/V are valid
+        self.length = 0  # committed tokens whose K/V are valid (of slot 0 where batch > 1: see `slot`)
+
+    @property
+    def batch(self) -> int:
+        return self.key.shape[1]
+
+    def slot(self, b: int) -> "KVCache":
+        """Slot b as a one-sequence cache sharing this one's memory, with a length of its own (an engine bound to
+        it writes into slot b of the batched cache)."""
+        return KVCache(self.key.shape[0], self.key.shape[2], self.max_seq_len, self.key.shape[4],
+                       arrays=(self.key[:, b:b + 1], self.value[:, b:b + 1]))
 
     @property
     def nbytes(self) -> int:

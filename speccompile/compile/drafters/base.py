@@ -9,6 +9,7 @@ import numpy as np
 
 from speccompile.compile.checkpoint import Checkpoint
 from speccompile.compile.config import ModelConfig
+from speccompile.graphs import DEFAULT_MAX_BATCH
 from speccompile.graphs.builder import GraphBuilder
 
 Graph = tuple[GraphBuilder, list[str]]  # a graph and the weight files its initializers live in
@@ -27,6 +28,7 @@ class BuildOptions:
     backend: str = "onnxruntime"  # or "tensorrt": an engine per model besides the CPU graphs
     head_screen: bool = True  # the target's greedy passes score with the exact int8-screened output head
     draft_precision: str = "int8"  # draft heads' matrices in int8 (speccompile.compile.quantize.int8), or "float32"
+    max_batch: int = DEFAULT_MAX_BATCH  # sequence slots of the batched target graph (1: none)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,9 +19,9 @@ def total_length(g: GraphBuilder) -> str:
 
 
 def grouped_query_attention(g: GraphBuilder, cfg: ModelConfig, W: dict[str, str], p: str, x: str, layer: int,
-                            lowering: str, total_len: str, rope: tuple[str, str]) -> str:
-    """Layer `layer`'s attention (weights p + qkv, qkv_bias, o) on x [1, S, H_in]; returns the o_proj output.
-    rope: the (cos, sin) tables."""
+                            lowering: str, total_len: str, rope: tuple[str, str], query_seqlens: str = "") -> str:
+    """Layer `layer`'s attention (weights p + qkv, qkv_bias, o) on x [1, S, H_in] ([N, S, H_in] in a batched
+    graph, whose input query_seqlens is passed); returns the o_proj output. rope: the (cos, sin) tables."""
     qkv = matmul(g, x, W, p + "qkv")
     if cfg.qkv_bias:
         qkv = g.op("Add", [qkv, W[p + "qkv_bias"]])[0]
@@ -29,5 +29,6 @@ def grouped_query_attention(g: GraphBuilder, cfg: ModelConfig, W: dict[str, str]
         g, lowering, qkv, f"past_key.{layer}", f"past_value.{layer}", f"present_key.{layer}",
         f"present_value.{layer}", seqlens_k="seqlens_k", total_len=total_len, cos=rope[0], sin=rope[1],
         position_ids="position_ids", attention_bias="attention_bias",
-        num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim)
+        num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+        query_seqlens=query_seqlens)
     return matmul(g, a, W, p + "o")

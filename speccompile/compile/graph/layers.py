@@ -27,6 +27,7 @@ class Stack:
     norm: RMSNorm
     attention: str
     total_len: str
+    query_seqlens: str = ""  # batched graphs: each sequence's real rows (speccompile.graphs, batched form)
 
 
 def open_graph(name: str, cfg: ModelConfig, signature, weights: dict[str, np.ndarray], keep: Callable[[str], bool],
@@ -37,7 +38,9 @@ def open_graph(name: str, cfg: ModelConfig, signature, weights: dict[str, np.nda
     for n, dt, shape in signature[0]:
         g.input(n, dt, shape, np.array(VERIFY_DEFAULTS[n], dt) if n in VERIFY_DEFAULTS else None)
     W = {k: g.weight(k, v) for k, v in weights.items() if keep(k)}
-    return Stack(g, cfg, W, RMSNorm(g, cfg.rms_norm_eps, fused), attention, total_length(g))
+    batched = "query_seqlens" in (n for n, _, _ in signature[0])
+    return Stack(g, cfg, W, RMSNorm(g, cfg.rms_norm_eps, fused), attention, total_length(g),
+                 "query_seqlens" if batched else "")
 
 
 def close_graph(s: Stack, signature) -> GraphBuilder:
@@ -70,7 +73,7 @@ def decoder_layer(s: Stack, prefix: str, i: int, x: str, h: str) -> tuple[str, s
         a = latent_attention(g, cfg, W, p, x, i, s.norm, s.total_len, cfg.mla_cache)
     else:
         rope = (W.get(prefix + "rope.cos", W["rope.cos"]), W.get(prefix + "rope.sin", W["rope.sin"]))
-        a = grouped_query_attention(g, cfg, W, p, x, i, s.attention, s.total_len, rope)
+        a = grouped_query_attention(g, cfg, W, p, x, i, s.attention, s.total_len, rope, s.query_seqlens)
     x, h = s.norm.add(a, h, W[p + "mlp_norm"])
     m = mixture_of_experts(g, cfg, W, p, x) if p + "experts.gate_up" in W else swiglu_mlp(g, W, p, x)
     return m, h
