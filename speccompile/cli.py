@@ -208,6 +208,12 @@ def _csv(value: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
 
 
+def _ints(option: str, value: str | None) -> list[int]:
+    if not all(v.isdigit() for v in _csv(value)):
+        raise SpeccompileError(f"{option} {value!r}: expected whole numbers, comma-separated")
+    return [int(v) for v in _csv(value)]
+
+
 @main.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--dataset", type=click.Path(), default=None,
@@ -225,9 +231,12 @@ def _csv(value: str | None) -> tuple[str, ...]:
 @click.option("--plot", "plot_out", type=click.Path(), default=None, help="Write a PNG of three panels here.")
 @click.option("--compare-transformers", is_flag=True,
               help="Also run the same target (and drafting) through transformers generate.")
+@click.option("--streams", default=None, help="Concurrency mode: serve --stream-requests prompts one after another, "
+              "then with each of these numbers of concurrent streams (comma-separated, e.g. 1,2,4,8).")
+@click.option("--stream-requests", default=8, show_default=True, help="Requests the concurrency mode serves.")
 @_errors_to_exit
 def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, repeats, threads, json_out, plot_out,
-          compare_transformers):
+          compare_transformers, streams, stream_requests):
     """Benchmark BUNDLE: speculative against autoregressive decoding, per prompt category."""
     from speccompile.bench.plot import plot
     from speccompile.bench.report import format_table, write_json
@@ -235,12 +244,16 @@ def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, re
     from speccompile.bench.settings import BenchSettings
     settings = BenchSettings(dataset=dataset, categories=_csv(categories), limit=limit,
                              max_new_tokens=max_new_tokens, drafters=tuple(drafters), tree=tree, repeats=repeats,
-                             threads=threads, compare_transformers=compare_transformers)
+                             threads=threads, compare_transformers=compare_transformers,
+                             streams=tuple(_ints("--streams", streams)), stream_requests=stream_requests)
     benchmark = Benchmark(bundle, settings, log=_progress)
     with click.progressbar(length=benchmark.total_runs, label="decoding", file=sys.stderr, show_pos=True,
                            item_show_func=lambda label: label) as bar:
         result = benchmark.run(on_run=lambda label: bar.update(1, label))
     click.echo(format_table(result))
+    if "concurrency" in result:
+        from speccompile.bench.concurrency import format_concurrency
+        click.echo(format_concurrency(result["concurrency"]))
     if json_out:
         write_json(result, json_out)
         _progress(f"wrote {json_out}")
@@ -256,16 +269,17 @@ def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, re
               help="Largest allowed drop of a gated figure, as a fraction of its baseline.")
 @click.option("--min-speedup", default=None, help="Floor for every drafter's overall speedup.")
 @click.option("--min-accepted", default=None, help="Floor for every drafter's mean accepted tokens.")
+@click.option("--min-concurrency", default=None, help="Floor for 4 streams' tokens/s over one after another.")
 @_errors_to_exit
-def gate(result, baseline, max_regression, min_speedup, min_accepted):
+def gate(result, baseline, max_regression, min_speedup, min_accepted, min_concurrency):
     """Fail (exit 1) if RESULT regresses against BASELINE on machine-independent figures.
 
     Thresholds must be finite numbers >= 0; figures that are missing, not numbers, NaN or infinite (in either file)
     are refused with exit 2, never passed."""
     from speccompile.bench.gate import check_thresholds, format_rows, run_gate
     # Parsed here, not by click, so that a bad value gives the one `error:` line every other bad input gives.
-    max_regression, min_speedup, min_accepted = check_thresholds(max_regression, min_speedup, min_accepted)
-    rows, notes = run_gate(result, baseline, max_regression, min_speedup, min_accepted)
+    max_regression, *floors = check_thresholds(max_regression, min_speedup, min_accepted, min_concurrency)
+    rows, notes = run_gate(result, baseline, max_regression, *floors)
     click.echo(format_rows(rows))
     for note in notes:
         click.echo(f"note: {note}")

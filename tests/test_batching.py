@@ -2,6 +2,7 @@
 concurrent greedy output equals solo output (every drafter kind), sampled output keeps the target's distribution
 and its seed, a long prompt joins in chunks between the others' passes, and a request that leaves frees its slot."""
 import collections
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -210,3 +211,35 @@ def test_without_a_batched_graph_calls_are_serialized(tmp_path):
     first.close()
     prompts = random_prompts(2)
     assert [r.token_ids for r in g.generate(prompts, 6)] == [g.generate(q, 6).token_ids for q in prompts]
+
+
+def test_bench_concurrency_mode(tiny_bundle):
+    """bench --streams: the same requests one after another and by N streams, identical tokens, percentiles."""
+    from speccompile.bench.concurrency import format_concurrency, measure_concurrency
+    g = speccompile.load(tiny_bundle, threads=1)
+    prompts = [{"ids": p} for p in random_prompts(4, seed=50)]
+    section = measure_concurrency(g, prompts, 12, (1, 2, 4), 4, "lookup")
+    assert section["requests"] == 4 and section["batched_graph"]
+    for n, run in section["streams"].items():
+        assert run["identical"] and run["new_tokens"] == section["sequential"]["new_tokens"]
+        assert run["ttft_s"]["p50"] <= run["ttft_s"]["p90"] <= run["ttft_s"]["p99"]
+        assert run["speedup_vs_sequential"] > 0
+    assert "identical" in format_concurrency(section)
+    with pytest.raises(SpeccompileError, match="at least 1"):
+        measure_concurrency(g, prompts, 12, (0,), 4, None)
+
+
+def test_gate_holds_the_concurrency_ratio(tmp_path):
+    from test_gate import gate, refused, result_doc
+    doc = result_doc()
+    doc["concurrency"] = {"streams": {"1": {"speedup_vs_sequential": 1.0, "identical": True},
+                                      "4": {"speedup_vs_sequential": 2.1, "identical": True}}}
+    out = gate(tmp_path, doc, result_doc(), "--min-concurrency", 1.5, expect=0)  # a baseline without the section
+    assert "concurrency 4 streams" in out
+    slow = json.loads(json.dumps(doc))
+    slow["concurrency"]["streams"]["4"]["speedup_vs_sequential"] = 1.2
+    assert "gate FAILED: concurrency 4 streams" in gate(tmp_path, slow, doc, "--min-concurrency", 1.5, expect=1)
+    wrong = json.loads(json.dumps(doc))
+    wrong["concurrency"]["streams"]["4"]["identical"] = False
+    assert "gate FAILED: concurrency identical" in gate(tmp_path, wrong, doc, expect=1)
+    assert "no 'concurrency 4 streams'" in refused(tmp_path, result_doc(), result_doc(), "--min-concurrency", 1.5)
