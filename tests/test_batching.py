@@ -97,6 +97,25 @@ def test_concurrent_greedy_with_mtp_head(tmp_path):
     assert got == solo
 
 
+def test_concurrent_greedy_with_eagle_heads(tmp_path):
+    """EAGLE-1 and EAGLE-3 heads read the batched pass's aux_hidden_states rows of their own slot."""
+    pytest.importorskip("safetensors.numpy")
+    from test_eagle import eagle1_head, eagle3_config, eagle3_head, write_head
+    target = load_checkpoint("tiny:llama")
+    e1 = write_head(tmp_path / "e1", eagle1_head(target, repeat=True))
+    e3 = write_head(tmp_path / "e3", eagle3_head(target, repeat=True), eagle3_config(target))
+    build_bundle("tiny:llama", str(tmp_path / "b"), drafts=[f"eagle:{e1}", f"eagle3:{e3}"], max_seq_len=256,
+                 num_draft=3, progress=quiet)
+    g = speccompile.load(str(tmp_path / "b"), threads=1)
+    prompts = random_prompts(4, seed=9)
+    jobs = [dict(drafter="eagle"), dict(drafter="eagle3"), dict(drafter="eagle", tree="dynamic:4"),
+            dict(drafter="eagle3", tree="dynamic:4")]
+    solo = [g.generate(p, 20, **kw).token_ids for p, kw in zip(prompts, jobs)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: g.generate(prompts[i], 20, **jobs[i]).token_ids, range(4)))
+    assert got == solo
+
+
 @pytest.mark.parametrize("kw", [dict(drafter="model", tree="dynamic:4"), dict(drafter="layerskip:2"),
                                 dict(drafter="lookup", tree="dynamic:4")])
 def test_sampled_distribution_with_several_slots(tiny_bundle, kw):
@@ -221,7 +240,8 @@ def test_bench_concurrency_mode(tiny_bundle):
     section = measure_concurrency(g, prompts, 12, (1, 2, 4), 4, "lookup")
     assert section["requests"] == 4 and section["batched_graph"]
     for n, run in section["streams"].items():
-        assert run["identical"] and run["new_tokens"] == section["sequential"]["new_tokens"]
+        assert run["identical"] and run["identical_share"] == 1.0
+        assert run["new_tokens"] == section["sequential"]["new_tokens"]
         assert run["ttft_s"]["p50"] <= run["ttft_s"]["p90"] <= run["ttft_s"]["p99"]
         assert run["speedup_vs_sequential"] > 0
     assert "identical" in format_concurrency(section)
@@ -240,6 +260,6 @@ def test_gate_holds_the_concurrency_ratio(tmp_path):
     slow["concurrency"]["streams"]["4"]["speedup_vs_sequential"] = 1.2
     assert "gate FAILED: concurrency 4 streams" in gate(tmp_path, slow, doc, "--min-concurrency", 1.5, expect=1)
     wrong = json.loads(json.dumps(doc))
-    wrong["concurrency"]["streams"]["4"]["identical"] = False
+    wrong["concurrency"]["streams"]["4"] |= {"identical": False, "identical_share": 0.5}
     assert "gate FAILED: concurrency identical" in gate(tmp_path, wrong, doc, expect=1)
     assert "no 'concurrency 4 streams'" in refused(tmp_path, result_doc(), result_doc(), "--min-concurrency", 1.5)

@@ -13,7 +13,8 @@ M of the baseline (all of them higher-is-better):
 
     concurrency N streams       (results with a concurrency section, bench --streams) aggregate tokens/s of N
                                 concurrent streams over serving the same requests one after another, in one run
-    concurrency identical       1 when every stream's tokens equal its sequential run's; 0 always fails
+    concurrency identical       the smallest share of requests whose tokens equal their sequential run's, over
+                                the stream counts; below MIN_IDENTICAL_SHARE always fails
 
 A row regresses when it falls more than `max_regression` (a fraction) below the baseline; `min_speedup` and
 `min_accepted` are absolute floors for every method's overall speedup and mean accepted tokens, `min_concurrency`
@@ -41,6 +42,9 @@ TIMING_SETTINGS = ("threads", "repeats")
 
 
 JSON_TYPES = {dict: "object", list: "list"}
+# Concurrent greedy streams give their solo tokens up to float near-ties (docs/guarantees.md, "Threads"): a rare
+# request may differ; more than a quarter of them differing is a bug, not a tie.
+MIN_IDENTICAL_SHARE = 0.75
 
 
 class GateInputError(SpeccompileError):
@@ -167,7 +171,8 @@ def concurrency_figures(result: dict) -> dict:
     if not isinstance(runs, dict) or not all(isinstance(r, dict) for r in runs.values()):
         raise GateInputError("the concurrency section needs an object 'streams' of objects")
     figures = {f"concurrency {n} streams": r.get("speedup_vs_sequential") for n, r in runs.items() if n != "1"}
-    figures["concurrency identical"] = float(all(r.get("identical") is True for r in runs.values()))
+    shares = [r.get("identical_share", float(r.get("identical") is True)) for r in runs.values()]
+    figures["concurrency identical"] = min(shares, default=1.0)
     return figures
 
 
@@ -192,7 +197,7 @@ def compare(baseline: dict, result: dict, max_regression: float = 0.05, min_spee
         floor = (min_speedup if name.startswith("speedup ") else
                  min_accepted if name.startswith("accepted ") and " / " not in name else
                  min_concurrency if name == "concurrency 4 streams" else
-                 1.0 if name == "concurrency identical" else None)
+                 MIN_IDENTICAL_SHARE if name == "concurrency identical" else None)
         if floor is not None and row.now < floor:
             reasons.append(f"below the floor {floor:g}")
         row.failure = "; ".join(reasons) or None
