@@ -74,17 +74,19 @@ class BatchEngine:
             self._io[(first, n)] = (io, {})
         return self._io[(first, n)]
 
-    def run(self, steps: list[SlotStep], full_logits: bool = True):
-        """One pass over the slots of `steps` (and any idle slot between them, given one throw-away row past its
-        committed length). Returns {slot: (logits rows, next_token rows, hidden-state row indices)}: views valid
-        until the next call; hidden rows index `self.hidden` (and `self.aux`)."""
+    def run(self, steps: list[SlotStep], full_logits: bool = True, idle: dict[int, int] | None = None):
+        """One pass over the slots of `steps`. A slot between them that has no step runs one throw-away row
+        written just past its committed length, `idle[slot]` (0 for a free slot): never over its committed K/V.
+        Returns {slot: (logits rows, next_token rows, hidden-state row indices)}: views valid until the next call;
+        hidden rows index `self.hidden` (and `self.aux`)."""
         by_slot = {s.slot: s for s in steps}
         first, last = min(by_slot), max(by_slot)
         n = last - first + 1
         S = max(len(s.tokens) for s in steps)
         if S > MAX_STEP_TOKENS:
             raise SpeccompileError(f"step of {S} tokens: at most {MAX_STEP_TOKENS} per pass")
-        width = max(s.length + len(s.tokens) for s in steps)
+        idle = {b: (idle or {}).get(b, 0) for b in range(first, last + 1) if b not in by_slot}
+        width = max([s.length + len(s.tokens) for s in steps] + [w + 1 for w in idle.values()])
         if width > self.max_seq_len:
             raise SpeccompileError(f"step reaches {width} tokens: the compiled context is {self.max_seq_len}")
         T = min(-(-width // BIAS_WIDTH_STEP) * BIAS_WIDTH_STEP, self.max_seq_len)
@@ -98,8 +100,8 @@ class BatchEngine:
         out = {}
         for j in range(n):
             step = by_slot.get(first + j)
-            if step is None:  # an idle slot inside the run: one row, written past its (empty) committed length
-                self._seqlens[j], self._qlens[j] = 0, 1
+            if step is None:  # an idle slot inside the run: one row at its committed length (sees slot 0 only)
+                self._seqlens[j], self._qlens[j], pos[j, 0] = idle[first + j], 1, idle[first + j]
                 continue
             self._fill_slot(j, step, ids[j], pos[j], bias[j, 0])
             rows = step.wanted

@@ -182,6 +182,10 @@ class Scheduler:
         if s.generated >= s.req.max_new_tokens or any(t in eos for t in new):
             self._finish(s)
 
+    def _idle(self, running: list[Slot]) -> dict[int, int]:
+        """The committed lengths of the occupied slots a pass does not run (its throw-away rows go past them)."""
+        return {s.index: s.cache.length for s in filter(None, self.slots) if s not in running}
+
     # ---- prefill -----------------------------------------------------------------------------------------
     def _prefill(self, slots: list[Slot]) -> None:
         """One chunk of each joining request's prompt, in one pass; after its last chunk a request has its first
@@ -194,7 +198,7 @@ class Scheduler:
             self._prefilled(s, gen.target, logits, argmax, slice(0, len(s.req.ids[s.prefilled:][:chunk])))
             return
         steps = [SlotStep(s.index, s.req.ids[s.prefilled:s.prefilled + chunk], s.prefilled) for s in slots]
-        results = self.engine.run(steps, full_logits=sampling)
+        results = self.engine.run(steps, sampling, self._idle(slots))
         for s in slots:
             self._prefilled(s, self.engine, *results[s.index])
 
@@ -227,7 +231,7 @@ class Scheduler:
             self._accepted(s, Verdict(path, token), in_graph)
             return
         steps = [self._block(s) for s in slots]
-        results = self.engine.run(steps, full_logits=not all(s.req.params.greedy for s in slots))
+        results = self.engine.run(steps, not all(s.req.params.greedy for s in slots), self._idle(slots))
         for s in slots:
             logits, argmax, rows = results[s.index]
             verdict, in_graph = self._accept(s, logits, argmax)
