@@ -1,6 +1,8 @@
 """Continuous batching: the requests of many callers share the target's passes.
 
-A worker thread owns the engines. Requests join and leave between passes; each holds a sequence slot of the
+No thread of its own: a caller waiting for its next tokens runs the next round of passes for everyone (one caller
+at a time; the others wait for the round to end), so a request alone pays no thread hand-off per pass, and
+requests progress while any caller waits. Requests join and leave between passes; each holds a sequence slot of the
 batched KV cache (`KVCache.slot`) with its own drafter, sampling parameters, random generator, stop conditions,
 acceptance, roll back and compaction. Each round runs at most one prefill chunk of a joining request (so a long
 prompt does not stall the others), then one pass that verifies every decoding slot's pending token and draft
@@ -35,8 +37,8 @@ _DONE = object()  # a request's queue ends with this
 class Handle:
     """A request's link from the scheduler to its caller: the token lists of its passes, in order."""
 
-    def __init__(self, request: Request, stats: SpecDecodeStats):
-        self.request, self.stats = request, stats
+    def __init__(self, scheduler: "Scheduler", request: Request, stats: SpecDecodeStats):
+        self.scheduler, self.request, self.stats = scheduler, request, stats
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.cancelled = False  # set by the caller (a closed stream): the slot is freed before the next pass
 
@@ -44,7 +46,7 @@ class Handle:
         """The token lists committed by each pass (the prefill's first token first). Closing it cancels."""
         try:
             while True:
-                item = self.queue.get()
+                item = self.scheduler.next_item(self)
                 if item is _DONE:
                     return
                 if isinstance(item, BaseException):
@@ -52,6 +54,7 @@ class Handle:
                 yield item
         finally:
             self.cancelled = True
+            self.scheduler.tidy()
 
 
 @dataclasses.dataclass
@@ -86,8 +89,8 @@ class Scheduler:
         self.slots: list[Slot | None] = [None] * cache.batch
         self.slot_caches = [gen.target.cache] + [cache.slot(b) for b in range(1, cache.batch)]
         self.waiting: collections.deque[Handle] = collections.deque()
-        self.wake = threading.Condition()
-        self.thread: threading.Thread | None = None
+        self.wake = threading.Condition()  # guards `waiting` and `driving`
+        self.driving = False  # a caller is running a round
         self._engine: BatchEngine | None = None
         self._drafters: dict[tuple[int, str], Drafter] = {}  # slot b > 0's own instance of each drafter
         self.trace: list | None = None  # a list: each pass appends ("prefill", slot) or ("decode", slots)
@@ -95,14 +98,44 @@ class Scheduler:
 
     # ---- the callers' side -------------------------------------------------------------------------------
     def submit(self, request: Request, stats: SpecDecodeStats) -> Handle:
-        handle = Handle(request, stats)
+        handle = Handle(self, request, stats)
         with self.wake:
             self.waiting.append(handle)
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._loop, name="speccompile-scheduler", daemon=True)
-                self.thread.start()
-            self.wake.notify()
         return handle
+
+    def next_item(self, handle: Handle):
+        """The handle's next queued item, running rounds (or waiting for another caller's) until there is one."""
+        while True:
+            try:
+                return handle.queue.get_nowait()
+            except queue.Empty:
+                pass
+            with self.wake:
+                while self.driving and handle.queue.empty():
+                    self.wake.wait()
+                if not handle.queue.empty():
+                    continue
+                self.driving = True
+            self._drive(self._round)
+
+    def tidy(self) -> None:
+        """Free the slots of cancelled requests now, unless a round (which does it first) is running."""
+        with self.wake:
+            if self.driving:
+                return
+            self.driving = True
+        self._drive(self._free_cancelled)
+
+    def _drive(self, work) -> None:
+        try:
+            work()
+        except BaseException as e:  # noqa: BLE001 - every request in a slot gets the error; the slots reset
+            for s in filter(None, self.slots):
+                self._finish(s, e)
+        finally:
+            with self.wake:
+                self.driving = False
+                self.wake.notify_all()
 
     @property
     def engine(self) -> BatchEngine:
@@ -112,23 +145,10 @@ class Scheduler:
             self._engine = BatchEngine(g.bundle_dir, self.entry, self.cache, g.threads, g.device)
         return self._engine
 
-    # ---- the worker --------------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while True:
-            with self.wake:
-                while not self.waiting and not any(self.slots):
-                    self.wake.wait()
-            try:
-                self._round()
-            except BaseException as e:  # noqa: BLE001 - every waiting caller gets the error, then the slots reset
-                for s in filter(None, self.slots):
-                    self._finish(s, e)
-
+    # ---- a round -----------------------------------------------------------------------------------------
     def _round(self) -> None:
-        """Free finished slots, admit waiting requests, run one prefill chunk, then one decode pass."""
-        for s in filter(None, self.slots):
-            if s.handle.cancelled:
-                self._finish(s)
+        """Free cancelled slots, admit waiting requests, run one prefill chunk, then one decode pass."""
+        self._free_cancelled()
         self._admit()
         joining = [s for s in filter(None, self.slots) if not s.decoding]
         if joining:
@@ -141,6 +161,11 @@ class Scheduler:
                 self.trace.append(("decode", tuple(s.index for s in decoding)))
             self.shared_passes += len(decoding) > 1
             self._decode(decoding)
+
+    def _free_cancelled(self) -> None:
+        for s in filter(None, self.slots):
+            if s.handle.cancelled:
+                self._finish(s)
 
     def _admit(self) -> None:
         with self.wake:
