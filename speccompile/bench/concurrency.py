@@ -4,7 +4,8 @@ Each request is one prompt decoded greedily with the bundle's first chosen draft
 reference: every stream's tokens should equal it (`identical`; `identical_share` of the requests: a float
 near-tie may go either way between a one-row pass and a shared one, docs/guarantees.md "Threads"), and each N's aggregate tokens/s is divided by its
 aggregate tokens/s in the same run (`speedup_vs_sequential`: the machine's speed cancels out; the CI gate reads
-it). Per request: time to first token (from its submission, so queueing for a slot counts) and time per output
+it). With repeats R, the sequential run and the N-stream runs alternate R times: the ratio is the median of the R
+neighbouring pairs', the figures those of the fastest run. Per request: time to first token (from its submission, so queueing for a slot counts) and time per output
 token after the first, as percentiles over the requests.
 """
 from __future__ import annotations
@@ -69,7 +70,7 @@ def figures(results: list[dict], wall: float) -> dict:
 
 
 def measure_concurrency(gen, prompts: list[dict], max_new_tokens: int, streams: tuple[int, ...], requests: int,
-                        method: str | None, log=lambda msg: None) -> dict:
+                        method: str | None, repeats: int = 1, log=lambda msg: None) -> dict:
     """The concurrency section of a bench result (see the module docstring); method: a drafter, as NAME[@TREE]."""
     drafter, tree = split_method(method) if method else (None, None)
     if any(n < 1 for n in streams):
@@ -80,16 +81,21 @@ def measure_concurrency(gen, prompts: list[dict], max_new_tokens: int, streams: 
     gen.generate(ids[0], min(8, max_new_tokens), drafter=drafter, tree=tree)  # warm-up
     if max(streams) > 1:  # and the batched graph's session
         gen.generate(ids[:2], min(8, max_new_tokens), drafter=drafter, tree=tree)
-    log(f"serving {len(ids)} requests one after another")
-    sequential = serve(gen, ids, max_new_tokens, 0, drafter, tree)
-    out = {"drafter": method, "requests": len(ids), "max_new_tokens": max_new_tokens,
+    runs = []
+    for _ in range(repeats):  # each repeat: one after another, then each N, so a ratio's two runs are neighbours
+        log(f"serving {len(ids)} requests one after another, then with {', '.join(map(str, streams))} streams")
+        seq = serve(gen, ids, max_new_tokens, 0, drafter, tree)
+        runs.append((seq, {n: serve(gen, ids, max_new_tokens, n, drafter, tree) for n in streams}))
+    sequential = max((seq for seq, _ in runs), key=lambda r: r["tokens_per_second"])
+    out = {"drafter": method, "requests": len(ids), "max_new_tokens": max_new_tokens, "repeats": repeats,
            "batched_graph": gen.scheduler is not None, "sequential": sequential, "streams": {}}
     for n in streams:
-        log(f"serving {len(ids)} requests with {n} concurrent stream(s)")
-        run = serve(gen, ids, max_new_tokens, n, drafter, tree)
+        run = max((by_n[n] for _, by_n in runs), key=lambda r: r["tokens_per_second"])  # best of the repeats
         same = [a == b for a, b in zip(run["token_ids"], sequential["token_ids"])]
         run["identical"], run["identical_share"] = all(same), sum(same) / len(same)
-        run["speedup_vs_sequential"] = run["tokens_per_second"] / sequential["tokens_per_second"]
+        # the median over repeats of the ratio to the sequential run beside it
+        run["speedup_vs_sequential"] = float(np.median([by_n[n]["tokens_per_second"] / seq["tokens_per_second"]
+                                                        for seq, by_n in runs]))
         out["streams"][str(n)] = run
     return out
 

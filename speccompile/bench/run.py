@@ -109,7 +109,8 @@ class Benchmark:
             measure(self.ours, self.prompts, s, eos, on_run)
             rss_ours = peak_rss_mib()
             concurrency = measure_concurrency(self.gen, self.prompts, s.max_new_tokens, s.streams, s.stream_requests,
-                                              self.drafters[0] if self.drafters else None) if s.streams else None
+                                              self.drafters[0] if self.drafters else None, s.repeats) if s.streams \
+                else None
             if self.theirs:
                 measure(self.theirs, self.prompts, s, eos, on_run)
         finally:

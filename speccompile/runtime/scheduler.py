@@ -32,6 +32,11 @@ from speccompile.runtime.request import Request
 from speccompile.runtime.sampling import probabilities, sample
 
 _DONE = object()  # a request's queue ends with this
+# Rows a shared verify pass aims at: a pass's cost grows with its rows (4-bit products nearly in proportion), so
+# when several greedy slots decode, their drafts share this budget (each keeps at least one draft node). Greedy
+# output does not depend on the drafts; sampled requests keep their whole drafts, so a seed's draws do not depend
+# on what else runs.
+SHARED_PASS_ROWS = 16
 
 
 class Handle:
@@ -243,10 +248,13 @@ class Scheduler:
     # ---- decode ------------------------------------------------------------------------------------------
     def _decode(self, slots: list[Slot]) -> None:
         """One pass over every decoding slot: each one's pending token and its drafts, verified together."""
+        share = max(1, SHARED_PASS_ROWS // len(slots) - 1)  # draft nodes per greedy slot
         for s in slots:
             s.context[s.n] = s.token  # committed, but not yet in the target's cache
             s.n += 1
             room = min(s.req.max_new_tokens - s.generated - 1, self.gen.max_seq_len - s.n)
+            if len(slots) > 1 and s.req.params.greedy:
+                room = min(room, share)
             s.prop = self.gen._propose(s.context[:s.n], s.drafter, s.req.k, s.req.tree, room, s.reach,
                                        s.req.params, s.rng)
         if len(slots) == 1 and slots[0].index == 0:  # alone: the single-sequence graph, exactly as Generator.steps
