@@ -45,4 +45,4 @@ fi
 bench "$result"
 # Thresholds: see docs/design.md, "The CI gate's method", and docs/results.md, "The CI gate's thresholds".
 speccompile gate "$result" --baseline "$baseline" --max-regression 0.06 --min-speedup 1.2 --min-accepted 1.4 \
-    --min-concurrency 1.5
+    --min-concurrency 1.3
