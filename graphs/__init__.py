@@ -62,6 +62,16 @@ key.nbits4 | key.nbits8 (codes), key.nbits_scales, optional key.nbits_zeros and 
 minimum: the per-32-block sums of x times them, added), run at the manifest's accuracy_level. Logits of a
 quantized build are those of its quantized weights: speculation is lossless against the same bundle's plain
 decoding, not against a float32 build.
+batched form (the target's `target_batch` graph, `build --max-batch B`; BATCH_GRAPH_VERSION): the same decoder over a
+run of consecutive sequence slots of a static cache [B, Hkv, LMAX, D]. The batch dimension N is symbolic: a pass
+binds the cache rows of the slots it runs (any consecutive run of them, one slot included). Every slot runs S rows
+(the longest slot's count; the rest padding that nothing reads). Differences from the contract above:
+  input_ids, position_ids [N, S]; seqlens_k [N] per slot; query_seqlens int32 [N] each slot's real rows (its K/V
+  are written at slots [seqlens_k+1-query_seqlens, seqlens_k]); attention_bias [N, 1, S, T] per slot;
+  logits_index [R] into the flattened rows (slot n's row s is n * S + s); hidden_states [N * S, H] (and
+  aux_hidden_states [N * S, A * H]) flattened the same way. No verify extension: the host accepts from next_token
+  (greedy) or the logits (sampled). With the exact greedy head the input full_logits stays (false: estimated
+  logits, exact next_token).
 """
 from __future__ import annotations
 
@@ -75,17 +85,22 @@ DECODER_GRAPH_VERSION = 4  # 4: the exact greedy head (full_logits); 3: attentio
 # what `quantization.formats` may say of a matrix: float32, a GGUF block type kept as it is stored (joined types
 # as "q4_k+q6_k as 8-bit blocks of 16"), or a block-wise quantization of float weights by `build --weights`
 WEIGHT_FORMATS = ("float32", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k", "int4", "int8")
+BATCH_GRAPH_VERSION = 1  # the batched form (above)
+DEFAULT_MAX_BATCH = 4  # sequence slots of the batched graph unless the build says otherwise
 VERIFY_DEFAULTS = {"node_parents": [-1], "temperature": [0.0], "top_k": [0], "uniforms": [[0.0, 0.0]],
                    "full_logits": [True]}
 
 
 def decoder_signature(num_layers: int, num_kv_heads: int, head_dim: int, max_seq_len: int, vocab_size: int,
                       hidden_size: int, mtp: bool = False, verify: bool = False, aux_width: int = 0,
-                      screen: bool = False):
+                      screen: bool = False, batched: bool = False):
     """(inputs, outputs): lists of (name, dtype, shape); symbolic dims are strings. An MTP draft head has the
     same signature plus the input `hidden_in` (the target's hidden state, one row per token); verify=True adds
     the verify extension; aux_width > 0 adds the output aux_hidden_states [S, aux_width]; screen (with verify)
-    adds the input full_logits of the exact greedy head."""
+    adds the input full_logits of the exact greedy head. batched: the batched form (no verify, no MTP)."""
+    if batched:
+        return _batched_signature(num_layers, num_kv_heads, head_dim, max_seq_len, vocab_size, hidden_size,
+                                  aux_width, screen)
     cache = [1, num_kv_heads, max_seq_len, head_dim]
     inputs = [("hidden_in", "float32", [1, "S", hidden_size])] if mtp else []
     inputs += [
@@ -106,6 +121,23 @@ def decoder_signature(num_layers: int, num_kv_heads: int, head_dim: int, max_seq
             inputs.append(("full_logits", "bool", [1]))
         outputs += [("node_prob", "float64", ["R"]), ("accept_node", "int64", [1]), ("accept_len", "int64", [1]),
                     ("accept_token", "int64", [1])]
+    for i in range(num_layers):
+        inputs += [(f"past_key.{i}", "float32", cache), (f"past_value.{i}", "float32", cache)]
+        outputs += [(f"present_key.{i}", "float32", cache), (f"present_value.{i}", "float32", cache)]
+    return inputs, outputs
+
+
+def _batched_signature(num_layers, num_kv_heads, head_dim, max_seq_len, vocab_size, hidden_size, aux_width, screen):
+    cache = ["N", num_kv_heads, max_seq_len, head_dim]
+    inputs = [("input_ids", "int64", ["N", "S"]), ("position_ids", "int64", ["N", "S"]),
+              ("seqlens_k", "int32", ["N"]), ("query_seqlens", "int32", ["N"]),
+              ("attention_bias", "float32", ["N", 1, "S", "T"]), ("logits_index", "int64", ["R"])]
+    if screen:
+        inputs.append(("full_logits", "bool", [1]))
+    outputs = [("logits", "float32", ["R", vocab_size]), ("next_token", "int64", ["R"]),
+               ("hidden_states", "float32", ["NS", hidden_size])]
+    if aux_width:
+        outputs.append(("aux_hidden_states", "float32", ["NS", aux_width]))
     for i in range(num_layers):
         inputs += [(f"past_key.{i}", "float32", cache), (f"past_value.{i}", "float32", cache)]
         outputs += [(f"present_key.{i}", "float32", cache), (f"present_value.{i}", "float32", cache)]

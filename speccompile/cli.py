@@ -12,6 +12,7 @@ import traceback
 import click
 
 from speccompile.errors import SpeccompileError
+from speccompile.graphs import DEFAULT_MAX_BATCH
 from speccompile.train.cli_options import train_head_options
 
 
@@ -148,14 +149,18 @@ def main(debug):
               show_default=True, help="The target's layer matrices: source keeps a quantized GGUF's blocks (a float "
               "checkpoint stays float32); int8/int4 quantize them block-wise. Lossy except float32 (and source "
               "on a float checkpoint); build lists each matrix that stays float32 and why.")
+@click.option("--max-batch", type=int, default=DEFAULT_MAX_BATCH, show_default=True,
+              help="Sequence slots of the batched target graph that concurrent requests share passes through "
+                   "(1: none; dense models with ort attention).")
 @_errors_to_exit
 def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, backend, head_screen, draft_precision,
-          dtype, weights):
+          dtype, weights, max_batch):
     """Compile MODEL (a Hugging Face directory, a .gguf file; default: the embedded SmolLM2-135M-Instruct)."""
     from speccompile.compile.driver import build_bundle
     build_bundle(model, out, list(drafts) or None, max_seq_len=max_seq_len, num_draft=num_draft, attention=attention,
                  fused=attention == "ort", overwrite=force, tree=tree, backend=backend, head_screen=head_screen,
-                 draft_precision=draft_precision, dtype=dtype, weights=weights, progress=_progress)
+                 draft_precision=draft_precision, dtype=dtype, weights=weights, max_batch=max_batch,
+                 progress=_progress)
 
 
 @main.command()
@@ -240,6 +245,12 @@ def _csv(value: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
 
 
+def _ints(option: str, value: str | None) -> list[int]:
+    if not all(v.isdigit() for v in _csv(value)):
+        raise SpeccompileError(f"{option} {value!r}: expected whole numbers, comma-separated")
+    return [int(v) for v in _csv(value)]
+
+
 @main.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--dataset", type=click.Path(), default=None,
@@ -260,9 +271,12 @@ def _csv(value: str | None) -> tuple[str, ...]:
 @click.option("--multi-turn", type=int, default=None, metavar="TURNS",
               help="Instead: chats of TURNS turns with a long first message (--limit of them, default 3), each with "
                    "and without the context cache: TTFT and cache hits per turn.")
+@click.option("--streams", default=None, help="Concurrency mode: serve --stream-requests prompts one after another, "
+              "then with each of these numbers of concurrent streams (comma-separated, e.g. 1,2,4,8).")
+@click.option("--stream-requests", default=8, show_default=True, help="Requests the concurrency mode serves.")
 @_errors_to_exit
 def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, repeats, threads, json_out, plot_out,
-          compare_transformers, multi_turn):
+          compare_transformers, multi_turn, streams, stream_requests):
     """Benchmark BUNDLE: speculative against autoregressive decoding, per prompt category."""
     from speccompile.bench.plot import plot
     from speccompile.bench.report import format_table, write_json
@@ -276,12 +290,16 @@ def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, re
     from speccompile.bench.settings import BenchSettings
     settings = BenchSettings(dataset=dataset, categories=_csv(categories), limit=limit,
                              max_new_tokens=max_new_tokens, drafters=tuple(drafters), tree=tree, repeats=repeats,
-                             threads=threads, compare_transformers=compare_transformers)
+                             threads=threads, compare_transformers=compare_transformers,
+                             streams=tuple(_ints("--streams", streams)), stream_requests=stream_requests)
     benchmark = Benchmark(bundle, settings, log=_progress)
     with click.progressbar(length=benchmark.total_runs, label="decoding", file=sys.stderr, show_pos=True,
                            item_show_func=lambda label: label) as bar:
         result = benchmark.run(on_run=lambda label: bar.update(1, label))
     click.echo(format_table(result))
+    if "concurrency" in result:
+        from speccompile.bench.concurrency import format_concurrency
+        click.echo(format_concurrency(result["concurrency"]))
     if json_out:
         write_json(result, json_out)
         _progress(f"wrote {json_out}")
@@ -313,16 +331,17 @@ def serve(bundle, replicas, ray_address, **options):
               help="Largest allowed drop of a gated figure, as a fraction of its baseline.")
 @click.option("--min-speedup", default=None, help="Floor for every drafter's overall speedup.")
 @click.option("--min-accepted", default=None, help="Floor for every drafter's mean accepted tokens.")
+@click.option("--min-concurrency", default=None, help="Floor for 4 streams' tokens/s over one after another.")
 @_errors_to_exit
-def gate(result, baseline, max_regression, min_speedup, min_accepted):
+def gate(result, baseline, max_regression, min_speedup, min_accepted, min_concurrency):
     """Fail (exit 1) if RESULT regresses against BASELINE on machine-independent figures.
 
     Thresholds must be finite numbers >= 0; figures that are missing, not numbers, NaN or infinite (in either file)
     are refused with exit 2, never passed."""
     from speccompile.bench.gate import check_thresholds, format_rows, run_gate
     # Parsed here, not by click, so that a bad value gives the one `error:` line every other bad input gives.
-    max_regression, min_speedup, min_accepted = check_thresholds(max_regression, min_speedup, min_accepted)
-    rows, notes = run_gate(result, baseline, max_regression, min_speedup, min_accepted)
+    max_regression, *floors = check_thresholds(max_regression, min_speedup, min_accepted, min_concurrency)
+    rows, notes = run_gate(result, baseline, max_regression, *floors)
     click.echo(format_rows(rows))
     for note in notes:
         click.echo(f"note: {note}")

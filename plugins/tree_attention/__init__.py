@@ -9,11 +9,16 @@ DOMAIN, OP_TYPE = "speccompile", "TreeAttention"  # the plugin lowering's node: 
 
 def lower(g, lowering: str, qkv: str, past_key: str, past_value: str, present_key: str, present_value: str, *,
           seqlens_k: str, total_len: str, cos: str, sin: str, position_ids: str, attention_bias: str,
-          num_heads: int, kv_num_heads: int, head_dim: int) -> str:
-    """Emit the op into GraphBuilder `g`; returns the name of y [1, S, Hq*D]."""
+          num_heads: int, kv_num_heads: int, head_dim: int, query_seqlens: str = "") -> str:
+    """Emit the op into GraphBuilder `g`; returns the name of y [1, S, Hq*D] ([N, S, Hq*D] batched).
+    query_seqlens: batched graphs (several sequences, each with its own cache row) only: each sequence's real
+    rows, which the fused kernel needs for a multi-token step over a batch; the "ort" lowering only."""
+    if query_seqlens and lowering != "ort":
+        raise ValueError(f"a batched TreeAttention needs the 'ort' lowering, not {lowering!r}")
     if lowering == "ort":
+        extra = ["", "", "", "", "", query_seqlens] if query_seqlens else []  # GQA inputs 11..16
         y = g.op("GroupQueryAttention", [qkv, "", "", past_key, past_value, seqlens_k, total_len, cos, sin,
-                                         position_ids, attention_bias],
+                                         position_ids, attention_bias, *extra],
                  outputs=[g.fresh("attn"), present_key, present_value], domain="com.microsoft",
                  num_heads=num_heads, kv_num_heads=kv_num_heads, do_rotary=1, rotary_interleaved=0)[0]
         return y

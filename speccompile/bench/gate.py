@@ -11,8 +11,16 @@ M of the baseline (all of them higher-is-better):
     accepted M / CATEGORY       the same per prompt category
     acceptance M depth D        overall acceptance rate at draft depth D (1 = the first draft token)
 
+    concurrency N streams       (results with a concurrency section, bench --streams) aggregate tokens/s of N
+                                concurrent streams over serving the same requests one after another, in one run
+    concurrency identical       the smallest share of requests whose tokens equal their sequential run's, over
+                                the stream counts; below MIN_IDENTICAL_SHARE always fails
+
 A row regresses when it falls more than `max_regression` (a fraction) below the baseline; `min_speedup` and
-`min_accepted` are absolute floors for every method's overall speedup and mean accepted tokens. Tokens/s, TTFT and
+`min_accepted` are absolute floors for every method's overall speedup and mean accepted tokens, `min_concurrency`
+for `concurrency 4 streams` (a result without it is refused when that floor is given). A concurrency row the
+baseline lacks (a baseline from before the concurrency mode) is still checked; concurrency rows are held by their
+floors only (their baseline is shown): the ratio of two wall-clock runs moves with the machine's load. Tokens/s, TTFT and
 bandwidths are machine figures and are never gated.
 
 Every gated figure, in the result and in the baseline, must be a finite number >= 0, and so must every threshold;
@@ -34,6 +42,9 @@ TIMING_SETTINGS = ("threads", "repeats")
 
 
 JSON_TYPES = {dict: "object", list: "list"}
+# Concurrent greedy streams give their solo tokens up to float near-ties (docs/guarantees.md, "Threads"): a rare
+# request may differ; more than a quarter of them differing is a bug, not a tie.
+MIN_IDENTICAL_SHARE = 0.75
 
 
 class GateInputError(SpeccompileError):
@@ -43,7 +54,7 @@ class GateInputError(SpeccompileError):
 @dataclasses.dataclass
 class Row:
     name: str
-    baseline: float
+    baseline: float | None  # None: the baseline lacks the row (floors only)
     now: float
     failure: str | None = None  # why the row fails, None if it passes
 
@@ -147,25 +158,46 @@ def gated_figures(result: dict, where: str = "bench result") -> dict[str, float]
                 figures.update(_method_figures(method["name"], overall, by_category))
             except GateInputError as e:
                 raise GateInputError(f"{where}: {e}") from None
+    figures |= concurrency_figures(result)
     return {k: check_figure(k, v, where) for k, v in figures.items()}
 
 
+def concurrency_figures(result: dict) -> dict:
+    """The concurrency section's gated figures (none without one)."""
+    section = result.get("concurrency")
+    if section is None:
+        return {}
+    runs = section.get("streams") if isinstance(section, dict) else None
+    if not isinstance(runs, dict) or not all(isinstance(r, dict) for r in runs.values()):
+        raise GateInputError("the concurrency section needs an object 'streams' of objects")
+    figures = {f"concurrency {n} streams": r.get("speedup_vs_sequential") for n, r in runs.items() if n != "1"}
+    shares = [r.get("identical_share", float(r.get("identical") is True)) for r in runs.values()]
+    figures["concurrency identical"] = min(shares, default=1.0)
+    return figures
+
+
 def compare(baseline: dict, result: dict, max_regression: float = 0.05, min_speedup: float | None = None,
-            min_accepted: float | None = None) -> list[Row]:
+            min_accepted: float | None = None, min_concurrency: float | None = None) -> list[Row]:
     before, now = gated_figures(baseline, "the baseline"), gated_figures(result, "the result")
+    if min_concurrency is not None and "concurrency 4 streams" not in now:
+        raise GateInputError("--min-concurrency: the result has no 'concurrency 4 streams' (bench --streams 4)")
     if not before:
         raise GateInputError("the baseline has no gated figures (no speculative speccompile method with figures)")
     missing = [name for name in before if name not in now]
     if missing:
         raise GateInputError(f"the result lacks figures the baseline has: {', '.join(missing[:5])}")
     rows = []
-    for name, base in before.items():
+    new = {name: None for name in now if name.startswith("concurrency") and name not in before}
+    for name, base in (before | new).items():
         row = Row(name, base, now[name])
         reasons = []
-        if row.change is not None and row.change < -max_regression:
+        # the concurrency ratio swings with the machine's load more than the paired speedups: a floor holds it
+        if row.change is not None and row.change < -max_regression and not name.startswith("concurrency"):
             reasons.append(f"{row.change:+.1%}, more than the allowed -{max_regression:.1%}")
         floor = (min_speedup if name.startswith("speedup ") else
-                 min_accepted if name.startswith("accepted ") and " / " not in name else None)
+                 min_accepted if name.startswith("accepted ") and " / " not in name else
+                 min_concurrency if name == "concurrency 4 streams" else
+                 MIN_IDENTICAL_SHARE if name == "concurrency identical" else None)
         if floor is not None and row.now < floor:
             reasons.append(f"below the floor {floor:g}")
         row.failure = "; ".join(reasons) or None
@@ -179,7 +211,8 @@ def format_rows(rows: list[Row]) -> str:
              "-" * (width + 40)]
     for r in rows:
         change = "-" if r.change is None else f"{r.change:+.1%}"
-        lines.append(f"{r.name:{width}s} {r.baseline:9.3f} {r.now:9.3f} {change:>8s}  "
+        base = "-" if r.baseline is None else f"{r.baseline:.3f}"
+        lines.append(f"{r.name:{width}s} {base:>9s} {r.now:9.3f} {change:>8s}  "
                      f"{'FAIL: ' + r.failure if r.failure else 'ok'}")
     return "\n".join(lines)
 
@@ -199,17 +232,17 @@ def parse_threshold(option: str, value) -> float | None:
         raise GateInputError(f"{option} {value!r}: must be a finite number >= 0") from None
 
 
-def check_thresholds(max_regression, min_speedup, min_accepted) -> tuple[float, float | None, float | None]:
+def check_thresholds(max_regression, min_speedup, min_accepted, min_concurrency=None) -> tuple:
     if max_regression is None:
         raise GateInputError("--max-regression: a number is needed")
     return (parse_threshold("--max-regression", max_regression), parse_threshold("--min-speedup", min_speedup),
-            parse_threshold("--min-accepted", min_accepted))
+            parse_threshold("--min-accepted", min_accepted), parse_threshold("--min-concurrency", min_concurrency))
 
 
 def run_gate(result_path: str, baseline_path: str, max_regression: float = 0.05, min_speedup: float | None = None,
-             min_accepted: float | None = None) -> tuple[list[Row], list[str]]:
+             min_accepted: float | None = None, min_concurrency: float | None = None) -> tuple[list[Row], list[str]]:
     """(rows, notes); a row with a `failure` means the gate fails. Thresholds may be given as text (the CLI's)."""
-    max_regression, min_speedup, min_accepted = check_thresholds(max_regression, min_speedup, min_accepted)
+    thresholds = check_thresholds(max_regression, min_speedup, min_accepted, min_concurrency)
     baseline, result = load_result(baseline_path), load_result(result_path)
     notes = check_comparable(baseline, result)
-    return compare(baseline, result, max_regression, min_speedup, min_accepted), notes
+    return compare(baseline, result, *thresholds), notes

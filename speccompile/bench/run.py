@@ -17,6 +17,7 @@ import time
 from typing import Callable
 
 from speccompile import load
+from speccompile.bench.concurrency import measure_concurrency
 from speccompile.bench.machine import measure_machine_bandwidth, peak_rss_mib
 from speccompile.bench.methods import choose_drafters, speccompile_methods
 from speccompile.bench.peers import transformers_methods
@@ -104,14 +105,21 @@ class Benchmark:
     def run(self, on_run: Callable[[str], None] = lambda label: None) -> dict:
         """Time every method (`on_run` is called after each timed run); return the result document."""
         eos = set(self.gen.tokenizer.eos_token_ids)
+        s = self.settings
         try:
-            measure(self.ours, self.prompts, self.settings, eos, on_run)
+            measure(self.ours, self.prompts, s, eos, on_run)
             rss_ours = peak_rss_mib()
+            concurrency = measure_concurrency(self.gen, self.prompts, s.max_new_tokens, s.streams, s.stream_requests,
+                                              self.drafters[0] if self.drafters else None, s.repeats) if s.streams \
+                else None
             if self.theirs:
-                measure(self.theirs, self.prompts, self.settings, eos, on_run)
+                measure(self.theirs, self.prompts, s, eos, on_run)
         finally:
             self.workdir.cleanup()
-        return result_document(self, rss_ours)
+        doc = result_document(self, rss_ours)
+        if concurrency:
+            doc["concurrency"] = concurrency
+        return doc
 
 
 def run_bench(bundle_dir: str, settings: BenchSettings, log: Callable[[str], None] = lambda msg: None) -> dict:

@@ -21,6 +21,8 @@ class BenchSettings:
     threads: int | None = None
     compare_transformers: bool = False
     warmup_tokens: int = 16
+    streams: tuple[int, ...] = ()  # concurrency mode (bench/concurrency.py): these stream counts; empty: none
+    stream_requests: int = 8  # requests the concurrency mode serves (the first prompts)
 
 
 @dataclasses.dataclass

@@ -38,6 +38,7 @@ from speccompile.errors import SpeccompileError
 from speccompile.format.bundle import atomic_bundle_dir, finalize_manifest, guard_output, write_weights
 from speccompile.format.drafter_kinds import KINDS, DraftSpec
 from speccompile.format.trees import TreeSpec
+from speccompile.graphs import BATCH_GRAPH_VERSION
 from speccompile.plugins import tree_attention
 
 
@@ -174,12 +175,38 @@ def _graph(target: Checkpoint, target_w: dict, screen: bool, specs: list[DraftSp
     if features:
         model["aux_hidden_layers"] = features
     parts = BundleParts({"target.bin": target_w}, {"target": (graph, ["target.bin"])}, {"target": model})
+    _batched_target(parts, cfg, target_w, screen, features, opts, progress)
     view = TargetBuild(target, target_w, opts, features, progress)
     for spec in specs:
         parts.add(_drafter_entry(spec, tree_spec, opts), build_half(spec.kind).build(spec, view))
     if len({d["name"] for d in parts.drafters}) != len(parts.drafters):
         raise SpeccompileError("the same drafter is named twice")
     return parts
+
+
+def _batched_target(parts: BundleParts, cfg: ModelConfig, target_w: dict, screen: bool, features: list,
+                    opts: BuildOptions, progress) -> None:
+    """The batched form of the target's graph (speccompile.graphs), which concurrent requests share passes through:
+    the same weights (target.bin), so it costs the bundle only its graph. Dense GQA models with the fused kernel."""
+    if opts.max_batch < 1 or opts.max_batch > 64:
+        raise SpeccompileError(f"--max-batch {opts.max_batch}: must be between 1 and 64")
+    if opts.max_batch == 1:
+        return
+    layers = range(cfg.num_hidden_layers)
+    if (cfg.is_mla or any(cfg.is_moe_layer(i) for i in layers) or any(cfg.is_sliding(i) for i in layers)
+            or opts.attention != "ort" or opts.dtype != "float32"):
+        progress("      batched graph skipped: MLA, mixture-of-experts, sliding windows, float16 and non-ort attention "
+                 "run one sequence per pass")
+        return
+    graph = build_decoder(cfg, target_w, opts.max_seq_len, attention=opts.attention, fused=opts.fused,
+                          name="target_batch", aux_layers=features, batched=True)
+    model = decoder_entry("target_batch", cfg, cfg.num_hidden_layers, opts.max_seq_len, ["target.bin"],
+                          opts.attention, aux_layers=features, screen=screen, batched=True)
+    model |= {"kind": "decoder_batch", "max_batch": opts.max_batch, "graph_version": BATCH_GRAPH_VERSION}
+    if features:
+        model["aux_hidden_layers"] = features
+    parts.graphs["target_batch"] = (graph, ["target.bin"])
+    parts.models["target_batch"] = model
 
 
 def target_features(specs: list[DraftSpec], cfg: ModelConfig) -> list:

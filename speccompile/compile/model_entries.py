@@ -11,11 +11,11 @@ from speccompile.graphs import DECODER_GRAPH_VERSION, decoder_signature
 
 def decoder_entry(name: str, cfg: ModelConfig, num_layers: int, max_seq_len: int, weights_files: list[str],
                   attention: str, mtp: bool = False, draft_vocab: int | None = None, verify: bool = False,
-                  aux_layers: list | None = None, screen: bool = False) -> dict:
+                  aux_layers: list | None = None, screen: bool = False, batched: bool = False) -> dict:
     """A decoder graph's model entry: its files, config, KV cache and the inputs/outputs of its signature."""
     ins, outs = decoder_signature(num_layers, cfg.cache_kv_heads, cfg.cache_head_dim, max_seq_len,
                                   draft_vocab or cfg.vocab_size, cfg.hidden_size, mtp, verify,
-                                  aux_width=len(aux_layers or ()) * cfg.hidden_size, screen=screen)
+                                  aux_width=len(aux_layers or ()) * cfg.hidden_size, screen=screen, batched=batched)
     return {"graph": f"{name}.onnx", "weights": weights_files, "config": cfg.to_dict(), "num_layers": num_layers,
             "kind": "mtp_head" if mtp else "decoder",
             "graph_version": DECODER_GRAPH_VERSION, "attention": attention,

@@ -21,9 +21,10 @@ def describe(bundle: str, m: dict, verified: bool) -> list[str]:
             continue
         c, kv = e["config"], e["kv_cache"]
         kv_mb = 2 * kv["num_layers"] * kv["num_kv_heads"] * kv["max_seq_len"] * kv["head_dim"] * 4 / 2**20
+        slots = f" x {e['max_batch']} sequence slots (target's slot 0 shared)" if "max_batch" in e else ""
         out.append(f"model       {name}: {e['graph']} ({c['model_type']}, {e['num_layers']} layers, hidden "
                    f"{c['hidden_size']}, vocab {c['vocab_size']}), weights {e['weights']}, attention "
-                   f"{e['attention']}, KV cache {kv_mb:.1f} MiB")
+                   f"{e['attention']}, KV cache {kv_mb:.1f} MiB{slots}")
     for d in m["drafters"]:
         extra = f", model {d['model']}" if "model" in d else ""
         if d.get("tree"):

@@ -43,7 +43,8 @@ class Engine:
         return super().__new__(cls)
 
     def __init__(self, bundle_dir: str, entry: dict, threads: int | None = None, device: str = "cpu",
-                 max_rows: int = 64, prepack: bool = True):
+                 max_rows: int = 64, prepack: bool = True, cache: KVCache | None = None):
+        """cache: the KV cache to bind (a slot of a batched cache, KVCache.slot); by default one of its own."""
         self.entry = entry
         cfg = entry["config"]
         kv = entry["kv_cache"]
@@ -59,7 +60,7 @@ class Engine:
         if self.session.get_providers()[0] != providers[0]:  # onnxruntime fell back to the CPU with a warning
             raise SpeccompileError(f"onnxruntime could not start its {providers[0]} (the CUDA or cuDNN libraries "
                                    "are missing or do not match the driver; its log above says which)")
-        self.cache = self._make_cache(bundle_dir, entry, device, providers)
+        self.cache = cache or self._make_cache(bundle_dir, entry, device, providers)
         # a graph with the verify extension (speccompile.graphs) accepts drafts itself (`verify`); the generator
         # uses it while `verifies` is true (set it false to compare with acceptance on the host)
         self.verifies = "accept_node" in {o.name for o in self.session.get_outputs()}

@@ -23,8 +23,10 @@ from speccompile.runtime.drafters.base import Drafter, Proposal, RuntimeContext
 from speccompile.runtime.drafters.lookup import LookupDrafter, LookupReach, join_lookup
 from speccompile.runtime.engine import Engine
 from speccompile.runtime.sessions import check_threads
+from speccompile.runtime.kv_cache import KVCache
 from speccompile.runtime.request import Request, build_request, check_messages, is_batch
 from speccompile.runtime.sampling import SamplingParams, probabilities, sample
+from speccompile.runtime.scheduler import Scheduler
 from speccompile.runtime.text_stream import Chunk, TextStream
 from speccompile.runtime.tokenizer import BundleTokenizer
 
@@ -46,6 +48,25 @@ def ort_version() -> str:
     return onnxruntime.__version__
 
 
+def batch_cache(manifest: dict) -> tuple[dict | None, KVCache | None]:
+    """The batched target graph's manifest entry and the cache of its sequence slots, if the bundle has one."""
+    entry = manifest["models"].get("target_batch")
+    if not entry or entry.get("kind") != "decoder_batch" or entry.get("max_batch", 1) < 2:
+        return None, None
+    kv = entry["kv_cache"]
+    return entry, KVCache(entry["num_layers"], kv["num_kv_heads"], kv["max_seq_len"], kv["head_dim"],
+                          batch=entry["max_batch"], dtype=kv.get("dtype", "float32"))
+
+
+def drain(stream) -> "GenerationResult":
+    """Run a stream to its end; its GenerationResult."""
+    while True:
+        try:
+            next(stream)
+        except StopIteration as stop:
+            return stop.value
+
+
 def load_drafter(entry: dict, ctx: RuntimeContext) -> Drafter:
     """The drafter a manifest entry describes, built by its kind's runtime module (format/drafter_kinds.py)."""
     kind = KINDS.get(entry.get("kind"))
@@ -59,22 +80,30 @@ def load_drafter(entry: dict, ctx: RuntimeContext) -> Drafter:
 
 
 class Generator:
-    """A loaded bundle. `generate`, `stream` and `chat` may be called from several threads: the calls are
-    serialized (one runs at a time, each giving exactly the tokens it would give alone); they do not yet share
-    passes. A stream holds the Generator from its first chunk until it is exhausted or closed."""
+    """A loaded bundle. `generate`, `stream` and `chat` may be called from several threads at once, several
+    streams may be open in one thread, and `generate` takes a list of prompts: with a batched target graph
+    (`build --max-batch`) the requests share passes (runtime/scheduler.py), each giving exactly the tokens it
+    would give alone. A bundle without one serializes the calls (one runs at a time; a stream holds the
+    Generator from its first chunk until it is exhausted or closed)."""
+    prefill_chunk = PREFILL_CHUNK
+    lookup_reach_limit = LOOKUP_REACH_LIMIT
 
     def __init__(self, bundle_dir: str, manifest: dict, threads: int | None = None, device: str = "cpu",
                  context_cache: bool = True, cache_bytes: int = DEFAULT_CACHE_BYTES, cache_dir: str | None = None):
         """context_cache: reuse the K/V of prompt prefixes seen before (runtime/context_cache.py), within
         cache_bytes of memory, and in cache_dir across restarts if given."""
-        self.bundle_dir, self.manifest = bundle_dir, manifest
+        self.bundle_dir, self.manifest, self.threads, self.device = bundle_dir, manifest, threads, device
         target = manifest["models"]["target"]
-        self.target = Engine(bundle_dir, target, threads, device, max_rows=MAX_VERIFY_TOKENS)
+        # sequence slots sharing passes: host caches only (the batched graph binds numpy arrays)
+        batched, cache = batch_cache(manifest) if device == "cpu" else (None, None)
+        # the single-sequence graph is bound to slot 0 of the batched cache: a request alone runs it unchanged
+        self.target = Engine(bundle_dir, target, threads, device, max_rows=MAX_VERIFY_TOKENS,
+                             cache=cache.slot(0) if cache else None)
         self.max_seq_len = self.target.max_seq_len
         self.pass_bytes = pass_weight_bytes(manifest, target, self.target.weight_bytes)
         self.tokenizer = BundleTokenizer(resolve_inside(bundle_dir, manifest["tokenizer"]["dir"]),
                                          target["config"].get("eos_token_ids", ()))
-        ctx = RuntimeContext(bundle_dir, manifest, threads, device, self.target, MAX_VERIFY_TOKENS)
+        self._ctx = ctx = RuntimeContext(bundle_dir, manifest, threads, device, self.target, MAX_VERIFY_TOKENS)
         self.drafters: dict[str, Drafter] = {d["name"]: load_drafter(d, ctx) for d in manifest["drafters"]}
         self.num_draft = {d["name"]: d["num_draft"] for d in manifest["drafters"]}
         self.trees = {d["name"]: TreeSpec.from_dict(d["tree"]) if d.get("tree") else None
@@ -84,10 +113,16 @@ class Generator:
         self._pending = np.zeros(1, np.int64)  # a plain decode step's one token
         self._lock, self._owner = threading.Lock(), None
         # the context cache copies K/V rows through host arrays: device caches (--device cuda, TensorRT) go without
-        host_cache = hasattr(self.target.cache, "key")
+        engines = [self.target, *(d.engine for d in self.drafters.values() if getattr(d, "engine", None))]
+        host_cache = all(hasattr(e.cache, "key") for e in engines)
         self.context_cache = ContextCache(bundle_identity(manifest, f"onnxruntime {ort_version()}"),
                                           cache_parts(self.target.cache, self.drafters.values()), cache_bytes,
                                           cache_dir=cache_dir) if context_cache and host_cache else None
+        self.scheduler = Scheduler(self, cache, batched) if cache else None
+
+    def fork_drafter(self, name: str) -> Drafter:
+        """A second instance of a bundle drafter, with state of its own (a sequence slot's)."""
+        return load_drafter(next(d for d in self.manifest["drafters"] if d["name"] == name), self._ctx)
 
     @classmethod
     def load(cls, bundle_dir: str, threads: int | None = None, device: str = "cpu", verify: bool = True, **cache):
@@ -226,21 +261,26 @@ class Generator:
         params = params or SamplingParams(temperature, top_k, top_p, seed)
         request = build_request(self, prompt, max_new_tokens, params, drafter if speculate else None, speculate,
                                 stop, num_draft, tree, chat)
+        if self.scheduler:  # submitted now: its passes start before the caller reads the first chunk
+            return self._run(request, on_text, self._submit(request))
+        return self._serialized(request, on_text)
+
+    def _serialized(self, request: Request, on_text):
         with self._exclusive():
             result = yield from self._run(request, on_text)
         return result
 
+    def _submit(self, request: Request):
+        """Hand the request to the scheduler now (its passes start whether or not the caller reads them yet)."""
+        stats = self._new_stats(request)
+        return stats, self.scheduler.submit(request, stats).passes(), time.perf_counter()
+
     def generate(self, prompt, max_new_tokens: int = 128, **kwargs) -> GenerationResult | list[GenerationResult]:
         """Generate for one prompt (text or token ids) or a list of prompts (a list of results, in order); the
         keyword arguments are `stream`'s."""
-        if is_batch(prompt):
-            return [self.generate(p, max_new_tokens, **kwargs) for p in prompt]
-        it = self.stream(prompt, max_new_tokens, **kwargs)
-        while True:
-            try:
-                next(it)
-            except StopIteration as stop:
-                return stop.value
+        if is_batch(prompt):  # every stream opened (with the scheduler: submitted) before any is read
+            return [drain(it) for it in [self.stream(p, max_new_tokens, **kwargs) for p in prompt]]
+        return drain(self.stream(prompt, max_new_tokens, **kwargs))
 
     def chat(self, messages: list[dict], max_new_tokens: int = 128, **kwargs) -> GenerationResult:
         """Answer a conversation: messages [{"role": "system" | "user" | "assistant", "content": str}, ...], through
@@ -248,12 +288,21 @@ class Generator:
         kwargs.pop("chat", None)
         return self.generate(self.tokenizer.encode_messages(check_messages(messages)), max_new_tokens, **kwargs)
 
-    def _run(self, req: Request, on_text: Callable[[str], None] | None):
-        stats = SpecDecodeStats(req.drafter.name if req.drafter else None, req.tree.to_dict() if req.tree else None,
-                                len(req.ids))
+    @staticmethod
+    def _new_stats(req: Request) -> SpecDecodeStats:
+        return SpecDecodeStats(req.drafter.name if req.drafter else None, req.tree.to_dict() if req.tree else None,
+                               len(req.ids))
+
+    def _run(self, req: Request, on_text: Callable[[str], None] | None, submitted=None):
+        """The chunks of a request's passes: this thread's own loop (steps), or `submitted` = (stats, the
+        scheduler's passes, when it was submitted)."""
+        stats, passes, t0 = submitted or (None, None, time.perf_counter())
+        ttft = None
+        if passes is None:
+            stats = self._new_stats(req)
+            passes = self.steps(req.ids, req.max_new_tokens, req.drafter, req.k, req.params, stats, req.tree)
         text, out, given = TextStream(self.tokenizer, req.stop), [], 0
-        t0, ttft = time.perf_counter(), None
-        for new in self.steps(req.ids, req.max_new_tokens, req.drafter, req.k, req.params, stats, req.tree):
+        for new in passes:
             ttft = ttft if ttft is not None else time.perf_counter() - t0
             done = self._take(new, out, text, req.max_new_tokens)
             if done:
@@ -268,7 +317,7 @@ class Generator:
             if done:
                 break
         total = time.perf_counter() - t0
-        if self.context_cache:  # the answer's blocks too: the next turn of a chat starts with them
+        if self.context_cache and submitted is None:  # the answer's blocks too (the scheduler saves its own)
             context = np.concatenate([req.ids, np.asarray(out, np.int64)])
             self.context_cache.save(context, min(self.target.cache.length, len(context)), self.target.cache,
                                     req.drafter)

@@ -26,14 +26,28 @@ def cache_types(dtype: str) -> tuple[type, int]:
 
 
 class KVCache:
-    def __init__(self, num_layers: int, num_kv_heads: int, max_seq_len: int, head_dim: int,
-                 dtype: str = "float32"):
-        shape = (num_layers, 1, num_kv_heads, max_seq_len, head_dim)
+    """K and V per layer, [num_layers, batch, num_kv_heads, max_seq_len, head_dim]: batch sequence slots (a batched
+    graph's cache, runtime/batch_engine.py), each with its own committed length in its `slot` view."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, max_seq_len: int, head_dim: int, dtype: str = "float32",
+                 *, batch: int = 1, arrays: tuple[np.ndarray, np.ndarray] | None = None):
+        shape = (num_layers, batch, num_kv_heads, max_seq_len, head_dim)
         storage, self.onnx_type = cache_types(dtype)
-        self.key = np.zeros(shape, storage)
-        self.value = np.zeros(shape, storage)
+        self.dtype = dtype
+        # np.zeros maps zero pages lazily: slots never used cost no memory
+        self.key, self.value = arrays if arrays is not None else (np.zeros(shape, storage), np.zeros(shape, storage))
         self.max_seq_len = max_seq_len
-        self.length = 0  # committed tokens whose K/V are valid
+        self.length = 0  # committed tokens whose K/V are valid (of slot 0 where batch > 1: see `slot`)
+
+    @property
+    def batch(self) -> int:
+        return self.key.shape[1]
+
+    def slot(self, b: int) -> "KVCache":
+        """Slot b as a one-sequence cache sharing this one's memory, with a length of its own (an engine bound to
+        it writes into slot b of the batched cache)."""
+        return KVCache(self.key.shape[0], self.key.shape[2], self.max_seq_len, self.key.shape[4],
+                       arrays=(self.key[:, b:b + 1], self.value[:, b:b + 1]), dtype=self.dtype)
 
     @property
     def nbytes(self) -> int:

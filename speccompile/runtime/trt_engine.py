@@ -45,7 +45,9 @@ class TensorRTEngine:
     buffer_device = "cuda"  # tests drive the same code with "cpu" OrtValues and a stand-in for TensorRT
 
     def __init__(self, bundle_dir: str, entry: dict, threads: int | None = None, device: str = "tensorrt",
-                 max_rows: int = 64, prepack: bool = True):
+                 max_rows: int = 64, prepack: bool = True, cache=None):
+        if cache is not None:  # sequence slots are for the onnxruntime CPU path (Generator binds none here)
+            raise SpeccompileError("TensorRT engines keep their own device caches: no batched cache slots")
         if "tensorrt" not in entry:
             raise SpeccompileError("this bundle has no TensorRT engines: build it with --backend tensorrt")
         self.entry, self.device, self.max_rows, self.verifies = entry, device, max_rows, False

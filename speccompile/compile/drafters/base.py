@@ -9,6 +9,7 @@ import numpy as np
 
 from speccompile.compile.checkpoint import Checkpoint
 from speccompile.compile.config import ModelConfig
+from speccompile.graphs import DEFAULT_MAX_BATCH
 from speccompile.graphs.builder import GraphBuilder
 
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -30,6 +31,7 @@ class BuildOptions:
     draft_precision: str = "int8"  # draft heads' matrices in int8 (speccompile.compile.quantize.int8), or "float32"
     dtype: str = "float32"  # graphs, weights and KV caches: float32, float16 or bfloat16 (compile/precision.py)
     weights: str = "source"  # the target's matrices: source | float32 | int8 | int4 (quantize/target_weights.py)
+    max_batch: int = DEFAULT_MAX_BATCH  # sequence slots of the batched target graph (1: none)
 
 
 @dataclasses.dataclass(frozen=True)

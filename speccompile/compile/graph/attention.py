@@ -58,10 +58,11 @@ def _qk_norms(g: GraphBuilder, cfg: ModelConfig, W: dict[str, str], p: str, qkv:
 
 def grouped_query_attention(g: GraphBuilder, cfg: ModelConfig, W: dict[str, str], p: str, x: str, layer: int,
                             lowering: str, total_len: str, rope: tuple[str, str], bias: str = "attention_bias",
-                            norm=None) -> str:
+                            norm=None, query_seqlens: str = "") -> str:
     """Layer `layer`'s attention (weights p + qkv, qkv_bias, q_norm, k_norm, o) on x [1, S, H_in]; returns the
     o_proj output. rope: the (cos, sin) tables; bias: the additive mask (window_bias for sliding layers); norm:
-    the graph's RMSNorm, for q/k norms."""
+    the graph's RMSNorm, for q/k norms; query_seqlens: a batched graph's input
+    (x is then [N, S, H_in])."""
     if cfg.rope_dim != cfg.head_dim and lowering != "ort":
         raise UnsupportedModelError(f"partial rotary ({cfg.rope_dim} of {cfg.head_dim} channels) is lowered by "
                                     "--attention ort only")
@@ -74,5 +75,6 @@ def grouped_query_attention(g: GraphBuilder, cfg: ModelConfig, W: dict[str, str]
         g, lowering, qkv, f"past_key.{layer}", f"past_value.{layer}", f"present_key.{layer}",
         f"present_value.{layer}", seqlens_k="seqlens_k", total_len=total_len, cos=rope[0], sin=rope[1],
         position_ids="position_ids", attention_bias=bias,
-        num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim)
+        num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+        query_seqlens=query_seqlens)
     return matmul(g, a, W, p + "o")

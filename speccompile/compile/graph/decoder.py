@@ -16,7 +16,7 @@ from speccompile.graphs.builder import GraphBuilder
 
 def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len: int, num_layers: int | None = None,
                   attention: str = "ort", fused: bool = True, name: str = "decoder", verify: bool = False,
-                  aux_layers: list | None = None) -> GraphBuilder:
+                  aux_layers: list | None = None, batched: bool = False) -> GraphBuilder:
     """embedding -> the first `num_layers` layers (all by default) -> final norm -> output head.
 
     attention: the TreeAttention lowering ("ort" fused kernel, "reference" standard ops, "plugin" one node).
@@ -24,12 +24,14 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
     verify: the target's in-graph acceptance (graph/verify.py), and its exact greedy head (graph/head_screen.py)
           where the weights have the screen's tensors and the graph is fused (MatMulNBits is onnxruntime's).
     aux_layers: add the output aux_hidden_states, the features EAGLE heads read (graph/output.hidden_outputs).
+    batched: the batched form of speccompile.graphs (several sequence slots per pass; acceptance on the host), with
+          the exact greedy head where the weights have its tensors and the graph is fused.
     """
     L = cfg.num_hidden_layers if num_layers is None else num_layers
-    screen = verify and fused and "head_screen.codes" in weights
+    screen = (verify or batched) and fused and "head_screen.codes" in weights
     signature = decoder_signature(L, cfg.cache_kv_heads, cfg.cache_head_dim, max_seq_len, cfg.vocab_size,
                                   cfg.hidden_size, False, verify, aux_width=len(aux_layers or ()) * cfg.hidden_size,
-                                  screen=screen)
+                                  screen=screen, batched=batched)
 
     def keep(k):  # the first L layers' weights; the screen's only where the graph has it
         return (layer_of(k) is None or layer_of(k) < L) and (screen or not k.startswith("head_screen."))
@@ -42,8 +44,11 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
     x, h, taps = decoder_layers(s, "", L, x, h, s.W["final_norm"])
     if not L:
         x = s.norm(h, s.W["final_norm"])
-    rows, batch = hidden_outputs(s.g, x, h, taps, aux_layers)
-    if verify:
+    rows, batch = hidden_outputs(s.g, x, h, taps, aux_layers, batched)
+    if batched and screen:
+        exact = s.g.op("Squeeze", ["full_logits", batch])[0]
+        emit_screened_head(s.g, rows, s.W.get("lm_head", s.W["embed"]), s.W, s.g.op("Not", [exact])[0])
+    elif verify:
         _verified_head(s, rows, batch, screen)
     else:
         greedy_token(s.g, float_head(s.g, rows, s.W.get("lm_head", s.W["embed"])))

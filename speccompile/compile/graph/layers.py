@@ -28,6 +28,7 @@ class Stack:
     attention: str
     total_len: str
     window_bias: str | None = None  # sliding layers' attention bias, emitted once per graph
+    query_seqlens: str = ""  # batched graphs: each sequence's real rows (speccompile.graphs, batched form)
 
 
 def open_graph(name: str, cfg: ModelConfig, signature, weights: dict[str, np.ndarray], keep: Callable[[str], bool],
@@ -38,7 +39,9 @@ def open_graph(name: str, cfg: ModelConfig, signature, weights: dict[str, np.nda
     for n, dt, shape in signature[0]:
         g.input(n, dt, shape, np.array(VERIFY_DEFAULTS[n], dt) if n in VERIFY_DEFAULTS else None)
     W = {k: g.weight(k, v) for k, v in weights.items() if keep(k)}
-    return Stack(g, cfg, W, RMSNorm(g, cfg.rms_norm_eps, fused), attention, total_length(g))
+    batched = "query_seqlens" in (n for n, _, _ in signature[0])
+    return Stack(g, cfg, W, RMSNorm(g, cfg.rms_norm_eps, fused), attention, total_length(g),
+                 query_seqlens="query_seqlens" if batched else "")
 
 
 def close_graph(s: Stack, signature) -> GraphBuilder:
@@ -71,7 +74,7 @@ def decoder_layer(s: Stack, prefix: str, i: int, x: str, h: str) -> tuple[str, s
         a = latent_attention(g, cfg, W, p, x, i, s.norm, s.total_len, cfg.mla_cache)
     else:
         a = grouped_query_attention(g, cfg, W, p, x, i, s.attention, s.total_len, _rope(s, prefix, i),
-                                    _bias(s, i), s.norm)
+                                    _bias(s, i), s.norm, s.query_seqlens)
     if p + "post_attn_norm" in W:  # sandwich norms (Gemma 3): attention's and the MLP's outputs normalised too
         a = s.norm(a, W[p + "post_attn_norm"])
     x, h = s.norm.add(a, h, W[p + "mlp_norm"])

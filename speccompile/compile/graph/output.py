@@ -13,18 +13,22 @@ from speccompile.graphs.builder import GraphBuilder
 NORM_TAP = "norm"  # the aux feature after the final norm (EAGLE-1's), beside layer ids
 
 
-def hidden_outputs(g: GraphBuilder, x: str, h: str, taps: dict | None = None, aux_layers=None) -> tuple[str, str]:
+def hidden_outputs(g: GraphBuilder, x: str, h: str, taps: dict | None = None, aux_layers=None,
+                   batched: bool = False) -> tuple[str, str]:
     """Emit hidden_states (h, the residual stream before the final norm: what MTP/EAGLE-style heads consume) and,
     with aux_layers, aux_hidden_states: those taps side by side (layer id i = the stream entering layer i, the
     layer count = after the last layer, NORM_TAP = x). Returns (the rows of x that logits_index asks for, the
-    constant [0] for squeezing the batch axis)."""
+    constant [0] for squeezing the batch axis). batched: [N, S, *] flattened to [N * S, *] rather than squeezed."""
     batch = g.const(np.array([0], np.int64))
-    g.op("Squeeze", [h, batch], outputs=["hidden_states"])
+
+    def rows_of(t, **out):
+        return g.op("Flatten", [t], axis=2, **out)[0] if batched else g.op("Squeeze", [t, batch], **out)[0]
+
+    rows_of(h, outputs=["hidden_states"])
     if aux_layers:
         taps = taps | {NORM_TAP: x}
-        g.op("Squeeze", [g.op("Concat", [taps[t] for t in aux_layers], axis=-1)[0], batch],
-             outputs=["aux_hidden_states"])
-    rows = g.op("Gather", [g.op("Squeeze", [x, batch])[0], "logits_index"], axis=0)[0]
+        rows_of(g.op("Concat", [taps[t] for t in aux_layers], axis=-1)[0], outputs=["aux_hidden_states"])
+    rows = g.op("Gather", [rows_of(x), "logits_index"], axis=0)[0]
     return rows, batch
 
 

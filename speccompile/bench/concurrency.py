@@ -1,0 +1,114 @@
+"""`speccompile bench --streams 1,2,4,8`: the same requests served one after another, then by N concurrent streams.
+
+Each request is one prompt decoded greedily with the bundle's first chosen drafter. The sequential run is the
+reference: every stream's tokens should equal it (`identical`; `identical_share` of the requests: a float
+near-tie may go either way between a one-row pass and a shared one, docs/guarantees.md "Threads"), and each N's aggregate tokens/s is divided by its
+aggregate tokens/s in the same run (`speedup_vs_sequential`: the machine's speed cancels out; the CI gate reads
+it). With repeats R, the sequential run and the N-stream runs alternate R times: the ratio is the median of the R
+neighbouring pairs', the figures those of the fastest run. Per request: time to first token (from its submission, so queueing for a slot counts) and time per output
+token after the first, as percentiles over the requests.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import numpy as np
+
+from speccompile.bench.methods import split_method
+from speccompile.errors import SpeccompileError
+
+PERCENTILES = (50, 90, 99)
+
+
+def serve(gen, requests: list[list[int]], max_new_tokens: int, streams: int, drafter: str | None,
+          tree: str | None = None) -> dict:
+    """Serve `requests` with `streams` threads, each taking the next request when it finishes one (streams=0:
+    one after another in this thread). Returns the run's figures and each request's tokens."""
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    for i in range(len(requests)):
+        todo.put(i)
+    results: list[dict | None] = [None] * len(requests)
+    errors: list[BaseException] = []
+
+    def worker():
+        try:
+            while True:
+                try:
+                    i = todo.get_nowait()
+                except queue.Empty:
+                    return
+                r = gen.generate(requests[i], max_new_tokens, drafter=drafter, tree=tree)
+                results[i] = {"token_ids": r.token_ids, "ttft_s": r.stats["ttft_s"], "total_s": r.stats["total_s"]}
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(e)
+
+    t0 = time.perf_counter()
+    if streams == 0:
+        worker()
+    else:
+        threads = [threading.Thread(target=worker) for _ in range(streams)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return figures(results, wall)
+
+
+def figures(results: list[dict], wall: float) -> dict:
+    tokens = sum(len(r["token_ids"]) for r in results)
+    ttft = [r["ttft_s"] for r in results]
+    tpot = [(r["total_s"] - r["ttft_s"]) / (len(r["token_ids"]) - 1) for r in results if len(r["token_ids"]) > 1]
+    pct = lambda xs: {f"p{q}": float(np.percentile(xs, q)) if xs else None for q in PERCENTILES}  # noqa: E731
+    return {"wall_s": wall, "new_tokens": tokens, "tokens_per_second": tokens / wall if wall > 0 else 0.0,
+            "ttft_s": pct(ttft), "time_per_output_token_s": pct(tpot),
+            "token_ids": [r["token_ids"] for r in results]}
+
+
+def measure_concurrency(gen, prompts: list[dict], max_new_tokens: int, streams: tuple[int, ...], requests: int,
+                        method: str | None, repeats: int = 1, log=lambda msg: None) -> dict:
+    """The concurrency section of a bench result (see the module docstring); method: a drafter, as NAME[@TREE]."""
+    drafter, tree = split_method(method) if method else (None, None)
+    if any(n < 1 for n in streams):
+        raise SpeccompileError(f"--streams {','.join(map(str, streams))}: stream counts must be at least 1")
+    ids = [list(map(int, p["ids"])) for p in prompts[:requests]]
+    if not ids:
+        raise SpeccompileError("--streams: no prompts to serve")
+    gen.generate(ids[0], min(8, max_new_tokens), drafter=drafter, tree=tree)  # warm-up
+    if max(streams) > 1:  # and the batched graph's session
+        gen.generate(ids[:2], min(8, max_new_tokens), drafter=drafter, tree=tree)
+    runs = []
+    for _ in range(repeats):  # each repeat: one after another, then each N, so a ratio's two runs are neighbours
+        log(f"serving {len(ids)} requests one after another, then with {', '.join(map(str, streams))} streams")
+        seq = serve(gen, ids, max_new_tokens, 0, drafter, tree)
+        runs.append((seq, {n: serve(gen, ids, max_new_tokens, n, drafter, tree) for n in streams}))
+    sequential = max((seq for seq, _ in runs), key=lambda r: r["tokens_per_second"])
+    out = {"drafter": method, "requests": len(ids), "max_new_tokens": max_new_tokens, "repeats": repeats,
+           "batched_graph": gen.scheduler is not None, "sequential": sequential, "streams": {}}
+    for n in streams:
+        run = max((by_n[n] for _, by_n in runs), key=lambda r: r["tokens_per_second"])  # best of the repeats
+        same = [a == b for a, b in zip(run["token_ids"], sequential["token_ids"])]
+        run["identical"], run["identical_share"] = all(same), sum(same) / len(same)
+        # the median over repeats of the ratio to the sequential run beside it
+        run["speedup_vs_sequential"] = float(np.median([by_n[n]["tokens_per_second"] / seq["tokens_per_second"]
+                                                        for seq, by_n in runs]))
+        out["streams"][str(n)] = run
+    return out
+
+
+def format_concurrency(section: dict) -> str:
+    seq = section["sequential"]
+    lines = [f"concurrency: {section['requests']} requests x {section['max_new_tokens']} tokens, drafter "
+             f"{section['drafter'] or 'none'}; one after another {seq['tokens_per_second']:.1f} tok/s",
+             f"{'streams':>8s} {'tok/s':>8s} {'vs seq':>7s} {'TTFT p50/p90 s':>16s} {'TPOT p50/p90 ms':>16s}  identical"]
+    for n, r in section["streams"].items():
+        t, p = r["ttft_s"], r["time_per_output_token_s"]
+        tpot = f"{p['p50'] * 1e3:.1f}/{p['p90'] * 1e3:.1f}" if p["p50"] is not None else "-"
+        ttft = f"{t['p50']:.2f}/{t['p90']:.2f}"
+        lines.append(f"{n:>8s} {r['tokens_per_second']:8.1f} {r['speedup_vs_sequential']:6.2f}x {ttft:>16s} "
+                     f"{tpot:>16s}  {r['identical']}")
+    return "\n".join(lines)

@@ -1,0 +1,150 @@
+"""The target's batched graph (speccompile.graphs, batched form) over the sequence slots of one KV cache.
+
+One `run` is one pass over a consecutive run of slots: each slot its own step (a prefill chunk, a pending token and
+its draft tree, or nothing), padded to the longest step's rows. The cache is the batched KVCache the Generator
+allocates; slot b's committed length lives in `cache.slot(b)`-style views the caller keeps (`SlotStep.length`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import onnxruntime as ort
+
+from speccompile.errors import SpeccompileError
+from speccompile.format.bundle import resolve_inside
+from speccompile.graphs import MAX_STEP_TOKENS
+from speccompile.runtime.engine import BIAS_WIDTH_STEP, NEG_INF, ancestor_mask, open_session, providers_for, \
+    session_options
+from speccompile.runtime.kv_cache import KVCache
+
+
+@dataclasses.dataclass
+class SlotStep:
+    """One slot's part of a pass: tokens written at cache slots [length, length + S); slots below `committed`
+    (default: length) visible to all of them, the rest a tree region whose visibility `parents` gives (relative
+    to committed; None: a chain), as Engine.forward. rows: the tokens whose logits and next_token are wanted."""
+    slot: int
+    tokens: np.ndarray
+    length: int
+    positions: np.ndarray | None = None
+    parents: np.ndarray | None = None
+    committed: int | None = None
+    rows: np.ndarray | None = None  # default: the last token
+
+    @property
+    def wanted(self) -> np.ndarray:
+        return np.array([len(self.tokens) - 1]) if self.rows is None else np.asarray(self.rows, np.int64)
+
+
+class BatchEngine:
+    def __init__(self, bundle_dir: str, entry: dict, cache: KVCache, threads: int | None = None,
+                 device: str = "cpu"):
+        self.entry, self.cache = entry, cache
+        self.num_layers, self.max_seq_len = entry["num_layers"], cache.max_seq_len
+        self.slots = cache.batch
+        self.vocab_size = next(o["shape"][1] for o in entry["outputs"] if o["name"] == "logits")
+        self.session = open_session(resolve_inside(bundle_dir, entry["graph"]), session_options(threads),
+                                    providers_for(device))
+        B, S = self.slots, MAX_STEP_TOKENS
+        self._id_buf, self._pos_buf = np.zeros(B * S, np.int64), np.zeros(B * S, np.int64)  # [n, S] views per pass
+        self._seqlens, self._qlens = np.zeros(B, np.int32), np.zeros(B, np.int32)
+        self._bias = np.empty(B * S * self.max_seq_len, np.float32)
+        self._rows = np.zeros(B * S, np.int64)
+        self.logits = np.zeros((B * S, self.vocab_size), np.float32)
+        self.next_token = np.zeros(B * S, np.int64)
+        self.hidden = np.zeros((B * S, entry["config"]["hidden_size"]), np.float32)
+        aux = next((o["shape"][1] for o in entry["outputs"] if o["name"] == "aux_hidden_states"), 0)
+        self.aux = np.zeros((B * S, aux), np.float32) if aux else None
+        optional = {i.name for i in self.session.get_overridable_initializers()}
+        self._full_logits = np.ones(1, bool) if "full_logits" in optional else None
+        self._io: dict[tuple[int, int], tuple[ort.IOBinding, dict]] = {}  # per slot run: binding, bound shapes
+        self.weight_bytes = sum(os.path.getsize(resolve_inside(bundle_dir, w)) for w in entry["weights"])
+
+    def _binding(self, first: int, n: int):
+        """The IO binding of slots [first, first + n): their cache rows bound once as past and present."""
+        if (first, n) not in self._io:
+            io = self.session.io_binding()
+            for i in range(self.num_layers):
+                for kind, arr in (("key", self.cache.key[i]), ("value", self.cache.value[i])):
+                    ov = ort.OrtValue.ortvalue_from_numpy(arr[first:first + n])
+                    io.bind_ortvalue_input(f"past_{kind}.{i}", ov)
+                    io.bind_ortvalue_output(f"present_{kind}.{i}", ov)
+            self._io[(first, n)] = (io, {})
+        return self._io[(first, n)]
+
+    def run(self, steps: list[SlotStep], full_logits: bool = True, idle: dict[int, int] | None = None):
+        """One pass over the slots of `steps`. A slot between them that has no step runs one throw-away row
+        written just past its committed length, `idle[slot]` (0 for a free slot): never over its committed K/V.
+        Returns {slot: (logits rows, next_token rows, hidden-state row indices)}: views valid until the next call;
+        hidden rows index `self.hidden` (and `self.aux`)."""
+        by_slot = {s.slot: s for s in steps}
+        first, last = min(by_slot), max(by_slot)
+        n = last - first + 1
+        S = max(len(s.tokens) for s in steps)
+        if S > MAX_STEP_TOKENS:
+            raise SpeccompileError(f"step of {S} tokens: at most {MAX_STEP_TOKENS} per pass")
+        idle = {b: (idle or {}).get(b, 0) for b in range(first, last + 1) if b not in by_slot}
+        width = max([s.length + len(s.tokens) for s in steps] + [w + 1 for w in idle.values()])
+        if width > self.max_seq_len:
+            raise SpeccompileError(f"step reaches {width} tokens: the compiled context is {self.max_seq_len}")
+        T = min(-(-width // BIAS_WIDTH_STEP) * BIAS_WIDTH_STEP, self.max_seq_len)
+        bias = self._bias[:n * S * T].reshape(n, 1, S, T)
+        bias.fill(NEG_INF)
+        bias[:, :, :, 0] = 0.0  # padding rows see slot 0: no row is fully masked
+        ids, pos = self._id_buf[:n * S].reshape(n, S), self._pos_buf[:n * S].reshape(n, S)
+        ids.fill(0)
+        pos.fill(0)
+        R = 0
+        out = {}
+        for j in range(n):
+            step = by_slot.get(first + j)
+            if step is None:  # an idle slot inside the run: one row at its committed length (sees slot 0 only)
+                self._seqlens[j], self._qlens[j], pos[j, 0] = idle[first + j], 1, idle[first + j]
+                continue
+            self._fill_slot(j, step, ids[j], pos[j], bias[j, 0])
+            rows = step.wanted
+            self._rows[R:R + len(rows)] = j * S + rows
+            out[step.slot] = (slice(R, R + len(rows)), j * S + np.arange(len(step.tokens)))
+            R += len(rows)
+        self._bind_and_run(first, n, S, T, R, ids, pos, bias, full_logits)
+        return {b: (self.logits[r], self.next_token[r], h) for b, (r, h) in out.items()}
+
+    def _fill_slot(self, j: int, step: SlotStep, ids: np.ndarray, pos: np.ndarray, bias: np.ndarray) -> None:
+        """Row j of the pass's inputs from one slot's step: its ids, positions and [S, T] bias rows."""
+        k, W = len(step.tokens), step.length
+        C = W if step.committed is None else step.committed
+        ids[:k] = step.tokens
+        pos[:k] = np.arange(W, W + k) if step.positions is None else step.positions
+        self._seqlens[j], self._qlens[j] = W + k - 1, k
+        region = W + k - C
+        visible = (np.tril(np.ones((region, region), bool)) if step.parents is None
+                   else ancestor_mask(np.asarray(step.parents)))[-k:]
+        bias[:k, :C] = 0.0
+        np.copyto(bias[:k, C:W + k], 0.0, where=visible)
+
+    def _bind_and_run(self, first, n, S, T, R, ids, pos, bias, full_logits) -> None:
+        io, bound = self._binding(first, n)
+
+        def bind(name, buf, shape, output=False):
+            key = (buf.ctypes.data, tuple(shape))
+            if bound.get(name) != key:
+                (io.bind_output if output else io.bind_input)(name, "cpu", 0, buf.dtype.type, shape, buf.ctypes.data)
+                bound[name] = key
+
+        bind("input_ids", ids, [n, S])
+        bind("position_ids", pos, [n, S])
+        bind("seqlens_k", self._seqlens, [n])
+        bind("query_seqlens", self._qlens, [n])
+        bind("attention_bias", bias, [n, 1, S, T])
+        bind("logits_index", self._rows, [R])
+        bind("logits", self.logits, [R, self.vocab_size], output=True)
+        bind("next_token", self.next_token, [R], output=True)
+        bind("hidden_states", self.hidden, [n * S, self.hidden.shape[1]], output=True)
+        if self.aux is not None:
+            bind("aux_hidden_states", self.aux, [n * S, self.aux.shape[1]], output=True)
+        if self._full_logits is not None:
+            self._full_logits[0] = full_logits
+            bind("full_logits", self._full_logits, [1])
+        self.session.run_with_iobinding(io)

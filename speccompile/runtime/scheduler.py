@@ -1,0 +1,335 @@
+"""Continuous batching: the requests of many callers share the target's passes.
+
+No thread of its own: a caller waiting for its next tokens runs the next round of passes for everyone (one caller
+at a time; the others wait for the round to end), so a request alone pays no thread hand-off per pass, and
+requests progress while any caller waits. Requests join and leave between passes; each holds a sequence slot of the
+batched KV cache (`KVCache.slot`) with its own drafter, sampling parameters, random generator, stop conditions,
+acceptance, roll back and compaction. Each round runs at most one prefill chunk of a joining request (so a long
+prompt does not stall the others), then one pass that verifies every decoding slot's pending token and draft
+tree (runtime/batch_engine.py). A request alone in slot 0 runs the single-sequence graph, exactly as the
+Generator's own loop does (in-graph acceptance, nothing batched to pay for).
+
+Every slot's tokens are those it would get alone: greedy, the target's argmax rows are the same whatever else
+shares the pass; sampled, a slot draws from its own generator in the order it would alone (a verify block's
+uniforms as one [rows, 2] table read by the rule the verify graph applies), so a seed reproduces a run.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import queue
+import threading
+
+import numpy as np
+
+from speccompile.format.trees import depths
+from speccompile.runtime.acceptance import SpecDecodeStats, Verdict, accept_greedy, accept_sampled, from_table
+from speccompile.runtime.batch_engine import BatchEngine, SlotStep
+from speccompile.runtime.drafters.base import Drafter, Proposal
+from speccompile.runtime.drafters.lookup import LookupReach
+from speccompile.runtime.kv_cache import KVCache
+from speccompile.runtime.request import Request
+from speccompile.runtime.sampling import probabilities, sample
+
+_DONE = object()  # a request's queue ends with this
+# Rows a shared verify pass aims at: a pass's cost grows with its rows (4-bit products nearly in proportion), so
+# when several greedy slots decode, their drafts share this budget (each keeps at least one draft node). Greedy
+# output does not depend on the drafts; sampled requests keep their whole drafts, so a seed's draws do not depend
+# on what else runs.
+SHARED_PASS_ROWS = 16
+
+
+class Handle:
+    """A request's link from the scheduler to its caller: the token lists of its passes, in order."""
+
+    def __init__(self, scheduler: "Scheduler", request: Request, stats: SpecDecodeStats):
+        self.scheduler, self.request, self.stats = scheduler, request, stats
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.cancelled = False  # set by the caller (a closed stream): the slot is freed before the next pass
+
+    def passes(self):
+        """The token lists committed by each pass (the prefill's first token first). Closing it cancels."""
+        try:
+            while True:
+                item = self.scheduler.next_item(self)
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.cancelled = True
+            self.scheduler.tidy()
+
+
+@dataclasses.dataclass
+class Slot:
+    """One request in a sequence slot: its decode state, as Generator.steps keeps it in local variables."""
+    index: int
+    handle: Handle
+    cache: KVCache
+    drafter: Drafter | None
+    rng: np.random.Generator
+    context: np.ndarray
+    reach: LookupReach | None
+    prefilled: int = 0  # prompt tokens in the cache so far
+    n: int = 0  # committed tokens (the last, `token`, not yet in the cache)
+    token: int = -1
+    generated: int = 0
+    prop: Proposal | None = None
+
+    @property
+    def req(self) -> Request:
+        return self.handle.request
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.req.ids)
+
+
+class Scheduler:
+    def __init__(self, gen, cache: KVCache, batch_entry: dict):
+        """gen: the Generator (its target engine is bound to slot 0 of `cache`, its drafters serve slot 0)."""
+        self.gen, self.cache, self.entry = gen, cache, batch_entry
+        self.slots: list[Slot | None] = [None] * cache.batch
+        self.slot_caches = [gen.target.cache] + [cache.slot(b) for b in range(1, cache.batch)]
+        self.waiting: collections.deque[Handle] = collections.deque()
+        self.wake = threading.Condition()  # guards `waiting` and `driving`
+        self.driving = False  # a caller is running a round
+        self._engine: BatchEngine | None = None
+        self._drafters: dict[tuple[int, str], Drafter] = {}  # slot b > 0's own instance of each drafter
+        self.trace: list | None = None  # a list: each pass appends ("prefill", slot) or ("decode", slots)
+        self.shared_passes = 0  # decode passes that verified two or more slots at once
+
+    # ---- the callers' side -------------------------------------------------------------------------------
+    def submit(self, request: Request, stats: SpecDecodeStats) -> Handle:
+        handle = Handle(self, request, stats)
+        with self.wake:
+            self.waiting.append(handle)
+        return handle
+
+    def next_item(self, handle: Handle):
+        """The handle's next queued item, running rounds (or waiting for another caller's) until there is one."""
+        while True:
+            try:
+                return handle.queue.get_nowait()
+            except queue.Empty:
+                pass
+            with self.wake:
+                while self.driving and handle.queue.empty():
+                    self.wake.wait()
+                if not handle.queue.empty():
+                    continue
+                self.driving = True
+            self._drive(self._round)
+
+    def tidy(self) -> None:
+        """Free the slots of cancelled requests now, unless a round (which does it first) is running."""
+        with self.wake:
+            if self.driving:
+                return
+            self.driving = True
+        self._drive(self._free_cancelled)
+
+    def _drive(self, work) -> None:
+        try:
+            work()
+        except BaseException as e:  # noqa: BLE001 - every request in a slot gets the error; the slots reset
+            for s in filter(None, self.slots):
+                self._finish(s, e)
+        finally:
+            with self.wake:
+                self.driving = False
+                self.wake.notify_all()
+
+    @property
+    def engine(self) -> BatchEngine:
+        """The batched graph's session, opened the first time two requests share a pass."""
+        if self._engine is None:
+            g = self.gen
+            self._engine = BatchEngine(g.bundle_dir, self.entry, self.cache, g.threads, g.device)
+        return self._engine
+
+    # ---- a round -----------------------------------------------------------------------------------------
+    def _round(self) -> None:
+        """Free cancelled slots, admit waiting requests, run one prefill chunk, then one decode pass."""
+        self._free_cancelled()
+        self._admit()
+        joining = [s for s in filter(None, self.slots) if not s.decoding]
+        if joining:
+            if self.trace is not None:
+                self.trace.append(("prefill", tuple(s.index for s in joining)))
+            self._prefill(joining)
+        decoding = [s for s in filter(None, self.slots) if s.decoding and s.n]
+        if decoding:
+            if self.trace is not None:
+                self.trace.append(("decode", tuple(s.index for s in decoding)))
+            self.shared_passes += len(decoding) > 1
+            self._decode(decoding)
+
+    def _free_cancelled(self) -> None:
+        for s in filter(None, self.slots):
+            if s.handle.cancelled:
+                self._finish(s)
+
+    def _admit(self) -> None:
+        with self.wake:
+            while self.waiting and None in self.slots:
+                handle = self.waiting.popleft()
+                if handle.cancelled:
+                    handle.queue.put(_DONE)
+                    continue
+                b = self.slots.index(None)
+                self.slots[b] = self._new_slot(b, handle)
+
+    def _new_slot(self, b: int, handle: Handle) -> Slot:
+        req = handle.request
+        drafter = req.drafter
+        if drafter is not None and b > 0:
+            key = (b, drafter.name)
+            if key not in self._drafters:
+                self._drafters[key] = self.gen.fork_drafter(drafter.name)
+            drafter = self._drafters[key]
+        if drafter is not None:
+            drafter.reset()
+        context = np.zeros(len(req.ids) + req.max_new_tokens, np.int64)
+        context[:len(req.ids)] = req.ids
+        tree = req.tree
+        reach = LookupReach(tree.lookup, self.gen.lookup_reach_limit * tree.lookup) if tree and tree.lookup else None
+        cache = self.slot_caches[b]
+        cache.truncate(0)
+        slot = Slot(b, handle, cache, drafter, np.random.default_rng(req.params.seed), context, reach)
+        self._restore_prefix(slot)
+        return slot
+
+    def _restore_prefix(self, s: Slot) -> None:
+        """The longest prefix of s's prompt the context cache holds, restored into its slot (as Generator._prefill
+        does for a request run alone): its prefill starts after it."""
+        ctx_cache, ids = self.gen.context_cache, s.req.ids
+        hit = ctx_cache.restore(ids, s.cache, s.drafter) if ctx_cache else 0
+        s.prefilled = hit
+        s.cache.truncate(hit)
+        stats = s.handle.stats
+        stats.prompt_cache_hit_tokens, stats.prompt_cache_miss_tokens = hit, len(ids) - hit
+
+    def _finish(self, s: Slot, error: BaseException | None = None) -> None:
+        ctx_cache = self.gen.context_cache
+        if ctx_cache and error is None and s.decoding:  # the answer's blocks too: a chat's next turn starts with them
+            ctx_cache.save(s.context, min(s.cache.length, s.n), s.cache, s.drafter)
+        s.handle.queue.put(error if error is not None else _DONE)
+        s.cache.truncate(0)
+        self.slots[s.index] = None
+
+    def _emit(self, s: Slot, new: list[int]) -> None:
+        s.handle.queue.put(new)
+        s.generated += len(new)
+        eos = self.gen.tokenizer.eos_token_ids
+        if s.generated >= s.req.max_new_tokens or any(t in eos for t in new):
+            self._finish(s)
+
+    def _idle(self, running: list[Slot]) -> dict[int, int]:
+        """The committed lengths of the occupied slots a pass does not run (its throw-away rows go past them)."""
+        return {s.index: s.cache.length for s in filter(None, self.slots) if s not in running}
+
+    # ---- prefill -----------------------------------------------------------------------------------------
+    def _prefill(self, slots: list[Slot]) -> None:
+        """One chunk of each joining request's prompt, in one pass; after its last chunk a request has its first
+        token (as Generator._prefill)."""
+        gen, chunk = self.gen, self.gen.prefill_chunk
+        sampling = not all(s.req.params.greedy for s in slots)
+        if len(slots) == 1 and slots[0].index == 0:  # alone: the single-sequence graph, bound to slot 0
+            s = slots[0]
+            logits, argmax = gen.target.forward(s.req.ids[s.prefilled:s.prefilled + chunk], full_logits=sampling)
+            self._prefilled(s, gen.target, logits, argmax, slice(0, len(s.req.ids[s.prefilled:][:chunk])))
+            return
+        steps = [SlotStep(s.index, s.req.ids[s.prefilled:s.prefilled + chunk], s.prefilled) for s in slots]
+        results = self.engine.run(steps, sampling, self._idle(slots))
+        for s in slots:
+            self._prefilled(s, self.engine, *results[s.index])
+
+    def _prefilled(self, s: Slot, engine, logits, argmax, rows) -> None:
+        """Account for a chunk of s's prompt that `engine` just ran (its hidden states at `rows`)."""
+        start = s.prefilled
+        if s.drafter and s.drafter.wants_hidden:
+            s.drafter.observe(start, s.drafter.features(engine, rows))
+        s.prefilled = min(len(s.req.ids), start + self.gen.prefill_chunk)
+        s.cache.truncate(s.prefilled)
+        if s.decoding:
+            if self.gen.context_cache:
+                self.gen.context_cache.save(s.req.ids, len(s.req.ids), s.cache, s.drafter)
+            params = s.req.params
+            s.token = int(argmax[0]) if params.greedy else sample(probabilities(logits[0], params), s.rng)
+            s.n = len(s.req.ids)
+            self._emit(s, [s.token])
+
+    # ---- decode ------------------------------------------------------------------------------------------
+    def _decode(self, slots: list[Slot]) -> None:
+        """One pass over every decoding slot: each one's pending token and its drafts, verified together."""
+        share = max(1, SHARED_PASS_ROWS // len(slots) - 1)  # draft nodes per greedy slot
+        for s in slots:
+            s.context[s.n] = s.token  # committed, but not yet in the target's cache
+            s.n += 1
+            room = min(s.req.max_new_tokens - s.generated - 1, self.gen.max_seq_len - s.n)
+            if len(slots) > 1 and s.req.params.greedy:
+                room = min(room, share)
+            s.prop = self.gen._propose(s.context[:s.n], s.drafter, s.req.k, s.req.tree, room, s.reach,
+                                       s.req.params, s.rng)
+        if len(slots) == 1 and slots[0].index == 0:  # alone: the single-sequence graph, exactly as Generator.steps
+            s = slots[0]
+            (path, token), in_graph = self.gen._verify(s.token, s.prop, s.n, s.req.params, s.rng)
+            self.gen._commit(s.n, s.prop.parents, path, s.drafter)
+            self._accepted(s, Verdict(path, token), in_graph)
+            return
+        steps = [self._block(s) for s in slots]
+        results = self.engine.run(steps, not all(s.req.params.greedy for s in slots), self._idle(slots))
+        for s in slots:
+            logits, argmax, rows = results[s.index]
+            verdict, in_graph = self._accept(s, logits, argmax)
+            self._commit(s, verdict.path, rows)
+            self._accepted(s, verdict, in_graph)
+
+    def _block(self, s: Slot) -> SlotStep:
+        """The slot's verify block: the pending token (row 0), then its draft nodes."""
+        prop, n = s.prop, s.n
+        block = np.concatenate([[s.token], prop.tokens]).astype(np.int64)
+        rows = np.arange(len(block))
+        if prop.parents is None:  # a chain
+            return SlotStep(s.index, block, n - 1, rows=rows)
+        parents = np.concatenate([[-1], prop.parents + 1])  # tree roots hang off the pending token
+        return SlotStep(s.index, block, n - 1, positions=n - 1 + depths(parents), parents=parents, rows=rows)
+
+    def _accept(self, s: Slot, logits, argmax) -> tuple[Verdict, bool | None]:
+        """The slot's verdict from its rows, drawing from its generator as the single-sequence path would."""
+        prop, params = s.prop, s.req.params
+        if not len(prop.tokens):
+            token = int(argmax[0]) if params.greedy else sample(probabilities(logits[0], params), s.rng)
+            return Verdict([], token), None
+        parents = np.arange(len(prop.tokens)) - 1 if prop.parents is None else prop.parents
+        if params.greedy:  # the argmax rows come from the graph; the host walks the tree
+            return accept_greedy(prop.tokens, parents, argmax), False
+        if self.gen.target.verifies and params.top_p >= 1.0 and prop.q is None:
+            # the verify graph's rule and draws (speccompile.graphs): one [rows, 2] table of uniforms
+            table = s.rng.random((len(prop.tokens) + 1, 2))
+            return accept_sampled(prop.tokens, parents, probabilities(logits, params), from_table(table)), False
+        return self.gen._accept_on_host(prop, logits, argmax, params, s.rng), False
+
+    def _commit(self, s: Slot, path: list[int], rows: np.ndarray) -> None:
+        """Keep the accepted nodes' K/V after the committed tokens in the slot's cache (Generator._commit)."""
+        n = s.n
+        if s.prop.parents is not None:
+            s.cache.compact(n + np.array(path, np.int64), n)
+        s.cache.truncate(n + len(path))
+        if s.drafter and s.drafter.wants_hidden:
+            kept = rows[np.concatenate([[0], np.add(path, 1)]).astype(int)]
+            s.drafter.observe(n - 1, s.drafter.features(self.engine, kept))
+
+    def _accepted(self, s: Slot, verdict: Verdict, in_graph: bool | None) -> None:
+        path, prop = verdict.path, s.prop
+        accepted = prop.tokens[path]
+        s.context[s.n:s.n + len(path)] = accepted
+        s.n += len(path)
+        s.token = verdict.token
+        if s.reach:
+            s.reach.update(len(path), prop.depth)
+        s.handle.stats.record(len(prop.tokens), len(path), prop.depth, in_graph)
+        self._emit(s, [*accepted.tolist(), verdict.token])

@@ -1,0 +1,274 @@
+"""Continuous batching: the batched target graph against the single-sequence one, and the scheduler's promises:
+concurrent greedy output equals solo output (every drafter kind), sampled output keeps the target's distribution
+and its seed, a long prompt joins in chunks between the others' passes, and a request that leaves frees its slot."""
+import collections
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import speccompile
+from speccompile.compile.driver import build_bundle
+from speccompile.compile.presets import tiny_mtp_head
+from speccompile.compile.sources import load_checkpoint
+from speccompile.errors import SpeccompileError
+from speccompile.format.bundle import read_manifest
+from speccompile.format.trees import depths
+from speccompile.runtime.batch_engine import BatchEngine, SlotStep
+from speccompile.runtime.engine import Engine
+from speccompile.runtime.generator import drain
+from speccompile.runtime.kv_cache import KVCache
+from speccompile.runtime.sampling import SamplingParams, probabilities
+
+from conftest import quiet, random_prompts
+
+
+def batch_engine(bundle):
+    m = read_manifest(bundle)
+    entry = m["models"]["target_batch"]
+    kv = entry["kv_cache"]
+    cache = KVCache(entry["num_layers"], kv["num_kv_heads"], kv["max_seq_len"], kv["head_dim"],
+                    batch=entry["max_batch"])
+    return m, BatchEngine(bundle, entry, cache, threads=1)
+
+
+def test_batched_logits_equal_single_sequence(tiny_bundle):
+    """A prefill of four prompts of different lengths in one pass, then a tree step over slots 0, 2 and 3 (slot 1
+    idle in between): logits, argmax, hidden states and cache rows equal the single-sequence graph's."""
+    m, be = batch_engine(tiny_bundle)
+    assert m["models"]["target_batch"]["max_batch"] == 4
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 300, n) for n in (5, 17, 9, 30)]
+    solo = [Engine(tiny_bundle, m["models"]["target"], threads=1) for _ in prompts]
+    out = be.run([SlotStep(b, p, 0, rows=np.arange(len(p))) for b, p in enumerate(prompts)])
+    for b, (p, e) in enumerate(zip(prompts, solo)):
+        logits, argmax = e.forward(p, rows=np.arange(len(p)))
+        np.testing.assert_allclose(out[b][0], logits, rtol=0, atol=1e-5)
+        assert (out[b][1] == argmax).all()
+        e.cache.truncate(len(p))
+    parents = np.array([-1, 0, 0, 1, -1]) + 1
+    block_parents = np.concatenate([[-1], parents])
+    steps = [SlotStep(b, np.concatenate([[7], rng.integers(3, 300, 5)]), len(prompts[b]),
+                      positions=len(prompts[b]) + depths(block_parents), parents=block_parents, rows=np.arange(6))
+             for b in (0, 2, 3)]
+    idle_rows = be.cache.key[:, 1, :, :len(prompts[1])].copy()
+    out = be.run(steps, idle={1: len(prompts[1])})
+    np.testing.assert_array_equal(be.cache.key[:, 1, :, :len(prompts[1])], idle_rows)  # slot 1's K/V untouched
+    for st in steps:
+        e, L = solo[st.slot], st.length
+        logits, argmax = e.forward(st.tokens, st.positions, st.parents, rows=np.arange(6))
+        np.testing.assert_allclose(out[st.slot][0], logits, rtol=0, atol=1e-5)
+        assert (out[st.slot][1] == argmax).all()
+        np.testing.assert_allclose(be.hidden[out[st.slot][2]], e.hidden[:6], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(be.cache.key[:, st.slot, :, :L + 6], e.cache.key[:, 0, :, :L + 6], atol=1e-6)
+
+
+JOBS = [dict(drafter="model"), dict(drafter="lookup", tree="dynamic:8"), dict(drafter="layerskip:2"),
+        dict(speculate=False), dict(drafter="model", tree="dynamic:6"), dict(drafter="lookup")]
+
+
+def test_concurrent_greedy_equals_solo(tiny_generator):
+    """Six requests from six threads over four slots (two wait for a slot): each gets its solo tokens."""
+    g = tiny_generator
+    prompts = random_prompts(len(JOBS), seed=3)
+    solo = [g.generate(p, 24, **kw).token_ids for p, kw in zip(prompts, JOBS)]
+    shared = g.scheduler.shared_passes
+    with ThreadPoolExecutor(len(JOBS)) as pool:
+        got = list(pool.map(lambda i: g.generate(prompts[i], 24, **JOBS[i]).token_ids, range(len(JOBS))))
+    assert got == solo
+    assert g.scheduler.shared_passes > shared  # the requests did share passes
+    assert [r.token_ids for r in g.generate(prompts, 24)] == [g.generate(p, 24).token_ids for p in prompts]
+
+
+def test_concurrent_greedy_with_mtp_head(tmp_path):
+    """A head that reads the target's features (MTP) gets them from the batched pass's rows."""
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    head = tmp_path / "head.safetensors"
+    safetensors_numpy.save_file(tiny_mtp_head(load_checkpoint("tiny:llama").config, repeat_last=True), str(head))
+    build_bundle("tiny:llama", str(tmp_path / "b"), drafts=[f"mtp:{head}"], max_seq_len=256, num_draft=3,
+                 progress=quiet)
+    g = speccompile.load(str(tmp_path / "b"), threads=1)
+    prompts = random_prompts(4, seed=5)
+    solo = [g.generate(p, 20, tree=t).token_ids for p, t in zip(prompts, (None, "dynamic:6", None, "dynamic:4"))]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: g.generate(prompts[i], 20, tree=(None, "dynamic:6", None, "dynamic:4")[i])
+                            .token_ids, range(4)))
+    assert got == solo
+
+
+def test_concurrent_greedy_with_eagle_heads(tmp_path):
+    """EAGLE-1 and EAGLE-3 heads read the batched pass's aux_hidden_states rows of their own slot."""
+    pytest.importorskip("safetensors.numpy")
+    from test_eagle import eagle1_head, eagle3_config, eagle3_head, write_head
+    target = load_checkpoint("tiny:llama")
+    e1 = write_head(tmp_path / "e1", eagle1_head(target, repeat=True))
+    e3 = write_head(tmp_path / "e3", eagle3_head(target, repeat=True), eagle3_config(target))
+    build_bundle("tiny:llama", str(tmp_path / "b"), drafts=[f"eagle:{e1}", f"eagle3:{e3}"], max_seq_len=256,
+                 num_draft=3, progress=quiet)
+    g = speccompile.load(str(tmp_path / "b"), threads=1)
+    prompts = random_prompts(4, seed=9)
+    jobs = [dict(drafter="eagle"), dict(drafter="eagle3"), dict(drafter="eagle", tree="dynamic:4"),
+            dict(drafter="eagle3", tree="dynamic:4")]
+    solo = [g.generate(p, 20, **kw).token_ids for p, kw in zip(prompts, jobs)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: g.generate(prompts[i], 20, **jobs[i]).token_ids, range(4)))
+    assert got == solo
+
+
+@pytest.mark.parametrize("kw", [dict(drafter="model", tree="dynamic:4"), dict(drafter="layerskip:2"),
+                                dict(drafter="lookup", tree="dynamic:4")])
+def test_sampled_distribution_with_several_slots(tiny_bundle, kw):
+    """The first two new tokens of many seeded requests, run four at a time (the second token may come from an
+    accepted draft), follow the target's distribution (chi-square over the pairs)."""
+    g = speccompile.load(tiny_bundle, threads=1)
+    params = SamplingParams(temperature=1.5, top_k=3)
+    prompt = np.array(random_prompts(1, seed=11)[0], np.int64)
+    n = 480
+    streams = [g.stream(prompt, 3, temperature=1.5, top_k=3, seed=i, **kw) for i in range(n)]  # all queued
+    results = [drain(s) for s in streams]
+    assert g.scheduler.shared_passes > 0
+    counts = collections.Counter(tuple(r.token_ids[:2]) for r in results)
+    expected = exact_pairs(tiny_bundle, prompt, params)
+    chi2 = sum((counts.get(pair, 0) - n * p) ** 2 / (n * p) for pair, p in expected.items() if n * p > 0)
+    assert set(counts) <= set(expected)
+    assert chi2 < 30, (chi2, counts, expected)  # 8 degrees of freedom: p < 0.001 by chance
+
+
+def exact_pairs(bundle, prompt, params):
+    """P(t1, t2) under the target after temperature and top-k."""
+    m = read_manifest(bundle)
+    e = Engine(bundle, m["models"]["target"], threads=1)
+    logits, _ = e.forward(prompt)
+    p1 = probabilities(logits[0].copy(), params)
+    out = {}
+    for t1 in np.flatnonzero(p1):
+        e.cache.truncate(len(prompt))
+        logits, _ = e.forward(np.array([t1]))
+        p2 = probabilities(logits[0].copy(), params)
+        out |= {(int(t1), int(t2)): p1[t1] * p2[t2] for t2 in np.flatnonzero(p2)}
+        e.cache.truncate(len(prompt))
+    return out
+
+
+def test_seeds_reproduce_alone_and_shared(tiny_generator):
+    g = tiny_generator
+    prompts = random_prompts(4, seed=8)
+    jobs = [dict(drafter="model", tree="dynamic:6"), dict(drafter="layerskip:2"), dict(drafter="lookup"),
+            dict(speculate=False)]
+    solo = [g.generate(p, 20, temperature=1.2, seed=40 + i, **kw).token_ids
+            for i, (p, kw) in enumerate(zip(prompts, jobs))]
+    for _ in range(2):
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda i: g.generate(prompts[i], 20, temperature=1.2, seed=40 + i, **jobs[i])
+                                .token_ids, range(4)))
+        assert got == solo
+
+
+def test_a_long_prompt_joins_in_chunks_between_decode_passes(tiny_generator, monkeypatch):
+    """The long prompt joins slot 1, between two decoding slots: the passes that leave it out (theirs) run a
+    throw-away row for it that must not touch its committed K/V."""
+    g = tiny_generator
+    monkeypatch.setattr(g, "context_cache", None)  # the solo runs would leave the long prompt's blocks cached
+    short = random_prompts(4, seed=21)
+    long_prompt = list(np.random.default_rng(2).integers(3, 380, 200))  # two prefill chunks
+    others = [short[0], *short[2:]]
+    solo = [g.generate(p, 40, drafter="lookup").token_ids for p in others] + \
+        [g.generate(long_prompt, 12, drafter="model").token_ids]
+    wait_until_idle(g)
+    g.scheduler.trace = trace = []
+    try:
+        streams = [g.stream(p, 40 if i != 1 else 200, drafter="lookup") for i, p in enumerate(short)]
+        heads = [next(s).token_ids for s in streams]  # every slot decoding
+        streams[1].close()  # slot 1 frees: the late request waits for it
+        late = g.stream(long_prompt, 12, drafter="model")
+        del heads[1], streams[1]
+        got = [h + [t for c in s for t in c.token_ids] for h, s in zip(heads, streams)]
+        got.append([t for c in late for t in c.token_ids])
+    finally:
+        g.scheduler.trace = None
+    assert got == solo
+    chunks = [i for i, e in enumerate(trace) if e[0] == "prefill" and e[1] == (1,)]
+    assert len(chunks) == 2
+    between = trace[chunks[0] + 1:chunks[1]]
+    assert any(e[0] == "decode" and set(e[1]) == {0, 2, 3} for e in between)  # the others kept decoding around it
+
+
+def wait_until_idle(g, timeout=10.0):
+    end = time.monotonic() + timeout
+    while any(g.scheduler.slots) or g.scheduler.waiting:
+        assert time.monotonic() < end, g.scheduler.slots
+        time.sleep(0.01)
+
+
+def test_leaving_requests_free_their_slots(tiny_generator):
+    """Max tokens, a stop string and a closed stream each free the slot; a request waiting for one then runs."""
+    g = tiny_generator
+    p = random_prompts(5, seed=30)
+    full = g.generate(p[0], 30, chat=False)
+    text = full.text
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    open_streams = [g.stream(q, 200) for q in p[1:5]]  # every slot busy
+    for s in open_streams:
+        next(s)
+    waiting = g.stream(p[0], 30, stop=stop, chat=False)
+    assert len(g.scheduler.waiting) == 1
+    open_streams[0].close()  # a closed stream leaves mid-way
+    result = []
+    t = threading.Thread(target=lambda: result.append([t for c in waiting for t in c.token_ids]))
+    t.start()
+    t.join(10)
+    assert result and result[0] == g.generate(p[0], 30, stop=stop, chat=False).token_ids
+    for s in open_streams[1:]:
+        s.close()
+    wait_until_idle(g)
+    assert len(g.generate(p[1], 5).token_ids) == 5  # max tokens
+    wait_until_idle(g)
+
+
+def test_without_a_batched_graph_calls_are_serialized(tmp_path):
+    build_bundle("tiny:llama", str(tmp_path / "b"), drafts=["lookup"], max_seq_len=128, max_batch=1, progress=quiet)
+    g = speccompile.load(str(tmp_path / "b"), threads=1)
+    assert g.scheduler is None and "target_batch" not in g.manifest["models"]
+    first = g.stream("hello", 8)
+    next(first)
+    with pytest.raises(SpeccompileError, match="already generating"):
+        g.generate("hello", 4)
+    first.close()
+    prompts = random_prompts(2)
+    assert [r.token_ids for r in g.generate(prompts, 6)] == [g.generate(q, 6).token_ids for q in prompts]
+
+
+def test_bench_concurrency_mode(tiny_bundle):
+    """bench --streams: the same requests one after another and by N streams, identical tokens, percentiles."""
+    from speccompile.bench.concurrency import format_concurrency, measure_concurrency
+    g = speccompile.load(tiny_bundle, threads=1)
+    prompts = [{"ids": p} for p in random_prompts(4, seed=50)]
+    section = measure_concurrency(g, prompts, 12, (1, 2, 4), 4, "lookup")
+    assert section["requests"] == 4 and section["batched_graph"]
+    for n, run in section["streams"].items():
+        assert run["identical"] and run["identical_share"] == 1.0
+        assert run["new_tokens"] == section["sequential"]["new_tokens"]
+        assert run["ttft_s"]["p50"] <= run["ttft_s"]["p90"] <= run["ttft_s"]["p99"]
+        assert run["speedup_vs_sequential"] > 0
+    assert "identical" in format_concurrency(section)
+    with pytest.raises(SpeccompileError, match="at least 1"):
+        measure_concurrency(g, prompts, 12, (0,), 4, None)
+
+
+def test_gate_holds_the_concurrency_ratio(tmp_path):
+    from test_gate import gate, refused, result_doc
+    doc = result_doc()
+    doc["concurrency"] = {"streams": {"1": {"speedup_vs_sequential": 1.0, "identical": True},
+                                      "4": {"speedup_vs_sequential": 2.1, "identical": True}}}
+    out = gate(tmp_path, doc, result_doc(), "--min-concurrency", 1.5, expect=0)  # a baseline without the section
+    assert "concurrency 4 streams" in out
+    slow = json.loads(json.dumps(doc))
+    slow["concurrency"]["streams"]["4"]["speedup_vs_sequential"] = 1.2
+    assert "gate FAILED: concurrency 4 streams" in gate(tmp_path, slow, doc, "--min-concurrency", 1.5, expect=1)
+    wrong = json.loads(json.dumps(doc))
+    wrong["concurrency"]["streams"]["4"] |= {"identical": False, "identical_share": 0.5}
+    assert "gate FAILED: concurrency identical" in gate(tmp_path, wrong, doc, expect=1)
+    assert "no 'concurrency 4 streams'" in refused(tmp_path, result_doc(), result_doc(), "--min-concurrency", 1.5)
