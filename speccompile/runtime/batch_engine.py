@@ -12,12 +12,13 @@ import os
 import numpy as np
 import onnxruntime as ort
 
-from speccompile.errors import SpeccompileError
+from speccompile.errors import BundleError, SpeccompileError
 from speccompile.format.bundle import resolve_inside
 from speccompile.graphs import MAX_STEP_TOKENS
 from speccompile.runtime.engine import BIAS_WIDTH_STEP, NEG_INF, ancestor_mask, open_session, providers_for, \
     session_options
 from speccompile.runtime.kv_cache import KVCache
+from speccompile.runtime.sessions import check_cache_inputs
 
 
 @dataclasses.dataclass
@@ -47,6 +48,7 @@ class BatchEngine:
         self.vocab_size = next(o["shape"][1] for o in entry["outputs"] if o["name"] == "logits")
         self.session = open_session(resolve_inside(bundle_dir, entry["graph"]), session_options(threads),
                                     providers_for(device))
+        check_cache_inputs(self.session, entry)
         B, S = self.slots, MAX_STEP_TOKENS
         self._id_buf, self._pos_buf = np.zeros(B * S, np.int64), np.zeros(B * S, np.int64)  # [n, S] views per pass
         self._seqlens, self._qlens = np.zeros(B, np.int32), np.zeros(B, np.int32)
@@ -147,4 +149,8 @@ class BatchEngine:
         if self._full_logits is not None:
             self._full_logits[0] = full_logits
             bind("full_logits", self._full_logits, [1])
-        self.session.run_with_iobinding(io)
+        try:
+            self.session.run_with_iobinding(io)
+        except RuntimeError as e:  # shapes the manifest gave that the graph does not have: a bundle edited by hand
+            raise BundleError(f"onnxruntime could not run {self.entry['graph']} ({str(e)[:200]}): the manifest does "
+                              "not describe this graph; rebuild the bundle") from None

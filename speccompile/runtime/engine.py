@@ -16,7 +16,7 @@ from speccompile.graphs import MAX_STEP_TOKENS
 from speccompile.runtime.kv_cache import DeviceKVCache, KVCache
 # re-exported: the drafters and tools import them from here
 from speccompile.runtime.sessions import (NEG_INF, PROVIDERS, ancestor_mask, open_session,  # noqa: F401
-                                          providers_for, session_options)
+                                          check_cache_inputs, providers_for, session_options)
 
 BIAS_WIDTH_STEP = 64  # the attention bias's width grows in steps of this many slots
 
@@ -57,6 +57,7 @@ class Engine:
         check_device_dtype(entry, device)
         self.device = device
         self.session = open_session(path, session_options(threads, prepack), providers)
+        check_cache_inputs(self.session, entry)
         if self.session.get_providers()[0] != providers[0]:  # onnxruntime fell back to the CPU with a warning
             raise SpeccompileError(f"onnxruntime could not start its {providers[0]} (the CUDA or cuDNN libraries "
                                    "are missing or do not match the driver; its log above says which)")

@@ -53,7 +53,10 @@ def batch_cache(manifest: dict) -> tuple[dict | None, KVCache | None]:
     entry = manifest["models"].get("target_batch")
     if not entry or entry.get("kind") != "decoder_batch" or entry.get("max_batch", 1) < 2:
         return None, None
-    kv = entry["kv_cache"]
+    kv, target = entry["kv_cache"], manifest["models"]["target"]
+    if entry["num_layers"] != target["num_layers"] or kv != target["kv_cache"]:
+        raise BundleError("the manifest's target_batch and target disagree on the KV cache they share "
+                          "(layers, heads, length); rebuild the bundle")
     return entry, KVCache(entry["num_layers"], kv["num_kv_heads"], kv["max_seq_len"], kv["head_dim"],
                           batch=entry["max_batch"], dtype=kv.get("dtype", "float32"))
 
@@ -95,7 +98,7 @@ class Generator:
         self.bundle_dir, self.manifest, self.threads, self.device = bundle_dir, manifest, threads, device
         target = manifest["models"]["target"]
         # sequence slots sharing passes: host caches only (the batched graph binds numpy arrays)
-        batched, cache = batch_cache(manifest) if device == "cpu" else (None, None)
+        batched, cache = batch_cache(manifest) if device == "cpu" and not Engine.resident_on_cpu else (None, None)
         # the single-sequence graph is bound to slot 0 of the batched cache: a request alone runs it unchanged
         self.target = Engine(bundle_dir, target, threads, device, max_rows=MAX_VERIFY_TOKENS,
                              cache=cache.slot(0) if cache else None)

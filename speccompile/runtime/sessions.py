@@ -87,3 +87,12 @@ def ancestor_mask(parents: np.ndarray) -> np.ndarray:
                 raise ValueError("tree nodes must be in topological order (parent before child)")
             m[i] |= m[p]
     return m
+
+
+def check_cache_inputs(session: ort.InferenceSession, entry: dict) -> None:
+    """The graph's KV cache inputs are the layers the manifest says: a hand-edited count would leave inputs
+    unbound (or bind ones the graph lacks), which onnxruntime reports only mid-run."""
+    layers = sum(1 for i in session.get_inputs() if i.name.startswith("past_key."))
+    if layers != entry["num_layers"]:
+        raise BundleError(f"{entry['graph']}: the manifest says {entry['num_layers']} layers, the graph has "
+                          f"{layers} caches; rebuild the bundle")
