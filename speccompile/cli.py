@@ -140,7 +140,11 @@ def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, ba
 @click.option("--seed", default=None, type=int)
 @click.option("--drafter", default=None, help="Which of the bundle's drafters (default: its first).")
 @click.option("--num-draft", default=None, type=int, help="Override the drafter's tokens per pass.")
-@click.option("--tree", default=None, help="Override the bundle's tree: chain:K | static:FILE | dynamic:N [+lookup:L].")
+@click.option("--tree", default=None, help="Draft this tree instead of adaptive drafting (the default): chain:K | "
+              "static:FILE | dynamic:N | adaptive[:D] [+lookup:L].")
+@click.option("--acceptance", default="exact", show_default=True,
+              help="exact, or typical[:EPS[,ALPHA]]: LOSSY typical acceptance when sampling (default 0.09,0.3).")
+@click.option("--recalibrate", is_flag=True, help="Measure this machine's cost model for the bundle again.")
 @click.option("--no-speculate", is_flag=True, help="Plain autoregressive decoding of the compiled target.")
 @click.option("--compare", is_flag=True, help="Also decode without speculation and print the speedup.")
 @click.option("--no-chat", is_flag=True, help="Do not apply the chat template.")
@@ -149,18 +153,20 @@ def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, ba
 @click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @_errors_to_exit
-def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, drafter, num_draft, tree,
-             no_speculate, compare, no_chat, system, stop, threads, as_json):
+def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, drafter, num_draft, tree, acceptance,
+             recalibrate, no_speculate, compare, no_chat, system, stop, threads, as_json):
     """Generate text for PROMPT from BUNDLE, streaming it."""
     from speccompile import load
     if system is not None and no_chat:
         raise SpeccompileError("--system needs the chat template: drop --no-chat")
     gen = load(bundle, threads=threads)
+    if recalibrate:
+        gen.cost_model(recalibrate=True)
     if system is not None:  # the conversation as token ids: what every call below then decodes from
         prompt = gen.tokenizer.encode_messages([{"role": "system", "content": system},
                                                 {"role": "user", "content": prompt}])
     kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stop),
-                  chat=not no_chat, drafter=drafter, num_draft=num_draft, tree=tree)
+                  chat=not no_chat, drafter=drafter, num_draft=num_draft, tree=tree, acceptance=acceptance)
     on_text = None if as_json else functools.partial(click.echo, nl=False)
     if compare:  # warm both paths up (first runs allocate), so the two timings compare like with like
         gen.generate(prompt, 4, speculate=False, **kwargs)
@@ -178,7 +184,8 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, dr
     s = res.stats
     click.echo("")
     click.echo(f"[{s['new_tokens']} tokens, {s['tokens_per_second']:.1f} tok/s, drafter {s['drafter']}, "
-               f"mean accepted tokens {s['mean_accepted_tokens']:.2f} over {s['verify_steps']} verify passes]",
+               f"mean accepted tokens {s['mean_accepted_tokens']:.2f} over {s['verify_steps']} verify passes"
+               f"{', typical acceptance (lossy)' if s['acceptance'] != 'exact' else ''}]",
                err=True)
     if base:
         b = base.stats
@@ -196,6 +203,10 @@ def inspect(bundle, no_verify):
     from speccompile.format.bundle import read_manifest
     from speccompile.format.summary import describe
     for line in describe(bundle, read_manifest(bundle, verify_hashes=not no_verify), verified=not no_verify):
+        click.echo(line)
+    from speccompile.runtime.cost_model import load_cached  # this machine's, if measured (any thread count)
+    cached = load_cached(bundle, None)
+    for line in cached.describe() if cached else ():
         click.echo(line)
 
 

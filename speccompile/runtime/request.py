@@ -8,7 +8,7 @@ import numbers
 import numpy as np
 
 from speccompile.errors import ContextLengthError, SpeccompileError
-from speccompile.format.trees import TreeSpec
+from speccompile.format.trees import ADAPTIVE_LOOKUP, TreeSpec
 from speccompile.graphs import MAX_VERIFY_TOKENS
 from speccompile.runtime.drafters.base import Drafter
 from speccompile.runtime.sampling import SamplingParams
@@ -40,9 +40,17 @@ def build_request(gen, prompt, max_new_tokens, params: SamplingParams, drafter: 
         raise SpeccompileError(f"--num-draft {k}: must be between 1 and {MAX_VERIFY_TOKENS - 1}")
     if isinstance(tree, str):
         tree = TreeSpec.parse(tree)
+    elif tree is None and dr is not None and num_draft is None:  # the default: adaptive drafting
+        tree = adaptive_default(gen.trees.get(dr.name))
     elif tree is None and dr is not None and gen.trees.get(dr.name):
         tree = gen.trees[dr.name]
     return Request(ids, int(max_new_tokens), params, dr, k, tree, stop_strings(stop))
+
+
+def adaptive_default(bundle_tree: TreeSpec | None) -> TreeSpec:
+    """Adaptive drafting joined by as many prompt-lookup nodes as the bundle's tree starts from."""
+    lookup = bundle_tree.lookup if bundle_tree is not None and bundle_tree.lookup else ADAPTIVE_LOOKUP
+    return dataclasses.replace(TreeSpec.parse("adaptive"), lookup=lookup)
 
 
 def prompt_ids(gen, prompt, chat: bool) -> np.ndarray:
