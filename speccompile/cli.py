@@ -204,10 +204,10 @@ def inspect(bundle, no_verify):
     from speccompile.format.summary import describe
     for line in describe(bundle, read_manifest(bundle, verify_hashes=not no_verify), verified=not no_verify):
         click.echo(line)
-    from speccompile.runtime.cost_model import load_cached  # this machine's, if measured (any thread count)
-    cached = load_cached(bundle, None)
-    for line in cached.describe() if cached else ():
-        click.echo(line)
+    from speccompile.runtime.cost_model import cached_models  # adaptive drafting's measured costs, if any
+    for model in cached_models(bundle):
+        for line in model.describe():
+            click.echo(line)
 
 
 def _csv(value: str | None) -> tuple[str, ...]:
@@ -226,14 +226,16 @@ def _csv(value: str | None) -> tuple[str, ...]:
                    "--drafter mtp@chain:3 --drafter mtp@dynamic:4; default: every drafter of the bundle).")
 @click.option("--tree", default=None, help="Verify this token tree: chain:K | static:FILE | dynamic:N [+lookup:L].")
 @click.option("--repeats", default=1, show_default=True, help="Runs per prompt and method; the fastest is kept.")
+@click.option("--temperature", default=0.0, show_default=True,
+              help="Sample at this temperature (seeded per prompt); NAME~typical methods accept typically (lossy).")
 @click.option("--threads", default=None, type=int, help="Intra-op threads (default: all cores).")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write the result document here.")
 @click.option("--plot", "plot_out", type=click.Path(), default=None, help="Write a PNG of three panels here.")
 @click.option("--compare-transformers", is_flag=True,
               help="Also run the same target (and drafting) through transformers generate.")
 @_errors_to_exit
-def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, repeats, threads, json_out, plot_out,
-          compare_transformers):
+def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, repeats, temperature, threads, json_out,
+          plot_out, compare_transformers):
     """Benchmark BUNDLE: speculative against autoregressive decoding, per prompt category."""
     from speccompile.bench.plot import plot
     from speccompile.bench.report import format_table, write_json
@@ -241,7 +243,7 @@ def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, re
     from speccompile.bench.settings import BenchSettings
     settings = BenchSettings(dataset=dataset, categories=_csv(categories), limit=limit,
                              max_new_tokens=max_new_tokens, drafters=tuple(drafters), tree=tree, repeats=repeats,
-                             threads=threads, compare_transformers=compare_transformers)
+                             threads=threads, compare_transformers=compare_transformers, temperature=temperature)
     benchmark = Benchmark(bundle, settings, log=_progress)
     with click.progressbar(length=benchmark.total_runs, label="decoding", file=sys.stderr, show_pos=True,
                            item_show_func=lambda label: label) as bar:

@@ -106,3 +106,10 @@ def test_typical_acceptance_distance_from_exact_sampling(tiny_generator):
     assert tv_exact < 0.15
     assert typical_acc > exact_acc
     assert tv_typical < 0.3
+
+
+def test_bench_method_names_carry_the_acceptance():
+    from speccompile.bench.methods import split_acceptance, split_method
+    assert split_method("mtp@dynamic:2+lookup:6~typical:0.1,0.3") == ("mtp", "dynamic:2+lookup:6")
+    assert split_acceptance("mtp@dynamic:2+lookup:6~typical:0.1,0.3") == ("mtp@dynamic:2+lookup:6", "typical:0.1,0.3")
+    assert split_acceptance("mtp") == ("mtp", None)

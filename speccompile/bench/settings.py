@@ -21,6 +21,7 @@ class BenchSettings:
     threads: int | None = None
     compare_transformers: bool = False
     warmup_tokens: int = 16
+    temperature: float = 0.0  # 0: greedy; else every method samples, each run seeded by its prompt's position
 
 
 @dataclasses.dataclass

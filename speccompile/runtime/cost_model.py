@@ -84,15 +84,39 @@ def machine_key(threads: int | None) -> dict:
             "threads": threads or os.cpu_count() or 1}
 
 
-def cache_path(bundle_dir: str, threads: int | None) -> str:
-    """The cost model's file: the user cache directory, named after the manifest's hash, the machine, threads."""
-    with open(os.path.join(bundle_dir, "manifest.json"), "rb") as f:
-        bundle = hashlib.sha256(f.read()).hexdigest()[:20]
-    key = machine_key(threads)
-    machine = hashlib.sha256(key["machine"].encode()).hexdigest()[:12]
+def _cache_dir() -> str:
     root = os.environ.get("SPECCOMPILE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "speccompile")
-    return os.path.join(root, "cost", f"{bundle}-{machine}-t{key['threads']}.json")
+    return os.path.join(root, "cost")
+
+
+def _bundle_id(bundle_dir: str) -> str:
+    with open(os.path.join(bundle_dir, "manifest.json"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:20]
+
+
+def cache_path(bundle_dir: str, threads: int | None) -> str:
+    """The cost model's file: the user cache directory, named after the manifest's hash, the machine, threads."""
+    key = machine_key(threads)
+    machine = hashlib.sha256(key["machine"].encode()).hexdigest()[:12]
+    return os.path.join(_cache_dir(), f"{_bundle_id(bundle_dir)}-{machine}-t{key['threads']}.json")
+
+
+def cached_models(bundle_dir: str) -> list[CostModel]:
+    """Every cost model measured for this bundle (any machine, any thread count), for `inspect`."""
+    try:
+        prefix = _bundle_id(bundle_dir)
+        names = sorted(n for n in os.listdir(_cache_dir()) if n.startswith(prefix) and n.endswith(".json"))
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        try:
+            with open(os.path.join(_cache_dir(), name)) as f:
+                out.append(CostModel.from_dict(json.load(f)))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return out
 
 
 def load_cached(bundle_dir: str, threads: int | None) -> CostModel | None:
