@@ -74,6 +74,7 @@ class Kept:
     parents: np.ndarray
     level: np.ndarray  # 0-based depth
     from_head: np.ndarray  # bool: a drafter node (else a prompt-lookup node)
+    first: np.ndarray  # bool: a lookup node that is its parent's first lookup child (the most recent match)
     predicted: np.ndarray  # a drafter node's own conditional probability
     plan: Plan
 
@@ -90,7 +91,9 @@ class AdaptiveDrafting:
         self.head_scale = [Rate(1.0, 1.0) for _ in range(DEPTHS)]  # accepted / predicted, drafter nodes per depth
         # the accepted path runs through a drafter node at depth d, given it did at d - 1
         self.head_reach = [Rate() for _ in range(DEPTHS)]
-        self.lookup_accept = [Rate() for _ in range(DEPTHS)]  # a lookup node is accepted, given its parent was
+        # a lookup node is accepted, given its parent was: its parent's first lookup child (the most recent
+        # match's continuation) apart from the others, which mostly compete with it
+        self.lookup_accept = {first: [Rate() for _ in range(DEPTHS)] for first in (True, False)}
         self.lookup_gain, self.lookup_rows = Rate(0.3, 2.0), Rate(2.0, 2.0)  # per pass: accepted, verified
         self.since_probe, self.last_accepted = 0, 0
         self.kept: Kept | None = None
@@ -113,11 +116,13 @@ class AdaptiveDrafting:
         best, best_rate = 0, -1.0
         reach = np.cumprod(by_depth(self.head_reach, HEAD_PRIOR))
         for depth in range(self.max_depth + 1):
-            value = 1.0 + gain + float(reach[:depth].sum())
-            rows = 1.0 + extra_rows + 2 * depth
-            seconds = self._draft_ms(depth, bool(lookup)) + self.cost.verify(round(rows), length, self.greedy)
-            if value / seconds > best_rate:
-                best, best_rate = depth, value / seconds
+            value = 1.0 + float(reach[:depth].sum())
+            draft = self._draft_ms(depth, bool(lookup))
+            rows = 1 + depth  # about one kept drafter node per level: the cut drops the rest
+            rate = max(value / (draft + self.cost.verify(rows, length, self.greedy)),  # the cut may drop lookup
+                       (value + gain) / (draft + self.cost.verify(round(rows + extra_rows), length, self.greedy)))
+            if rate > best_rate:
+                best, best_rate = depth, rate
         self.since_probe += 1
         if best < self.max_depth and self.since_probe >= PROBE_EVERY:  # look again at one level more
             best, self.since_probe = best + 1, 0
@@ -131,8 +136,10 @@ class AdaptiveDrafting:
         parents = np.arange(k) - 1 if prop.parents is None else prop.parents
         level = depths(parents)
         from_head = np.arange(k) < head
-        reach, own = np.zeros(k), np.zeros(k)
-        lookup_accept = by_depth(self.lookup_accept, LOOKUP_PRIOR)
+        reach, own, first = np.zeros(k), np.zeros(k), np.zeros(k, bool)
+        lookup_accept = {f: by_depth(rates, LOOKUP_PRIOR if f else LOOKUP_PRIOR / 4)
+                         for f, rates in self.lookup_accept.items()}
+        has_lookup_child = set()
         for i in range(k):
             p, b = parents[i], min(level[i], DEPTHS - 1)
             above = reach[p] if p >= 0 else 1.0
@@ -143,14 +150,16 @@ class AdaptiveDrafting:
                     own[i], scale = np.exp(scores[i] - (scores[p] if p >= 0 else 0.0)), self.head_scale[b].value
                 reach[i] = above * min(1.0, own[i] * scale)
             else:
-                reach[i] = above * lookup_accept[b]
-        return parents, level, from_head, reach, own
+                first[i] = p not in has_lookup_child
+                has_lookup_child.add(p)
+                reach[i] = above * lookup_accept[bool(first[i])][b]
+        return parents, level, from_head, reach, own, first
 
     def choose(self, prop: Proposal, head: int, scores, plan: Plan, length: int) -> Proposal:
         """The ancestor-closed part of `prop` worth verifying (possibly nothing: a plain step). head: how many of
         its first nodes the drafter proposed (the rest came from prompt lookup); scores: their path
         log-probabilities, if the drafter gives them."""
-        parents, level, from_head, reach, own = self._reach_probabilities(prop, head, scores)
+        parents, level, from_head, reach, own, first = self._reach_probabilities(prop, head, scores)
         children: dict[int, list[int]] = {}
         for i, p in enumerate(parents):
             children.setdefault(int(p), []).append(i)
@@ -170,7 +179,7 @@ class AdaptiveDrafting:
         index = np.full(len(parents) + 1, -1, np.int64)
         index[keep] = np.arange(len(keep))
         new_parents = index[parents[keep]] if len(keep) else np.zeros(0, np.int64)
-        self.kept = Kept(new_parents, level[keep], from_head[keep], own[keep], plan)
+        self.kept = Kept(new_parents, level[keep], from_head[keep], first[keep], own[keep], plan)
         self._count(plan, len(keep))
         return Proposal(prop.tokens[keep], None, new_parents) if len(keep) else Proposal.empty()
 
@@ -191,11 +200,13 @@ class AdaptiveDrafting:
         tried = np.array([p < 0 or on[p] for p in kept.parents], bool)  # nodes whose parent was accepted
         for b in range(DEPTHS):
             at = tried & (np.minimum(kept.level, DEPTHS - 1) == b)
-            head, look = at & kept.from_head, at & ~kept.from_head
+            head = at & kept.from_head
             if head.any():
                 self.head_scale[b].add(float(on[head].sum()), float(kept.predicted[head].sum()))
-            if look.any():
-                self.lookup_accept[b].add(float(on[look].sum()), float(look.sum()))
+            for f in (True, False):
+                look = at & ~kept.from_head & (kept.first == f)
+                if look.any():
+                    self.lookup_accept[f][b].add(float(on[look].sum()), float(look.sum()))
         path_head = kept.from_head[path] if path else np.zeros(0, bool)
         for d in range(kept.plan.head_depth):
             if d and not (d <= len(path_head) and path_head[d - 1]):
