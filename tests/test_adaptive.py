@@ -86,17 +86,17 @@ def test_a_skipped_depth_is_probed_again():
 
 @pytest.mark.parametrize("drafter", ["model", "layerskip:2", "lookup"])
 @pytest.mark.parametrize("row_ms", [0.05, 3.0])
-def test_adaptive_greedy_equals_autoregressive(tiny_generator, drafter, row_ms):
+def test_adaptive_greedy_equals_autoregressive(tiny_generator, drafter, row_ms, monkeypatch):
     g = tiny_generator
-    g._cost = synthetic(5.0, row_ms)  # cheap rows draft big trees, dear rows small ones or none
+    monkeypatch.setattr(g, "_cost", synthetic(5.0, row_ms))  # cheap rows draft big trees, dear rows small ones or none
     accepted = assert_lossless(g, drafter, random_prompts(4), 24, tree="adaptive+lookup:4")
     if row_ms < 1:
         assert max(accepted) > 1.0
 
 
-def test_adaptive_is_the_default_and_reports_its_choices(tiny_generator):
+def test_adaptive_is_the_default_and_reports_its_choices(tiny_generator, monkeypatch):
     g = tiny_generator
-    g._cost = synthetic(5.0, 0.05)
+    monkeypatch.setattr(g, "_cost", synthetic(5.0, 0.05))
     res = g.generate(random_prompts(2)[1], 16, drafter="model")
     assert res.stats["tree"]["kind"] == "adaptive"
     assert res.stats["adaptive"]["passes"] == res.stats["verify_steps"]
@@ -104,8 +104,8 @@ def test_adaptive_is_the_default_and_reports_its_choices(tiny_generator):
     assert fixed.stats["adaptive"] is None and fixed.token_ids == res.token_ids
 
 
-def test_adaptive_sampled_keeps_target_distribution(tiny_generator):
-    tiny_generator._cost = synthetic(5.0, 0.05)
+def test_adaptive_sampled_keeps_target_distribution(tiny_generator, monkeypatch):
+    monkeypatch.setattr(tiny_generator, "_cost", synthetic(5.0, 0.05))
     sampled_matches_target(tiny_generator, "model", tree="adaptive+lookup:4")
 
 
