@@ -4,25 +4,36 @@ from __future__ import annotations
 from speccompile.bench.settings import AUTOREGRESSIVE, Method
 from speccompile.errors import SpeccompileError
 from speccompile.format.trees import TreeSpec
+from speccompile.runtime.sampling import acceptance_option
 
 
 def split_method(spec: str) -> tuple[str, str | None]:
     """"NAME@TREE" -> (drafter NAME, its tree for this method); "NAME" -> (NAME, None). One run may so measure a
-    drafter through several trees against the same autoregressive runs."""
-    name, _, tree = spec.partition("@")
+    drafter through several trees against the same autoregressive runs. A "~ACCEPTANCE" suffix (e.g.
+    "mtp~typical", lossy) is the method's acceptance (split_acceptance)."""
+    name, _, tree = split_acceptance(spec)[0].partition("@")
     return name, tree or None
 
 
-def speccompile_methods(gen, drafters: list[str], tree: str | None) -> list[Method]:
-    def runner(drafter, tree):
+def split_acceptance(spec: str) -> tuple[str, str | None]:
+    """"SPEC~typical:0.09,0.3" -> ("SPEC", "typical:0.09,0.3"); no suffix: exact acceptance (None)."""
+    spec, _, acceptance = spec.partition("~")
+    return spec, acceptance or None
+
+
+def speccompile_methods(gen, drafters: list[str], tree: str | None, temperature: float = 0.0) -> list[Method]:
+    def runner(drafter, tree, acceptance=None):
         def run(ids, max_new_tokens):
-            r = gen.generate(ids, max_new_tokens, drafter=drafter, speculate=drafter is not None, tree=tree)
+            seed = sum(ids) % 2**32  # sampled runs: the same seed for a prompt under every method
+            r = gen.generate(ids, max_new_tokens, drafter=drafter, speculate=drafter is not None, tree=tree,
+                             temperature=temperature, seed=seed, acceptance=acceptance)
             return {"token_ids": r.token_ids, "stats": r.stats}
         return run
     methods = [Method(AUTOREGRESSIVE, "speccompile", None, AUTOREGRESSIVE, None, runner(None, None))]
     for spec in drafters:
         name, own_tree = split_method(spec)
-        methods.append(Method(spec, "speccompile", name, AUTOREGRESSIVE, None, runner(name, own_tree or tree)))
+        methods.append(Method(spec, "speccompile", name, AUTOREGRESSIVE, None,
+                              runner(name, own_tree or tree, split_acceptance(spec)[1])))
     return methods
 
 
@@ -32,9 +43,10 @@ def choose_drafters(gen, wanted: tuple[str, ...]) -> list[str]:
     if unknown:
         raise SpeccompileError(f"drafter {split_method(unknown[0])[0]!r} is not in this bundle (it has: "
                                f"{', '.join(gen.drafter_names) or 'none'})")
-    for d in wanted:
+    for d in wanted:  # a bad tree or acceptance fails here, before anything is timed
         if split_method(d)[1]:
-            TreeSpec.parse(split_method(d)[1])  # a bad tree fails here, before anything is timed
+            TreeSpec.parse(split_method(d)[1])
+        acceptance_option(split_acceptance(d)[1])
     if len(set(wanted)) != len(wanted):
         raise SpeccompileError("the same drafter (and tree) is named twice")
     return list(wanted) or gen.drafter_names

@@ -23,7 +23,9 @@ JSON result, schema_version 1 (all times in seconds, rates in tokens/s, bandwidt
     prompts           [{question_id, category, prompt_tokens, runs {method: RUN}}]
         RUN           {seconds, new_tokens, tokens_per_second, identical_to_autoregressive: bool,
                        ttft_s, mean_accepted_tokens, verify_steps, committed_per_pass {"n": passes},
-                       acceptance_rate_per_depth [float], achieved_weight_bandwidth_gbps,
+                       acceptance_rate_per_depth [float], draft_nodes_per_pass (draft nodes verified per pass),
+                       plain_pass_share (adaptive drafting: the share of passes it drafted nothing for, else null),
+                       achieved_weight_bandwidth_gbps,
                        repeated_ngram_share: share of output tokens completing a 4-gram seen before in prompt +
                        output (how much the answer repeats itself)}
                       (the fields after identical_to_autoregressive are null for transformers methods)
@@ -31,7 +33,8 @@ JSON result, schema_version 1 (all times in seconds, rates in tokens/s, bandwidt
         GROUP         {method: {prompts, median_tokens_per_second, speedup, paired_speedup, mean_accepted_tokens,
                                  acceptance_rate_per_depth, committed_per_pass, median_ttft_s,
                                  median_achieved_bandwidth_gbps, bandwidth_fraction, identical_to_autoregressive,
-                                 repeated_ngram_share (mean over prompts), speed_vs_transformers}}
+                                 repeated_ngram_share, draft_nodes_per_pass, plain_pass_share (means over
+                                 prompts), speed_vs_transformers}}
                       speedup: median tokens/s over the baseline's median in the same group (ratio of medians);
                       paired_speedup: the geometric mean over prompts of each prompt's tokens/s over the
                       baseline's on the same prompt (what `speccompile gate` gates: steadier and more sensitive);
@@ -94,11 +97,12 @@ def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
 def format_table(result: dict) -> str:
     s, machine = result["settings"], result["machine"]
     lines = [f"{len(result['prompts'])} prompts, max_new_tokens {s['max_new_tokens']}, best of {s['repeats']}, "
-             f"threads {s['threads'] or 'all'}, greedy; machine memory bandwidth "
+             f"threads {s['threads'] or 'all'}, "
+             f"{'temperature ' + str(s.get('temperature')) if s.get('temperature') else 'greedy'}; machine memory bandwidth "
              f"{machine['memory_bandwidth_gbps']:.1f} GB/s; peak RSS {result['peak_rss_mib']['speccompile']:.0f} MiB",
              ""]
     head = (f"{'category':16s} {'method':28s} {'tok/s':>7s} {'speedup':>7s} {'paired':>7s} {'acc.tok':>7s} "
-            f"{'ttft ms':>7s} "
+            f"{'nodes':>5s} {'plain':>5s} {'ttft ms':>7s} "
             f"{'GB/s':>6s} {'of peak':>7s} {'same':>5s} {'vs HF':>6s}")
     lines += [head, "-" * len(head)]
     groups = {"overall": result["summary"]["overall"], **result["summary"]["by_category"]}
@@ -108,7 +112,8 @@ def format_table(result: dict) -> str:
             same = f["identical_to_autoregressive"]
             lines.append(f"{group:16s} {name:28s} {_fmt(f['median_tokens_per_second'], '.1f'):>7s} "
                          f"{_fmt(f['speedup'], '.2f', 'x'):>7s} {_fmt(f['paired_speedup'], '.2f', 'x'):>7s} "
-                         f"{_fmt(f['mean_accepted_tokens']):>7s} "
+                         f"{_fmt(f['mean_accepted_tokens']):>7s} {_fmt(f.get('draft_nodes_per_pass'), '.1f'):>5s} "
+                         f"{_fmt(f.get('plain_pass_share'), '.0%'):>5s} "
                          f"{_fmt(ttft, '.0f'):>7s} {_fmt(f['median_achieved_bandwidth_gbps'], '.1f'):>6s} "
                          f"{_fmt(f['bandwidth_fraction'], '.0%'):>7s} {_fmt(same, '.0%'):>5s} "
                          f"{_fmt(f['speed_vs_transformers'], '.2f', 'x'):>6s}")
@@ -122,7 +127,8 @@ def format_table(result: dict) -> str:
         lines.append(f"output repeating itself (tokens completing a {REPEAT_NGRAM}-gram seen before, autoregressive): "
                      + ", ".join(f"{g} {v:.0%}" for g, v in share.items() if v is not None))
     lines.append("speedup: ratio of medians over the same engine's autoregressive decoding; paired: geometric mean "
-                 "of per-prompt speedups; acc.tok: tokens committed per verify pass; "
+                 "of per-prompt speedups; acc.tok: tokens committed per verify pass; nodes: draft nodes verified per "
+                 "pass; plain: share of passes adaptive drafting drafted nothing for; "
                  "GB/s: target weights streamed per second; of peak: share of the machine's copy bandwidth; "
                  "same: output identical to autoregressive; vs HF: over the transformers counterpart")
     return "\n".join(lines)

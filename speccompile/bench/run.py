@@ -43,6 +43,9 @@ def timed_run(method: Method, ids: list[int], max_new_tokens: int, eos: set[int]
             "committed_per_pass": {str(n): c for n, c in sorted(stats["committed_per_pass"].items())}
             if "committed_per_pass" in stats else None,
             "acceptance_rate_per_depth": stats.get("acceptance_rate_per_depth"),
+            "draft_nodes_per_pass": stats["proposed"] / stats["verify_steps"] if stats.get("verify_steps") else None,
+            "plain_pass_share": (stats["adaptive"]["plain_passes"] / stats["adaptive"]["passes"]
+                                 if (stats.get("adaptive") or {}).get("passes") else None),
             "achieved_weight_bandwidth_gbps": stats.get("achieved_weight_bandwidth_gbps"),
             "repeated_ngram_share": repeated_ngram_share(ids, tokens)}
 
@@ -91,7 +94,7 @@ class Benchmark:
             log(f"skipped {len(self.skipped)} questions too long for the compiled context of "
                 f"{self.gen.max_seq_len} tokens: {', '.join(map(str, self.skipped))}")
         self.drafters = choose_drafters(self.gen, settings.drafters)
-        self.ours = speccompile_methods(self.gen, self.drafters, settings.tree)
+        self.ours = speccompile_methods(self.gen, self.drafters, settings.tree, settings.temperature)
         self.theirs: list[Method] = []
         self.workdir = tempfile.TemporaryDirectory(prefix="speccompile-bench-")
         if settings.compare_transformers:

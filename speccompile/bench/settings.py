@@ -23,6 +23,7 @@ class BenchSettings:
     warmup_tokens: int = 16
     streams: tuple[int, ...] = ()  # concurrency mode (bench/concurrency.py): these stream counts; empty: none
     stream_requests: int = 8  # requests the concurrency mode serves (the first prompts)
+    temperature: float = 0.0  # 0: greedy; else every method samples, each run seeded by its prompt's position
 
 
 @dataclasses.dataclass

@@ -93,6 +93,8 @@ def _group_figures(method: Method, runs: list[dict], bandwidth_gbps: float) -> d
         "bandwidth_fraction": _ratio(bw, bandwidth_gbps),
         "identical_to_autoregressive": sum(r["identical_to_autoregressive"] for r in runs) / len(runs),
         "repeated_ngram_share": _mean(r.get("repeated_ngram_share") for r in runs),
+        "draft_nodes_per_pass": _mean(r.get("draft_nodes_per_pass") for r in runs) if method.drafter else None,
+        "plain_pass_share": _mean(r.get("plain_pass_share") for r in runs),
     }
 
 

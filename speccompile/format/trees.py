@@ -7,6 +7,9 @@ token). Shapes:
                (Medusa/EAGLE "choices"): node [0, 1] is the 2nd-best child of the best root candidate
   dynamic:N    EAGLE-2: grow the tree by expanding the most probable nodes (cumulative draft probability) and
                keep the best N
+  adaptive[:D]  chosen per pass (runtime/adaptive.py): the drafter's dynamic tree up to D deep (default 4), or
+               none, pruned to the nodes worth their verify rows under the measured cost model; plain steps when
+               drafting would lose. The default of `generate`.
   SHAPE+lookup:L  any of these, joined by up to L nodes from prompt lookup (the continuation of the context's
                last n-gram where it occurred before): a head is weak exactly where the answer copies the prompt
                (extraction, summaries, RAG), and there lookup is strong
@@ -23,11 +26,12 @@ import numpy as np
 from speccompile.errors import SpeccompileError
 from speccompile.graphs import MAX_TREE_NODES
 
-
+ADAPTIVE_DEPTH = 4  # how deep an adaptive tree's drafter may go (its head passes: one per level)
+ADAPTIVE_LOOKUP = 6  # prompt-lookup nodes an adaptive tree starts from (it doubles its reach while accepted)
 
 @dataclasses.dataclass(frozen=True)
 class TreeSpec:
-    kind: str  # "chain" | "static" | "dynamic"
+    kind: str  # "chain" | "static" | "dynamic" | "adaptive"
     size: int  # nodes (dynamic: the budget N; chain: K)
     paths: tuple[tuple[int, ...], ...] = ()  # static: rank paths
     depth: int = 0  # longest path
@@ -50,6 +54,11 @@ class TreeSpec:
             if kind == "dynamic":
                 n = int(arg)
                 return cls._checked(cls("dynamic", n, (), depth=min(n, 8)))
+            if kind == "adaptive":
+                d = int(arg) if arg else ADAPTIVE_DEPTH
+                if not 1 <= d <= 8:
+                    raise SpeccompileError(f"--tree {spec!r}: adaptive:D drafts at most D deep, D in 1..8")
+                return cls("adaptive", MAX_TREE_NODES, (), depth=d)
         except ValueError:
             raise SpeccompileError(f"--tree {spec!r}: expected an integer after '{kind}:'") from None
         if kind == "static":
@@ -61,7 +70,8 @@ class TreeSpec:
                 except json.JSONDecodeError as e:
                     raise SpeccompileError(f"--tree {spec!r}: not JSON ({e})") from None
             return cls.from_paths(paths)
-        raise SpeccompileError(f"--tree {spec!r}: use chain:K, static:FILE or dynamic:N (optionally +lookup:L)")
+        raise SpeccompileError(f"--tree {spec!r}: use chain:K, static:FILE, dynamic:N or adaptive[:D] (optionally "
+                               "+lookup:L)")
 
     @classmethod
     def from_paths(cls, paths) -> "TreeSpec":
@@ -100,6 +110,10 @@ class TreeSpec:
     def from_dict(cls, d: dict) -> "TreeSpec":
         return cls(d["kind"], d["size"], tuple(tuple(p) for p in d["paths"]), d["depth"], d.get("branching", 4),
                    d.get("lookup", 0))
+
+    @property
+    def adaptive(self) -> bool:
+        return self.kind == "adaptive"
 
     @property
     def max_rank(self) -> int:

@@ -96,6 +96,39 @@ def accept_chain_q(draft: np.ndarray, q: np.ndarray, p: np.ndarray, uniform: Uni
     return Verdict(list(range(len(draft))), draw(p[len(draft)], uniform(len(draft), DRAW)))
 
 
+def typical_threshold(p: np.ndarray, epsilon: float, alpha: float) -> float:
+    """min(epsilon, alpha * exp(-H(p))): a token the target gives more than this is "typical" (Medusa)."""
+    nz = p[p > 0]
+    return min(epsilon, alpha * float(np.exp(np.sum(nz * np.log(nz)))))
+
+
+def accept_typical(tokens: np.ndarray, parents: np.ndarray, p: np.ndarray, epsilon: float, alpha: float,
+                   uniform: Uniform) -> Verdict:
+    """Typical acceptance (lossy, opt-in): the deepest root-to-node path (the first such, in node order) whose
+    every token the target gives more than typical_threshold at its parent's row; then a draw from p at the
+    path's end. p [1 + n, V] the target's distributions per row."""
+    threshold: dict[int, float] = {}
+    ok = np.zeros(len(tokens), bool)
+    depth = np.zeros(len(tokens), np.int64)
+    for i, parent in enumerate(parents):
+        row = parent + 1
+        if parent >= 0 and not ok[parent]:
+            continue
+        if row not in threshold:
+            threshold[row] = typical_threshold(p[row], epsilon, alpha)
+        ok[i] = p[row, tokens[i]] > threshold[row]
+        depth[i] = depth[parent] + 1 if parent >= 0 else 1
+    path = []
+    if ok.any():
+        end = int(np.argmax(np.where(ok, depth, 0)))  # argmax: the first node of the greatest depth
+        while end >= 0:
+            path.append(end)
+            end = int(parents[end])
+        path.reverse()
+    row = path[-1] + 1 if path else 0
+    return Verdict(path, draw(p[row], uniform(row, DRAW)))
+
+
 @dataclasses.dataclass
 class SpecDecodeStats:
     """What one request's passes did: verify passes, tokens proposed and committed, acceptance per draft depth,
@@ -112,6 +145,7 @@ class SpecDecodeStats:
     verified_on_host: int = 0
     committed_per_pass: dict[int, int] = dataclasses.field(default_factory=dict)
     accepted_per_depth: list[list[int]] = dataclasses.field(default_factory=list)  # per depth [accepted, tried]
+    adaptive: dict | None = None  # adaptive drafting's choices (runtime/adaptive.py summary), if it drafted
 
     def record(self, proposed: int, accepted: int, deepest: int, in_graph: bool | None) -> None:
         """One pass: `proposed` draft nodes `deepest` deep, `accepted` of them taken (plus the target's token);
@@ -149,7 +183,7 @@ class SpecDecodeStats:
             decode_tokens_per_second=(new_tokens - 1) / (total_s - ttft_s) if total_s > ttft_s else 0.0,
             mean_accepted_tokens=self.mean_accepted_tokens,
             acceptance_rate_per_depth=[a / b for a, b in self.accepted_per_depth],
-            target_weight_bytes=weight_bytes, prefill_passes=prefill_passes,
+            target_weight_bytes=weight_bytes, prefill_passes=prefill_passes, adaptive=self.adaptive,
             # bytes the target's weights cost per pass over the whole run: memory-bound decoding streams them all
             achieved_weight_bandwidth_gbps=weight_bytes * (self.verify_steps + prefill_passes) / total_s / 1e9
             if total_s > 0 else 0.0)

@@ -14,9 +14,13 @@ from speccompile.errors import BundleError, SpeccompileError
 from speccompile.format.bundle import read_manifest, resolve_inside
 from speccompile.format.drafter_kinds import KINDS
 from speccompile.format.summary import pass_weight_bytes
-from speccompile.format.trees import TreeSpec, depths
+from speccompile.format.trees import ADAPTIVE_LOOKUP, TreeSpec, depths
 from speccompile.graphs import MAX_STEP_TOKENS, MAX_VERIFY_TOKENS
+from speccompile.runtime import cost_model
+from speccompile.runtime.adaptive import AdaptiveDrafting
+from speccompile.runtime.cost_model import CostModel
 from speccompile.runtime.acceptance import (SpecDecodeStats, Verdict, accept_chain_q, accept_greedy, accept_sampled,
+                                            accept_typical,
                                             chain_parents, sequential)
 from speccompile.runtime.context_cache import DEFAULT_CACHE_BYTES, ContextCache, bundle_identity, cache_parts
 from speccompile.runtime.drafters.base import Drafter, Proposal, RuntimeContext
@@ -25,8 +29,8 @@ from speccompile.runtime.engine import Engine
 from speccompile.runtime.sessions import check_threads
 from speccompile.runtime.kv_cache import KVCache
 from speccompile.runtime.request import Request, build_request, check_messages, is_batch
-from speccompile.runtime.sampling import SamplingParams, probabilities, sample
-from speccompile.runtime.scheduler import Scheduler
+from speccompile.runtime.sampling import SamplingParams, acceptance_option, probabilities, sample
+from speccompile.runtime.scheduler import Scheduler, batch_cache, own_loop
 from speccompile.runtime.text_stream import Chunk, TextStream
 from speccompile.runtime.tokenizer import BundleTokenizer
 
@@ -46,19 +50,6 @@ class GenerationResult:
 def ort_version() -> str:
     import onnxruntime
     return onnxruntime.__version__
-
-
-def batch_cache(manifest: dict) -> tuple[dict | None, KVCache | None]:
-    """The batched target graph's manifest entry and the cache of its sequence slots, if the bundle has one."""
-    entry = manifest["models"].get("target_batch")
-    if not entry or entry.get("kind") != "decoder_batch" or entry.get("max_batch", 1) < 2:
-        return None, None
-    kv, target = entry["kv_cache"], manifest["models"]["target"]
-    if entry["num_layers"] != target["num_layers"] or kv != target["kv_cache"]:
-        raise BundleError("the manifest's target_batch and target disagree on the KV cache they share "
-                          "(layers, heads, length); rebuild the bundle")
-    return entry, KVCache(entry["num_layers"], kv["num_kv_heads"], kv["max_seq_len"], kv["head_dim"],
-                          batch=entry["max_batch"], dtype=kv.get("dtype", "float32"))
 
 
 def drain(stream) -> "GenerationResult":
@@ -115,6 +106,7 @@ class Generator:
         self.lookup = next((d for d in self.drafters.values() if isinstance(d, LookupDrafter)), LookupDrafter())
         self._pending = np.zeros(1, np.int64)  # a plain decode step's one token
         self._lock, self._owner = threading.Lock(), None
+        self._cost = None  # the cost model, measured or read on first use
         # the context cache copies K/V rows through host arrays: device caches (--device cuda, TensorRT) go without
         engines = [self.target, *(d.engine for d in self.drafters.values() if getattr(d, "engine", None))]
         host_cache = all(hasattr(e.cache, "key") for e in engines)
@@ -145,17 +137,20 @@ class Generator:
               params: SamplingParams, stats: SpecDecodeStats, tree: TreeSpec | None = None) -> Iterator[list[int]]:
         """Yield the tokens committed by each pass: the prefill's first token, then each verify pass's."""
         rng = np.random.default_rng(params.seed)
+        adapt = self._adaptive(drafter, tree, params) if tree is not None and tree.adaptive else None
         token = self._prefill(prompt, drafter, params, rng, stats)
         context = np.zeros(len(prompt) + max_new_tokens, np.int64)
         context[:len(prompt)] = prompt
         n, generated = len(prompt), 1
-        reach = LookupReach(tree.lookup, LOOKUP_REACH_LIMIT * tree.lookup) if tree is not None and tree.lookup else None
+        reach = None if adapt or tree is None or not tree.lookup else LookupReach(tree.lookup,
+                                                                                  LOOKUP_REACH_LIMIT * tree.lookup)
         yield [token]
         while generated < max_new_tokens:
             context[n] = token  # committed, but not yet in the target's cache
             n += 1
             room = min(max_new_tokens - generated - 1, self.max_seq_len - n)  # draft tokens that could be used
-            prop = self._propose(context[:n], drafter, k, tree, room, reach, params, rng)
+            prop = (self._propose_adaptive(context[:n], drafter, adapt, room, params, rng) if adapt else
+                    self._propose(context[:n], drafter, k, tree, room, reach, params, rng))
             (path, token), in_graph = self._verify(token, prop, n, params, rng)
             self._commit(n, prop.parents, path, drafter)
             accepted = prop.tokens[path]
@@ -166,6 +161,9 @@ class Generator:
             depth = prop.depth
             if reach:
                 reach.update(len(path), depth)
+            if adapt:
+                adapt.update(path)
+                stats.adaptive = adapt.summary()
             stats.record(len(prop.tokens), len(path), depth, in_graph)
             yield new
 
@@ -202,6 +200,47 @@ class Generator:
             prop = join_lookup(prop, context, self.lookup, min(reach.reach, free), min(room, reach.reach))
         return prop
 
+    def _adaptive(self, drafter: Drafter | None, tree: TreeSpec, params: SamplingParams) -> AdaptiveDrafting | None:
+        """The per-request state of adaptive drafting (runtime/adaptive.py), priced by this machine's cost model."""
+        if drafter is None:
+            return None
+        is_lookup = isinstance(drafter, LookupDrafter)
+        if is_lookup and not tree.lookup:  # prompt lookup drafting alone: its nodes are the whole tree
+            tree = dataclasses.replace(tree, lookup=ADAPTIVE_LOOKUP)
+        return AdaptiveDrafting(self.cost_model(), drafter.name, not is_lookup, tree, params.greedy,
+                                self.target.max_rows)
+
+    def _propose_adaptive(self, context, drafter: Drafter, adapt: AdaptiveDrafting, room: int, params,
+                          rng) -> Proposal:
+        """The drafter's dynamic tree as deep as the plan says (or none), joined by prompt lookup, then cut to
+        the nodes worth verifying (possibly none: a plain step)."""
+        cap = min(room, self.target.max_rows - 1)
+        if cap <= 0:
+            return Proposal.empty()
+        plan = adapt.plan(len(context))
+        prop = Proposal.empty()
+        if plan.head_depth:
+            spec = TreeSpec("dynamic", min(plan.head_nodes, cap), depth=min(plan.head_depth, cap),
+                            branching=adapt.branching)
+            prop = drafter.propose_tree(context, spec, params, rng)
+        head, scores = len(prop.tokens), prop.scores
+        if plan.lookup_nodes:
+            lookup = drafter if isinstance(drafter, LookupDrafter) else self.lookup
+            prop = join_lookup(prop, context, lookup, min(plan.lookup_nodes, max(0, cap - head)),
+                               min(room, plan.lookup_nodes))
+        return adapt.choose(prop, head, scores, plan, len(context))
+
+    def cost_model(self, recalibrate: bool = False) -> CostModel:
+        """This bundle's cost model on this machine (runtime/cost_model.py): cached, or measured now (a few
+        seconds) and cached for the next load; recalibrate=True measures again."""
+        if self._cost is None or recalibrate:
+            cached = None if recalibrate else cost_model.load_cached(self.bundle_dir, self.threads)
+            if cached is None:
+                cached = cost_model.calibrate(self.target, self.drafters, self.threads, self.lookup)
+                cost_model.save(cached, self.bundle_dir, self.threads)
+            self._cost = cached
+        return self._cost
+
     def _verify(self, token: int, prop: Proposal, n: int, params: SamplingParams, rng) -> tuple[Verdict, bool | None]:
         """One target pass over the pending token and the draft: (the verdict, whether acceptance ran in the
         graph; None for a plain decode step, without drafts)."""
@@ -215,7 +254,8 @@ class Generator:
         else:
             block_parents = np.concatenate([[-1], prop.parents + 1])  # tree roots hang off the pending token
             positions = n - 1 + depths(block_parents)
-        if self.target.verifies and (params.greedy or (params.top_p >= 1.0 and prop.q is None)):
+        if self.target.verifies and (params.greedy or (params.top_p >= 1.0 and prop.q is None
+                                                       and not params.typical)):
             # the verify graph accepts: O(nodes) numbers come back, not the [nodes, V] logits. The host path
             # remains for top-p, for chains drawn from draft distributions q (see verify.emit_verify) and for
             # bundles built before the verify extension.
@@ -234,6 +274,9 @@ class Generator:
         if params.greedy:
             return accept_greedy(prop.tokens, parents, argmax)
         p = probabilities(logits, params)
+        if params.typical:  # lossy, asked for: SamplingParams.acceptance
+            return accept_typical(prop.tokens, parents, p, params.typical_epsilon, params.typical_alpha,
+                                  sequential(rng))
         if prop.q is None or prop.parents is not None:
             return accept_sampled(prop.tokens, parents, p, sequential(rng))
         q = prop.q[:len(prop.tokens)]
@@ -255,21 +298,24 @@ class Generator:
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                stop: tuple[str, ...] | str = (), num_draft: int | None = None, tree: str | TreeSpec | None = None,
                chat: bool = True, on_text: Callable[[str], None] | None = None,
-               params: SamplingParams | None = None) -> Iterator[Chunk]:
+               params: SamplingParams | None = None, acceptance: str | None = None) -> Iterator[Chunk]:
         """Generate, yielding a Chunk per verify pass: the new text (held back while it could still become a stop
         string) and the token ids committed. The final GenerationResult is the StopIteration value (`generate`
         just returns it). prompt: text (through the chat template unless chat=False) or token ids. `params`,
-        if given, replaces temperature / top_k / top_p / seed. Stops at an end-of-sequence token, at
+        if given, replaces temperature / top_k / top_p / seed / acceptance ("exact", or "typical[:EPS[,ALPHA]]":
+        lossy, see SamplingParams). Stops at an end-of-sequence token, at
         max_new_tokens, or where a stop string begins (text and token_ids both end before it)."""
-        params = params or SamplingParams(temperature, top_k, top_p, seed)
+        params = params or SamplingParams(temperature, top_k, top_p, seed, **acceptance_option(acceptance))
         request = build_request(self, prompt, max_new_tokens, params, drafter if speculate else None, speculate,
                                 stop, num_draft, tree, chat)
-        if self.scheduler:  # submitted now: its passes start before the caller reads the first chunk
+        if self.scheduler and not own_loop(request):  # submitted now: its passes start before the first read
             return self._run(request, on_text, self._submit(request))
         return self._serialized(request, on_text)
 
     def _serialized(self, request: Request, on_text):
-        with self._exclusive():
+        """This thread's own decode loop: under the lock, and with a scheduler, once its slots are all free (adaptive
+        drafting and typical acceptance run only here)."""
+        with self._exclusive(), (self.scheduler.exclusive() if self.scheduler else contextlib.nullcontext()):
             result = yield from self._run(request, on_text)
         return result
 
@@ -326,7 +372,9 @@ class Generator:
                                     req.drafter)
         prefill_passes = -(-stats.prompt_cache_miss_tokens // PREFILL_CHUNK)
         weight_bytes = self.pass_bytes["screened" if req.params.greedy else "full"]
-        return GenerationResult(out, final, stats.as_dict(len(out), total, ttft, weight_bytes, prefill_passes))
+        result = stats.as_dict(len(out), total, ttft, weight_bytes, prefill_passes)
+        result["acceptance"] = "typical (lossy)" if req.params.typical else "exact"
+        return GenerationResult(out, final, result)
 
     def _take(self, new: list[int], out: list[int], text: TextStream, max_new_tokens: int) -> bool:
         """Append a pass's tokens to `out` (and its text) up to an end-of-sequence token, max_new_tokens or a stop

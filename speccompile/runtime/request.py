@@ -40,7 +40,7 @@ def build_request(gen, prompt, max_new_tokens, params: SamplingParams, drafter: 
         raise SpeccompileError(f"--num-draft {k}: must be between 1 and {MAX_VERIFY_TOKENS - 1}")
     if isinstance(tree, str):
         tree = TreeSpec.parse(tree)
-    elif tree is None and dr is not None and gen.trees.get(dr.name):
+    elif tree is None and dr is not None and gen.trees.get(dr.name):  # the default: the bundle's tree
         tree = gen.trees[dr.name]
     return Request(ids, int(max_new_tokens), params, dr, k, tree, stop_strings(stop))
 

@@ -22,10 +22,21 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     seed: int | None = None
+    # "exact" keeps the target's distribution; "typical" (lossy, opt-in) accepts a sampled draft token whenever
+    # the target gives it more than min(typical_epsilon, typical_alpha * exp(-entropy)) (Medusa's typical
+    # acceptance): more tokens per pass, a distribution that is no longer exactly the target's. Greedy is exact.
+    acceptance: str = "exact"
+    typical_epsilon: float = 0.09
+    typical_alpha: float = 0.3
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @property
+    def typical(self) -> bool:
+        """Typical acceptance in effect: asked for, and sampling (greedy acceptance stays exact)."""
+        return self.acceptance == "typical" and not self.greedy
 
     def __post_init__(self):
         def bad(what: str):
@@ -39,6 +50,32 @@ class SamplingParams:
             bad("top_p must be in (0, 1] (1 = off)")
         if self.seed is not None and (not _whole(self.seed) or not 0 <= self.seed < 2**64):
             bad("seed must be a whole number in [0, 2**64)")
+        if self.acceptance not in ACCEPTANCE:
+            bad(f"acceptance must be one of {', '.join(ACCEPTANCE)}, not {self.acceptance!r}")
+        if not _real(self.typical_epsilon) or not 0.0 < self.typical_epsilon <= 1.0:
+            bad("typical_epsilon must be in (0, 1]")
+        if not _real(self.typical_alpha) or not 0.0 < self.typical_alpha <= 1.0:
+            bad("typical_alpha must be in (0, 1]")
+
+
+ACCEPTANCE = ("exact", "typical")
+
+
+def acceptance_option(spec: str | None) -> dict:
+    """"exact" | "typical[:EPS[,ALPHA]]" (the CLI's --acceptance) -> SamplingParams' acceptance fields."""
+    if not spec or spec == "exact":
+        return {"acceptance": "exact"}
+    kind, _, args = spec.partition(":")
+    values = [v for v in args.split(",") if v.strip()] if args else []
+    if kind != "typical" or len(values) > 2:
+        raise SamplingParamsError(f"--acceptance {spec!r}: use exact or typical[:EPS[,ALPHA]]")
+    try:
+        numbers_ = [float(v) for v in values]
+    except ValueError:
+        raise SamplingParamsError(f"--acceptance {spec!r}: EPS and ALPHA are numbers") from None
+    out = {"acceptance": "typical"}
+    out.update(zip(("typical_epsilon", "typical_alpha"), numbers_))
+    return out
 
 
 def _real(x) -> bool:

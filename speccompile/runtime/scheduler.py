@@ -16,12 +16,14 @@ uniforms as one [rows, 2] table read by the rule the verify graph applies), so a
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import queue
 import threading
 
 import numpy as np
 
+from speccompile.errors import BundleError
 from speccompile.format.trees import depths
 from speccompile.runtime.acceptance import SpecDecodeStats, Verdict, accept_greedy, accept_sampled, from_table
 from speccompile.runtime.batch_engine import BatchEngine, SlotStep
@@ -122,6 +124,25 @@ class Scheduler:
                     continue
                 self.driving = True
             self._drive(self._round)
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """The slots to one caller's own decode loop: runs rounds until no request holds or waits for a slot, then
+        keeps every other caller from running one (they wait, as for another's round) until the block ends."""
+        while True:
+            with self.wake:
+                while self.driving:
+                    self.wake.wait()
+                self.driving = True
+                if not (any(self.slots) or self.waiting):
+                    break
+            self._drive(self._round)
+        try:
+            yield
+        finally:
+            with self.wake:
+                self.driving = False
+                self.wake.notify_all()
 
     def tidy(self) -> None:
         """Free the slots of cancelled requests now, unless a round (which does it first) is running."""
@@ -333,3 +354,21 @@ class Scheduler:
             s.reach.update(len(path), prop.depth)
         s.handle.stats.record(len(prop.tokens), len(path), prop.depth, in_graph)
         self._emit(s, [*accepted.tolist(), verdict.token])
+
+
+def batch_cache(manifest: dict) -> tuple[dict | None, KVCache | None]:
+    """The batched target graph's manifest entry and the cache of its sequence slots, if the bundle has one."""
+    entry = manifest["models"].get("target_batch")
+    if not entry or entry.get("kind") != "decoder_batch" or entry.get("max_batch", 1) < 2:
+        return None, None
+    kv, target = entry["kv_cache"], manifest["models"]["target"]
+    if entry["num_layers"] != target["num_layers"] or kv != target["kv_cache"]:
+        raise BundleError("the manifest's target_batch and target disagree on the KV cache they share "
+                          "(layers, heads, length); rebuild the bundle")
+    return entry, KVCache(entry["num_layers"], kv["num_kv_heads"], kv["max_seq_len"], kv["head_dim"],
+                          batch=entry["max_batch"], dtype=kv.get("dtype", "float32"))
+
+
+def own_loop(request: Request) -> bool:
+    """Requests the scheduler's shared passes do not serve: adaptive drafting and typical acceptance."""
+    return bool(request.tree is not None and request.tree.adaptive) or request.params.acceptance != "exact"

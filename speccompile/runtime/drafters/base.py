@@ -41,6 +41,7 @@ class Proposal:
     tokens: np.ndarray  # [k] int64, proposed continuation (k may be 0)
     q: np.ndarray | None = None  # [k, V] the distributions the tokens were drawn from; None = deterministic
     parents: np.ndarray | None = None  # tree drafts: parent index per node (-1 = after the context); None = chain
+    scores: np.ndarray | None = None  # tree drafts: each node's path log-probability under the drafter, if known
 
     @classmethod
     def empty(cls) -> "Proposal":

@@ -162,7 +162,8 @@ class _TreeDraft:
         order = sorted(keep, key=lambda v: (self.depth[v], -self.scores[v]))
         index = {v: i for i, v in enumerate(order)}
         return Proposal(np.array([self.tokens[v] for v in order], np.int64), None,
-                        np.array([index[self.parents[v]] if self.parents[v] >= 0 else -1 for v in order], np.int64))
+                        np.array([index[self.parents[v]] if self.parents[v] >= 0 else -1 for v in order], np.int64),
+                        np.array([self.scores[v] for v in order], np.float64))
 
 
 def grow_tree(t: _TreeDraft, tree, size: int) -> list[int]:

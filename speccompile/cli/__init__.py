@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
-import traceback
 
 import click
 
 from speccompile.errors import SpeccompileError
 from speccompile.graphs import DEFAULT_MAX_BATCH
+from speccompile.cli.errors import DEBUG_ENV, errors_to_exit, OneLineUsageErrors
 from speccompile.train.cli_options import train_head_options
 
 
@@ -20,94 +19,7 @@ def _progress(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-DEBUG_ENV = "SPECCOMPILE_DEBUG"
-REPORT_HINT = ("this is a bug in speccompile: please report it with the command you ran "
-               f"(rerun with --debug or {DEBUG_ENV}=1 for the traceback)")
-
-
-def _debugging() -> bool:
-    ctx = click.get_current_context(silent=True)
-    root = ctx.find_root() if ctx else None
-    return bool(root and root.params.get("debug")) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-
-
-def _fail(message: str, status: int) -> None:
-    if _debugging():
-        traceback.print_exc()
-    click.echo(f"error: {' '.join(str(message).split())}", err=True)  # one line, whatever the message holds
-    sys.exit(status)
-
-
-def _expected_failure(e: Exception) -> str | None:
-    """The message of a failure that bad input explains (printed as one `error:` line, exit 2), or None for one
-    that only a bug explains."""
-    if isinstance(e, SpeccompileError):
-        return str(e)
-    if isinstance(e, OSError):  # a path that is missing, unreadable, a full disk
-        return f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}"
-    if isinstance(e, (ValueError, RecursionError)):  # bad parameters reaching the runtime, bad JSON
-        return str(e) or type(e).__name__
-    if type(e).__module__.startswith("onnxruntime"):  # its load and run errors share no base class
-        return f"onnxruntime: {e}"
-    return None
-
-
-def _check_text_arguments() -> None:
-    """A text argument that is not valid UTF-8 reaches Python with surrogate escapes (bytes it could not decode);
-    refuse it here rather than deep in the tokenizer. Paths may hold any bytes and are not checked."""
-    ctx = click.get_current_context()
-    for param in ctx.command.params:
-        value = ctx.params.get(param.name)
-        values = value if isinstance(value, tuple) else (value,)
-        if isinstance(param.type, click.Path):
-            continue
-        for v in values:
-            if isinstance(v, str):
-                try:
-                    v.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise SpeccompileError(f"{param.human_readable_name} is not valid UTF-8 text (bytes the "
-                                           "terminal could not decode); pass it as UTF-8") from None
-
-
-def _errors_to_exit(fn):
-    """Every expected failure: one `error:` line and exit 2. Anything else: one line naming it as a bug with a
-    hint to report it, exit 3. The traceback only under --debug or SPECCOMPILE_DEBUG=1."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            _check_text_arguments()
-            return fn(*args, **kwargs)
-        except (click.exceptions.ClickException, click.exceptions.Exit):
-            raise  # usage errors: click prints them (exit 2)
-        except Exception as e:
-            message = _expected_failure(e)
-            if message is None:
-                _fail(f"internal error ({type(e).__name__}: {str(e)[:300]}); {REPORT_HINT}", 3)
-            _fail(message, 2)
-    return wrapper
-
-
-class _OneLineUsageErrors(click.Group):
-    """click's own usage errors (a value of the wrong type, a missing argument, an unknown option) as the same one
-    `error:` line and exit 2 as every other bad input, instead of click's usage block."""
-
-    def main(self, *args, standalone_mode: bool = True, **kwargs):
-        if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
-        try:
-            status = super().main(*args, standalone_mode=False, **kwargs)
-        except click.exceptions.UsageError as e:
-            hint = f" (see: {e.ctx.command_path} --help)" if e.ctx else ""
-            _fail(f"{e.format_message()}{hint}", 2)
-        except click.exceptions.ClickException as e:
-            _fail(e.format_message(), e.exit_code or 2)
-        except click.exceptions.Abort:
-            _fail("aborted", 1)
-        sys.exit(status or 0)
-
-
-@click.group(cls=_OneLineUsageErrors)
+@click.group(cls=OneLineUsageErrors)
 @click.version_option(package_name="speccompile")
 @click.option("--debug", is_flag=True, help=f"Print the traceback of a failure (also: {DEBUG_ENV}=1).")
 def main(debug):
@@ -152,7 +64,7 @@ def main(debug):
 @click.option("--max-batch", type=int, default=DEFAULT_MAX_BATCH, show_default=True,
               help="Sequence slots of the batched target graph that concurrent requests share passes through "
                    "(1: none; dense models with ort attention).")
-@_errors_to_exit
+@errors_to_exit
 def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, backend, head_screen, draft_precision,
           dtype, weights, max_batch):
     """Compile MODEL (a Hugging Face directory, a .gguf file; default: the embedded SmolLM2-135M-Instruct)."""
@@ -173,7 +85,11 @@ def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, ba
 @click.option("--seed", default=None, type=int)
 @click.option("--drafter", default=None, help="Which of the bundle's drafters (default: its first).")
 @click.option("--num-draft", default=None, type=int, help="Override the drafter's tokens per pass.")
-@click.option("--tree", default=None, help="Override the bundle's tree: chain:K | static:FILE | dynamic:N [+lookup:L].")
+@click.option("--tree", default=None, help="Draft this tree instead of adaptive drafting (the default): chain:K | "
+              "static:FILE | dynamic:N | adaptive[:D] [+lookup:L].")
+@click.option("--acceptance", default="exact", show_default=True,
+              help="exact, or typical[:EPS[,ALPHA]]: LOSSY typical acceptance when sampling (default 0.09,0.3).")
+@click.option("--recalibrate", is_flag=True, help="Measure this machine's cost model for the bundle again.")
 @click.option("--no-speculate", is_flag=True, help="Plain autoregressive decoding of the compiled target.")
 @click.option("--compare", is_flag=True, help="Also decode without speculation and print the speedup.")
 @click.option("--no-chat", is_flag=True, help="Do not apply the chat template.")
@@ -188,21 +104,23 @@ def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, ba
 @click.option("--no-context-cache", is_flag=True, help="Do not reuse the K/V of prompt prefixes seen before.")
 @click.option("--cache-bytes", default=1 << 30, show_default=True, help="Memory for the context cache.")
 @click.option("--cache-dir", type=click.Path(), default=None, help="Also keep the context cache here, across runs.")
-@_errors_to_exit
-def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, drafter, num_draft, tree,
-             no_speculate, compare, no_chat, system, stop, threads, device, backend, as_json, no_context_cache,
-             cache_bytes, cache_dir):
+@errors_to_exit
+def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, drafter, num_draft, tree, acceptance,
+             recalibrate, no_speculate, compare, no_chat, system, stop, threads, device, backend, as_json,
+             no_context_cache, cache_bytes, cache_dir):
     """Generate text for PROMPT from BUNDLE, streaming it."""
     from speccompile import load
     if system is not None and no_chat:
         raise SpeccompileError("--system needs the chat template: drop --no-chat")
     gen = load(bundle, threads=threads, device="tensorrt" if backend == "tensorrt" else device,
                context_cache=not no_context_cache, cache_bytes=cache_bytes, cache_dir=cache_dir)
+    if recalibrate:
+        gen.cost_model(recalibrate=True)
     if system is not None:  # the conversation as token ids: what every call below then decodes from
         prompt = gen.tokenizer.encode_messages([{"role": "system", "content": system},
                                                 {"role": "user", "content": prompt}])
     kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stop),
-                  chat=not no_chat, drafter=drafter, num_draft=num_draft, tree=tree)
+                  chat=not no_chat, drafter=drafter, num_draft=num_draft, tree=tree, acceptance=acceptance)
     on_text = None if as_json else functools.partial(click.echo, nl=False)
     if compare:  # warm both paths up (first runs allocate), so the two timings compare like with like
         gen.generate(prompt, 4, speculate=False, **kwargs)
@@ -220,7 +138,8 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, dr
     s = res.stats
     click.echo("")
     click.echo(f"[{s['new_tokens']} tokens, {s['tokens_per_second']:.1f} tok/s, drafter {s['drafter']}, "
-               f"mean accepted tokens {s['mean_accepted_tokens']:.2f} over {s['verify_steps']} verify passes]",
+               f"mean accepted tokens {s['mean_accepted_tokens']:.2f} over {s['verify_steps']} verify passes"
+               f"{', typical acceptance (lossy)' if s['acceptance'] != 'exact' else ''}]",
                err=True)
     if base:
         b = base.stats
@@ -232,13 +151,17 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, dr
 @main.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of every file.")
-@_errors_to_exit
+@errors_to_exit
 def inspect(bundle, no_verify):
     """Print a readable summary of BUNDLE."""
     from speccompile.format.bundle import read_manifest
     from speccompile.format.summary import describe
     for line in describe(bundle, read_manifest(bundle, verify_hashes=not no_verify), verified=not no_verify):
         click.echo(line)
+    from speccompile.runtime.cost_model import cached_models  # adaptive drafting's measured costs, if any
+    for model in cached_models(bundle):
+        for line in model.describe():
+            click.echo(line)
 
 
 def _csv(value: str | None) -> tuple[str, ...]:
@@ -263,6 +186,8 @@ def _ints(option: str, value: str | None) -> list[int]:
                    "--drafter mtp@chain:3 --drafter mtp@dynamic:4; default: every drafter of the bundle).")
 @click.option("--tree", default=None, help="Verify this token tree: chain:K | static:FILE | dynamic:N [+lookup:L].")
 @click.option("--repeats", default=1, show_default=True, help="Runs per prompt and method; the fastest is kept.")
+@click.option("--temperature", default=0.0, show_default=True,
+              help="Sample at this temperature (seeded per prompt); NAME~typical methods accept typically (lossy).")
 @click.option("--threads", default=None, type=int, help="Intra-op threads (default: all cores).")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write the result document here.")
 @click.option("--plot", "plot_out", type=click.Path(), default=None, help="Write a PNG of three panels here.")
@@ -274,9 +199,9 @@ def _ints(option: str, value: str | None) -> list[int]:
 @click.option("--streams", default=None, help="Concurrency mode: serve --stream-requests prompts one after another, "
               "then with each of these numbers of concurrent streams (comma-separated, e.g. 1,2,4,8).")
 @click.option("--stream-requests", default=8, show_default=True, help="Requests the concurrency mode serves.")
-@_errors_to_exit
-def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, repeats, threads, json_out, plot_out,
-          compare_transformers, multi_turn, streams, stream_requests):
+@errors_to_exit
+def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, repeats, temperature, threads, json_out,
+          plot_out, compare_transformers, multi_turn, streams, stream_requests):
     """Benchmark BUNDLE: speculative against autoregressive decoding, per prompt category."""
     from speccompile.bench.plot import plot
     from speccompile.bench.report import format_table, write_json
@@ -290,7 +215,7 @@ def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, re
     from speccompile.bench.settings import BenchSettings
     settings = BenchSettings(dataset=dataset, categories=_csv(categories), limit=limit,
                              max_new_tokens=max_new_tokens, drafters=tuple(drafters), tree=tree, repeats=repeats,
-                             threads=threads, compare_transformers=compare_transformers,
+                             threads=threads, compare_transformers=compare_transformers, temperature=temperature,
                              streams=tuple(_ints("--streams", streams)), stream_requests=stream_requests)
     benchmark = Benchmark(bundle, settings, log=_progress)
     with click.progressbar(length=benchmark.total_runs, label="decoding", file=sys.stderr, show_pos=True,
@@ -318,7 +243,7 @@ def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, re
 @click.option("--shutdown-timeout", default=10.0, show_default=True, help="Seconds SIGTERM lets requests finish.")
 @click.option("--replicas", default=None, type=int, help="Serve N replicas through Ray Serve (the ray extra).")
 @click.option("--ray-address", default=None, help="With --replicas: join this Ray cluster (default: a local one).")
-@_errors_to_exit
+@errors_to_exit
 def serve(bundle, replicas, ray_address, **options):
     """Serve BUNDLE over the OpenAI API (/v1/chat/completions, /v1/completions), with /metrics."""
     from speccompile.serve.command import run
@@ -332,7 +257,7 @@ def serve(bundle, replicas, ray_address, **options):
 @click.option("--min-speedup", default=None, help="Floor for every drafter's overall speedup.")
 @click.option("--min-accepted", default=None, help="Floor for every drafter's mean accepted tokens.")
 @click.option("--min-concurrency", default=None, help="Floor for 4 streams' tokens/s over one after another.")
-@_errors_to_exit
+@errors_to_exit
 def gate(result, baseline, max_regression, min_speedup, min_accepted, min_concurrency):
     """Fail (exit 1) if RESULT regresses against BASELINE on machine-independent figures.
 
@@ -357,7 +282,7 @@ TRAIN_DEPENDENCIES = {"torch", "transformers", "safetensors", "accelerate", "tqd
 
 @main.command("train-head")
 @train_head_options
-@_errors_to_exit
+@errors_to_exit
 def train_head(**options):
     """Train a draft head for a target by self-distillation, on CPU.
 
@@ -392,6 +317,3 @@ def train_head(**options):
         sys.exit(2)
     run(TrainOptions(**{**options, "out": options["out"] or DEFAULT_OUT}))
 
-
-if __name__ == "__main__":
-    main()

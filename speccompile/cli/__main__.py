@@ -1,0 +1,4 @@
+"""`python -m speccompile.cli`."""
+from speccompile.cli import main
+
+main()

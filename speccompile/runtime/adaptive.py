@@ -1,0 +1,225 @@
+"""Adaptive drafting: each pass drafts the tree that maximizes the expected committed tokens per second.
+
+Two decisions per pass, both priced by the measured cost model (runtime/cost_model.py):
+  1. before drafting, how deep the drafter's own dynamic tree goes (each level is one drafter pass), 0 for none:
+     from the recent rate at which the accepted path ran through drafter nodes at each depth;
+  2. after drafting (the drafter's tree joined by prompt lookup), which nodes to verify: every node gets the
+     probability that the accepted path reaches it -- the drafter's own conditional probability times a
+     per-depth calibration of how often such nodes were accepted lately, or for lookup nodes their recent
+     acceptance at that depth -- and the tree is cut to the ancestor-closed set whose expected tokens per
+     predicted pass time (drafting spent + verify rows at this context length) is best. The empty set is a
+     plain decode step: speculation switched off where it would lose.
+A depth the plan keeps skipping is probed again every PROBE_EVERY passes, so estimates never go stale for good.
+
+Only which candidates are verified changes, never how they are accepted: greedy output stays the target's
+exactly and sampled output keeps its distribution (the tree rules of runtime/acceptance.py hold for any tree).
+The estimates live per request and start from fixed priors, so a seeded request is reproducible.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from speccompile.format.trees import TreeSpec, depths
+from speccompile.runtime.cost_model import CostModel
+from speccompile.runtime.drafters.base import Proposal
+from speccompile.runtime.drafters.lookup import LookupReach
+
+DECAY = 0.85  # each pass's outcome weighs this much less on the next one: the estimates follow the request
+PROBE_EVERY = 8  # passes between tries of one level deeper than the plan would draft
+DEPTHS = 16  # per-depth estimates (deeper nodes share the last)
+NO_SCORE_PRIOR = 0.6  # the acceptance prior of a drafter node without a probability (e.g. a Medusa head)
+LOOKUP_PRIOR = 0.5  # of a lookup node, given its parent was accepted
+HEAD_PRIOR = 0.55  # the accepted path starts with a drafter node
+REACH_LIMIT = 4  # lookup continuations reach at most this many times the tree's L deep (as fixed trees do)
+
+
+class Rate:
+    """A ratio of two decayed sums (recent outcomes weigh most), starting from a prior worth `weight` passes."""
+    __slots__ = ("num", "den")
+
+    def __init__(self, prior: float = 0.0, weight: float = 0.0):
+        self.num, self.den = prior * weight, weight
+
+    def add(self, num: float, den: float) -> None:
+        self.num, self.den = self.num * DECAY + num, self.den * DECAY + den
+
+    @property
+    def value(self) -> float:
+        return self.num / self.den if self.den > 0 else 0.0
+
+
+def by_depth(rates: list[Rate], first: float) -> list[float]:
+    """Per-depth rates, each shrunk toward the one above it (worth one observation): a depth seldom drafted
+    takes after the depth before, not after a fixed prior."""
+    out, above = [], first
+    for r in rates:
+        above = (r.num + above) / (r.den + 1.0)
+        out.append(above)
+    return out
+
+
+@dataclasses.dataclass
+class Plan:
+    head_depth: int  # drafter levels to draft (0: none)
+    head_nodes: int  # the drafter's node budget
+    lookup_nodes: int  # prompt-lookup nodes (and depth) to join
+    draft_ms: float  # predicted drafting time
+
+
+@dataclasses.dataclass
+class Kept:
+    """The nodes a pass verified, for the update after it."""
+    parents: np.ndarray
+    level: np.ndarray  # 0-based depth
+    from_head: np.ndarray  # bool: a drafter node (else a prompt-lookup node)
+    first: np.ndarray  # bool: a lookup node that is its parent's first lookup child (the most recent match)
+    predicted: np.ndarray  # a drafter node's own conditional probability
+    plan: Plan
+
+
+class AdaptiveDrafting:
+    """One request's estimates and choices. has_head: the drafter drafts a tree of its own (not prompt lookup)."""
+
+    def __init__(self, cost: CostModel, drafter: str | None, has_head: bool, tree: TreeSpec, greedy: bool,
+                 max_rows: int):
+        self.cost, self.drafter, self.greedy, self.max_rows = cost, drafter, greedy, max_rows
+        self.max_depth = tree.depth if has_head else 0
+        self.branching = tree.branching
+        self.reach = LookupReach(tree.lookup, REACH_LIMIT * tree.lookup) if tree.lookup else None
+        self.head_scale = [Rate(1.0, 1.0) for _ in range(DEPTHS)]  # accepted / predicted, drafter nodes per depth
+        # the accepted path runs through a drafter node at depth d, given it did at d - 1
+        self.head_reach = [Rate() for _ in range(DEPTHS)]
+        # a lookup node is accepted, given its parent was: its parent's first lookup child (the most recent
+        # match's continuation) apart from the others, which mostly compete with it
+        self.lookup_accept = {first: [Rate() for _ in range(DEPTHS)] for first in (True, False)}
+        self.lookup_gain, self.lookup_rows = Rate(0.3, 2.0), Rate(2.0, 2.0)  # per pass: accepted, verified
+        self.since_probe, self.last_accepted = 0, 0
+        self.kept: Kept | None = None
+        self.passes, self.plain_passes, self.rows = 0, 0, 0
+        self.depth_counts: dict[int, int] = {}
+
+    # ---- before drafting ---------------------------------------------------------------------------------
+    def _draft_ms(self, depth: int, lookup: bool) -> float:
+        ms = self.cost.lookup_ms if lookup else 0.0
+        if depth:  # the catch-up over the last pass's tokens, then one pass per further level
+            ms += self.cost.draft(self.drafter, self.last_accepted + 1)
+            ms += (depth - 1) * self.cost.draft(self.drafter, self.branching)
+        return ms
+
+    def plan(self, length: int) -> Plan:
+        """How deep the drafter drafts this pass, and how many lookup nodes join it."""
+        lookup = self.reach.reach if self.reach else 0
+        gain = self.lookup_gain.value if lookup else 0.0
+        extra_rows = self.lookup_rows.value if lookup else 0.0
+        best, best_rate = 0, -1.0
+        reach = np.cumprod(by_depth(self.head_reach, HEAD_PRIOR))
+        for depth in range(self.max_depth + 1):
+            value = 1.0 + float(reach[:depth].sum())
+            draft = self._draft_ms(depth, bool(lookup))
+            rows = 1 + depth  # about one kept drafter node per level: the cut drops the rest
+            rate = max(value / (draft + self.cost.verify(rows, length, self.greedy)),  # the cut may drop lookup
+                       (value + gain) / (draft + self.cost.verify(round(rows + extra_rows), length, self.greedy)))
+            if rate > best_rate:
+                best, best_rate = depth, rate
+        self.since_probe += 1
+        if best < self.max_depth and self.since_probe >= PROBE_EVERY:  # look again at one level more
+            best, self.since_probe = best + 1, 0
+        return Plan(best, 2 * best, lookup, self._draft_ms(best, bool(lookup)))
+
+    # ---- after drafting ----------------------------------------------------------------------------------
+    def _reach_probabilities(self, prop: Proposal, head: int, scores) -> tuple[np.ndarray, ...]:
+        """Per node: the probability the accepted path reaches it, its depth, whether the drafter proposed it and
+        the drafter's own conditional probability for it."""
+        k = len(prop.tokens)
+        parents = np.arange(k) - 1 if prop.parents is None else prop.parents
+        level = depths(parents)
+        from_head = np.arange(k) < head
+        reach, own, first = np.zeros(k), np.zeros(k), np.zeros(k, bool)
+        lookup_accept = {f: by_depth(rates, LOOKUP_PRIOR if f else LOOKUP_PRIOR / 4)
+                         for f, rates in self.lookup_accept.items()}
+        has_lookup_child = set()
+        for i in range(k):
+            p, b = parents[i], min(level[i], DEPTHS - 1)
+            above = reach[p] if p >= 0 else 1.0
+            if from_head[i]:
+                if scores is None:
+                    own[i], scale = 1.0, NO_SCORE_PRIOR * self.head_scale[b].value
+                else:
+                    own[i], scale = np.exp(scores[i] - (scores[p] if p >= 0 else 0.0)), self.head_scale[b].value
+                reach[i] = above * min(1.0, own[i] * scale)
+            else:
+                first[i] = p not in has_lookup_child
+                has_lookup_child.add(p)
+                reach[i] = above * lookup_accept[bool(first[i])][b]
+        return parents, level, from_head, reach, own, first
+
+    def choose(self, prop: Proposal, head: int, scores, plan: Plan, length: int) -> Proposal:
+        """The ancestor-closed part of `prop` worth verifying (possibly nothing: a plain step). head: how many of
+        its first nodes the drafter proposed (the rest came from prompt lookup); scores: their path
+        log-probabilities, if the drafter gives them."""
+        parents, level, from_head, reach, own, first = self._reach_probabilities(prop, head, scores)
+        children: dict[int, list[int]] = {}
+        for i, p in enumerate(parents):
+            children.setdefault(int(p), []).append(i)
+        frontier, order = list(children.get(-1, [])), []
+        total, best_len = 1.0, 0
+        best_rate = total / (plan.draft_ms + self.cost.verify(1, length, self.greedy))
+        while frontier and len(order) < self.max_rows - 1:
+            i = max(frontier, key=lambda v: reach[v])
+            frontier.remove(i)
+            order.append(i)
+            frontier += children.get(i, [])
+            total += reach[i]
+            rate = total / (plan.draft_ms + self.cost.verify(1 + len(order), length, self.greedy))
+            if rate > best_rate:
+                best_rate, best_len = rate, len(order)
+        keep = np.array(sorted(order[:best_len]), np.int64)  # ascending: still parents before children
+        index = np.full(len(parents) + 1, -1, np.int64)
+        index[keep] = np.arange(len(keep))
+        new_parents = index[parents[keep]] if len(keep) else np.zeros(0, np.int64)
+        self.kept = Kept(new_parents, level[keep], from_head[keep], first[keep], own[keep], plan)
+        self._count(plan, len(keep))
+        return Proposal(prop.tokens[keep], None, new_parents) if len(keep) else Proposal.empty()
+
+    def _count(self, plan: Plan, rows: int) -> None:
+        self.passes += 1
+        self.plain_passes += rows == 0
+        self.rows += rows
+        self.depth_counts[plan.head_depth] = self.depth_counts.get(plan.head_depth, 0) + 1
+
+    # ---- after verifying ---------------------------------------------------------------------------------
+    def update(self, path: list[int]) -> None:
+        """Learn from the pass just verified: `path` the accepted nodes of the kept tree."""
+        kept, self.last_accepted = self.kept, len(path)
+        if kept is None:
+            return
+        on = np.zeros(len(kept.parents), bool)
+        on[path] = True
+        tried = np.array([p < 0 or on[p] for p in kept.parents], bool)  # nodes whose parent was accepted
+        for b in range(DEPTHS):
+            at = tried & (np.minimum(kept.level, DEPTHS - 1) == b)
+            head = at & kept.from_head
+            if head.any():
+                self.head_scale[b].add(float(on[head].sum()), float(kept.predicted[head].sum()))
+            for f in (True, False):
+                look = at & ~kept.from_head & (kept.first == f)
+                if look.any():
+                    self.lookup_accept[f][b].add(float(on[look].sum()), float(look.sum()))
+        path_head = kept.from_head[path] if path else np.zeros(0, bool)
+        for d in range(kept.plan.head_depth):
+            if d and not (d <= len(path_head) and path_head[d - 1]):
+                break  # not reached through the drafter at d - 1: no evidence for depth d
+            self.head_reach[d].add(float(d < len(path_head) and path_head[d]), 1.0)
+        if kept.plan.lookup_nodes:
+            self.lookup_gain.add(float((~path_head).sum()), 1.0)
+            self.lookup_rows.add(float((~kept.from_head).sum()), 1.0)
+        if self.reach:
+            self.reach.update(len(path), int(kept.level.max()) + 1 if len(kept.level) else 0)
+
+    def summary(self) -> dict:
+        """What the request chose: passes, plain steps among them, mean verified draft nodes, drafter depths."""
+        return {"passes": self.passes, "plain_passes": self.plain_passes,
+                "mean_draft_nodes": self.rows / self.passes if self.passes else 0.0,
+                "drafter_depths": {str(d): c for d, c in sorted(self.depth_counts.items())}}

@@ -1,0 +1,220 @@
+"""What a pass costs on this machine: the target's verify pass by rows and committed length, and each drafter's
+pass, measured by a short calibration of the loaded bundle and cached outside it.
+
+The adaptive drafting (runtime/adaptive.py) weighs expected committed tokens against these times, so the costs
+are measured, never assumed: a quantized target pays far more for a verify row relative to a one-row step than
+a float32 one, and a busy or a different machine shifts everything. The cache is a JSON file in the user's cache
+directory keyed by the bundle's manifest hash, the machine and the thread count (never inside the hashed bundle;
+never pickled); `recalibrate` (CLI `--recalibrate`) measures again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import time
+
+import numpy as np
+
+from speccompile.errors import SpeccompileError
+
+CACHE_VERSION = 1
+ROWS = (1, 2, 4, 8, 16, 25)  # verify rows measured (interpolated between)
+REPEATS = 4  # the fastest of this many runs per point: noise on a shared machine only slows a run down
+HEAD_ROWS = (1, 2, 4)  # a drafter pass: the catch-up of the accepted tokens, a tree expansion of `branching` rows
+
+
+@dataclasses.dataclass
+class CostModel:
+    """Times in milliseconds. verify_ms[mode][i][j]: a target pass of rows[i] rows at lengths[j] committed tokens
+    (mode "greedy" or "sampled": a sampled pass computes the full logits); drafter_ms[name][k]: one pass of that
+    drafter's engine over HEAD_ROWS[k] rows (0 for drafters without a graph); lookup_ms: prompt lookup's host time."""
+    rows: list[int]
+    lengths: list[int]
+    verify_ms: dict[str, list[list[float]]]
+    drafter_ms: dict[str, list[float]]
+    lookup_ms: float = 0.0
+    key: dict = dataclasses.field(default_factory=dict)
+
+    def verify(self, rows: int, length: int, greedy: bool = True) -> float:
+        """Interpolated time of a target pass over `rows` rows after `length` committed tokens."""
+        grid = np.asarray(self.verify_ms["greedy" if greedy else "sampled"])
+        by_row = [np.interp(length, self.lengths, g) for g in grid]  # constant beyond the measured lengths
+        if rows <= self.rows[-1]:
+            return float(np.interp(rows, self.rows, by_row))
+        slope = (by_row[-1] - by_row[-2]) / (self.rows[-1] - self.rows[-2])  # linear beyond the last row count
+        return float(by_row[-1] + slope * (rows - self.rows[-1]))
+
+    def draft(self, name: str | None, rows: int) -> float:
+        """One pass of drafter `name`'s engine over `rows` rows (0 for a drafter without one)."""
+        ms = self.drafter_ms.get(name or "", [])
+        return float(np.interp(rows, HEAD_ROWS, ms)) if ms else 0.0
+
+    def to_dict(self) -> dict:
+        return {"version": CACHE_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CostModel":
+        if d.get("version") != CACHE_VERSION:
+            raise ValueError("another cache version")
+        return cls(d["rows"], d["lengths"], d["verify_ms"], d["drafter_ms"], d.get("lookup_ms", 0.0), d.get("key", {}))
+
+    def describe(self) -> list[str]:
+        """Readable lines (for `inspect`)."""
+        mid = self.lengths[len(self.lengths) // 2]
+        out = [f"cost model  measured {self.key.get('measured', '?')}, {self.key.get('threads')} threads, "
+               f"{self.key.get('machine', '?')}"]
+        for mode in self.verify_ms:
+            times = ", ".join(f"{r}: {self.verify(r, mid, mode == 'greedy'):.1f}" for r in self.rows)
+            out.append(f"            {mode} verify pass at {mid} tokens, ms by rows: {times}")
+        for name, ms in self.drafter_ms.items():
+            if ms:
+                out.append(f"            drafter {name} pass, ms by rows: "
+                           + ", ".join(f"{r}: {t:.1f}" for r, t in zip(HEAD_ROWS, ms)))
+        out.append(f"            prompt lookup {self.lookup_ms:.2f} ms")
+        return out
+
+
+def machine_key(threads: int | None) -> dict:
+    import onnxruntime
+    return {"machine": f"{platform.machine()} {platform.processor() or platform.system()} "
+                       f"{os.cpu_count()} cpus, onnxruntime {onnxruntime.__version__}",
+            "threads": threads or os.cpu_count() or 1}
+
+
+def _cache_dir() -> str:
+    root = os.environ.get("SPECCOMPILE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "speccompile")
+    return os.path.join(root, "cost")
+
+
+def _bundle_id(bundle_dir: str) -> str:
+    with open(os.path.join(bundle_dir, "manifest.json"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:20]
+
+
+def cache_path(bundle_dir: str, threads: int | None) -> str:
+    """The cost model's file: the user cache directory, named after the manifest's hash, the machine, threads."""
+    key = machine_key(threads)
+    machine = hashlib.sha256(key["machine"].encode()).hexdigest()[:12]
+    return os.path.join(_cache_dir(), f"{_bundle_id(bundle_dir)}-{machine}-t{key['threads']}.json")
+
+
+def cached_models(bundle_dir: str) -> list[CostModel]:
+    """Every cost model measured for this bundle (any machine, any thread count), for `inspect`."""
+    try:
+        prefix = _bundle_id(bundle_dir)
+        names = sorted(n for n in os.listdir(_cache_dir()) if n.startswith(prefix) and n.endswith(".json"))
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        try:
+            with open(os.path.join(_cache_dir(), name)) as f:
+                out.append(CostModel.from_dict(json.load(f)))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def load_cached(bundle_dir: str, threads: int | None) -> CostModel | None:
+    """The cached cost model of this bundle on this machine, or None (none yet, or unreadable: recalibrate)."""
+    try:
+        with open(cache_path(bundle_dir, threads)) as f:
+            return CostModel.from_dict(json.load(f))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save(model: CostModel, bundle_dir: str, threads: int | None) -> None:
+    path = cache_path(bundle_dir, threads)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(model.to_dict(), f, indent=1)
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: the model still serves this process
+        pass
+
+
+def _best_ms(run, repeats: int = REPEATS) -> float:
+    best = np.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1000
+
+
+def _target_pass(target, rows: int, length: int, greedy: bool):
+    """A pass as the decode loop runs it: a plain step for one row, else a verify pass over a chain."""
+    tokens = np.ones(rows, np.int64)
+    parents = np.arange(rows, dtype=np.int64) - 1
+
+    def run():
+        target.cache.truncate(length)
+        if rows == 1 or not target.verifies:
+            target.forward(tokens, rows=np.arange(rows), full_logits=not greedy)
+        else:
+            target.verify(tokens, None, parents, 0.0 if greedy else 1.0, 0,
+                          None if greedy else np.full((rows, 2), 0.5))
+    return run
+
+
+def _grid_ms(target, rows: list[int], lengths: list[int], greedy: bool) -> list[list[float]]:
+    """The fastest of REPEATS rounds per (rows, length) point, the rounds interleaved over the grid so that a
+    burst of load elsewhere spoils one round of several points rather than every run of one; then made monotone
+    (a pass over more rows or a longer context is never faster: a slower reading is noise)."""
+    t = np.full((len(rows), len(lengths)), np.inf)
+    for _ in range(REPEATS):
+        for i, r in enumerate(rows):
+            for j, n in enumerate(lengths):
+                t[i, j] = min(t[i, j], _best_ms(_target_pass(target, r, n, greedy), 1))
+    t = np.minimum.accumulate(t[::-1], axis=0)[::-1]  # rows
+    t = np.minimum.accumulate(t[:, ::-1], axis=1)[:, ::-1]  # lengths
+    return t.round(3).tolist()
+
+
+def calibrate(target, drafters: dict, threads: int | None, lookup=None) -> CostModel:
+    """Measure the target's passes on a grid of rows x committed lengths, and each drafter engine's pass."""
+    top = target.max_seq_len - ROWS[-1] - 1
+    if top < 1:
+        raise SpeccompileError("the compiled context is too short to calibrate the cost model")
+    lengths = sorted({min(top, n) for n in (16, top // 4, top)})
+    rows = [r for r in ROWS if r <= target.max_rows]
+    target.forward(np.ones(rows[-1], np.int64), rows=np.arange(rows[-1]))  # first runs allocate: not timed
+    verify = {mode: _grid_ms(target, rows, lengths, mode == "greedy") for mode in ("greedy", "sampled")}
+    target.cache.truncate(0)
+    drafter_ms = {name: _drafter_pass_ms(d, lengths[len(lengths) // 2]) for name, d in drafters.items()}
+    lookup_ms = 0.0
+    if lookup is not None:
+        context = np.random.default_rng(0).integers(0, target.vocab_size, lengths[len(lengths) // 2])
+        lookup_ms = _best_ms(lambda: lookup._matches(context))
+    key = {**machine_key(threads), "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    return CostModel(rows, lengths, verify, drafter_ms, lookup_ms, key)
+
+
+def _drafter_pass_ms(drafter, length: int) -> list[float]:
+    """Times of one pass of the drafter's own graph over HEAD_ROWS rows (an empty list: no graph of its own)."""
+    eng = getattr(drafter, "engine", None)
+    if eng is None:
+        return []
+    length = min(length, eng.max_seq_len - HEAD_ROWS[-1] - 1)
+    wants_hidden = "hidden_in" in {i.name for i in eng.session.get_inputs()}
+    out = []
+    for r in HEAD_ROWS:
+        hidden = np.zeros((r, eng.hidden.shape[1]), np.float32) if wants_hidden else None
+
+        def run():
+            eng.cache.truncate(length)
+            eng.forward(np.ones(r, np.int64), positions=np.arange(length, length + r),
+                        parents=np.arange(r) - 1 if r > 1 else None, rows=np.arange(r), committed=length,
+                        hidden_in=hidden)
+        run()  # first runs allocate: not timed
+        out.append(_best_ms(run))
+    out = np.minimum.accumulate(np.array(out)[::-1])[::-1].round(3).tolist()
+    drafter.reset()
+    return out

@@ -1,0 +1,129 @@
+"""Adaptive drafting: the cost model, the choices it drives on synthetic costs, and the loop still lossless."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import assert_lossless, random_prompts
+from speccompile.format.trees import TreeSpec
+from speccompile.runtime import cost_model
+from speccompile.runtime.adaptive import AdaptiveDrafting
+from speccompile.runtime.cost_model import HEAD_ROWS, CostModel
+from speccompile.runtime.drafters.base import Proposal
+from test_decoding import test_sampled_speculative_matches_target_distribution as sampled_matches_target
+
+ROWS, LENGTHS = [1, 2, 4, 8, 16, 25], [16, 1000]
+
+
+def synthetic(base_ms: float, row_ms: float, head_ms: float = 1.0) -> CostModel:
+    """A pass costs base + row_ms per row beyond the first (twice that per row at the longer context)."""
+    grid = [[base_ms + row_ms * (r - 1), base_ms + 2 * row_ms * (r - 1)] for r in ROWS]
+    return CostModel(ROWS, LENGTHS, {"greedy": grid, "sampled": grid}, {"head": [head_ms] * len(HEAD_ROWS)}, 0.01)
+
+
+def adaptive(cost: CostModel, depth: int = 4, lookup: int = 6) -> AdaptiveDrafting:
+    return AdaptiveDrafting(cost, "head", True, TreeSpec("adaptive", 63, depth=depth, lookup=lookup), True, 64)
+
+
+def confident_chain(n: int, logp: float) -> tuple[Proposal, np.ndarray]:
+    """A chain of n drafter nodes, each with conditional draft probability exp(logp)."""
+    return Proposal(np.arange(10, 10 + n), None, np.arange(n) - 1), logp * np.arange(1, n + 1)
+
+
+def test_cost_model_interpolates_and_round_trips(tmp_path, monkeypatch):
+    cm = synthetic(20.0, 1.0)
+    assert cm.verify(1, 16) == 20.0 and cm.verify(8, 16) == 27.0
+    assert cm.verify(8, 508) == pytest.approx(30.5)  # halfway in length
+    assert cm.verify(33, 16) == pytest.approx(52.0)  # linear beyond the last measured row count
+    assert cm.draft("head", 3) == 1.0 and cm.draft("lookup", 3) == 0.0
+    assert CostModel.from_dict(json.loads(json.dumps(cm.to_dict()))).verify(8, 16) == 27.0
+
+
+def test_expensive_rows_draft_nothing():
+    """Rows that cost as much as a whole step: every candidate loses to a plain step, and no drafter pass runs."""
+    a = adaptive(synthetic(20.0, 20.0))
+    plan = a.plan(100)
+    assert plan.head_depth == 0
+    prop, scores = confident_chain(4, np.log(0.6))
+    assert len(a.choose(prop, 4, scores, plan, 100).tokens) == 0
+    assert a.summary()["plain_passes"] == 1
+
+
+def test_cheap_rows_and_confident_drafts_go_deep():
+    a = adaptive(synthetic(20.0, 0.1))
+    for _ in range(6):  # a drafter whose nodes are always taken
+        plan = a.plan(100)
+        prop, scores = confident_chain(4, np.log(0.95))
+        kept = a.choose(prop, 4, scores, plan, 100)
+        a.update(list(range(len(kept.tokens))))
+    assert a.plan(100).head_depth == 4
+    assert len(kept.tokens) == 4
+
+
+def test_unlikely_nodes_are_cut_and_the_cut_is_ancestor_closed():
+    """Moderate row costs: the confident root and its child stay; an unlikely sibling subtree goes."""
+    a = adaptive(synthetic(20.0, 2.0))
+    tokens = np.array([5, 6, 7, 8])
+    parents = np.array([-1, -1, 0, 1])  # two roots, each with a child
+    scores = np.log(np.array([0.9, 0.02, 0.9 * 0.9, 0.02 * 0.5]))
+    kept = a.choose(Proposal(tokens, None, parents), 4, scores, a.plan(100), 100)
+    assert kept.tokens.tolist() == [5, 7] and kept.parents.tolist() == [-1, 0]
+
+
+def test_longer_context_costlier_rows_smaller_trees():
+    a = adaptive(synthetic(20.0, 1.5))
+    prop, scores = confident_chain(8, np.log(0.7))
+    short = len(a.choose(prop, 8, scores, a.plan(16), 16).tokens)
+    long = len(a.choose(prop, 8, scores, a.plan(1000), 1000).tokens)
+    assert short > long
+
+
+def test_a_skipped_depth_is_probed_again():
+    a = adaptive(synthetic(20.0, 20.0))
+    depths = [a.plan(100).head_depth for _ in range(16)]
+    assert 0 in depths and 1 in depths
+
+
+@pytest.mark.parametrize("drafter", ["model", "layerskip:2", "lookup"])
+@pytest.mark.parametrize("row_ms", [0.05, 3.0])
+def test_adaptive_greedy_equals_autoregressive(tiny_generator, drafter, row_ms, monkeypatch):
+    g = tiny_generator
+    monkeypatch.setattr(g, "_cost", synthetic(5.0, row_ms))  # cheap rows draft big trees, dear rows small ones or none
+    accepted = assert_lossless(g, drafter, random_prompts(4), 24, tree="adaptive+lookup:4")
+    if row_ms < 1:
+        assert max(accepted) > 1.0
+
+
+def test_adaptive_reports_its_choices_beside_the_scheduler(tiny_generator, monkeypatch):
+    """Asked for, adaptive drafting runs in the caller's own loop, between the scheduler's shared passes."""
+    g = tiny_generator
+    monkeypatch.setattr(g, "_cost", synthetic(5.0, 0.05))
+    shared = g.stream(random_prompts(3)[2], 12, drafter="lookup")  # holds a slot until read to its end
+    first = next(shared)
+    res = g.generate(random_prompts(2)[1], 16, drafter="model", tree="adaptive")
+    assert res.stats["tree"]["kind"] == "adaptive"
+    assert res.stats["adaptive"]["passes"] == res.stats["verify_steps"]
+    fixed = g.generate(random_prompts(2)[1], 16, drafter="model", tree="dynamic:3")
+    assert fixed.stats["adaptive"] is None and fixed.token_ids == res.token_ids
+    rest = [t for c in shared for t in c.token_ids]
+    alone = g.generate(random_prompts(3)[2], 12, drafter="lookup").token_ids
+    assert first.token_ids + rest == alone
+
+
+def test_adaptive_sampled_keeps_target_distribution(tiny_generator, monkeypatch):
+    monkeypatch.setattr(tiny_generator, "_cost", synthetic(5.0, 0.05))
+    sampled_matches_target(tiny_generator, "model", tree="adaptive+lookup:4")
+
+
+def test_calibration_is_cached_outside_the_bundle(tiny_bundle, tmp_path, monkeypatch):
+    import speccompile
+    monkeypatch.setenv("SPECCOMPILE_CACHE", str(tmp_path))
+    g = speccompile.load(tiny_bundle, threads=1)
+    cm = g.cost_model()
+    assert cm.verify(8, 100) >= cm.verify(1, 100) > 0
+    assert set(cm.drafter_ms) == set(g.drafters) and cm.drafter_ms["model"]
+    path = cost_model.cache_path(tiny_bundle, 1)
+    assert path.startswith(str(tmp_path)) and json.load(open(path))["verify_ms"]
+    again = speccompile.load(tiny_bundle, threads=1).cost_model()
+    assert again.verify_ms == cm.verify_ms  # read back, not measured again
+    assert speccompile.load(tiny_bundle, threads=1).cost_model(recalibrate=True).key["measured"]

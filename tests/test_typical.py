@@ -1,0 +1,115 @@
+"""Typical acceptance (lossy, opt-in): its rule against a numpy reference, greedy still exact, and how far its
+output distribution moves from exact sampling on a tiny model."""
+import numpy as np
+import pytest
+
+from conftest import assert_lossless, random_prompts
+from speccompile.errors import SpeccompileError
+from speccompile.runtime.acceptance import accept_typical, from_table
+from speccompile.runtime.sampling import SamplingParams, acceptance_option, draw, probabilities
+
+
+def reference_typical(tokens, parents, p, eps, alpha, uniforms):
+    """Every root-to-node path checked on its own; the deepest whose tokens all pass, the first among equals."""
+    entropy = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=1)
+    threshold = np.minimum(eps, alpha * np.exp(-entropy))
+    best = []
+    for node in range(len(tokens)):
+        path, v = [], node
+        while v >= 0:
+            path.insert(0, v)
+            v = parents[v]
+        rows = [0] + [u + 1 for u in path[:-1]]
+        if all(p[r, tokens[u]] > threshold[r] for r, u in zip(rows, path)) and len(path) > len(best):
+            best = path
+    row = best[-1] + 1 if best else 0
+    return best, draw(p[row], uniforms[row, 1])
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_typical_rule_matches_numpy_reference(seed):
+    rng = np.random.default_rng(seed)
+    n, vocab = int(rng.integers(1, 12)), 6
+    parents = np.array([int(rng.integers(-1, i)) for i in range(n)])
+    tokens = rng.integers(0, vocab, n)
+    p = rng.dirichlet(np.full(vocab, rng.choice([0.2, 1.0, 5.0])), size=n + 1)
+    eps, alpha = rng.choice([0.09, 0.3, 0.6]), rng.choice([0.3, 0.9])
+    uniforms = rng.random((n + 1, 2))
+    path, token = accept_typical(tokens, parents, p, eps, alpha, from_table(uniforms))
+    assert (path, token) == reference_typical(tokens, parents, p, eps, alpha, uniforms)
+
+
+def test_acceptance_option_and_params():
+    assert acceptance_option(None) == {"acceptance": "exact"}
+    assert acceptance_option("typical") == {"acceptance": "typical"}
+    assert acceptance_option("typical:0.2,0.5") == {"acceptance": "typical", "typical_epsilon": 0.2,
+                                                    "typical_alpha": 0.5}
+    for bad in ("typical:x", "typical:1,2,3", "lenient"):
+        with pytest.raises(SpeccompileError):
+            acceptance_option(bad)
+    with pytest.raises(SpeccompileError):
+        SamplingParams(0.7, acceptance="typical", typical_epsilon=0.0)
+    assert not SamplingParams(0.0, acceptance="typical").typical  # greedy stays exact
+    assert SamplingParams(0.7, acceptance="typical").typical
+
+
+@pytest.mark.parametrize("drafter", ["model", "lookup"])
+def test_greedy_under_typical_acceptance_is_exact(tiny_generator, drafter):
+    g = tiny_generator
+    for prompt in random_prompts(4):
+        ref = g.generate(prompt, 24, speculate=False)
+        res = g.generate(prompt, 24, drafter=drafter, tree="dynamic:3+lookup:2", acceptance="typical")
+        assert res.token_ids == ref.token_ids and res.stats["acceptance"] == "exact"
+
+
+def first_two_tokens(g, prompt, runs, **kwargs):
+    counts, accepted = {}, []
+    for seed in range(runs):
+        res = g.generate(prompt, 12, seed=seed, **kwargs)
+        key = tuple(res.token_ids[:2])
+        counts[key] = counts.get(key, 0) + 1
+        accepted.append(res.stats["mean_accepted_tokens"])
+    return counts, float(np.mean(accepted))
+
+
+def exact_joint(g, prompt, params):
+    eng = g.target
+    eng.cache.truncate(0)
+    logits, _ = eng.forward(prompt)
+    p1 = probabilities(logits[0].copy(), params)
+    joint = {}
+    for t1 in np.flatnonzero(p1):
+        eng.cache.truncate(len(prompt))
+        lg, _ = eng.forward(np.array([t1]))
+        p2 = probabilities(lg[0].copy(), params)
+        for t2 in np.flatnonzero(p2):
+            joint[(int(t1), int(t2))] = p1[t1] * p2[t2]
+    return joint
+
+
+def total_variation(counts, joint):
+    n = sum(counts.values())
+    return 0.5 * sum(abs(counts.get(c, 0) / n - joint.get(c, 0.0)) for c in set(counts) | set(joint))
+
+
+def test_typical_acceptance_distance_from_exact_sampling(tiny_generator):
+    """Exact speculative sampling stays within sampling noise of the target's joint distribution of the first two
+    tokens; typical acceptance accepts more per pass and stays within a bounded distance (docs/results.md)."""
+    g = tiny_generator
+    prompt = np.array(random_prompts(2)[1], np.int64)
+    kw = dict(drafter="model", tree="dynamic:3", temperature=1.0, top_k=8)
+    joint = exact_joint(g, prompt, SamplingParams(1.0, top_k=8))
+    exact, exact_acc = first_two_tokens(g, prompt, 500, **kw)
+    typical, typical_acc = first_two_tokens(g, prompt, 500, acceptance="typical", **kw)
+    tv_exact, tv_typical = total_variation(exact, joint), total_variation(typical, joint)
+    print(f"TV exact {tv_exact:.3f} typical {tv_typical:.3f}; tokens per pass {exact_acc:.2f} {typical_acc:.2f}")
+    assert tv_exact < 0.15
+    assert typical_acc > exact_acc
+    assert tv_typical < 0.3
+
+
+def test_bench_method_names_carry_the_acceptance():
+    from speccompile.bench.methods import split_acceptance, split_method
+    assert split_method("mtp@dynamic:2+lookup:6~typical:0.1,0.3") == ("mtp", "dynamic:2+lookup:6")
+    assert split_acceptance("mtp@dynamic:2+lookup:6~typical:0.1,0.3") == ("mtp@dynamic:2+lookup:6", "typical:0.1,0.3")
+    assert split_acceptance("mtp") == ("mtp", None)
