@@ -57,10 +57,10 @@ def main(debug):
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
               help="Graphs, weights and KV caches (norms and softmax accumulate in float32): float16 for GPUs, "
                    "bfloat16 for the CUDA provider only.")
-@click.option("--weights", type=click.Choice(["source", "float32", "int8", "int4"]), default="source",
-              show_default=True, help="The target's layer matrices: source keeps a quantized GGUF's blocks (a float "
-              "checkpoint stays float32); int8/int4 quantize them block-wise. Lossy except float32 (and source "
-              "on a float checkpoint); build lists each matrix that stays float32 and why.")
+@click.option("--weights", type=click.Choice(["source", "float32", "int8", "int4"]), default="float32",
+              show_default=True, help="The target's layer matrices: float32; source keeps a quantized GGUF's blocks "
+              "(exactly the file's weights; a float checkpoint stays float32); int8/int4 quantize them block-wise "
+              "(lossy). build lists each matrix that stays float32 and why.")
 @click.option("--max-batch", type=int, default=DEFAULT_MAX_BATCH, show_default=True,
               help="Sequence slots of the batched target graph that concurrent requests share passes through "
                    "(1: none; dense models with ort attention).")
