@@ -39,21 +39,21 @@ def places(tiny_bundle, tmp_path_factory):
     return {"bundle": str(tiny_bundle), "root": root, "hf": hf}
 
 
-def variant(places, name, edit):
-    """A copy of the tiny bundle changed by `edit(path)`; built once per name."""
-    out = places["root"] / ("bundle-" + name)
+def edited_copy(places, source: str, prefix: str, name: str, edit) -> str:
+    """A copy of places[source] changed by `edit(path)`; made once per name."""
+    out = places["root"] / (prefix + name)
     if not out.exists():
-        shutil.copytree(places["bundle"], out)
+        shutil.copytree(places[source], out)
         edit(out)
     return str(out)
+
+
+def variant(places, name, edit):
+    return edited_copy(places, "bundle", "bundle-", name, edit)
 
 
 def hf_variant(places, name, edit):
-    out = places["root"] / ("hf-" + name)
-    if not out.exists():
-        shutil.copytree(places["hf"], out)
-        edit(out)
-    return str(out)
+    return edited_copy(places, "hf", "hf-", name, edit)
 
 
 def edit_manifest(change):
