@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from speccompile.compile import trt_backend
+from speccompile.plugins.tree_attention import tensorrt_plugin
 from speccompile.compile.driver import build_bundle
 from speccompile.format.bundle import read_manifest, write_weights
 from speccompile.cli import main
@@ -33,7 +34,7 @@ from speccompile.compile.weights.decoder import lower_weights
 
 from conftest import quiet, tree_attention_graph
 
-KERNEL_DIR = trt_backend.PLUGIN_SOURCE_DIR
+KERNEL_DIR = tensorrt_plugin.PLUGIN_SOURCE_DIR
 LMAX = 64
 
 
@@ -382,7 +383,7 @@ def plugin_library(tmp_path_factory):
     build = tmp_path_factory.mktemp("plugin-build")
     subprocess.run(["cmake", "-S", KERNEL_DIR, "-B", str(build), "-DCMAKE_CUDA_ARCHITECTURES=native"], check=True)
     subprocess.run(["cmake", "--build", str(build), "-j"], check=True)
-    return str(build / os.path.basename(trt_backend.PLUGIN_LIBRARY))
+    return str(build / os.path.basename(tensorrt_plugin.PLUGIN_LIBRARY))
 
 
 def cuda_array(a):

@@ -3,7 +3,7 @@ output distribution moves from exact sampling on a tiny model."""
 import numpy as np
 import pytest
 
-from conftest import assert_lossless, random_prompts
+from conftest import random_prompts
 from speccompile.errors import SpeccompileError
 from speccompile.runtime.acceptance import accept_typical, from_table
 from speccompile.runtime.sampling import SamplingParams, acceptance_option, draw, probabilities

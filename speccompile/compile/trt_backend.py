@@ -27,8 +27,8 @@ import numpy as np
 from speccompile.errors import SpeccompileError, UnsupportedModelError
 from speccompile.plugins import tree_attention
 from speccompile.graphs import MAX_STEP_TOKENS  # the runtime's largest step: a prefill chunk
-from speccompile.plugins.tree_attention.tensorrt_plugin import (BUILD_PLUGIN, PLUGIN_ENV, PLUGIN_LIBRARY,  # noqa: F401
-                                                               PLUGIN_SOURCE_DIR, load_plugin, plugin_library_path)
+from speccompile.plugins.tree_attention.tensorrt_plugin import (BUILD_PLUGIN, PLUGIN_ENV, load_plugin,
+                                                               plugin_library_path)
 
 MIN_TENSORRT_MAJOR = 10  # IPluginV3, and the ONNX parser's fallback to IPluginV3 creators
 TRT_OPSET = 20  # every TensorRT 10 ONNX parser reads opsets 9..20; the graphs use nothing newer once prepared

@@ -15,7 +15,7 @@ from speccompile.errors import SpeccompileError
 from speccompile.graphs import MAX_STEP_TOKENS
 from speccompile.runtime.kv_cache import DeviceKVCache, KVCache
 # re-exported: the drafters and tools import them from here
-from speccompile.runtime.sessions import (NEG_INF, PROVIDERS, ancestor_mask, open_session,  # noqa: F401
+from speccompile.runtime.sessions import (NEG_INF, ancestor_mask, open_session,  # noqa: F401
                                           check_cache_inputs, providers_for, session_options)
 
 BIAS_WIDTH_STEP = 64  # the attention bias's width grows in steps of this many slots

@@ -109,7 +109,7 @@ class Generator:
         self._cost = None  # the cost model, measured or read on first use
         # the context cache copies K/V rows through host arrays: device caches (--device cuda, TensorRT) go without
         engines = [self.target, *(d.engine for d in self.drafters.values() if getattr(d, "engine", None))]
-        host_cache = all(hasattr(e.cache, "key") for e in engines)
+        host_cache = all(isinstance(e.cache, KVCache) for e in engines)
         self.context_cache = ContextCache(bundle_identity(manifest, f"onnxruntime {ort_version()}"),
                                           cache_parts(self.target.cache, self.drafters.values()), cache_bytes,
                                           cache_dir=cache_dir) if context_cache and host_cache else None
