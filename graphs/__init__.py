@@ -80,8 +80,8 @@ MAX_STEP_TOKENS = 128  # tokens one pass may run: a prefill chunk, or a verify b
 MAX_VERIFY_TOKENS = 64  # rows one verify pass may check: the pending token + its drafts
 MAX_TREE_NODES = MAX_VERIFY_TOKENS - 1  # draft nodes of one tree
 
-DECODER_GRAPH_VERSION = 4  # 4: the exact greedy head (full_logits); 3: attention_bias as wide as the slots in use
-#                            (2: always LMAX); all still run
+DECODER_GRAPH_VERSION = 5  # 5: scratch slots (below); 4: the exact greedy head (full_logits); 3: attention_bias as
+#                            wide as the slots in use (2: always LMAX); all still run
 # what `quantization.formats` may say of a matrix: float32, a GGUF block type kept as it is stored (joined types
 # as "q4_k+q6_k as 8-bit blocks of 16"), or a block-wise quantization of float weights by `build --weights`
 WEIGHT_FORMATS = ("float32", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k", "int4", "int8")
@@ -91,17 +91,37 @@ VERIFY_DEFAULTS = {"node_parents": [-1], "temperature": [0.0], "top_k": [0], "un
                    "full_logits": [True]}
 
 
+def trees_exact(quantization: dict | None) -> bool:
+    """Whether a verify pass over a tree gives each node the target's own plain-step result, from the manifest's
+    `quantization` section. A node's attention skips its siblings' cache slots, and the fused kernel then sums in
+    another order than the same token's plain step: a last-bit difference, which a target whose products round
+    their input to int8 (MatMulNBits at accuracy level 4) can turn into another token. A chain's rows see
+    contiguous slots and are exact whatever the weights: over such a target, speculation verifies one path a
+    pass."""
+    q = quantization or {}
+    return not (q.get("accuracy_level") == 4 and any(f != "float32" for f in q.get("formats", {}).values()))
+
+
+def cache_slots(kv_cache: dict) -> int:
+    """LMAX, a graph's cache length, from its manifest entry's kv_cache: max_seq_len, the tokens a sequence may
+    hold, plus scratch_slots, slots past them that the graph's attention may write during a step and nothing
+    reads (the fused lowering's pad row: speccompile.plugins.tree_attention); bundles before graph version 5
+    have none."""
+    return kv_cache["max_seq_len"] + kv_cache.get("scratch_slots", 0)
+
+
 def decoder_signature(num_layers: int, num_kv_heads: int, head_dim: int, max_seq_len: int, vocab_size: int,
                       hidden_size: int, mtp: bool = False, verify: bool = False, aux_width: int = 0,
-                      screen: bool = False, batched: bool = False):
+                      screen: bool = False, batched: bool = False, scratch: int = 0):
     """(inputs, outputs): lists of (name, dtype, shape); symbolic dims are strings. An MTP draft head has the
     same signature plus the input `hidden_in` (the target's hidden state, one row per token); verify=True adds
     the verify extension; aux_width > 0 adds the output aux_hidden_states [S, aux_width]; screen (with verify)
-    adds the input full_logits of the exact greedy head. batched: the batched form (no verify, no MTP)."""
+    adds the input full_logits of the exact greedy head. batched: the batched form (no verify, no MTP).
+    scratch: cache slots past max_seq_len the graph's attention may write (LMAX = max_seq_len + scratch)."""
     if batched:
-        return _batched_signature(num_layers, num_kv_heads, head_dim, max_seq_len, vocab_size, hidden_size,
-                                  aux_width, screen)
-    cache = [1, num_kv_heads, max_seq_len, head_dim]
+        return _batched_signature(num_layers, num_kv_heads, head_dim, max_seq_len + scratch, vocab_size,
+                                  hidden_size, aux_width, screen)
+    cache = [1, num_kv_heads, max_seq_len + scratch, head_dim]
     inputs = [("hidden_in", "float32", [1, "S", hidden_size])] if mtp else []
     inputs += [
         ("input_ids", "int64", [1, "S"]),

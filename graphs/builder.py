@@ -26,6 +26,7 @@ class GraphBuilder:
         self.constants: list[onnx.TensorProto] = []  # small tensors embedded in the graph
         self.weights: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, dtype), stored externally
         self._counter = itertools.count(1)
+        self.shared: dict = {}  # what several nodes of the graph reuse, emitted once (e.g. an op's padded inputs)
 
     def fresh(self, hint: str) -> str:
         return f"{hint}_{next(self._counter)}"

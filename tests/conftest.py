@@ -51,16 +51,18 @@ def assert_lossless(g, drafter, prompts, max_new_tokens, tree=None):
 
 def tree_attention_graph(lowering, hq, hkv, d, lmax, fixed_total_len=True) -> GraphBuilder:
     """The TreeAttention op alone in a graph: inputs as the decoder feeds them, outputs y and the present caches.
-    fixed_total_len: pass lmax as the kernel's total length (the plugin lowering takes none)."""
+    fixed_total_len: pass lmax as the kernel's total length (the plugin lowering takes none). The caches have
+    the lowering's scratch slots past lmax, the rotary tables lmax + 1 rows (as the decoder graphs have them)."""
     g = GraphBuilder("tree_attention")
     g.input("qkv", "float32", [1, "S", (hq + 2 * hkv) * d])
+    slots = lmax + ta.scratch_slots(lowering)
     for n in ("past_key", "past_value"):
-        g.input(n, "float32", [1, hkv, lmax, d])
+        g.input(n, "float32", [1, hkv, slots, d])
     g.input("seqlens_k", "int32", [1])
     g.input("position_ids", "int64", [1, "S"])
     g.input("attention_bias", "float32", [1, 1, "S", lmax])
-    g.input("cos", "float32", [lmax, d // 2])
-    g.input("sin", "float32", [lmax, d // 2])
+    g.input("cos", "float32", [lmax + 1, d // 2])
+    g.input("sin", "float32", [lmax + 1, d // 2])
     total = g.const(np.array(lmax, np.int32)) if fixed_total_len else ""
     y = ta.lower(g, lowering, "qkv", "past_key", "past_value", "present_key", "present_value", seqlens_k="seqlens_k",
                  total_len=total, cos="cos", sin="sin", position_ids="position_ids", attention_bias="attention_bias",
@@ -68,5 +70,5 @@ def tree_attention_graph(lowering, hq, hkv, d, lmax, fixed_total_len=True) -> Gr
     g.op("Identity", [y], outputs=["y"])
     g.output("y", "float32", [1, "S", hq * d])
     for n in ("present_key", "present_value"):
-        g.output(n, "float32", [1, hkv, lmax, d])
+        g.output(n, "float32", [1, hkv, slots, d])
     return g

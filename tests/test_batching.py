@@ -31,7 +31,7 @@ def batch_engine(bundle):
     entry = m["models"]["target_batch"]
     kv = entry["kv_cache"]
     cache = KVCache(entry["num_layers"], kv["num_kv_heads"], kv["max_seq_len"], kv["head_dim"],
-                    batch=entry["max_batch"])
+                    batch=entry["max_batch"], scratch=kv.get("scratch_slots", 0))
     return m, BatchEngine(bundle, entry, cache, threads=1)
 
 

@@ -12,6 +12,7 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 from speccompile.compile.driver import build_bundle  # noqa: E402
 from speccompile.format.bundle import read_manifest  # noqa: E402
+from speccompile.graphs import cache_slots  # noqa: E402
 from speccompile.errors import CheckpointError  # noqa: E402
 from speccompile.compile.presets import tiny_deepseek_checkpoint as make_checkpoint  # noqa: E402
 from speccompile.runtime.engine import Engine  # noqa: E402
@@ -66,7 +67,7 @@ def test_experts_chosen_match_reference(tmp_path):
              "logits_index": np.array([S - 1])}
     for i in range(3):
         for kind in ("key", "value"):
-            feeds[f"past_{kind}.{i}"] = np.zeros((1, kv["num_kv_heads"], L, kv["head_dim"]), np.float32)
+            feeds[f"past_{kind}.{i}"] = np.zeros((1, kv["num_kv_heads"], cache_slots(kv), kv["head_dim"]), np.float32)
     sess = ort.InferenceSession(patched)
     got = sess.run(topk_outputs, feeds)
     chosen = []

@@ -13,7 +13,7 @@ import speccompile
 from speccompile.compile.driver import build_bundle
 from speccompile.compile.graph.linear import matmul
 from speccompile.compile.presets import tiny_mtp_head
-from speccompile.compile.quantize.nbits import join_rows, pack_gguf_matrix
+from speccompile.compile.quantize.nbits import join_rows, nbits_product, pack_gguf_matrix
 from speccompile.compile.quantize.target_weights import DENSE_MATRICES
 from speccompile.compile.sources import load_checkpoint
 from speccompile.format.bundle import read_manifest
@@ -26,15 +26,19 @@ from test_gguf import synthetic_blocks, write_tiny_llama_gguf
 
 GGUF_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q5_1)  # what gguf-py quantizes (the K formats it only reads)
 DRAFTS = ["lookup", "layerskip:2"]
+# logits of a quantized build against the float32 build of the same checkpoint, as a share of the largest logit
+TOLERANCE = {"source": 0.03, "int8": 0.02, "int4": 0.25}
 
 
-def run_product(tmp_path, weights: dict, key: str, x: np.ndarray) -> np.ndarray:
-    """x @ W[key] through linear.matmul, the product every decoder graph emits, in onnxruntime."""
+def run_product(tmp_path, weights: dict, key: str, x: np.ndarray, level: int | None = None) -> np.ndarray:
+    """x @ W[key] through linear.matmul, the product every decoder graph emits (or, given a MatMulNBits accuracy
+    level, nbits_product at that level), in onnxruntime."""
     import onnx
     import onnxruntime as ort
     g = GraphBuilder("product")
     W = {name: g.weight(name, array) for name, array in weights.items()}
-    y = matmul(g, g.input("x", "float32", ["R", x.shape[1]]), W, key)
+    x_in = g.input("x", "float32", ["R", x.shape[1]])
+    y = matmul(g, x_in, W, key) if level is None else nbits_product(g, x_in, W, key, level)
     g.output(g.op("Identity", [y], outputs=["y"])[0], "float32", None)
     refs, offset = {}, 0
     with open(tmp_path / "w.bin", "wb") as f:
@@ -51,17 +55,24 @@ def run_product(tmp_path, weights: dict, key: str, x: np.ndarray) -> np.ndarray:
                          [(Q.Q4_K, Q.Q6_K), (Q.Q4_1, Q.Q8_0, Q.Q6_K)])
 def test_block_formats_through_the_graph_product(tmp_path, types):
     """Each block format, alone or several joined along the outputs (q, k, v of different types, as K-quant files
-    mix them): the graph's product equals x @ (numpy's dequantization)^T within float32 rounding."""
+    mix them): at accuracy level 0 the graph's product equals x @ (numpy's dequantization)^T within float32
+    rounding; at the builds' level 4 within the rounding of x to int8 per block of 32 (half a step of max|x_b|/127
+    per element), and each row the same whatever the rows beside it."""
     k, rows = 512, (32, 16, 16)
     raws = [synthetic_blocks(t, rows[i], k, seed=i) for i, t in enumerate(types)]
     w = np.concatenate([gguf.quants.dequantize(r, t).astype(np.float32) for r, t in zip(raws, types)])
     packed = join_rows([pack_gguf_matrix(r, t, (rows[i], k)) for i, (r, t) in enumerate(zip(raws, types))])
     np.testing.assert_allclose(packed.dequantize(), w, rtol=1e-6, atol=1e-6 * np.abs(w).max())
     x = np.random.default_rng(1).standard_normal((5, k)).astype(np.float32)
-    y = run_product(tmp_path, packed.weights("m"), "m", x)
+    y = run_product(tmp_path, packed.weights("m"), "m", x, level=0)
     ref = x.astype(np.float64) @ w.T.astype(np.float64)
     bound = 2e-6 * (np.abs(x).astype(np.float64) @ np.abs(w).T)
     assert y.shape == ref.shape and np.all(np.abs(y - ref) <= bound), np.abs(y - ref).max()
+    y4 = run_product(tmp_path, packed.weights("m"), "m", x, level=4)
+    half_step = np.abs(x).reshape(len(x), -1, 32).max(-1) / 254  # [rows, K/32]
+    l1 = np.abs(w).reshape(len(w), -1, 32).sum(-1)  # [N, K/32]
+    assert np.all(np.abs(y4 - ref) <= 1.01 * half_step @ l1.T + bound), np.abs(y4 - ref).max()
+    assert np.array_equal(run_product(tmp_path, packed.weights("m"), "m", x[2:3], level=4), y4[2:3])
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +115,15 @@ def test_source_keeps_each_matrix_in_its_stored_format(gguf_bundles):
 
 
 def test_source_logits_match_the_float_reference(gguf_bundles):
-    """The GGUF's blocks at accuracy level 0 compute its dequantized weights: logits equal the float32 build's
-    within 1e-4 of their largest magnitude, the greedy tokens identical."""
+    """The GGUF's blocks compute its dequantized weights exactly (the product test above); at the builds' accuracy
+    level 4, x rounded to int8 per block as llama.cpp rounds it to Q8 blocks, the logits stay within
+    TOLERANCE["source"] of the float32 build's largest logit."""
     prompt = np.array(random_prompts(3)[2], np.int64)
     q, f = (target_logits(str(gguf_bundles / w), prompt) for w in ("source", "float32"))
-    assert np.abs(q - f).max() <= 1e-4 * np.abs(f).max()
-    assert np.array_equal(q.argmax(-1), f.argmax(-1))
+    err = np.abs(q - f).max() / np.abs(f).max()
+    print(f"source: logits error {err:.2e} of the largest float32 logit, greedy agreement "
+          f"{np.mean(q.argmax(-1) == f.argmax(-1)):.2f}")
+    assert 0 < err <= TOLERANCE["source"]
 
 
 @pytest.mark.parametrize("drafter", ["lookup", "layerskip:2", "mtp"])
@@ -117,6 +131,35 @@ def test_greedy_speculation_over_a_quantized_target_is_lossless(gguf_bundles, dr
     g = speccompile.load(str(gguf_bundles / "source"), threads=1)
     accepted = assert_lossless(g, drafter, random_prompts(6), 32)
     assert drafter == "lookup" or max(accepted) > 1.0  # the graph drafters read the quantized target's states
+
+
+def test_trees_over_a_quantized_target_verify_one_path(gguf_bundles, monkeypatch, tmp_path):
+    """A target rounding activations to int8 verifies one path a pass (graphs.trees_exact): asked for a tree, or
+    drafting adaptively, every verify block is a chain (no node but the first child of its parent) and the output
+    is plain decoding's. The float32 build keeps its trees. (The 4-bit default's MTP tree, adaptive:
+    tests/test_smollm2.py.)"""
+    from speccompile.runtime.engine import Engine as RuntimeEngine
+    blocks = []
+    verify = RuntimeEngine.verify
+
+    def recording(self, tokens, positions, parents, *args, **kw):
+        blocks.append(np.asarray(parents).copy())
+        return verify(self, tokens, positions, parents, *args, **kw)
+
+    monkeypatch.setattr(RuntimeEngine, "verify", recording)
+    (tmp_path / "tree.json").write_text("[[0], [1], [2], [0, 0], [1, 0], [0, 0, 0]]")
+    branching = f"static:{tmp_path / 'tree.json'}"
+    g = speccompile.load(str(gguf_bundles / "source"), threads=1)
+    assert not g.trees_exact
+    for drafter, tree in (("mtp", "dynamic:6+lookup:4"), ("layerskip:2", branching), ("mtp", "adaptive")):
+        blocks.clear()
+        assert_lossless(g, drafter, random_prompts(4), 24, tree=tree)
+        assert blocks and all(np.array_equal(b, np.arange(len(b)) - 1) for b in blocks), (drafter, tree)
+    f32 = speccompile.load(str(gguf_bundles / "float32"), threads=1)
+    blocks.clear()
+    assert f32.trees_exact
+    assert_lossless(f32, "layerskip:2", random_prompts(4), 24, tree=branching)
+    assert any(not np.array_equal(b, np.arange(len(b)) - 1) for b in blocks)
 
 
 def test_sampled_speculation_over_a_quantized_target_keeps_its_distribution(gguf_bundles):
@@ -132,8 +175,6 @@ def float_checkpoint_bundles(tmp_path_factory):
     return d
 
 
-# logits of a block-quantized float checkpoint against its float32 build, as a share of the largest logit
-TOLERANCE = {"int8": 0.02, "int4": 0.25}
 
 
 @pytest.mark.parametrize("weights", ["int8", "int4"])
@@ -160,3 +201,22 @@ def test_graphs_without_matmulnbits_name_every_fallback(tmp_path):
     q = read_manifest(out)["quantization"]
     assert set(q["formats"].values()) == {"float32"}
     assert all("MatMulNBits" in why for k, why in q["fallbacks"].items() if k.startswith("l"))
+
+
+@pytest.mark.parametrize("weights", ["source", "float32"])
+def test_rows_are_computed_alike_whatever_the_rows_beside_them(gguf_bundles, weights):
+    """Exactness needs more than close logits: accuracy level 4 rounds each product's input to int8, so a
+    last-bit difference between a one-row step and a pass of many rows would flip roundings and grow into other
+    tokens. Token by token, one row a pass, every logit and hidden state equals the one-pass prefill's bit for
+    bit (the attention's pad row, speccompile.plugins.tree_attention)."""
+    bundle = str(gguf_bundles / weights)
+    prompt = np.array(random_prompts(3)[1][:12], np.int64)
+    entry = read_manifest(bundle)["models"]["target"]
+    whole = Engine(bundle, entry, threads=1)
+    logits, _ = whole.forward(prompt, rows=np.arange(len(prompt)))
+    logits, hidden = logits.copy(), whole.hidden[:len(prompt)].copy()
+    alone = Engine(bundle, entry, threads=1)
+    for i, token in enumerate(prompt):
+        row, _ = alone.forward(prompt[i:i + 1])
+        alone.cache.truncate(i + 1)  # commit the token
+        assert np.array_equal(row[0], logits[i]) and np.array_equal(alone.hidden[0], hidden[i]), i

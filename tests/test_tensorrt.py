@@ -101,7 +101,7 @@ class OrtDecoder:
         self.sess = ort.InferenceSession(model, session_options(1), providers=["CPUExecutionProvider"])
         self.io = self.sess.io_binding()
         self.vocab, self.hidden = cfg.vocab_size, cfg.hidden_size
-        shape = (1, cfg.num_key_value_heads, LMAX, cfg.head_dim)
+        shape = next(i.shape for i in self.sess.get_inputs() if i.name == "past_key.0")  # scratch slots included
         self.key = [np.zeros(shape, np.float32) for _ in range(cfg.num_hidden_layers)]
         self.value = [np.zeros(shape, np.float32) for _ in range(cfg.num_hidden_layers)]
         for i in range(cfg.num_hidden_layers):

@@ -30,11 +30,11 @@ def run_case(lowering, hq, hkv, d, lmax, committed, parents, seed):
     S = len(parents)
     depth = ancestor_mask(parents).sum(1) - 1
     qkv = rng.standard_normal((1, S, (hq + 2 * hkv) * d)).astype(np.float32)
-    k = np.zeros((1, hkv, lmax, d), np.float32)
+    k = np.zeros((1, hkv, lmax + ta.scratch_slots(lowering), d), np.float32)
     v = np.zeros_like(k)
     k[:, :, :committed] = rng.standard_normal((1, hkv, committed, d))
     v[:, :, :committed] = rng.standard_normal((1, hkv, committed, d))
-    cos, sin = ta.rope_tables(lmax, d, 10000.0)
+    cos, sin = ta.rope_tables(lmax + 1, d, 10000.0)
     pos = (committed + depth)[None].astype(np.int64)
     bias = np.full((1, 1, S, lmax), -np.inf, np.float32)
     bias[0, 0, :, :committed] = 0

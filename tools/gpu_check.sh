@@ -62,7 +62,7 @@ stage install 200 "
 #    onnxruntime's CUDA GroupQueryAttention has no float32 kernel), autoregressive against speculative decoding
 #    (paired per prompt; greedy outputs must be identical). -rs lists what skipped and why.
 stage tests-cuda 120 "$PY -m pytest -q -rs -p no:cacheprovider -m 'not slow' tests/test_gpu.py tests/test_precision.py"
-stage build-default-fp16 90 "$VENV/bin/speccompile build --out $OUT/smollm2-fp16 --dtype float16 --force"
+stage build-default-fp16 90 "$VENV/bin/speccompile build --out $OUT/smollm2-fp16 --dtype float16 --weights float32 --force"
 stage bench-cuda 90 "$PY tools/gpu_bench.py $OUT/smollm2-fp16 --device cuda --prompts 8 --max-new-tokens 128"
 
 # 3. TensorRT: the runtime, nvcc and CMake from the registry; the plugin (TensorRT's C++ headers must be on the

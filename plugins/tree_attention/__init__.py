@@ -16,12 +16,17 @@ def lower(g, lowering: str, qkv: str, past_key: str, past_value: str, present_ke
     if query_seqlens and lowering != "ort":
         raise ValueError(f"a batched TreeAttention needs the 'ort' lowering, not {lowering!r}")
     if lowering == "ort":
-        extra = ["", "", "", "", "", query_seqlens] if query_seqlens else []  # GQA inputs 11..16
-        y = g.op("GroupQueryAttention", [qkv, "", "", past_key, past_value, seqlens_k, total_len, cos, sin,
-                                         position_ids, attention_bias, *extra],
+        pad = _pad_row_inputs(g, seqlens_k, total_len, position_ids, attention_bias, query_seqlens)
+        step = g.op("Shape", [qkv], start=1, end=2)[0]
+        last = g.op("Slice", [qkv, g.const(np.array([-1], np.int64)), g.const(np.array([2**62], np.int64)),
+                              g.const(np.array([1], np.int64))])[0]
+        extra = ["", "", "", "", "", pad["query_seqlens"]] if query_seqlens else []  # GQA inputs 11..16
+        y = g.op("GroupQueryAttention", [g.op("Concat", [qkv, last], axis=1)[0], "", "", past_key, past_value,
+                                         pad["seqlens_k"], pad["total_len"], cos, sin, pad["position_ids"],
+                                         pad["attention_bias"], *extra],
                  outputs=[g.fresh("attn"), present_key, present_value], domain="com.microsoft",
                  num_heads=num_heads, kv_num_heads=kv_num_heads, do_rotary=1, rotary_interleaved=0)[0]
-        return y
+        return g.op("Slice", [y, g.const(np.array([0], np.int64)), step, g.const(np.array([1], np.int64))])[0]
     if lowering == "reference":
         return _lower_reference(g, qkv, past_key, past_value, present_key, present_value, seqlens_k, cos, sin,
                                 position_ids, attention_bias, num_heads, kv_num_heads, head_dim)
@@ -31,6 +36,47 @@ def lower(g, lowering: str, qkv: str, past_key: str, past_value: str, present_ke
                     kv_num_heads=kv_num_heads, head_dim=head_dim, rotary_interleaved=0,
                     scale=float(head_dim ** -0.5))[0]
     raise ValueError(f"unknown TreeAttention lowering {lowering!r}; choose from {LOWERINGS}")
+
+
+def scratch_slots(lowering: str) -> int:
+    """Cache slots past max_seq_len that a graph of this lowering writes (the "ort" lowering's pad row, below)."""
+    return 1 if lowering == "ort" else 0
+
+
+def _pad_row_inputs(g, seqlens_k, total_len, position_ids, attention_bias, query_seqlens) -> dict[str, str]:
+    """The fused kernel's inputs for one extra query row after the step's S rows (emitted once per graph and bias).
+
+    onnxruntime's GroupQueryAttention computes a one-row step by another path than a step of two rows or more,
+    whose results differ in the last bits. A plain decoding step is one row, a verify pass several: to give every
+    row the same numbers in both, each attention runs at least two rows, the step's own and a copy of its last
+    one. That copy sees what the last row sees plus its own slot (so it is never fully masked, never NaN); no row
+    of the step sees it; its K/V land one slot past the step's (scratch_slots); its output is dropped. Exactness
+    needs this once a product rounds its input (MatMulNBits at accuracy level 4 quantizes x to int8): a last-bit
+    difference there flips a rounding and grows through the layers."""
+    key = ("tree_attention.pad", attention_bias)
+    if key in g.shared:
+        return g.shared[key]
+    c = lambda v, dt=np.int64: g.const(np.array(v, dt))  # noqa: E731
+    head = g.shared.get("tree_attention.pad.common")
+    if head is None:
+        last_pos = g.op("Slice", [position_ids, c([-1]), c([2**62]), c([1])])[0]
+        head = {"position_ids": g.op("Concat", [position_ids, last_pos], axis=1)[0],
+                "seqlens_k": g.op("Add", [seqlens_k, c([1], np.int32)])[0],
+                "total_len": g.op("Add", [total_len, c(1, np.int32)])[0]}
+        if query_seqlens:
+            head["query_seqlens"] = g.op("Add", [query_seqlens, c([1], np.int32)])[0]
+        g.shared["tree_attention.pad.common"] = head
+    rows = g.op("Concat", [attention_bias, g.op("Slice", [attention_bias, c([-1]), c([2**62]), c([2])])[0]],
+                axis=2)[0]  # [N, 1, S+1, T]
+    shape = g.op("Shape", [rows])[0]
+    s1 = g.op("Slice", [shape, c([2]), c([3])])[0]  # S+1
+    own = g.op("Equal", [g.op("Range", [c(0), g.op("Squeeze", [s1, c([0])])[0], c(1)])[0],
+                         g.op("Sub", [g.op("Squeeze", [s1, c([0])])[0], c(1)])[0]])[0]
+    column = g.op("Where", [own, g.const(np.array(0.0, np.float32)), g.const(np.array(-np.inf, np.float32))])[0]
+    column = g.op("Expand", [g.op("Reshape", [column, c([1, 1, -1, 1])])[0],
+                             g.op("Concat", [g.op("Slice", [shape, c([0]), c([3])])[0], c([1])], axis=0)[0]])[0]
+    g.shared[key] = {**head, "attention_bias": g.op("Concat", [rows, column], axis=3)[0]}
+    return g.shared[key]
 
 
 def _lower_reference(g, qkv, past_key, past_value, present_key, present_value, seqlens_k, cos, sin, position_ids,

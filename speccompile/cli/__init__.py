@@ -37,7 +37,8 @@ def main(debug):
               help="Static KV cache length (prompt + output) [default: 2048, or the model's context if shorter].")
 @click.option("--num-draft", type=int, default=None,
               help="Tokens each drafter proposes per verify pass, as a chain [default: 4; MTP heads: the "
-                   "tree dynamic:2+lookup:6 unless --num-draft or --tree is given].")
+                   "tree dynamic:2+lookup:6 over a float32 target, adaptive over a 4-bit one, unless --num-draft "
+                   "or --tree is given].")
 @click.option("--attention", type=click.Choice(["ort", "reference"]), default="ort", show_default=True,
               help="TreeAttention lowering: onnxruntime's fused kernel, or standard ONNX ops only.")
 @click.option("--tree", default=None, help="Verify a token tree per pass: chain:K | static:FILE.json | dynamic:N, each optionally "
@@ -57,10 +58,11 @@ def main(debug):
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
               help="Graphs, weights and KV caches (norms and softmax accumulate in float32): float16 for GPUs, "
                    "bfloat16 for the CUDA provider only.")
-@click.option("--weights", type=click.Choice(["source", "float32", "int8", "int4"]), default="float32",
-              show_default=True, help="The target's layer matrices: float32; source keeps a quantized GGUF's blocks "
-              "(exactly the file's weights; a float checkpoint stays float32); int8/int4 quantize them block-wise "
-              "(lossy). build lists each matrix that stays float32 and why.")
+@click.option("--weights", type=click.Choice(["source", "float32", "int8", "int4"]), default="source",
+              show_default=True, help="The target's layer matrices: source keeps a quantized GGUF's blocks (its "
+              "weights exactly; products round activations to 8 bits, as llama.cpp does; a float checkpoint stays "
+              "float32); float32 dequantizes them; int8/int4 quantize float weights block-wise (lossy). build lists "
+              "each matrix that stays float32 and why.")
 @click.option("--max-batch", type=int, default=DEFAULT_MAX_BATCH, show_default=True,
               help="Sequence slots of the batched target graph that concurrent requests share passes through "
                    "(1: none; dense models with ort attention).")

@@ -38,7 +38,7 @@ from speccompile.errors import SpeccompileError
 from speccompile.format.bundle import atomic_bundle_dir, finalize_manifest, guard_output, write_weights
 from speccompile.format.drafter_kinds import KINDS, DraftSpec
 from speccompile.format.trees import TreeSpec
-from speccompile.graphs import BATCH_GRAPH_VERSION
+from speccompile.graphs import BATCH_GRAPH_VERSION, cache_slots, trees_exact
 from speccompile.plugins import tree_attention
 
 
@@ -75,7 +75,8 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
         specs.append(DraftSpec("lookup"))
     target_w = _lower(target, opts, progress)
     target_w, screen, report = _quantize(target, target_w, opts, progress)
-    parts = _graph(target, target_w, screen, specs, tree_spec, opts, progress)
+    parts = _graph(target, target_w, screen, specs, tree_spec, opts, progress,
+                   chains=not trees_exact(report.manifest()))
     apply_precision(parts, opts.dtype, progress)
     manifest = _write(out, target, parts, opts, toolchain, progress, report)
     progress(f"done in {time.perf_counter() - t0:.1f}s: {len(parts.models)} graph(s), drafters: "
@@ -160,9 +161,9 @@ def _quantize(target: Checkpoint, target_w: dict, opts: BuildOptions, progress) 
 
 
 def _graph(target: Checkpoint, target_w: dict, screen: bool, specs: list[DraftSpec], tree_spec: TreeSpec | None,
-           opts: BuildOptions, progress) -> BundleParts:
+           opts: BuildOptions, progress, chains: bool = False) -> BundleParts:
     """Graph pass: the target's graph (with in-graph acceptance, and the features drafters read), then each
-    drafter's part from its kind's build half."""
+    drafter's part from its kind's build half. chains: the target verifies one path a pass (graphs.trees_exact)."""
     progress("[3/4] graph: emitting static decoder graphs")
     cfg, max_seq_len = target.config, opts.max_seq_len
     features = target_features(specs, cfg)
@@ -178,7 +179,7 @@ def _graph(target: Checkpoint, target_w: dict, screen: bool, specs: list[DraftSp
     _batched_target(parts, cfg, target_w, screen, features, opts, progress)
     view = TargetBuild(target, target_w, opts, features, progress)
     for spec in specs:
-        parts.add(_drafter_entry(spec, tree_spec, opts), build_half(spec.kind).build(spec, view))
+        parts.add(_drafter_entry(spec, tree_spec, opts, chains), build_half(spec.kind).build(spec, view))
     if len({d["name"] for d in parts.drafters}) != len(parts.drafters):
         raise SpeccompileError("the same drafter is named twice")
     return parts
@@ -220,11 +221,12 @@ def target_features(specs: list[DraftSpec], cfg: ModelConfig) -> list:
     return sorted(taps, key=lambda tap: (isinstance(tap, str), tap))
 
 
-def _drafter_entry(spec: DraftSpec, tree_spec: TreeSpec | None, opts: BuildOptions) -> dict:
-    """A drafter's manifest entry as every kind has it: its name, tokens per pass and tree."""
+def _drafter_entry(spec: DraftSpec, tree_spec: TreeSpec | None, opts: BuildOptions, chains: bool) -> dict:
+    """A drafter's manifest entry as every kind has it: its name, tokens per pass and tree. chains: the target
+    verifies one path a pass (speccompile.graphs.trees_exact)."""
     kind = KINDS[spec.kind]
-    tree = tree_spec or (TreeSpec.parse(kind.default_tree) if opts.num_draft is None and kind.default_tree
-                         else None)
+    default = kind.chain_tree if chains and kind.chain_tree else kind.default_tree
+    tree = tree_spec or (TreeSpec.parse(default) if opts.num_draft is None and default else None)
     return {"name": spec.name, "kind": spec.kind, "num_draft": opts.num_draft or kind.default_num_draft,
             "tree": tree.to_dict() if tree else None}
 
@@ -286,7 +288,7 @@ def _write_kv_compact(tmp: str, models: dict) -> None:
         kv = entry.get("kv_cache")
         if kv is None:
             continue
-        model = build_kv_compact(kv["num_layers"], kv["num_kv_heads"], kv["max_seq_len"], kv["head_dim"],
+        model = build_kv_compact(kv["num_layers"], kv["num_kv_heads"], cache_slots(kv), kv["head_dim"],
                                  kv.get("dtype", "float32"))
         entry["kv_compact"] = f"{name}.kv_compact.onnx"
         onnx.save_model(model, os.path.join(tmp, entry["kv_compact"]))

@@ -7,6 +7,7 @@ import os
 from speccompile.compile.config import ModelConfig
 from speccompile.compile.sources import sha256_path
 from speccompile.graphs import DECODER_GRAPH_VERSION, decoder_signature
+from speccompile.plugins import tree_attention
 
 
 def decoder_entry(name: str, cfg: ModelConfig, num_layers: int, max_seq_len: int, weights_files: list[str],
@@ -15,16 +16,17 @@ def decoder_entry(name: str, cfg: ModelConfig, num_layers: int, max_seq_len: int
     """A decoder graph's model entry: its files, config, KV cache and the inputs/outputs of its signature."""
     ins, outs = decoder_signature(num_layers, cfg.cache_kv_heads, cfg.cache_head_dim, max_seq_len,
                                   draft_vocab or cfg.vocab_size, cfg.hidden_size, mtp, verify,
-                                  aux_width=len(aux_layers or ()) * cfg.hidden_size, screen=screen, batched=batched)
+                                  aux_width=len(aux_layers or ()) * cfg.hidden_size, screen=screen, batched=batched,
+                                  scratch=tree_attention.scratch_slots(attention))
     return {"graph": f"{name}.onnx", "weights": weights_files, "config": cfg.to_dict(), "num_layers": num_layers,
             "kind": "mtp_head" if mtp else "decoder",
             "graph_version": DECODER_GRAPH_VERSION, "attention": attention,
             "kv_cache": {"layout": ("per layer, the MLA latent [k_rope; c_kv] as one head (K and V hold the same rows)"
                                     if cfg.is_mla and cfg.mla_cache == "latent" else
-                                    "per layer K and V, [1, num_kv_heads, max_seq_len, head_dim]"),
+                                    "per layer K and V, [1, num_kv_heads, max_seq_len + scratch_slots, head_dim]"),
                          "dtype": "float32", "num_layers": num_layers,
                          "num_kv_heads": cfg.cache_kv_heads, "head_dim": cfg.cache_head_dim,
-                         "max_seq_len": max_seq_len},
+                         "max_seq_len": max_seq_len, "scratch_slots": tree_attention.scratch_slots(attention)},
             "inputs": [{"name": n, "dtype": d, "shape": s} for n, d, s in ins],
             "outputs": [{"name": n, "dtype": d, "shape": s} for n, d, s in outs]}
 

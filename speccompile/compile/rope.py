@@ -162,10 +162,11 @@ ROPE_TYPES = {"default": _default, "linear": _linear, "llama3": _llama3, "yarn":
 
 
 def rope_tables(p: dict, dim: int, max_seq_len: int, max_position_embeddings: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [max_seq_len, dim/2] (half-split rotary over the first `dim` channels of a head), each times the
-    variant's attention factor."""
+    """cos/sin [max_seq_len + 1, dim/2] (half-split rotary over the first `dim` channels of a head), each times the
+    variant's attention factor. The row past max_seq_len: the fused kernel wants a table as long as its
+    total_sequence_length, which the pad row of speccompile.plugins.tree_attention makes one longer."""
     inv, attention = ROPE_TYPES[p["rope_type"]](p, dim, max_position_embeddings, max_seq_len)
-    angles = np.outer(np.arange(max_seq_len, dtype=np.float64), np.asarray(inv, np.float32).astype(np.float64))
+    angles = np.outer(np.arange(max_seq_len + 1, dtype=np.float64), np.asarray(inv, np.float32).astype(np.float64))
     return ((np.cos(angles) * attention).astype(np.float32), (np.sin(angles) * attention).astype(np.float32))
 
 

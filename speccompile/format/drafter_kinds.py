@@ -22,6 +22,8 @@ class DrafterKind:
     module: str = ""  # the halves' module name (default: the kind's name)
     default_num_draft: int = 4  # tokens per pass when neither --num-draft nor --tree says
     default_tree: str | None = None  # the tree it verifies unless --num-draft or --tree says otherwise
+    # the same over a target that verifies one path a pass (speccompile.graphs.trees_exact: the quantized builds)
+    chain_tree: str | None = None
     named_by_arg: bool = False  # the drafter's name carries its argument (layerskip:8 and layerskip:12 differ)
 
     @property
@@ -34,7 +36,8 @@ class DrafterKind:
 
 
 # Each head node costs a head pass, each lookup node only a verify row: the measurements behind the MTP defaults
-# are in docs/results.md ("Drafter defaults").
+# are in docs/results.md ("Drafter defaults"). Over a 4-bit target a verify row costs far more and trees reduce to
+# one path (docs/results.md, "Native 4-bit weights"): the head drafts adaptively, down to plain steps.
 KINDS: dict[str, DrafterKind] = {k.name: k for k in (
     DrafterKind("model", "required", "model:PATH", "a separate draft model with the target's tokenizer",
                 module="draft_model"),
@@ -42,7 +45,7 @@ KINDS: dict[str, DrafterKind] = {k.name: k for k in (
                 named_by_arg=True),
     DrafterKind("lookup", "optional", "lookup[:N]", "prompt lookup: n-gram matches (n <= N, default 3)"),
     DrafterKind("mtp", "optional", "mtp[:PATH]", "a multi-token-prediction head (bare: the head shipped for the "
-                "target)", default_num_draft=2, default_tree="dynamic:2+lookup:6"),
+                "target)", default_num_draft=2, default_tree="dynamic:2+lookup:6", chain_tree="adaptive"),
     DrafterKind("eagle", "required", "eagle:PATH", "an EAGLE-1/2 head (safetensors file or directory)"),
     DrafterKind("eagle3", "required", "eagle3:PATH", "an EAGLE-3 head (safetensors file or directory)",
                 module="eagle"),

@@ -30,7 +30,8 @@ _CONFIG = {"type": "object",
                           "num_attention_heads": _SIZE, "num_key_value_heads": _SIZE, "head_dim": _SIZE,
                           "eos_token_ids": {"type": "array", "maxItems": 64, "items": _INDEX}}}
 _KV_CACHE = {"type": "object", "required": ["num_layers", "num_kv_heads", "head_dim", "max_seq_len"],
-             "properties": {"num_layers": _LAYERS, "num_kv_heads": _SIZE, "head_dim": _SIZE, "max_seq_len": _SIZE}}
+             "properties": {"num_layers": _LAYERS, "num_kv_heads": _SIZE, "head_dim": _SIZE, "max_seq_len": _SIZE,
+                            "scratch_slots": {"type": "integer", "minimum": 0, "maximum": 64}}}
 # the models the runtime runs through its Engine (a static KV cache, logits out); Medusa and EAGLE-3's fc have none
 ENGINE_KINDS = ["decoder", "mtp_head", "eagle_head", "eagle3_head"]
 _LOGITS = {"type": "object", "properties": {"name": {"const": "logits"}, "shape": {"prefixItems": [{}, _SIZE],
@@ -51,7 +52,7 @@ _MODEL = {
     "then": {"required": ["num_layers", "kv_cache"], "properties": {"outputs": {"contains": _LOGITS}}},
     "else": {"if": {"properties": {"kind": {"const": "medusa"}}}, "then": {"required": ["num_heads"]}}}
 _TREE = {"type": "object", "required": ["kind", "size", "paths", "depth"],
-         "properties": {"kind": {"enum": ["chain", "static", "dynamic"]},
+         "properties": {"kind": {"enum": ["chain", "static", "dynamic", "adaptive"]},
                         "size": {"type": "integer", "minimum": 1, "maximum": MAX_TREE_NODES},
                         "depth": {"type": "integer", "minimum": 1, "maximum": MAX_TREE_NODES},
                         "paths": {"type": "array", "maxItems": MAX_TREE_NODES, "items": {

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from speccompile.graphs import cache_slots
+
 
 def describe(bundle: str, m: dict, verified: bool) -> list[str]:
     """The lines `inspect` prints for the manifest `m` of `bundle` (read and checked by read_manifest)."""
@@ -20,7 +22,7 @@ def describe(bundle: str, m: dict, verified: bool) -> list[str]:
             out.append(f"model       {name}: {e['graph']} ({e['kind']}), weights {e['weights']}")
             continue
         c, kv = e["config"], e["kv_cache"]
-        kv_mb = 2 * kv["num_layers"] * kv["num_kv_heads"] * kv["max_seq_len"] * kv["head_dim"] * 4 / 2**20
+        kv_mb = 2 * kv["num_layers"] * kv["num_kv_heads"] * cache_slots(kv) * kv["head_dim"] * 4 / 2**20
         slots = f" x {e['max_batch']} sequence slots (target's slot 0 shared)" if "max_batch" in e else ""
         out.append(f"model       {name}: {e['graph']} ({c['model_type']}, {e['num_layers']} layers, hidden "
                    f"{c['hidden_size']}, vocab {c['vocab_size']}), weights {e['weights']}, attention "

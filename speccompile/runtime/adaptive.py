@@ -83,8 +83,10 @@ class AdaptiveDrafting:
     """One request's estimates and choices. has_head: the drafter drafts a tree of its own (not prompt lookup)."""
 
     def __init__(self, cost: CostModel, drafter: str | None, has_head: bool, tree: TreeSpec, greedy: bool,
-                 max_rows: int):
+                 max_rows: int, chains_only: bool = False):
+        """chains_only: verify one path a pass (Generator.trees_exact: a target whose tree rows are not exact)."""
         self.cost, self.drafter, self.greedy, self.max_rows = cost, drafter, greedy, max_rows
+        self.chains_only = chains_only
         self.max_depth = tree.depth if has_head else 0
         self.branching = tree.branching
         self.reach = LookupReach(tree.lookup, REACH_LIMIT * tree.lookup) if tree.lookup else None
@@ -170,7 +172,8 @@ class AdaptiveDrafting:
             i = max(frontier, key=lambda v: reach[v])
             frontier.remove(i)
             order.append(i)
-            frontier += children.get(i, [])
+            # a chain: the path goes on below i only; a tree: i's children join the frontier
+            frontier = children.get(i, []) + ([] if self.chains_only else frontier)
             total += reach[i]
             rate = total / (plan.draft_ms + self.cost.verify(1 + len(order), length, self.greedy))
             if rate > best_rate:

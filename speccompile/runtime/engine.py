@@ -112,13 +112,14 @@ class Engine:
         kv = entry["kv_cache"]
         dims = (self.num_layers, kv["num_kv_heads"], self.max_seq_len, kv["head_dim"])
         dtype = kv.get("dtype", "float32")
+        scratch = kv.get("scratch_slots", 0)
         if device == "cpu" and not self.resident_on_cpu:
-            return KVCache(*dims, dtype=dtype)
+            return KVCache(*dims, dtype=dtype, scratch=scratch)
         compact = entry.get("kv_compact")
         session = (open_session(resolve_inside(bundle_dir, compact), session_options(1), providers)
                    if compact else None)
         return DeviceKVCache(*dims, dtype=dtype, device=device if device == "cpu" else "cuda",
-                             compact_session=session)
+                             compact_session=session, scratch=scratch)
 
     def forward(self, tokens: np.ndarray, positions: np.ndarray | None = None, parents: np.ndarray | None = None,
                 rows: np.ndarray | None = None, committed: int | None = None, hidden_in: np.ndarray | None = None,

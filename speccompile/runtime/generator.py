@@ -15,7 +15,7 @@ from speccompile.format.bundle import read_manifest, resolve_inside
 from speccompile.format.drafter_kinds import KINDS
 from speccompile.format.summary import pass_weight_bytes
 from speccompile.format.trees import ADAPTIVE_LOOKUP, TreeSpec, depths
-from speccompile.graphs import MAX_STEP_TOKENS, MAX_VERIFY_TOKENS
+from speccompile.graphs import MAX_STEP_TOKENS, MAX_VERIFY_TOKENS, trees_exact
 from speccompile.runtime import cost_model
 from speccompile.runtime.adaptive import AdaptiveDrafting
 from speccompile.runtime.cost_model import CostModel
@@ -104,6 +104,7 @@ class Generator:
                       for d in manifest["drafters"]}
         # joins the trees that ask for it (TreeSpec.lookup): the bundle's lookup drafter, as configured, if it has one
         self.lookup = next((d for d in self.drafters.values() if isinstance(d, LookupDrafter)), LookupDrafter())
+        self.trees_exact = trees_exact(manifest.get("quantization"))
         self._pending = np.zeros(1, np.int64)  # a plain decode step's one token
         self._lock, self._owner = threading.Lock(), None
         self._cost = None  # the cost model, measured or read on first use
@@ -198,7 +199,7 @@ class Generator:
         if reach and prop.q is None:
             free = max(0, min(room, self.target.max_rows - 1) - len(prop.tokens))
             prop = join_lookup(prop, context, self.lookup, min(reach.reach, free), min(room, reach.reach))
-        return prop
+        return prop if self.trees_exact else prop.first_path()
 
     def _adaptive(self, drafter: Drafter | None, tree: TreeSpec, params: SamplingParams) -> AdaptiveDrafting | None:
         """The per-request state of adaptive drafting (runtime/adaptive.py), priced by this machine's cost model."""
@@ -208,7 +209,7 @@ class Generator:
         if is_lookup and not tree.lookup:  # prompt lookup drafting alone: its nodes are the whole tree
             tree = dataclasses.replace(tree, lookup=ADAPTIVE_LOOKUP)
         return AdaptiveDrafting(self.cost_model(), drafter.name, not is_lookup, tree, params.greedy,
-                                self.target.max_rows)
+                                self.target.max_rows, chains_only=not self.trees_exact)
 
     def _propose_adaptive(self, context, drafter: Drafter, adapt: AdaptiveDrafting, room: int, params,
                           rng) -> Proposal:

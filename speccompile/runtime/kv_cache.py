@@ -26,12 +26,14 @@ def cache_types(dtype: str) -> tuple[type, int]:
 
 
 class KVCache:
-    """K and V per layer, [num_layers, batch, num_kv_heads, max_seq_len, head_dim]: batch sequence slots (a batched
-    graph's cache, runtime/batch_engine.py), each with its own committed length in its `slot` view."""
+    """K and V per layer, [num_layers, batch, num_kv_heads, max_seq_len + scratch, head_dim]: batch sequence slots (a
+    batched graph's cache, runtime/batch_engine.py), each with its own committed length in its `slot` view. A
+    sequence holds at most max_seq_len tokens; the scratch slots past them are the graph's (speccompile.graphs
+    cache_slots)."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, max_seq_len: int, head_dim: int, dtype: str = "float32",
-                 *, batch: int = 1, arrays: tuple[np.ndarray, np.ndarray] | None = None):
-        shape = (num_layers, batch, num_kv_heads, max_seq_len, head_dim)
+                 *, batch: int = 1, scratch: int = 0, arrays: tuple[np.ndarray, np.ndarray] | None = None):
+        shape = (num_layers, batch, num_kv_heads, max_seq_len + scratch, head_dim)
         storage, self.onnx_type = cache_types(dtype)
         self.dtype = dtype
         # np.zeros maps zero pages lazily: slots never used cost no memory
@@ -46,8 +48,8 @@ class KVCache:
     def slot(self, b: int) -> "KVCache":
         """Slot b as a one-sequence cache sharing this one's memory, with a length of its own (an engine bound to
         it writes into slot b of the batched cache)."""
-        return KVCache(self.key.shape[0], self.key.shape[2], self.max_seq_len, self.key.shape[4],
-                       arrays=(self.key[:, b:b + 1], self.value[:, b:b + 1]), dtype=self.dtype)
+        return KVCache(self.key.shape[0], self.key.shape[2], self.max_seq_len, self.key.shape[4], dtype=self.dtype,
+                       scratch=self.key.shape[3] - self.max_seq_len, arrays=(self.key[:, b:b + 1], self.value[:, b:b + 1]))
 
     @property
     def nbytes(self) -> int:
@@ -77,9 +79,9 @@ class DeviceKVCache:
     numbers, never NaN garbage), compacted by `compact_session` (compile/graph/kv_compact.py) in place."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, max_seq_len: int, head_dim: int, dtype: str,
-                 device: str, compact_session: ort.InferenceSession | None):
+                 device: str, compact_session: ort.InferenceSession | None, scratch: int = 0):
         storage, onnx_type = cache_types(dtype)
-        zeros = np.zeros((1, num_kv_heads, max_seq_len, head_dim), storage)
+        zeros = np.zeros((1, num_kv_heads, max_seq_len + scratch, head_dim), storage)
         self._values = [(f"{kind}.{i}", _device_copy(zeros, onnx_type, device))
                         for i in range(num_layers) for kind in ("key", "value")]
         self.max_seq_len = max_seq_len

@@ -34,10 +34,12 @@ from speccompile.runtime.request import Request
 from speccompile.runtime.sampling import probabilities, sample
 
 _DONE = object()  # a request's queue ends with this
-# Rows a shared verify pass aims at: a pass's cost grows with its rows (4-bit products nearly in proportion), so
-# when several greedy slots decode, their drafts share this budget (each keeps at least one draft node). Greedy
-# output does not depend on the drafts; sampled requests keep their whole drafts, so a seed's draws do not depend
-# on what else runs.
+# Rows a shared verify pass aims at: a pass's cost grows with its rows, so when several greedy slots decode, their
+# drafts share this budget (each keeps at least one draft node). Over a target whose products round activations to
+# int8 (graphs.trees_exact false: the 4-bit builds) every row pays the int8 kernel's compute, and the slots' own
+# rows already fill the pass: greedy slots then decode plainly while others run (docs/results.md, "Concurrent
+# streams"). Greedy output does not depend on the drafts; sampled requests keep their whole drafts, so a seed's
+# draws do not depend on what else runs.
 SHARED_PASS_ROWS = 16
 
 
@@ -286,7 +288,7 @@ class Scheduler:
     # ---- decode ------------------------------------------------------------------------------------------
     def _decode(self, slots: list[Slot]) -> None:
         """One pass over every decoding slot: each one's pending token and its drafts, verified together."""
-        share = max(1, SHARED_PASS_ROWS // len(slots) - 1)  # draft nodes per greedy slot
+        share = max(1, SHARED_PASS_ROWS // len(slots) - 1) if self.gen.trees_exact else 0  # per greedy slot
         for s in slots:
             s.context[s.n] = s.token  # committed, but not yet in the target's cache
             s.n += 1
@@ -366,7 +368,8 @@ def batch_cache(manifest: dict) -> tuple[dict | None, KVCache | None]:
         raise BundleError("the manifest's target_batch and target disagree on the KV cache they share "
                           "(layers, heads, length); rebuild the bundle")
     return entry, KVCache(entry["num_layers"], kv["num_kv_heads"], kv["max_seq_len"], kv["head_dim"],
-                          batch=entry["max_batch"], dtype=kv.get("dtype", "float32"))
+                          batch=entry["max_batch"], dtype=kv.get("dtype", "float32"),
+                          scratch=kv.get("scratch_slots", 0))
 
 
 def own_loop(request: Request) -> bool:

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import onnxruntime as ort
 
+from speccompile.graphs import cache_slots
 from speccompile.errors import BundleError, SpeccompileError
 
 NEG_INF = np.float32(-np.inf)
@@ -90,9 +91,14 @@ def ancestor_mask(parents: np.ndarray) -> np.ndarray:
 
 
 def check_cache_inputs(session: ort.InferenceSession, entry: dict) -> None:
-    """The graph's KV cache inputs are the layers the manifest says: a hand-edited count would leave inputs
-    unbound (or bind ones the graph lacks), which onnxruntime reports only mid-run."""
-    layers = sum(1 for i in session.get_inputs() if i.name.startswith("past_key."))
-    if layers != entry["num_layers"]:
+    """The graph's KV cache inputs are the layers and length the manifest says: a hand-edited count or length
+    would leave inputs unbound (or bind ones the graph lacks, or caches of the wrong size), which onnxruntime
+    reports only mid-run."""
+    caches = [i for i in session.get_inputs() if i.name.startswith("past_key.")]
+    if len(caches) != entry["num_layers"]:
         raise BundleError(f"{entry['graph']}: the manifest says {entry['num_layers']} layers, the graph has "
-                          f"{layers} caches; rebuild the bundle")
+                          f"{len(caches)} caches; rebuild the bundle")
+    lengths = {i.shape[2] for i in caches if isinstance(i.shape[2], int)}
+    if lengths and lengths != {cache_slots(entry["kv_cache"])}:
+        raise BundleError(f"{entry['graph']}: the manifest's KV cache holds {cache_slots(entry['kv_cache'])} "
+                          f"slots, the graph's {sorted(lengths)[0]}; rebuild the bundle")

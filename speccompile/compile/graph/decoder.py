@@ -12,6 +12,7 @@ from speccompile.compile.graph.verify import emit_verify, sampling_flag
 from speccompile.compile.weights.names import layer_of
 from speccompile.graphs import decoder_signature
 from speccompile.graphs.builder import GraphBuilder
+from speccompile.plugins import tree_attention
 
 
 def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len: int, num_layers: int | None = None,
@@ -31,7 +32,7 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
     screen = (verify or batched) and fused and "head_screen.codes" in weights
     signature = decoder_signature(L, cfg.cache_kv_heads, cfg.cache_head_dim, max_seq_len, cfg.vocab_size,
                                   cfg.hidden_size, False, verify, aux_width=len(aux_layers or ()) * cfg.hidden_size,
-                                  screen=screen, batched=batched)
+                                  screen=screen, batched=batched, scratch=tree_attention.scratch_slots(attention))
 
     def keep(k):  # the first L layers' weights; the screen's only where the graph has it
         return (layer_of(k) is None or layer_of(k) < L) and (screen or not k.startswith("head_screen."))

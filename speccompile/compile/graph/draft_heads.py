@@ -23,6 +23,7 @@ from speccompile.compile.graph.output import draft_head, greedy_token, hidden_ou
 from speccompile.compile.weights.names import layer_of
 from speccompile.graphs import decoder_signature
 from speccompile.graphs.builder import GraphBuilder
+from speccompile.plugins import tree_attention
 
 
 def build_mtp_head(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len: int, attention: str = "ort",
@@ -76,7 +77,8 @@ def _open_head(name, cfg, weights, max_seq_len, attention, fused) -> tuple[Stack
     the full vocabulary scores with it)."""
     vocab = len(weights["mtp.d2t"]) if "mtp.d2t" in weights else cfg.vocab_size
     signature = decoder_signature(1, cfg.cache_kv_heads, cfg.cache_head_dim, max_seq_len, vocab, cfg.hidden_size,
-                                  True, False, aux_width=0, screen=False)
+                                  True, False, aux_width=0, screen=False,
+                                  scratch=tree_attention.scratch_slots(attention))
 
     def keep(k):
         return ((layer_of(k) is None or layer_of(k) < 1)

@@ -20,9 +20,12 @@ def fused_gate_up(g: GraphBuilder, x: str, gate_up: str, act: str = "silu") -> s
 def swiglu_mlp(g: GraphBuilder, W: dict[str, str], p: str, x: str, act: str = "silu") -> str:
     """Weights p + gate, up, down (float32 or packed), or p + gate_up, down."""
     if has_matrix(W, p + "gate"):
-        # a target keeps gate and up as two matrices: splitting the fused product costs a Split node per layer,
-        # slower on CPU
+        # a float32 target keeps gate and up as two matrices: splitting the fused product costs a Split node
+        # per layer, slower on CPU
         a = gated_silu(g, matmul(g, x, W, p + "gate"), matmul(g, x, W, p + "up"), act)
-    else:  # heads and DeepSeek layers keep one fused matrix
+    elif p + "gate_up" in W:  # heads and DeepSeek layers keep one fused float matrix
         a = fused_gate_up(g, x, W[p + "gate_up"], act)
+    else:  # a packed target joins them (quantize/target_weights.py): one product, one offsets product
+        gate, up = g.op("Split", [matmul(g, x, W, p + "gate_up")], n_out=2, axis=-1, num_outputs=2)
+        a = gated_silu(g, gate, up, act)
     return matmul(g, a, W, p + "down")

@@ -228,12 +228,20 @@ def nbits_product(g: GraphBuilder, x: str, W: dict[str, str], key: str, accuracy
              domain="com.microsoft", K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level)[0]
     if key + OFFSETS not in W:
         return y
-    # x's leading dims, then [K/32, 32]: sums over each 32-block whatever x's rank
-    lead = g.op("Slice", [g.op("Shape", [x])[0], g.const(np.array([0], np.int64)),
-                          g.const(np.array([-1], np.int64))])[0]
-    blocked = g.op("Reshape", [x, g.op("Concat", [lead, g.const(np.array([k // 32, 32], np.int64))], axis=0)[0]])[0]
-    sums = g.op("ReduceSum", [blocked, g.const(np.array([-1], np.int64))], keepdims=0)[0]
-    return g.op("Add", [y, g.op("MatMul", [sums, W[key + OFFSETS]])[0]], outputs=[output] if output else None)[0]
+    return g.op("Add", [y, g.op("MatMul", [block_sums(g, x, k), W[key + OFFSETS]])[0]],
+                outputs=[output] if output else None)[0]
+
+
+def block_sums(g: GraphBuilder, x: str, k: int) -> str:
+    """x [..., K] -> the sums of its blocks of 32 [..., K/32], as one product with a 0/1 matrix (one node instead
+    of a reshape and a reduction), emitted once per input: the matrices that read the same x share it."""
+    key = ("nbits.block_sums", x)
+    if key not in g.shared:
+        ones = ("nbits.block_ones", k)
+        if ones not in g.shared:
+            g.shared[ones] = g.const(np.kron(np.eye(k // 32, dtype=np.float32), np.ones((32, 1), np.float32)))
+        g.shared[key] = g.op("MatMul", [x, g.shared[ones]])[0]
+    return g.shared[key]
 
 
 def _widened(p: PackedMatrix, bits: int, block: int) -> PackedMatrix:
@@ -252,7 +260,15 @@ def _widened(p: PackedMatrix, bits: int, block: int) -> PackedMatrix:
 
 def join_rows(parts: list[PackedMatrix]) -> PackedMatrix:
     """Matrices with the same K stacked along N (q, k and v as one product), exactly. Parts of different formats
-    are first widened to a common one (8 bits, the smallest block)."""
+    are first widened to a common one (8 bits, the smallest block); parts with zero points join only parts of
+    their own format (each row keeps its own zero points)."""
+    if any(p.zero_points is not None for p in parts):
+        if len({(p.bits, p.block_size, p.zero_points is not None, p.offsets is not None) for p in parts}) != 1:
+            raise ValueError("matrices with zero points join only matrices of the same format")
+        first = parts[0]
+        return PackedMatrix(first.bits, first.block_size, np.concatenate([p.codes for p in parts]),
+                            np.concatenate([p.scales for p in parts]), None,
+                            np.concatenate([p.zero_points for p in parts]))
     bits = max(p.bits for p in parts) if len({p.bits for p in parts}) == 1 else 8
     block = min(p.block_size for p in parts)
     parts = [p if (p.bits, p.block_size) == (bits, block) else _widened(p, bits, block) for p in parts]

@@ -9,11 +9,13 @@
 Every matrix that stays float32 in a quantized build is named with the reason (build output and manifest). The
 output head is not quantized here: the exact greedy head's int8 screen (quantize/head_screen.py) covers it.
 
-The products run at ACCURACY_LEVEL 0: float32 arithmetic on the dequantized blocks, so a GGUF's matrices give its
-float reference within float32 rounding. Level 4 (x rounded to int8 per block, integer products) is faster, but
-rounding x is discontinuous: the last-ulp differences a verify pass of several rows has from a one-row pass (the
-attention kernel's summation order) flip some roundings, which then grow through the layers into different greedy
-tokens, and speculative output would no longer equal the bundle's own plain decoding (docs/results.md).
+The products run at ACCURACY_LEVEL 4: x rounded to int8 per block and integer products, the fast kernel (level 0,
+float32 arithmetic on the dequantized blocks, is several times slower at one row). Rounding x is discontinuous, so
+the logits are those of the quantized product, not the float reference's (tools/quant_agreement.py measures how
+close); and it would amplify any last-bit difference between a one-row pass and a verify pass of several rows
+into different greedy tokens. There is none: the kernel computes each row alike whatever the row count, and the
+attention runs every step over two rows or more (speccompile.plugins.tree_attention, the pad row), so speculative
+output equals the bundle's own plain decoding bit for bit.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from speccompile.compile.weights.names import layer_of
 from speccompile.errors import SpeccompileError
 
 MODES = ("source", "float32", "int8", "int4")
-ACCURACY_LEVEL = 0
+ACCURACY_LEVEL = 4
 BLOCK = 32
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 
@@ -69,7 +71,7 @@ def quantize_target(weights: dict[str, np.ndarray], stored: dict | None, mode: s
     (compile/gguf.GGUFTensor by Hugging Face name), None for a float checkpoint. native: why the graphs cannot run
     MatMulNBits (e.g. a TensorRT build), None when they can."""
     check_mode(mode)
-    out, report = dict(weights), WeightReport(mode)
+    out, report, packed_mlp = dict(weights), WeightReport(mode), {}
     for key, w in weights.items():
         if key in ("embed", "lm_head"):
             report.formats[key] = "float32"
@@ -80,11 +82,27 @@ def quantize_target(weights: dict[str, np.ndarray], stored: dict | None, mode: s
             packed, reason = _matrix(key, w, stored, mode, native)
             if packed is not None:
                 del out[key]
-                out |= packed.weights(key)
+                if key.endswith((".gate", ".up")):
+                    packed_mlp[key] = packed
+                else:
+                    out |= packed.weights(key)
                 report.formats[key] = reason
             elif reason:
                 report.fallbacks[key] = reason
-    return out, report
+    return _join_gate_up(out, packed_mlp), report
+
+
+def _join_gate_up(out: dict, packed: dict) -> dict:
+    """A layer's packed gate and up as one matrix, gate_up (one product and one offsets product a layer instead
+    of two each; graph/mlp.py splits the output); a gate or up packed without the other under its own name."""
+    for key, p in packed.items():
+        layer, name = key.rsplit(".", 1)
+        other = packed.get(f"{layer}.{'up' if name == 'gate' else 'gate'}")
+        if other is None:
+            out |= p.weights(key)
+        elif name == "gate":
+            out |= join_rows([p, other]).weights(layer + ".gate_up")
+    return out
 
 
 def _matrix(key: str, w: np.ndarray, stored: dict | None, mode: str,

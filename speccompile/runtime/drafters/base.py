@@ -47,6 +47,19 @@ class Proposal:
     def empty(cls) -> "Proposal":
         return cls(np.zeros(0, np.int64))
 
+    def first_path(self) -> "Proposal":
+        """The tree's first root-to-leaf path, as a chain: from the context, each node's first child in row order
+        (a dynamic tree's best-ranked continuation, extended where prompt lookup agreed with it)."""
+        if self.parents is None or not len(self.tokens):
+            return self
+        path, parent = [], -1
+        for i, p in enumerate(self.parents):
+            if p == parent:  # topological order: the first node found under `parent` is its first child
+                path.append(i)
+                parent = i
+        pick = lambda a: None if a is None else a[path]  # noqa: E731
+        return Proposal(self.tokens[path], pick(self.q), None, pick(self.scores))
+
     @property
     def depth(self) -> int:
         """Draft tokens on the longest path: a chain's length, a tree's deepest level."""
