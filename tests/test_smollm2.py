@@ -97,6 +97,7 @@ def test_shipped_mtp_head_is_lossless_and_useful(smol_any, tree):
         assert smol.trees["mtp"].lookup > 0, "... joined by prompt lookup's continuations"
     else:
         assert smol.trees["mtp"].kind == "adaptive", "the 4-bit default drafts adaptively"
+        assert smol.trees["mtp"].lookup > 0, "... joined by prompt lookup's continuations"
     accepted = []
     for p in PROMPTS:
         ref = smol.generate(p, 40, speculate=False)

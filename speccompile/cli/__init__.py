@@ -37,7 +37,7 @@ def main(debug):
               help="Static KV cache length (prompt + output) [default: 2048, or the model's context if shorter].")
 @click.option("--num-draft", type=int, default=None,
               help="Tokens each drafter proposes per verify pass, as a chain [default: 4; MTP heads: the "
-                   "tree dynamic:2+lookup:6 over a float32 target, adaptive over a 4-bit one, unless --num-draft "
+                   "tree dynamic:2+lookup:6 over a float32 target, adaptive+lookup:6 over a 4-bit one, unless --num-draft "
                    "or --tree is given].")
 @click.option("--attention", type=click.Choice(["ort", "reference"]), default="ort", show_default=True,
               help="TreeAttention lowering: onnxruntime's fused kernel, or standard ONNX ops only.")

@@ -37,7 +37,8 @@ class DrafterKind:
 
 # Each head node costs a head pass, each lookup node only a verify row: the measurements behind the MTP defaults
 # are in docs/results.md ("Drafter defaults"). Over a 4-bit target a verify row costs far more and trees reduce to
-# one path (docs/results.md, "Native 4-bit weights"): the head drafts adaptively, down to plain steps.
+# one path (docs/results.md, "Native 4-bit weights"): the head drafts adaptively, joined by lookup, down to plain
+# steps.
 KINDS: dict[str, DrafterKind] = {k.name: k for k in (
     DrafterKind("model", "required", "model:PATH", "a separate draft model with the target's tokenizer",
                 module="draft_model"),
@@ -45,7 +46,8 @@ KINDS: dict[str, DrafterKind] = {k.name: k for k in (
                 named_by_arg=True),
     DrafterKind("lookup", "optional", "lookup[:N]", "prompt lookup: n-gram matches (n <= N, default 3)"),
     DrafterKind("mtp", "optional", "mtp[:PATH]", "a multi-token-prediction head (bare: the head shipped for the "
-                "target)", default_num_draft=2, default_tree="dynamic:2+lookup:6", chain_tree="adaptive"),
+                "target)", default_num_draft=2, default_tree="dynamic:2+lookup:6",
+                chain_tree="adaptive+lookup:6"),
     DrafterKind("eagle", "required", "eagle:PATH", "an EAGLE-1/2 head (safetensors file or directory)"),
     DrafterKind("eagle3", "required", "eagle3:PATH", "an EAGLE-3 head (safetensors file or directory)",
                 module="eagle"),
