@@ -49,8 +49,8 @@ def _pad_row_inputs(g, seqlens_k, total_len, position_ids, attention_bias, query
     onnxruntime's GroupQueryAttention computes a one-row step by another path than a step of two rows or more,
     whose results differ in the last bits. A plain decoding step is one row, a verify pass several: to give every
     row the same numbers in both, each attention runs at least two rows, the step's own and a copy of its last
-    one. That copy sees what the last row sees plus its own slot (so it is never fully masked, never NaN); no row
-    of the step sees it; its K/V land one slot past the step's (scratch_slots); its output is dropped. Exactness
+    one. That copy sees what the last row sees (at least that row's own slot, so it is never fully masked, never
+    NaN); no row sees the copy; its K/V land one slot past the step's (scratch_slots); its output is dropped. Exactness
     needs this once a product rounds its input (MatMulNBits at accuracy level 4 quantizes x to int8): a last-bit
     difference there flips a rounding and grows through the layers."""
     key = ("tree_attention.pad", attention_bias)
@@ -67,15 +67,10 @@ def _pad_row_inputs(g, seqlens_k, total_len, position_ids, attention_bias, query
             head["query_seqlens"] = g.op("Add", [query_seqlens, c([1], np.int32)])[0]
         g.shared["tree_attention.pad.common"] = head
     rows = g.op("Concat", [attention_bias, g.op("Slice", [attention_bias, c([-1]), c([2**62]), c([2])])[0]],
-                axis=2)[0]  # [N, 1, S+1, T]
-    shape = g.op("Shape", [rows])[0]
-    s1 = g.op("Slice", [shape, c([2]), c([3])])[0]  # S+1
-    own = g.op("Equal", [g.op("Range", [c(0), g.op("Squeeze", [s1, c([0])])[0], c(1)])[0],
-                         g.op("Sub", [g.op("Squeeze", [s1, c([0])])[0], c(1)])[0]])[0]
-    column = g.op("Where", [own, g.const(np.array(0.0, np.float32)), g.const(np.array(-np.inf, np.float32))])[0]
-    column = g.op("Expand", [g.op("Reshape", [column, c([1, 1, -1, 1])])[0],
-                             g.op("Concat", [g.op("Slice", [shape, c([0]), c([3])])[0], c([1])], axis=0)[0]])[0]
-    g.shared[key] = {**head, "attention_bias": g.op("Concat", [rows, column], axis=3)[0]}
+                axis=2)[0]  # [N, 1, S+1, T]: the copy's row repeats the last one
+    hidden = g.op("Pad", [rows, c([0, 0, 0, 0, 0, 0, 0, 1]), g.const(np.array(-np.inf, np.float32))],
+                  mode="constant")[0]  # [N, 1, S+1, T+1]: the copy's slot, seen by no row
+    g.shared[key] = {**head, "attention_bias": hidden}
     return g.shared[key]
 
 

@@ -37,8 +37,8 @@ def main(debug):
               help="Static KV cache length (prompt + output) [default: 2048, or the model's context if shorter].")
 @click.option("--num-draft", type=int, default=None,
               help="Tokens each drafter proposes per verify pass, as a chain [default: 4; MTP heads: the "
-                   "tree dynamic:2+lookup:6 over a float32 target, adaptive+lookup:6 over a 4-bit one, unless --num-draft "
-                   "or --tree is given].")
+                   "tree dynamic:2+lookup:6 over a float32 target, adaptive+lookup:6 over a 4-bit one, unless "
+                   "--num-draft or --tree is given].")
 @click.option("--attention", type=click.Choice(["ort", "reference"]), default="ort", show_default=True,
               help="TreeAttention lowering: onnxruntime's fused kernel, or standard ONNX ops only.")
 @click.option("--tree", default=None, help="Verify a token tree per pass: chain:K | static:FILE.json | dynamic:N, each optionally "

@@ -49,7 +49,8 @@ class KVCache:
         """Slot b as a one-sequence cache sharing this one's memory, with a length of its own (an engine bound to
         it writes into slot b of the batched cache)."""
         return KVCache(self.key.shape[0], self.key.shape[2], self.max_seq_len, self.key.shape[4], dtype=self.dtype,
-                       scratch=self.key.shape[3] - self.max_seq_len, arrays=(self.key[:, b:b + 1], self.value[:, b:b + 1]))
+                       scratch=self.key.shape[3] - self.max_seq_len,
+                       arrays=(self.key[:, b:b + 1], self.value[:, b:b + 1]))
 
     @property
     def nbytes(self) -> int:
