@@ -1,5 +1,6 @@
 """Adaptive drafting: the cost model, the choices it drives on synthetic costs, and the loop still lossless."""
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -94,20 +95,36 @@ def test_adaptive_greedy_equals_autoregressive(tiny_generator, drafter, row_ms, 
         assert max(accepted) > 1.0
 
 
-def test_adaptive_reports_its_choices_beside_the_scheduler(tiny_generator, monkeypatch):
-    """Asked for, adaptive drafting runs in the caller's own loop, between the scheduler's shared passes."""
+@pytest.mark.parametrize("trees_exact", [True, False])
+def test_adaptive_requests_share_the_scheduler_passes(tiny_generator, trees_exact, monkeypatch):
+    """Adaptive requests hold scheduler slots like any other: alone a slot plans as the caller's own loop would;
+    shared, within its share of the pass's rows (none over a target whose trees are not exact, trees_exact
+    False: then shared passes are plain steps). Every request's tokens equal autoregressive decoding's."""
     g = tiny_generator
     monkeypatch.setattr(g, "_cost", synthetic(5.0, 0.05))
-    shared = g.stream(random_prompts(3)[2], 12, drafter="lookup")  # holds a slot until read to its end
-    first = next(shared)
-    res = g.generate(random_prompts(2)[1], 16, drafter="model", tree="adaptive")
-    assert res.stats["tree"]["kind"] == "adaptive"
-    assert res.stats["adaptive"]["passes"] == res.stats["verify_steps"]
-    fixed = g.generate(random_prompts(2)[1], 16, drafter="model", tree="dynamic:3")
-    assert fixed.stats["adaptive"] is None and fixed.token_ids == res.token_ids
-    rest = [t for c in shared for t in c.token_ids]
-    alone = g.generate(random_prompts(3)[2], 12, drafter="lookup").token_ids
-    assert first.token_ids + rest == alone
+    monkeypatch.setattr(g, "trees_exact", trees_exact)
+    prompts, lengths = random_prompts(4, seed=7), [8, 8, 8, 40]  # the last runs alone once the others end
+    plain = [g.generate(p, n, speculate=False).token_ids for p, n in zip(prompts, lengths)]
+    shared = g.scheduler.shared_passes
+    monkeypatch.setattr(g.scheduler, "trace", [])
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda i: g.generate(prompts[i], lengths[i], drafter="model",
+                                                     tree="adaptive+lookup:4"), range(4)))
+    assert g.scheduler.shared_passes > shared
+    alone = sum(kind == "decode" and len(slots) == 1 for kind, slots in g.scheduler.trace)
+    assert [r.token_ids for r in results] == plain
+    drafted = []
+    for r in results:
+        assert r.stats["tree"]["kind"] == "adaptive"
+        assert r.stats["adaptive"]["passes"] == r.stats["verify_steps"]
+        drafted.append(r.stats["verify_steps"] - r.stats["adaptive"]["plain_passes"])
+    assert drafted[3] > 0  # alone, it drafts
+    if not trees_exact:  # shared passes are plain steps: only a slot alone drafts
+        assert sum(drafted) <= alone
+    else:
+        assert sum(drafted) > alone
+    fixed = g.generate(prompts[1], 8, drafter="model", tree="dynamic:3")
+    assert fixed.stats["adaptive"] is None and fixed.token_ids == plain[1]
 
 
 def test_adaptive_sampled_keeps_target_distribution(tiny_generator, monkeypatch):

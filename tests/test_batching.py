@@ -24,6 +24,7 @@ from speccompile.runtime.kv_cache import KVCache
 from speccompile.runtime.sampling import SamplingParams, probabilities
 
 from conftest import quiet, random_prompts
+from test_adaptive import synthetic
 
 
 def batch_engine(bundle):
@@ -119,11 +120,12 @@ def test_concurrent_greedy_with_eagle_heads(tmp_path):
 
 
 @pytest.mark.parametrize("kw", [dict(drafter="model", tree="dynamic:4"), dict(drafter="layerskip:2"),
-                                dict(drafter="lookup", tree="dynamic:4")])
+                                dict(drafter="lookup", tree="dynamic:4"), dict(drafter="model", tree="adaptive")])
 def test_sampled_distribution_with_several_slots(tiny_bundle, kw):
     """The first two new tokens of many seeded requests, run four at a time (the second token may come from an
     accepted draft), follow the target's distribution (chi-square over the pairs)."""
     g = speccompile.load(tiny_bundle, threads=1)
+    g._cost = synthetic(5.0, 0.05)  # adaptive drafting's costs: rows cheap enough to draft (no calibration)
     params = SamplingParams(temperature=1.5, top_k=3)
     prompt = np.array(random_prompts(1, seed=11)[0], np.int64)
     n = 480
@@ -153,17 +155,18 @@ def exact_pairs(bundle, prompt, params):
     return out
 
 
-def test_seeds_reproduce_alone_and_shared(tiny_generator):
+def test_seeds_reproduce_alone_and_shared(tiny_generator, monkeypatch):
     g = tiny_generator
-    prompts = random_prompts(4, seed=8)
     jobs = [dict(drafter="model", tree="dynamic:6"), dict(drafter="layerskip:2"), dict(drafter="lookup"),
-            dict(speculate=False)]
+            dict(speculate=False), dict(drafter="model", tree="adaptive+lookup:4")]
+    prompts = random_prompts(len(jobs), seed=8)
+    monkeypatch.setattr(g, "_cost", synthetic(5.0, 0.05))
     solo = [g.generate(p, 20, temperature=1.2, seed=40 + i, **kw).token_ids
             for i, (p, kw) in enumerate(zip(prompts, jobs))]
     for _ in range(2):
-        with ThreadPoolExecutor(4) as pool:
+        with ThreadPoolExecutor(len(jobs)) as pool:
             got = list(pool.map(lambda i: g.generate(prompts[i], 20, temperature=1.2, seed=40 + i, **jobs[i])
-                                .token_ids, range(4)))
+                                .token_ids, range(len(jobs))))
         assert got == solo
 
 
@@ -178,10 +181,10 @@ def test_a_long_prompt_joins_in_chunks_between_decode_passes(tiny_generator, mon
     solo = [g.generate(p, 40, drafter="lookup").token_ids for p in others] + \
         [g.generate(long_prompt, 12, drafter="model").token_ids]
     wait_until_idle(g)
-    g.scheduler.trace = trace = []
     try:
         streams = [g.stream(p, 40 if i != 1 else 200, drafter="lookup") for i, p in enumerate(short)]
         heads = [next(s).token_ids for s in streams]  # every slot decoding
+        g.scheduler.trace = trace = []
         streams[1].close()  # slot 1 frees: the late request waits for it
         late = g.stream(long_prompt, 12, drafter="model")
         del heads[1], streams[1]

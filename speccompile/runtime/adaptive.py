@@ -186,6 +186,13 @@ class AdaptiveDrafting:
         self._count(plan, len(keep))
         return Proposal(prop.tokens[keep], None, new_parents) if len(keep) else Proposal.empty()
 
+    def skip(self) -> Proposal:
+        """A pass with no room to draft (the answer's end, or a shared pass with no rows to spare): a plain step,
+        which teaches the estimates nothing."""
+        self.kept = None
+        self._count(Plan(0, 0, 0, 0.0), 0)
+        return Proposal.empty()
+
     def _count(self, plan: Plan, rows: int) -> None:
         self.passes += 1
         self.plain_passes += rows == 0

@@ -217,7 +217,7 @@ class Generator:
         the nodes worth verifying (possibly none: a plain step)."""
         cap = min(room, self.target.max_rows - 1)
         if cap <= 0:
-            return Proposal.empty()
+            return adapt.skip()
         plan = adapt.plan(len(context))
         prop = Proposal.empty()
         if plan.head_depth:
@@ -314,8 +314,8 @@ class Generator:
         return self._serialized(request, on_text)
 
     def _serialized(self, request: Request, on_text):
-        """This thread's own decode loop: under the lock, and with a scheduler, once its slots are all free (adaptive
-        drafting and typical acceptance run only here)."""
+        """This thread's own decode loop: under the lock, and with a scheduler, once its slots are all free (typical
+        acceptance runs only here)."""
         with self._exclusive(), (self.scheduler.exclusive() if self.scheduler else contextlib.nullcontext()):
             result = yield from self._run(request, on_text)
         return result

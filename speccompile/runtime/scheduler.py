@@ -4,7 +4,7 @@ No thread of its own: a caller waiting for its next tokens runs the next round o
 at a time; the others wait for the round to end), so a request alone pays no thread hand-off per pass, and
 requests progress while any caller waits. Requests join and leave between passes; each holds a sequence slot of the
 batched KV cache (`KVCache.slot`) with its own drafter, sampling parameters, random generator, stop conditions,
-acceptance, roll back and compaction. Each round runs at most one prefill chunk of a joining request (so a long
+acceptance, roll back and compaction. Each round runs at most one prefill chunk of each joining request (so a long
 prompt does not stall the others), then one pass that verifies every decoding slot's pending token and draft
 tree (runtime/batch_engine.py). A request alone in slot 0 runs the single-sequence graph, exactly as the
 Generator's own loop does (in-graph acceptance, nothing batched to pay for).
@@ -26,6 +26,7 @@ import numpy as np
 from speccompile.errors import BundleError
 from speccompile.format.trees import depths
 from speccompile.runtime.acceptance import SpecDecodeStats, Verdict, accept_greedy, accept_sampled, from_table
+from speccompile.runtime.adaptive import AdaptiveDrafting
 from speccompile.runtime.batch_engine import BatchEngine, SlotStep
 from speccompile.runtime.drafters.base import Drafter, Proposal
 from speccompile.runtime.drafters.lookup import LookupReach
@@ -76,6 +77,7 @@ class Slot:
     rng: np.random.Generator
     context: np.ndarray
     reach: LookupReach | None
+    adapt: AdaptiveDrafting | None = None  # adaptive drafting's per-request state (a tree "adaptive")
     prefilled: int = 0  # prompt tokens in the cache so far
     n: int = 0  # committed tokens (the last, `token`, not yet in the cache)
     token: int = -1
@@ -175,14 +177,16 @@ class Scheduler:
 
     # ---- a round -----------------------------------------------------------------------------------------
     def _round(self) -> None:
-        """Free cancelled slots, admit waiting requests, run one prefill chunk, then one decode pass."""
+        """Free cancelled slots, admit waiting requests, run a prefill chunk of each, then one decode pass."""
         self._free_cancelled()
         self._admit()
-        joining = [s for s in filter(None, self.slots) if not s.decoding]
-        if joining:
+        # each joining request's chunk in a pass of its own: a pass's rows are its slots' longest step times the
+        # slots, so prompts of unequal lengths batched together would pay for padding rows, and a chunk's rows
+        # already keep the products busy
+        for s in [s for s in filter(None, self.slots) if not s.decoding]:
             if self.trace is not None:
-                self.trace.append(("prefill", tuple(s.index for s in joining)))
-            self._prefill(joining)
+                self.trace.append(("prefill", (s.index,)))
+            self._prefill(s)
         decoding = [s for s in filter(None, self.slots) if s.decoding and s.n]
         if decoding:
             if self.trace is not None:
@@ -218,10 +222,12 @@ class Scheduler:
         context = np.zeros(len(req.ids) + req.max_new_tokens, np.int64)
         context[:len(req.ids)] = req.ids
         tree = req.tree
-        reach = LookupReach(tree.lookup, self.gen.lookup_reach_limit * tree.lookup) if tree and tree.lookup else None
+        adapt = self.gen._adaptive(drafter, tree, req.params) if tree is not None and tree.adaptive else None
+        reach = (LookupReach(tree.lookup, self.gen.lookup_reach_limit * tree.lookup)
+                 if tree and tree.lookup and not adapt else None)
         cache = self.slot_caches[b]
         cache.truncate(0)
-        slot = Slot(b, handle, cache, drafter, np.random.default_rng(req.params.seed), context, reach)
+        slot = Slot(b, handle, cache, drafter, np.random.default_rng(req.params.seed), context, reach, adapt)
         self._restore_prefix(slot)
         return slot
 
@@ -255,20 +261,19 @@ class Scheduler:
         return {s.index: s.cache.length for s in filter(None, self.slots) if s not in running}
 
     # ---- prefill -----------------------------------------------------------------------------------------
-    def _prefill(self, slots: list[Slot]) -> None:
-        """One chunk of each joining request's prompt, in one pass; after its last chunk a request has its first
-        token (as Generator._prefill)."""
+    def _prefill(self, s: Slot) -> None:
+        """One chunk of a joining request's prompt; after its last chunk the request has its first token (as
+        Generator._prefill). Slot 0 runs the single-sequence graph, bound to it; the others the batched graph over
+        their slot alone."""
         gen, chunk = self.gen, self.gen.prefill_chunk
-        sampling = not all(s.req.params.greedy for s in slots)
-        if len(slots) == 1 and slots[0].index == 0:  # alone: the single-sequence graph, bound to slot 0
-            s = slots[0]
-            logits, argmax = gen.target.forward(s.req.ids[s.prefilled:s.prefilled + chunk], full_logits=sampling)
-            self._prefilled(s, gen.target, logits, argmax, slice(0, len(s.req.ids[s.prefilled:][:chunk])))
+        tokens = s.req.ids[s.prefilled:s.prefilled + chunk]
+        sampling = not s.req.params.greedy
+        if s.index == 0:
+            logits, argmax = gen.target.forward(tokens, full_logits=sampling)
+            self._prefilled(s, gen.target, logits, argmax, slice(0, len(tokens)))
             return
-        steps = [SlotStep(s.index, s.req.ids[s.prefilled:s.prefilled + chunk], s.prefilled) for s in slots]
-        results = self.engine.run(steps, sampling, self._idle(slots))
-        for s in slots:
-            self._prefilled(s, self.engine, *results[s.index])
+        results = self.engine.run([SlotStep(s.index, tokens, s.prefilled)], sampling, self._idle([s]))
+        self._prefilled(s, self.engine, *results[s.index])
 
     def _prefilled(self, s: Slot, engine, logits, argmax, rows) -> None:
         """Account for a chunk of s's prompt that `engine` just ran (its hidden states at `rows`)."""
@@ -295,8 +300,11 @@ class Scheduler:
             room = min(s.req.max_new_tokens - s.generated - 1, self.gen.max_seq_len - s.n)
             if len(slots) > 1 and s.req.params.greedy:
                 room = min(room, share)
-            s.prop = self.gen._propose(s.context[:s.n], s.drafter, s.req.k, s.req.tree, room, s.reach,
-                                       s.req.params, s.rng)
+            if s.adapt:  # alone it plans as Generator.steps does; shared, within the slot's share of the rows
+                s.prop = self.gen._propose_adaptive(s.context[:s.n], s.drafter, s.adapt, room, s.req.params, s.rng)
+            else:
+                s.prop = self.gen._propose(s.context[:s.n], s.drafter, s.req.k, s.req.tree, room, s.reach,
+                                           s.req.params, s.rng)
         if len(slots) == 1 and slots[0].index == 0:  # alone: the single-sequence graph, exactly as Generator.steps
             s = slots[0]
             (path, token), in_graph = self.gen._verify(s.token, s.prop, s.n, s.req.params, s.rng)
@@ -354,6 +362,9 @@ class Scheduler:
         s.token = verdict.token
         if s.reach:
             s.reach.update(len(path), prop.depth)
+        if s.adapt:
+            s.adapt.update(path)
+            s.handle.stats.adaptive = s.adapt.summary()
         s.handle.stats.record(len(prop.tokens), len(path), prop.depth, in_graph)
         self._emit(s, [*accepted.tolist(), verdict.token])
 
@@ -373,5 +384,5 @@ def batch_cache(manifest: dict) -> tuple[dict | None, KVCache | None]:
 
 
 def own_loop(request: Request) -> bool:
-    """Requests the scheduler's shared passes do not serve: adaptive drafting and typical acceptance."""
-    return bool(request.tree is not None and request.tree.adaptive) or request.params.acceptance != "exact"
+    """Requests the scheduler's shared passes do not serve: typical acceptance (lossy; its rule runs on the host)."""
+    return request.params.acceptance != "exact"
