@@ -40,6 +40,25 @@ def test_cost_model_interpolates_and_round_trips(tmp_path, monkeypatch):
     assert CostModel.from_dict(json.loads(json.dumps(cm.to_dict()))).verify(8, 16) == 27.0
 
 
+def test_timed_passes_correct_a_mispriced_calibration():
+    """Calibrated with dear rows (a busy moment), the passes timed since say a second row costs nothing: the
+    prices follow them where they were timed, a row count never timed follows its nearest timed one, the
+    other length keeps its calibration, and nothing of it is cached."""
+    cm = synthetic(10.0, 5.0)  # 2 rows: 15 ms at 16 tokens
+    for _ in range(40):
+        cm.observe(1, 16, True, 10.0)
+        cm.observe(2, 16, True, 10.5)
+    assert cm.verify(1, 16) == pytest.approx(10.0, rel=0.02)
+    assert cm.verify(2, 16) == pytest.approx(10.5, rel=0.02)
+    assert cm.verify(4, 16) == pytest.approx(25.0 * 10.5 / 15.0, rel=0.02)  # the 2-row ratio
+    assert cm.verify(2, 1000) == pytest.approx(20.0)  # no pass timed near that length
+    assert cm.verify(2, 16, greedy=False) == pytest.approx(15.0)
+    cm.observe(1, 16, True, 1e6)  # one stalled pass moves it a little, not a million-fold
+    assert cm.verify(1, 16) < 11.5
+    assert "observed" not in cm.to_dict()
+    assert CostModel.from_dict(json.loads(json.dumps(cm.to_dict()))).verify(2, 16) == 15.0
+
+
 def test_expensive_rows_draft_nothing():
     """Rows that cost as much as a whole step: every candidate loses to a plain step, and no drafter pass runs."""
     a = adaptive(synthetic(20.0, 20.0))
@@ -80,8 +99,24 @@ def test_longer_context_costlier_rows_smaller_trees():
 
 
 def test_a_skipped_depth_is_probed_again():
+    """Rows too dear to draft: the plan still probes one level every few passes, and a probe verifies a node
+    (else estimates grown too low would never be tested again); a node the cut drops teaches nothing."""
     a = adaptive(synthetic(20.0, 20.0))
-    depths = [a.plan(100).head_depth for _ in range(16)]
+    prior = a.head_reach[0].value, a.head_reach[0].den
+    depths = []
+    for _ in range(16):
+        plan = a.plan(100)
+        depths.append(plan.head_depth)
+        prop, scores = confident_chain(max(plan.head_depth, 1), np.log(0.6))
+        kept = a.choose(prop, len(prop.tokens), scores, plan, 100)
+        assert len(kept.tokens) == (1 if plan.probe else 0)
+        if not plan.probe:
+            a.update([])
+            assert (a.head_reach[0].value, a.head_reach[0].den) == prior  # nothing verified: no evidence
+        else:
+            a.update([0])
+            assert a.head_reach[0].den > prior[1]  # evidence taken
+            prior = a.head_reach[0].value, a.head_reach[0].den
     assert 0 in depths and 1 in depths
 
 

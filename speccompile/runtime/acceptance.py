@@ -25,7 +25,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from speccompile.runtime.sampling import draw
+from speccompile.runtime.sampling import draw, probabilities
 
 Uniform = Callable[[int, int], float]
 TEST, DRAW = 0, 1  # the two uses of a row's uniforms
@@ -127,6 +127,24 @@ def accept_typical(tokens: np.ndarray, parents: np.ndarray, p: np.ndarray, epsil
         path.reverse()
     row = path[-1] + 1 if path else 0
     return Verdict(path, draw(p[row], uniform(row, DRAW)))
+
+
+def accept_on_host(prop, logits: np.ndarray, argmax: np.ndarray, params, rng: np.random.Generator) -> Verdict:
+    """The verdict on a proposal (runtime/drafters/base.Proposal) from the target's rows copied to the host (the
+    pending token's row first): the rule `params` (runtime/sampling.SamplingParams) asks for."""
+    parents = chain_parents(len(prop.tokens)) if prop.parents is None else prop.parents
+    if params.greedy:
+        return accept_greedy(prop.tokens, parents, argmax)
+    p = probabilities(logits, params)
+    if params.typical:  # lossy, asked for: SamplingParams.acceptance
+        return accept_typical(prop.tokens, parents, p, params.typical_epsilon, params.typical_alpha,
+                              sequential(rng))
+    if prop.q is None or prop.parents is not None:
+        return accept_sampled(prop.tokens, parents, p, sequential(rng))
+    q = prop.q[:len(prop.tokens)]
+    if q.shape[1] < p.shape[1]:  # a draft vocabulary may be a prefix
+        q = np.pad(q, ((0, 0), (0, p.shape[1] - q.shape[1])))
+    return accept_chain_q(prop.tokens, q, p, sequential(rng))
 
 
 @dataclasses.dataclass

@@ -9,7 +9,8 @@ Two decisions per pass, both priced by the measured cost model (runtime/cost_mod
      acceptance at that depth -- and the tree is cut to the ancestor-closed set whose expected tokens per
      predicted pass time (drafting spent + verify rows at this context length) is best. The empty set is a
      plain decode step: speculation switched off where it would lose.
-A depth the plan keeps skipping is probed again every PROBE_EVERY passes, so estimates never go stale for good.
+A depth the plan keeps skipping is probed again every PROBE_EVERY passes, verifying at least one node, so
+estimates never go stale for good; a depth the cut left nothing at teaches nothing (its nodes were never tried).
 
 Only which candidates are verified changes, never how they are accepted: greedy output stays the target's
 exactly and sampled output keeps its distribution (the tree rules of runtime/acceptance.py hold for any tree).
@@ -66,6 +67,7 @@ class Plan:
     head_nodes: int  # the drafter's node budget
     lookup_nodes: int  # prompt-lookup nodes (and depth) to join
     draft_ms: float  # predicted drafting time
+    probe: bool = False  # one level deeper than the estimates say: verify at least one node, to learn from it
 
 
 @dataclasses.dataclass
@@ -97,6 +99,7 @@ class AdaptiveDrafting:
         # match's continuation) apart from the others, which mostly compete with it
         self.lookup_accept = {first: [Rate() for _ in range(DEPTHS)] for first in (True, False)}
         self.lookup_gain, self.lookup_rows = Rate(0.3, 2.0), Rate(2.0, 2.0)  # per pass: accepted, verified
+        self.head_kept = Rate(1.0, 2.0)  # passes whose drafter nodes the cut kept some of, of those that drafted
         self.since_probe, self.last_accepted = 0, 0
         self.kept: Kept | None = None
         self.passes, self.plain_passes, self.rows = 0, 0, 0
@@ -118,7 +121,7 @@ class AdaptiveDrafting:
         best, best_rate = 0, -1.0
         reach = np.cumprod(by_depth(self.head_reach, HEAD_PRIOR))
         for depth in range(self.max_depth + 1):
-            value = 1.0 + float(reach[:depth].sum())
+            value = 1.0 + self.head_kept.value * float(reach[:depth].sum())
             draft = self._draft_ms(depth, bool(lookup))
             rows = 1 + depth  # about one kept drafter node per level: the cut drops the rest
             rate = max(value / (draft + self.cost.verify(rows, length, self.greedy)),  # the cut may drop lookup
@@ -126,9 +129,10 @@ class AdaptiveDrafting:
             if rate > best_rate:
                 best, best_rate = depth, rate
         self.since_probe += 1
-        if best < self.max_depth and self.since_probe >= PROBE_EVERY:  # look again at one level more
+        probe = best < self.max_depth and self.since_probe >= PROBE_EVERY  # look again at one level more
+        if probe:
             best, self.since_probe = best + 1, 0
-        return Plan(best, 2 * best, lookup, self._draft_ms(best, bool(lookup)))
+        return Plan(best, 2 * best, lookup, self._draft_ms(best, bool(lookup)), probe)
 
     # ---- after drafting ----------------------------------------------------------------------------------
     def _reach_probabilities(self, prop: Proposal, head: int, scores) -> tuple[np.ndarray, ...]:
@@ -178,6 +182,10 @@ class AdaptiveDrafting:
             rate = total / (plan.draft_ms + self.cost.verify(1 + len(order), length, self.greedy))
             if rate > best_rate:
                 best_rate, best_len = rate, len(order)
+        if plan.probe:  # estimates grown too low would otherwise never be put to the test again
+            best_len = max(best_len, min(1, len(order)))
+        elif plan.head_depth:
+            self.head_kept.add(float(from_head[order[:best_len]].any()), 1.0)
         keep = np.array(sorted(order[:best_len]), np.int64)  # ascending: still parents before children
         index = np.full(len(parents) + 1, -1, np.int64)
         index[keep] = np.arange(len(keep))
@@ -208,7 +216,7 @@ class AdaptiveDrafting:
         on = np.zeros(len(kept.parents), bool)
         on[path] = True
         tried = np.array([p < 0 or on[p] for p in kept.parents], bool)  # nodes whose parent was accepted
-        for b in range(DEPTHS):
+        for b in range(min(int(kept.level.max(initial=-1)) + 1, DEPTHS)):
             at = tried & (np.minimum(kept.level, DEPTHS - 1) == b)
             head = at & kept.from_head
             if head.any():
@@ -218,9 +226,10 @@ class AdaptiveDrafting:
                 if look.any():
                     self.lookup_accept[f][b].add(float(on[look].sum()), float(look.sum()))
         path_head = kept.from_head[path] if path else np.zeros(0, bool)
+        verified = set(kept.level[kept.from_head].tolist())  # the drafter's depths the cut left something at
         for d in range(kept.plan.head_depth):
-            if d and not (d <= len(path_head) and path_head[d - 1]):
-                break  # not reached through the drafter at d - 1: no evidence for depth d
+            if d not in verified or (d and not (d <= len(path_head) and path_head[d - 1])):
+                break  # nothing verified there, or not reached through the drafter at d - 1: no evidence
             self.head_reach[d].add(float(d < len(path_head) and path_head[d]), 1.0)
         if kept.plan.lookup_nodes:
             self.lookup_gain.add(float((~path_head).sum()), 1.0)

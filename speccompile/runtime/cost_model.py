@@ -5,7 +5,8 @@ The adaptive drafting (runtime/adaptive.py) weighs expected committed tokens aga
 are measured, never assumed: a quantized target pays far more for a verify row relative to a one-row step than
 a float32 one, and a busy or a different machine shifts everything. The cache is a JSON file in the user's cache
 directory keyed by the bundle's manifest hash, the machine and the thread count (never inside the hashed bundle;
-never pickled); `recalibrate` (CLI `--recalibrate`) measures again.
+never pickled); `recalibrate` (CLI `--recalibrate`) measures again. While decoding, the Generator times each
+target pass (`observe`): the prices follow what passes take now, wherever the calibration was off.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ CACHE_VERSION = 1
 ROWS = (1, 2, 4, 8, 16, 25)  # verify rows measured (interpolated between)
 REPEATS = 4  # the fastest of this many runs per point: noise on a shared machine only slows a run down
 HEAD_ROWS = (1, 2, 4)  # a drafter pass: the catch-up of the accepted tokens, a tree expansion of `branching` rows
+MEMO_ROWS = 64  # verify() remembers one length's prices up to this many rows
+OBSERVED_PRIOR, OBSERVED_DECAY = 4.0, 0.9  # the calibration weighs as much as this many timed passes; their decay
 
 
 @dataclasses.dataclass
@@ -37,15 +40,51 @@ class CostModel:
     drafter_ms: dict[str, list[float]]
     lookup_ms: float = 0.0
     key: dict = dataclasses.field(default_factory=dict)
+    # this process's timed passes, per mode and row count of the grid: decayed sums of observed / measured time
+    observed: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    _factors: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    _memo: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # mode -> (length, ms by rows)
 
     def verify(self, rows: int, length: int, greedy: bool = True) -> float:
-        """Interpolated time of a target pass over `rows` rows after `length` committed tokens."""
-        grid = np.asarray(self.verify_ms["greedy" if greedy else "sampled"])
-        by_row = [np.interp(length, self.lengths, g) for g in grid]  # constant beyond the measured lengths
-        if rows <= self.rows[-1]:
-            return float(np.interp(rows, self.rows, by_row))
+        """Interpolated time of a target pass over `rows` rows after `length` committed tokens, as the passes
+        timed lately (`observe`) correct the calibration."""
+        mode = "greedy" if greedy else "sampled"
+        memo = self._memo.get(mode)
+        if memo is None or memo[0] != length:  # the planner asks dozens of times a pass, at one length
+            memo = (length, self._prices(length, mode, self._factors.get(mode)))
+            self._memo[mode] = memo
+        if 1 <= rows <= MEMO_ROWS:
+            return float(memo[1][rows - 1])
+        return float(self._prices(length, mode, self._factors.get(mode), rows)[-1])
+
+    def _prices(self, length: int, mode: str, factors: np.ndarray | None = None, up_to: int = MEMO_ROWS):
+        """The times of passes of 1 .. up_to rows at `length` committed tokens."""
+        grid = np.asarray(self.verify_ms[mode])
+        if factors is not None:  # still never cheaper with more rows
+            grid = np.maximum.accumulate(grid * factors, axis=0)
+        by_row = np.array([np.interp(length, self.lengths, g) for g in grid])  # constant beyond the lengths
+        rows = np.arange(1, up_to + 1)
         slope = (by_row[-1] - by_row[-2]) / (self.rows[-1] - self.rows[-2])  # linear beyond the last row count
-        return float(by_row[-1] + slope * (rows - self.rows[-1]))
+        return np.where(rows <= self.rows[-1], np.interp(rows, self.rows, by_row),
+                        by_row[-1] + slope * (rows - self.rows[-1]))
+
+    def observe(self, rows: int, length: int, greedy: bool, ms: float) -> None:
+        """A target pass timed while decoding. A calibration taken at a busier or quieter moment (or cached from
+        one) misprices the rows, and a mispriced row count is seldom drafted, so never measured again: each
+        point of the grid (the nearest row count and length) keeps a decayed ratio of the times observed to the
+        times predicted, starting at 1 with the weight of OBSERVED_PRIOR passes; a point never observed takes
+        the ratio of the nearest observed row count at its length (else 1)."""
+        mode = "greedy" if greedy else "sampled"
+        i = int(np.argmin(np.abs(np.asarray(self.rows) - rows)))
+        j = int(np.argmin(np.abs(np.asarray(self.lengths) - length)))
+        ratio = min(max(ms / self._prices(length, mode, None, rows)[-1], 0.5), 2.0)  # a pass stalled by something else
+        num, den = self.observed.get((mode, i, j), (OBSERVED_PRIOR, OBSERVED_PRIOR))
+        self.observed[(mode, i, j)] = (num * OBSERVED_DECAY + ratio, den * OBSERVED_DECAY + 1.0)
+        factors = self._factors.get(mode, np.ones((len(self.rows), len(self.lengths)))).copy()
+        seen = {ii: n / d for (m, ii, jj), (n, d) in self.observed.items() if m == mode and jj == j}
+        factors[:, j] = [seen.get(ii, seen[min(seen, key=lambda k: abs(k - ii))]) for ii in range(len(self.rows))]
+        self._factors[mode] = factors
+        self._memo.pop(mode, None)
 
     def draft(self, name: str | None, rows: int) -> float:
         """One pass of drafter `name`'s engine over `rows` rows (0 for a drafter without one)."""
@@ -53,7 +92,8 @@ class CostModel:
         return float(np.interp(rows, HEAD_ROWS, ms)) if ms else 0.0
 
     def to_dict(self) -> dict:
-        return {"version": CACHE_VERSION, **dataclasses.asdict(self)}
+        return {"version": CACHE_VERSION, "rows": self.rows, "lengths": self.lengths, "verify_ms": self.verify_ms,
+                "drafter_ms": self.drafter_ms, "lookup_ms": self.lookup_ms, "key": self.key}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CostModel":

@@ -19,9 +19,7 @@ from speccompile.graphs import MAX_STEP_TOKENS, MAX_VERIFY_TOKENS, trees_exact
 from speccompile.runtime import cost_model
 from speccompile.runtime.adaptive import AdaptiveDrafting
 from speccompile.runtime.cost_model import CostModel
-from speccompile.runtime.acceptance import (SpecDecodeStats, Verdict, accept_chain_q, accept_greedy, accept_sampled,
-                                            accept_typical,
-                                            chain_parents, sequential)
+from speccompile.runtime.acceptance import SpecDecodeStats, Verdict, accept_on_host, chain_parents
 from speccompile.runtime.context_cache import DEFAULT_CACHE_BYTES, ContextCache, bundle_identity, cache_parts
 from speccompile.runtime.drafters.base import Drafter, Proposal, RuntimeContext
 from speccompile.runtime.drafters.lookup import LookupDrafter, LookupReach, join_lookup
@@ -244,7 +242,15 @@ class Generator:
 
     def _verify(self, token: int, prop: Proposal, n: int, params: SamplingParams, rng) -> tuple[Verdict, bool | None]:
         """One target pass over the pending token and the draft: (the verdict, whether acceptance ran in the
-        graph; None for a plain decode step, without drafts)."""
+        graph; None for a plain decode step, without drafts). Timed into the cost model once adaptive drafting
+        has loaded it, so that its prices follow the passes as they run now."""
+        t0 = time.perf_counter()
+        out = self._target_pass(token, prop, n, params, rng)
+        if self._cost is not None:
+            self._cost.observe(1 + len(prop.tokens), n - 1, params.greedy, (time.perf_counter() - t0) * 1e3)
+        return out
+
+    def _target_pass(self, token: int, prop: Proposal, n: int, params: SamplingParams, rng):
         if not len(prop.tokens):  # nothing to verify: a plain decode step (the verify ops would only cost time)
             self._pending[0] = token
             logits, argmax = self.target.forward(self._pending, full_logits=not params.greedy)
@@ -266,24 +272,7 @@ class Generator:
             return Verdict(*verdict), True
         logits, argmax = self.target.forward(block, positions, block_parents, rows=np.arange(len(block)),
                                              full_logits=not params.greedy)  # greedy reads the argmax only
-        return self._accept_on_host(prop, logits, argmax, params, rng), False
-
-    @staticmethod
-    def _accept_on_host(prop: Proposal, logits, argmax, params: SamplingParams, rng) -> Verdict:
-        """Acceptance from the logits copied to the host."""
-        parents = chain_parents(len(prop.tokens)) if prop.parents is None else prop.parents
-        if params.greedy:
-            return accept_greedy(prop.tokens, parents, argmax)
-        p = probabilities(logits, params)
-        if params.typical:  # lossy, asked for: SamplingParams.acceptance
-            return accept_typical(prop.tokens, parents, p, params.typical_epsilon, params.typical_alpha,
-                                  sequential(rng))
-        if prop.q is None or prop.parents is not None:
-            return accept_sampled(prop.tokens, parents, p, sequential(rng))
-        q = prop.q[:len(prop.tokens)]
-        if q.shape[1] < p.shape[1]:  # a draft vocabulary may be a prefix
-            q = np.pad(q, ((0, 0), (0, p.shape[1] - q.shape[1])))
-        return accept_chain_q(prop.tokens, q, p, sequential(rng))
+        return accept_on_host(prop, logits, argmax, params, rng), False
 
     def _commit(self, n: int, parents: np.ndarray | None, path: list[int], drafter: Drafter | None) -> None:
         """Keep the accepted nodes' K/V after the committed tokens; the rejected slots are simply forgotten."""

@@ -25,7 +25,8 @@ import numpy as np
 
 from speccompile.errors import BundleError
 from speccompile.format.trees import depths
-from speccompile.runtime.acceptance import SpecDecodeStats, Verdict, accept_greedy, accept_sampled, from_table
+from speccompile.runtime.acceptance import (SpecDecodeStats, Verdict, accept_greedy, accept_on_host, accept_sampled,
+                                            from_table)
 from speccompile.runtime.adaptive import AdaptiveDrafting
 from speccompile.runtime.batch_engine import BatchEngine, SlotStep
 from speccompile.runtime.drafters.base import Drafter, Proposal
@@ -342,7 +343,7 @@ class Scheduler:
             # the verify graph's rule and draws (speccompile.graphs): one [rows, 2] table of uniforms
             table = s.rng.random((len(prop.tokens) + 1, 2))
             return accept_sampled(prop.tokens, parents, probabilities(logits, params), from_table(table)), False
-        return self.gen._accept_on_host(prop, logits, argmax, params, s.rng), False
+        return accept_on_host(prop, logits, argmax, params, s.rng), False
 
     def _commit(self, s: Slot, path: list[int], rows: np.ndarray) -> None:
         """Keep the accepted nodes' K/V after the committed tokens in the slot's cache (Generator._commit)."""
