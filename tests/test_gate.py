@@ -60,6 +60,21 @@ def test_a_sound_result_passes_and_a_regression_fails(tmp_path):
     assert "gate FAILED: speedup lookup" in gate(tmp_path, worse, result_doc(), expect=1)
 
 
+def test_an_adaptive_method_is_held_by_its_speedup_and_the_floors(tmp_path):
+    """Adaptive drafting verifies what the pass times it measures make worth it: its accepted tokens may move
+    between runs (floor only) and it has no per-category or per-depth rows; its paired speedup is gated."""
+    def adaptive(doc, accepted, speedup=1.3):
+        for group in [doc["summary"]["overall"], *doc["summary"]["by_category"].values()]:
+            group["lookup"] |= {"plain_pass_share": 0.1, "mean_accepted_tokens": accepted, "paired_speedup": speedup}
+        return doc
+    base = adaptive(result_doc(), 1.5)
+    assert "gate passed: 2 figures" in gate(tmp_path, adaptive(result_doc(), 1.2), base, "--min-accepted", 1.1,
+                                            expect=0)
+    assert "below the floor 1.3" in gate(tmp_path, adaptive(result_doc(), 1.2), base, "--min-accepted", 1.3,
+                                         expect=1)
+    assert "gate FAILED: speedup lookup" in gate(tmp_path, adaptive(result_doc(), 1.5, 1.1), base, expect=1)
+
+
 BAD_FIGURES = {
     "NaN": float("nan"), "infinity": float("inf"), "minus infinity": float("-inf"), "text": "1.3", "a bool": True,
     "null": None, "a list": [1.3], "negative": -1.3,

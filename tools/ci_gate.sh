@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# CI performance gate: build the embedded SmolLM2-135M-Instruct as the default builds it (its GGUF's 4-bit blocks)
-# with prompt lookup, benchmark it briefly on the shipped prompts, and compare machine-independent figures (paired
-# speedup over autoregressive, mean accepted tokens, acceptance rates) with the committed baseline, measured on the
-# same build. Exits 1 on a regression.
+# CI performance gate: build the embedded SmolLM2-135M-Instruct as the default builds it (its GGUF's 4-bit blocks,
+# the shipped MTP head drafting adaptively, and prompt lookup), benchmark it briefly on the shipped prompts, and
+# compare machine-independent figures (paired speedup over autoregressive, mean accepted tokens, acceptance rates)
+# with the committed baseline, measured on the same build. Exits 1 on a regression.
 #
 #   tools/ci_gate.sh BUNDLE_DIR                     gate against tools/ci_baseline.json
 #   tools/ci_gate.sh BUNDLE_DIR --update-baseline   rewrite tools/ci_baseline.json: the median of 3 runs
@@ -18,12 +18,13 @@ bench() {
     # All 16 shipped prompts (the gated speedup averages over prompts: more prompts, less noise), best of 3 runs per
     # prompt and method, so that a busy moment does not become a regression. A fixed thread count: speedups depend
     # on it, and the baseline was measured with the same.
-    # Then the concurrency mode: 8 requests one after another, then by 4 concurrent streams (the batched graph).
+    # Then the concurrency mode: 8 requests one after another, then by 4 concurrent streams (the batched graph),
+    # with the bundle's first drafter (the MTP head, its default adaptive tree).
     speccompile bench "$bundle" --max-new-tokens 48 --repeats 3 --threads 2 --streams 4 --stream-requests 8 \
         --json "$1" --plot "${1%.json}.png"
 }
 
-speccompile build --out "$bundle" --draft lookup --max-seq-len 1024 --force
+speccompile build --out "$bundle" --max-seq-len 1024 --force
 
 if [[ "${2:-}" == "--update-baseline" ]]; then
     # One run's speedup is one draw from a noisy distribution; the median of three is a steadier reference.
