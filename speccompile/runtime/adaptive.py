@@ -99,7 +99,8 @@ class AdaptiveDrafting:
         # match's continuation) apart from the others, which mostly compete with it
         self.lookup_accept = {first: [Rate() for _ in range(DEPTHS)] for first in (True, False)}
         self.lookup_gain, self.lookup_rows = Rate(0.3, 2.0), Rate(2.0, 2.0)  # per pass: accepted, verified
-        self.head_kept = Rate(1.0, 2.0)  # passes whose drafter nodes the cut kept some of, of those that drafted
+        # per depth: passes whose cut kept a drafter node at that depth, of those that drafted it
+        self.head_kept = [Rate(1.0, 2.0) for _ in range(DEPTHS)]
         self.since_probe, self.last_accepted = 0, 0
         self.kept: Kept | None = None
         self.passes, self.plain_passes, self.rows = 0, 0, 0
@@ -119,9 +120,10 @@ class AdaptiveDrafting:
         gain = self.lookup_gain.value if lookup else 0.0
         extra_rows = self.lookup_rows.value if lookup else 0.0
         best, best_rate = 0, -1.0
-        reach = np.cumprod(by_depth(self.head_reach, HEAD_PRIOR))
+        kept = np.array([r.value for r in self.head_kept])
+        reach = np.cumprod(kept * by_depth(self.head_reach, HEAD_PRIOR))  # drafted, kept and accepted this deep
         for depth in range(self.max_depth + 1):
-            value = 1.0 + self.head_kept.value * float(reach[:depth].sum())
+            value = 1.0 + float(reach[:depth].sum())
             draft = self._draft_ms(depth, bool(lookup))
             rows = 1 + depth  # about one kept drafter node per level: the cut drops the rest
             rate = max(value / (draft + self.cost.verify(rows, length, self.greedy)),  # the cut may drop lookup
@@ -185,7 +187,9 @@ class AdaptiveDrafting:
         if plan.probe:  # estimates grown too low would otherwise never be put to the test again
             best_len = max(best_len, min(1, len(order)))
         elif plan.head_depth:
-            self.head_kept.add(float(from_head[order[:best_len]].any()), 1.0)
+            kept_levels = set(level[order[:best_len]][from_head[order[:best_len]]].tolist())
+            for d in range(min(plan.head_depth, DEPTHS)):
+                self.head_kept[d].add(float(d in kept_levels), 1.0)
         keep = np.array(sorted(order[:best_len]), np.int64)  # ascending: still parents before children
         index = np.full(len(parents) + 1, -1, np.int64)
         index[keep] = np.arange(len(keep))
