@@ -154,6 +154,7 @@ def test_adaptive_requests_share_the_scheduler_passes(tiny_generator, trees_exac
         assert r.stats["adaptive"]["passes"] == r.stats["verify_steps"]
         drafted.append(r.stats["verify_steps"] - r.stats["adaptive"]["plain_passes"])
     assert drafted[3] > 0  # alone, it drafts
+    assert g._cost.observed  # and its passes were timed into the cost model
     if not trees_exact:  # shared passes are plain steps: only a slot alone drafts
         assert sum(drafted) <= alone
     else:
