@@ -59,6 +59,24 @@ def test_timed_passes_correct_a_mispriced_calibration():
     assert CostModel.from_dict(json.loads(json.dumps(cm.to_dict()))).verify(2, 16) == 15.0
 
 
+def test_timed_drafting_corrects_the_drafter_price():
+    """Drafting timed at three times its calibrated price (a drafter whose weights the target's passes evict):
+    the price follows, a catch-up over a whole prompt is not taken for drafting, and nothing of it is cached."""
+    cm = synthetic(10.0, 1.0, head_ms=0.5)
+    a = adaptive(cm)
+    a.drafted(passes=40, tokens=40 * 128, ms=1000.0)  # a prompt's catch-up: no evidence of a drafting's price
+    assert cm.draft("head", 1) == pytest.approx(0.5)
+    shallow = a.plan(100).draft_ms
+    for _ in range(40):
+        a.drafted(passes=2, tokens=3, ms=3.0)  # two passes priced 0.5 ms each, timed at 1.5
+    assert cm.draft("head", 1) == pytest.approx(1.5, rel=0.02)
+    assert cm.draft("head", 1, observed=False) == pytest.approx(0.5)
+    assert a.plan(100).draft_ms > shallow
+    a.drafted(passes=1, tokens=1, ms=1e6)  # one stalled drafting moves it a little
+    assert cm.draft("head", 1) < 2.0
+    assert "drafted" not in cm.to_dict()
+
+
 def test_expensive_rows_draft_nothing():
     """Rows that cost as much as a whole step: every candidate loses to a plain step, and no drafter pass runs."""
     a = adaptive(synthetic(20.0, 20.0))
@@ -136,7 +154,9 @@ def test_adaptive_requests_share_the_scheduler_passes(tiny_generator, trees_exac
     shared, within its share of the pass's rows (none over a target whose trees are not exact, trees_exact
     False: then shared passes are plain steps). Every request's tokens equal autoregressive decoding's."""
     g = tiny_generator
-    monkeypatch.setattr(g, "_cost", synthetic(5.0, 0.05))
+    cost = synthetic(5.0, 0.05)
+    cost.drafter_ms["model"] = [0.01] * len(HEAD_ROWS)  # drafting nearly free, even at the most the timing moves it
+    monkeypatch.setattr(g, "_cost", cost)
     monkeypatch.setattr(g, "trees_exact", trees_exact)
     prompts, lengths = random_prompts(4, seed=7), [8, 8, 8, 40]  # the last runs alone once the others end
     plain = [g.generate(p, n, speculate=False).token_ids for p, n in zip(prompts, lengths)]
@@ -154,7 +174,7 @@ def test_adaptive_requests_share_the_scheduler_passes(tiny_generator, trees_exac
         assert r.stats["adaptive"]["passes"] == r.stats["verify_steps"]
         drafted.append(r.stats["verify_steps"] - r.stats["adaptive"]["plain_passes"])
     assert drafted[3] > 0  # alone, it drafts
-    assert g._cost.observed  # and its passes were timed into the cost model
+    assert g._cost.observed and g._cost.drafted  # its passes and its drafting were timed into the cost model
     if not trees_exact:  # shared passes are plain steps: only a slot alone drafts
         assert sum(drafted) <= alone
     else:

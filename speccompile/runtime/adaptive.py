@@ -23,7 +23,7 @@ import dataclasses
 import numpy as np
 
 from speccompile.format.trees import TreeSpec, depths
-from speccompile.runtime.cost_model import CostModel
+from speccompile.runtime.cost_model import HEAD_ROWS, CostModel
 from speccompile.runtime.drafters.base import Proposal
 from speccompile.runtime.drafters.lookup import LookupReach
 
@@ -135,6 +135,13 @@ class AdaptiveDrafting:
         if probe:
             best, self.since_probe = best + 1, 0
         return Plan(best, 2 * best, lookup, self._draft_ms(best, bool(lookup)), probe)
+
+    def drafted(self, passes: int, tokens: int, ms: float) -> None:
+        """The drafter's graph ran `passes` times over `tokens` tokens in `ms` this pass: its price follows what
+        drafting takes now. A catch-up over a whole prompt (more tokens a pass than drafting runs) is not one."""
+        if passes and tokens <= passes * HEAD_ROWS[-1]:
+            predicted = passes * self.cost.draft(self.drafter, tokens / passes, observed=False)
+            self.cost.observe_draft(self.drafter, predicted, ms)
 
     # ---- after drafting ----------------------------------------------------------------------------------
     def _reach_probabilities(self, prop: Proposal, head: int, scores) -> tuple[np.ndarray, ...]:

@@ -21,12 +21,13 @@ import numpy as np
 
 from speccompile.errors import SpeccompileError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: drafter passes timed after a target pass
 ROWS = (1, 2, 4, 8, 16, 25)  # verify rows measured (interpolated between)
 REPEATS = 4  # the fastest of this many runs per point: noise on a shared machine only slows a run down
 HEAD_ROWS = (1, 2, 4)  # a drafter pass: the catch-up of the accepted tokens, a tree expansion of `branching` rows
 MEMO_ROWS = 64  # verify() remembers one length's prices up to this many rows
 OBSERVED_PRIOR, OBSERVED_DECAY = 4.0, 0.9  # the calibration weighs as much as this many timed passes; their decay
+DRAFT_RATIO_LIMITS = (0.5, 4.0)  # a drafting timed this far off its price: a stall elsewhere, not the drafter
 
 
 @dataclasses.dataclass
@@ -44,6 +45,8 @@ class CostModel:
     observed: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
     _factors: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
     _memo: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # mode -> (length, ms by rows)
+    # per drafter: decayed sums of its timed drafting over the calibrated price (`observe_draft`)
+    drafted: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def verify(self, rows: int, length: int, greedy: bool = True) -> float:
         """Interpolated time of a target pass over `rows` rows after `length` committed tokens, as the passes
@@ -86,10 +89,24 @@ class CostModel:
         self._factors[mode] = factors
         self._memo.pop(mode, None)
 
-    def draft(self, name: str | None, rows: int) -> float:
-        """One pass of drafter `name`'s engine over `rows` rows (0 for a drafter without one)."""
+    def draft(self, name: str | None, rows: int, observed: bool = True) -> float:
+        """One pass of drafter `name`'s engine over `rows` rows (0 for a drafter without one), as its timed
+        drafting lately corrects the calibration (observed=False: the calibration alone)."""
         ms = self.drafter_ms.get(name or "", [])
-        return float(np.interp(rows, HEAD_ROWS, ms)) if ms else 0.0
+        if not ms:
+            return 0.0
+        num, den = self.drafted.get(name, (1.0, 1.0)) if observed else (1.0, 1.0)
+        return float(np.interp(rows, HEAD_ROWS, ms)) * num / den
+
+    def observe_draft(self, name: str | None, predicted: float, ms: float) -> None:
+        """A drafting timed while decoding, against its calibrated price `predicted` (draft(..., observed=False)
+        summed over its passes). The calibration times the drafter's graph alone, its weights still in the CPU's
+        caches; while decoding, each target pass in between evicts them. Kept as observe() keeps the target's."""
+        if predicted <= 0:
+            return
+        ratio = min(max(ms / predicted, DRAFT_RATIO_LIMITS[0]), DRAFT_RATIO_LIMITS[1])
+        num, den = self.drafted.get(name, (OBSERVED_PRIOR, OBSERVED_PRIOR))
+        self.drafted[name] = (num * OBSERVED_DECAY + ratio, den * OBSERVED_DECAY + 1.0)
 
     def to_dict(self) -> dict:
         return {"version": CACHE_VERSION, "rows": self.rows, "lengths": self.lengths, "verify_ms": self.verify_ms,
@@ -180,9 +197,12 @@ def save(model: CostModel, bundle_dir: str, threads: int | None) -> None:
         pass
 
 
-def _best_ms(run, repeats: int = REPEATS) -> float:
+def _best_ms(run, repeats: int = REPEATS, before=None) -> float:
+    """The fastest of `repeats` runs; `before` (untimed) runs ahead of each."""
     best = np.inf
     for _ in range(repeats):
+        if before is not None:
+            before()
         t0 = time.perf_counter()
         run()
         best = min(best, time.perf_counter() - t0)
@@ -228,7 +248,11 @@ def calibrate(target, drafters: dict, threads: int | None, lookup=None) -> CostM
     target.forward(np.ones(rows[-1], np.int64), rows=np.arange(rows[-1]))  # first runs allocate: not timed
     verify = {mode: _grid_ms(target, rows, lengths, mode == "greedy") for mode in ("greedy", "sampled")}
     target.cache.truncate(0)
-    drafter_ms = {name: _drafter_pass_ms(d, lengths[len(lengths) // 2]) for name, d in drafters.items()}
+    # each drafter pass after a target pass, as while decoding: the target's weights have just pushed the
+    # drafter's out of the CPU's caches
+    evict = _target_pass(target, 1, lengths[0], True)
+    drafter_ms = {name: _drafter_pass_ms(d, lengths[len(lengths) // 2], evict) for name, d in drafters.items()}
+    target.cache.truncate(0)
     lookup_ms = 0.0
     if lookup is not None:
         context = np.random.default_rng(0).integers(0, target.vocab_size, lengths[len(lengths) // 2])
@@ -237,8 +261,9 @@ def calibrate(target, drafters: dict, threads: int | None, lookup=None) -> CostM
     return CostModel(rows, lengths, verify, drafter_ms, lookup_ms, key)
 
 
-def _drafter_pass_ms(drafter, length: int) -> list[float]:
-    """Times of one pass of the drafter's own graph over HEAD_ROWS rows (an empty list: no graph of its own)."""
+def _drafter_pass_ms(drafter, length: int, before=None) -> list[float]:
+    """Times of one pass of the drafter's own graph over HEAD_ROWS rows (an empty list: no graph of its own);
+    `before` (untimed) runs ahead of each timed pass."""
     eng = getattr(drafter, "engine", None)
     if eng is None:
         return []
@@ -254,7 +279,7 @@ def _drafter_pass_ms(drafter, length: int) -> list[float]:
                         parents=np.arange(r) - 1 if r > 1 else None, rows=np.arange(r), committed=length,
                         hidden_in=hidden)
         run()  # first runs allocate: not timed
-        out.append(_best_ms(run))
+        out.append(_best_ms(run, before=before))
     out = np.minimum.accumulate(np.array(out)[::-1])[::-1].round(3).tolist()
     drafter.reset()
     return out

@@ -101,6 +101,7 @@ class Engine:
         self.node_prob = np.zeros(max_rows, np.float64)
         self.accept = np.zeros(3, np.int64)  # accept_node, accept_len, accept_token
         self.weight_bytes = sum(os.path.getsize(resolve_inside(bundle_dir, w)) for w in entry["weights"])
+        self.passes = self.tokens_run = 0  # `forward` calls and their tokens, for timing a drafter's passes
 
     # tests set this to drive the device-resident cache's code path (OrtValues, compaction graph) on the CPU
     resident_on_cpu = False
@@ -136,6 +137,7 @@ class Engine:
         R = self._bind_step(self.io, tokens, positions, parents, rows, committed, hidden_in, full_logits)
         self._bind(self.io, "logits", self.logits, [R, self.vocab_size], output=True)
         self.session.run_with_iobinding(self.io)
+        self.passes, self.tokens_run = self.passes + 1, self.tokens_run + len(tokens)
         return self.logits[:R], self.next_token[:R]
 
     def verify(self, tokens: np.ndarray, positions: np.ndarray | None, parents: np.ndarray,

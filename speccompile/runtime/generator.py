@@ -221,7 +221,11 @@ class Generator:
         if plan.head_depth:
             spec = TreeSpec("dynamic", min(plan.head_nodes, cap), depth=min(plan.head_depth, cap),
                             branching=adapt.branching)
+            eng = getattr(drafter, "engine", None)
+            passes, tokens, t0 = getattr(eng, "passes", 0), getattr(eng, "tokens_run", 0), time.perf_counter()
             prop = drafter.propose_tree(context, spec, params, rng)
+            if hasattr(eng, "passes"):
+                adapt.drafted(eng.passes - passes, eng.tokens_run - tokens, (time.perf_counter() - t0) * 1e3)
         head, scores = len(prop.tokens), prop.scores
         if plan.lookup_nodes:
             lookup = drafter if isinstance(drafter, LookupDrafter) else self.lookup
