@@ -87,6 +87,19 @@ def test_expensive_rows_draft_nothing():
     assert a.summary()["plain_passes"] == 1
 
 
+def test_a_level_the_cut_mostly_drops_costs_its_drafting_not_a_row():
+    """Drafting is cheap, a row dear; the cut keeps the drafter's node on 30% of passes, and a kept node is
+    accepted 90% of the time. Priced as a row every pass, drafting loses to a plain step; priced as the rows the
+    cut keeps, it wins."""
+    from speccompile.runtime.adaptive import Rate
+    a = adaptive(synthetic(10.0, 3.0, head_ms=0.5), depth=1, lookup=0)
+    a.head_kept[0], a.head_reach[0] = Rate(0.3, 50.0), Rate(0.9, 50.0)
+    a.head_rows[0] = Rate(1.0, 50.0)  # a row every pass: 1.27 tokens for 13.5 ms against 1 for 10
+    assert a.plan(100).head_depth == 0
+    a.head_rows[0] = Rate(0.3, 50.0)  # the rows the cut keeps: 1.27 tokens for 11.4 ms
+    assert a.plan(100).head_depth == 1
+
+
 def test_cheap_rows_and_confident_drafts_go_deep():
     a = adaptive(synthetic(20.0, 0.1))
     for _ in range(6):  # a drafter whose nodes are always taken

@@ -99,8 +99,10 @@ class AdaptiveDrafting:
         # match's continuation) apart from the others, which mostly compete with it
         self.lookup_accept = {first: [Rate() for _ in range(DEPTHS)] for first in (True, False)}
         self.lookup_gain, self.lookup_rows = Rate(0.3, 2.0), Rate(2.0, 2.0)  # per pass: accepted, verified
-        # per depth: passes whose cut kept a drafter node at that depth, of those that drafted it
+        # per depth: passes whose cut kept a drafter node at that depth, of those that drafted it; and how many
+        # drafter nodes it kept there (the verify rows a level of drafting costs)
         self.head_kept = [Rate(1.0, 2.0) for _ in range(DEPTHS)]
+        self.head_rows = [Rate(1.0, 2.0) for _ in range(DEPTHS)]
         self.since_probe, self.last_accepted = 0, 0
         self.kept: Kept | None = None
         self.passes, self.plain_passes, self.rows = 0, 0, 0
@@ -114,6 +116,12 @@ class AdaptiveDrafting:
             ms += (depth - 1) * self.cost.draft(self.drafter, self.branching)
         return ms
 
+    def _verify_ms(self, rows: float, length: int) -> float:
+        """A pass over an expected (fractional) number of rows: between the whole numbers around it."""
+        lo = int(rows)
+        ms = self.cost.verify(lo, length, self.greedy)
+        return ms + (rows - lo) * (self.cost.verify(lo + 1, length, self.greedy) - ms) if rows > lo else ms
+
     def plan(self, length: int) -> Plan:
         """How deep the drafter drafts this pass, and how many lookup nodes join it."""
         lookup = self.reach.reach if self.reach else 0
@@ -122,12 +130,15 @@ class AdaptiveDrafting:
         best, best_rate = 0, -1.0
         kept = np.array([r.value for r in self.head_kept])
         reach = np.cumprod(kept * by_depth(self.head_reach, HEAD_PRIOR))  # drafted, kept and accepted this deep
+        # the rows a depth of drafting adds are the drafter nodes the cut keeps there, not one a level: a level
+        # whose node the cut mostly drops costs its drafting but seldom a row
+        per_level = [self.head_rows[min(d, DEPTHS - 1)].value for d in range(self.max_depth)]
+        rows = 1.0 + np.concatenate([[0.0], np.cumsum(per_level)])
         for depth in range(self.max_depth + 1):
             value = 1.0 + float(reach[:depth].sum())
             draft = self._draft_ms(depth, bool(lookup))
-            rows = 1 + depth  # about one kept drafter node per level: the cut drops the rest
-            rate = max(value / (draft + self.cost.verify(rows, length, self.greedy)),  # the cut may drop lookup
-                       (value + gain) / (draft + self.cost.verify(round(rows + extra_rows), length, self.greedy)))
+            rate = max(value / (draft + self._verify_ms(rows[depth], length)),  # the cut may drop lookup
+                       (value + gain) / (draft + self._verify_ms(rows[depth] + extra_rows, length)))
             if rate > best_rate:
                 best, best_rate = depth, rate
         self.since_probe += 1
@@ -194,9 +205,10 @@ class AdaptiveDrafting:
         if plan.probe:  # estimates grown too low would otherwise never be put to the test again
             best_len = max(best_len, min(1, len(order)))
         elif plan.head_depth:
-            kept_levels = set(level[order[:best_len]][from_head[order[:best_len]]].tolist())
+            kept_levels = level[order[:best_len]][from_head[order[:best_len]]]
             for d in range(min(plan.head_depth, DEPTHS)):
                 self.head_kept[d].add(float(d in kept_levels), 1.0)
+                self.head_rows[d].add(float((kept_levels == d).sum()), 1.0)
         keep = np.array(sorted(order[:best_len]), np.int64)  # ascending: still parents before children
         index = np.full(len(parents) + 1, -1, np.int64)
         index[keep] = np.arange(len(keep))
