@@ -21,8 +21,10 @@ import numpy as np
 
 from speccompile.errors import SpeccompileError
 
-CACHE_VERSION = 2  # 2: drafter passes timed after a target pass
-ROWS = (1, 2, 4, 8, 16, 25)  # verify rows measured (interpolated between)
+CACHE_VERSION = 3  # 2: drafter passes timed after a target pass; 3: three rows measured
+# verify rows measured (interpolated between); 3 of its own: a 4-bit target's product kernel takes another path
+# from three rows on, and a 3-row pass timed while decoding would otherwise correct the 2-row price
+ROWS = (1, 2, 3, 4, 8, 16, 25)
 REPEATS = 4  # the fastest of this many runs per point: noise on a shared machine only slows a run down
 HEAD_ROWS = (1, 2, 4)  # a drafter pass: the catch-up of the accepted tokens, a tree expansion of `branching` rows
 MEMO_ROWS = 64  # verify() remembers one length's prices up to this many rows
