@@ -16,14 +16,17 @@ from speccompile.graphs.builder import OPSET, GraphBuilder
 V, H = 1000, 64
 
 
-def head_session(head: np.ndarray, profile_dir=None):
-    """A graph of just the head: rows [R, H] and the bool `screen` in, logits and next_token out."""
+def head_session(head: np.ndarray, profile_dir=None, noise=False):
+    """A graph of just the head: rows [R, H] and the bool `screen` in (and with noise, sample_noise [R, V] or
+    [1, 1]), logits and next_token out."""
     weights = {"head": head, **quantize_head(head)}
     g = GraphBuilder("head")
     g.input("rows", "float32", ["R", H])
     g.input("screen", "bool", [])
+    if noise:
+        g.input("sample_noise", "float32", ["RN", "VN"])
     W = {k: g.weight(k, v) for k, v in weights.items()}
-    emit_screened_head(g, "rows", "head", W, "screen")
+    emit_screened_head(g, "rows", "head", W, "screen", noise="sample_noise" if noise else None)
     g.output("logits", "float32", ["R", V])
     g.output("next_token", "int64", ["R"])
     graph = helper.make_graph(g.nodes, "head", g.inputs, g.outputs,
@@ -39,8 +42,11 @@ def head_session(head: np.ndarray, profile_dir=None):
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def run(sess, rows, screen):
-    return sess.run(None, {"rows": np.ascontiguousarray(rows, np.float32), "screen": np.array(screen)})
+def run(sess, rows, screen, noise=None):
+    feed = {"rows": np.ascontiguousarray(rows, np.float32), "screen": np.array(screen)}
+    if noise is not None:
+        feed["sample_noise"] = np.ascontiguousarray(noise, np.float32)
+    return sess.run(None, feed)
 
 
 def random_head(seed=0, on_grid=False):
@@ -152,3 +158,47 @@ def test_near_ties_beyond_the_candidates_fall_back():
         _, tok = run(head_session(w), x[None], True)
         wrong += tok[0] != 100 + winner
     assert wrong == 0
+
+
+@pytest.mark.parametrize("on_grid", [True, False])
+def test_noisy_screen_is_the_argmax_of_the_float32_logits_plus_the_noise(on_grid, tmp_path):
+    """sample_noise (Gumbel noise in use, runtime/noise.py) moves the argmax; the screen still finds exactly
+    argmax(float32 logits + noise), through the screen or the full product, peaked rows without the full
+    product; a [1, 1] zero noise is the plain screen."""
+    w = random_head(on_grid=on_grid)
+    sess = head_session(w, tmp_path, noise=True)
+    rng = np.random.default_rng(5)
+    x = np.concatenate([peaked_rows(w, 24), rng.standard_normal((8, H)).astype(np.float32) * 4])
+    moved = 0
+    for temperature in (0.3, 1.0, 3.0):
+        noise = (-temperature * np.log(rng.standard_exponential((len(x), V)))).astype(np.float32)
+        logits, ref = run(sess, x, False, noise)
+        assert np.array_equal(ref, (logits + noise).argmax(-1))
+        _, tok = run(sess, x, True, noise)
+        assert np.array_equal(tok, ref)
+        moved += np.sum(tok != logits.argmax(-1))
+    assert moved > 0  # the noise did change tokens
+    _, plain = run(sess, x, True, np.zeros((1, 1)))
+    assert np.array_equal(plain, run(sess, x, False, np.zeros((1, 1)))[0].argmax(-1))
+    sess.end_profiling()
+    peaked = head_session(w, tmp_path, noise=True)
+    noise = (-0.7 * np.log(rng.standard_exponential((8, V)))).astype(np.float32)
+    run(peaked, peaked_rows(w, 8), True, noise)
+    events = json.load(open(peaked.end_profiling()))
+    assert "ArgMax" not in {e["args"]["op_name"] for e in events if e.get("cat") == "Node"}
+
+
+def test_the_int8_screen_has_one_reader():
+    """onnxruntime pre-packs a matrix for a single kernel only; read by two nodes (a branch each for noise and no
+    noise), the int8 product runs unpacked, many times slower. So the screen's codes have exactly one reader."""
+    def readers(graph, name):
+        return sum(list(node.input).count(name) + sum(readers(a.g, name) for a in node.attribute if a.type == a.GRAPH)
+                   for node in graph.node)
+
+    g = GraphBuilder("head")
+    g.input("rows", "float32", ["R", H])
+    g.input("screen", "bool", [])
+    g.input("sample_noise", "float32", ["RN", "VN"])
+    W = {k: g.weight(k, v) for k, v in {"head": random_head(), **quantize_head(random_head())}.items()}
+    emit_screened_head(g, "rows", "head", W, "screen", noise="sample_noise")
+    assert readers(helper.make_graph(g.nodes, "head", g.inputs, []), "head_screen.codes") == 1

@@ -33,6 +33,7 @@ class SlotStep:
     parents: np.ndarray | None = None
     committed: int | None = None
     rows: np.ndarray | None = None  # default: the last token
+    noise: np.ndarray | None = None  # [len(wanted), V] added to the wanted rows' logits before the argmax
 
     @property
     def wanted(self) -> np.ndarray:
@@ -61,6 +62,7 @@ class BatchEngine:
         self.aux = np.zeros((B * S, aux), np.float32) if aux else None
         optional = {i.name for i in self.session.get_overridable_initializers()}
         self._full_logits = np.ones(1, bool) if "full_logits" in optional else None
+        self.takes_noise, self._no_noise = "sample_noise" in optional, np.zeros((1, 1), np.float32)
         self._io: dict[tuple[int, int], tuple[ort.IOBinding, dict]] = {}  # per slot run: binding, bound shapes
         self.weight_bytes = sum(os.path.getsize(resolve_inside(bundle_dir, w)) for w in entry["weights"])
 
@@ -99,7 +101,7 @@ class BatchEngine:
         ids.fill(0)
         pos.fill(0)
         R = 0
-        out = {}
+        out, noisy = {}, []
         for j in range(n):
             step = by_slot.get(first + j)
             if step is None:  # an idle slot inside the run: one row at its committed length (sees slot 0 only)
@@ -109,8 +111,10 @@ class BatchEngine:
             rows = step.wanted
             self._rows[R:R + len(rows)] = j * S + rows
             out[step.slot] = (slice(R, R + len(rows)), j * S + np.arange(len(step.tokens)))
+            if step.noise is not None:
+                noisy.append((out[step.slot][0], step.noise))
             R += len(rows)
-        self._bind_and_run(first, n, S, T, R, ids, pos, bias, full_logits)
+        self._bind_and_run(first, n, S, T, R, ids, pos, bias, full_logits, self._noise(R, noisy))
         return {b: (self.logits[r], self.next_token[r], h) for b, (r, h) in out.items()}
 
     def _fill_slot(self, j: int, step: SlotStep, ids: np.ndarray, pos: np.ndarray, bias: np.ndarray) -> None:
@@ -126,7 +130,18 @@ class BatchEngine:
         bias[:k, :C] = 0.0
         np.copyto(bias[:k, C:W + k], 0.0, where=visible)
 
-    def _bind_and_run(self, first, n, S, T, R, ids, pos, bias, full_logits) -> None:
+    def _noise(self, R: int, noisy: list) -> np.ndarray | None:
+        """The pass's sample_noise: the slots' noise rows at their rows, zeros elsewhere; [1, 1] zeros if none."""
+        if not noisy:
+            return self._no_noise if self.takes_noise else None
+        if not self.takes_noise:
+            raise SpeccompileError("this batched graph takes no sample_noise (a bundle built before it)")
+        noise = np.zeros((R, self.vocab_size), np.float32)
+        for rows, rows_noise in noisy:
+            noise[rows] = rows_noise
+        return noise
+
+    def _bind_and_run(self, first, n, S, T, R, ids, pos, bias, full_logits, noise) -> None:
         io, bound = self._binding(first, n)
 
         def bind(name, buf, shape, output=False):
@@ -149,6 +164,8 @@ class BatchEngine:
         if self._full_logits is not None:
             self._full_logits[0] = full_logits
             bind("full_logits", self._full_logits, [1])
+        if noise is not None:
+            bind("sample_noise", noise, list(noise.shape))
         try:
             self.session.run_with_iobinding(io)
         except RuntimeError as e:  # shapes the manifest gave that the graph does not have: a bundle edited by hand

@@ -93,15 +93,22 @@ class Engine:
         self.aux = np.zeros((MAX_STEP_TOKENS, aux), np.float32) if aux else None  # what EAGLE heads read
         self.verify_feed = {"node_parents": np.zeros(max_rows, np.int64), "temperature": np.zeros(1, np.float32),
                             "top_k": np.zeros(1, np.int64), "uniforms": np.zeros((max_rows, 2))}
-        # a graph with the exact greedy head (compile/graph/head_screen.py) takes full_logits: false lets a greedy pass
-        # read a quarter of the head's bytes; its logits are then estimates, its next_token still exact
-        optional = {i.name for i in self.session.get_overridable_initializers()}  # inputs with defaults
-        self._full_logits = np.ones(1, bool) if "full_logits" in optional else None
+        self._head_inputs(max_rows)
         # the verify outputs of the last `verify` pass
         self.node_prob = np.zeros(max_rows, np.float64)
         self.accept = np.zeros(3, np.int64)  # accept_node, accept_len, accept_token
         self.weight_bytes = sum(os.path.getsize(resolve_inside(bundle_dir, w)) for w in entry["weights"])
         self.passes = self.tokens_run = 0  # `forward` calls and their tokens, for timing a drafter's passes
+
+    def _head_inputs(self, max_rows: int) -> None:
+        """The buffers of a graph with the exact greedy head (compile/graph/head_screen.py): full_logits, false
+        letting a greedy pass read a quarter of the head's bytes (its logits then estimates, its next_token still
+        exact); sample_noise, rows added to the logits before the argmax (runtime/noise.py), [1, 1] zeros: none."""
+        optional = {i.name for i in self.session.get_overridable_initializers()}  # inputs with defaults
+        self._full_logits = np.ones(1, bool) if "full_logits" in optional else None
+        self.takes_noise = "sample_noise" in optional
+        self._no_noise = np.zeros((1, 1), np.float32)
+        self._noise = np.zeros((max_rows if self.takes_noise else 0, self.vocab_size), np.float32)  # stays bound
 
     # tests set this to drive the device-resident cache's code path (OrtValues, compaction graph) on the CPU
     resident_on_cpu = False
@@ -124,7 +131,7 @@ class Engine:
 
     def forward(self, tokens: np.ndarray, positions: np.ndarray | None = None, parents: np.ndarray | None = None,
                 rows: np.ndarray | None = None, committed: int | None = None, hidden_in: np.ndarray | None = None,
-                full_logits: bool = True):
+                full_logits: bool = True, noise: np.ndarray | None = None):
         """Run S = len(tokens) tokens, writing their K/V at slots [length, length+S).
 
         Slots below `committed` (default: the cache length) are visible to every token. Slots from `committed` on
@@ -133,25 +140,27 @@ class Engine:
         a chain. Returns (logits[R, V], next_token[R]) views, valid until the next call; `rows` (default: the
         last token) selects the tokens whose logits are computed. `self.hidden[:S]` then holds the step's hidden
         states. `hidden_in` [S, H] feeds an MTP head. full_logits=False: the caller reads only next_token (greedy),
-        so a graph with the exact greedy head may return estimated logits."""
-        R = self._bind_step(self.io, tokens, positions, parents, rows, committed, hidden_in, full_logits)
+        so a graph with the exact greedy head may return estimated logits. noise [R, V] (a graph that
+        `takes_noise`): added to the rows' logits before next_token's argmax."""
+        R = self._bind_step(self.io, tokens, positions, parents, rows, committed, hidden_in, full_logits, noise)
         self._bind(self.io, "logits", self.logits, [R, self.vocab_size], output=True)
         self.session.run_with_iobinding(self.io)
         self.passes, self.tokens_run = self.passes + 1, self.tokens_run + len(tokens)
         return self.logits[:R], self.next_token[:R]
 
     def verify(self, tokens: np.ndarray, positions: np.ndarray | None, parents: np.ndarray,
-               temperature: float = 0.0, top_k: int = 0, uniforms: np.ndarray | None = None):
+               temperature: float = 0.0, top_k: int = 0, uniforms: np.ndarray | None = None,
+               noise: np.ndarray | None = None):
         """One verify pass with acceptance in the graph (a graph with the verify extension); no logits are fetched.
 
         tokens: the pending token, then the draft nodes; parents: per token its parent in the block (-1 for the
         pending token; a chain is arange(S) - 1); temperature 0: greedy, else sampled with top_k (0 = off), using
-        uniforms [S, 2] drawn by the caller (see speccompile.graphs). Returns (the accepted nodes, as indices
+        uniforms [S, 2] drawn by the caller (see speccompile.graphs); noise [S, V] as `forward`'s. Returns (the accepted nodes, as indices
         into tokens[1:], root first; the token to commit after them); `self.hidden[:S]` holds the hidden states.
         The host only walks the accepted path back from its end."""
         parents = np.asarray(parents, np.int64)
         S, io = len(tokens), self.io_verify
-        self._bind_step(io, tokens, positions, parents, np.arange(S), None, None, False)  # no logits leave
+        self._bind_step(io, tokens, positions, parents, np.arange(S), None, None, False, noise)  # no logits leave
         # defaulted inputs are initializers to onnxruntime, which bind_cpu_input rejects: bind them by pointer
         f = self.verify_feed
         f["node_parents"][:S] = parents
@@ -169,7 +178,7 @@ class Engine:
             end = int(parents[end])
         return path[::-1], int(self.accept[2])
 
-    def _bind_step(self, io, tokens, positions, parents, rows, committed, hidden_in, full_logits) -> int:
+    def _bind_step(self, io, tokens, positions, parents, rows, committed, hidden_in, full_logits, noise=None) -> int:
         """Bind a step's inputs and its next_token / hidden_states outputs; returns R."""
         S = len(tokens)
         if S > MAX_STEP_TOKENS:
@@ -214,6 +223,18 @@ class Engine:
         if self._full_logits is not None:  # bound by address: io_verify and io share the buffer, set per pass
             self._full_logits[0] = full_logits
             self._bind(io, "full_logits", self._full_logits, [1])
+        if self.takes_noise:
+            if noise is None:
+                self._bind(io, "sample_noise", self._no_noise, [1, 1])
+            else:
+                if np.shape(noise) != (R, self.vocab_size):
+                    raise SpeccompileError(f"noise of shape {np.shape(noise)} for {R} rows of {self.vocab_size} "
+                                           "logits")
+                self._noise[:R] = noise  # a copy into the bound buffer costs less than a new binding
+                self._bind(io, "sample_noise", self._noise, [R, self.vocab_size])
+        elif noise is not None:
+            raise SpeccompileError("this graph takes no sample_noise (a bundle built before it, or without the "
+                                   "exact greedy head)")
         if hidden_in is not None:
             io.bind_cpu_input("hidden_in", np.ascontiguousarray(hidden_in, np.float32).reshape(1, S, -1))
         return R

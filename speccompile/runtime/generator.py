@@ -26,6 +26,7 @@ from speccompile.runtime.drafters.lookup import LookupDrafter, LookupReach, join
 from speccompile.runtime.engine import Engine
 from speccompile.runtime.sessions import check_threads
 from speccompile.runtime.kv_cache import KVCache
+from speccompile.runtime.noise import GumbelNoise, sampled_by_noise, takes_noise
 from speccompile.runtime.request import Request, build_request, check_messages, is_batch
 from speccompile.runtime.sampling import SamplingParams, acceptance_option, probabilities, sample
 from speccompile.runtime.scheduler import Scheduler, batch_cache, own_loop
@@ -103,6 +104,7 @@ class Generator:
         # joins the trees that ask for it (TreeSpec.lookup): the bundle's lookup drafter, as configured, if it has one
         self.lookup = next((d for d in self.drafters.values() if isinstance(d, LookupDrafter)), LookupDrafter())
         self.trees_exact = trees_exact(manifest.get("quantization"))
+        self.noise_ok = takes_noise(self.target, batched)  # temperature sampling by noisy argmaxes (runtime/noise.py)
         self._pending = np.zeros(1, np.int64)  # a plain decode step's one token
         self._lock, self._owner = threading.Lock(), None
         self._cost = None  # the cost model, measured or read on first use
@@ -136,8 +138,9 @@ class Generator:
               params: SamplingParams, stats: SpecDecodeStats, tree: TreeSpec | None = None) -> Iterator[list[int]]:
         """Yield the tokens committed by each pass: the prefill's first token, then each verify pass's."""
         rng = np.random.default_rng(params.seed)
+        params, noise = sampled_by_noise(params, self.noise_ok, self.target.vocab_size)  # then greedy + noise
         adapt = self._adaptive(drafter, tree, params) if tree is not None and tree.adaptive else None
-        token = self._prefill(prompt, drafter, params, rng, stats)
+        token = self._prefill(prompt, drafter, params, rng, stats, noise)
         context = np.zeros(len(prompt) + max_new_tokens, np.int64)
         context[:len(prompt)] = prompt
         n, generated = len(prompt), 1
@@ -150,7 +153,7 @@ class Generator:
             room = min(max_new_tokens - generated - 1, self.max_seq_len - n)  # draft tokens that could be used
             prop = (self._propose_adaptive(context[:n], drafter, adapt, room, params, rng) if adapt else
                     self._propose(context[:n], drafter, k, tree, room, reach, params, rng))
-            (path, token), in_graph = self._verify(token, prop, n, params, rng)
+            (path, token), in_graph = self._verify(token, prop, n, params, rng, noise)
             self._commit(n, prop.parents, path, drafter)
             accepted = prop.tokens[path]
             context[n:n + len(path)] = accepted
@@ -167,9 +170,9 @@ class Generator:
             yield new
 
     def _prefill(self, prompt: np.ndarray, drafter: Drafter | None, params: SamplingParams, rng,
-                 stats: SpecDecodeStats) -> int:
+                 stats: SpecDecodeStats, noise: GumbelNoise | None = None) -> int:
         """Run the prompt into the target's cache (and the drafter's features), after the longest prefix the
-        context cache gives back; returns the first new token."""
+        context cache gives back; returns the first new token (with noise: the noisy argmax, a draw)."""
         if drafter:
             drafter.reset()
         cache = self.target.cache
@@ -178,7 +181,8 @@ class Generator:
         stats.prompt_cache_hit_tokens, stats.prompt_cache_miss_tokens = hit, len(prompt) - hit
         for start in range(hit, len(prompt), PREFILL_CHUNK):
             chunk = prompt[start:start + PREFILL_CHUNK]
-            logits, argmax = self.target.forward(chunk, full_logits=not params.greedy)  # greedy reads the argmax only
+            last = noise.rows([len(prompt)]) if noise and start + len(chunk) == len(prompt) else None
+            logits, argmax = self.target.forward(chunk, full_logits=not params.greedy, noise=last)  # greedy: argmax
             if drafter and drafter.wants_hidden:
                 drafter.observe(start, drafter.features(self.target, slice(0, len(chunk))))
             cache.truncate(start + len(chunk))
@@ -244,20 +248,22 @@ class Generator:
             self._cost = cached
         return self._cost
 
-    def _verify(self, token: int, prop: Proposal, n: int, params: SamplingParams, rng) -> tuple[Verdict, bool | None]:
+    def _verify(self, token: int, prop: Proposal, n: int, params: SamplingParams, rng,
+                noise: GumbelNoise | None = None) -> tuple[Verdict, bool | None]:
         """One target pass over the pending token and the draft: (the verdict, whether acceptance ran in the
         graph; None for a plain decode step, without drafts). Timed into the cost model once adaptive drafting
         has loaded it, so that its prices follow the passes as they run now."""
         t0 = time.perf_counter()
-        out = self._target_pass(token, prop, n, params, rng)
+        out = self._target_pass(token, prop, n, params, rng, noise)
         if self._cost is not None:
             self._cost.observe(1 + len(prop.tokens), n - 1, params.greedy, (time.perf_counter() - t0) * 1e3)
         return out
 
-    def _target_pass(self, token: int, prop: Proposal, n: int, params: SamplingParams, rng):
+    def _target_pass(self, token: int, prop: Proposal, n: int, params: SamplingParams, rng, noise):
         if not len(prop.tokens):  # nothing to verify: a plain decode step (the verify ops would only cost time)
             self._pending[0] = token
-            logits, argmax = self.target.forward(self._pending, full_logits=not params.greedy)
+            logits, argmax = self.target.forward(self._pending, full_logits=not params.greedy,
+                                                 noise=noise.rows([n]) if noise else None)
             return Verdict([], int(argmax[0]) if params.greedy else sample(probabilities(logits[0], params), rng)), None
         block = np.concatenate([[token], prop.tokens]).astype(np.int64)
         if prop.parents is None:  # a chain
@@ -265,6 +271,7 @@ class Generator:
         else:
             block_parents = np.concatenate([[-1], prop.parents + 1])  # tree roots hang off the pending token
             positions = n - 1 + depths(block_parents)
+        drawn = noise.rows(n + (np.arange(len(block)) if positions is None else positions - n + 1)) if noise else None
         if self.target.verifies and (params.greedy or (params.top_p >= 1.0 and prop.q is None
                                                        and not params.typical)):
             # the verify graph accepts: O(nodes) numbers come back, not the [nodes, V] logits. The host path
@@ -272,10 +279,10 @@ class Generator:
             # bundles built before the verify extension.
             verdict = self.target.verify(block, positions, chain_parents(len(block)) if block_parents is None
                                          else block_parents, params.temperature, params.top_k,
-                                         None if params.greedy else rng.random((len(block), 2)))
+                                         None if params.greedy else rng.random((len(block), 2)), drawn)
             return Verdict(*verdict), True
         logits, argmax = self.target.forward(block, positions, block_parents, rows=np.arange(len(block)),
-                                             full_logits=not params.greedy)  # greedy reads the argmax only
+                                             full_logits=not params.greedy, noise=drawn)  # greedy: the argmax
         return accept_on_host(prop, logits, argmax, params, rng), False
 
     def _commit(self, n: int, parents: np.ndarray | None, path: list[int], drafter: Drafter | None) -> None:

@@ -10,8 +10,10 @@ tree (runtime/batch_engine.py). A request alone in slot 0 runs the single-sequen
 Generator's own loop does (in-graph acceptance, nothing batched to pay for).
 
 Every slot's tokens are those it would get alone: greedy, the target's argmax rows are the same whatever else
-shares the pass; sampled, a slot draws from its own generator in the order it would alone (a verify block's
-uniforms as one [rows, 2] table read by the rule the verify graph applies), so a seed reproduces a run.
+shares the pass, and so are those of a request sampled by noise (temperature alone, runtime/noise.py: its noise
+is a function of its seed and the position); sampled otherwise, a slot draws from its own generator in the order it
+would alone (a verify block's uniforms as one [rows, 2] table read by the rule the verify graph applies), so a
+seed reproduces a run.
 """
 from __future__ import annotations
 
@@ -32,8 +34,9 @@ from speccompile.runtime.batch_engine import BatchEngine, SlotStep
 from speccompile.runtime.drafters.base import Drafter, Proposal
 from speccompile.runtime.drafters.lookup import LookupReach
 from speccompile.runtime.kv_cache import KVCache
+from speccompile.runtime.noise import GumbelNoise, sampled_by_noise
 from speccompile.runtime.request import Request
-from speccompile.runtime.sampling import probabilities, sample
+from speccompile.runtime.sampling import SamplingParams, probabilities, sample
 
 _DONE = object()  # a request's queue ends with this
 # Rows a shared verify pass aims at: a pass's cost grows with its rows, so when several greedy slots decode, their
@@ -79,6 +82,8 @@ class Slot:
     context: np.ndarray
     reach: LookupReach | None
     adapt: AdaptiveDrafting | None = None  # adaptive drafting's per-request state (a tree "adaptive")
+    params: SamplingParams | None = None  # what the slot decodes with: the request's, or greedy with `noise`
+    noise: GumbelNoise | None = None  # a request sampled by noisy argmaxes (runtime/noise.py)
     prefilled: int = 0  # prompt tokens in the cache so far
     n: int = 0  # committed tokens (the last, `token`, not yet in the cache)
     token: int = -1
@@ -223,12 +228,14 @@ class Scheduler:
         context = np.zeros(len(req.ids) + req.max_new_tokens, np.int64)
         context[:len(req.ids)] = req.ids
         tree = req.tree
-        adapt = self.gen._adaptive(drafter, tree, req.params) if tree is not None and tree.adaptive else None
+        params, noise = sampled_by_noise(req.params, self.gen.noise_ok, self.gen.target.vocab_size)
+        adapt = self.gen._adaptive(drafter, tree, params) if tree is not None and tree.adaptive else None
         reach = (LookupReach(tree.lookup, self.gen.lookup_reach_limit * tree.lookup)
                  if tree and tree.lookup and not adapt else None)
         cache = self.slot_caches[b]
         cache.truncate(0)
-        slot = Slot(b, handle, cache, drafter, np.random.default_rng(req.params.seed), context, reach, adapt)
+        slot = Slot(b, handle, cache, drafter, np.random.default_rng(req.params.seed), context, reach, adapt,
+                    params=params, noise=noise)
         self._restore_prefix(slot)
         return slot
 
@@ -268,12 +275,14 @@ class Scheduler:
         their slot alone."""
         gen, chunk = self.gen, self.gen.prefill_chunk
         tokens = s.req.ids[s.prefilled:s.prefilled + chunk]
-        sampling = not s.req.params.greedy
+        sampling = not s.params.greedy
+        last = len(tokens) + s.prefilled == len(s.req.ids)
+        noise = s.noise.rows([len(s.req.ids)]) if s.noise and last else None  # the first token's draw
         if s.index == 0:
-            logits, argmax = gen.target.forward(tokens, full_logits=sampling)
+            logits, argmax = gen.target.forward(tokens, full_logits=sampling, noise=noise)
             self._prefilled(s, gen.target, logits, argmax, slice(0, len(tokens)))
             return
-        results = self.engine.run([SlotStep(s.index, tokens, s.prefilled)], sampling, self._idle([s]))
+        results = self.engine.run([SlotStep(s.index, tokens, s.prefilled, noise=noise)], sampling, self._idle([s]))
         self._prefilled(s, self.engine, *results[s.index])
 
     def _prefilled(self, s: Slot, engine, logits, argmax, rows) -> None:
@@ -286,7 +295,7 @@ class Scheduler:
         if s.decoding:
             if self.gen.context_cache:
                 self.gen.context_cache.save(s.req.ids, len(s.req.ids), s.cache, s.drafter)
-            params = s.req.params
+            params = s.params
             s.token = int(argmax[0]) if params.greedy else sample(probabilities(logits[0], params), s.rng)
             s.n = len(s.req.ids)
             self._emit(s, [s.token])
@@ -299,21 +308,21 @@ class Scheduler:
             s.context[s.n] = s.token  # committed, but not yet in the target's cache
             s.n += 1
             room = min(s.req.max_new_tokens - s.generated - 1, self.gen.max_seq_len - s.n)
-            if len(slots) > 1 and s.req.params.greedy:
+            if len(slots) > 1 and s.params.greedy:
                 room = min(room, share)
             if s.adapt:  # alone it plans as Generator.steps does; shared, within the slot's share of the rows
-                s.prop = self.gen._propose_adaptive(s.context[:s.n], s.drafter, s.adapt, room, s.req.params, s.rng)
+                s.prop = self.gen._propose_adaptive(s.context[:s.n], s.drafter, s.adapt, room, s.params, s.rng)
             else:
                 s.prop = self.gen._propose(s.context[:s.n], s.drafter, s.req.k, s.req.tree, room, s.reach,
-                                           s.req.params, s.rng)
+                                           s.params, s.rng)
         if len(slots) == 1 and slots[0].index == 0:  # alone: the single-sequence graph, exactly as Generator.steps
             s = slots[0]
-            (path, token), in_graph = self.gen._verify(s.token, s.prop, s.n, s.req.params, s.rng)
+            (path, token), in_graph = self.gen._verify(s.token, s.prop, s.n, s.params, s.rng, s.noise)
             self.gen._commit(s.n, s.prop.parents, path, s.drafter)
             self._accepted(s, Verdict(path, token), in_graph)
             return
         steps = [self._block(s) for s in slots]
-        results = self.engine.run(steps, not all(s.req.params.greedy for s in slots), self._idle(slots))
+        results = self.engine.run(steps, not all(s.params.greedy for s in slots), self._idle(slots))
         for s in slots:
             logits, argmax, rows = results[s.index]
             verdict, in_graph = self._accept(s, logits, argmax)
@@ -326,13 +335,15 @@ class Scheduler:
         block = np.concatenate([[s.token], prop.tokens]).astype(np.int64)
         rows = np.arange(len(block))
         if prop.parents is None:  # a chain
-            return SlotStep(s.index, block, n - 1, rows=rows)
+            return SlotStep(s.index, block, n - 1, rows=rows, noise=s.noise.rows(n + rows) if s.noise else None)
         parents = np.concatenate([[-1], prop.parents + 1])  # tree roots hang off the pending token
-        return SlotStep(s.index, block, n - 1, positions=n - 1 + depths(parents), parents=parents, rows=rows)
+        noise = s.noise.rows(n + depths(parents)) if s.noise else None
+        return SlotStep(s.index, block, n - 1, positions=n - 1 + depths(parents), parents=parents, rows=rows,
+                        noise=noise)
 
     def _accept(self, s: Slot, logits, argmax) -> tuple[Verdict, bool | None]:
         """The slot's verdict from its rows, drawing from its generator as the single-sequence path would."""
-        prop, params = s.prop, s.req.params
+        prop, params = s.prop, s.params
         if not len(prop.tokens):
             token = int(argmax[0]) if params.greedy else sample(probabilities(logits[0], params), s.rng)
             return Verdict([], token), None

@@ -48,7 +48,8 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
     rows, batch = hidden_outputs(s.g, x, h, taps, aux_layers, batched)
     if batched and screen:
         exact = s.g.op("Squeeze", ["full_logits", batch])[0]
-        emit_screened_head(s.g, rows, s.W.get("lm_head", s.W["embed"]), s.W, s.g.op("Not", [exact])[0])
+        emit_screened_head(s.g, rows, s.W.get("lm_head", s.W["embed"]), s.W, s.g.op("Not", [exact])[0],
+                           noise="sample_noise")
     elif verify:
         _verified_head(s, rows, batch, screen)
     else:
@@ -58,12 +59,13 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
 
 def _verified_head(s: Stack, rows: str, batch: str, screen: bool) -> None:
     """The target's head and acceptance. With the screen, greedy passes that ask for no exact logits (input
-    full_logits) take the int8 screen."""
+    full_logits) take the int8 screen, passes sampled by noise (input sample_noise) included."""
     g, head = s.g, s.W.get("lm_head", s.W["embed"])
     sampling = sampling_flag(g)
     if screen:
         exact = g.op("Squeeze", ["full_logits", batch])[0]
-        emit_screened_head(g, rows, head, s.W, g.op("Not", [g.op("Or", [exact, sampling])[0]])[0])
+        emit_screened_head(g, rows, head, s.W, g.op("Not", [g.op("Or", [exact, sampling])[0]])[0],
+                           noise="sample_noise")
     else:
         greedy_token(g, float_head(g, rows, head))
     emit_verify(g, "logits", "next_token", sampling)

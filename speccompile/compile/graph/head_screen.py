@@ -17,8 +17,10 @@ step reads. A greedy step needs only the argmax, and the argmax can be found, pr
                ulp or two of each other may come out in either order, as they may between any two kernels.)
 
 The logits output of a screened pass is the estimate `approx`: a greedy pass reads only next_token and the
-acceptance outputs. Sampling (temperature > 0) and callers that ask for exact logits (input `full_logits`) take
-the float32 product. CPU-only op (MatMulNBits): graphs for TensorRT are built without the screen.
+acceptance outputs. Sampling by noise (input sample_noise: the Gumbel-max trick, runtime/noise.py) takes the
+screen too, its noise added to both sides of step 4's comparison; the in-graph sampling rule (temperature > 0)
+and callers that ask for exact logits (input `full_logits`) take the float32 product. CPU-only op (MatMulNBits):
+graphs for TensorRT are built without the screen.
 The screen's tensors come from speccompile.compile.quantize.head_screen.quantize_head.
 """
 from __future__ import annotations
@@ -39,45 +41,70 @@ def screenable(hidden_size: int, vocab_size: int) -> bool:
 
 
 def emit_screened_head(g: GraphBuilder, rows: str, head: str, W: dict[str, str], screen: str,
-                       logits: str = "logits", next_token: str = "next_token") -> None:
+                       logits: str = "logits", next_token: str = "next_token", noise: str | None = None) -> None:
     """Emit `logits` [R, V] and `next_token` [R] from the final-norm rows [R, H] and the head matrix [V, H].
-    screen: a bool scalar; true takes the int8 screen (logits = its estimates, next_token exact)."""
-    def c(b, v, dt=np.int64):
-        return b.const(np.array(v, dt))
-
+    screen: a bool scalar; true takes the int8 screen (logits = its estimates, next_token exact).
+    noise: the input sample_noise, [R, V] or [1, 1] (the default, zeros): next_token is the argmax of the float32
+    logits plus it. Every step above holds with the noise added to both sides of the comparison, so the screen
+    certifies a noisy argmax as it does a plain one; a [1, 1] noise skips the adds."""
     full = g.branch("full_head")
     full.op("Gemm", [rows, head], outputs=["logits_full"], transB=1)
-    full.op("ArgMax", ["logits_full"], outputs=["next_token_full"], axis=-1, keepdims=0)
-
+    scores = full.op("Add", ["logits_full", noise])[0] if noise else "logits_full"
+    full.op("ArgMax", [scores], outputs=["next_token_full"], axis=-1, keepdims=0)
     s = g.branch("screened_head")
-    nb = g.weights[W["head_screen.l1"]][0][0]
-    int8_product(s, rows, W["head_screen.codes"], W["head_screen.scales"], output="logits_screen")
-    absx = s.op("Abs", [s.op("Reshape", [rows, c(s, [0, nb, BLOCK])])[0]])[0]
-    step = s.op("ReduceMax", [absx, c(s, [-1])], keepdims=0)[0]  # [R, nb]
-    bound = s.op("MatMul", [s.op("Mul", [step, c(s, SLACK / 127, np.float32)])[0], W["head_screen.l1"]])[0]
+    approx, token = _screen(s, rows, head, W, noise)
+    g.op("If", [screen], outputs=[logits, next_token],
+         then_branch=s.subgraph([(approx, "float32"), (token, "int64")]),
+         else_branch=full.subgraph([("logits_full", "float32"), ("next_token_full", "int64")]))
+
+
+def _screen(s: GraphBuilder, rows: str, head: str, W: dict[str, str], noise: str | None) -> tuple[str, str]:
+    """Steps 1-4 above in branch s: returns (the screen's estimated logits, the certified argmax of the float32
+    logits plus `noise`, or the full product's where it cannot certify one). Each weight has one reader here:
+    onnxruntime pre-packs a matrix only for a single kernel, and the int8 product is many times slower unpacked."""
+    def c(v, dt=np.int64):
+        return s.const(np.array(v, dt))
+
+    nb = s.weights[W["head_screen.l1"]][0][0]
+    approx = int8_product(s, rows, W["head_screen.codes"], W["head_screen.scales"])
+    absx = s.op("Abs", [s.op("Reshape", [rows, c([0, nb, BLOCK])])[0]])[0]
+    step = s.op("ReduceMax", [absx, c([-1])], keepdims=0)[0]  # [R, nb]
+    bound = s.op("MatMul", [s.op("Mul", [step, c(SLACK / 127, np.float32)])[0], W["head_screen.l1"]])[0]
     if "head_screen.err" in W:
-        norm = s.op("ReduceL2", [rows, c(s, [-1])], keepdims=1)[0]
+        norm = s.op("ReduceL2", [rows, c([-1])], keepdims=1)[0]
         bound = s.op("Add", [bound, s.op("Mul", [norm, W["head_screen.err"]])[0]])[0]
-    upper = s.op("Add", ["logits_screen", bound])[0]
-    top, idx = s.op("TopK", [upper, c(s, [CANDIDATES + 1])], n_out=2, axis=-1)
-    cand = s.op("Slice", [idx, c(s, [0]), c(s, [CANDIDATES]), c(s, [1])])[0]  # [R, K]
-    rest = s.op("Slice", [top, c(s, [CANDIDATES]), c(s, [CANDIDATES + 1]), c(s, [1])])[0]  # [R, 1]
-    exact = s.op("MatMul", [s.op("Gather", [head, cand], axis=0)[0], s.op("Unsqueeze", [rows, c(s, [2])])[0]])[0]
-    exact = s.op("Squeeze", [exact, c(s, [2])])[0]  # [R, K] float32 logits of the candidates
-    best = s.op("ReduceMax", [exact, c(s, [1])], keepdims=1)[0]
+    upper = s.op("Add", [approx, bound])[0]
+    noisy = s.op("Greater", [s.op("Size", [noise])[0], c(1)])[0] if noise else None
+    if noise:
+        upper = _if_noisy(s, noisy, upper, lambda b: b.op("Add", [upper, noise])[0])
+    top, idx = s.op("TopK", [upper, c([CANDIDATES + 1])], n_out=2, axis=-1)
+    cand = s.op("Slice", [idx, c([0]), c([CANDIDATES]), c([1])])[0]  # [R, K]
+    rest = s.op("Slice", [top, c([CANDIDATES]), c([CANDIDATES + 1]), c([1])])[0]  # [R, 1]
+    exact = s.op("MatMul", [s.op("Gather", [head, cand], axis=0)[0], s.op("Unsqueeze", [rows, c([2])])[0]])[0]
+    exact = s.op("Squeeze", [exact, c([2])])[0]  # [R, K] float32 logits of the candidates
+    if noise:
+        exact = _if_noisy(s, noisy, exact,
+                          lambda b: b.op("Add", [exact, b.op("GatherElements", [noise, cand], axis=1)[0]])[0])
+    best = s.op("ReduceMax", [exact, c([1])], keepdims=1)[0]
     # ArgMax's tie rule (the lowest token id) among candidates that share the best logit
-    winner = s.op("ReduceMin", [s.op("Where", [s.op("Equal", [exact, best])[0], cand, c(s, 2**62)])[0],
-                                c(s, [1])], keepdims=0)[0]
+    winner = s.op("ReduceMin", [s.op("Where", [s.op("Equal", [exact, best])[0], cand, c(2**62)])[0], c([1])],
+                  keepdims=0)[0]
     certified = s.op("ReduceMin", [s.op("Cast", [s.op("Greater", [best, rest])[0]], to=TensorProto.INT32)[0]],
                      keepdims=0)[0]
-    yes = s.branch("certified")
-    yes.op("Identity", [winner], outputs=["next_token_certified"])
-    no = s.branch("uncertified")  # a tie or a flat distribution: the float32 product decides
-    no.op("ArgMax", [no.op("Gemm", [rows, head], transB=1)[0]], outputs=["next_token_fallback"], axis=-1,
-          keepdims=0)
-    s.op("If", [s.op("Cast", [certified], to=TensorProto.BOOL)[0]], outputs=["next_token_screen"],
-         then_branch=yes.subgraph([("next_token_certified", "int64")]),
-         else_branch=no.subgraph([("next_token_fallback", "int64")]))
-    g.op("If", [screen], outputs=[logits, next_token],
-         then_branch=s.subgraph([("logits_screen", "float32"), ("next_token_screen", "int64")]),
-         else_branch=full.subgraph([("logits_full", "float32"), ("next_token_full", "int64")]))
+    yes, no = s.branch("certified"), s.branch("uncertified")
+    certain = yes.op("Identity", [winner])[0]
+    scores = no.op("Gemm", [rows, head], transB=1)[0]  # a tie or a flat distribution: the float32 product decides
+    if noise:
+        scores = no.op("Add", [scores, noise])[0]
+    fallback = no.op("ArgMax", [scores], axis=-1, keepdims=0)[0]
+    token = s.op("If", [s.op("Cast", [certified], to=TensorProto.BOOL)[0]],
+                 then_branch=yes.subgraph([(certain, "int64")]), else_branch=no.subgraph([(fallback, "int64")]))[0]
+    return approx, token
+
+
+def _if_noisy(s: GraphBuilder, noisy: str, plain: str, with_noise) -> str:
+    """`with_noise(branch)` where the noise input has a row per logits row, else `plain` as it is."""
+    yes, no = s.branch("noisy"), s.branch("noiseless")
+    added, kept = with_noise(yes), no.op("Identity", [plain])[0]
+    return s.op("If", [noisy], then_branch=yes.subgraph([(added, "float32")]),
+                else_branch=no.subgraph([(kept, "float32")]))[0]

@@ -1,0 +1,71 @@
+"""Sampling by the argmax: the Gumbel-max trick, its noise drawn per position of the sequence.
+
+With G_v independent standard Gumbel draws, argmax_v(logits_v + T * G_v) is an exact draw from
+softmax(logits / T). A target graph with the exact greedy head adds such noise rows before its argmax (input
+sample_noise, speccompile.graphs), so a sampled pass costs what a greedy one does: the int8 screen certifies the
+noisy argmax as it does the plain one, no float32 head product, no softmax over the vocabulary. A request sampled
+this way runs the greedy decode loop with its noise fed to the target: a draft is accepted when it equals the
+target's draw, so a deterministic candidate x is taken with probability p(x), as the sampled rule takes it.
+
+The noise for the token at position t depends only on the request's seed and t, not on how the passes were cut:
+speculative decoding samples, token for token, what plain decoding samples with the same seed, as greedy
+speculation gives greedy decoding's tokens. Temperature alone: top-k and top-p requests keep the sampled rule.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from speccompile.runtime.sampling import SamplingParams
+
+GREEDY = SamplingParams()  # what the decode loop runs for a request sampled by noise
+
+
+def by_noise(params: SamplingParams) -> bool:
+    """Whether these settings can be sampled by the argmax: temperature alone, exact acceptance."""
+    return not params.greedy and params.top_k == 0 and params.top_p >= 1.0 and params.acceptance == "exact"
+
+
+class GumbelNoise:
+    """temperature * G rows, one per position, for one request; a position's row is kept until the request
+    moves past it (a verify pass's rejected positions are drawn again by the next pass)."""
+
+    def __init__(self, seed: int | None, temperature: float, vocab_size: int):
+        self.key = np.random.SeedSequence(seed).generate_state(2, np.uint64)  # seed None: fresh entropy
+        self.temperature, self.vocab_size = temperature, vocab_size
+        self._rows: dict[int, np.ndarray] = {}
+
+    def rows(self, positions) -> np.ndarray:
+        """[len(positions), V] float32: the noise added to the logits of the token at each position."""
+        positions = [int(p) for p in np.ravel(positions)]
+        for p in [p for p in self._rows if p < min(positions)]:  # passed: never asked for again
+            del self._rows[p]
+        out = np.empty((len(positions), self.vocab_size), np.float32)
+        for i, p in enumerate(positions):
+            if p not in self._rows:
+                self._rows[p] = self._draw(p)
+            out[i] = self._rows[p]
+        return out
+
+    def _draw(self, position: int) -> np.ndarray:
+        # a counter-based generator keyed by the seed: any position's row without drawing the ones before it.
+        # float64 exponentials: a float32 one is exactly 0 (infinite noise, a token forced) about once in 2**23
+        # draws, every few hundred rows of a large vocabulary
+        e = np.random.Generator(np.random.Philox(key=self.key, counter=position)).standard_exponential(
+            self.vocab_size)
+        row = np.log(e.astype(np.float32))
+        row *= -self.temperature  # T * G, G = -log(E) for E ~ Exp(1)
+        return row
+
+
+def sampled_by_noise(params: SamplingParams, takes_noise: bool, vocab_size: int
+                     ) -> tuple[SamplingParams, GumbelNoise | None]:
+    """(the settings the decode loop runs, the request's noise): greedy settings and the noise where the target
+    graphs take it and the request can be sampled by the argmax; else the settings as they are and None."""
+    if takes_noise and by_noise(params):
+        return GREEDY, GumbelNoise(params.seed, params.temperature, vocab_size)
+    return params, None
+
+
+def takes_noise(target, batch_entry: dict | None) -> bool:
+    """Whether the target's graph (an Engine) and its batched form (manifest entry, if any) take sample_noise."""
+    return getattr(target, "takes_noise", False) and (not batch_entry or any(i["name"] == "sample_noise" for i in batch_entry["inputs"]))

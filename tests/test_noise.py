@@ -1,0 +1,94 @@
+"""Temperature sampling by the argmax of noisy logits (runtime/noise.py): the noise is a function of the seed and
+the position, the tokens are distributed exactly as the target's softmax(logits / T), and speculation (any drafter,
+chains and trees, a request alone or sharing passes) samples token for token what plain decoding samples."""
+import numpy as np
+import pytest
+
+from conftest import random_prompts
+from speccompile.runtime.noise import GumbelNoise, by_noise, sampled_by_noise
+from speccompile.runtime.sampling import SamplingParams, probabilities
+from test_decoding import chi2_pvalue
+
+
+def test_a_positions_noise_depends_on_the_seed_and_the_position_only():
+    a, b = GumbelNoise(7, 0.5, 300), GumbelNoise(7, 0.5, 300)
+    rows = a.rows([3, 4, 5])
+    assert np.array_equal(b.rows([5])[0], rows[2])  # drawn in another order: the same row
+    assert np.array_equal(b.rows([4, 4])[1], rows[1])
+    assert not np.array_equal(rows[0], rows[1])
+    assert not np.array_equal(GumbelNoise(8, 0.5, 300).rows([3])[0], rows[0])
+    assert not np.array_equal(GumbelNoise(None, 0.5, 300).rows([3]), GumbelNoise(None, 0.5, 300).rows([3]))
+    assert np.allclose(GumbelNoise(7, 1.0, 300).rows([3])[0] * 0.5, rows[0], atol=1e-6)
+    g = GumbelNoise(1, 1.0, 50000).rows([0])[0] / 1.0  # standard Gumbel: mean Euler's gamma, variance pi^2 / 6
+    assert abs(g.mean() - 0.5772) < 0.02 and abs(g.var() - np.pi ** 2 / 6) < 0.05
+
+
+def test_which_settings_are_sampled_by_noise():
+    assert by_noise(SamplingParams(temperature=0.7))
+    for p in (SamplingParams(), SamplingParams(temperature=0.7, top_k=5), SamplingParams(temperature=0.7, top_p=0.9),
+              SamplingParams(temperature=0.7, acceptance="typical")):
+        assert not by_noise(p)
+    params, noise = sampled_by_noise(SamplingParams(temperature=0.7, seed=1), True, 10)
+    assert params.greedy and noise.temperature == 0.7
+    assert sampled_by_noise(SamplingParams(temperature=0.7), False, 10) == (SamplingParams(temperature=0.7), None)
+
+
+def test_the_tiny_target_samples_by_noise(tiny_generator):
+    assert tiny_generator.noise_ok  # its graphs have the exact greedy head, and so the noise input
+
+
+@pytest.mark.parametrize("drafter,tree", [("model", None), ("lookup", None), ("layerskip:2", None),
+                                          ("model", "dynamic:4"), ("model", "dynamic:3+lookup:4")])
+def test_speculation_samples_what_plain_decoding_samples(tiny_generator, drafter, tree):
+    g = tiny_generator
+    accepted = []
+    for seed, prompt in enumerate(random_prompts(4)):
+        ref = g.generate(prompt, 20, speculate=False, temperature=4.0, seed=seed)
+        res = g.generate(prompt, 20, drafter=drafter, tree=tree, temperature=4.0, seed=seed)
+        assert res.token_ids == ref.token_ids, (drafter, tree, seed)
+        accepted.append(res.stats["mean_accepted_tokens"])
+    assert max(accepted) > 1.0  # drafts were taken: the tokens were not all plain steps
+
+
+def test_requests_sharing_passes_sample_what_they_sample_alone(tiny_generator):
+    g = tiny_generator
+    prompts = random_prompts(5, seed=3)
+    alone = [g.generate(p, 16, drafter="model", temperature=3.0, seed=i).token_ids for i, p in enumerate(prompts)]
+    streams = [g.stream(p, 16, drafter="model", temperature=3.0, seed=i) for i, p in enumerate(prompts)]
+    together = []
+    for s in streams:
+        while True:
+            try:
+                next(s)
+            except StopIteration as stop:
+                together.append(stop.value.token_ids)
+                break
+    assert together == alone
+    assert len(set(map(tuple, alone))) > 1
+
+
+@pytest.mark.parametrize("drafter", ["model", "lookup"])
+def test_noisy_argmax_draws_from_the_targets_distribution(tiny_generator, drafter):
+    """The joint distribution of the first two tokens, sampled by noise with speculation, against softmax of the
+    target's own float32 logits over temperature."""
+    g, T = tiny_generator, 4.0
+    params = SamplingParams(temperature=T)
+    prompt = np.array(random_prompts(2)[1], np.int64)
+    eng = g.target
+    eng.cache.truncate(0)
+    p1 = probabilities(eng.forward(prompt)[0][0].copy(), params)
+    likely = np.flatnonzero(p1 > 1e-3)
+    joint = {}
+    for t1 in likely:
+        eng.cache.truncate(len(prompt))
+        p2 = probabilities(eng.forward(np.array([t1]))[0][0].copy(), params)
+        for t2 in np.flatnonzero(p2 > 1e-3):
+            joint[(t1, t2)] = p1[t1] * p2[t2]
+    cells = sorted(joint)
+    probs = np.append([joint[c] for c in cells], 0.0)
+    probs[-1] = 1.0 - probs.sum()  # everything else: one pooled cell
+    counts = np.zeros(len(probs))
+    for seed in range(2000):
+        first = tuple(g.generate(prompt, 6, drafter=drafter, temperature=T, seed=seed, chat=False).token_ids[:2])
+        counts[cells.index(first) if first in joint else -1] += 1
+    assert len(cells) > 5 and chi2_pvalue(counts, probs) > 1e-3
