@@ -17,16 +17,15 @@ def lower(g, lowering: str, qkv: str, past_key: str, past_value: str, present_ke
         raise ValueError(f"a batched TreeAttention needs the 'ort' lowering, not {lowering!r}")
     if lowering == "ort":
         pad = _pad_row_inputs(g, seqlens_k, total_len, position_ids, attention_bias, query_seqlens)
-        step = g.op("Shape", [qkv], start=1, end=2)[0]
-        last = g.op("Slice", [qkv, g.const(np.array([-1], np.int64)), g.const(np.array([2**62], np.int64)),
-                              g.const(np.array([1], np.int64))])[0]
+        one_more = g.const(np.array([0, 0, 0, 0, 1, 0], np.int64))  # a copy of the last row ("edge"): one op
         extra = ["", "", "", "", "", pad["query_seqlens"]] if query_seqlens else []  # GQA inputs 11..16
-        y = g.op("GroupQueryAttention", [g.op("Concat", [qkv, last], axis=1)[0], "", "", past_key, past_value,
-                                         pad["seqlens_k"], pad["total_len"], cos, sin, pad["position_ids"],
-                                         pad["attention_bias"], *extra],
+        y = g.op("GroupQueryAttention", [g.op("Pad", [qkv, one_more], mode="edge")[0], "", "", past_key,
+                                         past_value, pad["seqlens_k"], pad["total_len"], cos, sin,
+                                         pad["position_ids"], pad["attention_bias"], *extra],
                  outputs=[g.fresh("attn"), present_key, present_value], domain="com.microsoft",
                  num_heads=num_heads, kv_num_heads=kv_num_heads, do_rotary=1, rotary_interleaved=0)[0]
-        return g.op("Slice", [y, g.const(np.array([0], np.int64)), step, g.const(np.array([1], np.int64))])[0]
+        return g.op("Slice", [y, g.const(np.array([0], np.int64)), g.const(np.array([-1], np.int64)),
+                              g.const(np.array([1], np.int64))])[0]  # without the copy's row
     if lowering == "reference":
         return _lower_reference(g, qkv, past_key, past_value, present_key, present_value, seqlens_k, cos, sin,
                                 position_ids, attention_bias, num_heads, kv_num_heads, head_dim)
