@@ -50,8 +50,9 @@ def main(debug):
                    "graphs then use the reference attention ops.")
 @click.option("--head-screen/--no-head-screen", default=True, show_default=True,
               help="Greedy passes find the argmax of the output head through an int8 screen and float32 rescoring "
-                   "of its best candidates, certified exact (falling back to the full product when not); "
-                   "ort attention only.")
+                   "of its best candidates, certified exact (falling back to the full product when not); so do "
+                   "passes sampled at a temperature alone, as the argmax of logits plus Gumbel noise; ort attention "
+                   "only.")
 @click.option("--draft-precision", type=click.Choice(["int8", "float32"]), default="int8", show_default=True,
               help="Weights of MTP draft heads: int8 reads a quarter of the bytes per drafting pass (drafts need not "
                    "be exact: the target verifies them).")

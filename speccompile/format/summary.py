@@ -92,6 +92,8 @@ def weight_lines(m: dict, target: dict) -> list[str]:
         out.append(f"            {name} float32: {why}")
     files = sum(m["files"].get(f, {}).get("bytes", 0) for f in target["weights"])
     step = pass_weight_bytes(m, target, files)
-    out.append(f"decode step reads {step['screened'] / 2**20:.1f} MiB of weights (greedy, screened head), "
-               f"{step['full'] / 2**20:.1f} MiB with the float32 head (sampling)")
+    noise = any(i["name"] == "sample_noise" for i in target.get("inputs", ()))  # temperature sampling screened too
+    out.append(f"decode step reads {step['screened'] / 2**20:.1f} MiB of weights (greedy"
+               f"{' and temperature sampling' if noise else ''}, screened head), {step['full'] / 2**20:.1f} MiB with "
+               f"the float32 head ({'top-k / top-p sampling' if noise else 'sampling'})")
     return out
