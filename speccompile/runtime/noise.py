@@ -68,4 +68,4 @@ def sampled_by_noise(params: SamplingParams, takes_noise: bool, vocab_size: int
 
 def takes_noise(target, batch_entry: dict | None) -> bool:
     """Whether the target's graph (an Engine) and its batched form (manifest entry, if any) take sample_noise."""
-    return getattr(target, "takes_noise", False) and (not batch_entry or any(i["name"] == "sample_noise" for i in batch_entry["inputs"]))
+    return target.takes_noise and (not batch_entry or any(i["name"] == "sample_noise" for i in batch_entry["inputs"]))

@@ -51,6 +51,7 @@ class TensorRTEngine:
         if "tensorrt" not in entry:
             raise SpeccompileError("this bundle has no TensorRT engines: build it with --backend tensorrt")
         self.entry, self.device, self.max_rows, self.verifies = entry, device, max_rows, False
+        self.takes_noise = False  # built without the exact greedy head (runtime/noise.py samples on the host)
         self.trt = trt = import_tensorrt()
         self.engine = self._deserialize(resolve_inside(bundle_dir, entry["tensorrt"]["engine"]))
         self.context = self.engine.create_execution_context()
@@ -94,8 +95,11 @@ class TensorRTEngine:
 
     def forward(self, tokens: np.ndarray, positions: np.ndarray | None = None, parents: np.ndarray | None = None,
                 rows: np.ndarray | None = None, committed: int | None = None, hidden_in: np.ndarray | None = None,
-                full_logits: bool = True):
-        """As Engine.forward (its docstring): one step of S tokens, its K/V written at slots [length, length+S)."""
+                full_logits: bool = True, noise: np.ndarray | None = None):
+        """As Engine.forward (its docstring): one step of S tokens, its K/V written at slots [length, length+S).
+        The engines are built without the exact greedy head, so without its noise input (`takes_noise` false)."""
+        if noise is not None:
+            raise SpeccompileError("TensorRT engines take no sample_noise: sampling runs on the host")
         feeds, R = self._step_inputs(tokens, positions, parents, rows, committed, hidden_in)
         S = len(tokens)
         outputs = {"logits": (R, self.vocab_size), "next_token": (R,), "hidden_states": (S, self.hidden.shape[1])}
