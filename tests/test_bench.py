@@ -160,6 +160,10 @@ def test_plot_title_and_spreads(result):
     for part in ("tiny:llama", "questions.jsonl: 4 prompts in 2 categories", "max_new_tokens 12", "best of 2",
                  "threads 1", result["created"][:10]):
         assert part in title
+    assert ", greedy" in title
+    sampled = copy.deepcopy(result)
+    sampled["settings"]["temperature"] = 0.7
+    assert ", temperature 0.7" in plot_title(sampled) and "greedy" not in plot_title(sampled)
     spreads = group_speedups(result, ["lookup", "model"])
     assert list(spreads) == ["repeat", "chat", "overall"]
     for group, by_method in spreads.items():

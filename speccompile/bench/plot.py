@@ -36,9 +36,10 @@ def plot_title(result: dict) -> str:
     categories = len({p["category"] for p in result["prompts"]})
     threads = s["threads"] or f"all {result['machine']['cpu_count']}"
     tree = f", tree {s['tree']}" if s.get("tree") else ""
+    decoding = f"temperature {s['temperature']:g}" if s.get("temperature") else "greedy"
     return (f"{model} ({target['model_type']}, {target['num_layers']} layers)  |  "
             f"{os.path.basename(s['dataset'])}: {len(result['prompts'])} prompts in {categories} categories  |  "
-            f"max_new_tokens {s['max_new_tokens']}, greedy{tree}, best of {s['repeats']}  |  threads {threads}  |  "
+            f"max_new_tokens {s['max_new_tokens']}, {decoding}{tree}, best of {s['repeats']}  |  threads {threads}  |  "
             f"{result['created'][:10]}")
 
 
