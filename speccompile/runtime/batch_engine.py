@@ -33,7 +33,7 @@ class SlotStep:
     parents: np.ndarray | None = None
     committed: int | None = None
     rows: np.ndarray | None = None  # default: the last token
-    noise: np.ndarray | None = None  # [len(wanted), V] added to the wanted rows' logits before the argmax
+    noise: list | None = None  # a [V] row per wanted row, added to its logits before the argmax (runtime/noise.py)
 
     @property
     def wanted(self) -> np.ndarray:
@@ -63,6 +63,7 @@ class BatchEngine:
         optional = {i.name for i in self.session.get_overridable_initializers()}
         self._full_logits = np.ones(1, bool) if "full_logits" in optional else None
         self.takes_noise, self._no_noise = "sample_noise" in optional, np.zeros((1, 1), np.float32)
+        self._noise_rows = np.zeros((0, self.vocab_size), np.float32)  # grown to the most rows a noisy pass had
         self._io: dict[tuple[int, int], tuple[ort.IOBinding, dict]] = {}  # per slot run: binding, bound shapes
         self.weight_bytes = sum(os.path.getsize(resolve_inside(bundle_dir, w)) for w in entry["weights"])
 
@@ -136,9 +137,15 @@ class BatchEngine:
             return self._no_noise if self.takes_noise else None
         if not self.takes_noise:
             raise SpeccompileError("this batched graph takes no sample_noise (a bundle built before it)")
-        noise = np.zeros((R, self.vocab_size), np.float32)
-        for rows, rows_noise in noisy:
-            noise[rows] = rows_noise
+        if len(self._noise_rows) < R:
+            self._noise_rows = np.zeros((R, self.vocab_size), np.float32)
+        noise, start = self._noise_rows[:R], 0
+        for rows, rows_noise in noisy:  # slots in row order; the rows between them (others' slots) zero
+            noise[start:rows.start] = 0.0
+            for i, row in enumerate(rows_noise):
+                noise[rows.start + i] = row
+            start = rows.stop
+        noise[start:] = 0.0
         return noise
 
     def _bind_and_run(self, first, n, S, T, R, ids, pos, bias, full_logits, noise) -> None:

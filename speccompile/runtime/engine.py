@@ -140,8 +140,8 @@ class Engine:
         a chain. Returns (logits[R, V], next_token[R]) views, valid until the next call; `rows` (default: the
         last token) selects the tokens whose logits are computed. `self.hidden[:S]` then holds the step's hidden
         states. `hidden_in` [S, H] feeds an MTP head. full_logits=False: the caller reads only next_token (greedy),
-        so a graph with the exact greedy head may return estimated logits. noise [R, V] (a graph that
-        `takes_noise`): added to the rows' logits before next_token's argmax."""
+        so a graph with the exact greedy head may return estimated logits. noise (a graph that `takes_noise`): R rows
+        of V values, added to the rows' logits before next_token's argmax (runtime/noise.py)."""
         R = self._bind_step(self.io, tokens, positions, parents, rows, committed, hidden_in, full_logits, noise)
         self._bind(self.io, "logits", self.logits, [R, self.vocab_size], output=True)
         self.session.run_with_iobinding(self.io)
@@ -155,8 +155,8 @@ class Engine:
 
         tokens: the pending token, then the draft nodes; parents: per token its parent in the block (-1 for the
         pending token; a chain is arange(S) - 1); temperature 0: greedy, else sampled with top_k (0 = off), using
-        uniforms [S, 2] drawn by the caller (see speccompile.graphs); noise [S, V] as `forward`'s. Returns (the accepted nodes, as indices
-        into tokens[1:], root first; the token to commit after them); `self.hidden[:S]` holds the hidden states.
+        uniforms [S, 2] drawn by the caller (see speccompile.graphs); noise: S rows, as `forward`'s. Returns (the
+        accepted nodes, as indices into tokens[1:], root first; the token to commit after them); `self.hidden[:S]` holds the hidden states.
         The host only walks the accepted path back from its end."""
         parents = np.asarray(parents, np.int64)
         S, io = len(tokens), self.io_verify
@@ -227,10 +227,10 @@ class Engine:
             if noise is None:
                 self._bind(io, "sample_noise", self._no_noise, [1, 1])
             else:
-                if np.shape(noise) != (R, self.vocab_size):
-                    raise SpeccompileError(f"noise of shape {np.shape(noise)} for {R} rows of {self.vocab_size} "
-                                           "logits")
-                self._noise[:R] = noise  # a copy into the bound buffer costs less than a new binding
+                if len(noise) != R:
+                    raise SpeccompileError(f"{len(noise)} noise rows for {R} rows of logits")
+                for i, row in enumerate(noise):  # copied into the bound buffer: cheaper than a new binding
+                    self._noise[i] = row
                 self._bind(io, "sample_noise", self._noise, [R, self.vocab_size])
         elif noise is not None:
             raise SpeccompileError("this graph takes no sample_noise (a bundle built before it, or without the "

@@ -33,25 +33,25 @@ class GumbelNoise:
         self.key = np.random.SeedSequence(seed).generate_state(2, np.uint64)  # seed None: fresh entropy
         self.temperature, self.vocab_size = temperature, vocab_size
         self._rows: dict[int, np.ndarray] = {}
+        self._exponentials = np.empty(vocab_size)  # float64 scratch of each draw
 
-    def rows(self, positions) -> np.ndarray:
-        """[len(positions), V] float32: the noise added to the logits of the token at each position."""
+    def rows(self, positions) -> list[np.ndarray]:
+        """The noise added to the logits of the token at each position: one [V] float32 row each, kept here (read
+        them, do not write them); the engines copy them into their bound buffers."""
         positions = [int(p) for p in np.ravel(positions)]
         for p in [p for p in self._rows if p < min(positions)]:  # passed: never asked for again
             del self._rows[p]
-        out = np.empty((len(positions), self.vocab_size), np.float32)
-        for i, p in enumerate(positions):
+        for p in positions:
             if p not in self._rows:
                 self._rows[p] = self._draw(p)
-            out[i] = self._rows[p]
-        return out
+        return [self._rows[p] for p in positions]
 
     def _draw(self, position: int) -> np.ndarray:
         # a counter-based generator keyed by the seed: any position's row without drawing the ones before it.
         # float64 exponentials: a float32 one is exactly 0 (infinite noise, a token forced) about once in 2**23
         # draws, every few hundred rows of a large vocabulary
-        e = np.random.Generator(np.random.Philox(key=self.key, counter=position)).standard_exponential(
-            self.vocab_size)
+        e = self._exponentials
+        np.random.Generator(np.random.Philox(key=self.key, counter=position)).standard_exponential(out=e)
         row = np.log(e.astype(np.float32))
         row *= -self.temperature  # T * G, G = -log(E) for E ~ Exp(1)
         return row
