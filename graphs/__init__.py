@@ -50,6 +50,11 @@ greedy; so a caller of the plain contract above feeds none of them)
                                               pass's price (the Gumbel-max trick, runtime/noise.py); fed with
                                               temperature 0, the greedy acceptance then accepts exactly the drafts
                                               the target draws
+  noise_top_k      int64   [R] or [1]         (graphs with the exact greedy head, version 7; batched 3) 0 = off;
+                                              k > 0: with sample_noise, a row's argmax is taken among its k largest
+                                              float32 logits only (ties at the k-th kept, as the host's top-k keeps
+                                              them): an exact draw from the top-k distribution at a greedy pass's
+                                              price
 outputs
   node_prob        float64 [R]                p_parent(r)(token of r) after temperature and top-k (greedy: 0; root: 0)
   accept_node      int64   [1]                end of the accepted path (0: no draft node accepted)
@@ -87,15 +92,20 @@ MAX_STEP_TOKENS = 128  # tokens one pass may run: a prefill chunk, or a verify b
 MAX_VERIFY_TOKENS = 64  # rows one verify pass may check: the pending token + its drafts
 MAX_TREE_NODES = MAX_VERIFY_TOKENS - 1  # draft nodes of one tree
 
-DECODER_GRAPH_VERSION = 6  # 6: sample_noise; 5: scratch slots (below); 4: the exact greedy head (full_logits); 3:
-#                            attention_bias as wide as the slots in use (2: always LMAX); all still run
+DECODER_GRAPH_VERSION = 7  # 7: noise_top_k; 6: sample_noise; 5: scratch slots (below); 4: the exact greedy
+#                            head (full_logits); 3: attention_bias as wide as the slots in use (2: always LMAX); all still run
 # what `quantization.formats` may say of a matrix: float32, a GGUF block type kept as it is stored (joined types
 # as "q4_k+q6_k as 8-bit blocks of 16"), or a block-wise quantization of float weights by `build --weights`
 WEIGHT_FORMATS = ("float32", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k", "int4", "int8")
-BATCH_GRAPH_VERSION = 2  # the batched form (above); 2: sample_noise
+BATCH_GRAPH_VERSION = 3  # the batched form (above); 2: sample_noise; 3: noise_top_k
 DEFAULT_MAX_BATCH = 4  # sequence slots of the batched graph unless the build says otherwise
 VERIFY_DEFAULTS = {"node_parents": [-1], "temperature": [0.0], "top_k": [0], "uniforms": [[0.0, 0.0]],
-                   "full_logits": [True], "sample_noise": [[0.0]]}
+                   "full_logits": [True], "sample_noise": [[0.0]], "noise_top_k": [0]}
+
+
+# the inputs of a graph with the exact greedy head (speccompile/compile/graph/head_screen.py)
+SCREEN_INPUTS = [("full_logits", "bool", [1]), ("sample_noise", "float32", ["RN", "VN"]),
+                 ("noise_top_k", "int64", ["RK"])]
 
 
 def trees_exact(quantization: dict | None) -> bool:
@@ -145,7 +155,7 @@ def decoder_signature(num_layers: int, num_kv_heads: int, head_dim: int, max_seq
         inputs += [("node_parents", "int64", ["R"]), ("temperature", "float32", [1]), ("top_k", "int64", [1]),
                    ("uniforms", "float64", ["R", 2])]
         if screen:
-            inputs += [("full_logits", "bool", [1]), ("sample_noise", "float32", ["RN", "VN"])]
+            inputs += SCREEN_INPUTS
         outputs += [("node_prob", "float64", ["R"]), ("accept_node", "int64", [1]), ("accept_len", "int64", [1]),
                     ("accept_token", "int64", [1])]
     for i in range(num_layers):
@@ -160,7 +170,7 @@ def _batched_signature(num_layers, num_kv_heads, head_dim, max_seq_len, vocab_si
               ("seqlens_k", "int32", ["N"]), ("query_seqlens", "int32", ["N"]),
               ("attention_bias", "float32", ["N", 1, "S", "T"]), ("logits_index", "int64", ["R"])]
     if screen:
-        inputs += [("full_logits", "bool", [1]), ("sample_noise", "float32", ["RN", "VN"])]
+        inputs += SCREEN_INPUTS
     outputs = [("logits", "float32", ["R", vocab_size]), ("next_token", "int64", ["R"]),
                ("hidden_states", "float32", ["NS", hidden_size])]
     if aux_width:

@@ -21,6 +21,7 @@ from speccompile.runtime.batch_engine import BatchEngine, SlotStep
 from speccompile.runtime.engine import Engine
 from speccompile.runtime.generator import drain
 from speccompile.runtime.kv_cache import KVCache
+from speccompile.runtime.noise import NoiseSupport
 from speccompile.runtime.sampling import SamplingParams, probabilities
 
 from conftest import quiet, random_prompts
@@ -123,8 +124,11 @@ def test_concurrent_greedy_with_eagle_heads(tmp_path):
                                 dict(drafter="lookup", tree="dynamic:4"), dict(drafter="model", tree="adaptive")])
 def test_sampled_distribution_with_several_slots(tiny_bundle, kw):
     """The first two new tokens of many seeded requests, run four at a time (the second token may come from an
-    accepted draft), follow the target's distribution (chi-square over the pairs)."""
+    accepted draft), follow the target's distribution (chi-square over the pairs). Top-k, so sampled by noise
+    (runtime/noise.py) except for the tree of lookup nodes, which runs the sampled acceptance rule."""
     g = speccompile.load(tiny_bundle, threads=1)
+    if kw.get("drafter") == "lookup":
+        g.noise_ok = NoiseSupport()
     g._cost = synthetic(5.0, 0.05)  # adaptive drafting's costs: rows cheap enough to draft (no calibration)
     params = SamplingParams(temperature=1.5, top_k=3)
     prompt = np.array(random_prompts(1, seed=11)[0], np.int64)

@@ -163,7 +163,9 @@ def test_plot_title_and_spreads(result):
     assert ", greedy" in title
     sampled = copy.deepcopy(result)
     sampled["settings"]["temperature"] = 0.7
-    assert ", temperature 0.7" in plot_title(sampled) and "greedy" not in plot_title(sampled)
+    assert ", temperature 0.7," in plot_title(sampled) and "greedy" not in plot_title(sampled)
+    sampled["settings"]["top_k"] = 40
+    assert ", temperature 0.7, top-k 40," in plot_title(sampled)
     spreads = group_speedups(result, ["lookup", "model"])
     assert list(spreads) == ["repeat", "chat", "overall"]
     for group, by_method in spreads.items():

@@ -6,6 +6,7 @@ import pytest
 from speccompile.errors import SpeccompileError
 
 from speccompile.runtime.acceptance import accept_chain_q, accept_sampled, chain_parents, sequential
+from speccompile.runtime.noise import NoiseSupport
 from speccompile.runtime.sampling import SamplingParams, probabilities, sample
 
 from conftest import assert_lossless, random_prompts
@@ -97,6 +98,14 @@ def test_sampled_speculative_matches_target_distribution(tiny_generator, drafter
         res = g.generate(prompt, 6, drafter=drafter, temperature=1.5, top_k=4, seed=seed, tree=tree)
         counts[cells.index(tuple(res.token_ids[:2]))] += 1
     assert chi2_pvalue(counts, probs) > 1e-3
+
+
+@pytest.mark.parametrize("drafter", ["model", "lookup"])
+def test_sampled_rule_matches_target_distribution(tiny_generator, drafter, monkeypatch):
+    """The same through the sampled acceptance rule, as over graphs without the noise inputs (top-k is sampled by
+    noise where the graphs take it: runtime/noise.py)."""
+    monkeypatch.setattr(tiny_generator, "noise_ok", NoiseSupport())
+    test_sampled_speculative_matches_target_distribution(tiny_generator, drafter)
 
 
 def test_probabilities_top_k_top_p():

@@ -16,17 +16,20 @@ from speccompile.graphs.builder import OPSET, GraphBuilder
 V, H = 1000, 64
 
 
-def head_session(head: np.ndarray, profile_dir=None, noise=False):
+def head_session(head: np.ndarray, profile_dir=None, noise=False, top_k=False):
     """A graph of just the head: rows [R, H] and the bool `screen` in (and with noise, sample_noise [R, V] or
-    [1, 1]), logits and next_token out."""
+    [1, 1]; with top_k, noise_top_k [R] or [1]), logits and next_token out."""
     weights = {"head": head, **quantize_head(head)}
     g = GraphBuilder("head")
     g.input("rows", "float32", ["R", H])
     g.input("screen", "bool", [])
     if noise:
         g.input("sample_noise", "float32", ["RN", "VN"])
+    if top_k:
+        g.input("noise_top_k", "int64", ["RK"])
     W = {k: g.weight(k, v) for k, v in weights.items()}
-    emit_screened_head(g, "rows", "head", W, "screen", noise="sample_noise" if noise else None)
+    emit_screened_head(g, "rows", "head", W, "screen", noise="sample_noise" if noise else None,
+                       top_k="noise_top_k" if top_k else None)
     g.output("logits", "float32", ["R", V])
     g.output("next_token", "int64", ["R"])
     graph = helper.make_graph(g.nodes, "head", g.inputs, g.outputs,
@@ -42,10 +45,12 @@ def head_session(head: np.ndarray, profile_dir=None, noise=False):
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def run(sess, rows, screen, noise=None):
+def run(sess, rows, screen, noise=None, top_k=None):
     feed = {"rows": np.ascontiguousarray(rows, np.float32), "screen": np.array(screen)}
     if noise is not None:
         feed["sample_noise"] = np.ascontiguousarray(noise, np.float32)
+    if top_k is not None:
+        feed["noise_top_k"] = np.asarray(top_k, np.int64)
     return sess.run(None, feed)
 
 
@@ -184,6 +189,40 @@ def test_noisy_screen_is_the_argmax_of_the_float32_logits_plus_the_noise(on_grid
     peaked = head_session(w, tmp_path, noise=True)
     noise = (-0.7 * np.log(rng.standard_exponential((8, V)))).astype(np.float32)
     run(peaked, peaked_rows(w, 8), True, noise)
+    events = json.load(open(peaked.end_profiling()))
+    assert "ArgMax" not in {e["args"]["op_name"] for e in events if e.get("cat") == "Node"}
+
+
+def top_k_reference(logits, noise, top_k):
+    """argmax of logits + noise among each row's top_k largest logits (ties at the k-th kept; 0 = all)."""
+    k = np.broadcast_to(np.asarray(top_k), (len(logits),))
+    kth = np.array([np.sort(row)[-kk] if kk else -np.inf for row, kk in zip(logits, k)])[:, None]
+    return np.where(logits >= kth, logits + noise, -np.inf).argmax(-1)
+
+
+@pytest.mark.parametrize("on_grid", [True, False])
+def test_noisy_top_k_screen_draws_within_each_rows_top_k(on_grid, tmp_path):
+    """noise_top_k: with noise, each row's argmax keeps to its top_k largest float32 logits (0: all of them):
+    a draw from the top-k distribution. The screen (with its wider candidate set) agrees with the full product
+    and with numpy, for one k for all rows, per-row k mixing 0, k beyond the candidates, and greedy passes that
+    ignore it; peaked rows with a small k are certified without the float32 product."""
+    w = random_head(on_grid=on_grid)
+    sess = head_session(w, noise=True, top_k=True)
+    rng = np.random.default_rng(6)
+    x = np.concatenate([peaked_rows(w, 16), rng.standard_normal((8, H)).astype(np.float32) * 4])
+    limited = 0
+    for top_k in ([1], [3], [40], [CANDIDATES + 100], [0], rng.choice([0, 1, 5, 30, 700], len(x))):
+        noise = (-0.8 * np.log(rng.standard_exponential((len(x), V)))).astype(np.float32)
+        logits, ref = run(sess, x, False, noise, top_k)
+        assert np.array_equal(ref, top_k_reference(logits, noise, top_k))
+        _, tok = run(sess, x, True, noise, top_k)
+        assert np.array_equal(tok, ref), top_k
+        limited += np.sum(ref != (logits + noise).argmax(-1))
+    assert limited > 0  # top-k did keep some draws from tokens outside it
+    _, plain = run(sess, x, True, np.zeros((1, 1)), [5])  # greedy: top_k has no say
+    assert np.array_equal(plain, run(sess, x, False, np.zeros((1, 1)), [5])[0].argmax(-1))
+    peaked = head_session(w, tmp_path, noise=True, top_k=True)
+    run(peaked, peaked_rows(w, 8), True, (-0.5 * np.log(rng.standard_exponential((8, V)))).astype(np.float32), [2])
     events = json.load(open(peaked.end_profiling()))
     assert "ArgMax" not in {e["args"]["op_name"] for e in events if e.get("cat") == "Node"}
 

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import random_prompts
 from speccompile.runtime.generator import drain
-from speccompile.runtime.noise import GumbelNoise, by_noise, sampled_by_noise
+from speccompile.runtime.noise import GumbelNoise, NoiseSupport, by_noise, sampled_by_noise
 from speccompile.runtime.sampling import SamplingParams, probabilities
 from test_decoding import chi2_pvalue
 
@@ -25,17 +25,20 @@ def test_a_positions_noise_depends_on_the_seed_and_the_position_only():
 
 
 def test_which_settings_are_sampled_by_noise():
-    assert by_noise(SamplingParams(temperature=0.7))
-    for p in (SamplingParams(), SamplingParams(temperature=0.7, top_k=5), SamplingParams(temperature=0.7, top_p=0.9),
+    assert by_noise(SamplingParams(temperature=0.7)) and by_noise(SamplingParams(temperature=0.7, top_k=5))
+    assert not by_noise(SamplingParams(temperature=0.7, top_k=5), NoiseSupport(temperature=True))
+    for p in (SamplingParams(), SamplingParams(temperature=0.7, top_p=0.9),
               SamplingParams(temperature=0.7, acceptance="typical")):
         assert not by_noise(p)
-    params, noise = sampled_by_noise(SamplingParams(temperature=0.7, seed=1), True, 10)
-    assert params.greedy and noise.temperature == 0.7
-    assert sampled_by_noise(SamplingParams(temperature=0.7), False, 10) == (SamplingParams(temperature=0.7), None)
+    params, noise = sampled_by_noise(SamplingParams(temperature=0.7, seed=1, top_k=3), NoiseSupport(True, True), 10)
+    assert params.greedy and noise.temperature == 0.7 and noise.rows([4]).top_k == 3
+    assert sampled_by_noise(SamplingParams(temperature=0.7, top_k=10), NoiseSupport(True, True), 10)[1].top_k == 0
+    assert sampled_by_noise(SamplingParams(temperature=0.7), NoiseSupport(), 10) == (SamplingParams(temperature=0.7),
+                                                                                   None)
 
 
 def test_the_tiny_target_samples_by_noise(tiny_generator):
-    assert tiny_generator.noise_ok  # its graphs have the exact greedy head, and so the noise input
+    assert tiny_generator.noise_ok == NoiseSupport(True, True)  # its graphs have the exact greedy head
 
 
 @pytest.mark.parametrize("drafter,tree", [("model", None), ("lookup", None), ("layerskip:2", None),
@@ -51,26 +54,39 @@ def test_speculation_samples_what_plain_decoding_samples(tiny_generator, drafter
     assert max(accepted) > 1.0  # drafts were taken: the tokens were not all plain steps
 
 
+@pytest.mark.parametrize("drafter,tree", [("model", None), ("model", "dynamic:3+lookup:4")])
+def test_top_k_speculation_samples_what_plain_decoding_samples(tiny_generator, drafter, tree):
+    """Top-k by noise: the argmax within the k largest logits, so speculation keeps plain decoding's draws."""
+    g, changed = tiny_generator, 0
+    for seed, prompt in enumerate(random_prompts(4)):
+        ref = g.generate(prompt, 20, speculate=False, temperature=4.0, top_k=4, seed=seed).token_ids
+        res = g.generate(prompt, 20, drafter=drafter, tree=tree, temperature=4.0, top_k=4, seed=seed).token_ids
+        assert res == ref, (drafter, tree, seed)
+        changed += ref != g.generate(prompt, 20, speculate=False, temperature=4.0, seed=seed).token_ids
+    assert changed  # top-k did change what was drawn
+
+
 def test_requests_sharing_passes_sample_what_they_sample_alone(tiny_generator):
     g = tiny_generator
     prompts = random_prompts(5, seed=3)
     temperature = [3.0, 0.0, 3.0, 3.0, 3.0]  # a greedy request between them: its rows take no noise
-    alone = [g.generate(p, 16, drafter="model", temperature=t, seed=i).token_ids
-             for i, (p, t) in enumerate(zip(prompts, temperature))]
+    top_k = [0, 0, 5, 2, 0]  # each row its own top-k in a shared pass
+    alone = [g.generate(p, 16, drafter="model", temperature=t, top_k=k, seed=i).token_ids
+             for i, (p, t, k) in enumerate(zip(prompts, temperature, top_k))]
     shared = g.scheduler.shared_passes
-    streams = [g.stream(p, 16, drafter="model", temperature=t, seed=i)
-               for i, (p, t) in enumerate(zip(prompts, temperature))]
+    streams = [g.stream(p, 16, drafter="model", temperature=t, top_k=k, seed=i)
+               for i, (p, t, k) in enumerate(zip(prompts, temperature, top_k))]
     assert [drain(s).token_ids for s in streams] == alone
     assert g.scheduler.shared_passes > shared  # they did share passes
     assert len(set(map(tuple, alone))) > 1
 
 
-@pytest.mark.parametrize("drafter", ["model", "lookup"])
-def test_noisy_argmax_draws_from_the_targets_distribution(tiny_generator, drafter):
+@pytest.mark.parametrize("drafter,top_k", [("model", 0), ("lookup", 0), ("model", 3)])
+def test_noisy_argmax_draws_from_the_targets_distribution(tiny_generator, drafter, top_k):
     """The joint distribution of the first two tokens, sampled by noise with speculation, against softmax of the
-    target's own float32 logits over temperature."""
+    target's own float32 logits over temperature (within the top k)."""
     g, T = tiny_generator, 4.0
-    params = SamplingParams(temperature=T)
+    params = SamplingParams(temperature=T, top_k=top_k)
     prompt = np.array(random_prompts(2)[1], np.int64)
     eng = g.target
     eng.cache.truncate(0)
@@ -87,6 +103,7 @@ def test_noisy_argmax_draws_from_the_targets_distribution(tiny_generator, drafte
     probs[-1] = 1.0 - probs.sum()  # everything else: one pooled cell
     counts = np.zeros(len(probs))
     for seed in range(2000):
-        first = tuple(g.generate(prompt, 6, drafter=drafter, temperature=T, seed=seed, chat=False).token_ids[:2])
+        first = tuple(g.generate(prompt, 6, drafter=drafter, temperature=T, top_k=top_k, seed=seed,
+                                 chat=False).token_ids[:2])
         counts[cells.index(first) if first in joint else -1] += 1
-    assert len(cells) > 5 and chi2_pvalue(counts, probs) > 1e-3
+    assert len(cells) > (5 if not top_k else top_k) and chi2_pvalue(counts, probs) > 1e-3

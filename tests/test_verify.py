@@ -7,6 +7,7 @@ import pytest
 from speccompile.graphs import decoder_signature
 from speccompile.graphs.builder import GraphBuilder
 from speccompile.runtime.engine import session_options
+from speccompile.runtime.noise import NoiseSupport
 from speccompile.runtime.acceptance import accept_greedy, accept_sampled, from_table
 from speccompile.runtime.sampling import SamplingParams, probabilities
 from speccompile.compile.graph.verify import emit_verify, sampling_flag
@@ -155,10 +156,12 @@ def test_host_fallback_for_bundles_without_the_extension(tiny_generator, monkeyp
     assert slow.token_ids == fast.token_ids and slow.stats["verified_in_graph"] == 0
 
 
-def test_sampled_verification_paths(tiny_generator):
+def test_sampled_verification_paths(tiny_generator, monkeypatch):
     """Sampled passes verify in the graph unless top-p or draft distributions q need the host; a seed
-    reproduces a run. (The committed tokens' distribution end to end: test_trees / test_decoding.)"""
+    reproduces a run. (The committed tokens' distribution end to end: test_trees / test_decoding.) Top-k is
+    sampled by noise where the graphs take it (test_noise): here the sampled rule, as for a bundle without it."""
     g = tiny_generator
+    monkeypatch.setattr(g, "noise_ok", NoiseSupport())
     prompt = random_prompts(2)[1]
     kw = dict(temperature=1.5, top_k=4, seed=0)
     tree = g.generate(prompt, 12, drafter="lookup", tree="dynamic:8", **kw)

@@ -21,12 +21,13 @@ def split_acceptance(spec: str) -> tuple[str, str | None]:
     return spec, acceptance or None
 
 
-def speccompile_methods(gen, drafters: list[str], tree: str | None, temperature: float = 0.0) -> list[Method]:
+def speccompile_methods(gen, drafters: list[str], tree: str | None, temperature: float = 0.0,
+                        top_k: int = 0) -> list[Method]:
     def runner(drafter, tree, acceptance=None):
         def run(ids, max_new_tokens):
             seed = sum(ids) % 2**32  # sampled runs: the same seed for a prompt under every method
             r = gen.generate(ids, max_new_tokens, drafter=drafter, speculate=drafter is not None, tree=tree,
-                             temperature=temperature, seed=seed, acceptance=acceptance)
+                             temperature=temperature, top_k=top_k, seed=seed, acceptance=acceptance)
             return {"token_ids": r.token_ids, "stats": r.stats}
         return run
     methods = [Method(AUTOREGRESSIVE, "speccompile", None, AUTOREGRESSIVE, None, runner(None, None))]

@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from speccompile.bench.report import make_parent
+from speccompile.bench.settings import decoding as describe_decoding
 from speccompile.bench.stats import geometric_mean, prompt_speedups
 from speccompile.errors import SpeccompileError
 
@@ -36,7 +37,7 @@ def plot_title(result: dict) -> str:
     categories = len({p["category"] for p in result["prompts"]})
     threads = s["threads"] or f"all {result['machine']['cpu_count']}"
     tree = f", tree {s['tree']}" if s.get("tree") else ""
-    decoding = f"temperature {s['temperature']:g}" if s.get("temperature") else "greedy"
+    decoding = describe_decoding(s)
     return (f"{model} ({target['model_type']}, {target['num_layers']} layers)  |  "
             f"{os.path.basename(s['dataset'])}: {len(result['prompts'])} prompts in {categories} categories  |  "
             f"max_new_tokens {s['max_new_tokens']}, {decoding}{tree}, best of {s['repeats']}  |  threads {threads}  |  "

@@ -53,7 +53,7 @@ import os
 
 from speccompile.bench.machine import bundle_summary, machine_info, peak_rss_mib, versions
 from speccompile.bench.prompts import sha256_of
-from speccompile.bench.settings import AUTOREGRESSIVE, SCHEMA_VERSION
+from speccompile.bench.settings import AUTOREGRESSIVE, SCHEMA_VERSION, decoding as describe_decoding
 from speccompile.bench.stats import REPEAT_NGRAM, summarize
 
 
@@ -98,7 +98,7 @@ def format_table(result: dict) -> str:
     s, machine = result["settings"], result["machine"]
     lines = [f"{len(result['prompts'])} prompts, max_new_tokens {s['max_new_tokens']}, best of {s['repeats']}, "
              f"threads {s['threads'] or 'all'}, "
-             f"{'temperature ' + str(s.get('temperature')) if s.get('temperature') else 'greedy'}; machine memory bandwidth "
+             f"{describe_decoding(s)}; machine memory bandwidth "
              f"{machine['memory_bandwidth_gbps']:.1f} GB/s; peak RSS {result['peak_rss_mib']['speccompile']:.0f} MiB",
              ""]
     head = (f"{'category':16s} {'method':28s} {'tok/s':>7s} {'speedup':>7s} {'paired':>7s} {'acc.tok':>7s} "

@@ -94,7 +94,8 @@ class Benchmark:
             log(f"skipped {len(self.skipped)} questions too long for the compiled context of "
                 f"{self.gen.max_seq_len} tokens: {', '.join(map(str, self.skipped))}")
         self.drafters = choose_drafters(self.gen, settings.drafters)
-        self.ours = speccompile_methods(self.gen, self.drafters, settings.tree, settings.temperature)
+        self.ours = speccompile_methods(self.gen, self.drafters, settings.tree, settings.temperature,
+                                        settings.top_k)
         self.theirs: list[Method] = []
         self.workdir = tempfile.TemporaryDirectory(prefix="speccompile-bench-")
         if settings.compare_transformers:

@@ -24,6 +24,7 @@ class BenchSettings:
     streams: tuple[int, ...] = ()  # concurrency mode (bench/concurrency.py): these stream counts; empty: none
     stream_requests: int = 8  # requests the concurrency mode serves (the first prompts)
     temperature: float = 0.0  # 0: greedy; else every method samples, each run seeded by its prompt's position
+    top_k: int = 0  # with a temperature: sample from the k likeliest tokens (0: off)
 
 
 @dataclasses.dataclass
@@ -38,3 +39,11 @@ class Method:
     def describe(self) -> dict:
         return {"name": self.name, "engine": self.engine, "drafter": self.drafter, "baseline": self.baseline,
                 "counterpart": self.counterpart}
+
+
+def decoding(settings: dict) -> str:
+    """How a result's runs decoded, for its table and plot: greedy, or the temperature (and top-k)."""
+    if not settings.get("temperature"):
+        return "greedy"
+    top_k = f", top-k {settings['top_k']}" if settings.get("top_k") else ""
+    return f"temperature {settings['temperature']:g}{top_k}"

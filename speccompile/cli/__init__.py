@@ -51,8 +51,8 @@ def main(debug):
 @click.option("--head-screen/--no-head-screen", default=True, show_default=True,
               help="Greedy passes find the argmax of the output head through an int8 screen and float32 rescoring "
                    "of its best candidates, certified exact (falling back to the full product when not); so do "
-                   "passes sampled at a temperature alone, as the argmax of logits plus Gumbel noise; ort attention "
-                   "only.")
+                   "passes sampled at a temperature (with or without top-k), as the argmax of logits plus Gumbel "
+                   "noise; ort attention only.")
 @click.option("--draft-precision", type=click.Choice(["int8", "float32"]), default="int8", show_default=True,
               help="Weights of MTP draft heads: int8 reads a quarter of the bytes per drafting pass (drafts need not "
                    "be exact: the target verifies them).")
@@ -191,6 +191,7 @@ def _ints(option: str, value: str | None) -> list[int]:
 @click.option("--repeats", default=1, show_default=True, help="Runs per prompt and method; the fastest is kept.")
 @click.option("--temperature", default=0.0, show_default=True,
               help="Sample at this temperature (seeded per prompt); NAME~typical methods accept typically (lossy).")
+@click.option("--top-k", default=0, show_default=True, help="With --temperature: sample from the k likeliest tokens.")
 @click.option("--threads", default=None, type=int, help="Intra-op threads (default: all cores).")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write the result document here.")
 @click.option("--plot", "plot_out", type=click.Path(), default=None, help="Write a PNG of three panels here.")
@@ -203,8 +204,8 @@ def _ints(option: str, value: str | None) -> list[int]:
               "then with each of these numbers of concurrent streams (comma-separated, e.g. 1,2,4,8).")
 @click.option("--stream-requests", default=8, show_default=True, help="Requests the concurrency mode serves.")
 @errors_to_exit
-def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, repeats, temperature, threads, json_out,
-          plot_out, compare_transformers, multi_turn, streams, stream_requests):
+def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, repeats, temperature, top_k, threads,
+          json_out, plot_out, compare_transformers, multi_turn, streams, stream_requests):
     """Benchmark BUNDLE: speculative against autoregressive decoding, per prompt category."""
     from speccompile.bench.plot import plot
     from speccompile.bench.report import format_table, write_json
@@ -219,7 +220,7 @@ def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, re
     settings = BenchSettings(dataset=dataset, categories=_csv(categories), limit=limit,
                              max_new_tokens=max_new_tokens, drafters=tuple(drafters), tree=tree, repeats=repeats,
                              threads=threads, compare_transformers=compare_transformers, temperature=temperature,
-                             streams=tuple(_ints("--streams", streams)), stream_requests=stream_requests)
+                             top_k=top_k, streams=tuple(_ints("--streams", streams)), stream_requests=stream_requests)
     benchmark = Benchmark(bundle, settings, log=_progress)
     with click.progressbar(length=benchmark.total_runs, label="decoding", file=sys.stderr, show_pos=True,
                            item_show_func=lambda label: label) as bar:

@@ -63,6 +63,8 @@ class BatchEngine:
         optional = {i.name for i in self.session.get_overridable_initializers()}
         self._full_logits = np.ones(1, bool) if "full_logits" in optional else None
         self.takes_noise, self._no_noise = "sample_noise" in optional, np.zeros((1, 1), np.float32)
+        self.takes_noise_top_k = "noise_top_k" in optional  # each noisy row's argmax within its request's top-k
+        self._top_k = np.zeros(B * S, np.int64)
         self._noise_rows = np.zeros((0, self.vocab_size), np.float32)  # grown to the most rows a noisy pass had
         self._io: dict[tuple[int, int], tuple[ort.IOBinding, dict]] = {}  # per slot run: binding, bound shapes
         self.weight_bytes = sum(os.path.getsize(resolve_inside(bundle_dir, w)) for w in entry["weights"])
@@ -115,7 +117,8 @@ class BatchEngine:
             if step.noise is not None:
                 noisy.append((out[step.slot][0], step.noise))
             R += len(rows)
-        self._bind_and_run(first, n, S, T, R, ids, pos, bias, full_logits, self._noise(R, noisy))
+        self._bind_and_run(first, n, S, T, R, ids, pos, bias, full_logits, self._noise(R, noisy),
+                           self._top_ks(R, noisy))
         return {b: (self.logits[r], self.next_token[r], h) for b, (r, h) in out.items()}
 
     def _fill_slot(self, j: int, step: SlotStep, ids: np.ndarray, pos: np.ndarray, bias: np.ndarray) -> None:
@@ -148,7 +151,23 @@ class BatchEngine:
         noise[start:] = 0.0
         return noise
 
-    def _bind_and_run(self, first, n, S, T, R, ids, pos, bias, full_logits, noise) -> None:
+    def _top_ks(self, R: int, noisy: list) -> np.ndarray | None:
+        """The pass's noise_top_k: each noisy row its request's top_k, 0 elsewhere; [1] zeros without noise."""
+        if not self.takes_noise_top_k:
+            if any(getattr(rows_noise, "top_k", 0) for _, rows_noise in noisy):
+                raise SpeccompileError("this batched graph cannot keep sampling by noise to the top k (built "
+                                       "before noise_top_k): rebuild the bundle")
+            return None
+        if not noisy:
+            self._top_k[0] = 0
+            return self._top_k[:1]
+        top_k = self._top_k[:R]
+        top_k.fill(0)
+        for rows, rows_noise in noisy:
+            top_k[rows] = getattr(rows_noise, "top_k", 0)
+        return top_k
+
+    def _bind_and_run(self, first, n, S, T, R, ids, pos, bias, full_logits, noise, top_k=None) -> None:
         io, bound = self._binding(first, n)
 
         def bind(name, buf, shape, output=False):
@@ -173,6 +192,8 @@ class BatchEngine:
             bind("full_logits", self._full_logits, [1])
         if noise is not None:
             bind("sample_noise", noise, list(noise.shape))
+        if top_k is not None:
+            bind("noise_top_k", top_k, [len(top_k)])
         try:
             self.session.run_with_iobinding(io)
         except RuntimeError as e:  # shapes the manifest gave that the graph does not have: a bundle edited by hand

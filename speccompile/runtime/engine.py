@@ -107,7 +107,8 @@ class Engine:
         optional = {i.name for i in self.session.get_overridable_initializers()}  # inputs with defaults
         self._full_logits = np.ones(1, bool) if "full_logits" in optional else None
         self.takes_noise = "sample_noise" in optional
-        self._no_noise = np.zeros((1, 1), np.float32)
+        self.takes_noise_top_k = "noise_top_k" in optional  # the noisy argmax within each row's top-k
+        self._no_noise, self._noise_top_k = np.zeros((1, 1), np.float32), np.zeros(1, np.int64)
         self._noise = np.zeros((max_rows if self.takes_noise else 0, self.vocab_size), np.float32)  # stays bound
 
     # tests set this to drive the device-resident cache's code path (OrtValues, compaction graph) on the CPU
@@ -223,21 +224,36 @@ class Engine:
         if self._full_logits is not None:  # bound by address: io_verify and io share the buffer, set per pass
             self._full_logits[0] = full_logits
             self._bind(io, "full_logits", self._full_logits, [1])
-        if self.takes_noise:
-            if noise is None:
-                self._bind(io, "sample_noise", self._no_noise, [1, 1])
-            else:
-                if len(noise) != R:
-                    raise SpeccompileError(f"{len(noise)} noise rows for {R} rows of logits")
-                for i, row in enumerate(noise):  # copied into the bound buffer: cheaper than a new binding
-                    self._noise[i] = row
-                self._bind(io, "sample_noise", self._noise, [R, self.vocab_size])
-        elif noise is not None:
-            raise SpeccompileError("this graph takes no sample_noise (a bundle built before it, or without the "
-                                   "exact greedy head)")
+        self._bind_noise(io, noise, R)
         if hidden_in is not None:
             io.bind_cpu_input("hidden_in", np.ascontiguousarray(hidden_in, np.float32).reshape(1, S, -1))
         return R
+
+    def _bind_noise(self, io, noise, R: int) -> None:
+        """sample_noise: the R rows of `noise` ([1, 1] zeros for None), and their top_k (runtime/noise.py)."""
+        if not self.takes_noise:
+            if noise is not None:
+                raise SpeccompileError("this graph takes no sample_noise (a bundle built before it, or without "
+                                       "the exact greedy head)")
+            return
+        if noise is None:
+            self._bind(io, "sample_noise", self._no_noise, [1, 1])
+            return
+        if len(noise) != R:
+            raise SpeccompileError(f"{len(noise)} noise rows for {R} rows of logits")
+        for i, row in enumerate(noise):  # copied into the bound buffer: cheaper than a new binding
+            self._noise[i] = row
+        self._bind(io, "sample_noise", self._noise, [R, self.vocab_size])
+        self._bind_top_k(io, getattr(noise, "top_k", 0))
+
+    def _bind_top_k(self, io, top_k: int) -> None:
+        """The noise's top_k, for graphs that take it (one value for every row)."""
+        if self.takes_noise_top_k:
+            self._noise_top_k[0] = top_k
+            self._bind(io, "noise_top_k", self._noise_top_k, [1])
+        elif top_k:
+            raise SpeccompileError("this graph cannot keep sampling by noise to the top k (built before "
+                                   "noise_top_k): rebuild the bundle")
 
     def _bind(self, io, name: str, buf: np.ndarray, shape: list[int], output: bool = False) -> None:
         """Bind `buf`'s memory as `name` with `shape`, unless that exact binding is already in place: onnxruntime

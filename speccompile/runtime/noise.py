@@ -9,9 +9,13 @@ target's draw, so a deterministic candidate x is taken with probability p(x), as
 
 The noise for the token at position t depends only on the request's seed and t, not on how the passes were cut:
 speculative decoding samples, token for token, what plain decoding samples with the same seed, as greedy
-speculation gives greedy decoding's tokens. Temperature alone: top-k and top-p requests keep the sampled rule.
+speculation gives greedy decoding's tokens. Top-k too, where the graphs take noise_top_k: the argmax is then
+taken among the k largest logits only, an exact draw from the top-k distribution. Top-p requests keep the
+sampled rule (its nucleus needs the whole vocabulary's normaliser).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -20,22 +24,46 @@ from speccompile.runtime.sampling import SamplingParams
 GREEDY = SamplingParams()  # what the decode loop runs for a request sampled by noise
 
 
-def by_noise(params: SamplingParams) -> bool:
-    """Whether these settings can be sampled by the argmax: temperature alone, exact acceptance."""
-    return not params.greedy and params.top_k == 0 and params.top_p >= 1.0 and params.acceptance == "exact"
+@dataclasses.dataclass(frozen=True)
+class NoiseSupport:
+    """What the target's graphs (the single-sequence one and its batched form) sample by noise: temperature
+    (input sample_noise) and top-k (input noise_top_k). True when temperature is."""
+    temperature: bool = False
+    top_k: bool = False
+
+    def __bool__(self) -> bool:
+        return self.temperature
+
+
+EVERYTHING = NoiseSupport(True, True)
+
+
+def by_noise(params: SamplingParams, support: NoiseSupport = EVERYTHING) -> bool:
+    """Whether these settings can be sampled by the argmax: temperature, top-k where the graphs take it, no top-p,
+    exact acceptance."""
+    return (support.temperature and not params.greedy and params.top_p >= 1.0 and params.acceptance == "exact"
+            and (params.top_k == 0 or support.top_k))
+
+
+class NoiseRows(list):
+    """A pass's noise rows, one [V] float32 array per row, and the request's top_k (0: off), which the graph
+    applies with them."""
+    top_k = 0
 
 
 class GumbelNoise:
     """temperature * G rows, one per position, for one request; a position's row is kept until the request
-    moves past it (a verify pass's rejected positions are drawn again by the next pass)."""
+    moves past it (a verify pass's rejected positions are drawn again by the next pass). top_k (0: off): the
+    request's, handed to the graph with each pass's rows."""
 
-    def __init__(self, seed: int | None, temperature: float, vocab_size: int):
+    def __init__(self, seed: int | None, temperature: float, vocab_size: int, top_k: int = 0):
         self.key = np.random.SeedSequence(seed).generate_state(2, np.uint64)  # seed None: fresh entropy
         self.temperature, self.vocab_size = temperature, vocab_size
+        self.top_k = top_k if 0 < top_k < vocab_size else 0  # k >= V keeps every token, as sampling.py does
         self._rows: dict[int, np.ndarray] = {}
         self._exponentials = np.empty(vocab_size)  # float64 scratch of each draw
 
-    def rows(self, positions) -> list[np.ndarray]:
+    def rows(self, positions) -> NoiseRows:
         """The noise added to the logits of the token at each position: one [V] float32 row each, kept here (read
         them, do not write them); the engines copy them into their bound buffers."""
         positions = [int(p) for p in np.ravel(positions)]
@@ -44,7 +72,9 @@ class GumbelNoise:
         for p in positions:
             if p not in self._rows:
                 self._rows[p] = self._draw(p)
-        return [self._rows[p] for p in positions]
+        out = NoiseRows(self._rows[p] for p in positions)
+        out.top_k = self.top_k
+        return out
 
     def _draw(self, position: int) -> np.ndarray:
         # a counter-based generator keyed by the seed: any position's row without drawing the ones before it.
@@ -57,15 +87,17 @@ class GumbelNoise:
         return row
 
 
-def sampled_by_noise(params: SamplingParams, takes_noise: bool, vocab_size: int
+def sampled_by_noise(params: SamplingParams, support: NoiseSupport, vocab_size: int
                      ) -> tuple[SamplingParams, GumbelNoise | None]:
     """(the settings the decode loop runs, the request's noise): greedy settings and the noise where the target
     graphs take it and the request can be sampled by the argmax; else the settings as they are and None."""
-    if takes_noise and by_noise(params):
-        return GREEDY, GumbelNoise(params.seed, params.temperature, vocab_size)
+    if by_noise(params, support):
+        return GREEDY, GumbelNoise(params.seed, params.temperature, vocab_size, params.top_k)
     return params, None
 
 
-def takes_noise(target, batch_entry: dict | None) -> bool:
-    """Whether the target's graph (an Engine) and its batched form (manifest entry, if any) take sample_noise."""
-    return target.takes_noise and (not batch_entry or any(i["name"] == "sample_noise" for i in batch_entry["inputs"]))
+def takes_noise(target, batch_entry: dict | None) -> NoiseSupport:
+    """What the target's graph (an Engine) and its batched form (manifest entry, if any) sample by noise."""
+    batched = {i["name"] for i in batch_entry["inputs"]} if batch_entry else {"sample_noise", "noise_top_k"}
+    temperature = target.takes_noise and "sample_noise" in batched
+    return NoiseSupport(temperature, temperature and target.takes_noise_top_k and "noise_top_k" in batched)

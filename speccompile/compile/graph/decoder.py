@@ -49,7 +49,7 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
     if batched and screen:
         exact = s.g.op("Squeeze", ["full_logits", batch])[0]
         emit_screened_head(s.g, rows, s.W.get("lm_head", s.W["embed"]), s.W, s.g.op("Not", [exact])[0],
-                           noise="sample_noise")
+                           noise="sample_noise", top_k="noise_top_k")
     elif verify:
         _verified_head(s, rows, batch, screen)
     else:
@@ -65,7 +65,7 @@ def _verified_head(s: Stack, rows: str, batch: str, screen: bool) -> None:
     if screen:
         exact = g.op("Squeeze", ["full_logits", batch])[0]
         emit_screened_head(g, rows, head, s.W, g.op("Not", [g.op("Or", [exact, sampling])[0]])[0],
-                           noise="sample_noise")
+                           noise="sample_noise", top_k="noise_top_k")
     else:
         greedy_token(g, float_head(g, rows, head))
     emit_verify(g, "logits", "next_token", sampling)

@@ -33,6 +33,9 @@ from speccompile.compile.quantize.int8 import BLOCK
 from speccompile.graphs.builder import GraphBuilder
 
 CANDIDATES = 64  # tokens rescored in float32 per row
+# per row, in a pass with top-k rows: a top-k set is certified when its k-th logit clears the next candidate's
+# bound, and the screen's bounds are loose enough that k of a few dozen needs a few hundred candidates
+TOP_K_CANDIDATES = 512
 SLACK = 1.01  # the bound's margin on top of the factor 2 above
 
 
@@ -41,30 +44,38 @@ def screenable(hidden_size: int, vocab_size: int) -> bool:
 
 
 def emit_screened_head(g: GraphBuilder, rows: str, head: str, W: dict[str, str], screen: str,
-                       logits: str = "logits", next_token: str = "next_token", noise: str | None = None) -> None:
+                       logits: str = "logits", next_token: str = "next_token", noise: str | None = None,
+                       top_k: str | None = None) -> None:
     """Emit `logits` [R, V] and `next_token` [R] from the final-norm rows [R, H] and the head matrix [V, H].
     screen: a bool scalar; true takes the int8 screen (logits = its estimates, next_token exact).
     noise: the input sample_noise, [R, V] or [1, 1] (the default, zeros): next_token is the argmax of the float32
     logits plus it. Every step above holds with the noise added to both sides of the comparison, so the screen
-    certifies a noisy argmax as it does a plain one; a [1, 1] noise skips the adds."""
+    certifies a noisy argmax as it does a plain one; a [1, 1] noise skips the adds.
+    top_k: the input noise_top_k, [R] or [1] (0: off): with noise, a row's argmax is taken among its top_k largest
+    float32 logits only (ties at the k-th kept, as runtime/sampling.py keeps them). The screen then picks its
+    candidates by the plain bounds and certifies the top-k set (the k-th rescored logit above every other
+    token's bound, k <= CANDIDATES) before the noisy argmax within it."""
     full = g.branch("full_head")
     full.op("Gemm", [rows, head], outputs=["logits_full"], transB=1)
-    scores = full.op("Add", ["logits_full", noise])[0] if noise else "logits_full"
+    scores = _noisy_scores(full, "logits_full", noise, top_k) if noise else "logits_full"
     full.op("ArgMax", [scores], outputs=["next_token_full"], axis=-1, keepdims=0)
     s = g.branch("screened_head")
-    approx, token = _screen(s, rows, head, W, noise)
+    approx, token = _screen(s, rows, head, W, noise, top_k)
     g.op("If", [screen], outputs=[logits, next_token],
          then_branch=s.subgraph([(approx, "float32"), (token, "int64")]),
          else_branch=full.subgraph([("logits_full", "float32"), ("next_token_full", "int64")]))
 
 
-def _screen(s: GraphBuilder, rows: str, head: str, W: dict[str, str], noise: str | None) -> tuple[str, str]:
+def _consts(s: GraphBuilder):
+    return lambda v, dt=np.int64: s.const(np.array(v, dt))
+
+
+def _screen(s: GraphBuilder, rows: str, head: str, W: dict[str, str], noise: str | None,
+            top_k: str | None) -> tuple[str, str]:
     """Steps 1-4 above in branch s: returns (the screen's estimated logits, the certified argmax of the float32
     logits plus `noise`, or the full product's where it cannot certify one). Each weight has one reader here:
     onnxruntime pre-packs a matrix only for a single kernel, and the int8 product is many times slower unpacked."""
-    def c(v, dt=np.int64):
-        return s.const(np.array(v, dt))
-
+    c = _consts(s)
     nb = s.weights[W["head_screen.l1"]][0][0]
     approx = int8_product(s, rows, W["head_screen.codes"], W["head_screen.scales"])
     absx = s.op("Abs", [s.op("Reshape", [rows, c([0, nb, BLOCK])])[0]])[0]
@@ -75,36 +86,107 @@ def _screen(s: GraphBuilder, rows: str, head: str, W: dict[str, str], noise: str
         bound = s.op("Add", [bound, s.op("Mul", [norm, W["head_screen.err"]])[0]])[0]
     upper = s.op("Add", [approx, bound])[0]
     noisy = s.op("Greater", [s.op("Size", [noise])[0], c(1)])[0] if noise else None
-    if noise:
-        upper = _if_noisy(s, noisy, upper, lambda b: b.op("Add", [upper, noise])[0])
-    top, idx = s.op("TopK", [upper, c([CANDIDATES + 1])], n_out=2, axis=-1)
-    cand = s.op("Slice", [idx, c([0]), c([CANDIDATES]), c([1])])[0]  # [R, K]
-    rest = s.op("Slice", [top, c([CANDIDATES]), c([CANDIDATES + 1]), c([1])])[0]  # [R, 1]
+    limited = _limited(s, noisy, top_k) if noise and top_k else None
+    if noise:  # a top-k row's candidates by its plain bounds: its top-k set is certified before any noise
+        added = (lambda b: b.op("Add", [upper, b.op("Where", [limited, c(0.0, np.float32), noise])[0]])[0]) \
+            if limited else (lambda b: b.op("Add", [upper, noise])[0])
+        upper = _if_noisy(s, noisy, [upper], lambda b: [added(b)])[0]
+    n = _candidates(s, limited, s.weights[head][0][0])  # [1]
+    after = s.op("Add", [n, c([1])])[0]
+    top, idx = s.op("TopK", [upper, after], n_out=2, axis=-1)
+    cand = s.op("Slice", [idx, c([0]), n, c([1])])[0]  # [R, K]
+    rest = s.op("Slice", [top, n, after, c([1])])[0]  # [R, 1]
     exact = s.op("MatMul", [s.op("Gather", [head, cand], axis=0)[0], s.op("Unsqueeze", [rows, c([2])])[0]])[0]
     exact = s.op("Squeeze", [exact, c([2])])[0]  # [R, K] float32 logits of the candidates
+    kth = None
     if noise:
-        exact = _if_noisy(s, noisy, exact,
-                          lambda b: b.op("Add", [exact, b.op("GatherElements", [noise, cand], axis=1)[0]])[0])
+        exact, kth = _rescored_with_noise(s, exact, cand, noise, noisy, top_k, limited, n)
     best = s.op("ReduceMax", [exact, c([1])], keepdims=1)[0]
     # ArgMax's tie rule (the lowest token id) among candidates that share the best logit
     winner = s.op("ReduceMin", [s.op("Where", [s.op("Equal", [exact, best])[0], cand, c(2**62)])[0], c([1])],
                   keepdims=0)[0]
-    certified = s.op("ReduceMin", [s.op("Cast", [s.op("Greater", [best, rest])[0]], to=TensorProto.INT32)[0]],
+    bar = s.op("Where", [limited, kth, best])[0] if limited else best  # top-k rows: their k-th logit
+    certified = s.op("ReduceMin", [s.op("Cast", [s.op("Greater", [bar, rest])[0]], to=TensorProto.INT32)[0]],
                      keepdims=0)[0]
     yes, no = s.branch("certified"), s.branch("uncertified")
     certain = yes.op("Identity", [winner])[0]
     scores = no.op("Gemm", [rows, head], transB=1)[0]  # a tie or a flat distribution: the float32 product decides
     if noise:
-        scores = no.op("Add", [scores, noise])[0]
+        scores = _noisy_scores(no, scores, noise, top_k, limited)
     fallback = no.op("ArgMax", [scores], axis=-1, keepdims=0)[0]
     token = s.op("If", [s.op("Cast", [certified], to=TensorProto.BOOL)[0]],
                  then_branch=yes.subgraph([(certain, "int64")]), else_branch=no.subgraph([(fallback, "int64")]))[0]
     return approx, token
 
 
-def _if_noisy(s: GraphBuilder, noisy: str, plain: str, with_noise) -> str:
-    """`with_noise(branch)` where the noise input has a row per logits row, else `plain` as it is."""
+def _candidates(s: GraphBuilder, limited: str | None, vocab_size: int) -> str:
+    """[1]: how many tokens each row rescores: more in a pass with a top-k row."""
+    c = _consts(s)
+    if not limited:
+        return c([CANDIDATES])
+    any_limited = s.op("ReduceMax", [s.op("Cast", [limited], to=TensorProto.INT64)[0]], keepdims=0)[0]
+    wide = min(TOP_K_CANDIDATES, vocab_size - 1)
+    return s.op("Where", [s.op("Greater", [any_limited, c(0)])[0], c([wide]), c([CANDIDATES])])[0]
+
+
+def _limited(s: GraphBuilder, noisy: str, top_k: str) -> str:
+    """[RK, 1] bool: the rows whose argmax keeps to their top_k (sampled by noise, top_k > 0)."""
+    c = _consts(s)
+    return s.op("And", [noisy, s.op("Greater", [s.op("Unsqueeze", [top_k, c([1])])[0], c(0)])[0]])[0]
+
+
+def _most(b: GraphBuilder, top_k: str) -> str:
+    """[1]: the largest top_k of the pass (at least 1)."""
+    return b.op("Max", [b.op("ReduceMax", [top_k], keepdims=1)[0], _consts(b)([1])])[0]
+
+
+def _kth(s: GraphBuilder, values: str, top_k: str, most: str) -> str:
+    """[R, 1]: each row's top_k-th largest of `values` [R, N] (its largest where top_k is 0), from the sorted
+    `most` largest ([1], at least every row's top_k where that is to be found)."""
+    c = _consts(s)
+    most = s.op("Min", [most, s.op("Shape", [values], start=1, end=2)[0]])[0]
+    ranked = s.op("TopK", [values, most], n_out=2, axis=-1)[0]
+    rank = s.op("Max", [s.op("Unsqueeze", [top_k, c([1])])[0], c(1)])[0]  # [RK, 1]
+    rank = s.op("Sub", [s.op("Min", [rank, most])[0], c(1)])[0]  # rows past `most` read its last (unused)
+    rank = s.op("Expand", [rank, s.op("Concat", [s.op("Shape", [values], end=1)[0], c([1])], axis=0)[0]])[0]
+    return s.op("GatherElements", [ranked, rank], axis=1)[0]
+
+
+def _rescored_with_noise(s, exact, cand, noise, noisy, top_k, limited, n) -> tuple[str, str | None]:
+    """The candidates' float32 logits plus their noise; a top-k row's candidates outside its top-k set at -inf.
+    Also, for top-k rows, their k-th largest logit (-inf where top_k exceeds the n candidates: never certified)."""
+    def with_noise(b):
+        c = _consts(b)
+        scored = b.op("Add", [exact, b.op("GatherElements", [noise, cand], axis=1)[0]])[0]
+        if not limited:
+            return [scored]
+        kth = _kth(b, exact, top_k, b.op("Min", [_most(b, top_k), n])[0])
+        within = b.op("LessOrEqual", [b.op("Unsqueeze", [top_k, c([1])])[0], n])[0]
+        kth = b.op("Where", [within, kth, c(-np.inf, np.float32)])[0]
+        keep = b.op("Or", [b.op("Not", [limited])[0], b.op("GreaterOrEqual", [exact, kth])[0]])[0]
+        return [b.op("Where", [keep, scored, c(-np.inf, np.float32)])[0], kth]
+
+    plain = [exact] if not limited else [exact, s.const(np.full((1, 1), np.inf, np.float32))]
+    out = _if_noisy(s, noisy, plain, with_noise)
+    return out[0], (out[1] if limited else None)
+
+
+def _noisy_scores(b: GraphBuilder, logits: str, noise: str, top_k: str | None, limited: str | None = None) -> str:
+    """The float32 logits [R, V] plus the noise; with top_k, a limited row's logits below its k-th at -inf."""
+    scores = b.op("Add", [logits, noise])[0]
+    if not top_k:
+        return scores
+    c = _consts(b)
+    if limited is None:
+        limited = _limited(b, b.op("Greater", [b.op("Size", [noise])[0], c(1)])[0], top_k)
+    kth = _kth(b, logits, top_k, _most(b, top_k))
+    keep = b.op("Or", [b.op("Not", [limited])[0], b.op("GreaterOrEqual", [logits, kth])[0]])[0]
+    return b.op("Where", [keep, scores, c(-np.inf, np.float32)])[0]
+
+
+def _if_noisy(s: GraphBuilder, noisy: str, plain: list[str], with_noise) -> list[str]:
+    """`with_noise(branch)` where the noise input has a row per logits row, else `plain` as they are."""
     yes, no = s.branch("noisy"), s.branch("noiseless")
-    added, kept = with_noise(yes), no.op("Identity", [plain])[0]
-    return s.op("If", [noisy], then_branch=yes.subgraph([(added, "float32")]),
-                else_branch=no.subgraph([(kept, "float32")]))[0]
+    added, kept = with_noise(yes), [no.op("Identity", [p])[0] for p in plain]
+    return s.op("If", [noisy], n_out=len(plain), then_branch=yes.subgraph([(a, "float32") for a in added]),
+                else_branch=no.subgraph([(k, "float32") for k in kept]))
