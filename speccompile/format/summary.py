@@ -92,8 +92,10 @@ def weight_lines(m: dict, target: dict) -> list[str]:
         out.append(f"            {name} float32: {why}")
     files = sum(m["files"].get(f, {}).get("bytes", 0) for f in target["weights"])
     step = pass_weight_bytes(m, target, files)
-    noise = any(i["name"] == "sample_noise" for i in target.get("inputs", ()))  # temperature sampling screened too
-    out.append(f"decode step reads {step['screened'] / 2**20:.1f} MiB of weights (greedy"
-               f"{' and temperature sampling' if noise else ''}, screened head), {step['full'] / 2**20:.1f} MiB with "
-               f"the float32 head ({'top-k / top-p sampling' if noise else 'sampling'})")
+    inputs = {i["name"] for i in target.get("inputs", ())}  # sampling screened too (runtime/noise.py)
+    screened, full = (("greedy, temperature and top-k sampling", "top-p sampling") if "noise_top_k" in inputs else
+                      ("greedy and temperature sampling", "top-k / top-p sampling") if "sample_noise" in inputs
+                      else ("greedy", "sampling"))
+    out.append(f"decode step reads {step['screened'] / 2**20:.1f} MiB of weights ({screened}, screened head), "
+               f"{step['full'] / 2**20:.1f} MiB with the float32 head ({full})")
     return out
