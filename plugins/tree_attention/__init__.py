@@ -16,15 +16,14 @@ def lower(g, lowering: str, qkv: str, past_key: str, past_value: str, present_ke
     if query_seqlens and lowering != "ort":
         raise ValueError(f"a batched TreeAttention needs the 'ort' lowering, not {lowering!r}")
     if lowering == "ort":
-        pad = _pad_row_inputs(g, seqlens_k, total_len, position_ids, attention_bias, query_seqlens)
-        one_more = g.const(np.array([0, 0, 0, 0, 1, 0], np.int64))  # a copy of the last row ("edge"): one op
+        pad = _pad_row_inputs(g, qkv, seqlens_k, total_len, position_ids, attention_bias, query_seqlens)
         extra = ["", "", "", "", "", pad["query_seqlens"]] if query_seqlens else []  # GQA inputs 11..16
-        y = g.op("GroupQueryAttention", [g.op("Pad", [qkv, one_more], mode="edge")[0], "", "", past_key,
+        y = g.op("GroupQueryAttention", [g.op("Pad", [qkv, pad["qkv_pads"]], mode="edge")[0], "", "", past_key,
                                          past_value, pad["seqlens_k"], pad["total_len"], cos, sin,
                                          pad["position_ids"], pad["attention_bias"], *extra],
                  outputs=[g.fresh("attn"), present_key, present_value], domain="com.microsoft",
                  num_heads=num_heads, kv_num_heads=kv_num_heads, do_rotary=1, rotary_interleaved=0)[0]
-        return g.op("Slice", [y, g.const(np.array([0], np.int64)), g.const(np.array([-1], np.int64)),
+        return g.op("Slice", [y, g.const(np.array([0], np.int64)), pad["rows"],
                               g.const(np.array([1], np.int64))])[0]  # without the copy's row
     if lowering == "reference":
         return _lower_reference(g, qkv, past_key, past_value, present_key, present_value, seqlens_k, cos, sin,
@@ -42,7 +41,7 @@ def scratch_slots(lowering: str) -> int:
     return 1 if lowering == "ort" else 0
 
 
-def _pad_row_inputs(g, seqlens_k, total_len, position_ids, attention_bias, query_seqlens) -> dict[str, str]:
+def _pad_row_inputs(g, qkv, seqlens_k, total_len, position_ids, attention_bias, query_seqlens) -> dict[str, str]:
     """The fused kernel's inputs for one extra query row after the step's S rows (emitted once per graph and bias).
 
     onnxruntime's GroupQueryAttention computes a one-row step by another path than a step of two rows or more,
@@ -51,26 +50,49 @@ def _pad_row_inputs(g, seqlens_k, total_len, position_ids, attention_bias, query
     one. That copy sees what the last row sees (at least that row's own slot, so it is never fully masked, never
     NaN); no row sees the copy; its K/V land one slot past the step's (scratch_slots); its output is dropped. Exactness
     needs this once a product rounds its input (MatMulNBits at accuracy level 4 quantizes x to int8): a last-bit
-    difference there flips a rounding and grows through the layers."""
+    difference there flips a rounding and grows through the layers. A one-sequence graph adds the copy only to a
+    one-row step (a step of two rows or more already takes the many-row path, and a row costs the kernel its whole
+    context); a batched graph adds it to every step, since each slot's own rows (query_seqlens) may be one."""
     key = ("tree_attention.pad", attention_bias)
     if key in g.shared:
         return g.shared[key]
     c = lambda v, dt=np.int64: g.const(np.array(v, dt))  # noqa: E731
     head = g.shared.get("tree_attention.pad.common")
     if head is None:
+        head = _pad_row_count(g, qkv, query_seqlens)
+        extra, extra32 = head["extra"], head["extra32"]
         last_pos = g.op("Slice", [position_ids, c([-1]), c([2**62]), c([1])])[0]
-        head = {"position_ids": g.op("Concat", [position_ids, last_pos], axis=1)[0],
-                "seqlens_k": g.op("Add", [seqlens_k, c([1], np.int32)])[0],
-                "total_len": g.op("Add", [total_len, c(1, np.int32)])[0]}
+        positions = g.op("Concat", [position_ids, last_pos], axis=1)[0]
+        head |= {"position_ids": _first_rows(g, positions, head["padded"], 1),
+                 "seqlens_k": g.op("Add", [seqlens_k, extra32])[0],
+                 "total_len": g.op("Add", [total_len, g.op("Squeeze", [extra32])[0]])[0]}
         if query_seqlens:
-            head["query_seqlens"] = g.op("Add", [query_seqlens, c([1], np.int32)])[0]
+            head["query_seqlens"] = g.op("Add", [query_seqlens, extra32])[0]
         g.shared["tree_attention.pad.common"] = head
     rows = g.op("Concat", [attention_bias, g.op("Slice", [attention_bias, c([-1]), c([2**62]), c([2])])[0]],
                 axis=2)[0]  # [N, 1, S+1, T]: the copy's row repeats the last one
     hidden = g.op("Pad", [rows, c([0, 0, 0, 0, 0, 0, 0, 1]), g.const(np.array(-np.inf, np.float32))],
                   mode="constant")[0]  # [N, 1, S+1, T+1]: the copy's slot, seen by no row
-    g.shared[key] = {**head, "attention_bias": hidden}
+    width = g.op("Add", [g.op("Shape", [attention_bias], start=3, end=4)[0], head["extra"]])[0]
+    bias = _first_rows(g, _first_rows(g, hidden, head["padded"], 2), width, 3)  # [N, 1, S+e, T+e]
+    g.shared[key] = {**head, "attention_bias": bias}
     return g.shared[key]
+
+
+def _pad_row_count(g, qkv, query_seqlens) -> dict[str, str]:
+    """e, the copy rows a step gets (1 for a one-row step or any batched step, else 0), as int64 [1] and int32
+    [1]; the Pad amounts for qkv; the step's rows S (the output keeps them) and S + e."""
+    c = lambda v, dt=np.int64: g.const(np.array(v, dt))  # noqa: E731
+    S = g.op("Shape", [qkv], start=1, end=2)[0]
+    extra = c([1]) if query_seqlens else g.op("Cast", [g.op("Equal", [S, c([1])])[0]], to=7)[0]
+    return {"extra": extra, "extra32": g.op("Cast", [extra], to=6)[0], "rows": S,
+            "padded": g.op("Add", [S, extra])[0],
+            "qkv_pads": g.op("Concat", [c([0, 0, 0, 0]), extra, c([0])], axis=0)[0]}
+
+
+def _first_rows(g, x: str, n: str, axis: int) -> str:
+    """x's first n ([1] int64) entries along `axis`."""
+    return g.op("Slice", [x, g.const(np.array([0], np.int64)), n, g.const(np.array([axis], np.int64))])[0]
 
 
 def _lower_reference(g, qkv, past_key, past_value, present_key, present_value, seqlens_k, cos, sin, position_ids,
