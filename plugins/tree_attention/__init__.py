@@ -63,7 +63,7 @@ def _pad_row_inputs(g, qkv, seqlens_k, total_len, position_ids, attention_bias, 
         extra, extra32 = head["extra"], head["extra32"]
         last_pos = g.op("Slice", [position_ids, c([-1]), c([2**62]), c([1])])[0]
         positions = g.op("Concat", [position_ids, last_pos], axis=1)[0]
-        head |= {"position_ids": _first_rows(g, positions, head["padded"], 1),
+        head |= {"position_ids": positions if query_seqlens else _first_rows(g, positions, head["padded"], 1),
                  "seqlens_k": g.op("Add", [seqlens_k, extra32])[0],
                  "total_len": g.op("Add", [total_len, g.op("Squeeze", [extra32])[0]])[0]}
         if query_seqlens:
@@ -73,8 +73,11 @@ def _pad_row_inputs(g, qkv, seqlens_k, total_len, position_ids, attention_bias, 
                 axis=2)[0]  # [N, 1, S+1, T]: the copy's row repeats the last one
     hidden = g.op("Pad", [rows, c([0, 0, 0, 0, 0, 0, 0, 1]), g.const(np.array(-np.inf, np.float32))],
                   mode="constant")[0]  # [N, 1, S+1, T+1]: the copy's slot, seen by no row
-    width = g.op("Add", [g.op("Shape", [attention_bias], start=3, end=4)[0], head["extra"]])[0]
-    bias = _first_rows(g, _first_rows(g, hidden, head["padded"], 2), width, 3)  # [N, 1, S+e, T+e]
+    if query_seqlens:  # batched: every step has the copy
+        bias = hidden
+    else:  # [1, 1, S+e, T+e]
+        width = g.op("Add", [g.op("Shape", [attention_bias], start=3, end=4)[0], head["extra"]])[0]
+        bias = _first_rows(g, _first_rows(g, hidden, head["padded"], 2), width, 3)
     g.shared[key] = {**head, "attention_bias": bias}
     return g.shared[key]
 

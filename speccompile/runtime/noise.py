@@ -82,7 +82,8 @@ class GumbelNoise:
         # draws, every few hundred rows of a large vocabulary
         e = self._exponentials
         np.random.Generator(np.random.Philox(key=self.key, counter=position)).standard_exponential(out=e)
-        row = np.log(e.astype(np.float32))
+        row = e.astype(np.float32)
+        np.log(row, out=row)
         row *= -self.temperature  # T * G, G = -log(E) for E ~ Exp(1)
         return row
 
