@@ -68,6 +68,27 @@ def test_batched_logits_equal_single_sequence(tiny_bundle):
         np.testing.assert_allclose(be.cache.key[:, st.slot, :, :L + 6], e.cache.key[:, 0, :, :L + 6], atol=1e-6)
 
 
+def test_a_one_row_pass_gets_a_padding_row_where_the_machine_needs_it(tiny_bundle):
+    """min_rows 2 (runtime/row_parity.py: where one row takes another product kernel): a lone slot's one-token
+    step runs a padding row beside it, in the batched graph as in the single-sequence one, and gives the same
+    token; at the context's last slot the padding row lands in the scratch slot."""
+    m, be = batch_engine(tiny_bundle)
+    solo = Engine(tiny_bundle, m["models"]["target"], threads=1)
+    be.min_rows = solo.min_rows = 2
+    L = m["models"]["target"]["kv_cache"]["max_seq_len"]
+    prompt = np.random.default_rng(5).integers(3, 300, 9)
+    for length, tokens in ((0, prompt), (9, np.array([7])), (L - 1, np.array([8]))):
+        solo.cache.truncate(length)
+        for mine, theirs in ((be.cache.key, solo.cache.key), (be.cache.value, solo.cache.value)):
+            mine[:, 2] = theirs[:, 0]  # the same committed K/V (the slots past them differ: throw-away rows)
+        out = be.run([SlotStep(2, tokens, length, rows=np.arange(len(tokens)))])
+        logits, argmax = solo.forward(tokens, rows=np.arange(len(tokens)))
+        np.testing.assert_allclose(out[2][0], logits, rtol=0, atol=1e-5)
+        assert (out[2][1] == argmax).all() and len(out[2][0]) == len(tokens)
+        end = length + len(tokens)
+        np.testing.assert_allclose(be.cache.key[:, 2, :, :end], solo.cache.key[:, 0, :, :end], atol=1e-6)
+
+
 JOBS = [dict(drafter="model"), dict(drafter="lookup", tree="dynamic:8"), dict(drafter="layerskip:2"),
         dict(speculate=False), dict(drafter="model", tree="dynamic:6"), dict(drafter="lookup")]
 

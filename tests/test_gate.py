@@ -75,6 +75,27 @@ def test_an_adaptive_method_is_held_by_its_speedup_and_the_floors(tmp_path):
     assert "gate FAILED: speedup lookup" in gate(tmp_path, adaptive(result_doc(), 1.5, 1.1), base, expect=1)
 
 
+def test_adaptive_accepted_tokens_count_the_drafting_passes():
+    """A plain step commits one token: an adaptive method's accepted row leaves its plain steps out."""
+    doc = result_doc()
+    overall_lookup(doc).update(plain_pass_share=0.5, mean_accepted_tokens=1.4)
+    assert gated_figures(doc)["accepted lookup per drafting pass"] == pytest.approx(1.8)
+
+
+def test_speedups_measured_on_another_cpu_are_held_by_their_floors(tmp_path):
+    """Another CPU runs other kernels, whose relative costs differ: a speedup below the baseline's tolerance is
+    noted, not failed, unless it falls under the floor; the same CPU keeps the tolerance."""
+    def on(cpu, speedup):
+        doc = result_doc()
+        doc["machine"] = {"cpu": {"model": cpu, "kernel_flags": ["avx2"]}}
+        overall_lookup(doc)["paired_speedup"] = speedup
+        return doc
+    out = gate(tmp_path, on("B", 1.1), on("A", 1.3), "--min-speedup", 1.05, expect=0)
+    assert "ran on another CPU" in out and "gate passed" in out
+    assert "below the floor 1.05" in gate(tmp_path, on("B", 1.0), on("A", 1.3), "--min-speedup", 1.05, expect=1)
+    assert "gate FAILED: speedup lookup" in gate(tmp_path, on("A", 1.1), on("A", 1.3), expect=1)
+
+
 BAD_FIGURES = {
     "NaN": float("nan"), "infinity": float("inf"), "minus infinity": float("-inf"), "text": "1.3", "a bool": True,
     "null": None, "a list": [1.3], "negative": -1.3,

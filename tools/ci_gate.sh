@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CI performance gate: build the embedded SmolLM2-135M-Instruct as the default builds it (its GGUF's 4-bit blocks,
-# the shipped MTP head drafting adaptively, and prompt lookup), benchmark it briefly on the shipped prompts, and
-# compare machine-independent figures (paired speedup over autoregressive, mean accepted tokens, acceptance rates)
+# the shipped MTP head and prompt lookup, both drafting adaptively), benchmark it briefly on the shipped prompts,
+# and compare machine-independent figures (paired speedup over autoregressive, accepted tokens per drafting pass)
 # with the committed baseline, measured on the same build. Exits 1 on a regression.
 #
 #   tools/ci_gate.sh BUNDLE_DIR                     gate against tools/ci_baseline.json
@@ -46,5 +46,5 @@ fi
 
 bench "$result"
 # Thresholds: see docs/design.md, "The CI gate's method", and docs/results.md, "The CI gate's thresholds".
-speccompile gate "$result" --baseline "$baseline" --max-regression 0.06 --min-speedup 1.05 --min-accepted 1.35 \
+speccompile gate "$result" --baseline "$baseline" --max-regression 0.06 --min-speedup 1.0 --min-accepted 1.35 \
     --min-concurrency 1.3

@@ -12,15 +12,18 @@ M of the baseline (all of them higher-is-better):
     acceptance M depth D        overall acceptance rate at draft depth D (1 = the first draft token)
 
     A method that drafts adaptively (its summary has a plain_pass_share) verifies what its measured pass times
-    make worth it, so its accepted tokens are not deterministic: it has the speedup row and `accepted M
-    (adaptive)`, held by the floor only.
+    make worth it, so its accepted tokens are not deterministic: it has the speedup row and `accepted M per
+    drafting pass` (the tokens committed by the passes that verified drafts: its plain steps, which commit one
+    token each, left out), held by the floor only.
 
     concurrency N streams       (results with a concurrency section, bench --streams) aggregate tokens/s of N
                                 concurrent streams over serving the same requests one after another, in one run
     concurrency identical       the smallest share of requests whose tokens equal their sequential run's, over
                                 the stream counts; below MIN_IDENTICAL_SHARE always fails
 
-A row regresses when it falls more than `max_regression` (a fraction) below the baseline; `min_speedup` and
+A row regresses when it falls more than `max_regression` (a fraction) below the baseline, speedups only where both
+ran on the same kind of CPU (machine.cpu: model and instruction sets; another CPU runs other kernels, whose
+relative costs differ, and then the speedups are held by their floors, with a note); `min_speedup` and
 `min_accepted` are absolute floors for every method's overall speedup and mean accepted tokens, `min_concurrency`
 for `concurrency 4 streams` (a result without it is refused when that floor is given). A concurrency row the
 baseline lacks (a baseline from before the concurrency mode) is still checked; concurrency rows are held by their
@@ -49,7 +52,7 @@ JSON_TYPES = {dict: "object", list: "list"}
 # Concurrent greedy streams give their solo tokens up to float near-ties (docs/guarantees.md, "Threads"): a rare
 # request may differ; more than a quarter of them differing is a bug, not a tie.
 MIN_IDENTICAL_SHARE = 0.75
-ADAPTIVE = " (adaptive)"  # the suffix of an adaptive method's accepted-tokens row
+ADAPTIVE = " per drafting pass"  # the suffix of an adaptive method's accepted-tokens row
 
 
 class GateInputError(SpeccompileError):
@@ -141,7 +144,7 @@ def _method_figures(name: str, overall: dict, by_category: dict) -> dict:
     if not isinstance(s, dict):
         raise GateInputError(f"no summary of method {name!r}")
     if s.get("plain_pass_share") is not None:  # adaptive drafting: what it verifies follows the pass times
-        return {f"speedup {name}": s.get("paired_speedup"), f"accepted {name}{ADAPTIVE}": s.get("mean_accepted_tokens")}
+        return {f"speedup {name}": s.get("paired_speedup"), f"accepted {name}{ADAPTIVE}": per_drafting_pass(s)}
     figures = {f"speedup {name}": s.get("paired_speedup"), f"accepted {name}": s.get("mean_accepted_tokens")}
     for category, group in by_category.items():
         figures[f"accepted {name} / {category}"] = (group.get(name) or {}).get("mean_accepted_tokens")
@@ -152,6 +155,16 @@ def _method_figures(name: str, overall: dict, by_category: dict) -> dict:
     for depth, rate in enumerate(rates, 1):
         figures[f"acceptance {name} depth {depth}"] = rate
     return figures
+
+
+def per_drafting_pass(summary: dict):
+    """Mean accepted tokens over the passes that verified drafts: every pass commits mean_accepted_tokens on
+    average, a plain step (plain_pass_share of them) exactly one."""
+    mean, plain = summary.get("mean_accepted_tokens"), summary.get("plain_pass_share")
+    for value in (mean, plain):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return value  # refused by check_figure, as any unreadable figure
+    return 1.0 if plain >= 1 else (mean - plain) / (1 - plain)
 
 
 def gated_figures(result: dict, where: str = "bench result") -> dict[str, float]:
@@ -194,13 +207,15 @@ def compare(baseline: dict, result: dict, max_regression: float = 0.05, min_spee
     if missing:
         raise GateInputError(f"the result lacks figures the baseline has: {', '.join(missing[:5])}")
     rows = []
+    same_cpu = baseline.get("machine", {}).get("cpu") == result.get("machine", {}).get("cpu")
     new = {name: None for name in now if name.startswith("concurrency") and name not in before}
     for name, base in (before | new).items():
         row = Row(name, base, now[name])
         reasons = []
         # the concurrency ratio swings with the machine's load more than the paired speedups, and adaptive
         # drafting's accepted tokens with the pass times it measures: floors hold them
-        floor_only = name.startswith("concurrency") or name.endswith(ADAPTIVE)
+        floor_only = (name.startswith("concurrency") or name.endswith(ADAPTIVE) or
+                      name.startswith("speedup ") and not same_cpu)
         if row.change is not None and row.change < -max_regression and not floor_only:
             reasons.append(f"{row.change:+.1%}, more than the allowed -{max_regression:.1%}")
         floor = (min_speedup if name.startswith("speedup ") else
@@ -254,4 +269,7 @@ def run_gate(result_path: str, baseline_path: str, max_regression: float = 0.05,
     thresholds = check_thresholds(max_regression, min_speedup, min_accepted, min_concurrency)
     baseline, result = load_result(baseline_path), load_result(result_path)
     notes = check_comparable(baseline, result)
+    cpus = [doc.get("machine", {}).get("cpu") for doc in (baseline, result)]
+    if cpus[0] != cpus[1]:
+        notes.append(f"the baseline ran on another CPU ({cpus[0]} vs {cpus[1]}): speedups held by their floors only")
     return compare(baseline, result, *thresholds), notes

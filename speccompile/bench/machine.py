@@ -50,9 +50,35 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
-def machine_info(bandwidth_gbps: float, loadavg: float) -> dict:
+# instruction sets that pick onnxruntime's CPU kernels: two machines that differ in them run other kernels, whose
+# relative costs (and sums) differ
+KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "sve")
+
+
+def cpu_identity() -> dict:
+    """The CPU's model name and the instruction sets of KERNEL_FLAGS it has (Linux; elsewhere what platform
+    tells)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    model = value.strip()
+                elif key.strip() in ("flags", "Features"):
+                    flags = set(value.split())
+                if key.strip() == "" and flags:  # the first processor's block is enough
+                    break
+    except OSError:
+        pass
+    return {"model": model, "kernel_flags": [f for f in KERNEL_FLAGS if f in flags]}
+
+
+def machine_info(bandwidth_gbps: float, loadavg: float, one_row_pad: bool | None = None) -> dict:
+    """one_row_pad: whether the target runs one-token steps with a pad row on this machine (runtime/row_parity)."""
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "loadavg_1min_before": loadavg, "memory_bandwidth_gbps": bandwidth_gbps}
+            "cpu": cpu_identity(), "one_row_pad": one_row_pad, "cpu_count": os.cpu_count(),
+            "loadavg_1min_before": loadavg, "memory_bandwidth_gbps": bandwidth_gbps}
 
 
 def versions() -> dict:

@@ -4,7 +4,8 @@ JSON result, schema_version 1 (all times in seconds, rates in tokens/s, bandwidt
 
     schema_version    1
     created           ISO 8601 UTC time of the run
-    machine           {platform, processor, cpu_count, loadavg_1min_before, memory_bandwidth_gbps}
+    machine           {platform, processor, cpu: {model, kernel_flags}, one_row_pad, cpu_count, loadavg_1min_before,
+                       memory_bandwidth_gbps}
                       memory_bandwidth_gbps: best of a few numpy copies of a 256 MiB array split over the
                       benchmark's threads, counting bytes read plus bytes written (STREAM "copy"), measured in a
                       child process at the start of the run
@@ -63,7 +64,7 @@ def result_document(bench, rss_ours: float) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(bench.bandwidth, bench.loadavg),
+        "machine": machine_info(bench.bandwidth, bench.loadavg, getattr(bench.gen.target, "min_rows", 1) > 1),
         "versions": versions(),
         "bundle": bundle_summary(bench.bundle_dir, bench.gen),
         "settings": {**dataclasses.asdict(bench.settings), "dataset": bench.dataset,

@@ -38,13 +38,14 @@ class DrafterKind:
 # Each head node costs a head pass, each lookup node only a verify row: the measurements behind the MTP defaults
 # are in docs/results.md ("Drafter defaults"). Over a 4-bit target a verify row costs far more and trees reduce to
 # one path (docs/results.md, "Native 4-bit weights"): the head drafts adaptively, joined by lookup, down to plain
-# steps.
+# steps; lookup alone drafts adaptively too (a fixed chain of matches loses where the answer does not repeat).
 KINDS: dict[str, DrafterKind] = {k.name: k for k in (
     DrafterKind("model", "required", "model:PATH", "a separate draft model with the target's tokenizer",
                 module="draft_model"),
     DrafterKind("layerskip", "required", "layerskip:L", "the target's first L layers + its norm and head",
                 named_by_arg=True),
-    DrafterKind("lookup", "optional", "lookup[:N]", "prompt lookup: n-gram matches (n <= N, default 3)"),
+    DrafterKind("lookup", "optional", "lookup[:N]", "prompt lookup: n-gram matches (n <= N, default 3)",
+                chain_tree="adaptive"),
     DrafterKind("mtp", "optional", "mtp[:PATH]", "a multi-token-prediction head (bare: the head shipped for the "
                 "target)", default_num_draft=2, default_tree="dynamic:2+lookup:6",
                 chain_tree="adaptive+lookup:6"),

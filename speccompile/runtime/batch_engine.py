@@ -42,8 +42,10 @@ class SlotStep:
 
 class BatchEngine:
     def __init__(self, bundle_dir: str, entry: dict, cache: KVCache, threads: int | None = None,
-                 device: str = "cpu"):
-        self.entry, self.cache = entry, cache
+                 device: str = "cpu", min_rows: int = 1):
+        """min_rows: a pass of fewer rows runs a neighbour slot's throw-away row too (Engine.min_rows,
+        runtime/row_parity.py)."""
+        self.entry, self.cache, self.min_rows = entry, cache, min_rows
         self.num_layers, self.max_seq_len = entry["num_layers"], cache.max_seq_len
         self.slots = cache.batch
         self.vocab_size = next(o["shape"][1] for o in entry["outputs"] if o["name"] == "logits")
@@ -88,8 +90,10 @@ class BatchEngine:
         hidden rows index `self.hidden` (and `self.aux`)."""
         by_slot = {s.slot: s for s in steps}
         first, last = min(by_slot), max(by_slot)
-        n = last - first + 1
         S = max(len(s.tokens) for s in steps)
+        if (last - first + 1) * S < self.min_rows:  # one row alone: a neighbour slot's throw-away row beside it
+            first, last = (first, last + 1) if last + 1 < self.slots else (first - 1, last)
+        n = last - first + 1
         if S > MAX_STEP_TOKENS:
             raise SpeccompileError(f"step of {S} tokens: at most {MAX_STEP_TOKENS} per pass")
         idle = {b: (idle or {}).get(b, 0) for b in range(first, last + 1) if b not in by_slot}

@@ -21,7 +21,7 @@ import numpy as np
 
 from speccompile.errors import SpeccompileError
 
-CACHE_VERSION = 3  # 2: drafter passes timed after a target pass; 3: three rows measured
+CACHE_VERSION = 4  # 2: drafter passes timed after a target pass; 3: three rows measured; 4: pad rows (row_parity)
 # verify rows measured (interpolated between); 3 of its own: a 4-bit target's product kernel takes another path
 # from three rows on, and a 3-row pass timed while decoding would otherwise correct the 2-row price
 ROWS = (1, 2, 3, 4, 8, 16, 25)

@@ -34,6 +34,15 @@ def check_device_dtype(entry: dict, device: str) -> None:
                                "GroupQueryAttention has no float32 kernel): build with --dtype float16")
 
 
+def with_pad_row(tokens, positions, parents, rows):
+    """A one-token step as a two-token one (Engine.min_rows): the token again as its child, one slot on. Only the
+    first row's results are read; the pad row's K/V land in the slot the next step writes before it reads it."""
+    tokens = np.array([tokens[0], tokens[0]], np.int64)
+    positions = None if positions is None else np.array([positions[0], positions[0] + 1], np.int64)
+    parents = None if parents is None else np.append(np.asarray(parents, np.int64), len(parents) - 1)
+    return tokens, positions, parents, (np.zeros(1, np.int64) if rows is None else rows)
+
+
 class Engine:
     def __new__(cls, bundle_dir: str, entry: dict, threads: int | None = None, device: str = "cpu", *args, **kw):
         """device="tensorrt": the model's TensorRT engine (runtime/trt_engine.py), wherever an Engine is made."""
@@ -99,6 +108,9 @@ class Engine:
         self.accept = np.zeros(3, np.int64)  # accept_node, accept_len, accept_token
         self.weight_bytes = sum(os.path.getsize(resolve_inside(bundle_dir, w)) for w in entry["weights"])
         self.passes = self.tokens_run = 0  # `forward` calls and their tokens, for timing a drafter's passes
+        # steps of fewer tokens run with a pad row, where one row takes another kernel (runtime/row_parity.py)
+        self.min_rows = 1
+        self._slots = self.max_seq_len + kv.get("scratch_slots", 0)  # what the cache holds, scratch included
 
     def _head_inputs(self, max_rows: int) -> None:
         """The buffers of a graph with the exact greedy head (compile/graph/head_screen.py): full_logits, false
@@ -143,10 +155,12 @@ class Engine:
         states. `hidden_in` [S, H] feeds an MTP head. full_logits=False: the caller reads only next_token (greedy),
         so a graph with the exact greedy head may return estimated logits. noise (a graph that `takes_noise`): R rows
         of V values, added to the rows' logits before next_token's argmax (runtime/noise.py)."""
+        self.passes, self.tokens_run = self.passes + 1, self.tokens_run + len(tokens)
+        if len(tokens) < self.min_rows and hidden_in is None and self.cache.length + 2 <= self._slots:
+            tokens, positions, parents, rows = with_pad_row(tokens, positions, parents, rows)
         R = self._bind_step(self.io, tokens, positions, parents, rows, committed, hidden_in, full_logits, noise)
         self._bind(self.io, "logits", self.logits, [R, self.vocab_size], output=True)
         self.session.run_with_iobinding(self.io)
-        self.passes, self.tokens_run = self.passes + 1, self.tokens_run + len(tokens)
         return self.logits[:R], self.next_token[:R]
 
     def verify(self, tokens: np.ndarray, positions: np.ndarray | None, parents: np.ndarray,
@@ -186,9 +200,9 @@ class Engine:
             raise SpeccompileError(f"step of {S} tokens: at most {MAX_STEP_TOKENS} per pass")
         W = self.cache.length
         C = W if committed is None else committed
-        if W + S > self.max_seq_len:
+        if W + S > self.max_seq_len and not (S == 2 and self.min_rows == 2 and W + S <= self._slots):
             raise SpeccompileError(f"step of {S} tokens at length {W} exceeds the compiled context "
-                                   f"{self.max_seq_len}")
+                                   f"{self.max_seq_len}")  # (a pad row may take a scratch slot)
         self._ids[0, :S] = tokens
         if positions is None:  # a chain: the slots' own positions
             np.add(self._steps[:S], W, out=self._pos[0, :S])
@@ -206,7 +220,7 @@ class Engine:
         # the slots in use (the kernel works over as many slots as the bias is wide), unless the graph fixes the
         # width; rounded up to BIAS_WIDTH_STEP so plain decoding rebinds the bias once per that many steps (a
         # binding costs ~90 us; the masked extra slots cost the kernel next to nothing)
-        T = self.bias_width or min(-(-(W + S) // BIAS_WIDTH_STEP) * BIAS_WIDTH_STEP, self.max_seq_len)
+        T = self.bias_width or max(min(-(-(W + S) // BIAS_WIDTH_STEP) * BIAS_WIDTH_STEP, self.max_seq_len), W + S)
         bias = self._bias[:S * T].reshape(1, 1, S, T)  # a view of one buffer: no allocation per step
         bias.fill(NEG_INF)
         bias[0, 0, :, :C] = 0.0

@@ -9,6 +9,7 @@ import time
 from typing import Callable, Iterator
 
 import numpy as np
+import onnxruntime as ort
 
 from speccompile.errors import BundleError, SpeccompileError
 from speccompile.format.bundle import read_manifest, resolve_inside
@@ -28,6 +29,7 @@ from speccompile.runtime.sessions import check_threads
 from speccompile.runtime.kv_cache import KVCache
 from speccompile.runtime.noise import GumbelNoise, sampled_by_noise, takes_noise
 from speccompile.runtime.request import Request, build_request, check_messages, is_batch
+from speccompile.runtime.row_parity import match_rows
 from speccompile.runtime.sampling import SamplingParams, acceptance_option, probabilities, sample
 from speccompile.runtime.scheduler import Scheduler, batch_cache, own_loop
 from speccompile.runtime.text_stream import Chunk, TextStream
@@ -44,11 +46,6 @@ class GenerationResult:
     token_ids: list[int]
     text: str
     stats: dict  # SpecDecodeStats.as_dict(): timing, passes, acceptance
-
-
-def ort_version() -> str:
-    import onnxruntime
-    return onnxruntime.__version__
 
 
 def drain(stream) -> "GenerationResult":
@@ -92,6 +89,8 @@ class Generator:
         # the single-sequence graph is bound to slot 0 of the batched cache: a request alone runs it unchanged
         self.target = Engine(bundle_dir, target, threads, device, max_rows=MAX_VERIFY_TOKENS,
                              cache=cache.slot(0) if cache else None)
+        if isinstance(self.target, Engine):  # one-token steps computed as verify rows are (runtime/row_parity.py)
+            match_rows(self.target)
         self.max_seq_len = self.target.max_seq_len
         self.pass_bytes = pass_weight_bytes(manifest, target, self.target.weight_bytes)
         self.tokenizer = BundleTokenizer(resolve_inside(bundle_dir, manifest["tokenizer"]["dir"]),
@@ -111,7 +110,8 @@ class Generator:
         # the context cache copies K/V rows through host arrays: device caches (--device cuda, TensorRT) go without
         engines = [self.target, *(d.engine for d in self.drafters.values() if getattr(d, "engine", None))]
         host_cache = all(isinstance(e.cache, KVCache) for e in engines)
-        self.context_cache = ContextCache(bundle_identity(manifest, f"onnxruntime {ort_version()}"),
+        self.context_cache = ContextCache(bundle_identity(manifest, f"onnxruntime {ort.__version__}, rows "
+                                                          f"{getattr(self.target, 'min_rows', 1)}"),
                                           cache_parts(self.target.cache, self.drafters.values()), cache_bytes,
                                           cache_dir=cache_dir) if context_cache and host_cache else None
         self.scheduler = Scheduler(self, cache, batched) if cache else None

@@ -178,7 +178,7 @@ class Scheduler:
         """The batched graph's session, opened the first time two requests share a pass."""
         if self._engine is None:
             g = self.gen
-            self._engine = BatchEngine(g.bundle_dir, self.entry, self.cache, g.threads, g.device)
+            self._engine = BatchEngine(g.bundle_dir, self.entry, self.cache, g.threads, g.device, g.target.min_rows)
         return self._engine
 
     # ---- a round -----------------------------------------------------------------------------------------
