@@ -213,3 +213,8 @@ def test_calibration_is_cached_outside_the_bundle(tiny_bundle, tmp_path, monkeyp
     again = speccompile.load(tiny_bundle, threads=1).cost_model()
     assert again.verify_ms == cm.verify_ms  # read back, not measured again
     assert speccompile.load(tiny_bundle, threads=1).cost_model(recalibrate=True).key["measured"]
+    padded = speccompile.load(tiny_bundle, threads=1)
+    padded.target.min_rows = 2  # as on a CPU whose one-row product kernel differs (runtime/row_parity.py)
+    cm = padded.cost_model(recalibrate=True)
+    assert cm.key["one_row_pad"] and any("pad row" in line for line in cm.describe())
+    assert any("pad row" in line for line in again.describe()) == (g.target.min_rows > 1)  # as measured here

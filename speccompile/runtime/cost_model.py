@@ -125,6 +125,9 @@ class CostModel:
         mid = self.lengths[len(self.lengths) // 2]
         out = [f"cost model  measured {self.key.get('measured', '?')}, {self.key.get('threads')} threads, "
                f"{self.key.get('machine', '?')}"]
+        if self.key.get("one_row_pad"):
+            out.append("            one-token steps run with a pad row here (this CPU's one-row product kernel "
+                       "sums differently: runtime/row_parity.py)")
         for mode in self.verify_ms:
             times = ", ".join(f"{r}: {self.verify(r, mid, mode == 'greedy'):.1f}" for r in self.rows)
             out.append(f"            {mode} verify pass at {mid} tokens, ms by rows: {times}")
@@ -259,7 +262,8 @@ def calibrate(target, drafters: dict, threads: int | None, lookup=None) -> CostM
     if lookup is not None:
         context = np.random.default_rng(0).integers(0, target.vocab_size, lengths[len(lengths) // 2])
         lookup_ms = _best_ms(lambda: lookup._matches(context))
-    key = {**machine_key(threads), "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    key = {**machine_key(threads), "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "one_row_pad": getattr(target, "min_rows", 1) > 1}
     return CostModel(rows, lengths, verify, drafter_ms, lookup_ms, key)
 
 
