@@ -156,9 +156,11 @@ class Engine:
         so a graph with the exact greedy head may return estimated logits. noise (a graph that `takes_noise`): R rows
         of V values, added to the rows' logits before next_token's argmax (runtime/noise.py)."""
         self.passes, self.tokens_run = self.passes + 1, self.tokens_run + len(tokens)
-        if len(tokens) < self.min_rows and hidden_in is None and self.cache.length + 2 <= self._slots:
+        padded = len(tokens) < self.min_rows and hidden_in is None and self.cache.length + 2 <= self._slots
+        if padded:
             tokens, positions, parents, rows = with_pad_row(tokens, positions, parents, rows)
-        R = self._bind_step(self.io, tokens, positions, parents, rows, committed, hidden_in, full_logits, noise)
+        R = self._bind_step(self.io, tokens, positions, parents, rows, committed, hidden_in, full_logits, noise,
+                            padded)
         self._bind(self.io, "logits", self.logits, [R, self.vocab_size], output=True)
         self.session.run_with_iobinding(self.io)
         return self.logits[:R], self.next_token[:R]
@@ -193,16 +195,18 @@ class Engine:
             end = int(parents[end])
         return path[::-1], int(self.accept[2])
 
-    def _bind_step(self, io, tokens, positions, parents, rows, committed, hidden_in, full_logits, noise=None) -> int:
-        """Bind a step's inputs and its next_token / hidden_states outputs; returns R."""
+    def _bind_step(self, io, tokens, positions, parents, rows, committed, hidden_in, full_logits, noise=None,
+                   padded: bool = False) -> int:
+        """Bind a step's inputs and its next_token / hidden_states outputs; returns R. padded: the last token is a
+        pad row (`with_pad_row`), which may take a scratch slot."""
         S = len(tokens)
         if S > MAX_STEP_TOKENS:
             raise SpeccompileError(f"step of {S} tokens: at most {MAX_STEP_TOKENS} per pass")
         W = self.cache.length
         C = W if committed is None else committed
-        if W + S > self.max_seq_len and not (S == 2 and self.min_rows == 2 and W + S <= self._slots):
-            raise SpeccompileError(f"step of {S} tokens at length {W} exceeds the compiled context "
-                                   f"{self.max_seq_len}")  # (a pad row may take a scratch slot)
+        if W + S - padded > self.max_seq_len:
+            raise SpeccompileError(f"step of {S - padded} tokens at length {W} exceeds the compiled context "
+                                   f"{self.max_seq_len}")
         self._ids[0, :S] = tokens
         if positions is None:  # a chain: the slots' own positions
             np.add(self._steps[:S], W, out=self._pos[0, :S])
