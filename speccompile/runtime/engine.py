@@ -34,15 +34,6 @@ def check_device_dtype(entry: dict, device: str) -> None:
                                "GroupQueryAttention has no float32 kernel): build with --dtype float16")
 
 
-def with_pad_row(tokens, positions, parents, rows):
-    """A one-token step as a two-token one (Engine.min_rows): the token again as its child, one slot on. Only the
-    first row's results are read; the pad row's K/V land in the slot the next step writes before it reads it."""
-    tokens = np.array([tokens[0], tokens[0]], np.int64)
-    positions = None if positions is None else np.array([positions[0], positions[0] + 1], np.int64)
-    parents = None if parents is None else np.append(np.asarray(parents, np.int64), len(parents) - 1)
-    return tokens, positions, parents, (np.zeros(1, np.int64) if rows is None else rows)
-
-
 class Engine:
     def __new__(cls, bundle_dir: str, entry: dict, threads: int | None = None, device: str = "cpu", *args, **kw):
         """device="tensorrt": the model's TensorRT engine (runtime/trt_engine.py), wherever an Engine is made."""
@@ -108,8 +99,8 @@ class Engine:
         self.accept = np.zeros(3, np.int64)  # accept_node, accept_len, accept_token
         self.weight_bytes = sum(os.path.getsize(resolve_inside(bundle_dir, w)) for w in entry["weights"])
         self.passes = self.tokens_run = 0  # `forward` calls and their tokens, for timing a drafter's passes
-        # steps of fewer tokens run with a pad row, where one row takes another kernel (runtime/row_parity.py)
-        self.min_rows = 1
+        self.min_rows = 1  # fewer tokens run with a pad row, where one row takes another kernel (row_parity.py)
+        self._pad_tokens, self._first_row = np.zeros(2, np.int64), np.zeros(1, np.int64)  # reused each pad step
         self._slots = self.max_seq_len + kv.get("scratch_slots", 0)  # what the cache holds, scratch included
 
     def _head_inputs(self, max_rows: int) -> None:
@@ -158,12 +149,20 @@ class Engine:
         self.passes, self.tokens_run = self.passes + 1, self.tokens_run + len(tokens)
         padded = len(tokens) < self.min_rows and hidden_in is None and self.cache.length + 2 <= self._slots
         if padded:
-            tokens, positions, parents, rows = with_pad_row(tokens, positions, parents, rows)
+            tokens, positions, parents, rows = self._with_pad_row(tokens, positions, parents, rows)
         R = self._bind_step(self.io, tokens, positions, parents, rows, committed, hidden_in, full_logits, noise,
                             padded)
         self._bind(self.io, "logits", self.logits, [R, self.vocab_size], output=True)
         self.session.run_with_iobinding(self.io)
         return self.logits[:R], self.next_token[:R]
+
+    def _with_pad_row(self, tokens, positions, parents, rows):
+        """A one-token step as a two-token one (min_rows): the token again as its child, one slot on. Only the
+        first row's results are read; the pad row's K/V land in the slot the next step writes before it reads it."""
+        self._pad_tokens[:] = tokens[0]
+        positions = None if positions is None else np.array([positions[0], positions[0] + 1], np.int64)
+        parents = None if parents is None else np.append(np.asarray(parents, np.int64), len(parents) - 1)
+        return self._pad_tokens, positions, parents, (self._first_row if rows is None else rows)
 
     def verify(self, tokens: np.ndarray, positions: np.ndarray | None, parents: np.ndarray,
                temperature: float = 0.0, top_k: int = 0, uniforms: np.ndarray | None = None,
@@ -198,7 +197,7 @@ class Engine:
     def _bind_step(self, io, tokens, positions, parents, rows, committed, hidden_in, full_logits, noise=None,
                    padded: bool = False) -> int:
         """Bind a step's inputs and its next_token / hidden_states outputs; returns R. padded: the last token is a
-        pad row (`with_pad_row`), which may take a scratch slot."""
+        pad row (`_with_pad_row`), which may take a scratch slot."""
         S = len(tokens)
         if S > MAX_STEP_TOKENS:
             raise SpeccompileError(f"step of {S} tokens: at most {MAX_STEP_TOKENS} per pass")
