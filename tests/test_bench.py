@@ -93,6 +93,10 @@ def test_result_schema(result):
             assert isinstance(run["committed_per_pass"], dict)
             assert isinstance(run["acceptance_rate_per_depth"], list)
             assert 0.0 <= run["repeated_ngram_share"] <= 1.0
+            shares = run["time_shares"]  # where the run's time went: graphs timed around onnxruntime, the rest host
+            assert shares["target"] > 0 and shares["host"] >= 0
+            assert sum(shares.values()) == pytest.approx(1.0)
+            assert (shares["drafter"] > 0) == (name in ("layerskip:2", "model"))  # the drafters with a graph
 
     summary = doc["summary"]
     assert set(summary["by_category"]) == {"repeat", "chat"}
@@ -102,6 +106,7 @@ def test_result_schema(result):
         assert ar["speedup"] == ar["paired_speedup"] == 1.0 and ar["mean_accepted_tokens"] == 1.0
         assert ar["acceptance_rate_per_depth"] is None
         assert 0.0 <= ar["repeated_ngram_share"] <= 1.0
+        assert ar["time_shares"]["drafter"] == 0 and 0 < ar["time_shares"]["target"] <= 1
         for name in names[1:]:
             s = group[name]
             assert s["speedup"] > 0 and s["paired_speedup"] > 0 and s["median_tokens_per_second"] > 0

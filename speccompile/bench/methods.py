@@ -26,9 +26,12 @@ def speccompile_methods(gen, drafters: list[str], tree: str | None, temperature:
     def runner(drafter, tree, acceptance=None):
         def run(ids, max_new_tokens):
             seed = sum(ids) % 2**32  # sampled runs: the same seed for a prompt under every method
+            before = graph_seconds(gen)
             r = gen.generate(ids, max_new_tokens, drafter=drafter, speculate=drafter is not None, tree=tree,
                              temperature=temperature, top_k=top_k, seed=seed, acceptance=acceptance)
-            return {"token_ids": r.token_ids, "stats": r.stats}
+            after = graph_seconds(gen)
+            graph_s = None if None in (before, after) else {k: after[k] - before[k] for k in after}
+            return {"token_ids": r.token_ids, "stats": r.stats, "graph_s": graph_s}
         return run
     methods = [Method(AUTOREGRESSIVE, "speccompile", None, AUTOREGRESSIVE, None, runner(None, None))]
     for spec in drafters:
@@ -36,6 +39,14 @@ def speccompile_methods(gen, drafters: list[str], tree: str | None, temperature:
         methods.append(Method(spec, "speccompile", name, AUTOREGRESSIVE, None,
                               runner(name, own_tree or tree, split_acceptance(spec)[1])))
     return methods
+
+
+def graph_seconds(gen) -> dict[str, float] | None:
+    """Seconds the target's and the drafters' graphs have spent inside onnxruntime so far (Engine.run_s), or None
+    for engines that do not count them: a run's difference says where its time went, the rest being the host's."""
+    drafters = [d.engine for d in gen.drafters.values() if getattr(d, "engine", None) is not None]
+    seconds = [getattr(e, "run_s", None) for e in [gen.target, *drafters]]
+    return None if None in seconds else {"target": seconds[0], "drafter": sum(seconds[1:])}
 
 
 def choose_drafters(gen, wanted: tuple[str, ...]) -> list[str]:

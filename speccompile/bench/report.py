@@ -27,6 +27,8 @@ JSON result, schema_version 1 (all times in seconds, rates in tokens/s, bandwidt
                        acceptance_rate_per_depth [float], draft_nodes_per_pass (draft nodes verified per pass),
                        plain_pass_share (adaptive drafting: the share of passes it drafted nothing for, else null),
                        achieved_weight_bandwidth_gbps,
+                       time_shares {target, drafter, host}: the run's wall time inside the target's graph, inside
+                       the drafters' graphs, and the rest (the host's own work), as shares (null where unknown),
                        repeated_ngram_share: share of output tokens completing a 4-gram seen before in prompt +
                        output (how much the answer repeats itself)}
                       (the fields after identical_to_autoregressive are null for transformers methods)
@@ -35,7 +37,7 @@ JSON result, schema_version 1 (all times in seconds, rates in tokens/s, bandwidt
                                  acceptance_rate_per_depth, committed_per_pass, median_ttft_s,
                                  median_achieved_bandwidth_gbps, bandwidth_fraction, identical_to_autoregressive,
                                  repeated_ngram_share, draft_nodes_per_pass, plain_pass_share (means over
-                                 prompts), speed_vs_transformers}}
+                                 prompts), time_shares (pooled by seconds), speed_vs_transformers}}
                       speedup: median tokens/s over the baseline's median in the same group (ratio of medians);
                       paired_speedup: the geometric mean over prompts of each prompt's tokens/s over the
                       baseline's on the same prompt (what `speccompile gate` gates: steadier and more sensitive);
@@ -123,6 +125,11 @@ def format_table(result: dict) -> str:
         if f["acceptance_rate_per_depth"]:
             rates = " ".join(f"{r:.2f}" for r in f["acceptance_rate_per_depth"])
             lines.append(f"acceptance rate per draft depth, {name}: {rates}")
+    for name, f in result["summary"]["overall"].items():
+        if f.get("time_shares"):
+            t = f["time_shares"]
+            lines.append(f"where the time went, {name}: target graph {t['target']:.0%}, drafter graph "
+                         f"{t['drafter']:.0%}, host {t['host']:.0%}")
     share = {g: f[AUTOREGRESSIVE].get("repeated_ngram_share") for g, f in groups.items() if AUTOREGRESSIVE in f}
     if any(v is not None for v in share.values()):
         lines.append(f"output repeating itself (tokens completing a {REPEAT_NGRAM}-gram seen before, autoregressive): "

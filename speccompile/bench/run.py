@@ -47,7 +47,17 @@ def timed_run(method: Method, ids: list[int], max_new_tokens: int, eos: set[int]
             "plain_pass_share": (stats["adaptive"]["plain_passes"] / stats["adaptive"]["passes"]
                                  if (stats.get("adaptive") or {}).get("passes") else None),
             "achieved_weight_bandwidth_gbps": stats.get("achieved_weight_bandwidth_gbps"),
+            "time_shares": time_shares(out.get("graph_s"), seconds),
             "repeated_ngram_share": repeated_ngram_share(ids, tokens)}
+
+
+def time_shares(graph_s: dict | None, seconds: float) -> dict | None:
+    """Where a run's wall time went: the target's graph, the drafters' graphs, and the host (everything else:
+    tokenizing, planning, binding, acceptance on the host)."""
+    if graph_s is None or seconds <= 0:
+        return None
+    target, drafter = graph_s["target"] / seconds, graph_s["drafter"] / seconds
+    return {"target": target, "drafter": drafter, "host": max(0.0, 1.0 - target - drafter)}
 
 
 def measure(methods: list[Method], prompts: list[dict], settings: BenchSettings, eos: set[int],

@@ -95,7 +95,17 @@ def _group_figures(method: Method, runs: list[dict], bandwidth_gbps: float) -> d
         "repeated_ngram_share": _mean(r.get("repeated_ngram_share") for r in runs),
         "draft_nodes_per_pass": _mean(r.get("draft_nodes_per_pass") for r in runs) if method.drafter else None,
         "plain_pass_share": _mean(r.get("plain_pass_share") for r in runs),
+        "time_shares": mean_time_shares(runs),
     }
+
+
+def mean_time_shares(runs: list[dict]) -> dict | None:
+    """The runs' time shares (target graph, drafter graph, host), pooled by seconds: long runs weigh more."""
+    timed = [r for r in runs if r.get("time_shares")]
+    seconds = sum(r["seconds"] for r in timed)
+    if not timed or seconds <= 0:
+        return None
+    return {k: sum(r["time_shares"][k] * r["seconds"] for r in timed) / seconds for k in timed[0]["time_shares"]}
 
 
 def summarize_group(methods: list[Method], prompts: list[dict], bandwidth_gbps: float) -> dict:

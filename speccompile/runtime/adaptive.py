@@ -109,12 +109,15 @@ class AdaptiveDrafting:
         self.depth_counts: dict[int, int] = {}
 
     # ---- before drafting ---------------------------------------------------------------------------------
-    def _draft_ms(self, depth: int, lookup: bool) -> float:
-        ms = self.cost.lookup_ms if lookup else 0.0
-        if depth:  # the catch-up over the last pass's tokens, then one pass per further level
-            ms += self.cost.draft(self.drafter, self.last_accepted + 1)
-            ms += (depth - 1) * self.cost.draft(self.drafter, self.branching)
-        return ms
+    def _draft_prices(self, lookup: bool) -> list[float]:
+        """Predicted drafting time by drafter depth 0 .. max_depth: the catch-up over the last pass's tokens, then
+        one pass per further level (and prompt lookup's host time if it joins)."""
+        base = self.cost.lookup_ms if lookup else 0.0
+        if not self.max_depth:
+            return [base]
+        catch_up = self.cost.draft(self.drafter, self.last_accepted + 1)
+        level = self.cost.draft(self.drafter, self.branching) if self.max_depth > 1 else 0.0
+        return [base] + [base + catch_up + d * level for d in range(self.max_depth)]
 
     def _verify_ms(self, rows: float, length: int) -> float:
         """A pass over an expected (fractional) number of rows: between the whole numbers around it."""
@@ -133,10 +136,11 @@ class AdaptiveDrafting:
         # the rows a depth of drafting adds are the drafter nodes the cut keeps there, not one a level: a level
         # whose node the cut mostly drops costs its drafting but seldom a row
         per_level = [self.head_rows[min(d, DEPTHS - 1)].value for d in range(self.max_depth)]
-        rows = 1.0 + np.concatenate([[0.0], np.cumsum(per_level)])
-        for depth in range(self.max_depth + 1):
-            value = 1.0 + float(reach[:depth].sum())
-            draft = self._draft_ms(depth, bool(lookup))
+        rows = (1.0 + np.concatenate([[0.0], np.cumsum(per_level)])).tolist()
+        summed = np.concatenate([[0.0], np.cumsum(reach)])  # expected tokens from drafting 0, 1, ... levels
+        values = (1.0 + summed[np.minimum(np.arange(self.max_depth + 1), len(reach))]).tolist()
+        drafting = self._draft_prices(bool(lookup))
+        for depth, (value, draft) in enumerate(zip(values, drafting)):
             rate = max(value / (draft + self._verify_ms(rows[depth], length)),  # the cut may drop lookup
                        (value + gain) / (draft + self._verify_ms(rows[depth] + extra_rows, length)))
             if rate > best_rate:
@@ -145,7 +149,7 @@ class AdaptiveDrafting:
         probe = best < self.max_depth and self.since_probe >= PROBE_EVERY  # look again at one level more
         if probe:
             best, self.since_probe = best + 1, 0
-        return Plan(best, 2 * best, lookup, self._draft_ms(best, bool(lookup)), probe)
+        return Plan(best, 2 * best, lookup, drafting[best], probe)
 
     def drafted(self, passes: int, tokens: int, ms: float) -> None:
         """The drafter's graph ran `passes` times over `tokens` tokens in `ms` this pass: its price follows what

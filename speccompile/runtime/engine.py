@@ -7,6 +7,7 @@ when no parents are given). The caller decides what to commit (`cache.truncate` 
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -98,7 +99,7 @@ class Engine:
         self.node_prob = np.zeros(max_rows, np.float64)
         self.accept = np.zeros(3, np.int64)  # accept_node, accept_len, accept_token
         self.weight_bytes = sum(os.path.getsize(resolve_inside(bundle_dir, w)) for w in entry["weights"])
-        self.passes = self.tokens_run = 0  # `forward` calls and their tokens, for timing a drafter's passes
+        self.passes, self.tokens_run, self.run_s = 0, 0, 0.0  # forward calls, their tokens; seconds in onnxruntime
         self.min_rows = 1  # fewer tokens run with a pad row, where one row takes another kernel (row_parity.py)
         self._pad_tokens, self._first_row = np.zeros(2, np.int64), np.zeros(1, np.int64)  # reused each pad step
         self._slots = self.max_seq_len + kv.get("scratch_slots", 0)  # what the cache holds, scratch included
@@ -153,8 +154,13 @@ class Engine:
         R = self._bind_step(self.io, tokens, positions, parents, rows, committed, hidden_in, full_logits, noise,
                             padded)
         self._bind(self.io, "logits", self.logits, [R, self.vocab_size], output=True)
-        self.session.run_with_iobinding(self.io)
+        self._run(self.io)
         return self.logits[:R], self.next_token[:R]
+
+    def _run(self, io) -> None:
+        t0 = time.perf_counter()
+        self.session.run_with_iobinding(io)
+        self.run_s += time.perf_counter() - t0
 
     def _with_pad_row(self, tokens, positions, parents, rows):
         """A one-token step as a two-token one (min_rows): the token again as its child, one slot on. Only the
@@ -187,7 +193,7 @@ class Engine:
         self._bind(io, "node_prob", self.node_prob, [S], output=True)
         for i, name in enumerate(("accept_node", "accept_len", "accept_token")):
             self._bind(io, name, self.accept[i:], [1], output=True)
-        self.session.run_with_iobinding(io)
+        self._run(io)
         end, path = int(self.accept[0]), []
         while end > 0:
             path.append(end - 1)
