@@ -47,6 +47,8 @@ class CostModel:
     observed: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
     _factors: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
     _memo: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # mode -> (length, ms by rows)
+    _grids: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # mode -> verify_ms array
+    _seen: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # (mode, j) -> {i: ratio}
     # per drafter: decayed sums of its timed drafting over the calibrated price (`observe_draft`)
     drafted: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
@@ -64,14 +66,32 @@ class CostModel:
 
     def _prices(self, length: int, mode: str, factors: np.ndarray | None = None, up_to: int = MEMO_ROWS):
         """The times of passes of 1 .. up_to rows at `length` committed tokens."""
-        grid = np.asarray(self.verify_ms[mode])
+        grid = self._grid(mode)
         if factors is not None:  # still never cheaper with more rows
             grid = np.maximum.accumulate(grid * factors, axis=0)
-        by_row = np.array([np.interp(length, self.lengths, g) for g in grid])  # constant beyond the lengths
+        by_row = self._at_length(grid, length)
         rows = np.arange(1, up_to + 1)
         slope = (by_row[-1] - by_row[-2]) / (self.rows[-1] - self.rows[-2])  # linear beyond the last row count
         return np.where(rows <= self.rows[-1], np.interp(rows, self.rows, by_row),
                         by_row[-1] + slope * (rows - self.rows[-1]))
+
+    def _grid(self, mode: str) -> np.ndarray:
+        grid = self._grids.get(mode)
+        if grid is None:  # the measured grid as an array, once (the planner prices a pass many times)
+            grid = self._grids[mode] = np.asarray(self.verify_ms[mode], np.float64)
+        return grid
+
+    def _at_length(self, grid: np.ndarray, length: int) -> np.ndarray:
+        """Each row count's time at `length`: linear between the measured lengths, constant beyond them (as
+        np.interp, for every row at once)."""
+        lengths = self.lengths
+        if length <= lengths[0]:
+            return grid[:, 0]
+        if length >= lengths[-1]:
+            return grid[:, -1]
+        j = int(np.searchsorted(lengths, length, side="right"))  # lengths[j - 1] <= length < lengths[j]
+        w = (length - lengths[j - 1]) / (lengths[j] - lengths[j - 1])
+        return grid[:, j - 1] + w * (grid[:, j] - grid[:, j - 1])
 
     def observe(self, rows: int, length: int, greedy: bool, ms: float) -> None:
         """A target pass timed while decoding. A calibration taken at a busier or quieter moment (or cached from
@@ -85,10 +105,10 @@ class CostModel:
         ratio = min(max(ms / self._prices(length, mode, None, rows)[-1], 0.5), 2.0)  # a pass stalled by something else
         num, den = self.observed.get((mode, i, j), (OBSERVED_PRIOR, OBSERVED_PRIOR))
         self.observed[(mode, i, j)] = (num * OBSERVED_DECAY + ratio, den * OBSERVED_DECAY + 1.0)
-        factors = self._factors.get(mode, np.ones((len(self.rows), len(self.lengths)))).copy()
-        seen = {ii: n / d for (m, ii, jj), (n, d) in self.observed.items() if m == mode and jj == j}
+        seen = self._seen.setdefault((mode, j), {})  # this length's observed row counts: their ratios
+        seen[i] = (num * OBSERVED_DECAY + ratio) / (den * OBSERVED_DECAY + 1.0)
+        factors = self._factors.setdefault(mode, np.ones((len(self.rows), len(self.lengths))))
         factors[:, j] = [seen.get(ii, seen[min(seen, key=lambda k: abs(k - ii))]) for ii in range(len(self.rows))]
-        self._factors[mode] = factors
         self._memo.pop(mode, None)
 
     def draft(self, name: str | None, rows: int, observed: bool = True) -> float:
