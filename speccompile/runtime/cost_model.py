@@ -43,12 +43,11 @@ class CostModel:
     drafter_ms: dict[str, list[float]]
     lookup_ms: float = 0.0
     key: dict = dataclasses.field(default_factory=dict)
-    # this process's timed passes, per mode and row count of the grid: decayed sums of observed / measured time
+    # this process's timed passes: (mode, length index j) -> {row index i: decayed sums of observed / measured time}
     observed: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
     _factors: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
     _memo: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # mode -> (length, ms by rows)
     _grids: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # mode -> verify_ms array
-    _seen: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # (mode, j) -> {i: ratio}
     # per drafter: decayed sums of its timed drafting over the calibrated price (`observe_draft`)
     drafted: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
@@ -103,12 +102,12 @@ class CostModel:
         i = int(np.argmin(np.abs(np.asarray(self.rows) - rows)))
         j = int(np.argmin(np.abs(np.asarray(self.lengths) - length)))
         ratio = min(max(ms / self._prices(length, mode, None, rows)[-1], 0.5), 2.0)  # a pass stalled by something else
-        num, den = self.observed.get((mode, i, j), (OBSERVED_PRIOR, OBSERVED_PRIOR))
-        self.observed[(mode, i, j)] = (num * OBSERVED_DECAY + ratio, den * OBSERVED_DECAY + 1.0)
-        seen = self._seen.setdefault((mode, j), {})  # this length's observed row counts: their ratios
-        seen[i] = (num * OBSERVED_DECAY + ratio) / (den * OBSERVED_DECAY + 1.0)
+        seen = self.observed.setdefault((mode, j), {})  # only this length's column of factors changes
+        num, den = seen.get(i, (OBSERVED_PRIOR, OBSERVED_PRIOR))
+        seen[i] = (num * OBSERVED_DECAY + ratio, den * OBSERVED_DECAY + 1.0)
+        nearest = lambda ii: seen[min(seen, key=lambda k: abs(k - ii))]  # noqa: E731
         factors = self._factors.setdefault(mode, np.ones((len(self.rows), len(self.lengths))))
-        factors[:, j] = [seen.get(ii, seen[min(seen, key=lambda k: abs(k - ii))]) for ii in range(len(self.rows))]
+        factors[:, j] = [n / d for n, d in (seen.get(ii) or nearest(ii) for ii in range(len(self.rows)))]
         self._memo.pop(mode, None)
 
     def draft(self, name: str | None, rows: int, observed: bool = True) -> float:
