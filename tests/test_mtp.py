@@ -103,6 +103,36 @@ def test_greedy_with_mtp_equals_autoregressive(mtp_bundle, tree):
     assert max(assert_lossless(g, "mtp", random_prompts(10), 40, tree)) > 1.0
 
 
+@pytest.mark.parametrize("bundle,tree", [(2, None), (3, None), (3, "chain:1")])
+def test_live_drafts_are_the_teacher_forced_ones(mtp_bundle, bundle, tree):
+    """Every first draft of greedy decoding is the head's teacher-forced guess for its position
+    (bench/head_agreement.py): a drafting path that fed the head other features or positions would still be
+    lossless, only slower, and fail here."""
+    import speccompile
+    from speccompile.bench.head_agreement import answer_agreement, first_drafts
+    g = speccompile.load(mtp_bundle[bundle], threads=1)  # a head that repeats the last token; a random one
+    head, drafted = g.drafters["mtp"], []
+
+    def spying(propose):
+        def spy(context, *args):
+            prop = propose(context, *args)
+            if len(prop.tokens):
+                drafted.append((len(context), int(prop.tokens[0])))
+            return prop
+        return spy
+    head.propose, head.propose_tree = spying(head.propose), spying(head.propose_tree)
+    for prompt in random_prompts(6):
+        drafted.clear()
+        res = g.generate(prompt, 40, drafter="mtp", tree=tree, num_draft=1)
+        guesses = first_drafts(g, "mtp", np.concatenate([prompt, res.token_ids]))
+        assert len(drafted) >= 10
+        assert [tok for _, tok in drafted] == [int(guesses[n - 2]) for n, _ in drafted]
+    agreement = answer_agreement(g, "mtp", random_prompts(1)[0], 40)
+    assert agreement.positions == 39  # every answer token but the prefill's
+    if bundle == 2:  # the tiny target repeats itself, and so does this head
+        assert agreement.rate > 0.5
+
+
 def test_sampled_with_mtp_matches_target_distribution(mtp_bundle):
     import speccompile
     from test_decoding import test_sampled_speculative_matches_target_distribution as check

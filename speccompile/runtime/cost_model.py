@@ -10,6 +10,7 @@ target pass (`observe`): the prices follow what passes take now, wherever the ca
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import json
@@ -47,32 +48,73 @@ class CostModel:
     observed: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
     _factors: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
     _memo: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # mode -> (length, ms by rows)
-    _grids: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # mode -> verify_ms array
+    # mode -> verify_ms as an array; (mode, factored) -> its prices by length and rows (_table)
+    _grids: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
     # per drafter: decayed sums of its timed drafting over the calibrated price (`observe_draft`)
     drafted: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    _interp_weights: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # _by_rows
 
     def verify(self, rows: int, length: int, greedy: bool = True) -> float:
         """Interpolated time of a target pass over `rows` rows after `length` committed tokens, as the passes
         timed lately (`observe`) correct the calibration."""
         mode = "greedy" if greedy else "sampled"
+        if not 1 <= rows <= MEMO_ROWS:
+            return float(self._prices(length, mode, self._factors.get(mode), rows)[-1])
         memo = self._memo.get(mode)
         if memo is None or memo[0] != length:  # the planner asks dozens of times a pass, at one length
-            memo = (length, self._prices(length, mode, self._factors.get(mode)))
+            j, w = self._between(length)
+            table = self._table(mode)
+            memo = (length, table[j] if w == 0.0 else table[j] + w * (table[j + 1] - table[j]))
             self._memo[mode] = memo
-        if 1 <= rows <= MEMO_ROWS:
-            return float(memo[1][rows - 1])
-        return float(self._prices(length, mode, self._factors.get(mode), rows)[-1])
+        return float(memo[1][rows - 1])
+
+    def _between(self, length: int) -> tuple[int, float]:
+        """(j, w): `length` is w of the way from lengths[j] to lengths[j + 1]; constant beyond the ends."""
+        lengths = self.lengths
+        if length <= lengths[0]:
+            return 0, 0.0
+        if length >= lengths[-1]:
+            return len(lengths) - 1, 0.0
+        j = bisect.bisect_right(lengths, length) - 1
+        return j, (length - lengths[j]) / (lengths[j + 1] - lengths[j])
+
+    def _table(self, mode: str, factored: bool = True) -> np.ndarray:
+        """[length index, rows - 1]: the times of 1 .. MEMO_ROWS rows at each measured length, corrected by the
+        observed factors (factored) or as calibrated. Interpolating along rows and then along lengths is what
+        _prices does in the other order (both are linear), so a price takes one step at a new length."""
+        key = (mode, factored)
+        table = self._grids.get(key)
+        if table is None:
+            grid = self._grid(mode)
+            factors = self._factors.get(mode) if factored else None
+            table = np.stack([self._column(grid, factors, j) for j in range(len(self.lengths))])
+            self._grids[key] = table
+        return table
+
+    def _column(self, grid: np.ndarray, factors: np.ndarray | None, j: int) -> np.ndarray:
+        col = grid[:, j] if factors is None else np.maximum.accumulate(grid[:, j] * factors[:, j])
+        return self._by_rows(col, MEMO_ROWS)
+
+    def _by_rows(self, by_row: np.ndarray, up_to: int) -> np.ndarray:
+        """Times of 1 .. up_to rows from those at the measured row counts: linear between, and beyond the last."""
+        weights = self._interp_weights.get(up_to)
+        if weights is None:  # the interpolation is a fixed linear map of the measured times: built once
+            eye = np.eye(len(self.rows))
+            weights = self._interp_weights[up_to] = np.stack([self._interpolated(e, up_to) for e in eye], axis=1)
+        return weights @ by_row
+
+    def _interpolated(self, by_row: np.ndarray, up_to: int) -> np.ndarray:
+        rows = np.arange(1, up_to + 1)
+        slope = (by_row[-1] - by_row[-2]) / (self.rows[-1] - self.rows[-2])
+        return np.where(rows <= self.rows[-1], np.interp(rows, self.rows, by_row),
+                        by_row[-1] + slope * (rows - self.rows[-1]))
 
     def _prices(self, length: int, mode: str, factors: np.ndarray | None = None, up_to: int = MEMO_ROWS):
         """The times of passes of 1 .. up_to rows at `length` committed tokens."""
         grid = self._grid(mode)
         if factors is not None:  # still never cheaper with more rows
             grid = np.maximum.accumulate(grid * factors, axis=0)
-        by_row = self._at_length(grid, length)
-        rows = np.arange(1, up_to + 1)
-        slope = (by_row[-1] - by_row[-2]) / (self.rows[-1] - self.rows[-2])  # linear beyond the last row count
-        return np.where(rows <= self.rows[-1], np.interp(rows, self.rows, by_row),
-                        by_row[-1] + slope * (rows - self.rows[-1]))
+        return self._by_rows(self._at_length(grid, length), up_to)
 
     def _grid(self, mode: str) -> np.ndarray:
         grid = self._grids.get(mode)
@@ -83,14 +125,8 @@ class CostModel:
     def _at_length(self, grid: np.ndarray, length: int) -> np.ndarray:
         """Each row count's time at `length`: linear between the measured lengths, constant beyond them (as
         np.interp, for every row at once)."""
-        lengths = self.lengths
-        if length <= lengths[0]:
-            return grid[:, 0]
-        if length >= lengths[-1]:
-            return grid[:, -1]
-        j = int(np.searchsorted(lengths, length, side="right"))  # lengths[j - 1] <= length < lengths[j]
-        w = (length - lengths[j - 1]) / (lengths[j] - lengths[j - 1])
-        return grid[:, j - 1] + w * (grid[:, j] - grid[:, j - 1])
+        j, w = self._between(length)
+        return grid[:, j] if w == 0.0 else grid[:, j] + w * (grid[:, j + 1] - grid[:, j])
 
     def observe(self, rows: int, length: int, greedy: bool, ms: float) -> None:
         """A target pass timed while decoding. A calibration taken at a busier or quieter moment (or cached from
@@ -99,15 +135,26 @@ class CostModel:
         times predicted, starting at 1 with the weight of OBSERVED_PRIOR passes; a point never observed takes
         the ratio of the nearest observed row count at its length (else 1)."""
         mode = "greedy" if greedy else "sampled"
-        i = int(np.argmin(np.abs(np.asarray(self.rows) - rows)))
-        j = int(np.argmin(np.abs(np.asarray(self.lengths) - length)))
-        ratio = min(max(ms / self._prices(length, mode, None, rows)[-1], 0.5), 2.0)  # a pass stalled by something else
+        i = min(range(len(self.rows)), key=lambda k: abs(self.rows[k] - rows))  # the first of a tie, as argmin
+        j = min(range(len(self.lengths)), key=lambda k: abs(self.lengths[k] - length))
+        if rows <= MEMO_ROWS:
+            a, w = self._between(length)
+            calibrated = self._table(mode, factored=False)[:, rows - 1]
+            predicted = calibrated[a] if w == 0.0 else calibrated[a] + w * (calibrated[a + 1] - calibrated[a])
+        else:
+            predicted = self._prices(length, mode, None, rows)[-1]
+        ratio = min(max(ms / predicted, 0.5), 2.0)  # a pass stalled by something else
         seen = self.observed.setdefault((mode, j), {})  # only this length's column of factors changes
         num, den = seen.get(i, (OBSERVED_PRIOR, OBSERVED_PRIOR))
         seen[i] = (num * OBSERVED_DECAY + ratio, den * OBSERVED_DECAY + 1.0)
         nearest = lambda ii: seen[min(seen, key=lambda k: abs(k - ii))]  # noqa: E731
-        factors = self._factors.setdefault(mode, np.ones((len(self.rows), len(self.lengths))))
+        factors = self._factors.get(mode)
+        if factors is None:
+            factors = self._factors[mode] = np.ones((len(self.rows), len(self.lengths)))
         factors[:, j] = [n / d for n, d in (seen.get(ii) or nearest(ii) for ii in range(len(self.rows)))]
+        table = self._grids.get((mode, True))
+        if table is not None:
+            table[j] = self._column(self._grid(mode), factors, j)
         self._memo.pop(mode, None)
 
     def draft(self, name: str | None, rows: int, observed: bool = True) -> float:

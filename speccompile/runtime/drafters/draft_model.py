@@ -95,9 +95,9 @@ class DraftModelDrafter(Drafter):
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    """float64 log-probabilities of float32 logits (the normalizer summed in float64; a pass per step over V)."""
+    shifted = x - x.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True, dtype=np.float64))
 
 
 class _TreeDraft:
@@ -132,8 +132,11 @@ class _TreeDraft:
 
     def children(self, parent: int, ranks: int):
         lp = self.logprobs[parent]
-        top = np.argpartition(-lp, ranks)[:ranks] if ranks < len(lp) else np.arange(len(lp))
-        top = top[np.argsort(-lp[top], kind="stable")]
+        if ranks == 1:
+            top = np.array([np.argmax(lp)])
+        else:
+            top = np.argpartition(lp, -ranks)[-ranks:] if ranks < len(lp) else np.arange(len(lp))
+            top = top[np.argsort(-lp[top], kind="stable")]
         ids = top if self.token_map is None else self.token_map[top]
         return [(int(i), float(lp[t])) for i, t in zip(ids, top)]
 
