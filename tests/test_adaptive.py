@@ -59,6 +59,28 @@ def test_timed_passes_correct_a_mispriced_calibration():
     assert CostModel.from_dict(json.loads(json.dumps(cm.to_dict()))).verify(2, 16) == 15.0
 
 
+def test_prices_kept_as_tables_equal_direct_interpolation():
+    """The prices kept per measured length (updated a column per timed pass) equal interpolating the corrected
+    grid afresh, along lengths then rows, at any rows and length, after any timed passes."""
+    cm, rng = synthetic(10.0, 5.0), np.random.default_rng(0)
+
+    def direct(rows, length, mode):
+        grid = np.asarray(cm.verify_ms[mode], np.float64)
+        if mode in cm._factors:
+            grid = np.maximum.accumulate(grid * cm._factors[mode], axis=0)
+        by_row = np.array([np.interp(length, cm.lengths, r) for r in grid])
+        if rows <= cm.rows[-1]:
+            return float(np.interp(rows, cm.rows, by_row))
+        return float(by_row[-1] + (by_row[-1] - by_row[-2]) / (cm.rows[-1] - cm.rows[-2]) * (rows - cm.rows[-1]))
+
+    for _ in range(200):
+        greedy = bool(rng.integers(2))
+        cm.observe(int(rng.integers(1, 30)), int(rng.integers(1, 1200)), greedy, float(rng.uniform(5, 40)))
+        for rows, length in rng.integers(1, [80, 1200], size=(3, 2)):
+            assert cm.verify(int(rows), int(length), greedy) == pytest.approx(
+                direct(int(rows), int(length), "greedy" if greedy else "sampled"), rel=1e-9)
+
+
 def test_timed_drafting_corrects_the_drafter_price():
     """Drafting timed at three times its calibrated price (a drafter whose weights the target's passes evict):
     the price follows, a catch-up over a whole prompt is not taken for drafting, and nothing of it is cached."""
