@@ -4,7 +4,7 @@ Over the target's own greedy answer, a head's first draft after each committed p
 sequence alone: the target's features at every position, then the head over every pair (f_t, x_{t+1}) in one go.
 Greedy decoding with a chain of one draft accepts exactly these guesses where its passes fall, so this measures
 the head itself, at every position and with no timing in it: what it could give a decoder on these prompts,
-apart from any loss in the runtime's drafting path (tests/test_head_agreement.py holds the live drafts to these).
+apart from any loss in the runtime's drafting path (tests/test_mtp.py holds the live drafts to these).
 """
 from __future__ import annotations
 

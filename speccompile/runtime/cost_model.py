@@ -62,9 +62,7 @@ class CostModel:
             return float(self._prices(length, mode, self._factors.get(mode), rows)[-1])
         memo = self._memo.get(mode)
         if memo is None or memo[0] != length:  # the planner asks dozens of times a pass, at one length
-            j, w = self._between(length)
-            table = self._table(mode)
-            memo = (length, table[j] if w == 0.0 else table[j] + w * (table[j + 1] - table[j]))
+            memo = (length, self._at_length(self._table(mode), length))
             self._memo[mode] = memo
         return float(memo[1][rows - 1])
 
@@ -79,7 +77,7 @@ class CostModel:
         return j, (length - lengths[j]) / (lengths[j + 1] - lengths[j])
 
     def _table(self, mode: str, factored: bool = True) -> np.ndarray:
-        """[length index, rows - 1]: the times of 1 .. MEMO_ROWS rows at each measured length, corrected by the
+        """[rows - 1, length index]: the times of 1 .. MEMO_ROWS rows at each measured length, corrected by the
         observed factors (factored) or as calibrated. Interpolating along rows and then along lengths is what
         _prices does in the other order (both are linear), so a price takes one step at a new length."""
         key = (mode, factored)
@@ -87,7 +85,7 @@ class CostModel:
         if table is None:
             grid = self._grid(mode)
             factors = self._factors.get(mode) if factored else None
-            table = np.stack([self._column(grid, factors, j) for j in range(len(self.lengths))])
+            table = np.stack([self._column(grid, factors, j) for j in range(len(self.lengths))], axis=1)
             self._grids[key] = table
         return table
 
@@ -123,8 +121,8 @@ class CostModel:
         return grid
 
     def _at_length(self, grid: np.ndarray, length: int) -> np.ndarray:
-        """Each row count's time at `length`: linear between the measured lengths, constant beyond them (as
-        np.interp, for every row at once)."""
+        """Each row count's time at `length` from `grid` [rows, lengths]: linear between the measured lengths,
+        constant beyond them (as np.interp, for every row at once)."""
         j, w = self._between(length)
         return grid[:, j] if w == 0.0 else grid[:, j] + w * (grid[:, j + 1] - grid[:, j])
 
@@ -138,9 +136,7 @@ class CostModel:
         i = min(range(len(self.rows)), key=lambda k: abs(self.rows[k] - rows))  # the first of a tie, as argmin
         j = min(range(len(self.lengths)), key=lambda k: abs(self.lengths[k] - length))
         if rows <= MEMO_ROWS:
-            a, w = self._between(length)
-            calibrated = self._table(mode, factored=False)[:, rows - 1]
-            predicted = calibrated[a] if w == 0.0 else calibrated[a] + w * (calibrated[a + 1] - calibrated[a])
+            predicted = self._at_length(self._table(mode, factored=False)[rows - 1:rows], length)[0]
         else:
             predicted = self._prices(length, mode, None, rows)[-1]
         ratio = min(max(ms / predicted, 0.5), 2.0)  # a pass stalled by something else
@@ -154,7 +150,7 @@ class CostModel:
         factors[:, j] = [n / d for n, d in (seen.get(ii) or nearest(ii) for ii in range(len(self.rows)))]
         table = self._grids.get((mode, True))
         if table is not None:
-            table[j] = self._column(self._grid(mode), factors, j)
+            table[:, j] = self._column(self._grid(mode), factors, j)
         self._memo.pop(mode, None)
 
     def draft(self, name: str | None, rows: int, observed: bool = True) -> float:
