@@ -281,8 +281,8 @@ class Engine:
     def _bind(self, io, name: str, buf: np.ndarray, shape: list[int], output: bool = False) -> None:
         """Bind `buf`'s memory as `name` with `shape`, unless that exact binding is already in place: onnxruntime
         reads and writes bound host memory by address at run time, so refilling a buffer needs no new binding."""
-        key = (buf.__array_interface__["data"][0], tuple(shape))  # cheaper than buf.ctypes.data, once a pass
+        key = (buf.ctypes.data, tuple(shape))
         bound = self._bound[id(io)]
         if bound.get(name) != key:
-            (io.bind_output if output else io.bind_input)(name, "cpu", 0, buf.dtype.type, shape, key[0])
+            (io.bind_output if output else io.bind_input)(name, "cpu", 0, buf.dtype.type, shape, buf.ctypes.data)
             bound[name] = key
