@@ -293,7 +293,8 @@ def test_full_queue_429_and_a_disconnect_frees_the_slot_at_once(state):
     try:
         with httpx.Client(timeout=60) as http:
             with http.stream("POST", srv.url + "/v1/chat/completions", json=long) as r:
-                next(r.iter_lines())  # the first event: the request is generating
+                lines = r.iter_lines()  # held: a dropped line iterator closes the connection, ending the stream
+                next(lines)  # the first event: the request is generating
                 busy = httpx.post(srv.url + "/v1/chat/completions", json={**long, "stream": False})
                 assert busy.status_code == 429 and busy.headers["Retry-After"].isdigit()
                 assert busy.json()["error"]["type"] == "rate_limit_error"
