@@ -24,7 +24,7 @@ pytest.importorskip("transformers")
 
 from speccompile.train.heads import EAGLE3_NAMES, EAGLE_NAMES, HEAD_TENSORS, Head  # noqa: E402
 from speccompile.train.options import ARCH_DEFAULTS, TrainOptions  # noqa: E402
-from speccompile.train.prompts import make_prompts  # noqa: E402
+from speccompile.train.prompts import READING_WEIGHTS, make_prompts, reading_prompts  # noqa: E402
 
 
 def train_head(args: list[str]) -> str:
@@ -69,6 +69,15 @@ def test_train_head_end_to_end(tmp_path):
     record = json.load(open(str(out)[:-len(".safetensors")] + ".json"))
     assert record["draft_vocabulary"]["size"] == len(d2t) and record["bytes"] == os.path.getsize(out)
     assert record["draft_vocabulary"]["made_by"].startswith("speccompile train-head --arch mtp --stages vocab")
+    _warm_start_reads_the_exported_head(hf, out)
+    earlier = tmp_path / "earlier.safetensors"  # a warm start's head: its vocabulary kept beside the new data's
+    earlier.write_bytes(out.read_bytes())
+    train_head(common + ["--stages", "vocab", "--draft-vocab", "8", "--draft-vocab-keep", str(earlier)])
+    with safe_open(str(out), "np") as f:
+        kept = f.get_tensor("mtp.d2t")
+    assert set(d2t) <= set(kept) and (kept[1:] > kept[:-1]).all()
+    assert json.load(open(str(out)[:-len(".safetensors")] + ".json"))["draft_vocabulary"]["made_by"].endswith(
+        "--draft-vocab-keep earlier.safetensors")
     bundle = str(tmp_path / "bundle")
     build_bundle("tiny:llama", bundle, drafts=[f"mtp:{out}"], max_seq_len=128, num_draft=3, progress=quiet)
     import speccompile
@@ -113,6 +122,25 @@ def test_train_head_end_to_end(tmp_path):
     _check_eagle_module(hf, {k: v.astype(np.float32) for k, v in exported.items() if k not in ("d2t", "t2d")},
                         "eagle3", draft_ids)
     _decodes_losslessly(tmp_path, "eagle3")
+
+
+def _warm_start_reads_the_exported_head(hf, out) -> None:
+    """--init from an exported MTP head file (draft vocabulary included): its tensors, not a fresh start; a file of
+    another layout is refused by name."""
+    import torch
+    from safetensors import safe_open
+    from speccompile.train.init import init_head, load_weights
+    from speccompile.train.target import target_config, target_tensors
+    cfg = target_config(str(hf))
+    fresh, warm = Head(cfg, 1e-5), Head(cfg, 1e-5)
+    init_head(fresh, target_tensors(str(hf)), cfg["num_hidden_layers"], 1.0)
+    load_weights(warm, str(out))
+    with safe_open(str(out), "pt") as f:
+        for k, name in warm.names.items():
+            assert torch.equal(getattr(warm, k), f.get_tensor(name).float()), name
+    assert not torch.equal(warm.eh_proj, fresh.eh_proj)
+    with pytest.raises(ValueError, match="not a eagle head of this layout"):
+        load_weights(Head(cfg, 1e-5, "eagle", wfinal=np.ones(cfg["hidden_size"])), str(out))
 
 
 def _train_medusa(hf, work, out, *args) -> dict:
@@ -239,3 +267,39 @@ def test_prompt_set_unchanged():
     assert len(set(prompts)) == 600
     assert hashlib.sha256(json.dumps(prompts).encode()).hexdigest() == \
         "3f21c4ffeb96047c74535edbba981a7980a6723601680a79cf795de1572c3c76"
+
+
+def test_reading_prompts_mix_every_kind_distinct_and_repeatable():
+    """The reading mix: distinct prompts, the same for a seed, its translation, reading, RAG and essay kinds all
+    present, and the first mix's share drawn from make_prompts."""
+    prompts = reading_prompts(400, 5)
+    assert prompts == reading_prompts(400, 5) and len(set(prompts)) == len(prompts) >= 390
+    assert prompts != reading_prompts(400, 6)
+    first = set(make_prompts(400, 6))
+    assert abs(sum(p in first for p in prompts) - 400 * READING_WEIGHTS["mix"]) <= 2
+    assert sum(p.startswith("Translate") or "English" in p for p in prompts) >= 400 * READING_WEIGHTS["translate"] - 2
+    assert sum("Document 1:" in p or "[1] " in p for p in prompts) >= 30  # RAG over several documents
+
+
+def test_gen_with_a_bundle_writes_the_same_greedy_answers_as_transformers(tmp_path):
+    """--gen-bundle: the runtime's speculative, batched decoding writes the continuations transformers' greedy
+    generate writes, in the same records; a prompt leaving the bundle no room is skipped."""
+    hf, bundle = tmp_path / "hf", str(tmp_path / "bundle")
+    save_hf_dir(load_checkpoint("tiny:llama"), str(hf))
+    build_bundle("tiny:llama", bundle, drafts=["lookup"], max_seq_len=64, num_draft=3, progress=quiet)
+    prompts = tmp_path / "prompts.jsonl"
+    items = [f"tell me about thing number {i}" for i in range(5)] + ["word " * 80]  # the last: over 64 tokens
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in items))
+    records = {}
+    for name, extra in (("hf", []), ("bundle", ["--gen-bundle", bundle])):
+        work = tmp_path / name
+        train_head(["--target", str(hf), "--work", str(work), "--prompts", str(prompts), "--num-prompts", "0",
+                    "--max-new-tokens", "12", "--gen-batch", "3", "--sample-frac", "0", "--threads", "1",
+                    "--stages", "gen", *extra])
+        records[name] = {r["idx"]: r for r in map(json.loads, open(work / "gen.jsonl"))}
+    assert sorted(records["hf"]) == list(range(6)) and sorted(records["bundle"]) == list(range(5))
+    for i, r in records["bundle"].items():
+        assert r["prompt_ids"] == records["hf"][i]["prompt_ids"]
+        assert r["response_ids"] == records["hf"][i]["response_ids"], i
+    info = json.load(open(tmp_path / "bundle" / "info.json"))
+    assert info["gen_rounds"][0]["generator"].startswith("speccompile runtime on bundle bundle")

@@ -295,6 +295,7 @@ def train_head(**options):
     \b
       gen       the target's own continuations of a prompt set (greedy, and a
                 share sampled), with its chat template: WORK/gen.jsonl
+                (--gen-bundle: decoded by a compiled bundle, not transformers)
       features  teacher-forced target passes: the residual stream after the
                 last layer and the target's top-k next-token distribution at
                 every position: WORK/features.npz
@@ -307,6 +308,7 @@ def train_head(**options):
                 (medusa: train and export are one step)
       vocab     (mtp) a reduced draft vocabulary for the exported head: the
                 --draft-vocab tokens most frequent in the training responses
+                (--draft-vocab-keep: and every token of an earlier head's)
 
     Needs the train extra: pip install "speccompile[train]".
     """

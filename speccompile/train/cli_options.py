@@ -36,6 +36,10 @@ OPTIONS = [
     click.option("--gen-batch", type=int, default=32, show_default=True),
     click.option("--gen-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
                  help="Precision of the generating target (the text only; features are always float32)."),
+    click.option("--gen-bundle", default=None,
+                 help="Generate the text with this compiled bundle of the target (speccompile's own runtime: "
+                      "speculative, several sequences per pass) instead of transformers; prompts that leave it no "
+                      "room are skipped."),
     click.option("--gen-minutes", type=float, default=20.0, show_default=True, help="Stop generating after this long."),
     click.option("--gen-tokens", type=int, default=0, show_default=True,
                  help="Stop generating once the data holds this many tokens (0: no limit)."),
@@ -65,14 +69,17 @@ OPTIONS = [
     click.option("--threads", type=int, default=2, show_default=True),
     click.option("--extra-features", default="", help="Comma-separated features.npz of other work dirs to train on "
                  "as well (their info.json rounds go into the record)."),
-    click.option("--init", default=None, help="Start from these weights: a --work's ckpt/final.pt (medusa: an earlier "
-                 "run's --out)."),
+    click.option("--init", default=None, help="Start from these weights: an exported head (its --out, e.g. the shipped "
+                 "head's .safetensors) or a --work's ckpt/final.pt (medusa: an earlier run's --out)."),
     click.option("--resume", is_flag=True, help="Continue training from the last epoch checkpoint in --work."),
     click.option("--full-vocab", is_flag=True, help="Train over the full vocabulary (slower)."),
     click.option("--vocab-min-p", type=float, default=None,
                  help="Training softmax: tokens in the data or this likely [default: 0.01; medusa: 0.02]."),
     click.option("--draft-vocab", type=int, default=8192, show_default=True,
                  help="Size of the draft vocabulary: EAGLE-3's head, or stage vocab's for an MTP head."),
+    click.option("--draft-vocab-keep", default=None,
+                 help="Stage vocab: also keep every token of this MTP head file's draft vocabulary (the head a "
+                      "warm start began from, whose training data is not at hand)."),
     click.option("--heads", type=int, default=3, show_default=True, help="Medusa: number of heads."),
     click.option("--log-every", type=int, default=10, show_default=True),
     click.option("--eval-chain", type=int, default=4, show_default=True,

@@ -17,16 +17,28 @@ def frequent_tokens(tokens: np.ndarray, size: int) -> np.ndarray:
     return np.sort(np.argsort(-counts, kind="stable")[:min(size, int((counts > 0).sum()))])
 
 
-def add_draft_vocab(head_path: str, gen_paths: list[str], size: int, made_by: str) -> tuple[int, float]:
+def earlier_vocab(head_path: str) -> np.ndarray:
+    """The draft vocabulary stored in an MTP head file (its `mtp.d2t`)."""
+    with safe_open(head_path, "np") as f:
+        if "mtp.d2t" not in f.keys():
+            raise ValueError(f"{head_path}: no draft vocabulary (mtp.d2t) to keep")
+        return f.get_tensor("mtp.d2t").astype(np.int64)
+
+
+def add_draft_vocab(head_path: str, gen_paths: list[str], size: int, made_by: str,
+                    keep: np.ndarray | None = None) -> tuple[int, float]:
     """Store a draft vocabulary of `size` tokens, picked from the responses of gen_paths (work dirs' gen.jsonl),
     in the MTP head file as `mtp.d2t` (draft index -> target token id), and in the head's record beside it if any
-    (made_by: the command, for the record). (tokens chosen, share of training tokens they cover)."""
+    (made_by: the command, for the record). `keep`: ids it holds as well (a warm start's earlier vocabulary,
+    whose training data is not at hand). (tokens chosen, share of training tokens they cover)."""
     responses = []
     for path in gen_paths:
         with open(path) as f:
             responses += [json.loads(line)["response_ids"] for line in f]
     tokens = np.concatenate([np.asarray(r, np.int64) for r in responses])
     chosen = frequent_tokens(tokens, size)
+    if keep is not None:
+        chosen = np.union1d(chosen, keep)
     covered = float(np.isin(tokens, chosen).mean())
     with safe_open(head_path, "np") as f:
         meta = f.metadata() or {}

@@ -12,7 +12,7 @@ import torch
 from speccompile.train.options import TrainOptions
 from speccompile.train.progress import log
 from speccompile.train.prompts import read_prompts
-from speccompile.train.target import load_target
+from speccompile.train.target import load_target, load_tokenizer
 
 
 def _done(out_path: str) -> tuple[set[int], int]:
@@ -67,11 +67,39 @@ def _generate(model, eos: int, prompt_ids: list[list[int]], temp: float, max_new
     return news
 
 
+class BundleGenerator:
+    """The target's continuations from a compiled bundle: the runtime's own decoding, speculative and lossless,
+    a batch's streams sharing passes; each continuation capped by the room the bundle's context leaves."""
+
+    def __init__(self, bundle_dir: str, threads: int):
+        import speccompile
+        self.gen = speccompile.load(bundle_dir, threads=threads, context_cache=False)
+        self.room = self.gen.max_seq_len
+
+    def fits(self, ids: list[int]) -> bool:
+        return len(ids) + 16 <= self.room
+
+    def __call__(self, prompt_ids: list[list[int]], temp: float, max_new: int, seed: int) -> list[list[int]]:
+        from speccompile.runtime.generator import drain
+        streams = [self.gen.stream(list(ids), min(max_new, self.room - len(ids)), temperature=temp,
+                                   seed=seed + r) for r, ids in enumerate(prompt_ids)]
+        return [drain(s).token_ids for s in streams]
+
+
+def gen_description(a: TrainOptions) -> str:
+    """What wrote the text, for the head's record."""
+    if a.gen_bundle:
+        name = os.path.basename(os.path.normpath(a.gen_bundle))
+        return f"speccompile runtime on bundle {name}, batches of {a.gen_batch}"
+    return f"transformers generate, {a.gen_dtype}, batches of {a.gen_batch}"
+
+
 def stage_gen(a: TrainOptions, hf_dir: str, out_path: str) -> float:
     """Generate until the prompts, --gen-minutes or --gen-tokens run out; the seconds it took."""
     # bfloat16 generates faster on CPUs with avx512_bf16; only the text comes from it (the labels and features are
     # the float32 target's, teacher-forced), so the data stays the target's own distillation
-    tok, model = load_target(hf_dir, a.gen_dtype)
+    bundle = BundleGenerator(a.gen_bundle, a.threads) if a.gen_bundle else None
+    tok, model = (load_tokenizer(hf_dir), None) if bundle else load_target(hf_dir, a.gen_dtype)
     eos = tok.convert_tokens_to_ids(tok.eos_token)
     prompts = read_prompts(a.prompts, a.num_prompts, a.seed)
     rng = random.Random(a.seed)
@@ -81,6 +109,8 @@ def stage_gen(a: TrainOptions, hf_dir: str, out_path: str) -> float:
     done, have = _done(out_path)
     todo = [i for i in order if i not in done]
     enc = _encode(tok, prompts, todo)
+    if bundle:
+        todo = [i for i in todo if bundle.fits(enc[i])]
     batches = _batches(todo, sampled, enc, a.gen_batch, rng)
     t0, total_new = time.time(), 0
     log(f"gen: {len(todo)} prompts to go ({len(done)} done), {len(batches)} batches of <= {a.gen_batch}, "
@@ -95,7 +125,10 @@ def stage_gen(a: TrainOptions, hf_dir: str, out_path: str) -> float:
                 break
             temp = a.temperature if batch[0] in sampled else 0.0
             torch.manual_seed(a.seed + bi)
-            for i, new in zip(batch, _generate(model, eos, [enc[i] for i in batch], temp, a.max_new_tokens)):
+            prompt_ids = [enc[i] for i in batch]
+            news = (bundle(prompt_ids, temp, a.max_new_tokens, a.seed + bi * a.gen_batch) if bundle else
+                    _generate(model, eos, prompt_ids, temp, a.max_new_tokens))
+            for i, new in zip(batch, news):
                 total_new += len(new)
                 have += len(enc[i]) + len(new)
                 f.write(json.dumps({"idx": i, "prompt": prompts[i], "temperature": temp,

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
+from safetensors.torch import load_file
 
 from speccompile.train.heads import Head
 
@@ -74,6 +76,24 @@ def init_head(head: Head, tensors: dict, n_layers: int, h_rms: float) -> None:
             _init_eagle(head, tensors, last, g, h_rms)
         else:
             _init_mtp(head, tensors, g, h_rms)
+
+
+def load_weights(head: Head, path: str) -> None:
+    """Warm-start weights: an exported head (its .safetensors file, or an EAGLE directory holding
+    model.safetensors; tensors outside the head's names, such as an MTP head's draft vocabulary, are left out) or
+    a run's checkpoint (--work/ckpt/final.pt, tensors only)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.safetensors")
+    if not path.endswith(".safetensors"):
+        head.load_state_dict(torch.load(path, weights_only=True)["head"])
+        return
+    stored = load_file(path)
+    missing = [name for name in head.names.values() if name not in stored]
+    if missing:
+        raise ValueError(f"--init {path}: not a {head.arch} head of this layout (no {missing[0]})")
+    with torch.no_grad():
+        for k, name in head.names.items():
+            getattr(head, k).copy_(stored[name].float())
 
 
 def init_description(cfg: dict, h_rms: float, arch: str, init_from: str | None) -> str:

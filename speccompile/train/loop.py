@@ -19,7 +19,7 @@ from speccompile.train.evaluate import evaluate
 from speccompile.train.export import export
 from speccompile.train.features import aux_layer_ids
 from speccompile.train.heads import Head
-from speccompile.train.init import init_head
+from speccompile.train.init import init_head, load_weights
 from speccompile.train.objective import feat_loss, head_forward, soft_ce
 from speccompile.train.options import TrainOptions
 from speccompile.train.progress import f3, log
@@ -95,8 +95,8 @@ def prepare(a: TrainOptions, hf_dir: str, feat_path: str, info: dict) -> Setup:
         log(f"draft vocabulary: {len(draft_ids)} tokens, {covered:.2%} of held-out response tokens")
     head = Head(cfg, float(cfg["rms_norm_eps"]), a.arch, wfinal, draft_ids)
     init_head(head, tensors, cfg["num_hidden_layers"], h_rms)
-    if a.init:  # warm start: a previous run's weights (its --work/ckpt/final.pt), new optimizer and schedule
-        head.load_state_dict(torch.load(a.init, weights_only=True)["head"])
+    if a.init:  # warm start: an exported head or a run's final checkpoint; new optimizer and schedule
+        load_weights(head, a.init)
         info["init_from"] = a.init
         log(f"weights from {a.init}")
     vmap, W = training_vocab(a, data, emb_w, draft_ids)

@@ -34,6 +34,7 @@ class TrainOptions:
     temperature: float = 0.7
     gen_batch: int = 32
     gen_dtype: str = "float32"
+    gen_bundle: str | None = None
     gen_minutes: float = 20.0
     gen_tokens: int = 0
     aux_layers: str | None = None
@@ -58,6 +59,7 @@ class TrainOptions:
     full_vocab: bool = False
     vocab_min_p: float | None = None
     draft_vocab: int = 8192
+    draft_vocab_keep: str | None = None
     heads: int = 3
     log_every: int = 10
     eval_chain: int = 4
@@ -73,6 +75,8 @@ class TrainOptions:
                 setattr(self, k, v)
         if self.arch == "medusa" and self.resume:
             raise ValueError("--resume: Medusa training keeps no checkpoints (--init starts from an earlier run's heads)")
+        if self.draft_vocab_keep and self.arch != "mtp":
+            raise ValueError("--draft-vocab-keep: a draft vocabulary stage of MTP heads only (--arch mtp)")
         if self.arch != "medusa":
             if self.epochs != int(self.epochs):
                 raise ValueError(f"--epochs: a whole number for --arch {self.arch}, not {self.epochs}")

@@ -8,9 +8,9 @@ import os
 import numpy as np
 import torch
 
-from speccompile.train.draft_vocab import add_draft_vocab
+from speccompile.train.draft_vocab import add_draft_vocab, earlier_vocab
 from speccompile.train.features import aux_layer_ids, aux_path, stage_aux, stage_features
-from speccompile.train.gen import stage_gen
+from speccompile.train.gen import gen_description, stage_gen
 from speccompile.train.loop import stage_train
 from speccompile.train.medusa import train_medusa
 from speccompile.train.options import TrainOptions
@@ -40,7 +40,7 @@ def run_gen(a: TrainOptions, hf_dir: str, w: Work) -> None:
     w.info["gen_seconds"] = w.info.get("gen_seconds", 0.0) + seconds
     w.info.setdefault("gen_rounds", []).append(
         {"prompts": a.prompts or f"speccompile.train.prompts.make_prompts({a.num_prompts}, seed={a.seed})",
-         "generator": f"transformers generate, {a.gen_dtype}, batches of {a.gen_batch}",
+         "generator": gen_description(a),
          "max_new_tokens": a.max_new_tokens, "sample_frac": a.sample_frac, "temperature": a.temperature,
          "seconds": round(seconds, 1)})
     w.save_info()
@@ -63,7 +63,10 @@ def run_vocab(a: TrainOptions, w: Work) -> None:
     gens = [w.gen] + [os.path.join(os.path.dirname(p), "gen.jsonl") for p in a.extra_feature_paths]
     made_by = (f"speccompile train-head --arch mtp --stages vocab --out HEAD --work W "
                f"{'--extra-features W2/features.npz ' if a.extra_feature_paths else ''}--draft-vocab {a.draft_vocab}")
-    size, covered = add_draft_vocab(a.out, gens, a.draft_vocab, made_by)
+    keep = earlier_vocab(a.draft_vocab_keep) if a.draft_vocab_keep else None
+    if keep is not None:
+        made_by += f" --draft-vocab-keep {os.path.basename(a.draft_vocab_keep)}"
+    size, covered = add_draft_vocab(a.out, gens, a.draft_vocab, made_by, keep)
     log(f"vocab: {size} draft tokens cover {covered:.2%} of the training response tokens")
 
 

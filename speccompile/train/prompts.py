@@ -4,6 +4,7 @@ generated numbers), follow-up turns over the model's own answers, and Magpie use
 Written for this purpose only: nothing comes from a benchmark. The pools live in data/prompt_pools.json.
 
     python -m speccompile.train.prompts --n 600 --out /tmp/head_prompts.jsonl
+    python -m speccompile.train.prompts --mix reading --n 640 --seed 21 --out /tmp/reading.jsonl
     python -m speccompile.train.prompts --second-round WORK/gen.jsonl --tokenizer HF/tokenizer.json --n 800 --out R2
     python -m speccompile.train.prompts --magpie HF_DIR --n 1600 --out /tmp/magpie.jsonl
 """
@@ -89,6 +90,50 @@ def make_prompts(n: int = 600, seed: int = 0) -> list[str]:
             seen.add(p)
             out.append(p)
     return out
+
+
+# share of each kind in reading_prompts' output: the reading, translation and essay tasks the first mix
+# under-represents, with the first mix itself kept so a warm-started head does not forget it
+READING_WEIGHTS = {"translate": 0.22, "reading": 0.22, "rag": 0.10, "stem": 0.14, "humanities": 0.14, "mix": 0.18}
+
+
+def _reading_kinds(rng: random.Random) -> dict[str, list[str]]:
+    """Every prompt of the reading mix, by kind, each kind shuffled."""
+    p = pools()
+    arts = p["articles"]
+    made = {"translate": [t.format(l=lang, s=s) for lang, s in p["news_foreign"] for t in p["translate_templates"]],
+            "reading": [t.format(p=a["text"], q=q) for a in arts for q in a["questions"]
+                        for t in p["reading_templates"]],
+            "rag": [], "stem": [], "humanities": []}
+    for i, a in enumerate(arts):
+        for q in a["questions"]:
+            others = rng.sample([x["text"] for j, x in enumerate(arts) if j != i], 2)
+            docs = [a["text"]] + others
+            rng.shuffle(docs)
+            made["rag"] += [t.format(p1=docs[0], p2=docs[1], p3=docs[2], q=q) for t in p["rag_templates"]]
+    for kind in ("stem", "humanities"):
+        topics = p[f"{kind}_topics"]
+        for t in topics:
+            for tmpl in p[f"{kind}_templates"]:
+                made[kind].append(tmpl.format(t=t, u=rng.choice([x for x in topics if x != t])))
+    for v in made.values():
+        rng.shuffle(v)
+    return made
+
+
+def reading_prompts(n: int = 600, seed: int = 0) -> list[str]:
+    """`n` distinct prompts of the reading mix (READING_WEIGHTS), deterministic for a seed; its "mix" share is
+    make_prompts' first mix under another seed."""
+    rng = random.Random(seed)
+    by_kind = _reading_kinds(rng)
+    by_kind["mix"] = make_prompts(n, seed + 1)
+    order = list(READING_WEIGHTS)
+    counts = {k: round(n * w) for k, w in READING_WEIGHTS.items()}
+    out: list[str] = []
+    for k in order:
+        out += list(dict.fromkeys(by_kind[k]))[:counts[k]]
+    rng.shuffle(out)
+    return list(dict.fromkeys(out))[:n]
 
 
 def read_prompts(path: str | None, n: int, seed: int) -> list:
@@ -190,6 +235,8 @@ def main(argv=None):
     ap.add_argument("--magpie", metavar="HF_DIR", help="sample user turns from this instruction-tuned target "
                     "(appends to --out; resumable)")
     ap.add_argument("--batch", type=int, default=48, help="with --magpie")
+    ap.add_argument("--mix", choices=["first", "reading"], default="first",
+                    help="first: make_prompts; reading: reading_prompts (translation, reading, RAG, essays)")
     a = ap.parse_args(argv)
     if a.magpie:
         if a.out == "-":
@@ -197,7 +244,7 @@ def main(argv=None):
         magpie(a.magpie, a.n, a.out, a.seed, a.batch, log=lambda m: print(m, file=sys.stderr, flush=True))
         return
     items = (second_round(a.second_round, a.tokenizer, a.n, a.seed) if a.second_round else
-             make_prompts(a.n, a.seed))
+             reading_prompts(a.n, a.seed) if a.mix == "reading" else make_prompts(a.n, a.seed))
     lines = "".join(json.dumps(p if isinstance(p, dict) else {"prompt": p}) + "\n" for p in items)
     if a.out == "-":
         print(lines, end="")

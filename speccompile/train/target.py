@@ -29,9 +29,13 @@ def target_hf_dir(source: str | None, work: str) -> str:
     return d
 
 
+def load_tokenizer(hf_dir: str):
+    return AutoTokenizer.from_pretrained(hf_dir)
+
+
 def load_target(hf_dir: str, dtype: str = "float32"):
     """(tokenizer, frozen model in eval mode)."""
-    tok = AutoTokenizer.from_pretrained(hf_dir)
+    tok = load_tokenizer(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).eval()
     for p in model.parameters():
         p.requires_grad_(False)
