@@ -233,3 +233,19 @@ def test_compare_transformers(tiny_bundle, tmp_path):
     for p in doc["prompts"]:  # transformers' assisted decoding is lossless too
         assert all(p["runs"][name]["identical_to_autoregressive"] for name in theirs)
     assert "transformers" in doc["versions"] and doc["peak_rss_mib"]["total"] >= doc["peak_rss_mib"]["speccompile"]
+
+
+def test_compare_heads_tool(tiny_bundle, capsys):
+    """tools/compare_heads.py: two bundles' default drafting against plain decoding, paired, per category; exit 0
+    when every greedy answer equals plain decoding's."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    try:
+        import compare_heads
+    finally:
+        sys.path.pop(0)
+    assert compare_heads.main([tiny_bundle, tiny_bundle, "--limit", "3", "--max-new-tokens", "12", "--repeats", "1",
+                               "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("tok/s") == 4 and "old: paired" in out and "new: paired" in out and "new / old: paired" in out
