@@ -256,6 +256,9 @@ def test_bad_options_one_error_line():
     assert result.exit_code == 2 and result.output.startswith("error: --stages: unknown fetaures")
     result = CliRunner().invoke(cli, ["train-head", "--epochs", "1.5"])
     assert result.exit_code == 2 and "--epochs: a whole number" in result.output
+    for option in ("--init", "--gen-bundle", "--draft-vocab-keep"):  # refused before any stage's work
+        result = CliRunner().invoke(cli, ["train-head", option, "/nonexistent/x"])
+        assert result.exit_code == 2 and result.output == f"error: {option} /nonexistent/x: no such file or directory\n"
     result = CliRunner().invoke(cli, ["train-head", "--arch", "medusa", "--resume"])
     assert result.exit_code == 2 and result.output.startswith("error: --resume: Medusa training keeps no checkpoints")
 

@@ -75,6 +75,10 @@ class TrainOptions:
                 setattr(self, k, v)
         if self.arch == "medusa" and self.resume:
             raise ValueError("--resume: Medusa training keeps no checkpoints (--init starts from an earlier run's heads)")
+        for option, path in (("--init", self.init), ("--gen-bundle", self.gen_bundle),
+                             ("--draft-vocab-keep", self.draft_vocab_keep)):
+            if path and not os.path.exists(path):
+                raise ValueError(f"{option} {path}: no such file or directory")
         if self.draft_vocab_keep and self.arch != "mtp":
             raise ValueError("--draft-vocab-keep: a draft vocabulary stage of MTP heads only (--arch mtp)")
         if self.arch != "medusa":
