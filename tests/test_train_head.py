@@ -306,3 +306,35 @@ def test_gen_with_a_bundle_writes_the_same_greedy_answers_as_transformers(tmp_pa
         assert r["response_ids"] == records["hf"][i]["response_ids"], i
     info = json.load(open(tmp_path / "bundle" / "info.json"))
     assert info["gen_rounds"][0]["generator"].startswith("speccompile runtime on bundle bundle")
+
+
+def test_magpie_by_a_bundle_keeps_whole_user_turns(tmp_path, monkeypatch):
+    """Magpie sampling through a compiled bundle: a kept user turn is the text before the end-of-turn token, rows
+    that never ended are dropped, and a target that seldom ends a turn makes the run give up rather than loop."""
+    from transformers import AutoTokenizer
+
+    from speccompile.train import prompts as magpie_prompts
+    hf, bundle = tmp_path / "hf", str(tmp_path / "bundle")
+    save_hf_dir(load_checkpoint("tiny:llama"), str(hf))
+    build_bundle("tiny:llama", bundle, drafts=["lookup"], max_seq_len=256, num_draft=3, progress=quiet)
+    tok = AutoTokenizer.from_pretrained(str(hf))
+    bundle_sample, sampled = magpie_prompts._bundle_sampler(bundle, 1), []
+
+    def sample(*args):
+        sampled.extend(bundle_sample(*args))
+        return sampled[-args[1]:]
+    magpie_prompts._user_turns(tok, sample, None, 8, 24, seed=3)
+    rows = list(sampled)
+    # the tiny random target never writes its end-of-turn token: one of its sampled tokens stands in for it
+    end = next(t for t in rows[-1] if sum(t in r for r in rows) < len(rows))
+    monkeypatch.setattr(magpie_prompts, "_turn_end", lambda _tok: end)
+    turns = magpie_prompts._user_turns(tok, sample, None, 8, 24, seed=3)
+    assert sampled[-8:] == rows  # the same seed, the same rows
+    assert 0 < sum(t is not None for t in turns) < 8
+    for turn, row in zip(turns, rows):
+        assert turn == (tok.decode(row[:row.index(end)], skip_special_tokens=True).strip() if end in row else None)
+    monkeypatch.undo()
+    out = tmp_path / "magpie.jsonl"
+    kept = magpie_prompts.magpie(str(hf), 3, str(out), batch=4, max_tokens=3, log=lambda _: None, bundle=bundle,
+                                 threads=1)
+    assert kept == 0 and not out.read_text()  # it never ends a turn: given up after its tries

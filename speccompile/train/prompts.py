@@ -6,7 +6,7 @@ Written for this purpose only: nothing comes from a benchmark. The pools live in
     python -m speccompile.train.prompts --n 600 --out /tmp/head_prompts.jsonl
     python -m speccompile.train.prompts --mix reading --n 640 --seed 21 --out /tmp/reading.jsonl
     python -m speccompile.train.prompts --second-round WORK/gen.jsonl --tokenizer HF/tokenizer.json --n 800 --out R2
-    python -m speccompile.train.prompts --magpie HF_DIR --n 1600 --out /tmp/magpie.jsonl
+    python -m speccompile.train.prompts --magpie HF_DIR --n 1600 --out /tmp/magpie.jsonl [--bundle BUNDLE]
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 KIND_WEIGHTS = {"topic": 0.40, "code": 0.15, "math": 0.13, "passage": 0.08, "translate": 0.06, "email": 0.06,
                 "general": 0.12}
 MATH_PROMPTS = 300
+MAGPIE_TRIES_PER_PROMPT = 20  # a model that seldom ends a user turn gives up, not loops forever
 
 
 @functools.cache
@@ -179,41 +180,64 @@ def second_round(gen_path: str, tokenizer_json: str, n: int, seed: int = 0) -> l
     return out
 
 
-def _user_turns(tok, model, system: str | None, batch: int, max_tokens: int, seed: int) -> list[str]:
+def _turn_end(tok) -> int:
+    """The token that ends a chat turn."""
+    return tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
+
+
+def _user_turns(tok, sample, system: str | None, batch: int, max_tokens: int, seed: int) -> list[str]:
     """A batch of user turns the model writes when its chat template stops at the start of a user turn (only
-    whole turns: those that ended before max_tokens)."""
-    end = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
+    whole turns: those that ended before max_tokens). sample(ids, batch, max_tokens, seed): token rows."""
+    end = _turn_end(tok)
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "\x00"}]
     text = tok.apply_chat_template(msgs, tokenize=False)
-    ids = tok(text[:text.index("\x00")], return_tensors="pt", add_special_tokens=False).input_ids
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        out = model.generate(input_ids=ids.repeat(batch, 1), attention_mask=torch.ones((batch, ids.shape[1]),
-                                                                                       dtype=torch.long),
-                             do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_tokens,
-                             eos_token_id=end, pad_token_id=end)
-    rows = out[:, ids.shape[1]:].tolist()
+    ids = tok(text[:text.index("\x00")], add_special_tokens=False).input_ids
+    rows = sample(ids, batch, max_tokens, seed)
     return [tok.decode(row[:row.index(end)], skip_special_tokens=True).strip() if end in row else None
             for row in rows]
 
 
+def _transformers_sampler(model, end: int):
+    """sample() for _user_turns by transformers' generate at temperature 1."""
+    def sample(ids: list[int], batch: int, max_tokens: int, seed: int) -> list[list[int]]:
+        inp = torch.tensor([ids] * batch)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), do_sample=True, temperature=1.0,
+                                 top_p=1.0, top_k=0, max_new_tokens=max_tokens, eos_token_id=end, pad_token_id=end)
+        return out[:, len(ids):].tolist()
+    return sample
+
+
+def _bundle_sampler(bundle_dir: str, threads: int):
+    """sample() for _user_turns by a compiled bundle of the target at temperature 1 (each row its own seed)."""
+    from speccompile.train.gen import BundleGenerator
+    gen = BundleGenerator(bundle_dir, threads)
+    return lambda ids, batch, max_tokens, seed: gen([ids] * batch, 1.0, max_tokens, seed)
+
+
 def magpie(hf_dir: str, n: int, out_path: str, seed: int = 0, batch: int = 48, max_tokens: int = 160,
-           dtype: str = "bfloat16", log=print) -> int:
+           dtype: str = "bfloat16", log=print, bundle: str | None = None, threads: int = 2) -> int:
     """Magpie (Xu et al., 2024): sample n user turns from an instruction-tuned target given its chat template up
     to the start of a user turn -- prompts from its own instruction distribution, far more varied than templates,
     with no corpus. Most use the default system prompt; some steer toward the reading, coding and math tasks short
-    samples under-represent. Appends to out_path, so a stopped run resumes."""
+    samples under-represent. Sampled by transformers, or by a compiled bundle of the target if given. Appends to
+    out_path, so a stopped run resumes; gives up after MAGPIE_TRIES_PER_PROMPT samples a prompt wanted."""
     tok = AutoTokenizer.from_pretrained(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).eval()
+    if bundle:
+        sample = _bundle_sampler(bundle, threads)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).eval()
+        sample = _transformers_sampler(model, _turn_end(tok))
     seen = set()
     if os.path.isfile(out_path):
         seen = {json.loads(l)["prompt"].lower()[:80] for l in open(out_path) if l.strip()}
     rng = random.Random(seed + len(seen))
     t0, kept, tried = time.time(), len(seen), 0
     with open(out_path, "a") as f:
-        while kept < n:
+        while kept < n and tried < MAGPIE_TRIES_PER_PROMPT * n:
             system = rng.choice(pools()["magpie_systems"])
-            for p in _user_turns(tok, model, system, batch, max_tokens, rng.randrange(1 << 30)):
+            for p in _user_turns(tok, sample, system, batch, max_tokens, rng.randrange(1 << 30)):
                 tried += 1
                 if p is None or len(p.split()) < 4 or p.lower()[:80] in seen or "<|" in p:
                     continue
@@ -235,13 +259,16 @@ def main(argv=None):
     ap.add_argument("--magpie", metavar="HF_DIR", help="sample user turns from this instruction-tuned target "
                     "(appends to --out; resumable)")
     ap.add_argument("--batch", type=int, default=48, help="with --magpie")
+    ap.add_argument("--bundle", help="with --magpie: sample with this compiled bundle of the target (faster on CPU)")
+    ap.add_argument("--threads", type=int, default=2, help="with --magpie --bundle")
     ap.add_argument("--mix", choices=["first", "reading"], default="first",
                     help="first: make_prompts; reading: reading_prompts (translation, reading, RAG, essays)")
     a = ap.parse_args(argv)
     if a.magpie:
         if a.out == "-":
             ap.error("--magpie writes to a file: give --out")
-        magpie(a.magpie, a.n, a.out, a.seed, a.batch, log=lambda m: print(m, file=sys.stderr, flush=True))
+        magpie(a.magpie, a.n, a.out, a.seed, a.batch, log=lambda m: print(m, file=sys.stderr, flush=True),
+               bundle=a.bundle, threads=a.threads)
         return
     items = (second_round(a.second_round, a.tokenizer, a.n, a.seed) if a.second_round else
              reading_prompts(a.n, a.seed) if a.mix == "reading" else make_prompts(a.n, a.seed))
