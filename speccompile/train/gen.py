@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from speccompile.train.bundle_gen import BundleGenerator
 from speccompile.train.options import TrainOptions
 from speccompile.train.progress import log
 from speccompile.train.prompts import read_prompts
@@ -65,25 +66,6 @@ def _generate(model, eos: int, prompt_ids: list[list[int]], temp: float, max_new
         new = out[r, L:].tolist()
         news.append(new[:new.index(eos) + 1] if eos in new else new)
     return news
-
-
-class BundleGenerator:
-    """The target's continuations from a compiled bundle: the runtime's own decoding, speculative and lossless,
-    a batch's streams sharing passes; each continuation capped by the room the bundle's context leaves."""
-
-    def __init__(self, bundle_dir: str, threads: int):
-        import speccompile
-        self.gen = speccompile.load(bundle_dir, threads=threads, context_cache=False)
-        self.room = self.gen.max_seq_len
-
-    def fits(self, ids: list[int]) -> bool:
-        return len(ids) + 16 <= self.room
-
-    def __call__(self, prompt_ids: list[list[int]], temp: float, max_new: int, seed: int) -> list[list[int]]:
-        from speccompile.runtime.generator import drain
-        streams = [self.gen.stream(list(ids), min(max_new, self.room - len(ids)), temperature=temp,
-                                   seed=seed + r) for r, ids in enumerate(prompt_ids)]
-        return [drain(s).token_ids for s in streams]
 
 
 def gen_description(a: TrainOptions) -> str:

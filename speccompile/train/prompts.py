@@ -23,6 +23,8 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from speccompile.train.bundle_gen import BundleGenerator
+
 # share of each kind of task in make_prompts' output
 KIND_WEIGHTS = {"topic": 0.40, "code": 0.15, "math": 0.13, "passage": 0.08, "translate": 0.06, "email": 0.06,
                 "general": 0.12}
@@ -211,7 +213,6 @@ def _transformers_sampler(model, end: int):
 
 def _bundle_sampler(bundle_dir: str, threads: int):
     """sample() for _user_turns by a compiled bundle of the target at temperature 1 (each row its own seed)."""
-    from speccompile.train.gen import BundleGenerator
     gen = BundleGenerator(bundle_dir, threads)
     return lambda ids, batch, max_tokens, seed: gen([ids] * batch, 1.0, max_tokens, seed)
 
