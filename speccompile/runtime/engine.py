@@ -284,5 +284,5 @@ class Engine:
         key = (buf.ctypes.data, tuple(shape))
         bound = self._bound[id(io)]
         if bound.get(name) != key:
-            (io.bind_output if output else io.bind_input)(name, "cpu", 0, buf.dtype.type, shape, buf.ctypes.data)
+            (io.bind_output if output else io.bind_input)(name, "cpu", 0, buf.dtype.type, shape, key[0])
             bound[name] = key
