@@ -76,14 +76,18 @@ quantized build are those of its quantized weights: speculation is lossless agai
 decoding, not against a float32 build.
 batched form (the target's `target_batch` graph, `build --max-batch B`; BATCH_GRAPH_VERSION): the same decoder over a
 run of consecutive sequence slots of a static cache [B, Hkv, LMAX, D]. The batch dimension N is symbolic: a pass
-binds the cache rows of the slots it runs (any consecutive run of them, one slot included). Every slot runs S rows
-(the longest slot's count; the rest padding that nothing reads). Differences from the contract above:
+binds the cache rows of the slots it runs (any consecutive run of them, one slot included). Every slot's attention
+runs S rows (the longest slot's count; the rest padding that nothing reads); everything else runs over the real
+rows only, packed (version 4), so one slot's draft rows do not make every other slot pay for S rows. Differences
+from the contract above:
   input_ids, position_ids [N, S]; seqlens_k [N] per slot; query_seqlens int32 [N] each slot's real rows (its K/V
   are written at slots [seqlens_k+1-query_seqlens, seqlens_k]); attention_bias [N, 1, S, T] per slot;
-  logits_index [R] into the flattened rows (slot n's row s is n * S + s); hidden_states [N * S, H] (and
-  aux_hidden_states [N * S, A * H]) flattened the same way. No verify extension: the host accepts from next_token
-  (greedy) or the logits (sampled). With the exact greedy head the inputs full_logits (false: estimated
-  logits, exact next_token) and sample_noise stay.
+  row_index [P] the real rows, in order, as positions in the flattened [N * S] layout (slot n's row s is
+  n * S + s); layout_index [N * S] each layout position's real row (any real row for a padding position);
+  logits_index [R] into the real rows; hidden_states [P, H] (and aux_hidden_states [P, A * H]). No verify
+  extension: the host accepts from next_token (greedy) or the logits (sampled). With the exact greedy head the
+  inputs full_logits (false: estimated logits, exact next_token) and sample_noise stay. Before version 4 the
+  whole layout ran: no row_index or layout_index, logits_index and the hidden states over all N * S rows.
 """
 from __future__ import annotations
 
@@ -97,7 +101,7 @@ DECODER_GRAPH_VERSION = 7  # 7: noise_top_k; 6: sample_noise; 5: scratch slots (
 # what `quantization.formats` may say of a matrix: float32, a GGUF block type kept as it is stored (joined types
 # as "q4_k+q6_k as 8-bit blocks of 16"), or a block-wise quantization of float weights by `build --weights`
 WEIGHT_FORMATS = ("float32", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k", "int4", "int8")
-BATCH_GRAPH_VERSION = 3  # the batched form (above); 2: sample_noise; 3: noise_top_k
+BATCH_GRAPH_VERSION = 4  # the batched form (above); 2: sample_noise; 3: noise_top_k; 4: packed rows
 DEFAULT_MAX_BATCH = 4  # sequence slots of the batched graph unless the build says otherwise
 VERIFY_DEFAULTS = {"node_parents": [-1], "temperature": [0.0], "top_k": [0], "uniforms": [[0.0, 0.0]],
                    "full_logits": [True], "sample_noise": [[0.0]], "noise_top_k": [0]}
@@ -168,13 +172,14 @@ def _batched_signature(num_layers, num_kv_heads, head_dim, max_seq_len, vocab_si
     cache = ["N", num_kv_heads, max_seq_len, head_dim]
     inputs = [("input_ids", "int64", ["N", "S"]), ("position_ids", "int64", ["N", "S"]),
               ("seqlens_k", "int32", ["N"]), ("query_seqlens", "int32", ["N"]),
-              ("attention_bias", "float32", ["N", 1, "S", "T"]), ("logits_index", "int64", ["R"])]
+              ("attention_bias", "float32", ["N", 1, "S", "T"]), ("row_index", "int64", ["P"]),
+              ("layout_index", "int64", ["NS"]), ("logits_index", "int64", ["R"])]
     if screen:
         inputs += SCREEN_INPUTS
     outputs = [("logits", "float32", ["R", vocab_size]), ("next_token", "int64", ["R"]),
-               ("hidden_states", "float32", ["NS", hidden_size])]
+               ("hidden_states", "float32", ["P", hidden_size])]
     if aux_width:
-        outputs.append(("aux_hidden_states", "float32", ["NS", aux_width]))
+        outputs.append(("aux_hidden_states", "float32", ["P", aux_width]))
     for i in range(num_layers):
         inputs += [(f"past_key.{i}", "float32", cache), (f"past_value.{i}", "float32", cache)]
         outputs += [(f"present_key.{i}", "float32", cache), (f"present_value.{i}", "float32", cache)]

@@ -151,6 +151,56 @@ def test_longer_context_costlier_rows_smaller_trees():
     assert short > long
 
 
+def one_pass(a: AdaptiveDrafting, prop: Proposal, head: int, scores, accepted: bool) -> Proposal:
+    """Plan, cut and learn from one pass whose first kept node is accepted or not."""
+    kept = a.choose(prop, head, scores, a.plan(100), 100)
+    a.update([0] if accepted and len(kept.tokens) else [])
+    return kept
+
+
+def test_lookup_estimates_are_kept_per_match_length():
+    """Over a request where continuations of 3-gram matches are always rejected and those of 1-gram matches
+    always taken (the reverse of the priors), the cut learns each apart: afterwards it picks the drafter's node
+    over a 3-gram match's continuation and a 1-gram match's continuation over the drafter's node."""
+    a = AdaptiveDrafting(synthetic(20.0, 0.1), "head", True, TreeSpec("adaptive", 63, depth=1, lookup=6), True, 64,
+                         chains_only=True)
+    for _ in range(30):
+        for n, taken in ((3, False), (1, True)):
+            assert len(one_pass(a, Proposal(np.array([11]), None, np.array([-1]), match_len=n), 0, None, taken).tokens)
+    sibling = dict(tokens=np.array([10, 11]), parents=np.array([-1, -1]))  # the drafter's node, lookup's node
+    picks = {n: a.choose(Proposal(**sibling, match_len=n), 1, np.log([0.5]), a.plan(100), 100).tokens.tolist()
+             for n in (3, 1)}
+    assert picks == {3: [10], 1: [11]}
+    fresh = AdaptiveDrafting(synthetic(20.0, 0.1), "head", True, TreeSpec("adaptive", 63, depth=1, lookup=6),
+                             True, 64, chains_only=True)
+    assert {n: fresh.choose(Proposal(**sibling, match_len=n), 1, np.log([0.5]), fresh.plan(100), 100).tokens.tolist()
+            for n in (3, 1)} == {3: [11], 1: [10]}  # the priors alone: the other way round
+
+
+def test_a_node_both_drafters_propose_is_valued_by_their_agreement():
+    """A drafter node the head gives 30%: at these row prices a plain step beats verifying it, unless prompt
+    lookup proposes it too. Its outcomes teach the agreement's estimate, not the head's calibration."""
+    a = adaptive(synthetic(20.0, 8.0), depth=1)
+    node, scores = Proposal(np.array([10]), None, np.array([-1]), match_len=3), np.log([0.3])
+    assert len(a.choose(node, 1, scores, a.plan(100), 100).tokens) == 0
+    agreed = Proposal(np.array([10]), None, np.array([-1]), match_len=3, lookup_agrees=np.array([True]))
+    scale = a.head_scale[0].den
+    for _ in range(5):
+        assert one_pass(a, agreed, 1, scores, True).tokens.tolist() == [10]
+    assert a.head_scale[0].den == scale and a.agreed_accept[3][0].value == 1.0
+
+
+def test_a_long_match_skips_the_drafters_pass_where_one_path_is_verified():
+    """Verifying one path a pass, a match whose continuation is likelier to be taken than the drafter's first
+    node leaves the drafter nothing to win: no drafting pass. A short match, or a target that verifies trees
+    (where the drafter's nodes can sit beside lookup's), still drafts."""
+    def planned(match_len: int, chains_only: bool = True) -> int:
+        a = AdaptiveDrafting(synthetic(20.0, 0.1), "head", True, TreeSpec("adaptive", 63, depth=2, lookup=6), True,
+                             64, chains_only=chains_only)
+        return a.plan(100, match_len).head_depth
+    assert planned(3) == 0 and planned(0) > 0 and planned(1) > 0 and planned(3, chains_only=False) > 0
+
+
 def test_a_skipped_depth_is_probed_again():
     """Rows too dear to draft: the plan still probes one level every few passes, and a probe verifies a node
     (else estimates grown too low would never be tested again); a node the cut drops teaches nothing."""
@@ -186,8 +236,10 @@ def test_adaptive_greedy_equals_autoregressive(tiny_generator, drafter, row_ms, 
 @pytest.mark.parametrize("trees_exact", [True, False])
 def test_adaptive_requests_share_the_scheduler_passes(tiny_generator, trees_exact, monkeypatch):
     """Adaptive requests hold scheduler slots like any other: alone a slot plans as the caller's own loop would;
-    shared, within its share of the pass's rows (none over a target whose trees are not exact, trees_exact
-    False: then shared passes are plain steps). Every request's tokens equal autoregressive decoding's."""
+    shared, within its share of the pass's rows (over a target whose trees are not exact, trees_exact False, a
+    shared pass verifies one prompt-lookup node of at most SHARED_LOOKUP_SLOTS slots, else plain steps). Every
+    request's tokens equal autoregressive decoding's."""
+    from speccompile.runtime import scheduler
     g = tiny_generator
     cost = synthetic(5.0, 0.05)
     cost.drafter_ms["model"] = [0.01] * len(HEAD_ROWS)  # drafting nearly free, even at the most the timing moves it
@@ -197,6 +249,10 @@ def test_adaptive_requests_share_the_scheduler_passes(tiny_generator, trees_exac
     plain = [g.generate(p, n, speculate=False).token_ids for p, n in zip(prompts, lengths)]
     shared = g.scheduler.shared_passes
     monkeypatch.setattr(g.scheduler, "trace", [])
+    shared_rows = []  # per shared pass: each step's rows
+    run = g.scheduler.engine.run
+    monkeypatch.setattr(g.scheduler.engine, "run", lambda steps, *a: (
+        shared_rows.append([len(st.tokens) for st in steps]) if len(steps) > 1 else None, run(steps, *a))[1])
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda i: g.generate(prompts[i], lengths[i], drafter="model",
                                                      tree="adaptive+lookup:4"), range(4)))
@@ -210,8 +266,10 @@ def test_adaptive_requests_share_the_scheduler_passes(tiny_generator, trees_exac
         drafted.append(r.stats["verify_steps"] - r.stats["adaptive"]["plain_passes"])
     assert drafted[3] > 0  # alone, it drafts
     assert g._cost.observed and g._cost.drafted  # its passes and its drafting were timed into the cost model
-    if not trees_exact:  # shared passes are plain steps: only a slot alone drafts
-        assert sum(drafted) <= alone
+    if not trees_exact:  # shared: at most a lookup node in a few slots
+        assert all(max(rows) <= 2 and sum(r == 2 for r in rows) <= scheduler.SHARED_LOOKUP_SLOTS
+                   for rows in shared_rows)
+        assert any(max(rows) == 2 for rows in shared_rows)
     else:
         assert sum(drafted) > alone
     fixed = g.generate(prompts[1], 8, drafter="model", tree="dynamic:3")

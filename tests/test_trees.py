@@ -111,7 +111,24 @@ def test_join_lookup_merges_continuations_as_a_trie():
     chain = join_lookup(Proposal(np.array([2, 5])), context, LookupDrafter(max_ngram=1), nodes=1, depth=3)
     assert [tuple(_path(chain, i)) for i in range(len(chain.tokens))] == [(2,), (2, 5), (2, 5, 6)]
     none = join_lookup(drafted, np.array([1, 2, 3]), LookupDrafter(), nodes=4, depth=3)  # no earlier "3"
-    assert list(none.tokens) == [2, 8]
+    assert list(none.tokens) == [2, 8] and none.match_len == 0 and not none.lookup_agrees.any()
+
+
+def test_join_lookup_reports_its_match_length_and_where_it_agrees_with_the_drafter():
+    """What adaptive drafting's estimates are kept by: the n-gram the continuations matched on, and which of the
+    drafter's nodes the most recent match's continuation runs through (an older match's agreement aside)."""
+    from speccompile.runtime.drafters.base import Proposal
+    from speccompile.runtime.drafters.lookup import LookupDrafter, join_lookup
+    context = np.array([7, 1, 2, 3, 4, 9, 1, 2, 5, 6, 1])
+    drafted = Proposal(np.array([2, 8, 3]), None, np.array([-1, 0, 0]))  # 2 -> 8 and 2 -> 3
+    out = join_lookup(drafted, context, LookupDrafter(max_ngram=1), nodes=4, depth=3)
+    assert out.match_len == 1
+    # the most recent match (2 5 6) agrees on "2"; the older one (2 3 4) runs through "3" too, but is not counted
+    assert out.lookup_agrees.tolist() == [True, False, False] + [False] * (len(out.tokens) - 3)
+    repeat = np.array([4, 5, 6, 7, 8, 1, 4, 5, 6])  # the last 3-gram occurred before: continuation 7 8 1
+    out = join_lookup(Proposal(np.array([7, 8])), repeat, LookupDrafter(max_ngram=3), nodes=2, depth=4)
+    assert out.match_len == 3 and out.lookup_agrees.tolist() == [True, True, False, False]
+    assert out.tokens.tolist() == [7, 8, 1, 4]
 
 
 def _path(prop, i):

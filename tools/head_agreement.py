@@ -1,5 +1,6 @@
 """A bundle's draft head, teacher-forced on the target's own greedy answers: how often its first draft is the
-target's next token, per category (speccompile/bench/head_agreement.py says what is counted).
+target's next token, per category, and prompt lookup's beside it (speccompile/bench/head_agreement.py says what
+is counted).
 
     python tools/head_agreement.py BUNDLE [--drafter mtp] [--dataset question.jsonl] [--limit 26]
         [--max-new-tokens 128] [--threads 2]
@@ -40,6 +41,17 @@ def main() -> None:
     for category, agreement in by_category.items():
         print(f"  {category:<16} {agreement.rate:.3f}  ({agreement.positions} positions)")
     print(f"  {'overall':<16} {overall.rate:.3f}  ({overall.positions} positions)")
+    print_lookup(overall)
+
+
+def print_lookup(overall: Agreement) -> None:
+    """Prompt lookup's first drafts beside the head's, by match length, and the two together."""
+    P = max(overall.positions, 1)
+    print("prompt lookup's first draft (the most recent match's next token), by the n-gram matched:")
+    for n, (at, look, head) in sorted(overall.lookup.items()):
+        print(f"  {n}-gram  {at / P:.3f} of positions: lookup right {look / at:.3f}, the head {head / at:.3f}")
+    print(f"either right {overall.either / P:.3f}; lookup proposes the head's draft at {overall.agreed / P:.3f} of "
+          f"positions, right there {overall.agreed_hits / max(overall.agreed, 1):.3f}")
 
 
 if __name__ == "__main__":

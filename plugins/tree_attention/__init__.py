@@ -52,7 +52,8 @@ def _pad_row_inputs(g, qkv, seqlens_k, total_len, position_ids, attention_bias, 
     needs this once a product rounds its input (MatMulNBits at accuracy level 4 quantizes x to int8): a last-bit
     difference there flips a rounding and grows through the layers. A one-sequence graph adds the copy only to a
     one-row step (a step of two rows or more already takes the many-row path, and a row costs the kernel its whole
-    context); a batched graph adds it to every step, since each slot's own rows (query_seqlens) may be one."""
+    context). A batched graph gives every slot of one real row (query_seqlens) a second one: the copy where the
+    pass has one row a slot, else the slot's first padding row, which sees slot 0 only."""
     key = ("tree_attention.pad", attention_bias)
     if key in g.shared:
         return g.shared[key]
@@ -63,18 +64,21 @@ def _pad_row_inputs(g, qkv, seqlens_k, total_len, position_ids, attention_bias, 
         extra, extra32 = head["extra"], head["extra32"]
         last_pos = g.op("Slice", [position_ids, c([-1]), c([2**62]), c([1])])[0]
         positions = g.op("Concat", [position_ids, last_pos], axis=1)[0]
-        head |= {"position_ids": positions if query_seqlens else _first_rows(g, positions, head["padded"], 1),
+        head |= {"position_ids": _first_rows(g, positions, head["padded"], 1),
                  "seqlens_k": g.op("Add", [seqlens_k, extra32])[0],
                  "total_len": g.op("Add", [total_len, g.op("Squeeze", [extra32])[0]])[0]}
-        if query_seqlens:
-            head["query_seqlens"] = g.op("Add", [query_seqlens, extra32])[0]
+        if query_seqlens:  # per slot: one row more where it has one; the bias keeps the copy's column throughout
+            rows2 = g.op("Max", [query_seqlens, c([2], np.int32)])[0]
+            head |= {"query_seqlens": rows2,
+                     "seqlens_k": g.op("Add", [seqlens_k, g.op("Sub", [rows2, query_seqlens])[0]])[0],
+                     "total_len": g.op("Add", [total_len, c(1, np.int32)])[0]}
         g.shared["tree_attention.pad.common"] = head
     rows = g.op("Concat", [attention_bias, g.op("Slice", [attention_bias, c([-1]), c([2**62]), c([2])])[0]],
                 axis=2)[0]  # [N, 1, S+1, T]: the copy's row repeats the last one
     hidden = g.op("Pad", [rows, c([0, 0, 0, 0, 0, 0, 0, 1]), g.const(np.array(-np.inf, np.float32))],
                   mode="constant")[0]  # [N, 1, S+1, T+1]: the copy's slot, seen by no row
-    if query_seqlens:  # batched: every step has the copy
-        bias = hidden
+    if query_seqlens:  # [N, 1, S+e, T+1]
+        bias = _first_rows(g, hidden, head["padded"], 2)
     else:  # [1, 1, S+e, T+e]
         width = g.op("Add", [g.op("Shape", [attention_bias], start=3, end=4)[0], head["extra"]])[0]
         bias = _first_rows(g, _first_rows(g, hidden, head["padded"], 2), width, 3)
@@ -83,11 +87,11 @@ def _pad_row_inputs(g, qkv, seqlens_k, total_len, position_ids, attention_bias, 
 
 
 def _pad_row_count(g, qkv, query_seqlens) -> dict[str, str]:
-    """e, the copy rows a step gets (1 for a one-row step or any batched step, else 0), as int64 [1] and int32
-    [1]; the Pad amounts for qkv; the step's rows S (the output keeps them) and S + e."""
+    """e, the copy rows a step gets (1 for a one-row step, batched or not, else 0), as int64 [1] and int32 [1];
+    the Pad amounts for qkv; the step's rows S (the output keeps them) and S + e."""
     c = lambda v, dt=np.int64: g.const(np.array(v, dt))  # noqa: E731
     S = g.op("Shape", [qkv], start=1, end=2)[0]
-    extra = c([1]) if query_seqlens else g.op("Cast", [g.op("Equal", [S, c([1])])[0]], to=7)[0]
+    extra = g.op("Cast", [g.op("Equal", [S, c([1])])[0]], to=7)[0]
     return {"extra": extra, "extra32": g.op("Cast", [extra], to=6)[0], "rows": S,
             "padded": g.op("Add", [S, extra])[0],
             "qkv_pads": g.op("Concat", [c([0, 0, 0, 0]), extra, c([0])], axis=0)[0]}

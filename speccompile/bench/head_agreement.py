@@ -4,7 +4,9 @@ Over the target's own greedy answer, a head's first draft after each committed p
 sequence alone: the target's features at every position, then the head over every pair (f_t, x_{t+1}) in one go.
 Greedy decoding with a chain of one draft accepts exactly these guesses where its passes fall, so this measures
 the head itself, at every position and with no timing in it: what it could give a decoder on these prompts,
-apart from any loss in the runtime's drafting path (tests/test_mtp.py holds the live drafts to these).
+apart from any loss in the runtime's drafting path (tests/test_mtp.py holds the live drafts to these). Prompt
+lookup's first draft at each position is counted beside it, by the length of its match, and the two together:
+over a target that verifies one path a pass, adaptive drafting (runtime/adaptive.py) picks between them.
 """
 from __future__ import annotations
 
@@ -50,24 +52,48 @@ def first_drafts(gen, drafter: str, ids: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass
 class Agreement:
-    """Counts over answer positions: `hits` of `positions` first drafts equal the target's greedy token."""
+    """Counts over answer positions: `hits` of `positions` first drafts of the head equal the target's greedy token;
+    prompt lookup's first draft there (the most recent match's next token), by the length of the n-gram matched
+    (`lookup[n]` = [positions with such a match, lookup right, head right]); and the two together: `either` right,
+    `agreed` positions where lookup proposes the head's draft, `agreed_hits` of them right."""
     hits: int = 0
     positions: int = 0
+    either: int = 0
+    agreed: int = 0
+    agreed_hits: int = 0
+    lookup: dict[int, list[int]] = dataclasses.field(default_factory=dict)
 
     @property
     def rate(self) -> float:
         return self.hits / self.positions if self.positions else 0.0
 
     def add(self, other: "Agreement") -> None:
-        self.hits, self.positions = self.hits + other.hits, self.positions + other.positions
+        for name in ("hits", "positions", "either", "agreed", "agreed_hits"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for n, counts in other.lookup.items():
+            mine = self.lookup.setdefault(n, [0, 0, 0])
+            mine[:] = [a + b for a, b in zip(mine, counts)]
 
 
 def answer_agreement(gen, drafter: str, prompt_ids, max_new_tokens: int) -> Agreement:
-    """The head's first drafts against the target's greedy answer to one prompt (token ids), over the answer's
-    positions: every draft a decoder could make after the prompt, the one after the answer's last token aside."""
+    """The head's and prompt lookup's first drafts against the target's greedy answer to one prompt (token ids),
+    over the answer's positions: every draft a decoder could make after the prompt, the one after the answer's last
+    token aside."""
     prompt_ids = np.asarray(prompt_ids, np.int64)
     answer = gen.generate(prompt_ids, max_new_tokens, speculate=False, chat=False).token_ids
     seq = np.concatenate([prompt_ids, np.asarray(answer, np.int64)])
     guesses = first_drafts(gen, drafter, seq)
-    at = np.arange(len(prompt_ids) - 1, len(seq) - 2)  # guess at[i] is for seq[at[i] + 2], an answer token
-    return Agreement(int((guesses[at] == seq[at + 2]).sum()), len(at))
+    out = Agreement()
+    for t in range(len(prompt_ids) + 1, len(seq)):  # guesses[t - 2] is for seq[t], an answer token past the first
+        truth, head = int(seq[t]), int(guesses[t - 2])
+        starts, n = gen.lookup._matches(seq[:t])
+        look = int(seq[starts[0]]) if n else -1
+        out.positions += 1
+        out.hits += head == truth
+        out.either += truth in (head, look)
+        out.agreed += look == head
+        out.agreed_hits += look == head == truth
+        if n:
+            counts = out.lookup.setdefault(n, [0, 0, 0])
+            counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + (look == truth), counts[2] + (head == truth)
+    return out

@@ -6,7 +6,8 @@ Two decisions per pass, both priced by the measured cost model (runtime/cost_mod
   2. after drafting (the drafter's tree joined by prompt lookup), which nodes to verify: every node gets the
      probability that the accepted path reaches it -- the drafter's own conditional probability times a
      per-depth calibration of how often such nodes were accepted lately, or for lookup nodes their recent
-     acceptance at that depth -- and the tree is cut to the ancestor-closed set whose expected tokens per
+     acceptance at that depth after a match of that length (a 3-gram match's continuation is taken far more
+     often than a 1-gram one's) -- and the tree is cut to the ancestor-closed set whose expected tokens per
      predicted pass time (drafting spent + verify rows at this context length) is best. The empty set is a
      plain decode step: speculation switched off where it would lose.
 A depth the plan keeps skipping is probed again every PROBE_EVERY passes, verifying at least one node, so
@@ -19,6 +20,7 @@ The estimates live per request and start from fixed priors, so a seeded request 
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 
@@ -31,7 +33,10 @@ DECAY = 0.85  # each pass's outcome weighs this much less on the next one: the e
 PROBE_EVERY = 8  # passes between tries of one level deeper than the plan would draft
 DEPTHS = 16  # per-depth estimates (deeper nodes share the last)
 NO_SCORE_PRIOR = 0.6  # the acceptance prior of a drafter node without a probability (e.g. a Medusa head)
-LOOKUP_PRIOR = 0.5  # of a lookup node, given its parent was accepted
+# of a lookup node, given its parent was accepted, by the length of the n-gram its match shares with the end of
+# the context (index 0: not known; lengths past the last share its prior and its estimates)
+LOOKUP_PRIOR = (0.5, 0.2, 0.45, 0.75)
+AGREED_PRIOR = (0.6, 0.6, 0.75, 0.9)  # of a drafter's node that prompt lookup proposes too, by the same index
 HEAD_PRIOR = 0.55  # the accepted path starts with a drafter node
 REACH_LIMIT = 4  # lookup continuations reach at most this many times the tree's L deep (as fixed trees do)
 
@@ -61,6 +66,11 @@ def by_depth(rates: list[Rate], first: float) -> list[float]:
     return out
 
 
+def match_index(match_len: int) -> int:
+    """A prompt-lookup match length as an index into LOOKUP_PRIOR."""
+    return min(match_len, len(LOOKUP_PRIOR) - 1)
+
+
 @dataclasses.dataclass
 class Plan:
     head_depth: int  # drafter levels to draft (0: none)
@@ -78,6 +88,8 @@ class Kept:
     from_head: np.ndarray  # bool: a drafter node (else a prompt-lookup node)
     first: np.ndarray  # bool: a lookup node that is its parent's first lookup child (the most recent match)
     predicted: np.ndarray  # a drafter node's own conditional probability
+    agreed: np.ndarray  # bool: a drafter node prompt lookup proposed too
+    match: int  # the lookup nodes' match length, as an index into LOOKUP_PRIOR
     plan: Plan
 
 
@@ -95,9 +107,12 @@ class AdaptiveDrafting:
         self.head_scale = [Rate(1.0, 1.0) for _ in range(DEPTHS)]  # accepted / predicted, drafter nodes per depth
         # the accepted path runs through a drafter node at depth d, given it did at d - 1
         self.head_reach = [Rate() for _ in range(DEPTHS)]
-        # a lookup node is accepted, given its parent was: its parent's first lookup child (the most recent
-        # match's continuation) apart from the others, which mostly compete with it
-        self.lookup_accept = {first: [Rate() for _ in range(DEPTHS)] for first in (True, False)}
+        # a lookup node is accepted, given its parent was, per match length: its parent's first lookup child (the
+        # most recent match's continuation) apart from the others, which mostly compete with it
+        self.lookup_accept = {(first, m): [Rate() for _ in range(DEPTHS)]
+                              for first in (True, False) for m in range(len(LOOKUP_PRIOR))}
+        # a drafter node that prompt lookup proposed too is accepted, given its parent was, per match length
+        self.agreed_accept = [[Rate() for _ in range(DEPTHS)] for _ in range(len(LOOKUP_PRIOR))]
         self.lookup_gain, self.lookup_rows = Rate(0.3, 2.0), Rate(2.0, 2.0)  # per pass: accepted, verified
         # per depth: passes whose cut kept a drafter node at that depth, of those that drafted it; and how many
         # drafter nodes it kept there (the verify rows a level of drafting costs)
@@ -125,9 +140,31 @@ class AdaptiveDrafting:
         ms = self.cost.verify(lo, length, self.greedy)
         return ms + (rows - lo) * (self.cost.verify(lo + 1, length, self.greedy) - ms) if rows > lo else ms
 
-    def plan(self, length: int) -> Plan:
-        """How deep the drafter drafts this pass, and how many lookup nodes join it."""
+    def lookup_wins(self, match_len: int) -> bool:
+        """Verifying one path a pass, whether the continuation of a match this long is likelier to be taken than
+        the drafter's first node: the cut would then seldom keep the drafter's path, and drafting it buys
+        nothing. Both sides are the estimates learnt so far in this request."""
+        if not (match_index(match_len) and self.chains_only and self.reach):
+            return False
+        head = self.head_reach[0]
+        return self.lookup_estimate(match_len) > (head.num + HEAD_PRIOR) / (head.den + 1.0)
+
+    def lookup_estimate(self, match_len: int) -> float:
+        """How likely a match this long's next token is taken, as this request has found so far."""
+        m = match_index(match_len)
+        look = self.lookup_accept[True, m][0]
+        return (look.num + LOOKUP_PRIOR[m]) / (look.den + 1.0)
+
+    def lookup_plan(self, nodes: int) -> Plan:
+        """A pass that drafts by prompt lookup alone, at most `nodes` nodes (a shared pass's rows)."""
+        return Plan(0, 0, nodes, self._draft_prices(True)[0])
+
+    def plan(self, length: int, match_len: int = 0) -> Plan:
+        """How deep the drafter drafts this pass, and how many lookup nodes join it; match_len: the n-gram prompt
+        lookup matches on at the context's end (0: none, or not known)."""
         lookup = self.reach.reach if self.reach else 0
+        if self.lookup_wins(match_len):
+            return Plan(0, 0, lookup, self._draft_prices(True)[0])
         gain = self.lookup_gain.value if lookup else 0.0
         extra_rows = self.lookup_rows.value if lookup else 0.0
         best, best_rate = 0, -1.0
@@ -151,6 +188,17 @@ class AdaptiveDrafting:
             best, self.since_probe = best + 1, 0
         return Plan(best, 2 * best, lookup, drafting[best], probe)
 
+    def draft(self, drafter, context, plan: Plan, cap: int, params, rng) -> Proposal:
+        """The drafter's dynamic tree as `plan` says, within `cap` nodes, its drafting time taken (`drafted`)."""
+        spec = TreeSpec("dynamic", min(plan.head_nodes, cap), depth=min(plan.head_depth, cap),
+                        branching=self.branching)
+        eng = getattr(drafter, "engine", None)
+        passes, tokens, t0 = getattr(eng, "passes", 0), getattr(eng, "tokens_run", 0), time.perf_counter()
+        prop = drafter.propose_tree(context, spec, params, rng)
+        if hasattr(eng, "passes"):
+            self.drafted(eng.passes - passes, eng.tokens_run - tokens, (time.perf_counter() - t0) * 1e3)
+        return prop
+
     def drafted(self, passes: int, tokens: int, ms: float) -> None:
         """The drafter's graph ran `passes` times over `tokens` tokens in `ms` this pass: its price follows what
         drafting takes now. A catch-up over a whole prompt (more tokens a pass than drafting runs) is not one."""
@@ -160,15 +208,19 @@ class AdaptiveDrafting:
 
     # ---- after drafting ----------------------------------------------------------------------------------
     def _reach_probabilities(self, prop: Proposal, head: int, scores) -> tuple[np.ndarray, ...]:
-        """Per node: the probability the accepted path reaches it, its depth, whether the drafter proposed it and
-        the drafter's own conditional probability for it."""
+        """Per node: the probability the accepted path reaches it, its depth, whether the drafter proposed it, the
+        drafter's own conditional probability for it, whether it is its parent's first lookup child and whether
+        prompt lookup proposed a drafter node too."""
         k = len(prop.tokens)
         parents = np.arange(k) - 1 if prop.parents is None else prop.parents
         level = depths(parents)
         from_head = np.arange(k) < head
         reach, own, first = np.zeros(k), np.zeros(k), np.zeros(k, bool)
-        lookup_accept = {f: by_depth(rates, LOOKUP_PRIOR if f else LOOKUP_PRIOR / 4)
-                         for f, rates in self.lookup_accept.items()}
+        m = match_index(prop.match_len)
+        lookup_accept = {f: by_depth(self.lookup_accept[f, m], LOOKUP_PRIOR[m] if f else LOOKUP_PRIOR[m] / 4)
+                         for f in (True, False)}
+        agreed = np.zeros(k, bool) if prop.lookup_agrees is None else prop.lookup_agrees & from_head
+        agreed_accept = by_depth(self.agreed_accept[m], AGREED_PRIOR[m]) if agreed.any() else None
         has_lookup_child = set()
         for i in range(k):
             p, b = parents[i], min(level[i], DEPTHS - 1)
@@ -178,18 +230,19 @@ class AdaptiveDrafting:
                     own[i], scale = 1.0, NO_SCORE_PRIOR * self.head_scale[b].value
                 else:
                     own[i], scale = np.exp(scores[i] - (scores[p] if p >= 0 else 0.0)), self.head_scale[b].value
-                reach[i] = above * min(1.0, own[i] * scale)
+                estimate = min(1.0, own[i] * scale)
+                reach[i] = above * (max(estimate, agreed_accept[b]) if agreed[i] else estimate)
             else:
                 first[i] = p not in has_lookup_child
                 has_lookup_child.add(p)
                 reach[i] = above * lookup_accept[bool(first[i])][b]
-        return parents, level, from_head, reach, own, first
+        return parents, level, from_head, reach, own, first, agreed
 
     def choose(self, prop: Proposal, head: int, scores, plan: Plan, length: int) -> Proposal:
         """The ancestor-closed part of `prop` worth verifying (possibly nothing: a plain step). head: how many of
         its first nodes the drafter proposed (the rest came from prompt lookup); scores: their path
         log-probabilities, if the drafter gives them."""
-        parents, level, from_head, reach, own, first = self._reach_probabilities(prop, head, scores)
+        parents, level, from_head, reach, own, first, agreed = self._reach_probabilities(prop, head, scores)
         children: dict[int, list[int]] = {}
         for i, p in enumerate(parents):
             children.setdefault(int(p), []).append(i)
@@ -217,7 +270,8 @@ class AdaptiveDrafting:
         index = np.full(len(parents) + 1, -1, np.int64)
         index[keep] = np.arange(len(keep))
         new_parents = index[parents[keep]] if len(keep) else np.zeros(0, np.int64)
-        self.kept = Kept(new_parents, level[keep], from_head[keep], first[keep], own[keep], plan)
+        self.kept = Kept(new_parents, level[keep], from_head[keep], first[keep], own[keep], agreed[keep],
+                         match_index(prop.match_len), plan)
         self._count(plan, len(keep))
         return Proposal(prop.tokens[keep], None, new_parents) if len(keep) else Proposal.empty()
 
@@ -245,13 +299,16 @@ class AdaptiveDrafting:
         tried = np.array([p < 0 or on[p] for p in kept.parents], bool)  # nodes whose parent was accepted
         for b in range(min(int(kept.level.max(initial=-1)) + 1, DEPTHS)):
             at = tried & (np.minimum(kept.level, DEPTHS - 1) == b)
-            head = at & kept.from_head
+            head = at & kept.from_head & ~kept.agreed
             if head.any():
                 self.head_scale[b].add(float(on[head].sum()), float(kept.predicted[head].sum()))
+            agreed = at & kept.agreed
+            if agreed.any():
+                self.agreed_accept[kept.match][b].add(float(on[agreed].sum()), float(agreed.sum()))
             for f in (True, False):
                 look = at & ~kept.from_head & (kept.first == f)
                 if look.any():
-                    self.lookup_accept[f][b].add(float(on[look].sum()), float(look.sum()))
+                    self.lookup_accept[f, kept.match][b].add(float(on[look].sum()), float(look.sum()))
         path_head = kept.from_head[path] if path else np.zeros(0, bool)
         verified = set(kept.level[kept.from_head].tolist())  # the drafter's depths the cut left something at
         for d in range(kept.plan.head_depth):

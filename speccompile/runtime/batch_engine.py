@@ -1,7 +1,8 @@
 """The target's batched graph (speccompile.graphs, batched form) over the sequence slots of one KV cache.
 
 One `run` is one pass over a consecutive run of slots: each slot its own step (a prefill chunk, a pending token and
-its draft tree, or nothing), padded to the longest step's rows. The cache is the batched KVCache the Generator
+its draft tree, or nothing), laid out padded to the longest step's rows for the attention; a graph of version 4
+runs everything else over the real rows alone (row_index), so a slot's draft rows cost the others nothing. The cache is the batched KVCache the Generator
 allocates; slot b's committed length lives in `cache.slot(b)`-style views the caller keeps (`SlotStep.length`).
 """
 from __future__ import annotations
@@ -57,6 +58,8 @@ class BatchEngine:
         self._seqlens, self._qlens = np.zeros(B, np.int32), np.zeros(B, np.int32)
         self._bias = np.empty(B * S * self.max_seq_len, np.float32)
         self._rows = np.zeros(B * S, np.int64)
+        self.packed = "row_index" in {i.name for i in self.session.get_inputs()}  # batched graph version 4
+        self._row_index, self._layout_index = np.zeros(B * S, np.int64), np.zeros(B * S, np.int64)
         self.logits = np.zeros((B * S, self.vocab_size), np.float32)
         self.next_token = np.zeros(B * S, np.int64)
         self.hidden = np.zeros((B * S, entry["config"]["hidden_size"]), np.float32)
@@ -107,23 +110,42 @@ class BatchEngine:
         ids, pos = self._id_buf[:n * S].reshape(n, S), self._pos_buf[:n * S].reshape(n, S)
         ids.fill(0)
         pos.fill(0)
-        R = 0
-        out, noisy = {}, []
         for j in range(n):
             step = by_slot.get(first + j)
             if step is None:  # an idle slot inside the run: one row at its committed length (sees slot 0 only)
                 self._seqlens[j], self._qlens[j], pos[j, 0] = idle[first + j], 1, idle[first + j]
+            else:
+                self._fill_slot(j, step, ids[j], pos[j], bias[j, 0])
+        starts = self._pack(n, S)
+        R = 0
+        out, noisy = {}, []
+        for j in range(n):
+            step = by_slot.get(first + j)
+            if step is None:
                 continue
-            self._fill_slot(j, step, ids[j], pos[j], bias[j, 0])
             rows = step.wanted
-            self._rows[R:R + len(rows)] = j * S + rows
-            out[step.slot] = (slice(R, R + len(rows)), j * S + np.arange(len(step.tokens)))
+            self._rows[R:R + len(rows)] = starts[j] + rows
+            out[step.slot] = (slice(R, R + len(rows)), starts[j] + np.arange(len(step.tokens)))
             if step.noise is not None:
                 noisy.append((out[step.slot][0], step.noise))
             R += len(rows)
         self._bind_and_run(first, n, S, T, R, ids, pos, bias, full_logits, self._noise(R, noisy),
-                           self._top_ks(R, noisy))
+                           self._top_ks(R, noisy), int(self._qlens[:n].sum()) if self.packed else n * S)
         return {b: (self.logits[r], self.next_token[r], h) for b, (r, h) in out.items()}
+
+    def _pack(self, n: int, S: int) -> np.ndarray:
+        """Where each slot's rows start among the rows the graph's products run: the real rows alone, packed
+        (row_index; layout_index sends a padding position to its slot's last real row, which nothing reads
+        there), or the whole [n, S] layout for a graph before version 4."""
+        if not self.packed:
+            return np.arange(n) * S
+        qlens = self._qlens[:n].astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(qlens)[:-1]])
+        P = int(qlens.sum())
+        slot_of = np.repeat(np.arange(n), qlens)
+        self._row_index[:P] = slot_of * S + (np.arange(P) - starts[slot_of])
+        self._layout_index[:n * S] = (starts[:, None] + np.minimum(np.arange(S), qlens[:, None] - 1)).ravel()
+        return starts
 
     def _fill_slot(self, j: int, step: SlotStep, ids: np.ndarray, pos: np.ndarray, bias: np.ndarray) -> None:
         """Row j of the pass's inputs from one slot's step: its ids, positions and [S, T] bias rows."""
@@ -171,7 +193,8 @@ class BatchEngine:
             top_k[rows] = getattr(rows_noise, "top_k", 0)
         return top_k
 
-    def _bind_and_run(self, first, n, S, T, R, ids, pos, bias, full_logits, noise, top_k=None) -> None:
+    def _bind_and_run(self, first, n, S, T, R, ids, pos, bias, full_logits, noise, top_k, P) -> None:
+        """P: the rows the products run, whose hidden states come back."""
         io, bound = self._binding(first, n)
 
         def bind(name, buf, shape, output=False):
@@ -186,11 +209,14 @@ class BatchEngine:
         bind("query_seqlens", self._qlens, [n])
         bind("attention_bias", bias, [n, 1, S, T])
         bind("logits_index", self._rows, [R])
+        if self.packed:
+            bind("row_index", self._row_index, [P])
+            bind("layout_index", self._layout_index, [n * S])
         bind("logits", self.logits, [R, self.vocab_size], output=True)
         bind("next_token", self.next_token, [R], output=True)
-        bind("hidden_states", self.hidden, [n * S, self.hidden.shape[1]], output=True)
+        bind("hidden_states", self.hidden, [P, self.hidden.shape[1]], output=True)
         if self.aux is not None:
-            bind("aux_hidden_states", self.aux, [n * S, self.aux.shape[1]], output=True)
+            bind("aux_hidden_states", self.aux, [P, self.aux.shape[1]], output=True)
         if self._full_logits is not None:
             self._full_logits[0] = full_logits
             bind("full_logits", self._full_logits, [1])

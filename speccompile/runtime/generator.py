@@ -214,28 +214,28 @@ class Generator:
                                 self.target.max_rows, chains_only=not self.trees_exact)
 
     def _propose_adaptive(self, context, drafter: Drafter, adapt: AdaptiveDrafting, room: int, params,
-                          rng) -> Proposal:
-        """The drafter's dynamic tree as deep as the plan says (or none), joined by prompt lookup, then cut to
-        the nodes worth verifying (possibly none: a plain step)."""
+                          rng, match: tuple | None = None, lookup_only: bool = False) -> Proposal:
+        """The drafter's dynamic tree as deep as the plan says (or none), joined by prompt lookup, cut to the nodes
+        worth verifying (maybe none: a plain step). match: prompt lookup's here, if the caller has it;
+        lookup_only: no drafter pass, prompt lookup's nodes alone (a shared pass's rows)."""
         cap = min(room, self.target.max_rows - 1)
         if cap <= 0:
             return adapt.skip()
-        plan = adapt.plan(len(context))
+        lookup = self.lookup_of(drafter)
+        match = lookup._matches(context) if match is None and adapt.reach else match
+        plan = adapt.lookup_plan(cap) if lookup_only else adapt.plan(len(context), match[1] if match else 0)
         prop = Proposal.empty()
         if plan.head_depth:
-            spec = TreeSpec("dynamic", min(plan.head_nodes, cap), depth=min(plan.head_depth, cap),
-                            branching=adapt.branching)
-            eng = getattr(drafter, "engine", None)
-            passes, tokens, t0 = getattr(eng, "passes", 0), getattr(eng, "tokens_run", 0), time.perf_counter()
-            prop = drafter.propose_tree(context, spec, params, rng)
-            if hasattr(eng, "passes"):
-                adapt.drafted(eng.passes - passes, eng.tokens_run - tokens, (time.perf_counter() - t0) * 1e3)
+            prop = adapt.draft(drafter, context, plan, cap, params, rng)
         head, scores = len(prop.tokens), prop.scores
         if plan.lookup_nodes:
-            lookup = drafter if isinstance(drafter, LookupDrafter) else self.lookup
             prop = join_lookup(prop, context, lookup, min(plan.lookup_nodes, max(0, cap - head)),
-                               min(room, plan.lookup_nodes))
+                               min(room, plan.lookup_nodes), match)
         return adapt.choose(prop, head, scores, plan, len(context))
+
+    def lookup_of(self, drafter: Drafter | None) -> LookupDrafter:
+        """The prompt lookup that joins `drafter`'s drafts (itself, if it is one)."""
+        return drafter if isinstance(drafter, LookupDrafter) else self.lookup
 
     def cost_model(self, recalibrate: bool = False) -> CostModel:
         """This bundle's cost model on this machine (runtime/cost_model.py): cached, or measured now (a few

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import queue
 import threading
 
@@ -29,74 +28,28 @@ from speccompile.errors import BundleError
 from speccompile.format.trees import depths
 from speccompile.runtime.acceptance import (SpecDecodeStats, Verdict, accept_greedy, accept_on_host, accept_sampled,
                                             from_table)
-from speccompile.runtime.adaptive import AdaptiveDrafting
 from speccompile.runtime.batch_engine import BatchEngine, SlotStep
-from speccompile.runtime.drafters.base import Drafter, Proposal
+from speccompile.runtime.drafters.base import Drafter
 from speccompile.runtime.drafters.lookup import LookupReach
 from speccompile.runtime.kv_cache import KVCache
-from speccompile.runtime.noise import GumbelNoise, sampled_by_noise
+from speccompile.runtime.noise import sampled_by_noise
 from speccompile.runtime.request import Request
-from speccompile.runtime.sampling import SamplingParams, probabilities, sample
+from speccompile.runtime.sampling import probabilities, sample
+from speccompile.runtime.slots import _DONE, Handle, Slot
 
-_DONE = object()  # a request's queue ends with this
 # Rows a shared verify pass aims at: a pass's cost grows with its rows, so when several greedy slots decode, their
 # drafts share this budget (each keeps at least one draft node). Over a target whose products round activations to
 # int8 (graphs.trees_exact false: the 4-bit builds) every row pays the int8 kernel's compute, and the slots' own
-# rows already fill the pass: greedy slots then decode plainly while others run (docs/results.md, "Concurrent
-# streams"). Greedy output does not depend on the drafts; sampled requests keep their whole drafts, so a seed's
+# rows already fill the pass: greedy slots then decode plainly while others run, but for the prompt-lookup rows
+# below (docs/results.md, "Concurrent streams"). Greedy output does not depend on the drafts; sampled requests keep their whole drafts, so a seed's
 # draws do not depend on what else runs.
 SHARED_PASS_ROWS = 16
-
-
-class Handle:
-    """A request's link from the scheduler to its caller: the token lists of its passes, in order."""
-
-    def __init__(self, scheduler: "Scheduler", request: Request, stats: SpecDecodeStats):
-        self.scheduler, self.request, self.stats = scheduler, request, stats
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.cancelled = False  # set by the caller (a closed stream): the slot is freed before the next pass
-
-    def passes(self):
-        """The token lists committed by each pass (the prefill's first token first). Closing it cancels."""
-        try:
-            while True:
-                item = self.scheduler.next_item(self)
-                if item is _DONE:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            self.cancelled = True
-            self.scheduler.tidy()
-
-
-@dataclasses.dataclass
-class Slot:
-    """One request in a sequence slot: its decode state, as Generator.steps keeps it in local variables."""
-    index: int
-    handle: Handle
-    cache: KVCache
-    drafter: Drafter | None
-    rng: np.random.Generator
-    context: np.ndarray
-    reach: LookupReach | None
-    adapt: AdaptiveDrafting | None = None  # adaptive drafting's per-request state (a tree "adaptive")
-    params: SamplingParams | None = None  # what the slot decodes with: the request's, or greedy with `noise`
-    noise: GumbelNoise | None = None  # a request sampled by noisy argmaxes (runtime/noise.py)
-    prefilled: int = 0  # prompt tokens in the cache so far
-    n: int = 0  # committed tokens (the last, `token`, not yet in the cache)
-    token: int = -1
-    generated: int = 0
-    prop: Proposal | None = None
-
-    @property
-    def req(self) -> Request:
-        return self.handle.request
-
-    @property
-    def decoding(self) -> bool:
-        return self.prefilled == len(self.req.ids)
+# Over such a target a shared pass's products run its real rows alone (the batched graph's packed rows), and a
+# row or two past one per slot costs them little, while every slot's attention pays once any slot runs two rows:
+# at most this many greedy slots verify one prompt-lookup node each, those whose match this request has found
+# taken most often, and only above SHARED_LOOKUP_MIN (docs/results.md, "Concurrent streams").
+SHARED_LOOKUP_SLOTS = 2
+SHARED_LOOKUP_MIN = 0.5
 
 
 class Scheduler:
@@ -307,10 +260,15 @@ class Scheduler:
         for s in slots:
             s.context[s.n] = s.token  # committed, but not yet in the target's cache
             s.n += 1
+        by_lookup = self._lookup_slots(slots) if len(slots) > 1 and not self.gen.trees_exact else {}
+        for s in slots:
             room = min(s.req.max_new_tokens - s.generated - 1, self.gen.max_seq_len - s.n)
             if len(slots) > 1 and s.params.greedy:
-                room = min(room, share)
-            if s.adapt:  # alone it plans as Generator.steps does; shared, within the slot's share of the rows
+                room = min(room, 1 if s.index in by_lookup else share)
+            if s.index in by_lookup:
+                s.prop = self.gen._propose_adaptive(s.context[:s.n], s.drafter, s.adapt, room, s.params, s.rng,
+                                                    by_lookup[s.index], lookup_only=True)
+            elif s.adapt:  # alone it plans as Generator.steps does; shared, within the slot's share of the rows
                 s.prop = self.gen._propose_adaptive(s.context[:s.n], s.drafter, s.adapt, room, s.params, s.rng)
             else:
                 s.prop = self.gen._propose(s.context[:s.n], s.drafter, s.req.k, s.req.tree, room, s.reach,
@@ -328,6 +286,20 @@ class Scheduler:
             verdict, in_graph = self._accept(s, logits, argmax)
             self._commit(s, verdict.path, rows)
             self._accepted(s, verdict, in_graph)
+
+    def _lookup_slots(self, slots: list[Slot]) -> dict[int, tuple]:
+        """The greedy slots whose prompt-lookup node a shared pass over a one-path target verifies (the
+        SHARED_LOOKUP_* rule), each with its match."""
+        ranked = []
+        for s in slots:
+            if s.adapt is None or s.adapt.reach is None or not s.params.greedy:
+                continue
+            match = self.gen.lookup_of(s.drafter)._matches(s.context[:s.n])
+            estimate = s.adapt.lookup_estimate(match[1]) if match[1] else 0.0
+            if estimate >= SHARED_LOOKUP_MIN:
+                ranked.append((estimate, s.index, match))
+        ranked.sort(key=lambda r: -r[0])
+        return {index: match for _, index, match in ranked[:SHARED_LOOKUP_SLOTS]}
 
     def _block(self, s: Slot) -> SlotStep:
         """The slot's verify block: the pending token (row 0), then its draft nodes."""

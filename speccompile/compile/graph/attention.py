@@ -61,8 +61,8 @@ def grouped_query_attention(g: GraphBuilder, cfg: ModelConfig, W: dict[str, str]
                             norm=None, query_seqlens: str = "") -> str:
     """Layer `layer`'s attention (weights p + qkv, qkv_bias, q_norm, k_norm, o) on x [1, S, H_in]; returns the
     o_proj output. rope: the (cos, sin) tables; bias: the additive mask (window_bias for sliding layers); norm:
-    the graph's RMSNorm, for q/k norms; query_seqlens: a batched graph's input
-    (x is then [N, S, H_in])."""
+    the graph's RMSNorm, for q/k norms; query_seqlens: a batched graph's input (x is then its packed real rows
+    [1, P, H_in]: the attention alone runs them laid out per slot, speccompile.graphs batched form)."""
     if cfg.rope_dim != cfg.head_dim and lowering != "ort":
         raise UnsupportedModelError(f"partial rotary ({cfg.rope_dim} of {cfg.head_dim} channels) is lowered by "
                                     "--attention ort only")
@@ -71,10 +71,24 @@ def grouped_query_attention(g: GraphBuilder, cfg: ModelConfig, W: dict[str, str]
         qkv = g.op("Add", [qkv, W[p + "qkv_bias"]])[0]
     if p + "q_norm" in W:
         qkv = _qk_norms(g, cfg, W, p, qkv, norm)
+    if query_seqlens:
+        qkv = _to_layout(g, qkv)
     a = tree_attention.lower(
         g, lowering, qkv, f"past_key.{layer}", f"past_value.{layer}", f"present_key.{layer}",
         f"present_value.{layer}", seqlens_k="seqlens_k", total_len=total_len, cos=rope[0], sin=rope[1],
         position_ids="position_ids", attention_bias=bias,
         num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
         query_seqlens=query_seqlens)
-    return matmul(g, a, W, p + "o")
+    return matmul(g, _to_rows(g, a) if query_seqlens else a, W, p + "o")
+
+
+def _to_layout(g: GraphBuilder, rows: str) -> str:
+    """A batched graph's packed real rows [1, P, C] laid out per slot, [N, S, C] (input layout_index)."""
+    shape = g.op("Concat", [g.op("Shape", ["input_ids"])[0], g.const(np.array([-1], np.int64))], axis=0)[0]
+    return g.op("Reshape", [g.op("Gather", [rows, "layout_index"], axis=1)[0], shape])[0]
+
+
+def _to_rows(g: GraphBuilder, laid: str) -> str:
+    """[N, S, C] per slot back to the packed real rows [1, P, C] (input row_index)."""
+    flat = g.op("Reshape", [laid, g.const(np.array([1, -1, 0], np.int64))])[0]
+    return g.op("Gather", [flat, "row_index"], axis=1)[0]

@@ -13,16 +13,15 @@ from speccompile.graphs.builder import GraphBuilder
 NORM_TAP = "norm"  # the aux feature after the final norm (EAGLE-1's), beside layer ids
 
 
-def hidden_outputs(g: GraphBuilder, x: str, h: str, taps: dict | None = None, aux_layers=None,
-                   batched: bool = False) -> tuple[str, str]:
+def hidden_outputs(g: GraphBuilder, x: str, h: str, taps: dict | None = None, aux_layers=None) -> tuple[str, str]:
     """Emit hidden_states (h, the residual stream before the final norm: what MTP/EAGLE-style heads consume) and,
     with aux_layers, aux_hidden_states: those taps side by side (layer id i = the stream entering layer i, the
     layer count = after the last layer, NORM_TAP = x). Returns (the rows of x that logits_index asks for, the
-    constant [0] for squeezing the batch axis). batched: [N, S, *] flattened to [N * S, *] rather than squeezed."""
+    constant [0] for squeezing the batch axis). A batched graph's rows are packed as one sequence's: [1, P, *]."""
     batch = g.const(np.array([0], np.int64))
 
     def rows_of(t, **out):
-        return g.op("Flatten", [t], axis=2, **out)[0] if batched else g.op("Squeeze", [t, batch], **out)[0]
+        return g.op("Squeeze", [t, batch], **out)[0]
 
     rows_of(h, outputs=["hidden_states"])
     if aux_layers:

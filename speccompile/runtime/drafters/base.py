@@ -42,6 +42,8 @@ class Proposal:
     q: np.ndarray | None = None  # [k, V] the distributions the tokens were drawn from; None = deterministic
     parents: np.ndarray | None = None  # tree drafts: parent index per node (-1 = after the context); None = chain
     scores: np.ndarray | None = None  # tree drafts: each node's path log-probability under the drafter, if known
+    match_len: int = 0  # nodes joined by prompt lookup: the length of the n-gram they matched on (0: none)
+    lookup_agrees: np.ndarray | None = None  # [k] bool: a drafter's node that prompt lookup proposes too
 
     @classmethod
     def empty(cls) -> "Proposal":

@@ -23,7 +23,8 @@ class LookupDrafter(Drafter):
 
     def _matches(self, context: np.ndarray) -> tuple[np.ndarray, int]:
         """Start indices of the continuations after earlier occurrences of the longest matching suffix n-gram,
-        most recent first."""
+        most recent first, and that n (0 when nothing matches). A longer match predicts its continuation far
+        better, so adaptive drafting keeps its acceptance estimates per n."""
         n_ctx = len(context)
         for n in range(min(self.max_ngram, n_ctx - 1), self.min_ngram - 1, -1):
             suffix = context[n_ctx - n:]
@@ -32,11 +33,11 @@ class LookupDrafter(Drafter):
                 hits &= context[j:n_ctx - n + j] == suffix[j]
             starts = np.flatnonzero(hits)
             if len(starts):
-                return starts[::-1] + n
-        return np.zeros(0, np.int64)
+                return starts[::-1] + n, n
+        return np.zeros(0, np.int64), 0
 
     def propose(self, context, k, params, rng) -> Proposal:
-        starts = self._matches(context)
+        starts, _ = self._matches(context)
         if not len(starts):
             return Proposal.empty()
         return Proposal(np.array(context[starts[0]:starts[0] + k], np.int64))
@@ -45,15 +46,21 @@ class LookupDrafter(Drafter):
         return join_lookup(Proposal.empty(), context, self, tree.size, tree.depth)
 
 
-def join_lookup(prop: Proposal, context: np.ndarray, lookup: LookupDrafter, nodes: int, depth: int) -> Proposal:
+def join_lookup(prop: Proposal, context: np.ndarray, lookup: LookupDrafter, nodes: int, depth: int,
+                match: tuple[np.ndarray, int] | None = None) -> Proposal:
     """`prop`'s tree (a chain when parents is None) joined by up to `nodes` nodes of prompt lookup's continuations,
     at most `depth` deep, merged as a trie: a continuation that agrees with the drafter adds only where it goes
-    further. Every node stays deterministic, so greedy and sampled tree acceptance both hold (q must be None)."""
+    further. Every node stays deterministic, so greedy and sampled tree acceptance both hold (q must be None).
+    The result's match_len is the n-gram the continuations matched on; its lookup_agrees marks the drafter's
+    nodes that the most recent match's continuation runs through (two drafters agreeing: taken far more often).
+    match: lookup._matches(context), when the caller has it already."""
     tokens = [int(t) for t in prop.tokens]
     parents = list(range(-1, len(tokens) - 1)) if prop.parents is None else [int(p) for p in prop.parents]
     children = {(p, t): i for i, (p, t) in enumerate(zip(parents, tokens))}
-    added = 0
-    for begin in lookup._matches(context)[:lookup.max_matches]:
+    drafted, added = len(tokens), 0
+    agrees = np.zeros(drafted + nodes, bool)
+    starts, match_len = lookup._matches(context) if match is None else match
+    for m, begin in enumerate(starts[:lookup.max_matches]):
         parent = -1
         for t in context[begin:begin + depth]:
             key = (parent, int(t))
@@ -65,9 +72,11 @@ def join_lookup(prop: Proposal, context: np.ndarray, lookup: LookupDrafter, node
                 parents.append(parent)
                 added += 1
             parent = children[key]
+            agrees[parent] |= m == 0 and parent < drafted
         if added >= nodes:
             break
-    return Proposal(np.array(tokens, np.int64), None, np.array(parents, np.int64))
+    return Proposal(np.array(tokens, np.int64), None, np.array(parents, np.int64), match_len=match_len,
+                    lookup_agrees=agrees[:len(tokens)])
 
 
 @dataclasses.dataclass
