@@ -164,7 +164,7 @@ class AdaptiveDrafting:
         lookup matches on at the context's end (0: none, or not known)."""
         lookup = self.reach.reach if self.reach else 0
         if self.lookup_wins(match_len):
-            return Plan(0, 0, lookup, self._draft_prices(True)[0])
+            return self.lookup_plan(lookup)
         gain = self.lookup_gain.value if lookup else 0.0
         extra_rows = self.lookup_rows.value if lookup else 0.0
         best, best_rate = 0, -1.0

@@ -2,8 +2,9 @@
 
 One `run` is one pass over a consecutive run of slots: each slot its own step (a prefill chunk, a pending token and
 its draft tree, or nothing), laid out padded to the longest step's rows for the attention; a graph of version 4
-runs everything else over the real rows alone (row_index), so a slot's draft rows cost the others nothing. The cache is the batched KVCache the Generator
-allocates; slot b's committed length lives in `cache.slot(b)`-style views the caller keeps (`SlotStep.length`).
+runs everything else over the real rows alone (row_index), so a slot's draft rows cost the others nothing. The
+cache is the batched KVCache the Generator allocates; slot b's committed length lives in `cache.slot(b)`-style
+views the caller keeps (`SlotStep.length`).
 """
 from __future__ import annotations
 

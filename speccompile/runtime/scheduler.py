@@ -35,14 +35,14 @@ from speccompile.runtime.kv_cache import KVCache
 from speccompile.runtime.noise import sampled_by_noise
 from speccompile.runtime.request import Request
 from speccompile.runtime.sampling import probabilities, sample
-from speccompile.runtime.slots import _DONE, Handle, Slot
+from speccompile.runtime.slots import DONE, Handle, Slot
 
 # Rows a shared verify pass aims at: a pass's cost grows with its rows, so when several greedy slots decode, their
 # drafts share this budget (each keeps at least one draft node). Over a target whose products round activations to
 # int8 (graphs.trees_exact false: the 4-bit builds) every row pays the int8 kernel's compute, and the slots' own
 # rows already fill the pass: greedy slots then decode plainly while others run, but for the prompt-lookup rows
-# below (docs/results.md, "Concurrent streams"). Greedy output does not depend on the drafts; sampled requests keep their whole drafts, so a seed's
-# draws do not depend on what else runs.
+# below (docs/results.md, "Concurrent streams"). Greedy output does not depend on the drafts; sampled requests
+# keep their whole drafts, so a seed's draws do not depend on what else runs.
 SHARED_PASS_ROWS = 16
 # Over such a target a shared pass's products run its real rows alone (the batched graph's packed rows), and a
 # row or two past one per slot costs them little, while every slot's attention pays once any slot runs two rows:
@@ -163,7 +163,7 @@ class Scheduler:
             while self.waiting and None in self.slots:
                 handle = self.waiting.popleft()
                 if handle.cancelled:
-                    handle.queue.put(_DONE)
+                    handle.queue.put(DONE)
                     continue
                 b = self.slots.index(None)
                 self.slots[b] = self._new_slot(b, handle)
@@ -206,7 +206,7 @@ class Scheduler:
         ctx_cache = self.gen.context_cache
         if ctx_cache and error is None and s.decoding:  # the answer's blocks too: a chat's next turn starts with them
             ctx_cache.save(s.context, min(s.cache.length, s.n), s.cache, s.drafter)
-        s.handle.queue.put(error if error is not None else _DONE)
+        s.handle.queue.put(error if error is not None else DONE)
         s.cache.truncate(0)
         self.slots[s.index] = None
 

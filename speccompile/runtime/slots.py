@@ -16,7 +16,7 @@ from speccompile.runtime.noise import GumbelNoise
 from speccompile.runtime.request import Request
 from speccompile.runtime.sampling import SamplingParams
 
-_DONE = object()  # a request's queue ends with this
+DONE = object()  # a request's queue ends with this
 
 
 class Handle:
@@ -32,7 +32,7 @@ class Handle:
         try:
             while True:
                 item = self.scheduler.next_item(self)
-                if item is _DONE:
+                if item is DONE:
                     return
                 if isinstance(item, BaseException):
                     raise item
