@@ -60,18 +60,19 @@ def _pad_row_inputs(g, qkv, seqlens_k, total_len, position_ids, attention_bias, 
     c = lambda v, dt=np.int64: g.const(np.array(v, dt))  # noqa: E731
     head = g.shared.get("tree_attention.pad.common")
     if head is None:
-        head = _pad_row_count(g, qkv, query_seqlens)
-        extra, extra32 = head["extra"], head["extra32"]
+        head = _pad_row_count(g, qkv)
+        extra32 = head["extra32"]
         last_pos = g.op("Slice", [position_ids, c([-1]), c([2**62]), c([1])])[0]
         positions = g.op("Concat", [position_ids, last_pos], axis=1)[0]
-        head |= {"position_ids": _first_rows(g, positions, head["padded"], 1),
-                 "seqlens_k": g.op("Add", [seqlens_k, extra32])[0],
-                 "total_len": g.op("Add", [total_len, g.op("Squeeze", [extra32])[0]])[0]}
+        head["position_ids"] = _first_rows(g, positions, head["padded"], 1)
         if query_seqlens:  # per slot: one row more where it has one; the bias keeps the copy's column throughout
             rows2 = g.op("Max", [query_seqlens, c([2], np.int32)])[0]
             head |= {"query_seqlens": rows2,
                      "seqlens_k": g.op("Add", [seqlens_k, g.op("Sub", [rows2, query_seqlens])[0]])[0],
                      "total_len": g.op("Add", [total_len, c(1, np.int32)])[0]}
+        else:
+            head |= {"seqlens_k": g.op("Add", [seqlens_k, extra32])[0],
+                     "total_len": g.op("Add", [total_len, g.op("Squeeze", [extra32])[0]])[0]}
         g.shared["tree_attention.pad.common"] = head
     rows = g.op("Concat", [attention_bias, g.op("Slice", [attention_bias, c([-1]), c([2**62]), c([2])])[0]],
                 axis=2)[0]  # [N, 1, S+1, T]: the copy's row repeats the last one
@@ -86,7 +87,7 @@ def _pad_row_inputs(g, qkv, seqlens_k, total_len, position_ids, attention_bias, 
     return g.shared[key]
 
 
-def _pad_row_count(g, qkv, query_seqlens) -> dict[str, str]:
+def _pad_row_count(g, qkv) -> dict[str, str]:
     """e, the copy rows a step gets (1 for a one-row step, batched or not, else 0), as int64 [1] and int32 [1];
     the Pad amounts for qkv; the step's rows S (the output keeps them) and S + e."""
     c = lambda v, dt=np.int64: g.const(np.array(v, dt))  # noqa: E731

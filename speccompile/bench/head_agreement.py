@@ -86,7 +86,7 @@ def answer_agreement(gen, drafter: str, prompt_ids, max_new_tokens: int) -> Agre
     out = Agreement()
     for t in range(len(prompt_ids) + 1, len(seq)):  # guesses[t - 2] is for seq[t], an answer token past the first
         truth, head = int(seq[t]), int(guesses[t - 2])
-        starts, n = gen.lookup._matches(seq[:t])
+        starts, n = gen.lookup.matches(seq[:t])
         look = int(seq[starts[0]]) if n else -1
         out.positions += 1
         out.hits += head == truth

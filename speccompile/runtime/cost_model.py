@@ -323,7 +323,7 @@ def calibrate(target, drafters: dict, threads: int | None, lookup=None) -> CostM
     lookup_ms = 0.0
     if lookup is not None:
         context = np.random.default_rng(0).integers(0, target.vocab_size, lengths[len(lengths) // 2])
-        lookup_ms = _best_ms(lambda: lookup._matches(context)[0])
+        lookup_ms = _best_ms(lambda: lookup.matches(context)[0])
     key = {**machine_key(threads), "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "one_row_pad": getattr(target, "min_rows", 1) > 1}
     return CostModel(rows, lengths, verify, drafter_ms, lookup_ms, key)

@@ -222,7 +222,7 @@ class Generator:
         if cap <= 0:
             return adapt.skip()
         lookup = self.lookup_of(drafter)
-        match = lookup._matches(context) if match is None and adapt.reach else match
+        match = lookup.matches(context) if match is None and adapt.reach else match
         plan = adapt.lookup_plan(cap) if lookup_only else adapt.plan(len(context), match[1] if match else 0)
         prop = Proposal.empty()
         if plan.head_depth:

@@ -294,7 +294,7 @@ class Scheduler:
         for s in slots:
             if s.adapt is None or s.adapt.reach is None or not s.params.greedy:
                 continue
-            match = self.gen.lookup_of(s.drafter)._matches(s.context[:s.n])
+            match = self.gen.lookup_of(s.drafter).matches(s.context[:s.n])
             estimate = s.adapt.lookup_estimate(match[1]) if match[1] else 0.0
             if estimate >= SHARED_LOOKUP_MIN:
                 ranked.append((estimate, s.index, match))

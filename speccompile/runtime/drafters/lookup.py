@@ -21,7 +21,7 @@ class LookupDrafter(Drafter):
     def __init__(self, name: str = "lookup", max_ngram: int = 3, min_ngram: int = 1, max_matches: int = 8):
         self.name, self.max_ngram, self.min_ngram, self.max_matches = name, max_ngram, min_ngram, max_matches
 
-    def _matches(self, context: np.ndarray) -> tuple[np.ndarray, int]:
+    def matches(self, context: np.ndarray) -> tuple[np.ndarray, int]:
         """Start indices of the continuations after earlier occurrences of the longest matching suffix n-gram,
         most recent first, and that n (0 when nothing matches). A longer match predicts its continuation far
         better, so adaptive drafting keeps its acceptance estimates per n."""
@@ -37,7 +37,7 @@ class LookupDrafter(Drafter):
         return np.zeros(0, np.int64), 0
 
     def propose(self, context, k, params, rng) -> Proposal:
-        starts, _ = self._matches(context)
+        starts, _ = self.matches(context)
         if not len(starts):
             return Proposal.empty()
         return Proposal(np.array(context[starts[0]:starts[0] + k], np.int64))
@@ -53,13 +53,13 @@ def join_lookup(prop: Proposal, context: np.ndarray, lookup: LookupDrafter, node
     further. Every node stays deterministic, so greedy and sampled tree acceptance both hold (q must be None).
     The result's match_len is the n-gram the continuations matched on; its lookup_agrees marks the drafter's
     nodes that the most recent match's continuation runs through (two drafters agreeing: taken far more often).
-    match: lookup._matches(context), when the caller has it already."""
+    match: lookup.matches(context), when the caller has it already."""
     tokens = [int(t) for t in prop.tokens]
     parents = list(range(-1, len(tokens) - 1)) if prop.parents is None else [int(p) for p in prop.parents]
     children = {(p, t): i for i, (p, t) in enumerate(zip(parents, tokens))}
     drafted, added = len(tokens), 0
     agrees = np.zeros(drafted + nodes, bool)
-    starts, match_len = lookup._matches(context) if match is None else match
+    starts, match_len = lookup.matches(context) if match is None else match
     for m, begin in enumerate(starts[:lookup.max_matches]):
         parent = -1
         for t in context[begin:begin + depth]:
