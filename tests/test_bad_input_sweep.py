@@ -261,6 +261,7 @@ OTHERS = [
     ("bench dataset not jsonl", lambda p: ["bench", p[B], "--dataset", str(p["root"] / "latin1.txt")]),
     ("bench limit zero", lambda p: ["bench", p[B], "--limit", "0"]),
     ("bench repeats zero", lambda p: ["bench", p[B], "--repeats", "0"]),
+    ("bench stream repeats zero", lambda p: ["bench", p[B], "--streams", "2", "--stream-repeats", "0"]),
     ("bench unknown drafter", lambda p: ["bench", p[B], "--drafter", "nosuch", "--limit", "1"]),
     ("bench unknown category", lambda p: ["bench", p[B], "--categories", "nosuch", "--limit", "1"]),
     ("train-head target missing", lambda p: ["train-head", "--target", str(p["root"] / "nope"),

@@ -195,11 +195,15 @@ def test_seeds_reproduce_alone_and_shared(tiny_generator, monkeypatch):
         assert got == solo
 
 
-def test_a_long_prompt_joins_in_chunks_between_decode_passes(tiny_generator, monkeypatch):
+@pytest.mark.parametrize("mixed", [True, False])
+def test_a_long_prompt_joins_in_chunks_between_decode_passes(tiny_generator, monkeypatch, mixed):
     """The long prompt joins slot 1, between two decoding slots: the passes that leave it out (theirs) run a
-    throw-away row for it that must not touch its committed K/V."""
+    throw-away row for it that must not touch its committed K/V. mixed: its chunks ride in the others' decode
+    passes (MIXED_CHUNK tokens each); else each chunk runs in a prefill pass of its own."""
+    from speccompile.runtime.scheduler import MIXED_CHUNK
     g = tiny_generator
     monkeypatch.setattr(g, "context_cache", None)  # the solo runs would leave the long prompt's blocks cached
+    monkeypatch.setattr(g.scheduler, "mix_prefill", mixed)
     short = random_prompts(4, seed=21)
     long_prompt = list(np.random.default_rng(2).integers(3, 380, 200))  # two prefill chunks
     others = [short[0], *short[2:]]
@@ -218,6 +222,11 @@ def test_a_long_prompt_joins_in_chunks_between_decode_passes(tiny_generator, mon
     finally:
         g.scheduler.trace = None
     assert got == solo
+    if mixed:  # every chunk in a pass with the three others' decoding; slot 1 then decodes with them
+        chunks = [e for e in trace if e[1] == (0, 2, 3, 1)]
+        assert len(chunks) == -(-len(long_prompt) // MIXED_CHUNK) and all(e[0] == "decode" for e in chunks)
+        assert ("decode", (0, 1, 2, 3)) in trace and not any(e[0] == "prefill" for e in trace)
+        return
     chunks = [i for i, e in enumerate(trace) if e[0] == "prefill" and e[1] == (1,)]
     assert len(chunks) == 2
     between = trace[chunks[0] + 1:chunks[1]]
@@ -274,14 +283,15 @@ def test_bench_concurrency_mode(tiny_bundle):
     from speccompile.bench.concurrency import format_concurrency, measure_concurrency
     g = speccompile.load(tiny_bundle, threads=1)
     prompts = [{"ids": p} for p in random_prompts(4, seed=50)]
-    section = measure_concurrency(g, prompts, 12, (1, 2, 4), 4, "lookup")
-    assert section["requests"] == 4 and section["batched_graph"]
+    section = measure_concurrency(g, prompts, 12, (1, 2, 4), 4, "lookup", repeats=3)
+    assert section["requests"] == 4 and section["batched_graph"] and section["repeats"] == 3
     for n, run in section["streams"].items():
         assert run["identical"] and run["identical_share"] == 1.0
         assert run["new_tokens"] == section["sequential"]["new_tokens"]
         assert run["ttft_s"]["p50"] <= run["ttft_s"]["p90"] <= run["ttft_s"]["p99"]
-        assert run["speedup_vs_sequential"] > 0
-    assert "identical" in format_concurrency(section)
+        assert len(run["round_speedups"]) == 3
+        assert run["speedup_vs_sequential"] == sorted(run["round_speedups"])[1] > 0  # their median
+    assert "identical" in format_concurrency(section) and "rounds (vs seq)" in format_concurrency(section)
     with pytest.raises(SpeccompileError, match="at least 1"):
         measure_concurrency(g, prompts, 12, (0,), 4, None)
 

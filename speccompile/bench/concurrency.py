@@ -1,12 +1,13 @@
 """`speccompile bench --streams 1,2,4,8`: the same requests served one after another, then by N concurrent streams.
 
 Each request is one prompt decoded greedily with the bundle's first chosen drafter. The sequential run is the
-reference: every stream's tokens should equal it (`identical`; `identical_share` of the requests: a float
-near-tie may go either way between a one-row pass and a shared one, docs/guarantees.md "Threads"), and each N's aggregate tokens/s is divided by its
-aggregate tokens/s in the same run (`speedup_vs_sequential`: the machine's speed cancels out; the CI gate reads
-it). With repeats R, the sequential run and the N-stream runs alternate R times: the ratio is the median of the R
-neighbouring pairs', the figures those of the fastest run. Per request: time to first token (from its submission, so queueing for a slot counts) and time per output
-token after the first, as percentiles over the requests.
+reference: every stream's tokens should equal it (`identical`; `identical_share` of the requests: a float near-tie
+may go either way between a one-row pass and a shared one, docs/guarantees.md "Threads"), and each N's aggregate
+tokens/s is divided by its aggregate tokens/s in the same run (`speedup_vs_sequential`: the machine's speed cancels
+out; the CI gate reads it). With repeats R, the sequential run and the N-stream runs alternate R times: the ratio is
+the median of the R neighbouring pairs' (each kept in `round_speedups`), the figures those of the fastest run. Per
+request: time to first token (from its submission, so queueing for a slot counts) and time per output token after
+the first, as percentiles over the requests.
 """
 from __future__ import annotations
 
@@ -93,9 +94,9 @@ def measure_concurrency(gen, prompts: list[dict], max_new_tokens: int, streams: 
         run = max((by_n[n] for _, by_n in runs), key=lambda r: r["tokens_per_second"])  # best of the repeats
         same = [a == b for a, b in zip(run["token_ids"], sequential["token_ids"])]
         run["identical"], run["identical_share"] = all(same), sum(same) / len(same)
-        # the median over repeats of the ratio to the sequential run beside it
-        run["speedup_vs_sequential"] = float(np.median([by_n[n]["tokens_per_second"] / seq["tokens_per_second"]
-                                                        for seq, by_n in runs]))
+        # the median over repeats of the ratio to the sequential run beside it; each round's kept beside it
+        run["round_speedups"] = [by_n[n]["tokens_per_second"] / seq["tokens_per_second"] for seq, by_n in runs]
+        run["speedup_vs_sequential"] = float(np.median(run["round_speedups"]))
         out["streams"][str(n)] = run
     return out
 
@@ -111,4 +112,6 @@ def format_concurrency(section: dict) -> str:
         ttft = f"{t['p50']:.2f}/{t['p90']:.2f}"
         lines.append(f"{n:>8s} {r['tokens_per_second']:8.1f} {r['speedup_vs_sequential']:6.2f}x {ttft:>16s} "
                      f"{tpot:>16s}  {r['identical']}")
+        if len(r.get("round_speedups", ())) > 1:
+            lines.append(f"{'':>8s} rounds (vs seq): {' '.join(f'{x:.2f}' for x in r['round_speedups'])}")
     return "\n".join(lines)

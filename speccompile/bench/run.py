@@ -89,6 +89,8 @@ class Benchmark:
     def __init__(self, bundle_dir: str, settings: BenchSettings, log: Callable[[str], None] = lambda msg: None):
         if settings.repeats < 1:
             raise SpeccompileError(f"--repeats {settings.repeats}: must be at least 1")
+        if settings.stream_repeats is not None and settings.stream_repeats < 1:
+            raise SpeccompileError(f"--stream-repeats {settings.stream_repeats}: must be at least 1")
         self.bundle_dir, self.settings = bundle_dir, settings
         self.dataset = settings.dataset or default_dataset()
         questions = load_questions(self.dataset, settings.categories)
@@ -124,7 +126,8 @@ class Benchmark:
             measure(self.ours, self.prompts, s, eos, on_run)
             rss_ours = peak_rss_mib()
             concurrency = measure_concurrency(self.gen, self.prompts, s.max_new_tokens, s.streams, s.stream_requests,
-                                              self.drafters[0] if self.drafters else None, s.repeats) if s.streams \
+                                              self.drafters[0] if self.drafters else None,
+                                              s.stream_repeats or s.repeats) if s.streams \
                 else None
             if self.theirs:
                 measure(self.theirs, self.prompts, s, eos, on_run)

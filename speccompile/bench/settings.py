@@ -23,6 +23,7 @@ class BenchSettings:
     warmup_tokens: int = 16
     streams: tuple[int, ...] = ()  # concurrency mode (bench/concurrency.py): these stream counts; empty: none
     stream_requests: int = 8  # requests the concurrency mode serves (the first prompts)
+    stream_repeats: int | None = None  # rounds of the concurrency mode (None: `repeats`)
     temperature: float = 0.0  # 0: greedy; else every method samples, each run seeded by its prompt's position
     top_k: int = 0  # with a temperature: sample from the k likeliest tokens (0: off)
 

@@ -203,9 +203,11 @@ def _ints(option: str, value: str | None) -> list[int]:
 @click.option("--streams", default=None, help="Concurrency mode: serve --stream-requests prompts one after another, "
               "then with each of these numbers of concurrent streams (comma-separated, e.g. 1,2,4,8).")
 @click.option("--stream-requests", default=8, show_default=True, help="Requests the concurrency mode serves.")
+@click.option("--stream-repeats", default=None, type=int,
+              help="Rounds of the concurrency mode; its ratio is their median (default: --repeats).")
 @errors_to_exit
 def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, repeats, temperature, top_k, threads,
-          json_out, plot_out, compare_transformers, multi_turn, streams, stream_requests):
+          json_out, plot_out, compare_transformers, multi_turn, streams, stream_requests, stream_repeats):
     """Benchmark BUNDLE: speculative against autoregressive decoding, per prompt category."""
     from speccompile.bench.plot import plot
     from speccompile.bench.report import format_table, write_json
@@ -220,7 +222,8 @@ def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, re
     settings = BenchSettings(dataset=dataset, categories=_csv(categories), limit=limit,
                              max_new_tokens=max_new_tokens, drafters=tuple(drafters), tree=tree, repeats=repeats,
                              threads=threads, compare_transformers=compare_transformers, temperature=temperature,
-                             top_k=top_k, streams=tuple(_ints("--streams", streams)), stream_requests=stream_requests)
+                             top_k=top_k, streams=tuple(_ints("--streams", streams)), stream_requests=stream_requests,
+                             stream_repeats=stream_repeats)
     benchmark = Benchmark(bundle, settings, log=_progress)
     with click.progressbar(length=benchmark.total_runs, label="decoding", file=sys.stderr, show_pos=True,
                            item_show_func=lambda label: label) as bar:

@@ -1,13 +1,14 @@
 """Continuous batching: the requests of many callers share the target's passes.
 
-No thread of its own: a caller waiting for its next tokens runs the next round of passes for everyone (one caller
-at a time; the others wait for the round to end), so a request alone pays no thread hand-off per pass, and
-requests progress while any caller waits. Requests join and leave between passes; each holds a sequence slot of the
-batched KV cache (`KVCache.slot`) with its own drafter, sampling parameters, random generator, stop conditions,
-acceptance, roll back and compaction. Each round runs at most one prefill chunk of each joining request (so a long
-prompt does not stall the others), then one pass that verifies every decoding slot's pending token and draft
-tree (runtime/batch_engine.py). A request alone in slot 0 runs the single-sequence graph, exactly as the
-Generator's own loop does (in-graph acceptance, nothing batched to pay for).
+No thread of its own: a caller waiting for its next tokens runs the next round of passes for everyone (one caller at
+a time; the others wait for the round to end), so a request alone pays no thread hand-off per pass, and requests
+progress while any caller waits. Requests join and leave between passes; each holds a sequence slot of the batched
+KV cache (`KVCache.slot`) with its own drafter, sampling parameters, random generator, stop conditions, acceptance,
+roll back and compaction. Each round runs at most one prefill chunk of each joining request (so a long prompt does
+not stall the others), then one pass that verifies every decoding slot's pending token and draft tree
+(runtime/batch_engine.py); one joining request's chunk, shorter, rides in that pass. A request alone in slot 0 runs
+the single-sequence graph, exactly as the Generator's own loop does (in-graph acceptance, nothing batched to pay
+for).
 
 Every slot's tokens are those it would get alone: greedy, the target's argmax rows are the same whatever else
 shares the pass, and so are those of a request sampled by noise (temperature alone, runtime/noise.py: its noise
@@ -50,6 +51,10 @@ SHARED_PASS_ROWS = 16
 # taken most often, and only above SHARED_LOOKUP_MIN (docs/results.md, "Concurrent streams").
 SHARED_LOOKUP_SLOTS = 2
 SHARED_LOOKUP_MIN = 0.5
+# A joining request's prompt chunk in a pass with decoding slots: the one-row slots' attention is laid out as deep
+# as the chunk, so a chunk shorter than a prefill pass's own pays (docs/results.md, "a joining prompt inside the
+# decode pass").
+MIXED_CHUNK = 64
 
 
 class Scheduler:
@@ -63,8 +68,10 @@ class Scheduler:
         self.driving = False  # a caller is running a round
         self._engine: BatchEngine | None = None
         self._drafters: dict[tuple[int, str], Drafter] = {}  # slot b > 0's own instance of each drafter
-        self.trace: list | None = None  # a list: each pass appends ("prefill", slot) or ("decode", slots)
-        self.shared_passes = 0  # decode passes that verified two or more slots at once
+        self.trace: list | None = None  # a list: each pass appends ("prefill", slot) or ("decode", slots), the
+        # slot whose prompt chunk rides in the pass last
+        self.shared_passes = 0  # decode passes that verified two or more slots at once (or one and a prompt chunk)
+        self.mix_prefill = True  # a joining request's chunk may ride in a decode pass (MIXED_CHUNK)
 
     # ---- the callers' side -------------------------------------------------------------------------------
     def submit(self, request: Request, stats: SpecDecodeStats) -> Handle:
@@ -139,19 +146,21 @@ class Scheduler:
         """Free cancelled slots, admit waiting requests, run a prefill chunk of each, then one decode pass."""
         self._free_cancelled()
         self._admit()
-        # each joining request's chunk in a pass of its own: a pass's rows are its slots' longest step times the
-        # slots, so prompts of unequal lengths batched together would pay for padding rows, and a chunk's rows
-        # already keep the products busy
-        for s in [s for s in filter(None, self.slots) if not s.decoding]:
+        joining = [s for s in filter(None, self.slots) if not s.decoding]
+        decoding = [s for s in filter(None, self.slots) if s.decoding and s.n]
+        # one joining request's chunk rides in the decode pass, shortened (MIXED_CHUNK); any other joining
+        # request's chunk runs in a pass of its own: the attention lays every slot out as deep as the pass's
+        # longest step, so two prompts' chunks together would pay for each other's padding rows
+        mixed = joining.pop(0) if decoding and joining and self.mix_prefill and self.engine.packed else None
+        for s in joining:
             if self.trace is not None:
                 self.trace.append(("prefill", (s.index,)))
             self._prefill(s)
-        decoding = [s for s in filter(None, self.slots) if s.decoding and s.n]
         if decoding:
             if self.trace is not None:
-                self.trace.append(("decode", tuple(s.index for s in decoding)))
-            self.shared_passes += len(decoding) > 1
-            self._decode(decoding)
+                self.trace.append(("decode", tuple(s.index for s in decoding) + ((mixed.index,) if mixed else ())))
+            self.shared_passes += len(decoding) > 1 or mixed is not None
+            self._decode(decoding, mixed)
 
     def _free_cancelled(self) -> None:
         for s in filter(None, self.slots):
@@ -226,24 +235,29 @@ class Scheduler:
         """One chunk of a joining request's prompt; after its last chunk the request has its first token (as
         Generator._prefill). Slot 0 runs the single-sequence graph, bound to it; the others the batched graph over
         their slot alone."""
-        gen, chunk = self.gen, self.gen.prefill_chunk
-        tokens = s.req.ids[s.prefilled:s.prefilled + chunk]
-        sampling = not s.params.greedy
-        last = len(tokens) + s.prefilled == len(s.req.ids)
-        noise = s.noise.rows([len(s.req.ids)]) if s.noise and last else None  # the first token's draw
+        step = self._chunk(s, self.gen.prefill_chunk)
         if s.index == 0:
-            logits, argmax = gen.target.forward(tokens, full_logits=sampling, noise=noise)
-            self._prefilled(s, gen.target, logits, argmax, slice(0, len(tokens)))
+            logits, argmax = self.gen.target.forward(step.tokens, full_logits=not s.params.greedy, noise=step.noise)
+            self._prefilled(s, len(step.tokens), self.gen.target, logits, argmax, slice(0, len(step.tokens)))
             return
-        results = self.engine.run([SlotStep(s.index, tokens, s.prefilled, noise=noise)], sampling, self._idle([s]))
-        self._prefilled(s, self.engine, *results[s.index])
+        results = self.engine.run([step], not s.params.greedy, self._idle([s]))
+        self._prefilled(s, len(step.tokens), self.engine, *results[s.index])
 
-    def _prefilled(self, s: Slot, engine, logits, argmax, rows) -> None:
-        """Account for a chunk of s's prompt that `engine` just ran (its hidden states at `rows`)."""
+    @staticmethod
+    def _chunk(s: Slot, size: int) -> SlotStep:
+        """The next `size` tokens at most of s's prompt, as a step (the last chunk with the first token's noise)."""
+        tokens = s.req.ids[s.prefilled:s.prefilled + size]
+        last = len(tokens) + s.prefilled == len(s.req.ids)
+        return SlotStep(s.index, tokens, s.prefilled, noise=s.noise.rows([len(s.req.ids)]) if s.noise and last
+                        else None)
+
+    def _prefilled(self, s: Slot, count: int, engine, logits, argmax, rows) -> None:
+        """Account for a chunk of `count` tokens of s's prompt that `engine` just ran (their hidden states at
+        `rows`)."""
         start = s.prefilled
         if s.drafter and s.drafter.wants_hidden:
             s.drafter.observe(start, s.drafter.features(engine, rows))
-        s.prefilled = min(len(s.req.ids), start + self.gen.prefill_chunk)
+        s.prefilled = start + count
         s.cache.truncate(s.prefilled)
         if s.decoding:
             if self.gen.context_cache:
@@ -254,8 +268,9 @@ class Scheduler:
             self._emit(s, [s.token])
 
     # ---- decode ------------------------------------------------------------------------------------------
-    def _decode(self, slots: list[Slot]) -> None:
-        """One pass over every decoding slot: each one's pending token and its drafts, verified together."""
+    def _decode(self, slots: list[Slot], mixed: Slot | None = None) -> None:
+        """One pass over every decoding slot: each one's pending token and its drafts, verified together; and a
+        chunk of the joining request `mixed`'s prompt, if given."""
         share = max(1, SHARED_PASS_ROWS // len(slots) - 1) if self.gen.trees_exact else 0  # per greedy slot
         for s in slots:
             s.context[s.n] = s.token  # committed, but not yet in the target's cache
@@ -273,14 +288,17 @@ class Scheduler:
             else:
                 s.prop = self.gen._propose(s.context[:s.n], s.drafter, s.req.k, s.req.tree, room, s.reach,
                                            s.params, s.rng)
-        if len(slots) == 1 and slots[0].index == 0:  # alone: the single-sequence graph, exactly as Generator.steps
+        if len(slots) == 1 and slots[0].index == 0 and mixed is None:  # alone: as Generator.steps, its graph
             s = slots[0]
             (path, token), in_graph = self.gen._verify(s.token, s.prop, s.n, s.params, s.rng, s.noise)
             self.gen._commit(s.n, s.prop.parents, path, s.drafter)
             self._accepted(s, Verdict(path, token), in_graph)
             return
-        steps = [self._block(s) for s in slots]
-        results = self.engine.run(steps, not all(s.params.greedy for s in slots), self._idle(slots))
+        steps = [self._block(s) for s in slots] + ([self._chunk(mixed, MIXED_CHUNK)] if mixed else [])
+        running = slots + ([mixed] if mixed else [])
+        results = self.engine.run(steps, not all(s.params.greedy for s in running), self._idle(running))
+        if mixed:
+            self._prefilled(mixed, len(steps[-1].tokens), self.engine, *results[mixed.index])
         for s in slots:
             logits, argmax, rows = results[s.index]
             verdict, in_graph = self._accept(s, logits, argmax)
