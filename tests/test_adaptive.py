@@ -249,10 +249,15 @@ def test_adaptive_requests_share_the_scheduler_passes(tiny_generator, trees_exac
     plain = [g.generate(p, n, speculate=False).token_ids for p, n in zip(prompts, lengths)]
     shared = g.scheduler.shared_passes
     monkeypatch.setattr(g.scheduler, "trace", [])
-    shared_rows = []  # per shared pass: each step's rows
+    shared_rows = []  # per pass of two decoding slots or more: each one's rows (a prompt chunk in the pass left out)
     run = g.scheduler.engine.run
-    monkeypatch.setattr(g.scheduler.engine, "run", lambda steps, *a: (
-        shared_rows.append([len(st.tokens) for st in steps]) if len(steps) > 1 else None, run(steps, *a))[1])
+
+    def counted(steps, *a):
+        rows = [len(st.tokens) for st in steps if st.rows is not None]  # a prompt chunk's step has no rows
+        if len(rows) > 1:
+            shared_rows.append(rows)
+        return run(steps, *a)
+    monkeypatch.setattr(g.scheduler.engine, "run", counted)
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda i: g.generate(prompts[i], lengths[i], drafter="model",
                                                      tree="adaptive+lookup:4"), range(4)))
