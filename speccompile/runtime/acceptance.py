@@ -13,6 +13,9 @@ path's end are tried in order, child x accepted with probability p'(x), p' being
 siblings removed and renormalised. Sampled, a chain drawn from draft distributions q (Leviathan et al. / Chen et
 al.): accept x with probability min(1, p(x)/q(x)); on the first rejection draw from norm(max(0, p - q)).
 Either way the committed tokens have exactly the target's distribution p (after temperature / top-k / top-p).
+Sampled with uniforms per position (sampling.PositionDraws; the runtime's rule for deterministic candidates on the
+host): the target's own draw at each row, a node accepted where its token equals the draw at its parent's row
+(accept_drawn): the same acceptance as recursive rejection, and plain sampling's tokens whatever the drafts.
 
 The sampled rules read their uniforms through `Uniform` (row, use): use 0 is a node's test at its own row, use 1
 the draw after the path at its end's row. The runtime passes `sequential(rng)`; `from_table(u)` reads a [rows, 2]
@@ -25,7 +28,8 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from speccompile.runtime.sampling import draw, probabilities
+from speccompile.format.trees import depths
+from speccompile.runtime.sampling import PositionDraws, draw, probabilities
 
 Uniform = Callable[[int, int], float]
 TEST, DRAW = 0, 1  # the two uses of a row's uniforms
@@ -84,6 +88,22 @@ def accept_sampled(tokens: np.ndarray, parents: np.ndarray, p: np.ndarray, unifo
         row = accepted + 1
 
 
+def accept_drawn(tokens: np.ndarray, parents: np.ndarray, p: np.ndarray, uniform_at: Callable[[int], float]
+                 ) -> Verdict:
+    """Deterministic candidates against the target's own draws: at each row the token at quantile
+    uniform_at(row) of p [1 + n, V]; a node is accepted when its token is the draw at its parent's row. A
+    candidate x is taken with probability p(x), and siblings x, y with p(x) + p(y), as by recursive rejection,
+    and every committed token is the target's draw: given uniforms per position, what plain sampling commits."""
+    path, row = [], 0
+    while True:
+        want = draw(p[row], uniform_at(row))
+        hit = np.flatnonzero((parents == (path[-1] if path else -1)) & (tokens == want))
+        if not len(hit):
+            return Verdict(path, want)
+        path.append(int(hit[0]))
+        row = path[-1] + 1
+
+
 def accept_chain_q(draft: np.ndarray, q: np.ndarray, p: np.ndarray, uniform: Uniform) -> Verdict:
     """A chain drawn from draft distributions q [n, V] (a prefix vocabulary is padded by the caller);
     p [n + 1, V]."""
@@ -129,9 +149,12 @@ def accept_typical(tokens: np.ndarray, parents: np.ndarray, p: np.ndarray, epsil
     return Verdict(path, draw(p[row], uniform(row, DRAW)))
 
 
-def accept_on_host(prop, logits: np.ndarray, argmax: np.ndarray, params, rng: np.random.Generator) -> Verdict:
+def accept_on_host(prop, logits: np.ndarray, argmax: np.ndarray, params, rng: np.random.Generator,
+                   draws: PositionDraws | None = None, n: int = 0) -> Verdict:
     """The verdict on a proposal (runtime/drafters/base.Proposal) from the target's rows copied to the host (the
-    pending token's row first): the rule `params` (runtime/sampling.SamplingParams) asks for."""
+    pending token's row first): the rule `params` (runtime/sampling.SamplingParams) asks for. draws: the
+    request's uniforms per position, row 0 predicting position n (deterministic candidates are then accepted
+    where they equal the target's draws); else recursive rejection with uniforms from rng."""
     parents = chain_parents(len(prop.tokens)) if prop.parents is None else prop.parents
     if params.greedy:
         return accept_greedy(prop.tokens, parents, argmax)
@@ -140,6 +163,9 @@ def accept_on_host(prop, logits: np.ndarray, argmax: np.ndarray, params, rng: np
         return accept_typical(prop.tokens, parents, p, params.typical_epsilon, params.typical_alpha,
                               sequential(rng))
     if prop.q is None or prop.parents is not None:
+        if draws is not None:
+            ahead = np.concatenate([[0], depths(parents) + 1])  # how far past position n each row predicts
+            return accept_drawn(prop.tokens, parents, p, lambda row: draws.uniform(n + int(ahead[row])))
         return accept_sampled(prop.tokens, parents, p, sequential(rng))
     q = prop.q[:len(prop.tokens)]
     if q.shape[1] < p.shape[1]:  # a draft vocabulary may be a prefix

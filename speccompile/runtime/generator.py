@@ -30,7 +30,7 @@ from speccompile.runtime.kv_cache import KVCache
 from speccompile.runtime.noise import GumbelNoise, sampled_by_noise, takes_noise
 from speccompile.runtime.request import Request, build_request, check_messages, is_batch
 from speccompile.runtime.row_parity import match_rows
-from speccompile.runtime.sampling import SamplingParams, acceptance_option, probabilities, sample
+from speccompile.runtime.sampling import PositionDraws, SamplingParams, acceptance_option, draw, probabilities
 from speccompile.runtime.scheduler import Scheduler, batch_cache, own_loop
 from speccompile.runtime.text_stream import Chunk, TextStream
 from speccompile.runtime.tokenizer import BundleTokenizer
@@ -137,10 +137,10 @@ class Generator:
     def steps(self, prompt: np.ndarray, max_new_tokens: int, drafter: Drafter | None, k: int,
               params: SamplingParams, stats: SpecDecodeStats, tree: TreeSpec | None = None) -> Iterator[list[int]]:
         """Yield the tokens committed by each pass: the prefill's first token, then each verify pass's."""
-        rng = np.random.default_rng(params.seed)
+        rng, draws = np.random.default_rng(params.seed), PositionDraws(params.seed)
         params, noise = sampled_by_noise(params, self.noise_ok, self.target.vocab_size)  # then greedy + noise
         adapt = self._adaptive(drafter, tree, params) if tree is not None and tree.adaptive else None
-        token = self._prefill(prompt, drafter, params, rng, stats, noise)
+        token = self._prefill(prompt, drafter, params, draws, stats, noise)
         context = np.zeros(len(prompt) + max_new_tokens, np.int64)
         context[:len(prompt)] = prompt
         n, generated = len(prompt), 1
@@ -153,23 +153,22 @@ class Generator:
             room = min(max_new_tokens - generated - 1, self.max_seq_len - n)  # draft tokens that could be used
             prop = (self._propose_adaptive(context[:n], drafter, adapt, room, params, rng) if adapt else
                     self._propose(context[:n], drafter, k, tree, room, reach, params, rng))
-            (path, token), in_graph = self._verify(token, prop, n, params, rng, noise)
+            (path, token), in_graph = self._verify(token, prop, n, params, rng, noise, draws)
             self._commit(n, prop.parents, path, drafter)
             accepted = prop.tokens[path]
             context[n:n + len(path)] = accepted
             n += len(path)
             new = [*accepted.tolist(), token]
             generated += len(new)
-            depth = prop.depth
             if reach:
-                reach.update(len(path), depth)
+                reach.update(len(path), prop.depth)
             if adapt:
                 adapt.update(path)
                 stats.adaptive = adapt.summary()
-            stats.record(len(prop.tokens), len(path), depth, in_graph)
+            stats.record(len(prop.tokens), len(path), prop.depth, in_graph)
             yield new
 
-    def _prefill(self, prompt: np.ndarray, drafter: Drafter | None, params: SamplingParams, rng,
+    def _prefill(self, prompt: np.ndarray, drafter: Drafter | None, params: SamplingParams, draws: PositionDraws,
                  stats: SpecDecodeStats, noise: GumbelNoise | None = None) -> int:
         """Run the prompt into the target's cache (and the drafter's features), after the longest prefix the
         context cache gives back; returns the first new token (with noise: the noisy argmax, a draw)."""
@@ -188,7 +187,7 @@ class Generator:
             cache.truncate(start + len(chunk))
         if self.context_cache:
             self.context_cache.save(prompt, len(prompt), cache, drafter)
-        return int(argmax[0]) if params.greedy else sample(probabilities(logits[0], params), rng)
+        return int(argmax[0]) if params.greedy else draw(probabilities(logits[0], params), draws.uniform(len(prompt)))
 
     def _propose(self, context, drafter, k, tree, room, reach, params, rng) -> Proposal:
         """The drafter's chain (at most k tokens) or tree, within `room` tokens; joined by lookup if asked."""
@@ -249,22 +248,23 @@ class Generator:
         return self._cost
 
     def _verify(self, token: int, prop: Proposal, n: int, params: SamplingParams, rng,
-                noise: GumbelNoise | None = None) -> tuple[Verdict, bool | None]:
+                noise: GumbelNoise | None = None, draws: PositionDraws | None = None) -> tuple[Verdict, bool | None]:
         """One target pass over the pending token and the draft: (the verdict, whether acceptance ran in the
         graph; None for a plain decode step, without drafts). Timed into the cost model once adaptive drafting
         has loaded it, so that its prices follow the passes as they run now."""
         t0 = time.perf_counter()
-        out = self._target_pass(token, prop, n, params, rng, noise)
+        out = self._target_pass(token, prop, n, params, rng, noise, draws)
         if self._cost is not None:
             self._cost.observe(1 + len(prop.tokens), n - 1, params.greedy, (time.perf_counter() - t0) * 1e3)
         return out
 
-    def _target_pass(self, token: int, prop: Proposal, n: int, params: SamplingParams, rng, noise):
+    def _target_pass(self, token: int, prop: Proposal, n: int, params: SamplingParams, rng, noise, draws):
         if not len(prop.tokens):  # nothing to verify: a plain decode step (the verify ops would only cost time)
             self._pending[0] = token
             logits, argmax = self.target.forward(self._pending, full_logits=not params.greedy,
                                                  noise=noise.rows([n]) if noise else None)
-            return Verdict([], int(argmax[0]) if params.greedy else sample(probabilities(logits[0], params), rng)), None
+            return Verdict([], int(argmax[0]) if params.greedy else draw(probabilities(logits[0], params),
+                                                                          draws.uniform(n))), None
         block = np.concatenate([[token], prop.tokens]).astype(np.int64)
         if prop.parents is None:  # a chain
             block_parents, positions = None, None
@@ -283,7 +283,7 @@ class Generator:
             return Verdict(*verdict), True
         logits, argmax = self.target.forward(block, positions, block_parents, rows=np.arange(len(block)),
                                              full_logits=not params.greedy, noise=drawn)  # greedy: the argmax
-        return accept_on_host(prop, logits, argmax, params, rng), False
+        return accept_on_host(prop, logits, argmax, params, rng, draws, n), False
 
     def _commit(self, n: int, parents: np.ndarray | None, path: list[int], drafter: Drafter | None) -> None:
         """Keep the accepted nodes' K/V after the committed tokens; the rejected slots are simply forgotten."""

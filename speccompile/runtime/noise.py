@@ -10,8 +10,9 @@ target's draw, so a deterministic candidate x is taken with probability p(x), as
 The noise for the token at position t depends only on the request's seed and t, not on how the passes were cut:
 speculative decoding samples, token for token, what plain decoding samples with the same seed, as greedy
 speculation gives greedy decoding's tokens. Top-k too, where the graphs take noise_top_k: the argmax is then
-taken among the k largest logits only, an exact draw from the top-k distribution. Top-p requests keep the
-sampled rule (its nucleus needs the whole vocabulary's normaliser).
+taken among the k largest logits only, an exact draw from the top-k distribution. Top-p requests are sampled on
+the host (the nucleus needs the whole vocabulary's normaliser), with uniforms per position to the same effect
+(runtime/sampling.py PositionDraws, runtime/acceptance.py accept_drawn).
 """
 from __future__ import annotations
 

@@ -107,6 +107,19 @@ def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     return p
 
 
+class PositionDraws:
+    """One uniform per position of a request's sequence, from its seed alone: the token at a position is drawn
+    with that position's uniform however the passes were cut, so speculation that accepts the drafts equal to
+    the target's draws (acceptance.accept_drawn) samples what plain sampling samples with the same seed."""
+
+    def __init__(self, seed: int | None):
+        # a key apart from runtime/noise.py's, which keys a request's Gumbel noise by the same seed
+        self.key = np.random.SeedSequence(seed).generate_state(4, np.uint64)[2:]  # seed None: fresh entropy
+
+    def uniform(self, position: int) -> float:
+        return float(np.random.Generator(np.random.Philox(key=self.key, counter=int(position))).random())
+
+
 def sample(p: np.ndarray, rng: np.random.Generator) -> int:
     """One draw from p [V] by inverse CDF (robust to tiny rounding in the sum)."""
     return draw(p, rng.random())

@@ -35,7 +35,7 @@ from speccompile.runtime.drafters.lookup import LookupReach
 from speccompile.runtime.kv_cache import KVCache
 from speccompile.runtime.noise import sampled_by_noise
 from speccompile.runtime.request import Request
-from speccompile.runtime.sampling import probabilities, sample
+from speccompile.runtime.sampling import PositionDraws, draw, probabilities
 from speccompile.runtime.slots import DONE, Handle, Slot
 
 # Rows a shared verify pass aims at: a pass's cost grows with its rows, so when several greedy slots decode, their
@@ -197,7 +197,7 @@ class Scheduler:
         cache = self.slot_caches[b]
         cache.truncate(0)
         slot = Slot(b, handle, cache, drafter, np.random.default_rng(req.params.seed), context, reach, adapt,
-                    params=params, noise=noise)
+                    params=params, noise=noise, draws=PositionDraws(req.params.seed))
         self._restore_prefix(slot)
         return slot
 
@@ -263,7 +263,8 @@ class Scheduler:
             if self.gen.context_cache:
                 self.gen.context_cache.save(s.req.ids, len(s.req.ids), s.cache, s.drafter)
             params = s.params
-            s.token = int(argmax[0]) if params.greedy else sample(probabilities(logits[0], params), s.rng)
+            s.token = int(argmax[0]) if params.greedy else draw(probabilities(logits[0], params),
+                                                                 s.draws.uniform(len(s.req.ids)))
             s.n = len(s.req.ids)
             self._emit(s, [s.token])
 
@@ -290,7 +291,7 @@ class Scheduler:
                                            s.params, s.rng)
         if len(slots) == 1 and slots[0].index == 0 and mixed is None:  # alone: as Generator.steps, its graph
             s = slots[0]
-            (path, token), in_graph = self.gen._verify(s.token, s.prop, s.n, s.params, s.rng, s.noise)
+            (path, token), in_graph = self.gen._verify(s.token, s.prop, s.n, s.params, s.rng, s.noise, s.draws)
             self.gen._commit(s.n, s.prop.parents, path, s.drafter)
             self._accepted(s, Verdict(path, token), in_graph)
             return
@@ -335,7 +336,7 @@ class Scheduler:
         """The slot's verdict from its rows, drawing from its generator as the single-sequence path would."""
         prop, params = s.prop, s.params
         if not len(prop.tokens):
-            token = int(argmax[0]) if params.greedy else sample(probabilities(logits[0], params), s.rng)
+            token = int(argmax[0]) if params.greedy else draw(probabilities(logits[0], params), s.draws.uniform(s.n))
             return Verdict([], token), None
         parents = np.arange(len(prop.tokens)) - 1 if prop.parents is None else prop.parents
         if params.greedy:  # the argmax rows come from the graph; the host walks the tree
@@ -344,7 +345,7 @@ class Scheduler:
             # the verify graph's rule and draws (speccompile.graphs): one [rows, 2] table of uniforms
             table = s.rng.random((len(prop.tokens) + 1, 2))
             return accept_sampled(prop.tokens, parents, probabilities(logits, params), from_table(table)), False
-        return accept_on_host(prop, logits, argmax, params, s.rng), False
+        return accept_on_host(prop, logits, argmax, params, s.rng, s.draws, s.n), False
 
     def _commit(self, s: Slot, path: list[int], rows: np.ndarray) -> None:
         """Keep the accepted nodes' K/V after the committed tokens in the slot's cache (Generator._commit)."""

@@ -14,7 +14,7 @@ from speccompile.runtime.drafters.lookup import LookupReach
 from speccompile.runtime.kv_cache import KVCache
 from speccompile.runtime.noise import GumbelNoise
 from speccompile.runtime.request import Request
-from speccompile.runtime.sampling import SamplingParams
+from speccompile.runtime.sampling import PositionDraws, SamplingParams
 
 DONE = object()  # a request's queue ends with this
 
@@ -55,6 +55,7 @@ class Slot:
     adapt: AdaptiveDrafting | None = None  # adaptive drafting's per-request state (a tree "adaptive")
     params: SamplingParams | None = None  # what the slot decodes with: the request's, or greedy with `noise`
     noise: GumbelNoise | None = None  # a request sampled by noisy argmaxes (runtime/noise.py)
+    draws: PositionDraws | None = None  # otherwise sampled: its uniforms per position (runtime/sampling.py)
     prefilled: int = 0  # prompt tokens in the cache so far
     n: int = 0  # committed tokens (the last, `token`, not yet in the cache)
     token: int = -1

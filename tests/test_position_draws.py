@@ -1,0 +1,98 @@
+"""Sampled acceptance by the target's own draws (acceptance.accept_drawn). A request sampled by the rule on the host
+(top-p: not by noise, runtime/noise.py) draws the token at each position with a uniform that depends only on its
+seed and the position (sampling.PositionDraws), and a deterministic draft is accepted where it equals that draw.
+So speculation commits, token for token, what plain sampling commits with the same seed, whatever the drafts
+(adaptive drafting's, which follow measured times, included), alone or sharing passes; and the committed tokens
+follow the target's distribution."""
+import numpy as np
+import pytest
+
+from conftest import random_prompts
+from speccompile.runtime.acceptance import accept_drawn
+from speccompile.runtime.generator import drain
+from speccompile.runtime.sampling import PositionDraws, SamplingParams, probabilities
+from test_adaptive import synthetic
+from test_decoding import chi2_pvalue
+
+TOP_P = dict(temperature=2.0, top_p=0.8)
+
+
+def test_a_positions_uniform_depends_on_the_seed_and_the_position_only():
+    a, b = PositionDraws(7), PositionDraws(7)
+    us = [a.uniform(t) for t in (3, 4, 5)]
+    assert b.uniform(5) == us[2] and b.uniform(3) == us[0] and len(set(us)) == 3  # any order: the same uniform
+    assert PositionDraws(8).uniform(3) != us[0]
+    assert PositionDraws(None).uniform(3) != PositionDraws(None).uniform(3)
+    u = np.array([a.uniform(t) for t in range(4000)])
+    assert 0.0 <= u.min() and u.max() < 1.0 and abs(u.mean() - 0.5) < 0.02 and abs(u.var() - 1 / 12) < 0.005
+
+
+def test_drawn_acceptance_takes_what_recursive_rejection_takes():
+    """Over the uniform's whole range: two sibling candidates x, y are taken with probabilities p(x) and p(y)
+    (recursive rejection takes x with p(x), then y with p'(y) = p(y) / (1 - p(x)), the same in all), and the
+    committed token follows p."""
+    p = np.array([[0.1, 0.4, 0.2, 0.3], [0.25] * 4, [0.5, 0.5, 0.0, 0.0]])
+    tokens, parents = np.array([1, 3]), np.array([-1, -1])
+    grid = (np.arange(20000) + 0.5) / 20000
+    verdicts = [accept_drawn(tokens, parents, p, lambda row, u=u: u) for u in grid]
+    first = np.array([v.path[0] if v.path else -1 for v in verdicts])
+    assert abs((first == 0).mean() - 0.4) < 1e-3 and abs((first == 1).mean() - 0.3) < 1e-3
+    committed = np.array([tokens[v.path[0]] if v.path else v.token for v in verdicts])
+    assert np.allclose(np.bincount(committed, minlength=4) / len(grid), p[0], atol=1e-3)
+    chain = accept_drawn(np.array([2, 0]), np.array([-1, 0]), p, lambda row: [0.6, 0.1, 0.9][row])
+    assert chain.path == [0, 1] and chain.token == 1  # draws 2, then 0, then the bonus draw at row 2
+
+
+@pytest.mark.parametrize("drafter,tree", [("model", "dynamic:4"), ("lookup", None), ("model", "dynamic:3+lookup:4"),
+                                          ("model", "adaptive+lookup:4")])
+def test_top_p_speculation_samples_what_plain_decoding_samples(tiny_generator, drafter, tree, monkeypatch):
+    g = tiny_generator
+    monkeypatch.setattr(g, "_cost", synthetic(5.0, 0.05))  # adaptive drafting: rows cheap enough to draft
+    accepted = []
+    for seed, prompt in enumerate(random_prompts(4)):
+        ref = g.generate(prompt, 20, speculate=False, seed=seed, **TOP_P)
+        res = g.generate(prompt, 20, drafter=drafter, tree=tree, seed=seed, **TOP_P)
+        assert res.token_ids == ref.token_ids, (drafter, tree, seed)
+        assert res.stats["verified_on_host"] > 0 and res.stats["verified_in_graph"] == 0
+        accepted.append(res.stats["mean_accepted_tokens"])
+    assert max(accepted) > 1.0  # drafts were taken
+
+
+def test_top_p_requests_sharing_passes_sample_what_they_sample_alone(tiny_generator):
+    g = tiny_generator
+    prompts = random_prompts(5, seed=3)
+    kws = [dict(drafter="model", tree="dynamic:4"), dict(drafter="lookup"), dict(speculate=False),
+           dict(drafter="model", tree="dynamic:3+lookup:4"), dict(drafter="lookup", tree="dynamic:4")]
+    alone = [g.generate(p, 16, seed=i, **TOP_P, **kw).token_ids for i, (p, kw) in enumerate(zip(prompts, kws))]
+    shared = g.scheduler.shared_passes
+    streams = [g.stream(p, 16, seed=i, **TOP_P, **kw) for i, (p, kw) in enumerate(zip(prompts, kws))]
+    assert [drain(s).token_ids for s in streams] == alone
+    assert g.scheduler.shared_passes > shared  # they did share passes
+    assert len(set(map(tuple, alone))) > 1
+
+
+@pytest.mark.parametrize("drafter,tree", [("model", "dynamic:4"), ("lookup", None)])
+def test_top_p_speculation_draws_from_the_targets_distribution(tiny_generator, drafter, tree):
+    """The joint distribution of the first two tokens (the second often an accepted draft) against the target's
+    own float32 logits after temperature and top-p."""
+    wide = dict(temperature=4.0, top_p=0.9)  # the tiny target's distributions are peaked: more tokens in play
+    g, params = tiny_generator, SamplingParams(**wide)
+    prompt = np.array(random_prompts(2)[1], np.int64)
+    eng = g.target
+    eng.cache.truncate(0)
+    p1 = probabilities(eng.forward(prompt)[0][0].copy(), params)
+    eos = set(g.tokenizer.eos_token_ids)
+    joint = {(t1,): p1[t1] for t1 in np.flatnonzero(p1) if t1 in eos}  # the answer ends there
+    for t1 in [t for t in np.flatnonzero(p1) if t not in eos]:
+        eng.cache.truncate(len(prompt))
+        p2 = probabilities(eng.forward(np.array([t1]))[0][0].copy(), params)
+        for t2 in np.flatnonzero(p2):
+            joint[(t1, t2)] = p1[t1] * p2[t2]
+    cells = sorted(joint)
+    counts, accepted = np.zeros(len(cells)), 0.0
+    for seed in range(1500):
+        res = g.generate(prompt, 6, drafter=drafter, tree=tree, seed=seed, chat=False, **wide)
+        counts[cells.index(tuple(res.token_ids[:2]))] += 1
+        accepted += res.stats["mean_accepted_tokens"] / 1500
+    assert len(cells) > 5 and chi2_pvalue(counts, np.array([joint[c] for c in cells])) > 1e-3
+    assert accepted > 1.0
