@@ -56,12 +56,18 @@ def chain_parents(n: int) -> np.ndarray:
 
 def accept_greedy(tokens: np.ndarray, parents: np.ndarray, target_argmax: np.ndarray) -> Verdict:
     """The longest root-to-node path whose tokens are the target's greedy choices; target_argmax [1 + n]."""
+    return _follow(tokens, parents, lambda row: int(target_argmax[row]))
+
+
+def _follow(tokens: np.ndarray, parents: np.ndarray, choice: Callable[[int], int]) -> Verdict:
+    """The path that takes, from each row on it (row 0: the pending token; row 1 + i: node i), the child whose
+    token is the target's choice there; then that row's choice."""
     path, row = [], 0
     while True:
-        want = target_argmax[row]
+        want = choice(row)
         hit = np.flatnonzero((parents == (path[-1] if path else -1)) & (tokens == want))
         if not len(hit):
-            return Verdict(path, int(want))
+            return Verdict(path, want)
         path.append(int(hit[0]))
         row = path[-1] + 1
 
@@ -94,14 +100,7 @@ def accept_drawn(tokens: np.ndarray, parents: np.ndarray, p: np.ndarray, uniform
     uniform_at(row) of p [1 + n, V]; a node is accepted when its token is the draw at its parent's row. A
     candidate x is taken with probability p(x), and siblings x, y with p(x) + p(y), as by recursive rejection,
     and every committed token is the target's draw: given uniforms per position, what plain sampling commits."""
-    path, row = [], 0
-    while True:
-        want = draw(p[row], uniform_at(row))
-        hit = np.flatnonzero((parents == (path[-1] if path else -1)) & (tokens == want))
-        if not len(hit):
-            return Verdict(path, want)
-        path.append(int(hit[0]))
-        row = path[-1] + 1
+    return _follow(tokens, parents, lambda row: draw(p[row], uniform_at(row)))
 
 
 def accept_chain_q(draft: np.ndarray, q: np.ndarray, p: np.ndarray, uniform: Uniform) -> Verdict:

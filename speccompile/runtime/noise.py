@@ -20,7 +20,7 @@ import dataclasses
 
 import numpy as np
 
-from speccompile.runtime.sampling import SamplingParams
+from speccompile.runtime.sampling import NOISE_STREAM, SamplingParams, at_position, seed_key
 
 GREEDY = SamplingParams()  # what the decode loop runs for a request sampled by noise
 
@@ -58,7 +58,7 @@ class GumbelNoise:
     request's, handed to the graph with each pass's rows."""
 
     def __init__(self, seed: int | None, temperature: float, vocab_size: int, top_k: int = 0):
-        self.key = np.random.SeedSequence(seed).generate_state(2, np.uint64)  # seed None: fresh entropy
+        self.key = seed_key(seed, NOISE_STREAM)
         self.temperature, self.vocab_size = temperature, vocab_size
         self.top_k = top_k if 0 < top_k < vocab_size else 0  # k >= V keeps every token, as sampling.py does
         self._rows: dict[int, np.ndarray] = {}
@@ -78,11 +78,10 @@ class GumbelNoise:
         return out
 
     def _draw(self, position: int) -> np.ndarray:
-        # a counter-based generator keyed by the seed: any position's row without drawing the ones before it.
         # float64 exponentials: a float32 one is exactly 0 (infinite noise, a token forced) about once in 2**23
         # draws, every few hundred rows of a large vocabulary
         e = self._exponentials
-        np.random.Generator(np.random.Philox(key=self.key, counter=position)).standard_exponential(out=e)
+        at_position(self.key, position).standard_exponential(out=e)
         row = e.astype(np.float32)
         np.log(row, out=row)
         row *= -self.temperature  # T * G, G = -log(E) for E ~ Exp(1)

@@ -107,17 +107,30 @@ def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     return p
 
 
+NOISE_STREAM, DRAWS_STREAM = 0, 1  # a seed's two keyed streams: Gumbel noise (runtime/noise.py), PositionDraws
+
+
+def seed_key(seed: int | None, stream: int) -> np.ndarray:
+    """A request's key for one of its per-position streams (seed None: fresh entropy)."""
+    return np.random.SeedSequence(seed).generate_state(2 * (stream + 1), np.uint64)[2 * stream:]
+
+
+def at_position(key: np.ndarray, position: int) -> np.random.Generator:
+    """A counter-based generator for one position of a keyed stream: any position's draws without the ones
+    before it."""
+    return np.random.Generator(np.random.Philox(key=key, counter=int(position)))
+
+
 class PositionDraws:
     """One uniform per position of a request's sequence, from its seed alone: the token at a position is drawn
     with that position's uniform however the passes were cut, so speculation that accepts the drafts equal to
     the target's draws (acceptance.accept_drawn) samples what plain sampling samples with the same seed."""
 
     def __init__(self, seed: int | None):
-        # a key apart from runtime/noise.py's, which keys a request's Gumbel noise by the same seed
-        self.key = np.random.SeedSequence(seed).generate_state(4, np.uint64)[2:]  # seed None: fresh entropy
+        self.key = seed_key(seed, DRAWS_STREAM)
 
     def uniform(self, position: int) -> float:
-        return float(np.random.Generator(np.random.Philox(key=self.key, counter=int(position))).random())
+        return float(at_position(self.key, position).random())
 
 
 def sample(p: np.ndarray, rng: np.random.Generator) -> int:
