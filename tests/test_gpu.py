@@ -4,6 +4,7 @@ bundle's KV compaction graph, the step's small inputs and outputs copied by onnx
 Here, without a GPU, the device code path runs with `cpu` OrtValues (Engine.resident_on_cpu): the compaction graph
 against numpy, and whole decodes against the host cache token for token; and a missing CUDA provider is one clear
 error. The tests marked needs_cuda run on a machine with onnxruntime-gpu and a CUDA GPU (tools/gpu_check.sh)."""
+import ctypes
 import json
 import os
 
@@ -63,9 +64,26 @@ def prompts(n=3, seed=0):
     return out
 
 
+class CopyAtBind(ort.IOBinding):
+    """onnxruntime's binding as it behaves for a graph on a device, here on the CPU: a host input is copied when it
+    is bound, so refilling its buffer afterwards changes nothing the graph reads."""
+
+    def bind_input(self, name, device_type, device_id, element_type, shape, buffer_ptr):
+        dtype = np.dtype(element_type)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        snapshot = np.frombuffer(ctypes.string_at(buffer_ptr, nbytes), dtype).copy().reshape(shape)
+        self._snapshots = {**getattr(self, "_snapshots", {}), name: snapshot}  # alive while bound
+        super().bind_input(name, device_type, device_id, element_type, shape, snapshot.ctypes.data)
+
+
+@pytest.fixture
+def copy_at_bind(monkeypatch):
+    monkeypatch.setattr(ort.InferenceSession, "io_binding", lambda self: CopyAtBind(self))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_compaction_graph_matches_numpy(device, dtype):
+def test_compaction_graph_matches_numpy(device, dtype, copy_at_bind):
     """Random accepted paths (overlapping their destination or not) moved by the graph on `device` == numpy."""
     layers, heads, dim = 3, 2, 8
     session = ort.InferenceSession(build_kv_compact(layers, heads, LMAX, dim, dtype).SerializeToString(),
@@ -92,11 +110,13 @@ def test_compaction_graph_matches_numpy(device, dtype):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_device_cache_path_decodes_like_the_host_cache(bundles, dtype, monkeypatch):
-    """The device path (OrtValues, the compaction graph) on the CPU: token for token the host path's output, with
-    a tree drafter whose accepted paths need compaction (counted, so the check is not vacuous)."""
+    """The device path (OrtValues, the compaction graph, inputs copied when bound as on a GPU) on the CPU: token
+    for token the host path's output, with a tree drafter whose accepted paths need compaction (counted, so the
+    check is not vacuous)."""
     host = speccompile.load(bundles[dtype], threads=1)
     want = [host.generate(p, max_new_tokens=24, drafter="layerskip:2").token_ids for p in prompts()]
     monkeypatch.setattr(Engine, "resident_on_cpu", True)
+    monkeypatch.setattr(ort.InferenceSession, "io_binding", lambda self: CopyAtBind(self))
     moves = []
     compact = DeviceKVCache.compact
     monkeypatch.setattr(DeviceKVCache, "compact", lambda self, src, dst: (moves.append(
@@ -112,8 +132,9 @@ def test_device_cache_path_decodes_like_the_host_cache(bundles, dtype, monkeypat
 def test_missing_cuda_is_one_clear_error(bundles):
     with pytest.raises(SpeccompileError, match=r"CUDAExecutionProvider.*SPECCOMPILE_ONNXRUNTIME=gpu"):
         speccompile.load(bundles["float16"], device="cuda")
-    r = CliRunner().invoke(main, ["generate", bundles["float16"], "hi", "--device", "cuda", "--no-chat"])
-    assert r.exit_code == 2 and r.output.count("error:") == 1 and "CUDAExecutionProvider" in r.output
+    for command in (["generate", bundles["float16"], "hi", "--no-chat"], ["serve", bundles["float16"], "--port", "0"]):
+        r = CliRunner().invoke(main, [*command, "--device", "cuda"])
+        assert r.exit_code == 2 and r.output.count("error:") == 1 and "CUDAExecutionProvider" in r.output, r.output
 
 
 @needs_cuda
@@ -177,3 +198,11 @@ def test_install_depends_on_exactly_one_onnxruntime(tmp_path, choice, wheel):
     requires = next(tmp_path.glob("*.egg-info")).joinpath("requires.txt").read_text().split("\n[")[0].split()
     runtimes = [r for r in requires if r.startswith("onnxruntime")]
     assert len(runtimes) == 1 and runtimes[0].startswith(wheel), runtimes
+
+
+def test_device_check_script_parses():
+    """tools/gpu_check.sh runs only on a GPU machine: here bash checks that it parses (a typo would cost a lent
+    machine's minutes)."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run(["bash", "-n", os.path.join(root, "tools", "gpu_check.sh")], check=True)

@@ -119,6 +119,42 @@ def test_bfloat16_graphs_are_bfloat16_through_and_refused_on_cpu(bundles):
         speccompile.load(bundles["bfloat16"], threads=1)
 
 
+def _op_types(graph) -> set[str]:
+    out = set()
+    for n in graph.node:
+        out.add(n.op_type)
+        for a in n.attribute:
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                out |= _op_types(g)
+    return out
+
+
+def test_float32_islands_run_a_bfloat16_bundle_on_the_cpu(bundles, tmp_path, monkeypatch):
+    """The islands (compile/float32_islands.py) checked where they can be: with every op type of the graphs in
+    float32 islands, a bfloat16 bundle needs no bfloat16 kernel, so the CPU runs it; a cast missed, misplaced or
+    mistyped (in the verify extension's subgraphs too) fails its load or its output. Speculation equals its
+    autoregressive output, which follows float32's."""
+    from speccompile.compile import precision
+    from speccompile.runtime import engine
+    ops = set()
+    for name in ("target.onnx", "early_exit_2.onnx"):
+        ops |= _op_types(onnx.load(os.path.join(bundles["float32"], name), load_external_data=False).graph)
+    monkeypatch.setattr(precision, "BFLOAT16_FLOAT32_OPS", tuple(ops - {"Cast", "If"}))
+    out = str(tmp_path / "bf16")
+    build_bundle("tiny:llama", out, drafts=["layerskip:2", "lookup"], max_seq_len=LMAX, num_draft=3,
+                 dtype="bfloat16", progress=quiet)
+    monkeypatch.setattr(engine, "check_device_dtype", lambda entry, device: None)
+    bf16, f32 = speccompile.load(out, threads=1), speccompile.load(bundles["float32"], threads=1)
+    rng = np.random.default_rng(1)
+    for n in (12, 20):
+        base = [int(t) for t in rng.integers(3, 384, n)]
+        prompt = base + base[:5]
+        plain = bf16.generate(prompt, max_new_tokens=16, speculate=False).token_ids
+        assert bf16.generate(prompt, max_new_tokens=16, drafter="layerskip:2").token_ids == plain
+        reference = f32.generate(prompt, max_new_tokens=16, speculate=False).token_ids
+        assert sum(a == b for a, b in zip(plain, reference)) >= 12
+
+
 def test_unknown_dtype_and_tensorrt_float16_are_refused(tmp_path):
     with pytest.raises(SpeccompileError, match="--dtype"):
         build_bundle("tiny:llama", str(tmp_path / "a"), drafts=["none"], max_seq_len=LMAX, dtype="float8",

@@ -200,19 +200,43 @@ def test_profile_shapes():
 
 # --- the CUDA kernels, on CPU threads ------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
+KERNEL_ARGTYPES = [ctypes.c_void_p] * 7 + [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6 + [ctypes.c_float]
+
+
+def kernel_library(lib, symbol):
+    f = getattr(ctypes.CDLL(lib), symbol)
+    f.restype, f.argtypes = ctypes.c_int, KERNEL_ARGTYPES
+    return f
+
+
+def build_emulator(out_dir):
     cxx = shutil.which("g++") or shutil.which("clang++")
     if cxx is None:
         pytest.skip("needs a C++20 compiler (g++ or clang++) to build the kernel emulator")
-    lib = str(tmp_path_factory.mktemp("emulator") / "libtree_attention_emulator.so")
+    lib = os.path.join(out_dir, "libtree_attention_emulator.so")
     subprocess.run([cxx, "-std=c++20", "-O2", "-Wno-unknown-pragmas", "-shared", "-fPIC", "-pthread",
                     "-I", os.path.join(KERNEL_DIR, "emulator"), os.path.join(KERNEL_DIR, "emulator", "emulator.cpp"),
                     "-o", lib], check=True, capture_output=True)
-    f = ctypes.CDLL(lib).speccompile_tree_attention_emulate
-    f.restype = ctypes.c_int
-    f.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6 + [ctypes.c_float]
-    return f
+    return kernel_library(lib, "speccompile_tree_attention_emulate")
+
+
+def build_cuda_check(out_dir):
+    """The kernels compiled by nvcc for this machine's GPU, behind the emulator's entry point (kernel_check.cu)."""
+    nvcc, (gpu, why) = shutil.which("nvcc"), trt_backend.cuda_gpu()
+    if nvcc is None or gpu is None:
+        pytest.skip(f"needs nvcc and a CUDA GPU to run the kernels: {why or 'no nvcc on PATH'}")
+    lib = os.path.join(out_dir, "libtree_attention_check.so")
+    subprocess.run([nvcc, "-std=c++17", "-O2", "-arch=native", "-shared", "-Xcompiler", "-fPIC",
+                    os.path.join(KERNEL_DIR, "kernel_check.cu"), os.path.join(KERNEL_DIR, "tree_attention_kernels.cu"),
+                    "-o", lib], check=True, capture_output=True)
+    return kernel_library(lib, "speccompile_tree_attention_cuda")
+
+
+@pytest.fixture(scope="module", params=["emulator", "cuda"])
+def kernels(request, tmp_path_factory):
+    """The kernels' own source run on CPU threads (emulator) or on the GPU (cuda): one C entry point, host arrays."""
+    out_dir = str(tmp_path_factory.mktemp(request.param))
+    return (build_emulator if request.param == "emulator" else build_cuda_check)(out_dir)
 
 
 def random_case(rng, hq, hkv, d, committed, n):
@@ -243,9 +267,9 @@ def check_against_definition(c, y, present_key, present_value, hq, hkv, d, tol=1
 
 
 @pytest.mark.parametrize("hq,hkv,d", [(4, 2, 16), (6, 2, 64), (3, 3, 40), (2, 1, 256)])
-def test_kernels_match_definition_on_cpu_emulator(emulator, hq, hkv, d):
-    """The kernels' own source (tree_attention_kernels.cuh) on CPU threads: head dims below, between and at the
-    warp's multiples, GQA and MHA, int64 and int32 positions, in-place and separate caches."""
+def test_kernels_match_definition(kernels, hq, hkv, d):
+    """The kernels' own source (tree_attention_kernels.cuh) on CPU threads and on the GPU: head dims below, between
+    and at the warp's multiples, GQA and MHA, int64 and int32 positions, in-place and separate caches."""
     rng = np.random.default_rng(d)
     for trial in range(2):
         c = random_case(rng, hq, hkv, d, committed=int(rng.integers(0, 40)), n=int(rng.integers(1, 10)))
@@ -257,7 +281,7 @@ def test_kernels_match_definition_on_cpu_emulator(emulator, hq, hkv, d):
         y = np.zeros((1, S, hq * d), np.float32)
         seqlens = np.array([c["committed"] + S - 1], np.int32)
         ptr = lambda a: a.ctypes.data  # noqa: E731
-        assert emulator(ptr(c["qkv"]), ptr(key), ptr(value), ptr(seqlens), ptr(c["cos"]), ptr(c["sin"]), ptr(pos),
+        assert kernels(ptr(c["qkv"]), ptr(key), ptr(value), ptr(seqlens), ptr(c["cos"]), ptr(c["sin"]), ptr(pos),
                         int(pos64), ptr(c["bias"]), ptr(y), ptr(present_key), ptr(present_value), S, hq, hkv, d, LMAX,
                         LMAX, d ** -0.5) == 0
         check_against_definition(c, y, present_key, present_value, hq, hkv, d)

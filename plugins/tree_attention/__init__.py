@@ -18,7 +18,10 @@ def lower(g, lowering: str, qkv: str, past_key: str, past_value: str, present_ke
     if lowering == "ort":
         pad = _pad_row_inputs(g, qkv, seqlens_k, total_len, position_ids, attention_bias, query_seqlens)
         extra = ["", "", "", "", "", pad["query_seqlens"]] if query_seqlens else []  # GQA inputs 11..16
-        y = g.op("GroupQueryAttention", [g.op("Pad", [qkv, pad["qkv_pads"]], mode="edge")[0], "", "", past_key,
+        # the copy row: qkv's last e rows appended (a Slice and a Concat, not an edge Pad: the CUDA provider has
+        # bfloat16 kernels for these two and none for Pad)
+        copy = g.op("Slice", [qkv, pad["copy_start"], pad["rows"], g.const(np.array([1], np.int64))])[0]
+        y = g.op("GroupQueryAttention", [g.op("Concat", [qkv, copy], axis=1)[0], "", "", past_key,
                                          past_value, pad["seqlens_k"], pad["total_len"], cos, sin,
                                          pad["position_ids"], pad["attention_bias"], *extra],
                  outputs=[g.fresh("attn"), present_key, present_value], domain="com.microsoft",
@@ -89,13 +92,12 @@ def _pad_row_inputs(g, qkv, seqlens_k, total_len, position_ids, attention_bias, 
 
 def _pad_row_count(g, qkv) -> dict[str, str]:
     """e, the copy rows a step gets (1 for a one-row step, batched or not, else 0), as int64 [1] and int32 [1];
-    the Pad amounts for qkv; the step's rows S (the output keeps them) and S + e."""
+    where qkv's copy rows start (S - e); the step's rows S (the output keeps them) and S + e."""
     c = lambda v, dt=np.int64: g.const(np.array(v, dt))  # noqa: E731
     S = g.op("Shape", [qkv], start=1, end=2)[0]
     extra = g.op("Cast", [g.op("Equal", [S, c([1])])[0]], to=7)[0]
     return {"extra": extra, "extra32": g.op("Cast", [extra], to=6)[0], "rows": S,
-            "padded": g.op("Add", [S, extra])[0],
-            "qkv_pads": g.op("Concat", [c([0, 0, 0, 0]), extra, c([0])], axis=0)[0]}
+            "padded": g.op("Add", [S, extra])[0], "copy_start": g.op("Sub", [S, extra])[0]}
 
 
 def _first_rows(g, x: str, n: str, axis: int) -> str:

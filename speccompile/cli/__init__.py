@@ -19,6 +19,20 @@ def _progress(msg: str) -> None:
     click.echo(msg, err=True)
 
 
+def device_options(command):
+    """--device and --backend, as generate and serve take them."""
+    command = click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
+                           show_default=True,
+                           help="tensorrt: the bundle's TensorRT engines (build --backend tensorrt) on the GPU.")(command)
+    return click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                        help="cuda: onnxruntime's CUDA provider, the KV caches in GPU memory (docs/gpu.md).")(command)
+
+
+def runtime_device(device: str, backend: str) -> str:
+    """The runtime's device name: cpu, cuda, or tensorrt (TensorRT engines, on the GPU)."""
+    return "tensorrt" if backend == "tensorrt" else device
+
+
 @click.group(cls=OneLineUsageErrors)
 @click.version_option(package_name="speccompile")
 @click.option("--debug", is_flag=True, help=f"Print the traceback of a failure (also: {DEBUG_ENV}=1).")
@@ -99,10 +113,7 @@ def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, ba
 @click.option("--system", default=None, help="A system message before PROMPT (through the chat template).")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads (default: all cores).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="cuda: onnxruntime's CUDA provider, the KV caches in GPU memory (docs/gpu.md).")
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
-              help="tensorrt: the bundle's TensorRT engines (build --backend tensorrt) on the GPU.")
+@device_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @click.option("--no-context-cache", is_flag=True, help="Do not reuse the K/V of prompt prefixes seen before.")
 @click.option("--cache-bytes", default=1 << 30, show_default=True, help="Memory for the context cache.")
@@ -115,8 +126,7 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, dr
     from speccompile import load
     if system is not None and no_chat:
         raise SpeccompileError("--system needs the chat template: drop --no-chat")
-    gen = load(bundle, threads=threads, device="tensorrt" if backend == "tensorrt" else device,
-               context_cache=not no_context_cache, cache_bytes=cache_bytes, cache_dir=cache_dir)
+    gen = load(bundle, threads=threads, device=runtime_device(device, backend), context_cache=not no_context_cache, cache_bytes=cache_bytes, cache_dir=cache_dir)
     if recalibrate:
         gen.cost_model(recalibrate=True)
     if system is not None:  # the conversation as token ids: what every call below then decodes from
@@ -250,11 +260,12 @@ def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, re
 @click.option("--shutdown-timeout", default=10.0, show_default=True, help="Seconds SIGTERM lets requests finish.")
 @click.option("--replicas", default=None, type=int, help="Serve N replicas through Ray Serve (the ray extra).")
 @click.option("--ray-address", default=None, help="With --replicas: join this Ray cluster (default: a local one).")
+@device_options
 @errors_to_exit
-def serve(bundle, replicas, ray_address, **options):
+def serve(bundle, replicas, ray_address, device, backend, **options):
     """Serve BUNDLE over the OpenAI API (/v1/chat/completions, /v1/completions), with /metrics."""
     from speccompile.serve.command import run
-    run(bundle, replicas, ray_address, **options)
+    run(bundle, replicas, ray_address, device=runtime_device(device, backend), **options)
 
 @main.command()
 @click.argument("result", type=click.Path())

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from speccompile.compile.float32_islands import add_float32_islands
 from speccompile.errors import SpeccompileError
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -28,6 +29,9 @@ DTYPES = ("float32", "float16", "bfloat16")
 # heads' product, converts with its scales and has float16 kernels on the CPU and CUDA providers). A blocked op
 # must have its inputs' types known to onnx's shape inference: the converter casts only what it can see.
 FLOAT32_OPS: tuple[str, ...] = ()
+# ops bfloat16 graphs run in float32 besides (compile/float32_islands.py): the CUDA provider has no bfloat16
+# kernel for them
+BFLOAT16_FLOAT32_OPS = ("ArgMax", "Equal", "Greater", "Less", "Max", "Pad", "ReduceMax", "ReduceMin", "Where")
 CACHE_PREFIXES = ("past_", "present_")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -91,13 +95,15 @@ def convert_graph(graph, dtype: str, keep_float32_ops=()) -> tuple[ConvertedGrap
                  if t.name in graph.weights and t.data_type == TensorProto.FLOAT16}
     if dtype == "bfloat16":
         _retype_bfloat16(model.graph)
+        add_float32_islands(model.graph, set(BFLOAT16_FLOAT32_OPS))
     weights = {n: (shape, dtype if n in converted else dt) for n, (shape, dt) in graph.weights.items()}
     return ConvertedGraph(model, weights), converted
 
 
 def _sort_nodes(graph) -> None:
     """Topological order (ONNX requires it; the converter appends the Casts of the graph's inputs at the end),
-    otherwise the order the nodes had. A node with subgraphs depends on what they read from outside too."""
+    otherwise the order the nodes had, in the graph and its subgraphs. A node with subgraphs depends on what they
+    read from outside too."""
     produced = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
     needs = [[produced[x] for x in _reads(n) if x in produced] for n in graph.node]
     done, order = set(), []
@@ -117,6 +123,10 @@ def _sort_nodes(graph) -> None:
 
     for i in range(len(graph.node)):
         visit(i)
+    for n in order:  # the converter appends the Casts it puts inside a subgraph at its end too
+        for a in n.attribute:
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                _sort_nodes(g)
     nodes = [type(n)() for n in order]
     for new, old in zip(nodes, order):
         new.CopyFrom(old)

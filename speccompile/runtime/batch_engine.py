@@ -54,6 +54,7 @@ class BatchEngine:
         self.session = open_session(resolve_inside(bundle_dir, entry["graph"]), session_options(threads),
                                     providers_for(device))
         check_cache_inputs(self.session, entry)
+        self._rebind_inputs = device != "cpu"
         B, S = self.slots, MAX_STEP_TOKENS
         self._id_buf, self._pos_buf = np.zeros(B * S, np.int64), np.zeros(B * S, np.int64)  # [n, S] views per pass
         self._seqlens, self._qlens = np.zeros(B, np.int32), np.zeros(B, np.int32)
@@ -200,7 +201,7 @@ class BatchEngine:
 
         def bind(name, buf, shape, output=False):
             key = (buf.ctypes.data, tuple(shape))
-            if bound.get(name) != key:
+            if bound.get(name) != key or (self._rebind_inputs and not output):  # see Engine._bind
                 (io.bind_output if output else io.bind_input)(name, "cpu", 0, buf.dtype.type, shape, buf.ctypes.data)
                 bound[name] = key
 

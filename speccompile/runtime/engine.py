@@ -80,12 +80,12 @@ class Engine:
         self._bias = np.empty(MAX_STEP_TOKENS * self.max_seq_len, np.float32)  # attention_bias, reused each step
         # a step's small inputs live in fixed buffers bound by address: a binding is redone only when a shape
         # changes (plain decoding rebinds just the attention bias, once per BIAS_WIDTH_STEP steps)
-        self._ids = np.zeros((1, MAX_STEP_TOKENS), np.int64)
-        self._pos = np.zeros((1, MAX_STEP_TOKENS), np.int64)
+        self._ids, self._pos = np.zeros((1, MAX_STEP_TOKENS), np.int64), np.zeros((1, MAX_STEP_TOKENS), np.int64)
         self._seqlens = np.zeros(1, np.int32)
         self._steps = np.arange(MAX_STEP_TOKENS, dtype=np.int64)
         self._rows = np.zeros(MAX_STEP_TOKENS, np.int64)
         self._bound: dict[int, dict[str, tuple]] = {id(self.io): {}, id(self.io_verify): {}}
+        self._rebind_inputs = isinstance(self.cache, DeviceKVCache)  # see _bind
         self._chain = np.tril(np.ones((MAX_STEP_TOKENS, MAX_STEP_TOKENS), bool))  # a chain's visibility
         self.logits = np.zeros((max_rows, self.vocab_size), np.float32)
         self.next_token = np.zeros((max_rows,), np.int64)
@@ -279,10 +279,12 @@ class Engine:
                                    "noise_top_k): rebuild the bundle")
 
     def _bind(self, io, name: str, buf: np.ndarray, shape: list[int], output: bool = False) -> None:
-        """Bind `buf`'s memory as `name` with `shape`, unless that exact binding is already in place: onnxruntime
-        reads and writes bound host memory by address at run time, so refilling a buffer needs no new binding."""
+        """Bind `buf`'s memory as `name` with `shape`, unless that exact binding is already in place: on the CPU,
+        onnxruntime reads and writes bound host memory by address at run time, so refilling a buffer needs no new
+        binding. A graph on a device gets a host input's copy made at binding time, so there every input is bound
+        again before each pass (outputs are still copied back when the graph runs)."""
         key = (buf.ctypes.data, tuple(shape))
         bound = self._bound[id(io)]
-        if bound.get(name) != key:
+        if bound.get(name) != key or (self._rebind_inputs and not output):
             (io.bind_output if output else io.bind_input)(name, "cpu", 0, buf.dtype.type, shape, key[0])
             bound[name] = key

@@ -92,7 +92,6 @@ class DeviceKVCache:
         self._io = None
         self._src = np.zeros(max_seq_len, np.int64)  # the path's slots, bound by address
         self._dst = np.zeros(1, np.int64)
-        self._bound_n = -1
 
     @property
     def nbytes(self) -> int:
@@ -120,10 +119,9 @@ class DeviceKVCache:
                 self._io.bind_ortvalue_input(name, ov)
                 self._io.bind_ortvalue_output(f"{name}_out", ov)
         self._src[:n], self._dst[0] = src_slots, dst_start
-        if n != self._bound_n:
-            self._io.bind_input("src_slots", "cpu", 0, np.int64, [n], self._src.ctypes.data)
-            self._io.bind_input("dst_start", "cpu", 0, np.int64, [1], self._dst.ctypes.data)
-            self._bound_n = n
+        # bound on every move: onnxruntime copies a host input to the device when it is bound
+        self._io.bind_input("src_slots", "cpu", 0, np.int64, [n], self._src.ctypes.data)
+        self._io.bind_input("dst_start", "cpu", 0, np.int64, [1], self._dst.ctypes.data)
         self._session.run_with_iobinding(self._io)
 
 

@@ -15,6 +15,7 @@ class ServeOptions:
     api_key: str | None = None
     max_queue: int = 64
     threads: int | None = None  # onnxruntime intra-op threads per loaded bundle
+    device: str = "cpu"  # cpu, cuda, or tensorrt (the runtime's device names)
     shutdown_timeout_s: float = 10.0
     model_name: str | None = None  # default: the bundle directory's name
     log_level: str = "info"
@@ -26,6 +27,6 @@ def model_name(bundle_dir: str) -> str:
 
 
 def load_state(bundle_dir: str, opts: ServeOptions) -> ServeState:
-    gen = Generator.load(bundle_dir, threads=opts.threads)
+    gen = Generator.load(bundle_dir, threads=opts.threads, device=opts.device)
     return make_state(gen, opts.model_name or model_name(bundle_dir), opts.max_queue, opts.api_key,
                       opts.shutdown_timeout_s)

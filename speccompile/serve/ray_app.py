@@ -59,8 +59,13 @@ def deploy(bundle_dir: str, opts: ServeOptions, replicas: int) -> None:
                                   # waiting in Ray's router, Ray itself refuses
                                   max_ongoing_requests=opts.max_queue, max_queued_requests=opts.max_queue,
                                   graceful_shutdown_timeout_s=opts.shutdown_timeout_s,
-                                  ray_actor_options={"num_cpus": opts.threads or 1}, **_backpressure())
+                                  ray_actor_options=_actor_resources(opts), **_backpressure())
     serve.run(deployment.bind(bundle_dir, opts), name=APP_NAME, route_prefix="/", blocking=False)
+
+
+def _actor_resources(opts: ServeOptions) -> dict:
+    """What a replica asks Ray for: its threads' cores, and a GPU where it runs on one."""
+    return {"num_cpus": opts.threads or 1, **({"num_gpus": 1} if opts.device != "cpu" else {})}
 
 
 def _backpressure() -> dict:

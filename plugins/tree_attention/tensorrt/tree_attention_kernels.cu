@@ -6,7 +6,7 @@
 //
 // Two kernels on one stream, because a query token reads the K/V rows of the other tokens of its step (its
 // ancestors): the first writes all S new rows into the cache, the second (stream-ordered after it) attends over
-// the cache alone. Untested until run on a GPU (see README.md).
+// the cache alone. Checked against the definition on a GPU by kernel_check.cu (see README.md).
 #include "tree_attention_kernels.cuh"
 
 namespace speccompile
