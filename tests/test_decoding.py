@@ -108,6 +108,41 @@ def test_sampled_rule_matches_target_distribution(tiny_generator, drafter, monke
     test_sampled_speculative_matches_target_distribution(tiny_generator, drafter)
 
 
+def _nucleus_reference(p: np.ndarray, top_p: float) -> np.ndarray:
+    """Top-p's kept tokens by the whole row's order (most probable first, ties by lower id)."""
+    order = np.lexsort((np.arange(len(p)), -p))
+    keep = np.cumsum(p[order]) - p[order] < top_p
+    return np.sort(order[keep])
+
+
+@pytest.mark.parametrize("case", ["peaked", "flat", "ties", "tie_at_the_edge", "small_vocab"])
+def test_nucleus_search_keeps_what_sorting_the_whole_row_keeps(case):
+    """The nucleus sought among the most probable tokens (sampling.nucleus_drop) keeps exactly the tokens a sort
+    of the whole row keeps: peaked rows (found among the candidates), flat ones (the whole row sorted), ties inside
+    the nucleus and at the candidates' edge."""
+    from speccompile.runtime import sampling
+    rng = np.random.default_rng(len(case))
+    V = 64 if case == "small_vocab" else 20000
+    M = sampling.NUCLEUS_CANDIDATES
+    for trial in range(20):
+        top_ps = (0.3, 0.9, 0.999)
+        if case == "flat":
+            p = rng.random(V) + 1.0
+        elif case == "ties":
+            p = np.round(np.exp(rng.standard_normal(V) * 3)) + 1e-3
+        elif case == "tie_at_the_edge":  # ten tied tokens across the candidates' edge, the nucleus ending in them
+            p, order = np.full(V, 1e-9), rng.permutation(V)
+            p[order[:M - 5]] = rng.random(M - 5) + 1.0
+            p[order[M - 5:M + 5]] = 0.5
+            top_ps = ((p[order[:M - 5]].sum() + 2.5 * 0.5) / p.sum(),)
+        else:
+            p = np.exp(rng.standard_normal(V) * 3)
+        p /= p.sum()
+        for top_p in top_ps:
+            kept = np.flatnonzero(~sampling.nucleus_drop(p, top_p))
+            assert np.array_equal(kept, _nucleus_reference(p, top_p)), (case, trial, top_p)
+
+
 def test_probabilities_top_k_top_p():
     logits = np.log(np.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
     p = probabilities(logits, SamplingParams(temperature=1.0, top_k=2))

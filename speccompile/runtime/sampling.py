@@ -96,15 +96,42 @@ def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     p = np.exp(x)
     p /= p.sum(-1, keepdims=True)
     if params.top_p < 1.0:
-        order = np.argsort(-p, axis=-1)
-        sorted_p = np.take_along_axis(p, order, -1)
-        # keep the smallest set whose mass reaches top_p (the token that crosses it included)
-        keep_sorted = np.cumsum(sorted_p, -1) - sorted_p < params.top_p
-        keep = np.zeros_like(keep_sorted)
-        np.put_along_axis(keep, order, keep_sorted, -1)
-        p = np.where(keep, p, 0.0)
+        rows = p.reshape(-1, p.shape[-1])
+        for row in rows:
+            row[nucleus_drop(row, params.top_p)] = 0.0
+        p = rows.reshape(p.shape)
         p /= p.sum(-1, keepdims=True)
     return p
+
+
+NUCLEUS_CANDIDATES = 1024  # the most probable tokens searched for the nucleus before sorting the whole row
+
+
+def nucleus_drop(p: np.ndarray, top_p: float) -> np.ndarray:
+    """A mask of the tokens top-p sampling drops from p [V]: it keeps the smallest set, most probable first (ties
+    by lower token id), whose mass reaches top_p, the token that crosses it included. The nucleus is sought among
+    the NUCLEUS_CANDIDATES most probable tokens first; that answer stands where every kept token is strictly more
+    probable than every token outside the candidates (so the whole row's order would keep the same tokens), else
+    the whole row is sorted."""
+    if len(p) > NUCLEUS_CANDIDATES:
+        candidates = np.argpartition(-p, NUCLEUS_CANDIDATES - 1)[:NUCLEUS_CANDIDATES]
+        kept = _nucleus(p, np.sort(candidates), top_p)
+        if len(kept) < NUCLEUS_CANDIDATES and p[kept[-1]] > p[candidates].min():
+            return _dropped(len(p), kept)
+    return _dropped(len(p), _nucleus(p, np.arange(len(p)), top_p))
+
+
+def _nucleus(p: np.ndarray, tokens: np.ndarray, top_p: float) -> np.ndarray:
+    """The top-p nucleus within `tokens` (ascending ids), most probable first."""
+    order = tokens[np.argsort(-p[tokens], kind="stable")]  # stable over ascending ids: ties by lower id
+    sorted_p = p[order]
+    return order[:int(np.count_nonzero(np.cumsum(sorted_p) - sorted_p < top_p))]
+
+
+def _dropped(vocab: int, kept: np.ndarray) -> np.ndarray:
+    drop = np.ones(vocab, bool)
+    drop[kept] = False
+    return drop
 
 
 NOISE_STREAM, DRAWS_STREAM = 0, 1  # a seed's two keyed streams: Gumbel noise (runtime/noise.py), PositionDraws
