@@ -78,8 +78,8 @@ class Engine:
         width = next(i.shape[3] for i in self.session.get_inputs() if i.name == "attention_bias")
         self.bias_width = width if isinstance(width, int) else None  # bundles before graph version 3: LMAX
         self._bias = np.empty(MAX_STEP_TOKENS * self.max_seq_len, np.float32)  # attention_bias, reused each step
-        # a step's small inputs live in fixed buffers bound by address: a binding is redone only when a shape
-        # changes (plain decoding rebinds just the attention bias, once per BIAS_WIDTH_STEP steps)
+        # a step's small inputs live in fixed buffers bound by address: on the CPU a binding is redone only when a
+        # shape changes (plain decoding rebinds just the attention bias, once per BIAS_WIDTH_STEP steps; see _bind)
         self._ids, self._pos = np.zeros((1, MAX_STEP_TOKENS), np.int64), np.zeros((1, MAX_STEP_TOKENS), np.int64)
         self._seqlens = np.zeros(1, np.int32)
         self._steps = np.arange(MAX_STEP_TOKENS, dtype=np.int64)
