@@ -206,3 +206,21 @@ def test_device_check_script_parses():
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run(["bash", "-n", os.path.join(root, "tools", "gpu_check.sh")], check=True)
+
+
+def test_gpu_bench_passes_only_divergences_at_ties():
+    """tools/gpu_bench.py's verdict: a divergence passes only within 2 units in the last place of the bundle
+    dtype at the largest |logit| (float16: 0.0156 at 16-32), never when one output just stops earlier."""
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("gpu_bench", os.path.join(root, "tools", "gpu_bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.near_tie({"margin": 0.0, "max_abs_logit": 19.3})
+    assert bench.near_tie({"margin": -0.031, "max_abs_logit": 30.7})
+    assert not bench.near_tie({"margin": 0.033, "max_abs_logit": 30.7})
+    assert bench.near_tie({"margin": 0.25, "max_abs_logit": 30.7}, "bfloat16")
+    assert not bench.near_tie({"margin": 0.01, "max_abs_logit": 30.7}, "float32")
+    assert not bench.near_tie({"position": 5, "prefix_only": True})
+    assert bench.first_difference([1, 2, 3], [1, 2, 4]) == (2, 4)
+    assert bench.first_difference([1, 2, 3], [1, 2]) == (2, -1)

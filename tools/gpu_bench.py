@@ -6,8 +6,8 @@ Prints one JSON line: medians of tokens/s, the median of each prompt's own speed
 whether every speculative output equalled the autoregressive one (greedy: it must, up to the kernels' rounding).
 Where one did not, `divergences` gives, per such prompt, the first differing position and the target's own
 margin there: its logit for the token autoregressive decoding chose minus its logit for the one speculation
-committed, both from the same one-token decode step. A margin within float16 rounding (NEAR_TIE_ULPS units in
-the last place of the largest |logit|) is a near-tie that a verify block's other kernel tiling may flip: reported,
+committed, both from the same one-token decode step. A margin within the bundle dtype's rounding (NEAR_TIE_ULPS
+units in the last place of the largest |logit|) is a near-tie that a verify block's other kernel tiling may flip: reported,
 and passed; a larger one is a bug, and the exit status is 1."""
 import argparse
 import json
@@ -19,16 +19,19 @@ import numpy as np
 
 import speccompile
 from speccompile.bench.prompts import default_dataset, load_questions
+from speccompile.format.bundle import read_manifest
 
 
 NEAR_TIE_ULPS = 2
+MANTISSA_BITS = {"float32": 23, "float16": 10, "bfloat16": 7}
 
 
-def near_tie(d: dict) -> bool:
-    """Whether a divergence (decode_margin's) is within float16 rounding of the target's own logits."""
+def near_tie(d: dict, dtype: str = "float16") -> bool:
+    """Whether a divergence (decode_margin's) is within the bundle dtype's rounding of the target's own logits:
+    NEAR_TIE_ULPS units in the last place of the largest |logit|."""
     if d.get("prefix_only"):
         return False
-    ulp = float(np.spacing(np.float16(d["max_abs_logit"])))
+    ulp = 2.0 ** (np.floor(np.log2(d["max_abs_logit"])) - MANTISSA_BITS[dtype])
     return abs(d["margin"]) <= NEAR_TIE_ULPS * ulp
 
 
@@ -74,14 +77,16 @@ def main() -> int:
         ratio.append(spec[-1] / plain[-1])
         accepted.append(b.stats["mean_accepted_tokens"])
     divergences = [decode_margin(gen, text, a, *first_difference(a, b)) for text, a, b in differing]
+    dtype = read_manifest(args.bundle).get("dtype", "float32")
+    ties = all(near_tie(d, dtype) for d in divergences)
     print(json.dumps({"device": args.device, "prompts": len(questions), "max_new_tokens": args.max_new_tokens,
                       "load_s": round(load_s, 2), "autoregressive_tok_s": round(statistics.median(plain), 1),
                       "speculative_tok_s": round(statistics.median(spec), 1),
                       "paired_speedup": round(statistics.median(ratio), 2),
                       "mean_accepted_tokens": round(statistics.mean(accepted), 2),
                       "identical_prompts": len(questions) - len(differing), "identical": not differing,
-                      "divergences": divergences, "all_near_ties": all(map(near_tie, divergences))}))
-    return 0 if all(map(near_tie, divergences)) else 1
+                      "dtype": dtype, "divergences": divergences, "all_near_ties": ties}))
+    return 0 if ties else 1
 
 
 def first_difference(a: list[int], b: list[int]) -> tuple[int, int]:

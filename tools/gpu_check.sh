@@ -88,12 +88,15 @@ stage install 200 "
   $PY -c 'import speccompile, gguf, jsonschema, tokenizers, click, pytest'
 "
 # 2. the CUDA path first (it needs nothing more): its tests, the default model in float16 (the GPU default:
-#    onnxruntime's CUDA GroupQueryAttention has no float32 kernel), autoregressive against speculative decoding
-#    (paired per prompt; greedy outputs must be identical). -rs lists what skipped and why.
+#    onnxruntime's CUDA GroupQueryAttention has no float32 kernel) and in bfloat16, autoregressive against
+#    speculative decoding (paired per prompt; greedy outputs identical up to float16 ties, see gpu_bench.py). -rs
+#    lists what skipped and why.
 stage tests-cuda 120 "$PY -m pytest -q -rs -p no:cacheprovider -m 'not slow' tests/test_gpu.py tests/test_precision.py"
 stage kernels-cuda 90 "$PY -m pytest -q -rs -p no:cacheprovider tests/test_tensorrt.py -k 'kernels_match or sources_compile'"
 stage build-default-fp16 90 "$BIN/speccompile build --out $OUT/smollm2-fp16 --dtype float16 --weights float32 --force"
 stage bench-cuda 90 "$PY tools/gpu_bench.py $OUT/smollm2-fp16 --device cuda --prompts 8 --max-new-tokens 128"
+stage build-default-bf16 90 "$BIN/speccompile build --out $OUT/smollm2-bf16 --dtype bfloat16 --weights float32 --force"
+stage bench-cuda-bf16 90 "$PY tools/gpu_bench.py $OUT/smollm2-bf16 --device cuda --prompts 8 --max-new-tokens 128"
 
 # 3. TensorRT: the runtime, nvcc and CMake from the registry; the plugin (TensorRT's C++ headers must be on the
 #    machine: tools/build_trt_plugin.sh says where it looked); the engine tests; the default model's engines
