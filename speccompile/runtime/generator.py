@@ -72,9 +72,9 @@ def load_drafter(entry: dict, ctx: RuntimeContext) -> Drafter:
 class Generator:
     """A loaded bundle. `generate`, `stream` and `chat` may be called from several threads at once, several
     streams may be open in one thread, and `generate` takes a list of prompts: with a batched target graph
-    (`build --max-batch`) the requests share passes (runtime/scheduler.py), each giving exactly the tokens it
-    would give alone. A bundle without one serializes the calls (one runs at a time; a stream holds the
-    Generator from its first chunk until it is exhausted or closed)."""
+    (`build --max-batch`) the requests share passes (runtime/scheduler.py), each giving exactly the tokens it would
+    give alone. A bundle without one serializes the calls (a stream holds the Generator until exhausted or closed).
+    A pass is `propose` (or `propose_adaptive`), `verify`, `commit`: `steps` runs them, and the scheduler per slot."""
     prefill_chunk = PREFILL_CHUNK
     lookup_reach_limit = LOOKUP_REACH_LIMIT
 
@@ -139,7 +139,7 @@ class Generator:
         """Yield the tokens committed by each pass: the prefill's first token, then each verify pass's."""
         rng, draws = np.random.default_rng(params.seed), PositionDraws(params.seed)
         params, noise = sampled_by_noise(params, self.noise_ok, self.target.vocab_size)  # then greedy + noise
-        adapt = self._adaptive(drafter, tree, params) if tree is not None and tree.adaptive else None
+        adapt = self.adaptive_for(drafter, tree, params) if tree is not None and tree.adaptive else None
         token = self._prefill(prompt, drafter, params, draws, stats, noise)
         context = np.zeros(len(prompt) + max_new_tokens, np.int64)
         context[:len(prompt)] = prompt
@@ -151,10 +151,10 @@ class Generator:
             context[n] = token  # committed, but not yet in the target's cache
             n += 1
             room = min(max_new_tokens - generated - 1, self.max_seq_len - n)  # draft tokens that could be used
-            prop = (self._propose_adaptive(context[:n], drafter, adapt, room, params, rng) if adapt else
-                    self._propose(context[:n], drafter, k, tree, room, reach, params, rng))
-            (path, token), in_graph = self._verify(token, prop, n, params, rng, noise, draws)
-            self._commit(n, prop.parents, path, drafter)
+            prop = (self.propose_adaptive(context[:n], drafter, adapt, room, params, rng) if adapt else
+                    self.propose(context[:n], drafter, k, tree, room, reach, params, rng))
+            (path, token), in_graph = self.verify(token, prop, n, params, rng, noise, draws)
+            self.commit(n, prop.parents, path, drafter)
             accepted = prop.tokens[path]
             context[n:n + len(path)] = accepted
             n += len(path)
@@ -189,7 +189,7 @@ class Generator:
             self.context_cache.save(prompt, len(prompt), cache, drafter)
         return int(argmax[0]) if params.greedy else draw(probabilities(logits[0], params), draws.uniform(len(prompt)))
 
-    def _propose(self, context, drafter, k, tree, room, reach, params, rng) -> Proposal:
+    def propose(self, context, drafter, k, tree, room, reach, params, rng) -> Proposal:
         """The drafter's chain (at most k tokens) or tree, within `room` tokens; joined by lookup if asked."""
         if not drafter or room <= 0:
             return Proposal.empty()
@@ -202,7 +202,7 @@ class Generator:
             prop = join_lookup(prop, context, self.lookup, min(reach.reach, free), min(room, reach.reach))
         return prop if self.trees_exact else prop.first_path()
 
-    def _adaptive(self, drafter: Drafter | None, tree: TreeSpec, params: SamplingParams) -> AdaptiveDrafting | None:
+    def adaptive_for(self, drafter: Drafter | None, tree: TreeSpec, params: SamplingParams) -> AdaptiveDrafting | None:
         """The per-request state of adaptive drafting (runtime/adaptive.py), priced by this machine's cost model."""
         if drafter is None:
             return None
@@ -212,7 +212,7 @@ class Generator:
         return AdaptiveDrafting(self.cost_model(), drafter.name, not is_lookup, tree, params.greedy,
                                 self.target.max_rows, chains_only=not self.trees_exact)
 
-    def _propose_adaptive(self, context, drafter: Drafter, adapt: AdaptiveDrafting, room: int, params,
+    def propose_adaptive(self, context, drafter: Drafter, adapt: AdaptiveDrafting, room: int, params,
                           rng, match: tuple | None = None, lookup_only: bool = False) -> Proposal:
         """The drafter's dynamic tree as deep as the plan says (or none), joined by prompt lookup, cut to the nodes
         worth verifying (maybe none: a plain step). match: prompt lookup's here, if the caller has it;
@@ -247,7 +247,7 @@ class Generator:
             self._cost = cached
         return self._cost
 
-    def _verify(self, token: int, prop: Proposal, n: int, params: SamplingParams, rng,
+    def verify(self, token: int, prop: Proposal, n: int, params: SamplingParams, rng,
                 noise: GumbelNoise | None = None, draws: PositionDraws | None = None) -> tuple[Verdict, bool | None]:
         """One target pass over the pending token and the draft: (the verdict, whether acceptance ran in the
         graph; None for a plain decode step, without drafts). Timed into the cost model once adaptive drafting
@@ -285,7 +285,7 @@ class Generator:
                                              full_logits=not params.greedy, noise=drawn)  # greedy: the argmax
         return accept_on_host(prop, logits, argmax, params, rng, draws, n), False
 
-    def _commit(self, n: int, parents: np.ndarray | None, path: list[int], drafter: Drafter | None) -> None:
+    def commit(self, n: int, parents: np.ndarray | None, path: list[int], drafter: Drafter | None) -> None:
         """Keep the accepted nodes' K/V after the committed tokens; the rejected slots are simply forgotten."""
         cache = self.target.cache
         if parents is not None:

@@ -191,7 +191,7 @@ class Scheduler:
         context[:len(req.ids)] = req.ids
         tree = req.tree
         params, noise = sampled_by_noise(req.params, self.gen.noise_ok, self.gen.target.vocab_size)
-        adapt = self.gen._adaptive(drafter, tree, params) if tree is not None and tree.adaptive else None
+        adapt = self.gen.adaptive_for(drafter, tree, params) if tree is not None and tree.adaptive else None
         reach = (LookupReach(tree.lookup, self.gen.lookup_reach_limit * tree.lookup)
                  if tree and tree.lookup and not adapt else None)
         cache = self.slot_caches[b]
@@ -282,17 +282,17 @@ class Scheduler:
             if len(slots) > 1 and s.params.greedy:
                 room = min(room, 1 if s.index in by_lookup else share)
             if s.index in by_lookup:
-                s.prop = self.gen._propose_adaptive(s.context[:s.n], s.drafter, s.adapt, room, s.params, s.rng,
+                s.prop = self.gen.propose_adaptive(s.context[:s.n], s.drafter, s.adapt, room, s.params, s.rng,
                                                     by_lookup[s.index], lookup_only=True)
             elif s.adapt:  # alone it plans as Generator.steps does; shared, within the slot's share of the rows
-                s.prop = self.gen._propose_adaptive(s.context[:s.n], s.drafter, s.adapt, room, s.params, s.rng)
+                s.prop = self.gen.propose_adaptive(s.context[:s.n], s.drafter, s.adapt, room, s.params, s.rng)
             else:
-                s.prop = self.gen._propose(s.context[:s.n], s.drafter, s.req.k, s.req.tree, room, s.reach,
+                s.prop = self.gen.propose(s.context[:s.n], s.drafter, s.req.k, s.req.tree, room, s.reach,
                                            s.params, s.rng)
         if len(slots) == 1 and slots[0].index == 0 and mixed is None:  # alone: as Generator.steps, its graph
             s = slots[0]
-            (path, token), in_graph = self.gen._verify(s.token, s.prop, s.n, s.params, s.rng, s.noise, s.draws)
-            self.gen._commit(s.n, s.prop.parents, path, s.drafter)
+            (path, token), in_graph = self.gen.verify(s.token, s.prop, s.n, s.params, s.rng, s.noise, s.draws)
+            self.gen.commit(s.n, s.prop.parents, path, s.drafter)
             self._accepted(s, Verdict(path, token), in_graph)
             return
         steps = [self._block(s) for s in slots] + ([self._chunk(mixed, MIXED_CHUNK)] if mixed else [])
@@ -348,7 +348,7 @@ class Scheduler:
         return accept_on_host(prop, logits, argmax, params, s.rng, s.draws, s.n), False
 
     def _commit(self, s: Slot, path: list[int], rows: np.ndarray) -> None:
-        """Keep the accepted nodes' K/V after the committed tokens in the slot's cache (Generator._commit)."""
+        """Keep the accepted nodes' K/V after the committed tokens in the slot's cache (Generator.commit)."""
         n = s.n
         if s.prop.parents is not None:
             s.cache.compact(n + np.array(path, np.int64), n)
