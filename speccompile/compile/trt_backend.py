@@ -1,7 +1,7 @@
 """`speccompile build --backend tensorrt`: a TensorRT engine for each model of the bundle.
 
-Written for a machine with TensorRT >= 10 and a CUDA GPU, and untested until run on one (what is and is not
-checked: plugins/tree_attention/README.md). For each model the bundle gets, beside its onnxruntime graph:
+Written for a machine with TensorRT >= 10 and a CUDA GPU, and untested until run on one with TensorRT (what is
+and is not checked: plugins/tree_attention/README.md). For each model the bundle gets, beside its onnxruntime graph:
 
   <model>.trt.onnx  the same model lowered for TensorRT: TreeAttention as the one plugin node
                     (`attention="plugin"`), the norms in primitive ops (`prepare_graph`), opset 20
