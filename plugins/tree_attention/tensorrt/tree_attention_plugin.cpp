@@ -6,7 +6,8 @@
 // names. The library is a "plugin shared library": TensorRT calls getCreators() when it is loaded with
 // IPluginRegistry::loadLibrary (Python: tensorrt.get_plugin_registry().load_library) or trtexec --dynamicPlugins.
 //
-// Inputs, outputs and attributes are the op's signature in ../README.md. Untested until run in TensorRT on a GPU (its kernels have run on one: kernel_check.cu).
+// Inputs, outputs and attributes are the op's signature in ../README.md. Untested until run in TensorRT on a GPU
+// (its kernels have run on one: kernel_check.cu).
 #include "tree_attention_kernels.h"
 
 #include "NvInferRuntime.h"
