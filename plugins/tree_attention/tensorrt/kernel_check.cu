@@ -2,8 +2,8 @@
 // emulator/emulator.cpp (host arrays in, host arrays out), so one test checks both against `reference_numpy`.
 // Every buffer is copied to the device, launchTreeAttention runs on the default stream, the outputs come back.
 //
-//   nvcc -std=c++17 -O2 -shared -Xcompiler -fPIC kernel_check.cu tree_attention_kernels.cu \
-//        -o libtree_attention_check.so
+//   nvcc -std=c++17 -O2 -shared -Xcompiler -fPIC kernel_check.cu tree_attention_kernels.cu
+//        -o libtree_attention_check.so   (one command)
 #include "tree_attention_kernels.h"
 
 #include <cuda_runtime_api.h>
