@@ -2,13 +2,14 @@
 
     python tools/gpu_bench.py BUNDLE --device cuda [--prompts 8] [--max-new-tokens 128]
 
-Prints one JSON line: medians of tokens/s, the median of each prompt's own speedup, mean accepted tokens, and
-whether every speculative output equalled the autoregressive one (greedy: it must, up to the kernels' rounding).
-Where one did not, `divergences` gives, per such prompt, the first differing position and the target's own
-margin there: its logit for the token autoregressive decoding chose minus its logit for the one speculation
-committed, both from the same one-token decode step. A margin within the bundle dtype's rounding (NEAR_TIE_ULPS
-units in the last place of the largest |logit|) is a near-tie that a verify block's other kernel tiling may flip: reported,
-and passed; a larger one is a bug, and the exit status is 1."""
+Prints one JSON line: medians of tokens/s (with the weight bandwidth autoregressive steps achieve: a GPU far
+under its memory bandwidth is bound by launches and the host), the median of each prompt's own speedup, mean
+accepted tokens, and whether every speculative output equalled the autoregressive one (greedy: it must, up to the
+kernels' rounding). Where one did not, `divergences` gives, per such prompt, the first differing position and the
+target's own margin there: its logit for the token autoregressive decoding chose minus its logit for the one
+speculation committed, both from the same one-token decode step. A margin within the bundle dtype's rounding
+(NEAR_TIE_ULPS units in the last place of the largest |logit|) is a near-tie that a verify block's other kernel
+tiling may flip: reported, and passed; a larger one is a bug, and the exit status is 1."""
 import argparse
 import json
 import statistics
@@ -81,6 +82,8 @@ def main() -> int:
     ties = all(near_tie(d, dtype) for d in divergences)
     print(json.dumps({"device": args.device, "prompts": len(questions), "max_new_tokens": args.max_new_tokens,
                       "load_s": round(load_s, 2), "autoregressive_tok_s": round(statistics.median(plain), 1),
+                      # every autoregressive step reads the target's weights once: what the step rate achieves
+                      "autoregressive_weight_GB_s": round(statistics.median(plain) * gen.target.weight_bytes / 1e9, 1),
                       "speculative_tok_s": round(statistics.median(spec), 1),
                       "paired_speedup": round(statistics.median(ratio), 2),
                       "mean_accepted_tokens": round(statistics.mean(accepted), 2),
