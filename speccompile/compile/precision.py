@@ -29,8 +29,9 @@ DTYPES = ("float32", "float16", "bfloat16")
 # heads' product, converts with its scales and has float16 kernels on the CPU and CUDA providers). A blocked op
 # must have its inputs' types known to onnx's shape inference: the converter casts only what it can see.
 FLOAT32_OPS: tuple[str, ...] = ()
-# ops bfloat16 graphs run in float32 besides (compile/float32_islands.py): the CUDA provider has no bfloat16
-# kernel for them
+# ops bfloat16 graphs run in float32 besides (compile/float32_islands.py): those the CUDA provider refused in
+# bfloat16 (Pad, Greater, ReduceMin) and the comparisons and reductions beside them in the same graphs, kept in
+# float32 without checking each (casts around them cost next to nothing)
 BFLOAT16_FLOAT32_OPS = ("ArgMax", "Equal", "Greater", "Less", "Max", "Pad", "ReduceMax", "ReduceMin", "Where")
 CACHE_PREFIXES = ("past_", "present_")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
