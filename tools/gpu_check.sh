@@ -92,7 +92,8 @@ stage install 200 "
 #    speculative decoding (paired per prompt; greedy outputs identical up to float16 ties, see gpu_bench.py). -rs
 #    lists what skipped and why.
 stage tests-cuda 120 "$PY -m pytest -q -rs -p no:cacheprovider -m 'not slow' tests/test_gpu.py tests/test_precision.py"
-stage kernels-cuda 90 "$PY -m pytest -q -rs -p no:cacheprovider tests/test_tensorrt.py -k 'kernels_match or sources_compile'"
+stage kernels-cuda 90 "$PY -m pytest -q -rs -p no:cacheprovider tests/test_tensorrt.py \
+  -k 'kernels_match or sources_compile'"
 stage build-default-fp16 90 "$BIN/speccompile build --out $OUT/smollm2-fp16 --dtype float16 --weights float32 --force"
 stage bench-cuda 90 "$PY tools/gpu_bench.py $OUT/smollm2-fp16 --device cuda --prompts 8 --max-new-tokens 128"
 stage build-default-bf16 90 "$BIN/speccompile build --out $OUT/smollm2-bf16 --dtype bfloat16 --weights float32 --force"
@@ -117,7 +118,8 @@ stage install-tensorrt 150 "
 "
 stage plugin-build 120 "bash tools/build_trt_plugin.sh $PY"
 stage tests-tensorrt 120 "$PY -m pytest -q -rs -p no:cacheprovider tests/test_tensorrt.py -k 'engine or runtime_tensorrt or clear_error'"
-stage build-default-trt 150 "$BIN/speccompile build --out $OUT/smollm2-trt --backend tensorrt --draft-precision float32 --max-seq-len 1024 --force"
+stage build-default-trt 150 "$BIN/speccompile build --out $OUT/smollm2-trt --backend tensorrt \
+  --draft-precision float32 --max-seq-len 1024 --force"
 stage bench-tensorrt 90 "$PY tools/gpu_bench.py $OUT/smollm2-trt --device tensorrt --prompts 8 --max-new-tokens 128"
 fi
 

@@ -21,9 +21,10 @@ def _progress(msg: str) -> None:
 
 def device_options(command):
     """--device and --backend, as generate and serve take them."""
-    command = click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
+    backend = click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
                            show_default=True,
-                           help="tensorrt: the bundle's TensorRT engines (build --backend tensorrt) on the GPU.")(command)
+                           help="tensorrt: the bundle's TensorRT engines (build --backend tensorrt) on the GPU.")
+    command = backend(command)
     return click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
                         help="cuda: onnxruntime's CUDA provider, the KV caches in GPU memory (docs/gpu.md).")(command)
 
@@ -126,7 +127,8 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, dr
     from speccompile import load
     if system is not None and no_chat:
         raise SpeccompileError("--system needs the chat template: drop --no-chat")
-    gen = load(bundle, threads=threads, device=runtime_device(device, backend), context_cache=not no_context_cache, cache_bytes=cache_bytes, cache_dir=cache_dir)
+    gen = load(bundle, threads=threads, device=runtime_device(device, backend), context_cache=not no_context_cache,
+               cache_bytes=cache_bytes, cache_dir=cache_dir)
     if recalibrate:
         gen.cost_model(recalibrate=True)
     if system is not None:  # the conversation as token ids: what every call below then decodes from

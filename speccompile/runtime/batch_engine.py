@@ -20,7 +20,7 @@ from speccompile.graphs import MAX_STEP_TOKENS
 from speccompile.runtime.engine import BIAS_WIDTH_STEP, NEG_INF, ancestor_mask, open_session, providers_for, \
     session_options
 from speccompile.runtime.kv_cache import KVCache
-from speccompile.runtime.sessions import check_cache_inputs
+from speccompile.runtime.sessions import bind_host, check_cache_inputs
 
 
 @dataclasses.dataclass
@@ -54,7 +54,7 @@ class BatchEngine:
         self.session = open_session(resolve_inside(bundle_dir, entry["graph"]), session_options(threads),
                                     providers_for(device))
         check_cache_inputs(self.session, entry)
-        self._rebind_inputs = device != "cpu"
+        self._rebind_inputs = device != "cpu"  # inputs copied at binding (sessions.bind_host)
         B, S = self.slots, MAX_STEP_TOKENS
         self._id_buf, self._pos_buf = np.zeros(B * S, np.int64), np.zeros(B * S, np.int64)  # [n, S] views per pass
         self._seqlens, self._qlens = np.zeros(B, np.int32), np.zeros(B, np.int32)
@@ -200,10 +200,7 @@ class BatchEngine:
         io, bound = self._binding(first, n)
 
         def bind(name, buf, shape, output=False):
-            key = (buf.ctypes.data, tuple(shape))
-            if bound.get(name) != key or (self._rebind_inputs and not output):  # see Engine._bind
-                (io.bind_output if output else io.bind_input)(name, "cpu", 0, buf.dtype.type, shape, buf.ctypes.data)
-                bound[name] = key
+            bind_host(io, bound, name, buf, shape, output, self._rebind_inputs)
 
         bind("input_ids", ids, [n, S])
         bind("position_ids", pos, [n, S])

@@ -17,7 +17,7 @@ from speccompile.graphs import MAX_STEP_TOKENS
 from speccompile.runtime.kv_cache import DeviceKVCache, KVCache
 # re-exported: the drafters and tools import them from here
 from speccompile.runtime.sessions import (NEG_INF, ancestor_mask, open_session,  # noqa: F401
-                                          check_cache_inputs, providers_for, session_options)
+                                          bind_host, check_cache_inputs, providers_for, session_options)
 
 BIAS_WIDTH_STEP = 64  # the attention bias's width grows in steps of this many slots
 
@@ -85,7 +85,7 @@ class Engine:
         self._steps = np.arange(MAX_STEP_TOKENS, dtype=np.int64)
         self._rows = np.zeros(MAX_STEP_TOKENS, np.int64)
         self._bound: dict[int, dict[str, tuple]] = {id(self.io): {}, id(self.io_verify): {}}
-        self._rebind_inputs = isinstance(self.cache, DeviceKVCache)  # see _bind
+        self._rebind_inputs = isinstance(self.cache, DeviceKVCache)  # inputs copied at binding (bind_host)
         self._chain = np.tril(np.ones((MAX_STEP_TOKENS, MAX_STEP_TOKENS), bool))  # a chain's visibility
         self.logits = np.zeros((max_rows, self.vocab_size), np.float32)
         self.next_token = np.zeros((max_rows,), np.int64)
@@ -279,12 +279,5 @@ class Engine:
                                    "noise_top_k): rebuild the bundle")
 
     def _bind(self, io, name: str, buf: np.ndarray, shape: list[int], output: bool = False) -> None:
-        """Bind `buf`'s memory as `name` with `shape`, unless that exact binding is already in place: on the CPU,
-        onnxruntime reads and writes bound host memory by address at run time, so refilling a buffer needs no new
-        binding. A graph on a device gets a host input's copy made at binding time, so there every input is bound
-        again before each pass (outputs are still copied back when the graph runs)."""
-        key = (buf.ctypes.data, tuple(shape))
-        bound = self._bound[id(io)]
-        if bound.get(name) != key or (self._rebind_inputs and not output):
-            (io.bind_output if output else io.bind_input)(name, "cpu", 0, buf.dtype.type, shape, key[0])
-            bound[name] = key
+        """`buf` bound as `name` with `shape` in `io` (sessions.bind_host: kept while it stands, on the CPU)."""
+        bind_host(io, self._bound[id(io)], name, buf, shape, output, self._rebind_inputs)

@@ -30,7 +30,7 @@ from speccompile.runtime.kv_cache import KVCache
 from speccompile.runtime.noise import GumbelNoise, sampled_by_noise, takes_noise
 from speccompile.runtime.request import Request, build_request, check_messages, is_batch
 from speccompile.runtime.row_parity import match_rows
-from speccompile.runtime.sampling import PositionDraws, SamplingParams, acceptance_option, draw, probabilities
+from speccompile.runtime.sampling import PositionDraws, SamplingParams, acceptance_option
 from speccompile.runtime.scheduler import Scheduler, batch_cache, own_loop
 from speccompile.runtime.text_stream import Chunk, TextStream
 from speccompile.runtime.tokenizer import BundleTokenizer
@@ -187,7 +187,7 @@ class Generator:
             cache.truncate(start + len(chunk))
         if self.context_cache:
             self.context_cache.save(prompt, len(prompt), cache, drafter)
-        return int(argmax[0]) if params.greedy else draw(probabilities(logits[0], params), draws.uniform(len(prompt)))
+        return int(argmax[0]) if params.greedy else draws.token(logits[0], params, len(prompt))
 
     def propose(self, context, drafter, k, tree, room, reach, params, rng) -> Proposal:
         """The drafter's chain (at most k tokens) or tree, within `room` tokens; joined by lookup if asked."""
@@ -213,7 +213,7 @@ class Generator:
                                 self.target.max_rows, chains_only=not self.trees_exact)
 
     def propose_adaptive(self, context, drafter: Drafter, adapt: AdaptiveDrafting, room: int, params,
-                          rng, match: tuple | None = None, lookup_only: bool = False) -> Proposal:
+                         rng, match: tuple | None = None, lookup_only: bool = False) -> Proposal:
         """The drafter's dynamic tree as deep as the plan says (or none), joined by prompt lookup, cut to the nodes
         worth verifying (maybe none: a plain step). match: prompt lookup's here, if the caller has it;
         lookup_only: no drafter pass, prompt lookup's nodes alone (a shared pass's rows)."""
@@ -248,7 +248,7 @@ class Generator:
         return self._cost
 
     def verify(self, token: int, prop: Proposal, n: int, params: SamplingParams, rng,
-                noise: GumbelNoise | None = None, draws: PositionDraws | None = None) -> tuple[Verdict, bool | None]:
+               noise: GumbelNoise | None = None, draws: PositionDraws | None = None) -> tuple[Verdict, bool | None]:
         """One target pass over the pending token and the draft: (the verdict, whether acceptance ran in the
         graph; None for a plain decode step, without drafts). Timed into the cost model once adaptive drafting
         has loaded it, so that its prices follow the passes as they run now."""
@@ -263,8 +263,7 @@ class Generator:
             self._pending[0] = token
             logits, argmax = self.target.forward(self._pending, full_logits=not params.greedy,
                                                  noise=noise.rows([n]) if noise else None)
-            return Verdict([], int(argmax[0]) if params.greedy else draw(probabilities(logits[0], params),
-                                                                          draws.uniform(n))), None
+            return Verdict([], int(argmax[0]) if params.greedy else draws.token(logits[0], params, n)), None
         block = np.concatenate([[token], prop.tokens]).astype(np.int64)
         if prop.parents is None:  # a chain
             block_parents, positions = None, None

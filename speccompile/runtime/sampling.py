@@ -98,27 +98,27 @@ def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     if params.top_p < 1.0:
         rows = p.reshape(-1, p.shape[-1])
         for row in rows:
-            row[nucleus_drop(row, params.top_p)] = 0.0
-        p = rows.reshape(p.shape)
-        p /= p.sum(-1, keepdims=True)
+            kept = nucleus(row, params.top_p)
+            mass = row[kept]
+            row[:] = 0.0
+            row[kept] = mass / mass.sum()
     return p
 
 
 NUCLEUS_CANDIDATES = 1024  # the most probable tokens searched for the nucleus before sorting the whole row
 
 
-def nucleus_drop(p: np.ndarray, top_p: float) -> np.ndarray:
-    """A mask of the tokens top-p sampling drops from p [V]: it keeps the smallest set, most probable first (ties
-    by lower token id), whose mass reaches top_p, the token that crosses it included. The nucleus is sought among
-    the NUCLEUS_CANDIDATES most probable tokens first; that answer stands where every kept token is strictly more
-    probable than every token outside the candidates (so the whole row's order would keep the same tokens), else
-    the whole row is sorted."""
+def nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
+    """The tokens top-p sampling keeps from p [V], most probable first (ties by lower token id): the smallest such
+    set whose mass reaches top_p, the token that crosses it included. Sought among the NUCLEUS_CANDIDATES most
+    probable tokens first; that answer stands where every kept token is strictly more probable than every token
+    outside the candidates (so the whole row's order would keep the same tokens), else the whole row is sorted."""
     if len(p) > NUCLEUS_CANDIDATES:
         candidates = np.argpartition(-p, NUCLEUS_CANDIDATES - 1)[:NUCLEUS_CANDIDATES]
         kept = _nucleus(p, np.sort(candidates), top_p)
         if len(kept) < NUCLEUS_CANDIDATES and p[kept[-1]] > p[candidates].min():
-            return _dropped(len(p), kept)
-    return _dropped(len(p), _nucleus(p, np.arange(len(p)), top_p))
+            return kept
+    return _nucleus(p, np.arange(len(p)), top_p)
 
 
 def _nucleus(p: np.ndarray, tokens: np.ndarray, top_p: float) -> np.ndarray:
@@ -126,12 +126,6 @@ def _nucleus(p: np.ndarray, tokens: np.ndarray, top_p: float) -> np.ndarray:
     order = tokens[np.argsort(-p[tokens], kind="stable")]  # stable over ascending ids: ties by lower id
     sorted_p = p[order]
     return order[:int(np.count_nonzero(np.cumsum(sorted_p) - sorted_p < top_p))]
-
-
-def _dropped(vocab: int, kept: np.ndarray) -> np.ndarray:
-    drop = np.ones(vocab, bool)
-    drop[kept] = False
-    return drop
 
 
 NOISE_STREAM, DRAWS_STREAM = 0, 1  # a seed's two keyed streams: Gumbel noise (runtime/noise.py), PositionDraws
@@ -158,6 +152,10 @@ class PositionDraws:
 
     def uniform(self, position: int) -> float:
         return float(at_position(self.key, position).random())
+
+    def token(self, logits: np.ndarray, params: SamplingParams, position: int) -> int:
+        """The token at `position` drawn from one row of the target's logits [V], as `params` sample it."""
+        return draw(probabilities(logits, params), self.uniform(position))
 
 
 def sample(p: np.ndarray, rng: np.random.Generator) -> int:

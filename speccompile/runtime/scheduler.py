@@ -35,7 +35,7 @@ from speccompile.runtime.drafters.lookup import LookupReach
 from speccompile.runtime.kv_cache import KVCache
 from speccompile.runtime.noise import sampled_by_noise
 from speccompile.runtime.request import Request
-from speccompile.runtime.sampling import PositionDraws, draw, probabilities
+from speccompile.runtime.sampling import PositionDraws, probabilities
 from speccompile.runtime.slots import DONE, Handle, Slot
 
 # Rows a shared verify pass aims at: a pass's cost grows with its rows, so when several greedy slots decode, their
@@ -263,8 +263,7 @@ class Scheduler:
             if self.gen.context_cache:
                 self.gen.context_cache.save(s.req.ids, len(s.req.ids), s.cache, s.drafter)
             params = s.params
-            s.token = int(argmax[0]) if params.greedy else draw(probabilities(logits[0], params),
-                                                                 s.draws.uniform(len(s.req.ids)))
+            s.token = int(argmax[0]) if params.greedy else s.draws.token(logits[0], params, len(s.req.ids))
             s.n = len(s.req.ids)
             self._emit(s, [s.token])
 
@@ -283,12 +282,12 @@ class Scheduler:
                 room = min(room, 1 if s.index in by_lookup else share)
             if s.index in by_lookup:
                 s.prop = self.gen.propose_adaptive(s.context[:s.n], s.drafter, s.adapt, room, s.params, s.rng,
-                                                    by_lookup[s.index], lookup_only=True)
+                                                   by_lookup[s.index], lookup_only=True)
             elif s.adapt:  # alone it plans as Generator.steps does; shared, within the slot's share of the rows
                 s.prop = self.gen.propose_adaptive(s.context[:s.n], s.drafter, s.adapt, room, s.params, s.rng)
             else:
                 s.prop = self.gen.propose(s.context[:s.n], s.drafter, s.req.k, s.req.tree, room, s.reach,
-                                           s.params, s.rng)
+                                          s.params, s.rng)
         if len(slots) == 1 and slots[0].index == 0 and mixed is None:  # alone: as Generator.steps, its graph
             s = slots[0]
             (path, token), in_graph = self.gen.verify(s.token, s.prop, s.n, s.params, s.rng, s.noise, s.draws)
@@ -336,7 +335,7 @@ class Scheduler:
         """The slot's verdict from its rows, drawing from its generator as the single-sequence path would."""
         prop, params = s.prop, s.params
         if not len(prop.tokens):
-            token = int(argmax[0]) if params.greedy else draw(probabilities(logits[0], params), s.draws.uniform(s.n))
+            token = int(argmax[0]) if params.greedy else s.draws.token(logits[0], params, s.n)
             return Verdict([], token), None
         parents = np.arange(len(prop.tokens)) - 1 if prop.parents is None else prop.parents
         if params.greedy:  # the argmax rows come from the graph; the host walks the tree
