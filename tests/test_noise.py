@@ -107,3 +107,16 @@ def test_noisy_argmax_draws_from_the_targets_distribution(tiny_generator, drafte
                                  chat=False).token_ids[:2])
         counts[cells.index(first) if first in joint else -1] += 1
     assert len(cells) > (5 if not top_k else top_k) and chi2_pvalue(counts, probs) > 1e-3
+
+
+def test_noise_rows_of_different_positions_are_independent():
+    """No position's row repeats another's, shifted or not: the tokens drawn at two positions would be coupled
+    (each position's draws once ran into the next position's, so a row was the previous one shifted by four)."""
+    noise = GumbelNoise(3, 1.0, 4096)
+    rows = noise.rows(range(6))
+    for i in range(6):
+        for j in range(i + 1, 6):
+            for shift in range(-32, 33):
+                a, b = (rows[i][shift:], rows[j][:len(rows[j]) - shift]) if shift >= 0 else \
+                    (rows[i][:shift], rows[j][-shift:])
+                assert np.mean(a == b) < 0.01 and abs(np.corrcoef(a, b)[0, 1]) < 0.1, (i, j, shift)

@@ -137,9 +137,11 @@ def seed_key(seed: int | None, stream: int) -> np.ndarray:
 
 
 def at_position(key: np.ndarray, position: int) -> np.random.Generator:
-    """A counter-based generator for one position of a keyed stream: any position's draws without the ones
-    before it."""
-    return np.random.Generator(np.random.Philox(key=key, counter=int(position)))
+    """One position's own generator in a keyed stream: any position's draws without the ones before it, and
+    independent of every other position's. (A Philox counter set to the position would not do: a position's
+    draws run through the counters of the positions after it, so a noise row would repeat the previous
+    position's, shifted by four tokens.)"""
+    return np.random.Generator(np.random.SFC64(np.random.SeedSequence([*key.tolist(), int(position)])))
 
 
 class PositionDraws:
