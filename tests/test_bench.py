@@ -9,7 +9,7 @@ from speccompile.bench.plot import group_speedups, plot, plot_title
 from speccompile.bench.prompts import default_dataset, load_questions
 from speccompile.bench.run import run_bench
 from speccompile.bench.settings import SCHEMA_VERSION, BenchSettings
-from speccompile.bench.stats import geometric_mean, repeated_ngram_share
+from speccompile.bench.stats import geometric_mean, paired_interval, repeated_ngram_share
 from speccompile.cli import main
 
 SHIPPED_CATEGORIES = {"writing", "qa", "summarization", "translation", "math_reasoning", "coding", "rag",
@@ -110,6 +110,8 @@ def test_result_schema(result):
         for name in names[1:]:
             s = group[name]
             assert s["speedup"] > 0 and s["paired_speedup"] > 0 and s["median_tokens_per_second"] > 0
+            interval = s["paired_speedup_interval"]  # 4 prompts overall, 2 per category: none there
+            assert interval is None if s["prompts"] < 3 else interval[0] <= s["paired_speedup"] <= interval[1]
             assert s["mean_accepted_tokens"] >= 1.0
             assert all(0.0 <= r <= 1.0 for r in s["acceptance_rate_per_depth"])
             hist = s["committed_per_pass"]
@@ -249,3 +251,16 @@ def test_compare_heads_tool(tiny_bundle, capsys):
                                "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert out.count("tok/s") == 4 and "old: paired" in out and "new: paired" in out and "new / old: paired" in out
+
+
+def test_paired_interval_brackets_the_paired_speedup_and_narrows_with_prompts():
+    """The bootstrap interval over prompts: around the geometric mean, a point when every prompt agrees, narrower
+    the more prompts say the same, none under three prompts."""
+    ratios = [0.9, 1.0, 1.1, 1.3, 1.2, 0.95]
+    low, high = paired_interval(ratios)
+    assert low < geometric_mean(ratios) < high and 0.9 <= low and high <= 1.3
+    assert paired_interval([1.2] * 5) == pytest.approx([1.2, 1.2])
+    wide, narrow = paired_interval(ratios), paired_interval(ratios * 8)
+    assert narrow[0] > wide[0] and narrow[1] < wide[1]
+    assert paired_interval([1.1, 1.2]) is None
+    assert paired_interval(ratios) == paired_interval(ratios)  # a fixed seed: the same document each time

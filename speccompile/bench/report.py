@@ -33,7 +33,8 @@ JSON result, schema_version 1 (all times in seconds, rates in tokens/s, bandwidt
                        output (how much the answer repeats itself)}
                       (the fields after identical_to_autoregressive are null for transformers methods)
     summary           {overall: GROUP, by_category: {category: GROUP}}
-        GROUP         {method: {prompts, median_tokens_per_second, speedup, paired_speedup, mean_accepted_tokens,
+        GROUP         {method: {prompts, median_tokens_per_second, speedup, paired_speedup,
+                                 paired_speedup_interval, mean_accepted_tokens,
                                  acceptance_rate_per_depth, committed_per_pass, median_ttft_s,
                                  median_achieved_bandwidth_gbps, bandwidth_fraction, identical_to_autoregressive,
                                  repeated_ngram_share, draft_nodes_per_pass, plain_pass_share (means over
@@ -41,6 +42,8 @@ JSON result, schema_version 1 (all times in seconds, rates in tokens/s, bandwidt
                       speedup: median tokens/s over the baseline's median in the same group (ratio of medians);
                       paired_speedup: the geometric mean over prompts of each prompt's tokens/s over the
                       baseline's on the same prompt (what `speccompile gate` gates: steadier and more sensitive);
+                      paired_speedup_interval: its 95% bootstrap interval over the group's prompts [low, high]
+                      (null under 3 prompts; run-to-run drift of the machine is not in it);
                       mean_accepted_tokens: tokens committed per verify pass, bonus token included, pooled over
                       the group's passes (1.0 for autoregressive); acceptance_rate_per_depth: the mean over prompts;
                       bandwidth_fraction: achieved weight bandwidth over machine.memory_bandwidth_gbps;
@@ -125,6 +128,12 @@ def format_table(result: dict) -> str:
         if f["acceptance_rate_per_depth"]:
             rates = " ".join(f"{r:.2f}" for r in f["acceptance_rate_per_depth"])
             lines.append(f"acceptance rate per draft depth, {name}: {rates}")
+    baselines = {m["baseline"] for m in result["methods"]}
+    spread = [f"{name} {f['paired_speedup']:.2f}x [{f['paired_speedup_interval'][0]:.2f}, "
+              f"{f['paired_speedup_interval'][1]:.2f}]" for name, f in result["summary"]["overall"].items()
+              if f.get("paired_speedup_interval") and name not in baselines]
+    if spread:
+        lines.append("paired speedup, 95% bootstrap interval over these prompts: " + ", ".join(spread))
     for name, f in result["summary"]["overall"].items():
         if f.get("time_shares"):
             t = f["time_shares"]

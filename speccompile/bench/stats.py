@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 import statistics
 
+import numpy as np
+
 from speccompile.bench.settings import Method
 
 REPEAT_NGRAM = 4
@@ -79,6 +81,19 @@ def paired_speedup(prompts: list[dict], method: Method) -> float:
     return geometric_mean(prompt_speedups(prompts, method.name, method.baseline))
 
 
+def paired_interval(ratios: list[float], level: float = 0.95, draws: int = 4000) -> list[float] | None:
+    """A bootstrap interval of the paired speedup over the prompts (resampled with replacement, a fixed seed):
+    how far the geometric mean rests on which prompts were picked. It does not cover the machine's drift from
+    one run to the next, which only another run measures. None under 3 prompts."""
+    if len(ratios) < 3:
+        return None
+    logs = np.log(np.asarray(ratios, float))
+    picks = np.random.default_rng(0).integers(0, len(logs), (draws, len(logs)))
+    means = logs[picks].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    return [float(np.exp(np.percentile(means, tail))), float(np.exp(np.percentile(means, 100 - tail)))]
+
+
 def _group_figures(method: Method, runs: list[dict], bandwidth_gbps: float) -> dict:
     hist = pooled_histogram(runs) if method.drafter else None
     bw = _median(r["achieved_weight_bandwidth_gbps"] for r in runs)
@@ -114,6 +129,7 @@ def summarize_group(methods: list[Method], prompts: list[dict], bandwidth_gbps: 
         s = out[m.name]
         s["speedup"] = _ratio(s["median_tokens_per_second"], out[m.baseline]["median_tokens_per_second"])
         s["paired_speedup"] = paired_speedup(prompts, m)
+        s["paired_speedup_interval"] = paired_interval(prompt_speedups(prompts, m.name, m.baseline))
         theirs = next((t for t in methods if t.counterpart == m.name), None)
         s["speed_vs_transformers"] = (_ratio(s["median_tokens_per_second"],
                                              out[theirs.name]["median_tokens_per_second"]) if theirs else None)
