@@ -25,6 +25,8 @@ def test_a_positions_uniform_depends_on_the_seed_and_the_position_only():
     assert PositionDraws(None).uniform(3) != PositionDraws(None).uniform(3)
     u = np.array([a.uniform(t) for t in range(4000)])
     assert 0.0 <= u.min() and u.max() < 1.0 and abs(u.mean() - 0.5) < 0.02 and abs(u.var() - 1 / 12) < 0.005
+    for lag in range(1, 9):  # neighbouring positions' uniforms are unrelated (noise rows once were: test_noise.py)
+        assert abs(np.corrcoef(u[:-lag], u[lag:])[0, 1]) < 0.06 and np.mean(u[:-lag] == u[lag:]) == 0.0
 
 
 def test_drawn_acceptance_takes_what_recursive_rejection_takes():
