@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from speccompile.errors import BundleError
+from speccompile.runtime.sessions import bind_host
 
 # the bundle's cache dtype -> (numpy storage type, ONNX element type): bfloat16 is stored as its 16 bits
 CACHE_TYPES = {"float32": (np.float32, 1), "float16": (np.float16, 10), "bfloat16": (np.uint16, 16)}
@@ -92,6 +93,7 @@ class DeviceKVCache:
         self._io = None
         self._src = np.zeros(max_seq_len, np.int64)  # the path's slots, bound by address
         self._dst = np.zeros(1, np.int64)
+        self._bound: dict[str, tuple] = {}
 
     @property
     def nbytes(self) -> int:
@@ -119,9 +121,8 @@ class DeviceKVCache:
                 self._io.bind_ortvalue_input(name, ov)
                 self._io.bind_ortvalue_output(f"{name}_out", ov)
         self._src[:n], self._dst[0] = src_slots, dst_start
-        # bound on every move: onnxruntime copies a host input to the device when it is bound
-        self._io.bind_input("src_slots", "cpu", 0, np.int64, [n], self._src.ctypes.data)
-        self._io.bind_input("dst_start", "cpu", 0, np.int64, [1], self._dst.ctypes.data)
+        for name, buf, shape in (("src_slots", self._src, [n]), ("dst_start", self._dst, [1])):
+            bind_host(self._io, self._bound, name, buf, shape, rebind_inputs=True)  # a device graph: every move
         self._session.run_with_iobinding(self._io)
 
 
