@@ -310,3 +310,95 @@ def test_gate_holds_the_concurrency_ratio(tmp_path):
     wrong["concurrency"]["streams"]["4"] |= {"identical": False, "identical_share": 0.5}
     assert "gate FAILED: concurrency identical" in gate(tmp_path, wrong, doc, expect=1)
     assert "no 'concurrency 4 streams'" in refused(tmp_path, result_doc(), result_doc(), "--min-concurrency", 1.5)
+
+
+def test_the_first_adaptive_request_calibrates_outside_the_slots(tiny_bundle, tmp_path, monkeypatch):
+    """With no cost model cached, an adaptive request joining while another decodes measures it first, with the
+    slots to itself: the calibration runs the target engine, which is slot 0's, and used to overwrite the K/V of
+    the request decoding there."""
+    monkeypatch.setenv("SPECCOMPILE_CACHE", str(tmp_path / "cost"))
+    g = speccompile.load(tiny_bundle, threads=1, context_cache=False)
+    p, q = list(np.random.default_rng(0).integers(3, 384, 40)), random_prompts(2, seed=4)[1]
+    kw = dict(drafter="lookup", temperature=5.0, seed=7)
+    solo = g.generate(p, 40, **kw).token_ids
+    assert g._cost is None
+    a = g.stream(p, 40, **kw)  # slot 0
+    got = [t for _ in range(2) for t in next(a).token_ids]
+    b = g.stream(q, 12, drafter="model", tree="adaptive")
+    assert g._cost is not None  # measured before b joined
+    got += [t for c in a for t in c.token_ids]
+    drain(b)
+    assert got == solo
+
+
+def test_a_request_that_cannot_join_gets_its_error_alone(tiny_generator, monkeypatch):
+    """An error while a request takes its slot goes to that request; the request decoding beside it runs on."""
+    g = tiny_generator
+    p = random_prompts(3, seed=8)
+    solo = g.generate(p[0], 24).token_ids
+    fork = g.fork_drafter
+
+    def failing(name):
+        raise SpeccompileError("drafter could not be loaded")
+    a = g.stream(p[0], 24)
+    got = list(next(a).token_ids)
+    monkeypatch.setattr(g, "fork_drafter", failing)
+    monkeypatch.setattr(g.scheduler, "_drafters", {})
+    b = g.stream(p[1], 8, drafter="model")
+    with pytest.raises(SpeccompileError, match="could not be loaded"):
+        drain(b)
+    got += [t for c in a for t in c.token_ids]
+    assert got == solo
+    monkeypatch.setattr(g, "fork_drafter", fork)
+    wait_until_idle(g)
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_shared_passes_near_the_context_end_stay_inside_the_cache(tiny_bundle, mixed):
+    """A request a few tokens from the end of the context shares passes with a joining prompt's chunk, or with a
+    sampled request's wide tree: every slot of a pass is laid out as deep as its longest step, so the pass must
+    fit after the deepest slot's K/V. Each request gives what it gives alone. (No context cache: its hits would
+    shorten the joining prompt's chunks.)"""
+    g = speccompile.load(tiny_bundle, threads=1, context_cache=False)
+    rng = np.random.default_rng(3)
+    near_end = list(rng.integers(3, 384, g.max_seq_len - 30))
+    joining = list(rng.integers(3, 384, 100 if mixed else 12))
+    b_kw = dict(drafter="lookup") if mixed else dict(drafter="model", tree="dynamic:40", temperature=5.0, seed=1)
+    b_new = 20 if mixed else 80  # a wide tree still drafting when the other slot nears the end
+    solo = [g.generate(near_end, 29, drafter="lookup").token_ids, g.generate(joining, b_new, **b_kw).token_ids]
+    g.scheduler.mix_prefill = mixed
+    a = g.stream(near_end, 29, drafter="lookup")
+    got = [list(next(a).token_ids)]
+    b = g.stream(joining, b_new, **b_kw)
+    got[0] += [t for c in a for t in c.token_ids]
+    got.append(drain(b).token_ids)
+    assert got == solo
+
+
+def test_streams_left_unread_free_their_slots(tiny_generator):
+    """A stream closed or dropped before its first read never ran its body; its request, already submitted, is
+    cancelled all the same. generate() over a list with a prompt too long cancels the ones it had opened."""
+    g = tiny_generator
+    p = random_prompts(2, seed=12)
+    g.stream(p[0], 50).close()
+    g.stream(p[1], 50)  # dropped at once
+    assert g.generate(p[0], 5).token_ids == g.generate(p[0], 5).token_ids
+    wait_until_idle(g)
+    assert not any(g.scheduler.slots) and not g.scheduler.waiting
+    with pytest.raises(SpeccompileError, match="does not fit"):
+        g.generate([p[0], list(range(3, 3 + g.max_seq_len))], 5)
+    g.generate(p[1], 3)
+    wait_until_idle(g)
+    assert not any(g.scheduler.slots) and not g.scheduler.waiting
+
+
+def test_a_request_behind_this_threads_own_loop_is_refused(tiny_generator):
+    """Typical acceptance runs in the caller's own loop, which holds the scheduler: a request from the same thread
+    meanwhile would wait for ever, so it is refused, as without a batched graph."""
+    g = tiny_generator
+    own = g.stream("hello", 8, temperature=0.8, seed=1, acceptance="typical")
+    next(own)
+    with pytest.raises(SpeccompileError, match="already generating"):
+        g.generate("hello", 4)
+    own.close()
+    assert len(g.generate("hello", 4).token_ids) <= 4

@@ -160,3 +160,18 @@ def test_probabilities_top_k_top_p():
 def test_sampling_settings_are_checked(bad):
     with pytest.raises(SpeccompileError, match="invalid sampling parameters"):
         SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("noise", [True, False])
+def test_temperatures_below_the_floor_are_greedy(tiny_generator, monkeypatch, noise):
+    """logits / T overflows float32 for T near 1e-38 (every probability NaN: the in-graph rule then rejected every
+    draft and drew token 0); below GREEDY_BELOW a request is greedy, as in vLLM, on every path."""
+    from speccompile.runtime.sampling import GREEDY_BELOW
+    assert SamplingParams(temperature=1e-39, seed=1).greedy and SamplingParams(temperature=1e-39).temperature == 0
+    assert not SamplingParams(temperature=GREEDY_BELOW).greedy
+    if not noise:  # the sampled rule in the graph, as bundles without the noisy head run it
+        monkeypatch.setattr(tiny_generator, "noise_ok", NoiseSupport())
+    prompt = random_prompts(3, seed=6)[2]
+    greedy = tiny_generator.generate(prompt, 24, speculate=False).token_ids
+    for t in (1e-39, 1e-310):
+        assert tiny_generator.generate(prompt, 24, temperature=t, seed=3, drafter="model").token_ids == greedy

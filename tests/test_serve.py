@@ -240,9 +240,30 @@ def test_bad_requests_get_openai_error_objects(server, body, status, word):
 
 
 def test_completion_prompt_errors(server):
-    for prompt, word in (([], "empty prompt"), ([10**6], "out of range"), (["a", "b"], "prompt: ")):
-        r = httpx.post(server.url + "/v1/completions", json={"prompt": prompt})
+    def post(path, body):  # json.dumps escapes a lone surrogate (valid JSON), which httpx's json= cannot encode
+        return httpx.post(server.url + path, content=json.dumps(body), headers={"content-type": "application/json"})
+    for prompt, word in (([], "empty prompt"), ([10**6], "out of range"), ([2**63], "out of range"),
+                         ([10**30], "out of range"), (["a", "b"], "prompt: "), ("hi \ud83d", "not valid Unicode")):
+        r = post("/v1/completions", {"prompt": prompt})
         assert r.status_code == 400 and word in r.json()["error"]["message"], r.text
+    r = post("/v1/chat/completions", {"messages": user("half an emoji \ud83d")})
+    assert r.status_code == 400 and "not valid Unicode" in r.json()["error"]["message"], r.text
+
+
+def test_what_clients_send_by_default_is_accepted(server, client):
+    """The official client sends 0.0 penalties; vLLM's clients top_k -1 (off) and response_format text; a single
+    stop string may be longer than the 16 a list may hold."""
+    body = {"messages": user("tea"), "max_tokens": 4, "temperature": 0}
+    plain = httpx.post(server.url + "/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    for extra in ({"presence_penalty": 0.0, "frequency_penalty": 0.0}, {"top_k": -1},
+                  {"response_format": {"type": "text"}}, {"stop": "### END OF THE ANSWER, AT LAST"}):
+        r = httpx.post(server.url + "/v1/chat/completions", json={**body, **extra})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == plain, (extra, r.text)
+    res = client.chat.completions.create(model="tiny-serve", presence_penalty=0.0, frequency_penalty=0.0, **body)
+    assert res.choices[0].message.content == plain
+    for extra in ({"presence_penalty": 0.5}, {"presence_penalty": True}, {"top_k": -2},
+                  {"response_format": {"type": "json_object"}}):
+        assert httpx.post(server.url + "/v1/chat/completions", json={**body, **extra}).status_code == 400, extra
 
 
 def test_openai_client_raises_on_errors(client):
@@ -305,6 +326,22 @@ def test_full_queue_429_and_a_disconnect_frees_the_slot_at_once(state):
                 time.sleep(0.01)
             ok = httpx.post(srv.url + "/v1/chat/completions", json={**long, "stream": False, "max_tokens": 4})
             assert ok.status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_a_plain_request_whose_client_goes_is_cancelled(state):
+    """Not streamed: the client gives up (a timeout, say) before the answer; the job stops after its current pass
+    instead of running to max_tokens, and its slot is free for the next request."""
+    srv = InProcessServer(make_state(SlowGenerator(state.gen, 0.1), "tiny-serve"))
+    long = {"messages": user("soup"), "max_tokens": 200, "temperature": 0}  # 20+ s of passes
+    try:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(srv.url + "/v1/chat/completions", json=long, timeout=1.0)
+        deadline = time.time() + 3
+        while httpx.get(srv.url + "/health").json()["in_flight"]:
+            assert time.time() < deadline, "the abandoned request still runs"
+            time.sleep(0.02)
     finally:
         srv.stop()
 

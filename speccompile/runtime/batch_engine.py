@@ -105,6 +105,10 @@ class BatchEngine:
         width = max([s.length + len(s.tokens) for s in steps] + [w + 1 for w in idle.values()])
         if width > self.max_seq_len:
             raise SpeccompileError(f"step reaches {width} tokens: the compiled context is {self.max_seq_len}")
+        deepest = max([s.length for s in steps] + list(idle.values()))
+        if deepest + S > self.cache.capacity:  # every slot of the run is laid out S rows deep past its K/V
+            raise SpeccompileError(f"a shared pass of {S} rows a slot after {deepest} committed tokens does not fit "
+                                   f"in the cache's {self.cache.capacity} slots a sequence")
         T = min(-(-width // BIAS_WIDTH_STEP) * BIAS_WIDTH_STEP, self.max_seq_len)
         bias = self._bias[:n * S * T].reshape(n, 1, S, T)
         bias.fill(NEG_INF)

@@ -32,6 +32,7 @@ from speccompile.runtime.request import Request, build_request, check_messages, 
 from speccompile.runtime.row_parity import match_rows
 from speccompile.runtime.sampling import PositionDraws, SamplingParams, acceptance_option
 from speccompile.runtime.scheduler import Scheduler, batch_cache, own_loop
+from speccompile.runtime.streams import GenerationResult, SubmittedStream, drain
 from speccompile.runtime.text_stream import Chunk, TextStream
 from speccompile.runtime.tokenizer import BundleTokenizer
 
@@ -39,22 +40,6 @@ PREFILL_CHUNK = MAX_STEP_TOKENS
 # a joined tree's lookup continuations reach at most this many times L deep (drafters/lookup.py LookupReach): a
 # wide pass costs a few narrow ones, so a repeating answer may commit that many more tokens for it
 LOOKUP_REACH_LIMIT = 4
-
-
-@dataclasses.dataclass
-class GenerationResult:
-    token_ids: list[int]
-    text: str
-    stats: dict  # SpecDecodeStats.as_dict(): timing, passes, acceptance
-
-
-def drain(stream) -> "GenerationResult":
-    """Run a stream to its end; its GenerationResult."""
-    while True:
-        try:
-            next(stream)
-        except StopIteration as stop:
-            return stop.value
 
 
 def load_drafter(entry: dict, ctx: RuntimeContext) -> Drafter:
@@ -309,7 +294,10 @@ class Generator:
         request = build_request(self, prompt, max_new_tokens, params, drafter if speculate else None, speculate,
                                 stop, num_draft, tree, chat)
         if self.scheduler and not own_loop(request):  # submitted now: its passes start before the first read
-            return self._run(request, on_text, self._submit(request))
+            self._check_owner()  # this thread's own loop holds the scheduler: the request would wait for ever
+            handle = self._submit(request)
+            return SubmittedStream(self._run(request, on_text, (handle.stats, handle.passes(), time.perf_counter())),
+                                   handle)
         return self._serialized(request, on_text)
 
     def _serialized(self, request: Request, on_text):
@@ -320,15 +308,25 @@ class Generator:
         return result
 
     def _submit(self, request: Request):
-        """Hand the request to the scheduler now (its passes start whether or not the caller reads them yet)."""
-        stats = self._new_stats(request)
-        return stats, self.scheduler.submit(request, stats).passes(), time.perf_counter()
+        """Hand the request to the scheduler now (its passes start whether or not the caller reads them yet); its
+        handle. Adaptive drafting's first request measures the cost model first, with the slots to itself: the
+        calibration runs the target engine, which is slot 0's."""
+        if request.tree is not None and request.tree.adaptive and request.drafter is not None and self._cost is None:
+            with self.scheduler.exclusive():
+                self.cost_model()
+        return self.scheduler.submit(request, self._new_stats(request))
 
     def generate(self, prompt, max_new_tokens: int = 128, **kwargs) -> GenerationResult | list[GenerationResult]:
         """Generate for one prompt (text or token ids) or a list of prompts (a list of results, in order); the
         keyword arguments are `stream`'s."""
         if is_batch(prompt):  # every stream opened (with the scheduler: submitted) before any is read
-            return [drain(it) for it in [self.stream(p, max_new_tokens, **kwargs) for p in prompt]]
+            streams = []
+            try:
+                streams.extend(self.stream(p, max_new_tokens, **kwargs) for p in prompt)
+                return [drain(it) for it in streams]
+            finally:
+                for it in streams:  # those a bad prompt or an error left unread: their slots freed
+                    it.close()
         return drain(self.stream(prompt, max_new_tokens, **kwargs))
 
     def chat(self, messages: list[dict], max_new_tokens: int = 128, **kwargs) -> GenerationResult:
@@ -385,12 +383,15 @@ class Generator:
                 return True
         return False
 
-    @contextlib.contextmanager
-    def _exclusive(self):
-        """One generation at a time: the engines' caches and buffers are shared state."""
+    def _check_owner(self) -> None:
         if self._owner == threading.get_ident():
             raise SpeccompileError("this Generator is already generating in this thread (an unfinished stream()); "
                                    "finish or close() it first")
+
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """One generation at a time: the engines' caches and buffers are shared state."""
+        self._check_owner()
         with self._lock:
             self._owner = threading.get_ident()
             try:

@@ -46,6 +46,11 @@ class KVCache:
     def batch(self) -> int:
         return self.key.shape[1]
 
+    @property
+    def capacity(self) -> int:
+        """Slots per sequence, scratch included: how deep a pass may lay a sequence's rows out."""
+        return self.key.shape[3]
+
     def slot(self, b: int) -> "KVCache":
         """Slot b as a one-sequence cache sharing this one's memory, with a length of its own (an engine bound to
         it writes into slot b of the batched cache)."""

@@ -57,10 +57,14 @@ def prompt_ids(gen, prompt, chat: bool) -> np.ndarray:
         raise SpeccompileError("empty prompt")
     if not all(_whole(t) for t in ids) if not isinstance(ids, np.ndarray) else ids.dtype.kind not in "iu":
         raise SpeccompileError("prompt token ids must be whole numbers")
+    vocab = gen.target.vocab_size
+    if not isinstance(ids, np.ndarray):  # before int64 could overflow on them
+        bad = [int(t) for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise SpeccompileError(f"prompt token id {bad[0]} is out of range: ids must be 0 <= id < {vocab}")
     ids = np.asarray(ids, np.int64)
     if ids.ndim != 1:
         raise SpeccompileError(f"prompt token ids: expected one sequence, got shape {ids.shape}")
-    vocab = gen.target.vocab_size
     bad = ids[(ids < 0) | (ids >= vocab)]
     if len(bad):
         raise SpeccompileError(f"prompt token id {int(bad[0])} is out of range: ids must be 0 <= id < {vocab}")

@@ -16,8 +16,8 @@ class SamplingParamsError(SpeccompileError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How the next token is chosen: temperature 0 is greedy; top_k 0 and top_p 1 are off; a seed makes sampled
-    output reproducible (greedy needs none)."""
+    """How the next token is chosen: temperature 0 is greedy (and so is any temperature below GREEDY_BELOW); top_k
+    0 and top_p 1 are off; a seed makes sampled output reproducible (greedy needs none)."""
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
@@ -44,6 +44,8 @@ class SamplingParams:
                                       f"top_k={self.top_k}, top_p={self.top_p}, seed={self.seed})")
         if not _real(self.temperature) or not 0.0 <= self.temperature < math.inf:
             bad("temperature must be a finite number >= 0 (0 = greedy)")
+        if self.temperature < GREEDY_BELOW:
+            object.__setattr__(self, "temperature", 0.0)
         if not _whole(self.top_k) or self.top_k < 0:
             bad("top_k must be a whole number >= 0 (0 = off)")
         if not _real(self.top_p) or not 0.0 < self.top_p <= 1.0:
@@ -59,6 +61,10 @@ class SamplingParams:
 
 
 ACCEPTANCE = ("exact", "typical")
+# Temperatures below this are greedy, as in vLLM: logits / T would overflow float32 in the graph (and float64 on
+# the host) into NaN, and T * G would fall below the float32 spacing of the logits it is added to, so ties would go
+# to the lower token id instead of either with equal chance.
+GREEDY_BELOW = 1e-5
 
 
 def acceptance_option(spec: str | None) -> dict:

@@ -151,7 +151,8 @@ class Scheduler:
         # one joining request's chunk rides in the decode pass, shortened (MIXED_CHUNK); any other joining
         # request's chunk runs in a pass of its own: the attention lays every slot out as deep as the pass's
         # longest step, so two prompts' chunks together would pay for each other's padding rows
-        mixed = joining.pop(0) if decoding and joining and self.mix_prefill and self.engine.packed else None
+        mixed = joining.pop(0) if (decoding and joining and self.mix_prefill and self.engine.packed
+                                   and self._rows_left() >= MIXED_CHUNK) else None
         for s in joining:
             if self.trace is not None:
                 self.trace.append(("prefill", (s.index,)))
@@ -161,6 +162,10 @@ class Scheduler:
                 self.trace.append(("decode", tuple(s.index for s in decoding) + ((mixed.index,) if mixed else ())))
             self.shared_passes += len(decoding) > 1 or mixed is not None
             self._decode(decoding, mixed)
+
+    def _rows_left(self) -> int:
+        """Rows a shared pass may lay out: every slot as deep as its longest step, after the slot's K/V."""
+        return self.cache.capacity - max([s.cache.length for s in filter(None, self.slots)] + [0])
 
     def _free_cancelled(self) -> None:
         for s in filter(None, self.slots):
@@ -175,7 +180,10 @@ class Scheduler:
                     handle.queue.put(DONE)
                     continue
                 b = self.slots.index(None)
-                self.slots[b] = self._new_slot(b, handle)
+                try:
+                    self.slots[b] = self._new_slot(b, handle)
+                except Exception as e:  # noqa: BLE001 - this request's own error, not the others' (the slot stays free)
+                    handle.queue.put(e)
 
     def _new_slot(self, b: int, handle: Handle) -> Slot:
         req = handle.request
@@ -276,8 +284,10 @@ class Scheduler:
             s.context[s.n] = s.token  # committed, but not yet in the target's cache
             s.n += 1
         by_lookup = self._lookup_slots(slots) if len(slots) > 1 and not self.gen.trees_exact else {}
+        shared = len(slots) > 1 or mixed is not None or slots[0].index  # the batched graph's pass
+        inside = self._rows_left() - 1 if shared else self.gen.max_seq_len  # drafts that keep it inside the cache
         for s in slots:
-            room = min(s.req.max_new_tokens - s.generated - 1, self.gen.max_seq_len - s.n)
+            room = min(s.req.max_new_tokens - s.generated - 1, self.gen.max_seq_len - s.n, inside)
             if len(slots) > 1 and s.params.greedy:
                 room = min(room, 1 if s.index in by_lookup else share)
             if s.index in by_lookup:

@@ -38,8 +38,12 @@ class Handle:
                     raise item
                 yield item
         finally:
-            self.cancelled = True
-            self.scheduler.tidy()
+            self.cancel()
+
+    def cancel(self) -> None:
+        """The caller is gone: free the slot now, unless a round (which frees it first) is running."""
+        self.cancelled = True
+        self.scheduler.tidy()
 
 
 @dataclasses.dataclass

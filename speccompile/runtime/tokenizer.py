@@ -46,6 +46,10 @@ class BundleTokenizer:
         self.eos_token_ids = frozenset(eos)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: valid JSON ("\\ud83d"), not text
+            raise SpeccompileError(f"text is not valid Unicode: {e.reason} at character {e.start}") from None
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids) -> str:

@@ -2,6 +2,7 @@
 and Prometheus metrics, over one loaded Generator."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -60,16 +61,16 @@ def create_app(state: ServeState) -> FastAPI:
         return protocol.model_list(state.model, state.created)
 
     @app.post("/v1/chat/completions", dependencies=[authorized])
-    async def chat_completions(body: protocol.ChatRequest):
+    async def chat_completions(body: protocol.ChatRequest, request: Request):
         _check_model(state, body.model)
         ids = state.gen.tokenizer.encode_messages([m.as_dict() for m in body.messages])
-        return await _respond(state, body, ids, chat=True)
+        return await _respond(state, body, ids, request, chat=True)
 
     @app.post("/v1/completions", dependencies=[authorized])
-    async def completions(body: protocol.CompletionRequest):
+    async def completions(body: protocol.CompletionRequest, request: Request):
         _check_model(state, body.model)
         ids = state.gen.tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
-        return await _respond(state, body, ids, chat=False)
+        return await _respond(state, body, ids, request, chat=False)
 
     return app
 
@@ -92,11 +93,13 @@ def _check_model(state: ServeState, model: str | None) -> None:
                        param="model", code="model_not_found")
 
 
-async def _respond(state: ServeState, body, ids: list[int], chat: bool):
+async def _respond(state: ServeState, body, ids: list[int], request: Request, chat: bool):
     """Admit the request and wait for its first event, so that a refusal (a prompt over the compiled context, a
-    bad setting) is a 4xx before any byte of a stream is sent; then answer plainly or as a stream."""
+    bad setting) is a 4xx before any byte of a stream is sent; then answer plainly or as a stream. A client gone
+    before the answer cancels the job."""
     limit = _token_limit(state, body, ids, "messages" if chat else "prompt")
     job = state.runner.submit(ids, limit, body.stream_kwargs())
+    watcher = asyncio.ensure_future(_cancel_on_disconnect(request, job))
     try:
         first = await job.next()
         if first[0] == "error":
@@ -113,8 +116,16 @@ async def _respond(state: ServeState, body, ids: list[int], chat: bool):
             return protocol.chat_completion(rid, state.model, outcome.text, outcome.finish_reason, use)
         return protocol.completion(rid, state.model, outcome.text, outcome.finish_reason, use)
     finally:
+        watcher.cancel()  # a stream's client going is seen by Starlette, which cancels _sse
         if job is not None:
             job.cancel()  # answered, refused or abandoned: a no-op once the worker is done
+
+
+async def _cancel_on_disconnect(request: Request, job: Job) -> None:
+    """Cancel `job` once its client disconnects (the body is read: what comes next is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
 
 
 def _token_limit(state: ServeState, body, ids: list[int], param: str) -> int:

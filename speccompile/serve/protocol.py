@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Fields clients send with their neutral value by default: accepted (and dropped) at that value; any other value
 # is refused like any unsupported field, by name.
 NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logprobs": False, "echo": False, "best_of": 1,
-           "logit_bias": {}, "parallel_tool_calls": True, "store": False, "metadata": {}}
+           "logit_bias": {}, "parallel_tool_calls": True, "store": False, "metadata": {},
+           "response_format": {"type": "text"}}
+
+
+def _neutral(key: str, value) -> bool:
+    """`value` is `key`'s neutral value: numbers compared as numbers (0.0 is 0), a bool only with a bool."""
+    neutral = NEUTRAL[key]
+    if isinstance(value, bool) or isinstance(neutral, bool):
+        return type(value) is type(neutral) and value == neutral
+    if isinstance(neutral, (int, float)):
+        return isinstance(value, (int, float)) and value == neutral
+    return type(value) is type(neutral) and value == neutral
 
 
 class _Strict(BaseModel):
@@ -45,9 +56,9 @@ class _Sampling(_Strict):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0)  # OpenAI's default; 0 is greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)  # an extension, as vLLM's: 0 is off
+    top_k: int = Field(0, ge=-1)  # an extension, as vLLM's: 0 (or vLLM's -1) is off
     seed: int | None = Field(None, ge=0, lt=2**64)
-    stop: str | list[str] | None = Field(None, max_length=16)
+    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     n: int = Field(1, ge=1, le=1)  # one choice per request
     user: str | None = None
     speculate: bool = True  # an extension: False decodes without drafting (same output, the baseline's speed)
@@ -57,12 +68,13 @@ class _Sampling(_Strict):
     def _drop_neutral(cls, data):
         if isinstance(data, dict):
             data = {k: v for k, v in data.items()
-                    if v is not None and not (k in NEUTRAL and v == NEUTRAL[k] and type(v) is type(NEUTRAL[k]))}
+                    if v is not None and not (k in NEUTRAL and _neutral(k, v))}
         return data
 
     def stream_kwargs(self) -> dict:
         """Generator.stream's keywords for these settings."""
-        return dict(temperature=float(self.temperature), top_p=float(self.top_p), top_k=self.top_k, seed=self.seed,
+        return dict(temperature=float(self.temperature), top_p=float(self.top_p), top_k=max(self.top_k, 0),
+                    seed=self.seed,
                     stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
                     speculate=self.speculate)
 

@@ -1,0 +1,49 @@
+"""What `Generator.stream` returns and `generate` gives back: a stream of chunks ending in a GenerationResult."""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+    stats: dict  # SpecDecodeStats.as_dict(): timing, passes, acceptance
+
+
+def drain(stream) -> GenerationResult:
+    """Run a stream to its end; its GenerationResult."""
+    while True:
+        try:
+            next(stream)
+        except StopIteration as stop:
+            return stop.value
+
+
+class SubmittedStream:
+    """The chunks of a request already handed to the scheduler (runtime/slots.py Handle). A generator closed or
+    dropped before its first read never runs its body, so its `finally` could not cancel the request: this one
+    cancels on close() and when dropped, so the request's slot is freed either way."""
+
+    def __init__(self, chunks, handle):
+        self._chunks, self._handle = chunks, handle
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._chunks)
+
+    def send(self, value):
+        return self._chunks.send(value)
+
+    def throw(self, *args):
+        return self._chunks.throw(*args)
+
+    def close(self) -> None:
+        self._chunks.close()
+        self._handle.cancel()
+
+    def __del__(self):
+        # only marked: the next round frees the slot (a finalizer may run inside the scheduler's own lock)
+        self._handle.cancelled = True
