@@ -1,8 +1,10 @@
 """The context cache: hit and miss tokens counted, LRU eviction within a byte budget, the disk tier (round trip,
 corrupt and foreign files ignored), and output with the cache equal to output without it, for every drafter kind
 that keeps state, greedy and sampled, over the turns of a chat."""
+import io
 import os
 import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -81,6 +83,44 @@ def test_disk_tier_round_trip_and_bad_files_ignored(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # another bundle's cache in the same folder: no match, no warning
         assert unit_cache(cache_dir=str(tmp_path), identity="bundle-b").lookup(np.arange(9), 9, ["target"]) == []
+
+
+def _npz_member(name: str, shape: str, data: bytes = b"", compress=zipfile.ZIP_STORED) -> bytes:
+    """A block file of one .npy member whose header claims `shape` (float32) over `data`."""
+    header = f"{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}".encode()
+    header += b" " * (118 - len(header)) + b"\n"
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compress) as z:
+        z.writestr(name, b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + data)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["npy", "flipped", "header", "huge", "bomb", "stranger"])
+def test_disk_blocks_of_any_damage_are_ignored(tmp_path, kind):
+    """A block file is untrusted: whatever is wrong with it costs that block, with a warning, never the request,
+    and its members' sizes are checked before any is read (a small file must not unpack into gigabytes)."""
+    store(unit_cache(cache_dir=str(tmp_path)), list(range(8)))
+    (folder,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    path = folder / f"{unit_cache().keys(np.arange(8))[1]}.npz"
+    if kind == "npy":
+        np.save(path.open("wb"), np.zeros(3))
+    elif kind == "flipped":  # a compressed copy with a byte flipped inside the deflated data
+        with np.load(path) as z:
+            buf = io.BytesIO()
+            np.savez_compressed(buf, **{n: z[n] for n in z.files})
+        damaged = bytearray(buf.getvalue())
+        damaged[len(damaged) // 2] ^= 0xFF
+        path.write_bytes(bytes(damaged))
+    elif kind == "header":
+        path.write_bytes(_npz_member("target/kv.npy", "(4, 2"))  # its parenthesis never closed
+    elif kind == "huge":
+        path.write_bytes(_npz_member("target/kv.npy", "(100000000000,)"))
+    elif kind == "bomb":  # 64 MiB of zeros deflated to a few hundred KiB
+        path.write_bytes(_npz_member("target/kv.npy", "(16777216,)", bytes(64 << 20), zipfile.ZIP_DEFLATED))
+    else:
+        path.write_bytes(_npz_member("../../elsewhere.npy", "(4, 2)", bytes(32)))
+    with pytest.warns(UserWarning, match="unreadable|not this bundle's layout|not the block"):
+        assert len(unit_cache(cache_dir=str(tmp_path)).lookup(np.arange(9), 9, ["target"])) == 1
 
 
 def test_disk_tier_within_its_byte_budget(tmp_path):
@@ -244,6 +284,24 @@ def test_a_prefix_without_the_heads_features_is_a_miss(mtp_cached):
 def test_mtp_head_restored_drafts_as_rebuilt(mtp_cached):
     with_cache, without = restored_drafts(mtp_cached, "mtp")
     np.testing.assert_allclose(with_cache, without, rtol=1e-4, atol=1e-5)
+
+
+def test_mtp_head_blocks_hold_only_their_own_tokens(mtp_cached):
+    """The head's slot t pairs h_t with the token after it. A block saved by one request must not carry the pair
+    of its last position with that request's next token: another prompt with the same block goes on otherwise."""
+    gen, plain = mtp_cached
+    rng = np.random.default_rng(1)
+    shared = rng.integers(3, 300, 16).tolist()  # one whole block
+    first, second = (shared + rng.integers(3, 300, 24).tolist() for _ in range(2))
+    assert first[16] != second[16]
+    gen.generate(first, 12, drafter="mtp")  # saves block 0, after which `first` went on with first[16]
+    context = np.array(second + gen.generate(second, 12, drafter="mtp").token_ids + [5, 6], np.int64)
+    qs = []
+    for g in (gen, plain):
+        scrub(g)
+        g.generate(context[:-1].tolist(), 1, drafter="mtp")
+        qs.append(g.drafters["mtp"].propose(context, 3, SamplingParams(temperature=1.0), np.random.default_rng(0)).q)
+    np.testing.assert_allclose(qs[0], qs[1], rtol=1e-4, atol=1e-5)
 
 
 def test_mtp_features_and_head_kv_restored(mtp_cached):

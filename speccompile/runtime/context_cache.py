@@ -16,6 +16,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 import threading
@@ -31,6 +32,10 @@ DEFAULT_DISK_BYTES = 8 << 30
 INDEX = "index.json"
 DISK_FORMAT = "speccompile-context-cache"
 DISK_VERSION = 1
+# what a block's per-position state means; part of every identity, so blocks kept under another meaning never match
+# (2: an MTP/EAGLE head's cache slots shifted one back, runtime/drafters/mtp.py save_state)
+STATE_VERSION = 2
+NPY_HEADER_BYTES = 4096  # an .npy member's header, beyond its array's own bytes (a disk block's size check)
 
 Arrays = dict[str, np.ndarray]
 
@@ -53,7 +58,7 @@ def bundle_identity(manifest: dict, runtime: str = "") -> str:
     """A hash of every file of the bundle (the manifest lists each one's sha256) and of the runtime that computes
     the K/V: another bundle's (or another onnxruntime's) blocks never match."""
     files = json.dumps(manifest.get("files", {}), sort_keys=True)
-    return hashlib.sha256(f"{files}\n{runtime}".encode()).hexdigest()
+    return hashlib.sha256(f"{files}\n{runtime}\nstate {STATE_VERSION}".encode()).hexdigest()
 
 
 def kv_part(cache, required: bool = True) -> Part:
@@ -222,6 +227,18 @@ def block_bytes(block: dict[str, Arrays]) -> int:
     return sum(a.nbytes for arrays in block.values() for a in arrays.values())
 
 
+def _members_fit(path: str, positions: int, parts: dict[str, Part]) -> bool:
+    """Every member of a block file is an array the layout names, no larger than that array: checked before any
+    is read, so that a small file cannot unpack into gigabytes."""
+    limits = {"__key__.npy": 64}  # the block's key: a sha256 in hex
+    for p, part in parts.items():
+        for n, (shape, dtype) in part.layout.items():
+            limits[f"{p}/{n}.npy"] = positions * math.prod(shape) * np.dtype(dtype).itemsize
+    with zipfile.ZipFile(path) as zf:
+        return all(i.filename in limits and i.file_size <= limits[i.filename] + NPY_HEADER_BYTES
+                   for i in zf.infolist())
+
+
 class DiskTier:
     """Blocks as `<key>.npz` files in cache_dir/<identity prefix>/, beside an index naming the identity and block
     size. Files are written to a temporary name and renamed into place, so a crash leaves no half-written block.
@@ -274,9 +291,12 @@ class DiskTier:
         except OSError:
             pass
         try:
+            if not _members_fit(path, positions, parts):
+                warnings.warn(f"context cache: ignoring {path}: its members are not this bundle's layout", stacklevel=4)
+                return None
             with np.load(path, allow_pickle=False) as z:
                 arrays = {name: z[name] for name in z.files}
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as e:
+        except Exception as e:  # noqa: BLE001 - a corrupt file of any kind costs the cache, never the request
             warnings.warn(f"context cache: ignoring unreadable block {path} ({type(e).__name__})", stacklevel=4)
             return None
         stored_key = arrays.pop("__key__", None)

@@ -52,17 +52,19 @@ class MtpDrafter(Drafter):
     def save_state(self, part, tokens, start, stop) -> Arrays | None:
         if part == "features" and self.known >= stop:
             return {"h": self.h[start:stop].copy()}
-        if part == "kv" and self.engine.cache.length >= stop:  # its slots hold this sequence's true pairs only
-            return read_kv(self.engine.cache, start, stop)
+        if part == "kv" and self.engine.cache.length >= stop - 1:  # its slots hold this sequence's true pairs only
+            # positions [start, stop) keep the slots whose token x_{t+1} is one of theirs: slots [start-1, stop-1)
+            # (slot stop-1 pairs with the token after the block, which the block's key does not cover)
+            rows = read_kv(self.engine.cache, max(start - 1, 0), stop - 1)
+            return rows if start else {n: np.concatenate([np.zeros_like(a[:1]), a]) for n, a in rows.items()}
         return None
 
     def load_state(self, part, tokens, arrays) -> None:
         if part == "features":
             self.h[:len(arrays["h"])] = arrays["h"]
             self.known = len(arrays["h"])
-        elif part == "kv":
-            write_kv(self.engine.cache, arrays)
-            # the last slot pairs h with the token after the cached blocks, which another prompt may differ in
+        elif part == "kv":  # slots [-1, positions - 1): the first is block 0's padding
+            write_kv(self.engine.cache, {n: a[1:] for n, a in arrays.items()})
             self.engine.cache.truncate(len(arrays["key"]) - 1)
 
     def observe(self, start: int, hidden: np.ndarray) -> None:
