@@ -64,6 +64,16 @@ def edit_manifest(change):
     return edit
 
 
+def edit_tokenizer_config(**change):
+    def edit(path):
+        f = path / "tokenizer" / "tokenizer_config.json"
+        cfg = json.loads(f.read_text()) if f.exists() else {}
+        cfg.update(change)
+        f.write_text(json.dumps(cfg))
+        (path / "tokenizer" / "chat_template.jinja").unlink(missing_ok=True)
+    return edit
+
+
 def edit_config(**change):
     def edit(path):
         cfg = json.loads((path / "config.json").read_text())
@@ -92,6 +102,27 @@ def remove(name):
 
 def write(name, text):
     return lambda path: (path / name).write_text(text)
+
+
+def rehashed(edit):
+    """`edit`, then the manifest's hashes recomputed over every file, as an attacker can."""
+    def run(path):
+        import hashlib
+        edit(path)
+        m = json.loads((path / "manifest.json").read_text())
+        for rel in list(m["files"]):
+            data = (path / rel).read_bytes()
+            m["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        (path / "manifest.json").write_text(json.dumps(m))
+    return run
+
+
+def set_model(model, **fields):
+    return edit_manifest(lambda m: m["models"][model].update(fields))
+
+
+def set_kv(model, **fields):
+    return edit_manifest(lambda m: m["models"][model]["kv_cache"].update(fields))
 
 
 def drop_tensor(path):
@@ -167,6 +198,25 @@ GENERATE = [
     ("graph truncated", lambda p: [variant(p, "short-graph", truncate("target.onnx")), "hi"]),
     ("unlisted file", lambda p: [variant(p, "unlisted", write("tokenizer/evil.jinja", "{{ 7*7 }}")), "hi"]),
     ("tokenizer deleted", lambda p: [variant(p, "no-tokenizer", lambda d: shutil.rmtree(d / "tokenizer")), "hi"]),
+    ("manifest max_batch a string", lambda p: [variant(p, "batch-str", set_model("target_batch", max_batch="8")),
+                                               "hi"]),
+    ("manifest max_batch a billion", lambda p: [variant(p, "batch-big", set_model("target_batch", max_batch=10**9)),
+                                                "hi"]),
+    ("manifest kv heads unlike the graph's", lambda p: [variant(p, "kv-heads", lambda d: [set_kv(m, num_kv_heads=7)(d)
+                                                        for m in ("target", "target_batch")]), "hi"]),
+    ("manifest kv dtype a list", lambda p: [variant(p, "kv-dtype", set_kv("target", dtype=["float32"])), "hi"]),
+    ("manifest logits wider than the graph's", lambda p: [variant(p, "logits-wide", edit_manifest(lambda m: [
+        o.__setitem__("shape", [o["shape"][0], 1 << 24]) for o in m["models"]["target"]["outputs"]
+        if o["name"] == "logits"])), "hi"]),
+    ("tokenizer config a list", lambda p: [variant(p, "tok-cfg-list", rehashed(write(
+        "tokenizer/tokenizer_config.json", "[1, 2]"))), "hi"]),
+    ("tokenizer json not a tokenizer", lambda p: [variant(p, "tok-json", rehashed(write(
+        "tokenizer/tokenizer.json", "{}"))), "hi"]),
+    ("chat template loops for ever", lambda p: [variant(p, "tok-loop", rehashed(edit_tokenizer_config(
+        chat_template="{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"))),
+        "hi"]),
+    ("chat template builds gigabytes", lambda p: [variant(p, "tok-mul", rehashed(edit_tokenizer_config(
+        chat_template="{{ 'x' * 3000000000 }}"))), "hi"]),
 ]
 
 BUILD = [
@@ -199,6 +249,10 @@ BUILD = [
     ("checkpoint only a pickle", lambda p: [hf_variant(p, "pickle", lambda d: [
         os.remove(f) for f in d.iterdir() if f.suffix == ".safetensors"] + [shutil.copy(
             p["root"] / "model.bin", d / "pytorch_model.bin")]), "--out", str(p["root"] / "o17")]),
+    ("checkpoint tokenizer.json not a tokenizer", lambda p: [hf_variant(p, "tokjson", write("tokenizer.json", "{}")),
+                                                             "--out", str(p["root"] / "o40")]),
+    ("checkpoint tokenizer config a list", lambda p: [hf_variant(p, "tokcfg", write("tokenizer_config.json", "[]")),
+                                                      "--out", str(p["root"] / "o41")]),
     ("gguf empty", lambda p: [str(p["root"] / "empty.gguf"), "--out", str(p["root"] / "o18")]),
     ("gguf bad magic", lambda p: [str(p["root"] / "bad-magic.gguf"), "--out", str(p["root"] / "o19")]),
     ("out an existing file", lambda p: ["tiny:llama", "--out", str(p["root"] / "plain.txt")]),

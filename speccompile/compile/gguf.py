@@ -54,7 +54,12 @@ class GGUFTensor:
     raw: np.ndarray  # uint8 block rows for quantized types, the values for F32/F16
 
     def dequantize(self) -> np.ndarray:
-        return np.asarray(gguf.quants.dequantize(self.raw, self.ggml_type), np.float32).reshape(self.shape)
+        try:
+            values = gguf.quants.dequantize(self.raw, self.ggml_type)
+        except NotImplementedError:  # the gguf package reads no such type (integers, Q8_1, Q8_K, ...)
+            raise UnsupportedModelError(f"GGUF tensor of type {self.ggml_type.name}: not a type the gguf package "
+                                        "dequantizes") from None
+        return np.asarray(values, np.float32).reshape(self.shape)
 
 
 def open_gguf(path: str) -> gguf.GGUFReader:
@@ -145,4 +150,8 @@ def read_gguf(path: str) -> tuple[ModelConfig, dict[str, GGUFTensor], dict[str, 
         config = ModelConfig.from_hf(hf_config(meta, {t.name for t in reader.tensors}))
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"{path}: {e}") from None
-    return config, read_tensors(reader, config), tokenizer_files(meta)
+    try:
+        tokenizer = tokenizer_files(meta)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # metadata missing or of the wrong kind
+        raise CheckpointError(f"{path}: bad tokenizer metadata ({type(e).__name__}: {e})") from None
+    return config, read_tensors(reader, config), tokenizer

@@ -54,6 +54,10 @@ def byte_level_tokenizer(meta: dict) -> tuple[Tokenizer, set[str] | None]:
     return tok, alphabet
 
 
+# A token's text; real vocabularies stay far below it, and merges from scores cost its square per token
+MAX_TOKEN_CHARS = 1024
+
+
 def scored_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
     """Merges a sentencepiece vocabulary implies: every split of a token into two tokens, best score first
     (transformers' generate_merges, so ties break the same way)."""
@@ -116,6 +120,8 @@ def tokenizer_files(meta: dict) -> dict[str, bytes]:
         raise UnsupportedModelError(f"GGUF tokenizer {kind!r}: supported are {', '.join(BUILDERS)}; "
                                     "convert the model to a Hugging Face directory instead")
     tokens = meta["tokenizer.ggml.tokens"]
+    if not isinstance(tokens, list) or not all(isinstance(t, str) and len(t) <= MAX_TOKEN_CHARS for t in tokens):
+        raise ValueError(f"tokenizer.ggml.tokens is not a list of strings of at most {MAX_TOKEN_CHARS} characters")
     special = {name: tokens[meta[f"tokenizer.ggml.{key}"]] for name, key in SPECIAL_IDS
                if meta.get(f"tokenizer.ggml.{key}") is not None}
     # older sentencepiece files carry no flag, and llama.cpp adds BOS to them

@@ -13,8 +13,9 @@ import os
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
+from tokenizers import Tokenizer
 
-from speccompile.compile.checkpoint import Checkpoint
+from speccompile.compile.checkpoint import Checkpoint, tokenizer_fingerprint
 from speccompile.compile.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from speccompile.compile.gguf import dequantized_tensors, read_gguf
 from speccompile.compile.families import text_tensor_name
@@ -134,6 +135,14 @@ def _read_tokenizer_files(directory: str) -> dict[str, bytes]:
                 files[name] = f.read()
     if "tokenizer.json" not in files:
         raise CheckpointError(f"{directory}: no tokenizer.json (a fast tokenizer file is required)")
+    try:  # what the runtime and the fingerprint will read of them, read now: a bad file fails the load pass
+        Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
+        tokenizer_fingerprint(files)
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            if name in files and not isinstance(json.loads(files[name]), dict):
+                raise ValueError(f"{name} is not a JSON object")
+    except Exception as e:  # noqa: BLE001 - the checkpoint's files, whatever is wrong with them
+        raise CheckpointError(f"{directory}: bad tokenizer files ({type(e).__name__}: {e})"[:400]) from None
     return files
 
 

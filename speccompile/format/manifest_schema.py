@@ -23,25 +23,39 @@ _SHAPE = {"type": "array", "maxItems": 8, "items": {"anyOf": [_INDEX, {"type": "
 _TENSORS = {"type": "array", "maxItems": 4096, "items": {
     "type": "object", "required": ["name", "dtype", "shape"],
     "properties": {"name": _STRING, "dtype": _STRING, "shape": _SHAPE}}}
+_VOCAB = _SIZE  # as large as the build accepts (compile/config.py UPPER_BOUNDS)
+_WIDTH = {**_SIZE, "maximum": 1 << 16}  # a hidden size, a head count or size: as large as the build accepts
 _CONFIG = {"type": "object",
            "required": ["model_type", "vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads",
                         "head_dim"],
-           "properties": {"model_type": _STRING, "vocab_size": _SIZE, "hidden_size": _SIZE,
-                          "num_attention_heads": _SIZE, "num_key_value_heads": _SIZE, "head_dim": _SIZE,
+           "properties": {"model_type": _STRING, "vocab_size": _VOCAB, "hidden_size": _WIDTH,
+                          "num_attention_heads": _WIDTH, "num_key_value_heads": _WIDTH, "head_dim": _WIDTH,
                           "eos_token_ids": {"type": "array", "maxItems": 64, "items": _INDEX}}}
 _KV_CACHE = {"type": "object", "required": ["num_layers", "num_kv_heads", "head_dim", "max_seq_len"],
-             "properties": {"num_layers": _LAYERS, "num_kv_heads": _SIZE, "head_dim": _SIZE, "max_seq_len": _SIZE,
-                            "scratch_slots": {"type": "integer", "minimum": 0, "maximum": 64}}}
+             "properties": {"num_layers": _LAYERS, "num_kv_heads": _WIDTH, "head_dim": _WIDTH, "max_seq_len": _SIZE,
+                            "scratch_slots": {"type": "integer", "minimum": 0, "maximum": 64},
+                            "dtype": {"enum": ["float32", "float16", "bfloat16"]}}}
 # the models the runtime runs through its Engine (a static KV cache, logits out); Medusa and EAGLE-3's fc have none
 ENGINE_KINDS = ["decoder", "mtp_head", "eagle_head", "eagle3_head"]
-_LOGITS = {"type": "object", "properties": {"name": {"const": "logits"}, "shape": {"prefixItems": [{}, _SIZE],
+_LOGITS = {"type": "object", "properties": {"name": {"const": "logits"}, "shape": {"prefixItems": [{}, _VOCAB],
                                                                                     "minItems": 2}}}
+
+
+def _rows_of(name: str, width: dict) -> dict:
+    """Every output named `name` is [rows, width]: the runtime sizes a buffer by its second dimension."""
+    return {"if": {"properties": {"name": {"const": name}}, "required": ["name"]},
+            "then": {"properties": {"shape": {"prefixItems": [{}, width], "minItems": 2}}}}
+
+
+_OUTPUTS = {**_TENSORS, "items": {"allOf": [_TENSORS["items"], _rows_of("logits", _VOCAB),
+                                            _rows_of("aux_hidden_states", {**_WIDTH, "maximum": 1 << 20})]}}
 _MODEL = {
     "type": "object", "required": ["graph", "weights", "kind", "config", "inputs", "outputs"],
     "properties": {
         "graph": _PATH, "weights": {"type": "array", "minItems": 1, "maxItems": 64, "items": _PATH},
         "kind": _STRING, "config": _CONFIG, "num_layers": _LAYERS, "num_heads": {**_SIZE, "maximum": 64},
-        "kv_cache": _KV_CACHE, "inputs": _TENSORS, "outputs": _TENSORS,
+        "kv_cache": _KV_CACHE, "inputs": _TENSORS, "outputs": _OUTPUTS,
+        "max_batch": {"type": "integer", "minimum": 1, "maximum": 64},  # sequence slots of a batched graph
         "initializers": {"type": "array", "items": _STRING},
         # the target's features EAGLE heads read: layer indices, or "norm" (the final norm's output)
         "aux_hidden_layers": {"type": "array", "maxItems": 64, "items": {"anyOf": [_INDEX, _STRING]}},

@@ -38,7 +38,13 @@ class KVCache:
         storage, self.onnx_type = cache_types(dtype)
         self.dtype = dtype
         # np.zeros maps zero pages lazily: slots never used cost no memory
-        self.key, self.value = arrays if arrays is not None else (np.zeros(shape, storage), np.zeros(shape, storage))
+        try:
+            self.key, self.value = arrays if arrays is not None else (np.zeros(shape, storage),
+                                                                      np.zeros(shape, storage))
+        except MemoryError:  # a manifest's sizes, before its graph could be checked against them
+            gib = 2 * np.prod(shape, dtype=np.float64) * np.dtype(storage).itemsize / (1 << 30)
+            raise BundleError(f"a KV cache of {gib:.1f} GiB ({shape}) cannot be allocated; check the bundle's "
+                              "manifest or rebuild with a smaller --max-seq-len or --max-batch") from None
         self.max_seq_len = max_seq_len
         self.length = 0  # committed tokens whose K/V are valid (of slot 0 where batch > 1: see `slot`)
 

@@ -103,6 +103,16 @@ def ancestor_mask(parents: np.ndarray) -> np.ndarray:
     return m
 
 
+def check_output_widths(session: ort.InferenceSession, entry: dict, widths: dict[str, int]) -> None:
+    """The graph's [rows, width] outputs are as wide as the manifest says (the runtime sizes its buffers from
+    the manifest before a pass could show a difference)."""
+    for o in session.get_outputs():
+        want = widths.get(o.name)
+        if want is not None and len(o.shape) == 2 and isinstance(o.shape[1], int) and o.shape[1] != want:
+            raise BundleError(f"{entry['graph']}: the manifest gives {o.name} a width of {want}, the graph "
+                              f"{o.shape[1]}; rebuild the bundle")
+
+
 def check_cache_inputs(session: ort.InferenceSession, entry: dict) -> None:
     """The graph's KV cache inputs are the layers and length the manifest says: a hand-edited count or length
     would leave inputs unbound (or bind ones the graph lacks, or caches of the wrong size), which onnxruntime
@@ -111,7 +121,13 @@ def check_cache_inputs(session: ort.InferenceSession, entry: dict) -> None:
     if len(caches) != entry["num_layers"]:
         raise BundleError(f"{entry['graph']}: the manifest says {entry['num_layers']} layers, the graph has "
                           f"{len(caches)} caches; rebuild the bundle")
+    kv = entry["kv_cache"]
     lengths = {i.shape[2] for i in caches if isinstance(i.shape[2], int)}
-    if lengths and lengths != {cache_slots(entry["kv_cache"])}:
-        raise BundleError(f"{entry['graph']}: the manifest's KV cache holds {cache_slots(entry['kv_cache'])} "
+    if lengths and lengths != {cache_slots(kv)}:
+        raise BundleError(f"{entry['graph']}: the manifest's KV cache holds {cache_slots(kv)} "
                           f"slots, the graph's {sorted(lengths)[0]}; rebuild the bundle")
+    for i in caches:  # [batch, kv heads, slots, head dim]: the runtime sizes the cache from the manifest
+        for axis, field in ((1, "num_kv_heads"), (3, "head_dim")):
+            if len(i.shape) != 4 or isinstance(i.shape[axis], int) and i.shape[axis] != kv[field]:
+                raise BundleError(f"{entry['graph']}: the manifest's KV cache has {field} {kv[field]}, the graph's "
+                                  f"{i.name} is shaped {i.shape}; rebuild the bundle")

@@ -6,9 +6,11 @@ nothing else: no attribute of Python's internals, no module, no file.
 """
 from __future__ import annotations
 
+import ctypes
 import datetime
 import json
 import os
+import threading
 
 import jinja2
 import jinja2.ext
@@ -16,26 +18,29 @@ import jinja2.sandbox
 import tokenizers.decoders
 from tokenizers import Tokenizer
 
-from speccompile.errors import SpeccompileError
+from speccompile.errors import BundleError, SpeccompileError
 
 
 class ChatTemplateError(SpeccompileError):
     """A chat template that fails, or that tries to leave jinja2's sandbox."""
 
 
+# A chat template renders in milliseconds; one still running after this long loops on purpose (jinja2's sandbox
+# bounds what a template may touch, not how long it runs). And the most items its * may build.
+TEMPLATE_SECONDS = 5.0
+TEMPLATE_MAX_ITEMS = 1 << 22
+
+
+class _TemplateTimeout(BaseException):  # not an Exception: jinja2's own handlers pass it through
+    pass
+
+
 class BundleTokenizer:
     def __init__(self, directory: str, eos_token_ids=()):
-        self.tok = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
-        cfg = {}
-        p = os.path.join(directory, "tokenizer_config.json")
-        if os.path.isfile(p):
-            with open(p) as f:
-                cfg = json.load(f)
-        template = cfg.get("chat_template")
-        p = os.path.join(directory, "chat_template.jinja")
-        if os.path.isfile(p):
-            with open(p) as f:
-                template = f.read()
+        try:
+            self.tok, cfg, template = _read_tokenizer_files(directory)
+        except Exception as e:  # noqa: BLE001 - the bundle's files, whatever is wrong with them
+            raise BundleError(f"{directory}: unreadable tokenizer files ({type(e).__name__}: {e})"[:400]) from None
         self.chat_template = template
         self._compiled = None  # the template, compiled on first use
         self.bos_token = _token_str(cfg.get("bos_token"))
@@ -68,8 +73,12 @@ class BundleTokenizer:
         try:
             if self._compiled is None:
                 self._compiled = _sandbox().from_string(self.chat_template)
-            return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+            return _within(TEMPLATE_SECONDS, lambda: self._compiled.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
+                eos_token=self.eos_token or ""))
+        except _TemplateTimeout:
+            raise ChatTemplateError(f"the bundle's chat template ran for more than {TEMPLATE_SECONDS:g} s and was "
+                                    "stopped: do not trust this bundle") from None
         except jinja2.exceptions.SecurityError as e:
             raise ChatTemplateError(f"the bundle's chat template tried to leave jinja2's sandbox ({e}); "
                                     "nothing was run: do not trust this bundle") from None
@@ -104,7 +113,64 @@ class PrefixOffsetDecoder:
         return now[len(before):]
 
 
+def _read_tokenizer_files(directory: str):
+    """tokenizer.json, tokenizer_config.json (a JSON object, if present) and the chat template."""
+    tok = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+    cfg, template = {}, None
+    p = os.path.join(directory, "tokenizer_config.json")
+    if os.path.isfile(p):
+        with open(p, encoding="utf-8") as f:
+            cfg = json.load(f)
+        if not isinstance(cfg, dict):
+            raise ValueError("tokenizer_config.json is not a JSON object")
+        template = cfg.get("chat_template")
+    p = os.path.join(directory, "chat_template.jinja")
+    if os.path.isfile(p):
+        with open(p, encoding="utf-8") as f:
+            template = f.read()
+    for key in ("bos_token", "eos_token"):
+        if not isinstance(_token_str(cfg.get(key)), (str, type(None))):
+            raise ValueError(f"{key} is neither a string nor a token object")
+    if not isinstance(template, (str, type(None))):
+        raise ValueError("chat_template is not a string")
+    return tok, cfg, template
+
+
+def _within(seconds: float, render):
+    """render() in this thread, interrupted by _TemplateTimeout raised into it after `seconds`."""
+    tid, lock, state = ctypes.c_ulong(threading.get_ident()), threading.Lock(), {"done": False, "fired": False}
+
+    def fire():
+        with lock:
+            if not state["done"]:
+                state["fired"] = True
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(tid, ctypes.py_object(_TemplateTimeout))
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        return render()
+    finally:
+        with lock:
+            state["done"] = True
+            if state["fired"]:  # raised already, or still pending: never later, elsewhere
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(tid, None)
+        timer.cancel()
+
+
 class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator, left, right):
+        """* and ** that would build a huge sequence or number are refused: one C call, no deadline stops it."""
+        if operator == "*":
+            seq, n = (left, right) if isinstance(right, int) else (right, left)
+            if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > TEMPLATE_MAX_ITEMS:
+                raise jinja2.exceptions.TemplateRuntimeError(f"a sequence of {len(seq) * n} items is too long")
+        elif isinstance(left, int) and isinstance(right, int) and abs(right) > 4096:
+            raise jinja2.exceptions.TemplateRuntimeError(f"an exponent of {right} is too large")
+        return super().call_binop(context, operator, left, right)
+
     def unsafe_undefined(self, obj, attribute):
         """Refuse an unsafe attribute (__class__, __globals__, ...) at once: jinja2's default hands back an
         undefined value that renders as "" and fails only when used further, so a probe would pass unnoticed."""
