@@ -145,6 +145,8 @@ def misshape_tensor(path):
 # ---- the cases: (name, args given the places) -------------------------------------------------------------------
 B = "bundle"
 GENERATE = [
+    ("tree chain of a million", lambda p: [p[B], "hi", "--tree", "chain:1000000"]),
+    ("num-draft zero", lambda p: [p[B], "hi", "--num-draft", "0"]),
     ("temperature nan", lambda p: [p[B], "hi", "--temperature", "nan"]),
     ("temperature inf", lambda p: [p[B], "hi", "--temperature", "inf"]),
     ("temperature negative", lambda p: [p[B], "hi", "--temperature", "-0.5"]),
@@ -318,12 +320,28 @@ OTHERS = [
     ("bench stream repeats zero", lambda p: ["bench", p[B], "--streams", "2", "--stream-repeats", "0"]),
     ("bench unknown drafter", lambda p: ["bench", p[B], "--drafter", "nosuch", "--limit", "1"]),
     ("bench unknown category", lambda p: ["bench", p[B], "--categories", "nosuch", "--limit", "1"]),
+    ("bench json a folder", lambda p: ["bench", p[B], "--limit", "1", "--json", str(p["root"] / "user-dir")]),
+    ("bench json under a file", lambda p: ["bench", p[B], "--limit", "1", "--json",
+                                           str(p["root"] / "plain.txt" / "r.json")]),
+    ("bench plot of no known format", lambda p: ["bench", p[B], "--limit", "1", "--plot", "out.xyz"]),
+    ("bench multi-turn with a plot", lambda p: ["bench", p[B], "--multi-turn", "2", "--plot", "mt.png"]),
+    ("bench multi-turn zero", lambda p: ["bench", p[B], "--multi-turn", "0"]),
+    ("bench tree of a million nodes", lambda p: ["bench", p[B], "--limit", "1", "--drafter",
+                                                 "lookup@chain:1000000"]),
     ("train-head target missing", lambda p: ["train-head", "--target", str(p["root"] / "nope"),
-                                             "--work", str(p["root"] / "work")]),
+                                             "--work", str(p["root"] / "work"), "--out", "h.safetensors"]),
     ("train-head prompts missing", lambda p: ["train-head", "--target", "tiny:llama", "--prompts",
-                                              str(p["root"] / "nope.jsonl"), "--work", str(p["root"] / "work2")]),
+                                              str(p["root"] / "nope.jsonl"), "--work", str(p["root"] / "work2"),
+                                              "--out", "h.safetensors"]),
     ("train-head unknown stage", lambda p: ["train-head", "--target", "tiny:llama", "--stages", "dream",
-                                            "--work", str(p["root"] / "work3")]),
+                                            "--work", str(p["root"] / "work3"), "--out", "h.safetensors"]),
+    ("train-head unknown redo", lambda p: ["train-head", "--redo", "bogus", "--out", "h.safetensors"]),
+    ("train-head threads zero", lambda p: ["train-head", "--threads", "0", "--out", "h.safetensors"]),
+    ("train-head holdout past one", lambda p: ["train-head", "--holdout", "2", "--out", "h.safetensors"]),
+    ("train-head another target into the shipped head", lambda p: ["train-head", "--target", "tiny:llama",
+                                                                   "--work", str(p["root"] / "work4")]),
+    ("serve port out of range", lambda p: ["serve", p[B], "--port", "-1"]),
+    ("serve shutdown timeout nan", lambda p: ["serve", p[B], "--shutdown-timeout", "nan"]),
 ]
 
 CASES = ([("generate " + n, f, "generate") for n, f in GENERATE] + [("build " + n, f, "build") for n, f in BUILD]

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from speccompile.bench.report import make_parent
+from speccompile.bench.outputs import write_atomically
 from speccompile.bench.settings import decoding as describe_decoding
 from speccompile.bench.stats import geometric_mean, prompt_speedups
 from speccompile.errors import SpeccompileError
@@ -133,6 +133,16 @@ def _tokens_per_second(ax, result: dict) -> None:
     ax.set(title="Median tokens/s\n(blue: speccompile, gray: transformers)", xlabel="tokens/s")
 
 
+def plot_formats() -> dict[str, str]:
+    """The file formats matplotlib writes here: extension -> description."""
+    plt = _matplotlib()
+    fig = plt.figure()
+    try:
+        return fig.canvas.get_supported_filetypes()
+    finally:
+        plt.close(fig)
+
+
 def plot(result: dict, path: str) -> None:
     """Three panels: how many tokens each pass commits (or, for many drafters, each drafter's spread over all
     prompts), the per-prompt speedups per category, the tokens/s of each method."""
@@ -153,6 +163,6 @@ def plot(result: dict, path: str) -> None:
     _tokens_per_second(ax_speed, result)
     fig.suptitle(plot_title(result), fontsize=10)
     fig.tight_layout()
-    make_parent(path)
-    fig.savefig(path, dpi=110)
+    ext = os.path.splitext(path)[1][1:].lower() or "png"  # exactly `path`: matplotlib would add ".png"
+    write_atomically(path, lambda f: fig.savefig(f, dpi=110, format=ext))
     plt.close(fig)

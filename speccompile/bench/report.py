@@ -55,8 +55,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import os
 
+from speccompile.bench.outputs import write_atomically
 from speccompile.bench.machine import bundle_summary, machine_info, peak_rss_mib, versions
 from speccompile.bench.prompts import sha256_of
 from speccompile.bench.settings import AUTOREGRESSIVE, SCHEMA_VERSION, decoding as describe_decoding
@@ -85,15 +85,8 @@ def result_document(bench, rss_ours: float) -> dict:
     }
 
 
-def make_parent(path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-
-
 def write_json(result: dict, path: str) -> None:
-    make_parent(path)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
+    write_atomically(path, lambda f: f.write((json.dumps(result, indent=1) + "\n").encode()))
 
 
 def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:

@@ -221,14 +221,27 @@ def _ints(option: str, value: str | None) -> list[int]:
 def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, repeats, temperature, top_k, threads,
           json_out, plot_out, compare_transformers, multi_turn, streams, stream_requests, stream_repeats):
     """Benchmark BUNDLE: speculative against autoregressive decoding, per prompt category."""
-    from speccompile.bench.plot import plot
+    from speccompile.bench.outputs import check_output
+    from speccompile.bench.plot import plot, plot_formats
     from speccompile.bench.report import format_table, write_json
+    for option, path, formats in (("--json", json_out, None), ("--plot", plot_out, plot_out and plot_formats())):
+        if path:
+            check_output(path, option, formats)
     if multi_turn is not None:
+        ignored = [o for o, given in (("--plot", plot_out), ("--streams", streams), ("--tree", tree),
+                                      ("--temperature", temperature), ("--compare-transformers", compare_transformers),
+                                      ("--repeats", repeats != 1)) if given]
+        if ignored or multi_turn < 1:
+            raise SpeccompileError(f"--multi-turn {multi_turn}: " + (f"does not take {', '.join(ignored)}" if ignored
+                                                                     else "at least one turn"))
         from speccompile.bench.multi_turn import MultiTurnSettings, format_multi_turn, run_multi_turn
         result = run_multi_turn(bundle, MultiTurnSettings(dataset, _csv(categories), limit, multi_turn, max_new_tokens,
                                                           drafters[0] if drafters else None, threads), _progress)
         click.echo(format_multi_turn(result))
-        return write_json(result, json_out) if json_out else None
+        if json_out:
+            write_json(result, json_out)
+            _progress(f"wrote {json_out}")
+        return
     from speccompile.bench.run import Benchmark
     from speccompile.bench.settings import BenchSettings
     settings = BenchSettings(dataset=dataset, categories=_csv(categories), limit=limit,
@@ -337,5 +350,8 @@ def train_head(**options):
         click.echo(f'error: training needs {e.name}, which is not installed: pip install "speccompile[train]"',
                    err=True)
         sys.exit(2)
+    if not options["out"] and (options["arch"] != "mtp" or options["target"] is not None):
+        raise SpeccompileError("--out is required: the default output is the shipped head of the default model, "
+                               "trained with --arch mtp on the default target")
     run(TrainOptions(**{**options, "out": options["out"] or DEFAULT_OUT}))
 

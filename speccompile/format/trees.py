@@ -49,8 +49,8 @@ class TreeSpec:
         kind, _, arg = spec.partition(":")
         try:
             if kind == "chain":
-                k = int(arg)
-                return cls._checked(cls("chain", k, tuple((0,) * d for d in range(1, k + 1)), k))
+                k = cls._nodes(int(arg))  # before its paths are built: their size grows with k squared
+                return cls("chain", k, tuple((0,) * d for d in range(1, k + 1)), k)
             if kind == "dynamic":
                 n = int(arg)
                 return cls._checked(cls("dynamic", n, (), depth=min(n, 8)))
@@ -64,11 +64,11 @@ class TreeSpec:
         if kind == "static":
             if not os.path.isfile(arg):
                 raise SpeccompileError(f"--tree {spec!r}: no such file {arg!r}")
-            with open(arg) as f:
-                try:
+            try:
+                with open(arg, encoding="utf-8") as f:
                     paths = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise SpeccompileError(f"--tree {spec!r}: not JSON ({e})") from None
+            except ValueError as e:  # not JSON, or not UTF-8
+                raise SpeccompileError(f"--tree {spec!r}: {arg} is not JSON ({e})") from None
             return cls.from_paths(paths)
         raise SpeccompileError(f"--tree {spec!r}: use chain:K, static:FILE, dynamic:N or adaptive[:D] (optionally "
                                "+lookup:L)")
@@ -79,6 +79,8 @@ class TreeSpec:
             ps = sorted({tuple(int(r) for r in p) for p in paths}, key=lambda p: (len(p), p))
         except (TypeError, ValueError):
             raise SpeccompileError("a static tree is a list of lists of non-negative ranks") from None
+        if not ps:
+            raise SpeccompileError("a static tree needs at least one path")
         known = set()
         for p in ps:
             if not p or min(p) < 0:
@@ -89,9 +91,14 @@ class TreeSpec:
         return cls._checked(cls("static", len(ps), tuple(ps), max(len(p) for p in ps)))
 
     @staticmethod
-    def _checked(t: "TreeSpec") -> "TreeSpec":
-        if not 1 <= t.size <= MAX_TREE_NODES:
-            raise SpeccompileError(f"tree of {t.size} nodes: must be 1..{MAX_TREE_NODES}")
+    def _nodes(n: int) -> int:
+        if not 1 <= n <= MAX_TREE_NODES:
+            raise SpeccompileError(f"tree of {n} nodes: must be 1..{MAX_TREE_NODES}")
+        return n
+
+    @classmethod
+    def _checked(cls, t: "TreeSpec") -> "TreeSpec":
+        cls._nodes(t.size)
         return t
 
     def limited(self, nodes: int, depth: int | None = None) -> "TreeSpec":

@@ -33,11 +33,10 @@ def build_request(gen, prompt, max_new_tokens, params: SamplingParams, drafter: 
     ids = prompt_ids(gen, prompt, chat)
     check_length(ids, max_new_tokens, gen.max_seq_len)
     dr = pick_drafter(gen, drafter) if speculate and gen.drafters else None
-    if num_draft is not None and (not _whole(num_draft) or num_draft < 0):
-        raise SpeccompileError(f"--num-draft {num_draft!r}: must be a whole number")
-    k = num_draft or (gen.num_draft[dr.name] if dr else 0)
-    if not 0 <= k < MAX_VERIFY_TOKENS:
-        raise SpeccompileError(f"--num-draft {k}: must be between 1 and {MAX_VERIFY_TOKENS - 1}")
+    if num_draft is not None and not (_whole(num_draft) and 1 <= num_draft < MAX_VERIFY_TOKENS):
+        raise SpeccompileError(f"--num-draft {num_draft!r}: must be a whole number between 1 and "
+                               f"{MAX_VERIFY_TOKENS - 1}")
+    k = num_draft if num_draft is not None else (gen.num_draft[dr.name] if dr else 0)
     if isinstance(tree, str):
         tree = TreeSpec.parse(tree)
     elif tree is None and dr is not None and gen.trees.get(dr.name):  # the default: the bundle's tree

@@ -3,7 +3,9 @@ socket, lets requests in flight finish for up to the shutdown timeout, cancels t
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
+import socket
 
 from speccompile.errors import SpeccompileError
 from speccompile.serve.app import ServeState, create_app
@@ -21,10 +23,33 @@ def uvicorn_server(state: ServeState, opts: ServeOptions, **config):
 
 
 def serve(bundle_dir: str, opts: ServeOptions) -> None:
-    """Serve until SIGTERM or Ctrl-C, in this (the main) thread."""
-    server = uvicorn_server(load_state(bundle_dir, opts), opts)
-    with stop_signals_exit_cleanly():
-        server.run()
+    """Serve until SIGTERM or Ctrl-C, in this (the main) thread. The address is taken before the bundle loads:
+    a port in use or a host that does not resolve is one error, at once."""
+    sock = listening_socket(opts.host, opts.port)
+    try:
+        server = uvicorn_server(load_state(bundle_dir, opts), opts)
+        with stop_signals_exit_cleanly():
+            server.run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (uvicorn listens on it)."""
+    if not 0 <= port <= 65535:
+        raise SpeccompileError(f"--port {port}: must be 0..65535")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:  # socket.gaierror too: a host that does not resolve
+        raise SpeccompileError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise SpeccompileError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
 @contextlib.contextmanager
@@ -42,6 +67,8 @@ def stop_signals_exit_cleanly():
 def run(bundle_dir: str, replicas: int | None, ray_address: str | None, shutdown_timeout: float, **options) -> None:
     """The `serve` command: one process, or with replicas a Ray Serve deployment."""
     opts = ServeOptions(shutdown_timeout_s=shutdown_timeout, **options)
+    if not 0 <= shutdown_timeout < math.inf:
+        raise SpeccompileError(f"--shutdown-timeout {shutdown_timeout}: must be a number of seconds, at least 0")
     if replicas is None and ray_address is not None:
         raise SpeccompileError("--ray-address needs --replicas N")
     if replicas is None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 ARCHS = ("mtp", "eagle", "eagle3", "medusa")
@@ -67,9 +68,13 @@ class TrainOptions:
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"--arch: one of {', '.join(ARCHS)}, not {self.arch!r}")
-        unknown = set(self.stage_list) - set(STAGES)
-        if unknown:
-            raise ValueError(f"--stages: unknown {', '.join(sorted(unknown))} (stages: {', '.join(STAGES)})")
+        for option, names in (("--stages", self.stage_list), ("--redo", self.redo_set)):
+            unknown = set(names) - set(STAGES)
+            if unknown:
+                raise ValueError(f"{option}: unknown {', '.join(sorted(unknown))} (stages: {', '.join(STAGES)})")
+        if not self.stage_list:
+            raise ValueError("--stages: name at least one stage")
+        self._check_numbers()
         for k, v in ARCH_DEFAULTS["medusa" if self.arch == "medusa" else "head"].items():
             if getattr(self, k) is None:
                 setattr(self, k, v)
@@ -85,6 +90,18 @@ class TrainOptions:
             if self.epochs != int(self.epochs):
                 raise ValueError(f"--epochs: a whole number for --arch {self.arch}, not {self.epochs}")
             self.epochs = int(self.epochs)
+
+    def _check_numbers(self) -> None:
+        checks = {"--threads": self.threads >= 1, "--num-prompts": self.num_prompts >= 1,
+                  "--holdout": 0 < self.holdout < 1, "--sample-frac": 0 <= self.sample_frac <= 1,
+                  "--temperature": 0 <= self.temperature < math.inf, "--max-new-tokens": self.max_new_tokens >= 1}
+        for option in ("lr", "epochs", "train_minutes"):
+            value = getattr(self, option)
+            checks[f"--{option.replace('_', '-')}"] = value is None or 0 < value < math.inf
+        bad = [option for option, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"{bad[0]}: out of range (threads, prompts and tokens at least 1; holdout in (0, 1); "
+                             "sample-frac in [0, 1]; lr, epochs and minutes positive)")
 
     @property
     def stage_list(self) -> list[str]:

@@ -13,6 +13,7 @@ from speccompile.compile.config import ModelConfig
 from speccompile.compile.families import text_model_config, text_tensor_name
 from speccompile.compile.hub_cache import looks_like_hub_id, resolve_hub_id
 from speccompile.compile.sources import load_checkpoint, save_hf_dir
+from speccompile.errors import SpeccompileError
 from speccompile.train.progress import log
 
 
@@ -22,10 +23,22 @@ def target_hf_dir(source: str | None, work: str) -> str:
         source = resolve_hub_id(source)
     if source and os.path.isdir(source) and os.path.isfile(os.path.join(source, "config.json")):
         return source
-    d = os.path.join(work, "target_hf")
-    if not os.path.isfile(os.path.join(d, "model.safetensors")):
-        log(f"converting target {source or 'default'} -> {d}")
-        save_hf_dir(load_checkpoint(source), d)
+    d, name = os.path.join(work, "target_hf"), source or "default"
+    record = os.path.join(d, "source.json")
+    if os.path.isfile(os.path.join(d, "model.safetensors")):  # converted by an earlier run: of this target?
+        try:
+            with open(record) as f:
+                earlier = json.load(f).get("source")
+        except (OSError, ValueError, AttributeError):
+            earlier = None
+        if earlier != name:
+            raise SpeccompileError(f"--work {work} holds the target {earlier or '(unrecorded)'}, not {name}: "
+                                   "use another --work (its data and head are that target's)")
+        return d
+    log(f"converting target {name} -> {d}")
+    save_hf_dir(load_checkpoint(source), d)
+    with open(record, "w") as f:
+        json.dump({"source": name}, f)
     return d
 
 
