@@ -147,6 +147,9 @@ B = "bundle"
 GENERATE = [
     ("tree chain of a million", lambda p: [p[B], "hi", "--tree", "chain:1000000"]),
     ("num-draft zero", lambda p: [p[B], "hi", "--num-draft", "0"]),
+    ("no-speculate with a tree", lambda p: [p[B], "hi", "--no-speculate", "--tree", "chain:3"]),
+    ("no-speculate compared", lambda p: [p[B], "hi", "--no-speculate", "--compare"]),
+    ("typical acceptance while greedy", lambda p: [p[B], "hi", "--acceptance", "typical"]),
     ("temperature nan", lambda p: [p[B], "hi", "--temperature", "nan"]),
     ("temperature inf", lambda p: [p[B], "hi", "--temperature", "inf"]),
     ("temperature negative", lambda p: [p[B], "hi", "--temperature", "-0.5"]),

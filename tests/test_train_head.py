@@ -233,9 +233,10 @@ def test_command_defaults_are_the_options_defaults(monkeypatch):
     seen = []
     monkeypatch.setattr("speccompile.train.pipeline.run", seen.append)
     for arch in ("mtp", "eagle", "eagle3", "medusa"):
-        result = CliRunner().invoke(cli, ["train-head", "--arch", arch])
+        out = [] if arch == "mtp" else ["--out", "head.safetensors"]  # the shipped head is an MTP head
+        result = CliRunner().invoke(cli, ["train-head", "--arch", arch, *out])
         assert result.exit_code == 0, result.output
-        assert seen[-1] == TrainOptions(arch=arch)
+        assert seen[-1] == TrainOptions(arch=arch, **({"out": out[1]} if out else {}))
     defaults = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
     assert {k for k, v in defaults.items() if v is None} >= set(ARCH_DEFAULTS["medusa"])
     assert seen[-1].lr == ARCH_DEFAULTS["medusa"]["lr"] and seen[0].epochs == 4
@@ -259,8 +260,11 @@ def test_bad_options_one_error_line():
     for option in ("--init", "--gen-bundle", "--draft-vocab-keep"):  # refused before any stage's work
         result = CliRunner().invoke(cli, ["train-head", option, "/nonexistent/x"])
         assert result.exit_code == 2 and result.output == f"error: {option} /nonexistent/x: no such file or directory\n"
-    result = CliRunner().invoke(cli, ["train-head", "--arch", "medusa", "--resume"])
+    result = CliRunner().invoke(cli, ["train-head", "--arch", "medusa", "--resume", "--out", "h.safetensors"])
     assert result.exit_code == 2 and result.output.startswith("error: --resume: Medusa training keeps no checkpoints")
+    for args in (["--arch", "medusa"], ["--target", "tiny:llama"]):  # never into the shipped SmolLM2 MTP head
+        result = CliRunner().invoke(cli, ["train-head", *args])
+        assert result.exit_code == 2 and result.output.startswith("error: --out is required")
 
 
 def test_prompt_set_unchanged():

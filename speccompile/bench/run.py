@@ -91,6 +91,10 @@ class Benchmark:
             raise SpeccompileError(f"--repeats {settings.repeats}: must be at least 1")
         if settings.stream_repeats is not None and settings.stream_repeats < 1:
             raise SpeccompileError(f"--stream-repeats {settings.stream_repeats}: must be at least 1")
+        if settings.limit is not None and settings.limit < 1:
+            raise SpeccompileError(f"--limit {settings.limit}: must be at least 1")
+        if settings.max_new_tokens < 1:
+            raise SpeccompileError(f"--max-new-tokens {settings.max_new_tokens}: must be at least 1")
         self.bundle_dir, self.settings = bundle_dir, settings
         self.dataset = settings.dataset or default_dataset()
         questions = load_questions(self.dataset, settings.categories)
@@ -100,6 +104,9 @@ class Benchmark:
 
         # without the context cache: every method prefills each prompt itself, as the runs it is compared with do
         self.gen = load(bundle_dir, threads=settings.threads, context_cache=False)
+        if settings.max_new_tokens >= self.gen.max_seq_len:
+            raise SpeccompileError(f"--max-new-tokens {settings.max_new_tokens}: leaves no room for a prompt in the "
+                                   f"compiled context of {self.gen.max_seq_len} tokens")
         self.prompts, self.skipped = pick_prompts(questions, settings.limit, self.gen.encode_chat,
                                                   self.gen.max_seq_len - settings.max_new_tokens)
         if self.skipped:

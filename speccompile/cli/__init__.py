@@ -1,4 +1,4 @@
-"""The `speccompile` command: build, generate, inspect, bench, gate, serve.
+"""The `speccompile` command: build, generate, inspect, bench, gate, serve, train-head.
 
 Every failure prints one `error:` line and exits 2 (`gate` exits 1 on a regression)."""
 from __future__ import annotations
@@ -103,8 +103,8 @@ def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, ba
 @click.option("--seed", default=None, type=int)
 @click.option("--drafter", default=None, help="Which of the bundle's drafters (default: its first).")
 @click.option("--num-draft", default=None, type=int, help="Override the drafter's tokens per pass.")
-@click.option("--tree", default=None, help="Draft this tree instead of adaptive drafting (the default): chain:K | "
-              "static:FILE | dynamic:N | adaptive[:D] [+lookup:L].")
+@click.option("--tree", default=None, help="Draft this tree instead of the bundle's (`inspect` shows it; adaptive "
+              "drafting in a default build): chain:K | static:FILE | dynamic:N | adaptive[:D] [+lookup:L].")
 @click.option("--acceptance", default="exact", show_default=True,
               help="exact, or typical[:EPS[,ALPHA]]: LOSSY typical acceptance when sampling (default 0.09,0.3).")
 @click.option("--recalibrate", is_flag=True, help="Measure this machine's cost model for the bundle again.")
@@ -127,6 +127,13 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, dr
     from speccompile import load
     if system is not None and no_chat:
         raise SpeccompileError("--system needs the chat template: drop --no-chat")
+    drafting = [o for o, given in (("--compare", compare), ("--drafter", drafter), ("--num-draft", num_draft),
+                                   ("--tree", tree), ("--acceptance", acceptance != "exact")) if given]
+    if no_speculate and drafting:
+        raise SpeccompileError(f"--no-speculate drafts nothing: drop {', '.join(drafting)}")
+    if acceptance != "exact" and temperature == 0:
+        raise SpeccompileError(f"--acceptance {acceptance}: typical acceptance is for sampling (give --temperature); "
+                               "greedy decoding is exact")
     gen = load(bundle, threads=threads, device=runtime_device(device, backend), context_cache=not no_context_cache,
                cache_bytes=cache_bytes, cache_dir=cache_dir)
     if recalibrate:
@@ -350,7 +357,9 @@ def train_head(**options):
         click.echo(f'error: training needs {e.name}, which is not installed: pip install "speccompile[train]"',
                    err=True)
         sys.exit(2)
-    if not options["out"] and (options["arch"] != "mtp" or options["target"] is not None):
+    stages = set(options["stages"].split(","))
+    writes = stages & {"export", "vocab"} or (options["arch"] == "medusa" and "train" in stages)
+    if writes and not options["out"] and (options["arch"] != "mtp" or options["target"] is not None):
         raise SpeccompileError("--out is required: the default output is the shipped head of the default model, "
                                "trained with --arch mtp on the default target")
     run(TrainOptions(**{**options, "out": options["out"] or DEFAULT_OUT}))

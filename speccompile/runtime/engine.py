@@ -84,8 +84,7 @@ class Engine:
         # shape changes (plain decoding rebinds just the attention bias, once per BIAS_WIDTH_STEP steps; see _bind)
         self._ids, self._pos = np.zeros((1, MAX_STEP_TOKENS), np.int64), np.zeros((1, MAX_STEP_TOKENS), np.int64)
         self._seqlens = np.zeros(1, np.int32)
-        self._steps = np.arange(MAX_STEP_TOKENS, dtype=np.int64)
-        self._rows = np.zeros(MAX_STEP_TOKENS, np.int64)
+        self._steps, self._rows = np.arange(MAX_STEP_TOKENS, dtype=np.int64), np.zeros(MAX_STEP_TOKENS, np.int64)
         self._bound: dict[int, dict[str, tuple]] = {id(self.io): {}, id(self.io_verify): {}}
         self._rebind_inputs = isinstance(self.cache, DeviceKVCache)  # inputs copied at binding (bind_host)
         self._chain = np.tril(np.ones((MAX_STEP_TOKENS, MAX_STEP_TOKENS), bool))  # a chain's visibility

@@ -20,7 +20,7 @@ def check_threads(threads) -> None:
     if threads is None:
         return
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= MAX_THREADS:
-        raise SpeccompileError(f"threads {threads!r}: must be a whole number from 1 to {MAX_THREADS} "
+        raise SpeccompileError(f"--threads {threads!r}: must be a whole number from 1 to {MAX_THREADS} "
                                "(or left unset for all cores)")
 
 

@@ -92,7 +92,7 @@ class TrainOptions:
             self.epochs = int(self.epochs)
 
     def _check_numbers(self) -> None:
-        checks = {"--threads": self.threads >= 1, "--num-prompts": self.num_prompts >= 1,
+        checks = {"--threads": self.threads >= 1, "--num-prompts": self.num_prompts >= 0,
                   "--holdout": 0 < self.holdout < 1, "--sample-frac": 0 <= self.sample_frac <= 1,
                   "--temperature": 0 <= self.temperature < math.inf, "--max-new-tokens": self.max_new_tokens >= 1}
         for option in ("lr", "epochs", "train_minutes"):
@@ -100,8 +100,8 @@ class TrainOptions:
             checks[f"--{option.replace('_', '-')}"] = value is None or 0 < value < math.inf
         bad = [option for option, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"{bad[0]}: out of range (threads, prompts and tokens at least 1; holdout in (0, 1); "
-                             "sample-frac in [0, 1]; lr, epochs and minutes positive)")
+            raise ValueError(f"{bad[0]}: out of range (threads and tokens at least 1, prompts at least 0 (0: all); "
+                             "holdout in (0, 1); sample-frac in [0, 1]; lr, epochs and minutes positive)")
 
     @property
     def stage_list(self) -> list[str]:
