@@ -260,6 +260,8 @@ BUILD = [
                                                       "--out", str(p["root"] / "o41")]),
     ("gguf empty", lambda p: [str(p["root"] / "empty.gguf"), "--out", str(p["root"] / "o18")]),
     ("gguf bad magic", lambda p: [str(p["root"] / "bad-magic.gguf"), "--out", str(p["root"] / "o19")]),
+    ("out empty", lambda p: ["tiny:llama", "--out", ""]),
+    ("max-batch zero", lambda p: ["tiny:llama", "--out", str(p["root"] / "o42"), "--max-batch", "0"]),
     ("out an existing file", lambda p: ["tiny:llama", "--out", str(p["root"] / "plain.txt")]),
     ("out an existing file, forced", lambda p: ["tiny:llama", "--out", str(p["root"] / "plain.txt"), "--force"]),
     ("out a user folder, forced", lambda p: ["tiny:llama", "--out", str(p["root"] / "user-dir"), "--force"]),

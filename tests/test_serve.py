@@ -149,6 +149,9 @@ def test_completions_equal_generate_without_chat_template(state, client):
     streamed = client.completions.create(model="tiny-serve", prompt="zebras argued about", max_tokens=16,
                                          temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in streamed if c.choices) == ref.text
+    listed = client.completions.create(model="tiny-serve", prompt=["zebras argued about"], max_tokens=16,
+                                       temperature=0)  # a list of one prompt, as some clients send
+    assert listed.choices[0].text == ref.text
 
 
 def test_async_client_plain_and_streamed(state, server):

@@ -109,6 +109,8 @@ def _check_request(opts: BuildOptions, drafts: list[str] | None) -> tuple[TreeSp
     specs = [s for s in (DraftSpec.parse(d) for d in drafts or ()) if s is not None]
     if opts.num_draft is not None and not 1 <= opts.num_draft <= 16:
         raise SpeccompileError(f"--num-draft {opts.num_draft}: must be between 1 and 16")
+    if not 1 <= opts.max_batch <= 64:
+        raise SpeccompileError(f"--max-batch {opts.max_batch}: must be between 1 and 64")
     return tree_spec, specs
 
 
@@ -189,9 +191,7 @@ def _batched_target(parts: BundleParts, cfg: ModelConfig, target_w: dict, screen
                     opts: BuildOptions, progress) -> None:
     """The batched form of the target's graph (speccompile.graphs), which concurrent requests share passes through:
     the same weights (target.bin), so it costs the bundle only its graph. Dense GQA models with the fused kernel."""
-    if opts.max_batch < 1 or opts.max_batch > 64:
-        raise SpeccompileError(f"--max-batch {opts.max_batch}: must be between 1 and 64")
-    if opts.max_batch == 1:
+    if opts.max_batch == 1:  # (its range was checked with the other options, _check_request)
         return
     layers = range(cfg.num_hidden_layers)
     if (cfg.is_mla or any(cfg.is_moe_layer(i) for i in layers) or any(cfg.is_sliding(i) for i in layers)

@@ -167,6 +167,8 @@ def check_replaceable(out: str, overwrite: bool) -> None:
     """`out` may be written: it does not exist, or it is a speccompile bundle, holding nothing the manifest does
     not list, and `overwrite` is set. Never a plain file, `/`, the working directory or one of its parents, or
     the home directory or one of its parents, whatever `overwrite` says."""
+    if not out.strip():
+        raise BundleError("--out is empty: name the bundle directory to write")
     if os.path.lexists(out) and not os.path.isdir(out):
         raise BundleError(f"{out} exists and is not a directory; it is never replaced")
     if not os.path.lexists(out):

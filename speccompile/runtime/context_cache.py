@@ -97,7 +97,8 @@ class ContextCache:
         kept. cache_dir: the disk tier's folder (a subfolder per bundle identity, at most disk_bytes of blocks),
         None for memory only."""
         if block_tokens < 1 or max_bytes < 0:
-            raise ValueError("context cache: block_tokens must be >= 1 and max_bytes >= 0")
+            raise ValueError(f"context cache: its bytes (--cache-bytes, cache_bytes) must be at least 0, not "
+                             f"{max_bytes}, and its block at least one token, not {block_tokens}")
         self.identity, self.parts = identity, parts
         self.max_bytes, self.block_tokens = max_bytes, block_tokens
         self.blocks: collections.OrderedDict[str, dict[str, Arrays]] = collections.OrderedDict()  # LRU first

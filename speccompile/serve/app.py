@@ -69,7 +69,10 @@ def create_app(state: ServeState) -> FastAPI:
     @app.post("/v1/completions", dependencies=[authorized])
     async def completions(body: protocol.CompletionRequest, request: Request):
         _check_model(state, body.model)
-        ids = state.gen.tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):  # a list of one text
+            prompt = prompt[0]
+        ids = state.gen.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         return await _respond(state, body, ids, request, chat=False)
 
     return app

@@ -93,7 +93,8 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int]
+    # OpenAI also takes a list of prompts; one choice per request here, so a list of one (as some clients send)
+    prompt: str | list[int] | Annotated[list[str], Field(min_length=1, max_length=1)]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
 
     @property
