@@ -123,6 +123,21 @@ def test_disk_blocks_of_any_damage_are_ignored(tmp_path, kind):
         assert len(unit_cache(cache_dir=str(tmp_path)).lookup(np.arange(9), 9, ["target"])) == 1
 
 
+def test_disk_tier_removes_what_a_killed_writer_left(tmp_path):
+    """A block file under its temporary name, old enough that no live writer owns it, is removed when the disk tier
+    opens; a fresh one (a writer at work) and every other file stay."""
+    store(unit_cache(cache_dir=str(tmp_path)), list(range(8)))
+    (folder,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    old, fresh, other = folder / ".tmp-killed", folder / ".tmp-writing", folder / "notes.txt"
+    for f in (old, fresh, other):
+        f.write_bytes(b"partial")
+    os.utime(old, (0, 0))
+    os.utime(other, (0, 0))
+    unit_cache(cache_dir=str(tmp_path))
+    assert not old.exists() and fresh.exists() and other.exists()
+    assert len(list(folder.glob("*.npz"))) == 2
+
+
 def test_disk_tier_within_its_byte_budget(tmp_path):
     store(unit_cache(cache_dir=str(tmp_path)), [1] * 4)
     (folder,) = [d for d in tmp_path.iterdir() if d.is_dir()]

@@ -20,6 +20,7 @@ import math
 import os
 import tempfile
 import threading
+import time
 import warnings
 import zipfile
 from typing import Callable
@@ -35,6 +36,7 @@ DISK_VERSION = 1
 # what a block's per-position state means; part of every identity, so blocks kept under another meaning never match
 # (2: an MTP/EAGLE head's cache slots shifted one back, runtime/drafters/mtp.py save_state)
 STATE_VERSION = 2
+STALE_TEMPORARY_S = 3600.0  # a temporary block file this old was left by a killed process
 NPY_HEADER_BYTES = 4096  # an .npy member's header, beyond its array's own bytes (a disk block's size check)
 
 Arrays = dict[str, np.ndarray]
@@ -264,7 +266,22 @@ class DiskTier:
                 self.usable = False
         else:
             self._replace(path, lambda f: f.write(json.dumps(self.index).encode()))
+        if self.usable:
+            self._remove_stale_temporaries()
         self.nbytes = sum(size for _, size, _ in self._blocks())
+
+    def _remove_stale_temporaries(self) -> None:
+        """Block files a killed process left half-written under their temporary names, once old enough that no
+        live writer can still own them (a write takes well under a second)."""
+        now = time.time()
+        with os.scandir(self.dir) as entries:
+            for e in entries:
+                try:
+                    if e.name.startswith(".tmp-") and e.is_file(follow_symlinks=False) and \
+                            now - e.stat(follow_symlinks=False).st_mtime > STALE_TEMPORARY_S:
+                        os.unlink(e.path)
+                except OSError:  # another process got there first
+                    pass
 
     def _blocks(self) -> list[tuple[float, int, str]]:
         """(modification time, size, path) of each block file, least recently used first."""
