@@ -230,16 +230,14 @@ def block_bytes(block: dict[str, Arrays]) -> int:
     return sum(a.nbytes for arrays in block.values() for a in arrays.values())
 
 
-def _members_fit(path: str, positions: int, parts: dict[str, Part]) -> bool:
+def _members_fit(members: list[zipfile.ZipInfo], positions: int, parts: dict[str, Part]) -> bool:
     """Every member of a block file is an array the layout names, no larger than that array: checked before any
     is read, so that a small file cannot unpack into gigabytes."""
     limits = {"__key__.npy": 64}  # the block's key: a sha256 in hex
     for p, part in parts.items():
         for n, (shape, dtype) in part.layout.items():
             limits[f"{p}/{n}.npy"] = positions * math.prod(shape) * np.dtype(dtype).itemsize
-    with zipfile.ZipFile(path) as zf:
-        return all(i.filename in limits and i.file_size <= limits[i.filename] + NPY_HEADER_BYTES
-                   for i in zf.infolist())
+    return all(i.filename in limits and i.file_size <= limits[i.filename] + NPY_HEADER_BYTES for i in members)
 
 
 class DiskTier:
@@ -309,10 +307,11 @@ class DiskTier:
         except OSError:
             pass
         try:
-            if not _members_fit(path, positions, parts):
-                warnings.warn(f"context cache: ignoring {path}: its members are not this bundle's layout", stacklevel=4)
-                return None
-            with np.load(path, allow_pickle=False) as z:
+            with np.load(path, allow_pickle=False) as z:  # an .npz only: a plain .npy has no `with`, so it fails
+                if not _members_fit(z.zip.infolist(), positions, parts):
+                    warnings.warn(f"context cache: ignoring {path}: its members are not this bundle's layout",
+                                  stacklevel=4)
+                    return None
                 arrays = {name: z[name] for name in z.files}
         except Exception as e:  # noqa: BLE001 - a corrupt file of any kind costs the cache, never the request
             warnings.warn(f"context cache: ignoring unreadable block {path} ({type(e).__name__})", stacklevel=4)

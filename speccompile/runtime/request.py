@@ -57,16 +57,13 @@ def prompt_ids(gen, prompt, chat: bool) -> np.ndarray:
     if not all(_whole(t) for t in ids) if not isinstance(ids, np.ndarray) else ids.dtype.kind not in "iu":
         raise SpeccompileError("prompt token ids must be whole numbers")
     vocab = gen.target.vocab_size
-    if not isinstance(ids, np.ndarray):  # before int64 could overflow on them
-        bad = [int(t) for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise SpeccompileError(f"prompt token id {bad[0]} is out of range: ids must be 0 <= id < {vocab}")
+    bad = (ids[(ids < 0) | (ids >= vocab)].tolist() if isinstance(ids, np.ndarray)
+           else [t for t in ids if not 0 <= t < vocab])  # before int64 could overflow on them
+    if bad:
+        raise SpeccompileError(f"prompt token id {int(bad[0])} is out of range: ids must be 0 <= id < {vocab}")
     ids = np.asarray(ids, np.int64)
     if ids.ndim != 1:
         raise SpeccompileError(f"prompt token ids: expected one sequence, got shape {ids.shape}")
-    bad = ids[(ids < 0) | (ids >= vocab)]
-    if len(bad):
-        raise SpeccompileError(f"prompt token id {int(bad[0])} is out of range: ids must be 0 <= id < {vocab}")
     return ids
 
 

@@ -41,8 +41,9 @@ class SubmittedStream:
         return self._chunks.throw(*args)
 
     def close(self) -> None:
-        self._chunks.close()
-        self._handle.cancel()
+        self._chunks.close()  # a started stream cancels its handle here (Handle.passes)
+        if not self._handle.cancelled:
+            self._handle.cancel()
 
     def __del__(self):
         # only marked: the next round frees the slot (a finalizer may run inside the scheduler's own lock)

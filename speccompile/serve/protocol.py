@@ -18,10 +18,9 @@ NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logprobs": False, "ec
 def _neutral(key: str, value) -> bool:
     """`value` is `key`'s neutral value: numbers compared as numbers (0.0 is 0), a bool only with a bool."""
     neutral = NEUTRAL[key]
-    if isinstance(value, bool) or isinstance(neutral, bool):
-        return type(value) is type(neutral) and value == neutral
-    if isinstance(neutral, (int, float)):
-        return isinstance(value, (int, float)) and value == neutral
+    number = (int, float)
+    if isinstance(neutral, number) and not isinstance(neutral, bool):
+        return isinstance(value, number) and not isinstance(value, bool) and value == neutral
     return type(value) is type(neutral) and value == neutral
 
 

@@ -23,7 +23,8 @@ def target_hf_dir(source: str | None, work: str) -> str:
         source = resolve_hub_id(source)
     if source and os.path.isdir(source) and os.path.isfile(os.path.join(source, "config.json")):
         return source
-    d, name = os.path.join(work, "target_hf"), source or "default"
+    d = os.path.join(work, "target_hf")
+    name = os.path.abspath(source) if source and os.path.exists(source) else source or "default"  # one spelling
     record = os.path.join(d, "source.json")
     if os.path.isfile(os.path.join(d, "model.safetensors")):  # converted by an earlier run: of this target?
         try:
