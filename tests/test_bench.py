@@ -9,6 +9,7 @@ from speccompile.bench.plot import group_speedups, plot, plot_title
 from speccompile.bench.prompts import default_dataset, load_questions
 from speccompile.bench.run import run_bench
 from speccompile.bench.settings import SCHEMA_VERSION, BenchSettings
+from speccompile.bench import stats
 from speccompile.bench.stats import geometric_mean, paired_interval, repeated_ngram_share
 from speccompile.cli import main
 
@@ -56,6 +57,16 @@ def test_shipped_dataset_covers_every_category():
     ids = [q["question_id"] for qs in questions.values() for q in qs]
     assert len(ids) == 16 and len(set(ids)) == 16
     assert all(len(qs) == 2 and all(q["text"] for q in qs) for qs in questions.values())
+
+
+def test_drafting_passes_are_pooled_over_prompts():
+    """Adaptive drafting's accepted tokens per drafting pass: every pass of every prompt counted once (a prompt
+    with many plain steps weighs by its passes, not as one prompt)."""
+    runs = [{"plain_passes": 10, "committed_per_pass": {"1": 10}},
+            {"plain_passes": 0, "committed_per_pass": {"2": 100}}]
+    hist = stats.pooled_histogram(runs)
+    assert stats.pooled_per_drafting_pass(runs, hist) == 2.0
+    assert stats.pooled_per_drafting_pass([{"plain_passes": None, "committed_per_pass": {"2": 1}}], {"2": 1}) is None
 
 
 def test_repeated_ngram_share():
@@ -217,6 +228,12 @@ def test_bench_cli_bad_input(tiny_bundle, dataset):
     assert invoke("bench", tiny_bundle, "--dataset", dataset, "--drafter", "nope", expect=2).count("error:") == 1
     assert "error:" in invoke("bench", tiny_bundle, "--dataset", dataset, "--drafter", "lookup@bush:3", expect=2)
     assert "error:" in invoke("bench", tiny_bundle, "--dataset", dataset, "--categories", "poetry", expect=2)
+    # refused before anything is timed (the concurrency mode's once ran only after every method had decoded)
+    for options, says in ((("--streams", "0"), "--streams 0"), (("--streams", "4", "--stream-requests", "-1"),
+                                                                 "--stream-requests -1"),
+                          (("--threads", "-1"), "--threads -1"), (("--top-k", "5"), "--top-k 5")):
+        out = invoke("bench", tiny_bundle, "--dataset", dataset, *options, expect=2)
+        assert out.count("error:") == 1 and says in out and "Traceback" not in out, out
 
 
 def test_compare_transformers(tiny_bundle, tmp_path):

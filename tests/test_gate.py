@@ -14,7 +14,8 @@ CATEGORIES = ("writing", "coding")
 
 
 def _figures(speedup: float, accepted: float, rates: list | None) -> dict:
-    return {"paired_speedup": speedup, "mean_accepted_tokens": accepted, "acceptance_rate_per_depth": rates}
+    return {"paired_speedup": speedup, "mean_accepted_tokens": accepted, "acceptance_rate_per_depth": rates,
+            "identical_to_autoregressive": 1.0}
 
 
 def result_doc() -> dict:
@@ -54,7 +55,7 @@ def overall_lookup(doc: dict) -> dict:
 
 
 def test_a_sound_result_passes_and_a_regression_fails(tmp_path):
-    assert "gate passed: 7 figures" in gate(tmp_path, result_doc(), result_doc(), expect=0)
+    assert "gate passed: 8 figures" in gate(tmp_path, result_doc(), result_doc(), expect=0)
     worse = result_doc()
     overall_lookup(worse)["paired_speedup"] = 1.0
     assert "gate FAILED: speedup lookup" in gate(tmp_path, worse, result_doc(), expect=1)
@@ -68,7 +69,7 @@ def test_an_adaptive_method_is_held_by_its_speedup_and_the_floors(tmp_path):
             group["lookup"] |= {"plain_pass_share": 0.1, "mean_accepted_tokens": accepted, "paired_speedup": speedup}
         return doc
     base = adaptive(result_doc(), 1.5)
-    assert "gate passed: 2 figures" in gate(tmp_path, adaptive(result_doc(), 1.2), base, "--min-accepted", 1.1,
+    assert "gate passed: 3 figures" in gate(tmp_path, adaptive(result_doc(), 1.2), base, "--min-accepted", 1.1,
                                             expect=0)
     assert "below the floor 1.3" in gate(tmp_path, adaptive(result_doc(), 1.2), base, "--min-accepted", 1.3,
                                          expect=1)
@@ -80,6 +81,37 @@ def test_adaptive_accepted_tokens_count_the_drafting_passes():
     doc = result_doc()
     overall_lookup(doc).update(plain_pass_share=0.5, mean_accepted_tokens=1.4)
     assert gated_figures(doc)["accepted lookup per drafting pass"] == pytest.approx(1.8)
+
+
+def test_adaptive_accepted_tokens_pooled_by_the_bench_are_preferred():
+    """The bench pools the drafting passes over every prompt; the estimate from the mean plain share (an
+    unweighted mean over prompts) is kept only for results that predate that figure."""
+    doc = result_doc()
+    overall_lookup(doc).update(plain_pass_share=0.5, mean_accepted_tokens=1.4, mean_accepted_per_drafting_pass=1.9)
+    assert gated_figures(doc)["accepted lookup per drafting pass"] == pytest.approx(1.9)
+
+
+def test_speculative_output_unlike_plain_decoding_fails(tmp_path):
+    """A verifier that took a wrong draft would look faster: under greedy decoding an exact method's output must
+    equal plain decoding's on every prompt, whatever its baseline says; a lossy acceptance is not held to it."""
+    bad = result_doc()
+    overall_lookup(bad)["identical_to_autoregressive"] = 0.5
+    assert "FAIL: below the floor 1" in gate(tmp_path, bad, result_doc(), expect=1)
+    typical = result_doc()
+    typical["methods"][1]["name"] = "lookup~typical"
+    typical["summary"]["overall"]["lookup~typical"] = typical["summary"]["overall"].pop("lookup")
+    for group in typical["summary"]["by_category"].values():
+        group["lookup~typical"] = group.pop("lookup")
+    assert "identical lookup~typical" not in gated_figures(typical)
+
+
+def test_a_sampled_result_is_not_compared_with_a_greedy_baseline(tmp_path):
+    sampled = result_doc()
+    sampled["settings"].update(temperature=0.7, top_k=20)
+    assert "temperature differs" in refused(tmp_path, sampled, result_doc())
+    explicit = result_doc()
+    explicit["settings"].update(temperature=0.0, top_k=0)  # a baseline without the keys decoded greedily
+    assert "gate passed" in gate(tmp_path, explicit, result_doc(), expect=0)
 
 
 def test_speedups_measured_on_another_cpu_are_held_by_their_floors(tmp_path):
@@ -153,8 +185,9 @@ def test_a_baseline_without_figures_is_refused(tmp_path):
     lambda d: d["bundle"].update(drafters={"lookup": 4}),
     lambda d: d.update(prompts=[1, 2]),
     lambda d: overall_lookup(d).update(acceptance_rate_per_depth="0.4 0.3"),
+    lambda d: d.update(machine="a fast one"),
 ], ids=["summary a list", "overall a string", "no categories", "nameless method", "drafters an object",
-        "prompts numbers", "rates a string"])
+        "prompts numbers", "rates a string", "machine a string"])
 def test_a_malformed_result_is_refused(tmp_path, mutate):
     doc = result_doc()
     mutate(doc)

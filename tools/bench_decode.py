@@ -115,7 +115,7 @@ def llama_cpp_methods(args, gen, methods: dict, notes: list) -> None:
 def float32_methods(args, methods: dict, notes: list) -> None:
     """The float32 build of the same model (--float32-bundle): plain decoding and its first drafter."""
     import speccompile
-    f32 = speccompile.load(args.float32_bundle, threads=args.threads)
+    f32 = speccompile.load(args.float32_bundle, threads=args.threads, context_cache=False)
     for drafter in (None, *f32.drafter_names[:1]):
         def run(ids, n, drafter=drafter):
             r = f32.generate(ids, max_new_tokens=n, drafter=drafter, speculate=drafter is not None)
@@ -231,7 +231,7 @@ def print_report(summary, ratios, notes, n_prompts, args) -> None:
           "'prefix': mean share of ours:ar's tokens matched before the first difference")
 
 
-def plot(summary, path) -> None:
+def plot(summary, path, settings: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -247,7 +247,7 @@ def plot(summary, path) -> None:
         ax.text(med[i], i, f" {med[i]:.1f}  (x{summary[m]['x_ours_ar']:.2f})", va="bottom", fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("median tokens/s (bars: p25-p75 over prompts); x = ratio to ours:ar")
-    ax.set_title("Decode speed, same target, greedy")
+    ax.set_title(f"Decode speed, same target, greedy\n{settings}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -280,7 +280,7 @@ def main() -> None:
     if load > 0.5:  # timings share the CPU with whatever else runs: say so rather than publish skewed numbers
         log(f"warning: 1-min load average is {load:.2f} before the benchmark; timings will be noisy")
     import speccompile
-    gen = speccompile.load(args.bundle, threads=args.threads)
+    gen = speccompile.load(args.bundle, threads=args.threads, context_cache=False)
     eos = set(gen.tokenizer.eos_token_ids)
     prompts = pick_prompts(args.questions, args.limit, gen.encode_chat, gen.max_seq_len - args.max_new_tokens)
     gen.generate(prompts[0]["ids"], max_new_tokens=args.max_new_tokens)  # ours alone in the process so far
@@ -340,7 +340,9 @@ def main() -> None:
                        "runs": [{m: {k: v for k, v in r.items() if k != "tokens"} for m, r in run.items()}
                                 for run in runs]}, f, indent=1)
     if args.plot:
-        plot(summary, args.plot)
+        plot(summary, args.plot, f"{os.path.basename(os.path.normpath(args.bundle))}, {args.limit} Spec-Bench "
+             f"prompts, {args.max_new_tokens} new tokens, prefill included, {args.threads} threads, "
+             f"{time.strftime('%Y-%m-%d')}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import json, sys, time, statistics
 import speccompile
 from speccompile.bench.prompts import default_dataset
 b=sys.argv[1]; n=int(sys.argv[2]); M=int(sys.argv[3]); spec=sys.argv[4]=="spec"
-g=speccompile.load(b, threads=2)
+g=speccompile.load(b, threads=2, context_cache=False)
 qs=[json.loads(l) for l in open(sys.argv[5] if len(sys.argv) > 5 else default_dataset())]
 prompts=[q["turns"][0] for q in qs[::max(1,len(qs)//n)]][:n]
 sched=g.scheduler

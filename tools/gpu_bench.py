@@ -62,7 +62,7 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     args = ap.parse_args()
     t0 = time.perf_counter()
-    gen = speccompile.load(args.bundle, device=args.device)
+    gen = speccompile.load(args.bundle, device=args.device, context_cache=False)
     load_s = time.perf_counter() - t0
     questions = [q for qs in load_questions(default_dataset()).values() for q in qs][:args.prompts]
     gen.generate("Warm up the kernels.", max_new_tokens=16)  # first-call allocations, autotuning

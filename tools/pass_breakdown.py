@@ -138,7 +138,7 @@ def main():
     ap.add_argument("--prompts", type=int, default=10)
     ap.add_argument("--lengths", default="121,250,400,700")
     a = ap.parse_args()
-    g = speccompile.load(a.bundle, threads=a.threads)
+    g = speccompile.load(a.bundle, threads=a.threads, context_cache=False)
     entry = g.manifest["models"]["target"]
     cfg, layers = entry["config"], entry["num_layers"]
     whole_pass(g, a.prompts)

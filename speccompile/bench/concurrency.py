@@ -71,8 +71,10 @@ def figures(results: list[dict], wall: float) -> dict:
 
 
 def measure_concurrency(gen, prompts: list[dict], max_new_tokens: int, streams: tuple[int, ...], requests: int,
-                        method: str | None, repeats: int = 1, log=lambda msg: None) -> dict:
-    """The concurrency section of a bench result (see the module docstring); method: a drafter, as NAME[@TREE]."""
+                        method: str | None, repeats: int = 1, log=lambda msg: None,
+                        on_run=lambda label: None) -> dict:
+    """The concurrency section of a bench result (see the module docstring); method: a drafter, as NAME[@TREE].
+    on_run is called after each timed serving run (the progress bar's)."""
     drafter, tree = split_method(method) if method else (None, None)
     if any(n < 1 for n in streams):
         raise SpeccompileError(f"--streams {','.join(map(str, streams))}: stream counts must be at least 1")
@@ -86,7 +88,12 @@ def measure_concurrency(gen, prompts: list[dict], max_new_tokens: int, streams: 
     for _ in range(repeats):  # each repeat: one after another, then each N, so a ratio's two runs are neighbours
         log(f"serving {len(ids)} requests one after another, then with {', '.join(map(str, streams))} streams")
         seq = serve(gen, ids, max_new_tokens, 0, drafter, tree)
-        runs.append((seq, {n: serve(gen, ids, max_new_tokens, n, drafter, tree) for n in streams}))
+        on_run("serving one after another")
+        by_n = {}
+        for n in streams:
+            by_n[n] = serve(gen, ids, max_new_tokens, n, drafter, tree)
+            on_run(f"serving {n} streams")
+        runs.append((seq, by_n))
     sequential = max((seq for seq, _ in runs), key=lambda r: r["tokens_per_second"])
     out = {"drafter": method, "requests": len(ids), "max_new_tokens": max_new_tokens, "repeats": repeats,
            "batched_graph": gen.scheduler is not None, "sequential": sequential, "streams": {}}
@@ -103,7 +110,7 @@ def measure_concurrency(gen, prompts: list[dict], max_new_tokens: int, streams: 
 
 def format_concurrency(section: dict) -> str:
     seq = section["sequential"]
-    lines = [f"concurrency: {section['requests']} requests x {section['max_new_tokens']} tokens, drafter "
+    lines = [f"concurrency: {section['requests']} requests x {section['max_new_tokens']} tokens, greedy, drafter "
              f"{section['drafter'] or 'none'}; one after another {seq['tokens_per_second']:.1f} tok/s",
              f"{'streams':>8s} {'tok/s':>8s} {'vs seq':>7s} {'TTFT p50/p90 s':>16s} {'TPOT p50/p90 ms':>16s}  identical"]
     for n, r in section["streams"].items():

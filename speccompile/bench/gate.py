@@ -16,6 +16,9 @@ M of the baseline (all of them higher-is-better):
     drafting pass` (the tokens committed by the passes that verified drafts: its plain steps, which commit one
     token each, left out), held by the floor only.
 
+    identical M                 (greedy results, M with exact acceptance) the share of prompts whose output
+                                equals autoregressive decoding's; below 1.0 always fails
+
     concurrency N streams       (results with a concurrency section, bench --streams) aggregate tokens/s of N
                                 concurrent streams over serving the same requests one after another, in one run
     concurrency identical       the smallest share of requests whose tokens equal their sequential run's, over
@@ -43,7 +46,8 @@ from speccompile.bench.settings import SCHEMA_VERSION
 from speccompile.errors import SpeccompileError
 
 # Settings that change what is decoded: results that differ in them are not comparable.
-DECODING_SETTINGS = ("max_new_tokens", "tree", "dataset_sha256")
+# Each with the value an older result that lacks the key decoded with.
+DECODING_SETTINGS = {"max_new_tokens": None, "tree": None, "dataset_sha256": None, "temperature": 0.0, "top_k": 0}
 # Settings that change only timings: a difference is worth a note, not a refusal.
 TIMING_SETTINGS = ("threads", "repeats")
 
@@ -104,6 +108,8 @@ def _check_structure(path: str, result: dict) -> None:
         raise GateInputError(f"{path}: every method needs a name")
     if not all(isinstance(p, dict) for p in result["prompts"]):
         raise GateInputError(f"{path}: every prompt must be an object")
+    if not isinstance(result.get("machine", {}), dict):
+        raise GateInputError(f"{path}: 'machine' must be an object")
 
 
 def _drafters(result: dict) -> list:
@@ -117,9 +123,10 @@ def check_comparable(baseline: dict, result: dict) -> list[str]:
         problems.append("the bundles were built from different model sources")
     if _drafters(baseline) != _drafters(result):
         problems.append(f"the bundles' drafters differ ({_drafters(baseline)} vs {_drafters(result)})")
-    for key in DECODING_SETTINGS:
-        if baseline["settings"].get(key) != result["settings"].get(key):
-            problems.append(f"{key} differs ({baseline['settings'].get(key)!r} vs {result['settings'].get(key)!r})")
+    for key, default in DECODING_SETTINGS.items():
+        before, now = baseline["settings"].get(key, default), result["settings"].get(key, default)
+        if before != now:
+            problems.append(f"{key} differs ({before!r} vs {now!r})")
     if [p.get("question_id") for p in baseline["prompts"]] != [p.get("question_id") for p in result["prompts"]]:
         problems.append("the prompts differ")
     if problems:
@@ -158,8 +165,11 @@ def _method_figures(name: str, overall: dict, by_category: dict) -> dict:
 
 
 def per_drafting_pass(summary: dict):
-    """Mean accepted tokens over the passes that verified drafts: every pass commits mean_accepted_tokens on
-    average, a plain step (plain_pass_share of them) exactly one."""
+    """Mean accepted tokens over the passes that verified drafts: pooled over the passes by the bench; from a
+    result that predates that figure, estimated from the pooled mean and the mean plain-pass share (every pass
+    commits mean_accepted_tokens on average, a plain step exactly one)."""
+    if summary.get("mean_accepted_per_drafting_pass") is not None:
+        return summary["mean_accepted_per_drafting_pass"]
     mean, plain = summary.get("mean_accepted_tokens"), summary.get("plain_pass_share")
     for value in (mean, plain):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -172,12 +182,18 @@ def gated_figures(result: dict, where: str = "bench result") -> dict[str, float]
     finite number: a figure the gate cannot read is refused, never skipped."""
     figures = {}
     overall, by_category = result["summary"]["overall"], result["summary"]["by_category"]
+    greedy = not result["settings"].get("temperature")
     for method in result["methods"]:
         if method.get("engine") == "speccompile" and method.get("drafter"):
+            name = method["name"]
             try:
-                figures.update(_method_figures(method["name"], overall, by_category))
+                figures.update(_method_figures(name, overall, by_category))
             except GateInputError as e:
                 raise GateInputError(f"{where}: {e}") from None
+            # exact acceptance (no lossy "~ACCEPTANCE", bench.methods): a verifier that took a wrong draft would
+            # look faster, so its identity with plain decoding is held to 1.0
+            if greedy and "~" not in name:
+                figures[f"identical {name}"] = overall[name].get("identical_to_autoregressive")
     figures |= concurrency_figures(result)
     return {k: check_figure(k, v, where) for k, v in figures.items()}
 
@@ -208,20 +224,21 @@ def compare(baseline: dict, result: dict, max_regression: float = 0.05, min_spee
         raise GateInputError(f"the result lacks figures the baseline has: {', '.join(missing[:5])}")
     rows = []
     same_cpu = baseline.get("machine", {}).get("cpu") == result.get("machine", {}).get("cpu")
-    new = {name: None for name in now if name.startswith("concurrency") and name not in before}
+    new = {name: None for name in now if name.startswith(("concurrency", "identical ")) and name not in before}
     for name, base in (before | new).items():
         row = Row(name, base, now[name])
         reasons = []
         # the concurrency ratio swings with the machine's load more than the paired speedups, and adaptive
         # drafting's accepted tokens with the pass times it measures: floors hold them
-        floor_only = (name.startswith("concurrency") or name.endswith(ADAPTIVE) or
+        floor_only = (name.startswith(("concurrency", "identical ")) or name.endswith(ADAPTIVE) or
                       name.startswith("speedup ") and not same_cpu)
         if row.change is not None and row.change < -max_regression and not floor_only:
             reasons.append(f"{row.change:+.1%}, more than the allowed -{max_regression:.1%}")
         floor = (min_speedup if name.startswith("speedup ") else
                  min_accepted if name.startswith("accepted ") and " / " not in name else
                  min_concurrency if name == "concurrency 4 streams" else
-                 MIN_IDENTICAL_SHARE if name == "concurrency identical" else None)
+                 MIN_IDENTICAL_SHARE if name == "concurrency identical" else
+                 1.0 if name.startswith("identical ") else None)
         if floor is not None and row.now < floor:
             reasons.append(f"below the floor {floor:g}")
         row.failure = "; ".join(reasons) or None

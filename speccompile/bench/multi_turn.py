@@ -71,6 +71,8 @@ def run_chat(gen, messages_in: list[str], max_new_tokens: int, drafter: str | No
 
 
 def run_multi_turn(bundle: str, settings: MultiTurnSettings, log: Callable[[str], None] = print) -> dict:
+    if settings.limit is not None and settings.limit < 1:
+        raise SpeccompileError(f"--limit {settings.limit}: must be at least 1")
     gen = load(bundle, threads=settings.threads)
     cache = gen.context_cache
     def fits(first: str) -> bool:  # room for every answer and a short follow-up (a template's worth of tokens)

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from speccompile.bench.methods import split_method
+from speccompile.bench.methods import split_acceptance, split_method
 from speccompile.bench.settings import AUTOREGRESSIVE, TRANSFORMERS, Method
 from speccompile.compile.sources import load_checkpoint, save_hf_dir
 from speccompile.errors import SpeccompileError
@@ -71,7 +71,8 @@ def transformers_drafting(gen, drafter: str, target, workdir: str) -> dict | Non
     return None
 
 
-def transformers_methods(gen, drafters: list[str], threads: int | None, workdir: str, log) -> list[Method]:
+def transformers_methods(gen, drafters: list[str], threads: int | None, workdir: str, log,
+                         temperature: float = 0.0, top_k: int = 0) -> list[Method]:
     import torch
     import transformers
     transformers.logging.set_verbosity_error()  # its deprecation chatter would garble the progress bar
@@ -80,20 +81,24 @@ def transformers_methods(gen, drafters: list[str], threads: int | None, workdir:
         torch.set_num_threads(threads)  # process-wide; the same core count as ours
     target = load_hf_model(gen.manifest["source"], workdir)
     eos = list(gen.tokenizer.eos_token_ids)
+    # the same decoding as ours: greedy, or sampled at the temperature (top-k 0 is off in transformers too)
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k} if temperature else {"do_sample": False}
 
     def runner(drafting: dict):
         def run(ids, max_new_tokens):
             with torch.inference_mode():
                 x = torch.tensor([ids], dtype=torch.long)
                 out = target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                                      do_sample=False, eos_token_id=eos, pad_token_id=eos[0], **drafting)
+                                      eos_token_id=eos, pad_token_id=eos[0], **sampling, **drafting)
             return {"token_ids": out[0, len(ids):].tolist()}
         return run
 
     base = f"{TRANSFORMERS}:{AUTOREGRESSIVE}"
     methods = [Method(base, TRANSFORMERS, None, base, AUTOREGRESSIVE, runner({}))]
     for d in drafters:
-        drafting = None if split_method(d)[1] else transformers_drafting(gen, d, target, workdir)
+        # a tree of our own choosing, or a lossy acceptance, has no transformers counterpart
+        drafting = None if split_method(d)[1] or split_acceptance(d)[1] else \
+            transformers_drafting(gen, d, target, workdir)
         if drafting is None:
             log(f"transformers has no counterpart of drafter {d}; not compared")
             continue

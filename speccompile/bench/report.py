@@ -26,6 +26,7 @@ JSON result, schema_version 1 (all times in seconds, rates in tokens/s, bandwidt
                        ttft_s, mean_accepted_tokens, verify_steps, committed_per_pass {"n": passes},
                        acceptance_rate_per_depth [float], draft_nodes_per_pass (draft nodes verified per pass),
                        plain_pass_share (adaptive drafting: the share of passes it drafted nothing for, else null),
+                       plain_passes (adaptive drafting: how many, else null),
                        achieved_weight_bandwidth_gbps,
                        time_shares {target, drafter, host}: the run's wall time inside the target's graph, inside
                        the drafters' graphs, and the rest (the host's own work), as shares (null where unknown),
@@ -38,7 +39,9 @@ JSON result, schema_version 1 (all times in seconds, rates in tokens/s, bandwidt
                                  acceptance_rate_per_depth, committed_per_pass, median_ttft_s,
                                  median_achieved_bandwidth_gbps, bandwidth_fraction, identical_to_autoregressive,
                                  repeated_ngram_share, draft_nodes_per_pass, plain_pass_share (means over
-                                 prompts), time_shares (pooled by seconds), speed_vs_transformers}}
+                                 prompts), mean_accepted_per_drafting_pass (pooled over the passes that
+                                 verified drafts; null without adaptive drafting), time_shares (pooled by
+                                 seconds), speed_vs_transformers}}
                       speedup: median tokens/s over the baseline's median in the same group (ratio of medians);
                       paired_speedup: the geometric mean over prompts of each prompt's tokens/s over the
                       baseline's on the same prompt (what `speccompile gate` gates: steadier and more sensitive);

@@ -1,8 +1,8 @@
 """`speccompile bench`: Spec-Bench-style decode benchmark of a bundle, speculative against autoregressive.
 
 One process; after an untimed warm-up, every method (plain autoregressive decoding of the compiled target, then
-each chosen drafter) decodes each prompt greedily, methods interleaved prompt by prompt with the order rotated, so
-no method always runs right after the same other one. With `repeats` R each prompt is decoded R times per method
+each chosen drafter) decodes each prompt greedily, methods interleaved prompt by prompt in an order shuffled afresh
+each round (seeded), so no method keeps running right after the same other one. With `repeats` R each prompt is decoded R times per method
 and the fastest run is kept (best-of-R: noise on a shared machine only ever slows a run down). A run's time covers
 prompt ids to the last token, prefill included, measured outside the method the same way for every method.
 `compare_transformers` then runs the same target (and, where transformers has one, the same drafting) through
@@ -12,6 +12,7 @@ The result document is described in speccompile.bench.report.
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 import time
 from typing import Callable
@@ -19,13 +20,14 @@ from typing import Callable
 from speccompile import load
 from speccompile.bench.concurrency import measure_concurrency
 from speccompile.bench.machine import measure_machine_bandwidth, peak_rss_mib
-from speccompile.bench.methods import choose_drafters, speccompile_methods
+from speccompile.bench.methods import choose_drafters, speccompile_methods, split_method
 from speccompile.bench.peers import transformers_methods
 from speccompile.bench.prompts import default_dataset, load_questions, pick_prompts
 from speccompile.bench.report import result_document
 from speccompile.bench.settings import BenchSettings, Method
 from speccompile.bench.stats import repeated_ngram_share
 from speccompile.errors import SpeccompileError
+from speccompile.runtime.sessions import check_threads
 
 
 def timed_run(method: Method, ids: list[int], max_new_tokens: int, eos: set[int]) -> dict:
@@ -46,6 +48,7 @@ def timed_run(method: Method, ids: list[int], max_new_tokens: int, eos: set[int]
             "draft_nodes_per_pass": stats["proposed"] / stats["verify_steps"] if stats.get("verify_steps") else None,
             "plain_pass_share": (stats["adaptive"]["plain_passes"] / stats["adaptive"]["passes"]
                                  if (stats.get("adaptive") or {}).get("passes") else None),
+            "plain_passes": (stats.get("adaptive") or {}).get("plain_passes"),
             "achieved_weight_bandwidth_gbps": stats.get("achieved_weight_bandwidth_gbps"),
             "time_shares": time_shares(out.get("graph_s"), seconds),
             "repeated_ngram_share": repeated_ngram_share(ids, tokens)}
@@ -62,15 +65,15 @@ def time_shares(graph_s: dict | None, seconds: float) -> dict | None:
 
 def measure(methods: list[Method], prompts: list[dict], settings: BenchSettings, eos: set[int],
             on_run: Callable[[str], None]) -> None:
-    """Fill each prompt's `runs` with the best of `repeats` runs per method, methods interleaved and rotated."""
+    """Fill each prompt's `runs` with the best of `repeats` runs per method, methods interleaved and shuffled."""
     for m in methods:  # warm-up: first runs allocate arenas and page in weights
         timed_run(m, prompts[0]["ids"], min(settings.warmup_tokens, settings.max_new_tokens), eos)
-    turn = 0
+    shuffle = random.Random(0).shuffle
     for p in prompts:
         best: dict[str, dict] = {}
         for _ in range(settings.repeats):
-            order = methods[turn % len(methods):] + methods[:turn % len(methods)]
-            turn += 1
+            order = list(methods)
+            shuffle(order)  # a fresh order every round: no method keeps the same neighbour (cache, clock, heat)
             for m in order:
                 run = timed_run(m, p["ids"], settings.max_new_tokens, eos)
                 if m.name not in best or run["seconds"] < best[m.name]["seconds"]:
@@ -95,6 +98,15 @@ class Benchmark:
             raise SpeccompileError(f"--limit {settings.limit}: must be at least 1")
         if settings.max_new_tokens < 1:
             raise SpeccompileError(f"--max-new-tokens {settings.max_new_tokens}: must be at least 1")
+        check_threads(settings.threads)  # before the bandwidth probe's worker processes get it
+        if any(n < 1 for n in settings.streams):
+            raise SpeccompileError(f"--streams {','.join(map(str, settings.streams))}: stream counts must be at "
+                                   "least 1")
+        if settings.streams and settings.stream_requests < 1:
+            raise SpeccompileError(f"--stream-requests {settings.stream_requests}: must be at least 1")
+        if settings.top_k and not settings.temperature:
+            raise SpeccompileError(f"--top-k {settings.top_k}: samples, so it needs a --temperature above 0 "
+                                   "(greedy decoding has no top-k)")
         self.bundle_dir, self.settings = bundle_dir, settings
         self.dataset = settings.dataset or default_dataset()
         questions = load_questions(self.dataset, settings.categories)
@@ -119,11 +131,15 @@ class Benchmark:
         self.workdir = tempfile.TemporaryDirectory(prefix="speccompile-bench-")
         if settings.compare_transformers:
             log("loading the target in transformers")
-            self.theirs = transformers_methods(self.gen, self.drafters, settings.threads, self.workdir.name, log)
+            self.theirs = transformers_methods(self.gen, self.drafters, settings.threads, self.workdir.name, log,
+                                               settings.temperature, settings.top_k)
+        self.log = log
 
     @property
     def total_runs(self) -> int:
-        return len(self.prompts) * self.settings.repeats * (len(self.ours) + len(self.theirs))
+        s = self.settings
+        serving = (s.stream_repeats or s.repeats) * (len(s.streams) + 1) if s.streams else 0  # concurrency runs
+        return len(self.prompts) * s.repeats * (len(self.ours) + len(self.theirs)) + serving
 
     def run(self, on_run: Callable[[str], None] = lambda label: None) -> dict:
         """Time every method (`on_run` is called after each timed run); return the result document."""
@@ -133,9 +149,8 @@ class Benchmark:
             measure(self.ours, self.prompts, s, eos, on_run)
             rss_ours = peak_rss_mib()
             concurrency = measure_concurrency(self.gen, self.prompts, s.max_new_tokens, s.streams, s.stream_requests,
-                                              self.drafters[0] if self.drafters else None,
-                                              s.stream_repeats or s.repeats) if s.streams \
-                else None
+                                              self.concurrency_method(), s.stream_repeats or s.repeats, self.log,
+                                              on_run) if s.streams else None
             if self.theirs:
                 measure(self.theirs, self.prompts, s, eos, on_run)
         finally:
@@ -144,6 +159,16 @@ class Benchmark:
         if concurrency:
             doc["concurrency"] = concurrency
         return doc
+
+
+    def concurrency_method(self) -> str | None:
+        """The first chosen drafter as the concurrency mode runs it: NAME[@TREE], the tree --tree gives unless
+        the method names its own (greedy, so an acceptance suffix would change nothing and is left off)."""
+        if not self.drafters:
+            return None
+        name, tree = split_method(self.drafters[0])
+        tree = tree or self.settings.tree
+        return f"{name}@{tree}" if tree else name
 
 
 def run_bench(bundle_dir: str, settings: BenchSettings, log: Callable[[str], None] = lambda msg: None) -> dict:

@@ -56,6 +56,16 @@ def pooled_mean_accepted(hist: dict[str, int] | None) -> float | None:
     return sum(int(n) * c for n, c in hist.items()) / passes if passes else 1.0  # no verify pass: plain decoding
 
 
+def pooled_per_drafting_pass(runs: list[dict], hist: dict[str, int] | None) -> float | None:
+    """Mean tokens committed by the passes that verified drafts, pooled over every run's passes (adaptive
+    drafting's plain steps, which commit one token each, left out); None where a run does not count them."""
+    if hist is None or any(r.get("plain_passes") is None for r in runs):
+        return None
+    passes, plain = sum(hist.values()), sum(r["plain_passes"] for r in runs)
+    committed = sum(int(n) * c for n, c in hist.items())
+    return 1.0 if passes <= plain else (committed - plain) / (passes - plain)
+
+
 def mean_rate_per_depth(runs: list[dict]) -> list[float] | None:
     rates = [r["acceptance_rate_per_depth"] for r in runs if r["acceptance_rate_per_depth"] is not None]
     if not rates:
@@ -110,6 +120,7 @@ def _group_figures(method: Method, runs: list[dict], bandwidth_gbps: float) -> d
         "repeated_ngram_share": _mean(r.get("repeated_ngram_share") for r in runs),
         "draft_nodes_per_pass": _mean(r.get("draft_nodes_per_pass") for r in runs) if method.drafter else None,
         "plain_pass_share": _mean(r.get("plain_pass_share") for r in runs),
+        "mean_accepted_per_drafting_pass": pooled_per_drafting_pass(runs, hist) if method.drafter else None,
         "time_shares": mean_time_shares(runs),
     }
 
