@@ -247,7 +247,7 @@ def random_case(rng, hq, hkv, d, committed, n):
     value = np.zeros_like(key)
     key[:, :, :committed] = rng.standard_normal((1, hkv, committed, d))
     value[:, :, :committed] = rng.standard_normal((1, hkv, committed, d))
-    cos, sin = ta.rope_tables(LMAX, d, 10000.0)
+    cos, sin = ta.rope_tables(LMAX + 1, d, 10000.0)  # as the graphs declare them: lmax + 1 rows
     pos = (committed + anc.sum(1) - 1)[None].astype(np.int64)
     bias = np.full((1, 1, n, LMAX), -np.inf, np.float32)
     bias[0, 0, :, :committed] = 0
@@ -393,6 +393,62 @@ def test_mla_model_is_refused_before_writing(tmp_path, stub_tensorrt):
     assert not (tmp_path / "b").exists() and not stub_tensorrt
 
 
+def test_head_drafters_build_for_tensorrt_at_the_default_draft_precision(tmp_path, stub_tensorrt):
+    """The heads' int8 form is onnxruntime's MatMulNBits, which TensorRT does not take: a TensorRT build puts them
+    in float32 (the default build, whose shipped MTP head is int8 by default, once failed here); Medusa's fused
+    norm (SimplifiedLayerNormalization in the ONNX domain) gets its TensorRT form."""
+    import safetensors.numpy as sn
+    from speccompile.compile.presets import tiny_mtp_head
+    from test_mtp import medusa_heads
+    cfg = load_checkpoint("tiny:llama").config
+    sn.save_file(tiny_mtp_head(cfg), str(tmp_path / "mtp.safetensors"))
+    sn.save_file(medusa_heads(cfg, K=2), str(tmp_path / "medusa.safetensors"))
+    notes = []
+    build_bundle("tiny:llama", str(tmp_path / "b"), drafts=[f"mtp:{tmp_path}/mtp.safetensors",
+                                                            f"medusa:{tmp_path}/medusa.safetensors"],
+                 max_seq_len=LMAX, backend="tensorrt", progress=notes.append)
+    assert any("draft heads in float32" in n for n in notes)
+    built = sorted(name for name, _ in stub_tensorrt)
+    assert "mtp_head.trt.onnx" in built and "medusa.trt.onnx" in built, built
+
+
+def test_runtime_tensorrt_without_a_gpu_is_a_clear_error(fake_trt_bundle, monkeypatch):
+    import speccompile
+    from speccompile.runtime import trt_engine
+    monkeypatch.setattr(trt_engine.TensorRTEngine, "buffer_device", "cuda")
+    monkeypatch.setattr(trt_engine, "cuda_gpu", lambda: (None, "no NVIDIA driver: libcuda.so.1 not found"))
+    with pytest.raises(SpeccompileError, match="needs a CUDA GPU: no NVIDIA driver"):
+        speccompile.load(fake_trt_bundle, device="tensorrt")
+
+
+def test_cost_model_calibrates_tensorrt_engines(tmp_path, monkeypatch, stub_tensorrt):
+    """Calibration times each drafter's own graph by its input names, which a TensorRT engine has without an
+    onnxruntime session (it once read `engine.session`)."""
+    import safetensors.numpy as sn
+    import speccompile
+    from speccompile.compile.presets import tiny_mtp_head
+    from speccompile.runtime.trt_engine import TensorRTEngine
+
+    def build_engine(toolchain, onnx_path, engine_path, input_dims, bounds):
+        with open(engine_path, "wb") as f:
+            f.write(os.path.basename(onnx_path).replace(".trt.onnx", ".onnx").encode())
+        return {"profile": {}}
+
+    monkeypatch.setattr(trt_backend, "build_engine", build_engine)
+    cfg = load_checkpoint("tiny:llama").config
+    sn.save_file(tiny_mtp_head(cfg), str(tmp_path / "mtp.safetensors"))
+    out = str(tmp_path / "trt")
+    build_bundle("tiny:llama", out, drafts=[f"mtp:{tmp_path}/mtp.safetensors"], max_seq_len=128,
+                 backend="tensorrt", progress=quiet)
+    monkeypatch.setitem(__import__("sys").modules, "tensorrt", FakeTensorRT(out))
+    monkeypatch.setenv(trt_backend.PLUGIN_ENV, str(tmp_path / "libstub_plugin.so"))
+    monkeypatch.setattr(TensorRTEngine, "buffer_device", "cpu")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    gen = speccompile.load(out, device="tensorrt")
+    r = gen.generate(list(range(3, 13)), 8, drafter="mtp", tree="adaptive")
+    assert len(r.token_ids) == 8
+
+
 # --- real engines (a GPU with TensorRT) ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -441,7 +497,7 @@ class TrtEngine:
             if isinstance(a, np.ndarray):
                 a = cuda_array(a.astype(self.dtype(name)))
             keep[name] = a
-            self.context.set_input_shape(name, tuple(a.shape()))
+            assert self.context.set_input_shape(name, tuple(a.shape())), (name, a.shape())
             self.context.set_tensor_address(name, a.data_ptr())
         result = dict(outputs or {})
         for i in range(self.engine.num_io_tensors):
@@ -580,6 +636,7 @@ class FakeContext:
 
     def set_input_shape(self, name, shape):
         self.shapes[name] = tuple(shape)
+        return True
 
     def set_tensor_address(self, name, address):
         self.addresses[name] = address

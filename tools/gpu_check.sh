@@ -109,9 +109,12 @@ else
 stage install-tensorrt 150 "
   set -e
   # the TensorRT runtime of the same major.minor as the SDK headers the plugin will be built against, if any
+  # (numbers only: since 10.11 NV_TENSORRT_MAJOR is defined as TRT_MAJOR_ENTERPRISE, which holds the number)
   VER=\$(cat \$( (ls \${TENSORRT_ROOT:-/nonexistent}/include/NvInferVersion.h /usr/include/x86_64-linux-gnu/NvInferVersion.h \
           2>/dev/null; find /usr/local /opt -maxdepth 6 -name NvInferVersion.h 2>/dev/null) | head -n1) /dev/null 2>/dev/null \
-        | awk '/define TRT_MAJOR_ENTERPRISE|define NV_TENSORRT_MAJOR/{M=\$3} /define TRT_MINOR_ENTERPRISE|define NV_TENSORRT_MINOR/{m=\$3} END{if(M!=\"\")print M\".\"m}')
+        | awk '/define (TRT_MAJOR_ENTERPRISE|NV_TENSORRT_MAJOR)[ \t]/ && \$3 ~ /^[0-9]+\$/ {M=\$3}
+               /define (TRT_MINOR_ENTERPRISE|NV_TENSORRT_MINOR)[ \t]/ && \$3 ~ /^[0-9]+\$/ {m=\$3}
+               END{if(M!=\"\")print M\".\"m}')
   SPEC=\${VER:+tensorrt-cu12==\$VER.*}
   SPECCOMPILE_ONNXRUNTIME=gpu $PY -m pip install -q $PIP_OFFLINE -e '.[tensorrt]' \$SPEC
   $PY -c 'import tensorrt; print(\"tensorrt\", tensorrt.__version__)'

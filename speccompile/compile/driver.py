@@ -67,7 +67,10 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
     if there is one, and prompt lookup. options: the fields of BuildOptions (backend="tensorrt" adds a TensorRT
     engine per model, see trt_backend)."""
     t0 = time.perf_counter()
-    opts, toolchain = _backend(BuildOptions(overwrite=overwrite, **options))
+    asked = BuildOptions(overwrite=overwrite, **options)
+    opts, toolchain = _backend(asked)
+    if opts.draft_precision != asked.draft_precision:
+        progress(f"      --backend {opts.backend}: draft heads in {opts.draft_precision} (no int8 form in TensorRT)")
     tree_spec, specs = _check_request(opts, drafts)
     target, opts = _load(source, opts, progress)
     if drafts is None:  # the shipped head first (its default tree joins lookup's drafts), then lookup alone
@@ -93,8 +96,10 @@ def _backend(opts: BuildOptions) -> tuple[BuildOptions, object]:
             raise SpeccompileError(f"--backend tensorrt builds float32 engines; --dtype {opts.dtype} is for "
                                    "--backend onnxruntime")
         toolchain = trt_backend.require_toolchain()
-        # TreeAttention as the plugin's node; the CPU graphs get its expansion
-        return dataclasses.replace(opts, attention="plugin", fused=False), toolchain
+        # TreeAttention as the plugin's node; the CPU graphs get its expansion. Draft heads in float32: their int8
+        # form is onnxruntime's MatMulNBits, which TensorRT does not take (the target's matrices fall back alike,
+        # in the quantize pass)
+        return dataclasses.replace(opts, attention="plugin", fused=False, draft_precision="float32"), toolchain
     if opts.backend != "onnxruntime":
         raise SpeccompileError(f"--backend {opts.backend!r}: choose onnxruntime or tensorrt")
     return opts, None

@@ -17,7 +17,6 @@ unchanged. The target's graph has no verify extension (TensorRT has no float64):
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import os
 import shutil
@@ -27,13 +26,15 @@ import numpy as np
 from speccompile.errors import SpeccompileError, UnsupportedModelError
 from speccompile.plugins import tree_attention
 from speccompile.graphs import MAX_STEP_TOKENS  # the runtime's largest step: a prefill chunk
-from speccompile.plugins.tree_attention.tensorrt_plugin import (BUILD_PLUGIN, PLUGIN_ENV, load_plugin,
+from speccompile.plugins.tree_attention.tensorrt_plugin import (BUILD_PLUGIN, PLUGIN_ENV, cuda_gpu, load_plugin,
                                                                plugin_library_path)
 
 MIN_TENSORRT_MAJOR = 10  # IPluginV3, and the ONNX parser's fallback to IPluginV3 creators
 TRT_OPSET = 20  # every TensorRT 10 ONNX parser reads opsets 9..20; the graphs use nothing newer once prepared
 # Ops with a rewrite in prepare_graph; everything else must be standard ONNX or the plugin node.
-_EXPANDED = {("", "RMSNormalization"), ("com.microsoft", "SimplifiedLayerNormalization")}
+# onnxruntime registers SimplifiedLayerNormalization in the ONNX domain as well as its own: both spellings occur
+_EXPANDED = {("", "RMSNormalization"), ("com.microsoft", "SimplifiedLayerNormalization"),
+             ("", "SimplifiedLayerNormalization")}
 
 
 class TensorRTUnavailable(SpeccompileError):
@@ -45,30 +46,6 @@ class Toolchain:
     trt: object  # the tensorrt module
     plugin_library: str
     gpu: str  # CUDA device 0, by name
-
-
-def cuda_gpu() -> tuple[str | None, str]:
-    """(name of CUDA device 0, "") or (None, why there is none). Asks the NVIDIA driver (libcuda) directly, so
-    it needs no CUDA Python package and works before TensorRT is even installed."""
-    lib = None
-    for name in ("libcuda.so.1", "libcuda.so"):
-        try:
-            lib = ctypes.CDLL(name)
-            break
-        except OSError:
-            continue
-    if lib is None:
-        return None, "no NVIDIA driver: libcuda.so.1 not found"
-    rc = lib.cuInit(0)
-    if rc != 0:
-        return None, f"the NVIDIA driver found no usable GPU (cuInit error {rc})"
-    count = ctypes.c_int(0)
-    if lib.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
-        return None, "the NVIDIA driver reports no CUDA device"
-    device, name = ctypes.c_int(0), ctypes.create_string_buffer(256)
-    if lib.cuDeviceGet(ctypes.byref(device), 0) != 0 or lib.cuDeviceGetName(name, 256, device) != 0:
-        return "CUDA device 0", ""
-    return name.value.decode(errors="replace"), ""
 
 
 def require_toolchain() -> Toolchain:

@@ -336,7 +336,7 @@ def _drafter_pass_ms(drafter, length: int, before=None) -> list[float]:
     if eng is None:
         return []
     length = min(length, eng.max_seq_len - HEAD_ROWS[-1] - 1)
-    wants_hidden = "hidden_in" in {i.name for i in eng.session.get_inputs()}
+    wants_hidden = "hidden_in" in eng.input_names
     out = []
     for r in HEAD_ROWS:
         hidden = np.zeros((r, eng.hidden.shape[1]), np.float32) if wants_hidden else None

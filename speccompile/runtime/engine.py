@@ -61,6 +61,7 @@ class Engine:
         self.session = open_session(path, session_options(threads, prepack), providers)
         check_cache_inputs(self.session, entry)
         check_output_widths(self.session, entry, {"logits": self.vocab_size, "hidden_states": cfg["hidden_size"]})
+        self.input_names = {i.name for i in self.session.get_inputs()}  # as TensorRTEngine's
         if self.session.get_providers()[0] != providers[0]:  # onnxruntime fell back to the CPU with a warning
             raise SpeccompileError(f"onnxruntime could not start its {providers[0]} (the CUDA or cuDNN libraries "
                                    "are missing or do not match the driver; its log above says which)")

@@ -22,7 +22,8 @@ import onnxruntime as ort
 from speccompile.errors import BundleError, SpeccompileError
 from speccompile.format.bundle import resolve_inside
 from speccompile.graphs import MAX_STEP_TOKENS
-from speccompile.plugins.tree_attention.tensorrt_plugin import BUILD_PLUGIN, load_plugin, plugin_library_path
+from speccompile.plugins.tree_attention.tensorrt_plugin import (BUILD_PLUGIN, cuda_gpu, load_plugin,
+                                                               plugin_library_path)
 from speccompile.runtime.kv_cache import DeviceKVCache
 from speccompile.runtime.sessions import NEG_INF, ancestor_mask, open_session, providers_for, session_options
 
@@ -62,7 +63,7 @@ class TensorRTEngine:
         self.max_seq_len = kv["max_seq_len"]
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.types = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
-        self.inputs = {n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
+        self.input_names = {n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
         providers = providers_for("cuda" if self.buffer_device == "cuda" else "cpu")
         compact = open_session(resolve_inside(bundle_dir, entry["kv_compact"]), session_options(1), providers)
         self.cache = DeviceKVCache(self.num_layers, kv["num_kv_heads"], self.max_seq_len, kv["head_dim"],
@@ -85,8 +86,15 @@ class TensorRTEngine:
         if not os.path.isfile(library):
             raise SpeccompileError(f"--backend tensorrt needs the TreeAttention plugin library {library}: build it "
                                    f"({BUILD_PLUGIN}) or set $SPECCOMPILE_TRT_PLUGIN")
+        if self.buffer_device == "cuda":  # TensorRT's own failure without one is a bare TypeError
+            gpu, why = cuda_gpu()
+            if gpu is None:
+                raise SpeccompileError(f"--backend tensorrt needs a CUDA GPU: {why}")
         load_plugin(trt, library)
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        try:
+            self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        except TypeError as e:  # pybind11's "factory function returned nullptr": CUDA could not start
+            raise SpeccompileError(f"TensorRT could not start its runtime on this GPU ({e})") from None
         with open(path, "rb") as f:
             engine = self._runtime.deserialize_cuda_engine(f.read())
         if engine is None:
@@ -109,7 +117,9 @@ class TensorRTEngine:
         for name, array in feeds.items():
             ov = self._buffer(name, array.shape)
             ov.update_inplace(np.ascontiguousarray(array, self.types[name]))
-            self.context.set_input_shape(name, array.shape)
+            if not self.context.set_input_shape(name, array.shape):  # False: the engine's profile refuses it
+                raise BundleError(f"the TensorRT engine refuses input {name} of shape {tuple(array.shape)}: "
+                                  "rebuild the bundle with --backend tensorrt")
             self.context.set_tensor_address(name, ov.data_ptr())
         for name, shape in outputs.items():
             self.context.set_tensor_address(name, self._buffer(name, shape).data_ptr())
@@ -148,7 +158,7 @@ class TensorRTEngine:
                  "seqlens_k": np.array([W + S - 1]), "attention_bias": bias, "logits_index": rows}
         if hidden_in is not None:
             feeds["hidden_in"] = np.asarray(hidden_in, np.float32).reshape(1, S, -1)
-        missing = self.inputs - set(feeds) - {n for n in self.inputs if n.startswith("past_")}
+        missing = self.input_names - set(feeds) - {n for n in self.input_names if n.startswith("past_")}
         if missing:
             raise BundleError(f"the TensorRT engine takes inputs this runtime does not feed: {sorted(missing)}")
         return feeds, len(rows)
