@@ -47,7 +47,7 @@ class Engine:
     def __init__(self, bundle_dir: str, entry: dict, threads: int | None = None, device: str = "cpu",
                  max_rows: int = 64, prepack: bool = True, cache: KVCache | None = None):
         """cache: the KV cache to bind (a slot of a batched cache, KVCache.slot); by default one of its own."""
-        self.entry = entry
+        self.entry, self.device = entry, device
         cfg = entry["config"]
         kv = entry["kv_cache"]
         self.num_layers = entry["num_layers"]
@@ -57,7 +57,6 @@ class Engine:
         path = resolve_inside(bundle_dir, entry["graph"])
         providers = providers_for(device)
         check_device_dtype(entry, device)
-        self.device = device
         self.session = open_session(path, session_options(threads, prepack), providers)
         check_cache_inputs(self.session, entry)
         check_output_widths(self.session, entry, {"logits": self.vocab_size, "hidden_states": cfg["hidden_size"]})
