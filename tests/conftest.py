@@ -1,9 +1,14 @@
+import hashlib
+import json
 import os
+import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
 
 from speccompile.compile.driver import build_bundle
+from speccompile.compile.gguf_tokenizer import tokenizer_files
 from speccompile.graphs.builder import GraphBuilder
 from speccompile.plugins import tree_attention as ta
 
@@ -25,6 +30,38 @@ def tiny_bundle(tmp_path_factory):
 def tiny_generator(tiny_bundle):
     import speccompile
     return speccompile.load(tiny_bundle, threads=1)
+
+
+def byte_fallback_tokenizer_files(vocab_size: int = 384) -> dict[str, bytes]:
+    """A Llama-2-style tokenizer (sentencepiece pieces with byte fallback, BOS added to a text) of the tiny models'
+    vocabulary size: <unk> <s> </s>, the 256 byte tokens, then the commonest pieces of a short text."""
+    text = "Hello world. The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs."
+    spelled = "▁" + text.replace(" ", "▁")
+    counts = Counter(spelled[i:i + n] for n in (1, 2, 3, 4) for i in range(len(spelled) - n + 1))
+    pieces = [p for p, _ in counts.most_common(vocab_size - 259)]
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["<unk>", "<s>", "</s>"] +
+            [f"<0x{b:02X}>" for b in range(256)] + pieces, "tokenizer.ggml.scores": [0.0] * 259 +
+            [-float(i) for i in range(len(pieces))], "tokenizer.ggml.token_type": [2, 3, 3] + [6] * 256 +
+            [1] * len(pieces), "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+            "tokenizer.ggml.unknown_token_id": 0}
+    assert len(meta["tokenizer.ggml.tokens"]) == vocab_size
+    return tokenizer_files(meta)
+
+
+@pytest.fixture(scope="session")
+def byte_fallback_bundle(tiny_bundle, tmp_path_factory):
+    """The tiny bundle with byte_fallback_tokenizer_files(): its random model emits byte tokens that often do not
+    form UTF-8."""
+    out = str(tmp_path_factory.mktemp("bundles") / "tiny-byte-fallback")
+    shutil.copytree(tiny_bundle, out)
+    manifest = json.loads(open(os.path.join(out, "manifest.json")).read())
+    for name, data in byte_fallback_tokenizer_files().items():
+        with open(os.path.join(out, "tokenizer", name), "wb") as f:
+            f.write(data)
+        manifest["files"][f"tokenizer/{name}"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    return out
 
 
 def random_prompts(n, vocab=384, seed=0):

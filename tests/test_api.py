@@ -19,7 +19,7 @@ from speccompile.runtime.generator import Generator
 from speccompile.runtime.text_stream import TextStream
 from speccompile.runtime.tokenizer import BundleTokenizer, ChatTemplateError, PrefixOffsetDecoder
 
-from conftest import random_prompts
+from conftest import byte_fallback_tokenizer_files, random_prompts
 
 
 def test_sampling_params_at_top_level(tiny_generator):
@@ -68,6 +68,56 @@ def test_prefix_offset_decoder_matches_decode_stream(tiny_generator):
         assert pieces[0] == pieces[1]
         text = "".join(p or "" for p in pieces[1])
         assert tok.decode(ids).startswith(text)
+
+
+def _stream_text(tok, ids):
+    """The text a TextStream hands out token by token, and its final text."""
+    ts, handed = TextStream(tok), []
+    for t in ids:
+        ts.add(t)
+        handed.append(ts.certain()[0])
+    final, rest, _ = ts.finish(ids)
+    return "".join(handed) + rest, final
+
+
+@pytest.mark.parametrize("decoder", ["DecodeStream", "PrefixOffsetDecoder"])
+def test_byte_runs_that_turn_invalid_keep_the_stream_whole(tmp_path, monkeypatch, decoder):
+    """Byte fallback: "é" then a cut emoji then a word, or "'" then a stray continuation byte, decode at once as
+    U+FFFD each, after their first bytes were handed out as characters. The stream goes on (tokenizers'
+    DecodeStream raises an invalid prefix there), and its pieces add up to its final text."""
+    for name, data in byte_fallback_tokenizer_files().items():
+        (tmp_path / name).write_bytes(data)
+    tok = BundleTokenizer(str(tmp_path))
+    if decoder == "PrefixOffsetDecoder":
+        monkeypatch.setattr(BundleTokenizer, "decode_stream", lambda self: PrefixOffsetDecoder())
+    byte = {b: tok.tok.token_to_id(f"<0x{b:02X}>") for b in range(256)}
+    cut = [byte[0xC3], byte[0xA9], byte[0xF0], byte[0x9F]] + tok.encode(" Hello")
+    stray = tok.encode("over the") + [byte[0x27], byte[0xB5], byte[0xA9]]
+    for ids, starts in ((cut, "é"), (stray, "over the'")):
+        assert not tok.decode(ids).startswith(starts)  # at once, they decode otherwise
+        streamed, final = _stream_text(tok, ids)
+        assert streamed == final and final.startswith(starts)
+    assert _stream_text(tok, cut)[1].endswith("Hello")
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        streamed, final = _stream_text(tok, [int(t) for t in rng.integers(3, 384, 30)])
+        assert streamed == final
+
+
+def test_generate_with_a_byte_fallback_tokenizer(byte_fallback_bundle):
+    """Sampled at a high temperature the tiny model emits varied byte tokens, runs that turn invalid among them."""
+    g = speccompile.load(byte_fallback_bundle, threads=1)
+    for seed in range(4):
+        it = g.stream("Hello world", 40, chat=False, temperature=20.0, seed=seed)
+        chunks = []
+        while True:
+            try:
+                chunks.append(next(it))
+            except StopIteration as stop:
+                res = stop.value
+                break
+        assert "".join(c.text for c in chunks) == res.text
+        assert [t for c in chunks for t in c.token_ids] == res.token_ids
 
 
 class _Pieces:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from speccompile.runtime.tokenizer import BundleTokenizer
+from speccompile.runtime.tokenizer import BundleTokenizer, InvalidPrefix
 
 
 @dataclasses.dataclass
@@ -33,7 +33,11 @@ class TextStream:
     def add(self, token: int) -> bool:
         """Decode one more token; True once a stop string is complete."""
         self.tokens += 1
-        piece = self.decoder.step(self.tokenizer.tok, token)
+        try:
+            piece = self.decoder.step(self.tokenizer.tok, token)
+        except InvalidPrefix:  # the text handed out stands; decode on from this token (as vLLM recovers)
+            self.decoder = self.tokenizer.decode_stream()
+            piece = self.decoder.step(self.tokenizer.tok, token)
         if piece is None:  # a partial character: its tokens get the end of the text that completes it
             return False
         start = max(0, len(self.text) - self.longest + 1)
@@ -61,9 +65,17 @@ class TextStream:
     def finish(self, token_ids: list[int]) -> tuple[str, str, int]:
         """At the end of the output (token_ids, already cut to kept_tokens()): the final text, the part of it not
         handed out yet, and the number of tokens not handed out yet. Without a stop string the final text is
-        the tokens decoded at once (a partial character left at the end decodes as U+FFFD, as it would alone)."""
-        final = self.text[:self.stop_at] if self.stop_at is not None else self.tokenizer.decode(token_ids)
-        rest = final[self.emitted:] if final.startswith(self.text[:self.emitted]) else ""
+        the tokens decoded at once (a partial character left at the end decodes as U+FFFD, as it would alone),
+        unless that no longer begins with the text handed out: with byte fallback, byte tokens already decoded
+        as characters decode as U+FFFD each once later bytes join them in a run that is not UTF-8. Then the
+        text handed out stands, and the final text is the text decoded so far and the tokens still partial."""
+        if self.stop_at is not None:
+            final = self.text[:self.stop_at]
+        else:
+            final = self.tokenizer.decode(token_ids)
+            if not final.startswith(self.text[:self.emitted]):
+                final = self.text + self.tokenizer.decode(token_ids[len(self.ends):])
+        rest = final[self.emitted:]
         self.emitted = len(final)
         rest_tokens = len(token_ids) - self.given
         self.given = len(token_ids)

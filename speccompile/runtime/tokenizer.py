@@ -35,6 +35,11 @@ class _TemplateTimeout(BaseException):  # not an Exception: jinja2's own handler
     pass
 
 
+class InvalidPrefix(Exception):
+    """The ids decoded so far no longer begin with the text already decoded: with byte fallback, byte tokens that
+    decoded as a character can join later ones in a run that is not UTF-8, and then decode as U+FFFD each."""
+
+
 class BundleTokenizer:
     def __init__(self, directory: str, eos_token_ids=()):
         try:
@@ -62,10 +67,10 @@ class BundleTokenizer:
 
     def decode_stream(self):
         """An incremental decoder: `.step(self.tok, id)` returns the text the id completes (None while a character's
-        bytes are still partial), decoding only a few trailing ids each time: `tokenizers`' DecodeStream, or the
-        same prefix-offset method where the installed `tokenizers` predates it."""
+        bytes are still partial), decoding only a few trailing ids each time, or raises InvalidPrefix: `tokenizers`'
+        DecodeStream, or the same prefix-offset method where the installed `tokenizers` predates it."""
         stream = getattr(tokenizers.decoders, "DecodeStream", None)
-        return stream(skip_special_tokens=True) if stream else PrefixOffsetDecoder()
+        return _CheckedDecodeStream(stream(skip_special_tokens=True)) if stream else PrefixOffsetDecoder()
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
@@ -109,8 +114,25 @@ class PrefixOffsetDecoder:
         now = tok.decode(self.ids[self.prefix:], skip_special_tokens=True)
         if len(now) <= len(before) or now.endswith("\ufffd"):
             return None
+        if not now.startswith(before):
+            raise InvalidPrefix(f"{now!r} does not begin with {before!r}")
         self.prefix, self.read = self.read, len(self.ids)
         return now[len(before):]
+
+
+class _CheckedDecodeStream:
+    """`tokenizers`' DecodeStream, its invalid prefix raised as InvalidPrefix (it raises a plain Exception)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def step(self, tok: Tokenizer, token: int) -> str | None:
+        try:
+            return self.stream.step(tok, token)
+        except Exception as e:
+            if "Invalid prefix" in str(e):
+                raise InvalidPrefix(str(e)) from None
+            raise
 
 
 def _read_tokenizer_files(directory: str):
