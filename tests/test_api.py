@@ -16,6 +16,7 @@ from speccompile.errors import BundleError, SpeccompileError
 from speccompile.format.bundle import read_manifest
 from speccompile.format.drafter_kinds import KINDS
 from speccompile.runtime.generator import Generator
+from speccompile.runtime.request import prompt_ids
 from speccompile.runtime.text_stream import TextStream
 from speccompile.runtime.tokenizer import BundleTokenizer, ChatTemplateError, PrefixOffsetDecoder
 
@@ -118,6 +119,20 @@ def test_generate_with_a_byte_fallback_tokenizer(byte_fallback_bundle):
                 break
         assert "".join(c.text for c in chunks) == res.text
         assert [t for c in chunks for t in c.token_ids] == res.token_ids
+
+
+def test_text_without_the_chat_template_is_encoded_as_the_tokenizer_encodes_it(byte_fallback_bundle, tiny_generator):
+    """With the special tokens its tokenizer adds to a text (BOS here), as transformers' tokenizer(text)."""
+    g = speccompile.load(byte_fallback_bundle, threads=1)
+    text = "Hello world. The quick"
+    ids = g.tokenizer.encode(text, add_special_tokens=True)
+    assert ids[0] == 1 and ids[1:] == g.tokenizer.encode(text)
+    assert prompt_ids(g, text, False).tolist() == ids
+    res = g.generate(text, 6, chat=False)
+    assert res.token_ids == g.generate(ids, 6).token_ids and res.stats["prompt_tokens"] == len(ids)
+    # token ids are the prompt as given; a tokenizer that adds nothing to a text is unchanged
+    assert prompt_ids(g, ids[1:], False).tolist() == ids[1:]
+    assert prompt_ids(tiny_generator, text, False).tolist() == tiny_generator.tokenizer.encode(text)
 
 
 class _Pieces:

@@ -154,6 +154,24 @@ def test_completions_equal_generate_without_chat_template(state, client):
     assert listed.choices[0].text == ref.text
 
 
+def test_completions_with_a_byte_fallback_tokenizer(byte_fallback_bundle):
+    """A text prompt gets the BOS its tokenizer adds (as vLLM's completions); a sampled answer whose byte tokens
+    turn invalid streams whole."""
+    import speccompile
+    gen = speccompile.load(byte_fallback_bundle, threads=1)
+    srv = InProcessServer(make_state(gen, "tiny-byte-fallback"))
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        res = c.completions.create(model="tiny-byte-fallback", prompt="Hello world", max_tokens=8, temperature=0)
+        assert res.usage.prompt_tokens == len(gen.tokenizer.encode("Hello world", add_special_tokens=True))
+        assert res.choices[0].text == gen.generate("Hello world", 8, temperature=0, chat=False).text
+        sampled = dict(model="tiny-byte-fallback", prompt="Hello world", max_tokens=40, temperature=20.0, seed=0)
+        ref = c.completions.create(**sampled).choices[0].text
+        assert "".join(x.choices[0].text for x in c.completions.create(stream=True, **sampled) if x.choices) == ref
+    finally:
+        srv.stop()
+
+
 def test_async_client_plain_and_streamed(state, server):
     ref = state.gen.chat(user("a mat"), 16, temperature=0).text
 

@@ -45,9 +45,10 @@ def build_request(gen, prompt, max_new_tokens, params: SamplingParams, drafter: 
 
 
 def prompt_ids(gen, prompt, chat: bool) -> np.ndarray:
-    """Text (through the chat template when chat) or token ids, checked against the target's vocabulary."""
+    """Text (through the chat template when chat; else with the special tokens the tokenizer adds to a text, such
+    as BOS, as transformers' tokenizer(text) encodes it) or token ids, checked against the target's vocabulary."""
     if isinstance(prompt, str):
-        ids = gen.encode_chat(prompt) if chat else gen.tokenizer.encode(prompt)
+        ids = gen.encode_chat(prompt) if chat else gen.tokenizer.encode(prompt, add_special_tokens=True)
     elif isinstance(prompt, (list, tuple, np.ndarray)):
         ids = prompt
     else:

@@ -72,7 +72,8 @@ def create_app(state: ServeState) -> FastAPI:
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):  # a list of one text
             prompt = prompt[0]
-        ids = state.gen.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        # a text as the tokenizer encodes it alone (BOS where it adds one), as vLLM's completions do
+        ids = state.gen.tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
         return await _respond(state, body, ids, request, chat=False)
 
     return app
