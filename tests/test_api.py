@@ -293,6 +293,39 @@ def test_chat_template_helpers(tokenizer_dir):
         tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}])
 
 
+def test_special_tokens_from_special_tokens_map(tokenizer_dir):
+    """Older checkpoints keep bos/eos in special_tokens_map.json: the template and the EOS ids see them. As in
+    transformers, they count over tokenizer_config.json's, unless that lists added_tokens_decoder (newer saves)."""
+    template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    (tokenizer_dir / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<|im_start|>", "eos_token": {"content": "<|endoftext|>", "special": True}}))
+    tok = BundleTokenizer(str(tokenizer_dir))
+    assert tok.apply_chat_template([{"role": "user", "content": "Hi"}]) == "<|im_start|>Hi<|endoftext|>"
+    assert tok.tok.token_to_id("<|endoftext|>") in tok.eos_token_ids
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    assert BundleTokenizer(str(tokenizer_dir)).eos_token == "<|endoftext|>"
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>",
+                                                                     "added_tokens_decoder": {}}))
+    tok = BundleTokenizer(str(tokenizer_dir))
+    assert (tok.bos_token, tok.eos_token) == (None, "<|im_end|>")
+    (tokenizer_dir / "special_tokens_map.json").write_text("[]")
+    with pytest.raises(BundleError, match="special_tokens_map.json is not a JSON object"):
+        BundleTokenizer(str(tokenizer_dir))
+
+
+def test_chat_template_sees_what_transformers_passes(tokenizer_dir):
+    """tools and documents (None without them) and every special token, as transformers' apply_chat_template."""
+    template = ("{% if tools is not none %}{{ tools | tojson }}{% endif %}{% if documents is not none %}docs"
+                "{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}|{{ pad_token }}|{{ unk_token }}")
+    cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps(dict(cfg, chat_template=template,
+                                                                         pad_token="<|endoftext|>")))
+    (tokenizer_dir / "special_tokens_map.json").write_text(json.dumps({"unk_token": "<|endoftext|>"}))
+    tok = BundleTokenizer(str(tokenizer_dir))
+    assert tok.apply_chat_template([{"role": "user", "content": "Hi"}]) == "Hi|<|endoftext|>|<|endoftext|>"
+
+
 def test_a_payload_in_a_bundle_runs_nothing(tiny_bundle, tmp_path, monkeypatch):
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, bundle)

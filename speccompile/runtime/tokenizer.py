@@ -40,6 +40,10 @@ class InvalidPrefix(Exception):
     decoded as a character can join later ones in a run that is not UTF-8, and then decode as U+FFFD each."""
 
 
+# The named special tokens transformers hands a chat template (SPECIAL_TOKENS_ATTRIBUTES)
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
 class BundleTokenizer:
     def __init__(self, directory: str, eos_token_ids=()):
         try:
@@ -48,8 +52,9 @@ class BundleTokenizer:
             raise BundleError(f"{directory}: unreadable tokenizer files ({type(e).__name__}: {e})"[:400]) from None
         self.chat_template = template
         self._compiled = None  # the template, compiled on first use
-        self.bos_token = _token_str(cfg.get("bos_token"))
-        self.eos_token = _token_str(cfg.get("eos_token"))
+        self.special_tokens = {key: _token_str(cfg[key]) for key in SPECIAL_TOKENS if _token_str(cfg.get(key))}
+        self.bos_token = self.special_tokens.get("bos_token")
+        self.eos_token = self.special_tokens.get("eos_token")
         eos = set(eos_token_ids)
         if self.eos_token and self.tok.token_to_id(self.eos_token) is not None:
             eos.add(self.tok.token_to_id(self.eos_token))
@@ -78,9 +83,10 @@ class BundleTokenizer:
         try:
             if self._compiled is None:
                 self._compiled = _sandbox().from_string(self.chat_template)
+            # what transformers' apply_chat_template passes without tools or documents
+            variables = {"bos_token": "", "eos_token": "", **self.special_tokens, "tools": None, "documents": None}
             return _within(TEMPLATE_SECONDS, lambda: self._compiled.render(
-                messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
-                eos_token=self.eos_token or ""))
+                messages=messages, add_generation_prompt=add_generation_prompt, **variables))
         except _TemplateTimeout:
             raise ChatTemplateError(f"the bundle's chat template ran for more than {TEMPLATE_SECONDS:g} s and was "
                                     "stopped: do not trust this bundle") from None
@@ -136,26 +142,35 @@ class _CheckedDecodeStream:
 
 
 def _read_tokenizer_files(directory: str):
-    """tokenizer.json, tokenizer_config.json (a JSON object, if present) and the chat template."""
+    """tokenizer.json, tokenizer_config.json (a JSON object, if present) and the chat template. Special tokens
+    in special_tokens_map.json count as transformers reads them: over tokenizer_config.json's, unless that one
+    lists added_tokens_decoder (newer saves, whose tokenizer_config.json transformers reads alone)."""
     tok = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
-    cfg, template = {}, None
-    p = os.path.join(directory, "tokenizer_config.json")
-    if os.path.isfile(p):
-        with open(p, encoding="utf-8") as f:
-            cfg = json.load(f)
-        if not isinstance(cfg, dict):
-            raise ValueError("tokenizer_config.json is not a JSON object")
-        template = cfg.get("chat_template")
+    cfg, special = _json_object(directory, "tokenizer_config.json"), _json_object(directory, "special_tokens_map.json")
+    template = cfg.get("chat_template")
     p = os.path.join(directory, "chat_template.jinja")
     if os.path.isfile(p):
         with open(p, encoding="utf-8") as f:
             template = f.read()
-    for key in ("bos_token", "eos_token"):
+    if "added_tokens_decoder" not in cfg:
+        cfg = {**cfg, **{key: special[key] for key in SPECIAL_TOKENS if key in special}}
+    for key in SPECIAL_TOKENS:
         if not isinstance(_token_str(cfg.get(key)), (str, type(None))):
             raise ValueError(f"{key} is neither a string nor a token object")
     if not isinstance(template, (str, type(None))):
         raise ValueError("chat_template is not a string")
     return tok, cfg, template
+
+
+def _json_object(directory: str, name: str) -> dict:
+    p = os.path.join(directory, name)
+    if not os.path.isfile(p):
+        return {}
+    with open(p, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{name} is not a JSON object")
+    return data
 
 
 def _within(seconds: float, render):
