@@ -2,7 +2,9 @@
 in a process where torch and transformers cannot be imported, and GGUF's quantized blocks as onnxruntime's
 MatMulNBits (speccompile.compile.quantize.nbits) against gguf's own dequantization."""
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 
@@ -14,7 +16,7 @@ from gguf import GGMLQuantizationType as Q
 from speccompile.compile.gguf import read_gguf, unpermute_rope_rows
 from speccompile.compile.quantize.nbits import emit_nbits_matmul, pack_gguf_matrix
 from speccompile.compile.sources import default_model_path, load_checkpoint
-from speccompile.errors import CheckpointError, UnsupportedModelError
+from speccompile.errors import CheckpointError, ConfigError, UnsupportedModelError
 from speccompile.graphs.builder import GraphBuilder
 from speccompile.runtime.tokenizer import BundleTokenizer
 
@@ -136,8 +138,10 @@ def test_bfloat16_safetensors_widen_exactly(tmp_path):
         assert got[k].dtype == np.float32 and np.array_equal(got[k], v.float().numpy()), k
 
 
-def write_gguf(path, arch="llama", tokenizer_model="gpt2", tokens=("a", "b", "c"), **token_metadata):
-    """A one-layer GGUF with the given tokenizer metadata (token_metadata: scores, token_types, bos_token_id ...)."""
+def write_gguf(path, arch="llama", tokenizer_model="gpt2", tokens=("a", "b", "c"), tensors=None, floats=None,
+               **token_metadata):
+    """A one-layer GGUF with the given tokenizer metadata (token_metadata: scores, token_types, bos_token_id ...),
+    float keys by their full names and tensors besides the embedding."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(1)
     w.add_context_length(64)
@@ -150,7 +154,11 @@ def write_gguf(path, arch="llama", tokenizer_model="gpt2", tokens=("a", "b", "c"
     w.add_token_list(list(tokens))
     for key, value in token_metadata.items():
         getattr(w, f"add_{key}")(value)
+    for key, value in (floats or {}).items():
+        w.add_float32(key, value)
     w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
+    for name, value in (tensors or {}).items():
+        w.add_tensor(name, value)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -208,9 +216,9 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_llama_gguf(path, qtypes=(Q.Q8_0, Q.Q4_1, Q.Q4_0)):
+def write_tiny_llama_gguf(path, qtypes=(Q.Q8_0, Q.Q4_1, Q.Q4_0), **metadata):
     """The tiny:llama preset as llama.cpp would convert it: q/k rows permuted, matrices quantized in turn with
-    `qtypes`, a byte-level vocabulary without merges."""
+    `qtypes`, a byte-level vocabulary without merges; metadata: more keys, by GGUFWriter's add_<key> method."""
     from speccompile.compile.presets import tiny_checkpoint
     ckpt = tiny_checkpoint("llama")
     cfg = ckpt.config
@@ -231,6 +239,8 @@ def write_tiny_llama_gguf(path, qtypes=(Q.Q8_0, Q.Q4_1, Q.Q4_0)):
     w.add_token_types([3, 3, 3] + [1] * (cfg.vocab_size - 3))
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    for key, value in metadata.items():
+        getattr(w, f"add_{key}")(value)
     i = 0
     for name, t in ckpt.tensors.items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -285,6 +295,130 @@ def test_gguf_errors_name_the_file(tmp_path):
     f.write_bytes(data[: len(data) - 40])  # tensor data cut short
     with pytest.raises(CheckpointError, match="m.gguf"):
         load_checkpoint(str(f))
+
+
+def test_gguf_config_errors_and_moe_name_the_file(tmp_path):
+    """A ConfigError from the file's metadata names the file as an UnsupportedModelError does; a Mixtral GGUF
+    (general.architecture llama, merged expert tensors) is refused as MoE, not as a missing tensor."""
+    f = tmp_path / "m.gguf"
+    write_gguf(f, vocab_size=0)
+    with pytest.raises(ConfigError, match=r"m\.gguf: config value vocab_size = 0"):
+        load_checkpoint(str(f))
+    write_gguf(f, rope_scaling_type=gguf.RopeScalingType.LINEAR, rope_scaling_factor=-2.0)
+    with pytest.raises(ConfigError, match=r"m\.gguf: config: RoPE parameter factor"):
+        read_gguf(str(f))
+    write_gguf(f, expert_count=4, tensors={"blk.0.ffn_gate_exps.weight": np.zeros((4, 16, 8), np.float32)})
+    with pytest.raises(UnsupportedModelError, match=r"m\.gguf: MoE GGUF not supported"):
+        load_checkpoint(str(f))
+    write_gguf(f, tensors={"blk.0.ffn_up_exps.weight": np.zeros((4, 16, 8), np.float32)})
+    with pytest.raises(UnsupportedModelError, match="MoE GGUF not supported"):
+        read_gguf(str(f))
+
+
+def test_end_of_turn_tokens_are_end_of_sequence_ids(tmp_path):
+    f = tmp_path / "m.gguf"
+    write_gguf(f, tokens=[f"t{i}" for i in range(8)], eos_token_id=2, eot_token_id=5, eom_token_id=6)
+    assert read_gguf(str(f))[0].eos_token_ids == (2, 5, 6)
+    write_gguf(f, tokens=[f"t{i}" for i in range(8)], eos_token_id=2, eot_token_id=2)
+    assert read_gguf(str(f))[0].eos_token_ids == (2,)
+
+
+def test_generation_stops_at_the_end_of_turn_token(tmp_path):
+    """tokenizer.ggml.eot_token_id ends generation as llama.cpp ends it: a token the plain model generates mid-answer
+    is the last one once the file names it the end of a turn."""
+    import speccompile
+    from speccompile.compile.driver import build_bundle
+    prompt = [5, 6, 7, 8]
+    write_tiny_llama_gguf(tmp_path / "plain.gguf")
+    build_bundle(str(tmp_path / "plain.gguf"), str(tmp_path / "plain"), drafts=["lookup"], max_seq_len=64,
+                 progress=lambda *_: None)
+    sampled = dict(temperature=20.0, seed=0)  # the tiny model repeats its last token: sampled, its answer varies
+    tokens = speccompile.load(str(tmp_path / "plain"), threads=1).generate(prompt, 12, **sampled).token_ids
+    at = next(i for i in range(2, 12) if tokens[i] not in tokens[:i] and tokens[i] != 2)
+    write_tiny_llama_gguf(tmp_path / "eot.gguf", eot_token_id=tokens[at])
+    build_bundle(str(tmp_path / "eot.gguf"), str(tmp_path / "eot"), drafts=["lookup"], max_seq_len=64,
+                 progress=lambda *_: None)
+    g = speccompile.load(str(tmp_path / "eot"), threads=1)
+    assert g.tokenizer.eos_token_ids == {2, tokens[at]}
+    assert g.generate(prompt, 12, **sampled).token_ids == tokens[:at + 1]
+
+
+@pytest.mark.parametrize("scaling", [
+    dict(rope_scaling_type=gguf.RopeScalingType.LINEAR, rope_scaling_factor=4.0),
+    dict(rope_scaling_factor=4.0),  # no type: llama.cpp reads a factor as linear
+])
+def test_gguf_linear_rope_scaling_matches_transformers(tmp_path, scaling):
+    """rope.scaling.* linear, factor 4: the bundle computes transformers' logits for rope_scaling linear 4."""
+    transformers = pytest.importorskip("transformers")
+    from models_util import reference_logits
+    from speccompile.compile.driver import build_bundle
+    from speccompile.compile.sources import save_hf_dir
+    from speccompile.format.bundle import read_manifest
+    from speccompile.runtime.engine import Engine
+    f = str(tmp_path / "lin.gguf")
+    write_tiny_llama_gguf(f, **scaling)
+    ckpt = load_checkpoint(f, progress=lambda *_: None)
+    assert ckpt.config.rope == {"rope_type": "linear", "rope_theta": ckpt.config.rope_theta, "factor": 4.0}
+    save_hf_dir(ckpt, str(tmp_path / "hf"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype="float32")
+    build_bundle(f, str(tmp_path / "b"), drafts=["lookup"], max_seq_len=64, weights="float32",
+                 progress=lambda *_: None)
+    eng = Engine(str(tmp_path / "b"), read_manifest(str(tmp_path / "b"))["models"]["target"], threads=1)
+    ids = np.random.default_rng(0).integers(3, 384, 48)
+    logits, _ = eng.forward(ids, rows=np.arange(len(ids)))
+    ref = reference_logits(model, ids)
+    assert np.abs(logits - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+def ggml_yarn_tables(theta, dim, n_pos, factor, original_context, beta_fast=32.0, beta_slow=1.0):
+    """cos/sin of positions 0..n_pos-1 as llama.cpp computes them for YaRN (ggml's rope_yarn and
+    ggml_rope_yarn_corr_dims), times its attention factor: 0.1 ln(factor) + 1 once llama_context's and the
+    kernel's parts are multiplied."""
+    def corr_dim(rotations):
+        return dim * math.log(original_context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = max(0, math.floor(corr_dim(beta_fast))), min(dim - 1, math.ceil(corr_dim(beta_slow)))
+    i = np.arange(dim // 2)
+    ramp_mix = 1 - np.clip((i - low) / max(0.001, high - low), 0, 1)
+    extrapolated = theta ** (-2.0 * i / dim)
+    freq = extrapolated / factor * (1 - ramp_mix) + extrapolated * ramp_mix
+    angles = np.arange(n_pos)[:, None] * freq
+    return np.cos(angles) * (1 + 0.1 * math.log(factor)), np.sin(angles) * (1 + 0.1 * math.log(factor))
+
+
+def test_gguf_yarn_rope_scaling_is_llama_cpps(tmp_path):
+    from speccompile.compile.rope import rope_tables
+    f = str(tmp_path / "yarn.gguf")
+    write_tiny_llama_gguf(f, rope_scaling_type=gguf.RopeScalingType.YARN, rope_scaling_factor=4.0,
+                          rope_scaling_orig_ctx_len=32, rope_scaling_yarn_beta_fast=8.0)
+    cfg = read_gguf(f)[0]
+    assert cfg.rope == {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "original_max_position_embeddings": 32,
+                        "factor": 4.0, "beta_fast": 8.0, "beta_slow": 1.0}
+    cos, sin = rope_tables(cfg.rope, cfg.head_dim, 128, cfg.max_position_embeddings)
+    ref_cos, ref_sin = ggml_yarn_tables(cfg.rope_theta, cfg.head_dim, 129, 4.0, 32, beta_fast=8.0)
+    assert np.abs(cos - ref_cos).max() < 1e-5 and np.abs(sin - ref_sin).max() < 1e-5
+
+
+@pytest.mark.parametrize("metadata,floats,refused", [
+    (dict(rope_scaling_type=gguf.RopeScalingType.NONE), {}, None),
+    (dict(rope_scaling_type=gguf.RopeScalingType.LINEAR, rope_scaling_factor=1.0), {}, None),
+    ({}, {"llama.rope.scale_linear": 2.0}, None),
+    (dict(rope_scaling_type=gguf.RopeScalingType.NONE, rope_scaling_factor=4.0), {}, "contradictory"),
+    (dict(rope_scaling_type=gguf.RopeScalingType.LONGROPE), {}, "llama.rope.scaling.type = 'longrope'"),
+    (dict(rope_scaling_type=gguf.RopeScalingType.YARN, rope_scaling_factor=4.0, rope_scaling_yarn_attn_factor=0.8),
+     {}, "llama.rope.scaling.yarn_attn_factor = 0.8"),
+])
+def test_gguf_rope_scaling_keys(tmp_path, metadata, floats, refused):
+    """Scaling that changes nothing, the older rope.scale_linear, and what is refused, each by the key."""
+    f = tmp_path / "m.gguf"
+    write_gguf(f, floats=floats, **metadata)
+    if refused:
+        with pytest.raises(UnsupportedModelError, match=re.escape(refused)) as e:
+            read_gguf(str(f))
+        assert "m.gguf" in str(e.value) and "\n" not in str(e.value)
+    else:
+        rope = read_gguf(str(f))[0].rope
+        assert rope == ({"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0} if floats else
+                        {"rope_type": "default", "rope_theta": 10000.0})
 
 
 # ---- GGUF blocks as MatMulNBits (speccompile.compile.quantize.nbits), on synthetic blocks ----

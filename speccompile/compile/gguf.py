@@ -36,6 +36,15 @@ HEAD_DIM_KEY = {"llama": "rope.dimension_count", "mistral": "rope.dimension_coun
 # Defaults transformers' config classes supply where the GGUF says nothing.
 CONFIG_DEFAULTS = {"mistral": {"sliding_window": 4096}, "qwen2": {"use_sliding_window": False}}
 
+# {arch}.rope.scaling.* keys (and the older rope.scale_linear) lowered, as llama.cpp applies them: linear, and YaRN
+# as transformers computes it (the same frequencies, correction dims and attention factor). Any other scaling key
+# changes the rotation in a way not lowered, unless it holds the value that changes nothing.
+ROPE_SCALING_KEYS = ("rope.scaling.type", "rope.scaling.factor", "rope.scale_linear", "rope.scaling.finetuned",
+                     "rope.scaling.original_context_length", "rope.scaling.yarn_beta_fast",
+                     "rope.scaling.yarn_beta_slow")
+NEUTRAL_ROPE_SCALING = {"rope.scaling.attn_factor": 1.0, "rope.scaling.yarn_log_multiplier": 0.0}
+EOS_KEYS = ("eos_token_id", "eot_token_id", "eom_token_id")  # llama.cpp ends generation at each of them
+
 GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 BLOCK_TENSORS = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -84,18 +93,55 @@ def model_type(meta: dict) -> str:
     return "mistral" if arch == "llama" and "mistral" in str(meta.get("general.name", "")).lower() else arch
 
 
+def rope_scaling(meta: dict, arch: str) -> dict | None:
+    """The Hugging Face rope_scaling of the file's RoPE scaling keys, read as llama.cpp reads them: a factor (or the
+    older rope.scale_linear) scales linearly unless the type says otherwise; type none or a factor of 1: none."""
+    keys = {k[len(arch) + 1:]: v for k, v in meta.items() if k.startswith(f"{arch}.rope.scal")}
+    for key, value in keys.items():
+        if key not in ROPE_SCALING_KEYS and NEUTRAL_ROPE_SCALING.get(key, "not neutral") != value:
+            raise UnsupportedModelError(f"GGUF key {arch}.{key} = {value!r:.40}: RoPE scaling not lowered")
+    kind = keys.get("rope.scaling.type", "linear")  # llama.cpp's default: a bare factor is linear
+    factor = keys.get("rope.scaling.factor", keys.get("rope.scale_linear", 1.0))
+    if kind not in ("none", "linear", "yarn"):
+        raise UnsupportedModelError(f"GGUF key {arch}.rope.scaling.type = {kind!r:.40}: RoPE scaling not lowered; "
+                                    "lowered: none, linear, yarn")
+    if factor in (0.0, 1.0):  # llama.cpp reads 0 as no factor
+        return None
+    if kind == "none":  # llama.cpp would still scale linearly by the factor: which was meant is unclear
+        raise UnsupportedModelError(f"GGUF keys {arch}.rope.scaling.type = 'none' but a scaling factor of "
+                                    f"{factor!r:.40}: contradictory RoPE scaling")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": factor}
+    return {"rope_type": "yarn", "factor": factor,  # llama.cpp's defaults where the file says nothing
+            "original_max_position_embeddings": keys.get("rope.scaling.original_context_length",
+                                                         meta.get(f"{arch}.context_length")),
+            "beta_fast": keys.get("rope.scaling.yarn_beta_fast", 32.0),
+            "beta_slow": keys.get("rope.scaling.yarn_beta_slow", 1.0)}
+
+
 def hf_config(meta: dict, tensor_names: set[str]) -> dict:
-    """The Hugging Face config dict transformers builds from this GGUF's metadata."""
+    """The Hugging Face config dict transformers builds from this GGUF's metadata, with the RoPE scaling and
+    end-of-turn tokens llama.cpp reads too."""
     arch, mtype = meta["general.architecture"], model_type(meta)
+    if meta.get(f"{arch}.expert_count") or any("_exps." in name for name in tensor_names):
+        raise UnsupportedModelError("MoE GGUF not supported (expert tensors ffn_*_exps); build from the Hugging "
+                                    "Face checkpoint instead")
     keys = CONFIG_KEYS | ({HEAD_DIM_KEY[mtype]: "head_dim"} if mtype in HEAD_DIM_KEY else {})
     hf = {"model_type": mtype, **CONFIG_DEFAULTS.get(mtype, {}),
           "tie_word_embeddings": "output.weight" not in tensor_names}
     hf |= {hf_key: meta[f"{arch}.{key}"] for key, hf_key in keys.items() if f"{arch}.{key}" in meta}
     if "vocab_size" not in hf and "tokenizer.ggml.tokens" in meta:
         hf["vocab_size"] = len(meta["tokenizer.ggml.tokens"])
+    scaling = rope_scaling(meta, arch)
+    if scaling:
+        hf["rope_scaling"] = scaling
     # transformers leaves these at its config class's defaults; the file's own ids are the ones its tokenizer uses
     hf["bos_token_id"] = meta.get("tokenizer.ggml.bos_token_id")
-    hf["eos_token_id"] = meta.get("tokenizer.ggml.eos_token_id")
+    eos = []
+    for value in (meta.get(f"tokenizer.ggml.{k}") for k in EOS_KEYS):
+        if value is not None and value not in eos:
+            eos.append(value)
+    hf["eos_token_id"] = eos[0] if len(eos) == 1 else eos or None
     return hf
 
 
@@ -148,10 +194,10 @@ def read_gguf(path: str) -> tuple[ModelConfig, dict[str, GGUFTensor], dict[str, 
         raise CheckpointError(f"{path}: GGUF without general.architecture (truncated, or not a model file)")
     try:
         config = ModelConfig.from_hf(hf_config(meta, {t.name for t in reader.tensors}))
-    except UnsupportedModelError as e:
-        raise UnsupportedModelError(f"{path}: {e}") from None
-    try:
-        tokenizer = tokenizer_files(meta)
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # metadata missing or of the wrong kind
-        raise CheckpointError(f"{path}: bad tokenizer metadata ({type(e).__name__}: {e})") from None
+        try:
+            tokenizer = tokenizer_files(meta)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # missing or of the wrong kind
+            raise CheckpointError(f"bad tokenizer metadata ({type(e).__name__}: {e})") from None
+    except (UnsupportedModelError, CheckpointError) as e:  # ConfigError too: each names the file
+        raise type(e)(f"{path}: {e}") from None
     return config, read_tensors(reader, config), tokenizer

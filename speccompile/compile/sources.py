@@ -208,6 +208,8 @@ def save_hf_dir(ckpt: Checkpoint, path: str) -> None:
         hf["attention_bias"] = c.qkv_bias
     if c.model_type == "mistral":
         hf["sliding_window"] = c.sliding_window
+    if c.rope and c.rope["rope_type"] != "default":  # e.g. a GGUF's rope.scaling.* keys
+        hf["rope_scaling"] = {k: v for k, v in c.rope.items() if k != "rope_theta"}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
     tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in ckpt.tensors.items()}
