@@ -1,6 +1,8 @@
 """A GGUF's tokenizer (tokenizer.ggml.* metadata) as tokenizer.json + tokenizer_config.json, built with the
 `tokenizers` library the way transformers' GGUF tokenizer conversion builds it (integrations/gguf/
-gguf_tokenizer_mapping.py and the tokenizer classes it hands the vocabulary to), so the bundle encodes alike.
+gguf_tokenizer_mapping.py and the tokenizer classes it hands the vocabulary to), so the bundle encodes alike;
+byte-level text is split as llama.cpp splits it for the file's tokenizer.ggml.pre, where transformers falls back to
+GPT-2's split for values it does not know (SmolLM2's "smollm" among them).
 
 Two kinds: "gpt2" (byte-level BPE with merges: SmolLM2, Llama 3, Qwen2) and "llama" (sentencepiece BPE with
 byte fallback: Llama 2, Mistral, TinyLlama).
@@ -13,15 +15,39 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from speccompile.errors import UnsupportedModelError
 
-# Pre-tokenizer splits for byte-level vocabularies whose merges were learned on other than GPT-2's regex
-# (tokenizer.ggml.pre); other byte-level files use ByteLevel's own regex.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_TOKENIZER_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
-                        "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT,
-                        "deepseek-r1-qwen": _QWEN2_SPLIT}
+# llama.cpp's pre-tokenizer per tokenizer.ggml.pre (src/llama-vocab.cpp), so a file splits text as llama.cpp
+# splits it: regexes applied in turn, each splitting the pieces the one before left (matches and the text between
+# them), and whether a piece that is a whole token skips the merges (its ignore_merges). Values missing here are
+# refused: any regex but the vocabulary's own tokenizes text differently from the model's training.
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_CONTRACTIONS = r"'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD]"
+_TAIL = r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_LLAMA3 = rf"(?:{_CONTRACTIONS})|[^\r\n\p{{L}}\p{{N}}]?\p{{L}}+|\p{{N}}{{1,3}}|{_TAIL}"
+_QWEN2 = rf"(?:{_CONTRACTIONS})|[^\r\n\p{{L}}\p{{N}}]?\p{{L}}+|\p{{N}}|{_TAIL}"
+# letters not a-z / not A-Z: llama.cpp's spelling of the original's cased-letter classes
+_UPPER, _LOWER = r"((?=[\p{L}])([^a-z]))", r"((?=[\p{L}])([^A-Z]))"
+_WORD = r"[^\r\n\p{L}\p{N}]?"
+_SLASH_TAIL = r" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_TEKKEN = rf"{_WORD}{_UPPER}*{_LOWER}+|{_WORD}{_UPPER}+{_LOWER}*|\p{{N}}|{_SLASH_TAIL}"
+_GPT4O = (rf"{_WORD}{_UPPER}*{_LOWER}+(?:{_CONTRACTIONS})?|{_WORD}{_UPPER}+{_LOWER}*(?:{_CONTRACTIONS})?"
+          rf"|\p{{N}}{{1,3}}|{_SLASH_TAIL}")
+# (names, regexes, ignore_merges); regexes None: GPT-2's own (ByteLevel's regex), also for "default" (and no value)
+# as transformers splits them, where llama.cpp falls back to regexes of its own
+_FAMILIES = (
+    (("gpt-2", "default", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0",
+      "mellum", "modern-bert", "mpt", "olmo", "jais", "trillion", "granite-docling", "exaone4"), None, False),
+    (("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano"),
+     (_LLAMA3,), True),
+    (("dbrx", "smaug-bpe"), (_LLAMA3,), False),
+    (("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan", "solar-open"),
+     (_QWEN2,), False),
+    (("tekken",), (_TEKKEN,), True),
+    (("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b", "mellum2"),
+     (r"\p{N}", _GPT2), False),
+    (("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), (_GPT4O,), False),
+    (("falcon",), (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, "[0-9][0-9][0-9]"), False),
+)
+PRE_TOKENIZERS = {name: (regexes, ignore) for names, regexes, ignore in _FAMILIES for name in names}
 CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
 SPECIAL_IDS = (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
                ("pad_token", "padding_token_id"))
@@ -42,14 +68,20 @@ def byte_level_tokenizer(meta: dict) -> tuple[Tokenizer, set[str] | None]:
     alphabet = set(spelling.values())
     vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
              for i, t in enumerate(meta["tokenizer.ggml.tokens"])}
+    pre = meta.get("tokenizer.ggml.pre", "default")  # absent: llama.cpp warns, transformers splits as GPT-2
+    if not isinstance(pre, str) or pre not in PRE_TOKENIZERS:
+        raise UnsupportedModelError(f"GGUF tokenizer.ggml.pre {pre!r:.40}: a pre-tokenizer speccompile does not "
+                                    "reproduce; convert the model to a Hugging Face directory instead")
+    regexes, ignore_merges = PRE_TOKENIZERS[pre]
     merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges", [])]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="",
-                               fuse_unk=False, dropout=None))
-    split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
-    tok.pre_tokenizer = (pre_tokenizers.ByteLevel(add_prefix_space=bool(meta.get("tokenizer.ggml.add_space_prefix")))
-                         if split is None else
-                         pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
+                               fuse_unk=False, dropout=None, ignore_merges=ignore_merges))
+    if regexes is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(meta.get("tokenizer.ggml.add_space_prefix")))
+    else:
+        splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     return tok, alphabet
 
@@ -73,15 +105,18 @@ def scored_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str
 
 def sentencepiece_tokenizer(meta: dict) -> tuple[Tokenizer, None]:
     """tokenizer.ggml.model "llama": BPE over "▁"-spelled pieces with byte fallback (transformers' LlamaTokenizer,
-    non-legacy: a prefix space before the first piece only)."""
+    non-legacy: a prefix space before the first piece only, unless tokenizer.ggml.add_space_prefix is false)."""
     tokens = meta["tokenizer.ggml.tokens"]
     merges = ([tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]] if "tokenizer.ggml.merges" in meta
               else scored_merges(tokens, meta["tokenizer.ggml.scores"]))
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=True,
                                byte_fallback=True, dropout=None))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(content=" ", left=1)])
+    # llama.cpp prefixes a space unless the file says add_space_prefix = false, and strips it in decoding
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if prefix else "never",
+                                                 split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + ([decoders.Strip(content=" ", left=1)] if prefix else []))
     return tok, None
 
 
