@@ -41,6 +41,18 @@ def test_the_tiny_target_samples_by_noise(tiny_generator):
     assert tiny_generator.noise_ok == NoiseSupport(True, True)  # its graphs have the exact greedy head
 
 
+def test_requests_sampled_by_noise_count_the_screened_passes_bytes(tiny_generator):
+    """Temperature and top-k requests run greedy passes through the screen (here): their stats count a screened
+    pass's weight bytes, as greedy requests do; top-p ones the float32 head's."""
+    g, prompt = tiny_generator, random_prompts(1)[0]
+    assert g.pass_bytes["screened"] < g.pass_bytes["full"]
+    for settings, bytes_per_pass in ((dict(), "screened"), (dict(temperature=0.8), "screened"),
+                                     (dict(temperature=0.8, top_k=5), "screened"),
+                                     (dict(temperature=0.8, top_p=0.9), "full")):
+        stats = g.generate(prompt, 4, seed=1, **settings).stats
+        assert stats["target_weight_bytes"] == g.pass_bytes[bytes_per_pass], settings
+
+
 @pytest.mark.parametrize("drafter,tree", [("model", None), ("lookup", None), ("layerskip:2", None),
                                           ("model", "dynamic:4"), ("model", "dynamic:3+lookup:4")])
 def test_speculation_samples_what_plain_decoding_samples(tiny_generator, drafter, tree):

@@ -17,7 +17,7 @@ from speccompile.compile.quantize.nbits import join_rows, nbits_product, pack_gg
 from speccompile.compile.quantize.target_weights import DENSE_MATRICES
 from speccompile.compile.sources import load_checkpoint
 from speccompile.format.bundle import read_manifest
-from speccompile.format.summary import describe
+from speccompile.format.summary import describe, pass_weight_bytes
 from speccompile.graphs.builder import GraphBuilder
 from speccompile.runtime.engine import Engine
 from speccompile.runtime.row_parity import match_rows
@@ -115,6 +115,24 @@ def test_source_keeps_each_matrix_in_its_stored_format(gguf_bundles):
     assert "--weights source" in lines and "q4_1" in lines and "decode step reads" in lines
     full = read_manifest(str(gguf_bundles / "float32"))
     assert m["files"]["target.bin"]["bytes"] < full["files"]["target.bin"]["bytes"]
+
+
+def test_decode_step_reads_one_row_of_the_embedding_and_rope_tables(tmp_path):
+    """An untied model's decode step gathers one row of its embedding (lm_head is its head) and one row of each
+    cos/sin table; the float32 head, or the screen in its place, is read whole."""
+    out = str(tmp_path / "b")
+    build_bundle("tiny:qwen2", out, drafts=["lookup"], max_seq_len=64, progress=quiet)
+    m = read_manifest(out)
+    t = m["models"]["target"]
+    assert not t["config"]["tie_word_embeddings"]
+    sizes = {n: r["length"] for f in t["weights"] for n, r in m["weights"][f].items() if n in t["initializers"]}
+    screen = sum(v for n, v in sizes.items() if n.startswith("head_screen."))
+    whole = {"embed", "lm_head", "rope.cos", "rope.sin"}
+    assert whole <= set(sizes) and screen
+    rest = sum(v for n, v in sizes.items() if n not in whole and not n.startswith("head_screen."))
+    rows = 4 * t["config"]["hidden_size"] + 2 * 4 * t["config"]["head_dim"] // 2  # float32 rows
+    assert pass_weight_bytes(m, t, 0) == {"full": rest + rows + sizes["lm_head"], "screened": rest + rows + screen}
+    assert f"decode step reads {(rest + rows + screen) / 2**20:.1f} MiB" in "\n".join(describe(out, m, True))
 
 
 def test_source_logits_match_the_float_reference(gguf_bundles):

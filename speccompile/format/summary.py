@@ -49,19 +49,27 @@ def describe(bundle: str, m: dict, verified: bool) -> list[str]:
     return out
 
 
+ROPE_TABLE = re.compile(r"(.+\.)?rope(_local)?\.(cos|sin)")  # [max_seq_len + 1, rotary dims / 2] each
+
+
 def pass_weight_bytes(manifest: dict, entry: dict, file_bytes: int) -> dict[str, int]:
-    """Weight bytes one pass of the model `entry` reads: "full" (float32 head, the screen's tensors unread) and
-    "screened" (a greedy pass through the exact greedy head: its int8 screen instead of the float32 head, of
-    which it reads only the rescored rows). The weight files' size for bundles that do not list initializers."""
+    """Weight bytes one decode step of the model `entry` reads: "full" (float32 head, the screen's tensors unread) and
+    "screened" (a greedy pass through the exact greedy head: its int8 screen instead of the float32 head, of which it
+    reads only the rescored rows). A step gathers one row of the embedding table and of each cos/sin table; the
+    float32 head (the embedding of a tied model) is read whole. The weight files' size for bundles that do not list
+    initializers."""
     names = set(entry.get("initializers", ()))
     sizes = {n: r["length"] for f in entry["weights"] for n, r in manifest.get("weights", {}).get(f, {}).items()
              if n in names}
     if not sizes:
         return {"full": file_bytes, "screened": file_bytes}
     screen = sum(v for n, v in sizes.items() if n.startswith("head_screen."))
-    full = sum(sizes.values()) - screen
     head = sizes.get("lm_head", sizes.get("embed", 0))
-    return {"full": full, "screened": full - head + screen if screen else full}
+    gathered = {n: v for n, v in sizes.items() if n == "embed" or ROPE_TABLE.fullmatch(n)}
+    rows = sum(v // (entry["config"]["vocab_size"] if n == "embed" else manifest["max_seq_len"] + 1)
+               for n, v in gathered.items())
+    rest = sum(sizes.values()) - screen - sum(gathered.values()) - (head if "lm_head" in sizes else 0)
+    return {"full": rest + rows + head, "screened": rest + rows + (screen if screen else head)}
 
 
 def _layer_ranges(layers: list[int]) -> str:

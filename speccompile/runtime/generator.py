@@ -27,7 +27,7 @@ from speccompile.runtime.drafters.lookup import LookupDrafter, LookupReach, join
 from speccompile.runtime.engine import Engine
 from speccompile.runtime.sessions import check_threads
 from speccompile.runtime.kv_cache import KVCache
-from speccompile.runtime.noise import GumbelNoise, sampled_by_noise, takes_noise
+from speccompile.runtime.noise import GumbelNoise, runs_greedy, sampled_by_noise, takes_noise
 from speccompile.runtime.request import Request, build_request, check_messages, is_batch
 from speccompile.runtime.row_parity import match_rows
 from speccompile.runtime.sampling import PositionDraws, SamplingParams, acceptance_option
@@ -369,7 +369,7 @@ class Generator:
             self.context_cache.save(context, min(self.target.cache.length, len(context)), self.target.cache,
                                     req.drafter)
         prefill_passes = -(-stats.prompt_cache_miss_tokens // PREFILL_CHUNK)
-        weight_bytes = self.pass_bytes["screened" if req.params.greedy else "full"]
+        weight_bytes = self.pass_bytes["screened" if runs_greedy(req.params, self.noise_ok) else "full"]
         result = stats.as_dict(len(out), total, ttft, weight_bytes, prefill_passes)
         result["acceptance"] = "typical (lossy)" if req.params.typical else "exact"
         return GenerationResult(out, final, result)

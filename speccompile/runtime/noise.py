@@ -46,6 +46,11 @@ def by_noise(params: SamplingParams, support: NoiseSupport = EVERYTHING) -> bool
             and (params.top_k == 0 or support.top_k))
 
 
+def runs_greedy(params: SamplingParams, support: NoiseSupport) -> bool:
+    """Whether the decode loop runs these settings as greedy passes (through the exact greedy head's screen)."""
+    return params.greedy or by_noise(params, support)
+
+
 class NoiseRows(list):
     """A pass's noise rows, one [V] float32 array per row, and the request's top_k (0: off), which the graph
     applies with them."""
