@@ -62,13 +62,13 @@ CASES = {
 }
 
 
-def write_checkpoint(name: str, path: str, seed: int = 0):
+def write_checkpoint(name: str, path: str, seed: int = 0, **overrides):
     """Write CASES[name] as a Hugging Face directory (safetensors, hub-spelled config.json, a tiny tokenizer) and
-    return the transformers model it came from, in eval mode."""
+    return the transformers model it came from, in eval mode. overrides: other config values (attention_bias...)."""
     import torch
     import transformers
     config_cls, model_cls, kwargs, hub = CASES[name]
-    cfg = getattr(transformers, config_cls)(**kwargs)
+    cfg = getattr(transformers, config_cls)(**kwargs, **overrides)
     torch.manual_seed(seed)
     model = separate_logits(getattr(transformers, model_cls)(cfg).eval())
     model.save_pretrained(path)
@@ -86,12 +86,14 @@ def write_checkpoint(name: str, path: str, seed: int = 0):
 
 
 def edit_config(path: str, change) -> None:
-    """Apply change(config dict) to path/config.json; keys set to None are removed."""
+    """Apply change(config dict) to path/config.json; keys it sets to None are removed, those the file already
+    held as null stay (transformers reads null as null, a key left out as its default: DeepSeek's q_lora_rank)."""
     cfg_path = os.path.join(path, "config.json")
     with open(cfg_path) as f:
         cfg = json.load(f)
+    null = {k for k, v in cfg.items() if v is None}
     change(cfg)
-    cfg = {k: v for k, v in cfg.items() if v is not None}
+    cfg = {k: v for k, v in cfg.items() if v is not None or k in null}
     with open(cfg_path, "w") as f:
         json.dump(cfg, f, indent=2)
 

@@ -27,11 +27,33 @@ def test_logits_match_transformers(tmp_path, q_lora_rank, mla_cache):
     ref_model = make_checkpoint(str(tmp_path / "ck"), q_lora_rank)
     out = str(tmp_path / "b")
     build_bundle(str(tmp_path / "ck"), out, drafts=["none"], max_seq_len=64, mla_cache=mla_cache, progress=quiet)
-    m = read_manifest(out)
-    kv = m["models"]["target"]["kv_cache"]
+    kv = read_manifest(out)["models"]["target"]["kv_cache"]
     # latent: one [k_rope (16); c_kv (32)] row per token; expanded: 4 heads of [k_nope (16); k_rope (16)]
     assert (kv["num_kv_heads"], kv["head_dim"]) == ((1, 48) if mla_cache == "latent" else (4, 32))
-    eng = Engine(out, m["models"]["target"], threads=1, max_rows=16)
+    assert_logits_match(ref_model, out)
+
+
+def test_config_without_rope_interleave_is_interleaved(tmp_path):
+    """DeepSeek-V3's hub config.json has no rope_interleave: transformers' default, true, applies."""
+    ref_model = make_checkpoint(str(tmp_path / "ck"), 24)
+    config = tmp_path / "ck" / "config.json"
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "rope_interleave"}))
+    build_bundle(str(tmp_path / "ck"), str(tmp_path / "b"), drafts=["none"], max_seq_len=64, progress=quiet)
+    assert_logits_match(ref_model, str(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("q_lora_rank,mla_cache", [(24, "latent"), (None, "expanded")])
+def test_attention_bias_matches_transformers(tmp_path, q_lora_rank, mla_cache):
+    """attention_bias: true biases q_a_proj (where q is low-rank), kv_a_proj_with_mqa and o_proj."""
+    ref_model = make_checkpoint(str(tmp_path / "ck"), q_lora_rank, attention_bias=True)
+    out = str(tmp_path / "b")
+    build_bundle(str(tmp_path / "ck"), out, drafts=["none"], max_seq_len=64, mla_cache=mla_cache, progress=quiet)
+    assert_logits_match(ref_model, out)
+
+
+def assert_logits_match(ref_model, out):
+    """Logits at every position of a prompt against transformers', prefilled then one token at a time."""
+    eng = Engine(out, read_manifest(out)["models"]["target"], threads=1, max_rows=16)
     ids = np.random.default_rng(1).integers(0, 384, 20)
     with torch.no_grad():
         ref = ref_model(torch.tensor(ids)[None]).logits[0].numpy()

@@ -377,6 +377,10 @@ def test_full_disk_keeps_the_old_bundle(bundle_copy, monkeypatch):
     (dict(rms_norm_eps=float("nan")), ["rms_norm_eps"]),
     (dict(tie_word_embeddings="yes"), ["tie_word_embeddings"]),
     (dict(rope_scaling=[1, 2]), ["rope_scaling"]),
+    (dict(model_type="qwen2", use_sliding_window=True, sliding_window=8, max_window_layers="1"),
+     ["max_window_layers", "'1'"]),
+    (dict(model_type="gemma3_text", sliding_window=8, sliding_window_pattern=0), ["sliding_window_pattern", "0"]),
+    (dict(hidden_act=["silu"]), ["activation", "['silu']"]),
 ])
 def test_bad_config_values(hf_dir, tmp_path, change, words):
     cfg = json.loads((hf_dir / "config.json").read_text())
@@ -387,6 +391,18 @@ def test_bad_config_values(hf_dir, tmp_path, change, words):
     assert_cli_error(cli("build", hf_dir, "--out", tmp_path / "out"), *words)
     assert time.perf_counter() - t0 < 30  # fails at the config, before sizing anything from it
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(model_type="qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=None),
+     ["max_window_layers", "None"]),
+    (dict(model_type="gemma3_text", sliding_window=8, sliding_window_pattern=None), ["sliding_window_pattern"]),
+])
+def test_null_config_values(hf_dir, tmp_path, change, words):
+    """JSON null where a number belongs: one error line, as for any other value of the wrong type."""
+    cfg = json.loads((hf_dir / "config.json").read_text()) | change
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    assert_cli_error(cli("build", hf_dir, "--out", tmp_path / "out"), *words)
 
 
 # ---- one error path in the CLI -----------------------------------------------------------------------------------

@@ -13,9 +13,10 @@ from speccompile.format.bundle import read_manifest  # noqa: E402
 from speccompile.runtime.engine import Engine  # noqa: E402
 
 from conftest import assert_lossless, quiet, random_prompts  # noqa: E402
-from models_util import CASES, VOCAB, reference_greedy, reference_logits, write_checkpoint  # noqa: E402
+from models_util import CASES, VOCAB, edit_config, reference_greedy, reference_logits, write_checkpoint  # noqa: E402
 
 TOL = 1e-4
+INT8_TOL = 2.0  # int8 rounding of these unit-scale logits; an o_proj bias dropped moves them far more
 PROMPT_LEN, PREFILL = 80, 56  # past every case's original context (<= 64) and window (<= 24)
 
 
@@ -100,3 +101,68 @@ def test_partial_rotary_needs_the_fused_kernel(tmp_path):
     write_checkpoint("phi3", str(tmp_path / "ck"))
     assert_cli_error(cli("build", tmp_path / "ck", "--out", tmp_path / "b", "--attention", "reference"),
                      "partial rotary", "--attention ort")
+
+
+def _prefill_logits_diff(model, ck: str, out: str, **options) -> float:
+    """Build ck (no drafter) and return the largest difference from transformers' logits over a prompt."""
+    build_bundle(ck, out, drafts=["none"], max_seq_len=128, progress=quiet, **options)
+    eng = Engine(out, read_manifest(out)["models"]["target"], threads=1, max_rows=PREFILL)
+    ids = np.random.default_rng(7).integers(3, VOCAB, PREFILL)
+    logits, _ = eng.forward(ids, rows=np.arange(PREFILL))
+    return float(np.abs(logits - reference_logits(model, ids)[:PREFILL]).max())
+
+
+@pytest.mark.parametrize("case", ["llama3", "qwen3", "gemma3"])
+def test_attention_bias_matches_transformers(tmp_path, case):
+    """attention_bias: true biases o_proj as well as q/k/v in these families' transformers classes."""
+    model = write_checkpoint(case, str(tmp_path / "ck"), attention_bias=True)
+    assert _prefill_logits_diff(model, str(tmp_path / "ck"), str(tmp_path / "b")) < TOL
+
+
+@pytest.mark.parametrize("case", ["mistral-window", "mixtral-window", "phi3"])
+def test_attention_bias_flag_is_ignored_where_transformers_ignores_it(tmp_path, case):
+    """Mistral, Mixtral and Phi-3 attention has no biases whatever attention_bias says: no q_proj.bias is asked for."""
+    model = write_checkpoint(case, str(tmp_path / "ck"))
+    edit_config(str(tmp_path / "ck"), lambda c: c.update(attention_bias=True))
+    assert _prefill_logits_diff(model, str(tmp_path / "ck"), str(tmp_path / "b")) < TOL
+
+
+def test_o_proj_bias_in_a_quantized_build(tmp_path):
+    """--weights int8: o_proj's bias is added after the packed product too (int8 rounding alone stays far below
+    the bias's effect)."""
+    model = write_checkpoint("llama3", str(tmp_path / "ck"), attention_bias=True)
+    assert _prefill_logits_diff(model, str(tmp_path / "ck"), str(tmp_path / "b"), weights="int8") < INT8_TOL
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "mistral", "mixtral", "phi3", "gemma3_text",
+                                        "deepseek_v3"])
+def test_missing_fields_take_transformers_defaults(model_type):
+    """A config.json that leaves a value out means what transformers' config class reads it as, family by family
+    (Mixtral's rope_theta and rms_norm_eps, Qwen3's head_dim, DeepSeek-V3's rope_interleave and expert counts)."""
+    from speccompile.compile.config import MLA_MOE_FIELDS, ModelConfig
+    from speccompile.compile.families import ACTIVATIONS
+    sizes = dict(vocab_size=384, hidden_size=256, intermediate_size=512, num_hidden_layers=30, num_attention_heads=32,
+                 **({"use_sliding_window": True} if model_type.startswith("qwen") else {}))
+    ours = ModelConfig.from_hf(dict(sizes, model_type=model_type))
+    theirs = transformers.AutoConfig.for_model(model_type, **sizes)
+    rope = theirs.rope_parameters
+    assert ours.rope_theta == rope.get("full_attention", rope)["rope_theta"]
+    if "sliding_attention" in rope:
+        assert ours.rope_local["rope_theta"] == rope["sliding_attention"]["rope_theta"]
+    act = getattr(theirs, "hidden_activation", None) or theirs.hidden_act
+    assert (ours.rms_norm_eps, ours.max_position_embeddings, ours.tie_word_embeddings, ours.hidden_act) == (
+        theirs.rms_norm_eps, theirs.max_position_embeddings, theirs.tie_word_embeddings, ACTIVATIONS[act])
+    window = getattr(theirs, "sliding_window", None)
+    types = getattr(theirs, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * 30
+    assert [ours.is_sliding(i) for i in range(30)] == [t == "sliding_attention" for t in types]
+    assert ours.sliding_window == (window if "sliding_attention" in types else None)
+    if model_type == "deepseek_v3":
+        lowered = [k for k in MLA_MOE_FIELDS if k != "num_nextn_predict_layers"]  # that one only describes files
+        assert {k: getattr(ours, k) for k in lowered} == {k: getattr(theirs, k) for k in lowered}
+        return
+    head_dim = getattr(theirs, "head_dim", None) or theirs.hidden_size // theirs.num_attention_heads
+    assert (ours.head_dim, ours.num_key_value_heads) == (head_dim, theirs.num_key_value_heads)
+    if model_type == "mixtral":
+        assert (ours.n_routed_experts, ours.num_experts_per_tok) == (theirs.num_local_experts,
+                                                                    theirs.num_experts_per_tok)
+

@@ -81,7 +81,7 @@ class ModelConfig:
     rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
-    qkv_bias: bool
+    qkv_bias: bool  # q/k/v carry biases (MLA: q_a_proj and kv_a_proj_with_mqa)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     sliding_window: int | None = None
@@ -101,6 +101,7 @@ class ModelConfig:
     norm_topk_prob: bool = True
     rope_interleave: bool = False
     num_nextn_predict_layers: int = 0
+    o_bias: bool = False  # o_proj carries a bias (`attention_bias: true` where the family reads it)
     router_scoring: str = "sigmoid"  # MoE router: DeepSeek-V3 "sigmoid" (+ correction bias), Mixtral "softmax"
     mla_cache: str = "latent"  # what an MLA model's static cache stores: "latent" or "expanded" K/V
     # the facts of compile/families.py: RoPE parameters (rope.py; rope_local: sliding layers' own), the share of
@@ -190,10 +191,10 @@ class ModelConfig:
         """The block a trained draft head carries (speccompile/train/heads.py) for this target: a Llama block of
         the target's sizes, default RoPE at the target's base over whole heads, SiLU, plain RMSNorms, no window."""
         return dataclasses.replace(
-            self, model_type="llama", qkv_bias=qkv_bias, qk_norm=False, norm_offset=0.0, sandwich_norms=False,
-            hidden_act="silu", embed_scale=1.0, attn_scale_factor=1.0, partial_rotary_factor=1.0, layer_types=(),
-            sliding_window=None, rope={"rope_type": "default", "rope_theta": self.rope_theta}, rope_local=None,
-            n_routed_experts=0, num_experts_per_tok=0, moe_intermediate_size=0)
+            self, model_type="llama", qkv_bias=qkv_bias, o_bias=False, qk_norm=False, norm_offset=0.0,
+            sandwich_norms=False, hidden_act="silu", embed_scale=1.0, attn_scale_factor=1.0, partial_rotary_factor=1.0,
+            layer_types=(), sliding_window=None, rope={"rope_type": "default", "rope_theta": self.rope_theta},
+            rope_local=None, n_routed_experts=0, num_experts_per_tok=0, moe_intermediate_size=0)
 
     def is_moe_layer(self, i: int) -> bool:
         return self.n_routed_experts > 0 and i >= self.first_k_dense_replace
@@ -248,6 +249,8 @@ class ModelConfig:
         facts = family_fields(hf, model_type, num_layers, head_dim)
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        family = FAMILIES[model_type]
+        biased = family.reads_attention_bias and _config_value(hf, "attention_bias", bool, False)
         config = cls(
             model_type=model_type,
             vocab_size=_config_value(hf, "vocab_size", int),
@@ -260,7 +263,8 @@ class ModelConfig:
             rms_norm_eps=_config_value(hf, "rms_norm_eps", float, 1e-6),
             max_position_embeddings=_config_value(hf, "max_position_embeddings", int, 4096),
             tie_word_embeddings=_config_value(hf, "tie_word_embeddings", bool, False),
-            qkv_bias=FAMILIES[model_type].qkv_bias or _config_value(hf, "attention_bias", bool, False),
+            qkv_bias=family.qkv_bias or biased,
+            o_bias=biased,
             bos_token_id=_config_value(hf, "bos_token_id", int, None),
             eos_token_ids=eos_ids,
             **facts,

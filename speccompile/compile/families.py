@@ -16,6 +16,8 @@ from speccompile.errors import ConfigError, UnsupportedModelError
 class Family:
     architecture: str  # the class name hub configs list under "architectures"
     qkv_bias: bool = False  # q/k/v carry biases whatever `attention_bias` says (Qwen2)
+    reads_attention_bias: bool = True  # `attention_bias: true` biases q/k/v and o_proj (DeepSeek-V3: q_a_proj,
+    #                                    kv_a_proj_with_mqa and o_proj); False: transformers' class ignores the flag
     qk_norm: bool = False  # a per-head RMSNorm on q and k before RoPE (Qwen3, Gemma 3)
     norm_offset: float = 0.0  # RMSNorm scales by offset + weight (Gemma: 1 + weight)
     sandwich_norms: bool = False  # norms after attention and after the MLP too (Gemma 3)
@@ -31,20 +33,39 @@ class Family:
     defaults: tuple = ()  # (key, value) pairs the family's hub configs may leave out (transformers' defaults)
 
 
+# The defaults are those of transformers' config classes, for the values read here: a config.json that leaves one
+# out means what transformers reads it as.
+_QWEN_DEFAULTS = (("max_position_embeddings", 32768), ("num_key_value_heads", 32), ("sliding_window", 4096),
+                  ("max_window_layers", 28))
 FAMILIES = {
-    "llama": Family("LlamaForCausalLM"),
-    "qwen2": Family("Qwen2ForCausalLM", qkv_bias=True, sliding="qwen"),
-    "qwen3": Family("Qwen3ForCausalLM", qk_norm=True, sliding="qwen"),
-    "mistral": Family("MistralForCausalLM", sliding="all"),
-    "mixtral": Family("MixtralForCausalLM", sliding="all", moe=True),
-    "phi3": Family("Phi3ForCausalLM", fused_qkv=True, fused_gate_up=True, sliding="all"),
+    "llama": Family("LlamaForCausalLM", defaults=(("max_position_embeddings", 2048),)),
+    "qwen2": Family("Qwen2ForCausalLM", qkv_bias=True, reads_attention_bias=False, sliding="qwen",
+                    defaults=_QWEN_DEFAULTS),
+    "qwen3": Family("Qwen3ForCausalLM", qk_norm=True, sliding="qwen", defaults=_QWEN_DEFAULTS + (("head_dim", 128),)),
+    "mistral": Family("MistralForCausalLM", reads_attention_bias=False, sliding="all",
+                      defaults=(("max_position_embeddings", 131072), ("num_key_value_heads", 8),
+                                ("sliding_window", 4096))),
+    "mixtral": Family("MixtralForCausalLM", reads_attention_bias=False, sliding="all", moe=True,
+                      defaults=(("max_position_embeddings", 131072), ("num_key_value_heads", 8),
+                                ("rms_norm_eps", 1e-5), ("rope_theta", 1e6), ("num_local_experts", 8),
+                                ("num_experts_per_tok", 2))),
+    "phi3": Family("Phi3ForCausalLM", reads_attention_bias=False, fused_qkv=True, fused_gate_up=True, sliding="all",
+                   defaults=(("max_position_embeddings", 4096), ("original_max_position_embeddings", 4096),
+                             ("rms_norm_eps", 1e-5))),
     "gemma3_text": Family("Gemma3ForCausalLM", qk_norm=True, norm_offset=1.0, sandwich_norms=True, embed_scaled=True,
                           sliding="pattern", local_rope=True, activation_key="hidden_activation",
                           defaults=(("vocab_size", 262208), ("max_position_embeddings", 131072),
-                                    ("rms_norm_eps", 1e-6), ("query_pre_attn_scalar", 256), ("head_dim", 256),
-                                    ("sliding_window", 4096), ("hidden_activation", "gelu_pytorch_tanh"),
-                                    ("tie_word_embeddings", True))),
-    "deepseek_v3": Family("DeepseekV3ForCausalLM", mla=True),
+                                    ("num_key_value_heads", 4), ("rms_norm_eps", 1e-6), ("rope_theta", 1e6),
+                                    ("rope_local_base_freq", 10000.0), ("query_pre_attn_scalar", 256),
+                                    ("head_dim", 256), ("sliding_window", 4096), ("sliding_window_pattern", 6),
+                                    ("hidden_activation", "gelu_pytorch_tanh"), ("tie_word_embeddings", True))),
+    "deepseek_v3": Family("DeepseekV3ForCausalLM", mla=True,
+                          defaults=(("max_position_embeddings", 4096), ("q_lora_rank", 1536), ("kv_lora_rank", 512),
+                                    ("qk_nope_head_dim", 128), ("qk_rope_head_dim", 64), ("v_head_dim", 128),
+                                    ("n_routed_experts", 256), ("num_experts_per_tok", 8), ("n_group", 8),
+                                    ("topk_group", 4), ("n_shared_experts", 1), ("moe_intermediate_size", 2048),
+                                    ("first_k_dense_replace", 3), ("routed_scaling_factor", 2.5),
+                                    ("norm_topk_prob", True), ("rope_interleave", True))),
 }
 # Multimodal checkpoints whose text model is a family above: its config is their text_config, its tensors those
 # under these prefixes (the hub's names, and transformers' newer ones), renamed as the text model's own.
@@ -87,17 +108,15 @@ def family_fields(hf: dict[str, Any], model_type: str, num_layers: int, head_dim
     if hf.get("use_bidirectional_attention"):
         raise UnsupportedModelError("unsupported: use_bidirectional_attention = true (a causal decoder is needed)")
     act = hf.get(fam.activation_key) or hf.get("hidden_act") or "silu"
-    if act not in ACTIVATIONS:
+    if not isinstance(act, str) or act not in ACTIVATIONS:
         raise UnsupportedModelError(f"unsupported activation {act!r:.40} (supported: {', '.join(ACTIVATIONS)})")
-    default_theta = 1e6 if fam.local_rope else 10000.0
-    rope = rope_parameters(hf, FULL, default_theta=default_theta)
+    rope = rope_parameters(hf, FULL)
     out = {"rope": rope, "rope_theta": rope["rope_theta"], "hidden_act": ACTIVATIONS[act],
            "qk_norm": fam.qk_norm, "norm_offset": fam.norm_offset, "sandwich_norms": fam.sandwich_norms}
     window, layer_types = _sliding_layers(hf, fam, num_layers)
     out |= {"sliding_window": window, "layer_types": layer_types}
     if fam.local_rope:
-        out["rope_local"] = rope_parameters(hf, SLIDING, theta_key="rope_local_base_freq", default_theta=10000.0,
-                                            scaled=False)
+        out["rope_local"] = rope_parameters(hf, SLIDING, theta_key="rope_local_base_freq", scaled=False)
     prf = hf.get("partial_rotary_factor")
     if prf is None:
         prf = (hf.get("rope_parameters") or {}).get("partial_rotary_factor")
@@ -129,10 +148,10 @@ def _sliding_layers(hf: dict, fam: Family, num_layers: int) -> tuple[int | None,
     types = hf.get("layer_types")
     if types is None:
         if fam.sliding == "qwen":
-            first = hf.get("max_window_layers", num_layers)
+            first = _whole_number(hf, "max_window_layers", 0)
             types = [SLIDING if i >= first else FULL for i in range(num_layers)]
         elif fam.sliding == "pattern":
-            pattern = hf.get("sliding_window_pattern", 6)
+            pattern = _whole_number(hf, "sliding_window_pattern", 1)
             types = [SLIDING if (i + 1) % pattern else FULL for i in range(num_layers)]
         else:
             types = [SLIDING] * num_layers
@@ -140,3 +159,11 @@ def _sliding_layers(hf: dict, fam: Family, num_layers: int) -> tuple[int | None,
             or any(t not in (SLIDING, FULL) for t in types)):
         raise ConfigError(f"config: layer_types must list {num_layers} of {SLIDING!r} / {FULL!r}")
     return (window, tuple(types)) if SLIDING in types else (None, ())
+
+
+def _whole_number(hf: dict, key: str, least: int) -> int:
+    """hf[key] as an integer of at least `least`; anything else (null, a string, a float) is one ConfigError."""
+    value = hf.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ConfigError(f"config: {key} = {value!r:.20} must be an integer of at least {least}")
+    return value

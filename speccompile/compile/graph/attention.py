@@ -59,8 +59,8 @@ def _qk_norms(g: GraphBuilder, cfg: ModelConfig, W: dict[str, str], p: str, qkv:
 def grouped_query_attention(g: GraphBuilder, cfg: ModelConfig, W: dict[str, str], p: str, x: str, layer: int,
                             lowering: str, total_len: str, rope: tuple[str, str], bias: str = "attention_bias",
                             norm=None, query_seqlens: str = "") -> str:
-    """Layer `layer`'s attention (weights p + qkv, qkv_bias, q_norm, k_norm, o) on x [1, S, H_in]; returns the
-    o_proj output. rope: the (cos, sin) tables; bias: the additive mask (window_bias for sliding layers); norm:
+    """Layer `layer`'s attention (weights p + qkv, qkv_bias, q_norm, k_norm, o, o_bias) on x [1, S, H_in]; returns
+    the o_proj output. rope: the (cos, sin) tables; bias: the additive mask (window_bias for sliding layers); norm:
     the graph's RMSNorm, for q/k norms; query_seqlens: a batched graph's input (x is then its packed real rows
     [1, P, H_in]: the attention alone runs them laid out per slot, speccompile.graphs batched form)."""
     if cfg.rope_dim != cfg.head_dim and lowering != "ort":
@@ -79,7 +79,8 @@ def grouped_query_attention(g: GraphBuilder, cfg: ModelConfig, W: dict[str, str]
         position_ids="position_ids", attention_bias=bias,
         num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
         query_seqlens=query_seqlens)
-    return matmul(g, _to_rows(g, a) if query_seqlens else a, W, p + "o")
+    out = matmul(g, _to_rows(g, a) if query_seqlens else a, W, p + "o")
+    return g.op("Add", [out, W[p + "o_bias"]])[0] if p + "o_bias" in W else out
 
 
 def _to_layout(g: GraphBuilder, rows: str) -> str:

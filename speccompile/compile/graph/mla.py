@@ -31,11 +31,12 @@ def latent_attention(g: GraphBuilder, cfg: ModelConfig, W: dict, p: str, x: str,
     nh, nope, rope, lora, v = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                                cfg.kv_lora_rank, cfg.v_head_dim)
     const = lambda *a: g.const(np.array(a, np.int64))  # noqa: E731
-    q = (g.op("MatMul", [norm(g.op("MatMul", [x, W[p + "q_a"]])[0], W[p + "q_a_norm"]), W[p + "q_b"]])[0]
+    q = (g.op("MatMul", [norm(_biased(g, W, p + "q_a", g.op("MatMul", [x, W[p + "q_a"]])[0]), W[p + "q_a_norm"]),
+                         W[p + "q_b"]])[0]
          if p + "q_a" in W else g.op("MatMul", [x, W[p + "q"]])[0])
     q = g.op("Reshape", [q, const(1, -1, nh, nope + rope)])[0]  # [1, S, nh, nope+rope]
     q_nope, q_rope = g.op("Split", [q, const(nope, rope)], n_out=2, axis=3)
-    kv = g.op("MatMul", [x, W[p + "kv_a"]])[0]  # [1, S, lora+rope]
+    kv = _biased(g, W, p + "kv_a", g.op("MatMul", [x, W[p + "kv_a"]])[0])  # [1, S, lora+rope]
     c, k_rope = g.op("Split", [kv, const(lora, rope)], n_out=2, axis=2)
     c = norm(c, W[p + "kv_a_norm"])
     # rotary on the rope parts only (interleaved pairs, as DeepSeek lays them out)
@@ -46,7 +47,8 @@ def latent_attention(g: GraphBuilder, cfg: ModelConfig, W: dict, p: str, x: str,
                   interleaved=int(cfg.rope_interleave))[0]
     q_nope = g.op("Transpose", [g.op("Reshape", [q_nope, const(-1, nh, nope)])[0]], perm=[1, 0, 2])[0]  # [nh,S,nope]
     if cache == "expanded":
-        return _expanded_attention(g, cfg, W, p, layer, const, q_nope, q_rope, c, k_rope, total_len)
+        return _biased(g, W, p + "o", _expanded_attention(g, cfg, W, p, layer, const, q_nope, q_rope, c, k_rope,
+                                                          total_len))
     # absorbed query: [q_rope_h ; W_UK_h^T q_nope_h] per head
     q_lat = g.op("MatMul", [q_nope, W[p + "w_uk"]])[0]  # [nh, S, lora]
     q_rope = g.op("Transpose", [g.op("Reshape", [q_rope, const(-1, nh, rope)])[0]], perm=[1, 0, 2])[0]
@@ -61,7 +63,12 @@ def latent_attention(g: GraphBuilder, cfg: ModelConfig, W: dict, p: str, x: str,
     o_lat = g.op("Slice", [y, const(rope), const(rope + lora), const(2)])[0]  # the value part: sum_j a_hj c_j
     o = g.op("MatMul", [g.op("Transpose", [o_lat], perm=[1, 0, 2])[0], W[p + "w_uv_t"]])[0]  # [nh, S, v]
     o = g.op("Reshape", [g.op("Transpose", [o], perm=[1, 0, 2])[0], const(1, -1, nh * v)])[0]
-    return g.op("MatMul", [o, W[p + "o"]])[0]
+    return _biased(g, W, p + "o", g.op("MatMul", [o, W[p + "o"]])[0])
+
+
+def _biased(g: GraphBuilder, W: dict, matrix: str, y: str) -> str:
+    """y, the product with W[matrix], plus its bias where the checkpoint has one (attention_bias: true)."""
+    return g.op("Add", [y, W[matrix + "_bias"]])[0] if matrix + "_bias" in W else y
 
 
 def _expanded_attention(g, cfg, W, p, layer, const, q_nope, q_rope, c, k_rope, total_len):

@@ -44,6 +44,8 @@ def expected_checkpoint_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         if cfg.qkv_bias:
             t |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                   p + "self_attn.v_proj.bias": (kv,)}
+        if cfg.o_bias:
+            t[p + "self_attn.o_proj.bias"] = (H,)
         if cfg.qk_norm:
             t |= {p + "self_attn.q_norm.weight": (D,), p + "self_attn.k_norm.weight": (D,)}
         if cfg.sandwich_norms:
@@ -97,8 +99,9 @@ def lower_weights(cfg: ModelConfig, tensors: dict[str, np.ndarray], max_seq_len:
 
 
 def _attention_weights(cfg: ModelConfig, f32, norm, p: str, g: str) -> dict[str, np.ndarray]:
-    """q/k/v packed (Phi-3's qkv_proj already is), o, the per-head q/k norms. A softmax scale other than
-    1/sqrt(head_dim) (Gemma 3's query_pre_attn_scalar) is folded into q: its norm's weight, or its rows."""
+    """q/k/v packed (Phi-3's qkv_proj already is) and their biases, o and its bias, the per-head q/k norms. A softmax
+    scale other than 1/sqrt(head_dim) (Gemma 3's query_pre_attn_scalar) is folded into q: its norm's weight, or its
+    rows."""
     if FAMILIES[cfg.model_type].fused_qkv:
         qkv = f32(p + "self_attn.qkv_proj.weight")
     else:
@@ -117,6 +120,8 @@ def _attention_weights(cfg: ModelConfig, f32, norm, p: str, g: str) -> dict[str,
     if bias is not None:
         w[g + "qkv_bias"] = bias
     w[g + "o"] = np.ascontiguousarray(f32(p + "self_attn.o_proj.weight").T)
+    if cfg.o_bias:
+        w[g + "o_bias"] = f32(p + "self_attn.o_proj.bias")
     return w
 
 

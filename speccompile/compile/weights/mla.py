@@ -31,6 +31,12 @@ def lower_mla_layer(cfg: ModelConfig, tensors: dict[str, np.ndarray], hf_prefix:
     w[prefix + "w_uk"] = T(kv_b[:, :nope])  # [nh, nope, lora]: absorbed into the query
     w[prefix + "w_uv_t"] = T(kv_b[:, nope:].transpose(0, 2, 1))  # [nh, lora, v]
     w[prefix + "o"] = T(r.get("self_attn.o_proj.weight", (H, nh * v)).T)
+    if cfg.qkv_bias:  # attention_bias: true (q_proj has none: only a low-rank q's first projection is biased)
+        if cfg.q_lora_rank:
+            w[prefix + "q_a_bias"] = r.get("self_attn.q_a_proj.bias", (cfg.q_lora_rank,))
+        w[prefix + "kv_a_bias"] = r.get("self_attn.kv_a_proj_with_mqa.bias", (lora + rope,))
+    if cfg.o_bias:
+        w[prefix + "o_bias"] = r.get("self_attn.o_proj.bias", (H,))
     if not moe:
         I = cfg.intermediate_size
         w[prefix + "gate_up"] = T(np.concatenate([r.get("mlp.gate_proj.weight", (I, H)),
