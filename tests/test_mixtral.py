@@ -15,13 +15,11 @@ from speccompile.runtime.engine import Engine  # noqa: E402
 from conftest import assert_lossless, quiet, random_prompts  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def mixtral(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mixtral")
+def write_mixtral(d, **overrides):
     cfg = transformers.MixtralConfig(vocab_size=384, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=6,
                                      num_experts_per_tok=2, max_position_embeddings=1024, bos_token_id=1,
-                                     eos_token_id=2)
+                                     eos_token_id=2, **overrides)
     torch.manual_seed(0)
     model = separate_logits(transformers.MixtralForCausalLM(cfg).eval())
     model.save_pretrained(str(d / "ck"))
@@ -32,8 +30,21 @@ def mixtral(tmp_path_factory):
     return model, out
 
 
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    return write_mixtral(tmp_path_factory.mktemp("mixtral"))
+
+
 def test_logits_match_transformers(mixtral):
-    model, out = mixtral
+    assert_logits_match(*mixtral)
+
+
+def test_experts_take_the_configured_activation(tmp_path):
+    """hidden_act reaches the experts: GELU (tanh) experts, as transformers' MixtralExperts run them."""
+    assert_logits_match(*write_mixtral(tmp_path, hidden_act="gelu_pytorch_tanh"))
+
+
+def assert_logits_match(model, out):
     m = read_manifest(out)
     eng = Engine(out, m["models"]["target"], threads=1, max_rows=16)
     ids = np.random.default_rng(3).integers(0, 384, 18)

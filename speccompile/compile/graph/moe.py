@@ -51,12 +51,13 @@ def mixture_of_experts(g: GraphBuilder, cfg: ModelConfig, W: dict, p: str, x: st
     w_down = g.op("Gather", [W[p + "experts.down"], flat], axis=0)[0]
     xr = g.op("Reshape", [g.op("Expand", [g.op("Unsqueeze", [xs, const(1)])[0], const(1, k, 1)])[0],
                           const(-1, 1, H)])[0]  # [S*k, 1, H]
-    act = fused_gate_up(g, xr, w_gu)  # [S*k, 1, I]
+    act = fused_gate_up(g, xr, w_gu, cfg.hidden_act)  # [S*k, 1, I]
     out = g.op("Reshape", [g.op("MatMul", [act, w_down])[0], const(-1, k, H)])[0]  # [S, k, H]
     out = g.op("ReduceSum", [g.op("Mul", [out, g.op("Unsqueeze", [weight, const(2)])[0]])[0], const(1)],
                keepdims=0)[0]  # [S, H]
     out = g.op("Reshape", [out, const(1, -1, H)])[0]
     if p + "shared.gate_up" in W:
-        shared = g.op("MatMul", [fused_gate_up(g, x, W[p + "shared.gate_up"]), W[p + "shared.down"]])[0]
+        shared = g.op("MatMul", [fused_gate_up(g, x, W[p + "shared.gate_up"], cfg.hidden_act),
+                                 W[p + "shared.down"]])[0]
         out = g.op("Add", [out, shared])[0]
     return out
