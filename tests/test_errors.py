@@ -381,6 +381,8 @@ def test_full_disk_keeps_the_old_bundle(bundle_copy, monkeypatch):
      ["max_window_layers", "'1'"]),
     (dict(model_type="gemma3_text", sliding_window=8, sliding_window_pattern=0), ["sliding_window_pattern", "0"]),
     (dict(hidden_act=["silu"]), ["activation", "['silu']"]),
+    (dict(quantization_config={"quant_method": "bitsandbytes", "load_in_8bit": True}),
+     ["quant_method", "bitsandbytes"]),
 ])
 def test_bad_config_values(hf_dir, tmp_path, change, words):
     cfg = json.loads((hf_dir / "config.json").read_text())
@@ -403,6 +405,38 @@ def test_null_config_values(hf_dir, tmp_path, change, words):
     cfg = json.loads((hf_dir / "config.json").read_text()) | change
     (hf_dir / "config.json").write_text(json.dumps(cfg))
     assert_cli_error(cli("build", hf_dir, "--out", tmp_path / "out"), *words)
+
+
+# ---- tensors that are not float weights --------------------------------------------------------------------------
+def retype_tensor(st, name: str, dtype: str, data: bytes, shape, extra: dict | None = None) -> None:
+    """Rewrite the safetensors file st with tensor `name` stored as `dtype` (a safetensors dtype numpy may lack:
+    the file format is an 8-byte header length, the JSON header, then the data)."""
+    from safetensors.numpy import load_file
+    tensors = {k: ("F32", v.shape, v.astype("<f4").tobytes()) for k, v in load_file(str(st)).items()}
+    tensors[name] = (dtype, shape, data)
+    for k, v in (extra or {}).items():
+        tensors[k] = ("F32", v.shape, v.astype("<f4").tobytes())
+    header, blob = {}, b""
+    for k, (dt, shp, raw) in tensors.items():
+        header[k] = {"dtype": dt, "shape": list(shp), "data_offsets": [len(blob), len(blob) + len(raw)]}
+        blob += raw
+    head = json.dumps(header).encode()
+    st.write_bytes(len(head).to_bytes(8, "little") + head + blob)
+
+
+@pytest.mark.parametrize("dtype, width", [("I8", 1), ("I32", 4), ("BOOL", 1), ("U8", 1), ("F8_E5M2", 1)])
+def test_integer_and_other_tensors_refused(hf_dir, tmp_path, dtype, width):
+    """Integer and boolean tensors are a quantization's codes (int8, bitsandbytes, GPTQ packs) or masks, not
+    weights, and float8 e5m2 is not read: each is one error naming the tensor and its dtype, never a float32 cast."""
+    retype_tensor(hf_dir / "model.safetensors", "model.norm.weight", dtype, bytes(64 * width), (64,))
+    assert_cli_error(cli("build", hf_dir, "--out", tmp_path / "out"), "model.norm.weight", dtype)
+
+
+def test_fp8_vector_with_block_scales(hf_dir, tmp_path):
+    import numpy as np
+    retype_tensor(hf_dir / "model.safetensors", "model.norm.weight", "F8_E4M3", bytes(64), (64,),
+                  {"model.norm.weight_scale_inv": np.ones(1, np.float32)})
+    assert_cli_error(cli("build", hf_dir, "--out", tmp_path / "out"), "model.norm.weight", "(64,)", "matrices")
 
 
 # ---- one error path in the CLI -----------------------------------------------------------------------------------

@@ -67,6 +67,22 @@ def _checked_type(key: str, value: Any, kind: type) -> Any:
     raise ConfigError(f"config value {key} = {value!r:.60}: expected {expected}")
 
 
+# quant_method values whose checkpoints hold float weights to read: FP8 blocks (compile/fp8.py dequantizes them),
+# and "gguf", which transformers' GGUF loader records on the float model it dequantized
+FLOAT_QUANT_METHODS = ("fp8", "gguf")
+
+
+def _check_quantization(hf: dict[str, Any]) -> None:
+    """Any other quantization's stored integers are not weights: such a checkpoint is refused, naming its method."""
+    quant = hf.get("quantization_config")
+    if quant is None:
+        return
+    method = quant.get("quant_method") if isinstance(quant, dict) else quant
+    if method not in FLOAT_QUANT_METHODS:
+        raise UnsupportedModelError(f"unsupported: quantization_config.quant_method = {method!r:.40} (only fp8 "
+                                    "checkpoints are read; use the model's float original or a GGUF)")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     model_type: str
@@ -229,6 +245,7 @@ class ModelConfig:
         wrong type, out of range or inconsistent (ConfigError), before anything is sized from it."""
         if not isinstance(hf, dict):
             raise ConfigError(f"config.json holds a {type(hf).__name__}, not an object of settings")
+        _check_quantization(hf)  # at the top level: a wrapped checkpoint's text_config does not repeat it
         hf = text_model_config(hf)
         model_type = hf.get("model_type")
         if not isinstance(model_type, str) or model_type not in SUPPORTED_ARCHITECTURES:

@@ -47,8 +47,11 @@ def apply_block_scales(tensors: dict[str, np.ndarray], fp8_names: set[str], bloc
         if scale_name not in tensors:
             raise CheckpointError(f"FP8 tensor {name!r} has no {scale_name!r}")
         w, scale = tensors[name], tensors.pop(scale_name)
+        if w.ndim != 2:
+            raise CheckpointError(f"FP8 tensor {name!r} has shape {w.shape}: block scales ({scale_name!r}) scale "
+                                  "matrices only")
         rows, cols = (-(-d // b) for d, b in zip(w.shape, block))
-        if w.ndim != 2 or scale.shape != (rows, cols):
+        if scale.shape != (rows, cols):
             raise CheckpointError(f"tensor {scale_name!r} has shape {scale.shape}, expected {(rows, cols)} "
                                   f"(blocks of {block[0]} x {block[1]} over {w.shape})")
         full = np.repeat(np.repeat(scale, block[0], 0), block[1], 1)[:w.shape[0], :w.shape[1]]

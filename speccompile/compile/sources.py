@@ -85,15 +85,28 @@ def refuse_pickle(path: str) -> None:
         raise CheckpointError(f"{path}: pickled checkpoints are refused (unsafe to load); convert it to safetensors")
 
 
+# what read_safetensors widens to float32, exactly; integer or boolean tensors are a quantization's codes (int8,
+# bitsandbytes, GPTQ's int32 packs) or masks, never weights to be cast
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64", "F8_E4M3")
+
+
 def read_safetensors(fpath: str, keep=lambda name: True, ints: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """The tensors of one safetensors file whose names `keep` accepts: float32, except the names in `ints`
-    (token-id maps), kept as int64. A corrupt or truncated file is a CheckpointError naming it."""
+    (token-id maps), kept as int64. A corrupt or truncated file, or a tensor of another dtype than FLOAT_DTYPES
+    (outside `ints`), is a CheckpointError naming it."""
     try:
         with safe_open(fpath, framework="numpy") as f:
             names = [k for k in f.keys() if keep(k)]
-            raw = {k for k in names if f.get_slice(k).get_dtype() in ("BF16", "F8_E4M3")}
+            dtypes = {k: f.get_slice(k).get_dtype() for k in names}
+            bad = next((k for k in names if k not in ints and dtypes[k] not in FLOAT_DTYPES), None)
+            if bad is not None:
+                raise CheckpointError(f"{fpath}: tensor {bad!r} is stored as {dtypes[bad]}; only float weights are "
+                                      f"read ({', '.join(FLOAT_DTYPES)}): use the model's float original")
+            raw = {k for k in names if dtypes[k] in ("BF16", "F8_E4M3")}
             out = {k: f.get_tensor(k).astype(np.int64 if k in ints else np.float32) for k in names if k not in raw}
         return out | (read_raw_floats(fpath, raw) if raw else {})
+    except CheckpointError:
+        raise
     except FileNotFoundError:
         raise CheckpointError(f"weights not found: {fpath}") from None
     except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
