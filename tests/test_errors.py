@@ -439,6 +439,15 @@ def test_fp8_vector_with_block_scales(hf_dir, tmp_path):
     assert_cli_error(cli("build", hf_dir, "--out", tmp_path / "out"), "model.norm.weight", "(64,)", "matrices")
 
 
+def test_weight_index_naming_a_missing_file(hf_dir, tmp_path):
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))
+    assert_cli_error(cli("build", hf_dir, "--out", tmp_path / "out"), "model-00002-of-00002.safetensors", "missing")
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.norm.weight": "../elsewhere.safetensors"}}))
+    assert_cli_error(cli("build", hf_dir, "--out", tmp_path / "out"), "elsewhere")
+
+
 # ---- one error path in the CLI -----------------------------------------------------------------------------------
 def test_prompt_not_utf8(tiny_bundle):
     assert_cli_error(cli("generate", tiny_bundle, "caf\udce9"), "PROMPT", "UTF-8")

@@ -55,3 +55,33 @@ def test_absent_hub_id_names_the_download_command(tmp_path, monkeypatch):
     assert_cli_error(cli("build", "meta-llama/Llama-3.2-1B-Instruct", "--out", tmp_path / "b"),
                      "meta-llama/Llama-3.2-1B-Instruct", "not in the local Hugging Face cache",
                      "hf download meta-llama/Llama-3.2-1B-Instruct")
+
+
+def test_only_the_indexed_weight_files_are_read(tmp_path):
+    """Mistral's repos ship consolidated.safetensors (their own names, the same weights) beside the Hugging Face
+    shards: with model.safetensors.index.json only the files it maps are read and hashed; without one,
+    consolidated*.safetensors is passed over."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from speccompile.compile.sources import load_hf_dir
+    ck = tmp_path / "ck"
+    model = write_checkpoint("mistral-window", str(ck))
+    single = load_hf_dir(str(ck), progress=quiet)
+    os.remove(ck / "model.safetensors")
+    model.save_pretrained(str(ck), max_shard_size="100KB")
+    indexed = json.loads((ck / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(indexed.values())) > 1
+    sharded = load_hf_dir(str(ck), progress=quiet)
+    save_file({"layers.0.attention.wq.weight": np.ones((64, 64), np.float32)}, str(ck / "consolidated.safetensors"))
+    both = load_hf_dir(str(ck), progress=quiet)
+    assert set(both.tensors) == set(indexed) and both.source["sha256"] == sharded.source["sha256"]
+    for name in os.listdir(ck):
+        if name.startswith("model-") or name.endswith("index.json"):
+            os.remove(ck / name)
+    model.save_pretrained(str(ck), max_shard_size="100GB")  # one model.safetensors again, no index
+    assert (ck / "consolidated.safetensors").exists() and not (ck / "model.safetensors.index.json").exists()
+    alone = load_hf_dir(str(ck), progress=quiet)
+    assert set(alone.tensors) == set(single.tensors) and alone.source["sha256"] == single.source["sha256"]

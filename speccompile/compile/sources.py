@@ -38,13 +38,39 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
 
 
 def sha256_path(path: str) -> str:
-    """A file's sha256, or for a directory the sha256 of its safetensors files' hashes."""
+    """A file's sha256, or for a directory the sha256 of its weight files' hashes."""
     if not os.path.isdir(path):
         return sha256_file(path)
     h = hashlib.sha256()
-    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+    for f in weight_files(path):
         h.update(sha256_file(f).encode())
     return h.hexdigest()
+
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def weight_files(directory: str) -> list[str]:
+    """The safetensors files holding a Hugging Face directory's weights: those its model.safetensors.index.json
+    maps tensors to where it has one, else every *.safetensors but consolidated*.safetensors (Mistral's repos ship
+    their own-format copy of the same weights beside the Hugging Face files: read, it would double the memory)."""
+    index = os.path.join(directory, INDEX_FILE)
+    if not os.path.isfile(index):
+        return sorted(f for f in glob.glob(os.path.join(directory, "*.safetensors"))
+                      if not os.path.basename(f).startswith("consolidated"))
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({type(e).__name__})") from None
+    bad = [n for n in names if not isinstance(n, str) or os.path.basename(n) != n or not n.endswith(".safetensors")]
+    if bad:
+        raise CheckpointError(f"{index}: weight_map names {bad[0]!r:.80}, not a .safetensors file in the directory")
+    missing = [n for n in names if not os.path.isfile(os.path.join(directory, n))]
+    if missing:
+        raise CheckpointError(f"{index}: lists {missing[0]}, which is missing from {directory}")
+    return [os.path.join(directory, n) for n in names]
 
 
 def default_model_path() -> str:
@@ -169,7 +195,7 @@ def load_hf_dir(path: str, progress=print) -> Checkpoint:
     except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, nesting too deep
         raise CheckpointError(f"{cfg_path}: corrupt config.json ({type(e).__name__}: {str(e)[:120]})") from None
     config = ModelConfig.from_hf(hf)
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    files = weight_files(path)
     if not files:
         pickled = glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt"))
         if pickled:
@@ -259,7 +285,7 @@ def load_mtp_head(path: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
     checkpoint directory, whose MTP module is layer `num_hidden_layers` (enorm, hnorm, eh_proj, the block,
     shared_head.norm)."""
     refuse_pickle(path)
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) if os.path.isdir(path) else [path]
+    files = weight_files(path) if os.path.isdir(path) else [path]
     if not files or not all(os.path.isfile(f) for f in files):
         raise CheckpointError(f"MTP head not found: {path}")
     mtp_layer = f"model.layers.{cfg.num_hidden_layers}."

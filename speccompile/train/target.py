@@ -1,7 +1,6 @@
 """The frozen target model a head is distilled from: a plain Hugging Face directory, loaded with transformers."""
 from __future__ import annotations
 
-import glob
 import json
 import os
 
@@ -12,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from speccompile.compile.config import ModelConfig
 from speccompile.compile.families import text_model_config, text_tensor_name
 from speccompile.compile.hub_cache import looks_like_hub_id, resolve_hub_id
-from speccompile.compile.sources import load_checkpoint, save_hf_dir
+from speccompile.compile.sources import load_checkpoint, save_hf_dir, weight_files
 from speccompile.errors import SpeccompileError
 from speccompile.train.progress import log
 
@@ -67,13 +66,13 @@ def target_config(hf_dir: str) -> dict:
 
 
 def target_tensors(hf_dir: str) -> dict:
-    """The target's tensors (every safetensors shard) as a Llama checkpoint names them, which is what heads are
-    initialised from: fused qkv_proj / gate_up_proj (Phi-3) split, RMSNorm weights stored as (scale - offset)
-    (Gemma's 1 + weight) made plain scales."""
+    """The target's tensors (those of its weight files: sources.weight_files) as a Llama checkpoint names them,
+    which is what heads are initialised from: fused qkv_proj / gate_up_proj (Phi-3) split, RMSNorm weights stored
+    as (scale - offset) (Gemma's 1 + weight) made plain scales."""
     with open(os.path.join(hf_dir, "config.json")) as f:
         raw = json.load(f)
     tensors = {}
-    for f in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):
+    for f in weight_files(hf_dir):
         tensors |= {text_tensor_name(raw, k): v for k, v in load_file(f).items() if text_tensor_name(raw, k)}
     cfg = ModelConfig.from_hf(raw)
     for name in list(tensors):
