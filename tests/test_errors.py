@@ -439,6 +439,16 @@ def test_fp8_vector_with_block_scales(hf_dir, tmp_path):
     assert_cli_error(cli("build", hf_dir, "--out", tmp_path / "out"), "model.norm.weight", "(64,)", "matrices")
 
 
+@pytest.mark.parametrize("text, words", [
+    ('{"eos_token_id": "2"}', ["eos_token_id", "'2'"]), ('{"eos_token_id": [2, true]}', ["eos_token_id", "True"]),
+    ('{"eos_token_id": [[2]]}', ["eos_token_id"]), ('{"eos_token_id": 100000}', ["eos_token_id", "vocabulary"]),
+    ("[1]", ["JSON object"]), ("{not json", ["corrupt"]),
+])
+def test_bad_generation_config(hf_dir, tmp_path, text, words):
+    (hf_dir / "generation_config.json").write_text(text)
+    assert_cli_error(cli("build", hf_dir, "--out", tmp_path / "out"), "generation_config.json", *words)
+
+
 def test_weight_index_naming_a_missing_file(hf_dir, tmp_path):
     (hf_dir / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))

@@ -166,3 +166,23 @@ def test_missing_fields_take_transformers_defaults(model_type):
         assert (ours.n_routed_experts, ours.num_experts_per_tok) == (theirs.num_local_experts,
                                                                     theirs.num_experts_per_tok)
 
+
+def test_generation_config_end_of_sequence_ids(tmp_path):
+    """Instruct checkpoints list end-of-turn ids in generation_config.json only: the bundle stops at them as
+    transformers' generate does."""
+    import json
+
+    import speccompile
+    ck = str(tmp_path / "ck")
+    model = write_checkpoint("llama3", ck)
+    prompt = [int(i) for i in np.random.default_rng(8).integers(3, VOCAB, 12)]
+    stop = reference_greedy(model, prompt, 8)[3]
+    with open(f"{ck}/generation_config.json", "w") as f:
+        json.dump({"bos_token_id": 1, "eos_token_id": [2, stop]}, f)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(ck).eval()
+    with torch.no_grad():
+        expected = theirs.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):]
+    build_bundle(ck, str(tmp_path / "b"), drafts=["lookup"], max_seq_len=128, progress=quiet)
+    assert read_manifest(str(tmp_path / "b"))["models"]["target"]["config"]["eos_token_ids"] == [2, stop]
+    ours = speccompile.load(str(tmp_path / "b"), threads=1).generate(prompt, 8).token_ids
+    assert ours == expected.tolist() and ours[-1] == stop

@@ -4,6 +4,7 @@ Weights come only from safetensors or GGUF; pickled checkpoints are refused, nev
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import importlib.util
@@ -22,7 +23,7 @@ from speccompile.compile.families import text_tensor_name
 from speccompile.compile.fp8 import apply_block_scales, e4m3_to_float32, fp8_block_size
 from speccompile.compile.hub_cache import looks_like_hub_id, resolve_hub_id
 from speccompile.compile.presets import tiny_checkpoint
-from speccompile.errors import CheckpointError
+from speccompile.errors import CheckpointError, ConfigError
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -194,7 +195,7 @@ def load_hf_dir(path: str, progress=print) -> Checkpoint:
             hf = json.load(f)
     except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, nesting too deep
         raise CheckpointError(f"{cfg_path}: corrupt config.json ({type(e).__name__}: {str(e)[:120]})") from None
-    config = ModelConfig.from_hf(hf)
+    config = with_generation_eos(ModelConfig.from_hf(hf), path)
     files = weight_files(path)
     if not files:
         pickled = glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt"))
@@ -217,6 +218,33 @@ def load_hf_dir(path: str, progress=print) -> Checkpoint:
         apply_block_scales(tensors, fp8 - {None}, fp8_block_size(hf))
     return Checkpoint(config, tensors, _read_tokenizer_files(path), {"kind": "hf", "path": os.path.abspath(path),
                                                                       "sha256": h.hexdigest()})
+
+
+def with_generation_eos(config: ModelConfig, directory: str) -> ModelConfig:
+    """config with the end-of-sequence ids of the directory's generation_config.json added, if it has one:
+    instruct checkpoints list their end-of-turn tokens there only, and transformers' generate stops at them."""
+    path = os.path.join(directory, "generation_config.json")
+    if not os.path.isfile(path):
+        return config
+    try:
+        with open(path) as f:
+            gen = json.load(f)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: corrupt JSON ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(gen, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    eos = gen.get("eos_token_id")
+    if eos is None:
+        return config
+    ids = eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ConfigError(f"{path}: eos_token_id = {eos!r:.60}: expected an integer or a list of integers")
+    merged = dataclasses.replace(config, eos_token_ids=tuple(dict.fromkeys(config.eos_token_ids + tuple(ids))))
+    try:
+        merged.check_consistent()
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return merged
 
 
 def load_gguf(path: str, progress=print) -> Checkpoint:
