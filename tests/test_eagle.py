@@ -10,7 +10,7 @@ import pytest
 from speccompile.compile.driver import build_bundle
 from speccompile.format.bundle import read_manifest
 from speccompile.format.drafter_kinds import DraftSpec
-from speccompile.errors import CheckpointError, SpeccompileError, UnsupportedModelError
+from speccompile.errors import CheckpointError, ConfigError, SpeccompileError, UnsupportedModelError
 from speccompile.compile.sources import load_checkpoint, save_hf_dir
 
 from conftest import assert_lossless, quiet, random_prompts
@@ -234,6 +234,19 @@ def test_greedy_with_eagle_equals_autoregressive(heads, version, tree):
     assert_lossless(g, version, random_prompts(2), 16, tree)
 
 
+@pytest.mark.parametrize("setting,value", [("head_dim", "x"), ("rms_norm_eps", "abc"), ("num_attention_heads", [4]),
+                                           ("transformer_layer_config", "x"), ("eagle_config", "x")])
+def test_head_config_values_of_the_wrong_type(heads, tmp_path, setting, value):
+    """A head config.json value of the wrong type is a ConfigError naming it (was: ValueError, TypeError,
+    AttributeError out of the build)."""
+    target = heads["target"]
+    for version, tensors in (("eagle", eagle1_head(target)), ("eagle3", eagle3_head(target))):
+        config = {**eagle3_config(target), setting: value}
+        with pytest.raises(ConfigError, match=setting):
+            build_bundle("tiny:llama", str(tmp_path / "o"), progress=quiet,
+                         drafts=[f"{version}:{write_head(tmp_path / version, tensors, config)}"])
+
+
 def test_eagle_head_errors(heads, tmp_path):
     target = heads["target"]
     build = lambda spec: build_bundle("tiny:llama", str(tmp_path / "o"), drafts=[spec], progress=quiet)  # noqa: E731
@@ -263,6 +276,10 @@ def test_eagle_head_errors(heads, tmp_path):
         build(f"eagle3:{write_head(tmp_path / 'e3d', eagle3_head(target))}")
     with pytest.raises(CheckpointError, match="not found"):
         build(f"eagle:{tmp_path / 'nothing'}")
+    e3 = eagle3_head(target)  # a draft vocabulary of no tokens
+    e3 |= {"lm_head.weight": e3["lm_head.weight"][:0], "d2t": e3["d2t"][:0]}
+    with pytest.raises(CheckpointError, match="'lm_head.weight' has no rows"):
+        build(f"eagle3:{write_head(tmp_path / 'e3v', e3, eagle3_config(target))}")
     with pytest.raises(SpeccompileError, match="eagle3 needs"):
         DraftSpec.parse("eagle3")
     assert not (tmp_path / "o").exists()

@@ -201,6 +201,38 @@ def test_head_errors(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("norm", ["mtp.enorm.weight", "mtp.hnorm.weight", "mtp.norm.weight"])
+def test_head_norm_of_another_length_refused(tmp_path, norm):
+    """A norm weight that is not [hidden] is refused when the head is lowered (once it built, and every generation
+    with it failed inside onnxruntime), for a Llama block and for DeepSeek-V3's own MTP layer (MLA)."""
+    from speccompile.compile.presets import tiny_deepseek_checkpoint
+    from speccompile.compile.sources import load_mtp_head
+    from speccompile.compile.weights.decoder import lower_mtp_weights
+    head = tiny_mtp_head(load_checkpoint("tiny:llama").config)
+    head[norm] = np.ones(32, np.float32)
+    safetensors_numpy.save_file(head, str(tmp_path / "h.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"{norm} has shape \(32,\), expected \(64,\)"):
+        build_bundle("tiny:llama", str(tmp_path / "o"), drafts=[f"mtp:{tmp_path / 'h.safetensors'}"],
+                     progress=quiet)
+    assert not (tmp_path / "o").exists()
+    tiny_deepseek_checkpoint(str(tmp_path / "ds"), with_mtp=True)
+    ds = load_checkpoint(str(tmp_path / "ds"))
+    mla_head = load_mtp_head(str(tmp_path / "ds"), ds.config)
+    lower_mtp_weights(ds.config, mla_head)  # as it is: lowers
+    mla_head[norm] = mla_head[norm][:-1]
+    with pytest.raises(CheckpointError, match=rf"{norm} has shape"):
+        lower_mtp_weights(ds.config, mla_head)
+
+
+def test_empty_draft_vocabulary_refused(tmp_path):
+    head = tiny_mtp_head(load_checkpoint("tiny:llama").config)
+    head["mtp.d2t"] = np.zeros(0, np.int64)
+    safetensors_numpy.save_file(head, str(tmp_path / "h.safetensors"))
+    with pytest.raises(CheckpointError, match="mtp.d2t must list target token ids"):
+        build_bundle("tiny:llama", str(tmp_path / "o"), drafts=[f"mtp:{tmp_path / 'h.safetensors'}"],
+                     progress=quiet)
+
+
 def medusa_heads(cfg, K=3, layers=1, seed=0, repeat_last=False, prefix=""):
     """Random Medusa heads in the public layout; repeat_last: heads whose blocks add nothing and whose output
     matrix is the target's tied embedding, so every head repeats the target's own next-token guess (often right

@@ -14,7 +14,7 @@ import json
 import os
 
 from speccompile.compile.checkpoint import EagleHead
-from speccompile.compile.config import ModelConfig
+from speccompile.compile.config import ModelConfig, _config_value
 from speccompile.compile.rope import rope_parameters
 from speccompile.compile.drafters.base import DrafterBuild, Graph, TargetBuild
 from speccompile.compile.drafters.head_weights import head_shared_weights, int8_draft_head
@@ -22,7 +22,7 @@ from speccompile.compile.graph.draft_heads import build_eagle3_fc, build_eagle3_
 from speccompile.compile.weights.eagle import lower_eagle_head
 from speccompile.compile.model_entries import decoder_entry, source_entry
 from speccompile.compile.sources import PICKLE_SUFFIXES, read_safetensors, refuse_pickle
-from speccompile.errors import CheckpointError, UnsupportedModelError
+from speccompile.errors import CheckpointError, ConfigError, UnsupportedModelError
 from speccompile.format.drafter_kinds import DraftSpec
 
 NORM_TAP = "norm"  # the target's output after its final norm (EAGLE-1's feature)
@@ -105,6 +105,9 @@ def _files_and_config(path: str, version: str) -> tuple[list[str], dict]:
             raise CheckpointError(f"{cfg_path}: corrupt config.json ({e})") from None
         if not isinstance(hf, dict):
             raise CheckpointError(f"{cfg_path}: not a JSON object")
+        for key in ("transformer_layer_config", "eagle_config"):  # speculators' and EAGLE-3's nested settings
+            if not isinstance(hf.get(key) or {}, dict):
+                raise ConfigError(f"{cfg_path}: {key} = {hf[key]!r:.60} is not an object of settings")
         hf = {**hf, **(hf.get("transformer_layer_config") or {})}
     return files, hf
 
@@ -149,6 +152,14 @@ def aux_layers(version: str, hf: dict, target: ModelConfig) -> list:
     return ids
 
 
+def _setting(head: EagleHead, key: str, kind: type):
+    """A number of the head's config.json (0 where absent or null); one of another type is a ConfigError."""
+    try:
+        return _config_value(head.config, key, kind, kind(0))
+    except ConfigError as e:
+        raise ConfigError(f"{'EAGLE-3' if head.version == 'eagle3' else 'EAGLE'} head {head.path}: {e}") from None
+
+
 def head_config(head: EagleHead, target: ModelConfig) -> ModelConfig:
     """The head block's geometry: its config.json where it says, the target's otherwise, checked against the
     tensors' shapes."""
@@ -160,9 +171,9 @@ def head_config(head: EagleHead, target: ModelConfig) -> ModelConfig:
     rope = rope_parameters(hf, default_theta=target.rope_theta)  # the head's config.json's, any variant rope.py has
     if hf.get("hidden_act", "silu") != "silu":
         raise UnsupportedModelError(f"{label} head: unsupported activation {hf.get('hidden_act')!r} (only silu)")
-    if hf.get("num_attention_heads"):
-        heads = int(hf["num_attention_heads"])
-        kv, D = int(hf.get("num_key_value_heads") or heads), int(hf.get("head_dim") or H // heads)
+    heads = _setting(head, "num_attention_heads", int)
+    if heads:
+        kv, D = _setting(head, "num_key_value_heads", int) or heads, _setting(head, "head_dim", int) or H // heads
     elif H == target.hidden_size and not target.is_mla:
         heads, kv, D = target.num_attention_heads, target.num_key_value_heads, target.head_dim
     else:
@@ -174,7 +185,7 @@ def head_config(head: EagleHead, target: ModelConfig) -> ModelConfig:
     return ModelConfig(
         model_type="llama", vocab_size=target.vocab_size, hidden_size=H, intermediate_size=int(gate.shape[0]),
         num_hidden_layers=1, num_attention_heads=heads, num_key_value_heads=kv, head_dim=D,
-        rms_norm_eps=float(hf.get("rms_norm_eps") or target.rms_norm_eps),
+        rms_norm_eps=_setting(head, "rms_norm_eps", float) or target.rms_norm_eps,
         rope_theta=rope["rope_theta"], rope=rope,
         max_position_embeddings=target.max_position_embeddings, tie_word_embeddings=True,
         qkv_bias="layers.0.self_attn.q_proj.bias" in t,

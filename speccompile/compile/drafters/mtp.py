@@ -51,6 +51,6 @@ def draft_vocabulary(head: dict, cfg: ModelConfig, path: str) -> np.ndarray | No
     if d2t is None:
         return None
     d2t = np.asarray(d2t, np.int64)
-    if d2t.ndim != 1 or d2t.min() < 0 or d2t.max() >= cfg.vocab_size:
-        raise CheckpointError(f"{path}: mtp.d2t must list target token ids below {cfg.vocab_size}")
+    if d2t.ndim != 1 or not d2t.size or d2t.min() < 0 or d2t.max() >= cfg.vocab_size:
+        raise CheckpointError(f"{path}: mtp.d2t must list target token ids below {cfg.vocab_size} (one at least)")
     return d2t

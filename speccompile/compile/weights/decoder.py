@@ -170,6 +170,9 @@ def lower_mtp_weights(cfg: ModelConfig, tensors: dict[str, np.ndarray],
     if tuple(tensors["mtp.eh_proj.weight"].shape) != (H, 2 * H):
         raise CheckpointError(f"mtp.eh_proj.weight has shape {tuple(tensors['mtp.eh_proj.weight'].shape)}, "
                               f"expected {(H, 2 * H)}")
+    for name in ("mtp.enorm.weight", "mtp.hnorm.weight", "mtp.norm.weight"):
+        if tuple(tensors[name].shape) != (H,):
+            raise CheckpointError(f"{name} has shape {tuple(tensors[name].shape)}, expected {(H,)}")
     if cfg.is_mla:
         moe = "mtp.layer.mlp.gate.weight" in tensors
         out = lower_mla_layer(cfg, {k.replace("mtp.layer.", "mtp.l0."): v for k, v in tensors.items()},

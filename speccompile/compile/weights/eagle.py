@@ -87,6 +87,8 @@ def _eagle3_parts(t: _HeadTensors, hcfg: ModelConfig, target: ModelConfig, w: di
     if "lm_head.weight" not in t.t:
         raise t.error(" is missing tensor 'lm_head.weight'")
     Vd = int(t.t["lm_head.weight"].shape[0])
+    if Vd == 0:
+        raise t.error(": tensor 'lm_head.weight' has no rows (a draft vocabulary of no tokens)")
     w["mtp.head"] = t.get("lm_head.weight", (Vd, H))
     d2t = None
     if "d2t" in t.t:
