@@ -113,7 +113,25 @@ def test_tokenizer_mismatch(tmp_path):
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path)
 
 
+def test_same_tokenizer_in_the_older_merges_spelling(tmp_path):
+    """A draft model whose tokenizer.json is the target's, saved with merges as "a b" strings (tokenizers < 0.20,
+    most hub checkpoints) rather than ["a", "b"] pairs, shares the target's tokenizer."""
+    save_hf_dir(load_checkpoint("tiny:llama-draft"), str(tmp_path / "draft"))
+    path = tmp_path / "draft" / "tokenizer.json"
+    tok = json.loads(path.read_text())
+    assert tok["model"]["merges"] and all(isinstance(m, list) for m in tok["model"]["merges"])
+    tok["model"]["merges"] = [" ".join(m) for m in tok["model"]["merges"]]
+    path.write_text(json.dumps(tok))
+    build_bundle("tiny:llama", str(tmp_path / "out"), drafts=[f"model:{tmp_path / 'draft'}"], max_seq_len=64,
+                 progress=quiet)
+
+
 def test_bad_draft_spec(tmp_path):
+    for spec in ("lookup:65", "lookup:100"):  # the manifest schema's bound: such a bundle could never load
+        assert_cli_error(cli("build", "tiny:llama", "--out", tmp_path / "o", "--draft", spec), "at most 64")
+    assert not (tmp_path / "o").exists()
+    build_bundle("tiny:llama", str(tmp_path / "lk"), drafts=["lookup:64"], max_seq_len=64, progress=quiet)
+    speccompile.load(str(tmp_path / "lk"), threads=1)
     assert_cli_error(cli("build", "tiny:llama", "--out", tmp_path / "o", "--draft", "layerskip:99"), "layers")
     assert_cli_error(cli("build", "tiny:llama", "--out", tmp_path / "o", "--draft", "hydra"), "unknown drafter")
     assert_cli_error(cli("build", "tiny:llama", "--out", tmp_path / "o", "--draft", "medusa"), "heads file")

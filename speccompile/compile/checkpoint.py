@@ -31,6 +31,9 @@ class EagleHead:
 def tokenizer_fingerprint(files: dict[str, bytes]) -> str:
     """Identity of a tokenizer: its vocabulary and merges plus its added tokens, not incidental settings."""
     tok = json.loads(files["tokenizer.json"])
-    key = json.dumps([tok.get("model", {}).get("vocab"), tok.get("model", {}).get("merges"),
+    merges = tok.get("model", {}).get("merges")
+    if isinstance(merges, list):  # tokenizers < 0.20 wrote a merge as "a b", later ones as ["a", "b"]: the same merge
+        merges = [m.split(" ", 1) if isinstance(m, str) else m for m in merges]
+    key = json.dumps([tok.get("model", {}).get("vocab"), merges,
                       [(t["id"], t["content"]) for t in tok.get("added_tokens", [])]], sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()

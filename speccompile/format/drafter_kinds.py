@@ -12,6 +12,7 @@ import dataclasses
 
 from speccompile.errors import SpeccompileError
 
+MAX_LOOKUP_NGRAM = 64  # the longest n-gram `lookup:N` matches (the manifest schema's bound on max_ngram)
 
 @dataclasses.dataclass(frozen=True)
 class DrafterKind:
@@ -82,4 +83,6 @@ class DraftSpec:
             raise SpeccompileError(f"--draft {spec!r}: {kind} takes no argument")
         if kind in ("layerskip", "lookup") and arg and (not arg.isdigit() or int(arg) < 1):
             raise SpeccompileError(f"--draft {spec!r}: {k.usage} needs a whole number >= 1, e.g. {kind}:8")
+        if kind == "lookup" and arg and int(arg) > MAX_LOOKUP_NGRAM:
+            raise SpeccompileError(f"--draft {spec!r}: lookup matches n-grams of at most {MAX_LOOKUP_NGRAM} tokens")
         return cls(kind, arg or None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jsonschema
 
 from speccompile.errors import BundleError
-from speccompile.format.drafter_kinds import KINDS
+from speccompile.format.drafter_kinds import KINDS, MAX_LOOKUP_NGRAM
 from speccompile.graphs import MAX_TREE_NODES
 
 _BIG = 1 << 40  # byte counts and offsets: any file a disk holds
@@ -76,7 +76,7 @@ _TREE = {"type": "object", "required": ["kind", "size", "paths", "depth"],
 _DRAFTER = {"type": "object", "required": ["name", "kind", "num_draft"],
             "properties": {"name": _STRING, "kind": {"enum": sorted(KINDS)}, "model": _STRING, "fuse_model": _STRING,
                            "num_draft": {"type": "integer", "minimum": 1, "maximum": MAX_TREE_NODES},
-                           "max_ngram": {"type": "integer", "minimum": 1, "maximum": 64},
+                           "max_ngram": {"type": "integer", "minimum": 1, "maximum": MAX_LOOKUP_NGRAM},
                            "tree": {"anyOf": [{"type": "null"}, _TREE]}}}
 MANIFEST_SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
