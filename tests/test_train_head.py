@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from speccompile.cli import main as cli
 from speccompile.compile.driver import build_bundle
 from speccompile.compile.sources import load_checkpoint, save_hf_dir
+from speccompile.errors import CheckpointError
 
 from conftest import assert_lossless, quiet, random_prompts
 
@@ -48,11 +49,12 @@ def test_train_head_end_to_end(tmp_path):
     train_head(common + ["--stages", "gen,features,train", "--epochs", "1"])
     gen = [json.loads(line) for line in open(work / "gen.jsonl")]
     assert sorted(r["idx"] for r in gen) == list(range(6)) and all(r["response_ids"] for r in gen)
-    assert os.path.isfile(work / "features.npz") and os.path.isfile(work / "ckpt" / "epoch1.pt")
+    assert os.path.isfile(work / "features.npz") and os.path.isfile(work / "ckpt" / "epoch1.safetensors")
     first = json.load(open(work / "info.json"))
     assert first["epochs_done"] == 1 and len(first["history"]) == 1
 
-    assert "resumed from epoch1.pt" in train_head(common + ["--stages", "train,export", "--epochs", "2", "--resume"])
+    resumed = train_head(common + ["--stages", "train,export", "--epochs", "2", "--resume"])
+    assert "resumed from epoch1.safetensors" in resumed
     info = json.load(open(work / "info.json"))
     assert [h["epoch"] for h in info["history"]] == [1, 2]
     assert info["steps"] == 2 * first["steps"]  # the second epoch continued the first, not a restart
@@ -139,7 +141,7 @@ def _warm_start_reads_the_exported_head(hf, out) -> None:
         for k, name in warm.names.items():
             assert torch.equal(getattr(warm, k), f.get_tensor(name).float()), name
     assert not torch.equal(warm.eh_proj, fresh.eh_proj)
-    with pytest.raises(ValueError, match="not a eagle head of this layout"):
+    with pytest.raises(CheckpointError, match="not a eagle head of this layout"):
         load_weights(Head(cfg, 1e-5, "eagle", wfinal=np.ones(cfg["hidden_size"])), str(out))
 
 
@@ -265,6 +267,203 @@ def test_bad_options_one_error_line():
     for args in (["--arch", "medusa"], ["--target", "tiny:llama"]):  # never into the shipped SmolLM2 MTP head
         result = CliRunner().invoke(cli, ["train-head", *args])
         assert result.exit_code == 2 and result.output.startswith("error: --out is required")
+
+
+SMALL = ["--num-prompts", "0", "--max-new-tokens", "12", "--gen-batch", "3", "--tokens-per-step", "48", "--threads",
+         "1", "--holdout", "0.2"]
+
+
+def refused(args: list[str], *words: str) -> str:
+    """`speccompile train-head ARGS` fails with one `error:` line holding `words` (exit 2, never an internal error);
+    that line."""
+    result = CliRunner().invoke(cli, ["train-head", *args])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "internal error" not in errors[0], result.output
+    assert all(w in errors[0] for w in words), errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny target (hf), prompts, and a --work after gen, features and one epoch of an MTP head; tests copy the
+    work dir (fresh_work)."""
+    root = tmp_path_factory.mktemp("trained")
+    save_hf_dir(load_checkpoint("tiny:llama"), str(root / "hf"))
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"tell me about thing number {i}"}) + "\n"
+                                                for i in range(5)))
+    train_head(["--target", str(root / "hf"), "--work", str(root / "work"), "--prompts", str(root / "prompts.jsonl"),
+                *SMALL, "--stages", "gen,features,train", "--epochs", "1"])
+    return root
+
+
+def fresh_work(trained, tmp_path, name="work") -> tuple[list[str], "os.PathLike"]:
+    """A copy of the trained work dir: (the options naming the target, it and the prompts; its path)."""
+    import shutil
+    shutil.copytree(trained / "work", tmp_path / name)
+    return ["--target", str(trained / "hf"), "--work", str(tmp_path / name), "--prompts",
+            str(trained / "prompts.jsonl"), *SMALL], tmp_path / name
+
+
+def _files(folder) -> dict:
+    """What a folder holds: its files' bytes, its subfolders' contents."""
+    return {n: _files(folder / n) if (folder / n).is_dir() else (folder / n).read_bytes()
+            for n in sorted(os.listdir(folder))}
+
+
+def test_out_refused_before_any_work(tmp_path):
+    """--out is never the target, the work dir, a folder other than an earlier EAGLE export, a folder for a head
+    file, or FILE.json (the record would overwrite the weights): refused before any stage, nothing written."""
+    hf, work = tmp_path / "hf", tmp_path / "work"
+    save_hf_dir(load_checkpoint("tiny:llama"), str(hf))
+    model = _files(hf)
+    base = ["--target", str(hf), "--work", str(work), "--stages", "gen,features,train,export"]
+    for arch in ("eagle", "eagle3", "mtp"):
+        refused(base + ["--arch", arch, "--out", str(hf)], "is the target")
+    refused(base + ["--arch", "eagle", "--out", str(work)], "--work")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.json").write_text("{}")
+    refused(base + ["--arch", "eagle3", "--out", str(tmp_path / "mine")], "not an earlier export")
+    refused(base + ["--arch", "mtp", "--out", str(tmp_path / "mine")], "is a folder")
+    for arch in ("mtp", "medusa"):
+        refused(base + ["--arch", arch, "--out", str(tmp_path / "head.json")], "FILE.json")
+    assert _files(hf) == model and _files(tmp_path / "mine") == {"config.json": b"{}"} and not work.exists()
+
+
+def test_export_replaces_only_an_earlier_export_and_whole(trained, tmp_path, monkeypatch):
+    """An EAGLE head's folder is replaced by the next export into it; an export that fails while writing (a full
+    disk) leaves the earlier head as it was and no temporary files, with one error line."""
+    import errno
+    common, work = fresh_work(trained, tmp_path)
+    out, mtp = tmp_path / "eagle", tmp_path / "heads" / "mtp.safetensors"
+    train_head(common + ["--arch", "mtp", "--out", str(mtp), "--stages", "export"])
+    train_head(common + ["--arch", "eagle", "--out", str(out), "--stages", "train,export", "--epochs", "1"])
+    train_head(common + ["--arch", "eagle", "--out", str(out), "--stages", "export"])
+    earlier, earlier_mtp = _files(out), _files(mtp.parent)
+    assert sorted(earlier) == ["config.json", "model.safetensors", "training.json"]
+
+    def disk_full(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr("speccompile.train.export.save_file", disk_full)
+    refused(common + ["--arch", "eagle", "--out", str(out), "--stages", "export"], "cannot write", "No space left")
+    train_head(common + ["--arch", "mtp", "--stages", "train", "--epochs", "1"])
+    refused(common + ["--arch", "mtp", "--out", str(mtp), "--stages", "export"], "cannot write", "No space left")
+    assert _files(out) == earlier and _files(mtp.parent) == earlier_mtp  # no temporary file left either
+    assert sorted(os.listdir(tmp_path)) == ["eagle", "heads", "work"]
+
+
+def test_checkpoints_are_safetensors_and_another_heads_are_refused(trained, tmp_path):
+    """Checkpoints are safetensors; --init takes safetensors only (a pickle is refused by name, never loaded);
+    --init / --resume from another arch, target or head count is one error line naming what differs."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    common, work = fresh_work(trained, tmp_path)
+    ck = work / "ckpt"
+    assert sorted(os.listdir(ck)) == ["epoch1.safetensors", "final.safetensors"]
+    mtp = common + ["--arch", "mtp", "--stages", "train", "--epochs", "2"]
+    (tmp_path / "head.pt").write_bytes(b"\x80\x04")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    for name in ("head.pt", "pytorch_model.bin"):
+        refused(mtp + ["--init", str(tmp_path / name)], "pickled checkpoints are refused")
+    refused(mtp + ["--init", str(work / "features.npz")], "a .safetensors file only")
+    eagle = common + ["--arch", "eagle", "--stages", "train", "--epochs", "2"]
+    refused(eagle + ["--resume"], "epoch1.safetensors", "a checkpoint of an mtp head, not eagle")
+    refused(eagle + ["--init", str(ck / "final.safetensors")], "a checkpoint of an mtp head, not eagle")
+    save_file({name: torch.zeros(3) for name in HEAD_TENSORS}, str(tmp_path / "other.safetensors"))
+    refused(mtp + ["--init", str(tmp_path / "other.safetensors")], "mtp.enorm.weight has shape (3,)", "needs (64,)")
+    with safe_open(str(ck / "epoch1.safetensors"), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(tensors, str(ck / "epoch1.safetensors"),
+              metadata={**meta, "head": json.dumps({**json.loads(meta["head"]), "hidden_size": 32})})
+    refused(mtp + ["--resume"], "trained for hidden_size 32, this run's is 64")
+    (ck / "epoch1.safetensors").write_bytes((ck / "epoch1.safetensors").read_bytes()[:5000])  # truncated
+    refused(mtp + ["--resume"], "epoch1.safetensors: not a readable safetensors file")
+    H = 64
+    two = {f"{k}.0.linear.{p}": torch.zeros((H, H) if p == "weight" else (H,)) for k in range(2)
+           for p in ("weight", "bias")}
+    save_file(two, str(tmp_path / "medusa2.safetensors"))
+    medusa = common + ["--arch", "medusa", "--stages", "train", "--out", str(tmp_path / "m.safetensors")]
+    refused(medusa + ["--heads", "3", "--init", str(tmp_path / "medusa2.safetensors")],
+            "holds 2 Medusa heads, not the 3 of --heads")
+    refused(medusa + ["--init", str(ck / "final.safetensors")], "not a Medusa heads file")
+    refused(medusa + ["--init", str(tmp_path / "head.pt")], "pickled checkpoints are refused")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_nothing_in_the_package_unpickles():
+    """docs/guarantees.md: nothing is unpickled (no torch.load, pickle or numpy allow_pickle anywhere)."""
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[1] / "speccompile"
+    found = [f"{p}: {w}" for p in root.rglob("*.py") for w in ("torch.load(", "pickle.load", "allow_pickle=True")
+             if w in p.read_text()]
+    assert not found
+
+
+def test_a_fresh_run_starts_over(trained, tmp_path):
+    """A run without --resume removes an earlier run's epoch checkpoints: a later --resume continues this run,
+    not the earlier one's later epochs."""
+    common, work = fresh_work(trained, tmp_path)
+    mtp = common + ["--arch", "mtp", "--stages", "train"]
+    train_head(mtp + ["--epochs", "2"])
+    assert sorted(os.listdir(work / "ckpt")) == ["epoch1.safetensors", "epoch2.safetensors", "final.safetensors"]
+    train_head(mtp + ["--epochs", "1", "--lr", "5e-4"])
+    assert sorted(os.listdir(work / "ckpt")) == ["epoch1.safetensors", "final.safetensors"]
+    assert "resumed from epoch1.safetensors (epoch 1," in train_head(mtp + ["--epochs", "3", "--resume"])
+
+
+def test_failed_writes_leave_no_half_file(trained, tmp_path, monkeypatch):
+    """A features or checkpoint write that fails (a full disk) is one error line and leaves no truncated file that
+    a later run would skip its stage for or resume from; the next run does the work."""
+    import errno
+    from safetensors import SafetensorError
+    common, work = fresh_work(trained, tmp_path)
+    os.remove(work / "features.npz")
+
+    def half_npz(path, **arrays):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04" + b"\0" * 100)
+        raise OSError(errno.EFBIG, "File too large")
+    with monkeypatch.context() as m:
+        m.setattr(np, "savez", half_npz)
+        refused(common + ["--stages", "features"], "cannot write", "features.npz", "File too large")
+    assert sorted(os.listdir(work)) == ["ckpt", "gen.jsonl", "info.json"]
+    train_head(common + ["--stages", "features,train", "--epochs", "1"])
+    assert np.load(work / "features.npz")["tokens"].size
+
+    def half_checkpoint(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 100)
+        raise SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
+    with monkeypatch.context() as m:
+        m.setattr("speccompile.train.checkpoints.save_file", half_checkpoint)
+        refused(common + ["--stages", "train", "--epochs", "2", "--resume"], "cannot write", "epoch2.safetensors")
+    assert sorted(os.listdir(work / "ckpt")) == ["epoch1.safetensors", "final.safetensors"]
+    assert "resumed from epoch1.safetensors" in train_head(common + ["--stages", "train", "--epochs", "2", "--resume"])
+
+
+def test_extra_features_of_another_target_refused(trained, tmp_path):
+    """--extra-features of another target (or untagged, from an older version) and a --work whose features are
+    another target's are refused before training; EAGLE-3's layer features of an extra file go into this
+    --work, never into the other one."""
+    common, work = fresh_work(trained, tmp_path)
+    _, other = fresh_work(trained, tmp_path, "other")
+    features = dict(np.load(other / "features.npz"))
+    mtp = common + ["--arch", "mtp", "--stages", "train", "--epochs", "1"]
+    np.savez(other / "features.npz", **{**features, "target": np.asarray("0" * 64)})
+    refused(mtp + ["--extra-features", str(other / "features.npz")], "features of another target")
+    np.savez(other / "features.npz", **{k: v for k, v in features.items() if k != "target"})
+    refused(mtp + ["--extra-features", str(other / "features.npz")], "record no target")
+    np.savez(work / "features.npz", **{**features, "target": np.asarray("0" * 64)})
+    refused(mtp, "another target", "--redo features")
+    np.savez(work / "features.npz", **features)
+    _, same = fresh_work(trained, tmp_path, "same")
+    before = _files(same)
+    train_head(common + ["--arch", "eagle3", "--aux-layers", "0,1,2", "--out", str(tmp_path / "e3"), "--stages",
+                         "aux,train,export", "--epochs", "1", "--extra-features", str(same / "features.npz")])
+    assert _files(same) == before
+    assert len([n for n in os.listdir(work) if n.startswith("aux")]) == 2
 
 
 def test_prompt_set_unchanged():

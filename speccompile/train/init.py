@@ -5,8 +5,8 @@ import math
 import os
 
 import torch
-from safetensors.torch import load_file
 
+from speccompile.train.checkpoints import load_final
 from speccompile.train.heads import Head
 
 LAYER_TENSORS = {"ln1": "input_layernorm.weight", "ln2": "post_attention_layernorm.weight",
@@ -78,22 +78,14 @@ def init_head(head: Head, tensors: dict, n_layers: int, h_rms: float) -> None:
             _init_mtp(head, tensors, g, h_rms)
 
 
-def load_weights(head: Head, path: str) -> None:
+def load_weights(head: Head, path: str, identity: dict | None = None) -> None:
     """Warm-start weights: an exported head (its .safetensors file, or an EAGLE directory holding
     model.safetensors; tensors outside the head's names, such as an MTP head's draft vocabulary, are left out) or
-    a run's checkpoint (--work/ckpt/final.pt, tensors only)."""
+    a run's final checkpoint (--work/ckpt/final.safetensors, refused if `identity` differs from the one it records).
+    Every name and shape is checked before any copy."""
     if os.path.isdir(path):
         path = os.path.join(path, "model.safetensors")
-    if not path.endswith(".safetensors"):
-        head.load_state_dict(torch.load(path, weights_only=True)["head"])
-        return
-    stored = load_file(path)
-    missing = [name for name in head.names.values() if name not in stored]
-    if missing:
-        raise ValueError(f"--init {path}: not a {head.arch} head of this layout (no {missing[0]})")
-    with torch.no_grad():
-        for k, name in head.names.items():
-            getattr(head, k).copy_(stored[name].float())
+    load_final(path, head, identity, f"--init {path}")
 
 
 def init_description(cfg: dict, h_rms: float, arch: str, init_from: str | None) -> str:

@@ -1,6 +1,6 @@
 """Stage train (MTP and EAGLE heads): AdamW, warmup + cosine lr, depth-1 and unrolled-depth distillation plus a
-feature regression; a checkpoint per epoch in WORK/ckpt (--resume continues from the last), WORK/ckpt/final.pt at
-the end (--init starts another run from it)."""
+feature regression; a checkpoint per epoch in WORK/ckpt (--resume continues from the last), WORK/ckpt/final.safetensors
+at the end (--init starts another run from it); checkpoints.py writes and checks them."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,9 +13,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from speccompile.errors import CheckpointError
+from speccompile.train.checkpoints import (FINAL, head_identity, load_final, remove_epoch_checkpoints, resume_from,
+                                           save_checkpoint)
 from speccompile.train.data import Data, make_row
 from speccompile.train.draft_vocab import frequent_tokens
 from speccompile.train.evaluate import evaluate
+from speccompile.train.files import write_json
 from speccompile.train.export import export
 from speccompile.train.features import aux_layer_ids
 from speccompile.train.heads import Head
@@ -50,7 +54,8 @@ def pick_draft_vocab(data: Data, size: int) -> tuple[np.ndarray, float]:
 def load_data(a: TrainOptions, cfg: dict, feat_path: str, info: dict) -> Data:
     """The features of --work and --extra-features as one set; the record lists every round of data it holds."""
     extra = a.extra_feature_paths
-    data = Data([feat_path] + extra, a.holdout, a.seed, aux_layer_ids(a, cfg) if a.arch == "eagle3" else None)
+    data = Data([feat_path] + extra, a.holdout, a.seed, aux_layer_ids(a, cfg) if a.arch == "eagle3" else None,
+                a.work)
     for p in extra:
         side = os.path.join(os.path.dirname(p), "info.json")
         rounds = json.load(open(side)).get("gen_rounds", []) if os.path.isfile(side) else []
@@ -96,7 +101,7 @@ def prepare(a: TrainOptions, hf_dir: str, feat_path: str, info: dict) -> Setup:
     head = Head(cfg, float(cfg["rms_norm_eps"]), a.arch, wfinal, draft_ids)
     init_head(head, tensors, cfg["num_hidden_layers"], h_rms)
     if a.init:  # warm start: an exported head or a run's final checkpoint; new optimizer and schedule
-        load_weights(head, a.init)
+        load_weights(head, a.init, head_identity(a, cfg))
         info["init_from"] = a.init
         log(f"weights from {a.init}")
     vmap, W = training_vocab(a, data, emb_w, draft_ids)
@@ -130,16 +135,17 @@ class Progress:
     history: list = dataclasses.field(default_factory=list)
 
 
-def resume(ck_dir: str, head: Head, opt) -> Progress:
-    """Load the last epoch checkpoint of ck_dir into head and opt; where it stood (a fresh start if none)."""
-    cks = sorted((f for f in os.listdir(ck_dir) if f.startswith("epoch")), key=lambda f: int(f[5:-3]))
-    if not cks:
+def resume(a: TrainOptions, s: Setup, ck_dir: str, opt) -> Progress:
+    """Load the last epoch checkpoint of ck_dir into the head and opt; where it stood (a fresh start if none)."""
+    found = resume_from(ck_dir, s.head, opt, head_identity(a, s.cfg))
+    if found is None:
         return Progress()
-    ck = torch.load(os.path.join(ck_dir, cks[-1]), weights_only=True)
-    head.load_state_dict(ck["head"])
-    opt.load_state_dict(ck["opt"])
-    at = Progress(int(ck["epoch"]), int(ck["step"]), float(ck["train_s"]), json.loads(ck["history"]))
-    log(f"resumed from {cks[-1]} (epoch {at.epoch}, step {at.step})")
+    name, p = found
+    try:
+        at = Progress(int(p["epoch"]), int(p["step"]), float(p["train_s"]), list(p["history"]))
+    except (TypeError, ValueError):
+        raise CheckpointError(f"--resume: {name} records a malformed progress ({p})"[:300]) from None
+    log(f"resumed from {name} (epoch {at.epoch}, step {at.step})")
     return at
 
 
@@ -191,7 +197,7 @@ def train_epoch(a: TrainOptions, s: Setup, opt, at: Progress, rows: list, total:
     return True
 
 
-def end_epoch(s: Setup, opt, at: Progress, ck_dir: str, t0: float) -> None:
+def end_epoch(s: Setup, opt, at: Progress, ck_dir: str, t0: float, identity: dict) -> None:
     """Held-out metrics into the history, and the epoch checkpoint."""
     s.head.eval()
     ev = evaluate(s.head, s.data, s.emb_w, s.data.eval_ids, 2)
@@ -201,42 +207,47 @@ def end_epoch(s: Setup, opt, at: Progress, ck_dir: str, t0: float) -> None:
                        "heldout_d1": ev["d1_resp"], "heldout_d2": ev["d2_resp"]})
     log(f"epoch {at.epoch} held-out: d1 {f3(ev['d1_resp'])}  d2 {f3(ev['d2_resp'])}  "
         f"d2|d1 {f3(ev['d2_resp_given_d1'])}")
-    torch.save({"head": s.head.state_dict(), "opt": opt.state_dict(), "epoch": at.epoch, "step": at.step,
-                "train_s": at.train_s, "history": json.dumps(at.history)}, os.path.join(ck_dir, f"epoch{at.epoch}.pt"))
+    save_checkpoint(os.path.join(ck_dir, f"epoch{at.epoch}.safetensors"), s.head, identity, opt, at)
 
 
 def train(a: TrainOptions, s: Setup, info: dict) -> None:
-    """Epochs from the start (or the last checkpoint with --resume) to --epochs or --train-minutes; final.pt and
-    the run's figures in info."""
+    """Epochs from the start (or the last checkpoint with --resume) to --epochs or --train-minutes; the final
+    checkpoint and the run's figures in info."""
     rows_of = lambda ep: s.data.pack(s.data.train_ids, a.tokens_per_step, a.seed * 1000 + ep)
     steps_per_epoch = len(rows_of(0))
     total = steps_per_epoch * a.epochs
     opt = make_optimizer(a, s.head)
     ck_dir = os.path.join(a.work, "ckpt")
     os.makedirs(ck_dir, exist_ok=True)
-    at = resume(ck_dir, s.head, opt) if a.resume else Progress()
+    if not a.resume:
+        remove_epoch_checkpoints(ck_dir)
+    at = resume(a, s, ck_dir, opt) if a.resume else Progress()
+    identity = head_identity(a, s.cfg)
     ev = evaluate(s.head, s.data, s.emb_w, s.data.eval_ids, 2)
     log(f"init held-out: d1 {f3(ev['d1_resp'])}  d2 {f3(ev['d2_resp'])}")
     t0 = time.time() - at.train_s
     for ep in range(at.epoch, a.epochs):
         if not train_epoch(a, s, opt, at, rows_of(ep), total, t0):
             break
-        end_epoch(s, opt, at, ck_dir, t0)
-    torch.save({"head": s.head.state_dict()}, os.path.join(ck_dir, "final.pt"))
+        end_epoch(s, opt, at, ck_dir, t0, identity)
+    save_checkpoint(os.path.join(ck_dir, FINAL), s.head, identity)
     info.update(train_seconds=time.time() - t0, steps=at.step, steps_per_epoch=steps_per_epoch,
                 epochs_done=at.history[-1]["epoch"] if at.history else 0, history=at.history)
-    with open(os.path.join(a.work, "info.json"), "w") as f:
-        json.dump(info, f, indent=1)
+    write_json(os.path.join(a.work, "info.json"), info)
 
 
 def stage_train(a: TrainOptions, hf_dir: str, feat_path: str, info: dict, do_train: bool, do_export: bool) -> None:
-    """Train (do_train) and/or export (do_export: from final.pt when not trained in this run)."""
+    """Train (do_train) and/or export (do_export: from the final checkpoint when not trained in this run)."""
     s = prepare(a, hf_dir, feat_path, info)
-    final = os.path.join(a.work, "ckpt", "final.pt")
+    ck_dir = os.path.join(a.work, "ckpt")
+    final = os.path.join(ck_dir, FINAL)
     if not do_train and os.path.isfile(final):
-        s.head.load_state_dict(torch.load(final, weights_only=True)["head"])
-    elif not do_train and a.resume and os.path.isdir(os.path.dirname(final)):  # no final weights: the last epoch's
-        resume(os.path.dirname(final), s.head, make_optimizer(a, s.head))
+        load_final(final, s.head, head_identity(a, s.cfg), final)
+    elif not do_train and a.resume and os.path.isdir(ck_dir):  # no final weights: the last epoch's
+        resume(a, s, ck_dir, make_optimizer(a, s.head))
+    elif not do_train and os.path.isfile(os.path.join(ck_dir, "final.pt")):
+        raise CheckpointError(f"{ck_dir}/final.pt is a pickle of an older speccompile, never loaded: rerun --stages "
+                              "train")
     if do_train:
         train(a, s, info)
     if do_export:

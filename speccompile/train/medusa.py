@@ -14,16 +14,18 @@ in the data plus the target's likely ones); evaluation uses the full one.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from speccompile.errors import CheckpointError
+from speccompile.train.checkpoints import read_checkpoint
 from speccompile.train.data import Data
+from speccompile.train.files import write_file, write_json
 from speccompile.train.objective import soft_ce
 from speccompile.train.options import TrainOptions
 from speccompile.train.progress import log
@@ -69,21 +71,33 @@ class Medusa:
         return head_outputs(normed(h, self.wfinal, self.eps), self.w, self.b)
 
     def load(self, path: str) -> None:
-        """Warm start: an earlier run's blocks (its output matrices are the target's head anyway)."""
-        prev = load_file(path)
+        """Warm start: an earlier run's blocks (its output matrices are the target's head anyway), every name and
+        shape checked before any copy."""
+        prev, _ = read_checkpoint(path)
+        H = self.w.shape[1]
+        stored = sum(name.endswith(".0.linear.weight") for name in prev)
+        for k in range(self.K):
+            for name, shape in ((f"{k}.0.linear.weight", (H, H)), (f"{k}.0.linear.bias", (H,))):
+                if name not in prev:
+                    raise CheckpointError(f"--init {path}: " + (f"holds {stored} Medusa heads, not the {self.K} of "
+                                                                 "--heads" if stored else f"not a Medusa heads file "
+                                                                 f"of this layout (no {name})"))
+                if tuple(prev[name].shape) != shape:
+                    raise CheckpointError(f"--init {path}: {name} has shape {tuple(prev[name].shape)}, this "
+                                          f"target's heads need {shape} (heads of another target?)")
         with torch.no_grad():
             for k in range(self.K):
                 self.w[k].copy_(prev[f"{k}.0.linear.weight"].float())
                 self.b[k].copy_(prev[f"{k}.0.linear.bias"].float())
 
     def save(self, path: str) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         out = {}
         for k in range(self.K):
             out[f"{k}.0.linear.weight"] = self.w[k].detach().to(torch.float16).contiguous()
             out[f"{k}.0.linear.bias"] = self.b[k].detach().to(torch.float16).contiguous()
             out[f"{k}.1.weight"] = self.emb_w.to(torch.float16).contiguous()
-        save_file(out, path, metadata={"format": "medusa", "medusa_num_heads": str(self.K), "medusa_num_layers": "1"})
+        meta = {"format": "medusa", "medusa_num_heads": str(self.K), "medusa_num_layers": "1"}
+        write_file(path, lambda staged: save_file(out, staged, metadata=meta))
 
 
 def evaluate(data: Data, ids, m: Medusa) -> dict:
@@ -180,7 +194,6 @@ def train_medusa(a: TrainOptions, hf_dir: str, paths: list[str]) -> dict:
               "steps": step, "tokens_per_step": a.tokens_per_step, "lr": a.lr, "train_seconds": round(train_s, 1),
               "softmax_tokens": int(len(sub)), "heldout_init": ev0, "heldout": ev,
               "train_loss_first_last": [losses[0], losses[-1]] if losses else None}
-    with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
-        json.dump(record, f, indent=2)
+    write_json(a.record_path, record, indent=2)
     log(f"wrote {a.out} ({os.path.getsize(a.out) / 1e6:.0f} MB) and its .json")
     return record

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+
+from speccompile.compile.sources import refuse_pickle
 
 ARCHS = ("mtp", "eagle", "eagle3", "medusa")
 STAGES = ("gen", "features", "aux", "train", "export", "vocab")
@@ -15,6 +18,8 @@ ARCH_DEFAULTS = {
     "head": {"lr": 6e-4, "tokens_per_step": 1024, "epochs": 4, "train_minutes": 35.0, "vocab_min_p": 0.01},
     "medusa": {"lr": 1e-3, "tokens_per_step": 2048, "epochs": 1.0, "train_minutes": 10.0, "vocab_min_p": 0.02},
 }
+# what an EAGLE head's --out folder holds after an export: the only folder an export replaces
+EAGLE_EXPORT = {"config.json", "model.safetensors", "training.json"}
 
 
 @dataclasses.dataclass
@@ -84,6 +89,10 @@ class TrainOptions:
                              ("--draft-vocab-keep", self.draft_vocab_keep)):
             if path and not os.path.exists(path):
                 raise ValueError(f"{option} {path}: no such file or directory")
+        if self.init:
+            self._check_init()
+        if self.writes_out:
+            self.check_out()
         if self.draft_vocab_keep and self.arch != "mtp":
             raise ValueError("--draft-vocab-keep: a draft vocabulary stage of MTP heads only (--arch mtp)")
         if self.arch != "medusa":
@@ -103,6 +112,46 @@ class TrainOptions:
             raise ValueError(f"{bad[0]}: out of range (threads and tokens at least 1, prompts at least 0 (0: all); "
                              "holdout in (0, 1); sample-frac in [0, 1]; lr, epochs and minutes positive)")
 
+    def _check_init(self) -> None:
+        """--init reads safetensors only (never a pickle, whatever its name)."""
+        refuse_pickle(self.init)
+        folder = os.path.isdir(self.init) and self.arch != "medusa"
+        weights = os.path.join(self.init, "model.safetensors") if folder else self.init
+        if not weights.endswith(".safetensors") or not os.path.isfile(weights):
+            raise ValueError(f"--init {self.init}: weights are read from a .safetensors file only (an exported head, "
+                             "an EAGLE head's folder holding model.safetensors, or a --work's ckpt/final.safetensors)")
+
+    def check_out(self) -> None:
+        """--out may be written: never the target or --work, nor a file's record onto the file itself; an EAGLE
+        head's folder only where none is, or an earlier export of this command (whose files it replaces)."""
+        out, work = os.path.realpath(self.out), os.path.realpath(self.work)
+        if self.target and os.path.exists(self.target) and out == os.path.realpath(self.target):
+            raise ValueError(f"--out {self.out} is the target; name another path for the head")
+        if out == work or work.startswith(out.rstrip(os.sep) + os.sep):
+            raise ValueError(f"--out {self.out} is or holds --work {self.work}; name another path for the head")
+        if self.arch in ("mtp", "medusa"):
+            if os.path.isdir(self.out):
+                raise ValueError(f"--out {self.out} is a folder; --arch {self.arch} writes a file")
+            if os.path.splitext(self.out)[1] == ".json":
+                raise ValueError(f"--out {self.out}: the head's record goes to FILE.json beside the weights file and "
+                                 "would overwrite it; name the weights FILE.safetensors")
+        elif os.path.lexists(self.out) and not _earlier_eagle_export(self.out):
+            raise ValueError(f"--out {self.out} exists and is not an earlier export of train-head --arch "
+                             f"eagle/eagle3 ({', '.join(sorted(EAGLE_EXPORT))} alone); it is never replaced: "
+                             "name a new folder")
+
+    @property
+    def writes_out(self) -> bool:
+        stages = set(self.stage_list)
+        return bool(stages & {"export", "vocab"}) or (self.arch == "medusa" and "train" in stages)
+
+    @property
+    def record_path(self) -> str:
+        """The head's JSON record: beside a head file (FILE.json), inside an EAGLE head's folder."""
+        if self.arch in ("mtp", "medusa"):
+            return os.path.splitext(self.out)[0] + ".json"
+        return os.path.join(self.out, "training.json")
+
     @property
     def stage_list(self) -> list[str]:
         return [s for s in self.stages.split(",") if s]
@@ -114,3 +163,20 @@ class TrainOptions:
     @property
     def extra_feature_paths(self) -> list[str]:
         return [p for p in self.extra_features.split(",") if p]
+
+
+def _earlier_eagle_export(folder: str) -> bool:
+    """An empty folder, or one holding exactly what an EAGLE export writes, its record naming an EAGLE head."""
+    if os.path.islink(folder) or not os.path.isdir(folder):
+        return False
+    names = set(os.listdir(folder))
+    if not names:
+        return True
+    if names != EAGLE_EXPORT:
+        return False
+    try:
+        with open(os.path.join(folder, "training.json")) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("format") in ("eagle", "eagle3")

@@ -9,13 +9,14 @@ import numpy as np
 import torch
 
 from speccompile.train.draft_vocab import add_draft_vocab, earlier_vocab
-from speccompile.train.features import aux_layer_ids, aux_path, stage_aux, stage_features
+from speccompile.train.features import aux_layer_ids, aux_path, check_features_target, stage_aux, stage_features
+from speccompile.train.files import write_json
 from speccompile.train.gen import gen_description, stage_gen
 from speccompile.train.loop import stage_train
 from speccompile.train.medusa import train_medusa
 from speccompile.train.options import TrainOptions
 from speccompile.train.progress import log
-from speccompile.train.target import target_config, target_hf_dir
+from speccompile.train.target import target_config, target_hf_dir, target_identity
 
 
 class Work:
@@ -29,8 +30,7 @@ class Work:
         self.info = json.load(open(self.info_path)) if os.path.isfile(self.info_path) else {}
 
     def save_info(self) -> None:
-        with open(self.info_path, "w") as f:
-            json.dump(self.info, f, indent=1)
+        write_json(self.info_path, self.info)
 
 
 def run_gen(a: TrainOptions, hf_dir: str, w: Work) -> None:
@@ -47,12 +47,13 @@ def run_gen(a: TrainOptions, hf_dir: str, w: Work) -> None:
 
 
 def run_aux(a: TrainOptions, hf_dir: str, w: Work) -> None:
-    """EAGLE-3's layer features of every features file the head trains on (when missing or of other layers)."""
+    """EAGLE-3's layer features of every features file the head trains on (when missing or of other layers), all
+    in --work."""
     layers = aux_layer_ids(a, target_config(hf_dir))
     for fp in [w.features] + a.extra_feature_paths:
-        path = aux_path(fp)
+        path = aux_path(fp, w.root)
         have = list(np.load(path)["layers"]) if os.path.isfile(path) else None
-        if have != layers or ("aux" in a.redo_set and fp == w.features):
+        if have != layers or "aux" in a.redo_set:
             log(f"aux: layers {layers} of {fp}")
             w.info["aux_seconds"] = w.info.get("aux_seconds", 0.0) + stage_aux(a, hf_dir, fp, path, layers)
             w.save_info()
@@ -77,11 +78,17 @@ def run(a: TrainOptions) -> None:
     stages = a.stage_list
     hf_dir = target_hf_dir(a.target, a.work)
     w = Work(a.work)
+    trains = bool({"aux", "train", "export"} & set(stages))
+    identity = target_identity(hf_dir) if trains or "features" in stages else ""
+    if trains and a.extra_feature_paths:  # before any stage's work
+        check_features_target(a.extra_feature_paths, identity, w.features)
     if "gen" in stages:
         run_gen(a, hf_dir, w)
     if "features" in stages and (not os.path.isfile(w.features) or "features" in a.redo_set):
-        w.info["features_seconds"] = stage_features(a, hf_dir, w.gen, w.features)
+        w.info["features_seconds"] = stage_features(a, hf_dir, w.gen, w.features, identity)
         w.save_info()
+    if trains:
+        check_features_target([w.features], identity, w.features)
     if a.arch == "eagle3" and "aux" in stages:
         run_aux(a, hf_dir, w)
     if a.arch == "medusa" and ("train" in stages or "export" in stages):

@@ -1,6 +1,7 @@
 """The frozen target model a head is distilled from: a plain Hugging Face directory, loaded with transformers."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -40,6 +41,18 @@ def target_hf_dir(source: str | None, work: str) -> str:
     with open(record, "w") as f:
         json.dump({"source": name}, f)
     return d
+
+
+def target_identity(hf_dir: str) -> str:
+    """The target's weights, hashed (sha256 over its weight files: sources.weight_files): what its features are
+    tagged with, so that features of another target (another work dir's, or this one's from an earlier --target) are
+    never trained on as this one's."""
+    digest = hashlib.sha256()
+    for path in weight_files(hf_dir):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def load_tokenizer(hf_dir: str):

@@ -1,0 +1,65 @@
+"""Writing a run's files whole or not at all: each is written under a temporary name beside its place and renamed
+onto it, so a run that fails (a full disk, an interrupt) leaves the earlier file, never a truncated one that a later
+run would take for finished work."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+
+from safetensors import SafetensorError
+
+from speccompile.errors import SpeccompileError
+
+
+@contextlib.contextmanager
+def staging_folder(beside: str):
+    """A temporary folder beside the path `beside`, removed on exit; a failure to write (OSError, or safetensors'
+    own error for the same) is one SpeccompileError naming `beside`."""
+    parent = os.path.dirname(os.path.abspath(beside))
+    tmp = None
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(beside)}.tmp-", dir=parent)
+        yield tmp
+    except (OSError, SafetensorError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise SpeccompileError(f"cannot write {beside}: {reason}; nothing was replaced") from None
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_file(path: str, write) -> None:
+    """write(tmp_path) writes the file under a temporary name (of the same suffix); then it replaces `path`."""
+    with staging_folder(path) as tmp:
+        staged = os.path.join(tmp, os.path.basename(path))
+        write(staged)
+        os.replace(staged, path)
+
+
+def write_json(path: str, value, indent: int = 1) -> None:
+    def write(p):
+        with open(p, "w") as f:
+            json.dump(value, f, indent=indent)
+    write_file(path, write)
+
+
+def replace_folder(staged: str, out: str, trash: str) -> None:
+    """Move the folder `staged` to `out`, an earlier `out` moved into `trash` (a folder on the same file system,
+    removed by the caller) first."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staged, 0o777 & ~umask)  # as os.makedirs would have made it (mkdtemp's folder is the owner's alone)
+    if not os.path.lexists(out):
+        os.rename(staged, out)
+        return
+    earlier = os.path.join(trash, "earlier")
+    os.rename(out, earlier)
+    try:
+        os.rename(staged, out)
+    except OSError:
+        os.rename(earlier, out)
+        raise
