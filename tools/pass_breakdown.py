@@ -1,7 +1,7 @@
 """Where a verify pass's time goes, by rows: the whole pass on real tokens (plain step against 2- and 3-row chains at
 the same positions, paired), then the attention alone (the target's GroupQueryAttention nodes over a committed
 length, by query rows) and the 4-bit products alone (MatMulNBits at accuracy level 4 in the target's shapes,
-random codes: their cost does not depend on the values). Medians of interleaved runs; docs/results.md ("Where a
+random codes: their cost does not depend on the values), and the exact greedy head's int8 screen alone. Medians of interleaved runs; docs/results.md ("Where a
 pass's time goes") has the figures.
 
     python tools/pass_breakdown.py BUNDLE [--threads 2] [--prompts 10] [--lengths 121,250,400,700]
@@ -131,6 +131,35 @@ def products(cfg: dict, layers: int, threads: int) -> None:
                                                                           for M, v in runs.items()))
 
 
+def head_screen(cfg: dict, threads: int, candidates: int = 64) -> None:
+    """The exact greedy head's screen alone (graph/head_screen.py): the int8 product over the vocabulary (random
+    codes), then its error bound (x's block maxima times the codes' per-block l1 norms) and the top candidates."""
+    h, v = cfg["hidden_size"], cfg["vocab_size"]
+    rng, f = np.random.default_rng(0), TensorProto.FLOAT
+    inits = [numpy_helper.from_array(rng.integers(0, 256, (v, h // 32, 32), dtype=np.uint8), "codes"),
+             numpy_helper.from_array(rng.random(v * h // 32).astype(np.float32) * 0.01, "scales"),
+             numpy_helper.from_array(rng.random((h // 32, v)).astype(np.float32), "l1"),
+             numpy_helper.from_array(np.array([-1, h // 32, 32], np.int64), "blocks"),
+             numpy_helper.from_array(np.array([candidates], np.int64), "k"),
+             numpy_helper.from_array(np.array([2], np.int64), "last")]
+    nodes = [helper.make_node("MatMulNBits", ["x", "codes", "scales"], ["screen"], domain="com.microsoft", K=h, N=v,
+                              bits=8, block_size=32, accuracy_level=4),
+             helper.make_node("Reshape", ["x", "blocks"], ["xb"]), helper.make_node("Abs", ["xb"], ["xa"]),
+             helper.make_node("ReduceMax", ["xa", "last"], ["xm"], keepdims=0),
+             helper.make_node("MatMul", ["xm", "l1"], ["bound"]), helper.make_node("Add", ["screen", "bound"], ["up"]),
+             helper.make_node("TopK", ["up", "k"], ["top", "ids"])]
+    x = [helper.make_tensor_value_info("x", f, ["M", h])]
+    screen = _session(nodes[:1], x, [helper.make_tensor_value_info("screen", f, ["M", v])], inits[:2], threads)
+    whole = _session(nodes, x, [helper.make_tensor_value_info("top", f, ["M", candidates])], inits, threads)
+    for name, s in (("screen", screen), ("screen, bound and top candidates", whole)):
+        runs = {M: [] for M in (1, 2, 4)}
+        for _ in range(ROUNDS):
+            for M, out in runs.items():
+                feed = {"x": np.random.rand(M, h).astype(np.float32)}
+                out.append(timed(lambda: s.run(None, feed)))
+        print(f"head {name} ({v} tokens), ms by rows: " + ", ".join(f"{M}: {median_ms(r)}" for M, r in runs.items()))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("bundle")
@@ -144,6 +173,7 @@ def main():
     whole_pass(g, a.prompts)
     attention(cfg, layers, g.target.max_seq_len + 1, [int(n) for n in a.lengths.split(",")], a.threads)
     products(cfg, layers, a.threads)
+    head_screen(cfg, a.threads)
 
 
 if __name__ == "__main__":
