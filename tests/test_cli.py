@@ -1,6 +1,7 @@
 """The CLI contract that benchmarks and CI gates call."""
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from speccompile.cli import main
@@ -63,3 +64,22 @@ def test_system_message(tiny_bundle):
                                  "--json"))
     plain = json.loads(run("generate", tiny_bundle, "hello", "--max-new-tokens", 8, "--json"))
     assert with_system["stats"]["prompt_tokens"] > plain["stats"]["prompt_tokens"]
+
+
+@pytest.mark.parametrize("blocked, command", [
+    (("onnx", "gguf", "safetensors"), ["build", "tiny:llama", "--out", "{tmp}/b", "--max-seq-len", "64"]),
+    (("torch", "transformers"), ["bench", "{bundle}", "--limit", "1", "--max-new-tokens", "4", "--threads", "1",
+                                 "--compare-transformers"]),
+], ids=["build without the build extra", "bench --compare-transformers without torch"])
+def test_a_missing_extra_is_named(tmp_path, tiny_bundle, blocked, command):
+    """An install without an extra (pip install speccompile: no onnx; or no torch) gets one error line naming
+    what to install, not an internal error."""
+    import subprocess
+    import sys
+    args = [a.format(tmp=tmp_path, bundle=tiny_bundle) for a in command]
+    script = (f"import sys\nfor m in {blocked!r}: sys.modules[m] = None\n"
+              f"from speccompile.cli import main\nsys.argv = ['speccompile'] + {args!r}\nmain()")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("error:") == 1, r.stderr
+    assert "which is not installed: pip install" in r.stderr and "internal error" not in r.stderr, r.stderr
+    assert not (tmp_path / "b").exists()

@@ -243,3 +243,13 @@ def test_tree_drafting_fills_the_context_to_its_end(tiny_generator, drafter):
     ref = g.generate(prompt, 20, speculate=False)
     for tree in ("dynamic:12", "chain:6"):
         assert g.generate(prompt, 20, drafter=drafter, tree=tree).token_ids == ref.token_ids
+
+
+def test_inspect_names_a_tree_as_tree_spells_it():
+    """inspect once called the default bundle's adaptive tree "adaptive of 63 nodes", dropping its depth and the
+    lookup it joins (63 is only the most rows a pass may verify)."""
+    from speccompile.format.summary import tree_label
+    assert tree_label({"kind": "adaptive", "size": 63, "depth": 4, "lookup": 6}) == \
+        "adaptive:4+lookup:6 (at most 63 nodes a pass)"
+    assert tree_label({"kind": "adaptive", "size": 63, "depth": 4, "lookup": 0}) == "adaptive:4 (at most 63 nodes a pass)"
+    assert tree_label({"kind": "dynamic", "size": 12, "lookup": 6}) == "dynamic+lookup:6 of 12 nodes"

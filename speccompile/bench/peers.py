@@ -40,8 +40,12 @@ def _hf_model_dir(source: dict, workdir: str) -> tuple[str, dict]:
 
 
 def load_hf_model(source: dict, workdir: str):
-    import torch
-    from transformers import AutoModelForCausalLM
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+    except ModuleNotFoundError as e:
+        raise SpeccompileError(f"--compare-transformers needs {e.name}, which is not installed: pip install "
+                               '"speccompile[train]"') from None
     directory, extra = _hf_model_dir(source, workdir)
     if not os.path.exists(os.path.join(directory, extra.get("gguf_file", "config.json"))):
         raise SpeccompileError(f"--compare-transformers: the bundle's source {source['path']} is not on this machine")
@@ -73,13 +77,13 @@ def transformers_drafting(gen, drafter: str, target, workdir: str) -> dict | Non
 
 def transformers_methods(gen, drafters: list[str], threads: int | None, workdir: str, log,
                          temperature: float = 0.0, top_k: int = 0) -> list[Method]:
+    target = load_hf_model(gen.manifest["source"], workdir)  # first: it says what is missing
     import torch
     import transformers
     transformers.logging.set_verbosity_error()  # its deprecation chatter would garble the progress bar
     transformers.logging.disable_progress_bar()
     if threads:
         torch.set_num_threads(threads)  # process-wide; the same core count as ours
-    target = load_hf_model(gen.manifest["source"], workdir)
     eos = list(gen.tokenizer.eos_token_ids)
     # the same decoding as ours: greedy, or sampled at the temperature (top-k 0 is off in transformers too)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k} if temperature else {"do_sample": False}

@@ -56,8 +56,9 @@ def main(debug):
                    "--num-draft or --tree is given].")
 @click.option("--attention", type=click.Choice(["ort", "reference"]), default="ort", show_default=True,
               help="TreeAttention lowering: onnxruntime's fused kernel, or standard ONNX ops only.")
-@click.option("--tree", default=None, help="Verify a token tree per pass: chain:K | static:FILE.json | dynamic:N, each optionally "
-              "joined by up to L prompt-lookup nodes with +lookup:L (default: a chain of --num-draft tokens).")
+@click.option("--tree", default=None, help="Verify a token tree per pass: chain:K | static:FILE.json | dynamic:N | "
+              "adaptive[:D], each optionally joined by up to L prompt-lookup nodes with +lookup:L (default: a chain "
+              "of --num-draft tokens).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="tensorrt: also a TensorRT engine per model, TreeAttention as a plugin (needs TensorRT >= 10, a "
@@ -69,8 +70,8 @@ def main(debug):
                    "passes sampled at a temperature (with or without top-k), as the argmax of logits plus Gumbel "
                    "noise; ort attention only.")
 @click.option("--draft-precision", type=click.Choice(["int8", "float32"]), default="int8", show_default=True,
-              help="Weights of MTP draft heads: int8 reads a quarter of the bytes per drafting pass (drafts need not "
-                   "be exact: the target verifies them).")
+              help="Weights of draft heads (MTP, EAGLE, Medusa; not DeepSeek-V3's own MTP module): int8 reads a "
+                   "quarter of the bytes per drafting pass (drafts need not be exact: the target verifies them).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
               help="Graphs, weights and KV caches (norms and softmax accumulate in float32): float16 for GPUs, "
                    "bfloat16 for the CUDA provider only.")
@@ -81,16 +82,23 @@ def main(debug):
               "each matrix that stays float32 and why.")
 @click.option("--max-batch", type=int, default=DEFAULT_MAX_BATCH, show_default=True,
               help="Sequence slots of the batched target graph that concurrent requests share passes through "
-                   "(1: none; dense models with ort attention).")
+                   "(1: none; built for float32 dense models without sliding windows, ort attention: other bundles "
+                   "serialize calls as with 1).")
 @errors_to_exit
 def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, backend, head_screen, draft_precision,
           dtype, weights, max_batch):
     """Compile MODEL (a Hugging Face directory, a .gguf file; default: the embedded SmolLM2-135M-Instruct)."""
-    from speccompile.compile.driver import build_bundle
-    build_bundle(model, out, list(drafts) or None, max_seq_len=max_seq_len, num_draft=num_draft, attention=attention,
-                 fused=attention == "ort", overwrite=force, tree=tree, backend=backend, head_screen=head_screen,
-                 draft_precision=draft_precision, dtype=dtype, weights=weights, max_batch=max_batch,
-                 progress=_progress)
+    try:
+        from speccompile.compile.driver import build_bundle
+        build_bundle(model, out, list(drafts) or None, max_seq_len=max_seq_len, num_draft=num_draft,
+                     attention=attention, fused=attention == "ort", overwrite=force, tree=tree, backend=backend,
+                     head_screen=head_screen, draft_precision=draft_precision, dtype=dtype, weights=weights,
+                     max_batch=max_batch, progress=_progress)
+    except ModuleNotFoundError as e:  # a runtime-only install (pip install speccompile, without [build])
+        if e.name not in BUILD_DEPENDENCIES:
+            raise
+        raise SpeccompileError(f'build needs {e.name}, which is not installed: pip install "speccompile[build]"') \
+            from None
 
 
 @main.command()
@@ -318,6 +326,7 @@ def gate(result, baseline, max_regression, min_speedup, min_accepted, min_concur
 
 
 TRAIN_DEPENDENCIES = {"torch", "transformers", "safetensors", "accelerate", "tqdm"}
+BUILD_DEPENDENCIES = {"onnx", "gguf", "safetensors", "tqdm"}  # the build extra: the runtime does without them
 
 
 @main.command("train-head")

@@ -30,7 +30,7 @@ def describe(bundle: str, m: dict, verified: bool) -> list[str]:
     for d in m["drafters"]:
         extra = f", model {d['model']}" if "model" in d else ""
         if d.get("tree"):
-            extra += f", tree {d['tree']['kind']} of {d['tree']['size']} nodes"
+            extra += f", tree {tree_label(d['tree'])}"
         out.append(f"drafter     {d['name']} ({d['kind']}, {d['num_draft']} tokens per pass{extra})")
     if not m["drafters"]:
         out.append("drafter     none (plain decoding only)")
@@ -107,3 +107,11 @@ def weight_lines(m: dict, target: dict) -> list[str]:
     out.append(f"decode step reads {step['screened'] / 2**20:.1f} MiB of weights ({screened}, screened head), "
                f"{step['full'] / 2**20:.1f} MiB with the float32 head ({full})")
     return out
+
+
+def tree_label(tree: dict) -> str:
+    """A manifest tree as --tree spells it (adaptive:4+lookup:6), with its node count where it is fixed."""
+    kind, lookup = tree["kind"], f"+lookup:{tree['lookup']}" if tree.get("lookup") else ""
+    if kind == "adaptive":
+        return f"adaptive:{tree['depth']}{lookup} (at most {tree['size']} nodes a pass)"
+    return f"{kind}{lookup} of {tree['size']} nodes"

@@ -6,6 +6,7 @@ system, or the bundle copied to every node), with speccompile installed in every
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -53,6 +54,9 @@ def deploy(bundle_dir: str, opts: ServeOptions, replicas: int) -> None:
     """Run `replicas` replicas of the app behind Ray's proxy on opts.host:opts.port (Ray started already)."""
     _, serve = _ray()
     bundle_dir = os.path.abspath(bundle_dir)  # each replica opens it by this path, on whichever node it runs
+    # a replica runs the threads Ray reserves cores for (onnxruntime's own default, every core, would have N
+    # replicas of one machine fight over its cores)
+    opts = dataclasses.replace(opts, threads=opts.threads or 1)
     serve.start(http_options={"host": opts.host, "port": opts.port})
     deployment = serve.deployment(_replica_class(), name=APP_NAME, num_replicas=replicas,
                                   # each replica admits --max-queue (past it, its 429); past another --max-queue
@@ -65,7 +69,7 @@ def deploy(bundle_dir: str, opts: ServeOptions, replicas: int) -> None:
 
 def _actor_resources(opts: ServeOptions) -> dict:
     """What a replica asks Ray for: its threads' cores, and a GPU where it runs on one."""
-    return {"num_cpus": opts.threads or 1, **({"num_gpus": 1} if opts.device != "cpu" else {})}
+    return {"num_cpus": opts.threads, **({"num_gpus": 1} if opts.device != "cpu" else {})}
 
 
 def _backpressure() -> dict:
