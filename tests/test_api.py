@@ -30,18 +30,21 @@ def test_sampling_params_at_top_level(tiny_generator):
     assert a.token_ids == b.token_ids
 
 
+def chunks_and_result(it) -> tuple[list, object]:
+    """A stream's chunks and the result its StopIteration carries."""
+    chunks = []
+    while True:
+        try:
+            chunks.append(next(it))
+        except StopIteration as stop:
+            return chunks, stop.value
+
+
 @pytest.mark.parametrize("drafter", ["lookup", "model"])
 def test_stream_chunks_add_up_to_the_result(tiny_generator, drafter):
     g = tiny_generator
     for prompt in ["Translate this sentence", "hello", *random_prompts(3)]:
-        it = g.stream(prompt, 40, drafter=drafter)
-        chunks = []
-        while True:
-            try:
-                chunks.append(next(it))
-            except StopIteration as stop:
-                res = stop.value
-                break
+        chunks, res = chunks_and_result(g.stream(prompt, 40, drafter=drafter))
         assert "".join(c.text for c in chunks) == res.text == g.tokenizer.decode(res.token_ids)
         assert [t for c in chunks for t in c.token_ids] == res.token_ids
         assert len(chunks) < len(res.token_ids)  # passes committed several tokens
@@ -109,14 +112,7 @@ def test_generate_with_a_byte_fallback_tokenizer(byte_fallback_bundle):
     """Sampled at a high temperature the tiny model emits varied byte tokens, runs that turn invalid among them."""
     g = speccompile.load(byte_fallback_bundle, threads=1)
     for seed in range(4):
-        it = g.stream("Hello world", 40, chat=False, temperature=20.0, seed=seed)
-        chunks = []
-        while True:
-            try:
-                chunks.append(next(it))
-            except StopIteration as stop:
-                res = stop.value
-                break
+        chunks, res = chunks_and_result(g.stream("Hello world", 40, chat=False, temperature=20.0, seed=seed))
         assert "".join(c.text for c in chunks) == res.text
         assert [t for c in chunks for t in c.token_ids] == res.token_ids
 
