@@ -421,9 +421,8 @@ def test_failed_writes_leave_no_half_file(trained, tmp_path, monkeypatch):
     common, work = fresh_work(trained, tmp_path)
     os.remove(work / "features.npz")
 
-    def half_npz(path, **arrays):
-        with open(path, "wb") as f:
-            f.write(b"PK\x03\x04" + b"\0" * 100)
+    def half_npz(f, **arrays):
+        f.write(b"PK\x03\x04" + b"\0" * 100)
         raise OSError(errno.EFBIG, "File too large")
     with monkeypatch.context() as m:
         m.setattr(np, "savez", half_npz)
@@ -432,12 +431,10 @@ def test_failed_writes_leave_no_half_file(trained, tmp_path, monkeypatch):
     train_head(common + ["--stages", "features,train", "--epochs", "1"])
     assert np.load(work / "features.npz")["tokens"].size
 
-    def half_checkpoint(tensors, path, metadata=None):
-        with open(path, "wb") as f:
-            f.write(b"\0" * 100)
+    def failed_checkpoint(tensors, metadata=None):
         raise SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
     with monkeypatch.context() as m:
-        m.setattr("speccompile.train.checkpoints.save_file", half_checkpoint)
+        m.setattr("speccompile.train.checkpoints.safetensors_bytes", failed_checkpoint)
         refused(common + ["--stages", "train", "--epochs", "2", "--resume"], "cannot write", "epoch2.safetensors")
     assert sorted(os.listdir(work / "ckpt")) == ["epoch1.safetensors", "final.safetensors"]
     assert "resumed from epoch1.safetensors" in train_head(common + ["--stages", "train", "--epochs", "2", "--resume"])

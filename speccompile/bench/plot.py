@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from speccompile.bench.outputs import write_atomically
+from speccompile.format.atomic import write_atomically
 from speccompile.bench.settings import decoding as describe_decoding
 from speccompile.bench.stats import geometric_mean, prompt_speedups
 from speccompile.errors import SpeccompileError

@@ -59,7 +59,7 @@ import dataclasses
 import datetime
 import json
 
-from speccompile.bench.outputs import write_atomically
+from speccompile.format.atomic import write_atomically
 from speccompile.bench.machine import bundle_summary, machine_info, peak_rss_mib, versions
 from speccompile.bench.prompts import sha256_of
 from speccompile.bench.settings import AUTOREGRESSIVE, SCHEMA_VERSION, decoding as describe_decoding

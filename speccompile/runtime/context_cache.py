@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import threading
 import time
 import warnings
@@ -26,6 +25,8 @@ import zipfile
 from typing import Callable
 
 import numpy as np
+
+from speccompile.format.atomic import TEMP_PREFIX, write_atomically
 
 DEFAULT_BLOCK_TOKENS = 16
 DEFAULT_CACHE_BYTES = 1 << 30
@@ -263,7 +264,7 @@ class DiskTier:
                               "tier is not used", stacklevel=3)
                 self.usable = False
         else:
-            self._replace(path, lambda f: f.write(json.dumps(self.index).encode()))
+            write_atomically(path, lambda f: f.write(json.dumps(self.index).encode()), private=True)
         if self.usable:
             self._remove_stale_temporaries()
         self.nbytes = sum(size for _, size, _ in self._blocks())
@@ -275,7 +276,7 @@ class DiskTier:
         with os.scandir(self.dir) as entries:
             for e in entries:
                 try:
-                    if e.name.startswith(".tmp-") and e.is_file(follow_symlinks=False) and \
+                    if e.name.startswith(TEMP_PREFIX) and e.is_file(follow_symlinks=False) and \
                             now - e.stat(follow_symlinks=False).st_mtime > STALE_TEMPORARY_S:
                         os.unlink(e.path)
                 except OSError:  # another process got there first
@@ -337,7 +338,7 @@ class DiskTier:
         path = os.path.join(self.dir, f"{key}.npz")
         try:
             old = os.path.getsize(path) if os.path.exists(path) else 0
-            self._replace(path, lambda f: np.savez(f, **flat))
+            write_atomically(path, lambda f: np.savez(f, **flat), private=True)
             self.nbytes += os.path.getsize(path) - old
             if self.nbytes > self.max_bytes:
                 self._evict()
@@ -345,13 +346,3 @@ class DiskTier:
             warnings.warn(f"context cache: cannot write to {self.dir} ({e.strerror or e}); the disk tier is off",
                           stacklevel=4)
             self.usable = False
-
-    def _replace(self, path: str, write) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise

@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 from speccompile.errors import SpeccompileError
+from speccompile.format.atomic import write_atomically
 
 CACHE_VERSION = 4  # 2: drafter passes timed after a target pass; 3: three rows measured; 4: pad rows (row_parity)
 # verify rows measured (interpolated between); 3 of its own: a 4-bit target's product kernel takes another path
@@ -255,11 +256,7 @@ def load_cached(bundle_dir: str, threads: int | None) -> CostModel | None:
 def save(model: CostModel, bundle_dir: str, threads: int | None) -> None:
     path = cache_path(bundle_dir, threads)
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(model.to_dict(), f, indent=1)
-        os.replace(tmp, path)
+        write_atomically(path, lambda f: f.write(json.dumps(model.to_dict(), indent=1).encode()))
     except OSError:  # a read-only home: the model still serves this process
         pass
 

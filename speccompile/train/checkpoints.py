@@ -11,7 +11,7 @@ import os
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from speccompile.errors import CheckpointError
 from speccompile.train.features import aux_layer_ids
@@ -43,7 +43,7 @@ def save_checkpoint(path: str, head, identity: dict, opt=None, progress=None) ->
         for i, state in opt.state_dict()["state"].items():
             tensors |= {f"{OPTIMIZER}{i}.{key}": torch.as_tensor(v).contiguous() for key, v in state.items()}
         meta["progress"] = json.dumps(dataclasses.asdict(progress))
-    write_file(path, lambda staged: save_file(tensors, staged, metadata=meta))
+    write_file(path, lambda f: f.write(safetensors_bytes(tensors, metadata=meta)))
 
 
 def read_checkpoint(path: str) -> tuple[dict, dict]:

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save as safetensors_bytes
 
 from speccompile.train.files import write_file, write_json
 
@@ -47,7 +47,7 @@ def add_draft_vocab(head_path: str, gen_paths: list[str], size: int, made_by: st
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     tensors["mtp.d2t"] = chosen.astype(np.int64)
     meta |= {"draft_vocab": str(len(chosen)), "draft_vocab_coverage": f"{covered:.4f}"}
-    write_file(head_path, lambda staged: save_file(tensors, staged, metadata=meta))
+    write_file(head_path, lambda f: f.write(safetensors_bytes(tensors, metadata=meta)))
     record = head_path.rsplit(".", 1)[0] + ".json"  # the head's record, if it sits beside it
     if os.path.isfile(record):
         with open(record) as f:

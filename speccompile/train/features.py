@@ -76,7 +76,7 @@ def stage_features(a: TrainOptions, hf_dir: str, gen_path: str, out_path: str, i
                   prompt_len=np.asarray([len(r["prompt_ids"]) for r in recs], np.int64),
                   temperature=np.asarray([r["temperature"] for r in recs], np.float32),
                   target=np.asarray(identity))
-    write_file(out_path, lambda staged: np.savez(staged, **arrays))
+    write_file(out_path, lambda f: np.savez(f, **arrays))
     return time.time() - t0
 
 
@@ -178,6 +178,6 @@ def stage_aux(a: TrainOptions, hf_dir: str, feat_path: str, out_path: str, layer
     t0 = time.time()
     d = np.load(feat_path)
     aux = _aux_features(model, d["tokens"], d["offsets"], layers)
-    write_file(out_path, lambda staged: np.savez(staged, aux=aux, layers=np.asarray(layers, np.int64),
+    write_file(out_path, lambda f: np.savez(f, aux=aux, layers=np.asarray(layers, np.int64),
                                                  dtype=np.asarray(a.aux_dtype)))
     return time.time() - t0

@@ -12,6 +12,7 @@ import tempfile
 from safetensors import SafetensorError
 
 from speccompile.errors import SpeccompileError
+from speccompile.format.atomic import write_atomically
 
 
 @contextlib.contextmanager
@@ -33,18 +34,17 @@ def staging_folder(beside: str):
 
 
 def write_file(path: str, write) -> None:
-    """write(tmp_path) writes the file under a temporary name (of the same suffix); then it replaces `path`."""
-    with staging_folder(path) as tmp:
-        staged = os.path.join(tmp, os.path.basename(path))
-        write(staged)
-        os.replace(staged, path)
+    """write(f) writes the file into a binary file object, under a temporary name; then it replaces `path`. A
+    failure to write is one SpeccompileError naming `path`."""
+    try:
+        write_atomically(path, write)
+    except (OSError, SafetensorError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise SpeccompileError(f"cannot write {path}: {reason}; nothing was replaced") from None
 
 
 def write_json(path: str, value, indent: int = 1) -> None:
-    def write(p):
-        with open(p, "w") as f:
-            json.dump(value, f, indent=indent)
-    write_file(path, write)
+    write_file(path, lambda f: f.write(json.dumps(value, indent=indent).encode()))
 
 
 def replace_folder(staged: str, out: str, trash: str) -> None:

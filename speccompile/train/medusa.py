@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from speccompile.errors import CheckpointError
 from speccompile.train.checkpoints import read_checkpoint
@@ -97,7 +97,7 @@ class Medusa:
             out[f"{k}.0.linear.bias"] = self.b[k].detach().to(torch.float16).contiguous()
             out[f"{k}.1.weight"] = self.emb_w.to(torch.float16).contiguous()
         meta = {"format": "medusa", "medusa_num_heads": str(self.K), "medusa_num_layers": "1"}
-        write_file(path, lambda staged: save_file(out, staged, metadata=meta))
+        write_file(path, lambda f: f.write(safetensors_bytes(out, metadata=meta)))
 
 
 def evaluate(data: Data, ids, m: Medusa) -> dict:
