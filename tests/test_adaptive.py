@@ -303,3 +303,62 @@ def test_calibration_is_cached_outside_the_bundle(tiny_bundle, tmp_path, monkeyp
     cm = padded.cost_model(recalibrate=True)
     assert cm.key["one_row_pad"] and any("pad row" in line for line in cm.describe())
     assert any("pad row" in line for line in again.describe()) == (g.target.min_rows > 1)  # as measured here
+
+
+HOSTILE_CACHES = {
+    "rows one": lambda d: d.update(rows=[1]),
+    "times zero": lambda d: d.update(verify_ms={k: [[0.0] * len(d["lengths"])] * len(d["rows"])
+                                                for k in d["verify_ms"]}, lookup_ms=0.0),
+    "a list": lambda d: d.clear() or d.update(version=[1, 2]),
+    "grid of another shape": lambda d: d["verify_ms"].update(greedy=[[1.0]]),
+    "NaN time": lambda d: d["verify_ms"]["greedy"][0].__setitem__(0, float("nan")),
+    "negative drafter": lambda d: d["drafter_ms"].update(model=[-1.0, -1.0, -1.0]),
+    "strings": lambda d: d.update(lookup_ms="fast"),
+    "rows huge": lambda d: d.update(rows=list(range(1, 200_001))),
+}
+
+
+@pytest.mark.parametrize("damage", HOSTILE_CACHES, ids=list(HOSTILE_CACHES))
+def test_a_damaged_cost_cache_is_measured_again(tiny_bundle, tmp_path, monkeypatch, damage):
+    """A cache file that is not a sound measurement (wrong shapes, zero, negative or NaN times, other types) once
+    crashed every generation and inspect until deleted by hand, or planned nonsense; now it is measured again."""
+    import speccompile
+    monkeypatch.setenv("SPECCOMPILE_CACHE", str(tmp_path))
+    good = speccompile.load(tiny_bundle, threads=1).cost_model()
+    path = cost_model.cache_path(tiny_bundle, 1)
+    doc = json.load(open(path))
+    HOSTILE_CACHES[damage](doc)
+    with open(path, "w") as f:
+        json.dump(doc, f)
+    assert cost_model.load_cached(tiny_bundle, 1) is None and cost_model.cached_models(tiny_bundle) == []
+    g = speccompile.load(tiny_bundle, threads=1)
+    cm = g.cost_model()
+    assert cm.rows == good.rows and g.generate([5, 6, 7, 5, 6], 8, drafter="model", tree="adaptive").token_ids
+    assert cost_model.load_cached(tiny_bundle, 1) is not None  # the new measurement replaced it
+
+
+def test_the_cost_cache_is_keyed_by_cpu_and_device(tiny_bundle, tmp_path, monkeypatch):
+    """Kernel costs follow the CPU's instruction sets and the device: a cache from another never prices passes
+    here (platform.processor() is empty on Linux, so the key once named no CPU at all)."""
+    from speccompile.runtime.machine_id import cpu_identity
+    monkeypatch.setenv("SPECCOMPILE_CACHE", str(tmp_path))
+    key = cost_model.machine_key(1)["machine"]
+    assert cpu_identity()["model"] in key and "cpu" in key
+    assert cost_model.cache_path(tiny_bundle, 1, "cpu") != cost_model.cache_path(tiny_bundle, 1, "cuda")
+    monkeypatch.setattr(cost_model, "cpu_identity", lambda: {"model": "Another CPU", "kernel_flags": ["avx2"]})
+    assert cost_model.machine_key(1)["machine"] != key
+
+
+def test_a_short_context_calibrates_the_rows_it_holds(tmp_path, monkeypatch):
+    """A bundle whose context is shorter than the largest calibrated pass (25 rows) once could not generate with
+    its adaptive default tree at all."""
+    import speccompile
+    from speccompile.compile.driver import build_bundle
+    monkeypatch.setenv("SPECCOMPILE_CACHE", str(tmp_path / "cache"))
+    out = str(tmp_path / "b")
+    build_bundle("tiny:llama", out, drafts=["lookup"], max_seq_len=24, tree="adaptive", progress=lambda m: None)
+    g = speccompile.load(out, threads=1)
+    cm = g.cost_model()
+    assert max(cm.rows) <= 22 and min(cm.lengths) >= 1
+    assert g.generate([5, 6, 7, 5, 6, 7], 8, drafter="lookup").token_ids == \
+        g.generate([5, 6, 7, 5, 6, 7], 8, speculate=False).token_ids

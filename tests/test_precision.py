@@ -94,6 +94,21 @@ def test_float16_greedy_speculation_is_lossless(bundles):
             assert g.generate(prompt, max_new_tokens=24, drafter=drafter, tree=tree).token_ids == plain
 
 
+def test_float16_sampled_speculation_accepts_on_the_host(bundles):
+    """A float16 graph's own acceptance would take softmax(logits / T) in float16: logits / T past 65504 at a low
+    temperature is infinite (every draft rejected, token 0 drawn), and at T 0.7 probabilities are off by a percent.
+    Sampled drafts are accepted on the host from the logits, in float64: speculative sampling returns what plain
+    sampling returns with the same seed, at any temperature the sampler takes."""
+    g = speccompile.load(bundles["float16"], threads=1)
+    assert g.target.verifies and not g.target.verifies_sampled
+    rng = np.random.default_rng(2)
+    base = list(rng.integers(3, 384, 14))
+    prompt = base + base[:6]
+    for temperature in (1e-4, 0.7):
+        plain = g.generate(prompt, 24, speculate=False, temperature=temperature, seed=3).token_ids
+        assert g.generate(prompt, 24, drafter="lookup", temperature=temperature, seed=3).token_ids == plain
+
+
 def _tree_file():
     import tempfile
     path = os.path.join(tempfile.mkdtemp(), "tree.json")

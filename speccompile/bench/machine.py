@@ -15,6 +15,7 @@ import tokenizers
 
 from speccompile import __version__
 from speccompile.errors import SpeccompileError
+from speccompile.runtime.machine_id import cpu_identity
 
 BANDWIDTH_ARRAY_MIB = 256
 
@@ -52,28 +53,6 @@ def peak_rss_mib() -> float:
 
 # instruction sets that pick onnxruntime's CPU kernels: two machines that differ in them run other kernels, whose
 # relative costs (and sums) differ
-KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "sve")
-
-
-def cpu_identity() -> dict:
-    """The CPU's model name and the instruction sets of KERNEL_FLAGS it has (Linux; elsewhere what platform
-    tells)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and value.strip():
-                    model = value.strip()
-                elif key.strip() in ("flags", "Features"):
-                    flags = set(value.split())
-                if key.strip() == "" and flags:  # the first processor's block is enough
-                    break
-    except OSError:
-        pass
-    return {"model": model, "kernel_flags": [f for f in KERNEL_FLAGS if f in flags]}
-
-
 def machine_info(bandwidth_gbps: float, loadavg: float, one_row_pad: bool | None = None) -> dict:
     """one_row_pad: whether the target runs one-token steps with a pad row on this machine (runtime/row_parity)."""
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),

@@ -9,7 +9,9 @@ ops kept in float32. What stays float32, and why:
   * the KV caches (past_* / present_*) take the build's dtype: they are the memory a long context fills;
   * norms (SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization) and the attention softmax keep float16
     inputs and outputs: onnxruntime's kernels accumulate them in float32 internally;
-  * acceptance (the verify extension) casts the logits to float64 itself, as in float32 graphs.
+  * the verify extension is converted with the rest, so its softmax of logits / T runs in float16: the runtime
+    uses it for greedy passes only (an argmax), and accepts sampled drafts on the host from the float32 logits
+    output, in float64 (Engine.verifies_sampled).
 
 bfloat16 is the float16 conversion retyped (`_retype_bfloat16`): onnxruntime's CPU provider lacks bfloat16 kernels
 for most ops (MatMul, GroupQueryAttention), so bfloat16 bundles are for the CUDA provider.

@@ -22,6 +22,7 @@ import numpy as np
 
 from speccompile.errors import SpeccompileError
 from speccompile.format.atomic import write_atomically
+from speccompile.runtime.machine_id import cpu_identity
 
 CACHE_VERSION = 4  # 2: drafter passes timed after a target pass; 3: three rows measured; 4: pad rows (row_parity)
 # verify rows measured (interpolated between); 3 of its own: a 4-bit target's product kernel takes another path
@@ -179,9 +180,23 @@ class CostModel:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CostModel":
-        if d.get("version") != CACHE_VERSION:
+        """A cached model; anything but a sound measurement of this version is a ValueError (measure again)."""
+        if not isinstance(d, dict) or d.get("version") != CACHE_VERSION:
             raise ValueError("another cache version")
-        return cls(d["rows"], d["lengths"], d["verify_ms"], d["drafter_ms"], d.get("lookup_ms", 0.0), d.get("key", {}))
+        rows, lengths, verify, drafters = d.get("rows"), d.get("lengths"), d.get("verify_ms"), d.get("drafter_ms")
+        if not _ascending(rows, ROWS) or not _ascending(lengths) or not isinstance(verify, dict) \
+                or set(verify) != {"greedy", "sampled"} or not isinstance(drafters, dict):
+            raise ValueError("not a cost model")
+        grids = [np.asarray(v, float) for v in verify.values()]
+        heads = [np.asarray(v, float) for v in drafters.values()]
+        lookup = d.get("lookup_ms", 0.0)
+        if any(g.shape != (len(rows), len(lengths)) or not np.all(np.isfinite(g) & (g > 0)) for g in grids) \
+                or any(h.shape not in ((0,), (len(HEAD_ROWS),)) or not np.all(np.isfinite(h) & (h >= 0))
+                       for h in heads) \
+                or not isinstance(lookup, (int, float)) or not 0 <= lookup < np.inf:
+            raise ValueError("not a measurement")
+        return cls(rows, lengths, verify, drafters, float(lookup), d.get("key") if isinstance(d.get("key"), dict)
+                   else {})
 
     def describe(self) -> list[str]:
         """Readable lines (for `inspect`)."""
@@ -202,10 +217,19 @@ class CostModel:
         return out
 
 
-def machine_key(threads: int | None) -> dict:
+def _ascending(values, allowed=None) -> bool:
+    """A non-empty list of increasing positive whole numbers (from `allowed`, if given) of bounded length."""
+    return isinstance(values, list) and 0 < len(values) <= 64 and all(
+        type(v) is int and v > 0 and (allowed is None or v in allowed) for v in values) and values == sorted(set(values))
+
+
+def machine_key(threads: int | None, device: str = "cpu") -> dict:
+    """What the prices depend on besides the bundle: the CPU (its model and the instruction sets that pick the
+    kernels), the device, onnxruntime and the threads."""
     import onnxruntime
-    return {"machine": f"{platform.machine()} {platform.processor() or platform.system()} "
-                       f"{os.cpu_count()} cpus, onnxruntime {onnxruntime.__version__}",
+    cpu = cpu_identity()
+    return {"machine": f"{platform.machine()} {cpu['model']} ({' '.join(cpu['kernel_flags']) or 'baseline'}), "
+                       f"{os.cpu_count()} cpus, {device}, onnxruntime {onnxruntime.__version__}",
             "threads": threads or os.cpu_count() or 1}
 
 
@@ -220,9 +244,9 @@ def _bundle_id(bundle_dir: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()[:20]
 
 
-def cache_path(bundle_dir: str, threads: int | None) -> str:
+def cache_path(bundle_dir: str, threads: int | None, device: str = "cpu") -> str:
     """The cost model's file: the user cache directory, named after the manifest's hash, the machine, threads."""
-    key = machine_key(threads)
+    key = machine_key(threads, device)
     machine = hashlib.sha256(key["machine"].encode()).hexdigest()[:12]
     return os.path.join(_cache_dir(), f"{_bundle_id(bundle_dir)}-{machine}-t{key['threads']}.json")
 
@@ -239,22 +263,22 @@ def cached_models(bundle_dir: str) -> list[CostModel]:
         try:
             with open(os.path.join(_cache_dir(), name)) as f:
                 out.append(CostModel.from_dict(json.load(f)))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, RecursionError):
             continue
     return out
 
 
-def load_cached(bundle_dir: str, threads: int | None) -> CostModel | None:
+def load_cached(bundle_dir: str, threads: int | None, device: str = "cpu") -> CostModel | None:
     """The cached cost model of this bundle on this machine, or None (none yet, or unreadable: recalibrate)."""
     try:
-        with open(cache_path(bundle_dir, threads)) as f:
+        with open(cache_path(bundle_dir, threads, device)) as f:
             return CostModel.from_dict(json.load(f))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 
-def save(model: CostModel, bundle_dir: str, threads: int | None) -> None:
-    path = cache_path(bundle_dir, threads)
+def save(model: CostModel, bundle_dir: str, threads: int | None, device: str = "cpu") -> None:
+    path = cache_path(bundle_dir, threads, device)
     try:
         write_atomically(path, lambda f: f.write(json.dumps(model.to_dict(), indent=1).encode()))
     except OSError:  # a read-only home: the model still serves this process
@@ -304,11 +328,12 @@ def _grid_ms(target, rows: list[int], lengths: list[int], greedy: bool) -> list[
 
 def calibrate(target, drafters: dict, threads: int | None, lookup=None) -> CostModel:
     """Measure the target's passes on a grid of rows x committed lengths, and each drafter engine's pass."""
-    top = target.max_seq_len - ROWS[-1] - 1
-    if top < 1:
+    # a short context measures the rows it can hold (a pass never holds more)
+    rows = [r for r in ROWS if r <= min(target.max_rows, target.max_seq_len - 2)]
+    if not rows:
         raise SpeccompileError("the compiled context is too short to calibrate the cost model")
-    lengths = sorted({min(top, n) for n in (16, top // 4, top)})
-    rows = [r for r in ROWS if r <= target.max_rows]
+    top = target.max_seq_len - rows[-1] - 1
+    lengths = sorted({min(top, n) for n in (16, max(1, top // 4), top)})
     target.forward(np.ones(rows[-1], np.int64), rows=np.arange(rows[-1]))  # first runs allocate: not timed
     verify = {mode: _grid_ms(target, rows, lengths, mode == "greedy") for mode in ("greedy", "sampled")}
     target.cache.truncate(0)
@@ -321,7 +346,7 @@ def calibrate(target, drafters: dict, threads: int | None, lookup=None) -> CostM
     if lookup is not None:
         context = np.random.default_rng(0).integers(0, target.vocab_size, lengths[len(lengths) // 2])
         lookup_ms = _best_ms(lambda: lookup.matches(context)[0])
-    key = {**machine_key(threads), "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    key = {**machine_key(threads, getattr(target, "device", "cpu")), "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "one_row_pad": getattr(target, "min_rows", 1) > 1}
     return CostModel(rows, lengths, verify, drafter_ms, lookup_ms, key)
 

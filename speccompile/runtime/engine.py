@@ -105,6 +105,13 @@ class Engine:
         self._pad_tokens, self._first_row = np.zeros(2, np.int64), np.zeros(1, np.int64)  # reused each pad step
         self._slots = self.max_seq_len + kv.get("scratch_slots", 0)  # what the cache holds, scratch included
 
+    @property
+    def verifies_sampled(self) -> bool:
+        """Whether sampled drafts are accepted in the graph: float32 graphs only. A float16 graph would take the
+        softmax of logits / T in float16, its probabilities off by a percent and logits / T past 65504 infinite at
+        low temperatures; the host accepts them from the logits in float64 instead."""
+        return self.verifies and self.entry["kv_cache"].get("dtype", "float32") == "float32"
+
     def _head_inputs(self, max_rows: int) -> None:
         """The buffers of a graph with the exact greedy head (compile/graph/head_screen.py): full_logits, false
         letting a greedy pass read a quarter of the head's bytes (its logits then estimates, its next_token still

@@ -225,10 +225,10 @@ class Generator:
         """This bundle's cost model on this machine (runtime/cost_model.py): cached, or measured now (a few
         seconds) and cached for the next load; recalibrate=True measures again."""
         if self._cost is None or recalibrate:
-            cached = None if recalibrate else cost_model.load_cached(self.bundle_dir, self.threads)
+            cached = None if recalibrate else cost_model.load_cached(self.bundle_dir, self.threads, self.target.device)
             if cached is None:
                 cached = cost_model.calibrate(self.target, self.drafters, self.threads, self.lookup)
-                cost_model.save(cached, self.bundle_dir, self.threads)
+                cost_model.save(cached, self.bundle_dir, self.threads, self.target.device)
             self._cost = cached
         return self._cost
 
@@ -256,8 +256,8 @@ class Generator:
             block_parents = np.concatenate([[-1], prop.parents + 1])  # tree roots hang off the pending token
             positions = n - 1 + depths(block_parents)
         drawn = noise.rows(n + (np.arange(len(block)) if positions is None else positions - n + 1)) if noise else None
-        if self.target.verifies and (params.greedy or (params.top_p >= 1.0 and prop.q is None
-                                                       and not params.typical)):
+        if self.target.verifies and params.greedy or self.target.verifies_sampled and (
+                params.top_p >= 1.0 and prop.q is None and not params.typical):
             # the verify graph accepts: O(nodes) numbers come back, not the [nodes, V] logits. The host path
             # remains for top-p, for chains drawn from draft distributions q (see verify.emit_verify) and for
             # bundles built before the verify extension.

@@ -52,6 +52,7 @@ class TensorRTEngine:
         if "tensorrt" not in entry:
             raise SpeccompileError("this bundle has no TensorRT engines: build it with --backend tensorrt")
         self.entry, self.device, self.max_rows, self.verifies = entry, device, max_rows, False
+        self.verifies_sampled = False
         # built without the exact greedy head (runtime/noise.py samples on the host)
         self.takes_noise = self.takes_noise_top_k = False
         self.trt = trt = import_tensorrt()
