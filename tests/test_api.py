@@ -176,6 +176,24 @@ def test_stop_string_text_is_held_back_and_cut():
     assert ts.certain() == ("é", 2)
 
 
+class _Replacing(_Pieces):
+    """As _Pieces, but a partial character left at the end decodes as U+FFFD, as a real tokenizer's does."""
+
+    def decode(self, ids):
+        return "".join("\ufffd" if self.pieces[i] is None else self.pieces[i] for i in ids)
+
+
+def test_a_stop_string_in_the_text_only_the_end_flushes_stops_there():
+    """A stop string with U+FFFD: the incremental decoder holds a partial character back, and only the final
+    decode shows it as U+FFFD; the output still ends where the stop string begins, its tokens with it."""
+    ts, ids = TextStream(_Replacing(["ab", "c", None]), ("c\ufffd",)), [0, 1, 2]
+    assert [ts.add(t) for t in ids] == [False] * 3 and ts.certain() == ("ab", 1)
+    assert ts.finish(ids) == ("ab", "", 0) and ids == [0]
+    ts, ids = TextStream(_Replacing(["ab", "c", None]), ("x",)), [0, 1, 2]  # no stop: the end flushed as it was
+    [ts.add(t) for t in ids]
+    assert ts.finish(ids) == ("abc\ufffd", "abc\ufffd", 3) and ids == [0, 1, 2]
+
+
 def test_stop_string_cuts_text_and_token_ids(tiny_generator):
     g = tiny_generator
     full = g.generate("hello", 40, speculate=False)
@@ -230,6 +248,41 @@ def test_requests_are_checked(tiny_generator):
         with pytest.raises(SpeccompileError):
             g.generate("hello", 4, **bad)
     assert g.generate([vocab - 1, 0], 3).token_ids  # the edges of the range are fine
+
+
+BAD_CALLS = {  # bad Python-API input: each a SpeccompileError (docs/guarantees.md), none a raw exception
+    "temperature 10**400": dict(temperature=10 ** 400), "top_p 10**400": dict(top_p=10 ** 400),
+    "temperature above the cap": dict(temperature=1e7, seed=1), "params a dict": dict(params={"temperature": 0.7}),
+    "acceptance 5": dict(acceptance=5), "tree 5": dict(tree=5),
+    "tree with a superscript": dict(tree="chain:3+lookup:²"),
+    "drafter a list": dict(drafter=["lookup"]), "0-d prompt": dict(prompt=np.array(5)),
+    "prompt of 0-d arrays": dict(prompt=[np.array(1), np.array(2)]), "on_text 5": dict(on_text=5),
+    "max_new_tokens uint8 255": dict(max_new_tokens=np.uint8(255)),
+    "max_new_tokens int64 max": dict(max_new_tokens=np.int64(2 ** 63 - 1)),
+}
+BAD_LOADS = {"cache_bytes -1": dict(cache_bytes=-1), "cache_bytes a string": dict(cache_bytes="1000"),
+             "cache_bytes nan": dict(cache_bytes=float("nan")), "cache_bytes 1.5": dict(cache_bytes=1.5),
+             "cache_dir a file": dict(cache_dir=__file__), "cache_dir unwritable": dict(cache_dir="/proc/speccompile")}
+
+
+@pytest.mark.parametrize("bad", BAD_CALLS.values(), ids=BAD_CALLS.keys())
+def test_bad_api_input_is_one_speccompile_error(tiny_generator, bad):
+    g, kw = tiny_generator, dict(bad)
+    with pytest.raises(SpeccompileError):
+        g.generate(kw.pop("prompt", [1, 5, 9]), kw.pop("max_new_tokens", 4), **kw)
+    assert len(g.generate([1, 5, 9], 4, chat=False).token_ids) == 4  # and the Generator serves on
+
+
+@pytest.mark.parametrize("bad", BAD_LOADS.values(), ids=BAD_LOADS.keys())
+def test_bad_load_options_are_one_speccompile_error(tiny_bundle, bad):
+    with pytest.raises(SpeccompileError):
+        speccompile.load(tiny_bundle, threads=1, verify=False, **bad)
+
+
+def test_a_fractional_temperature_samples_as_its_float(tiny_generator):
+    from fractions import Fraction
+    a = tiny_generator.generate([1, 5, 9], 6, temperature=Fraction(7, 10), seed=3)
+    assert a.token_ids == tiny_generator.generate([1, 5, 9], 6, temperature=0.7, seed=3).token_ids
 
 
 def test_threads_get_their_serial_tokens(tiny_generator):

@@ -402,3 +402,21 @@ def test_a_request_behind_this_threads_own_loop_is_refused(tiny_generator):
         g.generate("hello", 4)
     own.close()
     assert len(g.generate("hello", 4).token_ids) <= 4
+
+
+def test_a_stream_read_from_two_threads_leaves_the_first_free(tiny_generator):
+    """A thread pool may read one stream on several workers (as a web server's does): the worker that read it last
+    holds the Generator, and the one that read it first may serve another request meanwhile (it waits its turn)."""
+    g = tiny_generator
+    worker1, worker2 = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+    own = g.stream([1, 5, 9, 20], 12, chat=False, temperature=0.8, seed=1, acceptance="typical")  # its own loop
+    worker1.submit(next, own).result()
+    worker2.submit(next, own).result()
+    other = worker1.submit(lambda: g.generate([7, 7, 7], 4, chat=False).token_ids)
+    rest = worker2.submit(lambda: drain(own)).result()
+    assert len(other.result(timeout=60)) == 4 and rest.token_ids
+    with pytest.raises(SpeccompileError, match="already generating"):  # the refusal stands for a thread's own
+        own = g.stream("hello", 8, temperature=0.8, seed=1, acceptance="typical")
+        worker2.submit(next, own).result()
+        worker2.submit(g.generate, "hello", 4).result()
+    own.close()

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from speccompile.errors import SpeccompileError
+from speccompile.format.trees import TreeSpec
 
 from speccompile.runtime.acceptance import accept_chain_q, accept_sampled, chain_parents, sequential
 from speccompile.runtime.noise import NoiseSupport
@@ -156,10 +157,29 @@ def test_probabilities_top_k_top_p():
 @pytest.mark.parametrize("bad", [dict(temperature=float("nan")), dict(temperature=float("inf")),
                                  dict(temperature=-0.5), dict(temperature="1"), dict(top_k=-1), dict(top_k=2.5),
                                  dict(top_p=float("nan")), dict(top_p=1.5), dict(top_p=0.0), dict(seed=-1),
-                                 dict(seed=1.5), dict(top_k=True)])
+                                 dict(seed=1.5), dict(top_k=True), dict(temperature=1e6 * 1.001),
+                                 dict(temperature=1e300), dict(temperature=10 ** 400), dict(top_p=10 ** 400)])
 def test_sampling_settings_are_checked(bad):
     with pytest.raises(SpeccompileError, match="invalid sampling parameters"):
         SamplingParams(**bad)
+
+
+def test_temperatures_up_to_the_cap_sample_all_over_the_vocabulary(tiny_generator):
+    """Far above the cap T * G overflowed float32 and the lowest ids won; at the cap sampling is near uniform."""
+    from speccompile.runtime.sampling import MAX_TEMPERATURE
+    firsts = [tiny_generator.generate([1, 5, 9], 1, chat=False, temperature=MAX_TEMPERATURE, seed=s).token_ids[0]
+              for s in range(60)]
+    assert len(set(firsts)) > 40 and np.median(firsts) > tiny_generator.target.vocab_size / 4
+
+
+def test_num_draft_drafts_a_chain_of_that_many_instead_of_the_bundles_tree(tiny_generator, monkeypatch):
+    g, prompt = tiny_generator, random_prompts(3)[2]
+    monkeypatch.setitem(g.trees, "model", TreeSpec.parse("dynamic:12"))  # as a default build gives its drafters
+    assert g.generate(prompt, 30, drafter="model").stats["tree"] == g.trees["model"].to_dict()
+    chunks = list(g.stream(prompt, 30, drafter="model", num_draft=2))
+    assert max(len(c.token_ids) for c in chunks) == 3  # two drafts and the target's token, at most
+    res = g.generate(prompt, 30, drafter="model", num_draft=2)
+    assert res.stats["tree"] is None and res.token_ids == g.generate(prompt, 30, speculate=False).token_ids
 
 
 @pytest.mark.parametrize("noise", [True, False])

@@ -60,6 +60,22 @@ def test_top_p_speculation_samples_what_plain_decoding_samples(tiny_generator, d
     assert max(accepted) > 1.0  # drafts were taken
 
 
+def test_top_p_with_a_chain_drawn_from_q_keeps_the_distribution_not_the_tokens(tiny_generator):
+    """A draft model's chain is drawn from its distributions q and accepted by rejection against them (min(1, p/q),
+    the request's generator's uniforms), not where it equals the target's draws: under top-p it samples the
+    target's distribution (test_decoding.py), reproducibly per seed, but not plain sampling's tokens for that
+    seed (README, docs/guarantees.md "Exact speculation" say so)."""
+    g, differ = tiny_generator, 0
+    for seed, prompt in enumerate(random_prompts(4)):
+        plain = g.generate(prompt, 20, speculate=False, seed=seed, **TOP_P).token_ids
+        chain = g.generate(prompt, 20, drafter="model", num_draft=4, seed=seed, **TOP_P)
+        assert chain.token_ids == g.generate(prompt, 20, drafter="model", num_draft=4, seed=seed,
+                                             **TOP_P).token_ids
+        assert chain.stats["mean_accepted_tokens"] > 1.0 or chain.token_ids == plain
+        differ += chain.token_ids != plain
+    assert differ > 0
+
+
 def test_top_p_requests_sharing_passes_sample_what_they_sample_alone(tiny_generator):
     g = tiny_generator
     prompts = random_prompts(5, seed=3)

@@ -31,9 +31,19 @@ def test_tree_specs(tmp_path):
     assert (joined.kind, joined.size, joined.lookup) == ("dynamic", 4, 6)
     assert TreeSpec.from_dict(joined.to_dict()) == joined
     for bad in ("chain:x", "dynamic:0", "dynamic:500", "bush:3", "static:/nope.json", "chain:2+lookup:0",
-                "chain:2+lookup:x", "chain:2+ngram:3", "chain:2+lookup:99"):
+                "chain:2+lookup:x", "chain:2+ngram:3", "chain:2+lookup:99", "chain:3+lookup:²"):
         with pytest.raises(SpeccompileError):
             TreeSpec.parse(bad)
+
+
+@pytest.mark.parametrize("paths", [[[0.9], [1.7], [1.7, 2.9]], [[True], [True, False]], ["0", "01"], [[0], 5],
+                                   {"0": [0]}])
+def test_static_tree_ranks_are_taken_as_given_or_refused(tmp_path, paths):
+    """int() would read 1.7 as rank 1, True as 1 and "01" as the path (0, 1): other trees than were written."""
+    f = tmp_path / "t.json"
+    f.write_text(json.dumps(paths))
+    with pytest.raises(SpeccompileError, match="integer ranks"):
+        TreeSpec.parse(f"static:{f}")
 
 
 def test_accept_tree_greedy_walks_the_matching_path():

@@ -43,7 +43,7 @@ class TreeSpec:
         shape, plus, extra = spec.partition("+")
         if plus:
             kind, _, arg = extra.partition(":")
-            if kind != "lookup" or not arg.isdigit() or not 1 <= int(arg) <= MAX_TREE_NODES:
+            if kind != "lookup" or not (arg.isascii() and arg.isdigit()) or not 1 <= int(arg) <= MAX_TREE_NODES:
                 raise SpeccompileError(f"--tree {spec!r}: after '+' expected lookup:L with L in 1..{MAX_TREE_NODES}")
             return dataclasses.replace(cls.parse(shape), lookup=int(arg))
         kind, _, arg = spec.partition(":")
@@ -75,10 +75,11 @@ class TreeSpec:
 
     @classmethod
     def from_paths(cls, paths) -> "TreeSpec":
-        try:
-            ps = sorted({tuple(int(r) for r in p) for p in paths}, key=lambda p: (len(p), p))
-        except (TypeError, ValueError):
-            raise SpeccompileError("a static tree is a list of lists of non-negative ranks") from None
+        # ranks as given, never converted: int() would take 1.7, True or "01" for other ranks than were meant
+        if not isinstance(paths, (list, tuple)) or not all(
+                isinstance(p, (list, tuple)) and all(type(r) is int for r in p) for p in paths):
+            raise SpeccompileError("a static tree is a list of lists of non-negative integer ranks")
+        ps = sorted({tuple(p) for p in paths}, key=lambda p: (len(p), p))
         if not ps:
             raise SpeccompileError("a static tree needs at least one path")
         known = set()

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 import os
 import threading
 import time
@@ -26,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 
+from speccompile.errors import SpeccompileError
 from speccompile.format.atomic import TEMP_PREFIX, write_atomically
 
 DEFAULT_BLOCK_TOKENS = 16
@@ -99,15 +101,20 @@ class ContextCache:
         """parts: every part a block may hold (the target's and the drafters'); arrays of other layouts are never
         kept. cache_dir: the disk tier's folder (a subfolder per bundle identity, at most disk_bytes of blocks),
         None for memory only."""
-        if block_tokens < 1 or max_bytes < 0:
-            raise ValueError(f"context cache: its bytes (--cache-bytes, cache_bytes) must be at least 0, not "
-                             f"{max_bytes}, and its block at least one token, not {block_tokens}")
+        if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in (max_bytes, block_tokens)) \
+                or block_tokens < 1 or max_bytes < 0:  # nan or a string would never compare as too many bytes
+            raise SpeccompileError(f"context cache: its bytes (--cache-bytes, cache_bytes) must be a whole number "
+                                   f"at least 0, not {max_bytes!r}, and its block at least one token, not "
+                                   f"{block_tokens!r}")
         self.identity, self.parts = identity, parts
         self.max_bytes, self.block_tokens = max_bytes, block_tokens
         self.blocks: collections.OrderedDict[str, dict[str, Arrays]] = collections.OrderedDict()  # LRU first
         self.nbytes = 0
         self._lock = threading.RLock()  # one cache may serve several sequences' threads
-        self.disk = DiskTier(cache_dir, identity, block_tokens, disk_bytes) if cache_dir else None
+        try:
+            self.disk = DiskTier(cache_dir, identity, block_tokens, disk_bytes) if cache_dir else None
+        except OSError as e:  # a file there, or a folder it may not write
+            raise SpeccompileError(f"context cache: cannot keep blocks in --cache-dir {cache_dir!r}: {e}") from None
 
     def keys(self, tokens: np.ndarray, limit: int | None = None) -> list[str]:
         """The hash-chain key of each whole block within tokens[:limit]."""

@@ -292,7 +292,7 @@ class Generator:
         max_new_tokens, or where a stop string begins (text and token_ids both end before it)."""
         params = params or SamplingParams(temperature, top_k, top_p, seed, **acceptance_option(acceptance))
         request = build_request(self, prompt, max_new_tokens, params, drafter if speculate else None, speculate,
-                                stop, num_draft, tree, chat)
+                                stop, num_draft, tree, chat, on_text)
         if self.scheduler and not own_loop(request):  # submitted now: its passes start before the first read
             self._check_owner()  # this thread's own loop holds the scheduler: the request would wait for ever
             handle = self._submit(request)
@@ -344,16 +344,14 @@ class Generator:
         """The chunks of a request's passes: this thread's own loop (steps), or `submitted` = (stats, the
         scheduler's passes, when it was submitted)."""
         stats, passes, t0 = submitted or (None, None, time.perf_counter())
-        ttft = None
         if passes is None:
             stats = self._new_stats(req)
             passes = self.steps(req.ids, req.max_new_tokens, req.drafter, req.k, req.params, stats, req.tree)
-        text, out, given = TextStream(self.tokenizer, req.stop), [], 0
+        text, out, given, ttft = TextStream(self.tokenizer, req.stop), [], 0, None
         for new in passes:
             ttft = ttft if ttft is not None else time.perf_counter() - t0
             done = self._take(new, out, text, req.max_new_tokens)
-            if done:
-                del out[text.kept_tokens():]  # a stop string: the tokens from the one it begins in
+            if done:  # at a stop string out loses the tokens from the one it begins in
                 final, delta, n = text.finish(out)
             else:
                 delta, n = text.certain()
@@ -361,6 +359,8 @@ class Generator:
             if on_text and delta:
                 on_text(delta)
             yield chunk
+            if submitted is None:  # resumed, maybe by another thread (a pool reading the stream): it holds the lock
+                self._owner = threading.get_ident()
             if done:
                 break
         total = time.perf_counter() - t0

@@ -28,8 +28,13 @@ class Request:
 
 
 def build_request(gen, prompt, max_new_tokens, params: SamplingParams, drafter: str | None, speculate: bool,
-                  stop, num_draft, tree, chat: bool) -> Request:
-    """gen: the Generator (its tokenizer, target, drafters and their defaults)."""
+                  stop, num_draft, tree, chat: bool, on_text=None) -> Request:
+    """gen: the Generator (its tokenizer, target, drafters and their defaults). on_text: checked here only, so that
+    a bad callback is refused before anything runs rather than at the first text."""
+    if not isinstance(params, SamplingParams):
+        raise SpeccompileError(f"params: expected a SamplingParams, not {type(params).__name__}")
+    if on_text is not None and not callable(on_text):
+        raise SpeccompileError(f"on_text: expected a function of the new text, not {on_text!r}")
     ids = prompt_ids(gen, prompt, chat)
     check_length(ids, max_new_tokens, gen.max_seq_len)
     dr = pick_drafter(gen, drafter) if speculate and gen.drafters else None
@@ -39,14 +44,18 @@ def build_request(gen, prompt, max_new_tokens, params: SamplingParams, drafter: 
     k = num_draft if num_draft is not None else (gen.num_draft[dr.name] if dr else 0)
     if isinstance(tree, str):
         tree = TreeSpec.parse(tree)
-    elif tree is None and dr is not None and gen.trees.get(dr.name):  # the default: the bundle's tree
-        tree = gen.trees[dr.name]
+    elif tree is not None and not isinstance(tree, TreeSpec):
+        raise SpeccompileError(f"tree: expected a tree spec such as 'chain:4' or 'dynamic:16', not {tree!r}")
+    elif tree is None and num_draft is None and dr is not None and gen.trees.get(dr.name):
+        tree = gen.trees[dr.name]  # the default: the bundle's tree (num_draft asks for a chain of that many)
     return Request(ids, int(max_new_tokens), params, dr, k, tree, stop_strings(stop))
 
 
 def prompt_ids(gen, prompt, chat: bool) -> np.ndarray:
     """Text (through the chat template when chat; else with the special tokens the tokenizer adds to a text, such
     as BOS, as transformers' tokenizer(text) encodes it) or token ids, checked against the target's vocabulary."""
+    if isinstance(prompt, np.ndarray) and prompt.ndim != 1:
+        raise SpeccompileError(f"prompt token ids: expected one sequence, got shape {prompt.shape}")
     if isinstance(prompt, str):
         ids = gen.encode_chat(prompt) if chat else gen.tokenizer.encode(prompt, add_special_tokens=True)
     elif isinstance(prompt, (list, tuple, np.ndarray)):
@@ -71,6 +80,7 @@ def prompt_ids(gen, prompt, chat: bool) -> np.ndarray:
 def check_length(ids: np.ndarray, max_new_tokens, max_seq_len: int) -> None:
     if not _whole(max_new_tokens) or max_new_tokens < 1:
         raise SpeccompileError(f"--max-new-tokens {max_new_tokens!r}: must be a whole number, at least 1")
+    max_new_tokens = int(max_new_tokens)  # a numpy integer would wrap around in the sum below
     if len(ids) >= max_seq_len:
         raise ContextLengthError(f"prompt of {len(ids)} tokens does not fit the compiled context of "
                                  f"{max_seq_len} tokens (rebuild with a larger --max-seq-len)")
@@ -81,6 +91,8 @@ def check_length(ids: np.ndarray, max_new_tokens, max_seq_len: int) -> None:
 
 
 def pick_drafter(gen, name: str | None) -> Drafter:
+    if name is not None and not isinstance(name, str):
+        raise SpeccompileError(f"drafter: expected a drafter's name (one of {', '.join(gen.drafters)}), not {name!r}")
     name = name or next(iter(gen.drafters))
     if name not in gen.drafters:
         raise SpeccompileError(f"drafter {name!r} is not in this bundle (it has: {', '.join(gen.drafters)})")
@@ -112,7 +124,7 @@ def is_batch(prompt) -> bool:
     """A list of prompts (texts or token-id lists), as opposed to one prompt given as token ids. A list of lists
     of lists is neither: a prompt in a list of prompts must itself be one prompt."""
     if not (isinstance(prompt, (list, tuple)) and len(prompt) > 0 and
-            all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt)):
+            all(isinstance(p, (str, list, tuple)) or np.ndim(p) > 0 and isinstance(p, np.ndarray) for p in prompt)):
         return False
     for i, p in enumerate(prompt):
         if not isinstance(p, str) and any(isinstance(t, (str, list, tuple, np.ndarray)) for t in p):

@@ -40,10 +40,10 @@ class SamplingParams:
 
     def __post_init__(self):
         def bad(what: str):
-            raise SamplingParamsError(f"invalid sampling parameters: {what} (temperature={self.temperature}, "
-                                      f"top_k={self.top_k}, top_p={self.top_p}, seed={self.seed})")
-        if not _real(self.temperature) or not 0.0 <= self.temperature < math.inf:
-            bad("temperature must be a finite number >= 0 (0 = greedy)")
+            raise SamplingParamsError(f"invalid sampling parameters: {what} (temperature={self.temperature!s:.24}, "
+                                      f"top_k={self.top_k}, top_p={self.top_p!s:.24}, seed={self.seed})")
+        if not _real(self.temperature) or not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            bad(f"temperature must be a number from 0 to {MAX_TEMPERATURE:g} (0 = greedy)")
         if self.temperature < GREEDY_BELOW:
             object.__setattr__(self, "temperature", 0.0)
         if not _whole(self.top_k) or self.top_k < 0:
@@ -58,6 +58,8 @@ class SamplingParams:
             bad("typical_epsilon must be in (0, 1]")
         if not _real(self.typical_alpha) or not 0.0 < self.typical_alpha <= 1.0:
             bad("typical_alpha must be in (0, 1]")
+        for name in ("temperature", "top_p", "typical_epsilon", "typical_alpha"):  # a Fraction, a Decimal: floats
+            object.__setattr__(self, name, float(getattr(self, name)))
 
 
 ACCEPTANCE = ("exact", "typical")
@@ -65,27 +67,36 @@ ACCEPTANCE = ("exact", "typical")
 # the host) into NaN, and T * G would fall below the float32 spacing of the logits it is added to, so ties would go
 # to the lower token id instead of either with equal chance.
 GREEDY_BELOW = 1e-5
+# Temperatures above this are refused: far beyond it T * G overflows float32 in the graph, and the argmax of the
+# infinities it leaves is the lowest token id, not a uniform draw (at this cap sampling is already uniform)
+MAX_TEMPERATURE = 1e6
 
 
 def acceptance_option(spec: str | None) -> dict:
     """"exact" | "typical[:EPS[,ALPHA]]" (the CLI's --acceptance) -> SamplingParams' acceptance fields."""
+    if spec is not None and not isinstance(spec, str):
+        raise SamplingParamsError(f"acceptance {spec!r}: use 'exact' or 'typical[:EPS[,ALPHA]]'")
     if not spec or spec == "exact":
         return {"acceptance": "exact"}
     kind, _, args = spec.partition(":")
-    values = [v for v in args.split(",") if v.strip()] if args else []
-    if kind != "typical" or len(values) > 2:
+    fields = args.split(",") if args else []  # by position: "typical:,0.2" sets ALPHA alone
+    if kind != "typical" or len(fields) > 2:
         raise SamplingParamsError(f"--acceptance {spec!r}: use exact or typical[:EPS[,ALPHA]]")
     try:
-        numbers_ = [float(v) for v in values]
+        values = {name: float(v) for name, v in zip(("typical_epsilon", "typical_alpha"), fields) if v.strip()}
     except ValueError:
         raise SamplingParamsError(f"--acceptance {spec!r}: EPS and ALPHA are numbers") from None
-    out = {"acceptance": "typical"}
-    out.update(zip(("typical_epsilon", "typical_alpha"), numbers_))
-    return out
+    return {"acceptance": "typical", **values}
 
 
 def _real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+    """A finite real number, as a float too (an int such as 10**400 is not: float() overflows)."""
+    if not isinstance(x, numbers.Real) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
 
 
 def _whole(x) -> bool:

@@ -63,18 +63,24 @@ class TextStream:
         return out, self._tokens_until(self.emitted)
 
     def finish(self, token_ids: list[int]) -> tuple[str, str, int]:
-        """At the end of the output (token_ids, already cut to kept_tokens()): the final text, the part of it not
-        handed out yet, and the number of tokens not handed out yet. Without a stop string the final text is
-        the tokens decoded at once (a partial character left at the end decodes as U+FFFD, as it would alone),
-        unless that no longer begins with the text handed out: with byte fallback, byte tokens already decoded
-        as characters decode as U+FFFD each once later bytes join them in a run that is not UTF-8. Then the
-        text handed out stands, and the final text is the text decoded so far and the tokens still partial."""
+        """At the end of the output (token_ids, all added; cut here, in place, to the kept tokens): the final text,
+        the part of it not handed out yet, and the number of tokens not handed out yet. Without a stop string the
+        final text is the tokens decoded at once (a partial character left at the end decodes as U+FFFD, as it
+        would alone), unless that no longer begins with the text handed out: with byte fallback, byte tokens
+        already decoded as characters decode as U+FFFD each once later bytes join them in a run that is not
+        UTF-8. Then the text handed out stands, and the final text is the text decoded so far and the tokens still
+        partial. A stop string in the text only this adds (a U+FFFD) ends the output there too."""
         if self.stop_at is not None:
             final = self.text[:self.stop_at]
         else:
             final = self.tokenizer.decode(token_ids)
             if not final.startswith(self.text[:self.emitted]):
                 final = self.text + self.tokenizer.decode(token_ids[len(self.ends):])
+            hits = [i for i in (final.find(s, self.emitted) for s in self.stop) if i >= 0]
+            if hits:  # the partial tokens, which this text completes, are not kept: they end after the stop begins
+                self.stop_at = min(hits)
+                final = final[:self.stop_at]
+        del token_ids[self.kept_tokens():]
         rest = final[self.emitted:]
         self.emitted = len(final)
         rest_tokens = len(token_ids) - self.given
