@@ -362,3 +362,16 @@ def test_a_short_context_calibrates_the_rows_it_holds(tmp_path, monkeypatch):
     assert max(cm.rows) <= 22 and min(cm.lengths) >= 1
     assert g.generate([5, 6, 7, 5, 6, 7], 8, drafter="lookup").token_ids == \
         g.generate([5, 6, 7, 5, 6, 7], 8, speculate=False).token_ids
+
+
+def test_a_moved_bundle_still_decodes_and_calibrates(tiny_bundle, tmp_path, monkeypatch):
+    """The cost model's cache is named after the bundle's manifest, read when it is saved: a bundle folder moved
+    after loading (a serve whose bundle was renamed) once failed its first adaptive request."""
+    import shutil
+    import speccompile
+    monkeypatch.setenv("SPECCOMPILE_CACHE", str(tmp_path / "cache"))
+    moved = tmp_path / "b"
+    shutil.copytree(tiny_bundle, moved)
+    g = speccompile.load(str(moved), threads=1)
+    shutil.move(str(moved), str(tmp_path / "elsewhere"))
+    assert g.generate([5, 6, 7, 5, 6], 8, drafter="model", tree="adaptive").token_ids

@@ -335,6 +335,53 @@ def test_force_replaces_a_bundle(bundle_copy):
     assert no_leftovers(bundle_copy.parent) and not [n for n in os.listdir(bundle_copy.parent) if "lock" in n]
 
 
+def test_a_bundle_is_never_built_inside_another(bundle_copy):
+    """Its manifest would not list the new folder: the outer bundle would stop loading, and --force refuse it."""
+    assert_cli_error(cli("build", "tiny:llama", "--out", bundle_copy / "sub", "--max-seq-len", 64), "inside the bundle")
+    assert_cli_error(cli("build", "tiny:llama", "--out", bundle_copy / "tokenizer" / "b", "--max-seq-len", 64),
+                     "inside the bundle")
+    assert not (bundle_copy / "sub").exists()
+    read_manifest(str(bundle_copy))
+
+
+def test_an_interrupt_between_the_renames_leaves_the_old_bundle(bundle_copy, monkeypatch):
+    """Ctrl-C after the old bundle was moved aside and before the new one took its place once left --out missing."""
+    from speccompile.format import bundle as bundle_format
+    before = read_manifest(str(bundle_copy))
+    renames = []
+    real_rename = os.rename
+
+    def rename(src, dst):
+        renames.append(dst)
+        if len(renames) == 2 and os.path.abspath(dst) == os.path.abspath(bundle_copy):
+            raise KeyboardInterrupt
+        real_rename(src, dst)
+    monkeypatch.setattr(bundle_format.os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        driver.build_bundle("tiny:llama", str(bundle_copy), max_seq_len=64, overwrite=True, progress=lambda m: None)
+    monkeypatch.undo()
+    assert len(renames) == 3 and read_manifest(str(bundle_copy)) == before  # aside, refused, put back
+    assert no_leftovers(bundle_copy.parent)
+
+
+def test_sigterm_during_a_build_cleans_up(tmp_path):
+    """A kill (SIGTERM) exits as Ctrl-C does: no lock or temporary folder left beside --out, no half bundle."""
+    import signal
+    import time
+    out = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "speccompile.cli", "build", "tiny:llama", "--out", str(out),
+                             "--max-seq-len", "64"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None and not any(".speccompile" in n for n in os.listdir(tmp_path)):
+        time.sleep(0.01)  # until the build holds its lock
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+    assert proc.returncode in (0, 128 + signal.SIGTERM), proc.stderr.read()
+    assert os.listdir(tmp_path) in ([], ["b"]) and no_leftovers(tmp_path)
+    if out.exists():
+        read_manifest(str(out))
+
+
 def test_two_builds_to_one_out(tmp_path):
     out = tmp_path / "b"
     with output_lock(str(out)):

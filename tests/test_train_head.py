@@ -319,6 +319,7 @@ def test_out_refused_before_any_work(tmp_path):
     base = ["--target", str(hf), "--work", str(work), "--stages", "gen,features,train,export"]
     for arch in ("eagle", "eagle3", "mtp"):
         refused(base + ["--arch", arch, "--out", str(hf)], "is the target")
+    refused(base + ["--arch", "mtp", "--out", str(hf / "model.safetensors")], "inside its folder")  # its weights
     refused(base + ["--arch", "eagle", "--out", str(work)], "--work")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "config.json").write_text("{}")

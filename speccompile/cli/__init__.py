@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 
 import click
@@ -88,6 +89,9 @@ def main(debug):
 def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, backend, head_screen, draft_precision,
           dtype, weights, max_batch):
     """Compile MODEL (a Hugging Face directory, a .gguf file; default: the embedded SmolLM2-135M-Instruct)."""
+    # SIGTERM (a kill, a CI timeout) as an exit: the build's cleanup then removes its lock and temporary folder and
+    # leaves an earlier bundle as it was, as Ctrl-C does
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         from speccompile.compile.driver import build_bundle
         build_bundle(model, out, list(drafts) or None, max_seq_len=max_seq_len, num_draft=num_draft,

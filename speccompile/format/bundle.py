@@ -172,6 +172,7 @@ def check_replaceable(out: str, overwrite: bool) -> None:
     if os.path.lexists(out) and not os.path.isdir(out):
         raise BundleError(f"{out} exists and is not a directory; it is never replaced")
     if not os.path.lexists(out):
+        _refuse_inside_bundle(out)
         return
     if not overwrite:
         raise BundleError(f"{out} already exists (pass --force to replace it)")
@@ -180,6 +181,7 @@ def check_replaceable(out: str, overwrite: bool) -> None:
                        (os.path.realpath(os.path.expanduser("~")), "the home directory")):
         if keep == real or keep.startswith(real.rstrip(os.sep) + os.sep):
             raise BundleError(f"--force never replaces {out}: it is {what} or one of its parents")
+    _refuse_inside_bundle(out)
     try:
         manifest = _load_json(os.path.join(out, MANIFEST))
         _check_format(manifest, out)
@@ -191,6 +193,22 @@ def check_replaceable(out: str, overwrite: bool) -> None:
     if unlisted:
         raise BundleError(f"--force never replaces {out}: it holds files its manifest does not list "
                           f"({_some(unlisted)}); move them away first")
+
+
+def _refuse_inside_bundle(out: str) -> None:
+    """A bundle inside another: the outer manifest would not list it, so the outer bundle would stop loading."""
+    folder = os.path.dirname(os.path.realpath(out))
+    while True:
+        try:
+            with open(os.path.join(folder, MANIFEST), "rb") as f:
+                if json.loads(f.read()).get("format") == FORMAT:
+                    raise BundleError(f"--out {out} is inside the bundle {folder}; name a folder outside it")
+        except (OSError, ValueError, RecursionError, AttributeError):
+            pass
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return
+        folder = parent
 
 
 def unlisted_files(bundle_dir: str, files: dict) -> list[str]:
@@ -242,8 +260,10 @@ def _swap_into_place(tmp: str, out: str) -> None:
     os.rename(out, os.path.join(old, "b"))
     try:
         os.rename(tmp, out)
-    except OSError:
-        os.rename(os.path.join(old, "b"), out)
+    except BaseException:  # an interrupt between the two renames too: the old bundle goes back
+        if not os.path.lexists(out):
+            os.rename(os.path.join(old, "b"), out)
+        shutil.rmtree(old, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
 

@@ -278,10 +278,10 @@ def load_cached(bundle_dir: str, threads: int | None, device: str = "cpu") -> Co
 
 
 def save(model: CostModel, bundle_dir: str, threads: int | None, device: str = "cpu") -> None:
-    path = cache_path(bundle_dir, threads, device)
     try:
-        write_atomically(path, lambda f: f.write(json.dumps(model.to_dict(), indent=1).encode()))
-    except OSError:  # a read-only home: the model still serves this process
+        write_atomically(cache_path(bundle_dir, threads, device),
+                         lambda f: f.write(json.dumps(model.to_dict(), indent=1).encode()))
+    except OSError:  # a read-only home, or the bundle's folder moved since it was loaded: it still serves here
         pass
 
 

@@ -125,10 +125,15 @@ class TrainOptions:
         """--out may be written: never the target or --work, nor a file's record onto the file itself; an EAGLE
         head's folder only where none is, or an earlier export of this command (whose files it replaces)."""
         out, work = os.path.realpath(self.out), os.path.realpath(self.work)
-        if self.target and os.path.exists(self.target) and out == os.path.realpath(self.target):
-            raise ValueError(f"--out {self.out} is the target; name another path for the head")
+        record = os.path.realpath(self.record_path)
+        if self.target and os.path.exists(self.target):
+            target = os.path.realpath(self.target)
+            if any(p == target or p.startswith(target.rstrip(os.sep) + os.sep) for p in (out, record)):
+                raise ValueError(f"--out {self.out} is the target or inside its folder; name another path for the head")
         if out == work or work.startswith(out.rstrip(os.sep) + os.sep):
             raise ValueError(f"--out {self.out} is or holds --work {self.work}; name another path for the head")
+        if any(os.path.isfile(p) and p.startswith(work.rstrip(os.sep) + os.sep) for p in (out, record)):
+            raise ValueError(f"--out {self.out} would replace a file of --work {self.work}; name another path")
         if self.arch in ("mtp", "medusa"):
             if os.path.isdir(self.out):
                 raise ValueError(f"--out {self.out} is a folder; --arch {self.arch} writes a file")
