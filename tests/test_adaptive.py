@@ -375,3 +375,19 @@ def test_a_moved_bundle_still_decodes_and_calibrates(tiny_bundle, tmp_path, monk
     g = speccompile.load(str(moved), threads=1)
     shutil.move(str(moved), str(tmp_path / "elsewhere"))
     assert g.generate([5, 6, 7, 5, 6], 8, drafter="model", tree="adaptive").token_ids
+
+
+def test_calibration_after_a_request_that_filled_the_cache(tmp_path, monkeypatch):
+    """The first adaptive request calibrates the cost model on the target engine, whose cache the previous request
+    may have left full (a plain request on a bundle without the batched graph, or a typical-acceptance one, which
+    runs serialized on slot 0): calibration once stepped past the compiled context and failed the request."""
+    import speccompile
+    from speccompile.compile.driver import build_bundle
+    monkeypatch.setenv("SPECCOMPILE_CACHE", str(tmp_path / "cache"))
+    out = str(tmp_path / "b")
+    build_bundle("tiny:llama", out, drafts=["lookup"], max_seq_len=64, weights="int4", max_batch=1,
+                 progress=lambda m: None)
+    g = speccompile.load(out, threads=1, context_cache=False)
+    prompt = [int(i) for i in np.random.default_rng(0).integers(3, 384, 20)]
+    assert len(g.generate(prompt, 44, speculate=False).token_ids) == 44  # the cache now holds all 64 slots
+    assert g.generate(prompt, 10).token_ids == g.generate(prompt, 10, speculate=False).token_ids

@@ -113,6 +113,18 @@ def test_mtp_drafting_is_lossless(tmp_path, tree):
     assert max(assert_lossless(g, "mtp", random_prompts(6), 32, tree)) > 1.0
 
 
+@pytest.mark.parametrize("mla_cache", ["latent", "expanded"])
+def test_quantized_weights_build_and_stay_lossless(tmp_path, mla_cache):
+    """--weights int8 packs the attention's output matrix too; MLA once multiplied by the float name it no longer
+    had (an internal error at build)."""
+    make_checkpoint(str(tmp_path / "ck"))
+    out = str(tmp_path / "b")
+    build_bundle(str(tmp_path / "ck"), out, drafts=["lookup"], max_seq_len=64, weights="int8", mla_cache=mla_cache,
+                 progress=quiet)
+    import speccompile
+    assert max(assert_lossless(speccompile.load(out, threads=1), "lookup", random_prompts(3), 16)) >= 1.0
+
+
 def test_missing_or_misshapen_expert(tmp_path):
     make_checkpoint(str(tmp_path / "ck"))
     st = str(tmp_path / "ck" / "model.safetensors")

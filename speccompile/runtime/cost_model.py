@@ -334,6 +334,7 @@ def calibrate(target, drafters: dict, threads: int | None, lookup=None) -> CostM
         raise SpeccompileError("the compiled context is too short to calibrate the cost model")
     top = target.max_seq_len - rows[-1] - 1
     lengths = sorted({min(top, n) for n in (16, max(1, top // 4), top)})
+    target.cache.truncate(0)  # a previous request's context may fill the cache
     target.forward(np.ones(rows[-1], np.int64), rows=np.arange(rows[-1]))  # first runs allocate: not timed
     verify = {mode: _grid_ms(target, rows, lengths, mode == "greedy") for mode in ("greedy", "sampled")}
     target.cache.truncate(0)

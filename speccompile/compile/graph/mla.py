@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from speccompile.compile.config import ModelConfig
+from speccompile.compile.graph.linear import matmul
 from speccompile.graphs.builder import GraphBuilder
 
 
@@ -63,7 +64,7 @@ def latent_attention(g: GraphBuilder, cfg: ModelConfig, W: dict, p: str, x: str,
     o_lat = g.op("Slice", [y, const(rope), const(rope + lora), const(2)])[0]  # the value part: sum_j a_hj c_j
     o = g.op("MatMul", [g.op("Transpose", [o_lat], perm=[1, 0, 2])[0], W[p + "w_uv_t"]])[0]  # [nh, S, v]
     o = g.op("Reshape", [g.op("Transpose", [o], perm=[1, 0, 2])[0], const(1, -1, nh * v)])[0]
-    return _biased(g, W, p + "o", g.op("MatMul", [o, W[p + "o"]])[0])
+    return _biased(g, W, p + "o", matmul(g, o, W, p + "o"))
 
 
 def _biased(g: GraphBuilder, W: dict, matrix: str, y: str) -> str:
@@ -91,4 +92,4 @@ def _expanded_attention(g, cfg, W, p, layer, const, q_nope, q_rope, c, k_rope, t
              outputs=[g.fresh("mha"), f"present_key.{layer}", f"present_value.{layer}"], domain="com.microsoft",
              num_heads=nh, kv_num_heads=nh, scale=float(d ** -0.5 * cfg.attn_scale_factor))[0]
     y = g.op("Slice", [g.op("Reshape", [y, const(1, -1, nh, d)])[0], const(0), const(v), const(3)])[0]
-    return g.op("MatMul", [g.op("Reshape", [y, const(1, -1, nh * v)])[0], W[p + "o"]])[0]
+    return matmul(g, g.op("Reshape", [y, const(1, -1, nh * v)])[0], W, p + "o")
