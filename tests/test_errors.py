@@ -402,12 +402,15 @@ def test_stale_temp_folders_cleaned(tmp_path):
     assert not stale.exists() and not_ours.exists()
 
 
-def test_killed_swap_restores_the_old_bundle(bundle_copy, monkeypatch):
+@pytest.mark.parametrize("inner", ["earlier", "b"], ids=["today", "builds before format.atomic"])
+def test_killed_swap_restores_the_old_bundle(bundle_copy, monkeypatch, inner):
     """A build killed between moving the old bundle aside and moving the new one in: the next build puts it back
     before deciding anything."""
+    from speccompile.format.atomic import ASIDE
+    assert ASIDE == "earlier"
     aside = bundle_copy.parent / (_temp_prefix("old", str(bundle_copy)) + "killed")
     aside.mkdir()
-    os.rename(bundle_copy, aside / "b")
+    os.rename(bundle_copy, aside / inner)
     monkeypatch.setattr(driver, "load_checkpoint", lambda *a, **k: pytest.fail("--out checked after work began"))
     assert_cli_error(cli("build", "tiny:llama", "--out", bundle_copy), "already exists")
     read_manifest(str(bundle_copy))

@@ -261,5 +261,6 @@ def test_inspect_names_a_tree_as_tree_spells_it():
     from speccompile.format.summary import tree_label
     assert tree_label({"kind": "adaptive", "size": 63, "depth": 4, "lookup": 6}) == \
         "adaptive:4+lookup:6 (at most 63 nodes a pass)"
-    assert tree_label({"kind": "adaptive", "size": 63, "depth": 4, "lookup": 0}) == "adaptive:4 (at most 63 nodes a pass)"
+    assert tree_label({"kind": "adaptive", "size": 63, "depth": 4, "lookup": 0}) == \
+        "adaptive:4 (at most 63 nodes a pass)"
     assert tree_label({"kind": "dynamic", "size": 12, "lookup": 6}) == "dynamic+lookup:6 of 12 nodes"

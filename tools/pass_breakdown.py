@@ -1,8 +1,9 @@
 """Where a verify pass's time goes, by rows: the whole pass on real tokens (plain step against 2- and 3-row chains at
 the same positions, paired), then the attention alone (the target's GroupQueryAttention nodes over a committed
 length, by query rows) and the 4-bit products alone (MatMulNBits at accuracy level 4 in the target's shapes,
-random codes: their cost does not depend on the values), and the exact greedy head's int8 screen alone. Medians of interleaved runs; docs/results.md ("Where a
-pass's time goes") has the figures.
+random codes: their cost does not depend on the values), and the exact greedy head's int8 screen alone. Medians
+of interleaved runs; docs/results.md ("Where a pass's time goes", "A plain 4-bit step taken apart") has the
+figures.
 
     python tools/pass_breakdown.py BUNDLE [--threads 2] [--prompts 10] [--lengths 121,250,400,700]
 """

@@ -1,6 +1,6 @@
 """Where the TreeAttention TensorRT plugin library is, loading it into TensorRT's registry, and whether a CUDA GPU
-is there: shared by the compiler (build --backend tensorrt) and the runtime (generate --backend tensorrt). The library is always this
-installation's own build (or $SPECCOMPILE_TRT_PLUGIN), never a copy inside a bundle: a bundle is data."""
+is there: shared by the compiler (build --backend tensorrt) and the runtime (generate --backend tensorrt). The
+library is always this installation's own build (or $SPECCOMPILE_TRT_PLUGIN), never a copy inside a bundle: a bundle is data."""
 from __future__ import annotations
 
 import ctypes

@@ -2,8 +2,9 @@
 
 One process; after an untimed warm-up, every method (plain autoregressive decoding of the compiled target, then
 each chosen drafter) decodes each prompt greedily, methods interleaved prompt by prompt in an order shuffled afresh
-each round (seeded), so no method keeps running right after the same other one. With `repeats` R each prompt is decoded R times per method
-and the fastest run is kept (best-of-R: noise on a shared machine only ever slows a run down). A run's time covers
+each round (seeded), so no method keeps running right after the same other one. With `repeats` R each prompt is
+decoded R times per method and the fastest run is kept (best-of-R: noise on a shared machine only ever slows a run
+down). A run's time covers
 prompt ids to the last token, prefill included, measured outside the method the same way for every method.
 `compare_transformers` then runs the same target (and, where transformers has one, the same drafting) through
 transformers `generate`, in a second phase, so that the peak memory of the first phase is speccompile's alone.

@@ -1,14 +1,16 @@
-"""Files written whole or not at all: under a temporary name beside their place (".tmp-..."), renamed onto it once
-complete, so a failure or an interrupt leaves the earlier file, never a truncated one. Shared by everything that
-writes a file a later run reads: bench results and plots, the cost model, the context cache's disk blocks,
-train-head's work files."""
+"""Files and folders written whole or not at all: under a temporary name beside their place (".tmp-..."), renamed
+onto it once complete, so a failure or an interrupt leaves the earlier one, never a truncated one. Shared by
+everything that writes what a later run reads: bundles, bench results and plots, the cost model, the context
+cache's disk blocks, train-head's work files and EAGLE head folders."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from typing import IO, Callable
 
-TEMP_PREFIX = ".tmp-"  # a writer killed mid-file leaves one of these (the context cache removes its own)
+TEMP_PREFIX = ".tmp-"
+ASIDE = "earlier"  # the name an earlier folder has inside the folder replace_folder sets it aside in  # a writer killed mid-file leaves one of these (the context cache removes its own)
 
 
 def write_atomically(path: str, write: Callable[[IO[bytes]], None], private: bool = False) -> None:
@@ -28,3 +30,22 @@ def write_atomically(path: str, write: Callable[[IO[bytes]], None], private: boo
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def replace_folder(staged: str, out: str, aside_prefix: str = TEMP_PREFIX) -> None:
+    """Move the complete folder `staged` to `out` (both on one file system). An earlier `out` is renamed aside
+    first (into a folder named with aside_prefix beside it), and put back if anything, an interrupt too, stops the
+    second rename; then removed."""
+    if not os.path.lexists(out):
+        os.rename(staged, out)
+        return
+    aside = tempfile.mkdtemp(prefix=aside_prefix, dir=os.path.dirname(os.path.abspath(out)))
+    os.rename(out, os.path.join(aside, ASIDE))
+    try:
+        os.rename(staged, out)
+    except BaseException:
+        if not os.path.lexists(out):
+            os.rename(os.path.join(aside, ASIDE), out)
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)

@@ -28,6 +28,7 @@ import threading
 import numpy as np
 
 from speccompile.errors import BundleError
+from speccompile.format.atomic import ASIDE, replace_folder
 from speccompile.format.manifest_schema import validate_manifest
 from speccompile.format.requirements import check_runtime, runtime_requirements
 
@@ -97,9 +98,9 @@ def clean_stale_temps(out: str) -> None:
         path = os.path.join(parent, name)
         if os.path.islink(path) or not os.path.isdir(path):
             continue
-        kept = os.path.join(path, "b")
-        if name.startswith(_temp_prefix("old", out)) and os.path.isdir(kept) and not os.path.lexists(out):
-            os.rename(kept, out)
+        for kept in (os.path.join(path, ASIDE), os.path.join(path, "b")):  # "b": builds before format.atomic
+            if name.startswith(_temp_prefix("old", out)) and os.path.isdir(kept) and not os.path.lexists(out):
+                os.rename(kept, out)
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -253,19 +254,7 @@ def atomic_bundle_dir(out: str, overwrite: bool = False):
 
 
 def _swap_into_place(tmp: str, out: str) -> None:
-    if not os.path.lexists(out):
-        os.rename(tmp, out)
-        return
-    old = tempfile.mkdtemp(prefix=_temp_prefix("old", out), dir=os.path.dirname(out))
-    os.rename(out, os.path.join(old, "b"))
-    try:
-        os.rename(tmp, out)
-    except BaseException:  # an interrupt between the two renames too: the old bundle goes back
-        if not os.path.lexists(out):
-            os.rename(os.path.join(old, "b"), out)
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, out, _temp_prefix("old", out))  # the prefix a later build's clean-up knows
 
 
 def finalize_manifest(bundle_dir: str, manifest: dict) -> dict:

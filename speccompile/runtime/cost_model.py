@@ -219,8 +219,8 @@ class CostModel:
 
 def _ascending(values, allowed=None) -> bool:
     """A non-empty list of increasing positive whole numbers (from `allowed`, if given) of bounded length."""
-    return isinstance(values, list) and 0 < len(values) <= 64 and all(
-        type(v) is int and v > 0 and (allowed is None or v in allowed) for v in values) and values == sorted(set(values))
+    return (isinstance(values, list) and 0 < len(values) <= 64 and values == sorted(set(values))
+            and all(type(v) is int and v > 0 and (allowed is None or v in allowed) for v in values))
 
 
 def machine_key(threads: int | None, device: str = "cpu") -> dict:
@@ -347,7 +347,8 @@ def calibrate(target, drafters: dict, threads: int | None, lookup=None) -> CostM
     if lookup is not None:
         context = np.random.default_rng(0).integers(0, target.vocab_size, lengths[len(lengths) // 2])
         lookup_ms = _best_ms(lambda: lookup.matches(context)[0])
-    key = {**machine_key(threads, getattr(target, "device", "cpu")), "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    key = {**machine_key(threads, getattr(target, "device", "cpu")),
+           "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "one_row_pad": getattr(target, "min_rows", 1) > 1}
     return CostModel(rows, lengths, verify, drafter_ms, lookup_ms, key)
 

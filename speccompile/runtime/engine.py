@@ -108,8 +108,8 @@ class Engine:
     @property
     def verifies_sampled(self) -> bool:
         """Whether sampled drafts are accepted in the graph: float32 graphs only. A float16 graph would take the
-        softmax of logits / T in float16, its probabilities off by a percent and logits / T past 65504 infinite at
-        low temperatures; the host accepts them from the logits in float64 instead."""
+        softmax of logits / T in float16 (probabilities rounded to float16, and logits / T past float16's range
+        infinite at low temperatures); the host accepts them from the logits in float64 instead."""
         return self.verifies and self.entry["kv_cache"].get("dtype", "float32") == "float32"
 
     def _head_inputs(self, max_rows: int) -> None:

@@ -176,6 +176,6 @@ def export(a: TrainOptions, s, info: dict, ev: dict, ev_train: dict) -> None:
             os.replace(os.path.join(staged, weights_name), a.out)
             os.replace(os.path.join(staged, os.path.basename(a.record_path)), a.record_path)
         else:
-            replace_folder(staged, a.out, tmp)
+            replace_folder(staged, a.out)
     log(f"wrote {a.out} ({record['bytes'] / 1e6:.1f} MB) and {os.path.basename(a.record_path)}")
     log(json.dumps(record["metrics_heldout"], indent=1))

@@ -12,7 +12,7 @@ import tempfile
 from safetensors import SafetensorError
 
 from speccompile.errors import SpeccompileError
-from speccompile.format.atomic import write_atomically
+from speccompile.format.atomic import replace_folder as replace_folder_whole, write_atomically
 
 
 @contextlib.contextmanager
@@ -47,19 +47,10 @@ def write_json(path: str, value, indent: int = 1) -> None:
     write_file(path, lambda f: f.write(json.dumps(value, indent=indent).encode()))
 
 
-def replace_folder(staged: str, out: str, trash: str) -> None:
-    """Move the folder `staged` to `out`, an earlier `out` moved into `trash` (a folder on the same file system,
-    removed by the caller) first."""
+def replace_folder(staged: str, out: str) -> None:
+    """Move the folder `staged` to `out` whole (format.atomic.replace_folder), with the mode os.makedirs would give
+    it (mkdtemp's folder is the owner's alone)."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(staged, 0o777 & ~umask)  # as os.makedirs would have made it (mkdtemp's folder is the owner's alone)
-    if not os.path.lexists(out):
-        os.rename(staged, out)
-        return
-    earlier = os.path.join(trash, "earlier")
-    os.rename(out, earlier)
-    try:
-        os.rename(staged, out)
-    except OSError:
-        os.rename(earlier, out)
-        raise
+    os.chmod(staged, 0o777 & ~umask)
+    replace_folder_whole(staged, out)
