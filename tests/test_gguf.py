@@ -320,6 +320,18 @@ def test_gguf_config_errors_and_moe_name_the_file(tmp_path):
         read_gguf(str(f))
 
 
+def test_tensor_errors_name_the_file_and_tensor(tmp_path):
+    """A tensor of a type the gguf package cannot dequantize (integers here), or a q/k tensor whose rows do not
+    split into its heads' rotary pairs: one error naming the file and the tensor as the file names it."""
+    f = tmp_path / "m.gguf"
+    write_gguf(f, tensors={"blk.0.ffn_down.weight": np.zeros((8, 16), np.int8)})
+    with pytest.raises(UnsupportedModelError, match=r"m\.gguf: GGUF tensor blk\.0\.ffn_down\.weight is of type I8"):
+        load_checkpoint(str(f))
+    write_gguf(f, tensors={"blk.0.attn_k.weight": np.zeros((6, 8), np.float32)})  # 2 heads: rows in 4s
+    with pytest.raises(CheckpointError, match=r"m\.gguf: GGUF tensor blk\.0\.attn_k\.weight has 6 rows"):
+        load_checkpoint(str(f))
+
+
 def test_end_of_turn_tokens_are_end_of_sequence_ids(tmp_path):
     f = tmp_path / "m.gguf"
     write_gguf(f, tokens=[f"t{i}" for i in range(8)], eos_token_id=2, eot_token_id=5, eom_token_id=6)

@@ -61,13 +61,14 @@ class GGUFTensor:
     ggml_type: gguf.GGMLQuantizationType
     shape: tuple[int, ...]  # Hugging Face shape, e.g. [N, K] for a linear layer
     raw: np.ndarray  # uint8 block rows for quantized types, the values for F32/F16
+    name: str = ""  # as the file names it (blk.0.attn_q.weight), for errors
 
     def dequantize(self) -> np.ndarray:
         try:
             values = gguf.quants.dequantize(self.raw, self.ggml_type)
         except NotImplementedError:  # the gguf package reads no such type (integers, Q8_1, Q8_K, ...)
-            raise UnsupportedModelError(f"GGUF tensor of type {self.ggml_type.name}: not a type the gguf package "
-                                        "dequantizes") from None
+            raise UnsupportedModelError(f"GGUF tensor {self.name} is of type {self.ggml_type.name}: not a type the "
+                                        "gguf package dequantizes") from None
         return np.asarray(values, np.float32).reshape(self.shape)
 
 
@@ -174,8 +175,11 @@ def read_tensors(reader: gguf.GGUFReader, cfg: ModelConfig) -> dict[str, GGUFTen
         raw = t.data
         if cfg.model_type in ("llama", "mistral") and (".attn_q." in t.name or ".attn_k." in t.name):
             heads = cfg.num_attention_heads if ".attn_q." in t.name else cfg.num_key_value_heads
+            if len(raw) % (2 * heads):  # (a file of the right shapes always splits; the shape check comes later)
+                raise CheckpointError(f"GGUF tensor {t.name} has {len(raw)} rows: not {heads} heads of "
+                                      "rotary pairs")
             raw = unpermute_rope_rows(raw, heads)
-        out[name] = GGUFTensor(t.tensor_type, tuple(int(d) for d in reversed(t.shape)), raw)
+        out[name] = GGUFTensor(t.tensor_type, tuple(int(d) for d in reversed(t.shape)), raw, t.name)
     return out
 
 
@@ -198,6 +202,6 @@ def read_gguf(path: str) -> tuple[ModelConfig, dict[str, GGUFTensor], dict[str, 
             tokenizer = tokenizer_files(meta)
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # missing or of the wrong kind
             raise CheckpointError(f"bad tokenizer metadata ({type(e).__name__}: {e})") from None
+        return config, read_tensors(reader, config), tokenizer
     except (UnsupportedModelError, CheckpointError) as e:  # ConfigError too: each names the file
         raise type(e)(f"{path}: {e}") from None
-    return config, read_tensors(reader, config), tokenizer

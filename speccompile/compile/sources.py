@@ -23,7 +23,7 @@ from speccompile.compile.families import text_tensor_name
 from speccompile.compile.fp8 import apply_block_scales, e4m3_to_float32, fp8_block_size
 from speccompile.compile.hub_cache import looks_like_hub_id, resolve_hub_id
 from speccompile.compile.presets import tiny_checkpoint
-from speccompile.errors import CheckpointError, ConfigError
+from speccompile.errors import CheckpointError, ConfigError, UnsupportedModelError
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -253,7 +253,10 @@ def load_gguf(path: str, progress=print) -> Checkpoint:
     progress(f"hashing {os.path.basename(path)}")
     digest = sha256_file(path)
     progress(f"dequantizing {os.path.basename(path)} ({config.model_type})")
-    tensors = dequantized_tensors(stored, config)
+    try:
+        tensors = dequantized_tensors(stored, config)
+    except UnsupportedModelError as e:  # a tensor of a type the gguf package cannot read: name the file
+        raise UnsupportedModelError(f"{path}: {e}") from None
     return Checkpoint(config, tensors, tokenizer, {"kind": "gguf", "path": os.path.abspath(path), "sha256": digest},
                       stored)
 
