@@ -217,6 +217,21 @@ def test_quantized_float_checkpoint(float_checkpoint_bundles, weights):
     assert_lossless(g, "layerskip:2", random_prompts(4), 24)
 
 
+def test_int4_over_a_quantized_gguf_says_it_requantizes(gguf_bundles, tmp_path):
+    """--weights int4 over a GGUF's blocks rounds its dequantized weights a second time: each matrix's format names
+    the blocks it came from (--weights source would have kept them exactly)."""
+    out = str(tmp_path / "int4")
+    build_bundle(str(gguf_bundles / "tiny.gguf"), out, drafts=["lookup"], max_seq_len=64, weights="int4",
+                 progress=quiet)
+    stored = load_checkpoint(str(gguf_bundles / "tiny.gguf"), progress=quiet).stored
+    layers = {k: v for k, v in read_manifest(out)["quantization"]["formats"].items() if k.startswith("l")}
+    assert len(layers) == 5 * 4
+    for key, fmt in layers.items():
+        i, name = key[1:].split(".")
+        types = sorted({stored[f"model.layers.{i}.{hf}.weight"].ggml_type.name.lower() for hf in DENSE_MATRICES[name]})
+        assert fmt == "int4 requantized from " + "+".join(types), (key, fmt)
+
+
 def test_graphs_without_matmulnbits_name_every_fallback(tmp_path):
     """Reference-attention (unfused) graphs have no MatMulNBits: every matrix stays float32, each named."""
     out = str(tmp_path / "b")

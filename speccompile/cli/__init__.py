@@ -79,8 +79,8 @@ def main(debug):
 @click.option("--weights", type=click.Choice(["source", "float32", "int8", "int4"]), default="source",
               show_default=True, help="The target's layer matrices: source keeps a quantized GGUF's blocks (its "
               "weights exactly; products round activations to 8 bits, as llama.cpp does; a float checkpoint stays "
-              "float32); float32 dequantizes them; int8/int4 quantize float weights block-wise (lossy). build lists "
-              "each matrix that stays float32 and why.")
+              "float32); float32 dequantizes them; int8/int4 quantize float weights block-wise (lossy; a quantized "
+              "GGUF's blocks are rounded again). build lists each matrix that stays float32 and why.")
 @click.option("--max-batch", type=int, default=DEFAULT_MAX_BATCH, show_default=True,
               help="Sequence slots of the batched target graph that concurrent requests share passes through "
                    "(1: none; built for float32 dense models without sliding windows, ort attention: other bundles "
