@@ -232,6 +232,19 @@ def test_int4_over_a_quantized_gguf_says_it_requantizes(gguf_bundles, tmp_path):
         assert fmt == "int4 requantized from " + "+".join(types), (key, fmt)
 
 
+def test_the_head_fallback_names_the_screen_only_where_there_is_one(tmp_path):
+    """The output head stays float32 in a quantized build; the reason given names its int8 screen only where the
+    bundle has one (not under --no-head-screen)."""
+    for head_screen in (True, False):
+        out = str(tmp_path / str(head_screen))
+        build_bundle("tiny:llama", out, drafts=["lookup"], max_seq_len=64, weights="int8", head_screen=head_screen,
+                     progress=quiet)
+        m = read_manifest(out)
+        has_screen = any(n.startswith("head_screen.") for n in m["weights"]["target.bin"])
+        assert has_screen == head_screen
+        assert ("screen reads a quantized copy" in m["quantization"]["fallbacks"]["embed"]) == has_screen
+
+
 def test_graphs_without_matmulnbits_name_every_fallback(tmp_path):
     """Reference-attention (unfused) graphs have no MatMulNBits: every matrix stays float32, each named."""
     out = str(tmp_path / "b")

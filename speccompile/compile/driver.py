@@ -155,12 +155,12 @@ def _quantize(target: Checkpoint, target_w: dict, opts: BuildOptions, progress) 
     native = ("the graphs of this build have no MatMulNBits (TensorRT, or unfused)" if not opts.fused else
               f"--dtype {opts.dtype}: the precision pass converts float weights only" if opts.dtype != "float32"
               else None)
-    target_w, report = quantize_target(target_w, target.stored, opts.weights, native)
+    screen = (opts.head_screen and opts.fused and opts.dtype == "float32"
+              and screenable(cfg.hidden_size, cfg.vocab_size))
+    target_w, report = quantize_target(target_w, target.stored, opts.weights, native, screen)
     progress(f"      quantize: --weights {opts.weights}: {report.summary()}")
     for name, why in report.fallbacks.items():
         progress(f"        {name} stays float32: {why}")
-    screen = (opts.head_screen and opts.fused and opts.dtype == "float32"
-              and screenable(cfg.hidden_size, cfg.vocab_size))
     if screen:
         progress("      quantize: int8 screen of the output head (greedy argmax stays exact)")
         target_w = target_w | quantize_head(target_w.get("lm_head", target_w["embed"]))

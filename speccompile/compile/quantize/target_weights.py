@@ -39,6 +39,7 @@ FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 DENSE_MATRICES = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
                   "gate": ("mlp.gate_proj",), "up": ("mlp.up_proj",), "down": ("mlp.down_proj",)}
 HEAD_REASON = "the output head: its exact greedy int8 screen reads a quantized copy, rescoring float32 rows"
+UNSCREENED_HEAD_REASON = "the output head: no quantized form, and this build has no int8 screen of it"
 EMBED_REASON = "the embedding: a decode step gathers one row of it"
 
 
@@ -66,18 +67,19 @@ def check_mode(mode: str) -> None:
         raise SpeccompileError(f"--weights {mode!r}: choose {', '.join(MODES)}")
 
 
-def quantize_target(weights: dict[str, np.ndarray], stored: dict | None, mode: str,
-                    native: str | None = None) -> tuple[dict[str, np.ndarray], WeightReport]:
+def quantize_target(weights: dict[str, np.ndarray], stored: dict | None, mode: str, native: str | None = None,
+                    screened: bool = True) -> tuple[dict[str, np.ndarray], WeightReport]:
     """The lowered target weights with its layer matrices in `mode`'s format. stored: a GGUF's tensors as stored
     (compile/gguf.GGUFTensor by Hugging Face name), None for a float checkpoint. native: why the graphs cannot run
-    MatMulNBits (e.g. a TensorRT build), None when they can."""
+    MatMulNBits (e.g. a TensorRT build), None when they can. screened: whether the build adds the head's screen."""
     check_mode(mode)
     out, report, packed_mlp = dict(weights), WeightReport(mode), {}
+    head_reason = HEAD_REASON if screened else UNSCREENED_HEAD_REASON
     for key, w in weights.items():
         if key in ("embed", "lm_head"):
             report.formats[key] = "float32"
             if mode != "float32":
-                report.fallbacks[key] = EMBED_REASON if key == "embed" and "lm_head" in weights else HEAD_REASON
+                report.fallbacks[key] = EMBED_REASON if key == "embed" and "lm_head" in weights else head_reason
         elif layer_of(key) is not None and np.ndim(w) >= 2:
             report.formats[key] = "float32"
             packed, reason = _matrix(key, w, stored, mode, native)
