@@ -135,6 +135,18 @@ def test_decode_step_reads_one_row_of_the_embedding_and_rope_tables(tmp_path):
     assert f"decode step reads {(rest + rows + screen) / 2**20:.1f} MiB" in "\n".join(describe(out, m, True))
 
 
+def test_decode_step_without_a_screen_names_no_screened_head(tmp_path):
+    """Without the head's int8 screen (--no-head-screen) every step reads the float32 head: inspect gives that one
+    figure, not a "screened head" one."""
+    out = str(tmp_path / "b")
+    build_bundle("tiny:llama", out, drafts=["lookup"], max_seq_len=64, head_screen=False, progress=quiet)
+    m = read_manifest(out)
+    step = pass_weight_bytes(m, m["models"]["target"], 0)
+    assert step["full"] == step["screened"]
+    lines = [line for line in describe(out, m, True) if line.startswith("decode step reads")]
+    assert lines == [f"decode step reads {step['full'] / 2**20:.1f} MiB of weights"]
+
+
 def test_source_logits_match_the_float_reference(gguf_bundles):
     """The GGUF's blocks compute its dequantized weights exactly (the product test above); at the builds' accuracy
     level 4, x rounded to int8 per block as llama.cpp rounds it to Q8 blocks, the logits stay within

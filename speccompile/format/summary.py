@@ -100,6 +100,8 @@ def weight_lines(m: dict, target: dict) -> list[str]:
         out.append(f"            {name} float32: {why}")
     files = sum(m["files"].get(f, {}).get("bytes", 0) for f in target["weights"])
     step = pass_weight_bytes(m, target, files)
+    if step["screened"] == step["full"]:  # no int8 screen of the head (or no initializers listed to tell)
+        return out + [f"decode step reads {step['full'] / 2**20:.1f} MiB of weights"]
     inputs = {i["name"] for i in target.get("inputs", ())}  # sampling screened too (runtime/noise.py)
     screened, full = (("greedy, temperature and top-k sampling", "top-p sampling") if "noise_top_k" in inputs else
                       ("greedy and temperature sampling", "top-k / top-p sampling") if "sample_noise" in inputs
