@@ -250,7 +250,11 @@ def medusa_heads(cfg, K=3, layers=1, seed=0, repeat_last=False, prefix=""):
     return out
 
 
-@pytest.mark.parametrize("tree", [None, "chain:3", "dynamic:8", "static"])
+STATIC_TREES = {"static": [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]],
+                "static-past-vocab": [[0], [1000], [0, 0], [0, 1000], [0, 0, 0]]}  # ranks past the 384 tokens
+
+
+@pytest.mark.parametrize("tree", [None, "chain:3", "dynamic:8", *STATIC_TREES])
 def test_medusa_heads_are_lossless(tmp_path, tree):
     import speccompile
     cfg = load_checkpoint("tiny:llama").config
@@ -259,8 +263,8 @@ def test_medusa_heads_are_lossless(tmp_path, tree):
     out = str(tmp_path / "b")
     build_bundle("tiny:llama", out, drafts=[f"medusa:{tmp_path / 'm.safetensors'}"], max_seq_len=256, num_draft=3,
                  progress=quiet)
-    if tree == "static":
-        (tmp_path / "t.json").write_text(json.dumps([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]))
+    if tree in STATIC_TREES:
+        (tmp_path / "t.json").write_text(json.dumps(STATIC_TREES[tree]))
         tree = f"static:{tmp_path / 't.json'}"
     g = speccompile.load(out, threads=1)
     assert max(assert_lossless(g, "medusa", random_prompts(8), 32, tree)) > 1.0

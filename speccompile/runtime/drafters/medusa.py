@@ -41,7 +41,8 @@ class MedusaDrafter(Drafter):
         if len(context) < 2:
             return Proposal.empty()
         logits = self._logits(context)
-        ranks = max(tree.max_rank, tree.branching if tree.kind == "dynamic" else 1)
+        # a static tree may rank past the vocabulary: its paths there are skipped below, as past the heads
+        ranks = min(max(tree.max_rank, tree.branching if tree.kind == "dynamic" else 1), logits.shape[-1])
         order = np.argsort(-logits, axis=-1)[:, :ranks]  # [heads, ranks]
         paths = tree.paths if tree.kind != "dynamic" else _paths_by_score(logits, order, tree)
         tokens, parents, node_of = [], [], {(): -1}
