@@ -9,6 +9,7 @@ from speccompile.compile.driver import target_features
 from speccompile.compile.weights.decoder import lower_weights
 from speccompile.compile.presets import tiny_mtp_head
 from speccompile.compile.sources import load_checkpoint
+from speccompile.errors import SpeccompileError
 from speccompile.format.drafter_kinds import KINDS, DraftSpec
 
 from conftest import quiet
@@ -44,3 +45,13 @@ def test_build_halves_leave_the_target_as_they_found_it(tmp_path):
         assert set(built.graphs) == set(built.models)
         assert all(f in built.weights or f == "target.bin" for g, files in built.graphs.values() for f in files)
     assert set(weights) == set(before) and all(np.array_equal(weights[k], before[k]) for k in before)
+
+
+def test_numbered_drafts_are_named_as_written_plainly():
+    """layerskip:03 is layerskip:3 (the name generate --drafter finds it by); digits of other scripts, which
+    str.isdigit takes, are refused as the tree spec's are."""
+    assert DraftSpec.parse("layerskip:03").name == "layerskip:3"
+    assert DraftSpec.parse("lookup:04") == DraftSpec("lookup", "4")
+    for bad in ("layerskip:٣", "lookup:٣", "layerskip:²", "layerskip: 3", "lookup:+2"):
+        with pytest.raises(SpeccompileError, match="whole number"):
+            DraftSpec.parse(bad)

@@ -36,6 +36,13 @@ def test_tree_specs(tmp_path):
             TreeSpec.parse(bad)
 
 
+@pytest.mark.parametrize("spec", ["chain:1_0", "chain:٣", "dynamic: 8", "dynamic:٨", "adaptive:2 ", "chain:-1"])
+def test_tree_sizes_are_plain_whole_numbers(spec):
+    """int() would read "1_0" as 10, "٣" as 3 and pass spaces and signs: sizes other than were written."""
+    with pytest.raises(SpeccompileError, match="expected a whole number"):
+        TreeSpec.parse(spec)
+
+
 @pytest.mark.parametrize("paths", [[[0.9], [1.7], [1.7, 2.9]], [[True], [True, False]], ["0", "01"], [[0], 5],
                                    {"0": [0]}])
 def test_static_tree_ranks_are_taken_as_given_or_refused(tmp_path, paths):

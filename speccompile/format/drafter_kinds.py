@@ -81,8 +81,13 @@ class DraftSpec:
             raise SpeccompileError(f"--draft {spec!r}: {kind} needs an argument: {k.usage} ({k.summary})")
         if k.arg == "none" and arg:
             raise SpeccompileError(f"--draft {spec!r}: {kind} takes no argument")
-        if kind in ("layerskip", "lookup") and arg and (not arg.isdigit() or int(arg) < 1):
-            raise SpeccompileError(f"--draft {spec!r}: {k.usage} needs a whole number >= 1, e.g. {kind}:8")
-        if kind == "lookup" and arg and int(arg) > MAX_LOOKUP_NGRAM:
-            raise SpeccompileError(f"--draft {spec!r}: lookup matches n-grams of at most {MAX_LOOKUP_NGRAM} tokens")
+        if kind in ("layerskip", "lookup") and arg:
+            # ASCII digits only (str.isdigit takes other scripts' digits too), written back plainly: layerskip:03
+            # is layerskip:3, the name --drafter then finds it by
+            if not (arg.isascii() and arg.isdigit()) or int(arg) < 1:
+                raise SpeccompileError(f"--draft {spec!r}: {k.usage} needs a whole number >= 1, e.g. {kind}:8")
+            if kind == "lookup" and int(arg) > MAX_LOOKUP_NGRAM:
+                raise SpeccompileError(f"--draft {spec!r}: lookup matches n-grams of at most {MAX_LOOKUP_NGRAM} "
+                                       "tokens")
+            arg = str(int(arg))
         return cls(kind, arg or None)

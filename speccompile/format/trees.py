@@ -47,20 +47,17 @@ class TreeSpec:
                 raise SpeccompileError(f"--tree {spec!r}: after '+' expected lookup:L with L in 1..{MAX_TREE_NODES}")
             return dataclasses.replace(cls.parse(shape), lookup=int(arg))
         kind, _, arg = spec.partition(":")
-        try:
-            if kind == "chain":
-                k = cls._nodes(int(arg))  # before its paths are built: their size grows with k squared
-                return cls("chain", k, tuple((0,) * d for d in range(1, k + 1)), k)
-            if kind == "dynamic":
-                n = int(arg)
-                return cls._checked(cls("dynamic", n, (), depth=min(n, 8)))
-            if kind == "adaptive":
-                d = int(arg) if arg else ADAPTIVE_DEPTH
-                if not 1 <= d <= 8:
-                    raise SpeccompileError(f"--tree {spec!r}: adaptive:D drafts at most D deep, D in 1..8")
-                return cls("adaptive", MAX_TREE_NODES, (), depth=d)
-        except ValueError:
-            raise SpeccompileError(f"--tree {spec!r}: expected an integer after '{kind}:'") from None
+        if kind == "chain":
+            k = cls._nodes(_count(spec, kind, arg))  # before its paths are built: their size grows with k squared
+            return cls("chain", k, tuple((0,) * d for d in range(1, k + 1)), k)
+        if kind == "dynamic":
+            n = _count(spec, kind, arg)
+            return cls._checked(cls("dynamic", n, (), depth=min(n, 8)))
+        if kind == "adaptive":
+            d = _count(spec, kind, arg) if arg else ADAPTIVE_DEPTH
+            if not 1 <= d <= 8:
+                raise SpeccompileError(f"--tree {spec!r}: adaptive:D drafts at most D deep, D in 1..8")
+            return cls("adaptive", MAX_TREE_NODES, (), depth=d)
         if kind == "static":
             if not os.path.isfile(arg):
                 raise SpeccompileError(f"--tree {spec!r}: no such file {arg!r}")
@@ -126,6 +123,14 @@ class TreeSpec:
     @property
     def max_rank(self) -> int:
         return max((max(p) for p in self.paths), default=0) + 1
+
+
+def _count(spec: str, kind: str, arg: str) -> int:
+    """The whole number after "KIND:", in ASCII digits only: int() would also read "1_0" as 10, " 3" as 3 and
+    other scripts' digits, sizes nobody meant to write."""
+    if not (arg.isascii() and arg.isdigit()):
+        raise SpeccompileError(f"--tree {spec!r}: expected a whole number after '{kind}:'")
+    return int(arg)
 
 
 def depths(parents: np.ndarray) -> np.ndarray:
