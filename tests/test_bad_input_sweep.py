@@ -143,11 +143,19 @@ def misshape_tensor(path):
 
 
 # ---- the cases: (name, args given the places) -------------------------------------------------------------------
+def no_drafters(places) -> str:
+    """The bundle built with --draft none, as far as generate can tell (its drafters' graphs stay, unused)."""
+    return variant(places, "no-drafters", edit_manifest(lambda m: m.update(drafters=[])))
+
+
 B = "bundle"
 GENERATE = [
     ("tree chain of a million", lambda p: [p[B], "hi", "--tree", "chain:1000000"]),
     ("num-draft zero", lambda p: [p[B], "hi", "--num-draft", "0"]),
     ("no-speculate with a tree", lambda p: [p[B], "hi", "--no-speculate", "--tree", "chain:3"]),
+    ("drafter of a bundle without drafters", lambda p: [no_drafters(p), "hi", "--drafter", "lookup"]),
+    ("tree of a bundle without drafters", lambda p: [no_drafters(p), "hi", "--tree", "chain:3"]),
+    ("num-draft of a bundle without drafters", lambda p: [no_drafters(p), "hi", "--num-draft", "3"]),
     ("no-speculate compared", lambda p: [p[B], "hi", "--no-speculate", "--compare"]),
     ("typical acceptance while greedy", lambda p: [p[B], "hi", "--acceptance", "typical"]),
     ("temperature nan", lambda p: [p[B], "hi", "--temperature", "nan"]),

@@ -37,7 +37,11 @@ def build_request(gen, prompt, max_new_tokens, params: SamplingParams, drafter: 
         raise SpeccompileError(f"on_text: expected a function of the new text, not {on_text!r}")
     ids = prompt_ids(gen, prompt, chat)
     check_length(ids, max_new_tokens, gen.max_seq_len)
-    dr = pick_drafter(gen, drafter) if speculate and gen.drafters else None
+    # a bundle without drafters decodes plainly, but a drafter, tree or size asked of it is refused, not ignored
+    dr = pick_drafter(gen, drafter) if speculate and (gen.drafters or drafter is not None) else None
+    if speculate and dr is None and (num_draft is not None or tree is not None):
+        raise SpeccompileError(f"this bundle has no drafter: {'--tree' if tree is not None else '--num-draft'} "
+                               "drafts nothing (build it with --draft)")
     if num_draft is not None and not (_whole(num_draft) and 1 <= num_draft < MAX_VERIFY_TOKENS):
         raise SpeccompileError(f"--num-draft {num_draft!r}: must be a whole number between 1 and "
                                f"{MAX_VERIFY_TOKENS - 1}")
@@ -93,9 +97,10 @@ def check_length(ids: np.ndarray, max_new_tokens, max_seq_len: int) -> None:
 def pick_drafter(gen, name: str | None) -> Drafter:
     if name is not None and not isinstance(name, str):
         raise SpeccompileError(f"drafter: expected a drafter's name (one of {', '.join(gen.drafters)}), not {name!r}")
-    name = name or next(iter(gen.drafters))
+    name = name or next(iter(gen.drafters), "")
     if name not in gen.drafters:
-        raise SpeccompileError(f"drafter {name!r} is not in this bundle (it has: {', '.join(gen.drafters)})")
+        have = ", ".join(gen.drafters) or "none"
+        raise SpeccompileError(f"drafter {name!r} is not in this bundle (it has: {have})")
     return gen.drafters[name]
 
 
