@@ -43,6 +43,16 @@ def test_tree_sizes_are_plain_whole_numbers(spec):
         TreeSpec.parse(spec)
 
 
+def test_a_static_tree_nested_too_deep_is_a_clean_error(tmp_path):
+    """json raises RecursionError, not ValueError, on deep nesting: it reached the API as that."""
+    f = tmp_path / "deep.json"
+    f.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(SpeccompileError, match="deep.json is not JSON"):
+        TreeSpec.parse(f"static:{f}")
+    with pytest.raises(SpeccompileError, match="joins a shape"):
+        TreeSpec.parse("+lookup:3")
+
+
 @pytest.mark.parametrize("paths", [[[0.9], [1.7], [1.7, 2.9]], [[True], [True, False]], ["0", "01"], [[0], 5],
                                    {"0": [0]}])
 def test_static_tree_ranks_are_taken_as_given_or_refused(tmp_path, paths):

@@ -41,6 +41,8 @@ class TreeSpec:
     @classmethod
     def parse(cls, spec: str) -> "TreeSpec":
         shape, plus, extra = spec.partition("+")
+        if plus and not shape:
+            raise SpeccompileError(f"--tree {spec!r}: +lookup:L joins a shape: e.g. dynamic:4{spec}")
         if plus:
             kind, _, arg = extra.partition(":")
             if kind != "lookup" or not (arg.isascii() and arg.isdigit()) or not 1 <= int(arg) <= MAX_TREE_NODES:
@@ -64,7 +66,7 @@ class TreeSpec:
             try:
                 with open(arg, encoding="utf-8") as f:
                     paths = json.load(f)
-            except ValueError as e:  # not JSON, or not UTF-8
+            except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested too deep
                 raise SpeccompileError(f"--tree {spec!r}: {arg} is not JSON ({e})") from None
             return cls.from_paths(paths)
         raise SpeccompileError(f"--tree {spec!r}: use chain:K, static:FILE, dynamic:N or adaptive[:D] (optionally "
