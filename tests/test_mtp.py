@@ -123,7 +123,7 @@ def test_live_drafts_are_the_teacher_forced_ones(mtp_bundle, bundle, tree):
     head.propose, head.propose_tree = spying(head.propose), spying(head.propose_tree)
     for prompt in random_prompts(6):
         drafted.clear()
-        res = g.generate(prompt, 40, drafter="mtp", tree=tree, num_draft=1)
+        res = g.generate(prompt, 40, drafter="mtp", **({"tree": tree} if tree else {"num_draft": 1}))
         guesses = first_drafts(g, "mtp", np.concatenate([prompt, res.token_ids]))
         assert len(drafted) >= 10
         assert [tok for _, tok in drafted] == [int(guesses[n - 2]) for n, _ in drafted]

@@ -45,6 +45,9 @@ def build_request(gen, prompt, max_new_tokens, params: SamplingParams, drafter: 
     if num_draft is not None and not (_whole(num_draft) and 1 <= num_draft < MAX_VERIFY_TOKENS):
         raise SpeccompileError(f"--num-draft {num_draft!r}: must be a whole number between 1 and "
                                f"{MAX_VERIFY_TOKENS - 1}")
+    if num_draft is not None and tree is not None:  # the tree would win and num_draft go unread
+        raise SpeccompileError("--num-draft asks for a chain of that many drafts, --tree for a tree: give one "
+                               "(a chain of K is --tree chain:K)")
     k = num_draft if num_draft is not None else (gen.num_draft[dr.name] if dr else 0)
     if isinstance(tree, str):
         tree = TreeSpec.parse(tree)
