@@ -9,7 +9,7 @@ token). Shapes:
                keep the best N
   adaptive[:D]  chosen per pass (runtime/adaptive.py): the drafter's dynamic tree up to D deep (default 4), or
                none, pruned to the nodes worth their verify rows under the measured cost model; plain steps when
-               drafting would lose. The default of `generate`.
+               drafting would lose. The default tree of a 4-bit bundle's MTP head and prompt lookup.
   SHAPE+lookup:L  any of these, joined by up to L nodes from prompt lookup (the continuation of the context's
                last n-gram where it occurred before): a head is weak exactly where the answer copies the prompt
                (extraction, summaries, RAG), and there lookup is strong
