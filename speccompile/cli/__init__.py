@@ -218,7 +218,8 @@ def _ints(option: str, value: str | None) -> list[int]:
 @click.option("--drafter", "drafters", multiple=True,
               help="Drafter to measure, NAME or NAME@TREE for that drafter through TREE (repeatable, e.g. "
                    "--drafter mtp@chain:3 --drafter mtp@dynamic:4; default: every drafter of the bundle).")
-@click.option("--tree", default=None, help="Verify this token tree: chain:K | static:FILE | dynamic:N | adaptive[:D] [+lookup:L].")
+@click.option("--tree", default=None,
+              help="Verify this token tree: chain:K | static:FILE | dynamic:N | adaptive[:D] [+lookup:L].")
 @click.option("--repeats", default=1, show_default=True, help="Runs per prompt and method; the fastest is kept.")
 @click.option("--temperature", default=0.0, show_default=True,
               help="Sample at this temperature (seeded per prompt); NAME~typical methods accept typically (lossy).")
