@@ -265,6 +265,21 @@ def test_leaving_requests_free_their_slots(tiny_generator):
     wait_until_idle(g)
 
 
+def test_a_stop_string_ends_the_request_before_its_caller_reads_it(tiny_generator):
+    """generate() over a list reads one stream after another while all of them decode: a request whose stop
+    string appears ends at that pass, as alone (and frees its slot), not at max_new_tokens when its stream is
+    read at last. Its stats then count the passes it needed, as alone."""
+    g = tiny_generator
+    prompts = random_prompts(6, seed=5)
+    text = g.generate(prompts[2], 60, chat=False).text
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    solo = [g.generate(p, 200, chat=False, stop=stop) for p in prompts]
+    assert len(solo[2].token_ids) < 60  # the stop string ends prompt 2's answer early
+    got = g.generate(prompts, 200, chat=False, stop=stop)
+    assert [r.token_ids for r in got] == [r.token_ids for r in solo]
+    assert [r.stats["verify_steps"] for r in got] == [r.stats["verify_steps"] for r in solo]
+
+
 def test_without_a_batched_graph_calls_are_serialized(tmp_path):
     build_bundle("tiny:llama", str(tmp_path / "b"), drafts=["lookup"], max_seq_len=128, max_batch=1, progress=quiet)
     g = speccompile.load(str(tmp_path / "b"), threads=1)
@@ -373,6 +388,26 @@ def test_shared_passes_near_the_context_end_stay_inside_the_cache(tiny_bundle, m
     got[0] += [t for c in a for t in c.token_ids]
     got.append(drain(b).token_ids)
     assert got == solo
+
+
+def test_a_riding_chunk_fits_after_the_prompts_prefilled_before_it(tiny_bundle):
+    """Two prompts join slots 1 and 2 between decoding slots 0 and 3: slot 1's chunks ride in the decode passes,
+    slot 2's long prompt runs in passes of its own first and ends near the context's end. A riding chunk is laid
+    out in every slot of the pass, slot 2 too, so it rides only if it fits after slot 2's new K/V; else it runs
+    alone. Every request gives what it gives alone (no request fails for another's prompt)."""
+    g = speccompile.load(tiny_bundle, threads=1, context_cache=False)
+    rng = np.random.default_rng(3)
+    short = random_prompts(4, seed=21)
+    riding, long_prompt = list(rng.integers(3, 384, 100)), list(rng.integers(3, 384, g.max_seq_len - 6))
+    solo = [g.generate(p, n, drafter="lookup").token_ids
+            for p, n in ((short[0], 60), (short[3], 60), (riding, 20), (long_prompt, 6))]
+    streams = [g.stream(p, 60, drafter="lookup") for p in short]
+    heads = [list(next(s).token_ids) for s in streams]
+    streams[1].close()
+    streams[2].close()
+    late = [g.stream(riding, 20, drafter="lookup"), g.stream(long_prompt, 6, drafter="lookup")]  # slots 1 and 2
+    got = [heads[i] + [t for c in streams[i] for t in c.token_ids] for i in (0, 3)]
+    assert got + [drain(s).token_ids for s in late] == solo
 
 
 def test_streams_left_unread_free_their_slots(tiny_generator):

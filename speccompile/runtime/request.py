@@ -27,6 +27,11 @@ class Request:
     stop: tuple[str, ...]
 
 
+def own_loop(request: Request) -> bool:
+    """Requests the scheduler's shared passes do not serve: typical acceptance (lossy; its rule runs on the host)."""
+    return request.params.acceptance != "exact"
+
+
 def build_request(gen, prompt, max_new_tokens, params: SamplingParams, drafter: str | None, speculate: bool,
                   stop, num_draft, tree, chat: bool, on_text=None) -> Request:
     """gen: the Generator (its tokenizer, target, drafters and their defaults). on_text: checked here only, so that

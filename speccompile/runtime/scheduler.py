@@ -37,6 +37,7 @@ from speccompile.runtime.noise import sampled_by_noise
 from speccompile.runtime.request import Request
 from speccompile.runtime.sampling import PositionDraws, probabilities
 from speccompile.runtime.slots import DONE, Handle, Slot
+from speccompile.runtime.text_stream import TextStream
 
 # Rows a shared verify pass aims at: a pass's cost grows with its rows, so when several greedy slots decode, their
 # drafts share this budget (each keeps at least one draft node). Over a target whose products round activations to
@@ -151,12 +152,12 @@ class Scheduler:
         # one joining request's chunk rides in the decode pass, shortened (MIXED_CHUNK); any other joining
         # request's chunk runs in a pass of its own: the attention lays every slot out as deep as the pass's
         # longest step, so two prompts' chunks together would pay for each other's padding rows
-        mixed = joining.pop(0) if (decoding and joining and self.mix_prefill and self.engine.packed
-                                   and self._rows_left() >= MIXED_CHUNK) else None
+        mixed = joining.pop(0) if (decoding and joining and self.mix_prefill and self.engine.packed) else None
         for s in joining:
-            if self.trace is not None:
-                self.trace.append(("prefill", (s.index,)))
             self._prefill(s)
+        if mixed is not None and self._rows_left() < MIXED_CHUNK:  # after the chunks above, which deepen slots
+            self._prefill(mixed)
+            mixed = None
         if decoding:
             if self.trace is not None:
                 self.trace.append(("decode", tuple(s.index for s in decoding) + ((mixed.index,) if mixed else ())))
@@ -205,7 +206,8 @@ class Scheduler:
         cache = self.slot_caches[b]
         cache.truncate(0)
         slot = Slot(b, handle, cache, drafter, np.random.default_rng(req.params.seed), context, reach, adapt,
-                    params=params, noise=noise, draws=PositionDraws(req.params.seed))
+                    params=params, noise=noise, draws=PositionDraws(req.params.seed),
+                    stops=TextStream(self.gen.tokenizer, req.stop) if req.stop else None)
         self._restore_prefix(slot)
         return slot
 
@@ -229,9 +231,7 @@ class Scheduler:
 
     def _emit(self, s: Slot, new: list[int]) -> None:
         s.handle.queue.put(new)
-        s.generated += len(new)
-        eos = self.gen.tokenizer.eos_token_ids
-        if s.generated >= s.req.max_new_tokens or any(t in eos for t in new):
+        if s.complete(new, self.gen.tokenizer.eos_token_ids):
             self._finish(s)
 
     def _idle(self, running: list[Slot]) -> dict[int, int]:
@@ -243,6 +243,8 @@ class Scheduler:
         """One chunk of a joining request's prompt; after its last chunk the request has its first token (as
         Generator._prefill). Slot 0 runs the single-sequence graph, bound to it; the others the batched graph over
         their slot alone."""
+        if self.trace is not None:
+            self.trace.append(("prefill", (s.index,)))
         step = self._chunk(s, self.gen.prefill_chunk)
         if s.index == 0:
             logits, argmax = self.gen.target.forward(step.tokens, full_logits=not s.params.greedy, noise=step.noise)
@@ -393,8 +395,3 @@ def batch_cache(manifest: dict) -> tuple[dict | None, KVCache | None]:
     return entry, KVCache(entry["num_layers"], kv["num_kv_heads"], kv["max_seq_len"], kv["head_dim"],
                           batch=entry["max_batch"], dtype=kv.get("dtype", "float32"),
                           scratch=kv.get("scratch_slots", 0))
-
-
-def own_loop(request: Request) -> bool:
-    """Requests the scheduler's shared passes do not serve: typical acceptance (lossy; its rule runs on the host)."""
-    return request.params.acceptance != "exact"

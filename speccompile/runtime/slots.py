@@ -15,6 +15,7 @@ from speccompile.runtime.kv_cache import KVCache
 from speccompile.runtime.noise import GumbelNoise
 from speccompile.runtime.request import Request
 from speccompile.runtime.sampling import PositionDraws, SamplingParams
+from speccompile.runtime.text_stream import TextStream
 
 DONE = object()  # a request's queue ends with this
 
@@ -65,10 +66,19 @@ class Slot:
     token: int = -1
     generated: int = 0
     prop: Proposal | None = None
+    stops: TextStream | None = None  # the request's stop strings, watched as its caller's stream watches them
 
     @property
     def req(self) -> Request:
         return self.handle.request
+
+    def complete(self, new: list[int], eos) -> bool:
+        """Count a pass's tokens; True once the request has all it asked for: max_new_tokens, an end-of-sequence
+        token, or a stop string. Its caller may read the tokens much later (a list of prompts is read one by
+        one), so the slot must not wait for the caller to find the stop string."""
+        self.generated += len(new)
+        return (self.generated >= self.req.max_new_tokens or any(t in eos for t in new)
+                or self.stops is not None and any(self.stops.add(t) for t in new))
 
     @property
     def decoding(self) -> bool:
