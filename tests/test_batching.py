@@ -439,6 +439,30 @@ def test_a_request_behind_this_threads_own_loop_is_refused(tiny_generator):
     assert len(g.generate("hello", 4).token_ids) <= 4
 
 
+def test_a_request_of_its_own_loop_goes_before_requests_that_come_later(tiny_generator):
+    """Typical acceptance (and the first adaptive request's calibration) runs once every slot is free. While it
+    waits for that, no request takes a slot, or a steady stream of requests would keep it waiting for ever: here
+    the request submitted before it but still waiting for a slot runs after it, and gives what it gives alone."""
+    g = tiny_generator
+    p = random_prompts(6, seed=40)
+    solo = g.generate(p[5], 8).token_ids
+    busy = [g.stream(q, 30) for q in p[:4]]
+    for s in busy:
+        next(s)  # every slot holds a request
+    later = g.stream(p[5], 8)
+    assert len(g.scheduler.waiting) == 1
+    done = []
+    own = threading.Thread(target=lambda: done.append(g.generate(p[4], 6, temperature=0.8, seed=1,
+                                                                 acceptance="typical")))
+    own.start()
+    own.join(30)
+    assert done and len(g.scheduler.waiting) == 1  # the later request has not taken a slot yet
+    assert drain(later).token_ids == solo
+    for s in busy:
+        s.close()
+    wait_until_idle(g)
+
+
 def test_a_stream_read_from_two_threads_leaves_the_first_free(tiny_generator):
     """A thread pool may read one stream on several workers (as a web server's does): the worker that read it last
     holds the Generator, and the one that read it first may serve another request meanwhile (it waits its turn)."""

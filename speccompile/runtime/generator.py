@@ -26,12 +26,12 @@ from speccompile.runtime.drafters.base import Drafter, Proposal, RuntimeContext
 from speccompile.runtime.drafters.lookup import LookupDrafter, LookupReach, join_lookup
 from speccompile.runtime.engine import Engine
 from speccompile.runtime.sessions import check_threads
-from speccompile.runtime.kv_cache import KVCache
+from speccompile.runtime.kv_cache import KVCache, batch_cache
 from speccompile.runtime.noise import GumbelNoise, runs_greedy, sampled_by_noise, takes_noise
 from speccompile.runtime.request import Request, build_request, check_messages, is_batch, own_loop
 from speccompile.runtime.row_parity import match_rows
 from speccompile.runtime.sampling import PositionDraws, SamplingParams, acceptance_option
-from speccompile.runtime.scheduler import Scheduler, batch_cache
+from speccompile.runtime.scheduler import Scheduler
 from speccompile.runtime.streams import GenerationResult, SubmittedStream, drain
 from speccompile.runtime.text_stream import Chunk, TextStream
 from speccompile.runtime.tokenizer import BundleTokenizer

@@ -87,6 +87,20 @@ class KVCache:
             self.value[:, :, :, dst_start:dst_start + n] = self.value[:, :, :, src_slots]
 
 
+def batch_cache(manifest: dict) -> tuple[dict | None, KVCache | None]:
+    """The batched target graph's manifest entry and the cache of its sequence slots, if the bundle has one."""
+    entry = manifest["models"].get("target_batch")
+    if not entry or entry.get("kind") != "decoder_batch" or entry.get("max_batch", 1) < 2:
+        return None, None
+    kv, target = entry["kv_cache"], manifest["models"]["target"]
+    if entry["num_layers"] != target["num_layers"] or kv != target["kv_cache"]:
+        raise BundleError("the manifest's target_batch and target disagree on the KV cache they share "
+                          "(layers, heads, length); rebuild the bundle")
+    return entry, KVCache(entry["num_layers"], kv["num_kv_heads"], kv["max_seq_len"], kv["head_dim"],
+                          batch=entry["max_batch"], dtype=kv.get("dtype", "float32"),
+                          scratch=kv.get("scratch_slots", 0))
+
+
 class DeviceKVCache:
     """The cache in device memory: one OrtValue per layer and kind, zeroed once (masked stale slots must hold
     numbers, never NaN garbage), compacted by `compact_session` (compile/graph/kv_compact.py) in place."""

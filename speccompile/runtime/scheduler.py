@@ -25,7 +25,6 @@ import threading
 
 import numpy as np
 
-from speccompile.errors import BundleError
 from speccompile.format.trees import depths
 from speccompile.runtime.acceptance import (SpecDecodeStats, Verdict, accept_greedy, accept_on_host, accept_sampled,
                                             from_table)
@@ -65,8 +64,9 @@ class Scheduler:
         self.slots: list[Slot | None] = [None] * cache.batch
         self.slot_caches = [gen.target.cache] + [cache.slot(b) for b in range(1, cache.batch)]
         self.waiting: collections.deque[Handle] = collections.deque()
-        self.wake = threading.Condition()  # guards `waiting` and `driving`
+        self.wake = threading.Condition()  # guards `waiting`, `driving` and `draining`
         self.driving = False  # a caller is running a round
+        self.draining = 0  # callers waiting in exclusive(): no request takes a slot meanwhile, so the slots empty
         self._engine: BatchEngine | None = None
         self._drafters: dict[tuple[int, str], Drafter] = {}  # slot b > 0's own instance of each drafter
         self.trace: list | None = None  # a list: each pass appends ("prefill", slot) or ("decode", slots), the
@@ -88,8 +88,8 @@ class Scheduler:
                 return handle.queue.get_nowait()
             except queue.Empty:
                 pass
-            with self.wake:
-                while self.driving and handle.queue.empty():
+            with self.wake:  # nothing to run once the slots have drained for exclusive(), which runs next
+                while (self.driving or self.draining and not any(self.slots)) and handle.queue.empty():
                     self.wake.wait()
                 if not handle.queue.empty():
                     continue
@@ -98,16 +98,24 @@ class Scheduler:
 
     @contextlib.contextmanager
     def exclusive(self):
-        """The slots to one caller's own decode loop: runs rounds until no request holds or waits for a slot, then
-        keeps every other caller from running one (they wait, as for another's round) until the block ends."""
-        while True:
+        """The slots to one caller's own decode loop: runs rounds until no request holds a slot, then keeps every
+        other caller from running one (they wait, as for another's round) until the block ends. Meanwhile no
+        request takes a slot: under a steady stream of requests the slots would never all be free."""
+        with self.wake:
+            self.draining += 1
+        try:
+            while True:
+                with self.wake:
+                    while self.driving:
+                        self.wake.wait()
+                    self.driving = True
+                    if not any(self.slots):
+                        break
+                self._drive(self._round)
+        finally:
             with self.wake:
-                while self.driving:
-                    self.wake.wait()
-                self.driving = True
-                if not (any(self.slots) or self.waiting):
-                    break
-            self._drive(self._round)
+                self.draining -= 1
+                self.wake.notify_all()
         try:
             yield
         finally:
@@ -175,7 +183,7 @@ class Scheduler:
 
     def _admit(self) -> None:
         with self.wake:
-            while self.waiting and None in self.slots:
+            while self.waiting and None in self.slots and not self.draining:
                 handle = self.waiting.popleft()
                 if handle.cancelled:
                     handle.queue.put(DONE)
@@ -381,17 +389,3 @@ class Scheduler:
             s.handle.stats.adaptive = s.adapt.summary()
         s.handle.stats.record(len(prop.tokens), len(path), prop.depth, in_graph)
         self._emit(s, [*accepted.tolist(), verdict.token])
-
-
-def batch_cache(manifest: dict) -> tuple[dict | None, KVCache | None]:
-    """The batched target graph's manifest entry and the cache of its sequence slots, if the bundle has one."""
-    entry = manifest["models"].get("target_batch")
-    if not entry or entry.get("kind") != "decoder_batch" or entry.get("max_batch", 1) < 2:
-        return None, None
-    kv, target = entry["kv_cache"], manifest["models"]["target"]
-    if entry["num_layers"] != target["num_layers"] or kv != target["kv_cache"]:
-        raise BundleError("the manifest's target_batch and target disagree on the KV cache they share "
-                          "(layers, heads, length); rebuild the bundle")
-    return entry, KVCache(entry["num_layers"], kv["num_kv_heads"], kv["max_seq_len"], kv["head_dim"],
-                          batch=entry["max_batch"], dtype=kv.get("dtype", "float32"),
-                          scratch=kv.get("scratch_slots", 0))
