@@ -11,6 +11,7 @@ import pytest
 
 import speccompile
 from speccompile.compile.driver import build_bundle
+from speccompile.errors import SpeccompileError
 from speccompile.runtime.context_cache import ContextCache, Part
 from speccompile.runtime.sampling import SamplingParams
 
@@ -420,3 +421,15 @@ def test_medusa_chat_with_the_cache_equals_without(tmp_path):
         with_cache = chat_turns(gen, "medusa", **kw)
         assert [r.token_ids for r in with_cache] == [r.token_ids for r in chat_turns(plain, "medusa", **kw)]
         assert with_cache[-1].stats["prompt_cache_hit_tokens"] > 0
+
+
+def test_a_cache_dir_is_refused_where_the_kv_caches_live_on_a_device(tiny_bundle, tmp_path, monkeypatch):
+    """Device caches (the device code path, run here with cpu OrtValues) go without the context cache, whose
+    blocks are copied through host memory: a --cache-dir would keep nothing, so it is one clear error rather
+    than an option silently ignored."""
+    from speccompile.runtime.engine import Engine
+    monkeypatch.setattr(Engine, "resident_on_cpu", True)
+    assert speccompile.load(tiny_bundle, threads=1).context_cache is None
+    with pytest.raises(SpeccompileError, match="--cache-dir"):
+        speccompile.load(tiny_bundle, threads=1, cache_dir=str(tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists()

@@ -81,6 +81,16 @@ def cache_parts(target_cache, drafters) -> dict[str, Part]:
     return parts
 
 
+def kept_on(asked: bool, host_caches: bool, cache_dir: str | None) -> bool:
+    """Whether a Generator keeps a context cache: asked for, and its engines' K/V in host memory, through which
+    blocks are copied (a device's caches go without). A cache_dir that would keep nothing is refused, not
+    ignored."""
+    if asked and cache_dir is not None and not host_caches:
+        raise SpeccompileError(f"--cache-dir {cache_dir!r}: the context cache copies K/V through host memory, and "
+                               "this device keeps its caches on the device, so there is none to keep; drop --cache-dir")
+    return asked and host_caches
+
+
 def read_kv(cache, start: int, stop: int, slot: int = 0) -> Arrays:
     """Copies of a KV cache's rows [start, stop) of one sequence slot, positions first (always copies: with one
     layer and one head the transposed view is already contiguous, and a view would change with the cache)."""
