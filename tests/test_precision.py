@@ -4,6 +4,7 @@ the float32 graphs on onnxruntime's CPU provider, which has float16 kernels for 
 checked for their types here and run only on the CUDA provider (tests/test_gpu.py, tools/gpu_check.sh)."""
 import json
 import os
+import re
 
 import numpy as np
 import onnx
@@ -54,6 +55,24 @@ def test_manifest_records_dtype_and_runtime_cache_follows(bundles):
 def test_float16_weights_take_half_the_bytes(bundles):
     size = {d: os.path.getsize(os.path.join(bundles[d], "target.bin")) for d in ("float32", "float16")}
     assert size["float16"] < 0.55 * size["float32"]
+
+
+def test_inspect_shows_a_float16_bundle_as_built(bundles):
+    """`inspect` of a float16 bundle: its float matrices as float16, its KV cache at 2 bytes an element (half the
+    float32 bundle's), and no int8 screen of the output head, which only float32 builds get."""
+    from speccompile.format.bundle import read_manifest
+    from speccompile.format.summary import describe
+    text = {}
+    for dtype in ("float32", "float16"):
+        m = read_manifest(bundles[dtype])
+        m["models"]["target"]["kv_cache"]["max_seq_len"] = 1 << 16  # MiB that one decimal shows
+        text[dtype] = describe(bundles[dtype], m, True)
+    kv = {d: float(re.search(r"KV cache ([\d.]+) MiB", lines[3]).group(1)) for d, lines in text.items()}
+    assert kv["float16"] > 0 and kv["float16"] == kv["float32"] / 2
+    weights = "\n".join(line for line in text["float16"] if line.startswith("    ") or line.startswith("weights"))
+    assert "qkv        float16 layers 0-3" in weights and "float32" not in weights
+    assert "its exact greedy int8 screen" not in "\n".join(text["float16"])
+    assert "no int8 screen" in text["float16"][-3] and "screened head" in text["float32"][-3]
 
 
 def test_float16_logits_agree_with_float32(bundles):

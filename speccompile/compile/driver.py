@@ -114,9 +114,6 @@ def _check_request(opts: BuildOptions, drafts: list[str] | None) -> tuple[TreeSp
     specs = [s for s in (DraftSpec.parse(d) for d in drafts or ()) if s is not None]
     if opts.num_draft is not None and not 1 <= opts.num_draft <= 16:
         raise SpeccompileError(f"--num-draft {opts.num_draft}: must be between 1 and 16")
-    if opts.num_draft is not None and tree_spec is not None:  # every drafter would verify the tree alone
-        raise SpeccompileError("--num-draft asks for a chain of that many drafts, --tree for a tree: give one "
-                               "(a chain of K is --tree chain:K)")
     if not 1 <= opts.max_batch <= 64:
         raise SpeccompileError(f"--max-batch {opts.max_batch}: must be between 1 and 64")
     return tree_spec, specs
@@ -160,10 +157,10 @@ def _quantize(target: Checkpoint, target_w: dict, opts: BuildOptions, progress) 
               else None)
     screen = (opts.head_screen and opts.fused and opts.dtype == "float32"
               and screenable(cfg.hidden_size, cfg.vocab_size))
-    target_w, report = quantize_target(target_w, target.stored, opts.weights, native, screen)
+    target_w, report = quantize_target(target_w, target.stored, opts.weights, native, head_screened=screen)
     progress(f"      quantize: --weights {opts.weights}: {report.summary()}")
     for name, why in report.fallbacks.items():
-        progress(f"        {name} stays float32: {why}")
+        progress(f"        {name} stays {opts.dtype}: {why}")  # float: the precision pass's dtype
     if screen:
         progress("      quantize: int8 screen of the output head (greedy argmax stays exact)")
         target_w = target_w | quantize_head(target_w.get("lm_head", target_w["embed"]))

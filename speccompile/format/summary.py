@@ -22,7 +22,8 @@ def describe(bundle: str, m: dict, verified: bool) -> list[str]:
             out.append(f"model       {name}: {e['graph']} ({e['kind']}), weights {e['weights']}")
             continue
         c, kv = e["config"], e["kv_cache"]
-        kv_mb = 2 * kv["num_layers"] * kv["num_kv_heads"] * cache_slots(kv) * kv["head_dim"] * 4 / 2**20
+        kv_mb = (2 * kv["num_layers"] * kv["num_kv_heads"] * cache_slots(kv) * kv["head_dim"]
+                 * DTYPE_BYTES.get(kv.get("dtype"), 4) / 2**20)
         slots = f" x {e['max_batch']} sequence slots (target's slot 0 shared)" if "max_batch" in e else ""
         out.append(f"model       {name}: {e['graph']} ({c['model_type']}, {e['num_layers']} layers, hidden "
                    f"{c['hidden_size']}, vocab {c['vocab_size']}), weights {e['weights']}, attention "
@@ -49,6 +50,7 @@ def describe(bundle: str, m: dict, verified: bool) -> list[str]:
     return out
 
 
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # a KV cache's element, by the manifest's dtype
 ROPE_TABLE = re.compile(r"(.+\.)?rope(_local)?\.(cos|sin)")  # [max_seq_len + 1, rotary dims / 2] each
 
 
@@ -88,27 +90,35 @@ def weight_lines(m: dict, target: dict) -> list[str]:
     q = m.get("quantization", {"option": "float32 (built before formats were recorded)", "formats": {}})
     level = f", MatMulNBits accuracy level {q['accuracy_level']}" if "accuracy_level" in q else ""
     out = [f"weights     --weights {q['option']}{level}"]
+    # the quantize pass names float matrices float32; the precision pass then stores them in the bundle's dtype
+    floats = m.get("dtype", "float32")
     groups: dict[tuple[str, str], list[int]] = {}
     for name, fmt in q["formats"].items():
         layer = re.match(r"l(\d+)\.(.+)", name)
+        fmt = floats if fmt == "float32" else fmt
         key = (layer.group(2), fmt) if layer else (name, fmt)
         groups.setdefault(key, []).append(int(layer.group(1)) if layer else -1)
     for (name, fmt), layers in groups.items():
         where = f" layers {_layer_ranges(sorted(layers))}" if layers[0] >= 0 else ""
         out.append(f"            {name:<10} {fmt}{where}")
     for name, why in q.get("fallbacks", {}).items():
-        out.append(f"            {name} float32: {why}")
+        out.append(f"            {name} {floats}: {why}")
+    return out + [_step_line(m, target, floats)]
+
+
+def _step_line(m: dict, target: dict, floats: str) -> str:
+    """The weight bytes one decode step reads: with the exact greedy head's screen and without it, where the bundle
+    has one."""
     files = sum(m["files"].get(f, {}).get("bytes", 0) for f in target["weights"])
     step = pass_weight_bytes(m, target, files)
-    if step["screened"] == step["full"]:  # no int8 screen of the head (or no initializers listed to tell)
-        return out + [f"decode step reads {step['full'] / 2**20:.1f} MiB of weights"]
+    if not any(n.startswith("head_screen.") for n in target.get("initializers", ())):
+        return f"decode step reads {step['full'] / 2**20:.1f} MiB of weights ({floats} head, no int8 screen)"
     inputs = {i["name"] for i in target.get("inputs", ())}  # sampling screened too (runtime/noise.py)
     screened, full = (("greedy, temperature and top-k sampling", "top-p sampling") if "noise_top_k" in inputs else
                       ("greedy and temperature sampling", "top-k / top-p sampling") if "sample_noise" in inputs
                       else ("greedy", "sampling"))
-    out.append(f"decode step reads {step['screened'] / 2**20:.1f} MiB of weights ({screened}, screened head), "
-               f"{step['full'] / 2**20:.1f} MiB with the float32 head ({full})")
-    return out
+    return (f"decode step reads {step['screened'] / 2**20:.1f} MiB of weights ({screened}, screened head), "
+            f"{step['full'] / 2**20:.1f} MiB with the float32 head ({full})")
 
 
 def tree_label(tree: dict) -> str:

@@ -4,8 +4,7 @@
            file's dequantized weight (quantize/nbits.py); a float checkpoint stays float32
   float32  every matrix float32 (dequantized, for a GGUF)
   int8     float weights block-quantized (blocks of 32 along K, a scale and a uint8 zero point per block) by
-  int4     onnxruntime's own block quantizer, the one its MatMulNBitsQuantizer calls; a quantized GGUF's matrices
-           are its dequantized blocks rounded again (format "int4 requantized from q4_1")
+  int4     onnxruntime's own block quantizer, the one its MatMulNBitsQuantizer calls
 
 Every matrix that stays float32 in a quantized build is named with the reason (build output and manifest). The
 output head is not quantized here: the exact greedy head's int8 screen (quantize/head_screen.py) covers it.
@@ -39,7 +38,7 @@ FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 DENSE_MATRICES = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
                   "gate": ("mlp.gate_proj",), "up": ("mlp.up_proj",), "down": ("mlp.down_proj",)}
 HEAD_REASON = "the output head: its exact greedy int8 screen reads a quantized copy, rescoring float32 rows"
-UNSCREENED_HEAD_REASON = "the output head: no quantized form, and this build has no int8 screen of it"
+UNSCREENED_HEAD_REASON = "the output head: read whole each step (this build has no int8 screen of it)"
 EMBED_REASON = "the embedding: a decode step gathers one row of it"
 
 
@@ -68,13 +67,14 @@ def check_mode(mode: str) -> None:
 
 
 def quantize_target(weights: dict[str, np.ndarray], stored: dict | None, mode: str, native: str | None = None,
-                    screened: bool = True) -> tuple[dict[str, np.ndarray], WeightReport]:
+                    head_screened: bool = True) -> tuple[dict[str, np.ndarray], WeightReport]:
     """The lowered target weights with its layer matrices in `mode`'s format. stored: a GGUF's tensors as stored
     (compile/gguf.GGUFTensor by Hugging Face name), None for a float checkpoint. native: why the graphs cannot run
-    MatMulNBits (e.g. a TensorRT build), None when they can. screened: whether the build adds the head's screen."""
+    MatMulNBits (e.g. a TensorRT build), None when they can. head_screened: whether the build adds the output
+    head's int8 screen (the reason its head stays float names it only then)."""
     check_mode(mode)
     out, report, packed_mlp = dict(weights), WeightReport(mode), {}
-    head_reason = HEAD_REASON if screened else UNSCREENED_HEAD_REASON
+    head_reason = HEAD_REASON if head_screened else UNSCREENED_HEAD_REASON
     for key, w in weights.items():
         if key in ("embed", "lm_head"):
             report.formats[key] = "float32"
@@ -122,22 +122,13 @@ def _matrix(key: str, w: np.ndarray, stored: dict | None, mode: str,
         return _from_gguf(key, name, stored)
     if w.shape[0] % BLOCK:
         return None, f"its input size {w.shape[0]} is not a multiple of {BLOCK}"
-    packed = quantize_float(w, 4 if mode == "int4" else 8)
-    blocks = [t.name.lower() for t in _stored_types(key, name, stored) if t not in FLOAT_TYPES] if stored else []
-    # a GGUF's own blocks rounded a second time, lossier than --weights source (which keeps them): said so
-    return packed, f"{mode} requantized from {'+'.join(blocks)}" if blocks else mode
-
-
-def _stored_types(key: str, name: str, stored: dict) -> list:
-    """The GGUF types of the tensors stacked into graph matrix `key`, sorted by name."""
-    prefix = f"model.layers.{layer_of(key)}."
-    return sorted({stored[f"{prefix}{hf}.weight"].ggml_type for hf in DENSE_MATRICES[name]}, key=lambda t: t.name)
+    return quantize_float(w, 4 if mode == "int4" else 8), mode
 
 
 def _from_gguf(key: str, name: str, stored: dict) -> tuple[PackedMatrix | None, str]:
     prefix = f"model.layers.{layer_of(key)}."
     tensors = [stored[f"{prefix}{hf}.weight"] for hf in DENSE_MATRICES[name]]
-    types = _stored_types(key, name, stored)
+    types = sorted({t.ggml_type for t in tensors}, key=lambda t: t.name)
     for t in types:
         if t in FLOAT_TYPES:
             return None, f"stored as {t.name} in the source (a float format)"
