@@ -83,3 +83,15 @@ def test_a_missing_extra_is_named(tmp_path, tiny_bundle, blocked, command):
     assert r.returncode == 2 and r.stderr.count("error:") == 1, r.stderr
     assert "which is not installed: pip install" in r.stderr and "internal error" not in r.stderr, r.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_drafting_options_on_a_bundle_without_drafters_are_refused(tmp_path):
+    """A bundle built with --draft none decodes plainly: --drafter, --num-draft, --tree and --compare would be
+    ignored there (a plain run compared with itself), so each is one error line; plain decoding still runs."""
+    out = str(tmp_path / "plain")
+    run("build", "tiny:llama", "--out", out, "--draft", "none", "--max-seq-len", 64)
+    for args in (["--drafter", "lookup"], ["--num-draft", "3"], ["--tree", "chain:2"], ["--compare"]):
+        r = CliRunner().invoke(main, ["generate", out, "hello", "--max-new-tokens", "4", *args])
+        assert r.exit_code == 2 and r.output.startswith("error:") and len(r.output.splitlines()) == 1, (args, r.output)
+    plain = json.loads(run("generate", out, "hello", "--max-new-tokens", 4, "--json"))
+    assert plain["stats"]["drafter"] is None and 1 <= len(plain["token_ids"]) <= 4

@@ -148,6 +148,8 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, dr
                                "greedy decoding is exact")
     gen = load(bundle, threads=threads, device=runtime_device(device, backend), context_cache=not no_context_cache,
                cache_bytes=cache_bytes, cache_dir=cache_dir)
+    if compare and not gen.drafters:
+        raise SpeccompileError("--compare: this bundle has no drafter, so both runs would decode plainly")
     if recalibrate:
         gen.cost_model(recalibrate=True)
     if system is not None:  # the conversation as token ids: what every call below then decodes from
@@ -171,7 +173,7 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, dr
         return
     s = res.stats
     click.echo("")
-    click.echo(f"[{s['new_tokens']} tokens, {s['tokens_per_second']:.1f} tok/s, drafter {s['drafter']}, "
+    click.echo(f"[{s['new_tokens']} tokens, {s['tokens_per_second']:.1f} tok/s, drafter {s['drafter'] or 'none'}, "
                f"mean accepted tokens {s['mean_accepted_tokens']:.2f} over {s['verify_steps']} verify passes"
                f"{', typical acceptance (lossy)' if s['acceptance'] != 'exact' else ''}]",
                err=True)
