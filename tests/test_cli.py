@@ -95,3 +95,15 @@ def test_drafting_options_on_a_bundle_without_drafters_are_refused(tmp_path):
         assert r.exit_code == 2 and r.output.startswith("error:") and len(r.output.splitlines()) == 1, (args, r.output)
     plain = json.loads(run("generate", out, "hello", "--max-new-tokens", 4, "--json"))
     assert plain["stats"]["drafter"] is None and 1 <= len(plain["token_ids"]) <= 4
+
+
+def test_top_k_and_top_p_without_a_temperature_are_refused(tiny_bundle):
+    """Greedy decoding (temperature 0, the default) takes the likeliest token whatever --top-k or --top-p say: they
+    are refused there rather than ignored, and apply once a temperature is given."""
+    for args in (["--top-k", "5"], ["--top-p", "0.5"]):
+        r = CliRunner().invoke(main, ["generate", str(tiny_bundle), "hello", "--max-new-tokens", "4", *args])
+        assert r.exit_code == 2 and r.output.startswith(f"error: {args[0]}") and len(r.output.splitlines()) == 1, \
+            r.output
+        sampled = json.loads(run("generate", tiny_bundle, "hello", "--max-new-tokens", 4, "--json", *args,
+                                 "--temperature", 0.7, "--seed", 1))
+        assert sampled["token_ids"]

@@ -110,9 +110,10 @@ def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, ba
 @click.argument("prompt")
 @click.option("--max-new-tokens", default=128, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", default=0, show_default=True)
-@click.option("--top-p", default=1.0, show_default=True)
-@click.option("--seed", default=None, type=int)
+@click.option("--top-k", default=0, show_default=True, help="With --temperature: sample from the k likeliest tokens.")
+@click.option("--top-p", default=1.0, show_default=True,
+              help="With --temperature: sample from the likeliest tokens whose probabilities sum to p.")
+@click.option("--seed", default=None, type=int, help="With --temperature: the same seed, the same output.")
 @click.option("--drafter", default=None, help="Which of the bundle's drafters (default: its first).")
 @click.option("--num-draft", default=None, type=int, help="Override the drafter's tokens per pass.")
 @click.option("--tree", default=None, help="Draft this tree instead of the bundle's (`inspect` shows it; adaptive "
@@ -137,12 +138,18 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, dr
              no_context_cache, cache_bytes, cache_dir):
     """Generate text for PROMPT from BUNDLE, streaming it."""
     from speccompile import load
+    from speccompile.runtime.sampling import SamplingParams
     if system is not None and no_chat:
         raise SpeccompileError("--system needs the chat template: drop --no-chat")
     drafting = [o for o, given in (("--compare", compare), ("--drafter", drafter), ("--num-draft", num_draft),
                                    ("--tree", tree), ("--acceptance", acceptance != "exact")) if given]
     if no_speculate and drafting:
         raise SpeccompileError(f"--no-speculate drafts nothing: drop {', '.join(drafting)}")
+    SamplingParams(temperature, top_k, top_p, seed)  # values out of range: their own error first
+    sampling = [o for o, given in (("--top-k", top_k), ("--top-p", top_p != 1.0)) if given]
+    if sampling and temperature == 0:  # greedy decoding takes the likeliest token: they would change nothing
+        raise SpeccompileError(f"{', '.join(sampling)} limit what sampling draws from: give --temperature "
+                               "(0, the default, is greedy)")
     if acceptance != "exact" and temperature == 0:
         raise SpeccompileError(f"--acceptance {acceptance}: typical acceptance is for sampling (give --temperature); "
                                "greedy decoding is exact")
