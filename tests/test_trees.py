@@ -280,4 +280,7 @@ def test_inspect_names_a_tree_as_tree_spells_it():
         "adaptive:4+lookup:6 (at most 63 nodes a pass)"
     assert tree_label({"kind": "adaptive", "size": 63, "depth": 4, "lookup": 0}) == \
         "adaptive:4 (at most 63 nodes a pass)"
-    assert tree_label({"kind": "dynamic", "size": 12, "lookup": 6}) == "dynamic+lookup:6 of 12 nodes"
+    assert tree_label({"kind": "dynamic", "size": 12, "lookup": 6}) == "dynamic:12+lookup:6"
+    assert tree_label({"kind": "chain", "size": 4, "lookup": 0}) == "chain:4"
+    for spec in ("dynamic:12+lookup:6", "chain:4", "adaptive:3+lookup:2"):  # what inspect shows, --tree takes
+        assert tree_label(TreeSpec.parse(spec).to_dict()).split(" (")[0] == spec

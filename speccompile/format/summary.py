@@ -126,4 +126,6 @@ def tree_label(tree: dict) -> str:
     kind, lookup = tree["kind"], f"+lookup:{tree['lookup']}" if tree.get("lookup") else ""
     if kind == "adaptive":
         return f"adaptive:{tree['depth']}{lookup} (at most {tree['size']} nodes a pass)"
-    return f"{kind}{lookup} of {tree['size']} nodes"
+    if kind in ("chain", "dynamic"):  # chain:K, dynamic:N: the size is the spec's number
+        return f"{kind}:{tree['size']}{lookup}"
+    return f"{kind}{lookup} of {tree['size']} nodes"  # static: its paths came from a file
