@@ -107,3 +107,11 @@ def test_top_k_and_top_p_without_a_temperature_are_refused(tiny_bundle):
         sampled = json.loads(run("generate", tiny_bundle, "hello", "--max-new-tokens", 4, "--json", *args,
                                  "--temperature", 0.7, "--seed", 1))
         assert sampled["token_ids"]
+
+
+def test_compare_samples_both_runs_from_one_seed(tiny_bundle):
+    """--compare at a temperature without --seed: the speculative and the plain run draw from one seed, so their
+    outputs compare token for token (two unseeded runs would differ at almost every token at this temperature)."""
+    out = json.loads(run("generate", tiny_bundle, "hello", "--max-new-tokens", 24, "--temperature", 5.0, "--compare",
+                         "--json"))
+    assert out["identical_to_autoregressive"], out["token_ids"]

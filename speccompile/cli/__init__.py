@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import random
 import signal
 import sys
 
@@ -162,6 +163,8 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, dr
     if system is not None:  # the conversation as token ids: what every call below then decodes from
         prompt = gen.tokenizer.encode_messages([{"role": "system", "content": system},
                                                 {"role": "user", "content": prompt}])
+    if compare and temperature > 0 and seed is None:  # both runs sample from one seed, so compare token for token
+        seed = random.SystemRandom().randrange(2**63)
     kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stop),
                   chat=not no_chat, drafter=drafter, num_draft=num_draft, tree=tree, acceptance=acceptance)
     on_text = None if as_json else functools.partial(click.echo, nl=False)
