@@ -14,7 +14,10 @@ __all__ = ["SamplingParams", "load"]
 
 def load(bundle_dir: str, **kwargs):
     """Load a bundle for generation (imports only numpy, onnxruntime, tokenizers, jinja2): a
-    speccompile.runtime.generator.Generator. kwargs: threads, device, verify."""
+    speccompile.runtime.generator.Generator. kwargs: threads, device, verify, and the context cache's
+    context_cache, cache_bytes, cache_dir."""
+    from speccompile.runtime.context_cache import check_cache_dir
     from speccompile.runtime.generator import Generator
+    check_cache_dir(bundle_dir, kwargs.get("cache_dir"))
     return Generator.load(bundle_dir, **kwargs)
 

@@ -1,5 +1,6 @@
 """The CLI contract that benchmarks and CI gates call."""
 import json
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -115,3 +116,16 @@ def test_compare_samples_both_runs_from_one_seed(tiny_bundle):
     out = json.loads(run("generate", tiny_bundle, "hello", "--max-new-tokens", 24, "--temperature", 5.0, "--compare",
                          "--json"))
     assert out["identical_to_autoregressive"], out["token_ids"]
+
+
+def test_a_cache_dir_inside_the_bundle_is_refused(tiny_bundle, tmp_path):
+    """--cache-dir inside the bundle would write files its manifest does not list: every later load of the bundle
+    would then fail its integrity check. Refused, and the bundle stays as it was."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    for inside in (bundle, bundle / "cache"):
+        r = CliRunner().invoke(main, ["generate", str(bundle), "hello", "--max-new-tokens", "3", "--cache-dir",
+                                      str(inside)])
+        assert r.exit_code == 2 and r.output.startswith("error:") and "inside the bundle" in r.output, r.output
+    run("generate", bundle, "hello", "--max-new-tokens", 3, "--cache-dir", tmp_path / "cache")
+    run("inspect", bundle)

@@ -104,6 +104,17 @@ def write_kv(cache, arrays: Arrays, start: int = 0, slot: int = 0) -> None:
         getattr(cache, n)[:, slot, :, start:start + len(rows)] = rows.transpose(1, 2, 0, 3)
 
 
+def check_cache_dir(bundle_dir: str, cache_dir: str | None) -> None:
+    """Refuse a disk tier inside the bundle: files there that its manifest does not list fail its check on every
+    later load."""
+    if cache_dir is None or not isinstance(cache_dir, (str, os.PathLike)):
+        return
+    root, folder = os.path.realpath(bundle_dir), os.path.realpath(cache_dir)
+    if os.path.commonpath([root, folder]) == root:
+        raise SpeccompileError(f"context cache: --cache-dir {cache_dir!r} is inside the bundle {bundle_dir!r}, whose "
+                               "files must all be listed in its manifest; choose a folder outside it")
+
+
 class ContextCache:
     def __init__(self, identity: str, parts: dict[str, Part], max_bytes: int = DEFAULT_CACHE_BYTES,
                  block_tokens: int = DEFAULT_BLOCK_TOKENS, cache_dir: str | None = None,
