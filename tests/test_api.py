@@ -375,6 +375,19 @@ def test_chat_template_sees_what_transformers_passes(tokenizer_dir):
     assert tok.apply_chat_template([{"role": "user", "content": "Hi"}]) == "Hi|<|endoftext|>|<|endoftext|>"
 
 
+def test_several_named_chat_templates_apply_the_default(tokenizer_dir):
+    """transformers saves several chat templates (Hermes 3's default and tool_use) as a list of {name, template};
+    with none named it applies "default". Such a tokenizer once made its bundle unloadable."""
+    cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    named = [{"name": "tool_use", "template": "tools"},
+             {"name": "default", "template": "{{ messages[0]['content'] }}!"}]
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps(dict(cfg, chat_template=named)))
+    assert BundleTokenizer(str(tokenizer_dir)).apply_chat_template([{"role": "user", "content": "Hi"}]) == "Hi!"
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps(dict(cfg, chat_template=named[:1])))
+    with pytest.raises(BundleError, match="none of them 'default'"):
+        BundleTokenizer(str(tokenizer_dir))
+
+
 def test_a_payload_in_a_bundle_runs_nothing(tiny_bundle, tmp_path, monkeypatch):
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, bundle)

@@ -157,9 +157,22 @@ def _read_tokenizer_files(directory: str):
     for key in SPECIAL_TOKENS:
         if not isinstance(_token_str(cfg.get(key)), (str, type(None))):
             raise ValueError(f"{key} is neither a string nor a token object")
+    if isinstance(template, list):
+        template = _default_template(template)
     if not isinstance(template, (str, type(None))):
         raise ValueError("chat_template is not a string")
     return tok, cfg, template
+
+
+def _default_template(named: list) -> str:
+    """Of several chat templates, saved by transformers as [{"name": ..., "template": ...}, ...] (a default and,
+    say, a tool_use one), the one transformers applies when none is named: "default"."""
+    if not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in named):
+        raise ValueError("chat_template is a list, but not of {name, template} objects")
+    templates = {t["name"]: t.get("template") for t in named}
+    if "default" not in templates:
+        raise ValueError(f"chat_template names templates {', '.join(templates)}, none of them 'default'")
+    return templates["default"]
 
 
 def _json_object(directory: str, name: str) -> dict:
