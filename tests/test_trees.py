@@ -284,3 +284,15 @@ def test_inspect_names_a_tree_as_tree_spells_it():
     assert tree_label({"kind": "chain", "size": 4, "lookup": 0}) == "chain:4"
     for spec in ("dynamic:12+lookup:6", "chain:4", "adaptive:3+lookup:2"):  # what inspect shows, --tree takes
         assert tree_label(TreeSpec.parse(spec).to_dict()).split(" (")[0] == spec
+
+
+def test_inspect_shows_a_tree_drafter_by_its_tree(tiny_bundle):
+    """A drafter with a tree drafts the tree each pass: its num_draft (what --num-draft would replace the tree with)
+    is not its tokens per pass."""
+    from speccompile.format.bundle import read_manifest
+    from speccompile.format.summary import describe
+    m = read_manifest(tiny_bundle)
+    m["drafters"][0]["tree"] = TreeSpec.parse("dynamic:5").to_dict()
+    lines = [line for line in describe(tiny_bundle, m, True) if line.startswith("drafter")]
+    assert lines[0] == f"drafter     {m['drafters'][0]['name']} ({m['drafters'][0]['kind']}, tree dynamic:5)"
+    assert f"{m['drafters'][1]['num_draft']} tokens per pass" in lines[1]

@@ -29,10 +29,10 @@ def describe(bundle: str, m: dict, verified: bool) -> list[str]:
                    f"{c['hidden_size']}, vocab {c['vocab_size']}), weights {e['weights']}, attention "
                    f"{e['attention']}, KV cache {kv_mb:.1f} MiB{slots}")
     for d in m["drafters"]:
+        # a drafter with a tree drafts it: its num_draft is only what --num-draft would replace it with
+        drafts = f"tree {tree_label(d['tree'])}" if d.get("tree") else f"{d['num_draft']} tokens per pass"
         extra = f", model {d['model']}" if "model" in d else ""
-        if d.get("tree"):
-            extra += f", tree {tree_label(d['tree'])}"
-        out.append(f"drafter     {d['name']} ({d['kind']}, {d['num_draft']} tokens per pass{extra})")
+        out.append(f"drafter     {d['name']} ({d['kind']}, {drafts}{extra})")
     if not m["drafters"]:
         out.append("drafter     none (plain decoding only)")
     total = sum(f["bytes"] for f in m["files"].values())
