@@ -129,3 +129,16 @@ def test_a_cache_dir_inside_the_bundle_is_refused(tiny_bundle, tmp_path):
         assert r.exit_code == 2 and r.output.startswith("error:") and "inside the bundle" in r.output, r.output
     run("generate", bundle, "hello", "--max-new-tokens", 3, "--cache-dir", tmp_path / "cache")
     run("inspect", bundle)
+
+
+def test_compare_fits_a_request_that_fits(tiny_bundle, tiny_generator):
+    """--compare warms both paths up first: with no more new tokens than were asked for, so a prompt that leaves
+    room for fewer than its warm-up's tokens still runs."""
+    words = next(n for n in range(1, 1000) if len(tiny_generator.tokenizer.encode(
+        " ".join(["a"] * n), add_special_tokens=True)) >= tiny_generator.max_seq_len - 3)
+    prompt = " ".join(["a"] * words)
+    room = tiny_generator.max_seq_len - len(tiny_generator.tokenizer.encode(prompt, add_special_tokens=True))
+    assert 1 <= room <= 3
+    out = json.loads(run("generate", tiny_bundle, prompt, "--no-chat", "--max-new-tokens", room, "--compare",
+                         "--json"))
+    assert out["identical_to_autoregressive"] and 1 <= len(out["token_ids"]) <= room

@@ -169,8 +169,8 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, dr
                   chat=not no_chat, drafter=drafter, num_draft=num_draft, tree=tree, acceptance=acceptance)
     on_text = None if as_json else functools.partial(click.echo, nl=False)
     if compare:  # warm both paths up (first runs allocate), so the two timings compare like with like
-        gen.generate(prompt, 4, speculate=False, **kwargs)
-        gen.generate(prompt, 4, speculate=not no_speculate, **kwargs)
+        gen.generate(prompt, min(4, max_new_tokens), speculate=False, **kwargs)
+        gen.generate(prompt, min(4, max_new_tokens), speculate=not no_speculate, **kwargs)
     res = gen.generate(prompt, max_new_tokens, speculate=not no_speculate, on_text=on_text, **kwargs)
     base = gen.generate(prompt, max_new_tokens, speculate=False, **kwargs) if compare else None
     if as_json:
