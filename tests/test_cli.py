@@ -142,3 +142,13 @@ def test_compare_fits_a_request_that_fits(tiny_bundle, tiny_generator):
     out = json.loads(run("generate", tiny_bundle, prompt, "--no-chat", "--max-new-tokens", room, "--compare",
                          "--json"))
     assert out["identical_to_autoregressive"] and 1 <= len(out["token_ids"]) <= room
+
+
+def test_cache_options_without_a_context_cache_are_refused(tiny_bundle, tmp_path):
+    """--no-context-cache keeps no cache: a --cache-dir or --cache-bytes beside it would be ignored."""
+    for args in (["--cache-dir", str(tmp_path / "c")], ["--cache-bytes", "1000"]):
+        r = CliRunner().invoke(main, ["generate", str(tiny_bundle), "hello", "--max-new-tokens", "4",
+                                      "--no-context-cache", *args])
+        assert r.exit_code == 2 and r.output.startswith("error: --no-context-cache") and args[0] in r.output, \
+            r.output
+    assert not (tmp_path / "c").exists()

@@ -14,6 +14,7 @@ import click
 from speccompile.errors import SpeccompileError
 from speccompile.graphs import DEFAULT_MAX_BATCH
 from speccompile.cli.errors import DEBUG_ENV, errors_to_exit, OneLineUsageErrors
+from speccompile.cli.generate_options import CACHE_BYTES, check_generate_options
 from speccompile.train.cli_options import train_head_options
 
 
@@ -131,7 +132,7 @@ def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, ba
 @device_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @click.option("--no-context-cache", is_flag=True, help="Do not reuse the K/V of prompt prefixes seen before.")
-@click.option("--cache-bytes", default=1 << 30, show_default=True, help="Memory for the context cache.")
+@click.option("--cache-bytes", default=CACHE_BYTES, show_default=True, help="Memory for the context cache.")
 @click.option("--cache-dir", type=click.Path(), default=None, help="Also keep the context cache here, across runs.")
 @errors_to_exit
 def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, drafter, num_draft, tree, acceptance,
@@ -139,21 +140,7 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, dr
              no_context_cache, cache_bytes, cache_dir):
     """Generate text for PROMPT from BUNDLE, streaming it."""
     from speccompile import load
-    from speccompile.runtime.sampling import SamplingParams
-    if system is not None and no_chat:
-        raise SpeccompileError("--system needs the chat template: drop --no-chat")
-    drafting = [o for o, given in (("--compare", compare), ("--drafter", drafter), ("--num-draft", num_draft),
-                                   ("--tree", tree), ("--acceptance", acceptance != "exact")) if given]
-    if no_speculate and drafting:
-        raise SpeccompileError(f"--no-speculate drafts nothing: drop {', '.join(drafting)}")
-    SamplingParams(temperature, top_k, top_p, seed)  # values out of range: their own error first
-    sampling = [o for o, given in (("--top-k", top_k), ("--top-p", top_p != 1.0)) if given]
-    if sampling and temperature == 0:  # greedy decoding takes the likeliest token: they would change nothing
-        raise SpeccompileError(f"{', '.join(sampling)} limit what sampling draws from: give --temperature "
-                               "(0, the default, is greedy)")
-    if acceptance != "exact" and temperature == 0:
-        raise SpeccompileError(f"--acceptance {acceptance}: typical acceptance is for sampling (give --temperature); "
-                               "greedy decoding is exact")
+    check_generate_options(click.get_current_context().params)
     gen = load(bundle, threads=threads, device=runtime_device(device, backend), context_cache=not no_context_cache,
                cache_bytes=cache_bytes, cache_dir=cache_dir)
     if compare and not gen.drafters:

@@ -1,0 +1,32 @@
+"""`generate`'s options checked together: those that contradict each other, or that the others would make it
+ignore, are refused before the bundle loads."""
+from __future__ import annotations
+
+from speccompile.errors import SpeccompileError
+
+CACHE_BYTES = 1 << 30  # the context cache's memory by default
+
+
+def check_generate_options(p: dict) -> None:
+    """generate's options (p: by parameter name) that contradict each other, or that the others would make it
+    ignore: one error line, before the bundle loads."""
+    from speccompile.runtime.sampling import SamplingParams
+    if p["system"] is not None and p["no_chat"]:
+        raise SpeccompileError("--system needs the chat template: drop --no-chat")
+    drafting = [o for o, given in (("--compare", p["compare"]), ("--drafter", p["drafter"]),
+                                   ("--num-draft", p["num_draft"]), ("--tree", p["tree"]),
+                                   ("--acceptance", p["acceptance"] != "exact")) if given]
+    if p["no_speculate"] and drafting:
+        raise SpeccompileError(f"--no-speculate drafts nothing: drop {', '.join(drafting)}")
+    SamplingParams(p["temperature"], p["top_k"], p["top_p"], p["seed"])  # values out of range: their own error
+    sampling = [o for o, given in (("--top-k", p["top_k"]), ("--top-p", p["top_p"] != 1.0)) if given]
+    if sampling and p["temperature"] == 0:  # greedy decoding takes the likeliest token: they would change nothing
+        raise SpeccompileError(f"{', '.join(sampling)} limit what sampling draws from: give --temperature "
+                               "(0, the default, is greedy)")
+    if p["acceptance"] != "exact" and p["temperature"] == 0:
+        raise SpeccompileError(f"--acceptance {p['acceptance']}: typical acceptance is for sampling (give "
+                               "--temperature); greedy decoding is exact")
+    cache = [o for o, given in (("--cache-bytes", p["cache_bytes"] != CACHE_BYTES), ("--cache-dir", p["cache_dir"]))
+             if given]
+    if p["no_context_cache"] and cache:
+        raise SpeccompileError(f"--no-context-cache keeps no context cache: drop {', '.join(cache)}")
