@@ -202,6 +202,19 @@ def test_plain_http_and_server_sent_events(state, server):
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+def test_every_chunk_of_a_stream_has_the_same_created(server, monkeypatch):
+    """OpenAI's chunks of one stream share one `created`: the clock read once per stream, not per chunk (here a
+    clock a second later at every read)."""
+    from speccompile.serve import protocol
+    clock = iter(range(1_700_000_000, 1_800_000_000))
+    monkeypatch.setattr(protocol, "now", lambda: next(clock))
+    for path, body in (("/v1/chat/completions", {"messages": user("tea")}), ("/v1/completions", {"prompt": "tea"})):
+        body = {**body, "max_tokens": 12, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", server.url + path, json=body) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert len(chunks) >= 3 and len({c["created"] for c in chunks}) == 1, (path, chunks)
+
+
 def test_concurrent_clients_each_get_their_own_answer(state, server):
     """16 clients x 4 requests at once: none lost, each greedy answer the one the same request gets alone."""
     clients, per_client, n = 16, 4, 12
@@ -258,6 +271,19 @@ def test_bad_requests_get_openai_error_objects(server, body, status, word):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert word in err["message"] and err["type"] and "Traceback" not in r.text
+
+
+def test_a_body_without_the_json_content_type_is_refused_saying_so(server):
+    """`curl -d '{...}'` sends a JSON object as application/x-www-form-urlencoded, which is not parsed: the error
+    names the Content-Type to send, not that the body is no JSON object."""
+    body = json.dumps({"prompt": "tea", "max_tokens": 2})
+    for content_type in ("application/x-www-form-urlencoded", "text/plain", None):
+        headers = {"content-type": content_type} if content_type else {}
+        r = httpx.post(server.url + "/v1/completions", content=body, headers=headers)
+        assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"], r.text
+    ok = httpx.post(server.url + "/v1/completions", content=body,
+                    headers={"content-type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200, ok.text
 
 
 def test_completion_prompt_errors(server):
@@ -365,6 +391,73 @@ def test_a_plain_request_whose_client_goes_is_cancelled(state):
             time.sleep(0.02)
     finally:
         srv.stop()
+
+
+class HeldTokenizer:
+    """The bundle's tokenizer, its chat encoding held until `release` is set: a prompt of megabytes of text (or a
+    slow chat template) takes seconds to encode."""
+
+    def __init__(self, tokenizer, release: threading.Event):
+        self.tokenizer, self.release, self.entered = tokenizer, release, threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def encode_messages(self, messages):
+        self.entered.set()
+        assert self.release.wait(60)
+        return self.tokenizer.encode_messages(messages)
+
+
+class WithTokenizer(SlowGenerator):
+    def __init__(self, gen, tokenizer):
+        super().__init__(gen, 0)
+        self.tokenizer = tokenizer
+
+
+def test_a_prompt_being_tokenized_stalls_no_other_request(state):
+    """Encoding runs off the event loop: while one request's prompt is encoded, the server still answers."""
+    held = HeldTokenizer(state.gen.tokenizer, threading.Event())
+    srv = InProcessServer(make_state(WithTokenizer(state.gen, held), "tiny-serve"))
+    try:
+        answer = {}
+        body = {"messages": user("tea"), "max_tokens": 4, "temperature": 0}
+        asker = threading.Thread(target=lambda: answer.setdefault(
+            "r", httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60)))
+        asker.start()
+        assert held.entered.wait(30)
+        assert httpx.get(srv.url + "/health", timeout=10).json()["in_flight"] == 0
+        held.release.set()
+        asker.join(60)
+        assert answer["r"].status_code == 200, answer["r"].text
+    finally:
+        held.release.set()
+        srv.stop()
+
+
+def test_tokenizing_lets_other_threads_run(state):
+    """The tokenizer lets go of the GIL while it encodes (a long prompt, encoded in a worker thread, then does not
+    hold up the event loop either): a thread counting meanwhile is not stopped."""
+    text = "the cat sat on a mat " * 100_000
+    done, ticks = threading.Event(), [0]
+
+    def count():
+        while not done.is_set():
+            ticks[0] += 1
+            time.sleep(0.001)
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    try:
+        time.sleep(0.05)
+        before = ticks[0]
+        ids = state.gen.tokenizer.encode(text)
+        during = ticks[0] - before
+    finally:
+        done.set()
+        counter.join()
+    assert ids == state.gen.tokenizer.tok.encode(text).ids
+    assert during > 100  # it counts on about once a millisecond; a GIL held throughout leaves it a few steps
 
 
 class BrokenGenerator(SlowGenerator):

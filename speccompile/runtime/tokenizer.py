@@ -65,7 +65,9 @@ class BundleTokenizer:
             text.encode("utf-8")
         except UnicodeEncodeError as e:  # a lone surrogate: valid JSON ("\\ud83d"), not text
             raise SpeccompileError(f"text is not valid Unicode: {e.reason} at character {e.start}") from None
-        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch, even of one text, lets go of the GIL while it runs (encode holds it throughout): a long
+        # text tokenized in one thread does not stall the others, such as a server's event loop
+        return self.tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)

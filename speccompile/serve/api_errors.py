@@ -42,6 +42,15 @@ def busy(retry_after_s: int) -> APIError:
 
 
 UNION_BRANCHES = {"str", "int", "float", "bool", "list", "dict"}
+NOT_AN_OBJECT = "the body must be a JSON object"
+
+
+def is_json(content_type: str | None) -> bool:
+    """Whether a Content-Type is one FastAPI parses the body of as JSON: application/json or application/*+json.
+    Under any other (curl -d sends application/x-www-form-urlencoded; a browser's text/plain form posts need no
+    CORS preflight) the body stays unparsed and is refused."""
+    kind = (content_type or "").split(";")[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
 def field_path(loc) -> str:
@@ -60,7 +69,7 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
         return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
     where = field_path(first.get("loc", ()))
     if not where and first.get("type") in ("model_attributes_type", "dict_type"):
-        return "the body must be a JSON object", None
+        return NOT_AN_OBJECT, None
     return (f"{where}: {first.get('msg')}" if where else f"the body: {first.get('msg')}"), where or None
 
 
@@ -71,8 +80,11 @@ def install(app: FastAPI) -> None:
         return e.response()
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError):
+    async def invalid(request: Request, e: RequestValidationError):
         message, param = validation_message(list(e.errors()))
+        if message == NOT_AN_OBJECT and not is_json(request.headers.get("content-type")):
+            message = (f"the body must be a JSON object sent with 'Content-Type: application/json' (this request's "
+                       f"Content-Type: {request.headers.get('content-type') or 'none'})")
         return APIError(400, message, param=param).response()
 
     @app.exception_handler(SpeccompileError)

@@ -63,7 +63,7 @@ def create_app(state: ServeState) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=[authorized])
     async def chat_completions(body: protocol.ChatRequest, request: Request):
         _check_model(state, body.model)
-        ids = state.gen.tokenizer.encode_messages([m.as_dict() for m in body.messages])
+        ids = await _tokenize(state.gen.tokenizer.encode_messages, [m.as_dict() for m in body.messages])
         return await _respond(state, body, ids, request, chat=True)
 
     @app.post("/v1/completions", dependencies=[authorized])
@@ -72,8 +72,10 @@ def create_app(state: ServeState) -> FastAPI:
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):  # a list of one text
             prompt = prompt[0]
-        # a text as the tokenizer encodes it alone (BOS where it adds one), as vLLM's completions do
-        ids = state.gen.tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
+        if isinstance(prompt, str):  # as the tokenizer encodes it alone (BOS where it adds one), as vLLM's do
+            ids = await _tokenize(state.gen.tokenizer.encode, prompt, add_special_tokens=True)
+        else:
+            ids = list(prompt)
         return await _respond(state, body, ids, request, chat=False)
 
     return app
@@ -89,6 +91,12 @@ def _auth(state: ServeState):
             raise APIError(401, "missing or incorrect API key (send 'Authorization: Bearer KEY')",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
     return check
+
+
+async def _tokenize(encode, *args, **kwargs) -> list[int]:
+    """encode(...) in a worker thread: a long prompt (megabytes of text, refused only once its tokens are counted)
+    or a slow chat template would otherwise stall every other request's stream while it runs."""
+    return await asyncio.to_thread(encode, *args, **kwargs)
 
 
 def _check_model(state: ServeState, model: str | None) -> None:
@@ -165,13 +173,16 @@ def _data(obj) -> str:
 async def _sse(state: ServeState, body, job: Job, event, chat: bool):
     """The answer as server-sent events, ending with [DONE]. If the client goes, Starlette cancels this generator
     at its await: `finally` cancels the job, whose worker closes the Generator's stream after the current pass."""
-    rid, model = protocol.new_id("chatcmpl" if chat else "cmpl"), state.model
-    piece = ((lambda text, finish=None: protocol.chat_chunk(rid, model, {"content": text} if text or not finish
-                                                            else {}, finish)) if chat else
-             (lambda text, finish=None: protocol.completion(rid, model, text, finish, None)))
+    rid, model, created = protocol.new_id("chatcmpl" if chat else "cmpl"), state.model, protocol.now()
+
+    def piece(text: str, finish: str | None = None) -> dict:
+        if not chat:
+            return protocol.completion(rid, model, text, finish, None, created)
+        return protocol.chat_chunk(rid, model, created, {"content": text} if text or not finish else {}, finish)
+
     try:
         if chat:
-            yield _data(protocol.chat_chunk(rid, model, {"role": "assistant", "content": ""}))
+            yield _data(protocol.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
         while event[0] == "chunk":
             if event[1].text:
                 yield _data(piece(event[1].text))
@@ -184,8 +195,8 @@ async def _sse(state: ServeState, body, job: Job, event, chat: bool):
         yield _data(piece("", outcome.finish_reason))
         if body.include_usage:
             use = usage(len(job.ids), len(outcome.token_ids), outcome.stats)
-            yield _data(protocol.chat_chunk(rid, model, None, usage=use) if chat else
-                        protocol.completion_usage_chunk(rid, model, use))
+            yield _data(protocol.chat_chunk(rid, model, created, None, usage=use) if chat else
+                        protocol.completion_usage_chunk(rid, model, created, use))
         yield "data: [DONE]\n\n"
     finally:
         job.cancel()

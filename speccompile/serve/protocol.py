@@ -115,21 +115,24 @@ def chat_completion(rid: str, model: str, text: str, finish: str, usage: dict) -
                          "finish_reason": finish}], "usage": usage}
 
 
-def chat_chunk(rid: str, model: str, delta: dict | None, finish: str | None = None, usage: dict | None = None) -> dict:
-    """A chat.completion.chunk; delta None: the usage-only chunk after the last choice (choices empty)."""
+def chat_chunk(rid: str, model: str, created: int, delta: dict | None, finish: str | None = None,
+               usage: dict | None = None) -> dict:
+    """A chat.completion.chunk; delta None: the usage-only chunk after the last choice (choices empty). Every chunk
+    of a stream carries the stream's `created`, as OpenAI's do."""
     choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
-    return {"id": rid, "object": "chat.completion.chunk", "created": now(), "model": model, "choices": choices,
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices,
             "usage": usage}
 
 
-def completion(rid: str, model: str, text: str, finish: str | None, usage: dict | None) -> dict:
-    """A text_completion: the whole answer, or (streamed) one piece of it."""
-    return {"id": rid, "object": "text_completion", "created": now(), "model": model,
+def completion(rid: str, model: str, text: str, finish: str | None, usage: dict | None,
+               created: int | None = None) -> dict:
+    """A text_completion: the whole answer, or (streamed, with the stream's `created`) one piece of it."""
+    return {"id": rid, "object": "text_completion", "created": now() if created is None else created, "model": model,
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}], "usage": usage}
 
 
-def completion_usage_chunk(rid: str, model: str, usage: dict) -> dict:
-    return {"id": rid, "object": "text_completion", "created": now(), "model": model, "choices": [], "usage": usage}
+def completion_usage_chunk(rid: str, model: str, created: int, usage: dict) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": usage}
 
 
 def model_list(model: str, created: int) -> dict:
