@@ -460,6 +460,29 @@ def test_tokenizing_lets_other_threads_run(state):
     assert during > 100  # it counts on about once a millisecond; a GIL held throughout leaves it a few steps
 
 
+def test_a_request_leaves_the_queue_before_its_client_hears_the_end(state, monkeypatch):
+    """A client that sends its next request as soon as the last one ended finds its place free (with --max-queue 1
+    it got a 429 now and then): a job leaves the count before its last event (done, or an error) is handed on."""
+    from speccompile.serve.runner import Job
+    served = make_state(state.gen, "tiny-serve", max_queue=1)
+    counted_at_end, put = [], Job.put
+
+    def put_counting(job, kind, value):
+        if kind != "chunk":
+            counted_at_end.append(served.runner.in_flight)
+        put(job, kind, value)
+
+    monkeypatch.setattr(Job, "put", put_counting)
+    srv = InProcessServer(served)
+    try:
+        statuses = [httpx.post(srv.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 2, **extra},
+                               timeout=60).status_code
+                    for prompt, extra in (("tea", {}), ("tea", {"stream": True}), ([10**6], {}))]
+    finally:
+        srv.stop()
+    assert statuses == [200, 200, 400] and counted_at_end == [0, 0, 0]
+
+
 class BrokenGenerator(SlowGenerator):
     def stream(self, *args, **kwargs):
         raise RuntimeError("a bug deep in the runtime")

@@ -85,7 +85,7 @@ class Runner:
         return job
 
     def _work(self, job: Job) -> None:
-        tokens, text, first_at, outcome, stream = [], [], None, None, None
+        tokens, text, first_at, outcome, stream, error = [], [], None, None, None, None
         try:
             stream = self.gen.stream(job.ids, job.max_new_tokens, **job.kwargs)
             while not job.cancelled.is_set():
@@ -105,30 +105,33 @@ class Runner:
             else:
                 outcome = Outcome(tokens, "".join(text), {}, "cancelled")
         except SpeccompileError as e:
-            job.put("error", e)
+            error = e
         except Exception as e:  # a bug: logged with its traceback here, a plain 500 for the client
             log.exception("request failed")
-            job.put("error", e)
+            error = e
         finally:
             if stream is not None:
                 stream.close()  # frees the Generator for the next request now, not when collected
-            self._finish(job, outcome, first_at)
+            self._finish(job, outcome, error, first_at)
 
     def _outcome(self, job: Job, result) -> Outcome:
         ended = result.token_ids and result.token_ids[-1] in self.gen.tokenizer.eos_token_ids
         full = len(result.token_ids) >= job.max_new_tokens and not ended
         return Outcome(result.token_ids, result.text, result.stats, "length" if full else "stop")
 
-    def _finish(self, job: Job, outcome: Outcome | None, first_at: float | None) -> None:
+    def _finish(self, job: Job, outcome: Outcome | None, error: Exception | None, first_at: float | None) -> None:
         (self.metrics.running if first_at is not None else self.metrics.waiting).dec()
         if outcome is not None:
             ttft = None if first_at is None else first_at - job.arrival
             self.metrics.finished(len(job.ids), len(outcome.token_ids), outcome.stats, outcome.finish_reason, ttft,
                                   time.perf_counter() - job.arrival)
-            job.put("done", outcome)
-        with self._lock:
+        with self._lock:  # out of the count before its client hears the end: a next request finds the place free
             self._jobs.discard(job)
             self._idle.notify_all()
+        if error is not None:
+            job.put("error", error)
+        elif outcome is not None:
+            job.put("done", outcome)
 
     def shutdown(self, timeout_s: float) -> bool:
         """Stop admitting, cancel what is still running, and wait up to timeout_s for the workers to let go;
