@@ -4,7 +4,8 @@
            file's dequantized weight (quantize/nbits.py); a float checkpoint stays float32
   float32  every matrix float32 (dequantized, for a GGUF)
   int8     float weights block-quantized (blocks of 32 along K, a scale and a uint8 zero point per block) by
-  int4     onnxruntime's own block quantizer, the one its MatMulNBitsQuantizer calls
+  int4     onnxruntime's own block quantizer, the one its MatMulNBitsQuantizer calls; a quantized GGUF's matrices
+           are its dequantized blocks rounded again (format "int4 requantized from q4_1")
 
 Every matrix that stays float32 in a quantized build is named with the reason (build output and manifest). The
 output head is not quantized here: the exact greedy head's int8 screen (quantize/head_screen.py) covers it.
@@ -122,13 +123,22 @@ def _matrix(key: str, w: np.ndarray, stored: dict | None, mode: str,
         return _from_gguf(key, name, stored)
     if w.shape[0] % BLOCK:
         return None, f"its input size {w.shape[0]} is not a multiple of {BLOCK}"
-    return quantize_float(w, 4 if mode == "int4" else 8), mode
+    packed = quantize_float(w, 4 if mode == "int4" else 8)
+    blocks = [t.name.lower() for t in _stored_types(key, name, stored) if t not in FLOAT_TYPES] if stored else []
+    # a GGUF's own blocks rounded a second time, lossier than --weights source (which keeps them): said so
+    return packed, f"{mode} requantized from {'+'.join(blocks)}" if blocks else mode
+
+
+def _stored_types(key: str, name: str, stored: dict) -> list:
+    """The GGUF types of the tensors stacked into graph matrix `key`, sorted by name."""
+    prefix = f"model.layers.{layer_of(key)}."
+    return sorted({stored[f"{prefix}{hf}.weight"].ggml_type for hf in DENSE_MATRICES[name]}, key=lambda t: t.name)
 
 
 def _from_gguf(key: str, name: str, stored: dict) -> tuple[PackedMatrix | None, str]:
     prefix = f"model.layers.{layer_of(key)}."
     tensors = [stored[f"{prefix}{hf}.weight"] for hf in DENSE_MATRICES[name]]
-    types = sorted({t.ggml_type for t in tensors}, key=lambda t: t.name)
+    types = _stored_types(key, name, stored)
     for t in types:
         if t in FLOAT_TYPES:
             return None, f"stored as {t.name} in the source (a float format)"
