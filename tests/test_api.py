@@ -16,6 +16,7 @@ from speccompile.errors import BundleError, SpeccompileError
 from speccompile.format.bundle import read_manifest
 from speccompile.format.drafter_kinds import KINDS
 from speccompile.runtime.generator import Generator
+from speccompile.runtime import template_sandbox
 from speccompile.runtime.request import prompt_ids
 from speccompile.runtime.text_stream import TextStream
 from speccompile.runtime.tokenizer import BundleTokenizer, ChatTemplateError, PrefixOffsetDecoder
@@ -329,6 +330,38 @@ def test_chat_template_cannot_leave_the_sandbox(tokenizer_dir, payload, monkeypa
     with pytest.raises(ChatTemplateError, match="sandbox"):
         tok.encode_chat("hello")
     assert not os.path.exists("PWNED")
+
+
+HUGE_TEMPLATES = {  # each would build gigabytes: refused before it runs, or stopped as it grows
+    "+ doubling": "{% set a = 'x' * 4000000 %}{% set b = a + a %}{% set c = b + b %}{{ c|length }}",
+    "~ doubling": "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+    "a filter's width": "{{ 'x'|center(20000000000) }}",
+    "a method's width": "{{ 'x'.ljust(20000000000) }}",
+    "a printf width": "{{ '%20000000000s' % 'x' }}",
+    "a format width": "{{ '{:>20000000000}'.format('x') }}",
+    "the format filter's width": "{{ '%20000000000s'|format('x') }}",
+    "lipsum": "{{ lipsum(n=100000000) }}",
+    "a power's digits": "{{ (10 ** 4096) ** 4096 > 0 }}",
+    "the output": "{% set a = 'x' * 4000000 %}{% for i in range(5000) %}{{ a }}{% endfor %}",
+    "a filter over many lines": "{% set a = 'a\\n' * 2000000 %}{{ a|indent(4000000)|length }}",
+}
+
+
+@pytest.mark.parametrize("template", HUGE_TEMPLATES.values(), ids=list(HUGE_TEMPLATES))
+def test_a_chat_template_cannot_build_gigabytes(tokenizer_dir, template, monkeypatch):
+    monkeypatch.setattr(template_sandbox, "TEMPLATE_MAX_BYTES", 1 << 28)
+    cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps(dict(cfg, chat_template=template)))
+    with pytest.raises(ChatTemplateError, match="sandbox's limit|passed .* characters|too much memory"):
+        BundleTokenizer(str(tokenizer_dir)).encode_chat("hello")
+
+
+def test_a_special_token_that_is_no_text_is_a_bundle_error(tokenizer_dir):
+    """A lone surrogate ("\\udcff" in the JSON) reached the tokenizer's lookup as a UnicodeEncodeError."""
+    cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps(dict(cfg, eos_token="\udcff")))
+    with pytest.raises(BundleError, match="unreadable tokenizer files"):
+        BundleTokenizer(str(tokenizer_dir))
 
 
 def test_chat_template_helpers(tokenizer_dir):

@@ -2,37 +2,25 @@
 
 A chat template is code that came with the bundle: it renders in jinja2's immutable sandbox, with the helpers
 Hugging Face templates expect (as transformers sets them up), so a template can format messages but reach
-nothing else: no attribute of Python's internals, no module, no file.
+nothing else: no attribute of Python's internals, no module, no file; within a deadline and bounds on what it
+builds (runtime/template_sandbox.py).
 """
 from __future__ import annotations
 
-import ctypes
-import datetime
 import json
 import os
-import threading
 
 import jinja2
-import jinja2.ext
-import jinja2.sandbox
 import tokenizers.decoders
 from tokenizers import Tokenizer
 
 from speccompile.errors import BundleError, SpeccompileError
+from speccompile.runtime.template_sandbox import TEMPLATE_MAX_ITEMS, TEMPLATE_SECONDS, TemplateStopped, render, \
+    sandbox
 
 
 class ChatTemplateError(SpeccompileError):
     """A chat template that fails, or that tries to leave jinja2's sandbox."""
-
-
-# A chat template renders in milliseconds; one still running after this long loops on purpose (jinja2's sandbox
-# bounds what a template may touch, not how long it runs). And the most items its * may build.
-TEMPLATE_SECONDS = 5.0
-TEMPLATE_MAX_ITEMS = 1 << 22
-
-
-class _TemplateTimeout(BaseException):  # not an Exception: jinja2's own handlers pass it through
-    pass
 
 
 class InvalidPrefix(Exception):
@@ -82,21 +70,25 @@ class BundleTokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise ChatTemplateError("this tokenizer has no chat template")
+        # what transformers' apply_chat_template passes without tools or documents
+        variables = {"bos_token": "", "eos_token": "", **self.special_tokens, "tools": None, "documents": None}
         try:
-            if self._compiled is None:
-                self._compiled = _sandbox().from_string(self.chat_template)
-            # what transformers' apply_chat_template passes without tools or documents
-            variables = {"bos_token": "", "eos_token": "", **self.special_tokens, "tools": None, "documents": None}
-            return _within(TEMPLATE_SECONDS, lambda: self._compiled.render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **variables))
-        except _TemplateTimeout:
-            raise ChatTemplateError(f"the bundle's chat template ran for more than {TEMPLATE_SECONDS:g} s and was "
-                                    "stopped: do not trust this bundle") from None
+            return render(self._compile, _text_limit(messages), messages=messages,
+                          add_generation_prompt=add_generation_prompt, **variables)
+        except TemplateStopped as e:
+            spent = "took too much memory" if "memory" in e.args else f"ran for more than {TEMPLATE_SECONDS:g} s"
+            raise ChatTemplateError(f"the bundle's chat template {spent} and was stopped: do not trust this "
+                                    "bundle") from None
         except jinja2.exceptions.SecurityError as e:
             raise ChatTemplateError(f"the bundle's chat template tried to leave jinja2's sandbox ({e}); "
                                     "nothing was run: do not trust this bundle") from None
         except Exception as e:  # a template is the bundle's data: whatever it raises, it is the bundle's fault
             raise ChatTemplateError(f"the bundle's chat template failed: {type(e).__name__}: {e}") from None
+
+    def _compile(self) -> jinja2.Template:
+        if self._compiled is None:
+            self._compiled = sandbox().from_string(self.chat_template)
+        return self._compiled
 
     def encode_chat(self, text: str) -> list[int]:
         if not self.chat_template:
@@ -157,8 +149,11 @@ def _read_tokenizer_files(directory: str):
     if "added_tokens_decoder" not in cfg:
         cfg = {**cfg, **{key: special[key] for key in SPECIAL_TOKENS if key in special}}
     for key in SPECIAL_TOKENS:
-        if not isinstance(_token_str(cfg.get(key)), (str, type(None))):
+        token = _token_str(cfg.get(key))
+        if not isinstance(token, (str, type(None))):
             raise ValueError(f"{key} is neither a string nor a token object")
+        if token is not None:
+            token.encode("utf-8")  # a lone surrogate ("\\udcff" in the JSON) is no text the tokenizer can look up
     if isinstance(template, list):
         template = _default_template(template)
     if not isinstance(template, (str, type(None))):
@@ -188,68 +183,14 @@ def _json_object(directory: str, name: str) -> dict:
     return data
 
 
-def _within(seconds: float, render):
-    """render() in this thread, interrupted by _TemplateTimeout raised into it after `seconds`."""
-    tid, lock, state = ctypes.c_ulong(threading.get_ident()), threading.Lock(), {"done": False, "fired": False}
-
-    def fire():
-        with lock:
-            if not state["done"]:
-                state["fired"] = True
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(tid, ctypes.py_object(_TemplateTimeout))
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
+def _text_limit(messages) -> int:
+    """The most characters a chat template may render: a turn's markup on top of the messages' own text."""
     try:
-        return render()
-    finally:
-        with lock:
-            state["done"] = True
-            if state["fired"]:  # raised already, or still pending: never later, elsewhere
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(tid, None)
-        timer.cancel()
-
-
-class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
-    intercepted_binops = frozenset({"*", "**"})
-
-    def call_binop(self, context, operator, left, right):
-        """* and ** that would build a huge sequence or number are refused: one C call, no deadline stops it."""
-        if operator == "*":
-            seq, n = (left, right) if isinstance(right, int) else (right, left)
-            if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > TEMPLATE_MAX_ITEMS:
-                raise jinja2.exceptions.TemplateRuntimeError(f"a sequence of {len(seq) * n} items is too long")
-        elif isinstance(left, int) and isinstance(right, int) and abs(right) > 4096:
-            raise jinja2.exceptions.TemplateRuntimeError(f"an exponent of {right} is too large")
-        return super().call_binop(context, operator, left, right)
-
-    def unsafe_undefined(self, obj, attribute):
-        """Refuse an unsafe attribute (__class__, __globals__, ...) at once: jinja2's default hands back an
-        undefined value that renders as "" and fails only when used further, so a probe would pass unnoticed."""
-        raise jinja2.exceptions.SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__!r} "
-                                              "object is unsafe")
-
-
-def _sandbox() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
-    """The environment transformers renders chat templates in (its AssistantTracker extension aside)."""
-    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise
-    env.globals["strftime_now"] = _strftime_now
-    return env
-
-
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.datetime.now().strftime(fmt)
+        size = len(json.dumps(messages, default=str))
+    except (TypeError, ValueError, RecursionError):
+        size = 0
+    return TEMPLATE_MAX_ITEMS + 4 * size
 
 
 def _token_str(t):
     return t.get("content") if isinstance(t, dict) else t
-
-
-def _raise(msg):
-    raise jinja2.exceptions.TemplateError(msg)
