@@ -315,6 +315,7 @@ HOSTILE_CACHES = {
     "negative drafter": lambda d: d["drafter_ms"].update(model=[-1.0, -1.0, -1.0]),
     "strings": lambda d: d.update(lookup_ms="fast"),
     "rows huge": lambda d: d.update(rows=list(range(1, 200_001))),
+    "a grid an object": lambda d: d["verify_ms"].update(greedy={}),
 }
 
 

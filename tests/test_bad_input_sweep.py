@@ -222,6 +222,22 @@ GENERATE = [
     ("manifest logits wider than the graph's", lambda p: [variant(p, "logits-wide", edit_manifest(lambda m: [
         o.__setitem__("shape", [o["shape"][0], 1 << 24]) for o in m["models"]["target"]["outputs"]
         if o["name"] == "logits"])), "hi"]),
+    ("graph swapped for the batched one", lambda p: [variant(p, "graph-swap", rehashed(lambda d: shutil.copy(
+        d / "target_batch.onnx", d / "target.onnx"))), "hi"]),
+    ("manifest lists an output the graph lacks", lambda p: [variant(p, "aux-out", edit_manifest(
+        lambda m: m["models"]["target"]["outputs"].append({"name": "aux_hidden_states", "dtype": "float32",
+                                                           "shape": ["S", 64]}))), "hi"]),
+    ("manifest batched graph without its kv_cache", lambda p: [variant(p, "batch-no-kv", edit_manifest(
+        lambda m: m["models"]["target_batch"].pop("kv_cache"))), "hi"]),
+    ("chat template doubles a text by +", lambda p: [variant(p, "tok-plus", rehashed(edit_tokenizer_config(
+        chat_template="{% set a = 'x' * 4000000 %}{% set b = a + a %}{% set c = b + b %}{{ c|length }}"))), "hi"]),
+    ("chat template doubles a text by ~", lambda p: [variant(p, "tok-tilde", rehashed(edit_tokenizer_config(
+        chat_template="{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
+                      "{% endfor %}{{ ns.s|length }}"))), "hi"]),
+    ("chat template pads a text to gigabytes", lambda p: [variant(p, "tok-center", rehashed(edit_tokenizer_config(
+        chat_template="{{ 'x'|center(20000000000) }}"))), "hi"]),
+    ("chat template renders gigabytes", lambda p: [variant(p, "tok-output", rehashed(edit_tokenizer_config(
+        chat_template="{% set a = 'x' * 4000000 %}{% for i in range(5000) %}{{ a }}{% endfor %}"))), "hi"]),
     ("tokenizer config a list", lambda p: [variant(p, "tok-cfg-list", rehashed(write(
         "tokenizer/tokenizer_config.json", "[1, 2]"))), "hi"]),
     ("tokenizer json not a tokenizer", lambda p: [variant(p, "tok-json", rehashed(write(
@@ -383,6 +399,13 @@ def test_one_error_line_nothing_lost(places, name, args_of, command, monkeypatch
     assert not gone, (name, "deleted", gone)
     assert not [n for n in os.listdir(root) if n.startswith(".speccompile-")], name
     read_manifest(places["bundle"])  # the bundle every case shares is untouched
+
+
+def test_inspect_of_a_manifest_without_a_models_attention(places):
+    """`attention` is not in the schema (bundles may lack it): inspect once failed on it with a KeyError."""
+    bundle = variant(places, "no-attention", edit_manifest(lambda m: m["models"]["target"].pop("attention")))
+    r = CliRunner().invoke(main, ["inspect", bundle])
+    assert r.exit_code == 0 and "attention not recorded" in r.output, r.output[-2000:]
 
 
 # ---- the Python API ------------------------------------------------------------------------------------------

@@ -35,8 +35,9 @@ _KV_CACHE = {"type": "object", "required": ["num_layers", "num_kv_heads", "head_
              "properties": {"num_layers": _LAYERS, "num_kv_heads": _WIDTH, "head_dim": _WIDTH, "max_seq_len": _SIZE,
                             "scratch_slots": {"type": "integer", "minimum": 0, "maximum": 64},
                             "dtype": {"enum": ["float32", "float16", "bfloat16"]}}}
-# the models the runtime runs through its Engine (a static KV cache, logits out); Medusa and EAGLE-3's fc have none
-ENGINE_KINDS = ["decoder", "mtp_head", "eagle_head", "eagle3_head"]
+# the models the runtime runs through its Engine or BatchEngine (a static KV cache, logits out); Medusa and
+# EAGLE-3's fc have none
+ENGINE_KINDS = ["decoder", "decoder_batch", "mtp_head", "eagle_head", "eagle3_head"]
 _LOGITS = {"type": "object", "properties": {"name": {"const": "logits"}, "shape": {"prefixItems": [{}, _VOCAB],
                                                                                     "minItems": 2}}}
 

@@ -20,7 +20,7 @@ from speccompile.graphs import MAX_STEP_TOKENS
 from speccompile.runtime.engine import BIAS_WIDTH_STEP, NEG_INF, ancestor_mask, open_session, providers_for, \
     session_options
 from speccompile.runtime.kv_cache import KVCache
-from speccompile.runtime.sessions import bind_host, check_cache_inputs
+from speccompile.runtime.sessions import bind_host, check_graph
 
 
 @dataclasses.dataclass
@@ -53,7 +53,7 @@ class BatchEngine:
         self.vocab_size = next(o["shape"][1] for o in entry["outputs"] if o["name"] == "logits")
         self.session = open_session(resolve_inside(bundle_dir, entry["graph"]), session_options(threads),
                                     providers_for(device))
-        check_cache_inputs(self.session, entry)
+        check_graph(self.session, entry, {"logits": self.vocab_size, "hidden_states": entry["config"]["hidden_size"]})
         self._rebind_inputs = device != "cpu"  # inputs copied at binding (sessions.bind_host)
         B, S = self.slots, MAX_STEP_TOKENS
         self._id_buf, self._pos_buf = np.zeros(B * S, np.int64), np.zeros(B * S, np.int64)  # [n, S] views per pass

@@ -187,8 +187,11 @@ class CostModel:
         if not _ascending(rows, ROWS) or not _ascending(lengths) or not isinstance(verify, dict) \
                 or set(verify) != {"greedy", "sampled"} or not isinstance(drafters, dict):
             raise ValueError("not a cost model")
-        grids = [np.asarray(v, float) for v in verify.values()]
-        heads = [np.asarray(v, float) for v in drafters.values()]
+        try:
+            grids = [np.asarray(v, float) for v in verify.values()]
+            heads = [np.asarray(v, float) for v in drafters.values()]
+        except TypeError:  # an object or a list where a time belongs
+            raise ValueError("not a measurement") from None
         lookup = d.get("lookup_ms", 0.0)
         if any(g.shape != (len(rows), len(lengths)) or not np.all(np.isfinite(g) & (g > 0)) for g in grids) \
                 or any(h.shape not in ((0,), (len(HEAD_ROWS),)) or not np.all(np.isfinite(h) & (h >= 0))

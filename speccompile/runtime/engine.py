@@ -17,8 +17,8 @@ from speccompile.graphs import MAX_STEP_TOKENS
 from speccompile.runtime.kv_cache import DeviceKVCache, KVCache
 # re-exported: the drafters and tools import them from here
 from speccompile.runtime.sessions import (NEG_INF, ancestor_mask, open_session,  # noqa: F401
-                                          bind_host, check_cache_inputs, check_output_widths, providers_for,
-                                          session_options)
+                                          bind_host, check_cache_inputs, check_graph, check_output_widths,
+                                          providers_for, session_options)
 
 BIAS_WIDTH_STEP = 64  # the attention bias's width grows in steps of this many slots
 
@@ -58,8 +58,7 @@ class Engine:
         providers = providers_for(device)
         check_device_dtype(entry, device)
         self.session = open_session(path, session_options(threads, prepack), providers)
-        check_cache_inputs(self.session, entry)
-        check_output_widths(self.session, entry, {"logits": self.vocab_size, "hidden_states": cfg["hidden_size"]})
+        check_graph(self.session, entry, {"logits": self.vocab_size, "hidden_states": cfg["hidden_size"]})
         self.input_names = {i.name for i in self.session.get_inputs()}  # as TensorRTEngine's
         if self.session.get_providers()[0] != providers[0]:  # onnxruntime fell back to the CPU with a warning
             raise SpeccompileError(f"onnxruntime could not start its {providers[0]} (the CUDA or cuDNN libraries "

@@ -103,6 +103,27 @@ def ancestor_mask(parents: np.ndarray) -> np.ndarray:
     return m
 
 
+def check_graph(session: ort.InferenceSession, entry: dict, widths: dict[str, int]) -> None:
+    """The graph is the one the manifest describes: its signature, KV cache inputs and output widths."""
+    check_signature(session, entry)
+    check_cache_inputs(session, entry)
+    check_output_widths(session, entry, widths)
+
+
+def check_signature(session: ort.InferenceSession, entry: dict) -> None:
+    """The graph takes no input the manifest does not list and gives every output it lists: the runtime binds what
+    the manifest names, and a graph of another signature (one swapped for another model's, then re-hashed) would
+    otherwise fail only mid-run, on an input left unbound or an output it lacks."""
+    listed_inputs = {i["name"] for i in entry["inputs"]}
+    unlisted = sorted(i.name for i in session.get_inputs() if i.name not in listed_inputs)
+    graph_outputs = {o.name for o in session.get_outputs()}
+    missing = sorted(o["name"] for o in entry["outputs"] if o["name"] not in graph_outputs)
+    if unlisted or missing:
+        what = (f"takes inputs the manifest does not list ({', '.join(unlisted[:4])})" if unlisted else
+                f"lacks outputs the manifest lists ({', '.join(missing[:4])})")
+        raise BundleError(f"{entry['graph']}: the graph {what}; rebuild the bundle")
+
+
 def check_output_widths(session: ort.InferenceSession, entry: dict, widths: dict[str, int]) -> None:
     """The graph's [rows, width] outputs are as wide as the manifest says (the runtime sizes its buffers from
     the manifest before a pass could show a difference)."""
