@@ -5,7 +5,9 @@ the same request; concurrent clients all get their own answers; bad input and ov
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
+import logging
 import os
 import signal
 import socket
@@ -91,6 +93,18 @@ def client(server):
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == ["tiny-serve"]
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_a_model_is_retrieved_and_health_answers_head(server, client):
+    """The openai client's models.retrieve(); load balancers' HEAD probes."""
+    card = client.models.retrieve("tiny-serve")
+    assert (card.id, card.object, card.owned_by) == ("tiny-serve", "model", "speccompile")
+    for other in ("gpt-5", "org/gpt-5"):
+        with pytest.raises(openai.NotFoundError) as refused:
+            client.models.retrieve(other)
+        assert refused.value.body["code"] == "model_not_found" and other in refused.value.body["message"]
+    head = httpx.head(server.url + "/health")
+    assert head.status_code == 200 and head.content == b""
 
 
 def test_chat_greedy_equals_the_generator_plain_and_streamed(state, client):
@@ -260,6 +274,8 @@ ERRORS = [  # (body or raw bytes, status, a word the message holds)
     ({"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}, 404, "gpt-5"),
     ({"messages": [{"role": "user", "content": "hi " * 400}]}, 400, str(MAX_SEQ_LEN)),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10_000}, 400, str(MAX_SEQ_LEN)),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}}, 400,
+     "stream_options: only allowed with stream: true"),
 ]
 
 
@@ -295,6 +311,20 @@ def test_completion_prompt_errors(server):
         assert r.status_code == 400 and word in r.json()["error"]["message"], r.text
     r = post("/v1/chat/completions", {"messages": user("half an emoji \ud83d")})
     assert r.status_code == 400 and "not valid Unicode" in r.json()["error"]["message"], r.text
+
+
+def test_the_context_length_error_names_what_was_asked_for(server):
+    """A completion without max_tokens gets OpenAI's default of 16, which the error says: the client asked for
+    none. A limit the client sent is named by its field."""
+    prompt = [5] * (MAX_SEQ_LEN - 8)
+    cases = (("/v1/completions", {"prompt": prompt}, "+ 16 tokens to generate (max_tokens was not sent"),
+             ("/v1/completions", {"prompt": prompt, "max_tokens": 9}, "+ 9 tokens asked for (max_tokens)"),
+             ("/v1/chat/completions", {"messages": user("tea"), "max_completion_tokens": MAX_SEQ_LEN},
+              f"+ {MAX_SEQ_LEN} tokens asked for (max_completion_tokens)"))
+    for path, body, words in cases:
+        r = httpx.post(server.url + path, json=body)
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+    assert httpx.post(server.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 8}).status_code == 200
 
 
 def test_what_clients_send_by_default_is_accepted(server, client):
@@ -501,22 +531,66 @@ def test_a_bug_is_a_500_error_object_without_traceback(state):
         srv.stop()
 
 
+class NamedTemplateGenerator(SlowGenerator):
+    """The Generator with a chat template that renders each message's `name`."""
+
+    def __init__(self, gen):
+        super().__init__(gen, 0)
+        self.tokenizer = copy.copy(gen.tokenizer)
+        self.tokenizer.chat_template = ("{% for m in messages %}{% if m.name %}{{ m.name }}: {% endif %}"
+                                        "{{ m.content }}\n{% endfor %}")
+        self.tokenizer._compiled = None
+
+
+def test_a_message_name_reaches_the_chat_template(state):
+    """As vLLM passes it: a template that knows `name` renders it (one that does not ignores it)."""
+    gen = NamedTemplateGenerator(state.gen)
+    named = [{"role": "user", "content": "tea", "name": "zebra"}]
+    prompt_tokens = len(gen.tokenizer.encode_messages(named))
+    assert prompt_tokens > len(gen.tokenizer.encode_messages([{"role": "user", "content": "tea"}]))
+    srv = InProcessServer(make_state(gen, "tiny-serve"))
+    try:
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": named, "max_tokens": 1})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == prompt_tokens, r.text
+    finally:
+        srv.stop()
+
+
 def test_stopping_cancels_what_outlasts_the_shutdown_timeout(state):
     """What SIGTERM does (uvicorn's should_exit): no new connections; a request longer than the timeout is
     cancelled, its worker lets go of the Generator, and the server stops within the bound."""
     slow = make_state(SlowGenerator(state.gen, 0.2), "tiny-serve", shutdown_timeout_s=1.0)
     srv = InProcessServer(slow, shutdown_timeout_s=1.0)
+    logged = RecordsOf("uvicorn.error")
     long = {"messages": user("soup"), "max_tokens": 200, "temperature": 0, "stream": True}  # 8+ s of passes
-    with httpx.stream("POST", srv.url + "/v1/chat/completions", json=long, timeout=60) as r:
-        lines = r.iter_lines()
-        next(lines)
-        t0 = time.time()
-        srv.server.should_exit = True
-        with pytest.raises(httpx.HTTPError):
-            list(lines)  # cut off: the stream never reaches [DONE]
-    srv.thread.join(10)
+    try:
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=long, timeout=60) as r:
+            lines = r.iter_lines()
+            next(lines)
+            t0 = time.time()
+            srv.server.should_exit = True
+            with pytest.raises(httpx.HTTPError):
+                list(lines)  # cut off: the stream never reaches [DONE]
+        srv.thread.join(10)
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(logged)
     assert not srv.thread.is_alive() and time.time() - t0 < 5
     assert slow.runner.in_flight == 0 and not slow.runner.accepting
+    errors = [r.getMessage() for r in logged.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "Cancel 1 running task" in errors[0], errors  # one line, no traceback
+    assert not any(r.exc_info for r in logged.records)
+
+
+class RecordsOf(logging.Handler):
+    """Every record a logger lets through, from now until removed."""
+
+    def __init__(self, logger: str):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        logging.getLogger(logger).addHandler(self)
+
+    def emit(self, record):
+        self.records.append(record)
 
 
 def test_metrics_show_requests_tokens_and_acceptance(server, client):

@@ -46,7 +46,7 @@ def create_app(state: ServeState) -> FastAPI:
     api_errors.install(app)
     authorized = Depends(_auth(state))
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with either
     async def health():
         return {"status": "ok" if state.runner.accepting else "stopping", "model": state.model,
                 "in_flight": state.runner.in_flight}
@@ -60,15 +60,20 @@ def create_app(state: ServeState) -> FastAPI:
     async def models():
         return protocol.model_list(state.model, state.created)
 
+    @app.get("/v1/models/{model:path}", dependencies=[authorized])  # the openai client's models.retrieve()
+    async def model(model: str):
+        _check_model(state, model)
+        return protocol.model_card(state.model, state.created)
+
     @app.post("/v1/chat/completions", dependencies=[authorized])
     async def chat_completions(body: protocol.ChatRequest, request: Request):
-        _check_model(state, body.model)
+        _check_request(state, body)
         ids = await _tokenize(state.gen.tokenizer.encode_messages, [m.as_dict() for m in body.messages])
         return await _respond(state, body, ids, request, chat=True)
 
     @app.post("/v1/completions", dependencies=[authorized])
     async def completions(body: protocol.CompletionRequest, request: Request):
-        _check_model(state, body.model)
+        _check_request(state, body)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):  # a list of one text
             prompt = prompt[0]
@@ -97,6 +102,13 @@ async def _tokenize(encode, *args, **kwargs) -> list[int]:
     """encode(...) in a worker thread: a long prompt (megabytes of text, refused only once its tokens are counted)
     or a slow chat template would otherwise stall every other request's stream while it runs."""
     return await asyncio.to_thread(encode, *args, **kwargs)
+
+
+def _check_request(state: ServeState, body) -> None:
+    """What a request's fields refuse on their own, before its prompt is encoded."""
+    _check_model(state, body.model)
+    if body.stream_options is not None and not body.stream:  # as OpenAI and vLLM refuse it: it would do nothing
+        raise APIError(400, "stream_options: only allowed with stream: true", param="stream_options")
 
 
 def _check_model(state: ServeState, model: str | None) -> None:
@@ -145,11 +157,21 @@ def _token_limit(state: ServeState, body, ids: list[int], param: str) -> int:
     not fit with it is refused here, in OpenAI's words, naming the limit."""
     context, asked = state.gen.max_seq_len, body.token_limit
     if len(ids) >= context or (asked and len(ids) + asked > context):
-        wanted = f" + {asked} tokens asked for (max_tokens)" if asked else ""
         raise APIError(400, f"this model's maximum context length is {context} tokens (the bundle's compiled "
-                       f"context); the request has {len(ids)} prompt tokens{wanted}", param=param,
+                       f"context); the request has {len(ids)} prompt tokens{_asked_for(body)}", param=param,
                        code="context_length_exceeded")
     return asked or context - len(ids)
+
+
+def _asked_for(body) -> str:
+    """The tokens to generate as the context-length error counts them: named by the field the client sent, or
+    as the default a completion falls back to (a client that sent no max_tokens asked for none)."""
+    if not body.token_limit:
+        return ""
+    if body.token_limit_field:
+        return f" + {body.token_limit} tokens asked for ({body.token_limit_field})"
+    return (f" + {body.token_limit} tokens to generate (max_tokens was not sent; completions default to "
+            f"{body.token_limit}, as OpenAI's)")
 
 
 async def _outcome(job: Job, event) -> Outcome:

@@ -39,9 +39,11 @@ class Message(_Strict):
     name: str | None = None
 
     def as_dict(self) -> dict:
-        """The message the chat template reads: OpenAI's "developer" is the system role; text parts joined."""
+        """The message the chat template reads: OpenAI's "developer" is the system role; text parts joined; a
+        participant's `name` passed on as vLLM does (templates that know it render it, the others ignore it)."""
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        message = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        return message if self.name is None else {**message, "name": self.name}
 
 
 class StreamOptions(_Strict):
@@ -90,6 +92,11 @@ class ChatRequest(_Sampling):
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def token_limit_field(self) -> str | None:
+        """The field the client set token_limit with; None: it sent neither."""
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens" if self.max_tokens else None
+
 
 class CompletionRequest(_Sampling):
     # OpenAI also takes a list of prompts; one choice per request here, so a list of one (as some clients send)
@@ -99,6 +106,11 @@ class CompletionRequest(_Sampling):
     @property
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def token_limit_field(self) -> str | None:
+        """"max_tokens" if the client sent it; None: the default of 16 applies."""
+        return "max_tokens" if "max_tokens" in self.model_fields_set else None
 
 
 def new_id(prefix: str) -> str:
@@ -135,6 +147,9 @@ def completion_usage_chunk(rid: str, model: str, created: int, usage: dict) -> d
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": usage}
 
 
+def model_card(model: str, created: int) -> dict:
+    return {"id": model, "object": "model", "created": created, "owned_by": "speccompile"}
+
+
 def model_list(model: str, created: int) -> dict:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": created,
-                                        "owned_by": "speccompile"}]}
+    return {"object": "list", "data": [model_card(model, created)]}

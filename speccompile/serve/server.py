@@ -2,7 +2,9 @@
 socket, lets requests in flight finish for up to the shutdown timeout, cancels the rest, and exits 0."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import math
 import signal
 import socket
@@ -14,11 +16,24 @@ from speccompile.serve.options import ServeOptions, load_state
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+class CutOffWithoutTraceback(logging.Filter):
+    """A request that outlasts the shutdown timeout is cut off, as documented: uvicorn says so in one line ("Cancel
+    N running task(s), timeout graceful shutdown exceeded"), then logs each cut request's CancelledError with a
+    traceback ("Exception in ASGI application"), which reads like a crash. Those records are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
+
+
+CUT_OFF_WITHOUT_TRACEBACK = CutOffWithoutTraceback()
+
+
 def uvicorn_server(state: ServeState, opts: ServeOptions, **config):
     """The uvicorn Server for a state (tests run it in a thread); config: more uvicorn.Config settings."""
     import uvicorn
     cfg = uvicorn.Config(create_app(state), host=opts.host, port=opts.port, log_level=opts.log_level,
                          timeout_graceful_shutdown=opts.shutdown_timeout_s, lifespan="on", **config)
+    logging.getLogger("uvicorn.error").addFilter(CUT_OFF_WITHOUT_TRACEBACK)  # after Config set its logging up
     return uvicorn.Server(cfg)
 
 
