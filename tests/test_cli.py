@@ -1,6 +1,9 @@
 """The CLI contract that benchmarks and CI gates call."""
 import json
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -49,6 +52,37 @@ def test_stop_string(tiny_bundle):
     stop = text[2:4]
     cut = json.loads(run("generate", tiny_bundle, "hello", "--max-new-tokens", 30, "--json", "--stop", stop))
     assert cut["text"] == text[:text.index(stop)]
+
+
+def test_stop_reads_escapes(tiny_bundle):
+    """`--stop "\\n"` on a shell command line is a backslash and an n: read as the newline it means."""
+    from speccompile.cli.generate_options import unescape_stop
+    assert unescape_stop("a\\nb\\t\\\\n\\x") == "a\nb\t\\n\\x"
+    full = json.loads(run("generate", tiny_bundle, "hello", "--max-new-tokens", 30, "--json"))["text"]
+    assert "\n" in full, full  # the tiny model's answer has lines to stop at
+    cut = json.loads(run("generate", tiny_bundle, "hello", "--max-new-tokens", 30, "--json", "--stop", "\\n"))
+    assert cut["text"] == full[:full.index("\n")]
+
+
+def test_a_closed_stdout_ends_quietly(tiny_bundle):
+    """`speccompile generate ... | head`: the reader gone, the command ends as Unix tools end on SIGPIPE, with no
+    error line (its reader closed here before the first byte is written)."""
+    proc = subprocess.Popen([sys.executable, "-m", "speccompile.cli", "generate", tiny_bundle, "hello",
+                             "--max-new-tokens", "8", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(120) == 128 + signal.SIGPIPE, err
+    assert "error" not in err.lower() and "Exception" not in err, err
+
+
+def test_ctrl_c_exits_130(tiny_bundle, monkeypatch):
+    import speccompile
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(speccompile, "load", interrupted)
+    r = CliRunner().invoke(main, ["generate", tiny_bundle, "hello"])
+    assert r.exit_code == 128 + signal.SIGINT and "error: aborted" in r.output, r.output
 
 
 def test_bad_numbers_are_one_error_line(tiny_bundle):

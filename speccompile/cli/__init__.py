@@ -14,7 +14,7 @@ import click
 from speccompile.errors import SpeccompileError
 from speccompile.graphs import DEFAULT_MAX_BATCH
 from speccompile.cli.errors import DEBUG_ENV, errors_to_exit, OneLineUsageErrors
-from speccompile.cli.generate_options import CACHE_BYTES, check_generate_options
+from speccompile.cli.generate_options import CACHE_BYTES, STOP_HELP, check_generate_options, unescape_stop
 from speccompile.train.cli_options import train_head_options
 
 
@@ -127,7 +127,7 @@ def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, ba
 @click.option("--compare", is_flag=True, help="Also decode without speculation and print the speedup.")
 @click.option("--no-chat", is_flag=True, help="Do not apply the chat template.")
 @click.option("--system", default=None, help="A system message before PROMPT (through the chat template).")
-@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--stop", multiple=True, help=STOP_HELP)
 @click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads (default: all cores).")
 @device_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
@@ -152,7 +152,7 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, dr
                                                 {"role": "user", "content": prompt}])
     if compare and temperature > 0 and seed is None:  # both runs sample from one seed, so compare token for token
         seed = random.SystemRandom().randrange(2**63)
-    kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stop),
+    kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=tuple(map(unescape_stop, stop)),
                   chat=not no_chat, drafter=drafter, num_draft=num_draft, tree=tree, acceptance=acceptance)
     on_text = None if as_json else functools.partial(click.echo, nl=False)
     if compare:  # warm both paths up (first runs allocate), so the two timings compare like with like

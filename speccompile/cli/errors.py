@@ -1,10 +1,11 @@
 """The CLI's one error path: every expected failure is one `error:` line and exit 2 (click's own usage errors
 included); anything else one line naming it as a bug, exit 3; the traceback only under --debug or
-SPECCOMPILE_DEBUG=1."""
+SPECCOMPILE_DEBUG=1. Ctrl-C exits 130; an output closed by its reader (`| head`) ends quietly, as Unix tools do."""
 from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 import traceback
 
@@ -29,6 +30,17 @@ def _fail(message: str, status: int) -> None:
         traceback.print_exc()
     click.echo(f"error: {' '.join(str(message).split())}", err=True)  # one line, whatever the message holds
     sys.exit(status)
+
+
+def _output_closed() -> None:
+    """The reader of stdout went away (`speccompile generate ... | head`): end quietly with the status of a
+    process SIGPIPE ends, as Unix tools do. Python ignores SIGPIPE (which sockets rely on), so the write raised
+    BrokenPipeError instead; stdout now points at /dev/null, so that the interpreter's last flush cannot fail."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor behind sys.stdout (replaced, or closed): nothing to flush
+        pass
+    sys.exit(128 + signal.SIGPIPE)
 
 
 def _expected_failure(e: Exception) -> str | None:
@@ -73,6 +85,8 @@ def errors_to_exit(fn):
             return fn(*args, **kwargs)
         except (click.exceptions.ClickException, click.exceptions.Exit):
             raise  # usage errors: click prints them (exit 2)
+        except BrokenPipeError:
+            _output_closed()
         except Exception as e:
             message = _expected_failure(e)
             if message is None:
@@ -95,6 +109,6 @@ class OneLineUsageErrors(click.Group):
             _fail(f"{e.format_message()}{hint}", 2)
         except click.exceptions.ClickException as e:
             _fail(e.format_message(), e.exit_code or 2)
-        except click.exceptions.Abort:
-            _fail("aborted", 1)
+        except click.exceptions.Abort:  # Ctrl-C (or end of input at a prompt): 128 + SIGINT, as shells report it
+            _fail("aborted", 128 + signal.SIGINT)
         sys.exit(status or 0)

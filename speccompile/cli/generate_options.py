@@ -1,10 +1,21 @@
 """`generate`'s options checked together: those that contradict each other, or that the others would make it
-ignore, are refused before the bundle loads."""
+ignore, are refused before the bundle loads; and its --stop strings' escapes."""
 from __future__ import annotations
+
+import re
 
 from speccompile.errors import SpeccompileError
 
 CACHE_BYTES = 1 << 30  # the context cache's memory by default
+STOP_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+STOP_HELP = ("Stop string (repeatable). \\n, \\t, \\r and \\\\ in it are a newline, a tab, a carriage return "
+             "and a backslash, as llama.cpp's CLI reads them: --stop '\\n' stops at the end of a line.")
+
+
+def unescape_stop(stop: str) -> str:
+    """A --stop value with its escapes read: a shell passes "\\n" as a backslash and an n, which output almost never
+    holds, so the stop string would never match; what the user means is a newline."""
+    return re.sub(r"\\([ntr\\])", lambda m: STOP_ESCAPES[m.group(1)], stop)
 
 
 def check_generate_options(p: dict) -> None:
