@@ -479,3 +479,28 @@ def test_a_stream_read_from_two_threads_leaves_the_first_free(tiny_generator):
         worker2.submit(next, own).result()
         worker2.submit(g.generate, "hello", 4).result()
     own.close()
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("onnxruntime failed"), KeyboardInterrupt()])
+def test_a_failed_round_gives_each_request_its_own_error(tiny_generator, monkeypatch, failure):
+    """A round that raises ends every request in a slot: the thread that ran it gets the exception itself, each
+    other request a SpeccompileError of its own naming it; a KeyboardInterrupt stays the running thread's (it
+    is raised there even when that thread's request holds no slot) and reaches no other thread as theirs."""
+    g = tiny_generator
+    p = random_prompts(2, seed=41)
+    a, b = g.stream(p[0], 40), g.stream(p[1], 40)
+    next(a), next(b)  # both decoding in slots
+    engine_run = type(g.scheduler.engine).run
+
+    def failing(self, *args, **kwargs):
+        monkeypatch.setattr(type(self), "run", engine_run)
+        raise failure
+    monkeypatch.setattr(type(g.scheduler.engine), "run", failing)
+    with pytest.raises(type(failure)) as ran:  # this thread runs the failing round
+        drain(a)
+    assert ran.value is failure
+    with pytest.raises(SpeccompileError, match=type(failure).__name__) as other:
+        drain(b)
+    assert other.value is not failure and other.value.__cause__ is failure
+    wait_until_idle(g)
+    assert g.generate(p[0], 6).token_ids == g.generate(p[0], 6).token_ids  # the slots work again

@@ -1,6 +1,7 @@
 """The context cache: hit and miss tokens counted, LRU eviction within a byte budget, the disk tier (round trip,
 corrupt and foreign files ignored), and output with the cache equal to output without it, for every drafter kind
 that keeps state, greedy and sampled, over the turns of a chat."""
+import gc
 import io
 import os
 import warnings
@@ -151,6 +152,43 @@ def test_disk_tier_within_its_byte_budget(tmp_path):
     fresh = unit_cache(cache_dir=str(tmp_path))
     assert fresh.lookup(np.array([1] * 5), 5, ["target"]) == []
     assert len(fresh.lookup(np.array([3] * 5), 5, ["target"])) == 1
+
+
+def test_disk_budget_spans_every_bundle_in_the_cache_dir(tmp_path):
+    """A rebuilt bundle is a new identity with a folder of its own: the byte budget bounds the whole cache dir, the
+    old identity's least recently used blocks going first, and nothing but the cache's own block files is deleted
+    (a file of another name in a cache folder, a block-named file in a folder that is not the cache's)."""
+    store(unit_cache(cache_dir=str(tmp_path), identity="bundle-old"), [1] * 8)
+    (old,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    blocks = list(old.glob("*.npz"))
+    size = blocks[0].stat().st_size
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    strangers = [old / "notes.npz", mine / blocks[0].name]
+    for f in [*blocks, *strangers]:
+        if not f.exists():
+            f.write_bytes(bytes(size))
+        os.utime(f, (1, 1))  # the least recently used files of the folder
+    c = unit_cache(cache_dir=str(tmp_path), identity="bundle-new", disk_bytes=int(2.5 * size))
+    store(c, [2] * 8)
+    assert not any(f.exists() for f in blocks) and all(f.exists() for f in strangers)
+    again = unit_cache(cache_dir=str(tmp_path), identity="bundle-new")
+    assert len(again.lookup(np.array([2] * 9), 9, ["target"])) == 2
+
+
+def test_a_damaged_block_file_is_closed(tmp_path):
+    """A truncated block file (np.load raises on its zip) is ignored and its file closed, not left to the garbage
+    collector."""
+    store(unit_cache(cache_dir=str(tmp_path)), list(range(8)))
+    (folder,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    path = folder / f"{unit_cache().keys(np.arange(8))[1]}.npz"
+    path.write_bytes(path.read_bytes()[:40])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert len(unit_cache(cache_dir=str(tmp_path)).lookup(np.arange(9), 9, ["target"])) == 1
+        gc.collect()
+    assert any("unreadable" in str(w.message) for w in seen)
+    assert not [w for w in seen if issubclass(w.category, ResourceWarning)]
 
 
 def test_disk_tier_refuses_a_foreign_layout_and_index(tmp_path):

@@ -7,8 +7,8 @@ prefixes. Each cached block holds *parts*: "target" (the target's K/V rows of th
 cache) and whatever per-position state a drafter keeps (format: `Part`). Every array has the block's positions on
 axis 0. The memory tier is bounded by a byte budget with least-recently-used eviction; touching a prefix touches
 its blocks last to first, so a chain's early blocks (shared by the most requests) are evicted last. An optional
-disk tier (one `.npz` per block, read with allow_pickle=False, and a JSON index) survives restarts: a file that
-is corrupt, of another bundle or of another layout is ignored with a warning, never trusted.
+disk tier (runtime/context_disk.py: one `.npz` per block, read with allow_pickle=False, and a JSON index) survives
+restarts: a file that is corrupt, of another bundle or of another layout is ignored with a warning, never trusted.
 """
 from __future__ import annotations
 
@@ -16,33 +16,21 @@ import collections
 import dataclasses
 import hashlib
 import json
-import math
 import numbers
 import os
 import threading
-import time
-import warnings
-import zipfile
 from typing import Callable
 
 import numpy as np
 
 from speccompile.errors import SpeccompileError
-from speccompile.format.atomic import TEMP_PREFIX, write_atomically
+from speccompile.runtime.context_disk import DEFAULT_DISK_BYTES, Arrays, DiskTier
 
 DEFAULT_BLOCK_TOKENS = 16
 DEFAULT_CACHE_BYTES = 1 << 30
-DEFAULT_DISK_BYTES = 8 << 30
-INDEX = "index.json"
-DISK_FORMAT = "speccompile-context-cache"
-DISK_VERSION = 1
 # what a block's per-position state means; part of every identity, so blocks kept under another meaning never match
 # (2: an MTP/EAGLE head's cache slots shifted one back, runtime/drafters/mtp.py save_state)
 STATE_VERSION = 2
-STALE_TEMPORARY_S = 3600.0  # a temporary block file this old was left by a killed process
-NPY_HEADER_BYTES = 4096  # an .npy member's header, beyond its array's own bytes (a disk block's size check)
-
-Arrays = dict[str, np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +108,7 @@ class ContextCache:
                  block_tokens: int = DEFAULT_BLOCK_TOKENS, cache_dir: str | None = None,
                  disk_bytes: int = DEFAULT_DISK_BYTES):
         """parts: every part a block may hold (the target's and the drafters'); arrays of other layouts are never
-        kept. cache_dir: the disk tier's folder (a subfolder per bundle identity, at most disk_bytes of blocks),
+        kept. cache_dir: the disk tier's folder (a subfolder per bundle identity; at most disk_bytes of blocks in all),
         None for memory only."""
         if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in (max_bytes, block_tokens)) \
                 or block_tokens < 1 or max_bytes < 0:  # nan or a string would never compare as too many bytes
@@ -257,120 +245,3 @@ def _joined(blocks: list[dict[str, Arrays]], part: str) -> Arrays:
 
 def block_bytes(block: dict[str, Arrays]) -> int:
     return sum(a.nbytes for arrays in block.values() for a in arrays.values())
-
-
-def _members_fit(members: list[zipfile.ZipInfo], positions: int, parts: dict[str, Part]) -> bool:
-    """Every member of a block file is an array the layout names, no larger than that array: checked before any
-    is read, so that a small file cannot unpack into gigabytes."""
-    limits = {"__key__.npy": 64}  # the block's key: a sha256 in hex
-    for p, part in parts.items():
-        for n, (shape, dtype) in part.layout.items():
-            limits[f"{p}/{n}.npy"] = positions * math.prod(shape) * np.dtype(dtype).itemsize
-    return all(i.filename in limits and i.file_size <= limits[i.filename] + NPY_HEADER_BYTES for i in members)
-
-
-class DiskTier:
-    """Blocks as `<key>.npz` files in cache_dir/<identity prefix>/, beside an index naming the identity and block
-    size. Files are written to a temporary name and renamed into place, so a crash leaves no half-written block.
-    Within max_bytes: the files least recently read or written (their modification times) are deleted first."""
-
-    def __init__(self, cache_dir: str, identity: str, block_tokens: int, max_bytes: int = DEFAULT_DISK_BYTES):
-        self.dir, self.max_bytes = os.path.join(cache_dir, identity[:32]), max_bytes
-        self.index = {"format": DISK_FORMAT, "version": DISK_VERSION, "identity": identity,
-                      "block_tokens": block_tokens}
-        os.makedirs(self.dir, exist_ok=True)
-        path = os.path.join(self.dir, INDEX)
-        self.usable = True
-        if os.path.exists(path):
-            try:
-                with open(path, "rb") as f:
-                    found = json.loads(f.read())
-            except (OSError, ValueError) as e:
-                found = f"unreadable ({e})"
-            if found != self.index:
-                warnings.warn(f"context cache: {path} is not this bundle's index ({str(found)[:120]}); the disk "
-                              "tier is not used", stacklevel=3)
-                self.usable = False
-        else:
-            write_atomically(path, lambda f: f.write(json.dumps(self.index).encode()), private=True)
-        if self.usable:
-            self._remove_stale_temporaries()
-        self.nbytes = sum(size for _, size, _ in self._blocks())
-
-    def _remove_stale_temporaries(self) -> None:
-        """Block files a killed process left half-written under their temporary names, once old enough that no
-        live writer can still own them (a write takes well under a second)."""
-        now = time.time()
-        with os.scandir(self.dir) as entries:
-            for e in entries:
-                try:
-                    if e.name.startswith(TEMP_PREFIX) and e.is_file(follow_symlinks=False) and \
-                            now - e.stat(follow_symlinks=False).st_mtime > STALE_TEMPORARY_S:
-                        os.unlink(e.path)
-                except OSError:  # another process got there first
-                    pass
-
-    def _blocks(self) -> list[tuple[float, int, str]]:
-        """(modification time, size, path) of each block file, least recently used first."""
-        with os.scandir(self.dir) as entries:
-            found = [(st.st_mtime, st.st_size, e.path) for e in entries
-                     if e.name.endswith(".npz") and e.is_file() and (st := e.stat())]
-        return sorted(found)
-
-    def _evict(self) -> None:
-        for _, size, path in self._blocks():
-            if self.nbytes <= self.max_bytes:
-                break
-            try:
-                os.unlink(path)
-                self.nbytes -= size
-            except OSError:  # another process got there first
-                pass
-
-    def read(self, key: str, positions: int, parts: dict[str, Part]) -> dict[str, Arrays] | None:
-        path = os.path.join(self.dir, f"{key}.npz")
-        if not self.usable or not os.path.exists(path):
-            return None
-        try:
-            os.utime(path)  # recently used: evicted last
-        except OSError:
-            pass
-        try:
-            with np.load(path, allow_pickle=False) as z:  # an .npz only: a plain .npy has no `with`, so it fails
-                if not _members_fit(z.zip.infolist(), positions, parts):
-                    warnings.warn(f"context cache: ignoring {path}: its members are not this bundle's layout",
-                                  stacklevel=4)
-                    return None
-                arrays = {name: z[name] for name in z.files}
-        except Exception as e:  # noqa: BLE001 - a corrupt file of any kind costs the cache, never the request
-            warnings.warn(f"context cache: ignoring unreadable block {path} ({type(e).__name__})", stacklevel=4)
-            return None
-        stored_key = arrays.pop("__key__", None)
-        if stored_key is None or stored_key.tobytes() != key.encode():
-            warnings.warn(f"context cache: ignoring {path}: not the block its name says", stacklevel=4)
-            return None
-        block: dict[str, Arrays] = {}
-        for name, a in arrays.items():
-            part, _, field = name.rpartition("/")
-            block.setdefault(part, {})[field] = a
-        if any(p not in parts or not parts[p].fits(a, positions) for p, a in block.items()) or "target" not in block:
-            warnings.warn(f"context cache: ignoring {path}: its arrays do not have this bundle's layout", stacklevel=4)
-            return None
-        return block
-
-    def write(self, key: str, block: dict[str, Arrays]) -> None:
-        if not self.usable:
-            return
-        flat = {f"{p}/{n}": a for p, arrays in block.items() for n, a in arrays.items()}
-        flat["__key__"] = np.frombuffer(key.encode(), np.uint8)
-        path = os.path.join(self.dir, f"{key}.npz")
-        try:
-            old = os.path.getsize(path) if os.path.exists(path) else 0
-            write_atomically(path, lambda f: np.savez(f, **flat), private=True)
-            self.nbytes += os.path.getsize(path) - old
-            if self.nbytes > self.max_bytes:
-                self._evict()
-        except OSError as e:  # a full disk costs the disk tier, never the request
-            warnings.warn(f"context cache: cannot write to {self.dir} ({e.strerror or e}); the disk tier is off",
-                          stacklevel=4)
-            self.usable = False

@@ -35,7 +35,7 @@ from speccompile.runtime.kv_cache import KVCache
 from speccompile.runtime.noise import sampled_by_noise
 from speccompile.runtime.request import Request
 from speccompile.runtime.sampling import PositionDraws, probabilities
-from speccompile.runtime.slots import DONE, Handle, Slot
+from speccompile.runtime.slots import DONE, Handle, Slot, round_failed
 from speccompile.runtime.text_stream import TextStream
 
 # Rows a shared verify pass aims at: a pass's cost grows with its rows, so when several greedy slots decode, their
@@ -94,7 +94,7 @@ class Scheduler:
                 if not handle.queue.empty():
                     continue
                 self.driving = True
-            self._drive(self._round)
+            self._drive(self._round, handle)
 
     @contextlib.contextmanager
     def exclusive(self):
@@ -131,12 +131,17 @@ class Scheduler:
             self.driving = True
         self._drive(self._free_cancelled)
 
-    def _drive(self, work) -> None:
+    def _drive(self, work, own: Handle | None = None) -> None:
+        """Run `work` as this caller's turn. If it raises, every request in a slot ends (the round may have left
+        its state half-updated): `own`, this caller's request, with the exception itself, each other with an error
+        of its own; a KeyboardInterrupt or SystemExit is this thread's alone and is raised here."""
         try:
             work()
-        except BaseException as e:  # noqa: BLE001 - every request in a slot gets the error; the slots reset
+        except BaseException as e:  # noqa: BLE001 - the slots reset whatever the failure
             for s in filter(None, self.slots):
-                self._finish(s, e)
+                self._finish(s, e if s.handle is own else round_failed(e))
+            if not isinstance(e, Exception):
+                raise
         finally:
             with self.wake:
                 self.driving = False

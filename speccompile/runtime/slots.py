@@ -7,6 +7,7 @@ import queue
 
 import numpy as np
 
+from speccompile.errors import SpeccompileError
 from speccompile.runtime.acceptance import SpecDecodeStats
 from speccompile.runtime.adaptive import AdaptiveDrafting
 from speccompile.runtime.drafters.base import Drafter, Proposal
@@ -45,6 +46,17 @@ class Handle:
         """The caller is gone: free the slot now, unless a round (which frees it first) is running."""
         self.cancelled = True
         self.scheduler.tidy()
+
+
+def round_failed(e: BaseException) -> SpeccompileError:
+    """The error a request gets when a round another caller ran for it failed: its own object (one exception raised
+    in several threads would gather their tracebacks), naming the failure, which is its cause."""
+    what = "was interrupted" if not isinstance(e, Exception) else "failed"
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    error = SpeccompileError(f"the shared decoding pass of this request {what} in another request's thread "
+                             f"({type(e).__name__}{': ' + detail if detail else ''})")
+    error.__cause__ = e
+    return error
 
 
 @dataclasses.dataclass

@@ -1,0 +1,178 @@
+"""The context cache's disk tier (runtime/context_cache.py): one `.npz` per block, read with allow_pickle=False,
+beside a JSON index, in a subfolder of the cache dir per bundle identity. A file that is corrupt, of another bundle
+or of another layout is ignored with a warning, never trusted; only files certainly the cache's own are deleted.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+import warnings
+import zipfile
+
+import numpy as np
+
+from speccompile.format.atomic import TEMP_PREFIX, write_atomically
+
+DEFAULT_DISK_BYTES = 8 << 30
+INDEX = "index.json"
+DISK_FORMAT = "speccompile-context-cache"
+DISK_VERSION = 1
+STALE_TEMPORARY_S = 3600.0  # a temporary block file this old was left by a killed process
+BLOCK_NAME = re.compile(r"[0-9a-f]{64}\.npz")  # a block file: its key (a sha256 in hex)
+NPY_HEADER_BYTES = 4096  # an .npy member's header, beyond its array's own bytes (a disk block's size check)
+
+Arrays = dict[str, np.ndarray]
+
+
+def is_cache_folder(entry: os.DirEntry) -> bool:
+    """A real folder (no link) whose index is a context cache's: its blocks are the cache's own to delete."""
+    try:
+        if not entry.is_dir(follow_symlinks=False):
+            return False
+        with open(os.path.join(entry.path, INDEX), "rb") as f:
+            index = json.loads(f.read(4096))
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and index.get("format") == DISK_FORMAT
+
+
+def block_files(folder: str) -> list[tuple[float, int, str]]:
+    """(modification time, size, path) of the block files in a cache folder: plain files named as the cache names
+    them (a block key, .npz), never anything else someone put there."""
+    try:
+        with os.scandir(folder) as entries:
+            return [(st.st_mtime, st.st_size, e.path) for e in entries
+                    if BLOCK_NAME.fullmatch(e.name) and e.is_file(follow_symlinks=False)
+                    and (st := e.stat(follow_symlinks=False))]
+    except OSError:  # removed meanwhile
+        return []
+
+
+def _members_fit(members: list[zipfile.ZipInfo], positions: int, parts: dict) -> bool:
+    """Every member of a block file is an array the layout names, no larger than that array: checked before any
+    is read, so that a small file cannot unpack into gigabytes."""
+    limits = {"__key__.npy": 64}  # the block's key: a sha256 in hex
+    for p, part in parts.items():
+        for n, (shape, dtype) in part.layout.items():
+            limits[f"{p}/{n}.npy"] = positions * math.prod(shape) * np.dtype(dtype).itemsize
+    return all(i.filename in limits and i.file_size <= limits[i.filename] + NPY_HEADER_BYTES for i in members)
+
+
+class DiskTier:
+    """Blocks as `<key>.npz` files in cache_dir/<identity prefix>/, beside an index naming the identity and block
+    size. Files are written to a temporary name and renamed into place, so a crash leaves no half-written block.
+    max_bytes bounds the block files of the whole cache_dir, every bundle's (a rebuilt bundle is a new identity,
+    and its old folder would otherwise keep its blocks for ever): the files least recently read or written (their
+    modification times) are deleted first, and only files certainly the cache's own (block_files)."""
+
+    def __init__(self, cache_dir: str, identity: str, block_tokens: int, max_bytes: int = DEFAULT_DISK_BYTES):
+        self.root, self.max_bytes = cache_dir, max_bytes
+        self.dir = os.path.join(cache_dir, identity[:32])
+        self.index = {"format": DISK_FORMAT, "version": DISK_VERSION, "identity": identity,
+                      "block_tokens": block_tokens}
+        os.makedirs(self.dir, exist_ok=True)
+        path = os.path.join(self.dir, INDEX)
+        self.usable = True
+        if os.path.exists(path):
+            try:
+                with open(path, "rb") as f:
+                    found = json.loads(f.read())
+            except (OSError, ValueError) as e:
+                found = f"unreadable ({e})"
+            if found != self.index:
+                warnings.warn(f"context cache: {path} is not this bundle's index ({str(found)[:120]}); the disk "
+                              "tier is not used", stacklevel=3)
+                self.usable = False
+        else:
+            write_atomically(path, lambda f: f.write(json.dumps(self.index).encode()), private=True)
+        if self.usable:
+            self._remove_stale_temporaries()
+        self.nbytes = sum(size for _, size, _ in self._blocks())
+
+    def _remove_stale_temporaries(self) -> None:
+        """Block files a killed process left half-written under their temporary names, once old enough that no
+        live writer can still own them (a write takes well under a second)."""
+        now = time.time()
+        with os.scandir(self.dir) as entries:
+            for e in entries:
+                try:
+                    if e.name.startswith(TEMP_PREFIX) and e.is_file(follow_symlinks=False) and \
+                            now - e.stat(follow_symlinks=False).st_mtime > STALE_TEMPORARY_S:
+                        os.unlink(e.path)
+                except OSError:  # another process got there first
+                    pass
+
+    def _blocks(self) -> list[tuple[float, int, str]]:
+        """(modification time, size, path) of each block file in the cache dir, least recently used first."""
+        found = []
+        with os.scandir(self.root) as folders:
+            for folder in folders:
+                if is_cache_folder(folder):  # this bundle's, once its index is written, and the others'
+                    found += block_files(folder.path)
+        return sorted(found)
+
+    def _evict(self) -> None:
+        blocks = self._blocks()
+        self.nbytes = sum(size for _, size, _ in blocks)  # with what other processes wrote meanwhile
+        for _, size, path in blocks:
+            if self.nbytes <= self.max_bytes:
+                break
+            try:
+                os.unlink(path)
+                self.nbytes -= size
+            except OSError:  # another process got there first
+                pass
+
+    def read(self, key: str, positions: int, parts: dict) -> dict[str, Arrays] | None:
+        """Block `key`'s parts, if its file holds a block of `parts`' layouts (name -> context_cache.Part)."""
+        path = os.path.join(self.dir, f"{key}.npz")
+        if not self.usable or not os.path.exists(path):
+            return None
+        try:
+            os.utime(path)  # recently used: evicted last
+        except OSError:
+            pass
+        try:
+            # the file opened here, so that it closes whatever np.load raises (it leaves its own open on a damaged
+            # zip); an .npz only: a plain .npy has no `with`, so it fails
+            with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
+                if not _members_fit(z.zip.infolist(), positions, parts):
+                    warnings.warn(f"context cache: ignoring {path}: its members are not this bundle's layout",
+                                  stacklevel=4)
+                    return None
+                arrays = {name: z[name] for name in z.files}
+        except Exception as e:  # noqa: BLE001 - a corrupt file of any kind costs the cache, never the request
+            warnings.warn(f"context cache: ignoring unreadable block {path} ({type(e).__name__})", stacklevel=4)
+            return None
+        stored_key = arrays.pop("__key__", None)
+        if stored_key is None or stored_key.tobytes() != key.encode():
+            warnings.warn(f"context cache: ignoring {path}: not the block its name says", stacklevel=4)
+            return None
+        block: dict[str, Arrays] = {}
+        for name, a in arrays.items():
+            part, _, field = name.rpartition("/")
+            block.setdefault(part, {})[field] = a
+        if any(p not in parts or not parts[p].fits(a, positions) for p, a in block.items()) or "target" not in block:
+            warnings.warn(f"context cache: ignoring {path}: its arrays do not have this bundle's layout", stacklevel=4)
+            return None
+        return block
+
+    def write(self, key: str, block: dict[str, Arrays]) -> None:
+        if not self.usable:
+            return
+        flat = {f"{p}/{n}": a for p, arrays in block.items() for n, a in arrays.items()}
+        flat["__key__"] = np.frombuffer(key.encode(), np.uint8)
+        path = os.path.join(self.dir, f"{key}.npz")
+        try:
+            old = os.path.getsize(path) if os.path.exists(path) else 0
+            write_atomically(path, lambda f: np.savez(f, **flat), private=True)
+            self.nbytes += os.path.getsize(path) - old
+            if self.nbytes > self.max_bytes:
+                self._evict()
+        except OSError as e:  # a full disk costs the disk tier, never the request
+            warnings.warn(f"context cache: cannot write to {self.dir} ({e.strerror or e}); the disk tier is off",
+                          stacklevel=4)
+            self.usable = False
