@@ -103,6 +103,17 @@ def test_speculative_output_unlike_plain_decoding_fails(tmp_path):
     for group in typical["summary"]["by_category"].values():
         group["lookup~typical"] = group.pop("lookup")
     assert "identical lookup~typical" not in gated_figures(typical)
+    assert "identical lookup@static:/home/a~b/t.json" in gated_figures(renamed("lookup@static:/home/a~b/t.json"))
+    assert "identical lookup~exact" in gated_figures(renamed("lookup~exact"))
+
+
+def renamed(name: str) -> dict:
+    """result_doc() with its lookup method named `name`."""
+    doc = result_doc()
+    doc["methods"][1]["name"] = name
+    for group in [doc["summary"]["overall"], *doc["summary"]["by_category"].values()]:
+        group[name] = group.pop("lookup")
+    return doc
 
 
 def test_a_sampled_result_is_not_compared_with_a_greedy_baseline(tmp_path):

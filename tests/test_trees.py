@@ -53,6 +53,29 @@ def test_a_static_tree_nested_too_deep_is_a_clean_error(tmp_path):
         TreeSpec.parse("+lookup:3")
 
 
+@pytest.mark.parametrize("name", ["a+b.json", "t+lookup:3.json", "x~y@z.json", "+3.json"])
+def test_a_static_tree_file_may_have_any_name(tmp_path, name):
+    """'+' in a static tree's file name was read as the +lookup:L join; a last +lookup:L after it still joins, and
+    a bench method's NAME@TREE~ACCEPTANCE keeps '@' and '~' in the file's name to the tree."""
+    from speccompile.bench.methods import split_acceptance, split_method
+    f = tmp_path / name
+    f.write_text(json.dumps(MEDUSA_LIKE))
+    assert TreeSpec.parse(f"static:{f}").size == 9
+    joined = TreeSpec.parse(f"static:{f}+lookup:4")
+    assert (joined.size, joined.lookup) == (9, 4)
+    assert split_method(f"mtp@static:{f}") == ("mtp", f"static:{f}")
+    assert split_acceptance(f"mtp@static:{f}~typical:0.1") == (f"mtp@static:{f}", "typical:0.1")
+    assert split_method(f"mtp@static:{f}~typical:0.1") == ("mtp", f"static:{f}")
+    with pytest.raises(SpeccompileError, match="no such file"):
+        TreeSpec.parse(f"static:{tmp_path / 'missing+b.json'}")
+
+
+@pytest.mark.parametrize("spec", ["chain:+3", "dynamic:+4", "adaptive:+2"])
+def test_a_signed_size_is_not_read_as_a_join(spec):
+    with pytest.raises(SpeccompileError, match="expected a whole number"):
+        TreeSpec.parse(spec)
+
+
 @pytest.mark.parametrize("paths", [[[0.9], [1.7], [1.7, 2.9]], [[True], [True, False]], ["0", "01"], [[0], 5],
                                    {"0": [0]}])
 def test_static_tree_ranks_are_taken_as_given_or_refused(tmp_path, paths):

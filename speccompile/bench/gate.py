@@ -42,6 +42,7 @@ import dataclasses
 import json
 import math
 
+from speccompile.bench.methods import split_acceptance
 from speccompile.bench.settings import SCHEMA_VERSION
 from speccompile.errors import SpeccompileError
 
@@ -192,7 +193,7 @@ def gated_figures(result: dict, where: str = "bench result") -> dict[str, float]
                 raise GateInputError(f"{where}: {e}") from None
             # exact acceptance (no lossy "~ACCEPTANCE", bench.methods): a verifier that took a wrong draft would
             # look faster, so its identity with plain decoding is held to 1.0
-            if greedy and "~" not in name:
+            if greedy and split_acceptance(name)[1] in (None, "exact"):
                 figures[f"identical {name}"] = overall[name].get("identical_to_autoregressive")
     figures |= concurrency_figures(result)
     return {k: check_figure(k, v, where) for k, v in figures.items()}

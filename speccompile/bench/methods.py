@@ -6,6 +6,8 @@ from speccompile.errors import SpeccompileError
 from speccompile.format.trees import TreeSpec
 from speccompile.runtime.sampling import acceptance_option
 
+ACCEPTANCES = ("exact", "typical")  # what a "~ACCEPTANCE" suffix may name (runtime.sampling.acceptance_option)
+
 
 def split_method(spec: str) -> tuple[str, str | None]:
     """"NAME@TREE" -> (drafter NAME, its tree for this method); "NAME" -> (NAME, None). One run may so measure a
@@ -16,9 +18,13 @@ def split_method(spec: str) -> tuple[str, str | None]:
 
 
 def split_acceptance(spec: str) -> tuple[str, str | None]:
-    """"SPEC~typical:0.09,0.3" -> ("SPEC", "typical:0.09,0.3"); no suffix: exact acceptance (None)."""
-    spec, _, acceptance = spec.partition("~")
-    return spec, acceptance or None
+    """"SPEC~typical:0.09,0.3" -> ("SPEC", "typical:0.09,0.3"); no suffix: exact acceptance (None). The suffix
+    follows the last '~'; after a static tree's file only one naming an acceptance (exact, typical) does, so
+    that the file's name may hold '~' (and '@', which split_method reads only up to the first)."""
+    head, tilde, acceptance = spec.rpartition("~")
+    if not tilde or "@static:" in head and acceptance.partition(":")[0] not in ACCEPTANCES:
+        return spec, None
+    return head, acceptance or None
 
 
 def speccompile_methods(gen, drafters: list[str], tree: str | None, temperature: float = 0.0,

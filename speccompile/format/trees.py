@@ -12,7 +12,8 @@ token). Shapes:
                drafting would lose. The default tree of a 4-bit bundle's MTP head and prompt lookup.
   SHAPE+lookup:L  any of these, joined by up to L nodes from prompt lookup (the continuation of the context's
                last n-gram where it occurred before): a head is weak exactly where the answer copies the prompt
-               (extraction, summaries, RAG), and there lookup is strong
+               (extraction, summaries, RAG), and there lookup is strong. A static tree's FILE may hold any
+               character, '+' too: only a last "+lookup:L" that is not part of an existing file's name joins
 The compiled verify graph takes any tree up to the runtime's row limit; smaller trees simply use fewer rows.
 """
 from __future__ import annotations
@@ -40,15 +41,20 @@ class TreeSpec:
 
     @classmethod
     def parse(cls, spec: str) -> "TreeSpec":
-        shape, plus, extra = spec.partition("+")
-        if plus and not shape:
+        shape, join = _split_join(spec)
+        if join is None:
+            return cls._shape(spec, spec)
+        if not shape:
             raise SpeccompileError(f"--tree {spec!r}: +lookup:L joins a shape: e.g. dynamic:4{spec}")
-        if plus:
-            kind, _, arg = extra.partition(":")
-            if kind != "lookup" or not (arg.isascii() and arg.isdigit()) or not 1 <= int(arg) <= MAX_TREE_NODES:
-                raise SpeccompileError(f"--tree {spec!r}: after '+' expected lookup:L with L in 1..{MAX_TREE_NODES}")
-            return dataclasses.replace(cls.parse(shape), lookup=int(arg))
-        kind, _, arg = spec.partition(":")
+        kind, _, arg = join.partition(":")
+        if kind != "lookup" or not (arg.isascii() and arg.isdigit()) or not 1 <= int(arg) <= MAX_TREE_NODES:
+            raise SpeccompileError(f"--tree {spec!r}: after '+' expected lookup:L with L in 1..{MAX_TREE_NODES}")
+        return dataclasses.replace(cls._shape(spec, shape), lookup=int(arg))
+
+    @classmethod
+    def _shape(cls, spec: str, shape: str) -> "TreeSpec":
+        """The tree `shape` (spec without its +lookup:L) names."""
+        kind, _, arg = shape.partition(":")
         if kind == "chain":
             k = cls._nodes(_count(spec, kind, arg))  # before its paths are built: their size grows with k squared
             return cls("chain", k, tuple((0,) * d for d in range(1, k + 1)), k)
@@ -125,6 +131,18 @@ class TreeSpec:
     @property
     def max_rank(self) -> int:
         return max((max(p) for p in self.paths), default=0) + 1
+
+
+def _split_join(spec: str) -> tuple[str, str | None]:
+    """"SHAPE+lookup:L" -> (SHAPE, "lookup:L"); (spec, None) without a join. Only a last '+' before a word joins
+    ("chain:+3" is a count, if a wrong one), and after a static tree's file only a '+lookup' that does not make
+    an existing file's name: a file's name may hold any character."""
+    shape, plus, join = spec.rpartition("+")
+    if not plus or not join[:1].isalpha():
+        return spec, None
+    if spec.startswith("static:") and (not join.startswith("lookup") or os.path.isfile(spec[len("static:"):])):
+        return spec, None
+    return shape, join
 
 
 def _count(spec: str, kind: str, arg: str) -> int:
