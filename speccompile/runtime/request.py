@@ -105,7 +105,8 @@ def check_length(ids: np.ndarray, max_new_tokens, max_seq_len: int) -> None:
 def pick_drafter(gen, name: str | None) -> Drafter:
     if name is not None and not isinstance(name, str):
         raise SpeccompileError(f"drafter: expected a drafter's name (one of {', '.join(gen.drafters)}), not {name!r}")
-    name = name or next(iter(gen.drafters), "")
+    if name is None:  # the default; an empty name is a name no drafter has, not the default
+        name = next(iter(gen.drafters), "")
     if name not in gen.drafters:
         have = ", ".join(gen.drafters) or "none"
         raise SpeccompileError(f"drafter {name!r} is not in this bundle (it has: {have})")
