@@ -19,7 +19,8 @@ import speccompile.format.bundle as bundle_module
 from speccompile.compile.driver import build_bundle
 from speccompile.format.bundle import _temp_prefix, output_lock, read_manifest
 from speccompile.cli import main
-from speccompile.errors import (BundleError, CheckpointError, ContextLengthError, TokenizerMismatchError, UnsupportedModelError)
+from speccompile.errors import (BundleError, CheckpointError, ContextLengthError, SpeccompileError,
+                               TokenizerMismatchError, UnsupportedModelError)
 from speccompile.compile.presets import tiny_tokenizer_files
 from speccompile.compile.sources import load_checkpoint, save_hf_dir
 
@@ -135,6 +136,21 @@ def test_bad_draft_spec(tmp_path):
     assert_cli_error(cli("build", "tiny:llama", "--out", tmp_path / "o", "--draft", "layerskip:99"), "layers")
     assert_cli_error(cli("build", "tiny:llama", "--out", tmp_path / "o", "--draft", "hydra"), "unknown drafter")
     assert_cli_error(cli("build", "tiny:llama", "--out", tmp_path / "o", "--draft", "medusa"), "heads file")
+
+
+@pytest.mark.parametrize("drafts", [["mtp:a.safetensors", "mtp:b.safetensors"], ["lookup", "lookup:4"],
+                                    ["layerskip:2", "layerskip:02"]])
+def test_two_drafters_of_one_name_are_refused_before_any_work(tmp_path, monkeypatch, drafts):
+    """A bundle holds one drafter per name (their graphs and weights go by it): refused before the checkpoint is
+    read, not after the target's graph pass."""
+    import speccompile.compile.driver as driver
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the checkpoint was read")
+    monkeypatch.setattr(driver, "load_checkpoint", no_work)
+    with pytest.raises(SpeccompileError, match="two drafters named"):
+        build_bundle("tiny:llama", str(tmp_path / "o"), drafts=drafts, max_seq_len=64, progress=quiet)
+    assert not (tmp_path / "o").exists()
 
 
 def test_failed_build_leaves_nothing(tmp_path, monkeypatch):

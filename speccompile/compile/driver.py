@@ -112,6 +112,11 @@ def _check_request(opts: BuildOptions, drafts: list[str] | None) -> tuple[TreeSp
     if opts.draft_precision not in ("int8", "float32"):
         raise SpeccompileError(f"--draft-precision {opts.draft_precision!r}: choose int8 or float32")
     specs = [s for s in (DraftSpec.parse(d) for d in drafts or ()) if s is not None]
+    names = [s.name for s in specs]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:  # one bundle drafter per name: its graph, weights and manifest entry go by it
+        raise SpeccompileError(f"--draft: two drafters named {twice!r}; a bundle holds one drafter of each kind "
+                               "(layerskip:L one per L): build another bundle for the other")
     if opts.num_draft is not None and not 1 <= opts.num_draft <= 16:
         raise SpeccompileError(f"--num-draft {opts.num_draft}: must be between 1 and 16")
     if not 1 <= opts.max_batch <= 64:
@@ -187,8 +192,6 @@ def _graph(target: Checkpoint, target_w: dict, screen: bool, specs: list[DraftSp
     view = TargetBuild(target, target_w, opts, features, progress)
     for spec in specs:
         parts.add(_drafter_entry(spec, tree_spec, opts, chains), build_half(spec.kind).build(spec, view))
-    if len({d["name"] for d in parts.drafters}) != len(parts.drafters):
-        raise SpeccompileError("the same drafter is named twice")
     return parts
 
 
