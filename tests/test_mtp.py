@@ -7,7 +7,7 @@ import pytest
 
 from speccompile.compile.driver import build_bundle
 from speccompile.format.bundle import read_manifest
-from speccompile.errors import CheckpointError
+from speccompile.errors import CheckpointError, SpeccompileError
 from speccompile.compile.presets import tiny_mtp_head
 from speccompile.runtime.engine import Engine
 from speccompile.compile.sources import load_checkpoint, save_hf_dir
@@ -268,6 +268,29 @@ def test_medusa_heads_are_lossless(tmp_path, tree):
         tree = f"static:{tmp_path / 't.json'}"
     g = speccompile.load(out, threads=1)
     assert max(assert_lossless(g, "medusa", random_prompts(8), 32, tree)) > 1.0
+
+
+def test_medusa_drafts_no_deeper_than_its_heads(tmp_path):
+    """Two heads draft two positions: a deeper chain or static tree asked of them is refused (it drafted fewer
+    tokens than asked, silently), at build and at generate; a larger build --num-draft is cut to the heads, and
+    says so."""
+    import speccompile
+    cfg = load_checkpoint("tiny:llama").config
+    safetensors_numpy.save_file(medusa_heads(cfg, K=2), str(tmp_path / "m.safetensors"))
+    (tmp_path / "t.json").write_text(json.dumps(STATIC_TREES["static"]))  # 3 deep
+    drafts, out, said = [f"medusa:{tmp_path / 'm.safetensors'}"], str(tmp_path / "b"), []
+    for tree in ("chain:3", f"static:{tmp_path / 't.json'}"):
+        with pytest.raises(SpeccompileError, match="3 deep.*at most 2 deep"):
+            build_bundle("tiny:llama", str(tmp_path / "deep"), drafts=drafts, max_seq_len=64, tree=tree,
+                         progress=quiet)
+    build_bundle("tiny:llama", out, drafts=drafts, max_seq_len=64, num_draft=4, progress=said.append)
+    assert any("--num-draft 4 is cut" in line for line in said)
+    g = speccompile.load(out, threads=1)
+    for ask in (dict(num_draft=3), dict(tree="chain:3"), dict(tree=f"static:{tmp_path / 't.json'}")):
+        with pytest.raises(SpeccompileError, match="at most 2"):
+            g.generate("hi", 4, **ask)
+    for ask in (dict(num_draft=2), dict(tree="chain:2"), dict(tree="dynamic:6")):
+        assert len(g.generate("hi", 4, **ask).token_ids) == 4
 
 
 @pytest.mark.parametrize("precision", ["float32", "int8"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 from speccompile.bench.settings import AUTOREGRESSIVE, Method
 from speccompile.errors import SpeccompileError
 from speccompile.format.trees import TreeSpec
+from speccompile.runtime.request import check_depth
 from speccompile.runtime.sampling import acceptance_option
 
 ACCEPTANCES = ("exact", "typical")  # what a "~ACCEPTANCE" suffix may name (runtime.sampling.acceptance_option)
@@ -62,8 +63,9 @@ def choose_drafters(gen, wanted: tuple[str, ...]) -> list[str]:
         raise SpeccompileError(f"drafter {split_method(unknown[0])[0]!r} is not in this bundle (it has: "
                                f"{', '.join(gen.drafter_names) or 'none'})")
     for d in wanted:  # a bad tree or acceptance fails here, before anything is timed
-        if split_method(d)[1]:
-            TreeSpec.parse(split_method(d)[1])
+        name, tree = split_method(d)
+        if tree:
+            check_depth(gen.drafters[name], None, TreeSpec.parse(tree))
         acceptance_option(split_acceptance(d)[1])
     if len(set(wanted)) != len(wanted):
         raise SpeccompileError("the same drafter (and tree) is named twice")

@@ -52,8 +52,13 @@ class BundleParts:
 
     def add(self, entry: dict, built: DrafterBuild) -> None:
         entry |= built.entry
-        if built.max_num_draft is not None:
-            entry["num_draft"] = min(entry["num_draft"], built.max_num_draft)
+        deepest = built.max_num_draft
+        if deepest is not None:
+            entry["num_draft"] = min(entry["num_draft"], deepest)
+            tree = entry["tree"]
+            if tree and tree["kind"] in ("chain", "static") and tree["depth"] > deepest:
+                raise SpeccompileError(f"--tree: this {tree['kind']} tree is {tree['depth']} deep, and drafter "
+                                       f"{entry['name']!r} drafts at most {deepest} deep (one position per head)")
         self.weights |= built.weights
         self.graphs |= built.graphs
         self.models |= built.models
@@ -192,6 +197,9 @@ def _graph(target: Checkpoint, target_w: dict, screen: bool, specs: list[DraftSp
     view = TargetBuild(target, target_w, opts, features, progress)
     for spec in specs:
         parts.add(_drafter_entry(spec, tree_spec, opts, chains), build_half(spec.kind).build(spec, view))
+        if opts.num_draft and parts.drafters[-1]["num_draft"] < opts.num_draft:
+            progress(f"      {spec.name}: drafts at most {parts.drafters[-1]['num_draft']} tokens a pass (one per "
+                     f"head): --num-draft {opts.num_draft} is cut to that for it")
     return parts
 
 

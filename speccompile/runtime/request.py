@@ -58,9 +58,25 @@ def build_request(gen, prompt, max_new_tokens, params: SamplingParams, drafter: 
         tree = TreeSpec.parse(tree)
     elif tree is not None and not isinstance(tree, TreeSpec):
         raise SpeccompileError(f"tree: expected a tree spec such as 'chain:4' or 'dynamic:16', not {tree!r}")
-    elif tree is None and num_draft is None and dr is not None and gen.trees.get(dr.name):
+    check_depth(dr, num_draft, tree)
+    if tree is None and num_draft is None and dr is not None and gen.trees.get(dr.name):
         tree = gen.trees[dr.name]  # the default: the bundle's tree (num_draft asks for a chain of that many)
     return Request(ids, int(max_new_tokens), params, dr, k, tree, stop_strings(stop))
+
+
+def check_depth(drafter: Drafter | None, num_draft: int | None, tree: TreeSpec | None) -> None:
+    """A chain or static tree deeper than the drafter drafts (a Medusa head drafts one position each) is refused:
+    it would draft fewer tokens than asked, silently. A dynamic or adaptive tree grows within the drafter's
+    reach by its nature."""
+    bound = drafter.max_depth if drafter is not None else None
+    if bound is None:
+        return
+    if num_draft is not None and num_draft > bound:
+        raise SpeccompileError(f"--num-draft {num_draft}: drafter {drafter.name!r} drafts at most {bound} tokens a "
+                               f"pass (one per head); ask for at most {bound}")
+    if tree is not None and tree.kind in ("chain", "static") and tree.depth > bound:
+        raise SpeccompileError(f"--tree: this {tree.kind} tree is {tree.depth} deep, and drafter {drafter.name!r} "
+                               f"drafts at most {bound} deep (one position per head)")
 
 
 def prompt_ids(gen, prompt, chat: bool) -> np.ndarray:

@@ -73,6 +73,7 @@ class Proposal:
 class Drafter(abc.ABC):
     name: str = "drafter"
     wants_hidden = False  # True: the runtime calls observe() with the target's hidden states
+    max_depth: int | None = None  # the deepest it drafts (Medusa: one token per head); None: no bound
 
     def reset(self) -> None:
         """A new sequence starts."""

@@ -22,7 +22,7 @@ class MedusaDrafter(Drafter):
         self.name = name
         self.session = open_session(resolve_inside(bundle_dir, entry["graph"]), session_options(threads),
                                     ["CPUExecutionProvider"])
-        self.num_heads = entry["num_heads"]
+        self.num_heads = self.max_depth = entry["num_heads"]
         self.h = np.zeros((max_seq_len, entry["config"]["hidden_size"]), np.float32)
 
     def observe(self, start: int, hidden: np.ndarray) -> None:
