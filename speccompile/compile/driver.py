@@ -124,6 +124,9 @@ def _check_request(opts: BuildOptions, drafts: list[str] | None) -> tuple[TreeSp
                                "(layerskip:L one per L): build another bundle for the other")
     if opts.num_draft is not None and not 1 <= opts.num_draft <= 16:
         raise SpeccompileError(f"--num-draft {opts.num_draft}: must be between 1 and 16")
+    if opts.num_draft is not None and tree_spec is not None:  # every drafter would verify the tree alone
+        raise SpeccompileError("--num-draft asks for a chain of that many drafts, --tree for a tree: give one "
+                               "(a chain of K is --tree chain:K)")
     if not 1 <= opts.max_batch <= 64:
         raise SpeccompileError(f"--max-batch {opts.max_batch}: must be between 1 and 64")
     return tree_spec, specs
