@@ -281,3 +281,75 @@ def test_paired_interval_brackets_the_paired_speedup_and_narrows_with_prompts():
     assert narrow[0] > wide[0] and narrow[1] < wide[1]
     assert paired_interval([1.1, 1.2]) is None
     assert paired_interval(ratios) == paired_interval(ratios)  # a fixed seed: the same document each time
+
+
+@pytest.mark.parametrize("line, says", [
+    ('{"question_id": 1, "category": ["x"], "turns": ["hi"]}', "not a Spec-Bench question"),  # was a TypeError
+    ('{"question_id": 1, "category": "x", "turns": [5]}', "not a Spec-Bench question"),  # was decoded as a prompt
+    ('{"question_id": 1, "category": "x", "turns": "hello"}', "not a Spec-Bench question"),
+    ('{"question_id": 1, "category": "x", "turns": ["caf\xe9"]}', "not UTF-8 text"),
+    ('{"question_id": 1, "category": "x", ', "not JSON"),
+    ("", "no questions in it"),  # was "no prompt fits the compiled context", after measuring the machine
+])
+def test_dataset_lines_that_are_not_questions_are_refused_naming_the_line(tmp_path, line, says):
+    from speccompile.bench.multi_turn import conversations
+    from speccompile.errors import SpeccompileError
+    path = tmp_path / "q.jsonl"
+    good = json.dumps({"question_id": 0, "category": "x", "turns": ["a question"]})
+    path.write_bytes(f"{good}\n\n{line}\n".encode("latin-1") if line else b"\n")
+    where = f"{path}:3: " if line else f"{path}: "
+    for read in (lambda: load_questions(str(path)),  # multi-turn once skipped such lines or failed on IndexError
+                 lambda: conversations(str(path), ("x",), 3, 2, lambda first: True)):
+        with pytest.raises(SpeccompileError, match=f"^{where}{says}"):
+            read()
+
+
+def test_dataset_byte_order_mark_and_later_turns(tmp_path):
+    """A byte-order mark before the first line is read past; multi-turn chats continue with the later turns."""
+    from speccompile.bench.multi_turn import FOLLOW_UPS, conversations
+    path = tmp_path / "q.jsonl"
+    question = {"question_id": 7, "category": "x", "turns": ["one", "two"]}
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(question).encode())  # as an editor on Windows may save it
+    assert load_questions(str(path))["x"][0]["text"] == "one"
+    assert conversations(str(path), ("x",), 3, 3, lambda first: True) == [["one", "two", FOLLOW_UPS[0]]]
+
+
+def test_bench_cli_refuses_what_it_would_ignore_or_overwrite(tiny_bundle, dataset, tmp_path):
+    """Refused before anything loads: an option the run would ignore, an output that would replace the dataset,
+    the other output, or land inside the bundle (whose unlisted files fail every later load)."""
+    import os
+    inside = os.path.join(tiny_bundle, "result.json")
+    same = str(tmp_path / "r.png")
+    for options, says in ((("--drafter", "lookup~typical"), "typical acceptance is for sampling"),
+                          (("--stream-requests", "4"), "--stream-requests: only the concurrency mode"),
+                          (("--stream-repeats", "2"), "--stream-repeats: only the concurrency mode"),
+                          (("--json", inside), "inside the bundle"),
+                          (("--json", dataset), "that is the dataset"),
+                          (("--json", same, "--plot", same), "--plot " + same + ": the same file as --json"),
+                          (("--multi-turn", "1", "--drafter", "lookup", "--drafter", "model"), "a second --drafter"),
+                          (("--multi-turn", "1", "--top-k", "3"), "does not take --top-k"),
+                          (("--multi-turn", "1", "--stream-requests", "3"), "does not take --stream-requests")):
+        out = invoke("bench", tiny_bundle, "--dataset", dataset, "--max-new-tokens", 2, "--limit", 1, "--threads", 1,
+                     *options, expect=2)
+        assert out.count("error:") == 1 and says in out and "Traceback" not in out, out
+    assert not os.path.exists(inside) and not os.path.exists(same)
+    assert json.loads(open(dataset).readline()) == QUESTIONS[0]
+
+
+def test_ci_gate_script_writes_beside_the_bundle_it_was_given(tmp_path):
+    """tools/ci_gate.sh BUNDLE_DIR/ from another folder: the bundle is that folder's, and the result lands beside
+    it (with the slash kept, BUNDLE_DIR/.bench.json landed inside the bundle, a relative one in the repository)."""
+    import os
+    import subprocess
+    script = os.path.join(os.path.dirname(__file__), "..", "tools", "ci_gate.sh")
+    stubs, work = tmp_path / "bin", tmp_path / "work"
+    stubs.mkdir()
+    work.mkdir()
+    (stubs / "speccompile").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\n')
+    (stubs / "speccompile").chmod(0o755)
+    env = dict(os.environ, PATH=f"{stubs}{os.pathsep}{os.environ['PATH']}")
+    subprocess.run(["bash", os.path.abspath(script), "G/"], cwd=work, env=env, check=True)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[0].startswith(f"build --out {work}/G --max-seq-len")
+    assert f"--json {work}/G.bench.json --plot {work}/G.bench.png" in calls[1]
+    assert calls[2].startswith(f"gate {work}/G.bench.json --baseline")

@@ -9,8 +9,12 @@
 #
 # The result and its plot are written next to the bundle (BUNDLE_DIR.bench.json, BUNDLE_DIR.bench.png).
 set -euo pipefail
-cd "$(dirname "$0")/.."
 bundle="${1:?usage: tools/ci_gate.sh BUNDLE_DIR [--update-baseline]}"
+# the folder the caller named, before the cd below; without its trailing slashes, or "$bundle.bench.json" would land
+# inside the bundle, where a file its manifest does not list fails every later load
+while [[ "$bundle" == */ && "$bundle" != / ]]; do bundle="${bundle%/}"; done
+[[ "$bundle" == /* ]] || bundle="$PWD/$bundle"
+cd "$(dirname "$0")/.."
 baseline=tools/ci_baseline.json
 result="$bundle.bench.json"
 

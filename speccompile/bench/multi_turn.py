@@ -10,12 +10,11 @@ message, the model's answer, the next message. Greedy, so both runs answer alike
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 from typing import Callable
 
 from speccompile import load
-from speccompile.bench.prompts import default_dataset
+from speccompile.bench.prompts import default_dataset, read_questions
 from speccompile.errors import SpeccompileError
 
 LONG_CATEGORIES = ("summarization", "rag", "extraction")  # Spec-Bench categories with long first messages
@@ -40,17 +39,7 @@ def conversations(path: str, categories: tuple[str, ...], limit: int, turns: int
                   ) -> list[list[str]]:
     """The user messages of `limit` conversations: the longest first turns of those categories that fit, each
     followed by the question's own later turns, then FOLLOW_UPS."""
-    found = []
-    try:
-        with open(path) as f:
-            for line in f:
-                q = json.loads(line) if line.strip() else None
-                if isinstance(q, dict) and q.get("category") in categories and q.get("turns"):
-                    found.append([t for t in q["turns"] if isinstance(t, str)])
-    except OSError as e:
-        raise SpeccompileError(f"cannot read dataset {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise SpeccompileError(f"{path}: not JSON lines ({e})") from None
+    found = [q["turns"] for q in read_questions(path) if q["category"] in categories]
     found = [c for c in sorted(found, key=lambda c: -len(c[0])) if fits(c[0])][:limit]
     if not found:
         raise SpeccompileError(f"no question of categories {', '.join(categories)} in {path} fits the context")

@@ -20,3 +20,19 @@ def check_output(path: str, option: str, formats: dict[str, str] | None = None) 
     if formats is not None and ext and ext not in formats:
         raise SpeccompileError(f"{option} {path}: .{ext} is not a format matplotlib writes "
                                f"({', '.join(sorted(formats))})")
+
+
+def check_not_overwriting(outputs: dict[str, str], bundle: str, dataset: str) -> None:
+    """Refuse an output (option -> path) that would replace what the run reads or another output: the dataset, a
+    file inside the bundle (a file its manifest does not list fails every later load of it), the other output."""
+    bundle_dir, taken = os.path.realpath(bundle), {}
+    for option, path in outputs.items():
+        real = os.path.realpath(path)
+        if real == os.path.realpath(dataset):
+            raise SpeccompileError(f"{option} {path}: that is the dataset this run reads; write the result elsewhere")
+        if os.path.commonpath([bundle_dir, real]) == bundle_dir:
+            raise SpeccompileError(f"{option} {path}: inside the bundle {bundle}, whose files must all be listed in "
+                                   "its manifest; write the result outside it")
+        if real in taken:
+            raise SpeccompileError(f"{option} {path}: the same file as {taken[real]}; give each its own")
+        taken[real] = option

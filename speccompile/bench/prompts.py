@@ -13,27 +13,46 @@ def default_dataset() -> str:
 
 
 def _question(path: str, line_no: int, line: str) -> dict:
-    q = json.loads(line)
-    if not isinstance(q, dict) or not isinstance(q.get("turns"), list) or not q["turns"] or "category" not in q:
-        raise SpeccompileError(f"{path}:{line_no}: not a Spec-Bench question (needs category, turns)")
-    return {"question_id": q.get("question_id"), "category": q["category"], "text": q["turns"][0]}
+    where = f"{path}:{line_no}"
+    try:
+        q = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise SpeccompileError(f"{where}: not JSON ({e})") from None
+    turns = q.get("turns") if isinstance(q, dict) else None
+    # a string's characters, a number or a list as a category would each pass a looser check and fail later
+    if not isinstance(q, dict) or not isinstance(q.get("category"), str) or not isinstance(turns, list) \
+            or not turns or not all(isinstance(t, str) for t in turns):
+        raise SpeccompileError(f"{where}: not a Spec-Bench question (needs category: a name, turns: a list of "
+                               "texts)")
+    return {"question_id": q.get("question_id"), "category": q["category"], "text": turns[0], "turns": turns}
+
+
+def read_questions(path: str) -> list[dict]:
+    """Every question of a Spec-Bench jsonl file, in file order, as {question_id, category, text (the first turn),
+    turns}; blank lines are skipped, anything else that is not a question is refused naming its line."""
+    questions = []
+    try:
+        with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is named, whatever the locale's encoding
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a byte-order mark is no JSON
+                except UnicodeDecodeError as e:
+                    raise SpeccompileError(f"{path}:{line_no}: not UTF-8 text ({e.reason})") from None
+                if line.strip():
+                    questions.append(_question(path, line_no, line))
+    except OSError as e:
+        raise SpeccompileError(f"cannot read dataset {path}: {e.strerror}") from None
+    if not questions:
+        raise SpeccompileError(f"{path}: no questions in it")
+    return questions
 
 
 def load_questions(path: str, categories: tuple[str, ...] = ()) -> dict[str, list[dict]]:
-    """Spec-Bench questions by category, in file order, each as {question_id, category, text (first turn)}."""
+    """Spec-Bench questions by category, in file order (read_questions)."""
     by_category: dict[str, list[dict]] = {}
-    try:
-        with open(path) as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                q = _question(path, line_no, line)
-                if not categories or q["category"] in categories:
-                    by_category.setdefault(q["category"], []).append(q)
-    except OSError as e:
-        raise SpeccompileError(f"cannot read dataset {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise SpeccompileError(f"{path}: not JSON lines ({e})") from None
+    for q in read_questions(path):
+        if not categories or q["category"] in categories:
+            by_category.setdefault(q["category"], []).append(q)
     missing = [c for c in categories if c not in by_category]
     if missing:
         raise SpeccompileError(f"no questions of category {', '.join(missing)} in {path}")

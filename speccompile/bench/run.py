@@ -21,13 +21,14 @@ from typing import Callable
 from speccompile import load
 from speccompile.bench.concurrency import measure_concurrency
 from speccompile.bench.machine import measure_machine_bandwidth, peak_rss_mib
-from speccompile.bench.methods import choose_drafters, speccompile_methods, split_method
+from speccompile.bench.methods import choose_drafters, speccompile_methods, split_acceptance, split_method
 from speccompile.bench.peers import transformers_methods
 from speccompile.bench.prompts import default_dataset, load_questions, pick_prompts
 from speccompile.bench.report import result_document
 from speccompile.bench.settings import BenchSettings, Method
 from speccompile.bench.stats import repeated_ngram_share
 from speccompile.errors import SpeccompileError
+from speccompile.runtime.sampling import SamplingParams
 from speccompile.runtime.sessions import check_threads
 
 
@@ -86,28 +87,38 @@ def measure(methods: list[Method], prompts: list[dict], settings: BenchSettings,
         p.setdefault("runs", {}).update(best)
 
 
+def check_settings(settings: BenchSettings) -> None:
+    """Refuse settings that could not run, or that a run would ignore, before anything is loaded or timed."""
+    if settings.repeats < 1:
+        raise SpeccompileError(f"--repeats {settings.repeats}: must be at least 1")
+    if settings.stream_repeats is not None and settings.stream_repeats < 1:
+        raise SpeccompileError(f"--stream-repeats {settings.stream_repeats}: must be at least 1")
+    if settings.limit is not None and settings.limit < 1:
+        raise SpeccompileError(f"--limit {settings.limit}: must be at least 1")
+    if settings.max_new_tokens < 1:
+        raise SpeccompileError(f"--max-new-tokens {settings.max_new_tokens}: must be at least 1")
+    check_threads(settings.threads)  # before the bandwidth probe's worker processes get it
+    if any(n < 1 for n in settings.streams):
+        raise SpeccompileError(f"--streams {','.join(map(str, settings.streams))}: stream counts must be at "
+                               "least 1")
+    if settings.streams and settings.stream_requests < 1:
+        raise SpeccompileError(f"--stream-requests {settings.stream_requests}: must be at least 1")
+    if settings.top_k and not settings.temperature:
+        raise SpeccompileError(f"--top-k {settings.top_k}: samples, so it needs a --temperature above 0 "
+                               "(greedy decoding has no top-k)")
+    params = SamplingParams(settings.temperature, settings.top_k)  # out of range: its own error, before the run
+    lossy = [d for d in settings.drafters if split_acceptance(d)[1] not in (None, "exact")]
+    if lossy and params.greedy:  # greedy acceptance is exact whatever a method asks for
+        raise SpeccompileError(f"--drafter {lossy[0]}: typical acceptance is for sampling (give --temperature); "
+                               "greedy decoding is exact")
+
+
 class Benchmark:
     """A prepared benchmark: the constructor loads the prompts and every method (and measures the machine), so
     that `total_runs` is known before `run` times anything."""
 
     def __init__(self, bundle_dir: str, settings: BenchSettings, log: Callable[[str], None] = lambda msg: None):
-        if settings.repeats < 1:
-            raise SpeccompileError(f"--repeats {settings.repeats}: must be at least 1")
-        if settings.stream_repeats is not None and settings.stream_repeats < 1:
-            raise SpeccompileError(f"--stream-repeats {settings.stream_repeats}: must be at least 1")
-        if settings.limit is not None and settings.limit < 1:
-            raise SpeccompileError(f"--limit {settings.limit}: must be at least 1")
-        if settings.max_new_tokens < 1:
-            raise SpeccompileError(f"--max-new-tokens {settings.max_new_tokens}: must be at least 1")
-        check_threads(settings.threads)  # before the bandwidth probe's worker processes get it
-        if any(n < 1 for n in settings.streams):
-            raise SpeccompileError(f"--streams {','.join(map(str, settings.streams))}: stream counts must be at "
-                                   "least 1")
-        if settings.streams and settings.stream_requests < 1:
-            raise SpeccompileError(f"--stream-requests {settings.stream_requests}: must be at least 1")
-        if settings.top_k and not settings.temperature:
-            raise SpeccompileError(f"--top-k {settings.top_k}: samples, so it needs a --temperature above 0 "
-                                   "(greedy decoding has no top-k)")
+        check_settings(settings)
         self.bundle_dir, self.settings = bundle_dir, settings
         self.dataset = settings.dataset or default_dataset()
         questions = load_questions(self.dataset, settings.categories)

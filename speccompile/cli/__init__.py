@@ -14,6 +14,7 @@ import click
 from speccompile.errors import SpeccompileError
 from speccompile.graphs import DEFAULT_MAX_BATCH
 from speccompile.cli.errors import DEBUG_ENV, errors_to_exit, OneLineUsageErrors
+from speccompile.cli.bench_options import STREAM_REQUESTS, check_bench_options
 from speccompile.cli.generate_options import CACHE_BYTES, STOP_HELP, check_generate_options, unescape_stop
 from speccompile.train.cli_options import train_head_options
 
@@ -233,26 +234,18 @@ def _ints(option: str, value: str | None) -> list[int]:
                    "and without the context cache: TTFT and cache hits per turn.")
 @click.option("--streams", default=None, help="Concurrency mode: serve --stream-requests prompts one after another, "
               "then with each of these numbers of concurrent streams (comma-separated, e.g. 1,2,4,8).")
-@click.option("--stream-requests", default=8, show_default=True, help="Requests the concurrency mode serves.")
+@click.option("--stream-requests", default=STREAM_REQUESTS, show_default=True,
+              help="Requests the concurrency mode serves.")
 @click.option("--stream-repeats", default=None, type=int,
               help="Rounds of the concurrency mode; its ratio is their median (default: --repeats).")
 @errors_to_exit
 def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, repeats, temperature, top_k, threads,
           json_out, plot_out, compare_transformers, multi_turn, streams, stream_requests, stream_repeats):
     """Benchmark BUNDLE: speculative against autoregressive decoding, per prompt category."""
-    from speccompile.bench.outputs import check_output
-    from speccompile.bench.plot import plot, plot_formats
+    from speccompile.bench.plot import plot
     from speccompile.bench.report import format_table, write_json
-    for option, path, formats in (("--json", json_out, None), ("--plot", plot_out, plot_out and plot_formats())):
-        if path:
-            check_output(path, option, formats)
+    check_bench_options(click.get_current_context().params)
     if multi_turn is not None:
-        ignored = [o for o, given in (("--plot", plot_out), ("--streams", streams), ("--tree", tree),
-                                      ("--temperature", temperature), ("--compare-transformers", compare_transformers),
-                                      ("--repeats", repeats != 1)) if given]
-        if ignored or multi_turn < 1:
-            raise SpeccompileError(f"--multi-turn {multi_turn}: " + (f"does not take {', '.join(ignored)}" if ignored
-                                                                     else "at least one turn"))
         from speccompile.bench.multi_turn import MultiTurnSettings, format_multi_turn, run_multi_turn
         result = run_multi_turn(bundle, MultiTurnSettings(dataset, _csv(categories), limit, multi_turn, max_new_tokens,
                                                           drafters[0] if drafters else None, threads), _progress)
