@@ -321,6 +321,7 @@ def test_bench_cli_refuses_what_it_would_ignore_or_overwrite(tiny_bundle, datase
     inside = os.path.join(tiny_bundle, "result.json")
     same = str(tmp_path / "r.png")
     for options, says in ((("--drafter", "lookup~typical"), "typical acceptance is for sampling"),
+                          (("--temperature", "0.7", "--drafter", "lookup~typical:2"), "typical_epsilon must be in"),
                           (("--stream-requests", "4"), "--stream-requests: only the concurrency mode"),
                           (("--stream-repeats", "2"), "--stream-repeats: only the concurrency mode"),
                           (("--json", inside), "inside the bundle"),
@@ -332,6 +333,7 @@ def test_bench_cli_refuses_what_it_would_ignore_or_overwrite(tiny_bundle, datase
         out = invoke("bench", tiny_bundle, "--dataset", dataset, "--max-new-tokens", 2, "--limit", 1, "--threads", 1,
                      *options, expect=2)
         assert out.count("error:") == 1 and says in out and "Traceback" not in out, out
+        assert "measuring" not in out, out  # refused before the machine is measured and the bundle loaded
     assert not os.path.exists(inside) and not os.path.exists(same)
     assert json.loads(open(dataset).readline()) == QUESTIONS[0]
 

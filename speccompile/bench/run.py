@@ -28,7 +28,7 @@ from speccompile.bench.report import result_document
 from speccompile.bench.settings import BenchSettings, Method
 from speccompile.bench.stats import repeated_ngram_share
 from speccompile.errors import SpeccompileError
-from speccompile.runtime.sampling import SamplingParams
+from speccompile.runtime.sampling import SamplingParams, acceptance_option
 from speccompile.runtime.sessions import check_threads
 
 
@@ -106,11 +106,13 @@ def check_settings(settings: BenchSettings) -> None:
     if settings.top_k and not settings.temperature:
         raise SpeccompileError(f"--top-k {settings.top_k}: samples, so it needs a --temperature above 0 "
                                "(greedy decoding has no top-k)")
-    params = SamplingParams(settings.temperature, settings.top_k)  # out of range: its own error, before the run
-    lossy = [d for d in settings.drafters if split_acceptance(d)[1] not in (None, "exact")]
-    if lossy and params.greedy:  # greedy acceptance is exact whatever a method asks for
-        raise SpeccompileError(f"--drafter {lossy[0]}: typical acceptance is for sampling (give --temperature); "
-                               "greedy decoding is exact")
+    for spec in settings.drafters:  # values out of range: their own error, before the machine is measured
+        acceptance = split_acceptance(spec)[1]
+        params = SamplingParams(settings.temperature, settings.top_k, **acceptance_option(acceptance))
+        if acceptance not in (None, "exact") and params.greedy:  # greedy acceptance is exact whatever it asks for
+            raise SpeccompileError(f"--drafter {spec}: typical acceptance is for sampling (give --temperature); "
+                                   "greedy decoding is exact")
+    SamplingParams(settings.temperature, settings.top_k)
 
 
 class Benchmark:
