@@ -175,9 +175,12 @@ def test_plot_title_and_spreads(result):
     """The title names the settings; the spreads drawn are the per-prompt speedups whose geometric mean is the
     paired speedup of the summary (what the gate reads)."""
     title = plot_title(result)
-    for part in ("tiny:llama", "questions.jsonl: 4 prompts in 2 categories", "max_new_tokens 12", "best of 2",
-                 "threads 1", result["created"][:10]):
+    for part in ("tiny:llama (llama, 4 layers, --weights source)", "questions.jsonl: 4 prompts in 2 categories",
+                 "max_new_tokens 12", "best of 2", "threads 1", result["created"][:10]):
         assert part in title
+    halves = copy.deepcopy(result)  # builds of one source tell apart by their weights and dtype alone
+    halves["bundle"]["target"].update(weights="float32", dtype="float16")
+    assert "(llama, 4 layers, --weights float32, --dtype float16)" in plot_title(halves)
     assert ", greedy" in title
     sampled = copy.deepcopy(result)
     sampled["settings"]["temperature"] = 0.7

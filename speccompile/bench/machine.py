@@ -75,5 +75,6 @@ def bundle_summary(bundle_dir: str, gen) -> dict:
     return {"path": os.path.abspath(bundle_dir), "source": m["source"], "max_seq_len": m["max_seq_len"],
             "target": {"model_type": cfg["model_type"], "num_layers": m["models"]["target"]["num_layers"],
                        "hidden_size": cfg["hidden_size"], "vocab_size": cfg["vocab_size"],
-                       "weight_bytes": gen.target.weight_bytes},
+                       "weight_bytes": gen.target.weight_bytes,
+                       "weights": (m.get("quantization") or {}).get("option"), "dtype": m.get("dtype", "float32")},
             "drafters": [{k: d[k] for k in ("name", "kind", "num_draft", "model") if k in d} for d in m["drafters"]]}

@@ -11,7 +11,8 @@ JSON result, schema_version 1 (all times in seconds, rates in tokens/s, bandwidt
                       child process at the start of the run
     versions          {speccompile, python, numpy, onnxruntime, tokenizers[, torch, transformers]}
     bundle            {path, source {kind, path, sha256}, max_seq_len,
-                       target {model_type, num_layers, hidden_size, vocab_size, weight_bytes},
+                       target {model_type, num_layers, hidden_size, vocab_size, weight_bytes,
+                               weights (build's --weights), dtype},
                        drafters [{name, kind, num_draft[, model]}]}
     settings          {dataset, dataset_sha256, categories, limit, max_new_tokens, drafters, tree, repeats, threads,
                        compare_transformers, warmup_tokens, skipped_questions}
