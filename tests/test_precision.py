@@ -189,6 +189,26 @@ def test_float32_islands_run_a_bfloat16_bundle_on_the_cpu(bundles, tmp_path, mon
         assert sum(a == b for a, b in zip(plain, reference)) >= 12
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_early_exit_over_gemma3_sliding_layers_alone(tmp_path, dtype):
+    """Gemma 3's first layers slide, with RoPE tables of their own: an early exit over them reads none of the
+    global layers' tables the target reads. It builds in float16 (it was refused: those tables would have been
+    float16 in the target and float32 in the early exit) and, in float16, speculates losslessly."""
+    pytest.importorskip("transformers")
+    from models_util import write_checkpoint
+    write_checkpoint("gemma3", str(tmp_path / "ck"))
+    out = str(tmp_path / "b")
+    build_bundle(str(tmp_path / "ck"), out, drafts=["layerskip:1"], max_seq_len=LMAX, dtype=dtype, progress=quiet)
+    early_exit = onnx.load(os.path.join(out, "early_exit_1.onnx"), load_external_data=False)
+    assert {t.name for t in early_exit.graph.initializer} >= {"rope_local.cos", "rope_local.sin"}
+    assert "rope.cos" not in {t.name for t in early_exit.graph.initializer}
+    if dtype == "float16":
+        g = speccompile.load(out, threads=1)
+        prompt = [int(t) for t in np.random.default_rng(4).integers(3, 384, 30)]
+        plain = g.generate(prompt, 40, speculate=False).token_ids
+        assert g.generate(prompt, 40, drafter="layerskip:1").token_ids == plain
+
+
 def test_unknown_dtype_and_tensorrt_float16_are_refused(tmp_path):
     with pytest.raises(SpeccompileError, match="--dtype"):
         build_bundle("tiny:llama", str(tmp_path / "a"), drafts=["none"], max_seq_len=LMAX, dtype="float8",

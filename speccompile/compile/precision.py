@@ -94,13 +94,25 @@ def convert_graph(graph, dtype: str, keep_float32_ops=()) -> tuple[ConvertedGrap
     finally:
         float16.make_value_info_from_tensor = from_data
     _sort_nodes(model.graph)
-    converted = {t.name for t in model.graph.initializer
-                 if t.name in graph.weights and t.data_type == TensorProto.FLOAT16}
+    read = _drop_unread_weights(model.graph, set(graph.weights))
+    converted = {t.name for t in model.graph.initializer if t.name in read and t.data_type == TensorProto.FLOAT16}
     if dtype == "bfloat16":
         _retype_bfloat16(model.graph)
         add_float32_islands(model.graph, set(BFLOAT16_FLOAT32_OPS))
-    weights = {n: (shape, dtype if n in converted else dt) for n, (shape, dt) in graph.weights.items()}
+    weights = {n: (shape, dtype if n in converted else dt) for n, (shape, dt) in graph.weights.items() if n in read}
     return ConvertedGraph(model, weights), converted
+
+
+def _drop_unread_weights(graph, weights: set[str]) -> set[str]:
+    """Remove the initializers of `weights` that no node of `graph` reads, and return those it reads. A graph may
+    be handed weights it never reads (an early exit over Gemma 3's sliding layers alone gets the global layers'
+    RoPE tables too): the converter leaves those in float32, and the same weight read in float16 by another graph
+    would then need two copies."""
+    read = weights.intersection(x for n in graph.node for x in _reads(n))
+    unread = [t for t in graph.initializer if t.name in weights and t.name not in read]
+    for t in unread:
+        graph.initializer.remove(t)
+    return read
 
 
 def _sort_nodes(graph) -> None:
@@ -203,7 +215,7 @@ def apply_precision(parts, dtype: str, progress=print, keep_float32_ops=()) -> N
     for name, (g, wfiles) in list(parts.graphs.items()):
         new, converted = convert_graph(g, dtype, keep_float32_ops)
         parts.graphs[name] = (new, wfiles)
-        for w in g.weights:
+        for w in new.weights:
             readers.setdefault(w, set()).add(name)
         for w in converted:
             converted_by.setdefault(w, set()).add(name)
