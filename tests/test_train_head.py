@@ -539,3 +539,20 @@ def test_magpie_by_a_bundle_keeps_whole_user_turns(tmp_path, monkeypatch):
     kept = magpie_prompts.magpie(str(hf), 3, str(out), batch=4, max_tokens=3, log=lambda _: None, bundle=bundle,
                                  threads=1)
     assert kept == 0 and not out.read_text()  # it never ends a turn: given up after its tries
+
+
+def test_deepseek_target_refused_but_for_medusa(tmp_path):
+    """An MTP or EAGLE head's layer starts as the target's last one, a grouped-query layer: a DeepSeek-V3 target
+    (multi-head latent attention) is refused before any work, with its own MTP module named (it was an internal
+    error once gen and features had run)."""
+    from speccompile.compile.presets import tiny_deepseek_checkpoint
+    hf, work = tmp_path / "hf", tmp_path / "work"
+    tiny_deepseek_checkpoint(str(hf), 24)
+    base = ["--target", str(hf), "--work", str(work), "--out", str(tmp_path / "head"), *SMALL]
+    for arch in ("mtp", "eagle", "eagle3"):
+        refused(base + ["--arch", arch], "multi-head latent attention", "mtp:CHECKPOINT_DIR", "--arch medusa")
+    assert not work.exists()
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "tell me about a thing"}) + "\n")
+    train_head(base + ["--arch", "medusa", "--out", str(tmp_path / "medusa.safetensors"), "--prompts",
+                       str(tmp_path / "prompts.jsonl"), "--heads", "2", "--epochs", "1"])
+    assert (tmp_path / "medusa.safetensors").is_file()

@@ -16,7 +16,7 @@ from speccompile.train.loop import stage_train
 from speccompile.train.medusa import train_medusa
 from speccompile.train.options import TrainOptions
 from speccompile.train.progress import log
-from speccompile.train.target import target_config, target_hf_dir, target_identity
+from speccompile.train.target import check_head_target, target_config, target_hf_dir, target_identity
 
 
 class Work:
@@ -74,11 +74,13 @@ def run_vocab(a: TrainOptions, w: Work) -> None:
 def run(a: TrainOptions) -> None:
     """Run the stages --stages names (gen, features, aux, train, export, vocab) for --arch."""
     torch.set_num_threads(a.threads)
-    os.makedirs(a.work, exist_ok=True)
     stages = a.stage_list
     hf_dir = target_hf_dir(a.target, a.work)
-    w = Work(a.work)
     trains = bool({"aux", "train", "export"} & set(stages))
+    if trains and a.arch != "medusa":  # before any stage's work
+        check_head_target(hf_dir, a.arch)
+    os.makedirs(a.work, exist_ok=True)
+    w = Work(a.work)
     identity = target_identity(hf_dir) if trains or "features" in stages else ""
     if trains and a.extra_feature_paths:  # before any stage's work
         check_features_target(a.extra_feature_paths, identity, w.features)

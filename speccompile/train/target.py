@@ -78,6 +78,16 @@ def target_config(hf_dir: str) -> dict:
     return text_model_config(cfg) | {"head_dim": facts.head_dim, "rope_theta": facts.rope_theta}
 
 
+def check_head_target(hf_dir: str, arch: str) -> None:
+    """An MTP or EAGLE head's decoder layer starts as the target's last one and attends as a grouped-query layer:
+    a target of multi-head latent attention (DeepSeek-V3) has no such layer to start from, or to match."""
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        if ModelConfig.from_hf(json.load(f)).is_mla:
+            raise SpeccompileError(f"train-head --arch {arch}: the target's layers use multi-head latent attention "
+                                   "(DeepSeek-V3), which a trained head's layer does not; draft with its own MTP "
+                                   "module (--draft mtp:CHECKPOINT_DIR), or train --arch medusa")
+
+
 def target_tensors(hf_dir: str) -> dict:
     """The target's tensors (those of its weight files: sources.weight_files) as a Llama checkpoint names them,
     which is what heads are initialised from: fused qkv_proj / gate_up_proj (Phi-3) split, RMSNorm weights stored
