@@ -1,12 +1,14 @@
 """`speccompile gate` refuses what it cannot read: NaN/inf, missing or non-numeric figures and thresholds, a
 baseline without figures. Each gives one `error:` line and exit 2, never "gate passed". On a synthetic result
 document (the schema of speccompile.bench.report), so no model is decoded here."""
+import copy
 import json
 
 import pytest
 from click.testing import CliRunner
 
-from speccompile.bench.gate import GateInputError, check_figure, gated_figures, parse_threshold
+from speccompile.bench.gate import (GateInputError, check_comparable, check_figure, gated_figures, load_result,
+                                    parse_threshold)
 from speccompile.bench.settings import SCHEMA_VERSION
 from speccompile.cli import main
 
@@ -125,6 +127,43 @@ def test_a_sampled_result_is_not_compared_with_a_greedy_baseline(tmp_path):
     assert "gate passed" in gate(tmp_path, explicit, result_doc(), expect=0)
 
 
+def built(weights: str, dtype: str, doc: dict | None = None) -> dict:
+    """result_doc() (or doc) of a build with these --weights and --dtype, as bench records them."""
+    doc = result_doc() if doc is None else copy.deepcopy(doc)
+    doc["bundle"]["target"] = {**doc["bundle"].get("target", {}), "weights": weights, "dtype": dtype}
+    return doc
+
+
+def test_builds_with_other_weights_or_dtype_are_not_compared(tmp_path):
+    """One source built as float32 decodes otherwise than its 4-bit blocks: such results are refused, one line."""
+    assert "different --weights ('source' vs 'float32')" in refused(tmp_path, built("float32", "float32"),
+                                                                    built("source", "float32"))
+    assert "different --dtype ('float32' vs 'float16')" in refused(tmp_path, built("source", "float16"),
+                                                                   built("source", "float32"))
+    out = gate(tmp_path, built("int4", "float16"), built("int4", "float16"), expect=0)
+    assert "gate passed" in out and "note:" not in out
+
+
+def test_a_result_from_before_the_build_was_recorded_is_taken_as_the_default_build(tmp_path):
+    """A baseline without the build's weights and dtype (the committed CI baseline predates them) is taken as the
+    default build's, with a note; a refusal that rests on that says so and how to record the build."""
+    old = result_doc()  # no bundle.target: from before bench recorded it
+    out = gate(tmp_path, built("source", "float32"), old, expect=0)
+    assert "note: the baseline records no build --weights/--dtype" in out and "--weights source --dtype float32" in out
+    out = refused(tmp_path, built("float32", "float32"), old)
+    assert "different --weights ('source' vs 'float32')" in out and "bench that build again" in out
+    assert "different --dtype" in refused(tmp_path, old, built("source", "float16"))
+
+
+def test_the_committed_ci_baseline_is_compared_only_with_the_default_build():
+    """tools/ci_gate.sh gates a default build (its GGUF's blocks, float32) against tools/ci_baseline.json."""
+    import os
+    baseline = load_result(os.path.join(os.path.dirname(__file__), "..", "tools", "ci_baseline.json"))
+    check_comparable(baseline, built("source", "float32", baseline))
+    with pytest.raises(GateInputError, match="different --weights"):
+        check_comparable(baseline, built("float32", "float32", baseline))
+
+
 def test_speedups_measured_on_another_cpu_are_held_by_their_floors(tmp_path):
     """Another CPU runs other kernels, whose relative costs differ: a speedup below the baseline's tolerance is
     noted, not failed, unless it falls under the floor; the same CPU keeps the tolerance."""
@@ -197,8 +236,10 @@ def test_a_baseline_without_figures_is_refused(tmp_path):
     lambda d: d.update(prompts=[1, 2]),
     lambda d: overall_lookup(d).update(acceptance_rate_per_depth="0.4 0.3"),
     lambda d: d.update(machine="a fast one"),
+    lambda d: d["bundle"].update(target="float32"),
 ], ids=["summary a list", "overall a string", "no categories", "nameless method", "drafters an object",
-        "prompts numbers", "rates a string", "machine a string"])
+        "prompts numbers", "rates a string", "machine a string",
+        "target a string"])
 def test_a_malformed_result_is_refused(tmp_path, mutate):
     doc = result_doc()
     mutate(doc)

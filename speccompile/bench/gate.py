@@ -33,6 +33,12 @@ baseline lacks (a baseline from before the concurrency mode) is still checked; c
 floors only (their baseline is shown): the ratio of two wall-clock runs moves with the machine's load. Tokens/s, TTFT and
 bandwidths are machine figures and are never gated.
 
+Results of runs that decoded different things are refused (GateInputError): other model sources, drafters,
+decoding settings or prompts, or another build of the same source (the target's weight format, build --weights,
+and its dtype: a float32 build decodes otherwise than the 4-bit blocks it was dequantized from). A result from
+before bench recorded the build's weights and dtype is taken as the default build's (--weights source, float32),
+with a note.
+
 Every gated figure, in the result and in the baseline, must be a finite number >= 0, and so must every threshold;
 a baseline must have at least one gated figure. Anything else is refused (GateInputError), never passed.
 """
@@ -49,6 +55,9 @@ from speccompile.errors import SpeccompileError
 # Settings that change what is decoded: results that differ in them are not comparable.
 # Each with the value an older result that lacks the key decoded with.
 DECODING_SETTINGS = {"max_new_tokens": None, "tree": None, "dataset_sha256": None, "temperature": 0.0, "top_k": 0}
+# The build's target weights (build --weights) and dtype, as bench records them (bench.machine.bundle_summary), each
+# with what a result from before they were recorded is taken for: the default build's (the CI baseline's build).
+BUILD_DEFAULTS = {"weights": "source", "dtype": "float32"}
 # Settings that change only timings: a difference is worth a note, not a refusal.
 TIMING_SETTINGS = ("threads", "repeats")
 
@@ -109,6 +118,8 @@ def _check_structure(path: str, result: dict) -> None:
         raise GateInputError(f"{path}: every method needs a name")
     if not all(isinstance(p, dict) for p in result["prompts"]):
         raise GateInputError(f"{path}: every prompt must be an object")
+    if not isinstance(bundle.get("target", {}), dict):
+        raise GateInputError(f"{path}: the bundle's 'target' must be an object")
     if not isinstance(result.get("machine", {}), dict):
         raise GateInputError(f"{path}: 'machine' must be an object")
 
@@ -117,9 +128,36 @@ def _drafters(result: dict) -> list:
     return [(d.get("name"), d.get("kind"), d.get("num_draft")) for d in result["bundle"]["drafters"]]
 
 
+def _build(result: dict) -> dict:
+    target = result["bundle"].get("target", {})
+    return {key: target.get(key, default) for key, default in BUILD_DEFAULTS.items()}
+
+
+def _unrecorded_builds(baseline: dict, result: dict) -> str | None:
+    """What is assumed of the runs whose result predates the build's weights and dtype (None if none does)."""
+    sides = [which for which, doc in (("the baseline", baseline), ("the result", result))
+             if not all(key in doc["bundle"].get("target", {}) for key in BUILD_DEFAULTS)]
+    if not sides:
+        return None
+    default = " ".join(f"--{key} {value}" for key, value in BUILD_DEFAULTS.items())
+    return (f"{' and '.join(sides)} record{'s' if len(sides) == 1 else ''} no build --weights/--dtype (from before "
+            f"bench recorded them): taken as the default build's, {default}")
+
+
+def _build_problems(baseline: dict, result: dict) -> list[str]:
+    before, now = _build(baseline), _build(result)
+    problems = [f"the bundles were built with different --{key} ({before[key]!r} vs {now[key]!r})"
+                for key in BUILD_DEFAULTS if before[key] != now[key]]
+    assumed = _unrecorded_builds(baseline, result)
+    if problems and assumed:  # the refusal then rests on the assumption: say so, and how to record the truth
+        problems.append(f"{assumed}; bench that build again to record them")
+    return problems
+
+
 def check_comparable(baseline: dict, result: dict) -> list[str]:
-    """Raise GateInputError where the two runs decoded different things; return notes on timing differences."""
-    problems = []
+    """Raise GateInputError where the two runs decoded different things; return notes on timing differences and
+    on an assumed build."""
+    problems = _build_problems(baseline, result)
     if baseline["bundle"]["source"].get("sha256") != result["bundle"]["source"].get("sha256"):
         problems.append("the bundles were built from different model sources")
     if _drafters(baseline) != _drafters(result):
@@ -132,8 +170,10 @@ def check_comparable(baseline: dict, result: dict) -> list[str]:
         problems.append("the prompts differ")
     if problems:
         raise GateInputError("results are not comparable: " + "; ".join(problems))
-    return [f"{key} differs ({baseline['settings'].get(key)!r} vs {result['settings'].get(key)!r}); speedups may "
-            f"shift" for key in TIMING_SETTINGS if baseline["settings"].get(key) != result["settings"].get(key)]
+    assumed = _unrecorded_builds(baseline, result)
+    timing = [f"{key} differs ({baseline['settings'].get(key)!r} vs {result['settings'].get(key)!r}); speedups may "
+              f"shift" for key in TIMING_SETTINGS if baseline["settings"].get(key) != result["settings"].get(key)]
+    return ([assumed] if assumed else []) + timing
 
 
 def check_figure(name: str, value, where: str) -> float:
