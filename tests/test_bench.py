@@ -12,6 +12,7 @@ from speccompile.bench.settings import SCHEMA_VERSION, BenchSettings
 from speccompile.bench import stats
 from speccompile.bench.stats import geometric_mean, paired_interval, repeated_ngram_share
 from speccompile.cli import main
+from speccompile.errors import SpeccompileError
 
 SHIPPED_CATEGORIES = {"writing", "qa", "summarization", "translation", "math_reasoning", "coding", "rag",
                       "extraction"}
@@ -234,9 +235,25 @@ def test_bench_cli_bad_input(tiny_bundle, dataset):
     # refused before anything is timed (the concurrency mode's once ran only after every method had decoded)
     for options, says in ((("--streams", "0"), "--streams 0"), (("--streams", "4", "--stream-requests", "-1"),
                                                                  "--stream-requests -1"),
-                          (("--threads", "-1"), "--threads -1"), (("--top-k", "5"), "--top-k 5")):
+                          (("--threads", "-1"), "--threads -1"), (("--top-k", "5"), "--top-k 5"),
+                          # a count or a method named twice was measured twice (one stream count's first run lost)
+                          (("--streams", "2,4,2"), "--streams 2,4,2: a stream count is named twice"),
+                          (("--drafter", "lookup@chain:2", "--drafter", "lookup@chain:2~exact"),
+                           "--drafter lookup@chain:2 and --drafter lookup@chain:2~exact measure the same method"),
+                          (("--tree", "chain:2", "--drafter", "lookup", "--drafter", "lookup@chain:2"),
+                           "--drafter lookup and --drafter lookup@chain:2 measure the same method")):
         out = invoke("bench", tiny_bundle, "--dataset", dataset, *options, expect=2)
         assert out.count("error:") == 1 and says in out and "Traceback" not in out, out
+
+
+def test_methods_differ_by_drafter_tree_or_acceptance():
+    from speccompile.bench.methods import check_distinct
+    check_distinct(("lookup", "lookup@chain:2", "lookup@chain:3", "lookup~typical", "model"), None)
+    check_distinct(("lookup", "lookup@chain:3"), "chain:2")
+    for wanted, tree in ((("lookup~typical", "lookup~typical:"), None), (("lookup@chain:2", "lookup"), "chain:2"),
+                         (("lookup", "lookup"), None)):
+        with pytest.raises(SpeccompileError, match="give it once"):
+            check_distinct(wanted, tree)
 
 
 def test_compare_transformers(tiny_bundle, tmp_path):

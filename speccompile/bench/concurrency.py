@@ -70,14 +70,22 @@ def figures(results: list[dict], wall: float) -> dict:
             "token_ids": [r["token_ids"] for r in results]}
 
 
+def check_stream_counts(streams: tuple[int, ...]) -> None:
+    """Each stream count at least 1, and named once: one named twice would be served twice, one run kept."""
+    if any(n < 1 for n in streams):
+        raise SpeccompileError(f"--streams {','.join(map(str, streams))}: stream counts must be at least 1")
+    if len(set(streams)) != len(streams):
+        raise SpeccompileError(f"--streams {','.join(map(str, streams))}: a stream count is named twice; give each "
+                               "once")
+
+
 def measure_concurrency(gen, prompts: list[dict], max_new_tokens: int, streams: tuple[int, ...], requests: int,
                         method: str | None, repeats: int = 1, log=lambda msg: None,
                         on_run=lambda label: None) -> dict:
     """The concurrency section of a bench result (see the module docstring); method: a drafter, as NAME[@TREE].
     on_run is called after each timed serving run (the progress bar's)."""
     drafter, tree = split_method(method) if method else (None, None)
-    if any(n < 1 for n in streams):
-        raise SpeccompileError(f"--streams {','.join(map(str, streams))}: stream counts must be at least 1")
+    check_stream_counts(streams)
     ids = [list(map(int, p["ids"])) for p in prompts[:requests]]
     if not ids:
         raise SpeccompileError("--streams: no prompts to serve")

@@ -56,17 +56,37 @@ def graph_seconds(gen) -> dict[str, float] | None:
     return None if None in seconds else {"target": seconds[0], "drafter": sum(seconds[1:])}
 
 
-def choose_drafters(gen, wanted: tuple[str, ...]) -> list[str]:
-    """The methods to measure: drafter names, each optionally NAME@TREE (default: every drafter of the bundle)."""
+def choose_drafters(gen, wanted: tuple[str, ...], tree: str | None = None) -> list[str]:
+    """The methods to measure: drafter names, each optionally NAME@TREE (default: every drafter of the bundle);
+    tree: the one a method without its own verifies (--tree)."""
     unknown = [d for d in wanted if split_method(d)[0] not in gen.drafter_names]
     if unknown:
         raise SpeccompileError(f"drafter {split_method(unknown[0])[0]!r} is not in this bundle (it has: "
                                f"{', '.join(gen.drafter_names) or 'none'})")
     for d in wanted:  # a bad tree or acceptance fails here, before anything is timed
-        name, tree = split_method(d)
-        if tree:
-            check_depth(gen.drafters[name], None, TreeSpec.parse(tree))
+        name, own_tree = split_method(d)
+        if own_tree:
+            check_depth(gen.drafters[name], None, TreeSpec.parse(own_tree))
         acceptance_option(split_acceptance(d)[1])
-    if len(set(wanted)) != len(wanted):
-        raise SpeccompileError("the same drafter (and tree) is named twice")
+    check_distinct(wanted, tree)
     return list(wanted) or gen.drafter_names
+
+
+def method_key(spec: str, tree: str | None) -> tuple:
+    """What a method measures: its drafter, the tree it verifies (its own, else `tree`) and its acceptance."""
+    name, own_tree = split_method(spec)
+    tree = own_tree or tree
+    acceptance = acceptance_option(split_acceptance(spec)[1])  # no suffix is exact acceptance
+    return name, TreeSpec.parse(tree) if tree else None, tuple(sorted(acceptance.items()))
+
+
+def check_distinct(wanted: tuple[str, ...], tree: str | None) -> None:
+    """Two methods that measure the same thing (mtp@chain:3 and mtp@chain:3~exact; mtp with --tree chain:3 and
+    mtp@chain:3) would be decoded twice as two rows: refused, naming both."""
+    seen: dict[tuple, str] = {}
+    for spec in wanted:
+        key = method_key(spec, tree)
+        if key in seen:
+            same = "is named twice" if seen[key] == spec else f"and --drafter {spec} measure the same method"
+            raise SpeccompileError(f"--drafter {seen[key]} {same} (drafter, tree and acceptance): give it once")
+        seen[key] = spec

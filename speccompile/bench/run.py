@@ -19,7 +19,7 @@ import time
 from typing import Callable
 
 from speccompile import load
-from speccompile.bench.concurrency import measure_concurrency
+from speccompile.bench.concurrency import check_stream_counts, measure_concurrency
 from speccompile.bench.machine import measure_machine_bandwidth, peak_rss_mib
 from speccompile.bench.methods import choose_drafters, speccompile_methods, split_acceptance, split_method
 from speccompile.bench.peers import transformers_methods
@@ -98,9 +98,7 @@ def check_settings(settings: BenchSettings) -> None:
     if settings.max_new_tokens < 1:
         raise SpeccompileError(f"--max-new-tokens {settings.max_new_tokens}: must be at least 1")
     check_threads(settings.threads)  # before the bandwidth probe's worker processes get it
-    if any(n < 1 for n in settings.streams):
-        raise SpeccompileError(f"--streams {','.join(map(str, settings.streams))}: stream counts must be at "
-                               "least 1")
+    check_stream_counts(settings.streams)
     if settings.streams and settings.stream_requests < 1:
         raise SpeccompileError(f"--stream-requests {settings.stream_requests}: must be at least 1")
     if settings.top_k and not settings.temperature:
@@ -138,7 +136,7 @@ class Benchmark:
         if self.skipped:
             log(f"skipped {len(self.skipped)} questions too long for the compiled context of "
                 f"{self.gen.max_seq_len} tokens: {', '.join(map(str, self.skipped))}")
-        self.drafters = choose_drafters(self.gen, settings.drafters)
+        self.drafters = choose_drafters(self.gen, settings.drafters, settings.tree)
         self.ours = speccompile_methods(self.gen, self.drafters, settings.tree, settings.temperature,
                                         settings.top_k)
         self.theirs: list[Method] = []
