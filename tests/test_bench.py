@@ -256,6 +256,14 @@ def test_methods_differ_by_drafter_tree_or_acceptance():
             check_distinct(wanted, tree)
 
 
+def test_a_sampled_bench_says_its_concurrency_section_decoded_greedily(tiny_bundle, dataset):
+    """The concurrency mode serves greedy requests even when the methods sample: its section says so (its text
+    always did), so that its figures are not read as the sampled ones."""
+    doc = run_bench(tiny_bundle, BenchSettings(dataset=dataset, limit=2, max_new_tokens=3, threads=1, temperature=0.7,
+                                               drafters=("lookup",), streams=(2,), stream_requests=2))
+    assert doc["settings"]["temperature"] == 0.7 and doc["concurrency"]["decoding"] == "greedy"
+
+
 def test_compare_transformers(tiny_bundle, tmp_path):
     pytest.importorskip("transformers")
     json_out = tmp_path / "r.json"

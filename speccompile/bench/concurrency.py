@@ -1,6 +1,7 @@
 """`speccompile bench --streams 1,2,4,8`: the same requests served one after another, then by N concurrent streams.
 
-Each request is one prompt decoded greedily with the bundle's first chosen drafter. The sequential run is the
+Each request is one prompt decoded greedily with the bundle's first chosen drafter, whatever --temperature the
+methods sample at (the section's `decoding` says so). The sequential run is the
 reference: every stream's tokens should equal it (`identical`; `identical_share` of the requests: a float near-tie
 may go either way between a one-row pass and a shared one, docs/guarantees.md "Threads"), and each N's aggregate
 tokens/s is divided by its aggregate tokens/s in the same run (`speedup_vs_sequential`: the machine's speed cancels
@@ -103,8 +104,9 @@ def measure_concurrency(gen, prompts: list[dict], max_new_tokens: int, streams: 
             on_run(f"serving {n} streams")
         runs.append((seq, by_n))
     sequential = max((seq for seq, _ in runs), key=lambda r: r["tokens_per_second"])
-    out = {"drafter": method, "requests": len(ids), "max_new_tokens": max_new_tokens, "repeats": repeats,
-           "batched_graph": gen.scheduler is not None, "sequential": sequential, "streams": {}}
+    # greedy whatever the result's settings sample at: said here, so that the section is not read as sampled
+    out = {"drafter": method, "decoding": "greedy", "requests": len(ids), "max_new_tokens": max_new_tokens,
+           "repeats": repeats, "batched_graph": gen.scheduler is not None, "sequential": sequential, "streams": {}}
     for n in streams:
         run = max((by_n[n] for _, by_n in runs), key=lambda r: r["tokens_per_second"])  # best of the repeats
         same = [a == b for a, b in zip(run["token_ids"], sequential["token_ids"])]
