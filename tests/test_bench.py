@@ -357,6 +357,8 @@ def test_bench_cli_refuses_what_it_would_ignore_or_overwrite(tiny_bundle, datase
                           (("--json", same, "--plot", same), "--plot " + same + ": the same file as --json"),
                           (("--multi-turn", "1", "--drafter", "lookup", "--drafter", "model"), "a second --drafter"),
                           (("--multi-turn", "1", "--top-k", "3"), "does not take --top-k"),
+                          (("--multi-turn", "1", "--drafter", "lookup@chain:2"), "takes a drafter's NAME alone"),
+                          (("--multi-turn", "1", "--drafter", "lookup~exact"), "takes a drafter's NAME alone"),
                           (("--multi-turn", "1", "--stream-requests", "3"), "does not take --stream-requests")):
         out = invoke("bench", tiny_bundle, "--dataset", dataset, "--max-new-tokens", 2, "--limit", 1, "--threads", 1,
                      *options, expect=2)

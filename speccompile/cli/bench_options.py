@@ -33,3 +33,14 @@ def _check_multi_turn(p: dict, serving: list[str]) -> None:
     if ignored or p["multi_turn"] < 1:
         raise SpeccompileError(f"--multi-turn {p['multi_turn']}: " + (f"does not take {', '.join(ignored)}" if ignored
                                                                       else "at least one turn"))
+    _check_multi_turn_drafter(p["drafters"][0] if p["drafters"] else None)
+
+
+def _check_multi_turn_drafter(spec: str | None) -> None:
+    """The chats decode greedily through the drafter's own tree: a method's tree or acceptance would be ignored
+    (and was reported as a drafter not in the bundle)."""
+    from speccompile.bench.methods import split_acceptance, split_method
+    if spec is not None and (split_method(spec)[1] or split_acceptance(spec)[1]):
+        raise SpeccompileError(f"--multi-turn: --drafter {spec}: takes a drafter's NAME alone (it drafts through "
+                               "the bundle's tree, greedily); NAME@TREE and NAME~ACCEPTANCE are for the prompt "
+                               "benchmark")
