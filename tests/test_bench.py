@@ -282,20 +282,66 @@ def test_compare_transformers(tiny_bundle, tmp_path):
     assert "transformers" in doc["versions"] and doc["peak_rss_mib"]["total"] >= doc["peak_rss_mib"]["speccompile"]
 
 
-def test_compare_heads_tool(tiny_bundle, capsys):
-    """tools/compare_heads.py: two bundles' default drafting against plain decoding, paired, per category; exit 0
-    when every greedy answer equals plain decoding's."""
+def tool(name: str):
+    """The module tools/NAME.py (tools import their neighbours, so the folder is on the path while it loads)."""
+    import importlib
     import os
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
     try:
-        import compare_heads
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
+
+
+def test_compare_heads_tool(tiny_bundle, capsys):
+    """tools/compare_heads.py: two bundles' default drafting against plain decoding, paired, per category; exit 0
+    when every greedy answer equals plain decoding's."""
+    compare_heads = tool("compare_heads")
     assert compare_heads.main([tiny_bundle, tiny_bundle, "--limit", "3", "--max-new-tokens", "12", "--repeats", "1",
                                "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert out.count("tok/s") == 4 and "old: paired" in out and "new: paired" in out and "new / old: paired" in out
+
+
+def long_question(gen, tokens: int) -> dict:
+    """A question whose prompt is a few tokens short of `tokens`, and no longer."""
+    text = max(("a " * n for n in range(1, tokens)), key=lambda t: (len(gen.encode_chat(t)) <= tokens, len(t)))
+    assert tokens - 12 < len(gen.encode_chat(text)) <= tokens
+    return {"question_id": 9, "category": "long", "turns": [text]}
+
+
+def test_compare_heads_warms_up_within_the_context(tiny_bundle, tiny_generator, tmp_path, capsys):
+    """A prompt picked to leave room for --max-new-tokens 4 and no more: the warm-up asked for 16 tokens and
+    failed on the context length."""
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps(long_question(tiny_generator, tiny_generator.max_seq_len - 4)) + "\n")
+    assert tool("compare_heads").main([tiny_bundle, tiny_bundle, "--dataset", str(path), "--max-new-tokens", "4",
+                                       "--repeats", "1", "--threads", "1"]) == 0
+    assert "new / old: paired" in capsys.readouterr().out
+
+
+def test_tools_read_datasets_as_bench_does(tiny_bundle, tiny_generator, tmp_path, capsys, monkeypatch):
+    """tools/bench_decode.py (and tools/quant_agreement.py, which picks its prompts) read a dataset as bench does:
+    blank lines skipped; a bad line is one `error:` line naming it, not a traceback."""
+    bench_decode = tool("bench_decode")
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n\n" for q in QUESTIONS))
+    picked = bench_decode.pick_prompts(str(path), 3, tiny_generator.encode_chat, 200)
+    assert [(p["question_id"], p["category"]) for p in picked] == [(1, "repeat"), (2, "chat"), (3, "repeat")]
+    path.write_text(json.dumps(QUESTIONS[0]) + '\n{"turns": 3}\n')
+    monkeypatch.setattr("sys.argv", ["quant_agreement.py", tiny_bundle, tiny_bundle, "--dataset", str(path)])
+    with pytest.raises(SystemExit) as exited:
+        tool("quant_agreement").main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("error:") == 1 and "Traceback" not in err, err
+    assert f"{path}:2: not a Spec-Bench question" in err
+    # quant_agreement leaves room for the answers in the compiled context: a prompt that leaves none is skipped
+    path.write_text(json.dumps(QUESTIONS[1]) + "\n" + json.dumps(long_question(tiny_generator, 250)) + "\n")
+    monkeypatch.setattr("sys.argv", ["quant_agreement.py", tiny_bundle, tiny_bundle, "--dataset", str(path),
+                                     "--max-new-tokens", "8"])
+    tool("quant_agreement").main()
+    assert json.loads(capsys.readouterr().out)["prompts"] == 1
 
 
 def test_paired_interval_brackets_the_paired_speedup_and_narrows_with_prompts():

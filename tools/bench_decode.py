@@ -24,6 +24,8 @@ import sys
 import time
 
 from speccompile.bench import peers
+from speccompile.bench.prompts import load_questions, pick_prompts as pick_questions
+from speccompile.cli.errors import one_line_errors
 
 QUESTIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "spec_bench",
                          "question.jsonl")
@@ -36,22 +38,10 @@ def log(msg: str) -> None:
 
 def pick_prompts(path: str, limit: int, encode, max_prompt_tokens: int) -> list[dict]:
     """Round-robin over the categories (file order), each category's questions in file order: deterministic and
-    spread. Questions whose prompt would not leave room for the answer in the compiled context are skipped."""
-    by_cat: dict[str, list[dict]] = {}
-    with open(path) as f:
-        for line in f:
-            q = json.loads(line)
-            by_cat.setdefault(q["category"], []).append(q)
-    picked: list[dict] = []
-    while len(picked) < limit and any(by_cat.values()):
-        for queue in by_cat.values():
-            while queue and len(picked) < limit:
-                q = queue.pop(0)
-                ids = encode(q["turns"][0])
-                if len(ids) <= max_prompt_tokens:
-                    picked.append({"question_id": q["question_id"], "category": q["category"], "ids": ids})
-                    break
-    return picked
+    spread (speccompile bench's pick, on its reader of the dataset). Questions whose prompt would not leave room for
+    the answer in the compiled context are skipped."""
+    picked, _ = pick_questions(load_questions(path), limit, encode, max_prompt_tokens)
+    return [{"question_id": q["question_id"], "category": q["category"], "ids": q["ids"]} for q in picked]
 
 
 def make_methods(args, gen) -> tuple[dict, list[str]]:
@@ -128,14 +118,15 @@ def verify_pass_ms(gen, rows=(1, 2, 4, 8, 16), repeats=15) -> dict:
     """Median milliseconds of one target pass over R chain rows after a 64-token prefill (greedy head)."""
     import numpy as np
     eng, rng, out = gen.target, np.random.default_rng(0), {}
+    vocab = gen.manifest["models"]["target"]["config"]["vocab_size"]  # ids past it fail the embedding's Gather
     eng.cache.truncate(0)
-    eng.forward(rng.integers(0, 1000, 64))
+    eng.forward(rng.integers(0, vocab, 64))
     for r in rows:
         times = []
         for _ in range(repeats):
             eng.cache.truncate(64)
             t0 = time.perf_counter()
-            eng.forward(rng.integers(0, 1000, r), full_logits=False)
+            eng.forward(rng.integers(0, vocab, r), full_logits=False)
             times.append(time.perf_counter() - t0)
         out[str(r)] = 1e3 * statistics.median(times)
     eng.cache.truncate(0)
@@ -252,6 +243,7 @@ def plot(summary, path, settings: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+@one_line_errors  # bad input (a dataset line, a bundle): one `error:` line, as the CLI gives
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", required=True, help="speccompile bundle of the default model (SmolLM2-135M-Instruct)")

@@ -18,6 +18,7 @@ import time
 import speccompile
 from speccompile.bench.prompts import default_dataset, load_questions, pick_prompts
 from speccompile.bench.stats import geometric_mean
+from speccompile.cli.errors import one_line_errors
 
 
 def timed(gen, ids: list[int], n: int, speculate: bool, temperature: float, repeats: int):
@@ -30,6 +31,7 @@ def timed(gen, ids: list[int], n: int, speculate: bool, temperature: float, repe
     return len(result.token_ids) / best, result
 
 
+@one_line_errors  # bad input (a dataset line, a bundle): one `error:` line, as the CLI gives
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("old")
@@ -50,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     per_pass = {m: [] for m in runs if runs[m][1]}
     categories, differ = [], 0
     for gen in bundles.values():  # warm-up (and each bundle's cost model, calibrated at first use)
-        gen.generate(list(map(int, prompts[0]["ids"])), 16)
+        # no more tokens than asked of the runs: the prompts were picked to leave room for that many
+        gen.generate(list(map(int, prompts[0]["ids"])), min(16, a.max_new_tokens))
     for i, p in enumerate(prompts):
         ids, outputs = list(map(int, p["ids"])), {}
         categories.append(p["category"])

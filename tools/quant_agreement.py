@@ -17,6 +17,7 @@ import sys
 import numpy as np
 
 import speccompile
+from speccompile.cli.errors import one_line_errors
 from speccompile.runtime.engine import Engine
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -34,6 +35,7 @@ def teacher_forced_logits(gen, ids: list[int]) -> np.ndarray:
     return np.concatenate(out)
 
 
+@one_line_errors  # bad input (a dataset line, a bundle): one `error:` line, as the CLI gives
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("quantized")
@@ -43,7 +45,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     args = ap.parse_args()
     q, f = speccompile.load(args.quantized, threads=2), speccompile.load(args.float32, threads=2)
-    prompts = pick_prompts(args.dataset, args.limit, f.encode_chat, 1024)
+    # room for the answer in both compiled contexts (a prompt that left none failed the run)
+    prompts = pick_prompts(args.dataset, args.limit, f.encode_chat, min(q.max_seq_len, f.max_seq_len) -
+                           args.max_new_tokens)
     same, prefix, agree, positions, errors = 0, [], 0, 0, []
     for p in prompts:
         a = f.generate(p["ids"], args.max_new_tokens, speculate=False).token_ids

@@ -76,12 +76,21 @@ def _check_text_arguments() -> None:
 
 
 def errors_to_exit(fn):
+    """A command whose text arguments are checked and whose failures go through one_line_errors."""
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+        _check_text_arguments()
+        return fn(*args, **kwargs)
+    return one_line_errors(checked)
+
+
+def one_line_errors(fn):
     """Every expected failure: one `error:` line and exit 2. Anything else: one line naming it as a bug with a
-    hint to report it, exit 3. The traceback only under --debug or SPECCOMPILE_DEBUG=1."""
+    hint to report it, exit 3. The traceback only under --debug or SPECCOMPILE_DEBUG=1. For the commands, and for
+    the tools in tools/ (their main)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            _check_text_arguments()
             return fn(*args, **kwargs)
         except (click.exceptions.ClickException, click.exceptions.Exit):
             raise  # usage errors: click prints them (exit 2)
