@@ -266,7 +266,10 @@ ERRORS = [  # (body or raw bytes, status, a word the message holds)
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2.5}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [], "logit_bias": {"1": 5}}, 400, "tools, logit_bias"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
-    ({"messages": [{"role": "user", "content": "hi"}], "stop": [1]}, 400, "stop: "),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": [1]}, 400, "stop.0: "),
+    # a value outside a union is reported by the branch its type matched, not by the first branch it is not
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 17}, 400, "stop: List should have at most 16"),
+    ({"messages": [{"role": "user", "content": [{"type": "image"}]}]}, 400, "messages.0.content.0.type"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
      "messages.0.content.0"),
     ({"messages": []}, 400, "messages"),
@@ -306,7 +309,7 @@ def test_completion_prompt_errors(server):
     def post(path, body):  # json.dumps escapes a lone surrogate (valid JSON), which httpx's json= cannot encode
         return httpx.post(server.url + path, content=json.dumps(body), headers={"content-type": "application/json"})
     for prompt, word in (([], "empty prompt"), ([10**6], "out of range"), ([2**63], "out of range"),
-                         ([10**30], "out of range"), (["a", "b"], "prompt: "), ("hi \ud83d", "not valid Unicode")):
+                         ([10**30], "out of range"), (["a", "b"], "prompt: List should have at most 1 item"), ("hi \ud83d", "not valid Unicode")):
         r = post("/v1/completions", {"prompt": prompt})
         assert r.status_code == 400 and word in r.json()["error"]["message"], r.text
     r = post("/v1/chat/completions", {"messages": user("half an emoji \ud83d")})

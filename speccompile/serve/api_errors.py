@@ -53,10 +53,25 @@ def is_json(content_type: str | None) -> bool:
     return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
+def _is_branch(part) -> bool:
+    """A union branch pydantic names in an error's location (`str`, `list[str]`), not a field."""
+    return isinstance(part, str) and ("[" in part or part in UNION_BRANCHES)
+
+
 def field_path(loc) -> str:
     """A field's dotted path, without the body prefix or the union branches pydantic names (`prompt.str`)."""
-    return ".".join(str(p) for p in loc if p != "body" and not (isinstance(p, str) and
-                                                                ("[" in p or p in UNION_BRANCHES)))
+    return ".".join(str(p) for p in loc if p != "body" and not _is_branch(p))
+
+
+def _relevance(error: dict) -> int:
+    """Which of pydantic's errors to report (lowest first). A value outside a union fails every branch: a list of
+    17 stop strings is "not a valid string" for `str` and "at most 16 items" for `list[str]`, and only the branch
+    its type matched says what is wrong. So a broken constraint comes first, then a wrong type inside a value, and
+    last a value that is not a branch's type at all."""
+    if not error.get("type", "").endswith("_type"):
+        return 0
+    loc = error.get("loc", ())
+    return 2 if loc and _is_branch(loc[-1]) else 1
 
 
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
@@ -64,7 +79,7 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     extra = list(dict.fromkeys(field_path(e["loc"]) for e in errors if e.get("type") == "extra_forbidden"))
     if extra:
         return f"unsupported field(s): {', '.join(extra)}", extra[0]
-    first = errors[0]
+    first = min(errors, key=_relevance)
     if first.get("type") == "json_invalid":
         return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
     where = field_path(first.get("loc", ()))
