@@ -15,7 +15,8 @@ JSON result, schema_version 1 (all times in seconds, rates in tokens/s, bandwidt
                                weights (build's --weights), dtype},
                        drafters [{name, kind, num_draft[, model]}]}
     settings          {dataset, dataset_sha256, categories, limit, max_new_tokens, drafters, tree, repeats, threads,
-                       compare_transformers, warmup_tokens, skipped_questions}
+                       temperature, top_k, compare_transformers, warmup_tokens, streams, stream_requests,
+                       stream_repeats, skipped_questions}
                       skipped_questions: ids of questions too long for the compiled context (not decoded)
     methods           [{name, engine: "speccompile"|"transformers", drafter: str|null, baseline: str,
                         counterpart: str|null}]
@@ -53,6 +54,8 @@ JSON result, schema_version 1 (all times in seconds, rates in tokens/s, bandwidt
                       bandwidth_fraction: achieved weight bandwidth over machine.memory_bandwidth_gbps;
                       identical_to_autoregressive: the share of prompts whose tokens equal the baseline's;
                       speed_vs_transformers: median tokens/s over the transformers counterpart's (else null)
+    concurrency       (--streams only) {drafter, requests, max_new_tokens, repeats, batched_graph, sequential,
+                       streams {N: ...}}: bench/concurrency.py
 """
 from __future__ import annotations
 
