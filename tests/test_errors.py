@@ -301,6 +301,16 @@ def test_older_onnxruntime_warns(bundle_copy):
         read_manifest(str(bundle_copy))
 
 
+def test_a_warning_is_one_line_on_the_command_line(bundle_copy):
+    """As an error is one `error:` line: not Python's form, with a path and a source line from inside speccompile."""
+    _edit_manifest(bundle_copy, lambda m: m["runtime"].update(onnxruntime="99.0.0"))
+    result = subprocess.run([sys.executable, "-m", "speccompile.cli", "inspect", str(bundle_copy)],
+                            capture_output=True, text=True)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 0 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("warning: ") and "older than the 99.0.0" in lines[0], result.stderr
+
+
 def test_bundle_without_runtime_section_still_loads(bundle_copy):
     """Bundles of this format version built before the section was recorded load as before."""
     _edit_manifest(bundle_copy, lambda m: m.pop("runtime"))

@@ -1,13 +1,16 @@
 """The CLI's one error path: every expected failure is one `error:` line and exit 2 (click's own usage errors
 included); anything else one line naming it as a bug, exit 3; the traceback only under --debug or
-SPECCOMPILE_DEBUG=1. Ctrl-C exits 130; an output closed by its reader (`| head`) ends quietly, as Unix tools do."""
+SPECCOMPILE_DEBUG=1. Ctrl-C exits 130; an output closed by its reader (`| head`) ends quietly, as Unix tools do.
+A warning is one `warning:` line."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
 import sys
 import traceback
+import warnings
 
 import click
 
@@ -30,6 +33,19 @@ def _fail(message: str, status: int) -> None:
         traceback.print_exc()
     click.echo(f"error: {' '.join(str(message).split())}", err=True)  # one line, whatever the message holds
     sys.exit(status)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"warning: {' '.join(str(message).split())}", err=True)
+
+
+@contextlib.contextmanager
+def one_line_warnings():
+    """Each warning as one `warning:` line on stderr, as each failure is one `error:` line; Python's own form
+    names a file and line inside speccompile and prints that line of its source, which tells a user nothing."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        yield
 
 
 def _output_closed() -> None:
@@ -112,7 +128,8 @@ class OneLineUsageErrors(click.Group):
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
         try:
-            status = super().main(*args, standalone_mode=False, **kwargs)
+            with one_line_warnings():
+                status = super().main(*args, standalone_mode=False, **kwargs)
         except click.exceptions.UsageError as e:
             hint = f" (see: {e.ctx.command_path} --help)" if e.ctx else ""
             _fail(f"{e.format_message()}{hint}", 2)
