@@ -30,8 +30,8 @@ relative costs differ, and then the speedups are held by their floors, with a no
 `min_accepted` are absolute floors for every method's overall speedup and mean accepted tokens, `min_concurrency`
 for `concurrency 4 streams` (a result without it is refused when that floor is given). A concurrency row the
 baseline lacks (a baseline from before the concurrency mode) is still checked; concurrency rows are held by their
-floors only (their baseline is shown): the ratio of two wall-clock runs moves with the machine's load. Tokens/s, TTFT and
-bandwidths are machine figures and are never gated.
+floors only (their baseline is shown): the ratio of two wall-clock runs moves with the machine's load. Tokens/s,
+TTFT and bandwidths are machine figures and are never gated.
 
 Results of runs that decoded different things are refused (GateInputError): other model sources, drafters,
 decoding settings or prompts, or another build of the same source (the target's weight format, build --weights,

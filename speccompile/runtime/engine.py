@@ -185,7 +185,8 @@ class Engine:
         tokens: the pending token, then the draft nodes; parents: per token its parent in the block (-1 for the
         pending token; a chain is arange(S) - 1); temperature 0: greedy, else sampled with top_k (0 = off), using
         uniforms [S, 2] drawn by the caller (see speccompile.graphs); noise: S rows, as `forward`'s. Returns (the
-        accepted nodes, as indices into tokens[1:], root first; the token to commit after them); `self.hidden[:S]` holds the hidden states.
+        accepted nodes, as indices into tokens[1:], root first; the token to commit after them); `self.hidden[:S]`
+        holds the hidden states.
         The host only walks the accepted path back from its end."""
         parents = np.asarray(parents, np.int64)
         S, io = len(tokens), self.io_verify
