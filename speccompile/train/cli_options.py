@@ -18,8 +18,9 @@ OPTIONS = [
                       "in its public layout (--out DIR: model.safetensors, config.json, training.json); medusa: Medusa-1 "
                       "heads (--out FILE.safetensors, FILE.json beside it)."),
     click.option("--target", default=None, help="Target source: HF dir, .gguf, or default (SmolLM2-135M-Instruct)."),
-    click.option("--target-name", default="SmolLM2-135M-Instruct", show_default=True,
-                 help="Recorded in the head's metadata."),
+    click.option("--target-name", default=None,
+                 help="Recorded in the head's metadata [default: the --target's file or folder name; "
+                      "SmolLM2-135M-Instruct for the default target]."),
     click.option("--out", default=None, help="Where the head goes (eagle/eagle3: a new folder, or one an earlier "
                  "export wrote) [default: the shipped SmolLM2 MTP head's path]."),
     click.option("--work", default="/tmp/train_head", show_default=True, help="Data, features and epoch checkpoints."),
@@ -27,7 +28,8 @@ OPTIONS = [
                  help="Comma-separated; aux runs for eagle3 only, vocab (not run by default) for mtp only."),
     click.option("--redo", default="", help="Stages to redo even if their output exists (comma-separated)."),
     click.option("--seed", type=int, default=0, show_default=True),
-    click.option("--prompts", default=None, help="jsonl ({\"prompt\": ...} or {\"messages\": [...]}) or text file "
+    click.option("--prompts", default=None, help="UTF-8 file, one prompt a line: {\"prompt\": ...} or {\"messages\": "
+                 "[...]} (a line that starts with '{'), else the line's text; checked before any stage "
                  "[default: speccompile.train.prompts.make_prompts]."),
     click.option("--num-prompts", type=int, default=600, show_default=True),
     click.option("--max-new-tokens", type=int, default=160, show_default=True),

@@ -81,7 +81,9 @@ def write_weights(a: TrainOptions, head, cfg: dict, folder: str) -> tuple[str, d
     out = {name: getattr(head, k).detach().to(torch.float16).contiguous() for k, name in head.names.items()}
     if a.arch == "mtp":
         assert sorted(out) == sorted(HEAD_TENSORS)
-        meta = {"format": "speccompile-mtp-head", "target": a.target_name, "hidden_source": "pre_final_norm"}
+        # the target's vocabulary size: build refuses the head for a target of another tokenizer
+        meta = {"format": "speccompile-mtp-head", "target": a.target_name, "hidden_source": "pre_final_norm",
+                "target_vocab_size": str(cfg["vocab_size"])}
         save_file(out, os.path.join(folder, os.path.basename(a.out)), metadata=meta)
         return os.path.basename(a.out), meta
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 1,

@@ -7,7 +7,6 @@ layers, in WORK/aux.npz (an --extra-features file's in WORK too: another work di
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 import zipfile
@@ -17,6 +16,7 @@ import torch
 
 from speccompile.errors import SpeccompileError
 from speccompile.train.files import write_file
+from speccompile.train.gen import gen_records
 from speccompile.train.options import TrainOptions
 from speccompile.train.progress import log
 from speccompile.train.target import load_target
@@ -62,10 +62,12 @@ def _features_by_sequence(a: TrainOptions, model, recs: list[dict]) -> dict:
 def stage_features(a: TrainOptions, hf_dir: str, gen_path: str, out_path: str, identity: str) -> float:
     """Teacher-forced target passes over gen.jsonl into features.npz (tagged with the target's identity); the
     seconds it took."""
+    recs = sorted(gen_records(gen_path), key=lambda r: r["idx"])
+    if not recs:
+        raise SpeccompileError(f"{gen_path} holds no sequences: the gen stage generated none (no prompts, or none "
+                               "the --gen-bundle's context leaves room for)")
     _, model = load_target(hf_dir)
     t0 = time.time()
-    recs = [json.loads(l) for l in open(gen_path) if l.strip()]
-    recs.sort(key=lambda r: r["idx"])
     results = _features_by_sequence(a, model, recs)
     cols = [results[j] for j in range(len(recs))]
     offsets = np.cumsum([0] + [len(c[0]) for c in cols])

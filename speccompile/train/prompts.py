@@ -23,6 +23,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from speccompile.errors import SpeccompileError
 from speccompile.train.bundle_gen import BundleGenerator
 
 # share of each kind of task in make_prompts' output
@@ -140,18 +141,50 @@ def reading_prompts(n: int = 600, seed: int = 0) -> list[str]:
 
 
 def read_prompts(path: str | None, n: int, seed: int) -> list:
-    """A prompt file's items ({"prompt": text}, {"messages": [chat turns]}, or lines of plain text), the first n
-    (0: all); without a file, make_prompts(n or 600, seed)."""
+    """A prompt file's items (read_prompt_file), the first n (0: all); without a file, make_prompts(n or 600,
+    seed)."""
     if not path:
         return make_prompts(n or 600, seed)
-    out = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                r = json.loads(line) if line.startswith("{") else {"prompt": line}
-                out.append(r["messages"] if "messages" in r else r["prompt"])
+    out = read_prompt_file(path)
     return out[:n] if n else out
+
+
+def read_prompt_file(path: str) -> list:
+    """Per non-blank line of a UTF-8 file: a JSON object (a line that starts with "{"), {"prompt": text} or
+    {"messages": [chat turns]}, else the line itself as a plain-text prompt. Checked whole before any stage runs:
+    a line that is neither, or a file with no prompt, is one error naming it."""
+    out = []
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark, as Windows editors write, is no text
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    out.append(_prompt_item(line.strip(), f"--prompts {path}, line {number}"))
+    except UnicodeDecodeError as e:
+        raise SpeccompileError(f"--prompts {path}: not UTF-8 text ({e.reason}); save it as UTF-8") from None
+    if not out:
+        raise SpeccompileError(f"--prompts {path}: no prompts (the file has no non-blank line)")
+    return out
+
+
+PROMPT_LINE = 'a JSON line is {"prompt": "text"} or {"messages": [{"role": "user", "content": "text"}, ...]}'
+
+
+def _prompt_item(line: str, where: str):
+    """One line's prompt: its text, or a chat's list of turns."""
+    if not line.startswith("{"):
+        return line
+    try:
+        r = json.loads(line)
+    except ValueError as e:
+        raise SpeccompileError(f"{where}: starts with '{{' but is not valid JSON ({e}); {PROMPT_LINE}, any other "
+                               "line a plain-text prompt") from None
+    turns = r.get("messages") if isinstance(r, dict) else None
+    if isinstance(turns, list) and turns and all(isinstance(t, dict) and isinstance(t.get("role"), str)
+                                                 and isinstance(t.get("content"), str) for t in turns):
+        return turns
+    if isinstance(r, dict) and "messages" not in r and isinstance(r.get("prompt"), str) and r["prompt"].strip():
+        return r["prompt"]
+    raise SpeccompileError(f"{where}: {PROMPT_LINE}")
 
 
 def second_round(gen_path: str, tokenizer_json: str, n: int, seed: int = 0) -> list:

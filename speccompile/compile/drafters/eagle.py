@@ -171,6 +171,10 @@ def head_config(head: EagleHead, target: ModelConfig) -> ModelConfig:
     rope = rope_parameters(hf, default_theta=target.rope_theta)  # the head's config.json's, any variant rope.py has
     if hf.get("hidden_act", "silu") != "silu":
         raise UnsupportedModelError(f"{label} head: unsupported activation {hf.get('hidden_act')!r} (only silu)")
+    vocab = _setting(head, "vocab_size", int)  # its target's, in EAGLE's layouts (EAGLE-3's own is draft_vocab_size)
+    if vocab and vocab != target.vocab_size:
+        raise CheckpointError(f"{label} head {head.path}: made for a target with a vocabulary of {vocab} tokens "
+                              f"(its config.json's vocab_size); this target's has {target.vocab_size}")
     heads = _setting(head, "num_attention_heads", int)
     if heads:
         kv, D = _setting(head, "num_key_value_heads", int) or heads, _setting(head, "head_dim", int) or H // heads

@@ -3,7 +3,10 @@ bare: the head shipped for the target), one decoder block over mtp.bin that shar
 unless it has a draft vocabulary of its own, the target's output head."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
+from safetensors import safe_open
 
 from speccompile.compile.config import ModelConfig
 from speccompile.compile.drafters.base import DrafterBuild, TargetBuild
@@ -23,6 +26,7 @@ def build(spec: DraftSpec, target: TargetBuild) -> DrafterBuild:
     path = spec.arg or default_head_path(target.checkpoint)
     target.progress(f"      mtp head: {path}")
     head = load_mtp_head(path, cfg)
+    check_head_vocabulary(path, cfg)
     weights = lower_mtp_weights(cfg, head, opts.max_seq_len)
     # a trained head's block is a Llama block whatever the target's family (DeepSeek-V3's own MTP layer: MLA)
     block = cfg if cfg.is_mla else cfg.llama_block(qkv_bias="mtp.layer.self_attn.q_proj.bias" in head)
@@ -54,3 +58,16 @@ def draft_vocabulary(head: dict, cfg: ModelConfig, path: str) -> np.ndarray | No
     if d2t.ndim != 1 or not d2t.size or d2t.min() < 0 or d2t.max() >= cfg.vocab_size:
         raise CheckpointError(f"{path}: mtp.d2t must list target token ids below {cfg.vocab_size} (one at least)")
     return d2t
+
+
+def check_head_vocabulary(path: str, cfg: ModelConfig) -> None:
+    """A head file train-head wrote records its target's vocabulary size (metadata target_vocab_size): a head of a
+    target with another tokenizer holds no tensor of the vocabulary's size, and would otherwise build and draft
+    tokens of the wrong vocabulary."""
+    if not os.path.isfile(path):  # a DeepSeek-V3 checkpoint's own MTP module: the target's
+        return
+    with safe_open(path, framework="numpy") as f:
+        vocab = (f.metadata() or {}).get("target_vocab_size")
+    if vocab is not None and vocab != str(cfg.vocab_size):
+        raise CheckpointError(f"{path}: an MTP head trained for a target with a vocabulary of {vocab} tokens; this "
+                              f"target's has {cfg.vocab_size} (another tokenizer): train a head for this target")

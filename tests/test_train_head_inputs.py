@@ -1,0 +1,131 @@
+"""`speccompile train-head` on a user's inputs and interrupted runs: a prompt file checked line by line before any
+stage, a gen.jsonl cut off by a killed run resumed, features that follow what gen added, a target whose attention
+no head block has refused before any work, stage vocab only over an MTP head, and heads of a target with another
+vocabulary refused at build."""
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+
+from speccompile.compile.driver import build_bundle
+from speccompile.compile.sources import load_checkpoint, save_hf_dir
+from speccompile.errors import CheckpointError
+
+from conftest import quiet
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from test_train_head import SMALL, fresh_work, refused, train_head, trained  # noqa: E402,F401
+
+BAD_PROMPT_FILES = {  # contents -> what the error line says
+    b"": "no prompts",
+    b"\n  \n\n": "no prompts",
+    b'{"prompt": "fine"}\n{"prompt": "cut\n': "line 2: starts with '{' but is not valid JSON",
+    b'{"text": "no prompt key"}\n': "line 1: a JSON line is",
+    b'{"prompt": 5}\n': "line 1: a JSON line is",
+    b'{"messages": "hello"}\n': "line 1: a JSON line is",
+    b'{"messages": [{"role": "user"}]}\n': "line 1: a JSON line is",
+    b"caf\xe9 au lait\n": "not UTF-8 text",
+}
+
+
+def test_prompt_file_checked_before_any_work(tmp_path):
+    """A bad --prompts file is one error line naming the file (and the line), before the target is even read."""
+    for i, (content, words) in enumerate(BAD_PROMPT_FILES.items()):
+        path = tmp_path / f"prompts{i}.jsonl"
+        path.write_bytes(content)
+        work = tmp_path / f"work{i}"
+        refused(["--target", "tiny:llama", "--work", str(work), "--prompts", str(path), "--out",
+                 str(tmp_path / "h.safetensors")], f"--prompts {path}", words)
+        assert not work.exists()
+
+
+def test_prompt_file_formats(tmp_path):
+    from speccompile.train.prompts import read_prompt_file
+    path = tmp_path / "p.txt"
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "and?"}]
+    path.write_bytes("\ufeffplain text prompt\n\n".encode() + json.dumps({"prompt": "a json one"}).encode() +
+                     b"\r\n" + json.dumps({"messages": chat}).encode() + b"\n   indented text  \n")
+    assert read_prompt_file(str(path)) == ["plain text prompt", "a json one", chat, "indented text"]
+
+
+def test_gen_resumes_after_a_run_killed_mid_line(trained, tmp_path):
+    """A run killed while writing gen.jsonl leaves a cut-off last line: the next run drops it, generates that
+    prompt again, and the features stage sees every prompt once."""
+    args, work = fresh_work(trained, tmp_path)
+    whole = (work / "gen.jsonl").read_bytes()
+    (work / "gen.jsonl").write_bytes(whole[:-40])
+    train_head(args + ["--stages", "gen,features", "--redo", "features"])
+    records = [json.loads(line) for line in open(work / "gen.jsonl")]
+    assert sorted(r["idx"] for r in records) == list(range(5))
+    assert sorted(np.load(work / "features.npz")["prompt_idx"].tolist()) == list(range(5))
+
+
+def test_features_follow_what_gen_added(trained, tmp_path):
+    """A second gen run over more prompts adds sequences: the features stage runs again over all of them (not
+    skipped because features.npz exists), and a run that generates nothing records no round of data."""
+    hf, prompts, work = trained / "hf", trained / "prompts.jsonl", tmp_path / "work"
+    common = ["--target", str(hf), "--work", str(work), "--prompts", str(prompts), *SMALL, "--stages",
+              "gen,features", "--out", str(tmp_path / "h.safetensors")]
+    train_head(common + ["--num-prompts", "2"])
+    assert np.load(work / "features.npz")["prompt_idx"].tolist() == [0, 1]
+    train_head(common)  # SMALL's --num-prompts 0: all five
+    assert np.load(work / "features.npz")["prompt_idx"].tolist() == list(range(5))
+    train_head(common)
+    assert len(json.load(open(work / "info.json"))["gen_rounds"]) == 2
+
+
+def test_mla_target_refused_before_any_work(tmp_path):
+    """MTP and EAGLE heads are Llama blocks started from the target's last layer, which DeepSeek-V3's latent
+    attention is not: refused before gen (never an internal error after hours of data); Medusa heads are not."""
+    from speccompile.compile.presets import tiny_deepseek_checkpoint
+    ds = tmp_path / "ds"
+    tiny_deepseek_checkpoint(str(ds))
+    for arch in ("mtp", "eagle", "eagle3"):
+        work = tmp_path / f"work-{arch}"
+        refused(["--target", str(ds), "--work", str(work), "--arch", arch, "--out", str(tmp_path / f"{arch}-head")],
+                f"--arch {arch}", "multi-head latent attention")
+        assert not (work / "gen.jsonl").exists()
+
+
+def test_vocab_stage_rewrites_only_an_mtp_head(trained, tmp_path):
+    args, _ = fresh_work(trained, tmp_path)
+    from safetensors.numpy import save_file
+    other = tmp_path / "medusa.safetensors"
+    save_file({"0.0.linear.weight": np.zeros((4, 4), np.float32)}, str(other))
+    before = other.read_bytes()
+    refused(args + ["--stages", "vocab", "--out", str(other)], "not an MTP head")
+    assert other.read_bytes() == before
+    refused(args + ["--stages", "vocab", "--out", str(tmp_path / "none.safetensors")], "no MTP head there")
+
+
+def _target_of_another_vocabulary(path) -> None:
+    """tiny:llama with 128 more token rows (another tokenizer's vocabulary), same hidden size."""
+    ck = load_checkpoint("tiny:llama")
+    tensors = dict(ck.tensors)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in tensors:
+            tensors[name] = np.concatenate([tensors[name], tensors[name][:128]])
+    save_hf_dir(dataclasses.replace(ck, config=dataclasses.replace(ck.config, vocab_size=ck.config.vocab_size + 128),
+                                    tensors=tensors), str(path))
+
+
+def test_head_of_another_vocabulary_refused_at_build(trained, tmp_path):
+    """Heads hold no tensor of the vocabulary's size (MTP, EAGLE-1): what they record of their target's is checked
+    at build, one error naming both sizes; the record names the target the head was trained for."""
+    args, _ = fresh_work(trained, tmp_path)
+    mtp, eagle = tmp_path / "mtp.safetensors", tmp_path / "eagle"
+    train_head(args + ["--stages", "export", "--out", str(mtp)])
+    train_head(args + ["--arch", "eagle", "--stages", "train,export", "--epochs", "1", "--out", str(eagle)])
+    assert json.load(open(tmp_path / "mtp.json"))["target"] == "hf"  # the --target's folder, not SmolLM2's
+    other = tmp_path / "other"
+    _target_of_another_vocabulary(other)
+    for kind, spec in (("mtp", f"mtp:{mtp}"), ("eagle", f"eagle:{eagle}")):
+        with pytest.raises(CheckpointError, match="vocabulary of 384 tokens.*has 512"):
+            build_bundle(str(other), str(tmp_path / f"other-{kind}"), drafts=[spec], max_seq_len=64, progress=quiet)
+        build_bundle(str(trained / "hf"), str(tmp_path / f"own-{kind}"), drafts=[spec], max_seq_len=64,
+                     progress=quiet)  # its own target builds
