@@ -129,3 +129,26 @@ def test_head_of_another_vocabulary_refused_at_build(trained, tmp_path):
             build_bundle(str(other), str(tmp_path / f"other-{kind}"), drafts=[spec], max_seq_len=64, progress=quiet)
         build_bundle(str(trained / "hf"), str(tmp_path / f"own-{kind}"), drafts=[spec], max_seq_len=64,
                      progress=quiet)  # its own target builds
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(trained, tmp_path):
+    """A kill (SIGTERM) mid-run exits through the run's cleanup (status 143, not death by the signal): no temporary
+    file is left in --work."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    args, work = fresh_work(trained, tmp_path)
+    (work / "gen.jsonl").unlink()
+    many = tmp_path / "many.jsonl"
+    many.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(2000)))
+    cmd = [sys.executable, "-m", "speccompile.cli", "train-head", *args, "--prompts", str(many), "--gen-batch", "1",
+           "--stages", "gen", "--out", str(tmp_path / "h.safetensors")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (work / "gen.jsonl").is_file():
+        time.sleep(0.01)  # until gen writes
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr.read()
+    assert not [n for n in os.listdir(work) if n.startswith(".")]

@@ -354,6 +354,9 @@ def train_head(**options):
 
     Needs the train extra: pip install "speccompile[train]".
     """
+    # SIGTERM (a kill, a job scheduler's stop) as an exit, as Ctrl-C: a file being written (features.npz, a
+    # checkpoint, the head) leaves no temporary copy behind, and the run resumes from what was written whole
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         from speccompile.train.options import DEFAULT_OUT, TrainOptions
         from speccompile.train.pipeline import run
