@@ -152,3 +152,13 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(trained, tmp_path):
     proc.wait(60)
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr.read()
     assert not [n for n in os.listdir(work) if n.startswith(".")]
+
+
+def test_resume_refuses_another_split_of_the_data(trained, tmp_path):
+    """--resume with another --seed or --holdout would train on what the first epochs held out (and report held-out
+    figures that are not): refused, naming what changed; the same settings continue."""
+    args, _ = fresh_work(trained, tmp_path)
+    train_head(args + ["--stages", "train", "--epochs", "1"])
+    refused(args + ["--stages", "train", "--epochs", "2", "--resume", "--seed", "1"], "--resume", "seed 0 -> 1")
+    refused(args + ["--stages", "train", "--epochs", "2", "--resume", "--holdout", "0.4"], "holdout 0.2 -> 0.4")
+    assert "resumed from epoch1" in train_head(args + ["--stages", "train", "--epochs", "2", "--resume"])

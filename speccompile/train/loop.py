@@ -133,6 +133,14 @@ class Progress:
     step: int = 0
     train_s: float = 0.0
     history: list = dataclasses.field(default_factory=list)
+    data: dict = dataclasses.field(default_factory=dict)  # data_settings of the run (none in older checkpoints)
+
+
+def data_settings(a: TrainOptions, data: Data) -> dict:
+    """What fixes the held-out split and the order of the rows: a run resumed with others would train on sequences
+    the earlier epochs held out, and its held-out figures would no longer be held out."""
+    return {"seed": a.seed, "holdout": a.holdout, "tokens_per_step": a.tokens_per_step, "sequences": data.n_seq,
+            "tokens": len(data.tokens)}
 
 
 def resume(a: TrainOptions, s: Setup, ck_dir: str, opt) -> Progress:
@@ -142,9 +150,15 @@ def resume(a: TrainOptions, s: Setup, ck_dir: str, opt) -> Progress:
         return Progress()
     name, p = found
     try:
-        at = Progress(int(p["epoch"]), int(p["step"]), float(p["train_s"]), list(p["history"]))
+        at = Progress(int(p["epoch"]), int(p["step"]), float(p["train_s"]), list(p["history"]), dict(p.get("data", {})))
     except (TypeError, ValueError):
         raise CheckpointError(f"--resume: {name} records a malformed progress ({p})"[:300]) from None
+    now = data_settings(a, s.data)
+    changed = [f"{k} {at.data[k]} -> {now[k]}" for k in now if k in at.data and at.data[k] != now[k]]
+    if changed:
+        raise CheckpointError(f"--resume: {name} was trained on other data or settings ({', '.join(changed)}); "
+                              "resume with the same --seed, --holdout, --tokens-per-step and data, or train without "
+                              "--resume to start over")
     log(f"resumed from {name} (epoch {at.epoch}, step {at.step})")
     return at
 
@@ -222,6 +236,7 @@ def train(a: TrainOptions, s: Setup, info: dict) -> None:
     if not a.resume:
         remove_epoch_checkpoints(ck_dir)
     at = resume(a, s, ck_dir, opt) if a.resume else Progress()
+    at.data = data_settings(a, s.data)
     identity = head_identity(a, s.cfg)
     ev = evaluate(s.head, s.data, s.emb_w, s.data.eval_ids, 2)
     log(f"init held-out: d1 {f3(ev['d1_resp'])}  d2 {f3(ev['d2_resp'])}")
