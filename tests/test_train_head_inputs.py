@@ -162,3 +162,16 @@ def test_resume_refuses_another_split_of_the_data(trained, tmp_path):
     refused(args + ["--stages", "train", "--epochs", "2", "--resume", "--seed", "1"], "--resume", "seed 0 -> 1")
     refused(args + ["--stages", "train", "--epochs", "2", "--resume", "--holdout", "0.4"], "holdout 0.2 -> 0.4")
     assert "resumed from epoch1" in train_head(args + ["--stages", "train", "--epochs", "2", "--resume"])
+
+
+def test_gen_bundle_of_another_model_refused(trained, tmp_path):
+    """--gen-bundle must be a bundle of the target: one of another model would write its own text, in ids of its
+    own vocabulary; refused before anything is generated."""
+    args, work = fresh_work(trained, tmp_path)
+    (work / "gen.jsonl").unlink()
+    other = tmp_path / "other"
+    _target_of_another_vocabulary(other)
+    build_bundle(str(other), str(tmp_path / "b"), drafts=["lookup"], max_seq_len=64, progress=quiet)
+    refused(args + ["--stages", "gen", "--gen-bundle", str(tmp_path / "b"), "--out", str(tmp_path / "h")],
+            "--gen-bundle", "another model", "vocab_size 512, the target's 384")
+    assert not (work / "gen.jsonl").exists()

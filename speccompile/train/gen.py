@@ -13,7 +13,7 @@ from speccompile.errors import SpeccompileError
 from speccompile.train.bundle_gen import BundleGenerator
 from speccompile.train.options import TrainOptions
 from speccompile.train.progress import log
-from speccompile.train.target import load_target, load_tokenizer
+from speccompile.train.target import load_target, load_tokenizer, target_config
 
 
 GEN_FIELDS = {"idx", "prompt", "temperature", "prompt_ids", "response_ids"}  # what a gen.jsonl line holds
@@ -105,12 +105,24 @@ def gen_description(a: TrainOptions) -> str:
     return f"transformers generate, {a.gen_dtype}, batches of {a.gen_batch}"
 
 
+def check_gen_bundle(path: str, manifest: dict, target: dict) -> None:
+    """--gen-bundle is a bundle of the target: one of another model would write another model's text, its token ids
+    perhaps past the target's vocabulary."""
+    theirs = manifest["models"]["target"]["config"]
+    differ = [f"{k} {theirs.get(k)}, the target's {target.get(k)}" for k in ("vocab_size", "hidden_size",
+              "num_hidden_layers") if theirs.get(k) != target.get(k)]
+    if differ:
+        raise SpeccompileError(f"--gen-bundle {path}: a bundle of another model than --target ({'; '.join(differ)})")
+
+
 def stage_gen(a: TrainOptions, hf_dir: str, out_path: str, prompts: list) -> tuple[float, int]:
     """Generate until the prompts, --gen-minutes or --gen-tokens run out; (the seconds it took, the sequences it
     wrote)."""
     # bfloat16 generates faster on CPUs with avx512_bf16; only the text comes from it (the labels and features are
     # the float32 target's, teacher-forced), so the data stays the target's own distillation
     bundle = BundleGenerator(a.gen_bundle, a.threads) if a.gen_bundle else None
+    if bundle:
+        check_gen_bundle(a.gen_bundle, bundle.gen.manifest, target_config(hf_dir))
     tok, model = (load_tokenizer(hf_dir), None) if bundle else load_target(hf_dir, a.gen_dtype)
     eos = tok.convert_tokens_to_ids(tok.eos_token)
     rng = random.Random(a.seed)
