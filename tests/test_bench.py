@@ -1,4 +1,5 @@
 """`speccompile bench` and `speccompile gate`: the result schema, the gate's verdicts, the CLI end to end."""
+import argparse
 import copy
 import json
 
@@ -342,6 +343,19 @@ def test_tools_read_datasets_as_bench_does(tiny_bundle, tiny_generator, tmp_path
                                      "--max-new-tokens", "8"])
     tool("quant_agreement").main()
     assert json.loads(capsys.readouterr().out)["prompts"] == 1
+
+
+def test_bench_decode_without_llama_cpp_says_how_to_get_it(tmp_path, monkeypatch):
+    """llama.cpp is an optional peer: without llama-cpp-python the tool says what to install or pass, in one line
+    (it was an internal error)."""
+    import importlib.util
+    bench_decode = tool("bench_decode")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else
+                        find_spec(name, *a))
+    gen = type("G", (), {"manifest": {"source": {"kind": "gguf", "path": str(tmp_path / "m.gguf")}}})()
+    with pytest.raises(SpeccompileError, match="--no-llama-cpp"):
+        bench_decode.llama_cpp_methods(argparse.Namespace(threads=1, llama_lookup_tokens=4), gen, {}, [])
 
 
 def test_paired_interval_brackets_the_paired_speedup_and_narrows_with_prompts():

@@ -15,6 +15,7 @@ outside every method; EOS is not counted (transformers and speccompile return it
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -26,6 +27,7 @@ import time
 from speccompile.bench import peers
 from speccompile.bench.prompts import load_questions, pick_prompts as pick_questions
 from speccompile.cli.errors import one_line_errors
+from speccompile.errors import SpeccompileError
 
 QUESTIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "spec_bench",
                          "question.jsonl")
@@ -94,6 +96,9 @@ def llama_cpp_methods(args, gen, methods: dict, notes: list) -> None:
     if source["kind"] != "gguf":
         notes.append("llama.cpp NOT measured: the bundle was not built from a GGUF file")
         return
+    if importlib.util.find_spec("llama_cpp") is None:  # an optional peer: say how to get it or skip it
+        raise SpeccompileError("llama.cpp is measured through llama-cpp-python, which is not installed: "
+                               "pip install llama-cpp-python, or pass --no-llama-cpp")
     greedy = peers.LlamaCppPeer(source["path"], threads=args.threads)
     lookup = peers.LlamaCppPeer(source["path"], threads=args.threads, prompt_lookup=args.llama_lookup_tokens)
     methods["llama.cpp"] = lambda ids, n: (greedy.generate(ids, n)[0], {})
