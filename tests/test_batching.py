@@ -3,6 +3,7 @@ concurrent greedy output equals solo output (every drafter kind), sampled output
 and its seed, a long prompt joins in chunks between the others' passes, and a request that leaves frees its slot."""
 import collections
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -504,3 +505,26 @@ def test_a_failed_round_gives_each_request_its_own_error(tiny_generator, monkeyp
     assert other.value is not failure and other.value.__cause__ is failure
     wait_until_idle(g)
     assert g.generate(p[0], 6).token_ids == g.generate(p[0], 6).token_ids  # the slots work again
+
+
+@pytest.mark.parametrize("change", ["rebuilt", "moved"])
+def test_graphs_opened_after_loading_come_from_the_loaded_bundle(tmp_path, monkeypatch, change):
+    """The batched graph and the other slots' drafters open at the first shared pass, from the bundle's path: a
+    bundle rebuilt there since loading (--force, another model of the same shapes) or moved away is one error,
+    never the other model's graph decoding beside the loaded one (or onnxruntime's error on a missing file)."""
+    from speccompile.compile import presets, sources
+    from speccompile.errors import BundleError
+    out = str(tmp_path / "b")
+    build_bundle("tiny:llama", out, drafts=["layerskip:2"], max_seq_len=128, progress=quiet)
+    g = speccompile.load(out, threads=1)
+    prompts = random_prompts(2, seed=7)
+    solo = [g.generate(p, 12).token_ids for p in prompts]
+    if change == "rebuilt":
+        monkeypatch.setattr(sources, "tiny_checkpoint", lambda name: presets.tiny_checkpoint(name, seed=7))
+        build_bundle("tiny:llama", out, drafts=["layerskip:2"], max_seq_len=128, progress=quiet, overwrite=True)
+    else:
+        os.rename(out, str(tmp_path / "elsewhere"))
+    with pytest.raises(BundleError, match="changed on disk since it was loaded"):
+        g.generate(prompts, 12)
+    wait_until_idle(g)
+    assert [g.generate(p, 12).token_ids for p in prompts] == solo  # one at a time, the loaded graphs still serve

@@ -316,6 +316,31 @@ def read_manifest(bundle_dir: str, verify_hashes: bool = True) -> dict:
     return m
 
 
+def _stamp(path: str) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def file_stamps(bundle_dir: str, files: dict) -> dict[str, tuple]:
+    """Each file of a loaded bundle as it is on disk now (device, inode, size, modification time), its manifest
+    too: check_unchanged compares a later look with these."""
+    return {rel: _stamp(resolve_inside(bundle_dir, rel)) for rel in [MANIFEST, *files]}
+
+
+def check_unchanged(bundle_dir: str, stamps: dict[str, tuple]) -> None:
+    """Refuse to open more of a loaded bundle's files (the runtime opens some only when a request first needs
+    them) once the bundle at its path is not the one loaded: rebuilt with --force, replaced or moved since. Its
+    graphs would run unchecked beside the loaded ones, and from another model's weights."""
+    for rel, stamp in stamps.items():
+        try:
+            now = _stamp(resolve_inside(bundle_dir, rel))
+        except (OSError, BundleError):
+            now = None
+        if now != stamp:
+            raise BundleError(f"the bundle {bundle_dir} changed on disk since it was loaded ({rel} was replaced, "
+                              "moved or modified); load it again (restart the server) to use it")
+
+
 def _load_json(path: str):
     try:
         with open(path, "rb") as f:

@@ -25,6 +25,7 @@ import threading
 
 import numpy as np
 
+from speccompile.format.bundle import check_unchanged, file_stamps
 from speccompile.format.trees import depths
 from speccompile.runtime.acceptance import (SpecDecodeStats, Verdict, accept_greedy, accept_on_host, accept_sampled,
                                             from_table)
@@ -68,6 +69,7 @@ class Scheduler:
         self.driving = False  # a caller is running a round
         self.draining = 0  # callers waiting in exclusive(): no request takes a slot meanwhile, so the slots empty
         self._engine: BatchEngine | None = None
+        self.loaded = file_stamps(gen.bundle_dir, gen.manifest["files"])  # what is opened later must match
         self._drafters: dict[tuple[int, str], Drafter] = {}  # slot b > 0's own instance of each drafter
         self.trace: list | None = None  # a list: each pass appends ("prefill", slot) or ("decode", slots), the
         # slot whose prompt chunk rides in the pass last
@@ -152,6 +154,7 @@ class Scheduler:
         """The batched graph's session, opened the first time two requests share a pass."""
         if self._engine is None:
             g = self.gen
+            check_unchanged(g.bundle_dir, self.loaded)
             self._engine = BatchEngine(g.bundle_dir, self.entry, self.cache, g.threads, g.device, g.target.min_rows)
         return self._engine
 
@@ -205,6 +208,7 @@ class Scheduler:
         if drafter is not None and b > 0:
             key = (b, drafter.name)
             if key not in self._drafters:
+                check_unchanged(self.gen.bundle_dir, self.loaded)
                 self._drafters[key] = self.gen.fork_drafter(drafter.name)
             drafter = self._drafters[key]
         if drafter is not None:
