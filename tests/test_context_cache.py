@@ -191,6 +191,31 @@ def test_a_damaged_block_file_is_closed(tmp_path):
     assert not [w for w in seen if issubclass(w.category, ResourceWarning)]
 
 
+def test_blocks_another_process_evicts_are_misses_not_failures(tmp_path, monkeypatch):
+    """Processes sharing a cache dir evict each other's block files at any moment: one deleted just after this
+    process renamed it into place, or between finding it and opening it, costs that block, silently; the disk
+    tier stays on (it was turned off, with a warning that it could not write)."""
+    from speccompile.runtime import context_disk
+    write = context_disk.write_atomically
+
+    def evicted_at_once(path, *args, **kwargs):
+        write(path, *args, **kwargs)
+        if path.endswith(".npz"):
+            os.unlink(path)
+    c = unit_cache(cache_dir=str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monkeypatch.setattr(context_disk, "write_atomically", evicted_at_once)
+        store(c, list(range(8)))
+        monkeypatch.setattr(context_disk, "write_atomically", write)
+        assert c.disk.usable and c.disk.nbytes == 0
+        store(unit_cache(cache_dir=str(tmp_path)), list(range(8)))  # kept on disk this time
+        fresh = unit_cache(cache_dir=str(tmp_path))
+        assert fresh.disk.nbytes > 0
+        monkeypatch.setattr(os, "utime", lambda path, *a, **k: os.unlink(path))  # found, then gone when opened
+        assert fresh.lookup(np.arange(9), 9, ["target"]) == [] and fresh.disk.usable
+
+
 def test_disk_tier_refuses_a_foreign_layout_and_index(tmp_path):
     store(unit_cache(cache_dir=str(tmp_path)), list(range(8)))
     other = ContextCache("bundle-a", {"target": Part({"kv": ((3,), "float32")})}, 1 << 20, B, str(tmp_path))

@@ -51,6 +51,14 @@ def block_files(folder: str) -> list[tuple[float, int, str]]:
         return []
 
 
+def _size(path: str) -> int:
+    """A block file's size, 0 once it is gone: another process's eviction may delete it at any moment."""
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
+
+
 def _members_fit(members: list[zipfile.ZipInfo], positions: int, parts: dict) -> bool:
     """Every member of a block file is an array the layout names, no larger than that array: checked before any
     is read, so that a small file cannot unpack into gigabytes."""
@@ -144,6 +152,8 @@ class DiskTier:
                                   stacklevel=4)
                     return None
                 arrays = {name: z[name] for name in z.files}
+        except FileNotFoundError:  # evicted meanwhile by another process sharing the folder: a miss
+            return None
         except Exception as e:  # noqa: BLE001 - a corrupt file of any kind costs the cache, never the request
             warnings.warn(f"context cache: ignoring unreadable block {path} ({type(e).__name__})", stacklevel=4)
             return None
@@ -167,9 +177,9 @@ class DiskTier:
         flat["__key__"] = np.frombuffer(key.encode(), np.uint8)
         path = os.path.join(self.dir, f"{key}.npz")
         try:
-            old = os.path.getsize(path) if os.path.exists(path) else 0
+            old = _size(path)
             write_atomically(path, lambda f: np.savez(f, **flat), private=True)
-            self.nbytes += os.path.getsize(path) - old
+            self.nbytes += _size(path) - old
             if self.nbytes > self.max_bytes:
                 self._evict()
         except OSError as e:  # a full disk costs the disk tier, never the request
