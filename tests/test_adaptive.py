@@ -1,5 +1,6 @@
 """Adaptive drafting: the cost model, the choices it drives on synthetic costs, and the loop still lossless."""
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -303,6 +304,35 @@ def test_calibration_is_cached_outside_the_bundle(tiny_bundle, tmp_path, monkeyp
     cm = padded.cost_model(recalibrate=True)
     assert cm.key["one_row_pad"] and any("pad row" in line for line in cm.describe())
     assert any("pad row" in line for line in again.describe()) == (g.target.min_rows > 1)  # as measured here
+
+
+@pytest.mark.parametrize("home", ["unknown", "relative XDG_CACHE_HOME"])
+def test_the_cost_cache_never_lands_in_the_working_directory(tiny_bundle, tmp_path, monkeypatch, home):
+    """With HOME unset and no passwd entry (a container's arbitrary uid) expanduser leaves "~", and a relative
+    XDG_CACHE_HOME is invalid (the XDG spec): the cost model was written under the working directory, so a bundle
+    run from inside it held a file its manifest does not list and no longer loaded. Now a relative XDG_CACHE_HOME
+    is ignored, and without a home the measurement is kept in memory alone."""
+    import shutil
+    import speccompile
+    from speccompile.format.bundle import read_manifest
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    monkeypatch.delenv("SPECCOMPILE_CACHE", raising=False)
+    if home == "unknown":
+        monkeypatch.delenv("HOME", raising=False)
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+        monkeypatch.setattr(os.path, "expanduser", lambda path: path)  # what it does for a uid without an entry
+    else:
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        monkeypatch.setenv("XDG_CACHE_HOME", "cache")
+    monkeypatch.chdir(bundle)
+    assert speccompile.load(".", threads=1).cost_model().rows
+    read_manifest(".")  # nothing was added to the bundle
+    if home == "unknown":
+        assert cost_model.cache_path(".", 1) is None and cost_model.load_cached(".", 1) is None
+    else:
+        assert cost_model.load_cached(".", 1) is not None
+        assert cost_model.cache_path(".", 1).startswith(str(tmp_path / "home" / ".cache" / "speccompile"))
 
 
 HOSTILE_CACHES = {

@@ -236,10 +236,16 @@ def machine_key(threads: int | None, device: str = "cpu") -> dict:
             "threads": threads or os.cpu_count() or 1}
 
 
-def _cache_dir() -> str:
-    root = os.environ.get("SPECCOMPILE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "speccompile")
-    return os.path.join(root, "cost")
+def _cache_dir() -> str | None:
+    """$SPECCOMPILE_CACHE/cost, else speccompile/cost in $XDG_CACHE_HOME or ~/.cache; None where neither names an
+    absolute folder (a relative XDG_CACHE_HOME is invalid by the XDG spec; with HOME unset and no passwd entry
+    expanduser leaves "~"): such a path would put a folder in the working directory, maybe a bundle, whose next
+    load then refuses the file its manifest does not list. No cache there: each process measures its own."""
+    if os.environ.get("SPECCOMPILE_CACHE"):
+        return os.path.join(os.environ["SPECCOMPILE_CACHE"], "cost")
+    xdg, home = os.environ.get("XDG_CACHE_HOME", ""), os.path.expanduser("~")
+    base = xdg if os.path.isabs(xdg) else os.path.join(home, ".cache") if os.path.isabs(home) else None
+    return os.path.join(base, "speccompile", "cost") if base else None
 
 
 def _bundle_id(bundle_dir: str) -> str:
@@ -247,24 +253,27 @@ def _bundle_id(bundle_dir: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()[:20]
 
 
-def cache_path(bundle_dir: str, threads: int | None, device: str = "cpu") -> str:
-    """The cost model's file: the user cache directory, named after the manifest's hash, the machine, threads."""
+def cache_path(bundle_dir: str, threads: int | None, device: str = "cpu") -> str | None:
+    """The cost model's file: the user cache directory, named after the manifest's hash, the machine, threads
+    (None: no cache directory)."""
     key = machine_key(threads, device)
     machine = hashlib.sha256(key["machine"].encode()).hexdigest()[:12]
-    return os.path.join(_cache_dir(), f"{_bundle_id(bundle_dir)}-{machine}-t{key['threads']}.json")
+    folder = _cache_dir()
+    return os.path.join(folder, f"{_bundle_id(bundle_dir)}-{machine}-t{key['threads']}.json") if folder else None
 
 
 def cached_models(bundle_dir: str) -> list[CostModel]:
     """Every cost model measured for this bundle (any machine, any thread count), for `inspect`."""
+    folder = _cache_dir()
     try:
         prefix = _bundle_id(bundle_dir)
-        names = sorted(n for n in os.listdir(_cache_dir()) if n.startswith(prefix) and n.endswith(".json"))
+        names = sorted(n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".json")) if folder else []
     except OSError:
         return []
     out = []
     for name in names:
         try:
-            with open(os.path.join(_cache_dir(), name)) as f:
+            with open(os.path.join(folder, name)) as f:
                 out.append(CostModel.from_dict(json.load(f)))
         except (OSError, ValueError, RecursionError):
             continue
@@ -274,7 +283,10 @@ def cached_models(bundle_dir: str) -> list[CostModel]:
 def load_cached(bundle_dir: str, threads: int | None, device: str = "cpu") -> CostModel | None:
     """The cached cost model of this bundle on this machine, or None (none yet, or unreadable: recalibrate)."""
     try:
-        with open(cache_path(bundle_dir, threads, device)) as f:
+        path = cache_path(bundle_dir, threads, device)
+        if path is None:
+            return None
+        with open(path) as f:
             return CostModel.from_dict(json.load(f))
     except (OSError, ValueError, RecursionError):
         return None
@@ -282,8 +294,9 @@ def load_cached(bundle_dir: str, threads: int | None, device: str = "cpu") -> Co
 
 def save(model: CostModel, bundle_dir: str, threads: int | None, device: str = "cpu") -> None:
     try:
-        write_atomically(cache_path(bundle_dir, threads, device),
-                         lambda f: f.write(json.dumps(model.to_dict(), indent=1).encode()))
+        path = cache_path(bundle_dir, threads, device)
+        if path is not None:
+            write_atomically(path, lambda f: f.write(json.dumps(model.to_dict(), indent=1).encode()))
     except OSError:  # a read-only home, or the bundle's folder moved since it was loaded: it still serves here
         pass
 
