@@ -496,3 +496,17 @@ def test_a_cache_dir_is_refused_where_the_kv_caches_live_on_a_device(tiny_bundle
     with pytest.raises(SpeccompileError, match="--cache-dir"):
         speccompile.load(tiny_bundle, threads=1, cache_dir=str(tmp_path / "cache"))
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_cache_dir_shared_by_another_kind_of_cpu_restores_nothing(cached, tmp_path, monkeypatch):
+    """Kernels pick their paths by the CPU's instruction sets, and their sums round differently: K/V that another
+    kind of machine wrote into a shared --cache-dir is never restored, while the same kind's is."""
+    from speccompile.runtime import context_cache
+    prompt = random_prompts(8)[7][:34]
+    speccompile.load(cached[0].bundle_dir, threads=1, cache_dir=str(tmp_path)).generate(prompt, 2, speculate=False)
+    same = speccompile.load(cached[0].bundle_dir, threads=1, cache_dir=str(tmp_path))
+    assert same.generate(prompt, 2, speculate=False).stats["prompt_cache_hit_tokens"] == 32  # from the disk tier
+    other_cpu = {**context_cache.cpu_identity(), "model": "another CPU"}
+    monkeypatch.setattr(context_cache, "cpu_identity", lambda: other_cpu)
+    other = speccompile.load(cached[0].bundle_dir, threads=1, cache_dir=str(tmp_path))
+    assert other.generate(prompt, 2, speculate=False).stats["prompt_cache_hit_tokens"] == 0

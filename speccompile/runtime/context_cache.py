@@ -22,9 +22,11 @@ import threading
 from typing import Callable
 
 import numpy as np
+import onnxruntime as ort
 
 from speccompile.errors import SpeccompileError
 from speccompile.runtime.context_disk import DEFAULT_DISK_BYTES, Arrays, DiskTier
+from speccompile.runtime.machine_id import cpu_identity
 
 DEFAULT_BLOCK_TOKENS = 16
 DEFAULT_CACHE_BYTES = 1 << 30
@@ -52,6 +54,13 @@ def bundle_identity(manifest: dict, runtime: str = "") -> str:
     the K/V: another bundle's (or another onnxruntime's) blocks never match."""
     files = json.dumps(manifest.get("files", {}), sort_keys=True)
     return hashlib.sha256(f"{files}\n{runtime}\nstate {STATE_VERSION}".encode()).hexdigest()
+
+
+def runtime_identity(min_rows: int, device: str) -> str:
+    """What computes the K/V besides the bundle: onnxruntime's version, the one-row rule (runtime/row_parity.py),
+    the device, and the CPU's model and kernel instruction sets, by which the kernels pick paths whose sums round
+    differently: a --cache-dir shared by other machines never restores K/V another kind computed."""
+    return f"onnxruntime {ort.__version__}, rows {min_rows}, {device}, {json.dumps(cpu_identity(), sort_keys=True)}"
 
 
 def kv_part(cache, required: bool = True) -> Part:

@@ -9,7 +9,6 @@ import time
 from typing import Callable, Iterator
 
 import numpy as np
-import onnxruntime as ort
 
 from speccompile.errors import BundleError, SpeccompileError
 from speccompile.format.bundle import read_manifest, resolve_inside
@@ -21,7 +20,8 @@ from speccompile.runtime import cost_model
 from speccompile.runtime.adaptive import AdaptiveDrafting
 from speccompile.runtime.cost_model import CostModel
 from speccompile.runtime.acceptance import SpecDecodeStats, Verdict, accept_on_host, chain_parents
-from speccompile.runtime.context_cache import DEFAULT_CACHE_BYTES, ContextCache, bundle_identity, cache_parts, kept_on
+from speccompile.runtime.context_cache import (DEFAULT_CACHE_BYTES, ContextCache, bundle_identity, cache_parts, kept_on,
+                                               runtime_identity)
 from speccompile.runtime.drafters.base import Drafter, Proposal, RuntimeContext
 from speccompile.runtime.drafters.lookup import LookupDrafter, LookupReach, join_lookup
 from speccompile.runtime.engine import Engine
@@ -95,8 +95,8 @@ class Generator:
         # the context cache copies K/V rows through host arrays: device caches (--device cuda, TensorRT) go without
         engines = [self.target, *(d.engine for d in self.drafters.values() if getattr(d, "engine", None))]
         kept = kept_on(context_cache, all(isinstance(e.cache, KVCache) for e in engines), cache_dir)
-        self.context_cache = ContextCache(bundle_identity(manifest, f"onnxruntime {ort.__version__}, rows "
-                                                          f"{getattr(self.target, 'min_rows', 1)}"),
+        identity = bundle_identity(manifest, runtime_identity(getattr(self.target, "min_rows", 1), device))
+        self.context_cache = ContextCache(identity,
                                           cache_parts(self.target.cache, self.drafters.values()), cache_bytes,
                                           cache_dir=cache_dir) if kept else None
         self.scheduler = Scheduler(self, cache, batched) if cache else None
