@@ -528,3 +528,17 @@ def test_graphs_opened_after_loading_come_from_the_loaded_bundle(tmp_path, monke
         g.generate(prompts, 12)
     wait_until_idle(g)
     assert [g.generate(p, 12).token_ids for p in prompts] == solo  # one at a time, the loaded graphs still serve
+
+
+def test_streams_closed_or_dropped_unread_do_not_pile_up_in_the_queue(tiny_generator):
+    """A stream closed or dropped before its first read leaves the queue of waiting requests now, not at the next
+    round some other read runs: a caller that opens streams it then abandons does not grow the queue without end."""
+    g = tiny_generator
+    p = random_prompts(1, seed=50)[0]
+    wait_until_idle(g)
+    for _ in range(20):
+        g.stream(p, 50)  # dropped at once: only marked cancelled (a finalizer takes no lock)
+        g.stream(p, 50).close()
+    assert not g.scheduler.waiting and not any(g.scheduler.slots)
+    assert g.generate(p, 4).token_ids == g.generate(p, 4, speculate=False).token_ids
+

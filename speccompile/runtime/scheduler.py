@@ -36,7 +36,7 @@ from speccompile.runtime.kv_cache import KVCache
 from speccompile.runtime.noise import sampled_by_noise
 from speccompile.runtime.request import Request
 from speccompile.runtime.sampling import PositionDraws, probabilities
-from speccompile.runtime.slots import DONE, Handle, Slot, round_failed
+from speccompile.runtime.slots import DONE, Handle, Slot, round_failed, without_cancelled
 from speccompile.runtime.text_stream import TextStream
 
 # Rows a shared verify pass aims at: a pass's cost grows with its rows, so when several greedy slots decode, their
@@ -80,6 +80,7 @@ class Scheduler:
     def submit(self, request: Request, stats: SpecDecodeStats) -> Handle:
         handle = Handle(self, request, stats)
         with self.wake:
+            self.waiting = without_cancelled(self.waiting)  # streams dropped unread are only marked cancelled
             self.waiting.append(handle)
         return handle
 
@@ -128,6 +129,7 @@ class Scheduler:
     def tidy(self) -> None:
         """Free the slots of cancelled requests now, unless a round (which does it first) is running."""
         with self.wake:
+            self.waiting = without_cancelled(self.waiting)  # a stream closed before it took a slot
             if self.driving:
                 return
             self.driving = True
@@ -191,11 +193,9 @@ class Scheduler:
 
     def _admit(self) -> None:
         with self.wake:
+            self.waiting = without_cancelled(self.waiting)  # a caller gone meanwhile: its request never runs
             while self.waiting and None in self.slots and not self.draining:
                 handle = self.waiting.popleft()
-                if handle.cancelled:
-                    handle.queue.put(DONE)
-                    continue
                 b = self.slots.index(None)
                 try:
                     self.slots[b] = self._new_slot(b, handle)

@@ -2,6 +2,7 @@
 sequence slot's decode state."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import queue
 
@@ -46,6 +47,19 @@ class Handle:
         """The caller is gone: free the slot now, unless a round (which frees it first) is running."""
         self.cancelled = True
         self.scheduler.tidy()
+
+
+def without_cancelled(waiting: collections.deque[Handle]) -> collections.deque[Handle]:
+    """The waiting requests whose callers are still there; the others end now (DONE): a request cancelled while
+    every slot is busy leaves at once instead of waiting for a slot to run in, and requests dropped unread do not
+    pile up until a slot frees."""
+    kept = collections.deque()
+    for handle in waiting:
+        if handle.cancelled:
+            handle.queue.put(DONE)
+        else:
+            kept.append(handle)
+    return kept
 
 
 def round_failed(e: BaseException) -> SpeccompileError:
