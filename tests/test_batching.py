@@ -542,3 +542,26 @@ def test_streams_closed_or_dropped_unread_do_not_pile_up_in_the_queue(tiny_gener
     assert not g.scheduler.waiting and not any(g.scheduler.slots)
     assert g.generate(p, 4).token_ids == g.generate(p, 4, speculate=False).token_ids
 
+
+def test_a_cancelled_stream_ends_with_what_it_had(tiny_generator):
+    """cancel() (from any thread: a server's event loop whose client went, while a worker reads): the stream ends
+    at its next read with a result of the tokens so far; one still waiting for a slot ends without a token, its
+    prompt never run, while the requests in the slots decode on."""
+    g = tiny_generator
+    p = random_prompts(6, seed=60)
+    wait_until_idle(g)
+    busy = [g.stream(q, 200, speculate=False) for q in p[:4]]
+    for s in busy:
+        next(s)  # every slot holds a request
+    queued = g.stream(p[4], 20)
+    queued.cancel()
+    result = drain(queued)
+    assert result.token_ids == [] and result.stats["ttft_s"] is None
+    assert all(g.scheduler.slots) and not g.scheduler.waiting
+    busy[0].cancel()
+    result = drain(busy[0])
+    assert 0 < len(result.token_ids) < 200
+    assert result.token_ids == g.generate(p[0], 200, speculate=False).token_ids[:len(result.token_ids)]
+    for s in busy[1:]:
+        s.close()
+    wait_until_idle(g)

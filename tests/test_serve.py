@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'speccompile[serve]'")
@@ -424,6 +425,30 @@ def test_a_plain_request_whose_client_goes_is_cancelled(state):
             time.sleep(0.02)
     finally:
         srv.stop()
+
+
+def test_a_request_whose_client_goes_while_every_slot_is_busy_leaves_at_once(state):
+    """Cancelled while it waits for a sequence slot (every slot busy): the request leaves the server at once, its
+    queue place free, instead of waiting for a slot and running its prompt for nobody."""
+    g, runner = state.gen, make_state(state.gen, "tiny-serve", max_queue=4).runner
+    busy = [g.stream(prompt_text(i), 200, temperature=0, speculate=False) for i in range(g.scheduler.cache.batch)]
+    for s in busy:
+        next(s)  # every slot holds a request
+    prompt = list(range(200, 280))  # ids no other test sends
+
+    async def submit_and_cancel():
+        job = runner.submit(prompt, 5, {"speculate": False})
+        job.cancel()
+        return await job.next()
+
+    try:
+        kind, outcome = asyncio.run(submit_and_cancel())
+        assert kind == "done" and outcome.finish_reason == "cancelled" and runner.in_flight == 0
+        assert all(g.scheduler.slots)  # it left while the others still decode
+        assert not g.context_cache.lookup(np.array(prompt), len(prompt), ["target"])  # its prompt never ran
+    finally:
+        for s in busy:
+            s.close()
 
 
 class HeldTokenizer:

@@ -212,9 +212,10 @@ class SpecDecodeStats:
     def mean_accepted_tokens(self) -> float:
         return self.committed / self.verify_steps if self.verify_steps else 1.0
 
-    def as_dict(self, new_tokens: int, total_s: float, ttft_s: float, weight_bytes: int,
+    def as_dict(self, new_tokens: int, total_s: float, ttft_s: float | None, weight_bytes: int,
                 prefill_passes: int) -> dict:
-        """The stats dict of a GenerationResult (the CLI's --json, bench and the CI gate read these keys)."""
+        """The stats dict of a GenerationResult (the CLI's --json, bench and the CI gate read these keys). ttft_s
+        None: no token came (a request cancelled before its first)."""
         return dict(
             drafter=self.drafter, prompt_tokens=self.prompt_tokens,
             prompt_cache_hit_tokens=self.prompt_cache_hit_tokens,
@@ -223,7 +224,8 @@ class SpecDecodeStats:
             verified_on_host=self.verified_on_host, committed_per_pass=dict(self.committed_per_pass),
             tree=self.tree, new_tokens=new_tokens, total_s=total_s, ttft_s=ttft_s,
             tokens_per_second=new_tokens / total_s if total_s > 0 else 0.0,
-            decode_tokens_per_second=(new_tokens - 1) / (total_s - ttft_s) if total_s > ttft_s else 0.0,
+            decode_tokens_per_second=(new_tokens - 1) / (total_s - ttft_s)
+            if ttft_s is not None and total_s > ttft_s else 0.0,
             mean_accepted_tokens=self.mean_accepted_tokens,
             acceptance_rate_per_depth=[a / b for a, b in self.accepted_per_depth],
             target_weight_bytes=weight_bytes, prefill_passes=prefill_passes, adaptive=self.adaptive,

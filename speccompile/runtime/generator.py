@@ -314,7 +314,7 @@ class Generator:
         if request.tree is not None and request.tree.adaptive and request.drafter is not None and self._cost is None:
             with self.scheduler.exclusive():
                 self.cost_model()
-        return self.scheduler.submit(request, self._new_stats(request))
+        return self.scheduler.submit(request, request.new_stats())
 
     def generate(self, prompt, max_new_tokens: int = 128, **kwargs) -> GenerationResult | list[GenerationResult]:
         """Generate for one prompt (text or token ids) or a list of prompts (a list of results, in order); the
@@ -335,17 +335,12 @@ class Generator:
         kwargs.pop("chat", None)
         return self.generate(self.tokenizer.encode_messages(check_messages(messages)), max_new_tokens, **kwargs)
 
-    @staticmethod
-    def _new_stats(req: Request) -> SpecDecodeStats:
-        return SpecDecodeStats(req.drafter.name if req.drafter else None, req.tree.to_dict() if req.tree else None,
-                               len(req.ids))
-
     def _run(self, req: Request, on_text: Callable[[str], None] | None, submitted=None):
         """The chunks of a request's passes: this thread's own loop (steps), or `submitted` = (stats, the
         scheduler's passes, when it was submitted)."""
         stats, passes, t0 = submitted or (None, None, time.perf_counter())
         if passes is None:
-            stats = self._new_stats(req)
+            stats = req.new_stats()
             passes = self.steps(req.ids, req.max_new_tokens, req.drafter, req.k, req.params, stats, req.tree)
         text, out, given, ttft = TextStream(self.tokenizer, req.stop), [], 0, None
         for new in passes:
@@ -363,6 +358,8 @@ class Generator:
                 self._owner = threading.get_ident()
             if done:
                 break
+        else:  # the passes ended before the output did: the request was cancelled (SubmittedStream.cancel)
+            final = text.finish(out)[0]
         total = time.perf_counter() - t0
         if self.context_cache and submitted is None:  # the answer's blocks too (the scheduler saves its own)
             context = np.concatenate([req.ids, np.asarray(out, np.int64)])

@@ -10,6 +10,7 @@ import numpy as np
 from speccompile.errors import ContextLengthError, SpeccompileError
 from speccompile.format.trees import TreeSpec
 from speccompile.graphs import MAX_VERIFY_TOKENS
+from speccompile.runtime.acceptance import SpecDecodeStats
 from speccompile.runtime.drafters.base import Drafter
 from speccompile.runtime.sampling import SamplingParams
 
@@ -25,6 +26,11 @@ class Request:
     k: int  # chain length
     tree: TreeSpec | None
     stop: tuple[str, ...]
+
+    def new_stats(self) -> SpecDecodeStats:
+        """The figures of a run of this request, none counted yet."""
+        return SpecDecodeStats(self.drafter.name if self.drafter else None,
+                               self.tree.to_dict() if self.tree else None, len(self.ids))
 
 
 def own_loop(request: Request) -> bool:

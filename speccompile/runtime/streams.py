@@ -40,6 +40,11 @@ class SubmittedStream:
     def throw(self, *args):
         return self._chunks.throw(*args)
 
+    def cancel(self) -> None:
+        """Cancel the request from any thread (close() belongs to the thread reading): it ends before its next
+        pass, at once if it still waits for a slot, and its stream then returns what it had."""
+        self._handle.cancelled = True  # only marked: the reader's next round ends it
+
     def close(self) -> None:
         self._chunks.close()  # a started stream cancels its handle here (Handle.passes)
         if not self._handle.cancelled:

@@ -41,6 +41,7 @@ class Job:
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.arrival = time.perf_counter()
+        self.stream = None  # the Generator's stream, once the worker opened it
 
     def put(self, kind: str, value) -> None:
         try:
@@ -52,7 +53,13 @@ class Job:
         return await self.events.get()
 
     def cancel(self) -> None:
+        """From any thread. The worker sees it between chunks; a request still waiting for a sequence slot (the
+        worker blocked reading its first chunk) is cancelled in the Generator too, or it would wait for a slot and
+        run its prefill for nobody, holding its place in the queue."""
         self.cancelled.set()
+        cancel = getattr(self.stream, "cancel", None)  # streams of a Generator without a scheduler have none
+        if cancel is not None:
+            cancel()
 
 
 class Runner:
@@ -87,12 +94,12 @@ class Runner:
     def _work(self, job: Job) -> None:
         tokens, text, first_at, outcome, stream, error = [], [], None, None, None, None
         try:
-            stream = self.gen.stream(job.ids, job.max_new_tokens, **job.kwargs)
+            stream = job.stream = self.gen.stream(job.ids, job.max_new_tokens, **job.kwargs)
             while not job.cancelled.is_set():
                 try:
                     chunk = next(stream)
                 except StopIteration as stop:
-                    outcome = self._outcome(job, stop.value)
+                    outcome = None if job.cancelled.is_set() else self._outcome(job, stop.value)
                     break
                 if first_at is None:
                     first_at = time.perf_counter()
@@ -102,7 +109,7 @@ class Runner:
                 tokens += chunk.token_ids
                 text.append(chunk.text)
                 job.put("chunk", chunk)
-            else:
+            if outcome is None:  # cancelled: between chunks, or inside the Generator
                 outcome = Outcome(tokens, "".join(text), {}, "cancelled")
         except SpeccompileError as e:
             error = e
