@@ -153,6 +153,17 @@ def test_two_drafters_of_one_name_are_refused_before_any_work(tmp_path, monkeypa
     assert not (tmp_path / "o").exists()
 
 
+def test_a_bad_mla_cache_is_refused_before_any_work_by_its_keyword(tmp_path, monkeypatch):
+    """mla_cache is build_bundle's keyword alone (the CLI has no --mla-cache): the error names the keyword, and
+    comes before the checkpoint, maybe many GB, is read."""
+    def no_work(*args, **kwargs):
+        raise AssertionError("the checkpoint was read")
+    monkeypatch.setattr(driver, "load_checkpoint", no_work)
+    with pytest.raises(SpeccompileError, match="^mla_cache='compressed': choose latent or expanded$"):
+        build_bundle("tiny:llama", str(tmp_path / "o"), mla_cache="compressed", progress=quiet)
+    assert not (tmp_path / "o").exists()
+
+
 def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
     import speccompile.compile.driver as b
 

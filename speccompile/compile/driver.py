@@ -1,12 +1,12 @@
 """`speccompile build`: the compiler driver. Passes, each with one job:
 
   load      source -> Checkpoint                      (sources.load_checkpoint)
-  lower     Checkpoint -> graph weights               (lower.lower_weights)
+  lower     Checkpoint -> graph weights               (weights/decoder.py lower_weights)
   quantize  layer matrices -> --weights' format       (target_weights.quantize_target: a GGUF's own blocks, int8,
                                                       int4 or float32; what stays float32 is named, with why)
             output head -> its int8 screen            (head_screen.quantize_head: exact greedy argmax)
-  graph     weights -> the target's decoder graph     (lower.build_decoder), then each drafter's part from its
-            kind's build half (compile/drafters/, found through format.drafter_kinds.KINDS), which lowers and
+  graph     weights -> the target's decoder graph     (graph/decoder.py build_decoder), then each drafter's part
+            from its kind's build half (compile/drafters/, found through format.drafter_kinds.KINDS), which lowers and
             quantizes its own weights (int8.quantize_matrices: drafts need not be exact) and emits its graphs
   precision graphs + weights -> --dtype                (precision.apply_precision: float16 / bfloat16)
   write     graphs + weights + tokenizer -> bundle    (bundle.*), atomically
@@ -129,6 +129,8 @@ def _check_request(opts: BuildOptions, drafts: list[str] | None) -> tuple[TreeSp
                                "(a chain of K is --tree chain:K)")
     if not 1 <= opts.max_batch <= 64:
         raise SpeccompileError(f"--max-batch {opts.max_batch}: must be between 1 and 64")
+    if opts.mla_cache not in ("latent", "expanded"):  # build_bundle's keyword alone: the CLI has no such option
+        raise SpeccompileError(f"mla_cache={opts.mla_cache!r}: choose latent or expanded")
     return tree_spec, specs
 
 
@@ -139,8 +141,6 @@ def _load(source: str | None, opts: BuildOptions, progress) -> tuple[Checkpoint,
     target = load_checkpoint(source, progress)
     if opts.max_seq_len is None:
         opts = dataclasses.replace(opts, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, target.config.max_position_embeddings))
-    if opts.mla_cache not in ("latent", "expanded"):
-        raise SpeccompileError(f"--mla-cache {opts.mla_cache!r}: choose latent or expanded")
     if target.config.is_mla:
         target.config = dataclasses.replace(target.config, mla_cache=opts.mla_cache)
     cfg = target.config
