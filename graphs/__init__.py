@@ -28,8 +28,9 @@ outputs
                                               eagle_aux_hidden_state_layer_ids), "norm" the final norm's output
   present_key.{i}, present_value.{i}          the caches, written in place at slots [seqlens_k+1-S, seqlens_k]
 
-verify extension (the target's graph, built with verify=True; speccompile/verify.py): acceptance computed in the
-graph, so a verify pass copies a few numbers to the host instead of the [R, V] logits, which it need not bind.
+verify extension (the target's graph, built with verify=True; speccompile/compile/graph/verify.py): acceptance
+computed in the graph, so a verify pass copies a few numbers to the host instead of the [R, V] logits, which it need
+not bind.
 The R rows are the nodes of a verify block: row 0 the pending token (the root), then the draft nodes in
 topological order.
 inputs (optional: an omitted one takes its VERIFY_DEFAULTS value, broadcast over the rows: every row its own root,
@@ -64,9 +65,9 @@ outputs
 The rule: a node is kept if it is the first of its parent's children (in row order) to pass its test: greedy, its
 token is the parent's argmax (next_token); sampled, uniforms[r, 0] * (1 - the mass of its earlier siblings'
 tokens) < node_prob[r], failing outright on a token an earlier sibling had. The accepted path is the root's chain
-of kept nodes; commit its tokens, then accept_token. Greedy, that is `trees.accept_tree_greedy`; sampled, with
-deterministic candidates (q one-hot) it is `trees.accept_tree_sampled`, so the committed tokens are distributed
-exactly as the target's, after temperature and top-k.
+of kept nodes; commit its tokens, then accept_token. Greedy, that is runtime/acceptance.py's `accept_greedy`;
+sampled, with deterministic candidates (q one-hot) it is its `accept_sampled`, so the committed tokens are
+distributed exactly as the target's, after temperature and top-k.
 
 weight formats: the contract above holds whatever form the weights take; the manifest's `quantization` records
 each target matrix's (WEIGHT_FORMATS). A packed matrix is a com.microsoft MatMulNBits product (CPU), its weights
@@ -184,11 +185,3 @@ def _batched_signature(num_layers, num_kv_heads, head_dim, max_seq_len, vocab_si
         inputs += [(f"past_key.{i}", "float32", cache), (f"past_value.{i}", "float32", cache)]
         outputs += [(f"present_key.{i}", "float32", cache), (f"present_value.{i}", "float32", cache)]
     return inputs, outputs
-
-
-def cache_bindings(num_layers: int):
-    """Pairs (input, output) that must be bound to one buffer so the cache is updated in place."""
-    pairs = []
-    for i in range(num_layers):
-        pairs += [(f"past_key.{i}", f"present_key.{i}"), (f"past_value.{i}", f"present_value.{i}")]
-    return pairs

@@ -181,7 +181,7 @@ class ModelConfig:
 
     @property
     def cache_kv_heads(self) -> int:
-        """KV heads the static cache stores: MLA caches one latent "head" (see deepseek.py)."""
+        """KV heads the static cache stores: MLA caches one latent "head" (compile/graph/mla.py)."""
         if self.is_mla:
             return 1 if self.mla_cache == "latent" else self.num_attention_heads
         return self.num_key_value_heads

@@ -10,7 +10,7 @@ from speccompile.compile.rope import rope_tables
 
 
 class _HeadTensors:
-    """A head's tensors (an eagle.EagleHead's), read as float32 with errors naming the head and the tensor."""
+    """A head's tensors (a checkpoint.EagleHead's), read as float32 with errors naming the head and the tensor."""
     def __init__(self, head):
         self.label = "EAGLE-3" if head.version == "eagle3" else "EAGLE"
         self.path, self.t, self.e3 = head.path, head.tensors, head.version == "eagle3"
@@ -32,7 +32,7 @@ class _HeadTensors:
 
 def lower_eagle_head(head, target: ModelConfig, hcfg: ModelConfig, target_w: dict[str, np.ndarray],
                      max_seq_len: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Check and pack a head (an eagle.EagleHead) into graph weights (mtp.* names, as the head graphs read them;
+    """Check and pack a head (a checkpoint.EagleHead) into graph weights (mtp.* names, as the head graphs read them;
     EAGLE-3's fc as `mtp.eagle3.fc`). Returns (weights, draft-to-target token ids or None)."""
     t = _HeadTensors(head)
     w = _block(t, hcfg) | _embedding(t, hcfg, target, target_w)
