@@ -466,7 +466,7 @@ def test_extra_features_of_another_target_refused(trained, tmp_path):
 
 def test_prompt_set_unchanged():
     """The default prompt set (data/prompt_pools.json) is the one the shipped head's data was drawn by: the same
-    600 prompts for seed 0 as tools/head_prompts.py made, distinct."""
+    600 prompts for seed 0 as the former tools/head_prompts.py made them, distinct."""
     prompts = make_prompts(600, 0)
     assert len(set(prompts)) == 600
     assert hashlib.sha256(json.dumps(prompts).encode()).hexdigest() == \
