@@ -18,7 +18,8 @@ Graph = tuple[GraphBuilder, list[str]]  # a graph and the weight files its initi
 
 @dataclasses.dataclass(frozen=True)
 class BuildOptions:
-    """`speccompile build`'s settings (the CLI's options of the same names)."""
+    """`speccompile build`'s settings (the CLI's options of the same names; the CLI sets `fused` by --attention,
+    and `mla_cache` is build_bundle's keyword alone)."""
     max_seq_len: int | None = None  # None: min(DEFAULT_MAX_SEQ_LEN, the model's context)
     num_draft: int | None = None  # tokens per pass; None: each kind's default (and default tree)
     attention: str = "ort"  # the attention lowering (speccompile.plugins.tree_attention)
