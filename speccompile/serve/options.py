@@ -17,7 +17,6 @@ class ServeOptions:
     threads: int | None = None  # onnxruntime intra-op threads per loaded bundle
     device: str = "cpu"  # cpu, cuda, or tensorrt (the runtime's device names)
     shutdown_timeout_s: float = 10.0
-    model_name: str | None = None  # default: the bundle directory's name
     log_level: str = "info"
 
 
@@ -28,5 +27,4 @@ def model_name(bundle_dir: str) -> str:
 
 def load_state(bundle_dir: str, opts: ServeOptions) -> ServeState:
     gen = Generator.load(bundle_dir, threads=opts.threads, device=opts.device)
-    return make_state(gen, opts.model_name or model_name(bundle_dir), opts.max_queue, opts.api_key,
-                      opts.shutdown_timeout_s)
+    return make_state(gen, model_name(bundle_dir), opts.max_queue, opts.api_key, opts.shutdown_timeout_s)
