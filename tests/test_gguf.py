@@ -183,23 +183,28 @@ def sentencepiece_vocab(text: str):
     return tokens, types, scores
 
 
-def test_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    corpus = " ".join(tokenizer_strings(n_random=0))
-    tokens, types, scores = sentencepiece_vocab(corpus)
-    f = tmp_path / "sp.gguf"
-    write_gguf(f, tokenizer_model="llama", tokens=tokens, token_types=types, token_scores=scores,
-               bos_token_id=1, eos_token_id=2, unk_token_id=0)
-    _, _, files = read_gguf(str(f))
-    for fname, data in files.items():
+@pytest.mark.parametrize("space_prefix", [True, False])
+def test_sentencepiece_gguf_tokenizer_matches_llama_cpp(tmp_path, space_prefix):
+    """A Llama-2-style vocabulary (merges from scores, byte fallback) with an added and a control token, against
+    llama.cpp's own tokenizer (the GGUF alone in its folder): a "▁" before the text and before the text after each
+    special or added token ("<s>[INST]"), also where the text begins with a space; decoding gives the text back."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python, the reference tokenizer, not installed")
+    tokens, types, scores = sentencepiece_vocab(" ".join(tokenizer_strings(n_random=0)))
+    f = tmp_path / "gguf" / "sp.gguf"
+    f.parent.mkdir()
+    write_gguf(f, tokenizer_model="llama", tokens=tokens + ["<|user|>", "<tool>"], token_types=types + [4, 3],
+               token_scores=scores + [0.0, 0.0], bos_token_id=1, eos_token_id=2, unk_token_id=0,
+               add_space_prefix=space_prefix, rope_dimension_count=4)
+    for fname, data in read_gguf(str(f))[2].items():
         (tmp_path / fname).write_bytes(data)
     ours = BundleTokenizer(str(tmp_path))
-    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="sp.gguf")
-    for s in tokenizer_strings(n_random=200, seed=3):
+    ref = llama_cpp.Llama(model_path=str(f), vocab_only=True, verbose=False)
+    specials = ["<s>[INST] hi [/INST]", "<s>hi</s>", "<|user|>\nhi</s><|user|> x", "<tool> y<tool>z"]
+    for s in tokenizer_strings(n_random=200, seed=3) + [" lead", "  two  spaces", " ", "\n\nx"] + specials:
         ids = ours.encode(s)
-        assert ids == ref.encode(s, add_special_tokens=False), s
-        assert ours.encode(s, add_special_tokens=True) == ref.encode(s, add_special_tokens=True), s
-        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True), s
+        assert ids == ref.tokenize(s.encode(), add_bos=False, special=True), s
+        assert ours.encode(s, add_special_tokens=True) == ref.tokenize(s.encode(), add_bos=True, special=True), s
+        assert s in specials or ours.decode(ids) == s
 
 
 HF_TO_GGUF = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
@@ -480,6 +485,23 @@ def test_unknown_pre_tokenizer_is_refused(tmp_path):
         write_gguf(f, **({"tokenizer_pre": pre} if pre else {}))
         tok = json.loads(read_gguf(str(f))[2]["tokenizer.json"])
         assert tok["pre_tokenizer"]["type"] == "ByteLevel" and tok["pre_tokenizer"]["use_regex"], pre
+
+
+def test_byte_level_added_tokens_keep_their_ids(tmp_path):
+    """convert_hf_to_gguf.py writes a byte-level vocabulary's added tokens as their text, outside GPT-2's byte
+    spelling: DeepSeek's control "<｜begin▁of▁sentence｜>", its user-defined "<｜User｜>" and a run of spaces beside
+    the plain "ĠĠ". Each is matched whole with its own id, none is added past the vocabulary, and each decodes."""
+    tokens = ["a", "b", "Ġ", "ĠĠ", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "  "]
+    f = tmp_path / "m.gguf"
+    write_gguf(f, tokens=tokens, token_types=[1, 1, 1, 1, 3, 3, 4, 4], token_merges=["Ġ Ġ"], tokenizer_pre="qwen2",
+               bos_token_id=4, eos_token_id=5, add_bos_token=True)
+    for fname, data in read_gguf(str(f))[2].items():
+        (tmp_path / fname).write_bytes(data)
+    tok = BundleTokenizer(str(tmp_path))
+    assert tok.tok.get_vocab_size() == len(tokens) and tok.eos_token_ids == {5}
+    assert tok.encode("<｜begin▁of▁sentence｜><｜User｜>a  b a b") == [4, 6, 0, 7, 1, 2, 0, 2, 1]
+    assert tok.encode("b", add_special_tokens=True) == [4, 1]
+    assert tok.decode([4, 6, 0, 7, 1, 3, 5]) == "<｜User｜>a  b  "
 
 
 @needs_model

@@ -1,8 +1,9 @@
 """A GGUF's tokenizer (tokenizer.ggml.* metadata) as tokenizer.json + tokenizer_config.json, built with the
 `tokenizers` library the way transformers' GGUF tokenizer conversion builds it (integrations/gguf/
-gguf_tokenizer_mapping.py and the tokenizer classes it hands the vocabulary to), so the bundle encodes alike;
-byte-level text is split as llama.cpp splits it for the file's tokenizer.ggml.pre, where transformers falls back to
-GPT-2's split for values it does not know (SmolLM2's "smollm" among them).
+gguf_tokenizer_mapping.py and the tokenizer classes it hands the vocabulary to), but encoding as llama.cpp does
+where the two differ: byte-level text is split as llama.cpp splits it for the file's tokenizer.ggml.pre, where
+transformers falls back to GPT-2's split for values it does not know (SmolLM2's "smollm" among them), byte-level
+added tokens keep their text, and sentencepiece text is prefixed with a space after each special token too.
 
 Two kinds: "gpt2" (byte-level BPE with merges: SmolLM2, Llama 3, Qwen2) and "llama" (sentencepiece BPE with
 byte fallback: Llama 2, Mistral, TinyLlama).
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from speccompile.errors import UnsupportedModelError
 
@@ -61,13 +62,25 @@ def bytes_to_unicode() -> dict[int, str]:
     return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(extra)}
 
 
-def byte_level_tokenizer(meta: dict) -> tuple[Tokenizer, set[str] | None]:
-    """tokenizer.ggml.model "gpt2": byte-level BPE with the file's merges. Returns the byte alphabet too: a
-    "control" token spelled outside it is a llama.cpp mislabel that transformers leaves out."""
+def byte_level_vocab(tokens: list[str], types: list[int]) -> dict[str, int]:
+    """Each token as the BPE model spells it. convert_hf_to_gguf.py writes a byte-level vocabulary's added tokens
+    (control, user-defined: DeepSeek's "<｜begin▁of▁sentence｜>", runs of spaces) as their text, which is how
+    they are matched whole in text and how they decode, and the others in GPT-2's byte spelling; a plain token
+    outside that spelling is spelled in it."""
     spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
-    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
-             for i, t in enumerate(meta["tokenizer.ggml.tokens"])}
+    return {t if k in (CONTROL, USER_DEFINED) or set(t) <= alphabet
+            else "".join(spelling[b] for b in t.encode("utf-8")): i for i, (t, k) in enumerate(zip(tokens, types))}
+
+
+def token_types(meta: dict) -> list[int]:
+    tokens = meta["tokenizer.ggml.tokens"]
+    return list(meta.get("tokenizer.ggml.token_type") or [0] * len(tokens))
+
+
+def byte_level_tokenizer(meta: dict) -> Tokenizer:
+    """tokenizer.ggml.model "gpt2": byte-level BPE with the file's merges."""
+    vocab = byte_level_vocab(meta["tokenizer.ggml.tokens"], token_types(meta))
     pre = meta.get("tokenizer.ggml.pre", "default")  # absent: llama.cpp warns, transformers splits as GPT-2
     if not isinstance(pre, str) or pre not in PRE_TOKENIZERS:
         raise UnsupportedModelError(f"GGUF tokenizer.ggml.pre {pre!r:.40}: a pre-tokenizer speccompile does not "
@@ -83,7 +96,7 @@ def byte_level_tokenizer(meta: dict) -> tuple[Tokenizer, set[str] | None]:
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    return tok, alphabet
+    return tok
 
 
 # A token's text; real vocabularies stay far below it, and merges from scores cost its square per token
@@ -103,32 +116,34 @@ def scored_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str
     return [(left, right) for left, right, _ in merges]
 
 
-def sentencepiece_tokenizer(meta: dict) -> tuple[Tokenizer, None]:
+def sentencepiece_tokenizer(meta: dict) -> Tokenizer:
     """tokenizer.ggml.model "llama": BPE over "▁"-spelled pieces with byte fallback (transformers' LlamaTokenizer,
-    non-legacy: a prefix space before the first piece only, unless tokenizer.ggml.add_space_prefix is false)."""
+    but prefixing spaces as llama.cpp does)."""
     tokens = meta["tokenizer.ggml.tokens"]
     merges = ([tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]] if "tokenizer.ggml.merges" in meta
               else scored_merges(tokens, meta["tokenizer.ggml.scores"]))
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=True,
                                byte_fallback=True, dropout=None))
-    # llama.cpp prefixes a space unless the file says add_space_prefix = false, and strips it in decoding
+    # llama.cpp, as sentencepiece, prefixes a space to the text and to the text after each special or added token
+    # (a normalizer runs on each piece between them), unless the file says add_space_prefix = false, and strips it
+    # in decoding. transformers' Metaspace ("first") prefixes none after those tokens, nor to text that begins with
+    # a space, and so splits a Llama 2 or Mistral prompt otherwise: "<s>[INST]", " hi".
     prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if prefix else "never",
-                                                 split=False)
+    tok.normalizer = normalizers.Sequence(([normalizers.Prepend("▁")] if prefix else [])
+                                          + [normalizers.Replace(" ", "▁")])
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
                                     + ([decoders.Strip(content=" ", left=1)] if prefix else []))
-    return tok, None
+    return tok
 
 
 BUILDERS = {"gpt2": byte_level_tokenizer, "llama": sentencepiece_tokenizer}
 
 
-def add_special_tokens(tok: Tokenizer, meta: dict, special: dict[str, str], alphabet: set[str] | None) -> None:
+def add_special_tokens(tok: Tokenizer, meta: dict, special: dict[str, str]) -> None:
     """Control tokens and the named special tokens stay whole and are skipped in decoding; user-defined ones
     stay whole but are text."""
-    tokens = meta["tokenizer.ggml.tokens"]
-    types = meta.get("tokenizer.ggml.token_type") or [0] * len(tokens)
-    control = [t for t, k in zip(tokens, types) if k == CONTROL and (alphabet is None or set(t) <= alphabet)]
+    tokens, types = meta["tokenizer.ggml.tokens"], token_types(meta)
+    control = [t for t, k in zip(tokens, types) if k == CONTROL]
     named = [t for t in special.values() if t not in control]
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control + named])
     vocab = tok.get_vocab()
@@ -164,7 +179,7 @@ def tokenizer_files(meta: dict) -> dict[str, bytes]:
               "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False))}
     if "tokenizer.chat_template" in meta:
         config["chat_template"] = meta["tokenizer.chat_template"]
-    tok, alphabet = BUILDERS[kind](meta)
-    add_special_tokens(tok, meta, special, alphabet)
+    tok = BUILDERS[kind](meta)
+    add_special_tokens(tok, meta, special)
     set_post_processor(tok, config, special)
     return {"tokenizer.json": tok.to_str().encode(), "tokenizer_config.json": json.dumps(config, indent=2).encode()}
