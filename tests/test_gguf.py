@@ -307,6 +307,16 @@ def test_gguf_errors_name_the_file(tmp_path):
         load_checkpoint(str(f))
 
 
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_merges_outside_the_vocabulary_name_the_file(tmp_path, model):
+    """A merge of a token the vocabulary lacks (tokenizers refuses it with a plain Exception) is bad tokenizer
+    metadata naming the file, not an internal error."""
+    f = tmp_path / "m.gguf"
+    write_gguf(f, tokenizer_model=model, token_merges=["a zz"], token_scores=[0.0] * 3)
+    with pytest.raises(CheckpointError, match=r"m\.gguf: bad tokenizer metadata .*zz"):
+        load_checkpoint(str(f))
+
+
 def test_gguf_config_errors_and_moe_name_the_file(tmp_path):
     """A ConfigError from the file's metadata names the file as an UnsupportedModelError does; a Mixtral GGUF
     (general.architecture llama, merged expert tensors) is refused as MoE, not as a missing tensor."""
@@ -502,6 +512,9 @@ def test_byte_level_added_tokens_keep_their_ids(tmp_path):
     assert tok.encode("<｜begin▁of▁sentence｜><｜User｜>a  b a b") == [4, 6, 0, 7, 1, 2, 0, 2, 1]
     assert tok.encode("b", add_special_tokens=True) == [4, 1]
     assert tok.decode([4, 6, 0, 7, 1, 3, 5]) == "<｜User｜>a  b  "
+    write_gguf(f, tokens=["Ġ", "  "], token_types=[1, 4], token_merges=["Ġ Ġ"])  # the merge needs it as "ĠĠ"
+    tokenizer = json.loads(read_gguf(str(f))[2]["tokenizer.json"])
+    assert tokenizer["model"]["vocab"] == {"Ġ": 0, "ĠĠ": 1}
 
 
 @needs_model

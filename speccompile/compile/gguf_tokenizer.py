@@ -62,33 +62,46 @@ def bytes_to_unicode() -> dict[int, str]:
     return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(extra)}
 
 
-def byte_level_vocab(tokens: list[str], types: list[int]) -> dict[str, int]:
+def byte_level_vocab(tokens: list[str], types: list[int], merges: list[tuple[str, ...]]) -> dict[str, int]:
     """Each token as the BPE model spells it. convert_hf_to_gguf.py writes a byte-level vocabulary's added tokens
-    (control, user-defined: DeepSeek's "<｜begin▁of▁sentence｜>", runs of spaces) as their text, which is how
-    they are matched whole in text and how they decode, and the others in GPT-2's byte spelling; a plain token
-    outside that spelling is spelled in it."""
+    (control, user-defined: DeepSeek's "<｜begin▁of▁sentence｜>", runs of spaces beside the plain "ĠĠ") as their
+    text, which is how they are matched whole in text and how they decode, and the others in GPT-2's byte spelling.
+    A token outside that spelling is spelled in it, unless it is such an added token and no merge needs it so."""
     spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
-    return {t if k in (CONTROL, USER_DEFINED) or set(t) <= alphabet
-            else "".join(spelling[b] for b in t.encode("utf-8")): i for i, (t, k) in enumerate(zip(tokens, types))}
+    spelled = [t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")) for t in tokens]
+    added = [k in (CONTROL, USER_DEFINED) for k in types]
+    needed = {left + right for left, right in merges} - {s for s, a in zip(spelled, added) if not a}
+    return {t if a and s not in needed else s: i for i, (t, s, a) in enumerate(zip(tokens, spelled, added))}
 
 
 def token_types(meta: dict) -> list[int]:
+    """tokenizer.ggml.token_type, one per token (a missing one is a plain token)."""
     tokens = meta["tokenizer.ggml.tokens"]
-    return list(meta.get("tokenizer.ggml.token_type") or [0] * len(tokens))
+    types = list(meta.get("tokenizer.ggml.token_type") or [])[:len(tokens)]
+    return types + [0] * (len(tokens) - len(types))
+
+
+def bpe_model(**options) -> models.BPE:
+    """tokenizers' BPE model, its refusal of the file's merges (a merge of a token outside the vocabulary) a
+    ValueError: tokenizers raises a plain Exception."""
+    try:
+        return models.BPE(**options)
+    except Exception as e:  # noqa: BLE001 - tokenizers' own errors have no narrower type
+        raise ValueError(str(e)) from None
 
 
 def byte_level_tokenizer(meta: dict) -> Tokenizer:
     """tokenizer.ggml.model "gpt2": byte-level BPE with the file's merges."""
-    vocab = byte_level_vocab(meta["tokenizer.ggml.tokens"], token_types(meta))
     pre = meta.get("tokenizer.ggml.pre", "default")  # absent: llama.cpp warns, transformers splits as GPT-2
     if not isinstance(pre, str) or pre not in PRE_TOKENIZERS:
         raise UnsupportedModelError(f"GGUF tokenizer.ggml.pre {pre!r:.40}: a pre-tokenizer speccompile does not "
                                     "reproduce; convert the model to a Hugging Face directory instead")
     regexes, ignore_merges = PRE_TOKENIZERS[pre]
     merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges", [])]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="",
-                               fuse_unk=False, dropout=None, ignore_merges=ignore_merges))
+    vocab = byte_level_vocab(meta["tokenizer.ggml.tokens"], token_types(meta), merges)
+    tok = Tokenizer(bpe_model(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="",
+                              fuse_unk=False, dropout=None, ignore_merges=ignore_merges))
     if regexes is None:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(meta.get("tokenizer.ggml.add_space_prefix")))
     else:
@@ -122,8 +135,8 @@ def sentencepiece_tokenizer(meta: dict) -> Tokenizer:
     tokens = meta["tokenizer.ggml.tokens"]
     merges = ([tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]] if "tokenizer.ggml.merges" in meta
               else scored_merges(tokens, meta["tokenizer.ggml.scores"]))
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=True,
-                               byte_fallback=True, dropout=None))
+    tok = Tokenizer(bpe_model(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=True,
+                              byte_fallback=True, dropout=None))
     # llama.cpp, as sentencepiece, prefixes a space to the text and to the text after each special or added token
     # (a normalizer runs on each piece between them), unless the file says add_space_prefix = false, and strips it
     # in decoding. transformers' Metaspace ("first") prefixes none after those tokens, nor to text that begins with
@@ -142,11 +155,11 @@ BUILDERS = {"gpt2": byte_level_tokenizer, "llama": sentencepiece_tokenizer}
 def add_special_tokens(tok: Tokenizer, meta: dict, special: dict[str, str]) -> None:
     """Control tokens and the named special tokens stay whole and are skipped in decoding; user-defined ones
     stay whole but are text."""
-    tokens, types = meta["tokenizer.ggml.tokens"], token_types(meta)
-    control = [t for t, k in zip(tokens, types) if k == CONTROL]
-    named = [t for t in special.values() if t not in control]
+    tokens, types, vocab = meta["tokenizer.ggml.tokens"], token_types(meta), tok.get_vocab()
+    # each as the model spells it: one that is not would be added past the vocabulary, with an id the model lacks
+    control = [t for t, k in zip(tokens, types) if k == CONTROL and t in vocab]
+    named = [t for t in special.values() if t not in control and t in vocab]
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control + named])
-    vocab = tok.get_vocab()
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types)
                     if k == USER_DEFINED and t in vocab])
 
@@ -154,7 +167,7 @@ def add_special_tokens(tok: Tokenizer, meta: dict, special: dict[str, str]) -> N
 def set_post_processor(tok: Tokenizer, config: dict, special: dict[str, str]) -> None:
     """BOS/EOS added around a sequence as tokenizer_config says (transformers' update_post_processor)."""
     ends = [(name, special[name]) for name in ("bos_token", "eos_token")
-            if config[f"add_{name[:3]}_token"] and name in special]
+            if config[f"add_{name[:3]}_token"] and tok.token_to_id(special.get(name, "")) is not None]
     bos = [t for name, t in ends if name == "bos_token"]
     eos = [t for name, t in ends if name == "eos_token"]
     single = " ".join([f"{t}:0" for t in bos] + ["$A:0"] + [f"{t}:0" for t in eos])
