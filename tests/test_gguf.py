@@ -517,6 +517,19 @@ def test_byte_level_added_tokens_keep_their_ids(tmp_path):
     assert tokenizer["model"]["vocab"] == {"Ġ": 0, "ĠĠ": 1}
 
 
+@pytest.mark.parametrize("pre, flag, bos", [("llama-bpe", None, True), ("tekken", None, True), ("qwen2", None, False),
+                                             ("llama-bpe", False, False), ("qwen2", True, True)])
+def test_bos_added_as_llama_cpp_adds_it(tmp_path, pre, flag, bos):
+    """Without tokenizer.ggml.add_bos_token (early Llama 3 files), llama.cpp adds BOS for Llama 3's and Tekken's
+    pre-tokenizers and for no other byte-level one; the flag, where given, decides."""
+    f = tmp_path / "m.gguf"
+    write_gguf(f, tokens=["a", "b", "<s>"], token_types=[1, 1, 3], tokenizer_pre=pre, bos_token_id=2,
+               **({} if flag is None else {"add_bos_token": flag}))
+    for fname, data in read_gguf(str(f))[2].items():
+        (tmp_path / fname).write_bytes(data)
+    assert BundleTokenizer(str(tmp_path)).encode("ab", add_special_tokens=True) == [2] * bos + [0, 1]
+
+
 @needs_model
 def test_default_gguf_tokenizes_as_llama_cpp(tmp_path):
     """SmolLM2's tokenizer.ggml.pre "smollm": digits one by one, then GPT-2's split, as llama.cpp splits it (and the

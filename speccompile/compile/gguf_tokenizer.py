@@ -32,23 +32,28 @@ _SLASH_TAIL = r" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _TEKKEN = rf"{_WORD}{_UPPER}*{_LOWER}+|{_WORD}{_UPPER}+{_LOWER}*|\p{{N}}|{_SLASH_TAIL}"
 _GPT4O = (rf"{_WORD}{_UPPER}*{_LOWER}+(?:{_CONTRACTIONS})?|{_WORD}{_UPPER}+{_LOWER}*(?:{_CONTRACTIONS})?"
           rf"|\p{{N}}{{1,3}}|{_SLASH_TAIL}")
+_LLAMA3_NAMES = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+                 "jina-v5-nano")
+_TEKKEN_NAMES = ("tekken",)
 # (names, regexes, ignore_merges); regexes None: GPT-2's own (ByteLevel's regex), also for "default" (and no value)
 # as transformers splits them, where llama.cpp falls back to regexes of its own
 _FAMILIES = (
     (("gpt-2", "default", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0",
       "mellum", "modern-bert", "mpt", "olmo", "jais", "trillion", "granite-docling", "exaone4"), None, False),
-    (("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano"),
-     (_LLAMA3,), True),
+    (_LLAMA3_NAMES, (_LLAMA3,), True),
     (("dbrx", "smaug-bpe"), (_LLAMA3,), False),
     (("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan", "solar-open"),
      (_QWEN2,), False),
-    (("tekken",), (_TEKKEN,), True),
+    (_TEKKEN_NAMES, (_TEKKEN,), True),
     (("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b", "mellum2"),
      (r"\p{N}", _GPT2), False),
     (("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), (_GPT4O,), False),
     (("falcon",), (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, "[0-9][0-9][0-9]"), False),
 )
 PRE_TOKENIZERS = {name: (regexes, ignore) for names, regexes, ignore in _FAMILIES for name in names}
+# Where a file has no tokenizer.ggml.add_bos_token (early Llama 3 files), llama.cpp adds BOS for these
+# pre-tokenizers and to sentencepiece vocabularies
+BOS_BY_DEFAULT = frozenset(_LLAMA3_NAMES + _TEKKEN_NAMES)
 CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
 SPECIAL_IDS = (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
                ("pad_token", "padding_token_id"))
@@ -187,12 +192,12 @@ def tokenizer_files(meta: dict) -> dict[str, bytes]:
         raise ValueError(f"tokenizer.ggml.tokens is not a list of strings of at most {MAX_TOKEN_CHARS} characters")
     special = {name: tokens[meta[f"tokenizer.ggml.{key}"]] for name, key in SPECIAL_IDS
                if meta.get(f"tokenizer.ggml.{key}") is not None}
-    # older sentencepiece files carry no flag, and llama.cpp adds BOS to them
-    config = {**special, "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")),
+    tok = BUILDERS[kind](meta)  # first: it checks tokenizer.ggml.pre
+    bos_by_default = kind == "llama" or meta.get("tokenizer.ggml.pre") in BOS_BY_DEFAULT
+    config = {**special, "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", bos_by_default)),
               "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False))}
     if "tokenizer.chat_template" in meta:
         config["chat_template"] = meta["tokenizer.chat_template"]
-    tok = BUILDERS[kind](meta)
     add_special_tokens(tok, meta, special)
     set_post_processor(tok, config, special)
     return {"tokenizer.json": tok.to_str().encode(), "tokenizer_config.json": json.dumps(config, indent=2).encode()}
