@@ -207,6 +207,34 @@ def test_sentencepiece_gguf_tokenizer_matches_llama_cpp(tmp_path, space_prefix):
         assert s in specials or ours.decode(ids) == s
 
 
+# ids llama.cpp (llama-cpp-python 0.3.36, vocab_only) gave for these strings over sentencepiece_vocab(GOLDEN_CORPUS)
+# plus an added "<|user|>" (371) and a control "<tool>" (372): the check that runs without llama-cpp-python
+GOLDEN_CORPUS = "hi [INST] lead two spaces x y z"
+GOLDEN_IDS = {
+    True: {"<s>[INST] hi [/INST]": [1, 345, 319, 281, 314, 50, 286, 319], " lead": [259, 291, 324],
+           "  two  spaces": [259, 259, 296, 329, 361, 335], "\n\nx": [259, 13, 13, 278],
+           "<|user|>\nhi</s><|user|> x": [371, 259, 13, 282, 2, 371, 259, 307],
+           "<tool> y<tool>z": [372, 259, 309, 372, 311]},
+    False: {"<s>[INST] hi [/INST]": [1, 346, 289, 281, 314, 50, 286, 319], " lead": [291, 324],
+            "  two  spaces": [259, 296, 329, 361, 335], "\n\nx": [13, 13, 278],
+            "<|user|>\nhi</s><|user|> x": [371, 13, 282, 2, 371, 307], "<tool> y<tool>z": [372, 309, 372, 280]},
+}
+
+
+@pytest.mark.parametrize("space_prefix", [True, False])
+def test_sentencepiece_gguf_tokenizer_gives_llama_cpps_ids(tmp_path, space_prefix):
+    """The spaces llama.cpp puts before text and after special and added tokens, as ids it gave (GOLDEN_IDS)."""
+    tokens, types, scores = sentencepiece_vocab(GOLDEN_CORPUS)
+    f = tmp_path / "sp.gguf"
+    write_gguf(f, tokenizer_model="llama", tokens=tokens + ["<|user|>", "<tool>"], token_types=types + [4, 3],
+               token_scores=scores + [0.0, 0.0], bos_token_id=1, eos_token_id=2, unk_token_id=0,
+               add_space_prefix=space_prefix, rope_dimension_count=4)
+    for fname, data in read_gguf(str(f))[2].items():
+        (tmp_path / fname).write_bytes(data)
+    tok = BundleTokenizer(str(tmp_path))
+    assert {s: tok.encode(s) for s in GOLDEN_IDS[space_prefix]} == GOLDEN_IDS[space_prefix]
+
+
 HF_TO_GGUF = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
               "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
               "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
