@@ -428,6 +428,20 @@ def test_streams_left_unread_free_their_slots(tiny_generator):
     assert not any(g.scheduler.slots) and not g.scheduler.waiting
 
 
+def test_a_consumer_that_raises_ends_its_request(tiny_generator):
+    """An on_text that raises ends its request and frees its slot, though the exception is kept (a Future keeps
+    it, with the traceback that holds the stream's frames): the others' rounds would decode it to the end."""
+    g = tiny_generator
+    p = random_prompts(1, seed=50)[0]
+
+    def consumer(_text):
+        raise ValueError("the consumer failed")
+    with pytest.raises(ValueError, match="consumer failed") as kept:
+        g.generate(p, 200, chat=False, on_text=consumer)
+    wait_until_idle(g)
+    assert not any(g.scheduler.slots) and kept.value is not None
+
+
 def test_a_request_behind_this_threads_own_loop_is_refused(tiny_generator):
     """Typical acceptance runs in the caller's own loop, which holds the scheduler: a request from the same thread
     meanwhile would wait for ever, so it is refused, as without a batched graph."""

@@ -32,13 +32,25 @@ class SubmittedStream:
         return self
 
     def __next__(self):
-        return next(self._chunks)
+        return self._ended_on_failure(next, self._chunks)
 
     def send(self, value):
-        return self._chunks.send(value)
+        return self._ended_on_failure(self._chunks.send, value)
 
     def throw(self, *args):
-        return self._chunks.throw(*args)
+        return self._ended_on_failure(self._chunks.throw, *args)
+
+    def _ended_on_failure(self, step, *args):
+        """step(*args); if it raises (the request failed, or its own on_text did), the request ends here: the
+        exception's traceback holds the stream's frames, so neither closing nor collecting them would free the
+        slot while the caller keeps the exception (a Future does)."""
+        try:
+            return step(*args)
+        except StopIteration:
+            raise
+        except BaseException:
+            self.close()
+            raise
 
     def cancel(self) -> None:
         """Cancel the request from any thread (close() belongs to the thread reading): it ends before its next
