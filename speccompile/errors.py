@@ -27,3 +27,8 @@ class ContextLengthError(SpeccompileError):
 
 class ConfigError(CheckpointError):
     """A config.json value is missing, of the wrong type, out of range or inconsistent with the others."""
+
+
+class SharedPassError(SpeccompileError):
+    """A decoding pass this request shared with others failed in another request's thread: not this request's
+    doing (a server answers it as its own failure, not as a bad request)."""

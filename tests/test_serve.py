@@ -559,6 +559,34 @@ def test_a_bug_is_a_500_error_object_without_traceback(state):
         srv.stop()
 
 
+def test_a_failed_shared_pass_is_a_500_for_every_request_in_it(state, monkeypatch):
+    """The engine fails in a pass two streams share: the request whose thread ran it and the other both end with
+    a server_error naming the exception's type only, not a 400 blaming the client, nor the engine's message."""
+    srv = InProcessServer(make_state(SlowGenerator(state.gen, 0.05), "tiny-serve"))
+    engine = type(state.gen.scheduler.engine)
+    engine_run = engine.run
+
+    def failing(self, *args, **kwargs):
+        monkeypatch.setattr(engine, "run", engine_run)
+        raise RuntimeError("onnxruntime failed in /the/server/s/files")
+    long = {"messages": user("soup"), "max_tokens": 200, "temperature": 0, "stream": True}
+    try:
+        with httpx.Client(timeout=60) as http, \
+                http.stream("POST", srv.url + "/v1/chat/completions", json=long) as a, \
+                http.stream("POST", srv.url + "/v1/chat/completions", json={**long, "seed": 1}) as b:
+            lines = [r.iter_lines() for r in (a, b)]
+            for it in lines:
+                next(it)  # both generating, each in a slot
+            monkeypatch.setattr(engine, "run", failing)
+            last = [[line for line in it if line][-1] for it in lines]
+        for event in last:
+            error = json.loads(event.removeprefix("data: "))["error"]
+            assert error["type"] == "server_error" and "RuntimeError" in error["message"], error
+            assert "/the/server" not in error["message"]
+    finally:
+        srv.stop()
+
+
 class NamedTemplateGenerator(SlowGenerator):
     """The Generator with a chat template that renders each message's `name`."""
 

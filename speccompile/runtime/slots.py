@@ -8,7 +8,7 @@ import queue
 
 import numpy as np
 
-from speccompile.errors import SpeccompileError
+from speccompile.errors import SharedPassError
 from speccompile.runtime.acceptance import SpecDecodeStats
 from speccompile.runtime.adaptive import AdaptiveDrafting
 from speccompile.runtime.drafters.base import Drafter, Proposal
@@ -62,12 +62,12 @@ def without_cancelled(waiting: collections.deque[Handle]) -> collections.deque[H
     return kept
 
 
-def round_failed(e: BaseException) -> SpeccompileError:
+def round_failed(e: BaseException) -> SharedPassError:
     """The error a request gets when a round another caller ran for it failed: its own object (one exception raised
     in several threads would gather their tracebacks), naming the failure, which is its cause."""
     what = "was interrupted" if not isinstance(e, Exception) else "failed"
     detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    error = SpeccompileError(f"the shared decoding pass of this request {what} in another request's thread "
+    error = SharedPassError(f"the shared decoding pass of this request {what} in another request's thread "
                              f"({type(e).__name__}{': ' + detail if detail else ''})")
     error.__cause__ = e
     return error

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from speccompile.errors import ContextLengthError, SpeccompileError
+from speccompile.errors import ContextLengthError, SharedPassError, SpeccompileError
 
 log = logging.getLogger("speccompile.serve")
 
@@ -30,7 +30,11 @@ class APIError(Exception):
 
 
 def from_runtime(e: SpeccompileError) -> APIError:
-    """A runtime refusal (a bad setting, a prompt that does not fit) is the client's bad request."""
+    """A runtime refusal (a bad setting, a prompt that does not fit) is the client's bad request; a shared pass
+    that failed is the server's, named no further than its exception's type (its message is for the log)."""
+    if isinstance(e, SharedPassError):
+        return APIError(500, f"internal error ({type(e.__cause__).__name__}) in a decoding pass shared with other "
+                        "requests; see the server's log", type="server_error")
     if isinstance(e, ContextLengthError):
         return APIError(400, str(e), code="context_length_exceeded", param="messages")
     return APIError(400, str(e))
