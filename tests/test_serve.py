@@ -637,6 +637,28 @@ def test_stopping_cancels_what_outlasts_the_shutdown_timeout(state):
     assert not any(r.exc_info for r in logged.records)
 
 
+def test_a_plain_request_cut_off_at_the_shutdown_timeout_gets_an_error_object(state):
+    """Not streamed, the request has sent nothing when the shutdown timeout cuts it off: its client gets a 503
+    error object saying the server is stopping, not uvicorn's plain-text 500."""
+    slow = make_state(SlowGenerator(state.gen, 0.2), "tiny-serve", shutdown_timeout_s=1.0)
+    srv = InProcessServer(slow, shutdown_timeout_s=1.0)
+    long = {"messages": user("soup"), "max_tokens": 200, "temperature": 0}  # 8+ s of passes
+    answer, health = [], []
+    with httpx.Client(timeout=60) as http:
+        asked = threading.Thread(target=lambda: answer.append(http.post(srv.url + "/v1/chat/completions",
+                                                                         json=long)))
+        asked.start()
+        deadline = time.time() + 30
+        while not slow.runner.in_flight:
+            assert time.time() < deadline, "the request did not start"
+            time.sleep(0.01)
+        srv.server.should_exit = True  # what SIGTERM does
+        asked.join(30)
+    srv.thread.join(10)
+    assert answer and answer[0].status_code == 503, answer and answer[0].text
+    assert answer[0].json()["error"]["code"] == "shutting_down"
+
+
 class RecordsOf(logging.Handler):
     """Every record a logger lets through, from now until removed."""
 

@@ -40,6 +40,10 @@ def from_runtime(e: SpeccompileError) -> APIError:
     return APIError(400, str(e))
 
 
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+
+
 def busy(retry_after_s: int) -> APIError:
     return APIError(429, "the server's request queue is full; retry later", type="rate_limit_error",
                     code="queue_full", headers={"Retry-After": str(retry_after_s)})

@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from speccompile.errors import SpeccompileError
 from speccompile.serve import api_errors, protocol
-from speccompile.serve.api_errors import APIError, from_runtime
+from speccompile.serve.api_errors import APIError, from_runtime, shutting_down
 from speccompile.serve.metrics import Metrics, usage
 from speccompile.serve.runner import Job, Outcome, Runner
 
@@ -139,6 +139,10 @@ async def _respond(state: ServeState, body, ids: list[int], request: Request, ch
         if chat:
             return protocol.chat_completion(rid, state.model, outcome.text, outcome.finish_reason, use)
         return protocol.completion(rid, state.model, outcome.text, outcome.finish_reason, use)
+    except asyncio.CancelledError:  # nothing sent yet: cut off by the shutdown timeout, an error object, not a bare 500
+        if state.runner.accepting:
+            raise
+        raise shutting_down() from None
     finally:
         watcher.cancel()  # a stream's client going is seen by Starlette, which cancels _sse
         if job is not None:

@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from speccompile.errors import SpeccompileError
-from speccompile.serve.api_errors import APIError, busy
+from speccompile.serve.api_errors import busy, shutting_down
 from speccompile.serve.metrics import Metrics
 
 log = logging.getLogger("speccompile.serve")
@@ -82,7 +82,7 @@ class Runner:
         job = Job(asyncio.get_running_loop(), ids, max_new_tokens, kwargs)
         with self._lock:
             if not self.accepting:
-                raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+                raise shutting_down()
             if len(self._jobs) >= self.max_queue:
                 self.metrics.refused.labels(self.metrics.model, "429").inc()
                 raise busy(RETRY_AFTER_S)
@@ -140,11 +140,16 @@ class Runner:
         elif outcome is not None:
             job.put("done", outcome)
 
+    def stop_admitting(self) -> None:
+        """Refuse new requests (503) from now on; those in flight go on."""
+        with self._lock:
+            self.accepting = False
+
     def shutdown(self, timeout_s: float) -> bool:
         """Stop admitting, cancel what is still running, and wait up to timeout_s for the workers to let go;
         returns whether they all did."""
+        self.stop_admitting()
         with self._lock:
-            self.accepting = False
             for job in self._jobs:
                 job.cancel()
             done = self._idle.wait_for(lambda: not self._jobs, timeout_s)

@@ -31,10 +31,17 @@ CUT_OFF_WITHOUT_TRACEBACK = CutOffWithoutTraceback()
 def uvicorn_server(state: ServeState, opts: ServeOptions, **config):
     """The uvicorn Server for a state (tests run it in a thread); config: more uvicorn.Config settings."""
     import uvicorn
+
+    class StoppingServer(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            # admitting stops as the drain begins, not after it (the app's lifespan ends only then): a request the
+            # timeout cuts off is then known as such, and answers an error object (app._respond)
+            state.runner.stop_admitting()
+            await super().shutdown(sockets)
     cfg = uvicorn.Config(create_app(state), host=opts.host, port=opts.port, log_level=opts.log_level,
                          timeout_graceful_shutdown=opts.shutdown_timeout_s, lifespan="on", **config)
     logging.getLogger("uvicorn.error").addFilter(CUT_OFF_WITHOUT_TRACEBACK)  # after Config set its logging up
-    return uvicorn.Server(cfg)
+    return StoppingServer(cfg)
 
 
 def serve(bundle_dir: str, opts: ServeOptions) -> None:
