@@ -451,6 +451,40 @@ def test_a_request_whose_client_goes_while_every_slot_is_busy_leaves_at_once(sta
             s.close()
 
 
+def test_a_request_whose_client_goes_while_it_waits_for_a_slot_never_takes_one(state, monkeypatch):
+    """Every slot is busy and a request waits for one when its client gives up: it leaves the queue when the
+    round under way ends, and never takes a slot (its prefill, a whole prompt's passes, would be wasted)."""
+    g = state.gen
+    sched = g.scheduler
+    busy = [g.stream(list(range(3 + i, 10 + i)), 200, chat=False) for i in range(len(sched.slots))]
+    for s in busy:
+        next(s)  # every slot holds a request
+    admitted = []
+    new_slot = type(sched)._new_slot
+    monkeypatch.setattr(type(sched), "_new_slot", lambda self, b, h: admitted.append(h) or new_slot(self, b, h))
+    srv = InProcessServer(make_state(g, "tiny-serve"))
+    try:
+        with sched.wake:
+            sched.driving = True  # a round is under way: the waiting request's worker waits for it to end
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(srv.url + "/v1/completions", json={"prompt": list(range(3, 200)), "max_tokens": 10},
+                       timeout=1.0)
+        job = next(iter(srv.state.runner._jobs))
+        assert job.cancelled.wait(30), "the server did not see the client go"
+        with sched.wake:
+            sched.driving = False  # the round ends
+            sched.wake.notify_all()
+        deadline = time.time() + 60
+        while srv.state.runner.in_flight:
+            assert time.time() < deadline, "the abandoned request still waits"
+            time.sleep(0.02)
+        assert not admitted
+    finally:
+        srv.stop()
+        for s in busy:
+            s.close()
+
+
 class HeldTokenizer:
     """The bundle's tokenizer, its chat encoding held until `release` is set: a prompt of megabytes of text (or a
     slow chat template) takes seconds to encode."""
