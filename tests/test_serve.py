@@ -847,3 +847,24 @@ def test_real_model_served_text_equals_speccompile_generate(tmp_path_factory):
         assert len(answers) == 8 and all(text == expected[p] for p, text in answers)
     finally:
         srv.stop()
+
+
+def test_a_server_keeps_its_context_cache_in_cache_dir_across_restarts(bundle, tmp_path):
+    """serve --cache-dir: a prompt a server saw before it restarted is a cache hit after; --no-context-cache keeps
+    none, and its options beside it are refused by the CLI."""
+    from click.testing import CliRunner
+    from speccompile.cli import main
+    messages = user("the same long system prompt, again and again")
+    hits = []
+    for _ in range(2):  # a server, then its restart: a new process would load as this does
+        srv = InProcessServer(load_state(bundle, ServeOptions(threads=1, cache_dir=str(tmp_path / "kv"))))
+        try:
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+            res = client.chat.completions.create(model="tiny-serve", messages=messages, max_tokens=2, temperature=0)
+            hits.append(res.usage.model_dump()["prompt_cache_hit_tokens"])
+        finally:
+            srv.stop()
+    assert hits[0] == 0 and hits[1] > 0
+    assert load_state(bundle, ServeOptions(threads=1, context_cache=False)).gen.context_cache is None
+    out = CliRunner().invoke(main, ["serve", bundle, "--no-context-cache", "--cache-bytes", "10"])
+    assert out.exit_code == 2 and "drop --cache-bytes" in out.output

@@ -15,7 +15,8 @@ from speccompile.errors import SpeccompileError
 from speccompile.graphs import DEFAULT_MAX_BATCH
 from speccompile.cli.errors import DEBUG_ENV, errors_to_exit, OneLineUsageErrors
 from speccompile.cli.bench_options import STREAM_REQUESTS, check_bench_options
-from speccompile.cli.generate_options import CACHE_BYTES, STOP_HELP, check_generate_options, unescape_stop
+from speccompile.cli.generate_options import (CACHE_BYTES, STOP_HELP, check_cache_options, check_generate_options,
+                                             unescape_stop)
 from speccompile.train.cli_options import train_head_options
 
 
@@ -31,6 +32,18 @@ def device_options(command):
     command = backend(command)
     return click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
                         help="cuda: onnxruntime's CUDA provider, the KV caches in GPU memory (docs/gpu.md).")(command)
+
+
+def context_cache_options(command):
+    """--no-context-cache, --cache-bytes and --cache-dir, as generate and serve take them."""
+    for option in reversed([
+            click.option("--no-context-cache", is_flag=True,
+                         help="Do not reuse the K/V of prompt prefixes seen before."),
+            click.option("--cache-bytes", default=CACHE_BYTES, show_default=True, help="Memory for the context cache."),
+            click.option("--cache-dir", type=click.Path(), default=None,
+                         help="Also keep the context cache here, across runs (replicas may share it).")]):
+        command = option(command)
+    return command
 
 
 def runtime_device(device: str, backend: str) -> str:
@@ -132,9 +145,7 @@ def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, ba
 @click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads (default: all cores).")
 @device_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-@click.option("--no-context-cache", is_flag=True, help="Do not reuse the K/V of prompt prefixes seen before.")
-@click.option("--cache-bytes", default=CACHE_BYTES, show_default=True, help="Memory for the context cache.")
-@click.option("--cache-dir", type=click.Path(), default=None, help="Also keep the context cache here, across runs.")
+@context_cache_options
 @errors_to_exit
 def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, drafter, num_draft, tree, acceptance,
              recalibrate, no_speculate, compare, no_chat, system, stop, threads, device, backend, as_json,
@@ -288,11 +299,14 @@ def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, re
 @click.option("--replicas", default=None, type=int, help="Serve N replicas through Ray Serve (the ray extra).")
 @click.option("--ray-address", default=None, help="With --replicas: join this Ray cluster (default: a local one).")
 @device_options
+@context_cache_options
 @errors_to_exit
-def serve(bundle, replicas, ray_address, device, backend, **options):
+def serve(bundle, replicas, ray_address, device, backend, no_context_cache, **options):
     """Serve BUNDLE over the OpenAI API (/v1/chat/completions, /v1/completions), with /metrics."""
     from speccompile.serve.command import run
-    run(bundle, replicas, ray_address, device=runtime_device(device, backend), **options)
+    check_cache_options({"no_context_cache": no_context_cache, **options})
+    run(bundle, replicas, ray_address, device=runtime_device(device, backend), context_cache=not no_context_cache,
+        **options)
 
 @main.command()
 @click.argument("result", type=click.Path())

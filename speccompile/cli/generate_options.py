@@ -37,6 +37,11 @@ def check_generate_options(p: dict) -> None:
     if p["acceptance"] != "exact" and p["temperature"] == 0:
         raise SpeccompileError(f"--acceptance {p['acceptance']}: typical acceptance is for sampling (give "
                                "--temperature); greedy decoding is exact")
+    check_cache_options(p)
+
+
+def check_cache_options(p: dict) -> None:
+    """--no-context-cache beside the options of the cache it turns off (generate's and serve's): one error line."""
     cache = [o for o, given in (("--cache-bytes", p["cache_bytes"] != CACHE_BYTES), ("--cache-dir", p["cache_dir"]))
              if given]
     if p["no_context_cache"] and cache:

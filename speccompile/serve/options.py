@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from speccompile.runtime.context_cache import DEFAULT_CACHE_BYTES
 from speccompile.runtime.generator import Generator
 from speccompile.serve.app import ServeState, make_state
 
@@ -18,6 +19,9 @@ class ServeOptions:
     device: str = "cpu"  # cpu, cuda, or tensorrt (the runtime's device names)
     shutdown_timeout_s: float = 10.0
     log_level: str = "info"
+    context_cache: bool = True  # reuse the K/V of prompt prefixes seen before (runtime/context_cache.py)
+    cache_bytes: int = DEFAULT_CACHE_BYTES  # its memory, per loaded bundle
+    cache_dir: str | None = None  # its disk tier, across restarts (replicas may share it)
 
 
 def model_name(bundle_dir: str) -> str:
@@ -26,5 +30,6 @@ def model_name(bundle_dir: str) -> str:
 
 
 def load_state(bundle_dir: str, opts: ServeOptions) -> ServeState:
-    gen = Generator.load(bundle_dir, threads=opts.threads, device=opts.device)
+    gen = Generator.load(bundle_dir, threads=opts.threads, device=opts.device, context_cache=opts.context_cache,
+                         cache_bytes=opts.cache_bytes, cache_dir=opts.cache_dir)
     return make_state(gen, model_name(bundle_dir), opts.max_queue, opts.api_key, opts.shutdown_timeout_s)
