@@ -416,6 +416,26 @@ def test_bench_multi_turn(tiny_bundle, tmp_path):
     assert "speedup" in r.output
 
 
+def test_bench_multi_turn_skips_a_chat_whose_later_turn_would_not_fit(tiny_bundle, tmp_path):
+    """A question whose second turn is long: its first message fits with room for the answers and a follow-up, its
+    second turn's prompt does not. It is passed over for one that fits (it was picked, and the run failed at its
+    second turn with a context-length error)."""
+    import json
+    from click.testing import CliRunner
+    from speccompile.cli import main
+    long_second = {"question_id": 1, "category": "summarization",
+                   "turns": ["Summarize: " + "the cat sat. " * 8, "Why? " + "the cat sat. " * 40]}
+    short = {"question_id": 2, "category": "summarization", "turns": ["Summarize: the cat sat.", "Why?"]}
+    dataset, out = tmp_path / "q.jsonl", tmp_path / "mt.json"
+    dataset.write_text("".join(json.dumps(q) + "\n" for q in (long_second, short)))
+    r = CliRunner().invoke(main, ["bench", tiny_bundle, "--multi-turn", "2", "--dataset", str(dataset), "--limit", "1",
+                                  "--max-new-tokens", "8", "--threads", "1", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    assert len(doc["conversations"]) == 1 and len(doc["turns"]) == 2
+    assert doc["turns"][0]["prompt_tokens"] < 40  # the short question's, not the long first message's
+
+
 @pytest.fixture(scope="module")
 def eagle3_cached(tmp_path_factory):
     pytest.importorskip("torch")

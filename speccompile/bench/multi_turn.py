@@ -35,15 +35,15 @@ class MultiTurnSettings:
     threads: int | None = None
 
 
-def conversations(path: str, categories: tuple[str, ...], limit: int, turns: int, fits: Callable[[str], bool]
+def conversations(path: str, categories: tuple[str, ...], limit: int, turns: int, fits: Callable[[list[str]], bool]
                   ) -> list[list[str]]:
-    """The user messages of `limit` conversations: the longest first turns of those categories that fit, each
-    followed by the question's own later turns, then FOLLOW_UPS."""
-    found = [q["turns"] for q in read_questions(path) if q["category"] in categories]
-    found = [c for c in sorted(found, key=lambda c: -len(c[0])) if fits(c[0])][:limit]
+    """The user messages of `limit` conversations: the longest first turns of those categories whose whole
+    conversation fits, each followed by the question's own later turns, then FOLLOW_UPS."""
+    found = [(q["turns"] + list(FOLLOW_UPS))[:turns] for q in read_questions(path) if q["category"] in categories]
+    found = [c for c in sorted(found, key=lambda c: -len(c[0])) if fits(c)][:limit]
     if not found:
         raise SpeccompileError(f"no question of categories {', '.join(categories)} in {path} fits the context")
-    return [(c + list(FOLLOW_UPS))[:turns] for c in found]
+    return found
 
 
 def run_chat(gen, messages_in: list[str], max_new_tokens: int, drafter: str | None) -> list[dict]:
@@ -59,14 +59,27 @@ def run_chat(gen, messages_in: list[str], max_new_tokens: int, drafter: str | No
     return turns
 
 
+def last_prompt_tokens(gen, chat: list[str]) -> int:
+    """The tokens of the conversation's last prompt without its answers: every message through the chat template,
+    each earlier answer left empty (the answers are counted at max_new_tokens apart)."""
+    messages = []
+    for text in chat:
+        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+    return len(gen.tokenizer.encode_messages(messages[:-1]))
+
+
 def run_multi_turn(bundle: str, settings: MultiTurnSettings, log: Callable[[str], None] = print) -> dict:
     if settings.limit is not None and settings.limit < 1:
         raise SpeccompileError(f"--limit {settings.limit}: must be at least 1")
     gen = load(bundle, threads=settings.threads)
     cache = gen.context_cache
-    def fits(first: str) -> bool:  # room for every answer and a short follow-up (a template's worth of tokens)
+    def fits(chat: list[str]) -> bool:
+        """Room for every answer and a short follow-up (a template's worth of tokens) after the first message, and
+        for the last turn's prompt with the conversation's own later messages, however long (a question's second
+        turn may be longer than a follow-up: its turn would fail half-way through the run)."""
         room = gen.max_seq_len - settings.turns * (settings.max_new_tokens + FOLLOW_UP_TOKENS)
-        return len(gen.encode_chat(first)) <= room
+        return (len(gen.encode_chat(chat[0])) <= room
+                and last_prompt_tokens(gen, chat) + len(chat) * settings.max_new_tokens <= gen.max_seq_len)
 
     chats = conversations(settings.dataset or default_dataset(), settings.categories or LONG_CATEGORIES,
                           settings.limit or 3, settings.turns, fits)
