@@ -419,7 +419,8 @@ def test_bench_cli_refuses_what_it_would_ignore_or_overwrite(tiny_bundle, datase
                           (("--multi-turn", "1", "--top-k", "3"), "does not take --top-k"),
                           (("--multi-turn", "1", "--drafter", "lookup@chain:2"), "takes a drafter's NAME alone"),
                           (("--multi-turn", "1", "--drafter", "lookup~exact"), "takes a drafter's NAME alone"),
-                          (("--multi-turn", "1", "--stream-requests", "3"), "does not take --stream-requests")):
+                          (("--multi-turn", "1", "--stream-requests", "3"), "does not take --stream-requests"),
+                          (("--multi-turn", "2", "--max-new-tokens", "0"), "--max-new-tokens 0: must be at least 1")):
         out = invoke("bench", tiny_bundle, "--dataset", dataset, "--max-new-tokens", 2, "--limit", 1, "--threads", 1,
                      *options, expect=2)
         assert out.count("error:") == 1 and says in out and "Traceback" not in out, out

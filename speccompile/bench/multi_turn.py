@@ -71,6 +71,8 @@ def last_prompt_tokens(gen, chat: list[str]) -> int:
 def run_multi_turn(bundle: str, settings: MultiTurnSettings, log: Callable[[str], None] = print) -> dict:
     if settings.limit is not None and settings.limit < 1:
         raise SpeccompileError(f"--limit {settings.limit}: must be at least 1")
+    if settings.max_new_tokens < 1:  # else no conversation "fits the context", or the first turn fails after loading
+        raise SpeccompileError(f"--max-new-tokens {settings.max_new_tokens}: must be at least 1")
     gen = load(bundle, threads=settings.threads)
     cache = gen.context_cache
     def fits(chat: list[str]) -> bool:
