@@ -183,13 +183,10 @@ def sentencepiece_vocab(text: str):
     return tokens, types, scores
 
 
-@pytest.mark.parametrize("space_prefix", [True, False])
-def test_sentencepiece_gguf_tokenizer_matches_llama_cpp(tmp_path, space_prefix):
-    """A Llama-2-style vocabulary (merges from scores, byte fallback) with an added and a control token, against
-    llama.cpp's own tokenizer (the GGUF alone in its folder): a "▁" before the text and before the text after each
-    special or added token ("<s>[INST]"), also where the text begins with a space; decoding gives the text back."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python, the reference tokenizer, not installed")
-    tokens, types, scores = sentencepiece_vocab(" ".join(tokenizer_strings(n_random=0)))
+def sentencepiece_gguf(tmp_path, corpus: str, space_prefix: bool):
+    """A GGUF of sentencepiece_vocab(corpus) plus an added "<|user|>" and a control "<tool>" token, alone in its
+    folder (llama.cpp reads it there), and our tokenizer made from it."""
+    tokens, types, scores = sentencepiece_vocab(corpus)
     f = tmp_path / "gguf" / "sp.gguf"
     f.parent.mkdir()
     write_gguf(f, tokenizer_model="llama", tokens=tokens + ["<|user|>", "<tool>"], token_types=types + [4, 3],
@@ -197,7 +194,16 @@ def test_sentencepiece_gguf_tokenizer_matches_llama_cpp(tmp_path, space_prefix):
                add_space_prefix=space_prefix, rope_dimension_count=4)
     for fname, data in read_gguf(str(f))[2].items():
         (tmp_path / fname).write_bytes(data)
-    ours = BundleTokenizer(str(tmp_path))
+    return f, BundleTokenizer(str(tmp_path))
+
+
+@pytest.mark.parametrize("space_prefix", [True, False])
+def test_sentencepiece_gguf_tokenizer_matches_llama_cpp(tmp_path, space_prefix):
+    """A Llama-2-style vocabulary (merges from scores, byte fallback) with an added and a control token, against
+    llama.cpp's own tokenizer (the GGUF alone in its folder): a "▁" before the text and before the text after each
+    special or added token ("<s>[INST]"), also where the text begins with a space; decoding gives the text back."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python, the reference tokenizer, not installed")
+    f, ours = sentencepiece_gguf(tmp_path, " ".join(tokenizer_strings(n_random=0)), space_prefix)
     ref = llama_cpp.Llama(model_path=str(f), vocab_only=True, verbose=False)
     specials = ["<s>[INST] hi [/INST]", "<s>hi</s>", "<|user|>\nhi</s><|user|> x", "<tool> y<tool>z"]
     for s in tokenizer_strings(n_random=200, seed=3) + [" lead", "  two  spaces", " ", "\n\nx"] + specials:
@@ -224,14 +230,7 @@ GOLDEN_IDS = {
 @pytest.mark.parametrize("space_prefix", [True, False])
 def test_sentencepiece_gguf_tokenizer_gives_llama_cpps_ids(tmp_path, space_prefix):
     """The spaces llama.cpp puts before text and after special and added tokens, as ids it gave (GOLDEN_IDS)."""
-    tokens, types, scores = sentencepiece_vocab(GOLDEN_CORPUS)
-    f = tmp_path / "sp.gguf"
-    write_gguf(f, tokenizer_model="llama", tokens=tokens + ["<|user|>", "<tool>"], token_types=types + [4, 3],
-               token_scores=scores + [0.0, 0.0], bos_token_id=1, eos_token_id=2, unk_token_id=0,
-               add_space_prefix=space_prefix, rope_dimension_count=4)
-    for fname, data in read_gguf(str(f))[2].items():
-        (tmp_path / fname).write_bytes(data)
-    tok = BundleTokenizer(str(tmp_path))
+    _, tok = sentencepiece_gguf(tmp_path, GOLDEN_CORPUS, space_prefix)
     assert {s: tok.encode(s) for s in GOLDEN_IDS[space_prefix]} == GOLDEN_IDS[space_prefix]
 
 
