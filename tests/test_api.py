@@ -224,6 +224,9 @@ def test_chat_renders_system_and_turns(tiny_generator):
     for bad in ([], [{"role": "wizard", "content": "x"}], [{"role": "user"}], "hello"):
         with pytest.raises(SpeccompileError, match="chat"):
             g.chat(bad, 4)
+    assert g.chat(messages, 12, chat=True).token_ids == res.token_ids
+    with pytest.raises(SpeccompileError, match=r"generate\(\.\.\., chat=False\)"):  # not silently rendered anyway
+        g.chat(messages, 4, chat=False)
 
 
 def test_generate_takes_a_list_of_prompts(tiny_generator):

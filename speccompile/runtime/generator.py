@@ -332,7 +332,9 @@ class Generator:
     def chat(self, messages: list[dict], max_new_tokens: int = 128, **kwargs) -> GenerationResult:
         """Answer a conversation: messages [{"role": "system" | "user" | "assistant", "content": str}, ...], through
         the bundle's chat template; the keyword arguments are `stream`'s."""
-        kwargs.pop("chat", None)
+        if not kwargs.pop("chat", True):
+            raise SpeccompileError("chat() renders the messages through the chat template: for text without it, "
+                                   "call generate(..., chat=False)")
         return self.generate(self.tokenizer.encode_messages(check_messages(messages)), max_new_tokens, **kwargs)
 
     def _run(self, req: Request, on_text: Callable[[str], None] | None, submitted=None):

@@ -119,9 +119,10 @@ def check_length(ids: np.ndarray, max_new_tokens, max_seq_len: int) -> None:
         raise ContextLengthError(f"prompt of {len(ids)} tokens does not fit the compiled context of "
                                  f"{max_seq_len} tokens (rebuild with a larger --max-seq-len)")
     if len(ids) + max_new_tokens > max_seq_len:
+        room = max_seq_len - len(ids)
         raise ContextLengthError(f"prompt ({len(ids)} tokens) + --max-new-tokens {max_new_tokens} exceeds the "
-                                 f"compiled context of {max_seq_len} tokens; ask for at most "
-                                 f"{max_seq_len - len(ids)} new tokens")
+                                 f"compiled context of {max_seq_len} tokens; ask for at most {room} new "
+                                 f"token{'s' if room != 1 else ''}")
 
 
 def pick_drafter(gen, name: str | None) -> Drafter:
