@@ -154,6 +154,24 @@ def test_disk_tier_within_its_byte_budget(tmp_path):
     assert len(fresh.lookup(np.array([3] * 5), 5, ["target"])) == 1
 
 
+def test_a_full_disk_tier_scans_its_folder_once_per_tenth_of_its_budget(tmp_path, monkeypatch):
+    """Past its budget the disk tier deletes down to EVICT_TO of it: every eviction scans the whole cache dir, so
+    a tier kept exactly at its budget would scan it again at every block it writes after."""
+    from speccompile.runtime import context_disk
+    store(unit_cache(cache_dir=str(tmp_path)), [1] * 4)
+    (folder,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    size = next(f for f in folder.iterdir() if f.suffix == ".npz").stat().st_size
+    c = unit_cache(cache_dir=str(tmp_path), disk_bytes=40 * size)
+    scans = []
+    blocks = context_disk.DiskTier._blocks
+    monkeypatch.setattr(context_disk.DiskTier, "_blocks", lambda self: scans.append(1) or blocks(self))
+    for i in range(2, 122):
+        store(c, [i] * 4)
+        assert c.disk.nbytes <= c.disk.max_bytes
+    assert 8 <= len(scans) <= 24  # 80 blocks past the budget, a scan per 4 of them (not one per block)
+    assert len(list(folder.glob("*.npz"))) <= 40
+
+
 def test_disk_budget_spans_every_bundle_in_the_cache_dir(tmp_path):
     """A rebuilt bundle is a new identity with a folder of its own: the byte budget bounds the whole cache dir, the
     old identity's least recently used blocks going first, and nothing but the cache's own block files is deleted

@@ -23,6 +23,9 @@ DISK_VERSION = 1
 STALE_TEMPORARY_S = 3600.0  # a temporary block file this old was left by a killed process
 BLOCK_NAME = re.compile(r"[0-9a-f]{64}\.npz")  # a block file: its key (a sha256 in hex)
 NPY_HEADER_BYTES = 4096  # an .npy member's header, beyond its array's own bytes (a disk block's size check)
+# past its budget the disk tier deletes down to this share of it: each eviction scans every block file of the
+# cache dir, so evicting to the budget exactly would scan it again at every block written after
+EVICT_TO = 0.9
 
 Arrays = dict[str, np.ndarray]
 
@@ -125,8 +128,10 @@ class DiskTier:
     def _evict(self) -> None:
         blocks = self._blocks()
         self.nbytes = sum(size for _, size, _ in blocks)  # with what other processes wrote meanwhile
+        if self.nbytes <= self.max_bytes:
+            return
         for _, size, path in blocks:
-            if self.nbytes <= self.max_bytes:
+            if self.nbytes <= self.max_bytes * EVICT_TO:
                 break
             try:
                 os.unlink(path)
