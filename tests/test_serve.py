@@ -868,3 +868,22 @@ def test_a_server_keeps_its_context_cache_in_cache_dir_across_restarts(bundle, t
     assert load_state(bundle, ServeOptions(threads=1, context_cache=False)).gen.context_cache is None
     out = CliRunner().invoke(main, ["serve", bundle, "--no-context-cache", "--cache-bytes", "10"])
     assert out.exit_code == 2 and "drop --cache-bytes" in out.output
+
+
+def test_the_shutdown_timeout_counts_from_when_the_drain_began(state):
+    """SIGTERM starts uvicorn's drain (admitting stops), and the app's own wait for its workers comes after it: that
+    wait gets what is left of the timeout, not a whole timeout again (a stop took up to twice the timeout)."""
+    from speccompile.serve.metrics import Metrics
+    from speccompile.serve.runner import Runner
+
+    class StuckJob:  # a worker that never lets go
+        def cancel(self):
+            pass
+    runner = Runner(state.gen, Metrics("tiny-serve"), max_queue=2)
+    runner.stop_admitting()
+    runner.stopped_at -= 30.0  # the drain took 30 of the 31 s
+    runner._jobs.add(StuckJob())
+    t0 = time.monotonic()
+    assert runner.shutdown(31.0) is False
+    assert time.monotonic() - t0 < 10.0  # the 1 s left, not 31 more
+    runner._jobs.clear()

@@ -21,6 +21,7 @@ from speccompile.serve.metrics import Metrics
 
 log = logging.getLogger("speccompile.serve")
 RETRY_AFTER_S = 1
+CANCELLED_LET_GO_S = 1.0  # a cancelled request's worker lets go at the end of its pass under way
 
 
 @dataclasses.dataclass
@@ -72,6 +73,7 @@ class Runner:
         self._jobs: set[Job] = set()
         self._idle = threading.Condition(self._lock)
         self.accepting = True
+        self.stopped_at = 0.0  # time.monotonic() when admitting stopped
 
     @property
     def in_flight(self) -> int:
@@ -143,15 +145,19 @@ class Runner:
     def stop_admitting(self) -> None:
         """Refuse new requests (503) from now on; those in flight go on."""
         with self._lock:
+            if self.accepting:
+                self.stopped_at = time.monotonic()
             self.accepting = False
 
     def shutdown(self, timeout_s: float) -> bool:
-        """Stop admitting, cancel what is still running, and wait up to timeout_s for the workers to let go;
-        returns whether they all did."""
+        """Stop admitting, cancel what is still running, and wait for the workers to let go until timeout_s after
+        admitting stopped (the server's drain, which began then, spent its part of it), or CANCELLED_LET_GO_S
+        after the cancel where the drain spent it all; returns whether they all did."""
         self.stop_admitting()
         with self._lock:
             for job in self._jobs:
                 job.cancel()
-            done = self._idle.wait_for(lambda: not self._jobs, timeout_s)
+            left = max(timeout_s - (time.monotonic() - self.stopped_at), min(timeout_s, CANCELLED_LET_GO_S))
+            done = self._idle.wait_for(lambda: not self._jobs, left)
         self._pool.shutdown(wait=done, cancel_futures=True)
         return done
