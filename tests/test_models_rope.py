@@ -78,6 +78,26 @@ def test_rope_tables_match_transformers(params):
     assert np.abs(ours_sin - sin[0, :, :8].numpy()).max() < 2e-5
 
 
+@pytest.mark.parametrize("params", [dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0),
+                                    dict(rope_type="yarn", factor=4.0)])
+@pytest.mark.parametrize("spelling", ["rope_parameters", "rope_scaling"])
+def test_original_context_left_out_is_max_position_embeddings(params, spelling):
+    """llama3 or YaRN parameters without original_max_position_embeddings: transformers takes the model's
+    max_position_embeddings for it, and so does the table."""
+    def hf():  # transformers' config fills the dict it is given in: each reader gets its own
+        rope = dict(params, rope_theta=10000.0)
+        return dict(hidden_size=64, num_attention_heads=4, head_dim=16, max_position_embeddings=256,
+                    **({"rope_parameters": rope} if spelling == "rope_parameters" else
+                       {"rope_scaling": rope, "rope_theta": rope.pop("rope_theta")}))
+    rotary = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(transformers.LlamaConfig(**hf()))
+    cos, sin = rotary(torch.zeros(1, 300, 16), torch.arange(300)[None])
+    p = rope_parameters(hf())
+    assert p["original_max_position_embeddings"] == 256
+    ours_cos, ours_sin = rope_tables(p, 16, 300, 256)
+    assert np.abs(ours_cos[:300] - cos[0, :, :8].numpy()).max() < 2e-5
+    assert np.abs(ours_sin[:300] - sin[0, :, :8].numpy()).max() < 2e-5
+
+
 def test_longrope_beyond_its_original_context_is_refused(tmp_path):
     ck = str(tmp_path / "ck")
     write_checkpoint("llama-linear", ck)

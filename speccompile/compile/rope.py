@@ -24,6 +24,7 @@ _PARAMS = {
              ("factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")),
     "longrope": (("original_max_position_embeddings", "short_factor", "long_factor"), ("factor", "attention_factor")),
 }
+_CONTEXT_SCALED = ("llama3", "yarn", "longrope")  # the types whose parameters name the original context
 ALIASES = {"su": "longrope"}  # early Phi-3-128k configs' name for longrope
 REFUSED_WHY = {"dynamic": "its frequencies change with the sequence length (dynamic NTK), so no static table holds"}
 
@@ -33,8 +34,9 @@ def rope_parameters(hf: dict[str, Any], layer_type: str | None = None, theta_key
     """One layer type's RoPE parameters, normalised to {"rope_type", "rope_theta", ...}, from the hub's spelling
     (`rope_scaling` with "type" or "rope_type", beside `rope_theta`) or the newer `rope_parameters` (flat, or one
     entry per layer type as Gemma 3 writes it). `original_max_position_embeddings` may sit at the top level
-    (Phi-3). theta_key: where the hub spelling keeps this layer type's base (Gemma 3's local layers:
-    rope_local_base_freq); scaled=False: the hub's rope_scaling does not apply to this layer type."""
+    (Phi-3), or be left out: then it is max_position_embeddings, as transformers reads it. theta_key: where the
+    hub spelling keeps this layer type's base (Gemma 3's local layers: rope_local_base_freq); scaled=False: the
+    hub's rope_scaling does not apply to this layer type."""
     new, old = hf.get("rope_parameters"), hf.get("rope_scaling")
     for key, value in (("rope_parameters", new), ("rope_scaling", old)):
         if value is not None and not isinstance(value, dict):
@@ -52,8 +54,11 @@ def rope_parameters(hf: dict[str, Any], layer_type: str | None = None, theta_key
     rope_type = p.pop("rope_type", None) or p.pop("type", None) or "default"
     rope_type = ALIASES.get(rope_type, rope_type) if isinstance(rope_type, str) else rope_type
     p["rope_theta"] = default_theta if theta is None else theta
-    if p.get("original_max_position_embeddings") is None and hf.get("original_max_position_embeddings") is not None:
-        p["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+    if p.get("original_max_position_embeddings") is None:
+        # transformers' fallback where neither spot gives it: the model's own context, for the types that scale it
+        top = hf.get("original_max_position_embeddings")
+        p["original_max_position_embeddings"] = top if top is not None else (
+            hf.get("max_position_embeddings") if rope_type in _CONTEXT_SCALED else None)
     return _checked(rope_type, p)
 
 
