@@ -604,3 +604,15 @@ def test_a_draft_head_graph_onnxruntime_cannot_load_is_a_bundle_error(tmp_path):
     bad.write_bytes(b"\x08\x07not a model")
     with pytest.raises(BundleError, match="cannot load medusa.onnx"):
         open_session(str(bad), session_options(1), ["CPUExecutionProvider"])
+
+
+def test_tokenizer_checked_before_the_weights_are_read(hf_dir, tmp_path):
+    """A directory with a sentencepiece tokenizer.model and no tokenizer.json fails at once, saying so, without
+    reading (possibly hundreds of GB of) weights first."""
+    os.remove(hf_dir / "tokenizer.json")
+    (hf_dir / "tokenizer.model").write_bytes(b"\n\x05hello")
+    said = []
+    with pytest.raises(CheckpointError, match="no tokenizer.json.*tokenizer.model alone is not read"):
+        load_checkpoint(str(hf_dir), progress=said.append)
+    assert not [s for s in said if "loading weights" in s]
+    assert_cli_error(cli("build", hf_dir, "--out", tmp_path / "out"), "tokenizer.json", "tokenizer.model")

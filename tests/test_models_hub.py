@@ -85,3 +85,24 @@ def test_only_the_indexed_weight_files_are_read(tmp_path):
     assert (ck / "consolidated.safetensors").exists() and not (ck / "model.safetensors.index.json").exists()
     alone = load_hf_dir(str(ck), progress=quiet)
     assert set(alone.tensors) == set(single.tensors) and alone.source["sha256"] == single.source["sha256"]
+
+
+def test_model_safetensors_is_read_alone(tmp_path):
+    """transformers reads model.safetensors alone where there is one: another safetensors file beside it (an
+    optimizer's state, a copy in another precision) is not the model's and changes nothing. Without
+    model.safetensors or an index, a tensor in two files is one error line, never the later file's copy."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from speccompile.compile.sources import load_hf_dir
+    ck = tmp_path / "ck"
+    write_checkpoint("llama3", str(ck))
+    alone = load_hf_dir(str(ck), progress=quiet)
+    save_file({k: np.full_like(v, 0.5) for k, v in load_file(str(ck / "model.safetensors")).items()},
+              str(ck / "optimizer.safetensors"))
+    beside = load_hf_dir(str(ck), progress=quiet)
+    assert beside.source["sha256"] == alone.source["sha256"] and set(beside.tensors) == set(alone.tensors)
+    assert all(np.array_equal(beside.tensors[k], v) for k, v in alone.tensors.items())
+    os.rename(ck / "model.safetensors", ck / "weights.safetensors")
+    assert_cli_error(cli("build", ck, "--out", tmp_path / "b"), "weights.safetensors", "in an earlier weight file")
+    assert not (tmp_path / "b").exists()

@@ -28,6 +28,7 @@ from speccompile.errors import CheckpointError, ConfigError, UnsupportedModelErr
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+SLOW_TOKENIZER_FILES = ("tokenizer.model", "vocab.json")  # sentencepiece, or BPE with merges.txt: no tokenizers file
 
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:
@@ -48,14 +49,18 @@ def sha256_path(path: str) -> str:
     return h.hexdigest()
 
 
-INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 
 
 def weight_files(directory: str) -> list[str]:
-    """The safetensors files holding a Hugging Face directory's weights: those its model.safetensors.index.json
-    maps tensors to where it has one, else every *.safetensors but consolidated*.safetensors (Mistral's repos ship
-    their own-format copy of the same weights beside the Hugging Face files: read, it would double the memory)."""
-    index = os.path.join(directory, INDEX_FILE)
+    """The safetensors files holding a Hugging Face directory's weights, in transformers' order: model.safetensors
+    alone where there is one (other safetensors beside it, an optimizer's or an adapter's, are not the model's),
+    else those its model.safetensors.index.json maps tensors to, else every *.safetensors but
+    consolidated*.safetensors (Mistral's repos ship their own-format copy of the same weights beside the Hugging
+    Face files: read, it would double the memory)."""
+    single, index = os.path.join(directory, SINGLE_FILE), os.path.join(directory, INDEX_FILE)
+    if os.path.isfile(single):
+        return [single]
     if not os.path.isfile(index):
         return sorted(f for f in glob.glob(os.path.join(directory, "*.safetensors"))
                       if not os.path.basename(f).startswith("consolidated"))
@@ -174,7 +179,10 @@ def _read_tokenizer_files(directory: str) -> dict[str, bytes]:
             with open(p, "rb") as f:
                 files[name] = f.read()
     if "tokenizer.json" not in files:
-        raise CheckpointError(f"{directory}: no tokenizer.json (a fast tokenizer file is required)")
+        slow = [n for n in SLOW_TOKENIZER_FILES if os.path.isfile(os.path.join(directory, n))]
+        hint = (f"; {slow[0]} alone is not read: load and save the tokenizer with transformers to write one"
+                if slow else "")
+        raise CheckpointError(f"{directory}: no tokenizer.json (a fast tokenizer file is required{hint})")
     try:  # what the runtime and the fingerprint will read of them, read now: a bad file fails the load pass
         Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
         tokenizer_fingerprint(files)
@@ -196,6 +204,7 @@ def load_hf_dir(path: str, progress=print) -> Checkpoint:
     except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, nesting too deep
         raise CheckpointError(f"{cfg_path}: corrupt config.json ({type(e).__name__}: {str(e)[:120]})") from None
     config = with_generation_eos(ModelConfig.from_hf(hf), path)
+    tokenizer = _read_tokenizer_files(path)  # before the weights: a bad tokenizer fails without reading them
     files = weight_files(path)
     if not files:
         pickled = glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt"))
@@ -210,14 +219,25 @@ def load_hf_dir(path: str, progress=print) -> Checkpoint:
         progress(f"loading weights {i + 1}/{len(files)}: {os.path.basename(fpath)}")
         h.update(sha256_file(fpath).encode())
         # a multimodal checkpoint's text model only (families.WRAPPED), renamed as the text model's own
-        tensors |= {text_tensor_name(hf, k): v for k, v in
-                    read_safetensors(fpath, keep=lambda k: text_tensor_name(hf, k) is not None).items()}
+        read = {text_tensor_name(hf, k): v for k, v in
+                read_safetensors(fpath, keep=lambda k: text_tensor_name(hf, k) is not None).items()}
+        refuse_duplicates(tensors, read, fpath)
+        tensors |= read
         fp8 |= {text_tensor_name(hf, k) for k in fp8_tensor_names(fpath)}
     if fp8:
         progress(f"dequantizing {len(fp8)} FP8 tensors (block scales)")
         apply_block_scales(tensors, fp8 - {None}, fp8_block_size(hf))
-    return Checkpoint(config, tensors, _read_tokenizer_files(path), {"kind": "hf", "path": os.path.abspath(path),
-                                                                      "sha256": h.hexdigest()})
+    return Checkpoint(config, tensors, tokenizer, {"kind": "hf", "path": os.path.abspath(path),
+                                                   "sha256": h.hexdigest()})
+
+
+def refuse_duplicates(tensors: dict[str, np.ndarray], read: dict[str, np.ndarray], fpath: str) -> None:
+    """Two weight files holding one tensor (copies of the model, or another model's file left beside it) leave
+    no way to tell which is the model's: the second would silently replace the first."""
+    twice = next((k for k in read if k in tensors), None)
+    if twice is not None:
+        raise CheckpointError(f"{fpath}: tensor {twice!r} is in an earlier weight file too; leave one copy of the "
+                              f"model's weights in {os.path.dirname(fpath)} (or add a {INDEX_FILE})")
 
 
 def with_generation_eos(config: ModelConfig, directory: str) -> ModelConfig:
