@@ -253,13 +253,14 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_llama_gguf(path, qtypes=(Q.Q8_0, Q.Q4_1, Q.Q4_0), **metadata):
+def write_tiny_llama_gguf(path, qtypes=(Q.Q8_0, Q.Q4_1, Q.Q4_0), split_max_tensors=0, **metadata):
     """The tiny:llama preset as llama.cpp would convert it: q/k rows permuted, matrices quantized in turn with
-    `qtypes`, a byte-level vocabulary without merges; metadata: more keys, by GGUFWriter's add_<key> method."""
+    `qtypes`, a byte-level vocabulary without merges; metadata: more keys, by GGUFWriter's add_<key> method.
+    split_max_tensors: split into shards of that many tensors, as gguf-split does (path-0000i-of-0000n.gguf)."""
     from speccompile.compile.presets import tiny_checkpoint
     ckpt = tiny_checkpoint("llama")
     cfg = ckpt.config
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), "llama", split_max_tensors=split_max_tensors)
     w.add_name("tiny llama")
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -313,6 +314,33 @@ def test_tiny_gguf_matches_transformers(tmp_path):
         assert np.array_equal(ours.tensors[k].view(np.uint32), v.view(np.uint32)), k
         source = ckpt.tensors.get(k, ckpt.tensors["model.embed_tokens.weight"])  # lm_head: tied
         assert np.abs(ours.tensors[k] - source).max() <= 0.15 * np.abs(source).max(), k  # unpermuted, not scrambled
+
+
+def test_split_gguf_reads_every_shard(tmp_path):
+    """A split GGUF (gguf-split's shards) is read from its first shard as llama.cpp reads it: the same config and
+    tensors as the whole file, every shard hashed; a later shard, a missing one or a shard renamed is one error
+    saying which (the first shard alone was read as the model, and failed later on a missing tensor)."""
+    write_tiny_llama_gguf(tmp_path / "whole.gguf")
+    write_tiny_llama_gguf(tmp_path / "m.gguf", split_max_tensors=20)
+    whole = load_checkpoint(str(tmp_path / "whole.gguf"), progress=lambda *_: None)
+    split = load_checkpoint(str(tmp_path / "m-00001-of-00002.gguf"), progress=lambda *_: None)
+    assert split.config == whole.config and set(split.tensors) == set(whole.tensors)
+    for k, v in whole.tensors.items():
+        assert np.array_equal(split.tensors[k], v), k
+    digest = split.source["sha256"]
+    with open(tmp_path / "m-00002-of-00002.gguf", "ab") as f:
+        f.write(b"\0")  # the second shard changed: another source
+    assert load_checkpoint(str(tmp_path / "m-00001-of-00002.gguf"), progress=lambda *_: None).source["sha256"] != digest
+    with pytest.raises(CheckpointError, match=r"shard 2 of a split GGUF; build from its first shard, "
+                                              r"m-00001-of-00002\.gguf"):
+        load_checkpoint(str(tmp_path / "m-00002-of-00002.gguf"))
+    os.rename(tmp_path / "m-00001-of-00002.gguf", tmp_path / "first.gguf")
+    with pytest.raises(CheckpointError, match=r"first\.gguf: its split\.\* keys make it shard 1 of 2"):
+        load_checkpoint(str(tmp_path / "first.gguf"))
+    os.rename(tmp_path / "first.gguf", tmp_path / "m-00001-of-00002.gguf")
+    os.remove(tmp_path / "m-00002-of-00002.gguf")
+    with pytest.raises(CheckpointError, match=r"shard m-00002-of-00002\.gguf of this split GGUF is missing"):
+        load_checkpoint(str(tmp_path / "m-00001-of-00002.gguf"))
 
 
 def test_gguf_errors_name_the_file(tmp_path):

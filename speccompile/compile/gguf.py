@@ -7,6 +7,8 @@ modeling_gguf_pytorch_utils.py), so a GGUF compiles to the same bundle either wa
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 
 import gguf
 import numpy as np
@@ -80,6 +82,28 @@ def open_gguf(path: str) -> gguf.GGUFReader:
         return gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError/IndexError/... on truncated or corrupt files
         raise CheckpointError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
+
+
+# llama.cpp's gguf-split names: shard i of n is PREFIX-0000i-of-0000n.gguf, and llama.cpp loads a split model
+# from its first shard, finding the others by that name
+SHARD_NAME = re.compile(r"(.*)-(\d{5})-of-(\d{5})\.gguf")
+
+
+def split_shards(path: str) -> list[str]:
+    """The files of the GGUF model `path` names: every shard of a split model (named as llama.cpp's gguf-split
+    names them, `path` the first), else `path` alone. read_gguf checks the shards' own split.* keys agree."""
+    named = SHARD_NAME.fullmatch(os.path.basename(path))
+    if named is None or int(named[3]) < 2:
+        return [path]
+    prefix, count = os.path.join(os.path.dirname(path), named[1]), int(named[3])
+    if int(named[2]) != 1:
+        raise CheckpointError(f"{path}: shard {int(named[2])} of a split GGUF; build from its first shard, "
+                              f"{os.path.basename(prefix)}-00001-of-{count:05d}.gguf")
+    shards = [f"{prefix}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if missing:
+        raise CheckpointError(f"{path}: shard {os.path.basename(missing[0])} of this split GGUF is missing")
+    return shards
 
 
 def read_metadata(reader: gguf.GGUFReader) -> dict:
@@ -163,10 +187,10 @@ def unpermute_rope_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
     return w.swapaxes(2, 1).reshape(rows.shape)
 
 
-def read_tensors(reader: gguf.GGUFReader, cfg: ModelConfig) -> dict[str, GGUFTensor]:
-    """Every tensor as stored, under its Hugging Face name, q/k rows back in Hugging Face order."""
+def read_tensors(readers: list[gguf.GGUFReader], cfg: ModelConfig) -> dict[str, GGUFTensor]:
+    """Every tensor of the shards as stored, under its Hugging Face name, q/k rows back in Hugging Face order."""
     out = {}
-    for t in reader.tensors:
+    for t in (t for reader in readers for t in reader.tensors):
         name = hf_tensor_name(t.name)
         if name is None:
             if t.name == "rope_freqs.weight":
@@ -190,18 +214,35 @@ def dequantized_tensors(tensors: dict[str, GGUFTensor], cfg: ModelConfig) -> dic
     return out
 
 
+def open_shards(path: str) -> list[gguf.GGUFReader]:
+    """A reader of each file of the GGUF model `path` (split_shards), each checked to be the shard its name
+    says, as llama.cpp checks them."""
+    shards = split_shards(path)
+    readers = [open_gguf(shard) for shard in shards]
+    for i, (shard, reader) in enumerate(zip(shards, readers)):
+        split = [reader.fields[k].contents() if k in reader.fields else d for k, d in (("split.no", 0),
+                                                                                       ("split.count", 1))]
+        if split != [i, len(shards)]:
+            raise CheckpointError(f"{shard}: its split.* keys make it shard {split[0] + 1} of {split[1]}, its name "
+                                  f"shard {i + 1} of {len(shards)} (a split GGUF is read from its first shard, the "
+                                  "others found by gguf-split's names, PREFIX-00001-of-0000N.gguf)")
+    return readers
+
+
 def read_gguf(path: str) -> tuple[ModelConfig, dict[str, GGUFTensor], dict[str, bytes]]:
-    """(config, tensors as stored, tokenizer files) of a GGUF file; every failure names the file."""
-    reader = open_gguf(path)
-    meta = read_metadata(reader)
+    """(config, tensors as stored, tokenizer files) of a GGUF file, or of a split one from its first shard; every
+    failure names the file."""
+    readers = open_shards(path)
+    meta = read_metadata(readers[0])
     if "general.architecture" not in meta:
         raise CheckpointError(f"{path}: GGUF without general.architecture (truncated, or not a model file)")
     try:
-        config = ModelConfig.from_hf(hf_config(meta, {t.name for t in reader.tensors}))
+        names = {t.name for reader in readers for t in reader.tensors}
+        config = ModelConfig.from_hf(hf_config(meta, names))
         try:
             tokenizer = tokenizer_files(meta)
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # missing or of the wrong kind
             raise CheckpointError(f"bad tokenizer metadata ({type(e).__name__}: {e})") from None
-        return config, read_tensors(reader, config), tokenizer
+        return config, read_tensors(readers, config), tokenizer
     except (UnsupportedModelError, CheckpointError) as e:  # ConfigError too: each names the file
         raise type(e)(f"{path}: {e}") from None

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 
 from speccompile.compile.checkpoint import Checkpoint, tokenizer_fingerprint
 from speccompile.compile.config import SUPPORTED_ARCHITECTURES, ModelConfig
-from speccompile.compile.gguf import dequantized_tensors, read_gguf
+from speccompile.compile.gguf import dequantized_tensors, read_gguf, split_shards
 from speccompile.compile.families import text_tensor_name
 from speccompile.compile.fp8 import apply_block_scales, e4m3_to_float32, fp8_block_size
 from speccompile.compile.hub_cache import looks_like_hub_id, resolve_hub_id
@@ -43,8 +43,12 @@ def sha256_path(path: str) -> str:
     """A file's sha256, or for a directory the sha256 of its weight files' hashes."""
     if not os.path.isdir(path):
         return sha256_file(path)
+    return sha256_of_hashes(weight_files(path))
+
+
+def sha256_of_hashes(paths: list[str]) -> str:
     h = hashlib.sha256()
-    for f in weight_files(path):
+    for f in paths:
         h.update(sha256_file(f).encode())
     return h.hexdigest()
 
@@ -268,10 +272,12 @@ def with_generation_eos(config: ModelConfig, directory: str) -> ModelConfig:
 
 
 def load_gguf(path: str, progress=print) -> Checkpoint:
-    """A GGUF file, dequantized to float32 with the gguf package (no torch)."""
+    """A GGUF file (or a split one, from its first shard), dequantized to float32 with the gguf package (no
+    torch)."""
     config, stored, tokenizer = read_gguf(path)
     progress(f"hashing {os.path.basename(path)}")
-    digest = sha256_file(path)
+    shards = split_shards(path)
+    digest = sha256_file(path) if len(shards) == 1 else sha256_of_hashes(shards)
     progress(f"dequantizing {os.path.basename(path)} ({config.model_type})")
     try:
         tensors = dequantized_tensors(stored, config)
