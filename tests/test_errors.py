@@ -488,6 +488,8 @@ def test_full_disk_keeps_the_old_bundle(bundle_copy, monkeypatch):
     (dict(hidden_act=["silu"]), ["activation", "['silu']"]),
     (dict(quantization_config={"quant_method": "bitsandbytes", "load_in_8bit": True}),
      ["quant_method", "bitsandbytes"]),
+    (dict(quantization_config={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}),  # written before quant_method
+     ["quant_method", "bitsandbytes"]),
 ])
 def test_bad_config_values(hf_dir, tmp_path, change, words):
     cfg = json.loads((hf_dir / "config.json").read_text())

@@ -78,6 +78,8 @@ def _check_quantization(hf: dict[str, Any]) -> None:
     if quant is None:
         return
     method = quant.get("quant_method") if isinstance(quant, dict) else quant
+    if isinstance(quant, dict) and (quant.get("load_in_4bit") or quant.get("load_in_8bit")):
+        method = "bitsandbytes"  # how transformers reads it: bitsandbytes configs predate quant_method
     if method not in FLOAT_QUANT_METHODS:
         raise UnsupportedModelError(f"unsupported: quantization_config.quant_method = {method!r:.40} (only fp8 "
                                     "checkpoints are read; use the model's float original or a GGUF)")
