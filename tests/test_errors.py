@@ -546,6 +546,34 @@ def test_fp8_vector_with_block_scales(hf_dir, tmp_path):
     assert_cli_error(cli("build", hf_dir, "--out", tmp_path / "out"), "model.norm.weight", "(64,)", "matrices")
 
 
+def test_per_tensor_fp8_is_refused_naming_its_scale(hf_dir, tmp_path):
+    """AutoFP8's and llm-compressor's FP8 (a per-tensor or per-channel X.weight_scale, no block scales): one error
+    naming that layout and what to use instead (it said only that the block scales were missing)."""
+    import numpy as np
+    retype_tensor(hf_dir / "model.safetensors", "model.layers.0.mlp.up_proj.weight", "F8_E4M3", bytes(128 * 64),
+                  (128, 64), {"model.layers.0.mlp.up_proj.weight_scale": np.ones((), np.float32)})
+    assert_cli_error(cli("build", hf_dir, "--out", tmp_path / "out"), "model.layers.0.mlp.up_proj.weight_scale'",
+                     "per-tensor or per-channel FP8", "float original")
+
+
+def test_quantized_tensors_refused_before_any_weight_is_read(hf_dir, tmp_path, monkeypatch):
+    """A tensor that is no float weight, in the last of several files (a quantized checkpoint without a
+    quantization_config), is refused from the headers, before any file is hashed or read."""
+    from speccompile.compile import sources
+    for i in (1, 2):
+        shutil.copy(hf_dir / "model.safetensors", hf_dir / f"model-0000{i}-of-00002.safetensors")
+    (hf_dir / "model.safetensors").unlink()
+    retype_tensor(hf_dir / "model-00002-of-00002.safetensors", "model.layers.0.mlp.up_proj.qweight", "I32",
+                  bytes(8 * 128 * 4), (8, 128))
+
+    def no_hashing(path, *_):
+        raise AssertionError(f"{path} hashed")
+    monkeypatch.setattr(sources, "sha256_file", no_hashing)
+    with pytest.raises(CheckpointError, match=r"00002\.safetensors: tensor 'model\.layers\.0\.mlp\.up_proj\.qweight' "
+                                              r"is stored as I32"):
+        load_checkpoint(str(hf_dir), progress=quiet)
+
+
 @pytest.mark.parametrize("text, words", [
     ('{"eos_token_id": "2"}', ["eos_token_id", "'2'"]), ('{"eos_token_id": [2, true]}', ["eos_token_id", "True"]),
     ('{"eos_token_id": [[2]]}', ["eos_token_id"]), ('{"eos_token_id": 100000}', ["eos_token_id", "vocabulary"]),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from speccompile.errors import CheckpointError
+from speccompile.errors import CheckpointError, UnsupportedModelError
 
 SCALE_SUFFIX = "_scale_inv"  # X.weight_scale_inv scales X.weight
 
@@ -37,6 +37,19 @@ def fp8_block_size(hf: dict) -> tuple[int, int]:
         raise CheckpointError(f"config: quantization_config.weight_block_size {size!r:.40} must be two positive "
                               "integers")
     return int(size[0]), int(size[1])
+
+
+def check_block_scales(fp8_names: set[str], names: set[str]) -> None:
+    """Each FP8 tensor has its X_scale_inv among `names`; FP8 scaled otherwise (AutoFP8's and llm-compressor's
+    per-tensor or per-channel X_scale, a weight_scale beside X.weight) is refused, naming that layout."""
+    for name in sorted(fp8_names):
+        if name + SCALE_SUFFIX in names:
+            continue
+        if name.endswith(".weight") and name + "_scale" in names:
+            raise UnsupportedModelError(f"FP8 tensor {name!r} is scaled by {name + '_scale'!r}: per-tensor or "
+                                        "per-channel FP8 (AutoFP8, llm-compressor) is not read, only block-scaled FP8 "
+                                        "(weight_scale_inv); use the model's float original or a GGUF")
+        raise CheckpointError(f"FP8 tensor {name!r} has no {name + SCALE_SUFFIX!r}")
 
 
 def apply_block_scales(tensors: dict[str, np.ndarray], fp8_names: set[str], block: tuple[int, int] = (128, 128)):

@@ -20,7 +20,7 @@ from speccompile.compile.checkpoint import Checkpoint, tokenizer_fingerprint
 from speccompile.compile.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from speccompile.compile.gguf import dequantized_tensors, read_gguf, split_shards
 from speccompile.compile.families import text_tensor_name
-from speccompile.compile.fp8 import apply_block_scales, e4m3_to_float32, fp8_block_size
+from speccompile.compile.fp8 import apply_block_scales, check_block_scales, e4m3_to_float32, fp8_block_size
 from speccompile.compile.hub_cache import looks_like_hub_id, resolve_hub_id
 from speccompile.compile.presets import tiny_checkpoint
 from speccompile.errors import CheckpointError, ConfigError, UnsupportedModelError
@@ -134,10 +134,7 @@ def read_safetensors(fpath: str, keep=lambda name: True, ints: tuple[str, ...] =
         with safe_open(fpath, framework="numpy") as f:
             names = [k for k in f.keys() if keep(k)]
             dtypes = {k: f.get_slice(k).get_dtype() for k in names}
-            bad = next((k for k in names if k not in ints and dtypes[k] not in FLOAT_DTYPES), None)
-            if bad is not None:
-                raise CheckpointError(f"{fpath}: tensor {bad!r} is stored as {dtypes[bad]}; only float weights are "
-                                      f"read ({', '.join(FLOAT_DTYPES)}): use the model's float original")
+            refuse_non_float(fpath, {k: d for k, d in dtypes.items() if k not in ints})
             raw = {k for k in names if dtypes[k] in ("BF16", "F8_E4M3")}
             out = {k: f.get_tensor(k).astype(np.int64 if k in ints else np.float32) for k in names if k not in raw}
         return out | (read_raw_floats(fpath, raw) if raw else {})
@@ -147,6 +144,30 @@ def read_safetensors(fpath: str, keep=lambda name: True, ints: tuple[str, ...] =
         raise CheckpointError(f"weights not found: {fpath}") from None
     except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
         raise CheckpointError(f"{fpath}: corrupt or truncated safetensors file ({e})") from None
+
+
+def refuse_non_float(fpath: str, dtypes: dict[str, str]) -> None:
+    bad = next((k for k, dtype in dtypes.items() if dtype not in FLOAT_DTYPES), None)
+    if bad is not None:
+        raise CheckpointError(f"{fpath}: tensor {bad!r} is stored as {dtypes[bad]}; only float weights are "
+                              f"read ({', '.join(FLOAT_DTYPES)}): use the model's float original")
+
+
+def checked_dtypes(files: list[str], hf: dict) -> dict[str, str]:
+    """The dtype of each tensor of the text model, by its text model name, from the files' headers: a tensor that
+    is not a float weight, or an FP8 one without its block scales, is refused here, before a weight is hashed or
+    read (a quantized checkpoint of several GB otherwise fails only once read up to the offending tensor)."""
+    dtypes: dict[str, str] = {}
+    for fpath in files:
+        try:
+            with safe_open(fpath, framework="numpy") as f:
+                found = {k: f.get_slice(k).get_dtype() for k in f.keys() if text_tensor_name(hf, k) is not None}
+        except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
+            raise CheckpointError(f"{fpath}: corrupt or truncated safetensors file ({e})") from None
+        refuse_non_float(fpath, found)
+        dtypes |= {text_tensor_name(hf, k): dtype for k, dtype in found.items()}
+    check_block_scales({k for k, dtype in dtypes.items() if dtype == "F8_E4M3"}, set(dtypes))
+    return dtypes
 
 
 def fp8_tensor_names(fpath: str) -> set[str]:
@@ -216,8 +237,8 @@ def load_hf_dir(path: str, progress=print) -> Checkpoint:
             raise CheckpointError(f"{path}: only pickled weights ({os.path.basename(pickled[0])}); "
                                   "pickles are refused as unsafe, convert them to safetensors")
         raise CheckpointError(f"{path}: no *.safetensors weight files")
+    fp8 = {k for k, dtype in checked_dtypes(files, hf).items() if dtype == "F8_E4M3"}
     tensors: dict[str, np.ndarray] = {}
-    fp8: set[str] = set()
     h = hashlib.sha256()
     for i, fpath in enumerate(files):
         progress(f"loading weights {i + 1}/{len(files)}: {os.path.basename(fpath)}")
@@ -227,10 +248,9 @@ def load_hf_dir(path: str, progress=print) -> Checkpoint:
                 read_safetensors(fpath, keep=lambda k: text_tensor_name(hf, k) is not None).items()}
         refuse_duplicates(tensors, read, fpath)
         tensors |= read
-        fp8 |= {text_tensor_name(hf, k) for k in fp8_tensor_names(fpath)}
     if fp8:
         progress(f"dequantizing {len(fp8)} FP8 tensors (block scales)")
-        apply_block_scales(tensors, fp8 - {None}, fp8_block_size(hf))
+        apply_block_scales(tensors, fp8, fp8_block_size(hf))
     return Checkpoint(config, tensors, tokenizer, {"kind": "hf", "path": os.path.abspath(path),
                                                    "sha256": h.hexdigest()})
 
