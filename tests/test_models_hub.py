@@ -106,3 +106,16 @@ def test_model_safetensors_is_read_alone(tmp_path):
     os.rename(ck / "model.safetensors", ck / "weights.safetensors")
     assert_cli_error(cli("build", ck, "--out", tmp_path / "b"), "weights.safetensors", "in an earlier weight file")
     assert not (tmp_path / "b").exists()
+
+
+def test_gguf_repo_in_the_cache_names_its_files(tmp_path, monkeypatch):
+    """A GGUF repository (.gguf files, no config.json) in the cache: one error naming its files to build from,
+    not a download command for a model that is already there."""
+    from test_gguf import write_tiny_llama_gguf
+    (tmp_path / "repo").mkdir()
+    write_tiny_llama_gguf(tmp_path / "repo" / "tiny-Q8_0.gguf")
+    snapshot = fake_cache(str(tmp_path / "cache"), "tiny-org/Tiny-GGUF", tmp_path / "repo")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    assert_cli_error(cli("build", "tiny-org/Tiny-GGUF", "--out", tmp_path / "b"), "a GGUF repository",
+                     os.path.join(snapshot, "tiny-Q8_0.gguf"))

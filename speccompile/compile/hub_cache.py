@@ -43,8 +43,19 @@ def resolve_hub_id(repo_id: str, revision: str = "main") -> str:
         found = sorted(os.listdir(snapshots))  # no ref for the revision: a single snapshot is unambiguous
         snapshot = os.path.join(snapshots, found[0]) if len(found) == 1 else snapshot
     if not os.path.isfile(os.path.join(snapshot, "config.json")):
+        refuse_gguf_repo(repo_id, snapshot)
         raise CheckpointError(
             f"{repo_id}: no such path, and not in the local Hugging Face cache ({cache}); download it on a machine "
             f"with hub access with `hf download {repo_id} --include '*.json' '*.safetensors'` (or set HF_HOME / "
             "HF_HUB_CACHE to the cache that holds it)")
     return snapshot
+
+
+def refuse_gguf_repo(repo_id: str, snapshot: str) -> None:
+    """A GGUF repository (no config.json: one .gguf file per quantization) in the cache is built from one of its
+    files, not as a Hugging Face directory: the error names them, not a download that would not help."""
+    ggufs = sorted(f for f in os.listdir(snapshot) if f.endswith(".gguf")) if os.path.isdir(snapshot) else []
+    if ggufs:
+        shown = ", ".join(ggufs[:4]) + (f" (+{len(ggufs) - 4} more)" if len(ggufs) > 4 else "")
+        raise CheckpointError(f"{repo_id}: a GGUF repository in the local cache; build from one of its files, as "
+                              f"MODEL {os.path.join(snapshot, ggufs[0])}: {shown}")
