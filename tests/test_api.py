@@ -18,6 +18,7 @@ from speccompile.format.drafter_kinds import KINDS
 from speccompile.runtime.generator import Generator
 from speccompile.runtime import template_sandbox
 from speccompile.runtime.request import prompt_ids
+from speccompile.runtime.streams import drain
 from speccompile.runtime.text_stream import TextStream
 from speccompile.runtime.tokenizer import BundleTokenizer, ChatTemplateError, PrefixOffsetDecoder
 
@@ -210,6 +211,38 @@ def test_stop_string_cuts_text_and_token_ids(tiny_generator):
         assert res.text == text[:at] == "".join(c.text for c in chunks)
         kept = sum(1 for e in ends if e <= at)
         assert res.token_ids == ids[:kept] == [t for c in chunks for t in c.token_ids]
+
+
+def test_the_result_says_why_the_output_ended(tiny_generator, monkeypatch):
+    """finish_reason, as OpenAI and vLLM name it: "length" at max_new_tokens, "stop" at a stop string or an
+    end-of-sequence token (the last one allowed too), "cancelled" after cancel()."""
+    g, prompt = tiny_generator, [1, 5, 9]
+    full = g.generate(prompt, 24, chat=False)
+    assert full.finish_reason == "length" and len(full.token_ids) == 24
+    stop = full.text[len(g.tokenizer.decode(full.token_ids[:8])):][:2]
+    assert stop
+    cut = g.generate(prompt, 24, chat=False, stop=stop)
+    assert cut.finish_reason == "stop" and len(cut.token_ids) < 24
+    eos = full.token_ids[6]
+    monkeypatch.setattr(g.tokenizer, "eos_token_ids", frozenset({eos}))
+    first = full.token_ids.index(eos)
+    for max_new_tokens in (24, first + 1):
+        ended = g.generate(prompt, max_new_tokens, chat=False)
+        assert ended.token_ids == full.token_ids[:first + 1] and ended.finish_reason == "stop"
+    monkeypatch.undo()
+    stream = g.stream(prompt, 40, chat=False, speculate=False)
+    next(stream)
+    stream.cancel()
+    assert drain(stream).finish_reason == "cancelled"
+
+
+def test_options_it_does_not_take_are_refused_by_name(tiny_generator):
+    """transformers' and vLLM's keywords get a hint (a TypeError too, as Python's refusal of them was)."""
+    for kw, hint in ((dict(max_tokens=4), "'max_tokens' .use max_new_tokens"), (dict(do_sample=True), "temperature"),
+                     (dict(repetition_penalty=1.2), "not supported"), (dict(nonsense=1), "'nonsense'")):
+        with pytest.raises(SpeccompileError, match=hint) as refused:
+            tiny_generator.generate("hi", 4, **kw)
+        assert isinstance(refused.value, TypeError)
 
 
 def test_chat_renders_system_and_turns(tiny_generator):

@@ -16,6 +16,7 @@ from speccompile.cli import main
 from speccompile.compile.sources import load_checkpoint, save_hf_dir
 from speccompile.errors import SpeccompileError
 from speccompile.format.bundle import read_manifest
+from speccompile.runtime.sampling import SamplingParams
 
 
 # ---- places the cases point at -------------------------------------------------------------------------------
@@ -437,6 +438,13 @@ API = [
     ("chat unknown role", lambda g: g.chat([{"role": "wizard", "content": "hi"}], 4)),
     ("chat content not text", lambda g: g.chat([{"role": "user", "content": 5}], 4)),
     ("stream bad before the first chunk", lambda g: next(g.stream("hi", 4, temperature=-1.0))),
+    ("an option of another library", lambda g: g.generate("hi", max_tokens=4)),
+    ("an unknown option through chat", lambda g: g.chat([{"role": "user", "content": "hi"}], 4, do_sample=True)),
+    ("params beside a temperature", lambda g: g.generate("hi", 4, params=SamplingParams(), temperature=0.7)),
+    ("speculate a string", lambda g: g.generate("hi", 4, speculate="no")),
+    ("chat a string", lambda g: g.generate("hi", 4, chat="no")),
+    ("a drafter without speculation", lambda g: g.generate("hi", 4, speculate=False, drafter="lookup")),
+    ("a tree without speculation", lambda g: g.generate("hi", 4, speculate=False, tree="chain:3")),
 ]
 
 

@@ -37,6 +37,10 @@ def test_build_inspect_generate(tmp_path):
 def test_generate_streams_and_compares(tiny_bundle):
     out = run("generate", tiny_bundle, "Translate this sentence", "--max-new-tokens", 16, "--compare")
     assert "speedup" in out and "identical" in out
+    # the plain run beside it drafts nothing: the drafting options are the speculative run's alone
+    out = run("generate", tiny_bundle, "Translate this sentence", "--max-new-tokens", 8, "--compare", "--drafter",
+              "model", "--tree", "chain:3", "--temperature", 0.7, "--acceptance", "typical")
+    assert "speedup" in out
 
 
 def test_sampling_is_seeded(tiny_bundle):

@@ -167,11 +167,12 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, dr
     kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=tuple(map(unescape_stop, stop)),
                   chat=not no_chat, drafter=drafter, num_draft=num_draft, tree=tree, acceptance=acceptance)
     on_text = None if as_json else functools.partial(click.echo, nl=False)
+    plain = {**kwargs, "drafter": None, "num_draft": None, "tree": None, "acceptance": None}  # --compare's baseline
     if compare:  # warm both paths up (first runs allocate), so the two timings compare like with like
-        gen.generate(prompt, min(4, max_new_tokens), speculate=False, **kwargs)
+        gen.generate(prompt, min(4, max_new_tokens), speculate=False, **plain)
         gen.generate(prompt, min(4, max_new_tokens), speculate=not no_speculate, **kwargs)
     res = gen.generate(prompt, max_new_tokens, speculate=not no_speculate, on_text=on_text, **kwargs)
-    base = gen.generate(prompt, max_new_tokens, speculate=False, **kwargs) if compare else None
+    base = gen.generate(prompt, max_new_tokens, speculate=False, **plain) if compare else None
     if as_json:
         out = {"text": res.text, "token_ids": res.token_ids, "stats": res.stats}
         if base:

@@ -28,11 +28,11 @@ from speccompile.runtime.engine import Engine
 from speccompile.runtime.sessions import check_threads
 from speccompile.runtime.kv_cache import KVCache, batch_cache
 from speccompile.runtime.noise import GumbelNoise, runs_greedy, sampled_by_noise, takes_noise
-from speccompile.runtime.request import Request, build_request, check_messages, is_batch, own_loop
+from speccompile.runtime.request import Request, build_request, check_messages, is_batch, own_loop, sampling_params
 from speccompile.runtime.row_parity import match_rows
-from speccompile.runtime.sampling import PositionDraws, SamplingParams, acceptance_option
+from speccompile.runtime.sampling import PositionDraws, SamplingParams
 from speccompile.runtime.scheduler import Scheduler
-from speccompile.runtime.streams import GenerationResult, SubmittedStream, drain
+from speccompile.runtime.streams import GenerationResult, SubmittedStream, drain, finish_reason
 from speccompile.runtime.text_stream import Chunk, TextStream
 from speccompile.runtime.tokenizer import BundleTokenizer
 
@@ -280,19 +280,19 @@ class Generator:
 
     # ---- the API ---------------------------------------------------------------------------------------------
     def stream(self, prompt, max_new_tokens: int = 128, drafter: str | None = None, speculate: bool = True,
-               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-               stop: tuple[str, ...] | str = (), num_draft: int | None = None, tree: str | TreeSpec | None = None,
-               chat: bool = True, on_text: Callable[[str], None] | None = None,
-               params: SamplingParams | None = None, acceptance: str | None = None) -> Iterator[Chunk]:
+               temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+               seed: int | None = None, stop: tuple[str, ...] | str = (), num_draft: int | None = None,
+               tree: str | TreeSpec | None = None, chat: bool = True, on_text: Callable[[str], None] | None = None,
+               params: SamplingParams | None = None, acceptance: str | None = None, **unknown) -> Iterator[Chunk]:
         """Generate, yielding a Chunk per verify pass: the new text (held back while it could still become a stop
         string) and the token ids committed. The final GenerationResult is the StopIteration value (`generate`
-        just returns it). prompt: text (through the chat template unless chat=False) or token ids. `params`,
-        if given, replaces temperature / top_k / top_p / seed / acceptance ("exact", or "typical[:EPS[,ALPHA]]":
-        lossy, see SamplingParams). Stops at an end-of-sequence token, at
-        max_new_tokens, or where a stop string begins (text and token_ids both end before it)."""
-        params = params or SamplingParams(temperature, top_k, top_p, seed, **acceptance_option(acceptance))
-        request = build_request(self, prompt, max_new_tokens, params, drafter if speculate else None, speculate,
-                                stop, num_draft, tree, chat, on_text)
+        just returns it). prompt: text (through the chat template unless chat=False) or token ids. temperature (0:
+        greedy), top_k (0: off), top_p (1: off), seed, acceptance ("exact", or "typical[:EPS[,ALPHA]]": lossy, see
+        SamplingParams), or `params` in place of them all. Stops at an end-of-sequence token, at max_new_tokens,
+        or where a stop string begins (text and token_ids both end before it). Other keywords are refused."""
+        params = sampling_params(params, unknown, temperature, top_k, top_p, seed, acceptance)
+        request = build_request(self, prompt, max_new_tokens, params, drafter, speculate, stop, num_draft, tree, chat,
+                                on_text)
         if self.scheduler and not own_loop(request):  # submitted now: its passes start before the first read
             self._check_owner()  # this thread's own loop holds the scheduler: the request would wait for ever
             handle = self._submit(request)
@@ -344,7 +344,7 @@ class Generator:
         if passes is None:
             stats = req.new_stats()
             passes = self.steps(req.ids, req.max_new_tokens, req.drafter, req.k, req.params, stats, req.tree)
-        text, out, given, ttft = TextStream(self.tokenizer, req.stop), [], 0, None
+        text, out, given, ttft, done = TextStream(self.tokenizer, req.stop), [], 0, None, False
         for new in passes:
             ttft = ttft if ttft is not None else time.perf_counter() - t0
             done = self._take(new, out, text, req.max_new_tokens)
@@ -371,7 +371,8 @@ class Generator:
         weight_bytes = self.pass_bytes["screened" if runs_greedy(req.params, self.noise_ok) else "full"]
         result = stats.as_dict(len(out), total, ttft, weight_bytes, prefill_passes)
         result["acceptance"] = "typical (lossy)" if req.params.typical else "exact"
-        return GenerationResult(out, final, result)
+        reason = finish_reason(out, req.max_new_tokens, self.tokenizer.eos_token_ids, cancelled=not done)
+        return GenerationResult(out, final, result, reason)
 
     def _take(self, new: list[int], out: list[int], text: TextStream, max_new_tokens: int) -> bool:
         """Append a pass's tokens to `out` (and its text) up to an end-of-sequence token, max_new_tokens or a stop

@@ -12,9 +12,25 @@ from speccompile.format.trees import TreeSpec
 from speccompile.graphs import MAX_VERIFY_TOKENS
 from speccompile.runtime.acceptance import SpecDecodeStats
 from speccompile.runtime.drafters.base import Drafter
-from speccompile.runtime.sampling import SamplingParams
+from speccompile.runtime.sampling import SamplingParams, acceptance_option
 
 ROLES = ("system", "user", "assistant", "tool")
+_NOT_SUPPORTED = "not supported: sampling here is temperature, top_k, top_p and seed"
+_EOS = "stop (stop strings): the bundle's end-of-sequence tokens always end the output"
+# keywords that transformers' generate or vLLM take, and what to give here instead
+FAMILIAR_OPTIONS = {
+    "max_tokens": "use max_new_tokens", "max_length": "use max_new_tokens (it counts the new tokens alone)",
+    "do_sample": "use temperature: above 0 samples, 0 (the default) is greedy",
+    "stop_sequences": "use stop", "stop_strings": "use stop", "eos_token_id": f"use {_EOS}",
+    "stop_token_ids": f"use {_EOS}", "n": "pass a list of prompts, one result each",
+    "num_return_sequences": "pass a list of prompts, one result each", "sampling_params": "use params",
+    "repetition_penalty": _NOT_SUPPORTED, "presence_penalty": _NOT_SUPPORTED, "frequency_penalty": _NOT_SUPPORTED,
+    "min_p": _NOT_SUPPORTED, "logprobs": "not supported",
+}
+
+
+class UnknownOptionError(SpeccompileError, TypeError):
+    """A keyword generate, stream and chat do not take (a TypeError too, as Python's own refusal of it is)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +49,31 @@ class Request:
                                self.tree.to_dict() if self.tree else None, len(self.ids))
 
 
+def check_options(unknown: dict) -> None:
+    """Keywords stream() does not take, refused by name: with a hint where another library's name for an option
+    was given, so that a familiar option is never taken for one that works."""
+    if unknown:
+        named = [f"{n!r} ({FAMILIAR_OPTIONS[n]})" if n in FAMILIAR_OPTIONS else repr(n) for n in unknown]
+        raise UnknownOptionError(f"generate, stream and chat take no option {', '.join(named)}")
+
+
+def sampling_params(params: SamplingParams | None, unknown: dict, temperature, top_k, top_p, seed,
+                    acceptance) -> SamplingParams:
+    """stream()'s sampling: params, or the SamplingParams the keywords give (None: the default). Refused first:
+    keywords stream() does not take (unknown); then both at once, as params replaces the keywords, which would
+    be silently ignored."""
+    check_options(unknown)
+    given = {name: value for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
+                                             ("seed", seed), ("acceptance", acceptance)) if value is not None}
+    if params is not None and given:
+        raise SpeccompileError(f"params= replaces {', '.join(given)}: set {'it' if len(given) == 1 else 'them'} "
+                               "in the SamplingParams instead")
+    if params is not None:
+        return params
+    acceptance = acceptance_option(given.pop("acceptance", None))
+    return SamplingParams(**given, **acceptance)
+
+
 def own_loop(request: Request) -> bool:
     """Requests the scheduler's shared passes do not serve: typical acceptance (lossy; its rule runs on the host)."""
     return request.params.acceptance != "exact"
@@ -46,6 +87,7 @@ def build_request(gen, prompt, max_new_tokens, params: SamplingParams, drafter: 
         raise SpeccompileError(f"params: expected a SamplingParams, not {type(params).__name__}")
     if on_text is not None and not callable(on_text):
         raise SpeccompileError(f"on_text: expected a function of the new text, not {on_text!r}")
+    check_flags(speculate, chat, drafter, num_draft, tree, params)
     ids = prompt_ids(gen, prompt, chat)
     check_length(ids, max_new_tokens, gen.max_seq_len)
     # a bundle without drafters decodes plainly, but a drafter, tree or size asked of it is refused, not ignored
@@ -68,6 +110,18 @@ def build_request(gen, prompt, max_new_tokens, params: SamplingParams, drafter: 
     if tree is None and num_draft is None and dr is not None and gen.trees.get(dr.name):
         tree = gen.trees[dr.name]  # the default: the bundle's tree (num_draft asks for a chain of that many)
     return Request(ids, int(max_new_tokens), params, dr, k, tree, stop_strings(stop))
+
+
+def check_flags(speculate, chat, drafter, num_draft, tree, params: SamplingParams) -> None:
+    """speculate and chat are True or False (the string "no" would be true), and without speculation the options
+    of drafting are refused, not ignored."""
+    for name, flag in (("speculate", speculate), ("chat", chat)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise SpeccompileError(f"{name}: expected True or False, not {flag!r}")
+    drafting = [name for name, value in (("drafter", drafter), ("num_draft", num_draft), ("tree", tree))
+                if value is not None] + (["typical acceptance"] if params.typical else [])
+    if not speculate and drafting:
+        raise SpeccompileError(f"speculate=False drafts nothing: drop {', '.join(drafting)}")
 
 
 def check_depth(drafter: Drafter | None, num_draft: int | None, tree: TreeSpec | None) -> None:

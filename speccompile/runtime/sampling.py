@@ -40,8 +40,8 @@ class SamplingParams:
 
     def __post_init__(self):
         def bad(what: str):
-            raise SamplingParamsError(f"invalid sampling parameters: {what} (temperature={self.temperature!s:.24}, "
-                                      f"top_k={self.top_k}, top_p={self.top_p!s:.24}, seed={self.seed})")
+            raise SamplingParamsError(f"invalid sampling parameters: {what} (temperature={self.temperature!r:.24}, "
+                                      f"top_k={self.top_k!r}, top_p={self.top_p!r:.24}, seed={self.seed!r})")
         if not _real(self.temperature) or not 0.0 <= self.temperature <= MAX_TEMPERATURE:
             bad(f"temperature must be a number from 0 to {MAX_TEMPERATURE:g} (0 = greedy)")
         if self.temperature < GREEDY_BELOW:

@@ -9,6 +9,18 @@ class GenerationResult:
     token_ids: list[int]
     text: str
     stats: dict  # SpecDecodeStats.as_dict(): timing, passes, acceptance
+    # why the output ended, as OpenAI and vLLM name it: "stop" (an end-of-sequence token or a stop string),
+    # "length" (max_new_tokens reached), "cancelled" (SubmittedStream.cancel)
+    finish_reason: str = "stop"
+
+
+def finish_reason(token_ids: list[int], max_new_tokens: int, eos_token_ids, cancelled: bool) -> str:
+    """The finish reason of an output that ended with token_ids (cut at a stop string, which then drops the token
+    it completes, so a cut output is always short of max_new_tokens)."""
+    if cancelled:
+        return "cancelled"
+    ended = bool(token_ids) and token_ids[-1] in eos_token_ids
+    return "length" if len(token_ids) >= max_new_tokens and not ended else "stop"
 
 
 def drain(stream) -> GenerationResult:

@@ -101,7 +101,9 @@ class Runner:
                 try:
                     chunk = next(stream)
                 except StopIteration as stop:
-                    outcome = None if job.cancelled.is_set() else self._outcome(job, stop.value)
+                    result = stop.value
+                    outcome = None if job.cancelled.is_set() else Outcome(
+                        result.token_ids, result.text, result.stats, result.finish_reason)
                     break
                 if first_at is None:
                     first_at = time.perf_counter()
@@ -122,11 +124,6 @@ class Runner:
             if stream is not None:
                 stream.close()  # frees the Generator for the next request now, not when collected
             self._finish(job, outcome, error, first_at)
-
-    def _outcome(self, job: Job, result) -> Outcome:
-        ended = result.token_ids and result.token_ids[-1] in self.gen.tokenizer.eos_token_ids
-        full = len(result.token_ids) >= job.max_new_tokens and not ended
-        return Outcome(result.token_ids, result.text, result.stats, "length" if full else "stop")
 
     def _finish(self, job: Job, outcome: Outcome | None, error: Exception | None, first_at: float | None) -> None:
         (self.metrics.running if first_at is not None else self.metrics.waiting).dec()
