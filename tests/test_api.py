@@ -2,6 +2,7 @@
 from several threads, and chat templates that cannot leave jinja2's sandbox."""
 import hashlib
 import importlib
+import inspect
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from speccompile.format.bundle import read_manifest
 from speccompile.format.drafter_kinds import KINDS
 from speccompile.runtime.generator import Generator
 from speccompile.runtime import template_sandbox
-from speccompile.runtime.request import prompt_ids
+from speccompile.runtime.request import LOAD_OPTIONS, prompt_ids
 from speccompile.runtime.streams import drain
 from speccompile.runtime.text_stream import TextStream
 from speccompile.runtime.tokenizer import BundleTokenizer, ChatTemplateError, PrefixOffsetDecoder
@@ -299,7 +300,9 @@ BAD_CALLS = {  # bad Python-API input: each a SpeccompileError (docs/guarantees.
 }
 BAD_LOADS = {"cache_bytes -1": dict(cache_bytes=-1), "cache_bytes a string": dict(cache_bytes="1000"),
              "cache_bytes nan": dict(cache_bytes=float("nan")), "cache_bytes 1.5": dict(cache_bytes=1.5),
-             "cache_dir a file": dict(cache_dir=__file__), "cache_dir unwritable": dict(cache_dir="/proc/speccompile")}
+             "cache_dir a file": dict(cache_dir=__file__), "cache_dir unwritable": dict(cache_dir="/proc/speccompile"),
+             "transformers' device_map": dict(device_map="auto"), "an unknown option": dict(nonsense=1),
+             "context_cache a string": dict(context_cache="no")}
 
 
 @pytest.mark.parametrize("bad", BAD_CALLS.values(), ids=BAD_CALLS.keys())
@@ -314,6 +317,18 @@ def test_bad_api_input_is_one_speccompile_error(tiny_generator, bad):
 def test_bad_load_options_are_one_speccompile_error(tiny_bundle, bad):
     with pytest.raises(SpeccompileError):
         speccompile.load(tiny_bundle, threads=1, verify=False, **bad)
+
+
+def test_load_takes_a_folder_and_its_own_options(tiny_bundle):
+    with pytest.raises(SpeccompileError, match="folder"):
+        speccompile.load(None)
+    with pytest.raises(SpeccompileError, match="verify: expected True or False"):
+        speccompile.load(tiny_bundle, verify="no")
+    with pytest.raises(TypeError, match="'device_map' .use device"):  # a TypeError still, as Python's own was
+        speccompile.load(tiny_bundle, device_map="auto")
+    # the options load checks against are those Generator.load and the Generator take
+    taken = {*inspect.signature(Generator.load).parameters, *inspect.signature(Generator.__init__).parameters}
+    assert set(LOAD_OPTIONS) == taken - {"cls", "self", "bundle_dir", "manifest", "cache"}
 
 
 def test_a_fractional_temperature_samples_as_its_float(tiny_generator):

@@ -1,9 +1,11 @@
 """A request checked at the edge: prompt, sampling settings, drafter and limits, each refused with a clear
-SpeccompileError before anything runs (a NaN temperature or a wrapped-around token id would decode garbage)."""
+SpeccompileError before anything runs (a NaN temperature or a wrapped-around token id would decode garbage); and
+speccompile.load's options."""
 from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 
 import numpy as np
 
@@ -29,8 +31,18 @@ FAMILIAR_OPTIONS = {
 }
 
 
+# speccompile.load's options (Generator.load's and the context cache's), and what transformers' and vLLM's mean here
+LOAD_OPTIONS = ("threads", "device", "verify", "context_cache", "cache_bytes", "cache_dir")
+_FIXED_AT_BUILD = "fixed when the bundle is built (speccompile build --dtype, --max-seq-len, --max-batch)"
+FAMILIAR_LOAD_OPTIONS = {
+    "device_map": "use device: 'cpu', 'cuda' or 'tensorrt'", "torch_dtype": _FIXED_AT_BUILD, "dtype": _FIXED_AT_BUILD,
+    "max_model_len": _FIXED_AT_BUILD, "max_num_seqs": _FIXED_AT_BUILD,
+    "trust_remote_code": "a bundle runs no code of its own: drop it", "num_threads": "use threads",
+}
+
+
 class UnknownOptionError(SpeccompileError, TypeError):
-    """A keyword generate, stream and chat do not take (a TypeError too, as Python's own refusal of it is)."""
+    """A keyword the call does not take (a TypeError too, as Python's own refusal of it is)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,12 +61,23 @@ class Request:
                                self.tree.to_dict() if self.tree else None, len(self.ids))
 
 
-def check_options(unknown: dict) -> None:
-    """Keywords stream() does not take, refused by name: with a hint where another library's name for an option
+def check_options(unknown: dict, call: str = "generate, stream and chat", hints: dict = FAMILIAR_OPTIONS) -> None:
+    """Keywords the call does not take, refused by name: with a hint where another library's name for an option
     was given, so that a familiar option is never taken for one that works."""
     if unknown:
-        named = [f"{n!r} ({FAMILIAR_OPTIONS[n]})" if n in FAMILIAR_OPTIONS else repr(n) for n in unknown]
-        raise UnknownOptionError(f"generate, stream and chat take no option {', '.join(named)}")
+        named = [f"{n!r} ({hints[n]})" if n in hints else repr(n) for n in unknown]
+        raise UnknownOptionError(f"{call} take{'' if ' ' in call else 's'} no option {', '.join(named)}")
+
+
+def check_load_options(bundle_dir, options: dict) -> None:
+    """speccompile.load's arguments: a folder, known options, and True or False where an option is a switch (the
+    string "no" would be true)."""
+    if not isinstance(bundle_dir, (str, os.PathLike)):
+        raise SpeccompileError(f"load: expected a bundle's folder, not {bundle_dir!r}")
+    check_options({n: v for n, v in options.items() if n not in LOAD_OPTIONS}, "load", FAMILIAR_LOAD_OPTIONS)
+    for name in ("verify", "context_cache"):
+        if not isinstance(options.get(name, True), (bool, np.bool_)):
+            raise SpeccompileError(f"{name}: expected True or False, not {options[name]!r}")
 
 
 def sampling_params(params: SamplingParams | None, unknown: dict, temperature, top_k, top_p, seed,
