@@ -122,7 +122,6 @@ def tiny_deepseek_checkpoint(path, q_lora_rank=None, seed=0, with_mtp=False, **o
 
     import torch
     import transformers
-    from safetensors.numpy import save_file
     cfg = transformers.DeepseekV3Config(
         vocab_size=384, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8,
@@ -158,5 +157,22 @@ def tiny_deepseek_checkpoint(path, q_lora_rank=None, seed=0, with_mtp=False, **o
         mtp[p + "eh_proj.weight"] = np.concatenate([np.eye(H), np.zeros((H, H))], 1).astype(np.float32)
         mtp[p + "shared_head.norm.weight"] = np.ones(H, np.float32)
         mtp[p + "shared_head.head.weight"] = sd["lm_head.weight"]
-        save_file(mtp, os.path.join(path, "mtp.safetensors"))
+        _shard_with_index(path, mtp)
     return model
+
+
+def _shard_with_index(path: str, extra: dict) -> None:
+    """model.safetensors and `extra` as two shards under a model.safetensors.index.json, as DeepSeek-V3 ships its
+    MTP layer: in the index beside the target's layers (a lone extra file beside model.safetensors is not read)."""
+    import json
+    import os
+
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+    first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    os.rename(os.path.join(path, "model.safetensors"), os.path.join(path, first))
+    save_file(extra, os.path.join(path, second))
+    with safe_open(os.path.join(path, first), "np") as f:
+        weight_map = {k: first for k in f.keys()} | {k: second for k in extra}
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
