@@ -585,6 +585,7 @@ def test_bad_generation_config(hf_dir, tmp_path, text, words):
 
 
 def test_weight_index_naming_a_missing_file(hf_dir, tmp_path):
+    os.rename(hf_dir / "model.safetensors", hf_dir / "model-00001-of-00002.safetensors")  # the index is read then
     (hf_dir / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))
     assert_cli_error(cli("build", hf_dir, "--out", tmp_path / "out"), "model-00002-of-00002.safetensors", "missing")
