@@ -647,3 +647,23 @@ def test_tokenizer_checked_before_the_weights_are_read(hf_dir, tmp_path):
         load_checkpoint(str(hf_dir), progress=said.append)
     assert not [s for s in said if "loading weights" in s]
     assert_cli_error(cli("build", hf_dir, "--out", tmp_path / "out"), "tokenizer.json", "tokenizer.model")
+
+
+def test_an_output_head_the_config_does_not_name_is_refused(tmp_path):
+    """Tied in config.json, a lm_head.weight unlike the embedding has two readings (transformers 5 takes it,
+    transformers 4 and vLLM the embedding): refused, never guessed; one equal to it builds. Untied, a missing
+    lm_head.weight names tie_word_embeddings."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+    tied, untied = tmp_path / "tied", tmp_path / "untied"
+    save_hf_dir(load_checkpoint("tiny:llama"), str(tied))  # tie_word_embeddings: true
+    weights = load_file(str(tied / "model.safetensors"))
+    save_file(weights | {"lm_head.weight": weights["model.embed_tokens.weight"] + 1}, str(tied / "model.safetensors"))
+    assert_cli_error(cli("build", tied, "--out", tmp_path / "o1"), "tie_word_embeddings", "lm_head.weight")
+    assert not (tmp_path / "o1").exists()
+    save_file(weights | {"lm_head.weight": weights["model.embed_tokens.weight"]}, str(tied / "model.safetensors"))
+    build_bundle(str(tied), str(tmp_path / "o2"), drafts=[], max_seq_len=64, progress=quiet)
+    save_hf_dir(load_checkpoint("tiny:qwen2"), str(untied))  # tie_word_embeddings: false
+    weights = load_file(str(untied / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if k != "lm_head.weight"}, str(untied / "model.safetensors"))
+    assert_cli_error(cli("build", untied, "--out", tmp_path / "o3"), "'lm_head.weight'", "tie_word_embeddings")

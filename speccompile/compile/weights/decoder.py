@@ -58,11 +58,26 @@ def expected_checkpoint_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def check_checkpoint(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> None:
     """Fail early, naming the tensor, if the checkpoint is incomplete or misshapen."""
+    check_output_head(cfg, tensors)
     for name, shape in expected_checkpoint_tensors(cfg).items():
         if name not in tensors:
             raise CheckpointError(f"checkpoint is missing tensor {name!r}")
         if tuple(tensors[name].shape) != shape:
             raise CheckpointError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}")
+
+
+def check_output_head(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> None:
+    """The output head the config names is the checkpoint's: tied to the embedding, a lm_head.weight that differs
+    from it leaves two readings (transformers 5 takes lm_head, transformers 4 and vLLM the embedding), so it is
+    refused rather than guessed; untied, a missing lm_head.weight names the setting that may be wrong."""
+    head, embed = tensors.get("lm_head.weight"), tensors.get("model.embed_tokens.weight")
+    if cfg.tie_word_embeddings and head is not None and embed is not None and not np.array_equal(head, embed):
+        raise CheckpointError("config.json ties the output head to the embedding (tie_word_embeddings: true) but the "
+                              "checkpoint has a lm_head.weight of its own that differs from it; set "
+                              "tie_word_embeddings to false to use lm_head.weight, or remove that tensor")
+    if not cfg.tie_word_embeddings and head is None and embed is not None:
+        raise CheckpointError("checkpoint is missing tensor 'lm_head.weight' (config.json: tie_word_embeddings is "
+                              "false or not given; set it to true if the output head is the embedding)")
 
 
 def lower_weights(cfg: ModelConfig, tensors: dict[str, np.ndarray], max_seq_len: int) -> dict[str, np.ndarray]:
@@ -144,9 +159,8 @@ def _lower_deepseek_weights(cfg: ModelConfig, tensors: dict[str, np.ndarray], ma
             raise CheckpointError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}")
     w = {"embed": np.asarray(tensors["model.embed_tokens.weight"], np.float32),
          "final_norm": np.asarray(tensors["model.norm.weight"], np.float32)}
+    check_output_head(cfg, tensors)
     if not cfg.tie_word_embeddings:
-        if "lm_head.weight" not in tensors:
-            raise CheckpointError("checkpoint is missing tensor 'lm_head.weight'")
         w["lm_head"] = np.asarray(tensors["lm_head.weight"], np.float32)
     for i in range(cfg.num_hidden_layers):
         w |= lower_mla_layer(cfg, tensors, f"model.layers.{i}.", f"l{i}.", cfg.is_moe_layer(i))
