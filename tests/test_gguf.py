@@ -526,7 +526,8 @@ def crossing_merges():
 @pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "dbrx", "qwen2", "tekken", "smollm", "gpt-4o", "falcon"])
 def test_byte_level_text_splits_as_llama_cpp(tmp_path, crossing_merges, pre):
     """tokenizer.ggml.pre as llama.cpp reads it (one of each of its regex families), against llama.cpp's own
-    tokenizer (llama-cpp-python, the vocabulary alone); "zzqx" is whole where llama.cpp ignores merges."""
+    tokenizer (llama-cpp-python, the vocabulary alone; control tokens in the text whole, as transformers takes
+    them); "zzqx" is whole where llama.cpp ignores merges."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python, the reference tokenizer, not installed")
     tokens, merges = crossing_merges
     f = tmp_path / "m.gguf"
@@ -537,7 +538,7 @@ def test_byte_level_text_splits_as_llama_cpp(tmp_path, crossing_merges, pre):
     ours = BundleTokenizer(str(tmp_path))
     ref = llama_cpp.Llama(model_path=str(f), vocab_only=True, verbose=False)
     for s in tokenizer_strings(n_random=200, seed=5) + ["Hello WORLD HeLLo éÉ ÀbC naïve", "a  1", "x \t 12", "zzqx"]:
-        assert ours.encode(s) == ref.tokenize(s.encode(), add_bos=False, special=False), (pre, s)
+        assert ours.encode(s) == ref.tokenize(s.encode(), add_bos=False, special=True), (pre, s)
 
 
 def test_unknown_pre_tokenizer_is_refused(tmp_path):
@@ -550,6 +551,22 @@ def test_unknown_pre_tokenizer_is_refused(tmp_path):
         write_gguf(f, **({"tokenizer_pre": pre} if pre else {}))
         tok = json.loads(read_gguf(str(f))[2]["tokenizer.json"])
         assert tok["pre_tokenizer"]["type"] == "ByteLevel" and tok["pre_tokenizer"]["use_regex"], pre
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_end_of_turn_tokens_marked_plain_are_control_and_end_generation(tmp_path, model):
+    """A file that marks <end_of_turn> a plain token (as some Gemma GGUFs do) and names only <eos> its end: as
+    llama.cpp reads it, the token stays whole in a rendered chat and generation ends at it too."""
+    tokens = ["<unk>", "<s>", "<eos>", "<end_of_turn>", "a", "b", "<", ">", "e", "n", "d"]
+    f = tmp_path / "m.gguf"
+    write_gguf(f, tokenizer_model=model, tokens=tokens, token_types=[2, 3, 3, 1] + [1] * 7,
+               token_scores=[0.0] * len(tokens), token_merges=[], bos_token_id=1, eos_token_id=2, unk_token_id=0)
+    config, _, files = read_gguf(str(f))
+    assert config.eos_token_ids == (2, 3)
+    for fname, data in files.items():
+        (tmp_path / fname).write_bytes(data)
+    tok = BundleTokenizer(str(tmp_path))
+    assert 3 in tok.encode("a<end_of_turn>b") and tok.decode(tok.encode("a<end_of_turn>b")) == "ab"
 
 
 def test_byte_level_added_tokens_keep_their_ids(tmp_path):

@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 
 from speccompile.compile.config import ModelConfig
-from speccompile.compile.gguf_tokenizer import tokenizer_files
+from speccompile.compile.gguf_tokenizer import end_of_turn_ids, tokenizer_files
 from speccompile.errors import CheckpointError, UnsupportedModelError
 
 # general.architecture values read; a "llama" file whose general.name says mistral is Mistral, as transformers
@@ -45,7 +45,8 @@ ROPE_SCALING_KEYS = ("rope.scaling.type", "rope.scaling.factor", "rope.scale_lin
                      "rope.scaling.original_context_length", "rope.scaling.yarn_beta_fast",
                      "rope.scaling.yarn_beta_slow")
 NEUTRAL_ROPE_SCALING = {"rope.scaling.attn_factor": 1.0, "rope.scaling.yarn_log_multiplier": 0.0}
-EOS_KEYS = ("eos_token_id", "eot_token_id", "eom_token_id")  # llama.cpp ends generation at each of them
+# llama.cpp ends generation at each of them, and at each end-of-turn token it finds by its text (gguf_tokenizer)
+EOS_KEYS = ("eos_token_id", "eot_token_id", "eom_token_id")
 
 GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 BLOCK_TENSORS = {
@@ -163,7 +164,7 @@ def hf_config(meta: dict, tensor_names: set[str]) -> dict:
     # transformers leaves these at its config class's defaults; the file's own ids are the ones its tokenizer uses
     hf["bos_token_id"] = meta.get("tokenizer.ggml.bos_token_id")
     eos = []
-    for value in (meta.get(f"tokenizer.ggml.{k}") for k in EOS_KEYS):
+    for value in [meta.get(f"tokenizer.ggml.{k}") for k in EOS_KEYS] + end_of_turn_ids(meta):
         if value is not None and value not in eos:
             eos.append(value)
     hf["eos_token_id"] = eos[0] if len(eos) == 1 else eos or None

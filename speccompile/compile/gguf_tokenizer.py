@@ -55,6 +55,12 @@ PRE_TOKENIZERS = {name: (regexes, ignore) for names, regexes, ignore in _FAMILIE
 # pre-tokenizers and to sentencepiece vocabularies
 BOS_BY_DEFAULT = frozenset(_LLAMA3_NAMES + _TEKKEN_NAMES)
 CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
+# tokens that end a chat turn, by their text: llama.cpp ends generation at each and takes each as a control token
+# (a file that marks one a plain token, as some Gemma GGUFs mark <end_of_turn>, would otherwise have it spelled out
+# piece by piece in a rendered chat, and generation run on past the turn)
+END_OF_TURN = frozenset({"<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>",
+                         "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "<EOT>", "_<EOT>",
+                         "<end_of_utterance>", "<｜end▁of▁sentence｜>"})
 SPECIAL_IDS = (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
                ("pad_token", "padding_token_id"))
 
@@ -81,10 +87,18 @@ def byte_level_vocab(tokens: list[str], types: list[int], merges: list[tuple[str
 
 
 def token_types(meta: dict) -> list[int]:
-    """tokenizer.ggml.token_type, one per token (a missing one is a plain token)."""
+    """tokenizer.ggml.token_type, one per token (a missing one is a plain token); a token of END_OF_TURN is a
+    control token whatever the file says, as llama.cpp takes it."""
     tokens = meta["tokenizer.ggml.tokens"]
     types = list(meta.get("tokenizer.ggml.token_type") or [])[:len(tokens)]
-    return types + [0] * (len(tokens) - len(types))
+    types += [0] * (len(tokens) - len(types))
+    return [CONTROL if t in END_OF_TURN else k for t, k in zip(tokens, types)]
+
+
+def end_of_turn_ids(meta: dict) -> list[int]:
+    """The ids of the file's END_OF_TURN tokens: llama.cpp ends generation at each, besides the ids the metadata
+    names."""
+    return [i for i, t in enumerate(meta.get("tokenizer.ggml.tokens") or []) if t in END_OF_TURN]
 
 
 def bpe_model(**options) -> models.BPE:
