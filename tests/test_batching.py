@@ -121,6 +121,14 @@ def test_concurrent_greedy_with_mtp_head(tmp_path):
         got = list(pool.map(lambda i: g.generate(prompts[i], 20, tree=(None, "dynamic:6", None, "dynamic:4")[i])
                             .token_ids, range(4)))
     assert got == solo
+    # the head's features are the target's hidden states of the committed tokens, from the shared passes' rows as
+    # from the single-sequence graph's (its repeating drafts do not read them, so compare the features themselves)
+    g.generate(prompts[1], 20)
+    solo_features = g.drafters["mtp"].h[:g.drafters["mtp"].known].copy()
+    g.generate(prompts[:2], 20)  # slot 1's drafter
+    shared = g.scheduler._drafters[(1, "mtp")]
+    assert shared.known == len(solo_features) > len(prompts[1])
+    np.testing.assert_allclose(shared.h[:shared.known], solo_features, rtol=0, atol=1e-4)
 
 
 def test_concurrent_greedy_with_eagle_heads(tmp_path):
@@ -211,6 +219,13 @@ def test_a_long_prompt_joins_in_chunks_between_decode_passes(tiny_generator, mon
     solo = [g.generate(p, 40, drafter="lookup").token_ids for p in others] + \
         [g.generate(long_prompt, 12, drafter="model").token_ids]
     wait_until_idle(g)
+    left, finish = [], g.scheduler._finish
+
+    def keep_rows(s, error=None):  # the late request's prompt rows in its slot, as it leaves it
+        if len(s.req.ids) == len(long_prompt):
+            left[:] = [c[:, 1, :, :len(long_prompt)].copy() for c in (g.scheduler.cache.key, g.scheduler.cache.value)]
+        finish(s, error)
+    monkeypatch.setattr(g.scheduler, "_finish", keep_rows)
     try:
         streams = [g.stream(p, 40 if i != 1 else 200, drafter="lookup") for i, p in enumerate(short)]
         heads = [next(s).token_ids for s in streams]  # every slot decoding
@@ -223,6 +238,14 @@ def test_a_long_prompt_joins_in_chunks_between_decode_passes(tiny_generator, mon
     finally:
         g.scheduler.trace = None
     assert got == solo
+    # the tiny model's greedy tokens hardly depend on one K/V row: check slot 1's prompt rows themselves, as the
+    # late request left them (a free slot's rows then take the throw-away rows of passes over the others)
+    engine = Engine(g.bundle_dir, g.manifest["models"]["target"], threads=1)
+    for start in range(0, len(long_prompt), 100):  # at most MAX_STEP_TOKENS a pass
+        engine.forward(np.array(long_prompt[start:start + 100], np.int64))
+        engine.cache.truncate(min(start + 100, len(long_prompt)))
+    for mine, theirs in zip(left, (engine.cache.key, engine.cache.value)):
+        np.testing.assert_allclose(mine, theirs[:, 0, :, :len(long_prompt)], rtol=0, atol=1e-5)
     if mixed:  # every chunk in a pass with the three others' decoding; slot 1 then decodes with them
         chunks = [e for e in trace if e[1] == (0, 2, 3, 1)]
         assert len(chunks) == -(-len(long_prompt) // MIXED_CHUNK) and all(e[0] == "decode" for e in chunks)

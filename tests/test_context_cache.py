@@ -41,6 +41,18 @@ def test_block_keys_are_a_hash_chain():
     assert unit_cache(identity="bundle-b").keys(np.arange(8)) != a  # another bundle never matches
 
 
+def test_every_token_of_a_block_is_in_its_key():
+    """Prompts that differ in any one token, the first or the last of a block too, share the keys of the blocks
+    before it and no key from its block on: a block never restores K/V computed for another token."""
+    c = unit_cache()
+    tokens = np.arange(3 * B)
+    keys = c.keys(tokens)
+    for i in range(len(tokens)):
+        other = c.keys(np.where(np.arange(len(tokens)) == i, 99, tokens))
+        assert other[:i // B] == keys[:i // B]
+        assert all(a != b for a, b in zip(other[i // B:], keys[i // B:])), i
+
+
 def test_lookup_longest_prefix_and_required_parts():
     c = unit_cache()
     store(c, list(range(12)))

@@ -147,6 +147,19 @@ def test_sampled_tree_decoding_matches_target_distribution(tiny_generator, draft
     check(tiny_generator, drafter, tree="dynamic:8")
 
 
+def test_lookup_proposes_what_followed_the_most_recent_match():
+    """The longest suffix n-gram that occurred before, its continuations most recent first; a chain follows the
+    most recent one."""
+    from speccompile.runtime.drafters.lookup import LookupDrafter
+    d = LookupDrafter(max_ngram=3)
+    context = np.array([5, 6, 7, 1, 2, 9, 5, 6, 7, 3, 4, 8, 5, 6, 7])
+    starts, n = d.matches(context)
+    assert n == 3 and starts.tolist() == [9, 3]
+    assert d.propose(context, 2, None, None).tokens.tolist() == [3, 4]
+    starts, n = d.matches(np.array([4, 9, 8, 4]))  # only the last token occurred before
+    assert n == 1 and starts.tolist() == [1]
+
+
 def test_join_lookup_merges_continuations_as_a_trie():
     from speccompile.runtime.drafters.base import Proposal
     from speccompile.runtime.drafters.lookup import LookupDrafter, join_lookup
