@@ -72,6 +72,23 @@ def test_accept_sampled_keeps_target_distribution():
     assert chi2_pvalue(counts, p[0]) > 1e-3
 
 
+def test_accept_chain_q_draws_the_bonus_token_from_the_row_after_the_chain():
+    """A one-token chain drawn from q: the first committed token follows p[0], and the token after an accepted
+    draft follows p[1] (the target's row after it), not p[0]."""
+    rng = np.random.default_rng(5)
+    V = 5
+    p = np.array([[0.4, 0.3, 0.15, 0.1, 0.05], [0.05, 0.05, 0.1, 0.3, 0.5]])
+    q = np.array([[0.2, 0.5, 0.1, 0.1, 0.1]])
+    first, second = np.zeros(V), np.zeros(V)
+    for _ in range(20000):
+        x = sample(q[0], rng)
+        path, token = accept_chain_q(np.array([x]), q, p, sequential(rng))
+        first[x if path else token] += 1
+        if path:
+            second[token] += 1
+    assert chi2_pvalue(first, p[0]) > 1e-6 and chi2_pvalue(second, p[1]) > 1e-6
+
+
 @pytest.mark.parametrize("drafter", ["model", "lookup"])
 def test_sampled_speculative_matches_target_distribution(tiny_generator, drafter, tree=None):
     """End to end: the joint distribution of the first two sampled tokens, with speculation, against the exact
@@ -152,6 +169,15 @@ def test_probabilities_top_k_top_p():
     assert np.allclose(p, [[0.5 / 0.85, 0.2 / 0.85, 0.15 / 0.85, 0, 0]])
     with pytest.raises(ValueError):
         SamplingParams(temperature=1.0, top_p=0.0)
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth():
+    """Top-k keeps the k-th largest logit's ties (as the graphs' top-k mask does), each with its softmax share."""
+    logits = np.array([[3.0, 1.0, 2.0, 2.0, 0.0], [1.0, 1.0, 1.0, 0.0, 1.0]])
+    p = probabilities(logits, SamplingParams(temperature=1.0, top_k=2))
+    e = np.exp([3.0, 2.0, 2.0])
+    assert np.allclose(p[0], [e[0], 0, e[1], e[2], 0] / e.sum())
+    assert np.allclose(p[1], [0.25, 0.25, 0.25, 0.0, 0.25])
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=float("nan")), dict(temperature=float("inf")),

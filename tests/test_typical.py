@@ -5,7 +5,8 @@ import pytest
 
 from conftest import random_prompts
 from speccompile.errors import SpeccompileError
-from speccompile.runtime.acceptance import accept_typical, from_table
+from speccompile.runtime.acceptance import accept_on_host, accept_typical, from_table, sequential
+from speccompile.runtime.drafters.base import Proposal
 from speccompile.runtime.sampling import SamplingParams, acceptance_option, draw, probabilities
 
 
@@ -37,6 +38,28 @@ def test_typical_rule_matches_numpy_reference(seed):
     uniforms = rng.random((n + 1, 2))
     path, token = accept_typical(tokens, parents, p, eps, alpha, from_table(uniforms))
     assert (path, token) == reference_typical(tokens, parents, p, eps, alpha, uniforms)
+
+
+@pytest.mark.parametrize("eps,alpha", [(0.3, 0.9), (0.9, 0.2)])
+def test_requests_under_typical_acceptance_use_their_epsilon_and_alpha(eps, alpha):
+    """accept_on_host (the runtime's host rule) applies typical acceptance with the request's own EPS and ALPHA,
+    each in its place: the same verdicts as accept_typical called with them on the request's distributions."""
+    rng = np.random.default_rng(3)
+    params = SamplingParams(1.0, acceptance="typical", typical_epsilon=eps, typical_alpha=alpha)
+    differs = 0
+    for trial in range(200):
+        n, vocab = int(rng.integers(1, 8)), 6
+        parents = np.array([int(rng.integers(-1, i)) for i in range(n)])
+        tokens = rng.integers(0, vocab, n)
+        logits = rng.standard_normal((n + 1, vocab)) * float(rng.choice([0.5, 2.0]))
+        p = probabilities(logits, params)
+        seed = int(rng.integers(2**32))
+        got = accept_on_host(Proposal(tokens, None, parents), logits, logits.argmax(-1), params,
+                             np.random.default_rng(seed))
+        assert got == accept_typical(tokens, parents, p, eps, alpha, sequential(np.random.default_rng(seed)))
+        swapped = accept_typical(tokens, parents, p, alpha, eps, sequential(np.random.default_rng(seed)))
+        differs += swapped.path != got.path
+    assert differs > 10  # the cases tell EPS from ALPHA
 
 
 def test_acceptance_option_and_params():

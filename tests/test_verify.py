@@ -4,7 +4,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from speccompile.graphs import decoder_signature
+from speccompile.graphs import MAX_STEP_TOKENS, decoder_signature
 from speccompile.graphs.builder import GraphBuilder
 from speccompile.runtime.engine import session_options
 from speccompile.runtime.noise import NoiseSupport
@@ -72,6 +72,24 @@ def assert_same_verdict(out, verdict):
     assert out["accept_node"][0] == (path[-1] + 1 if path else 0)
     assert out["accept_len"][0] == len(path)
     assert out["accept_token"][0] == token
+
+
+def test_graph_acceptance_reaches_the_end_of_a_full_verify_block(verify_graph):
+    """A chain as long as a verify block may be (MAX_STEP_TOKENS rows), accepted to its end or cut deep down: the
+    graph's ancestor relation reaches every row, so accept_len counts every accepted node."""
+    rng = np.random.default_rng(4)
+    logits = rng.standard_normal((MAX_STEP_TOKENS, verify_graph.V))
+    argmax = logits.argmax(-1)
+    parents = np.arange(MAX_STEP_TOKENS) - 1
+    tokens = np.concatenate([[0], argmax[:-1]])  # each node is its parent row's argmax
+    for wrong in (None, 70, 120):
+        drafted = tokens.copy()
+        if wrong is not None:
+            drafted[wrong] = (argmax[wrong - 1] + 1) % verify_graph.V
+        out = verify_graph(logits, drafted, parents)
+        verdict = accept_greedy(drafted[1:], parents[1:] - 1, argmax)
+        assert len(verdict.path) == (MAX_STEP_TOKENS - 1 if wrong is None else wrong - 1)
+        assert_same_verdict(out, verdict)
 
 
 def test_graph_sampled_acceptance_equals_accept_sampled(verify_graph):
