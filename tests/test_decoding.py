@@ -43,6 +43,8 @@ def chi2_pvalue(observed, probs):
     from math import exp as e, lgamma, log
     # regularized upper incomplete gamma Q(dof/2, stat/2) by series (dof is small here)
     a, x = dof / 2, stat / 2
+    if x > 50 * (a + 10):  # far in the tail: the series below overflows to NaN, which no comparison takes
+        return 0.0
     term = s = 1.0 / a
     n = 1
     while abs(term) > 1e-12 * abs(s):
