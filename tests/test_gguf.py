@@ -1,6 +1,7 @@
 """GGUF read without torch (speccompile.compile.gguf, gguf_tokenizer) against transformers' GGUF loader, a build
 in a process where torch and transformers cannot be imported, and GGUF's quantized blocks as onnxruntime's
 MatMulNBits (speccompile.compile.quantize.nbits) against gguf's own dequantization."""
+import dataclasses
 import json
 import math
 import os
@@ -59,7 +60,10 @@ def test_default_config_and_tokenizer_match_transformers(tmp_path):
     config, _, files = read_gguf(DEFAULT_GGUF)
     hf = transformers.AutoConfig.from_pretrained(d, gguf_file=name).to_dict()
     from speccompile.compile.config import ModelConfig
-    assert config == ModelConfig.from_hf(hf)
+    expected = ModelConfig.from_hf(hf)
+    assert dataclasses.replace(config, eos_token_ids=expected.eos_token_ids) == expected
+    # generation also ends at <|endoftext|> (id 0), an end-of-turn token llama.cpp knows by its text
+    assert config.eos_token_ids == (*expected.eos_token_ids, 0)
     for fname, data in files.items():
         (tmp_path / fname).write_bytes(data)
     ours = BundleTokenizer(str(tmp_path))
