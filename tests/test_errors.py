@@ -570,7 +570,7 @@ def test_quantized_tensors_refused_before_any_weight_is_read(hf_dir, tmp_path, m
         raise AssertionError(f"{path} hashed")
     monkeypatch.setattr(sources, "sha256_file", no_hashing)
     with pytest.raises(CheckpointError, match=r"00002\.safetensors: tensor 'model\.layers\.0\.mlp\.up_proj\.qweight' "
-                                              r"is stored as I32"):
+                                              r"is stored as I32 \(qweight/qzeros tensors: a GPTQ or AWQ checkpoint\)"):
         load_checkpoint(str(hf_dir), progress=quiet)
 
 

@@ -545,6 +545,17 @@ def test_byte_level_text_splits_as_llama_cpp(tmp_path, crossing_merges, pre):
         assert ours.encode(s) == ref.tokenize(s.encode(), add_bos=False, special=True), (pre, s)
 
 
+def test_a_gguf_is_read_whatever_its_name(tmp_path):
+    """llama.cpp reads a GGUF by its magic bytes: an upper-case .GGUF, or a file without the suffix, builds as the
+    same model."""
+    write_tiny_llama_gguf(tmp_path / "m.gguf")
+    os.rename(tmp_path / "m.gguf", tmp_path / "m.GGUF")
+    upper = load_checkpoint(str(tmp_path / "m.GGUF"))
+    os.rename(tmp_path / "m.GGUF", tmp_path / "model")
+    bare = load_checkpoint(str(tmp_path / "model"))
+    assert upper.source["sha256"] == bare.source["sha256"] and set(upper.tensors) == set(bare.tensors)
+
+
 def test_unknown_pre_tokenizer_is_refused(tmp_path):
     f = tmp_path / "m.gguf"
     write_gguf(f, tokenizer_pre="made-up-bpe")

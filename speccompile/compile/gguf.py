@@ -230,6 +230,15 @@ def open_shards(path: str) -> list[gguf.GGUFReader]:
     return readers
 
 
+def is_gguf_file(path: str) -> bool:
+    """A GGUF file by its magic bytes, whatever its name (llama.cpp reads any name)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def read_gguf(path: str) -> tuple[ModelConfig, dict[str, GGUFTensor], dict[str, bytes]]:
     """(config, tensors as stored, tokenizer files) of a GGUF file, or of a split one from its first shard; every
     failure names the file."""

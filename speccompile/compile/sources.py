@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 
 from speccompile.compile.checkpoint import Checkpoint, tokenizer_fingerprint
 from speccompile.compile.config import SUPPORTED_ARCHITECTURES, ModelConfig
-from speccompile.compile.gguf import dequantized_tensors, read_gguf, split_shards
+from speccompile.compile.gguf import dequantized_tensors, is_gguf_file, read_gguf, split_shards
 from speccompile.compile.families import text_tensor_name
 from speccompile.compile.fp8 import apply_block_scales, check_block_scales, e4m3_to_float32, fp8_block_size
 from speccompile.compile.hub_cache import looks_like_hub_id, resolve_hub_id
@@ -106,13 +106,15 @@ def load_checkpoint(source: str | None, progress=print) -> Checkpoint:
         raise CheckpointError(f"checkpoint not found: {source}")
     if os.path.isdir(source):
         return load_hf_dir(source, progress)
-    if source.endswith(".gguf"):
+    if source.lower().endswith(".gguf") or is_gguf_file(source):
         return load_gguf(source, progress)
     refuse_pickle(source)
     raise CheckpointError(f"{source}: not a Hugging Face model directory or a .gguf file")
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# tensors of GPTQ and AWQ checkpoints, whose integer codes a file without a quantization_config may still hold
+PACKED_QUANT_TENSORS = (".qweight", ".qzeros", ".g_idx")
 
 
 def refuse_pickle(path: str) -> None:
@@ -149,7 +151,8 @@ def read_safetensors(fpath: str, keep=lambda name: True, ints: tuple[str, ...] =
 def refuse_non_float(fpath: str, dtypes: dict[str, str]) -> None:
     bad = next((k for k, dtype in dtypes.items() if dtype not in FLOAT_DTYPES), None)
     if bad is not None:
-        raise CheckpointError(f"{fpath}: tensor {bad!r} is stored as {dtypes[bad]}; only float weights are "
+        packed = " (qweight/qzeros tensors: a GPTQ or AWQ checkpoint)" if bad.endswith(PACKED_QUANT_TENSORS) else ""
+        raise CheckpointError(f"{fpath}: tensor {bad!r} is stored as {dtypes[bad]}{packed}; only float weights are "
                               f"read ({', '.join(FLOAT_DTYPES)}): use the model's float original")
 
 
