@@ -52,7 +52,9 @@ class Handle:
 def without_cancelled(waiting: collections.deque[Handle]) -> collections.deque[Handle]:
     """The waiting requests whose callers are still there; the others end now (DONE): a request cancelled while
     every slot is busy leaves at once instead of waiting for a slot to run in, and requests dropped unread do not
-    pile up until a slot frees."""
+    pile up until a slot frees. The same deque where none is cancelled: this runs every round."""
+    if not any(handle.cancelled for handle in waiting):
+        return waiting
     kept = collections.deque()
     for handle in waiting:
         if handle.cancelled:
