@@ -14,6 +14,7 @@ from speccompile.bench import stats
 from speccompile.bench.stats import geometric_mean, paired_interval, repeated_ngram_share
 from speccompile.cli import main
 from speccompile.errors import SpeccompileError
+from tools_util import tool
 
 SHIPPED_CATEGORIES = {"writing", "qa", "summarization", "translation", "math_reasoning", "coding", "rag",
                       "extraction"}
@@ -281,18 +282,6 @@ def test_compare_transformers(tiny_bundle, tmp_path):
     for p in doc["prompts"]:  # transformers' assisted decoding is lossless too
         assert all(p["runs"][name]["identical_to_autoregressive"] for name in theirs)
     assert "transformers" in doc["versions"] and doc["peak_rss_mib"]["total"] >= doc["peak_rss_mib"]["speccompile"]
-
-
-def tool(name: str):
-    """The module tools/NAME.py (tools import their neighbours, so the folder is on the path while it loads)."""
-    import importlib
-    import os
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.pop(0)
 
 
 def test_compare_heads_tool(tiny_bundle, capsys):

@@ -3,8 +3,11 @@ as MatMulNBits and float checkpoints quantized to int8/int4, on tiny models. Che
 the graph's own product against numpy's dequantization; formats recorded and shown; logits against the float32
 build of the same checkpoint within a stated tolerance; speculation lossless (greedy token for token, sampled in
 distribution) over a quantized target, with prompt lookup, an early exit and an MTP head."""
+import os
+
 import gguf
 import numpy as np
+import onnx
 import pytest
 from gguf import GGMLQuantizationType as Q
 from safetensors import numpy as safetensors_numpy
@@ -21,6 +24,7 @@ from speccompile.format.summary import describe, pass_weight_bytes
 from speccompile.graphs.builder import GraphBuilder
 from speccompile.runtime.engine import Engine
 from speccompile.runtime.row_parity import match_rows
+from tools_util import tool
 from conftest import assert_lossless, quiet, random_prompts
 from test_decoding import test_sampled_speculative_matches_target_distribution as sampled_distribution_check
 from test_gguf import synthetic_blocks, write_tiny_llama_gguf
@@ -115,6 +119,24 @@ def test_source_keeps_each_matrix_in_its_stored_format(gguf_bundles):
     assert "--weights source" in lines and "q4_1" in lines and "decode step reads" in lines
     full = read_manifest(str(gguf_bundles / "float32"))
     assert m["files"]["target.bin"]["bytes"] < full["files"]["target.bin"]["bytes"]
+
+
+def test_offset_cost_tool_drops_exactly_the_offset_products(gguf_bundles, tmp_path):
+    """tools/offset_cost.py times the target against a copy without the products of the blocks' minimums: the copy
+    must lose every offset product and nothing else, and still run (its logits then differ)."""
+    offset_cost = tool("offset_cost")
+    bundle = str(gguf_bundles / "source")
+    entry = read_manifest(bundle)["models"]["target"]
+    model = onnx.load(os.path.join(bundle, entry["graph"]), load_external_data=False)
+    offsets = {i.name for i in model.graph.initializer if i.name.endswith(".nbits_offsets")}
+    products = sum(n.op_type == "MatMulNBits" for n in model.graph.node)
+    assert offsets and offset_cost.without_offsets(model) == len(offsets)
+    assert not offsets & {i for n in model.graph.node for i in n.input}
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == products
+    bare = offset_cost.stripped_engine(bundle, entry, 1, str(tmp_path))
+    prompt = np.arange(3, 9)
+    logits, _ = bare.forward(prompt, rows=np.arange(len(prompt)))
+    assert np.isfinite(logits).all() and not np.allclose(logits, target_logits(bundle, prompt), atol=1e-3)
 
 
 def test_decode_step_reads_one_row_of_the_embedding_and_rope_tables(tmp_path):
