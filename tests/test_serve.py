@@ -347,6 +347,19 @@ def test_what_clients_send_by_default_is_accepted(server, client):
         assert httpx.post(server.url + "/v1/chat/completions", json={**body, **extra}).status_code == 400, extra
 
 
+def test_an_answer_dumped_by_the_openai_client_is_taken_back_as_a_message(client):
+    """`messages.append(answer.message.model_dump())` sends the fields the answer did not have as nulls
+    (`refusal`, `tool_calls`, ...): null is unset, in a message as at the top of the body."""
+    messages = user("tea")
+    answer = client.chat.completions.create(model="tiny-serve", messages=messages, max_tokens=3, temperature=0)
+    dumped = answer.choices[0].message.model_dump()
+    assert dumped["refusal"] is None and dumped["tool_calls"] is None
+    text_part = {"type": "text", "text": "more", "cache_control": None}
+    follow_up = client.chat.completions.create(model="tiny-serve", max_tokens=3, temperature=0,
+                                               messages=[*messages, dumped, {"role": "user", "content": [text_part]}])
+    assert follow_up.choices[0].finish_reason in ("stop", "length")
+
+
 def test_openai_client_raises_on_errors(client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=user("x"))

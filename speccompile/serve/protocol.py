@@ -27,6 +27,17 @@ def _neutral(key: str, value) -> bool:
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data):
+        """A field sent as null is a field not sent, in a message as at the top: the openai client's
+        `message.model_dump()`, appended to the next request's messages, carries `refusal: null`,
+        `tool_calls: null` and the like. A required field's null stays, refused as the wrong type it is."""
+        if isinstance(data, dict):
+            required = {k for k, f in cls.model_fields.items() if f.is_required()}
+            data = {k: v for k, v in data.items() if v is not None or k in required}
+        return data
+
 
 class TextPart(_Strict):
     type: Literal["text"]
@@ -68,8 +79,7 @@ class _Sampling(_Strict):
     @classmethod
     def _drop_neutral(cls, data):
         if isinstance(data, dict):
-            data = {k: v for k, v in data.items()
-                    if v is not None and not (k in NEUTRAL and _neutral(k, v))}
+            data = {k: v for k, v in data.items() if not (k in NEUTRAL and _neutral(k, v))}
         return data
 
     def stream_kwargs(self) -> dict:
