@@ -262,6 +262,16 @@ def test_unlisted_link_refused(bundle_copy, tmp_path):
     assert_cli_error(cli("inspect", bundle_copy), "does not list", "extra")
 
 
+def test_manifest_linked_from_outside_refused(bundle_copy, tmp_path):
+    """inspect (read_manifest) once read a manifest.json linked in from another folder, which load refused."""
+    (tmp_path / "elsewhere").mkdir()
+    os.rename(bundle_copy / "manifest.json", tmp_path / "elsewhere" / "manifest.json")
+    os.symlink(tmp_path / "elsewhere" / "manifest.json", bundle_copy / "manifest.json")
+    with pytest.raises(BundleError, match="outside the bundle"):
+        read_manifest(str(bundle_copy))
+    assert_cli_error(cli("inspect", bundle_copy), "manifest.json", "outside the bundle")
+
+
 @pytest.mark.parametrize("edit, words", [
     (lambda m: m.pop("models"), ["(top level)", "models"]),
     (lambda m: m.pop("tokenizer"), ["tokenizer"]),
@@ -356,6 +366,45 @@ def test_force_refuses_a_bundle_holding_user_files(bundle_copy):
     (bundle_copy / "my-notes.txt").write_text("mine")
     assert_cli_error(cli("build", "tiny:llama", "--out", bundle_copy, "--force"), "my-notes.txt")
     assert (bundle_copy / "my-notes.txt").read_text() == "mine"
+
+
+def test_empty_out_is_named(tmp_path, monkeypatch):
+    """--out "" once became the working directory: "<cwd> already exists (pass --force to replace it)"."""
+    monkeypatch.chdir(tmp_path)
+    assert_cli_error(cli("build", "tiny:llama", "--out", ""), "--out is empty")
+    with pytest.raises(BundleError, match="--out is empty"):
+        build_bundle("tiny:llama", " ", progress=quiet)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o002], ids=["077", "002"])
+def test_bundle_folder_mode_follows_the_umask(tmp_path, umask):
+    """The bundle's folder was 0755 whatever the umask, unlike the files and the tokenizer folder in it."""
+    old = os.umask(umask)
+    try:
+        build_bundle("tiny:llama", str(tmp_path / "b"), drafts=["lookup"], max_seq_len=64, progress=quiet)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "b", tmp_path / "b" / "tokenizer")}
+    assert modes == {"b": 0o777 & ~umask, "tokenizer": 0o777 & ~umask}
+    assert (tmp_path / "b" / "manifest.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_refused_move_aside_leaves_nothing_beside_out(bundle_copy, monkeypatch):
+    """The old bundle could not be moved aside (--out a mount point: EBUSY): its empty aside folder stayed."""
+    from speccompile.format import bundle as bundle_format
+    before = read_manifest(str(bundle_copy))
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if os.path.abspath(src) == os.path.abspath(bundle_copy):
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), src)
+        real_rename(src, dst)
+    monkeypatch.setattr(bundle_format.os, "rename", rename)
+    assert_cli_error(cli("build", "tiny:llama", "--out", bundle_copy, "--force", "--max-seq-len", 64),
+                     os.strerror(errno.EBUSY), "nothing was replaced")
+    monkeypatch.undo()
+    assert read_manifest(str(bundle_copy)) == before and no_leftovers(bundle_copy.parent)
 
 
 def test_existence_checked_before_any_work(bundle_copy, monkeypatch):

@@ -13,6 +13,14 @@ TEMP_PREFIX = ".tmp-"
 ASIDE = "earlier"  # the name an earlier folder has inside the folder replace_folder sets it aside in  # a writer killed mid-file leaves one of these (the context cache removes its own)
 
 
+def as_created(mode: int) -> int:
+    """`mode` less the process's umask: what open() (0o666) or os.makedirs (0o777) would have given. mkstemp and
+    mkdtemp make their files and folders the owner's alone, whatever the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def write_atomically(path: str, write: Callable[[IO[bytes]], None], private: bool = False) -> None:
     """write(f) into a temporary file beside `path`, then renamed onto it. private: readable by the owner alone
     (mkstemp's mode), else the mode open() would give the file."""
@@ -23,9 +31,7 @@ def write_atomically(path: str, write: Callable[[IO[bytes]], None], private: boo
         with os.fdopen(fd, "wb") as f:
             write(f)
         if not private:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
+            os.chmod(tmp, as_created(0o666))
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -40,8 +46,8 @@ def replace_folder(staged: str, out: str, aside_prefix: str = TEMP_PREFIX) -> No
         os.rename(staged, out)
         return
     aside = tempfile.mkdtemp(prefix=aside_prefix, dir=os.path.dirname(os.path.abspath(out)))
-    os.rename(out, os.path.join(aside, ASIDE))
-    try:
+    try:  # the first rename too: refused (a mount point, a busy folder), it must not leave the aside folder behind
+        os.rename(out, os.path.join(aside, ASIDE))
         os.rename(staged, out)
     except BaseException:
         if not os.path.lexists(out):

@@ -28,7 +28,7 @@ import threading
 import numpy as np
 
 from speccompile.errors import BundleError
-from speccompile.format.atomic import ASIDE, replace_folder
+from speccompile.format.atomic import ASIDE, as_created, replace_folder
 from speccompile.format.manifest_schema import validate_manifest
 from speccompile.format.requirements import check_runtime, runtime_requirements
 
@@ -74,13 +74,20 @@ def guard_output(out_param: str = "out", overwrite_param: str = "overwrite"):
         def guarded(*args, **kwargs):
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
-            out = os.path.abspath(bound.arguments[out_param])
+            out = _out_path(bound.arguments[out_param])
             with output_lock(out):
                 clean_stale_temps(out)  # first: it may put back the bundle a killed build had moved aside
                 check_replaceable(out, bound.arguments[overwrite_param])
                 return build(*args, **kwargs)
         return guarded
     return decorate
+
+
+def _out_path(out: str) -> str:
+    """`out` made absolute, refused empty first: abspath would make "" the working directory."""
+    if not str(out).strip():
+        raise BundleError("--out is empty: name the bundle directory to write")
+    return os.path.abspath(out)
 
 
 def _temp_prefix(kind: str, out: str) -> str:
@@ -168,8 +175,6 @@ def check_replaceable(out: str, overwrite: bool) -> None:
     """`out` may be written: it does not exist, or it is a speccompile bundle, holding nothing the manifest does
     not list, and `overwrite` is set. Never a plain file, `/`, the working directory or one of its parents, or
     the home directory or one of its parents, whatever `overwrite` says."""
-    if not out.strip():
-        raise BundleError("--out is empty: name the bundle directory to write")
     if os.path.lexists(out) and not os.path.isdir(out):
         raise BundleError(f"{out} exists and is not a directory; it is never replaced")
     if not os.path.lexists(out):
@@ -233,14 +238,14 @@ def _some(names: list[str], n: int = 5) -> str:
 def atomic_bundle_dir(out: str, overwrite: bool = False):
     """Yield a temporary directory; on success it replaces `out`, on any error it is removed and `out` is left as
     it was. A write that fails for the disk (full, read-only, ...) is a BundleError saying so."""
-    out = os.path.abspath(out)
+    out = _out_path(out)
     with output_lock(out):
         check_replaceable(out, overwrite)  # again: the directory may have changed since the build began
         tmp = None
         try:
             tmp = tempfile.mkdtemp(prefix=_temp_prefix("build", out), dir=os.path.dirname(out))
             yield tmp
-            os.chmod(tmp, 0o755)  # mkdtemp makes it private
+            os.chmod(tmp, as_created(0o777))  # a folder as os.makedirs makes it, as the files in it are
             _swap_into_place(tmp, out)
         except OSError as e:
             if tmp:
@@ -296,6 +301,7 @@ def read_manifest(bundle_dir: str, verify_hashes: bool = True) -> dict:
         raise BundleError(f"bundle not found: {bundle_dir}")
     if not os.path.isfile(path):
         raise BundleError(f"{bundle_dir} is not a bundle: no {MANIFEST}")
+    resolve_inside(bundle_dir, MANIFEST)  # a manifest linked in from outside is refused, as any file is
     m = _load_json(path)
     _check_format(m, path)
     validate_manifest(m, path)

@@ -12,7 +12,7 @@ import tempfile
 from safetensors import SafetensorError
 
 from speccompile.errors import SpeccompileError
-from speccompile.format.atomic import replace_folder as replace_folder_whole, write_atomically
+from speccompile.format.atomic import as_created, replace_folder as replace_folder_whole, write_atomically
 
 
 @contextlib.contextmanager
@@ -50,7 +50,5 @@ def write_json(path: str, value, indent: int = 1) -> None:
 def replace_folder(staged: str, out: str) -> None:
     """Move the folder `staged` to `out` whole (format.atomic.replace_folder), with the mode os.makedirs would give
     it (mkdtemp's folder is the owner's alone)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staged, 0o777 & ~umask)
+    os.chmod(staged, as_created(0o777))
     replace_folder_whole(staged, out)
