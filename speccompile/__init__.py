@@ -13,7 +13,7 @@ __all__ = ["SamplingParams", "load"]
 
 
 def load(bundle_dir: str, **kwargs):
-    """Load a bundle for generation (imports only numpy, onnxruntime, tokenizers, jinja2): a
+    """Load a bundle for generation (imports only numpy, onnxruntime, tokenizers, jinja2, jsonschema): a
     speccompile.runtime.generator.Generator. kwargs: threads, device, verify, and the context cache's
     context_cache, cache_bytes, cache_dir."""
     from speccompile.runtime.context_cache import check_cache_dir

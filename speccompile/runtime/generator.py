@@ -330,8 +330,8 @@ class Generator:
         return drain(self.stream(prompt, max_new_tokens, **kwargs))
 
     def chat(self, messages: list[dict], max_new_tokens: int = 128, **kwargs) -> GenerationResult:
-        """Answer a conversation: messages [{"role": "system" | "user" | "assistant", "content": str}, ...], through
-        the bundle's chat template; the keyword arguments are `stream`'s."""
+        """Answer a conversation: messages [{"role": "system" | "user" | "assistant" | "tool", "content": str}, ...],
+        through the bundle's chat template; the keyword arguments are `stream`'s (but chat=False)."""
         if not kwargs.pop("chat", True):
             raise SpeccompileError("chat() renders the messages through the chat template: for text without it, "
                                    "call generate(..., chat=False)")
