@@ -390,6 +390,22 @@ def test_bundle_folder_mode_follows_the_umask(tmp_path, umask):
     assert (tmp_path / "b" / "manifest.json").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="the umask is read from /proc on Linux only")
+def test_the_umask_is_read_without_setting_it(monkeypatch):
+    """Learning the umask by setting it to 0 left a moment in which another thread's new files (a server's context
+    cache) were created world-writable."""
+    from speccompile.format.atomic import as_created
+    old = os.umask(0o027)
+    os.umask(old)
+    try:
+        os.umask(0o027)
+        monkeypatch.setattr(os, "umask", lambda mask: pytest.fail(f"umask set to {mask:o}"))
+        assert as_created(0o777) == 0o750
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+
+
 def test_a_refused_move_aside_leaves_nothing_beside_out(bundle_copy, monkeypatch):
     """The old bundle could not be moved aside (--out a mount point: EBUSY): its empty aside folder stayed."""
     from speccompile.format import bundle as bundle_format

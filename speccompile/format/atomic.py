@@ -16,9 +16,19 @@ ASIDE = "earlier"  # the name an earlier folder has inside the folder replace_fo
 def as_created(mode: int) -> int:
     """`mode` less the process's umask: what open() (0o666) or os.makedirs (0o777) would have given. mkstemp and
     mkdtemp make their files and folders the owner's alone, whatever the umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
+    return mode & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask, read where Linux shows it: setting it to learn it (the only portable way) leaves a
+    moment in which another thread's new file or folder would be created world-writable."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o077)  # the narrowest mask for that moment, not 0
+        os.umask(umask)
+        return umask
 
 
 def write_atomically(path: str, write: Callable[[IO[bytes]], None], private: bool = False) -> None:
