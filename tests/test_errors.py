@@ -406,6 +406,17 @@ def test_the_umask_is_read_without_setting_it(monkeypatch):
         os.umask(old)
 
 
+def test_force_through_a_link_to_a_bundle_rebuilds_where_it_points(tmp_path):
+    """--out a symbolic link to a bundle, with --force: the new folder replaced the link, the old bundle stayed."""
+    build_bundle("tiny:llama", str(tmp_path / "v1"), drafts=["lookup"], max_seq_len=64, progress=quiet)
+    (tmp_path / "current").symlink_to(tmp_path / "v1")
+    build_bundle("tiny:llama", str(tmp_path / "current"), drafts=["lookup"], max_seq_len=96, overwrite=True,
+                 progress=quiet)
+    assert (tmp_path / "current").is_symlink() and os.readlink(tmp_path / "current") == str(tmp_path / "v1")
+    assert read_manifest(str(tmp_path / "v1"))["max_seq_len"] == 96
+    assert sorted(os.listdir(tmp_path)) == ["current", "v1"]
+
+
 def test_a_refused_move_aside_leaves_nothing_beside_out(bundle_copy, monkeypatch):
     """The old bundle could not be moved aside (--out a mount point: EBUSY): its empty aside folder stayed."""
     from speccompile.format import bundle as bundle_format

@@ -84,10 +84,12 @@ def guard_output(out_param: str = "out", overwrite_param: str = "overwrite"):
 
 
 def _out_path(out: str) -> str:
-    """`out` made absolute, refused empty first: abspath would make "" the working directory."""
+    """`out` with its links resolved, refused empty first (realpath would make "" the working directory). A link
+    is followed as a file write follows it: the bundle goes where it points, the link stays (replaced by the new
+    folder, it left the old bundle in place), and every spelling of one folder shares its lock and temporaries."""
     if not str(out).strip():
         raise BundleError("--out is empty: name the bundle directory to write")
-    return os.path.abspath(out)
+    return os.path.realpath(out)
 
 
 def _temp_prefix(kind: str, out: str) -> str:
