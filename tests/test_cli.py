@@ -56,6 +56,9 @@ def test_stop_string(tiny_bundle):
     stop = text[2:4]
     cut = json.loads(run("generate", tiny_bundle, "hello", "--max-new-tokens", 30, "--json", "--stop", stop))
     assert cut["text"] == text[:text.index(stop)]
+    # why each answer ended, as the API's results and the server's choices say it
+    assert (cut["finish_reason"], full["finish_reason"]) == ("stop", "length" if len(full["token_ids"]) == 30
+                                                                       else "stop")
 
 
 def test_stop_reads_escapes(tiny_bundle):

@@ -174,7 +174,7 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, dr
     res = gen.generate(prompt, max_new_tokens, speculate=not no_speculate, on_text=on_text, **kwargs)
     base = gen.generate(prompt, max_new_tokens, speculate=False, **plain) if compare else None
     if as_json:
-        out = {"text": res.text, "token_ids": res.token_ids, "stats": res.stats}
+        out = {"text": res.text, "token_ids": res.token_ids, "finish_reason": res.finish_reason, "stats": res.stats}
         if base:
             out["autoregressive_stats"] = base.stats
             out["speedup"] = res.stats["total_s"] and base.stats["total_s"] / res.stats["total_s"]
