@@ -193,3 +193,12 @@ def test_cache_options_without_a_context_cache_are_refused(tiny_bundle, tmp_path
         assert r.exit_code == 2 and r.output.startswith("error: --no-context-cache") and args[0] in r.output, \
             r.output
     assert not (tmp_path / "c").exists()
+
+
+def test_no_command_shows_the_help():
+    """`speccompile` alone shows its help laid out as click lays it out (one command a line), not folded into one
+    `error:` line hundreds of characters long."""
+    r = CliRunner().invoke(main, [])
+    assert not r.output.startswith("error:"), r.output
+    assert "Usage:" in r.output and "Commands:" in r.output, r.output
+    assert any(line.split()[:1] == ["generate"] for line in r.output.splitlines()), r.output

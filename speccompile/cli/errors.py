@@ -18,6 +18,8 @@ from speccompile.errors import SpeccompileError
 
 
 DEBUG_ENV = "SPECCOMPILE_DEBUG"
+# click >= 8.2 raises this usage error for a group run without a command; its message is the whole help text
+NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 REPORT_HINT = ("this is a bug in speccompile: please report it with the command you ran "
                f"(rerun with --debug or {DEBUG_ENV}=1 for the traceback)")
 
@@ -130,6 +132,9 @@ class OneLineUsageErrors(click.Group):
         try:
             with one_line_warnings():
                 status = super().main(*args, standalone_mode=False, **kwargs)
+        except NO_ARGS_IS_HELP as e:  # `speccompile` alone: the help as click lays it out, not folded into one line
+            e.show()
+            sys.exit(e.exit_code)
         except click.exceptions.UsageError as e:
             hint = f" (see: {e.ctx.command_path} --help)" if e.ctx else ""
             _fail(f"{e.format_message()}{hint}", 2)
