@@ -5,6 +5,7 @@ the same request; concurrent clients all get their own answers; bad input and ov
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import logging
@@ -778,6 +779,29 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(bundle):
     assert proc.wait(30) == 0, proc.communicate()[0][-3000:]
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+def test_serve_names_the_address_it_listens_on(bundle):
+    """serve binds its socket before the bundle loads and hands it to uvicorn, which then names no address: the
+    command says where it listens itself, the port the system chose with --port 0 included."""
+    import queue
+    import re
+    proc = subprocess.Popen([sys.executable, "-m", "speccompile.cli", "serve", bundle, "--threads", "1", "--port",
+                             "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    try:
+        seen, deadline = [], time.time() + 60
+        while not any(re.search(r"running on http://127\.0\.0\.1:[1-9]", line) for line in seen):
+            assert time.time() < deadline and proc.poll() is None, "".join(seen)
+            with contextlib.suppress(queue.Empty):
+                seen.append(lines.get(timeout=1))
+        port = int(re.search(r"127\.0\.0\.1:(\d+)", seen[-1]).group(1))
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
 
 
 @pytest.mark.slow

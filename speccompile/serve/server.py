@@ -38,6 +38,13 @@ def uvicorn_server(state: ServeState, opts: ServeOptions, **config):
             # timeout cuts off is then known as such, and answers an error object (app._respond)
             state.runner.stop_admitting()
             await super().shutdown(sockets)
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if sockets and self.started:  # uvicorn names the address only of sockets it bound itself
+                for sock in sockets:
+                    logging.getLogger("uvicorn.error").info("Uvicorn running on %s (Press CTRL+C to quit)",
+                                                            listening_url(sock))
     cfg = uvicorn.Config(create_app(state), host=opts.host, port=opts.port, log_level=opts.log_level,
                          timeout_graceful_shutdown=opts.shutdown_timeout_s, lifespan="on", **config)
     logging.getLogger("uvicorn.error").addFilter(CUT_OFF_WITHOUT_TRACEBACK)  # after Config set its logging up
@@ -72,6 +79,12 @@ def listening_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise SpeccompileError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     return sock
+
+
+def listening_url(sock: socket.socket) -> str:
+    """Where clients reach a listening socket: its bound address, so --port 0 shows the port the system chose."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 @contextlib.contextmanager
