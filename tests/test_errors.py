@@ -182,6 +182,15 @@ def test_existing_bundle_not_clobbered(tiny_bundle, tmp_path):
     read_manifest(str(out))  # untouched
 
 
+def test_an_empty_out_is_named_as_empty(tmp_path, monkeypatch):
+    """`--out ""` (an unset shell variable) is refused as empty, not as the working directory it resolves to
+    ('already exists', or with --force 'never replaces the working directory')."""
+    monkeypatch.chdir(tmp_path)
+    for force in ([], ["--force"]):
+        assert_cli_error(cli("build", "tiny:llama", "--out", "", "--max-seq-len", 64, *force), "--out is empty")
+    assert not os.listdir(tmp_path)
+
+
 def test_prompt_longer_than_context(tiny_generator):
     with pytest.raises(ContextLengthError, match="compiled context"):
         tiny_generator.generate(list(range(3, 300)), 4)
