@@ -766,6 +766,21 @@ def start_process(args: list[str], port: int, timeout_s: float):
         time.sleep(0.2)
 
 
+def test_an_empty_api_key_is_refused(bundle, monkeypatch):
+    """`serve --api-key "$KEY"` with KEY unset passes an empty key, which once served every client unchecked."""
+    from click.testing import CliRunner
+
+    import speccompile.serve.server as server_module
+    from speccompile.cli import main
+    served = []
+    monkeypatch.setattr(server_module, "serve", lambda *args: served.append(args))  # never blocks on a refusal missed
+    for key in ("", "  "):
+        out = CliRunner().invoke(main, ["serve", bundle, "--port", "0", "--threads", "1", "--api-key", key])
+        assert out.exit_code == 2 and out.output.startswith("error: --api-key is empty"), out.output
+    assert not served
+    assert "SPECCOMPILE_API_KEY" in CliRunner().invoke(main, ["serve", "--help"]).output  # the other way to give it
+
+
 def test_sigterm_finishes_in_flight_requests_and_exits_0(bundle):
     port = free_port()
     proc = start_process([bundle, "--threads", "1", "--shutdown-timeout", "20"], port, 60)

@@ -293,7 +293,8 @@ def bench(bundle, dataset, categories, limit, max_new_tokens, drafters, tree, re
 @click.argument("bundle", type=click.Path())
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True)
-@click.option("--api-key", default=None, envvar="SPECCOMPILE_API_KEY", help="Require 'Authorization: Bearer KEY'.")
+@click.option("--api-key", default=None, envvar="SPECCOMPILE_API_KEY",
+              help="Require 'Authorization: Bearer KEY' (also: $SPECCOMPILE_API_KEY).")
 @click.option("--max-queue", default=64, show_default=True, help="Requests in the server at once; past it, 429.")
 @click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads (per replica).")
 @click.option("--shutdown-timeout", default=10.0, show_default=True, help="Seconds SIGTERM lets requests finish.")

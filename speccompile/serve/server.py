@@ -106,6 +106,9 @@ def run(bundle_dir: str, replicas: int | None, ray_address: str | None, shutdown
         raise SpeccompileError(f"--shutdown-timeout {shutdown_timeout}: must be a number of seconds, at least 0")
     if replicas is None and ray_address is not None:
         raise SpeccompileError("--ray-address needs --replicas N")
+    if opts.api_key is not None and not opts.api_key.strip():  # `--api-key "$KEY"` with KEY unset or blank
+        raise SpeccompileError("--api-key is empty, which would let every client in: give the key clients must send, "
+                               "or leave --api-key out to serve without one")
     if replicas is None:
         serve(bundle_dir, opts)
         return
