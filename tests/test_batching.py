@@ -4,6 +4,7 @@ and its seed, a long prompt joins in chunks between the others' passes, and a re
 import collections
 import json
 import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -333,6 +334,36 @@ def test_bench_concurrency_mode(tiny_bundle):
     assert "identical" in format_concurrency(section) and "rounds (vs seq)" in format_concurrency(section)
     with pytest.raises(SpeccompileError, match="at least 1"):
         measure_concurrency(g, prompts, 12, (0,), 4, None)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT") or os.name != "posix", reason="sends itself SIGINT (POSIX)")
+def test_an_interrupted_concurrency_run_ends_its_streams_first():
+    """Ctrl-C while bench --streams waited for its streams: the interrupted Thread.join marked a running stream as
+    stopped, the interpreter tore itself down under it (inside onnxruntime) and the process aborted; and streams
+    kept decoding every request left. Now each stream ends its request at its next text, before the interrupt."""
+    from speccompile.bench.concurrency import serve
+    ended = []
+
+    class SlowGenerator:  # each request reads text for up to 5 s unless its reader stops it
+        def generate(self, ids, max_new_tokens, on_text=None, **_):
+            try:
+                for _ in range(500):
+                    if on_text:
+                        on_text("x")
+                    time.sleep(0.01)
+            finally:
+                ended.append(time.perf_counter())
+
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        serve(SlowGenerator(), [[1]] * 6, 4, 2, None)
+    interrupted = time.perf_counter()
+    deadline = interrupted + 2
+    while len(ended) < 2 and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert len(ended) == 2 and max(ended) - interrupted < 1  # two streams, each ended its one request at once
 
 
 def test_gate_holds_the_concurrency_ratio(tmp_path):

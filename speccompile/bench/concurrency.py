@@ -33,16 +33,23 @@ def serve(gen, requests: list[list[int]], max_new_tokens: int, streams: int, dra
         todo.put(i)
     results: list[dict | None] = [None] * len(requests)
     errors: list[BaseException] = []
+    stopping = threading.Event()
+
+    def on_text(_text: str) -> None:  # each request's reader: ends it at once when the run is interrupted
+        if stopping.is_set():
+            raise _Interrupted
 
     def worker():
         try:
-            while True:
+            while not stopping.is_set():
                 try:
                     i = todo.get_nowait()
                 except queue.Empty:
                     return
-                r = gen.generate(requests[i], max_new_tokens, drafter=drafter, tree=tree)
+                r = gen.generate(requests[i], max_new_tokens, drafter=drafter, tree=tree, on_text=on_text)
                 results[i] = {"token_ids": r.token_ids, "ttft_s": r.stats["ttft_s"], "total_s": r.stats["total_s"]}
+        except _Interrupted:
+            return
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(e)
 
@@ -50,15 +57,38 @@ def serve(gen, requests: list[list[int]], max_new_tokens: int, streams: int, dra
     if streams == 0:
         worker()
     else:
-        threads = [threading.Thread(target=worker) for _ in range(streams)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        _run_threads(worker, streams, stopping)
     wall = time.perf_counter() - t0
     if errors:
         raise errors[0]
     return figures(results, wall)
+
+
+class _Interrupted(Exception):
+    """Raised in a request's reader to end it: the run it belongs to was interrupted."""
+
+
+def _run_threads(worker, streams: int, stopping: threading.Event) -> None:
+    """`streams` threads running `worker`, waited for on a semaphore of their own rather than by Thread.join: an
+    interrupted join (Ctrl-C) marks a thread that is still running as stopped (Python 3.11), the interpreter then
+    tears itself down under it while it is inside onnxruntime, and the process aborts (SIGABRT) instead of exiting
+    130. Interrupted, the threads end their requests at their next text and the interpreter waits for them."""
+    finished = threading.Semaphore(0)
+
+    def run():
+        try:
+            worker()
+        finally:
+            finished.release()
+
+    for _ in range(streams):
+        threading.Thread(target=run).start()
+    try:
+        for _ in range(streams):
+            finished.acquire()
+    except BaseException:
+        stopping.set()
+        raise
 
 
 def figures(results: list[dict], wall: float) -> dict:
