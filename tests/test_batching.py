@@ -633,3 +633,27 @@ def test_a_cancelled_stream_ends_with_what_it_had(tiny_generator):
     for s in busy[1:]:
         s.close()
     wait_until_idle(g)
+
+
+def test_a_cancelled_streams_chunks_add_up_to_its_result(tiny_generator):
+    """A cancelled stream's chunks (and on_text) add up to its result, as every stream's do: the text it held back,
+    here the start of a stop string that never completed, comes as its last chunk, not in the result alone."""
+    g = tiny_generator
+    p = random_prompts(1, seed=62)[0]
+    first = g.generate(p, 1, chat=False)
+    assert first.text.strip()
+    wait_until_idle(g)
+    seen = []
+    stream = g.stream(p, 20, chat=False, stop=first.text + "\u2603\u2603", on_text=seen.append)
+    chunks = [next(stream)]  # the first token alone, its text held back: it begins the stop string
+    assert chunks[0].text == ""
+    stream.cancel()
+    while True:
+        try:
+            chunks.append(next(stream))
+        except StopIteration as stop:
+            result = stop.value
+            break
+    assert (result.finish_reason, result.token_ids, result.text) == ("cancelled", first.token_ids, first.text)
+    assert [t for c in chunks for t in c.token_ids] == result.token_ids
+    assert "".join(c.text for c in chunks) == "".join(seen) == result.text

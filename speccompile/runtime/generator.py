@@ -32,7 +32,7 @@ from speccompile.runtime.request import Request, build_request, check_messages, 
 from speccompile.runtime.row_parity import match_rows
 from speccompile.runtime.sampling import PositionDraws, SamplingParams
 from speccompile.runtime.scheduler import Scheduler
-from speccompile.runtime.streams import GenerationResult, SubmittedStream, drain, finish_reason
+from speccompile.runtime.streams import GenerationResult, SubmittedStream, drain, finish_reason, handed_out
 from speccompile.runtime.text_stream import Chunk, TextStream
 from speccompile.runtime.tokenizer import BundleTokenizer
 
@@ -348,20 +348,20 @@ class Generator:
         for new in passes:
             ttft = ttft if ttft is not None else time.perf_counter() - t0
             done = self._take(new, out, text, req.max_new_tokens)
-            if done:  # at a stop string out loses the tokens from the one it begins in
-                final, delta, n = text.finish(out)
-            else:
-                delta, n = text.certain()
-            chunk, given = Chunk(delta, out[given:given + n]), given + n
-            if on_text and delta:
-                on_text(delta)
+            if done:
+                break
+            delta, n = text.certain()
+            chunk, given = handed_out(delta, out[given:given + n], on_text), given + n
             yield chunk
             if submitted is None:  # resumed, maybe by another thread (a pool reading the stream): it holds the lock
                 self._owner = threading.get_ident()
-            if done:
-                break
-        else:  # the passes ended before the output did: the request was cancelled (SubmittedStream.cancel)
-            final = text.finish(out)[0]
+        # done (at a stop string out loses the tokens from the one it begins in), or cancelled: the passes ended
+        # first (SubmittedStream.cancel). The text held back (a partial character, a stop string's start) comes last
+        final, delta, n = text.finish(out)
+        if done or delta or n:
+            yield handed_out(delta, out[given:given + n], on_text)
+            if submitted is None:
+                self._owner = threading.get_ident()
         total = time.perf_counter() - t0
         if self.context_cache and submitted is None:  # the answer's blocks too (the scheduler saves its own)
             context = np.concatenate([req.ids, np.asarray(out, np.int64)])

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from speccompile.runtime.text_stream import Chunk
+
 
 @dataclasses.dataclass
 class GenerationResult:
@@ -21,6 +23,13 @@ def finish_reason(token_ids: list[int], max_new_tokens: int, eos_token_ids, canc
         return "cancelled"
     ended = bool(token_ids) and token_ids[-1] in eos_token_ids
     return "length" if len(token_ids) >= max_new_tokens and not ended else "stop"
+
+
+def handed_out(delta: str, token_ids: list[int], on_text) -> Chunk:
+    """The chunk a stream hands out now, its text told to on_text first (if there is text and an on_text)."""
+    if on_text and delta:
+        on_text(delta)
+    return Chunk(delta, token_ids)
 
 
 def drain(stream) -> GenerationResult:
