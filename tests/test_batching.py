@@ -657,3 +657,25 @@ def test_a_cancelled_streams_chunks_add_up_to_its_result(tiny_generator):
     assert (result.finish_reason, result.token_ids, result.text) == ("cancelled", first.token_ids, first.text)
     assert [t for c in chunks for t in c.token_ids] == result.token_ids
     assert "".join(c.text for c in chunks) == "".join(seen) == result.text
+
+
+@pytest.mark.parametrize("loop", ["typical acceptance", "no batched graph"])
+def test_a_stream_its_callers_own_loop_runs_can_be_cancelled_too(tiny_generator, tmp_path, loop):
+    """Every stream has cancel(), as the README promises, also one run in its caller's own loop (typical
+    acceptance, or a bundle built with --max-batch 1), not only one the scheduler runs: from another thread, the
+    stream then ends at its next read with the tokens so far, its Generator free for the next call."""
+    g = tiny_generator
+    if loop == "no batched graph":
+        build_bundle("tiny:llama", str(tmp_path / "b"), drafts=["lookup"], max_seq_len=128, max_batch=1,
+                     progress=quiet)
+        g = speccompile.load(str(tmp_path / "b"), threads=1)
+    kw = dict(temperature=0.8, seed=1, acceptance="typical") if loop == "typical acceptance" else {}
+    p = random_prompts(1, seed=63)[0]
+    full = g.generate(p, 40, chat=False, **kw)
+    stream = g.stream(p, 40, chat=False, **kw)
+    next(stream)
+    ThreadPoolExecutor(1).submit(stream.cancel).result()
+    result = drain(stream)
+    assert result.finish_reason == "cancelled" and 0 < len(result.token_ids) < len(full.token_ids)
+    assert result.token_ids == full.token_ids[:len(result.token_ids)]
+    assert g.generate(p, 40, chat=False, **kw).token_ids == full.token_ids

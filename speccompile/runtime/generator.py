@@ -32,7 +32,7 @@ from speccompile.runtime.request import Request, build_request, check_messages, 
 from speccompile.runtime.row_parity import match_rows
 from speccompile.runtime.sampling import PositionDraws, SamplingParams
 from speccompile.runtime.scheduler import Scheduler
-from speccompile.runtime.streams import GenerationResult, SubmittedStream, drain, finish_reason, handed_out
+from speccompile.runtime.streams import GenerationResult, OwnLoop, SubmittedStream, drain, finish_reason, handed_out
 from speccompile.runtime.text_stream import Chunk, TextStream
 from speccompile.runtime.tokenizer import BundleTokenizer
 
@@ -298,13 +298,13 @@ class Generator:
             handle = self._submit(request)
             return SubmittedStream(self._run(request, on_text, (handle.stats, handle.passes(), time.perf_counter())),
                                    handle)
-        return self._serialized(request, on_text)
+        own = OwnLoop()  # cancel() too, as a submitted request's stream has it
+        return SubmittedStream(self._serialized(request, on_text, own), own)
 
-    def _serialized(self, request: Request, on_text):
-        """This thread's own decode loop: under the lock, and with a scheduler, once its slots are all free (typical
-        acceptance runs only here)."""
+    def _serialized(self, request: Request, on_text, own: OwnLoop):
+        """This thread's own decode loop, under the lock and, with a scheduler, its slots all free (typical too)."""
         with self._exclusive(), (self.scheduler.exclusive() if self.scheduler else contextlib.nullcontext()):
-            result = yield from self._run(request, on_text)
+            result = yield from self._run(request, on_text, own=own)
         return result
 
     def _submit(self, request: Request):
@@ -337,13 +337,12 @@ class Generator:
                                    "call generate(..., chat=False)")
         return self.generate(self.tokenizer.encode_messages(check_messages(messages)), max_new_tokens, **kwargs)
 
-    def _run(self, req: Request, on_text: Callable[[str], None] | None, submitted=None):
-        """The chunks of a request's passes: this thread's own loop (steps), or `submitted` = (stats, the
-        scheduler's passes, when it was submitted)."""
-        stats, passes, t0 = submitted or (None, None, time.perf_counter())
-        if passes is None:
-            stats = req.new_stats()
-            passes = self.steps(req.ids, req.max_new_tokens, req.drafter, req.k, req.params, stats, req.tree)
+    def _run(self, req: Request, on_text: Callable[[str], None] | None, submitted=None, own: OwnLoop | None = None):
+        """The chunks of a request's passes: this thread's own loop (steps, until `own` is cancelled), or
+        `submitted` = (stats, the scheduler's passes, when it was submitted)."""
+        stats, passes, t0 = submitted or (req.new_stats(), None, time.perf_counter())
+        passes = passes or own.passes(self.steps(req.ids, req.max_new_tokens, req.drafter, req.k, req.params, stats,
+                                                 req.tree))
         text, out, given, ttft, done = TextStream(self.tokenizer, req.stop), [], 0, None, False
         for new in passes:
             ttft = ttft if ttft is not None else time.perf_counter() - t0

@@ -41,8 +41,26 @@ def drain(stream) -> GenerationResult:
             return stop.value
 
 
+class OwnLoop:
+    """The handle of a request its caller's own decode loop runs (Generator._serialized), as a scheduler's Handle
+    is a submitted one's: cancel(), from any thread, ends its passes before the next one."""
+    cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def passes(self, steps):
+        """steps' passes (each one run when asked for) until cancelled."""
+        while not self.cancelled:
+            new = next(steps, None)
+            if new is None:
+                return
+            yield new
+
+
 class SubmittedStream:
-    """The chunks of a request already handed to the scheduler (runtime/slots.py Handle). A generator closed or
+    """The chunks of a request already handed to the scheduler (runtime/slots.py Handle), or of one its caller's
+    own loop runs (OwnLoop), with cancel() either way. A generator closed or
     dropped before its first read never runs its body, so its `finally` could not cancel the request: this one
     cancels on close() and when dropped, so the request's slot is freed either way."""
 

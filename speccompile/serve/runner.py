@@ -58,7 +58,7 @@ class Job:
         worker blocked reading its first chunk) is cancelled in the Generator too, or it would wait for a slot and
         run its prefill for nobody, holding its place in the queue."""
         self.cancelled.set()
-        cancel = getattr(self.stream, "cancel", None)  # streams of a Generator without a scheduler have none
+        cancel = getattr(self.stream, "cancel", None)  # None until the worker has opened the stream
         if cancel is not None:
             cancel()
 
