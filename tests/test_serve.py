@@ -939,3 +939,28 @@ def test_the_shutdown_timeout_counts_from_when_the_drain_began(state):
     assert runner.shutdown(31.0) is False
     assert time.monotonic() - t0 < 10.0  # the 1 s left, not 31 more
     runner._jobs.clear()
+
+
+def test_a_shutdown_racing_an_admission_still_ends_the_request(state):
+    """A shutdown that came between a request's admission and its worker's start shut the pool under it: the
+    admission raised RuntimeError (a 500) and the request stayed counted in flight."""
+    import asyncio
+    from speccompile.serve.metrics import Metrics
+    from speccompile.serve.runner import Runner
+    runner = Runner(state.gen, Metrics("tiny-serve"), max_queue=2)
+    submit, stopper = runner._pool.submit, []
+
+    def shutdown_meanwhile(*args):
+        stopper.append(threading.Thread(target=runner.shutdown, args=(0.2,)))
+        stopper[0].start()
+        time.sleep(0.5)  # the shutdown runs as far as it can before the worker is started
+        return submit(*args)
+
+    async def admit():
+        runner._pool.submit = shutdown_meanwhile
+        job = runner.submit([5, 6, 7], 4, {})
+        while (await job.next())[0] not in ("done", "error"):  # the shutdown cancels it: it ends unanswered
+            pass
+    asyncio.run(admit())
+    stopper[0].join(10)
+    assert not runner.in_flight and not stopper[0].is_alive()

@@ -89,8 +89,10 @@ class Runner:
                 self.metrics.refused.labels(self.metrics.model, "429").inc()
                 raise busy(RETRY_AFTER_S)
             self._jobs.add(job)
-        self.metrics.waiting.inc()
-        self._pool.submit(self._work, job)
+            self.metrics.waiting.inc()
+            # under the lock: a shutdown between the two cancelled the job before its worker existed, then shut the
+            # pool, and this submit raised (a 500), leaving the job counted in flight for good
+            self._pool.submit(self._work, job)
         return job
 
     def _work(self, job: Job) -> None:
