@@ -306,6 +306,27 @@ def test_calibration_is_cached_outside_the_bundle(tiny_bundle, tmp_path, monkeyp
     assert any("pad row" in line for line in again.describe()) == (g.target.min_rows > 1)  # as measured here
 
 
+def test_a_recalibration_waits_for_the_generation_it_would_disturb(tiny_bundle, tmp_path, monkeypatch):
+    """cost_model(recalibrate=True) from another thread ran the target engine at once, under a half-read stream:
+    its K/V overwritten, the stream went on with other tokens than its own."""
+    import time
+
+    import speccompile
+    from speccompile.runtime.streams import drain
+    monkeypatch.setenv("SPECCOMPILE_CACHE", str(tmp_path))
+    g = speccompile.load(tiny_bundle, threads=1)
+    prompt = random_prompts(1, seed=7)[0]
+    solo = g.generate(prompt, 40, speculate=False).token_ids
+    stream = g.stream(prompt, 40, speculate=False)
+    for _ in range(4):
+        next(stream)
+    with ThreadPoolExecutor(1) as pool:
+        measured = pool.submit(g.cost_model, True)
+        time.sleep(0.5)  # long enough for a calibration that does not wait to be under way
+        assert drain(stream).token_ids == solo
+        assert measured.result(timeout=300).verify(1, 16) > 0
+
+
 @pytest.mark.parametrize("home", ["unknown", "relative XDG_CACHE_HOME"])
 def test_the_cost_cache_never_lands_in_the_working_directory(tiny_bundle, tmp_path, monkeypatch, home):
     """With HOME unset and no passwd entry (a container's arbitrary uid) expanduser leaves "~", and a relative

@@ -11,6 +11,7 @@ target pass (`observe`): the prices follow what passes take now, wherever the ca
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -292,13 +293,19 @@ def load_cached(bundle_dir: str, threads: int | None, device: str = "cpu") -> Co
         return None
 
 
+def cached_or_calibrated(bundle_dir: str, target, drafters: dict, threads: int | None, lookup,
+                         recalibrate: bool = False) -> CostModel:
+    """The cached cost model, or one measured now (the caller holds the engines) and cached for the next load."""
+    if not recalibrate and (cached := load_cached(bundle_dir, threads, target.device)) is not None:
+        return cached
+    save(measured := calibrate(target, drafters, threads, lookup), bundle_dir, threads, target.device)
+    return measured
+
+
 def save(model: CostModel, bundle_dir: str, threads: int | None, device: str = "cpu") -> None:
-    try:
-        path = cache_path(bundle_dir, threads, device)
-        if path is not None:
+    with contextlib.suppress(OSError):  # a read-only home, or the bundle moved since it was loaded: it still serves
+        if (path := cache_path(bundle_dir, threads, device)) is not None:
             write_atomically(path, lambda f: f.write(json.dumps(model.to_dict(), indent=1).encode()))
-    except OSError:  # a read-only home, or the bundle's folder moved since it was loaded: it still serves here
-        pass
 
 
 def _best_ms(run, repeats: int = REPEATS, before=None) -> float:

@@ -126,11 +126,9 @@ class Generator:
         params, noise = sampled_by_noise(params, self.noise_ok, self.target.vocab_size)  # then greedy + noise
         adapt = self.adaptive_for(drafter, tree, params) if tree is not None and tree.adaptive else None
         token = self._prefill(prompt, drafter, params, draws, stats, noise)
-        context = np.zeros(len(prompt) + max_new_tokens, np.int64)
-        context[:len(prompt)] = prompt
+        context = np.concatenate([np.asarray(prompt, np.int64), np.zeros(max_new_tokens, np.int64)])
         n, generated = len(prompt), 1
-        reach = None if adapt or tree is None or not tree.lookup else LookupReach(tree.lookup,
-                                                                                  LOOKUP_REACH_LIMIT * tree.lookup)
+        reach = None if adapt else LookupReach.joining(tree, LOOKUP_REACH_LIMIT)
         yield [token]
         while generated < max_new_tokens:
             context[n] = token  # committed, but not yet in the target's cache
@@ -194,7 +192,7 @@ class Generator:
         is_lookup = isinstance(drafter, LookupDrafter)
         if is_lookup and not tree.lookup:  # prompt lookup drafting alone: its nodes are the whole tree
             tree = dataclasses.replace(tree, lookup=ADAPTIVE_LOOKUP)
-        return AdaptiveDrafting(self.cost_model(), drafter.name, not is_lookup, tree, params.greedy,
+        return AdaptiveDrafting(self._measured_cost(), drafter.name, not is_lookup, tree, params.greedy,
                                 self.target.max_rows, chains_only=not self.trees_exact)
 
     def propose_adaptive(self, context, drafter: Drafter, adapt: AdaptiveDrafting, room: int, params,
@@ -222,14 +220,17 @@ class Generator:
         return drafter if isinstance(drafter, LookupDrafter) else self.lookup
 
     def cost_model(self, recalibrate: bool = False) -> CostModel:
-        """This bundle's cost model on this machine (runtime/cost_model.py): cached, or measured now (a few
-        seconds) and cached for the next load; recalibrate=True measures again."""
+        """This bundle's cost model on this machine (runtime/cost_model.py): cached, or measured now (a few seconds,
+        running the target engine: from any thread, once no generation holds it) and cached; recalibrate=True too."""
+        if (self._cost is not None and not recalibrate) or self._owner == threading.get_ident():
+            return self._measured_cost(recalibrate)
+        with self._exclusive(), (self.scheduler.exclusive() if self.scheduler else contextlib.nullcontext()):
+            return self._measured_cost(recalibrate)
+
+    def _measured_cost(self, recalibrate: bool = False) -> CostModel:  # for callers holding the engines already
         if self._cost is None or recalibrate:
-            cached = None if recalibrate else cost_model.load_cached(self.bundle_dir, self.threads, self.target.device)
-            if cached is None:
-                cached = cost_model.calibrate(self.target, self.drafters, self.threads, self.lookup)
-                cost_model.save(cached, self.bundle_dir, self.threads, self.target.device)
-            self._cost = cached
+            self._cost = cost_model.cached_or_calibrated(self.bundle_dir, self.target, self.drafters, self.threads,
+                                                         self.lookup, recalibrate)
         return self._cost
 
     def verify(self, token: int, prop: Proposal, n: int, params: SamplingParams, rng,
@@ -313,7 +314,7 @@ class Generator:
         calibration runs the target engine, which is slot 0's."""
         if request.tree is not None and request.tree.adaptive and request.drafter is not None and self._cost is None:
             with self.scheduler.exclusive():
-                self.cost_model()
+                self._measured_cost()
         return self.scheduler.submit(request, request.new_stats())
 
     def generate(self, prompt, max_new_tokens: int = 128, **kwargs) -> GenerationResult | list[GenerationResult]:
@@ -392,8 +393,8 @@ class Generator:
         """One generation at a time: the engines' caches and buffers are shared state."""
         self._check_owner()
         with self._lock:
-            self._owner = threading.get_ident()
-            try:
+            try:  # the owner set inside: an interrupt right after it would leave this thread refused for good
+                self._owner = threading.get_ident()
                 yield
             finally:
                 self._owner = None

@@ -93,5 +93,10 @@ class LookupReach:
     def __post_init__(self):
         self.reach = self.base
 
+    @classmethod
+    def joining(cls, tree, limit: int) -> LookupReach | None:
+        """The reach of `tree`'s lookup continuations, up to `limit` times its L (None: no tree, or none joined)."""
+        return cls(tree.lookup, limit * tree.lookup) if tree is not None and tree.lookup else None
+
     def update(self, accepted: int, deepest: int) -> None:
         self.reach = min(self.limit, 2 * self.reach) if deepest and accepted >= deepest else self.base
