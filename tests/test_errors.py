@@ -426,6 +426,21 @@ def test_force_through_a_link_to_a_bundle_rebuilds_where_it_points(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["current", "v1"]
 
 
+def test_an_interrupt_just_after_an_atomic_rename_stays_an_interrupt(tmp_path, monkeypatch):
+    """Ctrl-C right after the temporary file was renamed into place: the cleanup's unlink of the gone temporary
+    raised FileNotFoundError, which replaced the interrupt."""
+    from speccompile.format import atomic
+    replace = os.replace
+
+    def replaced_then_interrupted(src, dst):
+        replace(src, dst)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(atomic.os, "replace", replaced_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.write_atomically(str(tmp_path / "f.json"), lambda f: f.write(b"{}"))
+    assert os.listdir(tmp_path) == ["f.json"]
+
+
 def test_a_refused_move_aside_leaves_nothing_beside_out(bundle_copy, monkeypatch):
     """The old bundle could not be moved aside (--out a mount point: EBUSY): its empty aside folder stayed."""
     from speccompile.format import bundle as bundle_format

@@ -4,6 +4,7 @@ everything that writes what a later run reads: bundles, bench results and plots,
 cache's disk blocks, train-head's work files and EAGLE head folders."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -44,7 +45,8 @@ def write_atomically(path: str, write: Callable[[IO[bytes]], None], private: boo
             os.chmod(tmp, as_created(0o666))
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):  # an interrupt just after the rename: the file is in place
+            os.unlink(tmp)
         raise
 
 
