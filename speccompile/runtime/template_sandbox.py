@@ -125,6 +125,16 @@ class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
                                               "object is unsafe")
 
 
+class _GenerationBlocks(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}`: transformers' tag marking the assistant's text for training (TRL's
+    assistant-only loss), which fine-tuned models keep in their templates. Rendering, it is its body as is."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 def _counted(f):
     """A filter whose counts and widths (its arguments after the value) are checked first."""
     skip = 2 if jinja2.utils._PassArg.from_obj(f) else 1  # a context or environment, then the value
@@ -137,8 +147,8 @@ def _counted(f):
 
 
 def sandbox() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
-    """The environment transformers renders chat templates in (its AssistantTracker extension aside)."""
-    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    """The environment transformers renders chat templates in (its generation blocks rendered, not tracked)."""
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationBlocks])
     env.filters = {name: _counted(f) for name, f in env.filters.items()}
     env.filters["tojson"] = _tojson
     env.filters["format"] = _counted(_printf)
