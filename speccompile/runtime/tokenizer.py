@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 
 import jinja2
 import tokenizers.decoders
@@ -47,15 +49,22 @@ class BundleTokenizer:
         if self.eos_token and self.tok.token_to_id(self.eos_token) is not None:
             eos.add(self.tok.token_to_id(self.eos_token))
         self.eos_token_ids = frozenset(eos)
+        control = sorted((t.content for t in self.tok.get_added_tokens_decoder().values() if t.special), key=len)
+        self._control_texts = re.compile("|".join(map(re.escape, control[::-1]))) if control else None
+        self._control_ids = frozenset(self.tok.token_to_id(t) for t in control)
+        self._plain = None  # a copy of the tokenizer that reads special tokens' texts as text, made on first use
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self._encoding(text, add_special_tokens).ids
+
+    def _encoding(self, text: str, add_special_tokens: bool = False):
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:  # a lone surrogate: valid JSON ("\\ud83d"), not text
             raise SpeccompileError(f"text is not valid Unicode: {e.reason} at character {e.start}") from None
         # encode_batch, even of one text, lets go of the GIL while it runs (encode holds it throughout): a long
         # text tokenized in one thread does not stall the others, such as a server's event loop
-        return self.tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        return self.tok.encode_batch([text], add_special_tokens=add_special_tokens)[0]
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
@@ -96,8 +105,34 @@ class BundleTokenizer:
         return self.encode_messages([{"role": "user", "content": text}])
 
     def encode_messages(self, messages: list[dict]) -> list[int]:
-        """A conversation (system / user / assistant turns) through the chat template, ready for the answer."""
-        return self.encode(self.apply_chat_template(messages))
+        """A conversation (system / user / assistant turns) through the chat template, ready for the answer.
+        A special token's text inside a message (a user who types <|im_end|>) is spelled out as plain text, never
+        read as that token: only the template's own markup opens and ends turns (transformers and llama.cpp read
+        it as the token, so a message could end its own turn and write the next one)."""
+        mark = f"\ufdd0{secrets.token_hex(8)}\ufdd1"  # a text no message holds: a fresh secret each time
+        marked = [self._mark_control_texts(m, mark) for m in messages]
+        if marked == messages:
+            return self.encode(self.apply_chat_template(messages))
+        text, literal = _unmark(self.apply_chat_template(marked), mark)
+        enc, ids = self._encoding(text), []
+        for token, (start, end), inside in zip(enc.ids, enc.offsets, _within_spans(enc.offsets, literal)):
+            ids.extend(self._spelled(text[start:end]) if inside and token in self._control_ids else [token])
+        return ids
+
+    def _mark_control_texts(self, message: dict, mark: str) -> dict:
+        """The message with each special token's text in its strings (but the role) between two marks."""
+        if self._control_texts is None:
+            return message
+        return {key: self._control_texts.sub(lambda m: mark + m.group(0) + mark, value)
+                if isinstance(value, str) and key != "role" else value for key, value in message.items()}
+
+    def _spelled(self, text: str) -> list[int]:
+        """text's ids as plain text, its special tokens' texts read as text."""
+        if self._plain is None:
+            plain = Tokenizer.from_str(self.tok.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return self._plain.encode_batch([text], add_special_tokens=False)[0].ids
 
 
 class PrefixOffsetDecoder:
@@ -181,6 +216,28 @@ def _json_object(directory: str, name: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{name} is not a JSON object")
     return data
+
+
+def _unmark(text: str, mark: str) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text without the marks, and where in it the marked texts lie."""
+    pieces = text.split(mark)
+    if len(pieces) % 2 == 0:  # a template that cut a marked text apart: which side is the message's is unknown
+        raise ChatTemplateError("the bundle's chat template cut a special token's text in a message apart")
+    spans, at = [], 0
+    for i, piece in enumerate(pieces):
+        if i % 2:
+            spans.append((at, at + len(piece)))
+        at += len(piece)
+    return "".join(pieces), spans
+
+
+def _within_spans(offsets, spans):
+    """For each (start, end) of offsets (in order), whether it overlaps one of spans (in order): one pass."""
+    k = 0
+    for start, end in offsets:
+        while k < len(spans) and spans[k][1] <= start:
+            k += 1
+        yield k < len(spans) and spans[k][0] < end
 
 
 def _text_limit(messages) -> int:
