@@ -72,3 +72,15 @@ def test_generation_blocks_render_as_transformers(tokenizer_dir):
     ref = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
     expected = ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert BundleTokenizer(str(tokenizer_dir)).apply_chat_template(messages) == expected
+
+
+def test_a_template_refusing_the_conversation_says_so(tokenizer_dir):
+    """Gemma's template raises on a system message: the error says what the template says, not that the bundle
+    is broken."""
+    from speccompile.runtime.tokenizer import ChatTemplateError
+    set_template(tokenizer_dir, "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                 "supported') }}{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    tok = BundleTokenizer(str(tokenizer_dir))
+    with pytest.raises(ChatTemplateError, match="^the model's chat template refuses this conversation: System role "
+                       "not supported$"):
+        tok.encode_messages([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])

@@ -39,6 +39,10 @@ class TemplateStopped(BaseException):  # not an Exception: jinja2's own handlers
     """Raised into the rendering thread: the deadline passed ("time"), or the memory budget was spent ("memory")."""
 
 
+class TemplateRefusal(jinja2.exceptions.TemplateError):
+    """The template's own raise_exception: it refuses the conversation (Gemma's "System role not supported")."""
+
+
 def _too_many(n: int, what: str) -> None:
     if n > TEMPLATE_MAX_ITEMS:
         raise jinja2.exceptions.TemplateRuntimeError(f"{what} of {n} is past the sandbox's limit "
@@ -225,4 +229,4 @@ def _strftime_now(fmt: str) -> str:
 
 
 def _raise(msg):
-    raise jinja2.exceptions.TemplateError(msg)
+    raise TemplateRefusal(msg)

@@ -17,8 +17,8 @@ import tokenizers.decoders
 from tokenizers import Tokenizer
 
 from speccompile.errors import BundleError, SpeccompileError
-from speccompile.runtime.template_sandbox import TEMPLATE_MAX_ITEMS, TEMPLATE_SECONDS, TemplateStopped, render, \
-    sandbox
+from speccompile.runtime.template_sandbox import TEMPLATE_MAX_ITEMS, TEMPLATE_SECONDS, TemplateRefusal, \
+    TemplateStopped, render, sandbox
 
 
 class ChatTemplateError(SpeccompileError):
@@ -88,6 +88,8 @@ class BundleTokenizer:
             spent = "took too much memory" if "memory" in e.args else f"ran for more than {TEMPLATE_SECONDS:g} s"
             raise ChatTemplateError(f"the bundle's chat template {spent} and was stopped: do not trust this "
                                     "bundle") from None
+        except TemplateRefusal as e:  # the messages' fault, not the bundle's: say what the template says
+            raise ChatTemplateError(f"the model's chat template refuses this conversation: {e}") from None
         except jinja2.exceptions.SecurityError as e:
             raise ChatTemplateError(f"the bundle's chat template tried to leave jinja2's sandbox ({e}); "
                                     "nothing was run: do not trust this bundle") from None
