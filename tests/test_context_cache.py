@@ -258,6 +258,99 @@ def test_disk_tier_refuses_a_foreign_layout_and_index(tmp_path):
     assert c.lookup(np.arange(9), 9, ["target"]) == []
 
 
+
+def test_disk_tier_never_reads_or_touches_a_file_through_a_link(tmp_path):
+    """Block files that are symbolic links to files outside the cache dir are misses: never read, their targets'
+    times never touched, and the links replaced by the blocks' own files when the blocks are stored again."""
+    cache_dir, outside = tmp_path / "cache", tmp_path / "outside"
+    outside.mkdir()
+    store(unit_cache(cache_dir=str(cache_dir)), list(range(8)))
+    (folder,) = [d for d in cache_dir.iterdir() if d.is_dir()]
+    links = sorted(folder.glob("*.npz"))
+    for i, link in enumerate(links):
+        target = outside / f"{i}.npz"
+        link.rename(target)
+        os.utime(target, (1, 1))
+        link.symlink_to(target)
+    c = unit_cache(cache_dir=str(cache_dir))
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert c.lookup(np.arange(9), 9, ["target"]) == []
+    assert all(f.stat().st_mtime == 1 for f in outside.iterdir())
+    with pytest.warns(UserWarning, match="unreadable"):  # looked up again before it is stored
+        store(c, list(range(8)))
+    assert not any(link.is_symlink() for link in links) and len(list(outside.iterdir())) == 2
+
+
+def test_a_linked_bundle_folder_is_not_used(tmp_path):
+    """A bundle's folder in the cache dir that is a link elsewhere: the disk tier is off, with a warning, and
+    nothing there is read, written or deleted (a temporary name a killed writer would leave, too)."""
+    cache_dir, outside = tmp_path / "cache", tmp_path / "outside"
+    store(unit_cache(cache_dir=str(cache_dir)), list(range(8)))
+    (folder,) = [d for d in cache_dir.iterdir() if d.is_dir()]
+    folder.rename(outside)
+    folder.symlink_to(outside)
+    stale = outside / ".tmp-not-the-caches"
+    stale.write_bytes(b"x")
+    os.utime(stale, (0, 0))
+    before = sorted(f.name for f in outside.iterdir())
+    with pytest.warns(UserWarning, match="not a folder of the cache dir"):
+        c = unit_cache(cache_dir=str(cache_dir))
+    assert c.lookup(np.arange(9), 9, ["target"]) == []
+    store(c, list(range(12)))
+    assert sorted(f.name for f in outside.iterdir()) == before
+
+
+def _within(seconds, fn):
+    """fn()'s result, or a failure if it has not returned within `seconds` (it runs on a thread of its own)."""
+    import threading
+    out = []
+    worker = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert out, "still waiting"
+    return out[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+@pytest.mark.parametrize("where", ["block", "index", "another folder's index"])
+def test_a_named_pipe_in_the_cache_dir_is_not_waited_on(tmp_path, where):
+    """Opening a FIFO waits for a writer: one in place of a block file or an index is no cache file, and the disk
+    tier goes on (or off, for its own index) at once."""
+    store(unit_cache(cache_dir=str(tmp_path)), list(range(8)))
+    (folder,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    if where == "another folder's index":
+        (tmp_path / "other").mkdir()
+        fifo = tmp_path / "other" / "index.json"
+    else:
+        fifo = folder / ("index.json" if where == "index" else f"{unit_cache().keys(np.arange(8))[1]}.npz")
+        fifo.unlink()
+    os.mkfifo(fifo)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            found = _within(10, lambda: len(unit_cache(cache_dir=str(tmp_path)).lookup(np.arange(9), 9, ["target"])))
+        assert found == {"block": 1, "index": 0}.get(where, 2)
+    finally:  # a reader still waiting on the FIFO is let go by a writer's open (none waiting: ENXIO)
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+
+
+def test_a_folder_under_a_blocks_name_costs_only_that_block(tmp_path):
+    """A folder where a block file belongs is not the cache's to delete: that block is not kept on disk, with a
+    warning, and the disk tier goes on keeping the others."""
+    c = unit_cache(cache_dir=str(tmp_path))
+    (folder,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    (folder / f"{c.keys(np.array([1] * 4))[0]}.npz").mkdir()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        store(c, [1] * 4)
+    assert any("is a folder" in str(w.message) for w in seen)
+    store(c, [2] * 4)
+    assert c.disk.usable
+    assert len(unit_cache(cache_dir=str(tmp_path)).lookup(np.array([2] * 5), 5, ["target"])) == 1
+
 # ---- through the Generator --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

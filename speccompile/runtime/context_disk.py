@@ -4,10 +4,12 @@ or of another layout is ignored with a warning, never trusted; only files certai
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
+import stat
 import time
 import warnings
 import zipfile
@@ -18,6 +20,7 @@ from speccompile.format.atomic import TEMP_PREFIX, write_atomically
 
 DEFAULT_DISK_BYTES = 8 << 30
 INDEX = "index.json"
+INDEX_BYTES = 4096
 DISK_FORMAT = "speccompile-context-cache"
 DISK_VERSION = 1
 STALE_TEMPORARY_S = 3600.0  # a temporary block file this old was left by a killed process
@@ -30,13 +33,32 @@ EVICT_TO = 0.9
 Arrays = dict[str, np.ndarray]
 
 
+def open_regular(path: str):
+    """A file of the cache dir opened for reading, only if it is a plain file itself: never through a symbolic link
+    (it would read or touch a file outside the cache dir), never a FIFO or a device (opening one waits for a writer,
+    reading one may never end). OSError otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a plain file", path)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_index(folder: str):
+    """A cache folder's index as JSON (its first INDEX_BYTES: an index is far smaller). OSError, ValueError."""
+    with open_regular(os.path.join(folder, INDEX)) as f:
+        return json.loads(f.read(INDEX_BYTES))
+
+
 def is_cache_folder(entry: os.DirEntry) -> bool:
     """A real folder (no link) whose index is a context cache's: its blocks are the cache's own to delete."""
     try:
         if not entry.is_dir(follow_symlinks=False):
             return False
-        with open(os.path.join(entry.path, INDEX), "rb") as f:
-            index = json.loads(f.read(4096))
+        index = read_index(entry.path)
     except (OSError, ValueError):
         return False
     return isinstance(index, dict) and index.get("format") == DISK_FORMAT
@@ -84,24 +106,40 @@ class DiskTier:
         self.dir = os.path.join(cache_dir, identity[:32])
         self.index = {"format": DISK_FORMAT, "version": DISK_VERSION, "identity": identity,
                       "block_tokens": block_tokens}
-        os.makedirs(self.dir, exist_ok=True)
-        path = os.path.join(self.dir, INDEX)
-        self.usable = True
-        if os.path.exists(path):
-            try:
-                with open(path, "rb") as f:
-                    found = json.loads(f.read())
-            except (OSError, ValueError) as e:
-                found = f"unreadable ({e})"
-            if found != self.index:
-                warnings.warn(f"context cache: {path} is not this bundle's index ({str(found)[:120]}); the disk "
-                              "tier is not used", stacklevel=3)
-                self.usable = False
-        else:
-            write_atomically(path, lambda f: f.write(json.dumps(self.index).encode()), private=True)
+        self.usable = self._own_folder() and self._index_matches()
         if self.usable:
             self._remove_stale_temporaries()
         self.nbytes = sum(size for _, size, _ in self._blocks())
+
+    def _own_folder(self) -> bool:
+        """Whether this identity's folder is a real folder inside the cache dir (made here if absent): through a
+        link there the tier would read, write and delete outside the cache dir, and a file there is not its own."""
+        os.makedirs(self.root, exist_ok=True)
+        try:
+            os.mkdir(self.dir)
+        except FileExistsError:
+            pass
+        if os.path.isdir(self.dir) and not os.path.islink(self.dir):
+            return True
+        warnings.warn(f"context cache: {self.dir} is not a folder of the cache dir (a link, or a file); the disk "
+                      "tier is not used", stacklevel=4)
+        return False
+
+    def _index_matches(self) -> bool:
+        """Whether the folder's index is this bundle's (written if absent)."""
+        path = os.path.join(self.dir, INDEX)
+        if not os.path.lexists(path):
+            write_atomically(path, lambda f: f.write(json.dumps(self.index).encode()), private=True)
+            return True
+        try:
+            found = read_index(self.dir)
+        except (OSError, ValueError) as e:
+            found = f"unreadable ({e})"
+        if found != self.index:
+            warnings.warn(f"context cache: {path} is not this bundle's index ({str(found)[:120]}); the disk "
+                          "tier is not used", stacklevel=4)
+            return False
+        return True
 
     def _remove_stale_temporaries(self) -> None:
         """Block files a killed process left half-written under their temporary names, once old enough that no
@@ -145,13 +183,13 @@ class DiskTier:
         if not self.usable or not os.path.exists(path):
             return None
         try:
-            os.utime(path)  # recently used: evicted last
+            os.utime(path, follow_symlinks=False)  # recently used: evicted last (a link's target is not the cache's)
         except OSError:
             pass
         try:
             # the file opened here, so that it closes whatever np.load raises (it leaves its own open on a damaged
             # zip); an .npz only: a plain .npy has no `with`, so it fails
-            with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
+            with open_regular(path) as f, np.load(f, allow_pickle=False) as z:
                 if not _members_fit(z.zip.infolist(), positions, parts):
                     warnings.warn(f"context cache: ignoring {path}: its members are not this bundle's layout",
                                   stacklevel=4)
@@ -187,6 +225,8 @@ class DiskTier:
             self.nbytes += _size(path) - old
             if self.nbytes > self.max_bytes:
                 self._evict()
+        except IsADirectoryError:  # a folder under this block's name is not the cache's to remove: only this block
+            warnings.warn(f"context cache: {path} is a folder; that block is not kept on disk", stacklevel=4)
         except OSError as e:  # a full disk costs the disk tier, never the request
             warnings.warn(f"context cache: cannot write to {self.dir} ({e.strerror or e}); the disk tier is off",
                           stacklevel=4)
