@@ -367,6 +367,13 @@ HOSTILE_CACHES = {
     "strings": lambda d: d.update(lookup_ms="fast"),
     "rows huge": lambda d: d.update(rows=list(range(1, 200_001))),
     "a grid an object": lambda d: d["verify_ms"].update(greedy={}),
+    # each accepted once, then a crash while drafting or in inspect, or prices that overflow to inf and NaN
+    "rows one with its grid": lambda d: d.update(rows=[1], verify_ms={k: [v[0]] for k, v in d["verify_ms"].items()}),
+    "drafter times text": lambda d: d["drafter_ms"].update(model=["1.0", "1.5", "2.0"]),
+    "a time an integer beyond a float": lambda d: d["verify_ms"]["greedy"][0].__setitem__(0, 10 ** 400),
+    "lookup an integer beyond a float": lambda d: d.update(lookup_ms=10 ** 400),
+    "times near the float limit": lambda d: d.update(verify_ms={k: [[1e308] * len(d["lengths"])] * len(d["rows"])
+                                                               for k in d["verify_ms"]}),
 }
 
 

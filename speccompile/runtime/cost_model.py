@@ -34,6 +34,7 @@ HEAD_ROWS = (1, 2, 4)  # a drafter pass: the catch-up of the accepted tokens, a 
 MEMO_ROWS = 64  # verify() remembers one length's prices up to this many rows
 OBSERVED_PRIOR, OBSERVED_DECAY = 4.0, 0.9  # the calibration weighs as much as this many timed passes; their decay
 DRAFT_RATIO_LIMITS = (0.5, 4.0)  # a drafting timed this far off its price: a stall elsewhere, not the drafter
+MAX_MS = 3.6e6  # no pass takes an hour: a cached time beyond it is an edited file, whose sums would overflow
 
 
 @dataclasses.dataclass
@@ -185,19 +186,17 @@ class CostModel:
         if not isinstance(d, dict) or d.get("version") != CACHE_VERSION:
             raise ValueError("another cache version")
         rows, lengths, verify, drafters = d.get("rows"), d.get("lengths"), d.get("verify_ms"), d.get("drafter_ms")
-        if not _ascending(rows, ROWS) or not _ascending(lengths) or not isinstance(verify, dict) \
+        # two row counts at least: the prices beyond the last measured one follow the slope of the last two
+        if not _ascending(rows, ROWS) or len(rows) < 2 or not _ascending(lengths) or not isinstance(verify, dict) \
                 or set(verify) != {"greedy", "sampled"} or not isinstance(drafters, dict):
             raise ValueError("not a cost model")
-        try:
-            grids = [np.asarray(v, float) for v in verify.values()]
-            heads = [np.asarray(v, float) for v in drafters.values()]
-        except TypeError:  # an object or a list where a time belongs
-            raise ValueError("not a measurement") from None
+        grids = [_times(v) for v in verify.values()]
+        heads = [_times(v) for v in drafters.values()]
         lookup = d.get("lookup_ms", 0.0)
-        if any(g.shape != (len(rows), len(lengths)) or not np.all(np.isfinite(g) & (g > 0)) for g in grids) \
-                or any(h.shape not in ((0,), (len(HEAD_ROWS),)) or not np.all(np.isfinite(h) & (h >= 0))
+        if any(g.shape != (len(rows), len(lengths)) or not np.all((g > 0) & (g < MAX_MS)) for g in grids) \
+                or any(h.shape not in ((0,), (len(HEAD_ROWS),)) or not np.all((h >= 0) & (h < MAX_MS))
                        for h in heads) \
-                or not isinstance(lookup, (int, float)) or not 0 <= lookup < np.inf:
+                or not isinstance(lookup, (int, float)) or not 0 <= lookup < MAX_MS:
             raise ValueError("not a measurement")
         return cls(rows, lengths, verify, drafters, float(lookup), d.get("key") if isinstance(d.get("key"), dict)
                    else {})
@@ -219,6 +218,14 @@ class CostModel:
                            + ", ".join(f"{r}: {t:.1f}" for r, t in zip(HEAD_ROWS, ms)))
         out.append(f"            prompt lookup {self.lookup_ms:.2f} ms")
         return out
+
+
+def _times(values) -> np.ndarray:
+    """Cached times as floats; anything but numbers (text numpy would parse, ints beyond floats) is a ValueError."""
+    times = np.asarray(values)  # ragged lists: a ValueError too
+    if times.dtype.kind not in "iuf":
+        raise ValueError("not a measurement")
+    return times.astype(float)
 
 
 def _ascending(values, allowed=None) -> bool:
