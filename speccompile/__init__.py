@@ -20,6 +20,6 @@ def load(bundle_dir: str, **kwargs):
     from speccompile.runtime.generator import Generator
     from speccompile.runtime.request import check_load_options
     check_load_options(bundle_dir, kwargs)
-    check_cache_dir(bundle_dir, kwargs.get("cache_dir"))
+    check_cache_dir(bundle_dir, kwargs.get("cache_dir"), kwargs.get("context_cache", True))  # before the hashing
     return Generator.load(bundle_dir, **kwargs)
 

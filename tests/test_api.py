@@ -302,7 +302,9 @@ BAD_LOADS = {"cache_bytes -1": dict(cache_bytes=-1), "cache_bytes a string": dic
              "cache_bytes nan": dict(cache_bytes=float("nan")), "cache_bytes 1.5": dict(cache_bytes=1.5),
              "cache_dir a file": dict(cache_dir=__file__), "cache_dir unwritable": dict(cache_dir="/proc/speccompile"),
              "transformers' device_map": dict(device_map="auto"), "an unknown option": dict(nonsense=1),
-             "context_cache a string": dict(context_cache="no")}
+             "context_cache a string": dict(context_cache="no"), "cache_dir a number": dict(cache_dir=5),
+             "cache_dir bytes": dict(cache_dir=b"/tmp/speccompile-cache"), "cache_dir empty": dict(cache_dir=""),
+             "cache_dir without a context cache": dict(context_cache=False, cache_dir="/tmp/speccompile-cache")}
 
 
 @pytest.mark.parametrize("bad", BAD_CALLS.values(), ids=BAD_CALLS.keys())

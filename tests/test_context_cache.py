@@ -629,6 +629,19 @@ def test_medusa_chat_with_the_cache_equals_without(tmp_path):
         assert with_cache[-1].stats["prompt_cache_hit_tokens"] > 0
 
 
+def test_a_server_refuses_a_cache_dir_inside_the_bundle(tiny_bundle, tmp_path):
+    """`serve` loads through Generator.load, not speccompile.load, which alone checked: a --cache-dir inside the
+    bundle wrote files its manifest does not list, and every later load of the bundle failed its check."""
+    import shutil
+    from speccompile.runtime.generator import Generator
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    with pytest.raises(SpeccompileError, match="inside the bundle"):
+        Generator.load(str(bundle), threads=1, cache_dir=str(bundle / "cache"))
+    assert not (bundle / "cache").exists()
+    speccompile.load(str(bundle), threads=1)
+
+
 def test_a_cache_dir_is_refused_where_the_kv_caches_live_on_a_device(tiny_bundle, tmp_path, monkeypatch):
     """Device caches (the device code path, run here with cpu OrtValues) go without the context cache, whose
     blocks are copied through host memory: a --cache-dir would keep nothing, so it is one clear error rather

@@ -78,10 +78,11 @@ def cache_parts(target_cache, drafters) -> dict[str, Part]:
     return parts
 
 
-def kept_on(asked: bool, host_caches: bool, cache_dir: str | None) -> bool:
+def kept_on(asked: bool, host_caches: bool, cache_dir: str | None, bundle_dir: str) -> bool:
     """Whether a Generator keeps a context cache: asked for, and its engines' K/V in host memory, through which
     blocks are copied (a device's caches go without). A cache_dir that would keep nothing is refused, not
-    ignored."""
+    ignored, as is one check_cache_dir refuses (here, so that every way of loading is checked: `serve` too)."""
+    check_cache_dir(bundle_dir, cache_dir, asked)
     if asked and cache_dir is not None and not host_caches:
         raise SpeccompileError(f"--cache-dir {cache_dir!r}: the context cache copies K/V through host memory, and "
                                "this device keeps its caches on the device, so there is none to keep; drop --cache-dir")
@@ -101,11 +102,17 @@ def write_kv(cache, arrays: Arrays, start: int = 0, slot: int = 0) -> None:
         getattr(cache, n)[:, slot, :, start:start + len(rows)] = rows.transpose(1, 2, 0, 3)
 
 
-def check_cache_dir(bundle_dir: str, cache_dir: str | None) -> None:
-    """Refuse a disk tier inside the bundle: files there that its manifest does not list fail its check on every
-    later load."""
-    if cache_dir is None or not isinstance(cache_dir, (str, os.PathLike)):
+def check_cache_dir(bundle_dir: str, cache_dir, context_cache: bool = True) -> None:
+    """Refuse a cache_dir that is no folder's name (an empty one would keep nothing, silently), one beside
+    context_cache=False (ignored), and a disk tier inside the bundle: files there that its manifest does not list
+    fail its check on every later load."""
+    if cache_dir is None:
         return
+    if not isinstance(cache_dir, (str, os.PathLike)) or not isinstance(os.fspath(cache_dir), str) \
+            or not os.fspath(cache_dir):
+        raise SpeccompileError(f"context cache: cache_dir (--cache-dir) must name a folder, not {cache_dir!r}")
+    if not context_cache:
+        raise SpeccompileError("context_cache=False keeps no context cache: drop cache_dir")
     root, folder = os.path.realpath(bundle_dir), os.path.realpath(cache_dir)
     if os.path.commonpath([root, folder]) == root:
         raise SpeccompileError(f"context cache: --cache-dir {cache_dir!r} is inside the bundle {bundle_dir!r}, whose "

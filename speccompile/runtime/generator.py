@@ -94,7 +94,7 @@ class Generator:
         self._cost = None  # the cost model, measured or read on first use
         # the context cache copies K/V rows through host arrays: device caches (--device cuda, TensorRT) go without
         engines = [self.target, *(d.engine for d in self.drafters.values() if getattr(d, "engine", None))]
-        kept = kept_on(context_cache, all(isinstance(e.cache, KVCache) for e in engines), cache_dir)
+        kept = kept_on(context_cache, all(isinstance(e.cache, KVCache) for e in engines), cache_dir, bundle_dir)
         identity = bundle_identity(manifest, runtime_identity(getattr(self.target, "min_rows", 1), device))
         self.context_cache = ContextCache(identity,
                                           cache_parts(self.target.cache, self.drafters.values()), cache_bytes,
