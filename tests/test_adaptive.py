@@ -8,7 +8,7 @@ import pytest
 
 from conftest import assert_lossless, random_prompts
 from speccompile.format.trees import TreeSpec
-from speccompile.runtime import cost_model
+from speccompile.runtime import cost_cache, cost_model
 from speccompile.runtime.adaptive import AdaptiveDrafting
 from speccompile.runtime.cost_model import HEAD_ROWS, CostModel
 from speccompile.runtime.drafters.base import Proposal
@@ -294,7 +294,7 @@ def test_calibration_is_cached_outside_the_bundle(tiny_bundle, tmp_path, monkeyp
     cm = g.cost_model()
     assert cm.verify(8, 100) >= cm.verify(1, 100) > 0
     assert set(cm.drafter_ms) == set(g.drafters) and cm.drafter_ms["model"]
-    path = cost_model.cache_path(tiny_bundle, 1)
+    path = cost_cache.cache_path(tiny_bundle, 1)
     assert path.startswith(str(tmp_path)) and json.load(open(path))["verify_ms"]
     again = speccompile.load(tiny_bundle, threads=1).cost_model()
     assert again.verify_ms == cm.verify_ms  # read back, not measured again
@@ -350,10 +350,10 @@ def test_the_cost_cache_never_lands_in_the_working_directory(tiny_bundle, tmp_pa
     assert speccompile.load(".", threads=1).cost_model().rows
     read_manifest(".")  # nothing was added to the bundle
     if home == "unknown":
-        assert cost_model.cache_path(".", 1) is None and cost_model.load_cached(".", 1) is None
+        assert cost_cache.cache_path(".", 1) is None and cost_cache.load_cached(".", 1) is None
     else:
-        assert cost_model.load_cached(".", 1) is not None
-        assert cost_model.cache_path(".", 1).startswith(str(tmp_path / "home" / ".cache" / "speccompile"))
+        assert cost_cache.load_cached(".", 1) is not None
+        assert cost_cache.cache_path(".", 1).startswith(str(tmp_path / "home" / ".cache" / "speccompile"))
 
 
 HOSTILE_CACHES = {
@@ -384,16 +384,16 @@ def test_a_damaged_cost_cache_is_measured_again(tiny_bundle, tmp_path, monkeypat
     import speccompile
     monkeypatch.setenv("SPECCOMPILE_CACHE", str(tmp_path))
     good = speccompile.load(tiny_bundle, threads=1).cost_model()
-    path = cost_model.cache_path(tiny_bundle, 1)
+    path = cost_cache.cache_path(tiny_bundle, 1)
     doc = json.load(open(path))
     HOSTILE_CACHES[damage](doc)
     with open(path, "w") as f:
         json.dump(doc, f)
-    assert cost_model.load_cached(tiny_bundle, 1) is None and cost_model.cached_models(tiny_bundle) == []
+    assert cost_cache.load_cached(tiny_bundle, 1) is None and cost_cache.cached_models(tiny_bundle) == []
     g = speccompile.load(tiny_bundle, threads=1)
     cm = g.cost_model()
     assert cm.rows == good.rows and g.generate([5, 6, 7, 5, 6], 8, drafter="model", tree="adaptive").token_ids
-    assert cost_model.load_cached(tiny_bundle, 1) is not None  # the new measurement replaced it
+    assert cost_cache.load_cached(tiny_bundle, 1) is not None  # the new measurement replaced it
 
 
 def test_the_cost_cache_is_keyed_by_cpu_and_device(tiny_bundle, tmp_path, monkeypatch):
@@ -403,7 +403,7 @@ def test_the_cost_cache_is_keyed_by_cpu_and_device(tiny_bundle, tmp_path, monkey
     monkeypatch.setenv("SPECCOMPILE_CACHE", str(tmp_path))
     key = cost_model.machine_key(1)["machine"]
     assert cpu_identity()["model"] in key and "cpu" in key
-    assert cost_model.cache_path(tiny_bundle, 1, "cpu") != cost_model.cache_path(tiny_bundle, 1, "cuda")
+    assert cost_cache.cache_path(tiny_bundle, 1, "cpu") != cost_cache.cache_path(tiny_bundle, 1, "cuda")
     monkeypatch.setattr(cost_model, "cpu_identity", lambda: {"model": "Another CPU", "kernel_flags": ["avx2"]})
     assert cost_model.machine_key(1)["machine"] != key
 

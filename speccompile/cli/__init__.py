@@ -204,7 +204,7 @@ def inspect(bundle, no_verify):
     from speccompile.format.summary import describe
     for line in describe(bundle, read_manifest(bundle, verify_hashes=not no_verify), verified=not no_verify):
         click.echo(line)
-    from speccompile.runtime.cost_model import cached_models  # adaptive drafting's measured costs, if any
+    from speccompile.runtime.cost_cache import cached_models  # adaptive drafting's measured costs, if any
     for model in cached_models(bundle):
         for line in model.describe():
             click.echo(line)

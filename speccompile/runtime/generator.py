@@ -16,7 +16,7 @@ from speccompile.format.drafter_kinds import KINDS
 from speccompile.format.summary import pass_weight_bytes
 from speccompile.format.trees import ADAPTIVE_LOOKUP, TreeSpec, depths
 from speccompile.graphs import MAX_STEP_TOKENS, MAX_VERIFY_TOKENS, trees_exact
-from speccompile.runtime import cost_model
+from speccompile.runtime import cost_cache
 from speccompile.runtime.adaptive import AdaptiveDrafting
 from speccompile.runtime.cost_model import CostModel
 from speccompile.runtime.acceptance import SpecDecodeStats, Verdict, accept_on_host, chain_parents
@@ -229,7 +229,7 @@ class Generator:
 
     def _measured_cost(self, recalibrate: bool = False) -> CostModel:  # for callers holding the engines already
         if self._cost is None or recalibrate:
-            self._cost = cost_model.cached_or_calibrated(self.bundle_dir, self.target, self.drafters, self.threads,
+            self._cost = cost_cache.cached_or_calibrated(self.bundle_dir, self.target, self.drafters, self.threads,
                                                          self.lookup, recalibrate)
         return self._cost
 
