@@ -160,6 +160,10 @@ GENERATE = [
     ("num-draft and a tree", lambda p: [p[B], "hi", "--num-draft", "3", "--tree", "dynamic:8"]),
     ("no-speculate compared", lambda p: [p[B], "hi", "--no-speculate", "--compare"]),
     ("typical acceptance while greedy", lambda p: [p[B], "hi", "--acceptance", "typical"]),
+    # a temperature below sampling.GREEDY_BELOW decodes greedily, as 0 does: what only sampling reads is refused
+    ("top-k at a greedy temperature", lambda p: [p[B], "hi", "--temperature", "1e-8", "--top-k", "5"]),
+    ("typical acceptance at a greedy temperature", lambda p: [p[B], "hi", "--temperature", "1e-8", "--acceptance",
+                                                              "typical"]),
     ("temperature nan", lambda p: [p[B], "hi", "--temperature", "nan"]),
     ("temperature inf", lambda p: [p[B], "hi", "--temperature", "inf"]),
     ("temperature negative", lambda p: [p[B], "hi", "--temperature", "-0.5"]),

@@ -238,6 +238,8 @@ def test_bench_cli_bad_input(tiny_bundle, dataset):
     for options, says in ((("--streams", "0"), "--streams 0"), (("--streams", "4", "--stream-requests", "-1"),
                                                                  "--stream-requests -1"),
                           (("--threads", "-1"), "--threads -1"), (("--top-k", "5"), "--top-k 5"),
+                          # below sampling.GREEDY_BELOW a temperature decodes greedily, as 0 does
+                          (("--temperature", "1e-8", "--top-k", "5"), "--top-k 5"),
                           # a count or a method named twice was measured twice (one stream count's first run lost)
                           (("--streams", "2,4,2"), "--streams 2,4,2: a stream count is named twice"),
                           (("--drafter", "lookup@chain:2", "--drafter", "lookup@chain:2~exact"),

@@ -139,6 +139,17 @@ def test_drafting_options_on_a_bundle_without_drafters_are_refused(tmp_path):
     assert plain["stats"]["drafter"] is None and 1 <= len(plain["token_ids"]) <= 4
 
 
+def test_sampling_options_at_a_temperature_that_decodes_greedily_are_refused(tiny_bundle):
+    """A temperature below sampling.GREEDY_BELOW decodes greedily, as 0 does: --top-k, --top-p and typical
+    acceptance would change nothing there, so they are refused as at 0, not silently ignored."""
+    for args in (["--top-k", "5"], ["--top-p", "0.5"], ["--acceptance", "typical"]):
+        r = CliRunner().invoke(main, ["generate", str(tiny_bundle), "hello", "--max-new-tokens", "4",
+                                      "--temperature", "1e-8", *args])
+        assert r.exit_code == 2 and r.output.startswith(f"error: {args[0]}") and len(r.output.splitlines()) == 1, \
+            r.output
+        assert "at least 1e-05" in r.output, r.output
+
+
 def test_top_k_and_top_p_without_a_temperature_are_refused(tiny_bundle):
     """Greedy decoding (temperature 0, the default) takes the likeliest token whatever --top-k or --top-p say: they
     are refused there rather than ignored, and apply once a temperature is given."""

@@ -28,7 +28,7 @@ from speccompile.bench.report import result_document
 from speccompile.bench.settings import BenchSettings, Method
 from speccompile.bench.stats import repeated_ngram_share
 from speccompile.errors import SpeccompileError
-from speccompile.runtime.sampling import SamplingParams, acceptance_option
+from speccompile.runtime.sampling import GREEDY_BELOW, SamplingParams, acceptance_option
 from speccompile.runtime.sessions import check_threads
 
 
@@ -101,9 +101,10 @@ def check_settings(settings: BenchSettings) -> None:
     check_stream_counts(settings.streams)
     if settings.streams and settings.stream_requests < 1:
         raise SpeccompileError(f"--stream-requests {settings.stream_requests}: must be at least 1")
-    if settings.top_k and not settings.temperature:
-        raise SpeccompileError(f"--top-k {settings.top_k}: samples, so it needs a --temperature above 0 "
-                               "(greedy decoding has no top-k)")
+    # values out of range: their own error; a temperature below sampling.GREEDY_BELOW decodes greedily, as 0 does
+    if settings.top_k and SamplingParams(settings.temperature, settings.top_k).greedy:
+        raise SpeccompileError(f"--top-k {settings.top_k}: samples, so it needs a --temperature of at least "
+                               f"{GREEDY_BELOW:g} (greedy decoding has no top-k)")
     for spec in settings.drafters:  # values out of range: their own error, before the machine is measured
         acceptance = split_acceptance(spec)[1]
         params = SamplingParams(settings.temperature, settings.top_k, **acceptance_option(acceptance))
