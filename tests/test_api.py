@@ -246,6 +246,19 @@ def test_options_it_does_not_take_are_refused_by_name(tiny_generator):
         assert isinstance(refused.value, TypeError)
 
 
+def test_n_says_that_copies_of_a_prompt_with_a_seed_answer_alike(tiny_generator):
+    """vLLM's n is refused with a hint to pass a list of prompts; with a seed every copy of a prompt draws from
+    that seed alone, so the copies answer alike (not n samples): the hint says so."""
+    g, prompt = tiny_generator, [5, 6, 7, 8]
+    seeded = g.generate([prompt, prompt], 8, temperature=1e6, seed=3, chat=False)
+    assert seeded[0].token_ids == seeded[1].token_ids
+    unseeded = g.generate([prompt, prompt], 8, temperature=1e6, chat=False)  # near-uniform over the vocabulary
+    assert unseeded[0].token_ids != unseeded[1].token_ids
+    for name in ("n", "num_return_sequences"):
+        with pytest.raises(SpeccompileError, match=f"'{name}' .pass a list of prompts.*with a seed"):
+            g.generate(prompt, 8, temperature=1.0, seed=3, chat=False, **{name: 2})
+
+
 def test_chat_renders_system_and_turns(tiny_generator):
     g = tiny_generator
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"},

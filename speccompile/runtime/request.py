@@ -19,13 +19,16 @@ from speccompile.runtime.sampling import SamplingParams, acceptance_option
 ROLES = ("system", "user", "assistant", "tool")
 _NOT_SUPPORTED = "not supported: sampling here is temperature, top_k, top_p and seed"
 _EOS = "stop (stop strings): the bundle's end-of-sequence tokens always end the output"
+# vLLM's n and transformers' num_return_sequences draw several samples of one prompt; copies of a prompt in a list
+# each draw from the seed alone, so with a seed they all answer alike
+_SAMPLES = ("pass a list of prompts, one result each (with a seed, copies of one prompt get one answer: leave the "
+            "seed out, or call once per seed)")
 # keywords that transformers' generate or vLLM take, and what to give here instead
 FAMILIAR_OPTIONS = {
     "max_tokens": "use max_new_tokens", "max_length": "use max_new_tokens (it counts the new tokens alone)",
     "do_sample": "use temperature: above 0 samples, 0 (the default) is greedy",
     "stop_sequences": "use stop", "stop_strings": "use stop", "eos_token_id": f"use {_EOS}",
-    "stop_token_ids": f"use {_EOS}", "n": "pass a list of prompts, one result each",
-    "num_return_sequences": "pass a list of prompts, one result each", "sampling_params": "use params",
+    "stop_token_ids": f"use {_EOS}", "n": _SAMPLES, "num_return_sequences": _SAMPLES, "sampling_params": "use params",
     "repetition_penalty": _NOT_SUPPORTED, "presence_penalty": _NOT_SUPPORTED, "frequency_penalty": _NOT_SUPPORTED,
     "min_p": _NOT_SUPPORTED, "logprobs": "not supported",
 }
