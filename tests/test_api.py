@@ -179,6 +179,35 @@ def test_stop_string_text_is_held_back_and_cut():
     assert ts.certain() == ("é", 2)
 
 
+class _CountedStop(str):
+    """A stop string that counts how often an end of the text is compared with its start."""
+    compared = 0
+
+    def startswith(self, prefix, *args):
+        _CountedStop.compared += 1
+        return super().startswith(prefix, *args)
+
+
+def test_a_long_stop_string_is_compared_with_the_new_text_only():
+    """Text already handed out cannot begin a stop string (it was held back if it could): each pass compares the
+    text it adds, not the whole output up to a long stop string's length (a server's client sets stop strings)."""
+    words = [f" w{i}" for i in range(400)]
+    ts = TextStream(_Pieces(words), (_CountedStop("~" * 100_000),))
+    for t in range(len(words)):
+        ts.add(t)
+        _CountedStop.compared = 0
+        assert ts.certain() == (words[t], 1)
+        assert _CountedStop.compared <= len(words[t]), (t, _CountedStop.compared)
+    # a held-back start is still found, and released once it cannot become the stop string
+    ts = TextStream(_Pieces(["held ~~", "~~", "x"]), ("~~~~~~~~~~END",))
+    ts.add(0)
+    assert ts.certain() == ("held ", 0)
+    ts.add(1)
+    assert ts.certain() == ("", 0)
+    ts.add(2)
+    assert ts.certain() == ("~~~~x", 3)
+
+
 class _Replacing(_Pieces):
     """As _Pieces, but a partial character left at the end decodes as U+FFFD, as a real tokenizer's does."""
 

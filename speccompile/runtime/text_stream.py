@@ -94,8 +94,11 @@ class TextStream:
         return self.given - before
 
     def _open_stop_prefix(self) -> int:
-        """Length of the longest end of the text that begins some stop string (that could still complete it)."""
-        for n in range(min(self.longest - 1, len(self.text)), 0, -1):
+        """Length of the longest end of the text that begins some stop string (that could still complete it).
+        Only ends within the text not handed out yet can: one that began earlier began a stop string then too (the
+        text only grows), so it was held back. A client's stop string of a million characters would otherwise
+        cost a scan of the whole output at every pass."""
+        for n in range(min(self.longest - 1, len(self.text) - self.emitted), 0, -1):
             tail = self.text[-n:]
             if any(s.startswith(tail) for s in self.stop):
                 return n
