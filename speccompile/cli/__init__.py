@@ -178,7 +178,7 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, dr
         if base:
             out["autoregressive_stats"] = base.stats
             out["speedup"] = res.stats["total_s"] and base.stats["total_s"] / res.stats["total_s"]
-            out["identical_to_autoregressive"] = base.token_ids == res.token_ids
+            out["identical_to_autoregressive"], out["seed"] = base.token_ids == res.token_ids, seed
         click.echo(json.dumps(out))
         return
     s = res.stats
@@ -191,7 +191,8 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, dr
         b = base.stats
         same = "identical" if base.token_ids == res.token_ids else "DIFFERENT"
         click.echo(f"[autoregressive: {b['tokens_per_second']:.1f} tok/s; speculative speedup "
-                   f"{b['total_s'] / s['total_s']:.2f}x; output {same} to autoregressive]", err=True)
+                   f"{b['total_s'] / s['total_s']:.2f}x; output {same} to autoregressive"
+                   f"{f'; seed {seed}' if temperature > 0 else ''}]", err=True)  # a drawn seed, to run it again
 
 
 @main.command()
