@@ -381,6 +381,23 @@ def test_bearer_token_auth(state):
         srv.stop()
 
 
+def test_a_request_without_the_api_key_is_refused_before_its_body_is_read(state):
+    """The 401 comes from the headers alone: a client without the key cannot make the server take in (and hold in
+    memory) a body of any size first."""
+    srv = InProcessServer(make_state(state.gen, "tiny-serve", api_key="s3cret"))
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000000000\r\n\r\n{")  # a gigabyte announced, one byte of it sent
+            answer = b""
+            while b"invalid_api_key" not in answer and (part := s.recv(4096)):
+                answer += part
+        assert answer.startswith(b"HTTP/1.1 401") and b"invalid_api_key" in answer, answer
+        assert httpx.get(srv.url + "/health").status_code == 200  # still open
+    finally:
+        srv.stop()
+
+
 class SlowGenerator:
     """The Generator, each verify pass slowed down: a long request then surely outlasts the test's steps."""
 

@@ -8,8 +8,9 @@ import dataclasses
 import json
 import secrets
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
+from starlette.datastructures import Headers
 
 from speccompile.errors import SpeccompileError
 from speccompile.serve import api_errors, protocol
@@ -44,7 +45,8 @@ def create_app(state: ServeState) -> FastAPI:
 
     app = FastAPI(title="speccompile", lifespan=lifespan, docs_url=None, redoc_url=None)
     api_errors.install(app)
-    authorized = Depends(_auth(state))
+    if state.api_key is not None:
+        app.add_middleware(KeyBeforeBody, key=state.api_key)
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with either
     async def health():
@@ -56,22 +58,22 @@ def create_app(state: ServeState) -> FastAPI:
         body, content_type = state.metrics.exposition()
         return Response(body, media_type=content_type)
 
-    @app.get("/v1/models", dependencies=[authorized])
+    @app.get("/v1/models")
     async def models():
         return protocol.model_list(state.model, state.created)
 
-    @app.get("/v1/models/{model:path}", dependencies=[authorized])  # the openai client's models.retrieve()
+    @app.get("/v1/models/{model:path}")  # the openai client's models.retrieve()
     async def model(model: str):
         _check_model(state, model)
         return protocol.model_card(state.model, state.created)
 
-    @app.post("/v1/chat/completions", dependencies=[authorized])
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: protocol.ChatRequest, request: Request):
         _check_request(state, body)
         ids = await _tokenize(state.gen.tokenizer.encode_messages, [m.as_dict() for m in body.messages])
         return await _respond(state, body, ids, request, chat=True)
 
-    @app.post("/v1/completions", dependencies=[authorized])
+    @app.post("/v1/completions")
     async def completions(body: protocol.CompletionRequest, request: Request):
         _check_request(state, body)
         prompt = body.prompt
@@ -86,16 +88,26 @@ def create_app(state: ServeState) -> FastAPI:
     return app
 
 
-def _auth(state: ServeState):
-    async def check(request: Request):
-        if state.api_key is None:
+class KeyBeforeBody:
+    """The API key checked on a request's headers before anything reads its body (`/health` and `/metrics` stay
+    open). FastAPI reads and parses a body before a route's dependencies run: a check there let a client without
+    the key make the server hold a body of any size in memory, and parse it, before its 401."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key
+
+    async def __call__(self, scope, receive, send):
+        guarded = scope["type"] == "http" and scope["path"].startswith("/v1/")
+        if guarded and not self._authorized(Headers(scope=scope)):
+            response = APIError(401, "missing or incorrect API key (send 'Authorization: Bearer KEY')",
+                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}).response()
+            await response(scope, receive, send)
             return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), state.api_key.encode()):
-            raise APIError(401, "missing or incorrect API key (send 'Authorization: Bearer KEY')",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-    return check
+        await self.app(scope, receive, send)
+
+    def _authorized(self, headers: Headers) -> bool:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), self.key.encode())
 
 
 async def _tokenize(encode, *args, **kwargs) -> list[int]:
