@@ -836,6 +836,24 @@ def test_serve_names_the_address_it_listens_on(bundle):
         assert proc.wait(30) == 0
 
 
+STOPPED_WHILE_LOADING = """
+import os, signal, time
+from speccompile.serve import server
+def load_state(*_):  # a SIGTERM arrives while the bundle loads
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+server.load_state = load_state
+server.serve("unused", server.ServeOptions(port=0))
+"""
+
+
+def test_a_sigterm_while_the_bundle_loads_exits_0():
+    """A stop before the server runs abandons the load and exits 0, as a stop while serving does (it was killed
+    by the signal: status -15)."""
+    proc = subprocess.run([sys.executable, "-c", STOPPED_WHILE_LOADING], capture_output=True, text=True, timeout=20)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_ray_serve_two_replicas_answer_the_same(bundle, state):
     pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'speccompile[ray]'")

@@ -8,6 +8,7 @@ import logging
 import math
 import signal
 import socket
+import threading
 
 from speccompile.errors import SpeccompileError
 from speccompile.serve.app import ServeState, create_app
@@ -51,14 +52,22 @@ def uvicorn_server(state: ServeState, opts: ServeOptions, **config):
     return StoppingServer(cfg)
 
 
+class StoppedWhileLoading(BaseException):
+    """SIGTERM or Ctrl-C before the server runs. A BaseException, as KeyboardInterrupt is: the loading code's
+    handlers of failures must not take it for one."""
+
+
 def serve(bundle_dir: str, opts: ServeOptions) -> None:
     """Serve until SIGTERM or Ctrl-C, in this (the main) thread. The address is taken before the bundle loads:
     a port in use or a host that does not resolve is one error, at once."""
     sock = listening_socket(opts.host, opts.port)
     try:
-        server = uvicorn_server(load_state(bundle_dir, opts), opts)
-        with stop_signals_exit_cleanly():
+        with stop_signals_exit_cleanly() as serving:
+            server = uvicorn_server(load_state(bundle_dir, opts), opts)
+            serving.set()
             server.run(sockets=[sock])
+    except StoppedWhileLoading:
+        pass  # nothing served yet: the load is abandoned, and the process exits 0 as a stop while serving does
     finally:
         sock.close()
 
@@ -89,11 +98,18 @@ def listening_url(sock: socket.socket) -> str:
 
 @contextlib.contextmanager
 def stop_signals_exit_cleanly():
-    """uvicorn catches SIGTERM / SIGINT while it runs, drains, then raises the signal again for the handler that
-    was there before it: make that handler a no-op, so a requested stop ends the process with status 0."""
-    previous = {sig: signal.signal(sig, lambda *_: None) for sig in STOP_SIGNALS}
+    """A stop while the bundle loads abandons the load (StoppedWhileLoading, raised in this thread). Once the
+    yielded event is set, uvicorn catches SIGTERM / SIGINT while it runs, drains, then raises the signal again for
+    the handler that was there before it: a no-op by then. A requested stop ends the process with status 0."""
+    serving = threading.Event()
+
+    def stop(*_):
+        if not serving.is_set():
+            raise StoppedWhileLoading
+
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     try:
-        yield
+        yield serving
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
