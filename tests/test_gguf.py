@@ -257,15 +257,17 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_llama_gguf(path, qtypes=(Q.Q8_0, Q.Q4_1, Q.Q4_0), split_max_tensors=0, **metadata):
-    """The tiny:llama preset as llama.cpp would convert it: q/k rows permuted, matrices quantized in turn with
-    `qtypes`, a byte-level vocabulary without merges; metadata: more keys, by GGUFWriter's add_<key> method.
-    split_max_tensors: split into shards of that many tensors, as gguf-split does (path-0000i-of-0000n.gguf)."""
+def write_tiny_llama_gguf(path, qtypes=(Q.Q8_0, Q.Q4_1, Q.Q4_0), split_max_tensors=0, ckpt=None, name="tiny llama",
+                          **metadata):
+    """The tiny:llama preset (or `ckpt`, a llama-block checkpoint) as llama.cpp would convert it: q/k rows (and
+    biases) permuted, matrices quantized in turn with `qtypes`, a byte-level vocabulary without merges; metadata:
+    more keys, by GGUFWriter's add_<key> method. split_max_tensors: split into shards of that many tensors, as
+    gguf-split does (path-0000i-of-0000n.gguf)."""
     from speccompile.compile.presets import tiny_checkpoint
-    ckpt = tiny_checkpoint("llama")
+    ckpt = ckpt or tiny_checkpoint("llama")
     cfg = ckpt.config
     w = gguf.GGUFWriter(str(path), "llama", split_max_tensors=split_max_tensors)
-    w.add_name("tiny llama")
+    w.add_name(name)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -288,7 +290,7 @@ def write_tiny_llama_gguf(path, qtypes=(Q.Q8_0, Q.Q4_1, Q.Q4_0), split_max_tenso
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         t = np.asarray(t, np.float32)
-        if name.endswith("q_proj.weight") or name.endswith("k_proj.weight"):
+        if re.search(r"[qk]_proj\.(weight|bias)$", name):
             heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
             t = llama_cpp_permute(t, heads)
         if t.ndim == 2:
@@ -318,6 +320,66 @@ def test_tiny_gguf_matches_transformers(tmp_path):
         assert np.array_equal(ours.tensors[k].view(np.uint32), v.view(np.uint32)), k
         source = ckpt.tensors.get(k, ckpt.tensors["model.embed_tokens.weight"])  # lm_head: tied
         assert np.abs(ours.tensors[k] - source).max() <= 0.15 * np.abs(source).max(), k  # unpermuted, not scrambled
+
+
+def gguf_bundle_logits(path: str, out: str, ids: np.ndarray) -> np.ndarray:
+    """The logits a float32 bundle built from the GGUF `path` computes for `ids`."""
+    from speccompile.compile.driver import build_bundle
+    from speccompile.format.bundle import read_manifest
+    from speccompile.runtime.engine import Engine
+    build_bundle(path, out, drafts=["lookup"], max_seq_len=64, weights="float32", progress=lambda *_: None)
+    eng = Engine(out, read_manifest(out)["models"]["target"], threads=1)
+    return eng.forward(ids, rows=np.arange(len(ids)))[0]
+
+
+def biased_llama(seed=0, mlp=False):
+    """The tiny:llama preset with random q/k/v/o biases (a Hugging Face llama with attention_bias: true), and an
+    up_proj bias if `mlp`."""
+    from speccompile.compile.presets import tiny_checkpoint
+    ckpt = tiny_checkpoint("llama")
+    cfg = dataclasses.replace(ckpt.config, qkv_bias=True, o_bias=True)
+    rng, tensors = np.random.default_rng(seed), dict(ckpt.tensors)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for proj, n in (("q", cfg.q_size), ("k", cfg.kv_size), ("v", cfg.kv_size), ("o", cfg.hidden_size)):
+            tensors[f"{p}self_attn.{proj}_proj.bias"] = rng.standard_normal(n).astype(np.float32)
+        if mlp:
+            tensors[f"{p}mlp.up_proj.bias"] = rng.standard_normal(cfg.intermediate_size).astype(np.float32)
+    return dataclasses.replace(ckpt, config=cfg, tensors=tensors)
+
+
+def test_llama_gguf_biases_are_added_as_llama_cpp_adds_them(tmp_path):
+    """q/k/v/o biases in a "llama" GGUF (convert_hf_to_gguf writes those of attention_bias: true, q/k permuted)
+    are optional tensors llama.cpp adds: the bundle computes the Hugging Face model's logits (they were dropped, as
+    transformers' GGUF loader drops them); MLP biases are refused, not dropped."""
+    transformers = pytest.importorskip("transformers")
+    from models_util import reference_logits
+    from speccompile.compile.sources import save_hf_dir
+    ckpt = biased_llama()
+    write_tiny_llama_gguf(tmp_path / "b.gguf", qtypes=(Q.F32,), ckpt=ckpt)
+    save_hf_dir(ckpt, str(tmp_path / "hf"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype="float32")
+    ids = np.random.default_rng(0).integers(3, 384, 32)
+    ref = reference_logits(model, ids)
+    logits = gguf_bundle_logits(str(tmp_path / "b.gguf"), str(tmp_path / "bundle"), ids)
+    assert np.abs(logits - ref).max() < 1e-4 * np.abs(ref).max()
+    write_tiny_llama_gguf(tmp_path / "mlp.gguf", qtypes=(Q.F32,), ckpt=biased_llama(mlp=True))
+    with pytest.raises(UnsupportedModelError, match=r"mlp\.gguf: GGUF with MLP biases"):
+        read_gguf(str(tmp_path / "mlp.gguf"))
+
+
+def test_mistral_gguf_reads_no_sliding_window(tmp_path):
+    """A "llama" GGUF named as convert_hf_to_gguf names Mistral's (general.name "Mistral 7B Instruct v0.3") states no
+    window: it attends over the whole context, as llama.cpp runs it and transformers reads it (as llama); it slid
+    attention over 4096 tokens, the default of transformers' Mistral config."""
+    transformers = pytest.importorskip("transformers")
+    from speccompile.compile.config import ModelConfig
+    write_tiny_llama_gguf(tmp_path / "m.gguf", name="Mistral 7B Instruct v0.3")
+    ours = read_gguf(str(tmp_path / "m.gguf"))[0]
+    ref = transformers.AutoConfig.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    assert ours.model_type == "mistral" and ref.model_type == "llama"
+    assert ours.sliding_window is None and ours.layer_types == ()
+    assert dataclasses.replace(ours, model_type="llama") == ModelConfig.from_hf(ref.to_dict())
 
 
 def test_split_gguf_reads_every_shard(tmp_path):

@@ -17,8 +17,8 @@ from speccompile.compile.config import ModelConfig
 from speccompile.compile.gguf_tokenizer import end_of_turn_ids, tokenizer_files
 from speccompile.errors import CheckpointError, UnsupportedModelError
 
-# general.architecture values read; a "llama" file whose general.name says mistral is Mistral, as transformers
-# decides.
+# general.architecture values read; a "llama" file whose general.name says mistral is read as Mistral (transformers
+# does so only for the name "mistral" exactly; either way it computes as llama does: CONFIG_DEFAULTS).
 GGUF_ARCHITECTURES = ("llama", "qwen2")
 
 # GGUF key (after the "<arch>." prefix) -> Hugging Face config key, as transformers' GGUF_CONFIG_MAPPING has it.
@@ -35,8 +35,10 @@ CONFIG_KEYS = {
 }
 # transformers reads head_dim from rope.dimension_count for llama/mistral only (Qwen2 rotates whole heads).
 HEAD_DIM_KEY = {"llama": "rope.dimension_count", "mistral": "rope.dimension_count"}
-# Defaults transformers' config classes supply where the GGUF says nothing.
-CONFIG_DEFAULTS = {"mistral": {"sliding_window": 4096}, "qwen2": {"use_sliding_window": False}}
+# Defaults where the GGUF says nothing. No sliding window for Mistral: llama.cpp attends over the whole context of
+# every "llama" file, and transformers reads a Mistral file by any other name than "mistral" as llama (the 4096 of
+# its Mistral config would slide attention that Mistral 7B v0.2+ and the original llama.cpp run never slid).
+CONFIG_DEFAULTS = {"mistral": {"sliding_window": None}, "qwen2": {"use_sliding_window": False}}
 
 # {arch}.rope.scaling.* keys (and the older rope.scale_linear) lowered, as llama.cpp applies them: linear, and YaRN
 # as transformers computes it (the same frequencies, correction dims and attention factor). Any other scaling key
@@ -171,6 +173,17 @@ def hf_config(meta: dict, tensor_names: set[str]) -> dict:
     return hf
 
 
+def with_file_biases(config: ModelConfig, tensor_names: set[str]) -> ModelConfig:
+    """The q/k/v and o biases the file holds, applied as llama.cpp applies them to a "llama" file (optional
+    tensors there; transformers' loader drops them, so its logits are those of another model); MLP biases are
+    refused, not dropped."""
+    held = {name.split(".")[2] for name in tensor_names if name.startswith("blk.") and name.endswith(".bias")}
+    if held & {"ffn_gate", "ffn_up", "ffn_down"}:
+        raise UnsupportedModelError("GGUF with MLP biases (blk.*.ffn_*.bias): not lowered")
+    return dataclasses.replace(config, qkv_bias=config.qkv_bias or bool(held & {"attn_q", "attn_k", "attn_v"}),
+                               o_bias=config.o_bias or "attn_output" in held)
+
+
 def hf_tensor_name(gguf_name: str) -> str | None:
     stem, _, suffix = gguf_name.rpartition(".")
     if stem in GLOBAL_TENSORS:
@@ -248,7 +261,7 @@ def read_gguf(path: str) -> tuple[ModelConfig, dict[str, GGUFTensor], dict[str, 
         raise CheckpointError(f"{path}: GGUF without general.architecture (truncated, or not a model file)")
     try:
         names = {t.name for reader in readers for t in reader.tensors}
-        config = ModelConfig.from_hf(hf_config(meta, names))
+        config = with_file_biases(ModelConfig.from_hf(hf_config(meta, names)), names)
         try:
             tokenizer = tokenizer_files(meta)
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # missing or of the wrong kind
