@@ -80,6 +80,22 @@ def test_lru_eviction_within_the_byte_budget():
     assert c.nbytes <= c.max_bytes
 
 
+def test_a_chain_over_the_budget_keeps_its_first_blocks(tmp_path):
+    """A conversation longer than the memory budget keeps the blocks a lookup can reach, its first ones, whether
+    stored or read back from the disk tier (it kept its last ones, unreachable without the first: every later
+    turn of a long chat missed the whole history)."""
+    per_block = B * 2 * 4
+    tokens, follow_up = np.arange(10 * B), np.arange(10 * B + 1)
+    memory = unit_cache(max_bytes=4 * per_block)
+    store(memory, tokens)
+    assert memory.nbytes <= memory.max_bytes
+    assert len(memory.lookup(follow_up, len(tokens), ["target"])) == 4
+    store(unit_cache(max_bytes=4 * per_block, cache_dir=str(tmp_path)), tokens)
+    restarted = unit_cache(max_bytes=4 * per_block, cache_dir=str(tmp_path))  # the disk tier alone holds them
+    assert len(restarted.lookup(follow_up, len(tokens), ["target"])) == 10
+    assert restarted.nbytes <= restarted.max_bytes and set(restarted.blocks) == set(restarted.keys(tokens)[:4])
+
+
 def test_disk_tier_round_trip_and_bad_files_ignored(tmp_path):
     store(unit_cache(cache_dir=str(tmp_path)), list(range(8)))
     fresh = unit_cache(cache_dir=str(tmp_path))  # as after a restart: memory empty

@@ -168,6 +168,7 @@ class ContextCache:
                 break
             found.append((key, block))
         self._touch([k for k, _ in found])
+        self._evict()
         return [b for _, b in found]
 
     def store(self, tokens: np.ndarray, upto: int, read: Callable[[str, int, int], Arrays | None]) -> None:
@@ -235,10 +236,12 @@ class ContextCache:
         self.store(tokens, upto, read)
 
     def _admit(self, key: str, block: dict[str, Arrays] | None) -> dict[str, Arrays] | None:
+        """Hold a block, over the budget until the caller has touched its chain and evicts: evicting here would
+        take the chain's own first blocks (least recently used among those being admitted) and keep its tail,
+        which no lookup reaches without them."""
         if block is not None:
             self.blocks[key] = block
             self.nbytes += block_bytes(block)
-            self._evict()
         return block
 
     def _drop(self, key: str) -> None:
