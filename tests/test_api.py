@@ -349,6 +349,12 @@ BAD_LOADS = {"cache_bytes -1": dict(cache_bytes=-1), "cache_bytes a string": dic
              "cache_dir without a context cache": dict(context_cache=False, cache_dir="/tmp/speccompile-cache")}
 
 
+def test_messages_given_to_generate_point_to_chat(tiny_generator):
+    """A conversation passed to generate() was refused as 'prompt token ids must be whole numbers'."""
+    with pytest.raises(SpeccompileError, match=r"call chat\(messages\)"):
+        tiny_generator.generate([{"role": "user", "content": "hello"}], 4)
+
+
 @pytest.mark.parametrize("bad", BAD_CALLS.values(), ids=BAD_CALLS.keys())
 def test_bad_api_input_is_one_speccompile_error(tiny_generator, bad):
     g, kw = tiny_generator, dict(bad)

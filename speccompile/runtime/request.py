@@ -179,6 +179,9 @@ def prompt_ids(gen, prompt, chat: bool) -> np.ndarray:
     if len(ids) == 0:
         raise SpeccompileError("empty prompt")
     if not all(_whole(t) for t in ids) if not isinstance(ids, np.ndarray) else ids.dtype.kind not in "iu":
+        if not isinstance(ids, np.ndarray) and all(isinstance(t, dict) for t in ids):
+            raise SpeccompileError("prompt: a list of messages is a conversation: call chat(messages), or stream("
+                                   "gen.tokenizer.encode_messages(messages)) for its text as it comes")
         raise SpeccompileError("prompt token ids must be whole numbers")
     vocab = gen.target.vocab_size
     bad = (ids[(ids < 0) | (ids >= vocab)].tolist() if isinstance(ids, np.ndarray)
