@@ -63,3 +63,24 @@ def test_greedy_lookup_is_lossless(mixtral):
     import speccompile
     g = speccompile.load(mixtral[1], threads=1)
     assert_lossless(g, "lookup", random_prompts(5), 24)
+
+
+def test_decode_step_reads_only_the_routed_experts(mixtral):
+    """A one-token step gathers the matrices of the k experts it routes to (graph/moe.py): inspect's figure (and
+    bench's GB/s, from it) once counted every expert, as if a step read them all."""
+    import onnx
+    from speccompile.format.summary import describe, pass_weight_bytes
+    out = mixtral[1]
+    m = read_manifest(out)
+    t = m["models"]["target"]
+    sizes = {n: r["length"] for n, r in m["weights"]["target.bin"].items() if n in t["initializers"]}
+    experts = {n: v for n, v in sizes.items() if ".experts." in n}
+    graph = onnx.load(os.path.join(out, t["graph"]), load_external_data=False).graph
+    assert experts and {(n.op_type, list(n.input).index(name)) for n in graph.node for name in experts
+                        if name in n.input} == {("Gather", 0)}  # only ever read by index
+    cfg = t["config"]
+    routed = sum(experts.values()) * cfg["num_experts_per_tok"] // cfg["n_routed_experts"]
+    dense = pass_weight_bytes(m, {**t, "initializers": [n for n in t["initializers"] if n not in experts]}, 0)
+    step = pass_weight_bytes(m, t, 0)
+    assert step == {k: v + routed for k, v in dense.items()}
+    assert f"decode step reads {step['screened'] / 2**20:.1f} MiB" in "\n".join(describe(out, m, True))

@@ -52,14 +52,15 @@ def describe(bundle: str, m: dict, verified: bool) -> list[str]:
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # a KV cache's element, by the manifest's dtype
 ROPE_TABLE = re.compile(r"(.+\.)?rope(_local)?\.(cos|sin)")  # [max_seq_len + 1, rotary dims / 2] each
+EXPERTS = re.compile(r"l\d+\.experts\.(gate_up|down)")  # [routed experts, ...]: a token gathers its k
 
 
 def pass_weight_bytes(manifest: dict, entry: dict, file_bytes: int) -> dict[str, int]:
     """Weight bytes one decode step of the model `entry` reads: "full" (float32 head, the screen's tensors unread) and
     "screened" (a greedy pass through the exact greedy head: its int8 screen instead of the float32 head, of which it
-    reads only the rescored rows). A step gathers one row of the embedding table and of each cos/sin table; the
-    float32 head (the embedding of a tied model) is read whole. The weight files' size for bundles that do not list
-    initializers."""
+    reads only the rescored rows). A step gathers one row of the embedding table and of each cos/sin table, and the
+    k experts it routes to of each mixture-of-experts layer; the float32 head (the embedding of a tied model) is
+    read whole. The weight files' size for bundles that do not list initializers."""
     names = set(entry.get("initializers", ()))
     sizes = {n: r["length"] for f in entry["weights"] for n, r in manifest.get("weights", {}).get(f, {}).items()
              if n in names}
@@ -67,11 +68,20 @@ def pass_weight_bytes(manifest: dict, entry: dict, file_bytes: int) -> dict[str,
         return {"full": file_bytes, "screened": file_bytes}
     screen = sum(v for n, v in sizes.items() if n.startswith("head_screen."))
     head = sizes.get("lm_head", sizes.get("embed", 0))
-    gathered = {n: v for n, v in sizes.items() if n == "embed" or ROPE_TABLE.fullmatch(n)}
-    rows = sum(v // (entry["config"]["vocab_size"] if n == "embed" else manifest["max_seq_len"] + 1)
-               for n, v in gathered.items())
+    gathered = {n: v for n, v in sizes.items() if n == "embed" or ROPE_TABLE.fullmatch(n) or EXPERTS.fullmatch(n)}
+    rows = sum(_rows_read(n, v, entry["config"], manifest["max_seq_len"]) for n, v in gathered.items())
     rest = sum(sizes.values()) - screen - sum(gathered.values()) - (head if "lm_head" in sizes else 0)
     return {"full": rest + rows + head, "screened": rest + rows + (screen if screen else head)}
+
+
+def _rows_read(name: str, size: int, cfg: dict, max_seq_len: int) -> int:
+    """The bytes one token's step reads of a table it gathers rows from (graph/moe.py gathers the chosen experts'
+    matrices by index: the others are never read)."""
+    if name == "embed":
+        return size // cfg["vocab_size"]
+    if EXPERTS.fullmatch(name):
+        return size // cfg["n_routed_experts"] * cfg["num_experts_per_tok"]
+    return size // (max_seq_len + 1)
 
 
 def _layer_ranges(layers: list[int]) -> str:
