@@ -286,6 +286,24 @@ def test_compare_transformers(tiny_bundle, tmp_path):
     assert "transformers" in doc["versions"] and doc["peak_rss_mib"]["total"] >= doc["peak_rss_mib"]["speccompile"]
 
 
+
+def test_speccompile_peak_memory_is_taken_before_transformers_loads(tiny_bundle, dataset, monkeypatch):
+    """peak_rss_mib's speccompile figure (the table's peak RSS) is this process's high-water mark once speccompile's
+    phases are done, concurrency mode included: the transformers models (and torch) once loaded in the constructor,
+    before them, and counted in it, several hundred MiB for a tiny bundle."""
+    pytest.importorskip("transformers")
+    from speccompile.bench import peers, run
+    events = []
+    monkeypatch.setattr(run, "peak_rss_mib", lambda: events.append("speccompile peak") or 0.0)
+    monkeypatch.setattr(run, "measure_concurrency", lambda *a: events.append("concurrency") or {})
+    load = peers.load_hf_model
+    monkeypatch.setattr(peers, "load_hf_model", lambda *a: events.append("transformers load") or load(*a))
+    doc = run_bench(tiny_bundle, BenchSettings(dataset=dataset, limit=1, max_new_tokens=3, threads=1, streams=(2,),
+                                               drafters=("model",), compare_transformers=True))
+    assert events == ["concurrency", "speccompile peak", "transformers load", "transformers load"]  # target, draft
+    assert all(p["runs"]["transformers:model"]["identical_to_autoregressive"] for p in doc["prompts"])
+
+
 def test_compare_heads_tool(tiny_bundle, capsys):
     """tools/compare_heads.py: two bundles' default drafting against plain decoding, paired, per category; exit 0
     when every greedy answer equals plain decoding's."""

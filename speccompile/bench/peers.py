@@ -11,6 +11,8 @@ a peer is used, so that `speccompile bench` without --compare-transformers never
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 import shutil
@@ -39,16 +41,27 @@ def _hf_model_dir(source: dict, workdir: str) -> tuple[str, dict]:
     raise SpeccompileError(f"--compare-transformers: cannot load a model source of kind {kind!r}")
 
 
+def check_hf_model(source: dict, workdir: str) -> tuple[str, dict]:
+    """Where transformers will load `source` from, refused now if torch, transformers or the source is missing
+    (found without importing them: an import would count in the memory of bench's speccompile phase)."""
+    for module in ("torch", "transformers"):
+        if importlib.util.find_spec(module) is None:
+            raise SpeccompileError(f"--compare-transformers needs {module}, which is not installed: pip install "
+                                   '"speccompile[train]"')
+    directory, extra = _hf_model_dir(source, workdir)
+    if not os.path.exists(os.path.join(directory, extra.get("gguf_file", "config.json"))):
+        raise SpeccompileError(f"--compare-transformers: the bundle's source {source['path']} is not on this machine")
+    return directory, extra
+
+
 def load_hf_model(source: dict, workdir: str):
+    directory, extra = check_hf_model(source, workdir)
     try:
         import torch
         from transformers import AutoModelForCausalLM
     except ModuleNotFoundError as e:
         raise SpeccompileError(f"--compare-transformers needs {e.name}, which is not installed: pip install "
                                '"speccompile[train]"') from None
-    directory, extra = _hf_model_dir(source, workdir)
-    if not os.path.exists(os.path.join(directory, extra.get("gguf_file", "config.json"))):
-        raise SpeccompileError(f"--compare-transformers: the bundle's source {source['path']} is not on this machine")
     return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **extra).eval()
 
 
@@ -60,53 +73,72 @@ def _draft_the_same_way(model, num_draft: int) -> None:
     model.generation_config.assistant_confidence_threshold = 0.0
 
 
-def transformers_drafting(gen, drafter: str, target, workdir: str) -> dict | None:
-    """generate() kwargs that draft as the bundle's drafter does, or None where transformers has no counterpart."""
+COUNTERPARTS = ("lookup", "layerskip", "model")  # drafter kinds transformers' generate() drafts alike
+
+
+def transformers_drafting(gen, drafter: str, target, workdir: str) -> dict:
+    """generate() kwargs that draft as the bundle's drafter (of a kind in COUNTERPARTS) does."""
     d = next(d for d in gen.manifest["drafters"] if d["name"] == drafter)
     if d["kind"] == "lookup":
         return {"prompt_lookup_num_tokens": d["num_draft"], "max_matching_ngram_size": d.get("max_ngram", 3)}
     if d["kind"] == "layerskip":  # transformers' early-exit assistant: the target's first L layers + its head
         _draft_the_same_way(target, d["num_draft"])
         return {"assistant_early_exit": gen.manifest["models"][d["model"]]["num_layers"]}
+    assistant = load_hf_model(gen.manifest["models"][d["model"]]["source"], workdir)
+    _draft_the_same_way(assistant, d["num_draft"])
+    return {"assistant_model": assistant}
+
+
+def _counterpart(gen, drafter: str, workdir: str) -> bool:
+    """Whether transformers drafts as `drafter` does: a tree of our own choosing or a lossy acceptance has no
+    counterpart. A draft model's source is checked now, as the target's is."""
+    d = next((d for d in gen.manifest["drafters"] if d["name"] == split_method(drafter)[0]), None)
+    if split_method(drafter)[1] or split_acceptance(drafter)[1] or d is None or d["kind"] not in COUNTERPARTS:
+        return False
     if d["kind"] == "model":
-        assistant = load_hf_model(gen.manifest["models"][d["model"]]["source"], workdir)
-        _draft_the_same_way(assistant, d["num_draft"])
-        return {"assistant_model": assistant}
-    return None
+        check_hf_model(gen.manifest["models"][d["model"]]["source"], workdir)
+    return True
 
 
 def transformers_methods(gen, drafters: list[str], threads: int | None, workdir: str, log,
                          temperature: float = 0.0, top_k: int = 0) -> list[Method]:
-    target = load_hf_model(gen.manifest["source"], workdir)  # first: it says what is missing
-    import torch
-    import transformers
-    transformers.logging.set_verbosity_error()  # its deprecation chatter would garble the progress bar
-    transformers.logging.disable_progress_bar()
-    if threads:
-        torch.set_num_threads(threads)  # process-wide; the same core count as ours
+    """The methods now, their models on their first run (bench's untimed warm-up of the transformers phase, after
+    speccompile's: that phase's peak memory stays speccompile's own); what is missing is refused now."""
+    check_hf_model(gen.manifest["source"], workdir)
     eos = list(gen.tokenizer.eos_token_ids)
     # the same decoding as ours: greedy, or sampled at the temperature (top-k 0 is off in transformers too)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k} if temperature else {"do_sample": False}
 
-    def runner(drafting: dict):
+    @functools.cache
+    def target():
+        import torch
+        import transformers
+        transformers.logging.set_verbosity_error()  # its chatter and loading bars would garble bench's progress bar
+        transformers.logging.disable_progress_bar()
+        if threads:
+            torch.set_num_threads(threads)  # process-wide; the same core count as ours
+        return load_hf_model(gen.manifest["source"], workdir)
+
+    def runner(drafter: str | None):
+        drafting = functools.cache(lambda: transformers_drafting(gen, drafter, target(), workdir) if drafter else {})
+
         def run(ids, max_new_tokens):
+            import torch
+            model, kwargs = target(), drafting()
             with torch.inference_mode():
                 x = torch.tensor([ids], dtype=torch.long)
-                out = target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                                      eos_token_id=eos, pad_token_id=eos[0], **sampling, **drafting)
+                out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                     eos_token_id=eos, pad_token_id=eos[0], **sampling, **kwargs)
             return {"token_ids": out[0, len(ids):].tolist()}
         return run
 
     base = f"{TRANSFORMERS}:{AUTOREGRESSIVE}"
-    methods = [Method(base, TRANSFORMERS, None, base, AUTOREGRESSIVE, runner({}))]
+    methods = [Method(base, TRANSFORMERS, None, base, AUTOREGRESSIVE, runner(None))]
     for d in drafters:
-        # a tree of our own choosing, or a lossy acceptance, has no transformers counterpart
-        drafting = None if split_method(d)[1] or split_acceptance(d)[1] else \
-            transformers_drafting(gen, d, target, workdir)
-        if drafting is None:
+        if not _counterpart(gen, d, workdir):
             log(f"transformers has no counterpart of drafter {d}; not compared")
             continue
-        methods.append(Method(f"{TRANSFORMERS}:{d}", TRANSFORMERS, d, base, d, runner(drafting)))
+        methods.append(Method(f"{TRANSFORMERS}:{d}", TRANSFORMERS, d, base, d, runner(d)))
     return methods
 
 

@@ -22,7 +22,8 @@ JSON result, schema_version 1 (all times in seconds, rates in tokens/s, bandwidt
                         counterpart: str|null}]
                       baseline: the autoregressive method of the same engine (speedups are over it);
                       counterpart: for a transformers method, the speccompile method it mirrors
-    peak_rss_mib      {speccompile: MiB after the speccompile phase, total: MiB at the end} (getrusage ru_maxrss)
+    peak_rss_mib      {speccompile: MiB after speccompile's phases (concurrency mode included; transformers loads after
+                       them), total: MiB at the end}: this process's high-water mark (getrusage ru_maxrss)
     prompts           [{question_id, category, prompt_tokens, runs {method: RUN}}]
         RUN           {seconds, new_tokens, tokens_per_second, identical_to_autoregressive: bool,
                        ttft_s, mean_accepted_tokens, verify_steps, committed_per_pass {"n": passes},

@@ -142,8 +142,7 @@ class Benchmark:
                                         settings.top_k)
         self.theirs: list[Method] = []
         self.workdir = tempfile.TemporaryDirectory(prefix="speccompile-bench-")
-        if settings.compare_transformers:
-            log("loading the target in transformers")
+        if settings.compare_transformers:  # checked now, loaded after our phase (see transformers_methods)
             self.theirs = transformers_methods(self.gen, self.drafters, settings.threads, self.workdir.name, log,
                                                settings.temperature, settings.top_k)
         self.log = log
@@ -160,11 +159,12 @@ class Benchmark:
         s = self.settings
         try:
             measure(self.ours, self.prompts, s, eos, on_run)
-            rss_ours = peak_rss_mib()
             concurrency = measure_concurrency(self.gen, self.prompts, s.max_new_tokens, s.streams, s.stream_requests,
                                               self.concurrency_method(), s.stream_repeats or s.repeats, self.log,
                                               on_run) if s.streams else None
+            rss_ours = peak_rss_mib()  # speccompile's phases, the concurrency mode's sequence slots included
             if self.theirs:
+                self.log("loading the target in transformers")
                 measure(self.theirs, self.prompts, s, eos, on_run)
         finally:
             self.workdir.cleanup()
