@@ -34,6 +34,24 @@ def test_build_inspect_generate(tmp_path):
     assert spec["stats"]["drafter"] == "layerskip:2" and plain["stats"]["drafter"] is None
 
 
+
+def test_inspect_names_every_input_and_output_of_the_target_graph(tiny_bundle):
+    """inspect's inputs and outputs lines once stopped at the graph's first 5 inputs and 2 outputs, as if it had no
+    others (the in-graph sampling and acceptance ones: node_parents, temperature, accept_len, ...)."""
+    import os
+    import re
+    import onnx
+    from speccompile.format.bundle import read_manifest
+    target = read_manifest(tiny_bundle)["models"]["target"]
+    graph = onnx.load(os.path.join(tiny_bundle, target["graph"]), load_external_data=False).graph
+    lines = run("inspect", tiny_bundle).splitlines()
+    for prefix, tensors, cache in (("inputs", graph.input, "past_"), ("outputs", graph.output, "present_")):
+        line = next(line for line in lines if line.startswith(prefix + " "))
+        names = [t.name for t in tensors if not t.name.startswith(cache)]
+        assert len(names) < len(tensors) and sorted(re.findall(r"(\w+)\[", line)) == sorted(names), line
+        assert line.endswith(f", {cache}key/value.0..{target['num_layers'] - 1}")
+
+
 def test_generate_streams_and_compares(tiny_bundle):
     out = run("generate", tiny_bundle, "Translate this sentence", "--max-new-tokens", 16, "--compare")
     assert "speedup" in out and "identical" in out

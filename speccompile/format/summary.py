@@ -43,11 +43,17 @@ def describe(bundle: str, m: dict, verified: bool) -> list[str]:
         out.append(f"runtime     built with onnxruntime {m['runtime']['onnxruntime']}; graphs import {domains}")
     target = m["models"]["target"]
     out += weight_lines(m, target)
-    out.append("inputs      " + ", ".join(f"{i['name']}{i['shape']}" for i in target["inputs"][:5]) +
-               f", past_key/value.0..{target['num_layers'] - 1}")
-    out.append("outputs     " + ", ".join(f"{o['name']}{o['shape']}" for o in target["outputs"][:2]) +
-               f", present_key/value.0..{target['num_layers'] - 1}")
+    out.append(f"inputs      {_signature(target['inputs'])}, past_key/value.0..{target['num_layers'] - 1}")
+    out.append(f"outputs     {_signature(target['outputs'])}, present_key/value.0..{target['num_layers'] - 1}")
     return out
+
+
+KV_TENSOR = re.compile(r"(past|present)_(key|value)\.\d+")  # one per layer: the lines name their range instead
+
+
+def _signature(tensors: list[dict]) -> str:
+    """Every input (or output) of a graph but its KV cache's, with its shape."""
+    return ", ".join(f"{t['name']}{t['shape']}" for t in tensors if not KV_TENSOR.fullmatch(t["name"]))
 
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # a KV cache's element, by the manifest's dtype
