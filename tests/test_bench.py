@@ -304,6 +304,21 @@ def test_speccompile_peak_memory_is_taken_before_transformers_loads(tiny_bundle,
     assert all(p["runs"]["transformers:model"]["identical_to_autoregressive"] for p in doc["prompts"])
 
 
+
+@pytest.mark.parametrize("tree", ["dynamic:5", "chain:3+lookup:2"])
+def test_result_records_the_tree_each_drafter_drafts(tmp_path, tree):
+    """The result's bundle.drafters once gave only num_draft, which a drafter with a tree does not use: a bundle
+    drafting dynamic:5 read as its kind's default chain."""
+    import speccompile
+    from speccompile.bench.machine import bundle_summary
+    from speccompile.compile.driver import build_bundle
+    out = str(tmp_path / "b")
+    build_bundle("tiny:llama", out, drafts=["lookup", "layerskip:2"], max_seq_len=64, tree=tree,
+                 progress=lambda *_: None)
+    drafters = bundle_summary(out, speccompile.load(out, threads=1))["drafters"]
+    assert [(d["name"], d["tree"]) for d in drafters] == [("lookup", tree), ("layerskip:2", tree)]
+
+
 def test_compare_heads_tool(tiny_bundle, capsys):
     """tools/compare_heads.py: two bundles' default drafting against plain decoding, paired, per category; exit 0
     when every greedy answer equals plain decoding's."""

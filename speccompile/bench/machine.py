@@ -15,6 +15,7 @@ import tokenizers
 
 from speccompile import __version__
 from speccompile.errors import SpeccompileError
+from speccompile.format.summary import tree_label
 from speccompile.runtime.machine_id import cpu_identity
 
 BANDWIDTH_ARRAY_MIB = 256
@@ -77,4 +78,11 @@ def bundle_summary(bundle_dir: str, gen) -> dict:
                        "hidden_size": cfg["hidden_size"], "vocab_size": cfg["vocab_size"],
                        "weight_bytes": gen.target.weight_bytes,
                        "weights": (m.get("quantization") or {}).get("option"), "dtype": m.get("dtype", "float32")},
-            "drafters": [{k: d[k] for k in ("name", "kind", "num_draft", "model") if k in d} for d in m["drafters"]]}
+            "drafters": [_drafter_summary(d) for d in m["drafters"]]}
+
+
+def _drafter_summary(d: dict) -> dict:
+    """A manifest drafter as the result records it; one with a tree drafts it (as inspect spells it): its num_draft
+    is only what --num-draft would replace the tree with."""
+    tree = {"tree": tree_label(d["tree"])} if d.get("tree") else {}
+    return {**{k: d[k] for k in ("name", "kind", "num_draft", "model") if k in d}, **tree}

@@ -13,7 +13,8 @@ JSON result, schema_version 1 (all times in seconds, rates in tokens/s, bandwidt
     bundle            {path, source {kind, path, sha256}, max_seq_len,
                        target {model_type, num_layers, hidden_size, vocab_size, weight_bytes,
                                weights (build's --weights), dtype},
-                       drafters [{name, kind, num_draft[, model]}]}
+                       drafters [{name, kind, num_draft[, model][, tree]}]}
+                      tree: the tree the drafter drafts, as inspect spells it (its num_draft is then unused)
     settings          {dataset, dataset_sha256, categories, limit, max_new_tokens, drafters, tree, repeats, threads,
                        temperature, top_k, compare_transformers, warmup_tokens, streams, stream_requests,
                        stream_repeats, skipped_questions}
