@@ -785,3 +785,118 @@ def test_default_gguf_blocks_pack_exactly():
     assert {t.ggml_type for t in quantized.values()} == {Q.Q4_1, Q.Q8_0}
     for name, t in quantized.items():
         assert np.array_equal(pack_gguf_matrix(t.raw, t.ggml_type, t.shape).dequantize(), t.dequantize()), name
+
+
+# ---- Llama 3.1 / 3.2 GGUFs: their llama3 RoPE scaling as convert_hf_to_gguf.py writes it, a rope_freqs tensor ----
+
+def convert_rope_freqs(rope: dict, head_dim: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors: one factor per rotary frequency for llama3
+    scaling (it reads the original context from the config's top level, 8192 where absent as in Llama 3.1's own
+    config.json; here the model's own)."""
+    freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            factors.append(1)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(factors, np.float32)
+
+
+def write_llama3_gguf(ckpt, path) -> np.ndarray:
+    """A llama3-RoPE checkpoint as convert_hf_to_gguf.py converts it, in float32: q/k rows permuted, no RoPE
+    scaling key, the scaling as rope_freqs.weight (returned)."""
+    cfg = ckpt.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (("block_count", cfg.num_hidden_layers), ("context_length", cfg.max_position_embeddings),
+                       ("embedding_length", cfg.hidden_size), ("feed_forward_length", cfg.intermediate_size),
+                       ("head_count", cfg.num_attention_heads), ("head_count_kv", cfg.num_key_value_heads),
+                       ("rope_dimension_count", cfg.head_dim), ("rope_freq_base", cfg.rope_theta),
+                       ("layer_norm_rms_eps", cfg.rms_norm_eps), ("vocab_size", cfg.vocab_size),
+                       ("tokenizer_model", "gpt2"), ("bos_token_id", 1), ("eos_token_id", 2),
+                       ("token_list", [chr(0x100 + i) if i >= 3 else f"<|{i}|>" for i in range(cfg.vocab_size)]),
+                       ("token_types", [3, 3, 3] + [1] * (cfg.vocab_size - 3))):
+        getattr(w, f"add_{key}")(value)
+    factors = convert_rope_freqs(cfg.rope, cfg.head_dim)
+    w.add_tensor("rope_freqs.weight", factors)
+    for name, t in ckpt.tensors.items():
+        t = np.asarray(t, np.float32)
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            t = llama_cpp_permute(t, cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads)
+        w.add_tensor(gguf_name(name), t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return factors
+
+
+def test_llama31_gguf_rope_freqs_are_llama_cpps(tmp_path):
+    """A Llama 3.1-style GGUF (llama3 RoPE as a rope_freqs tensor; it was refused): its frequencies divided by the
+    file's factors as ggml_rope_ext divides them; the float32 bundle computes the logits of transformers' model of
+    the Hugging Face checkpoint past the original context (64), greedy speculation is lossless there, and the
+    checkpoint saved for transformers (train-head's target) computes them too."""
+    transformers = pytest.importorskip("transformers")
+    import speccompile
+    from conftest import assert_lossless, random_prompts
+    from models_util import reference_greedy, reference_logits, write_checkpoint
+    from speccompile.compile.driver import build_bundle
+    from speccompile.compile.rope import rope_tables
+    from speccompile.compile.sources import save_hf_dir
+    from speccompile.format.bundle import read_manifest
+    from speccompile.runtime.engine import Engine
+    model = write_checkpoint("llama3", str(tmp_path / "ck"))
+    f = str(tmp_path / "l.gguf")
+    factors = write_llama3_gguf(load_checkpoint(str(tmp_path / "ck"), progress=lambda *_: None), f)
+    assert 1 < len(set(factors.tolist())) and factors.max() == 8.0  # unscaled, smoothed and scaled frequencies
+    cfg = read_gguf(f)[0]
+    assert cfg.rope == {"rope_type": "freq_factors", "rope_theta": 500000.0, "freq_factors": factors.tolist()}
+    cos, sin = rope_tables(cfg.rope, 16, 128, cfg.max_position_embeddings)
+    angles = np.arange(129)[:, None] * 500000.0 ** (-np.arange(0, 16, 2) / 16) / factors  # ggml's theta
+    assert np.abs(cos - np.cos(angles)).max() < 1e-5 and np.abs(sin - np.sin(angles)).max() < 1e-5
+    build_bundle(f, str(tmp_path / "b"), drafts=["lookup", "layerskip:1"], max_seq_len=128, weights="float32",
+                 progress=lambda *_: None)
+    eng = Engine(str(tmp_path / "b"), read_manifest(str(tmp_path / "b"))["models"]["target"], threads=1, max_rows=96)
+    ids = np.random.default_rng(0).integers(3, 384, 96)
+    ref = reference_logits(model, ids)
+    logits, _ = eng.forward(ids, rows=np.arange(len(ids)))
+    assert np.abs(logits - ref).max() < 1e-4 * np.abs(ref).max()
+    g = speccompile.load(str(tmp_path / "b"), threads=1)
+    prompts = [p * 4 for p in random_prompts(2, seed=1)]  # 32 and 64 tokens, then 40 more
+    ours = g.generate(prompts[1], 40, speculate=False).token_ids
+    assert ours == reference_greedy(model, prompts[1], 40)[:len(ours)]
+    for drafter in ("lookup", "layerskip:1"):
+        assert_lossless(g, drafter, prompts, 40)
+    save_hf_dir(load_checkpoint(f, progress=lambda *_: None), str(tmp_path / "hf"))
+    saved = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype="float32")
+    assert np.abs(reference_logits(saved, ids) - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("arch,factors,metadata,refused", [
+    ("llama", [1.0, 2.0, 4.0], {}, (CheckpointError, r"rope_freqs\.weight has shape \[3\]: not one factor per "
+                                                     r"rotary frequency \(2 ")),
+    ("llama", [1.0, 0.0], {}, (CheckpointError, "not positive finite")),
+    ("llama", [1.0, 4.0], dict(rope_scaling_type=gguf.RopeScalingType.LINEAR, rope_scaling_factor=2.0),
+     (UnsupportedModelError, "beside linear RoPE scaling keys")),
+    ("qwen2", [1.0, 4.0], {}, (UnsupportedModelError, "in a qwen2 file")),
+    ("llama", [1.0, 4.0], {}, None),
+])
+def test_rope_freqs_not_reproduced_are_refused(tmp_path, arch, factors, metadata, refused):
+    """A rope_freqs tensor of another length than the rotated head's frequencies, with a factor that is not a
+    positive number, beside RoPE scaling keys, or in a file llama.cpp reads none from: one error naming the file."""
+    f = tmp_path / "m.gguf"
+    write_gguf(f, arch=arch, tensors={"rope_freqs.weight": np.asarray(factors, np.float32)}, rope_dimension_count=4,
+               **metadata)
+    if refused is None:
+        assert read_gguf(str(f))[0].rope == {"rope_type": "freq_factors", "rope_theta": 10000.0,
+                                             "freq_factors": factors}
+        return
+    with pytest.raises(refused[0], match=refused[1]) as e:
+        read_gguf(str(f))
+    assert "m.gguf" in str(e.value) and "\n" not in str(e.value)

@@ -15,6 +15,7 @@ import numpy as np
 
 from speccompile.compile.config import ModelConfig
 from speccompile.compile.gguf_tokenizer import end_of_turn_ids, tokenizer_files
+from speccompile.compile.rope import rope_parameters
 from speccompile.errors import CheckpointError, UnsupportedModelError
 
 # general.architecture values read; a "llama" file whose general.name says mistral is read as Mistral (transformers
@@ -50,6 +51,7 @@ NEUTRAL_ROPE_SCALING = {"rope.scaling.attn_factor": 1.0, "rope.scaling.yarn_log_
 # llama.cpp ends generation at each of them, and at each end-of-turn token it finds by its text (gguf_tokenizer)
 EOS_KEYS = ("eos_token_id", "eot_token_id", "eom_token_id")
 
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency RoPE factors (with_rope_freqs)
 GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 BLOCK_TENSORS = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -207,9 +209,7 @@ def read_tensors(readers: list[gguf.GGUFReader], cfg: ModelConfig) -> dict[str, 
     for t in (t for reader in readers for t in reader.tensors):
         name = hf_tensor_name(t.name)
         if name is None:
-            if t.name == "rope_freqs.weight":
-                raise UnsupportedModelError(f"GGUF tensor {t.name}: scaled RoPE is not lowered")
-            continue  # llama.cpp extras transformers drops too
+            continue  # llama.cpp extras transformers drops too; rope_freqs.weight is read by with_rope_freqs
         raw = t.data
         if cfg.model_type in ("llama", "mistral") and (".attn_q." in t.name or ".attn_k." in t.name):
             heads = cfg.num_attention_heads if ".attn_q." in t.name else cfg.num_key_value_heads
@@ -219,6 +219,32 @@ def read_tensors(readers: list[gguf.GGUFReader], cfg: ModelConfig) -> dict[str, 
             raw = unpermute_rope_rows(raw, heads)
         out[name] = GGUFTensor(t.tensor_type, tuple(int(d) for d in reversed(t.shape)), raw, t.name)
     return out
+
+
+def with_rope_freqs(config: ModelConfig, readers: list[gguf.GGUFReader]) -> ModelConfig:
+    """The config with the file's per-frequency RoPE factors (rope_freqs.weight: how convert_hf_to_gguf.py writes
+    Llama 3.1's llama3 scaling, which no metadata key states), applied as llama.cpp applies them: each frequency
+    divided by its factor (rope.py's freq_factors)."""
+    found = [t for reader in readers for t in reader.tensors if t.name == ROPE_FREQS]
+    if not found:
+        return config
+    if config.model_type not in ("llama", "mistral"):
+        raise UnsupportedModelError(f"GGUF tensor {ROPE_FREQS} in a {config.model_type} file: per-frequency RoPE "
+                                    "factors are lowered for llama files only")
+    if config.rope["rope_type"] != "default":
+        raise UnsupportedModelError(f"GGUF tensor {ROPE_FREQS} beside {config.rope['rope_type']} RoPE scaling "
+                                    "keys: the two combined are not lowered")
+    t = found[0]
+    shape = tuple(int(d) for d in reversed(t.shape))
+    factors = GGUFTensor(t.tensor_type, shape, t.data, t.name).dequantize()
+    if shape != (config.rope_dim // 2,):
+        raise CheckpointError(f"GGUF tensor {ROPE_FREQS} has shape {list(shape)}: not one factor per rotary "
+                              f"frequency ({config.rope_dim // 2} of a rotated head of {config.rope_dim})")
+    if not np.all(np.isfinite(factors) & (factors > 0)):
+        raise CheckpointError(f"GGUF tensor {ROPE_FREQS} holds factors that are not positive finite numbers")
+    rope = rope_parameters({"rope_theta": config.rope_theta,
+                            "rope_scaling": {"rope_type": "freq_factors", "freq_factors": factors.tolist()}})
+    return dataclasses.replace(config, rope=rope)
 
 
 def dequantized_tensors(tensors: dict[str, GGUFTensor], cfg: ModelConfig) -> dict[str, np.ndarray]:
@@ -266,6 +292,7 @@ def read_gguf(path: str) -> tuple[ModelConfig, dict[str, GGUFTensor], dict[str, 
             tokenizer = tokenizer_files(meta)
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # missing or of the wrong kind
             raise CheckpointError(f"bad tokenizer metadata ({type(e).__name__}: {e})") from None
+        config = with_rope_freqs(config, readers)
         return config, read_tensors(readers, config), tokenizer
     except (UnsupportedModelError, CheckpointError) as e:  # ConfigError too: each names the file
         raise type(e)(f"{path}: {e}") from None

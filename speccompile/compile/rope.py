@@ -5,6 +5,8 @@ A variant is a function of its parameters giving the inverse frequencies and an 
 cos and sin, hence q.k by its square, as transformers applies it). Variants whose frequencies change with the
 sequence length as it grows (dynamic NTK) have no static table and are refused, naming the type. longrope is static
 within `original_max_position_embeddings` (its short factors), so it is lowered for a context that fits there.
+freq_factors is llama.cpp's form of a static scaling (a GGUF's rope_freqs tensor, as convert_hf_to_gguf.py writes
+Llama 3.1's llama3 scaling): each frequency divided by its own factor, as ggml_rope_ext divides it.
 """
 from __future__ import annotations
 
@@ -23,8 +25,10 @@ _PARAMS = {
     "yarn": (("original_max_position_embeddings",),
              ("factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")),
     "longrope": (("original_max_position_embeddings", "short_factor", "long_factor"), ("factor", "attention_factor")),
+    "freq_factors": (("freq_factors",), ()),
 }
 _CONTEXT_SCALED = ("llama3", "yarn", "longrope")  # the types whose parameters name the original context
+_FACTOR_LISTS = ("short_factor", "long_factor", "freq_factors")  # one factor per rotary frequency
 ALIASES = {"su": "longrope"}  # early Phi-3-128k configs' name for longrope
 REFUSED_WHY = {"dynamic": "its frequencies change with the sequence length (dynamic NTK), so no static table holds"}
 
@@ -76,7 +80,7 @@ def _checked(rope_type: Any, p: dict[str, Any]) -> dict[str, Any]:
         value = p.get(key)
         if value is None:
             continue
-        if key in ("short_factor", "long_factor"):
+        if key in _FACTOR_LISTS:
             if not isinstance(value, list) or not all(_is_number(v) and v > 0 for v in value):
                 raise ConfigError(f"config: RoPE {key} must be a list of positive numbers")
             out[key] = [float(v) for v in value]
@@ -163,7 +167,15 @@ def _longrope(p, dim, max_pos, max_seq_len):
     return 1.0 / (factors * _base(p, dim)), float(attention)
 
 
-ROPE_TYPES = {"default": _default, "linear": _linear, "llama3": _llama3, "yarn": _yarn, "longrope": _longrope}
+def _freq_factors(p, dim, max_pos, max_seq_len):
+    factors = np.asarray(p["freq_factors"], np.float32)
+    if factors.shape != (dim // 2,):
+        raise ConfigError(f"config: RoPE freq_factors has {factors.size} entries, expected {dim // 2}")
+    return 1.0 / _base(p, dim) / factors, 1.0
+
+
+ROPE_TYPES = {"default": _default, "linear": _linear, "llama3": _llama3, "yarn": _yarn, "longrope": _longrope,
+              "freq_factors": _freq_factors}
 
 
 def rope_tables(p: dict, dim: int, max_seq_len: int, max_position_embeddings: int) -> tuple[np.ndarray, np.ndarray]:
@@ -180,3 +192,13 @@ def softmax_mscale(p: dict) -> float:
     if p["rope_type"] == "default" or not p.get("mscale_all_dim") or not p.get("factor"):
         return 1.0
     return yarn_mscale(p["factor"], p["mscale_all_dim"]) ** 2
+
+
+def transformers_rope_scaling(p: dict, max_position_embeddings: int) -> dict:
+    """The rope_scaling of a config.json transformers computes these tables from: freq_factors (a type transformers
+    lacks) as the longrope whose short and long factors are both the factors, without attention factor, so that
+    its frequencies are the same at any length."""
+    if p["rope_type"] == "freq_factors":
+        return {"rope_type": "longrope", "short_factor": p["freq_factors"], "long_factor": p["freq_factors"],
+                "attention_factor": 1.0, "original_max_position_embeddings": max_position_embeddings}
+    return {k: v for k, v in p.items() if k != "rope_theta"}

@@ -23,6 +23,7 @@ from speccompile.compile.families import text_tensor_name
 from speccompile.compile.fp8 import apply_block_scales, check_block_scales, e4m3_to_float32, fp8_block_size
 from speccompile.compile.hub_cache import looks_like_hub_id, resolve_hub_id
 from speccompile.compile.presets import tiny_checkpoint
+from speccompile.compile.rope import transformers_rope_scaling
 from speccompile.errors import CheckpointError, ConfigError, UnsupportedModelError
 
 DEFAULT_MODEL = "default"
@@ -328,7 +329,7 @@ def save_hf_dir(ckpt: Checkpoint, path: str) -> None:
     if c.model_type == "mistral":
         hf["sliding_window"] = c.sliding_window
     if c.rope and c.rope["rope_type"] != "default":  # e.g. a GGUF's rope.scaling.* keys
-        hf["rope_scaling"] = {k: v for k, v in c.rope.items() if k != "rope_theta"}
+        hf["rope_scaling"] = transformers_rope_scaling(c.rope, c.max_position_embeddings)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
     tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in ckpt.tensors.items()}
