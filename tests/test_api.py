@@ -346,7 +346,8 @@ BAD_LOADS = {"cache_bytes -1": dict(cache_bytes=-1), "cache_bytes a string": dic
              "transformers' device_map": dict(device_map="auto"), "an unknown option": dict(nonsense=1),
              "context_cache a string": dict(context_cache="no"), "cache_dir a number": dict(cache_dir=5),
              "cache_dir bytes": dict(cache_dir=b"/tmp/speccompile-cache"), "cache_dir empty": dict(cache_dir=""),
-             "cache_dir without a context cache": dict(context_cache=False, cache_dir="/tmp/speccompile-cache")}
+             "cache_dir without a context cache": dict(context_cache=False, cache_dir="/tmp/speccompile-cache"),
+             "cache_bytes without a context cache": dict(context_cache=False, cache_bytes=1 << 20)}
 
 
 def test_messages_given_to_generate_point_to_chat(tiny_generator):

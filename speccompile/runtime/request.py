@@ -81,6 +81,8 @@ def check_load_options(bundle_dir, options: dict) -> None:
     for name in ("verify", "context_cache"):
         if not isinstance(options.get(name, True), (bool, np.bool_)):
             raise SpeccompileError(f"{name}: expected True or False, not {options[name]!r}")
+    if "cache_bytes" in options and not options.get("context_cache", True):  # as the CLI refuses the two together
+        raise SpeccompileError("cache_bytes sizes the context cache, which context_cache=False turns off: drop one")
 
 
 def sampling_params(params: SamplingParams | None, unknown: dict, temperature, top_k, top_p, seed,
