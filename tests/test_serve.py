@@ -999,3 +999,27 @@ def test_a_shutdown_racing_an_admission_still_ends_the_request(state):
     asyncio.run(admit())
     stopper[0].join(10)
     assert not runner.in_flight and not stopper[0].is_alive()
+
+
+def test_a_cancelled_request_counts_its_prompts_cache_hits(state):
+    """/metrics left a cancelled request's runtime stats out: its prompt counted as cache queries with no hits,
+    though the context cache gave it its prefix (a chat UI's Stop button cancels such requests)."""
+    import asyncio
+    from speccompile.serve.metrics import Metrics
+    from speccompile.serve.runner import Runner
+    metrics = Metrics("tiny-serve")
+    runner = Runner(state.gen, metrics, max_queue=2)
+    prompt = list(range(300, 360))  # ids no other test sends
+    state.gen.generate(prompt, 2, speculate=False)  # its blocks now in the context cache
+
+    async def cancelled_after_a_chunk():
+        job = runner.submit(prompt, 40, {"speculate": False})
+        assert (await job.next())[0] == "chunk"
+        job.cancel()
+        while (item := await job.next())[0] not in ("done", "error"):
+            pass
+        return item
+    kind, outcome = asyncio.run(cancelled_after_a_chunk())
+    assert kind == "done" and outcome.finish_reason == "cancelled"
+    hits = metrics.registry.get_sample_value("speccompile:prefix_cache_hits_total", {"model_name": "tiny-serve"})
+    assert hits and hits >= 48  # the prompt's whole blocks

@@ -63,6 +63,22 @@ class Job:
             cancel()
 
 
+def _stats_when_cancelled(stream) -> dict:
+    """A cancelled request's runtime stats (its prompt's cache hits, its passes), for /metrics: its stream, told to
+    end, read to its result (it ends at its next read; a few reads at most hand out the text it held back)."""
+    if stream is None or not hasattr(stream, "cancel"):
+        return {}
+    stream.cancel()
+    try:
+        for _ in range(4):
+            next(stream)
+    except StopIteration as stop:
+        return getattr(stop.value, "stats", None) or {}
+    except Exception:  # noqa: BLE001 - its client is gone: a failure here only leaves the figures out
+        pass
+    return {}
+
+
 class Runner:
     def __init__(self, gen, metrics: Metrics, max_queue: int = 64):
         if max_queue < 1:
@@ -116,7 +132,7 @@ class Runner:
                 text.append(chunk.text)
                 job.put("chunk", chunk)
             if outcome is None:  # cancelled: between chunks, or inside the Generator
-                outcome = Outcome(tokens, "".join(text), {}, "cancelled")
+                outcome = Outcome(tokens, "".join(text), _stats_when_cancelled(stream), "cancelled")
         except SpeccompileError as e:
             error = e
         except Exception as e:  # a bug: logged with its traceback here, a plain 500 for the client
