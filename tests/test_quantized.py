@@ -113,6 +113,9 @@ def test_source_keeps_each_matrix_in_its_stored_format(gguf_bundles):
         i, name = key[1:].split(".")
         types = sorted({stored[f"model.layers.{i}.{hf}.weight"].ggml_type.name.lower() for hf in DENSE_MATRICES[name]})
         assert fmt.split(" ")[0] == "+".join(types), (key, fmt)
+        if len(types) == 1:  # a 5-bit format alone is stored in 8 bits: the label says so, as a mixed one does
+            assert (" as 8-bit blocks" in fmt) == types[0].startswith("q5"), (key, fmt)
+    assert any(f.startswith("q5") and "+" not in f.split(" ")[0] for f in layers.values())
     names = set(m["weights"]["target.bin"])
     assert "l0.qkv" not in names and "l0.qkv.nbits_scales" in names and {"l0.qkv.nbits4", "l0.qkv.nbits8"} & names
     lines = "\n".join(describe(str(gguf_bundles / "source"), m, True))

@@ -146,7 +146,8 @@ def _from_gguf(key: str, name: str, stored: dict) -> tuple[PackedMatrix | None, 
             return None, f"{t.name} blocks have no exact MatMulNBits form (dequantized to float32)"
     packed = join_rows([pack_gguf_matrix(t.raw, t.ggml_type, t.shape) for t in tensors])
     fmt = "+".join(t.name.lower() for t in types)
-    return packed, fmt if len(types) == 1 else f"{fmt} as {packed.bits}-bit blocks of {packed.block_size}"
+    as_stored = len(types) == 1 and int(types[0].name[1]) == packed.bits  # Q5/Q6 blocks are stored in 8 bits
+    return packed, fmt if as_stored else f"{fmt} as {packed.bits}-bit blocks of {packed.block_size}"
 
 
 def quantize_float(w_kn: np.ndarray, bits: int) -> PackedMatrix:
