@@ -153,8 +153,9 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, dr
     """Generate text for PROMPT from BUNDLE, streaming it."""
     from speccompile import load
     check_generate_options(click.get_current_context().params)
+    cache = {} if no_context_cache else dict(cache_bytes=cache_bytes, cache_dir=cache_dir)  # given: refused above
     gen = load(bundle, threads=threads, device=runtime_device(device, backend), context_cache=not no_context_cache,
-               cache_bytes=cache_bytes, cache_dir=cache_dir)
+               **cache)
     if compare and not gen.drafters:
         raise SpeccompileError("--compare: this bundle has no drafter, so both runs would decode plainly")
     if recalibrate:
