@@ -258,11 +258,12 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_tiny_llama_gguf(path, qtypes=(Q.Q8_0, Q.Q4_1, Q.Q4_0), split_max_tensors=0, ckpt=None, name="tiny llama",
-                          **metadata):
+                          extra_tensors=None, **metadata):
     """The tiny:llama preset (or `ckpt`, a llama-block checkpoint) as llama.cpp would convert it: q/k rows (and
-    biases) permuted, matrices quantized in turn with `qtypes`, a byte-level vocabulary without merges; metadata:
-    more keys, by GGUFWriter's add_<key> method. split_max_tensors: split into shards of that many tensors, as
-    gguf-split does (path-0000i-of-0000n.gguf)."""
+    biases) permuted, matrices quantized in turn with `qtypes` (none: float32), a byte-level vocabulary without
+    merges; extra_tensors: written first, as they are (rope_freqs.weight); metadata: more keys, by GGUFWriter's
+    add_<key> method. split_max_tensors: split into shards of that many tensors, as gguf-split does
+    (path-0000i-of-0000n.gguf)."""
     from speccompile.compile.presets import tiny_checkpoint
     ckpt = ckpt or tiny_checkpoint("llama")
     cfg = ckpt.config
@@ -285,6 +286,8 @@ def write_tiny_llama_gguf(path, qtypes=(Q.Q8_0, Q.Q4_1, Q.Q4_0), split_max_tenso
     w.add_eos_token_id(2)
     for key, value in metadata.items():
         getattr(w, f"add_{key}")(value)
+    for name, t in (extra_tensors or {}).items():
+        w.add_tensor(name, t)
     i = 0
     for name, t in ckpt.tensors.items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -293,7 +296,7 @@ def write_tiny_llama_gguf(path, qtypes=(Q.Q8_0, Q.Q4_1, Q.Q4_0), split_max_tenso
         if re.search(r"[qk]_proj\.(weight|bias)$", name):
             heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
             t = llama_cpp_permute(t, heads)
-        if t.ndim == 2:
+        if t.ndim == 2 and qtypes:
             qtype, i = qtypes[i % len(qtypes)], i + 1
             w.add_tensor(gguf_name(name), gguf.quants.quantize(t, qtype), raw_dtype=qtype)
         else:
@@ -812,28 +815,8 @@ def convert_rope_freqs(rope: dict, head_dim: int) -> np.ndarray:
 def write_llama3_gguf(ckpt, path) -> np.ndarray:
     """A llama3-RoPE checkpoint as convert_hf_to_gguf.py converts it, in float32: q/k rows permuted, no RoPE
     scaling key, the scaling as rope_freqs.weight (returned)."""
-    cfg = ckpt.config
-    w = gguf.GGUFWriter(str(path), "llama")
-    for key, value in (("block_count", cfg.num_hidden_layers), ("context_length", cfg.max_position_embeddings),
-                       ("embedding_length", cfg.hidden_size), ("feed_forward_length", cfg.intermediate_size),
-                       ("head_count", cfg.num_attention_heads), ("head_count_kv", cfg.num_key_value_heads),
-                       ("rope_dimension_count", cfg.head_dim), ("rope_freq_base", cfg.rope_theta),
-                       ("layer_norm_rms_eps", cfg.rms_norm_eps), ("vocab_size", cfg.vocab_size),
-                       ("tokenizer_model", "gpt2"), ("bos_token_id", 1), ("eos_token_id", 2),
-                       ("token_list", [chr(0x100 + i) if i >= 3 else f"<|{i}|>" for i in range(cfg.vocab_size)]),
-                       ("token_types", [3, 3, 3] + [1] * (cfg.vocab_size - 3))):
-        getattr(w, f"add_{key}")(value)
-    factors = convert_rope_freqs(cfg.rope, cfg.head_dim)
-    w.add_tensor("rope_freqs.weight", factors)
-    for name, t in ckpt.tensors.items():
-        t = np.asarray(t, np.float32)
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
-            t = llama_cpp_permute(t, cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads)
-        w.add_tensor(gguf_name(name), t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    factors = convert_rope_freqs(ckpt.config.rope, ckpt.config.head_dim)
+    write_tiny_llama_gguf(path, qtypes=(), ckpt=ckpt, extra_tensors={"rope_freqs.weight": factors})
     return factors
 
 
