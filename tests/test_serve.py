@@ -26,6 +26,7 @@ import httpx  # noqa: E402  (installed with openai)
 
 from speccompile.compile.driver import build_bundle  # noqa: E402
 from speccompile.serve.app import make_state  # noqa: E402
+from speccompile.serve.guards import body_limit  # noqa: E402
 from speccompile.serve.options import ServeOptions, load_state  # noqa: E402
 from speccompile.serve.server import uvicorn_server  # noqa: E402
 
@@ -396,6 +397,37 @@ def test_a_request_without_the_api_key_is_refused_before_its_body_is_read(state)
         assert httpx.get(srv.url + "/health").status_code == 200  # still open
     finally:
         srv.stop()
+
+
+def _raw_post(port: int, head: bytes, body: bytes) -> bytes:
+    """Send a request as bytes and read the answer's first bytes (up to its error code)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + head +
+                  b"\r\n" + body)
+        answer = b""
+        while b"}}" not in answer and (part := s.recv(4096)):
+            answer += part
+    return answer
+
+
+def test_a_body_larger_than_the_context_could_need_is_refused_before_it_is_read(server):
+    """An authorized client, or any client of a server without a key, cannot make it hold a body of any size: one
+    announced over the limit is refused at once, a chunked one as soon as it passes it."""
+    limit = body_limit(MAX_SEQ_LEN)
+    announced = _raw_post(server.port, f"Content-Length: {10 * limit}\r\n".encode(), b"{")
+    assert announced.startswith(b"HTTP/1.1 413") and b"request_too_large" in announced, announced
+    chunk = b"x" * 65536
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(limit // len(chunk) + 1))
+    chunked = _raw_post(server.port, b"Transfer-Encoding: chunked\r\n", chunks)
+    assert chunked.startswith(b"HTTP/1.1 413") and b"request_too_large" in chunked, chunked
+
+
+def test_a_chunked_body_under_the_limit_reaches_the_route_whole(server):
+    """The body the limit read is handed on: a request sent in chunks is answered as one sent at once."""
+    body = json.dumps({"messages": user("tea"), "max_tokens": 3, "temperature": 0}).encode()
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:7], body[7:])) + b"0\r\n\r\n"
+    answer = _raw_post(server.port, b"Transfer-Encoding: chunked\r\n", chunks)
+    assert answer.startswith(b"HTTP/1.1 200") and b"chat.completion" in answer, answer
 
 
 class SlowGenerator:

@@ -6,15 +6,14 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import secrets
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
-from starlette.datastructures import Headers
 
 from speccompile.errors import SpeccompileError
 from speccompile.serve import api_errors, protocol
 from speccompile.serve.api_errors import APIError, from_runtime, shutting_down
+from speccompile.serve.guards import BodyLimit, KeyBeforeBody, body_limit
 from speccompile.serve.metrics import Metrics, usage
 from speccompile.serve.runner import Job, Outcome, Runner
 
@@ -45,7 +44,8 @@ def create_app(state: ServeState) -> FastAPI:
 
     app = FastAPI(title="speccompile", lifespan=lifespan, docs_url=None, redoc_url=None)
     api_errors.install(app)
-    if state.api_key is not None:
+    app.add_middleware(BodyLimit, limit=body_limit(state.gen.max_seq_len))
+    if state.api_key is not None:  # added last, so it runs first: no body is read for a client without the key
         app.add_middleware(KeyBeforeBody, key=state.api_key)
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with either
@@ -86,28 +86,6 @@ def create_app(state: ServeState) -> FastAPI:
         return await _respond(state, body, ids, request, chat=False)
 
     return app
-
-
-class KeyBeforeBody:
-    """The API key checked on a request's headers before anything reads its body (`/health` and `/metrics` stay
-    open). FastAPI reads and parses a body before a route's dependencies run: a check there let a client without
-    the key make the server hold a body of any size in memory, and parse it, before its 401."""
-
-    def __init__(self, app, key: str):
-        self.app, self.key = app, key
-
-    async def __call__(self, scope, receive, send):
-        guarded = scope["type"] == "http" and scope["path"].startswith("/v1/")
-        if guarded and not self._authorized(Headers(scope=scope)):
-            response = APIError(401, "missing or incorrect API key (send 'Authorization: Bearer KEY')",
-                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}).response()
-            await response(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-    def _authorized(self, headers: Headers) -> bool:
-        scheme, _, token = headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), self.key.encode())
 
 
 async def _tokenize(encode, *args, **kwargs) -> list[int]:
