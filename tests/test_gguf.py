@@ -371,6 +371,25 @@ def test_llama_gguf_biases_are_added_as_llama_cpp_adds_them(tmp_path):
         read_gguf(str(tmp_path / "mlp.gguf"))
 
 
+def test_llama_gguf_with_some_attention_biases_adds_the_ones_it_holds(tmp_path):
+    """llama.cpp adds each optional attention bias a file holds: a file with q biases only, and o biases in one
+    layer, computes the Hugging Face model whose other biases are zeros (it was refused for the missing ones)."""
+    transformers = pytest.importorskip("transformers")
+    from models_util import reference_logits
+    from speccompile.compile.sources import save_hf_dir
+    ckpt = biased_llama(seed=1)
+    held = {k: v for k, v in ckpt.tensors.items()
+            if not re.search(r"[kv]_proj\.bias$", k) and not k.endswith("layers.1.self_attn.o_proj.bias")}
+    write_tiny_llama_gguf(tmp_path / "b.gguf", qtypes=(Q.F32,), ckpt=dataclasses.replace(ckpt, tensors=held))
+    zeros = {k: (v if k in held else np.zeros_like(v)) for k, v in ckpt.tensors.items()}
+    save_hf_dir(dataclasses.replace(ckpt, tensors=zeros), str(tmp_path / "hf"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype="float32")
+    ids = np.random.default_rng(1).integers(3, 384, 24)
+    ref = reference_logits(model, ids)
+    logits = gguf_bundle_logits(str(tmp_path / "b.gguf"), str(tmp_path / "bundle"), ids)
+    assert np.abs(logits - ref).max() < 1e-4 * np.abs(ref).max()
+
+
 def test_mistral_gguf_reads_no_sliding_window(tmp_path):
     """A "llama" GGUF named as convert_hf_to_gguf names Mistral's (general.name "Mistral 7B Instruct v0.3") states no
     window: it attends over the whole context, as llama.cpp runs it and transformers reads it (as llama); it slid

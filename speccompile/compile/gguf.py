@@ -218,6 +218,20 @@ def read_tensors(readers: list[gguf.GGUFReader], cfg: ModelConfig) -> dict[str, 
                                       "rotary pairs")
             raw = unpermute_rope_rows(raw, heads)
         out[name] = GGUFTensor(t.tensor_type, tuple(int(d) for d in reversed(t.shape)), raw, t.name)
+    return with_absent_biases_as_zeros(out, cfg)
+
+
+def with_absent_biases_as_zeros(tensors: dict[str, GGUFTensor], cfg: ModelConfig) -> dict[str, GGUFTensor]:
+    """llama.cpp adds each attention bias a file holds, one by one (all optional): where the config has q/k/v or o
+    biases because some are held, one not held adds nothing, so it reads as zeros."""
+    out = dict(tensors)
+    wanted = [*("qkv" if cfg.qkv_bias else ""), *("o" if cfg.o_bias else "")]
+    for i, proj in ((i, proj) for i in range(cfg.num_hidden_layers) for proj in wanted):
+        stem = f"model.layers.{i}.self_attn.{proj}_proj"
+        weight = out.get(stem + ".weight")
+        if weight is not None and stem + ".bias" not in out:
+            out[stem + ".bias"] = GGUFTensor(gguf.GGMLQuantizationType.F32, weight.shape[:1],
+                                             np.zeros(weight.shape[0], np.float32), "(absent: zeros)")
     return out
 
 
