@@ -390,6 +390,23 @@ def test_llama_gguf_with_some_attention_biases_adds_the_ones_it_holds(tmp_path):
     assert np.abs(logits - ref).max() < 1e-4 * np.abs(ref).max()
 
 
+def test_bench_compares_transformers_on_the_model_we_compile_from_a_gguf(tmp_path):
+    """bench --compare-transformers on a llama GGUF with attention biases: transformers' GGUF loader drops them
+    (another model), so bench hands transformers our reading of the file, whose logits are the bundle's."""
+    transformers = pytest.importorskip("transformers")
+    from models_util import reference_logits
+    from speccompile.bench.peers import load_hf_model
+    path = str(tmp_path / "b.gguf")
+    write_tiny_llama_gguf(path, qtypes=(Q.F32,), ckpt=biased_llama(seed=2))
+    ids = np.random.default_rng(2).integers(3, 384, 16)
+    model = load_hf_model({"kind": "gguf", "path": path}, str(tmp_path / "work"))
+    ours = gguf_bundle_logits(path, str(tmp_path / "bundle"), ids)
+    assert np.abs(reference_logits(model, ids) - ours).max() < 1e-4 * np.abs(ours).max()
+    plain = str(tmp_path / "plain.gguf")  # nothing dropped: transformers reads the file itself
+    write_tiny_llama_gguf(plain, qtypes=(Q.F32,))
+    assert load_hf_model({"kind": "gguf", "path": plain}, str(tmp_path / "work")).config.name_or_path == str(tmp_path)
+
+
 def test_mistral_gguf_reads_no_sliding_window(tmp_path):
     """A "llama" GGUF named as convert_hf_to_gguf names Mistral's (general.name "Mistral 7B Instruct v0.3") states no
     window: it attends over the whole context, as llama.cpp runs it and transformers reads it (as llama); it slid

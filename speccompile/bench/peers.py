@@ -22,6 +22,7 @@ import time
 
 from speccompile.bench.methods import split_acceptance, split_method
 from speccompile.bench.settings import AUTOREGRESSIVE, TRANSFORMERS, Method
+from speccompile.compile.gguf import read_gguf
 from speccompile.compile.sources import load_checkpoint, save_hf_dir
 from speccompile.errors import SpeccompileError
 
@@ -30,15 +31,24 @@ from speccompile.errors import SpeccompileError
 def _hf_model_dir(source: dict, workdir: str) -> tuple[str, dict]:
     """Where transformers loads a bundle's model source from: (directory, from_pretrained extra kwargs)."""
     kind, path = source["kind"], source["path"]
-    if kind == "gguf":
+    if kind == "gguf" and (not os.path.exists(path) or transformers_reads_alike(path)):
         return os.path.dirname(path), {"gguf_file": os.path.basename(path)}
     if kind == "hf":
         return path, {}
-    if kind == "tiny":  # random-weight presets exist only in speccompile: write them out as an HF directory
-        out = os.path.join(workdir, path.replace(":", "_"))
-        save_hf_dir(load_checkpoint(path, progress=lambda msg: None), out)
+    if kind in ("tiny", "gguf"):  # presets exist only in speccompile; a GGUF transformers would read otherwise
+        out = os.path.join(workdir, os.path.basename(path).replace(":", "_") + ".hf")
+        if not os.path.exists(os.path.join(out, "config.json")):  # written at the check, read at the load
+            save_hf_dir(load_checkpoint(path, progress=lambda msg: None), out)
         return out, {}
     raise SpeccompileError(f"--compare-transformers: cannot load a model source of kind {kind!r}")
+
+
+def transformers_reads_alike(gguf_path: str) -> bool:
+    """Whether transformers' GGUF loader reads the model we compile: it drops a llama file's attention biases and
+    its per-frequency RoPE factors (rope_freqs.weight), which llama.cpp and speccompile apply."""
+    config = read_gguf(gguf_path)[0]
+    dropped_bias = config.o_bias or (config.qkv_bias and config.model_type != "qwen2")  # Qwen2's q/k/v are read
+    return not (dropped_bias or config.rope["rope_type"] == "freq_factors")
 
 
 def check_hf_model(source: dict, workdir: str) -> tuple[str, dict]:
