@@ -109,14 +109,18 @@ def test_source_keeps_each_matrix_in_its_stored_format(gguf_bundles):
     assert q["option"] == "source" and set(q["fallbacks"]) == {"embed"}  # the head: its exact screen instead
     layers = {k: v for k, v in q["formats"].items() if k.startswith("l")}
     assert len(layers) == 5 * 4
+    names = set(m["weights"]["target.bin"])
     for key, fmt in layers.items():
         i, name = key[1:].split(".")
         types = sorted({stored[f"model.layers.{i}.{hf}.weight"].ggml_type.name.lower() for hf in DENSE_MATRICES[name]})
         assert fmt.split(" ")[0] == "+".join(types), (key, fmt)
-        if len(types) == 1:  # a 5-bit format alone is stored in 8 bits: the label says so, as a mixed one does
-            assert (" as 8-bit blocks" in fmt) == types[0].startswith("q5"), (key, fmt)
+        if len(types) == 1:  # a format alone stored in other bits than its own says so, as a mixed one does: Q5
+            # blocks, and a Q4 gate (or up) widened to 8 bits where it joins an 8-bit up (or gate) as gate_up
+            kept = f"l{i}.gate_up" if name in ("gate", "up") and f"l{i}.gate_up.nbits_scales" in names else key
+            bits = 4 if kept + ".nbits4" in names else 8
+            assert (" as 8-bit blocks" in fmt) == (int(types[0][1]) != bits), (key, fmt)
     assert any(f.startswith("q5") and "+" not in f.split(" ")[0] for f in layers.values())
-    names = set(m["weights"]["target.bin"])
+    assert any(f.startswith("q4") and " as 8-bit blocks" in f for k, f in layers.items() if k.endswith((".gate", ".up")))
     assert "l0.qkv" not in names and "l0.qkv.nbits_scales" in names and {"l0.qkv.nbits4", "l0.qkv.nbits8"} & names
     lines = "\n".join(describe(str(gguf_bundles / "source"), m, True))
     assert "--weights source" in lines and "q4_1" in lines and "decode step reads" in lines

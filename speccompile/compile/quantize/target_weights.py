@@ -93,20 +93,32 @@ def quantize_target(weights: dict[str, np.ndarray], stored: dict | None, mode: s
                 report.formats[key] = reason
             elif reason:
                 report.fallbacks[key] = reason
-    return _join_gate_up(out, packed_mlp), report
+    return _join_gate_up(out, packed_mlp, report), report
 
 
-def _join_gate_up(out: dict, packed: dict) -> dict:
+def _join_gate_up(out: dict, packed: dict, report: WeightReport) -> dict:
     """A layer's packed gate and up as one matrix, gate_up (one product and one offsets product a layer instead
     of two each; graph/mlp.py splits the output); a gate or up packed without the other under its own name."""
     for key, p in packed.items():
         layer, name = key.rsplit(".", 1)
-        other = packed.get(f"{layer}.{'up' if name == 'gate' else 'gate'}")
+        other_key = f"{layer}.{'up' if name == 'gate' else 'gate'}"
+        other = packed.get(other_key)
         if other is None:
             out |= p.weights(key)
         elif name == "gate":
-            out |= join_rows([p, other]).weights(layer + ".gate_up")
+            joined = join_rows([p, other])
+            out |= joined.weights(layer + ".gate_up")
+            for part_key, part in ((key, p), (other_key, other)):
+                _relabel_widened(report, part_key, part, joined)
     return out
+
+
+def _relabel_widened(report: WeightReport, key: str, part: PackedMatrix, joined: PackedMatrix) -> None:
+    """A part widened by its join (a GGUF's Q4 gate beside a Q5 or Q8 up) is stored in the joined form: its label
+    says so, as a mixed qkv's does (only --weights source joins parts of different forms)."""
+    if (part.bits, part.block_size) != (joined.bits, joined.block_size):
+        types = report.formats[key].split(" ")[0]
+        report.formats[key] = f"{types} as {joined.bits}-bit blocks of {joined.block_size}"
 
 
 def _matrix(key: str, w: np.ndarray, stored: dict | None, mode: str,
