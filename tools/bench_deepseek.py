@@ -14,7 +14,10 @@ import time
 
 import numpy as np
 
+from speccompile.cli.errors import one_line_errors
 
+
+@one_line_errors  # bad input (a bundle, a dataset line): one `error:` line, as the CLI gives
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json")

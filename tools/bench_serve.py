@@ -26,6 +26,8 @@ import time
 import httpx
 
 from speccompile.bench.prompts import default_dataset, load_questions
+from speccompile.errors import SpeccompileError
+from speccompile.cli.errors import one_line_errors
 
 
 async def one_request(http: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, speculate: bool) -> dict:
@@ -34,7 +36,7 @@ async def one_request(http: httpx.AsyncClient, url: str, prompt: str, max_tokens
     t0, ttft, parts, use = time.perf_counter(), None, [], {}
     async with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:300]}")
+            raise SpeccompileError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:300]}")
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -118,6 +120,26 @@ def plot(levels: list[dict], title: str, out: str) -> None:
     fig.savefig(out, dpi=110)
 
 
+def served_model(url: str, headers: dict) -> str:
+    """The model the server serves; a server that is not there (or refuses the key) is bad input, not a bug."""
+    try:
+        r = httpx.get(url + "/v1/models", headers=headers)
+    except httpx.HTTPError as e:
+        raise SpeccompileError(f"cannot reach the server at {url}: {e}") from None
+    if r.status_code != 200:
+        raise SpeccompileError(f"{url}/v1/models: HTTP {r.status_code}: {r.text[:300]}")
+    return r.json()["data"][0]["id"]
+
+
+def speculation_modes(value: str) -> list[bool]:
+    """--modes as speculation on (True) / off (False); any other word is refused (it was read as off)."""
+    words = [m.strip() for m in value.split(",")]
+    if not words or any(m not in ("on", "off") for m in words):
+        raise SpeccompileError(f"--modes {value!r}: expected on, off or on,off")
+    return [m == "on" for m in words]
+
+
+@one_line_errors  # bad input (a server not there, a dataset line): one `error:` line, as the CLI gives
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("url", help="the server, e.g. http://127.0.0.1:8000")
@@ -133,8 +155,8 @@ def main(argv=None) -> int:
     url = a.url.rstrip("/")
     prompts = [q["text"] for qs in load_questions(a.dataset or default_dataset()).values() for q in qs]
     headers = {"Authorization": f"Bearer {a.api_key}"} if a.api_key else {}
-    model = httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"]
-    modes = [m.strip() == "on" for m in a.modes.split(",")]
+    modes = speculation_modes(a.modes)
+    model = served_model(url, headers)
     asyncio.run(level(url, prompts[:1], 1, 1, 8, True, headers))  # warm-up, untimed
     levels = []
     for c in [int(x) for x in a.concurrency.split(",")]:

@@ -12,8 +12,11 @@ import time
 
 import speccompile
 from speccompile.bench.prompts import default_dataset
+from speccompile.cli.errors import one_line_errors
+from speccompile.errors import SpeccompileError
 
 
+@one_line_errors  # bad input (a bundle, a dataset line): one `error:` line, as the CLI gives
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bundle")
@@ -22,6 +25,8 @@ def main() -> None:
     ap.add_argument("mode", choices=["spec", "ar"], help="speculative decoding or plain")
     ap.add_argument("questions", nargs="?", default=None, help="a Spec-Bench-style question.jsonl (default: shipped)")
     args = ap.parse_args()
+    if args.prompts < 1 or args.max_new_tokens < 1:
+        raise SpeccompileError("N_PROMPTS and MAX_NEW_TOKENS: each at least 1")
     g = speccompile.load(args.bundle, threads=2, context_cache=False)
     with open(args.questions or default_dataset()) as f:
         questions = [json.loads(line) for line in f if line.strip()]

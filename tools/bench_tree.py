@@ -19,6 +19,8 @@ import time
 
 import numpy as np
 
+from speccompile.cli.errors import one_line_errors
+
 QUESTIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "spec_bench",
                          "question.jsonl")
 SIZES = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
@@ -77,6 +79,7 @@ def acceptance(bundle: str, limit: int, max_new: int, threads: int, shapes: list
     return res
 
 
+@one_line_errors  # bad input (a bundle, a dataset line): one `error:` line, as the CLI gives
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", required=True)

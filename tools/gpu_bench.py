@@ -20,6 +20,7 @@ import numpy as np
 
 import speccompile
 from speccompile.bench.prompts import default_dataset, load_questions
+from speccompile.cli.errors import one_line_errors
 from speccompile.format.bundle import read_manifest
 
 
@@ -54,6 +55,7 @@ def decode_margin(gen, text: str, chosen: list[int], position: int, other: int) 
             "max_abs_logit": round(float(np.abs(row).max()), 2), "argmax_is_chosen": int(argmax[0]) == chosen[position]}
 
 
+@one_line_errors  # bad input (a bundle, a dataset line): one `error:` line, as the CLI gives
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("bundle")

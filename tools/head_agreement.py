@@ -16,8 +16,10 @@ import argparse
 import speccompile
 from speccompile.bench.head_agreement import Agreement, answer_agreement
 from speccompile.bench.prompts import default_dataset, load_questions, pick_prompts
+from speccompile.cli.errors import one_line_errors
 
 
+@one_line_errors  # bad input (a bundle, a dataset line): one `error:` line, as the CLI gives
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("bundle")

@@ -21,6 +21,7 @@ import onnx
 
 import speccompile
 from speccompile.bench.prompts import default_dataset, load_questions, pick_prompts
+from speccompile.cli.errors import one_line_errors
 from speccompile.runtime.engine import Engine
 from speccompile.runtime.row_parity import match_rows
 
@@ -85,6 +86,7 @@ def prefill(engine: Engine, ids: np.ndarray) -> None:
         engine.cache.truncate(min(c0 + CHUNK, len(ids)))
 
 
+@one_line_errors  # bad input (a bundle, a dataset line): one `error:` line, as the CLI gives
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bundle")

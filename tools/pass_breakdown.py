@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import speccompile
 from speccompile.bench.prompts import default_dataset, load_questions, pick_prompts
+from speccompile.cli.errors import one_line_errors
 from speccompile.runtime.sessions import session_options
 
 ROUNDS = 40
@@ -161,6 +162,7 @@ def head_screen(cfg: dict, threads: int, candidates: int = 64) -> None:
         print(f"head {name} ({v} tokens), ms by rows: " + ", ".join(f"{M}: {median_ms(r)}" for M, r in runs.items()))
 
 
+@one_line_errors  # bad input (a bundle, a dataset line): one `error:` line, as the CLI gives
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("bundle")

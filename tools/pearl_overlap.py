@@ -13,8 +13,10 @@ import time
 import numpy as np
 
 import speccompile
+from speccompile.cli.errors import one_line_errors
 
 
+@one_line_errors  # bad input (a bundle, a dataset line): one `error:` line, as the CLI gives
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("bundle")

@@ -99,11 +99,13 @@ def transformers_drafting(gen, drafter: str, target, workdir: str) -> dict:
     return {"assistant_model": assistant}
 
 
-def _counterpart(gen, drafter: str, workdir: str) -> bool:
-    """Whether transformers drafts as `drafter` does: a tree of our own choosing or a lossy acceptance has no
-    counterpart. A draft model's source is checked now, as the target's is."""
+def _counterpart(gen, drafter: str, workdir: str, tree: str | None = None) -> bool:
+    """Whether transformers drafts as `drafter` does: a tree of our own choosing (the method's own, or --tree,
+    which every method without one verifies) or a lossy acceptance has no counterpart. A draft model's source is
+    checked now, as the target's is."""
     d = next((d for d in gen.manifest["drafters"] if d["name"] == split_method(drafter)[0]), None)
-    if split_method(drafter)[1] or split_acceptance(drafter)[1] or d is None or d["kind"] not in COUNTERPARTS:
+    if split_method(drafter)[1] or tree or split_acceptance(drafter)[1] or d is None or \
+            d["kind"] not in COUNTERPARTS:
         return False
     if d["kind"] == "model":
         check_hf_model(gen.manifest["models"][d["model"]]["source"], workdir)
@@ -111,7 +113,7 @@ def _counterpart(gen, drafter: str, workdir: str) -> bool:
 
 
 def transformers_methods(gen, drafters: list[str], threads: int | None, workdir: str, log,
-                         temperature: float = 0.0, top_k: int = 0) -> list[Method]:
+                         temperature: float = 0.0, top_k: int = 0, tree: str | None = None) -> list[Method]:
     """The methods now, their models on their first run (bench's untimed warm-up of the transformers phase, after
     speccompile's: that phase's peak memory stays speccompile's own); what is missing is refused now."""
     check_hf_model(gen.manifest["source"], workdir)
@@ -145,7 +147,7 @@ def transformers_methods(gen, drafters: list[str], threads: int | None, workdir:
     base = f"{TRANSFORMERS}:{AUTOREGRESSIVE}"
     methods = [Method(base, TRANSFORMERS, None, base, AUTOREGRESSIVE, runner(None))]
     for d in drafters:
-        if not _counterpart(gen, d, workdir):
+        if not _counterpart(gen, d, workdir, tree):
             log(f"transformers has no counterpart of drafter {d}; not compared")
             continue
         methods.append(Method(f"{TRANSFORMERS}:{d}", TRANSFORMERS, d, base, d, runner(d)))

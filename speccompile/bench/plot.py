@@ -61,6 +61,9 @@ def draw_spread(ax, position: float, ratios: list[float], color, width: float, h
     def at(along: float | list, value: float | list):  # (x, y) in the plot's orientation
         return (value, along) if horizontal else (along, value)
     q1, q3 = np.percentile(ratios, [25, 75])
+    # a box's edges are sticky for autoscaling: a box at the extreme ratio (a group of one prompt) would pin the
+    # axis there, without margin, and cut that ratio's dot and diamond in half
+    ax.use_sticky_edges = False
     ax.plot(*at([position, position], [min(ratios), max(ratios)]), color=color, lw=1)
     box = ax.barh if horizontal else ax.bar
     box(position, q3 - q1, width * 0.7, q1, color=color, alpha=0.35, edgecolor=color)

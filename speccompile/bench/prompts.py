@@ -64,6 +64,8 @@ def pick_prompts(by_category: dict[str, list[dict]], limit: int | None, encode, 
     """Round-robin over the categories, so that a few prompts still cover every category; a question whose prompt
     leaves no room for the answer in the compiled context is skipped. Returns (prompts with their ids, skipped
     question ids)."""
+    if limit is not None and limit < 1:  # else "no prompt fits", as if the prompts were too long (the tools' --limit)
+        raise SpeccompileError(f"--limit {limit}: must be at least 1")
     picked, skipped = [], []
     queues = [list(q) for q in by_category.values()]
     while any(queues) and (limit is None or len(picked) < limit):

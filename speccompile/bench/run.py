@@ -144,7 +144,7 @@ class Benchmark:
         self.workdir = tempfile.TemporaryDirectory(prefix="speccompile-bench-")
         if settings.compare_transformers:  # checked now, loaded after our phase (see transformers_methods)
             self.theirs = transformers_methods(self.gen, self.drafters, settings.threads, self.workdir.name, log,
-                                               settings.temperature, settings.top_k)
+                                               settings.temperature, settings.top_k, settings.tree)
         self.log = log
 
     @property
