@@ -2,14 +2,15 @@
 
     python tools/gpu_bench.py BUNDLE --device cuda [--prompts 8] [--max-new-tokens 128]
 
-Prints one JSON line: medians of tokens/s (with the weight bandwidth autoregressive steps achieve: a GPU far
-under its memory bandwidth is bound by launches and the host), the median of each prompt's own speedup, mean
-accepted tokens, and whether every speculative output equalled the autoregressive one (greedy: it must, up to the
-kernels' rounding). Where one did not, `divergences` gives, per such prompt, the first differing position and the
-target's own margin there: its logit for the token autoregressive decoding chose minus its logit for the one
-speculation committed, both from the same one-token decode step. A margin within the bundle dtype's rounding
-(NEAR_TIE_ULPS units in the last place of the largest |logit|) is a near-tie that a verify block's other kernel
-tiling may flip: reported, and passed; a larger one is a bug, and the exit status is 1."""
+Prints one JSON line: medians of tokens/s (with the weight bandwidth autoregressive steps achieve: a GPU far under
+its memory bandwidth is bound by launches and the host), the paired speedup (the geometric mean of each prompt's own
+speedup, as `speccompile bench` gives it), mean accepted tokens over every verify pass, and whether every
+speculative output equalled the autoregressive one (greedy: it must, up to the kernels' rounding). Where one did
+not, `divergences` gives, per such prompt, the first differing position and the target's own margin there: its logit
+for the token autoregressive decoding chose minus its logit for the one speculation committed, both from the same
+one-token decode step. A margin within the bundle dtype's rounding (NEAR_TIE_ULPS units in the last place of the
+largest |logit|) is a near-tie that a verify block's other kernel tiling may flip: reported, and passed; a larger
+one is a bug, and the exit status is 1."""
 import argparse
 import json
 import statistics
@@ -20,6 +21,7 @@ import numpy as np
 
 import speccompile
 from speccompile.bench.prompts import default_dataset, load_questions
+from speccompile.bench.stats import geometric_mean
 from speccompile.cli.errors import one_line_errors
 from speccompile.format.bundle import read_manifest
 
@@ -69,7 +71,7 @@ def main() -> int:
     questions = [q for qs in load_questions(default_dataset()).values() for q in qs][:args.prompts]
     gen.generate("Warm up the kernels.", max_new_tokens=16)  # first-call allocations, autotuning
     gen.generate("Warm up the kernels.", max_new_tokens=16, speculate=False)
-    plain, spec, ratio, accepted, differing = [], [], [], [], []
+    plain, spec, ratio, committed, passes, differing = [], [], [], 0, 0, []
     for q in questions:
         a = gen.generate(q["text"], max_new_tokens=args.max_new_tokens, speculate=False)
         b = gen.generate(q["text"], max_new_tokens=args.max_new_tokens)
@@ -78,7 +80,8 @@ def main() -> int:
         plain.append(a.stats["tokens_per_second"])
         spec.append(b.stats["tokens_per_second"])
         ratio.append(spec[-1] / plain[-1])
-        accepted.append(b.stats["mean_accepted_tokens"])
+        committed += b.stats["mean_accepted_tokens"] * b.stats["verify_steps"]
+        passes += b.stats["verify_steps"]
     divergences = [decode_margin(gen, text, a, *first_difference(a, b)) for text, a, b in differing]
     dtype = read_manifest(args.bundle).get("dtype", "float32")
     ties = all(near_tie(d, dtype) for d in divergences)
@@ -87,8 +90,8 @@ def main() -> int:
                       # every autoregressive step reads the target's weights once: what the step rate achieves
                       "autoregressive_weight_GB_s": round(statistics.median(plain) * gen.target.weight_bytes / 1e9, 1),
                       "speculative_tok_s": round(statistics.median(spec), 1),
-                      "paired_speedup": round(statistics.median(ratio), 2),
-                      "mean_accepted_tokens": round(statistics.mean(accepted), 2),
+                      "paired_speedup": round(geometric_mean(ratio), 2),  # as bench pairs them
+                      "mean_accepted_tokens": round(committed / passes, 2) if passes else 1.0,  # over every pass
                       "identical_prompts": len(questions) - len(differing), "identical": not differing,
                       "dtype": dtype, "divergences": divergences, "all_near_ties": ties}))
     return 0 if ties else 1
