@@ -83,3 +83,13 @@ def test_no_transformers_counterpart_for_a_tree_given_by_tree(tiny_generator, tm
     assert [m.name for m in methods] == ["transformers:autoregressive", "transformers:lookup"]
     methods = transformers_methods(tiny_generator, ["lookup"], 1, str(tmp_path), lambda msg: None, tree="chain:2")
     assert [m.name for m in methods] == ["transformers:autoregressive"]
+
+
+def test_an_output_where_no_file_can_be_made_is_refused_before_the_run(tmp_path):
+    """os.access says yes to root everywhere, so `--json /proc/x.json` failed only after the whole run; a folder
+    that takes files passes, and the check leaves nothing in it."""
+    from speccompile.bench.outputs import check_output
+    with pytest.raises(SpeccompileError, match="not a folder this user may write in"):
+        check_output("/proc/bench.json", "--json")
+    check_output(str(tmp_path / "bench.json"), "--json")
+    assert list(tmp_path.iterdir()) == []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 from speccompile.errors import SpeccompileError
 
@@ -14,12 +15,22 @@ def check_output(path: str, option: str, formats: dict[str, str] | None = None) 
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+    if not os.path.isdir(parent) or not _can_create_in(parent):
         raise SpeccompileError(f"{option} {path}: {parent} is not a folder this user may write in")
     ext = os.path.splitext(path)[1][1:].lower()
     if formats is not None and ext and ext not in formats:
         raise SpeccompileError(f"{option} {path}: .{ext} is not a format matplotlib writes "
                                f"({', '.join(sorted(formats))})")
+
+
+def _can_create_in(folder: str) -> bool:
+    """Whether a file can be made in `folder`, by making one that leaves no trace: os.access says yes to root
+    everywhere, /proc and read-only mounts included."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def check_not_overwriting(outputs: dict[str, str], bundle: str, dataset: str) -> None:
