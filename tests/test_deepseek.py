@@ -141,3 +141,56 @@ def test_missing_or_misshapen_expert(tmp_path):
     with pytest.raises(CheckpointError, match="experts.3.down_proj.weight.*shape"):
         build_bundle(str(tmp_path / "ck"), str(tmp_path / "b"), drafts=["none"], max_seq_len=64, progress=quiet)
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("q_lora_rank,overrides", [
+    (None, dict(norm_topk_prob=False, routed_scaling_factor=1.0, first_k_dense_replace=0, n_shared_experts=2,
+                qk_nope_head_dim=24, qk_rope_head_dim=8, v_head_dim=12, tie_word_embeddings=True)),
+    (20, dict(n_routed_experts=16, n_group=8, topk_group=3, num_experts_per_tok=3, n_shared_experts=0,
+              first_k_dense_replace=2, qk_nope_head_dim=8, qk_rope_head_dim=24, v_head_dim=40))])
+def test_routing_and_head_sizes_match_transformers(tmp_path, q_lora_rank, overrides):
+    """Routing without renormalisation or scale, every layer or the last only MoE, no or two shared experts,
+    finer groups, and rope / nope / v head sizes all different."""
+    ref_model = make_checkpoint(str(tmp_path / "ck"), q_lora_rank, **overrides)
+    build_bundle(str(tmp_path / "ck"), str(tmp_path / "b"), drafts=["none"], max_seq_len=64, progress=quiet)
+    assert_logits_match(ref_model, str(tmp_path / "b"))
+
+
+def test_misshapen_norm_or_output_head_refused_at_build(tmp_path):
+    """Each norm's length and the output head's shape are checked when the weights are lowered: one of another
+    size built a bundle that failed inside onnxruntime at every generation (or, of length 1, broadcast and
+    generated garbage). The MTP layer's norms too, named as the checkpoint names them."""
+    from safetensors.numpy import load_file, save_file
+    ck = tmp_path / "ck"
+    make_checkpoint(str(ck), 24, with_mtp=True)
+    shards = {p: load_file(str(p)) for p in ck.glob("*.safetensors")}
+    bad = {"model.layers.1.self_attn.kv_a_layernorm.weight": (31,), "model.layers.0.input_layernorm.weight": (1,),
+           "model.layers.2.self_attn.q_a_layernorm.weight": (2,), "lm_head.weight": (383, 64),
+           "model.layers.3.post_attention_layernorm.weight": (63,)}
+    for name, shape in bad.items():
+        path, tensors = next((p, t) for p, t in shards.items() if name in t)
+        save_file(tensors | {name: np.ones(shape, np.float32)}, str(path))
+        with pytest.raises(CheckpointError, match=rf"{name}' has shape \({shape[0]},"):
+            build_bundle(str(ck), str(tmp_path / "b"), drafts=[f"mtp:{ck}"], max_seq_len=64, progress=quiet)
+        save_file(tensors, str(path))
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("edit,words", [
+    (dict(num_experts_per_tok=5), "num_experts_per_tok = 5 exceeds the 4 experts"),
+    (dict(n_group=3), "n_routed_experts = 8 is not a multiple of n_group = 3"),
+    (dict(topk_method="greedy"), "topk_method = 'greedy'"),
+    (dict(scoring_func="softmax"), "scoring_func = 'softmax'"),
+    (dict(moe_layer_freq=2), "moe_layer_freq = 2")])
+def test_routing_it_does_not_lower_is_refused_before_the_weights(tmp_path, edit, words):
+    """More experts per token than the kept groups hold (the top-k then takes masked experts, in no defined order;
+    it built and disagreed with transformers), experts not in whole groups, and DeepSeek's own routing keys set
+    to what is not lowered (they were ignored): one error line from config.json, before any weight is read."""
+    from test_errors import assert_cli_error, cli
+    ck = tmp_path / "ck"
+    make_checkpoint(str(ck))
+    config = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps(config | edit))
+    for weights in ck.glob("*.safetensors"):  # refused from the config alone
+        weights.unlink()
+    assert_cli_error(cli("build", ck, "--out", tmp_path / "b", "--draft", "none"), words)

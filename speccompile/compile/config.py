@@ -72,6 +72,19 @@ def _checked_type(key: str, value: Any, kind: type) -> Any:
 FLOAT_QUANT_METHODS = ("fp8", "gguf")
 
 
+# Routing keys DeepSeek's own modeling code reads and transformers' class does not: the graph lowers these values,
+# and a config with others (DeepSeek-V2's softmax "greedy" top-k, experts in every n-th layer only) would build
+# as if it had them.
+DEEPSEEK_ROUTING = {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "moe_layer_freq": 1}
+
+
+def _check_deepseek_routing(hf: dict[str, Any]) -> None:
+    for key, lowered in DEEPSEEK_ROUTING.items():
+        if hf.get(key) is not None and hf[key] != lowered:
+            raise UnsupportedModelError(f"unsupported: {key} = {hf[key]!r:.40} (DeepSeek-V3 routing is lowered as "
+                                        f"{key} = {lowered!r})")
+
+
 def _check_quantization(hf: dict[str, Any]) -> None:
     """Any other quantization's stored integers are not weights: such a checkpoint is refused, naming its method."""
     quant = hf.get("quantization_config")
@@ -176,6 +189,19 @@ class ModelConfig:
         if self.first_k_dense_replace > self.num_hidden_layers:
             raise ConfigError(f"config: first_k_dense_replace = {self.first_k_dense_replace} exceeds "
                               f"num_hidden_layers = {self.num_hidden_layers}")
+        self._check_expert_groups()
+
+    def _check_expert_groups(self) -> None:
+        """Experts split into whole groups, and no more chosen than the kept groups hold: past that, the top-k
+        takes experts the group limit masked out, in an order no implementation defines."""
+        if self.n_routed_experts % self.n_group:
+            raise ConfigError(f"config: n_routed_experts = {self.n_routed_experts} is not a multiple of n_group = "
+                              f"{self.n_group}")
+        kept = self.topk_group * (self.n_routed_experts // self.n_group)
+        if self.n_routed_experts and self.num_experts_per_tok > kept:
+            raise ConfigError(f"config: num_experts_per_tok = {self.num_experts_per_tok} exceeds the {kept} experts "
+                              f"of the topk_group = {self.topk_group} groups routing keeps (n_routed_experts = "
+                              f"{self.n_routed_experts} in n_group = {self.n_group})")
 
     @property
     def is_mla(self) -> bool:
@@ -256,6 +282,8 @@ class ModelConfig:
                 f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
         if hf.get("mlp_bias"):
             raise UnsupportedModelError("unsupported: mlp_bias=true")
+        if model_type == "deepseek_v3":
+            _check_deepseek_routing(hf)
         heads = _config_value(hf, "num_attention_heads", int)
         hidden = _config_value(hf, "hidden_size", int)
         if heads <= 0 or hidden <= 0:
@@ -303,8 +331,6 @@ class ModelConfig:
             if self.cache_head_dim % 8:
                 raise UnsupportedModelError(f"kv_lora_rank + qk_rope_head_dim = {self.cache_head_dim} is not a "
                                             "multiple of 8 (fused attention over the latent cache)")
-            if self.n_routed_experts and self.n_routed_experts % self.n_group:
-                raise UnsupportedModelError("n_routed_experts must be a multiple of n_group")
             return
         if self.head_dim % 16 or self.rope_dim % 16:
             raise UnsupportedModelError(f"head_dim {self.head_dim} (rotated: {self.rope_dim}) is not a multiple of "

@@ -115,19 +115,20 @@ def separate_logits(model):
 def tiny_deepseek_checkpoint(path, q_lora_rank=None, seed=0, with_mtp=False, **overrides):
     """Write a tiny DeepSeek-V3 checkpoint (HF directory) with transformers, and return the torch model: 3 layers
     (1 dense, 2 MoE with 8 experts in 4 groups), MLA with a 32-dim latent; weights scaled so logits and routing
-    decisions are well separated; overrides: other config values (rope_parameters, ...). with_mtp adds an MTP
+    decisions are well separated; overrides: any config values (rope_parameters, n_group, ...). with_mtp adds an MTP
     module (layer num_hidden_layers, DeepSeek names) built to repeat its input token, so drafts get accepted on a
     random model's repetitive output."""
     import os
 
     import torch
     import transformers
-    cfg = transformers.DeepseekV3Config(
-        vocab_size=384, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8,
-        routed_scaling_factor=2.5, kv_lora_rank=32, q_lora_rank=q_lora_rank, qk_rope_head_dim=16, v_head_dim=16,
-        qk_nope_head_dim=16, n_group=4, topk_group=2, num_experts_per_tok=2, first_k_dense_replace=1,
-        **{"max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2, **overrides})
+    cfg = transformers.DeepseekV3Config(**{
+        "vocab_size": 384, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4, "n_shared_experts": 1,
+        "n_routed_experts": 8, "routed_scaling_factor": 2.5, "kv_lora_rank": 32, "q_lora_rank": q_lora_rank,
+        "qk_rope_head_dim": 16, "v_head_dim": 16, "qk_nope_head_dim": 16, "n_group": 4, "topk_group": 2,
+        "num_experts_per_tok": 2, "first_k_dense_replace": 1, "max_position_embeddings": 2048, "bos_token_id": 1,
+        "eos_token_id": 2, **overrides})
     torch.manual_seed(seed)
     model = separate_logits(transformers.DeepseekV3ForCausalLM(cfg).eval())
     with torch.no_grad():

@@ -151,17 +151,11 @@ def rope_weights(cfg: ModelConfig, max_seq_len: int) -> dict[str, np.ndarray]:
 
 
 def _lower_deepseek_weights(cfg: ModelConfig, tensors: dict[str, np.ndarray], max_seq_len: int):
-    for name, shape in (("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size)),
-                        ("model.norm.weight", (cfg.hidden_size,))):
-        if name not in tensors:
-            raise CheckpointError(f"checkpoint is missing tensor {name!r}")
-        if tuple(tensors[name].shape) != shape:
-            raise CheckpointError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}")
-    w = {"embed": np.asarray(tensors["model.embed_tokens.weight"], np.float32),
-         "final_norm": np.asarray(tensors["model.norm.weight"], np.float32)}
     check_output_head(cfg, tensors)
-    if not cfg.tie_word_embeddings:
-        w["lm_head"] = np.asarray(tensors["lm_head.weight"], np.float32)
+    r, V, H = TensorReader(tensors), cfg.vocab_size, cfg.hidden_size
+    w = {"embed": r.get("model.embed_tokens.weight", (V, H)), "final_norm": r.get("model.norm.weight", (H,))}
+    if not cfg.tie_word_embeddings:  # its shape too: a head of another width built, and every load then failed
+        w["lm_head"] = r.get("lm_head.weight", (V, H))
     for i in range(cfg.num_hidden_layers):
         w |= lower_mla_layer(cfg, tensors, f"model.layers.{i}.", f"l{i}.", cfg.is_moe_layer(i))
     return w | rope_weights(cfg, max_seq_len)
@@ -187,10 +181,10 @@ def lower_mtp_weights(cfg: ModelConfig, tensors: dict[str, np.ndarray],
     for name in ("mtp.enorm.weight", "mtp.hnorm.weight", "mtp.norm.weight"):
         if tuple(tensors[name].shape) != (H,):
             raise CheckpointError(f"{name} has shape {tuple(tensors[name].shape)}, expected {(H,)}")
-    if cfg.is_mla:
-        moe = "mtp.layer.mlp.gate.weight" in tensors
-        out = lower_mla_layer(cfg, {k.replace("mtp.layer.", "mtp.l0."): v for k, v in tensors.items()},
-                                  "mtp.l0.", "mtp.l0.", moe)
+    if cfg.is_mla:  # the block under the checkpoint's own names, which its errors then give
+        moe, layer = "mtp.layer.mlp.gate.weight" in tensors, f"model.layers.{cfg.num_hidden_layers}."
+        out = lower_mla_layer(cfg, {k.replace("mtp.layer.", layer): v for k, v in tensors.items()},
+                              layer, "mtp.l0.", moe)
         f32 = lambda name: np.ascontiguousarray(tensors[name], dtype=np.float32)  # noqa: E731
         return out | {"mtp.enorm": f32("mtp.enorm.weight"), "mtp.hnorm": f32("mtp.hnorm.weight"),
                       "mtp.eh_proj": np.ascontiguousarray(f32("mtp.eh_proj.weight").T),

@@ -16,16 +16,17 @@ def lower_mla_layer(cfg: ModelConfig, tensors: dict[str, np.ndarray], hf_prefix:
     H, nh = cfg.hidden_size, cfg.num_attention_heads
     nope, rope, lora, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
     T = np.ascontiguousarray
-    w = {prefix + "attn_norm": r.get("input_layernorm.weight"),
-         prefix + "mlp_norm": r.get("post_attention_layernorm.weight")}
+    # every norm's length checked too: one of another length built, and failed inside onnxruntime at generation
+    w = {prefix + "attn_norm": r.get("input_layernorm.weight", (H,)),
+         prefix + "mlp_norm": r.get("post_attention_layernorm.weight", (H,))}
     if cfg.q_lora_rank:
         w[prefix + "q_a"] = T(r.get("self_attn.q_a_proj.weight", (cfg.q_lora_rank, H)).T)
-        w[prefix + "q_a_norm"] = r.get("self_attn.q_a_layernorm.weight")
+        w[prefix + "q_a_norm"] = r.get("self_attn.q_a_layernorm.weight", (cfg.q_lora_rank,))
         w[prefix + "q_b"] = T(r.get("self_attn.q_b_proj.weight", (nh * (nope + rope), cfg.q_lora_rank)).T)
     else:
         w[prefix + "q"] = T(r.get("self_attn.q_proj.weight", (nh * (nope + rope), H)).T)
     w[prefix + "kv_a"] = T(r.get("self_attn.kv_a_proj_with_mqa.weight", (lora + rope, H)).T)
-    w[prefix + "kv_a_norm"] = r.get("self_attn.kv_a_layernorm.weight")
+    w[prefix + "kv_a_norm"] = r.get("self_attn.kv_a_layernorm.weight", (lora,))
     kv_b = r.get("self_attn.kv_b_proj.weight", (nh * (nope + v), lora))
     kv_b = kv_b.reshape(nh, nope + v, lora)
     w[prefix + "w_uk"] = T(kv_b[:, :nope])  # [nh, nope, lora]: absorbed into the query
