@@ -194,3 +194,22 @@ def test_routing_it_does_not_lower_is_refused_before_the_weights(tmp_path, edit,
     for weights in ck.glob("*.safetensors"):  # refused from the config alone
         weights.unlink()
     assert_cli_error(cli("build", ck, "--out", tmp_path / "b", "--draft", "none"), words)
+
+
+@pytest.mark.parametrize("missing", ["mlp.gate.weight", "self_attn.kv_b_proj.weight"])
+def test_partial_mtp_layer_names_the_checkpoints_tensor(tmp_path, missing):
+    """A DeepSeek MTP layer missing a tensor is one error naming it as the checkpoint does (layer
+    num_hidden_layers), not by an internal name; without its router it is still the MoE block it is (it was read as
+    a dense MLP, and the error named a gate_proj the layer never had)."""
+    from safetensors.numpy import load_file, save_file
+    ck = tmp_path / "ck"
+    make_checkpoint(str(ck), with_mtp=True)
+    shard = ck / "model-00002-of-00002.safetensors"
+    tensors = load_file(str(shard))
+    del tensors[f"model.layers.3.{missing}"]
+    save_file(tensors, str(shard))
+    index = json.loads((ck / "model.safetensors.index.json").read_text())
+    del index["weight_map"][f"model.layers.3.{missing}"]
+    (ck / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"missing tensor 'model\.layers\.3\.{missing}'"):
+        build_bundle(str(ck), str(tmp_path / "b"), drafts=[f"mtp:{ck}"], max_seq_len=64, progress=quiet)

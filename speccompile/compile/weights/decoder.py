@@ -182,7 +182,9 @@ def lower_mtp_weights(cfg: ModelConfig, tensors: dict[str, np.ndarray],
         if tuple(tensors[name].shape) != (H,):
             raise CheckpointError(f"{name} has shape {tuple(tensors[name].shape)}, expected {(H,)}")
     if cfg.is_mla:  # the block under the checkpoint's own names, which its errors then give
-        moe, layer = "mtp.layer.mlp.gate.weight" in tensors, f"model.layers.{cfg.num_hidden_layers}."
+        # an MoE block by any of its tensors: one missing its router is then named as that, not as a dense MLP
+        moe = any(k.startswith(("mtp.layer.mlp.gate.", "mtp.layer.mlp.experts.")) for k in tensors)
+        layer = f"model.layers.{cfg.num_hidden_layers}."
         out = lower_mla_layer(cfg, {k.replace("mtp.layer.", layer): v for k, v in tensors.items()},
                               layer, "mtp.l0.", moe)
         f32 = lambda name: np.ascontiguousarray(tensors[name], dtype=np.float32)  # noqa: E731
