@@ -157,6 +157,10 @@ GENERATE = [
     ("drafter of a bundle without drafters", lambda p: [no_drafters(p), "hi", "--drafter", "lookup"]),
     ("tree of a bundle without drafters", lambda p: [no_drafters(p), "hi", "--tree", "chain:3"]),
     ("num-draft of a bundle without drafters", lambda p: [no_drafters(p), "hi", "--num-draft", "3"]),
+    # it decoded plainly, and the summary said "typical acceptance (lossy)"
+    ("typical acceptance of a bundle without drafters", lambda p: [no_drafters(p), "hi", "--temperature", "0.7",
+                                                                   "--acceptance", "typical"]),
+    ("acceptance empty", lambda p: [p[B], "hi", "--temperature", "0.7", "--acceptance", ""]),
     ("num-draft and a tree", lambda p: [p[B], "hi", "--num-draft", "3", "--tree", "dynamic:8"]),
     ("no-speculate compared", lambda p: [p[B], "hi", "--no-speculate", "--compare"]),
     ("typical acceptance while greedy", lambda p: [p[B], "hi", "--acceptance", "typical"]),
@@ -315,6 +319,11 @@ BUILD = [
     ("draft model missing", lambda p: ["tiny:llama", "--out", str(p["root"] / "o30"), "--draft",
                                        f"model:{p['root'] / 'nope'}"]),
     ("draft model empty", lambda p: ["tiny:llama", "--out", str(p["root"] / "o31"), "--draft", "model:"]),
+    # "mtp:$HEAD" with HEAD unset built the shipped head, "lookup:" the default n-grams
+    ("draft lookup empty", lambda p: ["tiny:llama", "--out", str(p["root"] / "o44"), "--draft", "lookup:"]),
+    ("draft none beside lookup", lambda p: ["tiny:llama", "--out", str(p["root"] / "o45"), "--draft", "none",
+                                            "--draft", "lookup"]),
+    ("draft none with an argument", lambda p: ["tiny:llama", "--out", str(p["root"] / "o46"), "--draft", "none:3"]),
     ("draft mtp missing", lambda p: ["tiny:llama", "--out", str(p["root"] / "o32"), "--draft",
                                      f"mtp:{p['root'] / 'nope.safetensors'}"]),
     ("draft eagle a pickle", lambda p: ["tiny:llama", "--out", str(p["root"] / "o33"), "--draft",
@@ -364,6 +373,8 @@ OTHERS = [
     ("bench plot of no known format", lambda p: ["bench", p[B], "--limit", "1", "--plot", "out.xyz"]),
     ("bench multi-turn with a plot", lambda p: ["bench", p[B], "--multi-turn", "2", "--plot", "mt.png"]),
     ("bench multi-turn zero", lambda p: ["bench", p[B], "--multi-turn", "0"]),
+    ("bench method naming no tree", lambda p: ["bench", p[B], "--limit", "1", "--drafter", "lookup@"]),
+    ("bench method naming no acceptance", lambda p: ["bench", p[B], "--limit", "1", "--drafter", "lookup~"]),
     ("bench tree of a million nodes", lambda p: ["bench", p[B], "--limit", "1", "--drafter",
                                                  "lookup@chain:1000000"]),
     ("train-head target missing", lambda p: ["train-head", "--target", str(p["root"] / "nope"),
@@ -449,6 +460,8 @@ API = [
     ("chat a string", lambda g: g.generate("hi", 4, chat="no")),
     ("a drafter without speculation", lambda g: g.generate("hi", 4, speculate=False, drafter="lookup")),
     ("a tree without speculation", lambda g: g.generate("hi", 4, speculate=False, tree="chain:3")),
+    ("acceptance empty", lambda g: g.generate("hi", 4, temperature=0.7, acceptance="")),
+    ("adaptive tree naming no depth", lambda g: g.generate("hi", 4, tree="adaptive:")),
 ]
 
 

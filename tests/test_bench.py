@@ -434,6 +434,8 @@ def test_bench_cli_refuses_what_it_would_ignore_or_overwrite(tiny_bundle, datase
     same = str(tmp_path / "r.png")
     for options, says in ((("--drafter", "lookup~typical"), "typical acceptance is for sampling"),
                           (("--temperature", "0.7", "--drafter", "lookup~typical:2"), "typical_epsilon must be in"),
+                          (("--drafter", "lookup@"), "nothing after '@'"),  # were the bundle's tree, exact
+                          (("--drafter", "lookup~"), "nothing after '~'"),
                           (("--stream-requests", "4"), "--stream-requests: only the concurrency mode"),
                           (("--stream-repeats", "2"), "--stream-repeats: only the concurrency mode"),
                           (("--json", inside), "inside the bundle"),

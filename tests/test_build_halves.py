@@ -55,3 +55,11 @@ def test_numbered_drafts_are_named_as_written_plainly():
     for bad in ("layerskip:٣", "lookup:٣", "layerskip:²", "layerskip: 3", "lookup:+2"):
         with pytest.raises(SpeccompileError, match="whole number"):
             DraftSpec.parse(bad)
+
+
+@pytest.mark.parametrize("spec, says", [("mtp:", "nothing after the colon"), ("lookup:", "nothing after the colon"),
+                                        ("none:3", "none takes no argument")])
+def test_a_colon_with_nothing_after_it_is_refused(spec, says):
+    """"mtp:$HEAD" with HEAD unset was bare mtp, the shipped head, and "none:3" was none: not what was written."""
+    with pytest.raises(SpeccompileError, match=says):
+        DraftSpec.parse(spec)

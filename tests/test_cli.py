@@ -176,6 +176,16 @@ def test_sampling_options_at_a_temperature_that_decodes_greedily_are_refused(tin
         assert "at least 1e-05" in r.output, r.output
 
 
+def test_an_acceptance_that_names_no_rule_is_refused_as_such_when_greedy(tiny_bundle):
+    """--acceptance bogus (or "") at the greedy default was refused as typical acceptance ("is for sampling"),
+    which it is not: the error names the rules there are."""
+    for value in ("bogus", "", "exact:0.1"):
+        r = CliRunner().invoke(main, ["generate", str(tiny_bundle), "hello", "--max-new-tokens", "4",
+                                      "--acceptance", value])
+        assert r.exit_code == 2 and len(r.output.splitlines()) == 1, r.output
+        assert "use exact or typical[:EPS[,ALPHA]]" in r.output and "for sampling" not in r.output, r.output
+
+
 def test_top_k_and_top_p_without_a_temperature_are_refused(tiny_bundle):
     """Greedy decoding (temperature 0, the default) takes the likeliest token whatever --top-k or --top-p say: they
     are refused there rather than ignored, and apply once a temperature is given."""

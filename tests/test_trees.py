@@ -36,7 +36,8 @@ def test_tree_specs(tmp_path):
             TreeSpec.parse(bad)
 
 
-@pytest.mark.parametrize("spec", ["chain:1_0", "chain:٣", "dynamic: 8", "dynamic:٨", "adaptive:2 ", "chain:-1"])
+@pytest.mark.parametrize("spec", ["chain:1_0", "chain:٣", "dynamic: 8", "dynamic:٨", "adaptive:2 ", "chain:-1",
+                                  "adaptive:"])
 def test_tree_sizes_are_plain_whole_numbers(spec):
     """int() would read "1_0" as 10, "٣" as 3 and pass spaces and signs: sizes other than were written."""
     with pytest.raises(SpeccompileError, match="expected a whole number"):

@@ -70,7 +70,7 @@ def test_acceptance_option_and_params():
     # fields by position: an empty EPS leaves EPS its default, and ALPHA is not taken for it
     assert acceptance_option("typical:,0.2") == {"acceptance": "typical", "typical_alpha": 0.2}
     assert acceptance_option("typical:0.2,") == {"acceptance": "typical", "typical_epsilon": 0.2}
-    for bad in ("typical:x", "typical:1,2,3", "lenient", 5):
+    for bad in ("typical:x", "typical:1,2,3", "lenient", 5, ""):
         with pytest.raises(SpeccompileError):
             acceptance_option(bad)
     with pytest.raises(SpeccompileError):

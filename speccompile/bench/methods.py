@@ -72,6 +72,16 @@ def choose_drafters(gen, wanted: tuple[str, ...], tree: str | None = None) -> li
     return list(wanted) or gen.drafter_names
 
 
+def check_parts_named(spec: str) -> None:
+    """"mtp@" and "mtp~" name no tree and no acceptance: refused, not measured as the bundle's tree and exact
+    acceptance under a label that says otherwise."""
+    head, acceptance = split_acceptance(spec)
+    if head != spec and acceptance is None:
+        raise SpeccompileError(f"--drafter {spec}: nothing after '~'; use NAME~exact or NAME~typical[:EPS[,ALPHA]]")
+    if "@" in head and split_method(head)[1] is None:
+        raise SpeccompileError(f"--drafter {spec}: nothing after '@'; use NAME@TREE, e.g. {head}chain:3")
+
+
 def method_key(spec: str, tree: str | None) -> tuple:
     """What a method measures: its drafter, the tree it verifies (its own, else `tree`) and its acceptance."""
     name, own_tree = split_method(spec)

@@ -21,7 +21,8 @@ from typing import Callable
 from speccompile import load
 from speccompile.bench.concurrency import check_stream_counts, measure_concurrency
 from speccompile.bench.machine import measure_machine_bandwidth, peak_rss_mib
-from speccompile.bench.methods import choose_drafters, speccompile_methods, split_acceptance, split_method
+from speccompile.bench.methods import (check_parts_named, choose_drafters, speccompile_methods, split_acceptance,
+                                       split_method)
 from speccompile.bench.peers import transformers_methods
 from speccompile.bench.prompts import default_dataset, load_questions, pick_prompts
 from speccompile.bench.report import result_document
@@ -106,6 +107,7 @@ def check_settings(settings: BenchSettings) -> None:
         raise SpeccompileError(f"--top-k {settings.top_k}: samples, so it needs a --temperature of at least "
                                f"{GREEDY_BELOW:g} (greedy decoding has no top-k)")
     for spec in settings.drafters:  # values out of range: their own error, before the machine is measured
+        check_parts_named(spec)
         acceptance = split_acceptance(spec)[1]
         params = SamplingParams(settings.temperature, settings.top_k, **acceptance_option(acceptance))
         if acceptance not in (None, "exact") and params.greedy:  # greedy acceptance is exact whatever it asks for

@@ -21,7 +21,7 @@ def unescape_stop(stop: str) -> str:
 def check_generate_options(p: dict) -> None:
     """generate's options (p: by parameter name) that contradict each other, or that the others would make it
     ignore: one error line, before the bundle loads."""
-    from speccompile.runtime.sampling import GREEDY_BELOW, SamplingParams
+    from speccompile.runtime.sampling import GREEDY_BELOW, SamplingParams, acceptance_option
     if p["system"] is not None and p["no_chat"]:
         raise SpeccompileError("--system needs the chat template: drop --no-chat")
     drafting = [o for o, given in (("--compare", p["compare"]), ("--drafter", p["drafter"]),
@@ -29,7 +29,9 @@ def check_generate_options(p: dict) -> None:
                                    ("--acceptance", p["acceptance"] != "exact")) if given]
     if p["no_speculate"] and drafting:
         raise SpeccompileError(f"--no-speculate drafts nothing: drop {', '.join(drafting)}")
-    # values out of range: their own error. Greedy: temperature 0, and any below GREEDY_BELOW (1e-8 samples nothing)
+    # values out of range, and an --acceptance that names no rule: their own error, not one about sampling below.
+    # Greedy: temperature 0, and any below GREEDY_BELOW (1e-8 samples nothing)
+    acceptance_option(p["acceptance"])
     greedy = SamplingParams(p["temperature"], p["top_k"], p["top_p"], p["seed"]).greedy
     hint = f"give --temperature of at least {GREEDY_BELOW:g} (below it, and at 0, the default, decoding is greedy)"
     sampling = [o for o, given in (("--top-k", p["top_k"]), ("--top-p", p["top_p"] != 1.0)) if given]

@@ -116,7 +116,10 @@ def _check_request(opts: BuildOptions, drafts: list[str] | None) -> tuple[TreeSp
     check_mode(opts.weights)
     if opts.draft_precision not in ("int8", "float32"):
         raise SpeccompileError(f"--draft-precision {opts.draft_precision!r}: choose int8 or float32")
-    specs = [s for s in (DraftSpec.parse(d) for d in drafts or ()) if s is not None]
+    parsed = [DraftSpec.parse(d) for d in drafts or ()]
+    specs = [s for s in parsed if s is not None]
+    if specs and len(specs) < len(parsed):  # "none" would be dropped, the others built: the one or the others
+        raise SpeccompileError(f"--draft none builds no drafter, and --draft {specs[0].name} one: give either")
     names = [s.name for s in specs]
     twice = next((n for n in names if names.count(n) > 1), None)
     if twice is not None:  # one bundle drafter per name: its graph, weights and manifest entry go by it

@@ -70,8 +70,10 @@ class DraftSpec:
     @classmethod
     def parse(cls, spec: str) -> "DraftSpec | None":
         """None for "none"; a SpeccompileError naming the choices for anything else that is not a kind."""
-        kind, _, arg = spec.partition(":")
+        kind, colon, arg = spec.partition(":")
         if kind == "none":
+            if colon:
+                raise SpeccompileError(f"--draft {spec!r}: none takes no argument")
             return None
         if kind not in KINDS:
             choices = ", ".join(k.usage for k in KINDS.values())
@@ -79,6 +81,8 @@ class DraftSpec:
         k = KINDS[kind]
         if k.arg == "required" and not arg:
             raise SpeccompileError(f"--draft {spec!r}: {kind} needs an argument: {k.usage} ({k.summary})")
+        if colon and not arg:  # "mtp:$HEAD" with HEAD unset: not the bare kind's default (the shipped head)
+            raise SpeccompileError(f"--draft {spec!r}: nothing after the colon; use {k.usage}")
         if k.arg == "none" and arg:
             raise SpeccompileError(f"--draft {spec!r}: {kind} takes no argument")
         if kind in ("layerskip", "lookup") and arg:

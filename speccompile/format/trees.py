@@ -54,7 +54,7 @@ class TreeSpec:
     @classmethod
     def _shape(cls, spec: str, shape: str) -> "TreeSpec":
         """The tree `shape` (spec without its +lookup:L) names."""
-        kind, _, arg = shape.partition(":")
+        kind, colon, arg = shape.partition(":")
         if kind == "chain":
             k = cls._nodes(_count(spec, kind, arg))  # before its paths are built: their size grows with k squared
             return cls("chain", k, tuple((0,) * d for d in range(1, k + 1)), k)
@@ -62,7 +62,7 @@ class TreeSpec:
             n = _count(spec, kind, arg)
             return cls._checked(cls("dynamic", n, (), depth=min(n, 8)))
         if kind == "adaptive":
-            d = _count(spec, kind, arg) if arg else ADAPTIVE_DEPTH
+            d = _count(spec, kind, arg) if colon else ADAPTIVE_DEPTH  # "adaptive:" names no depth: refused
             if not 1 <= d <= 8:
                 raise SpeccompileError(f"--tree {spec!r}: adaptive:D drafts at most D deep, D in 1..8")
             return cls("adaptive", MAX_TREE_NODES, (), depth=d)

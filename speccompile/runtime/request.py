@@ -118,11 +118,11 @@ def build_request(gen, prompt, max_new_tokens, params: SamplingParams, drafter: 
     check_flags(speculate, chat, drafter, num_draft, tree, params)
     ids = prompt_ids(gen, prompt, chat)
     check_length(ids, max_new_tokens, gen.max_seq_len)
-    # a bundle without drafters decodes plainly, but a drafter, tree or size asked of it is refused, not ignored
+    # a bundle without drafters decodes plainly, but a drafter, tree, size or acceptance rule asked of it is
+    # refused, not ignored
     dr = pick_drafter(gen, drafter) if speculate and (gen.drafters or drafter is not None) else None
-    if speculate and dr is None and (num_draft is not None or tree is not None):
-        raise SpeccompileError(f"this bundle has no drafter: {'--tree' if tree is not None else '--num-draft'} "
-                               "drafts nothing (build it with --draft)")
+    if speculate and dr is None:
+        check_nothing_drafted(num_draft, tree, params)
     if num_draft is not None and not (_whole(num_draft) and 1 <= num_draft < MAX_VERIFY_TOKENS):
         raise SpeccompileError(f"--num-draft {num_draft!r}: must be a whole number between 1 and "
                                f"{MAX_VERIFY_TOKENS - 1}")
@@ -150,6 +150,15 @@ def check_flags(speculate, chat, drafter, num_draft, tree, params: SamplingParam
                 if value is not None] + (["typical acceptance"] if params.typical else [])
     if not speculate and drafting:
         raise SpeccompileError(f"speculate=False drafts nothing: drop {', '.join(drafting)}")
+
+
+def check_nothing_drafted(num_draft, tree, params: SamplingParams) -> None:
+    """A bundle without drafters: the options that only shape or accept drafts would go unread."""
+    asked = [o for o, given in (("--tree", tree is not None), ("--num-draft", num_draft is not None),
+                                ("--acceptance typical", params.typical)) if given]
+    if asked:
+        raise SpeccompileError(f"this bundle has no drafter, so {', '.join(asked)} would change nothing (build "
+                               "it with --draft)")
 
 
 def check_depth(drafter: Drafter | None, num_draft: int | None, tree: TreeSpec | None) -> None:

@@ -76,7 +76,7 @@ def acceptance_option(spec: str | None) -> dict:
     """"exact" | "typical[:EPS[,ALPHA]]" (the CLI's --acceptance) -> SamplingParams' acceptance fields."""
     if spec is not None and not isinstance(spec, str):
         raise SamplingParamsError(f"acceptance {spec!r}: use 'exact' or 'typical[:EPS[,ALPHA]]'")
-    if not spec or spec == "exact":
+    if spec is None or spec == "exact":  # "" names no rule: refused below, as a typo would be
         return {"acceptance": "exact"}
     kind, _, args = spec.partition(":")
     fields = args.split(",") if args else []  # by position: "typical:,0.2" sets ALPHA alone
