@@ -68,7 +68,7 @@ def main(debug):
 @click.option("--max-seq-len", type=int, default=None,
               help="Static KV cache length (prompt + output) [default: 2048, or the model's context if shorter].")
 @click.option("--num-draft", type=int, default=None,
-              help="Tokens each drafter proposes per verify pass, as a chain [default: 4; MTP heads: the "
+              help="Tokens each drafter proposes per verify pass, 1-16, as a chain [default: 4; MTP heads: the "
                    "tree dynamic:2+lookup:6 over a float32 target, adaptive+lookup:6 over a 4-bit one, unless "
                    "--num-draft or --tree is given].")
 @click.option("--attention", type=click.Choice(["ort", "reference"]), default="ort", show_default=True,
