@@ -348,6 +348,73 @@ def test_bundle_without_runtime_section_still_loads(bundle_copy):
     assert result.exit_code == 0, result.output
 
 
+def test_manifest_larger_than_any_build_writes_is_refused_unread(bundle_copy, monkeypatch):
+    """The manifest is read before anything vouches for it: a huge (or sparse) one was read whole into memory."""
+    path = bundle_copy / "manifest.json"
+    limit = path.stat().st_size + 100
+    monkeypatch.setattr(bundle_module, "MAX_MANIFEST_BYTES", limit, raising=False)
+    path.write_text(path.read_text() + " " * 101)  # still valid JSON: only its size is wrong
+    with pytest.raises(BundleError, match="larger than"):
+        read_manifest(str(bundle_copy))
+    assert_cli_error(cli("inspect", bundle_copy), "manifest.json", "larger than")
+
+
+@pytest.mark.parametrize("drafter, model, kind", [("model", "target_batch", "decoder_batch"),
+                                                  ("layerskip:2", "draft", None)])
+def test_drafter_naming_a_model_of_another_kind_is_refused(bundle_copy, drafter, model, kind):
+    """A drafter naming the batched graph ran it with the inputs of a plain decoder: onnxruntime failed mid-run
+    (exit 3); a drafter kind over another kind's graph failed in numpy."""
+    def edit(m):
+        entry = next(d for d in m["drafters"] if d["name"] == drafter)
+        entry["model"] = model
+        if kind is None:  # an MTP drafter over a plain decoder
+            entry["kind"] = "mtp"
+    _edit_manifest(bundle_copy, edit)
+    with pytest.raises(BundleError, match=f"names model '{model}' of kind"):
+        read_manifest(str(bundle_copy))
+    assert_cli_error(cli("generate", bundle_copy, "hi", "--drafter", drafter), model, "it runs")
+
+
+def test_graph_that_fails_when_run_is_a_bundle_error(bundle_copy):
+    """A graph whose tensors do not fit together but whose hash matches (a bad build) loads, then fails in its first
+    pass: onnxruntime raises a plain RuntimeError there, which reached the user as a bug (exit 3)."""
+    import onnx
+    graph = onnx.load(str(bundle_copy / "target.onnx"), load_external_data=False)
+    norm = next(t for t in graph.graph.initializer if t.name == "final_norm")
+    norm.dims[0] //= 2  # half the hidden size, read from the same place
+    next(e for e in norm.external_data if e.key == "length").value = str(norm.dims[0] * 4)
+    onnx.save(graph, str(bundle_copy / "target.onnx"))
+    _rehash(bundle_copy, "target.onnx")
+    with pytest.raises(BundleError, match="could not run target.onnx"):
+        speccompile.load(str(bundle_copy), threads=1)
+    assert_cli_error(cli("generate", bundle_copy, "hi"), "could not run target.onnx")
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: m["models"]["target"]["config"].update(n_routed_experts="8"), ["n_routed_experts"]),
+    (lambda m: m["models"]["target"]["config"].update(num_experts_per_tok=-1), ["num_experts_per_tok"]),
+    (lambda m: m.update(dtype=["float16"]), ["dtype"]),
+])
+def test_manifest_fields_inspect_and_load_read_are_in_the_schema(bundle_copy, edit, words):
+    """inspect and load (format/summary.py) read these too: a wrong type was a TypeError or KeyError (exit 3)."""
+    _edit_manifest(bundle_copy, edit)
+    with pytest.raises(BundleError, match="invalid manifest field"):
+        read_manifest(str(bundle_copy))
+    assert_cli_error(cli("inspect", bundle_copy), *words)
+
+
+def test_expert_tensors_named_in_a_dense_model(bundle_copy):
+    """A manifest naming an expert tensor for a model without routed experts: its step reads it whole (the
+    estimate divided by n_routed_experts = 0)."""
+    def edit(m):
+        m["models"]["target"]["initializers"].append("l0.experts.down")
+        m["weights"]["target.bin"]["l0.experts.down"] = {"offset": 0, "length": 4096}
+        m["models"]["target"]["config"].update(n_routed_experts=0)
+    _edit_manifest(bundle_copy, edit)
+    result = cli("inspect", bundle_copy)
+    assert result.exit_code == 0 and "decode step reads" in result.output, result.output
+
+
 # ---- nothing lost on build ---------------------------------------------------------------------------------------
 def test_force_refuses_what_is_not_a_bundle(tmp_path, monkeypatch):
     user = tmp_path / "notes"

@@ -29,12 +29,16 @@ import numpy as np
 
 from speccompile.errors import BundleError
 from speccompile.format.atomic import ASIDE, as_created, replace_folder
+from speccompile.format.drafter_kinds import FUSE_MODEL_KIND, KINDS
 from speccompile.format.manifest_schema import validate_manifest
 from speccompile.format.requirements import check_runtime, runtime_requirements
 
 FORMAT = "speccompile-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# the manifest is read before anything vouches for it: whole, but never more than this (a build writes far less,
+# even for the largest vocabularies' draft-to-target maps), so a huge or sparse file is refused before it is read
+MAX_MANIFEST_BYTES = 256 << 20
 _ALIGN = 4096  # page-aligned tensors can be memory-mapped
 
 
@@ -208,11 +212,11 @@ def _refuse_inside_bundle(out: str) -> None:
     folder = os.path.dirname(os.path.realpath(out))
     while True:
         try:
-            with open(os.path.join(folder, MANIFEST), "rb") as f:
-                if json.loads(f.read()).get("format") == FORMAT:
-                    raise BundleError(f"--out {out} is inside the bundle {folder}; name a folder outside it")
-        except (OSError, ValueError, RecursionError, AttributeError):
-            pass
+            found = _load_json(os.path.join(folder, MANIFEST))
+        except BundleError:  # none there, or none that parses
+            found = None
+        if isinstance(found, dict) and found.get("format") == FORMAT:
+            raise BundleError(f"--out {out} is inside the bundle {folder}; name a folder outside it")
         parent = os.path.dirname(folder)
         if parent == folder:
             return
@@ -352,7 +356,10 @@ def check_unchanged(bundle_dir: str, stamps: dict[str, tuple]) -> None:
 def _load_json(path: str):
     try:
         with open(path, "rb") as f:
-            return json.loads(f.read())
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{path}: larger than the {MAX_MANIFEST_BYTES >> 20} MiB a manifest may be; not read")
+        return json.loads(data)
     except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, nesting too deep
         raise BundleError(f"{path}: corrupt manifest ({type(e).__name__}: {str(e)[:120]})") from None
     except OSError as e:
@@ -377,9 +384,12 @@ def _check_references(bundle_dir: str, m: dict) -> None:
             if os.path.normpath(rel) not in files:
                 raise BundleError(f"manifest names {rel!r}, which has no hash entry")
     for d in m["drafters"]:
-        for key in ("model", "fuse_model"):
+        for key, kind in (("model", KINDS[d["kind"]].model_kind), ("fuse_model", FUSE_MODEL_KIND)):
             if key in d and d[key] not in m["models"]:
                 raise BundleError(f"drafter {d['name']!r} names model {d[key]!r}, which the bundle lacks")
+            if key in d and kind and m["models"][d[key]]["kind"] != kind:  # another kind's graph: other inputs
+                raise BundleError(f"drafter {d['name']!r} ({d['kind']}) names model {d[key]!r} of kind "
+                                  f"{m['models'][d[key]]['kind']!r}, not the {kind!r} it runs")
     tokenizer = os.path.normpath(os.path.join(m["tokenizer"]["dir"], "tokenizer.json"))
     resolve_inside(bundle_dir, m["tokenizer"]["dir"])
     if tokenizer not in files:

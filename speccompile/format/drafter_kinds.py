@@ -13,6 +13,7 @@ import dataclasses
 from speccompile.errors import SpeccompileError
 
 MAX_LOOKUP_NGRAM = 64  # the longest n-gram `lookup:N` matches (the manifest schema's bound on max_ngram)
+FUSE_MODEL_KIND = "eagle3_fc"  # the manifest kind of EAGLE-3's fc graph (a drafter's "fuse_model")
 
 @dataclasses.dataclass(frozen=True)
 class DrafterKind:
@@ -26,6 +27,7 @@ class DrafterKind:
     # the same over a target that verifies one path a pass (speccompile.graphs.trees_exact: the quantized builds)
     chain_tree: str | None = None
     named_by_arg: bool = False  # the drafter's name carries its argument (layerskip:8 and layerskip:12 differ)
+    model_kind: str = ""  # the manifest kind of the model it runs ("": none)
 
     @property
     def build_module(self) -> str:
@@ -42,18 +44,19 @@ class DrafterKind:
 # steps; lookup alone drafts adaptively too (a fixed chain of matches loses where the answer does not repeat).
 KINDS: dict[str, DrafterKind] = {k.name: k for k in (
     DrafterKind("model", "required", "model:PATH", "a separate draft model with the target's tokenizer",
-                module="draft_model"),
+                module="draft_model", model_kind="decoder"),
     DrafterKind("layerskip", "required", "layerskip:L", "the target's first L layers + its norm and head",
-                named_by_arg=True),
+                named_by_arg=True, model_kind="decoder"),
     DrafterKind("lookup", "optional", "lookup[:N]", "prompt lookup: n-gram matches (n <= N, default 3)",
                 chain_tree="adaptive"),
     DrafterKind("mtp", "optional", "mtp[:PATH]", "a multi-token-prediction head (bare: the head shipped for the "
                 "target)", default_num_draft=2, default_tree="dynamic:2+lookup:6",
-                chain_tree="adaptive+lookup:6"),
-    DrafterKind("eagle", "required", "eagle:PATH", "an EAGLE-1/2 head (safetensors file or directory)"),
+                chain_tree="adaptive+lookup:6", model_kind="mtp_head"),
+    DrafterKind("eagle", "required", "eagle:PATH", "an EAGLE-1/2 head (safetensors file or directory)",
+                model_kind="eagle_head"),
     DrafterKind("eagle3", "required", "eagle3:PATH", "an EAGLE-3 head (safetensors file or directory)",
-                module="eagle"),
-    DrafterKind("medusa", "required", "medusa:PATH", "a Medusa heads file (safetensors)"),
+                module="eagle", model_kind="eagle3_head"),
+    DrafterKind("medusa", "required", "medusa:PATH", "a Medusa heads file (safetensors)", model_kind="medusa"),
 )}
 
 

@@ -25,12 +25,15 @@ _TENSORS = {"type": "array", "maxItems": 4096, "items": {
     "properties": {"name": _STRING, "dtype": _STRING, "shape": _SHAPE}}}
 _VOCAB = _SIZE  # as large as the build accepts (compile/config.py UPPER_BOUNDS)
 _WIDTH = {**_SIZE, "maximum": 1 << 16}  # a hidden size, a head count or size: as large as the build accepts
+_EXPERTS = {"type": "integer", "minimum": 0, "maximum": 4096}  # as many as the build accepts (0: a dense model)
 _CONFIG = {"type": "object",
            "required": ["model_type", "vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads",
                         "head_dim"],
            "properties": {"model_type": _STRING, "vocab_size": _VOCAB, "hidden_size": _WIDTH,
                           "num_attention_heads": _WIDTH, "num_key_value_heads": _WIDTH, "head_dim": _WIDTH,
-                          "eos_token_ids": {"type": "array", "maxItems": 64, "items": _INDEX}}}
+                          "eos_token_ids": {"type": "array", "maxItems": 64, "items": _INDEX},
+                          # read by inspect and load (format/summary.py: the experts a step reads)
+                          "n_routed_experts": _EXPERTS, "num_experts_per_tok": _EXPERTS}}
 _KV_CACHE = {"type": "object", "required": ["num_layers", "num_kv_heads", "head_dim", "max_seq_len"],
              "properties": {"num_layers": _LAYERS, "num_kv_heads": _WIDTH, "head_dim": _WIDTH, "max_seq_len": _SIZE,
                             "scratch_slots": {"type": "integer", "minimum": 0, "maximum": 64},
@@ -102,6 +105,7 @@ MANIFEST_SCHEMA = {
             "properties": {"offset": {"type": "integer", "minimum": 0, "maximum": _BIG},
                            "length": {"type": "integer", "minimum": 0, "maximum": _BIG}}}}},
         "backend": {"enum": ["onnxruntime", "tensorrt"]},
+        "dtype": {"enum": ["float32", "float16", "bfloat16"]},  # optional (older bundles: float32)
         # optional (bundles built before it lack it: float32): the format of each target matrix (graphs/__init__.py
         # WEIGHT FORMATS), and why each one left float32 in a quantized build is
         "quantization": {"type": "object", "required": ["option", "formats"],

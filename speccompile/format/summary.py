@@ -85,8 +85,9 @@ def _rows_read(name: str, size: int, cfg: dict, max_seq_len: int) -> int:
     matrices by index: the others are never read)."""
     if name == "embed":
         return size // cfg["vocab_size"]
-    if EXPERTS.fullmatch(name):
-        return size // cfg["n_routed_experts"] * cfg["num_experts_per_tok"]
+    if EXPERTS.fullmatch(name):  # a hand-edited manifest may name expert tensors in a dense model: read whole
+        experts = cfg.get("n_routed_experts") or 1
+        return size // experts * min(cfg.get("num_experts_per_tok") or experts, experts)
     return size // (max_seq_len + 1)
 
 

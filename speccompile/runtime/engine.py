@@ -18,7 +18,7 @@ from speccompile.runtime.kv_cache import DeviceKVCache, KVCache
 # re-exported: the drafters and tools import them from here
 from speccompile.runtime.sessions import (NEG_INF, ancestor_mask, open_session,  # noqa: F401
                                           bind_host, check_cache_inputs, check_graph, check_output_widths,
-                                          providers_for, session_options)
+                                          providers_for, run_bound, session_options)
 
 BIAS_WIDTH_STEP = 64  # the attention bias's width grows in steps of this many slots
 
@@ -166,7 +166,7 @@ class Engine:
 
     def _run(self, io) -> None:
         t0 = time.perf_counter()
-        self.session.run_with_iobinding(io)
+        run_bound(self.session, io, self.entry["graph"])
         self.run_s += time.perf_counter() - t0
 
     def _with_pad_row(self, tokens, positions, parents, rows):

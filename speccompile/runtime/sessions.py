@@ -54,6 +54,17 @@ def open_session(path: str, options: ort.SessionOptions, providers: list[str]) -
                           f"onnxruntime: rebuild the bundle): {e}") from None
 
 
+def run_bound(session: ort.InferenceSession, io: ort.IOBinding, graph: str) -> None:
+    """Run `session` over its bindings; a failure is one BundleError naming the graph. onnxruntime raises a plain
+    RuntimeError here, not one of its own types as a load does: a graph whose hash matches but whose tensors do not
+    fit together (a bad build) would otherwise surface as a bug in speccompile."""
+    try:
+        session.run_with_iobinding(io)
+    except RuntimeError as e:
+        raise BundleError(f"onnxruntime could not run {graph} (a corrupt graph, or out of memory): "
+                          f"{str(e)[:300]}") from None
+
+
 # onnxruntime providers per device; "tensorrt" runs the bundle's TensorRT engines (Engine.__new__), and any other
 # graph (a compaction graph, an EAGLE-3 fc graph) on the CUDA provider
 PROVIDERS = {"cpu": ["CPUExecutionProvider"],
