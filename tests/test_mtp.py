@@ -224,6 +224,22 @@ def test_head_norm_of_another_length_refused(tmp_path, norm):
         lower_mtp_weights(ds.config, mla_head)
 
 
+@pytest.mark.parametrize("d2t", [[1, 2, 3], [384] * 384, []])
+def test_manifest_draft_vocabulary_map_checked_at_load(mtp_bundle, tmp_path, d2t):
+    """A manifest's draft_to_target map that is not one target token id per token the head scores loaded, then
+    indexed past an array mid-generation (IndexError: exit 3) or fed the target an id past its vocabulary."""
+    import shutil
+    import speccompile
+    from speccompile.errors import BundleError
+    bundle = tmp_path / "b"
+    shutil.copytree(mtp_bundle[0], bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["models"]["mtp_head"]["draft_to_target"] = d2t
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="draft_to_target"):
+        speccompile.load(str(bundle), threads=1)
+
+
 def test_empty_draft_vocabulary_refused(tmp_path):
     head = tiny_mtp_head(load_checkpoint("tiny:llama").config)
     head["mtp.d2t"] = np.zeros(0, np.int64)

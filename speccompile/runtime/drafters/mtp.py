@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from speccompile.errors import BundleError
 from speccompile.graphs import MAX_STEP_TOKENS
 from speccompile.runtime.context_cache import Arrays, Part, kv_part, read_kv, write_kv
 from speccompile.runtime.drafters.base import Drafter, Proposal, RuntimeContext
@@ -26,6 +27,23 @@ def load(entry: dict, ctx: RuntimeContext) -> "MtpDrafter":
     return MtpDrafter(entry["name"], engine, model.get("draft_to_target"), ctx.target.vocab_size)
 
 
+def _token_map(name: str, draft_to_target: list[int] | None, head_vocab: int, target_vocab: int) -> np.ndarray | None:
+    """The manifest's draft-to-target map, checked: one target token id per token the head scores, or no map for a
+    head scoring the target's own vocabulary. No graph's signature covers the map, and an id past either
+    vocabulary would index past an array mid-generation."""
+    if draft_to_target is None:
+        if head_vocab != target_vocab:
+            raise BundleError(f"drafter {name!r} scores {head_vocab} tokens, the target {target_vocab}, and its "
+                              "manifest entry maps none of them (draft_to_target); rebuild the bundle")
+        return None
+    d2t = np.asarray(draft_to_target, np.int64)
+    if len(d2t) != head_vocab or not len(d2t) or not 0 <= d2t.min() <= d2t.max() < target_vocab:
+        raise BundleError(f"drafter {name!r}: its draft_to_target map must give one token id below {target_vocab} "
+                          f"(the target's vocabulary) for each of the {head_vocab} tokens it scores; it lists "
+                          f"{len(d2t)}; rebuild the bundle")
+    return d2t
+
+
 class MtpDrafter(Drafter):
     wants_hidden = True
 
@@ -34,8 +52,8 @@ class MtpDrafter(Drafter):
         """draft_to_target: the target token id of each entry of a reduced draft vocabulary (EAGLE-3 style: the
         head scores only frequent tokens, so its output matrix is a fraction of the target's)."""
         self.name, self.engine = name, engine
-        self.d2t = None if draft_to_target is None else np.asarray(draft_to_target, np.int64)
         self.target_vocab = target_vocab or engine.vocab_size
+        self.d2t = _token_map(name, draft_to_target, engine.vocab_size, self.target_vocab)
         self.h = np.zeros((engine.max_seq_len, engine.hidden.shape[1]), np.float32)  # target hidden per position
         self.known = 0  # self.h[:known] is valid
 
