@@ -20,7 +20,7 @@ from speccompile.graphs import MAX_STEP_TOKENS
 from speccompile.runtime.engine import BIAS_WIDTH_STEP, NEG_INF, ancestor_mask, open_session, providers_for, \
     session_options
 from speccompile.runtime.kv_cache import KVCache
-from speccompile.runtime.sessions import bind_host, check_graph
+from speccompile.runtime.sessions import bind_host, check_graph, run_bound
 
 
 @dataclasses.dataclass
@@ -227,8 +227,4 @@ class BatchEngine:
             bind("sample_noise", noise, list(noise.shape))
         if top_k is not None:
             bind("noise_top_k", top_k, [len(top_k)])
-        try:
-            self.session.run_with_iobinding(io)
-        except RuntimeError as e:  # shapes the manifest gave that the graph does not have: a bundle edited by hand
-            raise BundleError(f"onnxruntime could not run {self.entry['graph']} ({str(e)[:200]}): the manifest does "
-                              "not describe this graph; rebuild the bundle") from None
+        run_bound(self.session, io, self.entry["graph"])

@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from speccompile.errors import BundleError
-from speccompile.runtime.sessions import bind_host
+from speccompile.runtime.sessions import bind_host, run_bound
 
 # the bundle's cache dtype -> (numpy storage type, ONNX element type): bfloat16 is stored as its 16 bits
 CACHE_TYPES = {"float32": (np.float32, 1), "float16": (np.float16, 10), "bfloat16": (np.uint16, 16)}
@@ -148,7 +148,7 @@ class DeviceKVCache:
         self._src[:n], self._dst[0] = src_slots, dst_start
         for name, buf, shape in (("src_slots", self._src, [n]), ("dst_start", self._dst, [1])):
             bind_host(self._io, self._bound, name, buf, shape, rebind_inputs=True)  # a device graph: every move
-        self._session.run_with_iobinding(self._io)
+        run_bound(self._session, self._io, "the KV compaction graph")
 
 
 def _device_copy(host: np.ndarray, onnx_type: int, device: str) -> ort.OrtValue:

@@ -61,7 +61,8 @@ def run_bound(session: ort.InferenceSession, io: ort.IOBinding, graph: str) -> N
     try:
         session.run_with_iobinding(io)
     except RuntimeError as e:
-        raise BundleError(f"onnxruntime could not run {graph} (a corrupt graph, or out of memory): "
+        raise BundleError(f"onnxruntime could not run {graph} (a graph built wrong or damaged, memory, or a "
+                          "speccompile bug: rebuild the bundle, and report it if it persists): "
                           f"{str(e)[:300]}") from None
 
 
