@@ -14,7 +14,7 @@ import os
 import numpy as np
 import onnxruntime as ort
 
-from speccompile.errors import BundleError, SpeccompileError
+from speccompile.errors import SpeccompileError
 from speccompile.format.bundle import resolve_inside
 from speccompile.graphs import MAX_STEP_TOKENS
 from speccompile.runtime.engine import BIAS_WIDTH_STEP, NEG_INF, ancestor_mask, open_session, providers_for, \
