@@ -820,7 +820,6 @@ def test_an_output_head_the_config_does_not_name_is_refused(tmp_path):
     """Tied in config.json, a lm_head.weight unlike the embedding has two readings (transformers 5 takes it,
     transformers 4 and vLLM the embedding): refused, never guessed; one equal to it builds. Untied, a missing
     lm_head.weight names tie_word_embeddings."""
-    import numpy as np
     from safetensors.numpy import load_file, save_file
     tied, untied = tmp_path / "tied", tmp_path / "untied"
     save_hf_dir(load_checkpoint("tiny:llama"), str(tied))  # tie_word_embeddings: true

@@ -393,7 +393,7 @@ def test_llama_gguf_with_some_attention_biases_adds_the_ones_it_holds(tmp_path):
 def test_bench_compares_transformers_on_the_model_we_compile_from_a_gguf(tmp_path):
     """bench --compare-transformers on a llama GGUF with attention biases: transformers' GGUF loader drops them
     (another model), so bench hands transformers our reading of the file, whose logits are the bundle's."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from models_util import reference_logits
     from speccompile.bench.peers import load_hf_model
     path = str(tmp_path / "b.gguf")

@@ -7,7 +7,6 @@ from hypothesis import given, settings, strategies as st
 
 from speccompile.errors import SpeccompileError
 from speccompile.runtime.kv_cache import KVCache
-from speccompile.runtime.sampling import SamplingParams
 from speccompile.format.trees import TreeSpec, depths
 from speccompile.runtime.acceptance import accept_greedy, accept_sampled, sequential
 
