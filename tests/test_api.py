@@ -111,6 +111,25 @@ def test_byte_runs_that_turn_invalid_keep_the_stream_whole(tmp_path, monkeypatch
         assert streamed == final
 
 
+@pytest.mark.parametrize("decoder", ["DecodeStream", "PrefixOffsetDecoder"])
+def test_bytes_that_turn_invalid_keep_the_text_after_them(tmp_path, monkeypatch, decoder):
+    """Once byte tokens handed out as a character join later ones in a run that is not UTF-8, the text goes on as
+    the tokens not handed out yet decode on their own: their bytes as U+FFFD each, and the word after them with
+    its leading space (the stream did go on from the word alone: the bytes were lost, the space stripped)."""
+    for name, data in byte_fallback_tokenizer_files().items():
+        (tmp_path / name).write_bytes(data)
+    tok = BundleTokenizer(str(tmp_path))
+    if decoder == "PrefixOffsetDecoder":
+        monkeypatch.setattr(BundleTokenizer, "decode_stream", lambda self: PrefixOffsetDecoder())
+    byte = {b: tok.tok.token_to_id(f"<0x{b:02X}>") for b in range(256)}
+    handed = tok.encode("over the") + [byte[0x27]]
+    for ids, out in (([byte[0xC3], byte[0xA9], byte[0xF0], byte[0x9F]] + tok.encode(" Hello"), 2),
+                     (handed + [byte[0xB5], byte[0xA9]] + tok.encode(" lazy dog"), len(handed))):
+        streamed, final = _stream_text(tok, ids)
+        assert streamed == final == tok.decode(ids[:out]) + tok.decode(ids[out:])
+        assert "\ufffd  " in final
+
+
 def test_generate_with_a_byte_fallback_tokenizer(byte_fallback_bundle):
     """Sampled at a high temperature the tiny model emits varied byte tokens, runs that turn invalid among them."""
     g = speccompile.load(byte_fallback_bundle, threads=1)

@@ -29,17 +29,19 @@ class TextStream:
         self.emitted = 0  # characters handed out
         self.given = 0  # tokens handed out
         self.stop_at: int | None = None  # where the first stop string begins
+        self.partial: list[int] = []  # the tokens added since the last text: a character's first bytes, say
 
     def add(self, token: int) -> bool:
         """Decode one more token; True once a stop string is complete."""
         self.tokens += 1
+        self.partial.append(token)
         try:
             piece = self.decoder.step(self.tokenizer.tok, token)
-        except InvalidPrefix:  # the text handed out stands; decode on from this token (as vLLM recovers)
-            self.decoder = self.tokenizer.decode_stream()
-            piece = self.decoder.step(self.tokenizer.tok, token)
+        except InvalidPrefix:
+            piece = self._decode_afresh()
         if piece is None:  # a partial character: its tokens get the end of the text that completes it
             return False
+        self.partial.clear()
         start = max(0, len(self.text) - self.longest + 1)
         self.text += piece
         self.ends += [len(self.text)] * (self.tokens - len(self.ends))
@@ -47,6 +49,19 @@ class TextStream:
         if hits:
             self.stop_at = min(hits)
         return bool(hits)
+
+    def _decode_afresh(self) -> str | None:
+        """The text handed out stands; decoding starts again at the tokens whose text is not out yet, not at the
+        newest token alone (as vLLM recovers): their bytes, which no longer form a character, show as U+FFFD each
+        (as the whole output decodes them), and the newest token is not a text's first, whose leading space a
+        sentencepiece decoder strips."""
+        self.decoder = self.tokenizer.decode_stream()
+        try:
+            pieces = [self.decoder.step(self.tokenizer.tok, t) for t in self.partial]
+        except InvalidPrefix:  # not seen with byte fallback; the newest token alone then
+            self.decoder = self.tokenizer.decode_stream()
+            pieces = [self.decoder.step(self.tokenizer.tok, self.partial[-1])]
+        return "".join(p for p in pieces if p) or None
 
     def kept_tokens(self) -> int:
         """How many of the added tokens the output keeps: all, or those wholly before the stop string."""
