@@ -97,6 +97,29 @@ def test_stop_reads_escapes(tiny_bundle):
     assert cut["text"] == full[:full.index("\n")]
 
 
+def test_generate_prints_the_answer_as_it_is(tiny_bundle, monkeypatch):
+    """The text streamed to stdout is the answer's, escape sequences included: click.echo strips them where stdout
+    is no terminal, so `generate ... > answer.txt` saved another text than the answer (and --json's)."""
+    import speccompile
+    load, text = speccompile.load, "a\x1b[31mred\x1b[0m b"
+
+    def answering(*args, **kwargs):  # the tiny model, its answer this text
+        gen = load(*args, **kwargs)
+        generate = gen.generate
+
+        def answer(prompt, max_new_tokens, on_text=None, **kw):
+            res = generate(prompt, max_new_tokens, **kw)
+            res.text = text
+            if on_text:
+                on_text(text)
+            return res
+        gen.generate = answer
+        return gen
+    monkeypatch.setattr(speccompile, "load", answering)
+    r = CliRunner().invoke(main, ["generate", tiny_bundle, "hello", "--max-new-tokens", "2"])
+    assert r.exit_code == 0 and r.stdout == text + "\n", r.output
+
+
 def test_a_closed_stdout_ends_quietly(tiny_bundle):
     """`speccompile generate ... | head`: the reader gone, the command ends as Unix tools end on SIGPIPE, with no
     error line (its reader closed here before the first byte is written)."""

@@ -167,7 +167,8 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, dr
         seed = random.SystemRandom().randrange(2**63)
     kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=tuple(map(unescape_stop, stop)),
                   chat=not no_chat, drafter=drafter, num_draft=num_draft, tree=tree, acceptance=acceptance)
-    on_text = None if as_json else functools.partial(click.echo, nl=False)
+    # color: the text as the model wrote it, escape sequences too (click strips them where stdout is no terminal)
+    on_text = None if as_json else functools.partial(click.echo, nl=False, color=True)
     plain = {**kwargs, "drafter": None, "num_draft": None, "tree": None, "acceptance": None}  # --compare's baseline
     if compare:  # warm both paths up (first runs allocate), so the two timings compare like with like
         gen.generate(prompt, min(4, max_new_tokens), speculate=False, **plain)
