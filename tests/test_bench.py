@@ -286,6 +286,26 @@ def test_compare_transformers(tiny_bundle, tmp_path):
     assert "transformers" in doc["versions"] and doc["peak_rss_mib"]["total"] >= doc["peak_rss_mib"]["speccompile"]
 
 
+def test_compare_transformers_refuses_a_source_changed_since_the_build(tmp_path, dataset):
+    """transformers loads the model from the bundle's recorded source path: another checkpoint there since the
+    build (rewritten, or another one at that path where the bundle was copied) was compared as if it were the
+    bundle's model; its sha256 is checked against the one the bundle records, before any run."""
+    pytest.importorskip("transformers")
+    from speccompile.compile.driver import build_bundle
+    from speccompile.compile.presets import tiny_checkpoint
+    from speccompile.compile.sources import save_hf_dir
+    from conftest import quiet
+    target = tiny_checkpoint("llama")
+    save_hf_dir(target, str(tmp_path / "model"))
+    build_bundle(str(tmp_path / "model"), str(tmp_path / "b"), drafts=["lookup"], max_seq_len=64, progress=quiet)
+    target.tensors = {name: 2 * t for name, t in target.tensors.items()}  # another model, the same files
+    save_hf_dir(target, str(tmp_path / "model"))
+    out = invoke("bench", tmp_path / "b", "--dataset", dataset, "--limit", 1, "--max-new-tokens", 2, "--threads", 1,
+                 "--compare-transformers", expect=2)
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "has changed since the bundle was built" in errors[0] and "Traceback" not in out
+
+
 
 def test_speccompile_peak_memory_is_taken_before_transformers_loads(tiny_bundle, dataset, monkeypatch):
     """peak_rss_mib's speccompile figure (the table's peak RSS) is this process's high-water mark once speccompile's

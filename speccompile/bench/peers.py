@@ -23,7 +23,7 @@ import time
 from speccompile.bench.methods import split_acceptance, split_method
 from speccompile.bench.settings import AUTOREGRESSIVE, TRANSFORMERS, Method
 from speccompile.compile.gguf import read_gguf
-from speccompile.compile.sources import load_checkpoint, save_hf_dir
+from speccompile.compile.sources import checkpoint_sha256, load_checkpoint, save_hf_dir
 from speccompile.errors import SpeccompileError
 
 
@@ -61,7 +61,21 @@ def check_hf_model(source: dict, workdir: str) -> tuple[str, dict]:
     directory, extra = _hf_model_dir(source, workdir)
     if not os.path.exists(os.path.join(directory, extra.get("gguf_file", "config.json"))):
         raise SpeccompileError(f"--compare-transformers: the bundle's source {source['path']} is not on this machine")
+    check_source_unchanged(source)
     return directory, extra
+
+
+def check_source_unchanged(source: dict) -> None:
+    """The checkpoint at the bundle's recorded source path is still the one it was built from (its sha256): else
+    transformers would run another model than the bundle's, and the comparison would say nothing of either."""
+    if source["kind"] in ("hf", "gguf") and "sha256" in source and _sha256(source["path"]) != source["sha256"]:
+        raise SpeccompileError(f"--compare-transformers: the bundle's source {source['path']} has changed since the "
+                               "bundle was built (its sha256 differs); rebuild the bundle from it, or restore it")
+
+
+@functools.cache  # checked before the runs and again when the model loads: a large checkpoint is read once
+def _sha256(path: str) -> str:
+    return checkpoint_sha256(path)
 
 
 def load_hf_model(source: dict, workdir: str):

@@ -47,6 +47,13 @@ def sha256_path(path: str) -> str:
     return sha256_of_hashes(weight_files(path))
 
 
+def checkpoint_sha256(path: str) -> str:
+    """The sha256 a build records of the checkpoint at `path`: a file's own, or over the hashes of a directory's
+    weight files or a split GGUF's shards."""
+    shards = [path] if os.path.isdir(path) else split_shards(path)
+    return sha256_path(path) if len(shards) == 1 else sha256_of_hashes(shards)
+
+
 def sha256_of_hashes(paths: list[str]) -> str:
     h = hashlib.sha256()
     for f in paths:
@@ -296,12 +303,10 @@ def with_generation_eos(config: ModelConfig, directory: str) -> ModelConfig:
 
 
 def load_gguf(path: str, progress=print) -> Checkpoint:
-    """A GGUF file (or a split one, from its first shard), dequantized to float32 with the gguf package (no
-    torch)."""
+    """A GGUF file (or a split one, from its first shard), dequantized to float32 with the gguf package (no torch)."""
     config, stored, tokenizer = read_gguf(path)
     progress(f"hashing {os.path.basename(path)}")
-    shards = split_shards(path)
-    digest = sha256_file(path) if len(shards) == 1 else sha256_of_hashes(shards)
+    digest = checkpoint_sha256(path)
     progress(f"dequantizing {os.path.basename(path)} ({config.model_type})")
     try:
         tensors = dequantized_tensors(stored, config)
