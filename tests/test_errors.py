@@ -438,6 +438,20 @@ def test_force_refuses_working_and_home_directories(bundle_copy, monkeypatch):
     read_manifest(str(bundle_copy))  # untouched
 
 
+@pytest.mark.parametrize("version", [2, 0, None])
+def test_force_replaces_a_bundle_of_another_format_version(bundle_copy, version):
+    """Loading a bundle of another format version says to rebuild it; the rebuild with --force was refused as
+    "holds no speccompile manifest.json". Still a bundle: replaced, but never with files its manifest does not list."""
+    _edit_manifest(bundle_copy, lambda m: m.update(format_version=version))
+    assert_cli_error(cli("inspect", bundle_copy), "rebuild the bundle")
+    (bundle_copy / "my-notes.txt").write_text("mine")
+    assert_cli_error(cli("build", "tiny:llama", "--out", bundle_copy, "--force"), "my-notes.txt")
+    (bundle_copy / "my-notes.txt").unlink()
+    result = cli("build", "tiny:llama", "--out", bundle_copy, "--force", "--max-seq-len", 64)
+    assert result.exit_code == 0, result.output
+    assert read_manifest(str(bundle_copy))["max_seq_len"] == 64
+
+
 def test_force_refuses_a_bundle_holding_user_files(bundle_copy):
     (bundle_copy / "my-notes.txt").write_text("mine")
     assert_cli_error(cli("build", "tiny:llama", "--out", bundle_copy, "--force"), "my-notes.txt")

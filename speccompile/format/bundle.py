@@ -196,10 +196,12 @@ def check_replaceable(out: str, overwrite: bool) -> None:
     _refuse_inside_bundle(out)
     try:
         manifest = _load_json(os.path.join(out, MANIFEST))
-        _check_format(manifest, out)
     except BundleError:
+        manifest = None
+    # of any format version: a bundle another speccompile wrote is refused on load with "rebuild the bundle"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"--force replaces only a speccompile bundle, and {out} holds no speccompile "
-                          f"{MANIFEST}; it was left as it is") from None
+                          f"{MANIFEST}; it was left as it is")
     files = manifest.get("files")
     unlisted = unlisted_files(out, files if isinstance(files, dict) else {})
     if unlisted:
