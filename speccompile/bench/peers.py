@@ -31,7 +31,7 @@ from speccompile.errors import SpeccompileError
 def _hf_model_dir(source: dict, workdir: str) -> tuple[str, dict]:
     """Where transformers loads a bundle's model source from: (directory, from_pretrained extra kwargs)."""
     kind, path = source["kind"], source["path"]
-    if kind == "gguf" and (not os.path.exists(path) or transformers_reads_alike(path)):
+    if kind == "gguf" and transformers_reads_alike(path):
         return os.path.dirname(path), {"gguf_file": os.path.basename(path)}
     if kind == "hf":
         return path, {}
@@ -58,10 +58,13 @@ def check_hf_model(source: dict, workdir: str) -> tuple[str, dict]:
         if importlib.util.find_spec(module) is None:
             raise SpeccompileError(f"--compare-transformers needs {module}, which is not installed: pip install "
                                    '"speccompile[train]"')
+    missing = SpeccompileError(f"--compare-transformers: the bundle's source {source['path']} is not on this machine")
+    if source["kind"] in ("hf", "gguf") and not os.path.exists(source["path"]):
+        raise missing
+    check_source_unchanged(source)  # before a GGUF is read, or converted for transformers
     directory, extra = _hf_model_dir(source, workdir)
     if not os.path.exists(os.path.join(directory, extra.get("gguf_file", "config.json"))):
-        raise SpeccompileError(f"--compare-transformers: the bundle's source {source['path']} is not on this machine")
-    check_source_unchanged(source)
+        raise missing
     return directory, extra
 
 
