@@ -325,6 +325,16 @@ def test_runtime_requirements_recorded_and_checked(bundle_copy):
     assert_cli_error(cli("inspect", bundle_copy), "org.example.missing", "does not provide")
 
 
+def test_a_graph_of_a_newer_contract_is_refused_at_load(bundle_copy):
+    """A bundle from a newer speccompile (a graph version past the one this runtime reads) is one error naming the
+    upgrade, not a failure mid-run; the current version loads."""
+    from speccompile.graphs import DECODER_GRAPH_VERSION
+    _edit_manifest(bundle_copy, lambda m: m["models"]["target"].update(graph_version=DECODER_GRAPH_VERSION + 1))
+    assert_cli_error(cli("inspect", bundle_copy), "built by a newer speccompile", "upgrade speccompile")
+    _edit_manifest(bundle_copy, lambda m: m["models"]["target"].update(graph_version=DECODER_GRAPH_VERSION))
+    read_manifest(str(bundle_copy))
+
+
 def test_older_onnxruntime_warns(bundle_copy):
     _edit_manifest(bundle_copy, lambda m: m["runtime"].update(onnxruntime="99.0.0"))
     with pytest.warns(UserWarning, match="older than the 99.0.0"):

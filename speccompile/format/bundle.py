@@ -31,7 +31,7 @@ from speccompile.errors import BundleError
 from speccompile.format.atomic import ASIDE, as_created, replace_folder
 from speccompile.format.drafter_kinds import FUSE_MODEL_KIND, KINDS
 from speccompile.format.manifest_schema import validate_manifest
-from speccompile.format.requirements import check_runtime, runtime_requirements
+from speccompile.format.requirements import check_graph_versions, check_runtime, runtime_requirements
 
 FORMAT = "speccompile-bundle"
 FORMAT_VERSION = 1
@@ -326,6 +326,7 @@ def read_manifest(bundle_dir: str, verify_hashes: bool = True) -> dict:
         if verify_hashes and _sha256(p) != info["sha256"]:
             raise BundleError(f"bundle file {rel} does not match its sha256 in the manifest (modified or corrupt)")
     _check_references(bundle_dir, m)
+    check_graph_versions(m["models"])
     check_runtime(m.get("runtime"))
     return m
 

@@ -19,6 +19,10 @@ import warnings
 import onnxruntime as ort
 
 from speccompile.errors import BundleError
+from speccompile.graphs import BATCH_GRAPH_VERSION, DECODER_GRAPH_VERSION
+
+# the newest graph contract this runtime reads, per model kind that records one (every older one still runs)
+READABLE_GRAPH_VERSIONS = {"decoder": DECODER_GRAPH_VERSION, "decoder_batch": BATCH_GRAPH_VERSION}
 
 _OPSET_IMPORT, _DOMAIN, _VERSION = 8, 1, 2  # ModelProto.opset_import; OperatorSetIdProto.domain and .version
 _DEFAULT_DOMAIN_ALIASES = {"ai.onnx": ""}
@@ -102,3 +106,14 @@ def check_runtime(requirements: dict | None) -> None:
     if _version(ort.__version__) < _version(built_with):
         warnings.warn(f"this onnxruntime {ort.__version__} is older than the {built_with} that built the bundle; "
                       "if its graphs fail to load, upgrade onnxruntime", stacklevel=3)
+
+
+def check_graph_versions(models: dict) -> None:
+    """Refuse a graph built to a newer contract than this runtime reads (a bundle from a newer speccompile): its
+    inputs and outputs may differ in ways the signature check cannot name, and it would fail mid-run."""
+    for name, entry in models.items():
+        newest = READABLE_GRAPH_VERSIONS.get(entry.get("kind"))
+        version = entry.get("graph_version")
+        if newest is not None and isinstance(version, int) and version > newest:
+            raise BundleError(f"model {name!r} is a {entry['kind']} graph of version {version}, built by a newer "
+                              f"speccompile; this one reads up to version {newest}: upgrade speccompile")
