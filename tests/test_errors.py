@@ -532,6 +532,24 @@ def test_an_interrupt_just_after_an_atomic_rename_stays_an_interrupt(tmp_path, m
     assert os.listdir(tmp_path) == ["f.json"]
 
 
+def test_a_folder_reaches_the_disk_before_it_replaces_the_earlier_one(tmp_path, monkeypatch):
+    """replace_folder (a bundle, an EAGLE head folder) fsyncs every staged file before its first rename: else a
+    power cut after the rename could leave empty files where the earlier folder was."""
+    from speccompile.format import atomic
+    staged, out = tmp_path / "staged", tmp_path / "out"
+    (staged / "sub").mkdir(parents=True)
+    (staged / "a.bin").write_bytes(b"a")
+    (staged / "sub" / "b.bin").write_bytes(b"b")
+    out.mkdir()
+    synced, rename = [], os.rename
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")))
+    monkeypatch.setattr(atomic.os, "rename", lambda a, b: (synced.append("rename"), rename(a, b)))
+    atomic.replace_folder(str(staged), str(out))
+    first_rename = synced.index("rename")
+    assert {str(staged / "a.bin"), str(staged / "sub" / "b.bin"), str(staged)} <= set(synced[:first_rename])
+    assert (out / "sub" / "b.bin").read_bytes() == b"b"
+
+
 def test_a_refused_move_aside_leaves_nothing_beside_out(bundle_copy, monkeypatch):
     """The old bundle could not be moved aside (--out a mount point: EBUSY): its empty aside folder stayed."""
     from speccompile.format import bundle as bundle_format

@@ -53,7 +53,9 @@ def write_atomically(path: str, write: Callable[[IO[bytes]], None], private: boo
 def replace_folder(staged: str, out: str, aside_prefix: str = TEMP_PREFIX) -> None:
     """Move the complete folder `staged` to `out` (both on one file system). An earlier `out` is renamed aside
     first (into a folder named with aside_prefix beside it), and put back if anything, an interrupt too, stops the
-    second rename; then removed."""
+    second rename; then removed. The staged files reach the disk before the first rename: a power cut after it
+    must not leave a folder of empty files where the earlier one was."""
+    sync_folder(staged)
     if not os.path.lexists(out):
         os.rename(staged, out)
         return
@@ -67,3 +69,20 @@ def replace_folder(staged: str, out: str, aside_prefix: str = TEMP_PREFIX) -> No
         shutil.rmtree(aside, ignore_errors=True)
         raise
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def sync_folder(folder: str) -> None:
+    """fsync every file under `folder`, then the folders themselves (their entries)."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for root, _dirs, _files in os.walk(folder, topdown=False):
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
