@@ -5,8 +5,8 @@
 #
 # Installs what it needs (the GPU onnxruntime, never beside the CPU one), builds the TensorRT plugin, runs the GPU
 # tests (CUDA lossless decoding, float16 vs float32, the compaction graph on the device, the TreeAttention kernels
-# against their definition, the TensorRT plugin and an engine build), builds the default model in float16 and
-# float32, and benchmarks autoregressive against speculative decoding on CUDA (float16) and TensorRT (float32
+# against their definition, the TensorRT plugin and an engine build), builds the default model in float16, in
+# bfloat16 and as float32 TensorRT engines, and benchmarks autoregressive against speculative decoding on CUDA (float16) and TensorRT (float32
 # engines). Every stage is timed and bounded by `timeout`; a failed stage is reported and the next ones still run;
 # the whole run stops starting stages once its budget (GPU_CHECK_BUDGET_S, default 450 s) is spent. Ends with one
 # summary; logs per stage in OUT_DIR (default gpu_check_out/). Exit status: 0 when every stage passed.
@@ -14,7 +14,8 @@
 # Machines without the package registries: GPU_CHECK_WHEELS=DIR installs from the wheels in DIR alone (pip
 # --no-index, no dependency resolution: bring every missing package); GPU_CHECK_PYTHON=PYTHON uses that Python's
 # environment instead of a fresh venv (an image's Python with torch and CUDA's pip libraries, say). An onnxruntime
-# that already has the CUDA provider is kept. Without TensorRT in reach the TensorRT stages are reported SKIP.
+# that already has the CUDA provider is kept. Offline, TensorRT is the image's or the wheelhouse's (its tensorrt*
+# wheels, installed with the others); without TensorRT in reach the TensorRT stages are reported SKIP.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_check_out}
@@ -24,10 +25,13 @@ BUDGET=${GPU_CHECK_BUDGET_S:-450}
 START=$(date +%s)
 WHEELS=${GPU_CHECK_WHEELS:-}
 if [[ -n ${GPU_CHECK_PYTHON:-} ]]; then
-  PY=$(command -v "$GPU_CHECK_PYTHON"); BIN=$(dirname "$PY"); VENV=""
+  PY=$(command -v "$GPU_CHECK_PYTHON"); VENV=""
 else
-  VENV=${GPU_CHECK_VENV:-.gpu-venv}; PY="$VENV/bin/python"; BIN="$VENV/bin"
+  VENV=${GPU_CHECK_VENV:-.gpu-venv}; PY="$VENV/bin/python"
 fi
+# the CLI through the Python, not a script beside it: a system Python's pip puts scripts elsewhere (/usr/bin/python3,
+# /usr/local/bin/speccompile on Debian-based images such as NGC's)
+CLI="$PY -m speccompile.cli"
 PIP_OFFLINE=${WHEELS:+--no-index --find-links $WHEELS}
 SUMMARY=()
 FAILED=0
@@ -94,9 +98,9 @@ stage install 200 "
 stage tests-cuda 120 "$PY -m pytest -q -rs -p no:cacheprovider -m 'not slow' tests/test_gpu.py tests/test_precision.py"
 stage kernels-cuda 90 "$PY -m pytest -q -rs -p no:cacheprovider tests/test_tensorrt.py \
   -k 'kernels_match or sources_compile'"
-stage build-default-fp16 90 "$BIN/speccompile build --out $OUT/smollm2-fp16 --dtype float16 --weights float32 --force"
+stage build-default-fp16 90 "$CLI build --out $OUT/smollm2-fp16 --dtype float16 --weights float32 --force"
 stage bench-cuda 90 "$PY tools/gpu_bench.py $OUT/smollm2-fp16 --device cuda --prompts 8 --max-new-tokens 128"
-stage build-default-bf16 90 "$BIN/speccompile build --out $OUT/smollm2-bf16 --dtype bfloat16 --weights float32 --force"
+stage build-default-bf16 90 "$CLI build --out $OUT/smollm2-bf16 --dtype bfloat16 --weights float32 --force"
 stage bench-cuda-bf16 90 "$PY tools/gpu_bench.py $OUT/smollm2-bf16 --device cuda --prompts 8 --max-new-tokens 128"
 
 # 3. TensorRT: the runtime, nvcc and CMake from the registry; the plugin (TensorRT's C++ headers must be on the
@@ -116,12 +120,16 @@ stage install-tensorrt 150 "
                /define (TRT_MINOR_ENTERPRISE|NV_TENSORRT_MINOR)[ \t]/ && \$3 ~ /^[0-9]+\$/ {m=\$3}
                END{if(M!=\"\")print M\".\"m}')
   SPEC=\${VER:+tensorrt-cu12==\$VER.*}
-  SPECCOMPILE_ONNXRUNTIME=gpu $PY -m pip install -q $PIP_OFFLINE -e '.[tensorrt]' \$SPEC
+  # offline, the install stage installed every wheel of the wheelhouse, TensorRT's among them: a second install
+  # here would resolve the extra's dependencies and set up build isolation, neither of which --no-index can
+  if [ -z '$WHEELS' ]; then
+    SPECCOMPILE_ONNXRUNTIME=gpu $PY -m pip install -q -e '.[tensorrt]' \$SPEC
+  fi
   $PY -c 'import tensorrt; print(\"tensorrt\", tensorrt.__version__)'
 "
 stage plugin-build 120 "bash tools/build_trt_plugin.sh $PY"
 stage tests-tensorrt 120 "$PY -m pytest -q -rs -p no:cacheprovider tests/test_tensorrt.py -k 'engine or runtime_tensorrt or clear_error'"
-stage build-default-trt 150 "$BIN/speccompile build --out $OUT/smollm2-trt --backend tensorrt \
+stage build-default-trt 150 "$CLI build --out $OUT/smollm2-trt --backend tensorrt \
   --draft-precision float32 --max-seq-len 1024 --force"
 stage bench-tensorrt 90 "$PY tools/gpu_bench.py $OUT/smollm2-trt --device tensorrt --prompts 8 --max-new-tokens 128"
 fi
