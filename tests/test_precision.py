@@ -219,6 +219,26 @@ def test_unknown_dtype_and_tensorrt_float16_are_refused(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("kind", ["medusa", "eagle3"])
+def test_bfloat16_with_drafters_run_on_the_cpu_is_refused(tmp_path, kind):
+    """Medusa heads and EAGLE-3's fc graph run on onnxruntime's CPU provider on every device, and bfloat16 has no
+    CPU kernels: such a bundle would load nowhere (on CUDA: 'cannot load medusa.onnx ... rebuild the bundle'), so
+    the build refuses it before writing anything."""
+    from safetensors import numpy as safetensors_numpy
+    from speccompile.compile.sources import load_checkpoint
+    from test_mtp import medusa_heads
+    head = tmp_path / "head.safetensors"
+    if kind == "medusa":  # a head that builds: only the dtype refuses it
+        cfg = load_checkpoint("tiny:llama").config
+        safetensors_numpy.save_file(medusa_heads(cfg, prefix="medusa_head."), str(head))
+    else:  # refused before the head is read
+        head.write_bytes(b"")
+    with pytest.raises(SpeccompileError, match=f"--dtype bfloat16 with --draft {kind}.*--dtype float16"):
+        build_bundle("tiny:llama", str(tmp_path / "b"), drafts=[f"{kind}:{head}"], max_seq_len=LMAX,
+                     dtype="bfloat16", progress=quiet)
+    assert not (tmp_path / "b").exists()
+
+
 @pytest.mark.slow
 def test_default_model_float16_agrees_with_float32(tmp_path):
     """SmolLM2-135M with its MTP head (float weights: the dtypes are what is compared), float16 against float32 on

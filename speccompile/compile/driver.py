@@ -134,7 +134,21 @@ def _check_request(opts: BuildOptions, drafts: list[str] | None) -> tuple[TreeSp
         raise SpeccompileError(f"--max-batch {opts.max_batch}: must be between 1 and 64")
     if opts.mla_cache not in ("latent", "expanded"):  # build_bundle's keyword alone: the CLI has no such option
         raise SpeccompileError(f"mla_cache={opts.mla_cache!r}: choose latent or expanded")
+    _check_cpu_only_graphs(opts.dtype, specs)
     return tree_spec, specs
+
+
+# drafters with a graph the runtime opens on onnxruntime's CPU provider whatever the device (their runtime modules)
+CPU_ONLY_GRAPHS = {"medusa": "its heads", "eagle3": "its fc graph"}
+
+
+def _check_cpu_only_graphs(dtype: str, specs: list[DraftSpec]) -> None:
+    """bfloat16 has no CPU kernels (no bfloat16 MatMul): such a drafter's graph would make the bundle load nowhere."""
+    kind = next((s.kind for s in specs if s.kind in CPU_ONLY_GRAPHS), None)
+    if dtype == "bfloat16" and kind is not None:
+        raise SpeccompileError(f"--dtype bfloat16 with --draft {kind}: {CPU_ONLY_GRAPHS[kind]} run on onnxruntime's "
+                               "CPU provider on every device, which has no bfloat16 kernels; build with --dtype "
+                               "float16")
 
 
 def _load(source: str | None, opts: BuildOptions, progress) -> tuple[Checkpoint, BuildOptions]:
