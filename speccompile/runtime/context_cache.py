@@ -251,6 +251,8 @@ class ContextCache:
         for key in reversed(keys):  # the first block ends up the most recently used
             if key in self.blocks:
                 self.blocks.move_to_end(key)
+        if self.disk:
+            self.disk.touch(keys)
 
     def _evict(self) -> None:
         while self.nbytes > self.max_bytes and self.blocks:

@@ -26,9 +26,13 @@ DISK_VERSION = 1
 STALE_TEMPORARY_S = 3600.0  # a temporary block file this old was left by a killed process
 BLOCK_NAME = re.compile(r"[0-9a-f]{64}\.npz")  # a block file: its key (a sha256 in hex)
 NPY_HEADER_BYTES = 4096  # an .npy member's header, beyond its array's own bytes (a disk block's size check)
-# past its budget the disk tier deletes down to this share of it: each eviction scans every block file of the
-# cache dir, so evicting to the budget exactly would scan it again at every block written after
+# the disk tier scans the cache dir once past its budget, and once it has written the rest of the budget since
+# its last scan: a process sees only its own writes between scans, and others sharing the cache dir (serve's
+# replicas) would otherwise each fill it to the budget before counting theirs. A scan that finds more than this
+# share of the budget deletes down to it: each scans every block file of the cache dir, so evicting to the budget
+# exactly would scan it again at every block written after
 EVICT_TO = 0.9
+TOUCH_STEP_NS = 1000  # a chain's block files are this far apart in time, its first the newest (DiskTier.touch)
 
 Arrays = dict[str, np.ndarray]
 
@@ -98,8 +102,8 @@ class DiskTier:
     """Blocks as `<key>.npz` files in cache_dir/<identity prefix>/, beside an index naming the identity and block
     size. Files are written to a temporary name and renamed into place, so a crash leaves no half-written block.
     max_bytes bounds the block files of the whole cache_dir, every bundle's (a rebuilt bundle is a new identity,
-    and its old folder would otherwise keep its blocks for ever): the files least recently read or written (their
-    modification times) are deleted first, and only files certainly the cache's own (block_files)."""
+    and its old folder would otherwise keep its blocks for ever): the files least recently used (their
+    modification times, set by touch) are deleted first, and only files certainly the cache's own (block_files)."""
 
     def __init__(self, cache_dir: str, identity: str, block_tokens: int, max_bytes: int = DEFAULT_DISK_BYTES):
         self.root, self.max_bytes = cache_dir, max_bytes
@@ -110,6 +114,7 @@ class DiskTier:
         if self.usable:
             self._remove_stale_temporaries()
         self.nbytes = sum(size for _, size, _ in self._blocks())
+        self.unscanned = 0  # bytes this process wrote since it last scanned the cache dir
 
     def _own_folder(self) -> bool:
         """Whether this identity's folder is a real folder inside the cache dir (made here if absent): through a
@@ -166,7 +171,8 @@ class DiskTier:
     def _evict(self) -> None:
         blocks = self._blocks()
         self.nbytes = sum(size for _, size, _ in blocks)  # with what other processes wrote meanwhile
-        if self.nbytes <= self.max_bytes:
+        self.unscanned = 0
+        if self.nbytes <= self.max_bytes * EVICT_TO:
             return
         for _, size, path in blocks:
             if self.nbytes <= self.max_bytes * EVICT_TO:
@@ -213,6 +219,21 @@ class DiskTier:
             return None
         return block
 
+    def touch(self, keys: list[str]) -> None:
+        """Mark a chain's block files (first block first) used now, the first the most recently: evicted least
+        recently used first, a chain loses its tail before its head, without which no lookup reaches the rest. The
+        caller touches the blocks it holds in memory too: a prefix every request shares would otherwise age on disk
+        and be the first evicted."""
+        if not self.usable:
+            return
+        now = time.time_ns()
+        for i, key in enumerate(keys):
+            t = now - i * TOUCH_STEP_NS
+            try:  # a link's own time, never its target's
+                os.utime(os.path.join(self.dir, f"{key}.npz"), ns=(t, t), follow_symlinks=False)
+            except OSError:  # not on disk: evicted by another process, or its write failed
+                pass
+
     def write(self, key: str, block: dict[str, Arrays]) -> None:
         if not self.usable:
             return
@@ -222,8 +243,10 @@ class DiskTier:
         try:
             old = _size(path)
             write_atomically(path, lambda f: np.savez(f, **flat), private=True)
-            self.nbytes += _size(path) - old
-            if self.nbytes > self.max_bytes:
+            size = _size(path)
+            self.nbytes += size - old
+            self.unscanned += size
+            if self.nbytes > self.max_bytes or self.unscanned > self.max_bytes * (1 - EVICT_TO):
                 self._evict()
         except IsADirectoryError:  # a folder under this block's name is not the cache's to remove: only this block
             warnings.warn(f"context cache: {path} is a folder; that block is not kept on disk", stacklevel=4)
