@@ -168,6 +168,23 @@ def test_disk_tier_removes_what_a_killed_writer_left(tmp_path):
     assert len(list(folder.glob("*.npz"))) == 2
 
 
+def test_disk_tier_removes_what_a_killed_writer_left_for_another_bundle(tmp_path):
+    """A bundle rebuilt since (a new identity) never opens its old folder again: what a killed writer left there is
+    removed when any bundle's disk tier opens the cache dir, and only in folders that are the cache's own."""
+    store(unit_cache(cache_dir=str(tmp_path), identity="bundle-old"), list(range(8)))
+    (old_folder,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    stranger = tmp_path / "not-the-caches"
+    stranger.mkdir()
+    killed, fresh, strangers = old_folder / ".tmp-killed", old_folder / ".tmp-writing", stranger / ".tmp-killed"
+    for f in (killed, fresh, strangers):
+        f.write_bytes(b"partial")
+    os.utime(killed, (0, 0))
+    os.utime(strangers, (0, 0))
+    unit_cache(cache_dir=str(tmp_path), identity="bundle-new")
+    assert not killed.exists() and fresh.exists() and strangers.exists()
+    assert len(list(old_folder.glob("*.npz"))) == 2
+
+
 def test_disk_tier_within_its_byte_budget(tmp_path):
     store(unit_cache(cache_dir=str(tmp_path)), [1] * 4)
     (folder,) = [d for d in tmp_path.iterdir() if d.is_dir()]

@@ -80,6 +80,22 @@ def block_files(folder: str) -> list[tuple[float, int, str]]:
         return []
 
 
+def remove_stale_temporaries(folder: str, now: float) -> None:
+    """Block files a killed process left half-written under their temporary names in a cache folder, once old
+    enough that no live writer can still own them (a write takes well under a second)."""
+    try:
+        with os.scandir(folder) as entries:
+            for e in entries:
+                try:
+                    if e.name.startswith(TEMP_PREFIX) and e.is_file(follow_symlinks=False) and \
+                            now - e.stat(follow_symlinks=False).st_mtime > STALE_TEMPORARY_S:
+                        os.unlink(e.path)
+                except OSError:  # another process got there first
+                    pass
+    except OSError:  # the folder removed meanwhile
+        pass
+
+
 def _size(path: str) -> int:
     """A block file's size, 0 once it is gone: another process's eviction may delete it at any moment."""
     try:
@@ -147,17 +163,13 @@ class DiskTier:
         return True
 
     def _remove_stale_temporaries(self) -> None:
-        """Block files a killed process left half-written under their temporary names, once old enough that no
-        live writer can still own them (a write takes well under a second)."""
+        """What killed writers left in every cache folder of the cache dir, not only this bundle's: the folder of
+        a bundle since rebuilt (a new identity) is never opened again, and would keep its own for ever."""
         now = time.time()
-        with os.scandir(self.dir) as entries:
-            for e in entries:
-                try:
-                    if e.name.startswith(TEMP_PREFIX) and e.is_file(follow_symlinks=False) and \
-                            now - e.stat(follow_symlinks=False).st_mtime > STALE_TEMPORARY_S:
-                        os.unlink(e.path)
-                except OSError:  # another process got there first
-                    pass
+        with os.scandir(self.root) as folders:
+            for folder in folders:
+                if is_cache_folder(folder):
+                    remove_stale_temporaries(folder.path, now)
 
     def _blocks(self) -> list[tuple[float, int, str]]:
         """(modification time, size, path) of each block file in the cache dir, least recently used first."""
