@@ -217,6 +217,31 @@ def test_a_full_disk_tier_scans_its_folder_once_per_tenth_of_its_budget(tmp_path
     assert len(list(folder.glob("*.npz"))) <= 40
 
 
+@pytest.mark.parametrize("made", ["nothing", "the cache dir"])
+def test_a_full_disk_at_load_costs_only_the_disk_tier(tmp_path, monkeypatch, made):
+    """A disk too full for a new bundle's folder or index (a rebuilt bundle, a new onnxruntime) turned every load
+    with --cache-dir into an error; it costs the disk tier, with a warning, as a full disk does at every write."""
+    import errno
+    cache_dir = tmp_path / "cache"
+    if made == "the cache dir":
+        cache_dir.mkdir()
+
+    def failing(code):
+        def fail(*_args, **_kwargs):
+            raise OSError(code, os.strerror(code))
+        monkeypatch.setattr(os, "mkdir", fail)
+        monkeypatch.setattr(os, "makedirs", fail)
+    failing(errno.ENOSPC)
+    with pytest.warns(UserWarning, match="No space left on device"):
+        c = unit_cache(cache_dir=str(cache_dir))
+    assert not c.disk.usable and c.disk.nbytes == 0
+    store(c, list(range(8)))
+    assert len(c.lookup(np.arange(9), 9, ["target"])) == 2  # the memory tier still works
+    failing(errno.EACCES)
+    with pytest.raises(SpeccompileError, match="Permission denied"):  # any other failure is still an error
+        unit_cache(cache_dir=str(cache_dir))
+
+
 def test_disk_budget_spans_every_bundle_in_the_cache_dir(tmp_path):
     """A rebuilt bundle is a new identity with a folder of its own: the byte budget bounds the whole cache dir, the
     old identity's least recently used blocks going first, and nothing but the cache's own block files is deleted

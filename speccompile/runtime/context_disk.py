@@ -126,11 +126,24 @@ class DiskTier:
         self.dir = os.path.join(cache_dir, identity[:32])
         self.index = {"format": DISK_FORMAT, "version": DISK_VERSION, "identity": identity,
                       "block_tokens": block_tokens}
-        self.usable = self._own_folder() and self._index_matches()
+        self.usable = self._opened()
         if self.usable:
             self._remove_stale_temporaries()
-        self.nbytes = sum(size for _, size, _ in self._blocks())
+        self.nbytes = sum(size for _, size, _ in self._blocks()) if self.usable else 0
         self.unscanned = 0  # bytes this process wrote since it last scanned the cache dir
+
+    def _opened(self) -> bool:
+        """Whether the disk tier is usable: its folder and index made or found. A full disk costs the disk tier,
+        never the request, at load as at every write after; any other failure (a folder it may not write) is
+        the caller's error."""
+        try:
+            return self._own_folder() and self._index_matches()
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            warnings.warn(f"context cache: cannot write to {self.dir} ({e.strerror}); the disk tier is off",
+                          stacklevel=4)
+            return False
 
     def _own_folder(self) -> bool:
         """Whether this identity's folder is a real folder inside the cache dir (made here if absent): through a
