@@ -217,6 +217,22 @@ def test_a_full_disk_tier_scans_its_folder_once_per_tenth_of_its_budget(tmp_path
     assert len(list(folder.glob("*.npz"))) <= 40
 
 
+def test_a_failed_write_stops_the_disk_tiers_writes_not_its_reads(tmp_path, monkeypatch):
+    """A disk that filled up (or a shared folder mounted read-only) stopped the disk tier altogether: the blocks
+    it holds, written by earlier runs or other replicas, were no longer read."""
+    import errno
+    from speccompile.runtime import context_disk
+    store(unit_cache(cache_dir=str(tmp_path)), list(range(8)))  # an earlier run's blocks
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(context_disk, "write_atomically", full)
+    c = unit_cache(cache_dir=str(tmp_path), max_bytes=0)  # no memory tier: every hit is the disk's
+    with pytest.warns(UserWarning, match="writes no more blocks"):
+        store(c, list(range(100, 108)))
+    assert len(c.lookup(np.arange(9), 9, ["target"])) == 2  # the earlier run's two blocks, read from disk
+
+
 @pytest.mark.parametrize("made", ["nothing", "the cache dir"])
 def test_a_full_disk_at_load_costs_only_the_disk_tier(tmp_path, monkeypatch, made):
     """A disk too full for a new bundle's folder or index (a rebuilt bundle, a new onnxruntime) turned every load

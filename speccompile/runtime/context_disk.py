@@ -127,6 +127,7 @@ class DiskTier:
         self.index = {"format": DISK_FORMAT, "version": DISK_VERSION, "identity": identity,
                       "block_tokens": block_tokens}
         self.usable = self._opened()
+        self.writable = True  # until a write fails (a full disk, a read-only mount): reads go on
         if self.usable:
             self._remove_stale_temporaries()
         self.nbytes = sum(size for _, size, _ in self._blocks()) if self.usable else 0
@@ -260,7 +261,7 @@ class DiskTier:
                 pass
 
     def write(self, key: str, block: dict[str, Arrays]) -> None:
-        if not self.usable:
+        if not (self.usable and self.writable):
             return
         flat = {f"{p}/{n}": a for p, arrays in block.items() for n, a in arrays.items()}
         flat["__key__"] = np.frombuffer(key.encode(), np.uint8)
@@ -275,7 +276,7 @@ class DiskTier:
                 self._evict()
         except IsADirectoryError:  # a folder under this block's name is not the cache's to remove: only this block
             warnings.warn(f"context cache: {path} is a folder; that block is not kept on disk", stacklevel=4)
-        except OSError as e:  # a full disk costs the disk tier, never the request
-            warnings.warn(f"context cache: cannot write to {self.dir} ({e.strerror or e}); the disk tier is off",
-                          stacklevel=4)
-            self.usable = False
+        except OSError as e:  # a full disk costs the disk tier's writes, never the request, nor what it holds
+            warnings.warn(f"context cache: cannot write to {self.dir} ({e.strerror or e}); the disk tier writes no "
+                          "more blocks, and still reads those it holds", stacklevel=4)
+            self.writable = False
