@@ -175,3 +175,43 @@ def test_gen_bundle_of_another_model_refused(trained, tmp_path):
     refused(args + ["--stages", "gen", "--gen-bundle", str(tmp_path / "b"), "--out", str(tmp_path / "h")],
             "--gen-bundle", "another model", "vocab_size 512, the target's 384")
     assert not (work / "gen.jsonl").exists()
+
+
+def test_export_needs_a_trained_head(trained, tmp_path):
+    """--stages export without a train stage's head (no final checkpoint, no epoch checkpoint for --resume, no
+    --init) is one error line: it exported the head as initialized, recorded as trained."""
+    import shutil
+    args, work = fresh_work(trained, tmp_path)
+    shutil.rmtree(work / "ckpt")
+    out = tmp_path / "head" / "h.safetensors"
+    refused(args + ["--stages", "export", "--out", str(out)], "holds no trained head")
+    refused(args + ["--stages", "export", "--resume", "--out", str(out)], "holds no trained head")
+    assert not out.parent.exists()
+    train_head(args + ["--stages", "export", "--out", str(out), "--init",
+                       str(trained / "work" / "ckpt" / "final.safetensors")])  # named weights: exported
+    assert out.is_file()
+
+
+def test_training_without_a_training_sequence_refused(trained, tmp_path):
+    """A --holdout that leaves no sequence to train on is one error line (the run made no step and exported the
+    head as initialized), and the earlier run's checkpoints stay."""
+    args, work = fresh_work(trained, tmp_path)
+    before = sorted(os.listdir(work / "ckpt"))
+    refused(args + ["--stages", "train,export", "--holdout", "0.99", "--epochs", "1", "--out",
+                    str(tmp_path / "h.safetensors")], "no sequence to train on", "--holdout 0.99")
+    assert sorted(os.listdir(work / "ckpt")) == before and not (tmp_path / "h.safetensors").exists()
+
+
+def test_exported_heads_have_the_mode_of_new_files(trained, tmp_path):
+    """An exported head's weights are as readable as its record (the umask's mode): safetensors made them the
+    owner's alone, so another user building with the head could not read it."""
+    args, work = fresh_work(trained, tmp_path)
+    umask = os.umask(0o022)
+    try:
+        mtp, eagle = tmp_path / "mtp.safetensors", tmp_path / "eagle"
+        train_head(args + ["--stages", "export", "--out", str(mtp)])
+        train_head(args + ["--arch", "eagle", "--stages", "train,export", "--epochs", "1", "--out", str(eagle)])
+    finally:
+        os.umask(umask)
+    for path in (mtp, tmp_path / "mtp.json", eagle / "model.safetensors", eagle / "config.json"):
+        assert os.stat(path).st_mode & 0o777 == 0o644, path

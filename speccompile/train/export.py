@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from speccompile.format.atomic import as_created
 from speccompile.train.features import aux_layer_ids
 from speccompile.train.files import replace_folder, staging_folder
 from speccompile.train.heads import HEAD_TENSORS
@@ -76,6 +77,13 @@ def loss_description(a: TrainOptions) -> str:
             f"target's final norm weight){unrolled}")
 
 
+def save_weights(tensors: dict, path: str, meta: dict) -> None:
+    """A safetensors file with the mode open() gives the record beside it: safetensors' save_file makes it the
+    owner's alone, and a head is read by whoever builds with it."""
+    save_file(tensors, path, metadata=meta)
+    os.chmod(path, as_created(0o666))
+
+
 def write_weights(a: TrainOptions, head, cfg: dict, folder: str) -> tuple[str, dict]:
     """The head's float16 weights in its layout, into `folder`; (the weights file's name, its metadata)."""
     out = {name: getattr(head, k).detach().to(torch.float16).contiguous() for k, name in head.names.items()}
@@ -84,7 +92,7 @@ def write_weights(a: TrainOptions, head, cfg: dict, folder: str) -> tuple[str, d
         # the target's vocabulary size: build refuses the head for a target of another tokenizer
         meta = {"format": "speccompile-mtp-head", "target": a.target_name, "hidden_source": "pre_final_norm",
                 "target_vocab_size": str(cfg["vocab_size"])}
-        save_file(out, os.path.join(folder, os.path.basename(a.out)), metadata=meta)
+        save_weights(out, os.path.join(folder, os.path.basename(a.out)), meta)
         return os.path.basename(a.out), meta
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 1,
               "bias": True, **{k: cfg[k] for k in EAGLE_CONFIG_KEYS if k in cfg}}
@@ -100,7 +108,7 @@ def write_weights(a: TrainOptions, head, cfg: dict, folder: str) -> tuple[str, d
                 "hidden_source": f"residual stream entering target layers {layers}"}
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    save_file(out, os.path.join(folder, EAGLE_WEIGHTS), metadata=meta)
+    save_weights(out, os.path.join(folder, EAGLE_WEIGHTS), meta)
     return EAGLE_WEIGHTS, meta
 
 

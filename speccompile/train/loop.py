@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from speccompile.errors import CheckpointError
+from speccompile.errors import CheckpointError, SpeccompileError
 from speccompile.train.checkpoints import (FINAL, head_identity, load_final, remove_epoch_checkpoints, resume_from,
                                            save_checkpoint)
 from speccompile.train.data import Data, make_row
@@ -229,6 +229,9 @@ def train(a: TrainOptions, s: Setup, info: dict) -> None:
     checkpoint and the run's figures in info."""
     rows_of = lambda ep: s.data.pack(s.data.train_ids, a.tokens_per_step, a.seed * 1000 + ep)
     steps_per_epoch = len(rows_of(0))
+    if not steps_per_epoch:  # no step would run: the head would be exported as it was initialized
+        raise SpeccompileError(f"train: no sequence to train on ({s.data.n_seq} in the data, all held out by "
+                               f"--holdout {a.holdout}); generate more (--prompts, --num-prompts)")
     total = steps_per_epoch * a.epochs
     opt = make_optimizer(a, s.head)
     ck_dir = os.path.join(a.work, "ckpt")
@@ -251,20 +254,31 @@ def train(a: TrainOptions, s: Setup, info: dict) -> None:
     write_json(os.path.join(a.work, "info.json"), info)
 
 
+def load_trained(a: TrainOptions, s: Setup, ck_dir: str) -> None:
+    """An export without training: the head of the last train stage (its final checkpoint, or with --resume its
+    last epoch's), or --init's weights; never the head as initialized, which would be exported as trained."""
+    final = os.path.join(ck_dir, FINAL)
+    if os.path.isfile(final):
+        load_final(final, s.head, head_identity(a, s.cfg), final)
+        return
+    if a.resume and os.path.isdir(ck_dir) and resume(a, s, ck_dir, make_optimizer(a, s.head)).epoch:
+        return  # no final weights: the last epoch's
+    if os.path.isfile(os.path.join(ck_dir, "final.pt")):
+        raise CheckpointError(f"{ck_dir}/final.pt is a pickle of an older speccompile, never loaded: rerun --stages "
+                              "train")
+    if not a.init:
+        raise CheckpointError(f"export: {ck_dir} holds no trained head ({FINAL}): run the train stage first, or "
+                              "name the weights to export with --init")
+
+
 def stage_train(a: TrainOptions, hf_dir: str, feat_path: str, info: dict, do_train: bool, do_export: bool) -> None:
     """Train (do_train) and/or export (do_export: from the final checkpoint when not trained in this run)."""
     s = prepare(a, hf_dir, feat_path, info)
     ck_dir = os.path.join(a.work, "ckpt")
-    final = os.path.join(ck_dir, FINAL)
-    if not do_train and os.path.isfile(final):
-        load_final(final, s.head, head_identity(a, s.cfg), final)
-    elif not do_train and a.resume and os.path.isdir(ck_dir):  # no final weights: the last epoch's
-        resume(a, s, ck_dir, make_optimizer(a, s.head))
-    elif not do_train and os.path.isfile(os.path.join(ck_dir, "final.pt")):
-        raise CheckpointError(f"{ck_dir}/final.pt is a pickle of an older speccompile, never loaded: rerun --stages "
-                              "train")
     if do_train:
         train(a, s, info)
+    else:
+        load_trained(a, s, ck_dir)
     if do_export:
         s.head.eval()
         log("final evaluation (held-out, full vocabulary)")
