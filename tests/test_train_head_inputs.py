@@ -215,3 +215,14 @@ def test_exported_heads_have_the_mode_of_new_files(trained, tmp_path):
         os.umask(umask)
     for path in (mtp, tmp_path / "mtp.json", eagle / "model.safetensors", eagle / "config.json"):
         assert os.stat(path).st_mode & 0o777 == 0o644, path
+
+
+def test_gen_refuses_a_work_of_other_prompts(trained, tmp_path):
+    """gen in a --work whose gen.jsonl answers another prompt set is one error line: it took this set's prompts at
+    the same places for done and generated none of them."""
+    args, work = fresh_work(trained, tmp_path)
+    before = (work / "gen.jsonl").read_bytes()
+    other = tmp_path / "other.txt"
+    other.write_text("what is a cat\nwhat is a dog\n")
+    refused(args + ["--stages", "gen", "--prompts", str(other)], "answers to other prompts", "another --work")
+    assert (work / "gen.jsonl").read_bytes() == before

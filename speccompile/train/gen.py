@@ -52,9 +52,20 @@ def drop_cut_line(path: str) -> None:
             f.truncate(whole)
 
 
-def _done(out_path: str) -> tuple[set[int], int]:
+def _check_same_prompts(path: str, records: list[dict], prompts: list) -> None:
+    """A record's idx is its prompt's place in this run's prompt set: a gen.jsonl of another set (another --prompts
+    file or --seed, in the same --work) would have this run skip its prompts at those places as done."""
+    for r in records:
+        if r["idx"] < len(prompts) and r["prompt"] != prompts[r["idx"]]:
+            raise SpeccompileError(f"{path} holds the answers to other prompts (prompt {r['idx']} was "
+                                   f"{str(r['prompt'])[:60]!r}, is {str(prompts[r['idx']])[:60]!r}): give these "
+                                   "prompts another --work (--extra-features trains on both), or --redo gen")
+
+
+def _done(out_path: str, prompts: list) -> tuple[set[int], int]:
     """Prompt indices already generated, and the tokens (prompt + response) they hold."""
     records = gen_records(out_path) if os.path.isfile(out_path) else []
+    _check_same_prompts(out_path, records, prompts)
     return {r["idx"] for r in records}, sum(len(r["prompt_ids"]) + len(r["response_ids"]) for r in records)
 
 
@@ -130,7 +141,7 @@ def stage_gen(a: TrainOptions, hf_dir: str, out_path: str, prompts: list) -> tup
     rng.shuffle(order)
     sampled = {i for i in order if rng.random() < a.sample_frac}
     drop_cut_line(out_path)
-    done, have = _done(out_path)
+    done, have = _done(out_path, prompts)
     todo = [i for i in order if i not in done]
     enc = _encode(tok, prompts, todo)
     if bundle:
