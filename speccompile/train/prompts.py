@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from speccompile.errors import SpeccompileError
 from speccompile.train.bundle_gen import BundleGenerator
+from speccompile.train.gen import gen_records
 
 # share of each kind of task in make_prompts' output
 KIND_WEIGHTS = {"topic": 0.40, "code": 0.15, "math": 0.13, "passage": 0.08, "translate": 0.06, "email": 0.06,
@@ -192,11 +193,13 @@ def second_round(gen_path: str, tokenizer_json: str, n: int, seed: int = 0) -> l
     model's own answer (multi-turn chat), and summaries / questions over its longer answers (the long-context
     reading tasks). Items are message lists ({"messages": [...]}) or strings."""
     rng = random.Random(seed)
-    tok = Tokenizer.from_file(tokenizer_json)
+    try:
+        tok = Tokenizer.from_file(tokenizer_json)
+    except Exception as e:  # tokenizers raises its load errors as plain Exception
+        raise SpeccompileError(f"--tokenizer {tokenizer_json}: not a readable tokenizer.json ({e})") from None
     recs = []
-    for line in open(gen_path):
-        r = json.loads(line) if line.strip() else None
-        if r and isinstance(r["prompt"], str):
+    for r in gen_records(gen_path):  # a line cut off by a stopped gen run left out
+        if isinstance(r["prompt"], str):
             r["text"] = tok.decode(r["response_ids"], skip_special_tokens=True)
             # whole answers of some length, not degenerate repetitions
             if len(r["text"]) > 200 and len(set(r["response_ids"])) > len(r["response_ids"]) // 3:
@@ -250,6 +253,39 @@ def _bundle_sampler(bundle_dir: str, threads: int):
     return lambda ids, batch, max_tokens, seed: gen([ids] * batch, 1.0, max_tokens, seed)
 
 
+def _kept_turns(out_path: str) -> set[str]:
+    """The user turns an earlier run kept in out_path (the first 80 characters, lower-case). A last line without
+    its newline that is no whole record was cut off when that run stopped (a kill, a full disk): cut from the
+    file, so that appending continues whole lines (a whole one gets its newline)."""
+    if not os.path.isfile(out_path):
+        return set()
+    with open(out_path, "rb+") as f:
+        lines = f.read().split(b"\n")
+        if _magpie_turn(lines[-1]) is None:
+            f.truncate(f.tell() - len(lines[-1]))
+            lines[-1] = b""
+        elif lines[-1]:
+            f.write(b"\n")
+    seen = set()
+    for number, line in enumerate(lines, 1):
+        prompt = _magpie_turn(line) if line.strip() else ""
+        if prompt is None:
+            raise SpeccompileError(f"--out {out_path}, line {number}: not a user turn an earlier --magpie run "
+                                   "wrote; name another --out")
+        if prompt:
+            seen.add(prompt.lower()[:80])
+    return seen
+
+
+def _magpie_turn(line: bytes) -> str | None:
+    """The user turn of a line magpie wrote, else None."""
+    try:
+        prompt = json.loads(line)["prompt"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    return prompt if isinstance(prompt, str) else None
+
+
 def magpie(hf_dir: str, n: int, out_path: str, seed: int = 0, batch: int = 48, max_tokens: int = 160,
            dtype: str = "bfloat16", log=print, bundle: str | None = None, threads: int = 2) -> int:
     """Magpie (Xu et al., 2024): sample n user turns from an instruction-tuned target given its chat template up
@@ -257,15 +293,13 @@ def magpie(hf_dir: str, n: int, out_path: str, seed: int = 0, batch: int = 48, m
     with no corpus. Most use the default system prompt; some steer toward the reading, coding and math tasks short
     samples under-represent. Sampled by transformers, or by a compiled bundle of the target if given. Appends to
     out_path, so a stopped run resumes; gives up after MAGPIE_TRIES_PER_PROMPT samples a prompt wanted."""
+    seen = _kept_turns(out_path)  # a file it cannot append to is refused before the target loads
     tok = AutoTokenizer.from_pretrained(hf_dir)
     if bundle:
         sample = _bundle_sampler(bundle, threads)
     else:
         model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).eval()
         sample = _transformers_sampler(model, _turn_end(tok))
-    seen = set()
-    if os.path.isfile(out_path):
-        seen = {json.loads(l)["prompt"].lower()[:80] for l in open(out_path) if l.strip()}
     rng = random.Random(seed + len(seen))
     t0, kept, tried = time.time(), len(seen), 0
     with open(out_path, "a") as f:
@@ -298,9 +332,21 @@ def main(argv=None):
     ap.add_argument("--mix", choices=["first", "reading"], default="first",
                     help="first: make_prompts; reading: reading_prompts (translation, reading, RAG, essays)")
     a = ap.parse_args(argv)
+    if a.magpie and a.out == "-":
+        ap.error("--magpie writes to a file: give --out")
+    if a.second_round and not a.tokenizer:
+        ap.error("--second-round needs --tokenizer (the target's tokenizer.json)")
+    try:
+        write_prompts(a)
+    except (SpeccompileError, OSError, ValueError) as e:  # bad input: one line, as the speccompile command says it
+        reason = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror and e.filename else e
+        print(f"error: {' '.join(str(reason).split())}", file=sys.stderr)
+        sys.exit(2)
+
+
+def write_prompts(a: argparse.Namespace) -> None:
+    """The prompts main's arguments ask for, to --out (or stdout)."""
     if a.magpie:
-        if a.out == "-":
-            ap.error("--magpie writes to a file: give --out")
         magpie(a.magpie, a.n, a.out, a.seed, a.batch, log=lambda m: print(m, file=sys.stderr, flush=True),
                bundle=a.bundle, threads=a.threads)
         return
