@@ -226,3 +226,28 @@ def test_gen_refuses_a_work_of_other_prompts(trained, tmp_path):
     other.write_text("what is a cat\nwhat is a dog\n")
     refused(args + ["--stages", "gen", "--prompts", str(other)], "answers to other prompts", "another --work")
     assert (work / "gen.jsonl").read_bytes() == before
+
+
+def test_eagle3_keeps_the_draft_vocabulary_of_its_weights(trained, tmp_path):
+    """An EAGLE-3 head's lm_head rows are its draft vocabulary's tokens: an export from the final checkpoint, or a
+    warm start, over other data (--extra-features) keeps that vocabulary; picked again from the new data, the
+    rows were exported (or trained on) as other tokens'."""
+    from safetensors.numpy import load_file
+    args, work = fresh_work(trained, tmp_path)
+    _, other = fresh_work(trained, tmp_path, "other")
+    features = dict(np.load(other / "features.npz"))
+    responses = np.arange(len(features["tokens"])) >= 0
+    for j in range(len(features["offsets"]) - 1):
+        responses[features["offsets"][j]:features["offsets"][j] + features["prompt_len"][j]] = False
+    features["tokens"] = np.where(responses, 300 + np.arange(len(responses)) % 20, features["tokens"])
+    np.savez(other / "features.npz", **features)  # the same target's, other answers: another vocabulary
+    eagle3 = args + ["--arch", "eagle3", "--aux-layers", "0,1,2", "--draft-vocab", "16"]
+    train_head(eagle3 + ["--stages", "aux,train,export", "--epochs", "1", "--out", str(tmp_path / "first")])
+    first = load_file(str(tmp_path / "first" / "model.safetensors"))
+    extra = ["--extra-features", str(other / "features.npz")]
+    train_head(eagle3 + extra + ["--stages", "aux,export", "--out", str(tmp_path / "again")])
+    again = load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert (again["lm_head.weight"] == first["lm_head.weight"]).all() and (again["d2t"] == first["d2t"]).all()
+    train_head(eagle3 + extra + ["--stages", "train,export", "--epochs", "1", "--init", str(tmp_path / "first"),
+                                 "--out", str(tmp_path / "warm")])
+    assert (load_file(str(tmp_path / "warm" / "model.safetensors"))["d2t"] == first["d2t"]).all()

@@ -23,6 +23,7 @@ SUFFIX = ".safetensors"
 FINAL = "final" + SUFFIX
 OPTIMIZER = "optimizer."  # optimizer state tensors: optimizer.{parameter index}.{state key}
 PROGRESS_KEYS = {"epoch", "step", "train_s", "history"}  # loop.Progress's fields
+DRAFT_OFFSETS = "d2t"  # EAGLE-3's draft vocabulary: d2t[i] = target id - i
 IDENTITY_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                  "vocab_size")
 
@@ -39,6 +40,8 @@ def save_checkpoint(path: str, head, identity: dict, opt=None, progress=None) ->
     """The head's tensors (float32, exported names); with opt and progress (a loop.Progress), an epoch checkpoint."""
     tensors = {name: getattr(head, k).detach().float().contiguous() for k, name in head.names.items()}
     meta = {"format": FORMAT, "head": json.dumps(identity)}
+    if getattr(head, "draft_ids", None) is not None:  # EAGLE-3: the tokens of its lm_head rows, as export stores them
+        tensors[DRAFT_OFFSETS] = head.draft_ids - torch.arange(len(head.draft_ids))
     if opt is not None:
         for i, state in opt.state_dict()["state"].items():
             tensors |= {f"{OPTIMIZER}{i}.{key}": torch.as_tensor(v).contiguous() for key, v in state.items()}
@@ -141,6 +144,16 @@ def resume_from(ck_dir: str, head, opt, identity: dict) -> tuple[str, dict] | No
     load_head(head, tensors, f"--resume: {path}")
     load_optimizer(opt, tensors, f"--resume: {path}")
     return names[-1], progress
+
+
+def stored_draft_ids(path: str):
+    """The EAGLE-3 draft vocabulary (target ids) stored with a head's weights (an exported head, its folder, or a
+    checkpoint of this module), or None where none is (older checkpoints)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.safetensors")
+    tensors, _ = read_checkpoint(path)
+    offsets = tensors.get(DRAFT_OFFSETS)
+    return None if offsets is None else (offsets.long() + torch.arange(len(offsets))).numpy()
 
 
 def load_final(path: str, head, identity: dict | None, source: str) -> None:

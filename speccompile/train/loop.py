@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from speccompile.errors import CheckpointError, SpeccompileError
 from speccompile.train.checkpoints import (FINAL, head_identity, load_final, remove_epoch_checkpoints, resume_from,
-                                           save_checkpoint)
+                                           save_checkpoint, stored_draft_ids)
 from speccompile.train.data import Data, make_row
 from speccompile.train.draft_vocab import frequent_tokens
 from speccompile.train.evaluate import evaluate
@@ -44,10 +44,14 @@ class Setup:
     W: torch.Tensor | None
 
 
-def pick_draft_vocab(data: Data, size: int) -> tuple[np.ndarray, float]:
-    """EAGLE-3's draft vocabulary: the `size` tokens most frequent in the training responses (ascending ids), and
-    the share of held-out response tokens it covers (a draft can never propose a token outside it)."""
-    ids = frequent_tokens(data.response_tokens(data.train_ids), size)
+def pick_draft_vocab(data: Data, size: int, weights: str | None = None) -> tuple[np.ndarray, float]:
+    """EAGLE-3's draft vocabulary: the one stored with the weights the head starts from (their lm_head rows are
+    those tokens'; picked again from other data they would be another's), else the `size` tokens most frequent in
+    the training responses (ascending ids); and the share of held-out response tokens it covers (a draft can never
+    propose a token outside it)."""
+    ids = stored_draft_ids(weights) if weights else None
+    if ids is None:
+        ids = frequent_tokens(data.response_tokens(data.train_ids), size)
     return ids, float(np.isin(data.response_tokens(data.eval_ids), ids).mean())
 
 
@@ -84,7 +88,8 @@ def training_vocab(a: TrainOptions, data: Data, emb_w, draft_ids) -> tuple[np.nd
     return vmap, emb_w[torch.as_tensor(sub)].contiguous()
 
 
-def prepare(a: TrainOptions, hf_dir: str, feat_path: str, info: dict) -> Setup:
+def prepare(a: TrainOptions, hf_dir: str, feat_path: str, info: dict, weights: str | None = None) -> Setup:
+    """weights: the file the head's weights will come from (--init, or the final checkpoint an export reads)."""
     cfg, tensors = target_config(hf_dir), target_tensors(hf_dir)
     emb_w, wfinal = tensors["model.embed_tokens.weight"].float(), tensors["model.norm.weight"].float()
     data = load_data(a, cfg, feat_path, info)
@@ -95,7 +100,7 @@ def prepare(a: TrainOptions, hf_dir: str, feat_path: str, info: dict) -> Setup:
         f"({data.n_tokens(data.eval_ids)} tok); shared header {data.shared} tokens; median rms(h) {h_rms:.2f}")
     draft_ids = None
     if a.arch == "eagle3":
-        draft_ids, covered = pick_draft_vocab(data, a.draft_vocab)
+        draft_ids, covered = pick_draft_vocab(data, a.draft_vocab, weights)
         info["draft_vocab"] = {"size": len(draft_ids), "coverage_of_heldout_responses": covered}
         log(f"draft vocabulary: {len(draft_ids)} tokens, {covered:.2%} of held-out response tokens")
     head = Head(cfg, float(cfg["rms_norm_eps"]), a.arch, wfinal, draft_ids)
@@ -273,8 +278,9 @@ def load_trained(a: TrainOptions, s: Setup, ck_dir: str) -> None:
 
 def stage_train(a: TrainOptions, hf_dir: str, feat_path: str, info: dict, do_train: bool, do_export: bool) -> None:
     """Train (do_train) and/or export (do_export: from the final checkpoint when not trained in this run)."""
-    s = prepare(a, hf_dir, feat_path, info)
     ck_dir = os.path.join(a.work, "ckpt")
+    final = os.path.join(ck_dir, FINAL)
+    s = prepare(a, hf_dir, feat_path, info, final if not do_train and os.path.isfile(final) else a.init)
     if do_train:
         train(a, s, info)
     else:
