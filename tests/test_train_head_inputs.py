@@ -251,3 +251,15 @@ def test_eagle3_keeps_the_draft_vocabulary_of_its_weights(trained, tmp_path):
     train_head(eagle3 + extra + ["--stages", "train,export", "--epochs", "1", "--init", str(tmp_path / "first"),
                                  "--out", str(tmp_path / "warm")])
     assert (load_file(str(tmp_path / "warm" / "model.safetensors"))["d2t"] == first["d2t"]).all()
+
+
+@pytest.mark.parametrize("option", ["--log-every", "--unroll", "--eval-chain", "--gen-batch", "--tokens-per-step",
+                                    "--topk", "--heads", "--draft-vocab"])
+def test_zero_counts_refused_before_any_work(tmp_path, option):
+    """A count of 0 is one error line before any stage: --log-every, --unroll and --eval-chain 0 failed as an
+    internal error after the training they followed, --gen-batch 0 with range()'s message."""
+    work = tmp_path / "work"
+    refused(["--target", "tiny:llama", "--work", str(work), "--out", str(tmp_path / "h.safetensors"), "--stages",
+             "train,export", option, "0"],
+            f"{option}: out of range")
+    assert not work.exists()

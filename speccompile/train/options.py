@@ -104,16 +104,22 @@ class TrainOptions:
             self.epochs = int(self.epochs)
 
     def _check_numbers(self) -> None:
-        checks = {"--threads": self.threads >= 1, "--num-prompts": self.num_prompts >= 0,
-                  "--holdout": 0 < self.holdout < 1, "--sample-frac": 0 <= self.sample_frac <= 1,
-                  "--temperature": 0 <= self.temperature < math.inf, "--max-new-tokens": self.max_new_tokens >= 1}
+        checks = {"--num-prompts": self.num_prompts >= 0, "--gen-tokens": self.gen_tokens >= 0,
+                  "--warmup": self.warmup >= 0, "--holdout": 0 < self.holdout < 1,
+                  "--sample-frac": 0 <= self.sample_frac <= 1, "--temperature": 0 <= self.temperature < math.inf}
+        # counts a stage divides by, steps through or sizes a tensor by: 0 failed inside it, after the work before
+        for option in ("threads", "max_new_tokens", "gen_batch", "topk", "unroll", "heads", "draft_vocab",
+                       "log_every", "eval_chain", "tokens_per_step"):
+            value = getattr(self, option)
+            checks[f"--{option.replace('_', '-')}"] = value is None or value >= 1
         for option in ("lr", "epochs", "train_minutes"):
             value = getattr(self, option)
             checks[f"--{option.replace('_', '-')}"] = value is None or 0 < value < math.inf
         bad = [option for option, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"{bad[0]}: out of range (threads and tokens at least 1, prompts at least 0 (0: all); "
-                             "holdout in (0, 1); sample-frac in [0, 1]; lr, epochs and minutes positive)")
+            raise ValueError(f"{bad[0]}: out of range (counts at least 1; prompts, gen-tokens and warmup at least 0 "
+                             "(0: all, no limit, none); holdout in (0, 1); sample-frac in [0, 1]; lr, epochs and "
+                             "minutes positive)")
 
     def _check_init(self) -> None:
         """--init reads safetensors only (never a pickle, whatever its name)."""
