@@ -263,3 +263,21 @@ def test_zero_counts_refused_before_any_work(tmp_path, option):
              "train,export", option, "0"],
             f"{option}: out of range")
     assert not work.exists()
+
+
+def test_a_target_conversion_stopped_midway_leaves_nothing_later_runs_refuse(tmp_path, monkeypatch):
+    """The target's HF folder in --work is made whole or not at all: a run stopped while converting left a folder
+    with weights but no record of their source, which every later run refused as '(unrecorded)'."""
+    from speccompile.train import target
+    work = tmp_path / "work"
+
+    def stopped(ckpt, out):
+        save_hf_dir(ckpt, out)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(target, "save_hf_dir", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        target.target_hf_dir("tiny:llama", str(work))
+    assert os.listdir(work) == []
+    monkeypatch.setattr(target, "save_hf_dir", save_hf_dir)
+    d = target.target_hf_dir("tiny:llama", str(work))
+    assert os.listdir(work) == ["target_hf"] and target.target_hf_dir("tiny:llama", str(work)) == d

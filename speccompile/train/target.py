@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 
 import torch
 from safetensors.torch import load_file
@@ -14,6 +16,7 @@ from speccompile.compile.families import text_model_config, text_tensor_name
 from speccompile.compile.hub_cache import looks_like_hub_id, resolve_hub_id
 from speccompile.compile.sources import load_checkpoint, save_hf_dir, weight_files
 from speccompile.errors import SpeccompileError
+from speccompile.format.atomic import TEMP_PREFIX, replace_folder
 from speccompile.train.progress import log
 
 
@@ -37,9 +40,16 @@ def target_hf_dir(source: str | None, work: str) -> str:
                                    "use another --work (its data and head are that target's)")
         return d
     log(f"converting target {name} -> {d}")
-    save_hf_dir(load_checkpoint(source), d)
-    with open(record, "w") as f:
-        json.dump({"source": name}, f)
+    os.makedirs(work, exist_ok=True)
+    staged = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=work)
+    try:  # whole or not at all: a run stopped mid-conversion must not leave a folder later runs refuse
+        save_hf_dir(load_checkpoint(source), staged)
+        with open(os.path.join(staged, "source.json"), "w") as f:
+            json.dump({"source": name}, f)
+        replace_folder(staged, d)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     return d
 
 
