@@ -262,6 +262,16 @@ def test_stop_string_cuts_text_and_token_ids(tiny_generator):
         assert res.token_ids == ids[:kept] == [t for c in chunks for t in c.token_ids]
 
 
+def test_a_stop_string_in_the_first_token_leaves_no_decode_speed(tiny_generator):
+    """An output cut to nothing by a stop string counted -1 tokens after the first: a negative decode speed."""
+    g, prompt = tiny_generator, [1, 5, 9]
+    for kwargs in (dict(), dict(temperature=0.7, seed=1, acceptance="typical")):  # the scheduler, an own loop
+        first = g.tokenizer.decode(g.generate(prompt, 4, chat=False, **kwargs).token_ids[:1])
+        res = g.generate(prompt, 8, chat=False, stop=first[:1], **kwargs)
+        assert res.token_ids == [] and res.text == "" and res.finish_reason == "stop"
+        assert res.stats["new_tokens"] == 0 and res.stats["decode_tokens_per_second"] == 0.0
+
+
 def test_the_result_says_why_the_output_ended(tiny_generator, monkeypatch):
     """finish_reason, as OpenAI and vLLM name it: "length" at max_new_tokens, "stop" at a stop string or an
     end-of-sequence token (the last one allowed too), "cancelled" after cancel()."""
@@ -292,6 +302,28 @@ def test_options_it_does_not_take_are_refused_by_name(tiny_generator):
         with pytest.raises(SpeccompileError, match=hint) as refused:
             tiny_generator.generate("hi", 4, **kw)
         assert isinstance(refused.value, TypeError)
+
+
+def test_sampling_params_refuses_vllms_options_by_name():
+    """vLLM's SamplingParams holds max_tokens, stop and n: here each was the dataclass's bare TypeError."""
+    for kw, hint in ((dict(max_tokens=64), "'max_tokens' .give generate, stream or chat max_new_tokens"),
+                     (dict(stop=["\n"]), "'stop' .give it to generate"), (dict(n=2), "'n' .give generate a list"),
+                     (dict(repetition_penalty=1.1), "'repetition_penalty' .not supported")):
+        with pytest.raises(SpeccompileError, match=hint) as refused:
+            speccompile.SamplingParams(temperature=0.7, **kw)
+        assert isinstance(refused.value, TypeError)
+    assert speccompile.SamplingParams(0.7, 5, seed=1) == speccompile.SamplingParams(temperature=0.7, top_k=5, seed=1)
+
+
+def test_vllms_call_shapes_point_to_this_apis(tiny_generator):
+    """generate(prompt, SamplingParams) (vLLM's order) and a list of prompts to stream were refused with messages
+    about --max-new-tokens and whole numbers."""
+    g = tiny_generator
+    with pytest.raises(SpeccompileError, match="max_new_tokens: got a SamplingParams; pass it as params="):
+        g.generate("hello", speccompile.SamplingParams(temperature=0.7))
+    for prompts in (["hello", "bye"], [[1, 5, 9], [3, 4]], [np.array([1, 5, 9])]):
+        with pytest.raises(SpeccompileError, match="stream takes one prompt"):
+            g.stream(prompts, 4)
 
 
 def test_n_says_that_copies_of_a_prompt_with_a_seed_answer_alike(tiny_generator):

@@ -224,7 +224,8 @@ class SpecDecodeStats:
             verified_on_host=self.verified_on_host, committed_per_pass=dict(self.committed_per_pass),
             tree=self.tree, new_tokens=new_tokens, total_s=total_s, ttft_s=ttft_s,
             tokens_per_second=new_tokens / total_s if total_s > 0 else 0.0,
-            decode_tokens_per_second=(new_tokens - 1) / (total_s - ttft_s)
+            # the tokens after the first (none where a stop string cut the output before its first token)
+            decode_tokens_per_second=max(new_tokens - 1, 0) / (total_s - ttft_s)
             if ttft_s is not None and total_s > ttft_s else 0.0,
             mean_accepted_tokens=self.mean_accepted_tokens,
             acceptance_rate_per_depth=[a / b for a, b in self.accepted_per_depth],

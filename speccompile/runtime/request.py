@@ -14,7 +14,7 @@ from speccompile.format.trees import TreeSpec
 from speccompile.graphs import MAX_VERIFY_TOKENS
 from speccompile.runtime.acceptance import SpecDecodeStats
 from speccompile.runtime.drafters.base import Drafter
-from speccompile.runtime.sampling import SamplingParams, acceptance_option
+from speccompile.runtime.sampling import SamplingParams, UnknownOptionError, acceptance_option
 
 ROLES = ("system", "user", "assistant", "tool")
 _NOT_SUPPORTED = "not supported: sampling here is temperature, top_k, top_p and seed"
@@ -42,10 +42,6 @@ FAMILIAR_LOAD_OPTIONS = {
     "max_model_len": _FIXED_AT_BUILD, "max_num_seqs": _FIXED_AT_BUILD,
     "trust_remote_code": "a bundle runs no code of its own: drop it", "num_threads": "use threads",
 }
-
-
-class UnknownOptionError(SpeccompileError, TypeError):
-    """A keyword the call does not take (a TypeError too, as Python's own refusal of it is)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +189,9 @@ def prompt_ids(gen, prompt, chat: bool) -> np.ndarray:
         if not isinstance(ids, np.ndarray) and all(isinstance(t, dict) for t in ids):
             raise SpeccompileError("prompt: a list of messages is a conversation: call chat(messages), or stream("
                                    "gen.tokenizer.encode_messages(messages)) for its text as it comes")
+        if not isinstance(ids, np.ndarray) and all(isinstance(t, (str, list, tuple)) or np.ndim(t) for t in ids):
+            raise SpeccompileError("prompt: a list of prompts is generate's (a list of results): stream takes one "
+                                   "prompt, text or token ids (open one stream per prompt)")
         raise SpeccompileError("prompt token ids must be whole numbers")
     vocab = gen.target.vocab_size
     bad = (ids[(ids < 0) | (ids >= vocab)].tolist() if isinstance(ids, np.ndarray)
@@ -206,6 +205,8 @@ def prompt_ids(gen, prompt, chat: bool) -> np.ndarray:
 
 
 def check_length(ids: np.ndarray, max_new_tokens, max_seq_len: int) -> None:
+    if isinstance(max_new_tokens, SamplingParams):  # vLLM's generate(prompts, sampling_params)
+        raise SpeccompileError("max_new_tokens: got a SamplingParams; pass it as params=")
     if not _whole(max_new_tokens) or max_new_tokens < 1:
         raise SpeccompileError(f"--max-new-tokens {max_new_tokens!r}: must be a whole number, at least 1")
     max_new_tokens = int(max_new_tokens)  # a numpy integer would wrap around in the sum below

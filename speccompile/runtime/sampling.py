@@ -14,6 +14,16 @@ class SamplingParamsError(SpeccompileError, ValueError):
     """A sampling setting out of range (a ValueError too, for callers that caught those before)."""
 
 
+class UnknownOptionError(SpeccompileError, TypeError):
+    """A keyword the call does not take (a TypeError too, as Python's own refusal of it is)."""
+
+
+# what vLLM's SamplingParams holds that is not a sampling setting here: generate, stream and chat take it
+_PER_CALL = {"max_tokens": "give generate, stream or chat max_new_tokens",
+             "max_new_tokens": "give it to generate, stream or chat", "stop": "give it to generate, stream or chat",
+             "n": "give generate a list of prompts"}
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How the next token is chosen: temperature 0 is greedy (and so is any temperature below GREEDY_BELOW); top_k
@@ -28,6 +38,16 @@ class SamplingParams:
     acceptance: str = "exact"
     typical_epsilon: float = 0.09
     typical_alpha: float = 0.3
+
+    def __new__(cls, *args, **kwargs):
+        """Keywords it does not hold refused by name, as generate's are: vLLM's SamplingParams holds max_tokens,
+        stop, n and penalties, and the dataclass's own refusal would be a bare TypeError."""
+        unknown = [name for name in kwargs if name not in {f.name for f in dataclasses.fields(cls)}]
+        if unknown:
+            named = [f"{n!r} ({_PER_CALL.get(n, 'not supported')})" for n in unknown]
+            raise UnknownOptionError(f"SamplingParams takes no option {', '.join(named)}: it holds temperature, "
+                                     "top_k, top_p, seed, acceptance, typical_epsilon and typical_alpha")
+        return super().__new__(cls)
 
     @property
     def greedy(self) -> bool:
