@@ -38,6 +38,7 @@ from speccompile.errors import SpeccompileError
 from speccompile.format.bundle import atomic_bundle_dir, finalize_manifest, guard_output, write_weights
 from speccompile.format.drafter_kinds import KINDS, DraftSpec
 from speccompile.format.trees import TreeSpec
+from speccompile.format.summary import memory_line
 from speccompile.graphs import BATCH_GRAPH_VERSION, cache_slots, trees_exact
 from speccompile.plugins import tree_attention
 
@@ -89,6 +90,7 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
     manifest = _write(out, target, parts, opts, toolchain, progress, report)
     progress(f"done in {time.perf_counter() - t0:.1f}s: {len(parts.models)} graph(s), drafters: "
              f"{', '.join(d['name'] for d in parts.drafters) or 'none'}")
+    progress(f"      memory: {memory_line(manifest)}")  # what a load may take, before anyone loads it
     return manifest
 
 

@@ -26,7 +26,7 @@ from speccompile.runtime.drafters.base import Drafter, Proposal, RuntimeContext
 from speccompile.runtime.drafters.lookup import LookupDrafter, LookupReach, join_lookup
 from speccompile.runtime.engine import Engine
 from speccompile.runtime.sessions import check_threads
-from speccompile.runtime.kv_cache import KVCache, batch_cache
+from speccompile.runtime.kv_cache import KVCache, host_caches
 from speccompile.runtime.noise import GumbelNoise, runs_greedy, sampled_by_noise, takes_noise
 from speccompile.runtime.request import Request, build_request, check_messages, is_batch, own_loop, sampling_params
 from speccompile.runtime.row_parity import match_rows
@@ -70,7 +70,7 @@ class Generator:
         self.bundle_dir, self.manifest, self.threads, self.device = bundle_dir, manifest, threads, device
         target = manifest["models"]["target"]
         # sequence slots sharing passes: host caches only (the batched graph binds numpy arrays)
-        batched, cache = batch_cache(manifest) if device == "cpu" and not Engine.resident_on_cpu else (None, None)
+        batched, cache = host_caches(manifest, device, Engine.resident_on_cpu)  # refused where they cannot fit
         # the single-sequence graph is bound to slot 0 of the batched cache: a request alone runs it unchanged
         self.target = Engine(bundle_dir, target, threads, device, max_rows=MAX_VERIFY_TOKENS,
                              cache=cache.slot(0) if cache else None)

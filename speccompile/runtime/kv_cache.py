@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from speccompile.errors import BundleError
+from speccompile.format.summary import load_memory
 from speccompile.runtime.sessions import bind_host, run_bound
 
 # the bundle's cache dtype -> (numpy storage type, ONNX element type): bfloat16 is stored as its 16 bits
@@ -85,6 +86,46 @@ class KVCache:
             # fancy indexing materialises the gathered rows first, so overlapping moves are safe
             self.key[:, :, :, dst_start:dst_start + n] = self.key[:, :, :, src_slots]
             self.value[:, :, :, dst_start:dst_start + n] = self.value[:, :, :, src_slots]
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still take without swapping: /proc/meminfo's MemAvailable, or less where its cgroup's
+    memory.max leaves less; None where it cannot be read (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit, used = f.read().strip(), int(g.read())
+        return min(free, int(limit) - used) if limit != "max" else free
+    except (OSError, ValueError):
+        return free
+
+
+def check_fits(manifest: dict) -> None:
+    """Refuse a bundle whose weights and KV caches at the full context (format/summary.py load_memory) exceed the
+    memory available now. np.zeros maps the caches' pages lazily, so an allocation larger than memory succeeds,
+    and the process would be killed, or swap, only once long sequences fill them."""
+    need, free = load_memory(manifest), available_memory()
+    total = need["weights"] + need["kv"]
+    if free is None or total <= free:
+        return
+    slots = f" x {need['slots']} sequence slots" if need["slots"] > 1 else ""
+    raise BundleError(f"this bundle takes up to {total / 2**30:.1f} GiB of memory loaded ({need['kv'] / 2**30:.1f} "
+                      f"GiB of KV caches at its full context of {manifest['max_seq_len']} tokens{slots}, "
+                      f"{need['weights'] / 2**30:.1f} GiB of weights), more than the {free / 2**30:.1f} GiB this "
+                      "machine has available: rebuild it with a smaller --max-seq-len or --max-batch")
+
+
+def host_caches(manifest: dict, device: str, resident: bool) -> tuple[dict | None, KVCache | None]:
+    """batch_cache for a load whose caches are host arrays (the CPU), once it is known to fit in memory; (None,
+    None) for caches in a device's memory."""
+    if device != "cpu" or resident:
+        return None, None
+    check_fits(manifest)
+    return batch_cache(manifest)
 
 
 def batch_cache(manifest: dict) -> tuple[dict | None, KVCache | None]:

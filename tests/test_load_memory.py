@@ -1,0 +1,61 @@
+"""What a load takes in memory: stated by `inspect` and the build, and refused when it exceeds what is available."""
+import os
+
+import pytest
+from click.testing import CliRunner
+
+import speccompile
+from speccompile.cli import main
+from speccompile.errors import BundleError
+from speccompile.format.bundle import read_manifest
+from speccompile.format.summary import load_memory
+from speccompile.runtime import kv_cache
+
+
+def test_the_stated_kv_bytes_are_what_a_load_allocates_at_most(tiny_bundle, tiny_generator):
+    """The batched cache's slots (the target's among them) and each drafter model's cache once per slot (the
+    scheduler forks a drafter per slot), against the caches the loaded Generator holds."""
+    need = load_memory(read_manifest(tiny_bundle, verify_hashes=False))
+    slots = tiny_generator.scheduler.cache.batch
+    drafters = sum(d.engine.cache.nbytes for d in tiny_generator.drafters.values() if hasattr(d, "engine"))
+    assert need["slots"] == slots > 1
+    assert need["kv"] == tiny_generator.scheduler.cache.nbytes + slots * drafters
+    files = {"target.bin", "draft.bin"}  # the early exit reads target.bin: counted once
+    assert need["weights"] == sum(os.path.getsize(os.path.join(tiny_bundle, f)) for f in files)
+
+
+def test_inspect_states_the_memory_a_load_takes(tiny_bundle):
+    need = load_memory(read_manifest(tiny_bundle, verify_hashes=False))
+    r = CliRunner().invoke(main, ["inspect", tiny_bundle, "--no-verify"])
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if x.startswith("memory"))
+    assert f"up to {(need['weights'] + need['kv']) / 2**20:.1f} MiB" in line
+    assert f"KV caches {need['kv'] / 2**20:.1f} MiB at the full context x {need['slots']} sequence slots" in line
+
+
+def test_a_load_that_cannot_fit_is_refused_naming_its_size_and_the_options(tiny_bundle, monkeypatch):
+    need = load_memory(read_manifest(tiny_bundle, verify_hashes=False))
+    total = need["weights"] + need["kv"]
+    monkeypatch.setattr(kv_cache, "available_memory", lambda: total - 1)
+    with pytest.raises(BundleError, match=r"up to .* GiB .*--max-seq-len or --max-batch"):
+        speccompile.load(tiny_bundle, threads=1)
+    r = CliRunner().invoke(main, ["generate", tiny_bundle, "hi", "--max-new-tokens", "2"])
+    assert r.exit_code == 2 and r.output.count("error:") == 1 and "--max-batch" in r.output, r.output
+    monkeypatch.setattr(kv_cache, "available_memory", lambda: total)  # exactly enough: loads
+    assert speccompile.load(tiny_bundle, threads=1).scheduler is not None
+
+
+def test_available_memory_reads_this_machine():
+    free = kv_cache.available_memory()
+    assert free is None or 0 < free < 1 << 50
+
+
+def test_build_states_the_memory_a_load_takes(tmp_path):
+    from speccompile.compile.driver import build_bundle
+    lines = []
+    manifest = build_bundle("tiny:llama", str(tmp_path / "b"), drafts=["lookup"], max_seq_len=64, max_batch=2,
+                            progress=lines.append)
+    need = load_memory(manifest)
+    assert need["slots"] == 2
+    assert any(x.strip().startswith(f"memory: up to {(need['weights'] + need['kv']) / 2**20:.1f} MiB")
+               for x in lines), lines
