@@ -1,6 +1,4 @@
 """What a load takes in memory: stated by `inspect` and the build, and refused when it exceeds what is available."""
-import os
-
 import pytest
 from click.testing import CliRunner
 
@@ -8,7 +6,7 @@ import speccompile
 from speccompile.cli import main
 from speccompile.errors import BundleError
 from speccompile.format.bundle import read_manifest
-from speccompile.format.summary import load_memory
+from speccompile.format.memory import load_memory
 from speccompile.runtime import kv_cache
 
 
@@ -20,8 +18,18 @@ def test_the_stated_kv_bytes_are_what_a_load_allocates_at_most(tiny_bundle, tiny
     drafters = sum(d.engine.cache.nbytes for d in tiny_generator.drafters.values() if hasattr(d, "engine"))
     assert need["slots"] == slots > 1
     assert need["kv"] == tiny_generator.scheduler.cache.nbytes + slots * drafters
-    files = {"target.bin", "draft.bin"}  # the early exit reads target.bin: counted once
-    assert need["weights"] == sum(os.path.getsize(os.path.join(tiny_bundle, f)) for f in files)
+
+
+def test_the_stated_weights_count_each_session_that_holds_a_copy(tiny_bundle):
+    """The target's session and the batched graph's each hold the target's matrices; the draft model's are held
+    once per slot; the early exit maps the target's file, its instances sharing the pages: once."""
+    m = read_manifest(tiny_bundle, verify_hashes=False)
+    held = {name: sum(m["weights"][f][t]["length"] for f in e["weights"] for t in e["initializers"])
+            for name, e in m["models"].items()}
+    early_exit = next(d["model"] for d in m["drafters"] if d["kind"] == "layerskip")
+    draft = next(d["model"] for d in m["drafters"] if d["kind"] == "model")
+    need = load_memory(m)
+    assert need["weights"] == held["target"] + held["target_batch"] + need["slots"] * held[draft] + held[early_exit]
 
 
 def test_inspect_states_the_memory_a_load_takes(tiny_bundle):

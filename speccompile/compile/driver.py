@@ -38,7 +38,7 @@ from speccompile.errors import SpeccompileError
 from speccompile.format.bundle import atomic_bundle_dir, finalize_manifest, guard_output, write_weights
 from speccompile.format.drafter_kinds import KINDS, DraftSpec
 from speccompile.format.trees import TreeSpec
-from speccompile.format.summary import memory_line
+from speccompile.format.memory import memory_line
 from speccompile.graphs import BATCH_GRAPH_VERSION, cache_slots, trees_exact
 from speccompile.plugins import tree_attention
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from speccompile.graphs import cache_slots
+from speccompile.format.memory import kv_bytes, memory_line
 
 
 def describe(bundle: str, m: dict, verified: bool) -> list[str]:
@@ -55,41 +55,6 @@ def _signature(tensors: list[dict]) -> str:
     return ", ".join(f"{t['name']}{t['shape']}" for t in tensors if not KV_TENSOR.fullmatch(t["name"]))
 
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # a KV cache's element, by the manifest's dtype
-
-
-def kv_bytes(kv: dict) -> int:
-    """One sequence's KV cache (K and V of every layer, scratch slots included), from a model entry's kv_cache."""
-    return (2 * kv["num_layers"] * kv["num_kv_heads"] * cache_slots(kv) * kv["head_dim"]
-            * DTYPE_BYTES.get(kv.get("dtype"), 4))
-
-
-def sequence_slots(m: dict) -> int:
-    """The sequences a CPU load decodes at once: the batched graph's slots (runtime/kv_cache.py batch_cache), else 1."""
-    entry = m["models"].get("target_batch") or {}
-    return entry.get("max_batch", 1) if entry.get("kind") == "decoder_batch" else 1
-
-
-def load_memory(m: dict) -> dict[str, int]:
-    """The host memory a CPU load of manifest `m` may take, in bytes: "weights" (every weight file, read once) and
-    "kv" (every KV cache at the full context: the target's per sequence slot, the batched cache's slot 0 being the
-    target's own, and each drafter model's per slot too, since every slot drafts with an instance of its own).
-    The caches' pages are taken as sequences fill them, so a load starts far below this and may reach it later."""
-    slots = sequence_slots(m)
-    weights = {w for e in m["models"].values() for w in e.get("weights", ())}
-    kv = sum(kv_bytes(e["kv_cache"]) for name, e in m["models"].items()
-             if "kv_cache" in e and name != "target_batch")
-    return {"weights": sum(m["files"].get(w, {}).get("bytes", 0) for w in weights), "kv": kv * slots,
-            "slots": slots}
-
-
-def memory_line(m: dict) -> str:
-    """What a load may take (load_memory), as `inspect` and the build print it."""
-    need = load_memory(m)
-    slots = f" x {need['slots']} sequence slots" if need["slots"] > 1 else ""
-    return (f"up to {(need['weights'] + need['kv']) / 2**20:.1f} MiB loaded on the CPU: weights "
-            f"{need['weights'] / 2**20:.1f} MiB, KV caches {need['kv'] / 2**20:.1f} MiB at the full context"
-            f"{slots} (taken as sequences fill them), plus the runtime's own and the context cache (--cache-bytes)")
 ROPE_TABLE = re.compile(r"(.+\.)?rope(_local)?\.(cos|sin)")  # [max_seq_len + 1, rotary dims / 2] each
 EXPERTS = re.compile(r"l\d+\.experts\.(gate_up|down)")  # [routed experts, ...]: a token gathers its k
 

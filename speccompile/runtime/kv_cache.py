@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from speccompile.errors import BundleError
-from speccompile.format.summary import load_memory
+from speccompile.format.memory import load_memory
 from speccompile.runtime.sessions import bind_host, run_bound
 
 # the bundle's cache dtype -> (numpy storage type, ONNX element type): bfloat16 is stored as its 16 bits
