@@ -1,4 +1,6 @@
 """What a load takes in memory: stated by `inspect` and the build, and refused when it exceeds what is available."""
+import warnings
+
 import pytest
 from click.testing import CliRunner
 
@@ -42,15 +44,23 @@ def test_inspect_states_the_memory_a_load_takes(tiny_bundle):
 
 
 def test_a_load_that_cannot_fit_is_refused_naming_its_size_and_the_options(tiny_bundle, monkeypatch):
-    need = load_memory(read_manifest(tiny_bundle, verify_hashes=False))
-    total = need["weights"] + need["kv"]
-    monkeypatch.setattr(kv_cache, "available_memory", lambda: total - 1)
-    with pytest.raises(BundleError, match=r"up to .* GiB .*--max-seq-len or --max-batch"):
+    """One sequence at the full context that does not fit is one error naming its size and the option to lower;
+    one that fits loads, with a warning where every sequence slot in use would not."""
+    m = read_manifest(tiny_bundle, verify_hashes=False)
+    one, every = load_memory(m, slots=1), load_memory(m)
+    assert one["weights"] + one["kv"] < every["weights"] + every["kv"]
+    monkeypatch.setattr(kv_cache, "available_memory", lambda: one["weights"] + one["kv"] - 1)
+    with pytest.raises(BundleError, match=r"one sequence .* takes up to .* GiB .*--max-seq-len"):
         speccompile.load(tiny_bundle, threads=1)
     r = CliRunner().invoke(main, ["generate", tiny_bundle, "hi", "--max-new-tokens", "2"])
-    assert r.exit_code == 2 and r.output.count("error:") == 1 and "--max-batch" in r.output, r.output
-    monkeypatch.setattr(kv_cache, "available_memory", lambda: total)  # exactly enough: loads
-    assert speccompile.load(tiny_bundle, threads=1).scheduler is not None
+    assert r.exit_code == 2 and r.output.count("error:") == 1 and "--max-seq-len" in r.output, r.output
+    monkeypatch.setattr(kv_cache, "available_memory", lambda: one["weights"] + one["kv"])  # one sequence fits
+    with pytest.warns(UserWarning, match=f"{every['slots']} sequences sharing passes .* --max-batch"):
+        assert speccompile.load(tiny_bundle, threads=1).scheduler is not None
+    monkeypatch.setattr(kv_cache, "available_memory", lambda: every["weights"] + every["kv"])  # all slots fit
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        speccompile.load(tiny_bundle, threads=1)
 
 
 def test_available_memory_reads_this_machine():

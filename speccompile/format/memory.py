@@ -31,14 +31,15 @@ def session_bytes(m: dict, entry: dict) -> int:
     return sum(listed) if listed else sum(m["files"].get(f, {}).get("bytes", 0) for f in entry.get("weights", ()))
 
 
-def load_memory(m: dict) -> dict[str, int]:
+def load_memory(m: dict, slots: int | None = None) -> dict[str, int]:
     """What a CPU load of manifest `m` may take, in bytes. "weights": the target's session and the batched graph's
     (each its own copy), and each drafter's graphs once per sequence slot (the scheduler gives every slot a drafter
     instance of its own; an early exit's instances share the target file's mapped pages). "kv": every KV cache at
     the full context, the target's per slot (the target's own cache is the batched cache's slot 0) and each
     drafter model's per slot. The caches' pages are taken as sequences fill them and the batched graph and the
-    slots' drafters are opened as requests share passes, so a load starts below this and may reach it later."""
-    slots, models = sequence_slots(m), m["models"]
+    slots' drafters are opened as requests share passes, so a load starts below this and may reach it later.
+    slots: as many sequences at once (1: one request at a time, without the batched graph); default all."""
+    slots, models = slots or sequence_slots(m), m["models"]
     weights = session_bytes(m, models["target"]) + (session_bytes(m, models["target_batch"]) if slots > 1 else 0)
     kv = kv_bytes(models["target"]["kv_cache"]) * slots
     for d in m["drafters"]:

@@ -10,6 +10,8 @@ device, so an accepted tree path's K/V never leave it.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import onnxruntime as ort
 
@@ -105,18 +107,27 @@ def available_memory() -> int | None:
 
 
 def check_fits(manifest: dict) -> None:
-    """Refuse a bundle whose weights and KV caches at the full context (format/summary.py load_memory) exceed the
-    memory available now. np.zeros maps the caches' pages lazily, so an allocation larger than memory succeeds,
-    and the process would be killed, or swap, only once long sequences fill them."""
-    need, free = load_memory(manifest), available_memory()
-    total = need["weights"] + need["kv"]
-    if free is None or total <= free:
+    """Refuse a bundle one sequence of which at the full context (weights and KV caches: format/memory.py
+    load_memory) exceeds the memory available now, and warn where its sequence slots all in use would. np.zeros
+    maps the caches' pages lazily, so an allocation larger than memory succeeds, and the process would be killed,
+    or swap, only once long sequences fill them."""
+    free = available_memory()
+    if free is None:
         return
-    slots = f" x {need['slots']} sequence slots" if need["slots"] > 1 else ""
-    raise BundleError(f"this bundle takes up to {total / 2**30:.1f} GiB of memory loaded ({need['kv'] / 2**30:.1f} "
-                      f"GiB of KV caches at its full context of {manifest['max_seq_len']} tokens{slots}, "
-                      f"{need['weights'] / 2**30:.1f} GiB of weights), more than the {free / 2**30:.1f} GiB this "
-                      "machine has available: rebuild it with a smaller --max-seq-len or --max-batch")
+    one, every = load_memory(manifest, slots=1), load_memory(manifest)
+    if one["weights"] + one["kv"] > free:
+        raise BundleError(f"one sequence of this bundle takes up to {_gib(one)} of memory ({one['kv'] / 2**30:.1f} "
+                          f"GiB of KV caches at its full context of {manifest['max_seq_len']} tokens, "
+                          f"{one['weights'] / 2**30:.1f} GiB of weights), more than the {free / 2**30:.1f} GiB this "
+                          "machine has available: rebuild it with a smaller --max-seq-len")
+    if every["weights"] + every["kv"] > free:
+        warnings.warn(f"{every['slots']} sequences sharing passes would take up to {_gib(every)} of memory at this "
+                      f"bundle's full context, more than the {free / 2**30:.1f} GiB this machine has available: "
+                      "serve fewer at once (a smaller --max-batch or --max-seq-len at build)", stacklevel=3)
+
+
+def _gib(need: dict) -> str:
+    return f"{(need['weights'] + need['kv']) / 2**30:.1f} GiB"
 
 
 def host_caches(manifest: dict, device: str, resident: bool) -> tuple[dict | None, KVCache | None]:
