@@ -272,3 +272,18 @@ def test_no_command_shows_the_help():
     assert not r.output.startswith("error:"), r.output
     assert "Usage:" in r.output and "Commands:" in r.output, r.output
     assert any(line.split()[:1] == ["generate"] for line in r.output.splitlines()), r.output
+
+
+def test_inspect_names_a_sliding_window_and_the_layers_it_slides(tiny_bundle):
+    """A windowed model's attention differs from a full one's past the window: inspect says so, and where."""
+    from speccompile.format.bundle import read_manifest
+    from speccompile.format.summary import describe
+    m = read_manifest(tiny_bundle, verify_hashes=False)
+    target = next(x for x in describe(tiny_bundle, m, False) if x.startswith("model       target:"))
+    assert "sliding window" not in target
+    m["models"]["target"]["config"].update(sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    target = next(x for x in describe(tiny_bundle, m, False) if x.startswith("model       target:"))
+    assert "sliding window 8 on 1 of 2 layers" in target
+    m["models"]["target"]["config"].update(layer_types=[])
+    assert "sliding window 8 on every layer" in next(x for x in describe(tiny_bundle, m, False)
+                                                      if x.startswith("model       target:"))

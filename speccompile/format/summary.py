@@ -25,7 +25,7 @@ def describe(bundle: str, m: dict, verified: bool) -> list[str]:
         slots = f" x {e['max_batch']} sequence slots (target's slot 0 shared)" if "max_batch" in e else ""
         out.append(f"model       {name}: {e['graph']} ({c['model_type']}, {e['num_layers']} layers, hidden "
                    f"{c['hidden_size']}, vocab {c['vocab_size']}), weights {e['weights']}, attention "
-                   f"{e.get('attention', 'not recorded')}, KV cache {kv_mb:.1f} MiB{slots}")
+                   f"{e.get('attention', 'not recorded')}{window_label(c)}, KV cache {kv_mb:.1f} MiB{slots}")
     for d in m["drafters"]:
         # a drafter with a tree drafts it: its num_draft is only what --num-draft would replace it with
         drafts = f"tree {tree_label(d['tree'])}" if d.get("tree") else f"{d['num_draft']} tokens per pass"
@@ -45,6 +45,17 @@ def describe(bundle: str, m: dict, verified: bool) -> list[str]:
     out.append(f"inputs      {_signature(target['inputs'])}, past_key/value.0..{target['num_layers'] - 1}")
     out.append(f"outputs     {_signature(target['outputs'])}, present_key/value.0..{target['num_layers'] - 1}")
     return out
+
+
+def window_label(config: dict) -> str:
+    """A sliding window's width and the layers it applies to, as a model line's clause ("" without one)."""
+    window, types = config.get("sliding_window"), config.get("layer_types") or []
+    if not window:
+        return ""
+    if types and any(t != "sliding_attention" for t in types):
+        sliding = sum(t == "sliding_attention" for t in types)
+        return f", sliding window {window} on {sliding} of {len(types)} layers"
+    return f", sliding window {window} on every layer"
 
 
 KV_TENSOR = re.compile(r"(past|present)_(key|value)\.\d+")  # one per layer: the lines name their range instead
