@@ -445,6 +445,23 @@ def test_shared_passes_near_the_context_end_stay_inside_the_cache(tiny_bundle, m
     assert got == solo
 
 
+def test_a_sampled_chain_beside_a_request_near_the_context_end_keeps_its_seed(tiny_bundle):
+    """A chain a sampled draft model drafts is accepted with draws from the request's generator, one per draft: cut
+    short to fit the pass beside a request near the end of the context, it would draw fewer and sample other
+    tokens than the same seed alone. It drafts as alone, and a chain that does not fit runs in a pass of its
+    own."""
+    g = speccompile.load(tiny_bundle, threads=1, context_cache=False)
+    near_end = list(np.random.default_rng(1).integers(3, 380, g.max_seq_len - 6))
+    kw = dict(drafter="model", temperature=0.7, top_k=3, top_p=0.9, seed=1)
+    prompt = [202, 7, 216]
+    solo = g.generate(prompt, 30, chat=False, **kw)
+    a = g.stream(near_end, 6, chat=False)
+    next(a)  # decoding a few rows from the end of its slot
+    got = drain(g.stream(prompt, 30, chat=False, **kw))
+    drain(a)
+    assert (got.token_ids, got.stats["proposed"]) == (solo.token_ids, solo.stats["proposed"])
+
+
 def test_a_riding_chunk_fits_after_the_prompts_prefilled_before_it(tiny_bundle):
     """Two prompts join slots 1 and 2 between decoding slots 0 and 3: slot 1's chunks ride in the decode passes,
     slot 2's long prompt runs in passes of its own first and ends near the context's end. A riding chunk is laid

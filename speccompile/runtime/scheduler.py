@@ -26,10 +26,9 @@ import threading
 import numpy as np
 
 from speccompile.format.bundle import check_unchanged, file_stamps
-from speccompile.format.trees import depths
 from speccompile.runtime.acceptance import (SpecDecodeStats, Verdict, accept_greedy, accept_on_host, accept_sampled,
                                             from_table)
-from speccompile.runtime.batch_engine import BatchEngine, SlotStep
+from speccompile.runtime.batch_engine import BatchEngine
 from speccompile.runtime.drafters.base import Drafter
 from speccompile.runtime.drafters.lookup import LookupReach
 from speccompile.runtime.kv_cache import KVCache
@@ -177,9 +176,6 @@ class Scheduler:
             self._prefill(mixed)
             mixed = None
         if decoding:
-            if self.trace is not None:
-                self.trace.append(("decode", tuple(s.index for s in decoding) + ((mixed.index,) if mixed else ())))
-            self.shared_passes += len(decoding) > 1 or mixed is not None
             self._decode(decoding, mixed)
 
     def _rows_left(self) -> int:
@@ -262,21 +258,13 @@ class Scheduler:
         their slot alone."""
         if self.trace is not None:
             self.trace.append(("prefill", (s.index,)))
-        step = self._chunk(s, self.gen.prefill_chunk)
+        step = s.chunk(self.gen.prefill_chunk)
         if s.index == 0:
             logits, argmax = self.gen.target.forward(step.tokens, full_logits=not s.params.greedy, noise=step.noise)
             self._prefilled(s, len(step.tokens), self.gen.target, logits, argmax, slice(0, len(step.tokens)))
             return
         results = self.engine.run([step], not s.params.greedy, self._idle([s]))
         self._prefilled(s, len(step.tokens), self.engine, *results[s.index])
-
-    @staticmethod
-    def _chunk(s: Slot, size: int) -> SlotStep:
-        """The next `size` tokens at most of s's prompt, as a step (the last chunk with the first token's noise)."""
-        tokens = s.req.ids[s.prefilled:s.prefilled + size]
-        last = len(tokens) + s.prefilled == len(s.req.ids)
-        return SlotStep(s.index, tokens, s.prefilled, noise=s.noise.rows([len(s.req.ids)]) if s.noise and last
-                        else None)
 
     def _prefilled(self, s: Slot, count: int, engine, logits, argmax, rows) -> None:
         """Account for a chunk of `count` tokens of s's prompt that `engine` just ran (their hidden states at
@@ -297,18 +285,40 @@ class Scheduler:
     # ---- decode ------------------------------------------------------------------------------------------
     def _decode(self, slots: list[Slot], mixed: Slot | None = None) -> None:
         """One pass over every decoding slot: each one's pending token and its drafts, verified together; and a
-        chunk of the joining request `mixed`'s prompt, if given."""
-        share = max(1, SHARED_PASS_ROWS // len(slots) - 1) if self.gen.trees_exact else 0  # per greedy slot
+        chunk of the joining request `mixed`'s prompt, if given. A sampled slot whose drafts do not fit after the
+        deepest slot of that pass verifies them in a pass of its own (_propose)."""
         for s in slots:
             s.context[s.n] = s.token  # committed, but not yet in the target's cache
             s.n += 1
-        by_lookup = self._lookup_slots(slots) if len(slots) > 1 and not self.gen.trees_exact else {}
         shared = len(slots) > 1 or mixed is not None or slots[0].index  # the batched graph's pass
         inside = self._rows_left() - 1 if shared else self.gen.max_seq_len  # drafts that keep it inside the cache
+        self._propose(slots, inside)
+        if not shared:  # alone: as Generator.steps, its graph
+            s = slots[0]
+            if self.trace is not None:
+                self.trace.append(("decode", (s.index,)))
+            (path, token), in_graph = self.gen.verify(s.token, s.prop, s.n, s.params, s.rng, s.noise, s.draws)
+            self.gen.commit(s.n, s.prop.parents, path, s.drafter)
+            self._accepted(s, Verdict(path, token), in_graph)
+            return
+        apart = [s for s in slots if len(s.prop.tokens) > inside]  # sampled ones only
+        if len(apart) < len(slots) or mixed:
+            self._verify([s for s in slots if s not in apart], mixed)
+        for s in apart:  # alone in its pass, a slot's drafts fit after its own K/V (its room, as alone)
+            self._verify([s])
+
+    def _propose(self, slots: list[Slot], inside: int) -> None:
+        """Each slot's drafts. A greedy slot's output does not depend on them: they stay `inside` the pass and
+        share its rows. A sampled slot drafts as it would alone: its draws follow its drafts (a chain drawn from
+        a draft model is accepted with a uniform per draft), so a seed gives its tokens whatever shares the pass."""
+        share = max(1, SHARED_PASS_ROWS // len(slots) - 1) if self.gen.trees_exact else 0  # per greedy slot
+        by_lookup = self._lookup_slots(slots) if len(slots) > 1 and not self.gen.trees_exact else {}
         for s in slots:
-            room = min(s.req.max_new_tokens - s.generated - 1, self.gen.max_seq_len - s.n, inside)
-            if len(slots) > 1 and s.params.greedy:
-                room = min(room, 1 if s.index in by_lookup else share)
+            room = min(s.req.max_new_tokens - s.generated - 1, self.gen.max_seq_len - s.n)
+            if s.params.greedy:
+                room = min(room, inside)
+                if len(slots) > 1:
+                    room = min(room, 1 if s.index in by_lookup else share)
             if s.index in by_lookup:
                 s.prop = self.gen.propose_adaptive(s.context[:s.n], s.drafter, s.adapt, room, s.params, s.rng,
                                                    by_lookup[s.index], lookup_only=True)
@@ -317,14 +327,14 @@ class Scheduler:
             else:
                 s.prop = self.gen.propose(s.context[:s.n], s.drafter, s.req.k, s.req.tree, room, s.reach,
                                           s.params, s.rng)
-        if len(slots) == 1 and slots[0].index == 0 and mixed is None:  # alone: as Generator.steps, its graph
-            s = slots[0]
-            (path, token), in_graph = self.gen.verify(s.token, s.prop, s.n, s.params, s.rng, s.noise, s.draws)
-            self.gen.commit(s.n, s.prop.parents, path, s.drafter)
-            self._accepted(s, Verdict(path, token), in_graph)
-            return
-        steps = [self._block(s) for s in slots] + ([self._chunk(mixed, MIXED_CHUNK)] if mixed else [])
+
+    def _verify(self, slots: list[Slot], mixed: Slot | None = None) -> None:
+        """One batched pass over the slots' verify blocks (and mixed's prompt chunk): each slot's verdict."""
         running = slots + ([mixed] if mixed else [])
+        if self.trace is not None:
+            self.trace.append(("decode", tuple(s.index for s in running)))
+        self.shared_passes += len(running) > 1
+        steps = [s.block() for s in slots] + ([mixed.chunk(MIXED_CHUNK)] if mixed else [])
         results = self.engine.run(steps, not all(s.params.greedy for s in running), self._idle(running))
         if mixed:
             self._prefilled(mixed, len(steps[-1].tokens), self.engine, *results[mixed.index])
@@ -347,18 +357,6 @@ class Scheduler:
                 ranked.append((estimate, s.index, match))
         ranked.sort(key=lambda r: -r[0])
         return {index: match for _, index, match in ranked[:SHARED_LOOKUP_SLOTS]}
-
-    def _block(self, s: Slot) -> SlotStep:
-        """The slot's verify block: the pending token (row 0), then its draft nodes."""
-        prop, n = s.prop, s.n
-        block = np.concatenate([[s.token], prop.tokens]).astype(np.int64)
-        rows = np.arange(len(block))
-        if prop.parents is None:  # a chain
-            return SlotStep(s.index, block, n - 1, rows=rows, noise=s.noise.rows(n + rows) if s.noise else None)
-        parents = np.concatenate([[-1], prop.parents + 1])  # tree roots hang off the pending token
-        noise = s.noise.rows(n + depths(parents)) if s.noise else None
-        return SlotStep(s.index, block, n - 1, positions=n - 1 + depths(parents), parents=parents, rows=rows,
-                        noise=noise)
 
     def _accept(self, s: Slot, logits, argmax) -> tuple[Verdict, bool | None]:
         """The slot's verdict from its rows, drawing from its generator as the single-sequence path would."""

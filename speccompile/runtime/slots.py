@@ -9,8 +9,10 @@ import queue
 import numpy as np
 
 from speccompile.errors import SharedPassError
+from speccompile.format.trees import depths
 from speccompile.runtime.acceptance import SpecDecodeStats
 from speccompile.runtime.adaptive import AdaptiveDrafting
+from speccompile.runtime.batch_engine import SlotStep
 from speccompile.runtime.drafters.base import Drafter, Proposal
 from speccompile.runtime.drafters.lookup import LookupReach
 from speccompile.runtime.kv_cache import KVCache
@@ -111,3 +113,21 @@ class Slot:
     @property
     def decoding(self) -> bool:
         return self.prefilled == len(self.req.ids)
+
+    def chunk(self, size: int) -> SlotStep:
+        """The next `size` tokens at most of the prompt, as a step (the last chunk with the first token's noise)."""
+        tokens = self.req.ids[self.prefilled:self.prefilled + size]
+        last = len(tokens) + self.prefilled == len(self.req.ids)
+        return SlotStep(self.index, tokens, self.prefilled,
+                        noise=self.noise.rows([len(self.req.ids)]) if self.noise and last else None)
+
+    def block(self) -> SlotStep:
+        """The verify block: the pending token (row 0), then the draft nodes."""
+        prop, n, noise = self.prop, self.n, self.noise
+        block = np.concatenate([[self.token], prop.tokens]).astype(np.int64)
+        rows = np.arange(len(block))
+        if prop.parents is None:  # a chain
+            return SlotStep(self.index, block, n - 1, rows=rows, noise=noise.rows(n + rows) if noise else None)
+        parents = np.concatenate([[-1], prop.parents + 1])  # tree roots hang off the pending token
+        return SlotStep(self.index, block, n - 1, positions=n - 1 + depths(parents), parents=parents, rows=rows,
+                        noise=noise.rows(n + depths(parents)) if noise else None)
