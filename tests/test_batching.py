@@ -628,6 +628,24 @@ def test_streams_closed_or_dropped_unread_do_not_pile_up_in_the_queue(tiny_gener
     assert g.generate(p, 4).token_ids == g.generate(p, 4, speculate=False).token_ids
 
 
+def test_a_stream_read_late_times_its_tokens_when_they_came(tiny_generator):
+    """generate() over a list reads one stream after another, while all of them decode: a request that ended
+    while another was read times its first token and its end when its passes gave them, not when its stream
+    was read at last (its decode rate was then its tokens over the moments its reader took)."""
+    g = tiny_generator
+    p = random_prompts(2, seed=64)
+    wait_until_idle(g)
+    t0 = time.perf_counter()
+    first, late = g.stream(p[0], 60, speculate=False), g.stream(p[1], 8, speculate=False)
+    drain(first)  # runs the rounds that decode the late request to its end
+    ended = time.perf_counter() - t0
+    time.sleep(0.05)
+    result = drain(late)
+    assert len(result.token_ids) == 8 and result.finish_reason == "length"
+    assert 0 < result.stats["ttft_s"] < result.stats["total_s"] <= ended
+    assert result.stats["decode_tokens_per_second"] == 7 / (result.stats["total_s"] - result.stats["ttft_s"])
+
+
 def test_a_cancelled_stream_ends_with_what_it_had(tiny_generator):
     """cancel() (from any thread: a server's event loop whose client went, while a worker reads): the stream ends
     at its next read with a result of the tokens so far; one still waiting for a slot ends without a token, its

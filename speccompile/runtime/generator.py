@@ -297,8 +297,7 @@ class Generator:
         if self.scheduler and not own_loop(request):  # submitted now: its passes start before the first read
             self._check_owner()  # this thread's own loop holds the scheduler: the request would wait for ever
             handle = self._submit(request)
-            return SubmittedStream(self._run(request, on_text, (handle.stats, handle.passes(), time.perf_counter())),
-                                   handle)
+            return SubmittedStream(self._run(request, on_text, (handle, time.perf_counter())), handle)
         own = OwnLoop()  # cancel() too, as a submitted request's stream has it
         return SubmittedStream(self._serialized(request, on_text, own), own)
 
@@ -339,14 +338,15 @@ class Generator:
         return self.generate(self.tokenizer.encode_messages(check_messages(messages)), max_new_tokens, **kwargs)
 
     def _run(self, req: Request, on_text: Callable[[str], None] | None, submitted=None, own: OwnLoop | None = None):
-        """The chunks of a request's passes: this thread's own loop (steps, until `own` is cancelled), or
-        `submitted` = (stats, the scheduler's passes, when it was submitted)."""
-        stats, passes, t0 = submitted or (req.new_stats(), None, time.perf_counter())
-        passes = passes or own.passes(self.steps(req.ids, req.max_new_tokens, req.drafter, req.k, req.params, stats,
-                                                 req.tree))
+        """The chunks of this thread's own loop (until `own` is cancelled), or of `submitted` = (the scheduler's
+        Handle, when submitted); timed when their passes ran (produced_at), not read (generate reads a list in turn)."""
+        handle, t0 = submitted or (None, time.perf_counter())
+        stats, source = (handle.stats, handle) if handle else (req.new_stats(), own)
+        passes = handle.passes() if handle else own.passes(self.steps(req.ids, req.max_new_tokens, req.drafter, req.k,
+                                                                       req.params, stats, req.tree))
         text, out, given, ttft, done = TextStream(self.tokenizer, req.stop), [], 0, None, False
         for new in passes:
-            ttft = ttft if ttft is not None else time.perf_counter() - t0
+            ttft = ttft if ttft is not None else source.produced_at - t0
             done = self._take(new, out, text, req.max_new_tokens)
             if done:
                 break
@@ -362,7 +362,7 @@ class Generator:
             yield handed_out(delta, out[given:given + n], on_text)
             if submitted is None:
                 self._owner = threading.get_ident()
-        total = time.perf_counter() - t0
+        total = (source.produced_at if done else time.perf_counter()) - t0  # done: at its last pass
         if self.context_cache and submitted is None:  # the answer's blocks too (the scheduler saves its own)
             context = np.concatenate([req.ids, np.asarray(out, np.int64)])
             self.context_cache.save(context, min(self.target.cache.length, len(context)), self.target.cache,

@@ -22,6 +22,7 @@ import collections
 import contextlib
 import queue
 import threading
+import time
 
 import numpy as np
 
@@ -243,7 +244,7 @@ class Scheduler:
         self.slots[s.index] = None
 
     def _emit(self, s: Slot, new: list[int]) -> None:
-        s.handle.queue.put(new)
+        s.handle.queue.put((time.perf_counter(), new))  # its reader may come much later: the stats time the pass
         if s.complete(new, self.gen.tokenizer.eos_token_ids):
             self._finish(s)
 

@@ -31,6 +31,7 @@ class Handle:
         self.scheduler, self.request, self.stats = scheduler, request, stats
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.cancelled = False  # set by the caller (a closed stream): the slot is freed before the next pass
+        self.produced_at: float | None = None  # when the pass that committed the last list yielded ran
 
     def passes(self):
         """The token lists committed by each pass (the prefill's first token first). Closing it cancels."""
@@ -41,7 +42,8 @@ class Handle:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                self.produced_at, new = item
+                yield new
         finally:
             self.cancel()
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 from speccompile.runtime.text_stream import Chunk
 
@@ -43,8 +44,10 @@ def drain(stream) -> GenerationResult:
 
 class OwnLoop:
     """The handle of a request its caller's own decode loop runs (Generator._serialized), as a scheduler's Handle
-    is a submitted one's: cancel(), from any thread, ends its passes before the next one."""
+    is a submitted one's: cancel(), from any thread, ends its passes before the next one; produced_at, when the
+    pass that committed the last list yielded ran."""
     cancelled = False
+    produced_at: float | None = None
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -55,6 +58,7 @@ class OwnLoop:
             new = next(steps, None)
             if new is None:
                 return
+            self.produced_at = time.perf_counter()
             yield new
 
 
