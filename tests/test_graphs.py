@@ -49,18 +49,25 @@ def test_decoder_logits_match_transformers(preset, attention, tmp_path):
             assert np.abs(logits[0] - ref[t]).max() < TOL, (name, t)
 
 
-def test_tree_step_matches_each_path(tiny_bundle):
-    """A tree of tokens verified in one pass gives each node the logits of its own root-to-node path."""
+def random_parents(rng, n):
+    return np.array([-1] + [int(rng.integers(0, i)) for i in range(1, n)])
+
+
+@pytest.mark.parametrize("prompt_len,parents", [(12, np.array([-1, 0, 0, 1, 1, 2, 3, 6])),
+                                                (0, random_parents(np.random.default_rng(1), 64))])
+def test_tree_step_matches_each_path(tiny_bundle, prompt_len, parents):
+    """A tree of tokens verified in one pass gives each node the logits of its own root-to-node path. With no
+    prompt, 64 nodes fill the bias the runtime passes (64 wide): the step's rows are all the kernel sees."""
     m = read_manifest(tiny_bundle)
-    eng = Engine(tiny_bundle, m["models"]["target"], threads=1, max_rows=16)
+    eng = Engine(tiny_bundle, m["models"]["target"], threads=1, max_rows=len(parents))
     rng = np.random.default_rng(5)
-    prompt = rng.integers(3, 384, 12)
-    parents = np.array([-1, 0, 0, 1, 1, 2, 3, 6])
+    prompt = rng.integers(3, 384, prompt_len)
     nodes = rng.integers(3, 384, len(parents))
     depth = np.zeros(len(parents), np.int64)
     for i, p in enumerate(parents):
         depth[i] = 0 if p < 0 else depth[p] + 1
-    eng.forward(prompt)
+    if prompt_len:
+        eng.forward(prompt)
     eng.cache.truncate(len(prompt))
     tree_logits, _ = eng.forward(nodes, positions=len(prompt) + depth, parents=parents, rows=np.arange(len(nodes)))
     tree_logits = tree_logits.copy()

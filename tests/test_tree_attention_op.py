@@ -72,3 +72,11 @@ def test_chain_is_causal_block():
     """A chain (each node the child of the previous) is ordinary causal attention over the block."""
     for lowering in ta.LOWERINGS:
         run_case(lowering, 4, 2, 16, 32, 5, np.arange(-1, 7), 0)
+
+
+def test_tree_as_wide_as_its_bias():
+    """A tree at committed length 0 that fills its bias (S = T: the whole cache here, or 64 nodes at the start of
+    a longer one): each node is still rotated at its own position, siblings at the same one."""
+    parents = np.array([-1, 0, 0, 1, 1, 2, 0, 3])
+    for lowering in ta.LOWERINGS:
+        run_case(lowering, 4, 2, 16, len(parents), 0, parents, 0)

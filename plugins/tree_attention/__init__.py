@@ -74,8 +74,9 @@ def _pad_row_inputs(g, qkv, seqlens_k, total_len, position_ids, attention_bias, 
                      "seqlens_k": g.op("Add", [seqlens_k, g.op("Sub", [rows2, query_seqlens])[0]])[0],
                      "total_len": g.op("Add", [total_len, c(1, np.int32)])[0]}
         else:
-            head |= {"seqlens_k": g.op("Add", [seqlens_k, extra32])[0],
-                     "total_len": g.op("Add", [total_len, g.op("Squeeze", [extra32])[0]])[0]}
+            columns = _hidden_columns(g, head, attention_bias)
+            head |= {"seqlens_k": g.op("Add", [seqlens_k, extra32])[0], "columns": columns,
+                     "total_len": g.op("Add", [total_len, g.op("Squeeze", [g.op("Cast", [columns], to=6)[0]])[0]])[0]}
         g.shared["tree_attention.pad.common"] = head
     rows = g.op("Concat", [attention_bias, g.op("Slice", [attention_bias, c([-1]), c([2**62]), c([2])])[0]],
                 axis=2)[0]  # [N, 1, S+1, T]: the copy's row repeats the last one
@@ -83,8 +84,8 @@ def _pad_row_inputs(g, qkv, seqlens_k, total_len, position_ids, attention_bias, 
                   mode="constant")[0]  # [N, 1, S+1, T+1]: the copy's slot, seen by no row
     if query_seqlens:  # [N, 1, S+e, T+1]
         bias = _first_rows(g, hidden, head["padded"], 2)
-    else:  # [1, 1, S+e, T+e]
-        width = g.op("Add", [g.op("Shape", [attention_bias], start=3, end=4)[0], head["extra"]])[0]
+    else:  # [1, 1, S+e, T+c]
+        width = g.op("Add", [g.op("Shape", [attention_bias], start=3, end=4)[0], head["columns"]])[0]
         bias = _first_rows(g, _first_rows(g, hidden, head["padded"], 2), width, 3)
     g.shared[key] = {**head, "attention_bias": bias}
     return g.shared[key]
@@ -98,6 +99,17 @@ def _pad_row_count(g, qkv) -> dict[str, str]:
     extra = g.op("Cast", [g.op("Equal", [S, c([1])])[0]], to=7)[0]
     return {"extra": extra, "extra32": g.op("Cast", [extra], to=6)[0], "rows": S,
             "padded": g.op("Add", [S, extra])[0], "copy_start": g.op("Sub", [S, extra])[0]}
+
+
+def _hidden_columns(g, head: dict, attention_bias: str) -> str:
+    """c ([1] int64), the hidden columns a one-sequence step's bias gets past its width T: the copy's (1 for a
+    one-row step), or 1 where the step's S rows are as many as T. The kernel takes a step whose rows equal its
+    total_sequence_length for a first prompt, and rotates those rows at consecutive positions from the first one
+    instead of at their position_ids: a tree at committed length 0 filling its bias would put siblings (which share
+    a position) at different ones. One column more, seen by no row, keeps it on the path every other step takes."""
+    width = g.op("Shape", [attention_bias], start=3, end=4)[0]
+    fills = g.op("Cast", [g.op("Equal", [head["rows"], width])[0]], to=7)[0]
+    return g.op("Max", [head["extra"], fills])[0]
 
 
 def _first_rows(g, x: str, n: str, axis: int) -> str:
