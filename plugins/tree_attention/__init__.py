@@ -137,8 +137,8 @@ def _lower_reference(g, qkv, past_key, past_value, present_key, present_value, s
     width = g.op("Shape", [attention_bias], start=3, end=4)[0]
     pad = g.op("Sub", [g.op("Shape", [past_key], start=2, end=3)[0], width])[0]
     zeros = g.const(np.zeros(7, np.int64))
-    bias = g.op("Pad", [attention_bias, g.op("Concat", [zeros, pad], axis=0)[0], g.const(np.array(-np.inf, np.float32))],
-                mode="constant")[0]
+    pads = g.op("Concat", [zeros, pad], axis=0)[0]
+    bias = g.op("Pad", [attention_bias, pads, g.const(np.array(-np.inf, np.float32))], mode="constant")[0]
     y = g.op("Attention", [q, kc, vc, bias], is_causal=0, **({"scale": scale} if scale else {}))[0]
     y = g.op("Transpose", [y], perm=[0, 2, 1, 3])[0]
     return g.op("Reshape", [y, g.const(np.array([1, -1, hq * d], np.int64))])[0]
