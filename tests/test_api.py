@@ -87,17 +87,22 @@ def _stream_text(tok, ids):
     return "".join(handed) + rest, final
 
 
-@pytest.mark.parametrize("decoder", ["DecodeStream", "PrefixOffsetDecoder"])
-def test_byte_runs_that_turn_invalid_keep_the_stream_whole(tmp_path, monkeypatch, decoder):
-    """Byte fallback: "é" then a cut emoji then a word, or "'" then a stray continuation byte, decode at once as
-    U+FFFD each, after their first bytes were handed out as characters. The stream goes on (tokenizers'
-    DecodeStream raises an invalid prefix there), and its pieces add up to its final text."""
+def _byte_fallback_tokenizer(tmp_path, monkeypatch, decoder: str):
+    """The byte-fallback tokenizer, streaming through `decoder`, and its byte tokens' ids by byte."""
     for name, data in byte_fallback_tokenizer_files().items():
         (tmp_path / name).write_bytes(data)
     tok = BundleTokenizer(str(tmp_path))
     if decoder == "PrefixOffsetDecoder":
         monkeypatch.setattr(BundleTokenizer, "decode_stream", lambda self: PrefixOffsetDecoder())
-    byte = {b: tok.tok.token_to_id(f"<0x{b:02X}>") for b in range(256)}
+    return tok, {b: tok.tok.token_to_id(f"<0x{b:02X}>") for b in range(256)}
+
+
+@pytest.mark.parametrize("decoder", ["DecodeStream", "PrefixOffsetDecoder"])
+def test_byte_runs_that_turn_invalid_keep_the_stream_whole(tmp_path, monkeypatch, decoder):
+    """Byte fallback: "é" then a cut emoji then a word, or "'" then a stray continuation byte, decode at once as
+    U+FFFD each, after their first bytes were handed out as characters. The stream goes on (tokenizers'
+    DecodeStream raises an invalid prefix there), and its pieces add up to its final text."""
+    tok, byte = _byte_fallback_tokenizer(tmp_path, monkeypatch, decoder)
     cut = [byte[0xC3], byte[0xA9], byte[0xF0], byte[0x9F]] + tok.encode(" Hello")
     stray = tok.encode("over the") + [byte[0x27], byte[0xB5], byte[0xA9]]
     for ids, starts in ((cut, "é"), (stray, "over the'")):
@@ -116,12 +121,7 @@ def test_bytes_that_turn_invalid_keep_the_text_after_them(tmp_path, monkeypatch,
     """Once byte tokens handed out as a character join later ones in a run that is not UTF-8, the text goes on as
     the tokens not handed out yet decode on their own: their bytes as U+FFFD each, and the word after them with
     its leading space (the stream did go on from the word alone: the bytes were lost, the space stripped)."""
-    for name, data in byte_fallback_tokenizer_files().items():
-        (tmp_path / name).write_bytes(data)
-    tok = BundleTokenizer(str(tmp_path))
-    if decoder == "PrefixOffsetDecoder":
-        monkeypatch.setattr(BundleTokenizer, "decode_stream", lambda self: PrefixOffsetDecoder())
-    byte = {b: tok.tok.token_to_id(f"<0x{b:02X}>") for b in range(256)}
+    tok, byte = _byte_fallback_tokenizer(tmp_path, monkeypatch, decoder)
     handed = tok.encode("over the") + [byte[0x27]]
     for ids, out in (([byte[0xC3], byte[0xA9], byte[0xF0], byte[0x9F]] + tok.encode(" Hello"), 2),
                      (handed + [byte[0xB5], byte[0xA9]] + tok.encode(" lazy dog"), len(handed))):
