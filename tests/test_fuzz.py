@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from speccompile.cli import main
 from speccompile.compile.config import ModelConfig
 from speccompile.compile.weights.decoder import check_checkpoint
-from speccompile.compile.sources import load_checkpoint, read_safetensors, save_hf_dir
+from speccompile.compile.safetensors_files import read_safetensors
+from speccompile.compile.sources import load_checkpoint, save_hf_dir
 from speccompile.errors import SpeccompileError
 from speccompile.format.bundle import read_manifest
 

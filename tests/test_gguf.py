@@ -138,7 +138,7 @@ def test_bfloat16_safetensors_widen_exactly(tmp_path):
     """numpy has no bfloat16: read_safetensors widens its bits itself, equal to torch's .float()."""
     torch = pytest.importorskip("torch")
     from safetensors.torch import save_file
-    from speccompile.compile.sources import read_safetensors
+    from speccompile.compile.safetensors_files import read_safetensors
     ref = {"b": torch.randn(4, 6).bfloat16(), "a": torch.randn(3), "h": torch.randn(5).half()}
     path = str(tmp_path / "w.safetensors")
     save_file(ref, path)

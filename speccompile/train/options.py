@@ -6,7 +6,7 @@ import json
 import math
 import os
 
-from speccompile.compile.sources import refuse_pickle
+from speccompile.compile.safetensors_files import refuse_pickle
 
 ARCHS = ("mtp", "eagle", "eagle3", "medusa")
 STAGES = ("gen", "features", "aux", "train", "export", "vocab")

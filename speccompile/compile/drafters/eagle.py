@@ -21,7 +21,7 @@ from speccompile.compile.drafters.head_weights import head_shared_weights, int8_
 from speccompile.compile.graph.draft_heads import build_eagle3_fc, build_eagle3_head, build_eagle_head
 from speccompile.compile.weights.eagle import lower_eagle_head
 from speccompile.compile.model_entries import decoder_entry, source_entry
-from speccompile.compile.sources import PICKLE_SUFFIXES, read_safetensors, refuse_pickle
+from speccompile.compile.safetensors_files import PICKLE_SUFFIXES, read_safetensors, refuse_pickle
 from speccompile.errors import CheckpointError, ConfigError, UnsupportedModelError
 from speccompile.format.drafter_kinds import DraftSpec
 

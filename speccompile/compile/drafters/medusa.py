@@ -17,7 +17,7 @@ from speccompile.compile.drafters.head_weights import target_output_head
 from speccompile.compile.quantize.int8 import quantize_matrices
 from speccompile.compile.graph.medusa import build_medusa, medusa_head_count
 from speccompile.compile.model_entries import source_entry
-from speccompile.compile.sources import read_safetensors, refuse_pickle
+from speccompile.compile.safetensors_files import read_safetensors, refuse_pickle
 from speccompile.errors import CheckpointError
 from speccompile.format.drafter_kinds import DraftSpec
 
