@@ -1055,3 +1055,32 @@ def test_a_cancelled_request_counts_its_prompts_cache_hits(state):
     assert kind == "done" and outcome.finish_reason == "cancelled"
     hits = metrics.registry.get_sample_value("speccompile:prefix_cache_hits_total", {"model_name": "tiny-serve"})
     assert hits and hits >= 48  # the prompt's whole blocks
+
+
+def test_a_request_that_fails_is_counted_by_its_status(state):
+    """/metrics left out an admitted request that ended in an error: a server answering 500s showed their first
+    tokens (TTFT) and nothing else, no request finished, none failed."""
+    import asyncio
+    from speccompile.serve.metrics import Metrics
+    from speccompile.serve.runner import Runner
+
+    class FailsAfterAChunk(SlowGenerator):
+        def stream(self, *args, **kwargs):
+            inner = self.gen.stream(*args, **kwargs)
+            try:
+                yield next(inner)
+                raise RuntimeError("a bug")
+            finally:
+                inner.close()
+    metrics = Metrics("tiny-serve")
+    runner = Runner(FailsAfterAChunk(state.gen, 0.0), metrics, max_queue=2)
+
+    async def run():
+        job = runner.submit([5, 6, 7], 4, {"speculate": False})
+        while (item := await job.next())[0] not in ("done", "error"):
+            pass
+        return item[0]
+    assert asyncio.run(run()) == "error"
+    value = metrics.registry.get_sample_value
+    assert value("speccompile:request_failure_total", {"model_name": "tiny-serve", "status": "500"}) == 1
+    assert value("speccompile:num_requests_running", {"model_name": "tiny-serve"}) == 0

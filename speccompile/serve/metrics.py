@@ -1,8 +1,8 @@
 """Prometheus metrics (prometheus-client, one registry per app) and the `usage` object of a response.
 
-Names follow vLLM's with this project's prefix (`speccompile:` for `vllm:`): requests, prompt and generation tokens,
-requests running and waiting, TTFT / per-output-token / end-to-end latency histograms, the speculative-decoding
-counters (`spec_decode_num_drafts`, `..._num_draft_tokens`, `..._num_accepted_tokens`, and
+Names follow vLLM's with this project's prefix (`speccompile:` for `vllm:`): requests (finished, refused, failed),
+prompt and generation tokens, requests running and waiting, TTFT / per-output-token / end-to-end latency histograms,
+the speculative-decoding counters (`spec_decode_num_drafts`, `..._num_draft_tokens`, `..._num_accepted_tokens`, and
 `..._num_accepted_tokens_per_pos` by position), and the prompt cache's hits and queries in tokens.
 """
 from __future__ import annotations
@@ -50,6 +50,8 @@ class Metrics:
                                 labelnames=["model_name", "finished_reason"], registry=self.registry)
         self.refused = Counter(PREFIX + "request_refused", "Requests refused, by HTTP status",
                                labelnames=["model_name", "status"], registry=self.registry)
+        self.failed = Counter(PREFIX + "request_failure", "Admitted requests that ended in an error, by HTTP status",
+                              labelnames=["model_name", "status"], registry=self.registry)
         self.prompt_tokens = c("prompt_tokens", "Prompt tokens of finished requests")
         self.generation_tokens = c("generation_tokens", "Tokens generated")
         self.running = Gauge(PREFIX + "num_requests_running", "Requests generating", **label).labels(model)
@@ -88,6 +90,11 @@ class Metrics:
         hit, _ = prompt_cache_tokens(stats, prompt_tokens)
         self.cache_queries.inc(prompt_tokens)
         self.cache_hits.inc(hit)
+
+    def failure(self, status: int) -> None:
+        """An admitted request that ended in an error (a runtime refusal, a bug): counted, or the requests a server
+        answered with errors would show in /metrics only as a first token (their TTFT) and nowhere else."""
+        self.failed.labels(self.model, str(status)).inc()
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

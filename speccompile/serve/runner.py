@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from speccompile.errors import SpeccompileError
-from speccompile.serve.api_errors import busy, shutting_down
+from speccompile.serve.api_errors import busy, from_runtime, shutting_down
 from speccompile.serve.metrics import Metrics
 
 log = logging.getLogger("speccompile.serve")
@@ -153,6 +153,7 @@ class Runner:
             self._jobs.discard(job)
             self._idle.notify_all()
         if error is not None:
+            self.metrics.failure(from_runtime(error).status if isinstance(error, SpeccompileError) else 500)
             job.put("error", error)
         elif outcome is not None:
             job.put("done", outcome)
