@@ -300,6 +300,21 @@ def test_replicas_sharing_a_cache_dir_keep_within_its_budget(tmp_path):
             assert sum(f.stat().st_size for f in cache_dir.glob("*/*.npz")) <= budget * (2 - EVICT_TO)
 
 
+def test_a_cache_dir_cleared_while_a_process_writes_stays_within_its_budget(tmp_path):
+    """The cache dir cleared under a running process (rm -rf): its next write made the bundle's folder again without
+    an index, and a scan counts and evicts only blocks in folders whose index is the cache's, so that process's
+    blocks grew past the budget for as long as it ran. The index is made again with the folder."""
+    import shutil
+    cache_dir, budget = tmp_path / "cache", 5 * _block_file_bytes(tmp_path)
+    c = unit_cache(cache_dir=str(cache_dir), disk_bytes=budget)
+    store(c, [1] * 4)
+    shutil.rmtree(cache_dir)
+    for i in range(2, 30):
+        store(c, [i] * 4)
+    assert sum(f.stat().st_size for f in cache_dir.glob("*/*.npz")) <= budget
+    assert len(unit_cache(cache_dir=str(cache_dir)).lookup(np.array([29] * 5), 5, ["target"])) == 1
+
+
 def test_a_chain_every_request_uses_is_evicted_from_disk_last(tmp_path):
     """A prefix every request shares stays in memory, where lookups find it: its block files were never touched
     again, the oldest in the cache dir, and evicted first (its first block too, so a new process restored none

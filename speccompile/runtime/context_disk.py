@@ -260,6 +260,15 @@ class DiskTier:
             except OSError:  # not on disk: evicted by another process, or its write failed
                 pass
 
+    def _still_indexed(self) -> bool:
+        """Whether this bundle's folder still holds its index, made again if the folder was removed meanwhile (a
+        cleared cache dir): write_atomically would make the folder again without it, and a scan counts and evicts
+        only the blocks of folders whose index is the cache's, so this process's blocks would pass the budget."""
+        if os.path.lexists(os.path.join(self.dir, INDEX)):
+            return True
+        self.usable = self._own_folder() and self._index_matches()
+        return self.usable
+
     def write(self, key: str, block: dict[str, Arrays]) -> None:
         if not (self.usable and self.writable):
             return
@@ -267,6 +276,8 @@ class DiskTier:
         flat["__key__"] = np.frombuffer(key.encode(), np.uint8)
         path = os.path.join(self.dir, f"{key}.npz")
         try:
+            if not self._still_indexed():
+                return
             old = _size(path)
             write_atomically(path, lambda f: np.savez(f, **flat), private=True)
             size = _size(path)
