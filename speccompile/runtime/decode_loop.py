@@ -37,6 +37,7 @@ class DecodeLoop:
     context_cache: ContextCache | None
     trees_exact: bool  # the target verifies trees exactly (else one path a pass: graphs.trees_exact)
     noise_ok: bool  # temperature sampling by noisy argmaxes (runtime/noise.py)
+    max_seq_len: int  # the compiled context
     bundle_dir: str
     threads: int | None
     _pending: np.ndarray  # a plain decode step's one token

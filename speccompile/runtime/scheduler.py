@@ -215,8 +215,7 @@ class Scheduler:
         tree = req.tree
         params, noise = sampled_by_noise(req.params, self.gen.noise_ok, self.gen.target.vocab_size)
         adapt = self.gen.adaptive_for(drafter, tree, params) if tree is not None and tree.adaptive else None
-        reach = (LookupReach(tree.lookup, self.gen.lookup_reach_limit * tree.lookup)
-                 if tree and tree.lookup and not adapt else None)
+        reach = None if adapt else LookupReach.joining(tree, self.gen.lookup_reach_limit)  # as Generator.steps
         cache = self.slot_caches[b]
         cache.truncate(0)
         slot = Slot(b, handle, cache, drafter, np.random.default_rng(req.params.seed), context, reach, adapt,
