@@ -63,6 +63,16 @@ def test_a_load_that_cannot_fit_is_refused_naming_its_size_and_the_options(tiny_
         speccompile.load(tiny_bundle, threads=1)
 
 
+def test_a_load_whose_weights_alone_cannot_fit_is_not_told_to_shorten_its_context(tiny_bundle, monkeypatch):
+    """A smaller --max-seq-len shrinks only the KV caches: where the weights alone exceed the memory available, the
+    error named it as the remedy all the same."""
+    one = load_memory(read_manifest(tiny_bundle, verify_hashes=False), slots=1)
+    monkeypatch.setattr(kv_cache, "available_memory", lambda: one["weights"] - 1)
+    with pytest.raises(BundleError, match=r"weights alone take more.*--weights int8 or int4") as refused:
+        speccompile.load(tiny_bundle, threads=1)
+    assert "--max-seq-len" not in str(refused.value)
+
+
 def test_available_memory_reads_this_machine():
     free = kv_cache.available_memory()
     assert free is None or 0 < free < 1 << 50

@@ -119,11 +119,20 @@ def check_fits(manifest: dict) -> None:
         raise BundleError(f"one sequence of this bundle takes up to {_gib(one)} of memory ({one['kv'] / 2**30:.1f} "
                           f"GiB of KV caches at its full context of {manifest['max_seq_len']} tokens, "
                           f"{one['weights'] / 2**30:.1f} GiB of weights), more than the {free / 2**30:.1f} GiB this "
-                          "machine has available: rebuild it with a smaller --max-seq-len")
+                          f"machine has available: {_remedy(one, free)}")
     if every["weights"] + every["kv"] > free:
         warnings.warn(f"{every['slots']} sequences sharing passes would take up to {_gib(every)} of memory at this "
                       f"bundle's full context, more than the {free / 2**30:.1f} GiB this machine has available: "
                       "serve fewer at once (a smaller --max-batch or --max-seq-len at build)", stacklevel=3)
+
+
+def _remedy(one: dict, free: int) -> str:
+    """What a rebuild must change: a shorter context only shrinks the KV caches, which cannot help where the
+    weights alone take more than the memory available."""
+    if one["weights"] < free:
+        return "rebuild it with a smaller --max-seq-len"
+    return ("its weights alone take more: load it on a machine with more memory, or rebuild it with smaller weights "
+            "(--weights int8 or int4) or fewer drafters")
 
 
 def _gib(need: dict) -> str:
