@@ -17,8 +17,7 @@ from speccompile.graphs import MAX_STEP_TOKENS
 from speccompile.runtime.kv_cache import DeviceKVCache, KVCache
 # re-exported: the drafters and tools import them from here
 from speccompile.runtime.sessions import (NEG_INF, ancestor_mask, open_session,  # noqa: F401
-                                          bind_host, check_cache_inputs, check_graph, check_output_widths,
-                                          providers_for, run_bound, session_options)
+                                          bind_host, check_graph, providers_for, run_bound, session_options)
 
 BIAS_WIDTH_STEP = 64  # the attention bias's width grows in steps of this many slots
 
