@@ -550,6 +550,21 @@ def test_a_folder_reaches_the_disk_before_it_replaces_the_earlier_one(tmp_path, 
     assert (out / "sub" / "b.bin").read_bytes() == b"b"
 
 
+def test_a_named_pipe_called_manifest_above_out_does_not_hang_the_build(tmp_path):
+    """build --out looks for a bundle in every folder above it; a named pipe named manifest.json there made it wait
+    for a writer for ever."""
+    import threading
+    from speccompile.format import bundle as bundle_format
+    os.mkfifo(tmp_path / "manifest.json")
+    checked = threading.Thread(target=bundle_format._refuse_inside_bundle, args=(str(tmp_path / "out"),), daemon=True)
+    checked.start()
+    checked.join(timeout=10)
+    hung = checked.is_alive()
+    if hung:  # let the old code's open() return, so the thread ends
+        os.close(os.open(tmp_path / "manifest.json", os.O_WRONLY | os.O_NONBLOCK))
+    assert not hung
+
+
 def test_a_refused_move_aside_leaves_nothing_beside_out(bundle_copy, monkeypatch):
     """The old bundle could not be moved aside (--out a mount point: EBUSY): its empty aside folder stayed."""
     from speccompile.format import bundle as bundle_format

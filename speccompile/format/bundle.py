@@ -213,8 +213,9 @@ def _refuse_inside_bundle(out: str) -> None:
     """A bundle inside another: the outer manifest would not list it, so the outer bundle would stop loading."""
     folder = os.path.dirname(os.path.realpath(out))
     while True:
-        try:
-            found = _load_json(os.path.join(folder, MANIFEST))
+        path = os.path.join(folder, MANIFEST)
+        try:  # a plain file only: opening a named pipe of that name would wait for a writer for ever
+            found = _load_json(path) if os.path.isfile(path) else None
         except BundleError:  # none there, or none that parses
             found = None
         if isinstance(found, dict) and found.get("format") == FORMAT:
