@@ -87,3 +87,26 @@ def test_build_states_the_memory_a_load_takes(tmp_path):
     assert need["slots"] == 2
     assert any(x.strip().startswith(f"memory: up to {(need['weights'] + need['kv']) / 2**20:.1f} MiB")
                for x in lines), lines
+
+
+def _write(folder, **files):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name.replace("_", ".", 1)).write_text(text)
+
+
+def test_a_containers_memory_limit_is_read_where_its_cgroup_says(tmp_path):
+    """cgroup v2 in the process's own (nested) folder before the root's, and cgroup v1's files: a container's limit
+    was read only at the v2 root, so in a Kubernetes pod or on a v1 host a load that cannot fit was let through."""
+    root, own = tmp_path / "cgroup", tmp_path / "self_cgroup"
+    own.write_text("0::/kubepods/pod1\n")
+    _write(root, memory_max="max", memory_current="1000")
+    _write(root / "kubepods" / "pod1", memory_max="5000", memory_current="1200")
+    assert kv_cache.cgroup_room(str(root), str(own)) == 3800
+    own.write_text("0::/\n")
+    assert kv_cache.cgroup_room(str(root), str(own)) is None  # the namespace's root: no limit
+    v1, none = tmp_path / "v1", tmp_path / "absent"
+    _write(v1 / "memory", **{"memory_limit_in_bytes": "8000", "memory_usage_in_bytes": "3000"})
+    assert kv_cache.cgroup_room(str(v1), str(none)) == 5000
+    _write(v1 / "memory", **{"memory_limit_in_bytes": str(2**63 - 4096)})  # v1 without a limit
+    assert kv_cache.cgroup_room(str(v1), str(none)) is None

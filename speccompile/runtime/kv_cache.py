@@ -10,6 +10,7 @@ device, so an accepted tree path's K/V never leave it.
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -91,19 +92,40 @@ class KVCache:
 
 
 def available_memory() -> int | None:
-    """Bytes this process may still take without swapping: /proc/meminfo's MemAvailable, or less where its cgroup's
-    memory.max leaves less; None where it cannot be read (not Linux)."""
+    """Bytes this process may still take without swapping: /proc/meminfo's MemAvailable, or less where its memory
+    cgroup (a container's limit) leaves less; None where it cannot be read (not Linux)."""
     try:
         with open("/proc/meminfo") as f:
             free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         return None
+    room = cgroup_room()
+    return free if room is None else min(free, room)
+
+
+def cgroup_room(root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/self/cgroup") -> int | None:
+    """What this process's memory cgroup still allows, None without a limit: cgroup v2's memory.max less
+    memory.current, in the process's own cgroup folder (a nested one, as Kubernetes makes) or at the root (a
+    container's namespace); else cgroup v1's memory.limit_in_bytes less memory.usage_in_bytes."""
+    places = [(root, "memory.max", "memory.current"),
+              (os.path.join(root, "memory"), "memory.limit_in_bytes", "memory.usage_in_bytes")]
     try:
-        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
-            limit, used = f.read().strip(), int(g.read())
-        return min(free, int(limit) - used) if limit != "max" else free
-    except (OSError, ValueError):
-        return free
+        with open(self_cgroup) as f:  # v2's line reads "0::/its/path"
+            own = next((line.strip()[3:] for line in f if line.startswith("0::")), "/")
+        if own not in ("", "/"):
+            places.insert(0, (os.path.join(root, own.lstrip("/")), "memory.max", "memory.current"))
+    except OSError:
+        pass
+    for folder, limit_file, used_file in places:
+        try:
+            with open(os.path.join(folder, limit_file)) as f, open(os.path.join(folder, used_file)) as g:
+                limit, used = f.read().strip(), int(g.read())
+        except (OSError, ValueError):
+            continue
+        if not limit.isdigit() or int(limit) >= 1 << 60:  # "max", or v1's way of saying no limit
+            return None
+        return int(limit) - used
+    return None
 
 
 def check_fits(manifest: dict) -> None:
