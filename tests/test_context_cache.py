@@ -369,7 +369,8 @@ def test_blocks_another_process_evicts_are_misses_not_failures(tmp_path, monkeyp
         store(unit_cache(cache_dir=str(tmp_path)), list(range(8)))  # kept on disk this time
         fresh = unit_cache(cache_dir=str(tmp_path))
         assert fresh.disk.nbytes > 0
-        monkeypatch.setattr(os, "utime", lambda path, *a, **k: os.unlink(path))  # found, then gone when opened
+        opened = context_disk.open_regular
+        monkeypatch.setattr(context_disk, "open_regular", lambda path: os.unlink(path) or opened(path))  # found, gone
         assert fresh.lookup(np.arange(9), 9, ["target"]) == [] and fresh.disk.usable
 
 

@@ -210,14 +210,11 @@ class DiskTier:
                 pass
 
     def read(self, key: str, positions: int, parts: dict) -> dict[str, Arrays] | None:
-        """Block `key`'s parts, if its file holds a block of `parts`' layouts (name -> context_cache.Part)."""
+        """Block `key`'s parts, if its file holds a block of `parts`' layouts (name -> context_cache.Part). Its time
+        is left to the caller, which touches the whole chain it used (touch)."""
         path = os.path.join(self.dir, f"{key}.npz")
         if not self.usable or not os.path.exists(path):
             return None
-        try:
-            os.utime(path, follow_symlinks=False)  # recently used: evicted last (a link's target is not the cache's)
-        except OSError:
-            pass
         try:
             # the file opened here, so that it closes whatever np.load raises (it leaves its own open on a damaged
             # zip); an .npz only: a plain .npy has no `with`, so it fails
