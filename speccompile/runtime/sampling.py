@@ -42,7 +42,8 @@ class SamplingParams:
     def __new__(cls, *args, **kwargs):
         """Keywords it does not hold refused by name, as generate's are: vLLM's SamplingParams holds max_tokens,
         stop, n and penalties, and the dataclass's own refusal would be a bare TypeError."""
-        unknown = [name for name in kwargs if name not in {f.name for f in dataclasses.fields(cls)}]
+        held = {f.name for f in dataclasses.fields(cls)}
+        unknown = [name for name in kwargs if name not in held]
         if unknown:
             named = [f"{n!r} ({_PER_CALL.get(n, 'not supported')})" for n in unknown]
             raise UnknownOptionError(f"SamplingParams takes no option {', '.join(named)}: it holds temperature, "
