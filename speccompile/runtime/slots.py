@@ -131,5 +131,6 @@ class Slot:
         if prop.parents is None:  # a chain
             return SlotStep(self.index, block, n - 1, rows=rows, noise=noise.rows(n + rows) if noise else None)
         parents = np.concatenate([[-1], prop.parents + 1])  # tree roots hang off the pending token
-        return SlotStep(self.index, block, n - 1, positions=n - 1 + depths(parents), parents=parents, rows=rows,
-                        noise=noise.rows(n + depths(parents)) if noise else None)
+        depth = depths(parents)
+        return SlotStep(self.index, block, n - 1, positions=n - 1 + depth, parents=parents, rows=rows,
+                        noise=noise.rows(n + depth) if noise else None)
