@@ -6,9 +6,11 @@ step reads. A greedy step needs only the argmax, and the argmax can be found, pr
   1. screen    approx = x . w_v for every token v, with w in int8 (blocks of 32, one scale each) and x quantized
                to int8 per block by onnxruntime's MatMulNBits (accuracy_level 4): a quarter of the bytes.
   2. bound     |x . w_v - approx_v| <= sum_b step_b * |w_vb|_1 + |x|_2 * |w_v - q(w_v)|_2, where step_b =
-               max|x_b| / 127 is a whole quantization step of x's block b (rounding moves an element by at most
-               half of one: the bound keeps a factor 2 for the kernel's own float rounding), and the second term
-               is the int8 grid's error (0 for a head that is already int8, as a GGUF Q8_0 head is).
+               max|x_b| / 127 is a whole quantization step of x's block b, and the second term is the int8
+               grid's error (0 for a head that is already int8, as a GGUF Q8_0 head is). The error is
+               x . (w - q(w)) + (x - q(x)) . q(w): rounding moves an element of x by at most half a step, but
+               against the weights' codes q(w), and a weight just above half a step of its block rounds up to a
+               whole one: |q(w)|_1 <= 2 |w|_1, hence a whole step (SLACK covers the kernel's float rounding).
   3. rescore   the CANDIDATES tokens with the largest upper bound approx + bound get their float32 logits x . w_v.
   4. certify   if the best rescored logit exceeds the next upper bound (the (CANDIDATES+1)-th), no other token
                can reach it: it is the argmax. Otherwise (ties, a flat distribution) the pass falls back to the
@@ -36,7 +38,7 @@ CANDIDATES = 64  # tokens rescored in float32 per row
 # per row, in a pass with top-k rows: a top-k set is certified when its k-th logit clears the next candidate's
 # bound, and the screen's bounds are loose enough that k of a few dozen needs a few hundred candidates
 TOP_K_CANDIDATES = 512
-SLACK = 1.01  # the bound's margin on top of the factor 2 above
+SLACK = 1.01  # the bound's margin for float rounding (the kernel's, and the float32 logits')
 
 
 def screenable(hidden_size: int, vocab_size: int) -> bool:
