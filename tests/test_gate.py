@@ -274,3 +274,45 @@ def test_the_library_checks_too():
     overall_lookup(doc)["mean_accepted_tokens"] = float("nan")
     with pytest.raises(GateInputError, match="accepted lookup"):
         gated_figures(doc)
+
+
+def test_the_tolerance_is_applied_once_on_each_side_of_the_line(tmp_path):
+    """A drop just past --max-regression fails and one just within passes: the gate's edge is where it says."""
+    def lookup_speedup(speedup):
+        doc = result_doc()
+        overall_lookup(doc)["paired_speedup"] = speedup
+        return doc
+    base = lookup_speedup(1.5)
+    assert "gate passed" in gate(tmp_path, lookup_speedup(1.5 * 0.955), base, "--max-regression", 0.05, expect=0)
+    out = gate(tmp_path, lookup_speedup(1.5 * 0.94), base, "--max-regression", 0.05, expect=1)
+    assert "gate FAILED: speedup lookup" in out and "-6.0%, more than the allowed -5.0%" in out
+
+
+def test_a_result_lacking_a_depth_the_baseline_has_is_refused(tmp_path):
+    """A baseline row the result lacks is refused by name, never skipped as if it had passed."""
+    shallow = result_doc()
+    overall_lookup(shallow)["acceptance_rate_per_depth"] = [0.45, 0.28]
+    assert "lacks figures the baseline has: acceptance lookup depth 3" in refused(tmp_path, shallow, result_doc())
+
+
+def test_results_over_other_prompts_or_drafters_are_not_compared(tmp_path):
+    other_prompts = result_doc()
+    other_prompts["prompts"][1]["question_id"] = 7
+    assert "the prompts differ" in refused(tmp_path, other_prompts, result_doc())
+    more_drafts = result_doc()
+    more_drafts["bundle"]["drafters"][0]["num_draft"] = 6
+    assert "the bundles' drafters differ" in refused(tmp_path, more_drafts, result_doc())
+
+
+def test_bundles_whose_drafter_drafts_another_tree_are_not_compared(tmp_path):
+    """build --tree: the drafter drafts that tree (bench records it beside the drafter), whose accepted tokens are
+    another tree's; the gate once read it as a regression (or a pass) of the same build."""
+    def drafting(tree):
+        doc = result_doc()
+        doc["bundle"]["drafters"][0]["tree"] = tree
+        return doc
+    out = refused(tmp_path, drafting("chain:2"), drafting("dynamic:4"))
+    assert "drafter 'lookup' drafts another tree ('dynamic:4' vs 'chain:2')" in out
+    assert "gate passed" in gate(tmp_path, drafting("chain:2"), drafting("chain:2"), expect=0)
+    # a baseline from before bench recorded trees (tools/ci_baseline.json) is still compared
+    assert "gate passed" in gate(tmp_path, drafting("adaptive:4+lookup:6"), result_doc(), expect=0)

@@ -128,6 +128,15 @@ def _drafters(result: dict) -> list:
     return [(d.get("name"), d.get("kind"), d.get("num_draft")) for d in result["bundle"]["drafters"]]
 
 
+def _tree_problems(baseline: dict, result: dict) -> list[str]:
+    """A drafter built with --tree drafts that tree (its num_draft then unused), which accepts otherwise than
+    another; compared where both results record it (the committed CI baseline is from before bench did)."""
+    pairs = zip(baseline["bundle"]["drafters"], result["bundle"]["drafters"])
+    return [f"drafter {now.get('name')!r} drafts another tree ({before['tree']!r} vs {now['tree']!r})"
+            for before, now in pairs if None not in (before.get("tree"), now.get("tree"))
+            and before["tree"] != now["tree"]]
+
+
 def _build(result: dict) -> dict:
     target = result["bundle"].get("target", {})
     return {key: target.get(key, default) for key, default in BUILD_DEFAULTS.items()}
@@ -162,6 +171,7 @@ def check_comparable(baseline: dict, result: dict) -> list[str]:
         problems.append("the bundles were built from different model sources")
     if _drafters(baseline) != _drafters(result):
         problems.append(f"the bundles' drafters differ ({_drafters(baseline)} vs {_drafters(result)})")
+    problems += _tree_problems(baseline, result)
     for key, default in DECODING_SETTINGS.items():
         before, now = baseline["settings"].get(key, default), result["settings"].get(key, default)
         if before != now:
