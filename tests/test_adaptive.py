@@ -450,3 +450,20 @@ def test_calibration_after_a_request_that_filled_the_cache(tmp_path, monkeypatch
     prompt = [int(i) for i in np.random.default_rng(0).integers(3, 384, 20)]
     assert len(g.generate(prompt, 44, speculate=False).token_ids) == 44  # the cache now holds all 64 slots
     assert g.generate(prompt, 10).token_ids == g.generate(prompt, 10, speculate=False).token_ids
+
+
+def test_the_cost_cache_is_keyed_by_threads_and_kernel_flags(tmp_path, monkeypatch):
+    """Pass times follow the thread count and the instruction sets that pick the kernels: a cache measured with
+    others never prices passes here. A model of another cache version is measured again."""
+    monkeypatch.setenv("SPECCOMPILE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "manifest.json").write_text("{}")
+    bundle = str(tmp_path)
+    assert cost_model.machine_key(1)["threads"] == 1 and cost_model.machine_key(2)["threads"] == 2
+    assert cost_cache.cache_path(bundle, 1) != cost_cache.cache_path(bundle, 2)
+    monkeypatch.setattr(cost_model, "cpu_identity", lambda: {"model": "A CPU", "kernel_flags": ["avx2"]})
+    avx2 = cost_model.machine_key(1)["machine"]
+    monkeypatch.setattr(cost_model, "cpu_identity", lambda: {"model": "A CPU", "kernel_flags": ["avx2", "avx512f"]})
+    assert cost_model.machine_key(1)["machine"] != avx2
+    old = synthetic(20.0, 1.0).to_dict() | {"version": cost_model.CACHE_VERSION - 1}
+    with pytest.raises(ValueError):
+        CostModel.from_dict(old)

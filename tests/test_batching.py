@@ -714,3 +714,35 @@ def test_a_stream_its_callers_own_loop_runs_can_be_cancelled_too(tiny_generator,
     assert result.finish_reason == "cancelled" and 0 < len(result.token_ids) < len(full.token_ids)
     assert result.token_ids == full.token_ids[:len(result.token_ids)]
     assert g.generate(p, 40, chat=False, **kw).token_ids == full.token_ids
+
+
+def test_concurrency_figures_from_known_runs(monkeypatch):
+    """On served runs of known (fake) rates and tokens: each round's ratio is its N-stream run over the sequential
+    run beside it, the share of identical requests counts every request, the percentiles are the requests'."""
+    from speccompile.bench import concurrency
+    rounds = iter([(100.0, 150.0), (50.0, 120.0), (80.0, 100.0)])  # (sequential, 4 streams) tokens/s by round
+    tokens = [[1, 2], [3, 4], [5, 6], [7, 8]]
+
+    def serve(gen, ids, max_new_tokens, streams, drafter, tree):
+        if streams == 0:
+            serve.pair = next(rounds)
+        out = [list(t) for t in tokens]
+        if streams:
+            out[3] = [7, 9]  # one request of four differs
+        return {"tokens_per_second": serve.pair[streams > 0], "token_ids": out}
+    monkeypatch.setattr(concurrency, "serve", serve)
+    gen = type("Gen", (), {"scheduler": None, "generate": lambda *a, **k: None})()
+    section = concurrency.measure_concurrency(gen, [{"ids": [1]}] * 4, 8, (4,), 4, "lookup", repeats=3)
+    run = section["streams"]["4"]
+    assert run["round_speedups"] == [1.5, 2.4, 1.25] and run["speedup_vs_sequential"] == 1.5
+    assert run["identical"] is False and run["identical_share"] == 0.75
+
+
+def test_concurrency_percentiles_and_time_per_output_token():
+    """TTFT percentiles over the requests; time per output token counts the tokens after the first."""
+    from speccompile.bench.concurrency import figures
+    results = [{"token_ids": [0] * 5, "ttft_s": float(i), "total_s": i + 0.8} for i in range(101)]
+    out = figures(results, 10.0)
+    assert out["ttft_s"] == {"p50": 50.0, "p90": 90.0, "p99": 99.0}
+    assert out["time_per_output_token_s"]["p50"] == pytest.approx(0.2)
+    assert out["tokens_per_second"] == 505 / 10.0

@@ -492,3 +492,88 @@ def test_ci_gate_script_writes_beside_the_bundle_it_was_given(tmp_path):
     assert calls[0].startswith(f"build --out {work}/G --max-seq-len")
     assert f"--json {work}/G.bench.json --plot {work}/G.bench.png" in calls[1]
     assert calls[2].startswith(f"gate {work}/G.bench.json --baseline")
+
+
+def synthetic_prompts(rates: list[tuple[float, float]], same: list[bool] | None = None) -> list[dict]:
+    """Prompts as the runner fills them: (autoregressive tokens/s, lookup tokens/s) each, lookup's output equal
+    to autoregressive's where `same` says so."""
+    def run(tps, identical=True):
+        return {"tokens_per_second": tps, "seconds": 1.0, "ttft_s": 0.1, "achieved_weight_bandwidth_gbps": 1.0,
+                "identical_to_autoregressive": identical, "committed_per_pass": {"1": 3, "2": 1},
+                "acceptance_rate_per_depth": [0.25], "plain_passes": None}
+    same = same or [True] * len(rates)
+    return [{"question_id": i, "category": "c", "runs": {"autoregressive": run(ar), "lookup": run(lk, s)}}
+            for i, ((ar, lk), s) in enumerate(zip(rates, same))]
+
+
+def synthetic_methods():
+    from speccompile.bench.settings import Method
+    return [Method("autoregressive", "speccompile", None, "autoregressive", None, None),
+            Method("lookup", "speccompile", "lookup", "autoregressive", None, None)]
+
+
+def test_the_paired_figures_pair_each_prompt_with_itself():
+    """The paired speedup is the geometric mean of each prompt's own ratio, and its interval resamples those
+    ratios: pairing prompts otherwise (by rank, or one prompt's time with another's) gives other figures."""
+    prompts = synthetic_prompts([(10.0, 40.0), (40.0, 40.0), (20.0, 10.0), (30.0, 60.0)])
+    lookup = stats.summarize_group(synthetic_methods(), prompts, 10.0)["lookup"]
+    ratios = [4.0, 1.0, 0.5, 2.0]
+    assert lookup["paired_speedup"] == pytest.approx(geometric_mean(ratios)) == pytest.approx(2 ** 0.5)
+    assert lookup["paired_speedup_interval"] == pytest.approx(paired_interval(ratios))
+    assert lookup["speedup"] == pytest.approx(40.0 / 25.0)  # the ratio of medians, the other figure
+
+
+def test_the_identical_share_counts_every_prompt():
+    prompts = synthetic_prompts([(10.0, 20.0)] * 4, same=[True, False, True, True])
+    assert stats.summarize_group(synthetic_methods(), prompts, 10.0)["lookup"]["identical_to_autoregressive"] == 0.75
+
+
+def test_the_interval_is_symmetric_in_its_tails():
+    """At level 0 both ends are the median of the resampled means: the two tails are cut alike."""
+    ratios = [1.0 + 0.037 * i for i in range(20)]
+    low, high = paired_interval(ratios, level=0.0)
+    assert low == high
+
+
+def test_bench_keeps_each_method_s_fastest_run_and_compares_its_output(monkeypatch):
+    """Best of the repeats (noise only slows a run down), and each method's output against autoregressive's, on
+    methods whose runs take known (fake) times."""
+    from speccompile.bench import run as bench_run
+    from speccompile.bench.settings import Method
+    clock = [0.0]
+    monkeypatch.setattr(bench_run.time, "perf_counter", lambda: clock[0])
+    durations = {"autoregressive": iter([9.0, 2.0, 3.0, 4.0]), "lookup": iter([9.0, 5.0, 1.0, 6.0])}
+
+    def method(name, tokens):
+        def run(ids, max_new_tokens):
+            clock[0] += next(durations[name])
+            return {"token_ids": tokens, "stats": {}}
+        return Method(name, "speccompile", None if name == "autoregressive" else name, "autoregressive", None, run)
+    prompts = [{"ids": [1, 2], "category": "c"}]
+    settings = BenchSettings(repeats=3, max_new_tokens=4, warmup_tokens=1)
+    bench_run.measure([method("autoregressive", [5, 6, 7]), method("lookup", [5, 6, 8])], prompts, settings, set(),
+                      lambda label: None)
+    runs = prompts[0]["runs"]
+    assert runs["autoregressive"]["seconds"] == 2.0 and runs["lookup"]["seconds"] == 1.0
+    assert runs["autoregressive"]["identical_to_autoregressive"] is True
+    assert runs["lookup"]["identical_to_autoregressive"] is False
+
+
+def test_ci_gate_script_fails_when_the_gate_fails_with_the_documented_thresholds(tmp_path):
+    """tools/ci_gate.sh exits with the gate's failure (a stub gate that fails), and gates with the thresholds
+    docs/design.md states."""
+    import os
+    import re
+    import subprocess
+    root = os.path.join(os.path.dirname(__file__), "..")
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "speccompile").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\n[ "$1" != gate ]\n')
+    (stubs / "speccompile").chmod(0o755)
+    env = dict(os.environ, PATH=f"{stubs}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run(["bash", os.path.join(root, "tools", "ci_gate.sh"), str(tmp_path / "G")], env=env)
+    assert done.returncode == 1
+    gate_call = (tmp_path / "calls").read_text().splitlines()[-1]
+    design = open(os.path.join(root, "docs", "design.md")).read()
+    stated = re.search(r"gates against\s+`tools/ci_baseline.json` with `([^`]+)`", design).group(1)
+    assert gate_call.endswith(stated)
