@@ -237,9 +237,10 @@ def test_a_baseline_without_figures_is_refused(tmp_path):
     lambda d: overall_lookup(d).update(acceptance_rate_per_depth="0.4 0.3"),
     lambda d: d.update(machine="a fast one"),
     lambda d: d["bundle"].update(target="float32"),
+    lambda d: d["summary"]["by_category"]["coding"].update(lookup=[1.5]),  # was an internal error, exit 3
 ], ids=["summary a list", "overall a string", "no categories", "nameless method", "drafters an object",
         "prompts numbers", "rates a string", "machine a string",
-        "target a string"])
+        "target a string", "a category's method a list"])
 def test_a_malformed_result_is_refused(tmp_path, mutate):
     doc = result_doc()
     mutate(doc)

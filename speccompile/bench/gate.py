@@ -205,7 +205,10 @@ def _method_figures(name: str, overall: dict, by_category: dict) -> dict:
         return {f"speedup {name}": s.get("paired_speedup"), f"accepted {name}{ADAPTIVE}": per_drafting_pass(s)}
     figures = {f"speedup {name}": s.get("paired_speedup"), f"accepted {name}": s.get("mean_accepted_tokens")}
     for category, group in by_category.items():
-        figures[f"accepted {name} / {category}"] = (group.get(name) or {}).get("mean_accepted_tokens")
+        summary = group.get(name) or {}
+        if not isinstance(summary, dict):
+            raise GateInputError(f"the summary of method {name!r} in category {category!r} is not an object")
+        figures[f"accepted {name} / {category}"] = summary.get("mean_accepted_tokens")
     # null: no per-depth rows (a row the baseline has and the result lacks is refused in compare)
     rates = s.get("acceptance_rate_per_depth") or []
     if not isinstance(rates, list):
