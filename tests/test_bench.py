@@ -577,3 +577,27 @@ def test_ci_gate_script_fails_when_the_gate_fails_with_the_documented_thresholds
     design = open(os.path.join(root, "docs", "design.md")).read()
     stated = re.search(r"gates against\s+`tools/ci_baseline.json` with `([^`]+)`", design).group(1)
     assert gate_call.endswith(stated)
+
+
+def test_ci_run_stops_when_an_install_fails(tmp_path):
+    """.ci/run under `set -e`: a command that fails inside an && list does not end the script, so a failed pip
+    install skipped the tests and went on to the gate, and the run could pass without running a test."""
+    import os
+    import shutil
+    import subprocess
+    repo, stubs = tmp_path / "repo", tmp_path / "stubs"
+    (repo / ".ci").mkdir(parents=True)
+    (repo / "tools").mkdir()
+    stubs.mkdir()
+    shutil.copy(os.path.join(os.path.dirname(__file__), "..", ".ci", "run"), repo / ".ci" / "run")
+    (repo / "tools" / "ci_gate.sh").write_text(f"touch {tmp_path}/gated\n")
+    venv_bin = repo / ".venv" / "bin"
+    for name, body in (("python3", f"mkdir -p {venv_bin}; echo 'PATH={stubs}:$PATH' > {venv_bin}/activate"),
+                       ("pip", "exit 1"),  # an install that fails
+                       ("python", f"touch {tmp_path}/tested")):
+        (stubs / name).write_text(f"#!/bin/sh\n{body}\n")
+        (stubs / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{stubs}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run(["bash", str(repo / ".ci" / "run")], env=env, capture_output=True)
+    assert done.returncode != 0
+    assert not (tmp_path / "tested").exists() and not (tmp_path / "gated").exists()
