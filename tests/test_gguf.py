@@ -258,16 +258,17 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_tiny_llama_gguf(path, qtypes=(Q.Q8_0, Q.Q4_1, Q.Q4_0), split_max_tensors=0, ckpt=None, name="tiny llama",
-                          extra_tensors=None, **metadata):
+                          extra_tensors=None, arch="llama", **metadata):
     """The tiny:llama preset (or `ckpt`, a llama-block checkpoint) as llama.cpp would convert it: q/k rows (and
     biases) permuted, matrices quantized in turn with `qtypes` (none: float32), a byte-level vocabulary without
     merges; extra_tensors: written first, as they are (rope_freqs.weight); metadata: more keys, by GGUFWriter's
     add_<key> method. split_max_tensors: split into shards of that many tensors, as gguf-split does
-    (path-0000i-of-0000n.gguf)."""
+    (path-0000i-of-0000n.gguf); arch: the file's architecture (q/k rows are permuted for "llama" only, as
+    convert_hf_to_gguf.py permutes them)."""
     from speccompile.compile.presets import tiny_checkpoint
     ckpt = ckpt or tiny_checkpoint("llama")
     cfg = ckpt.config
-    w = gguf.GGUFWriter(str(path), "llama", split_max_tensors=split_max_tensors)
+    w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     w.add_name(name)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -293,7 +294,7 @@ def write_tiny_llama_gguf(path, qtypes=(Q.Q8_0, Q.Q4_1, Q.Q4_0), split_max_tenso
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         t = np.asarray(t, np.float32)
-        if re.search(r"[qk]_proj\.(weight|bias)$", name):
+        if arch == "llama" and re.search(r"[qk]_proj\.(weight|bias)$", name):
             heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
             t = llama_cpp_permute(t, heads)
         if t.ndim == 2 and qtypes:
@@ -370,6 +371,27 @@ def test_llama_gguf_biases_are_added_as_llama_cpp_adds_them(tmp_path):
     with pytest.raises(UnsupportedModelError, match=r"mlp\.gguf: GGUF with MLP biases"):
         read_gguf(str(tmp_path / "mlp.gguf"))
 
+
+
+def test_qwen2_gguf_computes_the_hugging_face_models_logits(tmp_path):
+    """A Qwen2 GGUF as convert_hf_to_gguf.py writes it (q/k rows as they are: llama.cpp rotates Qwen2 in the
+    half-split order transformers uses, so nothing is permuted; q/k/v biases): the bundle computes the Hugging Face
+    model's logits."""
+    transformers = pytest.importorskip("transformers")
+    from models_util import reference_logits
+    from speccompile.compile.sources import save_hf_dir
+    llama = biased_llama()
+    tensors = {k: v for k, v in llama.tensors.items() if not k.endswith("o_proj.bias")}
+    ckpt = dataclasses.replace(llama, tensors=tensors,
+                               config=dataclasses.replace(llama.config, model_type="qwen2", o_bias=False))
+    write_tiny_llama_gguf(tmp_path / "q.gguf", qtypes=(Q.F32,), ckpt=ckpt, arch="qwen2")
+    save_hf_dir(ckpt, str(tmp_path / "hf"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype="float32")
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    ids = np.random.default_rng(0).integers(3, 384, 32)
+    ref = reference_logits(model, ids)
+    logits = gguf_bundle_logits(str(tmp_path / "q.gguf"), str(tmp_path / "bundle"), ids)
+    assert np.abs(logits - ref).max() < 1e-4 * np.abs(ref).max()
 
 def test_llama_gguf_with_some_attention_biases_adds_the_ones_it_holds(tmp_path):
     """llama.cpp adds each optional attention bias a file holds: a file with q biases only, and o biases in one
@@ -589,6 +611,20 @@ def test_gguf_yarn_rope_scaling_is_llama_cpps(tmp_path):
     ref_cos, ref_sin = ggml_yarn_tables(cfg.rope_theta, cfg.head_dim, 129, 4.0, 32, beta_fast=8.0)
     assert np.abs(cos - ref_cos).max() < 1e-5 and np.abs(sin - ref_sin).max() < 1e-5
 
+
+
+def test_gguf_yarn_without_beta_keys_takes_llama_cpps_defaults(tmp_path):
+    """A YaRN GGUF without yarn_beta_fast/slow keys (convert_hf_to_gguf.py writes them only where the config has
+    them) rotates by llama.cpp's defaults, 32 and 1; the original context is long enough that both move the ramp
+    (at a short one every beta clamps to the same ends)."""
+    from speccompile.compile.rope import rope_tables
+    f = str(tmp_path / "yarn.gguf")
+    write_tiny_llama_gguf(f, rope_scaling_type=gguf.RopeScalingType.YARN, rope_scaling_factor=4.0,
+                          rope_scaling_orig_ctx_len=4096)
+    cfg = read_gguf(f)[0]
+    cos, sin = rope_tables(cfg.rope, cfg.head_dim, 128, cfg.max_position_embeddings)
+    ref_cos, ref_sin = ggml_yarn_tables(cfg.rope_theta, cfg.head_dim, 129, 4.0, 4096)
+    assert np.abs(cos - ref_cos).max() < 1e-5 and np.abs(sin - ref_sin).max() < 1e-5
 
 @pytest.mark.parametrize("metadata,floats,refused", [
     (dict(rope_scaling_type=gguf.RopeScalingType.NONE), {}, None),
