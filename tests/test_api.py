@@ -262,6 +262,23 @@ def test_stop_string_cuts_text_and_token_ids(tiny_generator):
         assert res.token_ids == ids[:kept] == [t for c in chunks for t in c.token_ids]
 
 
+def test_an_empty_stop_string_stops_nothing(tiny_generator):
+    """"" is in every text: kept as a stop string, it would end every output before its first token."""
+    g, prompt = tiny_generator, [1, 5, 9]
+    full = g.generate(prompt, 12, chat=False)
+    for stop in ("", ["", "never appears"]):
+        res = g.generate(prompt, 12, chat=False, stop=stop)
+        assert (res.token_ids, res.finish_reason) == (full.token_ids, "length")
+
+
+def test_params_and_sampling_keywords_together_are_refused(tiny_generator):
+    """params= replaces the keywords: one given beside it would be silently ignored."""
+    params = speccompile.SamplingParams(temperature=0.7, seed=1)
+    for kw in (dict(temperature=0.0), dict(seed=2), dict(top_k=5), dict(acceptance="exact")):
+        with pytest.raises(SpeccompileError, match=f"params= replaces {next(iter(kw))}"):
+            tiny_generator.generate([1, 5, 9], 4, params=params, **kw)
+
+
 def test_a_stop_string_in_the_first_token_leaves_no_decode_speed(tiny_generator):
     """An output cut to nothing by a stop string counted -1 tokens after the first: a negative decode speed."""
     g, prompt = tiny_generator, [1, 5, 9]

@@ -143,6 +143,79 @@ def test_sampling_settings_and_stop_reach_the_generator(state, client):
     assert res.choices[0].message.content == ref.text and res.choices[0].finish_reason == "stop"
 
 
+def test_top_k_and_a_single_stop_string_reach_the_generator(state, client):
+    """top_k 1 at a high temperature is greedy (the same setting without it samples otherwise); a stop string sent
+    bare is one stop string, not its characters; an empty one stops nothing."""
+    sampled = dict(model="tiny-serve", prompt="zebras argued about", max_tokens=24, temperature=50.0, seed=3)
+    greedy = state.gen.generate("zebras argued about", 24, temperature=0, chat=False).text
+    text = client.completions.create(**sampled).choices[0].text
+    assert text != greedy
+    assert client.completions.create(**sampled, extra_body={"top_k": 1}).choices[0].text == greedy
+    # a stop string one of whose characters comes earlier in the text: its characters alone would cut there
+    at = next(i for i in range(1, len(text) - 1) if text[i] in text[:i] and text.index(text[i:i + 2]) == i)
+    res = client.completions.create(**sampled, stop=text[at:at + 2])
+    assert (res.choices[0].text, res.choices[0].finish_reason) == (text[:at], "stop")
+    res = client.completions.create(**sampled, stop="")
+    assert (res.choices[0].text, res.choices[0].finish_reason) == (text, "length")
+
+
+def _sse_events(url: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", url, json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        lines = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(x) for x in lines[:-1]]
+
+
+TOKEN_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_finish_reason_and_usage_are_the_generators_plain_and_streamed(state, server, path):
+    """"length" at max_tokens, "stop" at a stop string, as the Generator says; a stream's last choice and its
+    usage chunk say what the plain answer says."""
+    chat = path == "/v1/chat/completions"
+    prompt = {"messages": user("quantum soup")} if chat else {"prompt": "quantum soup"}
+    ask = (lambda n, **kw: state.gen.chat(user("quantum soup"), n, temperature=0, **kw)) if chat else \
+        (lambda n, **kw: state.gen.generate("quantum soup", n, temperature=0, chat=False, **kw))
+    text = ask(12).text
+    stop = text[4:6] or text[:1]
+    for extra in ({"max_tokens": 5}, {"max_tokens": 12, "stop": [stop]}):
+        ref = ask(extra["max_tokens"], stop=extra.get("stop", ()))
+        assert ref.finish_reason == ("stop" if "stop" in extra else "length")
+        body = {**prompt, "temperature": 0, **extra}
+        plain = httpx.post(server.url + path, json=body).json()
+        choice = plain["choices"][0]
+        assert ((choice["message"]["content"] if chat else choice["text"]), choice["finish_reason"]) == \
+            (ref.text, ref.finish_reason)
+        prompt_tokens, completion_tokens = ref.stats["prompt_tokens"], len(ref.token_ids)
+        counts = (prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
+        assert tuple(plain["usage"][k] for k in TOKEN_COUNTS) == counts
+        events = _sse_events(server.url + path, body)
+        finishes = [c["choices"][0]["finish_reason"] for c in events if c["choices"]]
+        assert finishes[-1] == ref.finish_reason and not any(finishes[:-1])
+        assert events[-1]["choices"] == [] and tuple(events[-1]["usage"][k] for k in TOKEN_COUNTS) == counts
+
+
+def test_a_developer_message_and_text_parts_reach_the_template_as_system_and_text(state, server):
+    """OpenAI's "developer" is the system role; a message's text parts are its text, joined as they are."""
+    url, answer = server.url + "/v1/chat/completions", {"max_tokens": 6, "temperature": 0}
+    as_system = [SYSTEM, {"role": "user", "content": "tea and soup"}]
+    ref = state.gen.chat(as_system, 6, temperature=0)
+    parts = [{"type": "text", "text": "tea"}, {"type": "text", "text": " and soup"}]
+    for messages in ([{**SYSTEM, "role": "developer"}, {"role": "user", "content": "tea and soup"}],
+                     [SYSTEM, {"role": "user", "content": parts}]):
+        r = httpx.post(url, json={"messages": messages, **answer}).json()
+        assert r["choices"][0]["message"]["content"] == ref.text, messages
+        assert r["usage"]["prompt_tokens"] == ref.stats["prompt_tokens"], messages
+
+
+def test_max_completion_tokens_wins_over_max_tokens(client):
+    """As OpenAI's and vLLM's: max_tokens is its deprecated name."""
+    res = client.chat.completions.create(model="tiny-serve", messages=user("tea"), temperature=0, max_tokens=9,
+                                         max_completion_tokens=3)
+    assert (res.usage.completion_tokens, res.choices[0].finish_reason) == (3, "length")
+
+
 def test_greedy_equals_speccompile_generate(bundle, client):
     from click.testing import CliRunner
 
@@ -339,13 +412,14 @@ def test_what_clients_send_by_default_is_accepted(server, client):
     body = {"messages": user("tea"), "max_tokens": 4, "temperature": 0}
     plain = httpx.post(server.url + "/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
     for extra in ({"presence_penalty": 0.0, "frequency_penalty": 0.0}, {"top_k": -1},
-                  {"response_format": {"type": "text"}}, {"stop": "### END OF THE ANSWER, AT LAST"}):
+                  {"response_format": {"type": "text"}}, {"stop": "### END OF THE ANSWER, AT LAST"},
+                  {"logprobs": False}):
         r = httpx.post(server.url + "/v1/chat/completions", json={**body, **extra})
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == plain, (extra, r.text)
     res = client.chat.completions.create(model="tiny-serve", presence_penalty=0.0, frequency_penalty=0.0, **body)
     assert res.choices[0].message.content == plain
     for extra in ({"presence_penalty": 0.5}, {"presence_penalty": True}, {"top_k": -2},
-                  {"response_format": {"type": "json_object"}}):
+                  {"response_format": {"type": "json_object"}}, {"logprobs": True}):
         assert httpx.post(server.url + "/v1/chat/completions", json={**body, **extra}).status_code == 400, extra
 
 
@@ -376,6 +450,11 @@ def test_bearer_token_auth(state):
         assert httpx.post(srv.url + "/v1/chat/completions", json=body).status_code == 401
         wrong = httpx.post(srv.url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        for sent in ("Basic s3cret", "Token s3cret", "s3cret"):  # the key under another scheme, or none
+            r = httpx.post(srv.url + "/v1/chat/completions", json=body, headers={"Authorization": sent})
+            assert r.status_code == 401, sent
+        assert httpx.post(srv.url + "/v1/completions", json={"prompt": "tea", "max_tokens": 2}).status_code == 401
+        assert httpx.get(srv.url + "/v1/models").status_code == 401  # every /v1/ route, not the chat one alone
         ok = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
         assert ok.chat.completions.create(model="tiny-serve", **body).choices[0].message.content is not None
     finally:
@@ -768,15 +847,29 @@ class RecordsOf(logging.Handler):
         self.records.append(record)
 
 
-def test_metrics_show_requests_tokens_and_acceptance(server, client):
-    client.chat.completions.create(model="tiny-serve", messages=user("tea and soup"), max_tokens=32, temperature=0)
+def _metric_values(server) -> tuple[str, dict]:
     text = httpx.get(server.url + "/metrics").text
-    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line and not line.startswith("#")}
+    return text, {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line and not line.startswith("#")}
 
-    def metric(name, **labels):
-        want = ",".join(f'{k}="{v}"' for k, v in {"model_name": "tiny-serve", **labels}.items())
-        return values.get(f"speccompile:{name}{{{want}}}", 0.0)
+
+def test_metrics_show_requests_tokens_and_acceptance(server, client):
+    _, before = _metric_values(server)
+    res = client.chat.completions.create(model="tiny-serve", messages=user("tea and soup"), max_tokens=32,
+                                         temperature=0)
+    text, values = _metric_values(server)
+
+    def metric(name, of=values, **labels):
+        want = ",".join(f'{k}="{v}"' for k, v in sorted({"model_name": "tiny-serve", **labels}.items()))
+        return of.get(f"speccompile:{name}{{{want}}}", 0.0)
+
+    def added(name, **labels):
+        return metric(name, **labels) - metric(name, before, **labels)
+
+    # the request's own figures: its finish reason, its prompt and its answer, counted once each
+    assert added("request_success_total", finished_reason=res.choices[0].finish_reason) == 1
+    assert added("prompt_tokens_total") == res.usage.prompt_tokens
+    assert added("generation_tokens_total") == res.usage.completion_tokens
 
     assert metric("spec_decode_num_drafts_total") > 0
     assert 0 < metric("spec_decode_num_accepted_tokens_total") <= metric("spec_decode_num_draft_tokens_total")
