@@ -197,12 +197,12 @@ def test_finish_reason_and_usage_are_the_generators_plain_and_streamed(state, se
 
 
 def test_a_developer_message_and_text_parts_reach_the_template_as_system_and_text(state, server):
-    """OpenAI's "developer" is the system role; a message's text parts are its text, joined as they are."""
+    """OpenAI's "developer" is the system role; a message's text parts are its text, one part a line (as vLLM joins them)."""
     url, answer = server.url + "/v1/chat/completions", {"max_tokens": 6, "temperature": 0}
-    as_system = [SYSTEM, {"role": "user", "content": "tea and soup"}]
+    as_system = [SYSTEM, {"role": "user", "content": "tea\nand soup"}]
     ref = state.gen.chat(as_system, 6, temperature=0)
-    parts = [{"type": "text", "text": "tea"}, {"type": "text", "text": " and soup"}]
-    for messages in ([{**SYSTEM, "role": "developer"}, {"role": "user", "content": "tea and soup"}],
+    parts = [{"type": "text", "text": "tea"}, {"type": "text", "text": "and soup"}]
+    for messages in ([{**SYSTEM, "role": "developer"}, {"role": "user", "content": "tea\nand soup"}],
                      [SYSTEM, {"role": "user", "content": parts}]):
         r = httpx.post(url, json={"messages": messages, **answer}).json()
         assert r["choices"][0]["message"]["content"] == ref.text, messages

@@ -50,9 +50,10 @@ class Message(_Strict):
     name: str | None = None
 
     def as_dict(self) -> dict:
-        """The message the chat template reads: OpenAI's "developer" is the system role; text parts joined; a
-        participant's `name` passed on as vLLM does (templates that know it render it, the others ignore it)."""
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        """The message the chat template reads: OpenAI's "developer" is the system role; text parts joined by
+        newlines, as vLLM and TensorRT-LLM join them; a participant's `name` passed on as vLLM does (templates that
+        know it render it, the others ignore it)."""
+        text = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
         message = {"role": "system" if self.role == "developer" else self.role, "content": text}
         return message if self.name is None else {**message, "name": self.name}
 
