@@ -909,7 +909,8 @@ def start_process(args: list[str], port: int, timeout_s: float):
 
 
 def test_an_empty_api_key_is_refused(bundle, monkeypatch):
-    """`serve --api-key "$KEY"` with KEY unset passes an empty key, which once served every client unchecked."""
+    """`serve --api-key "$KEY"` with KEY unset passes an empty key, which once served every client unchecked; a key
+    with a space at an end can never match (HTTP strips a header value's ends), so it is refused too."""
     from click.testing import CliRunner
 
     import speccompile.serve.server as server_module
@@ -919,6 +920,8 @@ def test_an_empty_api_key_is_refused(bundle, monkeypatch):
     for key in ("", "  "):
         out = CliRunner().invoke(main, ["serve", bundle, "--port", "0", "--threads", "1", "--api-key", key])
         assert out.exit_code == 2 and out.output.startswith("error: --api-key is empty"), out.output
+    out = CliRunner().invoke(main, ["serve", bundle, "--port", "0", "--threads", "1", "--api-key", "key "])
+    assert out.exit_code == 2 and out.output.startswith("error: --api-key starts or ends with whitespace"), out.output
     assert not served
     assert "SPECCOMPILE_API_KEY" in CliRunner().invoke(main, ["serve", "--help"]).output  # the other way to give it
 

@@ -125,6 +125,9 @@ def run(bundle_dir: str, replicas: int | None, ray_address: str | None, shutdown
     if opts.api_key is not None and not opts.api_key.strip():  # `--api-key "$KEY"` with KEY unset or blank
         raise SpeccompileError("--api-key is empty, which would let every client in: give the key clients must send, "
                                "or leave --api-key out to serve without one")
+    if opts.api_key is not None and opts.api_key != opts.api_key.strip():  # HTTP strips a header value's ends
+        raise SpeccompileError("--api-key starts or ends with whitespace, which no client can send in its "
+                               "Authorization header: give the key without it")
     if replicas is None:
         serve(bundle_dir, opts)
         return
