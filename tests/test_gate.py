@@ -99,6 +99,11 @@ def test_speculative_output_unlike_plain_decoding_fails(tmp_path):
     bad = result_doc()
     overall_lookup(bad)["identical_to_autoregressive"] = 0.5
     assert "FAIL: below the floor 1" in gate(tmp_path, bad, result_doc(), expect=1)
+    for tiny in (1e-6, 0):  # a temperature below GREEDY_BELOW decodes greedily too
+        bad["settings"]["temperature"] = tiny
+        assert "identical lookup" in gated_figures(bad)
+    bad["settings"]["temperature"] = 0.7
+    assert "identical lookup" not in gated_figures(bad)
     typical = result_doc()
     typical["methods"][1]["name"] = "lookup~typical"
     typical["summary"]["overall"]["lookup~typical"] = typical["summary"]["overall"].pop("lookup")

@@ -51,6 +51,7 @@ import math
 from speccompile.bench.methods import split_acceptance
 from speccompile.bench.settings import SCHEMA_VERSION
 from speccompile.errors import SpeccompileError
+from speccompile.runtime.sampling import GREEDY_BELOW
 
 # Settings that change what is decoded: results that differ in them are not comparable.
 # Each with the value an older result that lacks the key decoded with.
@@ -236,7 +237,8 @@ def gated_figures(result: dict, where: str = "bench result") -> dict[str, float]
     finite number: a figure the gate cannot read is refused, never skipped."""
     figures = {}
     overall, by_category = result["summary"]["overall"], result["summary"]["by_category"]
-    greedy = not result["settings"].get("temperature")
+    temperature = result["settings"].get("temperature") or 0.0
+    greedy = isinstance(temperature, (int, float)) and temperature < GREEDY_BELOW  # as the decoder reads it
     for method in result["methods"]:
         if method.get("engine") == "speccompile" and method.get("drafter"):
             name = method["name"]
