@@ -247,3 +247,31 @@ def _node_of(t, prop, i):
             u = t.parents[u]
         if mine[::-1] == path:
             return v
+
+
+def test_medusa_live_drafts_are_its_heads_guesses_teacher_forced(tmp_path):
+    """Medusa-1: head k on the target's hidden state at t guesses x_{t+k+2}. Each live chain is, head by head,
+    the heads' argmax on the hidden state of the context's next-to-last position, taken from a fresh target pass
+    over the context: heads fed another position's state, or taken out of order, are still lossless."""
+    import speccompile
+    from test_mtp import medusa_heads
+    safetensors_numpy.save_file(medusa_heads(load_checkpoint("tiny:llama").config, K=3, prefix="medusa_head."),
+                                str(tmp_path / "m.safetensors"))
+    out = str(tmp_path / "b")
+    build_bundle("tiny:llama", out, drafts=[f"medusa:{tmp_path / 'm.safetensors'}"], max_seq_len=256, num_draft=3,
+                 progress=quiet)
+    g = speccompile.load(out, threads=1)
+    head, seen = g.drafters["medusa"], []
+    _spy(head, seen)
+    for prompt in random_prompts(3):
+        seen.clear()
+        g.generate(prompt, 24, drafter="medusa", num_draft=3)
+        live = [(c, p.tokens.copy()) for c, p in seen]
+        assert len(live) >= 3
+        for context, tokens in live:
+            g.target.cache.truncate(0)
+            g.target.forward(context)
+            h = head.features(g.target, np.arange(len(context)))[len(context) - 2]
+            logits = head.session.run(["logits"], {"hidden_in": np.ascontiguousarray(h[None], np.float32)})[0]
+            assert tokens.tolist() == logits[:len(tokens)].argmax(-1).tolist()
+        g.target.cache.truncate(0)
