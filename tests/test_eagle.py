@@ -283,3 +283,15 @@ def test_eagle_head_errors(heads, tmp_path):
     with pytest.raises(SpeccompileError, match="eagle3 needs"):
         DraftSpec.parse("eagle3")
     assert not (tmp_path / "o").exists()
+
+
+def test_eagle3_reads_the_conventional_layers_where_its_config_names_none():
+    """SafeAILab's and vLLM's default: target layers 2, L // 2 and L - 3 (the tiny targets of the tests above are
+    too shallow for it, so they name their layers)."""
+    from types import SimpleNamespace
+
+    from speccompile.compile.drafters.eagle import aux_layers
+    target = SimpleNamespace(num_hidden_layers=32)
+    assert aux_layers("eagle3", {}, target) == [2, 16, 29]
+    assert aux_layers("eagle3", {"eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 5, 9]}}, target) == [1, 5, 9]
+    assert aux_layers("eagle", {}, target) == ["norm"]

@@ -14,6 +14,7 @@ import zipfile
 import numpy as np
 import torch
 
+from speccompile.compile.drafters.eagle import default_aux_layers
 from speccompile.errors import SpeccompileError
 from speccompile.train.files import write_file
 from speccompile.train.gen import gen_records
@@ -102,11 +103,6 @@ def check_features_target(paths: list[str], identity: str, own: str) -> None:
                 "features of another target than this run's; only a work dir of the same target adds data" if stored
                 else "its features record no target (an older speccompile wrote them): run its features stage "
                      "again (--redo features in its --work)"))
-
-
-def default_aux_layers(n_layers: int) -> list[int]:
-    """EAGLE-3's low, middle and high target layers (SafeAILab and vLLM default)."""
-    return [2, n_layers // 2, n_layers - 3]
 
 
 def aux_layer_ids(a: TrainOptions, cfg: dict) -> list[int]:

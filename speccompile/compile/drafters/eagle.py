@@ -134,13 +134,18 @@ def load_eagle_head(path: str, version: str) -> EagleHead:
     return EagleHead(version, path, tensors, hf)
 
 
+def default_aux_layers(n_layers: int) -> list[int]:
+    """EAGLE-3's low, middle and high target layers where a head's config names none (SafeAILab's and vLLM's)."""
+    return [2, n_layers // 2, n_layers - 3]
+
+
 def aux_layers(version: str, hf: dict, target: ModelConfig) -> list:
     """The target features a head reads: ["norm"] for EAGLE-1, three layer ids (ascending) for EAGLE-3."""
     if version == "eagle":
         return [NORM_TAP]
     L = target.num_hidden_layers
     ids = (hf.get("eagle_aux_hidden_state_layer_ids") or (hf.get("eagle_config") or {}).get(
-        "eagle_aux_hidden_state_layer_ids") or hf.get("aux_hidden_state_layer_ids") or (2, L // 2, L - 3))
+        "eagle_aux_hidden_state_layer_ids") or hf.get("aux_hidden_state_layer_ids") or default_aux_layers(L))
     try:
         ids = sorted({int(i) for i in ids})
     except (TypeError, ValueError):
