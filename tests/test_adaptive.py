@@ -259,12 +259,18 @@ def test_adaptive_requests_share_the_scheduler_passes(tiny_generator, trees_exac
             shared_rows.append(rows)
         return run(steps, *a)
     monkeypatch.setattr(g.scheduler.engine, "run", counted)
-    with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda i: g.generate(prompts[i], lengths[i], drafter="model",
-                                                     tree="adaptive+lookup:4"), range(4)))
-    assert g.scheduler.shared_passes > shared
+    # which passes the requests share follows the threads' timing: a run whose shared passes drew no lookup node
+    # (the machine busy, the requests overlapping little) is run again
+    for _ in range(5):
+        shared_rows.clear(), g.scheduler.trace.clear()
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda i: g.generate(prompts[i], lengths[i], drafter="model",
+                                                         tree="adaptive+lookup:4"), range(4)))
+        assert g.scheduler.shared_passes > shared
+        assert [r.token_ids for r in results] == plain
+        if trees_exact or any(max(rows) == 2 for rows in shared_rows):
+            break
     alone = sum(kind == "decode" and len(slots) == 1 for kind, slots in g.scheduler.trace)
-    assert [r.token_ids for r in results] == plain
     drafted = []
     for r in results:
         assert r.stats["tree"]["kind"] == "adaptive"
