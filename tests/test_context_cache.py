@@ -13,7 +13,7 @@ import pytest
 import speccompile
 from speccompile.compile.driver import build_bundle
 from speccompile.errors import SpeccompileError
-from speccompile.runtime.context_cache import ContextCache, Part
+from speccompile.runtime.context_cache import ContextCache, Part, block_bytes
 from speccompile.runtime.sampling import SamplingParams
 
 from conftest import quiet, random_prompts
@@ -80,6 +80,31 @@ def test_lru_eviction_within_the_byte_budget():
     assert c.nbytes <= c.max_bytes
 
 
+def test_a_block_given_more_parts_is_counted_once():
+    """A block cached without a drafter's part, then stored again with it (a request with that drafter after one
+    without), replaces its old entry in the byte budget: counted twice, the budget evicted blocks it had room for."""
+    per_block = B * 2 * 4 + B * 8  # one block's target rows and its int64 extra part
+    c = unit_cache(max_bytes=2 * per_block)
+    store(c, [1] * 8)
+    extra = lambda part, start, stop: {"x": np.arange(start, stop)} if part == "d#extra" else None  # noqa: E731
+    c.store(np.array([1] * 8), 8, extra)
+    assert all("d#extra" in b for b in c.blocks.values())
+    assert c.nbytes == sum(block_bytes(b) for b in c.blocks.values()) == 2 * per_block
+    assert len(c.lookup(np.array([1] * 9), 9, ["target", "d#extra"])) == 2
+
+
+def test_a_cleared_cache_has_its_whole_budget_again():
+    """clear() (bench --multi-turn empties the cache between runs) frees the budget with the blocks: a chain that
+    fits is kept whole afterwards."""
+    per_block = B * 2 * 4
+    c = unit_cache(max_bytes=2 * per_block)
+    store(c, [1] * 8)
+    c.clear()
+    assert c.nbytes == 0 and c.lookup(np.array([1] * 9), 9, ["target"]) == []
+    store(c, [2] * 8)
+    assert len(c.lookup(np.array([2] * 9), 9, ["target"])) == 2
+
+
 def test_a_chain_over_the_budget_keeps_its_first_blocks(tmp_path):
     """A conversation longer than the memory budget keeps the blocks a lookup can reach, its first ones, whether
     stored or read back from the disk tier (it kept its last ones, unreachable without the first: every later
@@ -125,7 +150,12 @@ def _npz_member(name: str, shape: str, data: bytes = b"", compress=zipfile.ZIP_S
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("kind", ["npy", "flipped", "header", "huge", "bomb", "stranger"])
+# what each damaged file is refused for: a member larger than the layout's array, or of a name it lacks, before
+# any member is read; an array whose header lies about its shape fails to read
+DAMAGE_WARNINGS = {"bomb": "members are not", "stranger": "members are not", "dtype": "arrays do not have"}
+
+
+@pytest.mark.parametrize("kind", ["npy", "flipped", "header", "huge", "bomb", "stranger", "dtype"])
 def test_disk_blocks_of_any_damage_are_ignored(tmp_path, kind):
     """A block file is untrusted: whatever is wrong with it costs that block, with a warning, never the request,
     and its members' sizes are checked before any is read (a small file must not unpack into gigabytes)."""
@@ -147,9 +177,13 @@ def test_disk_blocks_of_any_damage_are_ignored(tmp_path, kind):
         path.write_bytes(_npz_member("target/kv.npy", "(100000000000,)"))
     elif kind == "bomb":  # 64 MiB of zeros deflated to a few hundred KiB
         path.write_bytes(_npz_member("target/kv.npy", "(16777216,)", bytes(64 << 20), zipfile.ZIP_DEFLATED))
+    elif kind == "dtype":  # the block's own key and shapes, its rows int32: as many bytes as float32's
+        with np.load(path) as z:
+            arrays = {n: z[n] for n in z.files}
+        np.savez(path, **{**arrays, "target/kv": arrays["target/kv"].astype(np.int32)})
     else:
         path.write_bytes(_npz_member("../../elsewhere.npy", "(4, 2)", bytes(32)))
-    with pytest.warns(UserWarning, match="unreadable|not this bundle's layout|not the block"):
+    with pytest.warns(UserWarning, match=DAMAGE_WARNINGS.get(kind, "unreadable")):
         assert len(unit_cache(cache_dir=str(tmp_path)).lookup(np.arange(9), 9, ["target"])) == 1
 
 
@@ -502,6 +536,19 @@ def mtp_cached(tmp_path_factory):
     return speccompile.load(out, threads=1), speccompile.load(out, threads=1, context_cache=False)
 
 
+@pytest.fixture(scope="module")
+def serial_bundle(tmp_path_factory):
+    """A tiny bundle without the batched graph (--max-batch 1, as every model it is not built for): a request runs in
+    its caller's own loop, which restores and saves its prefix itself, not through the scheduler."""
+    out = str(tmp_path_factory.mktemp("serial-cache") / "bundle")
+    build_bundle("tiny:llama", out, drafts=["model:tiny:llama-draft"], max_seq_len=256, num_draft=4, max_batch=1,
+                 progress=quiet)
+    return out
+
+
+LOOPS = ["tiny_bundle", "serial_bundle"]  # requests served by the scheduler's shared passes, or in their own loop
+
+
 def scrub(gen):
     """Overwrite every cache row and feature the last request left (a restore must not rely on them)."""
     rng = np.random.default_rng(0)
@@ -522,19 +569,67 @@ def chat_turns(gen, drafter, turns=3, **kwargs):
     return results
 
 
-def test_hits_and_misses_counted(cached):
-    gen = speccompile.load(cached[0].bundle_dir, threads=1)  # an empty cache
+@pytest.mark.parametrize("bundle", LOOPS)
+def test_hits_and_misses_counted(bundle, request):
+    path = request.getfixturevalue(bundle)
+    gen = speccompile.load(path, threads=1)  # an empty cache
+    assert (gen.scheduler is None) == (bundle == "serial_bundle")
     prompt = random_prompts(8)[7][:34]  # two whole blocks of 16
     first = gen.generate(prompt, 4, speculate=False).stats
     assert (first["prompt_cache_hit_tokens"], first["prompt_cache_miss_tokens"]) == (0, 34)
     again = gen.generate(prompt, 4, speculate=False).stats
     assert (again["prompt_cache_hit_tokens"], again["prompt_cache_miss_tokens"]) == (32, 2)
-    exact = gen.generate(prompt[:32], 4, speculate=False).stats  # the last token runs: its logits are needed
+    # the last token runs: its logits are needed (restoring it too left a prefill of nothing, which never ended)
+    assert gen.context_cache.restore(np.array(prompt[:32]), gen.target.cache) == 16
+    exact = gen.generate(prompt[:32], 4, speculate=False).stats
     assert (exact["prompt_cache_hit_tokens"], exact["prompt_cache_miss_tokens"]) == (16, 16)
     assert again["prefill_passes"] == 1
     other = gen.generate([1] + prompt[1:], 4, speculate=False).stats
     assert other["prompt_cache_hit_tokens"] == 0
-    assert cached[1].generate(prompt, 4).stats["prompt_cache_hit_tokens"] == 0  # disabled
+    disabled = speccompile.load(path, threads=1, context_cache=False)
+    assert disabled.generate(prompt, 4).stats["prompt_cache_hit_tokens"] == 0
+
+
+@pytest.mark.parametrize("bundle", LOOPS)
+def test_an_answers_last_token_is_not_cached(bundle, request):
+    """A request ends with its last token not yet run (its K/V row holds whatever was there before): the blocks
+    saved after its answer end before that token. An answer ending a block exactly would otherwise leave that block
+    cached with a stale row, which the next turn restores."""
+    path = request.getfixturevalue(bundle)
+    gen, plain = speccompile.load(path, threads=1), speccompile.load(path, threads=1, context_cache=False)
+    prompt = random_prompts(8)[7][:30]
+    scrub(gen)
+    answer = gen.generate(prompt, 18, speculate=False).token_ids
+    assert len(answer) == 18  # the context is 48 tokens, three whole blocks, its last token never run
+    logits, hits = [], []
+    for g in (gen, plain):
+        scrub(g)
+        res = g.generate(prompt + answer + [21, 22], 1, speculate=False, temperature=1.0, seed=0)  # the prefill's
+        logits.append(g.target.logits[0].copy())
+        hits.append(res.stats["prompt_cache_hit_tokens"])
+    assert hits == [32, 0]
+    np.testing.assert_allclose(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bundle", LOOPS)
+def test_a_prompt_is_cached_once_prefilled_though_its_stream_is_dropped(bundle, request):
+    """A caller that closes its stream after the first tokens (a client gone) still leaves the prompt's blocks:
+    they are saved after its prefill, not only with the answer's at the end."""
+    gen = speccompile.load(request.getfixturevalue(bundle), threads=1)
+    prompt = random_prompts(8)[7][:32]  # two whole blocks, the last one ending with the prompt
+    stream = gen.stream(prompt, 20, speculate=False)
+    next(stream)
+    stream.close()
+    assert gen.generate(prompt + [5], 2, speculate=False).stats["prompt_cache_hit_tokens"] == 32
+
+
+def test_chat_with_the_cache_equals_without_in_its_own_loop(serial_bundle):
+    gen, plain = speccompile.load(serial_bundle, threads=1), speccompile.load(serial_bundle, threads=1,
+                                                                             context_cache=False)
+    for kw in ({}, dict(temperature=0.9, seed=3)):
+        with_cache, without = chat_turns(gen, "model", **kw), chat_turns(plain, "model", **kw)
+        assert [r.token_ids for r in with_cache] == [r.token_ids for r in without]
+        assert with_cache[-1].stats["prompt_cache_hit_tokens"] > with_cache[0].stats["prompt_tokens"]
 
 
 @pytest.mark.parametrize("drafter", ["lookup", "layerskip:2", "model"])
@@ -581,8 +676,8 @@ def restored_drafts(gens, name):
         scrub(gen)
         hit = gen.generate(context[:-1].tolist(), 1, drafter=name).stats["prompt_cache_hit_tokens"]  # the prefill
         drafter = gen.drafters[name]
-        if gen.context_cache:
-            assert hit >= len(prompt) and drafter.engine.cache.length >= len(prompt) - 16  # its own cache too
+        if gen.context_cache:  # its own cache too, whole (an MTP head's but for the pair past the prefix)
+            assert hit >= len(prompt) and drafter.engine.cache.length == hit - (name == "mtp")
         qs.append(drafter.propose(context, 3, SamplingParams(temperature=1.0), np.random.default_rng(0)).q)
     return qs
 
