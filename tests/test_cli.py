@@ -65,8 +65,10 @@ def test_compare_speedup_is_tokens_per_second_over_plain():
     """--compare's speedup was a ratio of total times: two sampled answers of other lengths (typical acceptance
     against plain sampling) read as a speedup or a slowdown that neither decoding had."""
     from speccompile.cli.generate import _speedup
-    spec, plain = {"tokens_per_second": 20.0, "total_s": 1.0}, {"tokens_per_second": 10.0, "total_s": 1.0}
-    assert _speedup(spec, plain) == 2.0 and _speedup(spec, {"tokens_per_second": 0.0, "total_s": 0.0}) == 0.0
+    spec = {"tokens_per_second": 20.0, "total_s": 1.0, "new_tokens": 20}
+    plain = {"tokens_per_second": 10.0, "total_s": 1.0, "new_tokens": 10}
+    assert _speedup(spec, plain) == 2.0
+    assert _speedup(spec, {"tokens_per_second": 0.0, "total_s": 0.0, "new_tokens": 0}) == 0.0
 
 
 def test_sampling_is_seeded(tiny_bundle):

@@ -179,3 +179,15 @@ def test_cost_model_lines_show_each_modes_and_drafters_times():
                                     "            drafter mtp pass, ms by rows: 1: 1.5, 2: 2.5, 4: 3.5",
                                     "            prompt lookup 0.25 ms"]
 
+
+def test_compare_times_two_runs_a_stop_string_left_empty(tiny_bundle):
+    """A stop string at the answer's start (--stop '\\n' before a first newline) leaves both runs no tokens: their
+    tokens per second, 0 and 0, made a speedup of 0.00x, as if speculation had never finished; both decoded the
+    same tokens up to the stop, so their times compare."""
+    args = ("generate", tiny_bundle, "The quick brown fox", "--no-chat", "--max-new-tokens", 16)
+    text = json.loads(run(*args, "--json"))["text"]
+    assert len(text) >= 2
+    doc = json.loads(run(*args, "--compare", "--stop", text[:2], "--json"))
+    s, b = doc["stats"], doc["autoregressive_stats"]
+    assert doc["token_ids"] == [] and doc["identical_to_autoregressive"] and s["verify_steps"] >= 1
+    assert doc["speedup"] == pytest.approx(b["total_s"] / s["total_s"]) and doc["speedup"] > 0

@@ -91,5 +91,9 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, dr
 
 def _speedup(spec: dict, plain: dict) -> float:
     """--compare's speedup: tokens per second over plain decoding's (not a ratio of times: two sampled answers,
-    typical acceptance's and plain sampling's, may differ in length)."""
+    typical acceptance's and plain sampling's, may differ in length). Where neither run kept a token (a stop string
+    at the answer's start), the plain run's time over the speculative run's: both decoded up to the stop, and
+    their rates, 0 and 0, tell nothing."""
+    if not spec["new_tokens"] and not plain["new_tokens"]:
+        return plain["total_s"] / spec["total_s"] if spec["total_s"] > 0 else 0.0
     return spec["tokens_per_second"] / plain["tokens_per_second"] if plain["tokens_per_second"] else 0.0
