@@ -152,6 +152,20 @@ def test_decode_step_of_a_tied_model_reads_its_embedding_once(tiny_bundle):
     assert pass_weight_bytes(m, t, 0) == {"full": rest + rows + sizes["embed"], "screened": rest + rows + screen}
 
 
+
+def test_decode_step_line_names_the_sampling_each_head_serves(tiny_bundle, tiny_generator):
+    """The decode-step line's screened figure names the settings the runtime decodes through the screen (greedy
+    passes, noise-sampled ones), its float32 figure the others."""
+    from speccompile.runtime.noise import runs_greedy
+    from speccompile.runtime.sampling import SamplingParams
+    line = next(x for x in describe(tiny_bundle, read_manifest(tiny_bundle, verify_hashes=False), False)
+                if x.startswith("decode step reads"))
+    screened, full = line.split(" MiB with the float32 head ")
+    for params, name in ((SamplingParams(0.7), "temperature"), (SamplingParams(0.7, top_k=5), "top-k"),
+                         (SamplingParams(0.7, top_p=0.9), "top-p")):
+        through_screen = runs_greedy(params, tiny_generator.noise_ok)
+        assert (name in screened, name in full) == (through_screen, not through_screen), (name, line)
+
 def test_bench_table_puts_each_figure_in_its_column():
     from speccompile.bench.report import format_table
     figures = dict(prompts=2, median_tokens_per_second=12.5, speedup=1.11, paired_speedup=1.22,
