@@ -189,19 +189,19 @@ def sentencepiece_vocab(text: str):
 
 def sentencepiece_gguf(tmp_path, corpus: str, space_prefix: bool):
     """A GGUF of sentencepiece_vocab(corpus) plus an added "<|user|>" and a control "<tool>" token, alone in its
-    folder (llama.cpp reads it there), and our tokenizer made from it."""
+    folder (llama.cpp reads it there), and our tokenizer made from it; space_prefix None: no add_space_prefix key."""
     tokens, types, scores = sentencepiece_vocab(corpus)
     f = tmp_path / "gguf" / "sp.gguf"
     f.parent.mkdir()
     write_gguf(f, tokenizer_model="llama", tokens=tokens + ["<|user|>", "<tool>"], token_types=types + [4, 3],
                token_scores=scores + [0.0, 0.0], bos_token_id=1, eos_token_id=2, unk_token_id=0,
-               add_space_prefix=space_prefix, rope_dimension_count=4)
+               rope_dimension_count=4, **({} if space_prefix is None else {"add_space_prefix": space_prefix}))
     for fname, data in read_gguf(str(f))[2].items():
         (tmp_path / fname).write_bytes(data)
     return f, BundleTokenizer(str(tmp_path))
 
 
-@pytest.mark.parametrize("space_prefix", [True, False])
+@pytest.mark.parametrize("space_prefix", [True, False, None])
 def test_sentencepiece_gguf_tokenizer_matches_llama_cpp(tmp_path, space_prefix):
     """A Llama-2-style vocabulary (merges from scores, byte fallback) with an added and a control token, against
     llama.cpp's own tokenizer (the GGUF alone in its folder): a "▁" before the text and before the text after each
@@ -231,11 +231,13 @@ GOLDEN_IDS = {
 }
 
 
-@pytest.mark.parametrize("space_prefix", [True, False])
+@pytest.mark.parametrize("space_prefix", [True, False, None])
 def test_sentencepiece_gguf_tokenizer_gives_llama_cpps_ids(tmp_path, space_prefix):
-    """The spaces llama.cpp puts before text and after special and added tokens, as ids it gave (GOLDEN_IDS)."""
+    """The spaces llama.cpp puts before text and after special and added tokens, as ids it gave (GOLDEN_IDS); a
+    file without add_space_prefix gets them as one that says true (llama.cpp's default)."""
     _, tok = sentencepiece_gguf(tmp_path, GOLDEN_CORPUS, space_prefix)
-    assert {s: tok.encode(s) for s in GOLDEN_IDS[space_prefix]} == GOLDEN_IDS[space_prefix]
+    golden = GOLDEN_IDS[space_prefix is not False]
+    assert {s: tok.encode(s) for s in golden} == golden
 
 
 HF_TO_GGUF = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
@@ -682,6 +684,97 @@ def test_byte_level_text_splits_as_llama_cpp(tmp_path, crossing_merges, pre):
         assert ours.encode(s) == ref.tokenize(s.encode(), add_bos=False, special=True), (pre, s)
 
 
+# A byte-level vocabulary whose merges build each of these texts whole, left to right, so a text split other than
+# llama.cpp's shows in the ids: digits in runs, spaces before digits, contractions in either case, cased letters,
+# runs of spaces and newlines, punctuation before a newline or "/", falcon's punctuation and digit groups, and two
+# chains that compete ("12345", "2345": merges ranked otherwise build other tokens); "zzqx" no merge reaches.
+CROSSING_WORDS = ["12345", "2345", " 12", "  1", "'Dave", "'DAVE", "'s", "'S", "HeLLo", "LLo", " Hello", "hello",
+                  " \n\n", "  \n", "\r\n", "?!\n", " ?!", "!/\n", "a/b", "éÉ", "ÀbC", "\t 12", "x  ", "...", "$+<=>",
+                  "1000", " world"]
+CROSSING_TEXT = "zzqx 12345  1 'Dave I'DAVE HeLLo  Hello\t 12 \n\n?!\n!/\nx  a/b éÉÀbC... $+<=>1000 world<s>hello"
+# the ids llama.cpp (llama-cpp-python 0.3.36, vocab_only) gave for CROSSING_TEXT over crossing_words_vocab() by
+# tokenizer.ggml.pre: the check of each regex family that runs without llama-cpp-python
+CROSSING_IDS = {
+    "gpt-2": [124, 124, 115, 122, 34, 261, 34, 265, 34, 41, 70, 99, 120, 103, 34, 75, 41, 70, 67, 88, 71, 34, 281, 34,
+              34, 278, 110, 110, 113, 11, 34, 258, 293, 12, 297, 12, 301, 12, 122, 34, 34, 99, 49, 100, 34, 307, 310,
+              317, 34, 321, 324, 329, 0, 292],
+    "llama-bpe": [330, 34, 259, 54, 55, 34, 34, 51, 34, 41, 70, 99, 120, 103, 34, 75, 269, 67, 88, 71, 34, 281, 34, 288,
+                  11, 34, 258, 294, 298, 302, 122, 34, 34, 99, 49, 100, 34, 307, 310, 317, 34, 321, 323, 50, 329, 0,
+                  292],
+    "dbrx": [124, 124, 115, 122, 34, 259, 54, 55, 34, 34, 51, 34, 41, 70, 99, 120, 103, 34, 75, 269, 67, 88, 71, 34,
+             281, 34, 34, 278, 110, 110, 113, 11, 34, 258, 294, 298, 302, 122, 34, 34, 99, 49, 100, 34, 307, 310, 317,
+             34, 321, 323, 50, 329, 0, 292],
+    "qwen2": [124, 124, 115, 122, 34, 51, 52, 53, 54, 55, 34, 34, 51, 34, 41, 70, 99, 120, 103, 34, 75, 269, 67, 88, 71,
+              34, 281, 34, 34, 278, 110, 110, 113, 11, 34, 51, 52, 294, 298, 302, 122, 34, 34, 99, 49, 100, 34, 307,
+              310, 317, 34, 321, 51, 50, 50, 50, 329, 0, 292],
+    "tekken": [330, 34, 51, 52, 53, 54, 55, 34, 34, 51, 34, 41, 70, 99, 120, 103, 34, 75, 275, 285, 283, 34, 288, 11,
+               34, 51, 52, 294, 298, 302, 122, 34, 34, 99, 49, 100, 34, 307, 309, 69, 317, 34, 321, 51, 50, 50, 50,
+               329, 0, 292],
+    "smollm": [124, 124, 115, 122, 34, 51, 52, 53, 54, 55, 267, 51, 34, 41, 70, 99, 120, 103, 34, 75, 41, 70, 67, 88,
+               71, 34, 281, 34, 34, 278, 110, 110, 113, 311, 51, 52, 293, 12, 297, 12, 301, 12, 122, 34, 34, 99, 49,
+               100, 34, 307, 310, 317, 34, 321, 51, 50, 50, 50, 329, 0, 292],
+    "gpt-4o": [124, 124, 115, 122, 34, 259, 54, 55, 34, 34, 51, 34, 41, 70, 99, 120, 103, 34, 75, 269, 67, 88, 71, 34,
+               278, 283, 34, 34, 278, 110, 110, 113, 11, 34, 258, 294, 298, 302, 122, 34, 34, 99, 49, 100, 34, 307,
+               309, 69, 317, 34, 321, 323, 50, 329, 0, 292],
+    "falcon": [124, 124, 115, 122, 34, 259, 54, 55, 34, 265, 34, 41, 70, 99, 120, 103, 34, 75, 41, 70, 67, 88, 71, 34,
+               281, 34, 34, 278, 110, 110, 113, 11, 34, 258, 294, 297, 12, 301, 12, 122, 34, 34, 99, 49, 100, 34, 307,
+               310, 317, 34, 321, 323, 50, 329, 0, 292],
+}
+
+
+def crossing_words_vocab() -> tuple[list[str], list[str]]:
+    """Control "<s>" "</s>", the 256 bytes in GPT-2's spelling, then for each of CROSSING_WORDS the merges that build
+    it (each of its prefixes a token), then "zzqx"."""
+    from speccompile.compile.gguf_tokenizer import bytes_to_unicode
+    spelling = bytes_to_unicode()
+    tokens, merges = ["<s>", "</s>"] + [spelling[b] for b in range(256)], []
+    for word in CROSSING_WORDS:
+        spelled = "".join(spelling[b] for b in word.encode())
+        for i in range(2, len(spelled) + 1):
+            if spelled[:i] not in tokens:
+                tokens.append(spelled[:i])
+                merges.append(f"{spelled[:i - 1]} {spelled[i - 1]}")
+    return tokens + ["zzqx"], merges
+
+
+@pytest.mark.parametrize("pre", list(CROSSING_IDS))
+def test_byte_level_text_gives_llama_cpps_ids(tmp_path, pre):
+    """Each regex family of tokenizer.ggml.pre, its merges' ranks and its ignore_merges, as the ids llama.cpp gave
+    (CROSSING_IDS), and as llama.cpp gives them where llama-cpp-python is installed."""
+    tokens, merges = crossing_words_vocab()
+    f = tmp_path / "gguf" / "m.gguf"
+    f.parent.mkdir()
+    write_gguf(f, tokens=tokens, token_types=[3, 3] + [1] * (len(tokens) - 2), token_merges=merges, tokenizer_pre=pre,
+               bos_token_id=0, eos_token_id=1, add_bos_token=False, rope_dimension_count=4)
+    for fname, data in read_gguf(str(f))[2].items():
+        (tmp_path / fname).write_bytes(data)
+    ours = BundleTokenizer(str(tmp_path))
+    assert ours.encode(CROSSING_TEXT) == CROSSING_IDS[pre]
+    assert ours.decode(ours.encode(CROSSING_TEXT)) == CROSSING_TEXT.replace("<s>", "")
+    try:
+        import llama_cpp
+    except ImportError:
+        return
+    ref = llama_cpp.Llama(model_path=str(f), vocab_only=True, verbose=False)
+    assert ref.tokenize(CROSSING_TEXT.encode(), add_bos=False, special=True) == CROSSING_IDS[pre]
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "default"])
+def test_byte_level_text_gets_no_space_prefix(tmp_path, pre):
+    """tokenizer.ggml.add_space_prefix = true in a byte-level file: llama.cpp reads it for sentencepiece text alone,
+    so "hi" is the token "hi", not "Ġhi", and decodes as "hi"."""
+    tokens, merges = crossing_words_vocab()
+    tokens += ["hi", "Ġhi"]
+    f = tmp_path / "m.gguf"
+    write_gguf(f, tokens=tokens, token_types=[3, 3] + [1] * (len(tokens) - 2), token_merges=merges + ["h i", "Ġ hi"],
+               tokenizer_pre=pre, bos_token_id=0, eos_token_id=1, add_bos_token=False, add_space_prefix=True)
+    for fname, data in read_gguf(str(f))[2].items():
+        (tmp_path / fname).write_bytes(data)
+    tok = BundleTokenizer(str(tmp_path))
+    assert tok.encode("hi hi") == [tokens.index("hi"), tokens.index("Ġhi")]
+    assert tok.decode(tok.encode("hi hi")) == "hi hi"
+
+
 def test_a_gguf_is_read_whatever_its_name(tmp_path):
     """llama.cpp reads a GGUF by its magic bytes: an upper-case .GGUF, or a file without the suffix, builds as the
     same model."""
@@ -753,6 +846,33 @@ def test_bos_added_as_llama_cpp_adds_it(tmp_path, pre, flag, bos):
         (tmp_path / fname).write_bytes(data)
     assert BundleTokenizer(str(tmp_path)).encode("ab", add_special_tokens=True) == [2] * bos + [0, 1]
 
+
+
+@pytest.mark.parametrize("pre, bos", [("qwen2", False), ("llama-bpe", True)])
+def test_eos_added_as_llama_cpp_adds_it(tmp_path, pre, bos):
+    """tokenizer.ggml.add_eos_token = true: llama.cpp ends a text with EOS where it adds special tokens (after BOS
+    where it adds that), as it gave ids for this file."""
+    f = tmp_path / "m.gguf"
+    write_gguf(f, tokens=["a", "b", "<s>", "</s>"], token_types=[1, 1, 3, 3], tokenizer_pre=pre, bos_token_id=2,
+               eos_token_id=3, add_eos_token=True)
+    for fname, data in read_gguf(str(f))[2].items():
+        (tmp_path / fname).write_bytes(data)
+    tok = BundleTokenizer(str(tmp_path))
+    assert tok.encode("ab", add_special_tokens=True) == [2] * bos + [0, 1, 3] and tok.encode("ab") == [0, 1]
+
+
+def test_gguf_chat_template_renders_with_the_files_special_tokens(tmp_path):
+    """tokenizer.chat_template is the bundle's chat template, given the texts of the file's BOS and EOS tokens."""
+    template = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                "{% if add_generation_prompt %}b{% endif %}")
+    f = tmp_path / "m.gguf"
+    write_gguf(f, tokens=["a", "b", "<s>", "</s>"], token_types=[1, 1, 3, 3], tokenizer_pre="qwen2", bos_token_id=2,
+               eos_token_id=3, chat_template=template)
+    for fname, data in read_gguf(str(f))[2].items():
+        (tmp_path / fname).write_bytes(data)
+    tok = BundleTokenizer(str(tmp_path))
+    assert tok.apply_chat_template([{"role": "user", "content": "ab"}]) == "<s>ab</s>b"
+    assert tok.encode_chat("ab") == [2, 0, 1, 3, 1]
 
 @needs_model
 def test_default_gguf_tokenizes_as_llama_cpp(tmp_path):

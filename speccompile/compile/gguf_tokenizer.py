@@ -122,7 +122,9 @@ def byte_level_tokenizer(meta: dict) -> Tokenizer:
     tok = Tokenizer(bpe_model(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="",
                               fuse_unk=False, dropout=None, ignore_merges=ignore_merges))
     if regexes is None:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(meta.get("tokenizer.ggml.add_space_prefix")))
+        # no space before the text, whatever tokenizer.ggml.add_space_prefix says: llama.cpp prefixes one to
+        # sentencepiece text alone (transformers' GGUF conversion prefixes one here)
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
         splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
         tok.pre_tokenizer = pre_tokenizers.Sequence(
