@@ -156,6 +156,20 @@ def test_routing_and_head_sizes_match_transformers(tmp_path, q_lora_rank, overri
     assert_logits_match(ref_model, str(tmp_path / "b"))
 
 
+def test_expanded_cache_with_a_value_head_wider_than_the_key_is_refused(tmp_path):
+    """The expanded cache holds V in K's head size (qk_nope + qk_rope): a wider v_head_dim built a graph whose
+    every generation failed inside onnxruntime. Refused at build, naming the latent cache, which serves it."""
+    from speccompile.errors import UnsupportedModelError
+    sizes = dict(qk_nope_head_dim=8, qk_rope_head_dim=24, v_head_dim=40)
+    ref_model = make_checkpoint(str(tmp_path / "ck"), **sizes)
+    with pytest.raises(UnsupportedModelError, match=r"v_head_dim 40 exceeds .* = 32; build with the latent cache"):
+        build_bundle(str(tmp_path / "ck"), str(tmp_path / "e"), drafts=["none"], max_seq_len=64,
+                     mla_cache="expanded", progress=quiet)
+    assert not (tmp_path / "e").exists()
+    build_bundle(str(tmp_path / "ck"), str(tmp_path / "b"), drafts=["none"], max_seq_len=64, progress=quiet)
+    assert_logits_match(ref_model, str(tmp_path / "b"))
+
+
 def test_misshapen_norm_or_output_head_refused_at_build(tmp_path):
     """Each norm's length and the output head's shape are checked when the weights are lowered: one of another
     size built a bundle that failed inside onnxruntime at every generation (or, of length 1, broadcast and

@@ -331,6 +331,11 @@ class ModelConfig:
             if self.cache_head_dim % 8:
                 raise UnsupportedModelError(f"kv_lora_rank + qk_rope_head_dim = {self.cache_head_dim} is not a "
                                             "multiple of 8 (fused attention over the latent cache)")
+            if self.mla_cache == "expanded" and self.v_head_dim > self.cache_head_dim:
+                # the kernel takes V in K's head size: a wider V was cut short, and every generation failed
+                raise UnsupportedModelError(f"mla_cache='expanded': v_head_dim {self.v_head_dim} exceeds the key's "
+                                            f"qk_nope_head_dim + qk_rope_head_dim = {self.cache_head_dim}; build "
+                                            "with the latent cache (the default)")
             return
         if self.head_dim % 16 or self.rope_dim % 16:
             raise UnsupportedModelError(f"head_dim {self.head_dim} (rotated: {self.rope_dim}) is not a multiple of "
