@@ -113,6 +113,48 @@ def test_mtp_drafting_is_lossless(tmp_path, tree):
     assert max(assert_lossless(g, "mtp", random_prompts(6), 32, tree)) > 1.0
 
 
+def test_mtp_layer_logits_match_reference(tmp_path):
+    """The MTP head's logits against transformers' own layer on eh_proj([enorm(embed(x)); hnorm(h)]), then
+    shared_head.norm and the target's head. The drafting tests pass with any head that repeats tokens (the preset's
+    MTP layer does, its block's outputs zeroed): a random block here, and norms that differ from each other."""
+    from safetensors.numpy import load_file, save_file
+    ck = str(tmp_path / "ck")
+    model = make_checkpoint(ck, with_mtp=True)
+    L, H = model.config.num_hidden_layers, model.config.hidden_size
+    p = f"model.layers.{L}."
+    rng = np.random.default_rng(5)
+    last = load_file(os.path.join(ck, "model-00001-of-00002.safetensors"))
+    mtp = {k.replace(f"layers.{L - 1}.", f"layers.{L}."): v for k, v in last.items() if f"layers.{L - 1}." in k}
+    mtp |= {p + n: (1 + 0.2 * rng.standard_normal(H)).astype(np.float32)
+            for n in ("enorm.weight", "hnorm.weight", "shared_head.norm.weight")}
+    mtp[p + "eh_proj.weight"] = (rng.standard_normal((H, 2 * H)) / (2 * H) ** 0.5).astype(np.float32)
+    mtp[p + "shared_head.head.weight"] = model.lm_head.weight.detach().numpy()
+    save_file(mtp, os.path.join(ck, "model-00002-of-00002.safetensors"))
+    out = str(tmp_path / "b")
+    build_bundle(ck, out, drafts=[f"mtp:{ck}"], max_seq_len=64, progress=quiet)
+    eng = Engine(out, read_manifest(out)["models"]["mtp_head"], threads=1, max_rows=16)
+    ids, hidden = rng.integers(3, 384, 10), 3 * rng.standard_normal((10, H)).astype(np.float32)
+    logits, _ = eng.forward(ids, positions=np.arange(1, 11), hidden_in=hidden, rows=np.arange(10))
+    assert np.abs(logits - _reference_mtp(model, mtp, p, ids, hidden)).max() < TOL
+
+
+def _reference_mtp(model, mtp, p, ids, hidden):
+    """transformers' decoder (one layer: the MTP block, its final norm: shared_head.norm) on the MTP input."""
+    cfg = transformers.DeepseekV3Config(**model.config.to_dict() | dict(num_hidden_layers=1, first_k_dense_replace=0))
+    block = transformers.DeepseekV3Model(cfg).eval()
+    block.layers[0].load_state_dict(model.model.layers[-1].state_dict())  # the MTP block: a copy of the last layer
+    block.norm.weight.data = torch.tensor(mtp[p + "shared_head.norm.weight"])
+
+    def rms(x, w):
+        return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + cfg.rms_norm_eps) * w
+    embedded = model.model.embed_tokens.weight.detach().numpy()[ids]
+    z = np.concatenate([rms(embedded, mtp[p + "enorm.weight"]), rms(hidden, mtp[p + "hnorm.weight"])], -1)
+    with torch.no_grad():
+        out = block(inputs_embeds=torch.tensor(z @ mtp[p + "eh_proj.weight"].T)[None],
+                    position_ids=torch.arange(1, len(ids) + 1)[None]).last_hidden_state[0]
+        return model.lm_head(out).numpy()
+
+
 @pytest.mark.parametrize("mla_cache", ["latent", "expanded"])
 def test_quantized_weights_build_and_stay_lossless(tmp_path, mla_cache):
     """--weights int8 packs the attention's output matrix too; MLA once multiplied by the float name it no longer
@@ -147,10 +189,12 @@ def test_missing_or_misshapen_expert(tmp_path):
     (None, dict(norm_topk_prob=False, routed_scaling_factor=1.0, first_k_dense_replace=0, n_shared_experts=2,
                 qk_nope_head_dim=24, qk_rope_head_dim=8, v_head_dim=12, tie_word_embeddings=True)),
     (20, dict(n_routed_experts=16, n_group=8, topk_group=3, num_experts_per_tok=3, n_shared_experts=0,
-              first_k_dense_replace=2, qk_nope_head_dim=8, qk_rope_head_dim=24, v_head_dim=40))])
+              first_k_dense_replace=2, qk_nope_head_dim=8, qk_rope_head_dim=24, v_head_dim=40)),
+    (None, dict(norm_topk_prob=False, routed_scaling_factor=2.5))])
 def test_routing_and_head_sizes_match_transformers(tmp_path, q_lora_rank, overrides):
     """Routing without renormalisation or scale, every layer or the last only MoE, no or two shared experts,
-    finer groups, and rope / nope / v head sizes all different."""
+    finer groups, and rope / nope / v head sizes all different. Scaled but not renormalised: the scale applied
+    once, and not where a renormalisation would cancel it."""
     ref_model = make_checkpoint(str(tmp_path / "ck"), q_lora_rank, **overrides)
     build_bundle(str(tmp_path / "ck"), str(tmp_path / "b"), drafts=["none"], max_seq_len=64, progress=quiet)
     assert_logits_match(ref_model, str(tmp_path / "b"))

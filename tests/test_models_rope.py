@@ -40,7 +40,27 @@ def test_deepseek_yarn_matches_transformers_and_mtp_is_lossless(tmp_path):
     build_bundle(ck, out, drafts=[f"mtp:{ck}"], progress=quiet)
     m = read_manifest(out)
     assert m["max_seq_len"] == 128  # the model's own context, under the default 2048
-    eng = Engine(out, m["models"]["target"], threads=1, max_rows=48)
+    _assert_yarn_logits_match(model, out)
+    import speccompile
+    g = speccompile.load(out, threads=1)
+    assert max(assert_lossless(g, "mtp", random_prompts(3), 24)) > 1.0
+
+
+def test_deepseek_yarn_expanded_cache_matches_transformers(tmp_path):
+    """The expanded MLA cache (build_bundle's mla_cache="expanded") scales its softmax by YaRN's mscale^2 too:
+    its own attention node, which no test with YaRN built."""
+    ck = str(tmp_path / "ck")
+    model = tiny_deepseek_checkpoint(ck, 24, max_position_embeddings=128,
+                                     rope_parameters=dict(YARN, rope_theta=10000.0))
+    edit_config(ck, _deepseek_hub_spelling)
+    out = str(tmp_path / "b")
+    build_bundle(ck, out, drafts=["none"], mla_cache="expanded", progress=quiet)
+    _assert_yarn_logits_match(model, out)
+
+
+def _assert_yarn_logits_match(model, out):
+    """Logits past the original context (32) against transformers', prefilled then one token at a time."""
+    eng = Engine(out, read_manifest(out)["models"]["target"], threads=1, max_rows=48)
     ids = np.random.default_rng(4).integers(3, 384, 60)
     ref = reference_logits(model, ids)
     logits, _ = eng.forward(ids[:48], rows=np.arange(48))
@@ -50,9 +70,6 @@ def test_deepseek_yarn_matches_transformers_and_mtp_is_lossless(tmp_path):
         logits, _ = eng.forward(ids[t:t + 1])
         eng.cache.truncate(t + 1)
         assert np.abs(logits[0] - ref[t]).max() < 1e-4, t
-    import speccompile
-    g = speccompile.load(out, threads=1)
-    assert max(assert_lossless(g, "mtp", random_prompts(3), 24)) > 1.0
 
 
 @pytest.mark.parametrize("params", [
