@@ -42,6 +42,16 @@ def test_config_without_rope_interleave_is_interleaved(tmp_path):
     assert_logits_match(ref_model, str(tmp_path / "b"))
 
 
+@pytest.mark.parametrize("mla_cache", ["latent", "expanded"])
+def test_rope_not_interleaved_matches_transformers(tmp_path, mla_cache):
+    """rope_interleave: false rotates the rope parts' halves, not their pairs (the tests above all interleave)."""
+    ref_model = make_checkpoint(str(tmp_path / "ck"), 24, rope_interleave=False)
+    assert json.loads((tmp_path / "ck" / "config.json").read_text())["rope_interleave"] is False
+    build_bundle(str(tmp_path / "ck"), str(tmp_path / "b"), drafts=["none"], max_seq_len=64, mla_cache=mla_cache,
+                 progress=quiet)
+    assert_logits_match(ref_model, str(tmp_path / "b"))
+
+
 @pytest.mark.parametrize("q_lora_rank,mla_cache", [(24, "latent"), (None, "expanded")])
 def test_attention_bias_matches_transformers(tmp_path, q_lora_rank, mla_cache):
     """attention_bias: true biases q_a_proj (where q is low-rank), kv_a_proj_with_mqa and o_proj."""
