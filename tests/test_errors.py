@@ -251,6 +251,43 @@ def test_manifest_path_outside_bundle(bundle_copy, tmp_path):
     assert_cli_error(cli("inspect", bundle_copy), "outside the bundle")
 
 
+def _read_from(graph, location, constant=False):
+    """The onnx ModelProto `graph` reading its initializers' data (or a Constant node's) from `location`."""
+    import onnx
+    if constant:
+        tensor = onnx.TensorProto(name="c", data_type=onnx.TensorProto.FLOAT, dims=[4],
+                                  data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", location), ("offset", "0"), ("length", "16")):
+            tensor.external_data.add(key=key, value=value)
+        graph.graph.node.append(onnx.helper.make_node("Constant", [], ["unused"], value=tensor))
+        return
+    for tensor in graph.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "constant"])
+def test_a_graph_reading_tensor_data_from_outside_the_bundle_is_refused_before_it_is_opened(
+        bundle_copy, tmp_path, monkeypatch, where):
+    """A graph's external data names the file onnxruntime reads a tensor from: one outside the bundle (a copy of
+    its weights, so that the graph would run) was read by onnxruntime releases that do not check the path, while
+    inspect called the bundle verified. Refused by read_manifest, before onnxruntime opens any graph."""
+    import onnx
+    shutil.copy(bundle_copy / "target.bin", tmp_path / "outside.bin")
+    location = str(tmp_path / "outside.bin") if where == "absolute" else "../outside.bin"
+    graph = onnx.load(str(bundle_copy / "target.onnx"), load_external_data=False)
+    _read_from(graph, location, constant=where == "constant")
+    onnx.save(graph, str(bundle_copy / "target.onnx"))
+    _rehash(bundle_copy, "target.onnx")
+    opened = []
+    monkeypatch.setattr(onnxruntime, "InferenceSession", lambda *args, **kw: opened.append(args))
+    with pytest.raises(BundleError, match="target.onnx reads tensor data from .*outside.bin"):
+        speccompile.load(str(bundle_copy), threads=1)
+    assert not opened
+    assert_cli_error(cli("inspect", bundle_copy, "--no-verify"), "target.onnx", "outside.bin", "does not list")
+
+
 def test_not_a_bundle(tmp_path):
     assert_cli_error(cli("inspect", tmp_path), "no manifest.json")
     assert_cli_error(cli("generate", tmp_path / "missing", "hi"), "not found")

@@ -7,10 +7,10 @@ Layout:
   <weights>.bin        weights, stored once; graphs reference them by offset (ONNX external data)
   tokenizer/...        the tokenizer files as the checkpoint had them
 
-A bundle is trusted only as far as it is checked (read_manifest; docs/guarantees.md): its schema, no file it
-does not list, every file's hash. Bundles are written into a temporary directory beside the destination and
-renamed into place, under a lock on the destination, so a failed build leaves nothing half-written and a build
-never replaces anything but a bundle.
+A bundle is trusted only as far as it is checked (read_manifest; docs/guarantees.md): its schema, no file it does
+not list, every file's hash, no graph's tensor data outside those files. Bundles are written into a temporary
+directory beside the destination and renamed into place, under a lock on the destination, so a failed build leaves
+nothing half-written and a build never replaces anything but a bundle.
 """
 from __future__ import annotations
 
@@ -30,7 +30,9 @@ import numpy as np
 from speccompile.errors import BundleError
 from speccompile.format.atomic import ASIDE, as_created, replace_folder
 from speccompile.format.drafter_kinds import FUSE_MODEL_KIND, KINDS
+from speccompile.format.external_data import check_graph_data
 from speccompile.format.manifest_schema import validate_manifest
+from speccompile.format.paths import resolve_inside
 from speccompile.format.requirements import check_graph_versions, check_runtime, runtime_requirements
 
 FORMAT = "speccompile-bundle"
@@ -290,21 +292,10 @@ def finalize_manifest(bundle_dir: str, manifest: dict) -> dict:
     return manifest
 
 
-def resolve_inside(bundle_dir: str, rel: str) -> str:
-    """A manifest path, refused if it escapes the bundle (absolute, '..', or a symlink out)."""
-    if not isinstance(rel, str) or not rel or "\0" in rel:
-        raise BundleError(f"manifest path {rel!r:.80} is not a file name")
-    root = os.path.realpath(bundle_dir)
-    p = os.path.realpath(os.path.join(root, rel))
-    if os.path.isabs(rel) or os.path.commonpath([root, p]) != root:
-        raise BundleError(f"manifest path {rel!r} points outside the bundle")
-    return p
-
-
 def read_manifest(bundle_dir: str, verify_hashes: bool = True) -> dict:
     """The manifest of `bundle_dir`, trusted only as far as it is checked: its format version, its schema (before
-    any field is used), no file in the bundle that it does not list, every listed file's size and sha256, the
-    names it cross-references, and the onnxruntime its graphs need. Any failure is a BundleError."""
+    any field is used), no file in the bundle that it does not list, every listed file's size and sha256, the names
+    it cross-references, the files its graphs read, the onnxruntime they need. Any failure is a BundleError."""
     path = os.path.join(bundle_dir, MANIFEST)
     if not os.path.isdir(bundle_dir):
         raise BundleError(f"bundle not found: {bundle_dir}")
@@ -327,6 +318,7 @@ def read_manifest(bundle_dir: str, verify_hashes: bool = True) -> dict:
         if verify_hashes and _sha256(p) != info["sha256"]:
             raise BundleError(f"bundle file {rel} does not match its sha256 in the manifest (modified or corrupt)")
     _check_references(bundle_dir, m)
+    check_graph_data(bundle_dir, m)  # before any graph is opened: what each reads besides itself
     check_graph_versions(m["models"])
     check_runtime(m.get("runtime"))
     return m

@@ -57,6 +57,7 @@ _MODEL = {
     "type": "object", "required": ["graph", "weights", "kind", "config", "inputs", "outputs"],
     "properties": {
         "graph": _PATH, "weights": {"type": "array", "minItems": 1, "maxItems": 64, "items": _PATH},
+        "kv_compact": _PATH,  # the graph a device-resident KV cache compacts with
         "kind": _STRING, "config": _CONFIG, "num_layers": _LAYERS, "num_heads": {**_SIZE, "maximum": 64},
         "kv_cache": _KV_CACHE, "inputs": _TENSORS, "outputs": _OUTPUTS,
         "max_batch": {"type": "integer", "minimum": 1, "maximum": 64},  # sequence slots of a batched graph

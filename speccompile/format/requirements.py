@@ -42,15 +42,15 @@ def runtime_requirements(graph_paths: list[str]) -> dict:
 def opset_imports(model_proto: bytes) -> list[tuple[str, int]]:
     """(domain, version) of each opset a serialized ModelProto imports ("" is the default ONNX domain)."""
     out = []
-    for field, value in _fields(model_proto):
+    for field, value in protobuf_fields(model_proto):
         if field == _OPSET_IMPORT:
-            entry = dict((f, v) for f, v in _fields(value))
+            entry = dict((f, v) for f, v in protobuf_fields(value))
             domain = bytes(entry.get(_DOMAIN, b"")).decode()
             out.append((_DEFAULT_DOMAIN_ALIASES.get(domain, domain), int(entry.get(_VERSION, 1))))
     return out
 
 
-def _fields(buf: bytes):
+def protobuf_fields(buf: bytes):
     """(field number, value) of each field at one level of a protobuf message: varints as ints, length-delimited
     fields as bytes (fixed-width ones skipped)."""
     view, i = memoryview(buf), 0
