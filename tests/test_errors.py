@@ -267,25 +267,29 @@ def _read_from(graph, location, constant=False):
                 entry.value = location
 
 
-@pytest.mark.parametrize("where", ["parent", "absolute", "constant"])
+@pytest.mark.parametrize("graph_file, where", [("target.onnx", "parent"), ("target.onnx", "absolute"),
+                                               ("target.onnx", "constant"), ("target.onnx", "manifest"),
+                                               ("draft.kv_compact.onnx", "constant")])
 def test_a_graph_reading_tensor_data_from_outside_the_bundle_is_refused_before_it_is_opened(
-        bundle_copy, tmp_path, monkeypatch, where):
+        bundle_copy, tmp_path, monkeypatch, graph_file, where):
     """A graph's external data names the file onnxruntime reads a tensor from: one outside the bundle (a copy of
     its weights, so that the graph would run) was read by onnxruntime releases that do not check the path, while
-    inspect called the bundle verified. Refused by read_manifest, before onnxruntime opens any graph."""
+    inspect called the bundle verified. Refused by read_manifest, before onnxruntime opens any graph: a model's
+    graph (its initializers, or a Constant node's tensor) or its KV compaction graph (opened on a GPU)."""
     import onnx
     shutil.copy(bundle_copy / "target.bin", tmp_path / "outside.bin")
-    location = str(tmp_path / "outside.bin") if where == "absolute" else "../outside.bin"
-    graph = onnx.load(str(bundle_copy / "target.onnx"), load_external_data=False)
+    location = {"absolute": str(tmp_path / "outside.bin"), "manifest": "manifest.json"}.get(where, "../outside.bin")
+    graph = onnx.load(str(bundle_copy / graph_file), load_external_data=False)
     _read_from(graph, location, constant=where == "constant")
-    onnx.save(graph, str(bundle_copy / "target.onnx"))
-    _rehash(bundle_copy, "target.onnx")
+    onnx.save(graph, str(bundle_copy / graph_file))
+    _rehash(bundle_copy, graph_file)
     opened = []
     monkeypatch.setattr(onnxruntime, "InferenceSession", lambda *args, **kw: opened.append(args))
-    with pytest.raises(BundleError, match="target.onnx reads tensor data from .*outside.bin"):
+    name = "manifest.json" if where == "manifest" else "outside.bin"  # inside the bundle, but not hashed
+    with pytest.raises(BundleError, match=f"{graph_file} reads tensor data from .*{name}"):
         speccompile.load(str(bundle_copy), threads=1)
     assert not opened
-    assert_cli_error(cli("inspect", bundle_copy, "--no-verify"), "target.onnx", "outside.bin", "does not list")
+    assert_cli_error(cli("inspect", bundle_copy, "--no-verify"), graph_file, name, "does not list")
 
 
 def test_not_a_bundle(tmp_path):
