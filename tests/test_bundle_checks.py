@@ -3,6 +3,7 @@ requires one BundleError naming it, from the Python API and as one `error:` line
 "What is verified when a bundle is loaded")."""
 import hashlib
 import json
+import os
 import shutil
 
 import pytest
@@ -144,3 +145,41 @@ def test_a_compaction_graph_must_be_a_hashed_file(bundle_copy, value, words):
     device."""
     edit_manifest(bundle_copy, lambda m: m["models"]["target"].update(kv_compact=value))
     assert_refused(bundle_copy, *words)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: [o.update(shape=[o["shape"][0], 500]) for o in m["models"]["target"]["outputs"]
+                if o["name"] == "logits"], ["target.onnx", "logits a width of 500"]),
+    (lambda m: m["models"]["draft"]["config"].update(hidden_size=96), ["draft.onnx", "hidden_states a width of 96"]),
+])
+def test_output_widths_unlike_the_graphs_are_refused_when_the_graph_is_opened(bundle_copy, edit, words):
+    """The runtime sizes the logits and hidden-state buffers from the manifest before any pass."""
+    edit_manifest(bundle_copy, edit)
+    with pytest.raises(BundleError) as refused:
+        speccompile.load(str(bundle_copy), threads=1)
+    for w in words:
+        assert w in str(refused.value), str(refused.value)
+
+
+def test_a_graph_file_replaced_after_loading_by_one_of_the_same_size_is_refused(bundle_copy):
+    """The batched graph opens at the first shared pass: a file replaced since loading (another inode and time,
+    here the same bytes) is one error, not opened, even where its size did not change."""
+    from conftest import random_prompts
+    g = speccompile.load(str(bundle_copy), threads=1)
+    path = bundle_copy / "target_batch.onnx"
+    (bundle_copy / "replacement").write_bytes(path.read_bytes())
+    os.replace(bundle_copy / "replacement", path)
+    with pytest.raises(BundleError, match="changed on disk since it was loaded"):
+        g.generate(random_prompts(2, seed=3), 8)
+
+
+def test_a_listed_file_missing_is_a_bundle_error(bundle_copy):
+    """Through the API too: a BundleError naming the file, not an OSError from a later stat."""
+    (bundle_copy / "draft.bin").unlink()
+    assert_refused(bundle_copy, "bundle file missing", "draft.bin", verify=False)
+
+
+def test_sequence_slots_past_the_limit_are_refused_by_the_schema(bundle_copy):
+    """max_batch sizes the batched KV cache and the scheduler's slots: bounded before anything is sized from it."""
+    edit_manifest(bundle_copy, lambda m: m["models"]["target_batch"].update(max_batch=10**9))
+    assert_refused(bundle_copy, "invalid manifest field", "models/target_batch/max_batch")
