@@ -746,3 +746,32 @@ def test_concurrency_percentiles_and_time_per_output_token():
     assert out["ttft_s"] == {"p50": 50.0, "p90": 90.0, "p99": 99.0}
     assert out["time_per_output_token_s"]["p50"] == pytest.approx(0.2)
     assert out["tokens_per_second"] == 505 / 10.0
+
+
+def test_an_onnxruntime_without_batched_attention_runs_requests_one_at_a_time(tiny_bundle, monkeypatch):
+    """onnxruntime before 1.32 has no GroupQueryAttention input for each sequence's query rows, which the batched
+    graph binds: concurrent requests then run one after another (with a warning), never fail at their first
+    shared pass."""
+    from types import SimpleNamespace
+
+    import onnxruntime as ort
+
+    from speccompile.format import requirements
+    from speccompile.runtime import kv_cache
+    assert requirements.runs_batched_attention()  # this onnxruntime's, as setup.py requires
+    requirements.provided_domains()  # cached from the real schemas before they are faked below
+
+    def gqa(max_input):
+        return lambda: [SimpleNamespace(name="GroupQueryAttention", domain="com.microsoft", max_input=max_input)]
+    with monkeypatch.context() as m:
+        m.setattr(ort.capi.onnxruntime_pybind11_state, "get_all_operator_schema", gqa(16))
+        assert not requirements.runs_batched_attention()
+        m.setattr(ort.capi.onnxruntime_pybind11_state, "get_all_operator_schema", gqa(17))
+        assert requirements.runs_batched_attention()
+    monkeypatch.setattr(kv_cache, "runs_batched_attention", lambda: False)
+    with pytest.warns(UserWarning, match="concurrent requests will run one after another"):
+        gen = speccompile.load(tiny_bundle, threads=1)
+    assert gen.scheduler is None
+    prompts = ["the cat", "a dog ran"]
+    alone = [gen.generate(p, 6, temperature=0).token_ids for p in prompts]
+    assert [r.token_ids for r in gen.generate(prompts, 6, temperature=0)] == alone

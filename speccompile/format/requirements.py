@@ -87,6 +87,17 @@ def provided_domains() -> frozenset[str] | None:
     return frozenset(s.domain for s in schemas()) if schemas else None
 
 
+def runs_batched_attention() -> bool:
+    """Whether this onnxruntime's GroupQueryAttention takes each sequence's own query rows (its 17th input,
+    query_seqlens, which the batched target graph binds; onnxruntime 1.32 added it). Assumed where this build of
+    onnxruntime lists no operator schemas."""
+    schemas = getattr(ort.capi.onnxruntime_pybind11_state, "get_all_operator_schema", None)
+    if schemas is None:
+        return True
+    return any(s.name == "GroupQueryAttention" and s.domain == "com.microsoft" and s.max_input >= 17
+               for s in schemas())
+
+
 def _version(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
 

@@ -18,6 +18,7 @@ import onnxruntime as ort
 
 from speccompile.errors import BundleError
 from speccompile.format.memory import load_memory
+from speccompile.format.requirements import runs_batched_attention
 from speccompile.runtime.sessions import bind_host, run_bound
 
 # the bundle's cache dtype -> (numpy storage type, ONNX element type): bfloat16 is stored as its 16 bits
@@ -167,7 +168,12 @@ def host_caches(manifest: dict, device: str, resident: bool) -> tuple[dict | Non
     if device != "cpu" or resident:
         return None, None
     check_fits(manifest)
-    return batch_cache(manifest)
+    entry, cache = batch_cache(manifest)
+    if entry and not runs_batched_attention():  # an older onnxruntime: requests run one at a time, not fail
+        warnings.warn(f"this onnxruntime {ort.__version__} cannot run the bundle's batched graph (its attention "
+                      "needs onnxruntime >= 1.32): concurrent requests will run one after another", stacklevel=3)
+        return None, None
+    return entry, cache
 
 
 def batch_cache(manifest: dict) -> tuple[dict | None, KVCache | None]:
