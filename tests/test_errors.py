@@ -372,6 +372,8 @@ def test_a_graph_of_a_newer_contract_is_refused_at_load(bundle_copy):
     from speccompile.graphs import DECODER_GRAPH_VERSION
     _edit_manifest(bundle_copy, lambda m: m["models"]["target"].update(graph_version=DECODER_GRAPH_VERSION + 1))
     assert_cli_error(cli("inspect", bundle_copy), "built by a newer speccompile", "upgrade speccompile")
+    _edit_manifest(bundle_copy, lambda m: m["models"]["target"].update(graph_version=str(DECODER_GRAPH_VERSION + 1)))
+    assert_cli_error(cli("inspect", bundle_copy), "graph_version")  # not a number: the version check cannot skip it
     _edit_manifest(bundle_copy, lambda m: m["models"]["target"].update(graph_version=DECODER_GRAPH_VERSION))
     read_manifest(str(bundle_copy))
 

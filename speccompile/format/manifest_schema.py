@@ -61,6 +61,9 @@ _MODEL = {
         "kind": _STRING, "config": _CONFIG, "num_layers": _LAYERS, "num_heads": {**_SIZE, "maximum": 64},
         "kv_cache": _KV_CACHE, "inputs": _TENSORS, "outputs": _OUTPUTS,
         "max_batch": {"type": "integer", "minimum": 1, "maximum": 64},  # sequence slots of a batched graph
+        "graph_version": {"type": "integer", "minimum": 1},  # the graph contract (speccompile.graphs) it follows
+        "tensorrt": {"type": "object", "required": ["graph", "engine"],  # build --backend tensorrt
+                     "properties": {"graph": _PATH, "engine": _PATH}},
         "initializers": {"type": "array", "items": _STRING},
         # the target's features EAGLE heads read: layer indices, or "norm" (the final norm's output)
         "aux_hidden_layers": {"type": "array", "maxItems": 64, "items": {"anyOf": [_INDEX, _STRING]}},
