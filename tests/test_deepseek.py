@@ -145,11 +145,22 @@ def test_mtp_layer_logits_match_reference(tmp_path):
     eng = Engine(out, read_manifest(out)["models"]["mtp_head"], threads=1, max_rows=16)
     ids, hidden = rng.integers(3, 384, 10), 3 * rng.standard_normal((10, H)).astype(np.float32)
     logits, _ = eng.forward(ids, positions=np.arange(1, 11), hidden_in=hidden, rows=np.arange(10))
-    assert np.abs(logits - _reference_mtp(model, mtp, p, ids, hidden)).max() < TOL
+    ref_logits, ref_hidden = _reference_mtp(model, mtp, p, ids, hidden)
+    assert np.abs(logits - ref_logits).max() < TOL
+    # what it reads at the next depth: its output after shared_head.norm, as it reads the target's after its norm
+    assert np.abs(eng.hidden[:10] - ref_hidden).max() < TOL
+    import speccompile
+    gen = speccompile.load(out, threads=1)
+    mtp_drafter = gen.drafters[read_manifest(out)["drafters"][0]["name"]]
+    gen.target.forward(ids, positions=np.arange(10), rows=np.arange(10))
+    with torch.no_grad():
+        normed = model.model(torch.tensor(ids)[None]).last_hidden_state[0].numpy()  # after the final norm
+    assert np.abs(mtp_drafter.features(gen.target, np.arange(10)) - normed).max() < TOL
 
 
 def _reference_mtp(model, mtp, p, ids, hidden):
-    """transformers' decoder (one layer: the MTP block, its final norm: shared_head.norm) on the MTP input."""
+    """transformers' decoder (one layer: the MTP block, its final norm: shared_head.norm) on the MTP input: its
+    logits and its output after that norm."""
     cfg = transformers.DeepseekV3Config(**model.config.to_dict() | dict(num_hidden_layers=1, first_k_dense_replace=0))
     block = transformers.DeepseekV3Model(cfg).eval()
     block.layers[0].load_state_dict(model.model.layers[-1].state_dict())  # the MTP block: a copy of the last layer
@@ -162,7 +173,7 @@ def _reference_mtp(model, mtp, p, ids, hidden):
     with torch.no_grad():
         out = block(inputs_embeds=torch.tensor(z @ mtp[p + "eh_proj.weight"].T)[None],
                     position_ids=torch.arange(1, len(ids) + 1)[None]).last_hidden_state[0]
-        return model.lm_head(out).numpy()
+        return model.lm_head(out).numpy(), out.numpy()
 
 
 @pytest.mark.parametrize("mla_cache", ["latent", "expanded"])

@@ -12,6 +12,7 @@ from speccompile.compile.config import ModelConfig
 from speccompile.compile.drafters.base import DrafterBuild, TargetBuild
 from speccompile.compile.drafters.head_weights import head_shared_weights, int8_draft_head
 from speccompile.compile.graph.draft_heads import build_mtp_head
+from speccompile.compile.graph.output import NORM_TAP
 from speccompile.compile.weights.decoder import lower_mtp_weights
 from speccompile.compile.model_entries import decoder_entry, source_entry
 from speccompile.compile.sources import default_head_path, load_mtp_head
@@ -19,6 +20,12 @@ from speccompile.errors import CheckpointError
 from speccompile.format.drafter_kinds import DraftSpec
 
 NAME, WEIGHTS = "mtp_head", "mtp.bin"
+
+
+def target_features(spec: DraftSpec, cfg: ModelConfig) -> list:
+    """DeepSeek-V3's own MTP layer reads the target's output after its final norm (the checkpoint's modeling code
+    hands it that; vLLM and SGLang feed it so), a head trained here the hidden states before it."""
+    return [NORM_TAP] if cfg.is_mla else []
 
 
 def build(spec: DraftSpec, target: TargetBuild) -> DrafterBuild:
@@ -37,13 +44,18 @@ def build(spec: DraftSpec, target: TargetBuild) -> DrafterBuild:
     if opts.draft_precision == "int8" and not cfg.is_mla:
         target.progress("      quantize: the MTP head's matrices to int8 (speccompile.compile.quantize.int8)")
         weights = int8_draft_head(weights, target_w)
+    features = target_features(spec, cfg)
+    assert all(t in target.features for t in features)  # the driver asked target_features
+    # DeepSeek-V3's layer drafts further on its own output after shared_head.norm, as it reads the target's
     graph = build_mtp_head(block, weights | head_shared_weights(weights, target_w), opts.max_seq_len,
-                           attention=opts.attention, fused=opts.fused, name=NAME)
+                           attention=opts.attention, fused=opts.fused, name=NAME, normed_hidden=bool(features))
     files = [WEIGHTS, "target.bin"]
     model = decoder_entry(NAME, cfg, 1, opts.max_seq_len, files, opts.attention, mtp=True,
                           draft_vocab=None if d2t is None else len(d2t))
     if d2t is not None:
         model["draft_to_target"] = d2t.tolist()
+    if features:
+        model["target_features"] = features
     model["source"] = source_entry(path)
     return DrafterBuild(entry={"model": NAME}, weights={WEIGHTS: weights}, graphs={NAME: (graph, files)},
                         models={NAME: model})

@@ -27,13 +27,15 @@ from speccompile.plugins import tree_attention
 
 
 def build_mtp_head(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len: int, attention: str = "ort",
-                   fused: bool = True, name: str = "mtp_head") -> GraphBuilder:
+                   fused: bool = True, name: str = "mtp_head", normed_hidden: bool = False) -> GraphBuilder:
+    """normed_hidden: the hidden states it outputs (what it reads at the next depth) after its final norm, not
+    before (DeepSeek-V3's own layer, which reads the target's output after the final norm)."""
     s, signature = _open_head(name, cfg, weights, max_seq_len, attention, fused)
     g, W = s.g, s.W
     e = g.op("Gather", [W.get("mtp.embed", W["embed"]), "input_ids"], axis=0)[0]
     both = g.op("Concat", [s.norm(e, W["mtp.enorm"]), s.norm("hidden_in", W["mtp.hnorm"])], axis=-1)[0]
     z = matmul(g, both, W, "mtp.eh_proj")
-    return _close_head(s, signature, s.norm(z, W["mtp.l0.attn_norm"]), z, W["mtp.norm"])
+    return _close_head(s, signature, s.norm(z, W["mtp.l0.attn_norm"]), z, W["mtp.norm"], normed_hidden)
 
 
 def build_eagle_head(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len: int, attention: str = "ort",
@@ -87,9 +89,11 @@ def _open_head(name, cfg, weights, max_seq_len, attention, fused) -> tuple[Stack
     return open_graph(name, cfg, signature, weights, keep, attention, fused), signature
 
 
-def _close_head(s: Stack, signature, x: str, h: str, final_norm: str | None) -> GraphBuilder:
-    """The head's block on x (attention input) and h (residual), then its output head; final_norm None: none."""
+def _close_head(s: Stack, signature, x: str, h: str, final_norm: str | None,
+                normed_hidden: bool = False) -> GraphBuilder:
+    """The head's block on x (attention input) and h (residual), then its output head; final_norm None: none.
+    normed_hidden: its hidden_states output after the final norm."""
     x, h, _ = decoder_layers(s, "mtp.", 1, x, h, final_norm)
-    rows, _ = hidden_outputs(s.g, x, h)
+    rows, _ = hidden_outputs(s.g, x, x if normed_hidden else h)
     greedy_token(s.g, draft_head(s.g, rows, s.W), s.W.get("mtp.d2t"))
     return close_graph(s, signature)

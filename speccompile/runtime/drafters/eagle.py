@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from speccompile.errors import BundleError
 from speccompile.format.bundle import resolve_inside
 from speccompile.runtime.drafters.base import RuntimeContext
+from speccompile.runtime.drafters.features import aux_columns
 from speccompile.runtime.drafters.mtp import MtpDrafter
 from speccompile.runtime.engine import Engine, open_session, session_options
 
@@ -21,13 +21,8 @@ from speccompile.runtime.engine import Engine, open_session, session_options
 def load(entry: dict, ctx: RuntimeContext) -> "EagleDrafter":
     """An EAGLE-1 or EAGLE-3 head (kinds "eagle", "eagle3"): the target features it reads must be among those the
     target's graph outputs; EAGLE-3's fc that fuses them is a graph of its own (entry "fuse_model")."""
-    models, head, target = ctx.manifest["models"], ctx.model(entry), ctx.manifest["models"]["target"]
-    have = target.get("aux_hidden_layers", [])
-    if any(t not in have for t in head["target_features"]):
-        raise BundleError(f"drafter {entry['name']!r} reads target features {head['target_features']} that the "
-                          f"target graph does not output ({have})")
-    H = target["config"]["hidden_size"]
-    cols = np.concatenate([np.arange(H) + H * have.index(t) for t in head["target_features"]])
+    models, head = ctx.manifest["models"], ctx.model(entry)
+    cols = aux_columns(entry["name"], head, models["target"])
     fuse = None
     if entry.get("fuse_model"):
         fuse = open_session(resolve_inside(ctx.bundle_dir, models[entry["fuse_model"]]["graph"]),
@@ -40,11 +35,8 @@ class EagleDrafter(MtpDrafter):
     def __init__(self, name: str, engine: Engine, aux_columns: np.ndarray, fuse: ort.InferenceSession | None = None,
                  draft_to_target: list[int] | None = None, target_vocab: int | None = None):
         """aux_columns: the columns of the target's aux_hidden_states this head reads; fuse: EAGLE-3's fc."""
-        super().__init__(name, engine, draft_to_target, target_vocab)
-        self.aux_columns, self.fuse = aux_columns, fuse
-
-    def features(self, target, rows) -> np.ndarray:
-        return target.aux[rows][:, self.aux_columns]
+        super().__init__(name, engine, draft_to_target, target_vocab, aux_columns)
+        self.fuse = fuse
 
     def observe(self, start: int, hidden: np.ndarray) -> None:
         if self.fuse is not None:

@@ -1,9 +1,9 @@
 """A multi-token-prediction (MTP) head as the drafter (DeepSeek-V3's MTP module, applied recursively as EAGLE does).
 
 The head reads the target's own hidden state: at position t+1 it combines h_t (the target's residual stream
-before its final norm) with the embedding of token x_{t+1}, runs one decoder block over its own KV cache, and
-predicts x_{t+2} with the target's output head. Its output hidden state stands in for h_{t+1} when it drafts
-further ahead.
+before its final norm; for DeepSeek-V3's own MTP layer its output after that norm: drafters/features.py) with the
+embedding of token x_{t+1}, runs one decoder block over its own KV cache, and predicts x_{t+2} with the target's
+output head. Its output hidden state stands in for h_{t+1} when it drafts further ahead.
 
 The head's cache holds one slot per "true pair" (h_t, x_{t+1}) of the committed context; drafts are written after
 them and dropped after each proposal, so acceptance needs no roll back here.
@@ -17,6 +17,7 @@ from speccompile.graphs import MAX_STEP_TOKENS
 from speccompile.runtime.context_cache import Arrays, Part, kv_part, read_kv, write_kv
 from speccompile.runtime.drafters.base import Drafter, Proposal, RuntimeContext
 from speccompile.runtime.drafters.draft_model import _log_softmax, _TreeDraft, grow_tree
+from speccompile.runtime.drafters.features import aux_columns
 from speccompile.runtime.engine import Engine
 from speccompile.runtime.sampling import probabilities, sample
 
@@ -24,7 +25,8 @@ from speccompile.runtime.sampling import probabilities, sample
 def load(entry: dict, ctx: RuntimeContext) -> "MtpDrafter":
     model = ctx.model(entry)
     engine = Engine(ctx.bundle_dir, model, ctx.threads, ctx.device, max_rows=ctx.max_rows)
-    return MtpDrafter(entry["name"], engine, model.get("draft_to_target"), ctx.target.vocab_size)
+    return MtpDrafter(entry["name"], engine, model.get("draft_to_target"), ctx.target.vocab_size,
+                      aux_columns(entry["name"], model, ctx.manifest["models"]["target"]))
 
 
 def _token_map(name: str, draft_to_target: list[int] | None, head_vocab: int, target_vocab: int) -> np.ndarray | None:
@@ -48,10 +50,11 @@ class MtpDrafter(Drafter):
     wants_hidden = True
 
     def __init__(self, name: str, engine: Engine, draft_to_target: list[int] | None = None,
-                 target_vocab: int | None = None):
+                 target_vocab: int | None = None, aux_columns: np.ndarray | None = None):
         """draft_to_target: the target token id of each entry of a reduced draft vocabulary (EAGLE-3 style: the
-        head scores only frequent tokens, so its output matrix is a fraction of the target's)."""
-        self.name, self.engine = name, engine
+        head scores only frequent tokens, so its output matrix is a fraction of the target's); aux_columns: the
+        columns of the target's aux_hidden_states it reads instead of its hidden states (drafters/features.py)."""
+        self.name, self.engine, self.aux_columns = name, engine, aux_columns
         self.target_vocab = target_vocab or engine.vocab_size
         self.d2t = _token_map(name, draft_to_target, engine.vocab_size, self.target_vocab)
         self.h = np.zeros((engine.max_seq_len, engine.hidden.shape[1]), np.float32)  # target hidden per position
@@ -84,6 +87,9 @@ class MtpDrafter(Drafter):
         elif part == "kv":  # slots [-1, positions - 1): the first is block 0's padding
             write_kv(self.engine.cache, {n: a[1:] for n, a in arrays.items()})
             self.engine.cache.truncate(len(arrays["key"]) - 1)
+
+    def features(self, target, rows) -> np.ndarray:
+        return target.hidden[rows] if self.aux_columns is None else target.aux[rows][:, self.aux_columns]
 
     def observe(self, start: int, hidden: np.ndarray) -> None:
         """The target's hidden states of committed positions [start, start + len(hidden))."""
