@@ -12,8 +12,9 @@ from speccompile.train.heads import Head
 STATS = ("d1_all", "d1_resp", "d2_resp", "d2_resp_given_d1", "d1_resp_greedy")
 
 
-def _drafts(head: Head, emb_w, tok: np.ndarray, h: np.ndarray, chain: int) -> list:
-    """The head's greedy drafts at depths 1..chain from every position of one sequence."""
+def _drafts(head: Head, emb_w, out_w, tok: np.ndarray, h: np.ndarray, chain: int) -> list:
+    """The head's greedy drafts at depths 1..chain from every position of one sequence (emb_w: the target's
+    embedding, out_w: its output head)."""
     n = len(tok)
     pos = torch.arange(1, n)
     causal = pos[None, :] <= pos[:, None]
@@ -24,7 +25,7 @@ def _drafts(head: Head, emb_w, tok: np.ndarray, h: np.ndarray, chain: int) -> li
     o_prev = head.block(z, q, [k], [v], causal)
     ks, vs, masks, drafts = [k], [v], causal, []
     for d in range(1, chain + 1):
-        draft = head.draft(o_prev, emb_w)
+        draft = head.draft(o_prev, out_w)
         drafts.append(draft)
         if d == chain:
             break
@@ -74,8 +75,9 @@ def _count_chains(acc_depth: np.ndarray, drafts: list, tokt, lab, n: int, prompt
     return n_chains
 
 
-def evaluate(head: Head, data: Data, emb_w, ids: list[int], chain: int) -> dict:
-    """Metrics over sequences `ids` (chain >= 2: the length of the draft chains scored)."""
+def evaluate(head: Head, data: Data, emb_w, out_w, ids: list[int], chain: int) -> dict:
+    """Metrics over sequences `ids` (chain >= 2: the length of the draft chains scored); drafts scored with out_w,
+    the target's output head, as the runtime scores them."""
     stats = {k: [0, 0] for k in STATS}
     acc_depth = np.zeros(chain)  # chains whose first d drafts were all accepted
     n_chains = 0
@@ -84,7 +86,7 @@ def evaluate(head: Head, data: Data, emb_w, ids: list[int], chain: int) -> dict:
             tok, h, ti, _ = data.seq(j)
             n, pl, greedy = len(tok), int(data.prompt_len[j]), data.temp[j] == 0
             lab, tokt = torch.as_tensor(ti[:, 0]), torch.as_tensor(tok)  # the target's argmax at each position
-            drafts = _drafts(head, emb_w, tok, h, chain)
+            drafts = _drafts(head, emb_w, out_w, tok, h, chain)
             _count_top1(stats, drafts, tokt, lab, n, pl, data.shared, greedy)
             if greedy:
                 n_chains += _count_chains(acc_depth, drafts, tokt, lab, n, pl)

@@ -22,7 +22,7 @@ MTP_ARCHITECTURE = {
               "x_{t+1} = next token",
     "fuse": "z = eh_proj(concat(enorm(embed(x_{t+1})), hnorm(h_t)))",
     "layer": "one Llama decoder layer, RoPE at position t+1, same dims as the target",
-    "logits": "lm_head(norm(o)), target's tied embedding (not stored)",
+    "logits": "lm_head(norm(o)), the target's output head (lm_head, or its tied embedding; not stored)",
     "predicts": "x_{t+2}",
     "recursion": "depth d >= 2 feeds (o of depth d-1, drafted token) at position t+d, attending the head's "
                  "keys from real positions <= t+1 and its own keys of depths 2..d",
@@ -32,7 +32,7 @@ EAGLE_ARCHITECTURE = {
     "inputs": "f_t = the target's hidden state after its final RMSNorm (what its lm_head reads); x_{t+1} = next token",
     "fuse": "z = fc(concat(embed(x_{t+1}), f_t)) + fc.bias",
     "layer": "one Llama decoder layer without input norm, RoPE at position t+1, same dims as the target",
-    "logits": "lm_head(o), the target's tied embedding (not stored), no norm",
+    "logits": "lm_head(o), the target's output head (lm_head, or its tied embedding; not stored), no norm",
     "predicts": "x_{t+2}",
     "recursion": "depth d >= 2 feeds (o of depth d-1, drafted token) at position t+d",
 }

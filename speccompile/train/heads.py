@@ -135,9 +135,9 @@ class Head(nn.Module):
         """Training logits: over W's rows (the target's head, or a slice of it), EAGLE-3's own draft head."""
         return F.linear(self.final(o), self.lm_head if self.arch == "eagle3" else W)
 
-    def draft(self, o, emb_w):
-        """The greedy draft, as target token ids."""
+    def draft(self, o, out_w):
+        """The greedy draft, as target token ids (out_w: the target's output head; EAGLE-3 scores with its own)."""
         if self.arch == "eagle3":
             return self.draft_ids[F.linear(self.final(o), self.lm_head).argmax(-1)]
-        return F.linear(self.final(o), emb_w).argmax(-1)
+        return F.linear(self.final(o), out_w).argmax(-1)
 

@@ -8,6 +8,7 @@ import torch
 
 from speccompile.train.checkpoints import load_final
 from speccompile.train.heads import Head
+from speccompile.train.target import output_head
 
 LAYER_TENSORS = {"ln1": "input_layernorm.weight", "ln2": "post_attention_layernorm.weight",
                  "q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight",
@@ -29,7 +30,7 @@ def _init_eagle3(head: Head, tensors: dict, last: str, g: torch.Generator) -> No
     fc[:, 2 * H:] = torch.eye(H)
     head.fc.copy_(fc)
     head.norm.copy_(torch.as_tensor(tensors["model.norm.weight"]))
-    head.lm_head.copy_(torch.as_tensor(tensors["model.embed_tokens.weight"]).float()[head.draft_ids])
+    head.lm_head.copy_(output_head(tensors)[head.draft_ids])
 
 
 def _init_eagle(head: Head, tensors: dict, last: str, g: torch.Generator, h_rms: float) -> None:
@@ -95,7 +96,7 @@ def init_description(cfg: dict, h_rms: float, arch: str, init_from: str | None) 
         fresh = (f"{layer}: o/mlp/post-attention norm as they are; q/k/v = [N(0, (0.5*std)^2) for the embedding "
                  "half | the layer's own for the feature half], hidden_norm = the layer's input norm, "
                  "input_layernorm = 1; fc = [0 | 0 | I] (f starts as the highest tap); norm = target model.norm; "
-                 "lm_head = the target's embedding rows of the draft vocabulary")
+                 "lm_head = the target's output head's rows of the draft vocabulary")
     elif arch == "eagle":
         fresh = (f"{layer} (its input norm's weights and 1/rms(final norm weight) folded into q/k/v; o_proj and "
                  f"down_proj scaled by rms(final norm weight)/{h_rms:.2f}, the median rms(h)); fc = [N(0, 0.25/H) | "

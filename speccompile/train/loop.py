@@ -27,15 +27,17 @@ from speccompile.train.init import init_head, load_weights
 from speccompile.train.objective import feat_loss, head_forward, soft_ce
 from speccompile.train.options import TrainOptions
 from speccompile.train.progress import f3, log
-from speccompile.train.target import target_config, target_tensors
+from speccompile.train.target import output_head, target_config, target_tensors
 
 
 @dataclasses.dataclass
 class Setup:
-    """What training and export share: the target's config and weights, the data, the head, the training softmax
-    (vmap: target id -> row of W, -1 outside; W None: EAGLE-3's own head)."""
+    """What training and export share: the target's config and weights (emb_w its embedding, out_w its output head:
+    lm_head, or the embedding where tied), the data, the head, the training softmax (vmap: target id -> row of W,
+    -1 outside; W None: EAGLE-3's own head)."""
     cfg: dict
     emb_w: torch.Tensor
+    out_w: torch.Tensor
     wfinal: torch.Tensor
     data: Data
     h_rms: float
@@ -67,31 +69,33 @@ def load_data(a: TrainOptions, cfg: dict, feat_path: str, info: dict) -> Data:
     return data
 
 
-def training_vocab(a: TrainOptions, data: Data, emb_w, draft_ids) -> tuple[np.ndarray | None, torch.Tensor | None]:
-    """Training logits over the tokens that occur in the data or the target's likely next tokens (the softmax over
-    the rest costs most of the step and moves little); evaluation always uses the full vocabulary. EAGLE-3 trains
-    its own head over its draft vocabulary; labels outside it carry no weight."""
+def training_vocab(a: TrainOptions, data: Data, out_w, draft_ids) -> tuple[np.ndarray | None, torch.Tensor | None]:
+    """Training logits over the rows of out_w (the target's output head, which the runtime scores MTP and EAGLE-1
+    heads with) of the tokens that occur in the data or the target's likely next tokens (the softmax over the rest
+    costs most of the step and moves little); evaluation always uses the full vocabulary. EAGLE-3 trains its own
+    head over its draft vocabulary; labels outside it carry no weight."""
     if draft_ids is not None:
-        vmap = np.full(emb_w.shape[0], -1, np.int64)
+        vmap = np.full(out_w.shape[0], -1, np.int64)
         vmap[draft_ids] = np.arange(len(draft_ids))
         return vmap, None
     if a.full_vocab:
-        return None, emb_w
-    keep = np.zeros(emb_w.shape[0], bool)
+        return None, out_w
+    keep = np.zeros(out_w.shape[0], bool)
     keep[data.tokens] = True
     keep[data.topk_ids[data.topk_p >= a.vocab_min_p]] = True
     keep[data.topk_ids[:, 0]] = True
     sub = np.nonzero(keep)[0]
-    vmap = np.full(emb_w.shape[0], -1, np.int64)
+    vmap = np.full(out_w.shape[0], -1, np.int64)
     vmap[sub] = np.arange(len(sub))
-    log(f"training softmax over {len(sub)} of {emb_w.shape[0]} tokens")
-    return vmap, emb_w[torch.as_tensor(sub)].contiguous()
+    log(f"training softmax over {len(sub)} of {out_w.shape[0]} tokens")
+    return vmap, out_w[torch.as_tensor(sub)].contiguous()
 
 
 def prepare(a: TrainOptions, hf_dir: str, feat_path: str, info: dict, weights: str | None = None) -> Setup:
     """weights: the file the head's weights will come from (--init, or the final checkpoint an export reads)."""
     cfg, tensors = target_config(hf_dir), target_tensors(hf_dir)
     emb_w, wfinal = tensors["model.embed_tokens.weight"].float(), tensors["model.norm.weight"].float()
+    out_w = output_head(tensors)
     data = load_data(a, cfg, feat_path, info)
     H = cfg["hidden_size"]  # rms of the residual stream (EAGLE-3: its highest tap's)
     h_rms = float(np.median(np.sqrt((data.h[::97, -H:].astype(np.float32) ** 2).mean(-1))))
@@ -109,8 +113,8 @@ def prepare(a: TrainOptions, hf_dir: str, feat_path: str, info: dict, weights: s
         load_weights(head, a.init, head_identity(a, cfg))
         info["init_from"] = a.init
         log(f"weights from {a.init}")
-    vmap, W = training_vocab(a, data, emb_w, draft_ids)
-    return Setup(cfg, emb_w, wfinal, data, h_rms, head, vmap, W)
+    vmap, W = training_vocab(a, data, out_w, draft_ids)
+    return Setup(cfg, emb_w, out_w, wfinal, data, h_rms, head, vmap, W)
 
 
 def make_optimizer(a: TrainOptions, head: Head) -> torch.optim.AdamW:
@@ -219,7 +223,7 @@ def train_epoch(a: TrainOptions, s: Setup, opt, at: Progress, rows: list, total:
 def end_epoch(s: Setup, opt, at: Progress, ck_dir: str, t0: float, identity: dict) -> None:
     """Held-out metrics into the history, and the epoch checkpoint."""
     s.head.eval()
-    ev = evaluate(s.head, s.data, s.emb_w, s.data.eval_ids, 2)
+    ev = evaluate(s.head, s.data, s.emb_w, s.out_w, s.data.eval_ids, 2)
     at.epoch += 1
     at.train_s = time.time() - t0
     at.history.append({"epoch": at.epoch, "step": at.step, "minutes": round(at.train_s / 60, 2),
@@ -246,7 +250,7 @@ def train(a: TrainOptions, s: Setup, info: dict) -> None:
     at = resume(a, s, ck_dir, opt) if a.resume else Progress()
     at.data = data_settings(a, s.data)
     identity = head_identity(a, s.cfg)
-    ev = evaluate(s.head, s.data, s.emb_w, s.data.eval_ids, 2)
+    ev = evaluate(s.head, s.data, s.emb_w, s.out_w, s.data.eval_ids, 2)
     log(f"init held-out: d1 {f3(ev['d1_resp'])}  d2 {f3(ev['d2_resp'])}")
     t0 = time.time() - at.train_s
     for ep in range(at.epoch, a.epochs):
@@ -288,6 +292,6 @@ def stage_train(a: TrainOptions, hf_dir: str, feat_path: str, info: dict, do_tra
     if do_export:
         s.head.eval()
         log("final evaluation (held-out, full vocabulary)")
-        ev = evaluate(s.head, s.data, s.emb_w, s.data.eval_ids, a.eval_chain)
-        ev_train = evaluate(s.head, s.data, s.emb_w, s.data.train_ids[:len(s.data.eval_ids)], 2)
+        ev = evaluate(s.head, s.data, s.emb_w, s.out_w, s.data.eval_ids, a.eval_chain)
+        ev_train = evaluate(s.head, s.data, s.emb_w, s.out_w, s.data.train_ids[:len(s.data.eval_ids)], 2)
         export(a, s, info, ev, ev_train)

@@ -29,7 +29,7 @@ from speccompile.train.files import write_file, write_json
 from speccompile.train.objective import soft_ce
 from speccompile.train.options import TrainOptions
 from speccompile.train.progress import log
-from speccompile.train.target import target_config, target_tensors
+from speccompile.train.target import output_head, target_config, target_tensors
 
 HEAD_WEIGHT_DECAY = 0.8  # head k's loss weight: 0.8^k
 
@@ -61,7 +61,7 @@ class Medusa:
 
     def __init__(self, hf_dir: str, heads: int):
         cfg, tensors = target_config(hf_dir), target_tensors(hf_dir)
-        self.emb_w = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"]).float()
+        self.emb_w = output_head(tensors)
         self.wfinal, self.eps = tensors["model.norm.weight"].float(), float(cfg["rms_norm_eps"])
         self.K, H = heads, self.emb_w.shape[1]
         self.w = torch.nn.Parameter(torch.zeros(heads, H, H))

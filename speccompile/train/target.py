@@ -120,6 +120,12 @@ def target_tensors(hf_dir: str) -> dict:
     return tensors | _first_expert_as_mlp(tensors)
 
 
+def output_head(tensors: dict) -> torch.Tensor:
+    """The target's output head (float32 [vocab, H]), which the runtime scores MTP, EAGLE-1 and Medusa heads with:
+    its lm_head, or the embedding where the two are tied."""
+    return tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"]).float()
+
+
 def _first_expert_as_mlp(tensors: dict) -> dict:
     """A mixture-of-experts target's (Mixtral's) first expert under the dense MLP's names: a head's block is
     dense, and starts from the target's last layer."""
