@@ -10,7 +10,7 @@ from speccompile.compile.driver import build_bundle
 
 from conftest import quiet
 from models_util import write_checkpoint
-from test_train_head import train_head
+from test_train_head import train_head, trained  # noqa: F401 (the fixture)
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -62,3 +62,271 @@ def test_recorded_agreement_is_the_compiled_heads_on_an_untied_target(tmp_path):
         assert positions > 20 and hits > 0, (drafter, hits, positions)
         # a float32 bundle drafts as the torch module does; one near-tie may fall either way
         assert abs(recorded * positions - hits) <= 1, (drafter, recorded, hits, positions)
+
+
+# hand-made data: a target that is always right (its greedy next token at p is the sequence's token p + 1), with
+# features h[p] = the token's index in the whole data, so that any row tells which position it came from
+SEQS = [[5, 6, 7, 8, 9, 10, 11, 12], [5, 6, 30, 31, 32, 33], [5, 6, 40, 41, 42, 43, 44]]
+PROMPT_LENS = [3, 4, 3]
+VOCAB = 64
+
+
+def _hand_data(seqs=SEQS, prompt_lens=PROMPT_LENS, width: int = 4, temps=None) -> Data:
+    """A Data over `seqs` without files: top-2 labels (the next token, p 0.75; token 0, p 0.25), h rows of `width`
+    (all of row p: p); the first len(seqs) - 1 sequences held out."""
+    data = Data.__new__(Data)
+    data.tokens = np.concatenate([np.asarray(s, np.int64) for s in seqs])
+    nxt = np.concatenate([np.asarray(s[1:] + [s[-1]], np.int64) for s in seqs])
+    data.topk_ids = np.stack([nxt, np.zeros_like(nxt)], 1)
+    data.topk_p = np.tile(np.asarray([0.75, 0.25], np.float32), (len(nxt), 1))
+    data.h = np.repeat(np.arange(len(nxt), dtype=np.float32)[:, None], width, 1)
+    data.off = np.cumsum([0] + [len(s) for s in seqs])
+    data.prompt_len = np.asarray(prompt_lens, np.int64)
+    data.temp = np.zeros(len(seqs), np.float32) if temps is None else np.asarray(temps, np.float32)
+    data.n_seq, data.shared = len(seqs), 2
+    data.eval_ids, data.train_ids = list(range(len(seqs) - 1)), [len(seqs) - 1]
+    return data
+
+
+def test_rows_pair_each_feature_with_the_tokens_its_depths_predict():
+    """Row (h_i, x_{i+1}) at position i+1; depth d is fed x_{i+d}, learns the target's distribution that predicts
+    x_{i+d+1} and regresses on h_{i+d}; only where x_{i+d+1} is a real token and the label lies past the shared
+    header. With a draft vocabulary, labels become its indices and tokens outside it weigh nothing."""
+    from speccompile.train.data import make_row
+    data = _hand_data()
+    vmap = np.full(VOCAB, -1, np.int64)
+    vmap[::2] = np.arange(len(vmap[::2]))  # the even tokens
+    for m in (None, vmap):
+        r = make_row(data, [1, 0], m, depths=3)
+        rows = [(j, i) for j in (1, 0) for i in range(len(SEQS[j]) - 1)]
+        assert len(r["pos"]) == len(rows)
+        for row, (j, i) in enumerate(rows):
+            tok, at = SEQS[j], int(data.off[j])
+            assert int(r["pos"][row]) == i + 1 and float(r["h"][row, 0]) == at + i
+            for d in (1, 2, 3):
+                real = i + d + 1 <= len(tok) - 1 and i + d >= data.shared
+                assert bool(r[f"m{d}"][row]) == real, (j, i, d)
+                if not real:
+                    continue
+                assert int(r[f"x{d}"][row]) == tok[i + d] and float(r[f"h{d}"][row, 0]) == at + i + d
+                want = tok[i + d + 1]
+                if m is None:
+                    assert int(r[f"l{d}"][row, 0]) == want and float(r[f"p{d}"][row, 0]) == 0.75
+                else:
+                    assert float(r[f"p{d}"][row, 0]) == (0.75 if m[want] >= 0 else 0.0)
+                    assert m[want] < 0 or int(r[f"l{d}"][row, 0]) == m[want]
+
+
+def test_losses_ignore_masked_positions():
+    """The cross-entropy and the feature regression are means over the mask's positions alone."""
+    import torch
+    from speccompile.train.objective import feat_loss, soft_ce
+    g = torch.Generator().manual_seed(0)
+    logits, o, h = (torch.randn(6, 8, generator=g) for _ in range(3))
+    ids, p = torch.randint(0, 8, (6, 2), generator=g), torch.rand(6, 2, generator=g)
+    mask = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    wild = torch.where(mask[:, None], logits, logits * 1e3)  # masked rows changed beyond recognition
+    assert torch.allclose(soft_ce(wild, ids, p, mask), soft_ce(logits[mask], ids[mask], p[mask], mask[mask]))
+    head = type("MtpHead", (), {"arch": "mtp"})()
+    w = torch.ones(8)
+    assert torch.allclose(feat_loss(head, torch.where(mask[:, None], o, o * 1e3 + 5), h, mask, w),
+                          feat_loss(head, o[mask], h[mask], mask[mask], w))
+
+
+def _random_head():
+    """An MTP head of small random weights for a 32-wide target of VOCAB tokens."""
+    import torch
+    from speccompile.train.heads import Head
+    cfg = {"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "head_dim": 8, "rope_theta": 10000.0}
+    head = Head(cfg, 1e-6)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (1.0 if p.dim() == 1 else 0.3))
+    return head, torch.randn(VOCAB, 32, generator=g)
+
+
+def _depth2_by_position(head, emb_w, tok, h, x2):
+    """Depth 2 of each pair i of one sequence, one at a time as a drafter runs it: depth 1 over the real pairs,
+    then (o_i, x2[i]) at position i+2, attending the real keys of pairs 0..i and its own."""
+    import torch
+    import torch.nn.functional as F
+    n = len(tok)
+    pos = torch.arange(1, n)
+    x, z = head.fuse(F.embedding(torch.as_tensor(tok[1:]), emb_w), head.feature(torch.as_tensor(h[:-1])))
+    q, k, v = head.qkv(x, pos)
+    o1 = head.block(z, q, [k], [v], pos[None, :] <= pos[:, None])
+    outs = []
+    for i in range(n - 1):
+        xb, zb = head.fuse(F.embedding(torch.as_tensor([int(x2[i])]), emb_w), o1[i:i + 1])
+        qb, kb, vb = head.qkv(xb, pos[i:i + 1] + 1)
+        outs.append(head.block(zb, qb, [k[:i + 1], kb], [v[:i + 1], vb], torch.ones(1, i + 2, dtype=torch.bool)))
+    return o1, torch.cat(outs)
+
+
+def test_unrolled_depth_is_the_drafters_second_step():
+    """Training's depth 2 (fed the real x_{i+2}) and evaluation's (fed the head's own draft) are the head run as a
+    drafter runs it, position by position."""
+    import torch
+    import torch.nn.functional as F
+    from speccompile.train.data import make_row
+    from speccompile.train.evaluate import _drafts
+    from speccompile.train.objective import head_forward
+    head, emb_w = _random_head()
+    data = _hand_data(width=32)
+    data.h = np.random.default_rng(0).standard_normal(data.h.shape).astype(np.float32)
+    out_w = emb_w.flip(0)  # another output head than the embedding
+    with torch.no_grad():
+        for j in range(data.n_seq):
+            tok, h, _, _ = data.seq(j)
+            r = make_row(data, [j], None, depths=2)
+            o1, o2 = head_forward(head, lambda ids: F.embedding(ids, emb_w), r, 2)
+            ref1, ref2 = _depth2_by_position(head, emb_w, tok, h, np.append(tok[2:], tok[-1]))
+            assert torch.allclose(o1, ref1, atol=1e-5) and torch.allclose(o2[:-1], ref2[:-1], atol=1e-5)
+            d1, d2 = _drafts(head, emb_w, out_w, tok, h, 2)
+            _, ref2 = _depth2_by_position(head, emb_w, tok, h, d1)
+            assert torch.equal(d1, head.draft(ref1, out_w)) and torch.equal(d2, head.draft(ref2, out_w))
+
+
+class _TableHead:
+    """A stand-in head whose drafts come from a table: the draft of depth d after global position p is
+    table[d - 1][p] (h's first column carries p through fuse and block; block adds DEPTH per depth)."""
+    DEPTH = 1000
+    arch = "mtp"
+
+    def __init__(self, table):
+        self.table = table
+
+    def feature(self, h):
+        return h[:, :1]
+
+    def fuse(self, emb, f):
+        return f, f
+
+    def qkv(self, x, pos):
+        return x, x, x
+
+    def block(self, z, q, ks, vs, mask):
+        return z + self.DEPTH
+
+    def draft(self, o, out_w):
+        import torch
+        d, p = (o[:, 0].long() // self.DEPTH), (o[:, 0].long() % self.DEPTH)
+        return torch.as_tensor(np.asarray([self.table[a - 1][b] for a, b in zip(d.tolist(), p.tolist())]))
+
+
+def _truth(data: Data, depth: int) -> np.ndarray:
+    """Per global position p: the target's greedy token `depth` tokens on (the always-right target's label)."""
+    nxt = np.zeros(len(data.tokens), np.int64)
+    for j in range(data.n_seq):
+        tok, a = data.seq(j)[0], int(data.off[j])
+        for i in range(len(tok)):
+            nxt[a + i] = tok[min(i + depth, len(tok) - 1)]
+    return nxt
+
+
+def test_evaluation_scores_a_perfect_head_one_and_counts_only_real_positions():
+    """A head whose every draft is the target's greedy token scores 1 everywhere and has every chain accepted; one right
+    at a random half of the pairs scores that half of the positions evaluate's docstring names (past the shared
+    header, with a real next token; response ones: from the prompt's last token on)."""
+    import torch
+    from speccompile.train.evaluate import evaluate
+    data = _hand_data()
+    ids = data.eval_ids
+    perfect = _TableHead([_truth(data, d) for d in (2, 3, 4)])
+    ev = evaluate(perfect, data, torch.zeros(VOCAB, 1), torch.zeros(VOCAB, 1), ids, 3)
+    assert ev["d1_all"] == ev["d1_resp"] == ev["d2_resp"] == ev["d2_resp_given_d1"] == 1.0
+    # every chain is accepted as far as the sequence has tokens to check it against
+    starts = [(len(SEQS[j]), i) for j in ids for i in range(PROMPT_LENS[j] - 1, len(SEQS[j]) - 2)]
+    assert ev["chain_p_first_d_accepted"] == [sum(i + d <= n - 2 for n, i in starts) / len(starts) for d in (1, 2, 3)]
+    right = np.random.default_rng(0).random(len(data.tokens)) < 0.5
+    half = _TableHead([np.where(right, _truth(data, 2), VOCAB - 1), _truth(data, 3), _truth(data, 4)])
+    ev = evaluate(half, data, torch.zeros(VOCAB, 1), torch.zeros(VOCAB, 1), ids, 3)
+    hits = {"all": [0, 0], "resp": [0, 0]}
+    for j in ids:
+        n, a = len(SEQS[j]), int(data.off[j])
+        for i in range(n - 1):
+            if i + 1 <= n - 2 and i + 1 >= data.shared:
+                for kind in ("all", "resp") if i >= PROMPT_LENS[j] - 1 else ("all",):
+                    hits[kind][0] += int(right[a + i])
+                    hits[kind][1] += 1
+    assert ev["d1_all"] == hits["all"][0] / hits["all"][1] and ev["d1_resp"] == hits["resp"][0] / hits["resp"][1]
+    assert ev["n_positions_resp"] == hits["resp"][1] and 0 < ev["d1_resp"] < 1
+
+
+def test_draft_vocabulary_is_the_most_frequent_tokens():
+    from speccompile.train.draft_vocab import frequent_tokens
+    tokens = np.asarray([9] * 5 + [3] * 4 + [7] * 4 + [1] * 2 + [12])
+    assert frequent_tokens(tokens, 3).tolist() == [3, 7, 9]
+    assert frequent_tokens(tokens, 2).tolist() == [3, 9]  # a tie: the lower id
+    assert frequent_tokens(tokens, 99).tolist() == [1, 3, 7, 9, 12]  # never a token the data lacks
+
+
+def test_medusa_head_k_learns_the_token_k_plus_2_on():
+    """Head k at t guesses x_{t+k+2}: its label is the target's distribution at t+k+1, where that predicts a real
+    token past the shared header."""
+    from speccompile.train.medusa import labels
+    data = _hand_data()
+    for j in range(data.n_seq):
+        tok = SEQS[j]
+        for k in (0, 1, 2):
+            valid, ids, _ = labels(data, j, k)
+            for t in range(len(tok)):
+                real = t + k + 2 <= len(tok) - 1 and t + k + 1 >= data.shared
+                assert bool(valid[t]) == real and (not real or int(ids[t, 0]) == tok[t + k + 2])
+
+
+def test_medusa_file_holds_each_block_as_its_public_layout_reads_it(tmp_path):
+    """{k}.0.linear is a torch Linear (y = x W^T + b) of the residual block x + SiLU(y); {k}.1 the output head:
+    the file, read that way, gives the trained module's outputs."""
+    import torch
+    from safetensors.numpy import load_file
+    from speccompile.train.medusa import Medusa
+    m = Medusa.__new__(Medusa)
+    g = torch.Generator().manual_seed(0)
+    m.K, m.eps = 2, 1e-6
+    m.emb_w, m.wfinal = torch.randn(VOCAB, 16, generator=g), torch.rand(16, generator=g) + 0.5
+    m.w, m.b = torch.randn(2, 16, 16, generator=g) * 0.3, torch.randn(2, 16, generator=g)
+    m.save(str(tmp_path / "heads.safetensors"))
+    f = {k: v.astype(np.float32) for k, v in load_file(str(tmp_path / "heads.safetensors")).items()}
+    h = torch.randn(5, 16, generator=g)
+    x = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + m.eps) * m.wfinal).numpy()
+    with torch.no_grad():
+        want = m.outputs(h).numpy()
+    for k in range(2):
+        y = x @ f[f"{k}.0.linear.weight"].T + f[f"{k}.0.linear.bias"]
+        got = x + y / (1 + np.exp(-y))
+        assert np.abs(got - want[k]).max() < 1e-2 and np.array_equal(f[f"{k}.1.weight"], m.emb_w.half().float().numpy())
+
+
+def test_loss_weighs_depth_one_fully_and_deeper_ones_by_depth2_weight():
+    """The loss the record describes: sum over depths d of w_d * (CE_d + reg_weight * SmoothL1_d), w_1 = 1, w_d =
+    --depth2-weight."""
+    import torch
+    from speccompile.train.loop import Setup, step_losses
+    from speccompile.train.options import TrainOptions
+    head, emb_w = _random_head()
+    data = _hand_data(width=32)
+    data.h = np.random.default_rng(0).standard_normal(data.h.shape).astype(np.float32)
+    a = TrainOptions(depth2_weight=0.25, reg_weight=0.5, unroll=3, out="head.safetensors")
+    s = Setup({}, emb_w, emb_w.flip(0), torch.ones(32), data, 1.0, head, None, emb_w.flip(0))
+    loss, ces, regs = step_losses(a, s, [0, 1], 3)
+    want = sum((1.0 if d == 0 else 0.25) * (ce + 0.5 * reg) for d, (ce, reg) in enumerate(zip(ces, regs)))
+    assert len(ces) == len(regs) == 3 and float(regs[0].detach()) > 0
+    assert torch.allclose(loss, want)
+
+
+def test_features_are_the_residual_stream_before_the_final_norm(trained, tmp_path):
+    """features.npz's h is what the final norm reads (transformers' own layers, tests/test_eagle.py), its top-1 label
+    the target's greedy token there."""
+    from speccompile.compile.sources import load_checkpoint
+    from test_eagle import target_features
+    feats = np.load(trained / "work" / "features.npz")
+    n = int(feats["offsets"][1])
+    target = load_checkpoint(str(trained / "hf"))
+    want = target_features(target, tmp_path, feats["tokens"][:n])
+    pre = want[target.config.num_hidden_layers]
+    assert np.abs(feats["h"][:n] - pre).max() < 1e-4 * max(1.0, np.abs(pre).max())
+    logits = want["norm"] @ target.tensors.get("lm_head.weight", target.tensors["model.embed_tokens.weight"]).T
+    assert (feats["topk_ids"][:n, 0] == logits.argmax(-1)).mean() > 0.9
