@@ -330,3 +330,35 @@ def test_features_are_the_residual_stream_before_the_final_norm(trained, tmp_pat
     assert np.abs(feats["h"][:n] - pre).max() < 1e-4 * max(1.0, np.abs(pre).max())
     logits = want["norm"] @ target.tensors.get("lm_head.weight", target.tensors["model.embed_tokens.weight"]).T
     assert (feats["topk_ids"][:n, 0] == logits.argmax(-1)).mean() > 0.9
+
+
+def test_a_kept_vocabulary_is_added_to_the_most_frequent_tokens(tmp_path):
+    """--draft-vocab-keep: the earlier vocabulary's ids join the data's most frequent ones, even those the new data
+    lacks."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+    from speccompile.train.draft_vocab import add_draft_vocab
+    from speccompile.train.heads import HEAD_TENSORS
+    head = tmp_path / "head.safetensors"
+    save_file({name: np.zeros(2, np.float32) for name in HEAD_TENSORS}, str(head))
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text("".join(json.dumps({"idx": i, "prompt": "p", "temperature": 0.0, "prompt_ids": [1],
+                                       "response_ids": ids}) + "\n" for i, ids in enumerate([[4, 4, 5], [4, 6, 5]])))
+    size, _ = add_draft_vocab(str(head), [str(gen)], 2, "test", keep=np.asarray([9, 50]))
+    with safe_open(str(head), "np") as f:
+        assert f.get_tensor("mtp.d2t").tolist() == [4, 5, 9, 50] and size == 4
+
+
+def test_resumed_training_ends_where_an_uninterrupted_run_does(trained, tmp_path):
+    """One epoch, then --resume for a second: the same head (weights, optimizer moments, the epoch's rows and
+    steps) as two epochs in one run."""
+    from safetensors.numpy import load_file
+    from test_train_head import fresh_work
+    finals = []
+    for name, resume in (("straight", []), ("resumed", ["--resume"])):  # both copies hold the fixture's epoch 1
+        args, work = fresh_work(trained, tmp_path, name)
+        train_head(args + ["--stages", "train", "--epochs", "2", *resume])
+        finals.append(load_file(str(work / "ckpt" / "final.safetensors")))
+    assert finals[0].keys() == finals[1].keys()
+    for name in finals[0]:
+        assert np.allclose(finals[0][name], finals[1][name], atol=1e-6), name
