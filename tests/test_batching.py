@@ -622,7 +622,10 @@ def test_streams_closed_or_dropped_unread_do_not_pile_up_in_the_queue(tiny_gener
     p = random_prompts(1, seed=50)[0]
     wait_until_idle(g)
     for _ in range(20):
-        g.stream(p, 50)  # dropped at once: only marked cancelled (a finalizer takes no lock)
+        g.stream(p, 50)  # dropped at once: only marked cancelled (a finalizer takes no lock), gone at the next submit
+    assert len(g.scheduler.waiting) == 1
+    for _ in range(20):
+        g.stream(p, 50)
         g.stream(p, 50).close()
     assert not g.scheduler.waiting and not any(g.scheduler.slots)
     assert g.generate(p, 4).token_ids == g.generate(p, 4, speculate=False).token_ids
@@ -775,3 +778,87 @@ def test_an_onnxruntime_without_batched_attention_runs_requests_one_at_a_time(ti
     prompts = ["the cat", "a dog ran"]
     alone = [gen.generate(p, 6, temperature=0).token_ids for p in prompts]
     assert [r.token_ids for r in gen.generate(prompts, 6, temperature=0)] == alone
+
+
+def test_each_slot_drafts_from_its_own_state_and_a_reused_slot_from_none_left(tmp_path):
+    """An MTP head keeps per-sequence state (the target's features, its own cache): each slot has its own head,
+    reset when a request takes the slot. Four seeded top-p requests (their drafts decide their draws) take slots
+    0-3 together, then again in reverse order, each in a slot another request left: tokens and drafting as alone."""
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    head = tmp_path / "head.safetensors"
+    safetensors_numpy.save_file(tiny_mtp_head(load_checkpoint("tiny:llama").config), str(head))
+    build_bundle("tiny:llama", str(tmp_path / "b"), drafts=[f"mtp:{head}"], max_seq_len=256, num_draft=3,
+                 progress=quiet)
+    g = speccompile.load(str(tmp_path / "b"), threads=1, context_cache=False)
+    prompts, kw = random_prompts(4, seed=13), dict(temperature=3.0, top_p=0.95)
+
+    def summary(result):
+        return result.token_ids, result.stats["proposed"], result.stats["committed_per_pass"]
+    solo = [summary(g.generate(p, 20, seed=i, **kw)) for i, p in enumerate(prompts)]
+    assert all(s[1] for s in solo)  # each drafts: its draws follow the drafts' distributions, accepted or not
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0]):
+        streams = {i: g.stream(prompts[i], 20, seed=i, **kw) for i in order}  # all submitted before a round runs
+        got = {i: summary(drain(s)) for i, s in streams.items()}
+        assert [got[i] for i in range(4)] == solo
+
+
+def test_every_joining_prompt_runs_a_chunk_each_round(tiny_bundle):
+    """Two long prompts join beside two decoding requests (chunks in passes of their own): each round runs one
+    chunk of each, then the decode pass, so neither joining request waits for the other's whole prompt."""
+    g = speccompile.load(tiny_bundle, threads=1, context_cache=False)
+    g.scheduler.mix_prefill = False
+    short = random_prompts(2, seed=22)
+    rng = np.random.default_rng(4)
+    long_prompts = [list(rng.integers(3, 384, 150)) for _ in range(2)]  # two prefill chunks each
+    solo = [g.generate(p, 30, drafter="lookup").token_ids for p in short] + \
+        [g.generate(p, 6).token_ids for p in long_prompts]
+    busy = [g.stream(p, 30, drafter="lookup") for p in short]
+    heads = [list(next(s).token_ids) for s in busy]  # slots 0 and 1 decoding
+    g.scheduler.trace = trace = []
+    late = [g.stream(p, 6) for p in long_prompts]  # slots 2 and 3, at the next round
+    got = [h + [t for c in s for t in c.token_ids] for h, s in zip(heads, busy)]
+    assert got + [drain(s).token_ids for s in late] == solo
+    joining = [("prefill", (2,)), ("prefill", (3,))]
+    assert trace[:6] == joining + [("decode", (0, 1))] + joining + [("decode", (0, 1))]
+
+
+def test_a_plain_sampled_step_in_a_shared_pass_draws_at_its_position(tiny_generator):
+    """Top-p, drawn on the host with the uniform of the token's position: a request without drafts, sharing passes,
+    samples what it samples alone (a draw at another position would take another uniform)."""
+    g = tiny_generator
+    prompts, kw = random_prompts(3, seed=3), dict(temperature=5.0, top_p=0.95, speculate=False)
+    alone = [g.generate(p, 16, seed=i, **kw).token_ids for i, p in enumerate(prompts)]
+    assert alone[0] != g.generate(prompts[0], 16, seed=7, **kw).token_ids  # the draws decide the tokens
+    shared = g.scheduler.shared_passes
+    streams = [g.stream(p, 16, seed=i, **kw) for i, p in enumerate(prompts)]
+    assert [drain(s).token_ids for s in streams] == alone
+    assert g.scheduler.shared_passes > shared
+
+
+def test_rows_between_noisy_slots_take_no_noise_left_from_an_earlier_pass(tiny_bundle):
+    """sample_noise is one buffer over the passes: a greedy slot's rows between two noisy slots' are zeros, whatever
+    an earlier pass, with more noisy rows, left there; its next_token is its logits' argmax."""
+    m, be = batch_engine(tiny_bundle)
+    assert be.takes_noise
+    rng = np.random.default_rng(1)
+
+    def loud(rows):  # noise far above the logits: any of it left in a row moves that row's argmax
+        return [rng.normal(0, 1e3, be.vocab_size).astype(np.float32) for _ in range(rows)]
+    prompts = [rng.integers(3, 300, 6) for _ in range(3)]
+    be.run([SlotStep(b, p, 0, rows=np.arange(6), noise=loud(6)) for b, p in enumerate(prompts)])
+    out = be.run([SlotStep(0, np.array([5]), 6, noise=loud(1)), SlotStep(1, np.array([7, 8, 9]), 6, rows=np.arange(3)),
+                  SlotStep(2, np.array([4]), 6, noise=loud(1))])
+    logits, argmax, _ = out[1]
+    assert (argmax == logits.argmax(-1)).all()
+
+
+def test_a_failed_list_frees_its_streams_while_its_error_is_kept(tiny_generator):
+    """generate() over a list that fails (here its last prompt is too long) cancels the streams it had opened,
+    though its caller keeps the exception, whose traceback holds them (a Future keeps it): they would wait in the
+    queue and then decode for nobody."""
+    g = tiny_generator
+    p = random_prompts(1, seed=12)[0]
+    wait_until_idle(g)
+    with pytest.raises(SpeccompileError, match="does not fit") as kept:
+        g.generate([p, p, list(range(3, 3 + g.max_seq_len))], 5)
+    assert kept.value is not None and not g.scheduler.waiting and not any(g.scheduler.slots)
