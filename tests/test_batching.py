@@ -862,3 +862,23 @@ def test_a_failed_list_frees_its_streams_while_its_error_is_kept(tiny_generator)
     with pytest.raises(SpeccompileError, match="does not fit") as kept:
         g.generate([p, p, list(range(3, 3 + g.max_seq_len))], 5)
     assert kept.value is not None and not g.scheduler.waiting and not any(g.scheduler.slots)
+
+
+def test_a_sampled_prompt_riding_in_a_greedy_pass_draws_from_exact_logits(tiny_bundle, monkeypatch):
+    """A top-p request's prompt chunk rides in a decode pass of a greedy request, whose rows would take the head
+    screen's estimated logits: the pass returns float32 logits, since the request's first token is drawn from them
+    (as alone)."""
+    from speccompile.runtime.sampling import PositionDraws
+    g = speccompile.load(tiny_bundle, threads=1, context_cache=False)
+    drawn, token = [], PositionDraws.token
+    monkeypatch.setattr(PositionDraws, "token",
+                        lambda self, logits, *a: drawn.append(logits.copy()) or token(self, logits, *a))
+    p, kw = random_prompts(2, seed=5), dict(temperature=5.0, top_p=0.95, seed=3)
+    g.generate(p[1], 1, **kw)
+    a = g.stream(p[0], 40)
+    next(a)
+    g.scheduler.trace = trace = []
+    drain(g.stream(p[1], 1, **kw))
+    a.close()
+    assert trace[0] == ("decode", (0, 1)) and len(drawn) == 2  # its chunk rode in slot 0's decode pass
+    np.testing.assert_allclose(drawn[1], drawn[0], rtol=0, atol=1e-4)
