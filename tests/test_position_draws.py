@@ -14,7 +14,7 @@ from speccompile.runtime.sampling import PositionDraws, SamplingParams, probabil
 from test_adaptive import synthetic
 from test_decoding import chi2_pvalue
 
-TOP_P = dict(temperature=2.0, top_p=0.8)
+TOP_P = dict(temperature=4.0, top_p=0.9)  # peaked tiny targets: about half the positions draw among several tokens
 
 
 def test_a_positions_uniform_depends_on_the_seed_and_the_position_only():
