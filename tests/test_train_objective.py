@@ -362,3 +362,19 @@ def test_resumed_training_ends_where_an_uninterrupted_run_does(trained, tmp_path
     assert finals[0].keys() == finals[1].keys()
     for name in finals[0]:
         assert np.allclose(finals[0][name], finals[1][name], atol=1e-6), name
+
+
+def test_medusa_epochs_are_each_packed_in_an_order_of_their_own():
+    """One packing repeated made every epoch take the same steps in the same order (the MTP/EAGLE loop packs each
+    epoch anew); a fraction of an epoch is cut from the next one's rows."""
+    from types import SimpleNamespace
+
+    from speccompile.train.data import Data
+    from speccompile.train.medusa import epoch_rows
+    data = SimpleNamespace(train_ids=list(range(12)), off=np.arange(13))  # twelve one-token sequences
+    data.pack = lambda ids, tokens, seed: Data.pack(data, ids, tokens, seed)
+    rows = epoch_rows(data, 3, 7, 2.0)
+    first, second = rows[:4], rows[4:]
+    assert sorted(sum(first, [])) == sorted(sum(second, [])) == list(range(12))  # each epoch every sequence once
+    assert first != second
+    assert epoch_rows(data, 3, 7, 1.5) == rows[:6]

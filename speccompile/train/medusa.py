@@ -147,12 +147,19 @@ def row_loss(data: Data, m: Medusa, row: list[int], vmap: np.ndarray, W) -> torc
     return loss
 
 
+def epoch_rows(data: Data, tokens_per_step: int, seed: int, epochs: float) -> list[list[int]]:
+    """`epochs` of training rows, each whole epoch packed in an order of its own (seed * 1000 + epoch, as the MTP
+    and EAGLE loop packs its epochs: one order repeated makes every epoch take the same steps), a fraction of an
+    epoch cut from the next one's."""
+    per_epoch = [data.pack(data.train_ids, tokens_per_step, seed * 1000 + ep) for ep in range(math.ceil(epochs))]
+    return [row for rows in per_epoch for row in rows][:max(1, int(len(per_epoch[0]) * epochs))]
+
+
 def _train_steps(a: TrainOptions, data: Data, m: Medusa, vmap: np.ndarray, W) -> tuple[int, list[float], float]:
     """Cosine-lr AdamW steps over --epochs of packed rows or --train-minutes; (steps, losses, seconds)."""
     opt = torch.optim.AdamW([m.w, m.b], lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    rows = data.pack(data.train_ids, a.tokens_per_step, a.seed)
-    total = max(1, int(len(rows) * a.epochs))
-    rows = (rows * math.ceil(a.epochs))[:total]
+    rows = epoch_rows(data, a.tokens_per_step, a.seed, a.epochs)
+    total = len(rows)
     t0, step, losses = time.time(), 0, []
     for step, row in enumerate(rows, 1):
         el = time.time() - t0
