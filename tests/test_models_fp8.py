@@ -85,3 +85,16 @@ def test_fp8_deepseek_with_its_mtp_module(tmp_path):
     build_bundle(ck, str(tmp_path / "b"), drafts=[f"mtp:{ck}"], max_seq_len=128, progress=quiet)
     g = speccompile.load(str(tmp_path / "b"), threads=1)
     assert max(assert_lossless(g, "mtp", random_prompts(3), 24)) > 1.0
+
+
+def test_block_scales_scale_rows_and_columns_by_their_own_block_sizes():
+    """weight_block_size [rows, cols] need not be square: element (i, j) is scaled by scale[i // rows, j // cols],
+    the last blocks cut short by the matrix's edge (exact: one float32 product an element)."""
+    from speccompile.compile.fp8 import apply_block_scales
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 7)).astype(np.float32)
+    scale = rng.uniform(0.5, 2.0, (2, 4)).astype(np.float32)  # blocks of 4 rows x 2 columns
+    tensors = {"m.weight": w, "m.weight_scale_inv": scale}
+    apply_block_scales(tensors, {"m.weight"}, (4, 2))
+    i, j = np.indices(w.shape)
+    assert np.array_equal(tensors["m.weight"], w * scale[i // 4, j // 2]) and "m.weight_scale_inv" not in tensors

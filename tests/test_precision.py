@@ -259,3 +259,64 @@ def test_default_model_float16_agrees_with_float32(tmp_path):
     plain = {d: g.generate(prompt, max_new_tokens=32, speculate=False).token_ids for d, g in gens.items()}
     assert plain["float16"] == plain["float32"]
     assert gens["float16"].generate(prompt, max_new_tokens=32).token_ids == plain["float16"]
+
+
+def test_float16_weights_are_clipped_to_its_finite_range():
+    """A float32 weight past float16's largest finite value becomes that value, not infinity (an infinite weight
+    turns every product it is in to inf or NaN); only the named weights are cast, and bfloat16, which has
+    float32's range, is not clipped."""
+    from speccompile.compile.precision import FLOAT16_MAX, cast_weights, numpy_dtype
+    w = np.array([1e6, -1e6, 1.5, 65504.0], np.float32)
+    out = cast_weights({"big": w, "kept": w}, {"big"}, "float16")
+    assert out["big"].dtype == np.float16 and np.isfinite(out["big"]).all()
+    assert out["big"].tolist() == [FLOAT16_MAX, -FLOAT16_MAX, 1.5, 65504.0]
+    assert out["kept"] is w
+    bf16 = cast_weights({"big": w}, {"big"}, "bfloat16")["big"]
+    assert bf16.dtype == numpy_dtype("bfloat16") and bf16.astype(np.float32)[0] > 9e5
+
+
+def test_manifest_inputs_and_outputs_are_typed_as_the_graphs_are(bundles):
+    """Each model entry lists its graph's inputs and outputs with their dtypes: in a reduced-precision bundle the
+    KV caches take the build's dtype, every other float input and output (logits, hidden states, the attention
+    bias) stays float32 in the graph, and the manifest says the same."""
+    from onnx import helper
+    for dtype in ("float16", "bfloat16"):
+        m = json.load(open(os.path.join(bundles[dtype], "manifest.json")))
+        for name, entry in m["models"].items():
+            g = onnx.load(os.path.join(bundles[dtype], entry["graph"]), load_external_data=False).graph
+            graph_types = {v.name: helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
+                           for v in (*g.input, *g.output)}
+            listed = {io["name"]: io["dtype"] for io in (*entry.get("inputs", ()), *entry.get("outputs", ()))}
+            assert listed and {n: graph_types[n] for n in listed} == listed, name
+            assert {"float32", dtype} <= set(listed.values()), name
+
+
+# the ops the CUDA provider refused in bfloat16 (precision.BFLOAT16_FLOAT32_OPS)
+CUDA_BFLOAT16_REFUSED = ("Pad", "Greater", "ReduceMin")
+
+
+def test_bfloat16_graphs_run_the_ops_cuda_refuses_in_float32(bundles):
+    """The CPU cannot check which ops the CUDA provider runs in bfloat16 (tests/test_gpu.py does): checked here,
+    every Pad, Greater and ReduceMin of a bfloat16 graph (subgraphs too) reads float32 copies, not bfloat16 (nor
+    float16, which would overflow past 65504 where bfloat16 does not), and its float outputs are cast back."""
+    from speccompile.compile.float32_islands import tensor_types
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+    seen = set()
+
+    def check(graph, types):
+        for n in graph.node:
+            for a in n.attribute:
+                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    check(sub, types)
+            if n.op_type in CUDA_BFLOAT16_REFUSED:
+                read = [types[x] for x in n.input if types.get(x) in floats]  # none: a comparison of integers
+                assert set(read) <= {TensorProto.FLOAT}, (n.name, read)
+                if read:
+                    seen.add(n.op_type)
+                made = [types[x] for x in n.output if types.get(x) in floats]
+                assert set(made) <= {TensorProto.FLOAT}, (n.name, made)
+
+    for name in ("target.onnx", "early_exit_2.onnx"):
+        g = onnx.load(os.path.join(bundles["bfloat16"], name), load_external_data=False).graph
+        check(g, tensor_types(g))
+    assert seen == set(CUDA_BFLOAT16_REFUSED)  # each op type is checked on a float input at least

@@ -330,3 +330,17 @@ def test_rows_are_computed_alike_whatever_the_rows_beside_them(gguf_bundles, wei
         alone.cache.truncate(i)  # commit the tokens before
         row, _ = alone.forward(prompt[i:i + 1])
         assert np.array_equal(row[0], logits[i]) and np.array_equal(alone.hidden[0], hidden[i]), i
+
+
+def test_a_matrix_of_partial_blocks_stays_float32_and_says_why():
+    """--weights int8|int4 quantizes blocks of 32 along a matrix's input size; a matrix whose input size is not a
+    multiple of 32 (hidden 48, say) would leave its last inputs out of every block: it stays float32, named."""
+    from speccompile.compile.quantize.target_weights import quantize_target
+    rng = np.random.default_rng(0)
+    weights = {"l0.down": rng.standard_normal((72, 64)).astype(np.float32),
+               "l0.o": rng.standard_normal((64, 64)).astype(np.float32)}
+    for mode in ("int8", "int4"):
+        out, report = quantize_target(weights, None, mode)
+        assert report.formats == {"l0.down": "float32", "l0.o": mode}
+        assert "72 is not a multiple of 32" in report.fallbacks["l0.down"]
+        assert out["l0.down"] is weights["l0.down"] and "l0.o" not in out
