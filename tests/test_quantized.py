@@ -344,3 +344,18 @@ def test_a_matrix_of_partial_blocks_stays_float32_and_says_why():
         assert report.formats == {"l0.down": "float32", "l0.o": mode}
         assert "72 is not a multiple of 32" in report.fallbacks["l0.down"]
         assert out["l0.down"] is weights["l0.down"] and "l0.o" not in out
+
+
+def test_int8_blocks_round_to_the_nearest_code():
+    """The draft heads' and the head screen's int8 blocks (quantize/int8.py): one scale per block of 32 along a
+    row, max|block| / 127, and each code the nearest one: every weight within half a step of its code's value
+    (plus float32 rounding), the block's largest weight on its code exactly."""
+    from speccompile.compile.quantize.int8 import BLOCK, int8_blocks
+    rows = np.random.default_rng(0).standard_normal((8, 4 * BLOCK)).astype(np.float32)
+    codes, scales = int8_blocks(rows)
+    blocks = rows.reshape(8, 4, BLOCK)
+    step = scales.reshape(8, 4, 1)
+    assert np.allclose(step[..., 0], np.abs(blocks).max(-1) / 127)
+    values = (codes.astype(np.float32) - 128) * step
+    assert np.all(np.abs(values - blocks) <= step / 2 * (1 + 1e-5))
+    assert np.array_equal(np.abs(codes.astype(np.int32) - 128).max(-1), np.full((8, 4), 127))
