@@ -349,3 +349,15 @@ def test_medusa_pickle_refused(tmp_path):
     with pytest.raises(CheckpointError, match="safetensors"):
         build_bundle("tiny:llama", str(tmp_path / "o"), drafts=[f"medusa:{tmp_path / 'medusa_lm_head.pt'}"],
                      progress=quiet)
+
+
+def test_an_int8_head_scores_with_the_targets_int8_screen(mtp_bundle):
+    """An int8 MTP head without an output matrix of its own scores with the target's int8 head screen, read from
+    target.bin (a quarter of the float32 head's bytes a drafting pass); a float32 head with the float32 head."""
+    import onnx
+    out, _, _, exact = mtp_bundle
+    for bundle, screened in ((out, True), (exact, False)):
+        entry = read_manifest(bundle)["models"]["mtp_head"]
+        graph = onnx.load(f"{bundle}/{entry['graph']}", load_external_data=False).graph
+        read = {x for n in graph.node for x in n.input}
+        assert ("head_screen.codes" in read) == screened, bundle
