@@ -48,6 +48,13 @@ def _spy(drafter, seen):
     drafter.propose, drafter.propose_tree = wrap(drafter.propose), wrap(drafter.propose_tree)
 
 
+def _live_chains(g, seen: list, prompt, max_new_tokens: int, **kwargs) -> list:
+    """(context, drafted tokens) of every proposal one generation asks its drafter for (seen: _spy's list)."""
+    seen.clear()
+    g.generate(prompt, max_new_tokens, **kwargs)
+    return [(c, p.tokens.copy()) for c, p in seen]
+
+
 def _only_model_drafter(g):
     (name,) = [n for n in g.drafters if n not in ("lookup",)]
     return name
@@ -88,9 +95,7 @@ def test_a_draft_models_live_drafts_are_a_fresh_ones(tiny_generator):
     _spy(drafter, seen)
     try:
         for prompt in random_prompts(3):
-            seen.clear()
-            g.generate(prompt, 30, drafter="model", num_draft=4)
-            live = [(c, p.tokens.copy()) for c, p in seen]
+            live = _live_chains(g, seen, prompt, 30, drafter="model", num_draft=4)
             assert len(live) >= 5
             for context, tokens in live:
                 drafter.reset()
@@ -264,9 +269,7 @@ def test_medusa_live_drafts_are_its_heads_guesses_teacher_forced(tmp_path):
     head, seen = g.drafters["medusa"], []
     _spy(head, seen)
     for prompt in random_prompts(3):
-        seen.clear()
-        g.generate(prompt, 24, drafter="medusa", num_draft=3)
-        live = [(c, p.tokens.copy()) for c, p in seen]
+        live = _live_chains(g, seen, prompt, 24, drafter="medusa", num_draft=3)
         assert len(live) >= 3
         for context, tokens in live:
             g.target.cache.truncate(0)
