@@ -190,7 +190,10 @@ class CostModel:
         grids = [_times(v) for v in verify.values()]
         heads = [_times(v) for v in drafters.values()]
         lookup = d.get("lookup_ms", 0.0)
-        if any(g.shape != (len(rows), len(lengths)) or not np.all((g > 0) & (g < MAX_MS)) for g in grids) \
+        # calibrate() never writes a pass cheaper with more rows or a longer context: beyond the last row count,
+        # such a grid's prices fall on to zero and below, and the planner would keep every node
+        if any(g.shape != (len(rows), len(lengths)) or not np.all((g > 0) & (g < MAX_MS)) or not _monotone(g)
+               for g in grids) \
                 or any(h.shape not in ((0,), (len(HEAD_ROWS),)) or not np.all((h >= 0) & (h < MAX_MS))
                        for h in heads) \
                 or not isinstance(lookup, (int, float)) or not 0 <= lookup < MAX_MS:
@@ -223,6 +226,11 @@ def _times(values) -> np.ndarray:
     if times.dtype.kind not in "iuf":
         raise ValueError("not a measurement")
     return times.astype(float)
+
+
+def _monotone(grid: np.ndarray) -> bool:
+    """Times [rows, lengths] that never fall with more rows or a longer context."""
+    return bool(np.all(np.diff(grid, axis=0) >= 0) and np.all(np.diff(grid, axis=1) >= 0))
 
 
 def _ascending(values, allowed=None) -> bool:
