@@ -11,6 +11,7 @@ from speccompile.format.trees import TreeSpec
 from speccompile.runtime import scheduler
 from speccompile.runtime.adaptive import PROBE_EVERY, AdaptiveDrafting, Rate
 from speccompile.runtime.cost_model import HEAD_ROWS, CostModel
+from speccompile.runtime.drafters.base import Proposal
 from test_adaptive import ROWS, LENGTHS, adaptive, confident_chain, synthetic
 
 
@@ -206,3 +207,19 @@ def test_prompt_lookups_host_time_is_priced_at_every_depth():
     plan = a.plan(100)
     assert plan.head_depth == 2
     assert plan.draft_ms == pytest.approx(5.0 + cost.draft("head", 1) + cost.draft("head", a.branching))
+
+
+def test_prompt_lookup_drafting_alone_is_probed_again():
+    """Prompt lookup drafting alone (no drafter levels to probe), rows a quarter of a step: after a few rejected
+    continuations the cut verifies none, and no verified node meant no evidence, so lookup stayed off for the rest
+    of the request. A probe verifies its likeliest node every PROBE_EVERY passes: once the text repeats, the
+    estimates learn it and the continuations are verified again."""
+    a = AdaptiveDrafting(synthetic(20.0, 5.0), "lookup", False, TreeSpec("adaptive", 63, depth=0, lookup=6), True, 64)
+    prop = Proposal(np.arange(10, 14), None, np.arange(4) - 1, match_len=3)
+    verified = []
+    for i in range(20 + 6 * PROBE_EVERY):
+        kept = a.choose(prop, 0, None, a.plan(100, 3), 100)
+        a.update(list(range(len(kept.tokens))) if i >= 20 else [])  # rejected at first, then always taken
+        verified.append(len(kept.tokens))
+    assert sum(verified[2:20]) <= 20 // PROBE_EVERY  # off, but for probes
+    assert all(verified[-PROBE_EVERY:])  # on again

@@ -11,7 +11,8 @@ Two decisions per pass, both priced by the measured cost model (runtime/cost_mod
      predicted pass time (drafting spent + verify rows at this context length) is best. The empty set is a
      plain decode step: speculation switched off where it would lose.
 A depth the plan keeps skipping is probed again every PROBE_EVERY passes, verifying at least one node, so
-estimates never go stale for good; a depth the cut left nothing at teaches nothing (its nodes were never tried).
+estimates never go stale for good (prompt lookup drafting alone: its likeliest node); a depth the cut left nothing
+at teaches nothing (its nodes were never tried).
 
 Only which candidates are verified changes, never how they are accepted: greedy output stays the target's
 exactly and sampled output keeps its distribution (the tree rules of runtime/acceptance.py hold for any tree).
@@ -183,9 +184,11 @@ class AdaptiveDrafting:
             if rate > best_rate:
                 best, best_rate = depth, rate
         self.since_probe += 1
-        probe = best < self.max_depth and self.since_probe >= PROBE_EVERY  # look again at one level more
+        # look again at one level more; prompt lookup drafting alone has no level: its nodes, which the cut would
+        # otherwise never verify again once a few were rejected, are what a probe tests
+        probe = (best < self.max_depth or not self.max_depth and lookup > 0) and self.since_probe >= PROBE_EVERY
         if probe:
-            best, self.since_probe = best + 1, 0
+            best, self.since_probe = min(best + 1, self.max_depth), 0
         return Plan(best, 2 * best, lookup, drafting[best], probe)
 
     def draft(self, drafter, context, plan: Plan, cap: int, params, rng) -> Proposal:
