@@ -259,17 +259,17 @@ def test_adaptive_requests_share_the_scheduler_passes(tiny_generator, trees_exac
             shared_rows.append(rows)
         return run(steps, *a)
     monkeypatch.setattr(g.scheduler.engine, "run", counted)
-    # which passes the requests share follows the threads' timing: a run whose shared passes drew no lookup node
-    # (the machine busy, the requests overlapping little) is run again
+    # which passes the requests share follows the threads' timing: a run that shared no pass, or whose shared passes
+    # drew no lookup node (the machine busy, the requests overlapping little), is run again
     for _ in range(5):
         shared_rows.clear(), g.scheduler.trace.clear()
         with ThreadPoolExecutor(4) as pool:
             results = list(pool.map(lambda i: g.generate(prompts[i], lengths[i], drafter="model",
                                                          tree="adaptive+lookup:4"), range(4)))
-        assert g.scheduler.shared_passes > shared
         assert [r.token_ids for r in results] == plain
-        if trees_exact or any(max(rows) == 2 for rows in shared_rows):
+        if g.scheduler.shared_passes > shared and (trees_exact or any(max(rows) == 2 for rows in shared_rows)):
             break
+    assert g.scheduler.shared_passes > shared
     alone = sum(kind == "decode" and len(slots) == 1 for kind, slots in g.scheduler.trace)
     drafted = []
     for r in results:

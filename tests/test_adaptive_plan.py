@@ -83,6 +83,18 @@ def test_a_skipped_depth_is_probed_every_probe_every_passes():
     assert probes == [PROBE_EVERY - 1, 2 * PROBE_EVERY - 1, 3 * PROBE_EVERY - 1]
 
 
+def test_a_probes_forced_node_is_not_counted_as_the_cuts_choice():
+    """Rows too dear to draft: a probe verifies a node the cut would have dropped. The estimate of how often the cut
+    keeps a drafter node at that depth (which prices a level of drafting) is left as it was."""
+    a = adaptive(synthetic(20.0, 20.0))
+    a.since_probe = PROBE_EVERY - 1
+    plan = a.plan(100)
+    kept_before = [(r.num, r.den) for r in a.head_kept + a.head_rows]
+    prop, scores = confident_chain(plan.head_depth, np.log(0.6))
+    assert plan.probe and len(a.choose(prop, len(prop.tokens), scores, plan, 100).tokens) == 1
+    assert [(r.num, r.den) for r in a.head_kept + a.head_rows] == kept_before
+
+
 def test_a_probe_never_plans_past_the_trees_depth():
     """A plan that already drafts the tree's whole depth has no level to probe: its depth stays within the tree."""
     a = adaptive(synthetic(20.0, 0.01, head_ms=0.01), depth=2, lookup=0)
