@@ -235,3 +235,18 @@ def test_prompt_lookup_drafting_alone_is_probed_again():
         verified.append(len(kept.tokens))
     assert sum(verified[2:20]) <= 20 // PROBE_EVERY  # off, but for probes
     assert all(verified[-PROBE_EVERY:])  # on again
+
+
+@pytest.mark.parametrize("count", [2, 3, 4, 5])
+def test_greedy_slots_of_a_shared_pass_draft_within_its_rows(count):
+    """Over a target that verifies trees, greedy slots sharing a pass draft within SHARED_PASS_ROWS together: each
+    slot's pending token and its drafts, at least one draft node a slot."""
+    rooms = []
+    gen = types.SimpleNamespace(trees_exact=True, max_seq_len=1000,
+                                propose_adaptive=lambda *args, **kw: rooms.append(args[3]))
+    slots = [types.SimpleNamespace(index=i, adapt=object(), drafter=None, context=np.zeros(50, np.int64), n=20,
+                                   generated=1, req=types.SimpleNamespace(max_new_tokens=500), rng=None,
+                                   params=types.SimpleNamespace(greedy=True)) for i in range(count)]
+    scheduler.Scheduler._propose(types.SimpleNamespace(gen=gen), slots, 900)
+    assert len(rooms) == count and min(rooms) >= 1
+    assert count * (1 + max(rooms)) <= scheduler.SHARED_PASS_ROWS
