@@ -129,6 +129,10 @@ def _check_request(opts: BuildOptions, drafts: list[str] | None) -> tuple[TreeSp
                                "(layerskip:L one per L): build another bundle for the other")
     if opts.num_draft is not None and not 1 <= opts.num_draft <= 16:
         raise SpeccompileError(f"--num-draft {opts.num_draft}: must be between 1 and 16")
+    if drafts is not None and not specs and (opts.num_draft is not None or tree_spec is not None):
+        # a bundle without drafters verifies nothing: the option would be dropped without a word
+        raise SpeccompileError(f"--{'num-draft' if opts.num_draft is not None else 'tree'} sizes the drafts, and "
+                               "--draft none builds no drafter: give a drafter, or neither")
     if opts.num_draft is not None and tree_spec is not None:  # every drafter would verify the tree alone
         raise SpeccompileError("--num-draft asks for a chain of that many drafts, --tree for a tree: give one "
                                "(a chain of K is --tree chain:K)")
