@@ -1,5 +1,6 @@
 """Every option of `speccompile build` reaches the bundle and is recorded in its manifest as the runtime reads it,
 and the defaults are the documented ones (README "CLI", docs/design.md "Bundle format")."""
+import dataclasses
 import json
 
 import pytest
@@ -112,3 +113,23 @@ def test_drafting_options_for_no_drafter_are_refused(tmp_path, option):
     refuses them on such a bundle alike)."""
     assert "--draft none" in refused(tmp_path / "b", "tiny:llama", "--max-seq-len", 64, "--draft", "none", *option)
     assert not (tmp_path / "b").exists()
+
+
+def test_the_longest_chain_asked_for_is_the_one_recorded(tmp_path):
+    """--num-draft's upper bound reaches every drafter as given: a cut is said (Medusa's head count), never silent."""
+    r = CliRunner().invoke(main, ["build", "tiny:llama", "--max-seq-len", "64", "--num-draft", "16", "--draft",
+                                  "lookup", "--draft", "layerskip:1", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0 and "is cut" not in r.output, r.output
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert [d["num_draft"] for d in m["drafters"]] == [16, 16]
+    assert speccompile.load(str(tmp_path / "b"), threads=1).num_draft == {"lookup": 16, "layerskip:1": 16}
+
+
+def test_the_compiler_drivers_defaults_are_the_clis():
+    """build_bundle (the API README names) builds what `speccompile build` does when an option is left out."""
+    from speccompile.cli.build import build as build_command
+    from speccompile.compile.drafters.base import BuildOptions
+    api = BuildOptions()
+    shared = [p for p in build_command.params if p.name in {f.name for f in dataclasses.fields(api)}]
+    assert {p.name for p in shared} >= {"weights", "dtype", "draft_precision", "max_batch", "attention", "backend"}
+    assert {p.name: p.default for p in shared} == {p.name: getattr(api, p.name) for p in shared}
