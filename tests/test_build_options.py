@@ -3,6 +3,7 @@ and the defaults are the documented ones (README "CLI", docs/design.md "Bundle f
 import dataclasses
 import json
 
+import onnx
 import pytest
 from click.testing import CliRunner
 
@@ -94,10 +95,14 @@ def test_the_build_options_of_the_graphs_reach_them(tmp_path, head):
     assert "target_batch" not in m["models"] and m["quantization"]["option"] == "int8"
     assert {r["dtype"] for r in m["weights"]["mtp.bin"].values()} == {"float32"}
     assert not any(n.startswith("head_screen.") for n in m["weights"]["target.bin"])
-    m = build(tmp_path / "r", "tiny:llama", "--max-seq-len", 64, "--attention", "reference", "--draft", "lookup",
-              "--dtype", "float16")
-    assert {e["attention"] for e in m["models"].values()} == {"reference"} and m["dtype"] == "float16"
+    m = build(tmp_path / "r", "tiny:llama", "--max-seq-len", 64, "--attention", "reference", "--draft", "layerskip:1")
+    assert {e["attention"] for e in m["models"].values()} == {"reference"}
     assert not any(n.startswith("head_screen.") for n in m["weights"]["target.bin"])  # it needs the fused kernels
+    for name in m["models"]:  # standard ONNX ops only
+        graph = onnx.load(str(tmp_path / "r" / m["models"][name]["graph"]), load_external_data=False).graph
+        assert {n.domain for n in graph.node} <= {"", "ai.onnx"}, name
+    m = build(tmp_path / "h", "tiny:llama", "--max-seq-len", 64, "--dtype", "float16", "--draft", "none")
+    assert m["dtype"] == "float16" and m["models"]["target"]["kv_cache"]["dtype"] == "float16"
     assert speccompile.load(str(tmp_path / "r"), threads=1).generate([5, 6, 7], 4).token_ids
 
 
