@@ -601,3 +601,15 @@ def test_ci_run_stops_when_an_install_fails(tmp_path):
     done = subprocess.run(["bash", str(repo / ".ci" / "run")], env=env, capture_output=True)
     assert done.returncode != 0
     assert not (tmp_path / "tested").exists() and not (tmp_path / "gated").exists()
+
+
+def test_result_records_the_dataset_read_and_each_prompt_decoded(result, dataset, tiny_generator):
+    """dataset_sha256 is the dataset file's contents' (what tells two runs' prompts apart); each prompt's
+    prompt_tokens are its own question's, through the chat template."""
+    import hashlib
+    with open(dataset, "rb") as f:
+        assert result["settings"]["dataset_sha256"] == hashlib.sha256(f.read()).hexdigest()
+    texts = {q["question_id"]: q["turns"][0] for q in QUESTIONS}
+    assert [p["prompt_tokens"] for p in result["prompts"]] == [
+        len(tiny_generator.encode_chat(texts[p["question_id"]])) for p in result["prompts"]]
+    assert len({p["prompt_tokens"] for p in result["prompts"]}) > 1

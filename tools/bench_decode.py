@@ -99,8 +99,9 @@ def llama_cpp_methods(args, gen, methods: dict, notes: list) -> None:
     if importlib.util.find_spec("llama_cpp") is None:  # an optional peer: say how to get it or skip it
         raise SpeccompileError("llama.cpp is measured through llama-cpp-python, which is not installed: "
                                "pip install llama-cpp-python, or pass --no-llama-cpp")
-    greedy = peers.LlamaCppPeer(source["path"], threads=args.threads)
-    lookup = peers.LlamaCppPeer(source["path"], threads=args.threads, prompt_lookup=args.llama_lookup_tokens)
+    eos = gen.tokenizer.eos_token_ids  # where every other method stops
+    greedy = peers.LlamaCppPeer(source["path"], threads=args.threads, eos=eos)
+    lookup = peers.LlamaCppPeer(source["path"], threads=args.threads, prompt_lookup=args.llama_lookup_tokens, eos=eos)
     methods["llama.cpp"] = lambda ids, n: (greedy.generate(ids, n)[0], {})
     methods["llama.cpp:prompt_lookup"] = lambda ids, n: (lookup.generate(ids, n)[0], {})
     notes.append(f"llama.cpp: llama-cpp-python on {os.path.basename(source['path'])}, {args.threads} threads, "
@@ -337,7 +338,8 @@ def main() -> None:
                        "runs": [{m: {k: v for k, v in r.items() if k != "tokens"} for m, r in run.items()}
                                 for run in runs]}, f, indent=1)
     if args.plot:
-        plot(summary, args.plot, f"{os.path.basename(os.path.normpath(args.bundle))}, {args.limit} Spec-Bench "
+        # the prompts decoded: --limit is at most, fewer where the dataset has fewer or some do not fit
+        plot(summary, args.plot, f"{os.path.basename(os.path.normpath(args.bundle))}, {len(prompts)} Spec-Bench "
              f"prompts, {args.max_new_tokens} new tokens, prefill included, {args.threads} threads, "
              f"{time.strftime('%Y-%m-%d')}")
 

@@ -281,16 +281,17 @@ class LlamaCppPeer:
     chat template applied, which is the ChatML template the default GGUF carries. Each call starts from an empty
     KV cache (llama-cpp-python would otherwise reuse a prefix shared with the previous prompt): prefill included.
     Its lookup path computes logits for every position (logits_all), so the batch is the whole context: a prompt
-    longer than its default batch would not run."""
+    longer than its default batch would not run. eos: the ids the other methods stop at, beside the GGUF's EOS
+    (llama-cpp-python names one; ours may stop at more, e.g. an end-of-text beside the end-of-turn)."""
 
-    def __init__(self, gguf_path: str, threads: int = 2, n_ctx: int = 2048, prompt_lookup: int = 0):
+    def __init__(self, gguf_path: str, threads: int = 2, n_ctx: int = 2048, prompt_lookup: int = 0, eos=()):
         from llama_cpp import Llama
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
         draft = LlamaPromptLookupDecoding(num_pred_tokens=prompt_lookup) if prompt_lookup else None
         self.llm = Llama(model_path=gguf_path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
                          n_batch=n_ctx, n_ubatch=n_ctx if draft else 512, logits_all=draft is not None,
                          draft_model=draft, verbose=False)
-        self.eos = {self.llm.token_eos()}
+        self.eos = {self.llm.token_eos(), *eos}
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:
         t0 = time.perf_counter()
