@@ -72,7 +72,8 @@ class ChatSpy:
 def multi_turn_run(tiny_bundle, tmp_path_factory):
     import speccompile
     path = tmp_path_factory.mktemp("multi-turn") / "q.jsonl"
-    firsts = ["Summarize: " + "the cat sat. " * 6, "Summarize: " + "a dog ran. " * 5]
+    # the second shares most of the first's message: left in the cache, it would be a hit at its first turn
+    firsts = ["Summarize: " + "the cat sat. " * 8, "Summarize: " + "the cat sat. " * 7 + "A dog ran."]
     path.write_text("".join(json.dumps({"question_id": i, "category": "summarization", "turns": [t]}) + "\n"
                             for i, t in enumerate(firsts)))
     spies = []
