@@ -373,6 +373,7 @@ def test_medusa_epochs_are_each_packed_in_an_order_of_their_own():
     from speccompile.train.medusa import epoch_rows
     data = SimpleNamespace(train_ids=list(range(12)), off=np.arange(13))  # twelve one-token sequences
     data.pack = lambda ids, tokens, seed: Data.pack(data, ids, tokens, seed)
+    data.epoch_rows = lambda tokens, seed, epoch: Data.epoch_rows(data, tokens, seed, epoch)
     rows = epoch_rows(data, 3, 7, 2.0)
     first, second = rows[:4], rows[4:]
     assert sorted(sum(first, [])) == sorted(sum(second, [])) == list(range(12))  # each epoch every sequence once

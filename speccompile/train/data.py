@@ -77,6 +77,11 @@ class Data:
             n += L
         return rows + [cur] if cur else rows
 
+    def epoch_rows(self, tokens_per_step: int, seed: int, epoch: int) -> list[list[int]]:
+        """The training rows of one epoch, packed in an order of its own (one order repeated makes every epoch take
+        the same steps)."""
+        return self.pack(self.train_ids, tokens_per_step, seed * 1000 + epoch)
+
     def response_tokens(self, ids) -> np.ndarray:
         return np.concatenate([self.tokens[self.off[j] + self.prompt_len[j]:self.off[j + 1]] for j in ids])
 

@@ -236,7 +236,7 @@ def end_epoch(s: Setup, opt, at: Progress, ck_dir: str, t0: float, identity: dic
 def train(a: TrainOptions, s: Setup, info: dict) -> None:
     """Epochs from the start (or the last checkpoint with --resume) to --epochs or --train-minutes; the final
     checkpoint and the run's figures in info."""
-    rows_of = lambda ep: s.data.pack(s.data.train_ids, a.tokens_per_step, a.seed * 1000 + ep)
+    rows_of = lambda ep: s.data.epoch_rows(a.tokens_per_step, a.seed, ep)
     steps_per_epoch = len(rows_of(0))
     if not steps_per_epoch:  # no step would run: the head would be exported as it was initialized
         raise SpeccompileError(f"train: no sequence to train on ({s.data.n_seq} in the data, all held out by "

@@ -148,10 +148,9 @@ def row_loss(data: Data, m: Medusa, row: list[int], vmap: np.ndarray, W) -> torc
 
 
 def epoch_rows(data: Data, tokens_per_step: int, seed: int, epochs: float) -> list[list[int]]:
-    """`epochs` of training rows, each whole epoch packed in an order of its own (seed * 1000 + epoch, as the MTP
-    and EAGLE loop packs its epochs: one order repeated makes every epoch take the same steps), a fraction of an
-    epoch cut from the next one's."""
-    per_epoch = [data.pack(data.train_ids, tokens_per_step, seed * 1000 + ep) for ep in range(math.ceil(epochs))]
+    """`epochs` of training rows, each whole epoch packed in an order of its own (Data.epoch_rows, as the MTP and
+    EAGLE loop packs its epochs), a fraction of an epoch cut from the next one's."""
+    per_epoch = [data.epoch_rows(tokens_per_step, seed, ep) for ep in range(math.ceil(epochs))]
     return [row for rows in per_epoch for row in rows][:max(1, int(len(per_epoch[0]) * epochs))]
 
 
