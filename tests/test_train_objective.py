@@ -237,9 +237,10 @@ def test_evaluation_scores_a_perfect_head_one_and_counts_only_real_positions():
     perfect = _TableHead([_truth(data, d) for d in (2, 3, 4)])
     ev = evaluate(perfect, data, torch.zeros(VOCAB, 1), torch.zeros(VOCAB, 1), ids, 3)
     assert ev["d1_all"] == ev["d1_resp"] == ev["d2_resp"] == ev["d2_resp_given_d1"] == 1.0
-    # every chain is accepted as far as the sequence has tokens to check it against
+    # every chain is accepted at every depth: one cut by its sequence's end counts only as deep as it can be checked
     starts = [(len(SEQS[j]), i) for j in ids for i in range(PROMPT_LENS[j] - 1, len(SEQS[j]) - 2)]
-    assert ev["chain_p_first_d_accepted"] == [sum(i + d <= n - 2 for n, i in starts) / len(starts) for d in (1, 2, 3)]
+    assert ev["chain_p_first_d_accepted"] == [1.0, 1.0, 1.0] and ev["chain_expected_accepted"] == 3.0
+    assert ev["chain_positions"] == len(starts) and any(i + 3 > n - 2 for n, i in starts)  # some chains are cut
     right = np.random.default_rng(0).random(len(data.tokens)) < 0.5
     half = _TableHead([np.where(right, _truth(data, 2), VOCAB - 1), _truth(data, 3), _truth(data, 4)])
     ev = evaluate(half, data, torch.zeros(VOCAB, 1), torch.zeros(VOCAB, 1), ids, 3)

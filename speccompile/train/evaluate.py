@@ -59,20 +59,21 @@ def _count_top1(stats: dict, drafts: list, tokt, lab, n: int, prompt_len: int, s
     stats["d2_resp_given_d1"][1] += int((v2 & c1).sum())
 
 
-def _count_chains(acc_depth: np.ndarray, drafts: list, tokt, lab, n: int, prompt_len: int) -> int:
-    """Add, per depth d, the chains from each response position whose first d drafts were all accepted; the
-    number of chains."""
+def _count_chains(acc_depth: np.ndarray, den_depth: np.ndarray, drafts: list, tokt, lab, n: int,
+                  prompt_len: int) -> None:
+    """Add, per depth d, the chains from each response position whose first d drafts were all accepted
+    (acc_depth) and the chains the sequence has d tokens after to check them against (den_depth): a chain cut by
+    the sequence's end is not a rejected one."""
     i = torch.arange(n - 1)
     alive = (i >= prompt_len - 1) & (i + 1 <= n - 2)
-    n_chains = int(alive.sum())
     for d in range(1, len(acc_depth) + 1):
         p = (i + d).clamp(max=n - 1)
-        valid = (i + d <= n - 2)
+        room = (i >= prompt_len - 1) & (i + d <= n - 2)
         if d > 1:
-            valid &= tokt[(i + d).clamp(max=n - 1)] == lab[(i + d - 1).clamp(max=n - 1)]
-        alive &= valid & (drafts[d - 1] == lab[p])
+            alive &= tokt[(i + d).clamp(max=n - 1)] == lab[(i + d - 1).clamp(max=n - 1)]
+        alive &= room & (drafts[d - 1] == lab[p])
         acc_depth[d - 1] += int(alive.sum())
-    return n_chains
+        den_depth[d - 1] += int(room.sum())
 
 
 def evaluate(head: Head, data: Data, emb_w, out_w, ids: list[int], chain: int) -> dict:
@@ -80,7 +81,7 @@ def evaluate(head: Head, data: Data, emb_w, out_w, ids: list[int], chain: int) -
     the target's output head, as the runtime scores them."""
     stats = {k: [0, 0] for k in STATS}
     acc_depth = np.zeros(chain)  # chains whose first d drafts were all accepted
-    n_chains = 0
+    den_depth = np.zeros(chain)  # chains with d tokens after them to check against
     with torch.no_grad():
         for j in ids:
             tok, h, ti, _ = data.seq(j)
@@ -89,12 +90,12 @@ def evaluate(head: Head, data: Data, emb_w, out_w, ids: list[int], chain: int) -
             drafts = _drafts(head, emb_w, out_w, tok, h, chain)
             _count_top1(stats, drafts, tokt, lab, n, pl, data.shared, greedy)
             if greedy:
-                n_chains += _count_chains(acc_depth, drafts, tokt, lab, n, pl)
+                _count_chains(acc_depth, den_depth, drafts, tokt, lab, n, pl)
     out = {k: (v[0] / v[1] if v[1] else None) for k, v in stats.items()}
     out["n_positions_resp"] = stats["d1_resp"][1]
-    if n_chains:
-        reach = acc_depth / n_chains  # P(first d drafts accepted)
+    if den_depth[0]:
+        reach = np.divide(acc_depth, den_depth, out=np.zeros(chain), where=den_depth > 0)  # P(first d accepted)
         cond = [reach[0]] + [reach[d] / reach[d - 1] if reach[d - 1] else 0.0 for d in range(1, chain)]
-        out.update(chain_len=chain, chain_positions=n_chains, chain_p_first_d_accepted=reach.tolist(),
+        out.update(chain_len=chain, chain_positions=int(den_depth[0]), chain_p_first_d_accepted=reach.tolist(),
                    chain_conditional_accept=cond, chain_expected_accepted=float(reach.sum()))
     return out
