@@ -150,9 +150,10 @@ def _npz_member(name: str, shape: str, data: bytes = b"", compress=zipfile.ZIP_S
     return buf.getvalue()
 
 
-# what each damaged file is refused for: a member larger than the layout's array, or of a name it lacks, before
-# any member is read; an array whose header lies about its shape fails to read
-DAMAGE_WARNINGS = {"bomb": "members are not", "stranger": "members are not", "dtype": "arrays do not have"}
+# what each damaged file is refused for: a member larger than the layout's array, by its size or its header's
+# claim, or of a name it lacks, before any member is read (np.load would allocate what a header claims)
+DAMAGE_WARNINGS = {"bomb": "members are not", "stranger": "members are not", "huge": "members are not",
+                   "dtype": "arrays do not have"}
 
 
 @pytest.mark.parametrize("kind", ["npy", "flipped", "header", "huge", "bomb", "stranger", "dtype"])

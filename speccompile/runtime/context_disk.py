@@ -104,14 +104,31 @@ def _size(path: str) -> int:
         return 0
 
 
-def _members_fit(members: list[zipfile.ZipInfo], positions: int, parts: dict) -> bool:
-    """Every member of a block file is an array the layout names, no larger than that array: checked before any
-    is read, so that a small file cannot unpack into gigabytes."""
+def _member_limits(positions: int, parts: dict) -> dict[str, int]:
+    """The largest array, in bytes, each member a block file of `parts`' layouts may hold."""
     limits = {"__key__.npy": 64}  # the block's key: a sha256 in hex
     for p, part in parts.items():
         for n, (shape, dtype) in part.layout.items():
             limits[f"{p}/{n}.npy"] = positions * math.prod(shape) * np.dtype(dtype).itemsize
-    return all(i.filename in limits and i.file_size <= limits[i.filename] + NPY_HEADER_BYTES for i in members)
+    return limits
+
+
+def _members_fit(z: zipfile.ZipFile, positions: int, parts: dict) -> bool:
+    """Every member of a block file is an array the layout names, no larger than that array, by its size and by
+    what its .npy header claims: checked before any is read, so that a small file cannot unpack into gigabytes,
+    nor make np.load allocate what a header claims before it finds the data short."""
+    limits = _member_limits(positions, parts)
+    members = z.infolist()
+    if not all(i.filename in limits and i.file_size <= limits[i.filename] + NPY_HEADER_BYTES for i in members):
+        return False
+    for i in members:
+        with z.open(i) as f:
+            read_header = (np.lib.format.read_array_header_1_0 if np.lib.format.read_magic(f) == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(f)
+        if math.prod(shape) * dtype.itemsize > limits[i.filename]:
+            return False
+    return True
 
 
 class DiskTier:
@@ -219,7 +236,7 @@ class DiskTier:
             # the file opened here, so that it closes whatever np.load raises (it leaves its own open on a damaged
             # zip); an .npz only: a plain .npy has no `with`, so it fails
             with open_regular(path) as f, np.load(f, allow_pickle=False) as z:
-                if not _members_fit(z.zip.infolist(), positions, parts):
+                if not _members_fit(z.zip, positions, parts):
                     warnings.warn(f"context cache: ignoring {path}: its members are not this bundle's layout",
                                   stacklevel=4)
                     return None
