@@ -762,15 +762,17 @@ def test_an_onnxruntime_without_batched_attention_runs_requests_one_at_a_time(ti
     from speccompile.format import requirements
     from speccompile.runtime import kv_cache
     assert requirements.runs_batched_attention()  # this onnxruntime's, as setup.py requires
-    requirements.provided_domains()  # cached from the real schemas before they are faked below
 
     def gqa(max_input):
         return lambda: [SimpleNamespace(name="GroupQueryAttention", domain="com.microsoft", max_input=max_input)]
-    with monkeypatch.context() as m:
-        m.setattr(ort.capi.onnxruntime_pybind11_state, "get_all_operator_schema", gqa(16))
-        assert not requirements.runs_batched_attention()
-        m.setattr(ort.capi.onnxruntime_pybind11_state, "get_all_operator_schema", gqa(17))
-        assert requirements.runs_batched_attention()
+    try:
+        with monkeypatch.context() as m:
+            for max_input in (16, 17):  # the schemas are read once a process: forgotten around each fake
+                m.setattr(ort.capi.onnxruntime_pybind11_state, "get_all_operator_schema", gqa(max_input))
+                requirements._operator_schemas.cache_clear()
+                assert requirements.runs_batched_attention() == (max_input >= 17)
+    finally:
+        requirements._operator_schemas.cache_clear()  # the real schemas again for every later test
     monkeypatch.setattr(kv_cache, "runs_batched_attention", lambda: False)
     with pytest.warns(UserWarning, match="concurrent requests will run one after another"):
         gen = speccompile.load(tiny_bundle, threads=1)

@@ -81,21 +81,27 @@ def _varint(view: memoryview, i: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=1)
+def _operator_schemas() -> tuple | None:
+    """This onnxruntime's operator schemas (thousands: read once), or None where its build does not list them."""
+    schemas = getattr(ort.capi.onnxruntime_pybind11_state, "get_all_operator_schema", None)
+    return tuple(schemas()) if schemas else None
+
+
 def provided_domains() -> frozenset[str] | None:
     """The operator domains this onnxruntime registers, or None where its build does not list its schemas."""
-    schemas = getattr(ort.capi.onnxruntime_pybind11_state, "get_all_operator_schema", None)
-    return frozenset(s.domain for s in schemas()) if schemas else None
+    schemas = _operator_schemas()
+    return None if schemas is None else frozenset(s.domain for s in schemas)
 
 
 def runs_batched_attention() -> bool:
     """Whether this onnxruntime's GroupQueryAttention takes each sequence's own query rows (its 17th input,
     query_seqlens, which the batched target graph binds; onnxruntime 1.32 added it). Assumed where this build of
     onnxruntime lists no operator schemas."""
-    schemas = getattr(ort.capi.onnxruntime_pybind11_state, "get_all_operator_schema", None)
+    schemas = _operator_schemas()
     if schemas is None:
         return True
     return any(s.name == "GroupQueryAttention" and s.domain == "com.microsoft" and s.max_input >= 17
-               for s in schemas())
+               for s in schemas)
 
 
 def _version(text: str) -> tuple[int, ...]:
