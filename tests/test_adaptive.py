@@ -82,6 +82,17 @@ def test_prices_kept_as_tables_equal_direct_interpolation():
                 direct(int(rows), int(length), "greedy" if greedy else "sampled"), rel=1e-9)
 
 
+def test_a_drafter_pass_past_its_calibrated_rows_costs_more():
+    """A catch-up over a long accepted run drafts more rows than the calibration timed (HEAD_ROWS): priced on the
+    last two points' slope, not as the last point's rows (which made a long run's catch-up look free)."""
+    from speccompile.runtime.cost_model import HEAD_ROWS
+    cm = synthetic(10.0, 1.0, head_ms=0.5)
+    cm.drafter_ms["head"] = [1.0 * r for r in HEAD_ROWS]
+    assert [cm.draft("head", r) for r in (1, 3, 4, 6, 10)] == pytest.approx([1.0, 3.0, 4.0, 6.0, 10.0])
+    cm.drafter_ms["head"] = [1.0, 2.0, 1.5]  # a noisy calibration: never below its last point
+    assert cm.draft("head", 8) == pytest.approx(1.5)
+
+
 def test_timed_drafting_corrects_the_drafter_price():
     """Drafting timed at three times its calibrated price (a drafter whose weights the target's passes evict):
     the price follows, a catch-up over a whole prompt is not taken for drafting, and nothing of it is cached."""

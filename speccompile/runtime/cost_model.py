@@ -161,7 +161,7 @@ class CostModel:
         if not ms:
             return 0.0
         num, den = self.drafted.get(name, (1.0, 1.0)) if observed else (1.0, 1.0)
-        return float(np.interp(rows, HEAD_ROWS, ms)) * num / den
+        return _rows_price(rows, ms) * num / den
 
     def observe_draft(self, name: str | None, predicted: float, ms: float) -> None:
         """A drafting timed while decoding, against its calibrated price `predicted` (draft(..., observed=False)
@@ -339,3 +339,12 @@ def _drafter_pass_ms(drafter, length: int, before=None) -> list[float]:
     out = np.minimum.accumulate(np.array(out)[::-1])[::-1].round(3).tolist()
     drafter.reset()
     return out
+
+
+def _rows_price(rows: int, ms: list[float]) -> float:
+    """A drafter pass of `rows` rows from its calibrated passes of HEAD_ROWS rows: interpolated between them, and
+    past the last one (a catch-up over a long accepted run) on the last two's slope, never below the last."""
+    if rows <= HEAD_ROWS[-1]:
+        return float(np.interp(rows, HEAD_ROWS, ms))
+    slope = max(ms[-1] - ms[-2], 0.0) / (HEAD_ROWS[-1] - HEAD_ROWS[-2])
+    return float(ms[-1] + (rows - HEAD_ROWS[-1]) * slope)
