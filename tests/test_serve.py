@@ -143,6 +143,25 @@ def test_sampling_settings_and_stop_reach_the_generator(state, client):
     assert res.choices[0].message.content == ref.text and res.choices[0].finish_reason == "stop"
 
 
+def test_typical_acceptance_reaches_the_generator(state, client):
+    """The lossy, opt-in typical acceptance (an extension, as top_k) and its thresholds reach the generator: the
+    server's text is the generator's under the same rule, which here differs from exact acceptance's; a threshold
+    without the rule is refused, as it would do nothing."""
+    kw = dict(temperature=1.5, seed=4)
+    refs = {rule: state.gen.generate("owls debated", 32, chat=False, acceptance=rule, **kw).text
+            for rule in ("exact", "typical:0.5,0.9")}
+    assert refs["exact"] != refs["typical:0.5,0.9"]
+    for rule, extra in (("exact", {}), ("typical:0.5,0.9", {"acceptance": "typical", "typical_epsilon": 0.5,
+                                                            "typical_alpha": 0.9})):
+        res = client.completions.create(model="tiny-serve", prompt="owls debated", max_tokens=32, extra_body=extra,
+                                        **kw)
+        assert res.choices[0].text == refs[rule], rule
+    with pytest.raises(openai.BadRequestError, match="typical_alpha: only allowed with acceptance: typical"):
+        client.completions.create(model="tiny-serve", prompt="owls", max_tokens=4, extra_body={"typical_alpha": 0.5})
+    with pytest.raises(openai.BadRequestError, match="acceptance"):
+        client.completions.create(model="tiny-serve", prompt="owls", max_tokens=4, extra_body={"acceptance": "fast"})
+
+
 def test_top_k_and_a_single_stop_string_reach_the_generator(state, client):
     """top_k 1 at a high temperature is greedy (the same setting without it samples otherwise); a stop string sent
     bare is one stop string, not its characters; an empty one stops nothing."""

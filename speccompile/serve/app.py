@@ -99,6 +99,9 @@ def _check_request(state: ServeState, body) -> None:
     _check_model(state, body.model)
     if body.stream_options is not None and not body.stream:  # as OpenAI and vLLM refuse it: it would do nothing
         raise APIError(400, "stream_options: only allowed with stream: true", param="stream_options")
+    stray = [f for f in ("typical_epsilon", "typical_alpha") if f in body.model_fields_set]
+    if stray and body.acceptance != "typical":  # it would do nothing: exact acceptance has no threshold
+        raise APIError(400, f"{stray[0]}: only allowed with acceptance: typical", param=stray[0])
 
 
 def _check_model(state: ServeState, model: str | None) -> None:

@@ -75,6 +75,10 @@ class _Sampling(_Strict):
     n: int = Field(1, ge=1, le=1)  # one choice per request
     user: str | None = None
     speculate: bool = True  # an extension: False decodes without drafting (same output, the baseline's speed)
+    # extensions: typical acceptance, lossy and opt-in (runtime/sampling.py SamplingParams); greedy stays exact
+    acceptance: Literal["exact", "typical"] = "exact"
+    typical_epsilon: float = Field(0.09, gt=0.0, le=1.0)
+    typical_alpha: float = Field(0.3, gt=0.0, le=1.0)
 
     @model_validator(mode="before")
     @classmethod
@@ -88,7 +92,14 @@ class _Sampling(_Strict):
         return dict(temperature=float(self.temperature), top_p=float(self.top_p), top_k=max(self.top_k, 0),
                     seed=self.seed,
                     stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
-                    speculate=self.speculate)
+                    speculate=self.speculate, acceptance=self.acceptance_rule)
+
+    @property
+    def acceptance_rule(self) -> str:
+        """Generator.stream's acceptance: "exact", or "typical:EPS,ALPHA"."""
+        if self.acceptance == "exact":
+            return "exact"
+        return f"typical:{float(self.typical_epsilon)!r},{float(self.typical_alpha)!r}"
 
     @property
     def include_usage(self) -> bool:
