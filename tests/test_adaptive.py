@@ -251,7 +251,7 @@ def test_adaptive_requests_share_the_scheduler_passes(tiny_generator, trees_exac
     shared, within its share of the pass's rows (over a target whose trees are not exact, trees_exact False, a
     shared pass verifies one prompt-lookup node of at most SHARED_LOOKUP_SLOTS slots, else plain steps). Every
     request's tokens equal autoregressive decoding's."""
-    from speccompile.runtime import scheduler
+    from speccompile.runtime import shared_drafts
     g = tiny_generator
     cost = synthetic(5.0, 0.05)
     cost.drafter_ms["model"] = [0.01] * len(HEAD_ROWS)  # drafting nearly free, even at the most the timing moves it
@@ -290,7 +290,7 @@ def test_adaptive_requests_share_the_scheduler_passes(tiny_generator, trees_exac
     assert drafted[3] > 0  # alone, it drafts
     assert g._cost.observed and g._cost.drafted  # its passes and its drafting were timed into the cost model
     if not trees_exact:  # shared: at most a lookup node in a few slots
-        assert all(max(rows) <= 2 and sum(r == 2 for r in rows) <= scheduler.SHARED_LOOKUP_SLOTS
+        assert all(max(rows) <= 2 and sum(r == 2 for r in rows) <= shared_drafts.SHARED_LOOKUP_SLOTS
                    for rows in shared_rows)
         assert any(max(rows) == 2 for rows in shared_rows)
     else:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from speccompile.format.trees import TreeSpec
-from speccompile.runtime import scheduler
+from speccompile.runtime import shared_drafts
 from speccompile.runtime.adaptive import PROBE_EVERY, AdaptiveDrafting, Rate
 from speccompile.runtime.cost_model import HEAD_ROWS, CostModel
 from speccompile.runtime.drafters.base import Proposal
@@ -140,12 +140,12 @@ def test_a_shared_pass_verifies_lookup_nodes_of_the_likeliest_greedy_slots(monke
         slots.append(types.SimpleNamespace(index=index, adapt=a, drafter=None, context=np.array([5, 3]), n=2,
                                            params=types.SimpleNamespace(greedy=greedy)))
     lookup = types.SimpleNamespace(matches=lambda ctx: (np.array([0]), int(ctx[-1])))
-    owner = types.SimpleNamespace(gen=types.SimpleNamespace(lookup_of=lambda drafter: lookup))
+    gen = types.SimpleNamespace(lookup_of=lambda drafter: lookup)
 
     def chosen(most: int, least: float) -> list[int]:
-        monkeypatch.setattr(scheduler, "SHARED_LOOKUP_SLOTS", most)
-        monkeypatch.setattr(scheduler, "SHARED_LOOKUP_MIN", least)
-        picked = scheduler.Scheduler._lookup_slots(owner, slots)
+        monkeypatch.setattr(shared_drafts, "SHARED_LOOKUP_SLOTS", most)
+        monkeypatch.setattr(shared_drafts, "SHARED_LOOKUP_MIN", least)
+        picked = shared_drafts.lookup_slots(gen, slots)
         assert all(match[1] == 3 for match in picked.values())
         return sorted(picked)
     assert chosen(2, 0.5) == [1, 5]  # the likeliest two
@@ -247,6 +247,6 @@ def test_greedy_slots_of_a_shared_pass_draft_within_its_rows(count):
     slots = [types.SimpleNamespace(index=i, adapt=object(), drafter=None, context=np.zeros(50, np.int64), n=20,
                                    generated=1, req=types.SimpleNamespace(max_new_tokens=500), rng=None,
                                    params=types.SimpleNamespace(greedy=True)) for i in range(count)]
-    scheduler.Scheduler._propose(types.SimpleNamespace(gen=gen), slots, 900)
+    shared_drafts.propose_shared(gen, slots, 900)
     assert len(rooms) == count and min(rooms) >= 1
-    assert count * (1 + max(rooms)) <= scheduler.SHARED_PASS_ROWS
+    assert count * (1 + max(rooms)) <= shared_drafts.SHARED_PASS_ROWS

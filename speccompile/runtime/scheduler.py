@@ -36,22 +36,10 @@ from speccompile.runtime.kv_cache import KVCache
 from speccompile.runtime.noise import sampled_by_noise
 from speccompile.runtime.request import Request
 from speccompile.runtime.sampling import PositionDraws, probabilities
+from speccompile.runtime.shared_drafts import propose_shared
 from speccompile.runtime.slots import DONE, Handle, Slot, round_failed, without_cancelled
 from speccompile.runtime.text_stream import TextStream
 
-# Rows a shared verify pass aims at: a pass's cost grows with its rows, so when several greedy slots decode, their
-# drafts share this budget (each keeps at least one draft node). Over a target whose products round activations to
-# int8 (graphs.trees_exact false: the 4-bit builds) every row pays the int8 kernel's compute, and the slots' own
-# rows already fill the pass: greedy slots then decode plainly while others run, but for the prompt-lookup rows
-# below (docs/results.md, "Concurrent streams"). Greedy output does not depend on the drafts; sampled requests
-# keep their whole drafts, so a seed's draws do not depend on what else runs.
-SHARED_PASS_ROWS = 16
-# Over such a target a shared pass's products run its real rows alone (the batched graph's packed rows), and a
-# row or two past one per slot costs them little, while every slot's attention pays once any slot runs two rows:
-# at most this many greedy slots verify one prompt-lookup node each, those whose match this request has found
-# taken most often, and only above SHARED_LOOKUP_MIN (docs/results.md, "Concurrent streams").
-SHARED_LOOKUP_SLOTS = 2
-SHARED_LOOKUP_MIN = 0.5
 # A joining request's prompt chunk in a pass with decoding slots: the one-row slots' attention is laid out as deep
 # as the chunk, so a chunk shorter than a prefill pass's own pays (docs/results.md, "a joining prompt inside the
 # decode pass").
@@ -292,7 +280,7 @@ class Scheduler:
             s.n += 1
         shared = len(slots) > 1 or mixed is not None or slots[0].index  # the batched graph's pass
         inside = self._rows_left() - 1 if shared else self.gen.max_seq_len  # drafts that keep it inside the cache
-        self._propose(slots, inside)
+        propose_shared(self.gen, slots, inside)
         if not shared:  # alone: as Generator.steps, its graph
             s = slots[0]
             if self.trace is not None:
@@ -306,27 +294,6 @@ class Scheduler:
             self._verify([s for s in slots if s not in apart], mixed)
         for s in apart:  # alone in its pass, a slot's drafts fit after its own K/V (its room, as alone)
             self._verify([s])
-
-    def _propose(self, slots: list[Slot], inside: int) -> None:
-        """Each slot's drafts. A greedy slot's output does not depend on them: they stay `inside` the pass and
-        share its rows. A sampled slot drafts as it would alone: its draws follow its drafts (a chain drawn from
-        a draft model is accepted with a uniform per draft), so a seed gives its tokens whatever shares the pass."""
-        share = max(1, SHARED_PASS_ROWS // len(slots) - 1) if self.gen.trees_exact else 0  # per greedy slot
-        by_lookup = self._lookup_slots(slots) if len(slots) > 1 and not self.gen.trees_exact else {}
-        for s in slots:
-            room = min(s.req.max_new_tokens - s.generated - 1, self.gen.max_seq_len - s.n)
-            if s.params.greedy:
-                room = min(room, inside)
-                if len(slots) > 1:
-                    room = min(room, 1 if s.index in by_lookup else share)
-            if s.index in by_lookup:
-                s.prop = self.gen.propose_adaptive(s.context[:s.n], s.drafter, s.adapt, room, s.params, s.rng,
-                                                   by_lookup[s.index], lookup_only=True)
-            elif s.adapt:  # alone it plans as Generator.steps does; shared, within the slot's share of the rows
-                s.prop = self.gen.propose_adaptive(s.context[:s.n], s.drafter, s.adapt, room, s.params, s.rng)
-            else:
-                s.prop = self.gen.propose(s.context[:s.n], s.drafter, s.req.k, s.req.tree, room, s.reach,
-                                          s.params, s.rng)
 
     def _verify(self, slots: list[Slot], mixed: Slot | None = None) -> None:
         """One batched pass over the slots' verify blocks (and mixed's prompt chunk): each slot's verdict."""
@@ -343,20 +310,6 @@ class Scheduler:
             verdict, in_graph = self._accept(s, logits, argmax)
             self._commit(s, verdict.path, rows)
             self._accepted(s, verdict, in_graph)
-
-    def _lookup_slots(self, slots: list[Slot]) -> dict[int, tuple]:
-        """The greedy slots whose prompt-lookup node a shared pass over a one-path target verifies (the
-        SHARED_LOOKUP_* rule), each with its match."""
-        ranked = []
-        for s in slots:
-            if s.adapt is None or s.adapt.reach is None or not s.params.greedy:
-                continue
-            match = self.gen.lookup_of(s.drafter).matches(s.context[:s.n])
-            estimate = s.adapt.lookup_estimate(match[1]) if match[1] else 0.0
-            if estimate >= SHARED_LOOKUP_MIN:
-                ranked.append((estimate, s.index, match))
-        ranked.sort(key=lambda r: -r[0])
-        return {index: match for _, index, match in ranked[:SHARED_LOOKUP_SLOTS]}
 
     def _accept(self, s: Slot, logits, argmax) -> tuple[Verdict, bool | None]:
         """The slot's verdict from its rows, drawing from its generator as the single-sequence path would."""
