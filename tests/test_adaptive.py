@@ -428,6 +428,27 @@ def test_the_cost_cache_is_keyed_by_cpu_and_device(tiny_bundle, tmp_path, monkey
     assert cost_model.machine_key(1)["machine"] != key
 
 
+def test_inspect_names_the_cost_model_this_machine_uses_first(tiny_bundle, tmp_path, monkeypatch):
+    """A shared cache folder holds cost models of other machines (or onnxruntime versions): inspect lists the one
+    a load here would use first, and says of each other one that it is not used here."""
+    from click.testing import CliRunner
+
+    import speccompile
+    from speccompile.cli import main
+    monkeypatch.setenv("SPECCOMPILE_CACHE", str(tmp_path))
+    speccompile.load(tiny_bundle, threads=1).cost_model()
+    mine = json.load(open(cost_cache.cache_path(tiny_bundle, 1)))
+    with monkeypatch.context() as m:  # a model measured under another onnxruntime
+        m.setattr(cost_cache, "machine_key", lambda threads, device="cpu": {"machine": "a 0 CPU", "threads": 1})
+        cost_cache.save(cost_model.CostModel.from_dict({**mine, "key": {"machine": "a 0 CPU", "threads": 1}}),
+                        tiny_bundle, 1)
+    assert len(cost_cache.cached_models(tiny_bundle)) == 2
+    out = CliRunner().invoke(main, ["inspect", tiny_bundle, "--no-verify"]).output
+    heads = [line for line in out.splitlines() if line.startswith("cost model")]
+    assert len(heads) == 2 and heads[0].endswith("; this machine's") and mine["key"]["machine"] in heads[0]
+    assert "a 0 CPU; another machine's or onnxruntime's, not used here" in heads[1]
+
+
 def test_a_short_context_calibrates_the_rows_it_holds(tmp_path, monkeypatch):
     """A bundle whose context is shorter than the largest calibrated pass (25 rows) once could not generate with
     its adaptive default tree at all."""

@@ -17,6 +17,8 @@ def inspect(bundle, no_verify):
     for line in describe(bundle, read_manifest(bundle, verify_hashes=not no_verify), verified=not no_verify):
         click.echo(line)
     from speccompile.runtime.cost_cache import cached_models  # adaptive drafting's measured costs, if any
-    for model in cached_models(bundle):
-        for line in model.describe():
+    from speccompile.runtime.cost_model import machine_key
+    here = machine_key(None)["machine"]  # the CPU, its device and onnxruntime: what a load here would use
+    for model in sorted(cached_models(bundle), key=lambda m: m.key.get("machine") != here):
+        for line in model.describe(here=model.key.get("machine") == here):
             click.echo(line)

@@ -201,11 +201,12 @@ class CostModel:
         return cls(rows, lengths, verify, drafters, float(lookup), d.get("key") if isinstance(d.get("key"), dict)
                    else {})
 
-    def describe(self) -> list[str]:
-        """Readable lines (for `inspect`)."""
+    def describe(self, here: bool | None = None) -> list[str]:
+        """Readable lines (for `inspect`); here: whether it prices this machine's passes (None: not said)."""
         mid = self.lengths[len(self.lengths) // 2]
+        where = {True: "; this machine's", False: "; another machine's or onnxruntime's, not used here"}.get(here, "")
         out = [f"cost model  measured {self.key.get('measured', '?')}, {self.key.get('threads')} threads, "
-               f"{self.key.get('machine', '?')}"]
+               f"{self.key.get('machine', '?')}{where}"]
         if self.key.get("one_row_pad"):
             out.append("            one-token steps run with a pad row here (this CPU's one-row product kernel "
                        "sums differently: runtime/row_parity.py)")
