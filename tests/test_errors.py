@@ -17,7 +17,8 @@ import speccompile.compile.driver as driver
 import speccompile.format.bundle as bundle_module
 
 from speccompile.compile.driver import build_bundle
-from speccompile.format.bundle import _temp_prefix, output_lock, read_manifest
+from speccompile.format.bundle import read_manifest
+from speccompile.format.output_dir import _temp_prefix, output_lock
 from speccompile.cli import main
 from speccompile.errors import (BundleError, CheckpointError, ContextLengthError, SpeccompileError,
                                TokenizerMismatchError, UnsupportedModelError)
@@ -597,7 +598,7 @@ def test_a_named_pipe_called_manifest_above_out_does_not_hang_the_build(tmp_path
     """build --out looks for a bundle in every folder above it; a named pipe named manifest.json there made it wait
     for a writer for ever."""
     import threading
-    from speccompile.format import bundle as bundle_format
+    from speccompile.format import output_dir as bundle_format
     os.mkfifo(tmp_path / "manifest.json")
     checked = threading.Thread(target=bundle_format._refuse_inside_bundle, args=(str(tmp_path / "out"),), daemon=True)
     checked.start()
@@ -610,7 +611,7 @@ def test_a_named_pipe_called_manifest_above_out_does_not_hang_the_build(tmp_path
 
 def test_a_refused_move_aside_leaves_nothing_beside_out(bundle_copy, monkeypatch):
     """The old bundle could not be moved aside (--out a mount point: EBUSY): its empty aside folder stayed."""
-    from speccompile.format import bundle as bundle_format
+    from speccompile.format import output_dir as bundle_format
     before = read_manifest(str(bundle_copy))
     real_rename = os.rename
 
@@ -650,7 +651,7 @@ def test_a_bundle_is_never_built_inside_another(bundle_copy):
 
 def test_an_interrupt_between_the_renames_leaves_the_old_bundle(bundle_copy, monkeypatch):
     """Ctrl-C after the old bundle was moved aside and before the new one took its place once left --out missing."""
-    from speccompile.format import bundle as bundle_format
+    from speccompile.format import output_dir as bundle_format
     before = read_manifest(str(bundle_copy))
     renames = []
     real_rename = os.rename

@@ -35,7 +35,8 @@ from speccompile.compile.model_entries import decoder_entry
 from speccompile.compile.precision import apply_precision, check_dtype
 from speccompile.compile.sources import load_checkpoint, shipped_head
 from speccompile.errors import SpeccompileError
-from speccompile.format.bundle import atomic_bundle_dir, finalize_manifest, guard_output, write_weights
+from speccompile.format.bundle import finalize_manifest, write_weights
+from speccompile.format.output_dir import atomic_bundle_dir, guard_output
 from speccompile.format.drafter_kinds import KINDS, DraftSpec
 from speccompile.format.trees import TreeSpec
 from speccompile.format.memory import memory_line
