@@ -16,7 +16,10 @@ at teaches nothing (its nodes were never tried).
 
 Only which candidates are verified changes, never how they are accepted: greedy output stays the target's
 exactly and sampled output keeps its distribution (the tree rules of runtime/acceptance.py hold for any tree).
-The estimates live per request and start from fixed priors, so a seeded request is reproducible.
+The estimates live per request and start from fixed priors; the prices follow the passes timed so far, so which
+nodes are verified may differ between two runs of one request. Greedy output and samples drawn per position (by
+noise, or top-p's uniforms: runtime/noise.py, sampling.py) do not depend on it; what draws per draft (typical
+acceptance, drafts sampled from q) reproduces from its seed only where the drafts are the same.
 """
 from __future__ import annotations
 
