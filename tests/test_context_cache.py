@@ -15,6 +15,7 @@ from speccompile.compile.driver import build_bundle
 from speccompile.errors import SpeccompileError
 from speccompile.runtime.context_cache import ContextCache, Part, block_bytes
 from speccompile.runtime.sampling import SamplingParams
+from speccompile.runtime.streams import drain
 
 from conftest import quiet, random_prompts
 
@@ -622,6 +623,21 @@ def test_a_prompt_is_cached_once_prefilled_though_its_stream_is_dropped(bundle, 
     next(stream)
     stream.close()
     assert gen.generate(prompt + [5], 2, speculate=False).stats["prompt_cache_hit_tokens"] == 32
+
+
+@pytest.mark.parametrize("bundle", LOOPS)
+def test_a_stream_cancelled_before_its_first_pass_caches_nothing(bundle, request):
+    """A request in its caller's own loop (typical acceptance; any request without the batched graph) cancelled
+    before its first pass ran nothing: the target's cache still held the previous request's K/V, and saving them
+    under this prompt's blocks made the next request with the prompt restore another text's keys and values."""
+    gen = speccompile.load(request.getfixturevalue(bundle), threads=1)
+    own_loop = dict(temperature=0.7, acceptance="typical", seed=0)
+    first, second = random_prompts(8)[6][:40], random_prompts(8)[7][:40]
+    gen.generate(first, 8, **own_loop)
+    stream = gen.stream(second, 8, **own_loop)
+    stream.cancel()
+    assert drain(stream).finish_reason == "cancelled"
+    assert gen.generate(second, 2, speculate=False).stats["prompt_cache_hit_tokens"] == 0
 
 
 def test_chat_with_the_cache_equals_without_in_its_own_loop(serial_bundle):

@@ -205,7 +205,9 @@ class Generator(DecodeLoop):
             if submitted is None:
                 self._owner = threading.get_ident()
         total = (source.produced_at if done else time.perf_counter()) - t0  # done: at its last pass
-        if self.context_cache and submitted is None:  # the answer's blocks too (the scheduler saves its own)
+        # the answer's blocks too (the scheduler saves its own); none where no pass ran (cancelled before its first):
+        # the target's cache still holds the previous request's K/V, which must not be keyed by this prompt
+        if self.context_cache and submitted is None and ttft is not None:
             context = np.concatenate([req.ids, np.asarray(out, np.int64)])
             self.context_cache.save(context, min(self.target.cache.length, len(context)), self.target.cache,
                                     req.drafter)
