@@ -458,6 +458,7 @@ API = [
     ("params beside a temperature", lambda g: g.generate("hi", 4, params=SamplingParams(), temperature=0.7)),
     ("speculate a string", lambda g: g.generate("hi", 4, speculate="no")),
     ("chat a string", lambda g: g.generate("hi", 4, chat="no")),
+    ("chat() given chat a string", lambda g: g.chat([{"role": "user", "content": "hi"}], 4, chat="no")),
     ("a drafter without speculation", lambda g: g.generate("hi", 4, speculate=False, drafter="lookup")),
     ("a tree without speculation", lambda g: g.generate("hi", 4, speculate=False, tree="chain:3")),
     ("acceptance empty", lambda g: g.generate("hi", 4, temperature=0.7, acceptance="")),

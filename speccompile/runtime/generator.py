@@ -174,9 +174,11 @@ class Generator(DecodeLoop):
     def chat(self, messages: list[dict], max_new_tokens: int = 128, **kwargs) -> GenerationResult:
         """Answer a conversation: messages [{"role": "system" | "user" | "assistant" | "tool", "content": str}, ...],
         through the bundle's chat template; the keyword arguments are `stream`'s (but chat=False)."""
-        if not kwargs.pop("chat", True):
+        flag = kwargs.get("chat", True)
+        if isinstance(flag, (bool, np.bool_)) and not flag:
             raise SpeccompileError("chat() renders the messages through the chat template: for text without it, "
                                    "call generate(..., chat=False)")
+        # chat stays in kwargs: generate refuses a value other than True or False (the string "no" would be true)
         return self.generate(self.tokenizer.encode_messages(check_messages(messages)), max_new_tokens, **kwargs)
 
     def _run(self, req: Request, on_text: Callable[[str], None] | None, submitted=None, own: OwnLoop | None = None):
