@@ -344,6 +344,25 @@ def test_a_recalibration_waits_for_the_generation_it_would_disturb(tiny_bundle, 
         assert measured.result(timeout=300).verify(1, 16) > 0
 
 
+def test_a_recalibration_inside_this_threads_own_generation_is_refused(tiny_bundle, tmp_path, monkeypatch):
+    """cost_model(recalibrate=True) in the thread whose own loop holds a half-read stream (typical acceptance; any
+    request of a bundle without the batched graph) measured at once, overwriting the stream's K/V: the stream went
+    on with other tokens, or failed inside a drafter."""
+    import speccompile
+    from speccompile.errors import SpeccompileError
+    from speccompile.runtime.streams import drain
+    monkeypatch.setenv("SPECCOMPILE_CACHE", str(tmp_path))
+    g = speccompile.load(tiny_bundle, threads=1)
+    prompt, own_loop = random_prompts(1, seed=7)[0], dict(temperature=0.7, acceptance="typical", seed=0)
+    solo = g.generate(prompt, 40, **own_loop).token_ids
+    stream = g.stream(prompt, 40, **own_loop)
+    next(stream)
+    with pytest.raises(SpeccompileError, match="finish or close"):
+        g.cost_model(recalibrate=True)
+    assert drain(stream).token_ids == solo
+    assert g.cost_model(recalibrate=True).verify(1, 16) > 0  # once the stream is done
+
+
 @pytest.mark.parametrize("home", ["unknown", "relative XDG_CACHE_HOME"])
 def test_the_cost_cache_never_lands_in_the_working_directory(tiny_bundle, tmp_path, monkeypatch, home):
     """With HOME unset and no passwd entry (a container's arbitrary uid) expanduser leaves "~", and a relative

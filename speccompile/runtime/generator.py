@@ -115,9 +115,11 @@ class Generator(DecodeLoop):
 
     def cost_model(self, recalibrate: bool = False) -> CostModel:
         """This bundle's cost model on this machine (runtime/cost_model.py): cached, or measured now (a few seconds,
-        running the target engine: from any thread, once no generation holds it) and cached; recalibrate=True too."""
-        if (self._cost is not None and not recalibrate) or self._owner == threading.get_ident():
-            return self._measured_cost(recalibrate)
+        running the target engine: from any thread, once no generation holds it) and cached; recalibrate=True too.
+        Refused in a thread whose own generation is unfinished (a half-read stream, an on_text callback): measuring
+        then would overwrite that generation's K/V."""
+        if self._cost is not None and not recalibrate:
+            return self._cost
         with self._exclusive(), (self.scheduler.exclusive() if self.scheduler else contextlib.nullcontext()):
             return self._measured_cost(recalibrate)
 
