@@ -1,8 +1,55 @@
-"""Errors that name the problem. The CLI prints `error: <message>` and exits non-zero for any of them."""
+"""Errors that name the problem. The CLI prints `error: <message>` and exits non-zero for any of them.
+
+An option the Python API and the CLI share is named in a message through `option` or `given`, so that each caller
+reads its own spelling: `str(e)` names the keyword (`max_new_tokens=0: ...`), `e.cli_message()` the flag
+(`--max-new-tokens 0: ...`)."""
+from __future__ import annotations
+
+import re
+
+# An option's mention inside a message: keyword, flag and the value's repr (empty when none was given), between
+# private-use characters that repr() of any value escapes, so no value can forge or break a mention.
+_OPEN, _SEP, _CLOSE = "\ue000", "\ue001", "\ue002"
+_MENTION = re.compile(f"{_OPEN}([^{_SEP}]*){_SEP}([^{_SEP}]*){_SEP}([^{_CLOSE}]*){_CLOSE}")
+
+
+def option(keyword: str, flag: str | None = None) -> str:
+    """An option named in a message: `keyword` in Python, `flag` (by default --keyword-with-dashes) on the
+    command line."""
+    return f"{_OPEN}{keyword}{_SEP}{flag or '--' + keyword.replace('_', '-')}{_SEP}{_CLOSE}"
+
+
+def given(keyword: str, value, flag: str | None = None) -> str:
+    """An option with the value it was given: `keyword=value` in Python, `--flag value` on the command line."""
+    return option(keyword, flag)[:-1] + repr(value) + _CLOSE
+
+
+def spelled(message: str, cli: bool) -> str:
+    """The message with each mention of an option spelled for the Python API or (cli) for the command line."""
+    def one(m: re.Match) -> str:
+        keyword, flag, value = m.groups()
+        if cli:  # a switch given as True is the flag alone (overwrite=True is --force)
+            return f"{flag} {_as_typed(value)}" if value and value != "True" else flag
+        return f"{keyword}={value}" if value else keyword
+    return _MENTION.sub(one, message)
+
+
+def _as_typed(shown: str) -> str:
+    """A value as a command line would have it: a plain word unquoted (--tree chain:3), anything else (spaces,
+    quotes, an empty string, characters repr() escapes) as repr() shows it."""
+    inner = shown[1:-1] if len(shown) > 2 and shown[0] == shown[-1] and shown[0] in "'\"" else None
+    return inner if inner is not None and re.fullmatch(r"[\w.:+/-]+", inner) else shown
 
 
 class SpeccompileError(Exception):
-    """Base class: every user-facing failure is one of these."""
+    """Base class: every user-facing failure is one of these. Its text names options as the Python API spells
+    them; `cli_message()` as the command line does."""
+
+    def __str__(self) -> str:
+        return spelled(super().__str__(), cli=False)
+
+    def cli_message(self) -> str:
+        return spelled(super().__str__(), cli=True)
 
 
 class CheckpointError(SpeccompileError):

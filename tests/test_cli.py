@@ -208,7 +208,7 @@ def test_an_acceptance_that_names_no_rule_is_refused_as_such_when_greedy(tiny_bu
         r = CliRunner().invoke(main, ["generate", str(tiny_bundle), "hello", "--max-new-tokens", "4",
                                       "--acceptance", value])
         assert r.exit_code == 2 and len(r.output.splitlines()) == 1, r.output
-        assert "use exact or typical[:EPS[,ALPHA]]" in r.output and "for sampling" not in r.output, r.output
+        assert "use 'exact' or 'typical[:EPS[,ALPHA]]'" in r.output and "for sampling" not in r.output, r.output
 
 
 def test_top_k_and_top_p_without_a_temperature_are_refused(tiny_bundle):

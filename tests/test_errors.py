@@ -21,7 +21,7 @@ from speccompile.format.bundle import read_manifest
 from speccompile.format.output_dir import _temp_prefix, output_lock
 from speccompile.cli import main
 from speccompile.errors import (BundleError, CheckpointError, ContextLengthError, SpeccompileError,
-                               TokenizerMismatchError, UnsupportedModelError)
+                               TokenizerMismatchError, UnsupportedModelError, given, option)
 from speccompile.compile.presets import tiny_tokenizer_files
 from speccompile.compile.sources import load_checkpoint, save_hf_dir
 
@@ -192,16 +192,35 @@ def test_an_empty_out_is_named_as_empty(tmp_path, monkeypatch):
     assert not os.listdir(tmp_path)
 
 
+def test_options_are_named_as_each_caller_spells_them():
+    """A message names an option as the Python keyword in str() and as the flag in cli_message(); a value shows as
+    repr() in Python, and as typed on a command line where it is a plain word."""
+    e = SpeccompileError(f"{given('max_new_tokens', 0)}: bad; {option('tree')} or {given('drafts', 'none', '--draft')}"
+                         f", {given('overwrite', True, '--force')}, {given('tree', 'a b')}")
+    assert str(e) == "max_new_tokens=0: bad; tree or drafts='none', overwrite=True, tree='a b'"
+    assert e.cli_message() == "--max-new-tokens 0: bad; --tree or --draft none, --force, --tree 'a b'"
+
+
+def test_a_value_cannot_forge_an_option_mention():
+    """The characters that delimit a mention are escaped by repr() in any value, so a value holding them shows as
+    given rather than being read as another option's mention."""
+    forged = option("x")[:-1] + "oops" + option("y")[-1:]
+    e = SpeccompileError(f"{given('tree', forged)}: bad")
+    assert str(e).startswith("tree='\\ue000x") and str(e).endswith(": bad")
+    assert e.cli_message().startswith("--tree '\\ue000x")
+
+
 def test_prompt_longer_than_context(tiny_generator):
     with pytest.raises(ContextLengthError, match="compiled context"):
         tiny_generator.generate(list(range(3, 300)), 4)
-    with pytest.raises(ContextLengthError, match="max-new-tokens"):
+    with pytest.raises(ContextLengthError, match=r"\+ max_new_tokens=1000 exceeds"):  # Python's spelling
         tiny_generator.generate([5, 6, 7], 1000)
 
 
 def test_cli_context_errors(tiny_bundle):
     assert_cli_error(cli("generate", tiny_bundle, "hello " * 400, "--max-new-tokens", 4), "compiled context")
-    assert_cli_error(cli("generate", tiny_bundle, "hello", "--max-new-tokens", 100000), "max-new-tokens")
+    assert_cli_error(cli("generate", tiny_bundle, "hello", "--max-new-tokens", 100000),
+                     "+ --max-new-tokens 100000 exceeds")  # the CLI's spelling of the same failure
     assert_cli_error(cli("generate", tiny_bundle, "hello", "--drafter", "eagle"), "not in this bundle")
     assert_cli_error(cli("generate", tiny_bundle, "hello", "--top-p", 0), "top_p")
 
@@ -516,7 +535,7 @@ def test_empty_out_is_named(tmp_path, monkeypatch):
     """--out "" once became the working directory: "<cwd> already exists (pass --force to replace it)"."""
     monkeypatch.chdir(tmp_path)
     assert_cli_error(cli("build", "tiny:llama", "--out", ""), "--out is empty")
-    with pytest.raises(BundleError, match="--out is empty"):
+    with pytest.raises(BundleError, match="^out is empty"):  # build_bundle's keyword
         build_bundle("tiny:llama", " ", progress=quiet)
     assert os.listdir(tmp_path) == []
 

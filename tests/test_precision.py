@@ -149,7 +149,7 @@ def test_bfloat16_graphs_are_bfloat16_through_and_refused_on_cpu(bundles):
         assert TensorProto.FLOAT16 not in types and TensorProto.BFLOAT16 in types
         caches = [v for v in g.graph.input if v.name.startswith("past_")]
         assert caches and all(v.type.tensor_type.elem_type == TensorProto.BFLOAT16 for v in caches)
-    with pytest.raises(SpeccompileError, match="--device cuda"):
+    with pytest.raises(SpeccompileError, match="generate with device='cuda'"):
         speccompile.load(bundles["bfloat16"], threads=1)
 
 
@@ -210,7 +210,7 @@ def test_early_exit_over_gemma3_sliding_layers_alone(tmp_path, dtype):
 
 
 def test_unknown_dtype_and_tensorrt_float16_are_refused(tmp_path):
-    with pytest.raises(SpeccompileError, match="--dtype"):
+    with pytest.raises(SpeccompileError, match="^dtype='float8': choose"):
         build_bundle("tiny:llama", str(tmp_path / "a"), drafts=["none"], max_seq_len=LMAX, dtype="float8",
                      progress=quiet)
     with pytest.raises(SpeccompileError, match="float32 engines"):
@@ -233,7 +233,7 @@ def test_bfloat16_with_drafters_run_on_the_cpu_is_refused(tmp_path, kind):
         safetensors_numpy.save_file(medusa_heads(cfg, prefix="medusa_head."), str(head))
     else:  # refused before the head is read
         head.write_bytes(b"")
-    with pytest.raises(SpeccompileError, match=f"--dtype bfloat16 with --draft {kind}.*--dtype float16"):
+    with pytest.raises(SpeccompileError, match=f"dtype='bfloat16' with drafts='{kind}'.*dtype='float16'"):
         build_bundle("tiny:llama", str(tmp_path / "b"), drafts=[f"{kind}:{head}"], max_seq_len=LMAX,
                      dtype="bfloat16", progress=quiet)
     assert not (tmp_path / "b").exists()

@@ -65,7 +65,7 @@ def _expected_failure(e: Exception) -> str | None:
     """The message of a failure that bad input explains (printed as one `error:` line, exit 2), or None for one
     that only a bug explains."""
     if isinstance(e, SpeccompileError):
-        return str(e)
+        return e.cli_message()  # options named as flags, not as the Python API's keywords
     if isinstance(e, OSError):  # a path that is missing, unreadable, a full disk
         return f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}"
     if isinstance(e, (ValueError, RecursionError)):  # bad parameters reaching the runtime, bad JSON

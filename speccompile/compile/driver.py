@@ -34,7 +34,7 @@ from speccompile.compile.weights.decoder import lower_weights
 from speccompile.compile.model_entries import decoder_entry
 from speccompile.compile.precision import apply_precision, check_dtype
 from speccompile.compile.sources import load_checkpoint, shipped_head
-from speccompile.errors import SpeccompileError
+from speccompile.errors import SpeccompileError, given, option
 from speccompile.format.bundle import finalize_manifest, write_weights
 from speccompile.format.output_dir import atomic_bundle_dir, guard_output
 from speccompile.format.drafter_kinds import KINDS, DraftSpec
@@ -59,8 +59,9 @@ class BundleParts:
             entry["num_draft"] = min(entry["num_draft"], deepest)
             tree = entry["tree"]
             if tree and tree["kind"] in ("chain", "static") and tree["depth"] > deepest:
-                raise SpeccompileError(f"--tree: this {tree['kind']} tree is {tree['depth']} deep, and drafter "
-                                       f"{entry['name']!r} drafts at most {deepest} deep (one position per head)")
+                raise SpeccompileError(f"{option('tree')}: this {tree['kind']} tree is {tree['depth']} deep, and "
+                                       f"drafter {entry['name']!r} drafts at most {deepest} deep (one position per "
+                                       "head)")
         self.weights |= built.weights
         self.graphs |= built.graphs
         self.models |= built.models
@@ -101,15 +102,15 @@ def _backend(opts: BuildOptions) -> tuple[BuildOptions, object]:
     check_dtype(opts.dtype)
     if opts.backend == "tensorrt":
         if opts.dtype != "float32":  # the plugin's kernels read and write float32
-            raise SpeccompileError(f"--backend tensorrt builds float32 engines; --dtype {opts.dtype} is for "
-                                   "--backend onnxruntime")
+            raise SpeccompileError(f"{given('backend', 'tensorrt')} builds float32 engines; "
+                                   f"{given('dtype', opts.dtype)} is for {given('backend', 'onnxruntime')}")
         toolchain = trt_backend.require_toolchain()
         # TreeAttention as the plugin's node; the CPU graphs get its expansion. Draft heads in float32: their int8
         # form is onnxruntime's MatMulNBits, which TensorRT does not take (the target's matrices fall back alike,
         # in the quantize pass)
         return dataclasses.replace(opts, attention="plugin", fused=False, draft_precision="float32"), toolchain
     if opts.backend != "onnxruntime":
-        raise SpeccompileError(f"--backend {opts.backend!r}: choose onnxruntime or tensorrt")
+        raise SpeccompileError(f"{given('backend', opts.backend)}: choose onnxruntime or tensorrt")
     return opts, None
 
 
@@ -118,27 +119,29 @@ def _check_request(opts: BuildOptions, drafts: list[str] | None) -> tuple[TreeSp
     tree_spec = TreeSpec.parse(opts.tree) if opts.tree else None
     check_mode(opts.weights)
     if opts.draft_precision not in ("int8", "float32"):
-        raise SpeccompileError(f"--draft-precision {opts.draft_precision!r}: choose int8 or float32")
+        raise SpeccompileError(f"{given('draft_precision', opts.draft_precision)}: choose int8 or float32")
     parsed = [DraftSpec.parse(d) for d in drafts or ()]
     specs = [s for s in parsed if s is not None]
     if specs and len(specs) < len(parsed):  # "none" would be dropped, the others built: the one or the others
-        raise SpeccompileError(f"--draft none builds no drafter, and --draft {specs[0].name} one: give either")
+        raise SpeccompileError(f"{given('drafts', 'none', flag='--draft')} builds no drafter, and "
+                               f"{given('drafts', specs[0].name, flag='--draft')} one: give either")
     names = [s.name for s in specs]
     twice = next((n for n in names if names.count(n) > 1), None)
     if twice is not None:  # one bundle drafter per name: its graph, weights and manifest entry go by it
-        raise SpeccompileError(f"--draft: two drafters named {twice!r}; a bundle holds one drafter of each kind "
-                               "(layerskip:L one per L): build another bundle for the other")
+        raise SpeccompileError(f"{option('drafts', flag='--draft')}: two drafters named {twice!r}; a bundle holds "
+                               "one drafter of each kind (layerskip:L one per L): build another bundle for the other")
     if opts.num_draft is not None and not 1 <= opts.num_draft <= 16:
-        raise SpeccompileError(f"--num-draft {opts.num_draft}: must be between 1 and 16")
+        raise SpeccompileError(f"{given('num_draft', opts.num_draft)}: must be between 1 and 16")
     if drafts is not None and not specs and (opts.num_draft is not None or tree_spec is not None):
         # a bundle without drafters verifies nothing: the option would be dropped without a word
-        raise SpeccompileError(f"--{'num-draft' if opts.num_draft is not None else 'tree'} sizes the drafts, and "
-                               "--draft none builds no drafter: give a drafter, or neither")
+        raise SpeccompileError(f"{option('num_draft' if opts.num_draft is not None else 'tree')} sizes the drafts, "
+                               f"and {given('drafts', 'none', flag='--draft')} builds no drafter: give a drafter, or "
+                               "neither")
     if opts.num_draft is not None and tree_spec is not None:  # every drafter would verify the tree alone
-        raise SpeccompileError("--num-draft asks for a chain of that many drafts, --tree for a tree: give one "
-                               "(a chain of K is --tree chain:K)")
+        raise SpeccompileError(f"{option('num_draft')} asks for a chain of that many drafts, {option('tree')} for a "
+                               f"tree: give one (a chain of K is the tree 'chain:K')")
     if not 1 <= opts.max_batch <= 64:
-        raise SpeccompileError(f"--max-batch {opts.max_batch}: must be between 1 and 64")
+        raise SpeccompileError(f"{given('max_batch', opts.max_batch)}: must be between 1 and 64")
     if opts.mla_cache not in ("latent", "expanded"):  # build_bundle's keyword alone: the CLI has no such option
         raise SpeccompileError(f"mla_cache={opts.mla_cache!r}: choose latent or expanded")
     _check_cpu_only_graphs(opts.dtype, specs)
@@ -153,9 +156,9 @@ def _check_cpu_only_graphs(dtype: str, specs: list[DraftSpec]) -> None:
     """bfloat16 has no CPU kernels (no bfloat16 MatMul): such a drafter's graph would make the bundle load nowhere."""
     kind = next((s.kind for s in specs if s.kind in CPU_ONLY_GRAPHS), None)
     if dtype == "bfloat16" and kind is not None:
-        raise SpeccompileError(f"--dtype bfloat16 with --draft {kind}: {CPU_ONLY_GRAPHS[kind]} run on onnxruntime's "
-                               "CPU provider on every device, which has no bfloat16 kernels; build with --dtype "
-                               "float16")
+        raise SpeccompileError(f"{given('dtype', 'bfloat16')} with {given('drafts', kind, flag='--draft')}: "
+                               f"{CPU_ONLY_GRAPHS[kind]} run on onnxruntime's CPU provider on every device, which "
+                               f"has no bfloat16 kernels; build with {given('dtype', 'float16')}")
 
 
 def _load(source: str | None, opts: BuildOptions, progress) -> tuple[Checkpoint, BuildOptions]:
@@ -170,7 +173,7 @@ def _load(source: str | None, opts: BuildOptions, progress) -> tuple[Checkpoint,
     cfg = target.config
     cfg.check_lowerable(opts.max_seq_len)
     if not 16 <= opts.max_seq_len <= cfg.max_position_embeddings:
-        raise SpeccompileError(f"--max-seq-len {opts.max_seq_len}: must be between 16 and the model's "
+        raise SpeccompileError(f"{given('max_seq_len', opts.max_seq_len)}: must be between 16 and the model's "
                                f"max_position_embeddings ({cfg.max_position_embeddings})")
     progress(f"      {cfg.model_type}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
              f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, vocab {cfg.vocab_size}")

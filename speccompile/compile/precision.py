@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from speccompile.compile.float32_islands import add_float32_islands
-from speccompile.errors import SpeccompileError
+from speccompile.errors import SpeccompileError, given
 
 DTYPES = ("float32", "float16", "bfloat16")
 # ops every converted graph keeps in float32, Cast nodes around them (none so far: MatMulNBits, the int8 draft
@@ -41,7 +41,7 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 def check_dtype(dtype: str) -> None:
     if dtype not in DTYPES:
-        raise SpeccompileError(f"--dtype {dtype!r}: choose {', '.join(DTYPES)}")
+        raise SpeccompileError(f"{given('dtype', dtype)}: choose {', '.join(DTYPES)}")
 
 
 def numpy_dtype(dtype: str):
@@ -222,8 +222,8 @@ def apply_precision(parts, dtype: str, progress=print, keep_float32_ops=()) -> N
         _retype_entry(parts.models[name], dtype)
     mixed = sorted(w for w, gs in converted_by.items() if gs != readers[w])
     if mixed:
-        raise SpeccompileError(f"--dtype {dtype}: weight {mixed[0]!r} would be {dtype} in one graph and float32 "
-                               "in another; build with --dtype float32")
+        raise SpeccompileError(f"{given('dtype', dtype)}: weight {mixed[0]!r} would be {dtype} in one graph and "
+                               f"float32 in another; build with {given('dtype', 'float32')}")
     for fname, tensors in parts.weights.items():
         parts.weights[fname] = cast_weights(tensors, set(converted_by), dtype)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from speccompile.errors import SpeccompileError
+from speccompile.errors import SpeccompileError, given
 
 MAX_LOOKUP_NGRAM = 64  # the longest n-gram `lookup:N` matches (the manifest schema's bound on max_ngram)
 FUSE_MODEL_KIND = "eagle3_fc"  # the manifest kind of EAGLE-3's fc graph (a drafter's "fuse_model")
@@ -60,6 +60,11 @@ KINDS: dict[str, DrafterKind] = {k.name: k for k in (
 )}
 
 
+def _asked(spec: str) -> str:
+    """The drafter asked for, as the caller spelled it: build_bundle's drafts=[...] or build's --draft."""
+    return given("drafts", spec, flag="--draft")
+
+
 @dataclasses.dataclass(frozen=True)
 class DraftSpec:
     """One --draft argument: a kind of KINDS and what follows its colon."""
@@ -76,25 +81,25 @@ class DraftSpec:
         kind, colon, arg = spec.partition(":")
         if kind == "none":
             if colon:
-                raise SpeccompileError(f"--draft {spec!r}: none takes no argument")
+                raise SpeccompileError(f"{_asked(spec)}: none takes no argument")
             return None
         if kind not in KINDS:
             choices = ", ".join(k.usage for k in KINDS.values())
-            raise SpeccompileError(f"--draft {spec!r}: unknown drafter; use {choices} or none")
+            raise SpeccompileError(f"{_asked(spec)}: unknown drafter; use {choices} or none")
         k = KINDS[kind]
         if k.arg == "required" and not arg:
-            raise SpeccompileError(f"--draft {spec!r}: {kind} needs an argument: {k.usage} ({k.summary})")
+            raise SpeccompileError(f"{_asked(spec)}: {kind} needs an argument: {k.usage} ({k.summary})")
         if colon and not arg:  # "mtp:$HEAD" with HEAD unset: not the bare kind's default (the shipped head)
-            raise SpeccompileError(f"--draft {spec!r}: nothing after the colon; use {k.usage}")
+            raise SpeccompileError(f"{_asked(spec)}: nothing after the colon; use {k.usage}")
         if k.arg == "none" and arg:
-            raise SpeccompileError(f"--draft {spec!r}: {kind} takes no argument")
+            raise SpeccompileError(f"{_asked(spec)}: {kind} takes no argument")
         if kind in ("layerskip", "lookup") and arg:
             # ASCII digits only (str.isdigit takes other scripts' digits too), written back plainly: layerskip:03
             # is layerskip:3, the name --drafter then finds it by
             if not (arg.isascii() and arg.isdigit()) or int(arg) < 1:
-                raise SpeccompileError(f"--draft {spec!r}: {k.usage} needs a whole number >= 1, e.g. {kind}:8")
+                raise SpeccompileError(f"{_asked(spec)}: {k.usage} needs a whole number >= 1, e.g. {kind}:8")
             if kind == "lookup" and int(arg) > MAX_LOOKUP_NGRAM:
-                raise SpeccompileError(f"--draft {spec!r}: lookup matches n-grams of at most {MAX_LOOKUP_NGRAM} "
+                raise SpeccompileError(f"{_asked(spec)}: lookup matches n-grams of at most {MAX_LOOKUP_NGRAM} "
                                        "tokens")
             arg = str(int(arg))
         return cls(kind, arg or None)

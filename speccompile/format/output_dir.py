@@ -14,9 +14,11 @@ import shutil
 import tempfile
 import threading
 
-from speccompile.errors import BundleError
+from speccompile.errors import BundleError, given, option
 from speccompile.format.atomic import ASIDE, as_created, replace_folder
 from speccompile.format.bundle import FORMAT, MANIFEST, load_json, some_names, unlisted_files
+
+FORCE = given("overwrite", True, flag="--force")  # build_bundle's overwrite=True, build's --force
 
 
 def guard_output(out_param: str = "out", overwrite_param: str = "overwrite"):
@@ -44,7 +46,7 @@ def _out_path(out: str) -> str:
     is followed as a file write follows it: the bundle goes where it points, the link stays (replaced by the new
     folder, it left the old bundle in place), and every spelling of one folder shares its lock and temporaries."""
     if not str(out).strip():
-        raise BundleError("--out is empty: name the bundle directory to write")
+        raise BundleError(f"{option('out')} is empty: name the bundle directory to write")
     return os.path.realpath(out)
 
 
@@ -139,12 +141,12 @@ def check_replaceable(out: str, overwrite: bool) -> None:
         _refuse_inside_bundle(out)
         return
     if not overwrite:
-        raise BundleError(f"{out} already exists (pass --force to replace it)")
+        raise BundleError(f"{out} already exists ({FORCE} replaces it)")
     real = os.path.realpath(out)
     for keep, what in ((os.path.realpath(os.getcwd()), "the working directory"),
                        (os.path.realpath(os.path.expanduser("~")), "the home directory")):
         if keep == real or keep.startswith(real.rstrip(os.sep) + os.sep):
-            raise BundleError(f"--force never replaces {out}: it is {what} or one of its parents")
+            raise BundleError(f"{FORCE} never replaces {out}: it is {what} or one of its parents")
     _refuse_inside_bundle(out)
     try:
         manifest = load_json(os.path.join(out, MANIFEST))
@@ -152,12 +154,12 @@ def check_replaceable(out: str, overwrite: bool) -> None:
         manifest = None
     # of any format version: a bundle another speccompile wrote is refused on load with "rebuild the bundle"
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BundleError(f"--force replaces only a speccompile bundle, and {out} holds no speccompile "
+        raise BundleError(f"{FORCE} replaces only a speccompile bundle, and {out} holds no speccompile "
                           f"{MANIFEST}; it was left as it is")
     files = manifest.get("files")
     unlisted = unlisted_files(out, files if isinstance(files, dict) else {})
     if unlisted:
-        raise BundleError(f"--force never replaces {out}: it holds files its manifest does not list "
+        raise BundleError(f"{FORCE} never replaces {out}: it holds files its manifest does not list "
                           f"({some_names(unlisted)}); move them away first")
 
 
@@ -171,7 +173,7 @@ def _refuse_inside_bundle(out: str) -> None:
         except BundleError:  # none there, or none that parses
             found = None
         if isinstance(found, dict) and found.get("format") == FORMAT:
-            raise BundleError(f"--out {out} is inside the bundle {folder}; name a folder outside it")
+            raise BundleError(f"{given('out', out)} is inside the bundle {folder}; name a folder outside it")
         parent = os.path.dirname(folder)
         if parent == folder:
             return

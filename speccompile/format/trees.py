@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-from speccompile.errors import SpeccompileError
+from speccompile.errors import SpeccompileError, given
 from speccompile.graphs import MAX_TREE_NODES
 
 ADAPTIVE_DEPTH = 4  # how deep an adaptive tree's drafter may go (its head passes: one per level)
@@ -45,10 +45,11 @@ class TreeSpec:
         if join is None:
             return cls._shape(spec, spec)
         if not shape:
-            raise SpeccompileError(f"--tree {spec!r}: +lookup:L joins a shape: e.g. dynamic:4{spec}")
+            raise SpeccompileError(f"{given('tree', spec)}: +lookup:L joins a shape: e.g. dynamic:4{spec}")
         kind, _, arg = join.partition(":")
         if kind != "lookup" or not (arg.isascii() and arg.isdigit()) or not 1 <= int(arg) <= MAX_TREE_NODES:
-            raise SpeccompileError(f"--tree {spec!r}: after '+' expected lookup:L with L in 1..{MAX_TREE_NODES}")
+            raise SpeccompileError(f"{given('tree', spec)}: after '+' expected lookup:L with L in "
+                                   f"1..{MAX_TREE_NODES}")
         return dataclasses.replace(cls._shape(spec, shape), lookup=int(arg))
 
     @classmethod
@@ -64,19 +65,19 @@ class TreeSpec:
         if kind == "adaptive":
             d = _count(spec, kind, arg) if colon else ADAPTIVE_DEPTH  # "adaptive:" names no depth: refused
             if not 1 <= d <= 8:
-                raise SpeccompileError(f"--tree {spec!r}: adaptive:D drafts at most D deep, D in 1..8")
+                raise SpeccompileError(f"{given('tree', spec)}: adaptive:D drafts at most D deep, D in 1..8")
             return cls("adaptive", MAX_TREE_NODES, (), depth=d)
         if kind == "static":
             if not os.path.isfile(arg):
-                raise SpeccompileError(f"--tree {spec!r}: no such file {arg!r}")
+                raise SpeccompileError(f"{given('tree', spec)}: no such file {arg!r}")
             try:
                 with open(arg, encoding="utf-8") as f:
                     paths = json.load(f)
             except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested too deep
-                raise SpeccompileError(f"--tree {spec!r}: {arg} is not JSON ({e})") from None
+                raise SpeccompileError(f"{given('tree', spec)}: {arg} is not JSON ({e})") from None
             return cls.from_paths(paths)
-        raise SpeccompileError(f"--tree {spec!r}: use chain:K, static:FILE, dynamic:N or adaptive[:D] (optionally "
-                               "+lookup:L)")
+        raise SpeccompileError(f"{given('tree', spec)}: use chain:K, static:FILE, dynamic:N or adaptive[:D] "
+                               "(optionally +lookup:L)")
 
     @classmethod
     def from_paths(cls, paths) -> "TreeSpec":
@@ -149,7 +150,7 @@ def _count(spec: str, kind: str, arg: str) -> int:
     """The whole number after "KIND:", in ASCII digits only: int() would also read "1_0" as 10, " 3" as 3 and
     other scripts' digits, sizes nobody meant to write."""
     if not (arg.isascii() and arg.isdigit()):
-        raise SpeccompileError(f"--tree {spec!r}: expected a whole number after '{kind}:'")
+        raise SpeccompileError(f"{given('tree', spec)}: expected a whole number after '{kind}:'")
     return int(arg)
 
 

@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
-from speccompile.errors import SpeccompileError
+from speccompile.errors import SpeccompileError, given, option
 from speccompile.runtime.context_disk import DEFAULT_DISK_BYTES, Arrays, DiskTier
 from speccompile.runtime.machine_id import cpu_identity
 
@@ -84,8 +84,9 @@ def kept_on(asked: bool, host_caches: bool, cache_dir: str | None, bundle_dir: s
     ignored, as is one check_cache_dir refuses (here, so that every way of loading is checked: `serve` too)."""
     check_cache_dir(bundle_dir, cache_dir, asked)
     if asked and cache_dir is not None and not host_caches:
-        raise SpeccompileError(f"--cache-dir {cache_dir!r}: the context cache copies K/V through host memory, and "
-                               "this device keeps its caches on the device, so there is none to keep; drop --cache-dir")
+        raise SpeccompileError(f"{given('cache_dir', cache_dir)}: the context cache copies K/V through host memory, "
+                               f"and this device keeps its caches on the device, so there is none to keep; drop "
+                               f"{option('cache_dir')}")
     return asked and host_caches
 
 
@@ -110,13 +111,13 @@ def check_cache_dir(bundle_dir: str, cache_dir, context_cache: bool = True) -> N
         return
     if not isinstance(cache_dir, (str, os.PathLike)) or not isinstance(os.fspath(cache_dir), str) \
             or not os.fspath(cache_dir):
-        raise SpeccompileError(f"context cache: cache_dir (--cache-dir) must name a folder, not {cache_dir!r}")
+        raise SpeccompileError(f"context cache: {option('cache_dir')} must name a folder, not {cache_dir!r}")
     if not context_cache:
         raise SpeccompileError("context_cache=False keeps no context cache: drop cache_dir")
     root, folder = os.path.realpath(bundle_dir), os.path.realpath(cache_dir)
     if os.path.commonpath([root, folder]) == root:
-        raise SpeccompileError(f"context cache: --cache-dir {cache_dir!r} is inside the bundle {bundle_dir!r}, whose "
-                               "files must all be listed in its manifest; choose a folder outside it")
+        raise SpeccompileError(f"context cache: {given('cache_dir', cache_dir)} is inside the bundle {bundle_dir!r}, "
+                               "whose files must all be listed in its manifest; choose a folder outside it")
 
 
 class ContextCache:
@@ -128,7 +129,7 @@ class ContextCache:
         None for memory only."""
         if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in (max_bytes, block_tokens)) \
                 or block_tokens < 1 or max_bytes < 0:  # nan or a string would never compare as too many bytes
-            raise SpeccompileError(f"context cache: its bytes (--cache-bytes, cache_bytes) must be a whole number "
+            raise SpeccompileError(f"context cache: its bytes ({option('cache_bytes')}) must be a whole number "
                                    f"at least 0, not {max_bytes!r}, and its block at least one token, not "
                                    f"{block_tokens!r}")
         self.identity, self.parts = identity, parts
@@ -139,7 +140,8 @@ class ContextCache:
         try:
             self.disk = DiskTier(cache_dir, identity, block_tokens, disk_bytes) if cache_dir else None
         except OSError as e:  # a file there, or a folder it may not write
-            raise SpeccompileError(f"context cache: cannot keep blocks in --cache-dir {cache_dir!r}: {e}") from None
+            raise SpeccompileError(f"context cache: cannot keep blocks in {given('cache_dir', cache_dir)}: {e}") \
+                from None
 
     def keys(self, tokens: np.ndarray, limit: int | None = None) -> list[str]:
         """The hash-chain key of each whole block within tokens[:limit]."""

@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from speccompile.format.bundle import resolve_inside
-from speccompile.errors import SpeccompileError
+from speccompile.errors import SpeccompileError, given
 from speccompile.graphs import MAX_STEP_TOKENS
 from speccompile.runtime.kv_cache import DeviceKVCache, KVCache
 # re-exported: the drafters and tools import them from here
@@ -29,9 +29,10 @@ def check_device_dtype(entry: dict, device: str) -> None:
     dtype = entry["kv_cache"].get("dtype", "float32")
     if dtype == "bfloat16" and device == "cpu":
         raise SpeccompileError("this bundle is bfloat16, which onnxruntime's CPU provider cannot run (no bfloat16 "
-                               "MatMul): generate with --device cuda, or build with --dtype float32 or float16")
+                               f"MatMul): generate with {given('device', 'cuda')}, or build with --dtype float32 or "
+                               "float16")
     if dtype == "float32" and device == "cuda" and entry.get("attention") == "ort":
-        raise SpeccompileError("--device cuda runs float16 or bfloat16 bundles (onnxruntime's CUDA "
+        raise SpeccompileError(f"{given('device', 'cuda')} runs float16 or bfloat16 bundles (onnxruntime's CUDA "
                                "GroupQueryAttention has no float32 kernel): build with --dtype float16")
 
 

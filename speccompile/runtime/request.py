@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from speccompile.errors import ContextLengthError, SpeccompileError
+from speccompile.errors import ContextLengthError, SpeccompileError, given, option
 from speccompile.format.trees import TreeSpec
 from speccompile.graphs import MAX_VERIFY_TOKENS
 from speccompile.runtime.acceptance import SpecDecodeStats
@@ -120,11 +120,11 @@ def build_request(gen, prompt, max_new_tokens, params: SamplingParams, drafter: 
     if speculate and dr is None:
         check_nothing_drafted(num_draft, tree, params)
     if num_draft is not None and not (_whole(num_draft) and 1 <= num_draft < MAX_VERIFY_TOKENS):
-        raise SpeccompileError(f"--num-draft {num_draft!r}: must be a whole number between 1 and "
+        raise SpeccompileError(f"{given('num_draft', num_draft)}: must be a whole number between 1 and "
                                f"{MAX_VERIFY_TOKENS - 1}")
     if num_draft is not None and tree is not None:  # the tree would win and num_draft go unread
-        raise SpeccompileError("--num-draft asks for a chain of that many drafts, --tree for a tree: give one "
-                               "(a chain of K is --tree chain:K)")
+        raise SpeccompileError(f"{option('num_draft')} asks for a chain of that many drafts, {option('tree')} for a "
+                               f"tree: give one (a chain of K is the tree 'chain:K')")
     k = num_draft if num_draft is not None else (gen.num_draft[dr.name] if dr else 0)
     if isinstance(tree, str):
         tree = TreeSpec.parse(tree)
@@ -150,8 +150,8 @@ def check_flags(speculate, chat, drafter, num_draft, tree, params: SamplingParam
 
 def check_nothing_drafted(num_draft, tree, params: SamplingParams) -> None:
     """A bundle without drafters: the options that only shape or accept drafts would go unread."""
-    asked = [o for o, given in (("--tree", tree is not None), ("--num-draft", num_draft is not None),
-                                ("--acceptance typical", params.typical)) if given]
+    asked = [o for o, asked in ((option("tree"), tree is not None), (option("num_draft"), num_draft is not None),
+                                (f"{option('acceptance')} typical", params.typical)) if asked]
     if asked:
         raise SpeccompileError(f"this bundle has no drafter, so {', '.join(asked)} would change nothing (build "
                                "it with --draft)")
@@ -165,11 +165,11 @@ def check_depth(drafter: Drafter | None, num_draft: int | None, tree: TreeSpec |
     if bound is None:
         return
     if num_draft is not None and num_draft > bound:
-        raise SpeccompileError(f"--num-draft {num_draft}: drafter {drafter.name!r} drafts at most {bound} tokens a "
-                               f"pass (one per head); ask for at most {bound}")
+        raise SpeccompileError(f"{given('num_draft', num_draft)}: drafter {drafter.name!r} drafts at most {bound} "
+                               f"tokens a pass (one per head); ask for at most {bound}")
     if tree is not None and tree.kind in ("chain", "static") and tree.depth > bound:
-        raise SpeccompileError(f"--tree: this {tree.kind} tree is {tree.depth} deep, and drafter {drafter.name!r} "
-                               f"drafts at most {bound} deep (one position per head)")
+        raise SpeccompileError(f"{option('tree')}: this {tree.kind} tree is {tree.depth} deep, and drafter "
+                               f"{drafter.name!r} drafts at most {bound} deep (one position per head)")
 
 
 def prompt_ids(gen, prompt, chat: bool) -> np.ndarray:
@@ -206,17 +206,17 @@ def prompt_ids(gen, prompt, chat: bool) -> np.ndarray:
 
 def check_length(ids: np.ndarray, max_new_tokens, max_seq_len: int) -> None:
     if isinstance(max_new_tokens, SamplingParams):  # vLLM's generate(prompts, sampling_params)
-        raise SpeccompileError("max_new_tokens: got a SamplingParams; pass it as params=")
+        raise SpeccompileError(f"{option('max_new_tokens')}: got a SamplingParams; pass it as params=")
     if not _whole(max_new_tokens) or max_new_tokens < 1:
-        raise SpeccompileError(f"--max-new-tokens {max_new_tokens!r}: must be a whole number, at least 1")
+        raise SpeccompileError(f"{given('max_new_tokens', max_new_tokens)}: must be a whole number, at least 1")
     max_new_tokens = int(max_new_tokens)  # a numpy integer would wrap around in the sum below
     if len(ids) >= max_seq_len:
         raise ContextLengthError(f"prompt of {len(ids)} tokens does not fit the compiled context of "
                                  f"{max_seq_len} tokens (rebuild with a larger --max-seq-len)")
     if len(ids) + max_new_tokens > max_seq_len:
         room = max_seq_len - len(ids)
-        raise ContextLengthError(f"prompt ({len(ids)} tokens) + --max-new-tokens {max_new_tokens} exceeds the "
-                                 f"compiled context of {max_seq_len} tokens; ask for at most {room} new "
+        raise ContextLengthError(f"prompt ({len(ids)} tokens) + {given('max_new_tokens', max_new_tokens)} exceeds "
+                                 f"the compiled context of {max_seq_len} tokens; ask for at most {room} new "
                                  f"token{'s' if room != 1 else ''}")
 
 

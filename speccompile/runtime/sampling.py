@@ -7,7 +7,7 @@ import numbers
 
 import numpy as np
 
-from speccompile.errors import SpeccompileError
+from speccompile.errors import SpeccompileError, given
 
 
 class SamplingParamsError(SpeccompileError, ValueError):
@@ -96,17 +96,17 @@ MAX_TEMPERATURE = 1e6
 def acceptance_option(spec: str | None) -> dict:
     """"exact" | "typical[:EPS[,ALPHA]]" (the CLI's --acceptance) -> SamplingParams' acceptance fields."""
     if spec is not None and not isinstance(spec, str):
-        raise SamplingParamsError(f"acceptance {spec!r}: use 'exact' or 'typical[:EPS[,ALPHA]]'")
+        raise SamplingParamsError(f"{given('acceptance', spec)}: use 'exact' or 'typical[:EPS[,ALPHA]]'")
     if spec is None or spec == "exact":  # "" names no rule: refused below, as a typo would be
         return {"acceptance": "exact"}
     kind, _, args = spec.partition(":")
     fields = args.split(",") if args else []  # by position: "typical:,0.2" sets ALPHA alone
     if kind != "typical" or len(fields) > 2:
-        raise SamplingParamsError(f"--acceptance {spec!r}: use exact or typical[:EPS[,ALPHA]]")
+        raise SamplingParamsError(f"{given('acceptance', spec)}: use 'exact' or 'typical[:EPS[,ALPHA]]'")
     try:
         values = {name: float(v) for name, v in zip(("typical_epsilon", "typical_alpha"), fields) if v.strip()}
     except ValueError:
-        raise SamplingParamsError(f"--acceptance {spec!r}: EPS and ALPHA are numbers") from None
+        raise SamplingParamsError(f"{given('acceptance', spec)}: EPS and ALPHA are numbers") from None
     return {"acceptance": "typical", **values}
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 
 from speccompile.graphs import cache_slots
-from speccompile.errors import BundleError, SpeccompileError
+from speccompile.errors import BundleError, SpeccompileError, given
 
 NEG_INF = np.float32(-np.inf)
 # onnxruntime starts every intra-op thread it is asked for, at session creation: an absurd count must not reach it
@@ -20,7 +20,7 @@ def check_threads(threads) -> None:
     if threads is None:
         return
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= MAX_THREADS:
-        raise SpeccompileError(f"--threads {threads!r}: must be a whole number from 1 to {MAX_THREADS} "
+        raise SpeccompileError(f"{given('threads', threads)}: must be a whole number from 1 to {MAX_THREADS} "
                                "(or left unset for all cores)")
 
 

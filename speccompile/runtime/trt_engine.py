@@ -19,7 +19,7 @@ import os
 import numpy as np
 import onnxruntime as ort
 
-from speccompile.errors import BundleError, SpeccompileError
+from speccompile.errors import BundleError, SpeccompileError, given
 from speccompile.format.bundle import resolve_inside
 from speccompile.graphs import MAX_STEP_TOKENS
 from speccompile.plugins.tree_attention.tensorrt_plugin import (BUILD_PLUGIN, cuda_gpu, load_plugin,
@@ -28,13 +28,15 @@ from speccompile.runtime.kv_cache import DeviceKVCache
 from speccompile.runtime.sessions import NEG_INF, ancestor_mask, open_session, providers_for, session_options
 
 LEGACY_DEFAULT_STREAM = 0
+# how a caller asks for the TensorRT engines: device="tensorrt" in Python, --backend tensorrt on the command line
+TENSORRT = given("device", "tensorrt", flag="--backend")
 
 
 def import_tensorrt():
     try:
         import tensorrt as trt
     except ImportError as e:
-        raise SpeccompileError(f"--backend tensorrt needs TensorRT's Python package ({e}): on a machine with an "
+        raise SpeccompileError(f"{TENSORRT} needs TensorRT's Python package ({e}): on a machine with an "
                                "NVIDIA GPU, pip install -e '.[tensorrt]' (docs/gpu.md)") from None
     return trt
 
@@ -85,12 +87,12 @@ class TensorRTEngine:
         trt = self.trt
         library = plugin_library_path()
         if not os.path.isfile(library):
-            raise SpeccompileError(f"--backend tensorrt needs the TreeAttention plugin library {library}: build it "
+            raise SpeccompileError(f"{TENSORRT} needs the TreeAttention plugin library {library}: build it "
                                    f"({BUILD_PLUGIN}) or set $SPECCOMPILE_TRT_PLUGIN")
         if self.buffer_device == "cuda":  # TensorRT's own failure without one is a bare TypeError
             gpu, why = cuda_gpu()
             if gpu is None:
-                raise SpeccompileError(f"--backend tensorrt needs a CUDA GPU: {why}")
+                raise SpeccompileError(f"{TENSORRT} needs a CUDA GPU: {why}")
         load_plugin(trt, library)
         try:
             self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))

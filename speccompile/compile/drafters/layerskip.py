@@ -4,7 +4,7 @@ from __future__ import annotations
 from speccompile.compile.drafters.base import DrafterBuild, TargetBuild
 from speccompile.compile.graph.decoder import build_decoder
 from speccompile.compile.model_entries import decoder_entry
-from speccompile.errors import SpeccompileError
+from speccompile.errors import SpeccompileError, given
 from speccompile.format.drafter_kinds import DraftSpec
 
 
@@ -12,8 +12,9 @@ def build(spec: DraftSpec, target: TargetBuild) -> DrafterBuild:
     cfg, opts = target.config, target.options
     L = int(spec.arg)
     if not 1 <= L < cfg.num_hidden_layers:
-        raise SpeccompileError(f"--draft layerskip:{L}: the target has {cfg.num_hidden_layers} layers; "
-                               f"choose 1..{cfg.num_hidden_layers - 1}")
+        asked = given("drafts", f"layerskip:{L}", flag="--draft")
+        raise SpeccompileError(f"{asked}: the target has {cfg.num_hidden_layers} layers; choose "
+                               f"1..{cfg.num_hidden_layers - 1}")
     name = f"early_exit_{L}"
     target.progress(f"      {name}: the target's first {L} layers + its norm and head (shared weights)")
     graph = build_decoder(cfg, target.weights, opts.max_seq_len, num_layers=L, attention=opts.attention,

@@ -28,7 +28,7 @@ from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmu
 
 from speccompile.compile.quantize.nbits import SUPPORTED, PackedMatrix, join_rows, pack_gguf_matrix
 from speccompile.compile.weights.names import layer_of
-from speccompile.errors import SpeccompileError
+from speccompile.errors import SpeccompileError, given
 
 MODES = ("source", "float32", "int8", "int4")
 ACCURACY_LEVEL = 4
@@ -64,7 +64,7 @@ class WeightReport:
 
 def check_mode(mode: str) -> None:
     if mode not in MODES:
-        raise SpeccompileError(f"--weights {mode!r}: choose {', '.join(MODES)}")
+        raise SpeccompileError(f"{given('weights', mode)}: choose {', '.join(MODES)}")
 
 
 def quantize_target(weights: dict[str, np.ndarray], stored: dict | None, mode: str, native: str | None = None,
