@@ -6,7 +6,7 @@ tools/bench_decode.py: every peer takes prompt token ids (the chat template alre
 methods see the same ids), decodes greedily until EOS or max_new_tokens, and returns (new token ids, wall seconds),
 the seconds covering everything from the prompt ids to the last token, prefill included.
 
-torch, transformers and onnxruntime_genai are optional (the `build` and `bench` extras): they are imported only when
+torch, transformers and onnxruntime_genai are optional (the `train` and `bench` extras): they are imported only when
 a peer is used, so that `speccompile bench` without --compare-transformers never needs them.
 """
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The `speccompile` command: build, generate, inspect, bench, gate, serve, train-head (a module each).
 
-Every failure prints one `error:` line and exits 2 (`gate` exits 1 on a regression)."""
+Every expected failure prints one `error:` line and exits 2 (`gate` exits 1 on a regression); a bug prints one
+line too and exits 3 (cli/errors.py)."""
 from __future__ import annotations
 
 import click

@@ -10,8 +10,8 @@ import shutil
 import tempfile
 from typing import IO, Callable
 
-TEMP_PREFIX = ".tmp-"
-ASIDE = "earlier"  # the name an earlier folder has inside the folder replace_folder sets it aside in  # a writer killed mid-file leaves one of these (the context cache removes its own)
+TEMP_PREFIX = ".tmp-"  # a writer killed mid-file leaves one of these (the context cache removes its own)
+ASIDE = "earlier"  # the name an earlier folder has inside the folder replace_folder sets it aside in
 
 
 def as_created(mode: int) -> int:

@@ -3,7 +3,8 @@
 Layout:
   manifest.json        format version, source, models (graphs, weights, configs, KV layout, signatures),
                        drafters, tokenizer, the onnxruntime the graphs need, and the sha256 of every other file
-  <model>.onnx         one decoder graph per model (target, draft model, early-exit draft)
+  <model>.onnx         one graph per model (the target and its batched form, a draft model or early exit, a
+                       draft head), and <model>.kv_compact.onnx per KV cache (docs/design.md, "Bundle format")
   <weights>.bin        weights, stored once; graphs reference them by offset (ONNX external data)
   tokenizer/...        the tokenizer files as the checkpoint had them
 

@@ -6,7 +6,8 @@ progress while any caller waits. Requests join and leave between passes; each ho
 KV cache (`KVCache.slot`) with its own drafter, sampling parameters, random generator, stop conditions, acceptance,
 roll back and compaction. Each round runs at most one prefill chunk of each joining request (so a long prompt does
 not stall the others), then one pass that verifies every decoding slot's pending token and draft tree
-(runtime/batch_engine.py); one joining request's chunk, shorter, rides in that pass. A request alone in slot 0 runs
+(runtime/batch_engine.py; which drafts a shared pass verifies: runtime/shared_drafts.py); one joining request's
+chunk, shorter, rides in that pass. A request alone in slot 0 runs
 the single-sequence graph, exactly as the Generator's own loop does (in-graph acceptance, nothing batched to pay
 for).
 
@@ -14,7 +15,8 @@ Every slot's tokens are those it would get alone: greedy, the target's argmax ro
 shares the pass, and so are those of a request sampled by noise (temperature alone, runtime/noise.py: its noise
 is a function of its seed and the position); sampled otherwise, a slot draws from its own generator in the order it
 would alone (a verify block's uniforms as one [rows, 2] table read by the rule the verify graph applies), so a
-seed reproduces a run.
+seed reproduces a run where the drafts are the same (adaptive drafting's cut follows the measured pass times:
+runtime/adaptive.py).
 """
 from __future__ import annotations
 

@@ -2,8 +2,10 @@
 queue, and scale-out as a Ray Serve deployment.
 
     command.py    the CLI's entry: a clear error when the serve extra is missing
+    options.py    what a server is started with, and the loaded state a process (or a Ray replica) serves
     protocol.py   the request bodies (pydantic) and the response objects, OpenAI's shapes
     api_errors.py OpenAI-style error objects and the handlers that turn every failure into one
+    guards.py     the API key and the body's size, checked before a route reads the body
     runner.py     runs each request's Generator.stream in its own thread; admission, cancellation, shutdown
     metrics.py    Prometheus metrics and the `usage` object (the one place cache figures are read)
     app.py        the FastAPI routes
