@@ -119,3 +119,17 @@ def test_the_checks_see_the_docs():
     assert "compile/families.py" in named_paths("README.md") and "tools/ci_gate.sh" in named_paths("docs/design.md")
     assert "#the-ci-gates-thresholds" in {f"#{link.partition('#')[2]}" for link in links("docs/design.md")}
     assert "the-ci-gates-thresholds" in anchors("docs/results.md")
+
+
+# packages whose docstring is the map of their modules: a module moved in or split out must appear there
+MAPPED_PACKAGES = ("speccompile/bench", "speccompile/serve", "speccompile/train")
+
+
+@pytest.mark.parametrize("package", MAPPED_PACKAGES)
+def test_package_docstrings_name_every_module(package):
+    import ast
+    with open(os.path.join(ROOT, package, "__init__.py"), encoding="utf-8") as f:
+        doc = ast.get_docstring(ast.parse(f.read())) or ""
+    modules = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, package, "*.py")))
+    unnamed = [m for m in modules if m != "__init__.py" and not re.search(rf"(?<![\w.]){re.escape(m)}", doc)]
+    assert not unnamed, f"{package}/__init__.py's docstring does not name {unnamed}"

@@ -5,5 +5,8 @@ The stages, in order: gen.py (the target's own continuations of prompts.py's pro
 forced target passes; EAGLE-3's layer features), loop.py (training with epoch checkpoints, over data.py's packed
 rows, heads.py's modules started by init.py, objective.py's losses, evaluate.py's held-out metrics), export.py
 (safetensors + config + record), draft_vocab.py (an MTP head's reduced vocabulary); medusa.py trains Medusa heads
-from the same features. The modules import torch; this package file does not, so the CLI can say when it is missing.
+from the same features. Beside them: pipeline.py (the stages in order), options.py and cli_options.py (a run's
+settings), target.py (the frozen target), bundle_gen.py (a compiled bundle as gen's writer), checkpoints.py,
+files.py (files written whole) and progress.py. Most modules import torch; this package file and cli_options.py
+do not, so the CLI can say when it is missing.
 """
