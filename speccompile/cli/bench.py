@@ -30,8 +30,9 @@ def _ints(option: str, value: str | None) -> list[int]:
 @click.option("--limit", default=None, type=int, help="At most N prompts, picked round-robin over categories.")
 @click.option("--max-new-tokens", default=128, show_default=True)
 @click.option("--drafter", "drafters", multiple=True,
-              help="Drafter to measure, NAME or NAME@TREE for that drafter through TREE (repeatable, e.g. "
-                   "--drafter mtp@chain:3 --drafter mtp@dynamic:4; default: every drafter of the bundle).")
+              help="Drafter to measure, NAME or NAME@TREE for that drafter through TREE, then optionally "
+                   "~typical[:EPS[,ALPHA]] for lossy typical acceptance (repeatable, e.g. --drafter mtp@chain:3 "
+                   "--drafter mtp@dynamic:4; default: every drafter of the bundle).")
 @click.option("--tree", default=None,
               help="Verify this token tree: chain:K | static:FILE | dynamic:N | adaptive[:D] [+lookup:L].")
 @click.option("--repeats", default=1, show_default=True, help="Runs per prompt and method; the fastest is kept.")

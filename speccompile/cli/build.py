@@ -60,7 +60,8 @@ BUILD_DEPENDENCIES = {"onnx", "gguf", "safetensors", "tqdm"}  # the build extra:
 @errors_to_exit
 def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, backend, head_screen, draft_precision,
           dtype, weights, max_batch):
-    """Compile MODEL (a Hugging Face directory, a .gguf file; default: the embedded SmolLM2-135M-Instruct)."""
+    """Compile MODEL (a Hugging Face directory, a hub id org/name in the local Hugging Face cache, a .gguf file;
+    default: the embedded SmolLM2-135M-Instruct)."""
     # SIGTERM (a kill, a CI timeout) as an exit: the build's cleanup then removes its lock and temporary folder and
     # leaves an earlier bundle as it was, as Ctrl-C does
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))

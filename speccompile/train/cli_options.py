@@ -17,7 +17,8 @@ OPTIONS = [
                  help="mtp: a DeepSeek-V3 MTP module (--out FILE.safetensors); eagle / eagle3: an EAGLE-1 / EAGLE-3 head "
                       "in its public layout (--out DIR: model.safetensors, config.json, training.json); medusa: Medusa-1 "
                       "heads (--out FILE.safetensors, FILE.json beside it)."),
-    click.option("--target", default=None, help="Target source: HF dir, .gguf, or default (SmolLM2-135M-Instruct)."),
+    click.option("--target", default=None, help="Target source: HF dir, hub id org/name (local cache), .gguf, or "
+                 "default (SmolLM2-135M-Instruct)."),
     click.option("--target-name", default=None,
                  help="Recorded in the head's metadata [default: the --target's file or folder name; "
                       "SmolLM2-135M-Instruct for the default target]."),

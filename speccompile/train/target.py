@@ -1,4 +1,5 @@
-"""The frozen target model a head is distilled from: a plain Hugging Face directory, loaded with transformers."""
+"""The frozen target model a head is distilled from: a plain Hugging Face directory (any other source, a GGUF or the
+default, converted into one in --work), loaded with transformers."""
 from __future__ import annotations
 
 import hashlib
