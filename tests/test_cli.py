@@ -216,11 +216,13 @@ def test_top_k_and_top_p_without_a_temperature_are_refused(tiny_bundle):
     are refused there rather than ignored, and apply once a temperature is given."""
     for args in (["--top-k", "5"], ["--top-p", "0.5"]):
         r = CliRunner().invoke(main, ["generate", str(tiny_bundle), "hello", "--max-new-tokens", "4", *args])
-        assert r.exit_code == 2 and r.output.startswith(f"error: {args[0]}") and len(r.output.splitlines()) == 1, \
-            r.output
+        assert r.exit_code == 2 and r.output.startswith(f"error: {args[0]} limits what sampling draws from") \
+            and len(r.output.splitlines()) == 1, r.output
         sampled = json.loads(run("generate", tiny_bundle, "hello", "--max-new-tokens", 4, "--json", *args,
                                  "--temperature", 0.7, "--seed", 1))
         assert sampled["token_ids"]
+    both = CliRunner().invoke(main, ["generate", str(tiny_bundle), "hello", "--top-k", "5", "--top-p", "0.5"])
+    assert both.output.startswith("error: --top-k and --top-p limit what sampling draws from"), both.output
 
 
 def test_compare_samples_both_runs_from_one_seed(tiny_bundle):

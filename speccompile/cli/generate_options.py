@@ -36,7 +36,8 @@ def check_generate_options(p: dict) -> None:
     hint = f"give --temperature of at least {GREEDY_BELOW:g} (below it, and at 0, the default, decoding is greedy)"
     sampling = [o for o, given in (("--top-k", p["top_k"]), ("--top-p", p["top_p"] != 1.0)) if given]
     if sampling and greedy:  # greedy decoding takes the likeliest token: they would change nothing
-        raise SpeccompileError(f"{', '.join(sampling)} limit what sampling draws from: {hint}")
+        raise SpeccompileError(f"{' and '.join(sampling)} {'limits' if len(sampling) == 1 else 'limit'} what "
+                               f"sampling draws from: {hint}")
     if p["acceptance"] != "exact" and greedy:
         raise SpeccompileError(f"--acceptance {p['acceptance']}: typical acceptance is for sampling, greedy "
                                f"decoding is exact: {hint}")

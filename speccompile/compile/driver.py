@@ -9,7 +9,7 @@
             from its kind's build half (compile/drafters/, found through format.drafter_kinds.KINDS), which lowers and
             quantizes its own weights (int8.quantize_matrices: drafts need not be exact) and emits its graphs
   precision graphs + weights -> --dtype                (precision.apply_precision: float16 / bfloat16)
-  write     graphs + weights + tokenizer -> bundle    (bundle.*), atomically
+  write     graphs + weights + tokenizer -> bundle    (format/bundle.py), atomically (format/output_dir.py)
 """
 from __future__ import annotations
 

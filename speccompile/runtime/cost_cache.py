@@ -1,4 +1,4 @@
-"""The cost model's file (runtime/cost_model.py): one JSON file per bundle, machine and thread count in the user's
+"""The cost model's file (runtime/cost_model.py): one JSON file per bundle, machine, device and thread count in the user's
 cache directory, never inside the hashed bundle and never pickled; read back if it parses as a cost model, else
 measured again."""
 from __future__ import annotations
