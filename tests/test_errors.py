@@ -222,7 +222,9 @@ def test_cli_context_errors(tiny_bundle):
     assert_cli_error(cli("generate", tiny_bundle, "hello", "--max-new-tokens", 100000),
                      "+ --max-new-tokens 100000 exceeds")  # the CLI's spelling of the same failure
     assert_cli_error(cli("generate", tiny_bundle, "hello", "--drafter", "eagle"), "not in this bundle")
-    assert_cli_error(cli("generate", tiny_bundle, "hello", "--top-p", 0), "top_p")
+    assert_cli_error(cli("generate", tiny_bundle, "hello", "--top-p", 0), "--top-p must be in (0, 1]")
+    with pytest.raises(SpeccompileError, match=r"top_p must be in \(0, 1\]"):  # the same check, from Python
+        speccompile.SamplingParams(top_p=0)
 
 
 @pytest.fixture

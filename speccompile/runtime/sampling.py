@@ -7,7 +7,7 @@ import numbers
 
 import numpy as np
 
-from speccompile.errors import SpeccompileError, given
+from speccompile.errors import SpeccompileError, given, option
 
 
 class SamplingParamsError(SpeccompileError, ValueError):
@@ -64,21 +64,21 @@ class SamplingParams:
             raise SamplingParamsError(f"invalid sampling parameters: {what} (temperature={self.temperature!r:.24}, "
                                       f"top_k={self.top_k!r}, top_p={self.top_p!r:.24}, seed={self.seed!r})")
         if not _real(self.temperature) or not 0.0 <= self.temperature <= MAX_TEMPERATURE:
-            bad(f"temperature must be a number from 0 to {MAX_TEMPERATURE:g} (0 = greedy)")
+            bad(f"{option('temperature')} must be a number from 0 to {MAX_TEMPERATURE:g} (0 = greedy)")
         if self.temperature < GREEDY_BELOW:
             object.__setattr__(self, "temperature", 0.0)
         if not _whole(self.top_k) or self.top_k < 0:
-            bad("top_k must be a whole number >= 0 (0 = off)")
+            bad(f"{option('top_k')} must be a whole number >= 0 (0 = off)")
         if not _real(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            bad("top_p must be in (0, 1] (1 = off)")
+            bad(f"{option('top_p')} must be in (0, 1] (1 = off)")
         if self.seed is not None and (not _whole(self.seed) or not 0 <= self.seed < 2**64):
-            bad("seed must be a whole number in [0, 2**64)")
+            bad(f"{option('seed')} must be a whole number in [0, 2**64)")
         if self.acceptance not in ACCEPTANCE:
-            bad(f"acceptance must be one of {', '.join(ACCEPTANCE)}, not {self.acceptance!r}")
+            bad(f"{option('acceptance')} must be one of {', '.join(ACCEPTANCE)}, not {self.acceptance!r}")
         if not _real(self.typical_epsilon) or not 0.0 < self.typical_epsilon <= 1.0:
-            bad("typical_epsilon must be in (0, 1]")
+            bad(f"{option('typical_epsilon', flag='--acceptance typical:EPS')} must be in (0, 1]")
         if not _real(self.typical_alpha) or not 0.0 < self.typical_alpha <= 1.0:
-            bad("typical_alpha must be in (0, 1]")
+            bad(f"{option('typical_alpha', flag='--acceptance typical:EPS,ALPHA')} must be in (0, 1]")
         for name in ("temperature", "top_p", "typical_epsilon", "typical_alpha"):  # a Fraction, a Decimal: floats
             object.__setattr__(self, name, float(getattr(self, name)))
 
