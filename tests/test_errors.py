@@ -227,6 +227,29 @@ def test_cli_context_errors(tiny_bundle):
         speccompile.SamplingParams(top_p=0)
 
 
+def test_sampling_refusals_list_the_settings_as_each_caller_spells_them(tiny_bundle):
+    """The settings a sampling refusal lists are named as the caller gave them: keywords in Python, flags on the
+    command line (no Python keyword in an error line), a seed only where one was given."""
+    with pytest.raises(SpeccompileError) as refused:
+        speccompile.SamplingParams(temperature=1.0, top_p=0)
+    assert str(refused.value).endswith("top_p must be in (0, 1] (1 = off) (temperature=1.0, top_k=0, top_p=0)")
+    assert refused.value.cli_message().endswith("(--temperature 1.0, --top-k 0, --top-p 0)")
+    with pytest.raises(SpeccompileError, match=r"\(temperature=1.0, top_k=0, top_p=1.0, seed=-1\)$"):
+        speccompile.SamplingParams(temperature=1.0, seed=-1)
+    r = cli("generate", tiny_bundle, "hi", "--temperature", 1, "--top-p", 0)
+    assert_cli_error(r, "--top-p must be in (0, 1]", "(--temperature 1.0, --top-k 0, --top-p 0.0)")
+    assert "top_k=" not in r.output and "seed" not in r.output
+
+
+def test_acceptance_on_a_bundle_without_drafters_is_named_as_each_caller_spells_it(tmp_path):
+    out = str(tmp_path / "plain")
+    build_bundle("tiny:llama", out, drafts=["none"], max_seq_len=64, progress=quiet)
+    with pytest.raises(SpeccompileError, match="so acceptance='typical' would change nothing"):
+        speccompile.load(out, threads=1).generate("hi", 4, temperature=1.0, acceptance="typical")
+    assert_cli_error(cli("generate", out, "hi", "--max-new-tokens", 4, "--temperature", 1, "--acceptance", "typical"),
+                     "so --acceptance typical would change nothing")
+
+
 @pytest.fixture
 def bundle_copy(tiny_bundle, tmp_path):
     out = tmp_path / "copy"

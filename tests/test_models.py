@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from speccompile.compile.driver import build_bundle  # noqa: E402
+from speccompile.errors import UnsupportedModelError  # noqa: E402
 from speccompile.format.bundle import read_manifest  # noqa: E402
 from speccompile.runtime.engine import Engine  # noqa: E402
 
@@ -101,6 +102,8 @@ def test_partial_rotary_needs_the_fused_kernel(tmp_path):
     write_checkpoint("phi3", str(tmp_path / "ck"))
     assert_cli_error(cli("build", tmp_path / "ck", "--out", tmp_path / "b", "--attention", "reference"),
                      "partial rotary", "--attention ort")
+    with pytest.raises(UnsupportedModelError, match="lowered by attention='ort' only"):  # Python's spelling
+        build_bundle(str(tmp_path / "ck"), str(tmp_path / "b"), attention="reference", fused=False, progress=quiet)
 
 
 def _prefill_logits_diff(model, ck: str, out: str, **options) -> float:

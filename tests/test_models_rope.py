@@ -13,6 +13,7 @@ from speccompile.compile.config import ModelConfig  # noqa: E402
 from speccompile.compile.driver import build_bundle  # noqa: E402
 from speccompile.compile.presets import tiny_deepseek_checkpoint  # noqa: E402
 from speccompile.compile.rope import rope_parameters, rope_tables  # noqa: E402
+from speccompile.errors import UnsupportedModelError  # noqa: E402
 from speccompile.format.bundle import read_manifest  # noqa: E402
 from speccompile.runtime.engine import Engine  # noqa: E402
 
@@ -122,6 +123,8 @@ def test_longrope_beyond_its_original_context_is_refused(tmp_path):
                                                      "long_factor": [2.0] * 8},
                                        original_max_position_embeddings=64))
     assert_cli_error(cli("build", ck, "--out", tmp_path / "b", "--draft", "none"), "longrope", "--max-seq-len 64")
+    with pytest.raises(UnsupportedModelError, match="compile with max_seq_len=64 or less"):  # Python's spelling
+        build_bundle(ck, str(tmp_path / "b"), drafts=["none"], max_seq_len=128, progress=quiet)
     build_bundle(ck, str(tmp_path / "b"), drafts=["none"], max_seq_len=64, progress=quiet)
 
 

@@ -196,8 +196,10 @@ def test_head_errors(tmp_path):
     with pytest.raises(CheckpointError, match="eh_proj"):
         build_bundle("tiny:llama", str(tmp_path / "o"), drafts=[f"mtp:{tmp_path / 'h.safetensors'}"],
                      progress=quiet)
-    with pytest.raises(CheckpointError, match="no draft head ships"):
+    with pytest.raises(CheckpointError, match="no draft head ships") as refused:
         build_bundle("tiny:llama", str(tmp_path / "o"), drafts=["mtp"], progress=quiet)
+    assert "pass drafts='mtp:PATH'" in str(refused.value)  # as each caller spells the drafter: Python's keyword,
+    assert "pass --draft mtp:PATH" in refused.value.cli_message()  # build's flag
     assert not (tmp_path / "o").exists()
 
 

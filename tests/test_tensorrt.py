@@ -185,8 +185,13 @@ def test_tensorrt_form_is_opset20_and_still_equal(tmp_path):
 def test_ops_without_tensorrt_form_are_refused():
     g = GraphBuilder("mla")
     g.op("GroupQueryAttention", ["q", "k", "v"], domain="com.microsoft", num_heads=4, kv_num_heads=1)
-    with pytest.raises(UnsupportedModelError, match="GroupQueryAttention"):
+    with pytest.raises(UnsupportedModelError, match="GroupQueryAttention") as refused:
         trt_backend.check_lowerable(g.nodes, "target")
+    # the backend named as each caller spells it: build_bundle's keyword, build's flag
+    assert str(refused.value).startswith("backend='tensorrt': model 'target' uses")
+    assert str(refused.value).endswith("build it with backend='onnxruntime'")
+    assert refused.value.cli_message().startswith("--backend tensorrt: model 'target' uses")
+    assert refused.value.cli_message().endswith("build it with --backend onnxruntime")
 
 
 def test_profile_shapes():
@@ -321,6 +326,11 @@ def test_backend_tensorrt_without_tensorrt_is_a_clear_error(tmp_path):
     if GPU_MISSING is not None:
         assert "TensorRT Python package" in r.output or "CUDA GPU" in r.output
     assert not out.exists() and os.listdir(tmp_path) == []  # no bundle, no temporary directory either
+    with pytest.raises(trt_backend.TensorRTUnavailable) as refused:  # the same failure, from Python
+        build_bundle("tiny:llama", str(out), backend="tensorrt", progress=quiet)
+    assert str(refused.value).startswith("backend='tensorrt' needs TensorRT, a CUDA GPU and the TreeAttention plugin")
+    assert str(refused.value).endswith("Without them build with the default backend='onnxruntime'.")
+    assert "--backend" not in str(refused.value)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from speccompile.errors import ConfigError, UnsupportedModelError
+from speccompile.errors import ConfigError, UnsupportedModelError, given
 
 # per type: the parameters it requires (beyond rope_theta) and the optional ones it reads
 _PARAMS = {
@@ -156,7 +156,8 @@ def _longrope(p, dim, max_pos, max_seq_len):
     if max_seq_len > old:
         raise UnsupportedModelError(
             f"longrope switches to its long factors past original_max_position_embeddings ({int(old)}), changing "
-            f"every position's rotation as the sequence grows; compile with --max-seq-len {int(old)} or less")
+            f"every position's rotation as the sequence grows; compile with {given('max_seq_len', int(old))} or "
+            "less")
     factors = np.asarray(p["short_factor"], np.float32)
     if factors.shape != (dim // 2,):
         raise ConfigError(f"config: longrope short_factor has {factors.size} entries, expected {dim // 2}")

@@ -23,7 +23,7 @@ import shutil
 
 import numpy as np
 
-from speccompile.errors import SpeccompileError, UnsupportedModelError
+from speccompile.errors import SpeccompileError, UnsupportedModelError, given
 from speccompile.plugins import tree_attention
 from speccompile.graphs import MAX_STEP_TOKENS  # the runtime's largest step: a prefill chunk
 from speccompile.plugins.tree_attention.tensorrt_plugin import (BUILD_PLUGIN, PLUGIN_ENV, cuda_gpu, load_plugin,
@@ -31,6 +31,8 @@ from speccompile.plugins.tree_attention.tensorrt_plugin import (BUILD_PLUGIN, PL
 
 MIN_TENSORRT_MAJOR = 10  # IPluginV3, and the ONNX parser's fallback to IPluginV3 creators
 TRT_OPSET = 20  # every TensorRT 10 ONNX parser reads opsets 9..20; the graphs use nothing newer once prepared
+# the backends as the caller names them: build_bundle's backend="tensorrt", build's --backend tensorrt
+TENSORRT, ONNXRUNTIME = given("backend", "tensorrt"), given("backend", "onnxruntime")
 # Ops with a rewrite in prepare_graph; everything else must be standard ONNX or the plugin node.
 # onnxruntime registers SimplifiedLayerNormalization in the ONNX domain as well as its own: both spellings occur
 _EXPANDED = {("", "RMSNormalization"), ("com.microsoft", "SimplifiedLayerNormalization"),
@@ -69,9 +71,9 @@ def require_toolchain() -> Toolchain:
         where = f"${PLUGIN_ENV}={lib}" if os.environ.get(PLUGIN_ENV) else lib
         missing.append(f"the TreeAttention plugin library {where} (build it: {BUILD_PLUGIN}; or set ${PLUGIN_ENV})")
     if missing:
-        raise TensorRTUnavailable("--backend tensorrt needs TensorRT, a CUDA GPU and the TreeAttention plugin "
-                                  "library; missing here: " + "; ".join(missing) +
-                                  ". Without them build with the default --backend onnxruntime.")
+        raise TensorRTUnavailable(f"{TENSORRT} needs TensorRT, a CUDA GPU and the TreeAttention plugin library; "
+                                  "missing here: " + "; ".join(missing) +
+                                  f". Without them build with the default {ONNXRUNTIME}.")
     return Toolchain(trt, os.path.abspath(lib), gpu)
 
 
@@ -83,8 +85,8 @@ def check_lowerable(nodes, model_name: str) -> None:
         if key[0] in ("", "ai.onnx") or key in _EXPANDED or key == (tree_attention.DOMAIN, tree_attention.OP_TYPE):
             continue
         hint = " (multi-head latent attention)" if n.op_type == "GroupQueryAttention" else ""
-        raise UnsupportedModelError(f"--backend tensorrt: model {model_name!r} uses {key[0]}::{n.op_type}{hint}, "
-                                    "which has no TensorRT lowering; build it with --backend onnxruntime")
+        raise UnsupportedModelError(f"{TENSORRT}: model {model_name!r} uses {key[0]}::{n.op_type}{hint}, "
+                                    f"which has no TensorRT lowering; build it with {ONNXRUNTIME}")
 
 
 def prepare_graph(model):

@@ -151,7 +151,7 @@ def check_flags(speculate, chat, drafter, num_draft, tree, params: SamplingParam
 def check_nothing_drafted(num_draft, tree, params: SamplingParams) -> None:
     """A bundle without drafters: the options that only shape or accept drafts would go unread."""
     asked = [o for o, asked in ((option("tree"), tree is not None), (option("num_draft"), num_draft is not None),
-                                (f"{option('acceptance')} typical", params.typical)) if asked]
+                                (given("acceptance", "typical"), params.typical)) if asked]
     if asked:
         raise SpeccompileError(f"this bundle has no drafter, so {', '.join(asked)} would change nothing (build "
                                "it with --draft)")

@@ -61,8 +61,7 @@ class SamplingParams:
 
     def __post_init__(self):
         def bad(what: str):
-            raise SamplingParamsError(f"invalid sampling parameters: {what} (temperature={self.temperature!r:.24}, "
-                                      f"top_k={self.top_k!r}, top_p={self.top_p!r:.24}, seed={self.seed!r})")
+            raise SamplingParamsError(f"invalid sampling parameters: {what} ({self._settings()})")
         if not _real(self.temperature) or not 0.0 <= self.temperature <= MAX_TEMPERATURE:
             bad(f"{option('temperature')} must be a number from 0 to {MAX_TEMPERATURE:g} (0 = greedy)")
         if self.temperature < GREEDY_BELOW:
@@ -81,6 +80,24 @@ class SamplingParams:
             bad(f"{option('typical_alpha', flag='--acceptance typical:EPS,ALPHA')} must be in (0, 1]")
         for name in ("temperature", "top_p", "typical_epsilon", "typical_alpha"):  # a Fraction, a Decimal: floats
             object.__setattr__(self, name, float(getattr(self, name)))
+
+    def _settings(self) -> str:
+        """The settings a refusal was given, each named as the caller spells it (temperature=1.0 in Python,
+        --temperature 1.0 on the command line); a seed only where one was given, as no command line spells it unset.
+        Each value cut short: a long string would fill the line."""
+        shown = [given(name, _Shown(getattr(self, name))) for name in ("temperature", "top_k", "top_p", "seed")
+                 if name != "seed" or self.seed is not None]
+        return ", ".join(shown)
+
+
+class _Shown:
+    """A value whose repr is the value's own, cut to 24 characters."""
+
+    def __init__(self, value):
+        self.text = repr(value)[:24]
+
+    def __repr__(self) -> str:
+        return self.text
 
 
 ACCEPTANCE = ("exact", "typical")

@@ -10,7 +10,7 @@ import numpy as np
 
 from speccompile.compile.config import ModelConfig
 from speccompile.compile.graph.linear import matmul
-from speccompile.errors import UnsupportedModelError
+from speccompile.errors import UnsupportedModelError, given
 from speccompile.graphs.builder import GraphBuilder
 from speccompile.plugins import tree_attention
 
@@ -65,7 +65,7 @@ def grouped_query_attention(g: GraphBuilder, cfg: ModelConfig, W: dict[str, str]
     [1, P, H_in]: the attention alone runs them laid out per slot, speccompile.graphs batched form)."""
     if cfg.rope_dim != cfg.head_dim and lowering != "ort":
         raise UnsupportedModelError(f"partial rotary ({cfg.rope_dim} of {cfg.head_dim} channels) is lowered by "
-                                    "--attention ort only")
+                                    f"{given('attention', 'ort')} only")
     qkv = matmul(g, x, W, p + "qkv")
     if cfg.qkv_bias:
         qkv = g.op("Add", [qkv, W[p + "qkv_bias"]])[0]
