@@ -34,11 +34,21 @@ def spelled(message: str, cli: bool) -> str:
     return _MENTION.sub(one, message)
 
 
+def reworded(e: SpeccompileError, mentions: dict[str, str]) -> SpeccompileError:
+    """The same refusal with each mention of an option in `mentions` (keyword -> an `option` or `given`) replaced:
+    for a caller that passed the value inside another option (bench's --drafter NAME~typical:EPS carries an
+    acceptance)."""
+    message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    copy = type(e)(_MENTION.sub(lambda m: mentions.get(m.group(1), m.group(0)), message))
+    copy.__cause__ = e.__cause__
+    return copy
+
+
 def _as_typed(shown: str) -> str:
     """A value as a command line would have it: a plain word unquoted (--tree chain:3), anything else (spaces,
     quotes, an empty string, characters repr() escapes) as repr() shows it."""
     inner = shown[1:-1] if len(shown) > 2 and shown[0] == shown[-1] and shown[0] in "'\"" else None
-    return inner if inner is not None and re.fullmatch(r"[\w.:+/-]+", inner) else shown
+    return inner if inner is not None and re.fullmatch(r"[\w.:,+/@~-]+", inner) else shown
 
 
 class SpeccompileError(Exception):

@@ -453,7 +453,11 @@ def test_bench_cli_refuses_what_it_would_ignore_or_overwrite(tiny_bundle, datase
     inside = os.path.join(tiny_bundle, "result.json")
     same = str(tmp_path / "r.png")
     for options, says in ((("--drafter", "lookup~typical"), "typical acceptance is for sampling"),
-                          (("--temperature", "0.7", "--drafter", "lookup~typical:2"), "typical_epsilon must be in"),
+                          (("--temperature", "0.7", "--drafter", "lookup~typical:2"),
+                           "EPS of --drafter lookup~typical:2 must be in"),  # bench has no --acceptance to name
+                          (("--temperature", "0.7", "--drafter", "lookup~typical:x"),
+                           "error: --drafter lookup~typical:x: EPS and ALPHA are numbers"),
+                          (("--drafter", "lookup@bogus"), "error: --drafter lookup@bogus: use chain:K"),
                           (("--drafter", "lookup@"), "nothing after '@'"),  # were the bundle's tree, exact
                           (("--drafter", "lookup~"), "nothing after '~'"),
                           (("--stream-requests", "4"), "--stream-requests: only the concurrency mode"),

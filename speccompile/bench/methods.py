@@ -1,8 +1,10 @@
 """The speccompile methods a benchmark measures: plain autoregressive decoding and each chosen drafter."""
 from __future__ import annotations
 
+import contextlib
+
 from speccompile.bench.settings import AUTOREGRESSIVE, Method
-from speccompile.errors import SpeccompileError
+from speccompile.errors import SpeccompileError, given, option, reworded
 from speccompile.format.trees import TreeSpec
 from speccompile.runtime.request import check_depth
 from speccompile.runtime.sampling import acceptance_option
@@ -48,6 +50,19 @@ def speccompile_methods(gen, drafters: list[str], tree: str | None, temperature:
     return methods
 
 
+@contextlib.contextmanager
+def named_as_drafter(spec: str):
+    """A refusal of an acceptance or tree that a --drafter spec carries, named as that --drafter (bench has no
+    --acceptance, and its --tree is the default of the methods without their own)."""
+    try:
+        yield
+    except SpeccompileError as e:
+        whole = given("drafters", spec, flag="--drafter")
+        raise reworded(e, {"acceptance": whole, "tree": whole,
+                           "typical_epsilon": option("typical_epsilon", flag=f"EPS of --drafter {spec}"),
+                           "typical_alpha": option("typical_alpha", flag=f"ALPHA of --drafter {spec}")}) from None
+
+
 def graph_seconds(gen) -> dict[str, float] | None:
     """Seconds the target's and the drafters' graphs have spent inside onnxruntime so far (Engine.run_s), or None
     for engines that do not count them: a run's difference says where its time went, the rest being the host's."""
@@ -63,10 +78,11 @@ def choose_drafters(gen, wanted: tuple[str, ...], tree: str | None = None) -> li
     if unknown:
         raise SpeccompileError(f"drafter {split_method(unknown[0])[0]!r} is not in this bundle (it has: "
                                f"{', '.join(gen.drafter_names) or 'none'})")
-    for d in wanted:  # a bad tree or acceptance fails here, before anything is timed
+    for d in wanted:  # a tree deeper than its drafter drafts fails here, before anything is timed
         name, own_tree = split_method(d)
         if own_tree:
-            check_depth(gen.drafters[name], None, TreeSpec.parse(own_tree))
+            with named_as_drafter(d):
+                check_depth(gen.drafters[name], None, TreeSpec.parse(own_tree))
         acceptance_option(split_acceptance(d)[1])
     check_distinct(wanted, tree)
     return list(wanted) or gen.drafter_names

@@ -21,14 +21,15 @@ from typing import Callable
 from speccompile import load
 from speccompile.bench.concurrency import check_stream_counts, measure_concurrency
 from speccompile.bench.machine import measure_machine_bandwidth, peak_rss_mib
-from speccompile.bench.methods import (check_parts_named, choose_drafters, speccompile_methods, split_acceptance,
-                                       split_method)
+from speccompile.bench.methods import (check_parts_named, choose_drafters, named_as_drafter, speccompile_methods,
+                                       split_acceptance, split_method)
 from speccompile.bench.peers import transformers_methods
 from speccompile.bench.prompts import default_dataset, load_questions, pick_prompts
 from speccompile.bench.report import result_document
 from speccompile.bench.settings import BenchSettings, Method
 from speccompile.bench.stats import repeated_ngram_share
 from speccompile.errors import SpeccompileError
+from speccompile.format.trees import TreeSpec
 from speccompile.runtime.sampling import GREEDY_BELOW, SamplingParams, acceptance_option
 from speccompile.runtime.sessions import check_threads
 
@@ -109,7 +110,11 @@ def check_settings(settings: BenchSettings) -> None:
     for spec in settings.drafters:  # values out of range: their own error, before the machine is measured
         check_parts_named(spec)
         acceptance = split_acceptance(spec)[1]
-        params = SamplingParams(settings.temperature, settings.top_k, **acceptance_option(acceptance))
+        with named_as_drafter(spec):  # the acceptance and tree a method names come inside its --drafter
+            params = SamplingParams(settings.temperature, settings.top_k, **acceptance_option(acceptance))
+            own_tree = split_method(spec)[1]
+            if own_tree:
+                TreeSpec.parse(own_tree)
         if acceptance not in (None, "exact") and params.greedy:  # greedy acceptance is exact whatever it asks for
             raise SpeccompileError(f"--drafter {spec}: typical acceptance is for sampling (give --temperature); "
                                    "greedy decoding is exact")
