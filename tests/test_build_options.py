@@ -138,3 +138,37 @@ def test_the_compiler_drivers_defaults_are_the_clis():
     shared = [p for p in build_command.params if p.name in {f.name for f in dataclasses.fields(api)}]
     assert {p.name for p in shared} >= {"weights", "dtype", "draft_precision", "max_batch", "attention", "backend"}
     assert {p.name: p.default for p in shared} == {p.name: getattr(api, p.name) for p in shared}
+
+
+@pytest.mark.parametrize("keywords, says", [
+    (dict(max_seq_len="64"), "max_seq_len='64': expected a whole number"),
+    (dict(num_draft=2.5), "num_draft=2.5: expected a whole number"),
+    (dict(max_batch=True), "max_batch=True: expected a whole number"),
+    (dict(tree=3), "tree=3: expected a string"),
+    (dict(fused="no"), "fused='no': expected True or False"),
+    (dict(overwrite="no"), "overwrite='no': expected True or False"),  # "no" is true: it would replace a bundle
+    (dict(drafts="lookup"), "drafts='lookup': expected a list of drafter specs"),  # else read one letter a drafter
+    (dict(drafts=[3]), "drafts=[3]: expected a list of drafter specs"),
+    (dict(attention="bogus"), "attention='bogus': choose ort, reference, plugin"),
+    (dict(out=3), "out=3: expected the bundle directory's path"),
+    (dict(source=3), "source=3: expected a checkpoint's path or name"),
+])
+def test_build_bundle_refuses_keywords_of_the_wrong_type(tmp_path, keywords, says):
+    """build_bundle's keywords are checked as click checks the CLI's flags: one SpeccompileError naming the
+    keyword, before anything is written (they were TypeErrors and AttributeErrors from deep in the build, or
+    read wrongly)."""
+    from speccompile.compile.driver import build_bundle
+    from speccompile.errors import SpeccompileError
+    args = dict(source="tiny:llama", out=str(tmp_path / "b"), progress=lambda m: None) | keywords
+    with pytest.raises(SpeccompileError) as refusal:
+        build_bundle(**args)
+    assert str(refusal.value).startswith(says), refusal.value
+    assert not (tmp_path / "b").exists()
+
+
+def test_build_bundle_takes_numpy_integers(tmp_path):
+    """A numpy integer is a whole number: taken, and written into the manifest as a plain one."""
+    import numpy as np
+    from speccompile.compile.driver import build_bundle
+    build_bundle("tiny:llama", str(tmp_path / "b"), drafts=["none"], max_seq_len=np.int64(32), progress=lambda m: None)
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["max_seq_len"] == 32

@@ -75,6 +75,7 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
     if there is one, and prompt lookup. options: the fields of BuildOptions (backend="tensorrt" adds a TensorRT
     engine per model, see trt_backend)."""
     t0 = time.perf_counter()
+    _check_sources(source, drafts)
     asked = BuildOptions(overwrite=overwrite, **options)
     opts, toolchain = _backend(asked)
     if opts.draft_precision != asked.draft_precision:
@@ -114,6 +115,16 @@ def _backend(opts: BuildOptions) -> tuple[BuildOptions, object]:
     return opts, None
 
 
+def _check_sources(source, drafts) -> None:
+    """build_bundle's source and drafts by type (the CLI's arguments are strings): a string of drafts would be read
+    one character a drafter."""
+    if source is not None and not isinstance(source, (str, os.PathLike)):
+        raise SpeccompileError(f"{given('source', source, flag='MODEL')}: expected a checkpoint's path or name")
+    if drafts is not None and (not isinstance(drafts, (list, tuple)) or not all(isinstance(d, str) for d in drafts)):
+        raise SpeccompileError(f"{given('drafts', drafts, flag='--draft')}: expected a list of drafter specs, such as "
+                               "['mtp', 'lookup']")
+
+
 def _check_request(opts: BuildOptions, drafts: list[str] | None) -> tuple[TreeSpec | None, list[DraftSpec]]:
     """The options that need no checkpoint, checked before it is read: the tree, the drafts, their sizes."""
     tree_spec = TreeSpec.parse(opts.tree) if opts.tree else None
@@ -142,6 +153,8 @@ def _check_request(opts: BuildOptions, drafts: list[str] | None) -> tuple[TreeSp
                                f"tree: give one (a chain of K is the tree 'chain:K')")
     if not 1 <= opts.max_batch <= 64:
         raise SpeccompileError(f"{given('max_batch', opts.max_batch)}: must be between 1 and 64")
+    if opts.attention not in tree_attention.LOWERINGS:
+        raise SpeccompileError(f"{given('attention', opts.attention)}: choose {', '.join(tree_attention.LOWERINGS)}")
     if opts.mla_cache not in ("latent", "expanded"):  # build_bundle's keyword alone: the CLI has no such option
         raise SpeccompileError(f"mla_cache={opts.mla_cache!r}: choose latent or expanded")
     _check_cpu_only_graphs(opts.dtype, specs)

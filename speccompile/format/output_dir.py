@@ -32,6 +32,9 @@ def guard_output(out_param: str = "out", overwrite_param: str = "overwrite"):
         def guarded(*args, **kwargs):
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
+            overwrite = bound.arguments[overwrite_param]
+            if not isinstance(overwrite, bool):  # the string "no" would replace a bundle
+                raise BundleError(f"{given(overwrite_param, overwrite, flag='--force')}: expected True or False")
             out = _out_path(bound.arguments[out_param])
             with output_lock(out):
                 clean_stale_temps(out)  # first: it may put back the bundle a killed build had moved aside
@@ -45,6 +48,8 @@ def _out_path(out: str) -> str:
     """`out` with its links resolved, refused empty first (realpath would make "" the working directory). A link
     is followed as a file write follows it: the bundle goes where it points, the link stays (replaced by the new
     folder, it left the old bundle in place), and every spelling of one folder shares its lock and temporaries."""
+    if not isinstance(out, (str, os.PathLike)) or not isinstance(os.fspath(out), str):
+        raise BundleError(f"{given('out', out)}: expected the bundle directory's path")
     if not str(out).strip():
         raise BundleError(f"{option('out')} is empty: name the bundle directory to write")
     return os.path.realpath(out)

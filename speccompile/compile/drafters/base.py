@@ -3,12 +3,14 @@ view of the target, and what one drafter adds to the bundle."""
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Callable
 
 import numpy as np
 
 from speccompile.compile.checkpoint import Checkpoint
 from speccompile.compile.config import ModelConfig
+from speccompile.errors import SpeccompileError, given
 from speccompile.graphs import DEFAULT_MAX_BATCH
 from speccompile.graphs.builder import GraphBuilder
 
@@ -33,6 +35,23 @@ class BuildOptions:
     dtype: str = "float32"  # graphs, weights and KV caches: float32, float16 or bfloat16 (compile/precision.py)
     weights: str = "source"  # the target's matrices: source | float32 | int8 | int4 (quantize/target_weights.py)
     max_batch: int = DEFAULT_MAX_BATCH  # sequence slots of the batched target graph (1: none)
+
+    def __post_init__(self):
+        """build_bundle's keywords checked by type, as click checks the CLI's flags: a string max_seq_len would
+        fail deep inside the build, and the string "no" would read as true."""
+        for field in dataclasses.fields(self):
+            kind, _, optional = field.type.partition(" | ")
+            value = getattr(self, field.name)
+            what, fits = _EXPECTED[kind]
+            if not (value is None and optional == "None" or fits(value)):
+                raise SpeccompileError(f"{given(field.name, value)}: expected {what}")
+            if kind == "int" and value is not None:  # a numpy integer would not go into the manifest's JSON
+                object.__setattr__(self, field.name, int(value))
+
+
+_EXPECTED = {"int": ("a whole number", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
+             "str": ("a string", lambda v: isinstance(v, str)),
+             "bool": ("True or False", lambda v: isinstance(v, bool))}
 
 
 @dataclasses.dataclass(frozen=True)
