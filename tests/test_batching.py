@@ -719,6 +719,42 @@ def test_a_stream_its_callers_own_loop_runs_can_be_cancelled_too(tiny_generator,
     assert g.generate(p, 40, chat=False, **kw).token_ids == full.token_ids
 
 
+@pytest.mark.parametrize("loop", ["typical acceptance", "no batched graph"])
+def test_a_stream_cancelled_while_it_waits_for_its_turn_ends_at_once(tiny_generator, tmp_path, loop):
+    """A stream its caller's own loop runs waits for its turn while another generation holds the Generator (or a
+    round holds the scheduler's slots); cancel() from another thread ends that wait at once, nothing run, as it
+    ends a submitted request still waiting for a slot: a server's worker lets go of its queue place, and a typical
+    request stops keeping the others out of the slots, instead of waiting until the generation ahead ends."""
+    g, kw = tiny_generator, dict(temperature=0.8, seed=1, acceptance="typical")
+    if loop == "no batched graph":
+        build_bundle("tiny:llama", str(tmp_path / "b"), drafts=["lookup"], max_seq_len=128, max_batch=1,
+                     progress=quiet)
+        g, kw = speccompile.load(str(tmp_path / "b"), threads=1), {}
+    p, q = random_prompts(2, seed=64)
+    ahead = g.stream(p, 100, chat=False)
+    next(ahead)  # another generation holds the Generator
+    if g.scheduler:
+        ahead.close()
+        wait_until_idle(g)
+        with g.scheduler.wake:
+            g.scheduler.driving = True  # another caller's round is under way
+    try:
+        waiting = g.stream(q, 20, chat=False, **kw)
+        reader = ThreadPoolExecutor(1).submit(drain, waiting)
+        time.sleep(0.3)  # it waits for its turn
+        waiting.cancel()
+        result = reader.result(timeout=10)
+        assert result.finish_reason == "cancelled" and result.token_ids == []
+        assert not (g.scheduler and g.scheduler.draining)  # nobody keeps requests out of the slots now
+    finally:
+        ahead.close()
+        if g.scheduler:
+            with g.scheduler.wake:
+                g.scheduler.driving = False
+                g.scheduler.wake.notify_all()
+    assert g.generate(q, 20, chat=False, **kw).finish_reason != "cancelled"  # the Generator is free again
+
+
 def test_concurrency_figures_from_known_runs(monkeypatch):
     """On served runs of known (fake) rates and tokens: each round's ratio is its N-stream run over the sequential
     run beside it, the share of identical requests counts every request, the percentiles are the requests'."""

@@ -146,9 +146,12 @@ class Generator(DecodeLoop):
         return SubmittedStream(self._serialized(request, on_text, own), own)
 
     def _serialized(self, request: Request, on_text, own: OwnLoop):
-        """This thread's own decode loop, under the lock and, with a scheduler, its slots all free (typical too)."""
-        with self._exclusive(), (self.scheduler.exclusive() if self.scheduler else contextlib.nullcontext()):
-            result = yield from self._run(request, on_text, own=own)
+        """This thread's own decode loop, under the lock and, with a scheduler, its slots all free (typical too).
+        Cancelled while it waits for them, it stops waiting and holds neither: its loop then runs no pass, and a
+        server's place in its queue is not kept until the generation ahead of it ends."""
+        with self._exclusive(own) as held:
+            with self.scheduler.exclusive(own) if self.scheduler and held else contextlib.nullcontext():
+                result = yield from self._run(request, on_text, own=own)
         return result
 
     def _submit(self, request: Request):
@@ -237,12 +240,16 @@ class Generator(DecodeLoop):
                                    "finish or close() it first")
 
     @contextlib.contextmanager
-    def _exclusive(self):
-        """One generation at a time: the engines' caches and buffers are shared state."""
+    def _exclusive(self, own: OwnLoop | None = None):
+        """One generation at a time: the engines' caches and buffers are shared state. Yields whether it holds the
+        Generator: not if `own`, the request waiting for it, was cancelled meanwhile."""
         self._check_owner()
-        with self._lock:
-            try:  # the owner set inside: an interrupt right after it would leave this thread refused for good
-                self._owner = threading.get_ident()
-                yield
-            finally:
-                self._owner = None
+        if not (self._lock.acquire() if own is None else own.acquire(self._lock)):
+            yield False
+            return
+        try:  # the owner set inside: an interrupt right after it would leave this thread refused for good
+            self._owner = threading.get_ident()
+            yield True
+        finally:
+            self._owner = None
+            self._lock.release()

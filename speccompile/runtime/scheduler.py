@@ -40,6 +40,7 @@ from speccompile.runtime.request import Request
 from speccompile.runtime.sampling import PositionDraws, probabilities
 from speccompile.runtime.shared_drafts import propose_shared
 from speccompile.runtime.slots import DONE, Handle, Slot, round_failed, without_cancelled
+from speccompile.runtime.streams import CANCEL_POLL_S
 from speccompile.runtime.text_stream import TextStream
 
 # A joining request's prompt chunk in a pass with decoding slots: the one-row slots' attention is laid out as deep
@@ -90,19 +91,26 @@ class Scheduler:
             self._drive(self._round, handle)
 
     @contextlib.contextmanager
-    def exclusive(self):
+    def exclusive(self, own=None):
         """The slots to one caller's own decode loop: runs rounds until no request holds a slot, then keeps every
         other caller from running one (they wait, as for another's round) until the block ends. Meanwhile no
-        request takes a slot: under a steady stream of requests the slots would never all be free."""
+        request takes a slot: under a steady stream of requests the slots would never all be free. own: the
+        request that waits (streams.OwnLoop); cancelled meanwhile, it stops waiting (and stalling admissions) and
+        gets no hold. Yields whether it holds the slots."""
+        cancelled = lambda: own is not None and own.cancelled  # noqa: E731
         with self.wake:
             self.draining += 1
+        held = False
         try:
-            while True:
+            while not cancelled():
                 with self.wake:
-                    while self.driving:
-                        self.wake.wait()
+                    while self.driving and not cancelled():
+                        self.wake.wait(None if own is None else CANCEL_POLL_S)  # cancel() wakes no one
+                    if cancelled():
+                        break
                     self.driving = True
                     if not any(self.slots):
+                        held = True
                         break
                 self._drive(self._round)
         finally:
@@ -110,11 +118,12 @@ class Scheduler:
                 self.draining -= 1
                 self.wake.notify_all()
         try:
-            yield
+            yield held
         finally:
-            with self.wake:
-                self.driving = False
-                self.wake.notify_all()
+            if held:
+                with self.wake:
+                    self.driving = False
+                    self.wake.notify_all()
 
     def tidy(self) -> None:
         """Free the slots of cancelled requests now, unless a round (which does it first) is running."""

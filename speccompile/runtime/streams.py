@@ -6,6 +6,8 @@ import time
 
 from speccompile.runtime.text_stream import Chunk
 
+CANCEL_POLL_S = 0.05  # how often a request waiting for its turn looks whether it was cancelled
+
 
 @dataclasses.dataclass
 class GenerationResult:
@@ -51,6 +53,15 @@ class OwnLoop:
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def acquire(self, lock) -> bool:
+        """Take `lock` (the Generator's, which the generation ahead of this one holds), unless this request is
+        cancelled while it waits: False, and the lock is not taken. cancel() cannot wake a waiting thread, so the
+        wait looks at it every CANCEL_POLL_S."""
+        while not lock.acquire(timeout=CANCEL_POLL_S):
+            if self.cancelled:
+                return False
+        return True
 
     def passes(self, steps):
         """steps' passes (each one run when asked for) until cancelled."""
