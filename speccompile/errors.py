@@ -44,6 +44,14 @@ def reworded(e: SpeccompileError, mentions: dict[str, str]) -> SpeccompileError:
     return copy
 
 
+def prefixed(e: SpeccompileError, where: str) -> SpeccompileError:
+    """The same refusal, saying where it arose first (`where: message`), its option mentions kept."""
+    message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    copy = type(e)(f"{where}: {message}")
+    copy.__cause__ = e.__cause__
+    return copy
+
+
 def _as_typed(shown: str) -> str:
     """A value as a command line would have it: a plain word unquoted (--tree chain:3), anything else (spaces,
     quotes, an empty string, characters repr() escapes) as repr() shows it."""

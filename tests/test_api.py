@@ -374,6 +374,19 @@ def test_chat_renders_system_and_turns(tiny_generator):
         g.chat(messages, 4, chat=False)
 
 
+def test_a_refused_prompt_of_a_list_is_named_by_its_place(tiny_generator):
+    """generate(list) names the prompt a refusal is about, keeping its kind (a context-length error stays one)."""
+    from speccompile.errors import ContextLengthError
+    g = tiny_generator
+    with pytest.raises(ContextLengthError, match=r"^prompt 1 of the list: prompt of \d+ tokens does not fit"):
+        g.generate(["hi", list(range(3, 3 + g.max_seq_len))], 4)
+    with pytest.raises(SpeccompileError) as refused:
+        g.generate(["hi", "there"], 0)
+    assert str(refused.value) == "prompt 0 of the list: max_new_tokens=0: must be a whole number, at least 1"
+    assert refused.value.cli_message().endswith("--max-new-tokens 0: must be a whole number, at least 1")
+    assert g.generate(["hi"], 2)[0].token_ids  # nothing left held
+
+
 def test_generate_takes_a_list_of_prompts(tiny_generator):
     g = tiny_generator
     prompts = ["hello", random_prompts(2)[1], "the quick fox"]

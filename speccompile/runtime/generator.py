@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from speccompile.errors import BundleError, SpeccompileError
+from speccompile.errors import BundleError, SpeccompileError, prefixed
 from speccompile.format.bundle import read_manifest, resolve_inside
 from speccompile.format.drafter_kinds import KINDS
 from speccompile.format.summary import pass_weight_bytes
@@ -169,12 +169,21 @@ class Generator(DecodeLoop):
         if is_batch(prompt):  # every stream opened (with the scheduler: submitted) before any is read
             streams = []
             try:
-                streams.extend(self.stream(p, max_new_tokens, **kwargs) for p in prompt)
+                for i, p in enumerate(prompt):
+                    streams.append(self._stream_of_list(i, p, max_new_tokens, kwargs))
                 return [drain(it) for it in streams]
             finally:
                 for it in streams:  # those a bad prompt or an error left unread: their slots freed
                     it.close()
         return drain(self.stream(prompt, max_new_tokens, **kwargs))
+
+    def _stream_of_list(self, i: int, prompt, max_new_tokens, kwargs: dict):
+        """The stream of prompt i of a list; a refusal says which prompt it was (a list of long prompts would
+        otherwise leave the caller to find the one that does not fit)."""
+        try:
+            return self.stream(prompt, max_new_tokens, **kwargs)
+        except SpeccompileError as e:
+            raise prefixed(e, f"prompt {i} of the list") from None
 
     def chat(self, messages: list[dict], max_new_tokens: int = 128, **kwargs) -> GenerationResult:
         """Answer a conversation: messages [{"role": "system" | "user" | "assistant" | "tool", "content": str}, ...],
