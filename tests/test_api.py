@@ -374,6 +374,13 @@ def test_chat_renders_system_and_turns(tiny_generator):
         g.chat(messages, 4, chat=False)
 
 
+def test_drafting_options_without_speculation_are_refused_by_name(tiny_generator):
+    """speculate=False beside what shapes or accepts drafts: refused, naming them as the call spelled them."""
+    with pytest.raises(SpeccompileError) as refused:
+        tiny_generator.generate("hi", 2, speculate=False, tree="chain:2", temperature=0.7, acceptance="typical")
+    assert str(refused.value) == "speculate=False drafts nothing: drop tree, acceptance='typical'"
+
+
 def test_a_refused_prompt_of_a_list_is_named_by_its_place(tiny_generator):
     """generate(list) names the prompt a refusal is about, keeping its kind (a context-length error stays one)."""
     from speccompile.errors import ContextLengthError

@@ -142,10 +142,10 @@ def check_flags(speculate, chat, drafter, num_draft, tree, params: SamplingParam
     for name, flag in (("speculate", speculate), ("chat", chat)):
         if not isinstance(flag, (bool, np.bool_)):
             raise SpeccompileError(f"{name}: expected True or False, not {flag!r}")
-    drafting = [name for name, value in (("drafter", drafter), ("num_draft", num_draft), ("tree", tree))
-                if value is not None] + (["typical acceptance"] if params.typical else [])
-    if not speculate and drafting:
-        raise SpeccompileError(f"speculate=False drafts nothing: drop {', '.join(drafting)}")
+    drafting = [option(name) for name, value in (("drafter", drafter), ("num_draft", num_draft), ("tree", tree))
+                if value is not None] + ([given("acceptance", "typical")] if params.typical else [])
+    if not speculate and drafting:  # the CLI refuses its --no-speculate beside them first, in its own words
+        raise SpeccompileError(f"{given('speculate', False)} drafts nothing: drop {', '.join(drafting)}")
 
 
 def check_nothing_drafted(num_draft, tree, params: SamplingParams) -> None:
