@@ -18,8 +18,9 @@ def load(bundle_dir: str, **kwargs):
     context_cache, cache_bytes, cache_dir."""
     from speccompile.runtime.context_cache import check_cache_dir
     from speccompile.runtime.generator import Generator
-    from speccompile.runtime.request import check_load_options
+    from speccompile.runtime.request import check_load_options, plain_paths
     check_load_options(bundle_dir, kwargs)
     check_cache_dir(bundle_dir, kwargs.get("cache_dir"), kwargs.get("context_cache", True))  # before the hashing
+    bundle_dir, kwargs = plain_paths(bundle_dir, kwargs)
     return Generator.load(bundle_dir, **kwargs)
 

@@ -104,6 +104,7 @@ class Generator(DecodeLoop):
     def load(cls, bundle_dir: str, threads: int | None = None, device: str = "cpu", verify: bool = True, **cache):
         """cache: the context cache's options (context_cache, cache_bytes, cache_dir)."""
         check_threads(threads)  # before hashing the bundle
+        threads = threads if threads is None else int(threads)  # a numpy integer: no JSON for the cost model's file
         return cls(bundle_dir, read_manifest(bundle_dir, verify_hashes=verify), threads, device, **cache)
 
     @property

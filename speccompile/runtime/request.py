@@ -81,6 +81,14 @@ def check_load_options(bundle_dir, options: dict) -> None:
         raise SpeccompileError("cache_bytes sizes the context cache, which context_cache=False turns off: drop one")
 
 
+def plain_paths(bundle_dir, options: dict) -> tuple[str, dict]:
+    """load's folders (checked already) as plain str: os.scandir lists a numpy string's folder (a str with a
+    buffer of its own) in bytes, which no str path joins."""
+    if options.get("cache_dir") is not None:
+        options = {**options, "cache_dir": str(os.fspath(options["cache_dir"]))}
+    return str(os.fspath(bundle_dir)), options
+
+
 def sampling_params(params: SamplingParams | None, unknown: dict, temperature, top_k, top_p, seed,
                     acceptance) -> SamplingParams:
     """stream()'s sampling: params, or the SamplingParams the keywords give (None: the default). Refused first:
@@ -125,7 +133,8 @@ def build_request(gen, prompt, max_new_tokens, params: SamplingParams, drafter: 
     if num_draft is not None and tree is not None:  # the tree would win and num_draft go unread
         raise SpeccompileError(f"{option('num_draft')} asks for a chain of that many drafts, {option('tree')} for a "
                                f"tree: give one (a chain of K is the tree 'chain:K')")
-    k = num_draft if num_draft is not None else (gen.num_draft[dr.name] if dr else 0)
+    # a plain int: a numpy unsigned one would turn the drafters' index sums into floats
+    k = int(num_draft) if num_draft is not None else (gen.num_draft[dr.name] if dr else 0)
     if isinstance(tree, str):
         tree = TreeSpec.parse(tree)
     elif tree is not None and not isinstance(tree, TreeSpec):

@@ -62,7 +62,8 @@ class SamplingParams:
     def __post_init__(self):
         def bad(what: str):
             raise SamplingParamsError(f"invalid sampling parameters: {what} ({self._settings()})")
-        if not _real(self.temperature) or not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+        # compared as floats: a float16's comparison with MAX_TEMPERATURE would overflow the bound to inf
+        if not _real(self.temperature) or not 0.0 <= float(self.temperature) <= MAX_TEMPERATURE:
             bad(f"{option('temperature')} must be a number from 0 to {MAX_TEMPERATURE:g} (0 = greedy)")
         if self.temperature < GREEDY_BELOW:
             object.__setattr__(self, "temperature", 0.0)
@@ -72,7 +73,7 @@ class SamplingParams:
             bad(f"{option('top_p')} must be in (0, 1] (1 = off)")
         if self.seed is not None and (not _whole(self.seed) or not 0 <= self.seed < 2**64):
             bad(f"{option('seed')} must be a whole number in [0, 2**64)")
-        if self.acceptance not in ACCEPTANCE:
+        if not isinstance(self.acceptance, str) or self.acceptance not in ACCEPTANCE:  # an array compares by element
             bad(f"{option('acceptance')} must be one of {', '.join(ACCEPTANCE)}, not {self.acceptance!r}")
         if not _real(self.typical_epsilon) or not 0.0 < self.typical_epsilon <= 1.0:
             bad(f"{option('typical_epsilon', flag='--acceptance typical:EPS')} must be in (0, 1]")
@@ -80,6 +81,10 @@ class SamplingParams:
             bad(f"{option('typical_alpha', flag='--acceptance typical:EPS,ALPHA')} must be in (0, 1]")
         for name in ("temperature", "top_p", "typical_epsilon", "typical_alpha"):  # a Fraction, a Decimal: floats
             object.__setattr__(self, name, float(getattr(self, name)))
+        # numpy integers as Python ints: an unsigned top_k would wrap around when negated (np.partition's -k)
+        for name in ("top_k", "seed"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, int(getattr(self, name)))
 
     def _settings(self) -> str:
         """The settings a refusal was given, each named as the caller spells it (temperature=1.0 in Python,

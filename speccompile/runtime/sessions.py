@@ -74,8 +74,8 @@ PROVIDERS = {"cpu": ["CPUExecutionProvider"],
 
 
 def providers_for(device: str) -> list[str]:
-    if device not in PROVIDERS:
-        raise SpeccompileError(f"unknown device {device!r}; choose from {', '.join(PROVIDERS)}")
+    if not isinstance(device, str) or device not in PROVIDERS:  # a list is no key of PROVIDERS: a TypeError
+        raise SpeccompileError(f"{given('device', device)}: no such device; choose from {', '.join(PROVIDERS)}")
     wanted = PROVIDERS[device]
     if device != "cpu" and hasattr(ort, "preload_dlls"):
         # the CUDA and cuDNN libraries of the nvidia-* wheels onnxruntime-gpu[cuda,cudnn] installs: not on the
