@@ -44,6 +44,12 @@ def reworded(e: SpeccompileError, mentions: dict[str, str]) -> SpeccompileError:
     return copy
 
 
+def mentioned(e: SpeccompileError) -> list[str]:
+    """The keywords of the options a refusal names, in order (a server reports the first as the field at fault)."""
+    message = e.args[0] if e.args and isinstance(e.args[0], str) else ""
+    return [m.group(1) for m in _MENTION.finditer(message)]
+
+
 def prefixed(e: SpeccompileError, where: str) -> SpeccompileError:
     """The same refusal, saying where it arose first (`where: message`), its option mentions kept."""
     message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)

@@ -387,6 +387,16 @@ def test_bad_requests_get_openai_error_objects(server, body, status, word):
     assert word in err["message"] and err["type"] and "Traceback" not in r.text
 
 
+def test_a_runtime_refusal_names_the_field_at_fault(server):
+    """A value the request model passes but the runtime refuses (a temperature above SamplingParams' cap): a 400
+    whose `param` is the field, as pydantic's refusals name theirs."""
+    r = httpx.post(server.url + "/v1/chat/completions",
+                   json={"messages": [{"role": "user", "content": "hi"}], "temperature": 1e7})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "temperature" and "temperature must be a number" in err["message"], err
+
+
 def test_a_body_without_the_json_content_type_is_refused_saying_so(server):
     """`curl -d '{...}'` sends a JSON object as application/x-www-form-urlencoded, which is not parsed: the error
     names the Content-Type to send, not that the body is no JSON object."""

@@ -10,9 +10,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from speccompile.errors import ContextLengthError, SharedPassError, SpeccompileError
+from speccompile.errors import ContextLengthError, SharedPassError, SpeccompileError, mentioned
+from speccompile.serve.protocol import ChatRequest, CompletionRequest
 
 log = logging.getLogger("speccompile.serve")
+REQUEST_FIELDS = set(ChatRequest.model_fields) | set(CompletionRequest.model_fields)
 
 
 class APIError(Exception):
@@ -37,7 +39,9 @@ def from_runtime(e: SpeccompileError) -> APIError:
                         "requests; see the server's log", type="server_error")
     if isinstance(e, ContextLengthError):
         return APIError(400, str(e), code="context_length_exceeded", param="messages")
-    return APIError(400, str(e))
+    # the field at fault, where the refusal names one the request has (temperature, top_p, seed, acceptance, ...)
+    fields = [name for name in mentioned(e) if name in REQUEST_FIELDS]
+    return APIError(400, str(e), param=fields[0] if fields else None)
 
 
 def shutting_down() -> APIError:
