@@ -86,6 +86,19 @@ def test_static_tree_ranks_are_taken_as_given_or_refused(tmp_path, paths):
         TreeSpec.parse(f"static:{f}")
 
 
+def test_a_hand_built_tree_spec_is_refused_unless_parse_would_make_it(tiny_generator):
+    """A TreeSpec built field by field (a chain without its paths drafted nothing, silently; a numpy depth reached
+    the drafters' index sums) is refused by name; the ones parse and from_paths make, and the bundle's own, run."""
+    from speccompile.format.trees import TreeSpec as Spec
+    for hand_made in (Spec("chain", 3), Spec("bogus", 5), Spec("dynamic", 4, depth=np.uint64(3)),
+                      Spec("dynamic", 4, depth=4, lookup=999)):
+        with pytest.raises(SpeccompileError, match=r"^tree=TreeSpec\(.*made by TreeSpec.parse"):
+            tiny_generator.generate("hello", 4, drafter="lookup", tree=hand_made)
+    for made in (Spec.parse("chain:3"), Spec.parse("dynamic:4+lookup:2"), Spec.from_paths([[0], [1], [0, 0]])):
+        assert made.checked() is made
+        assert tiny_generator.generate("hello", 4, drafter="lookup", tree=made).token_ids
+
+
 def test_accept_tree_greedy_walks_the_matching_path():
     #          node: 0  1  2  3  4  5
     tokens = np.array([5, 6, 7, 8, 9, 7])

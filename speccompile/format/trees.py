@@ -30,6 +30,9 @@ from speccompile.graphs import MAX_TREE_NODES
 ADAPTIVE_DEPTH = 4  # how deep an adaptive tree's drafter may go (its head passes: one per level)
 ADAPTIVE_LOOKUP = 6  # prompt-lookup nodes an adaptive tree starts from (it doubles its reach while accepted)
 
+_MADE_BY = "a TreeSpec is made by TreeSpec.parse (e.g. 'dynamic:8') or TreeSpec.from_paths, not by hand"
+
+
 @dataclasses.dataclass(frozen=True)
 class TreeSpec:
     kind: str  # "chain" | "static" | "dynamic" | "adaptive"
@@ -107,6 +110,22 @@ class TreeSpec:
     def _checked(cls, t: "TreeSpec") -> "TreeSpec":
         cls._nodes(t.size)
         return t
+
+    def checked(self) -> "TreeSpec":
+        """A TreeSpec built by hand, refused unless it is one that parse or from_paths would make (a chain without
+        its paths would draft nothing, silently; a numpy depth would reach the drafters' index sums)."""
+        fields = (self.size, self.depth, self.branching, self.lookup)
+        if self.kind not in ("chain", "static", "dynamic", "adaptive") or not all(type(v) is int for v in fields) \
+                or not 0 <= self.lookup <= MAX_TREE_NODES:
+            raise SpeccompileError(f"{given('tree', self)}: {_MADE_BY}")
+        if self.kind == "static":
+            made = TreeSpec.from_paths(list(self.paths))
+        else:
+            made = TreeSpec.parse(f"{self.kind}:{self.depth if self.adaptive else self.size}")
+        made = dataclasses.replace(made, lookup=self.lookup)
+        if made != self:
+            raise SpeccompileError(f"{given('tree', self)}: {_MADE_BY}; its kind and size make {made}")
+        return self
 
     def limited(self, nodes: int, depth: int | None = None) -> "TreeSpec":
         """The same shape cut to at most `nodes` nodes (near the end of the context or of the answer)."""

@@ -139,6 +139,8 @@ def build_request(gen, prompt, max_new_tokens, params: SamplingParams, drafter: 
         tree = TreeSpec.parse(tree)
     elif tree is not None and not isinstance(tree, TreeSpec):
         raise SpeccompileError(f"tree: expected a tree spec such as 'chain:4' or 'dynamic:16', not {tree!r}")
+    elif tree is not None:
+        tree = tree.checked()
     check_depth(dr, num_draft, tree)
     if tree is None and num_draft is None and dr is not None and gen.trees.get(dr.name):
         tree = gen.trees[dr.name]  # the default: the bundle's tree (num_draft asks for a chain of that many)
