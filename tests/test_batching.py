@@ -755,6 +755,27 @@ def test_a_stream_cancelled_while_it_waits_for_its_turn_ends_at_once(tiny_genera
     assert g.generate(q, 20, chat=False, **kw).finish_reason != "cancelled"  # the Generator is free again
 
 
+def test_a_request_waiting_behind_a_typical_one_ends_at_once_when_cancelled(tiny_generator):
+    """A typical-acceptance request's own loop holds the scheduler's slots until its generation ends, and a submitted
+    request waits for a slot meanwhile. cancel() from another thread (a server whose client went) ends that wait at
+    once, nothing run, as it does while other requests hold the slots, not when the typical generation ends."""
+    g = tiny_generator
+    p, q = random_prompts(2, seed=65)
+    wait_until_idle(g)
+    holder = ThreadPoolExecutor(1)
+    own = g.stream(p, 200, chat=False, temperature=0.8, seed=1, acceptance="typical")
+    holder.submit(next, own).result()  # its loop holds the slots now, until it ends
+    try:
+        waiting = g.stream(q, 20, chat=False)
+        waiting.cancel()  # only marked: the wait must see it
+        result = ThreadPoolExecutor(1).submit(drain, waiting).result(timeout=10)
+        assert result.finish_reason == "cancelled" and result.token_ids == []
+        assert not g.scheduler.waiting
+    finally:
+        holder.submit(own.close).result()
+    assert g.generate(q, 20, chat=False).token_ids == g.generate(q, 20, chat=False, speculate=False).token_ids
+
+
 def test_concurrency_figures_from_known_runs(monkeypatch):
     """On served runs of known (fake) rates and tokens: each round's ratio is its N-stream run over the sequential
     run beside it, the share of identical requests counts every request, the percentiles are the requests'."""

@@ -84,11 +84,21 @@ class Scheduler:
                 pass
             with self.wake:  # nothing to run once the slots have drained for exclusive(), which runs next
                 while (self.driving or self.draining and not any(self.slots)) and handle.queue.empty():
-                    self.wake.wait()
+                    self._wait_for_turn(handle)
                 if not handle.queue.empty():
                     continue
                 self.driving = True
             self._drive(self._round, handle)
+
+    def _wait_for_turn(self, handle: Handle) -> None:
+        """Wait (holding self.wake) for another caller's round, or exclusive()'s hold, to end. The hold of a typical
+        request lasts its whole generation and cancel() wakes no one: the wait looks at it every CANCEL_POLL_S, and
+        a request cancelled while it waits for a slot ends then (DONE)."""
+        if handle.cancelled:
+            self.waiting = without_cancelled(self.waiting)
+            if not handle.queue.empty():
+                return
+        self.wake.wait(CANCEL_POLL_S)
 
     @contextlib.contextmanager
     def exclusive(self, own=None):
