@@ -776,6 +776,36 @@ def test_a_request_waiting_behind_a_typical_one_ends_at_once_when_cancelled(tiny
     assert g.generate(q, 20, chat=False).token_ids == g.generate(q, 20, chat=False, speculate=False).token_ids
 
 
+def test_a_queued_request_read_behind_this_threads_own_loop_is_refused(tiny_generator):
+    """Several streams may be open in one thread: one submitted while no slot was free to it yet, then a typical one
+    whose own loop, once read, holds the slots until it ends. Reading the first meanwhile would wait for ever (only
+    this thread can end the hold): refused, as reading a second stream of one's own loop is, and the typical stream
+    reads on to what it gives alone."""
+    g = tiny_generator
+    p, q = random_prompts(2, seed=66)
+    typical = dict(chat=False, temperature=0.8, seed=1, acceptance="typical")
+    alone = g.generate(q, 12, **typical).token_ids
+    wait_until_idle(g)
+    outcome = []
+
+    def read_both():
+        queued = g.stream(p, 12, chat=False)  # waits for a slot: no round ran since
+        own = g.stream(q, 12, **typical)
+        first = next(own).token_ids  # its loop holds the slots now
+        try:
+            next(queued)
+        except SpeccompileError as e:
+            outcome.append(e)
+        outcome.append(first + drain(own).token_ids)
+
+    reader = threading.Thread(target=read_both, daemon=True)  # a wait for ever would outlive the test
+    reader.start()
+    reader.join(10)
+    assert len(outcome) == 2 and "already generating" in str(outcome[0]) and outcome[1] == alone
+    assert not g.scheduler.waiting and not any(g.scheduler.slots)
+    assert g.generate(p, 12, chat=False).token_ids == g.generate(p, 12, chat=False, speculate=False).token_ids
+
+
 def test_concurrency_figures_from_known_runs(monkeypatch):
     """On served runs of known (fake) rates and tokens: each round's ratio is its N-stream run over the sequential
     run beside it, the share of identical requests counts every request, the percentiles are the requests'."""

@@ -140,7 +140,7 @@ class Generator(DecodeLoop):
         request = build_request(self, prompt, max_new_tokens, params, drafter, speculate, stop, num_draft, tree, chat,
                                 on_text)
         if self.scheduler and not own_loop(request):  # submitted now: its passes start before the first read
-            self._check_owner()  # this thread's own loop holds the scheduler: the request would wait for ever
+            self.check_owner()  # this thread's own loop holds the scheduler: the request would wait for ever
             handle = self._submit(request)
             return SubmittedStream(self._run(request, on_text, (handle, time.perf_counter())), handle)
         own = OwnLoop()  # cancel() too, as a submitted request's stream has it
@@ -244,7 +244,9 @@ class Generator(DecodeLoop):
                 return True
         return False
 
-    def _check_owner(self) -> None:
+    def check_owner(self) -> None:
+        """Refuse to wait for this Generator in the thread whose own unfinished generation holds it: that wait
+        would never end."""
         if self._owner == threading.get_ident():
             raise SpeccompileError("this Generator is already generating in this thread (an unfinished stream()); "
                                    "finish or close() it first")
@@ -253,7 +255,7 @@ class Generator(DecodeLoop):
     def _exclusive(self, own: OwnLoop | None = None):
         """One generation at a time: the engines' caches and buffers are shared state. Yields whether it holds the
         Generator: not if `own`, the request waiting for it, was cancelled meanwhile."""
-        self._check_owner()
+        self.check_owner()
         if not (self._lock.acquire() if own is None else own.acquire(self._lock)):
             yield False
             return

@@ -93,11 +93,13 @@ class Scheduler:
     def _wait_for_turn(self, handle: Handle) -> None:
         """Wait (holding self.wake) for another caller's round, or exclusive()'s hold, to end. The hold of a typical
         request lasts its whole generation and cancel() wakes no one: the wait looks at it every CANCEL_POLL_S, and
-        a request cancelled while it waits for a slot ends then (DONE)."""
+        a request cancelled while it waits for a slot ends then (DONE). The hold of this thread's own loop would
+        never end while this thread waits: refused, as reading a second stream of one's own loop is."""
         if handle.cancelled:
             self.waiting = without_cancelled(self.waiting)
             if not handle.queue.empty():
                 return
+        self.gen.check_owner()
         self.wake.wait(CANCEL_POLL_S)
 
     @contextlib.contextmanager
