@@ -75,6 +75,16 @@ def test_numpy_folders_load_as_plain_ones(tiny_bundle, tmp_path):
     assert (tmp_path / "contexts").is_dir()
 
 
+def test_a_folder_listed_in_bytes_is_refused_by_name(tiny_bundle):
+    """A path-like object whose path is bytes (os.scandir of a bytes folder) was read as the folder "b'...'":
+    "bundle not found" for a bundle that is there. Refused as bytes are."""
+    import os
+    parent, name = os.path.split(os.path.abspath(tiny_bundle))
+    listed = next(e for e in os.scandir(os.fsencode(parent)) if e.name == os.fsencode(name))
+    with pytest.raises(SpeccompileError, match="^load: expected a bundle's folder"):
+        speccompile.load(listed, threads=1)
+
+
 def test_a_numpy_thread_count_is_measured_as_a_plain_one(tiny_bundle, tmp_path, monkeypatch):
     """A numpy thread count reached the cost model's JSON file: a TypeError at the first adaptive tree."""
     monkeypatch.setenv("SPECCOMPILE_CACHE", str(tmp_path))

@@ -71,7 +71,8 @@ def check_options(unknown: dict, call: str = "generate, stream and chat", hints:
 def check_load_options(bundle_dir, options: dict) -> None:
     """speccompile.load's arguments: a folder, known options, and True or False where an option is a switch (the
     string "no" would be true)."""
-    if not isinstance(bundle_dir, (str, os.PathLike)):
+    # a path-like of bytes (a folder os.scandir listed in bytes) too: plain_paths' str() would make it "b'...'"
+    if not isinstance(bundle_dir, (str, os.PathLike)) or not isinstance(os.fspath(bundle_dir), str):
         raise SpeccompileError(f"load: expected a bundle's folder, not {bundle_dir!r}")
     check_options({n: v for n, v in options.items() if n not in LOAD_OPTIONS}, "load", FAMILIAR_LOAD_OPTIONS)
     for name in ("verify", "context_cache"):
