@@ -806,6 +806,61 @@ def test_a_queued_request_read_behind_this_threads_own_loop_is_refused(tiny_gene
     assert g.generate(p, 12, chat=False).token_ids == g.generate(p, 12, chat=False, speculate=False).token_ids
 
 
+def test_a_request_cancelled_before_its_wait_takes_nothing_and_leaves_the_others_alone(tiny_generator):
+    """A request cancelled by the time it would wait for the Generator, or for the scheduler's slots, holds neither:
+    the generation ahead keeps the Generator, and another caller's round keeps its slots (`driving` is theirs to
+    end)."""
+    from speccompile.runtime.streams import OwnLoop
+    g = tiny_generator
+    wait_until_idle(g)
+    gone = OwnLoop()
+    gone.cancel()
+    ahead = ThreadPoolExecutor(1)
+    ahead.submit(g._lock.acquire).result()  # the generation ahead holds the Generator
+    try:
+        with g._exclusive(gone) as held:
+            assert held is False and g._owner is None
+    finally:
+        ahead.submit(g._lock.release).result()
+    with g.scheduler.wake:
+        g.scheduler.driving = True  # another caller's round is under way
+    try:
+        with g.scheduler.exclusive(gone) as held:
+            assert held is False
+        assert g.scheduler.driving and not g.scheduler.draining
+    finally:
+        with g.scheduler.wake:
+            g.scheduler.driving = False
+            g.scheduler.wake.notify_all()
+
+
+def test_a_cancelled_queued_request_read_behind_this_threads_own_loop_ends_quietly(tiny_generator):
+    """A queued request cancelled while this thread's own typical loop holds the slots has nothing left to wait
+    for: read, it ends cancelled (as it would behind another's hold) instead of being refused as a wait for ever."""
+    g = tiny_generator
+    p, q = random_prompts(2, seed=67)
+    wait_until_idle(g)
+    outcome = []
+
+    def read_both():
+        queued = g.stream(p, 12, chat=False)  # waits for a slot: no round ran since
+        own = g.stream(q, 12, chat=False, temperature=0.8, seed=1, acceptance="typical")
+        next(own)  # its loop holds the slots now
+        queued.cancel()
+        try:
+            outcome.append(drain(queued))
+        except SpeccompileError as e:
+            outcome.append(e)
+        own.close()
+
+    reader = threading.Thread(target=read_both, daemon=True)  # a wait for ever would outlive the test
+    reader.start()
+    reader.join(10)
+    assert len(outcome) == 1 and not isinstance(outcome[0], Exception), outcome
+    assert outcome[0].finish_reason == "cancelled" and outcome[0].token_ids == []
+    assert not g.scheduler.waiting and not any(g.scheduler.slots)
+
+
 def test_concurrency_figures_from_known_runs(monkeypatch):
     """On served runs of known (fake) rates and tokens: each round's ratio is its N-stream run over the sequential
     run beside it, the share of identical requests counts every request, the percentiles are the requests'."""

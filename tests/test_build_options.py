@@ -142,6 +142,8 @@ def test_the_compiler_drivers_defaults_are_the_clis():
 
 @pytest.mark.parametrize("keywords, says", [
     (dict(max_seq_len="64"), "max_seq_len='64': expected a whole number"),
+    (dict(max_batch=None), "max_batch=None: expected a whole number"),  # None only where the field takes it
+    (dict(dtype=None), "dtype=None: expected a string"),
     (dict(num_draft=2.5), "num_draft=2.5: expected a whole number"),
     (dict(max_batch=True), "max_batch=True: expected a whole number"),
     (dict(tree=3), "tree=3: expected a string"),

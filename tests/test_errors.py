@@ -21,7 +21,7 @@ from speccompile.format.bundle import read_manifest
 from speccompile.format.output_dir import _temp_prefix, output_lock
 from speccompile.cli import main
 from speccompile.errors import (BundleError, CheckpointError, ContextLengthError, SpeccompileError,
-                               TokenizerMismatchError, UnsupportedModelError, given, option)
+                               TokenizerMismatchError, UnsupportedModelError, given, option, prefixed, reworded)
 from speccompile.compile.presets import tiny_tokenizer_files
 from speccompile.compile.sources import load_checkpoint, save_hf_dir
 
@@ -208,6 +208,33 @@ def test_a_value_cannot_forge_an_option_mention():
     e = SpeccompileError(f"{given('tree', forged)}: bad")
     assert str(e).startswith("tree='\\ue000x") and str(e).endswith(": bad")
     assert e.cli_message().startswith("--tree '\\ue000x")
+
+
+def test_a_reworded_or_prefixed_refusal_is_the_same_refusal():
+    """reworded and prefixed change the words alone: the copy keeps the refusal's class (a SamplingParamsError is
+    a ValueError too) and its cause, and the mentions they leave are still spelled for each caller."""
+    from speccompile.runtime.sampling import SamplingParamsError
+    try:
+        try:
+            raise OSError("underneath")
+        except OSError as cause:
+            raise SamplingParamsError(f"{given('acceptance', 'x')} or {option('top_k')}: bad") from cause
+    except SamplingParamsError as e:
+        original = e
+    for copy, says in ((reworded(original, {"acceptance": given("drafters", "d~x", "--drafter")}),
+                        ("drafters='d~x' or top_k: bad", "--drafter d~x or --top-k: bad")),
+                       (prefixed(original, "prompt 2"), ("prompt 2: acceptance='x' or top_k: bad",
+                                                         "prompt 2: --acceptance x or --top-k: bad"))):
+        assert type(copy) is SamplingParamsError and copy.__cause__ is original.__cause__
+        assert (str(copy), copy.cli_message()) == says
+
+
+def test_a_refusals_settings_are_cut_short():
+    """The settings a sampling refusal lists show each value cut short: a long string would fill the line."""
+    from speccompile.runtime.sampling import SamplingParams, SamplingParamsError
+    with pytest.raises(SamplingParamsError) as refusal:
+        SamplingParams(temperature="x" * 200)
+    assert "x" * 23 in str(refusal.value) and "x" * 24 not in str(refusal.value)
 
 
 def test_prompt_longer_than_context(tiny_generator):
@@ -563,6 +590,32 @@ def test_empty_out_is_named(tmp_path, monkeypatch):
     with pytest.raises(BundleError, match="^out is empty"):  # build_bundle's keyword
         build_bundle("tiny:llama", " ", progress=quiet)
     assert os.listdir(tmp_path) == []
+
+
+def test_an_out_of_bytes_is_refused_by_name(tmp_path):
+    """A bytes path, or a path-like one that is bytes underneath (a folder os.scandir listed in bytes), would pass
+    realpath and fail later, where the build joins it with str names."""
+    (tmp_path / "b").mkdir()
+    listed = next(os.scandir(os.fsencode(tmp_path)))
+    for out in (os.fsencode(tmp_path / "c"), listed):
+        with pytest.raises(BundleError, match=r"^out=.*b'.*: expected the bundle directory's path"):
+            build_bundle("tiny:llama", out, progress=quiet)
+    assert os.listdir(tmp_path) == ["b"] and os.listdir(tmp_path / "b") == []
+
+
+def test_guard_output_refuses_an_overwrite_that_is_no_bool(tmp_path):
+    """The decorator checks overwrite itself, before check_replaceable reads it: the string "no" is true, and
+    would let the build replace a bundle."""
+    from speccompile.format.output_dir import guard_output
+    built = []
+
+    @guard_output()
+    def build(out, overwrite=False):
+        built.append(out)
+
+    with pytest.raises(BundleError, match="^overwrite='no': expected True or False"):
+        build(str(tmp_path / "b"), overwrite="no")
+    assert built == [] and os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("umask", [0o077, 0o002], ids=["077", "002"])

@@ -397,6 +397,16 @@ def test_a_runtime_refusal_names_the_field_at_fault(server):
     assert err["param"] == "temperature" and "temperature must be a number" in err["message"], err
 
 
+def test_a_refusals_param_is_the_first_request_field_it_names():
+    """A refusal may name an option the request has no field for (max_new_tokens is the request's max_tokens):
+    param is the first one it does have, and none where it names no field."""
+    from speccompile.errors import SpeccompileError, given, option
+    from speccompile.serve.api_errors import from_runtime
+    e = SpeccompileError(f"{given('num_draft', 3)} with {option('top_p')}, {option('seed')}: bad")
+    assert from_runtime(e).param == "top_p"
+    assert from_runtime(SpeccompileError(f"{option('num_draft')}: bad")).param is None
+
+
 def test_a_body_without_the_json_content_type_is_refused_saying_so(server):
     """`curl -d '{...}'` sends a JSON object as application/x-www-form-urlencoded, which is not parsed: the error
     names the Content-Type to send, not that the body is no JSON object."""

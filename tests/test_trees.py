@@ -1,4 +1,5 @@
 """Token trees: shapes, tree acceptance and compaction, and tree decoding identical to plain decoding."""
+import dataclasses
 import json
 
 import numpy as np
@@ -91,7 +92,9 @@ def test_a_hand_built_tree_spec_is_refused_unless_parse_would_make_it(tiny_gener
     the drafters' index sums) is refused by name; the ones parse and from_paths make, and the bundle's own, run."""
     from speccompile.format.trees import TreeSpec as Spec
     for hand_made in (Spec("chain", 3), Spec("bogus", 5), Spec("dynamic", 4, depth=np.uint64(3)),
-                      Spec("dynamic", 4, depth=4, lookup=999)):
+                      Spec("dynamic", 4, depth=4, lookup=999),
+                      dataclasses.replace(Spec.parse("dynamic:4"), size=np.int64(4)),  # equal to parse's, but numpy
+                      dataclasses.replace(Spec.parse("chain:3+lookup:2"), lookup=np.int64(2))):
         with pytest.raises(SpeccompileError, match=r"^tree=TreeSpec\(.*made by TreeSpec.parse"):
             tiny_generator.generate("hello", 4, drafter="lookup", tree=hand_made)
     for made in (Spec.parse("chain:3"), Spec.parse("dynamic:4+lookup:2"), Spec.from_paths([[0], [1], [0, 0]])):
