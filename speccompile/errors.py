@@ -28,8 +28,8 @@ def spelled(message: str, cli: bool) -> str:
     """The message with each mention of an option spelled for the Python API or (cli) for the command line."""
     def one(m: re.Match) -> str:
         keyword, flag, value = m.groups()
-        if cli:  # a switch given as True is the flag alone (overwrite=True is --force)
-            return f"{flag} {_as_typed(value)}" if value and value != "True" else flag
+        if cli:  # a switch is its flag alone (overwrite=True is --force, speculate=False --no-speculate)
+            return f"{flag} {_as_typed(value)}" if value and value not in ("True", "False") else flag
         return f"{keyword}={value}" if value else keyword
     return _MENTION.sub(one, message)
 

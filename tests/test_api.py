@@ -379,6 +379,7 @@ def test_drafting_options_without_speculation_are_refused_by_name(tiny_generator
     with pytest.raises(SpeccompileError) as refused:
         tiny_generator.generate("hi", 2, speculate=False, tree="chain:2", temperature=0.7, acceptance="typical")
     assert str(refused.value) == "speculate=False drafts nothing: drop tree, acceptance='typical'"
+    assert refused.value.cli_message() == "--no-speculate drafts nothing: drop --tree, --acceptance typical"
 
 
 def test_a_refused_prompt_of_a_list_is_named_by_its_place(tiny_generator):

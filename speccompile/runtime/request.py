@@ -157,7 +157,8 @@ def check_flags(speculate, chat, drafter, num_draft, tree, params: SamplingParam
     drafting = [option(name) for name, value in (("drafter", drafter), ("num_draft", num_draft), ("tree", tree))
                 if value is not None] + ([given("acceptance", "typical")] if params.typical else [])
     if not speculate and drafting:  # the CLI refuses its --no-speculate beside them first, in its own words
-        raise SpeccompileError(f"{given('speculate', False)} drafts nothing: drop {', '.join(drafting)}")
+        plain = given("speculate", False, flag="--no-speculate")
+        raise SpeccompileError(f"{plain} drafts nothing: drop {', '.join(drafting)}")
 
 
 def check_nothing_drafted(num_draft, tree, params: SamplingParams) -> None:
