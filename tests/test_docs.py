@@ -133,3 +133,33 @@ def test_package_docstrings_name_every_module(package):
     modules = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, package, "*.py")))
     unnamed = [m for m in modules if m != "__init__.py" and not re.search(rf"(?<![\w.]){re.escape(m)}", doc)]
     assert not unnamed, f"{package}/__init__.py's docstring does not name {unnamed}"
+
+
+# a time or a speed, the kind of figure that goes stale: docs/results.md holds them, with their date and machine
+MEASURED = re.compile(r"(?<![\w.])\d+(\.\d+)? ?(ns|us|µs|ms|tok/s|tokens/s|GB/s)(?!\w)|(?<![\w.])\d+\.\d+ ?×")
+
+
+def comments_and_docstrings(path: str) -> list[tuple[int, str]]:
+    """(line, text) of a Python file's comments and docstrings."""
+    import ast
+    import io
+    import tokenize
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    found = [(t.start[0], t.string) for t in tokenize.generate_tokens(io.StringIO(source).readline)
+             if t.type == tokenize.COMMENT]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=False)
+            if doc:
+                found.append((getattr(node, "lineno", 1), doc))
+    return found
+
+
+def test_code_comments_hold_no_measured_figures():
+    """A measured time or speed in a comment goes stale unseen: it belongs in docs/results.md, which dates it."""
+    paths = glob.glob(os.path.join(ROOT, "speccompile", "**", "*.py"), recursive=True)
+    paths += glob.glob(os.path.join(ROOT, "tools", "*.py"))
+    figures = [f"{os.path.relpath(p, ROOT)}:{line}: {m.group(0)}" for p in sorted(paths)
+               for line, text in comments_and_docstrings(p) for m in MEASURED.finditer(text)]
+    assert paths and not figures, f"measured figures in code comments (move them to docs/results.md): {figures}"

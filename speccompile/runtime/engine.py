@@ -236,7 +236,7 @@ class Engine:
         region = W + S - C
         # the slots in use (the kernel works over as many slots as the bias is wide), unless the graph fixes the
         # width; rounded up to BIAS_WIDTH_STEP so plain decoding rebinds the bias once per that many steps (a
-        # binding costs ~90 us; the masked extra slots cost the kernel next to nothing)
+        # binding costs more than the masked extra slots cost the kernel: docs/results.md, runtime constants)
         T = self.bias_width or max(min(-(-(W + S) // BIAS_WIDTH_STEP) * BIAS_WIDTH_STEP, self.max_seq_len), W + S)
         bias = self._bias[:S * T].reshape(1, 1, S, T)  # a view of one buffer: no allocation per step
         bias.fill(NEG_INF)

@@ -1,7 +1,7 @@
 """The exact greedy output head: an int8 screen over the whole vocabulary, then float32 rescoring of a few rows.
 
-A small model's output head is its largest matrix: SmolLM2-135M's is 49152 x 576, 113 MB of the 540 MB a decode
-step reads. A greedy step needs only the argmax, and the argmax can be found, provably, from a cheap estimate:
+A small model's output head is its largest matrix: SmolLM2-135M's is 49152 x 576, a fifth of the weights a float32
+decode step reads. A greedy step needs only the argmax, and the argmax can be found, provably, from a cheap estimate:
 
   1. screen    approx = x . w_v for every token v, with w in int8 (blocks of 32, one scale each) and x quantized
                to int8 per block by onnxruntime's MatMulNBits (accuracy_level 4): a quarter of the bytes.
