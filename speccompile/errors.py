@@ -19,9 +19,10 @@ def option(keyword: str, flag: str | None = None) -> str:
     return f"{_OPEN}{keyword}{_SEP}{flag or '--' + keyword.replace('_', '-')}{_SEP}{_CLOSE}"
 
 
-def given(keyword: str, value, flag: str | None = None) -> str:
-    """An option with the value it was given: `keyword=value` in Python, `--flag value` on the command line."""
-    return option(keyword, flag)[:-1] + repr(value) + _CLOSE
+def given(keyword: str, value, flag: str | None = None, limit: int | None = None) -> str:
+    """An option with the value it was given: `keyword=value` in Python, `--flag value` on the command line; the
+    value's repr cut to `limit` characters (a long string would fill the line)."""
+    return option(keyword, flag)[:-1] + repr(value)[:limit] + _CLOSE
 
 
 def spelled(message: str, cli: bool) -> str:
@@ -38,22 +39,22 @@ def reworded(e: SpeccompileError, mentions: dict[str, str]) -> SpeccompileError:
     """The same refusal with each mention of an option in `mentions` (keyword -> an `option` or `given`) replaced:
     for a caller that passed the value inside another option (bench's --drafter NAME~typical:EPS carries an
     acceptance)."""
-    message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-    copy = type(e)(_MENTION.sub(lambda m: mentions.get(m.group(1), m.group(0)), message))
-    copy.__cause__ = e.__cause__
-    return copy
+    return _like(e, _MENTION.sub(lambda m: mentions.get(m.group(1), m.group(0)), e.unspelled()))
 
 
 def mentioned(e: SpeccompileError) -> list[str]:
     """The keywords of the options a refusal names, in order (a server reports the first as the field at fault)."""
-    message = e.args[0] if e.args and isinstance(e.args[0], str) else ""
-    return [m.group(1) for m in _MENTION.finditer(message)]
+    return [m.group(1) for m in _MENTION.finditer(e.unspelled())]
 
 
 def prefixed(e: SpeccompileError, where: str) -> SpeccompileError:
     """The same refusal, saying where it arose first (`where: message`), its option mentions kept."""
-    message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-    copy = type(e)(f"{where}: {message}")
+    return _like(e, f"{where}: {e.unspelled()}")
+
+
+def _like(e: SpeccompileError, message: str) -> SpeccompileError:
+    """A refusal of e's kind and cause with another message."""
+    copy = type(e)(message)
     copy.__cause__ = e.__cause__
     return copy
 
@@ -70,10 +71,14 @@ class SpeccompileError(Exception):
     them; `cli_message()` as the command line does."""
 
     def __str__(self) -> str:
-        return spelled(super().__str__(), cli=False)
+        return spelled(self.unspelled(), cli=False)
 
     def cli_message(self) -> str:
-        return spelled(super().__str__(), cli=True)
+        return spelled(self.unspelled(), cli=True)
+
+    def unspelled(self) -> str:
+        """The message with its option mentions as raised (for a refusal made from this one)."""
+        return super().__str__()
 
 
 class CheckpointError(SpeccompileError):

@@ -90,19 +90,9 @@ class SamplingParams:
         """The settings a refusal was given, each named as the caller spells it (temperature=1.0 in Python,
         --temperature 1.0 on the command line); a seed only where one was given, as no command line spells it unset.
         Each value cut short: a long string would fill the line."""
-        shown = [given(name, _Shown(getattr(self, name))) for name in ("temperature", "top_k", "top_p", "seed")
+        shown = [given(name, getattr(self, name), limit=24) for name in ("temperature", "top_k", "top_p", "seed")
                  if name != "seed" or self.seed is not None]
         return ", ".join(shown)
-
-
-class _Shown:
-    """A value whose repr is the value's own, cut to 24 characters."""
-
-    def __init__(self, value):
-        self.text = repr(value)[:24]
-
-    def __repr__(self) -> str:
-        return self.text
 
 
 ACCEPTANCE = ("exact", "typical")
