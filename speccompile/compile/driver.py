@@ -37,7 +37,7 @@ from speccompile.compile.sources import load_checkpoint, shipped_head
 from speccompile.errors import SpeccompileError, given, option
 from speccompile.format.bundle import finalize_manifest, write_weights
 from speccompile.format.output_dir import atomic_bundle_dir, guard_output
-from speccompile.format.drafter_kinds import KINDS, DraftSpec
+from speccompile.format.drafter_kinds import KINDS, DraftSpec, asked_drafter
 from speccompile.format.trees import TreeSpec
 from speccompile.format.memory import memory_line
 from speccompile.graphs import BATCH_GRAPH_VERSION, cache_slots, trees_exact
@@ -121,7 +121,7 @@ def _check_sources(source, drafts) -> None:
     if source is not None and not isinstance(source, (str, os.PathLike)):
         raise SpeccompileError(f"{given('source', source, flag='MODEL')}: expected a checkpoint's path or name")
     if drafts is not None and (not isinstance(drafts, (list, tuple)) or not all(isinstance(d, str) for d in drafts)):
-        raise SpeccompileError(f"{given('drafts', drafts, flag='--draft')}: expected a list of drafter specs, such as "
+        raise SpeccompileError(f"{asked_drafter(drafts)}: expected a list of drafter specs, such as "
                                "['mtp', 'lookup']")
 
 
@@ -134,8 +134,8 @@ def _check_request(opts: BuildOptions, drafts: list[str] | None) -> tuple[TreeSp
     parsed = [DraftSpec.parse(d) for d in drafts or ()]
     specs = [s for s in parsed if s is not None]
     if specs and len(specs) < len(parsed):  # "none" would be dropped, the others built: the one or the others
-        raise SpeccompileError(f"{given('drafts', 'none', flag='--draft')} builds no drafter, and "
-                               f"{given('drafts', specs[0].name, flag='--draft')} one: give either")
+        raise SpeccompileError(f"{asked_drafter('none')} builds no drafter, and "
+                               f"{asked_drafter(specs[0].name)} one: give either")
     names = [s.name for s in specs]
     twice = next((n for n in names if names.count(n) > 1), None)
     if twice is not None:  # one bundle drafter per name: its graph, weights and manifest entry go by it
@@ -146,7 +146,7 @@ def _check_request(opts: BuildOptions, drafts: list[str] | None) -> tuple[TreeSp
     if drafts is not None and not specs and (opts.num_draft is not None or tree_spec is not None):
         # a bundle without drafters verifies nothing: the option would be dropped without a word
         raise SpeccompileError(f"{option('num_draft' if opts.num_draft is not None else 'tree')} sizes the drafts, "
-                               f"and {given('drafts', 'none', flag='--draft')} builds no drafter: give a drafter, or "
+                               f"and {asked_drafter('none')} builds no drafter: give a drafter, or "
                                "neither")
     if opts.num_draft is not None and tree_spec is not None:  # every drafter would verify the tree alone
         raise SpeccompileError(f"{option('num_draft')} asks for a chain of that many drafts, {option('tree')} for a "
@@ -169,7 +169,7 @@ def _check_cpu_only_graphs(dtype: str, specs: list[DraftSpec]) -> None:
     """bfloat16 has no CPU kernels (no bfloat16 MatMul): such a drafter's graph would make the bundle load nowhere."""
     kind = next((s.kind for s in specs if s.kind in CPU_ONLY_GRAPHS), None)
     if dtype == "bfloat16" and kind is not None:
-        raise SpeccompileError(f"{given('dtype', 'bfloat16')} with {given('drafts', kind, flag='--draft')}: "
+        raise SpeccompileError(f"{given('dtype', 'bfloat16')} with {asked_drafter(kind)}: "
                                f"{CPU_ONLY_GRAPHS[kind]} run on onnxruntime's CPU provider on every device, which "
                                f"has no bfloat16 kernels; build with {given('dtype', 'float16')}")
 

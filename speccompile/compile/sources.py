@@ -24,7 +24,8 @@ from speccompile.compile.hub_cache import looks_like_hub_id, resolve_hub_id
 from speccompile.compile.presets import tiny_checkpoint
 from speccompile.compile.rope import transformers_rope_scaling
 from speccompile.compile.safetensors_files import checked_dtypes, fp8_tensor_names, read_safetensors, refuse_pickle
-from speccompile.errors import CheckpointError, ConfigError, UnsupportedModelError, given
+from speccompile.errors import CheckpointError, ConfigError, UnsupportedModelError
+from speccompile.format.drafter_kinds import asked_drafter
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -274,7 +275,7 @@ def shipped_head(target: Checkpoint) -> str | None:
 def default_head_path(target: Checkpoint) -> str:
     path = shipped_head(target)
     if not path:
-        raise CheckpointError(f"no draft head ships for this target: pass {given('drafts', 'mtp:PATH', '--draft')} "
+        raise CheckpointError(f"no draft head ships for this target: pass {asked_drafter('mtp:PATH')} "
                               "(train one with `speccompile train-head`)")
     return path
 

@@ -60,7 +60,7 @@ KINDS: dict[str, DrafterKind] = {k.name: k for k in (
 )}
 
 
-def _asked(spec: str) -> str:
+def asked_drafter(spec) -> str:
     """The drafter asked for, as the caller spelled it: build_bundle's drafts=[...] or build's --draft."""
     return given("drafts", spec, flag="--draft")
 
@@ -81,25 +81,25 @@ class DraftSpec:
         kind, colon, arg = spec.partition(":")
         if kind == "none":
             if colon:
-                raise SpeccompileError(f"{_asked(spec)}: none takes no argument")
+                raise SpeccompileError(f"{asked_drafter(spec)}: none takes no argument")
             return None
         if kind not in KINDS:
             choices = ", ".join(k.usage for k in KINDS.values())
-            raise SpeccompileError(f"{_asked(spec)}: unknown drafter; use {choices} or none")
+            raise SpeccompileError(f"{asked_drafter(spec)}: unknown drafter; use {choices} or none")
         k = KINDS[kind]
         if k.arg == "required" and not arg:
-            raise SpeccompileError(f"{_asked(spec)}: {kind} needs an argument: {k.usage} ({k.summary})")
+            raise SpeccompileError(f"{asked_drafter(spec)}: {kind} needs an argument: {k.usage} ({k.summary})")
         if colon and not arg:  # "mtp:$HEAD" with HEAD unset: not the bare kind's default (the shipped head)
-            raise SpeccompileError(f"{_asked(spec)}: nothing after the colon; use {k.usage}")
+            raise SpeccompileError(f"{asked_drafter(spec)}: nothing after the colon; use {k.usage}")
         if k.arg == "none" and arg:
-            raise SpeccompileError(f"{_asked(spec)}: {kind} takes no argument")
+            raise SpeccompileError(f"{asked_drafter(spec)}: {kind} takes no argument")
         if kind in ("layerskip", "lookup") and arg:
             # ASCII digits only (str.isdigit takes other scripts' digits too), written back plainly: layerskip:03
             # is layerskip:3, the name --drafter then finds it by
             if not (arg.isascii() and arg.isdigit()) or int(arg) < 1:
-                raise SpeccompileError(f"{_asked(spec)}: {k.usage} needs a whole number >= 1, e.g. {kind}:8")
+                raise SpeccompileError(f"{asked_drafter(spec)}: {k.usage} needs a whole number >= 1, e.g. {kind}:8")
             if kind == "lookup" and int(arg) > MAX_LOOKUP_NGRAM:
-                raise SpeccompileError(f"{_asked(spec)}: lookup matches n-grams of at most {MAX_LOOKUP_NGRAM} "
+                raise SpeccompileError(f"{asked_drafter(spec)}: lookup matches n-grams of at most {MAX_LOOKUP_NGRAM} "
                                        "tokens")
             arg = str(int(arg))
         return cls(kind, arg or None)

@@ -4,15 +4,15 @@ from __future__ import annotations
 from speccompile.compile.drafters.base import DrafterBuild, TargetBuild
 from speccompile.compile.graph.decoder import build_decoder
 from speccompile.compile.model_entries import decoder_entry
-from speccompile.errors import SpeccompileError, given
-from speccompile.format.drafter_kinds import DraftSpec
+from speccompile.errors import SpeccompileError
+from speccompile.format.drafter_kinds import DraftSpec, asked_drafter
 
 
 def build(spec: DraftSpec, target: TargetBuild) -> DrafterBuild:
     cfg, opts = target.config, target.options
     L = int(spec.arg)
     if not 1 <= L < cfg.num_hidden_layers:
-        asked = given("drafts", f"layerskip:{L}", flag="--draft")
+        asked = asked_drafter(f"layerskip:{L}")
         raise SpeccompileError(f"{asked}: the target has {cfg.num_hidden_layers} layers; choose "
                                f"1..{cfg.num_hidden_layers - 1}")
     name = f"early_exit_{L}"
