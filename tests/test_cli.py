@@ -211,10 +211,11 @@ def test_an_acceptance_that_names_no_rule_is_refused_as_such_when_greedy(tiny_bu
         assert "use 'exact' or 'typical[:EPS[,ALPHA]]'" in r.output and "for sampling" not in r.output, r.output
 
 
-def test_top_k_and_top_p_without_a_temperature_are_refused(tiny_bundle):
-    """Greedy decoding (temperature 0, the default) takes the likeliest token whatever --top-k or --top-p say: they
+def test_top_k_top_p_and_min_p_without_a_temperature_are_refused(tiny_bundle):
+    """Greedy decoding (temperature 0, the default) takes the likeliest token whatever --top-k, --top-p or --min-p
+    say: they
     are refused there rather than ignored, and apply once a temperature is given."""
-    for args in (["--top-k", "5"], ["--top-p", "0.5"]):
+    for args in (["--top-k", "5"], ["--top-p", "0.5"], ["--min-p", "0.1"]):
         r = CliRunner().invoke(main, ["generate", str(tiny_bundle), "hello", "--max-new-tokens", "4", *args])
         assert r.exit_code == 2 and r.output.startswith(f"error: {args[0]} limits what sampling draws from") \
             and len(r.output.splitlines()) == 1, r.output

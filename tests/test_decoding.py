@@ -173,6 +173,35 @@ def test_probabilities_top_k_top_p():
         SamplingParams(temperature=1.0, top_p=0.0)
 
 
+def _min_p_reference(logits: np.ndarray, temperature: float, min_p: float) -> np.ndarray:
+    """min-p by its definition: of the softmax after temperature, the tokens at least min_p times the most probable
+    one's probability, renormalised."""
+    p = np.exp(logits / temperature - (logits / temperature).max())
+    p /= p.sum()
+    p = np.where(p >= min_p * p.max(), p, 0.0)
+    return p / p.sum()
+
+
+def test_probabilities_min_p():
+    rng = np.random.default_rng(5)
+    for trial in range(50):
+        logits = rng.normal(0, 3, 300)
+        temperature, min_p = rng.uniform(0.3, 3.0), rng.choice([0.01, 0.05, 0.2, 0.7])
+        p = probabilities(logits, SamplingParams(temperature=temperature, min_p=min_p))
+        assert np.allclose(p, _min_p_reference(logits, temperature, min_p), atol=1e-12), trial
+    logits = np.log(np.array([0.5, 0.2, 0.15, 0.1, 0.05]))
+    assert np.allclose(probabilities(logits, SamplingParams(temperature=1.0, min_p=0.3)),
+                       [0.5 / 0.85, 0.2 / 0.85, 0.15 / 0.85, 0, 0])  # 0.15 >= 0.3 * 0.5
+    assert np.allclose(probabilities(logits, SamplingParams(temperature=1.0, min_p=1.0)), [1, 0, 0, 0, 0])
+    # with top-k the same tokens in either order; top-p after min-p (vLLM's order): its mass over what min-p kept
+    assert np.allclose(probabilities(logits, SamplingParams(temperature=1.0, min_p=0.3, top_k=2)),
+                       [0.5 / 0.7, 0.2 / 0.7, 0, 0, 0])
+    assert np.allclose(probabilities(logits, SamplingParams(temperature=1.0, min_p=0.25, top_p=0.8)),
+                       [0.5 / 0.7, 0.2 / 0.7, 0, 0, 0])  # renormalised .59, .24, .18: .59 + .24 reaches 0.8
+    assert SamplingParams(temperature=1.0, min_p=0.1).filtered_on_host
+    assert not SamplingParams(temperature=1.0, top_k=5).filtered_on_host
+
+
 def test_top_k_keeps_every_token_tied_with_the_kth():
     """Top-k keeps the k-th largest logit's ties (as the graphs' top-k mask does), each with its softmax share."""
     logits = np.array([[3.0, 1.0, 2.0, 2.0, 0.0], [1.0, 1.0, 1.0, 0.0, 1.0]])
@@ -186,7 +215,8 @@ def test_top_k_keeps_every_token_tied_with_the_kth():
                                  dict(temperature=-0.5), dict(temperature="1"), dict(top_k=-1), dict(top_k=2.5),
                                  dict(top_p=float("nan")), dict(top_p=1.5), dict(top_p=0.0), dict(seed=-1),
                                  dict(seed=1.5), dict(top_k=True), dict(temperature=1e6 * 1.001),
-                                 dict(temperature=1e300), dict(temperature=10 ** 400), dict(top_p=10 ** 400)])
+                                 dict(temperature=1e300), dict(temperature=10 ** 400), dict(top_p=10 ** 400),
+                                 dict(min_p=-0.1), dict(min_p=1.5), dict(min_p=float("nan")), dict(min_p="0.1")])
 def test_sampling_settings_are_checked(bad):
     with pytest.raises(SpeccompileError, match="invalid sampling parameters"):
         SamplingParams(**bad)

@@ -27,7 +27,7 @@ def test_a_positions_noise_depends_on_the_seed_and_the_position_only():
 def test_which_settings_are_sampled_by_noise():
     assert by_noise(SamplingParams(temperature=0.7)) and by_noise(SamplingParams(temperature=0.7, top_k=5))
     assert not by_noise(SamplingParams(temperature=0.7, top_k=5), NoiseSupport(temperature=True))
-    for p in (SamplingParams(), SamplingParams(temperature=0.7, top_p=0.9),
+    for p in (SamplingParams(), SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=0.7, min_p=0.1),
               SamplingParams(temperature=0.7, acceptance="typical")):
         assert not by_noise(p)
     params, noise = sampled_by_noise(SamplingParams(temperature=0.7, seed=1, top_k=3), NoiseSupport(True, True), 10)
@@ -48,7 +48,8 @@ def test_requests_sampled_by_noise_count_the_screened_passes_bytes(tiny_generato
     assert g.pass_bytes["screened"] < g.pass_bytes["full"]
     for settings, bytes_per_pass in ((dict(), "screened"), (dict(temperature=0.8), "screened"),
                                      (dict(temperature=0.8, top_k=5), "screened"),
-                                     (dict(temperature=0.8, top_p=0.9), "full")):
+                                     (dict(temperature=0.8, top_p=0.9), "full"),
+                                     (dict(temperature=0.8, min_p=0.1), "full")):
         stats = g.generate(prompt, 4, seed=1, **settings).stats
         assert stats["target_weight_bytes"] == g.pass_bytes[bytes_per_pass], settings
 

@@ -1,5 +1,5 @@
 """Sampled acceptance by the target's own draws (acceptance.accept_drawn). A request sampled by the rule on the host
-(top-p: not by noise, runtime/noise.py) draws the token at each position with a uniform that depends only on its
+(top-p or min-p: not by noise, runtime/noise.py) draws the token at each position with a uniform that depends only on its
 seed and the position (sampling.PositionDraws), and a deterministic draft is accepted where it equals that draw.
 So speculation commits, token for token, what plain sampling commits with the same seed, whatever the drafts
 (adaptive drafting's, which follow measured times, included), alone or sharing passes; and the committed tokens
@@ -15,6 +15,7 @@ from test_adaptive import synthetic
 from test_decoding import chi2_pvalue
 
 TOP_P = dict(temperature=4.0, top_p=0.9)  # peaked tiny targets: about half the positions draw among several tokens
+MIN_P = dict(temperature=4.0, min_p=0.05)
 
 
 def test_a_positions_uniform_depends_on_the_seed_and_the_position_only():
@@ -45,15 +46,18 @@ def test_drawn_acceptance_takes_what_recursive_rejection_takes():
     assert chain.path == [0, 1] and chain.token == 1  # draws 2, then 0, then the bonus draw at row 2
 
 
-@pytest.mark.parametrize("drafter,tree", [("model", "dynamic:4"), ("lookup", None), ("model", "dynamic:3+lookup:4"),
-                                          ("model", "adaptive+lookup:4")])
-def test_top_p_speculation_samples_what_plain_decoding_samples(tiny_generator, drafter, tree, monkeypatch):
+@pytest.mark.parametrize("drafter,tree,settings", [
+    ("model", "dynamic:4", TOP_P), ("lookup", None, TOP_P), ("model", "dynamic:3+lookup:4", TOP_P),
+    ("model", "adaptive+lookup:4", TOP_P), ("model", "dynamic:3+lookup:4", MIN_P), ("model", "adaptive+lookup:4", MIN_P)])
+def test_host_filtered_speculation_samples_what_plain_decoding_samples(tiny_generator, drafter, tree, settings,
+                                                                       monkeypatch):
+    """Top-p and min-p, whose rows the host filters."""
     g = tiny_generator
     monkeypatch.setattr(g, "_cost", synthetic(5.0, 0.05))  # adaptive drafting: rows cheap enough to draft
     accepted = []
     for seed, prompt in enumerate(random_prompts(4)):
-        ref = g.generate(prompt, 20, speculate=False, seed=seed, **TOP_P)
-        res = g.generate(prompt, 20, drafter=drafter, tree=tree, seed=seed, **TOP_P)
+        ref = g.generate(prompt, 20, speculate=False, seed=seed, **settings)
+        res = g.generate(prompt, 20, drafter=drafter, tree=tree, seed=seed, **settings)
         assert res.token_ids == ref.token_ids, (drafter, tree, seed)
         assert res.stats["verified_on_host"] > 0 and res.stats["verified_in_graph"] == 0
         accepted.append(res.stats["mean_accepted_tokens"])
@@ -89,11 +93,12 @@ def test_top_p_requests_sharing_passes_sample_what_they_sample_alone(tiny_genera
     assert len(set(map(tuple, alone))) > 1
 
 
-@pytest.mark.parametrize("drafter,tree", [("model", "dynamic:4"), ("lookup", None)])
-def test_top_p_speculation_draws_from_the_targets_distribution(tiny_generator, drafter, tree):
+@pytest.mark.parametrize("drafter,tree,wide", [("model", "dynamic:4", TOP_P), ("lookup", None, TOP_P),
+                                               ("model", "dynamic:4", MIN_P)])
+def test_host_filtered_speculation_draws_from_the_targets_distribution(tiny_generator, drafter, tree, wide):
     """The joint distribution of the first two tokens (the second often an accepted draft) against the target's
-    own float32 logits after temperature and top-p."""
-    wide = dict(temperature=4.0, top_p=0.9)  # the tiny target's distributions are peaked: more tokens in play
+    own float32 logits after temperature and top-p, or min-p (a high temperature: the tiny target's distributions
+    are peaked, and this puts more tokens in play)."""
     g, params = tiny_generator, SamplingParams(**wide)
     prompt = np.array(random_prompts(2)[1], np.int64)
     eng = g.target

@@ -143,6 +143,23 @@ def test_sampling_settings_and_stop_reach_the_generator(state, client):
     assert res.choices[0].message.content == ref.text and res.choices[0].finish_reason == "stop"
 
 
+def test_min_p_reaches_the_generator(state, client, server):
+    """min_p, an extension as vLLM's and llama-server's: at 1 only the likeliest token stays, so sampling answers
+    greedy decoding's text; out of range, a 400 naming it."""
+    kw = dict(temperature=2.5, seed=11)
+    ref = state.gen.chat(user("quantum soup"), 20, min_p=0.2, **kw)
+    res = client.chat.completions.create(model="tiny-serve", messages=user("quantum soup"), max_tokens=20,
+                                         extra_body={"min_p": 0.2}, **kw)
+    assert res.choices[0].message.content == ref.text
+    greedy = state.gen.chat(user("quantum soup"), 20, temperature=0).text
+    assert state.gen.chat(user("quantum soup"), 20, **kw).text != greedy  # sampled, it differs from greedy
+    res = client.chat.completions.create(model="tiny-serve", messages=user("quantum soup"), max_tokens=20,
+                                         extra_body={"min_p": 1.0}, **kw)
+    assert res.choices[0].message.content == greedy
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": user("hi"), "min_p": 1.5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_p", r.text
+
+
 def test_typical_acceptance_reaches_the_generator(state, client):
     """The lossy, opt-in typical acceptance (an extension, as top_k) and its thresholds reach the generator: the
     server's text is the generator's under the same rule, which here differs from exact acceptance's; a threshold

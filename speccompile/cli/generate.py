@@ -21,6 +21,8 @@ from speccompile.errors import SpeccompileError
 @click.option("--top-k", default=0, show_default=True, help="With --temperature: sample from the k likeliest tokens.")
 @click.option("--top-p", default=1.0, show_default=True,
               help="With --temperature: sample from the likeliest tokens whose probabilities sum to p.")
+@click.option("--min-p", default=0.0, show_default=True,
+              help="With --temperature: sample from the tokens at least p times as likely as the likeliest.")
 @click.option("--seed", default=None, type=int, help="With --temperature: the same seed, the same output.")
 @click.option("--drafter", default=None, help="Which of the bundle's drafters (default: its first).")
 @click.option("--num-draft", default=None, type=int, help="Override the drafter's tokens per pass.")
@@ -39,8 +41,8 @@ from speccompile.errors import SpeccompileError
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @context_cache_options
 @errors_to_exit
-def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, drafter, num_draft, tree, acceptance,
-             recalibrate, no_speculate, compare, no_chat, system, stop, threads, device, backend, as_json,
+def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, min_p, seed, drafter, num_draft, tree,
+             acceptance, recalibrate, no_speculate, compare, no_chat, system, stop, threads, device, backend, as_json,
              no_context_cache, cache_bytes, cache_dir):
     """Generate text for PROMPT from BUNDLE, streaming it."""
     from speccompile import load
@@ -57,7 +59,8 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, seed, dr
                                                 {"role": "user", "content": prompt}])
     if compare and temperature > 0 and seed is None:  # both runs sample from one seed, so compare token for token
         seed = random.SystemRandom().randrange(2**63)
-    kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=tuple(map(unescape_stop, stop)),
+    kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+                  stop=tuple(map(unescape_stop, stop)),
                   chat=not no_chat, drafter=drafter, num_draft=num_draft, tree=tree, acceptance=acceptance)
     # color: the text as the model wrote it, escape sequences too (click strips them where stdout is no terminal)
     on_text = None if as_json else functools.partial(click.echo, nl=False, color=True)

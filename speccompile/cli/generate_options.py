@@ -32,9 +32,10 @@ def check_generate_options(p: dict) -> None:
     # values out of range, and an --acceptance that names no rule: their own error, not one about sampling below.
     # Greedy: temperature 0, and any below GREEDY_BELOW (1e-8 samples nothing)
     acceptance_option(p["acceptance"])
-    greedy = SamplingParams(p["temperature"], p["top_k"], p["top_p"], p["seed"]).greedy
+    greedy = SamplingParams(p["temperature"], p["top_k"], p["top_p"], p["seed"], min_p=p["min_p"]).greedy
     hint = f"give --temperature of at least {GREEDY_BELOW:g} (below it, and at 0, the default, decoding is greedy)"
-    sampling = [o for o, given in (("--top-k", p["top_k"]), ("--top-p", p["top_p"] != 1.0)) if given]
+    sampling = [o for o, given in (("--top-k", p["top_k"]), ("--top-p", p["top_p"] != 1.0),
+                                   ("--min-p", p["min_p"] != 0.0)) if given]
     if sampling and greedy:  # greedy decoding takes the likeliest token: they would change nothing
         raise SpeccompileError(f"{' and '.join(sampling)} {'limits' if len(sampling) == 1 else 'limit'} what "
                                f"sampling draws from: {hint}")

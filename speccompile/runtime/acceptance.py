@@ -12,7 +12,7 @@ Sampled, deterministic candidates (trees, prompt lookup; SpecInfer's recursive r
 path's end are tried in order, child x accepted with probability p'(x), p' being p with the already rejected
 siblings removed and renormalised. Sampled, a chain drawn from draft distributions q (Leviathan et al. / Chen et
 al.): accept x with probability min(1, p(x)/q(x)); on the first rejection draw from norm(max(0, p - q)).
-Either way the committed tokens have exactly the target's distribution p (after temperature / top-k / top-p).
+Either way the committed tokens have exactly the target's distribution p (after temperature / top-k / min-p / top-p).
 Sampled with uniforms per position (sampling.PositionDraws; the runtime's rule for deterministic candidates on the
 host): the target's own draw at each row, a node accepted where its token equals the draw at its parent's row
 (accept_drawn): the same acceptance as recursive rejection, and plain sampling's tokens whatever the drafts.

@@ -174,9 +174,9 @@ class DecodeLoop:
             positions = n - 1 + depths(block_parents)
         drawn = noise.rows(n + (np.arange(len(block)) if positions is None else positions - n + 1)) if noise else None
         if self.target.verifies and params.greedy or self.target.verifies_sampled and (
-                params.top_p >= 1.0 and prop.q is None and not params.typical):
+                not params.filtered_on_host and prop.q is None and not params.typical):
             # the verify graph accepts: O(nodes) numbers come back, not the [nodes, V] logits. The host path
-            # remains for top-p, for chains drawn from draft distributions q (see verify.emit_verify) and for
+            # remains for top-p and min-p, for chains drawn from draft distributions q (see verify.emit_verify) and for
             # bundles built before the verify extension.
             verdict = self.target.verify(block, positions, chain_parents(len(block)) if block_parents is None
                                          else block_parents, params.temperature, params.top_k,

@@ -129,14 +129,16 @@ class Generator(DecodeLoop):
                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                seed: int | None = None, stop: tuple[str, ...] | str = (), num_draft: int | None = None,
                tree: str | TreeSpec | None = None, chat: bool = True, on_text: Callable[[str], None] | None = None,
-               params: SamplingParams | None = None, acceptance: str | None = None, **unknown) -> Iterator[Chunk]:
+               params: SamplingParams | None = None, acceptance: str | None = None, min_p: float | None = None,
+               **unknown) -> Iterator[Chunk]:
         """Generate, yielding a Chunk per verify pass: the new text (held back while it could still become a stop
         string) and the token ids committed. The final GenerationResult is the StopIteration value (`generate`
         just returns it). prompt: text (through the chat template unless chat=False) or token ids. temperature (0:
-        greedy), top_k (0: off), top_p (1: off), seed, acceptance ("exact", or "typical[:EPS[,ALPHA]]": lossy, see
-        SamplingParams), or `params` in place of them all. Stops at an end-of-sequence token, at max_new_tokens,
-        or where a stop string begins (text and token_ids both end before it). Other keywords are refused."""
-        params = sampling_params(params, unknown, temperature, top_k, top_p, seed, acceptance)
+        greedy), top_k (0: off), top_p (1: off), min_p (0: off), seed, acceptance ("exact", or
+        "typical[:EPS[,ALPHA]]": lossy, see SamplingParams), or `params` in place of them all. Stops at an
+        end-of-sequence token, at max_new_tokens, or where a stop string begins (text and token_ids both end
+        before it). Other keywords are refused."""
+        params = sampling_params(params, unknown, temperature, top_k, top_p, seed, acceptance, min_p)
         request = build_request(self, prompt, max_new_tokens, params, drafter, speculate, stop, num_draft, tree, chat,
                                 on_text)
         if self.scheduler and not own_loop(request):  # submitted now: its passes start before the first read

@@ -40,9 +40,9 @@ EVERYTHING = NoiseSupport(True, True)
 
 
 def by_noise(params: SamplingParams, support: NoiseSupport = EVERYTHING) -> bool:
-    """Whether these settings can be sampled by the argmax: temperature, top-k where the graphs take it, no top-p,
-    exact acceptance."""
-    return (support.temperature and not params.greedy and params.top_p >= 1.0 and params.acceptance == "exact"
+    """Whether these settings can be sampled by the argmax: temperature, top-k where the graphs take it, no top-p
+    or min-p, exact acceptance."""
+    return (support.temperature and not params.greedy and not params.filtered_on_host and params.acceptance == "exact"
             and (params.top_k == 0 or support.top_k))
 
 

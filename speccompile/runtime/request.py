@@ -17,7 +17,7 @@ from speccompile.runtime.drafters.base import Drafter
 from speccompile.runtime.sampling import SamplingParams, UnknownOptionError, acceptance_option
 
 ROLES = ("system", "user", "assistant", "tool")
-_NOT_SUPPORTED = "not supported: sampling here is temperature, top_k, top_p and seed"
+_NOT_SUPPORTED = "not supported: sampling here is temperature, top_k, top_p, min_p and seed"
 _EOS = "stop (stop strings): the bundle's end-of-sequence tokens always end the output"
 # vLLM's n and transformers' num_return_sequences draw several samples of one prompt; copies of a prompt in a list
 # each draw from the seed alone, so with a seed they all answer alike
@@ -30,7 +30,7 @@ FAMILIAR_OPTIONS = {
     "stop_sequences": "use stop", "stop_strings": "use stop", "eos_token_id": f"use {_EOS}",
     "stop_token_ids": f"use {_EOS}", "n": _SAMPLES, "num_return_sequences": _SAMPLES, "sampling_params": "use params",
     "repetition_penalty": _NOT_SUPPORTED, "presence_penalty": _NOT_SUPPORTED, "frequency_penalty": _NOT_SUPPORTED,
-    "min_p": _NOT_SUPPORTED, "logprobs": "not supported",
+    "logprobs": "not supported",
 }
 
 
@@ -91,13 +91,14 @@ def plain_paths(bundle_dir, options: dict) -> tuple[str, dict]:
 
 
 def sampling_params(params: SamplingParams | None, unknown: dict, temperature, top_k, top_p, seed,
-                    acceptance) -> SamplingParams:
+                    acceptance, min_p=None) -> SamplingParams:
     """stream()'s sampling: params, or the SamplingParams the keywords give (None: the default). Refused first:
     keywords stream() does not take (unknown); then both at once, as params replaces the keywords, which would
     be silently ignored."""
     check_options(unknown)
     given = {name: value for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
-                                             ("seed", seed), ("acceptance", acceptance)) if value is not None}
+                                             ("min_p", min_p), ("seed", seed), ("acceptance", acceptance))
+             if value is not None}
     if params is not None and given:
         raise SpeccompileError(f"params= replaces {', '.join(given)}: set {'it' if len(given) == 1 else 'them'} "
                                "in the SamplingParams instead")

@@ -1,4 +1,4 @@
-"""Sampling settings and the distribution they define: temperature, top-k, top-p, and one draw from it."""
+"""Sampling settings and the distribution they define: temperature, top-k, min-p, top-p, and one draw from it."""
 from __future__ import annotations
 
 import dataclasses
@@ -27,7 +27,7 @@ _PER_CALL = {"max_tokens": "give generate, stream or chat max_new_tokens",
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How the next token is chosen: temperature 0 is greedy (and so is any temperature below GREEDY_BELOW); top_k
-    0 and top_p 1 are off; a seed makes sampled output reproducible (greedy needs none)."""
+    0, top_p 1 and min_p 0 are off; a seed makes sampled output reproducible (greedy needs none)."""
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
@@ -38,6 +38,9 @@ class SamplingParams:
     acceptance: str = "exact"
     typical_epsilon: float = 0.09
     typical_alpha: float = 0.3
+    # keep the tokens at least min_p times as probable as the likeliest one (vLLM's and llama.cpp's min-p), after
+    # temperature: last of the fields, so that positional calls written before it keep their meaning
+    min_p: float = 0.0
 
     def __new__(cls, *args, **kwargs):
         """Keywords it does not hold refused by name, as generate's are: vLLM's SamplingParams holds max_tokens,
@@ -47,12 +50,18 @@ class SamplingParams:
         if unknown:
             named = [f"{n!r} ({_PER_CALL.get(n, 'not supported')})" for n in unknown]
             raise UnknownOptionError(f"SamplingParams takes no option {', '.join(named)}: it holds temperature, "
-                                     "top_k, top_p, seed, acceptance, typical_epsilon and typical_alpha")
+                                     "top_k, top_p, min_p, seed, acceptance, typical_epsilon and typical_alpha")
         return super().__new__(cls)
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @property
+    def filtered_on_host(self) -> bool:
+        """Top-p or min-p in effect: the distribution needs whole probability rows on the host (the graphs apply
+        temperature and top-k alone)."""
+        return self.top_p < 1.0 or self.min_p > 0.0
 
     @property
     def typical(self) -> bool:
@@ -71,6 +80,8 @@ class SamplingParams:
             bad(f"{option('top_k')} must be a whole number >= 0 (0 = off)")
         if not _real(self.top_p) or not 0.0 < self.top_p <= 1.0:
             bad(f"{option('top_p')} must be in (0, 1] (1 = off)")
+        if not _real(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            bad(f"{option('min_p')} must be in [0, 1] (0 = off)")
         if self.seed is not None and (not _whole(self.seed) or not 0 <= self.seed < 2**64):
             bad(f"{option('seed')} must be a whole number in [0, 2**64)")
         if not isinstance(self.acceptance, str) or self.acceptance not in ACCEPTANCE:  # an array compares by element
@@ -79,7 +90,8 @@ class SamplingParams:
             bad(f"{option('typical_epsilon', flag='--acceptance typical:EPS')} must be in (0, 1]")
         if not _real(self.typical_alpha) or not 0.0 < self.typical_alpha <= 1.0:
             bad(f"{option('typical_alpha', flag='--acceptance typical:EPS,ALPHA')} must be in (0, 1]")
-        for name in ("temperature", "top_p", "typical_epsilon", "typical_alpha"):  # a Fraction, a Decimal: floats
+        # a Fraction, a Decimal: floats
+        for name in ("temperature", "top_p", "min_p", "typical_epsilon", "typical_alpha"):
             object.__setattr__(self, name, float(getattr(self, name)))
         # numpy integers as Python ints: an unsigned top_k would wrap around when negated (np.partition's -k)
         for name in ("top_k", "seed"):
@@ -89,9 +101,11 @@ class SamplingParams:
     def _settings(self) -> str:
         """The settings a refusal was given, each named as the caller spells it (temperature=1.0 in Python,
         --temperature 1.0 on the command line); a seed only where one was given, as no command line spells it unset.
-        Each value cut short: a long string would fill the line."""
-        shown = [given(name, getattr(self, name), limit=24) for name in ("temperature", "top_k", "top_p", "seed")
-                 if name != "seed" or self.seed is not None]
+        Each value cut short: a long string would fill the line. min_p too where it is set."""
+        names = ("temperature", "top_k", "top_p", "min_p", "seed")
+        shown = [given(name, getattr(self, name), limit=24) for name in names
+                 if not (name == "seed" and self.seed is None
+                         or name == "min_p" and _real(self.min_p) and float(self.min_p) == 0.0)]
         return ", ".join(shown)
 
 
@@ -137,12 +151,15 @@ def _whole(x) -> bool:
 
 
 def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
-    """logits [..., V] -> the distribution sampling draws from (float64), after temperature, top-k and top-p."""
+    """logits [..., V] -> the distribution sampling draws from (float64), after temperature, top-k, min-p and top-p
+    (vLLM's order: min-p before top-p; top-k and min-p keep the same tokens in either order)."""
     x = logits.astype(np.float64) / params.temperature
     x -= x.max(-1, keepdims=True)
     if params.top_k and params.top_k < x.shape[-1]:
         kth = np.partition(x, -params.top_k, axis=-1)[..., -params.top_k, None]
         x = np.where(x < kth, -np.inf, x)
+    if params.min_p > 0.0:  # p >= min_p * p_max, in logits: x - x_max >= log(min_p), x_max being 0 here
+        x = np.where(x < math.log(params.min_p), -np.inf, x)
     p = np.exp(x)
     p /= p.sum(-1, keepdims=True)
     if params.top_p < 1.0:

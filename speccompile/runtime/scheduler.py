@@ -343,7 +343,7 @@ class Scheduler:
         parents = np.arange(len(prop.tokens)) - 1 if prop.parents is None else prop.parents
         if params.greedy:  # the argmax rows come from the graph; the host walks the tree
             return accept_greedy(prop.tokens, parents, argmax), False
-        if self.gen.target.verifies_sampled and params.top_p >= 1.0 and prop.q is None:
+        if self.gen.target.verifies_sampled and not params.filtered_on_host and prop.q is None:
             # the verify graph's rule and draws (speccompile.graphs): one [rows, 2] table of uniforms
             table = s.rng.random((len(prop.tokens) + 1, 2))
             return accept_sampled(prop.tokens, parents, probabilities(logits, params), from_table(table)), False

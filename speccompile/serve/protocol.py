@@ -70,6 +70,7 @@ class _Sampling(_Strict):
     temperature: float = Field(1.0, ge=0.0)  # OpenAI's default; 0 is greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1)  # an extension, as vLLM's: 0 (or vLLM's -1) is off
+    min_p: float = Field(0.0, ge=0.0, le=1.0)  # an extension, as vLLM's and llama-server's: 0 is off
     seed: int | None = Field(None, ge=0, lt=2**64)
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     n: int = Field(1, ge=1, le=1)  # one choice per request
@@ -90,7 +91,7 @@ class _Sampling(_Strict):
     def stream_kwargs(self) -> dict:
         """Generator.stream's keywords for these settings."""
         return dict(temperature=float(self.temperature), top_p=float(self.top_p), top_k=max(self.top_k, 0),
-                    seed=self.seed,
+                    min_p=float(self.min_p), seed=self.seed,
                     stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
                     speculate=self.speculate, acceptance=self.acceptance_rule)
 
