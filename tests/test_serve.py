@@ -875,7 +875,7 @@ def test_a_plain_request_cut_off_at_the_shutdown_timeout_gets_an_error_object(st
     slow = make_state(SlowGenerator(state.gen, 0.2), "tiny-serve", shutdown_timeout_s=1.0)
     srv = InProcessServer(slow, shutdown_timeout_s=1.0)
     long = {"messages": user("soup"), "max_tokens": 200, "temperature": 0}  # 8+ s of passes
-    answer, health = [], []
+    answer = []
     with httpx.Client(timeout=60) as http:
         asked = threading.Thread(target=lambda: answer.append(http.post(srv.url + "/v1/chat/completions",
                                                                          json=long)))
