@@ -160,6 +160,42 @@ def test_min_p_reaches_the_generator(state, client, server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "min_p", r.text
 
 
+def test_n_choices_each_sample_from_their_own_seed(state, client):
+    """n choices: each a request of the runtime's own (sharing passes where the bundle batches), choice i sampled
+    from seed + i, the prompt counted once in usage and the choices' tokens summed; greedy, every choice alike."""
+    kw = dict(temperature=2.5, seed=7)
+    refs = [state.gen.chat(user("seven zebras"), 12, temperature=2.5, seed=7 + i) for i in range(3)]
+    res = client.chat.completions.create(model="tiny-serve", messages=user("seven zebras"), max_tokens=12, n=3, **kw)
+    assert [c.index for c in res.choices] == [0, 1, 2]
+    assert [c.message.content for c in res.choices] == [r.text for r in refs]
+    assert len({r.text for r in refs}) > 1  # the seeds' answers differ, so a mixed-up or repeated choice would show
+    assert [c.finish_reason for c in res.choices] == [r.finish_reason for r in refs]
+    assert res.usage.prompt_tokens == refs[0].stats["prompt_tokens"]
+    assert res.usage.completion_tokens == sum(len(r.token_ids) for r in refs)
+    assert res.usage.verify_passes == sum(r.stats["verify_steps"] for r in refs)
+    text = client.completions.create(model="tiny-serve", prompt="seven zebras", max_tokens=8, n=2, temperature=0)
+    assert [c.index for c in text.choices] == [0, 1] and text.choices[0].text == text.choices[1].text
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_n_choices_stream_each_with_its_index(state, client, chat):
+    """Streamed, each chunk carries its choice's index: a choice's pieces add up to its plain answer, and each
+    choice ends with its own finish_reason; the usage chunk sums the choices."""
+    kw = dict(max_tokens=10, n=3, temperature=2.5, seed=21, stream=True, stream_options={"include_usage": True})
+    if chat:
+        refs = [state.gen.chat(user("quantum soup"), 10, temperature=2.5, seed=21 + i) for i in range(3)]
+        chunks = list(client.chat.completions.create(model="tiny-serve", messages=user("quantum soup"), **kw))
+        pieces = [(c.choices[0].index, c.choices[0].delta.content or "", c.choices[0].finish_reason)
+                  for c in chunks if c.choices]
+    else:
+        refs = [state.gen.generate("quantum soup", 10, chat=False, temperature=2.5, seed=21 + i) for i in range(3)]
+        chunks = list(client.completions.create(model="tiny-serve", prompt="quantum soup", **kw))
+        pieces = [(c.choices[0].index, c.choices[0].text, c.choices[0].finish_reason) for c in chunks if c.choices]
+    assert ["".join(t for i, t, _ in pieces if i == k) for k in range(3)] == [r.text for r in refs]
+    assert [[f for i, _, f in pieces if i == k and f] for k in range(3)] == [[r.finish_reason] for r in refs]
+    assert chunks[-1].usage.completion_tokens == sum(len(r.token_ids) for r in refs)
+
+
 def test_typical_acceptance_reaches_the_generator(state, client):
     """The lossy, opt-in typical acceptance (an extension, as top_k) and its thresholds reach the generator: the
     server's text is the generator's under the same rule, which here differs from exact acceptance's; a threshold
@@ -377,7 +413,9 @@ ERRORS = [  # (body or raw bytes, status, a word the message holds)
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2.5}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [], "logit_bias": {"1": 5}}, 400, "tools, logit_bias"),
-    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 129}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 33}, 400, "n: at most 32 choices"),  # --max-queue 32
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": [1]}, 400, "stop.0: "),
     # a value outside a union is reported by the branch its type matched, not by the first branch it is not
     ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 17}, 400, "stop: List should have at most 16"),
@@ -605,6 +643,29 @@ def test_full_queue_429_and_a_disconnect_frees_the_slot_at_once(state):
                 time.sleep(0.01)
             ok = httpx.post(srv.url + "/v1/chat/completions", json={**long, "stream": False, "max_tokens": 4})
             assert ok.status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_choices_are_admitted_all_or_none_and_a_disconnect_frees_them_all(state):
+    """Each choice holds a --max-queue place: a request of more choices than there are places left is refused
+    whole (429, none of its choices started); a streamed request of two choices whose client goes frees both."""
+    srv = InProcessServer(make_state(SlowGenerator(state.gen, 0.2), "tiny-serve", max_queue=3))
+    long = {"messages": user("soup"), "max_tokens": 200, "temperature": 0, "stream": True}  # 8+ s of passes
+    try:
+        with httpx.Client(timeout=60) as http:
+            with http.stream("POST", srv.url + "/v1/chat/completions", json={**long, "n": 2}) as r:
+                lines = r.iter_lines()  # held: a dropped line iterator closes the connection, ending the stream
+                next(lines)
+                assert httpx.get(srv.url + "/health").json()["in_flight"] == 2
+                busy = httpx.post(srv.url + "/v1/chat/completions", json={**long, "stream": False, "n": 2})
+                assert busy.status_code == 429 and httpx.get(srv.url + "/health").json()["in_flight"] == 2
+            deadline = time.time() + 2
+            while httpx.get(srv.url + "/health").json()["in_flight"]:
+                assert time.time() < deadline, "the abandoned choices still hold their places"
+                time.sleep(0.01)
+            ok = httpx.post(srv.url + "/v1/chat/completions", json={**long, "stream": False, "max_tokens": 4, "n": 3})
+            assert ok.status_code == 200 and len(ok.json()["choices"]) == 3
     finally:
         srv.stop()
 

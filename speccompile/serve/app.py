@@ -14,7 +14,7 @@ from speccompile.errors import SpeccompileError
 from speccompile.serve import api_errors, protocol
 from speccompile.serve.api_errors import APIError, from_runtime, shutting_down
 from speccompile.serve.guards import BodyLimit, KeyBeforeBody, body_limit
-from speccompile.serve.metrics import Metrics, usage
+from speccompile.serve.metrics import Metrics, choices_usage
 from speccompile.serve.runner import Job, Outcome, Runner
 
 
@@ -102,6 +102,9 @@ def _check_request(state: ServeState, body) -> None:
     stray = [f for f in ("typical_epsilon", "typical_alpha") if f in body.model_fields_set]
     if stray and body.acceptance != "typical":  # it would do nothing: exact acceptance has no threshold
         raise APIError(400, f"{stray[0]}: only allowed with acceptance: typical", param=stray[0])
+    if body.n > state.runner.max_queue:  # every choice holds a place: more than there are would never be admitted
+        raise APIError(400, f"n: at most {state.runner.max_queue} choices on this server (each holds one of its "
+                       f"--max-queue places)", param="n")
 
 
 def _check_model(state: ServeState, model: str | None) -> None:
@@ -111,42 +114,45 @@ def _check_model(state: ServeState, model: str | None) -> None:
 
 
 async def _respond(state: ServeState, body, ids: list[int], request: Request, chat: bool):
-    """Admit the request and wait for its first event, so that a refusal (a prompt over the compiled context, a
-    bad setting) is a 4xx before any byte of a stream is sent; then answer plainly or as a stream. A client gone
-    before the answer cancels the job."""
+    """Admit the request (a job per choice) and wait for each job's first event, so that a refusal (a prompt over
+    the compiled context, a bad setting) is a 4xx before any byte of a stream is sent; then answer plainly or as a
+    stream. A client gone before the answer cancels the jobs."""
     limit = _token_limit(state, body, ids, "messages" if chat else "prompt")
-    job = state.runner.submit(ids, limit, body.stream_kwargs())
-    watcher = asyncio.ensure_future(_cancel_on_disconnect(request, job))
+    jobs = state.runner.submit_choices(ids, limit, body.choice_kwargs())
+    watcher = asyncio.ensure_future(_cancel_on_disconnect(request, jobs))
     try:
-        first = await job.next()
-        if first[0] == "error":
-            raise _as_api_error(first[1])
+        firsts = [await job.next() for job in jobs]
+        for first in firsts:
+            if first[0] == "error":
+                raise _as_api_error(first[1])
         if body.stream:
-            events = _sse(state, body, job, first, chat)
-            job = None  # the stream owns it now
+            events = _sse(state, body, jobs, firsts, chat)
+            jobs = []  # the stream owns them now
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        outcome = await _outcome(job, first)
-        use = usage(len(ids), len(outcome.token_ids), outcome.stats)
+        outcomes = [await _outcome(job, first) for job, first in zip(jobs, firsts)]
+        use = choices_usage(len(ids), outcomes)
+        answers = [(o.text, o.finish_reason) for o in outcomes]
         rid = protocol.new_id("chatcmpl" if chat else "cmpl")
         if chat:
-            return protocol.chat_completion(rid, state.model, outcome.text, outcome.finish_reason, use)
-        return protocol.completion(rid, state.model, outcome.text, outcome.finish_reason, use)
+            return protocol.chat_completion(rid, state.model, answers, use)
+        return protocol.completion(rid, state.model, answers, use)
     except asyncio.CancelledError:  # nothing sent yet: cut off by the shutdown timeout, an error object, not a bare 500
         if state.runner.accepting:
             raise
         raise shutting_down() from None
     finally:
         watcher.cancel()  # a stream's client going is seen by Starlette, which cancels _sse
-        if job is not None:
+        for job in jobs:
             job.cancel()  # answered, refused or abandoned: a no-op once the worker is done
 
 
-async def _cancel_on_disconnect(request: Request, job: Job) -> None:
-    """Cancel `job` once its client disconnects (the body is read: what comes next is the disconnect)."""
+async def _cancel_on_disconnect(request: Request, jobs: list[Job]) -> None:
+    """Cancel `jobs` once their client disconnects (the body is read: what comes next is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    job.cancel()
+    for job in jobs:
+        job.cancel()
 
 
 def _token_limit(state: ServeState, body, ids: list[int], param: str) -> int:
@@ -189,33 +195,52 @@ def _data(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _sse(state: ServeState, body, job: Job, event, chat: bool):
-    """The answer as server-sent events, ending with [DONE]. If the client goes, Starlette cancels this generator
-    at its await: `finally` cancels the job, whose worker closes the Generator's stream after the current pass."""
+async def _sse(state: ServeState, body, jobs: list[Job], firsts: list, chat: bool):
+    """The answer as server-sent events, ending with [DONE]: each choice's pieces as they come (chunks carry their
+    choice's index), its finish_reason when it ends. If the client goes, Starlette cancels this generator at its
+    await: `finally` cancels the jobs, whose workers close the Generator's streams after the current pass."""
     rid, model, created = protocol.new_id("chatcmpl" if chat else "cmpl"), state.model, protocol.now()
 
-    def piece(text: str, finish: str | None = None) -> dict:
+    def piece(index: int, text: str, finish: str | None = None) -> dict:
         if not chat:
-            return protocol.completion(rid, model, text, finish, None, created)
-        return protocol.chat_chunk(rid, model, created, {"content": text} if text or not finish else {}, finish)
+            return protocol.completion(rid, model, [(text, finish)], None, created, first_index=index)
+        delta = {"content": text} if text or not finish else {}
+        return protocol.chat_chunk(rid, model, created, delta, finish, index=index)
 
+    merged: asyncio.Queue = asyncio.Queue()  # (choice, event) from every job, in the order they come
+    pumps = [asyncio.ensure_future(_pump(i, job, first, merged)) for i, (job, first) in enumerate(zip(jobs, firsts))]
     try:
         if chat:
-            yield _data(protocol.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
-        while event[0] == "chunk":
-            if event[1].text:
-                yield _data(piece(event[1].text))
-            event = await job.next()
-        if event[0] == "error":  # after the headers: the error object as the stream's last event
-            e = _as_api_error(event[1])
-            yield _data({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
-            return
-        outcome: Outcome = event[1]
-        yield _data(piece("", outcome.finish_reason))
+            for i in range(len(jobs)):
+                yield _data(protocol.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, index=i))
+        outcomes: list[Outcome | None] = [None] * len(jobs)
+        while any(o is None for o in outcomes):
+            i, event = await merged.get()
+            if event[0] == "chunk":
+                if event[1].text:
+                    yield _data(piece(i, event[1].text))
+            elif event[0] == "error":  # after the headers: the error object as the stream's last event
+                e = _as_api_error(event[1])
+                yield _data({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+                return
+            else:
+                outcomes[i] = event[1]
+                yield _data(piece(i, "", outcomes[i].finish_reason))
         if body.include_usage:
-            use = usage(len(job.ids), len(outcome.token_ids), outcome.stats)
+            use = choices_usage(len(jobs[0].ids), outcomes)
             yield _data(protocol.chat_chunk(rid, model, created, None, usage=use) if chat else
                         protocol.completion_usage_chunk(rid, model, created, use))
         yield "data: [DONE]\n\n"
     finally:
-        job.cancel()
+        for pump in pumps:
+            pump.cancel()
+        for job in jobs:
+            job.cancel()
+
+
+async def _pump(index: int, job: Job, event, merged: asyncio.Queue) -> None:
+    """Job's events, from `event` on, into `merged` with its choice's index, until its last (done or error)."""
+    merged.put_nowait((index, event))
+    while event[0] == "chunk":
+        event = await job.next()
+        merged.put_nowait((index, event))

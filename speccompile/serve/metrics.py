@@ -40,6 +40,19 @@ def usage(prompt_tokens: int, completion_tokens: int, stats: dict) -> dict:
             "verify_passes": int(stats.get("verify_steps", 0))}
 
 
+def choices_usage(prompt_tokens: int, outcomes: list) -> dict:
+    """`usage` of a request over its choices (each with token_ids and stats): the prompt counted once (its cache
+    figures the first choice's), the choices' tokens and verify passes summed, the tokens committed per pass over
+    all of them."""
+    first = usage(prompt_tokens, 0, outcomes[0].stats)
+    passes = [int(o.stats.get("verify_steps", 0)) for o in outcomes]
+    committed = sum(float(o.stats.get("mean_accepted_tokens", 1.0)) * n for o, n in zip(outcomes, passes))
+    tokens = sum(len(o.token_ids) for o in outcomes)
+    mean = round(committed / sum(passes), 4) if sum(passes) else first["mean_accepted_tokens"]
+    return {**first, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens,
+            "mean_accepted_tokens": mean, "verify_passes": sum(passes)}
+
+
 class Metrics:
     def __init__(self, model: str):
         disable_created_metrics()  # no `_created` twin of every counter (a process-wide setting; vLLM's too)

@@ -24,6 +24,10 @@ def _neutral(key: str, value) -> bool:
     return type(value) is type(neutral) and value == neutral
 
 
+# OpenAI's bound on n; the server's --max-queue bounds it too (every choice holds a place)
+MAX_CHOICES = 128
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -73,7 +77,7 @@ class _Sampling(_Strict):
     min_p: float = Field(0.0, ge=0.0, le=1.0)  # an extension, as vLLM's and llama-server's: 0 is off
     seed: int | None = Field(None, ge=0, lt=2**64)
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
-    n: int = Field(1, ge=1, le=1)  # one choice per request
+    n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices: each a request of its own to the runtime (choice_kwargs)
     user: str | None = None
     speculate: bool = True  # an extension: False decodes without drafting (same output, the baseline's speed)
     # extensions: typical acceptance, lossy and opt-in (runtime/sampling.py SamplingParams); greedy stays exact
@@ -94,6 +98,15 @@ class _Sampling(_Strict):
                     min_p=float(self.min_p), seed=self.seed,
                     stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
                     speculate=self.speculate, acceptance=self.acceptance_rule)
+
+    def choice_kwargs(self) -> list[dict]:
+        """Generator.stream's keywords for each of the n choices. With a seed, choice i samples from seed + i: one
+        seed for all would give n copies of one answer (vLLM's choices differ too); the request's answers are
+        reproducible as a whole. Greedy choices are all alike, as they are in vLLM and OpenAI."""
+        one = self.stream_kwargs()
+        if self.seed is None:
+            return [one] * self.n
+        return [{**one, "seed": (self.seed + i) % 2**64} for i in range(self.n)]
 
     @property
     def acceptance_rule(self) -> str:
@@ -122,7 +135,7 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    # OpenAI also takes a list of prompts; one choice per request here, so a list of one (as some clients send)
+    # OpenAI also takes a list of prompts; one prompt per request here, so a list of one (as some clients send)
     prompt: str | list[int] | Annotated[list[str], Field(min_length=1, max_length=1)]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
 
@@ -144,26 +157,31 @@ def now() -> int:
     return int(time.time())
 
 
-def chat_completion(rid: str, model: str, text: str, finish: str, usage: dict) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": now(), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": finish}], "usage": usage}
+def chat_completion(rid: str, model: str, answers: list[tuple[str, str]], usage: dict) -> dict:
+    """answers: each choice's (text, finish_reason)."""
+    choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish} for i, (text, finish) in enumerate(answers)]
+    return {"id": rid, "object": "chat.completion", "created": now(), "model": model, "choices": choices,
+            "usage": usage}
 
 
 def chat_chunk(rid: str, model: str, created: int, delta: dict | None, finish: str | None = None,
-               usage: dict | None = None) -> dict:
-    """A chat.completion.chunk; delta None: the usage-only chunk after the last choice (choices empty). Every chunk
-    of a stream carries the stream's `created`, as OpenAI's do."""
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+               usage: dict | None = None, index: int = 0) -> dict:
+    """A chat.completion.chunk of choice `index`; delta None: the usage-only chunk after the last choice (choices
+    empty). Every chunk of a stream carries the stream's `created`, as OpenAI's do."""
+    choices = [] if delta is None else [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices,
             "usage": usage}
 
 
-def completion(rid: str, model: str, text: str, finish: str | None, usage: dict | None,
-               created: int | None = None) -> dict:
-    """A text_completion: the whole answer, or (streamed, with the stream's `created`) one piece of it."""
+def completion(rid: str, model: str, answers: list[tuple[str, str | None]], usage: dict | None,
+               created: int | None = None, first_index: int = 0) -> dict:
+    """A text_completion: the whole answers (each choice's text and finish_reason), or (streamed, with the stream's
+    `created`) one piece of choice `first_index`'s."""
+    choices = [{"index": first_index + i, "text": text, "logprobs": None, "finish_reason": finish}
+               for i, (text, finish) in enumerate(answers)]
     return {"id": rid, "object": "text_completion", "created": now() if created is None else created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}], "usage": usage}
+            "choices": choices, "usage": usage}
 
 
 def completion_usage_chunk(rid: str, model: str, created: int, usage: dict) -> dict:

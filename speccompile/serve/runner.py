@@ -97,19 +97,25 @@ class Runner:
 
     def submit(self, ids: list[int], max_new_tokens: int, kwargs: dict) -> Job:
         """Admit a request (APIError 429 past the bound, 503 while stopping) and start it."""
-        job = Job(asyncio.get_running_loop(), ids, max_new_tokens, kwargs)
+        return self.submit_choices(ids, max_new_tokens, [kwargs])[0]
+
+    def submit_choices(self, ids: list[int], max_new_tokens: int, choices: list[dict]) -> list[Job]:
+        """Admit a request of several choices (each stream's keywords), all or none: each holds a place."""
+        loop = asyncio.get_running_loop()
+        jobs = [Job(loop, ids, max_new_tokens, kwargs) for kwargs in choices]
         with self._lock:
             if not self.accepting:
                 raise shutting_down()
-            if len(self._jobs) >= self.max_queue:
+            if len(self._jobs) + len(jobs) > self.max_queue:
                 self.metrics.refused.labels(self.metrics.model, "429").inc()
                 raise busy(RETRY_AFTER_S)
-            self._jobs.add(job)
-            self.metrics.waiting.inc()
-            # under the lock: a shutdown between the two cancelled the job before its worker existed, then shut the
-            # pool, and this submit raised (a 500), leaving the job counted in flight for good
-            self._pool.submit(self._work, job)
-        return job
+            for job in jobs:
+                self._jobs.add(job)
+                self.metrics.waiting.inc()
+                # under the lock: a shutdown between the two cancelled the job before its worker existed, then shut
+                # the pool, and this submit raised (a 500), leaving the job counted in flight for good
+                self._pool.submit(self._work, job)
+        return jobs
 
     def _work(self, job: Job) -> None:
         tokens, text, first_at, outcome, stream, error = [], [], None, None, None, None
