@@ -306,6 +306,15 @@ def test_the_result_says_why_the_output_ended(tiny_generator, monkeypatch):
     for max_new_tokens in (24, first + 1):
         ended = g.generate(prompt, max_new_tokens, chat=False)
         assert ended.token_ids == full.token_ids[:first + 1] and ended.finish_reason == "stop"
+    # ignore_eos (vLLM's): on past it to max_new_tokens, speculating or not, submitted or in the caller's own loop
+    for kw in (dict(), dict(speculate=False)):
+        kept = g.generate(prompt, 24, chat=False, ignore_eos=True, **kw)
+        assert kept.token_ids == full.token_ids and kept.finish_reason == "length", kw
+    typical = g.generate(prompt, 24, chat=False, ignore_eos=True, temperature=1.5, seed=2, acceptance="typical")
+    assert len(typical.token_ids) == 24 and typical.finish_reason == "length"
+    assert g.generate(prompt, first + 1, chat=False, ignore_eos=True).finish_reason == "length"
+    with pytest.raises(SpeccompileError, match="ignore_eos: expected True or False"):
+        g.generate(prompt, 4, ignore_eos="no")
     monkeypatch.undo()
     stream = g.stream(prompt, 40, chat=False, speculate=False)
     next(stream)

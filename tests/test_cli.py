@@ -87,6 +87,9 @@ def test_stop_string(tiny_bundle):
     # why each answer ended, as the API's results and the server's choices say it
     assert (cut["finish_reason"], full["finish_reason"]) == ("stop", "length" if len(full["token_ids"]) == 30
                                                                        else "stop")
+    kept = json.loads(run("generate", tiny_bundle, "hello", "--max-new-tokens", 30, "--json", "--ignore-eos"))
+    assert len(kept["token_ids"]) == 30 and kept["finish_reason"] == "length"
+    assert kept["token_ids"][:len(full["token_ids"])] == full["token_ids"]
 
 
 def test_stop_reads_escapes(tiny_bundle):

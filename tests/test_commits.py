@@ -118,6 +118,8 @@ def test_an_end_of_sequence_token_inside_an_accepted_draft_ends_the_output(alway
     assert "".join(seen) == res.text and all(seen)  # the text told once, in pieces that are not empty
     chunks = list(g.stream(prompt, 40, chat=False, drafter="model"))
     assert [t for c in chunks for t in c.token_ids] == ref[:i + 1]
+    kept = g.generate(prompt, 40, chat=False, drafter="model", ignore_eos=True)  # past it: the drafts' tokens too
+    assert kept.token_ids == ref[:40] and kept.finish_reason == "length"
 
 
 def test_a_request_read_late_ends_at_its_end_of_sequence_token(always_right, monkeypatch):

@@ -160,6 +160,20 @@ def test_min_p_reaches_the_generator(state, client, server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "min_p", r.text
 
 
+def test_ignore_eos_reaches_the_generator(state, client, monkeypatch):
+    """ignore_eos, an extension as vLLM's: the answer runs on past an end-of-sequence token to max_tokens."""
+    full = state.gen.chat(user("seven zebras"), 16, temperature=0)
+    eos = full.token_ids[3]
+    monkeypatch.setattr(state.gen.tokenizer, "eos_token_ids", frozenset({eos}))
+    body = dict(model="tiny-serve", messages=user("seven zebras"), max_tokens=16, temperature=0)
+    cut = client.chat.completions.create(**body)
+    assert cut.choices[0].finish_reason == "stop" and cut.usage.completion_tokens == full.token_ids.index(eos) + 1
+    kept = client.chat.completions.create(**body, extra_body={"ignore_eos": True})
+    assert kept.choices[0].finish_reason == "length" and kept.usage.completion_tokens == 16
+    assert kept.choices[0].message.content == state.gen.chat(user("seven zebras"), 16, temperature=0,
+                                                             ignore_eos=True).text
+
+
 def test_n_choices_each_sample_from_their_own_seed(state, client):
     """n choices: each a request of the runtime's own (sharing passes where the bundle batches), choice i sampled
     from seed + i, the prompt counted once in usage and the choices' tokens summed; greedy, every choice alike."""

@@ -36,14 +36,15 @@ from speccompile.errors import SpeccompileError
 @click.option("--no-chat", is_flag=True, help="Do not apply the chat template.")
 @click.option("--system", default=None, help="A system message before PROMPT (through the chat template).")
 @click.option("--stop", multiple=True, help=STOP_HELP)
+@click.option("--ignore-eos", is_flag=True, help="Do not stop at an end-of-sequence token: --max-new-tokens always.")
 @click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads (default: all cores).")
 @device_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @context_cache_options
 @errors_to_exit
 def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, min_p, seed, drafter, num_draft, tree,
-             acceptance, recalibrate, no_speculate, compare, no_chat, system, stop, threads, device, backend, as_json,
-             no_context_cache, cache_bytes, cache_dir):
+             acceptance, recalibrate, no_speculate, compare, no_chat, system, stop, ignore_eos, threads, device,
+             backend, as_json, no_context_cache, cache_bytes, cache_dir):
     """Generate text for PROMPT from BUNDLE, streaming it."""
     from speccompile import load
     check_generate_options(click.get_current_context().params)
@@ -60,7 +61,7 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, min_p, s
     if compare and temperature > 0 and seed is None:  # both runs sample from one seed, so compare token for token
         seed = random.SystemRandom().randrange(2**63)
     kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
-                  stop=tuple(map(unescape_stop, stop)),
+                  stop=tuple(map(unescape_stop, stop)), ignore_eos=ignore_eos,
                   chat=not no_chat, drafter=drafter, num_draft=num_draft, tree=tree, acceptance=acceptance)
     # color: the text as the model wrote it, escape sequences too (click strips them where stdout is no terminal)
     on_text = None if as_json else functools.partial(click.echo, nl=False, color=True)

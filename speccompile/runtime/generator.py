@@ -130,17 +130,17 @@ class Generator(DecodeLoop):
                seed: int | None = None, stop: tuple[str, ...] | str = (), num_draft: int | None = None,
                tree: str | TreeSpec | None = None, chat: bool = True, on_text: Callable[[str], None] | None = None,
                params: SamplingParams | None = None, acceptance: str | None = None, min_p: float | None = None,
-               **unknown) -> Iterator[Chunk]:
+               ignore_eos: bool = False, **unknown) -> Iterator[Chunk]:
         """Generate, yielding a Chunk per verify pass: the new text (held back while it could still become a stop
         string) and the token ids committed. The final GenerationResult is the StopIteration value (`generate`
         just returns it). prompt: text (through the chat template unless chat=False) or token ids. temperature (0:
         greedy), top_k (0: off), top_p (1: off), min_p (0: off), seed, acceptance ("exact", or
         "typical[:EPS[,ALPHA]]": lossy, see SamplingParams), or `params` in place of them all. Stops at an
-        end-of-sequence token, at max_new_tokens, or where a stop string begins (text and token_ids both end
-        before it). Other keywords are refused."""
+        end-of-sequence token (not with ignore_eos=True: fixed lengths, as vLLM's), at max_new_tokens, or where a
+        stop string begins (text and token_ids both end before it). Other keywords are refused."""
         params = sampling_params(params, unknown, temperature, top_k, top_p, seed, acceptance, min_p)
         request = build_request(self, prompt, max_new_tokens, params, drafter, speculate, stop, num_draft, tree, chat,
-                                on_text)
+                                on_text, ignore_eos)
         if self.scheduler and not own_loop(request):  # submitted now: its passes start before the first read
             self.check_owner()  # this thread's own loop holds the scheduler: the request would wait for ever
             handle = self._submit(request)
@@ -208,7 +208,7 @@ class Generator(DecodeLoop):
         text, out, given, ttft, done = TextStream(self.tokenizer, req.stop), [], 0, None, False
         for new in passes:
             ttft = ttft if ttft is not None else source.produced_at - t0
-            done = self._take(new, out, text, req.max_new_tokens)
+            done = self._take(new, out, text, req)
             if done:
                 break
             delta, n = text.certain()
@@ -234,15 +234,16 @@ class Generator(DecodeLoop):
         weight_bytes = self.pass_bytes["screened" if runs_greedy(req.params, self.noise_ok) else "full"]
         result = stats.as_dict(len(out), total, ttft, weight_bytes, prefill_passes)
         result["acceptance"] = "typical (lossy)" if req.params.typical else "exact"
-        reason = finish_reason(out, req.max_new_tokens, self.tokenizer.eos_token_ids, cancelled=not done)
+        reason = finish_reason(out, req.max_new_tokens, req.end_ids, cancelled=not done)
         return GenerationResult(out, final, result, reason)
 
-    def _take(self, new: list[int], out: list[int], text: TextStream, max_new_tokens: int) -> bool:
+    @staticmethod
+    def _take(new: list[int], out: list[int], text: TextStream, req: Request) -> bool:
         """Append a pass's tokens to `out` (and its text) up to an end-of-sequence token, max_new_tokens or a stop
         string; returns whether the output is complete."""
         for t in new:
             out.append(t)
-            if text.add(t) or t in self.tokenizer.eos_token_ids or len(out) >= max_new_tokens:
+            if text.add(t) or t in req.end_ids or len(out) >= req.max_new_tokens:
                 return True
         return False
 

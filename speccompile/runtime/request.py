@@ -53,6 +53,7 @@ class Request:
     k: int  # chain length
     tree: TreeSpec | None
     stop: tuple[str, ...]
+    end_ids: frozenset[int]  # the tokens that end the output: the end-of-sequence tokens, none with ignore_eos
 
     def new_stats(self) -> SpecDecodeStats:
         """The figures of a run of this request, none counted yet."""
@@ -114,14 +115,14 @@ def own_loop(request: Request) -> bool:
 
 
 def build_request(gen, prompt, max_new_tokens, params: SamplingParams, drafter: str | None, speculate: bool,
-                  stop, num_draft, tree, chat: bool, on_text=None) -> Request:
+                  stop, num_draft, tree, chat: bool, on_text=None, ignore_eos=False) -> Request:
     """gen: the Generator (its tokenizer, target, drafters and their defaults). on_text: checked here only, so that
     a bad callback is refused before anything runs rather than at the first text."""
     if not isinstance(params, SamplingParams):
         raise SpeccompileError(f"params: expected a SamplingParams, not {type(params).__name__}")
     if on_text is not None and not callable(on_text):
         raise SpeccompileError(f"on_text: expected a function of the new text, not {on_text!r}")
-    check_flags(speculate, chat, drafter, num_draft, tree, params)
+    check_flags(speculate, chat, drafter, num_draft, tree, params, ignore_eos)
     ids = prompt_ids(gen, prompt, chat)
     check_length(ids, max_new_tokens, gen.max_seq_len)
     # a bundle without drafters decodes plainly, but a drafter, tree, size or acceptance rule asked of it is
@@ -146,13 +147,14 @@ def build_request(gen, prompt, max_new_tokens, params: SamplingParams, drafter: 
     check_depth(dr, num_draft, tree)
     if tree is None and num_draft is None and dr is not None and gen.trees.get(dr.name):
         tree = gen.trees[dr.name]  # the default: the bundle's tree (num_draft asks for a chain of that many)
-    return Request(ids, int(max_new_tokens), params, dr, k, tree, stop_strings(stop))
+    ends = frozenset() if ignore_eos else gen.tokenizer.eos_token_ids
+    return Request(ids, int(max_new_tokens), params, dr, k, tree, stop_strings(stop), ends)
 
 
-def check_flags(speculate, chat, drafter, num_draft, tree, params: SamplingParams) -> None:
-    """speculate and chat are True or False (the string "no" would be true), and without speculation the options
-    of drafting are refused, not ignored."""
-    for name, flag in (("speculate", speculate), ("chat", chat)):
+def check_flags(speculate, chat, drafter, num_draft, tree, params: SamplingParams, ignore_eos=False) -> None:
+    """speculate, chat and ignore_eos are True or False (the string "no" would be true), and without speculation
+    the options of drafting are refused, not ignored."""
+    for name, flag in (("speculate", speculate), ("chat", chat), ("ignore_eos", ignore_eos)):
         if not isinstance(flag, (bool, np.bool_)):
             raise SpeccompileError(f"{name}: expected True or False, not {flag!r}")
     drafting = [option(name) for name, value in (("drafter", drafter), ("num_draft", num_draft), ("tree", tree))

@@ -255,7 +255,7 @@ class Scheduler:
 
     def _emit(self, s: Slot, new: list[int]) -> None:
         s.handle.queue.put((time.perf_counter(), new))  # its reader may come much later: the stats time the pass
-        if s.complete(new, self.gen.tokenizer.eos_token_ids):
+        if s.complete(new, s.req.end_ids):
             self._finish(s)
 
     def _idle(self, running: list[Slot]) -> dict[int, int]:

@@ -80,6 +80,7 @@ class _Sampling(_Strict):
     n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices: each a request of its own to the runtime (choice_kwargs)
     user: str | None = None
     speculate: bool = True  # an extension: False decodes without drafting (same output, the baseline's speed)
+    ignore_eos: bool = False  # an extension, as vLLM's: generate max_tokens whatever end-of-sequence tokens come
     # extensions: typical acceptance, lossy and opt-in (runtime/sampling.py SamplingParams); greedy stays exact
     acceptance: Literal["exact", "typical"] = "exact"
     typical_epsilon: float = Field(0.09, gt=0.0, le=1.0)
@@ -97,7 +98,7 @@ class _Sampling(_Strict):
         return dict(temperature=float(self.temperature), top_p=float(self.top_p), top_k=max(self.top_k, 0),
                     min_p=float(self.min_p), seed=self.seed,
                     stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
-                    speculate=self.speculate, acceptance=self.acceptance_rule)
+                    speculate=self.speculate, acceptance=self.acceptance_rule, ignore_eos=self.ignore_eos)
 
     def choice_kwargs(self) -> list[dict]:
         """Generator.stream's keywords for each of the n choices. With a seed, choice i samples from seed + i: one
