@@ -15,6 +15,7 @@ MISSING_BUNDLE = {
     "pearl_overlap": ["/nonexistent-bundle"],
     "gpu_bench": ["/nonexistent-bundle", "--device", "cpu"],
     "bench_solo_scheduler": ["/nonexistent-bundle", "2", "4", "spec"],
+    "sampling_speed": ["/nonexistent-bundle"],
 }
 
 
@@ -93,3 +94,13 @@ def test_an_output_where_no_file_can_be_made_is_refused_before_the_run(tmp_path)
         check_output("/proc/bench.json", "--json")
     check_output(str(tmp_path / "bench.json"), "--json")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sampling_speed_checks_each_settings_answers_against_plain_sampling(tiny_bundle, monkeypatch, capsys):
+    """tools/sampling_speed.py: a line per setting, every speculative answer plain sampling's with its seed."""
+    monkeypatch.setattr("sys.argv", ["sampling_speed.py", tiny_bundle, "--prompts", "2", "--new-tokens", "12",
+                                     "--threads", "1"])
+    tool("sampling_speed").main()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["temperature 0.7", "min-p 0.05", "top-p 0.9"]
+    assert all(line.endswith("identical to plain sampling 2/2") for line in lines), lines
