@@ -315,6 +315,17 @@ def test_the_result_says_why_the_output_ended(tiny_generator, monkeypatch):
     assert g.generate(prompt, first + 1, chat=False, ignore_eos=True).finish_reason == "length"
     with pytest.raises(SpeccompileError, match="ignore_eos: expected True or False"):
         g.generate(prompt, 4, ignore_eos="no")
+    # stop_token_ids (vLLM's): more tokens that end the output, each kept in it as an end-of-sequence token is;
+    # ignore_eos leaves them in force
+    other = full.token_ids[10]
+    at = full.token_ids.index(other)
+    for kw in (dict(), dict(speculate=False), dict(ignore_eos=True)):
+        ended = g.generate(prompt, 24, chat=False, stop_token_ids=[other], **kw)
+        expected = full.token_ids[:min(at, first if not kw.get("ignore_eos") else at) + 1]
+        assert ended.token_ids == expected and ended.finish_reason == "stop", kw
+    for bad in ([-1], [g.target.vocab_size], ["5"], [2.5], 7, "5"):
+        with pytest.raises(SpeccompileError, match="stop_token_ids"):
+            g.generate(prompt, 4, stop_token_ids=bad)
     monkeypatch.undo()
     stream = g.stream(prompt, 40, chat=False, speculate=False)
     next(stream)

@@ -160,7 +160,7 @@ def test_min_p_reaches_the_generator(state, client, server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "min_p", r.text
 
 
-def test_ignore_eos_reaches_the_generator(state, client, monkeypatch):
+def test_ignore_eos_reaches_the_generator(state, client, server, monkeypatch):
     """ignore_eos, an extension as vLLM's: the answer runs on past an end-of-sequence token to max_tokens."""
     full = state.gen.chat(user("seven zebras"), 16, temperature=0)
     eos = full.token_ids[3]
@@ -172,6 +172,12 @@ def test_ignore_eos_reaches_the_generator(state, client, monkeypatch):
     assert kept.choices[0].finish_reason == "length" and kept.usage.completion_tokens == 16
     assert kept.choices[0].message.content == state.gen.chat(user("seven zebras"), 16, temperature=0,
                                                              ignore_eos=True).text
+    other = full.token_ids[8]  # stop_token_ids, vLLM's too: an end of its own, whatever ignore_eos says
+    ended = client.chat.completions.create(**body, extra_body={"ignore_eos": True, "stop_token_ids": [other]})
+    assert ended.choices[0].finish_reason == "stop"
+    assert ended.usage.completion_tokens == full.token_ids.index(other) + 1
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": user("hi"), "stop_token_ids": [10**9]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop_token_ids", r.text
 
 
 def test_n_choices_each_sample_from_their_own_seed(state, client):

@@ -130,17 +130,17 @@ class Generator(DecodeLoop):
                seed: int | None = None, stop: tuple[str, ...] | str = (), num_draft: int | None = None,
                tree: str | TreeSpec | None = None, chat: bool = True, on_text: Callable[[str], None] | None = None,
                params: SamplingParams | None = None, acceptance: str | None = None, min_p: float | None = None,
-               ignore_eos: bool = False, **unknown) -> Iterator[Chunk]:
+               ignore_eos: bool = False, stop_token_ids=(), **unknown) -> Iterator[Chunk]:
         """Generate, yielding a Chunk per verify pass: the new text (held back while it could still become a stop
         string) and the token ids committed. The final GenerationResult is the StopIteration value (`generate`
         just returns it). prompt: text (through the chat template unless chat=False) or token ids. temperature (0:
         greedy), top_k (0: off), top_p (1: off), min_p (0: off), seed, acceptance ("exact", or
         "typical[:EPS[,ALPHA]]": lossy, see SamplingParams), or `params` in place of them all. Stops at an
-        end-of-sequence token (not with ignore_eos=True: fixed lengths, as vLLM's), at max_new_tokens, or where a
-        stop string begins (text and token_ids both end before it). Other keywords are refused."""
+        end-of-sequence token (not with ignore_eos=True: fixed lengths, as vLLM's) or one of stop_token_ids (it
+        included, as an end-of-sequence token is), at max_new_tokens, or where a stop string begins (text and token_ids both end before it). Other keywords are refused."""
         params = sampling_params(params, unknown, temperature, top_k, top_p, seed, acceptance, min_p)
         request = build_request(self, prompt, max_new_tokens, params, drafter, speculate, stop, num_draft, tree, chat,
-                                on_text, ignore_eos)
+                                on_text, ignore_eos, stop_token_ids)
         if self.scheduler and not own_loop(request):  # submitted now: its passes start before the first read
             self.check_owner()  # this thread's own loop holds the scheduler: the request would wait for ever
             handle = self._submit(request)

@@ -18,7 +18,8 @@ from speccompile.runtime.sampling import SamplingParams, UnknownOptionError, acc
 
 ROLES = ("system", "user", "assistant", "tool")
 _NOT_SUPPORTED = "not supported: sampling here is temperature, top_k, top_p, min_p and seed"
-_EOS = "stop (stop strings): the bundle's end-of-sequence tokens always end the output"
+_EOS = ("use stop_token_ids (tokens that end the output besides the bundle's end-of-sequence tokens, which "
+        "ignore_eos=True leaves going on)")
 # vLLM's n and transformers' num_return_sequences draw several samples of one prompt; copies of a prompt in a list
 # each draw from the seed alone, so with a seed they all answer alike
 _SAMPLES = ("pass a list of prompts, one result each (with a seed, copies of one prompt get one answer: leave the "
@@ -27,8 +28,7 @@ _SAMPLES = ("pass a list of prompts, one result each (with a seed, copies of one
 FAMILIAR_OPTIONS = {
     "max_tokens": "use max_new_tokens", "max_length": "use max_new_tokens (it counts the new tokens alone)",
     "do_sample": "use temperature: above 0 samples, 0 (the default) is greedy",
-    "stop_sequences": "use stop", "stop_strings": "use stop", "eos_token_id": f"use {_EOS}",
-    "stop_token_ids": f"use {_EOS}", "n": _SAMPLES, "num_return_sequences": _SAMPLES, "sampling_params": "use params",
+    "stop_sequences": "use stop", "stop_strings": "use stop", "eos_token_id": _EOS, "n": _SAMPLES, "num_return_sequences": _SAMPLES, "sampling_params": "use params",
     "repetition_penalty": _NOT_SUPPORTED, "presence_penalty": _NOT_SUPPORTED, "frequency_penalty": _NOT_SUPPORTED,
     "logprobs": "not supported",
 }
@@ -115,7 +115,7 @@ def own_loop(request: Request) -> bool:
 
 
 def build_request(gen, prompt, max_new_tokens, params: SamplingParams, drafter: str | None, speculate: bool,
-                  stop, num_draft, tree, chat: bool, on_text=None, ignore_eos=False) -> Request:
+                  stop, num_draft, tree, chat: bool, on_text=None, ignore_eos=False, stop_token_ids=()) -> Request:
     """gen: the Generator (its tokenizer, target, drafters and their defaults). on_text: checked here only, so that
     a bad callback is refused before anything runs rather than at the first text."""
     if not isinstance(params, SamplingParams):
@@ -148,6 +148,7 @@ def build_request(gen, prompt, max_new_tokens, params: SamplingParams, drafter: 
     if tree is None and num_draft is None and dr is not None and gen.trees.get(dr.name):
         tree = gen.trees[dr.name]  # the default: the bundle's tree (num_draft asks for a chain of that many)
     ends = frozenset() if ignore_eos else gen.tokenizer.eos_token_ids
+    ends |= stop_ids(stop_token_ids, gen.target.vocab_size)
     return Request(ids, int(max_new_tokens), params, dr, k, tree, stop_strings(stop), ends)
 
 
@@ -255,6 +256,17 @@ def stop_strings(stop) -> tuple[str, ...]:
     if not all(isinstance(s, str) for s in stop):
         raise SpeccompileError(f"stop: expected strings, got {stop!r}")
     return tuple(s for s in stop if s)
+
+
+def stop_ids(ids, vocab_size: int) -> frozenset[int]:
+    """stop_token_ids (vLLM's): token ids that end the output as an end-of-sequence token does, it included."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple, np.ndarray)):
+        raise SpeccompileError(f"{given('stop_token_ids', ids, limit=40)}: expected a list of token ids")
+    bad = [t for t in list(ids) if not _whole(t) or not 0 <= t < vocab_size]
+    if bad:
+        raise SpeccompileError(f"{given('stop_token_ids', bad[0], limit=40)}: expected token ids from 0 to "
+                               f"{vocab_size - 1}")
+    return frozenset(int(t) for t in ids)
 
 
 def check_messages(messages) -> list[dict]:

@@ -81,6 +81,7 @@ class _Sampling(_Strict):
     user: str | None = None
     speculate: bool = True  # an extension: False decodes without drafting (same output, the baseline's speed)
     ignore_eos: bool = False  # an extension, as vLLM's: generate max_tokens whatever end-of-sequence tokens come
+    stop_token_ids: Annotated[list[int], Field(max_length=64)] | None = None  # an extension, as vLLM's
     # extensions: typical acceptance, lossy and opt-in (runtime/sampling.py SamplingParams); greedy stays exact
     acceptance: Literal["exact", "typical"] = "exact"
     typical_epsilon: float = Field(0.09, gt=0.0, le=1.0)
@@ -98,7 +99,8 @@ class _Sampling(_Strict):
         return dict(temperature=float(self.temperature), top_p=float(self.top_p), top_k=max(self.top_k, 0),
                     min_p=float(self.min_p), seed=self.seed,
                     stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
-                    speculate=self.speculate, acceptance=self.acceptance_rule, ignore_eos=self.ignore_eos)
+                    speculate=self.speculate, acceptance=self.acceptance_rule, ignore_eos=self.ignore_eos,
+                    stop_token_ids=tuple(self.stop_token_ids or ()))
 
     def choice_kwargs(self) -> list[dict]:
         """Generator.stream's keywords for each of the n choices. With a seed, choice i samples from seed + i: one
