@@ -92,6 +92,16 @@ def test_stop_string(tiny_bundle):
     assert kept["token_ids"][:len(full["token_ids"])] == full["token_ids"]
 
 
+def test_logprobs_in_the_json_output(tiny_bundle):
+    out = json.loads(run("generate", tiny_bundle, "hello", "--max-new-tokens", 6, "--json", "--logprobs", 2))
+    assert [e["token"] for e in out["logprobs"]] == out["token_ids"]
+    assert all(e["logprob"] <= 0 and len(e["top"]) == 2 and e["top"][0][1] >= e["logprob"] for e in out["logprobs"])
+    r = CliRunner().invoke(main, ["generate", str(tiny_bundle), "hello", "--logprobs", "2"])
+    assert r.exit_code == 2 and r.output == "error: --logprobs 2: they are printed in --json's output: add --json\n"
+    r = CliRunner().invoke(main, ["generate", str(tiny_bundle), "hello", "--json", "--logprobs", "21"])
+    assert r.exit_code == 2 and "--logprobs 21" in r.output and len(r.output.splitlines()) == 1, r.output
+
+
 def test_stop_reads_escapes(tiny_bundle):
     """`--stop "\\n"` on a shell command line is a backslash and an n: read as the newline it means."""
     from speccompile.cli.generate_options import unescape_stop

@@ -533,7 +533,7 @@ def test_what_clients_send_by_default_is_accepted(server, client):
     res = client.chat.completions.create(model="tiny-serve", presence_penalty=0.0, frequency_penalty=0.0, **body)
     assert res.choices[0].message.content == plain
     for extra in ({"presence_penalty": 0.5}, {"presence_penalty": True}, {"top_k": -2},
-                  {"response_format": {"type": "json_object"}}, {"logprobs": True}):
+                  {"response_format": {"type": "json_object"}}, {"logprobs": 1}, {"echo": True}):
         assert httpx.post(server.url + "/v1/chat/completions", json={**body, **extra}).status_code == 400, extra
 
 
@@ -1317,3 +1317,34 @@ def test_a_request_that_fails_is_counted_by_its_status(state):
     value = metrics.registry.get_sample_value
     assert value("speccompile:request_failure_total", {"model_name": "tiny-serve", "status": "500"}) == 1
     assert value("speccompile:num_requests_running", {"model_name": "tiny-serve"}) == 0
+
+
+def test_logprobs_in_openais_forms(state, client):
+    """Chat: logprobs true and top_logprobs K, as OpenAI's; completions: logprobs K (the legacy form). Each token's
+    log-probability is the runtime's, streamed too; asking changes no token."""
+    ref = state.gen.chat(user("seven zebras"), 8, temperature=0, logprobs=2)
+    res = client.chat.completions.create(model="tiny-serve", messages=user("seven zebras"), max_tokens=8,
+                                         temperature=0, logprobs=True, top_logprobs=2)
+    content = res.choices[0].logprobs.content
+    assert res.choices[0].message.content == ref.text and len(content) == len(ref.token_ids)
+    assert [c.logprob for c in content] == pytest.approx([e.logprob for e in ref.logprobs])
+    assert [t.logprob for c in content for t in c.top_logprobs] == pytest.approx(
+        [v for e in ref.logprobs for _, v in e.top])
+    assert content[0].token == state.gen.tokenizer.decode([ref.token_ids[0]])
+    assert content[0].bytes == list(content[0].token.encode())
+    plain = client.chat.completions.create(model="tiny-serve", messages=user("seven zebras"), max_tokens=8,
+                                           temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == ref.text
+    chunks = list(client.chat.completions.create(model="tiny-serve", messages=user("seven zebras"), max_tokens=8,
+                                                 temperature=0, logprobs=True, stream=True))
+    streamed = [c for ch in chunks if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
+    assert [c.logprob for c in streamed] == pytest.approx([e.logprob for e in ref.logprobs])
+    text = client.completions.create(model="tiny-serve", prompt="seven zebras", max_tokens=6, temperature=0,
+                                     logprobs=3)
+    ref = state.gen.generate("seven zebras", 6, chat=False, temperature=0, logprobs=3)
+    lp = text.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx([e.logprob for e in ref.logprobs])
+    assert [max(top.values()) for top in lp.top_logprobs] == pytest.approx([e.top[0][1] for e in ref.logprobs])
+    assert lp.text_offset[0] == 0 and "".join(lp.tokens) == text.choices[0].text
+    r = httpx.post(str(client.base_url.join("chat/completions")), json={"messages": user("hi"), "top_logprobs": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs", r.text

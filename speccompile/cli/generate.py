@@ -40,11 +40,13 @@ from speccompile.errors import SpeccompileError
 @click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads (default: all cores).")
 @device_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+@click.option("--logprobs", default=None, type=int,
+              help="With --json: each token's log-probability under the target and the K likeliest tokens' (0-20).")
 @context_cache_options
 @errors_to_exit
 def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, min_p, seed, drafter, num_draft, tree,
              acceptance, recalibrate, no_speculate, compare, no_chat, system, stop, ignore_eos, threads, device,
-             backend, as_json, no_context_cache, cache_bytes, cache_dir):
+             backend, as_json, logprobs, no_context_cache, cache_bytes, cache_dir):
     """Generate text for PROMPT from BUNDLE, streaming it."""
     from speccompile import load
     check_generate_options(click.get_current_context().params)
@@ -61,7 +63,7 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, min_p, s
     if compare and temperature > 0 and seed is None:  # both runs sample from one seed, so compare token for token
         seed = random.SystemRandom().randrange(2**63)
     kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
-                  stop=tuple(map(unescape_stop, stop)), ignore_eos=ignore_eos,
+                  stop=tuple(map(unescape_stop, stop)), ignore_eos=ignore_eos, logprobs=logprobs,
                   chat=not no_chat, drafter=drafter, num_draft=num_draft, tree=tree, acceptance=acceptance)
     # color: the text as the model wrote it, escape sequences too (click strips them where stdout is no terminal)
     on_text = None if as_json else functools.partial(click.echo, nl=False, color=True)
@@ -73,6 +75,8 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, min_p, s
     base = gen.generate(prompt, max_new_tokens, speculate=False, **plain) if compare else None
     if as_json:
         out = {"text": res.text, "token_ids": res.token_ids, "finish_reason": res.finish_reason, "stats": res.stats}
+        if res.logprobs is not None:
+            out["logprobs"] = [{"token": e.token, "logprob": e.logprob, "top": e.top} for e in res.logprobs]
         if base:
             out["autoregressive_stats"] = base.stats
             out["speedup"] = _speedup(res.stats, base.stats)

@@ -148,6 +148,14 @@ def accept_typical(tokens: np.ndarray, parents: np.ndarray, p: np.ndarray, epsil
     return Verdict(path, draw(p[row], uniform(row, DRAW)))
 
 
+def accept_by_graph_rule(prop, logits: np.ndarray, params, rng: np.random.Generator) -> Verdict:
+    """The verify graph's sampled rule (speccompile.graphs) on the host, drawing from rng as the graph's caller
+    does: one [rows, 2] table of uniforms."""
+    parents = chain_parents(len(prop.tokens)) if prop.parents is None else prop.parents
+    table = rng.random((len(prop.tokens) + 1, 2))
+    return accept_sampled(prop.tokens, parents, probabilities(logits, params), from_table(table))
+
+
 def accept_on_host(prop, logits: np.ndarray, argmax: np.ndarray, params, rng: np.random.Generator,
                    draws: PositionDraws | None = None, n: int = 0) -> Verdict:
     """The verdict on a proposal (runtime/drafters/base.Proposal) from the target's rows copied to the host (the
@@ -189,6 +197,7 @@ class SpecDecodeStats:
     committed_per_pass: dict[int, int] = dataclasses.field(default_factory=dict)
     accepted_per_depth: list[list[int]] = dataclasses.field(default_factory=list)  # per depth [accepted, tried]
     adaptive: dict | None = None  # adaptive drafting's choices (runtime/adaptive.py summary), if it drafted
+    logprobs: object = None  # runtime/logprobs.Logprobs where the request asks for them (not in as_dict)
 
     def record(self, proposed: int, accepted: int, deepest: int, in_graph: bool | None) -> None:
         """One pass: `proposed` draft nodes `deepest` deep, `accepted` of them taken (plus the target's token);

@@ -14,12 +14,14 @@ import numpy as np
 from speccompile.format.trees import ADAPTIVE_LOOKUP, TreeSpec, depths
 from speccompile.graphs import MAX_STEP_TOKENS
 from speccompile.runtime import cost_cache
-from speccompile.runtime.acceptance import SpecDecodeStats, Verdict, accept_on_host, chain_parents
+from speccompile.runtime.acceptance import (SpecDecodeStats, Verdict, accept_by_graph_rule, accept_on_host,
+                                            chain_parents)
 from speccompile.runtime.adaptive import AdaptiveDrafting
 from speccompile.runtime.context_cache import ContextCache
 from speccompile.runtime.cost_model import CostModel
 from speccompile.runtime.drafters.base import Drafter, Proposal
 from speccompile.runtime.drafters.lookup import LookupDrafter, LookupReach, join_lookup
+from speccompile.runtime.logprobs import Logprobs, verdict_rows
 from speccompile.runtime.noise import GumbelNoise, sampled_by_noise
 from speccompile.runtime.sampling import PositionDraws, SamplingParams
 
@@ -60,7 +62,7 @@ class DecodeLoop:
             room = min(max_new_tokens - generated - 1, self.max_seq_len - n)  # draft tokens that could be used
             prop = (self.propose_adaptive(context[:n], drafter, adapt, room, params, rng) if adapt else
                     self.propose(context[:n], drafter, k, tree, room, reach, params, rng))
-            (path, token), in_graph = self.verify(token, prop, n, params, rng, noise, draws)
+            (path, token), in_graph = self.verify(token, prop, n, params, rng, noise, draws, stats.logprobs)
             self.commit(n, prop.parents, path, drafter)
             accepted = prop.tokens[path]
             context[n:n + len(path)] = accepted
@@ -88,13 +90,17 @@ class DecodeLoop:
         for start in range(hit, len(prompt), PREFILL_CHUNK):
             chunk = prompt[start:start + PREFILL_CHUNK]
             last = noise.rows([len(prompt)]) if noise and start + len(chunk) == len(prompt) else None
-            logits, argmax = self.target.forward(chunk, full_logits=not params.greedy, noise=last)  # greedy: argmax
+            logits, argmax = self.target.forward(chunk, full_logits=not params.greedy or bool(stats.logprobs),
+                                                 noise=last)  # greedy without logprobs: the argmax alone
             if drafter and drafter.wants_hidden:
                 drafter.observe(start, drafter.features(self.target, slice(0, len(chunk))))
             cache.truncate(start + len(chunk))
         if self.context_cache:
             self.context_cache.save(prompt, len(prompt), cache, drafter)
-        return int(argmax[0]) if params.greedy else draws.token(logits[0], params, len(prompt))
+        token = int(argmax[0]) if params.greedy else draws.token(logits[0], params, len(prompt))
+        if stats.logprobs:
+            stats.logprobs.add(logits, [0], [token])
+        return token
 
     def propose(self, context, drafter, k, tree, room, reach, params, rng) -> Proposal:
         """The drafter's chain (at most k tokens) or tree, within `room` tokens; joined by lookup if asked."""
@@ -150,22 +156,27 @@ class DecodeLoop:
         return self._cost
 
     def verify(self, token: int, prop: Proposal, n: int, params: SamplingParams, rng,
-               noise: GumbelNoise | None = None, draws: PositionDraws | None = None) -> tuple[Verdict, bool | None]:
+               noise: GumbelNoise | None = None, draws: PositionDraws | None = None,
+               logprobs: Logprobs | None = None) -> tuple[Verdict, bool | None]:
         """One target pass over the pending token and the draft: (the verdict, whether acceptance ran in the
-        graph; None for a plain decode step, without drafts). Timed into the cost model once adaptive drafting
-        has loaded it, so that its prices follow the passes as they run now."""
+        graph; None for a plain decode step, without drafts); the committed tokens' entries added to `logprobs`.
+        Timed into the cost model once adaptive drafting has loaded it, so that its prices follow the passes as
+        they run now."""
         t0 = time.perf_counter()
-        out = self._target_pass(token, prop, n, params, rng, noise, draws)
+        out = self._target_pass(token, prop, n, params, rng, noise, draws, logprobs)
         if self._cost is not None:
             self._cost.observe(1 + len(prop.tokens), n - 1, params.greedy, (time.perf_counter() - t0) * 1e3)
         return out
 
-    def _target_pass(self, token: int, prop: Proposal, n: int, params: SamplingParams, rng, noise, draws):
+    def _target_pass(self, token: int, prop: Proposal, n: int, params: SamplingParams, rng, noise, draws,
+                     logprobs: Logprobs | None):
+        full = not params.greedy or bool(logprobs)  # greedy without logprobs reads the argmax alone
         if not len(prop.tokens):  # nothing to verify: a plain decode step (the verify ops would only cost time)
             self._pending[0] = token
-            logits, argmax = self.target.forward(self._pending, full_logits=not params.greedy,
+            logits, argmax = self.target.forward(self._pending, full_logits=full,
                                                  noise=noise.rows([n]) if noise else None)
-            return Verdict([], int(argmax[0]) if params.greedy else draws.token(logits[0], params, n)), None
+            verdict = Verdict([], int(argmax[0]) if params.greedy else draws.token(logits[0], params, n))
+            return self._logged(verdict, prop, logits, logprobs), None
         block = np.concatenate([[token], prop.tokens]).astype(np.int64)
         if prop.parents is None:  # a chain
             block_parents, positions = None, None
@@ -173,18 +184,28 @@ class DecodeLoop:
             block_parents = np.concatenate([[-1], prop.parents + 1])  # tree roots hang off the pending token
             positions = n - 1 + depths(block_parents)
         drawn = noise.rows(n + (np.arange(len(block)) if positions is None else positions - n + 1)) if noise else None
-        if self.target.verifies and params.greedy or self.target.verifies_sampled and (
-                not params.filtered_on_host and prop.q is None and not params.typical):
+        by_graph = self.target.verifies_sampled and not params.greedy and (
+            not params.filtered_on_host and prop.q is None and not params.typical)
+        if not logprobs and (self.target.verifies and params.greedy or by_graph):
             # the verify graph accepts: O(nodes) numbers come back, not the [nodes, V] logits. The host path
-            # remains for top-p and min-p, for chains drawn from draft distributions q (see verify.emit_verify) and for
-            # bundles built before the verify extension.
+            # remains for logprobs, top-p and min-p, for chains drawn from draft distributions q (see
+            # verify.emit_verify) and for bundles built before the verify extension.
             verdict = self.target.verify(block, positions, chain_parents(len(block)) if block_parents is None
                                          else block_parents, params.temperature, params.top_k,
                                          None if params.greedy else rng.random((len(block), 2)), drawn)
             return Verdict(*verdict), True
         logits, argmax = self.target.forward(block, positions, block_parents, rows=np.arange(len(block)),
-                                             full_logits=not params.greedy, noise=drawn)  # greedy: the argmax
-        return accept_on_host(prop, logits, argmax, params, rng, draws, n), False
+                                             full_logits=full, noise=drawn)
+        verdict = (accept_by_graph_rule(prop, logits, params, rng) if by_graph else
+                   accept_on_host(prop, logits, argmax, params, rng, draws, n))  # by_graph: the graph's draws
+        return self._logged(verdict, prop, logits, logprobs), False
+
+    @staticmethod
+    def _logged(verdict: Verdict, prop: Proposal, logits: np.ndarray, logprobs: Logprobs | None) -> Verdict:
+        """The verdict, its committed tokens' log-probabilities added to `logprobs` (if asked for)."""
+        if logprobs:
+            logprobs.add(logits, verdict_rows(verdict.path), [*prop.tokens[verdict.path].tolist(), verdict.token])
+        return verdict
 
     def commit(self, n: int, parents: np.ndarray | None, path: list[int], drafter: Drafter | None) -> None:
         """Keep the accepted nodes' K/V after the committed tokens; the rejected slots are simply forgotten."""

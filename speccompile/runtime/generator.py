@@ -130,17 +130,20 @@ class Generator(DecodeLoop):
                seed: int | None = None, stop: tuple[str, ...] | str = (), num_draft: int | None = None,
                tree: str | TreeSpec | None = None, chat: bool = True, on_text: Callable[[str], None] | None = None,
                params: SamplingParams | None = None, acceptance: str | None = None, min_p: float | None = None,
-               ignore_eos: bool = False, stop_token_ids=(), **unknown) -> Iterator[Chunk]:
+               ignore_eos: bool = False, stop_token_ids=(), logprobs: int | None = None,
+               **unknown) -> Iterator[Chunk]:
         """Generate, yielding a Chunk per verify pass: the new text (held back while it could still become a stop
         string) and the token ids committed. The final GenerationResult is the StopIteration value (`generate`
         just returns it). prompt: text (through the chat template unless chat=False) or token ids. temperature (0:
         greedy), top_k (0: off), top_p (1: off), min_p (0: off), seed, acceptance ("exact", or
         "typical[:EPS[,ALPHA]]": lossy, see SamplingParams), or `params` in place of them all. Stops at an
         end-of-sequence token (not with ignore_eos=True: fixed lengths, as vLLM's) or one of stop_token_ids (it
-        included, as an end-of-sequence token is), at max_new_tokens, or where a stop string begins (text and token_ids both end before it). Other keywords are refused."""
+        included, as an end-of-sequence token is), at max_new_tokens, or where a stop string begins (text and
+        token_ids both end before it). logprobs=K (0 to 20): each token's log-probability under the target and the
+        K likeliest tokens' (runtime/logprobs.py), in the chunks and the result. Other keywords are refused."""
         params = sampling_params(params, unknown, temperature, top_k, top_p, seed, acceptance, min_p)
         request = build_request(self, prompt, max_new_tokens, params, drafter, speculate, stop, num_draft, tree, chat,
-                                on_text, ignore_eos, stop_token_ids)
+                                on_text, ignore_eos, stop_token_ids, logprobs)
         if self.scheduler and not own_loop(request):  # submitted now: its passes start before the first read
             self.check_owner()  # this thread's own loop holds the scheduler: the request would wait for ever
             handle = self._submit(request)
@@ -206,13 +209,14 @@ class Generator(DecodeLoop):
         passes = handle.passes() if handle else own.passes(self.steps(req.ids, req.max_new_tokens, req.drafter, req.k,
                                                                        req.params, stats, req.tree))
         text, out, given, ttft, done = TextStream(self.tokenizer, req.stop), [], 0, None, False
+        logprobs = stats.logprobs.tokens if stats.logprobs else None  # appended as the tokens are committed
         for new in passes:
             ttft = ttft if ttft is not None else source.produced_at - t0
             done = self._take(new, out, text, req)
             if done:
                 break
             delta, n = text.certain()
-            chunk, given = handed_out(delta, out[given:given + n], on_text), given + n
+            chunk, given = handed_out(delta, out[given:given + n], on_text, logprobs, given), given + n
             yield chunk
             if submitted is None:  # resumed, maybe by another thread (a pool reading the stream): it holds the lock
                 self._owner = threading.get_ident()
@@ -220,7 +224,7 @@ class Generator(DecodeLoop):
         # first (SubmittedStream.cancel). The text held back (a partial character, a stop string's start) comes last
         final, delta, n = text.finish(out)
         if done or delta or n:
-            yield handed_out(delta, out[given:given + n], on_text)
+            yield handed_out(delta, out[given:given + n], on_text, logprobs, given)
             if submitted is None:
                 self._owner = threading.get_ident()
         total = (source.produced_at if done else time.perf_counter()) - t0  # done: at its last pass
@@ -235,7 +239,7 @@ class Generator(DecodeLoop):
         result = stats.as_dict(len(out), total, ttft, weight_bytes, prefill_passes)
         result["acceptance"] = "typical (lossy)" if req.params.typical else "exact"
         reason = finish_reason(out, req.max_new_tokens, req.end_ids, cancelled=not done)
-        return GenerationResult(out, final, result, reason)
+        return GenerationResult(out, final, result, reason, None if logprobs is None else logprobs[:len(out)])
 
     @staticmethod
     def _take(new: list[int], out: list[int], text: TextStream, req: Request) -> bool:

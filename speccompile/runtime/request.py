@@ -14,6 +14,7 @@ from speccompile.format.trees import TreeSpec
 from speccompile.graphs import MAX_VERIFY_TOKENS
 from speccompile.runtime.acceptance import SpecDecodeStats
 from speccompile.runtime.drafters.base import Drafter
+from speccompile.runtime.logprobs import MAX_TOP_LOGPROBS, Logprobs
 from speccompile.runtime.sampling import SamplingParams, UnknownOptionError, acceptance_option
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -28,9 +29,10 @@ _SAMPLES = ("pass a list of prompts, one result each (with a seed, copies of one
 FAMILIAR_OPTIONS = {
     "max_tokens": "use max_new_tokens", "max_length": "use max_new_tokens (it counts the new tokens alone)",
     "do_sample": "use temperature: above 0 samples, 0 (the default) is greedy",
-    "stop_sequences": "use stop", "stop_strings": "use stop", "eos_token_id": _EOS, "n": _SAMPLES, "num_return_sequences": _SAMPLES, "sampling_params": "use params",
-    "repetition_penalty": _NOT_SUPPORTED, "presence_penalty": _NOT_SUPPORTED, "frequency_penalty": _NOT_SUPPORTED,
-    "logprobs": "not supported",
+    "stop_sequences": "use stop", "stop_strings": "use stop", "eos_token_id": _EOS, "n": _SAMPLES,
+    "num_return_sequences": _SAMPLES, "sampling_params": "use params", "top_logprobs": "use logprobs=K",
+    "output_scores": "use logprobs=K", "repetition_penalty": _NOT_SUPPORTED, "presence_penalty": _NOT_SUPPORTED,
+    "frequency_penalty": _NOT_SUPPORTED,
 }
 
 
@@ -54,11 +56,14 @@ class Request:
     tree: TreeSpec | None
     stop: tuple[str, ...]
     end_ids: frozenset[int]  # the tokens that end the output: the end-of-sequence tokens, none with ignore_eos
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k likeliest tokens'
 
     def new_stats(self) -> SpecDecodeStats:
-        """The figures of a run of this request, none counted yet."""
-        return SpecDecodeStats(self.drafter.name if self.drafter else None,
-                               self.tree.to_dict() if self.tree else None, len(self.ids))
+        """The figures of a run of this request, none counted yet (and where asked for, its log-probabilities)."""
+        stats = SpecDecodeStats(self.drafter.name if self.drafter else None,
+                                self.tree.to_dict() if self.tree else None, len(self.ids))
+        stats.logprobs = None if self.logprobs is None else Logprobs(self.logprobs)
+        return stats
 
 
 def check_options(unknown: dict, call: str = "generate, stream and chat", hints: dict = FAMILIAR_OPTIONS) -> None:
@@ -115,7 +120,8 @@ def own_loop(request: Request) -> bool:
 
 
 def build_request(gen, prompt, max_new_tokens, params: SamplingParams, drafter: str | None, speculate: bool,
-                  stop, num_draft, tree, chat: bool, on_text=None, ignore_eos=False, stop_token_ids=()) -> Request:
+                  stop, num_draft, tree, chat: bool, on_text=None, ignore_eos=False, stop_token_ids=(),
+                  logprobs=None) -> Request:
     """gen: the Generator (its tokenizer, target, drafters and their defaults). on_text: checked here only, so that
     a bad callback is refused before anything runs rather than at the first text."""
     if not isinstance(params, SamplingParams):
@@ -149,7 +155,11 @@ def build_request(gen, prompt, max_new_tokens, params: SamplingParams, drafter: 
         tree = gen.trees[dr.name]  # the default: the bundle's tree (num_draft asks for a chain of that many)
     ends = frozenset() if ignore_eos else gen.tokenizer.eos_token_ids
     ends |= stop_ids(stop_token_ids, gen.target.vocab_size)
-    return Request(ids, int(max_new_tokens), params, dr, k, tree, stop_strings(stop), ends)
+    if logprobs is not None and (not _whole(logprobs) or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+        raise SpeccompileError(f"{given('logprobs', logprobs, limit=40)}: the likeliest tokens to list beside each "
+                               f"token's own, a whole number from 0 to {MAX_TOP_LOGPROBS} (None: no logprobs)")
+    return Request(ids, int(max_new_tokens), params, dr, k, tree, stop_strings(stop), ends,
+                   None if logprobs is None else int(logprobs))
 
 
 def check_flags(speculate, chat, drafter, num_draft, tree, params: SamplingParams, ignore_eos=False) -> None:

@@ -29,15 +29,16 @@ import time
 import numpy as np
 
 from speccompile.format.bundle import check_unchanged, file_stamps
-from speccompile.runtime.acceptance import (SpecDecodeStats, Verdict, accept_greedy, accept_on_host, accept_sampled,
-                                            from_table)
+from speccompile.runtime.acceptance import (SpecDecodeStats, Verdict, accept_by_graph_rule, accept_greedy,
+                                            accept_on_host)
 from speccompile.runtime.batch_engine import BatchEngine
 from speccompile.runtime.drafters.base import Drafter
 from speccompile.runtime.drafters.lookup import LookupReach
 from speccompile.runtime.kv_cache import KVCache
+from speccompile.runtime.logprobs import verdict_rows
 from speccompile.runtime.noise import sampled_by_noise
 from speccompile.runtime.request import Request
-from speccompile.runtime.sampling import PositionDraws, probabilities
+from speccompile.runtime.sampling import PositionDraws
 from speccompile.runtime.shared_drafts import propose_shared
 from speccompile.runtime.slots import DONE, Handle, Slot, round_failed, without_cancelled
 from speccompile.runtime.streams import CANCEL_POLL_S
@@ -271,10 +272,10 @@ class Scheduler:
             self.trace.append(("prefill", (s.index,)))
         step = s.chunk(self.gen.prefill_chunk)
         if s.index == 0:
-            logits, argmax = self.gen.target.forward(step.tokens, full_logits=not s.params.greedy, noise=step.noise)
+            logits, argmax = self.gen.target.forward(step.tokens, full_logits=s.full_logits, noise=step.noise)
             self._prefilled(s, len(step.tokens), self.gen.target, logits, argmax, slice(0, len(step.tokens)))
             return
-        results = self.engine.run([step], not s.params.greedy, self._idle([s]))
+        results = self.engine.run([step], s.full_logits, self._idle([s]))
         self._prefilled(s, len(step.tokens), self.engine, *results[s.index])
 
     def _prefilled(self, s: Slot, count: int, engine, logits, argmax, rows) -> None:
@@ -290,6 +291,8 @@ class Scheduler:
                 self.gen.context_cache.save(s.req.ids, len(s.req.ids), s.cache, s.drafter)
             params = s.params
             s.token = int(argmax[0]) if params.greedy else s.draws.token(logits[0], params, len(s.req.ids))
+            if s.handle.stats.logprobs:
+                s.handle.stats.logprobs.add(logits, [0], [s.token])
             s.n = len(s.req.ids)
             self._emit(s, [s.token])
 
@@ -308,7 +311,8 @@ class Scheduler:
             s = slots[0]
             if self.trace is not None:
                 self.trace.append(("decode", (s.index,)))
-            (path, token), in_graph = self.gen.verify(s.token, s.prop, s.n, s.params, s.rng, s.noise, s.draws)
+            (path, token), in_graph = self.gen.verify(s.token, s.prop, s.n, s.params, s.rng, s.noise, s.draws,
+                                                      s.handle.stats.logprobs)
             self.gen.commit(s.n, s.prop.parents, path, s.drafter)
             self._accepted(s, Verdict(path, token), in_graph)
             return
@@ -325,12 +329,15 @@ class Scheduler:
             self.trace.append(("decode", tuple(s.index for s in running)))
         self.shared_passes += len(running) > 1
         steps = [s.block() for s in slots] + ([mixed.chunk(MIXED_CHUNK)] if mixed else [])
-        results = self.engine.run(steps, not all(s.params.greedy for s in running), self._idle(running))
+        results = self.engine.run(steps, any(s.full_logits for s in running), self._idle(running))
         if mixed:
             self._prefilled(mixed, len(steps[-1].tokens), self.engine, *results[mixed.index])
         for s in slots:
             logits, argmax, rows = results[s.index]
             verdict, in_graph = self._accept(s, logits, argmax)
+            if s.handle.stats.logprobs:
+                s.handle.stats.logprobs.add(logits, verdict_rows(verdict.path),
+                                            [*s.prop.tokens[verdict.path].tolist(), verdict.token])
             self._commit(s, verdict.path, rows)
             self._accepted(s, verdict, in_graph)
 
@@ -344,9 +351,7 @@ class Scheduler:
         if params.greedy:  # the argmax rows come from the graph; the host walks the tree
             return accept_greedy(prop.tokens, parents, argmax), False
         if self.gen.target.verifies_sampled and not params.filtered_on_host and prop.q is None:
-            # the verify graph's rule and draws (speccompile.graphs): one [rows, 2] table of uniforms
-            table = s.rng.random((len(prop.tokens) + 1, 2))
-            return accept_sampled(prop.tokens, parents, probabilities(logits, params), from_table(table)), False
+            return accept_by_graph_rule(prop, logits, params, s.rng), False  # the verify graph's rule and draws
         return accept_on_host(prop, logits, argmax, params, s.rng, s.draws, s.n), False
 
     def _commit(self, s: Slot, path: list[int], rows: np.ndarray) -> None:

@@ -113,6 +113,11 @@ class Slot:
                 or self.stops is not None and any(self.stops.add(t) for t in new))
 
     @property
+    def full_logits(self) -> bool:
+        """Whether its passes need the target's float32 rows: sampled on the host, or logprobs asked for."""
+        return not self.params.greedy or self.handle.stats.logprobs is not None
+
+    @property
     def decoding(self) -> bool:
         return self.prefilled == len(self.req.ids)
 

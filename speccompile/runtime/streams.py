@@ -17,6 +17,7 @@ class GenerationResult:
     # why the output ended, as OpenAI and vLLM name it: "stop" (an end-of-sequence token or a stop string),
     # "length" (max_new_tokens reached), "cancelled" (SubmittedStream.cancel)
     finish_reason: str = "stop"
+    logprobs: list | None = None  # logprobs=K: per token, a runtime/logprobs.TokenLogprob
 
 
 def finish_reason(token_ids: list[int], max_new_tokens: int, eos_token_ids, cancelled: bool) -> str:
@@ -28,11 +29,12 @@ def finish_reason(token_ids: list[int], max_new_tokens: int, eos_token_ids, canc
     return "length" if len(token_ids) >= max_new_tokens and not ended else "stop"
 
 
-def handed_out(delta: str, token_ids: list[int], on_text) -> Chunk:
-    """The chunk a stream hands out now, its text told to on_text first (if there is text and an on_text)."""
+def handed_out(delta: str, token_ids: list[int], on_text, logprobs: list | None = None, first: int = 0) -> Chunk:
+    """The chunk a stream hands out now, its text told to on_text first (if there is text and an on_text); with
+    the request's logprobs, those of its tokens (the output's from index `first` on)."""
     if on_text and delta:
         on_text(delta)
-    return Chunk(delta, token_ids)
+    return Chunk(delta, token_ids, None if logprobs is None else logprobs[first:first + len(token_ids)])
 
 
 def drain(stream) -> GenerationResult:

@@ -16,6 +16,7 @@ class Chunk:
     """What one verify pass added: the text now certain, and the token ids committed (both cut at a stop)."""
     text: str
     token_ids: list[int]
+    logprobs: list | None = None  # logprobs=K: per token, a runtime/logprobs.TokenLogprob
 
 
 class TextStream:

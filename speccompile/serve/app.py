@@ -102,6 +102,8 @@ def _check_request(state: ServeState, body) -> None:
     stray = [f for f in ("typical_epsilon", "typical_alpha") if f in body.model_fields_set]
     if stray and body.acceptance != "typical":  # it would do nothing: exact acceptance has no threshold
         raise APIError(400, f"{stray[0]}: only allowed with acceptance: typical", param=stray[0])
+    if getattr(body, "top_logprobs", None) is not None and not body.logprobs:  # as OpenAI refuses it
+        raise APIError(400, "top_logprobs: only allowed with logprobs: true", param="top_logprobs")
     if body.n > state.runner.max_queue:  # every choice holds a place: more than there are would never be admitted
         raise APIError(400, f"n: at most {state.runner.max_queue} choices on this server (each holds one of its "
                        f"--max-queue places)", param="n")
@@ -132,7 +134,7 @@ async def _respond(state: ServeState, body, ids: list[int], request: Request, ch
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         outcomes = [await _outcome(job, first) for job, first in zip(jobs, firsts)]
         use = choices_usage(len(ids), outcomes)
-        answers = [(o.text, o.finish_reason) for o in outcomes]
+        answers = [(o.text, o.finish_reason, _logprobs(state, o.logprobs, chat)) for o in outcomes]
         rid = protocol.new_id("chatcmpl" if chat else "cmpl")
         if chat:
             return protocol.chat_completion(rid, state.model, answers, use)
@@ -191,6 +193,14 @@ def _as_api_error(e: Exception) -> APIError:
     return APIError(500, f"internal error ({type(e).__name__}); see the server's log", type="server_error")
 
 
+def _logprobs(state: ServeState, entries: list | None, chat: bool, offset: int = 0) -> dict | None:
+    """A choice's (or a streamed piece's) logprobs in OpenAI's form, each token's text decoded alone."""
+    text_of = lambda token: state.gen.tokenizer.decode([token])  # noqa: E731
+    if chat:
+        return protocol.chat_logprobs(entries, text_of)
+    return protocol.completion_logprobs(entries, text_of, offset)
+
+
 def _data(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -201,11 +211,15 @@ async def _sse(state: ServeState, body, jobs: list[Job], firsts: list, chat: boo
     await: `finally` cancels the jobs, whose workers close the Generator's streams after the current pass."""
     rid, model, created = protocol.new_id("chatcmpl" if chat else "cmpl"), state.model, protocol.now()
 
-    def piece(index: int, text: str, finish: str | None = None) -> dict:
+    offsets = [0] * len(jobs)  # each choice's text so far: where a completion's next token text begins
+
+    def piece(index: int, text: str, finish: str | None = None, entries: list | None = None) -> dict:
+        logprobs = _logprobs(state, entries, chat, offsets[index]) if entries else None
+        offsets[index] += len(text)
         if not chat:
-            return protocol.completion(rid, model, [(text, finish)], None, created, first_index=index)
+            return protocol.completion(rid, model, [(text, finish, logprobs)], None, created, first_index=index)
         delta = {"content": text} if text or not finish else {}
-        return protocol.chat_chunk(rid, model, created, delta, finish, index=index)
+        return protocol.chat_chunk(rid, model, created, delta, finish, index=index, logprobs=logprobs)
 
     merged: asyncio.Queue = asyncio.Queue()  # (choice, event) from every job, in the order they come
     pumps = [asyncio.ensure_future(_pump(i, job, first, merged)) for i, (job, first) in enumerate(zip(jobs, firsts))]
@@ -217,8 +231,8 @@ async def _sse(state: ServeState, body, jobs: list[Job], firsts: list, chat: boo
         while any(o is None for o in outcomes):
             i, event = await merged.get()
             if event[0] == "chunk":
-                if event[1].text:
-                    yield _data(piece(i, event[1].text))
+                if event[1].text or event[1].logprobs:
+                    yield _data(piece(i, event[1].text, None, event[1].logprobs))
             elif event[0] == "error":  # after the headers: the error object as the stream's last event
                 e = _as_api_error(event[1])
                 yield _data({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})

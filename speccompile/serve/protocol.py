@@ -2,11 +2,14 @@
 response objects it returns: chat.completion, chat.completion.chunk, text_completion."""
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from speccompile.runtime.logprobs import MAX_TOP_LOGPROBS
 
 # Fields clients send with their neutral value by default: accepted (and dropped) at that value; any other value
 # is refused like any unsupported field, by name.
@@ -100,7 +103,7 @@ class _Sampling(_Strict):
                     min_p=float(self.min_p), seed=self.seed,
                     stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
                     speculate=self.speculate, acceptance=self.acceptance_rule, ignore_eos=self.ignore_eos,
-                    stop_token_ids=tuple(self.stop_token_ids or ()))
+                    stop_token_ids=tuple(self.stop_token_ids or ()), logprobs=self.logprobs_asked)
 
     def choice_kwargs(self) -> list[dict]:
         """Generator.stream's keywords for each of the n choices. With a seed, choice i samples from seed + i: one
@@ -126,6 +129,13 @@ class _Sampling(_Strict):
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @property
+    def logprobs_asked(self) -> int | None:
+        """Generator.stream's logprobs: None, or how many likeliest tokens to list beside each token's own."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def token_limit(self) -> int | None:
@@ -141,6 +151,11 @@ class CompletionRequest(_Sampling):
     # OpenAI also takes a list of prompts; one prompt per request here, so a list of one (as some clients send)
     prompt: str | list[int] | Annotated[list[str], Field(min_length=1, max_length=1)]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # OpenAI's legacy form: how many likeliest
+
+    @property
+    def logprobs_asked(self) -> int | None:
+        return self.logprobs
 
     @property
     def token_limit(self) -> int | None:
@@ -160,31 +175,56 @@ def now() -> int:
     return int(time.time())
 
 
-def chat_completion(rid: str, model: str, answers: list[tuple[str, str]], usage: dict) -> dict:
-    """answers: each choice's (text, finish_reason)."""
-    choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish} for i, (text, finish) in enumerate(answers)]
+def chat_completion(rid: str, model: str, answers: list[tuple[str, str, dict | None]], usage: dict) -> dict:
+    """answers: each choice's (text, finish_reason, logprobs: chat_logprobs' or None)."""
+    choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                "finish_reason": finish} for i, (text, finish, logprobs) in enumerate(answers)]
     return {"id": rid, "object": "chat.completion", "created": now(), "model": model, "choices": choices,
             "usage": usage}
 
 
 def chat_chunk(rid: str, model: str, created: int, delta: dict | None, finish: str | None = None,
-               usage: dict | None = None, index: int = 0) -> dict:
+               usage: dict | None = None, index: int = 0, logprobs: dict | None = None) -> dict:
     """A chat.completion.chunk of choice `index`; delta None: the usage-only chunk after the last choice (choices
     empty). Every chunk of a stream carries the stream's `created`, as OpenAI's do."""
-    choices = [] if delta is None else [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]
+    choices = [] if delta is None else [{"index": index, "delta": delta, "logprobs": logprobs,
+                                         "finish_reason": finish}]
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices,
             "usage": usage}
 
 
-def completion(rid: str, model: str, answers: list[tuple[str, str | None]], usage: dict | None,
+def completion(rid: str, model: str, answers: list[tuple[str, str | None, dict | None]], usage: dict | None,
                created: int | None = None, first_index: int = 0) -> dict:
-    """A text_completion: the whole answers (each choice's text and finish_reason), or (streamed, with the stream's
-    `created`) one piece of choice `first_index`'s."""
-    choices = [{"index": first_index + i, "text": text, "logprobs": None, "finish_reason": finish}
-               for i, (text, finish) in enumerate(answers)]
+    """A text_completion: the whole answers (each choice's text, finish_reason and completion_logprobs' or None),
+    or (streamed, with the stream's `created`) one piece of choice `first_index`'s."""
+    choices = [{"index": first_index + i, "text": text, "logprobs": logprobs, "finish_reason": finish}
+               for i, (text, finish, logprobs) in enumerate(answers)]
     return {"id": rid, "object": "text_completion", "created": now() if created is None else created, "model": model,
             "choices": choices, "usage": usage}
+
+
+def chat_logprobs(entries: list | None, text_of) -> dict | None:
+    """A chat choice's logprobs from the runtime's (runtime/logprobs.TokenLogprob per token); text_of: a token's
+    text. Each token's bytes are its text's UTF-8, as vLLM gives them."""
+    if entries is None:
+        return None
+
+    def item(token: int, logprob: float) -> dict:
+        text = text_of(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+    return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, v) for t, v in e.top]}
+                        for e in entries], "refusal": None}
+
+
+def completion_logprobs(entries: list | None, text_of, offset: int = 0) -> dict | None:
+    """A text completion's logprobs (OpenAI's legacy form); offset: where the first token's text begins in the
+    choice's text (a stream's later pieces go on from the earlier ones)."""
+    if entries is None:
+        return None
+    tokens = [text_of(e.token) for e in entries]
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{text_of(t): v for t, v in e.top} for e in entries],
+            "text_offset": list(itertools.accumulate([len(t) for t in tokens[:-1]], initial=offset)) if tokens else []}
 
 
 def completion_usage_chunk(rid: str, model: str, created: int, usage: dict) -> dict:

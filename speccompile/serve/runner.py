@@ -26,12 +26,13 @@ CANCELLED_LET_GO_S = 1.0  # a cancelled request's worker lets go at the end of i
 
 @dataclasses.dataclass
 class Outcome:
-    """How a request ended: its tokens, its text, the runtime's stats (empty if cancelled) and OpenAI's
-    finish_reason ("stop", "length", or "cancelled")."""
+    """How a request ended: its tokens, its text, the runtime's stats (empty if cancelled), OpenAI's
+    finish_reason ("stop", "length", or "cancelled") and the tokens' logprobs where asked for."""
     token_ids: list[int]
     text: str
     stats: dict
     finish_reason: str
+    logprobs: list | None = None
 
 
 class Job:
@@ -127,7 +128,7 @@ class Runner:
                 except StopIteration as stop:
                     result = stop.value
                     outcome = None if job.cancelled.is_set() else Outcome(
-                        result.token_ids, result.text, result.stats, result.finish_reason)
+                        result.token_ids, result.text, result.stats, result.finish_reason, result.logprobs)
                     break
                 if first_at is None:
                     first_at = time.perf_counter()

@@ -1,0 +1,90 @@
+"""logprobs=K: each committed token's log-probability under the target (its float32 logits' log-softmax, before
+any sampling setting) and the K likeliest tokens', whatever drafts the passes verified, alone or sharing passes;
+asking for them changes no token."""
+import numpy as np
+import pytest
+
+from conftest import random_prompts
+from speccompile.errors import SpeccompileError
+from speccompile.format.bundle import read_manifest
+from speccompile.runtime.engine import Engine
+from speccompile.runtime.logprobs import Logprobs
+from speccompile.runtime.streams import drain
+from test_adaptive import synthetic
+
+SETTINGS = {"greedy": dict(), "plain": dict(speculate=False), "lookup": dict(drafter="lookup"),
+            "tree": dict(drafter="model", tree="dynamic:3+lookup:4"), "adaptive": dict(tree="adaptive+lookup:4"),
+            "noise": dict(temperature=0.9, seed=3), "top-p": dict(temperature=2.0, top_p=0.9, seed=4),
+            "min-p": dict(temperature=2.0, min_p=0.05, seed=5, drafter="model", tree="dynamic:4"),
+            "typical": dict(temperature=1.5, seed=6, acceptance="typical")}
+
+
+def reference(bundle, prompt, tokens) -> np.ndarray:
+    """The target's log-softmax at each generated token's position, from one plain pass over the whole text."""
+    e = Engine(bundle, read_manifest(bundle)["models"]["target"], threads=1)
+    ids = np.array([*prompt, *tokens], np.int64)
+    logits, _ = e.forward(ids, rows=np.arange(len(prompt) - 1, len(ids) - 1))
+    x = logits.astype(np.float64)
+    return x - (x.max(1, keepdims=True) + np.log(np.exp(x - x.max(1, keepdims=True)).sum(1, keepdims=True)))
+
+
+def check(bundle, prompt, res, k):
+    assert len(res.logprobs) == len(res.token_ids)
+    ref = reference(bundle, prompt, res.token_ids)
+    for j, (t, lp) in enumerate(zip(res.token_ids, res.logprobs)):
+        assert lp.token == t and lp.logprob == pytest.approx(ref[j, t], abs=2e-4), j
+        assert [tok for tok, _ in lp.top] == sorted(range(ref.shape[1]), key=lambda v: (-ref[j, v], v))[:k], j
+        assert np.allclose([v for _, v in lp.top], np.sort(ref[j])[::-1][:k], atol=2e-4)
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_each_tokens_logprob_is_the_targets_and_asking_changes_no_token(tiny_generator, tiny_bundle, name,
+                                                                       monkeypatch):
+    g, kw = tiny_generator, SETTINGS[name]
+    monkeypatch.setattr(g, "_cost", synthetic(5.0, 0.05))  # adaptive drafting: rows cheap enough to draft
+    for prompt in random_prompts(2, seed=9):
+        res = g.generate(prompt, 16, chat=False, logprobs=3, **kw)
+        if name != "typical":  # typical acceptance's tokens follow the drafts, which follow measured times
+            assert res.token_ids == g.generate(prompt, 16, chat=False, **kw).token_ids
+        check(tiny_bundle, prompt, res, 3)
+        assert g.generate(prompt, 4, chat=False, **kw).logprobs is None  # not asked: none computed
+
+
+def test_requests_sharing_passes_get_their_own_logprobs(tiny_generator, tiny_bundle):
+    g = tiny_generator
+    if g.scheduler is None:
+        pytest.skip("without a scheduler no pass is shared")
+    prompts, kws = random_prompts(4, seed=12), [dict(), dict(temperature=0.9, seed=1), dict(drafter="lookup"), {}]
+    alone = [g.generate(p, 12, chat=False, **kw).token_ids for p, kw in zip(prompts, kws)]
+    shared = g.scheduler.shared_passes
+    streams = [g.stream(p, 12, chat=False, logprobs=2 if i != 3 else None, **kw)
+               for i, (p, kw) in enumerate(zip(prompts, kws))]  # queued before any is read: they share passes
+    results = [drain(s) for s in streams]
+    assert g.scheduler.shared_passes > shared and [r.token_ids for r in results] == alone
+    for p, r in zip(prompts[:3], results[:3]):
+        check(tiny_bundle, p, r, 2)
+    assert results[3].logprobs is None
+
+
+def test_chunks_carry_their_tokens_logprobs(tiny_generator):
+    g, prompt = tiny_generator, random_prompts(1, seed=2)[0]
+    full = g.generate(prompt, 20, chat=False, logprobs=1)
+    chunks = list(g.stream(prompt, 20, chat=False, logprobs=1))
+    assert [lp for c in chunks for lp in c.logprobs] == full.logprobs
+    assert all(len(c.logprobs) == len(c.token_ids) for c in chunks)
+    stop = full.text[len(g.tokenizer.decode(full.token_ids[:6])):][:2]
+    cut = g.generate(prompt, 20, chat=False, logprobs=0, stop=stop)  # cut at a stop string: as many as tokens
+    assert len(cut.logprobs) == len(cut.token_ids) < 20 and all(lp.top == () for lp in cut.logprobs)
+
+
+@pytest.mark.parametrize("bad", [-1, 21, 2.5, True, "3"])
+def test_a_bad_logprobs_is_refused_by_name(tiny_generator, bad):
+    with pytest.raises(SpeccompileError, match="logprobs"):
+        tiny_generator.generate([1, 2, 3], 4, logprobs=bad)
+
+
+def test_top_tokens_tie_to_the_lower_id():
+    lp = Logprobs(3)
+    lp.add(np.array([[0.0, 2.0, 1.0, 2.0, -1.0]]), [0], [4])
+    assert [t for t, _ in lp.tokens[0].top] == [1, 3, 2]
+    assert lp.tokens[0].logprob == pytest.approx(-1.0 - np.log(np.exp([0.0, 2.0, 1.0, 2.0, -1.0]).sum()))
