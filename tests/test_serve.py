@@ -690,6 +690,44 @@ def test_choices_are_admitted_all_or_none_and_a_disconnect_frees_them_all(state)
         srv.stop()
 
 
+class HeldChoice(SlowGenerator):
+    """The Generator, the stream of one seed held before its first pass until `go` is set (30 s at most): a choice
+    that waits its turn, as choices do where the bundle cannot batch them or under typical acceptance."""
+
+    def __init__(self, gen, held_seed: int):
+        super().__init__(gen, 0)
+        self.held_seed, self.go, self.waited_out = held_seed, threading.Event(), False
+
+    def stream(self, *args, **kwargs):
+        if kwargs.get("seed") == self.held_seed and not self.go.wait(30):
+            self.waited_out = True
+        return (yield from self.gen.stream(*args, **kwargs))
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_a_streamed_choice_is_sent_while_another_waits_its_turn(state, chat):
+    """Streamed choices are sent as they come: choice 0's whole answer reaches the client while choice 1 has not
+    begun (the server used to wait for every choice's first pass before sending a byte, so a request whose
+    choices run one after another streamed nothing until all but the last had ended)."""
+    gen = HeldChoice(state.gen, held_seed=8)
+    srv = InProcessServer(make_state(gen, "tiny-serve"))
+    body = {"max_tokens": 6, "temperature": 2.5, "seed": 7, "n": 2, "stream": True,
+            **({"messages": user("soup")} if chat else {"prompt": "soup"})}
+    ended = []
+    try:
+        with httpx.Client(timeout=60) as http, \
+                http.stream("POST", srv.url + ("/v1/chat/completions" if chat else "/v1/completions"), json=body) as r:
+            for line in r.iter_lines():
+                choices = json.loads(line.removeprefix("data: "))["choices"] if line.startswith("data: {") else []
+                ended += [c["index"] for c in choices if c["finish_reason"]]
+                if ended == [0]:
+                    gen.go.set()  # choice 0 ended, choice 1 still held: let it go
+        assert ended == [0, 1] and not gen.waited_out
+    finally:
+        gen.go.set()
+        srv.stop()
+
+
 def test_a_plain_request_whose_client_goes_is_cancelled(state):
     """Not streamed: the client gives up (a timeout, say) before the answer; the job stops after its current pass
     instead of running to max_tokens, and its slot is free for the next request."""

@@ -116,23 +116,21 @@ def _check_model(state: ServeState, model: str | None) -> None:
 
 
 async def _respond(state: ServeState, body, ids: list[int], request: Request, chat: bool):
-    """Admit the request (a job per choice) and wait for each job's first event, so that a refusal (a prompt over
-    the compiled context, a bad setting) is a 4xx before any byte of a stream is sent; then answer plainly or as a
-    stream. A client gone before the answer cancels the jobs."""
+    """Admit the request (a job per choice) and wait for the first event of a choice, so that a refusal (a prompt
+    over the compiled context, a bad setting) is a 4xx before any byte of a stream is sent; then answer plainly or
+    as a stream. A client gone before the answer cancels the jobs."""
     limit = _token_limit(state, body, ids, "messages" if chat else "prompt")
     jobs = state.runner.submit_choices(ids, limit, body.choice_kwargs())
     watcher = asyncio.ensure_future(_cancel_on_disconnect(request, jobs))
+    firsts = [asyncio.ensure_future(job.next()) for job in jobs]  # each job's first event
     try:
-        firsts = [await job.next() for job in jobs]
-        for first in firsts:
-            if first[0] == "error":
-                raise _as_api_error(first[1])
+        await _first_choice(firsts)
         if body.stream:
             events = _sse(state, body, jobs, firsts, chat)
-            jobs = []  # the stream owns them now
+            jobs, firsts = [], []  # the stream owns them now
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        outcomes = [await _outcome(job, first) for job, first in zip(jobs, firsts)]
+        outcomes = [await _outcome(job, await first) for job, first in zip(jobs, firsts)]
         use = choices_usage(len(ids), outcomes)
         answers = [(o.text, o.finish_reason, _logprobs(state, o.logprobs, chat)) for o in outcomes]
         rid = protocol.new_id("chatcmpl" if chat else "cmpl")
@@ -145,8 +143,21 @@ async def _respond(state: ServeState, body, ids: list[int], request: Request, ch
         raise shutting_down() from None
     finally:
         watcher.cancel()  # a stream's client going is seen by Starlette, which cancels _sse
+        for first in firsts:
+            first.cancel()
         for job in jobs:
             job.cancel()  # answered, refused or abandoned: a no-op once the worker is done
+
+
+async def _first_choice(firsts: list[asyncio.Future]) -> None:
+    """Wait for the first event of whichever choice comes first; an error there is the request's refusal. Not
+    every choice's: choices run one after another where the bundle cannot batch them (or under typical
+    acceptance), and a stream would send nothing until all but the last had ended. One choice's refusal is
+    every choice's (one prompt, one set of settings); a later failure ends the stream with an error event."""
+    done, _ = await asyncio.wait(firsts, return_when=asyncio.FIRST_COMPLETED)
+    for first in done:
+        if first.result()[0] == "error":
+            raise _as_api_error(first.result()[1])
 
 
 async def _cancel_on_disconnect(request: Request, jobs: list[Job]) -> None:
@@ -205,7 +216,7 @@ def _data(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _sse(state: ServeState, body, jobs: list[Job], firsts: list, chat: bool):
+async def _sse(state: ServeState, body, jobs: list[Job], firsts: list[asyncio.Future], chat: bool):
     """The answer as server-sent events, ending with [DONE]: each choice's pieces as they come (chunks carry their
     choice's index), its finish_reason when it ends. If the client goes, Starlette cancels this generator at its
     await: `finally` cancels the jobs, whose workers close the Generator's streams after the current pass."""
@@ -246,14 +257,15 @@ async def _sse(state: ServeState, body, jobs: list[Job], firsts: list, chat: boo
                         protocol.completion_usage_chunk(rid, model, created, use))
         yield "data: [DONE]\n\n"
     finally:
-        for pump in pumps:
-            pump.cancel()
+        for task in pumps + firsts:
+            task.cancel()
         for job in jobs:
             job.cancel()
 
 
-async def _pump(index: int, job: Job, event, merged: asyncio.Queue) -> None:
-    """Job's events, from `event` on, into `merged` with its choice's index, until its last (done or error)."""
+async def _pump(index: int, job: Job, first: asyncio.Future, merged: asyncio.Queue) -> None:
+    """Job's events, from its `first` on, into `merged` with its choice's index, until its last (done or error)."""
+    event = await first
     merged.put_nowait((index, event))
     while event[0] == "chunk":
         event = await job.next()
