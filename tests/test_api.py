@@ -336,17 +336,24 @@ def test_the_result_says_why_the_output_ended(tiny_generator, monkeypatch):
 def test_options_it_does_not_take_are_refused_by_name(tiny_generator):
     """transformers' and vLLM's keywords get a hint (a TypeError too, as Python's refusal of them was)."""
     for kw, hint in ((dict(max_tokens=4), "'max_tokens' .use max_new_tokens"), (dict(do_sample=True), "temperature"),
-                     (dict(repetition_penalty=1.2), "not supported"), (dict(nonsense=1), "'nonsense'")):
+                     (dict(repetition_penalty=1.2), "not supported"), (dict(nonsense=1), "'nonsense'"),
+                     # transformers' way to say which tokens end the output: ignore_eos=True goes on past them
+                     (dict(eos_token_id=None), "'eos_token_id' .use stop_token_ids .tokens that end the output "
+                                               "besides the bundle's end-of-sequence tokens, which ignore_eos=True")):
         with pytest.raises(SpeccompileError, match=hint) as refused:
             tiny_generator.generate("hi", 4, **kw)
         assert isinstance(refused.value, TypeError)
 
 
 def test_sampling_params_refuses_vllms_options_by_name():
-    """vLLM's SamplingParams holds max_tokens, stop and n: here each was the dataclass's bare TypeError."""
+    """vLLM's SamplingParams holds max_tokens, stop, n and ignore_eos: here each was the dataclass's bare TypeError
+    (ignore_eos, taken by generate, stream and chat, was said to be not supported)."""
     for kw, hint in ((dict(max_tokens=64), "'max_tokens' .give generate, stream or chat max_new_tokens"),
                      (dict(stop=["\n"]), "'stop' .give it to generate"), (dict(n=2), "'n' .give generate a list"),
-                     (dict(repetition_penalty=1.1), "'repetition_penalty' .not supported")):
+                     (dict(repetition_penalty=1.1), "'repetition_penalty' .not supported"),
+                     (dict(ignore_eos=True), "'ignore_eos' .give it to generate, stream or chat"),
+                     (dict(logprobs=2), "'logprobs' .give it to generate, stream or chat"),
+                     (dict(stop_token_ids=[2]), "'stop_token_ids' .give it to generate, stream or chat")):
         with pytest.raises(SpeccompileError, match=hint) as refused:
             speccompile.SamplingParams(temperature=0.7, **kw)
         assert isinstance(refused.value, TypeError)

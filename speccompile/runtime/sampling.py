@@ -21,7 +21,8 @@ class UnknownOptionError(SpeccompileError, TypeError):
 # what vLLM's SamplingParams holds that is not a sampling setting here: generate, stream and chat take it
 _PER_CALL = {"max_tokens": "give generate, stream or chat max_new_tokens",
              "max_new_tokens": "give it to generate, stream or chat", "stop": "give it to generate, stream or chat",
-             "n": "give generate a list of prompts"}
+             "n": "give generate a list of prompts", **dict.fromkeys(("ignore_eos", "stop_token_ids", "logprobs"),
+                                                                  "give it to generate, stream or chat")}
 
 
 @dataclasses.dataclass(frozen=True)
