@@ -39,8 +39,9 @@ class SamplingParams:
     acceptance: str = "exact"
     typical_epsilon: float = 0.09
     typical_alpha: float = 0.3
-    # keep the tokens at least min_p times as probable as the likeliest one (vLLM's and llama.cpp's min-p), after
-    # temperature: last of the fields, so that positional calls written before it keep their meaning
+    # keep the tokens at least min_p times as probable as the likeliest one, after temperature (vLLM's min-p;
+    # llama.cpp's samplers apply it before temperature): last of the fields, so that positional calls written
+    # before it keep their meaning
     min_p: float = 0.0
 
     def __new__(cls, *args, **kwargs):

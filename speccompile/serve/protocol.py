@@ -77,7 +77,7 @@ class _Sampling(_Strict):
     temperature: float = Field(1.0, ge=0.0)  # OpenAI's default; 0 is greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1)  # an extension, as vLLM's: 0 (or vLLM's -1) is off
-    min_p: float = Field(0.0, ge=0.0, le=1.0)  # an extension, as vLLM's and llama-server's: 0 is off
+    min_p: float = Field(0.0, ge=0.0, le=1.0)  # an extension, as vLLM's (after temperature): 0 is off
     seed: int | None = Field(None, ge=0, lt=2**64)
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices: each a request of its own to the runtime (choice_kwargs)
