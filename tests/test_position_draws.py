@@ -1,6 +1,6 @@
 """Sampled acceptance by the target's own draws (acceptance.accept_drawn). A request sampled by the rule on the host
-(top-p or min-p: not by noise, runtime/noise.py) draws the token at each position with a uniform that depends only on its
-seed and the position (sampling.PositionDraws), and a deterministic draft is accepted where it equals that draw.
+(top-p or min-p: not by noise, runtime/noise.py) draws the token at each position with a uniform that depends only on
+its seed and the position (sampling.PositionDraws), and a deterministic draft is accepted where it equals that draw.
 So speculation commits, token for token, what plain sampling commits with the same seed, whatever the drafts
 (adaptive drafting's, which follow measured times, included), alone or sharing passes; and the committed tokens
 follow the target's distribution."""
@@ -48,7 +48,8 @@ def test_drawn_acceptance_takes_what_recursive_rejection_takes():
 
 @pytest.mark.parametrize("drafter,tree,settings", [
     ("model", "dynamic:4", TOP_P), ("lookup", None, TOP_P), ("model", "dynamic:3+lookup:4", TOP_P),
-    ("model", "adaptive+lookup:4", TOP_P), ("model", "dynamic:3+lookup:4", MIN_P), ("model", "adaptive+lookup:4", MIN_P)])
+    ("model", "adaptive+lookup:4", TOP_P), ("model", "dynamic:3+lookup:4", MIN_P),
+    ("model", "adaptive+lookup:4", MIN_P)])
 def test_host_filtered_speculation_samples_what_plain_decoding_samples(tiny_generator, drafter, tree, settings,
                                                                        monkeypatch):
     """Top-p and min-p, whose rows the host filters."""
@@ -80,14 +81,16 @@ def test_top_p_with_a_chain_drawn_from_q_keeps_the_distribution_not_the_tokens(t
     assert differ > 0
 
 
-def test_top_p_requests_sharing_passes_sample_what_they_sample_alone(tiny_generator):
+@pytest.mark.parametrize("settings", [TOP_P, MIN_P])
+def test_host_filtered_requests_sharing_passes_sample_what_they_sample_alone(tiny_generator, settings):
+    """Top-p and min-p requests (each with its own drafting) sharing the scheduler's passes."""
     g = tiny_generator
     prompts = random_prompts(5, seed=3)
     kws = [dict(drafter="model", tree="dynamic:4"), dict(drafter="lookup"), dict(speculate=False),
            dict(drafter="model", tree="dynamic:3+lookup:4"), dict(drafter="lookup", tree="dynamic:4")]
-    alone = [g.generate(p, 16, seed=i, **TOP_P, **kw).token_ids for i, (p, kw) in enumerate(zip(prompts, kws))]
+    alone = [g.generate(p, 16, seed=i, **settings, **kw).token_ids for i, (p, kw) in enumerate(zip(prompts, kws))]
     shared = g.scheduler.shared_passes
-    streams = [g.stream(p, 16, seed=i, **TOP_P, **kw) for i, (p, kw) in enumerate(zip(prompts, kws))]
+    streams = [g.stream(p, 16, seed=i, **settings, **kw) for i, (p, kw) in enumerate(zip(prompts, kws))]
     assert [drain(s).token_ids for s in streams] == alone
     assert g.scheduler.shared_passes > shared  # they did share passes
     assert len(set(map(tuple, alone))) > 1
