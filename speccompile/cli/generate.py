@@ -36,7 +36,8 @@ from speccompile.errors import SpeccompileError
 @click.option("--no-chat", is_flag=True, help="Do not apply the chat template.")
 @click.option("--system", default=None, help="A system message before PROMPT (through the chat template).")
 @click.option("--stop", multiple=True, help=STOP_HELP)
-@click.option("--ignore-eos", is_flag=True, help="Do not stop at an end-of-sequence token: --max-new-tokens always.")
+@click.option("--ignore-eos", is_flag=True,
+              help="Go on past end-of-sequence tokens to --max-new-tokens (a --stop string still stops).")
 @click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads (default: all cores).")
 @device_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
