@@ -102,5 +102,6 @@ def test_sampling_speed_checks_each_settings_answers_against_plain_sampling(tiny
                                      "--threads", "1"])
     tool("sampling_speed").main()
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split(":")[0] for line in lines] == ["temperature 0.7", "min-p 0.05", "top-p 0.9"]
+    assert [line.split(":")[0] for line in lines] == ["greedy", "greedy, logprobs 5", "temperature 0.7", "min-p 0.05",
+                                                     "top-p 0.9"]
     assert all(line.endswith("identical to plain sampling 2/2") for line in lines), lines

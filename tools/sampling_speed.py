@@ -1,5 +1,6 @@
-"""Speculation's speedup per sampling setting: temperature alone (sampled by noise in the graph), min-p and top-p
-(sampled on the host from the float32 logits). Plain and speculative sampling with the bundle's default drafter, the
+"""Speculation's speedup per sampling setting: greedy, greedy with logprobs (the float32 head product each pass,
+acceptance on the host), temperature alone (sampled by noise in the graph), min-p and top-p (sampled on the host from
+the float32 logits). Plain and speculative sampling with the bundle's default drafter, the
 two alternated per prompt with one seed each (the context cache off, so neither run finds the other's prompt),
 paired per prompt; every answer checked against plain sampling's. docs/results.md has the figures.
 
@@ -13,7 +14,7 @@ import speccompile
 from speccompile.bench.prompts import default_dataset, load_questions, pick_prompts
 from speccompile.cli.errors import one_line_errors
 
-SETTINGS = {"temperature 0.7": dict(temperature=0.7), "min-p 0.05": dict(temperature=0.7, min_p=0.05),
+SETTINGS = {"greedy": dict(), "greedy, logprobs 5": dict(logprobs=5), "temperature 0.7": dict(temperature=0.7), "min-p 0.05": dict(temperature=0.7, min_p=0.05),
             "top-p 0.9": dict(temperature=0.7, top_p=0.9)}
 
 
