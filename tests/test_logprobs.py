@@ -88,3 +88,14 @@ def test_top_tokens_tie_to_the_lower_id():
     lp.add(np.array([[0.0, 2.0, 1.0, 2.0, -1.0]]), [0], [4])
     assert [t for t, _ in lp.tokens[0].top] == [1, 3, 2]
     assert lp.tokens[0].logprob == pytest.approx(-1.0 - np.log(np.exp([0.0, 2.0, 1.0, 2.0, -1.0]).sum()))
+
+
+def test_a_logprobs_requests_passes_are_priced_as_the_full_head_passes_they_run(tiny_generator, monkeypatch):
+    """Adaptive drafting prices a greedy request's rows by the exact greedy head's pass; one that asks for logprobs
+    reads the float32 head each pass, so it plans, and times its passes into the cost model, as a sampled one."""
+    g = tiny_generator
+    monkeypatch.setattr(g, "_cost", synthetic(5.0, 0.05))
+    g.generate(random_prompts(1, seed=3)[0], 12, chat=False, tree="adaptive+lookup:4", logprobs=1)
+    assert {mode for mode, _ in g._cost.observed} == {"sampled"}
+    g.generate(random_prompts(1, seed=3)[0], 12, chat=False, tree="adaptive+lookup:4")
+    assert {mode for mode, _ in g._cost.observed} == {"sampled", "greedy"}

@@ -50,7 +50,8 @@ class DecodeLoop:
         """Yield the tokens committed by each pass: the prefill's first token, then each verify pass's."""
         rng, draws = np.random.default_rng(params.seed), PositionDraws(params.seed)
         params, noise = sampled_by_noise(params, self.noise_ok, self.target.vocab_size)  # then greedy + noise
-        adapt = self.adaptive_for(drafter, tree, params) if tree is not None and tree.adaptive else None
+        adapt = (self.adaptive_for(drafter, tree, params, stats.logprobs is not None)
+                 if tree is not None and tree.adaptive else None)
         token = self._prefill(prompt, drafter, params, draws, stats, noise)
         context = np.concatenate([np.asarray(prompt, np.int64), np.zeros(max_new_tokens, np.int64)])
         n, generated = len(prompt), 1
@@ -115,14 +116,17 @@ class DecodeLoop:
             prop = join_lookup(prop, context, self.lookup, min(reach.reach, free), min(room, reach.reach))
         return prop if self.trees_exact else prop.first_path()
 
-    def adaptive_for(self, drafter: Drafter | None, tree: TreeSpec, params: SamplingParams) -> AdaptiveDrafting | None:
-        """The per-request state of adaptive drafting (runtime/adaptive.py), priced by this machine's cost model."""
+    def adaptive_for(self, drafter: Drafter | None, tree: TreeSpec, params: SamplingParams,
+                     full_logits: bool = False) -> AdaptiveDrafting | None:
+        """The per-request state of adaptive drafting (runtime/adaptive.py), priced by this machine's cost model:
+        as sampled passes are where the request reads the float32 rows (full_logits: logprobs asked for)."""
         if drafter is None:
             return None
         is_lookup = isinstance(drafter, LookupDrafter)
         if is_lookup and not tree.lookup:  # prompt lookup drafting alone: its nodes are the whole tree
             tree = dataclasses.replace(tree, lookup=ADAPTIVE_LOOKUP)
-        return AdaptiveDrafting(self._measured_cost(), drafter.name, not is_lookup, tree, params.greedy,
+        return AdaptiveDrafting(self._measured_cost(), drafter.name, not is_lookup, tree,
+                                params.greedy and not full_logits,
                                 self.target.max_rows, chains_only=not self.trees_exact)
 
     def propose_adaptive(self, context, drafter: Drafter, adapt: AdaptiveDrafting, room: int, params,
@@ -165,7 +169,8 @@ class DecodeLoop:
         t0 = time.perf_counter()
         out = self._target_pass(token, prop, n, params, rng, noise, draws, logprobs)
         if self._cost is not None:
-            self._cost.observe(1 + len(prop.tokens), n - 1, params.greedy, (time.perf_counter() - t0) * 1e3)
+            greedy_pass = params.greedy and not logprobs  # priced as what it ran: the exact greedy head or not
+            self._cost.observe(1 + len(prop.tokens), n - 1, greedy_pass, (time.perf_counter() - t0) * 1e3)
         return out
 
     def _target_pass(self, token: int, prop: Proposal, n: int, params: SamplingParams, rng, noise, draws,
