@@ -1,6 +1,8 @@
 """logprobs=K: each committed token's log-probability under the target (its float32 logits' log-softmax, before
 any sampling setting) and the K likeliest tokens', whatever drafts the passes verified, alone or sharing passes;
 asking for them changes no token."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -99,3 +101,32 @@ def test_a_logprobs_requests_passes_are_priced_as_the_full_head_passes_they_run(
     assert {mode for mode, _ in g._cost.observed} == {"sampled"}
     g.generate(random_prompts(1, seed=3)[0], 12, chat=False, tree="adaptive+lookup:4")
     assert {mode for mode, _ in g._cost.observed} == {"sampled", "greedy"}
+
+
+def served_logprobs(g, text: str, chat: bool):
+    """The server's logprobs (serve/app.py) of the tokens of `text`, as if the model had written them."""
+    app = pytest.importorskip("speccompile.serve.app", reason="the serve extra is not installed")
+    ids = g.tokenizer.encode(text)
+    lp = Logprobs(2)
+    lp.add(np.zeros((1, g.target.vocab_size)), [0] * len(ids), ids)
+    return app._logprobs(SimpleNamespace(gen=g), lp.tokens, chat)
+
+
+def test_chat_logprobs_bytes_join_into_the_texts_utf8(tiny_generator):
+    """OpenAI's `bytes`: a token's own bytes, so that a character split over byte tokens (each alone decoding as
+    U+FFFD) can be put back together: the tokens' bytes joined are the text's UTF-8."""
+    text = "café über 日本"
+    content = served_logprobs(tiny_generator, text, chat=True)["content"]
+    assert b"".join(bytes(c["bytes"]) for c in content) == text.encode()
+    assert all(bytes(t["bytes"]) != "\ufffd".encode() for c in content for t in c["top_logprobs"])
+
+
+def test_completion_text_offsets_are_where_each_token_begins_in_the_text(tiny_generator):
+    """text_offset: each token's start in the choice's text, after characters written with several byte tokens
+    too (their lone decodings, U+FFFD each, are not the text's lengths)."""
+    text = "café au lait, 日本 and more"
+    ids = tiny_generator.tokenizer.encode(text)
+    lp = served_logprobs(tiny_generator, text, chat=False)
+    starts = [len(tiny_generator.tokenizer.decode(ids[:i]).rstrip("\ufffd")) for i in range(len(ids))]
+    assert lp["text_offset"] == starts
+    assert all(text.startswith(t, o) for t, o in zip(lp["tokens"], lp["text_offset"]) if "\ufffd" not in t)

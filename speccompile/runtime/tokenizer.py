@@ -69,6 +69,21 @@ class BundleTokenizer:
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
 
+    def token_bytes(self, token: int) -> bytes:
+        """A token's own bytes (OpenAI's logprobs `bytes`): its text's UTF-8, but for a byte token (part of a
+        character split over tokens, which alone decodes as U+FFFD) the bytes it stands for: byte fallback's
+        <0xNN> piece, or a byte-level BPE piece's characters mapped back to their bytes."""
+        text = self.decode([token])
+        if "\ufffd" not in text:
+            return text.encode()
+        piece = self.tok.id_to_token(token) or ""
+        byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+        if byte:
+            return bytes([int(byte[1], 16)])
+        if piece and all(c in _BYTE_LEVEL for c in piece):
+            return bytes(_BYTE_LEVEL[c] for c in piece)
+        return text.encode()
+
     def decode_stream(self):
         """An incremental decoder: `.step(self.tok, id)` returns the text the id completes (None while a character's
         bytes are still partial), decoding only a few trailing ids each time, or raises InvalidPrefix: `tokenizers`'
@@ -135,6 +150,16 @@ class BundleTokenizer:
             plain.encode_special_tokens = True
             self._plain = plain
         return self._plain.encode_batch([text], add_special_tokens=False)[0].ids
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """Byte-level BPE's (GPT-2's) alphabet: the character that stands for each byte in its pieces, inverted."""
+    shown = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    hidden = [b for b in range(256) if b not in shown]
+    return {**{chr(b): b for b in shown}, **{chr(256 + i): b for i, b in enumerate(hidden)}}
+
+
+_BYTE_LEVEL = _byte_level_chars()
 
 
 class PrefixOffsetDecoder:

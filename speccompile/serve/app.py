@@ -204,12 +204,15 @@ def _as_api_error(e: Exception) -> APIError:
     return APIError(500, f"internal error ({type(e).__name__}); see the server's log", type="server_error")
 
 
-def _logprobs(state: ServeState, entries: list | None, chat: bool, offset: int = 0) -> dict | None:
-    """A choice's (or a streamed piece's) logprobs in OpenAI's form, each token's text decoded alone."""
-    text_of = lambda token: state.gen.tokenizer.decode([token])  # noqa: E731
+def _logprobs(state: ServeState, entries: list | None, chat: bool,
+              offsets: protocol.TextOffsets | None = None) -> dict | None:
+    """A choice's (or a streamed piece's) logprobs in OpenAI's form, each token's text decoded alone; offsets:
+    a streamed completion choice's, carried from piece to piece (None: a whole choice's, from its start)."""
+    tokenizer = state.gen.tokenizer
+    text_of = lambda token: tokenizer.decode([token])  # noqa: E731
     if chat:
-        return protocol.chat_logprobs(entries, text_of)
-    return protocol.completion_logprobs(entries, text_of, offset)
+        return protocol.chat_logprobs(entries, text_of, tokenizer.token_bytes)
+    return protocol.completion_logprobs(entries, text_of, offsets or protocol.TextOffsets(tokenizer))
 
 
 def _data(obj) -> str:
@@ -222,11 +225,10 @@ async def _sse(state: ServeState, body, jobs: list[Job], firsts: list[asyncio.Fu
     await: `finally` cancels the jobs, whose workers close the Generator's streams after the current pass."""
     rid, model, created = protocol.new_id("chatcmpl" if chat else "cmpl"), state.model, protocol.now()
 
-    offsets = [0] * len(jobs)  # each choice's text so far: where a completion's next token text begins
+    offsets = [protocol.TextOffsets(state.gen.tokenizer) for _ in jobs]  # a completion choice's text_offset so far
 
     def piece(index: int, text: str, finish: str | None = None, entries: list | None = None) -> dict:
         logprobs = _logprobs(state, entries, chat, offsets[index]) if entries else None
-        offsets[index] += len(text)
         if not chat:
             return protocol.completion(rid, model, [(text, finish, logprobs)], None, created, first_index=index)
         delta = {"content": text} if text or not finish else {}

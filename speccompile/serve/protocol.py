@@ -2,7 +2,6 @@
 response objects it returns: chat.completion, chat.completion.chunk, text_completion."""
 from __future__ import annotations
 
-import itertools
 import time
 import uuid
 from typing import Annotated, Literal
@@ -10,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from speccompile.runtime.logprobs import MAX_TOP_LOGPROBS
+from speccompile.runtime.tokenizer import InvalidPrefix
 
 # Fields clients send with their neutral value by default: accepted (and dropped) at that value; any other value
 # is refused like any unsupported field, by name.
@@ -203,28 +203,48 @@ def completion(rid: str, model: str, answers: list[tuple[str, str | None, dict |
             "choices": choices, "usage": usage}
 
 
-def chat_logprobs(entries: list | None, text_of) -> dict | None:
+def chat_logprobs(entries: list | None, text_of, bytes_of) -> dict | None:
     """A chat choice's logprobs from the runtime's (runtime/logprobs.TokenLogprob per token); text_of: a token's
-    text. Each token's bytes are its text's UTF-8, as vLLM gives them."""
+    text; bytes_of: its own bytes (a byte token's byte, not its lone text's U+FFFD: joined, they are the text's
+    UTF-8, as OpenAI gives them)."""
     if entries is None:
         return None
 
     def item(token: int, logprob: float) -> dict:
-        text = text_of(token)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {"token": text_of(token), "logprob": logprob, "bytes": list(bytes_of(token))}
     return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, v) for t, v in e.top]}
                         for e in entries], "refusal": None}
 
 
-def completion_logprobs(entries: list | None, text_of, offset: int = 0) -> dict | None:
-    """A text completion's logprobs (OpenAI's legacy form); offset: where the first token's text begins in the
-    choice's text (a stream's later pieces go on from the earlier ones)."""
+def completion_logprobs(entries: list | None, text_of, offsets: TextOffsets) -> dict | None:
+    """A text completion's logprobs (OpenAI's legacy form); offsets: the choice's TextOffsets, which a stream's
+    later pieces go on with."""
     if entries is None:
         return None
-    tokens = [text_of(e.token) for e in entries]
-    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+    return {"tokens": [text_of(e.token) for e in entries], "token_logprobs": [e.logprob for e in entries],
             "top_logprobs": [{text_of(t): v for t, v in e.top} for e in entries],
-            "text_offset": list(itertools.accumulate([len(t) for t in tokens[:-1]], initial=offset)) if tokens else []}
+            "text_offset": offsets.starts([e.token for e in entries])}
+
+
+class TextOffsets:
+    """Where each token of a choice begins in its text (text_offset), the tokens decoded in order as the text was:
+    a token that ends inside a character (a byte token) begins where that character does. Summing the tokens' lone
+    texts would count a U+FFFD for each such byte token, past the text's own characters."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.decoder, self.at = tokenizer, tokenizer.decode_stream(), 0
+
+    def starts(self, tokens: list[int]) -> list[int]:
+        out = []
+        for token in tokens:
+            out.append(self.at)
+            try:
+                piece = self.decoder.step(self.tokenizer.tok, token)
+            except InvalidPrefix:  # as TextStream recovers: decoding starts again, this token alone
+                self.decoder = self.tokenizer.decode_stream()
+                piece = self.tokenizer.decode([token])
+            self.at += len(piece or "")
+        return out
 
 
 def completion_usage_chunk(rid: str, model: str, created: int, usage: dict) -> dict:
