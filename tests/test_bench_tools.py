@@ -99,9 +99,10 @@ def test_an_output_where_no_file_can_be_made_is_refused_before_the_run(tmp_path)
 def test_sampling_speed_checks_each_settings_answers_against_plain_sampling(tiny_bundle, monkeypatch, capsys):
     """tools/sampling_speed.py: a line per setting, every speculative answer plain sampling's with its seed."""
     monkeypatch.setattr("sys.argv", ["sampling_speed.py", tiny_bundle, "--prompts", "2", "--new-tokens", "12",
-                                     "--threads", "1"])
+                                     "--threads", "1", "--choices", "3"])
     tool("sampling_speed").main()
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["greedy", "greedy, logprobs 5", "temperature 0.7", "min-p 0.05",
-                                                     "top-p 0.9"]
+                                                     "top-p 0.9", "3 choices at temperature 0.7"]
+    assert lines.pop().endswith("the same answers 2/2")
     assert all(line.endswith("identical to plain sampling 2/2") for line in lines), lines

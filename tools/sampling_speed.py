@@ -2,9 +2,11 @@
 acceptance on the host), temperature alone (sampled by noise in the graph), min-p and top-p (sampled on the host from
 the float32 logits). Plain and speculative sampling with the bundle's default drafter, the
 two alternated per prompt with one seed each (the context cache off, so neither run finds the other's prompt),
-paired per prompt; every answer checked against plain sampling's. docs/results.md has the figures.
+paired per prompt; every answer checked against plain sampling's. --choices N then samples N answers of each
+prompt (seeds s, s + 1, ...) at temperature 0.7 one after another and all at once (the server's `n`: every stream
+queued before any is read, so they share passes where the bundle batches). docs/results.md has the figures.
 
-    python tools/sampling_speed.py BUNDLE [--dataset question.jsonl] [--prompts 8] [--threads 2]
+    python tools/sampling_speed.py BUNDLE [--dataset question.jsonl] [--prompts 8] [--threads 2] [--choices 4]
 """
 import argparse
 import statistics
@@ -13,6 +15,7 @@ import time
 import speccompile
 from speccompile.bench.prompts import default_dataset, load_questions, pick_prompts
 from speccompile.cli.errors import one_line_errors
+from speccompile.runtime.streams import drain
 
 SETTINGS = {"greedy": dict(), "greedy, logprobs 5": dict(logprobs=5), "temperature 0.7": dict(temperature=0.7), "min-p 0.05": dict(temperature=0.7, min_p=0.05),
             "top-p 0.9": dict(temperature=0.7, top_p=0.9)}
@@ -24,6 +27,25 @@ def timed(g, ids, n, **kw):
     return res, len(res.token_ids) / (time.perf_counter() - t0)
 
 
+def choices(g, prompts, n: int, new_tokens: int) -> None:
+    """n answers of each prompt, one after another against all queued at once: tokens/s of all n, paired."""
+    ratios, same = [], 0
+    for i, p in enumerate(prompts):
+        out = {}
+        for mode in (["apart", "together"] if i % 2 == 0 else ["together", "apart"]):
+            t0 = time.perf_counter()
+            kws = [dict(seed=100 * i + j, temperature=0.7, chat=False) for j in range(n)]
+            if mode == "apart":
+                rs = [g.generate(p["ids"], new_tokens, **kw) for kw in kws]
+            else:
+                rs = [drain(s) for s in [g.stream(p["ids"], new_tokens, **kw) for kw in kws]]
+            out[mode] = (sum(len(r.token_ids) for r in rs) / (time.perf_counter() - t0), [r.token_ids for r in rs])
+        ratios.append(out["together"][0] / out["apart"][0])
+        same += out["together"][1] == out["apart"][1]
+    print(f"{n} choices at temperature 0.7: together against one after another, paired "
+          f"{statistics.geometric_mean(ratios):.3f}x, the same answers {same}/{len(prompts)}", flush=True)
+
+
 @one_line_errors  # bad input (a bundle, a dataset line): one `error:` line, as the CLI gives
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -32,6 +54,7 @@ def main():
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--choices", type=int, default=0)
     a = ap.parse_args()
     g = speccompile.load(a.bundle, threads=a.threads, context_cache=False)
     prompts, _ = pick_prompts(load_questions(a.dataset), a.prompts, g.encode_chat, g.max_seq_len - a.new_tokens)
@@ -48,6 +71,8 @@ def main():
         print(f"{name}: plain {statistics.median(plain_tps):.1f} tok/s, speculative {statistics.median(spec_tps):.1f}"
               f", paired {statistics.geometric_mean(ratios):.3f}x, {statistics.mean(per_pass):.2f} tokens a pass, "
               f"identical to plain sampling {same}/{len(prompts)}", flush=True)
+    if a.choices > 1:
+        choices(g, prompts, a.choices, a.new_tokens)
 
 
 if __name__ == "__main__":
