@@ -21,7 +21,7 @@ from speccompile.runtime.context_cache import ContextCache
 from speccompile.runtime.cost_model import CostModel
 from speccompile.runtime.drafters.base import Drafter, Proposal
 from speccompile.runtime.drafters.lookup import LookupDrafter, LookupReach, join_lookup
-from speccompile.runtime.logprobs import Logprobs, verdict_rows
+from speccompile.runtime.logprobs import Logprobs, full_rows
 from speccompile.runtime.noise import GumbelNoise, sampled_by_noise
 from speccompile.runtime.sampling import PositionDraws, SamplingParams
 
@@ -50,7 +50,7 @@ class DecodeLoop:
         """Yield the tokens committed by each pass: the prefill's first token, then each verify pass's."""
         rng, draws = np.random.default_rng(params.seed), PositionDraws(params.seed)
         params, noise = sampled_by_noise(params, self.noise_ok, self.target.vocab_size)  # then greedy + noise
-        adapt = (self.adaptive_for(drafter, tree, params, stats.logprobs is not None)
+        adapt = (self.adaptive_for(drafter, tree, full_rows(params, stats.logprobs))
                  if tree is not None and tree.adaptive else None)
         token = self._prefill(prompt, drafter, params, draws, stats, noise)
         context = np.concatenate([np.asarray(prompt, np.int64), np.zeros(max_new_tokens, np.int64)])
@@ -91,8 +91,7 @@ class DecodeLoop:
         for start in range(hit, len(prompt), PREFILL_CHUNK):
             chunk = prompt[start:start + PREFILL_CHUNK]
             last = noise.rows([len(prompt)]) if noise and start + len(chunk) == len(prompt) else None
-            logits, argmax = self.target.forward(chunk, full_logits=not params.greedy or bool(stats.logprobs),
-                                                 noise=last)  # greedy without logprobs: the argmax alone
+            logits, argmax = self.target.forward(chunk, full_logits=full_rows(params, stats.logprobs), noise=last)
             if drafter and drafter.wants_hidden:
                 drafter.observe(start, drafter.features(self.target, slice(0, len(chunk))))
             cache.truncate(start + len(chunk))
@@ -100,7 +99,7 @@ class DecodeLoop:
             self.context_cache.save(prompt, len(prompt), cache, drafter)
         token = int(argmax[0]) if params.greedy else draws.token(logits[0], params, len(prompt))
         if stats.logprobs:
-            stats.logprobs.add(logits, [0], [token])
+            stats.logprobs.add_pass(logits, [], [], token)
         return token
 
     def propose(self, context, drafter, k, tree, room, reach, params, rng) -> Proposal:
@@ -116,17 +115,15 @@ class DecodeLoop:
             prop = join_lookup(prop, context, self.lookup, min(reach.reach, free), min(room, reach.reach))
         return prop if self.trees_exact else prop.first_path()
 
-    def adaptive_for(self, drafter: Drafter | None, tree: TreeSpec, params: SamplingParams,
-                     full_logits: bool = False) -> AdaptiveDrafting | None:
+    def adaptive_for(self, drafter: Drafter | None, tree: TreeSpec, full_logits: bool) -> AdaptiveDrafting | None:
         """The per-request state of adaptive drafting (runtime/adaptive.py), priced by this machine's cost model:
-        as sampled passes are where the request reads the float32 rows (full_logits: logprobs asked for)."""
+        a request whose passes read the float32 rows (full_logits: logprobs.full_rows) as sampled passes are."""
         if drafter is None:
             return None
         is_lookup = isinstance(drafter, LookupDrafter)
         if is_lookup and not tree.lookup:  # prompt lookup drafting alone: its nodes are the whole tree
             tree = dataclasses.replace(tree, lookup=ADAPTIVE_LOOKUP)
-        return AdaptiveDrafting(self._measured_cost(), drafter.name, not is_lookup, tree,
-                                params.greedy and not full_logits,
+        return AdaptiveDrafting(self._measured_cost(), drafter.name, not is_lookup, tree, not full_logits,
                                 self.target.max_rows, chains_only=not self.trees_exact)
 
     def propose_adaptive(self, context, drafter: Drafter, adapt: AdaptiveDrafting, room: int, params,
@@ -169,19 +166,21 @@ class DecodeLoop:
         t0 = time.perf_counter()
         out = self._target_pass(token, prop, n, params, rng, noise, draws, logprobs)
         if self._cost is not None:
-            greedy_pass = params.greedy and not logprobs  # priced as what it ran: the exact greedy head or not
+            greedy_pass = not full_rows(params, logprobs)  # filed as what it ran: the exact greedy head or not
             self._cost.observe(1 + len(prop.tokens), n - 1, greedy_pass, (time.perf_counter() - t0) * 1e3)
         return out
 
     def _target_pass(self, token: int, prop: Proposal, n: int, params: SamplingParams, rng, noise, draws,
                      logprobs: Logprobs | None):
-        full = not params.greedy or bool(logprobs)  # greedy without logprobs reads the argmax alone
+        full = full_rows(params, logprobs)
         if not len(prop.tokens):  # nothing to verify: a plain decode step (the verify ops would only cost time)
             self._pending[0] = token
             logits, argmax = self.target.forward(self._pending, full_logits=full,
                                                  noise=noise.rows([n]) if noise else None)
             verdict = Verdict([], int(argmax[0]) if params.greedy else draws.token(logits[0], params, n))
-            return self._logged(verdict, prop, logits, logprobs), None
+            if logprobs:
+                logprobs.add_pass(logits, verdict.path, prop.tokens, verdict.token)
+            return verdict, None
         block = np.concatenate([[token], prop.tokens]).astype(np.int64)
         if prop.parents is None:  # a chain
             block_parents, positions = None, None
@@ -203,14 +202,9 @@ class DecodeLoop:
                                              full_logits=full, noise=drawn)
         verdict = (accept_by_graph_rule(prop, logits, params, rng) if by_graph else
                    accept_on_host(prop, logits, argmax, params, rng, draws, n))  # by_graph: the graph's draws
-        return self._logged(verdict, prop, logits, logprobs), False
-
-    @staticmethod
-    def _logged(verdict: Verdict, prop: Proposal, logits: np.ndarray, logprobs: Logprobs | None) -> Verdict:
-        """The verdict, its committed tokens' log-probabilities added to `logprobs` (if asked for)."""
         if logprobs:
-            logprobs.add(logits, verdict_rows(verdict.path), [*prop.tokens[verdict.path].tolist(), verdict.token])
-        return verdict
+            logprobs.add_pass(logits, verdict.path, prop.tokens, verdict.token)
+        return verdict, False
 
     def commit(self, n: int, parents: np.ndarray | None, path: list[int], drafter: Drafter | None) -> None:
         """Keep the accepted nodes' K/V after the committed tokens; the rejected slots are simply forgotten."""

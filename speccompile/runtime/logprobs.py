@@ -32,18 +32,25 @@ class Logprobs:
 
     def add(self, logits: np.ndarray, rows, tokens) -> None:
         """The entries of `tokens`, each chosen at its row of `logits` [R, V] (the target's float32 rows)."""
-        for row, token in zip(rows, tokens):
-            x = logits[int(row)].astype(np.float64)
-            logp = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
-            top = ()
+        x = logits[np.asarray(rows, np.int64)].astype(np.float64)
+        top = x.max(1, keepdims=True)
+        logp = x - (top + np.log(np.exp(x - top).sum(1, keepdims=True)))
+        for row, token in zip(logp, tokens):
+            best = ()
             if self.top:
-                best = np.argpartition(-logp, self.top - 1)[:self.top]
-                best = best[np.lexsort((best, -logp[best]))]
-                top = tuple((int(t), float(logp[t])) for t in best)
-            self.tokens.append(TokenLogprob(int(token), float(logp[int(token)]), top))
+                best = np.argpartition(-row, self.top - 1)[:self.top]
+                best = tuple((int(t), float(row[t])) for t in best[np.lexsort((best, -row[best]))])
+            self.tokens.append(TokenLogprob(int(token), float(row[int(token)]), best))
+
+    def add_pass(self, logits: np.ndarray, path, drafted: np.ndarray, token: int) -> None:
+        """A verify pass's committed tokens: the accepted drafts (`drafted[path]`), each chosen at its parent's
+        row (row 0, the pending token, for the first; 1 + the node's index for the token after it), then the
+        target's own `token` at the last one's."""
+        rows = [0, *(int(p) + 1 for p in path)]
+        self.add(logits, rows, [*np.asarray(drafted)[list(path)].tolist(), int(token)])
 
 
-def verdict_rows(path) -> list[int]:
-    """The rows that chose a verify pass's committed tokens: row 0 (the pending token) the first, then each
-    accepted node's row (1 + its index) the token after it."""
-    return [0, *(int(p) + 1 for p in path)]
+def full_rows(params, logprobs) -> bool:
+    """Whether a request's passes must fetch the target's float32 rows: sampled on the host, or logprobs asked for
+    (greedy otherwise reads the exact greedy head's argmax alone)."""
+    return not params.greedy or logprobs is not None

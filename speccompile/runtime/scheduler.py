@@ -35,7 +35,7 @@ from speccompile.runtime.batch_engine import BatchEngine
 from speccompile.runtime.drafters.base import Drafter
 from speccompile.runtime.drafters.lookup import LookupReach
 from speccompile.runtime.kv_cache import KVCache
-from speccompile.runtime.logprobs import verdict_rows
+from speccompile.runtime.logprobs import full_rows
 from speccompile.runtime.noise import sampled_by_noise
 from speccompile.runtime.request import Request
 from speccompile.runtime.sampling import PositionDraws
@@ -226,7 +226,7 @@ class Scheduler:
         context[:len(req.ids)] = req.ids
         tree = req.tree
         params, noise = sampled_by_noise(req.params, self.gen.noise_ok, self.gen.target.vocab_size)
-        adapt = (self.gen.adaptive_for(drafter, tree, params, req.logprobs is not None)
+        adapt = (self.gen.adaptive_for(drafter, tree, full_rows(params, req.logprobs))
                  if tree is not None and tree.adaptive else None)
         reach = None if adapt else LookupReach.joining(tree, self.gen.lookup_reach_limit)  # as Generator.steps
         cache = self.slot_caches[b]
@@ -293,7 +293,7 @@ class Scheduler:
             params = s.params
             s.token = int(argmax[0]) if params.greedy else s.draws.token(logits[0], params, len(s.req.ids))
             if s.handle.stats.logprobs:
-                s.handle.stats.logprobs.add(logits, [0], [s.token])
+                s.handle.stats.logprobs.add_pass(logits, [], [], s.token)
             s.n = len(s.req.ids)
             self._emit(s, [s.token])
 
@@ -337,8 +337,7 @@ class Scheduler:
             logits, argmax, rows = results[s.index]
             verdict, in_graph = self._accept(s, logits, argmax)
             if s.handle.stats.logprobs:
-                s.handle.stats.logprobs.add(logits, verdict_rows(verdict.path),
-                                            [*s.prop.tokens[verdict.path].tolist(), verdict.token])
+                s.handle.stats.logprobs.add_pass(logits, verdict.path, s.prop.tokens, verdict.token)
             self._commit(s, verdict.path, rows)
             self._accepted(s, verdict, in_graph)
 

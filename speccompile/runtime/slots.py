@@ -16,6 +16,7 @@ from speccompile.runtime.batch_engine import SlotStep
 from speccompile.runtime.drafters.base import Drafter, Proposal
 from speccompile.runtime.drafters.lookup import LookupReach
 from speccompile.runtime.kv_cache import KVCache
+from speccompile.runtime.logprobs import full_rows
 from speccompile.runtime.noise import GumbelNoise
 from speccompile.runtime.request import Request
 from speccompile.runtime.sampling import PositionDraws, SamplingParams
@@ -114,8 +115,8 @@ class Slot:
 
     @property
     def full_logits(self) -> bool:
-        """Whether its passes need the target's float32 rows: sampled on the host, or logprobs asked for."""
-        return not self.params.greedy or self.handle.stats.logprobs is not None
+        """Whether its passes need the target's float32 rows (logprobs.full_rows)."""
+        return full_rows(self.params, self.handle.stats.logprobs)
 
     @property
     def decoding(self) -> bool:

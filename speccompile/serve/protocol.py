@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from speccompile.runtime.logprobs import MAX_TOP_LOGPROBS
-from speccompile.runtime.tokenizer import InvalidPrefix
+from speccompile.runtime.text_stream import TextStream
 
 # Fields clients send with their neutral value by default: accepted (and dropped) at that value; any other value
 # is refused like any unsupported field, by name.
@@ -227,23 +227,19 @@ def completion_logprobs(entries: list | None, text_of, offsets: TextOffsets) -> 
 
 
 class TextOffsets:
-    """Where each token of a choice begins in its text (text_offset), the tokens decoded in order as the text was:
-    a token that ends inside a character (a byte token) begins where that character does. Summing the tokens' lone
-    texts would count a U+FFFD for each such byte token, past the text's own characters."""
+    """Where each token of a choice begins in its text (text_offset), the tokens decoded in order by the runtime's
+    TextStream, as the text was: a token that ends inside a character (a byte token) begins where that character
+    does. Summing the tokens' lone texts would count a U+FFFD for each such byte token, past the text's own
+    characters."""
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.decoder, self.at = tokenizer, tokenizer.decode_stream(), 0
+        self.stream = TextStream(tokenizer)
 
     def starts(self, tokens: list[int]) -> list[int]:
         out = []
         for token in tokens:
-            out.append(self.at)
-            try:
-                piece = self.decoder.step(self.tokenizer.tok, token)
-            except InvalidPrefix:  # as TextStream recovers: decoding starts again, this token alone
-                self.decoder = self.tokenizer.decode_stream()
-                piece = self.tokenizer.decode([token])
-            self.at += len(piece or "")
+            out.append(len(self.stream.text))
+            self.stream.add(token)
         return out
 
 
