@@ -1026,3 +1026,48 @@ def test_a_sampled_prompt_riding_in_a_greedy_pass_draws_from_exact_logits(tiny_b
     a.close()
     assert trace[0] == ("decode", (0, 1)) and len(drawn) == 2  # its chunk rode in slot 0's decode pass
     np.testing.assert_allclose(drawn[1], drawn[0], rtol=0, atol=1e-4)
+
+
+def test_requests_sharing_a_prompt_run_it_once(tiny_bundle):
+    """Three requests of one long prompt (a request's n choices) and one under the same prefix join together: the
+    first runs the prompt, the others wait for it and restore its blocks from the context cache, then run only what
+    is left of their own. Every answer stays what the request gets alone."""
+    g = speccompile.load(tiny_bundle, threads=1)
+    g.scheduler.mix_prefill = False  # every chunk in a prefill pass, counted below
+    alone = speccompile.load(tiny_bundle, threads=1, context_cache=False)
+    rng = np.random.default_rng(8)
+    prompt = [int(t) for t in rng.integers(3, 384, 150)]  # two prefill chunks
+    other = prompt[:100] + [int(t) for t in rng.integers(3, 384, 20)]
+    asks = [(prompt, {}), (prompt, {"temperature": 0.8, "seed": 3}), (prompt, {"drafter": "lookup"}), (other, {})]
+    solo = [alone.generate(p, 12, **kw).token_ids for p, kw in asks]
+    g.scheduler.trace = trace = []
+    streams = [g.stream(p, 12, **kw) for p, kw in asks]  # queued from one thread: they join in one round
+    results = [drain(s) for s in streams]
+    assert [r.token_ids for r in results] == solo
+    hits = [(r.stats["prompt_cache_hit_tokens"], r.stats["prompt_cache_miss_tokens"]) for r in results]
+    assert hits == [(0, 150), (144, 6), (144, 6), (96, 24)]
+    prefills = collections.Counter(slot for kind, slots in trace if kind == "prefill" for slot in slots)
+    assert prefills == {0: 2, 1: 1, 2: 1, 3: 1}
+
+
+def test_a_request_whose_leader_leaves_runs_its_own_prompt(tiny_bundle):
+    """The request a joining one waits for is cancelled before its prompt is done: the waiting one runs its whole
+    prompt itself (nothing of it was cached) and gets its own answer."""
+    g = speccompile.load(tiny_bundle, threads=1)
+    prompt = [int(t) for t in np.random.default_rng(9).integers(3, 384, 150)]
+    solo = speccompile.load(tiny_bundle, threads=1, context_cache=False).generate(prompt, 8).token_ids
+    first, second = g.stream(prompt, 8), g.stream(prompt, 8)
+    g.scheduler.trace = trace = []
+    prefill, waited = g.scheduler._prefill, []
+
+    def prefill_then_cancel(s):
+        prefill(s)
+        if s.index == 0:
+            waited.append(g.scheduler.slots[1].leader is s)
+            first.cancel()
+    g.scheduler._prefill = prefill_then_cancel
+    result = drain(second)
+    assert result.token_ids == solo
+    assert (result.stats["prompt_cache_hit_tokens"], result.stats["prompt_cache_miss_tokens"]) == (0, 150)
+    assert waited == [True]
+    assert [slots for kind, slots in trace if kind == "prefill"] == [(0,), (1,), (1,)]

@@ -106,3 +106,7 @@ def test_sampling_speed_checks_each_settings_answers_against_plain_sampling(tiny
                                                      "top-p 0.9", "3 choices at temperature 0.7"]
     assert lines.pop().endswith("the same answers 2/2")
     assert all(line.endswith("identical to plain sampling 2/2") for line in lines), lines
+    monkeypatch.setattr("sys.argv", ["sampling_speed.py", tiny_bundle, "--prompts", "2", "--new-tokens", "12",
+                                     "--threads", "1", "--choices", "2", "--choices-only"])
+    tool("sampling_speed").main()
+    assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines()] == ["2 choices at temperature 0.7"]

@@ -40,7 +40,7 @@ from speccompile.runtime.noise import sampled_by_noise
 from speccompile.runtime.request import Request
 from speccompile.runtime.sampling import PositionDraws
 from speccompile.runtime.shared_drafts import propose_shared
-from speccompile.runtime.slots import DONE, Handle, Slot, round_failed, without_cancelled
+from speccompile.runtime.slots import DONE, Handle, Slot, prefix_leader, round_failed, without_cancelled
 from speccompile.runtime.streams import CANCEL_POLL_S
 from speccompile.runtime.text_stream import TextStream
 
@@ -177,7 +177,7 @@ class Scheduler:
         """Free cancelled slots, admit waiting requests, run a prefill chunk of each, then one decode pass."""
         self._free_cancelled()
         self._admit()
-        joining = [s for s in filter(None, self.slots) if not s.decoding]
+        joining = [s for s in filter(None, self.slots) if not s.decoding and not self._waits(s)]
         decoding = [s for s in filter(None, self.slots) if s.decoding and s.n]
         # one joining request's chunk rides in the decode pass, shortened (MIXED_CHUNK); any other joining
         # request's chunk runs in a pass of its own: the attention lays every slot out as deep as the pass's
@@ -235,6 +235,8 @@ class Scheduler:
                     params=params, noise=noise, draws=PositionDraws(req.params.seed),
                     stops=TextStream(self.gen.tokenizer, req.stop) if req.stop else None)
         self._restore_prefix(slot)
+        if self.gen.context_cache:
+            slot.leader = prefix_leader(slot, self.slots, self.gen.context_cache.block_tokens)
         return slot
 
     def _restore_prefix(self, s: Slot) -> None:
@@ -246,6 +248,20 @@ class Scheduler:
         s.cache.truncate(hit)
         stats = s.handle.stats
         stats.prompt_cache_hit_tokens, stats.prompt_cache_miss_tokens = hit, len(ids) - hit
+
+    def _waits(self, s: Slot) -> bool:
+        """Whether s still waits for its leader's prompt (slots.prefix_leader); once the leader has run it, or
+        left, s restores what the context cache holds of its own prompt and runs the rest."""
+        leader = s.leader
+        if leader is None:
+            return False
+        if self.slots[leader.index] is leader and not leader.decoding:
+            return True
+        s.leader = None
+        if s.drafter is not None:
+            s.drafter.reset()  # a restore fills a drafter just reset
+        self._restore_prefix(s)
+        return False
 
     def _finish(self, s: Slot, error: BaseException | None = None) -> None:
         ctx_cache = self.gen.context_cache

@@ -100,6 +100,7 @@ class Slot:
     generated: int = 0
     prop: Proposal | None = None
     stops: TextStream | None = None  # the request's stop strings, watched as its caller's stream watches them
+    leader: Slot | None = None  # a joining slot whose prompt this one's waits to restore (prefix_leader)
 
     @property
     def req(self) -> Request:
@@ -140,3 +141,21 @@ class Slot:
         depth = depths(parents)
         return SlotStep(self.index, block, n - 1, positions=n - 1 + depth, parents=parents, rows=rows,
                         noise=noise.rows(n + depth) if noise else None)
+
+
+def prefix_leader(s: Slot, slots, block_tokens: int) -> Slot | None:
+    """The joining slot, among `slots`, whose prompt shares the most whole context-cache blocks with s's beyond
+    what s restored: s waits for it to finish its prompt (which saves those blocks) and restores them rather than
+    running them a second time (the n choices of one request, parallel calls under one system prompt). None where
+    no such slot shares a block more. Only slots that wait for nobody lead, so waiting never goes round a circle."""
+    own, best, reach = np.asarray(s.req.ids), None, s.prefilled + block_tokens
+    for other in slots:
+        if other is None or other is s or other.decoding or other.leader is not None:
+            continue
+        theirs = np.asarray(other.req.ids)
+        n = min(len(own) - 1, len(theirs))  # a restore leaves s's last prompt token to run
+        differ = np.flatnonzero(own[:n] != theirs[:n])
+        shared = (int(differ[0]) if len(differ) else n) // block_tokens * block_tokens
+        if shared >= reach:
+            best, reach = other, shared + 1
+    return best
