@@ -100,6 +100,13 @@ def test_logprobs_in_the_json_output(tiny_bundle):
     assert r.exit_code == 2 and r.output == "error: --logprobs 2: they are printed in --json's output: add --json\n"
     r = CliRunner().invoke(main, ["generate", str(tiny_bundle), "hello", "--json", "--logprobs", "21"])
     assert r.exit_code == 2 and "--logprobs 21" in r.output and len(r.output.splitlines()) == 1, r.output
+    out = json.loads(run("generate", tiny_bundle, "hello", "--max-new-tokens", 3, "--json", "--prompt-logprobs", 1,
+                         "--no-chat"))
+    assert out["prompt_logprobs"][0] is None and all(e["logprob"] <= 0 for e in out["prompt_logprobs"][1:])
+    r = CliRunner().invoke(main, ["generate", str(tiny_bundle), "hello", "--prompt-logprobs", "1"])
+    assert r.exit_code == 2 and r.output.startswith("error: --prompt-logprobs 1: ") and "add --json" in r.output
+    r = CliRunner().invoke(main, ["generate", str(tiny_bundle), "hello", "--json", "--prompt-logprobs", "-1"])
+    assert r.exit_code == 2 and "--prompt-logprobs -1" in r.output and len(r.output.splitlines()) == 1, r.output
 
 
 def test_stop_reads_escapes(tiny_bundle):

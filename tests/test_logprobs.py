@@ -130,3 +130,49 @@ def test_completion_text_offsets_are_where_each_token_begins_in_the_text(tiny_ge
     starts = [len(tiny_generator.tokenizer.decode(ids[:i]).rstrip("\ufffd")) for i in range(len(ids))]
     assert lp["text_offset"] == starts
     assert all(text.startswith(t, o) for t, o in zip(lp["tokens"], lp["text_offset"]) if "\ufffd" not in t)
+
+
+def prompt_reference(bundle, prompt) -> np.ndarray:
+    """The target's log-softmax at every prompt position but the last, from passes of 100 rows over the prompt."""
+    e, ids, rows = Engine(bundle, read_manifest(bundle)["models"]["target"], threads=1, max_rows=100), prompt[:-1], []
+    for start in range(0, len(ids), 100):
+        logits, _ = e.forward(np.array(ids[start:start + 100], np.int64), rows=np.arange(len(ids[start:start + 100])))
+        rows.append(logits.copy())
+        e.cache.truncate(start + len(rows[-1]))
+    x = np.concatenate(rows).astype(np.float64)
+    return x - (x.max(1, keepdims=True) + np.log(np.exp(x - x.max(1, keepdims=True)).sum(1, keepdims=True)))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.9, seed=3), dict(drafter="lookup", temperature=1.5,
+                                                                              top_p=0.9, seed=4)])
+def test_prompt_logprobs_are_the_targets_and_asking_changes_no_token(tiny_generator, tiny_bundle, kw):
+    """A prompt of three chunks of the rows a pass returns: each token after the first gets its log-probability
+    given the tokens before it, and the K likeliest tokens'; the answer is the one asked without them, though none
+    of the prompt came from the context cache."""
+    g = tiny_generator
+    prompt = [int(t) for t in np.random.default_rng(5).integers(3, 384, 2 * g.target.max_rows + 7)]
+    plain = g.generate(prompt, 12, chat=False, **kw)  # and its blocks now cached
+    res = g.generate(prompt, 12, chat=False, prompt_logprobs=4, **kw)
+    assert res.token_ids == plain.token_ids and res.logprobs is None
+    assert res.stats["prompt_cache_hit_tokens"] == 0
+    assert len(res.prompt_logprobs) == len(prompt) and res.prompt_logprobs[0] is None
+    ref = prompt_reference(tiny_bundle, prompt)
+    for j, lp in enumerate(res.prompt_logprobs[1:]):
+        assert lp.token == prompt[j + 1] and lp.logprob == pytest.approx(ref[j, prompt[j + 1]], abs=2e-4), j
+        assert [tok for tok, _ in lp.top] == sorted(range(ref.shape[1]), key=lambda v: (-ref[j, v], v))[:4], j
+    assert g.generate(prompt[:1], 3, chat=False, prompt_logprobs=0).prompt_logprobs == [None]
+    assert plain.prompt_logprobs is None
+
+
+@pytest.mark.parametrize("bad", [-1, 21, 2.5, "3", True])
+def test_a_bad_prompt_logprobs_is_refused_by_name(tiny_generator, bad):
+    with pytest.raises(SpeccompileError, match="prompt_logprobs"):
+        tiny_generator.generate([5, 6, 7], 4, chat=False, prompt_logprobs=bad)
+
+
+def test_a_streams_first_chunk_carries_the_prompt_logprobs(tiny_generator):
+    g, prompt = tiny_generator, random_prompts(3, seed=2)[2]
+    chunks = list(g.stream(prompt, 10, chat=False, prompt_logprobs=2))
+    assert chunks[0].prompt_logprobs == g.generate(prompt, 10, chat=False, prompt_logprobs=2).prompt_logprobs
+    assert len(chunks[0].prompt_logprobs) == len(prompt)
+    assert all(c.prompt_logprobs is None for c in chunks[1:])

@@ -1386,3 +1386,32 @@ def test_logprobs_in_openais_forms(state, client):
     assert lp.text_offset[0] == 0 and "".join(lp.tokens) == text.choices[0].text
     r = httpx.post(str(client.base_url.join("chat/completions")), json={"messages": user("hi"), "top_logprobs": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs", r.text
+
+
+def test_completions_echo_the_prompt_with_its_logprobs(state, server, client):
+    """echo: the prompt's text before the completion's and, with logprobs K, its tokens' logprobs before the
+    completion's (the first token's null), as OpenAI's and vLLM's give them to lm-evaluation-harness, which sends
+    the prompt as a list of one list of token ids."""
+    ids = state.gen.tokenizer.encode("seven zebras walked to the river", add_special_tokens=True)
+    ref = state.gen.generate(ids, 2, chat=False, temperature=0, logprobs=1, prompt_logprobs=1)
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": [ids], "max_tokens": 2, "temperature": 0,
+                                                         "echo": True, "logprobs": 1})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["text"] == state.gen.tokenizer.decode(ids) + ref.text
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(ids) + 2 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1:] == pytest.approx([e.logprob for e in ref.prompt_logprobs[1:] + ref.logprobs])
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
+    text = client.completions.create(model="tiny-serve", prompt="seven zebras", max_tokens=3, temperature=0,
+                                     echo=True)
+    plain = client.completions.create(model="tiny-serve", prompt="seven zebras", max_tokens=3, temperature=0)
+    assert text.choices[0].text == "seven zebras" + plain.choices[0].text and text.choices[0].logprobs is None
+    pieces = list(client.completions.create(model="tiny-serve", prompt=ids, max_tokens=2, temperature=0, echo=True,
+                                            logprobs=1, stream=True))
+    first = pieces[0].choices[0]
+    assert first.text == state.gen.tokenizer.decode(ids) and first.logprobs.token_logprobs == lp["token_logprobs"][
+        :len(ids)]
+    streamed = [v for p in pieces for v in (p.choices[0].logprobs.token_logprobs if p.choices and
+                                             p.choices[0].logprobs else [])]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(lp["token_logprobs"][1:])

@@ -43,11 +43,13 @@ from speccompile.errors import SpeccompileError
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @click.option("--logprobs", default=None, type=int,
               help="With --json: each token's log-probability under the target and the K likeliest tokens' (0-20).")
+@click.option("--prompt-logprobs", default=None, type=int,
+              help="With --json: the same for each prompt token after the first (runs the whole prompt).")
 @context_cache_options
 @errors_to_exit
 def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, min_p, seed, drafter, num_draft, tree,
              acceptance, recalibrate, no_speculate, compare, no_chat, system, stop, ignore_eos, threads, device,
-             backend, as_json, logprobs, no_context_cache, cache_bytes, cache_dir):
+             backend, as_json, logprobs, prompt_logprobs, no_context_cache, cache_bytes, cache_dir):
     """Generate text for PROMPT from BUNDLE, streaming it."""
     from speccompile import load
     check_generate_options(click.get_current_context().params)
@@ -65,7 +67,7 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, min_p, s
         seed = random.SystemRandom().randrange(2**63)
     kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
                   stop=tuple(map(unescape_stop, stop)), ignore_eos=ignore_eos, logprobs=logprobs,
-                  chat=not no_chat, drafter=drafter, num_draft=num_draft, tree=tree, acceptance=acceptance)
+                  prompt_logprobs=prompt_logprobs, chat=not no_chat, drafter=drafter, num_draft=num_draft, tree=tree, acceptance=acceptance)
     # color: the text as the model wrote it, escape sequences too (click strips them where stdout is no terminal)
     on_text = None if as_json else functools.partial(click.echo, nl=False, color=True)
     plain = {**kwargs, "drafter": None, "num_draft": None, "tree": None, "acceptance": None}  # --compare's baseline
@@ -76,8 +78,9 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, min_p, s
     base = gen.generate(prompt, max_new_tokens, speculate=False, **plain) if compare else None
     if as_json:
         out = {"text": res.text, "token_ids": res.token_ids, "finish_reason": res.finish_reason, "stats": res.stats}
-        if res.logprobs is not None:
-            out["logprobs"] = [{"token": e.token, "logprob": e.logprob, "top": e.top} for e in res.logprobs]
+        for field, entries in (("logprobs", res.logprobs), ("prompt_logprobs", res.prompt_logprobs)):
+            if entries is not None:  # a prompt's first token: null
+                out[field] = [e and {"token": e.token, "logprob": e.logprob, "top": e.top} for e in entries]
         if base:
             out["autoregressive_stats"] = base.stats
             out["speedup"] = _speedup(res.stats, base.stats)

@@ -22,8 +22,10 @@ def check_generate_options(p: dict) -> None:
     """generate's options (p: by parameter name) that contradict each other, or that the others would make it
     ignore: one error line, before the bundle loads."""
     from speccompile.runtime.sampling import GREEDY_BELOW, SamplingParams, acceptance_option
-    if p["logprobs"] is not None and not p["as_json"]:  # streamed text has nowhere to show them
-        raise SpeccompileError(f"--logprobs {p['logprobs']}: they are printed in --json's output: add --json")
+    for flag in ("logprobs", "prompt_logprobs"):
+        if p[flag] is not None and not p["as_json"]:  # streamed text has nowhere to show them
+            raise SpeccompileError(f"--{flag.replace('_', '-')} {p[flag]}: they are printed in --json's output: "
+                                   f"add --json")
     if p["system"] is not None and p["no_chat"]:
         raise SpeccompileError("--system needs the chat template: drop --no-chat")
     drafting = [o for o, given in (("--compare", p["compare"]), ("--drafter", p["drafter"]),

@@ -198,6 +198,7 @@ class SpecDecodeStats:
     accepted_per_depth: list[list[int]] = dataclasses.field(default_factory=list)  # per depth [accepted, tried]
     adaptive: dict | None = None  # adaptive drafting's choices (runtime/adaptive.py summary), if it drafted
     logprobs: object = None  # runtime/logprobs.Logprobs where the request asks for them (not in as_dict)
+    prompt_logprobs: object = None  # the same for the prompt's tokens after the first
 
     def record(self, proposed: int, accepted: int, deepest: int, in_graph: bool | None) -> None:
         """One pass: `proposed` draft nodes `deepest` deep, `accepted` of them taken (plus the target's token);

@@ -26,6 +26,15 @@ from speccompile.runtime.noise import GumbelNoise, sampled_by_noise
 from speccompile.runtime.sampling import PositionDraws, SamplingParams
 
 PREFILL_CHUNK = MAX_STEP_TOKENS
+
+
+def prefill_spans(length: int, hit: int, scored_rows: int = 0) -> list[tuple[int, int]]:
+    """The prompt's chunks after the `hit` tokens restored, as (start, stop). scored_rows (prompt logprobs: the
+    rows a pass may return): chunks of at most that many before the last token, which runs alone."""
+    if not scored_rows:
+        return [(s, min(s + PREFILL_CHUNK, length)) for s in range(hit, length, PREFILL_CHUNK)]
+    size = min(PREFILL_CHUNK, scored_rows)
+    return [(s, min(s + size, length - 1)) for s in range(0, length - 1, size)] + [(length - 1, length)]
 # a joined tree's lookup continuations reach at most this many times L deep (drafters/lookup.py LookupReach): a
 # wide pass costs a few narrow ones, so a repeating answer may commit that many more tokens for it
 LOOKUP_REACH_LIMIT = 4
@@ -84,14 +93,22 @@ class DecodeLoop:
         context cache gives back; returns the first new token (with noise: the noisy argmax, a draw)."""
         if drafter:
             drafter.reset()
-        cache = self.target.cache
-        hit = self.context_cache.restore(prompt, cache, drafter) if self.context_cache else 0
+        cache, scored = self.target.cache, stats.prompt_logprobs
+        # prompt logprobs need every prompt row's logits: nothing restored, and the prompt but its last token run
+        # with every row through the head, then that token alone, as any chunk's last (so the first new token is
+        # the one a request without them gets)
+        hit = self.context_cache.restore(prompt, cache, drafter) if self.context_cache and not scored else 0
         cache.truncate(hit)
         stats.prompt_cache_hit_tokens, stats.prompt_cache_miss_tokens = hit, len(prompt) - hit
-        for start in range(hit, len(prompt), PREFILL_CHUNK):
-            chunk = prompt[start:start + PREFILL_CHUNK]
-            last = noise.rows([len(prompt)]) if noise and start + len(chunk) == len(prompt) else None
-            logits, argmax = self.target.forward(chunk, full_logits=full_rows(params, stats.logprobs), noise=last)
+        for start, stop in prefill_spans(len(prompt), hit, self.target.max_rows if scored else 0):
+            chunk = prompt[start:stop]
+            last = noise.rows([len(prompt)]) if noise and stop == len(prompt) else None
+            every = scored and stop < len(prompt)
+            logits, argmax = self.target.forward(chunk, rows=np.arange(len(chunk)) if every else None,
+                                                 full_logits=every or full_rows(params, stats.logprobs),
+                                                 noise=last)
+            if every:  # row j gives the log-probability of the prompt token after it
+                scored.add(logits, np.arange(len(chunk)), prompt[start + 1:start + len(chunk) + 1])
             if drafter and drafter.wants_hidden:
                 drafter.observe(start, drafter.features(self.target, slice(0, len(chunk))))
             cache.truncate(start + len(chunk))

@@ -131,7 +131,7 @@ class Generator(DecodeLoop):
                tree: str | TreeSpec | None = None, chat: bool = True, on_text: Callable[[str], None] | None = None,
                params: SamplingParams | None = None, acceptance: str | None = None, min_p: float | None = None,
                ignore_eos: bool = False, stop_token_ids=(), logprobs: int | None = None,
-               **unknown) -> Iterator[Chunk]:
+               prompt_logprobs: int | None = None, **unknown) -> Iterator[Chunk]:
         """Generate, yielding a Chunk per verify pass: the new text (held back while it could still become a stop
         string) and the token ids committed. The final GenerationResult is the StopIteration value (`generate`
         just returns it). prompt: text (through the chat template unless chat=False) or token ids. temperature (0:
@@ -140,10 +140,12 @@ class Generator(DecodeLoop):
         end-of-sequence token (not with ignore_eos=True: fixed lengths, as vLLM's) or one of stop_token_ids (it
         included, as an end-of-sequence token is), at max_new_tokens, or where a stop string begins (text and
         token_ids both end before it). logprobs=K (0 to 20): each token's log-probability under the target and the
-        K likeliest tokens' (runtime/logprobs.py), in the chunks and the result. Other keywords are refused."""
+        K likeliest tokens' (runtime/logprobs.py), in the chunks and the result; prompt_logprobs=K the same for
+        the prompt's tokens after the first, in the result (such a request runs its whole prompt, with no context
+        cache, and not in shared passes). Other keywords are refused."""
         params = sampling_params(params, unknown, temperature, top_k, top_p, seed, acceptance, min_p)
         request = build_request(self, prompt, max_new_tokens, params, drafter, speculate, stop, num_draft, tree, chat,
-                                on_text, ignore_eos, stop_token_ids, logprobs)
+                                on_text, ignore_eos, stop_token_ids, logprobs, prompt_logprobs)
         if self.scheduler and not own_loop(request):  # submitted now: its passes start before the first read
             self.check_owner()  # this thread's own loop holds the scheduler: the request would wait for ever
             handle = self._submit(request)
@@ -217,14 +219,14 @@ class Generator(DecodeLoop):
                 break
             delta, n = text.certain()
             chunk, given = handed_out(delta, out[given:given + n], on_text, logprobs, given), given + n
-            yield chunk
+            yield self._first(chunk, stats)
             if submitted is None:  # resumed, maybe by another thread (a pool reading the stream): it holds the lock
                 self._owner = threading.get_ident()
         # done (at a stop string out loses the tokens from the one it begins in), or cancelled: the passes ended
         # first (SubmittedStream.cancel). The text held back (a partial character, a stop string's start) comes last
         final, delta, n = text.finish(out)
         if done or delta or n:
-            yield handed_out(delta, out[given:given + n], on_text, logprobs, given)
+            yield self._first(handed_out(delta, out[given:given + n], on_text, logprobs, given), stats)
             if submitted is None:
                 self._owner = threading.get_ident()
         total = (source.produced_at if done else time.perf_counter()) - t0  # done: at its last pass
@@ -239,7 +241,17 @@ class Generator(DecodeLoop):
         result = stats.as_dict(len(out), total, ttft, weight_bytes, prefill_passes)
         result["acceptance"] = "typical (lossy)" if req.params.typical else "exact"
         reason = finish_reason(out, req.max_new_tokens, req.end_ids, cancelled=not done)
-        return GenerationResult(out, final, result, reason, None if logprobs is None else logprobs[:len(out)])
+        return GenerationResult(out, final, result, reason, None if logprobs is None else logprobs[:len(out)],
+                                scored_prompt(stats))
+
+    @staticmethod
+    def _first(chunk: Chunk, stats) -> Chunk:
+        """The chunk as handed out: a stream's first (whatever tokens it holds) carries the prompt's logprobs
+        where they were asked for."""
+        if stats.prompt_logprobs is not None and not stats.prompt_logprobs.handed_out:
+            stats.prompt_logprobs.handed_out = True
+            chunk.prompt_logprobs = scored_prompt(stats)
+        return chunk
 
     @staticmethod
     def _take(new: list[int], out: list[int], text: TextStream, req: Request) -> bool:
@@ -272,3 +284,8 @@ class Generator(DecodeLoop):
         finally:
             self._owner = None
             self._lock.release()
+
+
+def scored_prompt(stats) -> list | None:
+    """prompt_logprobs' entries: None for the first prompt token (nothing before it predicts it), then each one's."""
+    return None if stats.prompt_logprobs is None else [None, *stats.prompt_logprobs.tokens]

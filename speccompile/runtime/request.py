@@ -57,12 +57,14 @@ class Request:
     stop: tuple[str, ...]
     end_ids: frozenset[int]  # the tokens that end the output: the end-of-sequence tokens, none with ignore_eos
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k likeliest tokens'
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (vLLM's prompt_logprobs)
 
     def new_stats(self) -> SpecDecodeStats:
         """The figures of a run of this request, none counted yet (and where asked for, its log-probabilities)."""
         stats = SpecDecodeStats(self.drafter.name if self.drafter else None,
                                 self.tree.to_dict() if self.tree else None, len(self.ids))
         stats.logprobs = None if self.logprobs is None else Logprobs(self.logprobs)
+        stats.prompt_logprobs = None if self.prompt_logprobs is None else Logprobs(self.prompt_logprobs)
         return stats
 
 
@@ -115,13 +117,14 @@ def sampling_params(params: SamplingParams | None, unknown: dict, temperature, t
 
 
 def own_loop(request: Request) -> bool:
-    """Requests the scheduler's shared passes do not serve: typical acceptance (lossy; its rule runs on the host)."""
-    return request.params.acceptance != "exact"
+    """Requests the scheduler's shared passes do not serve: typical acceptance (lossy; its rule runs on the host),
+    and prompt logprobs (the prompt's every row through the output head, which the shared prefill does not run)."""
+    return request.params.acceptance != "exact" or request.prompt_logprobs is not None
 
 
 def build_request(gen, prompt, max_new_tokens, params: SamplingParams, drafter: str | None, speculate: bool,
                   stop, num_draft, tree, chat: bool, on_text=None, ignore_eos=False, stop_token_ids=(),
-                  logprobs=None) -> Request:
+                  logprobs=None, prompt_logprobs=None) -> Request:
     """gen: the Generator (its tokenizer, target, drafters and their defaults). on_text: checked here only, so that
     a bad callback is refused before anything runs rather than at the first text."""
     if not isinstance(params, SamplingParams):
@@ -155,11 +158,16 @@ def build_request(gen, prompt, max_new_tokens, params: SamplingParams, drafter: 
         tree = gen.trees[dr.name]  # the default: the bundle's tree (num_draft asks for a chain of that many)
     ends = frozenset() if ignore_eos else gen.tokenizer.eos_token_ids
     ends |= stop_ids(stop_token_ids, gen.target.vocab_size)
-    if logprobs is not None and (not _whole(logprobs) or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
-        raise SpeccompileError(f"{given('logprobs', logprobs, limit=40)}: the likeliest tokens to list beside each "
-                               f"token's own, a whole number from 0 to {MAX_TOP_LOGPROBS} (None: no logprobs)")
     return Request(ids, int(max_new_tokens), params, dr, k, tree, stop_strings(stop), ends,
-                   None if logprobs is None else int(logprobs))
+                   top_count("logprobs", logprobs), top_count("prompt_logprobs", prompt_logprobs))
+
+
+def top_count(name: str, value) -> int | None:
+    """logprobs or prompt_logprobs: None, or how many likeliest tokens to list beside each token's own."""
+    if value is not None and (not _whole(value) or not 0 <= value <= MAX_TOP_LOGPROBS):
+        raise SpeccompileError(f"{given(name, value, limit=40)}: the likeliest tokens to list beside each "
+                               f"token's own, a whole number from 0 to {MAX_TOP_LOGPROBS} (None: none)")
+    return None if value is None else int(value)
 
 
 def check_flags(speculate, chat, drafter, num_draft, tree, params: SamplingParams, ignore_eos=False) -> None:

@@ -18,6 +18,8 @@ class GenerationResult:
     # "length" (max_new_tokens reached), "cancelled" (SubmittedStream.cancel)
     finish_reason: str = "stop"
     logprobs: list | None = None  # logprobs=K: per token, a runtime/logprobs.TokenLogprob
+    # prompt_logprobs=K: per prompt token, None for the first (nothing before it to predict it), then TokenLogprobs
+    prompt_logprobs: list | None = None
 
 
 def finish_reason(token_ids: list[int], max_new_tokens: int, eos_token_ids, cancelled: bool) -> str:

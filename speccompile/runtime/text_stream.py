@@ -17,6 +17,7 @@ class Chunk:
     text: str
     token_ids: list[int]
     logprobs: list | None = None  # logprobs=K: per token, a runtime/logprobs.TokenLogprob
+    prompt_logprobs: list | None = None  # prompt_logprobs=K, on a stream's first chunk: GenerationResult's
 
 
 class TextStream:

@@ -77,13 +77,16 @@ def create_app(state: ServeState) -> FastAPI:
     async def completions(body: protocol.CompletionRequest, request: Request):
         _check_request(state, body)
         prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):  # a list of one text
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):  # a list of one prompt
             prompt = prompt[0]
         if isinstance(prompt, str):  # as the tokenizer encodes it alone (BOS where it adds one), as vLLM's do
             ids = await _tokenize(state.gen.tokenizer.encode, prompt, add_special_tokens=True)
         else:
             ids = list(prompt)
-        return await _respond(state, body, ids, request, chat=False)
+        echo = None
+        if body.echo:  # the prompt as sent, or its tokens' text
+            echo = prompt if isinstance(prompt, str) else state.gen.tokenizer.decode(ids)
+        return await _respond(state, body, ids, request, chat=False, echo=echo)
 
     return app
 
@@ -115,10 +118,10 @@ def _check_model(state: ServeState, model: str | None) -> None:
                        param="model", code="model_not_found")
 
 
-async def _respond(state: ServeState, body, ids: list[int], request: Request, chat: bool):
+async def _respond(state: ServeState, body, ids: list[int], request: Request, chat: bool, echo: str | None = None):
     """Admit the request (a job per choice) and wait for the first event of a choice, so that a refusal (a prompt
     over the compiled context, a bad setting) is a 4xx before any byte of a stream is sent; then answer plainly or
-    as a stream. A client gone before the answer cancels the jobs."""
+    as a stream. A client gone before the answer cancels the jobs. echo: a completion's echoed prompt text."""
     limit = _token_limit(state, body, ids, "messages" if chat else "prompt")
     jobs = state.runner.submit_choices(ids, limit, body.choice_kwargs())
     watcher = asyncio.ensure_future(_cancel_on_disconnect(request, jobs))
@@ -126,13 +129,15 @@ async def _respond(state: ServeState, body, ids: list[int], request: Request, ch
     try:
         await _first_choice(firsts)
         if body.stream:
-            events = _sse(state, body, jobs, firsts, chat)
+            events = _sse(state, body, jobs, firsts, chat, echo)
             jobs, firsts = [], []  # the stream owns them now
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         outcomes = [await _outcome(job, await first) for job, first in zip(jobs, firsts)]
         use = choices_usage(len(ids), outcomes)
         answers = [(o.text, o.finish_reason, _logprobs(state, o.logprobs, chat)) for o in outcomes]
+        if echo is not None:
+            answers = [(echo + o.text, o.finish_reason, _echoed_logprobs(state, ids, o)) for o in outcomes]
         rid = protocol.new_id("chatcmpl" if chat else "cmpl")
         if chat:
             return protocol.chat_completion(rid, state.model, answers, use)
@@ -215,14 +220,22 @@ def _logprobs(state: ServeState, entries: list | None, chat: bool,
     return protocol.completion_logprobs(entries, text_of, offsets or protocol.TextOffsets(tokenizer))
 
 
+def _echoed_logprobs(state: ServeState, ids: list[int], o: Outcome) -> dict | None:
+    """An echoing completion choice's logprobs: its prompt's tokens' (the first one's null), then its own."""
+    prompt = protocol.echoed_entries(ids, o.prompt_logprobs)
+    return None if prompt is None else _logprobs(state, prompt + (o.logprobs or []), chat=False)
+
+
 def _data(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _sse(state: ServeState, body, jobs: list[Job], firsts: list[asyncio.Future], chat: bool):
+async def _sse(state: ServeState, body, jobs: list[Job], firsts: list[asyncio.Future], chat: bool,
+               echo: str | None = None):
     """The answer as server-sent events, ending with [DONE]: each choice's pieces as they come (chunks carry their
-    choice's index), its finish_reason when it ends. If the client goes, Starlette cancels this generator at its
-    await: `finally` cancels the jobs, whose workers close the Generator's streams after the current pass."""
+    choice's index), its finish_reason when it ends; an echoing completion's prompt (and its logprobs) as each
+    choice's first piece. If the client goes, Starlette cancels this generator at its await: `finally` cancels the
+    jobs, whose workers close the Generator's streams after the current pass."""
     rid, model, created = protocol.new_id("chatcmpl" if chat else "cmpl"), state.model, protocol.now()
 
     offsets = [protocol.TextOffsets(state.gen.tokenizer) for _ in jobs]  # a completion choice's text_offset so far
@@ -241,8 +254,13 @@ async def _sse(state: ServeState, body, jobs: list[Job], firsts: list[asyncio.Fu
             for i in range(len(jobs)):
                 yield _data(protocol.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, index=i))
         outcomes: list[Outcome | None] = [None] * len(jobs)
+        echoed = [echo is None] * len(jobs)
         while any(o is None for o in outcomes):
             i, event = await merged.get()
+            if not echoed[i] and event[0] != "error":
+                echoed[i] = True
+                scored = event[1].prompt_logprobs
+                yield _data(piece(i, echo, None, protocol.echoed_entries(jobs[i].ids, scored)))
             if event[0] == "chunk":
                 if event[1].text or event[1].logprobs:
                     yield _data(piece(i, event[1].text, None, event[1].logprobs))

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from speccompile.runtime.logprobs import MAX_TOP_LOGPROBS
+from speccompile.runtime.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from speccompile.runtime.text_stream import TextStream
 
 # Fields clients send with their neutral value by default: accepted (and dropped) at that value; any other value
@@ -148,14 +148,22 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    # OpenAI also takes a list of prompts; one prompt per request here, so a list of one (as some clients send)
-    prompt: str | list[int] | Annotated[list[str], Field(min_length=1, max_length=1)]
+    # OpenAI also takes a list of prompts; one prompt per request here, so a list of one (as some clients send:
+    # lm-evaluation-harness a list of one list of token ids)
+    prompt: (str | list[int] | Annotated[list[str], Field(min_length=1, max_length=1)]
+             | Annotated[list[list[int]], Field(min_length=1, max_length=1)])
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # OpenAI's legacy form: how many likeliest
+    echo: bool = False  # the prompt before the completion, in the text and (with logprobs) in the logprobs
 
     @property
     def logprobs_asked(self) -> int | None:
         return self.logprobs
+
+    def stream_kwargs(self) -> dict:
+        """With echo and logprobs, the prompt's tokens' logprobs too (the runtime's prompt_logprobs)."""
+        scored = self.echo and self.logprobs is not None
+        return {**super().stream_kwargs(), **({"prompt_logprobs": self.logprobs} if scored else {})}
 
     @property
     def token_limit(self) -> int | None:
@@ -218,12 +226,20 @@ def chat_logprobs(entries: list | None, text_of, bytes_of) -> dict | None:
 
 def completion_logprobs(entries: list | None, text_of, offsets: TextOffsets) -> dict | None:
     """A text completion's logprobs (OpenAI's legacy form); offsets: the choice's TextOffsets, which a stream's
-    later pieces go on with."""
+    later pieces go on with. An echoed prompt's first token has no log-probability: null, as OpenAI's."""
     if entries is None:
         return None
     return {"tokens": [text_of(e.token) for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{text_of(t): v for t, v in e.top} for e in entries],
+            "top_logprobs": [None if e.top is None else {text_of(t): v for t, v in e.top} for e in entries],
             "text_offset": offsets.starts([e.token for e in entries])}
+
+
+def echoed_entries(ids: list[int], scored: list | None) -> list | None:
+    """An echoed prompt's logprobs entries: the runtime's prompt_logprobs (None first), the first token's without
+    a log-probability."""
+    if scored is None:
+        return None
+    return [TokenLogprob(ids[0], None, None), *scored[1:]]
 
 
 class TextOffsets:

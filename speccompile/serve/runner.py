@@ -33,6 +33,7 @@ class Outcome:
     stats: dict
     finish_reason: str
     logprobs: list | None = None
+    prompt_logprobs: list | None = None  # echo with logprobs: the runtime's prompt_logprobs
 
 
 class Job:
@@ -128,7 +129,8 @@ class Runner:
                 except StopIteration as stop:
                     result = stop.value
                     outcome = None if job.cancelled.is_set() else Outcome(
-                        result.token_ids, result.text, result.stats, result.finish_reason, result.logprobs)
+                        result.token_ids, result.text, result.stats, result.finish_reason, result.logprobs,
+                        result.prompt_logprobs)
                     break
                 if first_at is None:
                     first_at = time.perf_counter()
