@@ -1071,3 +1071,20 @@ def test_a_request_whose_leader_leaves_runs_its_own_prompt(tiny_bundle):
     assert (result.stats["prompt_cache_hit_tokens"], result.stats["prompt_cache_miss_tokens"]) == (0, 150)
     assert waited == [True]
     assert [slots for kind, slots in trace if kind == "prefill"] == [(0,), (1,), (1,)]
+
+
+def test_a_short_prompt_does_not_wait_for_a_long_one_sharing_a_block(tiny_bundle):
+    """A request whose prompt shares one block with a longer joining one's (two chat prompts under one system
+    prompt) would save 16 tokens by waiting for 150: it runs its own prompt at once."""
+    g = speccompile.load(tiny_bundle, threads=1)
+    g.scheduler.mix_prefill = False
+    rng = np.random.default_rng(10)
+    long_prompt = [int(t) for t in rng.integers(3, 384, 150)]
+    short = long_prompt[:20] + [int(t) for t in rng.integers(3, 384, 40)]
+    solo = speccompile.load(tiny_bundle, threads=1, context_cache=False).generate(short, 6).token_ids
+    g.scheduler.trace = trace = []
+    streams = [g.stream(long_prompt, 6), g.stream(short, 6)]
+    results = [drain(s) for s in streams]
+    assert results[1].token_ids == solo
+    assert (results[1].stats["prompt_cache_hit_tokens"], results[1].stats["prompt_cache_miss_tokens"]) == (0, 60)
+    assert [slots for kind, slots in trace if kind == "prefill"][:2] == [(0,), (1,)]

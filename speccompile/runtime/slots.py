@@ -146,8 +146,11 @@ class Slot:
 def prefix_leader(s: Slot, slots, block_tokens: int) -> Slot | None:
     """The joining slot, among `slots`, whose prompt shares the most whole context-cache blocks with s's beyond
     what s restored: s waits for it to finish its prompt (which saves those blocks) and restores them rather than
-    running them a second time (the n choices of one request, parallel calls under one system prompt). None where
-    no such slot shares a block more. Only slots that wait for nobody lead, so waiting never goes round a circle."""
+    running them a second time (the n choices of one request, parallel calls under one long system prompt). Only
+    where the tokens s saves are at least what the leader has left to run beyond s's own: s's first token then
+    comes no later than when the two prompts' chunks take turns (a short prompt under a chat template's system
+    prompt does not wait for a long one). None where no slot qualifies. Only slots that wait for nobody lead, so
+    waiting never goes round a circle."""
     own, best, reach = np.asarray(s.req.ids), None, s.prefilled + block_tokens
     for other in slots:
         if other is None or other is s or other.decoding or other.leader is not None:
@@ -156,6 +159,7 @@ def prefix_leader(s: Slot, slots, block_tokens: int) -> Slot | None:
         n = min(len(own) - 1, len(theirs))  # a restore leaves s's last prompt token to run
         differ = np.flatnonzero(own[:n] != theirs[:n])
         shared = (int(differ[0]) if len(differ) else n) // block_tokens * block_tokens
-        if shared >= reach:
+        longer = (len(theirs) - other.prefilled) - (len(own) - s.prefilled)  # the leader's left, past s's own
+        if shared >= reach and shared - s.prefilled >= longer:
             best, reach = other, shared + 1
     return best
