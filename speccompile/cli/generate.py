@@ -67,7 +67,8 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, min_p, s
         seed = random.SystemRandom().randrange(2**63)
     kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
                   stop=tuple(map(unescape_stop, stop)), ignore_eos=ignore_eos, logprobs=logprobs,
-                  prompt_logprobs=prompt_logprobs, chat=not no_chat, drafter=drafter, num_draft=num_draft, tree=tree, acceptance=acceptance)
+                  prompt_logprobs=prompt_logprobs, chat=not no_chat, drafter=drafter, num_draft=num_draft, tree=tree,
+                  acceptance=acceptance)
     # color: the text as the model wrote it, escape sequences too (click strips them where stdout is no terminal)
     on_text = None if as_json else functools.partial(click.echo, nl=False, color=True)
     plain = {**kwargs, "drafter": None, "num_draft": None, "tree": None, "acceptance": None}  # --compare's baseline

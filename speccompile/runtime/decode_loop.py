@@ -27,6 +27,10 @@ from speccompile.runtime.sampling import PositionDraws, SamplingParams
 
 PREFILL_CHUNK = MAX_STEP_TOKENS
 
+# a joined tree's lookup continuations reach at most this many times L deep (drafters/lookup.py LookupReach): a
+# wide pass costs a few narrow ones, so a repeating answer may commit that many more tokens for it
+LOOKUP_REACH_LIMIT = 4
+
 
 def prefill_spans(length: int, hit: int, scored_rows: int = 0) -> list[tuple[int, int]]:
     """The prompt's chunks after the `hit` tokens restored, as (start, stop). scored_rows (prompt logprobs: the
@@ -35,9 +39,6 @@ def prefill_spans(length: int, hit: int, scored_rows: int = 0) -> list[tuple[int
         return [(s, min(s + PREFILL_CHUNK, length)) for s in range(hit, length, PREFILL_CHUNK)]
     size = min(PREFILL_CHUNK, scored_rows)
     return [(s, min(s + size, length - 1)) for s in range(0, length - 1, size)] + [(length - 1, length)]
-# a joined tree's lookup continuations reach at most this many times L deep (drafters/lookup.py LookupReach): a
-# wide pass costs a few narrow ones, so a repeating answer may commit that many more tokens for it
-LOOKUP_REACH_LIMIT = 4
 
 
 class DecodeLoop:
