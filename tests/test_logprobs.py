@@ -155,6 +155,7 @@ def test_prompt_logprobs_are_the_targets_and_asking_changes_no_token(tiny_genera
     res = g.generate(prompt, 12, chat=False, prompt_logprobs=4, **kw)
     assert res.token_ids == plain.token_ids and res.logprobs is None
     assert res.stats["prompt_cache_hit_tokens"] == 0
+    assert res.stats["prefill_passes"] == 4  # 64, 64, 6 and 1 rows
     assert len(res.prompt_logprobs) == len(prompt) and res.prompt_logprobs[0] is None
     ref = prompt_reference(tiny_bundle, prompt)
     for j, lp in enumerate(res.prompt_logprobs[1:]):

@@ -1415,3 +1415,8 @@ def test_completions_echo_the_prompt_with_its_logprobs(state, server, client):
     streamed = [v for p in pieces for v in (p.choices[0].logprobs.token_logprobs if p.choices and
                                              p.choices[0].logprobs else [])]
     assert streamed[0] is None and streamed[1:] == pytest.approx(lp["token_logprobs"][1:])
+    two = httpx.post(server.url + "/v1/completions", json={"prompt": ids, "max_tokens": 2, "temperature": 0.8,
+                                                           "seed": 1, "n": 2, "echo": True, "logprobs": 0}).json()
+    prompt_part = lp["token_logprobs"][1:len(ids)]
+    assert [c["logprobs"]["token_logprobs"][1:len(ids)] for c in two["choices"]] == [prompt_part] * 2
+    assert all(c["text"].startswith(state.gen.tokenizer.decode(ids)) for c in two["choices"])

@@ -19,7 +19,7 @@ from speccompile.graphs import MAX_VERIFY_TOKENS, trees_exact
 from speccompile.runtime.context_cache import (DEFAULT_CACHE_BYTES, ContextCache, bundle_identity, cache_parts, kept_on,
                                                runtime_identity)
 from speccompile.runtime.cost_model import CostModel
-from speccompile.runtime.decode_loop import LOOKUP_REACH_LIMIT, PREFILL_CHUNK, DecodeLoop
+from speccompile.runtime.decode_loop import LOOKUP_REACH_LIMIT, PREFILL_CHUNK, DecodeLoop, prefill_spans
 from speccompile.runtime.drafters.base import Drafter, RuntimeContext
 from speccompile.runtime.drafters.lookup import LookupDrafter
 from speccompile.runtime.engine import Engine
@@ -236,7 +236,8 @@ class Generator(DecodeLoop):
             context = np.concatenate([req.ids, np.asarray(out, np.int64)])
             self.context_cache.save(context, min(self.target.cache.length, len(context)), self.target.cache,
                                     req.drafter)
-        prefill_passes = -(-stats.prompt_cache_miss_tokens // PREFILL_CHUNK)
+        scored_rows = self.target.max_rows if stats.prompt_logprobs is not None else 0
+        prefill_passes = len(prefill_spans(len(req.ids), stats.prompt_cache_hit_tokens, scored_rows))
         weight_bytes = self.pass_bytes["screened" if runs_greedy(req.params, self.noise_ok) else "full"]
         result = stats.as_dict(len(out), total, ttft, weight_bytes, prefill_passes)
         result["acceptance"] = "typical (lossy)" if req.params.typical else "exact"
