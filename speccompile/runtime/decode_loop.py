@@ -104,12 +104,11 @@ class DecodeLoop:
         for start, stop in prefill_spans(len(prompt), hit, self.target.max_rows if scored else 0):
             chunk = prompt[start:stop]
             last = noise.rows([len(prompt)]) if noise and stop == len(prompt) else None
-            every = scored and stop < len(prompt)
-            logits, argmax = self.target.forward(chunk, rows=np.arange(len(chunk)) if every else None,
-                                                 full_logits=every or full_rows(params, stats.logprobs),
-                                                 noise=last)
-            if every:  # row j gives the log-probability of the prompt token after it
-                scored.add(logits, np.arange(len(chunk)), prompt[start + 1:start + len(chunk) + 1])
+            every = np.arange(len(chunk)) if scored and stop < len(prompt) else None  # every row's logits
+            logits, argmax = self.target.forward(chunk, rows=every, noise=last,
+                                                 full_logits=every is not None or full_rows(params, stats.logprobs))
+            if every is not None:  # row j gives the log-probability of the prompt token after it
+                scored.add(logits, every, prompt[start + 1:stop + 1])
             if drafter and drafter.wants_hidden:
                 drafter.observe(start, drafter.features(self.target, slice(0, len(chunk))))
             cache.truncate(start + len(chunk))

@@ -212,6 +212,13 @@ class Generator(DecodeLoop):
                                                                        req.params, stats, req.tree))
         text, out, given, ttft, done = TextStream(self.tokenizer, req.stop), [], 0, None, False
         logprobs = stats.logprobs.tokens if stats.logprobs else None  # appended as the tokens are committed
+        prompt_given = stats.prompt_logprobs is None  # asked for: on the first chunk, whatever tokens it holds
+
+        def first(chunk: Chunk) -> Chunk:
+            nonlocal prompt_given
+            if not prompt_given:
+                chunk.prompt_logprobs, prompt_given = scored_prompt(stats), True
+            return chunk
         for new in passes:
             ttft = ttft if ttft is not None else source.produced_at - t0
             done = self._take(new, out, text, req)
@@ -219,14 +226,14 @@ class Generator(DecodeLoop):
                 break
             delta, n = text.certain()
             chunk, given = handed_out(delta, out[given:given + n], on_text, logprobs, given), given + n
-            yield self._first(chunk, stats)
+            yield first(chunk)
             if submitted is None:  # resumed, maybe by another thread (a pool reading the stream): it holds the lock
                 self._owner = threading.get_ident()
         # done (at a stop string out loses the tokens from the one it begins in), or cancelled: the passes ended
         # first (SubmittedStream.cancel). The text held back (a partial character, a stop string's start) comes last
         final, delta, n = text.finish(out)
         if done or delta or n:
-            yield self._first(handed_out(delta, out[given:given + n], on_text, logprobs, given), stats)
+            yield first(handed_out(delta, out[given:given + n], on_text, logprobs, given))
             if submitted is None:
                 self._owner = threading.get_ident()
         total = (source.produced_at if done else time.perf_counter()) - t0  # done: at its last pass
@@ -244,15 +251,6 @@ class Generator(DecodeLoop):
         reason = finish_reason(out, req.max_new_tokens, req.end_ids, cancelled=not done)
         return GenerationResult(out, final, result, reason, None if logprobs is None else logprobs[:len(out)],
                                 scored_prompt(stats))
-
-    @staticmethod
-    def _first(chunk: Chunk, stats) -> Chunk:
-        """The chunk as handed out: a stream's first (whatever tokens it holds) carries the prompt's logprobs
-        where they were asked for."""
-        if stats.prompt_logprobs is not None and not stats.prompt_logprobs.handed_out:
-            stats.prompt_logprobs.handed_out = True
-            chunk.prompt_logprobs = scored_prompt(stats)
-        return chunk
 
     @staticmethod
     def _take(new: list[int], out: list[int], text: TextStream, req: Request) -> bool:

@@ -29,7 +29,6 @@ class Logprobs:
 
     def __init__(self, top: int):
         self.top, self.tokens = top, []
-        self.handed_out = False  # prompt logprobs: given with a stream's first chunk (Generator._run)
 
     def add(self, logits: np.ndarray, rows, tokens) -> None:
         """The entries of `tokens`, each chosen at its row of `logits` [R, V] (the target's float32 rows)."""

@@ -135,8 +135,9 @@ async def _respond(state: ServeState, body, ids: list[int], request: Request, ch
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         outcomes = [await _outcome(job, await first) for job, first in zip(jobs, firsts)]
         use = choices_usage(len(ids), outcomes)
-        answers = [(o.text, o.finish_reason, _logprobs(state, o.logprobs, chat)) for o in outcomes]
-        if echo is not None:
+        if echo is None:
+            answers = [(o.text, o.finish_reason, _logprobs(state, o.logprobs, chat)) for o in outcomes]
+        else:
             answers = [(echo + o.text, o.finish_reason, _echoed_logprobs(state, ids, o)) for o in outcomes]
         rid = protocol.new_id("chatcmpl" if chat else "cmpl")
         if chat:
