@@ -72,7 +72,9 @@ distributed exactly as the target's, after temperature and top-k.
 weight formats: the contract above holds whatever form the weights take; the manifest's `quantization` records
 each target matrix's (WEIGHT_FORMATS). A packed matrix is a com.microsoft MatMulNBits product (CPU), its weights
 key.nbits4 | key.nbits8 (codes), key.nbits_scales, optional key.nbits_zeros and key.nbits_offsets (a GGUF block's
-minimum: the per-32-block sums of x times them, added), run at the manifest's accuracy_level. Logits of a
+minimum: the per-32-block sums of x times them, added), run at the manifest's accuracy_level; or, a 4-bit matrix with a float16 scale and minimum per
+block of 32, a KERNEL_DOMAIN MatMulQ4 product (speccompile's own CPU kernel: speccompile.plugins.q4_matmul), its
+weights key.q4blocks (that op's layout), the manifest's `kernels` naming the kernels its graphs need. Logits of a
 quantized build are those of its quantized weights: speculation is lossless against the same bundle's plain
 decoding, not against a float32 build.
 batched form (the target's `target_batch` graph, `build --max-batch B`; BATCH_GRAPH_VERSION): the same decoder over a
@@ -103,6 +105,7 @@ DECODER_GRAPH_VERSION = 7  # 7: noise_top_k; 6: sample_noise; 5: scratch slots (
 # as "q4_k+q6_k as 8-bit blocks of 16"), or a block-wise quantization of float weights by `build --weights`
 WEIGHT_FORMATS = ("float32", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k", "int4", "int8")
 BATCH_GRAPH_VERSION = 4  # the batched form (above); 2: sample_noise; 3: noise_top_k; 4: packed rows
+KERNEL_DOMAIN = "speccompile.kernels"  # speccompile's own onnxruntime CPU kernels (plugins/q4_matmul)
 DEFAULT_MAX_BATCH = 4  # sequence slots of the batched graph unless the build says otherwise
 VERIFY_DEFAULTS = {"node_parents": [-1], "temperature": [0.0], "top_k": [0], "uniforms": [[0.0, 0.0]],
                    "full_logits": [True], "sample_noise": [[0.0]], "noise_top_k": [0]}

@@ -22,8 +22,10 @@ from speccompile.compile.sources import load_checkpoint
 from speccompile.format.bundle import read_manifest
 from speccompile.format.summary import describe, pass_weight_bytes
 from speccompile.graphs.builder import GraphBuilder
+from speccompile.plugins import q4_matmul
 from speccompile.runtime.engine import Engine
 from speccompile.runtime.row_parity import match_rows
+from speccompile.runtime.sessions import open_session
 from tools_util import tool
 from conftest import assert_lossless, quiet, random_prompts
 from test_decoding import test_sampled_speculative_matches_target_distribution as sampled_distribution_check
@@ -53,7 +55,8 @@ def run_product(tmp_path, weights: dict, key: str, x: np.ndarray, level: int | N
             refs[name] = {"location": "w.bin", "offset": offset, "length": len(data)}
             offset += len(data)
     onnx.save(g.to_model(refs), str(tmp_path / "m.onnx"))
-    return ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x})[0]
+    # the runtime's own opening: a MatMulQ4 product gets speccompile's kernel library
+    return open_session(str(tmp_path / "m.onnx"), ort.SessionOptions(), ["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
 @pytest.mark.parametrize("types", [(t,) for t in (*GGUF_TYPES, Q.Q4_K, Q.Q5_K, Q.Q6_K)] +
@@ -85,7 +88,8 @@ def test_block_formats_through_the_graph_product(tmp_path, types):
 @pytest.fixture(scope="module")
 def gguf_bundles(tmp_path_factory):
     """A tiny llama GGUF with its matrices in GGUF_TYPES, built with --weights source (lookup, an early exit and
-    an MTP head) and --weights float32 (the float reference: the same file dequantized)."""
+    an MTP head) and --weights float32 (the float reference: the same file dequantized), both with onnxruntime's
+    products; and, where speccompile's MatMulQ4 kernel runs, --weights source with it ("kernel")."""
     d = tmp_path_factory.mktemp("quantized")
     write_tiny_llama_gguf(d / "tiny.gguf", qtypes=GGUF_TYPES)
     cfg = load_checkpoint(str(d / "tiny.gguf"), progress=quiet).config
@@ -93,8 +97,20 @@ def gguf_bundles(tmp_path_factory):
     drafts = DRAFTS + [f"mtp:{d / 'head.safetensors'}"]
     for weights in ("source", "float32"):
         build_bundle(str(d / "tiny.gguf"), str(d / weights), drafts=drafts, max_seq_len=256, num_draft=4,
-                     weights=weights, progress=quiet)
+                     weights=weights, kernels="onnxruntime", progress=quiet)
+    if q4_matmul.unavailable() is None:
+        build_bundle(str(d / "tiny.gguf"), str(d / "kernel"), drafts=drafts, max_seq_len=256, num_draft=4,
+                     weights="source", kernels="speccompile", progress=quiet)
     return d
+
+
+def quantized(name: str):
+    """A parameter naming a quantized build of gguf_bundles; "kernel" skipped where MatMulQ4 cannot run."""
+    why = q4_matmul.unavailable() if name == "kernel" else None
+    return pytest.param(name, marks=pytest.mark.skipif(why is not None, reason=f"MatMulQ4 cannot run here: {why}"))
+
+
+BUILDS = [quantized("source"), quantized("kernel")]
 
 
 def target_logits(bundle: str, prompt: np.ndarray) -> np.ndarray:
@@ -177,23 +193,25 @@ def test_decode_step_without_a_screen_names_no_screened_head(tmp_path):
     assert "screened" not in lines[0]
 
 
-def test_source_logits_match_the_float_reference(gguf_bundles):
+@pytest.mark.parametrize("build", BUILDS)
+def test_source_logits_match_the_float_reference(gguf_bundles, build):
     """The GGUF's blocks compute its dequantized weights exactly (the product test above); at the builds' accuracy
     level 4, x rounded to int8 per block as llama.cpp rounds it to Q8 blocks, the logits stay within
     TOLERANCE["source"] of the float32 build's largest logit."""
     prompt = np.array(random_prompts(3)[2], np.int64)
-    q, f = (target_logits(str(gguf_bundles / w), prompt) for w in ("source", "float32"))
+    q, f = (target_logits(str(gguf_bundles / w), prompt) for w in (build, "float32"))
     err = np.abs(q - f).max() / np.abs(f).max()
-    print(f"source: logits error {err:.2e} of the largest float32 logit, greedy agreement "
+    print(f"{build}: logits error {err:.2e} of the largest float32 logit, greedy agreement "
           f"{np.mean(q.argmax(-1) == f.argmax(-1)):.2f}")
     assert 0 < err <= TOLERANCE["source"]
 
 
+@pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize("pad", [False, True], ids=["measured", "pad"])
 @pytest.mark.parametrize("drafter", ["lookup", "layerskip:2", "mtp"])
-def test_greedy_speculation_over_a_quantized_target_is_lossless(gguf_bundles, drafter, pad):
+def test_greedy_speculation_over_a_quantized_target_is_lossless(gguf_bundles, drafter, pad, build):
     """pad: one-token steps with a pad row, as on a CPU whose one-row product kernel differs (runtime/row_parity)."""
-    g = speccompile.load(str(gguf_bundles / "source"), threads=1)
+    g = speccompile.load(str(gguf_bundles / build), threads=1)
     g.target.min_rows = 2 if pad else g.target.min_rows
     accepted = assert_lossless(g, drafter, random_prompts(6), 32)
     assert drafter == "lookup" or max(accepted) > 1.0  # the graph drafters read the quantized target's states
@@ -228,8 +246,30 @@ def test_trees_over_a_quantized_target_verify_one_path(gguf_bundles, monkeypatch
     assert any(not np.array_equal(b, np.arange(len(b)) - 1) for b in blocks)
 
 
-def test_sampled_speculation_over_a_quantized_target_keeps_its_distribution(gguf_bundles):
-    sampled_distribution_check(speccompile.load(str(gguf_bundles / "source"), threads=1), "layerskip:2")
+@pytest.mark.parametrize("build", BUILDS)
+def test_sampled_speculation_over_a_quantized_target_keeps_its_distribution(gguf_bundles, build):
+    sampled_distribution_check(speccompile.load(str(gguf_bundles / build), threads=1), "layerskip:2")
+
+
+@pytest.mark.parametrize("build", [quantized("kernel")])
+def test_the_kernel_build_runs_its_q4_matrices_through_matmulq4(gguf_bundles, build):
+    """--kernels speccompile: every Q4_0 / Q4_1 matrix (joined with no other format) in MatMulQ4's layout, the
+    rest in MatMulNBits'; recorded in the manifest, shown by inspect, its graphs importing the kernel's domain."""
+    m = read_manifest(str(gguf_bundles / build))
+    q, names = m["quantization"], set(m["weights"]["target.bin"])
+    kernel = set(q["kernel_matrices"])
+    assert kernel and all(k + ".q4blocks" in names and k + ".nbits_scales" not in names for k in kernel)
+    for key, fmt in q["formats"].items():
+        layer = key.rsplit(".", 1)[0]
+        joined = key.endswith((".gate", ".up")) and {f"{layer}.gate_up.q4blocks", f"{layer}.gate_up.nbits_scales"} & names
+        stored, parts = ((f"{layer}.gate_up", [q["formats"][f"{layer}.gate"], q["formats"][f"{layer}.up"]]) if joined
+                         else (key, [fmt]))
+        if fmt != "float32":
+            assert (stored in kernel) == all(" as " not in p and set(p.split("+")) <= {"q4_0", "q4_1"}
+                                             for p in parts), (key, fmt)
+    assert "speccompile.kernels" in m["runtime"]["op_domains"]
+    assert f"{len(kernel)} products by speccompile's MatMulQ4 kernel" in "\n".join(describe(str(gguf_bundles / build),
+                                                                                           m, True))
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +337,7 @@ def test_graphs_without_matmulnbits_name_every_fallback(tmp_path):
     assert all("MatMulNBits" in why for k, why in q["fallbacks"].items() if k.startswith("l"))
 
 
-@pytest.mark.parametrize("weights", ["source", "float32"])
+@pytest.mark.parametrize("weights", BUILDS + ["float32"])
 @pytest.mark.parametrize("rule", ["measured", "pad"])
 def test_rows_are_computed_alike_whatever_the_rows_beside_them(gguf_bundles, weights, rule):
     """Exactness needs more than close logits: accuracy level 4 rounds each product's input to int8, so a

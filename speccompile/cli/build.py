@@ -57,9 +57,14 @@ BUILD_DEPENDENCIES = {"onnx", "gguf", "safetensors", "tqdm"}  # the build extra:
               help="Sequence slots of the batched target graph that concurrent requests share passes through "
                    "(1: none; built for float32 dense models without sliding windows, ort attention: other bundles "
                    "serialize calls as with 1).")
+@click.option("--kernels", type=click.Choice(["onnxruntime", "speccompile", "auto"]), default="onnxruntime",
+              show_default=True, help="4-bit products (a GGUF's Q4_0 / Q4_1 blocks): onnxruntime's MatMulNBits (any "
+              "machine, GPUs), or speccompile's own CPU kernel (x86-64 with AVX2, faster with AVX-512 VNNI, and a C "
+              "compiler; the same rounding, faster at every row count, but the bundle runs only where the kernel "
+              "does); auto: speccompile's where it runs on this machine.")
 @errors_to_exit
 def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, backend, head_screen, draft_precision,
-          dtype, weights, max_batch):
+          dtype, weights, max_batch, kernels):
     """Compile MODEL (a Hugging Face directory, a hub id org/name in the local Hugging Face cache, a .gguf file;
     default: the embedded SmolLM2-135M-Instruct)."""
     # SIGTERM (a kill, a CI timeout) as an exit: the build's cleanup then removes its lock and temporary folder and
@@ -70,7 +75,7 @@ def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, ba
         build_bundle(model, out, list(drafts) or None, max_seq_len=max_seq_len, num_draft=num_draft,
                      attention=attention, fused=attention == "ort", overwrite=force, tree=tree, backend=backend,
                      head_screen=head_screen, draft_precision=draft_precision, dtype=dtype, weights=weights,
-                     max_batch=max_batch, progress=progress)
+                     max_batch=max_batch, kernels=kernels, progress=progress)
     except ModuleNotFoundError as e:  # a runtime-only install (pip install speccompile, without [build])
         if e.name not in BUILD_DEPENDENCIES:
             raise

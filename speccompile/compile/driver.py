@@ -29,6 +29,7 @@ from speccompile.compile.graph.decoder import build_decoder
 from speccompile.compile.graph.head_screen import screenable
 from speccompile.compile.graph.kv_compact import build_kv_compact
 from speccompile.compile.quantize.head_screen import quantize_head
+from speccompile.compile.quantize.kernel_form import use_kernel
 from speccompile.compile.quantize.target_weights import WeightReport, check_mode, quantize_target
 from speccompile.compile.weights.decoder import lower_weights
 from speccompile.compile.model_entries import decoder_entry
@@ -210,8 +211,14 @@ def _quantize(target: Checkpoint, target_w: dict, opts: BuildOptions, progress) 
               else None)
     screen = (opts.head_screen and opts.fused and opts.dtype == "float32"
               and screenable(cfg.hidden_size, cfg.vocab_size))
-    target_w, report = quantize_target(target_w, target.stored, opts.weights, native, head_screened=screen)
+    kernel, why_not = use_kernel(opts.kernels, native)
+    target_w, report = quantize_target(target_w, target.stored, opts.weights, native, head_screened=screen,
+                                       kernel=kernel)
     progress(f"      quantize: --weights {opts.weights}: {report.summary()}")
+    if report.kernel_matrices:
+        progress(f"      quantize: {len(report.kernel_matrices)} 4-bit products by speccompile's MatMulQ4 kernel")
+    elif opts.kernels == "auto" and any(f.startswith(("q4_0", "q4_1")) for f in report.formats.values()):
+        progress(f"      quantize: 4-bit products by onnxruntime's MatMulNBits ({why_not})")
     for name, why in report.fallbacks.items():
         progress(f"        {name} stays {opts.dtype}: {why}")  # float: the precision pass's dtype
     if screen:

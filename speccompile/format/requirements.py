@@ -19,7 +19,7 @@ import warnings
 import onnxruntime as ort
 
 from speccompile.errors import BundleError
-from speccompile.graphs import BATCH_GRAPH_VERSION, DECODER_GRAPH_VERSION
+from speccompile.graphs import BATCH_GRAPH_VERSION, DECODER_GRAPH_VERSION, KERNEL_DOMAIN
 
 # the newest graph contract this runtime reads, per model kind that records one (every older one still runs)
 READABLE_GRAPH_VERSIONS = {"decoder": DECODER_GRAPH_VERSION, "decoder_batch": BATCH_GRAPH_VERSION}
@@ -115,7 +115,9 @@ def check_runtime(requirements: dict | None) -> None:
         return
     built_with = requirements["onnxruntime"]
     have = provided_domains()
-    missing = sorted(d for d in requirements["op_domains"] if have is not None and d not in have)
+    # speccompile's own kernels come with speccompile (the runtime registers them per session), not onnxruntime
+    missing = sorted(d for d in requirements["op_domains"] if have is not None and d not in have
+                     and d != KERNEL_DOMAIN)
     if missing:
         raise BundleError(f"the bundle's graphs need operator domains {', '.join(repr(d) for d in missing)}, which "
                           f"this onnxruntime {ort.__version__} does not provide (the bundle was built with "

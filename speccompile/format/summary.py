@@ -114,7 +114,9 @@ def weight_lines(m: dict, target: dict) -> list[str]:
     """Each target matrix's format (layers grouped: "qkv q4_1 layers 0-29"), why any stayed float32, and the
     weight bytes one decode step reads."""
     q = m.get("quantization", {"option": "float32 (built before formats were recorded)", "formats": {}})
-    level = f", MatMulNBits accuracy level {q['accuracy_level']}" if "accuracy_level" in q else ""
+    kernel = q.get("kernel_matrices", [])
+    by_kernel = f"; {len(kernel)} products by speccompile's MatMulQ4 kernel, which rounds alike" if kernel else ""
+    level = f", MatMulNBits accuracy level {q['accuracy_level']}{by_kernel}" if "accuracy_level" in q else ""
     out = [f"weights     --weights {q['option']}{level}"]
     # the quantize pass names float matrices float32; the precision pass then stores them in the bundle's dtype
     floats = m.get("dtype", "float32")

@@ -9,19 +9,14 @@ import json
 import os
 
 from speccompile.format.atomic import write_atomically
+from speccompile.format.paths import user_cache_dir
 from speccompile.runtime.cost_model import CostModel, calibrate, machine_key
 
 
 def _cache_dir() -> str | None:
-    """$SPECCOMPILE_CACHE/cost, else speccompile/cost in $XDG_CACHE_HOME or ~/.cache; None where neither names an
-    absolute folder (a relative XDG_CACHE_HOME is invalid by the XDG spec; with HOME unset and no passwd entry
-    expanduser leaves "~"): such a path would put a folder in the working directory, maybe a bundle, whose next
-    load then refuses the file its manifest does not list. No cache there: each process measures its own."""
-    if os.environ.get("SPECCOMPILE_CACHE"):
-        return os.path.join(os.environ["SPECCOMPILE_CACHE"], "cost")
-    xdg, home = os.environ.get("XDG_CACHE_HOME", ""), os.path.expanduser("~")
-    base = xdg if os.path.isabs(xdg) else os.path.join(home, ".cache") if os.path.isabs(home) else None
-    return os.path.join(base, "speccompile", "cost") if base else None
+    """The cost models' cache folder (paths.user_cache_dir); None where there is none: each process measures its
+    own."""
+    return user_cache_dir("cost")
 
 
 def _bundle_id(bundle_dir: str) -> str:

@@ -7,7 +7,9 @@ import os
 import numpy as np
 import onnxruntime as ort
 
-from speccompile.graphs import cache_slots
+from speccompile.format.requirements import opset_imports
+from speccompile.graphs import KERNEL_DOMAIN, cache_slots
+from speccompile.plugins import q4_matmul
 from speccompile.errors import BundleError, SpeccompileError, given
 
 NEG_INF = np.float32(-np.inf)
@@ -46,12 +48,29 @@ def session_options(threads: int | None, prepack: bool = True) -> ort.SessionOpt
 
 
 def open_session(path: str, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
-    """Every graph of a bundle is opened here, so a graph onnxruntime cannot load is one BundleError."""
+    """Every graph of a bundle is opened here, so a graph onnxruntime cannot load is one BundleError. A graph with
+    speccompile's own kernels gets their library (built on first use: speccompile.plugins.q4_matmul)."""
+    if _uses_kernels(path):
+        try:
+            options.register_custom_ops_library(q4_matmul.library())
+        except q4_matmul.KernelUnavailable as e:
+            raise BundleError(f"{os.path.basename(path)} was built for speccompile's MatMulQ4 kernel, which cannot "
+                              f"run here ({e}): rebuild the bundle on this machine, or with --kernels onnxruntime "
+                              "for any machine") from None
     try:
         return ort.InferenceSession(path, options, providers=providers)
     except Exception as e:  # onnxruntime's error types (Fail, InvalidProtobuf, InvalidGraph, ...) share no base
         raise BundleError(f"onnxruntime cannot load {os.path.basename(path)} (corrupt, or built for another "
                           f"onnxruntime: rebuild the bundle): {e}") from None
+
+
+def _uses_kernels(path: str) -> bool:
+    """Whether the graph at `path` imports speccompile's kernel domain (the graph file only: weights are external)."""
+    try:
+        with open(path, "rb") as f:
+            return any(domain == KERNEL_DOMAIN for domain, _ in opset_imports(f.read()))
+    except (OSError, ValueError):
+        return False  # onnxruntime's own load then names what is wrong with the file
 
 
 def run_bound(session: ort.InferenceSession, io: ort.IOBinding, graph: str) -> None:

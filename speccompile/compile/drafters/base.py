@@ -35,6 +35,8 @@ class BuildOptions:
     dtype: str = "float32"  # graphs, weights and KV caches: float32, float16 or bfloat16 (compile/precision.py)
     weights: str = "source"  # the target's matrices: source | float32 | int8 | int4 (quantize/target_weights.py)
     max_batch: int = DEFAULT_MAX_BATCH  # sequence slots of the batched target graph (1: none)
+    kernels: str = "onnxruntime"  # 4-bit products: MatMulNBits, or speccompile's MatMulQ4 ("speccompile"; "auto":
+    #                                 where it runs here)
 
     def __post_init__(self):
         """build_bundle's keywords checked by type, as click checks the CLI's flags: a string max_seq_len would

@@ -1,21 +1,30 @@
 """Matrix products: float32 MatMul, or onnxruntime's MatMulNBits over packed weights: int8 ones
 (speccompile.compile.quantize.int8 stores them as codes and scales) or the n-bit forms of
-speccompile.compile.quantize.nbits (a GGUF's own blocks, or `build --weights int4|int8`)."""
+speccompile.compile.quantize.nbits (a GGUF's own blocks, or `build --weights int4|int8`); or speccompile's own
+MatMulQ4 kernel over 4-bit blocks stored in its layout (speccompile.compile.quantize.kernel_form)."""
 from __future__ import annotations
 
+from speccompile.compile.quantize import kernel_form
 from speccompile.compile.quantize.int8 import BLOCK, SUFFIX_CODES, SUFFIX_SCALES
 from speccompile.compile.quantize.nbits import nbits_product, stored_bits
 from speccompile.compile.quantize.target_weights import ACCURACY_LEVEL
 from speccompile.graphs.builder import GraphBuilder
+from speccompile.plugins import q4_matmul
 
 
 def has_matrix(W: dict[str, str], key: str) -> bool:
     """Whether matrix `key` is among the weights W in any of its forms."""
-    return key in W or key + SUFFIX_CODES in W or stored_bits(W, key) is not None
+    return (key in W or key + SUFFIX_CODES in W or key + kernel_form.SUFFIX in W
+            or stored_bits(W, key) is not None)
 
 
 def matmul(g: GraphBuilder, x: str, W: dict[str, str], key: str) -> str:
-    """x @ W[key] (x [..., K]): MatMulNBits when the weight is stored packed, else MatMul."""
+    """x @ W[key] (x [..., K]): speccompile's MatMulQ4 or MatMulNBits when the weight is stored packed, else
+    MatMul."""
+    if key + kernel_form.SUFFIX in W:
+        tiles, blocks, _ = g.weights[W[key + kernel_form.SUFFIX]][0]
+        return g.op(q4_matmul.OP_TYPE, [x, W[key + kernel_form.SUFFIX]], domain=q4_matmul.DOMAIN,
+                    K=blocks * q4_matmul.BLOCK, N=tiles * q4_matmul.TILE)[0]
     if key + SUFFIX_CODES in W:
         return int8_product(g, x, W[key + SUFFIX_CODES], W[key + SUFFIX_SCALES])
     if stored_bits(W, key) is not None:

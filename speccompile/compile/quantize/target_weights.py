@@ -21,11 +21,13 @@ output equals the bundle's own plain decoding bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
+from speccompile.compile.quantize import kernel_form
 from speccompile.compile.quantize.nbits import SUPPORTED, PackedMatrix, join_rows, pack_gguf_matrix
 from speccompile.compile.weights.names import layer_of
 from speccompile.errors import SpeccompileError, given
@@ -49,11 +51,13 @@ class WeightReport:
     option: str
     formats: dict[str, str] = dataclasses.field(default_factory=dict)  # graph matrix -> format
     fallbacks: dict[str, str] = dataclasses.field(default_factory=dict)  # graph matrix -> reason it is float32
+    kernel_matrices: list[str] = dataclasses.field(default_factory=list)  # stored for speccompile's MatMulQ4
 
     def manifest(self) -> dict:
         packed = any(fmt != "float32" for fmt in self.formats.values())
+        kernel = {"kernel_matrices": self.kernel_matrices} if self.kernel_matrices else {}
         return {"option": self.option, **({"accuracy_level": ACCURACY_LEVEL} if packed else {}),
-                "formats": self.formats, "fallbacks": self.fallbacks}
+                "formats": self.formats, "fallbacks": self.fallbacks, **kernel}
 
     def summary(self) -> str:
         counts: dict[str, int] = {}
@@ -68,13 +72,15 @@ def check_mode(mode: str) -> None:
 
 
 def quantize_target(weights: dict[str, np.ndarray], stored: dict | None, mode: str, native: str | None = None,
-                    head_screened: bool = True) -> tuple[dict[str, np.ndarray], WeightReport]:
+                    head_screened: bool = True, kernel: bool = False) -> tuple[dict[str, np.ndarray], WeightReport]:
     """The lowered target weights with its layer matrices in `mode`'s format. stored: a GGUF's tensors as stored
     (compile/gguf.GGUFTensor by Hugging Face name), None for a float checkpoint. native: why the graphs cannot run
     MatMulNBits (e.g. a TensorRT build), None when they can. head_screened: whether the build adds the output
-    head's int8 screen (the reason its head stays float names it only then)."""
+    head's int8 screen (the reason its head stays float names it only then). kernel: 4-bit matrices in the layout
+    of speccompile's MatMulQ4 kernel where it keeps them exactly (kernel_form.py), else MatMulNBits'."""
     check_mode(mode)
     out, report, packed_mlp = dict(weights), WeightReport(mode), {}
+    store = functools.partial(_stored, report=report, kernel=kernel)
     head_reason = HEAD_REASON if head_screened else UNSCREENED_HEAD_REASON
     for key, w in weights.items():
         if key in ("embed", "lm_head"):
@@ -86,17 +92,26 @@ def quantize_target(weights: dict[str, np.ndarray], stored: dict | None, mode: s
             packed, reason = _matrix(key, w, stored, mode, native)
             if packed is not None:
                 del out[key]
+                report.formats[key] = reason
                 if key.endswith((".gate", ".up")):
                     packed_mlp[key] = packed
                 else:
-                    out |= packed.weights(key)
-                report.formats[key] = reason
+                    out |= store(key, packed)
             elif reason:
                 report.fallbacks[key] = reason
-    return _join_gate_up(out, packed_mlp, report), report
+    return _join_gate_up(out, packed_mlp, report, store), report
 
 
-def _join_gate_up(out: dict, packed: dict, report: WeightReport) -> dict:
+def _stored(key: str, packed: PackedMatrix, report: WeightReport, kernel: bool) -> dict[str, np.ndarray]:
+    """The arrays of graph matrix `key`: MatMulQ4's layout where asked and exact, else MatMulNBits' inputs."""
+    blocks = kernel_form.records(packed) if kernel else None
+    if blocks is None:
+        return packed.weights(key)
+    report.kernel_matrices.append(key)
+    return {key + kernel_form.SUFFIX: blocks}
+
+
+def _join_gate_up(out: dict, packed: dict, report: WeightReport, store) -> dict:
     """A layer's packed gate and up as one matrix, gate_up (one product and one offsets product a layer instead
     of two each; graph/mlp.py splits the output); a gate or up packed without the other under its own name."""
     for key, p in packed.items():
@@ -104,10 +119,10 @@ def _join_gate_up(out: dict, packed: dict, report: WeightReport) -> dict:
         other_key = f"{layer}.{'up' if name == 'gate' else 'gate'}"
         other = packed.get(other_key)
         if other is None:
-            out |= p.weights(key)
+            out |= store(key, p)
         elif name == "gate":
             joined = join_rows([p, other])
-            out |= joined.weights(layer + ".gate_up")
+            out |= store(layer + ".gate_up", joined)
             for part_key, part in ((key, p), (other_key, other)):
                 _relabel_widened(report, part_key, part, joined)
     return out

@@ -1,0 +1,153 @@
+"""MatMulQ4 (speccompile.kernels::MatMulQ4): speccompile's own onnxruntime CPU kernel for 4-bit weights in blocks of
+32 with a scale and a minimum each (GGUF's Q4_1; Q4_0 too). kernel.c says what it computes and why it exists;
+here are its numpy definition, the packing of its weight input, and the library: the C files compiled on first use by
+the machine's C compiler into the user's cache. Where that cannot be done (no compiler, a CPU without AVX2),
+`unavailable()` says why, and a build keeps onnxruntime's MatMulNBits."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+
+from speccompile.errors import SpeccompileError
+from speccompile.format.paths import user_cache_dir
+from speccompile.graphs import KERNEL_DOMAIN
+
+DOMAIN, OP_TYPE = KERNEL_DOMAIN, "MatMulQ4"
+BLOCK, TILE, RECORD = 32, 16, 320
+UNITS = ("kernel.c", "avx512.c", "avx2.c")  # each instruction set's code is marked in its file, not by flags
+SOURCES = (*UNITS, "q4.h", "ort_abi.h")
+FLAGS = ["-O3", "-shared", "-fPIC"]
+ISAS = {2: "AVX-512 VNNI", 1: "AVX2"}
+LIBRARY = "libspeccompile_kernels.so"
+
+
+class KernelUnavailable(SpeccompileError):
+    """The kernel cannot run on this machine; the message says why."""
+
+
+def tiles(n: int, k: int) -> bool:
+    """Whether an [N, K] weight fits the op's tiles (N a multiple of 16, K of 32)."""
+    return n > 0 and k > 0 and n % TILE == 0 and k % BLOCK == 0
+
+
+def pack(codes: np.ndarray, scales: np.ndarray, minimums: np.ndarray) -> np.ndarray | None:
+    """W[n, k] = scales[n, k // 32] * codes[n, k] + minimums[n, k // 32] (codes uint8 0..15 [N, K]; scales and
+    minimums float32 [N, K/32]) -> the op's weight input, uint8 [N/16, K/32, 320]; None where W does not tile or a
+    scale or minimum is not exactly a float16 (the layout stores float16: the weight would change)."""
+    n, k = codes.shape
+    if not tiles(n, k):
+        return None
+    halves = [np.asarray(a, np.float32).astype(np.float16) for a in (scales, minimums)]
+    if not all(np.isfinite(h).all() and (h.astype(np.float32) == a).all() for h, a in zip(halves, (scales, minimums))):
+        return None
+    nb, nt = k // BLOCK, n // TILE
+    q = codes.reshape(nt, TILE, nb, 2, 4, 4).transpose(0, 2, 4, 1, 5, 3)  # tile, block, j, lane, i, half
+    vectors = (q[..., 0] | (q[..., 1] << 4)).astype(np.uint8).reshape(nt, nb, 256)
+    d, m = (h.reshape(nt, TILE, nb).transpose(0, 2, 1).copy().view(np.uint8) for h in halves)
+    return np.ascontiguousarray(np.concatenate([vectors, d, m], axis=-1))
+
+
+def unpack(records: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """pack's inverse: (codes [N, K], scales, minimums [N, K/32] float32)."""
+    nt, nb, _ = records.shape
+    v = records[..., :256].reshape(nt, nb, 4, TILE, 4)  # tile, block, j, lane, i
+    q = np.stack([v & 15, v >> 4], axis=-1).transpose(0, 3, 1, 5, 2, 4).reshape(nt * TILE, nb * BLOCK)
+    d, m = (records[..., a:a + 32].copy().view(np.float16).astype(np.float32).transpose(0, 2, 1).reshape(nt * TILE, nb)
+            for a in (256, 288))
+    return q, d, m
+
+
+def round_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x [M, K] -> per 32-block int8 codes [M, K/32, 32], their scales and the blocks' sums [M, K/32], as the
+    kernel rounds them (round half to even of x * (127 / max|x|))."""
+    blocks = x.reshape(len(x), -1, BLOCK).astype(np.float32)
+    amax = np.abs(blocks).max(-1)
+    inv = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax > 0)
+    return np.rint(blocks * inv[..., None]).astype(np.int8), amax / np.float32(127), blocks.sum(-1)
+
+
+def reference(x: np.ndarray, records: np.ndarray) -> np.ndarray:
+    """The op's definition in numpy: x [..., K] -> [..., N] (float64 sums of the kernel's terms, to float32): the
+    centred codes' exact integer products, and the minimum plus eight steps times each block's float sum."""
+    q, d, m = unpack(records)
+    k = q.shape[1]
+    xq, scale, sums = round_rows(x.reshape(-1, k))
+    centred = q.reshape(len(q), -1, BLOCK).astype(np.int64) - 8
+    dots = np.einsum("mbk,nbk->mbn", xq.astype(np.int64), centred)
+    offsets = np.float32(8) * d + m  # float32, as the kernel forms it
+    y = (dots * scale[..., None] * d.T[None] + sums[..., None] * offsets.T[None]).sum(1)
+    return y.astype(np.float32).reshape(*x.shape[:-1], len(q))
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _source_key(cc: str) -> str:
+    h = hashlib.sha256(" ".join([cc, *FLAGS]).encode())
+    for name in SOURCES:
+        with open(os.path.join(os.path.dirname(__file__), name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def _compile(cc: str, out: str) -> None:
+    """Compile kernel.c to `out`, atomically: concurrent processes may build the same file."""
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(out))
+    os.close(fd)
+    try:
+        units = [os.path.join(os.path.dirname(__file__), u) for u in UNITS]
+        done = subprocess.run([cc, *FLAGS, "-o", tmp, *units], capture_output=True, text=True, timeout=300)
+        if done.returncode:
+            raise KernelUnavailable(f"{os.path.basename(cc)} could not build speccompile's MatMulQ4 kernel for this "
+                                    f"machine (x86-64 only): {done.stderr.strip()[-300:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.lru_cache(maxsize=1)
+def _built() -> str | KernelUnavailable:
+    cc = _compiler()
+    if cc is None:
+        return KernelUnavailable("no C compiler (cc, gcc or clang; or $CC) to build speccompile's MatMulQ4 kernel")
+    folder = user_cache_dir("kernels") or tempfile.mkdtemp(prefix="speccompile-kernels-")
+    path = os.path.join(folder, _source_key(cc), LIBRARY)
+    try:
+        if not os.path.exists(path):
+            _compile(cc, path)
+    except (OSError, subprocess.SubprocessError, KernelUnavailable) as e:
+        return e if isinstance(e, KernelUnavailable) else KernelUnavailable(f"building the MatMulQ4 kernel: {e}")
+    if not ctypes.CDLL(path).speccompile_cpu_supported():
+        return KernelUnavailable("this CPU lacks AVX2, FMA and F16C, which speccompile's MatMulQ4 kernel needs")
+    return path
+
+
+def instruction_set() -> str | None:
+    """The instruction set the kernel runs with here ("AVX-512 VNNI" or "AVX2"), None where it cannot run."""
+    built = _built()
+    return None if isinstance(built, KernelUnavailable) else ISAS[ctypes.CDLL(built).speccompile_cpu_supported()]
+
+
+def library() -> str:
+    """The compiled kernel library (built once per machine and compiler), for
+    SessionOptions.register_custom_ops_library; KernelUnavailable where it cannot run here."""
+    built = _built()
+    if isinstance(built, KernelUnavailable):
+        raise built
+    return built
+
+
+def unavailable() -> str | None:
+    """Why the kernel cannot run on this machine, or None where it can."""
+    built = _built()
+    return str(built) if isinstance(built, KernelUnavailable) else None

@@ -1,0 +1,94 @@
+/* MatMulQ4 on AVX2 (with FMA and F16C): a tile's 16 outputs as two halves of 8 int32 lanes. Without VNNI, the
+ * products go through vpmaddubsw (code * input, pairs summed to int16: at most 2 * 15 * 127 per pair, and the
+ * eight pairs' sum at most 30480, so nothing saturates) and vpmaddwd by ones, the same exact integer sums as
+ * avx512.c's vpdpbusd; the float operations are that file's, in its order. */
+#include <immintrin.h>
+#include "q4.h"
+
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+int q4_has_avx2(void) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+AVX2 void q4_quantize_avx2(const float* x, int64_t M, int K, int8_t* xq, float* scale, float* sum,
+                           int32_t* eights) {
+  const int nb = K / BLOCK;
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t r = 0; r < M; r++)
+    for (int b = 0; b < nb; b++) {
+      const float* p = x + r * K + b * BLOCK;
+      __m256 v[4];
+      for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(p + 8 * i);
+      __m256 a = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                               _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+      __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+      __m256i q[4];
+      for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+      __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+      _mm256_storeu_si256((__m256i*)(xq + r * K + b * BLOCK), _mm256_permutevar8x32_epi32(bytes, order));
+      __m256i qs = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+      __m128i q4 = _mm_add_epi32(_mm256_castsi256_si128(qs), _mm256_extracti128_si256(qs, 1));
+      q4 = _mm_add_epi32(q4, _mm_unpackhi_epi64(q4, q4));
+      eights[r * nb + b] = 8 * (_mm_cvtsi128_si32(q4) + _mm_extract_epi32(q4, 1));
+      scale[r * nb + b] = amax / 127.f;
+      __m256 s8 = _mm256_add_ps(_mm256_add_ps(v[0], v[2]), _mm256_add_ps(v[1], v[3]));  /* block_sum's tree */
+      __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+      __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+      sum[r * nb + b] = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+    }
+}
+
+/* one half (8 outputs) of a tile for R <= ROWS rows */
+static inline __attribute__((always_inline)) AVX2 void half(const int R, const uint8_t* w, int h, int nb,
+    const int8_t* xq, int K, const float* scale, const float* sum, const int32_t* eights, float* y, int64_t N) {
+  __m256 acc[ROWS];
+  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  for (int b = 0; b < nb; b++) {
+    const uint8_t* rec = w + (size_t)b * RECORD;
+    for (int line = 0; line < RECORD; line += 64) _mm_prefetch((const char*)(rec + 8 * RECORD + line), _MM_HINT_T0);
+    __m256i c[8];
+    for (int j = 0; j < 4; j++) {
+      __m256i v = _mm256_loadu_si256((const __m256i*)(rec + 64 * j + 32 * h));
+      c[j] = _mm256_and_si256(v, low);
+      c[4 + j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    }
+    __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(rec + 256 + 16 * h)));
+    __m256 offset = _mm256_fmadd_ps(_mm256_set1_ps(8.f), d,
+                                    _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(rec + 288 + 16 * h))));
+    for (int r = 0; r < R; r++) {
+      const int32_t* x4 = (const int32_t*)(xq + (size_t)r * K + b * BLOCK);
+      __m256i pairs = _mm256_maddubs_epi16(c[0], _mm256_set1_epi32(x4[0]));
+      for (int j = 1; j < 8; j++) pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(c[j], _mm256_set1_epi32(x4[j])));
+      __m256i centred = _mm256_sub_epi32(_mm256_madd_epi16(pairs, ones), _mm256_set1_epi32(eights[r * nb + b]));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(centred), _mm256_mul_ps(d, _mm256_set1_ps(scale[r * nb + b])),
+                               acc[r]);
+      acc[r] = _mm256_fmadd_ps(offset, _mm256_set1_ps(sum[r * nb + b]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; r++) _mm256_storeu_ps(y + r * N + 8 * h, acc[r]);
+}
+
+AVX2 void q4_tile_avx2(const Product* p, size_t t) {
+  const int nb = p->K / BLOCK;
+  const uint8_t* w = p->w + t * (size_t)nb * RECORD;
+  for (int64_t r = 0; r < p->M; r += ROWS)
+    for (int h = 0; h < 2; h++) {
+      const int8_t* xq = p->xq + r * p->K;
+      const float *scale = p->scale + r * nb, *sum = p->sum + r * nb;
+      const int32_t* eights = p->eights + r * nb;
+      float* y = p->y + r * p->N + t * TILE;
+      switch (p->M - r < ROWS ? p->M - r : ROWS) {
+        case 4: half(4, w, h, nb, xq, p->K, scale, sum, eights, y, p->N); break;
+        case 3: half(3, w, h, nb, xq, p->K, scale, sum, eights, y, p->N); break;
+        case 2: half(2, w, h, nb, xq, p->K, scale, sum, eights, y, p->N); break;
+        default: half(1, w, h, nb, xq, p->K, scale, sum, eights, y, p->N);
+      }
+    }
+}

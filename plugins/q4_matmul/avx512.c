@@ -1,0 +1,91 @@
+/* MatMulQ4 on AVX-512 (F, BW, VNNI): a tile of 16 outputs is one zmm of int32 sums; vpdpbusd multiplies each
+ * output's four codes by four input codes and adds them. */
+#include <immintrin.h>
+#include "q4.h"
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c")))
+
+int q4_has_avx512(void) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+static inline AVX512 float block_sum(__m512 v0, __m512 v1) {
+  __m512 s16 = _mm512_add_ps(v0, v1);
+  __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(s16),
+                            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s16), 1)));
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+AVX512 void q4_quantize_avx512(const float* x, int64_t M, int K, int8_t* xq, float* scale, float* sum,
+                               int32_t* eights) {
+  const int nb = K / BLOCK;
+  for (int64_t r = 0; r < M; r++)
+    for (int b = 0; b < nb; b++) {
+      const float* p = x + r * K + b * BLOCK;
+      __m512 v0 = _mm512_loadu_ps(p), v1 = _mm512_loadu_ps(p + 16);
+      float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+      __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+      int8_t* q = xq + r * K + b * BLOCK;
+      _mm_storeu_si128((__m128i*)q, _mm512_cvtsepi32_epi8(q0));
+      _mm_storeu_si128((__m128i*)(q + 16), _mm512_cvtsepi32_epi8(q1));
+      eights[r * nb + b] = 8 * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));  /* |x * inv| <= 127 */
+      scale[r * nb + b] = amax / 127.f;
+      sum[r * nb + b] = block_sum(v0, v1);
+    }
+}
+
+static inline __attribute__((always_inline)) AVX512 void tile(const int R, const uint8_t* w, int nb,
+    const int8_t* xq, int K, const float* scale, const float* sum, const int32_t* eights, float* y, int64_t N) {
+  __m512 acc[ROWS];
+  for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int b = 0; b < nb; b++) {
+    const uint8_t* rec = w + (size_t)b * RECORD;
+    for (int line = 0; line < RECORD; line += 64) _mm_prefetch((const char*)(rec + 8 * RECORD + line), _MM_HINT_T0);
+    __m512i c[8];
+    for (int j = 0; j < 4; j++) {
+      __m512i v = _mm512_loadu_si512(rec + 64 * j);
+      c[j] = _mm512_and_si512(v, low);
+      c[4 + j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    }
+    __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(rec + 256)));
+    __m512 offset = _mm512_fmadd_ps(_mm512_set1_ps(8.f), d,
+                                    _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(rec + 288))));
+    for (int r = 0; r < R; r++) {
+      const int32_t* x4 = (const int32_t*)(xq + (size_t)r * K + b * BLOCK);  /* 4 int8 a lane */
+      __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0], _mm512_set1_epi32(x4[0]));
+      __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[4], _mm512_set1_epi32(x4[4]));
+      for (int j = 1; j < 4; j++) {
+        s0 = _mm512_dpbusd_epi32(s0, c[j], _mm512_set1_epi32(x4[j]));
+        s1 = _mm512_dpbusd_epi32(s1, c[4 + j], _mm512_set1_epi32(x4[4 + j]));
+      }
+      __m512i centred = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(eights[r * nb + b]));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(centred), _mm512_mul_ps(d, _mm512_set1_ps(scale[r * nb + b])),
+                               acc[r]);
+      acc[r] = _mm512_fmadd_ps(offset, _mm512_set1_ps(sum[r * nb + b]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * N, acc[r]);
+}
+
+AVX512 void q4_tile_avx512(const Product* p, size_t t) {
+  const int nb = p->K / BLOCK;
+  const uint8_t* w = p->w + t * (size_t)nb * RECORD;
+  for (int64_t r = 0; r < p->M; r += ROWS) {
+    const int8_t* xq = p->xq + r * p->K;
+    const float *scale = p->scale + r * nb, *sum = p->sum + r * nb;
+    const int32_t* eights = p->eights + r * nb;
+    float* y = p->y + r * p->N + t * TILE;
+    switch (p->M - r < ROWS ? p->M - r : ROWS) {
+      case 4: tile(4, w, nb, xq, p->K, scale, sum, eights, y, p->N); break;
+      case 3: tile(3, w, nb, xq, p->K, scale, sum, eights, y, p->N); break;
+      case 2: tile(2, w, nb, xq, p->K, scale, sum, eights, y, p->N); break;
+      default: tile(1, w, nb, xq, p->K, scale, sum, eights, y, p->N);
+    }
+  }
+}

@@ -1,0 +1,128 @@
+/* speccompile.kernels::MatMulQ4, onnxruntime's CPU provider: y[..., N] = x[..., K] @ W for 4-bit weights in blocks
+ * of 32 along K, each block with its own scale d and minimum m per output (W = d * q + m, q in 0..15: GGUF's Q4_1;
+ * Q4_0 is m = -8 d). x is rounded to int8 per block of 32 (scale max|x| / 127), as onnxruntime's MatMulNBits does
+ * at accuracy level 4, and each block's product is an exact integer sum:
+ *     y[n] = sum over blocks b of  scale_x[b] * d[b, n] * (xq_b . (q_b[n] - 8))  +  (8 d[b, n] + m[b, n]) * (sum of x over b)
+ * The codes are centred, as MatMulNBits' are, so x's rounding errors meet weights of at most 8 steps rather than 15
+ * (uncentred, the logits' error doubles); xq . (q - 8) is the unsigned-times-signed dot xq . q less 8 times the sum
+ * of the block's xq, both exact integers.
+ * Why a kernel of our own: MatMulNBits computes each row of a product by itself past a few rows, so a verify pass
+ * pays nearly per row; here a tile of 16 outputs unpacks each block's codes once for four rows. avx512.c (VNNI)
+ * and avx2.c compute it, the same numbers bit for bit; this file is the op onnxruntime calls.
+ * Every row goes through the same operations in the same order whatever the other rows are or how many there
+ * are, so a row's result never depends on its pass: speculative output stays bit for bit the plain decoding's.
+ *
+ * W's layout (plugins/q4_matmul/__init__.py: pack): [N / 16 tiles][K / 32 blocks][320 bytes]: four 64-byte
+ * vectors of codes (vector j, lane c = the tile's output c: bytes i = 0..3 hold k = 4j + i in the low nibble and
+ * k = 16 + 4j + i in the high one), then the 16 outputs' d and m as float16. */
+#include <stdlib.h>
+#include "ort_abi.h"
+#include "q4.h"
+
+/* the instruction set's variant, chosen when the library is registered */
+static void (*quantize)(const float*, int64_t, int, int8_t*, float*, float*, int32_t*);
+static void (*product_tile)(const Product*, size_t);
+
+/* 2: AVX-512 VNNI, 1: AVX2, 0: neither; $SPECCOMPILE_Q4_ISA=avx2 picks AVX2 on an AVX-512 machine (tests) */
+int speccompile_cpu_supported(void) {
+  const char* isa = getenv("SPECCOMPILE_Q4_ISA");
+  int avx2_only = isa && isa[0] == 'a' && isa[1] == 'v' && isa[2] == 'x' && isa[3] == '2' && !isa[4];
+  return q4_has_avx512() && !avx2_only ? 2 : q4_has_avx2() ? 1 : 0;
+}
+
+static void run_tile(void* p, size_t t) { product_tile(p, t); }
+
+/* ---- the onnxruntime op ---- */
+
+static const OrtApi* api;
+typedef struct { int64_t K, N; } Kernel;
+
+static OrtStatus* fail(const char* message) { return ORT_SLOT(api, CreateStatus)(ORT_FAIL, message); }
+#define CHECK(call) do { OrtStatus* s_ = (call); if (s_) return s_; } while (0)
+
+static OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* a, const OrtKernelInfo* info, void** out) {
+  (void)op; (void)a;
+  Kernel k;
+  CHECK(ORT_SLOT(api, KernelInfoGetAttribute_int64)(info, "K", &k.K));
+  CHECK(ORT_SLOT(api, KernelInfoGetAttribute_int64)(info, "N", &k.N));
+  if (k.K <= 0 || k.N <= 0 || k.K % BLOCK || k.N % TILE) return fail("MatMulQ4: K must be a multiple of 32, N of 16");
+  Kernel* kernel = malloc(sizeof *kernel);
+  if (!kernel) return fail("MatMulQ4: out of memory");
+  *kernel = k;
+  *out = kernel;
+  return NULL;
+}
+
+static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
+  const Kernel* k = kernel;
+  const OrtValue *x, *w;
+  OrtValue* y;
+  OrtTensorTypeAndShapeInfo* info;
+  int64_t dims[16], M = 1;
+  size_t rank;
+  CHECK(ORT_SLOT(api, KernelContext_GetInput)(ctx, 0, &x));
+  CHECK(ORT_SLOT(api, KernelContext_GetInput)(ctx, 1, &w));
+  CHECK(ORT_SLOT(api, GetTensorTypeAndShape)(x, &info));
+  OrtStatus* s = ORT_SLOT(api, GetDimensionsCount)(info, &rank);
+  if (!s && (rank < 1 || rank > 16)) s = fail("MatMulQ4: x must have 1 to 16 dimensions");
+  if (!s) s = ORT_SLOT(api, GetDimensions)(info, dims, rank);
+  ORT_SLOT(api, ReleaseTensorTypeAndShapeInfo)(info);
+  if (s) return s;
+  if (dims[rank - 1] != k->K) return fail("MatMulQ4: x's last dimension is not the op's K");
+  for (size_t i = 0; i + 1 < rank; i++) M *= dims[i];
+  dims[rank - 1] = k->N;
+  CHECK(ORT_SLOT(api, KernelContext_GetOutput)(ctx, 0, dims, rank, &y));
+  void *xp, *wp, *yp;
+  CHECK(ORT_SLOT(api, GetTensorMutableData)((OrtValue*)x, &xp));
+  CHECK(ORT_SLOT(api, GetTensorMutableData)((OrtValue*)w, &wp));
+  CHECK(ORT_SLOT(api, GetTensorMutableData)(y, &yp));
+  if (M == 0) return NULL;
+  const int K = (int)k->K, nb = K / BLOCK;
+  /* per row and block: scale, sum, eights (4 bytes each), then the codes */
+  float* scale = malloc(3 * sizeof(float) * (size_t)M * nb + (size_t)M * K);
+  if (!scale) return fail("MatMulQ4: out of memory");
+  float* sum = scale + M * nb;
+  int32_t* eights = (int32_t*)(sum + M * nb);
+  int8_t* xq = (int8_t*)(eights + M * nb);
+  quantize(xp, M, K, xq, scale, sum, eights);
+  Product p = {xq, scale, sum, eights, wp, yp, M, k->N, K};
+  s = ORT_SLOT(api, KernelContext_ParallelFor)(ctx, run_tile, (size_t)(k->N / TILE), 0, &p);
+  free(scale);
+  return s;
+}
+
+static void destroy_kernel(void* kernel) { free(kernel); }
+static const char* op_name(const OrtCustomOp* op) { (void)op; return "MatMulQ4"; }
+static const char* provider(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
+static int input_type(const OrtCustomOp* op, size_t i) { (void)op; return i == 0 ? ORT_TENSOR_FLOAT : ORT_TENSOR_UINT8; }
+static size_t input_count(const OrtCustomOp* op) { (void)op; return 2; }
+static int output_type(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return ORT_TENSOR_FLOAT; }
+static size_t output_count(const OrtCustomOp* op) { (void)op; return 1; }
+static int required(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return ORT_INPUT_OUTPUT_REQUIRED; }
+static int memory(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return ORT_MEM_TYPE_DEFAULT; }
+static int one(const OrtCustomOp* op) { (void)op; return 1; }
+static int last_opset(const OrtCustomOp* op) { (void)op; return 1 << 30; }
+
+static OrtCustomOp matmul_q4 = {
+  .version = ORT_ABI_VERSION, .GetName = op_name, .GetExecutionProviderType = provider,
+  .GetInputType = input_type, .GetInputTypeCount = input_count, .GetOutputType = output_type,
+  .GetOutputTypeCount = output_count, .KernelDestroy = destroy_kernel, .GetInputCharacteristic = required,
+  .GetOutputCharacteristic = required, .GetInputMemoryType = memory, .GetVariadicInputMinArity = one,
+  .GetVariadicInputHomogeneity = one, .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = one,
+  .CreateKernelV2 = create_kernel, .KernelComputeV2 = compute, .GetStartVersion = one, .GetEndVersion = last_opset,
+};
+
+/* onnxruntime calls this on SessionOptions.register_custom_ops_library(path) */
+OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
+  api = base->GetApi(ORT_ABI_VERSION);
+  if (!api) return NULL;  /* an onnxruntime older than 1.17: no domain registered, its load error names the op */
+  switch (speccompile_cpu_supported()) {
+    case 2: quantize = q4_quantize_avx512; product_tile = q4_tile_avx512; break;
+    case 1: quantize = q4_quantize_avx2; product_tile = q4_tile_avx2; break;
+    default: return fail("speccompile's MatMulQ4 needs a CPU with AVX2, FMA and F16C");
+  }
+  OrtCustomOpDomain* domain;
+  CHECK(ORT_SLOT(api, CreateCustomOpDomain)("speccompile.kernels", &domain));
+  CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &matmul_q4));
+  return ORT_SLOT(api, AddCustomOpDomain)(options, domain);
+}

@@ -1,0 +1,28 @@
+/* MatMulQ4's pieces shared by its instruction-set variants (avx512.c, avx2.c) and the op (kernel.c).
+ * Every variant computes the same numbers bit for bit: the same integer sums, and the same float operations in the
+ * same order (each 32-block's float sum by the fixed tree of block_sum's comment; fused multiply-adds alike). */
+#ifndef SPECCOMPILE_Q4_H
+#define SPECCOMPILE_Q4_H
+#include <stddef.h>
+#include <stdint.h>
+
+#define BLOCK 32
+#define TILE 16
+#define RECORD 320
+#define ROWS 4  /* rows a tile's pass over the blocks computes together */
+
+/* Per row and 32-block of the input: the int8 codes, their scale, the block's float sum (halves added lane by lane,
+ * x[i] + x[16 + i], then again at 8, 4, 2 and 1: a fixed tree), and 8 times the sum of its codes. */
+typedef struct {
+  const int8_t* xq; const float* scale; const float* sum; const int32_t* eights;
+  const uint8_t* w; float* y; int64_t M, N; int K;
+} Product;
+
+void q4_quantize_avx512(const float* x, int64_t M, int K, int8_t* xq, float* scale, float* sum, int32_t* eights);
+void q4_tile_avx512(const Product* p, size_t tile);  /* outputs 16 * tile .. + 15 of every row */
+void q4_quantize_avx2(const float* x, int64_t M, int K, int8_t* xq, float* scale, float* sum, int32_t* eights);
+void q4_tile_avx2(const Product* p, size_t tile);
+int q4_has_avx512(void);
+int q4_has_avx2(void);
+
+#endif

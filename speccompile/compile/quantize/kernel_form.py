@@ -1,0 +1,43 @@
+"""Packed 4-bit matrices in the layout of speccompile's own MatMulQ4 kernel (speccompile.plugins.q4_matmul), where
+that keeps the weight exactly: blocks of 32 whose scale and minimum are float16s (a GGUF's Q4_0 and Q4_1 blocks),
+and a shape that fits the kernel's tiles. `build --kernels` chooses between it and onnxruntime's MatMulNBits."""
+from __future__ import annotations
+
+import numpy as np
+
+from speccompile.compile.quantize.nbits import PackedMatrix, unpack_nibbles
+from speccompile.errors import SpeccompileError, given
+from speccompile.plugins import q4_matmul
+
+SUFFIX = ".q4blocks"  # key + SUFFIX: the op's weight input, uint8 [N / 16, K / 32, 320]
+CHOICES = ("auto", "onnxruntime", "speccompile")
+
+
+def records(p: PackedMatrix) -> np.ndarray | None:
+    """The kernel's weight input computing exactly p's weight, or None where it cannot."""
+    if p.bits != 4 or p.block_size != 32 or p.zero_points is not None:
+        return None
+    n, k = p.shape
+    eight = np.float32(8)
+    if p.offsets is None:  # (q - 8) * d
+        minimums = -eight * p.scales
+    else:  # (q - 8) * d + (8 d + m), the bracket stored per block: m back, if it comes back exactly
+        minimums = p.offsets.T - eight * p.scales
+        if not (eight * p.scales + minimums == p.offsets.T).all():
+            return None
+    return q4_matmul.pack(unpack_nibbles(p.codes).reshape(n, k), p.scales, minimums)
+
+
+def use_kernel(choice: str, cannot: str | None) -> tuple[bool, str | None]:
+    """(whether a build's 4-bit matrices go to MatMulQ4, why not). choice: --kernels; cannot: why these graphs
+    cannot run it (a TensorRT or float16 build), None where they can. auto: wherever the kernel runs on this machine.
+    The default is onnxruntime: over the kernel's cheaper plain step the default drafting does not yet pay
+    everywhere (docs/results.md, "speccompile's own 4-bit kernel")."""
+    if choice not in CHOICES:
+        raise SpeccompileError(f"{given('kernels', choice)}: choose {', '.join(CHOICES)}")
+    if choice == "onnxruntime":
+        return False, "--kernels onnxruntime"
+    why = cannot or q4_matmul.unavailable()
+    if why is not None and choice == "speccompile":
+        raise SpeccompileError(f"{given('kernels', choice)}: {why}")
+    return why is None, why

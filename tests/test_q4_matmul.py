@@ -1,0 +1,139 @@
+"""speccompile's own MatMulQ4 kernel (speccompile.plugins.q4_matmul): its weight layout, its numpy definition, and
+the compiled kernel inside onnxruntime against that definition; each row the same whatever the rows beside it (what
+keeps speculation over it lossless); the GGUF blocks it takes exactly and the ones it leaves to MatMulNBits."""
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+from speccompile.compile.quantize import kernel_form
+from speccompile.compile.quantize.nbits import pack_gguf_matrix
+from speccompile.errors import SpeccompileError
+from speccompile.plugins import q4_matmul
+from test_gguf import synthetic_blocks
+from test_quantized import run_product
+
+WHY = q4_matmul.unavailable()
+needs_kernel = pytest.mark.skipif(WHY is not None, reason=f"the MatMulQ4 kernel cannot run here: {WHY}")
+
+
+def random_weight(n, k, seed=0):
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 16, (n, k)).astype(np.uint8)
+    scales = (rng.random((n, k // 32)) * 0.02).astype(np.float16).astype(np.float32)
+    minimums = (-rng.random((n, k // 32)) * 0.15).astype(np.float16).astype(np.float32)
+    return codes, scales, minimums
+
+
+def test_the_layout_keeps_codes_scales_and_minimums():
+    codes, scales, minimums = random_weight(48, 96)
+    records = q4_matmul.pack(codes, scales, minimums)
+    assert records.shape == (3, 3, q4_matmul.RECORD) and records.dtype == np.uint8
+    for got, want in zip(q4_matmul.unpack(records), (codes, scales, minimums)):
+        assert np.array_equal(got, want)
+
+
+def test_the_layout_refuses_what_it_would_change():
+    codes, scales, minimums = random_weight(32, 64)
+    assert q4_matmul.pack(codes, scales * np.float32(1 + 2 ** -20), minimums) is None  # not a float16
+    assert q4_matmul.pack(codes, scales, np.full_like(minimums, np.inf)) is None
+    assert q4_matmul.pack(codes[:24], scales[:24], minimums[:24]) is None  # 24 outputs: not whole tiles
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
+def test_gguf_q4_blocks_keep_their_weight(qtype):
+    """A GGUF's Q4_0 / Q4_1 matrix in the kernel's layout is the file's dequantized weight."""
+    raw = synthetic_blocks(qtype, 32, 128, seed=3)
+    records = kernel_form.records(pack_gguf_matrix(raw, qtype, (32, 128)))
+    codes, scales, minimums = q4_matmul.unpack(records)
+    w = codes.reshape(32, 4, 32) * scales[..., None] + minimums[..., None]
+    want = gguf.quants.dequantize(raw, qtype).astype(np.float32)
+    np.testing.assert_allclose(w.reshape(32, 128), want, rtol=0, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q6_K])
+def test_other_blocks_stay_with_matmulnbits(qtype):
+    raw = synthetic_blocks(qtype, 32, 256, seed=4)
+    assert kernel_form.records(pack_gguf_matrix(raw, qtype, (32, 256))) is None
+
+
+def test_an_unknown_choice_is_refused():
+    with pytest.raises(SpeccompileError, match="kernels"):
+        kernel_form.use_kernel("fast", None)
+    assert kernel_form.use_kernel("onnxruntime", None)[0] is False
+    assert kernel_form.use_kernel("auto", "a TensorRT build") == (False, "a TensorRT build")
+
+
+def test_the_definition_rounds_each_block_of_the_input():
+    """reference(): the input rounded to int8 per 32-block (scale max|x|/127), products exact, the minimum times
+    the block's float sum; within half a rounding step per element of the float product."""
+    codes, scales, minimums = random_weight(32, 128, seed=5)
+    x = np.random.default_rng(6).standard_normal((4, 128)).astype(np.float32)
+    x[1, :32] = 0  # a zero block: scale 0, nothing divided by it
+    y = q4_matmul.reference(x, q4_matmul.pack(codes, scales, minimums))
+    w = (codes.reshape(32, 4, 32) * scales[..., None] + minimums[..., None]).reshape(32, 128)
+    exact = x.astype(np.float64) @ w.T
+    half_step = np.repeat(np.abs(x).reshape(4, 4, 32).max(-1) / 254, 32, axis=1)  # [rows, K]
+    assert np.all(np.abs(y - exact) <= half_step @ np.abs(codes * np.repeat(scales, 32, axis=1)).T + 1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+def test_the_kernel_computes_the_definition(tmp_path, rows):
+    codes, scales, minimums = random_weight(64, 192, seed=rows)
+    records = q4_matmul.pack(codes, scales, minimums)
+    x = np.random.default_rng(rows).standard_normal((rows, 192)).astype(np.float32)
+    y = run_product(tmp_path, {"m" + kernel_form.SUFFIX: records}, "m", x)
+    ref = q4_matmul.reference(x, records)
+    assert y.shape == ref.shape and np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@needs_kernel
+def test_each_row_is_computed_alike_whatever_the_rows_beside_it(tmp_path):
+    """Bit for bit: one row alone, or among 2 to 11 others (the kernel's tiles of four rows and their remainders):
+    a verify pass computes exactly what a plain step computes."""
+    codes, scales, minimums = random_weight(96, 576, seed=7)
+    weights = {"m" + kernel_form.SUFFIX: q4_matmul.pack(codes, scales, minimums)}
+    x = np.random.default_rng(8).standard_normal((12, 576)).astype(np.float32)
+    alone = np.concatenate([run_product(tmp_path, weights, "m", x[i:i + 1]) for i in range(12)])
+    for rows in range(2, 13):
+        assert np.array_equal(run_product(tmp_path, weights, "m", x[:rows]), alone[:rows]), rows
+
+
+AVX2_RUN = """
+import sys, numpy as np, pathlib
+sys.path.insert(0, sys.argv[1])
+from test_quantized import run_product
+data = np.load(sys.argv[2])
+np.save(sys.argv[3], run_product(pathlib.Path(sys.argv[4]), {"m.q4blocks": data["w"]}, "m", data["x"]))
+"""
+
+
+@pytest.mark.skipif(q4_matmul.instruction_set() != "AVX-512 VNNI",
+                    reason="only a CPU with AVX-512 VNNI runs both of the kernel's variants")
+def test_the_avx2_variant_computes_what_the_avx512_one_does(tmp_path):
+    """Bit for bit: a bundle's output does not depend on which of the two the CPU runs."""
+    import os
+    import subprocess
+    import sys
+    codes, scales, minimums = random_weight(64, 576, seed=9)
+    x = np.random.default_rng(10).standard_normal((7, 576)).astype(np.float32) * 3
+    weights = q4_matmul.pack(codes, scales, minimums)
+    np.savez(tmp_path / "in.npz", w=weights, x=x)
+    env = dict(os.environ, SPECCOMPILE_Q4_ISA="avx2")
+    subprocess.run([sys.executable, "-c", AVX2_RUN, os.path.dirname(__file__), str(tmp_path / "in.npz"),
+                    str(tmp_path / "avx2.npy"), str(tmp_path)], env=env, check=True)
+    y = run_product(tmp_path, {"m" + kernel_form.SUFFIX: weights}, "m", x)
+    assert np.array_equal(np.load(tmp_path / "avx2.npy"), y)
+
+
+def test_the_rows_tool_times_both_kernels(monkeypatch, capsys):
+    """tools/kernel_rows.py: a line of times per kernel (MatMulQ4's where it runs, else why not)."""
+    from tools_util import tool
+    monkeypatch.setattr("sys.argv", ["kernel_rows.py", "--rounds", "1", "--threads", "1"])
+    tool("kernel_rows").main()
+    lines = capsys.readouterr().out.splitlines()
+    times = [line.split()[-7:] for line in lines if line.startswith("MatMul")]
+    assert lines[1].split()[1:] == ["1", "2", "4", "8", "16", "32", "64"]
+    assert all(float(t) > 0 for row in times for t in row)
+    assert len(times) == (2 if WHY is None else 1) and (WHY is None or WHY in lines[-1])
