@@ -137,3 +137,23 @@ def test_the_rows_tool_times_both_kernels(monkeypatch, capsys):
     assert lines[1].split()[1:] == ["1", "2", "4", "8", "16", "32", "64"]
     assert all(float(t) > 0 for row in times for t in row)
     assert len(times) == (2 if WHY is None else 1) and (WHY is None or WHY in lines[-1])
+
+
+@needs_kernel
+def test_a_weight_too_small_for_its_shape_is_an_error_not_a_read_past_it(tmp_path):
+    """A graph is not trusted to size the op's weight (a bundle may be hostile): K and N that need more records
+    than the weight holds fail the pass with the op's message."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from speccompile.runtime.sessions import open_session
+    codes, scales, minimums = random_weight(16, 64)
+    node = helper.make_node(q4_matmul.OP_TYPE, ["x", "w"], ["y"], domain=q4_matmul.DOMAIN, K=64, N=32)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
+                              [numpy_helper.from_array(q4_matmul.pack(codes, scales, minimums), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(q4_matmul.DOMAIN, 1)])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    session = open_session(str(tmp_path / "m.onnx"), ort.SessionOptions(), ["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="weight's size does not fit"):
+        session.run(None, {"x": np.ones((1, 64), np.float32)})

@@ -16,6 +16,7 @@
  * vectors of codes (vector j, lane c = the tile's output c: bytes i = 0..3 hold k = 4j + i in the low nibble and
  * k = 16 + 4j + i in the high one), then the 16 outputs' d and m as float16. */
 #include <stdlib.h>
+#include <string.h>
 #include "ort_abi.h"
 #include "q4.h"
 
@@ -26,7 +27,7 @@ static void (*product_tile)(const Product*, size_t);
 /* 2: AVX-512 VNNI, 1: AVX2, 0: neither; $SPECCOMPILE_Q4_ISA=avx2 picks AVX2 on an AVX-512 machine (tests) */
 int speccompile_cpu_supported(void) {
   const char* isa = getenv("SPECCOMPILE_Q4_ISA");
-  int avx2_only = isa && isa[0] == 'a' && isa[1] == 'v' && isa[2] == 'x' && isa[3] == '2' && !isa[4];
+  int avx2_only = isa && !strcmp(isa, "avx2");
   return q4_has_avx512() && !avx2_only ? 2 : q4_has_avx2() ? 1 : 0;
 }
 
@@ -45,7 +46,8 @@ static OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* a, const Or
   Kernel k;
   CHECK(ORT_SLOT(api, KernelInfoGetAttribute_int64)(info, "K", &k.K));
   CHECK(ORT_SLOT(api, KernelInfoGetAttribute_int64)(info, "N", &k.N));
-  if (k.K <= 0 || k.N <= 0 || k.K % BLOCK || k.N % TILE) return fail("MatMulQ4: K must be a multiple of 32, N of 16");
+  if (k.K <= 0 || k.N <= 0 || k.K % BLOCK || k.N % TILE || k.K > (1 << 24) || k.N > (1 << 24))
+    return fail("MatMulQ4: K must be a multiple of 32 and N of 16, each at most 2^24");
   Kernel* kernel = malloc(sizeof *kernel);
   if (!kernel) return fail("MatMulQ4: out of memory");
   *kernel = k;
@@ -53,21 +55,30 @@ static OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* a, const Or
   return NULL;
 }
 
+/* a tensor's dimensions (at most 16) */
+static OrtStatus* shape(const OrtValue* v, int64_t* dims, size_t* rank) {
+  OrtTensorTypeAndShapeInfo* info;
+  CHECK(ORT_SLOT(api, GetTensorTypeAndShape)(v, &info));
+  OrtStatus* s = ORT_SLOT(api, GetDimensionsCount)(info, rank);
+  if (!s && (*rank < 1 || *rank > 16)) s = fail("MatMulQ4: its inputs have 1 to 16 dimensions");
+  if (!s) s = ORT_SLOT(api, GetDimensions)(info, dims, *rank);
+  ORT_SLOT(api, ReleaseTensorTypeAndShapeInfo)(info);
+  return s;
+}
+
 static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   const Kernel* k = kernel;
   const OrtValue *x, *w;
   OrtValue* y;
-  OrtTensorTypeAndShapeInfo* info;
-  int64_t dims[16], M = 1;
+  int64_t dims[16], M = 1, wbytes = 1;
   size_t rank;
   CHECK(ORT_SLOT(api, KernelContext_GetInput)(ctx, 0, &x));
   CHECK(ORT_SLOT(api, KernelContext_GetInput)(ctx, 1, &w));
-  CHECK(ORT_SLOT(api, GetTensorTypeAndShape)(x, &info));
-  OrtStatus* s = ORT_SLOT(api, GetDimensionsCount)(info, &rank);
-  if (!s && (rank < 1 || rank > 16)) s = fail("MatMulQ4: x must have 1 to 16 dimensions");
-  if (!s) s = ORT_SLOT(api, GetDimensions)(info, dims, rank);
-  ORT_SLOT(api, ReleaseTensorTypeAndShapeInfo)(info);
-  if (s) return s;
+  /* the weight must hold every record the op reads: a graph (a bundle) is not trusted to size it */
+  CHECK(shape(w, dims, &rank));
+  for (size_t i = 0; i < rank; i++) wbytes *= dims[i];
+  if (wbytes != k->N / TILE * (k->K / BLOCK) * RECORD) return fail("MatMulQ4: the weight's size does not fit K and N");
+  CHECK(shape(x, dims, &rank));
   if (dims[rank - 1] != k->K) return fail("MatMulQ4: x's last dimension is not the op's K");
   for (size_t i = 0; i + 1 < rank; i++) M *= dims[i];
   dims[rank - 1] = k->N;
@@ -77,6 +88,7 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   CHECK(ORT_SLOT(api, GetTensorMutableData)((OrtValue*)w, &wp));
   CHECK(ORT_SLOT(api, GetTensorMutableData)(y, &yp));
   if (M == 0) return NULL;
+  OrtStatus* s;
   const int K = (int)k->K, nb = K / BLOCK;
   /* per row and block: scale, sum, eights (4 bytes each), then the codes */
   float* scale = malloc(3 * sizeof(float) * (size_t)M * nb + (size_t)M * K);
