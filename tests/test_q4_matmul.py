@@ -89,6 +89,18 @@ def test_the_kernel_computes_the_definition(tmp_path, rows):
 
 
 @needs_kernel
+def test_a_prefill_chunk_of_many_rows_computes_the_definition(tmp_path):
+    """Rows enough that the rounded input outgrows the op's stack buffer (a prefill chunk): the same numbers."""
+    codes, scales, minimums = random_weight(32, 1024, seed=11)
+    records = q4_matmul.pack(codes, scales, minimums)
+    x = np.random.default_rng(12).standard_normal((48, 1024)).astype(np.float32)
+    y = run_product(tmp_path, {"m" + kernel_form.SUFFIX: records}, "m", x)
+    ref = q4_matmul.reference(x, records)
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+    assert np.array_equal(run_product(tmp_path, {"m" + kernel_form.SUFFIX: records}, "m", x[:3]), y[:3])
+
+
+@needs_kernel
 def test_each_row_is_computed_alike_whatever_the_rows_beside_it(tmp_path):
     """Bit for bit: one row alone, or among 2 to 11 others (the kernel's tiles of four rows and their remainders):
     a verify pass computes exactly what a plain step computes."""

@@ -4,7 +4,7 @@
  * at accuracy level 4, and each block's product is an exact integer sum:
  *     y[n] = sum over blocks b of  scale_x[b] * d[b, n] * (xq_b . (q_b[n] - 8))  +  (8 d[b, n] + m[b, n]) * (sum of x over b)
  * The codes are centred, as MatMulNBits' are, so x's rounding errors meet weights of at most 8 steps rather than 15
- * (uncentred, the logits' error doubles); xq . (q - 8) is the unsigned-times-signed dot xq . q less 8 times the sum
+ * (uncentred, the logits' error grows); xq . (q - 8) is the unsigned-times-signed dot xq . q less 8 times the sum
  * of the block's xq, both exact integers.
  * Why a kernel of our own: MatMulNBits computes each row of a product by itself past a few rows, so a verify pass
  * pays nearly per row; here a tile of 16 outputs unpacks each block's codes once for four rows. avx512.c (VNNI)
@@ -90,8 +90,11 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   if (M == 0) return NULL;
   OrtStatus* s;
   const int K = (int)k->K, nb = K / BLOCK;
-  /* per row and block: scale, sum, eights (4 bytes each), then the codes */
-  float* scale = malloc(3 * sizeof(float) * (size_t)M * nb + (size_t)M * K);
+  /* per row and block: scale, sum, eights (4 bytes each), then the codes; on the stack for a decode pass's few
+   * rows (no allocation per product per step), the heap for a prefill chunk's many */
+  _Alignas(64) unsigned char local[32768];
+  const size_t need = 3 * sizeof(float) * (size_t)M * nb + (size_t)M * K;
+  float* scale = need <= sizeof local ? (float*)local : malloc(need);
   if (!scale) return fail("MatMulQ4: out of memory");
   float* sum = scale + M * nb;
   int32_t* eights = (int32_t*)(sum + M * nb);
@@ -99,7 +102,7 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   quantize(xp, M, K, xq, scale, sum, eights);
   Product p = {xq, scale, sum, eights, wp, yp, M, k->N, K};
   s = ORT_SLOT(api, KernelContext_ParallelFor)(ctx, run_tile, (size_t)(k->N / TILE), 0, &p);
-  free(scale);
+  if ((unsigned char*)scale != local) free(scale);
   return s;
 }
 

@@ -38,7 +38,7 @@ def prefill_spans(length: int, hit: int, scored_rows: int = 0) -> list[tuple[int
     if not scored_rows:
         return [(s, min(s + PREFILL_CHUNK, length)) for s in range(hit, length, PREFILL_CHUNK)]
     size = min(PREFILL_CHUNK, scored_rows)
-    return [(s, min(s + size, length - 1)) for s in range(0, length - 1, size)] + [(length - 1, length)]
+    return [(s, min(s + size, length - 1)) for s in range(hit, length - 1, size)] + [(length - 1, length)]
 
 
 class DecodeLoop:
