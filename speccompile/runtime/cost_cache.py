@@ -10,7 +10,8 @@ import os
 
 from speccompile.format.atomic import write_atomically
 from speccompile.format.paths import user_cache_dir
-from speccompile.runtime.cost_model import CostModel, calibrate, machine_key
+from speccompile.runtime.calibration import calibrate
+from speccompile.runtime.cost_model import CostModel, machine_key
 
 
 def _cache_dir() -> str | None:
@@ -64,11 +65,12 @@ def load_cached(bundle_dir: str, threads: int | None, device: str = "cpu") -> Co
 
 
 def cached_or_calibrated(bundle_dir: str, target, drafters: dict, threads: int | None, lookup,
-                         recalibrate: bool = False) -> CostModel:
-    """The cached cost model, or one measured now (the caller holds the engines) and cached for the next load."""
+                         recalibrate: bool = False, prompt_ids=None) -> CostModel:
+    """The cached cost model, or one measured now (the caller holds the engines) and cached for the next load;
+    prompt_ids: calibrate()'s."""
     if not recalibrate and (cached := load_cached(bundle_dir, threads, target.device)) is not None:
         return cached
-    save(measured := calibrate(target, drafters, threads, lookup), bundle_dir, threads, target.device)
+    save(measured := calibrate(target, drafters, threads, lookup, prompt_ids), bundle_dir, threads, target.device)
     return measured
 
 

@@ -1,5 +1,5 @@
 """What a pass costs on this machine: the target's verify pass by rows and committed length, and each drafter's
-pass, measured by a short calibration of the loaded bundle and cached outside it.
+pass, measured by a short calibration of the loaded bundle (runtime/calibration.py) and cached outside it.
 
 The adaptive drafting (runtime/adaptive.py) weighs expected committed tokens against these times, so the costs
 are measured, never assumed: a quantized target pays far more for a verify row relative to a one-row step than
@@ -15,18 +15,17 @@ import bisect
 import dataclasses
 import os
 import platform
-import time
 
 import numpy as np
 
-from speccompile.errors import SpeccompileError
 from speccompile.runtime.machine_id import cpu_identity
 
-CACHE_VERSION = 4  # 2: drafter passes timed after a target pass; 3: three rows measured; 4: pad rows (row_parity)
+# 2: drafter passes timed after a target pass; 3: three rows measured; 4: pad rows (row_parity); 5: over text the
+# target finds likely (runtime/calibration.py)
+CACHE_VERSION = 5
 # verify rows measured (interpolated between); 3 of its own: a 4-bit target's product kernel takes another path
 # from three rows on, and a 3-row pass timed while decoding would otherwise correct the 2-row price
 ROWS = (1, 2, 3, 4, 8, 16, 25)
-REPEATS = 4  # the fastest of this many runs per point: noise on a shared machine only slows a run down
 HEAD_ROWS = (1, 2, 4)  # a drafter pass: the catch-up of the accepted tokens, a tree expansion of `branching` rows
 MEMO_ROWS = 64  # verify() remembers one length's prices up to this many rows
 OBSERVED_PRIOR, OBSERVED_DECAY = 4.0, 0.9  # the calibration weighs as much as this many timed passes; their decay
@@ -248,98 +247,6 @@ def machine_key(threads: int | None, device: str = "cpu") -> dict:
     return {"machine": f"{platform.machine()} {cpu['model']} ({' '.join(cpu['kernel_flags']) or 'baseline'}), "
                        f"{os.cpu_count()} cpus, {device}, onnxruntime {onnxruntime.__version__}",
             "threads": threads or os.cpu_count() or 1}
-
-
-def _best_ms(run, repeats: int = REPEATS, before=None) -> float:
-    """The fastest of `repeats` runs; `before` (untimed) runs ahead of each."""
-    best = np.inf
-    for _ in range(repeats):
-        if before is not None:
-            before()
-        t0 = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1000
-
-
-def _target_pass(target, rows: int, length: int, greedy: bool):
-    """A pass as the decode loop runs it: a plain step for one row, else a verify pass over a chain."""
-    tokens = np.ones(rows, np.int64)
-    parents = np.arange(rows, dtype=np.int64) - 1
-
-    def run():
-        target.cache.truncate(length)
-        if rows == 1 or not target.verifies:
-            target.forward(tokens, rows=np.arange(rows), full_logits=not greedy)
-        else:
-            target.verify(tokens, None, parents, 0.0 if greedy else 1.0, 0,
-                          None if greedy else np.full((rows, 2), 0.5))
-    return run
-
-
-def _grid_ms(target, rows: list[int], lengths: list[int], greedy: bool) -> list[list[float]]:
-    """The fastest of REPEATS rounds per (rows, length) point, the rounds interleaved over the grid so that a
-    burst of load elsewhere spoils one round of several points rather than every run of one; then made monotone
-    (a pass over more rows or a longer context is never faster: a slower reading is noise)."""
-    t = np.full((len(rows), len(lengths)), np.inf)
-    for _ in range(REPEATS):
-        for i, r in enumerate(rows):
-            for j, n in enumerate(lengths):
-                t[i, j] = min(t[i, j], _best_ms(_target_pass(target, r, n, greedy), 1))
-    t = np.minimum.accumulate(t[::-1], axis=0)[::-1]  # rows
-    t = np.minimum.accumulate(t[:, ::-1], axis=1)[:, ::-1]  # lengths
-    return t.round(3).tolist()
-
-
-def calibrate(target, drafters: dict, threads: int | None, lookup=None) -> CostModel:
-    """Measure the target's passes on a grid of rows x committed lengths, and each drafter engine's pass."""
-    # a short context measures the rows it can hold (a pass never holds more)
-    rows = [r for r in ROWS if r <= min(target.max_rows, target.max_seq_len - 2)]
-    if not rows:
-        raise SpeccompileError("the compiled context is too short to calibrate the cost model")
-    top = target.max_seq_len - rows[-1] - 1
-    lengths = sorted({min(top, n) for n in (16, max(1, top // 4), top)})
-    target.cache.truncate(0)  # a previous request's context may fill the cache
-    target.forward(np.ones(rows[-1], np.int64), rows=np.arange(rows[-1]))  # first runs allocate: not timed
-    verify = {mode: _grid_ms(target, rows, lengths, mode == "greedy") for mode in ("greedy", "sampled")}
-    target.cache.truncate(0)
-    # each drafter pass after a target pass, as while decoding: the target's weights have just pushed the
-    # drafter's out of the CPU's caches
-    evict = _target_pass(target, 1, lengths[0], True)
-    drafter_ms = {name: _drafter_pass_ms(d, lengths[len(lengths) // 2], evict) for name, d in drafters.items()}
-    target.cache.truncate(0)
-    lookup_ms = 0.0
-    if lookup is not None:
-        context = np.random.default_rng(0).integers(0, target.vocab_size, lengths[len(lengths) // 2])
-        lookup_ms = _best_ms(lambda: lookup.matches(context)[0])
-    key = {**machine_key(threads, getattr(target, "device", "cpu")),
-           "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "one_row_pad": getattr(target, "min_rows", 1) > 1}
-    return CostModel(rows, lengths, verify, drafter_ms, lookup_ms, key)
-
-
-def _drafter_pass_ms(drafter, length: int, before=None) -> list[float]:
-    """Times of one pass of the drafter's own graph over HEAD_ROWS rows (an empty list: no graph of its own);
-    `before` (untimed) runs ahead of each timed pass."""
-    eng = getattr(drafter, "engine", None)
-    if eng is None:
-        return []
-    length = min(length, eng.max_seq_len - HEAD_ROWS[-1] - 1)
-    wants_hidden = "hidden_in" in eng.input_names
-    out = []
-    for r in HEAD_ROWS:
-        hidden = np.zeros((r, eng.hidden.shape[1]), np.float32) if wants_hidden else None
-
-        def run():
-            eng.cache.truncate(length)
-            eng.forward(np.ones(r, np.int64), positions=np.arange(length, length + r),
-                        parents=np.arange(r) - 1 if r > 1 else None, rows=np.arange(r), committed=length,
-                        hidden_in=hidden)
-        run()  # first runs allocate: not timed
-        out.append(_best_ms(run, before=before))
-    out = np.minimum.accumulate(np.array(out)[::-1])[::-1].round(3).tolist()
-    drafter.reset()
-    return out
 
 
 def _rows_price(rows: int, ms: list[float]) -> float:

@@ -18,6 +18,7 @@ from speccompile.runtime.acceptance import (SpecDecodeStats, Verdict, accept_by_
                                             chain_parents)
 from speccompile.runtime.adaptive import AdaptiveDrafting
 from speccompile.runtime.context_cache import ContextCache
+from speccompile.runtime.calibration import CALIBRATION_PROMPT
 from speccompile.runtime.cost_model import CostModel
 from speccompile.runtime.drafters.base import Drafter, Proposal
 from speccompile.runtime.drafters.lookup import LookupDrafter, LookupReach, join_lookup
@@ -169,8 +170,9 @@ class DecodeLoop:
 
     def _measured_cost(self, recalibrate: bool = False) -> CostModel:  # for callers holding the engines already
         if self._cost is None or recalibrate:
-            self._cost = cost_cache.cached_or_calibrated(self.bundle_dir, self.target, self.drafters, self.threads,
-                                                         self.lookup, recalibrate)
+            self._cost = cost_cache.cached_or_calibrated(
+                self.bundle_dir, self.target, self.drafters, self.threads, self.lookup, recalibrate,
+                self.tokenizer.encode_chat(CALIBRATION_PROMPT))
         return self._cost
 
     def verify(self, token: int, prop: Proposal, n: int, params: SamplingParams, rng,
