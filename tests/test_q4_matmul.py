@@ -7,6 +7,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 from speccompile.compile.quantize import kernel_form
+from speccompile.compile.quantize.int8 import SUFFIX_CODES, SUFFIX_SCALES, int8_blocks
 from speccompile.compile.quantize.nbits import pack_gguf_matrix
 from speccompile.errors import SpeccompileError
 from speccompile.plugins import q4_matmul
@@ -117,7 +118,7 @@ import sys, numpy as np, pathlib
 sys.path.insert(0, sys.argv[1])
 from test_quantized import run_product
 data = np.load(sys.argv[2])
-np.save(sys.argv[3], run_product(pathlib.Path(sys.argv[4]), {"m.q4blocks": data["w"]}, "m", data["x"]))
+np.save(sys.argv[3], run_product(pathlib.Path(sys.argv[4]), {sys.argv[5]: data["w"]}, "m", data["x"]))
 """
 
 
@@ -130,13 +131,14 @@ def test_the_avx2_variant_computes_what_the_avx512_one_does(tmp_path):
     import sys
     codes, scales, minimums = random_weight(64, 576, seed=9)
     x = np.random.default_rng(10).standard_normal((7, 576)).astype(np.float32) * 3
-    weights = q4_matmul.pack(codes, scales, minimums)
-    np.savez(tmp_path / "in.npz", w=weights, x=x)
-    env = dict(os.environ, SPECCOMPILE_Q4_ISA="avx2")
-    subprocess.run([sys.executable, "-c", AVX2_RUN, os.path.dirname(__file__), str(tmp_path / "in.npz"),
-                    str(tmp_path / "avx2.npy"), str(tmp_path)], env=env, check=True)
-    y = run_product(tmp_path, {"m" + kernel_form.SUFFIX: weights}, "m", x)
-    assert np.array_equal(np.load(tmp_path / "avx2.npy"), y)
+    for name, weights in (("m" + kernel_form.SUFFIX, q4_matmul.pack(codes, scales, minimums)),
+                          ("m" + SUFFIX_CODES, q4_matmul.pack8(*random_int8(64, 576, seed=9)))):
+        np.savez(tmp_path / "in.npz", w=weights, x=x)
+        env = dict(os.environ, SPECCOMPILE_Q4_ISA="avx2")
+        subprocess.run([sys.executable, "-c", AVX2_RUN, os.path.dirname(__file__), str(tmp_path / "in.npz"),
+                        str(tmp_path / "avx2.npy"), str(tmp_path), name], env=env, check=True)
+        y = run_product(tmp_path, {name: weights}, "m", x)
+        assert np.array_equal(np.load(tmp_path / "avx2.npy"), y), name
 
 
 def test_the_rows_tool_times_both_kernels(monkeypatch, capsys):
@@ -160,12 +162,69 @@ def test_a_weight_too_small_for_its_shape_is_an_error_not_a_read_past_it(tmp_pat
     from onnx import TensorProto, helper, numpy_helper
     from speccompile.runtime.sessions import open_session
     codes, scales, minimums = random_weight(16, 64)
-    node = helper.make_node(q4_matmul.OP_TYPE, ["x", "w"], ["y"], domain=q4_matmul.DOMAIN, K=64, N=32)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
-                              [numpy_helper.from_array(q4_matmul.pack(codes, scales, minimums), "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(q4_matmul.DOMAIN, 1)])
-    onnx.save(model, str(tmp_path / "m.onnx"))
-    session = open_session(str(tmp_path / "m.onnx"), ort.SessionOptions(), ["CPUExecutionProvider"])
-    with pytest.raises(Exception, match="weight's size does not fit"):
-        session.run(None, {"x": np.ones((1, 64), np.float32)})
+    for op, weight in ((q4_matmul.OP_TYPE, q4_matmul.pack(codes, scales, minimums)),
+                       (q4_matmul.OP_TYPE_Q8, q4_matmul.pack8(*random_int8(16, 64)))):
+        node = helper.make_node(op, ["x", "w"], ["y"], domain=q4_matmul.DOMAIN, K=64, N=32)
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
+                                  [numpy_helper.from_array(weight, "w")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                        helper.make_opsetid(q4_matmul.DOMAIN, 1)])
+        onnx.save(model, str(tmp_path / "m.onnx"))
+        session = open_session(str(tmp_path / "m.onnx"), ort.SessionOptions(), ["CPUExecutionProvider"])
+        with pytest.raises(Exception, match="weight's size does not fit"):
+            session.run(None, {"x": np.ones((1, 64), np.float32)})
+
+
+def random_int8(n, k, seed=0):
+    """(codes [N, K] stored + 128, scales [N, K/32]) of a random matrix, as compile/quantize/int8.py makes them."""
+    w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
+    codes, scales = int8_blocks(w)
+    return codes.reshape(n, k), scales.reshape(n, k // 32)
+
+
+def test_the_int8_layout_keeps_codes_and_scales():
+    codes, scales = random_int8(48, 96)
+    records = q4_matmul.pack8(codes, scales)
+    assert records.shape == (3, 3, q4_matmul.RECORD8) and records.dtype == np.uint8
+    for got, want in zip(q4_matmul.unpack8(records), (codes, scales)):
+        assert np.array_equal(got, want)
+    assert q4_matmul.pack8(codes[:24], scales[:24]) is None  # 24 outputs: not whole tiles
+
+
+def test_int8_matrices_that_tile_go_to_the_int8_kernel():
+    """kernel_form.int8_records: a draft head's int8 matrix and the head screen, each its weight exactly; a matrix
+    whose outputs do not tile keeps its codes and scales (MatMulNBits)."""
+    big, small = random_int8(32, 64, seed=1), random_int8(24, 64, seed=2)
+    weights = {"a" + SUFFIX_CODES: big[0].reshape(32, 2, 32), "a" + SUFFIX_SCALES: big[1].reshape(-1),
+               "b" + SUFFIX_CODES: small[0].reshape(24, 2, 32), "b" + SUFFIX_SCALES: small[1].reshape(-1),
+               "head_screen.codes": big[0].reshape(32, 2, 32), "head_screen.scales": big[1].reshape(-1)}
+    out, done = kernel_form.int8_records(weights)
+    assert sorted(done) == ["a" + SUFFIX_CODES, "head_screen.codes"]
+    assert "a" + SUFFIX_SCALES not in out and "head_screen.scales" not in out and "b" + SUFFIX_SCALES in out
+    for key in done:
+        assert all(np.array_equal(g, w) for g, w in zip(q4_matmul.unpack8(out[key]), big))
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+def test_the_int8_kernel_computes_the_definition_and_matmulnbits_product(tmp_path, rows):
+    """MatMulQ8 against its numpy definition, and against onnxruntime's 8-bit MatMulNBits on the same blocks (the
+    same rounding of x: they differ by float summation order)."""
+    codes, scales = random_int8(64, 192, seed=rows)
+    records = q4_matmul.pack8(codes, scales)
+    x = np.random.default_rng(rows).standard_normal((rows, 192)).astype(np.float32)
+    y = run_product(tmp_path, {"m" + SUFFIX_CODES: records}, "m", x)
+    ref = q4_matmul.reference8(x, records)
+    assert y.shape == ref.shape and np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+    nbits = run_product(tmp_path, {"m" + SUFFIX_CODES: codes.reshape(64, 6, 32), "m" + SUFFIX_SCALES: scales}, "m", x)
+    assert np.abs(y - nbits).max() <= 1e-5 * np.abs(ref).max()
+
+
+@needs_kernel
+def test_each_int8_row_is_computed_alike_whatever_the_rows_beside_it(tmp_path):
+    weights = {"m" + SUFFIX_CODES: q4_matmul.pack8(*random_int8(96, 576, seed=7))}
+    x = np.random.default_rng(8).standard_normal((12, 576)).astype(np.float32)
+    alone = np.concatenate([run_product(tmp_path, weights, "m", x[i:i + 1]) for i in range(12)])
+    for rows in range(2, 13):
+        assert np.array_equal(run_product(tmp_path, weights, "m", x[:rows]), alone[:rows]), rows

@@ -20,6 +20,8 @@ from speccompile.compile.quantize.nbits import join_rows, nbits_product, pack_gg
 from speccompile.compile.quantize.target_weights import DENSE_MATRICES
 from speccompile.compile.sources import load_checkpoint
 from speccompile.format.bundle import read_manifest
+from speccompile.format.requirements import opset_imports
+from speccompile.graphs import KERNEL_DOMAIN
 from speccompile.format.summary import describe, pass_weight_bytes
 from speccompile.graphs.builder import GraphBuilder
 from speccompile.plugins import q4_matmul
@@ -254,22 +256,29 @@ def test_sampled_speculation_over_a_quantized_target_keeps_its_distribution(gguf
 @pytest.mark.parametrize("build", [quantized("kernel")])
 def test_the_kernel_build_runs_its_q4_matrices_through_matmulq4(gguf_bundles, build):
     """--kernels speccompile: every Q4_0 / Q4_1 matrix (joined with no other format) in MatMulQ4's layout, the
-    rest in MatMulNBits'; recorded in the manifest, shown by inspect, its graphs importing the kernel's domain."""
+    rest in MatMulNBits'; the output head's int8 screen and the MTP head's int8 matrices in MatMulQ8's; recorded
+    in the manifest, shown by inspect, its graphs importing the kernels' domain."""
     m = read_manifest(str(gguf_bundles / build))
     q, names = m["quantization"], set(m["weights"]["target.bin"])
     kernel = set(q["kernel_matrices"])
-    assert kernel and all(k + ".q4blocks" in names and k + ".nbits_scales" not in names for k in kernel)
+    q4 = {k for k in kernel if k + ".q4blocks" in names}
+    assert q4 and all(k + ".nbits_scales" not in names for k in q4)
+    assert kernel - q4 == {"head_screen.codes"} and "head_screen.scales" not in names
+    head = set(m["weights"]["mtp.bin"])
+    assert {k for k in head if k.endswith(".int8")} and not {k for k in head if k.endswith(".int8_scales")}
+    assert all(KERNEL_DOMAIN in dict(opset_imports(open(gguf_bundles / build / model["graph"], "rb").read()))
+               for name, model in m["models"].items() if name in ("target", "target_batch", "mtp_head"))
     for key, fmt in q["formats"].items():
         layer = key.rsplit(".", 1)[0]
         joined = key.endswith((".gate", ".up")) and {f"{layer}.gate_up.q4blocks", f"{layer}.gate_up.nbits_scales"} & names
         stored, parts = ((f"{layer}.gate_up", [q["formats"][f"{layer}.gate"], q["formats"][f"{layer}.up"]]) if joined
                          else (key, [fmt]))
         if fmt != "float32":
-            assert (stored in kernel) == all(" as " not in p and set(p.split("+")) <= {"q4_0", "q4_1"}
+            assert (stored in q4) == all(" as " not in p and set(p.split("+")) <= {"q4_0", "q4_1"}
                                              for p in parts), (key, fmt)
     assert "speccompile.kernels" in m["runtime"]["op_domains"]
-    assert f"{len(kernel)} products by speccompile's MatMulQ4 kernel" in "\n".join(describe(str(gguf_bundles / build),
-                                                                                           m, True))
+    assert f"{len(kernel)} products by speccompile's own kernels" in "\n".join(describe(str(gguf_bundles / build),
+                                                                                        m, True))
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ from speccompile.errors import SpeccompileError
 from speccompile.format.paths import user_cache_dir
 from speccompile.graphs import KERNEL_DOMAIN
 
-DOMAIN, OP_TYPE = KERNEL_DOMAIN, "MatMulQ4"
-BLOCK, TILE, RECORD = 32, 16, 320
+DOMAIN, OP_TYPE, OP_TYPE_Q8 = KERNEL_DOMAIN, "MatMulQ4", "MatMulQ8"
+BLOCK, TILE, RECORD, RECORD8 = 32, 16, 320, 576
 UNITS = ("kernel.c", "avx512.c", "avx2.c")  # each instruction set's code is marked in its file, not by flags
 SOURCES = (*UNITS, "q4.h", "ort_abi.h")
 FLAGS = ["-O3", "-shared", "-fPIC"]
@@ -84,6 +84,39 @@ def reference(x: np.ndarray, records: np.ndarray) -> np.ndarray:
     offsets = np.float32(8) * d + m  # float32, as the kernel forms it
     y = (dots * scale[..., None] * d.T[None] + sums[..., None] * offsets.T[None]).sum(1)
     return y.astype(np.float32).reshape(*x.shape[:-1], len(q))
+
+
+def pack8(codes: np.ndarray, scales: np.ndarray) -> np.ndarray | None:
+    """MatMulQ8's weight input: W[n, k] = scales[n, k // 32] * (codes[n, k] - 128) (codes uint8 [N, K], stored + 128
+    as onnxruntime's 8-bit MatMulNBits stores them; scales float32 [N, K/32]) -> uint8 [N/16, K/32, 576]; None
+    where W does not tile."""
+    n, k = codes.shape
+    if not tiles(n, k):
+        return None
+    nb, nt = k // BLOCK, n // TILE
+    vectors = codes.reshape(nt, TILE, nb, 8, 4).transpose(0, 2, 3, 1, 4).reshape(nt, nb, 512)  # tile, block, j, c, i
+    d = np.ascontiguousarray(np.asarray(scales, np.float32).reshape(nt, TILE, nb).transpose(0, 2, 1)).view(np.uint8)
+    return np.ascontiguousarray(np.concatenate([vectors.astype(np.uint8), d], axis=-1))
+
+
+def unpack8(records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """pack8's inverse: (codes [N, K] uint8 stored + 128, scales [N, K/32] float32)."""
+    nt, nb, _ = records.shape
+    codes = records[..., :512].reshape(nt, nb, 8, TILE, 4).transpose(0, 3, 1, 2, 4).reshape(nt * TILE, nb * BLOCK)
+    d = records[..., 512:].copy().view(np.float32).transpose(0, 2, 1).reshape(nt * TILE, nb)
+    return codes, d
+
+
+def reference8(x: np.ndarray, records: np.ndarray) -> np.ndarray:
+    """MatMulQ8's definition in numpy: x [..., K] -> [..., N], the signed codes' exact integer dots per block times
+    both scales (float64 sums, to float32)."""
+    codes, d = unpack8(records)
+    k = codes.shape[1]
+    xq, scale, _ = round_rows(x.reshape(-1, k))
+    w = codes.reshape(len(codes), -1, BLOCK).astype(np.int64) - 128
+    dots = np.einsum("mbk,nbk->mbn", xq.astype(np.int64), w)
+    y = (dots * scale[..., None] * d.T[None]).sum(1)
+    return y.astype(np.float32).reshape(*x.shape[:-1], len(codes))
 
 
 def _compiler() -> str | None:

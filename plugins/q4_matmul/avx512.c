@@ -89,3 +89,47 @@ AVX512 void q4_tile_avx512(const Product* p, size_t t) {
     }
   }
 }
+
+/* MatMulQ8: vector j, lane c holds output c's codes k = 4j .. 4j + 3, stored + 128 (unsigned, as vpdpbusd takes
+ * them): the dot less 128 times the block's sum of xq (16 * eights) is the signed codes' exact dot. */
+static inline __attribute__((always_inline)) AVX512 void tile8(const int R, const uint8_t* w, int nb,
+    const int8_t* xq, int K, const float* scale, const int32_t* eights, float* y, int64_t N) {
+  __m512 acc[ROWS];
+  for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+  for (int b = 0; b < nb; b++) {
+    const uint8_t* rec = w + (size_t)b * RECORD8;
+    for (int line = 0; line < RECORD8; line += 64) _mm_prefetch((const char*)(rec + 8 * RECORD8 + line), _MM_HINT_T0);
+    __m512i c[8];
+    for (int j = 0; j < 8; j++) c[j] = _mm512_loadu_si512(rec + 64 * j);
+    __m512 d = _mm512_loadu_ps((const float*)(rec + 512));
+    for (int r = 0; r < R; r++) {
+      const int32_t* x4 = (const int32_t*)(xq + (size_t)r * K + b * BLOCK);
+      __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0], _mm512_set1_epi32(x4[0]));
+      __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[4], _mm512_set1_epi32(x4[4]));
+      for (int j = 1; j < 4; j++) {
+        s0 = _mm512_dpbusd_epi32(s0, c[j], _mm512_set1_epi32(x4[j]));
+        s1 = _mm512_dpbusd_epi32(s1, c[4 + j], _mm512_set1_epi32(x4[4 + j]));
+      }
+      __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(16 * eights[r * nb + b]));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(scale[r * nb + b])), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * N, acc[r]);
+}
+
+AVX512 void q8_tile_avx512(const Product* p, size_t t) {
+  const int nb = p->K / BLOCK;
+  const uint8_t* w = p->w + t * (size_t)nb * RECORD8;
+  for (int64_t r = 0; r < p->M; r += ROWS) {
+    const int8_t* xq = p->xq + r * p->K;
+    const float* scale = p->scale + r * nb;
+    const int32_t* eights = p->eights + r * nb;
+    float* y = p->y + r * p->N + t * TILE;
+    switch (p->M - r < ROWS ? p->M - r : ROWS) {
+      case 4: tile8(4, w, nb, xq, p->K, scale, eights, y, p->N); break;
+      case 3: tile8(3, w, nb, xq, p->K, scale, eights, y, p->N); break;
+      case 2: tile8(2, w, nb, xq, p->K, scale, eights, y, p->N); break;
+      default: tile8(1, w, nb, xq, p->K, scale, eights, y, p->N);
+    }
+  }
+}

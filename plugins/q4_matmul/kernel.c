@@ -14,7 +14,13 @@
  *
  * W's layout (plugins/q4_matmul/__init__.py: pack): [N / 16 tiles][K / 32 blocks][320 bytes]: four 64-byte
  * vectors of codes (vector j, lane c = the tile's output c: bytes i = 0..3 hold k = 4j + i in the low nibble and
- * k = 16 + 4j + i in the high one), then the 16 outputs' d and m as float16. */
+ * k = 16 + 4j + i in the high one), then the 16 outputs' d and m as float16.
+ *
+ * speccompile.kernels::MatMulQ8, the same for int8 weights in blocks of 32 with a float32 scale d per block and
+ * output (W = d * w, w in -128..127: GGUF's Q8_0 with a float32 scale; onnxruntime's 8-bit MatMulNBits): y[n] = sum
+ * over blocks b of scale_x[b] * d[b, n] * (xq_b . w_b[n]), the dot an exact integer. Its weight:
+ * [N / 16][K / 32][576 bytes]: eight 64-byte vectors of codes stored + 128 (vector j, lane c = output c: bytes
+ * i = 0..3 hold k = 4j + i), then the 16 outputs' d as float32. */
 #include <stdlib.h>
 #include <string.h>
 #include "ort_abi.h"
@@ -23,6 +29,7 @@
 /* the instruction set's variant, chosen when the library is registered */
 static void (*quantize)(const float*, int64_t, int, int8_t*, float*, float*, int32_t*);
 static void (*product_tile)(const Product*, size_t);
+static void (*product_tile8)(const Product*, size_t);
 
 /* 2: AVX-512 VNNI, 1: AVX2, 0: neither; $SPECCOMPILE_Q4_ISA=avx2 picks AVX2 on an AVX-512 machine (tests) */
 int speccompile_cpu_supported(void) {
@@ -32,22 +39,24 @@ int speccompile_cpu_supported(void) {
 }
 
 static void run_tile(void* p, size_t t) { product_tile(p, t); }
+static void run_tile8(void* p, size_t t) { product_tile8(p, t); }
 
 /* ---- the onnxruntime op ---- */
 
 static const OrtApi* api;
-typedef struct { int64_t K, N; } Kernel;
+typedef struct { int64_t K, N; int eight_bit; } Kernel;
+static OrtCustomOp matmul_q8;
 
 static OrtStatus* fail(const char* message) { return ORT_SLOT(api, CreateStatus)(ORT_FAIL, message); }
 #define CHECK(call) do { OrtStatus* s_ = (call); if (s_) return s_; } while (0)
 
 static OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* a, const OrtKernelInfo* info, void** out) {
-  (void)op; (void)a;
-  Kernel k;
+  (void)a;
+  Kernel k = {.eight_bit = op == &matmul_q8};
   CHECK(ORT_SLOT(api, KernelInfoGetAttribute_int64)(info, "K", &k.K));
   CHECK(ORT_SLOT(api, KernelInfoGetAttribute_int64)(info, "N", &k.N));
   if (k.K <= 0 || k.N <= 0 || k.K % BLOCK || k.N % TILE || k.K > (1 << 24) || k.N > (1 << 24))
-    return fail("MatMulQ4: K must be a multiple of 32 and N of 16, each at most 2^24");
+    return fail("MatMulQ4/MatMulQ8: K must be a multiple of 32 and N of 16, each at most 2^24");
   Kernel* kernel = malloc(sizeof *kernel);
   if (!kernel) return fail("MatMulQ4: out of memory");
   *kernel = k;
@@ -77,7 +86,8 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   /* the weight must hold every record the op reads: a graph (a bundle) is not trusted to size it */
   CHECK(shape(w, dims, &rank));
   for (size_t i = 0; i < rank; i++) wbytes *= dims[i];
-  if (wbytes != k->N / TILE * (k->K / BLOCK) * RECORD) return fail("MatMulQ4: the weight's size does not fit K and N");
+  if (wbytes != k->N / TILE * (k->K / BLOCK) * (k->eight_bit ? RECORD8 : RECORD))
+    return fail("MatMulQ4/MatMulQ8: the weight's size does not fit K and N");
   CHECK(shape(x, dims, &rank));
   if (dims[rank - 1] != k->K) return fail("MatMulQ4: x's last dimension is not the op's K");
   for (size_t i = 0; i + 1 < rank; i++) M *= dims[i];
@@ -101,13 +111,13 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   int8_t* xq = (int8_t*)(eights + M * nb);
   quantize(xp, M, K, xq, scale, sum, eights);
   Product p = {xq, scale, sum, eights, wp, yp, M, k->N, K};
-  s = ORT_SLOT(api, KernelContext_ParallelFor)(ctx, run_tile, (size_t)(k->N / TILE), 0, &p);
+  s = ORT_SLOT(api, KernelContext_ParallelFor)(ctx, k->eight_bit ? run_tile8 : run_tile, (size_t)(k->N / TILE), 0, &p);
   if ((unsigned char*)scale != local) free(scale);
   return s;
 }
 
 static void destroy_kernel(void* kernel) { free(kernel); }
-static const char* op_name(const OrtCustomOp* op) { (void)op; return "MatMulQ4"; }
+static const char* op_name(const OrtCustomOp* op) { return op == &matmul_q8 ? "MatMulQ8" : "MatMulQ4"; }
 static const char* provider(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
 static int input_type(const OrtCustomOp* op, size_t i) { (void)op; return i == 0 ? ORT_TENSOR_FLOAT : ORT_TENSOR_UINT8; }
 static size_t input_count(const OrtCustomOp* op) { (void)op; return 2; }
@@ -118,26 +128,28 @@ static int memory(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return O
 static int one(const OrtCustomOp* op) { (void)op; return 1; }
 static int last_opset(const OrtCustomOp* op) { (void)op; return 1 << 30; }
 
-static OrtCustomOp matmul_q4 = {
-  .version = ORT_ABI_VERSION, .GetName = op_name, .GetExecutionProviderType = provider,
-  .GetInputType = input_type, .GetInputTypeCount = input_count, .GetOutputType = output_type,
-  .GetOutputTypeCount = output_count, .KernelDestroy = destroy_kernel, .GetInputCharacteristic = required,
-  .GetOutputCharacteristic = required, .GetInputMemoryType = memory, .GetVariadicInputMinArity = one,
-  .GetVariadicInputHomogeneity = one, .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = one,
-  .CreateKernelV2 = create_kernel, .KernelComputeV2 = compute, .GetStartVersion = one, .GetEndVersion = last_opset,
-};
+#define OP { \
+  .version = ORT_ABI_VERSION, .GetName = op_name, .GetExecutionProviderType = provider, \
+  .GetInputType = input_type, .GetInputTypeCount = input_count, .GetOutputType = output_type, \
+  .GetOutputTypeCount = output_count, .KernelDestroy = destroy_kernel, .GetInputCharacteristic = required, \
+  .GetOutputCharacteristic = required, .GetInputMemoryType = memory, .GetVariadicInputMinArity = one, \
+  .GetVariadicInputHomogeneity = one, .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = one, \
+  .CreateKernelV2 = create_kernel, .KernelComputeV2 = compute, .GetStartVersion = one, .GetEndVersion = last_opset, \
+}
+static OrtCustomOp matmul_q4 = OP, matmul_q8 = OP;
 
 /* onnxruntime calls this on SessionOptions.register_custom_ops_library(path) */
 OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
   api = base->GetApi(ORT_ABI_VERSION);
   if (!api) return NULL;  /* an onnxruntime older than 1.17: no domain registered, its load error names the op */
   switch (speccompile_cpu_supported()) {
-    case 2: quantize = q4_quantize_avx512; product_tile = q4_tile_avx512; break;
-    case 1: quantize = q4_quantize_avx2; product_tile = q4_tile_avx2; break;
+    case 2: quantize = q4_quantize_avx512; product_tile = q4_tile_avx512; product_tile8 = q8_tile_avx512; break;
+    case 1: quantize = q4_quantize_avx2; product_tile = q4_tile_avx2; product_tile8 = q8_tile_avx2; break;
     default: return fail("speccompile's MatMulQ4 needs a CPU with AVX2, FMA and F16C");
   }
   OrtCustomOpDomain* domain;
   CHECK(ORT_SLOT(api, CreateCustomOpDomain)("speccompile.kernels", &domain));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &matmul_q4));
+  CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &matmul_q8));
   return ORT_SLOT(api, AddCustomOpDomain)(options, domain);
 }

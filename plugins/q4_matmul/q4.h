@@ -1,4 +1,5 @@
-/* MatMulQ4's pieces shared by its instruction-set variants (avx512.c, avx2.c) and the op (kernel.c).
+/* MatMulQ4's and MatMulQ8's pieces shared by their instruction-set variants (avx512.c, avx2.c) and the ops
+ * (kernel.c).
  * Every variant computes the same numbers bit for bit: the same integer sums, and the same float operations in the
  * same order (each 32-block's float sum by the fixed tree of block_sum's comment; fused multiply-adds alike). */
 #ifndef SPECCOMPILE_Q4_H
@@ -9,6 +10,7 @@
 #define BLOCK 32
 #define TILE 16
 #define RECORD 320
+#define RECORD8 576  /* MatMulQ8: eight 64-byte vectors of codes (stored + 128), then 16 float32 scales */
 #define ROWS 4  /* rows a tile's pass over the blocks computes together */
 
 /* Per row and 32-block of the input: the int8 codes, their scale, the block's float sum (halves added lane by lane,
@@ -22,6 +24,8 @@ void q4_quantize_avx512(const float* x, int64_t M, int K, int8_t* xq, float* sca
 void q4_tile_avx512(const Product* p, size_t tile);  /* outputs 16 * tile .. + 15 of every row */
 void q4_quantize_avx2(const float* x, int64_t M, int K, int8_t* xq, float* scale, float* sum, int32_t* eights);
 void q4_tile_avx2(const Product* p, size_t tile);
+void q8_tile_avx512(const Product* p, size_t tile);  /* MatMulQ8's (p->sum unused) */
+void q8_tile_avx2(const Product* p, size_t tile);
 int q4_has_avx512(void);
 int q4_has_avx2(void);
 

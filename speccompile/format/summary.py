@@ -115,7 +115,8 @@ def weight_lines(m: dict, target: dict) -> list[str]:
     weight bytes one decode step reads."""
     q = m.get("quantization", {"option": "float32 (built before formats were recorded)", "formats": {}})
     kernel = q.get("kernel_matrices", [])
-    by_kernel = f"; {len(kernel)} products by speccompile's MatMulQ4 kernel, which rounds alike" if kernel else ""
+    by_kernel = (f"; {len(kernel)} products by speccompile's own kernels (MatMulQ4, MatMulQ8), which round alike"
+                 if kernel else "")
     level = f", MatMulNBits accuracy level {q['accuracy_level']}{by_kernel}" if "accuracy_level" in q else ""
     out = [f"weights     --weights {q['option']}{level}"]
     # the quantize pass names float matrices float32; the precision pass then stores them in the bundle's dtype

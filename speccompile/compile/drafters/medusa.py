@@ -15,6 +15,7 @@ from speccompile.compile.config import ModelConfig
 from speccompile.compile.drafters.base import DrafterBuild, TargetBuild
 from speccompile.compile.drafters.head_weights import target_output_head
 from speccompile.compile.quantize.int8 import quantize_matrices
+from speccompile.compile.quantize.kernel_form import int8_records
 from speccompile.compile.graph.medusa import build_medusa, medusa_head_count
 from speccompile.compile.model_entries import source_entry
 from speccompile.compile.safetensors_files import read_safetensors, refuse_pickle
@@ -34,6 +35,7 @@ def build(spec: DraftSpec, target: TargetBuild) -> DrafterBuild:
     if int8:
         target.progress("      quantize: the Medusa heads' matrices to int8 (speccompile.compile.quantize.int8)")
         weights = int8_medusa(weights)
+        weights = int8_records(weights)[0] if target.kernels else weights
     if shares_head:
         shared |= target_output_head(target_w, int8=int8)
     graph = build_medusa(cfg, weights | shared)

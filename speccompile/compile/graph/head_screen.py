@@ -79,7 +79,7 @@ def _screen(s: GraphBuilder, rows: str, head: str, W: dict[str, str], noise: str
     onnxruntime pre-packs a matrix only for a single kernel, and the int8 product is many times slower unpacked."""
     c = _consts(s)
     nb = s.weights[W["head_screen.l1"]][0][0]
-    approx = int8_product(s, rows, W["head_screen.codes"], W["head_screen.scales"])
+    approx = int8_product(s, rows, W["head_screen.codes"], W.get("head_screen.scales"))
     absx = s.op("Abs", [s.op("Reshape", [rows, c([0, nb, BLOCK])])[0]])[0]
     step = s.op("ReduceMax", [absx, c([-1])], keepdims=0)[0]  # [R, nb]
     bound = s.op("MatMul", [s.op("Mul", [step, c(SLACK / 127, np.float32)])[0], W["head_screen.l1"]])[0]

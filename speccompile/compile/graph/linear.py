@@ -26,14 +26,20 @@ def matmul(g: GraphBuilder, x: str, W: dict[str, str], key: str) -> str:
         return g.op(q4_matmul.OP_TYPE, [x, W[key + kernel_form.SUFFIX]], domain=q4_matmul.DOMAIN,
                     K=blocks * q4_matmul.BLOCK, N=tiles * q4_matmul.TILE)[0]
     if key + SUFFIX_CODES in W:
-        return int8_product(g, x, W[key + SUFFIX_CODES], W[key + SUFFIX_SCALES])
+        return int8_product(g, x, W[key + SUFFIX_CODES], W.get(key + SUFFIX_SCALES))
     if stored_bits(W, key) is not None:
         return nbits_product(g, x, W, key, ACCURACY_LEVEL)
     return g.op("MatMul", [x, W[key]])[0]
 
 
-def int8_product(g: GraphBuilder, x: str, codes: str, scales: str, output: str | None = None) -> str:
-    """x [..., K] times the int8 matrix whose rows (one per output) are `codes` [N, K/BLOCK, BLOCK]."""
-    N, nb, _ = g.weights[codes][0]
+def int8_product(g: GraphBuilder, x: str, codes: str, scales: str | None, output: str | None = None) -> str:
+    """x [..., K] times the int8 matrix whose rows (one per output) are `codes` [N, K/BLOCK, BLOCK] with `scales`;
+    or, stored in speccompile's MatMulQ8 layout [N/16, K/BLOCK, 576] (scales inside: kernel_form.int8_records),
+    by that kernel."""
+    shape = g.weights[codes][0]
+    if shape[-1] == q4_matmul.RECORD8:
+        return g.op(q4_matmul.OP_TYPE_Q8, [x, codes], outputs=[output] if output else None, domain=q4_matmul.DOMAIN,
+                    K=shape[1] * BLOCK, N=shape[0] * q4_matmul.TILE)[0]
+    N, nb, _ = shape
     return g.op("MatMulNBits", [x, codes, scales], outputs=[output] if output else None, domain="com.microsoft",
                 K=nb * BLOCK, N=N, bits=8, block_size=BLOCK, accuracy_level=4)[0]

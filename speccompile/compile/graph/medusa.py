@@ -31,7 +31,7 @@ def build_medusa(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> GraphBuild
         x = _residual_blocks(g, W, k, h)
         out = f"medusa.{k}.out"
         if out + SUFFIX_CODES in W:
-            logits.append(int8_product(g, x, W[out + SUFFIX_CODES], W[out + SUFFIX_SCALES]))
+            logits.append(int8_product(g, x, W[out + SUFFIX_CODES], W.get(out + SUFFIX_SCALES)))
         elif out in W:
             logits.append(g.op("Gemm", [x, W[out]], transB=1)[0])
         else:
@@ -39,7 +39,7 @@ def build_medusa(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> GraphBuild
     if shared:  # one product for every head, in head order (heads share the target's head all or none)
         rows = g.op("Concat", shared, axis=0)[0] if len(shared) > 1 else shared[0]
         if "head_screen.codes" in W:
-            logits = [int8_product(g, rows, W["head_screen.codes"], W["head_screen.scales"])]
+            logits = [int8_product(g, rows, W["head_screen.codes"], W.get("head_screen.scales"))]
         else:
             logits = [g.op("Gemm", [rows, W.get("lm_head", W.get("embed"))], transB=1)[0]]
     g.op("Concat", logits, outputs=["logits"], axis=0)

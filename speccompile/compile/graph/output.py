@@ -40,9 +40,9 @@ def draft_head(g: GraphBuilder, rows: str, W: dict[str, str]) -> str:
     """A draft head's logits: its own output matrix (mtp.head, a draft vocabulary; int8 or float32), else the
     target's head, as an int8 screen over the whole vocabulary or float32 (lm_head, or the tied embedding)."""
     if "mtp.head" + SUFFIX_CODES in W:
-        return int8_product(g, rows, W["mtp.head" + SUFFIX_CODES], W["mtp.head" + SUFFIX_SCALES], output="logits")
+        return int8_product(g, rows, W["mtp.head" + SUFFIX_CODES], W.get("mtp.head" + SUFFIX_SCALES), output="logits")
     if "head_screen.codes" in W:
-        return int8_product(g, rows, W["head_screen.codes"], W["head_screen.scales"], output="logits")
+        return int8_product(g, rows, W["head_screen.codes"], W.get("head_screen.scales"), output="logits")
     return float_head(g, rows, W.get("mtp.head", W.get("lm_head", W["embed"])))
 
 

@@ -1,10 +1,12 @@
-"""Packed 4-bit matrices in the layout of speccompile's own MatMulQ4 kernel (speccompile.plugins.q4_matmul), where
-that keeps the weight exactly: blocks of 32 whose scale and minimum are float16s (a GGUF's Q4_0 and Q4_1 blocks),
-and a shape that fits the kernel's tiles. `build --kernels` chooses between it and onnxruntime's MatMulNBits."""
+"""Packed matrices in the layouts of speccompile's own kernels (speccompile.plugins.q4_matmul), where that keeps the
+weight exactly: MatMulQ4's blocks of 32 whose scale and minimum are float16s (a GGUF's Q4_0 and Q4_1 blocks), and
+MatMulQ8's int8 blocks (the output head's screen, draft heads), each in a shape that fits the kernels' tiles.
+`build --kernels` chooses between them and onnxruntime's MatMulNBits."""
 from __future__ import annotations
 
 import numpy as np
 
+from speccompile.compile.quantize.int8 import BLOCK, SUFFIX_CODES, SUFFIX_SCALES
 from speccompile.compile.quantize.nbits import PackedMatrix, unpack_nibbles
 from speccompile.errors import SpeccompileError, given
 from speccompile.plugins import q4_matmul
@@ -26,6 +28,25 @@ def records(p: PackedMatrix) -> np.ndarray | None:
         if not (eight * p.scales + minimums == p.offsets.T).all():
             return None
     return q4_matmul.pack(unpack_nibbles(p.codes).reshape(n, k), p.scales, minimums)
+
+
+def int8_records(weights: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Each int8 matrix of `weights` (codes [N, K/32, 32] and scales: compile/quantize/int8.py, head_screen.py)
+    whose N tiles, in MatMulQ8's layout under its codes' name, its scales dropped (the layout holds them; the graph
+    side, graph/linear.int8_product, tells the layouts apart by shape). Returns (weights, the codes converted)."""
+    out, done = dict(weights), []
+    pairs = [(k, k[:-len(SUFFIX_CODES)] + SUFFIX_SCALES) for k in weights if k.endswith(SUFFIX_CODES)]
+    for codes_key, scales_key in pairs + [("head_screen.codes", "head_screen.scales")]:
+        codes, scales = out.get(codes_key), out.get(scales_key)
+        if codes is None or scales is None or codes.ndim != 3 or codes.shape[-1] != BLOCK:
+            continue
+        n, nb, _ = codes.shape
+        packed = q4_matmul.pack8(codes.reshape(n, nb * BLOCK), scales.reshape(n, nb))
+        if packed is not None:
+            out[codes_key] = packed
+            del out[scales_key]
+            done.append(codes_key)
+    return out, done
 
 
 def use_kernel(choice: str, cannot: str | None) -> tuple[bool, str | None]:

@@ -51,7 +51,8 @@ class WeightReport:
     option: str
     formats: dict[str, str] = dataclasses.field(default_factory=dict)  # graph matrix -> format
     fallbacks: dict[str, str] = dataclasses.field(default_factory=dict)  # graph matrix -> reason it is float32
-    kernel_matrices: list[str] = dataclasses.field(default_factory=list)  # stored for speccompile's MatMulQ4
+    kernel_matrices: list[str] = dataclasses.field(default_factory=list)  # stored for speccompile's own kernels
+    kernel: bool = False  # the build put what it could on speccompile's kernels (not in the manifest)
 
     def manifest(self) -> dict:
         packed = any(fmt != "float32" for fmt in self.formats.values())
