@@ -142,15 +142,17 @@ def test_the_avx2_variant_computes_what_the_avx512_one_does(tmp_path):
 
 
 def test_the_rows_tool_times_both_kernels(monkeypatch, capsys):
-    """tools/kernel_rows.py: a line of times per kernel (MatMulQ4's where it runs, else why not)."""
+    """tools/kernel_rows.py: a line of times per kernel, for the 4-bit chain and the head's int8 screen (speccompile's
+    where they run, else why not)."""
     from tools_util import tool
     monkeypatch.setattr("sys.argv", ["kernel_rows.py", "--rounds", "1", "--threads", "1"])
     tool("kernel_rows").main()
     lines = capsys.readouterr().out.splitlines()
     times = [line.split()[-7:] for line in lines if line.startswith("MatMul")]
-    assert lines[1].split()[1:] == ["1", "2", "4", "8", "16", "32", "64"]
+    headers = [line.split()[-7:] for line in lines if "rows" in line]
+    assert headers == [["1", "2", "4", "8", "16", "32", "64"]] * 2
     assert all(float(t) > 0 for row in times for t in row)
-    assert len(times) == (2 if WHY is None else 1) and (WHY is None or WHY in lines[-1])
+    assert len(times) == (4 if WHY is None else 2) and (WHY is None or WHY in lines[-1])
 
 
 @needs_kernel

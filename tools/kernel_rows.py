@@ -1,8 +1,9 @@
-"""What a row costs in each 4-bit product kernel: a chain of eight 576x1536 / 1536x576 products (the default
+"""What a row costs in each product kernel: a chain of eight 576x1536 / 1536x576 4-bit products (the default
 model's shapes), random codes, by onnxruntime's MatMulNBits (4-bit, blocks of 32, accuracy level 4, the default
 build's) and by speccompile's MatMulQ4 (plugins/q4_matmul; SPECCOMPILE_Q4_ISA=avx2 times its AVX2 variant on an
-AVX-512 machine). Prints ms per call by rows, medians of interleaved rounds. docs/results.md ("speccompile's own
-4-bit kernel") has the figures.
+AVX-512 machine); then the output head's int8 screen (49152 x 576, int8 blocks of 32) by MatMulNBits (8-bit) and by
+speccompile's MatMulQ8. Prints ms per call by rows, medians of interleaved rounds. docs/results.md ("speccompile's
+own 4-bit kernel", "An int8 kernel for the head's screen") has the figures.
 
     python tools/kernel_rows.py [--threads 2] [--rounds 5]
 """
@@ -15,11 +16,13 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from speccompile.compile.quantize.int8 import int8_blocks
 from speccompile.plugins import q4_matmul
 from speccompile.runtime.sessions import open_session, session_options
 
 SHAPES = [(576, 1536), (1536, 576)] * 4
 ROWS = (1, 2, 4, 8, 16, 32, 64)
+SCREEN = (49152, 576)  # the default model's output head: [vocabulary, hidden]
 
 
 def chain(kernel: str, rng) -> bytes:
@@ -45,19 +48,46 @@ def chain(kernel: str, rng) -> bytes:
     return helper.make_model(graph, opset_imports=opsets).SerializeToString()
 
 
+def screen(kernel: str, rng) -> bytes:
+    """The head's int8 screen alone: x [M, 576] times a [49152, 576] int8 matrix in blocks of 32."""
+    n, k = SCREEN
+    codes, scales = int8_blocks(rng.standard_normal((n, k)).astype(np.float32))
+    if kernel == "MatMulQ8":
+        inits = [numpy_helper.from_array(q4_matmul.pack8(codes.reshape(n, k), scales.reshape(n, k // 32)), "w")]
+        node = helper.make_node(q4_matmul.OP_TYPE_Q8, ["x0", "w"], ["y"], domain=q4_matmul.DOMAIN, K=k, N=n)
+    else:
+        inits = [numpy_helper.from_array(codes, "c"), numpy_helper.from_array(scales, "s")]
+        node = helper.make_node("MatMulNBits", ["x0", "c", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=8,
+                                block_size=32, accuracy_level=4)
+    graph = helper.make_graph([node], "screen", [helper.make_tensor_value_info("x0", TensorProto.FLOAT, ["M", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])], inits)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
+              helper.make_opsetid(q4_matmul.DOMAIN, 1)]
+    return helper.make_model(graph, opset_imports=opsets).SerializeToString()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    kernels = ["MatMulNBits"] + (["MatMulQ4"] if q4_matmul.unavailable() is None else [])
+    ours = q4_matmul.unavailable() is None
+    print(f"ms per call, {args.threads} threads, onnxruntime {ort.__version__}")
+    table("chain of eight 4-bit products", chain, ["MatMulNBits"] + (["MatMulQ4"] if ours else []), args, rng)
+    table("the head's int8 screen", screen, ["MatMulNBits"] + (["MatMulQ8"] if ours else []), args, rng)
+    if not ours:
+        print(f"MatMulQ4, MatMulQ8: {q4_matmul.unavailable()}")
+
+
+def table(title: str, model, kernels: list[str], args, rng) -> None:
+    """Time `model(kernel, rng)` for each kernel by ROWS rows (medians of interleaved rounds) and print a line each."""
     sessions = {}
     with tempfile.TemporaryDirectory() as folder:
         for kernel in kernels:
             path = os.path.join(folder, f"{kernel}.onnx")
             with open(path, "wb") as f:
-                f.write(chain(kernel, rng))
+                f.write(model(kernel, rng))
             sessions[kernel] = open_session(path, session_options(args.threads), ["CPUExecutionProvider"])
     times = {k: {r: [] for r in ROWS} for k in kernels}
     for _ in range(args.rounds):
@@ -72,13 +102,11 @@ def main():
                     session.run(None, {"x0": x})
                     runs.append(time.perf_counter() - t0)
                 times[kernel][rows].append(np.median(runs))
-    label = {"MatMulQ4": f"MatMulQ4 ({q4_matmul.instruction_set()})"}
-    print(f"chain of eight products, ms per call, {args.threads} threads, onnxruntime {ort.__version__}")
-    print(f"{'rows':<28}" + "".join(f"{r:>8}" for r in ROWS))
+    isa = f" ({q4_matmul.instruction_set()})"
+    print(f"{title + ', rows':<36}" + "".join(f"{r:>8}" for r in ROWS))
     for kernel in kernels:
-        print(f"{label.get(kernel, kernel):<28}" + "".join(f"{np.median(times[kernel][r]) * 1e3:8.3f}" for r in ROWS))
-    if len(kernels) == 1:
-        print(f"MatMulQ4: {q4_matmul.unavailable()}")
+        name = kernel + (isa if kernel != "MatMulNBits" else "")
+        print(f"{name:<36}" + "".join(f"{np.median(times[kernel][r]) * 1e3:8.3f}" for r in ROWS))
 
 
 if __name__ == "__main__":
