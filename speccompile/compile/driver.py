@@ -29,7 +29,7 @@ from speccompile.compile.graph.decoder import build_decoder
 from speccompile.compile.graph.head_screen import screenable
 from speccompile.compile.graph.kv_compact import build_kv_compact
 from speccompile.compile.quantize.head_screen import quantize_head
-from speccompile.compile.quantize.kernel_form import int8_records, use_kernel
+from speccompile.compile.quantize.kernel_form import int8_kernel_pays, int8_records, use_kernel
 from speccompile.compile.quantize.target_weights import WeightReport, check_mode, quantize_target
 from speccompile.compile.weights.decoder import lower_weights
 from speccompile.compile.model_entries import decoder_entry
@@ -89,7 +89,7 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
     target_w = _lower(target, opts, progress)
     target_w, screen, report = _quantize(target, target_w, opts, progress)
     parts = _graph(target, target_w, screen, specs, tree_spec, opts, progress,
-                   chains=not trees_exact(report.manifest()), kernels=report.kernel)
+                   chains=not trees_exact(report.manifest()), int8_kernel=report.int8_kernel)
     apply_precision(parts, opts.dtype, progress)
     manifest = _write(out, target, parts, opts, toolchain, progress, report)
     progress(f"done in {time.perf_counter() - t0:.1f}s: {len(parts.models)} graph(s), drafters: "
@@ -224,17 +224,17 @@ def _quantize(target: Checkpoint, target_w: dict, opts: BuildOptions, progress) 
     if screen:
         progress("      quantize: int8 screen of the output head (greedy argmax stays exact)")
         target_w = target_w | quantize_head(target_w.get("lm_head", target_w["embed"]))
-    if kernel:
+    if kernel and int8_kernel_pays():
         target_w, int8 = int8_records(target_w)
         report.kernel_matrices += int8
-        report.kernel = True
+        report.int8_kernel = True
         if int8:
             progress(f"      quantize: {', '.join(int8)} by speccompile's MatMulQ8 kernel")
     return target_w, screen, report
 
 
 def _graph(target: Checkpoint, target_w: dict, screen: bool, specs: list[DraftSpec], tree_spec: TreeSpec | None,
-           opts: BuildOptions, progress, chains: bool = False, kernels: bool = False) -> BundleParts:
+           opts: BuildOptions, progress, chains: bool = False, int8_kernel: bool = False) -> BundleParts:
     """Graph pass: the target's graph (with in-graph acceptance, and the features drafters read), then each
     drafter's part from its kind's build half. chains: the target verifies one path a pass (graphs.trees_exact)."""
     progress("[3/4] graph: emitting static decoder graphs")
@@ -250,7 +250,7 @@ def _graph(target: Checkpoint, target_w: dict, screen: bool, specs: list[DraftSp
         model["aux_hidden_layers"] = features
     parts = BundleParts({"target.bin": target_w}, {"target": (graph, ["target.bin"])}, {"target": model})
     _batched_target(parts, cfg, target_w, screen, features, opts, progress)
-    view = TargetBuild(target, target_w, opts, features, progress, kernels)
+    view = TargetBuild(target, target_w, opts, features, progress, int8_kernel)
     for spec in specs:
         parts.add(_drafter_entry(spec, tree_spec, opts, chains), build_half(spec.kind).build(spec, view))
         if opts.num_draft and parts.drafters[-1]["num_draft"] < opts.num_draft:

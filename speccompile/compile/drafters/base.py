@@ -64,7 +64,7 @@ class TargetBuild:
     options: BuildOptions
     features: list  # what the target graph outputs as aux_hidden_states (the kinds' target_features, joined)
     progress: Callable[[str], None]
-    kernels: bool = False  # int8 matrices go to speccompile's MatMulQ8 (build --kernels; quantize/kernel_form.py)
+    int8_kernel: bool = False  # int8 matrices go to speccompile's MatMulQ8 (build --kernels; quantize/kernel_form.py)
 
     @property
     def config(self) -> ModelConfig:

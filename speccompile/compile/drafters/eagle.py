@@ -44,7 +44,7 @@ def build(spec: DraftSpec, target: TargetBuild) -> DrafterBuild:
     weights, d2t = lower_eagle_head(head, cfg, hcfg, target.weights, opts.max_seq_len)
     if opts.draft_precision == "int8":
         target.progress(f"      quantize: the {kind} head's matrices to int8 (speccompile.compile.quantize.int8)")
-        weights = int8_draft_head(weights, target.weights, target.kernels)
+        weights = int8_draft_head(weights, target.weights, target.int8_kernel)
     wfile, name = f"{kind}.bin", f"{kind}_head"
     graphs = {name: _head_graph(head, hcfg, weights, target)}
     model = decoder_entry(name, hcfg, 1, opts.max_seq_len, [wfile, "target.bin"], opts.attention, mtp=True,

@@ -8,15 +8,15 @@ from speccompile.compile.quantize.kernel_form import int8_records
 HEAD_MATRICES = ("mtp.eh_proj", "mtp.fc", "mtp.l0.qkv", "mtp.l0.o", "mtp.l0.gate", "mtp.l0.up", "mtp.l0.down")
 
 
-def int8_draft_head(head_w: dict, target_w: dict, kernels: bool = False) -> dict:
+def int8_draft_head(head_w: dict, target_w: dict, int8_kernel: bool = False) -> dict:
     """A draft head's (MTP or EAGLE) matrices in int8: drafts need not be exact, and a drafting pass reads a quarter
     of the bytes. Its output head: its own rows (a draft vocabulary) in int8, else the target's int8 head screen,
-    read from target.bin (see head_shared_weights), else an int8 copy of the target's head. kernels: in
+    read from target.bin (see head_shared_weights), else an int8 copy of the target's head. int8_kernel: in
     speccompile's MatMulQ8 layout where they tile (quantize/kernel_form.py)."""
     if "mtp.head" not in head_w and "head_screen.codes" not in target_w:
         head_w = {**head_w, "mtp.head": target_w.get("lm_head", target_w["embed"])}
     head_w = quantize_matrices(quantize_matrices(head_w, HEAD_MATRICES), ["mtp.head"], layout="nk")
-    return int8_records(head_w)[0] if kernels else head_w
+    return int8_records(head_w)[0] if int8_kernel else head_w
 
 
 def target_output_head(target_w: dict, int8: bool) -> dict:

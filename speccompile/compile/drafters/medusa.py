@@ -35,7 +35,7 @@ def build(spec: DraftSpec, target: TargetBuild) -> DrafterBuild:
     if int8:
         target.progress("      quantize: the Medusa heads' matrices to int8 (speccompile.compile.quantize.int8)")
         weights = int8_medusa(weights)
-        weights = int8_records(weights)[0] if target.kernels else weights
+        weights = int8_records(weights)[0] if target.int8_kernel else weights
     if shares_head:
         shared |= target_output_head(target_w, int8=int8)
     graph = build_medusa(cfg, weights | shared)

@@ -43,7 +43,7 @@ def build(spec: DraftSpec, target: TargetBuild) -> DrafterBuild:
         weights["mtp.head"] = np.ascontiguousarray(target_w.get("lm_head", target_w["embed"])[d2t])
     if opts.draft_precision == "int8" and not cfg.is_mla:
         target.progress("      quantize: the MTP head's matrices to int8 (speccompile.compile.quantize.int8)")
-        weights = int8_draft_head(weights, target_w, target.kernels)
+        weights = int8_draft_head(weights, target_w, target.int8_kernel)
     features = target_features(spec, cfg)
     assert all(t in target.features for t in features)  # the driver asked target_features
     # DeepSeek-V3's layer drafts further on its own output after shared_head.norm, as it reads the target's

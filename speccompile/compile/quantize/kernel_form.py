@@ -49,6 +49,13 @@ def int8_records(weights: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
     return out, done
 
 
+def int8_kernel_pays() -> bool:
+    """Whether this machine runs MatMulQ8 faster than onnxruntime's own 8-bit product: with AVX-512 VNNI. Its AVX2
+    variant is not faster (docs/results.md, "An int8 kernel for the head's screen"): a build elsewhere keeps
+    MatMulNBits for the int8 matrices."""
+    return q4_matmul.instruction_set() == "AVX-512 VNNI"
+
+
 def use_kernel(choice: str, cannot: str | None) -> tuple[bool, str | None]:
     """(whether a build's 4-bit matrices go to MatMulQ4, why not). choice: --kernels; cannot: why these graphs
     cannot run it (a TensorRT or float16 build), None where they can. auto: wherever the kernel runs on this machine.

@@ -52,7 +52,7 @@ class WeightReport:
     formats: dict[str, str] = dataclasses.field(default_factory=dict)  # graph matrix -> format
     fallbacks: dict[str, str] = dataclasses.field(default_factory=dict)  # graph matrix -> reason it is float32
     kernel_matrices: list[str] = dataclasses.field(default_factory=list)  # stored for speccompile's own kernels
-    kernel: bool = False  # the build put what it could on speccompile's kernels (not in the manifest)
+    int8_kernel: bool = False  # int8 matrices go to speccompile's MatMulQ8 (driver._quantize; not in the manifest)
 
     def manifest(self) -> dict:
         packed = any(fmt != "float32" for fmt in self.formats.values())
