@@ -82,10 +82,21 @@ class GraphBuilder:
                 e.key, e.value = key, str(ref[key])
             inits.append(t)
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, initializer=inits)
-        custom = sorted({n.domain for n in self.nodes} - {"", "ai.onnx", "com.microsoft"})  # e.g. speccompile
+        custom = sorted(_domains(self.nodes) - {"", "ai.onnx", "com.microsoft"})  # e.g. speccompile
         model = helper.make_model(graph, producer_name="speccompile",
                                   opset_imports=[helper.make_opsetid("", OPSET),
                                                  helper.make_opsetid("com.microsoft", 1),
                                                  *(helper.make_opsetid(d, 1) for d in custom)])
         model.ir_version = 11
         return model
+
+
+def _domains(nodes) -> set[str]:
+    """The op domains of `nodes` and of the nodes of their subgraphs (If branches), which the model must import."""
+    found = set()
+    for n in nodes:
+        found.add(n.domain)
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                found |= _domains(a.g.node)
+    return found

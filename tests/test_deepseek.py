@@ -16,6 +16,7 @@ from speccompile.graphs import cache_slots  # noqa: E402
 from speccompile.errors import CheckpointError  # noqa: E402
 from speccompile.compile.presets import tiny_deepseek_checkpoint as make_checkpoint  # noqa: E402
 from speccompile.runtime.engine import Engine  # noqa: E402
+from speccompile.runtime.sessions import open_session  # noqa: E402
 
 from conftest import assert_lossless, quiet, random_prompts  # noqa: E402
 
@@ -100,7 +101,7 @@ def test_experts_chosen_match_reference(tmp_path):
     for i in range(3):
         for kind in ("key", "value"):
             feeds[f"past_{kind}.{i}"] = np.zeros((1, kv["num_kv_heads"], cache_slots(kv), kv["head_dim"]), np.float32)
-    sess = ort.InferenceSession(patched)
+    sess = open_session(patched, ort.SessionOptions(), ["CPUExecutionProvider"])  # with speccompile's kernels
     got = sess.run(topk_outputs, feeds)
     chosen = []
     hooks = [layer.mlp.gate.register_forward_hook(lambda mod, a, o: chosen.append(o[2].numpy()))

@@ -266,7 +266,7 @@ def test_the_kernel_build_runs_its_q4_matrices_through_matmulq4(gguf_bundles, bu
     q4 = {k for k in kernel if k + ".q4blocks" in names}
     assert q4 and all(k + ".nbits_scales" not in names for k in q4)
     head = set(m["weights"]["mtp.bin"])
-    if kernel_form.int8_kernel_pays():  # MatMulQ8 where it beats MatMulNBits: AVX-512 VNNI
+    if kernel_form.kernels_pay():  # MatMulQ8 where it beats MatMulNBits: AVX-512 VNNI
         assert kernel - q4 == {"head_screen.codes"} and "head_screen.scales" not in names
         assert {k for k in head if k.endswith(".int8")} and not {k for k in head if k.endswith(".int8_scales")}
     else:

@@ -57,11 +57,12 @@ BUILD_DEPENDENCIES = {"onnx", "gguf", "safetensors", "tqdm"}  # the build extra:
               help="Sequence slots of the batched target graph that concurrent requests share passes through "
                    "(1: none; built for float32 dense models without sliding windows, ort attention: other bundles "
                    "serialize calls as with 1).")
-@click.option("--kernels", type=click.Choice(["onnxruntime", "speccompile", "auto"]), default="onnxruntime",
-              show_default=True, help="4-bit products (a GGUF's Q4_0 / Q4_1 blocks): onnxruntime's MatMulNBits (any "
-              "machine, GPUs), or speccompile's own CPU kernel (x86-64 with AVX2, faster with AVX-512 VNNI, and a C "
-              "compiler; the same rounding, faster at every row count, but the bundle runs only where the kernel "
-              "does); auto: speccompile's where it runs on this machine.")
+@click.option("--kernels", type=click.Choice(["onnxruntime", "speccompile", "auto"]), default="auto",
+              show_default=True, help="4-bit products (a GGUF's Q4_0 / Q4_1 blocks) and int8 ones (the output head's "
+              "screen, draft heads): onnxruntime's MatMulNBits (any machine, GPUs), or speccompile's own CPU kernels "
+              "(x86-64 with AVX2 and a C compiler; the same rounding, faster at every row count with AVX-512 VNNI, but "
+              "the bundle runs only where the kernels do); auto: speccompile's where they pay on this machine "
+              "(AVX-512 VNNI), else onnxruntime's.")
 @errors_to_exit
 def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, backend, head_screen, draft_precision,
           dtype, weights, max_batch, kernels):

@@ -29,7 +29,7 @@ from speccompile.compile.graph.decoder import build_decoder
 from speccompile.compile.graph.head_screen import screenable
 from speccompile.compile.graph.kv_compact import build_kv_compact
 from speccompile.compile.quantize.head_screen import quantize_head
-from speccompile.compile.quantize.kernel_form import int8_kernel_pays, int8_records, use_kernel
+from speccompile.compile.quantize.kernel_form import int8_records, kernels_pay, use_kernel
 from speccompile.compile.quantize.target_weights import WeightReport, check_mode, quantize_target
 from speccompile.compile.weights.decoder import lower_weights
 from speccompile.compile.model_entries import decoder_entry
@@ -224,7 +224,7 @@ def _quantize(target: Checkpoint, target_w: dict, opts: BuildOptions, progress) 
     if screen:
         progress("      quantize: int8 screen of the output head (greedy argmax stays exact)")
         target_w = target_w | quantize_head(target_w.get("lm_head", target_w["embed"]))
-    if kernel and int8_kernel_pays():
+    if kernel and kernels_pay():
         target_w, int8 = int8_records(target_w)
         report.kernel_matrices += int8
         report.int8_kernel = True

@@ -35,8 +35,9 @@ class BuildOptions:
     dtype: str = "float32"  # graphs, weights and KV caches: float32, float16 or bfloat16 (compile/precision.py)
     weights: str = "source"  # the target's matrices: source | float32 | int8 | int4 (quantize/target_weights.py)
     max_batch: int = DEFAULT_MAX_BATCH  # sequence slots of the batched target graph (1: none)
-    kernels: str = "onnxruntime"  # 4-bit products: MatMulNBits, or speccompile's MatMulQ4 ("speccompile"; "auto":
-    #                                 where it runs here)
+    # 4-bit and int8 products: onnxruntime's MatMulNBits, speccompile's MatMulQ4/MatMulQ8 ("speccompile"), or
+    # speccompile's where they pay on this machine ("auto": quantize/kernel_form.py)
+    kernels: str = "auto"
 
     def __post_init__(self):
         """build_bundle's keywords checked by type, as click checks the CLI's flags: a string max_seq_len would

@@ -49,18 +49,18 @@ def int8_records(weights: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
     return out, done
 
 
-def int8_kernel_pays() -> bool:
-    """Whether this machine runs MatMulQ8 faster than onnxruntime's own 8-bit product: with AVX-512 VNNI. Its AVX2
-    variant is not faster (docs/results.md, "An int8 kernel for the head's screen"): a build elsewhere keeps
-    MatMulNBits for the int8 matrices."""
+def kernels_pay() -> bool:
+    """Whether speccompile's kernels are measured to beat onnxruntime's products on this machine: with AVX-512 VNNI.
+    MatMulQ8's AVX2 variant is slower than MatMulNBits, and MatMulQ4's has not been timed on an AVX2-only CPU
+    (docs/results.md, "An int8 kernel for the head's screen"): elsewhere `auto` keeps MatMulNBits, and
+    `speccompile` keeps it for the int8 matrices."""
     return q4_matmul.instruction_set() == "AVX-512 VNNI"
 
 
 def use_kernel(choice: str, cannot: str | None) -> tuple[bool, str | None]:
     """(whether a build's 4-bit matrices go to MatMulQ4, why not). choice: --kernels; cannot: why these graphs
-    cannot run it (a TensorRT or float16 build), None where they can. auto: wherever the kernel runs on this machine.
-    The default is onnxruntime: over the kernel's cheaper plain step the default drafting does not yet pay
-    everywhere (docs/results.md, "speccompile's own 4-bit kernel")."""
+    cannot run it (a TensorRT or float16 build), None where they can. auto (the default): where the kernels run and
+    pay on this machine (kernels_pay), and no GPU build of onnxruntime is installed (its bundles are for a GPU)."""
     if choice not in CHOICES:
         raise SpeccompileError(f"{given('kernels', choice)}: choose {', '.join(CHOICES)}")
     if choice == "onnxruntime":
@@ -68,4 +68,17 @@ def use_kernel(choice: str, cannot: str | None) -> tuple[bool, str | None]:
     why = cannot or q4_matmul.unavailable()
     if why is not None and choice == "speccompile":
         raise SpeccompileError(f"{given('kernels', choice)}: {why}")
+    if why is None and choice == "auto":
+        why = _auto_declines()
     return why is None, why
+
+
+def _auto_declines() -> str | None:
+    """Why `--kernels auto` keeps onnxruntime's products although the kernels run here, or None."""
+    import onnxruntime
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        return "onnxruntime-gpu is installed: a bundle for a GPU keeps MatMulNBits, which runs there"
+    if not kernels_pay():
+        return (f"this CPU runs speccompile's kernels with {q4_matmul.instruction_set()}; they are measured to pay "
+                "with AVX-512 VNNI")
+    return None
