@@ -174,3 +174,14 @@ def test_build_bundle_takes_numpy_integers(tmp_path):
     from speccompile.compile.driver import build_bundle
     build_bundle("tiny:llama", str(tmp_path / "b"), drafts=["none"], max_seq_len=np.int64(32), progress=lambda m: None)
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["max_seq_len"] == 32
+
+
+def test_the_default_drafters_put_first_what_decodes_faster(monkeypatch):
+    """With a head shipped for the target: over speccompile's kernels prompt lookup first (the head's pass no longer
+    pays for itself there), over onnxruntime's products the head first; without one, lookup alone."""
+    from speccompile.compile import driver
+    monkeypatch.setattr(driver, "shipped_head", lambda target: "head.safetensors")
+    kinds = lambda kernels: [d.kind for d in driver._default_drafters(None, kernels, lambda *_: None)]  # noqa: E731
+    assert kinds(True) == ["lookup", "mtp"] and kinds(False) == ["mtp", "lookup"]
+    monkeypatch.setattr(driver, "shipped_head", lambda target: None)
+    assert kinds(True) == kinds(False) == ["lookup"]

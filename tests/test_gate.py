@@ -310,6 +310,19 @@ def test_results_over_other_prompts_or_drafters_are_not_compared(tmp_path):
     assert "the bundles' drafters differ" in refused(tmp_path, more_drafts, result_doc())
 
 
+def test_the_same_drafters_in_another_order_are_compared():
+    """The drafters' order picks the default drafter (a build over speccompile's kernels puts prompt lookup first),
+    not what each method measures: each method's figures are compared by name."""
+    head = {"name": "mtp", "kind": "mtp", "num_draft": 2}
+    baseline, result = result_doc(), result_doc()
+    baseline["bundle"]["drafters"].insert(0, head)
+    result["bundle"]["drafters"].append(head)
+    check_comparable(baseline, result)  # not refused
+    result["bundle"]["drafters"][-1] = dict(head, num_draft=3)
+    with pytest.raises(GateInputError, match="drafters differ"):
+        check_comparable(baseline, result)
+
+
 def test_bundles_whose_drafter_drafts_another_tree_are_not_compared(tmp_path):
     """build --tree: the drafter drafts that tree (bench records it beside the drafter), whose accepted tokens are
     another tree's; the gate once read it as a regression (or a pass) of the same build."""

@@ -1195,8 +1195,9 @@ def test_load_benchmark_tool(server, tmp_path):
 
 @pytest.mark.slow
 def test_real_model_served_text_equals_speccompile_generate(tmp_path_factory):
-    """The default SmolLM2 bundle (MTP head + lookup): the official client's greedy text, plain and streamed, is
-    what `speccompile generate` prints; 8 concurrent clients each get the answer their request gets alone."""
+    """The default SmolLM2 bundle (prompt lookup and the MTP head): the official client's greedy text, plain and
+    streamed, is what `speccompile generate` prints; 8 concurrent clients each get the answer their request gets
+    alone."""
     from click.testing import CliRunner
 
     from speccompile.cli import main

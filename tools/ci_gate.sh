@@ -23,7 +23,7 @@ bench() {
     # prompt and method, so that a busy moment does not become a regression. A fixed thread count: speedups depend
     # on it, and the baseline was measured with the same.
     # Then the concurrency mode: 8 requests one after another, then by 4 concurrent streams (the batched graph),
-    # with the bundle's first drafter (the MTP head, its default adaptive tree): the median ratio of five rounds, since
+    # with the bundle's first drafter (its default, adaptive): the median ratio of five rounds, since
     # one round's ratio moves too much to hold a floor (docs/results.md).
     speccompile bench "$bundle" --max-new-tokens 48 --repeats 3 --threads 2 --streams 4 --stream-requests 8 \
         --stream-repeats 5 --json "$1" --plot "${1%.json}.png"

@@ -83,11 +83,10 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
         progress(f"      --backend {opts.backend}: draft heads in {opts.draft_precision} (no int8 form in TensorRT)")
     tree_spec, specs = _check_request(opts, drafts)
     target, opts = _load(source, opts, progress)
-    if drafts is None:  # the shipped head first (its default tree joins lookup's drafts), then lookup alone
-        specs = [DraftSpec("mtp")] if shipped_head(target) else []
-        specs.append(DraftSpec("lookup"))
     target_w = _lower(target, opts, progress)
     target_w, screen, report = _quantize(target, target_w, opts, progress)
+    if drafts is None:
+        specs = _default_drafters(target, bool(report.kernel_matrices), progress)
     parts = _graph(target, target_w, screen, specs, tree_spec, opts, progress,
                    chains=not trees_exact(report.manifest()), int8_kernel=report.int8_kernel)
     apply_precision(parts, opts.dtype, progress)
@@ -114,6 +113,18 @@ def _backend(opts: BuildOptions) -> tuple[BuildOptions, object]:
     if opts.backend != "onnxruntime":
         raise SpeccompileError(f"{given('backend', opts.backend)}: choose onnxruntime or tensorrt")
     return opts, None
+
+
+def _default_drafters(target: Checkpoint, kernels: bool, progress) -> list[DraftSpec]:
+    """The shipped head (its default tree joins lookup's drafts) and prompt lookup alone, the one first that decodes
+    faster on this build: over onnxruntime's products they draw level, over speccompile's kernels' cheaper plain
+    step the head's pass no longer pays for itself (docs/results.md, "An int8 kernel for the head's screen")."""
+    if not shipped_head(target):
+        return [DraftSpec("lookup")]
+    if kernels:
+        progress("      drafters: prompt lookup first (the default), then the shipped MTP head (--drafter mtp)")
+        return [DraftSpec("lookup"), DraftSpec("mtp")]
+    return [DraftSpec("mtp"), DraftSpec("lookup")]
 
 
 def _check_sources(source, drafts) -> None:
