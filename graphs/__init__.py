@@ -72,9 +72,11 @@ distributed exactly as the target's, after temperature and top-k.
 weight formats: the contract above holds whatever form the weights take; the manifest's `quantization` records
 each target matrix's (WEIGHT_FORMATS). A packed matrix is a com.microsoft MatMulNBits product (CPU), its weights
 key.nbits4 | key.nbits8 (codes), key.nbits_scales, optional key.nbits_zeros and key.nbits_offsets (a GGUF block's
-minimum: the per-32-block sums of x times them, added), run at the manifest's accuracy_level; or, a 4-bit matrix with a float16 scale and minimum per
-block of 32, a KERNEL_DOMAIN MatMulQ4 product (speccompile's own CPU kernel: speccompile.plugins.q4_matmul), its
-weights key.q4blocks (that op's layout), the manifest's `kernels` naming the kernels its graphs need. Logits of a
+minimum: the per-32-block sums of x times them, added), run at the manifest's accuracy_level; or, a 4-bit matrix
+with a float16 scale and minimum per block of 32, a KERNEL_DOMAIN MatMulQ4 product (speccompile's own CPU kernels:
+speccompile.plugins.q4_matmul), its weights key.q4blocks (that op's layout); an int8 matrix (the head screen, a draft
+head's) a KERNEL_DOMAIN MatMulQ8 product, its codes' key holding that op's layout [N/16, K/32, 576]; the manifest's
+quantization.kernel_matrices naming them. Logits of a
 quantized build are those of its quantized weights: speculation is lossless against the same bundle's plain
 decoding, not against a float32 build.
 batched form (the target's `target_batch` graph, `build --max-batch B`; BATCH_GRAPH_VERSION): the same decoder over a

@@ -1,6 +1,7 @@
-"""speccompile's own MatMulQ4 kernel (speccompile.plugins.q4_matmul): its weight layout, its numpy definition, and
-the compiled kernel inside onnxruntime against that definition; each row the same whatever the rows beside it (what
-keeps speculation over it lossless); the GGUF blocks it takes exactly and the ones it leaves to MatMulNBits."""
+"""speccompile's own MatMulQ4 and MatMulQ8 kernels (speccompile.plugins.q4_matmul): their weight layouts, numpy
+definitions, and the compiled kernels inside onnxruntime against them; each row the same whatever the rows beside
+it (what keeps speculation over it lossless); the GGUF blocks MatMulQ4 takes exactly and the ones it leaves to
+MatMulNBits; the int8 matrices MatMulQ8 takes."""
 import gguf
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from test_gguf import synthetic_blocks
 from test_quantized import run_product
 
 WHY = q4_matmul.unavailable()
-needs_kernel = pytest.mark.skipif(WHY is not None, reason=f"the MatMulQ4 kernel cannot run here: {WHY}")
+needs_kernel = pytest.mark.skipif(WHY is not None, reason=f"speccompile's kernels cannot run here: {WHY}")
 
 
 def random_weight(n, k, seed=0):

@@ -1,7 +1,8 @@
-"""MatMulQ4 (speccompile.kernels::MatMulQ4): speccompile's own onnxruntime CPU kernel for 4-bit weights in blocks of
-32 with a scale and a minimum each (GGUF's Q4_1; Q4_0 too). kernel.c says what it computes and why it exists;
-here are its numpy definition, the packing of its weight input, and the library: the C files compiled on first use by
-the machine's C compiler into the user's cache. Where that cannot be done (no compiler, a CPU without AVX2),
+"""MatMulQ4 and MatMulQ8 (speccompile.kernels::MatMulQ4, ::MatMulQ8): speccompile's own onnxruntime CPU kernels for
+4-bit weights in blocks of 32 with a scale and a minimum each (GGUF's Q4_1; Q4_0 too) and for int8 blocks of 32 with a
+scale each. kernel.c says what they compute and why they exist; here are their numpy definitions, the packing of
+their weight inputs, and the library: the C files compiled on first use by the machine's C compiler into the user's
+cache. Where that cannot be done (no compiler, a CPU without AVX2),
 `unavailable()` says why, and a build keeps onnxruntime's MatMulNBits."""
 from __future__ import annotations
 
@@ -140,7 +141,7 @@ def _compile(cc: str, out: str) -> None:
         units = [os.path.join(os.path.dirname(__file__), u) for u in UNITS]
         done = subprocess.run([cc, *FLAGS, "-o", tmp, *units], capture_output=True, text=True, timeout=300)
         if done.returncode:
-            raise KernelUnavailable(f"{os.path.basename(cc)} could not build speccompile's MatMulQ4 kernel for this "
+            raise KernelUnavailable(f"{os.path.basename(cc)} could not build speccompile's kernels for this "
                                     f"machine (x86-64 only): {done.stderr.strip()[-300:]}")
         os.replace(tmp, out)
     finally:
@@ -152,16 +153,16 @@ def _compile(cc: str, out: str) -> None:
 def _built() -> str | KernelUnavailable:
     cc = _compiler()
     if cc is None:
-        return KernelUnavailable("no C compiler (cc, gcc or clang; or $CC) to build speccompile's MatMulQ4 kernel")
+        return KernelUnavailable("no C compiler (cc, gcc or clang; or $CC) to build speccompile's kernels")
     folder = user_cache_dir("kernels") or tempfile.mkdtemp(prefix="speccompile-kernels-")
     path = os.path.join(folder, _source_key(cc), LIBRARY)
     try:
         if not os.path.exists(path):
             _compile(cc, path)
     except (OSError, subprocess.SubprocessError, KernelUnavailable) as e:
-        return e if isinstance(e, KernelUnavailable) else KernelUnavailable(f"building the MatMulQ4 kernel: {e}")
+        return e if isinstance(e, KernelUnavailable) else KernelUnavailable(f"building speccompile's kernels: {e}")
     if not ctypes.CDLL(path).speccompile_cpu_supported():
-        return KernelUnavailable("this CPU lacks AVX2, FMA and F16C, which speccompile's MatMulQ4 kernel needs")
+        return KernelUnavailable("this CPU lacks AVX2, FMA and F16C, which speccompile's kernels need")
     return path
 
 

@@ -84,12 +84,7 @@ AVX2 void q4_tile_avx2(const Product* p, size_t t) {
       const float *scale = p->scale + r * nb, *sum = p->sum + r * nb;
       const int32_t* eights = p->eights + r * nb;
       float* y = p->y + r * p->N + t * TILE;
-      switch (p->M - r < ROWS ? p->M - r : ROWS) {
-        case 4: half(4, w, h, nb, xq, p->K, scale, sum, eights, y, p->N); break;
-        case 3: half(3, w, h, nb, xq, p->K, scale, sum, eights, y, p->N); break;
-        case 2: half(2, w, h, nb, xq, p->K, scale, sum, eights, y, p->N); break;
-        default: half(1, w, h, nb, xq, p->K, scale, sum, eights, y, p->N);
-      }
+      BY_ROWS(p->M - r, half, w, h, nb, xq, p->K, scale, sum, eights, y, p->N);
     }
 }
 
@@ -131,11 +126,6 @@ AVX2 void q8_tile_avx2(const Product* p, size_t t) {
       const int8_t* xq = p->xq + r * p->K;
       const float* scale = p->scale + r * nb;
       float* y = p->y + r * p->N + t * TILE;
-      switch (p->M - r < ROWS ? p->M - r : ROWS) {
-        case 4: half8(4, w, h, nb, xq, p->K, scale, y, p->N); break;
-        case 3: half8(3, w, h, nb, xq, p->K, scale, y, p->N); break;
-        case 2: half8(2, w, h, nb, xq, p->K, scale, y, p->N); break;
-        default: half8(1, w, h, nb, xq, p->K, scale, y, p->N);
-      }
+      BY_ROWS(p->M - r, half8, w, h, nb, xq, p->K, scale, y, p->N);
     }
 }

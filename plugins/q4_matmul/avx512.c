@@ -81,12 +81,7 @@ AVX512 void q4_tile_avx512(const Product* p, size_t t) {
     const float *scale = p->scale + r * nb, *sum = p->sum + r * nb;
     const int32_t* eights = p->eights + r * nb;
     float* y = p->y + r * p->N + t * TILE;
-    switch (p->M - r < ROWS ? p->M - r : ROWS) {
-      case 4: tile(4, w, nb, xq, p->K, scale, sum, eights, y, p->N); break;
-      case 3: tile(3, w, nb, xq, p->K, scale, sum, eights, y, p->N); break;
-      case 2: tile(2, w, nb, xq, p->K, scale, sum, eights, y, p->N); break;
-      default: tile(1, w, nb, xq, p->K, scale, sum, eights, y, p->N);
-    }
+    BY_ROWS(p->M - r, tile, w, nb, xq, p->K, scale, sum, eights, y, p->N);
   }
 }
 
@@ -125,11 +120,6 @@ AVX512 void q8_tile_avx512(const Product* p, size_t t) {
     const float* scale = p->scale + r * nb;
     const int32_t* eights = p->eights + r * nb;
     float* y = p->y + r * p->N + t * TILE;
-    switch (p->M - r < ROWS ? p->M - r : ROWS) {
-      case 4: tile8(4, w, nb, xq, p->K, scale, eights, y, p->N); break;
-      case 3: tile8(3, w, nb, xq, p->K, scale, eights, y, p->N); break;
-      case 2: tile8(2, w, nb, xq, p->K, scale, eights, y, p->N); break;
-      default: tile8(1, w, nb, xq, p->K, scale, eights, y, p->N);
-    }
+    BY_ROWS(p->M - r, tile8, w, nb, xq, p->K, scale, eights, y, p->N);
   }
 }

@@ -12,6 +12,12 @@
 #define RECORD 320
 #define RECORD8 576  /* MatMulQ8: eight 64-byte vectors of codes (stored + 128), then 16 float32 scales */
 #define ROWS 4  /* rows a tile's pass over the blocks computes together */
+/* fn(R, ...) for the rows `left`, R at most ROWS and a constant in each call: each is fn's row loop unrolled */
+#define BY_ROWS(left, fn, ...) do { switch ((left) < ROWS ? (left) : ROWS) {                          \
+    case 4: fn(4, __VA_ARGS__); break;                                                               \
+    case 3: fn(3, __VA_ARGS__); break;                                                               \
+    case 2: fn(2, __VA_ARGS__); break;                                                               \
+    default: fn(1, __VA_ARGS__); } } while (0)
 
 /* Per row and 32-block of the input: the int8 codes, their scale, the block's float sum (halves added lane by lane,
  * x[i] + x[16 + i], then again at 8, 4, 2 and 1: a fixed tree), and 8 times the sum of its codes. */

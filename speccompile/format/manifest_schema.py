@@ -119,7 +119,7 @@ MANIFEST_SCHEMA = {
                                                     "additionalProperties": _STRING},
                                         "fallbacks": {"type": "object", "maxProperties": 1 << 16,
                                                       "additionalProperties": _STRING},
-                                        # matrices stored for speccompile's own MatMulQ4 kernel (plugins/q4_matmul)
+                                        # matrices stored for speccompile's own MatMulQ4/MatMulQ8 kernels (plugins/q4_matmul)
                                         "kernel_matrices": {"type": "array", "maxItems": 1 << 16,
                                                             "items": _STRING}}},
         # optional (bundles built before it was recorded lack it): what onnxruntime must provide to run the graphs

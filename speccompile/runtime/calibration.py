@@ -29,10 +29,10 @@ def _best_ms(run, repeats: int = REPEATS, before=None) -> float:
     return best * 1000
 
 
-def _target_pass(target, rows: int, length: int, greedy: bool, text: np.ndarray | None = None):
+def _target_pass(target, rows: int, length: int, greedy: bool, text: np.ndarray):
     """A pass as the decode loop runs it: a plain step for one row, else a verify pass over a chain. `text`: the
-    tokens the cache holds (_likely_text), whose continuation the pass runs (default: ones)."""
-    tokens = np.ones(rows, np.int64) if text is None else text[length:length + rows]
+    tokens the cache holds (_likely_text), whose continuation the pass runs."""
+    tokens = text[length:length + rows]
     parents = np.arange(rows, dtype=np.int64) - 1
 
     def run():

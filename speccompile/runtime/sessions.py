@@ -54,7 +54,7 @@ def open_session(path: str, options: ort.SessionOptions, providers: list[str]) -
         try:
             options.register_custom_ops_library(q4_matmul.library())
         except q4_matmul.KernelUnavailable as e:
-            raise BundleError(f"{os.path.basename(path)} was built for speccompile's MatMulQ4 kernel, which cannot "
+            raise BundleError(f"{os.path.basename(path)} was built for speccompile's own kernels, which cannot "
                               f"run here ({e}): rebuild the bundle on this machine, or with --kernels onnxruntime "
                               "for any machine") from None
     try:
