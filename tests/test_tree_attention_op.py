@@ -5,7 +5,7 @@ import onnxruntime as ort
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from speccompile.plugins import tree_attention as ta
+from speccompile.plugins import q4_matmul, tree_attention as ta
 from speccompile.runtime.engine import ancestor_mask
 
 from conftest import tree_attention_graph
@@ -15,6 +15,10 @@ def op_session(lowering, hq, hkv, d, lmax):
     g = tree_attention_graph(lowering, hq, hkv, d, lmax)
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
+    if lowering == "kernel":  # speccompile's own CPU kernel (plugins/q4_matmul/attention.c)
+        if q4_matmul.unavailable():
+            pytest.skip(f"speccompile's kernels cannot run here: {q4_matmul.unavailable()}")
+        so.register_custom_ops_library(q4_matmul.library())
     model = g.to_model({})
     if lowering == "plugin":  # no kernel on onnxruntime: check its node through the reference expansion
         model = ta.expand_plugin_nodes(model)

@@ -1,9 +1,10 @@
 """MatMulQ4 and MatMulQ8 (speccompile.kernels::MatMulQ4, ::MatMulQ8): speccompile's own onnxruntime CPU kernels for
 4-bit weights in blocks of 32 with a scale and a minimum each (GGUF's Q4_1; Q4_0 too) and for int8 blocks of 32 with a
-scale each. kernel.c says what they compute and why they exist; here are their numpy definitions, the packing of
-their weight inputs, and the library: the C files compiled on first use by the machine's C compiler into the user's
-cache. Where that cannot be done (no compiler, a CPU without AVX2),
-`unavailable()` says why, and a build keeps onnxruntime's MatMulNBits."""
+scale each; the same library holds ::TreeAttention (attention.c: plugins/tree_attention's op on the CPU). kernel.c
+says what the products compute and why they exist; here are their numpy definitions, the packing of their weight
+inputs, and the library: the C files compiled on first use by the machine's C compiler into the user's cache. Where
+that cannot be done (no compiler, a CPU without AVX2), `unavailable()` says why, and a build keeps onnxruntime's
+MatMulNBits and GroupQueryAttention."""
 from __future__ import annotations
 
 import ctypes
@@ -22,8 +23,8 @@ from speccompile.graphs import KERNEL_DOMAIN
 
 DOMAIN, OP_TYPE, OP_TYPE_Q8 = KERNEL_DOMAIN, "MatMulQ4", "MatMulQ8"
 BLOCK, TILE, RECORD, RECORD8 = 32, 16, 320, 576
-UNITS = ("kernel.c", "avx512.c", "avx2.c")  # each instruction set's code is marked in its file, not by flags
-SOURCES = (*UNITS, "q4.h", "ort_abi.h")
+UNITS = ("kernel.c", "avx512.c", "avx2.c", "attention.c")  # each instruction set's code is marked in its file, not by flags
+SOURCES = (*UNITS, "q4.h", "ort_abi.h", "attention_body.h")
 FLAGS = ["-O3", "-shared", "-fPIC"]
 ISAS = {2: "AVX-512 VNNI", 1: "AVX2"}
 LIBRARY = "libspeccompile_kernels.so"

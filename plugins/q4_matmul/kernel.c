@@ -147,9 +147,11 @@ OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base)
     case 1: quantize = q4_quantize_avx2; product_tile = q4_tile_avx2; product_tile8 = q8_tile_avx2; break;
     default: return fail("speccompile's MatMulQ4 needs a CPU with AVX2, FMA and F16C");
   }
+  tree_attention_register(api, speccompile_cpu_supported());
   OrtCustomOpDomain* domain;
   CHECK(ORT_SLOT(api, CreateCustomOpDomain)("speccompile.kernels", &domain));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &matmul_q4));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &matmul_q8));
+  CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &tree_attention_op));
   return ORT_SLOT(api, AddCustomOpDomain)(options, domain);
 }

@@ -12,7 +12,10 @@
 #define ORT_FAIL 1                      /* OrtErrorCode */
 #define ORT_TENSOR_FLOAT 1              /* ONNXTensorElementDataType */
 #define ORT_TENSOR_UINT8 2
+#define ORT_TENSOR_INT32 6
+#define ORT_TENSOR_INT64 7
 #define ORT_INPUT_OUTPUT_REQUIRED 0     /* OrtCustomOpInputOutputCharacteristic */
+#define ORT_INPUT_OUTPUT_OPTIONAL 1
 #define ORT_MEM_TYPE_DEFAULT 0          /* OrtMemType */
 
 typedef struct OrtStatus OrtStatus;

@@ -34,5 +34,12 @@ void q8_tile_avx512(const Product* p, size_t tile);  /* MatMulQ8's (p->sum unuse
 void q8_tile_avx2(const Product* p, size_t tile);
 int q4_has_avx512(void);
 int q4_has_avx2(void);
+int speccompile_cpu_supported(void);  /* kernel.c: 2 AVX-512 VNNI, 1 AVX2, 0 neither */
+
+/* attention.c: speccompile.kernels::TreeAttention */
+struct OrtCustomOp;
+extern struct OrtCustomOp tree_attention_op;
+struct OrtApi;
+void tree_attention_register(const struct OrtApi* api, int instruction_set);
 
 #endif

@@ -25,6 +25,7 @@ from speccompile.compile.checkpoint import Checkpoint, tokenizer_fingerprint
 from speccompile.compile.config import ModelConfig
 from speccompile.compile.drafters import build_half
 from speccompile.compile.drafters.base import DEFAULT_MAX_SEQ_LEN, BuildOptions, DrafterBuild, Graph, TargetBuild
+from speccompile.compile.graph.attention import lowering_for
 from speccompile.compile.graph.decoder import build_decoder
 from speccompile.compile.graph.head_screen import screenable
 from speccompile.compile.graph.kv_compact import build_kv_compact
@@ -85,6 +86,9 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
     target, opts = _load(source, opts, progress)
     target_w = _lower(target, opts, progress)
     target_w, screen, report = _quantize(target, target_w, opts, progress)
+    opts = dataclasses.replace(opts, attention=lowering_for(target.config, opts.attention, report.kernel_library))
+    if opts.attention == "kernel":
+        progress("      attention: speccompile's TreeAttention kernel")
     if drafts is None:
         specs = _default_drafters(target, bool(report.kernel_matrices), progress)
     parts = _graph(target, target_w, screen, specs, tree_spec, opts, progress,
@@ -165,8 +169,8 @@ def _check_request(opts: BuildOptions, drafts: list[str] | None) -> tuple[TreeSp
                                f"tree: give one (a chain of K is the tree 'chain:K')")
     if not 1 <= opts.max_batch <= 64:
         raise SpeccompileError(f"{given('max_batch', opts.max_batch)}: must be between 1 and 64")
-    if opts.attention not in tree_attention.LOWERINGS:
-        raise SpeccompileError(f"{given('attention', opts.attention)}: choose {', '.join(tree_attention.LOWERINGS)}")
+    if opts.attention not in tree_attention.ASKED:
+        raise SpeccompileError(f"{given('attention', opts.attention)}: choose {', '.join(tree_attention.ASKED)}")
     if opts.mla_cache not in ("latent", "expanded"):  # build_bundle's keyword alone: the CLI has no such option
         raise SpeccompileError(f"mla_cache={opts.mla_cache!r}: choose latent or expanded")
     _check_cpu_only_graphs(opts.dtype, specs)
@@ -225,6 +229,7 @@ def _quantize(target: Checkpoint, target_w: dict, opts: BuildOptions, progress) 
     kernel, why_not = use_kernel(opts.kernels, native)
     target_w, report = quantize_target(target_w, target.stored, opts.weights, native, head_screened=screen,
                                        kernel=kernel)
+    report.kernel_library = kernel
     progress(f"      quantize: --weights {opts.weights}: {report.summary()}")
     if report.kernel_matrices:
         progress(f"      quantize: {len(report.kernel_matrices)} 4-bit products by speccompile's MatMulQ4 kernel")
@@ -278,7 +283,7 @@ def _batched_target(parts: BundleParts, cfg: ModelConfig, target_w: dict, screen
         return
     layers = range(cfg.num_hidden_layers)
     if (cfg.is_mla or any(cfg.is_moe_layer(i) for i in layers) or any(cfg.is_sliding(i) for i in layers)
-            or opts.attention != "ort" or opts.dtype != "float32"):
+            or opts.attention not in ("ort", "kernel") or opts.dtype != "float32"):
         progress("      batched graph skipped: MLA, mixture-of-experts, sliding windows, float16 and non-ort attention "
                  "run one sequence per pass")
         return

@@ -15,6 +15,14 @@ from speccompile.graphs.builder import GraphBuilder
 from speccompile.plugins import tree_attention
 
 
+def lowering_for(cfg: ModelConfig, asked: str, kernels: bool) -> str:
+    """The TreeAttention lowering a build uses: speccompile's own attention kernel ("kernel") where the build runs
+    speccompile's kernels and asked for the fused lowering, for a model the kernel computes (every channel of a head
+    rotated, a head dimension a multiple of 16 up to 256); else what it asked for."""
+    fits = cfg.rope_dim == cfg.head_dim and cfg.head_dim % 16 == 0 and cfg.head_dim <= 256
+    return "kernel" if asked == "ort" and kernels and fits else asked
+
+
 def total_length(g: GraphBuilder) -> str:
     """The fused kernel's total_sequence_length: the attention_bias's width. The runtime passes committed + S
     columns, so the kernel works over that many cache slots rather than all of them, or max_seq_len where a backend
@@ -63,7 +71,7 @@ def grouped_query_attention(g: GraphBuilder, cfg: ModelConfig, W: dict[str, str]
     the o_proj output. rope: the (cos, sin) tables; bias: the additive mask (window_bias for sliding layers); norm:
     the graph's RMSNorm, for q/k norms; query_seqlens: a batched graph's input (x is then its packed real rows
     [1, P, H_in]: the attention alone runs them laid out per slot, speccompile.graphs batched form)."""
-    if cfg.rope_dim != cfg.head_dim and lowering != "ort":
+    if cfg.rope_dim != cfg.head_dim and lowering not in ("ort",):
         raise UnsupportedModelError(f"partial rotary ({cfg.rope_dim} of {cfg.head_dim} channels) is lowered by "
                                     f"{given('attention', 'ort')} only")
     qkv = matmul(g, x, W, p + "qkv")

@@ -1,0 +1,261 @@
+/* speccompile.kernels::TreeAttention, onnxruntime's CPU provider: grouped-query attention of a step's rows (a chain,
+ * a draft tree, or several sequences' rows) over a static KV cache updated in place, with an additive bias that
+ * says which cached and step columns each row sees. The op plugins/tree_attention defines (`reference_numpy`):
+ *     K[P + i] = rotate(k_i, position_i), V[P + i] = v_i                       (P: the committed length)
+ *     y_i[head] = softmax(rotate(q_i) . K[0 .. P + rows) / sqrt(D) + bias_i) V
+ * per sequence n of the batch, rows i < its query_seqlens[n] (all S without that input; the others' output is 0).
+ * Why a kernel of our own: onnxruntime's GroupQueryAttention computes a one-row step by another path than a step
+ * of two rows or more (its last bits differ), so the "ort" lowering pays a copy row on every step; and it pays
+ * per head and row far more than the arithmetic, which is small. Here every row of every head runs the same code
+ * (attention_body.h): a row's result is the same bit for bit whatever its pass.
+ * Inputs: qkv [N, S, (Hq + 2 Hkv) D] float, past_key and past_value [N, Hkv, L, D], seqlens_k [N] int32 (P + rows
+ * - 1, as GroupQueryAttention takes it), cos and sin [positions, D / 2], position_ids [N, S] int64, attention_bias
+ * [N, 1, S, T] (T >= P + rows), query_seqlens [N] int32 (optional). Outputs: y [N, S, Hq D], present_key and
+ * present_value (bound to the past's buffers, no copy; else the past is copied first). */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include "ort_abi.h"
+#include "q4.h"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  /* the AVX2 variant's 64-byte vectors never cross a call: all inlined */
+#endif
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int i16 __attribute__((vector_size(64)));
+#define load16(p) ({ v16 v_; __builtin_memcpy(&v_, (p), 64); v_; })
+#define store16(p, v) do { v16 s_ = (v); __builtin_memcpy((p), &s_, 64); } while (0)
+#define pick(m, a, b) ((v16)(((i16)(a) & (m)) | ((i16)(b) & ~(m))))
+#define splat(x) ((v16){0} + (x))
+
+#define TARGET __attribute__((target("avx512f,avx512bw,fma")))
+#define NAME(x) x##_avx512
+#include "attention_body.h"
+#undef TARGET
+#undef NAME
+#define TARGET __attribute__((target("avx2,fma")))
+#define NAME(x) x##_avx2
+#include "attention_body.h"
+
+#define MAX_HEAD_DIM 256
+
+typedef struct {
+  const float *qkv, *cos, *sin, *bias;
+  const int64_t* positions;
+  const int32_t* rows;  /* each sequence's real rows */
+  const int32_t* seqlens;
+  float *K, *V, *y;
+  int64_t S, L, T, bias_n;
+  int Hq, Hkv, D;
+  float scale;
+  int avx512;
+} Attention;
+
+#define ROW_GROUP 16  /* rows a unit scores together */
+
+/* unit u: sequence u / Hq, head u % Hq, every real row (in groups of ROW_GROUP: each group reads K and V once) */
+static void attend_unit(void* arg, size_t u) {
+  const Attention* a = arg;
+  const int n = (int)(u / a->Hq), h = (int)(u % a->Hq), kvh = h / (a->Hq / a->Hkv), D = a->D;
+  const int rows = a->rows[n], width = a->seqlens[n] + 1, padded = (width + 15) & ~15;
+  const int64_t C = (int64_t)(a->Hq + 2 * a->Hkv) * D;
+  const float* K = a->K + ((int64_t)n * a->Hkv + kvh) * a->L * D;
+  const float* V = a->V + ((int64_t)n * a->Hkv + kvh) * a->L * D;
+  float q[ROW_GROUP * MAX_HEAD_DIM];
+  float stack[8192];
+  const size_t need = (size_t)ROW_GROUP * padded;
+  float* scores = need <= 8192 ? stack : malloc(sizeof(float) * need);
+  for (int64_t i = rows; i < a->S; i++)  /* a batch's padding rows */
+    memset(a->y + ((int64_t)n * a->S + i) * a->Hq * D + (int64_t)h * D, 0, sizeof(float) * D);
+  for (int i0 = 0; i0 < rows; i0 += ROW_GROUP) {
+    const int R = rows - i0 < ROW_GROUP ? rows - i0 : ROW_GROUP;
+    const float* bias[ROW_GROUP];
+    float* y[ROW_GROUP];
+    for (int r = 0; r < R; r++) {
+      const int64_t i = n * a->S + i0 + r, p = a->positions[i];
+      bias[r] = a->bias + ((a->bias_n == 1 ? 0 : (int64_t)n) * a->S + i0 + r) * a->T;
+      y[r] = a->y + i * a->Hq * D + (int64_t)h * D;
+      const float *x = a->qkv + i * C + (int64_t)h * D, *cos = a->cos + p * (D / 2), *sin = a->sin + p * (D / 2);
+      if (a->avx512) rotate_avx512(x, cos, sin, D, a->scale, q + r * D);
+      else rotate_avx2(x, cos, sin, D, a->scale, q + r * D);
+    }
+    if (!scores) {  /* out of memory: zeros rather than a crash (the op cannot fail from a worker) */
+      for (int r = 0; r < R; r++) memset(y[r], 0, sizeof(float) * D);
+      continue;
+    }
+    if (a->avx512) attend_avx512(q, R, K, V, bias, width, D, scores, y);
+    else attend_avx2(q, R, K, V, bias, width, D, scores, y);
+  }
+  if (scores != stack) free(scores);
+}
+
+/* the step's k (rotated) and v rows into the cache, after each sequence's committed ones */
+static void write_cache(const Attention* a, int64_t N) {
+  const int D = a->D, half = D / 2;
+  const int64_t C = (int64_t)(a->Hq + 2 * a->Hkv) * D;
+  for (int64_t n = 0; n < N; n++) {
+    const int rows = a->rows[n], P = a->seqlens[n] + 1 - rows;
+    for (int i = 0; i < rows; i++) {
+      const float* x = a->qkv + (n * a->S + i) * C;
+      const int64_t p = a->positions[n * a->S + i];
+      const float *cos = a->cos + p * half, *sin = a->sin + p * half;
+      for (int h = 0; h < a->Hkv; h++) {
+        const float* k = x + (int64_t)(a->Hq + h) * D;
+        float* kc = a->K + ((n * a->Hkv + h) * a->L + P + i) * D;
+        for (int d = 0; d < half; d++) {
+          kc[d] = k[d] * cos[d] - k[d + half] * sin[d];
+          kc[d + half] = k[d + half] * cos[d] + k[d] * sin[d];
+        }
+        memcpy(a->V + ((n * a->Hkv + h) * a->L + P + i) * D, x + (int64_t)(a->Hq + a->Hkv + h) * D,
+               sizeof(float) * D);
+      }
+    }
+  }
+}
+
+/* ---- the onnxruntime op ---- */
+
+static const OrtApi* api;
+static int isa;  /* speccompile_cpu_supported(), when the library was registered */
+typedef struct { int Hq, Hkv, D; } Heads;
+
+static OrtStatus* fail(const char* message) { return ORT_SLOT(api, CreateStatus)(ORT_FAIL, message); }
+#define CHECK(call) do { OrtStatus* s_ = (call); if (s_) return s_; } while (0)
+
+static OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* a, const OrtKernelInfo* info, void** out) {
+  (void)op; (void)a;
+  int64_t hq, hkv, d;
+  CHECK(ORT_SLOT(api, KernelInfoGetAttribute_int64)(info, "num_heads", &hq));
+  CHECK(ORT_SLOT(api, KernelInfoGetAttribute_int64)(info, "kv_num_heads", &hkv));
+  CHECK(ORT_SLOT(api, KernelInfoGetAttribute_int64)(info, "head_dim", &d));
+  if (hq < 1 || hkv < 1 || hq > 1024 || hq % hkv || d < 16 || d > MAX_HEAD_DIM || d % 16)
+    return fail("TreeAttention: num_heads must be a multiple of kv_num_heads, head_dim a multiple of 16 up to 256");
+  Heads* heads = malloc(sizeof *heads);
+  if (!heads) return fail("TreeAttention: out of memory");
+  *heads = (Heads){(int)hq, (int)hkv, (int)d};
+  *out = heads;
+  return NULL;
+}
+
+/* input i's data and dimensions (rank must be `rank`) */
+static OrtStatus* input(OrtKernelContext* ctx, size_t i, size_t rank, int64_t* dims, void** data) {
+  const OrtValue* v;
+  CHECK(ORT_SLOT(api, KernelContext_GetInput)(ctx, i, &v));
+  if (!v) return fail("TreeAttention: a required input is missing");
+  OrtTensorTypeAndShapeInfo* info;
+  CHECK(ORT_SLOT(api, GetTensorTypeAndShape)(v, &info));
+  size_t r;
+  OrtStatus* s = ORT_SLOT(api, GetDimensionsCount)(info, &r);
+  if (!s && r != rank) s = fail("TreeAttention: an input has the wrong rank");
+  if (!s) s = ORT_SLOT(api, GetDimensions)(info, dims, rank);
+  ORT_SLOT(api, ReleaseTensorTypeAndShapeInfo)(info);
+  if (!s) s = ORT_SLOT(api, GetTensorMutableData)((OrtValue*)v, data);
+  return s;
+}
+
+/* the inputs' shapes agree with each other and every index stays inside its tensor (a bundle is not trusted) */
+static const char* check(const Attention* a, int64_t N, const int64_t* qkv, const int64_t* kc, const int64_t* vc,
+                         const int64_t* seq, const int64_t* cs, const int64_t* sn, const int64_t* pos,
+                         const int64_t* bias, int64_t positions) {
+  const int64_t C = (int64_t)(a->Hq + 2 * a->Hkv) * a->D;
+  if (qkv[2] != C) return "TreeAttention: qkv's last dimension is not (num_heads + 2 kv_num_heads) head_dim";
+  for (int i = 0; i < 4; i++)
+    if (kc[i] != vc[i]) return "TreeAttention: past_key and past_value differ in shape";
+  if (kc[0] != N || kc[1] != a->Hkv || kc[3] != a->D) return "TreeAttention: the cache is not [N, kv heads, L, D]";
+  if (seq[0] != N || pos[0] != N || pos[1] != a->S) return "TreeAttention: seqlens_k or position_ids do not fit qkv";
+  if (cs[1] != a->D / 2 || sn[0] != cs[0] || sn[1] != cs[1]) return "TreeAttention: cos/sin are not [positions, D/2]";
+  if ((bias[0] != N && bias[0] != 1) || bias[1] != 1 || bias[2] != a->S) return "TreeAttention: bias not [N, 1, S, T]";
+  for (int64_t n = 0; n < N; n++) {
+    const int64_t rows = a->rows[n], width = (int64_t)a->seqlens[n] + 1;
+    if (rows < 1 || rows > a->S || width < rows || width > a->L || width > a->T)
+      return "TreeAttention: a sequence's rows and length do not fit the step, the cache or the bias";
+    for (int64_t i = 0; i < rows; i++)
+      if (a->positions[n * a->S + i] < 0 || a->positions[n * a->S + i] >= positions)
+        return "TreeAttention: a position is outside the rotary tables";
+  }
+  return NULL;
+}
+
+static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
+  const Heads* heads = kernel;
+  Attention a = {.Hq = heads->Hq, .Hkv = heads->Hkv, .D = heads->D, .avx512 = isa >= 2};
+  int64_t qkv[3], kc[4], vc[4], seq[1], cs[2], sn[2], pos[2], bias[4], qs[1];
+  void *x, *pk, *pv, *sl, *c, *s, *p, *b, *q = NULL;
+  CHECK(input(ctx, 0, 3, qkv, &x));
+  CHECK(input(ctx, 1, 4, kc, &pk));
+  CHECK(input(ctx, 2, 4, vc, &pv));
+  CHECK(input(ctx, 3, 1, seq, &sl));
+  CHECK(input(ctx, 4, 2, cs, &c));
+  CHECK(input(ctx, 5, 2, sn, &s));
+  CHECK(input(ctx, 6, 2, pos, &p));
+  CHECK(input(ctx, 7, 4, bias, &b));
+  const OrtValue* optional;
+  CHECK(ORT_SLOT(api, KernelContext_GetInput)(ctx, 8, &optional));
+  if (optional) {
+    CHECK(input(ctx, 8, 1, qs, &q));
+    if (qs[0] != qkv[0]) return fail("TreeAttention: query_seqlens does not fit qkv");
+  }
+  const int64_t N = qkv[0];
+  a.S = qkv[1], a.L = kc[2], a.T = bias[3], a.bias_n = bias[0];
+  int32_t* all = NULL;
+  if (!q) {  /* every row real */
+    all = malloc(sizeof(int32_t) * (N ? N : 1));
+    if (!all) return fail("TreeAttention: out of memory");
+    for (int64_t n = 0; n < N; n++) all[n] = (int32_t)a.S;
+  }
+  a.rows = q ? q : all, a.seqlens = sl, a.positions = p, a.qkv = x, a.cos = c, a.sin = s, a.bias = b;
+  a.scale = 1.f / sqrtf((float)a.D);
+  const char* wrong = N < 1 || a.S < 1 ? "TreeAttention: an empty step" :
+                      check(&a, N, qkv, kc, vc, seq, cs, sn, pos, bias, cs[0]);
+  OrtStatus* status = wrong ? fail(wrong) : NULL;
+  int64_t ydims[3] = {N, a.S, (int64_t)a.Hq * a.D};
+  OrtValue *y, *ko, *vo;
+  if (!status) status = ORT_SLOT(api, KernelContext_GetOutput)(ctx, 0, ydims, 3, &y);
+  if (!status) status = ORT_SLOT(api, KernelContext_GetOutput)(ctx, 1, kc, 4, &ko);
+  if (!status) status = ORT_SLOT(api, KernelContext_GetOutput)(ctx, 2, vc, 4, &vo);
+  void *yp = NULL, *kp = NULL, *vp = NULL;
+  if (!status) status = ORT_SLOT(api, GetTensorMutableData)(y, &yp);
+  if (!status) status = ORT_SLOT(api, GetTensorMutableData)(ko, &kp);
+  if (!status) status = ORT_SLOT(api, GetTensorMutableData)(vo, &vp);
+  if (!status) {
+    const size_t bytes = sizeof(float) * (size_t)(kc[0] * kc[1] * kc[2] * kc[3]);
+    if (kp != pk) memcpy(kp, pk, bytes);  /* not bound in place: present starts as the past */
+    if (vp != pv) memcpy(vp, pv, bytes);
+    a.K = kp, a.V = vp, a.y = yp;
+    write_cache(&a, N);
+    status = ORT_SLOT(api, KernelContext_ParallelFor)(ctx, attend_unit, (size_t)(N * a.Hq), 0, &a);
+  }
+  free(all);
+  return status;
+}
+
+static void destroy_kernel(void* kernel) { free(kernel); }
+static const char* op_name(const OrtCustomOp* op) { (void)op; return "TreeAttention"; }
+static const char* provider(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
+static int input_type(const OrtCustomOp* op, size_t i) {
+  (void)op;
+  return i == 3 || i == 8 ? ORT_TENSOR_INT32 : i == 6 ? ORT_TENSOR_INT64 : ORT_TENSOR_FLOAT;
+}
+static size_t input_count(const OrtCustomOp* op) { (void)op; return 9; }
+static int output_type(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return ORT_TENSOR_FLOAT; }
+static size_t output_count(const OrtCustomOp* op) { (void)op; return 3; }
+static int input_required(const OrtCustomOp* op, size_t i) {
+  (void)op;
+  return i == 8 ? ORT_INPUT_OUTPUT_OPTIONAL : ORT_INPUT_OUTPUT_REQUIRED;
+}
+static int required(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return ORT_INPUT_OUTPUT_REQUIRED; }
+static int memory(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return ORT_MEM_TYPE_DEFAULT; }
+static int one(const OrtCustomOp* op) { (void)op; return 1; }
+static int last_opset(const OrtCustomOp* op) { (void)op; return 1 << 30; }
+
+OrtCustomOp tree_attention_op = {
+  .version = ORT_ABI_VERSION, .GetName = op_name, .GetExecutionProviderType = provider,
+  .GetInputType = input_type, .GetInputTypeCount = input_count, .GetOutputType = output_type,
+  .GetOutputTypeCount = output_count, .KernelDestroy = destroy_kernel, .GetInputCharacteristic = input_required,
+  .GetOutputCharacteristic = required, .GetInputMemoryType = memory, .GetVariadicInputMinArity = one,
+  .GetVariadicInputHomogeneity = one, .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = one,
+  .CreateKernelV2 = create_kernel, .KernelComputeV2 = compute, .GetStartVersion = one, .GetEndVersion = last_opset,
+};
+
+void tree_attention_register(const OrtApi* a, int instruction_set) { api = a, isa = instruction_set; }

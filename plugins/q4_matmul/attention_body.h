@@ -1,0 +1,159 @@
+/* TreeAttention's arithmetic, included by attention.c once per instruction set: TARGET is the functions'
+ * target attribute, NAME(x) their names' suffix. GCC/clang vector types of 16 floats: one zmm on AVX-512, two
+ * ymm on AVX2, the same operations in the same order either way. Every row of every head goes through the same
+ * steps whatever the other rows are, so a row's output never depends on its pass. */
+
+static inline __attribute__((always_inline)) TARGET float NAME(hsum)(v16 v) {
+  v = v + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v = v + __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v = v + __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return v[0];
+}
+
+static inline __attribute__((always_inline)) TARGET float NAME(hmax)(v16 v) {
+  v16 w = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v = pick(v > w, v, w);
+  w = __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v = pick(v > w, v, w);
+  w = __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v = pick(v > w, v, w);
+  w = __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  v = pick(v > w, v, w);
+  return v[0];
+}
+
+/* e^x lane by lane (Cephes' expf polynomial after x = n ln2 + r), exactly 0 below -87 (a masked column's -inf) */
+static inline __attribute__((always_inline)) TARGET v16 NAME(vexp)(v16 x) {
+  const v16 magic = splat(12582912.f);  /* 1.5 * 2^23: adding it rounds to a whole number */
+  i16 zero = x < splat(-87.f);
+  x = pick(zero, splat(-87.f), x);
+  v16 t = x * splat(1.44269504088896341f) + magic;
+  v16 n = t - magic;
+  i16 e = ((i16)t - (i16)magic) << 23;
+  v16 r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
+  v16 p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * r * r + r + splat(1.f);
+  return (v16)(((i16)p + e) & ~zero);
+}
+
+/* 16 vectors' lane sums as one vector (lane t: the sum of p[t]), by a fixed tree of pairwise halvings */
+static inline __attribute__((always_inline)) TARGET v16 NAME(sums16)(v16* p) {
+  for (int i = 0; i < 8; i++)
+    p[i] = __builtin_shufflevector(p[2 * i], p[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(p[2 * i], p[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; i++)
+    p[i] = __builtin_shufflevector(p[2 * i], p[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(p[2 * i], p[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; i++)
+    p[i] = __builtin_shufflevector(p[2 * i], p[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(p[2 * i], p[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(p[0], p[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(p[0], p[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+/* Row r's scores (q[r] . K[j] + bias[r][j], j < width; -inf up to `padded`) for keys in blocks of 16: a block's
+ * keys are read once from memory for every row. */
+static inline __attribute__((always_inline)) TARGET void NAME(score)(const float* q, int R, const float* K,
+    const float* const* bias, int width, const int chunks, int padded, float* scores) {
+  const int D = 16 * chunks;
+  for (int j0 = 0; j0 < padded; j0 += 16) {
+    for (int r = 0; r < R; r++) {
+      const float* qr = q + (size_t)r * D;
+      v16 p[16];
+      for (int t = 0; t < 16; t++) {
+        const float* k = K + (size_t)(j0 + t < width ? j0 + t : width - 1) * D;  /* past the end: any real key */
+        v16 acc = load16(qr) * load16(k);
+        for (int c = 1; c < chunks; c++) acc += load16(qr + 16 * c) * load16(k + 16 * c);
+        p[t] = acc;
+      }
+      /* a masked column scores -inf whatever its key holds (a slot nothing wrote, NaN included) */
+      float* out = scores + (size_t)r * padded + j0;
+      if (j0 + 16 <= width) {
+        const v16 b = load16(bias[r] + j0);
+        store16(out, pick(b == splat(-INFINITY), b, NAME(sums16)(p) + b));
+      } else {
+        store16(out, NAME(sums16)(p));
+        for (int t = 0; t < 16; t++)
+          out[t] = j0 + t >= width || bias[r][j0 + t] == -INFINITY ? -INFINITY : out[t] + bias[r][j0 + t];
+      }
+    }
+  }
+}
+
+/* Rows r0 .. r0 + R - 1 (R at most 4): out[r] = sum over columns j of w[r][j] V[j] and l[r] = sum of w[r][j], both
+ * in column order and skipping the zero weights (masked columns), so a row's sums are the same whichever other
+ * columns its pass lays out around its visible ones (a tree's nodes, another layout of the same keys). */
+static inline __attribute__((always_inline)) TARGET void NAME(weigh)(const int R, const float* w, int padded,
+    const float* V, int width, const int chunks, float* l, v16* out) {
+  for (int i = 0; i < R * chunks; i++) out[i] = splat(0.f);
+  for (int r = 0; r < R; r++) l[r] = 0.f;
+  for (int j = 0; j < width; j++) {
+    const float* v = V + (size_t)j * 16 * chunks;
+    for (int r = 0; r < R; r++) {
+      const float x = w[(size_t)r * padded + j];
+      if (x == 0.f) continue;  /* a masked column: its V may be anything, even NaN, in a slot nothing wrote */
+      l[r] += x;
+      for (int c = 0; c < chunks; c++) out[r * chunks + c] += splat(x) * load16(v + 16 * c);
+    }
+  }
+}
+
+/* Rows q [R][D] (rotated, scaled) of one head against columns 0 .. width - 1 of its K/V (rows of D floats), each
+ * with its bias row: y[r] (D floats). scores: R x width rounded up to 16 floats of scratch. */
+static inline __attribute__((always_inline)) TARGET void NAME(attend_d)(const float* q, int R, const float* K,
+    const float* V, const float* const* bias, int width, const int chunks, float* scores, float* const* y) {
+  const int padded = (width + 15) & ~15;
+  NAME(score)(q, R, K, bias, width, chunks, padded, scores);
+  for (int r = 0; r < R; r++) {  /* the weights e^(s - max); every column masked (max -inf): all 0 */
+    float* s = scores + (size_t)r * padded;
+    v16 top = splat(-INFINITY);
+    for (int j = 0; j < padded; j += 16) {
+      v16 v = load16(s + j);
+      top = pick(v > top, v, top);
+    }
+    const float m = NAME(hmax)(top);
+    for (int j = 0; j < padded; j += 16)
+      store16(s + j, m == -INFINITY ? splat(0.f) : NAME(vexp)(load16(s + j) - splat(m)));
+  }
+  for (int r0 = 0; r0 < R; r0 += 4) {
+    float l[4];
+    v16 out[4 * 16];
+    const float* w = scores + (size_t)r0 * padded;
+    switch (R - r0 < 4 ? R - r0 : 4) {
+      case 4: NAME(weigh)(4, w, padded, V, width, chunks, l, out); break;
+      case 3: NAME(weigh)(3, w, padded, V, width, chunks, l, out); break;
+      case 2: NAME(weigh)(2, w, padded, V, width, chunks, l, out); break;
+      default: NAME(weigh)(1, w, padded, V, width, chunks, l, out);
+    }
+    for (int r = r0; r < R && r < r0 + 4; r++) {
+      const v16 inv = splat(l[r - r0] > 0.f ? 1.f / l[r - r0] : 0.f);
+      for (int c = 0; c < chunks; c++) store16(y[r] + 16 * c, out[(r - r0) * chunks + c] * inv);
+    }
+  }
+}
+
+/* attend_d with the head dimension a constant where it is a common one (the accumulators then stay in registers) */
+static TARGET void NAME(attend)(const float* q, int R, const float* K, const float* V, const float* const* bias,
+                                int width, int D, float* scores, float* const* y) {
+  switch (D) {
+    case 64: NAME(attend_d)(q, R, K, V, bias, width, 4, scores, y); break;
+    case 128: NAME(attend_d)(q, R, K, V, bias, width, 8, scores, y); break;
+    default: NAME(attend_d)(q, R, K, V, bias, width, D / 16, scores, y);
+  }
+}
+
+/* head dimension d and d + D/2 rotated together (half split), then times `scale` */
+static TARGET void NAME(rotate)(const float* x, const float* cos, const float* sin, int D, float scale, float* out) {
+  const int half = D / 2;
+  for (int d = 0; d < half; d++) {
+    const float a = x[d], b = x[d + half];
+    out[d] = (a * cos[d] - b * sin[d]) * scale;
+    out[d + half] = (b * cos[d] + a * sin[d]) * scale;
+  }
+}
