@@ -76,7 +76,10 @@ minimum: the per-32-block sums of x times them, added), run at the manifest's ac
 with a float16 scale and minimum per block of 32, a KERNEL_DOMAIN MatMulQ4 product (speccompile's own CPU kernels:
 speccompile.plugins.q4_matmul), its weights key.q4blocks (that op's layout); an int8 matrix (the head screen, a draft
 head's) a KERNEL_DOMAIN MatMulQ8 product, its codes' key holding that op's layout [N/16, K/32, 576]; the manifest's
-quantization.kernel_matrices naming them. Logits of a
+quantization.kernel_matrices naming them. The attention inside is the model entry's `attention` lowering
+(speccompile.plugins.tree_attention): "ort", com.microsoft GroupQueryAttention with a pad row (kv_cache's
+scratch_slots 1), or "kernel", a KERNEL_DOMAIN TreeAttention node (speccompile's CPU kernel, no scratch slot; the
+batched form passes it query_seqlens). Logits of a
 quantized build are those of its quantized weights: speculation is lossless against the same bundle's plain
 decoding, not against a float32 build.
 batched form (the target's `target_batch` graph, `build --max-batch B`; BATCH_GRAPH_VERSION): the same decoder over a
@@ -124,7 +127,8 @@ def trees_exact(quantization: dict | None) -> bool:
     another order than the same token's plain step: a last-bit difference, which a target whose products round
     their input to int8 (MatMulNBits at accuracy level 4) can turn into another token. A chain's rows see
     contiguous slots and are exact whatever the weights: over such a target, speculation verifies one path a
-    pass."""
+    pass. (speccompile's own attention kernel sums a node's visible slots in column order, as a plain step does,
+    so its trees would be exact too; verifying them measured no faster than one path: docs/results.md.)"""
     q = quantization or {}
     return not (q.get("accuracy_level") == 4 and any(f != "float32" for f in q.get("formats", {}).values()))
 

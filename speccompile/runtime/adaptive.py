@@ -169,6 +169,11 @@ class AdaptiveDrafting:
         lookup = self.reach.reach if self.reach else 0
         if self.lookup_wins(match_len):
             return self.lookup_plan(lookup)
+        if not self.max_depth:  # prompt lookup drafting alone: no drafter level to price, only its probe
+            self.since_probe += 1
+            probe = lookup > 0 and self.since_probe >= PROBE_EVERY
+            self.since_probe = 0 if probe else self.since_probe
+            return Plan(0, 0, lookup, self._draft_prices(bool(lookup))[0], probe)
         gain = self.lookup_gain.value if lookup else 0.0
         extra_rows = self.lookup_rows.value if lookup else 0.0
         best, best_rate = 0, -1.0
@@ -248,6 +253,12 @@ class AdaptiveDrafting:
         """The ancestor-closed part of `prop` worth verifying (possibly nothing: a plain step). head: how many of
         its first nodes the drafter proposed (the rest came from prompt lookup); scores: their path
         log-probabilities, if the drafter gives them."""
+        if not len(prop.tokens) and not plan.head_depth:  # nothing drafted: a plain step, no estimate to weigh
+            empty = np.zeros(0, np.int64)
+            self.kept = Kept(empty, empty, empty.astype(bool), empty.astype(bool), np.zeros(0), empty.astype(bool),
+                             match_index(prop.match_len), plan)
+            self._count(plan, 0)
+            return Proposal.empty()
         parents, level, from_head, reach, own, first, agreed = self._reach_probabilities(prop, head, scores)
         children: dict[int, list[int]] = {}
         for i, p in enumerate(parents):
@@ -299,6 +310,13 @@ class AdaptiveDrafting:
         """Learn from the pass just verified: `path` the accepted nodes of the kept tree."""
         kept, self.last_accepted = self.kept, len(path)
         if kept is None:
+            return
+        if not len(kept.parents):  # a plain step: prompt lookup's share of a planned pass was nothing
+            if kept.plan.lookup_nodes:
+                self.lookup_gain.add(0.0, 1.0)
+                self.lookup_rows.add(0.0, 1.0)
+            if self.reach:
+                self.reach.update(0, 0)
             return
         on = np.zeros(len(kept.parents), bool)
         on[path] = True

@@ -1,7 +1,8 @@
 """Whether this machine computes a one-token step as it computes the same token inside a longer step.
 
 Speculation is exact only if a verify pass gives each row the numbers a plain step gives that token. The graphs
-see to it for attention (plugins/tree_attention: every attention runs at least two rows), but a product kernel may
+see to it for attention (plugins/tree_attention: onnxruntime's runs every step over two rows or more; speccompile's
+own kernel computes every row alike), but a product kernel may
 also take another path for a single row: onnxruntime's 4-bit MatMulNBits does on some CPUs (a one-row kernel
 whose sums round differently from the many-row one's), and where the product rounds its input to int8 such a
 last-bit difference can turn into another token. Which CPUs do is the kernel library's business, so it is measured
