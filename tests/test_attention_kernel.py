@@ -224,3 +224,36 @@ def test_the_avx2_variant_computes_what_the_avx512_one_does(tmp_path):
                     str(tmp_path / "avx2.npy")], env=dict(os.environ, SPECCOMPILE_Q4_ISA="avx2"), check=True)
     y = run(session(), x, k.copy(), v.copy(), case["seqlens"], case["pos"], case["bias"])
     assert np.array_equal(np.load(tmp_path / "avx2.npy"), y)
+
+
+def test_a_bundle_on_the_kernel_speculates_exactly(tmp_path):
+    """`build --attention kernel` end to end: every graph on the kernel without scratch slots; greedy speculation
+    (an early-exit draft, prompt lookup) commits plain decoding's tokens, and requests sharing passes their solo
+    tokens."""
+    import speccompile
+    from speccompile.compile.driver import build_bundle
+    out = str(tmp_path / "b")
+    m = build_bundle("tiny:llama", out, drafts=["layerskip:2", "lookup"], max_seq_len=128, attention="kernel",
+                     kernels="speccompile", progress=lambda *a: None)
+    assert {e["attention"] for e in m["models"].values() if "attention" in e} == {"kernel"}
+    assert {e["kv_cache"]["scratch_slots"] for e in m["models"].values() if "kv_cache" in e} == {0}
+    g = speccompile.load(out, threads=1)
+    rng = np.random.default_rng(7)
+    prompts = []
+    for n in (9, 30):
+        base = [int(t) for t in rng.integers(3, 300, n)]
+        prompts.append(base + base[:6])  # a repeat for prompt lookup to find
+    alone = [g.generate(p, max_new_tokens=24, speculate=False).token_ids for p in prompts]
+    for p, plain in zip(prompts, alone):
+        for drafter in ("layerskip:2", "lookup"):
+            assert g.generate(p, max_new_tokens=24, drafter=drafter).token_ids == plain, drafter
+    assert [r.token_ids for r in g.generate(prompts, max_new_tokens=24, speculate=False)] == alone
+
+
+def test_the_kernel_is_refused_where_the_build_does_not_use_speccompiles_kernels(tmp_path):
+    from speccompile.compile.driver import build_bundle
+    from speccompile.errors import SpeccompileError
+    with pytest.raises(SpeccompileError, match="attention"):
+        build_bundle("tiny:llama", str(tmp_path / "b"), drafts=["lookup"], max_seq_len=64, attention="kernel",
+                     kernels="onnxruntime", progress=lambda *a: None)
+    assert not (tmp_path / "b").exists()

@@ -8,7 +8,6 @@ import pytest
 from click.testing import CliRunner
 
 import speccompile
-from speccompile.compile.quantize.kernel_form import use_kernel
 from speccompile.cli import main
 from speccompile.compile.presets import tiny_checkpoint, tiny_mtp_head
 from speccompile.format.trees import TreeSpec
@@ -77,8 +76,7 @@ def test_the_defaults_are_the_documented_ones(tmp_path, head):
     assert (m["max_seq_len"], m["dtype"], m["backend"], m["quantization"]["option"]) == (
         2048, "float32", "onnxruntime", "source")
     assert m["models"]["target_batch"]["max_batch"] == 4
-    # speccompile's attention kernel where its kernels run and pay (--kernels auto), else onnxruntime's
-    assert {e["attention"] for e in m["models"].values()} == {"kernel" if use_kernel("auto", None)[0] else "ort"}
+    assert {e["attention"] for e in m["models"].values()} == {"ort"}
     assert "head_screen.codes" in m["weights"]["target.bin"]  # --head-screen
     assert [(d["name"], d["num_draft"], d["tree"]) for d in m["drafters"]] == [
         ("mtp", 2, TreeSpec.parse("dynamic:2+lookup:6").to_dict()), ("lookup", 4, None)]
@@ -153,7 +151,7 @@ def test_the_compiler_drivers_defaults_are_the_clis():
     (dict(overwrite="no"), "overwrite='no': expected True or False"),  # "no" is true: it would replace a bundle
     (dict(drafts="lookup"), "drafts='lookup': expected a list of drafter specs"),  # else read one letter a drafter
     (dict(drafts=[3]), "drafts=[3]: expected a list of drafter specs"),
-    (dict(attention="bogus"), "attention='bogus': choose ort, reference, plugin"),
+    (dict(attention="bogus"), "attention='bogus': choose ort, kernel, reference, plugin"),
     (dict(out=3), "out=3: expected the bundle directory's path"),
     (dict(source=3), "source=3: expected a checkpoint's path or name"),
 ])

@@ -6,7 +6,6 @@ import numpy as np
 from speccompile.graphs import KERNEL_DOMAIN
 
 LOWERINGS = ("ort", "kernel", "reference", "plugin")
-ASKED = ("ort", "reference", "plugin")  # what a build asks for; it lowers "ort" to "kernel" on speccompile's kernels
 DOMAIN, OP_TYPE = "speccompile", "TreeAttention"  # the plugin lowering's node: speccompile::TreeAttention
 
 
@@ -16,7 +15,8 @@ def lower(g, lowering: str, qkv: str, past_key: str, past_value: str, present_ke
     """Emit the op into GraphBuilder `g`; returns the name of y [1, S, Hq*D] ([N, S, Hq*D] batched).
     query_seqlens: batched graphs (several sequences, each with its own cache row) only: each sequence's real
     rows, which the fused kernels need for a multi-token step over a batch; the "ort" and "kernel" lowerings only.
-    "kernel": speccompile's own CPU kernel (plugins/q4_matmul/attention.c: every row computed alike, no pad row)."""
+    "kernel": speccompile's own CPU kernel (plugins/q4_matmul/attention.c: every row computed alike, no pad row;
+    opt-in, `build --attention kernel`)."""
     if query_seqlens and lowering not in ("ort", "kernel"):
         raise ValueError(f"a batched TreeAttention needs the 'ort' or 'kernel' lowering, not {lowering!r}")
     if lowering == "kernel":

@@ -169,8 +169,8 @@ def _check_request(opts: BuildOptions, drafts: list[str] | None) -> tuple[TreeSp
                                f"tree: give one (a chain of K is the tree 'chain:K')")
     if not 1 <= opts.max_batch <= 64:
         raise SpeccompileError(f"{given('max_batch', opts.max_batch)}: must be between 1 and 64")
-    if opts.attention not in tree_attention.ASKED:
-        raise SpeccompileError(f"{given('attention', opts.attention)}: choose {', '.join(tree_attention.ASKED)}")
+    if opts.attention not in tree_attention.LOWERINGS:
+        raise SpeccompileError(f"{given('attention', opts.attention)}: choose {', '.join(tree_attention.LOWERINGS)}")
     if opts.mla_cache not in ("latent", "expanded"):  # build_bundle's keyword alone: the CLI has no such option
         raise SpeccompileError(f"mla_cache={opts.mla_cache!r}: choose latent or expanded")
     _check_cpu_only_graphs(opts.dtype, specs)

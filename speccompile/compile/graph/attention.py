@@ -10,17 +10,24 @@ import numpy as np
 
 from speccompile.compile.config import ModelConfig
 from speccompile.compile.graph.linear import matmul
-from speccompile.errors import UnsupportedModelError, given
+from speccompile.errors import SpeccompileError, UnsupportedModelError, given
 from speccompile.graphs.builder import GraphBuilder
 from speccompile.plugins import tree_attention
 
 
 def lowering_for(cfg: ModelConfig, asked: str, kernels: bool) -> str:
-    """The TreeAttention lowering a build uses: speccompile's own attention kernel ("kernel") where the build runs
-    speccompile's kernels and asked for the fused lowering, for a model the kernel computes (every channel of a head
-    rotated, a head dimension a multiple of 16 up to 256); else what it asked for."""
-    fits = cfg.rope_dim == cfg.head_dim and cfg.head_dim % 16 == 0 and cfg.head_dim <= 256
-    return "kernel" if asked == "ort" and kernels and fits else asked
+    """The TreeAttention lowering a build uses: what it asked for, once speccompile's own attention kernel
+    ("kernel", opt-in) is checked to fit: the build runs speccompile's kernels and the model rotates every channel of
+    its heads, a head dimension a multiple of 16 up to 256."""
+    if asked != "kernel":
+        return asked
+    if not kernels:
+        raise SpeccompileError(f"{given('attention', 'kernel')}: this build does not use speccompile's kernels "
+                               "(--kernels onnxruntime, a CPU or build they do not run on)")
+    if cfg.rope_dim != cfg.head_dim or cfg.head_dim % 16 or cfg.head_dim > 256:
+        raise UnsupportedModelError(f"{given('attention', 'kernel')}: the kernel takes wholly rotated heads of a "
+                                    f"multiple of 16 channels up to 256 ({cfg.rope_dim} of {cfg.head_dim} rotated)")
+    return asked
 
 
 def total_length(g: GraphBuilder) -> str:
