@@ -109,3 +109,20 @@ def tree_attention_graph(lowering, hq, hkv, d, lmax, fixed_total_len=True) -> Gr
     for n in ("present_key", "present_value"):
         g.output(n, "float32", [1, hkv, slots, d])
     return g
+
+
+def run_attention_in_place(sess, feeds: dict, k, v):
+    """One run of a TreeAttention graph (tree_attention_graph's inputs and outputs) with the caches k and v bound as
+    both past and present, so the op writes them in place; returns y."""
+    import onnxruntime as ort
+    io = sess.io_binding()
+    for name, a in feeds.items():
+        io.bind_cpu_input(name, a)
+    kov, vov = ort.OrtValue.ortvalue_from_numpy(k), ort.OrtValue.ortvalue_from_numpy(v)
+    io.bind_ortvalue_input("past_key", kov)
+    io.bind_ortvalue_input("past_value", vov)
+    io.bind_ortvalue_output("present_key", kov)
+    io.bind_ortvalue_output("present_value", vov)
+    io.bind_output("y")
+    sess.run_with_iobinding(io)
+    return io.get_outputs()[2].numpy()  # bound in order: present_key, present_value, y

@@ -16,6 +16,8 @@ from speccompile.plugins import q4_matmul
 from speccompile.plugins import tree_attention as ta
 from speccompile.runtime.engine import ancestor_mask
 
+from conftest import run_attention_in_place
+
 WHY = q4_matmul.unavailable()
 pytestmark = pytest.mark.skipif(WHY is not None, reason=f"speccompile's kernels cannot run here: {WHY}")
 HQ, HKV, D, L = 6, 2, 32, 80
@@ -52,17 +54,7 @@ def run(sess, qkv, k, v, seqlens, pos, bias, rows=None, in_place=True):
         feeds["query_seqlens"] = np.asarray(rows, np.int32)
     if not in_place:
         return sess.run(None, feeds | {"past_key": k, "past_value": v})
-    io = sess.io_binding()
-    for name, a in feeds.items():
-        io.bind_cpu_input(name, a)
-    kov, vov = ort.OrtValue.ortvalue_from_numpy(k), ort.OrtValue.ortvalue_from_numpy(v)
-    io.bind_ortvalue_input("past_key", kov)
-    io.bind_ortvalue_input("past_value", vov)
-    io.bind_ortvalue_output("present_key", kov)
-    io.bind_ortvalue_output("present_value", vov)
-    io.bind_output("y")
-    sess.run_with_iobinding(io)
-    return io.get_outputs()[2].numpy()  # bound in order: present_key, present_value, y
+    return run_attention_in_place(sess, feeds, k, v)
 
 
 def tree_bias(committed, parents, width):

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 from speccompile.plugins import q4_matmul, tree_attention as ta
 from speccompile.runtime.engine import ancestor_mask
 
-from conftest import tree_attention_graph
+from conftest import run_attention_in_place, tree_attention_graph
 
 
 def op_session(lowering, hq, hkv, d, lmax):
@@ -45,18 +45,8 @@ def run_case(lowering, hq, hkv, d, lmax, committed, parents, seed):
     bias[0, 0, :, committed:committed + S][ancestor_mask(parents)] = 0
     ref_y, ref_k, ref_v = ta.reference_numpy(qkv, k, v, committed, cos, sin, pos, bias, hq, hkv, d)
     sess = op_session(lowering, hq, hkv, d, lmax)
-    kov, vov = ort.OrtValue.ortvalue_from_numpy(k), ort.OrtValue.ortvalue_from_numpy(v)
-    io = sess.io_binding()
-    for n, a in dict(qkv=qkv, seqlens_k=np.array([committed + S - 1], np.int32), position_ids=pos,
-                     attention_bias=bias, cos=cos, sin=sin).items():
-        io.bind_cpu_input(n, a)
-    io.bind_ortvalue_input("past_key", kov)
-    io.bind_ortvalue_input("past_value", vov)
-    io.bind_ortvalue_output("present_key", kov)
-    io.bind_ortvalue_output("present_value", vov)
-    io.bind_output("y")
-    sess.run_with_iobinding(io)
-    y = io.get_outputs()[2].numpy()
+    y = run_attention_in_place(sess, dict(qkv=qkv, seqlens_k=np.array([committed + S - 1], np.int32),
+                                          position_ids=pos, attention_bias=bias, cos=cos, sin=sin), k, v)
     assert np.abs(y - ref_y).max() < 1e-4
     # the new K (rotated) and V rows were written in place, at slots [committed, committed + S)
     assert np.abs(k[0, :, committed:committed + S] - ref_k).max() < 1e-4
