@@ -78,7 +78,7 @@ def grouped_query_attention(g: GraphBuilder, cfg: ModelConfig, W: dict[str, str]
     the o_proj output. rope: the (cos, sin) tables; bias: the additive mask (window_bias for sliding layers); norm:
     the graph's RMSNorm, for q/k norms; query_seqlens: a batched graph's input (x is then its packed real rows
     [1, P, H_in]: the attention alone runs them laid out per slot, speccompile.graphs batched form)."""
-    if cfg.rope_dim != cfg.head_dim and lowering not in ("ort",):
+    if cfg.rope_dim != cfg.head_dim and lowering != "ort":
         raise UnsupportedModelError(f"partial rotary ({cfg.rope_dim} of {cfg.head_dim} channels) is lowered by "
                                     f"{given('attention', 'ort')} only")
     qkv = matmul(g, x, W, p + "qkv")

@@ -53,7 +53,7 @@ class WeightReport:
     fallbacks: dict[str, str] = dataclasses.field(default_factory=dict)  # graph matrix -> reason it is float32
     kernel_matrices: list[str] = dataclasses.field(default_factory=list)  # stored for speccompile's own kernels
     int8_kernel: bool = False  # int8 matrices go to speccompile's MatMulQ8 (driver._quantize; not in the manifest)
-    kernel_library: bool = False  # the build uses speccompile's kernels (its attention too: graph/attention.py)
+    kernel_library: bool = False  # the build uses speccompile's kernels (--attention kernel needs them)
 
     def manifest(self) -> dict:
         packed = any(fmt != "float32" for fmt in self.formats.values())
