@@ -64,7 +64,9 @@ static void attend_unit(void* arg, size_t u) {
   const float* V = a->V + ((int64_t)n * a->Hkv + kvh) * a->L * D;
   float q[ROW_GROUP * MAX_HEAD_DIM];
   float stack[8192];
-  const size_t need = (size_t)ROW_GROUP * padded;
+  /* scratch for the rows scored together: on the stack for a decode pass's few rows (no allocation per head and
+   * layer), the heap for a prefill chunk at a long context */
+  const size_t need = (size_t)(rows < ROW_GROUP ? rows : ROW_GROUP) * padded;
   float* scores = need <= 8192 ? stack : malloc(sizeof(float) * need);
   for (int64_t i = rows; i < a->S; i++)  /* a batch's padding rows */
     memset(a->y + ((int64_t)n * a->S + i) * a->Hq * D + (int64_t)h * D, 0, sizeof(float) * D);
@@ -198,9 +200,9 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   }
   const int64_t N = qkv[0];
   a.S = qkv[1], a.L = kc[2], a.T = bias[3], a.bias_n = bias[0];
-  int32_t* all = NULL;
-  if (!q) {  /* every row real */
-    all = malloc(sizeof(int32_t) * (N ? N : 1));
+  int32_t local[64], *all = NULL;  /* without query_seqlens every row is real (a one-sequence graph: N = 1) */
+  if (!q) {
+    all = N <= 64 ? local : malloc(sizeof(int32_t) * (size_t)N);
     if (!all) return fail("TreeAttention: out of memory");
     for (int64_t n = 0; n < N; n++) all[n] = (int32_t)a.S;
   }
@@ -226,7 +228,7 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
     write_cache(&a, N);
     status = ORT_SLOT(api, KernelContext_ParallelFor)(ctx, attend_unit, (size_t)(N * a.Hq), 0, &a);
   }
-  free(all);
+  if (all != local) free(all);
   return status;
 }
 

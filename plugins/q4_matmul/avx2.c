@@ -45,13 +45,12 @@ AVX2 void q4_quantize_avx2(const float* x, int64_t M, int K, int8_t* xq, float* 
 }
 
 /* one half (8 outputs) of a tile for R <= ROWS rows */
-static inline __attribute__((always_inline)) AVX2 void half(const int R, const uint8_t* w, int h, int nb,
-    const int8_t* xq, int K, const float* scale, const float* sum, const int32_t* eights, float* y, int64_t N) {
+static inline __attribute__((always_inline)) AVX2 void half(const int R, const Rows* g, int h) {
   __m256 acc[ROWS];
   for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  for (int b = 0; b < nb; b++) {
-    const uint8_t* rec = w + (size_t)b * RECORD;
+  for (int b = 0; b < g->nb; b++) {
+    const uint8_t* rec = g->w + (size_t)b * RECORD;
     for (int line = 0; line < RECORD; line += 64) _mm_prefetch((const char*)(rec + 8 * RECORD + line), _MM_HINT_T0);
     __m256i c[8];
     for (int j = 0; j < 4; j++) {
@@ -63,41 +62,31 @@ static inline __attribute__((always_inline)) AVX2 void half(const int R, const u
     __m256 offset = _mm256_fmadd_ps(_mm256_set1_ps(8.f), d,
                                     _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(rec + 288 + 16 * h))));
     for (int r = 0; r < R; r++) {
-      const int32_t* x4 = (const int32_t*)(xq + (size_t)r * K + b * BLOCK);
+      const int32_t* x4 = (const int32_t*)(g->xq + (size_t)r * g->K + b * BLOCK);
       __m256i pairs = _mm256_maddubs_epi16(c[0], _mm256_set1_epi32(x4[0]));
       for (int j = 1; j < 8; j++) pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(c[j], _mm256_set1_epi32(x4[j])));
-      __m256i centred = _mm256_sub_epi32(_mm256_madd_epi16(pairs, ones), _mm256_set1_epi32(eights[r * nb + b]));
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(centred), _mm256_mul_ps(d, _mm256_set1_ps(scale[r * nb + b])),
+      __m256i centred = _mm256_sub_epi32(_mm256_madd_epi16(pairs, ones), _mm256_set1_epi32(g->eights[r * g->nb + b]));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(centred), _mm256_mul_ps(d, _mm256_set1_ps(g->scale[r * g->nb + b])),
                                acc[r]);
-      acc[r] = _mm256_fmadd_ps(offset, _mm256_set1_ps(sum[r * nb + b]), acc[r]);
+      acc[r] = _mm256_fmadd_ps(offset, _mm256_set1_ps(g->sum[r * g->nb + b]), acc[r]);
     }
   }
-  for (int r = 0; r < R; r++) _mm256_storeu_ps(y + r * N + 8 * h, acc[r]);
+  for (int r = 0; r < R; r++) _mm256_storeu_ps(g->y + r * g->N + 8 * h, acc[r]);
 }
 
 AVX2 void q4_tile_avx2(const Product* p, size_t t) {
-  const int nb = p->K / BLOCK;
-  const uint8_t* w = p->w + t * (size_t)nb * RECORD;
-  for (int64_t r = 0; r < p->M; r += ROWS)
-    for (int h = 0; h < 2; h++) {
-      const int8_t* xq = p->xq + r * p->K;
-      const float *scale = p->scale + r * nb, *sum = p->sum + r * nb;
-      const int32_t* eights = p->eights + r * nb;
-      float* y = p->y + r * p->N + t * TILE;
-      BY_ROWS(p->M - r, half, w, h, nb, xq, p->K, scale, sum, eights, y, p->N);
-    }
+  for (int h = 0; h < 2; h++) FOR_ROW_GROUPS(p, t, RECORD, half, h);
 }
 
 /* MatMulQ8, one half (8 outputs) of a tile: the codes made signed again (w = stored - 128), then vpmaddubsw of |w|
  * (at most 128) by x signed as w (|x| at most 127: a pair at most 32512, nothing saturates) and vpmaddwd by ones,
  * per vector: the exact dot avx512.c's vpdpbusd gives, less nothing. */
-static inline __attribute__((always_inline)) AVX2 void half8(const int R, const uint8_t* w, int h, int nb,
-    const int8_t* xq, int K, const float* scale, float* y, int64_t N) {
+static inline __attribute__((always_inline)) AVX2 void half8(const int R, const Rows* g, int h) {
   __m256 acc[ROWS];
   for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
   const __m256i bias = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
-  for (int b = 0; b < nb; b++) {
-    const uint8_t* rec = w + (size_t)b * RECORD8;
+  for (int b = 0; b < g->nb; b++) {
+    const uint8_t* rec = g->w + (size_t)b * RECORD8;
     for (int line = 0; line < RECORD8; line += 64) _mm_prefetch((const char*)(rec + 8 * RECORD8 + line), _MM_HINT_T0);
     __m256i c[8], mag[8];
     for (int j = 0; j < 8; j++) {
@@ -106,26 +95,18 @@ static inline __attribute__((always_inline)) AVX2 void half8(const int R, const 
     }
     __m256 d = _mm256_loadu_ps((const float*)(rec + 512 + 32 * h));
     for (int r = 0; r < R; r++) {
-      const int32_t* x4 = (const int32_t*)(xq + (size_t)r * K + b * BLOCK);
+      const int32_t* x4 = (const int32_t*)(g->xq + (size_t)r * g->K + b * BLOCK);
       __m256i dot = _mm256_setzero_si256();
       for (int j = 0; j < 8; j++) {
         __m256i signed_x = _mm256_sign_epi8(_mm256_set1_epi32(x4[j]), c[j]);
         dot = _mm256_add_epi32(dot, _mm256_madd_epi16(_mm256_maddubs_epi16(mag[j], signed_x), ones));
       }
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(scale[r * nb + b])), acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(g->scale[r * g->nb + b])), acc[r]);
     }
   }
-  for (int r = 0; r < R; r++) _mm256_storeu_ps(y + r * N + 8 * h, acc[r]);
+  for (int r = 0; r < R; r++) _mm256_storeu_ps(g->y + r * g->N + 8 * h, acc[r]);
 }
 
 AVX2 void q8_tile_avx2(const Product* p, size_t t) {
-  const int nb = p->K / BLOCK;
-  const uint8_t* w = p->w + t * (size_t)nb * RECORD8;
-  for (int64_t r = 0; r < p->M; r += ROWS)
-    for (int h = 0; h < 2; h++) {
-      const int8_t* xq = p->xq + r * p->K;
-      const float* scale = p->scale + r * nb;
-      float* y = p->y + r * p->N + t * TILE;
-      BY_ROWS(p->M - r, half8, w, h, nb, xq, p->K, scale, y, p->N);
-    }
+  for (int h = 0; h < 2; h++) FOR_ROW_GROUPS(p, t, RECORD8, half8, h);
 }

@@ -39,13 +39,12 @@ AVX512 void q4_quantize_avx512(const float* x, int64_t M, int K, int8_t* xq, flo
     }
 }
 
-static inline __attribute__((always_inline)) AVX512 void tile(const int R, const uint8_t* w, int nb,
-    const int8_t* xq, int K, const float* scale, const float* sum, const int32_t* eights, float* y, int64_t N) {
+static inline __attribute__((always_inline)) AVX512 void tile(const int R, const Rows* g) {
   __m512 acc[ROWS];
   for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(0x0F);
-  for (int b = 0; b < nb; b++) {
-    const uint8_t* rec = w + (size_t)b * RECORD;
+  for (int b = 0; b < g->nb; b++) {
+    const uint8_t* rec = g->w + (size_t)b * RECORD;
     for (int line = 0; line < RECORD; line += 64) _mm_prefetch((const char*)(rec + 8 * RECORD + line), _MM_HINT_T0);
     __m512i c[8];
     for (int j = 0; j < 4; j++) {
@@ -57,69 +56,48 @@ static inline __attribute__((always_inline)) AVX512 void tile(const int R, const
     __m512 offset = _mm512_fmadd_ps(_mm512_set1_ps(8.f), d,
                                     _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(rec + 288))));
     for (int r = 0; r < R; r++) {
-      const int32_t* x4 = (const int32_t*)(xq + (size_t)r * K + b * BLOCK);  /* 4 int8 a lane */
+      const int32_t* x4 = (const int32_t*)(g->xq + (size_t)r * g->K + b * BLOCK);  /* 4 int8 a lane */
       __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0], _mm512_set1_epi32(x4[0]));
       __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[4], _mm512_set1_epi32(x4[4]));
       for (int j = 1; j < 4; j++) {
         s0 = _mm512_dpbusd_epi32(s0, c[j], _mm512_set1_epi32(x4[j]));
         s1 = _mm512_dpbusd_epi32(s1, c[4 + j], _mm512_set1_epi32(x4[4 + j]));
       }
-      __m512i centred = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(eights[r * nb + b]));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(centred), _mm512_mul_ps(d, _mm512_set1_ps(scale[r * nb + b])),
+      __m512i centred = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(g->eights[r * g->nb + b]));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(centred), _mm512_mul_ps(d, _mm512_set1_ps(g->scale[r * g->nb + b])),
                                acc[r]);
-      acc[r] = _mm512_fmadd_ps(offset, _mm512_set1_ps(sum[r * nb + b]), acc[r]);
+      acc[r] = _mm512_fmadd_ps(offset, _mm512_set1_ps(g->sum[r * g->nb + b]), acc[r]);
     }
   }
-  for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * N, acc[r]);
+  for (int r = 0; r < R; r++) _mm512_storeu_ps(g->y + r * g->N, acc[r]);
 }
 
-AVX512 void q4_tile_avx512(const Product* p, size_t t) {
-  const int nb = p->K / BLOCK;
-  const uint8_t* w = p->w + t * (size_t)nb * RECORD;
-  for (int64_t r = 0; r < p->M; r += ROWS) {
-    const int8_t* xq = p->xq + r * p->K;
-    const float *scale = p->scale + r * nb, *sum = p->sum + r * nb;
-    const int32_t* eights = p->eights + r * nb;
-    float* y = p->y + r * p->N + t * TILE;
-    BY_ROWS(p->M - r, tile, w, nb, xq, p->K, scale, sum, eights, y, p->N);
-  }
-}
+AVX512 void q4_tile_avx512(const Product* p, size_t t) { FOR_ROW_GROUPS(p, t, RECORD, tile); }
 
 /* MatMulQ8: vector j, lane c holds output c's codes k = 4j .. 4j + 3, stored + 128 (unsigned, as vpdpbusd takes
  * them): the dot less 128 times the block's sum of xq (16 * eights) is the signed codes' exact dot. */
-static inline __attribute__((always_inline)) AVX512 void tile8(const int R, const uint8_t* w, int nb,
-    const int8_t* xq, int K, const float* scale, const int32_t* eights, float* y, int64_t N) {
+static inline __attribute__((always_inline)) AVX512 void tile8(const int R, const Rows* g) {
   __m512 acc[ROWS];
   for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-  for (int b = 0; b < nb; b++) {
-    const uint8_t* rec = w + (size_t)b * RECORD8;
+  for (int b = 0; b < g->nb; b++) {
+    const uint8_t* rec = g->w + (size_t)b * RECORD8;
     for (int line = 0; line < RECORD8; line += 64) _mm_prefetch((const char*)(rec + 8 * RECORD8 + line), _MM_HINT_T0);
     __m512i c[8];
     for (int j = 0; j < 8; j++) c[j] = _mm512_loadu_si512(rec + 64 * j);
     __m512 d = _mm512_loadu_ps((const float*)(rec + 512));
     for (int r = 0; r < R; r++) {
-      const int32_t* x4 = (const int32_t*)(xq + (size_t)r * K + b * BLOCK);
+      const int32_t* x4 = (const int32_t*)(g->xq + (size_t)r * g->K + b * BLOCK);
       __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0], _mm512_set1_epi32(x4[0]));
       __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[4], _mm512_set1_epi32(x4[4]));
       for (int j = 1; j < 4; j++) {
         s0 = _mm512_dpbusd_epi32(s0, c[j], _mm512_set1_epi32(x4[j]));
         s1 = _mm512_dpbusd_epi32(s1, c[4 + j], _mm512_set1_epi32(x4[4 + j]));
       }
-      __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(16 * eights[r * nb + b]));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(scale[r * nb + b])), acc[r]);
+      __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(16 * g->eights[r * g->nb + b]));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(g->scale[r * g->nb + b])), acc[r]);
     }
   }
-  for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * N, acc[r]);
+  for (int r = 0; r < R; r++) _mm512_storeu_ps(g->y + r * g->N, acc[r]);
 }
 
-AVX512 void q8_tile_avx512(const Product* p, size_t t) {
-  const int nb = p->K / BLOCK;
-  const uint8_t* w = p->w + t * (size_t)nb * RECORD8;
-  for (int64_t r = 0; r < p->M; r += ROWS) {
-    const int8_t* xq = p->xq + r * p->K;
-    const float* scale = p->scale + r * nb;
-    const int32_t* eights = p->eights + r * nb;
-    float* y = p->y + r * p->N + t * TILE;
-    BY_ROWS(p->M - r, tile8, w, nb, xq, p->K, scale, eights, y, p->N);
-  }
-}
+AVX512 void q8_tile_avx512(const Product* p, size_t t) { FOR_ROW_GROUPS(p, t, RECORD8, tile8); }

@@ -26,6 +26,21 @@ typedef struct {
   const uint8_t* w; float* y; int64_t M, N; int K;
 } Product;
 
+/* One tile's weight records and a group of at most ROWS rows from row r: what a tile function reads and writes */
+typedef struct {
+  const uint8_t* w; const int8_t* xq; const float *scale, *sum; const int32_t* eights; float* y;
+  int nb, K; int64_t N;
+} Rows;
+
+static inline Rows rows_at(const Product* p, size_t t, int64_t r, int record) {
+  const int nb = p->K / BLOCK;
+  return (Rows){p->w + t * (size_t)nb * record, p->xq + r * p->K, p->scale + r * nb, p->sum + r * nb,
+                p->eights + r * nb, p->y + r * p->N + t * TILE, nb, p->K, p->N};
+}
+
+/* fn(R, &rows, ...) over tile t's groups of rows (records of `record` bytes) */
+#define FOR_ROW_GROUPS(p, t, record, fn, ...) do { for (int64_t r_ = 0; r_ < (p)->M; r_ += ROWS) {              const Rows g_ = rows_at(p, t, r_, record);                                                               BY_ROWS((p)->M - r_, fn, &g_, ##__VA_ARGS__); } } while (0)
+
 void q4_quantize_avx512(const float* x, int64_t M, int K, int8_t* xq, float* scale, float* sum, int32_t* eights);
 void q4_tile_avx512(const Product* p, size_t tile);  /* outputs 16 * tile .. + 15 of every row */
 void q4_quantize_avx2(const float* x, int64_t M, int K, int8_t* xq, float* scale, float* sum, int32_t* eights);

@@ -84,6 +84,12 @@ class Plan:
     probe: bool = False  # one level deeper than the estimates say: verify at least one node, to learn from it
 
 
+# a plain step's kept tree (update only reads it)
+NO_NODES, NO_FLAGS, NO_PROBS = np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0)
+for _empty in (NO_NODES, NO_FLAGS, NO_PROBS):
+    _empty.setflags(write=False)
+
+
 @dataclasses.dataclass
 class Kept:
     """The nodes a pass verified, for the update after it."""
@@ -254,9 +260,8 @@ class AdaptiveDrafting:
         its first nodes the drafter proposed (the rest came from prompt lookup); scores: their path
         log-probabilities, if the drafter gives them."""
         if not len(prop.tokens) and not plan.head_depth:  # nothing drafted: a plain step, no estimate to weigh
-            empty = np.zeros(0, np.int64)
-            self.kept = Kept(empty, empty, empty.astype(bool), empty.astype(bool), np.zeros(0), empty.astype(bool),
-                             match_index(prop.match_len), plan)
+            self.kept = Kept(NO_NODES, NO_NODES, NO_FLAGS, NO_FLAGS, NO_PROBS, NO_FLAGS, match_index(prop.match_len),
+                             plan)
             self._count(plan, 0)
             return Proposal.empty()
         parents, level, from_head, reach, own, first, agreed = self._reach_probabilities(prop, head, scores)
