@@ -114,6 +114,19 @@ def test_each_row_is_computed_alike_whatever_the_rows_beside_it(tmp_path):
         assert np.array_equal(run_product(tmp_path, weights, "m", x[:rows]), alone[:rows]), rows
 
 
+@needs_kernel
+def test_many_rows_compute_each_row_as_it_is_alone(tmp_path):
+    """Bit for bit: a product of 16 rows or more (a prefill chunk's; on AMX the tile unit's, 16 rows at a time, the
+    rest by the VNNI kernel) gives each row what it gets alone. K of 34 blocks: past the 32 the AMX path unpacks at
+    a time."""
+    codes, scales, minimums = random_weight(32, 34 * 32, seed=13)
+    weights = {"m" + kernel_form.SUFFIX: q4_matmul.pack(codes, scales, minimums)}
+    x = np.random.default_rng(14).standard_normal((40, 34 * 32)).astype(np.float32) * 2
+    alone = np.concatenate([run_product(tmp_path, weights, "m", x[i:i + 1]) for i in range(40)])
+    for rows in (16, 17, 31, 32, 33, 40):
+        assert np.array_equal(run_product(tmp_path, weights, "m", x[:rows]), alone[:rows]), rows
+
+
 AVX2_RUN = """
 import sys, numpy as np, pathlib
 sys.path.insert(0, sys.argv[1])

@@ -1,7 +1,7 @@
 """What a row costs in each product kernel: a chain of eight 576x1536 / 1536x576 4-bit products (the default
 model's shapes), random codes, by onnxruntime's MatMulNBits (4-bit, blocks of 32, accuracy level 4, the default
 build's) and by speccompile's MatMulQ4 (plugins/q4_matmul; SPECCOMPILE_Q4_ISA=avx2 times its AVX2 variant on an
-AVX-512 machine); then the output head's int8 screen (49152 x 576, int8 blocks of 32) by MatMulNBits (8-bit) and by
+AVX-512 machine, =avx512 its VNNI kernel alone where 16 rows or more would run on AMX); then the output head's int8 screen (49152 x 576, int8 blocks of 32) by MatMulNBits (8-bit) and by
 speccompile's MatMulQ8. Prints ms per call by rows, medians of interleaved rounds. docs/results.md ("speccompile's
 own 4-bit kernel", "An int8 kernel for the head's screen") has the figures.
 
@@ -102,11 +102,12 @@ def table(title: str, model, kernels: list[str], args, rng) -> None:
                     session.run(None, {"x0": x})
                     runs.append(time.perf_counter() - t0)
                 times[kernel][rows].append(np.median(runs))
-    isa = f" ({q4_matmul.instruction_set()})"
-    print(f"{title + ', rows':<36}" + "".join(f"{r:>8}" for r in ROWS))
+    amx = "; AMX at 16 or more" if title.startswith("chain") and q4_matmul.uses_amx() else ""
+    isa = f" ({q4_matmul.instruction_set()}{amx})"
+    print(f"{title + ', rows':<44}" + "".join(f"{r:>8}" for r in ROWS))
     for kernel in kernels:
         name = kernel + (isa if kernel != "MatMulNBits" else "")
-        print(f"{name:<36}" + "".join(f"{np.median(times[kernel][r]) * 1e3:8.3f}" for r in ROWS))
+        print(f"{name:<44}" + "".join(f"{np.median(times[kernel][r]) * 1e3:8.3f}" for r in ROWS))
 
 
 if __name__ == "__main__":

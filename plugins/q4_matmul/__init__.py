@@ -23,7 +23,7 @@ from speccompile.graphs import KERNEL_DOMAIN
 
 DOMAIN, OP_TYPE, OP_TYPE_Q8 = KERNEL_DOMAIN, "MatMulQ4", "MatMulQ8"
 BLOCK, TILE, RECORD, RECORD8 = 32, 16, 320, 576
-UNITS = ("kernel.c", "avx512.c", "avx2.c", "attention.c")  # each instruction set's code is marked in its file, not by flags
+UNITS = ("kernel.c", "avx512.c", "amx.c", "avx2.c", "attention.c")  # each instruction set's code is marked in its file, not by flags
 SOURCES = (*UNITS, "q4.h", "ort_abi.h", "attention_body.h")
 FLAGS = ["-O3", "-shared", "-fPIC"]
 ISAS = {2: "AVX-512 VNNI", 1: "AVX2"}
@@ -171,6 +171,13 @@ def instruction_set() -> str | None:
     """The instruction set the kernel runs with here ("AVX-512 VNNI" or "AVX2"), None where it cannot run."""
     built = _built()
     return None if isinstance(built, KernelUnavailable) else ISAS[ctypes.CDLL(built).speccompile_cpu_supported()]
+
+
+def uses_amx() -> bool:
+    """Whether MatMulQ4 runs its products of 16 rows or more on the CPU's AMX tiles here (amx.c: the same numbers
+    as the VNNI kernel; $SPECCOMPILE_Q4_ISA=avx512 turns it off)."""
+    built = _built()
+    return not isinstance(built, KernelUnavailable) and bool(ctypes.CDLL(built).speccompile_amx())
 
 
 def library() -> str:

@@ -30,6 +30,7 @@
 static void (*quantize)(const float*, int64_t, int, int8_t*, float*, float*, int32_t*);
 static void (*product_tile)(const Product*, size_t);
 static void (*product_tile8)(const Product*, size_t);
+static int amx;  /* MatMulQ4's products of AMX_ROWS rows or more on the tile unit (amx.c) */
 
 /* 2: AVX-512 VNNI, 1: AVX2, 0: neither; $SPECCOMPILE_Q4_ISA=avx2 picks AVX2 on an AVX-512 machine (tests) */
 int speccompile_cpu_supported(void) {
@@ -38,7 +39,15 @@ int speccompile_cpu_supported(void) {
   return q4_has_avx512() && !avx2_only ? 2 : q4_has_avx2() ? 1 : 0;
 }
 
+/* whether MatMulQ4 uses AMX for many rows: AVX-512 chosen, the CPU and the OS allow tiles, and not
+ * $SPECCOMPILE_Q4_ISA=avx512 (tests: the VNNI kernel alone) */
+int speccompile_amx(void) {
+  const char* isa = getenv("SPECCOMPILE_Q4_ISA");
+  return speccompile_cpu_supported() == 2 && !(isa && !strcmp(isa, "avx512")) && q4_has_amx();
+}
+
 static void run_tile(void* p, size_t t) { product_tile(p, t); }
+static void run_tile_amx(void* p, size_t t) { q4_tile_amx(p, t); }
 static void run_tile8(void* p, size_t t) { product_tile8(p, t); }
 
 /* ---- the onnxruntime op ---- */
@@ -111,7 +120,8 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   int8_t* xq = (int8_t*)(eights + M * nb);
   quantize(xp, M, K, xq, scale, sum, eights);
   Product p = {xq, scale, sum, eights, wp, yp, M, k->N, K};
-  s = ORT_SLOT(api, KernelContext_ParallelFor)(ctx, k->eight_bit ? run_tile8 : run_tile, (size_t)(k->N / TILE), 0, &p);
+  void (*each)(void*, size_t) = k->eight_bit ? run_tile8 : amx && M >= AMX_ROWS ? run_tile_amx : run_tile;
+  s = ORT_SLOT(api, KernelContext_ParallelFor)(ctx, each, (size_t)(k->N / TILE), 0, &p);
   if ((unsigned char*)scale != local) free(scale);
   return s;
 }
@@ -147,6 +157,7 @@ OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base)
     case 1: quantize = q4_quantize_avx2; product_tile = q4_tile_avx2; product_tile8 = q8_tile_avx2; break;
     default: return fail("speccompile's MatMulQ4 needs a CPU with AVX2, FMA and F16C");
   }
+  amx = speccompile_amx();
   tree_attention_register(api, speccompile_cpu_supported());
   OrtCustomOpDomain* domain;
   CHECK(ORT_SLOT(api, CreateCustomOpDomain)("speccompile.kernels", &domain));

@@ -48,6 +48,11 @@ void q4_tile_avx2(const Product* p, size_t tile);
 void q8_tile_avx512(const Product* p, size_t tile);  /* MatMulQ8's (p->sum unused) */
 void q8_tile_avx2(const Product* p, size_t tile);
 int q4_has_avx512(void);
+/* amx.c: AMX_ROWS rows or more of MatMulQ4 on the tile unit, 16 at a time; the same numbers as q4_tile_avx512 */
+#define AMX_ROWS 16
+void q4_tile_amx(const Product* p, size_t tile);
+int q4_has_amx(void);
+int speccompile_amx(void);  /* kernel.c: whether MatMulQ4 uses it */
 int q4_has_avx2(void);
 int speccompile_cpu_supported(void);  /* kernel.c: 2 AVX-512 VNNI, 1 AVX2, 0 neither */
 
