@@ -46,6 +46,17 @@ int speccompile_amx(void) {
   return speccompile_cpu_supported() == 2 && !(isa && !strcmp(isa, "avx512")) && q4_has_amx();
 }
 
+/* x rounded in groups of QUANTIZE_ROWS rows, one group a task: a prefill chunk's rows on every thread (each row
+ * rounds alone: the same numbers however the rows are split) */
+#define QUANTIZE_ROWS 16
+typedef struct { const float* x; int8_t* xq; float *scale, *sum; int32_t* eights; int64_t M; int K; } Rounding;
+static void run_quantize(void* rounding, size_t i) {
+  const Rounding* q = rounding;
+  const int64_t r = (int64_t)i * QUANTIZE_ROWS, n = q->M - r < QUANTIZE_ROWS ? q->M - r : QUANTIZE_ROWS;
+  const int nb = q->K / BLOCK;
+  quantize(q->x + r * q->K, n, q->K, q->xq + r * q->K, q->scale + r * nb, q->sum + r * nb, q->eights + r * nb);
+}
+
 static void run_tile(void* p, size_t t) { product_tile(p, t); }
 static void run_tile_amx(void* p, size_t t) { q4_tile_amx(p, t); }
 static void run_tile8(void* p, size_t t) { product_tile8(p, t); }
@@ -107,7 +118,7 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   CHECK(ORT_SLOT(api, GetTensorMutableData)((OrtValue*)w, &wp));
   CHECK(ORT_SLOT(api, GetTensorMutableData)(y, &yp));
   if (M == 0) return NULL;
-  OrtStatus* s;
+  OrtStatus* s = NULL;
   const int K = (int)k->K, nb = K / BLOCK;
   /* per row and block: scale, sum, eights (4 bytes each), then the codes; on the stack for a decode pass's few
    * rows (no allocation per product per step), the heap for a prefill chunk's many */
@@ -118,10 +129,15 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   float* sum = scale + M * nb;
   int32_t* eights = (int32_t*)(sum + M * nb);
   int8_t* xq = (int8_t*)(eights + M * nb);
-  quantize(xp, M, K, xq, scale, sum, eights);
+  Rounding rounding = {xp, xq, scale, sum, eights, M, K};
+  const size_t groups = (size_t)((M + QUANTIZE_ROWS - 1) / QUANTIZE_ROWS);
+  if (groups > 1)  /* a decode pass's few rows inline: handing one task out costs more than it saves */
+    s = ORT_SLOT(api, KernelContext_ParallelFor)(ctx, run_quantize, groups, 0, &rounding);
+  else
+    run_quantize(&rounding, 0);
   Product p = {xq, scale, sum, eights, wp, yp, M, k->N, K};
   void (*each)(void*, size_t) = k->eight_bit ? run_tile8 : amx && M >= AMX_ROWS ? run_tile_amx : run_tile;
-  s = ORT_SLOT(api, KernelContext_ParallelFor)(ctx, each, (size_t)(k->N / TILE), 0, &p);
+  if (!s) s = ORT_SLOT(api, KernelContext_ParallelFor)(ctx, each, (size_t)(k->N / TILE), 0, &p);
   if ((unsigned char*)scale != local) free(scale);
   return s;
 }
