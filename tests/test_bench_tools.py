@@ -16,6 +16,7 @@ MISSING_BUNDLE = {
     "gpu_bench": ["/nonexistent-bundle", "--device", "cpu"],
     "bench_solo_scheduler": ["/nonexistent-bundle", "2", "4", "spec"],
     "sampling_speed": ["/nonexistent-bundle"],
+    "prefill_time": ["/nonexistent-bundle"],
 }
 
 
@@ -39,6 +40,13 @@ def test_a_tool_refuses_a_limit_below_one(tiny_bundle, monkeypatch, capsys):
         pick_prompts({"chat": [{"question_id": 1, "text": "hi"}]}, 0, lambda text: [1, 2], 100)
     code, err = run_tool("head_agreement", [tiny_bundle, "--limit", "0"], monkeypatch, capsys)
     assert code == 2 and err == "error: --limit 0: must be at least 1\n", err
+
+
+def test_prefill_time_times_each_prompt_and_says_which_kernel(tiny_bundle, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["prefill_time.py", tiny_bundle, "--limit", "2", "--repeats", "1"])
+    tool("prefill_time").main()
+    out = capsys.readouterr().out
+    assert out.startswith("2 prompts, ") and "ms a prompt token" in out and ("no AMX" in out or "AMX for" in out)
 
 
 def test_bench_serve_refuses_unknown_modes_and_an_absent_server(monkeypatch, capsys):
