@@ -9,17 +9,23 @@ import pytest
 from onnx import helper, numpy_helper
 
 from speccompile.compile.graph.head_screen import CANDIDATES, emit_screened_head
+from speccompile.compile.quantize import kernel_form
 from speccompile.compile.quantize.head_screen import quantize_head
 from speccompile.compile.quantize.int8 import BLOCK
 from speccompile.graphs.builder import OPSET, GraphBuilder
+from speccompile.plugins import q4_matmul
 
 V, H = 1000, 64
 
 
-def head_session(head: np.ndarray, profile_dir=None, noise=False, top_k=False):
+def head_session(head: np.ndarray, profile_dir=None, noise=False, top_k=False, kernels=False):
     """A graph of just the head: rows [R, H] and the bool `screen` in (and with noise, sample_noise [R, V] or
-    [1, 1]; with top_k, noise_top_k [R] or [1]), logits and next_token out."""
+    [1, 1]; with top_k, noise_top_k [R] or [1]), logits and next_token out. kernels: the screen on speccompile's
+    MatMulQ8 and TopK, as a build with its kernels emits it (a vocabulary of whole tiles of 16)."""
     weights = {"head": head, **quantize_head(head)}
+    if kernels:
+        weights, converted = kernel_form.int8_records(weights)
+        assert converted == ["head_screen.codes"]
     g = GraphBuilder("head")
     g.input("rows", "float32", ["R", H])
     g.input("screen", "bool", [])
@@ -30,19 +36,24 @@ def head_session(head: np.ndarray, profile_dir=None, noise=False, top_k=False):
     W = {k: g.weight(k, v) for k, v in weights.items()}
     emit_screened_head(g, "rows", "head", W, "screen", noise="sample_noise" if noise else None,
                        top_k="noise_top_k" if top_k else None)
-    g.output("logits", "float32", ["R", V])
+    g.output("logits", "float32", ["R", len(head)])
     g.output("next_token", "int64", ["R"])
     graph = helper.make_graph(g.nodes, "head", g.inputs, g.outputs,
                               initializer=g.constants + [numpy_helper.from_array(v, k) for k, v in weights.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
-                                                    helper.make_opsetid("com.microsoft", 1)])
+                                                    helper.make_opsetid("com.microsoft", 1),
+                                                    helper.make_opsetid(q4_matmul.DOMAIN, 1)])
     model.ir_version = 11
     so = ort.SessionOptions()
+    if kernels:
+        so.register_custom_ops_library(q4_matmul.library())
     so.intra_op_num_threads = 1
     if profile_dir:
         so.enable_profiling = True
         so.profile_file_prefix = str(profile_dir / "head")
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess.model = model
+    return sess
 
 
 def run(sess, rows, screen, noise=None, top_k=None):
@@ -110,6 +121,39 @@ def test_screened_argmax_is_the_float32_argmax(on_grid):
         _, tok = run(sess, x[:R], True)
         assert np.array_equal(ref, logits.argmax(-1))
         assert np.array_equal(tok, ref)
+
+
+@pytest.mark.skipif(q4_matmul.unavailable() is not None, reason=f"speccompile's kernels cannot run here: "
+                                                            f"{q4_matmul.unavailable()}")
+def test_the_screen_on_speccompiles_kernels_finds_the_float32_argmax(tmp_path):
+    """A build with speccompile's kernels screens with MatMulQ8 and picks the candidates with its TopK: the same
+    certified argmax, ties to the lowest token id, confident rows certified without the float32 head."""
+    w = np.concatenate([random_head(5), random_head(6)[:8]])  # 1008 tokens: whole tiles of 16
+    w[300:305] = w[300]
+    sess = head_session(w, tmp_path, kernels=True)
+    rng = np.random.default_rng(7)
+    x = np.concatenate([peaked_rows(w, 24), rng.standard_normal((8, H)).astype(np.float32), w[300:301] * 40])
+    for R in (1, 9, len(x)):
+        logits, ref = run(sess, x[:R], False)
+        _, tok = run(sess, x[:R], True)
+        assert np.array_equal(ref, logits.argmax(-1)) and np.array_equal(tok, ref)
+    assert tok[-1] == 300
+    screened = head_session(w, tmp_path, kernels=True)
+    for _ in range(3):
+        run(screened, peaked_rows(w, 8), True)
+    ran = {(e["args"]["op_name"]) for e in json.load(open(screened.end_profiling())) if e.get("cat") == "Node"}
+    assert {"MatMulQ8", "TopK"} <= ran and "ArgMax" not in ran and "MatMulNBits" not in ran
+    assert top_k_domains(screened.model.graph) == [q4_matmul.DOMAIN]  # the candidates: speccompile's TopK
+
+
+def top_k_domains(graph) -> list[str]:
+    """The domain of every TopK node in `graph` and its subgraphs."""
+    found = []
+    for node in graph.node:
+        found += [node.domain] if node.op_type == "TopK" else []
+        for attribute in node.attribute:
+            found += top_k_domains(attribute.g) if attribute.g.node else []
+    return found
 
 
 @pytest.mark.parametrize("copies", [5, CANDIDATES + 16])

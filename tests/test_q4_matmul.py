@@ -244,3 +244,50 @@ def test_each_int8_row_is_computed_alike_whatever_the_rows_beside_it(tmp_path):
     alone = np.concatenate([run_product(tmp_path, weights, "m", x[i:i + 1]) for i in range(12)])
     for rows in range(2, 13):
         assert np.array_equal(run_product(tmp_path, weights, "m", x[:rows]), alone[:rows]), rows
+
+
+def top_k_session(domain: str | None):
+    """A graph of one TopK (onnxruntime's, or speccompile's with `domain`), X [..., n] float and K [1]."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+    from speccompile.runtime.sessions import session_options
+    node = helper.make_node("TopK", ["x", "k"], ["v", "i"], **({"domain": domain} if domain else {"axis": -1}))
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
+                                            helper.make_tensor_value_info("k", TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info("v", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("i", TensorProto.INT64, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid(q4_matmul.DOMAIN, 1)])
+    options = session_options(2)
+    if domain:
+        options.register_custom_ops_library(q4_matmul.library())
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@needs_kernel
+def test_top_k_gives_onnxruntimes_outputs():
+    """The head screen's candidates by speccompile's TopK: the same values and indices as onnxruntime's, equal values
+    (many, rounded to halves) the lower index first, over a vocabulary-sized row, several rows, K from 0 to n."""
+    ours, theirs = top_k_session(q4_matmul.DOMAIN), top_k_session(None)
+    rng = np.random.default_rng(15)
+    for shape, k in (((1, 49152), 65), ((3, 49152), 513), ((2, 100), 100), ((4, 7), 0), ((5, 7), 3),
+                     ((2, 3, 50), 9)):
+        for ties in (False, True):
+            x = rng.standard_normal(shape).astype(np.float32) * 4
+            x = np.round(x * 2) / 2 if ties else x
+            feed = {"x": x, "k": np.array([k])}
+            for got, want in zip(ours.run(None, feed), theirs.run(None, feed)):
+                assert np.array_equal(got, want), (shape, k, ties)
+
+
+@needs_kernel
+def test_top_k_ranks_nan_last_and_refuses_a_k_past_the_row():
+    import onnxruntime as ort
+    ours = top_k_session(q4_matmul.DOMAIN)
+    x = np.array([[1.0, np.nan, -np.inf, 3.0, -0.0, 0.0, np.nan, 2.0] * 3], np.float32)
+    values, indices = ours.run(None, {"x": x, "k": np.array([24])})
+    order = sorted(range(24), key=lambda j: (np.isnan(x[0, j]), -np.nan_to_num(x[0, j], nan=0.0), j))
+    assert indices[0].tolist() == order
+    assert np.array_equal(values[0], x[0, order], equal_nan=True)
+    with pytest.raises(ort.capi.onnxruntime_pybind11_state.Fail, match="K must be between 0"):
+        ours.run(None, {"x": x, "k": np.array([25])})

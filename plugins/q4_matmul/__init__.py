@@ -23,7 +23,7 @@ from speccompile.graphs import KERNEL_DOMAIN
 
 DOMAIN, OP_TYPE, OP_TYPE_Q8 = KERNEL_DOMAIN, "MatMulQ4", "MatMulQ8"
 BLOCK, TILE, RECORD, RECORD8 = 32, 16, 320, 576
-UNITS = ("kernel.c", "avx512.c", "amx.c", "avx2.c", "attention.c")  # each instruction set's code is marked in its file, not by flags
+UNITS = ("kernel.c", "avx512.c", "amx.c", "avx2.c", "attention.c", "topk.c")  # each instruction set's code is marked in its file, not by flags
 SOURCES = (*UNITS, "q4.h", "ort_abi.h", "attention_body.h")
 FLAGS = ["-O3", "-shared", "-fPIC"]
 ISAS = {2: "AVX-512 VNNI", 1: "AVX2"}

@@ -175,10 +175,12 @@ OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base)
   }
   amx = speccompile_amx();
   tree_attention_register(api, speccompile_cpu_supported());
+  top_k_register(api);
   OrtCustomOpDomain* domain;
   CHECK(ORT_SLOT(api, CreateCustomOpDomain)("speccompile.kernels", &domain));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &matmul_q4));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &matmul_q8));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &tree_attention_op));
+  CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &top_k_op));
   return ORT_SLOT(api, AddCustomOpDomain)(options, domain);
 }

@@ -62,4 +62,8 @@ extern struct OrtCustomOp tree_attention_op;
 struct OrtApi;
 void tree_attention_register(const struct OrtApi* api, int instruction_set);
 
+/* topk.c: speccompile.kernels::TopK (ONNX's TopK over the last axis, largest first, sorted) */
+extern struct OrtCustomOp top_k_op;
+void top_k_register(const struct OrtApi* api);
+
 #endif

@@ -30,9 +30,10 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from speccompile.compile.graph.linear import int8_product
+from speccompile.compile.graph.linear import in_kernel_layout, int8_product
 from speccompile.compile.quantize.int8 import BLOCK
 from speccompile.graphs.builder import GraphBuilder
+from speccompile.plugins import q4_matmul
 
 CANDIDATES = 64  # tokens rescored in float32 per row
 # per row, in a pass with top-k rows: a top-k set is certified when its k-th logit clears the next candidate's
@@ -95,7 +96,9 @@ def _screen(s: GraphBuilder, rows: str, head: str, W: dict[str, str], noise: str
         upper = _if_noisy(s, noisy, [upper], lambda b: [added(b)])[0]
     n = _candidates(s, limited, s.weights[head][0][0])  # [1]
     after = s.op("Add", [n, c([1])])[0]
-    top, idx = s.op("TopK", [upper, after], n_out=2, axis=-1)
+    # speccompile's TopK where the graph runs its kernels: onnxruntime's outputs, a fraction of its time
+    kernels = {"domain": q4_matmul.DOMAIN} if in_kernel_layout(s, W["head_screen.codes"]) else {"axis": -1}
+    top, idx = s.op("TopK", [upper, after], n_out=2, **kernels)
     cand = s.op("Slice", [idx, c([0]), n, c([1])])[0]  # [R, K]
     rest = s.op("Slice", [top, n, after, c([1])])[0]  # [R, 1]
     exact = s.op("MatMul", [s.op("Gather", [head, cand], axis=0)[0], s.op("Unsqueeze", [rows, c([2])])[0]])[0]

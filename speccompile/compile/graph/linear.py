@@ -32,12 +32,17 @@ def matmul(g: GraphBuilder, x: str, W: dict[str, str], key: str) -> str:
     return g.op("MatMul", [x, W[key]])[0]
 
 
+def in_kernel_layout(g: GraphBuilder, codes: str) -> bool:
+    """Whether int8 `codes` are stored for speccompile's MatMulQ8 (a graph that runs speccompile's kernels)."""
+    return g.weights[codes][0][-1] == q4_matmul.RECORD8
+
+
 def int8_product(g: GraphBuilder, x: str, codes: str, scales: str | None, output: str | None = None) -> str:
     """x [..., K] times the int8 matrix whose rows (one per output) are `codes` [N, K/BLOCK, BLOCK] with `scales`;
     or, stored in speccompile's MatMulQ8 layout [N/16, K/BLOCK, 576] (scales inside: kernel_form.int8_records),
     by that kernel."""
     shape = g.weights[codes][0]
-    if shape[-1] == q4_matmul.RECORD8:
+    if in_kernel_layout(g, codes):
         return g.op(q4_matmul.OP_TYPE_Q8, [x, codes], outputs=[output] if output else None, domain=q4_matmul.DOMAIN,
                     K=shape[1] * BLOCK, N=shape[0] * q4_matmul.TILE)[0]
     N, nb, _ = shape
