@@ -21,8 +21,8 @@ decode step reads. A greedy step needs only the argmax, and the argmax can be fo
 The logits output of a screened pass is the estimate `approx`: a greedy pass reads only next_token and the
 acceptance outputs. Sampling by noise (input sample_noise: the Gumbel-max trick, runtime/noise.py) takes the
 screen too, its noise added to both sides of step 4's comparison; the in-graph sampling rule (temperature > 0)
-and callers that ask for exact logits (input `full_logits`) take the float32 product. CPU-only op (MatMulNBits):
-graphs for TensorRT are built without the screen.
+and callers that ask for exact logits (input `full_logits`) take the float32 product. CPU-only ops (MatMulNBits,
+or speccompile's MatMulQ8 and TopK in a build with its kernels): graphs for TensorRT are built without the screen.
 The screen's tensors come from speccompile.compile.quantize.head_screen.quantize_head.
 """
 from __future__ import annotations
