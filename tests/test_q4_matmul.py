@@ -132,7 +132,8 @@ import sys, numpy as np, pathlib
 sys.path.insert(0, sys.argv[1])
 from test_quantized import run_product
 data = np.load(sys.argv[2])
-np.save(sys.argv[3], run_product(pathlib.Path(sys.argv[4]), {sys.argv[5]: data["w"]}, "m", data["x"]))
+np.save(sys.argv[3], run_product(pathlib.Path(sys.argv[4]), {sys.argv[5]: data["w"]}, "m", data["x"],
+                                 gated=sys.argv[6] == "gated"))
 """
 
 
@@ -145,14 +146,15 @@ def test_the_avx2_variant_computes_what_the_avx512_one_does(tmp_path):
     import sys
     codes, scales, minimums = random_weight(64, 576, seed=9)
     x = np.random.default_rng(10).standard_normal((7, 576)).astype(np.float32) * 3
-    for name, weights in (("m" + kernel_form.SUFFIX, q4_matmul.pack(codes, scales, minimums)),
-                          ("m" + SUFFIX_CODES, q4_matmul.pack8(*random_int8(64, 576, seed=9)))):
+    for name, weights, form in (("m" + kernel_form.SUFFIX, q4_matmul.pack(codes, scales, minimums), "plain"),
+                                ("m" + SUFFIX_CODES, q4_matmul.pack8(*random_int8(64, 576, seed=9)), "plain"),
+                                ("m" + kernel_form.SUFFIX, q4_matmul.pack(codes, scales, minimums), "gated")):
         np.savez(tmp_path / "in.npz", w=weights, x=x)
         env = dict(os.environ, SPECCOMPILE_Q4_ISA="avx2")
         subprocess.run([sys.executable, "-c", AVX2_RUN, os.path.dirname(__file__), str(tmp_path / "in.npz"),
-                        str(tmp_path / "avx2.npy"), str(tmp_path), name], env=env, check=True)
-        y = run_product(tmp_path, {name: weights}, "m", x)
-        assert np.array_equal(np.load(tmp_path / "avx2.npy"), y), name
+                        str(tmp_path / "avx2.npy"), str(tmp_path), name, form], env=env, check=True)
+        y = run_product(tmp_path, {name: weights}, "m", x, gated=form == "gated")
+        assert np.array_equal(np.load(tmp_path / "avx2.npy"), y), (name, form)
 
 
 def test_the_rows_tool_times_both_kernels(monkeypatch, capsys):
@@ -244,6 +246,24 @@ def test_each_int8_row_is_computed_alike_whatever_the_rows_beside_it(tmp_path):
     alone = np.concatenate([run_product(tmp_path, weights, "m", x[i:i + 1]) for i in range(12)])
     for rows in range(2, 13):
         assert np.array_equal(run_product(tmp_path, weights, "m", x[:rows]), alone[:rows]), rows
+
+
+@needs_kernel
+def test_the_gated_product_is_silu_of_one_half_times_the_other(tmp_path):
+    """MatMulQ4SiLU against its numpy definition, from one row to a prefill chunk's (AMX, where the CPU has it, from
+    16 rows), and each row bit for bit what it is alone; gates far below and above zero stay finite."""
+    codes, scales, minimums = random_weight(64, 34 * 32, seed=16)
+    records = q4_matmul.pack(codes, scales, minimums)
+    weights = {"m" + kernel_form.SUFFIX: records}
+    x = np.random.default_rng(17).standard_normal((40, 34 * 32)).astype(np.float32) * 3
+    x[0] *= 60  # gates of several hundred, both signs: e^-|z| under- and e^|z| would overflow
+    y = run_product(tmp_path, weights, "m", x, gated=True)
+    ref = q4_matmul.reference_silu(x, records)
+    assert y.shape == (40, 32) and np.isfinite(y).all()
+    assert np.abs(y - ref).max() <= 2e-5 * np.abs(ref).max()
+    alone = np.concatenate([run_product(tmp_path, weights, "m", x[i:i + 1], gated=True) for i in range(40)])
+    for rows in (1, 5, 16, 17, 40):
+        assert np.array_equal(run_product(tmp_path, weights, "m", x[:rows], gated=True), alone[:rows]), rows
 
 
 def top_k_session(domain: str | None):

@@ -14,7 +14,7 @@ from safetensors import numpy as safetensors_numpy
 
 import speccompile
 from speccompile.compile.driver import build_bundle
-from speccompile.compile.graph.linear import matmul
+from speccompile.compile.graph.linear import gated_product, matmul
 from speccompile.compile.presets import tiny_mtp_head
 from speccompile.compile.quantize import kernel_form
 from speccompile.compile.quantize.nbits import join_rows, nbits_product, pack_gguf_matrix
@@ -40,15 +40,18 @@ DRAFTS = ["lookup", "layerskip:2"]
 TOLERANCE = {"source": 0.03, "int8": 0.02, "int4": 0.25}
 
 
-def run_product(tmp_path, weights: dict, key: str, x: np.ndarray, level: int | None = None) -> np.ndarray:
+def run_product(tmp_path, weights: dict, key: str, x: np.ndarray, level: int | None = None,
+                gated: bool = False) -> np.ndarray:
     """x @ W[key] through linear.matmul, the product every decoder graph emits (or, given a MatMulNBits accuracy
-    level, nbits_product at that level), in onnxruntime."""
+    level, nbits_product at that level; gated: linear.gated_product, silu of its first half times its second), in
+    onnxruntime."""
     import onnx
     import onnxruntime as ort
     g = GraphBuilder("product")
     W = {name: g.weight(name, array) for name, array in weights.items()}
     x_in = g.input("x", "float32", ["R", x.shape[1]])
-    y = matmul(g, x_in, W, key) if level is None else nbits_product(g, x_in, W, key, level)
+    y = (gated_product(g, x_in, W, key) if gated else matmul(g, x_in, W, key) if level is None
+         else nbits_product(g, x_in, W, key, level))
     g.output(g.op("Identity", [y], outputs=["y"])[0], "float32", None)
     refs, offset = {}, 0
     with open(tmp_path / "w.bin", "wb") as f:
@@ -282,6 +285,10 @@ def test_the_kernel_build_runs_its_q4_matrices_through_matmulq4(gguf_bundles, bu
             assert (stored in q4) == all(" as " not in p and set(p.split("+")) <= {"q4_0", "q4_1"}
                                              for p in parts), (key, fmt)
     assert "speccompile.kernels" in m["runtime"]["op_domains"]
+    # a layer whose gate and up matrices joined in MatMulQ4's layout runs them with their gate: MatMulQ4SiLU
+    nodes = onnx.load(str(gguf_bundles / build / m["models"]["target"]["graph"]), load_external_data=False).graph.node
+    gated = {k + ".q4blocks" for k in q4 if k.endswith(".gate_up")}
+    assert gated and sorted(n.input[1] for n in nodes if n.op_type == "MatMulQ4SiLU") == sorted(gated)
     assert f"{len(kernel)} products by speccompile's own kernels" in "\n".join(describe(str(gguf_bundles / build),
                                                                                         m, True))
 

@@ -21,10 +21,10 @@ from speccompile.errors import SpeccompileError
 from speccompile.format.paths import user_cache_dir
 from speccompile.graphs import KERNEL_DOMAIN
 
-DOMAIN, OP_TYPE, OP_TYPE_Q8 = KERNEL_DOMAIN, "MatMulQ4", "MatMulQ8"
+DOMAIN, OP_TYPE, OP_TYPE_Q8, OP_TYPE_SILU = KERNEL_DOMAIN, "MatMulQ4", "MatMulQ8", "MatMulQ4SiLU"
 BLOCK, TILE, RECORD, RECORD8 = 32, 16, 320, 576
-UNITS = ("kernel.c", "avx512.c", "amx.c", "avx2.c", "attention.c", "topk.c")  # each instruction set's code is marked in its file, not by flags
-SOURCES = (*UNITS, "q4.h", "ort_abi.h", "attention_body.h")
+UNITS = ("kernel.c", "avx512.c", "amx.c", "avx2.c", "attention.c", "topk.c", "gated.c")  # each instruction set's code is marked in its file, not by flags
+SOURCES = (*UNITS, "q4.h", "ort_abi.h", "attention_body.h", "vectors.h", "vexp_body.h", "gated_body.h")
 FLAGS = ["-O3", "-shared", "-fPIC"]
 ISAS = {2: "AVX-512 VNNI", 1: "AVX2"}
 LIBRARY = "libspeccompile_kernels.so"
@@ -86,6 +86,15 @@ def reference(x: np.ndarray, records: np.ndarray) -> np.ndarray:
     offsets = np.float32(8) * d + m  # float32, as the kernel forms it
     y = (dots * scale[..., None] * d.T[None] + sums[..., None] * offsets.T[None]).sum(1)
     return y.astype(np.float32).reshape(*x.shape[:-1], len(q))
+
+
+def reference_silu(x: np.ndarray, records: np.ndarray) -> np.ndarray:
+    """MatMulQ4SiLU's definition in numpy: x [..., K] -> [..., N/2], silu of the product's first half times its
+    second (float64, to float32)."""
+    y = reference(x, records).astype(np.float64)
+    gate, up = np.split(y, 2, axis=-1)
+    t = np.exp(-np.abs(gate))  # the sigmoid without overflow either side
+    return (gate * np.where(gate >= 0, 1 / (1 + t), t / (1 + t)) * up).astype(np.float32)
 
 
 def pack8(codes: np.ndarray, scales: np.ndarray) -> np.ndarray | None:

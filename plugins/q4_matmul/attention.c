@@ -18,24 +18,17 @@
 #include "ort_abi.h"
 #include "q4.h"
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"  /* the AVX2 variant's 64-byte vectors never cross a call: all inlined */
-#endif
-
-typedef float v16 __attribute__((vector_size(64)));
-typedef int i16 __attribute__((vector_size(64)));
-#define load16(p) ({ v16 v_; __builtin_memcpy(&v_, (p), 64); v_; })
-#define store16(p, v) do { v16 s_ = (v); __builtin_memcpy((p), &s_, 64); } while (0)
-#define pick(m, a, b) ((v16)(((i16)(a) & (m)) | ((i16)(b) & ~(m))))
-#define splat(x) ((v16){0} + (x))
+#include "vectors.h"
 
 #define TARGET __attribute__((target("avx512f,avx512bw,fma")))
 #define NAME(x) x##_avx512
+#include "vexp_body.h"
 #include "attention_body.h"
 #undef TARGET
 #undef NAME
 #define TARGET __attribute__((target("avx2,fma")))
 #define NAME(x) x##_avx2
+#include "vexp_body.h"
 #include "attention_body.h"
 
 #define MAX_HEAD_DIM 256

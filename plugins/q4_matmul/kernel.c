@@ -31,6 +31,7 @@ static void (*quantize)(const float*, int64_t, int, int8_t*, float*, float*, int
 static void (*product_tile)(const Product*, size_t);
 static void (*product_tile8)(const Product*, size_t);
 static int amx;  /* MatMulQ4's products of AMX_ROWS rows or more on the tile unit (amx.c) */
+static int avx512;  /* the AVX-512 variants chosen */
 
 /* 2: AVX-512 VNNI, 1: AVX2, 0: neither; $SPECCOMPILE_Q4_ISA=avx2 picks AVX2 on an AVX-512 machine (tests) */
 int speccompile_cpu_supported(void) {
@@ -59,24 +60,27 @@ static void run_quantize(void* rounding, size_t i) {
 
 static void run_tile(void* p, size_t t) { product_tile(p, t); }
 static void run_tile_amx(void* p, size_t t) { q4_tile_amx(p, t); }
+static void run_gated(void* g, size_t t) {
+  q4_gated_tile(g, t, amx && ((const Gated*)g)->product.M >= AMX_ROWS ? q4_tile_amx : product_tile, avx512);
+}
 static void run_tile8(void* p, size_t t) { product_tile8(p, t); }
 
 /* ---- the onnxruntime op ---- */
 
 static const OrtApi* api;
-typedef struct { int64_t K, N; int eight_bit; } Kernel;
-static OrtCustomOp matmul_q8;
+typedef struct { int64_t K, N; int eight_bit, gated; } Kernel;
+static OrtCustomOp matmul_q8, matmul_q4_silu;
 
 static OrtStatus* fail(const char* message) { return ORT_SLOT(api, CreateStatus)(ORT_FAIL, message); }
 #define CHECK(call) do { OrtStatus* s_ = (call); if (s_) return s_; } while (0)
 
 static OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* a, const OrtKernelInfo* info, void** out) {
   (void)a;
-  Kernel k = {.eight_bit = op == &matmul_q8};
+  Kernel k = {.eight_bit = op == &matmul_q8, .gated = op == &matmul_q4_silu};
   CHECK(ORT_SLOT(api, KernelInfoGetAttribute_int64)(info, "K", &k.K));
   CHECK(ORT_SLOT(api, KernelInfoGetAttribute_int64)(info, "N", &k.N));
-  if (k.K <= 0 || k.N <= 0 || k.K % BLOCK || k.N % TILE || k.K > (1 << 24) || k.N > (1 << 24))
-    return fail("MatMulQ4/MatMulQ8: K must be a multiple of 32 and N of 16, each at most 2^24");
+  if (k.K <= 0 || k.N <= 0 || k.K % BLOCK || k.N % (k.gated ? 2 * TILE : TILE) || k.K > (1 << 24) || k.N > (1 << 24))
+    return fail("MatMulQ4/MatMulQ8: K must be a multiple of 32 and N of 16 (MatMulQ4SiLU: of 32), each at most 2^24");
   Kernel* kernel = malloc(sizeof *kernel);
   if (!kernel) return fail("MatMulQ4: out of memory");
   *kernel = k;
@@ -111,7 +115,7 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   CHECK(shape(x, dims, &rank));
   if (dims[rank - 1] != k->K) return fail("MatMulQ4: x's last dimension is not the op's K");
   for (size_t i = 0; i + 1 < rank; i++) M *= dims[i];
-  dims[rank - 1] = k->N;
+  dims[rank - 1] = k->gated ? k->N / 2 : k->N;
   CHECK(ORT_SLOT(api, KernelContext_GetOutput)(ctx, 0, dims, rank, &y));
   void *xp, *wp, *yp;
   CHECK(ORT_SLOT(api, GetTensorMutableData)((OrtValue*)x, &xp));
@@ -137,13 +141,19 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
     run_quantize(&rounding, 0);
   Product p = {xq, scale, sum, eights, wp, yp, M, k->N, K};
   void (*each)(void*, size_t) = k->eight_bit ? run_tile8 : amx && M >= AMX_ROWS ? run_tile_amx : run_tile;
-  if (!s) s = ORT_SLOT(api, KernelContext_ParallelFor)(ctx, each, (size_t)(k->N / TILE), 0, &p);
+  int failed = 0;
+  Gated gated = {p, yp, &failed};
+  if (!s && k->gated) s = ORT_SLOT(api, KernelContext_ParallelFor)(ctx, run_gated, (size_t)(k->N / 2 / TILE), 0, &gated);
+  else if (!s) s = ORT_SLOT(api, KernelContext_ParallelFor)(ctx, each, (size_t)(k->N / TILE), 0, &p);
+  if (!s && failed) s = fail("MatMulQ4SiLU: out of memory");
   if ((unsigned char*)scale != local) free(scale);
   return s;
 }
 
 static void destroy_kernel(void* kernel) { free(kernel); }
-static const char* op_name(const OrtCustomOp* op) { return op == &matmul_q8 ? "MatMulQ8" : "MatMulQ4"; }
+static const char* op_name(const OrtCustomOp* op) {
+  return op == &matmul_q8 ? "MatMulQ8" : op == &matmul_q4_silu ? "MatMulQ4SiLU" : "MatMulQ4";
+}
 static const char* provider(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
 static int input_type(const OrtCustomOp* op, size_t i) { (void)op; return i == 0 ? ORT_TENSOR_FLOAT : ORT_TENSOR_UINT8; }
 static size_t input_count(const OrtCustomOp* op) { (void)op; return 2; }
@@ -162,7 +172,7 @@ static int last_opset(const OrtCustomOp* op) { (void)op; return 1 << 30; }
   .GetVariadicInputHomogeneity = one, .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = one, \
   .CreateKernelV2 = create_kernel, .KernelComputeV2 = compute, .GetStartVersion = one, .GetEndVersion = last_opset, \
 }
-static OrtCustomOp matmul_q4 = OP, matmul_q8 = OP;
+static OrtCustomOp matmul_q4 = OP, matmul_q8 = OP, matmul_q4_silu = OP;
 
 /* onnxruntime calls this on SessionOptions.register_custom_ops_library(path) */
 OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
@@ -174,12 +184,14 @@ OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base)
     default: return fail("speccompile's MatMulQ4 needs a CPU with AVX2, FMA and F16C");
   }
   amx = speccompile_amx();
+  avx512 = speccompile_cpu_supported() == 2;
   tree_attention_register(api, speccompile_cpu_supported());
   top_k_register(api);
   OrtCustomOpDomain* domain;
   CHECK(ORT_SLOT(api, CreateCustomOpDomain)("speccompile.kernels", &domain));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &matmul_q4));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &matmul_q8));
+  CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &matmul_q4_silu));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &tree_attention_op));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &top_k_op));
   return ORT_SLOT(api, AddCustomOpDomain)(options, domain);

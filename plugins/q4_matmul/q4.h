@@ -56,6 +56,10 @@ int speccompile_amx(void);  /* kernel.c: whether MatMulQ4 uses it */
 int q4_has_avx2(void);
 int speccompile_cpu_supported(void);  /* kernel.c: 2 AVX-512 VNNI, 1 AVX2, 0 neither */
 
+/* gated.c: speccompile.kernels::MatMulQ4SiLU's tile t (16 outputs of y, the gated half as wide as the product) */
+typedef struct { Product product; float* y; int* failed; } Gated;
+void q4_gated_tile(const Gated* g, size_t t, void (*tile)(const Product*, size_t), int avx512);
+
 /* attention.c: speccompile.kernels::TreeAttention */
 struct OrtCustomOp;
 extern struct OrtCustomOp tree_attention_op;

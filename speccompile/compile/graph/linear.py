@@ -32,6 +32,18 @@ def matmul(g: GraphBuilder, x: str, W: dict[str, str], key: str) -> str:
     return g.op("MatMul", [x, W[key]])[0]
 
 
+def gated_product(g: GraphBuilder, x: str, W: dict[str, str], key: str) -> str | None:
+    """silu(x @ gate) * (x @ up) for W[key], gate and up joined along the outputs, by speccompile's MatMulQ4SiLU
+    where the weight is in its layout (whole tiles of 16 in each half); None elsewhere (nothing emitted)."""
+    if key + kernel_form.SUFFIX not in W:
+        return None
+    tiles, blocks, _ = g.weights[W[key + kernel_form.SUFFIX]][0]
+    if tiles % 2:
+        return None
+    return g.op(q4_matmul.OP_TYPE_SILU, [x, W[key + kernel_form.SUFFIX]], domain=q4_matmul.DOMAIN,
+                K=blocks * q4_matmul.BLOCK, N=tiles * q4_matmul.TILE)[0]
+
+
 def in_kernel_layout(g: GraphBuilder, codes: str) -> bool:
     """Whether int8 `codes` are stored for speccompile's MatMulQ8 (a graph that runs speccompile's kernels)."""
     return g.weights[codes][0][-1] == q4_matmul.RECORD8

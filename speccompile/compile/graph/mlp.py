@@ -1,7 +1,7 @@
 """The gated MLP: down(act(gate x) * up x), act SiLU (SwiGLU) or tanh-approximated GELU (Gemma's GeGLU)."""
 from __future__ import annotations
 
-from speccompile.compile.graph.linear import has_matrix, matmul
+from speccompile.compile.graph.linear import gated_product, has_matrix, matmul
 from speccompile.graphs.builder import GraphBuilder
 
 
@@ -25,7 +25,10 @@ def swiglu_mlp(g: GraphBuilder, W: dict[str, str], p: str, x: str, act: str = "s
         a = gated_silu(g, matmul(g, x, W, p + "gate"), matmul(g, x, W, p + "up"), act)
     elif p + "gate_up" in W:  # heads and DeepSeek layers keep one fused float matrix
         a = fused_gate_up(g, x, W[p + "gate_up"], act)
-    else:  # a packed target joins them (quantize/target_weights.py): one product, one offsets product
-        gate, up = g.op("Split", [matmul(g, x, W, p + "gate_up")], n_out=2, axis=-1, num_outputs=2)
-        a = gated_silu(g, gate, up, act)
+    else:  # a packed target joins them (quantize/target_weights.py): one product (on speccompile's kernel, with
+        # its gate: linear.gated_product), one offsets product
+        a = gated_product(g, x, W, p + "gate_up") if act == "silu" else None
+        if a is None:
+            gate, up = g.op("Split", [matmul(g, x, W, p + "gate_up")], n_out=2, axis=-1, num_outputs=2)
+            a = gated_silu(g, gate, up, act)
     return matmul(g, a, W, p + "down")
