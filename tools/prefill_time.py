@@ -1,7 +1,7 @@
 """How long a prompt takes to its first token (prefill), plain decoding, the context cache off: per prompt the best of
 --repeats runs, then the prompts' total and milliseconds per prompt token. Prints whether speccompile's 4-bit
 products run on AMX here; SPECCOMPILE_Q4_ISA=avx512 times the VNNI kernel alone, so alternating runs with and
-without it compare the two (docs/results.md, "AMX for prefill chunks").
+without it compare the two (docs/results.md, "AMX for prefill").
 
     python tools/prefill_time.py BUNDLE [--dataset question.jsonl] [--limit 26] [--repeats 3] [--threads 2]
 """
