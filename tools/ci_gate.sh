@@ -52,4 +52,4 @@ fi
 bench "$result"
 # Thresholds: see docs/design.md, "The CI gate's method", and docs/results.md, "The CI gate's thresholds".
 speccompile gate "$result" --baseline "$baseline" --max-regression 0.06 --min-speedup 1.0 --min-accepted 1.35 \
-    --min-concurrency 1.3
+    --min-concurrency 1.2
