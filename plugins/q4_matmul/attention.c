@@ -20,16 +20,8 @@
 
 #include "vectors.h"
 
-#define TARGET __attribute__((target("avx512f,avx512bw,fma")))
-#define NAME(x) x##_avx512
-#include "vexp_body.h"
-#include "attention_body.h"
-#undef TARGET
-#undef NAME
-#define TARGET __attribute__((target("avx2,fma")))
-#define NAME(x) x##_avx2
-#include "vexp_body.h"
-#include "attention_body.h"
+#define ISA_BODY "attention_body.h"
+#include "isa_variants.h"
 
 #define MAX_HEAD_DIM 256
 
@@ -227,7 +219,6 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
 
 static void destroy_kernel(void* kernel) { free(kernel); }
 static const char* op_name(const OrtCustomOp* op) { (void)op; return "TreeAttention"; }
-static const char* provider(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
 static int input_type(const OrtCustomOp* op, size_t i) {
   (void)op;
   return i == 3 || i == 8 ? ORT_TENSOR_INT32 : i == 6 ? ORT_TENSOR_INT64 : ORT_TENSOR_FLOAT;
@@ -239,18 +230,12 @@ static int input_required(const OrtCustomOp* op, size_t i) {
   (void)op;
   return i == 8 ? ORT_INPUT_OUTPUT_OPTIONAL : ORT_INPUT_OUTPUT_REQUIRED;
 }
-static int required(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return ORT_INPUT_OUTPUT_REQUIRED; }
-static int memory(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return ORT_MEM_TYPE_DEFAULT; }
-static int one(const OrtCustomOp* op) { (void)op; return 1; }
-static int last_opset(const OrtCustomOp* op) { (void)op; return 1 << 30; }
 
 OrtCustomOp tree_attention_op = {
-  .version = ORT_ABI_VERSION, .GetName = op_name, .GetExecutionProviderType = provider,
-  .GetInputType = input_type, .GetInputTypeCount = input_count, .GetOutputType = output_type,
-  .GetOutputTypeCount = output_count, .KernelDestroy = destroy_kernel, .GetInputCharacteristic = input_required,
-  .GetOutputCharacteristic = required, .GetInputMemoryType = memory, .GetVariadicInputMinArity = one,
-  .GetVariadicInputHomogeneity = one, .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = one,
-  .CreateKernelV2 = create_kernel, .KernelComputeV2 = compute, .GetStartVersion = one, .GetEndVersion = last_opset,
+  OP_COMMON_SLOTS, .GetName = op_name, .GetInputType = input_type,
+  .GetInputTypeCount = input_count, .GetOutputType = output_type, .GetOutputTypeCount = output_count,
+  .KernelDestroy = destroy_kernel, .GetInputCharacteristic = input_required, .CreateKernelV2 = create_kernel,
+  .KernelComputeV2 = compute,
 };
 
 void tree_attention_register(const OrtApi* a, int instruction_set) { api = a, isa = instruction_set; }

@@ -9,16 +9,8 @@
 #include "q4.h"
 #include "vectors.h"
 
-#define TARGET __attribute__((target("avx512f,avx512bw,fma")))
-#define NAME(x) x##_avx512
-#include "vexp_body.h"
-#include "gated_body.h"
-#undef TARGET
-#undef NAME
-#define TARGET __attribute__((target("avx2,fma")))
-#define NAME(x) x##_avx2
-#include "vexp_body.h"
-#include "gated_body.h"
+#define ISA_BODY "gated_body.h"
+#include "isa_variants.h"
 
 #define LOCAL_ROWS 64  /* rows whose two tiles of sums fit the stack (8 KiB) */
 

@@ -154,24 +154,14 @@ static void destroy_kernel(void* kernel) { free(kernel); }
 static const char* op_name(const OrtCustomOp* op) {
   return op == &matmul_q8 ? "MatMulQ8" : op == &matmul_q4_silu ? "MatMulQ4SiLU" : "MatMulQ4";
 }
-static const char* provider(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
 static int input_type(const OrtCustomOp* op, size_t i) { (void)op; return i == 0 ? ORT_TENSOR_FLOAT : ORT_TENSOR_UINT8; }
 static size_t input_count(const OrtCustomOp* op) { (void)op; return 2; }
 static int output_type(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return ORT_TENSOR_FLOAT; }
 static size_t output_count(const OrtCustomOp* op) { (void)op; return 1; }
-static int required(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return ORT_INPUT_OUTPUT_REQUIRED; }
-static int memory(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return ORT_MEM_TYPE_DEFAULT; }
-static int one(const OrtCustomOp* op) { (void)op; return 1; }
-static int last_opset(const OrtCustomOp* op) { (void)op; return 1 << 30; }
 
-#define OP { \
-  .version = ORT_ABI_VERSION, .GetName = op_name, .GetExecutionProviderType = provider, \
-  .GetInputType = input_type, .GetInputTypeCount = input_count, .GetOutputType = output_type, \
-  .GetOutputTypeCount = output_count, .KernelDestroy = destroy_kernel, .GetInputCharacteristic = required, \
-  .GetOutputCharacteristic = required, .GetInputMemoryType = memory, .GetVariadicInputMinArity = one, \
-  .GetVariadicInputHomogeneity = one, .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = one, \
-  .CreateKernelV2 = create_kernel, .KernelComputeV2 = compute, .GetStartVersion = one, .GetEndVersion = last_opset, \
-}
+#define OP { OP_COMMON_SLOTS, .GetName = op_name, .GetInputType = input_type, .GetInputTypeCount = input_count, \
+  .GetOutputType = output_type, .GetOutputTypeCount = output_count, .KernelDestroy = destroy_kernel,             \
+  .GetInputCharacteristic = op_required, .CreateKernelV2 = create_kernel, .KernelComputeV2 = compute }
 static OrtCustomOp matmul_q4 = OP, matmul_q8 = OP, matmul_q4_silu = OP;
 
 /* onnxruntime calls this on SessionOptions.register_custom_ops_library(path) */

@@ -97,4 +97,17 @@ typedef struct OrtCustomOp {
   void* ReleaseAliasMap;
 } OrtCustomOp;
 
+/* The slots every op of the library fills alike: CPU, no variadic inputs, every opset. Each op then names its own
+ * GetName, input and output types and counts, characteristics of its inputs, and its kernel's functions. */
+static inline const char* op_cpu(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
+static inline int op_required(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return ORT_INPUT_OUTPUT_REQUIRED; }
+static inline int op_memory(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return ORT_MEM_TYPE_DEFAULT; }
+static inline int op_one(const OrtCustomOp* op) { (void)op; return 1; }
+static inline int op_last_opset(const OrtCustomOp* op) { (void)op; return 1 << 30; }
+#define OP_COMMON_SLOTS                                                                                      \
+  .version = ORT_ABI_VERSION, .GetExecutionProviderType = op_cpu, .GetOutputCharacteristic = op_required,   \
+  .GetInputMemoryType = op_memory, .GetVariadicInputMinArity = op_one, .GetVariadicInputHomogeneity = op_one, \
+  .GetVariadicOutputMinArity = op_one, .GetVariadicOutputHomogeneity = op_one, .GetStartVersion = op_one,     \
+  .GetEndVersion = op_last_opset
+
 #endif

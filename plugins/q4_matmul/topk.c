@@ -150,23 +150,16 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
 }
 
 static const char* op_name(const OrtCustomOp* op) { (void)op; return "TopK"; }
-static const char* provider(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
 static int input_type(const OrtCustomOp* op, size_t i) { (void)op; return i ? ORT_TENSOR_INT64 : ORT_TENSOR_FLOAT; }
 static size_t two(const OrtCustomOp* op) { (void)op; return 2; }
 static int output_type(const OrtCustomOp* op, size_t i) { (void)op; return i ? ORT_TENSOR_INT64 : ORT_TENSOR_FLOAT; }
-static int required(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return ORT_INPUT_OUTPUT_REQUIRED; }
-static int memory(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return ORT_MEM_TYPE_DEFAULT; }
-static int one(const OrtCustomOp* op) { (void)op; return 1; }
-static int last_opset(const OrtCustomOp* op) { (void)op; return 1 << 30; }
 static void destroy_kernel(void* kernel) { (void)kernel; }
 
 OrtCustomOp top_k_op = {
-  .version = ORT_ABI_VERSION, .GetName = op_name, .GetExecutionProviderType = provider,
-  .GetInputType = input_type, .GetInputTypeCount = two, .GetOutputType = output_type,
-  .GetOutputTypeCount = two, .KernelDestroy = destroy_kernel, .GetInputCharacteristic = required,
-  .GetOutputCharacteristic = required, .GetInputMemoryType = memory, .GetVariadicInputMinArity = one,
-  .GetVariadicInputHomogeneity = one, .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = one,
-  .CreateKernelV2 = create_kernel, .KernelComputeV2 = compute, .GetStartVersion = one, .GetEndVersion = last_opset,
+  OP_COMMON_SLOTS, .GetName = op_name, .GetInputType = input_type,
+  .GetInputTypeCount = two, .GetOutputType = output_type, .GetOutputTypeCount = two,
+  .KernelDestroy = destroy_kernel, .GetInputCharacteristic = op_required, .CreateKernelV2 = create_kernel,
+  .KernelComputeV2 = compute,
 };
 
 void top_k_register(const OrtApi* a) { api = a; }
