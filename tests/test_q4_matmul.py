@@ -181,7 +181,8 @@ def test_a_weight_too_small_for_its_shape_is_an_error_not_a_read_past_it(tmp_pat
     from speccompile.runtime.sessions import open_session
     codes, scales, minimums = random_weight(16, 64)
     for op, weight in ((q4_matmul.OP_TYPE, q4_matmul.pack(codes, scales, minimums)),
-                       (q4_matmul.OP_TYPE_Q8, q4_matmul.pack8(*random_int8(16, 64)))):
+                       (q4_matmul.OP_TYPE_Q8, q4_matmul.pack8(*random_int8(16, 64))),
+                       (q4_matmul.OP_TYPE_SILU, q4_matmul.pack(codes, scales, minimums))):
         node = helper.make_node(op, ["x", "w"], ["y"], domain=q4_matmul.DOMAIN, K=64, N=32)
         graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
