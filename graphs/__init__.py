@@ -74,9 +74,10 @@ each target matrix's (WEIGHT_FORMATS). A packed matrix is a com.microsoft MatMul
 key.nbits4 | key.nbits8 (codes), key.nbits_scales, optional key.nbits_zeros and key.nbits_offsets (a GGUF block's
 minimum: the per-32-block sums of x times them, added), run at the manifest's accuracy_level; or, a 4-bit matrix
 with a float16 scale and minimum per block of 32, a KERNEL_DOMAIN MatMulQ4 product (speccompile's own CPU kernels:
-speccompile.plugins.q4_matmul), its weights key.q4blocks (that op's layout); an int8 matrix (the head screen, a draft
-head's) a KERNEL_DOMAIN MatMulQ8 product, its codes' key holding that op's layout [N/16, K/32, 576]; the manifest's
-quantization.kernel_matrices naming them. The attention inside is the model entry's `attention` lowering
+speccompile.plugins.q4_matmul), its weights key.q4blocks (that op's layout; a layer's joined gate_up matrix runs
+as a KERNEL_DOMAIN MatMulQ4SiLU, silu(x gate) * (x up) in one op); an int8 matrix (the head screen, a draft head's) a
+KERNEL_DOMAIN MatMulQ8 product, its codes' key holding that op's layout [N/16, K/32, 576], the screen's candidates
+then picked by a KERNEL_DOMAIN TopK (ONNX TopK's outputs); the manifest's quantization.kernel_matrices naming them. The attention inside is the model entry's `attention` lowering
 (speccompile.plugins.tree_attention): "ort", com.microsoft GroupQueryAttention with a pad row (kv_cache's
 scratch_slots 1), or "kernel", a KERNEL_DOMAIN TreeAttention node (speccompile's CPU kernel, no scratch slot; the
 batched form passes it query_seqlens). Logits of a
