@@ -47,6 +47,8 @@ class CostModel:
     # this process's timed passes: (mode, length index j) -> {row index i: decayed sums of observed / measured time}
     observed: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
     _factors: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    # mode -> the length indices whose factors wait for the passes timed there (observe leaves them to the next price)
+    _stale: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
     _memo: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # mode -> (length, ms by rows)
     # mode -> verify_ms as an array; (mode, factored) -> its prices by length and rows (_table)
     _grids: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
@@ -58,6 +60,8 @@ class CostModel:
         """Interpolated time of a target pass over `rows` rows after `length` committed tokens, as the passes
         timed lately (`observe`) correct the calibration."""
         mode = "greedy" if greedy else "sampled"
+        if self._stale:
+            self._refresh(mode)
         if not 1 <= rows <= MEMO_ROWS:
             return float(self._prices(length, mode, self._factors.get(mode), rows)[-1])
         memo = self._memo.get(mode)
@@ -135,23 +139,35 @@ class CostModel:
         mode = "greedy" if greedy else "sampled"
         i = min(range(len(self.rows)), key=lambda k: abs(self.rows[k] - rows))  # the first of a tie, as argmin
         j = min(range(len(self.lengths)), key=lambda k: abs(self.lengths[k] - length))
-        if rows <= MEMO_ROWS:
-            predicted = self._at_length(self._table(mode, factored=False)[rows - 1:rows], length)[0]
+        if rows <= MEMO_ROWS:  # _at_length on one row, in scalars (this runs after every pass)
+            row, (jj, w) = self._table(mode, factored=False)[rows - 1], self._between(length)
+            predicted = row[jj] if w == 0.0 else row[jj] + w * (row[jj + 1] - row[jj])
         else:
             predicted = self._prices(length, mode, None, rows)[-1]
         ratio = min(max(ms / predicted, 0.5), 2.0)  # a pass stalled by something else
         seen = self.observed.setdefault((mode, j), {})  # only this length's column of factors changes
         num, den = seen.get(i, (OBSERVED_PRIOR, OBSERVED_PRIOR))
         seen[i] = (num * OBSERVED_DECAY + ratio, den * OBSERVED_DECAY + 1.0)
-        nearest = lambda ii: seen[min(seen, key=lambda k: abs(k - ii))]  # noqa: E731
+        # the factors and the kept prices follow when next asked for: a plain step, which prices nothing, pays
+        # only for the sums above
+        self._stale.setdefault(mode, set()).add(j)
+        self._memo.pop(mode, None)
+
+    def _refresh(self, mode: str) -> None:
+        """The factors of the lengths timed since the last price, and the kept prices' columns there (`observe`)."""
+        stale = self._stale.pop(mode, None)
+        if not stale:
+            return
         factors = self._factors.get(mode)
         if factors is None:
             factors = self._factors[mode] = np.ones((len(self.rows), len(self.lengths)))
-        factors[:, j] = [n / d for n, d in (seen.get(ii) or nearest(ii) for ii in range(len(self.rows)))]
         table = self._grids.get((mode, True))
-        if table is not None:
-            table[:, j] = self._column(self._grid(mode), factors, j)
-        self._memo.pop(mode, None)
+        for j in stale:
+            seen = self.observed[(mode, j)]
+            nearest = lambda ii: seen[min(seen, key=lambda k: abs(k - ii))]  # noqa: E731
+            factors[:, j] = [n / d for n, d in (seen.get(ii) or nearest(ii) for ii in range(len(self.rows)))]
+            if table is not None:
+                table[:, j] = self._column(self._grid(mode), factors, j)
 
     def draft(self, name: str | None, rows: int, observed: bool = True) -> float:
         """One pass of drafter `name`'s engine over `rows` rows (0 for a drafter without one), as its timed
