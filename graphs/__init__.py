@@ -77,10 +77,10 @@ with a float16 scale and minimum per block of 32, a KERNEL_DOMAIN MatMulQ4 produ
 speccompile.plugins.q4_matmul), its weights key.q4blocks (that op's layout; a layer's joined gate_up matrix runs
 as a KERNEL_DOMAIN MatMulQ4SiLU, silu(x gate) * (x up) in one op); an int8 matrix (the head screen, a draft head's) a
 KERNEL_DOMAIN MatMulQ8 product, its codes' key holding that op's layout [N/16, K/32, 576], the screen's candidates
-then picked by a KERNEL_DOMAIN TopK (ONNX TopK's outputs); the manifest's quantization.kernel_matrices naming them. The attention inside is the model entry's `attention` lowering
-(speccompile.plugins.tree_attention): "ort", com.microsoft GroupQueryAttention with a pad row (kv_cache's
-scratch_slots 1), or "kernel", a KERNEL_DOMAIN TreeAttention node (speccompile's CPU kernel, no scratch slot; the
-batched form passes it query_seqlens). Logits of a
+then picked by a KERNEL_DOMAIN TopK (ONNX TopK's outputs); the manifest's quantization.kernel_matrices naming them.
+The attention inside is the model entry's `attention` lowering (speccompile.plugins.tree_attention): "ort",
+com.microsoft GroupQueryAttention with a pad row (kv_cache's scratch_slots 1), or "kernel", a KERNEL_DOMAIN
+TreeAttention node (speccompile's CPU kernel, no scratch slot; the batched form passes it query_seqlens). Logits of a
 quantized build are those of its quantized weights: speculation is lossless against the same bundle's plain
 decoding, not against a float32 build.
 batched form (the target's `target_batch` graph, `build --max-batch B`; BATCH_GRAPH_VERSION): the same decoder over a

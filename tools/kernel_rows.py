@@ -1,9 +1,10 @@
 """What a row costs in each product kernel: a chain of eight 576x1536 / 1536x576 4-bit products (the default
 model's shapes), random codes, by onnxruntime's MatMulNBits (4-bit, blocks of 32, accuracy level 4, the default
 build's) and by speccompile's MatMulQ4 (plugins/q4_matmul; SPECCOMPILE_Q4_ISA=avx2 times its AVX2 variant on an
-AVX-512 machine, =avx512 its VNNI kernel alone where 16 rows or more would run on AMX); then the output head's int8 screen (49152 x 576, int8 blocks of 32) by MatMulNBits (8-bit) and by
-speccompile's MatMulQ8. Prints ms per call by rows, medians of interleaved rounds. docs/results.md ("speccompile's
-own 4-bit kernel", "An int8 kernel for the head's screen") has the figures.
+AVX-512 machine, =avx512 its VNNI kernel alone where 16 rows or more would run on AMX); then the output head's
+int8 screen (49152 x 576, int8 blocks of 32) by MatMulNBits (8-bit) and by speccompile's MatMulQ8. Prints ms per
+call by rows, medians of interleaved rounds. docs/results.md ("speccompile's own 4-bit kernel", "An int8 kernel for
+the head's screen", "AMX for prefill") has the figures.
 
     python tools/kernel_rows.py [--threads 2] [--rounds 5]
 """

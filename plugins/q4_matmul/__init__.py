@@ -23,7 +23,8 @@ from speccompile.graphs import KERNEL_DOMAIN
 
 DOMAIN, OP_TYPE, OP_TYPE_Q8, OP_TYPE_SILU = KERNEL_DOMAIN, "MatMulQ4", "MatMulQ8", "MatMulQ4SiLU"
 BLOCK, TILE, RECORD, RECORD8 = 32, 16, 320, 576
-UNITS = ("kernel.c", "avx512.c", "amx.c", "avx2.c", "attention.c", "topk.c", "gated.c")  # each instruction set's code is marked in its file, not by flags
+# each instruction set's code is marked in its file, not by flags
+UNITS = ("kernel.c", "avx512.c", "amx.c", "avx2.c", "attention.c", "topk.c", "gated.c")
 SOURCES = (*UNITS, "q4.h", "ort_abi.h", "attention_body.h", "vectors.h", "vexp_body.h", "gated_body.h",
            "isa_variants.h")
 FLAGS = ["-O3", "-shared", "-fPIC"]

@@ -2,9 +2,9 @@
  * rows at a time, one tdpbssd multiplies a block's int8 input codes (a 16 x 32 tile) by the block's 4-bit codes
  * less 8, unpacked to bytes (8 x 64: row j is avx512.c's vector j, four codes for each of the 16 outputs), giving
  * the same exact integer sums as avx512.c's vpdpbusd and its correction; the float steps after it are avx512.c's,
- * in its order, on the stored sums. So a row's result is bit for bit the VNNI kernel's, whatever the rows beside it: the rows past the
- * last group of 16 go to the VNNI tile function, and a pass of few rows (a decode step, a verify pass) never runs
- * here (its single tile op costs more than the VNNI kernel's few rows: docs/results.md). */
+ * in its order, on the stored sums. So a row's result is bit for bit the VNNI kernel's, whatever the rows beside
+ * it: the rows past the last group of 16 go to the VNNI tile function, and a pass of few rows (a decode step, a
+ * verify pass) never runs here (its single tile op costs more than the VNNI kernel's few rows: docs/results.md). */
 #include <immintrin.h>
 #include <cpuid.h>
 #include <string.h>

@@ -101,7 +101,8 @@ static inline __attribute__((always_inline)) AVX2 void half8(const int R, const 
         __m256i signed_x = _mm256_sign_epi8(_mm256_set1_epi32(x4[j]), c[j]);
         dot = _mm256_add_epi32(dot, _mm256_madd_epi16(_mm256_maddubs_epi16(mag[j], signed_x), ones));
       }
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(g->scale[r * g->nb + b])), acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(g->scale[r * g->nb + b])),
+                               acc[r]);
     }
   }
   for (int r = 0; r < R; r++) _mm256_storeu_ps(g->y + r * g->N + 8 * h, acc[r]);

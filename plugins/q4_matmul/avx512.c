@@ -94,7 +94,8 @@ static inline __attribute__((always_inline)) AVX512 void tile8(const int R, cons
         s1 = _mm512_dpbusd_epi32(s1, c[4 + j], _mm512_set1_epi32(x4[4 + j]));
       }
       __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(16 * g->eights[r * g->nb + b]));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(g->scale[r * g->nb + b])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(g->scale[r * g->nb + b])),
+                               acc[r]);
     }
   }
   for (int r = 0; r < R; r++) _mm512_storeu_ps(g->y + r * g->N, acc[r]);

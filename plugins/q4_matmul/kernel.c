@@ -143,7 +143,8 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   void (*each)(void*, size_t) = k->eight_bit ? run_tile8 : amx && M >= AMX_ROWS ? run_tile_amx : run_tile;
   int failed = 0;
   Gated gated = {p, yp, &failed};
-  if (!s && k->gated) s = ORT_SLOT(api, KernelContext_ParallelFor)(ctx, run_gated, (size_t)(k->N / 2 / TILE), 0, &gated);
+  if (!s && k->gated)
+    s = ORT_SLOT(api, KernelContext_ParallelFor)(ctx, run_gated, (size_t)(k->N / 2 / TILE), 0, &gated);
   else if (!s) s = ORT_SLOT(api, KernelContext_ParallelFor)(ctx, each, (size_t)(k->N / TILE), 0, &p);
   if (!s && failed) s = fail("MatMulQ4SiLU: out of memory");
   if ((unsigned char*)scale != local) free(scale);

@@ -39,7 +39,12 @@ static inline Rows rows_at(const Product* p, size_t t, int64_t r, int record) {
 }
 
 /* fn(R, &rows, ...) over tile t's groups of rows (records of `record` bytes) */
-#define FOR_ROW_GROUPS(p, t, record, fn, ...) do { for (int64_t r_ = 0; r_ < (p)->M; r_ += ROWS) {              const Rows g_ = rows_at(p, t, r_, record);                                                               BY_ROWS((p)->M - r_, fn, &g_, ##__VA_ARGS__); } } while (0)
+#define FOR_ROW_GROUPS(p, t, record, fn, ...) do {                 \
+    for (int64_t r_ = 0; r_ < (p)->M; r_ += ROWS) {                   \
+      const Rows g_ = rows_at(p, t, r_, record);                      \
+      BY_ROWS((p)->M - r_, fn, &g_, ##__VA_ARGS__);                   \
+    }                                                                 \
+  } while (0)
 
 void q4_quantize_avx512(const float* x, int64_t M, int K, int8_t* xq, float* scale, float* sum, int32_t* eights);
 void q4_tile_avx512(const Product* p, size_t tile);  /* outputs 16 * tile .. + 15 of every row */

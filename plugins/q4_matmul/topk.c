@@ -3,7 +3,8 @@
  * number. Inputs: X [..., n] float, K [1] int64 (0 <= K <= n); outputs: values [..., K] float, indices [..., K]
  * int64. Why a kernel of our own: the exact greedy head picks its 65 candidates out of the whole vocabulary once
  * per row of every pass, and onnxruntime's TopK spends several times what a scan with a running threshold does
- * (docs/results.md, "The head's candidates"). The same outputs as onnxruntime's for numbers (tests/test_q4_matmul.py). */
+ * (docs/results.md, "The head's candidates"). The same outputs as onnxruntime's for numbers
+ * (tests/test_q4_matmul.py). */
 #include <immintrin.h>
 #include <math.h>
 #include <stdlib.h>

@@ -76,7 +76,8 @@ def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, ba
     try:
         from speccompile.compile.driver import build_bundle
         build_bundle(model, out, list(drafts) or None, max_seq_len=max_seq_len, num_draft=num_draft,
-                     attention=attention, fused=attention in ("ort", "kernel"), overwrite=force, tree=tree, backend=backend,
+                     attention=attention, fused=attention in ("ort", "kernel"), overwrite=force, tree=tree,
+                     backend=backend,
                      head_screen=head_screen, draft_precision=draft_precision, dtype=dtype, weights=weights,
                      max_batch=max_batch, kernels=kernels, progress=progress)
     except ModuleNotFoundError as e:  # a runtime-only install (pip install speccompile, without [build])

@@ -25,8 +25,8 @@ def swiglu_mlp(g: GraphBuilder, W: dict[str, str], p: str, x: str, act: str = "s
         a = gated_silu(g, matmul(g, x, W, p + "gate"), matmul(g, x, W, p + "up"), act)
     elif p + "gate_up" in W:  # heads and DeepSeek layers keep one fused float matrix
         a = fused_gate_up(g, x, W[p + "gate_up"], act)
-    else:  # a packed target joins them (quantize/target_weights.py): one product (on speccompile's kernel, with
-        # its gate: linear.gated_product), one offsets product
+    else:  # a packed target joins them (quantize/target_weights.py): one product, with its gate where it runs on
+        # speccompile's kernel (linear.gated_product)
         a = gated_product(g, x, W, p + "gate_up") if act == "silu" else None
         if a is None:
             gate, up = g.op("Split", [matmul(g, x, W, p + "gate_up")], n_out=2, axis=-1, num_outputs=2)
