@@ -213,6 +213,36 @@ def test_a_long_match_skips_the_drafters_pass_where_one_path_is_verified():
     assert planned(3) == 0 and planned(0) > 0 and planned(1) > 0 and planned(3, chains_only=False) > 0
 
 
+def test_a_plain_step_skips_the_lookup_tree_only_where_the_cut_would_keep_nothing():
+    """may_verify's bound: wherever it says no prompt-lookup node can pay, choose over the joined tree keeps none
+    (random row prices, convex and concave, random estimates, real lookup trees); and it does say so, often."""
+    from speccompile.runtime.drafters.lookup import LookupDrafter, join_lookup
+    rng = np.random.default_rng(0)
+    lookup, skipped, kept = LookupDrafter(), 0, 0
+    for trial in range(300):
+        steps = np.cumsum(rng.uniform(0.0, 8.0, (len(ROWS), len(LENGTHS))) ** rng.uniform(0.5, 2.0), axis=0)
+        grid = (rng.uniform(5.0, 20.0) + np.cumsum(steps, axis=1)).tolist()
+        cost = CostModel(ROWS, LENGTHS, {"greedy": grid, "sampled": grid}, {}, 0.01)
+        a = AdaptiveDrafting(cost, "lookup", False, TreeSpec("adaptive", 63, depth=4, lookup=6), True, 64)
+        for first in (True, False):  # estimates learnt from random outcomes
+            for m, rates in enumerate(a.lookup_accept[first, m] for m in range(4)):
+                for r in rates[:3]:
+                    tried = int(rng.integers(1, 5))
+                    r.add(float(rng.binomial(tried, rng.uniform())), float(tried))
+        context = rng.integers(0, 6, int(rng.integers(8, 60)))
+        length = int(rng.integers(10, 1200))
+        match = lookup.matches(context)
+        plan = a.plan(length, match[1])
+        nodes = plan.lookup_nodes
+        chosen = a.choose(join_lookup(Proposal.empty(), context, lookup, nodes, nodes, match), 0, None, plan,
+                          length)
+        if not a.may_verify(plan, match[1], length, nodes):
+            skipped += 1
+            assert not len(chosen.tokens)
+        kept += len(chosen.tokens) > 0
+    assert skipped > 30 and kept > 30, (skipped, kept)
+
+
 def test_a_skipped_depth_is_probed_again():
     """Rows too dear to draft: the plan still probes one level every few passes, and a probe verifies a node
     (else estimates grown too low would never be tested again); a node the cut drops teaches nothing."""

@@ -8,15 +8,16 @@ from speccompile.runtime.calibration import NO_REPEAT, TEXT_ANSWER, _grid_ms, _l
 
 
 class Cache:
+    """As the engines' caches: a pass writes its tokens' slots from `length` on, and the caller sets the length."""
     def __init__(self):
-        self.tokens: list[int] = []
+        self.slots, self.length = [None] * 1024, 0
 
     @property
-    def length(self) -> int:
-        return len(self.tokens)
+    def tokens(self) -> list[int]:
+        return self.slots[:self.length]
 
     def truncate(self, n: int) -> None:
-        del self.tokens[n:]
+        self.length = n
 
 
 class Target:
@@ -28,8 +29,9 @@ class Target:
         self.cache, self.passes = Cache(), []
 
     def forward(self, tokens, rows=None, full_logits=True):
-        self.cache.tokens += [int(t) for t in tokens]
-        self.passes.append((self.cache.length - len(tokens), len(tokens)))
+        n = self.cache.length
+        self.cache.slots[n:n + len(tokens)] = [int(t) for t in tokens]
+        self.passes.append((n, len(tokens)))
         logits = np.zeros((1, self.vocab_size), np.float32)
         last = int(tokens[-1])
         logits[0, last], logits[0, (last + 1) % self.vocab_size] = 2.0, 1.0
@@ -60,9 +62,24 @@ def test_each_round_times_a_point_a_token_earlier(monkeypatch):
     product): REPEATS rounds at REPEATS positions, so one such position cannot price a point; each pass runs the
     text's own continuation there."""
     target, text = Target(), np.arange(100) % 50
-    target.verifies, target.cache.tokens, seen = False, list(text), []
+    target.verifies, target.cache.slots[:100], seen = False, list(text), []
     monkeypatch.setattr(calibration, "_best_ms", lambda run, repeats: (run(), 1.0)[1])
     target.forward = lambda tokens, rows=None, full_logits=True: seen.append((target.cache.length, list(tokens)))
     _grid_ms(target, [1, 2], [40], True, text)
     assert sorted({n for n, _ in seen}) == list(range(40 - calibration.REPEATS + 1, 41))
     assert all(tokens == list(text[n:n + len(tokens)]) for n, tokens in seen)
+
+
+def test_each_length_is_timed_after_one_row_steps_there_from_the_fewest_rows_up(monkeypatch):
+    """A pass right after a much larger one runs slower for a few passes: each length's points follow SETTLE
+    untimed one-row steps at that length, and run from the fewest rows up."""
+    target, text, timed = Target(), np.arange(200) % 50, []
+    target.verifies, target.cache.slots[:200] = False, list(text)
+    monkeypatch.setattr(calibration, "_best_ms", lambda run, repeats: (timed.append(len(target.passes)), run(), 1.0)[2])
+    _grid_ms(target, [1, 2, 4], [16, 120], True, text)
+    passes = target.passes
+    for k in range(calibration.REPEATS):
+        for j, n in enumerate((16, 120)):
+            first = timed[(k * 2 + j) * 3]  # the index of this length's first timed pass
+            assert passes[first - calibration.SETTLE:first] == [(n - k, 1)] * calibration.SETTLE
+            assert [passes[i] for i in timed[(k * 2 + j) * 3:(k * 2 + j + 1) * 3]] == [(n - k, r) for r in (1, 2, 4)]

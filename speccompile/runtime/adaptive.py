@@ -70,6 +70,11 @@ def by_depth(rates: list[Rate], first: float) -> list[float]:
     return out
 
 
+def _first_rate(rates: list[Rate], prior: float) -> float:
+    """by_depth(rates, prior)[0]: a root child's rate."""
+    return (rates[0].num + prior) / (rates[0].den + 1.0)
+
+
 def match_index(match_len: int) -> int:
     """A prompt-lookup match length as an index into LOOKUP_PRIOR."""
     return min(match_len, len(LOOKUP_PRIOR) - 1)
@@ -255,15 +260,38 @@ class AdaptiveDrafting:
                 reach[i] = above * lookup_accept[bool(first[i])][b]
         return parents, level, from_head, reach, own, first, agreed
 
+    def may_verify(self, plan: Plan, match_len: int, length: int, nodes: int) -> bool:
+        """Whether `choose` could keep a node this pass: false only where it provably keeps none (no drafter level
+        planned, and none of up to `nodes` prompt-lookup nodes can pay), so that a plain step skips building and
+        weighing the tree. No lookup node is likelier to be reached than a child of the root, and k of them pay
+        only if k such chances outweigh the k rows' price: p * k * (drafting + a plain step) > verify(1 + k) -
+        verify(1) for some k (choose's rule, bounded)."""
+        if plan.head_depth:
+            return True
+        if not match_len or nodes <= 0:  # nothing to join: choose would get no node
+            return False
+        if plan.probe:
+            return True
+        m = match_index(match_len)
+        p = max(_first_rate(self.lookup_accept[True, m], LOOKUP_PRIOR[m]),
+                _first_rate(self.lookup_accept[False, m], LOOKUP_PRIOR[m] / 4))
+        prices = self.cost.row_prices(length, self.greedy)
+        k = min(nodes, self.max_rows - 1, len(prices) - 1)
+        extra = (prices[1:k + 1] - prices[0]) / np.arange(1, k + 1)  # the average price of k more rows
+        return bool(p * (plan.draft_ms + prices[0]) > extra.min())
+
+    def plain(self, plan: Plan, match_len: int) -> Proposal:
+        """A pass that verifies nothing (a plain step), kept for `update` as a cut to nothing."""
+        self.kept = Kept(NO_NODES, NO_NODES, NO_FLAGS, NO_FLAGS, NO_PROBS, NO_FLAGS, match_index(match_len), plan)
+        self._count(plan, 0)
+        return Proposal.empty()
+
     def choose(self, prop: Proposal, head: int, scores, plan: Plan, length: int) -> Proposal:
         """The ancestor-closed part of `prop` worth verifying (possibly nothing: a plain step). head: how many of
         its first nodes the drafter proposed (the rest came from prompt lookup); scores: their path
         log-probabilities, if the drafter gives them."""
         if not len(prop.tokens) and not plan.head_depth:  # nothing drafted: a plain step, no estimate to weigh
-            self.kept = Kept(NO_NODES, NO_NODES, NO_FLAGS, NO_FLAGS, NO_PROBS, NO_FLAGS, match_index(prop.match_len),
-                             plan)
-            self._count(plan, 0)
-            return Proposal.empty()
+            return self.plain(plan, prop.match_len)
         parents, level, from_head, reach, own, first, agreed = self._reach_probabilities(prop, head, scores)
         children: dict[int, list[int]] = {}
         for i, p in enumerate(parents):

@@ -12,6 +12,7 @@ from speccompile.graphs import MAX_STEP_TOKENS
 from speccompile.runtime.cost_model import HEAD_ROWS, ROWS, CostModel, machine_key
 
 REPEATS = 4  # the fastest of this many runs per point: noise on a shared machine only slows a run down
+SETTLE = 4  # untimed one-row steps before a length's points (_grid_ms)
 # the calibration's context (_likely_text): the target's greedy answer of this many tokens to a prompt, repeated
 CALIBRATION_PROMPT = "Explain how a lighthouse keeps ships safe at night."
 TEXT_ANSWER, NO_REPEAT = 64, 4
@@ -55,19 +56,26 @@ def _likely_text(target, n: int, prompt_ids=None) -> np.ndarray:
             else np.asarray(prompt_ids, np.int64))
     period = [int(t) for t in seed[:max(1, n // 2)]]  # a short compiled context holds less
     size = min(n, len(period) + TEXT_ANSWER)
-    target.cache.truncate(0)
-    for start in range(0, len(period), MAX_STEP_TOKENS):
-        logits = target.forward(np.array(period[start:start + MAX_STEP_TOKENS], np.int64))[0]
+    logits = _prefill(target, np.array(period, np.int64))
     while len(period) < size:
         scores = logits[-1].copy()
         scores[period[-NO_REPEAT:]] = -np.inf
         period.append(int(np.argmax(scores)))
-        logits = target.forward(np.array(period[-1:], np.int64))[0]
+        logits = _prefill(target, np.array(period[-1:], np.int64), len(period) - 1)
     text = np.resize(np.array(period, np.int64), n)
-    target.cache.truncate(0)
-    for start in range(0, n, MAX_STEP_TOKENS):
-        target.forward(text[start:start + MAX_STEP_TOKENS], full_logits=False)
+    _prefill(target, text)
     return text
+
+
+def _prefill(target, tokens: np.ndarray, start: int = 0) -> np.ndarray:
+    """Run `tokens` into the target's cache after its first `start` slots, a chunk at a time (a pass writes its
+    K/V but leaves the cache's length to the caller); returns the last token's logits."""
+    target.cache.truncate(start)
+    for at in range(0, len(tokens), MAX_STEP_TOKENS):
+        chunk = tokens[at:at + MAX_STEP_TOKENS]
+        logits = target.forward(chunk)[0]
+        target.cache.truncate(start + at + len(chunk))
+    return logits
 
 
 def _grid_ms(target, rows: list[int], lengths: list[int], greedy: bool, text: np.ndarray) -> list[list[float]]:
@@ -75,11 +83,16 @@ def _grid_ms(target, rows: list[int], lengths: list[int], greedy: bool, text: np
     burst of load elsewhere spoils one round of several points rather than every run of one; then made monotone
     (a pass over more rows or a longer context is never faster: a slower reading is noise). Each round runs a
     point one token earlier in `text`: a screened head's float32 fallback, rare while decoding, comes with the
-    position, and would otherwise price every round of a point."""
+    position, and would otherwise price every round of a point. Within a round, each length's rows run from the
+    fewest up, after SETTLE one-row steps there: a pass right after a much larger one (many rows, a long context)
+    runs slower for a few passes, and decoding seldom follows one."""
     t = np.full((len(rows), len(lengths)), np.inf)
     for k in range(REPEATS):
-        for i, r in enumerate(rows):
-            for j, n in enumerate(lengths):
+        for j, n in enumerate(lengths):
+            settle = _target_pass(target, 1, max(n - k, 0), greedy, text)
+            for _ in range(SETTLE):
+                settle()
+            for i, r in enumerate(rows):
                 t[i, j] = min(t[i, j], _best_ms(_target_pass(target, r, max(n - k, 0), greedy, text), 1))
     t = np.minimum.accumulate(t[::-1], axis=0)[::-1]  # rows
     t = np.minimum.accumulate(t[:, ::-1], axis=1)[:, ::-1]  # lengths

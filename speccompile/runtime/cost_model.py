@@ -21,8 +21,9 @@ import numpy as np
 from speccompile.runtime.machine_id import cpu_identity
 
 # 2: drafter passes timed after a target pass; 3: three rows measured; 4: pad rows (row_parity); 5: over text the
-# target finds likely (runtime/calibration.py)
-CACHE_VERSION = 5
+# target finds likely (runtime/calibration.py); 6: that text in the cache as it runs, each length's points after
+# one-row steps there
+CACHE_VERSION = 6
 # verify rows measured (interpolated between); 3 of its own: a 4-bit target's product kernel takes another path
 # from three rows on, and a 3-row pass timed while decoding would otherwise correct the 2-row price
 ROWS = (1, 2, 3, 4, 8, 16, 25)
@@ -59,16 +60,24 @@ class CostModel:
     def verify(self, rows: int, length: int, greedy: bool = True) -> float:
         """Interpolated time of a target pass over `rows` rows after `length` committed tokens, as the passes
         timed lately (`observe`) correct the calibration."""
+        if not 1 <= rows <= MEMO_ROWS:
+            mode = "greedy" if greedy else "sampled"
+            if self._stale:
+                self._refresh(mode)
+            return float(self._prices(length, mode, self._factors.get(mode), rows)[-1])
+        return float(self.row_prices(length, greedy)[rows - 1])
+
+    def row_prices(self, length: int, greedy: bool = True) -> np.ndarray:
+        """verify(r, length, greedy) for r = 1 .. MEMO_ROWS (kept: read-only)."""
         mode = "greedy" if greedy else "sampled"
         if self._stale:
             self._refresh(mode)
-        if not 1 <= rows <= MEMO_ROWS:
-            return float(self._prices(length, mode, self._factors.get(mode), rows)[-1])
         memo = self._memo.get(mode)
         if memo is None or memo[0] != length:  # the planner asks dozens of times a pass, at one length
             memo = (length, self._at_length(self._table(mode), length))
+            memo[1].setflags(write=False)
             self._memo[mode] = memo
-        return float(memo[1][rows - 1])
+        return memo[1]
 
     def _between(self, length: int) -> tuple[int, float]:
         """(j, w): `length` is w of the way from lengths[j] to lengths[j + 1]; constant beyond the ends."""

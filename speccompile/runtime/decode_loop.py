@@ -155,6 +155,10 @@ class DecodeLoop:
         lookup = self.lookup_of(drafter)
         match = lookup.matches(context) if match is None and adapt.reach else match
         plan = adapt.lookup_plan(cap) if lookup_only else adapt.plan(len(context), match[1] if match else 0)
+        match_len = match[1] if match else 0
+        nodes = min(plan.lookup_nodes, cap)
+        if not adapt.may_verify(plan, match_len, len(context), nodes):  # a plain step: no tree to build and weigh
+            return adapt.plain(plan, match_len)
         prop = Proposal.empty()
         if plan.head_depth:
             prop = adapt.draft(drafter, context, plan, cap, params, rng)
