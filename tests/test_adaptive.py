@@ -125,7 +125,7 @@ def test_a_level_the_cut_mostly_drops_costs_its_drafting_not_a_row():
     """Drafting is cheap, a row dear; the cut keeps the drafter's node on 30% of passes, and a kept node is
     accepted 90% of the time. Priced as a row every pass, drafting loses to a plain step; priced as the rows the
     cut keeps, it wins."""
-    from speccompile.runtime.adaptive import Rate
+    from speccompile.runtime.estimates import Rate
     a = adaptive(synthetic(10.0, 3.0, head_ms=0.5), depth=1, lookup=0)
     a.head_kept[0], a.head_reach[0] = Rate(0.3, 50.0), Rate(0.9, 50.0)
     a.head_rows[0] = Rate(1.0, 50.0)  # a row every pass: 1.27 tokens for 13.5 ms against 1 for 10
@@ -244,12 +244,12 @@ def test_a_plain_step_skips_the_lookup_tree_only_where_the_cut_would_keep_nothin
 
 
 def test_a_skipped_depth_is_probed_again():
-    """Rows too dear to draft: the plan still probes one level every few passes, and a probe verifies a node
-    (else estimates grown too low would never be tested again); a node the cut drops teaches nothing."""
+    """Rows too dear to draft: the plan still probes one level now and then, and a probe verifies a node (else
+    estimates grown too low would never be tested again); a node the cut drops teaches nothing."""
     a = adaptive(synthetic(20.0, 20.0))
     prior = a.head_reach[0].value, a.head_reach[0].den
     depths = []
-    for _ in range(16):
+    for _ in range(100):
         plan = a.plan(100)
         depths.append(plan.head_depth)
         prop, scores = confident_chain(max(plan.head_depth, 1), np.log(0.6))
@@ -263,6 +263,43 @@ def test_a_skipped_depth_is_probed_again():
             assert a.head_reach[0].den > prior[1]  # evidence taken
             prior = a.head_reach[0].value, a.head_reach[0].den
     assert 0 in depths and 1 in depths
+
+
+def probe_gaps(cost: CostModel, passes: int = 240) -> list[int]:
+    """Passes between probes of a drafter whose nodes are seldom accepted (every probe's node rejected)."""
+    a = adaptive(cost, depth=1, lookup=0)
+    a.head_reach[0].add(0.0, 6.0)
+    probes = []
+    for i in range(passes):
+        plan = a.plan(100)
+        prop, scores = confident_chain(1, np.log(0.3))
+        a.choose(prop, 1, scores, plan, 100) if plan.head_depth else a.plain(plan, 0, 100)
+        a.update([])
+        probes += [i] if plan.probe else []
+    return np.diff(probes).tolist()
+
+
+def test_a_level_far_from_paying_is_probed_seldom():
+    """A probe's expected loss sets how often it comes: every PROBE_EVERY passes where drafting is close to
+    paying, several times further apart where a row costs as much as a plain step, but still now and then."""
+    from speccompile.runtime.adaptive import PROBE_EVERY
+    close, far = probe_gaps(synthetic(20.0, 1.0)), probe_gaps(synthetic(20.0, 20.0))
+    assert max(close) <= 2 * PROBE_EVERY and close.count(PROBE_EVERY) > len(close) // 2
+    assert len(far) >= 2 and min(far) >= 3 * PROBE_EVERY
+
+
+def test_passes_that_draft_are_priced_with_what_they_took_beyond_their_price():
+    """Drafted passes that run 10 ms past their price (plain ones on it) make a level that paid on paper lose."""
+    import time
+    a = adaptive(synthetic(20.0, 1.0), depth=1, lookup=0)
+    a.head_reach[0].add(1.0, 4.0)
+    assert a.plan(100).head_depth == 1
+    for drafted, price, wall in [(True, 22.0, 32.0), (False, 20.0, 20.0)] * 10:
+        a.overhead.start()
+        a.overhead._start = time.perf_counter() - wall / 1e3  # the pass took `wall` ms
+        a.overhead.finish(price, drafted)
+    assert 8.0 < a.overhead.drafting_extra() < 11.0
+    assert a.plan(100).head_depth == 0
 
 
 @pytest.mark.parametrize("drafter", ["model", "layerskip:2", "lookup"])

@@ -9,7 +9,8 @@ import pytest
 
 from speccompile.format.trees import TreeSpec
 from speccompile.runtime import shared_drafts
-from speccompile.runtime.adaptive import PROBE_EVERY, AdaptiveDrafting, Rate
+from speccompile.runtime.adaptive import PROBE_EVERY, AdaptiveDrafting
+from speccompile.runtime.estimates import Rate
 from speccompile.runtime.cost_model import HEAD_ROWS, CostModel
 from speccompile.runtime.drafters.base import Proposal
 from test_adaptive import ROWS, LENGTHS, adaptive, confident_chain, synthetic
@@ -76,9 +77,11 @@ def test_a_sampled_request_is_planned_by_the_sampled_passes_prices(greedy):
     assert (len(kept.tokens) > 0) == greedy
 
 
-def test_a_skipped_depth_is_probed_every_probe_every_passes():
-    """Rows too dear to draft: the plan probes one level deeper on exactly every PROBE_EVERY-th pass."""
-    a = adaptive(synthetic(20.0, 20.0))
+def test_a_skipped_depth_close_to_paying_is_probed_every_probe_every_passes():
+    """A level whose drafts are seldom taken, rows cheap: the plan drafts none but probes one level deeper on
+    exactly every PROBE_EVERY-th pass (its expected loss is small: test_adaptive.py has the rule)."""
+    a = adaptive(synthetic(20.0, 1.0))
+    a.head_reach[0].add(0.0, 6.0)
     probes = [i for i in range(3 * PROBE_EVERY) if a.plan(100).probe]
     assert probes == [PROBE_EVERY - 1, 2 * PROBE_EVERY - 1, 3 * PROBE_EVERY - 1]
 
@@ -87,7 +90,7 @@ def test_a_probes_forced_node_is_not_counted_as_the_cuts_choice():
     """Rows too dear to draft: a probe verifies a node the cut would have dropped. The estimate of how often the cut
     keeps a drafter node at that depth (which prices a level of drafting) is left as it was."""
     a = adaptive(synthetic(20.0, 20.0))
-    a.since_probe = PROBE_EVERY - 1
+    a.since_probe = 1000  # long enough for a probe this far from paying
     plan = a.plan(100)
     kept_before = [(r.num, r.den) for r in a.head_kept + a.head_rows]
     prop, scores = confident_chain(plan.head_depth, np.log(0.6))

@@ -10,9 +10,11 @@ Two decisions per pass, both priced by the measured cost model (runtime/cost_mod
      often than a 1-gram one's) -- and the tree is cut to the ancestor-closed set whose expected tokens per
      predicted pass time (drafting spent + verify rows at this context length) is best. The empty set is a
      plain decode step: speculation switched off where it would lose.
-A depth the plan keeps skipping is probed again every PROBE_EVERY passes, verifying at least one node, so
-estimates never go stale for good (prompt lookup drafting alone: its likeliest node); a depth the cut left nothing
-at teaches nothing (its nodes were never tried).
+A depth the plan keeps skipping is probed again, verifying at least one node, so estimates never go stale for good
+(prompt lookup drafting alone: its likeliest node, every PROBE_EVERY passes): every PROBE_EVERY passes at the most,
+and for a depth far from paying only once EXPLORE_SHARE of the time since the last probe covers the probe's
+expected loss. A depth the cut left nothing at teaches nothing (its nodes were never tried). A pass that runs a
+drafter level is priced with what such passes took beyond their price lately (runtime/pass_overhead.py).
 
 Only which candidates are verified changes, never how they are accepted: greedy output stays the target's
 exactly and sampled output keeps its distribution (the tree rules of runtime/acceptance.py hold for any tree).
@@ -32,52 +34,14 @@ from speccompile.format.trees import TreeSpec, depths
 from speccompile.runtime.cost_model import HEAD_ROWS, CostModel
 from speccompile.runtime.drafters.base import Proposal
 from speccompile.runtime.drafters.lookup import LookupReach
+from speccompile.runtime.estimates import (AGREED_PRIOR, DEPTHS, HEAD_PRIOR, LOOKUP_PRIOR, NO_SCORE_PRIOR, Rate,
+                                           by_depth, first_rate, match_index)
+from speccompile.runtime.pass_overhead import PassOverhead
 
-DECAY = 0.85  # each pass's outcome weighs this much less on the next one: the estimates follow the request
-PROBE_EVERY = 8  # passes between tries of one level deeper than the plan would draft
-DEPTHS = 16  # per-depth estimates (deeper nodes share the last)
-NO_SCORE_PRIOR = 0.6  # the acceptance prior of a drafter node without a probability (e.g. a Medusa head)
-# of a lookup node, given its parent was accepted, by the length of the n-gram its match shares with the end of
-# the context (index 0: not known; lengths past the last share its prior and its estimates)
-LOOKUP_PRIOR = (0.5, 0.2, 0.45, 0.75)
-AGREED_PRIOR = (0.6, 0.6, 0.75, 0.9)  # of a drafter's node that prompt lookup proposes too, by the same index
-HEAD_PRIOR = 0.55  # the accepted path starts with a drafter node
+PROBE_EVERY = 8  # passes between tries of one level deeper than the plan would draft, at the least
+# and no sooner than this share of the passes' time since the last try would pay for the try's expected loss
+EXPLORE_SHARE = 0.02
 REACH_LIMIT = 4  # lookup continuations reach at most this many times the tree's L deep (as fixed trees do)
-
-
-class Rate:
-    """A ratio of two decayed sums (recent outcomes weigh most), starting from a prior worth `weight` passes."""
-    __slots__ = ("num", "den")
-
-    def __init__(self, prior: float = 0.0, weight: float = 0.0):
-        self.num, self.den = prior * weight, weight
-
-    def add(self, num: float, den: float) -> None:
-        self.num, self.den = self.num * DECAY + num, self.den * DECAY + den
-
-    @property
-    def value(self) -> float:
-        return self.num / self.den if self.den > 0 else 0.0
-
-
-def by_depth(rates: list[Rate], first: float) -> list[float]:
-    """Per-depth rates, each shrunk toward the one above it (worth one observation): a depth seldom drafted
-    takes after the depth before, not after a fixed prior."""
-    out, above = [], first
-    for r in rates:
-        above = (r.num + above) / (r.den + 1.0)
-        out.append(above)
-    return out
-
-
-def _first_rate(rates: list[Rate], prior: float) -> float:
-    """by_depth(rates, prior)[0]: a root child's rate."""
-    return (rates[0].num + prior) / (rates[0].den + 1.0)
-
-
-def match_index(match_len: int) -> int:
-    """A prompt-lookup match length as an index into LOOKUP_PRIOR."""
-    return min(match_len, len(LOOKUP_PRIOR) - 1)
 
 
 @dataclasses.dataclass
@@ -106,6 +70,7 @@ class Kept:
     agreed: np.ndarray  # bool: a drafter node prompt lookup proposed too
     match: int  # the lookup nodes' match length, as an index into LOOKUP_PRIOR
     plan: Plan
+    price_ms: float = 0.0  # the cost model's price of the pass: its drafting and its target pass
 
 
 class AdaptiveDrafting:
@@ -135,6 +100,7 @@ class AdaptiveDrafting:
         self.head_rows = [Rate(1.0, 2.0) for _ in range(DEPTHS)]
         self.since_probe, self.last_accepted = 0, 0
         self.kept: Kept | None = None
+        self.overhead = PassOverhead()
         self.passes, self.plain_passes, self.rows = 0, 0, 0
         self.depth_counts: dict[int, int] = {}
 
@@ -149,11 +115,16 @@ class AdaptiveDrafting:
         level = self.cost.draft(self.drafter, self.branching) if self.max_depth > 1 else 0.0
         return [base] + [base + catch_up + d * level for d in range(self.max_depth)]
 
-    def _verify_ms(self, rows: float, length: int) -> float:
-        """A pass over an expected (fractional) number of rows: between the whole numbers around it."""
+    def _verify_ms(self, rows: float, length: int, prices=None) -> float:
+        """A pass over an expected (fractional) number of rows: between the whole numbers around it. prices:
+        cost.row_prices at this length, if the caller has them."""
         lo = int(rows)
-        ms = self.cost.verify(lo, length, self.greedy)
-        return ms + (rows - lo) * (self.cost.verify(lo + 1, length, self.greedy) - ms) if rows > lo else ms
+        prices = self.cost.row_prices(length, self.greedy) if prices is None else prices
+        if lo + 1 > len(prices):
+            ms = self.cost.verify(lo, length, self.greedy)
+            return ms + (rows - lo) * (self.cost.verify(lo + 1, length, self.greedy) - ms) if rows > lo else ms
+        ms = float(prices[lo - 1])
+        return ms + (rows - lo) * (float(prices[lo]) - ms) if rows > lo else ms
 
     def lookup_wins(self, match_len: int) -> bool:
         """Verifying one path a pass, whether the continuation of a match this long is likelier to be taken than
@@ -172,43 +143,65 @@ class AdaptiveDrafting:
 
     def lookup_plan(self, nodes: int) -> Plan:
         """A pass that drafts by prompt lookup alone, at most `nodes` nodes (a shared pass's rows)."""
+        self.overhead.start()
         return Plan(0, 0, nodes, self._draft_prices(True)[0])
 
     def plan(self, length: int, match_len: int = 0) -> Plan:
         """How deep the drafter drafts this pass, and how many lookup nodes join it; match_len: the n-gram prompt
         lookup matches on at the context's end (0: none, or not known)."""
+        self.overhead.start()
         lookup = self.reach.reach if self.reach else 0
         if self.lookup_wins(match_len):
             return self.lookup_plan(lookup)
-        if not self.max_depth:  # prompt lookup drafting alone: no drafter level to price, only its probe
-            self.since_probe += 1
+        self.since_probe += 1
+        if not self.max_depth:  # prompt lookup drafting alone: no drafter level to price; its nodes, which the cut
+            # would otherwise never verify again once a few were rejected, are what a probe tests
             probe = lookup > 0 and self.since_probe >= PROBE_EVERY
             self.since_probe = 0 if probe else self.since_probe
             return Plan(0, 0, lookup, self._draft_prices(bool(lookup))[0], probe)
+        drafting = self._draft_prices(bool(lookup))
+        rates, times = self._rates(length, lookup, drafting)
+        best = int(np.argmax(rates))
+        probe = best < self.max_depth and self._probe_due(rates, times, best)
+        if probe:  # look again at one level more
+            best, self.since_probe = best + 1, 0
+        return Plan(best, 2 * best, lookup, drafting[best], probe)
+
+    def _rates(self, length: int, lookup: int, drafting: list[float]) -> tuple[list[float], list[float]]:
+        """Per drafter depth 0 .. max_depth: the expected committed tokens per ms, and the pass's expected ms (a
+        drafter level's measured excess over its price included: runtime/pass_overhead.py)."""
         gain = self.lookup_gain.value if lookup else 0.0
         extra_rows = self.lookup_rows.value if lookup else 0.0
-        best, best_rate = 0, -1.0
-        kept = np.array([r.value for r in self.head_kept])
-        reach = np.cumprod(kept * by_depth(self.head_reach, HEAD_PRIOR))  # drafted, kept and accepted this deep
-        # the rows a depth of drafting adds are the drafter nodes the cut keeps there, not one a level: a level
-        # whose node the cut mostly drops costs its drafting but seldom a row
-        per_level = [self.head_rows[min(d, DEPTHS - 1)].value for d in range(self.max_depth)]
-        rows = (1.0 + np.concatenate([[0.0], np.cumsum(per_level)])).tolist()
-        summed = np.concatenate([[0.0], np.cumsum(reach)])  # expected tokens from drafting 0, 1, ... levels
-        values = (1.0 + summed[np.minimum(np.arange(self.max_depth + 1), len(reach))]).tolist()
-        drafting = self._draft_prices(bool(lookup))
-        for depth, (value, draft) in enumerate(zip(values, drafting)):
-            rate = max(value / (draft + self._verify_ms(rows[depth], length)),  # the cut may drop lookup
-                       (value + gain) / (draft + self._verify_ms(rows[depth] + extra_rows, length)))
-            if rate > best_rate:
-                best, best_rate = depth, rate
-        self.since_probe += 1
-        # look again at one level more; prompt lookup drafting alone has no level: its nodes, which the cut would
-        # otherwise never verify again once a few were rejected, are what a probe tests
-        probe = (best < self.max_depth or not self.max_depth and lookup > 0) and self.since_probe >= PROBE_EVERY
-        if probe:
-            best, self.since_probe = min(best + 1, self.max_depth), 0
-        return Plan(best, 2 * best, lookup, drafting[best], probe)
+        excess = self.overhead.drafting_extra()
+        prices = self.cost.row_prices(length, self.greedy)
+        rates, times = [], []
+        # per depth: the expected tokens (1 + the chances that the accepted path runs through a drafter node at
+        # each level drafted, kept and accepted), and the rows, which are the drafter nodes the cut keeps there,
+        # not one a level: a level whose node the cut mostly drops costs its drafting but seldom a row
+        value, reach, rows, above = 1.0, 1.0, 1.0, HEAD_PRIOR
+        for depth in range(self.max_depth + 1):
+            if 0 < depth <= DEPTHS:
+                r = self.head_reach[depth - 1]
+                above = (r.num + above) / (r.den + 1.0)  # by_depth, one level at a time
+                reach *= self.head_kept[depth - 1].value * above
+                value += reach
+            if depth:
+                rows += self.head_rows[min(depth - 1, DEPTHS - 1)].value
+            draft = drafting[depth] + (excess if depth else 0.0)
+            alone = draft + self._verify_ms(rows, length, prices)
+            joined = draft + self._verify_ms(rows + extra_rows, length, prices)  # the cut may drop lookup
+            rates.append(max(value / alone, (value + gain) / joined))
+            times.append(alone if value / alone >= (value + gain) / joined else joined)
+        return rates, times
+
+    def _probe_due(self, rates: list[float], times: list[float], best: int) -> bool:
+        """Whether to try one level deeper than the best plan this pass: PROBE_EVERY passes after the last try at
+        the earliest, and once EXPLORE_SHARE of the passes' time since then pays for the try's expected loss
+        against the best plan (a level far from paying is tried seldom, one close to it as often as that)."""
+        if self.since_probe < PROBE_EVERY:
+            return False
+        loss = times[best + 1] * (1.0 - rates[best + 1] / rates[best])
+        return self.since_probe * EXPLORE_SHARE * times[best] >= loss
 
     def draft(self, drafter, context, plan: Plan, cap: int, params, rng) -> Proposal:
         """The drafter's dynamic tree as `plan` says, within `cap` nodes, its drafting time taken (`drafted`)."""
@@ -273,16 +266,17 @@ class AdaptiveDrafting:
         if plan.probe:
             return True
         m = match_index(match_len)
-        p = max(_first_rate(self.lookup_accept[True, m], LOOKUP_PRIOR[m]),
-                _first_rate(self.lookup_accept[False, m], LOOKUP_PRIOR[m] / 4))
+        p = max(first_rate(self.lookup_accept[True, m], LOOKUP_PRIOR[m]),
+                first_rate(self.lookup_accept[False, m], LOOKUP_PRIOR[m] / 4))
         prices = self.cost.row_prices(length, self.greedy)
         k = min(nodes, self.max_rows - 1, len(prices) - 1)
         extra = (prices[1:k + 1] - prices[0]) / np.arange(1, k + 1)  # the average price of k more rows
         return bool(p * (plan.draft_ms + prices[0]) > extra.min())
 
-    def plain(self, plan: Plan, match_len: int) -> Proposal:
+    def plain(self, plan: Plan, match_len: int, length: int) -> Proposal:
         """A pass that verifies nothing (a plain step), kept for `update` as a cut to nothing."""
-        self.kept = Kept(NO_NODES, NO_NODES, NO_FLAGS, NO_FLAGS, NO_PROBS, NO_FLAGS, match_index(match_len), plan)
+        self.kept = Kept(NO_NODES, NO_NODES, NO_FLAGS, NO_FLAGS, NO_PROBS, NO_FLAGS, match_index(match_len), plan,
+                         plan.draft_ms + self.cost.verify(1, length, self.greedy))
         self._count(plan, 0)
         return Proposal.empty()
 
@@ -291,7 +285,7 @@ class AdaptiveDrafting:
         its first nodes the drafter proposed (the rest came from prompt lookup); scores: their path
         log-probabilities, if the drafter gives them."""
         if not len(prop.tokens) and not plan.head_depth:  # nothing drafted: a plain step, no estimate to weigh
-            return self.plain(plan, prop.match_len)
+            return self.plain(plan, prop.match_len, length)
         parents, level, from_head, reach, own, first, agreed = self._reach_probabilities(prop, head, scores)
         children: dict[int, list[int]] = {}
         for i, p in enumerate(parents):
@@ -321,7 +315,8 @@ class AdaptiveDrafting:
         index[keep] = np.arange(len(keep))
         new_parents = index[parents[keep]] if len(keep) else np.zeros(0, np.int64)
         self.kept = Kept(new_parents, level[keep], from_head[keep], first[keep], own[keep], agreed[keep],
-                         match_index(prop.match_len), plan)
+                         match_index(prop.match_len), plan,
+                         plan.draft_ms + self.cost.verify(1 + len(keep), length, self.greedy))
         self._count(plan, len(keep))
         return Proposal(prop.tokens[keep], None, new_parents) if len(keep) else Proposal.empty()
 
@@ -339,11 +334,13 @@ class AdaptiveDrafting:
         self.depth_counts[plan.head_depth] = self.depth_counts.get(plan.head_depth, 0) + 1
 
     # ---- after verifying ---------------------------------------------------------------------------------
-    def update(self, path: list[int]) -> None:
-        """Learn from the pass just verified: `path` the accepted nodes of the kept tree."""
+    def update(self, path: list[int], alone: bool = True) -> None:
+        """Learn from the pass just verified: `path` the accepted nodes of the kept tree; alone: the pass ran this
+        request only (its time is this request's)."""
         kept, self.last_accepted = self.kept, len(path)
         if kept is None:
             return
+        self.overhead.finish(kept.price_ms, kept.plan.head_depth > 0, alone)
         if not len(kept.parents):  # a plain step: prompt lookup's share of a planned pass was nothing
             if kept.plan.lookup_nodes:
                 self.lookup_gain.add(0.0, 1.0)

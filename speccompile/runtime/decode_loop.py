@@ -158,7 +158,7 @@ class DecodeLoop:
         match_len = match[1] if match else 0
         nodes = min(plan.lookup_nodes, cap)
         if not adapt.may_verify(plan, match_len, len(context), nodes):  # a plain step: no tree to build and weigh
-            return adapt.plain(plan, match_len)
+            return adapt.plain(plan, match_len, len(context))
         prop = Proposal.empty()
         if plan.head_depth:
             prop = adapt.draft(drafter, context, plan, cap, params, rng)

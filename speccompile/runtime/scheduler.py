@@ -355,7 +355,7 @@ class Scheduler:
             if s.handle.stats.logprobs:
                 s.handle.stats.logprobs.add_pass(logits, verdict.path, s.prop.tokens, verdict.token)
             self._commit(s, verdict.path, rows)
-            self._accepted(s, verdict, in_graph)
+            self._accepted(s, verdict, in_graph, alone=len(running) == 1)
 
     def _accept(self, s: Slot, logits, argmax) -> tuple[Verdict, bool | None]:
         """The slot's verdict from its rows, drawing from its generator as the single-sequence path would."""
@@ -380,7 +380,7 @@ class Scheduler:
             kept = rows[np.concatenate([[0], np.add(path, 1)]).astype(int)]
             s.drafter.observe(n - 1, s.drafter.features(self.engine, kept))
 
-    def _accepted(self, s: Slot, verdict: Verdict, in_graph: bool | None) -> None:
+    def _accepted(self, s: Slot, verdict: Verdict, in_graph: bool | None, alone: bool = True) -> None:
         path, prop = verdict.path, s.prop
         accepted = prop.tokens[path]
         s.context[s.n:s.n + len(path)] = accepted
@@ -389,7 +389,7 @@ class Scheduler:
         if s.reach:
             s.reach.update(len(path), prop.depth)
         if s.adapt:
-            s.adapt.update(path)
+            s.adapt.update(path, alone)
             s.handle.stats.adaptive = s.adapt.summary()
         s.handle.stats.record(len(prop.tokens), len(path), prop.depth, in_graph)
         self._emit(s, [*accepted.tolist(), verdict.token])

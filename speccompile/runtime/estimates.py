@@ -1,0 +1,47 @@
+"""The estimates adaptive drafting (runtime/adaptive.py) keeps per request: decayed rates of how often drafted
+nodes were accepted, and the priors they start from."""
+from __future__ import annotations
+
+DECAY = 0.85  # each pass's outcome weighs this much less on the next one: the estimates follow the request
+DEPTHS = 16  # per-depth estimates (deeper nodes share the last)
+NO_SCORE_PRIOR = 0.6  # the acceptance prior of a drafter node without a probability (e.g. a Medusa head)
+# of a lookup node, given its parent was accepted, by the length of the n-gram its match shares with the end of
+# the context (index 0: not known; lengths past the last share its prior and its estimates)
+LOOKUP_PRIOR = (0.5, 0.2, 0.45, 0.75)
+AGREED_PRIOR = (0.6, 0.6, 0.75, 0.9)  # of a drafter's node that prompt lookup proposes too, by the same index
+HEAD_PRIOR = 0.55  # the accepted path starts with a drafter node
+
+
+class Rate:
+    """A ratio of two decayed sums (recent outcomes weigh most), starting from a prior worth `weight` passes."""
+    __slots__ = ("num", "den")
+
+    def __init__(self, prior: float = 0.0, weight: float = 0.0):
+        self.num, self.den = prior * weight, weight
+
+    def add(self, num: float, den: float) -> None:
+        self.num, self.den = self.num * DECAY + num, self.den * DECAY + den
+
+    @property
+    def value(self) -> float:
+        return self.num / self.den if self.den > 0 else 0.0
+
+
+def by_depth(rates: list[Rate], first: float) -> list[float]:
+    """Per-depth rates, each shrunk toward the one above it (worth one observation): a depth seldom drafted
+    takes after the depth before, not after a fixed prior."""
+    out, above = [], first
+    for r in rates:
+        above = (r.num + above) / (r.den + 1.0)
+        out.append(above)
+    return out
+
+
+def first_rate(rates: list[Rate], prior: float) -> float:
+    """by_depth(rates, prior)[0]: a root child's rate."""
+    return (rates[0].num + prior) / (rates[0].den + 1.0)
+
+
+def match_index(match_len: int) -> int:
+    """A prompt-lookup match length as an index into LOOKUP_PRIOR."""
+    return min(match_len, len(LOOKUP_PRIOR) - 1)
