@@ -249,3 +249,20 @@ def test_the_kernel_is_refused_where_the_build_does_not_use_speccompiles_kernels
         build_bundle("tiny:llama", str(tmp_path / "b"), drafts=["lookup"], max_seq_len=64, attention="kernel",
                      kernels="onnxruntime", progress=lambda *a: None)
     assert not (tmp_path / "b").exists()
+
+
+def test_auto_takes_the_kernel_where_the_layers_run_on_speccompiles_kernels():
+    """--attention auto (the default): the kernel where the build runs speccompile's kernels, the target's layer
+    products among them, and the heads fit it; onnxruntime's attention otherwise (a float32 build, whose only
+    kernel product is the head's screen; partly rotated heads; no kernels)."""
+    import dataclasses
+    from speccompile.compile.graph.attention import lowering_for
+    from speccompile.compile.presets import tiny_checkpoint
+    cfg = tiny_checkpoint("llama").config
+    assert lowering_for(cfg, "auto", kernels=True, products_on_kernels=True) == "kernel"
+    assert lowering_for(cfg, "auto", kernels=True, products_on_kernels=False) == "ort"
+    assert lowering_for(cfg, "auto", kernels=False, products_on_kernels=True) == "ort"
+    partial = dataclasses.replace(cfg, partial_rotary_factor=0.5)
+    assert partial.rope_dim != partial.head_dim
+    assert lowering_for(partial, "auto", kernels=True, products_on_kernels=True) == "ort"
+    assert lowering_for(cfg, "ort", kernels=True, products_on_kernels=True) == "ort"

@@ -151,7 +151,7 @@ def test_the_compiler_drivers_defaults_are_the_clis():
     (dict(overwrite="no"), "overwrite='no': expected True or False"),  # "no" is true: it would replace a bundle
     (dict(drafts="lookup"), "drafts='lookup': expected a list of drafter specs"),  # else read one letter a drafter
     (dict(drafts=[3]), "drafts=[3]: expected a list of drafter specs"),
-    (dict(attention="bogus"), "attention='bogus': choose ort, kernel, reference, plugin"),
+    (dict(attention="bogus"), "attention='bogus': choose auto, ort, kernel, reference, plugin"),
     (dict(out=3), "out=3: expected the bundle directory's path"),
     (dict(source=3), "source=3: expected a checkpoint's path or name"),
 ])

@@ -262,7 +262,7 @@ def test_the_kernel_build_runs_its_q4_matrices_through_matmulq4(gguf_bundles, bu
     """--kernels speccompile: every Q4_0 / Q4_1 matrix (joined with no other format) in MatMulQ4's layout, the
     rest in MatMulNBits'; the output head's int8 screen and the MTP head's int8 matrices in MatMulQ8's on a CPU
     where it beats MatMulNBits (AVX-512 VNNI); recorded
-    in the manifest, shown by inspect, its graphs importing the kernels' domain."""
+    in the manifest, shown by inspect, its graphs importing the kernels' domain; speccompile's attention kernel."""
     m = read_manifest(str(gguf_bundles / build))
     q, names = m["quantization"], set(m["weights"]["target.bin"])
     kernel = set(q["kernel_matrices"])
@@ -285,6 +285,8 @@ def test_the_kernel_build_runs_its_q4_matrices_through_matmulq4(gguf_bundles, bu
             assert (stored in q4) == all(" as " not in p and set(p.split("+")) <= {"q4_0", "q4_1"}
                                              for p in parts), (key, fmt)
     assert "speccompile.kernels" in m["runtime"]["op_domains"]
+    # --attention auto: the layers' products on the kernels, so the attention too (the tiny heads fit it)
+    assert {e["attention"] for e in m["models"].values() if "attention" in e} == {"kernel"}
     # a layer whose gate and up matrices joined in MatMulQ4's layout runs them with their gate: MatMulQ4SiLU
     nodes = onnx.load(str(gguf_bundles / build / m["models"]["target"]["graph"]), load_external_data=False).graph.node
     gated = {k + ".q4blocks" for k in q4 if k.endswith(".gate_up")}

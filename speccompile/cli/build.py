@@ -27,10 +27,12 @@ BUILD_DEPENDENCIES = {"onnx", "gguf", "safetensors", "tqdm"}  # the build extra:
               help="Tokens each drafter proposes per verify pass, 1-16, as a chain [default: 4; MTP heads: the "
                    "tree dynamic:2+lookup:6 over a float32 target, adaptive+lookup:6 over a 4-bit one, unless "
                    "--num-draft or --tree is given].")
-@click.option("--attention", type=click.Choice(["ort", "kernel", "reference"]), default="ort", show_default=True,
+@click.option("--attention", type=click.Choice(["auto", "ort", "kernel", "reference"]), default="auto",
+              show_default=True,
               help="TreeAttention lowering: onnxruntime's fused kernel; speccompile's own CPU kernel (with "
-                   "speccompile's kernels: plain decoding faster, speculation's ratio lower); or standard ONNX ops "
-                   "only.")
+                   "speccompile's kernels: a plain step faster, a verify row a larger share of it); standard ONNX ops "
+                   "only; auto: speccompile's where the target's products run on speccompile's kernels and its "
+                   "heads fit, else onnxruntime's.")
 @click.option("--tree", default=None, help="Verify a token tree per pass: chain:K | static:FILE.json | dynamic:N | "
               "adaptive[:D], each optionally joined by up to L prompt-lookup nodes with +lookup:L (default: a chain "
               "of --num-draft tokens).")
@@ -76,7 +78,7 @@ def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, ba
     try:
         from speccompile.compile.driver import build_bundle
         build_bundle(model, out, list(drafts) or None, max_seq_len=max_seq_len, num_draft=num_draft,
-                     attention=attention, fused=attention in ("ort", "kernel"), overwrite=force, tree=tree,
+                     attention=attention, fused=attention in ("auto", "ort", "kernel"), overwrite=force, tree=tree,
                      backend=backend,
                      head_screen=head_screen, draft_precision=draft_precision, dtype=dtype, weights=weights,
                      max_batch=max_batch, kernels=kernels, progress=progress)

@@ -86,7 +86,9 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
     target, opts = _load(source, opts, progress)
     target_w = _lower(target, opts, progress)
     target_w, screen, report = _quantize(target, target_w, opts, progress)
-    opts = dataclasses.replace(opts, attention=lowering_for(target.config, opts.attention, report.kernel_library))
+    layers_on_kernels = any(k != "head_screen.codes" for k in report.kernel_matrices)
+    opts = dataclasses.replace(opts, attention=lowering_for(target.config, opts.attention, report.kernel_library,
+                                                            layers_on_kernels))
     if opts.attention == "kernel":
         progress("      attention: speccompile's TreeAttention kernel")
     if drafts is None:
@@ -169,8 +171,9 @@ def _check_request(opts: BuildOptions, drafts: list[str] | None) -> tuple[TreeSp
                                f"tree: give one (a chain of K is the tree 'chain:K')")
     if not 1 <= opts.max_batch <= 64:
         raise SpeccompileError(f"{given('max_batch', opts.max_batch)}: must be between 1 and 64")
-    if opts.attention not in tree_attention.LOWERINGS:
-        raise SpeccompileError(f"{given('attention', opts.attention)}: choose {', '.join(tree_attention.LOWERINGS)}")
+    if opts.attention not in (*tree_attention.LOWERINGS, "auto"):
+        raise SpeccompileError(f"{given('attention', opts.attention)}: choose auto, "
+                               f"{', '.join(tree_attention.LOWERINGS)}")
     if opts.mla_cache not in ("latent", "expanded"):  # build_bundle's keyword alone: the CLI has no such option
         raise SpeccompileError(f"mla_cache={opts.mla_cache!r}: choose latent or expanded")
     _check_cpu_only_graphs(opts.dtype, specs)

@@ -24,7 +24,7 @@ class BuildOptions:
     and `mla_cache` is build_bundle's keyword alone)."""
     max_seq_len: int | None = None  # None: min(DEFAULT_MAX_SEQ_LEN, the model's context)
     num_draft: int | None = None  # tokens per pass; None: each kind's default (and default tree)
-    attention: str = "ort"  # the attention lowering (speccompile.plugins.tree_attention)
+    attention: str = "auto"  # the attention lowering (speccompile.plugins.tree_attention; graph/attention.py)
     fused: bool = True  # onnxruntime's fused kernels (the int8 head screen needs them)
     overwrite: bool = False
     tree: str | None = None  # a TreeSpec every drafter verifies

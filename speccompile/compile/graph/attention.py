@@ -15,19 +15,28 @@ from speccompile.graphs.builder import GraphBuilder
 from speccompile.plugins import tree_attention
 
 
-def lowering_for(cfg: ModelConfig, asked: str, kernels: bool) -> str:
+def lowering_for(cfg: ModelConfig, asked: str, kernels: bool, products_on_kernels: bool = False) -> str:
     """The TreeAttention lowering a build uses: what it asked for, once speccompile's own attention kernel
-    ("kernel", opt-in) is checked to fit: the build runs speccompile's kernels and the model rotates every channel of
-    its heads, a head dimension a multiple of 16 up to 256."""
+    ("kernel") is checked to fit: the build runs speccompile's kernels and the model rotates every channel of its
+    heads, a head dimension a multiple of 16 up to 256. "auto" (the default): the kernel where it fits and the
+    target's layer products run on speccompile's kernels too (a plain step much faster: docs/results.md), else
+    onnxruntime's."""
+    if asked == "auto":
+        return "kernel" if kernels and products_on_kernels and kernel_fits(cfg) else "ort"
     if asked != "kernel":
         return asked
     if not kernels:
         raise SpeccompileError(f"{given('attention', 'kernel')}: this build does not use speccompile's kernels "
                                "(--kernels onnxruntime, a CPU or build they do not run on)")
-    if cfg.rope_dim != cfg.head_dim or cfg.head_dim % 16 or cfg.head_dim > 256:
+    if not kernel_fits(cfg):
         raise UnsupportedModelError(f"{given('attention', 'kernel')}: the kernel takes wholly rotated heads of a "
                                     f"multiple of 16 channels up to 256 ({cfg.rope_dim} of {cfg.head_dim} rotated)")
     return asked
+
+
+def kernel_fits(cfg: ModelConfig) -> bool:
+    """Whether speccompile's attention kernel takes this model's heads."""
+    return cfg.rope_dim == cfg.head_dim and cfg.head_dim % 16 == 0 and cfg.head_dim <= 256
 
 
 def total_length(g: GraphBuilder) -> str:
