@@ -289,17 +289,32 @@ def test_a_level_far_from_paying_is_probed_seldom():
 
 
 def test_passes_that_draft_are_priced_with_what_they_took_beyond_their_price():
-    """Drafted passes that run 10 ms past their price (plain ones on it) make a level that paid on paper lose."""
+    """Drafted passes that run 10 ms past their price (plain ones on it) make a level that paid on paper lose, for
+    the request that timed them and for the next one on the same cost model."""
     import time
-    a = adaptive(synthetic(20.0, 1.0), depth=1, lookup=0)
+    cost = synthetic(20.0, 1.0)
+    a = adaptive(cost, depth=1, lookup=0)
     a.head_reach[0].add(1.0, 4.0)
     assert a.plan(100).head_depth == 1
     for drafted, price, wall in [(True, 22.0, 32.0), (False, 20.0, 20.0)] * 10:
-        a.overhead.start()
-        a.overhead._start = time.perf_counter() - wall / 1e3  # the pass took `wall` ms
-        a.overhead.finish(price, drafted)
-    assert 8.0 < a.overhead.drafting_extra() < 11.0
+        cost.overhead.finish(time.perf_counter() - wall / 1e3, price, drafted)  # a pass of `wall` ms
+    assert 8.0 < cost.overhead.drafting_extra() < 11.0
     assert a.plan(100).head_depth == 0
+    b = adaptive(cost, depth=1, lookup=0)
+    b.head_reach[0].add(1.0, 4.0)
+    assert b.plan(100).head_depth == 0
+
+
+def test_a_pass_shared_with_other_requests_is_not_timed_as_this_requests():
+    cost = synthetic(20.0, 1.0)
+    a = adaptive(cost, depth=1, lookup=0)
+    for alone in (False, True):
+        plan = a.plan(100)
+        prop, scores = confident_chain(1, np.log(0.9))
+        a.choose(prop, 1, scores, plan, 100)
+        before = cost.overhead.mean(True), cost.overhead.mean(False)
+        a.update([0], alone)
+        assert ((cost.overhead.mean(True), cost.overhead.mean(False)) == before) == (not alone)
 
 
 @pytest.mark.parametrize("drafter", ["model", "layerskip:2", "lookup"])

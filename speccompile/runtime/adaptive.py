@@ -36,7 +36,6 @@ from speccompile.runtime.drafters.base import Proposal
 from speccompile.runtime.drafters.lookup import LookupReach
 from speccompile.runtime.estimates import (AGREED_PRIOR, DEPTHS, HEAD_PRIOR, LOOKUP_PRIOR, NO_SCORE_PRIOR, Rate,
                                            by_depth, first_rate, match_index)
-from speccompile.runtime.pass_overhead import PassOverhead
 
 PROBE_EVERY = 8  # passes between tries of one level deeper than the plan would draft, at the least
 # and no sooner than this share of the passes' time since the last try would pay for the try's expected loss
@@ -100,7 +99,7 @@ class AdaptiveDrafting:
         self.head_rows = [Rate(1.0, 2.0) for _ in range(DEPTHS)]
         self.since_probe, self.last_accepted = 0, 0
         self.kept: Kept | None = None
-        self.overhead = PassOverhead()
+        self._pass_start: float | None = None  # time.perf_counter() at this pass's planning
         self.passes, self.plain_passes, self.rows = 0, 0, 0
         self.depth_counts: dict[int, int] = {}
 
@@ -143,13 +142,13 @@ class AdaptiveDrafting:
 
     def lookup_plan(self, nodes: int) -> Plan:
         """A pass that drafts by prompt lookup alone, at most `nodes` nodes (a shared pass's rows)."""
-        self.overhead.start()
+        self._pass_start = time.perf_counter()
         return Plan(0, 0, nodes, self._draft_prices(True)[0])
 
     def plan(self, length: int, match_len: int = 0) -> Plan:
         """How deep the drafter drafts this pass, and how many lookup nodes join it; match_len: the n-gram prompt
         lookup matches on at the context's end (0: none, or not known)."""
-        self.overhead.start()
+        self._pass_start = time.perf_counter()
         lookup = self.reach.reach if self.reach else 0
         if self.lookup_wins(match_len):
             return self.lookup_plan(lookup)
@@ -172,7 +171,7 @@ class AdaptiveDrafting:
         drafter level's measured excess over its price included: runtime/pass_overhead.py)."""
         gain = self.lookup_gain.value if lookup else 0.0
         extra_rows = self.lookup_rows.value if lookup else 0.0
-        excess = self.overhead.drafting_extra()
+        excess = self.cost.overhead.drafting_extra()
         prices = self.cost.row_prices(length, self.greedy)
         rates, times = [], []
         # per depth: the expected tokens (1 + the chances that the accepted path runs through a drafter node at
@@ -340,7 +339,9 @@ class AdaptiveDrafting:
         kept, self.last_accepted = self.kept, len(path)
         if kept is None:
             return
-        self.overhead.finish(kept.price_ms, kept.plan.head_depth > 0, alone)
+        start, self._pass_start = self._pass_start, None
+        if alone and start is not None:  # a pass shared with other requests took their time too
+            self.cost.overhead.finish(start, kept.price_ms, kept.plan.head_depth > 0)
         if not len(kept.parents):  # a plain step: prompt lookup's share of a planned pass was nothing
             if kept.plan.lookup_nodes:
                 self.lookup_gain.add(0.0, 1.0)

@@ -19,6 +19,7 @@ import platform
 import numpy as np
 
 from speccompile.runtime.machine_id import cpu_identity
+from speccompile.runtime.pass_overhead import PassOverhead
 
 # 2: drafter passes timed after a target pass; 3: three rows measured; 4: pad rows (row_parity); 5: over text the
 # target finds likely (runtime/calibration.py); 6: that text in the cache as it runs, each length's points after
@@ -56,6 +57,8 @@ class CostModel:
     # per drafter: decayed sums of its timed drafting over the calibrated price (`observe_draft`)
     drafted: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
     _interp_weights: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # _by_rows
+    # what passes took beyond these prices lately, timed by every request's planner (runtime/pass_overhead.py)
+    overhead: PassOverhead = dataclasses.field(default_factory=PassOverhead, repr=False, compare=False)
 
     def verify(self, rows: int, length: int, greedy: bool = True) -> float:
         """Interpolated time of a target pass over `rows` rows after `length` committed tokens, as the passes

@@ -4,7 +4,9 @@ The cost model (runtime/cost_model.py) prices a pass as its drafting and its tar
 level costs more than that: the host's work around it (growing and cutting the tree, compacting the cache, the
 drafter's features) and a target pass slowed by the drafter's graph having just run (its weights through the same
 CPU caches). The adaptive planner (runtime/adaptive.py) adds what such passes took beyond their price, less what
-plain passes took beyond theirs, to a drafter level's price: a level that pays only on paper is not drafted.
+plain passes took beyond theirs, to a drafter level's price: a level that pays only on paper is not drafted. The
+means belong to the machine and the bundle, not to a request: one PassOverhead per cost model, which every
+request's planner times its passes into (a new request starts from what earlier ones measured).
 """
 from __future__ import annotations
 
@@ -21,17 +23,11 @@ class PassOverhead:
 
     def __init__(self):
         self._sums = {True: [0.0, 1.0], False: [0.0, 1.0]}  # drafted -> [decayed excess ms, decayed passes]
-        self._start: float | None = None
 
-    def start(self) -> None:
-        """A pass begins (its planning)."""
-        self._start = time.perf_counter()
-
-    def finish(self, price_ms: float, drafted: bool, alone: bool = True) -> None:
-        """The pass that began at start() ended (its update): priced price_ms, a drafter level run or not. A pass
-        shared with other requests (alone=False) took their time too: not counted."""
-        start, self._start = self._start, None
-        if start is None or not alone or price_ms <= 0:
+    def finish(self, start: float, price_ms: float, drafted: bool) -> None:
+        """A pass that began at `start` (time.perf_counter(), at its planning) ended now (its update): priced
+        price_ms, a drafter level run or not."""
+        if price_ms <= 0:
             return
         excess = (time.perf_counter() - start) * 1e3 - price_ms
         excess = min(max(excess, -CLIP * price_ms), CLIP * price_ms)
