@@ -222,6 +222,25 @@ def test_lookup_drafts_what_followed_the_longest_most_recent_match(max_ngram):
         assert paths == want and tree.match_len == n
 
 
+@pytest.mark.parametrize("max_ngram", [1, 3])
+def test_the_match_index_finds_the_scans_matches_as_a_context_grows(max_ngram):
+    """MatchIndex (adaptive drafting's per-request index) against LookupDrafter.matches's scan: the same starts in
+    the same order and n at every length of contexts grown a few tokens a pass; another context (shorter, or
+    another token where the indexed one ended) is indexed again."""
+    from speccompile.runtime.drafters.lookup import LookupDrafter, MatchIndex
+    rng = np.random.default_rng(1)
+    lookup = LookupDrafter(max_ngram=max_ngram)
+    for _ in range(60):
+        context, index, n = rng.integers(0, int(rng.integers(2, 20)), 200), MatchIndex(lookup), 1
+        while n <= len(context):
+            want, got = lookup.matches(context[:n]), index.matches(context[:n])
+            assert got[1] == want[1] and got[0].tolist() == want[0].tolist()
+            n += int(rng.integers(1, 5))
+        other = rng.integers(0, 5, 50)
+        for ctx in (other, other[:20]):
+            assert index.matches(ctx)[0].tolist() == lookup.matches(ctx)[0].tolist()
+
+
 def test_a_static_trees_ranks_are_the_drafters_ranks():
     """Rank r of a static tree's path is the drafter's r-th likeliest token after the node's parent: siblings
     distinct, likeliest first (a draft engine standing in with fixed pseudo-random logits)."""

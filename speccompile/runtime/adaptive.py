@@ -11,10 +11,10 @@ Two decisions per pass, both priced by the measured cost model (runtime/cost_mod
      predicted pass time (drafting spent + verify rows at this context length) is best. The empty set is a
      plain decode step: speculation switched off where it would lose.
 A depth the plan keeps skipping is probed again, verifying at least one node, so estimates never go stale for good
-(prompt lookup drafting alone: its likeliest node, every PROBE_EVERY passes): every PROBE_EVERY passes at the most,
-and for a depth far from paying only once EXPLORE_SHARE of the time since the last probe covers the probe's
-expected loss. A depth the cut left nothing at teaches nothing (its nodes were never tried). A pass that runs a
-drafter level is priced with what such passes took beyond their price lately (runtime/pass_overhead.py).
+(prompt lookup drafting alone: its likeliest node where it matches): every PROBE_EVERY passes at the most, and for
+a depth (or a match) far from paying only once EXPLORE_SHARE of the time since the last probe covers the probe's
+expected loss. A depth the cut left nothing at teaches nothing (its nodes were never tried). Verifying any node is
+priced with what such passes took beyond their price lately, more than plain steps did (runtime/pass_overhead.py).
 
 Only which candidates are verified changes, never how they are accepted: greedy output stays the target's
 exactly and sampled output keeps its distribution (the tree rules of runtime/acceptance.py hold for any tree).
@@ -25,7 +25,6 @@ acceptance, drafts sampled from q) reproduces from its seed only where the draft
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import numpy as np
@@ -33,43 +32,14 @@ import numpy as np
 from speccompile.format.trees import TreeSpec, depths
 from speccompile.runtime.cost_model import HEAD_ROWS, CostModel
 from speccompile.runtime.drafters.base import Proposal
-from speccompile.runtime.drafters.lookup import LookupReach
-from speccompile.runtime.estimates import (AGREED_PRIOR, DEPTHS, HEAD_PRIOR, LOOKUP_PRIOR, NO_SCORE_PRIOR, Rate,
-                                           by_depth, first_rate, match_index)
+from speccompile.runtime.drafters.lookup import LookupDrafter, LookupReach, MatchIndex
+from speccompile.runtime.estimates import (AGREED_PRIOR, DEPTHS, HEAD_PRIOR, LOOKUP_PRIOR, NO_FLAGS, NO_NODES, NO_PROBS,
+                                           NO_SCORE_PRIOR, Kept, Plan, Rate, by_depth, first_rate, match_index)
 
 PROBE_EVERY = 8  # passes between tries of one level deeper than the plan would draft, at the least
 # and no sooner than this share of the passes' time since the last try would pay for the try's expected loss
-EXPLORE_SHARE = 0.02
+EXPLORE_SHARE = 0.01
 REACH_LIMIT = 4  # lookup continuations reach at most this many times the tree's L deep (as fixed trees do)
-
-
-@dataclasses.dataclass
-class Plan:
-    head_depth: int  # drafter levels to draft (0: none)
-    head_nodes: int  # the drafter's node budget
-    lookup_nodes: int  # prompt-lookup nodes (and depth) to join
-    draft_ms: float  # predicted drafting time
-    probe: bool = False  # one level deeper than the estimates say: verify at least one node, to learn from it
-
-
-# a plain step's kept tree (update only reads it)
-NO_NODES, NO_FLAGS, NO_PROBS = np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0)
-for _empty in (NO_NODES, NO_FLAGS, NO_PROBS):
-    _empty.setflags(write=False)
-
-
-@dataclasses.dataclass
-class Kept:
-    """The nodes a pass verified, for the update after it."""
-    parents: np.ndarray
-    level: np.ndarray  # 0-based depth
-    from_head: np.ndarray  # bool: a drafter node (else a prompt-lookup node)
-    first: np.ndarray  # bool: a lookup node that is its parent's first lookup child (the most recent match)
-    predicted: np.ndarray  # a drafter node's own conditional probability
-    agreed: np.ndarray  # bool: a drafter node prompt lookup proposed too
-    match: int  # the lookup nodes' match length, as an index into LOOKUP_PRIOR
-    plan: Plan
-    price_ms: float = 0.0  # the cost model's price of the pass: its drafting and its target pass
 
 
 class AdaptiveDrafting:
@@ -100,6 +70,7 @@ class AdaptiveDrafting:
         self.since_probe, self.last_accepted = 0, 0
         self.kept: Kept | None = None
         self._pass_start: float | None = None  # time.perf_counter() at this pass's planning
+        self._matches: MatchIndex | None = None  # prompt lookup's matches over this request's context
         self.passes, self.plain_passes, self.rows = 0, 0, 0
         self.depth_counts: dict[int, int] = {}
 
@@ -140,6 +111,12 @@ class AdaptiveDrafting:
         look = self.lookup_accept[True, m][0]
         return (look.num + LOOKUP_PRIOR[m]) / (look.den + 1.0)
 
+    def matches(self, lookup: LookupDrafter, context: np.ndarray) -> tuple[np.ndarray, int]:
+        """lookup.matches(context), kept up to date over this request's context (drafters/lookup.py MatchIndex)."""
+        if self._matches is None or self._matches.lookup is not lookup:
+            self._matches = MatchIndex(lookup)
+        return self._matches.matches(context)
+
     def lookup_plan(self, nodes: int) -> Plan:
         """A pass that drafts by prompt lookup alone, at most `nodes` nodes (a shared pass's rows)."""
         self._pass_start = time.perf_counter()
@@ -155,7 +132,7 @@ class AdaptiveDrafting:
         self.since_probe += 1
         if not self.max_depth:  # prompt lookup drafting alone: no drafter level to price; its nodes, which the cut
             # would otherwise never verify again once a few were rejected, are what a probe tests
-            probe = lookup > 0 and self.since_probe >= PROBE_EVERY
+            probe = lookup > 0 and match_len > 0 and self._lookup_probe_due(match_len, length)
             self.since_probe = 0 if probe else self.since_probe
             return Plan(0, 0, lookup, self._draft_prices(bool(lookup))[0], probe)
         drafting = self._draft_prices(bool(lookup))
@@ -168,10 +145,10 @@ class AdaptiveDrafting:
 
     def _rates(self, length: int, lookup: int, drafting: list[float]) -> tuple[list[float], list[float]]:
         """Per drafter depth 0 .. max_depth: the expected committed tokens per ms, and the pass's expected ms (a
-        drafter level's measured excess over its price included: runtime/pass_overhead.py)."""
+        pass's measured excess over its price included where it verifies nodes: runtime/pass_overhead.py)."""
         gain = self.lookup_gain.value if lookup else 0.0
         extra_rows = self.lookup_rows.value if lookup else 0.0
-        excess = self.cost.overhead.drafting_extra()
+        excess = self.cost.overhead.verify_extra()
         prices = self.cost.row_prices(length, self.greedy)
         rates, times = [], []
         # per depth: the expected tokens (1 + the chances that the accepted path runs through a drafter node at
@@ -201,6 +178,15 @@ class AdaptiveDrafting:
             return False
         loss = times[best + 1] * (1.0 - rates[best + 1] / rates[best])
         return self.since_probe * EXPLORE_SHARE * times[best] >= loss
+
+    def _lookup_probe_due(self, match_len: int, length: int) -> bool:
+        """_probe_due for prompt lookup drafting alone: the try verifies the match's likeliest node, a row and the
+        excess of a pass that verifies (runtime/pass_overhead.py) for the chance that it is taken."""
+        if self.since_probe < PROBE_EVERY:
+            return False
+        plain, row = self._verify_ms(1, length), self._verify_ms(2, length) + self.cost.overhead.verify_extra()
+        loss = row - (1.0 + self.lookup_estimate(match_len)) * plain
+        return self.since_probe * EXPLORE_SHARE * plain >= loss
 
     def draft(self, drafter, context, plan: Plan, cap: int, params, rng) -> Proposal:
         """The drafter's dynamic tree as `plan` says, within `cap` nodes, its drafting time taken (`drafted`)."""
@@ -257,7 +243,7 @@ class AdaptiveDrafting:
         planned, and none of up to `nodes` prompt-lookup nodes can pay), so that a plain step skips building and
         weighing the tree. No lookup node is likelier to be reached than a child of the root, and k of them pay
         only if k such chances outweigh the k rows' price: p * k * (drafting + a plain step) > verify(1 + k) -
-        verify(1) for some k (choose's rule, bounded)."""
+        verify(1) + what verifying any node costs beyond its rows, for some k (choose's rule, bounded)."""
         if plan.head_depth:
             return True
         if not match_len or nodes <= 0:  # nothing to join: choose would get no node
@@ -269,7 +255,8 @@ class AdaptiveDrafting:
                 first_rate(self.lookup_accept[False, m], LOOKUP_PRIOR[m] / 4))
         prices = self.cost.row_prices(length, self.greedy)
         k = min(nodes, self.max_rows - 1, len(prices) - 1)
-        extra = (prices[1:k + 1] - prices[0]) / np.arange(1, k + 1)  # the average price of k more rows
+        # the average price of k more rows, and of verifying any node at all
+        extra = (prices[1:k + 1] - prices[0] + self.cost.overhead.verify_extra()) / np.arange(1, k + 1)
         return bool(p * (plan.draft_ms + prices[0]) > extra.min())
 
     def plain(self, plan: Plan, match_len: int, length: int) -> Proposal:
@@ -292,6 +279,7 @@ class AdaptiveDrafting:
         frontier, order = list(children.get(-1, [])), []
         total, best_len = 1.0, 0
         best_rate = total / (plan.draft_ms + self.cost.verify(1, length, self.greedy))
+        excess = self.cost.overhead.verify_extra()  # what verifying any node costs beyond its rows
         while frontier and len(order) < self.max_rows - 1:
             i = max(frontier, key=lambda v: reach[v])
             frontier.remove(i)
@@ -299,7 +287,7 @@ class AdaptiveDrafting:
             # a chain: the path goes on below i only; a tree: i's children join the frontier
             frontier = children.get(i, []) + ([] if self.chains_only else frontier)
             total += reach[i]
-            rate = total / (plan.draft_ms + self.cost.verify(1 + len(order), length, self.greedy))
+            rate = total / (plan.draft_ms + self.cost.verify(1 + len(order), length, self.greedy) + excess)
             if rate > best_rate:
                 best_rate, best_len = rate, len(order)
         if plan.probe:  # estimates grown too low would otherwise never be put to the test again
@@ -341,7 +329,7 @@ class AdaptiveDrafting:
             return
         start, self._pass_start = self._pass_start, None
         if alone and start is not None:  # a pass shared with other requests took their time too
-            self.cost.overhead.finish(start, kept.price_ms, kept.plan.head_depth > 0)
+            self.cost.overhead.finish(start, kept.price_ms, len(kept.parents) > 0)
         if not len(kept.parents):  # a plain step: prompt lookup's share of a planned pass was nothing
             if kept.plan.lookup_nodes:
                 self.lookup_gain.add(0.0, 1.0)

@@ -28,6 +28,9 @@ from speccompile.runtime.sampling import PositionDraws, SamplingParams
 
 PREFILL_CHUNK = MAX_STEP_TOKENS
 
+# a plain step is timed into the cost model once in this many: a pass's update costs a few hundredths of a plain
+# step's host time, and the one-row price needs few of them to follow the machine
+PLAIN_TIMED_EVERY = 4
 # a joined tree's lookup continuations reach at most this many times L deep (drafters/lookup.py LookupReach): a
 # wide pass costs a few narrow ones, so a repeating answer may commit that many more tokens for it
 LOOKUP_REACH_LIMIT = 4
@@ -55,6 +58,7 @@ class DecodeLoop:
     threads: int | None
     _pending: np.ndarray  # a plain decode step's one token
     _cost: CostModel | None  # the cost model, measured or read on first use
+    _plain_steps = 0  # plain steps run (PLAIN_TIMED_EVERY)
 
     def steps(self, prompt: np.ndarray, max_new_tokens: int, drafter: Drafter | None, k: int,
               params: SamplingParams, stats: SpecDecodeStats, tree: TreeSpec | None = None) -> Iterator[list[int]]:
@@ -153,7 +157,7 @@ class DecodeLoop:
         if cap <= 0:
             return adapt.skip()
         lookup = self.lookup_of(drafter)
-        match = lookup.matches(context) if match is None and adapt.reach else match
+        match = adapt.matches(lookup, context) if match is None and adapt.reach else match
         plan = adapt.lookup_plan(cap) if lookup_only else adapt.plan(len(context), match[1] if match else 0)
         match_len = match[1] if match else 0
         nodes = min(plan.lookup_nodes, cap)
@@ -185,13 +189,17 @@ class DecodeLoop:
         """One target pass over the pending token and the draft: (the verdict, whether acceptance ran in the
         graph; None for a plain decode step, without drafts); the committed tokens' entries added to `logprobs`.
         Timed into the cost model once adaptive drafting has loaded it, so that its prices follow the passes as
-        they run now."""
+        they run now (a plain step once in PLAIN_TIMED_EVERY)."""
         t0 = time.perf_counter()
         out = self._target_pass(token, prop, n, params, rng, noise, draws, logprobs)
-        if self._cost is not None:
+        if self._cost is not None and (len(prop.tokens) or self._timed_plain_step()):
             greedy_pass = not full_rows(params, logprobs)  # filed as what it ran: the exact greedy head or not
             self._cost.observe(1 + len(prop.tokens), n - 1, greedy_pass, (time.perf_counter() - t0) * 1e3)
         return out
+
+    def _timed_plain_step(self) -> bool:
+        self._plain_steps += 1
+        return self._plain_steps % PLAIN_TIMED_EVERY == 0
 
     def _target_pass(self, token: int, prop: Proposal, n: int, params: SamplingParams, rng, noise, draws,
                      logprobs: Logprobs | None):

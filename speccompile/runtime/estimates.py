@@ -1,6 +1,10 @@
-"""The estimates adaptive drafting (runtime/adaptive.py) keeps per request: decayed rates of how often drafted
-nodes were accepted, and the priors they start from."""
+"""What adaptive drafting (runtime/adaptive.py) keeps per request: decayed rates of how often drafted nodes were
+accepted, the priors they start from, and a pass's plan and the tree it verified."""
 from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
 
 DECAY = 0.85  # each pass's outcome weighs this much less on the next one: the estimates follow the request
 DEPTHS = 16  # per-depth estimates (deeper nodes share the last)
@@ -45,3 +49,32 @@ def first_rate(rates: list[Rate], prior: float) -> float:
 def match_index(match_len: int) -> int:
     """A prompt-lookup match length as an index into LOOKUP_PRIOR."""
     return min(match_len, len(LOOKUP_PRIOR) - 1)
+
+
+@dataclasses.dataclass
+class Plan:
+    head_depth: int  # drafter levels to draft (0: none)
+    head_nodes: int  # the drafter's node budget
+    lookup_nodes: int  # prompt-lookup nodes (and depth) to join
+    draft_ms: float  # predicted drafting time
+    probe: bool = False  # one level deeper than the estimates say: verify at least one node, to learn from it
+
+
+# a plain step's kept tree (update only reads it)
+NO_NODES, NO_FLAGS, NO_PROBS = np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0)
+for _empty in (NO_NODES, NO_FLAGS, NO_PROBS):
+    _empty.setflags(write=False)
+
+
+@dataclasses.dataclass
+class Kept:
+    """The nodes a pass verified, for the update after it."""
+    parents: np.ndarray
+    level: np.ndarray  # 0-based depth
+    from_head: np.ndarray  # bool: a drafter node (else a prompt-lookup node)
+    first: np.ndarray  # bool: a lookup node that is its parent's first lookup child (the most recent match)
+    predicted: np.ndarray  # a drafter node's own conditional probability
+    agreed: np.ndarray  # bool: a drafter node prompt lookup proposed too
+    match: int  # the lookup nodes' match length, as an index into LOOKUP_PRIOR
+    plan: Plan
+    price_ms: float = 0.0  # the cost model's price of the pass: its drafting and its target pass

@@ -46,6 +46,40 @@ class LookupDrafter(Drafter):
         return join_lookup(Proposal.empty(), context, self, tree.size, tree.depth)
 
 
+class MatchIndex:
+    """LookupDrafter.matches over one request's growing context, kept up to date a pass at a time: the n-grams
+    ending at each position, by n, with where they ended. A pass then looks up three n-grams instead of scanning
+    the whole context (the adaptive loop asks on every pass, plain steps included). The runtime only appends to a
+    request's context; one that is shorter than what was indexed, or holds another token where the indexed one
+    ended, is indexed again from its start."""
+
+    def __init__(self, lookup: LookupDrafter):
+        self.lookup = lookup
+        self._ends: list[dict[tuple, list[int]]] = [{} for _ in range(lookup.max_ngram + 1)]
+        self._tokens: list[int] = []  # the tokens indexed so far
+
+    def matches(self, context: np.ndarray) -> tuple[np.ndarray, int]:
+        self._extend(context)
+        n_ctx, lookup = len(context), self.lookup
+        for n in range(min(lookup.max_ngram, n_ctx - 1), lookup.min_ngram - 1, -1):
+            ends = self._ends[n].get(tuple(self._tokens[n_ctx - n:]), ())
+            earlier = ends[:-1] if ends and ends[-1] == n_ctx else ends  # the suffix itself is no match
+            if earlier:
+                return np.array(earlier[::-1], np.int64), n
+        return np.zeros(0, np.int64), 0
+
+    def _extend(self, context: np.ndarray) -> None:
+        done = len(self._tokens)
+        if len(context) < done or (done and int(context[done - 1]) != self._tokens[-1]):
+            self.__init__(self.lookup)
+            done = 0
+        self._tokens += context[done:].tolist()
+        tokens = self._tokens
+        for end in range(done + 1, len(tokens) + 1):
+            for n in range(1, min(self.lookup.max_ngram, end) + 1):
+                self._ends[n].setdefault(tuple(tokens[end - n:end]), []).append(end)
+
+
 def join_lookup(prop: Proposal, context: np.ndarray, lookup: LookupDrafter, nodes: int, depth: int,
                 match: tuple[np.ndarray, int] | None = None) -> Proposal:
     """`prop`'s tree (a chain when parents is None) joined by up to `nodes` nodes of prompt lookup's continuations,
