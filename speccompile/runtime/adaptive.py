@@ -254,10 +254,9 @@ class AdaptiveDrafting:
         p = max(first_rate(self.lookup_accept[True, m], LOOKUP_PRIOR[m]),
                 first_rate(self.lookup_accept[False, m], LOOKUP_PRIOR[m] / 4))
         prices = self.cost.row_prices(length, self.greedy)
-        k = min(nodes, self.max_rows - 1, len(prices) - 1)
-        # the average price of k more rows, and of verifying any node at all
-        extra = (prices[1:k + 1] - prices[0] + self.cost.overhead.verify_extra()) / np.arange(1, k + 1)
-        return bool(p * (plan.draft_ms + prices[0]) > extra.min())
+        rows = prices[:min(nodes, self.max_rows - 1, len(prices) - 1) + 1].tolist()  # plain Python: a plain step's
+        gain, excess = p * (plan.draft_ms + rows[0]), self.cost.overhead.verify_extra()  # few microseconds
+        return any(gain * k > rows[k] - rows[0] + excess for k in range(1, len(rows)))
 
     def plain(self, plan: Plan, match_len: int, length: int) -> Proposal:
         """A pass that verifies nothing (a plain step), kept for `update` as a cut to nothing."""
