@@ -291,6 +291,22 @@ def test_a_level_far_from_paying_is_probed_seldom():
     assert len(far) >= 2 and min(far) >= 3 * PROBE_EVERY
 
 
+def test_prompt_lookup_alone_probes_a_match_by_its_expected_loss():
+    """Drafting by prompt lookup alone, a probe verifies the match's likeliest node: every PROBE_EVERY passes for a
+    match close to paying, several times further apart for one whose continuations are seldom taken, and none
+    while nothing matches."""
+    from speccompile.runtime.adaptive import PROBE_EVERY
+
+    def probes(cost, taken: float, match_len: int = 2, passes: int = 200) -> list[int]:
+        a = AdaptiveDrafting(cost, "lookup", False, TreeSpec("adaptive", 63, depth=4, lookup=6), True, 64)
+        a.lookup_accept[True, match_len][0].add(taken * 50, 50.0)
+        return [i for i in range(passes) if a.plan(100, match_len).probe]
+    close, far = probes(synthetic(20.0, 4.0), 0.15), probes(synthetic(20.0, 20.0), 0.02, passes=400)
+    assert np.diff(close).tolist() == [PROBE_EVERY] * (len(close) - 1) and len(close) > 10
+    assert 2 <= len(far) and min(np.diff(far)) >= 3 * PROBE_EVERY
+    assert probes(synthetic(20.0, 4.0), 0.15, match_len=0) == []
+
+
 def test_passes_that_draft_are_priced_with_what_they_took_beyond_their_price():
     """Passes that verify nodes and run 10 ms past their price (plain steps on it) make a level that paid on paper
     lose, for the request that timed them and for the next one on the same cost model; and the cut verifies
