@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from speccompile.errors import SpeccompileError
 from speccompile.runtime.kv_cache import KVCache
 from speccompile.format.trees import TreeSpec, depths
-from speccompile.runtime.acceptance import accept_greedy, accept_sampled, sequential
+from speccompile.runtime.acceptance import accept_greedy, accept_sampled, committed_rows, sequential
 
 from conftest import assert_lossless, random_prompts
 from test_decoding import chi2_pvalue
@@ -100,6 +100,14 @@ def test_a_hand_built_tree_spec_is_refused_unless_parse_would_make_it(tiny_gener
     for made in (Spec.parse("chain:3"), Spec.parse("dynamic:4+lookup:2"), Spec.from_paths([[0], [1], [0, 0]])):
         assert made.checked() is made
         assert tiny_generator.generate("hello", 4, drafter="lookup", tree=made).token_ids
+
+
+def test_the_committed_rows_are_the_pending_tokens_and_the_accepted_nodes():
+    """A verify block's row 0 is the pending token, row i + 1 node i: a drafter observes those rows' features, a
+    plain step's as a slice of its one row."""
+    hidden = np.arange(12.0).reshape(6, 2)
+    assert committed_rows([]) == slice(0, 1) and hidden[committed_rows([])].tolist() == [[0.0, 1.0]]
+    assert hidden[committed_rows([0, 2, 4])].tolist() == hidden[[0, 1, 3, 5]].tolist()
 
 
 def test_accept_tree_greedy_walks_the_matching_path():

@@ -54,6 +54,12 @@ def chain_parents(n: int) -> np.ndarray:
     return np.arange(n, dtype=np.int64) - 1
 
 
+def committed_rows(path: list[int]):
+    """The rows of a verify block that were committed: the pending token's and the accepted nodes' (a plain step's
+    one row as a slice, which reads its features without a gathered copy)."""
+    return slice(0, 1) if not path else np.concatenate([[0], np.add(path, 1)]).astype(int)
+
+
 def accept_greedy(tokens: np.ndarray, parents: np.ndarray, target_argmax: np.ndarray) -> Verdict:
     """The longest root-to-node path whose tokens are the target's greedy choices; target_argmax [1 + n]."""
     return _follow(tokens, parents, lambda row: int(target_argmax[row]))

@@ -15,7 +15,7 @@ from speccompile.format.trees import ADAPTIVE_LOOKUP, TreeSpec, depths
 from speccompile.graphs import MAX_STEP_TOKENS
 from speccompile.runtime import cost_cache
 from speccompile.runtime.acceptance import (SpecDecodeStats, Verdict, accept_by_graph_rule, accept_on_host,
-                                            chain_parents)
+                                            chain_parents, committed_rows)
 from speccompile.runtime.adaptive import AdaptiveDrafting
 from speccompile.runtime.context_cache import ContextCache
 from speccompile.runtime.calibration import CALIBRATION_PROMPT
@@ -244,4 +244,4 @@ class DecodeLoop:
             cache.compact(n + np.array(path, np.int64), n)  # node i sits at slot n + i
         cache.truncate(n + len(path))
         if drafter and drafter.wants_hidden:  # the pending token and the accepted nodes, now committed
-            drafter.observe(n - 1, drafter.features(self.target, np.concatenate([[0], np.add(path, 1)]).astype(int)))
+            drafter.observe(n - 1, drafter.features(self.target, committed_rows(path)))

@@ -30,7 +30,7 @@ import numpy as np
 
 from speccompile.format.bundle import check_unchanged, file_stamps
 from speccompile.runtime.acceptance import (SpecDecodeStats, Verdict, accept_by_graph_rule, accept_greedy,
-                                            accept_on_host)
+                                            accept_on_host, committed_rows)
 from speccompile.runtime.batch_engine import BatchEngine
 from speccompile.runtime.drafters.base import Drafter
 from speccompile.runtime.drafters.lookup import LookupReach
@@ -377,7 +377,7 @@ class Scheduler:
             s.cache.compact(n + np.array(path, np.int64), n)
         s.cache.truncate(n + len(path))
         if s.drafter and s.drafter.wants_hidden:
-            kept = rows[np.concatenate([[0], np.add(path, 1)]).astype(int)]
+            kept = rows[committed_rows(path)]
             s.drafter.observe(n - 1, s.drafter.features(self.engine, kept))
 
     def _accepted(self, s: Slot, verdict: Verdict, in_graph: bool | None, alone: bool = True) -> None:
