@@ -409,6 +409,20 @@ def test_adaptive_sampled_keeps_target_distribution(tiny_generator, monkeypatch)
     sampled_matches_target(tiny_generator, "model", tree="adaptive+lookup:4")
 
 
+def test_passes_sampled_by_noise_are_priced_apart_from_greedy_ones(tiny_generator, monkeypatch):
+    """A request sampled by noise is planned and timed on the cost model's noise prices (its noise rows cost time
+    of their own), a greedy one on the greedy prices: neither's timed passes correct the other's."""
+    g = tiny_generator
+    assert g.noise_ok  # its graphs have the exact greedy head
+    cost = synthetic(5.0, 0.05)
+    monkeypatch.setattr(g, "_cost", cost)
+    prompt = random_prompts(1)[0]
+    g.generate(prompt, max_new_tokens=12, drafter="model", tree="adaptive+lookup:4", temperature=0.7, seed=3)
+    assert cost.for_noise().observed and not cost.observed
+    g.generate(prompt, max_new_tokens=12, drafter="model", tree="adaptive+lookup:4")
+    assert cost.observed and cost.for_noise() is cost.for_noise()
+
+
 def test_calibration_is_cached_outside_the_bundle(tiny_bundle, tmp_path, monkeypatch):
     import speccompile
     monkeypatch.setenv("SPECCOMPILE_CACHE", str(tmp_path))

@@ -65,7 +65,7 @@ class DecodeLoop:
         """Yield the tokens committed by each pass: the prefill's first token, then each verify pass's."""
         rng, draws = np.random.default_rng(params.seed), PositionDraws(params.seed)
         params, noise = sampled_by_noise(params, self.noise_ok, self.target.vocab_size)  # then greedy + noise
-        adapt = (self.adaptive_for(drafter, tree, full_rows(params, stats.logprobs))
+        adapt = (self.adaptive_for(drafter, tree, full_rows(params, stats.logprobs), noise is not None)
                  if tree is not None and tree.adaptive else None)
         token = self._prefill(prompt, drafter, params, draws, stats, noise)
         context = np.concatenate([np.asarray(prompt, np.int64), np.zeros(max_new_tokens, np.int64)])
@@ -137,16 +137,19 @@ class DecodeLoop:
             prop = join_lookup(prop, context, self.lookup, min(reach.reach, free), min(room, reach.reach))
         return prop if self.trees_exact else prop.first_path()
 
-    def adaptive_for(self, drafter: Drafter | None, tree: TreeSpec, full_logits: bool) -> AdaptiveDrafting | None:
+    def adaptive_for(self, drafter: Drafter | None, tree: TreeSpec, full_logits: bool,
+                     noisy: bool = False) -> AdaptiveDrafting | None:
         """The per-request state of adaptive drafting (runtime/adaptive.py), priced by this machine's cost model:
-        a request whose passes read the float32 rows (full_logits: logprobs.full_rows) as sampled passes are."""
+        a request whose passes read the float32 rows (full_logits: logprobs.full_rows) as sampled passes are, one
+        sampled by noise (noisy) by the model's noise prices (CostModel.for_noise)."""
         if drafter is None:
             return None
         is_lookup = isinstance(drafter, LookupDrafter)
         if is_lookup and not tree.lookup:  # prompt lookup drafting alone: its nodes are the whole tree
             tree = dataclasses.replace(tree, lookup=ADAPTIVE_LOOKUP)
-        return AdaptiveDrafting(self._measured_cost(), drafter.name, not is_lookup, tree, not full_logits,
-                                self.target.max_rows, chains_only=not self.trees_exact)
+        cost = self._measured_cost().for_noise() if noisy else self._measured_cost()
+        return AdaptiveDrafting(cost, drafter.name, not is_lookup, tree, not full_logits, self.target.max_rows,
+                                chains_only=not self.trees_exact)
 
     def propose_adaptive(self, context, drafter: Drafter, adapt: AdaptiveDrafting, room: int, params,
                          rng, match: tuple | None = None, lookup_only: bool = False) -> Proposal:
@@ -194,7 +197,8 @@ class DecodeLoop:
         out = self._target_pass(token, prop, n, params, rng, noise, draws, logprobs)
         if self._cost is not None and (len(prop.tokens) or self._timed_plain_step()):
             greedy_pass = not full_rows(params, logprobs)  # filed as what it ran: the exact greedy head or not
-            self._cost.observe(1 + len(prop.tokens), n - 1, greedy_pass, (time.perf_counter() - t0) * 1e3)
+            cost = self._cost.for_noise() if noise is not None else self._cost  # noise rows cost time of their own
+            cost.observe(1 + len(prop.tokens), n - 1, greedy_pass, (time.perf_counter() - t0) * 1e3)
         return out
 
     def _timed_plain_step(self) -> bool:
