@@ -108,8 +108,7 @@ class AdaptiveDrafting:
     def lookup_estimate(self, match_len: int) -> float:
         """How likely a match this long's next token is taken, as this request has found so far."""
         m = match_index(match_len)
-        look = self.lookup_accept[True, m][0]
-        return (look.num + LOOKUP_PRIOR[m]) / (look.den + 1.0)
+        return first_rate(self.lookup_accept[True, m], LOOKUP_PRIOR[m])
 
     def matches(self, lookup: LookupDrafter, context: np.ndarray) -> tuple[np.ndarray, int]:
         """lookup.matches(context), kept up to date over this request's context (drafters/lookup.py MatchIndex)."""

@@ -1,13 +1,13 @@
-"""What a pass takes beyond the cost model's price for it, measured per request.
+"""What a pass takes beyond the cost model's price for it, measured as requests run.
 
 The cost model (runtime/cost_model.py) prices a pass as its drafting and its target pass. A pass that verifies draft
 nodes costs more than that: the host's work around them (joining and cutting the tree, acceptance, compacting the
 cache, the drafter's features) and a target pass slowed by a drafter's graph having just run (its weights through
 the same CPU caches). The adaptive planner (runtime/adaptive.py) adds what such passes took beyond their price, less
 what plain steps took beyond theirs, to the price of verifying any node: nodes that pay only on paper are not
-verified, and a drafter level they would come from is not drafted. The
-means belong to the machine and the bundle, not to a request: one PassOverhead per cost model, which every
-request's planner times its passes into (a new request starts from what earlier ones measured).
+verified, and a drafter level they would come from is not drafted. The means belong to the machine and the
+bundle, not to a request: one PassOverhead per cost model, which every request's planner times its passes into (a
+new request starts from what earlier ones measured).
 """
 from __future__ import annotations
 

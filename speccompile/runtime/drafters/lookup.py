@@ -55,7 +55,10 @@ class MatchIndex:
 
     def __init__(self, lookup: LookupDrafter):
         self.lookup = lookup
-        self._ends: list[dict[tuple, list[int]]] = [{} for _ in range(lookup.max_ngram + 1)]
+        self._clear()
+
+    def _clear(self) -> None:
+        self._ends: list[dict[tuple, list[int]]] = [{} for _ in range(self.lookup.max_ngram + 1)]
         self._tokens: list[int] = []  # the tokens indexed so far
 
     def matches(self, context: np.ndarray) -> tuple[np.ndarray, int]:
@@ -71,7 +74,7 @@ class MatchIndex:
     def _extend(self, context: np.ndarray) -> None:
         done = len(self._tokens)
         if len(context) < done or (done and int(context[done - 1]) != self._tokens[-1]):
-            self.__init__(self.lookup)
+            self._clear()
             done = 0
         self._tokens += context[done:].tolist()
         tokens = self._tokens
