@@ -78,6 +78,9 @@ speccompile.plugins.q4_matmul), its weights key.q4blocks (that op's layout; a la
 as a KERNEL_DOMAIN MatMulQ4SiLU, silu(x gate) * (x up) in one op); an int8 matrix (the head screen, a draft head's) a
 KERNEL_DOMAIN MatMulQ8 product, its codes' key holding that op's layout [N/16, K/32, 576], the screen's candidates
 then picked by a KERNEL_DOMAIN TopK (ONNX TopK's outputs); the manifest's quantization.kernel_matrices naming them.
+A graph that runs those kernels (or the kernel attention below) also takes its RMSNorms as KERNEL_DOMAIN RMSNorm and
+SkipRMSNorm (outputs the norm and the residual sum) and its greedy acceptance as one KERNEL_DOMAIN GreedyAccept
+(the rule above; sampled acceptance stays in standard ops).
 The attention inside is the model entry's `attention` lowering (speccompile.plugins.tree_attention): "ort",
 com.microsoft GroupQueryAttention with a pad row (kv_cache's scratch_slots 1), or "kernel", a KERNEL_DOMAIN
 TreeAttention node (speccompile's CPU kernel, no scratch slot; the batched form passes it query_seqlens). Logits of a

@@ -328,6 +328,30 @@ def test_passes_that_draft_are_priced_with_what_they_took_beyond_their_price():
     assert len(b.choose(prop, 1, scores, b.plan(100), 100).tokens) == 0
 
 
+def test_the_plain_steps_a_verifying_pass_slows_are_its_cost():
+    """Plain steps soon after a verifying pass that run longer than steady ones add what they took more to the price
+    of verifying (and to nothing else); the steps soon after a request's prefill are nobody's cost."""
+    import time
+    from speccompile.runtime.pass_overhead import AFTER
+    cost = synthetic(20.0, 1.0)
+    a = adaptive(cost, depth=1, lookup=0)
+
+    def step(verified, wall, price=20.0):
+        a._time(time.perf_counter() - wall / 1e3, price, verified)
+    for _ in range(AFTER):
+        step(False, 30.0)  # slowed by the prefill: not timed
+    assert cost.overhead.mean(False) == 0.0 and cost.overhead.slowdown() == 0.0
+    for _ in range(40):
+        step(True, 22.5, 22.0)  # 0.5 ms past its price
+        for slower in [3.0, 2.0, 1.0, 0.5][:AFTER]:
+            step(False, 20.2 + slower)
+        for _ in range(6):
+            step(False, 20.2)  # steady: 0.2 ms past
+    assert 0.15 < cost.overhead.mean(False) < 0.25
+    assert 6.0 < cost.overhead.slowdown() < 6.8
+    assert 6.2 < cost.overhead.verify_extra() < 7.0
+
+
 def test_a_pass_shared_with_other_requests_is_not_timed_as_this_requests():
     cost = synthetic(20.0, 1.0)
     a = adaptive(cost, depth=1, lookup=0)

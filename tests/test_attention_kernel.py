@@ -229,6 +229,9 @@ def test_a_bundle_on_the_kernel_speculates_exactly(tmp_path):
                      kernels="speccompile", progress=lambda *a: None)
     assert {e["attention"] for e in m["models"].values() if "attention" in e} == {"kernel"}
     assert {e["kv_cache"]["scratch_slots"] for e in m["models"].values() if "kv_cache" in e} == {0}
+    # a graph on speccompile's kernels takes its norms and greedy acceptance there too
+    ops = graph_ops(os.path.join(out, m["models"]["target"]["graph"]))
+    assert {"SkipRMSNorm", "RMSNorm", "GreedyAccept"} <= ops and "SkipSimplifiedLayerNormalization" not in ops
     g = speccompile.load(out, threads=1)
     rng = np.random.default_rng(7)
     prompts = []
@@ -240,6 +243,18 @@ def test_a_bundle_on_the_kernel_speculates_exactly(tmp_path):
         for drafter in ("layerskip:2", "lookup"):
             assert g.generate(p, max_new_tokens=24, drafter=drafter).token_ids == plain, drafter
     assert [r.token_ids for r in g.generate(prompts, max_new_tokens=24, speculate=False)] == alone
+
+
+def graph_ops(path: str) -> set[str]:
+    """The op types of a graph file and of its If branches."""
+    import onnx
+
+    def walk(nodes):
+        for n in nodes:
+            yield n.op_type
+            for a in n.attribute:
+                yield from walk(a.g.node)
+    return set(walk(onnx.load(path, load_external_data=False).graph.node))
 
 
 def test_the_kernel_is_refused_where_the_build_does_not_use_speccompiles_kernels(tmp_path):

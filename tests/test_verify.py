@@ -11,6 +11,7 @@ from speccompile.runtime.noise import NoiseSupport
 from speccompile.runtime.acceptance import accept_greedy, accept_sampled, from_table
 from speccompile.runtime.sampling import SamplingParams, probabilities
 from speccompile.compile.graph.verify import emit_verify, sampling_flag
+from speccompile.plugins import q4_matmul
 
 from conftest import assert_lossless, random_prompts
 from test_decoding import chi2_pvalue
@@ -18,9 +19,13 @@ from test_decoding import chi2_pvalue
 VERIFY_INPUTS = ("input_ids", "logits_index", "node_parents", "temperature", "top_k", "uniforms")
 
 
-@pytest.fixture(scope="module")
-def verify_graph():
-    """The verify extension alone, over logits given as an input: the rule can be run on any p, fast."""
+@pytest.fixture(scope="module", params=["standard ops", "kernel"])
+def verify_graph(request):
+    """The verify extension alone, over logits given as an input: the rule can be run on any p, fast. Twice: in
+    standard ops, and with greedy acceptance by speccompile's GreedyAccept (a graph that runs its kernels)."""
+    kernel = request.param == "kernel"
+    if kernel and q4_matmul.unavailable():
+        pytest.skip(f"speccompile's kernels cannot run here: {q4_matmul.unavailable()}")
     V = 6
     g = GraphBuilder("verify")
     ins, outs = decoder_signature(0, 1, 1, 16, V, 1, verify=True)
@@ -29,11 +34,14 @@ def verify_graph():
         if n in VERIFY_INPUTS:
             g.input(n, dt, shape)
     g.op("ArgMax", ["logits"], outputs=["next_token"], axis=-1, keepdims=0)
-    emit_verify(g, "logits", "next_token", sampling_flag(g))
+    emit_verify(g, "logits", "next_token", sampling_flag(g), kernel=kernel)
     for n, dt, shape in outs:
         if n not in ("logits", "hidden_states"):
             g.output(n, dt, shape)
-    sess = ort.InferenceSession(g.to_model({}).SerializeToString(), session_options(1))
+    options = session_options(1)
+    if kernel:
+        options.register_custom_ops_library(q4_matmul.library())
+    sess = ort.InferenceSession(g.to_model({}).SerializeToString(), options)
     names = [o.name for o in sess.get_outputs()]
 
     def run(logits, tokens, parents, temperature=0.0, top_k=0, uniforms=None):

@@ -1,6 +1,7 @@
 """MatMulQ4 and MatMulQ8 (speccompile.kernels::MatMulQ4, ::MatMulQ8): speccompile's own onnxruntime CPU kernels for
 4-bit weights in blocks of 32 with a scale and a minimum each (GGUF's Q4_1; Q4_0 too) and for int8 blocks of 32 with a
-scale each; the same library holds ::TreeAttention (attention.c: plugins/tree_attention's op on the CPU). kernel.c
+scale each; the same library holds ::TreeAttention (attention.c: plugins/tree_attention's op on the CPU), ::TopK,
+::MatMulQ4SiLU, ::RMSNorm and ::SkipRMSNorm (norm.c) and ::GreedyAccept (accept.c). kernel.c
 says what the products compute and why they exist; here are their numpy definitions, the packing of their weight
 inputs, and the library: the C files compiled on first use by the machine's C compiler into the user's cache. Where
 that cannot be done (no compiler, a CPU without AVX2), `unavailable()` says why, and a build keeps onnxruntime's
@@ -24,7 +25,7 @@ from speccompile.graphs import KERNEL_DOMAIN
 DOMAIN, OP_TYPE, OP_TYPE_Q8, OP_TYPE_SILU = KERNEL_DOMAIN, "MatMulQ4", "MatMulQ8", "MatMulQ4SiLU"
 BLOCK, TILE, RECORD, RECORD8 = 32, 16, 320, 576
 # each instruction set's code is marked in its file, not by flags
-UNITS = ("kernel.c", "avx512.c", "amx.c", "avx2.c", "attention.c", "topk.c", "gated.c")
+UNITS = ("kernel.c", "avx512.c", "amx.c", "avx2.c", "attention.c", "topk.c", "gated.c", "norm.c", "accept.c")
 SOURCES = (*UNITS, "q4.h", "ort_abi.h", "attention_body.h", "vectors.h", "vexp_body.h", "gated_body.h",
            "isa_variants.h")
 FLAGS = ["-O3", "-shared", "-fPIC"]

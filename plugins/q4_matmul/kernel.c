@@ -178,6 +178,8 @@ OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base)
   avx512 = speccompile_cpu_supported() == 2;
   tree_attention_register(api, speccompile_cpu_supported());
   top_k_register(api);
+  norm_register(api);
+  greedy_accept_register(api);
   OrtCustomOpDomain* domain;
   CHECK(ORT_SLOT(api, CreateCustomOpDomain)("speccompile.kernels", &domain));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &matmul_q4));
@@ -185,5 +187,8 @@ OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base)
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &matmul_q4_silu));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &tree_attention_op));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &top_k_op));
+  CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &rms_norm_op));
+  CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &skip_rms_norm_op));
+  CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &greedy_accept_op));
   return ORT_SLOT(api, AddCustomOpDomain)(options, domain);
 }

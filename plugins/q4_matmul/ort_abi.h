@@ -14,6 +14,7 @@
 #define ORT_TENSOR_UINT8 2
 #define ORT_TENSOR_INT32 6
 #define ORT_TENSOR_INT64 7
+#define ORT_TENSOR_DOUBLE 11
 #define ORT_INPUT_OUTPUT_REQUIRED 0     /* OrtCustomOpInputOutputCharacteristic */
 #define ORT_INPUT_OUTPUT_OPTIONAL 1
 #define ORT_MEM_TYPE_DEFAULT 0          /* OrtMemType */
@@ -49,6 +50,8 @@ typedef OrtStatus* (*GetDimensionsCount_t)(const OrtTensorTypeAndShapeInfo* info
 typedef OrtStatus* (*GetDimensions_t)(const OrtTensorTypeAndShapeInfo* info, int64_t* dims, size_t count);
 #define SLOT_GetTensorTypeAndShape 65
 typedef OrtStatus* (*GetTensorTypeAndShape_t)(const OrtValue* value, OrtTensorTypeAndShapeInfo** out);
+#define SLOT_KernelInfoGetAttribute_float 85
+typedef OrtStatus* (*KernelInfoGetAttribute_float_t)(const OrtKernelInfo* info, const char* name, float* out);
 #define SLOT_KernelInfoGetAttribute_int64 86
 typedef OrtStatus* (*KernelInfoGetAttribute_int64_t)(const OrtKernelInfo* info, const char* name, int64_t* out);
 #define SLOT_KernelContext_GetInput 90

@@ -33,6 +33,7 @@ from speccompile.format.trees import TreeSpec, depths
 from speccompile.runtime.cost_model import HEAD_ROWS, CostModel
 from speccompile.runtime.drafters.base import Proposal
 from speccompile.runtime.drafters.lookup import LookupDrafter, LookupReach, MatchIndex
+from speccompile.runtime.pass_overhead import AFTER
 from speccompile.runtime.estimates import (AGREED_PRIOR, DEPTHS, HEAD_PRIOR, LOOKUP_PRIOR, NO_FLAGS, NO_NODES, NO_PROBS,
                                            NO_SCORE_PRIOR, Kept, Plan, Rate, by_depth, first_rate, match_index)
 
@@ -70,6 +71,8 @@ class AdaptiveDrafting:
         self.since_probe, self.last_accepted = 0, 0
         self.kept: Kept | None = None
         self._pass_start: float | None = None  # time.perf_counter() at this pass's planning
+        # plain steps since this request's last pass that verified nodes, or its prefill; whether it verified any
+        self._quiet, self._after_verify = 0, False
         self._matches: MatchIndex | None = None  # prompt lookup's matches over this request's context
         self.passes, self.plain_passes, self.rows = 0, 0, 0
         self.depth_counts: dict[int, int] = {}
@@ -312,6 +315,16 @@ class AdaptiveDrafting:
         self._count(Plan(0, 0, 0, 0.0), 0)
         return Proposal.empty()
 
+    def _time(self, start: float, price_ms: float, verified: bool) -> None:
+        """Time the pass into the cost model's PassOverhead: a plain step among the few after a verifying pass as
+        one it slowed; one as soon after the prefill, slowed by that, not at all."""
+        if verified or self._quiet >= AFTER:
+            self.cost.overhead.finish(start, price_ms, verified)
+        elif self._after_verify:
+            self.cost.overhead.finish(start, price_ms, False, after=self._quiet)
+        self._quiet = 0 if verified else self._quiet + 1
+        self._after_verify = self._after_verify or verified
+
     def _count(self, plan: Plan, rows: int) -> None:
         self.passes += 1
         self.plain_passes += rows == 0
@@ -327,7 +340,7 @@ class AdaptiveDrafting:
             return
         start, self._pass_start = self._pass_start, None
         if alone and start is not None:  # a pass shared with other requests took their time too
-            self.cost.overhead.finish(start, kept.price_ms, len(kept.parents) > 0)
+            self._time(start, kept.price_ms, len(kept.parents) > 0)
         if not len(kept.parents):  # a plain step: prompt lookup's share of a planned pass was nothing
             if kept.plan.lookup_nodes:
                 self.lookup_gain.add(0.0, 1.0)

@@ -75,4 +75,4 @@ def _verified_head(s: Stack, rows: str, batch: str, screen: bool) -> None:
                            noise="sample_noise", top_k="noise_top_k")
     else:
         greedy_token(g, float_head(g, rows, head))
-    emit_verify(g, "logits", "next_token", sampling)
+    emit_verify(g, "logits", "next_token", sampling, kernel=s.kernels)

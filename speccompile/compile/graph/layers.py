@@ -9,6 +9,7 @@ import numpy as np
 
 from speccompile.compile.config import ModelConfig
 from speccompile.compile.graph.attention import grouped_query_attention, total_length, window_bias
+from speccompile.compile.graph.linear import runs_kernels
 from speccompile.compile.graph.mla import latent_attention
 from speccompile.compile.graph.mlp import swiglu_mlp
 from speccompile.compile.graph.moe import mixture_of_experts
@@ -29,6 +30,7 @@ class Stack:
     total_len: str
     window_bias: str | None = None  # sliding layers' attention bias, emitted once per graph
     query_seqlens: str = ""  # batched graphs: each sequence's real rows (speccompile.graphs, batched form)
+    kernels: bool = False  # the graph runs speccompile's kernels (graph/linear.runs_kernels)
 
 
 def open_graph(name: str, cfg: ModelConfig, signature, weights: dict[str, np.ndarray], keep: Callable[[str], bool],
@@ -40,8 +42,9 @@ def open_graph(name: str, cfg: ModelConfig, signature, weights: dict[str, np.nda
         g.input(n, dt, shape, np.array(VERIFY_DEFAULTS[n], dt) if n in VERIFY_DEFAULTS else None)
     W = {k: g.weight(k, v) for k, v in weights.items() if keep(k)}
     batched = "query_seqlens" in (n for n, _, _ in signature[0])
-    return Stack(g, cfg, W, RMSNorm(g, cfg.rms_norm_eps, fused), attention, total_length(g),
-                 query_seqlens="query_seqlens" if batched else "")
+    kernels = fused and runs_kernels(g, W, attention)
+    return Stack(g, cfg, W, RMSNorm(g, cfg.rms_norm_eps, fused, kernels), attention, total_length(g),
+                 query_seqlens="query_seqlens" if batched else "", kernels=kernels)
 
 
 def close_graph(s: Stack, signature) -> GraphBuilder:

@@ -44,6 +44,14 @@ def gated_product(g: GraphBuilder, x: str, W: dict[str, str], key: str) -> str |
                 K=blocks * q4_matmul.BLOCK, N=tiles * q4_matmul.TILE)[0]
 
 
+def runs_kernels(g: GraphBuilder, W: dict[str, str], attention: str) -> bool:
+    """Whether a graph with the weights W and this TreeAttention lowering runs speccompile's kernels (its 4-bit or
+    int8 products, or its attention): then its small ops may run there too, at no cost in portability."""
+    return attention == "kernel" or any(
+        key.endswith(kernel_form.SUFFIX) or (key.endswith(SUFFIX_CODES) and in_kernel_layout(g, name))
+        for key, name in W.items())
+
+
 def in_kernel_layout(g: GraphBuilder, codes: str) -> bool:
     """Whether int8 `codes` are stored for speccompile's MatMulQ8 (a graph that runs speccompile's kernels)."""
     return g.weights[codes][0][-1] == q4_matmul.RECORD8

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from speccompile.graphs import KERNEL_DOMAIN
 from speccompile.graphs.builder import GraphBuilder
 
 F64 = TensorProto.DOUBLE
@@ -22,9 +23,10 @@ def sampling_flag(g: GraphBuilder) -> str:
     return g.op("Squeeze", [g.op("Greater", ["temperature", zero])[0], axis])[0]
 
 
-def emit_verify(g: GraphBuilder, logits: str, argmax: str, sampling: str) -> None:
+def emit_verify(g: GraphBuilder, logits: str, argmax: str, sampling: str, kernel: bool = False) -> None:
     """Emit the outputs node_prob, accept_node, accept_len and accept_token (see `emit_acceptance`); sampling:
-    the graph's `sampling_flag`.
+    the graph's `sampling_flag`. kernel: greedy acceptance by speccompile's GreedyAccept (plugins/q4_matmul/
+    accept.c, in a graph that runs speccompile's kernels), one op for the standard-op form's eighty.
 
     onnxruntime runs every node of a graph on every pass, fetched or not, so the acceptance ops sit in an If
     branch that a plain greedy decode step (one row, temperature 0) skips: its answer is fixed (no drafts, the
@@ -32,20 +34,26 @@ def emit_verify(g: GraphBuilder, logits: str, argmax: str, sampling: str) -> Non
     def c(v, dt=np.int64):
         return g.const(np.array(v, dt))
 
-    R = g.op("Shape", ["logits_index"])[0]
-    needed = g.op("Or", [g.op("Squeeze", [g.op("Greater", [R, c([1])])[0], c([0])])[0], sampling])[0]
-    v = g.branch("acceptance")
-    emit_acceptance(v, logits, argmax, R, sampling)
-    one = g.branch("one_greedy_row")
-    one.op("ConstantOfShape", [R], outputs=["node_prob_1"], value=onnx.numpy_helper.from_array(np.zeros(1)))
-    one.op("Identity", [one.const(np.array([0], np.int64))], outputs=["accept_node_1"])
-    one.op("Identity", [one.const(np.array([0], np.int64))], outputs=["accept_len_1"])
-    one.op("Identity", [argmax], outputs=["accept_token_1"])
     names = ("node_prob", "accept_node", "accept_len", "accept_token")
     types = ("float64", "int64", "int64", "int64")
+    R = g.op("Shape", ["logits_index"])[0]
+    v = g.branch("acceptance")
+    emit_acceptance(v, logits, argmax, R, sampling)
+    if kernel:  # the greedy op takes a plain step too: one op either way
+        greedy = g.branch("greedy_acceptance")
+        greedy.op("GreedyAccept", ["input_ids", "logits_index", "node_parents", argmax],
+                  outputs=[n + "_1" for n in names], domain=KERNEL_DOMAIN)
+        needed = sampling
+    else:
+        needed = g.op("Or", [g.op("Squeeze", [g.op("Greater", [R, c([1])])[0], c([0])])[0], sampling])[0]
+        greedy = g.branch("one_greedy_row")
+        greedy.op("ConstantOfShape", [R], outputs=["node_prob_1"], value=onnx.numpy_helper.from_array(np.zeros(1)))
+        greedy.op("Identity", [greedy.const(np.array([0], np.int64))], outputs=["accept_node_1"])
+        greedy.op("Identity", [greedy.const(np.array([0], np.int64))], outputs=["accept_len_1"])
+        greedy.op("Identity", [argmax], outputs=["accept_token_1"])
     g.op("If", [needed], outputs=list(names),
          then_branch=v.subgraph([(n + "_v", t) for n, t in zip(names, types)]),
-         else_branch=one.subgraph([(n + "_1", t) for n, t in zip(names, types)]))
+         else_branch=greedy.subgraph([(n + "_1", t) for n, t in zip(names, types)]))
 
 
 def emit_acceptance(g: GraphBuilder, logits: str, argmax: str, R: str, sampling: str) -> None:
