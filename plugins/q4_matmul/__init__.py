@@ -25,7 +25,7 @@ from speccompile.graphs import KERNEL_DOMAIN
 DOMAIN, OP_TYPE, OP_TYPE_Q8, OP_TYPE_SILU = KERNEL_DOMAIN, "MatMulQ4", "MatMulQ8", "MatMulQ4SiLU"
 BLOCK, TILE, RECORD, RECORD8 = 32, 16, 320, 576
 # each instruction set's code is marked in its file, not by flags
-UNITS = ("kernel.c", "avx512.c", "amx.c", "avx2.c", "attention.c", "topk.c", "gated.c", "norm.c", "accept.c")
+UNITS = ("kernel.c", "avx512.c", "amx.c", "avx2.c", "attention.c", "topk.c", "gated.c", "norm.c", "accept.c", "gumbel.c")
 SOURCES = (*UNITS, "q4.h", "ort_abi.h", "attention_body.h", "vectors.h", "vexp_body.h", "gated_body.h",
            "isa_variants.h")
 FLAGS = ["-O3", "-shared", "-fPIC"]
@@ -131,6 +131,71 @@ def reference8(x: np.ndarray, records: np.ndarray) -> np.ndarray:
     dots = np.einsum("mbk,nbk->mbn", xq.astype(np.int64), w)
     y = (dots * scale[..., None] * d.T[None]).sum(1)
     return y.astype(np.float32).reshape(*x.shape[:-1], len(codes))
+
+
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function, over uint64 (products wrap)."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _split(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x = 2^e m, m in [sqrt(1/2), sqrt(2)) (float32, normal)."""
+    b = x.view(np.uint32)
+    e = (b >> np.uint32(23)).astype(np.int32) - 127
+    m = ((b & np.uint32(0x007FFFFF)) | np.uint32(0x3F800000)).view(np.float32)
+    big = m > np.float32(1.41421356)
+    return np.where(big, m * np.float32(0.5), m), e + big
+
+
+def _series(s: np.ndarray) -> np.ndarray:
+    f, z, p = np.float32, s * s, np.float32(1 / 13)
+    for c in (1 / 11, 1 / 9, 1 / 7, 1 / 5, 1 / 3):
+        p = f(c) + z * p
+    return f(2) * (f(1) + z * p)
+
+
+def reference_gumbel_row(key: np.ndarray, position: int, temperature: float, n: int) -> np.ndarray:
+    """speccompile_gumbel_row (gumbel.c) in numpy, step for step in float32: T * G for n tokens, G Gumbel from
+    SplitMix64 keyed by key[0], key[1] (uint64) and the position."""
+    f, u64 = np.float32, np.uint64
+    with np.errstate(over="ignore"):
+        seed = _mix(u64(key[0]) ^ _mix(u64(key[1]) + u64(position + 1) * GOLDEN))
+        k = _mix(seed + np.arange(1, n + 1, dtype=u64) * GOLDEN) >> u64(11)
+    high = k >= u64(1 << 52)
+    w = ((u64(1 << 53) - k).astype(np.int64).astype(f) - f(0.5)) * f(2.0**-53)
+    m, e = _split((k.astype(np.int64).astype(f) + f(0.5)) * f(2.0**-53))
+    s = np.where(high, -w, m - f(1)) / np.where(high, f(2) - w, m + f(1))
+    exponential = -(np.where(high, 0, e).astype(f) * f(0.693147181) + s * _series(s))
+    m, e = _split(exponential)
+    s = (m - f(1)) / (m + f(1))
+    return f(-temperature) * (e.astype(f) * f(0.693147181) + s * _series(s))
+
+
+def gumbel_row(key: np.ndarray, position: int, temperature: float, out: np.ndarray) -> bool:
+    """Write reference_gumbel_row(key, position, temperature, len(out)) into `out` (float32, contiguous) by the
+    kernel library's speccompile_gumbel_row; False where it cannot run here (no library, no AVX-512): out as it
+    was."""
+    kernel = _gumbel_kernel()
+    return kernel is not None and bool(kernel(int(key[0]), int(key[1]), int(position), float(temperature),
+                                              out.ctypes.data, len(out)))
+
+
+@functools.lru_cache(maxsize=1)
+def _gumbel_kernel():
+    built = _built()
+    if isinstance(built, KernelUnavailable):
+        return None
+    kernel = ctypes.CDLL(built).speccompile_gumbel_row
+    kernel.restype = ctypes.c_int
+    kernel.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p,
+                       ctypes.c_int64]
+    return kernel
 
 
 def _compiler() -> str | None:

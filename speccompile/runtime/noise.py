@@ -9,7 +9,10 @@ target's draw, so a deterministic candidate x is taken with probability p(x), as
 
 The noise for the token at position t depends only on the request's seed and t, not on how the passes were cut:
 speculative decoding samples, token for token, what plain decoding samples with the same seed, as greedy
-speculation gives greedy decoding's tokens. Top-k too, where the graphs take noise_top_k: the argmax is then
+speculation gives greedy decoding's tokens. The rows come from speccompile's kernel library where the CPU has
+AVX-512 (`speccompile_gumbel_row`: SplitMix64 and two vectorised logs, about half numpy's time), else from numpy's
+generator per position: both exact Gumbel noise, but a seed's samples differ between the two kinds of machine.
+Top-k too, where the graphs take noise_top_k: the argmax is then
 taken among the k largest logits only, an exact draw from the top-k distribution. Top-p requests are sampled on
 the host (the nucleus needs the whole vocabulary's normaliser), with uniforms per position to the same effect
 (runtime/sampling.py PositionDraws, runtime/acceptance.py accept_drawn).
@@ -20,6 +23,7 @@ import dataclasses
 
 import numpy as np
 
+from speccompile.plugins import q4_matmul
 from speccompile.runtime.sampling import NOISE_STREAM, SamplingParams, at_position, seed_key
 
 GREEDY = SamplingParams()  # what the decode loop runs for a request sampled by noise
@@ -83,11 +87,14 @@ class GumbelNoise:
         return out
 
     def _draw(self, position: int) -> np.ndarray:
+        row = np.empty(self.vocab_size, np.float32)
+        if q4_matmul.gumbel_row(self.key, position, self.temperature, row):
+            return row
         # float64 exponentials: a float32 one is exactly 0 (infinite noise, a token forced) about once in 2**23
         # draws, every few hundred rows of a large vocabulary
         e = self._exponentials
         at_position(self.key, position).standard_exponential(out=e)
-        row = e.astype(np.float32)
+        row[:] = e
         np.log(row, out=row)
         row *= -self.temperature  # T * G, G = -log(E) for E ~ Exp(1)
         return row
