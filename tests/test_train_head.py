@@ -527,7 +527,7 @@ def test_magpie_by_a_bundle_keeps_whole_user_turns(tmp_path, monkeypatch):
     magpie_prompts._user_turns(tok, sample, None, 8, 24, seed=3)
     rows = list(sampled)
     # the tiny random target never writes its end-of-turn token: one of its sampled tokens stands in for it
-    end = next(t for t in rows[-1] if sum(t in r for r in rows) < len(rows))
+    end = next(t for row in rows[::-1] for t in row if sum(t in r for r in rows) < len(rows))
     monkeypatch.setattr(magpie_prompts, "_turn_end", lambda _tok: end)
     turns = magpie_prompts._user_turns(tok, sample, None, 8, 24, seed=3)
     assert sampled[-8:] == rows  # the same seed, the same rows
