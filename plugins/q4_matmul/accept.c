@@ -43,16 +43,10 @@ static OrtStatus* fail(const char* message) { return ORT_SLOT(api, CreateStatus)
 
 static OrtStatus* input(OrtKernelContext* ctx, size_t i, const int64_t** data, int64_t* count) {
   const OrtValue* v;
-  OrtTensorTypeAndShapeInfo* info;
   int64_t dims[8];
   size_t rank;
   CHECK(ORT_SLOT(api, KernelContext_GetInput)(ctx, i, &v));
-  CHECK(ORT_SLOT(api, GetTensorTypeAndShape)(v, &info));
-  OrtStatus* s = ORT_SLOT(api, GetDimensionsCount)(info, &rank);
-  if (!s && rank > 8) s = fail("GreedyAccept: inputs of at most 8 dimensions");
-  if (!s) s = ORT_SLOT(api, GetDimensions)(info, dims, rank);
-  ORT_SLOT(api, ReleaseTensorTypeAndShapeInfo)(info);
-  CHECK(s);
+  CHECK(ort_dims(api, v, dims, 8, &rank, "GreedyAccept: inputs of 1 to 8 dimensions"));
   *count = 1;
   for (size_t d = 0; d < rank; d++) *count *= dims[d];
   void* p;

@@ -130,15 +130,11 @@ static OrtStatus* input(OrtKernelContext* ctx, size_t i, size_t rank, int64_t* d
   const OrtValue* v;
   CHECK(ORT_SLOT(api, KernelContext_GetInput)(ctx, i, &v));
   if (!v) return fail("TreeAttention: a required input is missing");
-  OrtTensorTypeAndShapeInfo* info;
-  CHECK(ORT_SLOT(api, GetTensorTypeAndShape)(v, &info));
   size_t r;
-  OrtStatus* s = ORT_SLOT(api, GetDimensionsCount)(info, &r);
-  if (!s && r != rank) s = fail("TreeAttention: an input has the wrong rank");
-  if (!s) s = ORT_SLOT(api, GetDimensions)(info, dims, rank);
-  ORT_SLOT(api, ReleaseTensorTypeAndShapeInfo)(info);
-  if (!s) s = ORT_SLOT(api, GetTensorMutableData)((OrtValue*)v, data);
-  return s;
+  const char* wrong = "TreeAttention: an input has the wrong rank";
+  CHECK(ort_dims(api, v, dims, rank, &r, wrong));
+  if (r != rank) return fail(wrong);
+  return ORT_SLOT(api, GetTensorMutableData)((OrtValue*)v, data);
 }
 
 /* the inputs' shapes agree with each other and every index stays inside its tensor (a bundle is not trusted) */

@@ -3,9 +3,9 @@
  *     seed  = mix(k0 ^ mix(k1 + (position + 1) * GOLDEN)),   u_v = ((mix(seed + (v + 1) * GOLDEN) >> 11) + 1/2) / 2^53
  * (mix: SplitMix64's output function), so a row depends on the request's key and its position only. In float32
  * with the tail of small E (the largest noise) kept to float32's precision (`exponential`). Why C: numpy's
- * generator and two passes of logs over a 49152-token vocabulary take a sampled position about a fifteenth of a
- * decode step; this loop vectorises (the logs are polynomials, no library calls, no fused multiply-adds) and takes
- * a fraction of that. Where the CPU lacks AVX-512 (no 64-bit vector products) it returns 0 and noise.py draws with
+ * generator and two passes of logs over a whole vocabulary are a visible share of every sampled decode step; this
+ * loop vectorises (the logs are polynomials, no library calls, no fused multiply-adds) and takes a fraction of
+ * that (docs/results.md, "Gumbel noise from the kernel library"). Where the CPU lacks AVX-512 (no 64-bit vector products) it returns 0 and noise.py draws with
  * numpy's generator instead. tests/test_noise_kernel.py holds it to a numpy transcription, bit for bit. */
 #include <stdint.h>
 #include <string.h>

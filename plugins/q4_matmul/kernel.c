@@ -90,13 +90,7 @@ static OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* a, const Or
 
 /* a tensor's dimensions (at most 16) */
 static OrtStatus* shape(const OrtValue* v, int64_t* dims, size_t* rank) {
-  OrtTensorTypeAndShapeInfo* info;
-  CHECK(ORT_SLOT(api, GetTensorTypeAndShape)(v, &info));
-  OrtStatus* s = ORT_SLOT(api, GetDimensionsCount)(info, rank);
-  if (!s && (*rank < 1 || *rank > 16)) s = fail("MatMulQ4: its inputs have 1 to 16 dimensions");
-  if (!s) s = ORT_SLOT(api, GetDimensions)(info, dims, *rank);
-  ORT_SLOT(api, ReleaseTensorTypeAndShapeInfo)(info);
-  return s;
+  return ort_dims(api, v, dims, 16, rank, "MatMulQ4: its inputs have 1 to 16 dimensions");
 }
 
 static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {

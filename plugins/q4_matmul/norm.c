@@ -48,13 +48,7 @@ static OrtStatus* fail(const char* message) { return ORT_SLOT(api, CreateStatus)
 typedef struct { float eps; int skip; } Kernel;
 
 static OrtStatus* shape_of(const OrtValue* v, int64_t* dims, size_t* rank) {
-  OrtTensorTypeAndShapeInfo* info;
-  CHECK(ORT_SLOT(api, GetTensorTypeAndShape)(v, &info));
-  OrtStatus* s = ORT_SLOT(api, GetDimensionsCount)(info, rank);
-  if (!s && (*rank < 1 || *rank > 8)) s = fail("RMSNorm: inputs of 1 to 8 dimensions");
-  if (!s) s = ORT_SLOT(api, GetDimensions)(info, dims, *rank);
-  ORT_SLOT(api, ReleaseTensorTypeAndShapeInfo)(info);
-  return s;
+  return ort_dims(api, v, dims, 8, rank, "RMSNorm: inputs of 1 to 8 dimensions");
 }
 
 static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {

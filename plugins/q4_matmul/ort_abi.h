@@ -107,6 +107,20 @@ static inline int op_required(const OrtCustomOp* op, size_t i) { (void)op; (void
 static inline int op_memory(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return ORT_MEM_TYPE_DEFAULT; }
 static inline int op_one(const OrtCustomOp* op) { (void)op; return 1; }
 static inline int op_last_opset(const OrtCustomOp* op) { (void)op; return 1 << 30; }
+/* v's dimensions into dims (room for max_rank) and its rank; a failed status with message `wrong_rank` where the
+ * rank is not 1 .. max_rank. Every op of the library reads its inputs' shapes this way. */
+static inline OrtStatus* ort_dims(const OrtApi* api, const OrtValue* v, int64_t* dims, size_t max_rank, size_t* rank,
+                                  const char* wrong_rank) {
+  OrtTensorTypeAndShapeInfo* info;
+  OrtStatus* s = ORT_SLOT(api, GetTensorTypeAndShape)(v, &info);
+  if (s) return s;
+  s = ORT_SLOT(api, GetDimensionsCount)(info, rank);
+  if (!s && (*rank < 1 || *rank > max_rank)) s = ORT_SLOT(api, CreateStatus)(ORT_FAIL, wrong_rank);
+  if (!s) s = ORT_SLOT(api, GetDimensions)(info, dims, *rank);
+  ORT_SLOT(api, ReleaseTensorTypeAndShapeInfo)(info);
+  return s;
+}
+
 #define OP_COMMON_SLOTS                                                                                      \
   .version = ORT_ABI_VERSION, .GetExecutionProviderType = op_cpu, .GetOutputCharacteristic = op_required,   \
   .GetInputMemoryType = op_memory, .GetVariadicInputMinArity = op_one, .GetVariadicInputHomogeneity = op_one, \

@@ -33,9 +33,10 @@ from speccompile.format.trees import TreeSpec, depths
 from speccompile.runtime.cost_model import HEAD_ROWS, CostModel
 from speccompile.runtime.drafters.base import Proposal
 from speccompile.runtime.drafters.lookup import LookupDrafter, LookupReach, MatchIndex
-from speccompile.runtime.pass_overhead import AFTER
 from speccompile.runtime.estimates import (AGREED_PRIOR, DEPTHS, HEAD_PRIOR, LOOKUP_PRIOR, NO_FLAGS, NO_NODES, NO_PROBS,
-                                           NO_SCORE_PRIOR, Kept, Plan, Rate, by_depth, first_rate, match_index)
+                                           NO_SCORE_PRIOR, Kept, Plan, Rate, by_depth, first_rate, match_index,
+                                           shrunk)
+from speccompile.runtime.pass_overhead import AFTER
 
 PROBE_EVERY = 8  # passes between tries of one level deeper than the plan would draft, at the least
 # and no sooner than this share of the passes' time since the last try would pay for the try's expected loss
@@ -159,8 +160,7 @@ class AdaptiveDrafting:
         value, reach, rows, above = 1.0, 1.0, 1.0, HEAD_PRIOR
         for depth in range(self.max_depth + 1):
             if 0 < depth <= DEPTHS:
-                r = self.head_reach[depth - 1]
-                above = (r.num + above) / (r.den + 1.0)  # by_depth, one level at a time
+                above = shrunk(self.head_reach[depth - 1], above)  # by_depth, one level at a time
                 reach *= self.head_kept[depth - 1].value * above
                 value += reach
             if depth:

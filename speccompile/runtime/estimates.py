@@ -31,19 +31,24 @@ class Rate:
         return self.num / self.den if self.den > 0 else 0.0
 
 
+def shrunk(rate: Rate, toward: float) -> float:
+    """rate's value shrunk toward `toward`, worth one observation."""
+    return (rate.num + toward) / (rate.den + 1.0)
+
+
 def by_depth(rates: list[Rate], first: float) -> list[float]:
-    """Per-depth rates, each shrunk toward the one above it (worth one observation): a depth seldom drafted
-    takes after the depth before, not after a fixed prior."""
+    """Per-depth rates, each shrunk toward the one above it: a depth seldom drafted takes after the depth before,
+    not after a fixed prior."""
     out, above = [], first
     for r in rates:
-        above = (r.num + above) / (r.den + 1.0)
+        above = shrunk(r, above)
         out.append(above)
     return out
 
 
 def first_rate(rates: list[Rate], prior: float) -> float:
     """by_depth(rates, prior)[0]: a root child's rate."""
-    return (rates[0].num + prior) / (rates[0].den + 1.0)
+    return shrunk(rates[0], prior)
 
 
 def match_index(match_len: int) -> int:

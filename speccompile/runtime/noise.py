@@ -10,7 +10,7 @@ target's draw, so a deterministic candidate x is taken with probability p(x), as
 The noise for the token at position t depends only on the request's seed and t, not on how the passes were cut:
 speculative decoding samples, token for token, what plain decoding samples with the same seed, as greedy
 speculation gives greedy decoding's tokens. The rows come from speccompile's kernel library where the CPU has
-AVX-512 (`speccompile_gumbel_row`: SplitMix64 and two vectorised logs, about half numpy's time), else from numpy's
+AVX-512 (`speccompile_gumbel_row`: SplitMix64 and two vectorised logs, faster than numpy), else from numpy's
 generator per position: both exact Gumbel noise, but a seed's samples differ between the two kinds of machine.
 Top-k too, where the graphs take noise_top_k: the argmax is then
 taken among the k largest logits only, an exact draw from the top-k distribution. Top-p requests are sampled on

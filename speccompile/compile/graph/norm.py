@@ -28,8 +28,7 @@ class RMSNorm:
     def add(self, x: str, residual: str, gamma: str) -> tuple[str, str]:
         """(norm(x + residual), x + residual)"""
         if self.kernel:
-            out, total = self.g.op("SkipRMSNorm", [x, residual, gamma], n_out=2, domain=KERNEL_DOMAIN,
-                                   epsilon=self.eps)
+            out, total = self.g.op("SkipRMSNorm", [x, residual, gamma], n_out=2, domain=KERNEL_DOMAIN, epsilon=self.eps)
             return out, total
         if not self.fused:
             total = self.g.op("Add", [x, residual])[0]
