@@ -11,7 +11,10 @@ inputs
                                               length + S, at most LMAX (the kernel works over T slots; the
                                               runtime rounds committed + S up to a multiple of 64)
   logits_index     int64   [R]                rows of the step whose logits are wanted (last row, or all nodes)
-  past_key.{i}     float32 [1, Hkv, LMAX, D]  static KV cache; bound to the same buffer as present_key.{i}
+  past_key.{i}     float32 [1, Hkv, LMAX, D]  static KV cache; bound to the same buffer as present_key.{i} (the
+                                              model entry's kv_cache dtype: float16 in `--dtype float16` builds,
+                                              and under float32 graphs with `--kv-dtype float16`, whose attention is
+                                              speccompile.kernels::TreeAttentionF16)
   past_value.{i}   float32 [1, Hkv, LMAX, D]
   hidden_in        float32 [1, S, H]          (MTP and EAGLE draft heads only) the feature before each token: the
                                               target's hidden state, or the head's own for a drafted token

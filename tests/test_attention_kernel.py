@@ -1,7 +1,8 @@
 """speccompile's own TreeAttention CPU kernel (plugins/q4_matmul/attention.c, the "kernel" lowering): beside the
 definition (test_tree_attention_op.py covers every lowering), what keeps speculation over it lossless: a row's
 output is the same bit for bit alone, among other rows, as a tree node, or in a slot of a batch; and what keeps it
-safe: nothing read past what a step may see, bad shapes refused, the cache copied when it is not bound in place."""
+safe: nothing read past what a step may see, bad shapes refused, the cache copied when it is not bound in place.
+Each over a float32 cache and over a float16 one (TreeAttentionF16, `build --kv-dtype float16`)."""
 import os
 import subprocess
 import sys
@@ -24,10 +25,16 @@ HQ, HKV, D, L = 6, 2, 32, 80
 COS, SIN = ta.rope_tables(L, D, 10000.0)
 
 
-def session(batched=False):
+@pytest.fixture(params=[False, True], ids=["float32 cache", "float16 cache"])
+def half(request):
+    return request.param
+
+
+def session(batched=False, half=False):
+    kv = T.FLOAT16 if half else T.FLOAT
     inputs = [helper.make_tensor_value_info("qkv", T.FLOAT, ["N", "S", (HQ + 2 * HKV) * D]),
-              helper.make_tensor_value_info("past_key", T.FLOAT, ["N", HKV, L, D]),
-              helper.make_tensor_value_info("past_value", T.FLOAT, ["N", HKV, L, D]),
+              helper.make_tensor_value_info("past_key", kv, ["N", HKV, L, D]),
+              helper.make_tensor_value_info("past_value", kv, ["N", HKV, L, D]),
               helper.make_tensor_value_info("seqlens_k", T.INT32, ["N"]),
               helper.make_tensor_value_info("cos", T.FLOAT, [L, D // 2]),
               helper.make_tensor_value_info("sin", T.FLOAT, [L, D // 2]),
@@ -35,9 +42,11 @@ def session(batched=False):
               helper.make_tensor_value_info("attention_bias", T.FLOAT, ["N", 1, "S", "T"])]
     if batched:
         inputs.append(helper.make_tensor_value_info("query_seqlens", T.INT32, ["N"]))
-    node = helper.make_node("TreeAttention", [i.name for i in inputs], ["y", "present_key", "present_value"],
-                            domain=KERNEL_DOMAIN, num_heads=HQ, kv_num_heads=HKV, head_dim=D)
-    outputs = [helper.make_tensor_value_info(n, T.FLOAT, None) for n in ("y", "present_key", "present_value")]
+    node = helper.make_node("TreeAttentionF16" if half else "TreeAttention", [i.name for i in inputs],
+                            ["y", "present_key", "present_value"], domain=KERNEL_DOMAIN, num_heads=HQ,
+                            kv_num_heads=HKV, head_dim=D)
+    outputs = [helper.make_tensor_value_info("y", T.FLOAT, None),
+               *(helper.make_tensor_value_info(n, kv, None) for n in ("present_key", "present_value"))]
     model = helper.make_model(helper.make_graph([node], "attention", inputs, outputs),
                               opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(KERNEL_DOMAIN, 1)])
     so = ort.SessionOptions()
@@ -64,8 +73,8 @@ def tree_bias(committed, parents, width):
     return bias
 
 
-def cache(rng, committed, batch=1):
-    k = np.zeros((batch, HKV, L, D), np.float32)
+def cache(rng, committed, batch=1, half=False):
+    k = np.zeros((batch, HKV, L, D), np.float16 if half else np.float32)
     v = np.zeros_like(k)
     k[:, :, :committed] = rng.standard_normal((batch, HKV, committed, D))
     v[:, :, :committed] = rng.standard_normal((batch, HKV, committed, D))
@@ -76,12 +85,12 @@ def qkv_rows(rng, n):
     return rng.standard_normal((1, n, (HQ + 2 * HKV) * D)).astype(np.float32)
 
 
-def test_a_chain_gives_each_row_what_plain_steps_give_it():
+def test_a_chain_gives_each_row_what_plain_steps_give_it(half):
     """Five rows verified in one pass against the same five tokens decoded one step at a time (each step one row,
     the cache growing): the same outputs bit for bit, and the same cache."""
     rng = np.random.default_rng(0)
-    sess, committed, x = session(), 21, qkv_rows(rng, 5)
-    k, v = cache(rng, committed)
+    sess, committed, x = session(half=half), 21, qkv_rows(rng, 5)
+    k, v = cache(rng, committed, half=half)
     k1, v1 = k.copy(), v.copy()
     pos = np.arange(committed, committed + 5)[None]
     together = run(sess, x, k, v, [committed + 4], pos, tree_bias(committed, np.arange(-1, 4), committed + 5 + 7))
@@ -92,15 +101,15 @@ def test_a_chain_gives_each_row_what_plain_steps_give_it():
     assert np.array_equal(k, k1) and np.array_equal(v, v1)
 
 
-def test_a_tree_node_gets_what_its_path_alone_gets():
+def test_a_tree_node_gets_what_its_path_alone_gets(half):
     """A node among siblings and cousins (its ancestors scattered between other nodes' slots) against its path laid
     out as a chain: the same output bit for bit, so greedy acceptance over a tree commits plain decoding's tokens."""
     rng = np.random.default_rng(1)
-    sess, committed = session(), 40
+    sess, committed = session(half=half), 40
     parents = np.array([-1, 0, 0, 1, 2, 3, 1, 5])
     depth = ancestor_mask(parents).sum(1) - 1
     x = qkv_rows(rng, len(parents))
-    k, v = cache(rng, committed)
+    k, v = cache(rng, committed, half=half)
     tree = run(sess, x, k.copy(), v.copy(), [committed + len(parents) - 1], (committed + depth)[None],
                tree_bias(committed, parents, committed + len(parents)))
     for node in (4, 7):
@@ -111,13 +120,13 @@ def test_a_tree_node_gets_what_its_path_alone_gets():
         assert np.array_equal(chain[0, -1], tree[0, node]), node
 
 
-def test_each_slot_of_a_batch_gets_what_it_gets_alone():
+def test_each_slot_of_a_batch_gets_what_it_gets_alone(half):
     """Three sequences of different lengths and rows in one pass (padding rows zero) against each alone."""
     rng = np.random.default_rng(2)
-    sess, single = session(batched=True), session()
+    sess, single = session(batched=True, half=half), session(half=half)
     committed, rows, S = [5, 33, 0], [2, 1, 3], 3
     x = np.concatenate([qkv_rows(rng, S) for _ in committed])
-    k, v = cache(rng, max(committed), batch=3)
+    k, v = cache(rng, max(committed), batch=3, half=half)
     for n, c in enumerate(committed):
         k[n, :, c:], v[n, :, c:] = 0, 0
     width = max(committed) + S + 4
@@ -135,13 +144,13 @@ def test_each_slot_of_a_batch_gets_what_it_gets_alone():
         assert np.array_equal(kn[0], kb[n]) and np.array_equal(vn[0], vb[n])
 
 
-def test_what_a_row_does_not_see_never_reaches_it():
+def test_what_a_row_does_not_see_never_reaches_it(half):
     """NaN in a masked cache slot (a rejected node's leftovers may be anything) and in the slots past the step
     (never written): the output is the one over the visible slots alone."""
     rng = np.random.default_rng(3)
-    sess, committed = session(), 12
+    sess, committed = session(half=half), 12
     x = qkv_rows(rng, 2)
-    k, v = cache(rng, committed)
+    k, v = cache(rng, committed, half=half)
     bias = tree_bias(committed, [-1, -1], committed + 2)  # two roots: neither sees the other
     bias[0, 0, :, 3] = -np.inf
     clean = run(sess, x, k.copy(), v.copy(), [committed + 1], np.full((1, 2), committed), bias)
@@ -150,34 +159,37 @@ def test_what_a_row_does_not_see_never_reaches_it():
     dirty = run(sess, x, k, v, [committed + 1], np.full((1, 2), committed), bias)
     assert np.array_equal(clean, dirty)
     ref, _, _ = ta.reference_numpy(x, np.nan_to_num(k[:, :, :L]), np.nan_to_num(v[:, :, :L]), committed, COS, SIN,
-                                   np.full((1, 2), committed), bias, HQ, HKV, D)
+                                   np.full((1, 2), committed), bias, HQ, HKV, D, k.dtype if half else None)
     assert np.abs(clean - ref).max() < 1e-5
 
 
-def test_a_cache_not_bound_in_place_is_copied_then_written():
+def test_a_cache_not_bound_in_place_is_copied_then_written(half):
     rng = np.random.default_rng(4)
-    sess, committed = session(), 9
+    sess, committed = session(half=half), 9
     x = qkv_rows(rng, 3)
-    k, v = cache(rng, committed)
+    k, v = cache(rng, committed, half=half)
     args = (x, k, v, [committed + 2], np.arange(committed, committed + 3)[None],
             tree_bias(committed, [-1, 0, 1], committed + 3))
     y, present_k, present_v = run(sess, *args, in_place=False)
-    ref_y, ref_k, ref_v = ta.reference_numpy(*args[:3], committed, COS, SIN, args[4], args[5], HQ, HKV, D)
+    ref_y, ref_k, ref_v = ta.reference_numpy(*args[:3], committed, COS, SIN, args[4], args[5], HQ, HKV, D,
+                                             k.dtype if half else None)
     assert np.abs(y - ref_y).max() < 1e-5 and not np.shares_memory(present_k, k)
-    assert np.array_equal(present_k[:, :, :committed], k[:, :, :committed])
-    assert np.abs(present_k[0, :, committed:committed + 3] - ref_k).max() < 1e-5
-    assert np.array_equal(present_v[0, :, committed:committed + 3], ref_v.astype(np.float32))
+    assert present_k.dtype == k.dtype and np.array_equal(present_k[:, :, :committed], k[:, :, :committed])
+    # the step's rows as written: float32, or rounded to float16 to nearest (the rotation's last bit may differ)
+    written = present_k[0, :, committed:committed + 3].astype(np.float32)
+    assert np.abs(written - ref_k).max() <= (np.abs(ref_k).max() * 2 ** -10 if half else 1e-5)
+    assert np.array_equal(present_v[0, :, committed:committed + 3], ref_v.astype(k.dtype))
     assert not k[:, :, committed:].any()  # the input was left as it was
 
 
 @pytest.mark.parametrize("wrong", ["past the cache", "past the bias", "position", "rows"])
-def test_inputs_that_would_read_past_a_tensor_are_refused(wrong):
+def test_inputs_that_would_read_past_a_tensor_are_refused(wrong, half):
     """A bundle's graph is not trusted to size what the kernel reads: each of these is an error, not a read."""
     rng = np.random.default_rng(5)
     batched = wrong == "rows"
-    sess, committed = session(batched=batched), 10
+    sess, committed = session(batched=batched, half=half), 10
     x = qkv_rows(rng, 2)
-    k, v = cache(rng, committed)
+    k, v = cache(rng, committed, half=half)
     seqlens, pos = [committed + 1], np.arange(committed, committed + 2)[None]
     bias = tree_bias(committed, [-1, 0], committed + 2)
     rows = [3] if batched else None
@@ -197,24 +209,24 @@ sys.path.insert(0, sys.argv[1])
 import test_attention_kernel as t
 d = np.load(sys.argv[2])
 k, v = d["k"].copy(), d["v"].copy()
-np.save(sys.argv[3], t.run(t.session(), d["x"], k, v, d["seqlens"], d["pos"], d["bias"]))
+np.save(sys.argv[3], t.run(t.session(half=k.dtype == np.float16), d["x"], k, v, d["seqlens"], d["pos"], d["bias"]))
 """
 
 
 @pytest.mark.skipif(q4_matmul.instruction_set() != "AVX-512 VNNI",
                     reason="only a CPU with AVX-512 runs both of the kernel's variants")
-def test_the_avx2_variant_computes_what_the_avx512_one_does(tmp_path):
+def test_the_avx2_variant_computes_what_the_avx512_one_does(tmp_path, half):
     rng = np.random.default_rng(6)
     committed, parents = 50, np.array([-1, 0, 0, 1, 2, 3])
     depth = ancestor_mask(parents).sum(1) - 1
     x = qkv_rows(rng, len(parents))
-    k, v = cache(rng, committed)
+    k, v = cache(rng, committed, half=half)
     case = dict(x=x, k=k, v=v, seqlens=[committed + len(parents) - 1], pos=(committed + depth)[None],
                 bias=tree_bias(committed, parents, committed + len(parents) + 3))
     np.savez(tmp_path / "in.npz", **case)
     subprocess.run([sys.executable, "-c", AVX2_RUN, os.path.dirname(__file__), str(tmp_path / "in.npz"),
                     str(tmp_path / "avx2.npy")], env=dict(os.environ, SPECCOMPILE_Q4_ISA="avx2"), check=True)
-    y = run(session(), x, k.copy(), v.copy(), case["seqlens"], case["pos"], case["bias"])
+    y = run(session(half=half), x, k.copy(), v.copy(), case["seqlens"], case["pos"], case["bias"])
     assert np.array_equal(np.load(tmp_path / "avx2.npy"), y)
 
 

@@ -11,13 +11,18 @@
  * Inputs: qkv [N, S, (Hq + 2 Hkv) D] float, past_key and past_value [N, Hkv, L, D], seqlens_k [N] int32 (P + rows
  * - 1, as GroupQueryAttention takes it), cos and sin [positions, D / 2], position_ids [N, S] int64, attention_bias
  * [N, 1, S, T] (T >= P + rows), query_seqlens [N] int32 (optional). Outputs: y [N, S, Hq D], present_key and
- * present_value (bound to the past's buffers, no copy; else the past is copied first). */
+ * present_value (bound to the past's buffers, no copy; else the past is copied first).
+ * speccompile.kernels::TreeAttentionF16 is the same op over a float16 cache (`build --kv-dtype float16`): the step's
+ * rotated k and its v rounded to float16 (to nearest, ties to even) as they are written, every cached value widened
+ * exactly as it is read, and everything else in float32 as above; a row still reads its own k and v from the cache,
+ * so it gets the same numbers in every pass. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include "ort_abi.h"
 #include "q4.h"
 
+#include <immintrin.h>
 #include "vectors.h"
 
 #define ISA_BODY "attention_body.h"
@@ -30,9 +35,10 @@ typedef struct {
   const int64_t* positions;
   const int32_t* rows;  /* each sequence's real rows */
   const int32_t* seqlens;
-  float *K, *V, *y;
+  void *K, *V;  /* float, or float16's bits (half) */
+  float* y;
   int64_t S, L, T, bias_n;
-  int Hq, Hkv, D;
+  int Hq, Hkv, D, half;
   float scale;
   int avx512;
 } Attention;
@@ -45,8 +51,8 @@ static void attend_unit(void* arg, size_t u) {
   const int n = (int)(u / a->Hq), h = (int)(u % a->Hq), kvh = h / (a->Hq / a->Hkv), D = a->D;
   const int rows = a->rows[n], width = a->seqlens[n] + 1, padded = (width + 15) & ~15;
   const int64_t C = (int64_t)(a->Hq + 2 * a->Hkv) * D;
-  const float* K = a->K + ((int64_t)n * a->Hkv + kvh) * a->L * D;
-  const float* V = a->V + ((int64_t)n * a->Hkv + kvh) * a->L * D;
+  const size_t at = (((size_t)n * a->Hkv + kvh) * a->L * D) * (a->half ? 2 : 4);  /* bytes */
+  const void *K = (const char*)a->K + at, *V = (const char*)a->V + at;
   float q[ROW_GROUP * MAX_HEAD_DIM];
   float stack[8192];
   /* scratch for the rows scored together: on the stack for a decode pass's few rows (no allocation per head and
@@ -71,16 +77,24 @@ static void attend_unit(void* arg, size_t u) {
       for (int r = 0; r < R; r++) memset(y[r], 0, sizeof(float) * D);
       continue;
     }
-    if (a->avx512) attend_avx512(q, R, K, V, bias, width, D, scores, y);
-    else attend_avx2(q, R, K, V, bias, width, D, scores, y);
+    if (a->avx512) attend_avx512(q, R, K, V, a->half, bias, width, D, scores, y);
+    else attend_avx2(q, R, K, V, a->half, bias, width, D, scores, y);
   }
   if (scores != stack) free(scores);
+}
+
+/* n floats (a multiple of 8) to float16, to nearest with ties to even (the F16C instructions the library
+ * requires) */
+__attribute__((target("avx,f16c"))) static void to_half(const float* x, uint16_t* out, int n) {
+  for (int i = 0; i < n; i += 8)
+    _mm_storeu_si128((__m128i*)(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
 }
 
 /* the step's k (rotated) and v rows into the cache, after each sequence's committed ones */
 static void write_cache(const Attention* a, int64_t N) {
   const int D = a->D, half = D / 2;
   const int64_t C = (int64_t)(a->Hq + 2 * a->Hkv) * D;
+  float kc[MAX_HEAD_DIM];
   for (int64_t n = 0; n < N; n++) {
     const int rows = a->rows[n], P = a->seqlens[n] + 1 - rows;
     for (int i = 0; i < rows; i++) {
@@ -88,14 +102,19 @@ static void write_cache(const Attention* a, int64_t N) {
       const int64_t p = a->positions[n * a->S + i];
       const float *cos = a->cos + p * half, *sin = a->sin + p * half;
       for (int h = 0; h < a->Hkv; h++) {
-        const float* k = x + (int64_t)(a->Hq + h) * D;
-        float* kc = a->K + ((n * a->Hkv + h) * a->L + P + i) * D;
+        const float *k = x + (int64_t)(a->Hq + h) * D, *v = x + (int64_t)(a->Hq + a->Hkv + h) * D;
         for (int d = 0; d < half; d++) {
           kc[d] = k[d] * cos[d] - k[d + half] * sin[d];
           kc[d + half] = k[d + half] * cos[d] + k[d] * sin[d];
         }
-        memcpy(a->V + ((n * a->Hkv + h) * a->L + P + i) * D, x + (int64_t)(a->Hq + a->Hkv + h) * D,
-               sizeof(float) * D);
+        const int64_t at = ((n * a->Hkv + h) * a->L + P + i) * D;
+        if (a->half) {
+          to_half(kc, (uint16_t*)a->K + at, D);
+          to_half(v, (uint16_t*)a->V + at, D);
+        } else {
+          memcpy((float*)a->K + at, kc, sizeof(float) * D);
+          memcpy((float*)a->V + at, v, sizeof(float) * D);
+        }
       }
     }
   }
@@ -105,13 +124,14 @@ static void write_cache(const Attention* a, int64_t N) {
 
 static const OrtApi* api;
 static int isa;  /* speccompile_cpu_supported(), when the library was registered */
-typedef struct { int Hq, Hkv, D; } Heads;
+typedef struct { int Hq, Hkv, D, half; } Heads;
+
 
 static OrtStatus* fail(const char* message) { return ORT_SLOT(api, CreateStatus)(ORT_FAIL, message); }
 #define CHECK(call) do { OrtStatus* s_ = (call); if (s_) return s_; } while (0)
 
 static OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* a, const OrtKernelInfo* info, void** out) {
-  (void)op; (void)a;
+  (void)a;
   int64_t hq, hkv, d;
   CHECK(ORT_SLOT(api, KernelInfoGetAttribute_int64)(info, "num_heads", &hq));
   CHECK(ORT_SLOT(api, KernelInfoGetAttribute_int64)(info, "kv_num_heads", &hkv));
@@ -120,7 +140,7 @@ static OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* a, const Or
     return fail("TreeAttention: num_heads must be a multiple of kv_num_heads, head_dim a multiple of 16 up to 256");
   Heads* heads = malloc(sizeof *heads);
   if (!heads) return fail("TreeAttention: out of memory");
-  *heads = (Heads){(int)hq, (int)hkv, (int)d};
+  *heads = (Heads){(int)hq, (int)hkv, (int)d, op == &tree_attention_f16_op};
   *out = heads;
   return NULL;
 }
@@ -162,7 +182,7 @@ static const char* check(const Attention* a, int64_t N, const int64_t* qkv, cons
 
 static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   const Heads* heads = kernel;
-  Attention a = {.Hq = heads->Hq, .Hkv = heads->Hkv, .D = heads->D, .avx512 = isa >= 2};
+  Attention a = {.Hq = heads->Hq, .Hkv = heads->Hkv, .D = heads->D, .half = heads->half, .avx512 = isa >= 2};
   int64_t qkv[3], kc[4], vc[4], seq[1], cs[2], sn[2], pos[2], bias[4], qs[1];
   void *x, *pk, *pv, *sl, *c, *s, *p, *b, *q = NULL;
   CHECK(input(ctx, 0, 3, qkv, &x));
@@ -202,7 +222,7 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   if (!status) status = ORT_SLOT(api, GetTensorMutableData)(ko, &kp);
   if (!status) status = ORT_SLOT(api, GetTensorMutableData)(vo, &vp);
   if (!status) {
-    const size_t bytes = sizeof(float) * (size_t)(kc[0] * kc[1] * kc[2] * kc[3]);
+    const size_t bytes = (a.half ? 2 : 4) * (size_t)(kc[0] * kc[1] * kc[2] * kc[3]);
     if (kp != pk) memcpy(kp, pk, bytes);  /* not bound in place: present starts as the past */
     if (vp != pv) memcpy(vp, pv, bytes);
     a.K = kp, a.V = vp, a.y = yp;
@@ -214,24 +234,29 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
 }
 
 static void destroy_kernel(void* kernel) { free(kernel); }
-static const char* op_name(const OrtCustomOp* op) { (void)op; return "TreeAttention"; }
+static const char* op_name(const OrtCustomOp* op) {
+  return op == &tree_attention_f16_op ? "TreeAttentionF16" : "TreeAttention";
+}
 static int input_type(const OrtCustomOp* op, size_t i) {
-  (void)op;
+  if ((i == 1 || i == 2) && op == &tree_attention_f16_op) return ORT_TENSOR_FLOAT16;
   return i == 3 || i == 8 ? ORT_TENSOR_INT32 : i == 6 ? ORT_TENSOR_INT64 : ORT_TENSOR_FLOAT;
 }
 static size_t input_count(const OrtCustomOp* op) { (void)op; return 9; }
-static int output_type(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return ORT_TENSOR_FLOAT; }
+static int output_type(const OrtCustomOp* op, size_t i) {
+  return i > 0 && op == &tree_attention_f16_op ? ORT_TENSOR_FLOAT16 : ORT_TENSOR_FLOAT;
+}
 static size_t output_count(const OrtCustomOp* op) { (void)op; return 3; }
 static int input_required(const OrtCustomOp* op, size_t i) {
   (void)op;
   return i == 8 ? ORT_INPUT_OUTPUT_OPTIONAL : ORT_INPUT_OUTPUT_REQUIRED;
 }
 
-OrtCustomOp tree_attention_op = {
-  OP_COMMON_SLOTS, .GetName = op_name, .GetInputType = input_type,
-  .GetInputTypeCount = input_count, .GetOutputType = output_type, .GetOutputTypeCount = output_count,
-  .KernelDestroy = destroy_kernel, .GetInputCharacteristic = input_required, .CreateKernelV2 = create_kernel,
-  .KernelComputeV2 = compute,
-};
+#define TREE_ATTENTION_SLOTS                                                                                  \
+  OP_COMMON_SLOTS, .GetName = op_name, .GetInputType = input_type,                                           \
+  .GetInputTypeCount = input_count, .GetOutputType = output_type, .GetOutputTypeCount = output_count,        \
+  .KernelDestroy = destroy_kernel, .GetInputCharacteristic = input_required, .CreateKernelV2 = create_kernel, \
+  .KernelComputeV2 = compute
+OrtCustomOp tree_attention_op = {TREE_ATTENTION_SLOTS};
+OrtCustomOp tree_attention_f16_op = {TREE_ATTENTION_SLOTS};
 
 void tree_attention_register(const OrtApi* a, int instruction_set) { api = a, isa = instruction_set; }

@@ -3,6 +3,21 @@
  * ymm on AVX2, the same operations in the same order either way. Every row of every head goes through the same
  * steps whatever the other rows are, so a row's output never depends on its pass. */
 
+/* 16 consecutive values of a K or V row as floats: the float32 cache's own, or the float16 cache's widened (exactly,
+ * the same on both instruction sets) */
+static inline __attribute__((always_inline)) TARGET v16 NAME(kv16)(const void* base, size_t i, const int half) {
+  if (!half) return load16((const float*)base + i);
+  const uint16_t* p = (const uint16_t*)base + i;
+#if ISA_WIDTH == 512
+  return (v16)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+#else
+  typedef float v8 __attribute__((vector_size(32)));
+  const v8 lo = (v8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+  const v8 hi = (v8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 8)));
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#endif
+}
+
 static inline __attribute__((always_inline)) TARGET float NAME(hsum)(v16 v) {
   v = v + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
   v = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
@@ -41,17 +56,18 @@ static inline __attribute__((always_inline)) TARGET v16 NAME(sums16)(v16* p) {
 
 /* Row r's scores (q[r] . K[j] + bias[r][j], j < width; -inf up to `padded`) for keys in blocks of 16: a block's
  * keys are read once from memory for every row. */
-static inline __attribute__((always_inline)) TARGET void NAME(score)(const float* q, int R, const float* K,
-    const float* const* bias, int width, const int chunks, int padded, float* scores) {
+static inline __attribute__((always_inline)) TARGET void NAME(score)(const float* q, int R, const void* K,
+    const int half, const float* const* bias, int width, const int chunks, int padded, float* scores) {
   const int D = 16 * chunks;
   for (int j0 = 0; j0 < padded; j0 += 16) {
     for (int r = 0; r < R; r++) {
       const float* qr = q + (size_t)r * D;
       v16 p[16];
+#pragma GCC unroll 16
       for (int t = 0; t < 16; t++) {
-        const float* k = K + (size_t)(j0 + t < width ? j0 + t : width - 1) * D;  /* past the end: any real key */
-        v16 acc = load16(qr) * load16(k);
-        for (int c = 1; c < chunks; c++) acc += load16(qr + 16 * c) * load16(k + 16 * c);
+        const size_t k = (size_t)(j0 + t < width ? j0 + t : width - 1) * D;  /* past the end: any real key */
+        v16 acc = load16(qr) * NAME(kv16)(K, k, half);
+        for (int c = 1; c < chunks; c++) acc += load16(qr + 16 * c) * NAME(kv16)(K, k + 16 * c, half);
         p[t] = acc;
       }
       /* a masked column scores -inf whatever its key holds (a slot nothing wrote, NaN included) */
@@ -72,26 +88,27 @@ static inline __attribute__((always_inline)) TARGET void NAME(score)(const float
  * in column order and skipping the zero weights (masked columns), so a row's sums are the same whichever other
  * columns its pass lays out around its visible ones (a tree's nodes, another layout of the same keys). */
 static inline __attribute__((always_inline)) TARGET void NAME(weigh)(const int R, const float* w, int padded,
-    const float* V, int width, const int chunks, float* l, v16* out) {
+    const void* V, const int half, int width, const int chunks, float* l, v16* out) {
   for (int i = 0; i < R * chunks; i++) out[i] = splat(0.f);
   for (int r = 0; r < R; r++) l[r] = 0.f;
   for (int j = 0; j < width; j++) {
-    const float* v = V + (size_t)j * 16 * chunks;
+    const size_t v = (size_t)j * 16 * chunks;
     for (int r = 0; r < R; r++) {
       const float x = w[(size_t)r * padded + j];
       if (x == 0.f) continue;  /* a masked column: its V may be anything, even NaN, in a slot nothing wrote */
       l[r] += x;
-      for (int c = 0; c < chunks; c++) out[r * chunks + c] += splat(x) * load16(v + 16 * c);
+      for (int c = 0; c < chunks; c++) out[r * chunks + c] += splat(x) * NAME(kv16)(V, v + 16 * c, half);
     }
   }
 }
 
 /* Rows q [R][D] (rotated, scaled) of one head against columns 0 .. width - 1 of its K/V (rows of D floats), each
  * with its bias row: y[r] (D floats). scores: R x width rounded up to 16 floats of scratch. */
-static inline __attribute__((always_inline)) TARGET void NAME(attend_d)(const float* q, int R, const float* K,
-    const float* V, const float* const* bias, int width, const int chunks, float* scores, float* const* y) {
+static inline __attribute__((always_inline)) TARGET void NAME(attend_d)(const float* q, int R, const void* K,
+    const void* V, const int half, const float* const* bias, int width, const int chunks, float* scores,
+    float* const* y) {
   const int padded = (width + 15) & ~15;
-  NAME(score)(q, R, K, bias, width, chunks, padded, scores);
+  NAME(score)(q, R, K, half, bias, width, chunks, padded, scores);
   for (int r = 0; r < R; r++) {  /* the weights e^(s - max); every column masked (max -inf): all 0 */
     float* s = scores + (size_t)r * padded;
     v16 top = splat(-INFINITY);
@@ -108,10 +125,10 @@ static inline __attribute__((always_inline)) TARGET void NAME(attend_d)(const fl
     v16 out[4 * 16];
     const float* w = scores + (size_t)r0 * padded;
     switch (R - r0 < 4 ? R - r0 : 4) {
-      case 4: NAME(weigh)(4, w, padded, V, width, chunks, l, out); break;
-      case 3: NAME(weigh)(3, w, padded, V, width, chunks, l, out); break;
-      case 2: NAME(weigh)(2, w, padded, V, width, chunks, l, out); break;
-      default: NAME(weigh)(1, w, padded, V, width, chunks, l, out);
+      case 4: NAME(weigh)(4, w, padded, V, half, width, chunks, l, out); break;
+      case 3: NAME(weigh)(3, w, padded, V, half, width, chunks, l, out); break;
+      case 2: NAME(weigh)(2, w, padded, V, half, width, chunks, l, out); break;
+      default: NAME(weigh)(1, w, padded, V, half, width, chunks, l, out);
     }
     for (int r = r0; r < R && r < r0 + 4; r++) {
       const v16 inv = splat(l[r - r0] > 0.f ? 1.f / l[r - r0] : 0.f);
@@ -121,13 +138,20 @@ static inline __attribute__((always_inline)) TARGET void NAME(attend_d)(const fl
 }
 
 /* attend_d with the head dimension a constant where it is a common one (the accumulators then stay in registers) */
-static TARGET void NAME(attend)(const float* q, int R, const float* K, const float* V, const float* const* bias,
-                                int width, int D, float* scores, float* const* y) {
+static inline __attribute__((always_inline)) TARGET void NAME(attend_kv)(const float* q, int R, const void* K,
+    const void* V, const int half, const float* const* bias, int width, int D, float* scores, float* const* y) {
   switch (D) {
-    case 64: NAME(attend_d)(q, R, K, V, bias, width, 4, scores, y); break;
-    case 128: NAME(attend_d)(q, R, K, V, bias, width, 8, scores, y); break;
-    default: NAME(attend_d)(q, R, K, V, bias, width, D / 16, scores, y);
+    case 64: NAME(attend_d)(q, R, K, V, half, bias, width, 4, scores, y); break;
+    case 128: NAME(attend_d)(q, R, K, V, half, bias, width, 8, scores, y); break;
+    default: NAME(attend_d)(q, R, K, V, half, bias, width, D / 16, scores, y);
   }
+}
+
+/* attend_kv over a float32 cache (half 0) or a float16 one (half 1), each compiled on its own */
+static TARGET void NAME(attend)(const float* q, int R, const void* K, const void* V, int half,
+                                const float* const* bias, int width, int D, float* scores, float* const* y) {
+  if (half) NAME(attend_kv)(q, R, K, V, 1, bias, width, D, scores, y);
+  else NAME(attend_kv)(q, R, K, V, 0, bias, width, D, scores, y);
 }
 
 /* head dimension d and d + D/2 rotated together (half split), then times `scale` */

@@ -180,6 +180,7 @@ OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base)
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &matmul_q8));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &matmul_q4_silu));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &tree_attention_op));
+  CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &tree_attention_f16_op));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &top_k_op));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &rms_norm_op));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &skip_rms_norm_op));

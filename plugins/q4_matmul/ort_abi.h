@@ -14,6 +14,7 @@
 #define ORT_TENSOR_UINT8 2
 #define ORT_TENSOR_INT32 6
 #define ORT_TENSOR_INT64 7
+#define ORT_TENSOR_FLOAT16 10
 #define ORT_TENSOR_DOUBLE 11
 #define ORT_INPUT_OUTPUT_REQUIRED 0     /* OrtCustomOpInputOutputCharacteristic */
 #define ORT_INPUT_OUTPUT_OPTIONAL 1

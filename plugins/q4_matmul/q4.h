@@ -67,7 +67,7 @@ void q4_gated_tile(const Gated* g, size_t t, void (*tile)(const Product*, size_t
 
 /* attention.c: speccompile.kernels::TreeAttention */
 struct OrtCustomOp;
-extern struct OrtCustomOp tree_attention_op;
+extern struct OrtCustomOp tree_attention_op, tree_attention_f16_op;  /* the float32 cache; a float16 one */
 struct OrtApi;
 void tree_attention_register(const struct OrtApi* api, int instruction_set);
 

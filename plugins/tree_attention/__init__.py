@@ -208,8 +208,10 @@ def rope_tables(max_positions: int, head_dim: int, theta: float):
 
 
 def reference_numpy(qkv, past_key, past_value, committed, cos, sin, position_ids, attention_bias,
-                    num_heads, kv_num_heads, head_dim):
-    """The op's definition in float64 numpy. Returns (y, new_key_rows, new_value_rows); caches are not mutated."""
+                    num_heads, kv_num_heads, head_dim, cache_dtype=None):
+    """The op's definition in float64 numpy. Returns (y, new_key_rows, new_value_rows); caches are not mutated.
+    cache_dtype: the cache's type where it is not float32 (np.float16: TreeAttentionF16): the step's rows are
+    rounded to it as they are written, and attended to so."""
     S = qkv.shape[1]
     hq, hkv, d = num_heads, kv_num_heads, head_dim
     x = qkv[0].astype(np.float64)
@@ -223,6 +225,8 @@ def reference_numpy(qkv, past_key, past_value, committed, cos, sin, position_ids
         return np.concatenate([t[..., :h] * c - t[..., h:] * s_, t[..., h:] * c + t[..., :h] * s_], -1)
 
     q, k = rot(q), rot(k)
+    if cache_dtype is not None:
+        k, v = k.astype(cache_dtype).astype(np.float64), v.astype(cache_dtype).astype(np.float64)
     K = np.concatenate([past_key[0, :, :committed].astype(np.float64), k], 1)
     V = np.concatenate([past_value[0, :, :committed].astype(np.float64), v], 1)
     T = committed + S

@@ -67,9 +67,13 @@ BUILD_DEPENDENCIES = {"onnx", "gguf", "safetensors", "tqdm"}  # the build extra:
               "(x86-64 with AVX2 and a C compiler; the same rounding, faster at every row count with AVX-512 VNNI, but "
               "the bundle runs only where the kernels do); auto: speccompile's where they pay on this machine "
               "(AVX-512 VNNI), else onnxruntime's.")
+@click.option("--kv-dtype", type=click.Choice(["float32", "float16"]), default=None,
+              help="KV caches alone (default: --dtype's): float16 halves what a long context or a shared pass streams "
+              "per token, under float32 graphs with speccompile's attention kernel; lossy against float32 caches "
+              "(docs/results.md).")
 @errors_to_exit
 def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, backend, head_screen, draft_precision,
-          dtype, weights, max_batch, kernels):
+          dtype, weights, max_batch, kernels, kv_dtype):
     """Compile MODEL (a Hugging Face directory, a hub id org/name in the local Hugging Face cache, a .gguf file;
     default: the embedded SmolLM2-135M-Instruct)."""
     # SIGTERM (a kill, a CI timeout) as an exit: the build's cleanup then removes its lock and temporary folder and
@@ -81,7 +85,7 @@ def build(model, out, drafts, max_seq_len, num_draft, attention, tree, force, ba
                      attention=attention, fused=attention in ("auto", "ort", "kernel"), overwrite=force, tree=tree,
                      backend=backend,
                      head_screen=head_screen, draft_precision=draft_precision, dtype=dtype, weights=weights,
-                     max_batch=max_batch, kernels=kernels, progress=progress)
+                     max_batch=max_batch, kernels=kernels, kv_dtype=kv_dtype, progress=progress)
     except ModuleNotFoundError as e:  # a runtime-only install (pip install speccompile, without [build])
         if e.name not in BUILD_DEPENDENCIES:
             raise

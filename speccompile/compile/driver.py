@@ -29,6 +29,7 @@ from speccompile.compile.graph.attention import lowering_for
 from speccompile.compile.graph.decoder import build_decoder
 from speccompile.compile.graph.head_screen import screenable
 from speccompile.compile.graph.kv_compact import build_kv_compact
+from speccompile.compile.kv_dtype import apply_kv_dtype, check_kv_dtype
 from speccompile.compile.quantize.head_screen import quantize_head
 from speccompile.compile.quantize.kernel_form import int8_records, kernels_pay, use_kernel
 from speccompile.compile.quantize.target_weights import WeightReport, check_mode, quantize_target
@@ -95,6 +96,7 @@ def build_bundle(source: str | None, out: str, drafts: list[str] | None = None, 
         specs = _default_drafters(target, bool(report.kernel_matrices), progress)
     parts = _graph(target, target_w, screen, specs, tree_spec, opts, progress,
                    chains=not trees_exact(report.manifest()), int8_kernel=report.int8_kernel)
+    apply_kv_dtype(parts, opts.kv_dtype, opts.attention, progress)
     apply_precision(parts, opts.dtype, progress)
     manifest = _write(out, target, parts, opts, toolchain, progress, report)
     progress(f"done in {time.perf_counter() - t0:.1f}s: {len(parts.models)} graph(s), drafters: "
@@ -107,6 +109,7 @@ def _backend(opts: BuildOptions) -> tuple[BuildOptions, object]:
     """The backend's toolchain (None for onnxruntime). Checked first: a build refused for want of TensorRT has
     done and written nothing."""
     check_dtype(opts.dtype)
+    check_kv_dtype(opts.kv_dtype, opts.dtype, opts.backend)
     if opts.backend == "tensorrt":
         if opts.dtype != "float32":  # the plugin's kernels read and write float32
             raise SpeccompileError(f"{given('backend', 'tensorrt')} builds float32 engines; "

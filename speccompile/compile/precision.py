@@ -219,7 +219,7 @@ def apply_precision(parts, dtype: str, progress=print, keep_float32_ops=()) -> N
             readers.setdefault(w, set()).add(name)
         for w in converted:
             converted_by.setdefault(w, set()).add(name)
-        _retype_entry(parts.models[name], dtype)
+        retype_entry(parts.models[name], dtype)
     mixed = sorted(w for w, gs in converted_by.items() if gs != readers[w])
     if mixed:
         raise SpeccompileError(f"{given('dtype', dtype)}: weight {mixed[0]!r} would be {dtype} in one graph and "
@@ -228,7 +228,7 @@ def apply_precision(parts, dtype: str, progress=print, keep_float32_ops=()) -> N
         parts.weights[fname] = cast_weights(tensors, set(converted_by), dtype)
 
 
-def _retype_entry(entry: dict, dtype: str) -> None:
+def retype_entry(entry: dict, dtype: str) -> None:
     """A model entry's KV cache and its cache inputs/outputs in `dtype`."""
     if "kv_cache" in entry:
         entry["kv_cache"]["dtype"] = dtype

@@ -25,7 +25,8 @@ def describe(bundle: str, m: dict, verified: bool) -> list[str]:
         slots = f" x {e['max_batch']} sequence slots (target's slot 0 shared)" if "max_batch" in e else ""
         out.append(f"model       {name}: {e['graph']} ({c['model_type']}, {e['num_layers']} layers, hidden "
                    f"{c['hidden_size']}, vocab {c['vocab_size']}), weights {e['weights']}, attention "
-                   f"{e.get('attention', 'not recorded')}{window_label(c)}, KV cache {kv_mb:.1f} MiB{slots}")
+                   f"{e.get('attention', 'not recorded')}{window_label(c)}, KV cache {kv_mb:.1f} MiB "
+                   f"{e['kv_cache'].get('dtype', 'float32')}{slots}")
     for d in m["drafters"]:
         # a drafter with a tree drafts it: its num_draft is only what --num-draft would replace it with
         drafts = f"tree {tree_label(d['tree'])}" if d.get("tree") else f"{d['num_draft']} tokens per pass"

@@ -33,6 +33,7 @@ class BuildOptions:
     head_screen: bool = True  # the target's greedy passes score with the exact int8-screened output head
     draft_precision: str = "int8"  # draft heads' matrices in int8 (speccompile.compile.quantize.int8), or "float32"
     dtype: str = "float32"  # graphs, weights and KV caches: float32, float16 or bfloat16 (compile/precision.py)
+    kv_dtype: str | None = None  # KV caches alone: float16 under float32 graphs (compile/kv_dtype.py); None: dtype's
     weights: str = "source"  # the target's matrices: source | float32 | int8 | int4 (quantize/target_weights.py)
     max_batch: int = DEFAULT_MAX_BATCH  # sequence slots of the batched target graph (1: none)
     # 4-bit and int8 products: onnxruntime's MatMulNBits, speccompile's MatMulQ4/MatMulQ8 ("speccompile"), or
