@@ -1088,3 +1088,40 @@ def test_a_short_prompt_does_not_wait_for_a_long_one_sharing_a_block(tiny_bundle
     assert results[1].token_ids == solo
     assert (results[1].stats["prompt_cache_hit_tokens"], results[1].stats["prompt_cache_miss_tokens"]) == (0, 60)
     assert [slots for kind, slots in trace if kind == "prefill"][:2] == [(0,), (1,)]
+
+
+@pytest.fixture(scope="module")
+def kernel_generator(tmp_path_factory):
+    """A tiny bundle on speccompile's attention kernel, whose shared passes pay for no slot's padding rows."""
+    from speccompile.plugins import q4_matmul
+    if q4_matmul.unavailable():
+        pytest.skip(f"speccompile's kernels cannot run here: {q4_matmul.unavailable()}")
+    out = str(tmp_path_factory.mktemp("kernel") / "b")
+    build_bundle("tiny:llama", out, drafts=["lookup", "layerskip:2"], max_seq_len=256, attention="kernel",
+                 kernels="speccompile", progress=lambda *a: None)
+    return speccompile.load(out, threads=1, context_cache=False)
+
+
+def test_over_the_kernel_joining_prompts_share_one_prefill_pass_and_ride_in_decode_passes(kernel_generator):
+    """Four requests joining at once prefill in passes shared by all four (a chunk each, a long prompt's later
+    chunks riding in the others' decode passes); a request joining while others decode rides in their pass. Every
+    request gives its solo tokens."""
+    g = kernel_generator
+    assert g.scheduler.engine.padding_free
+    prompts = random_prompts(3, seed=31) + [list(np.random.default_rng(4).integers(3, 380, 150))]  # two chunks
+    solo = [g.generate(p, 24, drafter="lookup").token_ids for p in prompts]
+    late = random_prompts(5, seed=32)[-1]
+    solo_late = g.generate(late, 10, drafter="layerskip:2").token_ids
+    g.scheduler.trace = trace = []
+    try:
+        streams = [g.stream(p, 24, drafter="lookup") for p in prompts]
+        heads = [next(s).token_ids for s in streams]
+        joined = g.stream(late, 10, drafter="layerskip:2")
+        got = [h + [t for c in s for t in c.token_ids] for h, s in zip(heads, streams)]
+        got_late = [t for c in joined for t in c.token_ids]
+    finally:
+        g.scheduler.trace = None
+    assert got == solo and got_late == solo_late
+    assert trace[0] == ("prefill", (0, 1, 2, 3))  # every first chunk in one pass
+    assert ("decode", (0, 1, 2, 3)) in trace  # the long prompt's second chunk rode in the others' decode pass
+    assert not any(e[0] == "prefill" for e in trace[1:])  # the late request's prompt rode in a decode pass too

@@ -61,6 +61,9 @@ class BatchEngine:
         self._bias = np.empty(B * S * self.max_seq_len, np.float32)
         self._rows = np.zeros(B * S, np.int64)
         self.packed = "row_index" in {i.name for i in self.session.get_inputs()}  # batched graph version 4
+        # the attention runs each slot's real rows alone (speccompile's kernel): slots as deep as the pass's longest
+        # step cost nothing for their padding rows, so prompt chunks of several slots may share a pass
+        self.padding_free = self.packed and entry.get("attention") == "kernel"
         self._row_index, self._layout_index = np.zeros(B * S, np.int64), np.zeros(B * S, np.int64)
         self.logits = np.zeros((B * S, self.vocab_size), np.float32)
         self.next_token = np.zeros(B * S, np.int64)

@@ -1,13 +1,13 @@
 """Continuous batching: the requests of many callers share the target's passes.
 
-No thread of its own: a caller waiting for its next tokens runs the next round of passes for everyone (one caller at
-a time; the others wait for the round to end), so a request alone pays no thread hand-off per pass, and requests
-progress while any caller waits. Requests join and leave between passes; each holds a sequence slot of the batched
+Callers take turns running rounds (runtime/turns.py: no thread of its own). Requests join and leave between passes; each holds a sequence slot of the batched
 KV cache (`KVCache.slot`) with its own drafter, sampling parameters, random generator, stop conditions, acceptance,
 roll back and compaction. Each round runs at most one prefill chunk of each joining request (so a long prompt does
 not stall the others), then one pass that verifies every decoding slot's pending token and draft tree
 (runtime/batch_engine.py; which drafts a shared pass verifies: runtime/shared_drafts.py); one joining request's
-chunk, shorter, rides in that pass. A request alone in slot 0 runs
+chunk, shorter, rides in that pass. Over speccompile's attention kernel, which runs each slot's real rows alone
+(BatchEngine.padding_free), every joining request's chunk rides in it, or, with no slot decoding, the joining
+requests' chunks share one prefill pass. A request alone in slot 0 runs
 the single-sequence graph, exactly as the Generator's own loop does (in-graph acceptance, nothing batched to pay
 for).
 
@@ -20,16 +20,12 @@ runtime/adaptive.py).
 """
 from __future__ import annotations
 
-import collections
-import contextlib
-import queue
-import threading
 import time
 
 import numpy as np
 
 from speccompile.format.bundle import check_unchanged, file_stamps
-from speccompile.runtime.acceptance import (SpecDecodeStats, Verdict, accept_by_graph_rule, accept_greedy,
+from speccompile.runtime.acceptance import (Verdict, accept_by_graph_rule, accept_greedy,
                                             accept_on_host, committed_rows)
 from speccompile.runtime.batch_engine import BatchEngine
 from speccompile.runtime.drafters.base import Drafter
@@ -37,12 +33,11 @@ from speccompile.runtime.drafters.lookup import LookupReach
 from speccompile.runtime.kv_cache import KVCache
 from speccompile.runtime.logprobs import full_rows
 from speccompile.runtime.noise import sampled_by_noise
-from speccompile.runtime.request import Request
 from speccompile.runtime.sampling import PositionDraws
 from speccompile.runtime.shared_drafts import propose_shared
-from speccompile.runtime.slots import DONE, Handle, Slot, prefix_leader, round_failed, without_cancelled
-from speccompile.runtime.streams import CANCEL_POLL_S
+from speccompile.runtime.slots import DONE, Handle, Slot, prefix_leader, without_cancelled
 from speccompile.runtime.text_stream import TextStream
+from speccompile.runtime.turns import Turns
 
 # A joining request's prompt chunk in a pass with decoding slots: the one-row slots' attention is laid out as deep
 # as the chunk, so a chunk shorter than a prefill pass's own pays (docs/results.md, "a joining prompt inside the
@@ -50,16 +45,12 @@ from speccompile.runtime.text_stream import TextStream
 MIXED_CHUNK = 64
 
 
-class Scheduler:
+class Scheduler(Turns):
     def __init__(self, gen, cache: KVCache, batch_entry: dict):
         """gen: the Generator (its target engine is bound to slot 0 of `cache`, its drafters serve slot 0)."""
-        self.gen, self.cache, self.entry = gen, cache, batch_entry
-        self.slots: list[Slot | None] = [None] * cache.batch
+        super().__init__(gen, [None] * cache.batch)
+        self.cache, self.entry = cache, batch_entry
         self.slot_caches = [gen.target.cache] + [cache.slot(b) for b in range(1, cache.batch)]
-        self.waiting: collections.deque[Handle] = collections.deque()
-        self.wake = threading.Condition()  # guards `waiting`, `driving` and `draining`
-        self.driving = False  # a caller is running a round
-        self.draining = 0  # callers waiting in exclusive(): no request takes a slot meanwhile, so the slots empty
         self._engine: BatchEngine | None = None
         self.loaded = file_stamps(gen.bundle_dir, gen.manifest["files"])  # what is opened later must match
         self._drafters: dict[tuple[int, str], Drafter] = {}  # slot b > 0's own instance of each drafter
@@ -67,101 +58,6 @@ class Scheduler:
         # slot whose prompt chunk rides in the pass last
         self.shared_passes = 0  # decode passes that verified two or more slots at once (or one and a prompt chunk)
         self.mix_prefill = True  # a joining request's chunk may ride in a decode pass (MIXED_CHUNK)
-
-    # ---- the callers' side -------------------------------------------------------------------------------
-    def submit(self, request: Request, stats: SpecDecodeStats) -> Handle:
-        handle = Handle(self, request, stats)
-        with self.wake:
-            self.waiting = without_cancelled(self.waiting)  # streams dropped unread are only marked cancelled
-            self.waiting.append(handle)
-        return handle
-
-    def next_item(self, handle: Handle):
-        """The handle's next queued item, running rounds (or waiting for another caller's) until there is one."""
-        while True:
-            try:
-                return handle.queue.get_nowait()
-            except queue.Empty:
-                pass
-            with self.wake:  # nothing to run once the slots have drained for exclusive(), which runs next
-                while (self.driving or self.draining and not any(self.slots)) and handle.queue.empty():
-                    self._wait_for_turn(handle)
-                if not handle.queue.empty():
-                    continue
-                self.driving = True
-            self._drive(self._round, handle)
-
-    def _wait_for_turn(self, handle: Handle) -> None:
-        """Wait (holding self.wake) for another caller's round, or exclusive()'s hold, to end. The hold of a typical
-        request lasts its whole generation and cancel() wakes no one: the wait looks at it every CANCEL_POLL_S, and
-        a request cancelled while it waits for a slot ends then (DONE). The hold of this thread's own loop would
-        never end while this thread waits: refused, as reading a second stream of one's own loop is."""
-        if handle.cancelled:
-            self.waiting = without_cancelled(self.waiting)
-            if not handle.queue.empty():
-                return
-        self.gen.check_owner()
-        self.wake.wait(CANCEL_POLL_S)
-
-    @contextlib.contextmanager
-    def exclusive(self, own=None):
-        """The slots to one caller's own decode loop: runs rounds until no request holds a slot, then keeps every
-        other caller from running one (they wait, as for another's round) until the block ends. Meanwhile no
-        request takes a slot: under a steady stream of requests the slots would never all be free. own: the
-        request that waits (streams.OwnLoop); cancelled meanwhile, it stops waiting (and stalling admissions) and
-        gets no hold. Yields whether it holds the slots."""
-        cancelled = lambda: own is not None and own.cancelled  # noqa: E731
-        with self.wake:
-            self.draining += 1
-        held = False
-        try:
-            while not cancelled():
-                with self.wake:
-                    while self.driving and not cancelled():
-                        self.wake.wait(None if own is None else CANCEL_POLL_S)  # cancel() wakes no one
-                    if cancelled():
-                        break
-                    self.driving = True
-                    if not any(self.slots):
-                        held = True
-                        break
-                self._drive(self._round)
-        finally:
-            with self.wake:
-                self.draining -= 1
-                self.wake.notify_all()
-        try:
-            yield held
-        finally:
-            if held:
-                with self.wake:
-                    self.driving = False
-                    self.wake.notify_all()
-
-    def tidy(self) -> None:
-        """Free the slots of cancelled requests now, unless a round (which does it first) is running."""
-        with self.wake:
-            self.waiting = without_cancelled(self.waiting)  # a stream closed before it took a slot
-            if self.driving:
-                return
-            self.driving = True
-        self._drive(self._free_cancelled)
-
-    def _drive(self, work, own: Handle | None = None) -> None:
-        """Run `work` as this caller's turn. If it raises, every request in a slot ends (the round may have left
-        its state half-updated): `own`, this caller's request, with the exception itself, each other with an error
-        of its own; a KeyboardInterrupt or SystemExit is this thread's alone and is raised here."""
-        try:
-            work()
-        except BaseException as e:  # noqa: BLE001 - the slots reset whatever the failure
-            for s in filter(None, self.slots):
-                self._finish(s, e if s.handle is own else round_failed(e))
-            if not isinstance(e, Exception):
-                raise
-        finally:
-            with self.wake:
-                self.driving = False
-                self.wake.notify_all()
 
     @property
     def engine(self) -> BatchEngine:
@@ -179,6 +75,9 @@ class Scheduler:
         self._admit()
         joining = [s for s in filter(None, self.slots) if not s.decoding and not self._waits(s)]
         decoding = [s for s in filter(None, self.slots) if s.decoding and s.n]
+        if len(joining) + len(decoding) > 1 and self.mix_prefill and self.engine.padding_free:
+            self._round_together(joining, decoding)
+            return
         # one joining request's chunk rides in the decode pass, shortened (MIXED_CHUNK); any other joining
         # request's chunk runs in a pass of its own: the attention lays every slot out as deep as the pass's
         # longest step, so two prompts' chunks together would pay for each other's padding rows
@@ -189,7 +88,23 @@ class Scheduler:
             self._prefill(mixed)
             mixed = None
         if decoding:
-            self._decode(decoding, mixed)
+            self._decode(decoding, [mixed] if mixed else [])
+
+    def _round_together(self, joining: list[Slot], decoding: list[Slot]) -> None:
+        """A round where no slot pays for another's padding rows: the joining requests' chunks in the decode pass
+        (MIXED_CHUNK each), or in one prefill pass of their own (a prefill chunk each) when no slot decodes; apart,
+        as _round runs them, where the pass would not fit after the deepest slot's K/V."""
+        size = MIXED_CHUNK if decoding else self.gen.prefill_chunk
+        if self._rows_left() < size:
+            for s in joining:
+                self._prefill(s)
+            joining = []
+        if decoding:
+            self._decode(decoding, joining)
+        elif len(joining) == 1:
+            self._prefill(joining[0])
+        elif joining:
+            self._prefill_together(joining)
 
     def _rows_left(self) -> int:
         """Rows a shared pass may lay out: every slot as deep as its longest step, after the slot's K/V."""
@@ -295,6 +210,16 @@ class Scheduler:
         results = self.engine.run([step], s.full_logits, self._idle([s]))
         self._prefilled(s, len(step.tokens), self.engine, *results[s.index])
 
+    def _prefill_together(self, slots: list[Slot]) -> None:
+        """One chunk of each joining request's prompt, all in one pass of the batched graph."""
+        if self.trace is not None:
+            self.trace.append(("prefill", tuple(s.index for s in slots)))
+        self.shared_passes += 1
+        steps = [s.chunk(self.gen.prefill_chunk) for s in slots]
+        results = self.engine.run(steps, any(s.full_logits for s in slots), self._idle(slots))
+        for s, step in zip(slots, steps):
+            self._prefilled(s, len(step.tokens), self.engine, *results[s.index])
+
     def _prefilled(self, s: Slot, count: int, engine, logits, argmax, rows) -> None:
         """Account for a chunk of `count` tokens of s's prompt that `engine` just ran (their hidden states at
         `rows`)."""
@@ -314,14 +239,14 @@ class Scheduler:
             self._emit(s, [s.token])
 
     # ---- decode ------------------------------------------------------------------------------------------
-    def _decode(self, slots: list[Slot], mixed: Slot | None = None) -> None:
+    def _decode(self, slots: list[Slot], mixed: list[Slot]) -> None:
         """One pass over every decoding slot: each one's pending token and its drafts, verified together; and a
-        chunk of the joining request `mixed`'s prompt, if given. A sampled slot whose drafts do not fit after the
+        chunk of each joining request's prompt in `mixed`. A sampled slot whose drafts do not fit after the
         deepest slot of that pass verifies them in a pass of its own (_propose)."""
         for s in slots:
             s.context[s.n] = s.token  # committed, but not yet in the target's cache
             s.n += 1
-        shared = len(slots) > 1 or mixed is not None or slots[0].index  # the batched graph's pass
+        shared = len(slots) > 1 or mixed or slots[0].index  # the batched graph's pass
         inside = self._rows_left() - 1 if shared else self.gen.max_seq_len  # drafts that keep it inside the cache
         propose_shared(self.gen, slots, inside)
         if not shared:  # alone: as Generator.steps, its graph
@@ -339,16 +264,18 @@ class Scheduler:
         for s in apart:  # alone in its pass, a slot's drafts fit after its own K/V (its room, as alone)
             self._verify([s])
 
-    def _verify(self, slots: list[Slot], mixed: Slot | None = None) -> None:
-        """One batched pass over the slots' verify blocks (and mixed's prompt chunk): each slot's verdict."""
-        running = slots + ([mixed] if mixed else [])
+    def _verify(self, slots: list[Slot], mixed: list[Slot] = ()) -> None:
+        """One batched pass over the slots' verify blocks (and a prompt chunk of each of `mixed`): each slot's
+        verdict."""
+        running = slots + list(mixed)
         if self.trace is not None:
             self.trace.append(("decode", tuple(s.index for s in running)))
         self.shared_passes += len(running) > 1
-        steps = [s.block() for s in slots] + ([mixed.chunk(MIXED_CHUNK)] if mixed else [])
+        chunks = [m.chunk(MIXED_CHUNK) for m in mixed]
+        steps = [s.block() for s in slots] + chunks
         results = self.engine.run(steps, any(s.full_logits for s in running), self._idle(running))
-        if mixed:
-            self._prefilled(mixed, len(steps[-1].tokens), self.engine, *results[mixed.index])
+        for m, chunk in zip(mixed, chunks):
+            self._prefilled(m, len(chunk.tokens), self.engine, *results[m.index])
         for s in slots:
             logits, argmax, rows = results[s.index]
             verdict, in_graph = self._accept(s, logits, argmax)
