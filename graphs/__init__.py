@@ -98,7 +98,8 @@ from the contract above:
   input_ids, position_ids [N, S]; seqlens_k [N] per slot; query_seqlens int32 [N] each slot's real rows (its K/V
   are written at slots [seqlens_k+1-query_seqlens, seqlens_k]); attention_bias [N, 1, S, T] per slot;
   row_index [P] the real rows, in order, as positions in the flattened [N * S] layout (slot n's row s is
-  n * S + s); layout_index [N * S] each layout position's real row (any real row for a padding position);
+  n * S + s); layout_index [N * S] each layout position's real row (any real row for a padding position; a graph
+  on speccompile's attention kernel reads none: the kernel takes and gives the packed rows itself);
   logits_index [R] into the real rows; hidden_states [P, H] (and aux_hidden_states [P, A * H]). No verify
   extension: the host accepts from next_token (greedy) or the logits (sampled). With the exact greedy head the
   inputs full_logits (false: estimated logits, exact next_token) and sample_noise stay. Before version 4 the

@@ -30,7 +30,7 @@ def half(request):
     return request.param
 
 
-def session(batched=False, half=False):
+def session(batched=False, half=False, packed=False):
     kv = T.FLOAT16 if half else T.FLOAT
     inputs = [helper.make_tensor_value_info("qkv", T.FLOAT, ["N", "S", (HQ + 2 * HKV) * D]),
               helper.make_tensor_value_info("past_key", kv, ["N", HKV, L, D]),
@@ -44,7 +44,7 @@ def session(batched=False, half=False):
         inputs.append(helper.make_tensor_value_info("query_seqlens", T.INT32, ["N"]))
     node = helper.make_node("TreeAttentionF16" if half else "TreeAttention", [i.name for i in inputs],
                             ["y", "present_key", "present_value"], domain=KERNEL_DOMAIN, num_heads=HQ,
-                            kv_num_heads=HKV, head_dim=D)
+                            kv_num_heads=HKV, head_dim=D, **({"packed": 1} if packed else {}))
     outputs = [helper.make_tensor_value_info("y", T.FLOAT, None),
                *(helper.make_tensor_value_info(n, kv, None) for n in ("present_key", "present_value"))]
     model = helper.make_model(helper.make_graph([node], "attention", inputs, outputs),
@@ -142,6 +142,13 @@ def test_each_slot_of_a_batch_gets_what_it_gets_alone(half):
         alone = run(single, x[n:n + 1, :r], kn, vn, [c + r - 1], pos[n:n + 1, :r], bias[n:n + 1, :, :r])
         assert np.array_equal(alone[0], y[n, :r]) and not y[n, r:].any(), n
         assert np.array_equal(kn[0], kb[n]) and np.array_equal(vn[0], vb[n])
+    # packed: the real rows one sequence after another in and out, the same numbers and the same caches
+    real = np.concatenate([x[n, :r] for n, r in enumerate(rows)])[None]
+    kp, vp = k.copy(), v.copy()
+    packed = run(session(batched=True, half=half, packed=True), real, kp, vp,
+                 [c + r - 1 for c, r in zip(committed, rows)], pos, bias, rows=rows)
+    assert np.array_equal(packed[0], np.concatenate([y[n, :r] for n, r in enumerate(rows)]))
+    assert np.array_equal(kp, kb) and np.array_equal(vp, vb)
 
 
 def test_what_a_row_does_not_see_never_reaches_it(half):
@@ -182,17 +189,17 @@ def test_a_cache_not_bound_in_place_is_copied_then_written(half):
     assert not k[:, :, committed:].any()  # the input was left as it was
 
 
-@pytest.mark.parametrize("wrong", ["past the cache", "past the bias", "position", "rows"])
+@pytest.mark.parametrize("wrong", ["past the cache", "past the bias", "position", "rows", "packed rows"])
 def test_inputs_that_would_read_past_a_tensor_are_refused(wrong, half):
     """A bundle's graph is not trusted to size what the kernel reads: each of these is an error, not a read."""
     rng = np.random.default_rng(5)
-    batched = wrong == "rows"
-    sess, committed = session(batched=batched, half=half), 10
+    batched = wrong in ("rows", "packed rows")
+    sess, committed = session(batched=batched, half=half, packed=wrong == "packed rows"), 10
     x = qkv_rows(rng, 2)
     k, v = cache(rng, committed, half=half)
     seqlens, pos = [committed + 1], np.arange(committed, committed + 2)[None]
     bias = tree_bias(committed, [-1, 0], committed + 2)
-    rows = [3] if batched else None
+    rows = [3] if wrong == "rows" else [1] if batched else None  # packed: 2 rows given for 1 said
     if wrong == "past the cache":
         seqlens = [L + 5]
     elif wrong == "past the bias":

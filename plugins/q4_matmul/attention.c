@@ -12,6 +12,9 @@
  * - 1, as GroupQueryAttention takes it), cos and sin [positions, D / 2], position_ids [N, S] int64, attention_bias
  * [N, 1, S, T] (T >= P + rows), query_seqlens [N] int32 (optional). Outputs: y [N, S, Hq D], present_key and
  * present_value (bound to the past's buffers, no copy; else the past is copied first).
+ * Attribute packed = 1 (a batched graph's packed rows): qkv is [1, P, C], each sequence's real rows one after
+ * another (query_seqlens, required, gives how many; P their sum), and y [1, P, Hq D] likewise, so the graph's products
+ * run those rows alone with no layout to gather them into; position_ids and attention_bias stay laid out [N, S].
  * speccompile.kernels::TreeAttentionF16 is the same op over a float16 cache (`build --kv-dtype float16`): the step's
  * rotated k and its v rounded to float16 (to nearest, ties to even) as they are written, every cached value widened
  * exactly as it is read, and everything else in float32 as above; a row still reads its own k and v from the cache,
@@ -34,6 +37,7 @@ typedef struct {
   const float *qkv, *cos, *sin, *bias;
   const int64_t* positions;
   const int32_t* rows;  /* each sequence's real rows */
+  const int64_t* first;  /* packed: each sequence's first row in qkv and y; NULL: row n S + i */
   const int32_t* seqlens;
   void *K, *V;  /* float, or float16's bits (half) */
   float* y;
@@ -44,6 +48,11 @@ typedef struct {
 } Attention;
 
 #define ROW_GROUP 16  /* rows a unit scores together */
+
+/* where row i of sequence n sits in qkv and y */
+static inline int64_t row_at(const Attention* a, int64_t n, int64_t i) {
+  return (a->first ? a->first[n] : n * a->S) + i;
+}
 
 /* unit u: sequence u / Hq, head u % Hq, every real row (in groups of ROW_GROUP: each group reads K and V once) */
 static void attend_unit(void* arg, size_t u) {
@@ -59,14 +68,14 @@ static void attend_unit(void* arg, size_t u) {
    * layer), the heap for a prefill chunk at a long context */
   const size_t need = (size_t)(rows < ROW_GROUP ? rows : ROW_GROUP) * padded;
   float* scores = need <= 8192 ? stack : malloc(sizeof(float) * need);
-  for (int64_t i = rows; i < a->S; i++)  /* a batch's padding rows */
+  for (int64_t i = rows; i < a->S && !a->first; i++)  /* a batch's padding rows */
     memset(a->y + ((int64_t)n * a->S + i) * a->Hq * D + (int64_t)h * D, 0, sizeof(float) * D);
   for (int i0 = 0; i0 < rows; i0 += ROW_GROUP) {
     const int R = rows - i0 < ROW_GROUP ? rows - i0 : ROW_GROUP;
     const float* bias[ROW_GROUP];
     float* y[ROW_GROUP];
     for (int r = 0; r < R; r++) {
-      const int64_t i = n * a->S + i0 + r, p = a->positions[i];
+      const int64_t i = row_at(a, n, i0 + r), p = a->positions[n * a->S + i0 + r];
       bias[r] = a->bias + ((a->bias_n == 1 ? 0 : (int64_t)n) * a->S + i0 + r) * a->T;
       y[r] = a->y + i * a->Hq * D + (int64_t)h * D;
       const float *x = a->qkv + i * C + (int64_t)h * D, *cos = a->cos + p * (D / 2), *sin = a->sin + p * (D / 2);
@@ -98,7 +107,7 @@ static void write_cache(const Attention* a, int64_t N) {
   for (int64_t n = 0; n < N; n++) {
     const int rows = a->rows[n], P = a->seqlens[n] + 1 - rows;
     for (int i = 0; i < rows; i++) {
-      const float* x = a->qkv + (n * a->S + i) * C;
+      const float* x = a->qkv + row_at(a, n, i) * C;
       const int64_t p = a->positions[n * a->S + i];
       const float *cos = a->cos + p * half, *sin = a->sin + p * half;
       for (int h = 0; h < a->Hkv; h++) {
@@ -124,7 +133,7 @@ static void write_cache(const Attention* a, int64_t N) {
 
 static const OrtApi* api;
 static int isa;  /* speccompile_cpu_supported(), when the library was registered */
-typedef struct { int Hq, Hkv, D, half; } Heads;
+typedef struct { int Hq, Hkv, D, half, packed; } Heads;
 
 
 static OrtStatus* fail(const char* message) { return ORT_SLOT(api, CreateStatus)(ORT_FAIL, message); }
@@ -140,7 +149,10 @@ static OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* a, const Or
     return fail("TreeAttention: num_heads must be a multiple of kv_num_heads, head_dim a multiple of 16 up to 256");
   Heads* heads = malloc(sizeof *heads);
   if (!heads) return fail("TreeAttention: out of memory");
-  *heads = (Heads){(int)hq, (int)hkv, (int)d, op == &tree_attention_f16_op};
+  int64_t packed = 0;
+  OrtStatus* absent = ORT_SLOT(api, KernelInfoGetAttribute_int64)(info, "packed", &packed);
+  if (absent) ORT_SLOT(api, ReleaseStatus)(absent);  /* optional: 0 */
+  *heads = (Heads){(int)hq, (int)hkv, (int)d, op == &tree_attention_f16_op, packed == 1};
   *out = heads;
   return NULL;
 }
@@ -163,6 +175,8 @@ static const char* check(const Attention* a, int64_t N, const int64_t* qkv, cons
                          const int64_t* bias, int64_t positions) {
   const int64_t C = (int64_t)(a->Hq + 2 * a->Hkv) * a->D;
   if (qkv[2] != C) return "TreeAttention: qkv's last dimension is not (num_heads + 2 kv_num_heads) head_dim";
+  if (a->first && (qkv[0] != 1 || a->first[N] != qkv[1]))
+    return "TreeAttention: packed qkv is not [1, the sequences' rows, ...]";
   for (int i = 0; i < 4; i++)
     if (kc[i] != vc[i]) return "TreeAttention: past_key and past_value differ in shape";
   if (kc[0] != N || kc[1] != a->Hkv || kc[3] != a->D) return "TreeAttention: the cache is not [N, kv heads, L, D]";
@@ -195,12 +209,22 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   CHECK(input(ctx, 7, 4, bias, &b));
   const OrtValue* optional;
   CHECK(ORT_SLOT(api, KernelContext_GetInput)(ctx, 8, &optional));
+  const int64_t N = heads->packed ? seq[0] : qkv[0];
   if (optional) {
     CHECK(input(ctx, 8, 1, qs, &q));
-    if (qs[0] != qkv[0]) return fail("TreeAttention: query_seqlens does not fit qkv");
+    if (qs[0] != N) return fail("TreeAttention: query_seqlens does not fit qkv");
+  } else if (heads->packed) {
+    return fail("TreeAttention: packed rows need query_seqlens");
   }
-  const int64_t N = qkv[0];
-  a.S = qkv[1], a.L = kc[2], a.T = bias[3], a.bias_n = bias[0];
+  a.S = heads->packed ? pos[1] : qkv[1], a.L = kc[2], a.T = bias[3], a.bias_n = bias[0];
+  int64_t starts[65], *first = NULL;  /* packed: each sequence's first row, then the rows in all */
+  if (heads->packed) {
+    first = N < 65 ? starts : malloc(sizeof(int64_t) * (size_t)(N + 1));
+    if (!first) return fail("TreeAttention: out of memory");
+    first[0] = 0;
+    for (int64_t n = 0; n < N; n++) first[n + 1] = first[n] + ((const int32_t*)q)[n];
+  }
+  a.first = first;
   int32_t local[64], *all = NULL;  /* without query_seqlens every row is real (a one-sequence graph: N = 1) */
   if (!q) {
     all = N <= 64 ? local : malloc(sizeof(int32_t) * (size_t)N);
@@ -212,7 +236,7 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   const char* wrong = N < 1 || a.S < 1 ? "TreeAttention: an empty step" :
                       check(&a, N, qkv, kc, vc, seq, cs, sn, pos, bias, cs[0]);
   OrtStatus* status = wrong ? fail(wrong) : NULL;
-  int64_t ydims[3] = {N, a.S, (int64_t)a.Hq * a.D};
+  int64_t ydims[3] = {first ? 1 : N, first ? qkv[1] : a.S, (int64_t)a.Hq * a.D};
   OrtValue *y, *ko, *vo;
   if (!status) status = ORT_SLOT(api, KernelContext_GetOutput)(ctx, 0, ydims, 3, &y);
   if (!status) status = ORT_SLOT(api, KernelContext_GetOutput)(ctx, 1, kc, 4, &ko);
@@ -230,6 +254,7 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
     status = ORT_SLOT(api, KernelContext_ParallelFor)(ctx, attend_unit, (size_t)(N * a.Hq), 0, &a);
   }
   if (all != local) free(all);
+  if (first != starts) free(first);
   return status;
 }
 

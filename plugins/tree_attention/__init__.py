@@ -11,19 +11,21 @@ DOMAIN, OP_TYPE = "speccompile", "TreeAttention"  # the plugin lowering's node: 
 
 def lower(g, lowering: str, qkv: str, past_key: str, past_value: str, present_key: str, present_value: str, *,
           seqlens_k: str, total_len: str, cos: str, sin: str, position_ids: str, attention_bias: str,
-          num_heads: int, kv_num_heads: int, head_dim: int, query_seqlens: str = "") -> str:
+          num_heads: int, kv_num_heads: int, head_dim: int, query_seqlens: str = "", packed: bool = False) -> str:
     """Emit the op into GraphBuilder `g`; returns the name of y [1, S, Hq*D] ([N, S, Hq*D] batched).
     query_seqlens: batched graphs (several sequences, each with its own cache row) only: each sequence's real
     rows, which the fused kernels need for a multi-token step over a batch; the "ort" and "kernel" lowerings only.
     "kernel": speccompile's own CPU kernel (plugins/q4_matmul/attention.c: every row computed alike, no pad row;
-    opt-in, `build --attention kernel`)."""
+    opt-in, `build --attention kernel`). packed ("kernel" with query_seqlens only): qkv and y hold each sequence's
+    real rows one after another ([1, P, ...]), not laid out [N, S, ...]."""
     if query_seqlens and lowering not in ("ort", "kernel"):
         raise ValueError(f"a batched TreeAttention needs the 'ort' or 'kernel' lowering, not {lowering!r}")
     if lowering == "kernel":
         return g.op(OP_TYPE, [qkv, past_key, past_value, seqlens_k, cos, sin, position_ids, attention_bias,
                               *([query_seqlens] if query_seqlens else [])],
                     outputs=[g.fresh("attn"), present_key, present_value], domain=KERNEL_DOMAIN,
-                    num_heads=num_heads, kv_num_heads=kv_num_heads, head_dim=head_dim)[0]
+                    num_heads=num_heads, kv_num_heads=kv_num_heads, head_dim=head_dim,
+                    **({"packed": 1} if packed else {}))[0]
     if lowering == "ort":
         pad = _pad_row_inputs(g, qkv, seqlens_k, total_len, position_ids, attention_bias, query_seqlens)
         extra = ["", "", "", "", "", pad["query_seqlens"]] if query_seqlens else []  # GQA inputs 11..16

@@ -95,15 +95,16 @@ def grouped_query_attention(g: GraphBuilder, cfg: ModelConfig, W: dict[str, str]
         qkv = g.op("Add", [qkv, W[p + "qkv_bias"]])[0]
     if p + "q_norm" in W:
         qkv = _qk_norms(g, cfg, W, p, qkv, norm)
-    if query_seqlens:
+    packed = bool(query_seqlens) and lowering == "kernel"  # the kernel reads and writes the packed rows itself
+    if query_seqlens and not packed:
         qkv = _to_layout(g, qkv)
     a = tree_attention.lower(
         g, lowering, qkv, f"past_key.{layer}", f"past_value.{layer}", f"present_key.{layer}",
         f"present_value.{layer}", seqlens_k="seqlens_k", total_len=total_len, cos=rope[0], sin=rope[1],
         position_ids="position_ids", attention_bias=bias,
         num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
-        query_seqlens=query_seqlens)
-    out = matmul(g, _to_rows(g, a) if query_seqlens else a, W, p + "o")
+        query_seqlens=query_seqlens, packed=packed)
+    out = matmul(g, _to_rows(g, a) if query_seqlens and not packed else a, W, p + "o")
     return g.op("Add", [out, W[p + "o_bias"]])[0] if p + "o_bias" in W else out
 
 
