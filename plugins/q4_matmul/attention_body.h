@@ -84,21 +84,65 @@ static inline __attribute__((always_inline)) TARGET void NAME(score)(const float
   }
 }
 
-/* Rows r0 .. r0 + R - 1 (R at most 4): out[r] = sum over columns j of w[r][j] V[j] and l[r] = sum of w[r][j], both
- * in column order and skipping the zero weights (masked columns), so a row's sums are the same whichever other
- * columns its pass lays out around its visible ones (a tree's nodes, another layout of the same keys). */
+/* The first column of w[0 .. width) whose weight is 0 (a masked column), or width */
+static inline __attribute__((always_inline)) TARGET int NAME(first_zero)(const float* w, int width) {
+  int j = 0;
+  for (; j + 16 <= width; j += 16) {
+    const v16 v = load16(w + j);
+    const i16 zero = v == splat(0.f);
+    for (int t = 0; t < 16; t++)
+      if (zero[t]) return j + t;
+  }
+  for (; j < width; j++)
+    if (w[j] == 0.f) return j;
+  return width;
+}
+
+/* Rows r0 .. r0 + R - 1 (R at most 2): out[r] = sum over columns j of w[r][j] V[j] and l[r] = sum of w[r][j],
+ * skipping the zero weights (masked columns: their V may be anything, even NaN, in a slot nothing wrote). Each sum
+ * in two halves, in column order: the visible columns of even rank (the count of visible columns before one) and
+ * those of odd rank, then the first half plus the second. A visible column's rank is the same whichever other
+ * columns a pass lays out around a row's visible ones (a tree's nodes, another layout of the same keys: they keep
+ * their order), so a row's sums are too; two halves make two chains of additions where one was a latency-bound
+ * chain. Up to the first masked column of the rows (all of a plain step's) the rank is the column's index, and
+ * two columns run a step with no test of the rank. */
 static inline __attribute__((always_inline)) TARGET void NAME(weigh)(const int R, const float* w, int padded,
     const void* V, const int half, int width, const int chunks, float* l, v16* out) {
-  for (int i = 0; i < R * chunks; i++) out[i] = splat(0.f);
-  for (int r = 0; r < R; r++) l[r] = 0.f;
-  for (int j = 0; j < width; j++) {
-    const size_t v = (size_t)j * 16 * chunks;
+  v16 even[2 * 16], odd[2 * 16];
+  float l_even[2] = {0.f, 0.f}, l_odd[2] = {0.f, 0.f};
+  for (int i = 0; i < R * chunks; i++) even[i] = odd[i] = splat(0.f);
+  int open = width;  /* columns [0, open): visible to every row of the group */
+  for (int r = 0; r < R; r++) {
+    const int z = NAME(first_zero)(w + (size_t)r * padded, open);
+    open = z < open ? z : open;
+  }
+  int j = 0;
+  for (; j + 2 <= open; j += 2) {
+    const size_t v0 = (size_t)j * 16 * chunks, v1 = v0 + 16 * (size_t)chunks;
     for (int r = 0; r < R; r++) {
-      const float x = w[(size_t)r * padded + j];
-      if (x == 0.f) continue;  /* a masked column: its V may be anything, even NaN, in a slot nothing wrote */
-      l[r] += x;
-      for (int c = 0; c < chunks; c++) out[r * chunks + c] += splat(x) * NAME(kv16)(V, v + 16 * c, half);
+      const float x0 = w[(size_t)r * padded + j], x1 = w[(size_t)r * padded + j + 1];
+      l_even[r] += x0;
+      l_odd[r] += x1;
+      for (int c = 0; c < chunks; c++) {
+        even[r * chunks + c] += splat(x0) * NAME(kv16)(V, v0 + 16 * c, half);
+        odd[r * chunks + c] += splat(x1) * NAME(kv16)(V, v1 + 16 * c, half);
+      }
     }
+  }
+  for (int r = 0; r < R; r++) {  /* the rest one column at a time, each row counting its visible columns */
+    int rank = j;
+    for (int k = j; k < width; k++) {
+      const float x = w[(size_t)r * padded + k];
+      if (x == 0.f) continue;
+      const size_t v = (size_t)k * 16 * chunks;
+      const int in_odd = rank++ & 1;
+      v16* into = (in_odd ? odd : even) + r * chunks;
+      if (in_odd) l_odd[r] += x;
+      else l_even[r] += x;
+      for (int c = 0; c < chunks; c++) into[c] += splat(x) * NAME(kv16)(V, v + 16 * c, half);
+    }
+    l[r] = l_even[r] + l_odd[r];
+    for (int c = 0; c < chunks; c++) out[r * chunks + c] = even[r * chunks + c] + odd[r * chunks + c];
   }
 }
 
@@ -120,17 +164,14 @@ static inline __attribute__((always_inline)) TARGET void NAME(attend_d)(const fl
     for (int j = 0; j < padded; j += 16)
       store16(s + j, m == -INFINITY ? splat(0.f) : NAME(vexp)(load16(s + j) - splat(m)));
   }
-  for (int r0 = 0; r0 < R; r0 += 4) {
-    float l[4];
-    v16 out[4 * 16];
+  for (int r0 = 0; r0 < R; r0 += 2) {  /* two rows a group: four (reading V half as often) measured no faster */
+    float l[2];
+    v16 out[2 * 16];
     const float* w = scores + (size_t)r0 * padded;
-    switch (R - r0 < 4 ? R - r0 : 4) {
-      case 4: NAME(weigh)(4, w, padded, V, half, width, chunks, l, out); break;
-      case 3: NAME(weigh)(3, w, padded, V, half, width, chunks, l, out); break;
-      case 2: NAME(weigh)(2, w, padded, V, half, width, chunks, l, out); break;
-      default: NAME(weigh)(1, w, padded, V, half, width, chunks, l, out);
-    }
-    for (int r = r0; r < R && r < r0 + 4; r++) {
+    const int n = R - r0 < 2 ? 1 : 2;
+    if (n == 2) NAME(weigh)(2, w, padded, V, half, width, chunks, l, out);
+    else NAME(weigh)(1, w, padded, V, half, width, chunks, l, out);
+    for (int r = r0; r < R && r < r0 + n; r++) {
       const v16 inv = splat(l[r - r0] > 0.f ? 1.f / l[r - r0] : 0.f);
       for (int c = 0; c < chunks; c++) store16(y[r] + 16 * c, out[(r - r0) * chunks + c] * inv);
     }
