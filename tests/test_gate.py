@@ -147,6 +147,9 @@ def test_builds_with_other_weights_or_dtype_are_not_compared(tmp_path):
                                                                    built("source", "float32"))
     out = gate(tmp_path, built("int4", "float16"), built("int4", "float16"), expect=0)
     assert "gate passed" in out and "note:" not in out
+    half_cache = built("source", "float32")
+    half_cache["bundle"]["target"]["kv_dtype"] = "float16"  # build --kv-dtype float16
+    assert "different --kv-dtype ('float32' vs 'float16')" in refused(tmp_path, half_cache, built("source", "float32"))
 
 
 def test_a_result_from_before_the_build_was_recorded_is_taken_as_the_default_build(tmp_path):

@@ -143,7 +143,9 @@ def _tree_problems(baseline: dict, result: dict) -> list[str]:
 
 def _build(result: dict) -> dict:
     target = result["bundle"].get("target", {})
-    return {key: target.get(key, default) for key, default in BUILD_DEFAULTS.items()}
+    build = {key: target.get(key, default) for key, default in BUILD_DEFAULTS.items()}
+    build["kv_dtype"] = target.get("kv_dtype", build["dtype"])  # before --kv-dtype: the caches in the build's dtype
+    return build
 
 
 def _unrecorded_builds(baseline: dict, result: dict) -> str | None:
@@ -159,8 +161,8 @@ def _unrecorded_builds(baseline: dict, result: dict) -> str | None:
 
 def _build_problems(baseline: dict, result: dict) -> list[str]:
     before, now = _build(baseline), _build(result)
-    problems = [f"the bundles were built with different --{key} ({before[key]!r} vs {now[key]!r})"
-                for key in BUILD_DEFAULTS if before[key] != now[key]]
+    problems = [f"the bundles were built with different --{key.replace('_', '-')} ({before[key]!r} vs {now[key]!r})"
+                for key in before if before[key] != now[key]]
     assumed = _unrecorded_builds(baseline, result)
     if problems and assumed:  # the refusal then rests on the assumption: say so, and how to record the truth
         problems.append(f"{assumed}; bench that build again to record them")

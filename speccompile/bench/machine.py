@@ -77,7 +77,8 @@ def bundle_summary(bundle_dir: str, gen) -> dict:
             "target": {"model_type": cfg["model_type"], "num_layers": m["models"]["target"]["num_layers"],
                        "hidden_size": cfg["hidden_size"], "vocab_size": cfg["vocab_size"],
                        "weight_bytes": gen.target.weight_bytes,
-                       "weights": (m.get("quantization") or {}).get("option"), "dtype": m.get("dtype", "float32")},
+                       "weights": (m.get("quantization") or {}).get("option"), "dtype": m.get("dtype", "float32"),
+                       "kv_dtype": m["models"]["target"].get("kv_cache", {}).get("dtype", m.get("dtype", "float32"))},
             "drafters": [_drafter_summary(d) for d in m["drafters"]]}
 
 

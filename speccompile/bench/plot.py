@@ -40,7 +40,9 @@ def plot_title(result: dict) -> str:
     decoding = describe_decoding(s)
     # builds of one source (its 4-bit blocks, float32, float16) differ only in these
     weights = (f", --weights {target['weights']}" if target.get("weights") else "") + \
-        (f", --dtype {target['dtype']}" if target.get("dtype", "float32") != "float32" else "")
+        (f", --dtype {target['dtype']}" if target.get("dtype", "float32") != "float32" else "") + \
+        (f", --kv-dtype {target['kv_dtype']}" if target.get("kv_dtype", "float32") not in
+         ("float32", target.get("dtype", "float32")) else "")
     return (f"{model} ({target['model_type']}, {target['num_layers']} layers{weights})  |  "
             f"{os.path.basename(s['dataset'])}: {len(result['prompts'])} prompts in {categories} categories  |  "
             f"max_new_tokens {s['max_new_tokens']}, {decoding}{tree}, best of {s['repeats']}  |  threads {threads}  |  "
