@@ -1,13 +1,13 @@
 """Continuous batching: the requests of many callers share the target's passes.
 
-Callers take turns running rounds (runtime/turns.py: no thread of its own). Requests join and leave between passes; each holds a sequence slot of the batched
-KV cache (`KVCache.slot`) with its own drafter, sampling parameters, random generator, stop conditions, acceptance,
-roll back and compaction. Each round runs at most one prefill chunk of each joining request (so a long prompt does
-not stall the others), then one pass that verifies every decoding slot's pending token and draft tree
-(runtime/batch_engine.py; which drafts a shared pass verifies: runtime/shared_drafts.py); one joining request's
-chunk, shorter, rides in that pass. Over speccompile's attention kernel, which runs each slot's real rows alone
-(BatchEngine.padding_free), every joining request's chunk rides in it, or, with no slot decoding, the joining
-requests' chunks share one prefill pass. A request alone in slot 0 runs
+Callers take turns running rounds (runtime/turns.py: no thread of its own). Requests join and leave between passes;
+each holds a sequence slot of the batched KV cache (`KVCache.slot`) with its own drafter, sampling parameters,
+random generator, stop conditions, acceptance, roll back and compaction. Each round runs at most one prefill chunk
+of each joining request (so a long prompt does not stall the others), then one pass that verifies every decoding
+slot's pending token and draft tree (runtime/batch_engine.py; which drafts a shared pass verifies:
+runtime/shared_drafts.py); one joining request's chunk, shorter, rides in that pass. Over speccompile's attention
+kernel, which runs each slot's real rows alone (BatchEngine.padding_free), every joining request's chunk rides in
+it, or, with no slot decoding, the joining requests' chunks share one prefill pass. A request alone in slot 0 runs
 the single-sequence graph, exactly as the Generator's own loop does (in-graph acceptance, nothing batched to pay
 for).
 
