@@ -84,15 +84,12 @@ static inline __attribute__((always_inline)) TARGET void NAME(score)(const float
   }
 }
 
-/* The first column of w[0 .. width) whose weight is 0 (a masked column), or width */
+/* The first column of w[0 .. width) whose weight is 0 (a masked column), or width. The weights are never negative:
+ * a block of 16 holds a 0 where the largest of their negations is 0. */
 static inline __attribute__((always_inline)) TARGET int NAME(first_zero)(const float* w, int width) {
   int j = 0;
-  for (; j + 16 <= width; j += 16) {
-    const v16 v = load16(w + j);
-    const i16 zero = v == splat(0.f);
-    for (int t = 0; t < 16; t++)
-      if (zero[t]) return j + t;
-  }
+  while (j + 16 <= width && NAME(hmax)(splat(0.f) - load16(w + j)) < 0.f)
+    j += 16;
   for (; j < width; j++)
     if (w[j] == 0.f) return j;
   return width;
