@@ -126,3 +126,20 @@ def run_attention_in_place(sess, feeds: dict, k, v):
     io.bind_output("y")
     sess.run_with_iobinding(io)
     return io.get_outputs()[2].numpy()  # bound in order: present_key, present_value, y
+
+
+def op_types(graph) -> set[str]:
+    """The op types of an onnx GraphProto's nodes and of its subgraphs' (If branches)."""
+    out = set()
+    for n in graph.node:
+        out.add(n.op_type)
+        for a in n.attribute:
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                out |= op_types(g)
+    return out
+
+
+def graph_ops(path: str) -> set[str]:
+    """op_types of a graph file (its weights not loaded)."""
+    import onnx
+    return op_types(onnx.load(path, load_external_data=False).graph)

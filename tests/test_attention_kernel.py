@@ -17,7 +17,7 @@ from speccompile.plugins import q4_matmul
 from speccompile.plugins import tree_attention as ta
 from speccompile.runtime.engine import ancestor_mask
 
-from conftest import run_attention_in_place
+from conftest import graph_ops, run_attention_in_place
 
 WHY = q4_matmul.unavailable()
 pytestmark = pytest.mark.skipif(WHY is not None, reason=f"speccompile's kernels cannot run here: {WHY}")
@@ -262,18 +262,6 @@ def test_a_bundle_on_the_kernel_speculates_exactly(tmp_path):
         for drafter in ("layerskip:2", "lookup"):
             assert g.generate(p, max_new_tokens=24, drafter=drafter).token_ids == plain, drafter
     assert [r.token_ids for r in g.generate(prompts, max_new_tokens=24, speculate=False)] == alone
-
-
-def graph_ops(path: str) -> set[str]:
-    """The op types of a graph file and of its If branches."""
-    import onnx
-
-    def walk(nodes):
-        for n in nodes:
-            yield n.op_type
-            for a in n.attribute:
-                yield from walk(a.g.node)
-    return set(walk(onnx.load(path, load_external_data=False).graph.node))
 
 
 def test_the_kernel_is_refused_where_the_build_does_not_use_speccompiles_kernels(tmp_path):

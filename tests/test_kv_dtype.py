@@ -9,7 +9,7 @@ import pytest
 from speccompile.errors import SpeccompileError
 from speccompile.plugins import q4_matmul
 
-from test_attention_kernel import graph_ops
+from conftest import graph_ops
 
 WHY = q4_matmul.unavailable()
 needs_kernels = pytest.mark.skipif(WHY is not None, reason=f"speccompile's kernels cannot run here: {WHY}")

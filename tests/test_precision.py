@@ -16,7 +16,7 @@ from speccompile.compile.driver import build_bundle
 from speccompile.errors import SpeccompileError
 from speccompile.runtime.engine import Engine
 
-from conftest import quiet
+from conftest import op_types, quiet
 
 LMAX = 128
 # float16 against float32 logits: |difference| at most this fraction of the largest |logit| (float16 keeps 11
@@ -153,16 +153,6 @@ def test_bfloat16_graphs_are_bfloat16_through_and_refused_on_cpu(bundles):
         speccompile.load(bundles["bfloat16"], threads=1)
 
 
-def _op_types(graph) -> set[str]:
-    out = set()
-    for n in graph.node:
-        out.add(n.op_type)
-        for a in n.attribute:
-            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                out |= _op_types(g)
-    return out
-
-
 def test_float32_islands_run_a_bfloat16_bundle_on_the_cpu(bundles, tmp_path, monkeypatch):
     """The islands (compile/float32_islands.py) checked where they can be: with every op type of the graphs in
     float32 islands, a bfloat16 bundle needs no bfloat16 kernel, so the CPU runs it; a cast missed, misplaced or
@@ -172,7 +162,7 @@ def test_float32_islands_run_a_bfloat16_bundle_on_the_cpu(bundles, tmp_path, mon
     from speccompile.runtime import engine
     ops = set()
     for name in ("target.onnx", "early_exit_2.onnx"):
-        ops |= _op_types(onnx.load(os.path.join(bundles["float32"], name), load_external_data=False).graph)
+        ops |= op_types(onnx.load(os.path.join(bundles["float32"], name), load_external_data=False).graph)
     # a bfloat16 build keeps onnxruntime's attention (speccompile's kernel, which a float32 build may use, is float32)
     monkeypatch.setattr(precision, "BFLOAT16_FLOAT32_OPS", tuple((ops | {"GroupQueryAttention"}) - {"Cast", "If"}))
     out = str(tmp_path / "bf16")

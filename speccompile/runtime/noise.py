@@ -71,6 +71,7 @@ class GumbelNoise:
         self.temperature, self.vocab_size = temperature, vocab_size
         self.top_k = top_k if 0 < top_k < vocab_size else 0  # k >= V keeps every token, as sampling.py does
         self._rows: dict[int, np.ndarray] = {}
+        self._spare: list[np.ndarray] = []  # rows of positions passed, drawn over again (no allocation a token)
         self._exponentials = np.empty(vocab_size)  # float64 scratch of each draw
 
     def rows(self, positions) -> NoiseRows:
@@ -78,7 +79,7 @@ class GumbelNoise:
         them, do not write them); the engines copy them into their bound buffers."""
         positions = [int(p) for p in np.ravel(positions)]
         for p in [p for p in self._rows if p < min(positions)]:  # passed: never asked for again
-            del self._rows[p]
+            self._spare.append(self._rows.pop(p))
         for p in positions:
             if p not in self._rows:
                 self._rows[p] = self._draw(p)
@@ -87,7 +88,7 @@ class GumbelNoise:
         return out
 
     def _draw(self, position: int) -> np.ndarray:
-        row = np.empty(self.vocab_size, np.float32)
+        row = self._spare.pop() if self._spare else np.empty(self.vocab_size, np.float32)
         if q4_matmul.gumbel_row(self.key, position, self.temperature, row):
             return row
         # float64 exponentials: a float32 one is exactly 0 (infinite noise, a token forced) about once in 2**23
