@@ -590,6 +590,15 @@ def test_the_cost_cache_is_keyed_by_cpu_and_device(tiny_bundle, tmp_path, monkey
     assert cost_model.machine_key(1)["machine"] != key
 
 
+def test_the_cost_cache_is_keyed_by_the_kernels_build(monkeypatch):
+    """Another release's kernels time otherwise: their build's hash is part of the key."""
+    from speccompile.plugins import q4_matmul
+    key = cost_model.machine_key(1)["machine"]
+    assert f"kernels {q4_matmul.build_key()}" in key
+    monkeypatch.setattr(q4_matmul, "build_key", lambda: "0123456789abcdef")
+    assert cost_model.machine_key(1)["machine"] != key
+
+
 def test_inspect_names_the_cost_model_this_machine_uses_first(tiny_bundle, tmp_path, monkeypatch):
     """A shared cache folder holds cost models of other machines (or onnxruntime versions): inspect lists the one
     a load here would use first, and says of each other one that it is not used here."""

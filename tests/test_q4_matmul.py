@@ -104,8 +104,8 @@ def test_a_prefill_chunk_of_many_rows_computes_the_definition(tmp_path):
 
 @needs_kernel
 def test_each_row_is_computed_alike_whatever_the_rows_beside_it(tmp_path):
-    """Bit for bit: one row alone, or among 2 to 11 others (the kernel's tiles of four rows and their remainders):
-    a verify pass computes exactly what a plain step computes."""
+    """Bit for bit: one row alone, or among 2 to 11 others (the kernel's groups of eight rows, four on AVX2, and
+    their remainders): a verify pass computes exactly what a plain step computes."""
     codes, scales, minimums = random_weight(96, 576, seed=7)
     weights = {"m" + kernel_form.SUFFIX: q4_matmul.pack(codes, scales, minimums)}
     x = np.random.default_rng(8).standard_normal((12, 576)).astype(np.float32)

@@ -266,6 +266,14 @@ def library() -> str:
     return built
 
 
+def build_key() -> str:
+    """Which kernels run here: the hash of their sources and compiler flags (what the library's build is filed
+    under), or "none" where they cannot run. Timings depend on it: a cost model measured under other kernels is
+    not this one's."""
+    built = _built()
+    return "none" if isinstance(built, KernelUnavailable) else os.path.basename(os.path.dirname(built))
+
+
 def unavailable() -> str | None:
     """Why the kernel cannot run on this machine, or None where it can."""
     built = _built()

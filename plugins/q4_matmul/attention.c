@@ -42,6 +42,7 @@ typedef struct {
   void *K, *V;  /* float, or float16's bits (half) */
   float* y;
   int64_t S, L, T, bias_n;
+  int64_t batch, groups;  /* sequences; ROW_GROUP groups of rows the longest has */
   int Hq, Hkv, D, half;
   float scale;
   int avx512;
@@ -54,11 +55,21 @@ static inline int64_t row_at(const Attention* a, int64_t n, int64_t i) {
   return (a->first ? a->first[n] : n * a->S) + i;
 }
 
-/* unit u: sequence u / Hq, head u % Hq, every real row (in groups of ROW_GROUP: each group reads K and V once) */
+/* unit u: one head of one sequence's rows g ROW_GROUP .. (g + 1) ROW_GROUP - 1 (a group reads K and V once), for
+ * g < groups = the most rows a sequence has over ROW_GROUP, the last groups first: a prefill chunk's later rows see
+ * more columns, and the pool hands units out in order, so the longest start first. A decode pass has one group. */
 static void attend_unit(void* arg, size_t u) {
   const Attention* a = arg;
-  const int n = (int)(u / a->Hq), h = (int)(u % a->Hq), kvh = h / (a->Hq / a->Hkv), D = a->D;
+  const int64_t N = a->batch, groups = a->groups;
+  const int h = (int)(u % a->Hq), n = (int)(u / a->Hq % N), g = (int)(groups - 1 - (int64_t)(u / a->Hq / N));
+  const int kvh = h / (a->Hq / a->Hkv), D = a->D;
   const int rows = a->rows[n], width = a->seqlens[n] + 1, padded = (width + 15) & ~15;
+  const int i0 = g * ROW_GROUP;
+  if (g == 0)
+    for (int64_t i = rows; i < a->S && !a->first; i++)  /* a batch's padding rows */
+      memset(a->y + ((int64_t)n * a->S + i) * a->Hq * D + (int64_t)h * D, 0, sizeof(float) * D);
+  if (i0 >= rows) return;
+  const int R = rows - i0 < ROW_GROUP ? rows - i0 : ROW_GROUP;
   const int64_t C = (int64_t)(a->Hq + 2 * a->Hkv) * D;
   const size_t at = (((size_t)n * a->Hkv + kvh) * a->L * D) * (a->half ? 2 : 4);  /* bytes */
   const void *K = (const char*)a->K + at, *V = (const char*)a->V + at;
@@ -66,29 +77,24 @@ static void attend_unit(void* arg, size_t u) {
   float stack[8192];
   /* scratch for the rows scored together: on the stack for a decode pass's few rows (no allocation per head and
    * layer), the heap for a prefill chunk at a long context */
-  const size_t need = (size_t)(rows < ROW_GROUP ? rows : ROW_GROUP) * padded;
+  const size_t need = (size_t)R * padded;
   float* scores = need <= 8192 ? stack : malloc(sizeof(float) * need);
-  for (int64_t i = rows; i < a->S && !a->first; i++)  /* a batch's padding rows */
-    memset(a->y + ((int64_t)n * a->S + i) * a->Hq * D + (int64_t)h * D, 0, sizeof(float) * D);
-  for (int i0 = 0; i0 < rows; i0 += ROW_GROUP) {
-    const int R = rows - i0 < ROW_GROUP ? rows - i0 : ROW_GROUP;
-    const float* bias[ROW_GROUP];
-    float* y[ROW_GROUP];
-    for (int r = 0; r < R; r++) {
-      const int64_t i = row_at(a, n, i0 + r), p = a->positions[n * a->S + i0 + r];
-      bias[r] = a->bias + ((a->bias_n == 1 ? 0 : (int64_t)n) * a->S + i0 + r) * a->T;
-      y[r] = a->y + i * a->Hq * D + (int64_t)h * D;
-      const float *x = a->qkv + i * C + (int64_t)h * D, *cos = a->cos + p * (D / 2), *sin = a->sin + p * (D / 2);
-      if (a->avx512) rotate_avx512(x, cos, sin, D, a->scale, q + r * D);
-      else rotate_avx2(x, cos, sin, D, a->scale, q + r * D);
-    }
-    if (!scores) {  /* out of memory: zeros rather than a crash (the op cannot fail from a worker) */
-      for (int r = 0; r < R; r++) memset(y[r], 0, sizeof(float) * D);
-      continue;
-    }
-    if (a->avx512) attend_avx512(q, R, K, V, a->half, bias, width, D, scores, y);
-    else attend_avx2(q, R, K, V, a->half, bias, width, D, scores, y);
+  const float* bias[ROW_GROUP];
+  float* y[ROW_GROUP];
+  for (int r = 0; r < R; r++) {
+    const int64_t i = row_at(a, n, i0 + r), p = a->positions[n * a->S + i0 + r];
+    bias[r] = a->bias + ((a->bias_n == 1 ? 0 : (int64_t)n) * a->S + i0 + r) * a->T;
+    y[r] = a->y + i * a->Hq * D + (int64_t)h * D;
+    const float *x = a->qkv + i * C + (int64_t)h * D, *cos = a->cos + p * (D / 2), *sin = a->sin + p * (D / 2);
+    if (a->avx512) rotate_avx512(x, cos, sin, D, a->scale, q + r * D);
+    else rotate_avx2(x, cos, sin, D, a->scale, q + r * D);
   }
+  if (!scores) {  /* out of memory: zeros rather than a crash (the op cannot fail from a worker) */
+    for (int r = 0; r < R; r++) memset(y[r], 0, sizeof(float) * D);
+    return;
+  }
+  if (a->avx512) attend_avx512(q, R, K, V, a->half, bias, width, D, scores, y);
+  else attend_avx2(q, R, K, V, a->half, bias, width, D, scores, y);
   if (scores != stack) free(scores);
 }
 
@@ -251,7 +257,10 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
     if (vp != pv) memcpy(vp, pv, bytes);
     a.K = kp, a.V = vp, a.y = yp;
     write_cache(&a, N);
-    status = ORT_SLOT(api, KernelContext_ParallelFor)(ctx, attend_unit, (size_t)(N * a.Hq), 0, &a);
+    int most = 1;
+    for (int64_t n = 0; n < N; n++) most = a.rows[n] > most ? a.rows[n] : most;
+    a.batch = N, a.groups = (most + ROW_GROUP - 1) / ROW_GROUP;
+    status = ORT_SLOT(api, KernelContext_ParallelFor)(ctx, attend_unit, (size_t)(N * a.groups * a.Hq), 0, &a);
   }
   if (all != local) free(all);
   if (first != starts) free(first);

@@ -55,13 +55,18 @@ static inline __attribute__((always_inline)) TARGET v16 NAME(sums16)(v16* p) {
 }
 
 /* Row r's scores (q[r] . K[j] + bias[r][j], j < width; -inf up to `padded`) for keys in blocks of 16: a block's
- * keys are read once from memory for every row. */
+ * keys are read once from memory for every row. lim[r]: no column at or past it is visible to row r. */
 static inline __attribute__((always_inline)) TARGET void NAME(score)(const float* q, int R, const void* K,
-    const int half, const float* const* bias, int width, const int chunks, int padded, float* scores) {
+    const int half, const float* const* bias, const int* lim, int width, const int chunks, int padded,
+    float* scores) {
   const int D = 16 * chunks;
   for (int j0 = 0; j0 < padded; j0 += 16) {
     for (int r = 0; r < R; r++) {
       const float* qr = q + (size_t)r * D;
+      if (j0 >= lim[r]) {  /* every column masked (a prefill row's later columns): -inf, as below */
+        store16(scores + (size_t)r * padded + j0, splat(-INFINITY));
+        continue;
+      }
       v16 p[16];
 #pragma GCC unroll 16
       for (int t = 0; t < 16; t++) {
@@ -104,7 +109,7 @@ static inline __attribute__((always_inline)) TARGET int NAME(first_zero)(const f
  * chain. Up to the first masked column of the rows (all of a plain step's) the rank is the column's index, and
  * two columns run a step with no test of the rank. */
 static inline __attribute__((always_inline)) TARGET void NAME(weigh)(const int R, const float* w, int padded,
-    const void* V, const int half, int width, const int chunks, float* l, v16* out) {
+    const void* V, const int half, int width, const int* lim, const int chunks, float* l, v16* out) {
   v16 even[2 * 16], odd[2 * 16];
   float l_even[2] = {0.f, 0.f}, l_odd[2] = {0.f, 0.f};
   for (int i = 0; i < R * chunks; i++) even[i] = odd[i] = splat(0.f);
@@ -128,7 +133,7 @@ static inline __attribute__((always_inline)) TARGET void NAME(weigh)(const int R
   }
   for (int r = 0; r < R; r++) {  /* the rest one column at a time, each row counting its visible columns */
     int rank = j;
-    for (int k = j; k < width; k++) {
+    for (int k = j; k < lim[r]; k++) {  /* past lim[r] every weight is 0 */
       const float x = w[(size_t)r * padded + k];
       if (x == 0.f) continue;
       const size_t v = (size_t)k * 16 * chunks;
@@ -149,17 +154,25 @@ static inline __attribute__((always_inline)) TARGET void NAME(attend_d)(const fl
     const void* V, const int half, const float* const* bias, int width, const int chunks, float* scores,
     float* const* y) {
   const int padded = (width + 15) & ~15;
-  NAME(score)(q, R, K, half, bias, width, chunks, padded, scores);
+  int lim[16];  /* R <= 16: past each row's last visible column (a prefill row's later ones are masked) */
+  for (int r = 0; r < R; r++) {
+    int j = width;
+    while (j > 0 && bias[r][j - 1] == -INFINITY) j--;
+    lim[r] = j;
+  }
+  NAME(score)(q, R, K, half, bias, lim, width, chunks, padded, scores);
   for (int r = 0; r < R; r++) {  /* the weights e^(s - max); every column masked (max -inf): all 0 */
     float* s = scores + (size_t)r * padded;
+    const int end = (lim[r] + 15) & ~15;  /* the blocks past it are all -inf: weights 0 */
     v16 top = splat(-INFINITY);
-    for (int j = 0; j < padded; j += 16) {
+    for (int j = 0; j < end; j += 16) {
       v16 v = load16(s + j);
       top = pick(v > top, v, top);
     }
     const float m = NAME(hmax)(top);
-    for (int j = 0; j < padded; j += 16)
+    for (int j = 0; j < end; j += 16)
       store16(s + j, m == -INFINITY ? splat(0.f) : NAME(vexp)(load16(s + j) - splat(m)));
+    for (int j = end; j < padded; j += 16) store16(s + j, splat(0.f));
   }
 #if ISA_WIDTH == 512
   const int G = 2;  /* rows a group: four (reading V half as often) measured no faster */
@@ -171,8 +184,8 @@ static inline __attribute__((always_inline)) TARGET void NAME(attend_d)(const fl
     v16 out[2 * 16];
     const float* w = scores + (size_t)r0 * padded;
     const int n = R - r0 < G ? R - r0 : G;
-    if (n == 2) NAME(weigh)(2, w, padded, V, half, width, chunks, l, out);
-    else NAME(weigh)(1, w, padded, V, half, width, chunks, l, out);
+    if (n == 2) NAME(weigh)(2, w, padded, V, half, width, lim + r0, chunks, l, out);
+    else NAME(weigh)(1, w, padded, V, half, width, lim + r0, chunks, l, out);
     for (int r = r0; r < R && r < r0 + n; r++) {
       const v16 inv = splat(l[r - r0] > 0.f ? 1.f / l[r - r0] : 0.f);
       for (int c = 0; c < chunks; c++) store16(y[r] + 16 * c, out[(r - r0) * chunks + c] * inv);

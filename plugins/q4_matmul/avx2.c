@@ -44,9 +44,9 @@ AVX2 void q4_quantize_avx2(const float* x, int64_t M, int K, int8_t* xq, float* 
     }
 }
 
-/* one half (8 outputs) of a tile for R <= ROWS rows */
+/* one half (8 outputs) of a tile for R <= ROWS_AVX2 rows */
 static inline __attribute__((always_inline)) AVX2 void half(const int R, const Rows* g, int h) {
-  __m256 acc[ROWS];
+  __m256 acc[ROWS_AVX2];
   for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   for (int b = 0; b < g->nb; b++) {
@@ -75,14 +75,14 @@ static inline __attribute__((always_inline)) AVX2 void half(const int R, const R
 }
 
 AVX2 void q4_tile_avx2(const Product* p, size_t t) {
-  for (int h = 0; h < 2; h++) FOR_ROW_GROUPS(p, t, RECORD, half, h);
+  for (int h = 0; h < 2; h++) FOR_ROW_GROUPS(p, t, RECORD, 4, half, h);
 }
 
 /* MatMulQ8, one half (8 outputs) of a tile: the codes made signed again (w = stored - 128), then vpmaddubsw of |w|
  * (at most 128) by x signed as w (|x| at most 127: a pair at most 32512, nothing saturates) and vpmaddwd by ones,
  * per vector: the exact dot avx512.c's vpdpbusd gives, less nothing. */
 static inline __attribute__((always_inline)) AVX2 void half8(const int R, const Rows* g, int h) {
-  __m256 acc[ROWS];
+  __m256 acc[ROWS_AVX2];
   for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
   const __m256i bias = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
   for (int b = 0; b < g->nb; b++) {
@@ -109,5 +109,5 @@ static inline __attribute__((always_inline)) AVX2 void half8(const int R, const 
 }
 
 AVX2 void q8_tile_avx2(const Product* p, size_t t) {
-  for (int h = 0; h < 2; h++) FOR_ROW_GROUPS(p, t, RECORD8, half8, h);
+  for (int h = 0; h < 2; h++) FOR_ROW_GROUPS(p, t, RECORD8, 4, half8, h);
 }

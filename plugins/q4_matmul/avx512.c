@@ -72,7 +72,7 @@ static inline __attribute__((always_inline)) AVX512 void tile(const int R, const
   for (int r = 0; r < R; r++) _mm512_storeu_ps(g->y + r * g->N, acc[r]);
 }
 
-AVX512 void q4_tile_avx512(const Product* p, size_t t) { FOR_ROW_GROUPS(p, t, RECORD, tile); }
+AVX512 void q4_tile_avx512(const Product* p, size_t t) { FOR_ROW_GROUPS(p, t, RECORD, 8, tile); }
 
 /* MatMulQ8: vector j, lane c holds output c's codes k = 4j .. 4j + 3, stored + 128 (unsigned, as vpdpbusd takes
  * them): the dot less 128 times the block's sum of xq (16 * eights) is the signed codes' exact dot. */
@@ -101,4 +101,4 @@ static inline __attribute__((always_inline)) AVX512 void tile8(const int R, cons
   for (int r = 0; r < R; r++) _mm512_storeu_ps(g->y + r * g->N, acc[r]);
 }
 
-AVX512 void q8_tile_avx512(const Product* p, size_t t) { FOR_ROW_GROUPS(p, t, RECORD8, tile8); }
+AVX512 void q8_tile_avx512(const Product* p, size_t t) { FOR_ROW_GROUPS(p, t, RECORD8, 8, tile8); }

@@ -11,9 +11,21 @@
 #define TILE 16
 #define RECORD 320
 #define RECORD8 576  /* MatMulQ8: eight 64-byte vectors of codes (stored + 128), then 16 float32 scales */
-#define ROWS 4  /* rows a tile's pass over the blocks computes together */
-/* fn(R, ...) for the rows `left`, R at most ROWS and a constant in each call: each is fn's row loop unrolled */
-#define BY_ROWS(left, fn, ...) do { switch ((left) < ROWS ? (left) : ROWS) {                          \
+/* The most rows a tile's pass over the blocks computes together: AVX-512's 32 registers hold eight rows' sums beside a
+ * block's codes (a pass of 5 to 8 rows then reads and unpacks the weights once), AVX2's 16 hold four. */
+#define ROWS 8
+#define ROWS_AVX2 4
+/* fn(R, ...) for the rows `left`, R at most 8 (or 4) and a constant in each call: each is fn's row loop unrolled */
+#define BY_ROWS_8(left, fn, ...) do { switch ((left) < 8 ? (left) : 8) {                               \
+    case 8: fn(8, __VA_ARGS__); break;                                                               \
+    case 7: fn(7, __VA_ARGS__); break;                                                               \
+    case 6: fn(6, __VA_ARGS__); break;                                                               \
+    case 5: fn(5, __VA_ARGS__); break;                                                               \
+    case 4: fn(4, __VA_ARGS__); break;                                                               \
+    case 3: fn(3, __VA_ARGS__); break;                                                               \
+    case 2: fn(2, __VA_ARGS__); break;                                                               \
+    default: fn(1, __VA_ARGS__); } } while (0)
+#define BY_ROWS_4(left, fn, ...) do { switch ((left) < 4 ? (left) : 4) {                               \
     case 4: fn(4, __VA_ARGS__); break;                                                               \
     case 3: fn(3, __VA_ARGS__); break;                                                               \
     case 2: fn(2, __VA_ARGS__); break;                                                               \
@@ -38,11 +50,11 @@ static inline Rows rows_at(const Product* p, size_t t, int64_t r, int record) {
                 p->eights + r * nb, p->y + r * p->N + t * TILE, nb, p->K, p->N};
 }
 
-/* fn(R, &rows, ...) over tile t's groups of rows (records of `record` bytes) */
-#define FOR_ROW_GROUPS(p, t, record, fn, ...) do {                 \
-    for (int64_t r_ = 0; r_ < (p)->M; r_ += ROWS) {                   \
+/* fn(R, &rows, ...) over tile t's groups of at most `most` (8 or 4, a literal) rows (records of `record` bytes) */
+#define FOR_ROW_GROUPS(p, t, record, most, fn, ...) do {           \
+    for (int64_t r_ = 0; r_ < (p)->M; r_ += most) {                   \
       const Rows g_ = rows_at(p, t, r_, record);                      \
-      BY_ROWS((p)->M - r_, fn, &g_, ##__VA_ARGS__);                   \
+      BY_ROWS_##most((p)->M - r_, fn, &g_, ##__VA_ARGS__);            \
     }                                                                 \
   } while (0)
 

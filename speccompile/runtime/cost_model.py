@@ -278,11 +278,15 @@ def _ascending(values, allowed=None) -> bool:
 
 def machine_key(threads: int | None, device: str = "cpu") -> dict:
     """What the prices depend on besides the bundle: the CPU (its model and the instruction sets that pick the
-    kernels), the device, onnxruntime and the threads."""
+    kernels), the device, onnxruntime, speccompile's kernels (their build: another release's kernels time
+    otherwise) and the threads."""
     import onnxruntime
+
+    from speccompile.plugins import q4_matmul
     cpu = cpu_identity()
     return {"machine": f"{platform.machine()} {cpu['model']} ({' '.join(cpu['kernel_flags']) or 'baseline'}), "
-                       f"{os.cpu_count()} cpus, {device}, onnxruntime {onnxruntime.__version__}",
+                       f"{os.cpu_count()} cpus, {device}, onnxruntime {onnxruntime.__version__}, "
+                       f"kernels {q4_matmul.build_key()}",
             "threads": threads or os.cpu_count() or 1}
 
 
