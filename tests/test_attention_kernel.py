@@ -85,16 +85,22 @@ def qkv_rows(rng, n):
     return rng.standard_normal((1, n, (HQ + 2 * HKV) * D)).astype(np.float32)
 
 
-def test_a_chain_gives_each_row_what_plain_steps_give_it(half):
-    """Five rows verified in one pass against the same five tokens decoded one step at a time (each step one row,
-    the cache growing): the same outputs bit for bit, and the same cache."""
+@pytest.mark.parametrize("n", [5, 40], ids=["a chain", "a prefill chunk"])
+def test_a_chain_gives_each_row_what_plain_steps_give_it(half, n):
+    """n rows in one pass (a verify chain; a prefill chunk, its rows in units of 16 and each row's masked columns
+    skipped) against the same tokens decoded one step at a time (each step one row, the cache growing): the same
+    outputs bit for bit, and the same cache."""
     rng = np.random.default_rng(0)
-    sess, committed, x = session(half=half), 21, qkv_rows(rng, 5)
+    sess, committed, x = session(half=half), 21, qkv_rows(rng, n)
     k, v = cache(rng, committed, half=half)
     k1, v1 = k.copy(), v.copy()
-    pos = np.arange(committed, committed + 5)[None]
-    together = run(sess, x, k, v, [committed + 4], pos, tree_bias(committed, np.arange(-1, 4), committed + 5 + 7))
-    for i in range(5):
+    pos = np.arange(committed, committed + n)[None]
+    bias = tree_bias(committed, np.arange(-1, n - 1), min(committed + n + 7, L))
+    ref, _, _ = ta.reference_numpy(x, k.copy(), v.copy(), committed, COS, SIN, pos, bias, HQ, HKV, D,
+                                   k.dtype if half else None)
+    together = run(sess, x, k, v, [committed + n - 1], pos, bias)
+    assert np.abs(together - ref).max() < 1e-5
+    for i in range(n):
         n = committed + i
         alone = run(sess, x[:, i:i + 1], k1, v1, [n], pos[:, i:i + 1], tree_bias(n, [-1], n + 1))
         assert np.array_equal(alone[0, 0], together[0, i]), i

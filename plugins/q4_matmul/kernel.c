@@ -7,7 +7,7 @@
  * (uncentred, the logits' error grows); xq . (q - 8) is the unsigned-times-signed dot xq . q less 8 times the sum
  * of the block's xq, both exact integers.
  * Why a kernel of our own: MatMulNBits computes each row of a product by itself past a few rows, so a verify pass
- * pays nearly per row; here a tile of 16 outputs unpacks each block's codes once for four rows. avx512.c (VNNI)
+ * pays nearly per row; here a tile of 16 outputs unpacks each block's codes once for eight rows (four on AVX2). avx512.c (VNNI)
  * and avx2.c compute it, the same numbers bit for bit; this file is the op onnxruntime calls.
  * Every row goes through the same operations in the same order whatever the other rows are or how many there
  * are, so a row's result never depends on its pass: speculative output stays bit for bit the plain decoding's.
