@@ -15,10 +15,10 @@ from speccompile.runtime.slots import Slot
 # below (docs/results.md, "Concurrent streams"). Greedy output does not depend on the drafts; sampled requests
 # keep their whole drafts, so a seed's draws do not depend on what else runs.
 SHARED_PASS_ROWS = 16
-# Over such a target a shared pass's products run its real rows alone (the batched graph's packed rows), and a
-# row or two past one per slot costs them little, while every slot's attention pays once any slot runs two rows:
-# at most this many greedy slots verify one prompt-lookup node each, those whose match this request has found
-# taken most often, and only above SHARED_LOOKUP_MIN (docs/results.md, "Concurrent streams").
+# Over such a target a shared pass's products run its real rows alone (the batched graph's packed rows), and a row
+# past one per slot costs about what the token it may add is worth: at most this many greedy slots verify one
+# prompt-lookup node each, those whose match this request has found taken most often, and only above
+# SHARED_LOOKUP_MIN (docs/results.md, "Concurrent streams"; more slots or longer chains measured no faster).
 SHARED_LOOKUP_SLOTS = 2
 SHARED_LOOKUP_MIN = 0.5
 
