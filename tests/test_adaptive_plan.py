@@ -13,6 +13,7 @@ from speccompile.runtime.adaptive import PROBE_EVERY, AdaptiveDrafting
 from speccompile.runtime.estimates import Rate
 from speccompile.runtime.cost_model import HEAD_ROWS, CostModel
 from speccompile.runtime.drafters.base import Proposal
+from speccompile.runtime.sampling import SamplingParams
 from test_adaptive import ROWS, LENGTHS, adaptive, confident_chain, synthetic
 
 
@@ -212,6 +213,56 @@ def test_the_catch_up_over_the_accepted_tokens_is_priced_by_their_rows():
     after = a.plan(100)
     assert before.head_depth == after.head_depth == 2
     assert after.draft_ms - before.draft_ms == pytest.approx(cost.draft("head", 4) - cost.draft("head", 1))
+
+
+def test_the_catch_up_is_priced_by_the_rows_the_drafter_is_behind():
+    """A drafter with a cache of its own (an MTP head, a draft model) runs every token committed since it last
+    drafted before it drafts: after a run of plain steps, many rows. The plan prices the rows the drafter says it
+    is behind, and drafts nothing where that catch-up outweighs the drafts' expected tokens."""
+    cost = synthetic(20.0, 0.01)
+    cost.drafter_ms["head"] = [1.0, 2.0, 4.0]  # by HEAD_ROWS: 1, 2, 4 rows; past 4 a row more each
+    near = adaptive(cost, depth=1, lookup=0).plan(100, behind=1)
+    assert near.head_depth == 1 and near.draft_ms == pytest.approx(cost.draft("head", 1))
+    assert adaptive(cost, depth=1, lookup=0)._draft_prices(False, 12) == pytest.approx([0.0, cost.draft("head", 12)])
+    assert adaptive(cost, depth=1, lookup=0).plan(100, behind=200).head_depth == 0
+
+
+def test_drafters_with_a_cache_say_how_far_behind_they_are(tiny_generator):
+    """The draft model's rows behind a context: those its catch-up would run (at least the last token), none
+    known for prompt lookup, which keeps no cache."""
+    g = tiny_generator
+    drafter = g.drafters["model"]
+    drafter.reset()
+    context = np.arange(5, 25, dtype=np.int64)
+    assert drafter.rows_behind(len(context)) == len(context)
+    drafter.propose_tree(context, TreeSpec("dynamic", 2, depth=2, branching=1), SamplingParams(), None)
+    assert drafter.rows_behind(len(context)) == 1
+    assert drafter.rows_behind(len(context) + 7) == 7  # six fed, then the last token's pass
+    assert g.lookup.rows_behind(len(context)) is None
+
+
+def test_an_mtp_heads_rows_behind_are_those_its_catch_up_runs():
+    """The MTP head (and EAGLE's, built on it) runs the pairs (h_t, x_t+1) its cache lacks, and the last one again
+    for its logits: rows_behind counts exactly the rows _catch_up hands its engine, from a fresh prompt, after a
+    pass, and after a run of plain steps whose features it has been given."""
+    from speccompile.runtime.drafters.mtp import MtpDrafter
+
+    class Cache:
+        length = 0
+
+        def truncate(self, n):
+            self.length = n
+
+    ran = []
+    engine = types.SimpleNamespace(cache=Cache(), max_seq_len=64, vocab_size=8, hidden=np.zeros((128, 4), np.float32))
+    engine.forward = lambda tokens, positions, hidden_in: ran.append(len(tokens)) or (np.zeros((len(tokens), 8)), None)
+    head = MtpDrafter("mtp", engine)
+    context = np.arange(40, dtype=np.int64)
+    for known, length in ((30, 31), (30, 31), (37, 38), (37, 40)):
+        head.observe(0, np.zeros((known, 4), np.float32))
+        behind, ran[:] = head.rows_behind(length), []
+        head._catch_up(context[:length])
+        assert behind == sum(ran), (known, length)
 
 
 def test_prompt_lookups_host_time_is_priced_at_every_depth():

@@ -79,13 +79,14 @@ class AdaptiveDrafting:
         self.depth_counts: dict[int, int] = {}
 
     # ---- before drafting ---------------------------------------------------------------------------------
-    def _draft_prices(self, lookup: bool) -> list[float]:
-        """Predicted drafting time by drafter depth 0 .. max_depth: the catch-up over the last pass's tokens, then
-        one pass per further level (and prompt lookup's host time if it joins)."""
+    def _draft_prices(self, lookup: bool, behind: int | None = None) -> list[float]:
+        """Predicted drafting time by drafter depth 0 .. max_depth: the catch-up over the tokens the drafter has not
+        run (`behind`, as the drafter tells; else the last pass's), then one pass per further level (and prompt
+        lookup's host time if it joins)."""
         base = self.cost.lookup_ms if lookup else 0.0
         if not self.max_depth:
             return [base]
-        catch_up = self.cost.draft(self.drafter, self.last_accepted + 1)
+        catch_up = self.cost.draft(self.drafter, behind or self.last_accepted + 1)
         level = self.cost.draft(self.drafter, self.branching) if self.max_depth > 1 else 0.0
         return [base] + [base + catch_up + d * level for d in range(self.max_depth)]
 
@@ -125,9 +126,10 @@ class AdaptiveDrafting:
         self._pass_start = time.perf_counter()
         return Plan(0, 0, nodes, self._draft_prices(True)[0])
 
-    def plan(self, length: int, match_len: int = 0) -> Plan:
+    def plan(self, length: int, match_len: int = 0, behind: int | None = None) -> Plan:
         """How deep the drafter drafts this pass, and how many lookup nodes join it; match_len: the n-gram prompt
-        lookup matches on at the context's end (0: none, or not known)."""
+        lookup matches on at the context's end (0: none, or not known); behind: the rows the drafter's catch-up
+        would run (Drafter.rows_behind: after plain steps, every token they committed)."""
         self._pass_start = time.perf_counter()
         lookup = self.reach.reach if self.reach else 0
         if self.lookup_wins(match_len):
@@ -138,7 +140,7 @@ class AdaptiveDrafting:
             probe = lookup > 0 and match_len > 0 and self._lookup_probe_due(match_len, length)
             self.since_probe = 0 if probe else self.since_probe
             return Plan(0, 0, lookup, self._draft_prices(bool(lookup))[0], probe)
-        drafting = self._draft_prices(bool(lookup))
+        drafting = self._draft_prices(bool(lookup), behind)
         rates, times = self._rates(length, lookup, drafting)
         best = int(np.argmax(rates))
         probe = best < self.max_depth and self._probe_due(rates, times, best)

@@ -161,7 +161,8 @@ class DecodeLoop:
             return adapt.skip()
         lookup = self.lookup_of(drafter)
         match = adapt.matches(lookup, context) if match is None and adapt.reach else match
-        plan = adapt.lookup_plan(cap) if lookup_only else adapt.plan(len(context), match[1] if match else 0)
+        plan = (adapt.lookup_plan(cap) if lookup_only else
+                adapt.plan(len(context), match[1] if match else 0, drafter.rows_behind(len(context))))
         match_len = match[1] if match else 0
         nodes = min(plan.lookup_nodes, cap)
         if not adapt.may_verify(plan, match_len, len(context), nodes):  # a plain step: no tree to build and weigh

@@ -81,6 +81,12 @@ class Drafter(abc.ABC):
     def observe(self, start: int, hidden: np.ndarray) -> None:
         """The target's features (`features`) of committed positions [start, start+len)."""
 
+    def rows_behind(self, context_len: int) -> int | None:
+        """The rows the next drafting pass runs to catch up with a context this long before it drafts (a drafter
+        that keeps a cache of its own runs what was committed since it last drafted: after many plain steps, many
+        rows); None where it keeps no such state."""
+        return None
+
     def features(self, target, rows) -> np.ndarray:
         """What `observe` receives of the target engine's last pass, for these rows: its hidden states (before
         the final norm); a head that reads other features (EAGLE) picks them here."""

@@ -73,6 +73,9 @@ class DraftModelDrafter(Drafter):
         cache.truncate(n)  # the tree's draft K/V are dropped; accepted tokens are re-run next time (cheap rows)
         return t.proposal(keep)
 
+    def rows_behind(self, context_len: int) -> int:
+        return max(1, context_len - min(self.engine.cache.length, context_len - 1))  # at least; more past a rejection
+
     def _feed_all_but_last(self, context) -> None:
         """Run the context (except its last token) into the draft cache in chunks a pass can take."""
         cache = self.engine.cache

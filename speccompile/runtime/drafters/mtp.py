@@ -96,6 +96,10 @@ class MtpDrafter(Drafter):
         self.h[start:start + len(hidden)] = hidden
         self.known = start + len(hidden)
 
+    def rows_behind(self, context_len: int) -> int:
+        upto = min(self.known, context_len - 1)  # as _catch_up runs them
+        return max(1, upto - min(self.engine.cache.length, upto - 1))
+
     def _catch_up(self, context: np.ndarray):
         """Run the head over the true pairs not yet in its cache; returns (logits, hidden) of the last pair,
         which predict the token after the context."""
