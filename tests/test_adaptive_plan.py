@@ -141,10 +141,10 @@ def test_a_shared_pass_verifies_lookup_nodes_of_the_likeliest_greedy_slots(monke
         greedy = index != 4
         a = AdaptiveDrafting(synthetic(20.0, 1.0), "head", True, tree, greedy, 64, chains_only=True)
         a.lookup_accept[True, 3][0] = Rate(p, 1e6)
+        a.matches = lambda lookup, ctx: (np.array([0]), int(ctx[-1]))  # the request's index finds a 3-gram match
         slots.append(types.SimpleNamespace(index=index, adapt=a, drafter=None, context=np.array([5, 3]), n=2,
                                            params=types.SimpleNamespace(greedy=greedy)))
-    lookup = types.SimpleNamespace(matches=lambda ctx: (np.array([0]), int(ctx[-1])))
-    gen = types.SimpleNamespace(lookup_of=lambda drafter: lookup)
+    gen = types.SimpleNamespace(lookup_of=lambda drafter: None)
 
     def chosen(most: int, least: float) -> list[int]:
         monkeypatch.setattr(shared_drafts, "SHARED_LOOKUP_SLOTS", most)

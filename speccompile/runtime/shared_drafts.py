@@ -51,7 +51,7 @@ def lookup_slots(gen, slots: list[Slot]) -> dict[int, tuple]:
     for s in slots:
         if s.adapt is None or s.adapt.reach is None or not s.params.greedy:
             continue
-        match = gen.lookup_of(s.drafter).matches(s.context[:s.n])
+        match = s.adapt.matches(gen.lookup_of(s.drafter), s.context[:s.n])  # the request's index, kept up to date
         estimate = s.adapt.lookup_estimate(match[1]) if match[1] else 0.0
         if estimate >= SHARED_LOOKUP_MIN:
             ranked.append((estimate, s.index, match))
