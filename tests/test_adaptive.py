@@ -591,10 +591,18 @@ def test_the_cost_cache_is_keyed_by_cpu_and_device(tiny_bundle, tmp_path, monkey
 
 
 def test_the_cost_cache_is_keyed_by_the_kernels_build(monkeypatch):
-    """Another release's kernels time otherwise: their build's hash is part of the key."""
+    """Another release's kernels time otherwise: their build's hash is part of the key, the name their library is
+    filed under, told without building it (a bundle without them loads without a compiler's run)."""
+    import os
+
     from speccompile.plugins import q4_matmul
     key = cost_model.machine_key(1)["machine"]
     assert f"kernels {q4_matmul.build_key()}" in key
+    if not q4_matmul.unavailable():
+        assert os.path.basename(os.path.dirname(q4_matmul.library())) == q4_matmul.build_key()
+    q4_matmul.build_key.cache_clear()
+    monkeypatch.setattr(q4_matmul, "_compile", lambda *a: pytest.fail("build_key compiled the kernels"))
+    assert q4_matmul.build_key() in key
     monkeypatch.setattr(q4_matmul, "build_key", lambda: "0123456789abcdef")
     assert cost_model.machine_key(1)["machine"] != key
 

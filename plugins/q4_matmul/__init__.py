@@ -266,12 +266,13 @@ def library() -> str:
     return built
 
 
+@functools.lru_cache(maxsize=1)
 def build_key() -> str:
-    """Which kernels run here: the hash of their sources and compiler flags (what the library's build is filed
-    under), or "none" where they cannot run. Timings depend on it: a cost model measured under other kernels is
-    not this one's."""
-    built = _built()
-    return "none" if isinstance(built, KernelUnavailable) else os.path.basename(os.path.dirname(built))
+    """Which kernels a load here runs: the hash of their sources and compiler flags (what the library's build is
+    filed under; nothing is built to tell it), "none" without a compiler. Timings depend on it: a cost model
+    measured under other kernels is not this one's."""
+    cc = _compiler()
+    return _source_key(cc) if cc else "none"
 
 
 def unavailable() -> str | None:
