@@ -96,16 +96,22 @@ class MtpDrafter(Drafter):
         self.h[start:start + len(hidden)] = hidden
         self.known = start + len(hidden)
 
+    def _pending(self, context_len: int) -> tuple[int, int]:
+        """(start, upto): the pairs t < upto have h_t known and x_{t+1} in the context; those from start on are
+        not in the head's cache, or are the last one, re-run for its logits."""
+        upto = min(self.known, context_len - 1)
+        return min(self.engine.cache.length, upto - 1), upto
+
     def rows_behind(self, context_len: int) -> int:
-        upto = min(self.known, context_len - 1)  # as _catch_up runs them
-        return max(1, upto - min(self.engine.cache.length, upto - 1))
+        start, upto = self._pending(context_len)
+        return max(1, upto - start)
 
     def _catch_up(self, context: np.ndarray):
         """Run the head over the true pairs not yet in its cache; returns (logits, hidden) of the last pair,
         which predict the token after the context."""
         eng, cache = self.engine, self.engine.cache
-        upto = min(self.known, len(context) - 1)  # pairs t < upto: h_t known and x_{t+1} in the context
-        cache.truncate(min(cache.length, upto - 1))  # re-run at least the last pair: its logits are needed
+        start, upto = self._pending(len(context))
+        cache.truncate(start)
         while cache.length < upto:
             t0 = cache.length
             t1 = min(upto, t0 + MAX_STEP_TOKENS)
