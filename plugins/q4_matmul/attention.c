@@ -42,34 +42,40 @@ typedef struct {
   void *K, *V;  /* float, or float16's bits (half) */
   float* y;
   int64_t S, L, T, bias_n;
-  int64_t batch, groups;  /* sequences; ROW_GROUP groups of rows the longest has */
+  int64_t batch, groups;  /* sequences; groups of `group_rows` rows the longest has */
+  int group_rows, unit_heads;  /* a unit's rows of a sequence and its query heads (of one K/V head) */
   int Hq, Hkv, D, half;
   float scale;
   int avx512;
 } Attention;
 
-#define ROW_GROUP 16  /* rows a unit scores together */
+#define ROW_GROUP 16  /* rows (a row of one query head each) a unit scores together */
+#define UNITS 8  /* units a pass of a few rows a sequence splits into where it can */
+#define MIN_UNITS 6  /* fewer units than this leave a thread idle too long */
 
 /* where row i of sequence n sits in qkv and y */
 static inline int64_t row_at(const Attention* a, int64_t n, int64_t i) {
   return (a->first ? a->first[n] : n * a->S) + i;
 }
 
-/* unit u: one head of one sequence's rows g ROW_GROUP .. (g + 1) ROW_GROUP - 1 (a group reads K and V once), for
- * g < groups = the most rows a sequence has over ROW_GROUP, the last groups first: a prefill chunk's later rows see
- * more columns, and the pool hands units out in order, so the longest start first. A decode pass has one group. */
+/* unit u: query heads h0 .. h0 + unit_heads - 1 (sharing one K/V head) of one sequence's rows g group_rows ..
+ * (g + 1) group_rows - 1, for g < groups = the most rows a sequence has over group_rows: every row of every head of
+ * the unit is scored against the same keys, so a block of K and V is read once for all of them (a decode pass's one
+ * row per sequence: the heads of its K/V head together). The last groups first: a prefill chunk's later rows see
+ * more columns, and the pool hands units out in order, so the longest start first. */
 static void attend_unit(void* arg, size_t u) {
   const Attention* a = arg;
-  const int64_t N = a->batch, groups = a->groups;
-  const int h = (int)(u % a->Hq), n = (int)(u / a->Hq % N), g = (int)(groups - 1 - (int64_t)(u / a->Hq / N));
-  const int kvh = h / (a->Hq / a->Hkv), D = a->D;
+  const int64_t N = a->batch, groups = a->groups, head_sets = a->Hq / a->unit_heads;
+  const int H = a->unit_heads, h0 = (int)(u % head_sets) * H, n = (int)(u / head_sets % N);
+  const int g = (int)(groups - 1 - (int64_t)(u / head_sets / N));
+  const int kvh = h0 / (a->Hq / a->Hkv), D = a->D;
   const int rows = a->rows[n], width = a->seqlens[n] + 1, padded = (width + 15) & ~15;
-  const int i0 = g * ROW_GROUP;
+  const int i0 = g * a->group_rows;
   if (g == 0)
     for (int64_t i = rows; i < a->S && !a->first; i++)  /* a batch's padding rows */
-      memset(a->y + ((int64_t)n * a->S + i) * a->Hq * D + (int64_t)h * D, 0, sizeof(float) * D);
+      memset(a->y + ((int64_t)n * a->S + i) * a->Hq * D + (int64_t)h0 * D, 0, sizeof(float) * D * H);
   if (i0 >= rows) return;
-  const int R = rows - i0 < ROW_GROUP ? rows - i0 : ROW_GROUP;
+  const int R = (rows - i0 < a->group_rows ? rows - i0 : a->group_rows) * H;  /* row r: row i0 + r / H, head r % H */
   const int64_t C = (int64_t)(a->Hq + 2 * a->Hkv) * D;
   const size_t at = (((size_t)n * a->Hkv + kvh) * a->L * D) * (a->half ? 2 : 4);  /* bytes */
   const void *K = (const char*)a->K + at, *V = (const char*)a->V + at;
@@ -82,8 +88,9 @@ static void attend_unit(void* arg, size_t u) {
   const float* bias[ROW_GROUP];
   float* y[ROW_GROUP];
   for (int r = 0; r < R; r++) {
-    const int64_t i = row_at(a, n, i0 + r), p = a->positions[n * a->S + i0 + r];
-    bias[r] = a->bias + ((a->bias_n == 1 ? 0 : (int64_t)n) * a->S + i0 + r) * a->T;
+    const int h = h0 + r % H, row = i0 + r / H;
+    const int64_t i = row_at(a, n, row), p = a->positions[n * a->S + row];
+    bias[r] = a->bias + ((a->bias_n == 1 ? 0 : (int64_t)n) * a->S + row) * a->T;
     y[r] = a->y + i * a->Hq * D + (int64_t)h * D;
     const float *x = a->qkv + i * C + (int64_t)h * D, *cos = a->cos + p * (D / 2), *sin = a->sin + p * (D / 2);
     if (a->avx512) rotate_avx512(x, cos, sin, D, a->scale, q + r * D);
@@ -259,8 +266,20 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
     write_cache(&a, N);
     int most = 1;
     for (int64_t n = 0; n < N; n++) most = a.rows[n] > most ? a.rows[n] : most;
-    a.batch = N, a.groups = (most + ROW_GROUP - 1) / ROW_GROUP;
-    status = ORT_SLOT(api, KernelContext_ParallelFor)(ctx, attend_unit, (size_t)(N * a.groups * a.Hq), 0, &a);
+    /* A pass of a few rows a sequence (decoding, a draft tree) scores every query head of a K/V head together,
+     * its rows split into up to UNITS units, where that leaves at least MIN_UNITS to share out among the pool's
+     * threads; else (a prefill chunk, or a single sequence's one row: too few units to keep the threads busy)
+     * each head's rows run ROW_GROUP at a time. */
+    const int per_kv = a.Hq / a.Hkv;
+    a.unit_heads = 1, a.group_rows = ROW_GROUP;
+    if ((int64_t)most * per_kv <= ROW_GROUP) {
+      const int64_t want = (UNITS + N * a.Hkv - 1) / (N * a.Hkv), rows_each = (most + want - 1) / want;
+      if (N * a.Hkv * ((most + rows_each - 1) / rows_each) >= MIN_UNITS)
+        a.unit_heads = per_kv, a.group_rows = (int)rows_each;
+    }
+    a.batch = N, a.groups = (most + a.group_rows - 1) / a.group_rows;
+    const size_t units = (size_t)(N * a.groups * (a.Hq / a.unit_heads));
+    status = ORT_SLOT(api, KernelContext_ParallelFor)(ctx, attend_unit, units, 0, &a);
   }
   if (all != local) free(all);
   if (first != starts) free(first);
