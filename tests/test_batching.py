@@ -869,6 +869,8 @@ def test_concurrency_figures_from_known_runs(monkeypatch):
     tokens = [[1, 2], [3, 4], [5, 6], [7, 8]]
 
     def serve(gen, ids, max_new_tokens, streams, drafter, tree):
+        if max_new_tokens < 16:  # the warm-up
+            return {}
         if streams == 0:
             serve.pair = next(rounds)
         out = [list(t) for t in tokens]
@@ -877,10 +879,25 @@ def test_concurrency_figures_from_known_runs(monkeypatch):
         return {"tokens_per_second": serve.pair[streams > 0], "token_ids": out}
     monkeypatch.setattr(concurrency, "serve", serve)
     gen = type("Gen", (), {"scheduler": None, "generate": lambda *a, **k: None})()
-    section = concurrency.measure_concurrency(gen, [{"ids": [1]}] * 4, 8, (4,), 4, "lookup", repeats=3)
+    section = concurrency.measure_concurrency(gen, [{"ids": [1]}] * 4, 16, (4,), 4, "lookup", repeats=3)
     run = section["streams"]["4"]
     assert run["round_speedups"] == [1.5, 2.4, 1.25] and run["speedup_vs_sequential"] == 1.5
     assert run["identical"] is False and run["identical_share"] == 0.75
+
+
+def test_the_concurrency_warm_up_serves_the_most_streams_before_any_timed_run(monkeypatch):
+    """Every sequence slot's first passes run untimed: the warm-up serves the requests with the most streams asked
+    for (a short run), before the first timed one."""
+    from speccompile.bench import concurrency
+    calls = []
+
+    def serve(gen, ids, max_new_tokens, streams, drafter, tree):
+        calls.append((max_new_tokens, streams))
+        return {"tokens_per_second": 1.0, "token_ids": [[1]] * len(ids), "ttft_s": {}}
+    monkeypatch.setattr(concurrency, "serve", serve)
+    gen = type("Gen", (), {"scheduler": None, "generate": lambda *a, **k: None})()
+    concurrency.measure_concurrency(gen, [{"ids": [1]}] * 4, 32, (1, 2, 4), 4, "lookup")
+    assert calls[0] == (8, 4) and calls[1:] == [(32, 0), (32, 1), (32, 2), (32, 4)]
 
 
 def test_concurrency_percentiles_and_time_per_output_token():
