@@ -1142,3 +1142,17 @@ def test_over_the_kernel_joining_prompts_share_one_prefill_pass_and_ride_in_deco
     assert trace[0] == ("prefill", (0, 1, 2, 3))  # every first chunk in one pass
     assert ("decode", (0, 1, 2, 3)) in trace  # the long prompt's second chunk rode in the others' decode pass
     assert not any(e[0] == "prefill" for e in trace[1:])  # the late request's prompt rode in a decode pass too
+
+
+def test_a_warm_up_keeps_nothing_and_changes_no_answer(tiny_bundle):
+    """Generator.warm_up (a server's, before it serves) runs a prompt alone and one in every sequence slot, and
+    leaves no trace: the context cache holds nothing of it, and answers are those of a generator never warmed."""
+    import speccompile
+    warmed, cold = speccompile.load(tiny_bundle, threads=1), speccompile.load(tiny_bundle, threads=1)
+    cache = warmed.context_cache
+    warmed.warm_up()
+    assert warmed.target.passes > 0 and warmed.scheduler.shared_passes > 0  # alone, then every slot at once
+    assert warmed.context_cache is cache and cache.nbytes == 0
+    prompts = ["The quick brown fox", "Pack my box with five dozen"]
+    assert [r.token_ids for r in warmed.generate(prompts, 12)] == [r.token_ids for r in cold.generate(prompts, 12)]
+    assert warmed.generate(prompts[0], 12).token_ids == cold.generate(prompts[0], 12).token_ids

@@ -124,6 +124,22 @@ class Generator(DecodeLoop):
         with self._exclusive(), (self.scheduler.exclusive() if self.scheduler else contextlib.nullcontext()):
             return self._measured_cost(recalibrate)
 
+    def warm_up(self) -> None:
+        """Run once what a process pays extra for the first time, so that no request pays it: the cost model's
+        calibration where none is cached, and the largest passes (a pass over every sequence slot's prompt chunk
+        took a third of a second more the first time: docs/results.md, "The concurrency benchmark's first timed
+        run"). One prompt-chunk-long prompt alone, then one in every sequence slot at once, two tokens each;
+        nothing of them is kept (the context cache is off meanwhile). Before serving: not while requests run."""
+        kept, self.context_cache = self.context_cache, None
+        try:
+            words = self.encode_chat("Warm up.")
+            prompt = (words * (self.prefill_chunk // len(words) + 1))[:min(self.prefill_chunk, self.max_seq_len - 4)]
+            self.generate(prompt, 2, chat=False)
+            if self.scheduler:
+                self.generate([prompt] * self.scheduler.cache.batch, 2, chat=False)
+        finally:
+            self.context_cache = kept
+
     # ---- the API ---------------------------------------------------------------------------------------------
     def stream(self, prompt, max_new_tokens: int = 128, drafter: str | None = None, speculate: bool = True,
                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,

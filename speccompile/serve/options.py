@@ -32,4 +32,5 @@ def model_name(bundle_dir: str) -> str:
 def load_state(bundle_dir: str, opts: ServeOptions) -> ServeState:
     gen = Generator.load(bundle_dir, threads=opts.threads, device=opts.device, context_cache=opts.context_cache,
                          cache_bytes=opts.cache_bytes, cache_dir=opts.cache_dir)
+    gen.warm_up()  # the first requests should not pay the process's first passes
     return make_state(gen, model_name(bundle_dir), opts.max_queue, opts.api_key, opts.shutdown_timeout_s)
