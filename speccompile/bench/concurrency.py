@@ -122,8 +122,7 @@ def measure_concurrency(gen, prompts: list[dict], max_new_tokens: int, streams: 
         raise SpeccompileError("--streams: no prompts to serve")
     gen.generate(ids[0], min(8, max_new_tokens), drafter=drafter, tree=tree)  # warm-up
     if max(streams) > 1:  # and every sequence slot of the batched graph: the first pass of all the slots' prompts
-        # together takes a third of a second more the first time in a process (docs/results.md), which no timed
-        # run should pay
+        # together is much slower the first time in a process (docs/results.md), which no timed run should pay
         serve(gen, ids, min(8, max_new_tokens), max(streams), drafter, tree)
     runs = []
     for _ in range(repeats):  # each repeat: one after another, then each N, so a ratio's two runs are neighbours

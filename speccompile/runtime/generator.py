@@ -126,9 +126,9 @@ class Generator(DecodeLoop):
 
     def warm_up(self) -> None:
         """Run once what a process pays extra for the first time, so that no request pays it: the cost model's
-        calibration where none is cached, and the largest passes (a pass over every sequence slot's prompt chunk
-        took a third of a second more the first time: docs/results.md, "The concurrency benchmark's first timed
-        run"). One prompt-chunk-long prompt alone, then one in every sequence slot at once, two tokens each;
+        calibration where none is cached, and the largest passes (a pass over every sequence slot's prompt chunk is
+        much slower the first time in a process: docs/results.md, "The concurrency benchmark's first timed run").
+        One prompt-chunk-long prompt alone, then one in every sequence slot at once, two tokens each;
         nothing of them is kept (the context cache is off meanwhile). Before serving: not while requests run."""
         kept, self.context_cache = self.context_cache, None
         try:
