@@ -81,6 +81,19 @@ def state(bundle):
     return load_state(bundle, ServeOptions(threads=1, max_queue=32))
 
 
+@pytest.fixture(autouse=True)
+def no_round_left_under_way(request):
+    """A test that fails while it holds the shared scheduler's round (sched.driving) would stall every later request
+    until the suite's timeout: the round is ended here and the test fails by name."""
+    yield
+    if "state" in request.fixturenames:
+        sched = request.getfixturevalue("state").gen.scheduler
+        with sched.wake:  # a request of the test's still ending may hold a round a moment longer
+            left = not sched.wake.wait_for(lambda: not sched.driving, 30)
+        end_round(sched)
+        assert not left, "the test left a round under way"
+
+
 @pytest.fixture(scope="module")
 def server(state):
     srv = InProcessServer(state)
@@ -781,26 +794,40 @@ def test_a_request_whose_client_goes_while_it_waits_for_a_slot_never_takes_one(s
     new_slot = type(sched)._new_slot
     monkeypatch.setattr(type(sched), "_new_slot", lambda self, b, h: admitted.append(h) or new_slot(self, b, h))
     srv = InProcessServer(make_state(g, "tiny-serve"))
+    runner, taken = srv.state.runner, []
+    submit = runner.submit_choices
+    monkeypatch.setattr(runner, "submit_choices", lambda *args: taken.extend(jobs := submit(*args)) or jobs)
     try:
         with sched.wake:
             sched.driving = True  # a round is under way: the waiting request's worker waits for it to end
         with pytest.raises(httpx.TimeoutException):
             httpx.post(srv.url + "/v1/completions", json={"prompt": list(range(3, 200)), "max_tokens": 10},
                        timeout=1.0)
-        job = next(iter(srv.state.runner._jobs))
-        assert job.cancelled.wait(30), "the server did not see the client go"
-        with sched.wake:
-            sched.driving = False  # the round ends
-            sched.wake.notify_all()
-        deadline = time.time() + 60
-        while srv.state.runner.in_flight:
-            assert time.time() < deadline, "the abandoned request still waits"
-            time.sleep(0.02)
+        wait_for(lambda: taken, "the server never took the request")  # a slow machine's server may take seconds
+        assert taken[0].cancelled.wait(30), "the server did not see the client go"
+        end_round(sched)
+        wait_for(lambda: not srv.state.runner.in_flight, "the abandoned request still waits")
         assert not admitted
     finally:
+        end_round(sched)  # also where the test failed: a round left under way would stall every later test
         srv.stop()
         for s in busy:
             s.close()
+
+
+def end_round(sched):
+    with sched.wake:
+        sched.driving = False
+        sched.wake.notify_all()
+
+
+def wait_for(condition, failure: str, timeout_s: float = 60):
+    """condition()'s first true value, polled."""
+    deadline = time.time() + timeout_s
+    while not (value := condition()):
+        assert time.time() < deadline, failure
+        time.sleep(0.02)
+    return value
 
 
 class HeldTokenizer:
