@@ -81,6 +81,21 @@ def state(bundle):
     return load_state(bundle, ServeOptions(threads=1, max_queue=32))
 
 
+def end_round(sched):
+    with sched.wake:
+        sched.driving = False
+        sched.wake.notify_all()
+
+
+def wait_for(condition, failure: str, timeout_s: float = 60):
+    """condition()'s first true value, polled."""
+    deadline = time.time() + timeout_s
+    while not (value := condition()):
+        assert time.time() < deadline, failure
+        time.sleep(0.02)
+    return value
+
+
 @pytest.fixture(autouse=True)
 def no_round_left_under_way(request):
     """A test that fails while it holds the shared scheduler's round (sched.driving) would stall every later request
@@ -671,10 +686,8 @@ def test_full_queue_429_and_a_disconnect_frees_the_slot_at_once(state):
                 assert busy.status_code == 429 and busy.headers["Retry-After"].isdigit()
                 assert busy.json()["error"]["type"] == "rate_limit_error"
             # the client went away mid-stream: the worker stops after its current pass and frees the slot
-            deadline = time.time() + 5
-            while httpx.get(srv.url + "/health").json()["in_flight"]:
-                assert time.time() < deadline, "the abandoned stream still holds its slot"
-                time.sleep(0.01)
+            wait_for(lambda: not httpx.get(srv.url + "/health").json()["in_flight"],
+                     "the abandoned stream still holds its slot", 2)
             ok = httpx.post(srv.url + "/v1/chat/completions", json={**long, "stream": False, "max_tokens": 4})
             assert ok.status_code == 200
     finally:
@@ -694,10 +707,8 @@ def test_choices_are_admitted_all_or_none_and_a_disconnect_frees_them_all(state)
                 assert httpx.get(srv.url + "/health").json()["in_flight"] == 2
                 busy = httpx.post(srv.url + "/v1/chat/completions", json={**long, "stream": False, "n": 2})
                 assert busy.status_code == 429 and httpx.get(srv.url + "/health").json()["in_flight"] == 2
-            deadline = time.time() + 5
-            while httpx.get(srv.url + "/health").json()["in_flight"]:
-                assert time.time() < deadline, "the abandoned choices still hold their places"
-                time.sleep(0.01)
+            wait_for(lambda: not httpx.get(srv.url + "/health").json()["in_flight"],
+                     "the abandoned choices still hold their places", 2)
             ok = httpx.post(srv.url + "/v1/chat/completions", json={**long, "stream": False, "max_tokens": 4, "n": 3})
             assert ok.status_code == 200 and len(ok.json()["choices"]) == 3
     finally:
@@ -750,10 +761,7 @@ def test_a_plain_request_whose_client_goes_is_cancelled(state):
     try:
         with pytest.raises(httpx.TimeoutException):
             httpx.post(srv.url + "/v1/chat/completions", json=long, timeout=1.0)
-        deadline = time.time() + 5
-        while httpx.get(srv.url + "/health").json()["in_flight"]:
-            assert time.time() < deadline, "the abandoned request still runs"
-            time.sleep(0.02)
+        wait_for(lambda: not httpx.get(srv.url + "/health").json()["in_flight"], "the abandoned request still runs", 3)
     finally:
         srv.stop()
 
@@ -813,21 +821,6 @@ def test_a_request_whose_client_goes_while_it_waits_for_a_slot_never_takes_one(s
         srv.stop()
         for s in busy:
             s.close()
-
-
-def end_round(sched):
-    with sched.wake:
-        sched.driving = False
-        sched.wake.notify_all()
-
-
-def wait_for(condition, failure: str, timeout_s: float = 60):
-    """condition()'s first true value, polled."""
-    deadline = time.time() + timeout_s
-    while not (value := condition()):
-        assert time.time() < deadline, failure
-        time.sleep(0.02)
-    return value
 
 
 class HeldTokenizer:
