@@ -21,6 +21,7 @@ from speccompile.format.bundle import read_manifest
 from speccompile.format.trees import depths
 from speccompile.runtime.batch_engine import BatchEngine, SlotStep
 from speccompile.runtime.engine import Engine
+from speccompile.runtime.sessions import ancestor_mask
 from speccompile.runtime.generator import drain
 from speccompile.runtime.kv_cache import KVCache
 from speccompile.runtime.noise import NoiseSupport
@@ -89,6 +90,53 @@ def test_a_one_row_pass_gets_a_padding_row_where_the_machine_needs_it(tiny_bundl
         assert (out[2][1] == argmax).all() and len(out[2][0]) == len(tokens)
         end = length + len(tokens)
         np.testing.assert_allclose(be.cache.key[:, 2, :, :end], solo.cache.key[:, 0, :, :end], atol=1e-6)
+
+
+def expected_layout(steps, first, n, S, T):
+    """A pass's bias [n, 1, S, T], row_index and layout_index built from each step's visibility mask as
+    Engine.forward builds one: the committed columns, then the region's lower triangle (a chain) or ancestors."""
+    bias = np.full((n, 1, S, T), -np.inf, np.float32)
+    bias[:, :, :, 0] = 0.0
+    rows, layout = [], []
+    for j in range(n):
+        step = next((s for s in steps if s.slot == first + j), None)
+        k = 1 if step is None else len(step.tokens)
+        start = len(rows)
+        rows += [j * S + i for i in range(k)]
+        layout += [start + min(i, k - 1) for i in range(S)]
+        if step is None:
+            continue
+        W = step.length
+        C = W if step.committed is None else step.committed
+        region = W + k - C
+        mask = np.tril(np.ones((region, region), bool)) if step.parents is None else ancestor_mask(step.parents)
+        bias[j, 0, :k, :C] = 0.0
+        bias[j, 0, :k, C:W + k][mask[-k:]] = 0.0
+    return bias, np.array(rows), np.array(layout)
+
+
+@pytest.mark.parametrize("k", [1, 2, 8, 9])
+def test_a_pass_lays_out_each_slots_rows_as_its_mask_says(tiny_bundle, monkeypatch, k):
+    """What a pass binds (attention bias, the products' row_index and the attention's layout_index), written row
+    by row for short chains, against masks built from scratch: a chain of k rows, one after committed columns of
+    a region, a tree, and an idle slot between them."""
+    _, be = batch_engine(tiny_bundle)
+    seen = {}
+
+    def capture(first, n, S, T, R, ids, pos, bias, *rest):
+        seen.update(first=first, n=n, S=S, T=T, bias=bias.copy())
+    monkeypatch.setattr(be, "_bind_and_run", capture)
+    rng = np.random.default_rng(k)
+    tree = np.array([-1, 0, 0, 1, -1, 3]) + 2  # after two region columns visible to all of it
+    steps = [SlotStep(0, rng.integers(3, 300, k), 20),
+             SlotStep(2, rng.integers(3, 300, k), 31, committed=28),
+             SlotStep(3, rng.integers(3, 300, 6), 17, committed=15, parents=np.concatenate([[-1, 0], tree]))]
+    be.run(steps)
+    bias, rows, layout = expected_layout(steps, seen["first"], seen["n"], seen["S"], seen["T"])
+    assert seen["first"] == 0 and seen["n"] == 4
+    np.testing.assert_array_equal(seen["bias"], bias)
+    np.testing.assert_array_equal(be._row_index[:len(rows)], rows)
+    np.testing.assert_array_equal(be._layout_index[:len(layout)], layout)
 
 
 JOBS = [dict(drafter="model"), dict(drafter="lookup", tree="dynamic:8"), dict(drafter="layerskip:2"),

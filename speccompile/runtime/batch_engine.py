@@ -22,6 +22,10 @@ from speccompile.runtime.engine import BIAS_WIDTH_STEP, NEG_INF, ancestor_mask, 
 from speccompile.runtime.kv_cache import KVCache
 from speccompile.runtime.sessions import bind_host, check_graph, run_bound
 
+# A chain's bias rows up to this many are written row by row (a decode step's one row, a short chain): cheaper than
+# building its visibility mask, which a prefill chunk's many rows still use.
+CHAIN_ROWS_BY_ROW = 8
+
 
 @dataclasses.dataclass
 class SlotStep:
@@ -77,6 +81,13 @@ class BatchEngine:
         self._top_k = np.zeros(B * S, np.int64)
         self._noise_rows = np.zeros((0, self.vocab_size), np.float32)  # grown to the most rows a noisy pass had
         self._io: dict[tuple[int, int], tuple[ort.IOBinding, dict]] = {}  # per slot run: binding, bound shapes
+        # the buffers every pass binds and their addresses: a pass binds them or views of their first rows
+        self._buffers = {name: (buf, buf.ctypes.data) for name, buf in (
+            ("input_ids", self._id_buf), ("position_ids", self._pos_buf), ("seqlens_k", self._seqlens),
+            ("query_seqlens", self._qlens), ("attention_bias", self._bias), ("logits_index", self._rows),
+            ("row_index", self._row_index), ("layout_index", self._layout_index), ("logits", self.logits),
+            ("next_token", self.next_token), ("hidden_states", self.hidden), ("aux_hidden_states", self.aux),
+            ("full_logits", self._full_logits), ("noise_top_k", self._top_k)) if buf is not None}
         self.weight_bytes = sum(os.path.getsize(resolve_inside(bundle_dir, w)) for w in entry["weights"])
 
     def _binding(self, first: int, n: int):
@@ -142,18 +153,21 @@ class BatchEngine:
                            self._top_ks(R, noisy), int(self._qlens[:n].sum()) if self.packed else n * S)
         return {b: (self.logits[r], self.next_token[r], h) for b, (r, h) in out.items()}
 
-    def _pack(self, n: int, S: int) -> np.ndarray:
+    def _pack(self, n: int, S: int) -> list[int]:
         """Where each slot's rows start among the rows the graph's products run: the real rows alone, packed
         (row_index; layout_index sends a padding position to its slot's last real row, which nothing reads
-        there), or the whole [n, S] layout for a graph before version 4."""
+        there), or the whole [n, S] layout for a graph before version 4. In Python: a pass has a few slots, and
+        numpy's per-call cost exceeds the work."""
         if not self.packed:
-            return np.arange(n) * S
-        qlens = self._qlens[:n].astype(np.int64)
-        starts = np.concatenate([[0], np.cumsum(qlens)[:-1]])
-        P = int(qlens.sum())
-        slot_of = np.repeat(np.arange(n), qlens)
-        self._row_index[:P] = slot_of * S + (np.arange(P) - starts[slot_of])
-        self._layout_index[:n * S] = (starts[:, None] + np.minimum(np.arange(S), qlens[:, None] - 1)).ravel()
+            return [j * S for j in range(n)]
+        starts, rows, layout = [], [], []
+        for j, q in enumerate(self._qlens[:n].tolist()):
+            start = len(rows)
+            starts.append(start)
+            rows.extend(range(j * S, j * S + q))
+            layout.extend(start + min(i, q - 1) for i in range(S))
+        self._row_index[:len(rows)] = rows
+        self._layout_index[:n * S] = layout
         return starts
 
     def _fill_slot(self, j: int, step: SlotStep, ids: np.ndarray, pos: np.ndarray, bias: np.ndarray) -> None:
@@ -163,6 +177,10 @@ class BatchEngine:
         ids[:k] = step.tokens
         pos[:k] = np.arange(W, W + k) if step.positions is None else step.positions
         self._seqlens[j], self._qlens[j] = W + k - 1, k
+        if step.parents is None and k <= CHAIN_ROWS_BY_ROW:  # a chain: row i sees every column up to its own
+            for i in range(k):
+                bias[i, :W + i + 1] = 0.0
+            return
         region = W + k - C
         visible = (np.tril(np.ones((region, region), bool)) if step.parents is None
                    else ancestor_mask(np.asarray(step.parents)))[-k:]
@@ -207,7 +225,9 @@ class BatchEngine:
         io, bound = self._binding(first, n)
 
         def bind(name, buf, shape, output=False):
-            bind_host(io, bound, name, buf, shape, output, self._rebind_inputs)
+            own = self._buffers.get(name)
+            address = own[1] if own is not None and (buf is own[0] or buf.base is own[0]) else None
+            bind_host(io, bound, name, buf, shape, output, self._rebind_inputs, address)
 
         bind("input_ids", ids, [n, S])
         bind("position_ids", pos, [n, S])

@@ -109,13 +109,14 @@ def providers_for(device: str) -> list[str]:
 
 
 def bind_host(io: ort.IOBinding, bound: dict, name: str, buf: np.ndarray, shape: list[int], output: bool = False,
-              rebind_inputs: bool = False) -> None:
+              rebind_inputs: bool = False, address: int | None = None) -> None:
     """Bind `buf`'s host memory as `name` with `shape`, unless `bound` (this binding's record) shows that exact
     binding in place: on the CPU, onnxruntime reads and writes bound host memory by address at run time, so
     refilling a buffer needs no new binding. For a graph on a device it copies a host input when it is bound, not
     when the graph runs: there (rebind_inputs) every input is bound again before each pass; outputs are still
-    copied back when the graph runs."""
-    key = (buf.ctypes.data, tuple(shape))
+    copied back when the graph runs. address: `buf`'s, where the caller knows it (reading it costs more than the
+    rest of a binding that stands)."""
+    key = (buf.ctypes.data if address is None else address, tuple(shape))
     if bound.get(name) != key or (rebind_inputs and not output):
         (io.bind_output if output else io.bind_input)(name, "cpu", 0, buf.dtype.type, shape, key[0])
         bound[name] = key
