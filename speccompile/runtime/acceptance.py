@@ -202,7 +202,8 @@ class SpecDecodeStats:
     verified_on_host: int = 0
     committed_per_pass: dict[int, int] = dataclasses.field(default_factory=dict)
     accepted_per_depth: list[list[int]] = dataclasses.field(default_factory=list)  # per depth [accepted, tried]
-    adaptive: dict | None = None  # adaptive drafting's choices (runtime/adaptive.py summary), if it drafted
+    adapt: object = None  # the request's runtime/adaptive.AdaptiveDrafting, where it drafts adaptively: as_dict
+    # gives its summary, its choices so far (once it planned a pass)
     logprobs: object = None  # runtime/logprobs.Logprobs where the request asks for them (not in as_dict)
     prompt_logprobs: object = None  # the same for the prompt's tokens after the first
 
@@ -245,7 +246,8 @@ class SpecDecodeStats:
             if ttft_s is not None and total_s > ttft_s else 0.0,
             mean_accepted_tokens=self.mean_accepted_tokens,
             acceptance_rate_per_depth=[a / b for a, b in self.accepted_per_depth],
-            target_weight_bytes=weight_bytes, prefill_passes=prefill_passes, adaptive=self.adaptive,
+            target_weight_bytes=weight_bytes, prefill_passes=prefill_passes,
+            adaptive=self.adapt.summary() if self.adapt is not None and self.adapt.passes else None,
             # bytes the target's weights cost per pass over the whole run: memory-bound decoding streams them all
             achieved_weight_bandwidth_gbps=weight_bytes * (self.verify_steps + prefill_passes) / total_s / 1e9
             if total_s > 0 else 0.0)

@@ -67,6 +67,7 @@ class DecodeLoop:
         params, noise = sampled_by_noise(params, self.noise_ok, self.target.vocab_size)  # then greedy + noise
         adapt = (self.adaptive_for(drafter, tree, full_rows(params, stats.logprobs), noise is not None)
                  if tree is not None and tree.adaptive else None)
+        stats.adapt = adapt
         token = self._prefill(prompt, drafter, params, draws, stats, noise)
         context = np.concatenate([np.asarray(prompt, np.int64), np.zeros(max_new_tokens, np.int64)])
         n, generated = len(prompt), 1
@@ -89,7 +90,6 @@ class DecodeLoop:
                 reach.update(len(path), prop.depth)
             if adapt:
                 adapt.update(path)
-                stats.adaptive = adapt.summary()
             stats.record(len(prop.tokens), len(path), prop.depth, in_graph)
             yield new
 

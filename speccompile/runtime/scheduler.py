@@ -144,6 +144,7 @@ class Scheduler(Turns):
         adapt = (self.gen.adaptive_for(drafter, tree, full_rows(params, req.logprobs), noise is not None)
                  if tree is not None and tree.adaptive else None)
         reach = None if adapt else LookupReach.joining(tree, self.gen.lookup_reach_limit)  # as Generator.steps
+        handle.stats.adapt = adapt
         cache = self.slot_caches[b]
         cache.truncate(0)
         slot = Slot(b, handle, cache, drafter, np.random.default_rng(req.params.seed), context, reach, adapt,
@@ -317,6 +318,5 @@ class Scheduler(Turns):
             s.reach.update(len(path), prop.depth)
         if s.adapt:
             s.adapt.update(path, alone)
-            s.handle.stats.adaptive = s.adapt.summary()
         s.handle.stats.record(len(prop.tokens), len(path), prop.depth, in_graph)
         self._emit(s, [*accepted.tolist(), verdict.token])
