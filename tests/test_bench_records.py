@@ -454,3 +454,29 @@ def test_plot_draws_each_method_s_figures_in_its_own_series(monkeypatch):
     assert bars == [(10.0, to_rgba("tab:blue")), (15.0, to_rgba("tab:blue")), (30.0, to_rgba("tab:blue")),
                     (5.0, to_rgba("tab:gray"))]
     plt.close(fig)
+
+
+def test_plot_draws_the_concurrency_mode_s_streams(monkeypatch, tmp_path):
+    """--streams: a fourth panel, a bar of aggregate tokens/s per number of streams labelled with its ratio over the
+    requests served one after another (the dashed line), and which runs were not identical to their runs alone."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from speccompile.bench import plot
+    section = {"requests": 8, "max_new_tokens": 64, "drafter": "lookup", "sequential": {"tokens_per_second": 100.0},
+               "streams": {"1": {"tokens_per_second": 98.0, "speedup_vs_sequential": 0.98, "identical": True},
+                           "4": {"tokens_per_second": 205.0, "speedup_vs_sequential": 2.04, "identical": False}}}
+    fig, ax = plt.subplots()
+    plot._concurrency(ax, section)
+    assert [p.get_height() for p in ax.patches] == [98.0, 205.0]
+    assert [t.get_text() for t in ax.texts] == ["0.98x", "2.04x\nnot identical"]
+    assert [tick.get_text() for tick in ax.get_xticklabels()] == ["1", "4"]
+    assert [line.get_ydata()[0] for line in ax.get_lines()] == [100.0]
+    plt.close(fig)
+    drawn = []
+    monkeypatch.setattr(plot, "_concurrency", lambda ax, s: drawn.append(s))
+    result = plotted_result() | {"concurrency": section}
+    monkeypatch.setattr(plot, "plot_title", lambda r: "title")
+    plot.plot(result, str(tmp_path / "streams.png"))
+    assert drawn == [section] and (tmp_path / "streams.png").stat().st_size > 0

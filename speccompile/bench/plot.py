@@ -141,6 +141,25 @@ def _tokens_per_second(ax, result: dict) -> None:
     ax.set(title="Median tokens/s\n(blue: speccompile, gray: transformers)", xlabel="tokens/s")
 
 
+def _concurrency(ax, section: dict) -> None:
+    """Aggregate tokens/s per number of concurrent streams, each bar labelled with its ratio over the same requests
+    served one after another (the dashed line) and whether every request's tokens equalled its run alone."""
+    streams = list(section["streams"])
+    runs = [section["streams"][n] for n in streams]
+    bars = ax.bar(range(len(streams)), [r["tokens_per_second"] for r in runs], color="tab:blue")
+    for bar, r in zip(bars, runs):
+        label = f"{r['speedup_vs_sequential']:.2f}x" + ("" if r["identical"] else "\nnot identical")
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                    fontsize=8)
+    ax.axhline(section["sequential"]["tokens_per_second"], color="tab:gray", linestyle="--",
+               label="one after another")
+    ax.set_xticks(range(len(streams)), streams)
+    ax.set(title=f"{section['requests']} requests x {section['max_new_tokens']} tokens, drafter "
+                 f"{section['drafter'] or 'none'}\n(aggregate tokens/s; label: x one after another)",
+           xlabel="concurrent streams", ylabel="tokens/s")
+    ax.legend(loc="upper left", fontsize=8)
+
+
 def plot_formats() -> dict[str, str]:
     """The file formats matplotlib writes here: extension -> description."""
     plt = _matplotlib()
@@ -153,15 +172,18 @@ def plot_formats() -> dict[str, str]:
 
 def plot(result: dict, path: str) -> None:
     """Three panels: how many tokens each pass commits (or, for many drafters, each drafter's spread over all
-    prompts), the per-prompt speedups per category, the tokens/s of each method."""
+    prompts), the per-prompt speedups per category, the tokens/s of each method; a fourth with the concurrency
+    mode's streams (--streams)."""
     plt = _matplotlib()
     speculative = [m["name"] for m in result["methods"] if m["drafter"] and m["engine"] == "speccompile"]
     colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(speculative)}
     spreads = group_speedups(result, speculative)
     many = len(speculative) > MAX_SIDE_BY_SIDE
-    fig, (ax_left, ax_cat, ax_speed) = plt.subplots(
-        1, 3, figsize=(22, 6.5) if many else (18, 5.5), gridspec_kw={"width_ratios": [1, 2.2, 1] if many else
-                                                                      [1, 1.6, 1]})
+    streams = "concurrency" in result
+    ratios = ([1, 2.2, 1] if many else [1, 1.6, 1]) + ([1] if streams else [])
+    fig, axes = plt.subplots(1, len(ratios), figsize=((22 if many else 18) + 6 * streams, 6.5 if many else 5.5),
+                             gridspec_kw={"width_ratios": ratios})
+    ax_left, ax_cat, ax_speed = axes[:3]
     if many:
         _overall_spread(ax_left, spreads, speculative, colors)
         _speedup_table(ax_cat, result, spreads, speculative)
@@ -169,6 +191,8 @@ def plot(result: dict, path: str) -> None:
         _committed_per_pass(ax_left, result["summary"]["overall"], speculative, colors)
         _speedups_by_category(ax_cat, spreads, speculative, colors)
     _tokens_per_second(ax_speed, result)
+    if streams:
+        _concurrency(axes[3], result["concurrency"])
     fig.suptitle(plot_title(result), fontsize=10)
     fig.tight_layout()
     ext = os.path.splitext(path)[1][1:].lower() or "png"  # exactly `path`: matplotlib would add ".png"

@@ -41,7 +41,8 @@ def _ints(option: str, value: str | None) -> list[int]:
 @click.option("--top-k", default=0, show_default=True, help="With --temperature: sample from the k likeliest tokens.")
 @click.option("--threads", default=None, type=int, help="Intra-op threads (default: all cores).")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write the result document here.")
-@click.option("--plot", "plot_out", type=click.Path(), default=None, help="Write a PNG of three panels here.")
+@click.option("--plot", "plot_out", type=click.Path(), default=None,
+              help="Write a PNG of three panels here (a fourth with --streams).")
 @click.option("--compare-transformers", is_flag=True,
               help="Also run the same target (and drafting) through transformers generate.")
 @click.option("--multi-turn", type=int, default=None, metavar="TURNS",
