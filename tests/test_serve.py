@@ -149,6 +149,7 @@ def test_chat_greedy_equals_the_generator_plain_and_streamed(state, client):
     assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
     assert u["prompt_cache_hit_tokens"] + u["prompt_cache_miss_tokens"] == u["prompt_tokens"]
     assert u["prompt_cache_hit_tokens"] > 0  # the reference call just above left this prompt's blocks in the cache
+    assert res.usage.prompt_tokens_details.cached_tokens == u["prompt_cache_hit_tokens"]  # OpenAI's own field
     assert u["mean_accepted_tokens"] == pytest.approx(ref.stats["mean_accepted_tokens"], abs=1e-3)
     assert u["verify_passes"] == ref.stats["verify_steps"]
     chunks = list(client.chat.completions.create(model="tiny-serve", messages=user("seven zebras"),

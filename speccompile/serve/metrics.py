@@ -31,10 +31,11 @@ def accepted_per_position(stats: dict) -> list[int]:
 
 
 def usage(prompt_tokens: int, completion_tokens: int, stats: dict) -> dict:
-    """OpenAI's usage, DeepSeek's cache fields, and the speculative figures of the request."""
+    """OpenAI's usage (its prompt_tokens_details.cached_tokens: the cache's hits, as OpenAI's and vLLM's report
+    them), DeepSeek's cache fields, and the speculative figures of the request."""
     hit, miss = prompt_cache_tokens(stats, prompt_tokens)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": hit},
             "prompt_cache_hit_tokens": hit, "prompt_cache_miss_tokens": miss,
             "mean_accepted_tokens": round(float(stats.get("mean_accepted_tokens", 1.0)), 4),
             "verify_passes": int(stats.get("verify_steps", 0))}
