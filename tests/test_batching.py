@@ -123,8 +123,8 @@ def test_a_pass_lays_out_each_slots_rows_as_its_mask_says(tiny_bundle, monkeypat
     _, be = batch_engine(tiny_bundle)
     seen = {}
 
-    def capture(first, n, S, T, R, ids, pos, bias, *rest):
-        seen.update(first=first, n=n, S=S, T=T, bias=bias.copy())
+    def capture(first, n, S, T, *rest):
+        seen.update(first=first, n=n, S=S, T=T, bias=be._bias[:n * S * T].reshape(n, 1, S, T).copy())
     monkeypatch.setattr(be, "_bind_and_run", capture)
     rng = np.random.default_rng(k)
     tree = np.array([-1, 0, 0, 1, -1, 3]) + 2  # after two region columns visible to all of it

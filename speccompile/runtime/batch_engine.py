@@ -81,13 +81,6 @@ class BatchEngine:
         self._top_k = np.zeros(B * S, np.int64)
         self._noise_rows = np.zeros((0, self.vocab_size), np.float32)  # grown to the most rows a noisy pass had
         self._io: dict[tuple[int, int], tuple[ort.IOBinding, dict]] = {}  # per slot run: binding, bound shapes
-        # the buffers every pass binds and their addresses: a pass binds them or views of their first rows
-        self._buffers = {name: (buf, buf.ctypes.data) for name, buf in (
-            ("input_ids", self._id_buf), ("position_ids", self._pos_buf), ("seqlens_k", self._seqlens),
-            ("query_seqlens", self._qlens), ("attention_bias", self._bias), ("logits_index", self._rows),
-            ("row_index", self._row_index), ("layout_index", self._layout_index), ("logits", self.logits),
-            ("next_token", self.next_token), ("hidden_states", self.hidden), ("aux_hidden_states", self.aux),
-            ("full_logits", self._full_logits), ("noise_top_k", self._top_k)) if buf is not None}
         self.weight_bytes = sum(os.path.getsize(resolve_inside(bundle_dir, w)) for w in entry["weights"])
 
     def _binding(self, first: int, n: int):
@@ -149,7 +142,7 @@ class BatchEngine:
             if step.noise is not None:
                 noisy.append((out[step.slot][0], step.noise))
             R += len(rows)
-        self._bind_and_run(first, n, S, T, R, ids, pos, bias, full_logits, self._noise(R, noisy),
+        self._bind_and_run(first, n, S, T, R, full_logits, self._noise(R, noisy),
                            self._top_ks(R, noisy), int(self._qlens[:n].sum()) if self.packed else n * S)
         return {b: (self.logits[r], self.next_token[r], h) for b, (r, h) in out.items()}
 
@@ -220,20 +213,19 @@ class BatchEngine:
             top_k[rows] = getattr(rows_noise, "top_k", 0)
         return top_k
 
-    def _bind_and_run(self, first, n, S, T, R, ids, pos, bias, full_logits, noise, top_k, P) -> None:
-        """P: the rows the products run, whose hidden states come back."""
+    def _bind_and_run(self, first, n, S, T, R, full_logits, noise, top_k, P) -> None:
+        """The pass's inputs, filled in the engine's buffers ([n, S] ids and positions, [n, 1, S, T] bias), bound and
+        run. P: the rows the products run, whose hidden states come back."""
         io, bound = self._binding(first, n)
 
         def bind(name, buf, shape, output=False):
-            own = self._buffers.get(name)
-            address = own[1] if own is not None and (buf is own[0] or buf.base is own[0]) else None
-            bind_host(io, bound, name, buf, shape, output, self._rebind_inputs, address)
+            bind_host(io, bound, name, buf, shape, output, self._rebind_inputs)
 
-        bind("input_ids", ids, [n, S])
-        bind("position_ids", pos, [n, S])
+        bind("input_ids", self._id_buf, [n, S])  # the buffers themselves, of which ids, pos and bias are views
+        bind("position_ids", self._pos_buf, [n, S])
         bind("seqlens_k", self._seqlens, [n])
         bind("query_seqlens", self._qlens, [n])
-        bind("attention_bias", bias, [n, 1, S, T])
+        bind("attention_bias", self._bias, [n, 1, S, T])
         bind("logits_index", self._rows, [R])
         if self.packed:
             bind("row_index", self._row_index, [P])
@@ -249,5 +241,5 @@ class BatchEngine:
         if noise is not None:
             bind("sample_noise", noise, list(noise.shape))
         if top_k is not None:
-            bind("noise_top_k", top_k, [len(top_k)])
+            bind("noise_top_k", self._top_k, [len(top_k)])  # top_k views its first elements
         run_bound(self.session, io, self.entry["graph"])

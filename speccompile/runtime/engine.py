@@ -246,7 +246,7 @@ class Engine:
         self._bind(io, "input_ids", self._ids, [1, S])
         self._bind(io, "position_ids", self._pos, [1, S])
         self._bind(io, "seqlens_k", self._seqlens, [1])
-        self._bind(io, "attention_bias", bias, [1, 1, S, T])
+        self._bind(io, "attention_bias", self._bias, [1, 1, S, T])  # the buffer `bias` views
         self._bind(io, "logits_index", self._rows, [R])
         self._bind(io, "next_token", self.next_token, [R], output=True)
         self._bind(io, "hidden_states", self.hidden, [S, self.hidden.shape[1]], output=True)

@@ -109,17 +109,19 @@ def providers_for(device: str) -> list[str]:
 
 
 def bind_host(io: ort.IOBinding, bound: dict, name: str, buf: np.ndarray, shape: list[int], output: bool = False,
-              rebind_inputs: bool = False, address: int | None = None) -> None:
+              rebind_inputs: bool = False) -> None:
     """Bind `buf`'s host memory as `name` with `shape`, unless `bound` (this binding's record) shows that exact
     binding in place: on the CPU, onnxruntime reads and writes bound host memory by address at run time, so
     refilling a buffer needs no new binding. For a graph on a device it copies a host input when it is bound, not
     when the graph runs: there (rebind_inputs) every input is bound again before each pass; outputs are still
-    copied back when the graph runs. address: `buf`'s, where the caller knows it (reading it costs more than the
-    rest of a binding that stands)."""
-    key = (buf.ctypes.data if address is None else address, tuple(shape))
-    if bound.get(name) != key or (rebind_inputs and not output):
-        (io.bind_output if output else io.bind_input)(name, "cpu", 0, buf.dtype.type, shape, key[0])
-        bound[name] = key
+    copied back when the graph runs. The binding is `shape` at `buf`'s address: a buffer larger than the shape binds
+    its first elements, so a pass binds an engine's own buffers, the same objects each time, whose address is read
+    once (reading `ndarray.ctypes.data` costs more than the rest of a binding that stands)."""
+    last = bound.get(name)
+    address = last[0] if last is not None and last[2] is buf else buf.ctypes.data
+    if last is None or last[:2] != (address, tuple(shape)) or (rebind_inputs and not output):
+        (io.bind_output if output else io.bind_input)(name, "cpu", 0, buf.dtype.type, shape, address)
+    bound[name] = (address, tuple(shape), buf)
 
 
 def ancestor_mask(parents: np.ndarray) -> np.ndarray:
