@@ -104,6 +104,9 @@ from the contract above:
   extension: the host accepts from next_token (greedy) or the logits (sampled). With the exact greedy head the
   inputs full_logits (false: estimated logits, exact next_token) and sample_noise stay. Before version 4 the
   whole layout ran: no row_index or layout_index, logits_index and the hidden states over all N * S rows.
+  A draft head's batched form (model kind head_batch, version 5, `{head}_batch` beside an MTP or EAGLE head's graph,
+  over a cache of its own slots) takes hidden_in [1, P, H], one feature per real row in row_index's order, and has
+  no screen inputs: the slots' draft heads catch up with their sequences in one pass (runtime/shared_heads.py).
 """
 from __future__ import annotations
 
@@ -117,7 +120,7 @@ DECODER_GRAPH_VERSION = 7  # 7: noise_top_k; 6: sample_noise; 5: scratch slots (
 # what `quantization.formats` may say of a matrix: float32, a GGUF block type kept as it is stored (joined types
 # as "q4_k+q6_k as 8-bit blocks of 16"), or a block-wise quantization of float weights by `build --weights`
 WEIGHT_FORMATS = ("float32", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k", "int4", "int8")
-BATCH_GRAPH_VERSION = 4  # the batched form (above); 2: sample_noise; 3: noise_top_k; 4: packed rows
+BATCH_GRAPH_VERSION = 5  # the batched form (above); 2: sample_noise; 3: noise_top_k; 4: packed rows; 5: draft heads
 KERNEL_DOMAIN = "speccompile.kernels"  # speccompile's own onnxruntime CPU kernels (plugins/q4_matmul)
 DEFAULT_MAX_BATCH = 4  # sequence slots of the batched graph unless the build says otherwise
 VERIFY_DEFAULTS = {"node_parents": [-1], "temperature": [0.0], "top_k": [0], "uniforms": [[0.0, 0.0]],
@@ -155,11 +158,12 @@ def decoder_signature(num_layers: int, num_kv_heads: int, head_dim: int, max_seq
     """(inputs, outputs): lists of (name, dtype, shape); symbolic dims are strings. An MTP draft head has the
     same signature plus the input `hidden_in` (the target's hidden state, one row per token); verify=True adds
     the verify extension; aux_width > 0 adds the output aux_hidden_states [S, aux_width]; screen (with verify)
-    adds the input full_logits of the exact greedy head. batched: the batched form (no verify, no MTP).
+    adds the input full_logits of the exact greedy head. batched: the batched form (no verify; with mtp, a draft
+    head's: hidden_in one row per real row, packed)
     scratch: cache slots past max_seq_len the graph's attention may write (LMAX = max_seq_len + scratch)."""
     if batched:
         return _batched_signature(num_layers, num_kv_heads, head_dim, max_seq_len + scratch, vocab_size,
-                                  hidden_size, aux_width, screen)
+                                  hidden_size, aux_width, screen, mtp)
     cache = [1, num_kv_heads, max_seq_len + scratch, head_dim]
     inputs = [("hidden_in", "float32", [1, "S", hidden_size])] if mtp else []
     inputs += [
@@ -186,9 +190,11 @@ def decoder_signature(num_layers: int, num_kv_heads: int, head_dim: int, max_seq
     return inputs, outputs
 
 
-def _batched_signature(num_layers, num_kv_heads, head_dim, max_seq_len, vocab_size, hidden_size, aux_width, screen):
+def _batched_signature(num_layers, num_kv_heads, head_dim, max_seq_len, vocab_size, hidden_size, aux_width, screen,
+                       mtp):
     cache = ["N", num_kv_heads, max_seq_len, head_dim]
-    inputs = [("input_ids", "int64", ["N", "S"]), ("position_ids", "int64", ["N", "S"]),
+    inputs = [("hidden_in", "float32", [1, "P", hidden_size])] if mtp else []
+    inputs += [("input_ids", "int64", ["N", "S"]), ("position_ids", "int64", ["N", "S"]),
               ("seqlens_k", "int32", ["N"]), ("query_seqlens", "int32", ["N"]),
               ("attention_bias", "float32", ["N", 1, "S", "T"]), ("row_index", "int64", ["P"]),
               ("layout_index", "int64", ["NS"]), ("logits_index", "int64", ["R"])]

@@ -297,7 +297,7 @@ def test_greedy_slots_of_a_shared_pass_draft_within_its_rows(count):
     slot's pending token and its drafts, at least one draft node a slot."""
     rooms = []
     gen = types.SimpleNamespace(trees_exact=True, max_seq_len=1000,
-                                propose_adaptive=lambda *args, **kw: rooms.append(args[3]))
+                                plan_adaptive=lambda *args, **kw: rooms.append(args[3]) or Proposal.empty())
     slots = [types.SimpleNamespace(index=i, adapt=object(), drafter=None, context=np.zeros(50, np.int64), n=20,
                                    generated=1, req=types.SimpleNamespace(max_new_tokens=500), rng=None,
                                    params=types.SimpleNamespace(greedy=True)) for i in range(count)]

@@ -456,7 +456,7 @@ def test_a_request_that_cannot_join_gets_its_error_alone(tiny_generator, monkeyp
     solo = g.generate(p[0], 24).token_ids
     fork = g.fork_drafter
 
-    def failing(name):
+    def failing(name, slot):
         raise SpeccompileError("drafter could not be loaded")
     a = g.stream(p[0], 24)
     got = list(next(a).token_ids)

@@ -56,7 +56,8 @@ def test_every_model_records_the_contract_of_its_graph(tmp_path, head):
     m = build(tmp_path / "b", "tiny:llama", "--max-seq-len", 64, "--draft", f"mtp:{head}", "--draft", "layerskip:1")
     versions = {name: e.get("graph_version") for name, e in m["models"].items()}
     assert versions == {"target": DECODER_GRAPH_VERSION, "target_batch": BATCH_GRAPH_VERSION,
-                        "mtp_head": DECODER_GRAPH_VERSION, "early_exit_1": DECODER_GRAPH_VERSION}
+                        "mtp_head": DECODER_GRAPH_VERSION, "mtp_head_batch": BATCH_GRAPH_VERSION,
+                        "early_exit_1": DECODER_GRAPH_VERSION}
     source = m["models"]["mtp_head"]["source"]
     assert source["path"] == str(head) and len(source["sha256"]) == 64
 

@@ -34,7 +34,7 @@ from speccompile.compile.quantize.head_screen import quantize_head
 from speccompile.compile.quantize.kernel_form import int8_records, kernels_pay, use_kernel
 from speccompile.compile.quantize.target_weights import WeightReport, check_mode, quantize_target
 from speccompile.compile.weights.decoder import lower_weights
-from speccompile.compile.model_entries import decoder_entry
+from speccompile.compile.model_entries import batched_form, decoder_entry
 from speccompile.compile.precision import apply_precision, check_dtype
 from speccompile.compile.sources import load_checkpoint, shipped_head
 from speccompile.errors import SpeccompileError, given, option
@@ -287,9 +287,7 @@ def _batched_target(parts: BundleParts, cfg: ModelConfig, target_w: dict, screen
     the same weights (target.bin), so it costs the bundle only its graph. Dense GQA models with the fused kernel."""
     if opts.max_batch == 1:  # (its range was checked with the other options, _check_request)
         return
-    layers = range(cfg.num_hidden_layers)
-    if (cfg.is_mla or any(cfg.is_moe_layer(i) for i in layers) or any(cfg.is_sliding(i) for i in layers)
-            or opts.attention not in ("ort", "kernel") or opts.dtype != "float32"):
+    if not batched_form(cfg, opts.attention, opts.dtype):
         progress("      batched graph skipped: MLA, mixture-of-experts, sliding windows, float16 and non-ort attention "
                  "run one sequence per pass")
         return

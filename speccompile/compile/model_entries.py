@@ -6,7 +6,7 @@ import os
 
 from speccompile.compile.config import ModelConfig
 from speccompile.compile.sources import sha256_path
-from speccompile.graphs import DECODER_GRAPH_VERSION, decoder_signature
+from speccompile.graphs import BATCH_GRAPH_VERSION, DECODER_GRAPH_VERSION, decoder_signature
 from speccompile.plugins import tree_attention
 
 
@@ -34,3 +34,20 @@ def decoder_entry(name: str, cfg: ModelConfig, num_layers: int, max_seq_len: int
 def source_entry(path: str) -> dict:
     """Where a head file (or directory) came from, to tell two builds apart."""
     return {"path": os.path.abspath(path), "sha256": sha256_path(path)}
+
+
+def batched_form(cfg: ModelConfig, attention: str, dtype: str) -> bool:
+    """Whether a build has the batched form of speccompile.graphs: dense GQA models of full attention, float32,
+    with the fused kernel or speccompile's (the others run one sequence per pass)."""
+    layers = range(cfg.num_hidden_layers)
+    return not (cfg.is_mla or any(cfg.is_moe_layer(i) for i in layers) or any(cfg.is_sliding(i) for i in layers)
+                or attention not in ("ort", "kernel") or dtype != "float32")
+
+
+def batched_entry(entry: dict, name: str, max_batch: int, kind: str, signature: tuple) -> dict:
+    """A model entry's batched form (speccompile.graphs): its graph, kind, slots and signature; the rest (weights,
+    config, cache) the same."""
+    ins, outs = signature
+    return entry | {"graph": f"{name}.onnx", "kind": kind, "max_batch": max_batch, "graph_version": BATCH_GRAPH_VERSION,
+                    "inputs": [{"name": n, "dtype": d, "shape": s} for n, d, s in ins],
+                    "outputs": [{"name": n, "dtype": d, "shape": s} for n, d, s in outs]}

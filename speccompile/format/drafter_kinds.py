@@ -14,6 +14,7 @@ from speccompile.errors import SpeccompileError, given
 
 MAX_LOOKUP_NGRAM = 64  # the longest n-gram `lookup:N` matches (the manifest schema's bound on max_ngram)
 FUSE_MODEL_KIND = "eagle3_fc"  # the manifest kind of EAGLE-3's fc graph (a drafter's "fuse_model")
+BATCHED_HEAD_KIND = "head_batch"  # a draft head's batched form (a drafter's "batch_model"; speccompile.graphs)
 
 @dataclasses.dataclass(frozen=True)
 class DrafterKind:

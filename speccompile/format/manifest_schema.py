@@ -40,7 +40,7 @@ _KV_CACHE = {"type": "object", "required": ["num_layers", "num_kv_heads", "head_
                             "dtype": {"enum": ["float32", "float16", "bfloat16"]}}}
 # the models the runtime runs through its Engine or BatchEngine (a static KV cache, logits out); Medusa and
 # EAGLE-3's fc have none
-ENGINE_KINDS = ["decoder", "decoder_batch", "mtp_head", "eagle_head", "eagle3_head"]
+ENGINE_KINDS = ["decoder", "decoder_batch", "mtp_head", "eagle_head", "eagle3_head", "head_batch"]
 _LOGITS = {"type": "object", "properties": {"name": {"const": "logits"}, "shape": {"prefixItems": [{}, _VOCAB],
                                                                                     "minItems": 2}}}
 
@@ -83,6 +83,7 @@ _TREE = {"type": "object", "required": ["kind", "size", "paths", "depth"],
                         "lookup": {"type": "integer", "minimum": 0, "maximum": MAX_TREE_NODES}}}
 _DRAFTER = {"type": "object", "required": ["name", "kind", "num_draft"],
             "properties": {"name": _STRING, "kind": {"enum": sorted(KINDS)}, "model": _STRING, "fuse_model": _STRING,
+                           "batch_model": _STRING,
                            "num_draft": {"type": "integer", "minimum": 1, "maximum": MAX_TREE_NODES},
                            "max_ngram": {"type": "integer", "minimum": 1, "maximum": MAX_LOOKUP_NGRAM},
                            "tree": {"anyOf": [{"type": "null"}, _TREE]}}}

@@ -22,7 +22,8 @@ from speccompile.errors import BundleError
 from speccompile.graphs import BATCH_GRAPH_VERSION, DECODER_GRAPH_VERSION, KERNEL_DOMAIN
 
 # the newest graph contract this runtime reads, per model kind that records one (every older one still runs)
-READABLE_GRAPH_VERSIONS = {"decoder": DECODER_GRAPH_VERSION, "decoder_batch": BATCH_GRAPH_VERSION}
+READABLE_GRAPH_VERSIONS = {"decoder": DECODER_GRAPH_VERSION, "decoder_batch": BATCH_GRAPH_VERSION,
+                           "head_batch": BATCH_GRAPH_VERSION}
 
 _OPSET_IMPORT, _DOMAIN, _VERSION = 8, 1, 2  # ModelProto.opset_import; OperatorSetIdProto.domain and .version
 _DEFAULT_DOMAIN_ALIASES = {"ai.onnx": ""}

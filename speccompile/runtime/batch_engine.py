@@ -40,6 +40,7 @@ class SlotStep:
     committed: int | None = None
     rows: np.ndarray | None = None  # default: the last token
     noise: list | None = None  # a [V] row per wanted row, added to its logits before the argmax (runtime/noise.py)
+    hidden_in: np.ndarray | None = None  # a draft head's graph: the feature before each token, [len(tokens), H]
 
     @property
     def wanted(self) -> np.ndarray:
@@ -72,6 +73,8 @@ class BatchEngine:
         self.logits = np.zeros((B * S, self.vocab_size), np.float32)
         self.next_token = np.zeros(B * S, np.int64)
         self.hidden = np.zeros((B * S, entry["config"]["hidden_size"]), np.float32)
+        self.takes_hidden = "hidden_in" in {i.name for i in self.session.get_inputs()}  # a draft head's batched form
+        self._hidden_in = np.zeros_like(self.hidden) if self.takes_hidden else None
         aux = next((o["shape"][1] for o in entry["outputs"] if o["name"] == "aux_hidden_states"), 0)
         self.aux = np.zeros((B * S, aux), np.float32) if aux else None
         optional = {i.name for i in self.session.get_overridable_initializers()}
@@ -130,6 +133,8 @@ class BatchEngine:
             else:
                 self._fill_slot(j, step, ids[j], pos[j], bias[j, 0])
         starts = self._pack(n, S)
+        if self.takes_hidden:
+            self._pack_hidden(n, S, starts, by_slot, first)
         R = 0
         out, noisy = {}, []
         for j in range(n):
@@ -162,6 +167,18 @@ class BatchEngine:
         self._row_index[:len(rows)] = rows
         self._layout_index[:n * S] = layout
         return starts
+
+    def _pack_hidden(self, n: int, S: int, starts: list[int], by_slot: dict, first: int) -> None:
+        """A draft head's hidden_in: each slot's features at its packed rows (an idle slot's row: zeros)."""
+        for j in range(n):
+            step, q = by_slot.get(first + j), int(self._qlens[j])
+            rows = self._hidden_in[starts[j]:starts[j] + q]
+            if step is None:
+                rows.fill(0.0)
+            elif step.hidden_in is None or len(step.hidden_in) != q:
+                raise SpeccompileError(f"slot {step.slot}: a draft head's step takes one feature row per token")
+            else:
+                rows[:] = step.hidden_in
 
     def _fill_slot(self, j: int, step: SlotStep, ids: np.ndarray, pos: np.ndarray, bias: np.ndarray) -> None:
         """Row j of the pass's inputs from one slot's step: its ids, positions and [S, T] bias rows."""
@@ -221,6 +238,8 @@ class BatchEngine:
         def bind(name, buf, shape, output=False):
             bind_host(io, bound, name, buf, shape, output, self._rebind_inputs)
 
+        if self.takes_hidden:
+            bind("hidden_in", self._hidden_in, [1, P, self._hidden_in.shape[1]])
         bind("input_ids", self._id_buf, [n, S])  # the buffers themselves, of which ids, pos and bias are views
         bind("position_ids", self._pos_buf, [n, S])
         bind("seqlens_k", self._seqlens, [n])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from speccompile.runtime.adaptive import AdaptiveDrafting
 from speccompile.runtime.context_cache import ContextCache
 from speccompile.runtime.calibration import CALIBRATION_PROMPT
 from speccompile.runtime.cost_model import CostModel
+from speccompile.runtime.estimates import Plan
 from speccompile.runtime.drafters.base import Drafter, Proposal
 from speccompile.runtime.drafters.lookup import LookupDrafter, LookupReach, join_lookup
 from speccompile.runtime.logprobs import Logprobs, full_rows
@@ -34,6 +35,14 @@ PLAIN_TIMED_EVERY = 4
 # a joined tree's lookup continuations reach at most this many times L deep (drafters/lookup.py LookupReach): a
 # wide pass costs a few narrow ones, so a repeating answer may commit that many more tokens for it
 LOOKUP_REACH_LIMIT = 4
+
+
+class Planned(NamedTuple):
+    """Adaptive drafting's plan for one pass, before its drafts are made (DecodeLoop.plan_adaptive)."""
+    plan: Plan
+    match: tuple | None  # prompt lookup's match
+    cap: int  # the draft nodes the pass may verify
+    room: int  # the tokens the request may still take
 
 
 def prefill_spans(length: int, hit: int, scored_rows: int = 0) -> list[tuple[int, int]]:
@@ -156,23 +165,36 @@ class DecodeLoop:
         """The drafter's dynamic tree as deep as the plan says (or none), joined by prompt lookup, cut to the nodes
         worth verifying (maybe none: a plain step). match: prompt lookup's here, if the caller has it;
         lookup_only: no drafter pass, prompt lookup's nodes alone (a shared pass's rows)."""
+        planned = self.plan_adaptive(context, drafter, adapt, room, match, lookup_only)
+        if isinstance(planned, Proposal):
+            return planned
+        return self.draft_planned(context, drafter, adapt, planned, params, rng)
+
+    def plan_adaptive(self, context, drafter: Drafter, adapt: AdaptiveDrafting, room: int, match: tuple | None = None,
+                      lookup_only: bool = False) -> Proposal | Planned:
+        """propose_adaptive's plan, before any drafter pass: a Proposal where it drafts nothing (a plain step)."""
         cap = min(room, self.target.max_rows - 1)
         if cap <= 0:
             return adapt.skip()
-        lookup = self.lookup_of(drafter)
-        match = adapt.matches(lookup, context) if match is None and adapt.reach else match
+        match = adapt.matches(self.lookup_of(drafter), context) if match is None and adapt.reach else match
         plan = (adapt.lookup_plan(cap) if lookup_only else
                 adapt.plan(len(context), match[1] if match else 0, drafter.rows_behind(len(context))))
         match_len = match[1] if match else 0
         nodes = min(plan.lookup_nodes, cap)
         if not adapt.may_verify(plan, match_len, len(context), nodes):  # a plain step: no tree to build and weigh
             return adapt.plain(plan, match_len, len(context))
+        return Planned(plan, match, cap, room)
+
+    def draft_planned(self, context, drafter: Drafter, adapt: AdaptiveDrafting, planned: Planned, params,
+                      rng) -> Proposal:
+        """A plan's drafts: the drafter's tree (plan.head_depth > 0), prompt lookup's nodes, cut to those worth it."""
+        plan, match, cap, room = planned
         prop = Proposal.empty()
         if plan.head_depth:
             prop = adapt.draft(drafter, context, plan, cap, params, rng)
         head, scores = len(prop.tokens), prop.scores
         if plan.lookup_nodes:
-            prop = join_lookup(prop, context, lookup, min(plan.lookup_nodes, max(0, cap - head)),
+            prop = join_lookup(prop, context, self.lookup_of(drafter), min(plan.lookup_nodes, max(0, cap - head)),
                                min(room, plan.lookup_nodes), match)
         return adapt.choose(prop, head, scores, plan, len(context))
 

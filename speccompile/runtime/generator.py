@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import threading
 import time
@@ -75,7 +76,8 @@ class Generator(DecodeLoop):
         self.pass_bytes = pass_weight_bytes(manifest, target, self.target.weight_bytes)
         self.tokenizer = BundleTokenizer(resolve_inside(bundle_dir, manifest["tokenizer"]["dir"]),
                                          target["config"].get("eos_token_ids", ()))
-        self._ctx = ctx = RuntimeContext(bundle_dir, manifest, threads, device, self.target, MAX_VERIFY_TOKENS)
+        self._ctx = ctx = RuntimeContext(bundle_dir, manifest, threads, device, self.target, MAX_VERIFY_TOKENS,
+                                         slots=cache.batch if cache else 1)
         self.drafters: dict[str, Drafter] = {d["name"]: load_drafter(d, ctx) for d in manifest["drafters"]}
         self.num_draft = {d["name"]: d["num_draft"] for d in manifest["drafters"]}
         self.trees = {d["name"]: TreeSpec.from_dict(d["tree"]) if d.get("tree") else None
@@ -96,9 +98,15 @@ class Generator(DecodeLoop):
                                           cache_dir=cache_dir) if kept else None
         self.scheduler = Scheduler(self, cache, batched) if cache else None
 
-    def fork_drafter(self, name: str) -> Drafter:
-        """A second instance of a bundle drafter, with state of its own (a sequence slot's)."""
-        return load_drafter(next(d for d in self.manifest["drafters"] if d["name"] == name), self._ctx)
+    @property
+    def drafter_context(self) -> RuntimeContext:
+        """What the bundle's drafters were loaded with (the head caches their slots share among it)."""
+        return self._ctx
+
+    def fork_drafter(self, name: str, slot: int) -> Drafter:
+        """A second instance of a bundle drafter, with state of its own (sequence slot `slot`'s)."""
+        return load_drafter(next(d for d in self.manifest["drafters"] if d["name"] == name),
+                            dataclasses.replace(self._ctx, slot=slot))
 
     @classmethod
     def load(cls, bundle_dir: str, threads: int | None = None, device: str = "cpu", verify: bool = True, **cache):

@@ -35,6 +35,7 @@ from speccompile.runtime.logprobs import full_rows
 from speccompile.runtime.noise import sampled_by_noise
 from speccompile.runtime.sampling import PositionDraws
 from speccompile.runtime.shared_drafts import propose_shared
+from speccompile.runtime.shared_heads import SharedHeads
 from speccompile.runtime.slots import DONE, Handle, Slot, prefix_leader, without_cancelled
 from speccompile.runtime.text_stream import TextStream
 from speccompile.runtime.turns import Turns
@@ -58,6 +59,7 @@ class Scheduler(Turns):
         # slot whose prompt chunk rides in the pass last
         self.shared_passes = 0  # decode passes that verified two or more slots at once (or one and a prompt chunk)
         self.mix_prefill = True  # a joining request's chunk may ride in a decode pass (MIXED_CHUNK)
+        self.heads = SharedHeads(gen.drafter_context, lambda: check_unchanged(gen.bundle_dir, self.loaded))
 
     @property
     def engine(self) -> BatchEngine:
@@ -67,6 +69,11 @@ class Scheduler(Turns):
             check_unchanged(g.bundle_dir, self.loaded)
             self._engine = BatchEngine(g.bundle_dir, self.entry, self.cache, g.threads, g.device, g.target.min_rows)
         return self._engine
+
+    def _catch_up_heads(self, slots: list[Slot]) -> None:
+        """The catch-up passes of the slots' draft heads, one per head shared by several (runtime/shared_heads.py)."""
+        self.heads.catch_up(slots, lambda name: {0: self.gen.drafters[name]} | {
+            b: d for (b, n), d in self._drafters.items() if n == name})
 
     # ---- a round -----------------------------------------------------------------------------------------
     def _round(self) -> None:
@@ -133,7 +140,7 @@ class Scheduler(Turns):
             key = (b, drafter.name)
             if key not in self._drafters:
                 check_unchanged(self.gen.bundle_dir, self.loaded)
-                self._drafters[key] = self.gen.fork_drafter(drafter.name)
+                self._drafters[key] = self.gen.fork_drafter(drafter.name, b)
             drafter = self._drafters[key]
         if drafter is not None:
             drafter.reset()
@@ -249,7 +256,7 @@ class Scheduler(Turns):
             s.n += 1
         shared = len(slots) > 1 or mixed or slots[0].index  # the batched graph's pass
         inside = self._rows_left() - 1 if shared else self.gen.max_seq_len  # drafts that keep it inside the cache
-        propose_shared(self.gen, slots, inside)
+        propose_shared(self.gen, slots, inside, self._catch_up_heads)
         if not shared:  # alone: as Generator.steps, its graph
             s = slots[0]
             if self.trace is not None:

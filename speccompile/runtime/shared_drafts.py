@@ -6,6 +6,7 @@ that its seed's draws do not depend on what else runs.
 """
 from __future__ import annotations
 
+from speccompile.runtime.drafters.base import Proposal
 from speccompile.runtime.slots import Slot
 
 # Rows a shared verify pass aims at: a pass's cost grows with its rows, so when several greedy slots decode, their
@@ -23,12 +24,15 @@ SHARED_LOOKUP_SLOTS = 2
 SHARED_LOOKUP_MIN = 0.5
 
 
-def propose_shared(gen, slots: list[Slot], inside: int) -> None:
+def propose_shared(gen, slots: list[Slot], inside: int, catch_up=None) -> None:
     """Each slot's drafts. A greedy slot's output does not depend on them: they stay `inside` the pass and
     share its rows. A sampled slot drafts as it would alone: its draws follow its drafts (a chain drawn from
-    a draft model is accepted with a uniform per draft), so a seed gives its tokens whatever shares the pass."""
+    a draft model is accepted with a uniform per draft), so a seed gives its tokens whatever shares the pass.
+    catch_up(slots): runs, before they draft, the catch-up passes of the slots about to draft with a head
+    (runtime/shared_heads.py)."""
     share = max(1, SHARED_PASS_ROWS // len(slots) - 1) if gen.trees_exact else 0  # per greedy slot
     by_lookup = lookup_slots(gen, slots) if len(slots) > 1 and not gen.trees_exact else {}
+    drafting = []  # (slot, its plan or its room): the slots whose drafter drafts
     for s in slots:
         room = min(s.req.max_new_tokens - s.generated - 1, gen.max_seq_len - s.n)
         if s.params.greedy:
@@ -39,9 +43,20 @@ def propose_shared(gen, slots: list[Slot], inside: int) -> None:
             s.prop = gen.propose_adaptive(s.context[:s.n], s.drafter, s.adapt, room, s.params, s.rng,
                                           by_lookup[s.index], lookup_only=True)
         elif s.adapt:  # alone it plans as Generator.steps does; shared, within the slot's share of the rows
-            s.prop = gen.propose_adaptive(s.context[:s.n], s.drafter, s.adapt, room, s.params, s.rng)
+            planned = gen.plan_adaptive(s.context[:s.n], s.drafter, s.adapt, room)
+            if isinstance(planned, Proposal):
+                s.prop = planned
+            else:
+                drafting.append((s, planned))
         else:
-            s.prop = gen.propose(s.context[:s.n], s.drafter, s.req.k, s.req.tree, room, s.reach, s.params, s.rng)
+            drafting.append((s, room))
+    if catch_up is not None and len(drafting) > 1:
+        catch_up([s for s, plan in drafting if s.drafter and (plan.plan.head_depth if s.adapt else plan > 0)])
+    for s, plan in drafting:
+        if s.adapt:
+            s.prop = gen.draft_planned(s.context[:s.n], s.drafter, s.adapt, plan, s.params, s.rng)
+        else:
+            s.prop = gen.propose(s.context[:s.n], s.drafter, s.req.k, s.req.tree, plan, s.reach, s.params, s.rng)
 
 
 def lookup_slots(gen, slots: list[Slot]) -> dict[int, tuple]:

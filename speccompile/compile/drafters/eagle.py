@@ -9,19 +9,23 @@ small graph `eagle3_fc` when target rows are committed.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
+from typing import Callable
 
 from speccompile.compile.checkpoint import EagleHead
 from speccompile.compile.config import ModelConfig, _config_value
 from speccompile.compile.rope import rope_parameters
-from speccompile.compile.drafters.base import DrafterBuild, Graph, TargetBuild
+from speccompile.compile.drafters.base import DrafterBuild, TargetBuild
+from speccompile.compile.drafters.batched_heads import BATCH_SUFFIX, add_batched_head
 from speccompile.compile.drafters.head_weights import head_shared_weights, int8_draft_head
 from speccompile.compile.graph.draft_heads import build_eagle3_fc, build_eagle3_head, build_eagle_head
 from speccompile.compile.weights.eagle import lower_eagle_head
 from speccompile.compile.model_entries import decoder_entry, source_entry
 from speccompile.compile.safetensors_files import PICKLE_SUFFIXES, read_safetensors, refuse_pickle
+from speccompile.graphs.builder import GraphBuilder
 from speccompile.errors import CheckpointError, ConfigError, UnsupportedModelError
 from speccompile.format.drafter_kinds import DraftSpec
 
@@ -46,7 +50,8 @@ def build(spec: DraftSpec, target: TargetBuild) -> DrafterBuild:
         target.progress(f"      quantize: the {kind} head's matrices to int8 (speccompile.compile.quantize.int8)")
         weights = int8_draft_head(weights, target.weights, target.int8_kernel)
     wfile, name = f"{kind}.bin", f"{kind}_head"
-    graphs = {name: _head_graph(head, hcfg, weights, target)}
+    graph = _head_graph(head, hcfg, weights, target)
+    graphs = {name: (graph(name=name), [wfile, "target.bin"])}
     model = decoder_entry(name, hcfg, 1, opts.max_seq_len, [wfile, "target.bin"], opts.attention, mtp=True,
                           draft_vocab=None if d2t is None else len(d2t))
     model |= {"kind": name, "target_features": taps, "source": source_entry(spec.arg)}
@@ -58,19 +63,21 @@ def build(spec: DraftSpec, target: TargetBuild) -> DrafterBuild:
         graphs[fuse] = (build_eagle3_fc(cfg, hcfg, weights["mtp.eagle3.fc"]), [wfile])
         models[fuse] = _fuse_entry(fuse, wfile, cfg, hcfg)
         entry["fuse_model"] = fuse
+    add_batched_head(name, hcfg, functools.partial(graph, name=name + BATCH_SUFFIX), [wfile, "target.bin"], target,
+                     graphs, models, entry)
     return DrafterBuild(entry=entry, weights={wfile: weights}, graphs=graphs, models=models)
 
 
-def _head_graph(head: EagleHead, hcfg: ModelConfig, weights: dict, target: TargetBuild) -> Graph:
-    """The head's decoder block; EAGLE-3's fc is not in it (it runs in eagle3_fc)."""
-    kind, opts = head.version, target.options
+def _head_graph(head: EagleHead, hcfg: ModelConfig, weights: dict, target: TargetBuild) -> Callable[..., GraphBuilder]:
+    """The head's decoder block, built by calling the result (name=, batched=); EAGLE-3's fc is not in it (it runs
+    in eagle3_fc)."""
+    opts = target.options
     head_w = {k: v for k, v in weights.items() if k != "mtp.eagle3.fc"} | head_shared_weights(weights, target.weights)
-    if kind == "eagle":
-        graph = build_eagle_head(hcfg, head_w, opts.max_seq_len, attention=opts.attention, fused=opts.fused)
-    else:
-        graph = build_eagle3_head(hcfg, head_w, opts.max_seq_len, attention=opts.attention, fused=opts.fused,
-                                  norm_before_residual=bool(head.config.get("norm_before_residual")))
-    return graph, [f"{kind}.bin", "target.bin"]
+    if head.version == "eagle":
+        return functools.partial(build_eagle_head, hcfg, head_w, opts.max_seq_len, attention=opts.attention,
+                                 fused=opts.fused)
+    return functools.partial(build_eagle3_head, hcfg, head_w, opts.max_seq_len, attention=opts.attention,
+                             fused=opts.fused, norm_before_residual=bool(head.config.get("norm_before_residual")))
 
 
 def _fuse_entry(name: str, wfile: str, cfg: ModelConfig, hcfg: ModelConfig) -> dict:

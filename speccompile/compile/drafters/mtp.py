@@ -3,6 +3,7 @@ bare: the head shipped for the target), one decoder block over mtp.bin that shar
 unless it has a draft vocabulary of its own, the target's output head."""
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -10,6 +11,7 @@ from safetensors import safe_open
 
 from speccompile.compile.config import ModelConfig
 from speccompile.compile.drafters.base import DrafterBuild, TargetBuild
+from speccompile.compile.drafters.batched_heads import BATCH_SUFFIX, add_batched_head
 from speccompile.compile.drafters.head_weights import head_shared_weights, int8_draft_head
 from speccompile.compile.graph.draft_heads import build_mtp_head
 from speccompile.compile.graph.output import NORM_TAP
@@ -47,8 +49,9 @@ def build(spec: DraftSpec, target: TargetBuild) -> DrafterBuild:
     features = target_features(spec, cfg)
     assert all(t in target.features for t in features)  # the driver asked target_features
     # DeepSeek-V3's layer drafts further on its own output after shared_head.norm, as it reads the target's
-    graph = build_mtp_head(block, weights | head_shared_weights(weights, target_w), opts.max_seq_len,
-                           attention=opts.attention, fused=opts.fused, name=NAME, normed_hidden=bool(features))
+    graph = functools.partial(build_mtp_head, block, weights | head_shared_weights(weights, target_w),
+                              opts.max_seq_len, attention=opts.attention, fused=opts.fused,
+                              normed_hidden=bool(features))
     files = [WEIGHTS, "target.bin"]
     model = decoder_entry(NAME, cfg, 1, opts.max_seq_len, files, opts.attention, mtp=True,
                           draft_vocab=None if d2t is None else len(d2t))
@@ -57,8 +60,10 @@ def build(spec: DraftSpec, target: TargetBuild) -> DrafterBuild:
     if features:
         model["target_features"] = features
     model["source"] = source_entry(path)
-    return DrafterBuild(entry={"model": NAME}, weights={WEIGHTS: weights}, graphs={NAME: (graph, files)},
-                        models={NAME: model})
+    graphs, models, entry = {NAME: (graph(name=NAME), files)}, {NAME: model}, {"model": NAME}
+    add_batched_head(NAME, block, functools.partial(graph, name=NAME + BATCH_SUFFIX), files, target, graphs, models,
+                     entry)
+    return DrafterBuild(entry=entry, weights={WEIGHTS: weights}, graphs=graphs, models=models)
 
 
 def draft_vocabulary(head: dict, cfg: ModelConfig, path: str) -> np.ndarray | None:

@@ -6,7 +6,7 @@ import numpy as np
 
 from speccompile.compile.config import ModelConfig
 from speccompile.compile.graph.head_screen import emit_screened_head
-from speccompile.compile.graph.layers import Stack, close_graph, decoder_layers, open_graph
+from speccompile.compile.graph.layers import Stack, close_graph, decoder_layers, open_graph, packed_ids
 from speccompile.compile.graph.output import float_head, greedy_token, hidden_outputs
 from speccompile.compile.graph.verify import emit_verify, sampling_flag
 from speccompile.compile.weights.names import layer_of
@@ -38,7 +38,7 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
         return (layer_of(k) is None or layer_of(k) < L) and (screen or not k.startswith("head_screen."))
 
     s = open_graph(name, cfg, signature, weights, keep, attention, fused)
-    h = s.g.op("Gather", [s.W["embed"], _packed_ids(s.g) if batched else "input_ids"], axis=0)[0]
+    h = s.g.op("Gather", [s.W["embed"], packed_ids(s.g) if batched else "input_ids"], axis=0)[0]
     if cfg.embed_scale != 1:  # Gemma: embeddings times sqrt(hidden_size); the tied output head is unscaled
         h = s.g.op("Mul", [h, s.g.const(np.array(cfg.embed_scale, np.float32))])[0]
     x = s.norm(h, s.W["l0.attn_norm"]) if L else h
@@ -55,13 +55,6 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
     else:
         greedy_token(s.g, float_head(s.g, rows, s.W.get("lm_head", s.W["embed"])))
     return close_graph(s, signature)
-
-
-def _packed_ids(g: GraphBuilder) -> str:
-    """A batched pass's real rows' token ids, [1, P] (input row_index into the [N, S] layout): every product runs
-    over them alone, and only the attention lays them out per slot (graph/attention.py)."""
-    flat = g.op("Reshape", ["input_ids", g.const(np.array([-1], np.int64))])[0]
-    return g.op("Unsqueeze", [g.op("Gather", [flat, "row_index"], axis=0)[0], g.const(np.array([0], np.int64))])[0]
 
 
 def _verified_head(s: Stack, rows: str, batch: str, screen: bool) -> None:

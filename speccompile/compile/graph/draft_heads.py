@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from speccompile.compile.config import ModelConfig
-from speccompile.compile.graph.layers import Stack, close_graph, decoder_layers, open_graph
+from speccompile.compile.graph.layers import Stack, close_graph, decoder_layers, open_graph, packed_ids
 from speccompile.compile.graph.linear import matmul
 from speccompile.compile.graph.output import draft_head, greedy_token, hidden_outputs
 from speccompile.compile.weights.names import layer_of
@@ -27,23 +27,25 @@ from speccompile.plugins import tree_attention
 
 
 def build_mtp_head(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len: int, attention: str = "ort",
-                   fused: bool = True, name: str = "mtp_head", normed_hidden: bool = False) -> GraphBuilder:
+                   fused: bool = True, name: str = "mtp_head", normed_hidden: bool = False,
+                   batched: bool = False) -> GraphBuilder:
     """normed_hidden: the hidden states it outputs (what it reads at the next depth) after its final norm, not
-    before (DeepSeek-V3's own layer, which reads the target's output after the final norm)."""
-    s, signature = _open_head(name, cfg, weights, max_seq_len, attention, fused)
+    before (DeepSeek-V3's own layer, which reads the target's output after the final norm). batched: the batched
+    form (speccompile.graphs), each head of this module the same."""
+    s, signature = _open_head(name, cfg, weights, max_seq_len, attention, fused, batched)
     g, W = s.g, s.W
-    e = g.op("Gather", [W.get("mtp.embed", W["embed"]), "input_ids"], axis=0)[0]
+    e = _embedding(s)
     both = g.op("Concat", [s.norm(e, W["mtp.enorm"]), s.norm("hidden_in", W["mtp.hnorm"])], axis=-1)[0]
     z = matmul(g, both, W, "mtp.eh_proj")
     return _close_head(s, signature, s.norm(z, W["mtp.l0.attn_norm"]), z, W["mtp.norm"], normed_hidden)
 
 
 def build_eagle_head(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len: int, attention: str = "ort",
-                     fused: bool = True, name: str = "eagle_head") -> GraphBuilder:
+                     fused: bool = True, name: str = "eagle_head", batched: bool = False) -> GraphBuilder:
     """EAGLE-1/2: the block's first layer has no input norm (its input is z) and its output is fed on as it is."""
-    s, signature = _open_head(name, cfg, weights, max_seq_len, attention, fused)
+    s, signature = _open_head(name, cfg, weights, max_seq_len, attention, fused, batched)
     g, W = s.g, s.W
-    e = g.op("Gather", [W.get("mtp.embed", W["embed"]), "input_ids"], axis=0)[0]
+    e = _embedding(s)
     e, f = (s.norm(e, W["mtp.enorm"]), s.norm("hidden_in", W["mtp.hnorm"])) if "mtp.enorm" in W else (e, "hidden_in")
     z = matmul(g, g.op("Concat", [e, f], axis=-1)[0], W, "mtp.fc")
     if "mtp.fc_bias" in W:
@@ -53,12 +55,12 @@ def build_eagle_head(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_l
 
 def build_eagle3_head(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len: int, attention: str = "ort",
                       fused: bool = True, name: str = "eagle3_head",
-                      norm_before_residual: bool = False) -> GraphBuilder:
+                      norm_before_residual: bool = False, batched: bool = False) -> GraphBuilder:
     """EAGLE-3: hidden_in is the fused feature f (build_eagle3_fc's output, or the head's own previous output).
     norm_before_residual (vLLM's variant): the residual is hidden_norm(f) instead of f."""
-    s, signature = _open_head(name, cfg, weights, max_seq_len, attention, fused)
+    s, signature = _open_head(name, cfg, weights, max_seq_len, attention, fused, batched)
     g, W = s.g, s.W
-    e = g.op("Gather", [W.get("mtp.embed", W["embed"]), "input_ids"], axis=0)[0]
+    e = _embedding(s)
     f = s.norm("hidden_in", W["mtp.hidden_norm"])
     x = g.op("Concat", [s.norm(e, W["mtp.l0.attn_norm"]), f], axis=-1)[0]
     return _close_head(s, signature, x, f if norm_before_residual else "hidden_in", W["mtp.norm"])
@@ -74,12 +76,12 @@ def build_eagle3_fc(target: ModelConfig, head: ModelConfig, fc: np.ndarray) -> G
     return g
 
 
-def _open_head(name, cfg, weights, max_seq_len, attention, fused) -> tuple[Stack, tuple]:
+def _open_head(name, cfg, weights, max_seq_len, attention, fused, batched) -> tuple[Stack, tuple]:
     """A head graph's inputs and weights. Of the target's screen it reads the int8 matrix only (an int8 head over
     the full vocabulary scores with it)."""
     vocab = len(weights["mtp.d2t"]) if "mtp.d2t" in weights else cfg.vocab_size
     signature = decoder_signature(1, cfg.cache_kv_heads, cfg.cache_head_dim, max_seq_len, vocab, cfg.hidden_size,
-                                  True, False, aux_width=0, screen=False,
+                                  True, False, aux_width=0, screen=False, batched=batched,
                                   scratch=tree_attention.scratch_slots(attention))
 
     def keep(k):
@@ -87,6 +89,12 @@ def _open_head(name, cfg, weights, max_seq_len, attention, fused) -> tuple[Stack
                 and (not k.startswith("head_screen.") or k in ("head_screen.codes", "head_screen.scales")))
 
     return open_graph(name, cfg, signature, weights, keep, attention, fused), signature
+
+
+def _embedding(s: Stack) -> str:
+    """The embedding of the step's tokens (a batched graph's real rows, packed)."""
+    ids = packed_ids(s.g) if s.query_seqlens else "input_ids"
+    return s.g.op("Gather", [s.W.get("mtp.embed", s.W["embed"]), ids], axis=0)[0]
 
 
 def _close_head(s: Stack, signature, x: str, h: str, final_norm: str | None,

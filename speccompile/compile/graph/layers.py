@@ -47,6 +47,13 @@ def open_graph(name: str, cfg: ModelConfig, signature, weights: dict[str, np.nda
                  query_seqlens="query_seqlens" if batched else "", kernels=kernels)
 
 
+def packed_ids(g: GraphBuilder) -> str:
+    """A batched pass's real rows' token ids, [1, P] (input row_index into the [N, S] layout): every product runs
+    over them alone, and only the attention lays them out per slot (graph/attention.py)."""
+    flat = g.op("Reshape", ["input_ids", g.const(np.array([-1], np.int64))])[0]
+    return g.op("Unsqueeze", [g.op("Gather", [flat, "row_index"], axis=0)[0], g.const(np.array([0], np.int64))])[0]
+
+
 def close_graph(s: Stack, signature) -> GraphBuilder:
     for n, dt, shape in signature[1]:
         s.g.output(n, dt, shape)

@@ -18,6 +18,7 @@ import numpy as np
 from speccompile.format.trees import TreeSpec, depths
 from speccompile.runtime.context_cache import Arrays, Part
 from speccompile.runtime.engine import Engine
+from speccompile.runtime.kv_cache import KVCache
 from speccompile.runtime.sampling import SamplingParams
 
 
@@ -30,10 +31,26 @@ class RuntimeContext:
     device: str
     target: Engine  # the loaded target (its vocabulary, context length, features)
     max_rows: int  # rows a draft engine may be asked for in one pass
+    slots: int = 1  # sequence slots sharing the target's passes (runtime/scheduler.py)
+    slot: int = 0  # the slot a drafter instance serves
+    head_caches: dict = dataclasses.field(default_factory=dict)  # drafter name -> its batched head cache
 
     def model(self, entry: dict) -> dict:
         """The manifest entry of the model a drafter entry names."""
         return self.manifest["models"][entry["model"]]
+
+    def head_cache(self, entry: dict) -> KVCache | None:
+        """The cache a draft head's engine binds where its slots share passes of the head's batched form
+        (runtime/shared_heads.py): slot `slot` of one cache for all slots; None (a cache of its own) elsewhere."""
+        batch = self.manifest["models"].get(entry.get("batch_model", ""))
+        if self.slots < 2 or self.device != "cpu" or not batch or batch.get("max_batch", 1) < self.slots:
+            return None
+        if entry["name"] not in self.head_caches:
+            kv = batch["kv_cache"]
+            self.head_caches[entry["name"]] = KVCache(batch["num_layers"], kv["num_kv_heads"], kv["max_seq_len"],
+                                                      kv["head_dim"], kv.get("dtype", "float32"), batch=self.slots,
+                                                      scratch=kv.get("scratch_slots", 0))
+        return self.head_caches[entry["name"]].slot(self.slot)
 
 
 @dataclasses.dataclass

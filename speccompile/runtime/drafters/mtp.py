@@ -24,7 +24,7 @@ from speccompile.runtime.sampling import probabilities, sample
 
 def load(entry: dict, ctx: RuntimeContext) -> "MtpDrafter":
     model = ctx.model(entry)
-    engine = Engine(ctx.bundle_dir, model, ctx.threads, ctx.device, max_rows=ctx.max_rows)
+    engine = Engine(ctx.bundle_dir, model, ctx.threads, ctx.device, max_rows=ctx.max_rows, cache=ctx.head_cache(entry))
     return MtpDrafter(entry["name"], engine, model.get("draft_to_target"), ctx.target.vocab_size,
                       aux_columns(entry["name"], model, ctx.manifest["models"]["target"]))
 
@@ -59,10 +59,12 @@ class MtpDrafter(Drafter):
         self.d2t = _token_map(name, draft_to_target, engine.vocab_size, self.target_vocab)
         self.h = np.zeros((engine.max_seq_len, engine.hidden.shape[1]), np.float32)  # target hidden per position
         self.known = 0  # self.h[:known] is valid
+        self._ready = None  # (upto, token, logits, hidden): the last pair's result where a shared pass ran it
 
     def reset(self) -> None:
         self.engine.cache.truncate(0)
         self.known = 0
+        self._ready = None
 
     def state_parts(self) -> dict[str, Part]:
         """features: what observe() kept per position (the head cannot catch up without them); kv: the head's
@@ -81,6 +83,7 @@ class MtpDrafter(Drafter):
         return None
 
     def load_state(self, part, tokens, arrays) -> None:
+        self._ready = None
         if part == "features":
             self.h[:len(arrays["h"])] = arrays["h"]
             self.known = len(arrays["h"])
@@ -106,11 +109,33 @@ class MtpDrafter(Drafter):
         start, upto = self._pending(context_len)
         return max(1, upto - start)
 
+    def catch_up_step(self, context: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray] | None:
+        """What _catch_up would run, for a pass of the head's batched form beside other slots' heads
+        (runtime/shared_heads.py): (the first cache slot it writes, tokens, positions, features); None where nothing
+        is to run or one pass cannot hold it."""
+        start, upto = self._pending(len(context))
+        if upto < 1 or upto - start > MAX_STEP_TOKENS or self._ready_for(context, upto):
+            return None
+        return start, context[start + 1:upto + 1], np.arange(start + 1, upto + 1), self.h[start:upto]
+
+    def caught_up(self, context: np.ndarray, logits: np.ndarray, hidden: np.ndarray) -> None:
+        """catch_up_step's pass ran elsewhere: its K/V are in this head's cache, its last row's logits and hidden
+        state these."""
+        _, upto = self._pending(len(context))
+        self.engine.cache.truncate(upto)
+        self._ready = (upto, int(context[upto]), logits.copy(), hidden.copy())
+
+    def _ready_for(self, context: np.ndarray, upto: int) -> bool:
+        return (self._ready is not None and self._ready[0] == upto == self.engine.cache.length
+                and self._ready[1] == context[upto])
+
     def _catch_up(self, context: np.ndarray):
         """Run the head over the true pairs not yet in its cache; returns (logits, hidden) of the last pair,
         which predict the token after the context."""
         eng, cache = self.engine, self.engine.cache
         start, upto = self._pending(len(context))
+        if self._ready_for(context, upto):
+            return self._ready[2], self._ready[3]
         cache.truncate(start)
         while cache.length < upto:
             t0 = cache.length

@@ -1,0 +1,126 @@
+"""Draft heads' batched form (runtime/shared_heads.py): the slots' heads catch up in one pass of it, and draft
+exactly what each would after a pass of its own graph."""
+import types
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import speccompile
+from speccompile.compile.driver import build_bundle
+from speccompile.compile.presets import tiny_mtp_head
+from speccompile.compile.sources import load_checkpoint
+from speccompile.format.bundle import read_manifest
+from speccompile.format.trees import TreeSpec
+from speccompile.runtime.batch_engine import BatchEngine, SlotStep
+from speccompile.runtime.engine import Engine
+from speccompile.runtime.kv_cache import KVCache
+from speccompile.runtime.sampling import SamplingParams
+from speccompile.runtime.shared_heads import SharedHeads
+
+from conftest import quiet, random_prompts
+
+
+@pytest.fixture(scope="module")
+def mtp_bundle(tmp_path_factory):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    d = tmp_path_factory.mktemp("shared_heads")
+    head = d / "head.safetensors"
+    safetensors_numpy.save_file(tiny_mtp_head(load_checkpoint("tiny:llama").config), str(head))
+    build_bundle("tiny:llama", str(d / "b"), drafts=[f"mtp:{head}"], max_seq_len=256, num_draft=3, progress=quiet)
+    return str(d / "b")
+
+
+def test_the_build_emits_the_heads_batched_form(mtp_bundle, tmp_path):
+    m = read_manifest(mtp_bundle)
+    mtp = next(d for d in m["drafters"] if d["name"] == "mtp")
+    batch = m["models"][mtp["batch_model"]]
+    assert batch["kind"] == "head_batch" and batch["max_batch"] == 4
+    assert batch["weights"] == m["models"][mtp["model"]]["weights"]  # the head's own files: no copy
+    assert "hidden_in" in {i["name"] for i in batch["inputs"]}
+    build_bundle("tiny:llama", str(tmp_path / "one"), drafts=[f"mtp:{m['models']['mtp_head']['source']['path']}"],
+                 max_seq_len=256, max_batch=1, progress=quiet)
+    one = read_manifest(str(tmp_path / "one"))
+    assert "batch_model" not in one["drafters"][-1] and "mtp_head_batch" not in one["models"]
+
+
+def test_batched_head_rows_equal_the_heads_own_graph(mtp_bundle):
+    """Three slots' catch-ups of different lengths (one after committed rows), a slot idle between them: logits,
+    argmax, hidden states and cache rows equal the head's single-sequence graph's; the idle slot's rows untouched."""
+    m = read_manifest(mtp_bundle)
+    entry, kv = m["models"]["mtp_head_batch"], m["models"]["mtp_head_batch"]["kv_cache"]
+    cache = KVCache(1, kv["num_kv_heads"], kv["max_seq_len"], kv["head_dim"], batch=4,
+                    scratch=kv.get("scratch_slots", 0))
+    be = BatchEngine(mtp_bundle, entry, cache, threads=1)
+    rng = np.random.default_rng(1)
+    H = entry["config"]["hidden_size"]
+    solo = [Engine(mtp_bundle, m["models"]["mtp_head"], threads=1) for _ in range(4)]
+    cache.key[:, 2, :, :6] = rng.standard_normal(cache.key[:, 2, :, :6].shape)
+    idle_rows = cache.key[:, 2, :, :6].copy()
+    lengths = {0: 0, 1: 0, 3: 0}
+    for sizes in ((3, 7, 1), (2, 1, 5)):  # the second after the first's rows, committed
+        steps = [SlotStep(b, rng.integers(3, 300, n), lengths[b], positions=np.arange(n) + lengths[b] + 1,
+                          rows=np.arange(n), hidden_in=rng.standard_normal((n, H)).astype(np.float32))
+                 for b, n in zip(lengths, sizes)]
+        out = be.run(steps, idle={2: 6})
+        for st in steps:
+            e = solo[st.slot]
+            e.cache.truncate(st.length)
+            lengths[st.slot] = st.length + len(st.tokens)
+            logits, argmax = e.forward(st.tokens, st.positions, rows=st.rows, hidden_in=st.hidden_in)
+            np.testing.assert_allclose(out[st.slot][0], logits, rtol=0, atol=1e-5)
+            assert (out[st.slot][1] == argmax).all()
+            np.testing.assert_allclose(be.hidden[out[st.slot][2]], e.hidden[:len(st.tokens)], rtol=0, atol=1e-5)
+            end = st.length + len(st.tokens)
+            np.testing.assert_allclose(cache.key[:, st.slot, :, :end], e.cache.key[:, 0, :, :end], atol=1e-6)
+    np.testing.assert_array_equal(cache.key[:, 2, :, :6], idle_rows)
+
+
+def _slot(index, drafter, context):
+    return types.SimpleNamespace(index=index, drafter=drafter, context=context, n=len(context))
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=1.0)])
+def test_heads_caught_up_together_draft_what_each_drafts_alone(mtp_bundle, params):
+    """Slots 1 and 2 catch up in one shared pass, a third instance (slot 3) by its own graph: with the same
+    context and features, slot 1 proposes exactly what slot 3 does (tokens, tree, scores, draft distributions),
+    after a first catch-up over the whole context and after a second over the tokens committed since."""
+    g = speccompile.load(mtp_bundle, threads=1)
+    shared, alone, other = (g.fork_drafter("mtp", b) for b in (1, 2, 3))
+    heads = SharedHeads(g.drafter_context)
+    rng = np.random.default_rng(3)
+    H = g.target.hidden.shape[1]
+    context, features = rng.integers(3, 300, 60), rng.standard_normal((60, H)).astype(np.float32)
+    elsewhere = rng.integers(3, 300, 60)
+    for d in (shared, alone, other):
+        d.reset()
+        d.observe(0, features[:30])
+    for n, tree in ((31, TreeSpec("dynamic", 6, depth=3, branching=2)), (35, None)):
+        for d in (shared, alone, other):
+            d.observe(d.known, features[d.known:n - 1])
+        heads.catch_up([_slot(1, shared, context[:n]), _slot(3, other, elsewhere[:n])],
+                       lambda name: {1: shared, 2: alone, 3: other})
+        props = []
+        for d in (shared, alone):
+            draw = np.random.default_rng(7)
+            props.append(d.propose(context[:n], 3, params, draw) if tree is None else
+                         d.propose_tree(context[:n], tree, params, draw))
+        a, b = props
+        assert len(a.tokens) and (a.tokens == b.tokens).all()
+        for x, y in ((a.parents, b.parents), (a.scores, b.scores), (a.q, b.q)):
+            assert (x is None) == (y is None)
+            if x is not None:
+                np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
+    assert heads.passes == 2
+
+
+def test_concurrent_requests_share_their_heads_catch_up_passes(mtp_bundle):
+    """Four concurrent greedy requests drafting with the head: some of its catch-ups ran shared, and every
+    request's tokens are its solo run's."""
+    g = speccompile.load(mtp_bundle, threads=1)
+    prompts = random_prompts(4, seed=11)
+    solo = [g.generate(p, 24).token_ids for p in prompts]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda p: g.generate(p, 24).token_ids, prompts))
+    assert got == solo
+    assert g.scheduler.heads.passes > 0
