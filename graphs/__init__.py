@@ -104,9 +104,11 @@ from the contract above:
   extension: the host accepts from next_token (greedy) or the logits (sampled). With the exact greedy head the
   inputs full_logits (false: estimated logits, exact next_token) and sample_noise stay. Before version 4 the
   whole layout ran: no row_index or layout_index, logits_index and the hidden states over all N * S rows.
-  A draft head's batched form (model kind head_batch, version 5, `{head}_batch` beside an MTP or EAGLE head's graph,
-  over a cache of its own slots) takes hidden_in [1, P, H], one feature per real row in row_index's order, and has
-  no screen inputs: the slots' draft heads catch up with their sequences in one pass (runtime/shared_heads.py).
+  A drafter's batched form (a drafter entry's batch_model, `{model}_batch` beside its graph, over a cache of its
+  own slots; version 5) lets the slots' drafters catch up with their sequences in one pass
+  (runtime/shared_catch_up.py): a draft model's or early exit's is this form (kind decoder_batch), a draft head's
+  (kind head_batch) takes hidden_in [1, P, H] too, one feature per real row in row_index's order, and has no
+  screen inputs.
 """
 from __future__ import annotations
 

@@ -57,7 +57,7 @@ def test_every_model_records_the_contract_of_its_graph(tmp_path, head):
     versions = {name: e.get("graph_version") for name, e in m["models"].items()}
     assert versions == {"target": DECODER_GRAPH_VERSION, "target_batch": BATCH_GRAPH_VERSION,
                         "mtp_head": DECODER_GRAPH_VERSION, "mtp_head_batch": BATCH_GRAPH_VERSION,
-                        "early_exit_1": DECODER_GRAPH_VERSION}
+                        "early_exit_1": DECODER_GRAPH_VERSION, "early_exit_1_batch": BATCH_GRAPH_VERSION}
     source = m["models"]["mtp_head"]["source"]
     assert source["path"] == str(head) and len(source["sha256"]) == 64
 

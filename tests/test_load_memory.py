@@ -24,14 +24,16 @@ def test_the_stated_kv_bytes_are_what_a_load_allocates_at_most(tiny_bundle, tiny
 
 def test_the_stated_weights_count_each_session_that_holds_a_copy(tiny_bundle):
     """The target's session and the batched graph's each hold the target's matrices; the draft model's are held
-    once per slot; the early exit maps the target's file, its instances sharing the pages: once."""
+    once per slot, and once more by its batched form (the slots' shared catch-ups); the early exit maps the target's
+    file, its instances and its batched form sharing the pages: once."""
     m = read_manifest(tiny_bundle, verify_hashes=False)
     held = {name: sum(m["weights"][f][t]["length"] for f in e["weights"] for t in e["initializers"])
             for name, e in m["models"].items()}
     early_exit = next(d["model"] for d in m["drafters"] if d["kind"] == "layerskip")
     draft = next(d["model"] for d in m["drafters"] if d["kind"] == "model")
     need = load_memory(m)
-    assert need["weights"] == held["target"] + held["target_batch"] + need["slots"] * held[draft] + held[early_exit]
+    assert need["weights"] == (held["target"] + held["target_batch"] + need["slots"] * held[draft]
+                               + held[f"{draft}_batch"] + held[early_exit])
 
 
 def test_inspect_states_the_memory_a_load_takes(tiny_bundle):

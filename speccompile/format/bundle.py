@@ -21,7 +21,7 @@ import os
 import numpy as np
 
 from speccompile.errors import BundleError
-from speccompile.format.drafter_kinds import BATCHED_HEAD_KIND, FUSE_MODEL_KIND, KINDS
+from speccompile.format.drafter_kinds import FUSE_MODEL_KIND, KINDS, batched_kind
 from speccompile.format.external_data import check_graph_data
 from speccompile.format.manifest_schema import validate_manifest
 from speccompile.format.paths import resolve_inside
@@ -186,8 +186,9 @@ def _check_references(bundle_dir: str, m: dict) -> None:
             if os.path.normpath(rel) not in files:
                 raise BundleError(f"manifest names {rel!r}, which has no hash entry")
     for d in m["drafters"]:
-        for key, kind in (("model", KINDS[d["kind"]].model_kind), ("fuse_model", FUSE_MODEL_KIND),
-                          ("batch_model", BATCHED_HEAD_KIND)):
+        model_kind = KINDS[d["kind"]].model_kind
+        for key, kind in (("model", model_kind), ("fuse_model", FUSE_MODEL_KIND),
+                          ("batch_model", batched_kind(model_kind))):
             if key in d and d[key] not in m["models"]:
                 raise BundleError(f"drafter {d['name']!r} names model {d[key]!r}, which the bundle lacks")
             if key in d and kind and m["models"][d[key]]["kind"] != kind:  # another kind's graph: other inputs

@@ -15,6 +15,12 @@ from speccompile.errors import SpeccompileError, given
 MAX_LOOKUP_NGRAM = 64  # the longest n-gram `lookup:N` matches (the manifest schema's bound on max_ngram)
 FUSE_MODEL_KIND = "eagle3_fc"  # the manifest kind of EAGLE-3's fc graph (a drafter's "fuse_model")
 BATCHED_HEAD_KIND = "head_batch"  # a draft head's batched form (a drafter's "batch_model"; speccompile.graphs)
+BATCHED_DECODER_KIND = "decoder_batch"  # a decoder's batched form: the target's, a draft model's or early exit's
+
+
+def batched_kind(model_kind: str) -> str:
+    """The kind of the batched form of a drafter model of this kind."""
+    return BATCHED_DECODER_KIND if model_kind == "decoder" else BATCHED_HEAD_KIND
 
 @dataclasses.dataclass(frozen=True)
 class DrafterKind:

@@ -46,8 +46,8 @@ def load_memory(m: dict, slots: int | None = None) -> dict[str, int]:
         for entry in (models[d[key]] for key in ("model", "fuse_model") if d.get(key) in models):
             weights += session_bytes(m, entry) * (1 if d["kind"] in MAPPED_KINDS else slots)
             kv += kv_bytes(entry["kv_cache"]) * slots if "kv_cache" in entry else 0
-        if slots > 1 and d.get("batch_model") in models:  # the slots' heads' shared passes (their caches as above)
-            weights += session_bytes(m, models[d["batch_model"]])
+        if slots > 1 and d.get("batch_model") in models and d["kind"] not in MAPPED_KINDS:
+            weights += session_bytes(m, models[d["batch_model"]])  # the slots' shared catch-ups (caches as above)
     return {"weights": weights, "kv": kv, "slots": slots}
 
 

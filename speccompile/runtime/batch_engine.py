@@ -49,14 +49,14 @@ class SlotStep:
 
 class BatchEngine:
     def __init__(self, bundle_dir: str, entry: dict, cache: KVCache, threads: int | None = None,
-                 device: str = "cpu", min_rows: int = 1):
+                 device: str = "cpu", min_rows: int = 1, prepack: bool = True):
         """min_rows: a pass of fewer rows runs a neighbour slot's throw-away row too (Engine.min_rows,
-        runtime/row_parity.py)."""
+        runtime/row_parity.py); prepack: as Engine's (a graph over the target's mapped weights keeps to them)."""
         self.entry, self.cache, self.min_rows = entry, cache, min_rows
         self.num_layers, self.max_seq_len = entry["num_layers"], cache.max_seq_len
         self.slots = cache.batch
         self.vocab_size = next(o["shape"][1] for o in entry["outputs"] if o["name"] == "logits")
-        self.session = open_session(resolve_inside(bundle_dir, entry["graph"]), session_options(threads),
+        self.session = open_session(resolve_inside(bundle_dir, entry["graph"]), session_options(threads, prepack),
                                     providers_for(device))
         check_graph(self.session, entry, {"logits": self.vocab_size, "hidden_states": entry["config"]["hidden_size"]})
         self._rebind_inputs = device != "cpu"  # inputs copied at binding (sessions.bind_host)

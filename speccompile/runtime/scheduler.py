@@ -35,7 +35,7 @@ from speccompile.runtime.logprobs import full_rows
 from speccompile.runtime.noise import sampled_by_noise
 from speccompile.runtime.sampling import PositionDraws
 from speccompile.runtime.shared_drafts import propose_shared
-from speccompile.runtime.shared_heads import SharedHeads
+from speccompile.runtime.shared_catch_up import SharedCatchUp
 from speccompile.runtime.slots import DONE, Handle, Slot, prefix_leader, without_cancelled
 from speccompile.runtime.text_stream import TextStream
 from speccompile.runtime.turns import Turns
@@ -59,7 +59,7 @@ class Scheduler(Turns):
         # slot whose prompt chunk rides in the pass last
         self.shared_passes = 0  # decode passes that verified two or more slots at once (or one and a prompt chunk)
         self.mix_prefill = True  # a joining request's chunk may ride in a decode pass (MIXED_CHUNK)
-        self.heads = SharedHeads(gen.drafter_context, lambda: check_unchanged(gen.bundle_dir, self.loaded))
+        self.catch_ups = SharedCatchUp(gen.drafter_context, lambda: check_unchanged(gen.bundle_dir, self.loaded))
 
     @property
     def engine(self) -> BatchEngine:
@@ -70,9 +70,9 @@ class Scheduler(Turns):
             self._engine = BatchEngine(g.bundle_dir, self.entry, self.cache, g.threads, g.device, g.target.min_rows)
         return self._engine
 
-    def _catch_up_heads(self, slots: list[Slot]) -> None:
-        """The catch-up passes of the slots' draft heads, one per head shared by several (runtime/shared_heads.py)."""
-        self.heads.catch_up(slots, lambda name: {0: self.gen.drafters[name]} | {
+    def _catch_up(self, slots: list[Slot]) -> None:
+        """The slots' drafters' catch-up passes, one per drafter shared by several (runtime/shared_catch_up.py)."""
+        self.catch_ups.catch_up(slots, lambda name: {0: self.gen.drafters[name]} | {
             b: d for (b, n), d in self._drafters.items() if n == name})
 
     # ---- a round -----------------------------------------------------------------------------------------
@@ -256,7 +256,7 @@ class Scheduler(Turns):
             s.n += 1
         shared = len(slots) > 1 or mixed or slots[0].index  # the batched graph's pass
         inside = self._rows_left() - 1 if shared else self.gen.max_seq_len  # drafts that keep it inside the cache
-        propose_shared(self.gen, slots, inside, self._catch_up_heads)
+        propose_shared(self.gen, slots, inside, self._catch_up)
         if not shared:  # alone: as Generator.steps, its graph
             s = slots[0]
             if self.trace is not None:

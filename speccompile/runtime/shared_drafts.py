@@ -28,8 +28,8 @@ def propose_shared(gen, slots: list[Slot], inside: int, catch_up=None) -> None:
     """Each slot's drafts. A greedy slot's output does not depend on them: they stay `inside` the pass and
     share its rows. A sampled slot drafts as it would alone: its draws follow its drafts (a chain drawn from
     a draft model is accepted with a uniform per draft), so a seed gives its tokens whatever shares the pass.
-    catch_up(slots): runs, before they draft, the catch-up passes of the slots about to draft with a head
-    (runtime/shared_heads.py)."""
+    catch_up(slots): runs, before they draft, the catch-up passes of the slots about to draft with a drafter that
+    keeps a cache (runtime/shared_catch_up.py)."""
     share = max(1, SHARED_PASS_ROWS // len(slots) - 1) if gen.trees_exact else 0  # per greedy slot
     by_lookup = lookup_slots(gen, slots) if len(slots) > 1 and not gen.trees_exact else {}
     drafting = []  # (slot, its plan or its room): the slots whose drafter drafts

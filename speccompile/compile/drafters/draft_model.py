@@ -1,8 +1,11 @@
 """`model:PATH`: a separate, smaller model with the target's tokenizer, lowered like the target into draft.bin."""
 from __future__ import annotations
 
+import functools
+
 from speccompile.compile.checkpoint import Checkpoint, tokenizer_fingerprint
 from speccompile.compile.drafters.base import DrafterBuild, TargetBuild
+from speccompile.compile.drafters.batched_forms import add_batched_form
 from speccompile.compile.graph.decoder import build_decoder
 from speccompile.compile.weights.decoder import lower_weights
 from speccompile.compile.model_entries import decoder_entry
@@ -18,11 +21,13 @@ def build(spec: DraftSpec, target: TargetBuild) -> DrafterBuild:
     cfg = draft.config
     cfg.check_lowerable(opts.max_seq_len)
     weights = lower_weights(cfg, draft.tensors, opts.max_seq_len)
-    graph = build_decoder(cfg, weights, opts.max_seq_len, attention=opts.attention, fused=opts.fused, name="draft")
+    graph = functools.partial(build_decoder, cfg, weights, opts.max_seq_len, attention=opts.attention,
+                              fused=opts.fused)
     model = decoder_entry("draft", cfg, cfg.num_hidden_layers, opts.max_seq_len, ["draft.bin"], opts.attention)
     model["source"] = draft.source
-    return DrafterBuild(entry={"model": "draft"}, weights={"draft.bin": weights},
-                        graphs={"draft": (graph, ["draft.bin"])}, models={"draft": model})
+    graphs, models, entry = {"draft": (graph(name="draft"), ["draft.bin"])}, {"draft": model}, {"model": "draft"}
+    add_batched_form("draft", cfg, graph, target, (graphs, models, entry))
+    return DrafterBuild(entry=entry, weights={"draft.bin": weights}, graphs=graphs, models=models)
 
 
 def check_compatible(target: Checkpoint, draft: Checkpoint) -> None:

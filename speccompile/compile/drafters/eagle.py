@@ -19,7 +19,7 @@ from speccompile.compile.checkpoint import EagleHead
 from speccompile.compile.config import ModelConfig, _config_value
 from speccompile.compile.rope import rope_parameters
 from speccompile.compile.drafters.base import DrafterBuild, TargetBuild
-from speccompile.compile.drafters.batched_heads import BATCH_SUFFIX, add_batched_head
+from speccompile.compile.drafters.batched_forms import add_batched_form
 from speccompile.compile.drafters.head_weights import head_shared_weights, int8_draft_head
 from speccompile.compile.graph.draft_heads import build_eagle3_fc, build_eagle3_head, build_eagle_head
 from speccompile.compile.weights.eagle import lower_eagle_head
@@ -63,8 +63,7 @@ def build(spec: DraftSpec, target: TargetBuild) -> DrafterBuild:
         graphs[fuse] = (build_eagle3_fc(cfg, hcfg, weights["mtp.eagle3.fc"]), [wfile])
         models[fuse] = _fuse_entry(fuse, wfile, cfg, hcfg)
         entry["fuse_model"] = fuse
-    add_batched_head(name, hcfg, functools.partial(graph, name=name + BATCH_SUFFIX), [wfile, "target.bin"], target,
-                     graphs, models, entry)
+    add_batched_form(name, hcfg, graph, target, (graphs, models, entry), head=True)
     return DrafterBuild(entry=entry, weights={wfile: weights}, graphs=graphs, models=models)
 
 

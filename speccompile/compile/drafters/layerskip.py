@@ -1,7 +1,10 @@
 """`layerskip:L`: the target's first L layers with its final norm and head, a graph over target.bin's weights."""
 from __future__ import annotations
 
+import functools
+
 from speccompile.compile.drafters.base import DrafterBuild, TargetBuild
+from speccompile.compile.drafters.batched_forms import add_batched_form
 from speccompile.compile.graph.decoder import build_decoder
 from speccompile.compile.model_entries import decoder_entry
 from speccompile.errors import SpeccompileError
@@ -17,7 +20,10 @@ def build(spec: DraftSpec, target: TargetBuild) -> DrafterBuild:
                                f"1..{cfg.num_hidden_layers - 1}")
     name = f"early_exit_{L}"
     target.progress(f"      {name}: the target's first {L} layers + its norm and head (shared weights)")
-    graph = build_decoder(cfg, target.weights, opts.max_seq_len, num_layers=L, attention=opts.attention,
-                          fused=opts.fused, name=name)
-    return DrafterBuild(entry={"model": name}, graphs={name: (graph, ["target.bin"])},
-                        models={name: decoder_entry(name, cfg, L, opts.max_seq_len, ["target.bin"], opts.attention)})
+    graph = functools.partial(build_decoder, cfg, target.weights, opts.max_seq_len, num_layers=L,
+                              attention=opts.attention, fused=opts.fused)
+    graphs = {name: (graph(name=name), ["target.bin"])}
+    models = {name: decoder_entry(name, cfg, L, opts.max_seq_len, ["target.bin"], opts.attention)}
+    entry = {"model": name}
+    add_batched_form(name, cfg, graph, target, (graphs, models, entry))
+    return DrafterBuild(entry=entry, graphs=graphs, models=models)

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from speccompile.compile.config import ModelConfig
 from speccompile.compile.drafters.base import DrafterBuild, TargetBuild
-from speccompile.compile.drafters.batched_heads import BATCH_SUFFIX, add_batched_head
+from speccompile.compile.drafters.batched_forms import add_batched_form
 from speccompile.compile.drafters.head_weights import head_shared_weights, int8_draft_head
 from speccompile.compile.graph.draft_heads import build_mtp_head
 from speccompile.compile.graph.output import NORM_TAP
@@ -61,8 +61,7 @@ def build(spec: DraftSpec, target: TargetBuild) -> DrafterBuild:
         model["target_features"] = features
     model["source"] = source_entry(path)
     graphs, models, entry = {NAME: (graph(name=NAME), files)}, {NAME: model}, {"model": NAME}
-    add_batched_head(NAME, block, functools.partial(graph, name=NAME + BATCH_SUFFIX), files, target, graphs, models,
-                     entry)
+    add_batched_form(NAME, block, graph, target, (graphs, models, entry), head=True)
     return DrafterBuild(entry=entry, weights={WEIGHTS: weights}, graphs=graphs, models=models)
 
 

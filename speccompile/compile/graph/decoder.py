@@ -17,7 +17,7 @@ from speccompile.plugins import tree_attention
 
 def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len: int, num_layers: int | None = None,
                   attention: str = "ort", fused: bool = True, name: str = "decoder", verify: bool = False,
-                  aux_layers: list | None = None, batched: bool = False) -> GraphBuilder:
+                  aux_layers: list | None = None, batched: bool = False, head_screen: bool = True) -> GraphBuilder:
     """embedding -> the first `num_layers` layers (all by default) -> final norm -> output head.
 
     attention: the TreeAttention lowering ("ort" fused kernel, "reference" standard ops, "plugin" one node).
@@ -27,9 +27,11 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
     aux_layers: add the output aux_hidden_states, the features EAGLE heads read (graph/output.hidden_outputs).
     batched: the batched form of speccompile.graphs (several sequence slots per pass; acceptance on the host), with
           the exact greedy head where the weights have its tensors and the graph is fused.
+    head_screen: False keeps the float32 head whatever the weights hold (a drafter's batched form, whose drafts read
+          the logits: computed as its own graph computes them).
     """
     L = cfg.num_hidden_layers if num_layers is None else num_layers
-    screen = (verify or batched) and fused and "head_screen.codes" in weights
+    screen = (verify or batched) and fused and head_screen and "head_screen.codes" in weights
     signature = decoder_signature(L, cfg.cache_kv_heads, cfg.cache_head_dim, max_seq_len, cfg.vocab_size,
                                   cfg.hidden_size, False, verify, aux_width=len(aux_layers or ()) * cfg.hidden_size,
                                   screen=screen, batched=batched, scratch=tree_attention.scratch_slots(attention))

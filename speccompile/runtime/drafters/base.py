@@ -33,24 +33,24 @@ class RuntimeContext:
     max_rows: int  # rows a draft engine may be asked for in one pass
     slots: int = 1  # sequence slots sharing the target's passes (runtime/scheduler.py)
     slot: int = 0  # the slot a drafter instance serves
-    head_caches: dict = dataclasses.field(default_factory=dict)  # drafter name -> its batched head cache
+    slot_caches: dict = dataclasses.field(default_factory=dict)  # drafter name -> the cache of its slots
 
     def model(self, entry: dict) -> dict:
         """The manifest entry of the model a drafter entry names."""
         return self.manifest["models"][entry["model"]]
 
-    def head_cache(self, entry: dict) -> KVCache | None:
-        """The cache a draft head's engine binds where its slots share passes of the head's batched form
-        (runtime/shared_heads.py): slot `slot` of one cache for all slots; None (a cache of its own) elsewhere."""
+    def slot_cache(self, entry: dict) -> KVCache | None:
+        """The cache a drafter's engine binds where its slots share passes of its batched form
+        (runtime/shared_catch_up.py): slot `slot` of one cache for all slots; None (a cache of its own) elsewhere."""
         batch = self.manifest["models"].get(entry.get("batch_model", ""))
         if self.slots < 2 or self.device != "cpu" or not batch or batch.get("max_batch", 1) < self.slots:
             return None
-        if entry["name"] not in self.head_caches:
+        if entry["name"] not in self.slot_caches:
             kv = batch["kv_cache"]
-            self.head_caches[entry["name"]] = KVCache(batch["num_layers"], kv["num_kv_heads"], kv["max_seq_len"],
+            self.slot_caches[entry["name"]] = KVCache(batch["num_layers"], kv["num_kv_heads"], kv["max_seq_len"],
                                                       kv["head_dim"], kv.get("dtype", "float32"), batch=self.slots,
                                                       scratch=kv.get("scratch_slots", 0))
-        return self.head_caches[entry["name"]].slot(self.slot)
+        return self.slot_caches[entry["name"]].slot(self.slot)
 
 
 @dataclasses.dataclass
@@ -108,6 +108,18 @@ class Drafter(abc.ABC):
         """What `observe` receives of the target engine's last pass, for these rows: its hidden states (before
         the final norm); a head that reads other features (EAGLE) picks them here."""
         return target.hidden[rows]
+
+    # ---- a catch-up pass shared by the slots' instances (runtime/shared_catch_up.py) ------------------------------
+    def catch_up_step(self, context: np.ndarray) -> tuple | None:
+        """What drafting after `context` would run first to bring the drafter's own cache up to it: (the first
+        cache slot it writes, its tokens, their positions (None: from that slot on), their features (a head's, else
+        None)); None where it keeps no such cache, nothing is to run, or one pass cannot hold it."""
+        return None
+
+    def caught_up(self, context: np.ndarray, logits: np.ndarray, token: int, hidden: np.ndarray) -> None:
+        """catch_up_step's pass ran in the batched form: its K/V are in this drafter's cache, and its last row gave
+        these logits, greedy token and hidden state."""
+        raise NotImplementedError(f"{self.name} runs no catch-up pass elsewhere")
 
     # ---- the context cache (runtime/context_cache.py) keeps per-position state beside the target's K/V -----------
     def state_parts(self) -> dict[str, Part]:

@@ -14,16 +14,18 @@ from speccompile.runtime.sampling import probabilities, sample
 def load(entry: dict, ctx: RuntimeContext) -> "DraftModelDrafter":
     """A separate draft model (kind "model"), its graph pre-packed for multi-row passes."""
     return DraftModelDrafter(entry["name"], Engine(ctx.bundle_dir, ctx.model(entry), ctx.threads, ctx.device,
-                                                   max_rows=ctx.max_rows))
+                                                   max_rows=ctx.max_rows, cache=ctx.slot_cache(entry)))
 
 
 class DraftModelDrafter(Drafter):
     def __init__(self, name: str, engine: Engine):
         self.name, self.engine = name, engine
         self.cached = np.zeros(engine.max_seq_len, np.int64)  # the tokens whose K/V the draft cache holds
+        self._ready = None  # (length, logits, token): the context's last row where a shared pass ran it
 
     def reset(self) -> None:
         self.engine.cache.truncate(0)
+        self._ready = None
 
     def state_parts(self) -> dict[str, Part]:
         # optional: without it, _sync re-runs the prefix through the draft model on the first proposal
@@ -36,6 +38,7 @@ class DraftModelDrafter(Drafter):
         return read_kv(cache, start, stop)
 
     def load_state(self, part, tokens, arrays) -> None:
+        self._ready = None
         if part == "kv":
             n = len(arrays["key"])
             write_kv(self.engine.cache, arrays)
@@ -44,57 +47,81 @@ class DraftModelDrafter(Drafter):
 
     def propose(self, context, k, params, rng) -> Proposal:
         eng, cache = self.engine, self.engine.cache
-        self._sync(context)
         k = min(k, eng.max_seq_len - len(context))
         tokens = np.zeros(k, np.int64)
         q = None if params.greedy else np.zeros((k, eng.vocab_size))
-        feed = context[cache.length:]
+        if k <= 0:
+            return Proposal(tokens, q)
+        logits, token = self._catch_up(context)
         for i in range(k):
-            logits, argmax = eng.forward(feed)
-            self.cached[cache.length:cache.length + len(feed)] = feed
-            cache.truncate(cache.length + len(feed))
             if params.greedy:
-                tokens[i] = argmax[0]
+                tokens[i] = token
             else:
-                q[i] = probabilities(logits[0], params)
+                q[i] = probabilities(logits, params)
                 tokens[i] = sample(q[i], rng)
-            feed = tokens[i:i + 1]
+            if i + 1 < k:  # the draft fed back
+                out, argmax = eng.forward(tokens[i:i + 1])
+                self.cached[cache.length] = tokens[i]
+                cache.truncate(cache.length + 1)
+                logits, token = out[0], int(argmax[0])
         return Proposal(tokens, q)
 
     def propose_tree(self, context, tree, params, rng) -> Proposal:
         eng, cache = self.engine, self.engine.cache
         n = len(context)
-        self._sync(context)
-        logits, _ = eng.forward(context[cache.length:])
-        self.cached[cache.length:n] = context[cache.length:]
-        cache.truncate(n)
-        t = _TreeDraft(eng, n, n - 1, _log_softmax(logits[0]))
+        logits, _ = self._catch_up(context)
+        t = _TreeDraft(eng, n, n - 1, _log_softmax(logits))
         keep = grow_tree(t, tree, min(tree.size, eng.max_seq_len - n, eng.max_rows))
         cache.truncate(n)  # the tree's draft K/V are dropped; accepted tokens are re-run next time (cheap rows)
         return t.proposal(keep)
 
+    def _catch_up(self, context) -> tuple[np.ndarray, int]:
+        """The context into the draft cache: the logits and greedy token after its last token."""
+        if self._ready_for(context):
+            return self._ready[1], self._ready[2]
+        self._sync(context)
+        cache, feed = self.engine.cache, context[self.engine.cache.length:]
+        logits, argmax = self.engine.forward(feed)
+        self.cached[cache.length:len(context)] = feed
+        cache.truncate(len(context))
+        return logits[0], int(argmax[0])
+
+    def catch_up_step(self, context) -> tuple | None:
+        if self._ready_for(context):
+            return None
+        self._sync(context)
+        start = self.engine.cache.length
+        return start, context[start:], None, None
+
+    def caught_up(self, context, logits, token, hidden) -> None:
+        start = self.engine.cache.length
+        self.cached[start:len(context)] = context[start:]
+        self.engine.cache.truncate(len(context))
+        self._ready = (len(context), logits.copy(), token)
+
+    def _ready_for(self, context) -> bool:
+        """Whether a shared pass caught the cache up to `context` and nothing ran since."""
+        return (self._ready is not None and self._ready[0] == len(context) == self.engine.cache.length
+                and np.array_equal(self.cached[:len(context)], context))
+
     def rows_behind(self, context_len: int) -> int:
         return max(1, context_len - min(self.engine.cache.length, context_len - 1))  # at least; more past a rejection
 
-    def _feed_all_but_last(self, context) -> None:
-        """Run the context (except its last token) into the draft cache in chunks a pass can take."""
-        cache = self.engine.cache
-        while cache.length < len(context) - 1:
-            chunk = context[cache.length:min(len(context) - 1, cache.length + MAX_STEP_TOKENS)]
-            self.engine.forward(chunk)
-            self.cached[cache.length:cache.length + len(chunk)] = chunk
-            cache.truncate(cache.length + len(chunk))
-
     def _sync(self, context) -> None:
-        """Keep the cache's longest prefix that still agrees with the context (roll back the rejected tail), and
-        leave at least the last context token to run, since its logits predict the next token."""
+        """Keep the cache's longest prefix that still agrees with the context (roll back the rejected tail) and leave
+        at least the context's last token to run, since its logits predict the next token: what is left runs in one
+        catch-up pass, so more than a pass takes runs before it, in chunks."""
         cache = self.engine.cache
         n = min(cache.length, len(context))
         diff = np.flatnonzero(self.cached[:n] != context[:n])
         cache.truncate(int(diff[0]) if len(diff) else n)
         if cache.length == len(context):
             cache.truncate(len(context) - 1)
-        self._feed_all_but_last(context)
+        while len(context) - cache.length > MAX_STEP_TOKENS:
+            chunk = context[cache.length:cache.length + MAX_STEP_TOKENS]
+            self.engine.forward(chunk)
+            self.cached[cache.length:cache.length + len(chunk)] = chunk
+            cache.truncate(cache.length + len(chunk))
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

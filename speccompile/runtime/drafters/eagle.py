@@ -27,7 +27,7 @@ def load(entry: dict, ctx: RuntimeContext) -> "EagleDrafter":
     if entry.get("fuse_model"):
         fuse = open_session(resolve_inside(ctx.bundle_dir, models[entry["fuse_model"]]["graph"]),
                             session_options(ctx.threads), ["CPUExecutionProvider"])
-    engine = Engine(ctx.bundle_dir, head, ctx.threads, ctx.device, max_rows=ctx.max_rows, cache=ctx.head_cache(entry))
+    engine = Engine(ctx.bundle_dir, head, ctx.threads, ctx.device, max_rows=ctx.max_rows, cache=ctx.slot_cache(entry))
     return EagleDrafter(entry["name"], engine, cols, fuse, head.get("draft_to_target"), ctx.target.vocab_size)
 
 

@@ -10,5 +10,6 @@ from speccompile.runtime.engine import Engine
 def load(entry: dict, ctx: RuntimeContext) -> DraftModelDrafter:
     # An early exit reads the target's weight file: unpacked, its matrices stay the mapped file's pages (one copy
     # in memory); it multiplies one row at a time, where packing gains nothing.
-    engine = Engine(ctx.bundle_dir, ctx.model(entry), ctx.threads, ctx.device, max_rows=ctx.max_rows, prepack=False)
+    engine = Engine(ctx.bundle_dir, ctx.model(entry), ctx.threads, ctx.device, max_rows=ctx.max_rows, prepack=False,
+                    cache=ctx.slot_cache(entry))
     return DraftModelDrafter(entry["name"], engine)

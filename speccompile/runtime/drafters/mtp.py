@@ -24,7 +24,7 @@ from speccompile.runtime.sampling import probabilities, sample
 
 def load(entry: dict, ctx: RuntimeContext) -> "MtpDrafter":
     model = ctx.model(entry)
-    engine = Engine(ctx.bundle_dir, model, ctx.threads, ctx.device, max_rows=ctx.max_rows, cache=ctx.head_cache(entry))
+    engine = Engine(ctx.bundle_dir, model, ctx.threads, ctx.device, max_rows=ctx.max_rows, cache=ctx.slot_cache(entry))
     return MtpDrafter(entry["name"], engine, model.get("draft_to_target"), ctx.target.vocab_size,
                       aux_columns(entry["name"], model, ctx.manifest["models"]["target"]))
 
@@ -111,14 +111,14 @@ class MtpDrafter(Drafter):
 
     def catch_up_step(self, context: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray] | None:
         """What _catch_up would run, for a pass of the head's batched form beside other slots' heads
-        (runtime/shared_heads.py): (the first cache slot it writes, tokens, positions, features); None where nothing
+        (runtime/shared_catch_up.py): (the first cache slot it writes, tokens, positions, features); None where nothing
         is to run or one pass cannot hold it."""
         start, upto = self._pending(len(context))
         if upto < 1 or upto - start > MAX_STEP_TOKENS or self._ready_for(context, upto):
             return None
         return start, context[start + 1:upto + 1], np.arange(start + 1, upto + 1), self.h[start:upto]
 
-    def caught_up(self, context: np.ndarray, logits: np.ndarray, hidden: np.ndarray) -> None:
+    def caught_up(self, context: np.ndarray, logits: np.ndarray, token: int, hidden: np.ndarray) -> None:
         """catch_up_step's pass ran elsewhere: its K/V are in this head's cache, its last row's logits and hidden
         state these."""
         _, upto = self._pending(len(context))
