@@ -19,6 +19,7 @@ from speccompile.runtime.sampling import SamplingParams
 from speccompile.runtime.shared_catch_up import SharedCatchUp
 
 from conftest import quiet, random_prompts
+from test_mtp import medusa_heads
 
 
 @pytest.fixture(scope="module")
@@ -27,18 +28,22 @@ def mtp_bundle(tmp_path_factory):
     d = tmp_path_factory.mktemp("shared_catch_up")
     head = d / "head.safetensors"
     safetensors_numpy.save_file(tiny_mtp_head(load_checkpoint("tiny:llama").config), str(head))
-    build_bundle("tiny:llama", str(d / "b"), drafts=[f"mtp:{head}", "model:tiny:llama-draft", "layerskip:2"],
+    safetensors_numpy.save_file(medusa_heads(load_checkpoint("tiny:llama").config), str(d / "medusa.safetensors"))
+    build_bundle("tiny:llama", str(d / "b"), drafts=[f"mtp:{head}", "model:tiny:llama-draft", "layerskip:2",
+                                                     f"medusa:{d / 'medusa.safetensors'}"],
                  max_seq_len=256, num_draft=3, progress=quiet)
     return str(d / "b")
 
 
 def test_the_build_emits_each_drafters_batched_form(mtp_bundle, tmp_path):
+    """Each drafter with a cache has its batched form; Medusa, which has none, takes several sequences' rows."""
     m = read_manifest(mtp_bundle)
     for d, kind in zip(m["drafters"], ("head_batch", "decoder_batch", "decoder_batch")):
         batch = m["models"][d["batch_model"]]
         assert batch["kind"] == kind and batch["max_batch"] == 4
         assert batch["weights"] == m["models"][d["model"]]["weights"]  # the drafter's own files: no copy
         assert ("hidden_in" in {i["name"] for i in batch["inputs"]}) == (kind == "head_batch")
+    assert m["models"]["medusa"]["inputs"][0]["shape"][0] == "N" and "batch_model" not in m["drafters"][-1]
     build_bundle("tiny:llama", str(tmp_path / "one"), drafts=[f"mtp:{m['models']['mtp_head']['source']['path']}"],
                  max_seq_len=256, max_batch=1, progress=quiet)
     one = read_manifest(str(tmp_path / "one"))
@@ -81,7 +86,7 @@ def _slot(index, drafter, context):
     return types.SimpleNamespace(index=index, drafter=drafter, context=context, n=len(context))
 
 
-@pytest.mark.parametrize("name", ["mtp", "model", "layerskip:2"])
+@pytest.mark.parametrize("name", ["mtp", "model", "layerskip:2", "medusa"])
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=1.0)])
 def test_drafters_caught_up_together_draft_what_each_drafts_alone(mtp_bundle, name, params):
     """Slots 1 and 3 catch up in one shared pass, a third instance (slot 2) by its own graph: with the same
@@ -99,7 +104,7 @@ def test_drafters_caught_up_together_draft_what_each_drafts_alone(mtp_bundle, na
     for n, tree in ((31, TreeSpec("dynamic", 6, depth=3, branching=2)), (35, None)):
         if shared.wants_hidden:
             for d in (shared, alone, other):
-                d.observe(d.known, features[d.known:n - 1])
+                d.observe(0, features[:n - 1])
         catch_ups.catch_up([_slot(1, shared, context[:n]), _slot(3, other, elsewhere[:n])],
                            lambda _: {1: shared, 2: alone, 3: other})
         props = []
@@ -116,7 +121,7 @@ def test_drafters_caught_up_together_draft_what_each_drafts_alone(mtp_bundle, na
     assert catch_ups.passes == 2
 
 
-@pytest.mark.parametrize("name", ["mtp", "model", "layerskip:2"])
+@pytest.mark.parametrize("name", ["mtp", "model", "layerskip:2", "medusa"])
 def test_concurrent_requests_share_their_drafters_catch_up_passes(mtp_bundle, name):
     """Four concurrent greedy requests drafting with one drafter: some of its catch-ups ran shared, and every
     request's tokens are its solo run's."""

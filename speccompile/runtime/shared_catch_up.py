@@ -7,8 +7,11 @@ slot's instance of such a drafter binds its slot of one cache (RuntimeContext.sl
 batched form writes each slot's rows where its own graph would and hands each drafter its last row (`caught_up`).
 The batched form computes a row as the drafter's own graph computes it in a pass of two rows or more
 (runtime/row_parity.py says where one row alone differs), so the drafts are those the request makes alone.
+Medusa heads keep no cache: their one pass reads a feature row, and the slots' rows run as one pass of their graph.
 """
 from __future__ import annotations
+
+import numpy as np
 
 from speccompile.format.memory import MAPPED_KINDS
 from speccompile.runtime.batch_engine import BatchEngine, SlotStep
@@ -29,11 +32,16 @@ class SharedCatchUp:
         committed K/V the pass must leave alone."""
         groups: dict[str, list[Slot]] = {}
         for s in slots:
-            if s.drafter is not None and s.drafter.name in self.ctx.slot_caches:
+            if s.drafter is not None and (s.drafter.name in self.ctx.slot_caches or getattr(s.drafter, "takes_rows",
+                                                                                            False)):
                 groups.setdefault(s.drafter.name, []).append(s)
         for name, group in groups.items():
-            if len(group) > 1:
+            if len(group) < 2:
+                continue
+            if name in self.ctx.slot_caches:
                 self._catch_up(name, group, instances(name))
+            else:
+                self._run_rows(group)
 
     def _catch_up(self, name: str, group: list[Slot], instances: dict[int, Drafter]) -> None:
         steps, caught = [], []
@@ -54,6 +62,17 @@ class SharedCatchUp:
         for s in caught:
             logits, argmax, rows = out[s.index]
             s.drafter.caught_up(s.context[:s.n], logits[-1], int(argmax[-1]), engine.hidden[rows[-1]])
+        self.passes += 1
+
+    def _run_rows(self, group: list[Slot]) -> None:
+        """Drafters without a cache whose one pass reads a feature row (Medusa): the slots' rows in one pass."""
+        steps = [s.drafter.catch_up_step(s.context[:s.n]) for s in group]
+        caught = [(s, step[3]) for s, step in zip(group, steps) if step is not None]
+        if len(caught) < 2:
+            return
+        logits = caught[0][0].drafter.run_rows(np.stack([row for _, row in caught]))
+        for i, (s, _) in enumerate(caught):
+            s.drafter.caught_up(s.context[:s.n], logits[:, i], -1, None)
         self.passes += 1
 
     def _engine(self, name: str) -> BatchEngine:

@@ -44,9 +44,9 @@ def build(spec: DraftSpec, target: TargetBuild) -> DrafterBuild:
     files = ["medusa.bin", "target.bin"]
     model = {"graph": "medusa.onnx", "weights": files, "kind": "medusa", "config": cfg.to_dict(), "num_heads": K,
              "source": source_entry(spec.arg),
-             "inputs": [{"name": "hidden_in", "dtype": "float32", "shape": [1, cfg.hidden_size]}],
-             "outputs": [{"name": "logits", "dtype": "float32", "shape": [K, cfg.vocab_size]},
-                         {"name": "next_token", "dtype": "int64", "shape": [K]}]}
+             "inputs": [{"name": "hidden_in", "dtype": "float32", "shape": ["N", cfg.hidden_size]}],
+             "outputs": [{"name": "logits", "dtype": "float32", "shape": ["KN", cfg.vocab_size]},
+                         {"name": "next_token", "dtype": "int64", "shape": ["KN"]}]}
     return DrafterBuild(entry={"model": "medusa"}, weights={"medusa.bin": weights}, graphs={"medusa": (graph, files)},
                         models={"medusa": model}, max_num_draft=K)
 

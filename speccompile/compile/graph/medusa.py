@@ -19,11 +19,12 @@ def medusa_head_count(weights) -> int:
 
 
 def build_medusa(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> GraphBuilder:
-    """hidden_in [1, H] (the target's pre-norm hidden state) -> logits [K, V], next_token [K]. Heads without an
+    """hidden_in [N, H] (the target's pre-norm hidden state of N sequences: one, or the slots sharing a pass) ->
+    logits [K * N, V], next_token [K * N], head-major (head k's row for sequence n at k * N + n). Heads without an
     output matrix of their own share the target's: its int8 head screen when `weights` has it, else its float32
     head (lm_head, or the tied embedding)."""
     g = GraphBuilder("medusa")
-    g.input("hidden_in", "float32", [1, cfg.hidden_size])
+    g.input("hidden_in", "float32", ["N", cfg.hidden_size])
     W = {k: g.weight(k, v) for k, v in weights.items()}
     h = RMSNorm(g, cfg.rms_norm_eps)("hidden_in", W["final_norm"])
     logits, shared = [], []
@@ -44,8 +45,8 @@ def build_medusa(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> GraphBuild
             logits = [g.op("Gemm", [rows, W.get("lm_head", W.get("embed"))], transB=1)[0]]
     g.op("Concat", logits, outputs=["logits"], axis=0)
     g.op("ArgMax", ["logits"], outputs=["next_token"], axis=-1, keepdims=0)
-    g.output("logits", "float32", [medusa_head_count(weights), cfg.vocab_size])
-    g.output("next_token", "int64", [medusa_head_count(weights)])
+    g.output("logits", "float32", ["KN", cfg.vocab_size])
+    g.output("next_token", "int64", ["KN"])
     return g
 
 

@@ -24,13 +24,38 @@ class MedusaDrafter(Drafter):
                                     ["CPUExecutionProvider"])
         self.num_heads = self.max_depth = entry["num_heads"]
         self.h = np.zeros((max_seq_len, entry["config"]["hidden_size"]), np.float32)
+        # graphs since the batched catch-up take several sequences' rows (runtime/shared_catch_up.py)
+        self.takes_rows = not isinstance(self.session.get_inputs()[0].shape[0], int)
+        self._ready = None  # (context length, its feature row, logits): where a pass of several slots ran it
+
+    def reset(self) -> None:
+        self._ready = None
 
     def observe(self, start: int, hidden: np.ndarray) -> None:
         self.h[start:start + len(hidden)] = hidden
 
+    def _row(self, context) -> np.ndarray:
+        """The hidden state that predicted the last context token; head k guesses the token k+1 places after it."""
+        return self.h[len(context) - 2]
+
     def _logits(self, context):
-        # the hidden state that predicted the last context token; head k guesses the token k+1 places after it
-        return self.session.run(["logits"], {"hidden_in": self.h[len(context) - 2][None]})[0]
+        ready = self._ready
+        if ready is not None and ready[0] == len(context) and np.array_equal(ready[1], self._row(context)):
+            return ready[2]
+        return self.session.run(["logits"], {"hidden_in": self._row(context)[None]})[0]
+
+    def catch_up_step(self, context) -> tuple | None:
+        """Its one pass's input, for a pass of several slots' heads (runtime/shared_catch_up.py): (None, None, None,
+        the feature row)."""
+        return (None, None, None, self._row(context)) if self.takes_rows and len(context) >= 2 else None
+
+    def caught_up(self, context, logits, token, hidden) -> None:
+        self._ready = (len(context), self._row(context).copy(), logits.copy())
+
+    def run_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The heads over several sequences' rows [N, H]: logits [K, N, V]."""
+        logits = self.session.run(["logits"], {"hidden_in": np.ascontiguousarray(rows)})[0]
+        return logits.reshape(self.num_heads, len(rows), -1)
 
     def propose(self, context, k, params, rng) -> Proposal:
         if len(context) < 2:
