@@ -198,7 +198,8 @@ def write_engines(toolchain: Toolchain, bundle_dir: str, graphs: dict, weight_re
     shutil.copy2(toolchain.plugin_library, os.path.join(bundle_dir, lib_rel))
     # One profile serves every step: prefill chunks up to MAX_STEP_TOKENS, tuned for the verify block's size.
     opt = max(1, min(verify_tokens, MAX_STEP_TOKENS))
-    bounds = {"S": (1, opt, MAX_STEP_TOKENS), "R": (1, opt, MAX_STEP_TOKENS)}
+    # N: the sequences of one pass that takes several (Medusa's rows), at most build --max-batch's largest
+    bounds = {"S": (1, opt, MAX_STEP_TOKENS), "R": (1, opt, MAX_STEP_TOKENS), "N": (1, 1, 64)}
     version = str(toolchain.trt.__version__)
     for name, (g, wfiles) in graphs.items():
         model = prepare_graph(g.to_model({n: r for f in wfiles for n, r in weight_refs[f].items()}))
