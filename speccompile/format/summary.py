@@ -14,6 +14,7 @@ def describe(bundle: str, m: dict, verified: bool) -> list[str]:
     out.append(f"bundle      {bundle}  (format v{m['format_version']}, {m['created_by']})")
     out.append(f"source      {src['kind']} {src['path']}  sha256 {src['sha256'][:16]}")
     out.append(f"context     {m['max_seq_len']} tokens (static KV cache)")
+    single = {d["batch_model"]: d["model"] for d in m["drafters"] if "batch_model" in d} | {"target_batch": "target"}
     for name, e in m["models"].items():
         if e.get("kind") == "medusa":
             out.append(f"model       {name}: {e['graph']} ({e['num_heads']} Medusa heads), weights {e['weights']}")
@@ -22,7 +23,8 @@ def describe(bundle: str, m: dict, verified: bool) -> list[str]:
             out.append(f"model       {name}: {e['graph']} ({e['kind']}), weights {e['weights']}")
             continue
         c, kv_mb = e["config"], kv_bytes(e["kv_cache"]) / 2**20
-        slots = f" x {e['max_batch']} sequence slots (target's slot 0 shared)" if "max_batch" in e else ""
+        slots = (f" x {e['max_batch']} sequence slots ({single.get(name, 'its')} graph's slot 0 shared)"
+                 if "max_batch" in e else "")
         out.append(f"model       {name}: {e['graph']} ({c['model_type']}, {e['num_layers']} layers, hidden "
                    f"{c['hidden_size']}, vocab {c['vocab_size']}), weights {e['weights']}, attention "
                    f"{e.get('attention', 'not recorded')}{window_label(c)}, KV cache {kv_mb:.1f} MiB "
@@ -31,6 +33,7 @@ def describe(bundle: str, m: dict, verified: bool) -> list[str]:
         # a drafter with a tree drafts it: its num_draft is only what --num-draft would replace it with
         drafts = f"tree {tree_label(d['tree'])}" if d.get("tree") else f"{d['num_draft']} tokens per pass"
         extra = f", model {d['model']}" if "model" in d else ""
+        extra += f", its slots' catch-ups shared through {d['batch_model']}" if "batch_model" in d else ""
         out.append(f"drafter     {d['name']} ({d['kind']}, {drafts}{extra})")
     if not m["drafters"]:
         out.append("drafter     none (plain decoding only)")
