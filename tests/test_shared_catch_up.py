@@ -132,3 +132,30 @@ def test_concurrent_requests_share_their_drafters_catch_up_passes(mtp_bundle, na
         got = list(pool.map(lambda p: g.generate(p, 24, drafter=name, tree="dynamic:3").token_ids, prompts))
     assert got == solo
     assert g.scheduler.catch_ups.passes > 0
+
+
+@pytest.mark.parametrize("name", ["model", "layerskip:2"])
+def test_a_draft_model_catches_up_in_one_pass_after_chunks_of_what_one_pass_cannot_take(mtp_bundle, name):
+    """200 context tokens from an empty cache run as a chunk of 128 and one catch-up pass of the rest; after 100 of
+    them drafted on, the other 100 as one catch-up pass: the same drafts either way."""
+    g = speccompile.load(mtp_bundle, threads=1)
+    context = np.random.default_rng(5).integers(3, 300, 200)
+    params, tree = SamplingParams(), TreeSpec("dynamic", 6, depth=3, branching=2)
+    for propose, catch_up_passes in ((lambda d, c: d.propose(c, 1, params, None), (2, 1)),  # a chain of one
+                                     (lambda d, c: d.propose_tree(c, tree, params, None), None)):
+        fresh, stepped = g.fork_drafter(name, 1), g.fork_drafter(name, 2)
+        for d in (fresh, stepped):
+            d.reset()
+        propose(stepped, context[:100])
+        props, passes = [], []
+        for d in (fresh, stepped):
+            before = d.engine.passes
+            props.append(propose(d, context))
+            passes.append(d.engine.passes - before)
+        a, b = props
+        assert (a.tokens == b.tokens).all()
+        if a.parents is not None:
+            assert (a.parents == b.parents).all()
+            np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6)
+        if catch_up_passes:
+            assert tuple(passes) == catch_up_passes
