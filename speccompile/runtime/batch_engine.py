@@ -134,7 +134,7 @@ class BatchEngine:
                 self._fill_slot(j, step, ids[j], pos[j], bias[j, 0])
         starts = self._pack(n, S)
         if self.takes_hidden:
-            self._pack_hidden(n, S, starts, by_slot, first)
+            self._pack_hidden(n, starts, by_slot, first)
         R = 0
         out, noisy = {}, []
         for j in range(n):
@@ -168,7 +168,7 @@ class BatchEngine:
         self._layout_index[:n * S] = layout
         return starts
 
-    def _pack_hidden(self, n: int, S: int, starts: list[int], by_slot: dict, first: int) -> None:
+    def _pack_hidden(self, n: int, starts: list[int], by_slot: dict, first: int) -> None:
         """A draft head's hidden_in: each slot's features at its packed rows (an idle slot's row: zeros)."""
         for j in range(n):
             step, q = by_slot.get(first + j), int(self._qlens[j])

@@ -1,6 +1,6 @@
 """A drafter graph's batched form (speccompile.graphs, batched form): the draft model's, early exit's or draft head's
 block over a cache of sequence slots, so that the slots sharing the target's passes catch their drafters up in one
-pass (runtime/shared_heads.py). It reads the drafter's own weight files: it costs the bundle a graph."""
+pass (runtime/shared_catch_up.py). It reads the drafter's own weight files: it costs the bundle a graph."""
 from __future__ import annotations
 
 from typing import Callable
