@@ -380,6 +380,8 @@ def test_bench_concurrency_mode(tiny_bundle):
         assert len(run["round_speedups"]) == 3
         assert run["speedup_vs_sequential"] == sorted(run["round_speedups"])[1] > 0  # their median
     assert "identical" in format_concurrency(section) and "rounds (vs seq)" in format_concurrency(section)
+    assert section["streams"]["1"]["shared_passes"] == 0 < section["streams"]["4"]["shared_passes"]
+    assert "passes shared by several sequences" in format_concurrency(section)
     with pytest.raises(SpeccompileError, match="at least 1"):
         measure_concurrency(g, prompts, 12, (0,), 4, None)
 

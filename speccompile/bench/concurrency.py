@@ -53,6 +53,7 @@ def serve(gen, requests: list[list[int]], max_new_tokens: int, streams: int, dra
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(e)
 
+    before = sharing(gen)
     t0 = time.perf_counter()
     if streams == 0:
         worker()
@@ -61,7 +62,14 @@ def serve(gen, requests: list[list[int]], max_new_tokens: int, streams: int, dra
     wall = time.perf_counter() - t0
     if errors:
         raise errors[0]
-    return figures(results, wall)
+    return figures(results, wall) | {k: v - before[k] for k, v in sharing(gen).items()}
+
+
+def sharing(gen) -> dict:
+    """What the scheduler has shared so far: target passes of several sequences, and drafters' catch-up passes of
+    several slots (runtime/shared_catch_up.py); empty without a batched graph."""
+    s = getattr(gen, "scheduler", None)
+    return {"shared_passes": s.shared_passes, "shared_catch_ups": s.catch_ups.passes} if s is not None else {}
 
 
 class _Interrupted(Exception):
@@ -162,4 +170,7 @@ def format_concurrency(section: dict) -> str:
                      f"{tpot:>16s}  {r['identical']}")
         if len(r.get("round_speedups", ())) > 1:
             lines.append(f"{'':>8s} rounds (vs seq): {' '.join(f'{x:.2f}' for x in r['round_speedups'])}")
+        if "shared_passes" in r:
+            lines.append(f"{'':>8s} passes shared by several sequences: {r['shared_passes']}; drafters' catch-ups "
+                         f"shared: {r['shared_catch_ups']}")
     return "\n".join(lines)
