@@ -159,3 +159,30 @@ def test_a_draft_model_catches_up_in_one_pass_after_chunks_of_what_one_pass_cann
             np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6)
         if catch_up_passes:
             assert tuple(passes) == catch_up_passes
+
+
+@pytest.mark.parametrize("name", ["mtp", "model"])
+def test_concurrent_chats_restoring_their_drafters_state_equal_their_runs_alone(mtp_bundle, name):
+    """Four chats of three turns at once, each turn restoring its history (and the drafter's state) from the
+    context cache, their drafters catching up together: every turn's tokens, greedy and sampled, are the chat's
+    alone without the cache."""
+    g = speccompile.load(mtp_bundle, threads=1)
+    alone = speccompile.load(mtp_bundle, threads=1, context_cache=False)
+    openers = random_prompts(4, seed=21)
+
+    def chat(gen, opener, kw):
+        prompt, out = list(opener) * 2, []
+        for turn in range(3):
+            res = gen.generate(prompt, 16, drafter=name, tree="dynamic:3", **kw)
+            out.append((res.token_ids, res.stats["prompt_cache_hit_tokens"]))
+            prompt = prompt + res.token_ids + [10 + turn, 11, 12]
+        return out
+
+    for kw in ({}, dict(temperature=0.9, seed=4)):
+        solo = [[t for t, _ in chat(alone, p, kw)] for p in openers]
+        before = g.scheduler.catch_ups.passes
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda p: chat(g, p, kw), openers))
+        assert [[t for t, _ in c] for c in together] == solo
+        assert all(c[-1][1] > 0 for c in together)  # the later turns restored their history
+        assert g.scheduler.catch_ups.passes > before
