@@ -485,13 +485,15 @@ def test_manifest_larger_than_any_build_writes_is_refused_unread(bundle_copy, mo
 
 
 @pytest.mark.parametrize("drafter, model, kind", [("model", "target_batch", "decoder_batch"),
-                                                  ("layerskip:2", "draft", None)])
+                                                  ("layerskip:2", "draft", None),
+                                                  ("model", "draft", "batch_model")])
 def test_drafter_naming_a_model_of_another_kind_is_refused(bundle_copy, drafter, model, kind):
     """A drafter naming the batched graph ran it with the inputs of a plain decoder: onnxruntime failed mid-run
-    (exit 3); a drafter kind over another kind's graph failed in numpy."""
+    (exit 3); a drafter kind over another kind's graph failed in numpy; a batched form (batch_model) that is a
+    single-sequence graph would take the slots' rows as one sequence's."""
     def edit(m):
         entry = next(d for d in m["drafters"] if d["name"] == drafter)
-        entry["model"] = model
+        entry["batch_model" if kind == "batch_model" else "model"] = model
         if kind is None:  # an MTP drafter over a plain decoder
             entry["kind"] = "mtp"
     _edit_manifest(bundle_copy, edit)
