@@ -161,7 +161,7 @@ def decoder_signature(num_layers: int, num_kv_heads: int, head_dim: int, max_seq
     same signature plus the input `hidden_in` (the target's hidden state, one row per token); verify=True adds
     the verify extension; aux_width > 0 adds the output aux_hidden_states [S, aux_width]; screen (with verify)
     adds the input full_logits of the exact greedy head. batched: the batched form (no verify; with mtp, a draft
-    head's: hidden_in one row per real row, packed)
+    head's: hidden_in one row per real row, packed).
     scratch: cache slots past max_seq_len the graph's attention may write (LMAX = max_seq_len + scratch)."""
     if batched:
         return _batched_signature(num_layers, num_kv_heads, head_dim, max_seq_len + scratch, vocab_size,

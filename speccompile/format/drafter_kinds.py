@@ -22,6 +22,7 @@ def batched_kind(model_kind: str) -> str:
     """The kind of the batched form of a drafter model of this kind."""
     return BATCHED_DECODER_KIND if model_kind == "decoder" else BATCHED_HEAD_KIND
 
+
 @dataclasses.dataclass(frozen=True)
 class DrafterKind:
     name: str

@@ -4,8 +4,8 @@ runtime/shared_catch_up.py) over the sequence slots of one KV cache.
 One `run` is one pass over a consecutive run of slots: each slot its own step (a prefill chunk, a pending token and
 its draft tree, or nothing), laid out padded to the longest step's rows for the attention; a graph of version 4
 runs everything else over the real rows alone (row_index), so a slot's draft rows cost the others nothing. The
-cache is the batched KVCache the Generator (or RuntimeContext.slot_cache) allocates; slot b's committed length lives in `cache.slot(b)`-style
-views the caller keeps (`SlotStep.length`).
+cache is the batched KVCache the Generator (or RuntimeContext.slot_cache) allocates; slot b's committed length
+lives in `cache.slot(b)`-style views the caller keeps (`SlotStep.length`).
 """
 from __future__ import annotations
 

@@ -53,6 +53,29 @@ class RuntimeContext:
         return self.slot_caches[entry["name"]].slot(self.slot)
 
 
+class CaughtUp:
+    """The last row of a drafter's catch-up pass that ran elsewhere (runtime/shared_catch_up.py), kept for the
+    drafting that follows it: valid for the drafter state `key` it ran for, taken once (drafting moves the state on)."""
+
+    def __init__(self):
+        self.key, self.row = None, None
+
+    def put(self, key: tuple, *row) -> None:
+        self.key, self.row = key, tuple(r.copy() if isinstance(r, np.ndarray) else r for r in row)
+
+    def holds(self, key: tuple) -> bool:
+        return self.key is not None and self.key == key
+
+    def take(self, key: tuple) -> tuple | None:
+        """The row, if it is `key`'s, and forgets it; None otherwise (the drafter runs its own pass)."""
+        row = self.row if self.holds(key) else None
+        self.key, self.row = None, None
+        return row
+
+    def clear(self) -> None:
+        self.key, self.row = None, None
+
+
 @dataclasses.dataclass
 class Proposal:
     tokens: np.ndarray  # [k] int64, proposed continuation (k may be 0)

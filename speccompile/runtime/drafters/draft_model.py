@@ -6,7 +6,7 @@ import numpy as np
 
 from speccompile.graphs import MAX_STEP_TOKENS
 from speccompile.runtime.context_cache import Arrays, Part, kv_part, read_kv, write_kv
-from speccompile.runtime.drafters.base import Drafter, Proposal, RuntimeContext
+from speccompile.runtime.drafters.base import CaughtUp, Drafter, Proposal, RuntimeContext
 from speccompile.runtime.engine import Engine
 from speccompile.runtime.sampling import probabilities, sample
 
@@ -21,11 +21,11 @@ class DraftModelDrafter(Drafter):
     def __init__(self, name: str, engine: Engine):
         self.name, self.engine = name, engine
         self.cached = np.zeros(engine.max_seq_len, np.int64)  # the tokens whose K/V the draft cache holds
-        self._ready = None  # (length, logits, token): the context's last row where a shared pass ran it
+        self.caught = CaughtUp()  # the context's last row (logits, token), where a shared pass ran its catch-up
 
     def reset(self) -> None:
         self.engine.cache.truncate(0)
-        self._ready = None
+        self.caught.clear()
 
     def state_parts(self) -> dict[str, Part]:
         # optional: without it, _sync re-runs the prefix through the draft model on the first proposal
@@ -38,7 +38,7 @@ class DraftModelDrafter(Drafter):
         return read_kv(cache, start, stop)
 
     def load_state(self, part, tokens, arrays) -> None:
-        self._ready = None
+        self.caught.clear()
         if part == "kv":
             n = len(arrays["key"])
             write_kv(self.engine.cache, arrays)
@@ -77,8 +77,9 @@ class DraftModelDrafter(Drafter):
 
     def _catch_up(self, context) -> tuple[np.ndarray, int]:
         """The context into the draft cache: the logits and greedy token after its last token."""
-        if self._ready_for(context):
-            return self._ready[1], self._ready[2]
+        row = self.caught.take(self._state(context))
+        if row is not None:
+            return row
         self._sync(context)
         cache, feed = self.engine.cache, context[self.engine.cache.length:]
         logits, argmax = self.engine.forward(feed)
@@ -87,7 +88,7 @@ class DraftModelDrafter(Drafter):
         return logits[0], int(argmax[0])
 
     def catch_up_step(self, context) -> tuple | None:
-        if self._ready_for(context):
+        if self.caught.holds(self._state(context)):
             return None
         self._sync(context)
         start = self.engine.cache.length
@@ -97,12 +98,12 @@ class DraftModelDrafter(Drafter):
         start = self.engine.cache.length
         self.cached[start:len(context)] = context[start:]
         self.engine.cache.truncate(len(context))
-        self._ready = (len(context), logits.copy(), token)
+        self.caught.put(self._state(context), logits, token)
 
-    def _ready_for(self, context) -> bool:
-        """Whether a shared pass caught the cache up to `context` and nothing ran since."""
-        return (self._ready is not None and self._ready[0] == len(context) == self.engine.cache.length
-                and np.array_equal(self.cached[:len(context)], context))
+    def _state(self, context) -> tuple:
+        """What a caught-up row is valid for: the tokens in the cache and the last one (taken by the very next
+        drafting, so no other context of that length comes between)."""
+        return len(context), self.engine.cache.length, int(context[-1])
 
     def rows_behind(self, context_len: int) -> int:
         return max(1, context_len - min(self.engine.cache.length, context_len - 1))  # at least; more past a rejection

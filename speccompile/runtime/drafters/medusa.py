@@ -7,7 +7,7 @@ import numpy as np
 
 from speccompile.format.bundle import resolve_inside
 from speccompile.format.trees import TreeSpec
-from speccompile.runtime.drafters.base import Drafter, Proposal, RuntimeContext
+from speccompile.runtime.drafters.base import CaughtUp, Drafter, Proposal, RuntimeContext
 from speccompile.runtime.engine import open_session, session_options
 
 
@@ -26,10 +26,10 @@ class MedusaDrafter(Drafter):
         self.h = np.zeros((max_seq_len, entry["config"]["hidden_size"]), np.float32)
         # graphs since the batched catch-up take several sequences' rows (runtime/shared_catch_up.py)
         self.takes_rows = not isinstance(self.session.get_inputs()[0].shape[0], int)
-        self._ready = None  # (context length, its feature row, logits): where a pass of several slots ran it
+        self.caught = CaughtUp()  # the heads' logits, where a pass of several slots' rows ran them
 
     def reset(self) -> None:
-        self._ready = None
+        self.caught.clear()
 
     def observe(self, start: int, hidden: np.ndarray) -> None:
         self.h[start:start + len(hidden)] = hidden
@@ -39,9 +39,9 @@ class MedusaDrafter(Drafter):
         return self.h[len(context) - 2]
 
     def _logits(self, context):
-        ready = self._ready
-        if ready is not None and ready[0] == len(context) and np.array_equal(ready[1], self._row(context)):
-            return ready[2]
+        row = self.caught.take((len(context), int(context[-1])))
+        if row is not None:
+            return row[0]
         return self.session.run(["logits"], {"hidden_in": self._row(context)[None]})[0]
 
     def catch_up_step(self, context) -> tuple | None:
@@ -50,7 +50,7 @@ class MedusaDrafter(Drafter):
         return (None, None, None, self._row(context)) if self.takes_rows and len(context) >= 2 else None
 
     def caught_up(self, context, logits, token, hidden) -> None:
-        self._ready = (len(context), self._row(context).copy(), logits.copy())
+        self.caught.put((len(context), int(context[-1])), logits)
 
     def run_rows(self, rows: np.ndarray) -> np.ndarray:
         """The heads over several sequences' rows [N, H]: logits [K, N, V]."""

@@ -15,7 +15,7 @@ import numpy as np
 from speccompile.errors import BundleError
 from speccompile.graphs import MAX_STEP_TOKENS
 from speccompile.runtime.context_cache import Arrays, Part, kv_part, read_kv, write_kv
-from speccompile.runtime.drafters.base import Drafter, Proposal, RuntimeContext
+from speccompile.runtime.drafters.base import CaughtUp, Drafter, Proposal, RuntimeContext
 from speccompile.runtime.drafters.draft_model import _log_softmax, _TreeDraft, grow_tree
 from speccompile.runtime.drafters.features import aux_columns
 from speccompile.runtime.engine import Engine
@@ -59,12 +59,12 @@ class MtpDrafter(Drafter):
         self.d2t = _token_map(name, draft_to_target, engine.vocab_size, self.target_vocab)
         self.h = np.zeros((engine.max_seq_len, engine.hidden.shape[1]), np.float32)  # target hidden per position
         self.known = 0  # self.h[:known] is valid
-        self._ready = None  # (upto, token, logits, hidden): the last pair's result where a shared pass ran it
+        self.caught = CaughtUp()  # the last pair's logits and hidden state, where a shared pass ran its catch-up
 
     def reset(self) -> None:
         self.engine.cache.truncate(0)
         self.known = 0
-        self._ready = None
+        self.caught.clear()
 
     def state_parts(self) -> dict[str, Part]:
         """features: what observe() kept per position (the head cannot catch up without them); kv: the head's
@@ -83,7 +83,7 @@ class MtpDrafter(Drafter):
         return None
 
     def load_state(self, part, tokens, arrays) -> None:
-        self._ready = None
+        self.caught.clear()
         if part == "features":
             self.h[:len(arrays["h"])] = arrays["h"]
             self.known = len(arrays["h"])
@@ -114,7 +114,7 @@ class MtpDrafter(Drafter):
         (runtime/shared_catch_up.py): (the first cache slot it writes, tokens, positions, features); None where nothing
         is to run or one pass cannot hold it."""
         start, upto = self._pending(len(context))
-        if upto < 1 or upto - start > MAX_STEP_TOKENS or self._ready_for(context, upto):
+        if upto < 1 or upto - start > MAX_STEP_TOKENS or self.caught.holds(self._state(context, upto)):
             return None
         return start, context[start + 1:upto + 1], np.arange(start + 1, upto + 1), self.h[start:upto]
 
@@ -123,19 +123,20 @@ class MtpDrafter(Drafter):
         state these."""
         _, upto = self._pending(len(context))
         self.engine.cache.truncate(upto)
-        self._ready = (upto, int(context[upto]), logits.copy(), hidden.copy())
+        self.caught.put(self._state(context, upto), logits, hidden)
 
-    def _ready_for(self, context: np.ndarray, upto: int) -> bool:
-        return (self._ready is not None and self._ready[0] == upto == self.engine.cache.length
-                and self._ready[1] == context[upto])
+    def _state(self, context: np.ndarray, upto: int) -> tuple:
+        """What a caught-up row is valid for: the pairs in the cache and the last one's token."""
+        return upto, self.engine.cache.length, int(context[upto])
 
     def _catch_up(self, context: np.ndarray):
         """Run the head over the true pairs not yet in its cache; returns (logits, hidden) of the last pair,
         which predict the token after the context."""
         eng, cache = self.engine, self.engine.cache
         start, upto = self._pending(len(context))
-        if self._ready_for(context, upto):
-            return self._ready[2], self._ready[3]
+        row = self.caught.take(self._state(context, upto))
+        if row is not None:
+            return row
         cache.truncate(start)
         while cache.length < upto:
             t0 = cache.length
