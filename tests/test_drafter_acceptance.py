@@ -297,3 +297,61 @@ def test_medusa_live_drafts_are_its_heads_guesses_teacher_forced(tmp_path):
             logits = head.session.run(["logits"], {"hidden_in": np.ascontiguousarray(h[None], np.float32)})[0]
             assert tokens.tolist() == logits[:len(tokens)].argmax(-1).tolist()
         g.target.cache.truncate(0)
+
+
+def _uncoupled(monkeypatch):
+    """Drafters that ignore the request's noise (Drafter.couple a no-op): their greedy argmax drafted."""
+    from speccompile.runtime.drafters.base import Drafter
+    monkeypatch.setattr(Drafter, "couple", lambda self, noise: setattr(self, "noise", None))
+
+
+@pytest.mark.parametrize("tree,one_path", [(None, False), ("chain:4", False), ("dynamic:16", True)])
+def test_a_twin_draft_models_coupled_draws_are_all_accepted(twin_bundle, tree, one_path, monkeypatch):
+    """Sampled by noise, a drafter adds the request's noise row of each position to its own logits
+    (Drafter.couple): a draft model identical to the target then draws the target's own token at every depth,
+    all accepted at a temperature where the tiny model's argmax is drawn only now and then (uncoupled, the same
+    drafts are mostly rejected). A row taken from the wrong position or depth would be rejected."""
+    import speccompile
+    g = speccompile.load(twin_bundle, threads=1)
+    monkeypatch.setattr(g, "trees_exact", not one_path)
+    name = _only_model_drafter(g)
+    kwargs = {"tree": tree} if tree else {"num_draft": 4}
+
+    def rates():
+        return [g.generate(p, 40, drafter=name, temperature=8.0, seed=i, **kwargs).stats["acceptance_rate_per_depth"]
+                for i, p in enumerate(random_prompts(4))]
+    for r in rates():
+        assert len(r) >= 4 and r == [1.0] * len(r)
+    _uncoupled(monkeypatch)
+    assert np.mean([r[0] for r in rates()]) < 0.5
+
+
+@pytest.mark.parametrize("tree", [None, "chain:3", "dynamic:6"])
+def test_a_heads_coupled_drafts_are_its_noisy_teacher_forced_guesses(random_head_bundle, tree):
+    """Sampled by noise, every node an MTP head drafts is the top (a dynamic tree: among the top `branching`,
+    best first) of its teacher-forced logits plus the request's noise row at the node's position (the context's
+    length plus its depth less one)."""
+    import speccompile
+    from speccompile.runtime.noise import GumbelNoise
+    g = speccompile.load(random_head_bundle, threads=1)
+    seen, spec, T = [], _tree(tree or "chain:3"), 8.0
+    _spy(g.drafters["mtp"], seen)
+    for seed, prompt in enumerate(random_prompts(3)):
+        seen.clear()
+        shape = {"tree": tree} if tree else {"num_draft": 3}
+        g.generate(prompt, 24, drafter="mtp", temperature=T, seed=seed, **shape)
+        noise = GumbelNoise(seed, T, g.target.vocab_size)
+        props = [(c, p) for c, p in seen if p.depth >= 2]
+        assert len(props) >= 3
+        for context, prop in props[:4]:
+            parents = np.arange(len(prop.tokens)) - 1 if prop.parents is None else prop.parents
+            rows = _head_reference(random_head_bundle, g, context, prop.tokens, parents)
+            level = np.array([len(_ancestors(parents, i)) for i in range(len(parents))])  # 1 at the root's children
+            ranks = 1 if spec.kind != "dynamic" else spec.branching
+            noisy = [lp + noise.rows([len(context) + d - 1])[0] for lp, d in zip(rows, level)]
+            for i, (tok, lp) in enumerate(zip(prop.tokens, noisy)):
+                assert lp[tok] >= np.sort(lp)[::-1][ranks - 1] - 1e-4, (i, tok)
+            siblings = {}
+            for i, p in enumerate(parents):
+                siblings.setdefault(int(p), []).append(noisy[i][prop.tokens[i]])
+            assert all(np.all(np.diff(s) <= 1e-4) for s in siblings.values())  # best-ranked child first

@@ -312,6 +312,38 @@ def test_medusa_drafts_no_deeper_than_its_heads(tmp_path):
         assert len(g.generate("hi", 4, **ask).token_ids) == 4
 
 
+def test_medusa_heads_coupled_to_a_requests_noise_rank_their_noisy_logits(tmp_path):
+    """Sampled by noise (Drafter.couple), head k ranks its logits plus the noise row of the token k + 1 places
+    after the context's last (position len(context) + k): its chain is that argmax, a tree's first children
+    the best of it; sampled so, the output is plain sampling's."""
+    import speccompile
+    from speccompile.runtime.noise import GumbelNoise
+    from speccompile.runtime.sampling import SamplingParams
+    from speccompile.format.trees import TreeSpec
+    cfg = load_checkpoint("tiny:llama").config
+    safetensors_numpy.save_file(medusa_heads(cfg, K=3, prefix="medusa_head."), str(tmp_path / "m.safetensors"))
+    out = str(tmp_path / "b")
+    build_bundle("tiny:llama", out, drafts=[f"medusa:{tmp_path / 'm.safetensors'}"], max_seq_len=64, num_draft=3,
+                 progress=quiet)
+    g = speccompile.load(out, threads=1)
+    medusa, context = g.drafters["medusa"], np.array(random_prompts(1)[0], np.int64)
+    medusa.observe(0, np.random.default_rng(0).standard_normal((len(context), cfg.hidden_size)).astype(np.float32))
+    logits = medusa.session.run(["logits"], {"hidden_in": medusa.h[len(context) - 2][None]})[0]
+    noise = GumbelNoise(3, 30.0, cfg.vocab_size)  # these random heads' logits spread wide: noise as wide
+    want = (logits + np.stack(noise.rows(len(context) + np.arange(3)))).argmax(-1)
+    assert (want != logits.argmax(-1)).all()  # the noise moves every head's choice here
+    medusa.couple(noise)
+    try:
+        assert medusa.propose(context, 3, SamplingParams(), None).tokens.tolist() == want.tolist()
+        tree = medusa.propose_tree(context, TreeSpec.parse("dynamic:6"), SamplingParams(), None)
+        assert tree.first_path().tokens.tolist() == want.tolist()
+    finally:
+        medusa.couple(None)
+    for seed, prompt in enumerate(random_prompts(3)):
+        plain = g.generate(prompt, 16, speculate=False, temperature=2.0, seed=seed).token_ids
+        assert g.generate(prompt, 16, drafter="medusa", temperature=2.0, seed=seed).token_ids == plain
+
+
 @pytest.mark.parametrize("precision", ["float32", "int8"])
 @pytest.mark.parametrize("output", ["own", "target's"])
 def test_medusa_graph_matches_numpy(tmp_path, precision, output):

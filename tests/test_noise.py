@@ -133,3 +133,21 @@ def test_noise_rows_of_different_positions_are_independent():
                 a, b = (rows[i][shift:], rows[j][:len(rows[j]) - shift]) if shift >= 0 else \
                     (rows[i][:shift], rows[j][-shift:])
                 assert np.mean(a == b) < 0.01 and abs(np.corrcoef(a, b)[0, 1]) < 0.1, (i, j, shift)
+
+
+def test_a_drafters_perturbed_logits_are_its_logits_plus_the_noise_rows_the_target_reads():
+    """GumbelNoise.perturbed (Drafter.couple): logits plus each position's row (through a draft vocabulary's
+    target ids), the rows kept for the target's pass that follows (the same arrays, nothing drawn again), and with
+    top-k every token outside the drafter's own k largest logits out of the draw."""
+    noise = GumbelNoise(5, 0.8, 40)
+    logits = np.random.default_rng(0).standard_normal((2, 10)).astype(np.float32)
+    token_map = np.arange(0, 40, 4)
+    out = noise.perturbed(logits, [7, 9], token_map)
+    later = noise.rows([6, 7, 8, 9])  # the target's pass, from an earlier position on
+    assert np.array_equal(out, logits + np.stack([later[1][token_map], later[3][token_map]]))
+    assert noise.perturbed(np.zeros(40, np.float32), 8).shape == (1, 40)
+    again = noise.rows([7])[0]
+    assert again is later[1]  # kept, not drawn over
+    top = GumbelNoise(5, 0.8, 40, top_k=3).perturbed(logits, [7, 9], token_map)
+    for row, lg in zip(top, logits):
+        assert set(np.flatnonzero(np.isfinite(row))) == set(np.argsort(-lg)[:3])

@@ -77,6 +77,8 @@ class DecodeLoop:
         adapt = (self.adaptive_for(drafter, tree, full_rows(params, stats.logprobs), noise is not None)
                  if tree is not None and tree.adaptive else None)
         stats.adapt = adapt
+        if drafter:
+            drafter.couple(noise)
         token = self._prefill(prompt, drafter, params, draws, stats, noise)
         context = np.concatenate([np.asarray(prompt, np.int64), np.zeros(max_new_tokens, np.int64)])
         n, generated = len(prompt), 1

@@ -80,11 +80,25 @@ class GumbelNoise:
         positions = [int(p) for p in np.ravel(positions)]
         for p in [p for p in self._rows if p < min(positions)]:  # passed: never asked for again
             self._spare.append(self._rows.pop(p))
-        for p in positions:
-            if p not in self._rows:
-                self._rows[p] = self._draw(p)
-        out = NoiseRows(self._rows[p] for p in positions)
+        out = NoiseRows(self._row(p) for p in positions)
         out.top_k = self.top_k
+        return out
+
+    def _row(self, position: int) -> np.ndarray:
+        if position not in self._rows:
+            self._rows[position] = self._draw(position)
+        return self._rows[position]
+
+    def perturbed(self, logits: np.ndarray, positions, token_map: np.ndarray | None = None) -> np.ndarray:
+        """A drafter's logits [len(positions), V'] for the tokens at `positions`, plus this request's noise there
+        (token_map: a reduced draft vocabulary's target ids): their argmax is the drafter's draw coupled to the
+        target's (runtime/drafters/base.py Drafter.couple). Rows asked for ahead of the target are kept for it."""
+        rows = [self._row(int(p)) for p in np.ravel(positions)]  # kept for the target's pass: none passed yet
+        noise = np.stack(rows) if token_map is None else np.stack([r[token_map] for r in rows])
+        out = np.asarray(logits, np.float32).reshape(len(rows), -1) + noise
+        if self.top_k and self.top_k < out.shape[1]:  # the target draws among its top k: the drafter among its own
+            below = np.argpartition(logits.reshape(len(rows), -1), -self.top_k, axis=1)[:, :-self.top_k]
+            np.put_along_axis(out, below, -np.inf, axis=1)
         return out
 
     def _draw(self, position: int) -> np.ndarray:

@@ -148,6 +148,8 @@ class Scheduler(Turns):
         context[:len(req.ids)] = req.ids
         tree = req.tree
         params, noise = sampled_by_noise(req.params, self.gen.noise_ok, self.gen.target.vocab_size)
+        if drafter is not None:
+            drafter.couple(noise)
         adapt = (self.gen.adaptive_for(drafter, tree, full_rows(params, req.logprobs), noise is not None)
                  if tree is not None and tree.adaptive else None)
         reach = None if adapt else LookupReach.joining(tree, self.gen.lookup_reach_limit)  # as Generator.steps

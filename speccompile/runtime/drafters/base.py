@@ -19,6 +19,7 @@ from speccompile.format.trees import TreeSpec, depths
 from speccompile.runtime.context_cache import Arrays, Part
 from speccompile.runtime.engine import Engine
 from speccompile.runtime.kv_cache import KVCache
+from speccompile.runtime.noise import GumbelNoise
 from speccompile.runtime.sampling import SamplingParams
 
 
@@ -114,6 +115,23 @@ class Drafter(abc.ABC):
     name: str = "drafter"
     wants_hidden = False  # True: the runtime calls observe() with the target's hidden states
     max_depth: int | None = None  # the deepest it drafts (Medusa: one token per head); None: no bound
+    noise: GumbelNoise | None = None  # the request's, while it is sampled by noise (couple)
+
+    def couple(self, noise: GumbelNoise | None) -> None:
+        """A request starts: `noise` where it is sampled by noise (runtime/noise.py), else None. A drafter that
+        scores tokens adds the noise row of each position to its own logits there before it ranks them, so its
+        greedy draft is its own draw coupled to the target's (the Gumbel-max trick with the same noise): where the
+        two distributions are close the draws agree far more often than the drafter's argmax is drawn. Lossless
+        either way: the target's draw at a position does not depend on the drafts."""
+        self.noise = noise
+
+    def ranked(self, logits: np.ndarray, positions, token_map: np.ndarray | None = None) -> np.ndarray:
+        """The drafter's logits for the tokens at `positions` (a row each, or one row for one position) as it
+        ranks them: with the request's noise added there while coupled (couple); token_map: a reduced draft
+        vocabulary's target ids."""
+        if self.noise is None:
+            return logits
+        return self.noise.perturbed(logits, positions, token_map).reshape(np.shape(logits))
 
     def reset(self) -> None:
         """A new sequence starts."""

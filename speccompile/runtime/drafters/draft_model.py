@@ -55,7 +55,7 @@ class DraftModelDrafter(Drafter):
         logits, token = self._catch_up(context)
         for i in range(k):
             if params.greedy:
-                tokens[i] = token
+                tokens[i] = token if self.noise is None else int(np.argmax(self.ranked(logits, len(context) + i)))
             else:
                 q[i] = probabilities(logits, params)
                 tokens[i] = sample(q[i], rng)
@@ -70,7 +70,7 @@ class DraftModelDrafter(Drafter):
         eng, cache = self.engine, self.engine.cache
         n = len(context)
         logits, _ = self._catch_up(context)
-        t = _TreeDraft(eng, n, n - 1, _log_softmax(logits))
+        t = _TreeDraft(eng, n, n - 1, logits, ranked=self.ranked)
         keep = grow_tree(t, tree, min(tree.size, eng.max_seq_len - n, eng.max_rows))
         cache.truncate(n)  # the tree's draft K/V are dropped; accepted tokens are re-run next time (cheap rows)
         return t.proposal(keep)
@@ -137,16 +137,20 @@ class _TreeDraft:
     Nodes the model has run occupy the draft cache after the context, in the order they were run (the "run
     region"); each new run sees the context and its own ancestors there."""
 
-    def __init__(self, engine: Engine, committed: int, base_position: int, root_logprobs: np.ndarray,
-                 root_hidden: np.ndarray | None = None, token_map: np.ndarray | None = None):
+    def __init__(self, engine: Engine, committed: int, base_position: int, root_logits: np.ndarray,
+                 root_hidden: np.ndarray | None = None, token_map: np.ndarray | None = None, ranked=None):
         """committed: cache slots every node sees; a node at depth d sits at position base_position + d.
-        root_hidden: for an MTP head, the hidden state its depth-1 nodes take as input (deeper nodes take their
-        parent's output hidden state)."""
+        root_logits: the draft logits after the context. root_hidden: for an MTP head, the hidden state its
+        depth-1 nodes take as input (deeper nodes take their parent's output hidden state). ranked(logits,
+        positions, token_map): the drafter's logits as it ranks them (Drafter.ranked: coupled to the request's
+        noise)."""
         self.eng, self.committed, self.base = engine, committed, base_position
         self.tokens, self.parents, self.scores, self.depth = [], [], [], []
-        self.logprobs = {-1: root_logprobs}  # node -> its draft log-probabilities (after it)
-        self.hidden = None if root_hidden is None else {-1: root_hidden}  # node -> its output hidden state
         self.token_map = token_map  # a reduced draft vocabulary's ids -> target ids
+        self.ranked = ranked or (lambda logits, positions, token_map: logits)
+        # node -> its draft log-probabilities (after it)
+        self.logprobs = {-1: _log_softmax(self.ranked(root_logits, base_position + 1, token_map))}
+        self.hidden = None if root_hidden is None else {-1: root_hidden}  # node -> its output hidden state
         self.slot, self.run_parents = {}, []  # node -> run-region index; parents in the region
 
     @property
@@ -185,7 +189,8 @@ class _TreeDraft:
                                      parents=np.array(self.run_parents), rows=np.arange(len(nodes)),
                                      committed=self.committed, hidden_in=hidden_in)
         cache.truncate(cache.length + len(nodes))
-        lps = _log_softmax(logits)
+        lps = _log_softmax(self.ranked(logits, self.base + 1 + np.array([self.depth[v] for v in nodes]),
+                                       self.token_map))
         for i, (v, lp) in enumerate(zip(nodes, lps)):
             self.logprobs[v] = lp
             if self.hidden is not None:

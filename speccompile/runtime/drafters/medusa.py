@@ -60,12 +60,14 @@ class MedusaDrafter(Drafter):
     def propose(self, context, k, params, rng) -> Proposal:
         if len(context) < 2:
             return Proposal.empty()
-        return Proposal(self._logits(context)[:k].argmax(-1).astype(np.int64))
+        logits = self._logits(context)[:k]
+        return Proposal(self.ranked(logits, len(context) + np.arange(len(logits))).argmax(-1).astype(np.int64))
 
     def propose_tree(self, context, tree: TreeSpec, params, rng) -> Proposal:
         if len(context) < 2:
             return Proposal.empty()
         logits = self._logits(context)
+        logits = self.ranked(logits, len(context) + np.arange(len(logits)))
         # a static tree may rank past the vocabulary: its paths there are skipped below, as past the heads
         ranks = min(max(tree.max_rank, tree.branching if tree.kind == "dynamic" else 1), logits.shape[-1])
         order = np.argsort(-logits, axis=-1)[:, :ranks]  # [heads, ranks]

@@ -16,7 +16,7 @@ from speccompile.errors import BundleError
 from speccompile.graphs import MAX_STEP_TOKENS
 from speccompile.runtime.context_cache import Arrays, Part, kv_part, read_kv, write_kv
 from speccompile.runtime.drafters.base import CaughtUp, Drafter, Proposal, RuntimeContext
-from speccompile.runtime.drafters.draft_model import _log_softmax, _TreeDraft, grow_tree
+from speccompile.runtime.drafters.draft_model import _TreeDraft, grow_tree
 from speccompile.runtime.drafters.features import aux_columns
 from speccompile.runtime.engine import Engine
 from speccompile.runtime.sampling import probabilities, sample
@@ -163,7 +163,7 @@ class MtpDrafter(Drafter):
         q = None if params.greedy else np.zeros((len(tokens), self.target_vocab))
         for i in range(len(tokens)):
             if params.greedy:
-                best = int(np.argmax(logits))
+                best = int(np.argmax(self.ranked(logits, len(context) + i, self.d2t)))
                 tokens[i] = best if self.d2t is None else self.d2t[best]
             else:
                 q[i] = self._to_target(probabilities(logits, params))
@@ -182,7 +182,7 @@ class MtpDrafter(Drafter):
         logits, hidden = self._catch_up(context)
         committed = cache.length
         n = len(context)
-        t = _TreeDraft(eng, committed, n - 1, _log_softmax(logits), root_hidden=hidden, token_map=self.d2t)
+        t = _TreeDraft(eng, committed, n - 1, logits, root_hidden=hidden, token_map=self.d2t, ranked=self.ranked)
         keep = grow_tree(t, tree, min(tree.size, eng.max_seq_len - committed - 1, eng.max_rows))
         cache.truncate(committed)
         return t.proposal(keep)
