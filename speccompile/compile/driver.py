@@ -34,16 +34,16 @@ from speccompile.compile.quantize.head_screen import quantize_head
 from speccompile.compile.quantize.kernel_form import int8_records, kernels_pay, use_kernel
 from speccompile.compile.quantize.target_weights import WeightReport, check_mode, quantize_target
 from speccompile.compile.weights.decoder import lower_weights
-from speccompile.compile.model_entries import batched_form, decoder_entry
+from speccompile.compile.model_entries import batched_entry, batched_form, decoder_entry
 from speccompile.compile.precision import apply_precision, check_dtype
 from speccompile.compile.sources import load_checkpoint, shipped_head
 from speccompile.errors import SpeccompileError, given, option
 from speccompile.format.bundle import finalize_manifest, write_weights
 from speccompile.format.output_dir import atomic_bundle_dir, guard_output
-from speccompile.format.drafter_kinds import KINDS, DraftSpec, asked_drafter
+from speccompile.format.drafter_kinds import BATCHED_DECODER_KIND, KINDS, DraftSpec, asked_drafter
 from speccompile.format.trees import TreeSpec
 from speccompile.format.memory import memory_line
-from speccompile.graphs import BATCH_GRAPH_VERSION, cache_slots, trees_exact
+from speccompile.graphs import cache_slots, trees_exact
 from speccompile.plugins import tree_attention
 
 
@@ -293,9 +293,9 @@ def _batched_target(parts: BundleParts, cfg: ModelConfig, target_w: dict, screen
         return
     graph = build_decoder(cfg, target_w, opts.max_seq_len, attention=opts.attention, fused=opts.fused,
                           name="target_batch", aux_layers=features, batched=True)
-    model = decoder_entry("target_batch", cfg, cfg.num_hidden_layers, opts.max_seq_len, ["target.bin"],
-                          opts.attention, aux_layers=features, screen=screen, batched=True)
-    model |= {"kind": "decoder_batch", "max_batch": opts.max_batch, "graph_version": BATCH_GRAPH_VERSION}
+    model = batched_entry(decoder_entry("target_batch", cfg, cfg.num_hidden_layers, opts.max_seq_len, ["target.bin"],
+                                        opts.attention, aux_layers=features, screen=screen, batched=True),
+                          "target_batch", opts.max_batch, BATCHED_DECODER_KIND)
     if features:
         model["aux_hidden_layers"] = features
     parts.graphs["target_batch"] = (graph, ["target.bin"])

@@ -44,10 +44,12 @@ def batched_form(cfg: ModelConfig, attention: str, dtype: str) -> bool:
                 or attention not in ("ort", "kernel") or dtype != "float32")
 
 
-def batched_entry(entry: dict, name: str, max_batch: int, kind: str, signature: tuple) -> dict:
-    """A model entry's batched form (speccompile.graphs): its graph, kind, slots and signature; the rest (weights,
-    config, cache) the same."""
-    ins, outs = signature
-    return entry | {"graph": f"{name}.onnx", "kind": kind, "max_batch": max_batch, "graph_version": BATCH_GRAPH_VERSION,
-                    "inputs": [{"name": n, "dtype": d, "shape": s} for n, d, s in ins],
-                    "outputs": [{"name": n, "dtype": d, "shape": s} for n, d, s in outs]}
+def batched_entry(entry: dict, name: str, max_batch: int, kind: str, signature: tuple | None = None) -> dict:
+    """A model entry's batched form (speccompile.graphs): its graph, kind, slots and signature (None: the entry's
+    own, already the batched one); the rest (weights, config, cache) the same."""
+    out = entry | {"graph": f"{name}.onnx", "kind": kind, "max_batch": max_batch, "graph_version": BATCH_GRAPH_VERSION}
+    if signature is not None:
+        ins, outs = signature
+        out |= {"inputs": [{"name": n, "dtype": d, "shape": s} for n, d, s in ins],
+                "outputs": [{"name": n, "dtype": d, "shape": s} for n, d, s in outs]}
+    return out

@@ -94,11 +94,12 @@ class GumbelNoise:
         (token_map: a reduced draft vocabulary's target ids): their argmax is the drafter's draw coupled to the
         target's (runtime/drafters/base.py Drafter.couple). Rows asked for ahead of the target are kept for it."""
         rows = [self._row(int(p)) for p in np.ravel(positions)]  # kept for the target's pass: none passed yet
-        noise = np.stack(rows) if token_map is None else np.stack([r[token_map] for r in rows])
-        out = np.asarray(logits, np.float32).reshape(len(rows), -1) + noise
+        out = np.array(logits, np.float32).reshape(len(rows), -1)  # the one copy: the rows are added in place
         if self.top_k and self.top_k < out.shape[1]:  # the target draws among its top k: the drafter among its own
-            below = np.argpartition(logits.reshape(len(rows), -1), -self.top_k, axis=1)[:, :-self.top_k]
+            below = np.argpartition(out, -self.top_k, axis=1)[:, :-self.top_k]
             np.put_along_axis(out, below, -np.inf, axis=1)
+        for line, row in zip(out, rows):
+            line += row if token_map is None else row[token_map]
         return out
 
     def _draw(self, position: int) -> np.ndarray:

@@ -32,8 +32,7 @@ class SharedCatchUp:
         committed K/V the pass must leave alone."""
         groups: dict[str, list[Slot]] = {}
         for s in slots:
-            if s.drafter is not None and (s.drafter.name in self.ctx.slot_caches or getattr(s.drafter, "takes_rows",
-                                                                                            False)):
+            if s.drafter is not None and (s.drafter.name in self.ctx.slot_caches or s.drafter.takes_rows):
                 groups.setdefault(s.drafter.name, []).append(s)
         for name, group in groups.items():
             if len(group) < 2:

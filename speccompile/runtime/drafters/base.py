@@ -116,6 +116,7 @@ class Drafter(abc.ABC):
     wants_hidden = False  # True: the runtime calls observe() with the target's hidden states
     max_depth: int | None = None  # the deepest it drafts (Medusa: one token per head); None: no bound
     noise: GumbelNoise | None = None  # the request's, while it is sampled by noise (couple)
+    takes_rows = False  # True: no cache of its own, and one pass of its graph reads several slots' feature rows
 
     def couple(self, noise: GumbelNoise | None) -> None:
         """A request starts: `noise` where it is sampled by noise (runtime/noise.py), else None. A drafter that
@@ -132,6 +133,11 @@ class Drafter(abc.ABC):
         if self.noise is None:
             return logits
         return self.noise.perturbed(logits, positions, token_map).reshape(np.shape(logits))
+
+    @property
+    def ranks(self):
+        """`ranked` where it changes the logits (coupled), else None: a caller skips the positions' bookkeeping."""
+        return None if self.noise is None else self.ranked
 
     def reset(self) -> None:
         """A new sequence starts."""

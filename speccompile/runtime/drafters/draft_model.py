@@ -70,7 +70,7 @@ class DraftModelDrafter(Drafter):
         eng, cache = self.engine, self.engine.cache
         n = len(context)
         logits, _ = self._catch_up(context)
-        t = _TreeDraft(eng, n, n - 1, logits, ranked=self.ranked)
+        t = _TreeDraft(eng, n, n - 1, logits, ranked=self.ranks)
         keep = grow_tree(t, tree, min(tree.size, eng.max_seq_len - n, eng.max_rows))
         cache.truncate(n)  # the tree's draft K/V are dropped; accepted tokens are re-run next time (cheap rows)
         return t.proposal(keep)
@@ -142,14 +142,15 @@ class _TreeDraft:
         """committed: cache slots every node sees; a node at depth d sits at position base_position + d.
         root_logits: the draft logits after the context. root_hidden: for an MTP head, the hidden state its
         depth-1 nodes take as input (deeper nodes take their parent's output hidden state). ranked(logits,
-        positions, token_map): the drafter's logits as it ranks them (Drafter.ranked: coupled to the request's
-        noise)."""
+        positions, token_map): the drafter's logits as it ranks them (Drafter.ranks: coupled to the request's
+        noise), None: as they are."""
         self.eng, self.committed, self.base = engine, committed, base_position
         self.tokens, self.parents, self.scores, self.depth = [], [], [], []
         self.token_map = token_map  # a reduced draft vocabulary's ids -> target ids
-        self.ranked = ranked or (lambda logits, positions, token_map: logits)
-        # node -> its draft log-probabilities (after it)
-        self.logprobs = {-1: _log_softmax(self.ranked(root_logits, base_position + 1, token_map))}
+        self.ranked = ranked  # None: the logits as they are
+        if ranked is not None:
+            root_logits = ranked(root_logits, base_position + 1, token_map)
+        self.logprobs = {-1: _log_softmax(root_logits)}  # node -> its draft log-probabilities (after it)
         self.hidden = None if root_hidden is None else {-1: root_hidden}  # node -> its output hidden state
         self.slot, self.run_parents = {}, []  # node -> run-region index; parents in the region
 
@@ -189,8 +190,9 @@ class _TreeDraft:
                                      parents=np.array(self.run_parents), rows=np.arange(len(nodes)),
                                      committed=self.committed, hidden_in=hidden_in)
         cache.truncate(cache.length + len(nodes))
-        lps = _log_softmax(self.ranked(logits, self.base + 1 + np.array([self.depth[v] for v in nodes]),
-                                       self.token_map))
+        if self.ranked is not None:
+            logits = self.ranked(logits, self.base + 1 + np.array([self.depth[v] for v in nodes]), self.token_map)
+        lps = _log_softmax(logits)
         for i, (v, lp) in enumerate(zip(nodes, lps)):
             self.logprobs[v] = lp
             if self.hidden is not None:

@@ -182,7 +182,7 @@ class MtpDrafter(Drafter):
         logits, hidden = self._catch_up(context)
         committed = cache.length
         n = len(context)
-        t = _TreeDraft(eng, committed, n - 1, logits, root_hidden=hidden, token_map=self.d2t, ranked=self.ranked)
+        t = _TreeDraft(eng, committed, n - 1, logits, root_hidden=hidden, token_map=self.d2t, ranked=self.ranks)
         keep = grow_tree(t, tree, min(tree.size, eng.max_seq_len - committed - 1, eng.max_rows))
         cache.truncate(committed)
         return t.proposal(keep)
