@@ -382,6 +382,7 @@ def test_bench_concurrency_mode(tiny_bundle):
     assert "identical" in format_concurrency(section) and "rounds (vs seq)" in format_concurrency(section)
     assert section["streams"]["1"]["shared_passes"] == 0 < section["streams"]["4"]["shared_passes"]
     assert "passes shared by several sequences" in format_concurrency(section)
+    assert 0 < section["sequential"]["first_token_share"] < 1
     with pytest.raises(SpeccompileError, match="at least 1"):
         measure_concurrency(g, prompts, 12, (0,), 4, None)
 
@@ -958,6 +959,20 @@ def test_concurrency_percentiles_and_time_per_output_token():
     assert out["ttft_s"] == {"p50": 50.0, "p90": 90.0, "p99": 99.0}
     assert out["time_per_output_token_s"]["p50"] == pytest.approx(0.2)
     assert out["tokens_per_second"] == 505 / 10.0
+
+
+def test_the_sequential_runs_prefill_share_is_printed_beside_the_concurrency_ratios():
+    """One after another, the time before each request's first token is its prompt's prefill: its share of the run
+    bounds what sharing passes can gain, and the section says it (a result written before it was measured too)."""
+    from speccompile.bench.concurrency import figures, format_concurrency
+    seq = figures([{"token_ids": [0] * 8, "ttft_s": 0.25, "total_s": 1.0} for _ in range(4)], 5.0)
+    assert seq["first_token_share"] == pytest.approx(0.2)
+    run = figures([{"token_ids": [0] * 8, "ttft_s": 0.5, "total_s": 1.0} for _ in range(4)], 2.5)
+    run.update(speedup_vs_sequential=2.0, identical=True)
+    section = {"requests": 4, "max_new_tokens": 8, "drafter": "lookup", "sequential": seq, "streams": {"4": run}}
+    assert "one after another 6.4 tok/s, its prompts' prefill 20% of its time" in format_concurrency(section)
+    del seq["first_token_share"]
+    assert "prefill" not in format_concurrency(section).splitlines()[0]
 
 
 def test_an_onnxruntime_without_batched_attention_runs_requests_one_at_a_time(tiny_bundle, monkeypatch):

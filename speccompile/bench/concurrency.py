@@ -8,7 +8,8 @@ tokens/s is divided by its aggregate tokens/s in the same run (`speedup_vs_seque
 out; the CI gate reads it). With repeats R, the sequential run and the N-stream runs alternate R times: the ratio is
 the median of the R neighbouring pairs' (each kept in `round_speedups`), the figures those of the fastest run. Per
 request: time to first token (from its submission, so queueing for a slot counts) and time per output token after
-the first, as percentiles over the requests.
+the first, as percentiles over the requests; per run, `first_token_share`, the share of its time before the requests'
+first tokens (one after another: their prompts' prefill, which sharing passes cannot make cheaper).
 """
 from __future__ import annotations
 
@@ -106,6 +107,9 @@ def figures(results: list[dict], wall: float) -> dict:
     pct = lambda xs: {f"p{q}": float(np.percentile(xs, q)) if xs else None for q in PERCENTILES}  # noqa: E731
     return {"wall_s": wall, "new_tokens": tokens, "tokens_per_second": tokens / wall if wall > 0 else 0.0,
             "ttft_s": pct(ttft), "time_per_output_token_s": pct(tpot),
+            # served one after another, the share of the run before each request's first token: its prompt's
+            # prefill, which no shared pass makes cheaper (with streams it counts their waits too: not printed)
+            "first_token_share": sum(ttft) / wall if wall > 0 else 0.0,
             "token_ids": [r["token_ids"] for r in results]}
 
 
@@ -159,8 +163,10 @@ def measure_concurrency(gen, prompts: list[dict], max_new_tokens: int, streams: 
 
 def format_concurrency(section: dict) -> str:
     seq = section["sequential"]
+    prefill = seq.get("first_token_share")  # absent from results written before it was measured
     lines = [f"concurrency: {section['requests']} requests x {section['max_new_tokens']} tokens, greedy, drafter "
-             f"{section['drafter'] or 'none'}; one after another {seq['tokens_per_second']:.1f} tok/s",
+             f"{section['drafter'] or 'none'}; one after another {seq['tokens_per_second']:.1f} tok/s"
+             + (f", its prompts' prefill {prefill:.0%} of its time" if prefill is not None else ""),
              f"{'streams':>8s} {'tok/s':>8s} {'vs seq':>7s} {'TTFT p50/p90 s':>16s} {'TPOT p50/p90 ms':>16s}  identical"]
     for n, r in section["streams"].items():
         t, p = r["ttft_s"], r["time_per_output_token_s"]
