@@ -382,7 +382,9 @@ def test_bench_concurrency_mode(tiny_bundle):
     assert "identical" in format_concurrency(section) and "rounds (vs seq)" in format_concurrency(section)
     assert section["streams"]["1"]["shared_passes"] == 0 < section["streams"]["4"]["shared_passes"]
     assert "passes shared by several sequences" in format_concurrency(section)
-    assert 0 < section["sequential"]["first_token_share"] < 1
+    seq = section["sequential"]  # the share of its time before its requests' first tokens, theirs alone
+    assert 0 < seq["first_token_share"] < 1
+    assert all("first_token_share" not in run for run in section["streams"].values())
     with pytest.raises(SpeccompileError, match="at least 1"):
         measure_concurrency(g, prompts, 12, (0,), 4, None)
 
@@ -961,12 +963,26 @@ def test_concurrency_percentiles_and_time_per_output_token():
     assert out["tokens_per_second"] == 505 / 10.0
 
 
+def test_the_sequential_runs_prefill_share_is_its_requests_time_to_first_token(monkeypatch):
+    """serve one after another: the share of its wall time before each request's first token, summed."""
+    from types import SimpleNamespace
+
+    from speccompile.bench import concurrency
+    ticks = iter([10.0, 14.0])  # the run's start and end: 4 s
+    monkeypatch.setattr(concurrency.time, "perf_counter", lambda: next(ticks))
+    ttfts = iter([0.5, 0.25, 0.25])
+    gen = SimpleNamespace(scheduler=None, generate=lambda *a, **k: SimpleNamespace(
+        token_ids=[1, 2], stats={"ttft_s": next(ttfts), "total_s": 1.0}))
+    out = concurrency.serve(gen, [[1], [2], [3]], 2, 0, None)
+    assert out["wall_s"] == 4.0 and out["first_token_share"] == pytest.approx(0.25)
+
+
 def test_the_sequential_runs_prefill_share_is_printed_beside_the_concurrency_ratios():
     """One after another, the time before each request's first token is its prompt's prefill: its share of the run
     bounds what sharing passes can gain, and the section says it (a result written before it was measured too)."""
     from speccompile.bench.concurrency import figures, format_concurrency
     seq = figures([{"token_ids": [0] * 8, "ttft_s": 0.25, "total_s": 1.0} for _ in range(4)], 5.0)
-    assert seq["first_token_share"] == pytest.approx(0.2)
+    seq["first_token_share"] = 0.2
     run = figures([{"token_ids": [0] * 8, "ttft_s": 0.5, "total_s": 1.0} for _ in range(4)], 2.5)
     run.update(speedup_vs_sequential=2.0, identical=True)
     section = {"requests": 4, "max_new_tokens": 8, "drafter": "lookup", "sequential": seq, "streams": {"4": run}}

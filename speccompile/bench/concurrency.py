@@ -8,8 +8,8 @@ tokens/s is divided by its aggregate tokens/s in the same run (`speedup_vs_seque
 out; the CI gate reads it). With repeats R, the sequential run and the N-stream runs alternate R times: the ratio is
 the median of the R neighbouring pairs' (each kept in `round_speedups`), the figures those of the fastest run. Per
 request: time to first token (from its submission, so queueing for a slot counts) and time per output token after
-the first, as percentiles over the requests; per run, `first_token_share`, the share of its time before the requests'
-first tokens (one after another: their prompts' prefill, which sharing passes cannot make cheaper).
+the first, as percentiles over the requests. The run one after another also gives `first_token_share`, the share of
+its time before the requests' first tokens: their prompts' prefill, which sharing passes cannot make cheaper.
 """
 from __future__ import annotations
 
@@ -63,7 +63,10 @@ def serve(gen, requests: list[list[int]], max_new_tokens: int, streams: int, dra
     wall = time.perf_counter() - t0
     if errors:
         raise errors[0]
-    return figures(results, wall) | {k: v - before[k] for k, v in sharing(gen).items()}
+    out = figures(results, wall) | {k: v - before[k] for k, v in sharing(gen).items()}
+    if streams == 0:  # one after another, the time before each request's first token is its prompt's prefill
+        out["first_token_share"] = sum(r["ttft_s"] for r in results) / wall if wall > 0 else 0.0
+    return out
 
 
 def sharing(gen) -> dict:
@@ -107,9 +110,6 @@ def figures(results: list[dict], wall: float) -> dict:
     pct = lambda xs: {f"p{q}": float(np.percentile(xs, q)) if xs else None for q in PERCENTILES}  # noqa: E731
     return {"wall_s": wall, "new_tokens": tokens, "tokens_per_second": tokens / wall if wall > 0 else 0.0,
             "ttft_s": pct(ttft), "time_per_output_token_s": pct(tpot),
-            # served one after another, the share of the run before each request's first token: its prompt's
-            # prefill, which no shared pass makes cheaper (with streams it counts their waits too: not printed)
-            "first_token_share": sum(ttft) / wall if wall > 0 else 0.0,
             "token_ids": [r["token_ids"] for r in results]}
 
 
