@@ -1,4 +1,5 @@
 """Adaptive drafting: the cost model, the choices it drives on synthetic costs, and the loop still lossless."""
+import copy
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -442,9 +443,14 @@ def test_passes_sampled_by_noise_are_priced_apart_from_greedy_ones(tiny_generato
     monkeypatch.setattr(g, "_cost", cost)
     prompt = random_prompts(1)[0]
     g.generate(prompt, max_new_tokens=12, drafter="model", tree="adaptive+lookup:4", temperature=0.7, seed=3)
-    assert cost.for_noise().observed and not cost.observed
+    assert cost.for_noise().observed and not cost.observed and not cost.for_noise(typical=True).observed
     g.generate(prompt, max_new_tokens=12, drafter="model", tree="adaptive+lookup:4")
     assert cost.observed and cost.for_noise() is cost.for_noise()
+    # typical acceptance's passes read their rows back and judge them on the host: priced apart from exact ones
+    before = copy.deepcopy(cost.for_noise().observed)
+    g.generate(prompt, max_new_tokens=12, drafter="model", tree="adaptive+lookup:4", temperature=0.7, seed=3,
+               acceptance="typical")
+    assert cost.for_noise(typical=True).observed and cost.for_noise().observed == before
 
 
 def test_calibration_is_cached_outside_the_bundle(tiny_bundle, tmp_path, monkeypatch):
@@ -488,15 +494,15 @@ def test_a_recalibration_waits_for_the_generation_it_would_disturb(tiny_bundle, 
 
 
 def test_a_recalibration_inside_this_threads_own_generation_is_refused(tiny_bundle, tmp_path, monkeypatch):
-    """cost_model(recalibrate=True) in the thread whose own loop holds a half-read stream (typical acceptance; any
-    request of a bundle without the batched graph) measured at once, overwriting the stream's K/V: the stream went
+    """cost_model(recalibrate=True) in the thread whose own loop holds a half-read stream (typical acceptance under
+    top-p; any request of a bundle without the batched graph) measured at once, overwriting the stream's K/V: the stream went
     on with other tokens, or failed inside a drafter."""
     import speccompile
     from speccompile.errors import SpeccompileError
     from speccompile.runtime.streams import drain
     monkeypatch.setenv("SPECCOMPILE_CACHE", str(tmp_path))
     g = speccompile.load(tiny_bundle, threads=1)
-    prompt, own_loop = random_prompts(1, seed=7)[0], dict(temperature=0.7, acceptance="typical", seed=0)
+    prompt, own_loop = random_prompts(1, seed=7)[0], dict(temperature=0.7, top_p=0.9, acceptance="typical", seed=0)
     solo = g.generate(prompt, 40, **own_loop).token_ids
     stream = g.stream(prompt, 40, **own_loop)
     next(stream)
@@ -658,8 +664,8 @@ def test_a_moved_bundle_still_decodes_and_calibrates(tiny_bundle, tmp_path, monk
 
 def test_calibration_after_a_request_that_filled_the_cache(tmp_path, monkeypatch):
     """The first adaptive request calibrates the cost model on the target engine, whose cache the previous request
-    may have left full (a plain request on a bundle without the batched graph, or a typical-acceptance one, which
-    runs serialized on slot 0): calibration once stepped past the compiled context and failed the request."""
+    may have left full (a plain request on a bundle without the batched graph, or a typical-acceptance one under
+    top-p, which runs serialized on slot 0): calibration once stepped past the compiled context and failed the request."""
     import speccompile
     from speccompile.compile.driver import build_bundle
     monkeypatch.setenv("SPECCOMPILE_CACHE", str(tmp_path / "cache"))

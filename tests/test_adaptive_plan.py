@@ -143,7 +143,7 @@ def test_a_shared_pass_verifies_lookup_nodes_of_the_likeliest_greedy_slots(monke
         a.lookup_accept[True, 3][0] = Rate(p, 1e6)
         a.matches = lambda lookup, ctx: (np.array([0]), int(ctx[-1]))  # the request's index finds a 3-gram match
         slots.append(types.SimpleNamespace(index=index, adapt=a, drafter=None, context=np.array([5, 3]), n=2,
-                                           params=types.SimpleNamespace(greedy=greedy)))
+                                           params=types.SimpleNamespace(greedy=greedy), fixed_output=greedy))
     gen = types.SimpleNamespace(lookup_of=lambda drafter: None)
 
     def chosen(most: int, least: float) -> list[int]:
@@ -300,7 +300,8 @@ def test_greedy_slots_of_a_shared_pass_draft_within_its_rows(count):
                                 plan_adaptive=lambda *args, **kw: rooms.append(args[3]) or Proposal.empty())
     slots = [types.SimpleNamespace(index=i, adapt=object(), drafter=None, context=np.zeros(50, np.int64), n=20,
                                    generated=1, req=types.SimpleNamespace(max_new_tokens=500), rng=None,
-                                   params=types.SimpleNamespace(greedy=True)) for i in range(count)]
+                                   params=types.SimpleNamespace(greedy=True), fixed_output=True)
+             for i in range(count)]
     shared_drafts.propose_shared(gen, slots, 900)
     assert len(rooms) == count and min(rooms) >= 1
     assert count * (1 + max(rooms)) <= shared_drafts.SHARED_PASS_ROWS

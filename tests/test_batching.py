@@ -567,10 +567,10 @@ def test_a_consumer_that_raises_ends_its_request(tiny_generator):
 
 
 def test_a_request_behind_this_threads_own_loop_is_refused(tiny_generator):
-    """Typical acceptance runs in the caller's own loop, which holds the scheduler: a request from the same thread
+    """Typical acceptance under top-p runs in the caller's own loop, which holds the scheduler: a request from the same thread
     meanwhile would wait for ever, so it is refused, as without a batched graph."""
     g = tiny_generator
-    own = g.stream("hello", 8, temperature=0.8, seed=1, acceptance="typical")
+    own = g.stream("hello", 8, temperature=0.8, seed=1, acceptance="typical", top_p=0.9)
     next(own)
     with pytest.raises(SpeccompileError, match="already generating"):
         g.generate("hello", 4)
@@ -579,7 +579,7 @@ def test_a_request_behind_this_threads_own_loop_is_refused(tiny_generator):
 
 
 def test_a_request_of_its_own_loop_goes_before_requests_that_come_later(tiny_generator):
-    """Typical acceptance (and the first adaptive request's calibration) runs once every slot is free. While it
+    """Typical acceptance under top-p (and the first adaptive request's calibration) runs once every slot is free. While it
     waits for that, no request takes a slot, or a steady stream of requests would keep it waiting for ever: here
     the request submitted before it but still waiting for a slot runs after it, and gives what it gives alone."""
     g = tiny_generator
@@ -592,7 +592,7 @@ def test_a_request_of_its_own_loop_goes_before_requests_that_come_later(tiny_gen
     assert len(g.scheduler.waiting) == 1
     done = []
     own = threading.Thread(target=lambda: done.append(g.generate(p[4], 6, temperature=0.8, seed=1,
-                                                                 acceptance="typical")))
+                                                                 acceptance="typical", top_p=0.9)))
     own.start()
     own.join(30)
     assert done and len(g.scheduler.waiting) == 1  # the later request has not taken a slot yet
@@ -607,14 +607,14 @@ def test_a_stream_read_from_two_threads_leaves_the_first_free(tiny_generator):
     holds the Generator, and the one that read it first may serve another request meanwhile (it waits its turn)."""
     g = tiny_generator
     worker1, worker2 = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
-    own = g.stream([1, 5, 9, 20], 12, chat=False, temperature=0.8, seed=1, acceptance="typical")  # its own loop
+    own = g.stream([1, 5, 9, 20], 12, chat=False, temperature=0.8, seed=1, acceptance="typical", top_p=0.9)  # its own loop
     worker1.submit(next, own).result()
     worker2.submit(next, own).result()
     other = worker1.submit(lambda: g.generate([7, 7, 7], 4, chat=False).token_ids)
     rest = worker2.submit(lambda: drain(own)).result()
     assert len(other.result(timeout=60)) == 4 and rest.token_ids
     with pytest.raises(SpeccompileError, match="already generating"):  # the refusal stands for a thread's own
-        own = g.stream("hello", 8, temperature=0.8, seed=1, acceptance="typical")
+        own = g.stream("hello", 8, temperature=0.8, seed=1, acceptance="typical", top_p=0.9)
         worker2.submit(next, own).result()
         worker2.submit(g.generate, "hello", 4).result()
     own.close()
@@ -753,14 +753,14 @@ def test_a_cancelled_streams_chunks_add_up_to_its_result(tiny_generator):
 @pytest.mark.parametrize("loop", ["typical acceptance", "no batched graph"])
 def test_a_stream_its_callers_own_loop_runs_can_be_cancelled_too(tiny_generator, tmp_path, loop):
     """Every stream has cancel(), as the README promises, also one run in its caller's own loop (typical
-    acceptance, or a bundle built with --max-batch 1), not only one the scheduler runs: from another thread, the
+    acceptance under top-p, or a bundle built with --max-batch 1), not only one the scheduler runs: from another thread, the
     stream then ends at its next read with the tokens so far, its Generator free for the next call."""
     g = tiny_generator
     if loop == "no batched graph":
         build_bundle("tiny:llama", str(tmp_path / "b"), drafts=["lookup"], max_seq_len=128, max_batch=1,
                      progress=quiet)
         g = speccompile.load(str(tmp_path / "b"), threads=1)
-    kw = dict(temperature=0.8, seed=1, acceptance="typical") if loop == "typical acceptance" else {}
+    kw = dict(temperature=0.8, seed=1, acceptance="typical", top_p=0.9) if loop == "typical acceptance" else {}
     p = random_prompts(1, seed=63)[0]
     full = g.generate(p, 40, chat=False, **kw)
     stream = g.stream(p, 40, chat=False, **kw)
@@ -778,7 +778,7 @@ def test_a_stream_cancelled_while_it_waits_for_its_turn_ends_at_once(tiny_genera
     round holds the scheduler's slots); cancel() from another thread ends that wait at once, nothing run, as it
     ends a submitted request still waiting for a slot: a server's worker lets go of its queue place, and a typical
     request stops keeping the others out of the slots, instead of waiting until the generation ahead ends."""
-    g, kw = tiny_generator, dict(temperature=0.8, seed=1, acceptance="typical")
+    g, kw = tiny_generator, dict(temperature=0.8, seed=1, acceptance="typical", top_p=0.9)
     if loop == "no batched graph":
         build_bundle("tiny:llama", str(tmp_path / "b"), drafts=["lookup"], max_seq_len=128, max_batch=1,
                      progress=quiet)
@@ -809,14 +809,14 @@ def test_a_stream_cancelled_while_it_waits_for_its_turn_ends_at_once(tiny_genera
 
 
 def test_a_request_waiting_behind_a_typical_one_ends_at_once_when_cancelled(tiny_generator):
-    """A typical-acceptance request's own loop holds the scheduler's slots until its generation ends, and a submitted
+    """A typical-acceptance request's own loop (under top-p) holds the scheduler's slots until its generation ends, and a submitted
     request waits for a slot meanwhile. cancel() from another thread (a server whose client went) ends that wait at
     once, nothing run, as it does while other requests hold the slots, not when the typical generation ends."""
     g = tiny_generator
     p, q = random_prompts(2, seed=65)
     wait_until_idle(g)
     holder = ThreadPoolExecutor(1)
-    own = g.stream(p, 200, chat=False, temperature=0.8, seed=1, acceptance="typical")
+    own = g.stream(p, 200, chat=False, temperature=0.8, seed=1, acceptance="typical", top_p=0.9)
     holder.submit(next, own).result()  # its loop holds the slots now, until it ends
     try:
         waiting = g.stream(q, 20, chat=False)
@@ -836,7 +836,7 @@ def test_a_queued_request_read_behind_this_threads_own_loop_is_refused(tiny_gene
     reads on to what it gives alone."""
     g = tiny_generator
     p, q = random_prompts(2, seed=66)
-    typical = dict(chat=False, temperature=0.8, seed=1, acceptance="typical")
+    typical = dict(chat=False, temperature=0.8, seed=1, acceptance="typical", top_p=0.9)
     alone = g.generate(q, 12, **typical).token_ids
     wait_until_idle(g)
     outcome = []
@@ -897,7 +897,7 @@ def test_a_cancelled_queued_request_read_behind_this_threads_own_loop_ends_quiet
 
     def read_both():
         queued = g.stream(p, 12, chat=False)  # waits for a slot: no round ran since
-        own = g.stream(q, 12, chat=False, temperature=0.8, seed=1, acceptance="typical")
+        own = g.stream(q, 12, chat=False, temperature=0.8, seed=1, acceptance="typical", top_p=0.9)
         next(own)  # its loop holds the slots now
         queued.cancel()
         try:

@@ -28,8 +28,13 @@ def test_which_settings_are_sampled_by_noise():
     assert by_noise(SamplingParams(temperature=0.7)) and by_noise(SamplingParams(temperature=0.7, top_k=5))
     assert not by_noise(SamplingParams(temperature=0.7, top_k=5), NoiseSupport(temperature=True))
     for p in (SamplingParams(), SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=0.7, min_p=0.1),
-              SamplingParams(temperature=0.7, acceptance="typical")):
+              SamplingParams(temperature=0.7, top_p=0.9, acceptance="typical")):
         assert not by_noise(p)
+    # typical acceptance too: the noise draws, its rule reads the rows (runtime/acceptance.py TypicalRule)
+    typical = SamplingParams(temperature=0.7, top_k=4, acceptance="typical", typical_epsilon=0.2, typical_alpha=0.5)
+    params, noise = sampled_by_noise(typical, NoiseSupport(True, True), 10)
+    assert params.greedy and noise.typical == (0.7, 4, 0.2, 0.5)
+    assert sampled_by_noise(SamplingParams(temperature=0.7), NoiseSupport(True, True), 10)[1].typical is None
     params, noise = sampled_by_noise(SamplingParams(temperature=0.7, seed=1, top_k=3), NoiseSupport(True, True), 10)
     assert params.greedy and noise.temperature == 0.7 and noise.rows([4]).top_k == 3
     assert sampled_by_noise(SamplingParams(temperature=0.7, top_k=10), NoiseSupport(True, True), 10)[1].top_k == 0

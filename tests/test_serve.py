@@ -249,12 +249,12 @@ def test_typical_acceptance_reaches_the_generator(state, client):
     """The lossy, opt-in typical acceptance (an extension, as top_k) and its thresholds reach the generator: the
     server's text is the generator's under the same rule, which here differs from exact acceptance's; a threshold
     without the rule is refused, as it would do nothing."""
-    kw = dict(temperature=1.5, seed=4)
+    kw = dict(temperature=2.0, seed=4)
     refs = {rule: state.gen.generate("owls debated", 32, chat=False, acceptance=rule, **kw).text
-            for rule in ("exact", "typical:0.5,0.9")}
-    assert refs["exact"] != refs["typical:0.5,0.9"]
-    for rule, extra in (("exact", {}), ("typical:0.5,0.9", {"acceptance": "typical", "typical_epsilon": 0.5,
-                                                            "typical_alpha": 0.9})):
+            for rule in ("exact", "typical:0.02,0.05")}
+    assert refs["exact"] != refs["typical:0.02,0.05"]
+    for rule, extra in (("exact", {}), ("typical:0.02,0.05", {"acceptance": "typical", "typical_epsilon": 0.02,
+                                                            "typical_alpha": 0.05})):
         res = client.completions.create(model="tiny-serve", prompt="owls debated", max_tokens=32, extra_body=extra,
                                         **kw)
         assert res.choices[0].text == refs[rule], rule
@@ -718,7 +718,7 @@ def test_choices_are_admitted_all_or_none_and_a_disconnect_frees_them_all(state)
 
 class HeldChoice(SlowGenerator):
     """The Generator, the stream of one seed held before its first pass until `go` is set (30 s at most): a choice
-    that waits its turn, as choices do where the bundle cannot batch them or under typical acceptance."""
+    that waits its turn, as choices do where the bundle cannot batch them or under typical acceptance with top-p."""
 
     def __init__(self, gen, held_seed: int):
         super().__init__(gen, 0)

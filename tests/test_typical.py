@@ -5,9 +5,10 @@ import pytest
 
 from conftest import random_prompts
 from speccompile.errors import SpeccompileError
-from speccompile.runtime.acceptance import accept_on_host, accept_typical, from_table, sequential
+from speccompile.runtime.acceptance import TypicalRule, accept_on_host, accept_typical, from_table, sequential
 from speccompile.runtime.drafters.base import Proposal
 from speccompile.runtime.sampling import SamplingParams, acceptance_option, draw, probabilities
+from speccompile.runtime.streams import drain
 
 
 def reference_typical(tokens, parents, p, eps, alpha, uniforms):
@@ -139,3 +140,68 @@ def test_bench_method_names_carry_the_acceptance():
     assert split_method("mtp@dynamic:2+lookup:6~typical:0.1,0.3") == ("mtp", "dynamic:2+lookup:6")
     assert split_acceptance("mtp@dynamic:2+lookup:6~typical:0.1,0.3") == ("mtp@dynamic:2+lookup:6", "typical:0.1,0.3")
     assert split_acceptance("mtp") == ("mtp", None)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_typical_rule_by_noise_matches_the_host_rule(seed):
+    """A request sampled by noise applies typical acceptance to the pass's rows in float32 (TypicalRule): the path
+    the numpy reference takes on the float64 distribution (temperature, top-k) of the same rows, then the row's
+    own draw (the noisy argmax the graph returns) at the path's end."""
+    rng = np.random.default_rng(seed)
+    n, vocab = int(rng.integers(1, 10)), 40
+    parents = np.array([int(rng.integers(-1, i)) for i in range(n)])
+    logits = (rng.standard_normal((n + 1, vocab)) * float(rng.choice([0.5, 2.0, 4.0]))).astype(np.float32)
+    # drafts among each parent row's likelier tokens, so that both verdicts occur
+    tokens = np.array([int(rng.choice(np.argsort(-logits[p + 1])[:6])) for p in parents])
+    temperature, top_k = float(rng.choice([0.7, 1.0])), int(rng.choice([0, 5, 12]))
+    eps, alpha = float(rng.choice([0.09, 0.3])), float(rng.choice([0.3, 0.9]))
+    p = probabilities(logits, SamplingParams(temperature, top_k=top_k))
+    log_p, _ = TypicalRule(temperature, top_k, eps, alpha).log_probs(logits[0].copy())
+    assert np.allclose(np.exp(log_p), p[0], atol=1e-6) and (log_p[p[0] == 0] < -1e29).all()
+    draws = rng.integers(0, vocab, n + 1)
+    path, _ = reference_typical(tokens, parents, p, eps, alpha, rng.random((n + 1, 2)))
+    got = TypicalRule(temperature, top_k, eps, alpha).verdict(tokens, parents, logits, draws)
+    assert got == (path, int(draws[path[-1] + 1 if path else 0]))
+
+
+def test_typical_acceptance_by_noise_reads_the_screened_rows(tiny_generator, monkeypatch):
+    """Over a target whose graphs sample by noise, a typical request's passes go through the exact head's screen
+    (no float32 head product a pass: full_logits off), and a seed gives the same answer twice."""
+    g = tiny_generator
+    seen = []
+    forward = g.target.forward
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("full_logits", True), kwargs.get("noise") is not None))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(g.target, "forward", spy)
+    prompt = random_prompts(2)[1]
+    kw = dict(drafter="model", tree="dynamic:3", temperature=0.8, seed=5, acceptance="typical", chat=False)
+    first = g.generate(prompt, 20, **kw)
+    assert seen and all(not full and noisy for full, noisy in seen)
+    assert first.stats["mean_accepted_tokens"] > 1.0 and first.stats["acceptance"] == "typical (lossy)"
+    monkeypatch.undo()
+    assert g.generate(prompt, 20, **kw).token_ids == first.token_ids
+
+
+def test_typical_requests_share_passes_and_keep_their_bounded_distance(tiny_generator):
+    """Sampled by noise, typical requests are served by the scheduler's shared passes (four at a time here) instead
+    of each holding the slots in a loop of its own: they share passes, accept more than exact speculation, and
+    their first two tokens stay within the bounded distance of the target's joint distribution."""
+    g = tiny_generator
+    prompt = np.array(random_prompts(2)[1], np.int64)
+    kw = dict(drafter="model", tree="dynamic:3", temperature=1.0, top_k=8, acceptance="typical")
+    joint = exact_joint(g, prompt, SamplingParams(1.0, top_k=8))
+    shared_before, counts, accepted = g.scheduler.shared_passes, {}, []
+    for first in range(0, 400, 4):
+        streams = [g.stream(prompt, 12, seed=seed, **kw) for seed in range(first, first + 4)]
+        for res in [drain(s) for s in streams]:
+            key = tuple(res.token_ids[:2])
+            counts[key] = counts.get(key, 0) + 1
+            accepted.append(res.stats["mean_accepted_tokens"])
+    _, exact_acc = first_two_tokens(g, prompt, 100, **{k: v for k, v in kw.items() if k != "acceptance"})
+    tv = total_variation(counts, joint)
+    print(f"TV typical, shared passes {tv:.3f}; tokens per pass {np.mean(accepted):.2f} (exact {exact_acc:.2f})")
+    assert g.scheduler.shared_passes - shared_before > 100
+    assert np.mean(accepted) > exact_acc and tv < 0.3

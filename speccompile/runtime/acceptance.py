@@ -133,15 +133,26 @@ def accept_typical(tokens: np.ndarray, parents: np.ndarray, p: np.ndarray, epsil
     every token the target gives more than typical_threshold at its parent's row; then a draw from p at the
     path's end. p [1 + n, V] the target's distributions per row."""
     threshold: dict[int, float] = {}
+
+    def typical(row: int, token: int) -> bool:
+        if row not in threshold:
+            threshold[row] = typical_threshold(p[row], epsilon, alpha)
+        return p[row, token] > threshold[row]
+
+    path = typical_path(tokens, parents, typical)
+    row = path[-1] + 1 if path else 0
+    return Verdict(path, draw(p[row], uniform(row, DRAW)))
+
+
+def typical_path(tokens: np.ndarray, parents: np.ndarray, typical: Callable[[int, int], bool]) -> list[int]:
+    """The deepest root-to-node path (the first such, in node order) whose every node's token is typical(its
+    parent's row, token)."""
     ok = np.zeros(len(tokens), bool)
     depth = np.zeros(len(tokens), np.int64)
     for i, parent in enumerate(parents):
-        row = parent + 1
         if parent >= 0 and not ok[parent]:
             continue
-        if row not in threshold:
-            threshold[row] = typical_threshold(p[row], epsilon, alpha)
-        ok[i] = p[row, tokens[i]] > threshold[row]
+        ok[i] = typical(parent + 1, int(tokens[i]))
         depth[i] = depth[parent] + 1 if parent >= 0 else 1
     path = []
     if ok.any():
@@ -150,8 +161,48 @@ def accept_typical(tokens: np.ndarray, parents: np.ndarray, p: np.ndarray, epsil
             path.append(end)
             end = int(parents[end])
         path.reverse()
-    row = path[-1] + 1 if path else 0
-    return Verdict(path, draw(p[row], uniform(row, DRAW)))
+    return path
+
+
+OUTSIDE = np.float32(-1e30)  # a scaled logit outside the top k (TypicalRule.log_probs)
+
+
+class TypicalRule(NamedTuple):
+    """Typical acceptance for a request sampled by noise (runtime/noise.py): its sampling settings and threshold."""
+    temperature: float
+    top_k: int  # 0: off
+    epsilon: float
+    alpha: float
+
+    def log_probs(self, logits: np.ndarray) -> tuple[np.ndarray, float]:
+        """One row's log-probabilities after temperature and top-k (a token outside the top k: below -1e29), and
+        log typical_threshold, in float32: the rule compares them, and a float64 distribution a row would cost a
+        good part of a pass."""
+        x = logits * np.float32(1.0 / self.temperature)
+        x -= x.max()
+        if self.top_k and self.top_k < len(x):
+            kth = np.partition(x, -self.top_k)[-self.top_k]
+            x[x < kth] = OUTSIDE  # finite: exp gives 0 and 0 * x stays 0 in the entropy's sum
+        e = np.exp(x)
+        total = float(e.sum())
+        log_z = float(np.log(total))
+        entropy = log_z - float(np.dot(e, x)) / total  # H = log Z - E[x]
+        x -= np.float32(log_z)
+        return x, min(float(np.log(self.epsilon)), float(np.log(self.alpha)) - entropy)
+
+    def verdict(self, tokens: np.ndarray, parents: np.ndarray, logits: np.ndarray, draws: np.ndarray) -> Verdict:
+        """The typical path over the target's rows (logits [1 + n, V]: the pass's estimates or float32 logits,
+        draws [1 + n]: each row's noisy argmax, an exact draw from it), then the draw at the path's end."""
+        threshold: dict[int, tuple[np.ndarray, float]] = {}
+
+        def typical(row: int, token: int) -> bool:
+            if row not in threshold:
+                threshold[row] = self.log_probs(logits[row])
+            log_p, log_threshold = threshold[row]
+            return bool(log_p[token] > log_threshold)
+
+        path = typical_path(tokens, parents, typical)
+        return Verdict(path, int(draws[path[-1] + 1 if path else 0]))
 
 
 def accept_by_graph_rule(prop, logits: np.ndarray, params, rng: np.random.Generator) -> Verdict:

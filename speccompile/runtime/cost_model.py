@@ -59,15 +59,17 @@ class CostModel:
     _interp_weights: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # _by_rows
     # what passes took beyond these prices lately, timed by every request's planner (runtime/pass_overhead.py)
     overhead: PassOverhead = dataclasses.field(default_factory=PassOverhead, repr=False, compare=False)
-    _noisy: CostModel | None = dataclasses.field(default=None, repr=False, compare=False)  # for_noise()
+    _noisy: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # for_noise()
 
-    def for_noise(self) -> CostModel:
+    def for_noise(self, typical: bool = False) -> CostModel:
         """The prices of passes sampled by noise (runtime/noise.py): greedy passes with a noise row a position drawn
         on the host, copied in and added in the graph, so a row costs more than a plain greedy pass's. The same
-        calibration, its own timed corrections and pass overhead (kept with this model)."""
-        if self._noisy is None:
-            self._noisy = CostModel(self.rows, self.lengths, self.verify_ms, self.drafter_ms, self.lookup_ms, self.key)
-        return self._noisy
+        calibration, its own timed corrections and pass overhead (kept with this model); typical acceptance's
+        passes (their rows read back and judged on the host) apart from exact ones."""
+        if typical not in self._noisy:
+            self._noisy[typical] = CostModel(self.rows, self.lengths, self.verify_ms, self.drafter_ms, self.lookup_ms,
+                                             self.key)
+        return self._noisy[typical]
 
     def verify(self, rows: int, length: int, greedy: bool = True) -> float:
         """Interpolated time of a target pass over `rows` rows after `length` committed tokens, as the passes

@@ -24,7 +24,7 @@ from speccompile.runtime.estimates import Plan
 from speccompile.runtime.drafters.base import Drafter, Proposal
 from speccompile.runtime.drafters.lookup import LookupDrafter, LookupReach, join_lookup
 from speccompile.runtime.logprobs import Logprobs, full_rows
-from speccompile.runtime.noise import GumbelNoise, sampled_by_noise
+from speccompile.runtime.noise import GumbelNoise, coupling, sampled_by_noise
 from speccompile.runtime.sampling import PositionDraws, SamplingParams
 
 PREFILL_CHUNK = MAX_STEP_TOKENS
@@ -74,11 +74,11 @@ class DecodeLoop:
         """Yield the tokens committed by each pass: the prefill's first token, then each verify pass's."""
         rng, draws = np.random.default_rng(params.seed), PositionDraws(params.seed)
         params, noise = sampled_by_noise(params, self.noise_ok, self.target.vocab_size)  # then greedy + noise
-        adapt = (self.adaptive_for(drafter, tree, full_rows(params, stats.logprobs), noise is not None)
+        adapt = (self.adaptive_for(drafter, tree, full_rows(params, stats.logprobs), noise)
                  if tree is not None and tree.adaptive else None)
         stats.adapt = adapt
         if drafter:
-            drafter.couple(noise)
+            drafter.couple(coupling(noise))
         token = self._prefill(prompt, drafter, params, draws, stats, noise)
         context = np.concatenate([np.asarray(prompt, np.int64), np.zeros(max_new_tokens, np.int64)])
         n, generated = len(prompt), 1
@@ -149,16 +149,16 @@ class DecodeLoop:
         return prop if self.trees_exact else prop.first_path()
 
     def adaptive_for(self, drafter: Drafter | None, tree: TreeSpec, full_logits: bool,
-                     noisy: bool = False) -> AdaptiveDrafting | None:
+                     noise: GumbelNoise | None = None) -> AdaptiveDrafting | None:
         """The per-request state of adaptive drafting (runtime/adaptive.py), priced by this machine's cost model:
         a request whose passes read the float32 rows (full_logits: logprobs.full_rows) as sampled passes are, one
-        sampled by noise (noisy) by the model's noise prices (CostModel.for_noise)."""
+        sampled by `noise` by the model's noise prices (CostModel.for_noise)."""
         if drafter is None:
             return None
         is_lookup = isinstance(drafter, LookupDrafter)
         if is_lookup and not tree.lookup:  # prompt lookup drafting alone: its nodes are the whole tree
             tree = dataclasses.replace(tree, lookup=ADAPTIVE_LOOKUP)
-        cost = self._measured_cost().for_noise() if noisy else self._measured_cost()
+        cost = self._noise_cost(self._measured_cost(), noise)
         return AdaptiveDrafting(cost, drafter.name, not is_lookup, tree, not full_logits, self.target.max_rows,
                                 chains_only=not self.trees_exact)
 
@@ -222,9 +222,13 @@ class DecodeLoop:
         out = self._target_pass(token, prop, n, params, rng, noise, draws, logprobs)
         if self._cost is not None and (len(prop.tokens) or self._timed_plain_step()):
             greedy_pass = not full_rows(params, logprobs)  # filed as what it ran: the exact greedy head or not
-            cost = self._cost.for_noise() if noise is not None else self._cost  # noise rows cost time of their own
+            cost = self._noise_cost(self._cost, noise)  # noise rows cost time of their own
             cost.observe(1 + len(prop.tokens), n - 1, greedy_pass, (time.perf_counter() - t0) * 1e3)
         return out
+
+    @staticmethod
+    def _noise_cost(cost: CostModel, noise: GumbelNoise | None) -> CostModel:
+        return cost if noise is None else cost.for_noise(noise.typical is not None)
 
     def _timed_plain_step(self) -> bool:
         self._plain_steps += 1
@@ -248,6 +252,14 @@ class DecodeLoop:
             block_parents = np.concatenate([[-1], prop.parents + 1])  # tree roots hang off the pending token
             positions = n - 1 + depths(block_parents)
         drawn = noise.rows(n + (np.arange(len(block)) if positions is None else positions - n + 1)) if noise else None
+        if noise is not None and noise.typical:  # lossy, asked for: its rule reads every row on the host
+            logits, argmax = self.target.forward(block, positions, block_parents, rows=np.arange(len(block)),
+                                                 full_logits=full, noise=drawn)
+            parents = chain_parents(len(prop.tokens)) if prop.parents is None else prop.parents
+            verdict = noise.typical.verdict(prop.tokens, parents, logits, argmax)
+            if logprobs:
+                logprobs.add_pass(logits, verdict.path, prop.tokens, verdict.token)
+            return verdict, False
         by_graph = self.target.verifies_sampled and not params.greedy and (
             not params.filtered_on_host and prop.q is None and not params.typical)
         if not logprobs and (self.target.verifies and params.greedy or by_graph):

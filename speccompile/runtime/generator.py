@@ -170,7 +170,7 @@ class Generator(DecodeLoop):
         params = sampling_params(params, unknown, temperature, top_k, top_p, seed, acceptance, min_p)
         request = build_request(self, prompt, max_new_tokens, params, drafter, speculate, stop, num_draft, tree, chat,
                                 on_text, ignore_eos, stop_token_ids, logprobs, prompt_logprobs)
-        if self.scheduler and not own_loop(request):  # submitted now: its passes start before the first read
+        if self.scheduler and not own_loop(request, self.noise_ok):  # submitted now: its passes start before the first read
             self.check_owner()  # this thread's own loop holds the scheduler: the request would wait for ever
             handle = self._submit(request)
             return SubmittedStream(self._run(request, on_text, (handle, time.perf_counter())), handle)
@@ -178,7 +178,7 @@ class Generator(DecodeLoop):
         return SubmittedStream(self._serialized(request, on_text, own), own)
 
     def _serialized(self, request: Request, on_text, own: OwnLoop):
-        """This thread's own decode loop, under the lock and, with a scheduler, its slots all free (typical too).
+        """This thread's own decode loop, under the lock and, with a scheduler, its slots all free (own_loop's requests).
         Cancelled while it waits for them, it stops waiting and holds neither: its loop then runs no pass, and a
         server's place in its queue is not kept until the generation ahead of it ends."""
         with self._exclusive(own) as held:

@@ -16,6 +16,10 @@ Top-k too, where the graphs take noise_top_k: the argmax is then
 taken among the k largest logits only, an exact draw from the top-k distribution. Top-p requests are sampled on
 the host (the nucleus needs the whole vocabulary's normaliser), with uniforms per position to the same effect
 (runtime/sampling.py PositionDraws, runtime/acceptance.py accept_drawn).
+
+Typical acceptance (lossy, opt-in) runs the same passes: its rule reads the verified rows' logits (the exact head's
+screened estimates, float32 where the screen falls back) on the host, and the token after the typical path is the
+argmax there, an exact draw; plain steps are plain sampling's (runtime/acceptance.py TypicalRule).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import dataclasses
 import numpy as np
 
 from speccompile.plugins import q4_matmul
+from speccompile.runtime.acceptance import TypicalRule
 from speccompile.runtime.sampling import NOISE_STREAM, SamplingParams, at_position, seed_key
 
 GREEDY = SamplingParams()  # what the decode loop runs for a request sampled by noise
@@ -45,8 +50,8 @@ EVERYTHING = NoiseSupport(True, True)
 
 def by_noise(params: SamplingParams, support: NoiseSupport = EVERYTHING) -> bool:
     """Whether these settings can be sampled by the argmax: temperature, top-k where the graphs take it, no top-p
-    or min-p, exact acceptance."""
-    return (support.temperature and not params.greedy and not params.filtered_on_host and params.acceptance == "exact"
+    or min-p (typical acceptance too: its rule reads the pass's rows on the host, its draws are the argmaxes)."""
+    return (support.temperature and not params.greedy and not params.filtered_on_host
             and (params.top_k == 0 or support.top_k))
 
 
@@ -64,7 +69,10 @@ class NoiseRows(list):
 class GumbelNoise:
     """temperature * G rows, one per position, for one request; a position's row is kept until the request
     moves past it (a verify pass's rejected positions are drawn again by the next pass). top_k (0: off): the
-    request's, handed to the graph with each pass's rows."""
+    request's, handed to the graph with each pass's rows. typical: the request's typical acceptance (lossy, asked
+    for; None: exact), which the decode loop applies to the pass's rows in place of the argmax's."""
+
+    typical: TypicalRule | None = None
 
     def __init__(self, seed: int | None, temperature: float, vocab_size: int, top_k: int = 0):
         self.key = seed_key(seed, NOISE_STREAM)
@@ -121,8 +129,17 @@ def sampled_by_noise(params: SamplingParams, support: NoiseSupport, vocab_size: 
     """(the settings the decode loop runs, the request's noise): greedy settings and the noise where the target
     graphs take it and the request can be sampled by the argmax; else the settings as they are and None."""
     if by_noise(params, support):
-        return GREEDY, GumbelNoise(params.seed, params.temperature, vocab_size, params.top_k)
+        noise = GumbelNoise(params.seed, params.temperature, vocab_size, params.top_k)
+        if params.typical:
+            noise.typical = TypicalRule(params.temperature, noise.top_k, params.typical_epsilon, params.typical_alpha)
+        return GREEDY, noise
     return params, None
+
+
+def coupling(noise: GumbelNoise | None) -> GumbelNoise | None:
+    """What a request's drafters couple their drafts to (Drafter.couple): its noise, but none under typical
+    acceptance, whose rule takes a drafter's likeliest tokens more often than its draws."""
+    return None if noise is None or noise.typical else noise
 
 
 def takes_noise(target, batch_entry: dict | None) -> NoiseSupport:

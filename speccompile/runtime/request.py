@@ -15,6 +15,7 @@ from speccompile.graphs import MAX_VERIFY_TOKENS
 from speccompile.runtime.acceptance import SpecDecodeStats
 from speccompile.runtime.drafters.base import Drafter
 from speccompile.runtime.logprobs import MAX_TOP_LOGPROBS, Logprobs
+from speccompile.runtime.noise import NoiseSupport, by_noise
 from speccompile.runtime.sampling import SamplingParams, UnknownOptionError, acceptance_option
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -116,10 +117,11 @@ def sampling_params(params: SamplingParams | None, unknown: dict, temperature, t
     return SamplingParams(**given, **acceptance)
 
 
-def own_loop(request: Request) -> bool:
-    """Requests the scheduler's shared passes do not serve: typical acceptance (lossy; its rule runs on the host),
-    and prompt logprobs (the prompt's every row through the output head, which the shared prefill does not run)."""
-    return request.params.acceptance != "exact" or request.prompt_logprobs is not None
+def own_loop(request: Request, noise: NoiseSupport) -> bool:
+    """Requests the scheduler's shared passes do not serve: typical acceptance (lossy) where it is not sampled by the
+    graphs' noise (top-p or min-p: its rule then reads float32 rows on the host), and prompt logprobs (the prompt's
+    every row through the output head, which the shared prefill does not run)."""
+    return (request.params.typical and not by_noise(request.params, noise)) or request.prompt_logprobs is not None
 
 
 def build_request(gen, prompt, max_new_tokens, params: SamplingParams, drafter: str | None, speculate: bool,

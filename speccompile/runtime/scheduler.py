@@ -32,7 +32,7 @@ from speccompile.runtime.drafters.base import Drafter
 from speccompile.runtime.drafters.lookup import LookupReach
 from speccompile.runtime.kv_cache import KVCache
 from speccompile.runtime.logprobs import full_rows
-from speccompile.runtime.noise import sampled_by_noise
+from speccompile.runtime.noise import coupling, sampled_by_noise
 from speccompile.runtime.sampling import PositionDraws
 from speccompile.runtime.shared_drafts import propose_shared
 from speccompile.runtime.shared_catch_up import SharedCatchUp
@@ -149,8 +149,8 @@ class Scheduler(Turns):
         tree = req.tree
         params, noise = sampled_by_noise(req.params, self.gen.noise_ok, self.gen.target.vocab_size)
         if drafter is not None:
-            drafter.couple(noise)
-        adapt = (self.gen.adaptive_for(drafter, tree, full_rows(params, req.logprobs), noise is not None)
+            drafter.couple(coupling(noise))
+        adapt = (self.gen.adaptive_for(drafter, tree, full_rows(params, req.logprobs), noise)
                  if tree is not None and tree.adaptive else None)
         reach = None if adapt else LookupReach.joining(tree, self.gen.lookup_reach_limit)  # as Generator.steps
         handle.stats.adapt = adapt
@@ -268,7 +268,7 @@ class Scheduler(Turns):
             self.gen.commit(s.n, s.prop.parents, path, s.drafter)
             self._accepted(s, Verdict(path, token), in_graph)
             return
-        apart = [s for s in slots if len(s.prop.tokens) > inside]  # sampled ones only
+        apart = [s for s in slots if len(s.prop.tokens) > inside]  # never a fixed_output one
         if len(apart) < len(slots) or mixed:
             self._verify([s for s in slots if s not in apart], mixed)
         for s in apart:  # alone in its pass, a slot's drafts fit after its own K/V (its room, as alone)
@@ -301,6 +301,8 @@ class Scheduler(Turns):
             token = int(argmax[0]) if params.greedy else s.draws.token(logits[0], params, s.n)
             return Verdict([], token), None
         parents = np.arange(len(prop.tokens)) - 1 if prop.parents is None else prop.parents
+        if s.noise is not None and s.noise.typical:  # lossy, asked for: the rows' estimates and draws
+            return s.noise.typical.verdict(prop.tokens, parents, logits, argmax), False
         if params.greedy:  # the argmax rows come from the graph; the host walks the tree
             return accept_greedy(prop.tokens, parents, argmax), False
         if self.gen.target.verifies_sampled and not params.filtered_on_host and prop.q is None:

@@ -1,8 +1,9 @@
 """Which drafts a pass shared by several sequence slots verifies (runtime/scheduler.py runs the passes).
 
 A request alone drafts as the Generator's own loop does. Sharing a pass, a greedy slot's output does not depend on
-its drafts, so they are cut to what pays beside the other slots' rows; a sampled slot drafts as it would alone, so
-that its seed's draws do not depend on what else runs.
+its drafts (nor does that of one sampled by noise with exact acceptance: Slot.fixed_output), so they are cut to what
+pays beside the other slots' rows; any other slot drafts as it would alone, so that its seed's draws (or, under
+typical acceptance, the drafts it keeps) do not depend on what else runs.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def propose_shared(gen, slots: list[Slot], inside: int, catch_up=None) -> None:
     drafting = []  # (slot, its plan or its room): the slots whose drafter drafts
     for s in slots:
         room = min(s.req.max_new_tokens - s.generated - 1, gen.max_seq_len - s.n)
-        if s.params.greedy:
+        if s.fixed_output:
             room = min(room, inside)
             if len(slots) > 1:
                 room = min(room, 1 if s.index in by_lookup else share)
@@ -64,7 +65,7 @@ def lookup_slots(gen, slots: list[Slot]) -> dict[int, tuple]:
     SHARED_LOOKUP_* rule), each with its match."""
     ranked = []
     for s in slots:
-        if s.adapt is None or s.adapt.reach is None or not s.params.greedy:
+        if s.adapt is None or s.adapt.reach is None or not s.fixed_output:
             continue
         match = s.adapt.matches(gen.lookup_of(s.drafter), s.context[:s.n])  # the request's index, kept up to date
         estimate = s.adapt.lookup_estimate(match[1]) if match[1] else 0.0

@@ -120,6 +120,12 @@ class Slot:
         return full_rows(self.params, self.handle.stats.logprobs)
 
     @property
+    def fixed_output(self) -> bool:
+        """Whether its tokens do not depend on its drafts: greedy, or sampled by noise with exact acceptance (the
+        target's own draws). Typical acceptance keeps whichever drafts the target finds likely enough."""
+        return self.params.greedy and not (self.noise is not None and self.noise.typical)
+
+    @property
     def decoding(self) -> bool:
         return self.prefilled == len(self.req.ids)
 

@@ -51,8 +51,8 @@ class Turns:
             self._drive(self._round, handle)
 
     def _wait_for_turn(self, handle: Handle) -> None:
-        """Wait (holding self.wake) for another caller's round, or exclusive()'s hold, to end. The hold of a typical
-        request lasts its whole generation and cancel() wakes no one: the wait looks at it every CANCEL_POLL_S, and
+        """Wait (holding self.wake) for another caller's round, or exclusive()'s hold, to end. The hold of a request in
+        its own loop (runtime/request.py own_loop) lasts its whole generation and cancel() wakes no one: the wait looks at it every CANCEL_POLL_S, and
         a request cancelled while it waits for a slot ends then (DONE). The hold of this thread's own loop would
         never end while this thread waits: refused, as reading a second stream of one's own loop is."""
         if handle.cancelled:

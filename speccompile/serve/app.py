@@ -158,7 +158,7 @@ async def _respond(state: ServeState, body, ids: list[int], request: Request, ch
 async def _first_choice(firsts: list[asyncio.Future]) -> None:
     """Wait for the first event of whichever choice comes first; an error there is the request's refusal. Not
     every choice's: choices run one after another where the bundle cannot batch them (or under typical
-    acceptance), and a stream would send nothing until all but the last had ended. One choice's refusal is
+    acceptance with top-p or min-p), and a stream would send nothing until all but the last had ended. One choice's refusal is
     every choice's (one prompt, one set of settings); a later failure ends the stream with an error event."""
     done, _ = await asyncio.wait(firsts, return_when=asyncio.FIRST_COMPLETED)
     for first in done:
