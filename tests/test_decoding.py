@@ -138,23 +138,25 @@ def _nucleus_reference(p: np.ndarray, top_p: float) -> np.ndarray:
 @pytest.mark.parametrize("case", ["peaked", "flat", "ties", "tie_at_the_edge", "small_vocab"])
 def test_nucleus_search_keeps_what_sorting_the_whole_row_keeps(case):
     """The nucleus sought among the most probable tokens (sampling.nucleus) keeps exactly the tokens a sort
-    of the whole row keeps: peaked rows (found among the candidates), flat ones (the whole row sorted), ties inside
-    the nucleus and at the candidates' edge."""
+    of the whole row keeps: peaked rows (found among the first candidates), flat ones (the whole row sorted), ties
+    inside the nucleus, at a candidate set's edge (a share of the likeliest token's probability) and just below it."""
     from speccompile.runtime import sampling
     rng = np.random.default_rng(len(case))
     V = 64 if case == "small_vocab" else 20000
-    M = sampling.NUCLEUS_CANDIDATES
+    share = sampling.NUCLEUS_SHARES[0]
     for trial in range(20):
         top_ps = (0.3, 0.9, 0.999)
         if case == "flat":
             p = rng.random(V) + 1.0
         elif case == "ties":
             p = np.round(np.exp(rng.standard_normal(V) * 3)) + 1e-3
-        elif case == "tie_at_the_edge":  # ten tied tokens across the candidates' edge, the nucleus ending in them
-            p, order = np.full(V, 1e-9), rng.permutation(V)
-            p[order[:M - 5]] = rng.random(M - 5) + 1.0
-            p[order[M - 5:M + 5]] = 0.5
-            top_ps = ((p[order[:M - 5]].sum() + 2.5 * 0.5) / p.sum(),)
+        elif case == "tie_at_the_edge":  # ten tokens tied at the first set's edge, ten just below it, the nucleus
+            p, order = np.full(V, 1e-9), rng.permutation(V)  # ending among either
+            p[order[:50]] = rng.random(50) * 0.5 + 0.5
+            p[order[0]] = 1.0
+            p[order[50:60]] = share
+            p[order[60:70]] = share * (1 - 1e-12)
+            top_ps = tuple((p[order[:50]].sum() + k * share) / p.sum() for k in (2.5, 12.5))
         else:
             p = np.exp(rng.standard_normal(V) * 3)
         p /= p.sum()

@@ -155,14 +155,15 @@ def _whole(x) -> bool:
 def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     """logits [..., V] -> the distribution sampling draws from (float64), after temperature, top-k, min-p and top-p
     (vLLM's order: min-p before top-p; top-k and min-p keep the same tokens in either order)."""
-    x = logits.astype(np.float64) / params.temperature
+    x = logits.astype(np.float64)
+    x /= params.temperature
     x -= x.max(-1, keepdims=True)
     if params.top_k and params.top_k < x.shape[-1]:
         kth = np.partition(x, -params.top_k, axis=-1)[..., -params.top_k, None]
-        x = np.where(x < kth, -np.inf, x)
+        x[x < kth] = -np.inf
     if params.min_p > 0.0:  # p >= min_p * p_max, in logits: x - x_max >= log(min_p), x_max being 0 here
-        x = np.where(x < math.log(params.min_p), -np.inf, x)
-    p = np.exp(x)
+        x[x < math.log(params.min_p)] = -np.inf
+    p = np.exp(x, out=x)
     p /= p.sum(-1, keepdims=True)
     if params.top_p < 1.0:
         rows = p.reshape(-1, p.shape[-1])
@@ -174,27 +175,34 @@ def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     return p
 
 
-NUCLEUS_CANDIDATES = 1024  # the most probable tokens searched for the nucleus before sorting the whole row
+# the nucleus is sought first among the tokens at least this share of the likeliest one's probability, then the next
+NUCLEUS_SHARES = (1e-2, 1e-4, 1e-7)
 
 
 def nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
     """The tokens top-p sampling keeps from p [V], most probable first (ties by lower token id): the smallest such
-    set whose mass reaches top_p, the token that crosses it included. Sought among the NUCLEUS_CANDIDATES most
-    probable tokens first; that answer stands where every kept token is strictly more probable than every token
-    outside the candidates (so the whole row's order would keep the same tokens), else the whole row is sorted."""
-    if len(p) > NUCLEUS_CANDIDATES:
-        candidates = np.argpartition(-p, NUCLEUS_CANDIDATES - 1)[:NUCLEUS_CANDIDATES]
-        kept = _nucleus(p, np.sort(candidates), top_p)
-        if len(kept) < NUCLEUS_CANDIDATES and p[kept[-1]] > p[candidates].min():
+    set whose mass reaches top_p, the token that crosses it included. Sought first among the tokens at least a
+    share of the likeliest one's probability (NUCLEUS_SHARES): each such set is a top of the row's order (every
+    token outside it strictly less probable), so its sorted sums are the whole row's first ones, and once they
+    reach top_p the nucleus lies within it; else the whole row is sorted."""
+    likeliest = p.max()
+    for share in NUCLEUS_SHARES:
+        kept = _nucleus(p, np.flatnonzero(p >= likeliest * share), top_p)
+        if kept is not None:
             return kept
-    return _nucleus(p, np.arange(len(p)), top_p)
+    return _nucleus(p, np.arange(len(p)), top_p, whole=True)
 
 
-def _nucleus(p: np.ndarray, tokens: np.ndarray, top_p: float) -> np.ndarray:
-    """The top-p nucleus within `tokens` (ascending ids), most probable first."""
+def _nucleus(p: np.ndarray, tokens: np.ndarray, top_p: float, whole: bool = False) -> np.ndarray | None:
+    """The top-p nucleus within `tokens` (ascending ids, a top of the row's order), most probable first; None where
+    their mass falls short of top_p (the nucleus reaches past them) and they are not the whole row."""
     order = tokens[np.argsort(-p[tokens], kind="stable")]  # stable over ascending ids: ties by lower id
     sorted_p = p[order]
-    return order[:int(np.count_nonzero(np.cumsum(sorted_p) - sorted_p < top_p))]
+    before = np.cumsum(sorted_p)
+    if not whole and before[-1] < top_p:
+        return None
+    before -= sorted_p
+    return order[:int(np.count_nonzero(before < top_p))]
 
 
 NOISE_STREAM, DRAWS_STREAM = 0, 1  # a seed's two keyed streams: Gumbel noise (runtime/noise.py), PositionDraws
@@ -235,6 +243,11 @@ def sample(p: np.ndarray, rng: np.random.Generator) -> int:
 
 
 def draw(p: np.ndarray, u: float) -> int:
-    """The token at quantile u of p [V] (unnormalised is fine): what `sample` returns for the uniform u."""
-    c = np.cumsum(p)
-    return int(min(np.searchsorted(c, u * c[-1], side="right"), len(p) - 1))
+    """The token at quantile u of p [V] (unnormalised is fine): what `sample` returns for the uniform u. Over a
+    filtered row (top-k, top-p, min-p) the sums run over its kept tokens alone: the same sums, zeros adding
+    nothing."""
+    positive = p > 0
+    kept = np.flatnonzero(positive) if np.count_nonzero(positive) * 4 < len(p) else None
+    c = np.cumsum(p if kept is None else p[kept])
+    at = int(min(np.searchsorted(c, u * c[-1], side="right"), len(c) - 1))
+    return at if kept is None else int(kept[at])
