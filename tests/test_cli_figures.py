@@ -150,6 +150,12 @@ def test_decode_step_of_a_tied_model_reads_its_embedding_once(tiny_bundle):
     rest = sum(v for n, v in sizes.items() if n not in tables and not n.startswith("head_screen."))
     rows = 4 * cfg["hidden_size"] + 2 * 4 * cfg["head_dim"] // 2  # float32 rows
     assert pass_weight_bytes(m, t, 0) == {"full": rest + rows + sizes["embed"], "screened": rest + rows + screen}
+    # a head on the int8 grid whose screen is stored as MatMulQ8 records (no scales apart, no grid error): its float32
+    # logits are MatMulQ8F's over the records, read in place of the float32 embedding
+    on_grid = {**t, "initializers": [n for n in t["initializers"] if n not in ("head_screen.scales", "head_screen.err")]}
+    left = screen - sizes.get("head_screen.scales", 0) - sizes.get("head_screen.err", 0)
+    assert pass_weight_bytes(m, on_grid, 0) == {"full": rest + rows + sizes["head_screen.codes"],
+                                                "screened": rest + rows + left}
 
 
 
@@ -160,7 +166,7 @@ def test_decode_step_line_names_the_sampling_each_head_serves(tiny_bundle, tiny_
     from speccompile.runtime.sampling import SamplingParams
     line = next(x for x in describe(tiny_bundle, read_manifest(tiny_bundle, verify_hashes=False), False)
                 if x.startswith("decode step reads"))
-    screened, full = line.split(" MiB with the float32 head ")
+    screened, full = line.split(" MiB with float32 logits ")
     for params, name in ((SamplingParams(0.7), "temperature"), (SamplingParams(0.7, top_k=5), "top-k"),
                          (SamplingParams(0.7, top_p=0.9), "top-p")):
         through_screen = runs_greedy(params, tiny_generator.noise_ok)

@@ -146,6 +146,28 @@ def test_the_screen_on_speccompiles_kernels_finds_the_float32_argmax(tmp_path):
     assert top_k_domains(screened.model.graph) == [q4_matmul.DOMAIN]  # the candidates: speccompile's TopK
 
 
+@pytest.mark.skipif(q4_matmul.unavailable() is not None, reason=f"speccompile's kernels cannot run here: "
+                                                            f"{q4_matmul.unavailable()}")
+def test_a_head_on_the_int8_grid_takes_its_float32_product_from_the_screens_records(tmp_path):
+    """A head that lies on the screen's int8 grid exactly (a GGUF Q8_0 head) gets its float32 logits (full_logits,
+    and the uncertified rows' fallback) from MatMulQ8F over the screen's records: a quarter of the bytes, the float32
+    product to its rounding, and no float32 Gemm; a head off the grid keeps the Gemm."""
+    w = np.concatenate([random_head(8, on_grid=True), random_head(9, on_grid=True)[:8]])  # 1008: whole tiles
+    w[40:44] = w[40]  # a tie, which no screen certifies: the fallback decides it
+    sess = head_session(w, tmp_path, kernels=True)
+    x = np.concatenate([np.random.default_rng(10).standard_normal((6, H)).astype(np.float32), w[40:41] * 50])
+    logits, ref = run(sess, x, False)
+    exact = x.astype(np.float64) @ w.astype(np.float64).T
+    assert np.abs(logits - exact).max() <= 1e-6 * np.abs(exact).max()
+    assert np.array_equal(ref, logits.argmax(-1)) and np.array_equal(run(sess, x, True)[1], ref) and ref[-1] == 40
+    ran = {(e["args"]["op_name"]) for e in json.load(open(sess.end_profiling())) if e.get("cat") == "Node"}
+    assert q4_matmul.OP_TYPE_Q8F in ran and "Gemm" not in ran
+    off_grid = head_session(np.concatenate([random_head(8), random_head(9)[:8]]), tmp_path, kernels=True)
+    run(off_grid, x, False)
+    ran = {(e["args"]["op_name"]) for e in json.load(open(off_grid.end_profiling())) if e.get("cat") == "Node"}
+    assert "Gemm" in ran and q4_matmul.OP_TYPE_Q8F not in ran
+
+
 def top_k_domains(graph) -> list[str]:
     """The domain of every TopK node in `graph` and its subgraphs."""
     found = []

@@ -1,7 +1,7 @@
-"""speccompile's own MatMulQ4 and MatMulQ8 kernels (speccompile.plugins.q4_matmul): their weight layouts, numpy
-definitions, and the compiled kernels inside onnxruntime against them; each row the same whatever the rows beside
-it (what keeps speculation over it lossless); the GGUF blocks MatMulQ4 takes exactly and the ones it leaves to
-MatMulNBits; the int8 matrices MatMulQ8 takes."""
+"""speccompile's own MatMulQ4, MatMulQ8 and MatMulQ8F kernels (speccompile.plugins.q4_matmul): their weight layouts,
+numpy definitions, and the compiled kernels inside onnxruntime against them; each row the same whatever the rows
+beside it (what keeps speculation over it lossless); the GGUF blocks MatMulQ4 takes exactly and the ones it leaves
+to MatMulNBits; the int8 matrices MatMulQ8 takes."""
 import gguf
 import numpy as np
 import pytest
@@ -133,7 +133,7 @@ sys.path.insert(0, sys.argv[1])
 from test_quantized import run_product
 data = np.load(sys.argv[2])
 np.save(sys.argv[3], run_product(pathlib.Path(sys.argv[4]), {sys.argv[5]: data["w"]}, "m", data["x"],
-                                 gated=sys.argv[6] == "gated"))
+                                 gated=sys.argv[6] == "gated", floats=sys.argv[6] == "floats"))
 """
 
 
@@ -148,12 +148,13 @@ def test_the_avx2_variant_computes_what_the_avx512_one_does(tmp_path):
     x = np.random.default_rng(10).standard_normal((7, 576)).astype(np.float32) * 3
     for name, weights, form in (("m" + kernel_form.SUFFIX, q4_matmul.pack(codes, scales, minimums), "plain"),
                                 ("m" + SUFFIX_CODES, q4_matmul.pack8(*random_int8(64, 576, seed=9)), "plain"),
-                                ("m" + kernel_form.SUFFIX, q4_matmul.pack(codes, scales, minimums), "gated")):
+                                ("m" + kernel_form.SUFFIX, q4_matmul.pack(codes, scales, minimums), "gated"),
+                                ("m", q4_matmul.pack8(*random_int8(64, 576, seed=9)), "floats")):
         np.savez(tmp_path / "in.npz", w=weights, x=x)
         env = dict(os.environ, SPECCOMPILE_Q4_ISA="avx2")
         subprocess.run([sys.executable, "-c", AVX2_RUN, os.path.dirname(__file__), str(tmp_path / "in.npz"),
                         str(tmp_path / "avx2.npy"), str(tmp_path), name, form], env=env, check=True)
-        y = run_product(tmp_path, {name: weights}, "m", x, gated=form == "gated")
+        y = run_product(tmp_path, {name: weights}, "m", x, gated=form == "gated", floats=form == "floats")
         assert np.array_equal(np.load(tmp_path / "avx2.npy"), y), (name, form)
 
 
@@ -182,6 +183,7 @@ def test_a_weight_too_small_for_its_shape_is_an_error_not_a_read_past_it(tmp_pat
     codes, scales, minimums = random_weight(16, 64)
     for op, weight in ((q4_matmul.OP_TYPE, q4_matmul.pack(codes, scales, minimums)),
                        (q4_matmul.OP_TYPE_Q8, q4_matmul.pack8(*random_int8(16, 64))),
+                       (q4_matmul.OP_TYPE_Q8F, q4_matmul.pack8(*random_int8(16, 64))),
                        (q4_matmul.OP_TYPE_SILU, q4_matmul.pack(codes, scales, minimums))):
         node = helper.make_node(op, ["x", "w"], ["y"], domain=q4_matmul.DOMAIN, K=64, N=32)
         graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
@@ -238,6 +240,32 @@ def test_the_int8_kernel_computes_the_definition_and_matmulnbits_product(tmp_pat
     assert y.shape == ref.shape and np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
     nbits = run_product(tmp_path, {"m" + SUFFIX_CODES: codes.reshape(64, 6, 32), "m" + SUFFIX_SCALES: scales}, "m", x)
     assert np.abs(y - nbits).max() <= 1e-5 * np.abs(ref).max()
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+def test_the_float_input_int8_kernel_computes_the_float32_product(tmp_path, rows):
+    """MatMulQ8F: x as it is times the records' dequantized matrix, within float32 rounding of the float64 product
+    (no rounding of x to int8), the same as a float32 matmul of the dequantized matrix to that rounding."""
+    codes, scales = random_int8(64, 192, seed=rows)
+    records = q4_matmul.pack8(codes, scales)
+    x = np.random.default_rng(rows).standard_normal((rows, 192)).astype(np.float32)
+    y = run_product(tmp_path, {"m": records}, "m", x, floats=True)
+    ref = q4_matmul.reference8f(x, records)
+    assert y.shape == ref.shape and np.abs(y - ref).max() <= 1e-6 * np.abs(ref).max()
+    dense = (codes.reshape(64, -1, 32).astype(np.float32) - 128) * scales[..., None]
+    assert np.abs(x @ dense.reshape(64, -1).T - ref).max() <= 1e-6 * np.abs(ref).max()
+    assert np.abs(run_product(tmp_path, {"m" + SUFFIX_CODES: records}, "m", x) - ref).max() > 1e-4 * np.abs(ref).max()
+
+
+@needs_kernel
+def test_each_float_input_row_is_computed_alike_whatever_the_rows_beside_it(tmp_path):
+    """Bit for bit, as MatMulQ8's rows: one row alone or among 2 to 11 others (groups of four, two on AVX2)."""
+    weights = {"m": q4_matmul.pack8(*random_int8(96, 576, seed=17))}
+    x = np.random.default_rng(18).standard_normal((12, 576)).astype(np.float32)
+    alone = np.concatenate([run_product(tmp_path, weights, "m", x[i:i + 1], floats=True) for i in range(12)])
+    for rows in range(2, 13):
+        assert np.array_equal(run_product(tmp_path, weights, "m", x[:rows], floats=True), alone[:rows]), rows
 
 
 @needs_kernel

@@ -1,6 +1,6 @@
 """MatMulQ4 and MatMulQ8 (speccompile.kernels::MatMulQ4, ::MatMulQ8): speccompile's own onnxruntime CPU kernels for
 4-bit weights in blocks of 32 with a scale and a minimum each (GGUF's Q4_1; Q4_0 too) and for int8 blocks of 32 with a
-scale each; the same library holds ::TreeAttention (attention.c: plugins/tree_attention's op on the CPU), ::TopK,
+scale each (::MatMulQ8F: the same int8 weight times float32 inputs); the same library holds ::TreeAttention (attention.c: plugins/tree_attention's op on the CPU), ::TopK,
 ::MatMulQ4SiLU, ::RMSNorm and ::SkipRMSNorm (norm.c) and ::GreedyAccept (accept.c). kernel.c
 says what the products compute and why they exist; here are their numpy definitions, the packing of their weight
 inputs, and the library: the C files compiled on first use by the machine's C compiler into the user's cache. Where
@@ -23,6 +23,7 @@ from speccompile.format.paths import user_cache_dir
 from speccompile.graphs import KERNEL_DOMAIN
 
 DOMAIN, OP_TYPE, OP_TYPE_Q8, OP_TYPE_SILU = KERNEL_DOMAIN, "MatMulQ4", "MatMulQ8", "MatMulQ4SiLU"
+OP_TYPE_Q8F = "MatMulQ8F"  # MatMulQ8's weight times float32 inputs as they are
 BLOCK, TILE, RECORD, RECORD8 = 32, 16, 320, 576
 # each instruction set's code is marked in its file, not by flags
 UNITS = ("kernel.c", "avx512.c", "amx.c", "avx2.c", "attention.c", "topk.c", "gated.c", "norm.c", "accept.c", "gumbel.c")
@@ -130,6 +131,15 @@ def reference8(x: np.ndarray, records: np.ndarray) -> np.ndarray:
     w = codes.reshape(len(codes), -1, BLOCK).astype(np.int64) - 128
     dots = np.einsum("mbk,nbk->mbn", xq.astype(np.int64), w)
     y = (dots * scale[..., None] * d.T[None]).sum(1)
+    return y.astype(np.float32).reshape(*x.shape[:-1], len(codes))
+
+
+def reference8f(x: np.ndarray, records: np.ndarray) -> np.ndarray:
+    """MatMulQ8F's definition in numpy: x [..., K] -> [..., N] = x @ W.T for W = the records' dequantized matrix
+    (float64 sums, to float32)."""
+    codes, d = unpack8(records)
+    w = (codes.reshape(len(codes), -1, BLOCK).astype(np.float64) - 128) * d[..., None]
+    y = x.reshape(-1, codes.shape[1]).astype(np.float64) @ w.reshape(len(codes), -1).T
     return y.astype(np.float32).reshape(*x.shape[:-1], len(codes))
 
 

@@ -111,3 +111,47 @@ static inline __attribute__((always_inline)) AVX2 void half8(const int R, const 
 AVX2 void q8_tile_avx2(const Product* p, size_t t) {
   for (int h = 0; h < 2; h++) FOR_ROW_GROUPS(p, t, RECORD8, 4, half8, h);
 }
+
+/* MatMulQ8F, one half (8 outputs) of a tile: avx512.c's operations lane for lane, the same numbers; rows two at a
+ * time (their eight partial sums beside the codes fill the sixteen registers). */
+static inline __attribute__((always_inline)) AVX2 void half8f(const int R, const FloatProduct* p, size_t t,
+                                                              int64_t r0, int h) {
+  const int nb = p->K / BLOCK;
+  const uint8_t* w = p->w + t * (size_t)nb * RECORD8;
+  const float* x = p->x + r0 * p->K;
+  __m256 acc[2];
+  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+  const __m256i bias = _mm256_set1_epi8((char)0x80);
+  for (int b = 0; b < nb; b++) {
+    const uint8_t* rec = w + (size_t)b * RECORD8;
+    for (int line = 0; line < RECORD8; line += 64) _mm_prefetch((const char*)(rec + 8 * RECORD8 + line), _MM_HINT_T0);
+    __m256 part[2][4];
+    for (int r = 0; r < R; r++)
+      for (int i = 0; i < 4; i++) part[r][i] = _mm256_setzero_ps();
+    for (int j = 0; j < 8; j++) {
+      const __m256i c = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(rec + 64 * j + 32 * h)), bias);
+      const __m256 wk[4] = {_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(c, 24), 24)),
+                            _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(c, 16), 24)),
+                            _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(c, 8), 24)),
+                            _mm256_cvtepi32_ps(_mm256_srai_epi32(c, 24))};
+      for (int r = 0; r < R; r++) {
+        const float* xk = x + (size_t)r * p->K + b * BLOCK + 4 * j;
+        for (int i = 0; i < 4; i++) part[r][i] = _mm256_fmadd_ps(wk[i], _mm256_set1_ps(xk[i]), part[r][i]);
+      }
+    }
+    const __m256 d = _mm256_loadu_ps((const float*)(rec + 512 + 32 * h));
+    for (int r = 0; r < R; r++) {
+      const __m256 sum = _mm256_add_ps(_mm256_add_ps(part[r][0], part[r][1]), _mm256_add_ps(part[r][2], part[r][3]));
+      acc[r] = _mm256_fmadd_ps(sum, d, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; r++) _mm256_storeu_ps(p->y + (r0 + r) * p->N + t * TILE + 8 * h, acc[r]);
+}
+
+AVX2 void q8f_tile_avx2(const FloatProduct* p, size_t t) {
+  for (int h = 0; h < 2; h++)
+    for (int64_t r = 0; r < p->M; r += 2) {
+      if (p->M - r >= 2) half8f(2, p, t, r, h);
+      else half8f(1, p, t, r, h);
+    }
+}

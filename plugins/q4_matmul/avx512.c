@@ -102,3 +102,46 @@ static inline __attribute__((always_inline)) AVX512 void tile8(const int R, cons
 }
 
 AVX512 void q8_tile_avx512(const Product* p, size_t t) { FOR_ROW_GROUPS(p, t, RECORD8, 8, tile8); }
+
+/* MatMulQ8F: each code made signed (stored ^ 0x80) and sign-extended from its byte of the lane, converted to float
+ * (exact); four partial sums per block, one per byte i (k = 4j + i, j in order, one fused multiply-add each: four
+ * dependency chains rather than one), added (s0 + s1) + (s2 + s3); then the block's scale weighs that into the
+ * output, block after block. Rows four at a time: their 16 partial sums fill the registers. */
+#define ROWS_F 4
+static inline __attribute__((always_inline)) AVX512 void tile8f(const int R, const FloatProduct* p, size_t t,
+                                                                int64_t r0) {
+  const int nb = p->K / BLOCK;
+  const uint8_t* w = p->w + t * (size_t)nb * RECORD8;
+  const float* x = p->x + r0 * p->K;
+  __m512 acc[ROWS_F];
+  for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+  const __m512i bias = _mm512_set1_epi8((char)0x80);
+  for (int b = 0; b < nb; b++) {
+    const uint8_t* rec = w + (size_t)b * RECORD8;
+    for (int line = 0; line < RECORD8; line += 64) _mm_prefetch((const char*)(rec + 8 * RECORD8 + line), _MM_HINT_T0);
+    __m512 part[ROWS_F][4];
+    for (int r = 0; r < R; r++)
+      for (int i = 0; i < 4; i++) part[r][i] = _mm512_setzero_ps();
+    for (int j = 0; j < 8; j++) {
+      const __m512i c = _mm512_xor_si512(_mm512_loadu_si512(rec + 64 * j), bias);
+      const __m512 wk[4] = {_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(c, 24), 24)),
+                            _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(c, 16), 24)),
+                            _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(c, 8), 24)),
+                            _mm512_cvtepi32_ps(_mm512_srai_epi32(c, 24))};
+      for (int r = 0; r < R; r++) {
+        const float* xk = x + (size_t)r * p->K + b * BLOCK + 4 * j;
+        for (int i = 0; i < 4; i++) part[r][i] = _mm512_fmadd_ps(wk[i], _mm512_set1_ps(xk[i]), part[r][i]);
+      }
+    }
+    const __m512 d = _mm512_loadu_ps((const float*)(rec + 512));
+    for (int r = 0; r < R; r++) {
+      const __m512 sum = _mm512_add_ps(_mm512_add_ps(part[r][0], part[r][1]), _mm512_add_ps(part[r][2], part[r][3]));
+      acc[r] = _mm512_fmadd_ps(sum, d, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; r++) _mm512_storeu_ps(p->y + (r0 + r) * p->N + t * TILE, acc[r]);
+}
+
+AVX512 void q8f_tile_avx512(const FloatProduct* p, size_t t) {
+  for (int64_t r = 0; r < p->M; r += ROWS_F) BY_ROWS_4(p->M - r, tile8f, p, t, r);
+}

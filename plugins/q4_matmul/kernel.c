@@ -20,7 +20,11 @@
  * output (W = d * w, w in -128..127: GGUF's Q8_0 with a float32 scale; onnxruntime's 8-bit MatMulNBits): y[n] = sum
  * over blocks b of scale_x[b] * d[b, n] * (xq_b . w_b[n]), the dot an exact integer. Its weight:
  * [N / 16][K / 32][576 bytes]: eight 64-byte vectors of codes stored + 128 (vector j, lane c = output c: bytes
- * i = 0..3 hold k = 4j + i), then the 16 outputs' d as float32. */
+ * i = 0..3 hold k = 4j + i), then the 16 outputs' d as float32.
+ *
+ * speccompile.kernels::MatMulQ8F, the same weight times x as it is: y[n] = sum over blocks b of d[b, n] * (x_b .
+ * w_b[n]), each block's dot a float32 sum of fused multiply-adds in k's order. The float32 product of a matrix that
+ * is exactly int8 blocks (an output head stored as GGUF's Q8_0), reading a quarter of the float32 matrix's bytes. */
 #include <stdlib.h>
 #include <string.h>
 #include "ort_abi.h"
@@ -30,6 +34,7 @@
 static void (*quantize)(const float*, int64_t, int, int8_t*, float*, float*, int32_t*);
 static void (*product_tile)(const Product*, size_t);
 static void (*product_tile8)(const Product*, size_t);
+static void (*float_tile8)(const FloatProduct*, size_t);
 static int amx;  /* MatMulQ4's products of AMX_ROWS rows or more on the tile unit (amx.c) */
 static int avx512;  /* the AVX-512 variants chosen */
 
@@ -64,19 +69,21 @@ static void run_gated(void* g, size_t t) {
   q4_gated_tile(g, t, amx && ((const Gated*)g)->product.M >= AMX_ROWS ? q4_tile_amx : product_tile, avx512);
 }
 static void run_tile8(void* p, size_t t) { product_tile8(p, t); }
+static void run_tile8f(void* p, size_t t) { float_tile8(p, t); }
 
 /* ---- the onnxruntime op ---- */
 
 static const OrtApi* api;
-typedef struct { int64_t K, N; int eight_bit, gated; } Kernel;
-static OrtCustomOp matmul_q8, matmul_q4_silu;
+typedef struct { int64_t K, N; int eight_bit, gated, floats; } Kernel;
+static OrtCustomOp matmul_q8, matmul_q8f, matmul_q4_silu;
 
 static OrtStatus* fail(const char* message) { return ORT_SLOT(api, CreateStatus)(ORT_FAIL, message); }
 #define CHECK(call) do { OrtStatus* s_ = (call); if (s_) return s_; } while (0)
 
 static OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* a, const OrtKernelInfo* info, void** out) {
   (void)a;
-  Kernel k = {.eight_bit = op == &matmul_q8, .gated = op == &matmul_q4_silu};
+  Kernel k = {.eight_bit = op == &matmul_q8 || op == &matmul_q8f, .gated = op == &matmul_q4_silu,
+              .floats = op == &matmul_q8f};
   CHECK(ORT_SLOT(api, KernelInfoGetAttribute_int64)(info, "K", &k.K));
   CHECK(ORT_SLOT(api, KernelInfoGetAttribute_int64)(info, "N", &k.N));
   if (k.K <= 0 || k.N <= 0 || k.K % BLOCK || k.N % (k.gated ? 2 * TILE : TILE) || k.K > (1 << 24) || k.N > (1 << 24))
@@ -116,6 +123,10 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   CHECK(ORT_SLOT(api, GetTensorMutableData)((OrtValue*)w, &wp));
   CHECK(ORT_SLOT(api, GetTensorMutableData)(y, &yp));
   if (M == 0) return NULL;
+  if (k->floats) {  /* MatMulQ8F: x as it is, no rounding */
+    FloatProduct fp = {xp, wp, yp, M, k->N, (int)k->K};
+    return ORT_SLOT(api, KernelContext_ParallelFor)(ctx, run_tile8f, (size_t)(k->N / TILE), 0, &fp);
+  }
   OrtStatus* s = NULL;
   const int K = (int)k->K, nb = K / BLOCK;
   /* per row and block: scale, sum, eights (4 bytes each), then the codes; on the stack for a decode pass's few
@@ -147,7 +158,8 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
 
 static void destroy_kernel(void* kernel) { free(kernel); }
 static const char* op_name(const OrtCustomOp* op) {
-  return op == &matmul_q8 ? "MatMulQ8" : op == &matmul_q4_silu ? "MatMulQ4SiLU" : "MatMulQ4";
+  return op == &matmul_q8 ? "MatMulQ8" : op == &matmul_q8f ? "MatMulQ8F" : op == &matmul_q4_silu ? "MatMulQ4SiLU"
+                                                                                              : "MatMulQ4";
 }
 static int input_type(const OrtCustomOp* op, size_t i) { (void)op; return i == 0 ? ORT_TENSOR_FLOAT : ORT_TENSOR_UINT8; }
 static size_t input_count(const OrtCustomOp* op) { (void)op; return 2; }
@@ -157,15 +169,17 @@ static size_t output_count(const OrtCustomOp* op) { (void)op; return 1; }
 #define OP { OP_COMMON_SLOTS, .GetName = op_name, .GetInputType = input_type, .GetInputTypeCount = input_count, \
   .GetOutputType = output_type, .GetOutputTypeCount = output_count, .KernelDestroy = destroy_kernel,             \
   .GetInputCharacteristic = op_required, .CreateKernelV2 = create_kernel, .KernelComputeV2 = compute }
-static OrtCustomOp matmul_q4 = OP, matmul_q8 = OP, matmul_q4_silu = OP;
+static OrtCustomOp matmul_q4 = OP, matmul_q8 = OP, matmul_q8f = OP, matmul_q4_silu = OP;
 
 /* onnxruntime calls this on SessionOptions.register_custom_ops_library(path) */
 OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
   api = base->GetApi(ORT_ABI_VERSION);
   if (!api) return NULL;  /* an onnxruntime older than 1.17: no domain registered, its load error names the op */
   switch (speccompile_cpu_supported()) {
-    case 2: quantize = q4_quantize_avx512; product_tile = q4_tile_avx512; product_tile8 = q8_tile_avx512; break;
-    case 1: quantize = q4_quantize_avx2; product_tile = q4_tile_avx2; product_tile8 = q8_tile_avx2; break;
+    case 2: quantize = q4_quantize_avx512; product_tile = q4_tile_avx512; product_tile8 = q8_tile_avx512;
+            float_tile8 = q8f_tile_avx512; break;
+    case 1: quantize = q4_quantize_avx2; product_tile = q4_tile_avx2; product_tile8 = q8_tile_avx2;
+            float_tile8 = q8f_tile_avx2; break;
     default: return fail("speccompile's MatMulQ4 needs a CPU with AVX2, FMA and F16C");
   }
   amx = speccompile_amx();
@@ -178,6 +192,7 @@ OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base)
   CHECK(ORT_SLOT(api, CreateCustomOpDomain)("speccompile.kernels", &domain));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &matmul_q4));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &matmul_q8));
+  CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &matmul_q8f));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &matmul_q4_silu));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &tree_attention_op));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &tree_attention_f16_op));

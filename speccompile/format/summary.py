@@ -75,11 +75,13 @@ EXPERTS = re.compile(r"l\d+\.experts\.(gate_up|down)")  # [routed experts, ...]:
 
 
 def pass_weight_bytes(manifest: dict, entry: dict, file_bytes: int) -> dict[str, int]:
-    """Weight bytes one decode step of the model `entry` reads: "full" (float32 head, the screen's tensors unread) and
-    "screened" (a greedy pass through the exact greedy head: its int8 screen instead of the float32 head, of which it
-    reads only the rescored rows). A step gathers one row of the embedding table and of each cos/sin table, and the
-    k experts it routes to of each mixture-of-experts layer; the float32 head (the embedding of a tied model) is
-    read whole. The weight files' size for bundles that do not list initializers."""
+    """Weight bytes one decode step of the model `entry` reads: "full" (float32 logits: the float32 head, the screen's
+    tensors unread; or, for a head on the screen's int8 grid stored as MatMulQ8 records, MatMulQ8F over those
+    records instead: compile/graph/head_screen.py float32_product) and "screened" (a greedy pass through the exact
+    greedy head: its int8 screen instead of the float32 head, of which it reads only the rescored rows). A step
+    gathers one row of the embedding table and of each cos/sin table, and the k experts it routes to of each
+    mixture-of-experts layer; the float32 head (the embedding of a tied model) is read whole. The weight files' size
+    for bundles that do not list initializers."""
     names = set(entry.get("initializers", ()))
     sizes = {n: r["length"] for f in entry["weights"] for n, r in manifest.get("weights", {}).get(f, {}).items()
              if n in names}
@@ -90,7 +92,10 @@ def pass_weight_bytes(manifest: dict, entry: dict, file_bytes: int) -> dict[str,
     gathered = {n: v for n, v in sizes.items() if n == "embed" or ROPE_TABLE.fullmatch(n) or EXPERTS.fullmatch(n)}
     rows = sum(_rows_read(n, v, entry["config"], manifest["max_seq_len"]) for n, v in gathered.items())
     rest = sum(sizes.values()) - screen - sum(gathered.values()) - (head if "lm_head" in sizes else 0)
-    return {"full": rest + rows + head, "screened": rest + rows + (screen if screen else head)}
+    # records (the scales inside them) of a head without grid error: the float32 logits come from them
+    records = "head_screen.codes" in sizes and not {"head_screen.scales", "head_screen.err"} & names
+    full = sizes["head_screen.codes"] if records else head
+    return {"full": rest + rows + full, "screened": rest + rows + (screen if screen else head)}
 
 
 def _rows_read(name: str, size: int, cfg: dict, max_seq_len: int) -> int:
@@ -147,11 +152,12 @@ def _step_line(m: dict, target: dict, floats: str) -> str:
     if not any(n.startswith("head_screen.") for n in target.get("initializers", ())):
         return f"decode step reads {step['full'] / 2**20:.1f} MiB of weights ({floats} head, no int8 screen)"
     inputs = {i["name"] for i in target.get("inputs", ())}  # sampling screened too (runtime/noise.py)
-    screened, full = (("greedy, temperature and top-k sampling", "top-p sampling") if "noise_top_k" in inputs else
+    screened, full = (("greedy, temperature and top-k sampling", "top-p and min-p sampling, logprobs")
+                      if "noise_top_k" in inputs else
                       ("greedy and temperature sampling", "top-k / top-p sampling") if "sample_noise" in inputs
                       else ("greedy", "sampling"))
     return (f"decode step reads {step['screened'] / 2**20:.1f} MiB of weights ({screened}, screened head), "
-            f"{step['full'] / 2**20:.1f} MiB with the float32 head ({full})")
+            f"{step['full'] / 2**20:.1f} MiB with float32 logits ({full})")
 
 
 def tree_label(tree: dict) -> str:

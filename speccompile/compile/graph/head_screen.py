@@ -21,7 +21,8 @@ decode step reads. A greedy step needs only the argmax, and the argmax can be fo
 The logits output of a screened pass is the estimate `approx`: a greedy pass reads only next_token and the
 acceptance outputs. Sampling by noise (input sample_noise: the Gumbel-max trick, runtime/noise.py) takes the
 screen too, its noise added to both sides of step 4's comparison; the in-graph sampling rule (temperature > 0)
-and callers that ask for exact logits (input `full_logits`) take the float32 product. CPU-only ops (MatMulNBits,
+and callers that ask for exact logits (input `full_logits`) take the float32 product (`float32_product`: for a head
+on the int8 grid, as a GGUF Q8_0 head is, speccompile's MatMulQ8F over the screen's records). CPU-only ops (MatMulNBits,
 or speccompile's MatMulQ8 and TopK in a build with its kernels): graphs for TensorRT are built without the screen.
 The screen's tensors come from speccompile.compile.quantize.head_screen.quantize_head.
 """
@@ -59,7 +60,7 @@ def emit_screened_head(g: GraphBuilder, rows: str, head: str, W: dict[str, str],
     candidates by the plain bounds and certifies the top-k set (the k-th rescored logit above every other
     token's bound, k <= CANDIDATES) before the noisy argmax within it."""
     full = g.branch("full_head")
-    full.op("Gemm", [rows, head], outputs=["logits_full"], transB=1)
+    float32_product(full, rows, head, W, "logits_full")
     scores = _noisy_scores(full, "logits_full", noise, top_k) if noise else "logits_full"
     full.op("ArgMax", [scores], outputs=["next_token_full"], axis=-1, keepdims=0)
     s = g.branch("screened_head")
@@ -67,6 +68,18 @@ def emit_screened_head(g: GraphBuilder, rows: str, head: str, W: dict[str, str],
     g.op("If", [screen], outputs=[logits, next_token],
          then_branch=s.subgraph([(approx, "float32"), (token, "int64")]),
          else_branch=full.subgraph([("logits_full", "float32"), ("next_token_full", "int64")]))
+
+
+def float32_product(b: GraphBuilder, rows: str, head: str, W: dict[str, str], output: str | None = None) -> str:
+    """The float32 logits rows [R, H] x head [V, H]^T: where the head lies on the screen's int8 grid exactly (a GGUF
+    Q8_0 head; no grid error) and the screen is in speccompile's kernel layout, MatMulQ8F over the screen's records
+    (the same products, a quarter of the bytes read), else a float32 Gemm."""
+    codes = W["head_screen.codes"]
+    if "head_screen.err" in W or not in_kernel_layout(b, codes):
+        return b.op("Gemm", [rows, head], outputs=[output] if output else None, transB=1)[0]
+    V, H = b.weights[head][0]
+    return b.op(q4_matmul.OP_TYPE_Q8F, [rows, codes], outputs=[output] if output else None, domain=q4_matmul.DOMAIN,
+                K=H, N=V)[0]
 
 
 def _consts(s: GraphBuilder):
@@ -115,7 +128,7 @@ def _screen(s: GraphBuilder, rows: str, head: str, W: dict[str, str], noise: str
                      keepdims=0)[0]
     yes, no = s.branch("certified"), s.branch("uncertified")
     certain = yes.op("Identity", [winner])[0]
-    scores = no.op("Gemm", [rows, head], transB=1)[0]  # a tie or a flat distribution: the float32 product decides
+    scores = float32_product(no, rows, head, W)  # a tie or a flat distribution: the float32 product decides
     if noise:
         scores = _noisy_scores(no, scores, noise, top_k, limited)
     fallback = no.op("ArgMax", [scores], axis=-1, keepdims=0)[0]
