@@ -187,6 +187,27 @@ def test_bench_table_puts_each_figure_in_its_column():
     assert row.split()[2:] == ["12.5", "1.11x", "1.22x", "1.33", "4.4", "55%", "66", "7.7", "88%", "99%", "2.02x"]
 
 
+def test_bench_table_says_how_lossy_methods_answers_compare():
+    """Beside a lossy method (typical acceptance), how much its answers repeat themselves and how long they run,
+    against autoregressive decoding's over the same prompts; nothing for exact methods."""
+    from speccompile.bench.report import format_table
+    base = dict(prompts=2, median_tokens_per_second=12.5, speedup=1.0, paired_speedup=1.0,
+                paired_speedup_interval=None, mean_accepted_tokens=1.0, median_ttft_s=0.066,
+                median_achieved_bandwidth_gbps=7.7, bandwidth_fraction=0.88, identical_to_autoregressive=1.0,
+                speed_vs_transformers=None, acceptance_rate_per_depth=None, time_shares=None)
+    overall = {"autoregressive": {**base, "repeated_ngram_share": 0.1},
+               "lookup": {**base, "repeated_ngram_share": 0.1},
+               "lookup~typical:0.2,0.5": {**base, "repeated_ngram_share": 0.35, "identical_to_autoregressive": 0.0}}
+    lengths = {"autoregressive": (10, 20), "lookup": (10, 20), "lookup~typical:0.2,0.5": (12, 30)}
+    result = {"settings": {"max_new_tokens": 32, "repeats": 1, "threads": 1, "temperature": 0.7, "top_k": 0},
+              "machine": {"memory_bandwidth_gbps": 10.0}, "peak_rss_mib": {"speccompile": 100.0},
+              "prompts": [{"runs": {m: {"new_tokens": n[i]} for m, n in lengths.items()}} for i in range(2)],
+              "methods": [{"baseline": "autoregressive"}], "summary": {"overall": overall, "by_category": {}}}
+    lines = [line for line in format_table(result).splitlines() if line.startswith("lossy")]
+    assert lines == ["lossy lookup~typical:0.2,0.5: output repeating itself 35% (autoregressive 10%), 21.0 tokens "
+                     "an answer (15.0)"]
+
+
 def test_cost_model_lines_show_each_modes_and_drafters_times():
     """inspect's cost model lines: the greedy and the sampled verify times at the middle measured length, each
     drafter's pass by rows, prompt lookup's time."""

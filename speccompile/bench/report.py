@@ -67,6 +67,7 @@ import json
 
 from speccompile.format.atomic import write_atomically
 from speccompile.bench.machine import bundle_summary, machine_info, peak_rss_mib, versions
+from speccompile.bench.methods import split_acceptance
 from speccompile.bench.prompts import sha256_of
 from speccompile.bench.settings import AUTOREGRESSIVE, SCHEMA_VERSION, decoding as describe_decoding
 from speccompile.bench.stats import REPEAT_NGRAM, summarize
@@ -100,6 +101,24 @@ def write_json(result: dict, path: str) -> None:
 
 def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
     return "-" if value is None else format(value, spec) + suffix
+
+
+def lossy_quality(result: dict) -> list[str]:
+    """Beside each lossy method (typical acceptance), what its answers are like against autoregressive decoding's:
+    how much they repeat themselves and how long they run, over the same prompts."""
+    overall = result["summary"]["overall"]
+    base = overall.get(AUTOREGRESSIVE, {}).get("repeated_ngram_share")
+    lossy = [n for n in overall if split_acceptance(n)[1] not in (None, "exact")]
+    if base is None or not lossy:
+        return []
+
+    def mean_length(name: str) -> float:
+        runs = [p["runs"][name]["new_tokens"] for p in result["prompts"] if name in p["runs"]]
+        return sum(runs) / len(runs) if runs else float("nan")
+
+    return [f"lossy {name}: output repeating itself {overall[name]['repeated_ngram_share']:.0%} (autoregressive "
+            f"{base:.0%}), {mean_length(name):.1f} tokens an answer ({mean_length(AUTOREGRESSIVE):.1f})"
+            for name in lossy if overall[name].get("repeated_ngram_share") is not None]
 
 
 def format_table(result: dict) -> str:
@@ -145,6 +164,7 @@ def format_table(result: dict) -> str:
     if any(v is not None for v in share.values()):
         lines.append(f"output repeating itself (tokens completing a {REPEAT_NGRAM}-gram seen before, autoregressive): "
                      + ", ".join(f"{g} {v:.0%}" for g, v in share.items() if v is not None))
+    lines += lossy_quality(result)
     lines.append("speedup: ratio of medians over the same engine's autoregressive decoding; paired: geometric mean "
                  "of per-prompt speedups; acc.tok: tokens committed per verify pass; nodes: draft nodes verified per "
                  "pass; plain: share of passes adaptive drafting drafted nothing for; "
