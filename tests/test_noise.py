@@ -33,7 +33,8 @@ def test_which_settings_are_sampled_by_noise():
     # typical acceptance too: the noise draws, its rule reads the rows (runtime/acceptance.py TypicalRule)
     typical = SamplingParams(temperature=0.7, top_k=4, acceptance="typical", typical_epsilon=0.2, typical_alpha=0.5)
     params, noise = sampled_by_noise(typical, NoiseSupport(True, True), 10)
-    assert params.greedy and noise.typical == (0.7, 4, 0.2, 0.5)
+    rule = noise.typical
+    assert params.greedy and (rule.temperature, rule.top_k, rule.epsilon, rule.alpha) == (0.7, 4, 0.2, 0.5)
     assert sampled_by_noise(SamplingParams(temperature=0.7), NoiseSupport(True, True), 10)[1].typical is None
     params, noise = sampled_by_noise(SamplingParams(temperature=0.7, seed=1, top_k=3), NoiseSupport(True, True), 10)
     assert params.greedy and noise.temperature == 0.7 and noise.rows([4]).top_k == 3

@@ -5,7 +5,8 @@ import pytest
 
 from conftest import random_prompts
 from speccompile.errors import SpeccompileError
-from speccompile.runtime.acceptance import TypicalRule, accept_on_host, accept_typical, from_table, sequential
+from speccompile.runtime.acceptance import (TypicalRule, accept_on_host, accept_typical, from_table, sequential,
+                                            typical_threshold)
 from speccompile.runtime.drafters.base import Proposal
 from speccompile.runtime.sampling import SamplingParams, acceptance_option, draw, probabilities
 from speccompile.runtime.streams import drain
@@ -156,12 +157,19 @@ def test_typical_rule_by_noise_matches_the_host_rule(seed):
     temperature, top_k = float(rng.choice([0.7, 1.0])), int(rng.choice([0, 5, 12]))
     eps, alpha = float(rng.choice([0.09, 0.3])), float(rng.choice([0.3, 0.9]))
     p = probabilities(logits, SamplingParams(temperature, top_k=top_k))
-    log_p, _ = TypicalRule(temperature, top_k, eps, alpha).log_probs(logits[0].copy())
-    assert np.allclose(np.exp(log_p), p[0], atol=1e-6) and (log_p[p[0] == 0] < -1e29).all()
+    rule = TypicalRule(temperature, top_k, eps, alpha)
+    terms = rule.terms(logits[0])  # typical where x >= floor and x > bar = log Z + log typical_threshold
+    x = logits[0] * np.float32(1 / temperature) - terms.shift
+    kept = x >= terms.floor
+    assert np.array_equal(kept, p[0] > 0)
+    log_z = np.log(np.exp(x[kept].astype(np.float64)).sum())
+    assert np.isclose(terms.bar - log_z, np.log(typical_threshold(p[0], eps, alpha)), atol=1e-5)
     draws = rng.integers(0, vocab, n + 1)
     path, _ = reference_typical(tokens, parents, p, eps, alpha, rng.random((n + 1, 2)))
-    got = TypicalRule(temperature, top_k, eps, alpha).verdict(tokens, parents, logits, draws)
+    got = rule.verdict(tokens, parents, logits, draws)
     assert got == (path, int(draws[path[-1] + 1 if path else 0]))
+    if np.array_equal(parents, np.arange(n) - 1):  # a chain: parents None says the same
+        assert rule.verdict(tokens, None, logits, draws) == got
 
 
 def test_typical_acceptance_by_noise_reads_the_screened_rows(tiny_generator, monkeypatch):

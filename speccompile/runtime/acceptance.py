@@ -132,27 +132,28 @@ def accept_typical(tokens: np.ndarray, parents: np.ndarray, p: np.ndarray, epsil
     """Typical acceptance (lossy, opt-in): the deepest root-to-node path (the first such, in node order) whose
     every token the target gives more than typical_threshold at its parent's row; then a draw from p at the
     path's end. p [1 + n, V] the target's distributions per row."""
-    threshold: dict[int, float] = {}
-
-    def typical(row: int, token: int) -> bool:
-        if row not in threshold:
-            threshold[row] = typical_threshold(p[row], epsilon, alpha)
-        return p[row, token] > threshold[row]
-
-    path = typical_path(tokens, parents, typical)
+    path = typical_path(tokens, parents, lambda row: (p[row], typical_threshold(p[row], epsilon, alpha)),
+                        lambda judged, token: judged[0][token] > judged[1])
     row = path[-1] + 1 if path else 0
     return Verdict(path, draw(p[row], uniform(row, DRAW)))
 
 
-def typical_path(tokens: np.ndarray, parents: np.ndarray, typical: Callable[[int, int], bool]) -> list[int]:
-    """The deepest root-to-node path (the first such, in node order) whose every node's token is typical(its
-    parent's row, token)."""
+def typical_path(tokens: np.ndarray, parents: np.ndarray | None, judge_row: Callable[[int], object],
+                 typical: Callable[[object, int], bool]) -> list[int]:
+    """The deepest root-to-node path (the first such, in node order) whose every node's token is typical at its
+    parent's row: typical(judge_row(row), token), judge_row run once per row it is asked for. parents None: a
+    chain."""
+    parents = chain_parents(len(tokens)) if parents is None else parents
+    judged: dict[int, object] = {}
     ok = np.zeros(len(tokens), bool)
     depth = np.zeros(len(tokens), np.int64)
     for i, parent in enumerate(parents):
         if parent >= 0 and not ok[parent]:
             continue
-        ok[i] = typical(parent + 1, int(tokens[i]))
+        row = parent + 1
+        if row not in judged:
+            judged[row] = judge_row(row)
+        ok[i] = typical(judged[row], int(tokens[i]))
         depth[i] = depth[parent] + 1 if parent >= 0 else 1
     path = []
     if ok.any():
@@ -164,45 +165,58 @@ def typical_path(tokens: np.ndarray, parents: np.ndarray, typical: Callable[[int
     return path
 
 
-OUTSIDE = np.float32(-1e30)  # a scaled logit outside the top k (TypicalRule.log_probs)
+OUTSIDE = np.float32(-1e30)  # a scaled logit outside the top k (TypicalRule.terms)
 
 
-class TypicalRule(NamedTuple):
-    """Typical acceptance for a request sampled by noise (runtime/noise.py): its sampling settings and threshold."""
-    temperature: float
-    top_k: int  # 0: off
-    epsilon: float
-    alpha: float
+class RowTerms(NamedTuple):
+    """One row's terms of typical acceptance, in the row's scaled logits x = logits / T - shift (float32): a token
+    is typical where x >= floor (its top-k; -inf without) and x > bar (log Z plus the log of typical_threshold)."""
+    shift: np.float32
+    floor: float
+    bar: float
 
-    def log_probs(self, logits: np.ndarray) -> tuple[np.ndarray, float]:
-        """One row's log-probabilities after temperature and top-k (a token outside the top k: below -1e29), and
-        log typical_threshold, in float32: the rule compares them, and a float64 distribution a row would cost a
-        good part of a pass."""
-        x = logits * np.float32(1.0 / self.temperature)
-        x -= x.max()
+
+class TypicalRule:
+    """Typical acceptance for a request sampled by noise (runtime/noise.py): its sampling settings and threshold,
+    applied to a pass's rows in float32 (a float64 distribution a row would cost a good part of a pass), into two
+    scratch rows kept for the request."""
+
+    def __init__(self, temperature: float, top_k: int, epsilon: float, alpha: float):
+        self.temperature, self.top_k, self.epsilon, self.alpha = temperature, top_k, epsilon, alpha
+        self._inverse = np.float32(1.0 / temperature)
+        self._log_bound = (float(np.log(epsilon)), float(np.log(alpha)))
+        self._scratch: np.ndarray | None = None  # [2, V]: a row's scaled logits and their exponentials
+
+    def terms(self, logits: np.ndarray) -> RowTerms:
+        """One row's RowTerms: H = log Z - E[x] over the row's distribution after temperature and top-k."""
+        if self._scratch is None or self._scratch.shape[1] != len(logits):
+            self._scratch = np.empty((2, len(logits)), np.float32)
+        x, e = self._scratch
+        np.multiply(logits, self._inverse, out=x)
+        shift = x.max()
+        x -= shift
+        floor = -np.inf
         if self.top_k and self.top_k < len(x):
-            kth = np.partition(x, -self.top_k)[-self.top_k]
-            x[x < kth] = OUTSIDE  # finite: exp gives 0 and 0 * x stays 0 in the entropy's sum
-        e = np.exp(x)
+            floor = float(np.partition(x, -self.top_k)[-self.top_k])
+            x[x < floor] = OUTSIDE  # finite: exp gives 0 and 0 * x stays 0 in the entropy's sum
+        np.exp(x, out=e)
         total = float(e.sum())
         log_z = float(np.log(total))
-        entropy = log_z - float(np.dot(e, x)) / total  # H = log Z - E[x]
-        x -= np.float32(log_z)
-        return x, min(float(np.log(self.epsilon)), float(np.log(self.alpha)) - entropy)
+        entropy = log_z - float(np.dot(e, x)) / total
+        return RowTerms(shift, floor, log_z + min(self._log_bound[0], self._log_bound[1] - entropy))
 
-    def verdict(self, tokens: np.ndarray, parents: np.ndarray, logits: np.ndarray, draws: np.ndarray) -> Verdict:
+    def verdict(self, tokens: np.ndarray, parents: np.ndarray | None, logits: np.ndarray,
+                draws: np.ndarray) -> Verdict:
         """The typical path over the target's rows (logits [1 + n, V]: the pass's estimates or float32 logits,
-        draws [1 + n]: each row's noisy argmax, an exact draw from it), then the draw at the path's end."""
-        threshold: dict[int, tuple[np.ndarray, float]] = {}
-
-        def typical(row: int, token: int) -> bool:
-            if row not in threshold:
-                threshold[row] = self.log_probs(logits[row])
-            log_p, log_threshold = threshold[row]
-            return bool(log_p[token] > log_threshold)
-
-        path = typical_path(tokens, parents, typical)
+        draws [1 + n]: each row's noisy argmax, an exact draw from it), then the draw at the path's end. parents
+        None: a chain."""
+        path = typical_path(tokens, parents, lambda row: (row, self.terms(logits[row])),
+                            lambda judged, token: self._typical(judged[1], logits[judged[0], token]))
         return Verdict(path, int(draws[path[-1] + 1 if path else 0]))
+
+    def _typical(self, terms: RowTerms, logit) -> bool:
+        x = np.float32(logit) * self._inverse - terms.shift  # as `terms` scaled the row, in float32
+        return bool(x >= terms.floor and x > terms.bar)
 
 
 def accept_by_graph_rule(prop, logits: np.ndarray, params, rng: np.random.Generator) -> Verdict:

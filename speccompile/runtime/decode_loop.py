@@ -252,19 +252,12 @@ class DecodeLoop:
             block_parents = np.concatenate([[-1], prop.parents + 1])  # tree roots hang off the pending token
             positions = n - 1 + depths(block_parents)
         drawn = noise.rows(n + (np.arange(len(block)) if positions is None else positions - n + 1)) if noise else None
-        if noise is not None and noise.typical:  # lossy, asked for: its rule reads every row on the host
-            logits, argmax = self.target.forward(block, positions, block_parents, rows=np.arange(len(block)),
-                                                 full_logits=full, noise=drawn)
-            parents = chain_parents(len(prop.tokens)) if prop.parents is None else prop.parents
-            verdict = noise.typical.verdict(prop.tokens, parents, logits, argmax)
-            if logprobs:
-                logprobs.add_pass(logits, verdict.path, prop.tokens, verdict.token)
-            return verdict, False
+        typical = noise.typical if noise is not None else None  # lossy, asked for: its rule reads the rows
         by_graph = self.target.verifies_sampled and not params.greedy and (
             not params.filtered_on_host and prop.q is None and not params.typical)
-        if not logprobs and (self.target.verifies and params.greedy or by_graph):
+        if not logprobs and not typical and (self.target.verifies and params.greedy or by_graph):
             # the verify graph accepts: O(nodes) numbers come back, not the [nodes, V] logits. The host path
-            # remains for logprobs, top-p and min-p, for chains drawn from draft distributions q (see
+            # remains for logprobs, top-p and min-p, typical acceptance, for chains drawn from draft distributions q (see
             # verify.emit_verify) and for bundles built before the verify extension.
             verdict = self.target.verify(block, positions, chain_parents(len(block)) if block_parents is None
                                          else block_parents, params.temperature, params.top_k,
@@ -272,7 +265,8 @@ class DecodeLoop:
             return Verdict(*verdict), True
         logits, argmax = self.target.forward(block, positions, block_parents, rows=np.arange(len(block)),
                                              full_logits=full, noise=drawn)
-        verdict = (accept_by_graph_rule(prop, logits, params, rng) if by_graph else
+        verdict = (typical.verdict(prop.tokens, prop.parents, logits, argmax) if typical else
+                   accept_by_graph_rule(prop, logits, params, rng) if by_graph else
                    accept_on_host(prop, logits, argmax, params, rng, draws, n))  # by_graph: the graph's draws
         if logprobs:
             logprobs.add_pass(logits, verdict.path, prop.tokens, verdict.token)

@@ -300,9 +300,9 @@ class Scheduler(Turns):
         if not len(prop.tokens):
             token = int(argmax[0]) if params.greedy else s.draws.token(logits[0], params, s.n)
             return Verdict([], token), None
-        parents = np.arange(len(prop.tokens)) - 1 if prop.parents is None else prop.parents
         if s.noise is not None and s.noise.typical:  # lossy, asked for: the rows' estimates and draws
-            return s.noise.typical.verdict(prop.tokens, parents, logits, argmax), False
+            return s.noise.typical.verdict(prop.tokens, prop.parents, logits, argmax), False
+        parents = np.arange(len(prop.tokens)) - 1 if prop.parents is None else prop.parents
         if params.greedy:  # the argmax rows come from the graph; the host walks the tree
             return accept_greedy(prop.tokens, parents, argmax), False
         if self.gen.target.verifies_sampled and not params.filtered_on_host and prop.q is None:
