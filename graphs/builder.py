@@ -59,6 +59,13 @@ class GraphBuilder:
         self.weights[name] = (tuple(array.shape), str(array.dtype))
         return name
 
+    def drop_unread_weights(self) -> None:
+        """Forget the weights no node reads (If branches' nodes included): a graph declares every weight its
+        builder may use, and one it does not need stays out of the bundle (e.g. a tied embedding gathered from the
+        output head's int8 rows instead)."""
+        read = {x for n in self.nodes for x in node_reads(n)}
+        self.weights = {n: v for n, v in self.weights.items() if n in read}
+
     def input(self, name: str, dtype: str, shape, default=None) -> str:
         """default: makes the input optional (an initializer of the same name, which a feed overrides)."""
         self.inputs.append(helper.make_tensor_value_info(name, _DTYPES[dtype], shape))
@@ -100,3 +107,13 @@ def _domains(nodes) -> set[str]:
             if a.type == onnx.AttributeProto.GRAPH:
                 found |= _domains(a.g.node)
     return found
+
+
+def node_reads(node) -> list[str]:
+    """The tensors a node reads, its subgraphs' reads included."""
+    names = list(node.input)
+    for a in node.attribute:
+        for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+            for n in g.node:
+                names += node_reads(n)
+    return names

@@ -1,7 +1,7 @@
 """speccompile's own MatMulQ4, MatMulQ8 and MatMulQ8F kernels (speccompile.plugins.q4_matmul): their weight layouts,
 numpy definitions, and the compiled kernels inside onnxruntime against them; each row the same whatever the rows
 beside it (what keeps speculation over it lossless); the GGUF blocks MatMulQ4 takes exactly and the ones it leaves
-to MatMulNBits; the int8 matrices MatMulQ8 takes."""
+to MatMulNBits; the int8 matrices MatMulQ8 takes; GatherQ8F's rows."""
 import gguf
 import numpy as np
 import pytest
@@ -340,3 +340,55 @@ def test_top_k_ranks_nan_last_and_refuses_a_k_past_the_row():
     assert np.array_equal(values[0], x[0, order], equal_nan=True)
     with pytest.raises(ort.capi.onnxruntime_pybind11_state.Fail, match="K must be between 0"):
         ours.run(None, {"x": x, "k": np.array([25])})
+
+
+def gather_session(rows: np.ndarray, n: int, k: int):
+    """A graph of one GatherQ8F over `rows` (an initializer; attributes N and K) and int64 indices of any shape."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from speccompile.runtime.sessions import session_options
+    node = helper.make_node(q4_matmul.OP_TYPE_GATHER_Q8F, ["w", "i"], ["y"], domain=q4_matmul.DOMAIN, K=k, N=n)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("i", TensorProto.INT64, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(rows, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid(q4_matmul.DOMAIN, 1)])
+    options = session_options(2)
+    options.register_custom_ops_library(q4_matmul.library())
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def test_the_row_layout_keeps_codes_and_scales():
+    codes, scales = random_int8(40, 96)  # rows need not tile
+    rows = q4_matmul.pack_rows8(codes, scales)
+    assert rows.shape == (40, 3, 36) and rows.dtype == np.uint8
+    dense = (codes.reshape(40, 3, 32).astype(np.float32) - 128) * scales[..., None]
+    assert np.array_equal(q4_matmul.reference_gather8f(rows, np.arange(40)), dense.reshape(40, 96))
+
+
+@needs_kernel
+def test_gathered_rows_are_the_matrix_rows_bit_for_bit():
+    """GatherQ8F: rows of a GGUF Q8_0 matrix's int8 blocks equal to the float32 matrix bit for bit, whatever the
+    indices' shape, negative indices counting from the end (ONNX Gather's)."""
+    w = gguf.quants.dequantize(synthetic_blocks(Q.Q8_0, 48, 128, seed=4), Q.Q8_0).astype(np.float32)
+    codes, scales = int8_blocks(w)  # the same grid: the screen's codes of a Q8_0 head
+    rows = q4_matmul.pack_rows8(codes.reshape(48, 128), scales.reshape(48, 4))
+    session = gather_session(rows, 48, 128)
+    for idx in (np.array([0]), np.array([[5, 47, 0], [-1, -48, 3]]), np.arange(48), np.zeros((2, 0), np.int64)):
+        y = session.run(None, {"i": idx.astype(np.int64)})[0]
+        assert y.shape == (*idx.shape, 128) and y.dtype == np.float32
+        assert np.array_equal(y, w[idx]), idx
+
+
+@needs_kernel
+def test_gather_refuses_an_index_past_the_rows_and_rows_too_small_for_their_shape():
+    """A graph is not trusted: an index past the matrix, or N and K that need more bytes than the rows hold, fail the
+    pass with the op's message instead of reading past the weight."""
+    import onnxruntime as ort
+    rows = q4_matmul.pack_rows8(*random_int8(16, 64))
+    session = gather_session(rows, 16, 64)
+    for bad in (16, -17):
+        with pytest.raises(ort.capi.onnxruntime_pybind11_state.Fail, match="outside the matrix's rows"):
+            session.run(None, {"i": np.array([3, bad], np.int64)})
+    with pytest.raises(ort.capi.onnxruntime_pybind11_state.Fail, match="size does not fit"):
+        gather_session(rows, 32, 64).run(None, {"i": np.array([0], np.int64)})

@@ -1,6 +1,7 @@
 """MatMulQ4 and MatMulQ8 (speccompile.kernels::MatMulQ4, ::MatMulQ8): speccompile's own onnxruntime CPU kernels for
 4-bit weights in blocks of 32 with a scale and a minimum each (GGUF's Q4_1; Q4_0 too) and for int8 blocks of 32 with a
-scale each (::MatMulQ8F: the same int8 weight times float32 inputs); the same library holds ::TreeAttention (attention.c: plugins/tree_attention's op on the CPU), ::TopK,
+scale each (::MatMulQ8F: the same int8 weight times float32 inputs; ::GatherQ8F: an int8 matrix's rows as float32); the
+same library holds ::TreeAttention (attention.c: plugins/tree_attention's op on the CPU), ::TopK,
 ::MatMulQ4SiLU, ::RMSNorm and ::SkipRMSNorm (norm.c) and ::GreedyAccept (accept.c). kernel.c
 says what the products compute and why they exist; here are their numpy definitions, the packing of their weight
 inputs, and the library: the C files compiled on first use by the machine's C compiler into the user's cache. Where
@@ -24,9 +25,10 @@ from speccompile.graphs import KERNEL_DOMAIN
 
 DOMAIN, OP_TYPE, OP_TYPE_Q8, OP_TYPE_SILU = KERNEL_DOMAIN, "MatMulQ4", "MatMulQ8", "MatMulQ4SiLU"
 OP_TYPE_Q8F = "MatMulQ8F"  # MatMulQ8's weight times float32 inputs as they are
+OP_TYPE_GATHER_Q8F = "GatherQ8F"  # rows of an int8 matrix (pack_rows8) as float32
 BLOCK, TILE, RECORD, RECORD8 = 32, 16, 320, 576
 # each instruction set's code is marked in its file, not by flags
-UNITS = ("kernel.c", "avx512.c", "amx.c", "avx2.c", "attention.c", "topk.c", "gated.c", "norm.c", "accept.c", "gumbel.c")
+UNITS = ("kernel.c", "avx512.c", "amx.c", "avx2.c", "attention.c", "topk.c", "gather.c", "gated.c", "norm.c", "accept.c", "gumbel.c")
 SOURCES = (*UNITS, "q4.h", "ort_abi.h", "attention_body.h", "vectors.h", "vexp_body.h", "gated_body.h",
            "isa_variants.h")
 FLAGS = ["-O3", "-shared", "-fPIC"]
@@ -141,6 +143,22 @@ def reference8f(x: np.ndarray, records: np.ndarray) -> np.ndarray:
     w = (codes.reshape(len(codes), -1, BLOCK).astype(np.float64) - 128) * d[..., None]
     y = x.reshape(-1, codes.shape[1]).astype(np.float64) @ w.reshape(len(codes), -1).T
     return y.astype(np.float32).reshape(*x.shape[:-1], len(codes))
+
+
+def pack_rows8(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """GatherQ8F's rows input: W[n, k] = scales[n, k // 32] * (codes[n, k] - 128) (codes uint8 [N, K], stored + 128;
+    scales float32 [N, K/32]) -> uint8 [N, K/32, 36]: each block's 32 codes, then its scale."""
+    n, k = codes.shape
+    d = np.ascontiguousarray(np.asarray(scales, np.float32).reshape(n, k // BLOCK, 1)).view(np.uint8)
+    return np.ascontiguousarray(np.concatenate([codes.reshape(n, k // BLOCK, BLOCK).astype(np.uint8), d], axis=-1))
+
+
+def reference_gather8f(rows: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """GatherQ8F's definition in numpy: rows `indices` (ONNX Gather's, negative from the end) of the matrix that
+    pack_rows8's `rows` hold, float32 [..., K]."""
+    codes = rows[..., :BLOCK].astype(np.float32) - 128
+    d = rows[..., BLOCK:].copy().view(np.float32)
+    return (codes * d).reshape(len(rows), -1)[np.asarray(indices)]
 
 
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)

@@ -186,6 +186,7 @@ OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base)
   avx512 = speccompile_cpu_supported() == 2;
   tree_attention_register(api, speccompile_cpu_supported());
   top_k_register(api);
+  gather_q8f_register(api);
   norm_register(api);
   greedy_accept_register(api);
   OrtCustomOpDomain* domain;
@@ -197,6 +198,7 @@ OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base)
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &tree_attention_op));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &tree_attention_f16_op));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &top_k_op));
+  CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &gather_q8f_op));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &rms_norm_op));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &skip_rms_norm_op));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &greedy_accept_op));

@@ -90,6 +90,9 @@ void tree_attention_register(const struct OrtApi* api, int instruction_set);
 /* topk.c: speccompile.kernels::TopK (ONNX's TopK over the last axis, largest first, sorted) */
 extern struct OrtCustomOp top_k_op;
 void top_k_register(const struct OrtApi* api);
+/* gather.c: speccompile.kernels::GatherQ8F (rows of MatMulQ8's records as float32) */
+extern struct OrtCustomOp gather_q8f_op;
+void gather_q8f_register(const struct OrtApi* api);
 /* norm.c, accept.c */
 extern struct OrtCustomOp rms_norm_op, skip_rms_norm_op, greedy_accept_op;
 void norm_register(const struct OrtApi* api);

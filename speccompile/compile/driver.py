@@ -31,8 +31,9 @@ from speccompile.compile.graph.head_screen import screenable
 from speccompile.compile.graph.kv_compact import build_kv_compact
 from speccompile.compile.kv_dtype import apply_kv_dtype, check_kv_dtype
 from speccompile.compile.quantize.head_screen import quantize_head
-from speccompile.compile.quantize.kernel_form import int8_records, kernels_pay, use_kernel
-from speccompile.compile.quantize.target_weights import WeightReport, check_mode, quantize_target
+from speccompile.compile.quantize.kernel_form import head_rows, int8_records, kernels_pay, use_kernel
+from speccompile.compile.quantize.target_weights import (HEAD_ON_ROWS, HEAD_READ_WHOLE, WeightReport, check_mode,
+                                                         quantize_target)
 from speccompile.compile.weights.decoder import lower_weights
 from speccompile.compile.model_entries import batched_entry, batched_form, decoder_entry
 from speccompile.compile.precision import apply_precision, check_dtype
@@ -241,17 +242,21 @@ def _quantize(target: Checkpoint, target_w: dict, opts: BuildOptions, progress) 
         progress(f"      quantize: {len(report.kernel_matrices)} 4-bit products by speccompile's MatMulQ4 kernel")
     elif opts.kernels == "auto" and any(f.startswith(("q4_0", "q4_1")) for f in report.formats.values()):
         progress(f"      quantize: 4-bit products by onnxruntime's MatMulNBits ({why_not})")
-    for name, why in report.fallbacks.items():
-        progress(f"        {name} stays {opts.dtype}: {why}")  # float: the precision pass's dtype
     if screen:
         progress("      quantize: int8 screen of the output head (greedy argmax stays exact)")
         target_w = target_w | quantize_head(target_w.get("lm_head", target_w["embed"]))
     if kernel and kernels_pay():
+        target_w = target_w | head_rows(target_w)
         target_w, int8 = int8_records(target_w)
         report.kernel_matrices += int8
         report.int8_kernel = True
         if int8:
             progress(f"      quantize: {', '.join(int8)} by speccompile's MatMulQ8 kernel")
+        if "head_screen.rows" in target_w:  # the graphs gather the head's rows (a tied embedding's too) from them
+            head = "lm_head" if "lm_head" in target_w else "embed"  # and _write checks that none reads it whole
+            report.fallbacks[head] = HEAD_ON_ROWS
+    for name, why in report.fallbacks.items():
+        progress(f"        {name} stays {opts.dtype}: {why}")  # float: the precision pass's dtype
     return target_w, screen, report
 
 
@@ -278,6 +283,8 @@ def _graph(target: Checkpoint, target_w: dict, screen: bool, specs: list[DraftSp
         if opts.num_draft and parts.drafters[-1]["num_draft"] < opts.num_draft:
             progress(f"      {spec.name}: drafts at most {parts.drafters[-1]['num_draft']} tokens a pass (one per "
                      f"head): --num-draft {opts.num_draft} is cut to that for it")
+    for g, _ in parts.graphs.values():  # each keeps the weights its nodes read; the write pass stores only those
+        g.drop_unread_weights()
     return parts
 
 
@@ -330,9 +337,15 @@ def _write(out: str, target: Checkpoint, parts: BundleParts, opts: BuildOptions,
         for name, (g, _) in parts.graphs.items():
             trt_backend.check_lowerable(g.nodes, name)
     progress(f"[4/4] write: {out}")
+    read = {n for g, _ in parts.graphs.values() for n in g.weights}
+    for head in ("embed", "lm_head"):
+        if report.fallbacks.get(head) == HEAD_ON_ROWS and head in read:  # a drafter's graph reads the float32 head
+            report.fallbacks[head] = HEAD_READ_WHOLE
+            progress(f"        {head} stays float32: {HEAD_READ_WHOLE}")
     with atomic_bundle_dir(out, opts.overwrite) as tmp:
         refs = {}
         for fname, w in parts.weights.items():
+            w = {n: a for n, a in w.items() if n in read}  # what no graph reads is not written
             mb = sum(a.nbytes for a in w.values()) / 2**20
             progress(f"      {fname}: {len(w)} tensors, {mb:.1f} MiB")
             refs[fname] = write_weights(os.path.join(tmp, fname), w, fname)

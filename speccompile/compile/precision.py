@@ -25,6 +25,7 @@ import numpy as np
 
 from speccompile.compile.float32_islands import add_float32_islands
 from speccompile.errors import SpeccompileError, given
+from speccompile.graphs.builder import node_reads
 
 DTYPES = ("float32", "float16", "bfloat16")
 # ops every converted graph keeps in float32, Cast nodes around them (none so far: MatMulNBits, the int8 draft
@@ -108,7 +109,7 @@ def _drop_unread_weights(graph, weights: set[str]) -> set[str]:
     be handed weights it never reads (an early exit over Gemma 3's sliding layers alone gets the global layers'
     RoPE tables too): the converter leaves those in float32, and the same weight read in float16 by another graph
     would then need two copies."""
-    read = weights.intersection(x for n in graph.node for x in _reads(n))
+    read = weights.intersection(x for n in graph.node for x in node_reads(n))
     unread = [t for t in graph.initializer if t.name in weights and t.name not in read]
     for t in unread:
         graph.initializer.remove(t)
@@ -120,7 +121,7 @@ def _sort_nodes(graph) -> None:
     otherwise the order the nodes had, in the graph and its subgraphs. A node with subgraphs depends on what they
     read from outside too."""
     produced = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
-    needs = [[produced[x] for x in _reads(n) if x in produced] for n in graph.node]
+    needs = [[produced[x] for x in node_reads(n) if x in produced] for n in graph.node]
     done, order = set(), []
 
     def visit(i):  # depth first; the graphs are DAGs of a few thousand nodes at most
@@ -147,16 +148,6 @@ def _sort_nodes(graph) -> None:
         new.CopyFrom(old)
     del graph.node[:]
     graph.node.extend(nodes)
-
-
-def _reads(node) -> list[str]:
-    """The tensors a node reads, its subgraphs' reads included."""
-    names = list(node.input)
-    for a in node.attribute:
-        for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-            for n in g.node:
-                names += _reads(n)
-    return names
 
 
 def _retype_bfloat16(graph) -> None:

@@ -94,6 +94,10 @@ def pass_weight_bytes(manifest: dict, entry: dict, file_bytes: int) -> dict[str,
     rest = sum(sizes.values()) - screen - sum(gathered.values()) - (head if "lm_head" in sizes else 0)
     # records (the scales inside them) of a head without grid error: the float32 logits come from them
     records = "head_screen.codes" in sizes and not {"head_screen.scales", "head_screen.err"} & names
+    if "head_screen.rows" in sizes:  # the head's int8 rows, gathered from (graph/head_screen.head_rows)
+        screen -= sizes["head_screen.rows"]
+        if "embed" not in sizes and "lm_head" not in sizes:  # a tied embedding's row
+            rows += sizes["head_screen.rows"] // entry["config"]["vocab_size"]
     full = sizes["head_screen.codes"] if records else head
     return {"full": rest + rows + full, "screened": rest + rows + (screen if screen else head)}
 

@@ -28,9 +28,11 @@ def target_output_head(target_w: dict, int8: bool) -> dict:
 
 
 def head_shared_weights(head_w: dict, target_w: dict) -> dict:
-    """The target's tensors an MTP/EAGLE head graph reads from target.bin: embedding, RoPE tables, and the output
-    head it scores with when it has none of its own."""
+    """The target's tensors an MTP/EAGLE head graph reads from target.bin: embedding (or the head's int8 rows it
+    is gathered from), RoPE tables, and the output head it scores with when it has none of its own."""
     shared = {k: target_w[k] for k in ("embed", "lm_head", "rope.cos", "rope.sin") if k in target_w}
     if not any(k.startswith("mtp.head") for k in head_w):
         shared |= target_output_head(target_w, int8=any(k.endswith(SUFFIX_CODES) for k in head_w))
+    if "head_screen.rows" in target_w:  # a tied embedding's rows come from it (graph/head_screen.head_rows)
+        shared["head_screen.rows"] = target_w["head_screen.rows"]
     return shared

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from speccompile.compile.config import ModelConfig
-from speccompile.compile.graph.head_screen import emit_screened_head
+from speccompile.compile.graph.head_screen import embedding, emit_screened_head
 from speccompile.compile.graph.layers import Stack, close_graph, decoder_layers, open_graph, packed_ids
 from speccompile.compile.graph.output import float_head, greedy_token, hidden_outputs
 from speccompile.compile.graph.verify import emit_verify, sampling_flag
@@ -40,7 +40,7 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
         return (layer_of(k) is None or layer_of(k) < L) and (screen or not k.startswith("head_screen."))
 
     s = open_graph(name, cfg, signature, weights, keep, attention, fused)
-    h = s.g.op("Gather", [s.W["embed"], packed_ids(s.g) if batched else "input_ids"], axis=0)[0]
+    h = embedding(s.g, s.W, packed_ids(s.g) if batched else "input_ids")
     if cfg.embed_scale != 1:  # Gemma: embeddings times sqrt(hidden_size); the tied output head is unscaled
         h = s.g.op("Mul", [h, s.g.const(np.array(cfg.embed_scale, np.float32))])[0]
     x = s.norm(h, s.W["l0.attn_norm"]) if L else h

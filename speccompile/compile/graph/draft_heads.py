@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from speccompile.compile.config import ModelConfig
+from speccompile.compile.graph.head_screen import embedding
 from speccompile.compile.graph.layers import Stack, close_graph, decoder_layers, open_graph, packed_ids
 from speccompile.compile.graph.linear import matmul
 from speccompile.compile.graph.output import draft_head, greedy_token, hidden_outputs
@@ -77,8 +78,8 @@ def build_eagle3_fc(target: ModelConfig, head: ModelConfig, fc: np.ndarray) -> G
 
 
 def _open_head(name, cfg, weights, max_seq_len, attention, fused, batched) -> tuple[Stack, tuple]:
-    """A head graph's inputs and weights. Of the target's screen it reads the int8 matrix only (an int8 head over
-    the full vocabulary scores with it)."""
+    """A head graph's inputs and weights. Of the target's screen it reads the int8 matrix (an int8 head over the
+    full vocabulary scores with it) and the int8 rows (a tied embedding's, graph/head_screen.head_rows) only."""
     vocab = len(weights["mtp.d2t"]) if "mtp.d2t" in weights else cfg.vocab_size
     signature = decoder_signature(1, cfg.cache_kv_heads, cfg.cache_head_dim, max_seq_len, vocab, cfg.hidden_size,
                                   True, False, aux_width=0, screen=False, batched=batched,
@@ -86,7 +87,8 @@ def _open_head(name, cfg, weights, max_seq_len, attention, fused, batched) -> tu
 
     def keep(k):
         return ((layer_of(k) is None or layer_of(k) < 1)
-                and (not k.startswith("head_screen.") or k in ("head_screen.codes", "head_screen.scales")))
+                and (not k.startswith("head_screen.") or k in ("head_screen.codes", "head_screen.scales",
+                                                               "head_screen.rows")))
 
     return open_graph(name, cfg, signature, weights, keep, attention, fused), signature
 
@@ -94,7 +96,9 @@ def _open_head(name, cfg, weights, max_seq_len, attention, fused, batched) -> tu
 def _embedding(s: Stack) -> str:
     """The embedding of the step's tokens (a batched graph's real rows, packed)."""
     ids = packed_ids(s.g) if s.query_seqlens else "input_ids"
-    return s.g.op("Gather", [s.W.get("mtp.embed", s.W["embed"]), ids], axis=0)[0]
+    if "mtp.embed" in s.W:
+        return s.g.op("Gather", [s.W["mtp.embed"], ids], axis=0)[0]
+    return embedding(s.g, s.W, ids)  # the target's
 
 
 def _close_head(s: Stack, signature, x: str, h: str, final_norm: str | None,

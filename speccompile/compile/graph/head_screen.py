@@ -82,6 +82,24 @@ def float32_product(b: GraphBuilder, rows: str, head: str, W: dict[str, str], ou
                 K=H, N=V)[0]
 
 
+def head_rows(b: GraphBuilder, head: str, W: dict[str, str], ids: str) -> str:
+    """Rows `ids` of the head [V, H] as float32: where the head lies on the screen's int8 grid exactly, from its
+    int8 rows (head_screen.rows: quantize/kernel_form.head_rows; GatherQ8F, the same numbers), so that the graph
+    need not read the float32 head; else from the float32 head. A tied model's embedding is these rows too."""
+    if "head_screen.rows" not in W:
+        return b.op("Gather", [head, ids], axis=0)[0]
+    V, H = b.weights[head][0]
+    return b.op(q4_matmul.OP_TYPE_GATHER_Q8F, [W["head_screen.rows"], ids], domain=q4_matmul.DOMAIN, K=H, N=V)[0]
+
+
+def embedding(b: GraphBuilder, W: dict[str, str], ids: str) -> str:
+    """The target's embedding of `ids`: a tied model's (no lm_head) from the head's int8 rows where it has them
+    (head_rows), else from the embedding table."""
+    if "lm_head" not in W:
+        return head_rows(b, W["embed"], W, ids)
+    return b.op("Gather", [W["embed"], ids], axis=0)[0]
+
+
 def _consts(s: GraphBuilder):
     return lambda v, dt=np.int64: s.const(np.array(v, dt))
 
@@ -114,7 +132,7 @@ def _screen(s: GraphBuilder, rows: str, head: str, W: dict[str, str], noise: str
     top, idx = s.op("TopK", [upper, after], n_out=2, **kernels)
     cand = s.op("Slice", [idx, c([0]), n, c([1])])[0]  # [R, K]
     rest = s.op("Slice", [top, n, after, c([1])])[0]  # [R, 1]
-    exact = s.op("MatMul", [s.op("Gather", [head, cand], axis=0)[0], s.op("Unsqueeze", [rows, c([2])])[0]])[0]
+    exact = s.op("MatMul", [head_rows(s, head, W, cand), s.op("Unsqueeze", [rows, c([2])])[0]])[0]
     exact = s.op("Squeeze", [exact, c([2])])[0]  # [R, K] float32 logits of the candidates
     kth = None
     if noise:

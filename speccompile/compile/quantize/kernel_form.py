@@ -49,6 +49,17 @@ def int8_records(weights: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
     return out, done
 
 
+def head_rows(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{"head_screen.rows": the screen's int8 codes and scales row by row (q4_matmul.pack_rows8)} where they give the
+    output head exactly (no grid error: a GGUF Q8_0 head), else {}: its rescored candidates and a tied embedding
+    are then gathered from them (GatherQ8F), and no graph reads the float32 head (compile/graph/head_screen.py)."""
+    codes, scales = weights.get("head_screen.codes"), weights.get("head_screen.scales")
+    if codes is None or scales is None or "head_screen.err" in weights or codes.ndim != 3:
+        return {}
+    n, nb, _ = codes.shape
+    return {"head_screen.rows": q4_matmul.pack_rows8(codes.reshape(n, nb * BLOCK), scales.reshape(n, nb))}
+
+
 def kernels_pay() -> bool:
     """Whether speccompile's kernels are measured to beat onnxruntime's products on this machine: with AVX-512 VNNI.
     MatMulQ8's AVX2 variant is slower than MatMulNBits, and MatMulQ4's has not been timed on an AVX2-only CPU

@@ -43,6 +43,12 @@ DENSE_MATRICES = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_p
 HEAD_REASON = "the output head: its exact greedy int8 screen reads a quantized copy, rescoring float32 rows"
 UNSCREENED_HEAD_REASON = "the output head: read whole each step (this build has no int8 screen of it)"
 EMBED_REASON = "the embedding: a decode step gathers one row of it"
+# why an output head (a tied embedding) on the int8 grid is float32 to the graphs though the bundle keeps no float32
+# copy of it: they gather its rows from its int8 rows (compile/graph/head_screen.head_rows), the values exact; a
+# drafter's graph that reads the head whole keeps the copy
+HEAD_ON_ROWS = ("the output head: gathered from its int8 rows (head_screen.rows), the same float32 values, and "
+                "screened by its int8 screen")
+HEAD_READ_WHOLE = HEAD_REASON + "; a drafter's graph reads it whole (Medusa heads, early exit)"
 
 
 @dataclasses.dataclass
