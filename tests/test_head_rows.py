@@ -77,11 +77,25 @@ def test_every_graph_computes_what_it_computes_over_the_float32_table(bundles):
     assert together == [r.token_ids for r in b.generate(prompts, 24, chat=False)]
 
 
-def test_a_drafter_that_reads_the_table_keeps_it(bundles, tmp_path):
-    """An early exit's graph multiplies by the float32 head: the table stays, labelled with why."""
+def test_an_early_exit_reads_the_int8_head_too(bundles, tmp_path):
+    """An early exit's graph takes its rows and its float32 logits from the int8 head as well (GatherQ8F,
+    MatMulQ8F): the bundle keeps no table, and its drafts stay lossless."""
     build_bundle(str(bundles / "tiny.gguf"), str(tmp_path / "b"), drafts=["layerskip:1"], max_seq_len=64,
                  progress=quiet)
     m = read_manifest(str(tmp_path / "b"))
+    assert "embed" not in m["weights"]["target.bin"]
+    assert {"head_screen.rows", "head_screen.codes"} <= set(m["models"]["early_exit_1"]["initializers"])
+    g = speccompile.load(str(tmp_path / "b"), threads=1, context_cache=False)
+    for prompt in random_prompts(3):
+        assert g.generate(prompt, 24, chat=False).token_ids == g.generate(prompt, 24, chat=False,
+                                                                          speculate=False).token_ids
+
+
+def test_a_draft_head_that_multiplies_by_the_float32_head_keeps_it(bundles, tmp_path):
+    """A float32 draft head scoring with the target's head (--draft-precision float32) reads the float32 table
+    whole: the table stays, and the build says why."""
+    build_bundle(str(bundles / "tiny.gguf"), str(tmp_path / "b"), drafts=[f"mtp:{bundles / 'head.safetensors'}"],
+                 max_seq_len=64, draft_precision="float32", progress=quiet)
+    m = read_manifest(str(tmp_path / "b"))
     assert "embed" in m["weights"]["target.bin"] and "head_screen.rows" in m["weights"]["target.bin"]
-    q = m["quantization"]
-    assert q["fallbacks"]["embed"] == HEAD_READ_WHOLE
+    assert m["quantization"]["fallbacks"]["embed"] == HEAD_READ_WHOLE

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from speccompile.compile.config import ModelConfig
-from speccompile.compile.graph.head_screen import embedding, emit_screened_head
+from speccompile.compile.graph.head_screen import embedding, emit_screened_head, float32_product
 from speccompile.compile.graph.layers import Stack, close_graph, decoder_layers, open_graph, packed_ids
 from speccompile.compile.graph.output import float_head, greedy_token, hidden_outputs
 from speccompile.compile.graph.verify import emit_verify, sampling_flag
@@ -36,8 +36,14 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
                                   cfg.hidden_size, False, verify, aux_width=len(aux_layers or ()) * cfg.hidden_size,
                                   screen=screen, batched=batched, scratch=tree_attention.scratch_slots(attention))
 
+    # a head on the int8 grid (head_screen.rows: the kernels' build of a Q8_0 head) gives a graph without the screen
+    # (an early exit) its rows and float32 product too (head_screen.head_rows, float32_product): no float32 head read
+    rows_head = fused and "head_screen.rows" in weights
+
     def keep(k):  # the first L layers' weights; the screen's only where the graph has it
-        return (layer_of(k) is None or layer_of(k) < L) and (screen or not k.startswith("head_screen."))
+        if k.startswith("head_screen."):
+            return screen or rows_head and k in ("head_screen.rows", "head_screen.codes")
+        return layer_of(k) is None or layer_of(k) < L
 
     s = open_graph(name, cfg, signature, weights, keep, attention, fused)
     h = embedding(s.g, s.W, packed_ids(s.g) if batched else "input_ids")
@@ -55,7 +61,9 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, np.ndarray], max_seq_len:
     elif verify:
         _verified_head(s, rows, batch, screen)
     else:
-        greedy_token(s.g, float_head(s.g, rows, s.W.get("lm_head", s.W["embed"])))
+        head = s.W.get("lm_head", s.W["embed"])
+        greedy_token(s.g, float32_product(s.g, rows, head, s.W, "logits") if rows_head else
+                     float_head(s.g, rows, head))
     return close_graph(s, signature)
 
 

@@ -45,10 +45,10 @@ UNSCREENED_HEAD_REASON = "the output head: read whole each step (this build has 
 EMBED_REASON = "the embedding: a decode step gathers one row of it"
 # why an output head (a tied embedding) on the int8 grid is float32 to the graphs though the bundle keeps no float32
 # copy of it: they gather its rows from its int8 rows (compile/graph/head_screen.head_rows), the values exact; a
-# drafter's graph that reads the head whole keeps the copy
+# draft head's graph that multiplies by the float32 head keeps the copy
 HEAD_ON_ROWS = ("the output head: gathered from its int8 rows (head_screen.rows), the same float32 values, and "
                 "screened by its int8 screen")
-HEAD_READ_WHOLE = HEAD_REASON + "; a drafter's graph reads it whole (Medusa heads, early exit)"
+HEAD_READ_WHOLE = HEAD_REASON + "; a draft head's graph multiplies by it (a float32 draft head scoring with it)"
 
 
 @dataclasses.dataclass
