@@ -114,10 +114,6 @@ static OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* a, const Or
 }
 static void destroy_kernel(void* kernel) { (void)kernel; }
 
-OrtCustomOp greedy_accept_op = {
-  OP_COMMON_SLOTS, .GetName = op_name, .GetInputType = input_type, .GetInputTypeCount = four,
-  .GetOutputType = output_type, .GetOutputTypeCount = four, .KernelDestroy = destroy_kernel,
-  .GetInputCharacteristic = op_required, .CreateKernelV2 = create_kernel, .KernelComputeV2 = compute,
-};
+OrtCustomOp greedy_accept_op = {OP_SLOTS(op_name, input_type, four, output_type, four, op_required)};
 
 void greedy_accept_register(const OrtApi* a) { api = a; }

@@ -304,11 +304,7 @@ static int input_required(const OrtCustomOp* op, size_t i) {
   return i == 8 ? ORT_INPUT_OUTPUT_OPTIONAL : ORT_INPUT_OUTPUT_REQUIRED;
 }
 
-#define TREE_ATTENTION_SLOTS                                                                                  \
-  OP_COMMON_SLOTS, .GetName = op_name, .GetInputType = input_type,                                           \
-  .GetInputTypeCount = input_count, .GetOutputType = output_type, .GetOutputTypeCount = output_count,        \
-  .KernelDestroy = destroy_kernel, .GetInputCharacteristic = input_required, .CreateKernelV2 = create_kernel, \
-  .KernelComputeV2 = compute
+#define TREE_ATTENTION_SLOTS OP_SLOTS(op_name, input_type, input_count, output_type, output_count, input_required)
 OrtCustomOp tree_attention_op = {TREE_ATTENTION_SLOTS};
 OrtCustomOp tree_attention_f16_op = {TREE_ATTENTION_SLOTS};
 

@@ -87,11 +87,6 @@ static size_t one(const OrtCustomOp* op) { (void)op; return 1; }
 static int output_type(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return ORT_TENSOR_FLOAT; }
 static void destroy_kernel(void* kernel) { free(kernel); }
 
-OrtCustomOp gather_q8f_op = {
-  OP_COMMON_SLOTS, .GetName = op_name, .GetInputType = input_type,
-  .GetInputTypeCount = two, .GetOutputType = output_type, .GetOutputTypeCount = one,
-  .KernelDestroy = destroy_kernel, .GetInputCharacteristic = op_required, .CreateKernelV2 = create_kernel,
-  .KernelComputeV2 = compute,
-};
+OrtCustomOp gather_q8f_op = {OP_SLOTS(op_name, input_type, two, output_type, one, op_required)};
 
 void gather_q8f_register(const OrtApi* a) { api = a; }

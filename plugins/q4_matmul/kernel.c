@@ -166,9 +166,7 @@ static size_t input_count(const OrtCustomOp* op) { (void)op; return 2; }
 static int output_type(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return ORT_TENSOR_FLOAT; }
 static size_t output_count(const OrtCustomOp* op) { (void)op; return 1; }
 
-#define OP { OP_COMMON_SLOTS, .GetName = op_name, .GetInputType = input_type, .GetInputTypeCount = input_count, \
-  .GetOutputType = output_type, .GetOutputTypeCount = output_count, .KernelDestroy = destroy_kernel,             \
-  .GetInputCharacteristic = op_required, .CreateKernelV2 = create_kernel, .KernelComputeV2 = compute }
+#define OP {OP_SLOTS(op_name, input_type, input_count, output_type, output_count, op_required)}
 static OrtCustomOp matmul_q4 = OP, matmul_q8 = OP, matmul_q8f = OP, matmul_q4_silu = OP;
 
 /* onnxruntime calls this on SessionOptions.register_custom_ops_library(path) */

@@ -98,10 +98,7 @@ static size_t rms_outputs(const OrtCustomOp* op) { (void)op; return 1; }
 static size_t skip_outputs(const OrtCustomOp* op) { (void)op; return 2; }
 static void destroy_kernel(void* kernel) { free(kernel); }
 
-#define NORM_OP(inputs, outputs) { OP_COMMON_SLOTS, .GetName = op_name, .GetInputType = float_type,           \
-  .GetInputTypeCount = inputs, .GetOutputType = float_type, .GetOutputTypeCount = outputs,                      \
-  .KernelDestroy = destroy_kernel, .GetInputCharacteristic = op_required, .CreateKernelV2 = create_kernel,        \
-  .KernelComputeV2 = compute }
+#define NORM_OP(inputs, outputs) {OP_SLOTS(op_name, float_type, inputs, float_type, outputs, op_required)}
 OrtCustomOp rms_norm_op = NORM_OP(rms_inputs, rms_outputs), skip_rms_norm_op = NORM_OP(skip_inputs, skip_outputs);
 
 static const char* op_name(const OrtCustomOp* op) { return op == &skip_rms_norm_op ? "SkipRMSNorm" : "RMSNorm"; }

@@ -128,4 +128,11 @@ static inline OrtStatus* ort_dims(const OrtApi* api, const OrtValue* v, int64_t*
   .GetVariadicOutputMinArity = op_one, .GetVariadicOutputHomogeneity = op_one, .GetStartVersion = op_one,     \
   .GetEndVersion = op_last_opset
 
+/* An op's table: OP_COMMON_SLOTS, its name, input and output types and counts, its inputs' characteristic, and the
+ * kernel functions every op file defines under the same names (create_kernel, compute, destroy_kernel). */
+#define OP_SLOTS(name, in_type, in_count, out_type, out_count, in_characteristic)                               \
+  OP_COMMON_SLOTS, .GetName = name, .GetInputType = in_type, .GetInputTypeCount = in_count,                     \
+  .GetOutputType = out_type, .GetOutputTypeCount = out_count, .KernelDestroy = destroy_kernel,                   \
+  .GetInputCharacteristic = in_characteristic, .CreateKernelV2 = create_kernel, .KernelComputeV2 = compute
+
 #endif

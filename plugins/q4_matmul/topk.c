@@ -145,11 +145,6 @@ static size_t two(const OrtCustomOp* op) { (void)op; return 2; }
 static int output_type(const OrtCustomOp* op, size_t i) { (void)op; return i ? ORT_TENSOR_INT64 : ORT_TENSOR_FLOAT; }
 static void destroy_kernel(void* kernel) { (void)kernel; }
 
-OrtCustomOp top_k_op = {
-  OP_COMMON_SLOTS, .GetName = op_name, .GetInputType = input_type,
-  .GetInputTypeCount = two, .GetOutputType = output_type, .GetOutputTypeCount = two,
-  .KernelDestroy = destroy_kernel, .GetInputCharacteristic = op_required, .CreateKernelV2 = create_kernel,
-  .KernelComputeV2 = compute,
-};
+OrtCustomOp top_k_op = {OP_SLOTS(op_name, input_type, two, output_type, two, op_required)};
 
 void top_k_register(const OrtApi* a) { api = a; }
