@@ -73,6 +73,9 @@ def test_every_graph_computes_what_it_computes_over_the_float32_table(bundles):
                    {"temperature": 0.9, "top_p": 0.8, "seed": 5, "drafter": "mtp"}):
             assert a.generate(prompt, 24, chat=False, **kw).token_ids == b.generate(prompt, 24, chat=False,
                                                                                     **kw).token_ids, kw
+        # the MTP head's own graph embeds its tokens from the int8 rows: a fixed chain drafts the same nodes
+        ra, rb = (g.generate(prompt, 24, chat=False, drafter="mtp", tree="chain:3") for g in (a, b))
+        assert (ra.stats["proposed"], ra.stats["verify_steps"]) == (rb.stats["proposed"], rb.stats["verify_steps"])
     together = [r.token_ids for r in a.generate(prompts, 24, chat=False)]
     assert together == [r.token_ids for r in b.generate(prompts, 24, chat=False)]
 
