@@ -28,8 +28,8 @@ OP_TYPE_Q8F = "MatMulQ8F"  # MatMulQ8's weight times float32 inputs as they are
 OP_TYPE_GATHER_Q8F = "GatherQ8F"  # rows of an int8 matrix (pack_rows8) as float32
 BLOCK, TILE, RECORD, RECORD8 = 32, 16, 320, 576
 # each instruction set's code is marked in its file, not by flags
-UNITS = ("kernel.c", "avx512.c", "amx.c", "avx2.c", "attention.c", "topk.c", "gather.c", "gated.c", "norm.c", "accept.c", "gumbel.c")
-SOURCES = (*UNITS, "q4.h", "ort_abi.h", "attention_body.h", "vectors.h", "vexp_body.h", "gated_body.h",
+UNITS = ("kernel.c", "avx512.c", "amx.c", "avx2.c", "attention.c", "topk.c", "gather.c", "q8f.c", "gated.c", "norm.c", "accept.c", "gumbel.c")
+SOURCES = (*UNITS, "q4.h", "ort_abi.h", "attention_body.h", "vectors.h", "vexp_body.h", "gated_body.h", "q8f_body.h",
            "isa_variants.h")
 FLAGS = ["-O3", "-shared", "-fPIC"]
 ISAS = {2: "AVX-512 VNNI", 1: "AVX2"}

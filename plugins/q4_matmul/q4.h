@@ -64,7 +64,7 @@ void q4_quantize_avx2(const float* x, int64_t M, int K, int8_t* xq, float* scale
 void q4_tile_avx2(const Product* p, size_t tile);
 void q8_tile_avx512(const Product* p, size_t tile);  /* MatMulQ8's (p->sum unused) */
 void q8_tile_avx2(const Product* p, size_t tile);
-/* MatMulQ8F: MatMulQ8's weight records times float32 inputs as they are (no rounding of x) */
+/* MatMulQ8F: MatMulQ8's weight records times float32 inputs as they are (no rounding of x); q8f.c */
 typedef struct { const float* x; const uint8_t* w; float* y; int64_t M, N; int K; } FloatProduct;
 void q8f_tile_avx512(const FloatProduct* p, size_t tile);
 void q8f_tile_avx2(const FloatProduct* p, size_t tile);
