@@ -15,7 +15,7 @@ from speccompile.compile.quantize.int8 import BLOCK
 from speccompile.graphs.builder import OPSET, GraphBuilder
 from speccompile.plugins import q4_matmul
 
-V, H = 1000, 64
+V, H = 1008, 64  # whole tiles of 16: speccompile's kernels take the head too
 
 
 def head_session(head: np.ndarray, profile_dir=None, noise=False, top_k=False, kernels=False):
@@ -125,14 +125,19 @@ def test_screened_argmax_is_the_float32_argmax(on_grid):
 
 @pytest.mark.skipif(q4_matmul.unavailable() is not None, reason=f"speccompile's kernels cannot run here: "
                                                             f"{q4_matmul.unavailable()}")
-def test_the_screen_on_speccompiles_kernels_finds_the_float32_argmax(tmp_path):
-    """A build with speccompile's kernels screens with MatMulQ8 and picks the candidates with its TopK: the same
-    certified argmax, ties to the lowest token id, confident rows certified without the float32 head."""
-    w = np.concatenate([random_head(5), random_head(6)[:8]])  # 1008 tokens: whole tiles of 16
+@pytest.mark.parametrize("on_grid", [True, False])
+def test_the_screen_on_speccompiles_kernels_finds_the_float32_argmax(tmp_path, on_grid):
+    """A build with speccompile's kernels screens with MatMulQ8Bound (the estimates and their upper bounds in one
+    op) and picks the candidates with its TopK: the same certified argmax, for rows with heavy tails and outliers
+    too, ties to the lowest token id, confident rows certified without the float32 head and without the stored
+    norms' bound."""
+    w = random_head(5, on_grid)
     w[300:305] = w[300]
     sess = head_session(w, tmp_path, kernels=True)
     rng = np.random.default_rng(7)
-    x = np.concatenate([peaked_rows(w, 24), rng.standard_normal((8, H)).astype(np.float32), w[300:301] * 40])
+    heavy = (rng.standard_normal((16, H)) * np.exp(rng.standard_normal((16, H)) * 1.5)).astype(np.float32)
+    x = np.concatenate([peaked_rows(w, 24), rng.standard_normal((8, H)).astype(np.float32), heavy,
+                        w[300:301] * 40])
     for R in (1, 9, len(x)):
         logits, ref = run(sess, x[:R], False)
         _, tok = run(sess, x[:R], True)
@@ -142,7 +147,8 @@ def test_the_screen_on_speccompiles_kernels_finds_the_float32_argmax(tmp_path):
     for _ in range(3):
         run(screened, peaked_rows(w, 8), True)
     ran = {(e["args"]["op_name"]) for e in json.load(open(screened.end_profiling())) if e.get("cat") == "Node"}
-    assert {"MatMulQ8", "TopK"} <= ran and "ArgMax" not in ran and "MatMulNBits" not in ran
+    assert {q4_matmul.OP_TYPE_Q8_BOUND, "TopK"} <= ran and "ArgMax" not in ran and "MatMulNBits" not in ran
+    assert "Abs" not in ran and "head_screen.l1" not in reads(screened.model.graph)
     assert top_k_domains(screened.model.graph) == [q4_matmul.DOMAIN]  # the candidates: speccompile's TopK
 
 
@@ -152,7 +158,7 @@ def test_a_head_on_the_int8_grid_takes_its_float32_product_from_the_screens_reco
     """A head that lies on the screen's int8 grid exactly (a GGUF Q8_0 head) gets its float32 logits (full_logits,
     and the uncertified rows' fallback) from MatMulQ8F over the screen's records: a quarter of the bytes, the float32
     product to its rounding, and no float32 Gemm; a head off the grid keeps the Gemm."""
-    w = np.concatenate([random_head(8, on_grid=True), random_head(9, on_grid=True)[:8]])  # 1008: whole tiles
+    w = random_head(8, on_grid=True)
     w[40:44] = w[40]  # a tie, which no screen certifies: the fallback decides it
     sess = head_session(w, tmp_path, kernels=True)
     x = np.concatenate([np.random.default_rng(10).standard_normal((6, H)).astype(np.float32), w[40:41] * 50])
@@ -162,10 +168,20 @@ def test_a_head_on_the_int8_grid_takes_its_float32_product_from_the_screens_reco
     assert np.array_equal(ref, logits.argmax(-1)) and np.array_equal(run(sess, x, True)[1], ref) and ref[-1] == 40
     ran = {(e["args"]["op_name"]) for e in json.load(open(sess.end_profiling())) if e.get("cat") == "Node"}
     assert q4_matmul.OP_TYPE_Q8F in ran and "Gemm" not in ran
-    off_grid = head_session(np.concatenate([random_head(8), random_head(9)[:8]]), tmp_path, kernels=True)
+    off_grid = head_session(random_head(8), tmp_path, kernels=True)
     run(off_grid, x, False)
     ran = {(e["args"]["op_name"]) for e in json.load(open(off_grid.end_profiling())) if e.get("cat") == "Node"}
     assert "Gemm" in ran and q4_matmul.OP_TYPE_Q8F not in ran
+
+
+def reads(graph) -> set[str]:
+    """Every name a node of `graph` or of its subgraphs takes as an input."""
+    found = set()
+    for node in graph.node:
+        found |= set(node.input)
+        for attribute in node.attribute:
+            found |= reads(attribute.g) if attribute.g.node else set()
+    return found
 
 
 def top_k_domains(graph) -> list[str]:

@@ -1,4 +1,4 @@
-"""speccompile's own MatMulQ4, MatMulQ8 and MatMulQ8F kernels (speccompile.plugins.q4_matmul): their weight layouts,
+"""speccompile's own MatMulQ4, MatMulQ8, MatMulQ8Bound and MatMulQ8F kernels (speccompile.plugins.q4_matmul): their weight layouts,
 numpy definitions, and the compiled kernels inside onnxruntime against them; each row the same whatever the rows
 beside it (what keeps speculation over it lossless); the GGUF blocks MatMulQ4 takes exactly and the ones it leaves
 to MatMulNBits; the int8 matrices MatMulQ8 takes; GatherQ8F's rows."""
@@ -133,7 +133,8 @@ sys.path.insert(0, sys.argv[1])
 from test_quantized import run_product
 data = np.load(sys.argv[2])
 np.save(sys.argv[3], run_product(pathlib.Path(sys.argv[4]), {sys.argv[5]: data["w"]}, "m", data["x"],
-                                 gated=sys.argv[6] == "gated", floats=sys.argv[6] == "floats"))
+                                 gated=sys.argv[6] == "gated", floats=sys.argv[6] == "floats",
+                                 slack=1.01 if sys.argv[6] == "bound" else None))
 """
 
 
@@ -149,12 +150,14 @@ def test_the_avx2_variant_computes_what_the_avx512_one_does(tmp_path):
     for name, weights, form in (("m" + kernel_form.SUFFIX, q4_matmul.pack(codes, scales, minimums), "plain"),
                                 ("m" + SUFFIX_CODES, q4_matmul.pack8(*random_int8(64, 576, seed=9)), "plain"),
                                 ("m" + kernel_form.SUFFIX, q4_matmul.pack(codes, scales, minimums), "gated"),
-                                ("m", q4_matmul.pack8(*random_int8(64, 576, seed=9)), "floats")):
+                                ("m", q4_matmul.pack8(*random_int8(64, 576, seed=9)), "floats"),
+                                ("m", q4_matmul.pack8(*int8_with_extremes(64, 576, seed=9)), "bound")):
         np.savez(tmp_path / "in.npz", w=weights, x=x)
         env = dict(os.environ, SPECCOMPILE_Q4_ISA="avx2")
         subprocess.run([sys.executable, "-c", AVX2_RUN, os.path.dirname(__file__), str(tmp_path / "in.npz"),
                         str(tmp_path / "avx2.npy"), str(tmp_path), name, form], env=env, check=True)
-        y = run_product(tmp_path, {name: weights}, "m", x, gated=form == "gated", floats=form == "floats")
+        y = run_product(tmp_path, {name: weights}, "m", x, gated=form == "gated", floats=form == "floats",
+                        slack=1.01 if form == "bound" else None)
         assert np.array_equal(np.load(tmp_path / "avx2.npy"), y), (name, form)
 
 
@@ -184,10 +187,13 @@ def test_a_weight_too_small_for_its_shape_is_an_error_not_a_read_past_it(tmp_pat
     for op, weight in ((q4_matmul.OP_TYPE, q4_matmul.pack(codes, scales, minimums)),
                        (q4_matmul.OP_TYPE_Q8, q4_matmul.pack8(*random_int8(16, 64))),
                        (q4_matmul.OP_TYPE_Q8F, q4_matmul.pack8(*random_int8(16, 64))),
+                       (q4_matmul.OP_TYPE_Q8_BOUND, q4_matmul.pack8(*random_int8(16, 64))),
                        (q4_matmul.OP_TYPE_SILU, q4_matmul.pack(codes, scales, minimums))):
-        node = helper.make_node(op, ["x", "w"], ["y"], domain=q4_matmul.DOMAIN, K=64, N=32)
+        bound = op == q4_matmul.OP_TYPE_Q8_BOUND
+        node = helper.make_node(op, ["x", "w"], ["y", "upper"] if bound else ["y"], domain=q4_matmul.DOMAIN, K=64,
+                                N=32, **({"slack": 1.01} if bound else {}))
         graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
+                                  [helper.make_tensor_value_info(o, TensorProto.FLOAT, [1, 32]) for o in node.output],
                                   [numpy_helper.from_array(weight, "w")])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                         helper.make_opsetid(q4_matmul.DOMAIN, 1)])
@@ -258,6 +264,45 @@ def test_the_float_input_int8_kernel_computes_the_float32_product(tmp_path, rows
     assert np.abs(run_product(tmp_path, {"m" + SUFFIX_CODES: records}, "m", x) - ref).max() > 1e-4 * np.abs(ref).max()
 
 
+def int8_with_extremes(n, k, seed):
+    """random_int8's matrix with codes at both ends of int8 (-128 and 127: stored 0 and 255) in some blocks."""
+    codes, scales = random_int8(n, k, seed)
+    codes[::7, ::5] = 0
+    codes[3::11, 1::9] = 255
+    return codes, scales
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+def test_the_bounded_int8_kernel_bounds_the_product_of_x_as_it_is(tmp_path, rows):
+    """MatMulQ8Bound: its first output is MatMulQ8's bit for bit; its second is its numpy definition (each output
+    plus slack times the sum over blocks of x's rounding step times the block's L1 norm) and above the float64
+    product of x as it is, for rows with heavy tails and outliers, codes at -128 and 127 included; not a vacuous
+    bound either (within a few steps' worth of the estimate)."""
+    codes, scales = int8_with_extremes(64, 192, seed=rows)
+    records = q4_matmul.pack8(codes, scales)
+    rng = np.random.default_rng(rows)
+    x = (rng.standard_normal((rows, 192)) * np.exp(rng.standard_normal((rows, 192)) * 1.5)).astype(np.float32)
+    y, upper = run_product(tmp_path, {"m": records}, "m", x, slack=1.01)
+    assert np.array_equal(y, run_product(tmp_path, {"m" + SUFFIX_CODES: records}, "m", x))
+    ref_y, ref_upper = q4_matmul.reference8_bound(x, records, 1.01)
+    assert np.abs(upper - ref_upper).max() <= 1e-6 * np.abs(ref_upper).max()
+    dense = (codes.reshape(64, -1, 32).astype(np.float64) - 128) * scales[..., None]
+    exact = x.astype(np.float64) @ dense.reshape(64, -1).T
+    assert np.all(upper >= exact) and np.all(2 * y - upper <= exact)  # the bound holds both ways
+    step = np.abs(x.reshape(rows, -1, 32)).max(-1) / 127
+    l1 = np.abs(dense).sum(-1)
+    assert np.allclose(upper - y, 1.01 * step @ l1.T, rtol=1e-4, atol=1e-6 * np.abs(upper).max())
+
+
+@needs_kernel
+def test_the_bounded_int8_kernel_refuses_a_slack_below_one(tmp_path):
+    """A slack below 1 would not cover the kernel's float rounding: the session refuses it."""
+    records = q4_matmul.pack8(*random_int8(16, 64))
+    with pytest.raises(Exception, match="slack must be from 1 to 2"):
+        run_product(tmp_path, {"m": records}, "m", np.ones((1, 64), np.float32), slack=0.5)
+
+
 @needs_kernel
 def test_each_float_input_row_is_computed_alike_whatever_the_rows_beside_it(tmp_path):
     """Bit for bit, as MatMulQ8's rows: one row alone or among 2 to 11 others (groups of four, two on AVX2)."""
@@ -275,6 +320,11 @@ def test_each_int8_row_is_computed_alike_whatever_the_rows_beside_it(tmp_path):
     alone = np.concatenate([run_product(tmp_path, weights, "m", x[i:i + 1]) for i in range(12)])
     for rows in range(2, 13):
         assert np.array_equal(run_product(tmp_path, weights, "m", x[:rows]), alone[:rows]), rows
+    # and MatMulQ8Bound's bounds (a pass's screen: every row's candidates the same whatever shares the pass)
+    weights = {"m": weights["m" + SUFFIX_CODES]}
+    alone = np.concatenate([run_product(tmp_path, weights, "m", x[i:i + 1], slack=1.01) for i in range(12)], 1)
+    for rows in range(2, 13):
+        assert np.array_equal(run_product(tmp_path, weights, "m", x[:rows], slack=1.01), alone[:, :rows]), rows
 
 
 @needs_kernel

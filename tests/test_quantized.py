@@ -41,18 +41,24 @@ TOLERANCE = {"source": 0.03, "int8": 0.02, "int4": 0.25}
 
 
 def run_product(tmp_path, weights: dict, key: str, x: np.ndarray, level: int | None = None,
-                gated: bool = False, floats: bool = False) -> np.ndarray:
+                gated: bool = False, floats: bool = False, slack: float | None = None) -> np.ndarray:
     """x @ W[key] through linear.matmul, the product every decoder graph emits (or, given a MatMulNBits accuracy
     level, nbits_product at that level; gated: linear.gated_product, silu of its first half times its second;
-    floats: MatMulQ8F over MatMulQ8 records W[key], x as it is), in onnxruntime."""
+    floats: MatMulQ8F over MatMulQ8 records W[key], x as it is; slack: MatMulQ8Bound over them, its two outputs
+    stacked [2, R, N]), in onnxruntime."""
     import onnx
     import onnxruntime as ort
     g = GraphBuilder("product")
     W = {name: g.weight(name, array) for name, array in weights.items()}
     x_in = g.input("x", "float32", ["R", x.shape[1]])
-    if floats:
+    if floats or slack is not None:
         tiles, blocks, _ = weights[key].shape
-        y = g.op(q4_matmul.OP_TYPE_Q8F, [x_in, W[key]], domain=q4_matmul.DOMAIN, K=blocks * 32, N=tiles * 16)[0]
+        op = q4_matmul.OP_TYPE_Q8F if floats else q4_matmul.OP_TYPE_Q8_BOUND
+        extra = {} if floats else {"slack": slack}
+        y = g.op(op, [x_in, W[key]], n_out=1 if floats else 2, domain=q4_matmul.DOMAIN, K=blocks * 32, N=tiles * 16,
+                 **extra)
+        y = y[0] if floats else g.op("Concat", [g.op("Unsqueeze", [o, g.const(np.array([0]))])[0] for o in y],
+                                     axis=0)[0]
     else:
         y = (gated_product(g, x_in, W, key) if gated else matmul(g, x_in, W, key) if level is None
              else nbits_product(g, x_in, W, key, level))

@@ -25,6 +25,7 @@ from speccompile.graphs import KERNEL_DOMAIN
 
 DOMAIN, OP_TYPE, OP_TYPE_Q8, OP_TYPE_SILU = KERNEL_DOMAIN, "MatMulQ4", "MatMulQ8", "MatMulQ4SiLU"
 OP_TYPE_Q8F = "MatMulQ8F"  # MatMulQ8's weight times float32 inputs as they are
+OP_TYPE_Q8_BOUND = "MatMulQ8Bound"  # MatMulQ8, and each output plus a bound on its error (the exact head's screen)
 OP_TYPE_GATHER_Q8F = "GatherQ8F"  # rows of an int8 matrix (pack_rows8) as float32
 BLOCK, TILE, RECORD, RECORD8 = 32, 16, 320, 576
 # each instruction set's code is marked in its file, not by flags
@@ -134,6 +135,18 @@ def reference8(x: np.ndarray, records: np.ndarray) -> np.ndarray:
     dots = np.einsum("mbk,nbk->mbn", xq.astype(np.int64), w)
     y = (dots * scale[..., None] * d.T[None]).sum(1)
     return y.astype(np.float32).reshape(*x.shape[:-1], len(codes))
+
+
+def reference8_bound(x: np.ndarray, records: np.ndarray, slack: float) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulQ8Bound's definition in numpy: (MatMulQ8's y, upper = y + slack * sum over blocks b of x's step (its
+    rounding scale, max|x_b| / 127) times the block's L1 norm d_b * sum |w_b|) (float64 sums, to float32)."""
+    codes, d = unpack8(records)
+    k = codes.shape[1]
+    _, scale, _ = round_rows(x.reshape(-1, k))
+    l1 = np.abs(codes.reshape(len(codes), -1, BLOCK).astype(np.int64) - 128).sum(-1) * d.astype(np.float64)
+    y = reference8(x, records)
+    upper = y.reshape(-1, len(codes)) + slack * (scale.astype(np.float64) @ l1.T)
+    return y, upper.astype(np.float32).reshape(y.shape)
 
 
 def reference8f(x: np.ndarray, records: np.ndarray) -> np.ndarray:

@@ -80,10 +80,11 @@ AVX2 void q4_tile_avx2(const Product* p, size_t t) {
 
 /* MatMulQ8, one half (8 outputs) of a tile: the codes made signed again (w = stored - 128), then vpmaddubsw of |w|
  * (at most 128) by x signed as w (|x| at most 127: a pair at most 32512, nothing saturates) and vpmaddwd by ones,
- * per vector: the exact dot avx512.c's vpdpbusd gives, less nothing. */
-static inline __attribute__((always_inline)) AVX2 void half8(const int R, const Rows* g, int h) {
-  __m256 acc[ROWS_AVX2];
-  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+ * per vector: the exact dot avx512.c's vpdpbusd gives, less nothing. With `bound` (MatMulQ8Bound), the block L1
+ * norms from the same |w| (pairs of at most 256), then the same float steps as avx512.c's. */
+static inline __attribute__((always_inline)) AVX2 void half8(const int R, const Rows* g, int h, const int bound) {
+  __m256 acc[ROWS_AVX2], err[ROWS_AVX2];
+  for (int r = 0; r < R; r++) acc[r] = err[r] = _mm256_setzero_ps();
   const __m256i bias = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
   for (int b = 0; b < g->nb; b++) {
     const uint8_t* rec = g->w + (size_t)b * RECORD8;
@@ -93,7 +94,12 @@ static inline __attribute__((always_inline)) AVX2 void half8(const int R, const 
       c[j] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(rec + 64 * j + 32 * h)), bias);
       mag[j] = _mm256_abs_epi8(c[j]);
     }
-    __m256 d = _mm256_loadu_ps((const float*)(rec + 512 + 32 * h));
+    __m256 d = _mm256_loadu_ps((const float*)(rec + 512 + 32 * h)), l1 = d;
+    if (bound) {
+      __m256i pairs = _mm256_maddubs_epi16(mag[0], _mm256_set1_epi8(1));
+      for (int j = 1; j < 8; j++) pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(mag[j], _mm256_set1_epi8(1)));
+      l1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)), d);  /* 16-bit sums at most 2048 */
+    }
     for (int r = 0; r < R; r++) {
       const int32_t* x4 = (const int32_t*)(g->xq + (size_t)r * g->K + b * BLOCK);
       __m256i dot = _mm256_setzero_si256();
@@ -101,13 +107,21 @@ static inline __attribute__((always_inline)) AVX2 void half8(const int R, const 
         __m256i signed_x = _mm256_sign_epi8(_mm256_set1_epi32(x4[j]), c[j]);
         dot = _mm256_add_epi32(dot, _mm256_madd_epi16(_mm256_maddubs_epi16(mag[j], signed_x), ones));
       }
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(g->scale[r * g->nb + b])),
-                               acc[r]);
+      const __m256 step = _mm256_set1_ps(g->scale[r * g->nb + b]);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, step), acc[r]);
+      if (bound) err[r] = _mm256_fmadd_ps(l1, step, err[r]);
     }
   }
-  for (int r = 0; r < R; r++) _mm256_storeu_ps(g->y + r * g->N + 8 * h, acc[r]);
+  for (int r = 0; r < R; r++) {
+    _mm256_storeu_ps(g->y + r * g->N + 8 * h, acc[r]);
+    if (bound)
+      _mm256_storeu_ps(g->upper + r * g->N + 8 * h, _mm256_fmadd_ps(err[r], _mm256_set1_ps(g->slack), acc[r]));
+  }
 }
 
 AVX2 void q8_tile_avx2(const Product* p, size_t t) {
-  for (int h = 0; h < 2; h++) FOR_ROW_GROUPS(p, t, RECORD8, 4, half8, h);
+  for (int h = 0; h < 2; h++) FOR_ROW_GROUPS(p, t, RECORD8, 4, half8, h, 0);
+}
+AVX2 void q8b_tile_avx2(const Product* p, size_t t) {
+  for (int h = 0; h < 2; h++) FOR_ROW_GROUPS(p, t, RECORD8, 4, half8, h, 1);
 }

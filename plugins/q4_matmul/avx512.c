@@ -75,16 +75,25 @@ static inline __attribute__((always_inline)) AVX512 void tile(const int R, const
 AVX512 void q4_tile_avx512(const Product* p, size_t t) { FOR_ROW_GROUPS(p, t, RECORD, 8, tile); }
 
 /* MatMulQ8: vector j, lane c holds output c's codes k = 4j .. 4j + 3, stored + 128 (unsigned, as vpdpbusd takes
- * them): the dot less 128 times the block's sum of xq (16 * eights) is the signed codes' exact dot. */
-static inline __attribute__((always_inline)) AVX512 void tile8(const int R, const Rows* g) {
-  __m512 acc[ROWS];
-  for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+ * them): the dot less 128 times the block's sum of xq (16 * eights) is the signed codes' exact dot. With `bound`
+ * (MatMulQ8Bound), also each output's block L1 norm, d times the sum of its codes' magnitudes (made signed again,
+ * then vpabsb: -128 gives 0x80, 128 to vpdpbusd's unsigned side), weighed by each row's step and summed. */
+static inline __attribute__((always_inline)) AVX512 void tile8(const int R, const Rows* g, const int bound) {
+  __m512 acc[ROWS], err[ROWS];
+  for (int r = 0; r < R; r++) acc[r] = err[r] = _mm512_setzero_ps();
   for (int b = 0; b < g->nb; b++) {
     const uint8_t* rec = g->w + (size_t)b * RECORD8;
     for (int line = 0; line < RECORD8; line += 64) _mm_prefetch((const char*)(rec + 8 * RECORD8 + line), _MM_HINT_T0);
     __m512i c[8];
     for (int j = 0; j < 8; j++) c[j] = _mm512_loadu_si512(rec + 64 * j);
-    __m512 d = _mm512_loadu_ps((const float*)(rec + 512));
+    __m512 d = _mm512_loadu_ps((const float*)(rec + 512)), l1 = d;
+    if (bound) {
+      __m512i mags = _mm512_setzero_si512();
+      for (int j = 0; j < 8; j++)
+        mags = _mm512_dpbusd_epi32(mags, _mm512_abs_epi8(_mm512_xor_si512(c[j], _mm512_set1_epi8((char)0x80))),
+                                   _mm512_set1_epi8(1));
+      l1 = _mm512_mul_ps(_mm512_cvtepi32_ps(mags), d);
+    }
     for (int r = 0; r < R; r++) {
       const int32_t* x4 = (const int32_t*)(g->xq + (size_t)r * g->K + b * BLOCK);
       __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0], _mm512_set1_epi32(x4[0]));
@@ -94,11 +103,16 @@ static inline __attribute__((always_inline)) AVX512 void tile8(const int R, cons
         s1 = _mm512_dpbusd_epi32(s1, c[4 + j], _mm512_set1_epi32(x4[4 + j]));
       }
       __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(16 * g->eights[r * g->nb + b]));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(g->scale[r * g->nb + b])),
-                               acc[r]);
+      const __m512 step = _mm512_set1_ps(g->scale[r * g->nb + b]);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, step), acc[r]);
+      if (bound) err[r] = _mm512_fmadd_ps(l1, step, err[r]);
     }
   }
-  for (int r = 0; r < R; r++) _mm512_storeu_ps(g->y + r * g->N, acc[r]);
+  for (int r = 0; r < R; r++) {
+    _mm512_storeu_ps(g->y + r * g->N, acc[r]);
+    if (bound) _mm512_storeu_ps(g->upper + r * g->N, _mm512_fmadd_ps(err[r], _mm512_set1_ps(g->slack), acc[r]));
+  }
 }
 
-AVX512 void q8_tile_avx512(const Product* p, size_t t) { FOR_ROW_GROUPS(p, t, RECORD8, 8, tile8); }
+AVX512 void q8_tile_avx512(const Product* p, size_t t) { FOR_ROW_GROUPS(p, t, RECORD8, 8, tile8, 0); }
+AVX512 void q8b_tile_avx512(const Product* p, size_t t) { FOR_ROW_GROUPS(p, t, RECORD8, 8, tile8, 1); }

@@ -24,7 +24,12 @@
  *
  * speccompile.kernels::MatMulQ8F, the same weight times x as it is: y[n] = sum over blocks b of d[b, n] * (x_b .
  * w_b[n]), each block's dot a float32 sum of fused multiply-adds in k's order. The float32 product of a matrix that
- * is exactly int8 blocks (an output head stored as GGUF's Q8_0), reading a quarter of the float32 matrix's bytes. */
+ * is exactly int8 blocks (an output head stored as GGUF's Q8_0), reading a quarter of the float32 matrix's bytes.
+ *
+ * speccompile.kernels::MatMulQ8Bound, MatMulQ8 with a second output: upper[n] = y[n] + slack * sum over blocks b of
+ * scale_x[b] * d[b, n] * |w_b[n]|_1 (scale_x: a whole step of x's rounding; attribute slack >= 1 covers the float
+ * rounding): an upper bound on the product of x as it is (the exact greedy head's screen:
+ * compile/graph/head_screen.py). The norms come from the codes as they stream by, so the bound reads nothing more. */
 #include <stdlib.h>
 #include <string.h>
 #include "ort_abi.h"
@@ -34,6 +39,7 @@
 static void (*quantize)(const float*, int64_t, int, int8_t*, float*, float*, int32_t*);
 static void (*product_tile)(const Product*, size_t);
 static void (*product_tile8)(const Product*, size_t);
+static void (*product_tile8b)(const Product*, size_t);
 static void (*float_tile8)(const FloatProduct*, size_t);
 static int amx;  /* MatMulQ4's products of AMX_ROWS rows or more on the tile unit (amx.c) */
 static int avx512;  /* the AVX-512 variants chosen */
@@ -69,23 +75,28 @@ static void run_gated(void* g, size_t t) {
   q4_gated_tile(g, t, amx && ((const Gated*)g)->product.M >= AMX_ROWS ? q4_tile_amx : product_tile, avx512);
 }
 static void run_tile8(void* p, size_t t) { product_tile8(p, t); }
+static void run_tile8b(void* p, size_t t) { product_tile8b(p, t); }
 static void run_tile8f(void* p, size_t t) { float_tile8(p, t); }
 
 /* ---- the onnxruntime op ---- */
 
 static const OrtApi* api;
-typedef struct { int64_t K, N; int eight_bit, gated, floats; } Kernel;
-static OrtCustomOp matmul_q8, matmul_q8f, matmul_q4_silu;
+typedef struct { int64_t K, N; int eight_bit, gated, floats, bound; float slack; } Kernel;
+static OrtCustomOp matmul_q8, matmul_q8f, matmul_q8b, matmul_q4_silu;
 
 static OrtStatus* fail(const char* message) { return ORT_SLOT(api, CreateStatus)(ORT_FAIL, message); }
 #define CHECK(call) do { OrtStatus* s_ = (call); if (s_) return s_; } while (0)
 
 static OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* a, const OrtKernelInfo* info, void** out) {
   (void)a;
-  Kernel k = {.eight_bit = op == &matmul_q8 || op == &matmul_q8f, .gated = op == &matmul_q4_silu,
-              .floats = op == &matmul_q8f};
+  Kernel k = {.eight_bit = op == &matmul_q8 || op == &matmul_q8f || op == &matmul_q8b, .gated = op == &matmul_q4_silu,
+              .floats = op == &matmul_q8f, .bound = op == &matmul_q8b};
   CHECK(ORT_SLOT(api, KernelInfoGetAttribute_int64)(info, "K", &k.K));
   CHECK(ORT_SLOT(api, KernelInfoGetAttribute_int64)(info, "N", &k.N));
+  if (k.bound) {
+    CHECK(ORT_SLOT(api, KernelInfoGetAttribute_float)(info, "slack", &k.slack));
+    if (!(k.slack >= 1.f && k.slack <= 2.f)) return fail("MatMulQ8Bound: slack must be from 1 to 2");
+  }
   if (k.K <= 0 || k.N <= 0 || k.K % BLOCK || k.N % (k.gated ? 2 * TILE : TILE) || k.K > (1 << 24) || k.N > (1 << 24))
     return fail("MatMulQ4/MatMulQ8: K must be a multiple of 32 and N of 16 (MatMulQ4SiLU: of 32), each at most 2^24");
   Kernel* kernel = malloc(sizeof *kernel);
@@ -118,7 +129,12 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   for (size_t i = 0; i + 1 < rank; i++) M *= dims[i];
   dims[rank - 1] = k->gated ? k->N / 2 : k->N;
   CHECK(ORT_SLOT(api, KernelContext_GetOutput)(ctx, 0, dims, rank, &y));
-  void *xp, *wp, *yp;
+  OrtValue* upper = NULL;
+  void *xp, *wp, *yp, *up = NULL;
+  if (k->bound) {
+    CHECK(ORT_SLOT(api, KernelContext_GetOutput)(ctx, 1, dims, rank, &upper));
+    CHECK(ORT_SLOT(api, GetTensorMutableData)(upper, &up));
+  }
   CHECK(ORT_SLOT(api, GetTensorMutableData)((OrtValue*)x, &xp));
   CHECK(ORT_SLOT(api, GetTensorMutableData)((OrtValue*)w, &wp));
   CHECK(ORT_SLOT(api, GetTensorMutableData)(y, &yp));
@@ -144,8 +160,9 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
     s = ORT_SLOT(api, KernelContext_ParallelFor)(ctx, run_quantize, groups, 0, &rounding);
   else
     run_quantize(&rounding, 0);
-  Product p = {xq, scale, sum, eights, wp, yp, M, k->N, K};
-  void (*each)(void*, size_t) = k->eight_bit ? run_tile8 : amx && M >= AMX_ROWS ? run_tile_amx : run_tile;
+  Product p = {xq, scale, sum, eights, wp, yp, M, k->N, K, up, k->slack};
+  void (*each)(void*, size_t) = k->bound ? run_tile8b : k->eight_bit ? run_tile8
+                                : amx && M >= AMX_ROWS ? run_tile_amx : run_tile;
   int failed = 0;
   Gated gated = {p, yp, &failed};
   if (!s && k->gated)
@@ -158,16 +175,16 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
 
 static void destroy_kernel(void* kernel) { free(kernel); }
 static const char* op_name(const OrtCustomOp* op) {
-  return op == &matmul_q8 ? "MatMulQ8" : op == &matmul_q8f ? "MatMulQ8F" : op == &matmul_q4_silu ? "MatMulQ4SiLU"
-                                                                                              : "MatMulQ4";
+  return op == &matmul_q8 ? "MatMulQ8" : op == &matmul_q8f ? "MatMulQ8F" : op == &matmul_q8b ? "MatMulQ8Bound"
+         : op == &matmul_q4_silu ? "MatMulQ4SiLU" : "MatMulQ4";
 }
 static int input_type(const OrtCustomOp* op, size_t i) { (void)op; return i == 0 ? ORT_TENSOR_FLOAT : ORT_TENSOR_UINT8; }
 static size_t input_count(const OrtCustomOp* op) { (void)op; return 2; }
 static int output_type(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return ORT_TENSOR_FLOAT; }
-static size_t output_count(const OrtCustomOp* op) { (void)op; return 1; }
+static size_t output_count(const OrtCustomOp* op) { return op == &matmul_q8b ? 2 : 1; }
 
 #define OP {OP_SLOTS(op_name, input_type, input_count, output_type, output_count, op_required)}
-static OrtCustomOp matmul_q4 = OP, matmul_q8 = OP, matmul_q8f = OP, matmul_q4_silu = OP;
+static OrtCustomOp matmul_q4 = OP, matmul_q8 = OP, matmul_q8f = OP, matmul_q8b = OP, matmul_q4_silu = OP;
 
 /* onnxruntime calls this on SessionOptions.register_custom_ops_library(path) */
 OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
@@ -175,9 +192,9 @@ OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base)
   if (!api) return NULL;  /* an onnxruntime older than 1.17: no domain registered, its load error names the op */
   switch (speccompile_cpu_supported()) {
     case 2: quantize = q4_quantize_avx512; product_tile = q4_tile_avx512; product_tile8 = q8_tile_avx512;
-            float_tile8 = q8f_tile_avx512; break;
+            product_tile8b = q8b_tile_avx512; float_tile8 = q8f_tile_avx512; break;
     case 1: quantize = q4_quantize_avx2; product_tile = q4_tile_avx2; product_tile8 = q8_tile_avx2;
-            float_tile8 = q8f_tile_avx2; break;
+            product_tile8b = q8b_tile_avx2; float_tile8 = q8f_tile_avx2; break;
     default: return fail("speccompile's MatMulQ4 needs a CPU with AVX2, FMA and F16C");
   }
   amx = speccompile_amx();
@@ -192,6 +209,7 @@ OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base)
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &matmul_q4));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &matmul_q8));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &matmul_q8f));
+  CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &matmul_q8b));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &matmul_q4_silu));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &tree_attention_op));
   CHECK(ORT_SLOT(api, CustomOpDomain_Add)(domain, &tree_attention_f16_op));

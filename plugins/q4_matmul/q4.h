@@ -36,18 +36,21 @@
 typedef struct {
   const int8_t* xq; const float* scale; const float* sum; const int32_t* eights;
   const uint8_t* w; float* y; int64_t M, N; int K;
+  float* upper; float slack;  /* MatMulQ8Bound's second output and its margin (NULL, 0: MatMulQ8) */
 } Product;
 
 /* One tile's weight records and a group of at most ROWS rows from row r: what a tile function reads and writes */
 typedef struct {
   const uint8_t* w; const int8_t* xq; const float *scale, *sum; const int32_t* eights; float* y;
   int nb, K; int64_t N;
+  float* upper; float slack;
 } Rows;
 
 static inline Rows rows_at(const Product* p, size_t t, int64_t r, int record) {
   const int nb = p->K / BLOCK;
   return (Rows){p->w + t * (size_t)nb * record, p->xq + r * p->K, p->scale + r * nb, p->sum + r * nb,
-                p->eights + r * nb, p->y + r * p->N + t * TILE, nb, p->K, p->N};
+                p->eights + r * nb, p->y + r * p->N + t * TILE, nb, p->K, p->N,
+                p->upper ? p->upper + r * p->N + t * TILE : NULL, p->slack};
 }
 
 /* fn(R, &rows, ...) over tile t's groups of at most `most` (8 or 4, a literal) rows (records of `record` bytes) */
@@ -64,6 +67,10 @@ void q4_quantize_avx2(const float* x, int64_t M, int K, int8_t* xq, float* scale
 void q4_tile_avx2(const Product* p, size_t tile);
 void q8_tile_avx512(const Product* p, size_t tile);  /* MatMulQ8's (p->sum unused) */
 void q8_tile_avx2(const Product* p, size_t tile);
+/* MatMulQ8Bound's: MatMulQ8's outputs, and in p->upper each output plus p->slack times the bound on its rounding
+ * error, sum over blocks b of scale_x[b] * d[b, n] * |w_b[n]|_1 (kernel.c) */
+void q8b_tile_avx512(const Product* p, size_t tile);
+void q8b_tile_avx2(const Product* p, size_t tile);
 /* MatMulQ8F: MatMulQ8's weight records times float32 inputs as they are (no rounding of x); q8f.c */
 typedef struct { const float* x; const uint8_t* w; float* y; int64_t M, N; int K; } FloatProduct;
 void q8f_tile_avx512(const FloatProduct* p, size_t tile);

@@ -11,6 +11,8 @@ decode step reads. A greedy step needs only the argmax, and the argmax can be fo
                x . (w - q(w)) + (x - q(x)) . q(w): rounding moves an element of x by at most half a step, but
                against the weights' codes q(w), and a weight just above half a step of its block rounds up to a
                whole one: |q(w)|_1 <= 2 |w|_1, hence a whole step (SLACK covers the kernel's float rounding).
+               speccompile's MatMulQ8Bound computes step_b * |q(w)_vb|_1 instead, from the codes as it reads them
+               (a whole step against |q(w)|_1: twice what x's rounding needs), with the estimates in one op.
   3. rescore   the CANDIDATES tokens with the largest upper bound approx + bound get their float32 logits x . w_v.
   4. certify   if the best rescored logit exceeds the next upper bound (the (CANDIDATES+1)-th), no other token
                can reach it: it is the argmax. Otherwise (ties, a flat distribution) the pass falls back to the
@@ -24,7 +26,8 @@ screen too, its noise added to both sides of step 4's comparison; the in-graph s
 and callers that ask for exact logits (input `full_logits`) take the float32 product (`float32_product`: for a head
 on the int8 grid, as a GGUF Q8_0 head is, speccompile's MatMulQ8F over the screen's records). CPU-only ops (MatMulNBits,
 or speccompile's MatMulQ8 and TopK in a build with its kernels): graphs for TensorRT are built without the screen.
-The screen's tensors come from speccompile.compile.quantize.head_screen.quantize_head.
+The screen's tensors come from speccompile.compile.quantize.head_screen.quantize_head (head_screen.l1, the blocks'
+norms, only for MatMulNBits' screen: a build on speccompile's kernels reads none).
 """
 from __future__ import annotations
 
@@ -110,15 +113,10 @@ def _screen(s: GraphBuilder, rows: str, head: str, W: dict[str, str], noise: str
     logits plus `noise`, or the full product's where it cannot certify one). Each weight has one reader here:
     onnxruntime pre-packs a matrix only for a single kernel, and the int8 product is many times slower unpacked."""
     c = _consts(s)
-    nb = s.weights[W["head_screen.l1"]][0][0]
-    approx = int8_product(s, rows, W["head_screen.codes"], W.get("head_screen.scales"))
-    absx = s.op("Abs", [s.op("Reshape", [rows, c([0, nb, BLOCK])])[0]])[0]
-    step = s.op("ReduceMax", [absx, c([-1])], keepdims=0)[0]  # [R, nb]
-    bound = s.op("MatMul", [s.op("Mul", [step, c(SLACK / 127, np.float32)])[0], W["head_screen.l1"]])[0]
+    approx, upper = _estimate_and_upper(s, rows, W)
     if "head_screen.err" in W:
         norm = s.op("ReduceL2", [rows, c([-1])], keepdims=1)[0]
-        bound = s.op("Add", [bound, s.op("Mul", [norm, W["head_screen.err"]])[0]])[0]
-    upper = s.op("Add", [approx, bound])[0]
+        upper = s.op("Add", [upper, s.op("Mul", [norm, W["head_screen.err"]])[0]])[0]
     noisy = s.op("Greater", [s.op("Size", [noise])[0], c(1)])[0] if noise else None
     limited = _limited(s, noisy, top_k) if noise and top_k else None
     if noise:  # a top-k row's candidates by its plain bounds: its top-k set is certified before any noise
@@ -153,6 +151,25 @@ def _screen(s: GraphBuilder, rows: str, head: str, W: dict[str, str], noise: str
     token = s.op("If", [s.op("Cast", [certified], to=TensorProto.BOOL)[0]],
                  then_branch=yes.subgraph([(certain, "int64")]), else_branch=no.subgraph([(fallback, "int64")]))[0]
     return approx, token
+
+
+def _estimate_and_upper(s: GraphBuilder, rows: str, W: dict[str, str]) -> tuple[str, str]:
+    """Steps 1 and 2 less the grid's error: the screen's estimates [R, V] and each plus the bound on x's rounding.
+    In speccompile's kernel layout one op computes both (MatMulQ8Bound: the blocks' L1 norms from the codes as they
+    stream by, with x's steps as it rounds them; |q(w)|_1 there, which the whole step covers as it covers 2 |w|_1);
+    else MatMulNBits and the bound from the stored norms (head_screen.l1)."""
+    codes = W["head_screen.codes"]
+    if in_kernel_layout(s, codes):
+        N, nb, _ = s.weights[codes][0]
+        return tuple(s.op(q4_matmul.OP_TYPE_Q8_BOUND, [rows, codes], n_out=2, domain=q4_matmul.DOMAIN,
+                          K=nb * BLOCK, N=N * q4_matmul.TILE, slack=SLACK))
+    c = _consts(s)
+    nb = s.weights[W["head_screen.l1"]][0][0]
+    approx = int8_product(s, rows, codes, W.get("head_screen.scales"))
+    absx = s.op("Abs", [s.op("Reshape", [rows, c([0, nb, BLOCK])])[0]])[0]
+    step = s.op("ReduceMax", [absx, c([-1])], keepdims=0)[0]  # [R, nb]
+    bound = s.op("MatMul", [s.op("Mul", [step, c(SLACK / 127, np.float32)])[0], W["head_screen.l1"]])[0]
+    return approx, s.op("Add", [approx, bound])[0]
 
 
 def _candidates(s: GraphBuilder, limited: str | None, vocab_size: int) -> str:
