@@ -407,10 +407,16 @@ def test_an_interrupted_concurrency_run_ends_its_streams_first():
             finally:
                 ended.append(time.perf_counter())
 
-    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        serve(SlowGenerator(), [[1]] * 6, 4, 2, None)
+    # Python's own Ctrl-C handler, as a terminal's user has it: a process started in the background by a
+    # non-interactive shell inherits SIGINT ignored, and Python then leaves it so
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            serve(SlowGenerator(), [[1]] * 6, 4, 2, None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     interrupted = time.perf_counter()
     deadline = interrupted + 2
     while len(ended) < 2 and time.perf_counter() < deadline:
