@@ -247,13 +247,21 @@ def test_near_ties_beyond_the_candidates_fall_back():
     assert wrong == 0
 
 
+# both screens: onnxruntime's MatMulNBits with the stored norms, speccompile's MatMulQ8Bound where its kernels run
+SCREENS = [pytest.param(False, id="onnxruntime"),
+           pytest.param(True, id="kernels", marks=pytest.mark.skipif(
+               q4_matmul.unavailable() is not None,
+               reason=f"speccompile's kernels cannot run here: {q4_matmul.unavailable()}"))]
+
+
+@pytest.mark.parametrize("kernels", SCREENS)
 @pytest.mark.parametrize("on_grid", [True, False])
-def test_noisy_screen_is_the_argmax_of_the_float32_logits_plus_the_noise(on_grid, tmp_path):
+def test_noisy_screen_is_the_argmax_of_the_float32_logits_plus_the_noise(on_grid, kernels, tmp_path):
     """sample_noise (Gumbel noise in use, runtime/noise.py) moves the argmax; the screen still finds exactly
     argmax(float32 logits + noise), through the screen or the full product, peaked rows without the full
     product; a [1, 1] zero noise is the plain screen."""
     w = random_head(on_grid=on_grid)
-    sess = head_session(w, tmp_path, noise=True)
+    sess = head_session(w, tmp_path, noise=True, kernels=kernels)
     rng = np.random.default_rng(5)
     x = np.concatenate([peaked_rows(w, 24), rng.standard_normal((8, H)).astype(np.float32) * 4])
     moved = 0
@@ -268,7 +276,7 @@ def test_noisy_screen_is_the_argmax_of_the_float32_logits_plus_the_noise(on_grid
     _, plain = run(sess, x, True, np.zeros((1, 1)))
     assert np.array_equal(plain, run(sess, x, False, np.zeros((1, 1)))[0].argmax(-1))
     sess.end_profiling()
-    peaked = head_session(w, tmp_path, noise=True)
+    peaked = head_session(w, tmp_path, noise=True, kernels=kernels)
     noise = (-0.7 * np.log(rng.standard_exponential((8, V)))).astype(np.float32)
     run(peaked, peaked_rows(w, 8), True, noise)
     events = json.load(open(peaked.end_profiling()))
@@ -282,14 +290,15 @@ def top_k_reference(logits, noise, top_k):
     return np.where(logits >= kth, logits + noise, -np.inf).argmax(-1)
 
 
+@pytest.mark.parametrize("kernels", SCREENS)
 @pytest.mark.parametrize("on_grid", [True, False])
-def test_noisy_top_k_screen_draws_within_each_rows_top_k(on_grid, tmp_path):
+def test_noisy_top_k_screen_draws_within_each_rows_top_k(on_grid, kernels, tmp_path):
     """noise_top_k: with noise, each row's argmax keeps to its top_k largest float32 logits (0: all of them):
     a draw from the top-k distribution. The screen (with its wider candidate set) agrees with the full product
     and with numpy, for one k for all rows, per-row k mixing 0, k beyond the candidates, and greedy passes that
     ignore it; peaked rows with a small k are certified without the float32 product."""
     w = random_head(on_grid=on_grid)
-    sess = head_session(w, noise=True, top_k=True)
+    sess = head_session(w, noise=True, top_k=True, kernels=kernels)
     rng = np.random.default_rng(6)
     x = np.concatenate([peaked_rows(w, 16), rng.standard_normal((8, H)).astype(np.float32) * 4])
     limited = 0
@@ -303,7 +312,7 @@ def test_noisy_top_k_screen_draws_within_each_rows_top_k(on_grid, tmp_path):
     assert limited > 0  # top-k did keep some draws from tokens outside it
     _, plain = run(sess, x, True, np.zeros((1, 1)), [5])  # greedy: top_k has no say
     assert np.array_equal(plain, run(sess, x, False, np.zeros((1, 1)), [5])[0].argmax(-1))
-    peaked = head_session(w, tmp_path, noise=True, top_k=True)
+    peaked = head_session(w, tmp_path, noise=True, top_k=True, kernels=kernels)
     run(peaked, peaked_rows(w, 8), True, (-0.5 * np.log(rng.standard_exponential((8, V)))).astype(np.float32), [2])
     events = json.load(open(peaked.end_profiling()))
     assert "ArgMax" not in {e["args"]["op_name"] for e in events if e.get("cat") == "Node"}
