@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from speccompile.compile.graph.linear import in_kernel_layout, int8_product
+from speccompile.compile.graph.linear import in_kernel_layout, int8_product, record_dims
 from speccompile.compile.quantize.int8 import BLOCK
 from speccompile.graphs.builder import GraphBuilder
 from speccompile.plugins import q4_matmul
@@ -160,9 +160,8 @@ def _estimate_and_upper(s: GraphBuilder, rows: str, W: dict[str, str]) -> tuple[
     else MatMulNBits and the bound from the stored norms (head_screen.l1)."""
     codes = W["head_screen.codes"]
     if in_kernel_layout(s, codes):
-        N, nb, _ = s.weights[codes][0]
         return tuple(s.op(q4_matmul.OP_TYPE_Q8_BOUND, [rows, codes], n_out=2, domain=q4_matmul.DOMAIN,
-                          K=nb * BLOCK, N=N * q4_matmul.TILE, slack=SLACK))
+                          slack=SLACK, **record_dims(s, codes)))
     c = _consts(s)
     nb = s.weights[W["head_screen.l1"]][0][0]
     approx = int8_product(s, rows, codes, W.get("head_screen.scales"))

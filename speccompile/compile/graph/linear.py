@@ -57,14 +57,19 @@ def in_kernel_layout(g: GraphBuilder, codes: str) -> bool:
     return g.weights[codes][0][-1] == q4_matmul.RECORD8
 
 
+def record_dims(g: GraphBuilder, codes: str) -> dict[str, int]:
+    """The K and N attributes of speccompile's int8 ops over `codes` in MatMulQ8's layout [N/16, K/BLOCK, 576]."""
+    tiles, nb, _ = g.weights[codes][0]
+    return {"K": nb * BLOCK, "N": tiles * q4_matmul.TILE}
+
+
 def int8_product(g: GraphBuilder, x: str, codes: str, scales: str | None, output: str | None = None) -> str:
     """x [..., K] times the int8 matrix whose rows (one per output) are `codes` [N, K/BLOCK, BLOCK] with `scales`;
     or, stored in speccompile's MatMulQ8 layout [N/16, K/BLOCK, 576] (scales inside: kernel_form.int8_records),
     by that kernel."""
-    shape = g.weights[codes][0]
     if in_kernel_layout(g, codes):
         return g.op(q4_matmul.OP_TYPE_Q8, [x, codes], outputs=[output] if output else None, domain=q4_matmul.DOMAIN,
-                    K=shape[1] * BLOCK, N=shape[0] * q4_matmul.TILE)[0]
-    N, nb, _ = shape
+                    **record_dims(g, codes))[0]
+    N, nb, _ = g.weights[codes][0]
     return g.op("MatMulNBits", [x, codes, scales], outputs=[output] if output else None, domain="com.microsoft",
                 K=nb * BLOCK, N=N, bits=8, block_size=BLOCK, accuracy_level=4)[0]
