@@ -382,11 +382,35 @@ def test_bench_concurrency_mode(tiny_bundle):
     assert "identical" in format_concurrency(section) and "rounds (vs seq)" in format_concurrency(section)
     assert section["streams"]["1"]["shared_passes"] == 0 < section["streams"]["4"]["shared_passes"]
     assert "passes shared by several sequences" in format_concurrency(section)
+    for run in [section["sequential"], *section["streams"].values()]:  # every token from a round, inside the run
+        assert sum(r["tokens"] for r in run["rounds"]) == run["new_tokens"]
+        assert sum(r["seconds"] for r in run["rounds"]) <= run["wall_s"]
+    assert {r["decoding"] for r in section["sequential"]["rounds"]} <= {0, 1}
+    assert max(r["decoding"] for r in section["streams"]["4"]["rounds"]) == 4
+    assert any(r["prompt"] for r in section["streams"]["4"]["rounds"])
+    assert "time by round: 4 slots decoding" in format_concurrency(section)
     seq = section["sequential"]  # the share of its time before its requests' first tokens, theirs alone
     assert 0 < seq["first_token_share"] < 1
     assert all("first_token_share" not in run for run in section["streams"].values())
     with pytest.raises(SpeccompileError, match="at least 1"):
         measure_concurrency(g, prompts, 12, (0,), 4, None)
+
+
+def test_a_serving_runs_time_by_round():
+    """The text of bench --streams says what share of a run all its slots decoded together, at what speed against
+    the run one after another's decoding rounds, and what fewer slots, prompts and the time between rounds took."""
+    from speccompile.bench.concurrency import time_by_round
+    rounds = [{"decoding": 4, "prompt": False, "rounds": 50, "seconds": 6.0, "tokens": 600},
+              {"decoding": 4, "prompt": True, "rounds": 2, "seconds": 2.0, "tokens": 10},
+              {"decoding": 3, "prompt": False, "rounds": 10, "seconds": 1.0, "tokens": 30}]
+    sequential = {"rounds": [{"decoding": 1, "prompt": False, "rounds": 400, "seconds": 8.0, "tokens": 400},
+                             {"decoding": 0, "prompt": True, "rounds": 4, "seconds": 1.0, "tokens": 4}]}
+    assert time_by_round({"rounds": rounds, "wall_s": 10.0}, 4, sequential) == (
+        "time by round: 4 slots decoding 60% at 100.0 tok/s (2.00x one after another's decoding), fewer 10%, with a "
+        "prompt's chunk 20%, between rounds 10%")
+    # 8 streams over 4 slots: the rounds of 4 are the full ones
+    assert time_by_round({"rounds": rounds, "wall_s": 10.0}, 8, sequential).startswith("time by round: 4 slots")
+    assert time_by_round({"rounds": [], "wall_s": 1.0}, 4, sequential) is None  # no batched graph
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGINT") or os.name != "posix", reason="sends itself SIGINT (POSIX)")

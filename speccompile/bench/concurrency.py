@@ -9,7 +9,10 @@ out; the CI gate reads it). With repeats R, the sequential run and the N-stream 
 the median of the R neighbouring pairs' (each kept in `round_speedups`), the figures those of the fastest run. Per
 request: time to first token (from its submission, so queueing for a slot counts) and time per output token after
 the first, as percentiles over the requests. The run one after another also gives `first_token_share`, the share of
-its time before the requests' first tokens: their prompts' prefill, which sharing passes cannot make cheaper.
+its time before the requests' first tokens: their prompts' prefill, which sharing passes cannot make cheaper. With a
+batched graph each run also keeps its scheduler rounds by kind (`rounds`: slots decoding, a prompt chunk or not;
+rounds, seconds, tokens), and the text says how much of an N-stream run all N slots decoded together, at what speed
+against the run one after another's decoding, and what fewer slots and the prompts took.
 """
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ def serve(gen, requests: list[list[int]], max_new_tokens: int, streams: int, dra
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(e)
 
-    before = sharing(gen)
+    before, kinds_before = sharing(gen), round_kinds(gen)
     t0 = time.perf_counter()
     if streams == 0:
         worker()
@@ -64,6 +67,8 @@ def serve(gen, requests: list[list[int]], max_new_tokens: int, streams: int, dra
     if errors:
         raise errors[0]
     out = figures(results, wall) | {k: v - before[k] for k, v in sharing(gen).items()}
+    if kinds_before is not None:
+        out["rounds"] = rounds_since(kinds_before, round_kinds(gen))
     if streams == 0:  # one after another, the time before each request's first token is its prompt's prefill
         out["first_token_share"] = sum(r["ttft_s"] for r in results) / wall if wall > 0 else 0.0
     return out
@@ -74,6 +79,49 @@ def sharing(gen) -> dict:
     several slots (runtime/shared_catch_up.py); empty without a batched graph."""
     s = getattr(gen, "scheduler", None)
     return {"shared_passes": s.shared_passes, "shared_catch_ups": s.catch_ups.passes} if s is not None else {}
+
+
+def round_kinds(gen) -> dict | None:
+    """The scheduler's rounds so far by kind (runtime/scheduler.py RoundTally); None without a batched graph."""
+    s = getattr(gen, "scheduler", None)
+    return s.rounds.snapshot() if s is not None else None
+
+
+def rounds_since(before: dict, after: dict) -> list[dict]:
+    """A run's rounds by kind, most slots decoding first: rounds, seconds and tokens committed."""
+    out = []
+    for (decoding, prompt), (n, seconds, tokens) in sorted(after.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
+        n0, s0, t0 = before.get((decoding, prompt), (0, 0.0, 0))
+        if n > n0:
+            out.append({"decoding": decoding, "prompt": prompt, "rounds": n - n0, "seconds": seconds - s0,
+                        "tokens": tokens - t0})
+    return out
+
+
+def decoding_speed(rounds: list[dict], slots: int) -> tuple[float, int]:
+    """Seconds and tokens of the rounds where `slots` slots decoded and no prompt chunk ran."""
+    full = [r for r in rounds if r["decoding"] == slots and not r["prompt"]]
+    return sum(r["seconds"] for r in full), sum(r["tokens"] for r in full)
+
+
+def time_by_round(run: dict, streams: int, sequential: dict) -> str | None:
+    """Where a run's time went, by its rounds: those where all its streams decoded (or as many slots as the batched
+    graph has) and their tokens/s against the run one after another's decoding rounds; fewer slots; a prompt's
+    chunk; the rest (between rounds). None where the runs kept no rounds (no batched graph)."""
+    rounds, wall = run.get("rounds"), run["wall_s"]
+    if not rounds or wall <= 0:
+        return None
+    most = min(streams, max(r["decoding"] for r in rounds))
+    full_s, full_tokens = decoding_speed(rounds, most)
+    fewer = sum(r["seconds"] for r in rounds if r["decoding"] < most and not r["prompt"])
+    prompts = sum(r["seconds"] for r in rounds if r["prompt"])
+    rest = max(0.0, wall - full_s - fewer - prompts)
+    seq_s, seq_tokens = decoding_speed(sequential.get("rounds") or [], 1)
+    speed = f" at {full_tokens / full_s:.1f} tok/s" if full_s > 0 else ""
+    if full_s > 0 and seq_s > 0 and seq_tokens:
+        speed += f" ({full_tokens / full_s / (seq_tokens / seq_s):.2f}x one after another's decoding)"
+    return (f"time by round: {most} slot{'s' if most > 1 else ''} decoding {full_s / wall:.0%}{speed}, fewer "
+            f"{fewer / wall:.0%}, with a prompt's chunk {prompts / wall:.0%}, between rounds {rest / wall:.0%}")
 
 
 class _Interrupted(Exception):
@@ -179,4 +227,7 @@ def format_concurrency(section: dict) -> str:
         if "shared_passes" in r:
             lines.append(f"{'':>8s} passes shared by several sequences: {r['shared_passes']}; drafters' catch-ups "
                          f"shared: {r['shared_catch_ups']}")
+        by_round = time_by_round(r, int(n), seq)
+        if by_round:
+            lines.append(f"{'':>8s} {by_round}")
     return "\n".join(lines)

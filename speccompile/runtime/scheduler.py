@@ -21,6 +21,7 @@ runtime/adaptive.py).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -46,6 +47,21 @@ from speccompile.runtime.turns import Turns
 MIXED_CHUNK = 64
 
 
+@dataclass
+class RoundTally:
+    """The scheduler's rounds so far by kind, (slots decoding, whether a prompt chunk ran): for each kind the rounds,
+    their seconds and the tokens they committed. `bench --streams` reads it around a serving run: how much of the
+    run all its streams decoded together, how fast, and what the prompts and fewer slots took."""
+    kinds: dict[tuple[int, bool], list] = field(default_factory=dict)
+
+    def add(self, decoding: int, prompt: bool, seconds: float, tokens: int) -> None:
+        row = self.kinds.setdefault((decoding, prompt), [0, 0.0, 0])
+        row[0], row[1], row[2] = row[0] + 1, row[1] + seconds, row[2] + tokens
+
+    def snapshot(self) -> dict[tuple[int, bool], tuple[int, float, int]]:
+        return {kind: tuple(row) for kind, row in self.kinds.items()}
+
+
 class Scheduler(Turns):
     def __init__(self, gen, cache: KVCache, batch_entry: dict):
         """gen: the Generator (its target engine is bound to slot 0 of `cache`, its drafters serve slot 0)."""
@@ -59,6 +75,8 @@ class Scheduler(Turns):
         # slot whose prompt chunk rides in the pass last
         self.shared_passes = 0  # decode passes that verified two or more slots at once (or one and a prompt chunk)
         self.mix_prefill = True  # a joining request's chunk may ride in a decode pass (MIXED_CHUNK)
+        self.rounds = RoundTally()
+        self.emitted = 0  # tokens handed to the requests so far
         self.catch_ups = SharedCatchUp(gen.drafter_context, lambda: check_unchanged(gen.bundle_dir, self.loaded))
 
     @property
@@ -78,10 +96,16 @@ class Scheduler(Turns):
     # ---- a round -----------------------------------------------------------------------------------------
     def _round(self) -> None:
         """Free cancelled slots, admit waiting requests, run a prefill chunk of each, then one decode pass."""
+        start, emitted = time.perf_counter(), self.emitted
         self._free_cancelled()
         self._admit()
         joining = [s for s in filter(None, self.slots) if not s.decoding and not self._waits(s)]
         decoding = [s for s in filter(None, self.slots) if s.decoding and s.n]
+        self._passes(joining, decoding)
+        self.rounds.add(len(decoding), bool(joining), time.perf_counter() - start, self.emitted - emitted)
+
+    def _passes(self, joining: list[Slot], decoding: list[Slot]) -> None:
+        """A round's passes: the joining requests' chunks and the decoding slots' pass."""
         if len(joining) + len(decoding) > 1 and self.mix_prefill and self.engine.padding_free:
             self._round_together(joining, decoding)
             return
@@ -198,6 +222,7 @@ class Scheduler(Turns):
 
     def _emit(self, s: Slot, new: list[int]) -> None:
         s.handle.queue.put((time.perf_counter(), new))  # its reader may come much later: the stats time the pass
+        self.emitted += len(new)
         if s.complete(new, s.req.end_ids):
             self._finish(s)
 
