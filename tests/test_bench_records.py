@@ -474,6 +474,18 @@ def test_plot_draws_the_concurrency_mode_s_streams(monkeypatch, tmp_path):
     assert [tick.get_text() for tick in ax.get_xticklabels()] == ["1", "4"]
     assert [line.get_ydata()[0] for line in ax.get_lines()] == [100.0]
     plt.close(fig)
+    # a run that kept its rounds: its bar split by where its time went, full rounds at the bottom
+    section["streams"]["4"] |= {"wall_s": 10.0, "rounds": [
+        {"decoding": 4, "prompt": False, "rounds": 50, "seconds": 6.0, "tokens": 600},
+        {"decoding": 2, "prompt": True, "rounds": 2, "seconds": 2.0, "tokens": 10},
+        {"decoding": 3, "prompt": False, "rounds": 10, "seconds": 1.5, "tokens": 30}]}
+    fig, ax = plt.subplots()
+    plot._concurrency(ax, section)
+    split = [(p.get_x(), p.get_y(), p.get_height()) for p in ax.patches[2:] if p.get_height() > 0]
+    assert [round(h, 6) for _, _, h in split] == [123.0, 30.75, 41.0, 10.25]  # 60%, 15%, 20%, 5% of 205
+    assert [round(y, 6) for _, y, _ in split] == [0.0, 123.0, 153.75, 194.75]
+    assert "time: all slots decoding" in [t.get_text() for t in ax.get_legend().get_texts()]
+    plt.close(fig)
     drawn = []
     monkeypatch.setattr(plot, "_concurrency", lambda ax, s: drawn.append(s))
     result = plotted_result() | {"concurrency": section}

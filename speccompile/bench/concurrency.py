@@ -104,24 +104,35 @@ def decoding_speed(rounds: list[dict], slots: int) -> tuple[float, int]:
     return sum(r["seconds"] for r in full), sum(r["tokens"] for r in full)
 
 
-def time_by_round(run: dict, streams: int, sequential: dict) -> str | None:
-    """Where a run's time went, by its rounds: those where all its streams decoded (or as many slots as the batched
-    graph has) and their tokens/s against the run one after another's decoding rounds; fewer slots; a prompt's
-    chunk; the rest (between rounds). None where the runs kept no rounds (no batched graph)."""
-    rounds, wall = run.get("rounds"), run["wall_s"]
+def round_shares(run: dict, streams: int) -> dict | None:
+    """A run's time by its rounds, as shares of its wall time: `full` (all its streams decoding, or as many slots as
+    the batched graph has), `fewer` slots, a `prompt` chunk, and the `rest` (between rounds); `slots`, the full
+    rounds' slot count. None where the run kept no rounds (no batched graph)."""
+    rounds, wall = run.get("rounds"), run.get("wall_s", 0.0)
     if not rounds or wall <= 0:
         return None
     most = min(streams, max(r["decoding"] for r in rounds))
-    full_s, full_tokens = decoding_speed(rounds, most)
+    full = decoding_speed(rounds, most)[0]
     fewer = sum(r["seconds"] for r in rounds if r["decoding"] < most and not r["prompt"])
-    prompts = sum(r["seconds"] for r in rounds if r["prompt"])
-    rest = max(0.0, wall - full_s - fewer - prompts)
+    prompt = sum(r["seconds"] for r in rounds if r["prompt"])
+    return {"slots": most, "full": full / wall, "fewer": fewer / wall, "prompt": prompt / wall,
+            "rest": max(0.0, wall - full - fewer - prompt) / wall}
+
+
+def time_by_round(run: dict, streams: int, sequential: dict) -> str | None:
+    """Where a run's time went (round_shares), with the full rounds' tokens/s against the run one after another's
+    decoding rounds; None where the run kept no rounds."""
+    shares = round_shares(run, streams)
+    if shares is None:
+        return None
+    most = shares["slots"]
+    full_s, full_tokens = decoding_speed(run["rounds"], most)
     seq_s, seq_tokens = decoding_speed(sequential.get("rounds") or [], 1)
     speed = f" at {full_tokens / full_s:.1f} tok/s" if full_s > 0 else ""
     if full_s > 0 and seq_s > 0 and seq_tokens:
         speed += f" ({full_tokens / full_s / (seq_tokens / seq_s):.2f}x one after another's decoding)"
-    return (f"time by round: {most} slot{'s' if most > 1 else ''} decoding {full_s / wall:.0%}{speed}, fewer "
-            f"{fewer / wall:.0%}, with a prompt's chunk {prompts / wall:.0%}, between rounds {rest / wall:.0%}")
+    return (f"time by round: {most} slot{'s' if most > 1 else ''} decoding {shares['full']:.0%}{speed}, fewer "
+            f"{shares['fewer']:.0%}, with a prompt's chunk {shares['prompt']:.0%}, between rounds {shares['rest']:.0%}")
 
 
 class _Interrupted(Exception):

@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from speccompile.format.atomic import write_atomically
+from speccompile.bench.concurrency import round_shares
 from speccompile.bench.settings import decoding as describe_decoding
 from speccompile.bench.stats import geometric_mean, prompt_speedups
 from speccompile.errors import SpeccompileError
@@ -141,12 +142,26 @@ def _tokens_per_second(ax, result: dict) -> None:
     ax.set(title="Median tokens/s\n(blue: speccompile, gray: transformers)", xlabel="tokens/s")
 
 
+ROUND_COLOURS = {"full": "tab:blue", "fewer": "lightsteelblue", "prompt": "tab:orange", "rest": "lightgray"}
+
+
 def _concurrency(ax, section: dict) -> None:
     """Aggregate tokens/s per number of concurrent streams, each bar labelled with its ratio over the same requests
-    served one after another (the dashed line) and whether every request's tokens equalled its run alone."""
+    served one after another (the dashed line) and whether every request's tokens equalled its run alone; a bar
+    whose run kept its rounds is split by where its time went (bench/concurrency.py round_shares)."""
     streams = list(section["streams"])
     runs = [section["streams"][n] for n in streams]
-    bars = ax.bar(range(len(streams)), [r["tokens_per_second"] for r in runs], color="tab:blue")
+    shares = [round_shares(r, int(n)) for n, r in zip(streams, runs)]
+    heights = [r["tokens_per_second"] for r in runs]
+    bars = ax.bar(range(len(streams)), heights, color="tab:blue")
+    if any(shares):
+        bottom = np.zeros(len(runs))
+        for part, label in (("full", "all slots decoding"), ("fewer", "fewer slots"), ("prompt", "a prompt's chunk"),
+                            ("rest", "between rounds")):
+            part_heights = [h * s[part] if s else 0.0 for h, s in zip(heights, shares)]
+            ax.bar(range(len(streams)), part_heights, bottom=bottom, color=ROUND_COLOURS[part],
+                   label=f"time: {label}")
+            bottom += part_heights
     for bar, r in zip(bars, runs):
         label = f"{r['speedup_vs_sequential']:.2f}x" + ("" if r["identical"] else "\nnot identical")
         ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
@@ -155,9 +170,11 @@ def _concurrency(ax, section: dict) -> None:
                label="one after another")
     ax.set_xticks(range(len(streams)), streams)
     ax.set(title=f"{section['requests']} requests x {section['max_new_tokens']} tokens, drafter "
-                 f"{section['drafter'] or 'none'}\n(aggregate tokens/s; label: x one after another)",
+                 f"{section['drafter'] or 'none'}\n(aggregate tokens/s; label: x one after another;\n"
+                 f"each bar split by where its run's time went)",
            xlabel="concurrent streams", ylabel="tokens/s")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.set_ylim(top=1.15 * max(heights + [section["sequential"]["tokens_per_second"]]))
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=7, ncol=2)
 
 
 def plot_formats() -> dict[str, str]:
